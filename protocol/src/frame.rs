@@ -1,0 +1,378 @@
+//! Framing: each frame on a stream is a protobuf varint length followed by
+//! one [`Frame`] message of exactly that many bytes.
+//!
+//! [`Codec::decode`] works on a growing `BytesMut` that the caller fills from
+//! the stream. It returns `Ok(None)` while the frame is incomplete, checks
+//! the declared length against the maximum *before* the caller buffers the
+//! body, and never panics on any input (see the tests and the fuzz target).
+
+use bytes::{Buf, BufMut, BytesMut};
+use prost::Message;
+
+use crate::limits::MAX_FRAME_LEN;
+use crate::proto::Frame;
+
+/// A varint never needs more than this many bytes for a `u64`.
+const MAX_VARINT_LEN: usize = 10;
+
+/// Why bytes could not be turned into a frame. Every variant means the
+/// stream is unusable: the peer gets [`crate::ErrorCode`] and the stream (or
+/// connection) is closed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The length prefix is not a valid varint (more than 10 bytes, or a
+    /// value beyond `u64`).
+    #[error("invalid frame length prefix")]
+    BadLength,
+    /// The declared length exceeds the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Declared length.
+        len: u64,
+        /// The receiving side's limit.
+        max: usize,
+    },
+    /// The body is not a valid protobuf `Frame`.
+    #[error("malformed frame body: {0}")]
+    Malformed(String),
+    /// The frame decoded but has no body.
+    #[error("frame has no body")]
+    EmptyBody,
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame ({0} bytes left over)")]
+    Truncated(usize),
+}
+
+impl FrameError {
+    /// The wire error code a receiver answers this error with.
+    pub fn code(&self) -> crate::ErrorCode {
+        match self {
+            FrameError::TooLarge { .. } => crate::ErrorCode::FrameTooLarge,
+            FrameError::BadLength
+            | FrameError::Malformed(_)
+            | FrameError::EmptyBody
+            | FrameError::Truncated(_) => crate::ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+/// Decodes frames with a maximum size. Cheap to copy; holds no buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Codec {
+    max_frame_len: usize,
+}
+
+impl Codec {
+    /// A codec that refuses frames longer than `max_frame_len` bytes
+    /// (clamped to the protocol's [`MAX_FRAME_LEN`]).
+    pub fn new(max_frame_len: usize) -> Self {
+        Codec {
+            max_frame_len: max_frame_len.min(MAX_FRAME_LEN),
+        }
+    }
+
+    /// The largest frame body this codec accepts.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_frame_len
+    }
+
+    /// Takes one frame off the front of `buf`.
+    ///
+    /// * `Ok(Some(frame))`: a frame was consumed from `buf`.
+    /// * `Ok(None)`: `buf` holds only part of a frame; read more and call
+    ///   again. Nothing was consumed. The caller never needs more than
+    ///   `10 + max_frame_len` bytes buffered.
+    /// * `Err(_)`: the bytes can never form a valid frame.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        let Some((len, prefix_len)) = peek_varint(buf)? else {
+            return Ok(None);
+        };
+        if len > self.max_frame_len as u64 {
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame_len,
+            });
+        }
+        // Bounded by max_frame_len above, so the cast cannot truncate.
+        let len = len as usize;
+        if buf.len() < prefix_len + len {
+            return Ok(None);
+        }
+        buf.advance(prefix_len);
+        let body = buf.split_to(len).freeze();
+        let frame = Frame::decode(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        if frame.body.is_none() {
+            return Err(FrameError::EmptyBody);
+        }
+        Ok(Some(frame))
+    }
+
+    /// Called when the stream has ended: leftover bytes mean a truncated
+    /// frame.
+    pub fn decode_eof(&self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        match self.decode(buf)? {
+            Some(frame) => Ok(Some(frame)),
+            None if buf.is_empty() => Ok(None),
+            None => Err(FrameError::Truncated(buf.len())),
+        }
+    }
+
+    /// How many bytes the frame at the front of `buf` needs in total
+    /// (prefix included), if the prefix is complete and within limits. Lets
+    /// a reader reserve exactly once.
+    pub fn frame_len_hint(&self, buf: &[u8]) -> Option<usize> {
+        match peek_varint(buf) {
+            Ok(Some((len, prefix))) if len <= self.max_frame_len as u64 => {
+                Some(prefix + len as usize)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Codec::new(crate::limits::DEFAULT_MAX_FRAME_LEN)
+    }
+}
+
+/// Appends `frame`, length-prefixed, to `dst`.
+pub fn encode(frame: &Frame, dst: &mut BytesMut) {
+    let len = frame.encoded_len();
+    dst.reserve(prost::length_delimiter_len(len) + len);
+    // Cannot fail: the space was reserved above and BytesMut grows anyway.
+    frame
+        .encode_length_delimited(dst)
+        .expect("BytesMut has room for the frame");
+}
+
+/// Size of `frame` on the wire, prefix included.
+pub fn encoded_len(frame: &Frame) -> usize {
+    let len = frame.encoded_len();
+    prost::length_delimiter_len(len) + len
+}
+
+/// Appends `frame` to any buffer (used where a `BytesMut` is not at hand).
+pub fn encode_to(frame: &Frame, dst: &mut impl BufMut) {
+    // Encoding into a growable buffer cannot run out of space.
+    frame
+        .encode_length_delimited(dst)
+        .expect("buffer has room for the frame");
+}
+
+/// Reads a varint at the front of `buf` without consuming it. Returns the
+/// value and the number of bytes it occupies, or `None` if more bytes are
+/// needed.
+fn peek_varint(buf: &[u8]) -> Result<Option<(u64, usize)>, FrameError> {
+    let mut value: u64 = 0;
+    for (i, &byte) in buf.iter().take(MAX_VARINT_LEN).enumerate() {
+        let bits = u64::from(byte & 0x7f);
+        // The tenth byte may only contribute the top bit of a u64.
+        if i == MAX_VARINT_LEN - 1 && byte > 1 {
+            return Err(FrameError::BadLength);
+        }
+        value |= bits << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Some((value, i + 1)));
+        }
+    }
+    if buf.len() >= MAX_VARINT_LEN {
+        Err(FrameError::BadLength)
+    } else {
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{self, frame::Body};
+
+    fn sample_frames() -> Vec<Frame> {
+        vec![
+            Frame::open_stream(crate::StreamKind::Messages),
+            Frame::new(
+                7,
+                Body::Login(proto::Login {
+                    username: "alice".into(),
+                    password: "correct horse".into(),
+                    device_name: "phone".into(),
+                }),
+            ),
+            Frame::new(
+                u64::MAX,
+                Body::Send(proto::Send {
+                    conversation_id: 42,
+                    client_msg_id: "m-1".into(),
+                    r#type: proto::MessageType::Text as i32,
+                    text: "héllo ✓✓".repeat(100),
+                }),
+            ),
+            Frame::push(Body::Receipt(proto::Receipt {
+                conversation_id: 1,
+                user_id: 2,
+                delivered_seq: 3,
+                seen_seq: 2,
+            })),
+            Frame::error(9, crate::ErrorCode::NotFriends, "not friends"),
+            Frame::new(1, Body::Ok(proto::Ok {})),
+        ]
+    }
+
+    #[test]
+    fn golden_bytes_of_open_stream() {
+        // Contract check: an OpenStream(MESSAGES) preamble is exactly these
+        // bytes. Length 4; field 2 (open_stream), length 2; field 1 = 2.
+        let mut buf = BytesMut::new();
+        encode(&Frame::open_stream(crate::StreamKind::Messages), &mut buf);
+        assert_eq!(&buf[..], &[0x04, 0x12, 0x02, 0x08, 0x02]);
+        let frame = Codec::default().decode(&mut buf).unwrap().unwrap();
+        assert_eq!(frame, Frame::open_stream(crate::StreamKind::Messages));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn round_trip_every_sample() {
+        let codec = Codec::default();
+        let mut buf = BytesMut::new();
+        for frame in sample_frames() {
+            encode(&frame, &mut buf);
+        }
+        for frame in sample_frames() {
+            assert_eq!(codec.decode(&mut buf).unwrap(), Some(frame));
+        }
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn split_at_every_byte_boundary() {
+        let codec = Codec::default();
+        let mut wire = BytesMut::new();
+        for frame in sample_frames() {
+            encode(&frame, &mut wire);
+        }
+        for split in 0..=wire.len() {
+            let mut buf = BytesMut::from(&wire[..split]);
+            let mut out = Vec::new();
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                out.push(frame);
+            }
+            buf.extend_from_slice(&wire[split..]);
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                out.push(frame);
+            }
+            assert_eq!(out, sample_frames(), "split at {split}");
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn truncated_input_needs_more_then_errors_at_eof() {
+        let codec = Codec::default();
+        let mut wire = BytesMut::new();
+        encode(&sample_frames()[1], &mut wire);
+        for cut in 1..wire.len() {
+            let mut buf = BytesMut::from(&wire[..cut]);
+            assert_eq!(codec.decode(&mut buf).unwrap(), None, "cut at {cut}");
+            assert_eq!(buf.len(), cut, "nothing consumed");
+            assert_eq!(
+                codec.decode_eof(&mut buf),
+                Err(FrameError::Truncated(cut))
+            );
+        }
+        assert_eq!(codec.decode_eof(&mut BytesMut::new()), Ok(None));
+    }
+
+    #[test]
+    fn oversize_length_is_refused_before_the_body_arrives() {
+        let codec = Codec::new(1024);
+        // Only the prefix (1025) is present: the error must come now, not
+        // after buffering 1025 bytes.
+        let mut buf = BytesMut::new();
+        prost::encode_length_delimiter(1025, &mut buf).unwrap();
+        assert_eq!(
+            codec.decode(&mut buf),
+            Err(FrameError::TooLarge {
+                len: 1025,
+                max: 1024
+            })
+        );
+        assert_eq!(FrameError::TooLarge { len: 0, max: 0 }.code(), crate::ErrorCode::FrameTooLarge);
+        // A prefix claiming u64::MAX bytes.
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01][..]);
+        assert!(matches!(codec.decode(&mut buf), Err(FrameError::TooLarge { .. })));
+        // The configured limit can never exceed the protocol cap.
+        assert_eq!(Codec::new(usize::MAX).max_frame_len(), MAX_FRAME_LEN);
+    }
+
+    #[test]
+    fn bad_varints_are_typed_errors() {
+        let codec = Codec::default();
+        // Eleven continuation bytes: never a valid varint.
+        let mut buf = BytesMut::from(&[0x80u8; 11][..]);
+        assert_eq!(codec.decode(&mut buf), Err(FrameError::BadLength));
+        // Ten bytes whose last one overflows u64.
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02][..]);
+        assert_eq!(codec.decode(&mut buf), Err(FrameError::BadLength));
+        // Nine continuation bytes: still possibly incomplete.
+        let mut buf = BytesMut::from(&[0x80u8; 9][..]);
+        assert_eq!(codec.decode(&mut buf), Ok(None));
+    }
+
+    #[test]
+    fn garbage_bodies_are_typed_errors() {
+        let codec = Codec::default();
+        // A length of 3 followed by an invalid wire type.
+        let mut buf = BytesMut::from(&[0x03, 0xff, 0xff, 0xff][..]);
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)), "{err:?}");
+        assert_eq!(err.code(), crate::ErrorCode::MalformedFrame);
+        // A well-formed protobuf with no body set.
+        let mut buf = BytesMut::from(&[0x02, 0x08, 0x05][..]);
+        assert_eq!(codec.decode(&mut buf), Err(FrameError::EmptyBody));
+        // Zero-length frame: empty message, no body.
+        let mut buf = BytesMut::from(&[0x00][..]);
+        assert_eq!(codec.decode(&mut buf), Err(FrameError::EmptyBody));
+    }
+
+    #[test]
+    fn pseudo_random_bytes_never_panic() {
+        // A deterministic xorshift stream stands in for a fuzzer in unit
+        // tests: whatever the bytes, decode returns, consumes at most what
+        // it was given, and never panics.
+        let codec = Codec::new(4096);
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        for round in 0..2000 {
+            let len = (round % 300) + 1;
+            let mut bytes = Vec::with_capacity(len);
+            for _ in 0..len {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                bytes.push(state as u8);
+            }
+            let mut buf = BytesMut::from(&bytes[..]);
+            loop {
+                let before = buf.len();
+                match codec.decode(&mut buf) {
+                    Ok(Some(_)) => assert!(buf.len() < before),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frame_len_hint_matches_encoding() {
+        let codec = Codec::default();
+        for frame in sample_frames() {
+            let mut buf = BytesMut::new();
+            encode(&frame, &mut buf);
+            assert_eq!(codec.frame_len_hint(&buf[..1]).is_some() || buf[0] & 0x80 != 0, true);
+            assert_eq!(codec.frame_len_hint(&buf), Some(buf.len()));
+            assert_eq!(encoded_len(&frame), buf.len());
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Hard bounds of the protocol. Servers may configure tighter limits; no
+//! peer may exceed these.
+
+/// Largest frame the protocol allows (1 MiB). Servers default to far less
+/// (see [`DEFAULT_MAX_FRAME_LEN`]); this cap exists so that a
+/// misconfigured peer can never be made to allocate more than this for one
+/// frame.
+pub const MAX_FRAME_LEN: usize = 1024 * 1024;
+
+/// Default maximum frame size (64 KiB): comfortably above the largest text
+/// message plus envelope, and the size of one photo chunk.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// Default maximum text length in bytes (UTF-8). Messenger allows roughly
+/// 20,000 characters; 16 KiB of UTF-8 covers ordinary use.
+pub const DEFAULT_MAX_TEXT_LEN: usize = 16 * 1024;
+
+/// Longest idempotency key a client may choose.
+pub const MAX_CLIENT_MSG_ID_LEN: usize = 64;
+
+/// Largest history or conversation page the server returns.
+pub const MAX_PAGE_SIZE: u32 = 200;
+
+/// User names: length bounds in bytes (ASCII only).
+pub const USERNAME_LEN: std::ops::RangeInclusive<usize> = 3..=32;
+
+/// Passwords: length bounds in bytes.
+pub const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 8..=128;

@@ -1,0 +1,205 @@
+//! TLS certificates: a development CA and server certificate for trying the
+//! service, and loading real ones from PEM files.
+//!
+//! Development layout (what `chat-server gen-certs --out DIR` writes, and
+//! what the server creates under `<data-dir>/certs/` on first start when no
+//! certificate is configured):
+//!
+//! * `ca.pem`: the development CA; clients trust this file.
+//! * `ca-key.pem`: its key (mode 0600), to issue more server certificates.
+//! * `server.pem`, `server-key.pem`: the server's certificate (signed by
+//!   the CA, valid for `localhost`, `127.0.0.1` and `::1` by default) and key.
+//!
+//! These are for development only: anyone with `ca-key.pem` can
+//! impersonate the server to clients that trust `ca.pem`.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::Config;
+
+/// Names a dev server certificate is valid for when none are given.
+pub const DEFAULT_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
+
+/// The CA file clients trust, in a dev certificate directory.
+pub const CA_FILE: &str = "ca.pem";
+const CA_KEY_FILE: &str = "ca-key.pem";
+const SERVER_FILE: &str = "server.pem";
+const SERVER_KEY_FILE: &str = "server-key.pem";
+
+/// Certificate work that failed, with the file involved.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CertError(pub String);
+
+/// A development CA and a server certificate it signed, as PEM.
+pub struct DevCerts {
+    /// CA certificate.
+    pub ca_pem: String,
+    /// CA private key.
+    pub ca_key_pem: String,
+    /// Server certificate.
+    pub server_pem: String,
+    /// Server private key.
+    pub server_key_pem: String,
+}
+
+impl DevCerts {
+    /// Creates a new CA and a server certificate for `names` (DNS names or
+    /// IP addresses).
+    pub fn generate(names: &[String]) -> Result<DevCerts, CertError> {
+        let fail = |what: &str, e: rcgen::Error| CertError(format!("{what}: {e}"));
+        let ca_key = KeyPair::generate().map_err(|e| fail("generate CA key", e))?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("CA params", e))?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "chat-server development CA (not for production)");
+        let ca_cert = ca_params.self_signed(&ca_key).map_err(|e| fail("self-sign CA", e))?;
+
+        let server_key = KeyPair::generate().map_err(|e| fail("generate server key", e))?;
+        let mut server_params =
+            CertificateParams::new(names.to_vec()).map_err(|e| fail("server certificate names", e))?;
+        server_params
+            .distinguished_name
+            .push(DnType::CommonName, names.first().map_or("localhost", String::as_str));
+        server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        server_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let issuer = Issuer::new(ca_params, &ca_key);
+        let server_cert = server_params
+            .signed_by(&server_key, &issuer)
+            .map_err(|e| fail("sign server certificate", e))?;
+        Ok(DevCerts {
+            ca_pem: ca_cert.pem(),
+            ca_key_pem: ca_key.serialize_pem(),
+            server_pem: server_cert.pem(),
+            server_key_pem: server_key.serialize_pem(),
+        })
+    }
+
+    /// Writes the four files into `dir` (created if needed); keys are
+    /// readable by the owner only.
+    pub fn write(&self, dir: &Path) -> Result<(), CertError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CertError(format!("create {}: {e}", dir.display())))?;
+        write_file(&dir.join(CA_FILE), &self.ca_pem, false)?;
+        write_file(&dir.join(CA_KEY_FILE), &self.ca_key_pem, true)?;
+        write_file(&dir.join(SERVER_FILE), &self.server_pem, false)?;
+        write_file(&dir.join(SERVER_KEY_FILE), &self.server_key_pem, true)?;
+        Ok(())
+    }
+}
+
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertError> {
+    std::fs::write(path, contents).map_err(|e| CertError(format!("write {}: {e}", path.display())))?;
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| CertError(format!("chmod {}: {e}", path.display())))?;
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    Ok(())
+}
+
+/// The certificate chain and key the server presents.
+pub struct ServerIdentity {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's key.
+    pub key: PrivateKeyDer<'static>,
+    /// Where a client finds the CA to trust, when it is a dev CA.
+    pub dev_ca: Option<PathBuf>,
+}
+
+/// Loads the configured certificate, or the dev certificate under the data
+/// directory, creating it (with a warning) if it does not exist yet.
+pub fn load_or_create(config: &Config) -> Result<ServerIdentity, CertError> {
+    if let (Some(cert), Some(key)) = (&config.tls.tls_cert, &config.tls.tls_key) {
+        return Ok(ServerIdentity {
+            chain: load_chain(cert)?,
+            key: load_key(key)?,
+            dev_ca: None,
+        });
+    }
+    let dir = config.data_dir.join("certs");
+    let server = dir.join(SERVER_FILE);
+    if !server.exists() {
+        let names: Vec<String> = DEFAULT_NAMES.iter().map(|s| s.to_string()).collect();
+        DevCerts::generate(&names)?.write(&dir)?;
+        tracing::warn!(
+            dir = %dir.display(),
+            "created a DEVELOPMENT CA and server certificate; clients must trust {}. \
+             Do not use these in production: set tls-cert and tls-key",
+            dir.join(CA_FILE).display()
+        );
+    } else {
+        tracing::warn!(
+            ca = %dir.join(CA_FILE).display(),
+            "using the DEVELOPMENT certificate from the data directory; set tls-cert and tls-key for production"
+        );
+    }
+    Ok(ServerIdentity {
+        chain: load_chain(&server)?,
+        key: load_key(&dir.join(SERVER_KEY_FILE))?,
+        dev_ca: Some(dir.join(CA_FILE)),
+    })
+}
+
+/// Reads every certificate in a PEM file.
+pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let chain = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| CertError(format!("read certificates from {}: {e}", path.display())))?;
+    if chain.is_empty() {
+        return Err(CertError(format!("no certificate found in {}", path.display())));
+    }
+    Ok(chain)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| CertError(format!("read private key from {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_write_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        DevCerts::generate(&names).unwrap().write(dir.path()).unwrap();
+        assert_eq!(load_chain(&dir.path().join(SERVER_FILE)).unwrap().len(), 1);
+        assert_eq!(load_chain(&dir.path().join(CA_FILE)).unwrap().len(), 1);
+        load_key(&dir.path().join(SERVER_KEY_FILE)).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn created_once_then_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+        let first = load_or_create(&config).unwrap();
+        let second = load_or_create(&config).unwrap();
+        assert_eq!(first.chain, second.chain);
+        assert!(first.dev_ca.unwrap().ends_with("certs/ca.pem"));
+    }
+
+    #[test]
+    fn missing_files_name_the_path() {
+        let err = load_chain(Path::new("/nonexistent/chain.pem")).unwrap_err();
+        assert!(err.0.contains("/nonexistent/chain.pem"), "{}", err.0);
+    }
+}

@@ -1,0 +1,265 @@
+//! The command line of the `chat-server` binary: flags and environment
+//! variables layered over the config file, `--print-config`, and the
+//! `gen-certs` subcommand. Lives in the library so the test harness runs the
+//! very same entry point as a child process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::certs::{DEFAULT_NAMES, DevCerts};
+use crate::config::Config;
+use crate::endpoint::Server;
+
+/// A chat service over QUIC. With no arguments: listens on 127.0.0.1:4433,
+/// keeps data in ./data, and uses the embedded store.
+#[derive(Debug, Parser)]
+#[command(name = "chat-server", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    overrides: Overrides,
+    /// TOML configuration file (flags and environment override it).
+    #[arg(long, env = "CHAT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Log format.
+    #[arg(long, env = "CHAT_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    log_format: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a development CA and a server certificate signed by it.
+    GenCerts {
+        /// Directory to write ca.pem, ca-key.pem, server.pem, server-key.pem.
+        #[arg(long, default_value = "certs/dev")]
+        out: PathBuf,
+        /// DNS names and IP addresses the server certificate is valid for.
+        #[arg(long = "name", default_values = DEFAULT_NAMES)]
+        names: Vec<String>,
+    },
+}
+
+/// Flags that override config keys (same names, kebab case).
+#[derive(Debug, Args)]
+struct Overrides {
+    /// UDP address to listen on [default: 127.0.0.1:4433].
+    #[arg(long, env = "CHAT_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory [default: ./data].
+    #[arg(long, env = "CHAT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// PEM certificate chain (production).
+    #[arg(long, env = "CHAT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key (production).
+    #[arg(long, env = "CHAT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Largest frame accepted, in bytes.
+    #[arg(long, env = "CHAT_MAX_FRAME_LEN")]
+    max_frame_len: Option<usize>,
+    /// Largest message text, in bytes.
+    #[arg(long, env = "CHAT_MAX_TEXT_LEN")]
+    max_text_len: Option<usize>,
+    /// Session token lifetime, e.g. 30days.
+    #[arg(long, env = "CHAT_SESSION_TTL", value_parser = humantime::parse_duration)]
+    session_ttl: Option<Duration>,
+    /// Time allowed to authenticate, e.g. 10s.
+    #[arg(long, env = "CHAT_AUTH_TIMEOUT", value_parser = humantime::parse_duration)]
+    auth_timeout: Option<Duration>,
+    /// Friends per user.
+    #[arg(long, env = "CHAT_MAX_FRIENDS")]
+    max_friends: Option<u64>,
+    /// Idle timeout, e.g. 30s.
+    #[arg(long, env = "CHAT_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Keep-alive interval, e.g. 10s (0s: off).
+    #[arg(long, env = "CHAT_KEEP_ALIVE_INTERVAL", value_parser = humantime::parse_duration)]
+    keep_alive_interval: Option<Duration>,
+    /// Concurrent bidirectional streams per connection.
+    #[arg(long, env = "CHAT_MAX_CONCURRENT_BIDI_STREAMS")]
+    max_concurrent_bidi_streams: Option<u32>,
+    /// Per-stream receive window, bytes.
+    #[arg(long, env = "CHAT_STREAM_RECEIVE_WINDOW")]
+    stream_receive_window: Option<u32>,
+    /// Per-connection receive window, bytes.
+    #[arg(long, env = "CHAT_RECEIVE_WINDOW")]
+    receive_window: Option<u32>,
+    /// Per-connection send window, bytes.
+    #[arg(long, env = "CHAT_SEND_WINDOW")]
+    send_window: Option<u64>,
+    /// Concurrent connections.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+}
+
+impl Overrides {
+    fn apply(self, c: &mut Config) {
+        fn set<T>(slot: &mut T, value: Option<T>) {
+            if let Some(v) = value {
+                *slot = v;
+            }
+        }
+        set(&mut c.listen, self.listen);
+        set(&mut c.data_dir, self.data_dir);
+        if self.tls_cert.is_some() {
+            c.tls.tls_cert = self.tls_cert;
+        }
+        if self.tls_key.is_some() {
+            c.tls.tls_key = self.tls_key;
+        }
+        set(&mut c.limits.max_frame_len, self.max_frame_len);
+        set(&mut c.limits.max_text_len, self.max_text_len);
+        set(&mut c.limits.session_ttl, self.session_ttl);
+        set(&mut c.limits.auth_timeout, self.auth_timeout);
+        set(&mut c.limits.max_friends, self.max_friends);
+        set(&mut c.transport.idle_timeout, self.idle_timeout);
+        set(&mut c.transport.keep_alive_interval, self.keep_alive_interval);
+        set(&mut c.transport.max_concurrent_bidi_streams, self.max_concurrent_bidi_streams);
+        set(&mut c.transport.stream_receive_window, self.stream_receive_window);
+        set(&mut c.transport.receive_window, self.receive_window);
+        set(&mut c.transport.send_window, self.send_window);
+        set(&mut c.transport.max_connections, self.max_connections);
+    }
+}
+
+impl Cli {
+    /// The effective configuration: defaults, then the file, then
+    /// environment and flags; validated.
+    pub fn effective_config(self) -> Result<(Config, bool), String> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        self.overrides.apply(&mut config);
+        config.validate().map_err(|e| format!("invalid configuration: {e}"))?;
+        Ok((config, self.print_config))
+    }
+}
+
+/// Entry point of the `chat-server` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    if let Some(Command::GenCerts { out, names }) = &cli.command {
+        return match DevCerts::generate(names).and_then(|c| c.write(out)) {
+            Ok(()) => {
+                println!(
+                    "wrote a development CA and server certificate to {} (valid for {}); \
+                     clients trust {}/ca.pem. For development only.",
+                    out.display(),
+                    names.join(", "),
+                    out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("chat-server: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let (config, print) = match cli.effective_config() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("chat-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if print {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chat-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let server = match Server::start(config).await {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("chat-server: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(ca) = server.dev_ca() {
+            println!("chat-server listening on {} (dev CA: {})", server.local_addr(), ca.display());
+        } else {
+            println!("chat-server listening on {}", server.local_addr());
+        }
+        wait_for_signal().await;
+        server.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn init_tracing(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(std::iter::once("chat-server").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.effective_config().map(|(c, _)| c)
+    }
+
+    #[test]
+    fn flags_override_defaults() {
+        let c = parse(&["--listen", "127.0.0.1:0", "--idle-timeout", "45s", "--max-text-len", "100"]).unwrap();
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.transport.idle_timeout, Duration::from_secs(45));
+        assert_eq!(c.limits.max_text_len, 100);
+    }
+
+    #[test]
+    fn contradictions_name_both_settings() {
+        let err = parse(&["--keep-alive-interval", "60s", "--idle-timeout", "30s"]).unwrap_err();
+        assert!(err.contains("keep-alive-interval") && err.contains("idle-timeout"), "{err}");
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:7000\"\n[limits]\nmax-text-len = 200\n").unwrap();
+        let c = parse(&["--config", path.to_str().unwrap(), "--max-text-len", "300"]).unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.limits.max_text_len, 300);
+        let err = parse(&["--config", "/nonexistent.toml"]).unwrap_err();
+        assert!(err.contains("/nonexistent.toml"), "{err}");
+    }
+}

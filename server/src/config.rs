@@ -1,0 +1,294 @@
+//! The server's configuration: one typed [`Config`] with documented
+//! defaults, read from a TOML file, then environment variables, then
+//! command-line flags (later wins), and validated before anything starts.
+//!
+//! Keys are kebab-case in the file and the same words as flags, so
+//! `idle-timeout = "30s"` in `[transport]` is `--idle-timeout 30s` on the
+//! command line and `CHAT_IDLE_TIMEOUT=30s` in the environment. Durations
+//! are written like `30s`, `500ms`, `30days`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chat_protocol::limits;
+use serde::{Deserialize, Serialize};
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct Config {
+    /// UDP address of the QUIC endpoint.
+    pub listen: SocketAddr,
+    /// Directory for the embedded database, dev certificates and media.
+    pub data_dir: PathBuf,
+    /// TLS certificate and key.
+    pub tls: TlsConfig,
+    /// Per-user and per-frame limits.
+    pub limits: Limits,
+    /// QUIC transport settings.
+    pub transport: Transport,
+}
+
+/// TLS material. With neither path set, the server uses (and on first
+/// start creates) a development CA and certificate under
+/// `<data-dir>/certs/`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Application limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame accepted on any stream, in bytes.
+    pub max_frame_len: usize,
+    /// Largest message text, in bytes of UTF-8.
+    pub max_text_len: usize,
+    /// How long a session token stays valid after login.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// How long a new connection may take to authenticate.
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// Friends per user.
+    pub max_friends: u64,
+    /// Failed Register / Login / Authenticate attempts allowed on one
+    /// connection before the server closes it.
+    pub max_auth_attempts: u32,
+}
+
+/// QUIC transport settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct Transport {
+    /// Close a connection after this long without any packet.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Send a keep-alive after this long without sending (0s: off). Mobile
+    /// NATs forget bindings after ~30 s, so clients keep-alive; the server
+    /// need not.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
+    /// Bidirectional streams a client may have open at once: control,
+    /// messages, receipts, calls, plus a few media streams.
+    pub max_concurrent_bidi_streams: u32,
+    /// Per-stream receive window in bytes: the most a client can make the
+    /// server buffer on one stream.
+    pub stream_receive_window: u32,
+    /// Per-connection receive window in bytes.
+    pub receive_window: u32,
+    /// Per-connection send buffer in bytes.
+    pub send_window: u64,
+    /// Connections this node accepts at once; more are refused with
+    /// SERVER_BUSY.
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            data_dir: PathBuf::from("./data"),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            transport: Transport::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_len: limits::DEFAULT_MAX_FRAME_LEN,
+            max_text_len: limits::DEFAULT_MAX_TEXT_LEN,
+            session_ttl: Duration::from_secs(30 * 24 * 3600),
+            auth_timeout: Duration::from_secs(10),
+            max_friends: 5_000,
+            max_auth_attempts: 5,
+        }
+    }
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Transport {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive_interval: Duration::ZERO,
+            max_concurrent_bidi_streams: 8,
+            stream_receive_window: 64 * 1024,
+            receive_window: 256 * 1024,
+            send_window: 256 * 1024,
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// Room a frame needs around a maximal text (ids, keys, envelope).
+const FRAME_OVERHEAD: usize = 512;
+
+/// A configuration problem, in words an operator can act on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError(format!("invalid config file {}: {e}", path.display())))
+    }
+
+    /// The effective configuration as TOML (what `--print-config` shows).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serialises to TOML")
+    }
+
+    /// Checks ranges and contradictions. Errors name every setting
+    /// involved.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let t = &self.transport;
+        let err = |msg: String| Err(ConfigError(msg));
+        if !(1024..=limits::MAX_FRAME_LEN).contains(&l.max_frame_len) {
+            return err(format!(
+                "max-frame-len = {} is outside 1024..={}",
+                l.max_frame_len,
+                limits::MAX_FRAME_LEN
+            ));
+        }
+        if l.max_text_len == 0 {
+            return err("max-text-len must be at least 1".into());
+        }
+        if l.max_text_len + FRAME_OVERHEAD > l.max_frame_len {
+            return err(format!(
+                "max-text-len ({}) plus {FRAME_OVERHEAD} bytes of envelope must fit in max-frame-len ({})",
+                l.max_text_len, l.max_frame_len
+            ));
+        }
+        if l.session_ttl < Duration::from_secs(1) {
+            return err("session-ttl must be at least 1s".into());
+        }
+        if l.auth_timeout.is_zero() {
+            return err("auth-timeout must be more than 0s".into());
+        }
+        if l.max_auth_attempts == 0 {
+            return err("max-auth-attempts must be at least 1".into());
+        }
+        if t.idle_timeout.is_zero() {
+            return err("idle-timeout must be more than 0s".into());
+        }
+        if t.idle_timeout.as_millis() >= (1u128 << 62) {
+            return err("idle-timeout is too large".into());
+        }
+        if !t.keep_alive_interval.is_zero() && t.keep_alive_interval >= t.idle_timeout {
+            return err(format!(
+                "keep-alive-interval ({}) must be shorter than idle-timeout ({}), or the connection times out between keep-alives",
+                humantime::format_duration(t.keep_alive_interval),
+                humantime::format_duration(t.idle_timeout)
+            ));
+        }
+        if !(4..=64).contains(&t.max_concurrent_bidi_streams) {
+            return err(format!(
+                "max-concurrent-bidi-streams = {} is outside 4..=64 (control, messages, receipts and calls need 4)",
+                t.max_concurrent_bidi_streams
+            ));
+        }
+        if (t.stream_receive_window as usize) < l.max_frame_len {
+            return err(format!(
+                "stream-receive-window ({}) must be at least max-frame-len ({}), or a maximal frame can never arrive",
+                t.stream_receive_window, l.max_frame_len
+            ));
+        }
+        if t.receive_window < t.stream_receive_window {
+            return err(format!(
+                "receive-window ({}) must be at least stream-receive-window ({})",
+                t.receive_window, t.stream_receive_window
+            ));
+        }
+        if t.send_window < l.max_frame_len as u64 {
+            return err(format!(
+                "send-window ({}) must be at least max-frame-len ({})",
+                t.send_window, l.max_frame_len
+            ));
+        }
+        if t.max_connections == 0 {
+            return err("max-connections must be at least 1".into());
+        }
+        match (&self.tls.tls_cert, &self.tls.tls_key) {
+            (Some(_), None) => return err("tls-cert is set but tls-key is not; set both or neither".into()),
+            (None, Some(_)) => return err("tls-key is set but tls-cert is not; set both or neither".into()),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_toml() {
+        let config = Config::default();
+        config.validate().unwrap();
+        let text = config.to_toml();
+        assert!(text.contains("listen = \"127.0.0.1:4433\""), "{text}");
+        assert!(text.contains("idle-timeout = \"30s\""), "{text}");
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn partial_files_keep_defaults() {
+        let config: Config = toml::from_str(
+            "listen = \"0.0.0.0:5000\"\n[limits]\nmax-text-len = 100\n[transport]\nidle-timeout = \"1m\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 5000);
+        assert_eq!(config.limits.max_text_len, 100);
+        assert_eq!(config.limits.max_frame_len, limits::DEFAULT_MAX_FRAME_LEN);
+        assert_eq!(config.transport.idle_timeout, Duration::from_secs(60));
+        assert!(toml::from_str::<Config>("no-such-key = 1").is_err());
+    }
+
+    #[test]
+    fn invalid_settings_name_what_is_wrong() {
+        let cases: Vec<(fn(&mut Config), &str)> = vec![
+            (|c| c.limits.max_frame_len = 10, "max-frame-len"),
+            (|c| c.limits.max_text_len = 0, "max-text-len"),
+            (|c| c.limits.max_text_len = 70_000, "max-frame-len"),
+            (|c| c.limits.session_ttl = Duration::ZERO, "session-ttl"),
+            (|c| c.transport.idle_timeout = Duration::ZERO, "idle-timeout"),
+            (
+                |c| {
+                    c.transport.keep_alive_interval = Duration::from_secs(60);
+                    c.transport.idle_timeout = Duration::from_secs(30);
+                },
+                "keep-alive-interval (1m) must be shorter than idle-timeout (30s)",
+            ),
+            (|c| c.transport.max_concurrent_bidi_streams = 2, "max-concurrent-bidi-streams"),
+            (|c| c.transport.stream_receive_window = 1000, "stream-receive-window"),
+            (|c| c.transport.receive_window = 1000, "receive-window"),
+            (|c| c.transport.send_window = 10, "send-window"),
+            (|c| c.transport.max_connections = 0, "max-connections"),
+            (|c| c.tls.tls_cert = Some("a.pem".into()), "tls-key is not"),
+            (|c| c.tls.tls_key = Some("k.pem".into()), "tls-cert is not"),
+        ];
+        for (break_it, expected) in cases {
+            let mut config = Config::default();
+            break_it(&mut config);
+            let err = config.validate().unwrap_err().0;
+            assert!(err.contains(expected), "{err:?} should mention {expected:?}");
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The delivery pipeline: the one code path every message takes, whatever
+//! the conversation's size.
+//!
+//! ```text
+//! messages stream --Send--> [send committer] --append(batch)--> HistoryStore
+//!                                  |  (durable)
+//!                                  +--> SendAck to the sender's session
+//!                                  +--> RecentCache
+//!                                  +--> Deliver to every other member online
+//!
+//! messages / receipts streams --DeliveryAck / MarkSeen--> [watermark committer]
+//!        --advance_watermarks(batch)--> HistoryStore --> Receipt to other members
+//! ```
+//!
+//! Each committer is one task that takes every request waiting in its
+//! queue, hands the whole batch to the store as one transaction (group
+//! commit), and only then answers. Because one task commits batches in
+//! order and fans out in seq order, every session's queue receives a
+//! conversation's messages in increasing seq order.
+
+use std::sync::Arc;
+
+use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::error::Refusal;
+use crate::hub::{Hub, SessionHandle};
+use crate::store::{HistoryStore, NewMessage, RecentCache, WatermarkKind, WatermarkUpdate};
+use crate::wire::Outbound;
+
+/// Most sends in one group commit. Bounds the latency the first send of a
+/// batch waits for the others.
+const MAX_SEND_BATCH: usize = 256;
+/// Most watermark moves in one transaction.
+const MAX_MARK_BATCH: usize = 512;
+/// Queue depth in front of each committer; a full queue makes stream
+/// readers wait, which pushes back on clients through QUIC flow control.
+const QUEUE_DEPTH: usize = 4096;
+
+/// A validated send waiting for its commit.
+pub struct SendJob {
+    /// The message to store.
+    pub message: NewMessage,
+    /// The client's request id, echoed in the ack.
+    pub request_id: u64,
+    /// Where the ack goes.
+    pub session: Arc<SessionHandle>,
+}
+
+/// A watermark move, with an optional reply for MarkSeen.
+pub struct MarkJob {
+    /// What to move.
+    pub update: WatermarkUpdate,
+    /// For MarkSeen: the request id and session to answer.
+    pub reply: Option<(u64, Arc<SessionHandle>)>,
+}
+
+/// Handle to the two committers.
+pub struct Delivery {
+    sends: mpsc::Sender<SendJob>,
+    marks: mpsc::Sender<MarkJob>,
+}
+
+/// The committers' tasks, to await at shutdown so in-flight commits finish.
+pub struct DeliveryTasks {
+    sends: JoinHandle<()>,
+    marks: JoinHandle<()>,
+}
+
+impl DeliveryTasks {
+    /// Waits until both committers have drained their queues and stopped
+    /// (which happens once every `Delivery` handle is dropped).
+    pub async fn join(self) {
+        let _ = self.sends.await;
+        let _ = self.marks.await;
+    }
+}
+
+impl Delivery {
+    /// Starts the committers.
+    pub fn start(
+        store: Arc<dyn HistoryStore>,
+        cache: Arc<dyn RecentCache>,
+        hub: Arc<Hub>,
+    ) -> (Arc<Delivery>, DeliveryTasks) {
+        let (sends, sends_rx) = mpsc::channel(QUEUE_DEPTH);
+        let (marks, marks_rx) = mpsc::channel(QUEUE_DEPTH);
+        let tasks = DeliveryTasks {
+            sends: tokio::spawn(send_committer(sends_rx, store.clone(), cache, hub.clone())),
+            marks: tokio::spawn(mark_committer(marks_rx, store, hub)),
+        };
+        (Arc::new(Delivery { sends, marks }), tasks)
+    }
+
+    /// Queues a send; waits only if the committer is saturated.
+    pub async fn submit(&self, job: SendJob) -> Result<(), Refusal> {
+        self.sends
+            .send(job)
+            .await
+            .map_err(|_| Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down"))
+    }
+
+    /// Queues a watermark move.
+    pub async fn mark(&self, job: MarkJob) -> Result<(), Refusal> {
+        self.marks
+            .send(job)
+            .await
+            .map_err(|_| Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down"))
+    }
+}
+
+async fn send_committer(
+    mut rx: mpsc::Receiver<SendJob>,
+    store: Arc<dyn HistoryStore>,
+    cache: Arc<dyn RecentCache>,
+    hub: Arc<Hub>,
+) {
+    let mut jobs: Vec<SendJob> = Vec::with_capacity(MAX_SEND_BATCH);
+    while rx.recv_many(&mut jobs, MAX_SEND_BATCH).await > 0 {
+        let batch: Vec<NewMessage> = jobs.iter().map(|j| j.message.clone()).collect();
+        match store.append(batch).await {
+            Ok(results) => {
+                for (job, result) in jobs.drain(..).zip(results) {
+                    match result {
+                        Ok(appended) => {
+                            let ack = Frame::new(
+                                job.request_id,
+                                Body::SendAck(proto::SendAck {
+                                    conversation_id: appended.message.conversation_id,
+                                    seq: appended.message.seq,
+                                    message_id: appended.message.message_id,
+                                    sent_at_ms: appended.message.sent_at_ms,
+                                    client_msg_id: appended.message.client_msg_id.clone(),
+                                    duplicate: appended.duplicate,
+                                }),
+                            );
+                            job.session.push(StreamKind::Messages, Outbound::frame(&ack));
+                            if appended.duplicate {
+                                // Already queued for everyone when first stored.
+                                continue;
+                            }
+                            cache.push(&appended.message);
+                            let deliver = Frame::push(Body::Deliver(proto::Deliver {
+                                message: Some((*appended.message).clone()),
+                            }));
+                            let out = Outbound {
+                                deliver: Some((appended.message.conversation_id, appended.message.seq)),
+                                ..Outbound::frame(&deliver)
+                            };
+                            for member in appended.members {
+                                if member != appended.message.sender_id {
+                                    hub.push(member, StreamKind::Messages, &out, None);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let refusal = Refusal::from(e);
+                            job.session
+                                .push(StreamKind::Messages, Outbound::frame(&refusal.to_frame(job.request_id)));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                // Nothing of the batch is durable: every sender hears a
+                // retryable error and retries with the same client_msg_id.
+                let refusal = Refusal::from(e);
+                for job in jobs.drain(..) {
+                    job.session
+                        .push(StreamKind::Messages, Outbound::frame(&refusal.to_frame(job.request_id)));
+                }
+            }
+        }
+    }
+}
+
+async fn mark_committer(mut rx: mpsc::Receiver<MarkJob>, store: Arc<dyn HistoryStore>, hub: Arc<Hub>) {
+    let mut jobs: Vec<MarkJob> = Vec::with_capacity(MAX_MARK_BATCH);
+    while rx.recv_many(&mut jobs, MAX_MARK_BATCH).await > 0 {
+        let updates = coalesce(jobs.iter().map(|j| j.update));
+        let result = store.advance_watermarks(updates).await;
+        let reply_body = match result {
+            Ok(moved) => {
+                for m in moved {
+                    let receipt = Outbound::frame(&Frame::push(Body::Receipt(proto::Receipt {
+                        conversation_id: m.conversation_id,
+                        user_id: m.user_id,
+                        delivered_seq: m.delivered_seq,
+                        seen_seq: m.seen_seq,
+                    })));
+                    for member in m.members {
+                        if member != m.user_id {
+                            hub.push(member, StreamKind::Receipts, &receipt, None);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(Refusal::from(e)),
+        };
+        for job in jobs.drain(..) {
+            if let Some((request_id, session)) = job.reply {
+                let frame = match &reply_body {
+                    Ok(()) => Frame::new(request_id, Body::Ok(proto::Ok {})),
+                    Err(refusal) => refusal.to_frame(request_id),
+                };
+                session.push(StreamKind::Receipts, Outbound::frame(&frame));
+            }
+        }
+    }
+}
+
+/// Keeps, per (conversation, member, kind), only the highest seq: a burst
+/// of acks becomes one row update and one receipt.
+fn coalesce(updates: impl Iterator<Item = WatermarkUpdate>) -> Vec<WatermarkUpdate> {
+    let mut out: Vec<WatermarkUpdate> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for u in updates {
+        let key = (u.conversation_id, u.user_id, u.kind);
+        match index.get(&key) {
+            Some(&i) => {
+                let existing: &mut WatermarkUpdate = &mut out[i];
+                existing.seq = existing.seq.max(u.seq);
+            }
+            None => {
+                index.insert(key, out.len());
+                out.push(u);
+            }
+        }
+    }
+    // Seen implies delivered: apply delivered first so a seen in the same
+    // batch is not undercut.
+    out.sort_by_key(|u| matches!(u.kind, WatermarkKind::Seen));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesce_keeps_the_highest_per_member_and_kind() {
+        let u = |conversation_id, user_id, kind, seq| WatermarkUpdate { conversation_id, user_id, kind, seq };
+        let out = coalesce(
+            vec![
+                u(1, 7, WatermarkKind::Seen, 3),
+                u(1, 7, WatermarkKind::Delivered, 5),
+                u(1, 7, WatermarkKind::Delivered, 9),
+                u(1, 7, WatermarkKind::Delivered, 2),
+                u(2, 7, WatermarkKind::Delivered, 1),
+                u(1, 8, WatermarkKind::Delivered, 4),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(
+            out,
+            vec![
+                u(1, 7, WatermarkKind::Delivered, 9),
+                u(2, 7, WatermarkKind::Delivered, 1),
+                u(1, 8, WatermarkKind::Delivered, 4),
+                u(1, 7, WatermarkKind::Seen, 3),
+            ]
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! The QUIC endpoint: TLS and transport set-up, the accept loop with its
+//! connection cap, and shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chat_protocol::{Codec, ErrorCode};
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{IdleTimeout, VarInt};
+
+use crate::certs::{self, ServerIdentity};
+use crate::config::Config;
+use crate::delivery::{Delivery, DeliveryTasks};
+use crate::hub::Hub;
+use crate::session;
+use crate::store::recent::{DEFAULT_MAX_CONVERSATIONS, MemoryRecentCache};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{HistoryStore, RecentCache};
+
+/// How long shutdown waits for connections to close and commits to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Invalid configuration.
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// Certificates could not be loaded or created.
+    #[error("certificates: {0}")]
+    Certs(#[from] certs::CertError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// TLS set-up failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address asked for.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Node-wide state shared by every session.
+pub struct Shared {
+    /// Effective configuration.
+    pub config: Config,
+    /// Frame decoder with the configured limit.
+    pub codec: Codec,
+    /// The source of truth.
+    pub store: Arc<dyn HistoryStore>,
+    /// Recent messages per conversation.
+    pub cache: Arc<dyn RecentCache>,
+    /// Connected sessions.
+    pub hub: Arc<Hub>,
+    /// The delivery pipeline.
+    pub delivery: Arc<Delivery>,
+}
+
+/// A running chat server.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    dev_ca: Option<PathBuf>,
+    shared: Option<Arc<Shared>>,
+    accept: tokio::task::JoinHandle<()>,
+    delivery_tasks: DeliveryTasks,
+}
+
+impl Server {
+    /// Validates the configuration, opens the store, loads (or creates)
+    /// certificates and starts listening.
+    pub async fn start(config: Config) -> Result<Server, ServerError> {
+        config.validate()?;
+        let identity = certs::load_or_create(&config)?;
+        let dev_ca = identity.dev_ca.clone();
+        let server_config = quic_config(&config, identity)?;
+        let store: Arc<dyn HistoryStore> = Arc::new(SqliteStore::open(&config.data_dir)?);
+        tracing::info!(backend = store.backend(), data_dir = %config.data_dir.display(), "history store open");
+        let cache: Arc<dyn RecentCache> = Arc::new(MemoryRecentCache::new(DEFAULT_MAX_CONVERSATIONS));
+        let hub = Arc::new(Hub::default());
+        let (delivery, delivery_tasks) = Delivery::start(store.clone(), cache.clone(), hub.clone());
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let shared = Arc::new(Shared {
+            codec: Codec::new(config.limits.max_frame_len),
+            config,
+            store,
+            cache,
+            hub,
+            delivery,
+        });
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        tracing::info!(%local_addr, "chat-server listening (ALPN chat/1)");
+        Ok(Server { endpoint, local_addr, dev_ca, shared: Some(shared), accept, delivery_tasks })
+    }
+
+    /// The bound UDP address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The development CA clients must trust, when the server uses one.
+    pub fn dev_ca(&self) -> Option<&std::path::Path> {
+        self.dev_ca.as_deref()
+    }
+
+    /// Stops accepting, tells clients to reconnect (SERVER_SHUTTING_DOWN),
+    /// lets in-flight group commits finish, and closes the store.
+    pub async fn shutdown(mut self) {
+        tracing::info!("shutting down");
+        self.accept.abort();
+        self.endpoint.close(
+            VarInt::from_u32(ErrorCode::ServerShuttingDown as u32),
+            b"server shutting down; reconnect",
+        );
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
+        // Sessions hold clones of `shared`; once their tasks end and ours is
+        // dropped, the committers drain and stop, and the store closes.
+        drop(self.shared.take());
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.delivery_tasks.join()).await;
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let max = shared.config.transport.max_connections;
+    while let Some(incoming) = endpoint.accept().await {
+        if active.load(Ordering::Relaxed) >= max {
+            tracing::warn!(max, "connection limit reached; refusing");
+            incoming.refuse();
+            continue;
+        }
+        active.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        let active = active.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => session::run(shared, conn).await,
+                Err(e) => tracing::debug!(error = %e, "handshake failed"),
+            }
+            active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+fn quic_config(config: &Config, identity: ServerIdentity) -> Result<quinn::ServerConfig, ServerError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![chat_protocol::ALPN.to_vec()];
+    // 0-RTT stays off: replayable early data would need per-frame
+    // idempotency rules.
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| ServerError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let t = &config.transport;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            IdleTimeout::try_from(t.idle_timeout).map_err(|e| ServerError::Tls(format!("idle-timeout: {e}")))?,
+        ))
+        .keep_alive_interval((!t.keep_alive_interval.is_zero()).then_some(t.keep_alive_interval))
+        .max_concurrent_bidi_streams(VarInt::from_u32(t.max_concurrent_bidi_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(t.stream_receive_window))
+        .receive_window(VarInt::from_u32(t.receive_window))
+        .send_window(t.send_window);
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}

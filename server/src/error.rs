@@ -1,0 +1,92 @@
+//! Errors a request can end with, and the one place where internal errors
+//! become wire codes.
+
+use chat_protocol::{ErrorCode, Frame, proto};
+
+use crate::store::StoreError;
+
+/// Why a request was refused: the code and detail the client receives.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Refusal {
+    /// Stable wire code.
+    pub code: ErrorCode,
+    /// Human-readable detail (never parsed by clients, never secret).
+    pub message: String,
+    /// For retryable codes: when to try again.
+    pub retry_after_ms: u32,
+}
+
+/// How long a client should wait before retrying after UNAVAILABLE.
+const UNAVAILABLE_RETRY_MS: u32 = 1_000;
+
+impl Refusal {
+    /// A refusal with a code and detail.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+            retry_after_ms: 0,
+        }
+    }
+
+    /// The `Error` frame answering `request_id`.
+    pub fn to_frame(&self, request_id: u64) -> Frame {
+        Frame::new(
+            request_id,
+            proto::frame::Body::Error(proto::Error {
+                code: self.code as i32,
+                message: self.message.clone(),
+                retry_after_ms: self.retry_after_ms,
+            }),
+        )
+    }
+}
+
+impl From<StoreError> for Refusal {
+    /// The single mapping from store failures to wire codes. Internal detail
+    /// is logged, not sent.
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Refusal::new(ErrorCode::InvalidArgument, "already exists"),
+            StoreError::NotFound => Refusal::new(ErrorCode::NotFound, "not found"),
+            StoreError::NotAMember => {
+                Refusal::new(ErrorCode::NotAMember, "not a member of this conversation")
+            }
+            StoreError::Unavailable(detail) => {
+                tracing::warn!(%detail, "store unavailable");
+                Refusal {
+                    code: ErrorCode::Unavailable,
+                    message: "storage temporarily unavailable; retry".into(),
+                    retry_after_ms: UNAVAILABLE_RETRY_MS,
+                }
+            }
+            StoreError::Internal(detail) => {
+                tracing::error!(%detail, "store failure");
+                Refusal::new(ErrorCode::Internal, "internal error")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_store_error_has_a_code() {
+        let cases = [
+            (StoreError::Conflict, ErrorCode::InvalidArgument),
+            (StoreError::NotFound, ErrorCode::NotFound),
+            (StoreError::NotAMember, ErrorCode::NotAMember),
+            (StoreError::Unavailable("down".into()), ErrorCode::Unavailable),
+            (StoreError::Internal("bug".into()), ErrorCode::Internal),
+        ];
+        for (error, code) in cases {
+            let refusal = Refusal::from(error);
+            assert_eq!(refusal.code, code);
+            assert!(!refusal.message.contains("bug"), "internal detail stays in logs");
+        }
+        assert!(Refusal::from(StoreError::Unavailable(String::new())).retry_after_ms > 0);
+    }
+}

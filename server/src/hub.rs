@@ -1,0 +1,137 @@
+//! The node's table of connected, authenticated sessions: user id to the
+//! outbound queues of each of that user's connections.
+//!
+//! Pushing never waits: a queue that is full means the client does not read
+//! fast enough, and that connection is closed with SLOW_CONSUMER. Nothing
+//! is lost by that, because every pushed message is durable first and the
+//! client resumes from its watermark when it reconnects.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use chat_protocol::{ErrorCode, StreamKind};
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+
+use crate::store::UserId;
+use crate::wire::{self, Outbound};
+
+/// Frames queued per stream before a client counts as too slow. Sized for
+/// a burst: a reconnecting user's backlog is streamed by catch-up, not
+/// queued here.
+pub const QUEUE_CAPACITY: usize = 1024;
+
+/// One authenticated connection, as seen by the rest of the node.
+pub struct SessionHandle {
+    /// Node-unique connection id (for logs and unregistering).
+    pub conn_id: u64,
+    /// The authenticated user.
+    pub user_id: UserId,
+    conn: quinn::Connection,
+    control: mpsc::Sender<Outbound>,
+    messages: mpsc::Sender<Outbound>,
+    receipts: mpsc::Sender<Outbound>,
+    closed: AtomicBool,
+}
+
+/// The receiving ends of a session's queues, taken by each stream's writer
+/// when the client opens that stream.
+pub struct SessionQueues {
+    /// Control stream queue.
+    pub control: Option<mpsc::Receiver<Outbound>>,
+    /// Messages stream queue.
+    pub messages: Option<mpsc::Receiver<Outbound>>,
+    /// Receipts stream queue.
+    pub receipts: Option<mpsc::Receiver<Outbound>>,
+}
+
+impl SessionHandle {
+    /// A handle and its queues.
+    pub fn new(conn_id: u64, user_id: UserId, conn: quinn::Connection) -> (Arc<Self>, SessionQueues) {
+        let (control, control_rx) = mpsc::channel(QUEUE_CAPACITY);
+        let (messages, messages_rx) = mpsc::channel(QUEUE_CAPACITY);
+        let (receipts, receipts_rx) = mpsc::channel(QUEUE_CAPACITY);
+        let handle = Arc::new(SessionHandle {
+            conn_id,
+            user_id,
+            conn,
+            control,
+            messages,
+            receipts,
+            closed: AtomicBool::new(false),
+        });
+        let queues = SessionQueues {
+            control: Some(control_rx),
+            messages: Some(messages_rx),
+            receipts: Some(receipts_rx),
+        };
+        (handle, queues)
+    }
+
+    /// Queues a frame for one of this session's streams without waiting.
+    /// Returns false if the session is gone or was too slow (and is now
+    /// being closed).
+    pub fn push(&self, kind: StreamKind, out: Outbound) -> bool {
+        let queue = match kind {
+            StreamKind::Control => &self.control,
+            StreamKind::Messages => &self.messages,
+            StreamKind::Receipts => &self.receipts,
+            _ => return false,
+        };
+        match queue.try_send(out) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.closed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(conn_id = self.conn_id, user_id = self.user_id, stream = kind.name(), "client too slow; closing");
+                    wire::close(&self.conn, ErrorCode::SlowConsumer, "client reads too slowly; reconnect");
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// See the module docs.
+#[derive(Default)]
+pub struct Hub {
+    users: DashMap<UserId, Vec<Arc<SessionHandle>>>,
+}
+
+impl Hub {
+    /// Adds a session (a user may have several devices).
+    pub fn register(&self, session: Arc<SessionHandle>) {
+        self.users.entry(session.user_id).or_default().push(session);
+    }
+
+    /// Removes a session; the user's entry goes with its last session.
+    pub fn unregister(&self, user_id: UserId, conn_id: u64) {
+        self.users.remove_if_mut(&user_id, |_, sessions| {
+            sessions.retain(|s| s.conn_id != conn_id);
+            sessions.is_empty()
+        });
+    }
+
+    /// Queues a frame for every session of `user` except `except_conn`.
+    /// Returns how many sessions took it.
+    pub fn push(&self, user: UserId, kind: StreamKind, out: &Outbound, except_conn: Option<u64>) -> usize {
+        let Some(sessions) = self.users.get(&user) else {
+            return 0;
+        };
+        sessions
+            .iter()
+            .filter(|s| Some(s.conn_id) != except_conn)
+            .filter(|s| s.push(kind, out.clone()))
+            .count()
+    }
+
+    /// Whether `user` has at least one session on this node.
+    pub fn is_online(&self, user: UserId) -> bool {
+        self.users.contains_key(&user)
+    }
+
+    /// Number of connected sessions.
+    pub fn session_count(&self) -> usize {
+        self.users.iter().map(|e| e.value().len()).sum()
+    }
+}

@@ -1,0 +1,36 @@
+//! `chat-server`: the QUIC chat server, as a library (the binary is a thin
+//! `main`), so tests and the load generator can run it in process.
+//!
+//! A tour, in the order a message travels:
+//!
+//! * [`endpoint`]: binds the QUIC endpoint (TLS 1.3, ALPN `chat/1`), accepts
+//!   connections under a cap, shuts down gracefully.
+//! * [`session`]: one per connection; routes each client stream by the kind
+//!   it announces and enforces "authenticate first".
+//! * [`streams`]: one module per stream kind (`control`, `messages`,
+//!   `receipts`).
+//! * [`delivery`]: the group-commit pipeline every send and receipt goes
+//!   through: durable first, then ack, then fan-out.
+//! * [`hub`]: the node's connected sessions and their outbound queues.
+//! * [`store`]: storage traits and backends (embedded SQLite now).
+//! * [`auth`], [`certs`], [`config`], [`error`], [`wire`]: the supporting
+//!   cast.
+//!
+//! Architecture invariant: stream handlers talk to `dyn HistoryStore` and
+//! `dyn RecentCache` only; they never know which backend is configured.
+
+pub mod auth;
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod endpoint;
+pub mod error;
+pub mod hub;
+pub mod session;
+pub mod store;
+pub mod streams;
+pub mod wire;
+
+pub use config::Config;
+pub use endpoint::{Server, ServerError};

@@ -1,0 +1,231 @@
+//! One task per QUIC connection: accepts the client's streams, routes each
+//! by the kind it announces, enforces "authenticate first", and cleans up
+//! when the connection ends.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use chat_protocol::{Body, ErrorCode, Frame, StreamKind};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::{Notify, mpsc};
+
+use tracing::Instrument;
+
+use crate::endpoint::Shared;
+use crate::hub::{SessionHandle, SessionQueues};
+use crate::store::UserId;
+use crate::streams;
+use crate::wire::{self, FrameReader, Outbound, ReadError};
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Who a connection authenticated as.
+pub struct Authed {
+    /// The user.
+    pub user_id: UserId,
+    /// Their name.
+    pub username: String,
+    /// Hash of the token this connection used or was issued (for logout).
+    pub token_hash: [u8; 32],
+    /// The node-wide handle other sessions push to.
+    pub handle: Arc<SessionHandle>,
+}
+
+/// Per-connection state shared by its stream tasks.
+pub struct Session {
+    /// Node-unique id, for logs.
+    pub conn_id: u64,
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// Node-wide state.
+    pub shared: Arc<Shared>,
+    /// Set once, by the control stream, when authentication succeeds.
+    pub authed: OnceLock<Authed>,
+    /// Queue receivers, handed to stream writers as streams open.
+    queues: Mutex<Option<SessionQueues>>,
+    /// Which singleton stream kinds the client has opened.
+    opened: Mutex<[bool; 6]>,
+    /// Woken when authentication succeeds.
+    pub auth_done: Notify,
+}
+
+impl Session {
+    /// The authenticated identity, if any.
+    pub fn authed(&self) -> Option<&Authed> {
+        self.authed.get()
+    }
+
+    /// Marks the connection authenticated as `user_id` and registers it in
+    /// the hub. False if it was authenticated already.
+    pub fn authenticate(&self, user_id: UserId, username: String, token_hash: [u8; 32]) -> bool {
+        let (handle, queues) = SessionHandle::new(self.conn_id, user_id, self.conn.clone());
+        let authed = Authed { user_id, username, token_hash, handle: handle.clone() };
+        if self.authed.set(authed).is_err() {
+            return false;
+        }
+        *self.queues.lock().expect("queues lock") = Some(queues);
+        self.shared.hub.register(handle);
+        self.auth_done.notify_waiters();
+        tracing::Span::current().record("user_id", user_id);
+        true
+    }
+
+    /// Takes the queue receiver for a stream kind (once).
+    pub fn take_queue(&self, kind: StreamKind) -> Option<mpsc::Receiver<Outbound>> {
+        let mut guard = self.queues.lock().expect("queues lock");
+        let queues = guard.as_mut()?;
+        match kind {
+            StreamKind::Control => queues.control.take(),
+            StreamKind::Messages => queues.messages.take(),
+            StreamKind::Receipts => queues.receipts.take(),
+            _ => None,
+        }
+    }
+
+    /// Closes the connection with a code, after trying to deliver `frame`
+    /// on `send`.
+    pub async fn close_with(&self, send: Option<&mut SendStream>, code: ErrorCode, message: &str) {
+        tracing::debug!(conn_id = self.conn_id, code = %code, message, "closing connection");
+        if let Some(send) = send {
+            let frame = Frame::error(0, code, message);
+            let mut buf = bytes::BytesMut::new();
+            chat_protocol::encode(&frame, &mut buf);
+            if send.write_all(&buf).await.is_ok() {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+            }
+        }
+        wire::close(&self.conn, code, message);
+    }
+}
+
+/// Serves one connection until it closes.
+pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
+    let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("conn", conn_id, remote = %conn.remote_address(), user_id = tracing::field::Empty);
+    let session = Arc::new(Session {
+        conn_id,
+        conn: conn.clone(),
+        shared: shared.clone(),
+        authed: OnceLock::new(),
+        queues: Mutex::new(None),
+        opened: Mutex::new([false; 6]),
+        auth_done: Notify::new(),
+    });
+    async move {
+        tracing::debug!("connection established");
+        let auth_timeout = shared.config.limits.auth_timeout;
+        let watchdog = {
+            let session = session.clone();
+            async move {
+                tokio::time::sleep(auth_timeout).await;
+                if session.authed().is_none() {
+                    wire::close(&session.conn, ErrorCode::Timeout, "not authenticated in time");
+                }
+            }
+        };
+        let accept = {
+            let session = session.clone();
+            async move {
+                loop {
+                    match session.conn.accept_bi().await {
+                        Ok((send, recv)) => {
+                            let session = session.clone();
+                            tokio::spawn(
+                                serve_stream(session, send, recv).instrument(tracing::Span::current()),
+                            );
+                        }
+                        Err(e) => {
+                            tracing::debug!(reason = %e, "connection closed");
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = accept => {}
+            () = async { watchdog.await; std::future::pending::<()>().await } => {}
+        }
+        if let Some(authed) = session.authed() {
+            shared.hub.unregister(authed.user_id, conn_id);
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStream) {
+    let shared = &session.shared;
+    let mut reader = FrameReader::new(recv, shared.codec);
+    let first = tokio::time::timeout(shared.config.limits.auth_timeout, reader.next()).await;
+    let kind = match first {
+        Ok(Ok(Some(Frame { body: Some(Body::OpenStream(open)), .. }))) => StreamKind::from_wire(open.kind),
+        Ok(Ok(Some(_))) => {
+            let code = if session.authed().is_none() { ErrorCode::Unauthenticated } else { ErrorCode::BadStream };
+            return session.close_with(Some(&mut send), code, "the first frame of a stream must be OpenStream").await;
+        }
+        Ok(Err(ReadError::Frame(e))) => {
+            return session.close_with(Some(&mut send), e.code(), &e.to_string()).await;
+        }
+        Ok(Ok(None) | Err(ReadError::Stream(_))) => return,
+        Err(_) => {
+            return session.close_with(Some(&mut send), ErrorCode::Timeout, "no OpenStream in time").await;
+        }
+    };
+    let Some(kind) = kind else {
+        return session.close_with(Some(&mut send), ErrorCode::BadStream, "unknown stream kind").await;
+    };
+    let duplicate = {
+        let mut opened = session.opened.lock().expect("opened lock");
+        let slot = &mut opened[kind as usize];
+        let was = *slot;
+        // Media streams are many and short-lived; the others are singletons.
+        if kind != StreamKind::Media {
+            *slot = true;
+        }
+        was && kind != StreamKind::Media
+    };
+    if duplicate {
+        return session.close_with(Some(&mut send), ErrorCode::BadStream, "stream kind already open").await;
+    }
+    let is_control = kind == StreamKind::Control;
+    if !is_control && session.authed().is_none() {
+        return session
+            .close_with(Some(&mut send), ErrorCode::Unauthenticated, "authenticate on the control stream first")
+            .await;
+    }
+    match kind {
+        StreamKind::Control => streams::control::serve(session.clone(), send, reader).await,
+        StreamKind::Messages => streams::messages::serve(session.clone(), send, reader).await,
+        StreamKind::Receipts => streams::receipts::serve(session.clone(), send, reader).await,
+        StreamKind::Calls | StreamKind::Media | StreamKind::Unspecified => {
+            // Not served by this version: refuse the stream, keep the
+            // connection.
+            let frame = Frame::error(0, ErrorCode::BadStream, format!("{} streams are not supported yet", kind.name()));
+            let mut buf = bytes::BytesMut::new();
+            chat_protocol::encode(&frame, &mut buf);
+            let _ = send.write_all(&buf).await;
+            let _ = send.finish();
+        }
+    }
+}
+
+/// Handles a read error on an established stream of an authenticated
+/// session: a protocol violation is answered on that stream and closes the
+/// connection with its code; a closed stream just ends.
+pub fn on_read_error(session: &Session, kind: StreamKind, e: ReadError) {
+    match e {
+        ReadError::Frame(e) => {
+            tracing::info!(error = %e, stream = kind.name(), "bad frame; closing connection");
+            let frame = Frame::error(0, e.code(), e.to_string());
+            let queued = session
+                .authed()
+                .is_some_and(|a| a.handle.push(kind, Outbound::closing(&frame, e.code())));
+            if !queued {
+                wire::close(&session.conn, e.code(), &e.to_string());
+            }
+        }
+        ReadError::Stream(e) => tracing::debug!(error = %e, stream = kind.name(), "stream ended"),
+    }
+}

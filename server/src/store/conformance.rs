@@ -1,0 +1,426 @@
+//! One behavioural suite that every [`HistoryStore`] backend must pass.
+//!
+//! Each check is a plain `async fn` taking the store; the
+//! [`history_store_conformance!`](crate::history_store_conformance) macro
+//! expands them into `#[tokio::test]`s around a constructor that the backend
+//! provides (given a fresh temporary directory, it returns a fresh, empty
+//! store). Checks only use what the trait promises.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chat_protocol::proto;
+
+use super::*;
+
+/// Expands every conformance check into a `#[tokio::test]`. The argument is
+/// an expression callable as `f(PathBuf) -> impl Future<Output = impl
+/// HistoryStore>`; the directory is a fresh temporary one per test.
+#[macro_export]
+macro_rules! history_store_conformance {
+    ($new_store:expr) => {
+        $crate::history_store_conformance!(@tests $new_store;
+            users,
+            sessions,
+            friend_requests,
+            direct_conversations,
+            append_assigns_seq_and_is_idempotent,
+            append_refuses_non_members_without_failing_the_batch,
+            history_paging_edges,
+            undelivered_and_watermarks,
+            conversation_list,
+            concurrent_appends_get_distinct_contiguous_seqs,
+        );
+    };
+    (@tests $new_store:expr; $($name:ident),* $(,)?) => {
+        mod conformance {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let dir = tempfile::tempdir().expect("temp dir");
+                    let store = ($new_store)(dir.path().to_path_buf()).await;
+                    $crate::store::conformance::$name(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+async fn user(store: &impl HistoryStore, name: &str) -> UserId {
+    store.create_user(name.into(), format!("hash-{name}"), 1).await.expect("create user")
+}
+
+async fn friends_with_direct(store: &impl HistoryStore, a: &str, b: &str) -> (UserId, UserId, ConversationId) {
+    let a = user(store, a).await;
+    let b = user(store, b).await;
+    store.friend_request(a, b, 1).await.unwrap();
+    store.friend_accept(b, a, 2).await.unwrap();
+    let c = store.open_direct(a, b, 3).await.unwrap();
+    (a, b, c)
+}
+
+fn text(conversation_id: ConversationId, sender_id: UserId, key: &str, body: &str, now_ms: i64) -> NewMessage {
+    NewMessage {
+        conversation_id,
+        sender_id,
+        client_msg_id: key.into(),
+        message_type: proto::MessageType::Text,
+        text: body.into(),
+        now_ms,
+    }
+}
+
+async fn append_one(store: &impl HistoryStore, m: NewMessage) -> Appended {
+    store.append(vec![m]).await.unwrap().pop().unwrap().unwrap()
+}
+
+fn seqs(messages: &[Arc<proto::Message>]) -> Vec<u64> {
+    messages.iter().map(|m| m.seq).collect()
+}
+
+/// Users are unique by name and can be found by name and id.
+pub async fn users(store: &impl HistoryStore) {
+    let id = store.create_user("alice".into(), "h1".into(), 10).await.unwrap();
+    assert!(matches!(
+        store.create_user("alice".into(), "h2".into(), 11).await,
+        Err(StoreError::Conflict)
+    ));
+    let bob = store.create_user("bob".into(), "h3".into(), 12).await.unwrap();
+    assert_ne!(id, bob);
+    let rec = store.user_by_name("alice".into()).await.unwrap().unwrap();
+    assert_eq!(rec, UserRecord { id, username: "alice".into(), password_hash: "h1".into() });
+    assert_eq!(store.user_by_name("carol".into()).await.unwrap(), None);
+    assert_eq!(store.username(bob).await.unwrap().as_deref(), Some("bob"));
+    assert_eq!(store.username(9_999_999).await.unwrap(), None);
+}
+
+/// Sessions are found by token hash and revoked once.
+pub async fn sessions(store: &impl HistoryStore) {
+    let alice = user(store, "alice").await;
+    let hash = [7u8; 32];
+    store
+        .create_session(NewSession {
+            token_hash: hash,
+            user_id: alice,
+            device_name: "phone".into(),
+            created_at_ms: 100,
+            expires_at_ms: 200,
+        })
+        .await
+        .unwrap();
+    let rec = store.session(hash).await.unwrap().unwrap();
+    assert_eq!(rec, SessionRecord { user_id: alice, expires_at_ms: 200, revoked_at_ms: None });
+    assert_eq!(store.session([8u8; 32]).await.unwrap(), None);
+    assert!(store.revoke_session(hash, 150).await.unwrap());
+    assert!(!store.revoke_session(hash, 160).await.unwrap(), "second revoke is a no-op");
+    assert_eq!(store.session(hash).await.unwrap().unwrap().revoked_at_ms, Some(150));
+}
+
+/// Requests, mutual requests, accept, decline, remove, and the lists.
+pub async fn friend_requests(store: &impl HistoryStore) {
+    let a = user(store, "alice").await;
+    let b = user(store, "bob").await;
+    let c = user(store, "carol").await;
+    use FriendRequestOutcome::*;
+    assert_eq!(store.friend_request(a, b, 1).await.unwrap(), Requested);
+    assert_eq!(store.friend_request(a, b, 2).await.unwrap(), AlreadyRequested);
+    let lists = store.friends(b).await.unwrap();
+    assert_eq!(lists.incoming, vec![(a, "alice".to_string())]);
+    assert!(lists.friends.is_empty());
+    assert_eq!(store.friends(a).await.unwrap().outgoing, vec![(b, "bob".to_string())]);
+    assert!(!store.are_friends(a, b).await.unwrap());
+    // Asking someone who asked us accepts.
+    assert_eq!(store.friend_request(b, a, 3).await.unwrap(), Accepted);
+    assert!(store.are_friends(a, b).await.unwrap());
+    assert!(store.are_friends(b, a).await.unwrap());
+    assert_eq!(store.friend_request(a, b, 4).await.unwrap(), AlreadyFriends);
+    let lists = store.friends(a).await.unwrap();
+    assert_eq!(lists.friends, vec![(b, "bob".to_string())]);
+    assert!(lists.incoming.is_empty() && lists.outgoing.is_empty());
+    assert_eq!(store.friend_count(a).await.unwrap(), 1);
+
+    // Accept without a request, decline, accept.
+    assert!(matches!(store.friend_accept(a, c, 5).await, Err(StoreError::NotFound)));
+    store.friend_request(c, a, 6).await.unwrap();
+    assert!(store.friend_decline(a, c).await.unwrap());
+    assert!(!store.friend_decline(a, c).await.unwrap());
+    assert!(!store.are_friends(a, c).await.unwrap());
+    store.friend_request(c, a, 7).await.unwrap();
+    store.friend_accept(a, c, 8).await.unwrap();
+    let names: Vec<_> = store.friends(a).await.unwrap().friends.into_iter().map(|f| f.1).collect();
+    assert_eq!(names, vec!["bob", "carol"], "ordered by name");
+
+    // Remove ends the friendship on both sides; removing again is a no-op.
+    assert!(store.friend_remove(b, a).await.unwrap());
+    assert!(!store.are_friends(a, b).await.unwrap());
+    assert!(!store.friend_remove(b, a).await.unwrap());
+    // Remove also cancels a pending request.
+    store.friend_request(a, b, 9).await.unwrap();
+    assert!(store.friend_remove(a, b).await.unwrap());
+    assert!(store.friends(b).await.unwrap().incoming.is_empty());
+}
+
+/// One direct conversation per pair, visible to its members only.
+pub async fn direct_conversations(store: &impl HistoryStore) {
+    let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
+    assert_eq!(store.open_direct(b, a, 10).await.unwrap(), c, "same pair, same conversation");
+    let outsider = user(store, "eve").await;
+    let view = store.conversation(c, a).await.unwrap();
+    assert_eq!(view.kind, proto::ConversationKind::Direct);
+    assert_eq!(view.last_seq, 0);
+    assert_eq!(view.last_message, None);
+    let ids: Vec<_> = view.members.iter().map(|m| m.user_id).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&a) && ids.contains(&b));
+    assert!(store.is_member(c, a).await.unwrap());
+    assert!(!store.is_member(c, outsider).await.unwrap());
+    assert!(matches!(store.conversation(c, outsider).await, Err(StoreError::NotAMember)));
+    assert!(matches!(store.conversation(987_654, a).await, Err(StoreError::NotAMember)));
+    let other = store.open_direct(a, outsider, 11).await.unwrap();
+    assert_ne!(other, c);
+}
+
+/// Seq is 1, 2, 3...; a retried client_msg_id returns the original.
+pub async fn append_assigns_seq_and_is_idempotent(store: &impl HistoryStore) {
+    let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
+    let results = store
+        .append(vec![
+            text(c, a, "k1", "one", 100),
+            text(c, b, "k1", "two", 101), // same key, other sender: distinct
+            text(c, a, "k2", "three", 102),
+        ])
+        .await
+        .unwrap();
+    let appended: Vec<_> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(appended.iter().map(|x| x.message.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(appended.iter().all(|x| !x.duplicate));
+    let ids: HashSet<_> = appended.iter().map(|x| x.message.message_id).collect();
+    assert_eq!(ids.len(), 3, "message ids are unique");
+    let mut members = appended[0].members.clone();
+    members.sort();
+    let mut expected = vec![a, b];
+    expected.sort();
+    assert_eq!(members, expected);
+
+    let retry = append_one(store, text(c, a, "k1", "one (retry)", 200)).await;
+    assert!(retry.duplicate);
+    assert_eq!(retry.message.seq, 1);
+    assert_eq!(retry.message.text, "one");
+    assert_eq!(retry.message.message_id, appended[0].message.message_id);
+    assert_eq!(retry.message.sent_at_ms, 100);
+    let next = append_one(store, text(c, a, "k3", "four", 300)).await;
+    assert_eq!(next.message.seq, 4, "a retry does not consume a seq");
+    let view = store.conversation(c, b).await.unwrap();
+    assert_eq!(view.last_seq, 4);
+    assert_eq!(view.last_activity_ms, 300);
+}
+
+/// A non-member's message fails alone; the rest of the batch commits.
+pub async fn append_refuses_non_members_without_failing_the_batch(store: &impl HistoryStore) {
+    let (a, _b, c) = friends_with_direct(store, "alice", "bob").await;
+    let eve = user(store, "eve").await;
+    let results = store
+        .append(vec![
+            text(c, a, "k1", "one", 100),
+            text(c, eve, "e1", "intrusion", 101),
+            text(c, a, "k2", "two", 102),
+            text(424_242, a, "k3", "nowhere", 103),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results[0].as_ref().unwrap().message.seq, 1);
+    assert!(matches!(results[1], Err(StoreError::NotAMember)));
+    assert_eq!(results[2].as_ref().unwrap().message.seq, 2);
+    assert!(matches!(results[3], Err(StoreError::NotAMember)));
+    let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
+    assert_eq!(seqs(&page.messages), vec![1, 2]);
+    // The refused key was not consumed either.
+    assert!(matches!(
+        store.append(vec![text(c, eve, "e1", "again", 104)]).await.unwrap()[0],
+        Err(StoreError::NotAMember)
+    ));
+}
+
+/// Backward and forward pages, cursors and has_more at the edges.
+pub async fn history_paging_edges(store: &impl HistoryStore) {
+    let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
+    let empty = store.history(c, Direction::Backward, 0, 10).await.unwrap();
+    assert!(empty.messages.is_empty() && !empty.has_more);
+    let batch = (1..=25)
+        .map(|i| text(c, if i % 2 == 0 { a } else { b }, &format!("k{i}"), &format!("m{i}"), i))
+        .collect();
+    store.append(batch).await.unwrap().into_iter().for_each(|r| drop(r.unwrap()));
+
+    let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
+    assert_eq!(seqs(&page.messages), (16..=25).collect::<Vec<_>>());
+    assert!(page.has_more);
+    let page = store.history(c, Direction::Backward, 16, 10).await.unwrap();
+    assert_eq!(seqs(&page.messages), (6..=15).collect::<Vec<_>>());
+    assert!(page.has_more);
+    let page = store.history(c, Direction::Backward, 6, 10).await.unwrap();
+    assert_eq!(seqs(&page.messages), (1..=5).collect::<Vec<_>>());
+    assert!(!page.has_more);
+    let page = store.history(c, Direction::Backward, 11, 10).await.unwrap();
+    assert_eq!(seqs(&page.messages), (1..=10).collect::<Vec<_>>());
+    assert!(!page.has_more, "exactly the rest: no more");
+
+    let page = store.history(c, Direction::Forward, 0, 10).await.unwrap();
+    assert_eq!(seqs(&page.messages), (1..=10).collect::<Vec<_>>());
+    assert!(page.has_more);
+    let page = store.history(c, Direction::Forward, 15, 10).await.unwrap();
+    assert_eq!(seqs(&page.messages), (16..=25).collect::<Vec<_>>());
+    assert!(!page.has_more);
+    let page = store.history(c, Direction::Forward, 25, 10).await.unwrap();
+    assert!(page.messages.is_empty() && !page.has_more);
+    assert_eq!(page.messages.len(), 0);
+    let page = store.history(c, Direction::Backward, 0, 1).await.unwrap();
+    assert_eq!(page.messages[0].text, "m25");
+}
+
+/// Undelivered messages, forward-only watermarks, clamping, seen implies
+/// delivered, receipts snapshot.
+pub async fn undelivered_and_watermarks(store: &impl HistoryStore) {
+    let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
+    let carol = user(store, "carol").await;
+    store.friend_request(a, carol, 1).await.unwrap();
+    store.friend_accept(carol, a, 1).await.unwrap();
+    let c2 = store.open_direct(a, carol, 4).await.unwrap();
+    for i in 1..=5 {
+        append_one(store, text(c, a, &format!("a{i}"), "hi", i)).await;
+    }
+    append_one(store, text(c, b, "b1", "own", 6)).await;
+    append_one(store, text(c2, a, "c1", "hey carol", 7)).await;
+
+    // Bob has a's five messages pending, not his own.
+    let pending = store.undelivered(b, (0, 0), 100).await.unwrap();
+    assert_eq!(seqs(&pending), vec![1, 2, 3, 4, 5]);
+    assert!(pending.iter().all(|m| m.sender_id == a));
+    // Paging by (conversation, seq) cursor.
+    let tail = store.undelivered(b, (c, 3), 100).await.unwrap();
+    assert_eq!(seqs(&tail), vec![4, 5]);
+    assert_eq!(store.undelivered(b, (0, 0), 2).await.unwrap().len(), 2);
+    // Alice has only Bob's message pending, never her own.
+    let alice_pending = store.undelivered(a, (0, 0), 100).await.unwrap();
+    assert_eq!(seqs(&alice_pending), vec![6]);
+    assert_eq!(alice_pending[0].sender_id, b);
+
+    let up = |user_id, kind, seq| WatermarkUpdate { conversation_id: c, user_id, kind, seq };
+    let moved = store.advance_watermarks(vec![up(b, WatermarkKind::Delivered, 3)]).await.unwrap();
+    assert_eq!(moved.len(), 1);
+    assert_eq!((moved[0].delivered_seq, moved[0].seen_seq), (3, 0));
+    let mut members = moved[0].members.clone();
+    members.sort();
+    let mut expected = vec![a, b];
+    expected.sort();
+    assert_eq!(members, expected);
+    assert_eq!(seqs(&store.undelivered(b, (0, 0), 100).await.unwrap()), vec![4, 5]);
+    // Lower or equal: ignored.
+    assert!(store.advance_watermarks(vec![up(b, WatermarkKind::Delivered, 2)]).await.unwrap().is_empty());
+    assert!(store.advance_watermarks(vec![up(b, WatermarkKind::Delivered, 3)]).await.unwrap().is_empty());
+    // Beyond last_seq: clamped.
+    let moved = store.advance_watermarks(vec![up(b, WatermarkKind::Delivered, 1_000)]).await.unwrap();
+    assert_eq!(moved[0].delivered_seq, 6);
+    assert!(store.undelivered(b, (0, 0), 100).await.unwrap().is_empty());
+    // Seen implies delivered; several updates coalesce to one entry.
+    let moved = store
+        .advance_watermarks(vec![
+            up(a, WatermarkKind::Seen, 2),
+            up(a, WatermarkKind::Seen, 6),
+            up(a, WatermarkKind::Seen, 4),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 1);
+    assert_eq!((moved[0].delivered_seq, moved[0].seen_seq), (6, 6));
+    // Non-members move nothing.
+    assert!(store.advance_watermarks(vec![up(carol, WatermarkKind::Seen, 6)]).await.unwrap().is_empty());
+
+    let view = store.conversation(c, b).await.unwrap();
+    let bob = view.members.iter().find(|m| m.user_id == b).unwrap();
+    assert_eq!((bob.delivered_seq, bob.seen_seq), (6, 0));
+
+    // Alice's snapshot: bob's watermarks in c, carol's in c2.
+    let snapshot = store.receipt_snapshot(a, 10).await.unwrap();
+    assert!(snapshot.contains(&proto::Receipt { conversation_id: c, user_id: b, delivered_seq: 6, seen_seq: 0 }));
+    assert!(snapshot.contains(&proto::Receipt { conversation_id: c2, user_id: carol, delivered_seq: 0, seen_seq: 0 }));
+    assert!(snapshot.iter().all(|r| r.user_id != a));
+    assert_eq!(store.receipt_snapshot(a, 1).await.unwrap().len(), 1, "limit counts conversations");
+}
+
+/// Most recently active first, with preview, unread count and paging.
+pub async fn conversation_list(store: &impl HistoryStore) {
+    let (a, b, c1) = friends_with_direct(store, "alice", "bob").await;
+    let carol = user(store, "carol").await;
+    let c2 = store.open_direct(a, carol, 5).await.unwrap();
+    let long = "x".repeat(500);
+    append_one(store, text(c1, b, "b1", &long, 100)).await;
+    append_one(store, text(c1, b, "b2", "second", 110)).await;
+    append_one(store, text(c2, carol, "c1", "from carol", 120)).await;
+
+    let list = store.conversations(a, 0, 10).await.unwrap();
+    assert_eq!(list.iter().map(|v| v.id).collect::<Vec<_>>(), vec![c2, c1]);
+    assert_eq!(list[1].unread_count, 2);
+    assert_eq!(list[1].last_message.as_ref().unwrap().text, "second");
+    assert_eq!(list[0].last_activity_ms, 120);
+    // Paging by activity time.
+    let next = store.conversations(a, 120, 10).await.unwrap();
+    assert_eq!(next.iter().map(|v| v.id).collect::<Vec<_>>(), vec![c1]);
+    assert_eq!(store.conversations(a, 0, 1).await.unwrap().len(), 1);
+    // Previews are truncated.
+    append_one(store, text(c1, b, "b3", &long, 130)).await;
+    let view = store.conversation(c1, a).await.unwrap();
+    let preview = view.last_message.unwrap().text;
+    assert!(preview.len() < long.len() && preview.chars().all(|ch| ch == 'x'));
+    // Reading moves the unread count; own messages never count.
+    store
+        .advance_watermarks(vec![WatermarkUpdate { conversation_id: c1, user_id: a, kind: WatermarkKind::Seen, seq: 2 }])
+        .await
+        .unwrap();
+    append_one(store, text(c1, a, "a1", "mine", 140)).await;
+    assert_eq!(store.conversation(c1, a).await.unwrap().unread_count, 1);
+    assert_eq!(store.conversation(c1, b).await.unwrap().unread_count, 1);
+}
+
+/// Many writers at once: every message gets a distinct seq, no gaps.
+pub async fn concurrent_appends_get_distinct_contiguous_seqs(store: &impl HistoryStore) {
+    let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
+    let writers = 8u64;
+    let per_writer = 25u64;
+    let futures = (0..writers).map(|w| async move {
+        let mut seqs = Vec::new();
+        for i in 0..per_writer {
+            let sender = if w % 2 == 0 { a } else { b };
+            let m = append_one(store, text(c, sender, &format!("w{w}-{i}"), "x", 1)).await;
+            seqs.push(m.message.seq);
+        }
+        seqs
+    });
+    let all: Vec<u64> = futures_join_all(futures).await.into_iter().flatten().collect();
+    let unique: HashSet<_> = all.iter().copied().collect();
+    assert_eq!(unique.len() as u64, writers * per_writer);
+    assert_eq!(*all.iter().max().unwrap(), writers * per_writer);
+    assert_eq!(store.conversation(c, a).await.unwrap().last_seq, writers * per_writer);
+}
+
+/// Polls futures concurrently on the current task (no spawning needed, so
+/// borrowed stores work).
+async fn futures_join_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut set: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, fut) in set.iter_mut().enumerate() {
+            if outputs[i].is_none() {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => outputs[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    outputs.into_iter().map(|o| o.expect("every future completed")).collect()
+}

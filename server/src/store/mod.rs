@@ -1,0 +1,369 @@
+//! Storage behind traits, so that stream handlers never know which backend
+//! is configured.
+//!
+//! * [`HistoryStore`]: the source of truth. Users, sessions, friends,
+//!   conversations, members with their delivered / seen watermarks, and
+//!   messages. Embedded: [`sqlite::SqliteStore`]. Production: Postgres
+//!   (later).
+//! * [`RecentCache`]: the last messages of each conversation, so opening a
+//!   chat does not touch history. Embedded: [`recent::MemoryRecentCache`].
+//!   Production: a capped Redis list (later).
+//!
+//! The unread queue of a user is, in the embedded backend, the history
+//! itself: every message above the member's delivered watermark. A Redis
+//! inbox (later) is a cache of exactly that query, which is why it can be
+//! rebuilt after a flush.
+//!
+//! Every backend passes the same suite in [`conformance`].
+
+pub mod conformance;
+pub mod recent;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chat_protocol::proto;
+
+/// A user's numeric id.
+pub type UserId = u64;
+/// A conversation's numeric id.
+pub type ConversationId = u64;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A unique value (user name, ...) is already taken.
+    #[error("already exists")]
+    Conflict,
+    /// The row the call refers to does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The user is not a member of the conversation.
+    #[error("not a member of the conversation")]
+    NotAMember,
+    /// The backend cannot be reached right now; retrying may work.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: corrupt data, a bug, a failed migration.
+    #[error("store failure: {0}")]
+    Internal(String),
+}
+
+/// A user's login record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    /// Id.
+    pub id: UserId,
+    /// Lower-case user name.
+    pub username: String,
+    /// PHC string of the Argon2id hash.
+    pub password_hash: String,
+}
+
+/// A session token's record. The token itself is never stored, only its
+/// SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Owner.
+    pub user_id: UserId,
+    /// Unix ms after which the token is refused.
+    pub expires_at_ms: i64,
+    /// Set when the token was revoked.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// A new session to store.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// SHA-256 of the token.
+    pub token_hash: [u8; 32],
+    /// Owner.
+    pub user_id: UserId,
+    /// Device label given at login.
+    pub device_name: String,
+    /// Creation time, Unix ms.
+    pub created_at_ms: i64,
+    /// Expiry time, Unix ms.
+    pub expires_at_ms: i64,
+}
+
+/// What a friend request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FriendRequestOutcome {
+    /// A new pending request.
+    Requested,
+    /// Already pending; nothing changed.
+    AlreadyRequested,
+    /// The other user had asked us: now we are friends.
+    Accepted,
+    /// We were friends already.
+    AlreadyFriends,
+}
+
+/// A user's friends and pending requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FriendLists {
+    /// Friends, by user name.
+    pub friends: Vec<(UserId, String)>,
+    /// Requests to us.
+    pub incoming: Vec<(UserId, String)>,
+    /// Requests from us.
+    pub outgoing: Vec<(UserId, String)>,
+}
+
+/// One member of a conversation and their watermarks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberState {
+    /// The member.
+    pub user_id: UserId,
+    /// Their user name.
+    pub username: String,
+    /// Highest seq they acknowledged as delivered.
+    pub delivered_seq: u64,
+    /// Highest seq they marked as seen.
+    pub seen_seq: u64,
+}
+
+/// A conversation as one member sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationView {
+    /// Id.
+    pub id: ConversationId,
+    /// Direct or group.
+    pub kind: proto::ConversationKind,
+    /// Group name, empty for direct conversations.
+    pub name: String,
+    /// Members and watermarks.
+    pub members: Vec<MemberState>,
+    /// Newest seq.
+    pub last_seq: u64,
+    /// Unix ms of the newest message or of creation.
+    pub last_activity_ms: i64,
+    /// The newest message, if any.
+    pub last_message: Option<proto::Message>,
+    /// Messages from others above the viewer's seen watermark.
+    pub unread_count: u64,
+}
+
+/// A message to append, after validation.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Target conversation.
+    pub conversation_id: ConversationId,
+    /// Author; must be a member.
+    pub sender_id: UserId,
+    /// Idempotency key, unique per sender.
+    pub client_msg_id: String,
+    /// Text, photo, system.
+    pub message_type: proto::MessageType,
+    /// Content.
+    pub text: String,
+    /// Server time at submission, Unix ms.
+    pub now_ms: i64,
+}
+
+/// The result of appending one message.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    /// The stored message (the original one for a duplicate).
+    pub message: Arc<proto::Message>,
+    /// True when `client_msg_id` was already stored: nothing was written.
+    pub duplicate: bool,
+    /// Every member of the conversation, sender included.
+    pub members: Vec<UserId>,
+}
+
+/// Which watermark to move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WatermarkKind {
+    /// Delivered to the member's device.
+    Delivered,
+    /// Seen by the member (implies delivered).
+    Seen,
+}
+
+/// A request to move a member's watermark forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatermarkUpdate {
+    /// Conversation.
+    pub conversation_id: ConversationId,
+    /// Member whose watermark moves.
+    pub user_id: UserId,
+    /// Which one.
+    pub kind: WatermarkKind,
+    /// New value; values at or below the current one are ignored, values
+    /// above the conversation's last seq are clamped to it.
+    pub seq: u64,
+}
+
+/// Watermarks after an update that moved them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatermarkMoved {
+    /// Conversation.
+    pub conversation_id: ConversationId,
+    /// Member whose watermarks moved.
+    pub user_id: UserId,
+    /// New delivered watermark.
+    pub delivered_seq: u64,
+    /// New seen watermark.
+    pub seen_seq: u64,
+    /// Every member of the conversation, to notify.
+    pub members: Vec<UserId>,
+}
+
+/// Direction of a history page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Seq below the cursor (cursor 0: the newest).
+    Backward,
+    /// Seq above the cursor.
+    Forward,
+}
+
+/// One page of history, ascending by seq.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    /// Messages in ascending seq order.
+    pub messages: Vec<Arc<proto::Message>>,
+    /// More exist beyond this page in the direction asked.
+    pub has_more: bool,
+}
+
+/// The durable store: the only source of truth.
+///
+/// Calls take owned arguments so that implementations can move them to a
+/// database thread or connection pool.
+#[async_trait]
+pub trait HistoryStore: Send + Sync + 'static {
+    /// Short backend name for logs and metrics labels.
+    fn backend(&self) -> &'static str;
+
+    /// Creates a user. `Conflict` if the name is taken.
+    async fn create_user(
+        &self,
+        username: String,
+        password_hash: String,
+        now_ms: i64,
+    ) -> Result<UserId, StoreError>;
+    /// Looks up a user by (lower-case) name.
+    async fn user_by_name(&self, username: String) -> Result<Option<UserRecord>, StoreError>;
+    /// A user's name, if the user exists.
+    async fn username(&self, user_id: UserId) -> Result<Option<String>, StoreError>;
+
+    /// Stores a new session token hash.
+    async fn create_session(&self, session: NewSession) -> Result<(), StoreError>;
+    /// Looks up a session by token hash.
+    async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>, StoreError>;
+    /// Revokes a session; true if it existed and was not revoked already.
+    async fn revoke_session(&self, token_hash: [u8; 32], now_ms: i64) -> Result<bool, StoreError>;
+
+    /// `from` asks `to` to be friends.
+    async fn friend_request(
+        &self,
+        from: UserId,
+        to: UserId,
+        now_ms: i64,
+    ) -> Result<FriendRequestOutcome, StoreError>;
+    /// `user` accepts the pending request from `from`. `NotFound` if there
+    /// is none.
+    async fn friend_accept(&self, user: UserId, from: UserId, now_ms: i64)
+    -> Result<(), StoreError>;
+    /// `user` declines the pending request from `from`; false if none.
+    async fn friend_decline(&self, user: UserId, from: UserId) -> Result<bool, StoreError>;
+    /// Ends a friendship or cancels a pending request in either direction;
+    /// false if there was nothing.
+    async fn friend_remove(&self, user: UserId, other: UserId) -> Result<bool, StoreError>;
+    /// A user's friends and pending requests.
+    async fn friends(&self, user: UserId) -> Result<FriendLists, StoreError>;
+    /// Whether the two users are friends.
+    async fn are_friends(&self, a: UserId, b: UserId) -> Result<bool, StoreError>;
+    /// How many friends a user has.
+    async fn friend_count(&self, user: UserId) -> Result<u64, StoreError>;
+
+    /// The direct conversation of two users, created if missing. The caller
+    /// checks that they are friends.
+    async fn open_direct(
+        &self,
+        a: UserId,
+        b: UserId,
+        now_ms: i64,
+    ) -> Result<ConversationId, StoreError>;
+    /// A conversation as `viewer` sees it. `NotAMember` if `viewer` is not
+    /// a member (also when the conversation does not exist, so ids cannot be
+    /// probed).
+    async fn conversation(
+        &self,
+        conversation_id: ConversationId,
+        viewer: UserId,
+    ) -> Result<ConversationView, StoreError>;
+    /// A user's conversations, most recently active first, active strictly
+    /// before `before_ms` (0: no bound).
+    async fn conversations(
+        &self,
+        user: UserId,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<ConversationView>, StoreError>;
+    /// Whether `user` is a member of the conversation.
+    async fn is_member(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<bool, StoreError>;
+
+    /// Appends a batch of messages in one transaction (group commit): each
+    /// gets the next seq of its conversation, or is recognised as a retry.
+    /// Results are in input order; one failing message (e.g. `NotAMember`)
+    /// does not fail the others. Returns only after the batch is durable.
+    async fn append(&self, batch: Vec<NewMessage>)
+    -> Result<Vec<Result<Appended, StoreError>>, StoreError>;
+    /// A page of history. The caller has checked membership.
+    async fn history(
+        &self,
+        conversation_id: ConversationId,
+        direction: Direction,
+        cursor: u64,
+        limit: u32,
+    ) -> Result<Page, StoreError>;
+    /// Messages from others above `user`'s delivered watermark, ordered by
+    /// (conversation, seq), starting strictly after `after` (a
+    /// (conversation, seq) cursor) for paging.
+    async fn undelivered(
+        &self,
+        user: UserId,
+        after: (ConversationId, u64),
+        limit: u32,
+    ) -> Result<Vec<Arc<proto::Message>>, StoreError>;
+    /// Moves watermarks forward, all in one transaction. Returns the
+    /// updates that moved something (coalesced: one entry per member and
+    /// conversation).
+    async fn advance_watermarks(
+        &self,
+        updates: Vec<WatermarkUpdate>,
+    ) -> Result<Vec<WatermarkMoved>, StoreError>;
+    /// Other members' watermarks in `user`'s most recently active
+    /// conversations, so a reconnecting sender learns the receipts it
+    /// missed.
+    async fn receipt_snapshot(
+        &self,
+        user: UserId,
+        limit: u32,
+    ) -> Result<Vec<proto::Receipt>, StoreError>;
+}
+
+/// The last messages of each conversation, kept where reads are cheap.
+///
+/// It is only a cache: a miss (`None`) sends the caller to
+/// [`HistoryStore::history`]. Implementations must never return a page that
+/// history would answer differently.
+pub trait RecentCache: Send + Sync + 'static {
+    /// Records newly appended messages. Called in seq order per
+    /// conversation, by the single writer that appends them.
+    fn push(&self, message: &Arc<proto::Message>);
+    /// Up to `limit` messages with seq below `before` (0: the newest), in
+    /// ascending order, if the cache can answer exactly as history would.
+    fn page_before(&self, conversation_id: ConversationId, before: u64, limit: u32)
+    -> Option<Page>;
+}

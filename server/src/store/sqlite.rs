@@ -1,0 +1,993 @@
+//! The embedded history store: one SQLite file under the data directory.
+//!
+//! One dedicated thread owns the connection. Callers send it jobs; the
+//! thread takes every job waiting in its queue (up to [`MAX_BATCH`]), runs
+//! them inside one transaction, each in its own savepoint so a failing job
+//! cannot undo the others, commits once, and only then answers each caller.
+//! That is group commit for everything, not only sends: one fsync covers
+//! the whole batch, and a caller never hears "done" before its write is on
+//! disk (`synchronous = FULL`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use chat_protocol::proto;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{
+    Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
+    HistoryStore, MemberState, NewMessage, NewSession, Page, SessionRecord, StoreError,
+    UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
+};
+
+/// Most jobs folded into one transaction. Bounds commit latency for the
+/// first job of a batch while still amortising the fsync.
+const MAX_BATCH: usize = 512;
+
+/// Length of the text kept in conversation-list previews.
+const PREVIEW_CHARS: usize = 100;
+
+/// The file name under the data directory.
+pub const FILE_NAME: &str = "chat.sqlite3";
+
+/// Schema migrations, applied in order at open; `PRAGMA user_version`
+/// records how many have run. Never edit one that has shipped: append.
+const MIGRATIONS: &[&str] = &[include_str!("sqlite/V1__initial.sql")];
+
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+type Job = Box<dyn DbJob>;
+
+/// One unit of work for the database thread.
+trait DbJob: Send {
+    /// Runs inside the batch transaction. Returns whether the job
+    /// succeeded (else its savepoint is rolled back) and what to call once
+    /// the transaction's fate is known.
+    fn run(self: Box<Self>, conn: &Connection, state: &mut DbState) -> (bool, Completion);
+    /// The job will not run (the transaction could not start).
+    fn abort(self: Box<Self>, error: StoreError);
+}
+
+/// A closure and the channel its caller waits on.
+struct CallJob<F, R> {
+    f: F,
+    reply: oneshot::Sender<Result<R, StoreError>>,
+}
+
+impl<F, R> DbJob for CallJob<F, R>
+where
+    R: Send + 'static,
+    F: FnOnce(&Connection, &mut DbState) -> Result<R, StoreError> + Send,
+{
+    fn run(self: Box<Self>, conn: &Connection, state: &mut DbState) -> (bool, Completion) {
+        let CallJob { f, reply } = *self;
+        let result = f(conn, state);
+        let ok = result.is_ok();
+        let completion: Completion = Box::new(move |commit| {
+            // The caller may have given up waiting; nothing to do then.
+            let _ = reply.send(commit.and(result));
+        });
+        (ok, completion)
+    }
+
+    fn abort(self: Box<Self>, error: StoreError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+/// State the database thread keeps between jobs.
+struct DbState {
+    /// Next message id to hand out (the thread is the only writer).
+    next_message_id: u64,
+}
+
+/// The SQLite-backed [`HistoryStore`].
+pub struct SqliteStore {
+    jobs: std_mpsc::Sender<Job>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `dir/chat.sqlite3` and migrates it.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Internal(format!("create {}: {e}", dir.display())))?;
+        let path = dir.join(FILE_NAME);
+        let conn = Connection::open(&path).map_err(internal)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = ON;
+             PRAGMA busy_timeout = 5000;",
+        )
+        .map_err(internal)?;
+        migrate(&conn)?;
+        let next_message_id: i64 = conn
+            .query_row("SELECT COALESCE(MAX(message_id), 0) + 1 FROM messages", [], |r| {
+                r.get(0)
+            })
+            .map_err(internal)?;
+        let state = DbState {
+            next_message_id: next_message_id as u64,
+        };
+        let (jobs, rx) = std_mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-store".into())
+            .spawn(move || run_thread(conn, state, rx))
+            .map_err(|e| StoreError::Internal(format!("spawn store thread: {e}")))?;
+        Ok(SqliteStore {
+            jobs,
+            thread: std::sync::Mutex::new(Some(thread)),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the database thread inside the current batch's
+    /// transaction and returns its result once that transaction committed.
+    async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection, &mut DbState) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job: Job = Box::new(CallJob { f, reply });
+        self.jobs
+            .send(job)
+            .map_err(|_| StoreError::Unavailable("store thread stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Internal("store thread dropped a job".into()))?
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after it drains the queue;
+        // joining makes sure the file is closed when the store is gone (a
+        // restarted server in the same process reopens it).
+        let (dead, _) = std_mpsc::channel();
+        drop(std::mem::replace(&mut self.jobs, dead));
+        if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>) {
+    let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            tracing::error!(error = %e, "cannot begin a SQLite transaction");
+            for job in batch {
+                job.abort(StoreError::Unavailable(format!("begin failed: {e}")));
+            }
+            continue;
+        }
+        let before = state.next_message_id;
+        for job in batch {
+            let _ = conn.execute_batch("SAVEPOINT job");
+            let (ok, done) = job.run(&conn, &mut state);
+            if ok {
+                let _ = conn.execute_batch("RELEASE job");
+            } else {
+                let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+            }
+            completions.push(done);
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            // Nothing of the batch is stored, so its ids may be reused.
+            state.next_message_id = before;
+            StoreError::Unavailable(format!("commit failed: {e}"))
+        });
+        for done in completions.drain(..) {
+            done(commit.as_ref().map(|_| ()).map_err(clone_err));
+        }
+    }
+}
+
+fn clone_err(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Conflict => StoreError::Conflict,
+        StoreError::NotFound => StoreError::NotFound,
+        StoreError::NotAMember => StoreError::NotAMember,
+        StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
+        StoreError::Internal(s) => StoreError::Internal(s.clone()),
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let applied: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(internal)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        let version = i + 1;
+        conn.execute_batch(&format!("BEGIN; {sql}; PRAGMA user_version = {version}; COMMIT;"))
+            .map_err(|e| StoreError::Internal(format!("migration V{version} failed: {e}")))?;
+        tracing::info!(version, "applied SQLite migration");
+    }
+    Ok(())
+}
+
+fn internal(e: rusqlite::Error) -> StoreError {
+    StoreError::Internal(e.to_string())
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+    )
+}
+
+/// SQLite integers are signed; ids and seqs never reach 2^63.
+fn sql(v: u64) -> i64 {
+    v as i64
+}
+
+fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<proto::Message> {
+    Ok(proto::Message {
+        conversation_id: row.get::<_, i64>(0)? as u64,
+        seq: row.get::<_, i64>(1)? as u64,
+        message_id: row.get::<_, i64>(2)? as u64,
+        sender_id: row.get::<_, i64>(3)? as u64,
+        client_msg_id: row.get(4)?,
+        r#type: row.get(5)?,
+        sent_at_ms: row.get(6)?,
+        text: row.get(7)?,
+    })
+}
+
+const MESSAGE_COLUMNS: &str =
+    "conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body";
+
+fn members_of(conn: &Connection, conversation_id: ConversationId) -> rusqlite::Result<Vec<UserId>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT user_id FROM members WHERE conversation_id = ?1 ORDER BY user_id",
+    )?;
+    let rows = stmt.query_map([sql(conversation_id)], |r| r.get::<_, i64>(0))?;
+    rows.map(|r| r.map(|v| v as u64)).collect()
+}
+
+fn member_states(
+    conn: &Connection,
+    conversation_id: ConversationId,
+) -> rusqlite::Result<Vec<MemberState>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT m.user_id, u.username, m.delivered_seq, m.seen_seq
+         FROM members m JOIN users u ON u.id = m.user_id
+         WHERE m.conversation_id = ?1 ORDER BY m.user_id",
+    )?;
+    let rows = stmt.query_map([sql(conversation_id)], |r| {
+        Ok(MemberState {
+            user_id: r.get::<_, i64>(0)? as u64,
+            username: r.get(1)?,
+            delivered_seq: r.get::<_, i64>(2)? as u64,
+            seen_seq: r.get::<_, i64>(3)? as u64,
+        })
+    })?;
+    rows.collect()
+}
+
+fn view(
+    conn: &Connection,
+    conversation_id: ConversationId,
+    viewer: UserId,
+) -> Result<ConversationView, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT c.kind, c.name, c.last_seq, c.last_activity_ms, m.seen_seq
+             FROM conversations c JOIN members m ON m.conversation_id = c.id
+             WHERE c.id = ?1 AND m.user_id = ?2",
+        )
+        .map_err(internal)?
+        .query_row(params![sql(conversation_id), sql(viewer)], |r| {
+            Ok((
+                r.get::<_, i32>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)? as u64,
+            ))
+        })
+        .optional()
+        .map_err(internal)?;
+    let Some((kind, name, last_seq, last_activity_ms, seen_seq)) = row else {
+        return Err(StoreError::NotAMember);
+    };
+    let last_message = if last_seq > 0 {
+        conn.prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq = ?2"
+        ))
+        .map_err(internal)?
+        .query_row(params![sql(conversation_id), sql(last_seq)], message_from_row)
+        .optional()
+        .map_err(internal)?
+        .map(|mut m| {
+            if let Some((cut, _)) = m.text.char_indices().nth(PREVIEW_CHARS) {
+                m.text.truncate(cut);
+            }
+            m
+        })
+    } else {
+        None
+    };
+    let unread_count: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM messages
+             WHERE conversation_id = ?1 AND seq > ?2 AND sender_id != ?3",
+        )
+        .map_err(internal)?
+        .query_row(params![sql(conversation_id), sql(seen_seq), sql(viewer)], |r| r.get(0))
+        .map_err(internal)?;
+    Ok(ConversationView {
+        id: conversation_id,
+        kind: proto::ConversationKind::try_from(kind).unwrap_or_default(),
+        name,
+        members: member_states(conn, conversation_id).map_err(internal)?,
+        last_seq,
+        last_activity_ms,
+        last_message,
+        unread_count: unread_count as u64,
+    })
+}
+
+fn append_one(
+    conn: &Connection,
+    state: &mut DbState,
+    m: NewMessage,
+) -> Result<Appended, StoreError> {
+    let existing = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2"
+        ))
+        .map_err(internal)?
+        .query_row(params![sql(m.sender_id), m.client_msg_id], message_from_row)
+        .optional()
+        .map_err(internal)?;
+    if let Some(original) = existing {
+        let members = members_of(conn, original.conversation_id).map_err(internal)?;
+        return Ok(Appended {
+            message: Arc::new(original),
+            duplicate: true,
+            members,
+        });
+    }
+    let is_member: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS(SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2)",
+        )
+        .map_err(internal)?
+        .query_row(params![sql(m.conversation_id), sql(m.sender_id)], |r| r.get(0))
+        .map_err(internal)?;
+    if !is_member {
+        return Err(StoreError::NotAMember);
+    }
+    let seq: i64 = conn
+        .prepare_cached(
+            "UPDATE conversations SET last_seq = last_seq + 1, last_activity_ms = ?2
+             WHERE id = ?1 RETURNING last_seq",
+        )
+        .map_err(internal)?
+        .query_row(params![sql(m.conversation_id), m.now_ms], |r| r.get(0))
+        .map_err(internal)?;
+    let message_id = state.next_message_id;
+    conn.prepare_cached(
+        "INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .map_err(internal)?
+    .execute(params![
+        sql(m.conversation_id),
+        seq,
+        sql(message_id),
+        sql(m.sender_id),
+        m.client_msg_id,
+        m.message_type as i32,
+        m.now_ms,
+        m.text,
+    ])
+    .map_err(internal)?;
+    state.next_message_id += 1;
+    // A sender who had received everything before their own message has,
+    // trivially, received and seen their own message too. Moving the
+    // watermarks only in that case never claims a delivery that did not
+    // happen, and keeps catch-up queries from rescanning own messages.
+    conn.prepare_cached(
+        "UPDATE members SET
+           delivered_seq = CASE WHEN delivered_seq = ?3 - 1 THEN ?3 ELSE delivered_seq END,
+           seen_seq = CASE WHEN seen_seq = ?3 - 1 THEN ?3 ELSE seen_seq END
+         WHERE conversation_id = ?1 AND user_id = ?2",
+    )
+    .map_err(internal)?
+    .execute(params![sql(m.conversation_id), sql(m.sender_id), seq])
+    .map_err(internal)?;
+    let members = members_of(conn, m.conversation_id).map_err(internal)?;
+    Ok(Appended {
+        message: Arc::new(proto::Message {
+            conversation_id: m.conversation_id,
+            seq: seq as u64,
+            message_id,
+            sender_id: m.sender_id,
+            client_msg_id: m.client_msg_id,
+            r#type: m.message_type as i32,
+            sent_at_ms: m.now_ms,
+            text: m.text,
+        }),
+        duplicate: false,
+        members,
+    })
+}
+
+#[async_trait]
+impl HistoryStore for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn create_user(
+        &self,
+        username: String,
+        password_hash: String,
+        now_ms: i64,
+    ) -> Result<UserId, StoreError> {
+        self.call(move |conn, _| {
+            let result = conn
+                .prepare_cached(
+                    "INSERT INTO users (username, password_hash, created_at_ms) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(internal)?
+                .execute(params![username, password_hash, now_ms]);
+            match result {
+                Ok(_) => Ok(conn.last_insert_rowid() as u64),
+                Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict),
+                Err(e) => Err(internal(e)),
+            }
+        })
+        .await
+    }
+
+    async fn user_by_name(&self, username: String) -> Result<Option<UserRecord>, StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached("SELECT id, username, password_hash FROM users WHERE username = ?1")
+                .map_err(internal)?
+                .query_row([username], |r| {
+                    Ok(UserRecord {
+                        id: r.get::<_, i64>(0)? as u64,
+                        username: r.get(1)?,
+                        password_hash: r.get(2)?,
+                    })
+                })
+                .optional()
+                .map_err(internal)
+        })
+        .await
+    }
+
+    async fn username(&self, user_id: UserId) -> Result<Option<String>, StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached("SELECT username FROM users WHERE id = ?1")
+                .map_err(internal)?
+                .query_row([sql(user_id)], |r| r.get(0))
+                .optional()
+                .map_err(internal)
+        })
+        .await
+    }
+
+    async fn create_session(&self, s: NewSession) -> Result<(), StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached(
+                "INSERT INTO sessions (token_hash, user_id, device_name, created_at_ms, expires_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(internal)?
+            .execute(params![
+                &s.token_hash[..],
+                sql(s.user_id),
+                s.device_name,
+                s.created_at_ms,
+                s.expires_at_ms
+            ])
+            .map_err(internal)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached(
+                "SELECT user_id, expires_at_ms, revoked_at_ms FROM sessions WHERE token_hash = ?1",
+            )
+            .map_err(internal)?
+            .query_row([&token_hash[..]], |r| {
+                Ok(SessionRecord {
+                    user_id: r.get::<_, i64>(0)? as u64,
+                    expires_at_ms: r.get(1)?,
+                    revoked_at_ms: r.get(2)?,
+                })
+            })
+            .optional()
+            .map_err(internal)
+        })
+        .await
+    }
+
+    async fn revoke_session(&self, token_hash: [u8; 32], now_ms: i64) -> Result<bool, StoreError> {
+        self.call(move |conn, _| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE sessions SET revoked_at_ms = ?2
+                     WHERE token_hash = ?1 AND revoked_at_ms IS NULL",
+                )
+                .map_err(internal)?
+                .execute(params![&token_hash[..], now_ms])
+                .map_err(internal)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn friend_request(
+        &self,
+        from: UserId,
+        to: UserId,
+        now_ms: i64,
+    ) -> Result<FriendRequestOutcome, StoreError> {
+        self.call(move |conn, _| {
+            if are_friends(conn, from, to)? {
+                return Ok(FriendRequestOutcome::AlreadyFriends);
+            }
+            let reverse = conn
+                .prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
+                .map_err(internal)?
+                .execute(params![sql(to), sql(from)])
+                .map_err(internal)?;
+            if reverse > 0 {
+                make_friends(conn, from, to, now_ms)?;
+                return Ok(FriendRequestOutcome::Accepted);
+            }
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO friend_requests (from_id, to_id, created_at_ms)
+                     VALUES (?1, ?2, ?3)",
+                )
+                .map_err(internal)?
+                .execute(params![sql(from), sql(to), now_ms])
+                .map_err(internal)?;
+            Ok(if inserted > 0 {
+                FriendRequestOutcome::Requested
+            } else {
+                FriendRequestOutcome::AlreadyRequested
+            })
+        })
+        .await
+    }
+
+    async fn friend_accept(&self, user: UserId, from: UserId, now_ms: i64) -> Result<(), StoreError> {
+        self.call(move |conn, _| {
+            let n = conn
+                .prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
+                .map_err(internal)?
+                .execute(params![sql(from), sql(user)])
+                .map_err(internal)?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            make_friends(conn, user, from, now_ms)
+        })
+        .await
+    }
+
+    async fn friend_decline(&self, user: UserId, from: UserId) -> Result<bool, StoreError> {
+        self.call(move |conn, _| {
+            let n = conn
+                .prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
+                .map_err(internal)?
+                .execute(params![sql(from), sql(user)])
+                .map_err(internal)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn friend_remove(&self, user: UserId, other: UserId) -> Result<bool, StoreError> {
+        self.call(move |conn, _| {
+            let friends = conn
+                .prepare_cached(
+                    "DELETE FROM friends WHERE (user_id = ?1 AND friend_id = ?2)
+                                            OR (user_id = ?2 AND friend_id = ?1)",
+                )
+                .map_err(internal)?
+                .execute(params![sql(user), sql(other)])
+                .map_err(internal)?;
+            let requests = conn
+                .prepare_cached(
+                    "DELETE FROM friend_requests WHERE (from_id = ?1 AND to_id = ?2)
+                                                    OR (from_id = ?2 AND to_id = ?1)",
+                )
+                .map_err(internal)?
+                .execute(params![sql(user), sql(other)])
+                .map_err(internal)?;
+            Ok(friends + requests > 0)
+        })
+        .await
+    }
+
+    async fn friends(&self, user: UserId) -> Result<FriendLists, StoreError> {
+        self.call(move |conn, _| {
+            let list = |query: &str| -> Result<Vec<(UserId, String)>, StoreError> {
+                let mut stmt = conn.prepare_cached(query).map_err(internal)?;
+                let rows = stmt
+                    .query_map([sql(user)], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+                    .map_err(internal)?;
+                rows.collect::<rusqlite::Result<_>>().map_err(internal)
+            };
+            Ok(FriendLists {
+                friends: list(
+                    "SELECT u.id, u.username FROM friends f JOIN users u ON u.id = f.friend_id
+                     WHERE f.user_id = ?1 ORDER BY u.username",
+                )?,
+                incoming: list(
+                    "SELECT u.id, u.username FROM friend_requests r JOIN users u ON u.id = r.from_id
+                     WHERE r.to_id = ?1 ORDER BY r.created_at_ms, u.id",
+                )?,
+                outgoing: list(
+                    "SELECT u.id, u.username FROM friend_requests r JOIN users u ON u.id = r.to_id
+                     WHERE r.from_id = ?1 ORDER BY r.created_at_ms, u.id",
+                )?,
+            })
+        })
+        .await
+    }
+
+    async fn are_friends(&self, a: UserId, b: UserId) -> Result<bool, StoreError> {
+        self.call(move |conn, _| are_friends(conn, a, b)).await
+    }
+
+    async fn friend_count(&self, user: UserId) -> Result<u64, StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached("SELECT COUNT(*) FROM friends WHERE user_id = ?1")
+                .map_err(internal)?
+                .query_row([sql(user)], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(internal)
+        })
+        .await
+    }
+
+    async fn open_direct(&self, a: UserId, b: UserId, now_ms: i64) -> Result<ConversationId, StoreError> {
+        self.call(move |conn, _| {
+            let key = format!("{}:{}", a.min(b), a.max(b));
+            let existing: Option<i64> = conn
+                .prepare_cached("SELECT id FROM conversations WHERE direct_key = ?1")
+                .map_err(internal)?
+                .query_row([&key], |r| r.get(0))
+                .optional()
+                .map_err(internal)?;
+            if let Some(id) = existing {
+                return Ok(id as u64);
+            }
+            conn.prepare_cached(
+                "INSERT INTO conversations (kind, name, direct_key, created_at_ms, last_activity_ms)
+                 VALUES (?1, '', ?2, ?3, ?3)",
+            )
+            .map_err(internal)?
+            .execute(params![proto::ConversationKind::Direct as i32, key, now_ms])
+            .map_err(internal)?;
+            let id = conn.last_insert_rowid();
+            let mut add = conn
+                .prepare_cached(
+                    "INSERT INTO members (conversation_id, user_id, role, joined_seq, delivered_seq, seen_seq)
+                     VALUES (?1, ?2, 0, 0, 0, 0)",
+                )
+                .map_err(internal)?;
+            for user in [a, b] {
+                add.execute(params![id, sql(user)]).map_err(internal)?;
+            }
+            Ok(id as u64)
+        })
+        .await
+    }
+
+    async fn conversation(
+        &self,
+        conversation_id: ConversationId,
+        viewer: UserId,
+    ) -> Result<ConversationView, StoreError> {
+        self.call(move |conn, _| view(conn, conversation_id, viewer)).await
+    }
+
+    async fn conversations(
+        &self,
+        user: UserId,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<ConversationView>, StoreError> {
+        self.call(move |conn, _| {
+            let before = if before_ms <= 0 { i64::MAX } else { before_ms };
+            let ids: Vec<i64> = {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "SELECT c.id FROM members m JOIN conversations c ON c.id = m.conversation_id
+                         WHERE m.user_id = ?1 AND c.last_activity_ms < ?2
+                         ORDER BY c.last_activity_ms DESC, c.id DESC LIMIT ?3",
+                    )
+                    .map_err(internal)?;
+                let rows = stmt
+                    .query_map(params![sql(user), before, limit], |r| r.get(0))
+                    .map_err(internal)?;
+                rows.collect::<rusqlite::Result<_>>().map_err(internal)?
+            };
+            ids.into_iter().map(|id| view(conn, id as u64, user)).collect()
+        })
+        .await
+    }
+
+    async fn is_member(&self, conversation_id: ConversationId, user: UserId) -> Result<bool, StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2)",
+            )
+            .map_err(internal)?
+            .query_row(params![sql(conversation_id), sql(user)], |r| r.get(0))
+            .map_err(internal)
+        })
+        .await
+    }
+
+    async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+        // One job for the whole batch: one transaction, one fsync. Each
+        // message still gets its own savepoint so that one refusal does not
+        // undo the rest.
+        self.call(move |conn, state| {
+            let mut results = Vec::with_capacity(batch.len());
+            for m in batch {
+                conn.execute_batch("SAVEPOINT msg").map_err(internal)?;
+                let before = state.next_message_id;
+                let result = append_one(conn, state, m);
+                if result.is_ok() {
+                    conn.execute_batch("RELEASE msg").map_err(internal)?;
+                } else {
+                    state.next_message_id = before;
+                    conn.execute_batch("ROLLBACK TO msg; RELEASE msg")
+                        .map_err(internal)?;
+                }
+                results.push(result);
+            }
+            Ok(results)
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        conversation_id: ConversationId,
+        direction: Direction,
+        cursor: u64,
+        limit: u32,
+    ) -> Result<Page, StoreError> {
+        self.call(move |conn, _| {
+            // Ask for one more than the page to learn whether more exist.
+            let probe = i64::from(limit) + 1;
+            let mut messages: Vec<proto::Message> = match direction {
+                Direction::Backward => {
+                    let before = if cursor == 0 { i64::MAX } else { sql(cursor) };
+                    let mut stmt = conn
+                        .prepare_cached(&format!(
+                            "SELECT {MESSAGE_COLUMNS} FROM messages
+                             WHERE conversation_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+                        ))
+                        .map_err(internal)?;
+                    let rows = stmt
+                        .query_map(params![sql(conversation_id), before, probe], message_from_row)
+                        .map_err(internal)?;
+                    rows.collect::<rusqlite::Result<_>>().map_err(internal)?
+                }
+                Direction::Forward => {
+                    let mut stmt = conn
+                        .prepare_cached(&format!(
+                            "SELECT {MESSAGE_COLUMNS} FROM messages
+                             WHERE conversation_id = ?1 AND seq > ?2 ORDER BY seq ASC LIMIT ?3"
+                        ))
+                        .map_err(internal)?;
+                    let rows = stmt
+                        .query_map(params![sql(conversation_id), sql(cursor), probe], message_from_row)
+                        .map_err(internal)?;
+                    rows.collect::<rusqlite::Result<_>>().map_err(internal)?
+                }
+            };
+            let has_more = messages.len() > limit as usize;
+            messages.truncate(limit as usize);
+            if direction == Direction::Backward {
+                messages.reverse();
+            }
+            Ok(Page {
+                messages: messages.into_iter().map(Arc::new).collect(),
+                has_more,
+            })
+        })
+        .await
+    }
+
+    async fn undelivered(
+        &self,
+        user: UserId,
+        after: (ConversationId, u64),
+        limit: u32,
+    ) -> Result<Vec<Arc<proto::Message>>, StoreError> {
+        self.call(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
+                            m.type, m.sent_at_ms, m.body
+                     FROM members mb
+                     JOIN conversations c ON c.id = mb.conversation_id
+                     JOIN messages m ON m.conversation_id = mb.conversation_id
+                                    AND m.seq > mb.delivered_seq
+                     WHERE mb.user_id = ?1 AND c.last_seq > mb.delivered_seq
+                       AND m.sender_id != ?1
+                       AND (m.conversation_id, m.seq) > (?2, ?3)
+                     ORDER BY m.conversation_id, m.seq LIMIT ?4",
+                )
+                .map_err(internal)?;
+            let rows = stmt
+                .query_map(
+                    params![sql(user), sql(after.0), sql(after.1), limit],
+                    message_from_row,
+                )
+                .map_err(internal)?;
+            rows.map(|r| r.map(Arc::new))
+                .collect::<rusqlite::Result<_>>()
+                .map_err(internal)
+        })
+        .await
+    }
+
+    async fn advance_watermarks(
+        &self,
+        updates: Vec<WatermarkUpdate>,
+    ) -> Result<Vec<WatermarkMoved>, StoreError> {
+        self.call(move |conn, _| {
+            let mut moved: Vec<WatermarkMoved> = Vec::new();
+            for u in updates {
+                let column_sql = match u.kind {
+                    // Seen implies delivered.
+                    WatermarkKind::Seen => {
+                        "UPDATE members SET
+                           seen_seq = MAX(seen_seq, MIN(?3, (SELECT last_seq FROM conversations WHERE id = ?1))),
+                           delivered_seq = MAX(delivered_seq, MIN(?3, (SELECT last_seq FROM conversations WHERE id = ?1)))
+                         WHERE conversation_id = ?1 AND user_id = ?2
+                           AND seen_seq < MIN(?3, (SELECT last_seq FROM conversations WHERE id = ?1))
+                         RETURNING delivered_seq, seen_seq"
+                    }
+                    WatermarkKind::Delivered => {
+                        "UPDATE members SET
+                           delivered_seq = MIN(?3, (SELECT last_seq FROM conversations WHERE id = ?1))
+                         WHERE conversation_id = ?1 AND user_id = ?2
+                           AND delivered_seq < MIN(?3, (SELECT last_seq FROM conversations WHERE id = ?1))
+                         RETURNING delivered_seq, seen_seq"
+                    }
+                };
+                let row = conn
+                    .prepare_cached(column_sql)
+                    .map_err(internal)?
+                    .query_row(params![sql(u.conversation_id), sql(u.user_id), sql(u.seq)], |r| {
+                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                    })
+                    .optional()
+                    .map_err(internal)?;
+                let Some((delivered_seq, seen_seq)) = row else {
+                    continue;
+                };
+                if let Some(prev) = moved
+                    .iter_mut()
+                    .find(|m| m.conversation_id == u.conversation_id && m.user_id == u.user_id)
+                {
+                    prev.delivered_seq = delivered_seq;
+                    prev.seen_seq = seen_seq;
+                } else {
+                    moved.push(WatermarkMoved {
+                        conversation_id: u.conversation_id,
+                        user_id: u.user_id,
+                        delivered_seq,
+                        seen_seq,
+                        members: members_of(conn, u.conversation_id).map_err(internal)?,
+                    });
+                }
+            }
+            Ok(moved)
+        })
+        .await
+    }
+
+    async fn receipt_snapshot(&self, user: UserId, limit: u32) -> Result<Vec<proto::Receipt>, StoreError> {
+        self.call(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT other.conversation_id, other.user_id, other.delivered_seq, other.seen_seq
+                     FROM (SELECT c.id, c.last_activity_ms FROM members me
+                           JOIN conversations c ON c.id = me.conversation_id
+                           WHERE me.user_id = ?1
+                           ORDER BY c.last_activity_ms DESC LIMIT ?2) recent
+                     JOIN members other ON other.conversation_id = recent.id AND other.user_id != ?1
+                     ORDER BY recent.last_activity_ms DESC, other.user_id",
+                )
+                .map_err(internal)?;
+            let rows = stmt
+                .query_map(params![sql(user), limit], |r| {
+                    Ok(proto::Receipt {
+                        conversation_id: r.get::<_, i64>(0)? as u64,
+                        user_id: r.get::<_, i64>(1)? as u64,
+                        delivered_seq: r.get::<_, i64>(2)? as u64,
+                        seen_seq: r.get::<_, i64>(3)? as u64,
+                    })
+                })
+                .map_err(internal)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(internal)
+        })
+        .await
+    }
+}
+
+fn are_friends(conn: &Connection, a: UserId, b: UserId) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "SELECT EXISTS(SELECT 1 FROM friends WHERE user_id = ?1 AND friend_id = ?2)",
+    )
+    .map_err(internal)?
+    .query_row(params![sql(a), sql(b)], |r| r.get(0))
+    .map_err(internal)
+}
+
+fn make_friends(conn: &Connection, a: UserId, b: UserId, now_ms: i64) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO friends (user_id, friend_id, since_ms) VALUES (?1, ?2, ?3)",
+        )
+        .map_err(internal)?;
+    stmt.execute(params![sql(a), sql(b), now_ms]).map_err(internal)?;
+    stmt.execute(params![sql(b), sql(a), now_ms]).map_err(internal)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::history_store_conformance!(|dir: PathBuf| async move {
+        SqliteStore::open(&dir).expect("open sqlite store")
+    });
+
+    #[tokio::test]
+    async fn data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            store.create_user("alice".into(), "hash".into(), 1).await.unwrap()
+        };
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let user = store.user_by_name("alice".into()).await.unwrap().unwrap();
+        assert_eq!(user.id, id);
+    }
+}

@@ -1,0 +1,386 @@
+//! The control stream: authentication first, then friends, conversations
+//! and history.
+//!
+//! Before authentication only Register, Login and Authenticate are
+//! accepted; anything else closes the connection with UNAUTHENTICATED.
+//! Failed attempts are answered with their own codes and the client may try
+//! again, up to `max-auth-attempts` per connection.
+
+use std::sync::Arc;
+
+use chat_protocol::limits::MAX_PAGE_SIZE;
+use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
+use quinn::SendStream;
+
+use super::{now_ms, ok};
+use crate::auth;
+use crate::error::Refusal;
+use crate::session::Session;
+use crate::store::{ConversationView, Direction, FriendRequestOutcome, StoreError};
+use crate::wire::{self, FrameReader, Outbound};
+
+/// Default page size for conversation lists when the client sends 0.
+const DEFAULT_CONVERSATION_PAGE: u32 = 30;
+/// Default page size for history when the client sends 0.
+const DEFAULT_HISTORY_PAGE: u32 = 50;
+
+/// Serves the control stream until it or the connection ends.
+pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: FrameReader) {
+    if !authenticate(&session, &mut send, &mut reader).await {
+        return;
+    }
+    let authed = session.authed().expect("authenticated above");
+    let Some(mut queue) = session.take_queue(StreamKind::Control) else {
+        return;
+    };
+    let writer = {
+        let conn = session.conn.clone();
+        tokio::spawn(async move { wire::write_loop(&conn, &mut send, &mut queue, |_| true).await })
+    };
+    let handle = authed.handle.clone();
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(e) => {
+                crate::session::on_read_error(&session, StreamKind::Control, e);
+                break;
+            }
+        };
+        let request_id = frame.request_id;
+        let reply = match handle_request(&session, frame).await {
+            Ok(Reply::Frame(frame)) => Outbound::frame(&frame),
+            Ok(Reply::Close(frame, code)) => Outbound::closing(&frame, code),
+            Err(refusal) => Outbound::frame(&refusal.to_frame(request_id)),
+        };
+        let closing = reply.close_after.is_some();
+        handle.push(StreamKind::Control, reply);
+        if closing {
+            break;
+        }
+    }
+    drop(writer);
+}
+
+/// What a request produces.
+enum Reply {
+    /// Send this frame.
+    Frame(Frame),
+    /// Send this frame, then close the connection with the code.
+    Close(Frame, ErrorCode),
+}
+
+/// Runs the pre-authentication exchange. True once authenticated.
+async fn authenticate(session: &Arc<Session>, send: &mut SendStream, reader: &mut FrameReader) -> bool {
+    let limits = &session.shared.config.limits;
+    let mut failures = 0;
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return false,
+            Err(wire::ReadError::Frame(e)) => {
+                session.close_with(Some(send), e.code(), &e.to_string()).await;
+                return false;
+            }
+            Err(_) => return false,
+        };
+        let request_id = frame.request_id;
+        let result = match frame.body {
+            Some(Body::Register(r)) => register(session, r).await,
+            Some(Body::Login(l)) => login(session, l).await,
+            Some(Body::Authenticate(a)) => resume(session, a).await,
+            _ => {
+                session
+                    .close_with(Some(send), ErrorCode::Unauthenticated, "authenticate before anything else")
+                    .await;
+                return false;
+            }
+        };
+        let reply = match &result {
+            Ok(auth_ok) => Frame::new(request_id, Body::AuthOk(auth_ok.clone())),
+            Err(refusal) => refusal.to_frame(request_id),
+        };
+        let mut buf = bytes::BytesMut::new();
+        chat_protocol::encode(&reply, &mut buf);
+        if send.write_all(&buf).await.is_err() {
+            return false;
+        }
+        match result {
+            Ok(_) => return true,
+            Err(refusal) => {
+                failures += 1;
+                tracing::info!(code = %refusal.code, failures, "authentication refused");
+                if failures >= limits.max_auth_attempts {
+                    session
+                        .close_with(Some(send), refusal.code, "too many failed authentication attempts")
+                        .await;
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk, Refusal> {
+    let username = auth::canonical_username(&r.username)
+        .map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
+    auth::check_password(&r.password).map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
+    let password = r.password;
+    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+        .await
+        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing task failed: {e}")))?
+        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing failed: {e}")))?;
+    let store = &session.shared.store;
+    let user_id = match store.create_user(username.clone(), hash, now_ms()).await {
+        Ok(id) => id,
+        Err(StoreError::Conflict) => {
+            return Err(Refusal::new(ErrorCode::UsernameTaken, "that username is taken"));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(user_id, "registered");
+    issue_token(session, user_id, username, r.device_name).await
+}
+
+async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refusal> {
+    let username = auth::canonical_username(&l.username)
+        .map_err(|_| Refusal::new(ErrorCode::UnknownUser, "no such user"))?;
+    let Some(user) = session.shared.store.user_by_name(username).await? else {
+        return Err(Refusal::new(ErrorCode::UnknownUser, "no such user"));
+    };
+    let password = l.password;
+    let phc = user.password_hash.clone();
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &phc))
+        .await
+        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing task failed: {e}")))?;
+    if !ok {
+        return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
+    }
+    tracing::info!(user_id = user.id, "logged in");
+    issue_token(session, user.id, user.username, l.device_name).await
+}
+
+async fn issue_token(
+    session: &Session,
+    user_id: u64,
+    username: String,
+    device_name: String,
+) -> Result<proto::AuthOk, Refusal> {
+    let (token, token_hash) = auth::new_token();
+    let now = now_ms();
+    let expires = now + session.shared.config.limits.session_ttl.as_millis() as i64;
+    let device_name: String = device_name.chars().take(64).collect();
+    session
+        .shared
+        .store
+        .create_session(crate::store::NewSession {
+            token_hash,
+            user_id,
+            device_name,
+            created_at_ms: now,
+            expires_at_ms: expires,
+        })
+        .await?;
+    session.authenticate(user_id, username.clone(), token_hash);
+    Ok(auth_ok(session, user_id, username, token, expires))
+}
+
+async fn resume(session: &Session, a: proto::Authenticate) -> Result<proto::AuthOk, Refusal> {
+    if a.token.len() > 256 {
+        return Err(Refusal::new(ErrorCode::TokenInvalid, "unknown token"));
+    }
+    let token_hash = auth::token_hash(&a.token);
+    let store = &session.shared.store;
+    let Some(record) = store.session(token_hash).await? else {
+        return Err(Refusal::new(ErrorCode::TokenInvalid, "unknown token"));
+    };
+    if record.revoked_at_ms.is_some() {
+        return Err(Refusal::new(ErrorCode::TokenRevoked, "token was revoked; log in again"));
+    }
+    if record.expires_at_ms <= now_ms() {
+        return Err(Refusal::new(ErrorCode::TokenExpired, "token expired; log in again"));
+    }
+    let username = store
+        .username(record.user_id)
+        .await?
+        .ok_or_else(|| Refusal::new(ErrorCode::TokenInvalid, "unknown token"))?;
+    session.authenticate(record.user_id, username.clone(), token_hash);
+    Ok(auth_ok(session, record.user_id, username, String::new(), record.expires_at_ms))
+}
+
+fn auth_ok(_session: &Session, user_id: u64, username: String, token: String, expires: i64) -> proto::AuthOk {
+    proto::AuthOk {
+        user_id,
+        username,
+        token,
+        token_expires_at_ms: expires,
+        server_time_ms: now_ms(),
+        heartbeat_interval_ms: 0,
+    }
+}
+
+async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusal> {
+    let authed = session.authed().expect("control requests run after authentication");
+    let me = authed.user_id;
+    let shared = &session.shared;
+    let store = &shared.store;
+    let rid = frame.request_id;
+    let reply = |body| Ok(Reply::Frame(Frame::new(rid, body)));
+    match frame.body {
+        Some(Body::Register(_) | Body::Login(_) | Body::Authenticate(_)) => {
+            Err(Refusal::new(ErrorCode::UnexpectedFrame, "this connection is already authenticated"))
+        }
+        Some(Body::Logout(_)) => {
+            store.revoke_session(authed.token_hash, now_ms()).await?;
+            tracing::info!(user_id = me, "logged out");
+            Ok(Reply::Close(ok(rid), ErrorCode::LoggedOut))
+        }
+        Some(Body::FriendRequest(r)) => {
+            let name = auth::canonical_username(&r.username)
+                .map_err(|_| Refusal::new(ErrorCode::NotFound, "no such user"))?;
+            let Some(target) = store.user_by_name(name).await? else {
+                return Err(Refusal::new(ErrorCode::NotFound, "no such user"));
+            };
+            if target.id == me {
+                return Err(Refusal::new(ErrorCode::InvalidArgument, "cannot befriend yourself"));
+            }
+            check_friend_limit(session, me).await?;
+            match store.friend_request(me, target.id, now_ms()).await? {
+                FriendRequestOutcome::Requested => {
+                    notify_friend(session, target.id, proto::friend_event::Kind::RequestReceived);
+                }
+                FriendRequestOutcome::Accepted => {
+                    notify_friend(session, target.id, proto::friend_event::Kind::Accepted);
+                }
+                FriendRequestOutcome::AlreadyRequested => {}
+                FriendRequestOutcome::AlreadyFriends => {
+                    return Err(Refusal::new(ErrorCode::AlreadyFriends, "already friends"));
+                }
+            }
+            reply(Body::Ok(proto::Ok {}))
+        }
+        Some(Body::FriendAccept(a)) => {
+            check_friend_limit(session, me).await?;
+            store.friend_accept(me, a.user_id, now_ms()).await.map_err(|e| match e {
+                StoreError::NotFound => Refusal::new(ErrorCode::NotFound, "no pending request from that user"),
+                e => e.into(),
+            })?;
+            notify_friend(session, a.user_id, proto::friend_event::Kind::Accepted);
+            reply(Body::Ok(proto::Ok {}))
+        }
+        Some(Body::FriendDecline(d)) => {
+            if !store.friend_decline(me, d.user_id).await? {
+                return Err(Refusal::new(ErrorCode::NotFound, "no pending request from that user"));
+            }
+            notify_friend(session, d.user_id, proto::friend_event::Kind::Declined);
+            reply(Body::Ok(proto::Ok {}))
+        }
+        Some(Body::FriendRemove(r)) => {
+            if !store.friend_remove(me, r.user_id).await? {
+                return Err(Refusal::new(ErrorCode::NotFound, "not a friend or pending request"));
+            }
+            notify_friend(session, r.user_id, proto::friend_event::Kind::Removed);
+            reply(Body::Ok(proto::Ok {}))
+        }
+        Some(Body::ListFriends(_)) => {
+            let lists = store.friends(me).await?;
+            let refs = |v: Vec<(u64, String)>| {
+                v.into_iter().map(|(user_id, username)| proto::UserRef { user_id, username }).collect()
+            };
+            reply(Body::FriendList(proto::FriendList {
+                friends: refs(lists.friends),
+                incoming: refs(lists.incoming),
+                outgoing: refs(lists.outgoing),
+            }))
+        }
+        Some(Body::OpenDirect(o)) => {
+            if o.user_id == me {
+                return Err(Refusal::new(ErrorCode::InvalidArgument, "a direct conversation needs another user"));
+            }
+            if !store.are_friends(me, o.user_id).await? {
+                return Err(Refusal::new(ErrorCode::NotFriends, "only friends can chat"));
+            }
+            let id = store.open_direct(me, o.user_id, now_ms()).await?;
+            let view = store.conversation(id, me).await?;
+            reply(Body::Conversation(conversation_info(view)))
+        }
+        Some(Body::ListConversations(l)) => {
+            let limit = page_limit(l.limit, DEFAULT_CONVERSATION_PAGE);
+            let views = store.conversations(me, l.before_activity_ms, limit).await?;
+            reply(Body::ConversationList(proto::ConversationList {
+                conversations: views.into_iter().map(conversation_info).collect(),
+            }))
+        }
+        Some(Body::HistoryQuery(q)) => {
+            if !store.is_member(q.conversation_id, me).await? {
+                return Err(Refusal::new(ErrorCode::NotAMember, "not a member of this conversation"));
+            }
+            let limit = page_limit(q.limit, DEFAULT_HISTORY_PAGE);
+            let direction = match proto::history_query::Direction::try_from(q.direction) {
+                Ok(proto::history_query::Direction::Forward) => Direction::Forward,
+                _ => Direction::Backward,
+            };
+            let cached = match direction {
+                Direction::Backward => shared.cache.page_before(q.conversation_id, q.cursor, limit),
+                Direction::Forward => None,
+            };
+            let page = match cached {
+                Some(page) => page,
+                None => store.history(q.conversation_id, direction, q.cursor, limit).await?,
+            };
+            reply(Body::HistoryPage(proto::HistoryPage {
+                messages: page.messages.iter().map(|m| (**m).clone()).collect(),
+                has_more: page.has_more,
+            }))
+        }
+        Some(other) => Err(Refusal::new(
+            ErrorCode::UnexpectedFrame,
+            format!("{} is not a control request", other.name()),
+        )),
+        None => Err(Refusal::new(ErrorCode::MalformedFrame, "empty frame")),
+    }
+}
+
+fn page_limit(asked: u32, default: u32) -> u32 {
+    if asked == 0 { default } else { asked.min(MAX_PAGE_SIZE) }
+}
+
+async fn check_friend_limit(session: &Session, me: u64) -> Result<(), Refusal> {
+    let max = session.shared.config.limits.max_friends;
+    if session.shared.store.friend_count(me).await? >= max {
+        return Err(Refusal::new(ErrorCode::LimitReached, format!("at most {max} friends")));
+    }
+    Ok(())
+}
+
+fn notify_friend(session: &Session, user: u64, kind: proto::friend_event::Kind) {
+    let authed = session.authed().expect("authenticated");
+    let event = Frame::push(Body::FriendEvent(proto::FriendEvent {
+        kind: kind as i32,
+        user: Some(proto::UserRef { user_id: authed.user_id, username: authed.username.clone() }),
+    }));
+    session.shared.hub.push(user, StreamKind::Control, &Outbound::frame(&event), None);
+}
+
+/// The wire form of a conversation.
+pub fn conversation_info(view: ConversationView) -> proto::ConversationInfo {
+    proto::ConversationInfo {
+        conversation_id: view.id,
+        kind: view.kind as i32,
+        name: view.name,
+        members: view
+            .members
+            .into_iter()
+            .map(|m| proto::Member {
+                user_id: m.user_id,
+                username: m.username,
+                delivered_seq: m.delivered_seq,
+                seen_seq: m.seen_seq,
+            })
+            .collect(),
+        last_seq: view.last_seq,
+        last_activity_ms: view.last_activity_ms,
+        last_message: view.last_message,
+        unread_count: view.unread_count,
+    }
+}

@@ -1,0 +1,167 @@
+//! The messages stream: Send and DeliveryAck from the client; SendAck and
+//! Deliver to it.
+//!
+//! When the stream opens, the writer first streams everything above the
+//! user's delivered watermarks (catch-up, in pages, in seq order per
+//! conversation), then the live queue. The session was registered in the
+//! hub before catch-up began, so a message committed in between is in
+//! both; the writer drops the live copy by remembering the last seq sent
+//! per conversation. Result: each connection sees each conversation in
+//! strictly increasing seq order, which lets the client deduplicate by seq.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use chat_protocol::limits::MAX_CLIENT_MSG_ID_LEN;
+use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
+use quinn::SendStream;
+
+use super::now_ms;
+use crate::delivery::{MarkJob, SendJob};
+use crate::error::Refusal;
+use crate::session::{Session, on_read_error};
+use crate::store::{NewMessage, WatermarkKind, WatermarkUpdate};
+use crate::wire::{self, FrameReader, Outbound};
+
+/// Messages fetched per catch-up page.
+const CATCH_UP_PAGE: u32 = 256;
+
+/// Serves the messages stream until it or the connection ends.
+pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameReader) {
+    let authed = session.authed().expect("authenticated before data streams");
+    let Some(queue) = session.take_queue(StreamKind::Messages) else {
+        return;
+    };
+    tokio::spawn(writer(session.clone(), send, queue));
+    let handle = authed.handle.clone();
+    let delivery = session.shared.delivery.clone();
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(e) => return on_read_error(&session, StreamKind::Messages, e),
+        };
+        let request_id = frame.request_id;
+        let result = match frame.body {
+            Some(Body::Send(send)) => match validate(&session, send) {
+                Ok(message) => {
+                    delivery
+                        .submit(SendJob { message, request_id, session: handle.clone() })
+                        .await
+                }
+                Err(refusal) => Err(refusal),
+            },
+            Some(Body::DeliveryAck(ack)) => {
+                let update = WatermarkUpdate {
+                    conversation_id: ack.conversation_id,
+                    user_id: authed.user_id,
+                    kind: WatermarkKind::Delivered,
+                    seq: ack.seq,
+                };
+                delivery.mark(MarkJob { update, reply: None }).await
+            }
+            Some(other) => Err(Refusal::new(
+                ErrorCode::UnexpectedFrame,
+                format!("{} does not belong on the messages stream", other.name()),
+            )),
+            None => Err(Refusal::new(ErrorCode::MalformedFrame, "empty frame")),
+        };
+        if let Err(refusal) = result {
+            handle.push(StreamKind::Messages, Outbound::frame(&refusal.to_frame(request_id)));
+        }
+    }
+}
+
+/// Checks a Send against the protocol and the configured limits.
+fn validate(session: &Session, send: proto::Send) -> Result<NewMessage, Refusal> {
+    let authed = session.authed().expect("authenticated");
+    let limits = &session.shared.config.limits;
+    if send.client_msg_id.is_empty() || send.client_msg_id.len() > MAX_CLIENT_MSG_ID_LEN {
+        return Err(Refusal::new(
+            ErrorCode::InvalidArgument,
+            format!("client_msg_id must be 1-{MAX_CLIENT_MSG_ID_LEN} bytes"),
+        ));
+    }
+    if send.conversation_id == 0 {
+        return Err(Refusal::new(ErrorCode::InvalidArgument, "conversation_id is required"));
+    }
+    let message_type = match proto::MessageType::try_from(send.r#type) {
+        Ok(proto::MessageType::Text) => proto::MessageType::Text,
+        Ok(proto::MessageType::Photo) => {
+            return Err(Refusal::new(ErrorCode::InvalidArgument, "photo messages are not supported yet"));
+        }
+        _ => return Err(Refusal::new(ErrorCode::InvalidArgument, "clients may send TEXT messages only")),
+    };
+    if send.text.trim().is_empty() {
+        return Err(Refusal::new(ErrorCode::EmptyMessage, "message text is empty"));
+    }
+    if send.text.len() > limits.max_text_len {
+        return Err(Refusal::new(
+            ErrorCode::MessageTooLarge,
+            format!("text is {} bytes; the limit is {}", send.text.len(), limits.max_text_len),
+        ));
+    }
+    Ok(NewMessage {
+        conversation_id: send.conversation_id,
+        sender_id: authed.user_id,
+        client_msg_id: send.client_msg_id,
+        message_type,
+        text: send.text,
+        now_ms: now_ms(),
+    })
+}
+
+async fn writer(session: Arc<Session>, mut send: SendStream, mut queue: tokio::sync::mpsc::Receiver<Outbound>) {
+    let Some(sent) = catch_up(&session, &mut send).await else {
+        return;
+    };
+    let mut sent = sent;
+    wire::write_loop(&session.conn, &mut send, &mut queue, |out| match out.deliver {
+        Some((conversation, seq)) if !sent.is_empty() => match sent.get(&conversation) {
+            Some(&last) if seq <= last => false,
+            _ => {
+                sent.remove(&conversation);
+                true
+            }
+        },
+        _ => true,
+    })
+    .await;
+}
+
+/// Streams undelivered messages; returns the last seq sent per
+/// conversation, or `None` if the stream failed.
+async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u64, u64>> {
+    let authed = session.authed().expect("authenticated");
+    let store = &session.shared.store;
+    let mut sent: HashMap<u64, u64> = HashMap::new();
+    let mut cursor = (0, 0);
+    loop {
+        let page = match store.undelivered(authed.user_id, cursor, CATCH_UP_PAGE).await {
+            Ok(page) => page,
+            Err(e) => {
+                // The client will be caught up on its next connection.
+                tracing::warn!(error = %e, "catch-up failed");
+                return Some(sent);
+            }
+        };
+        let Some(last) = page.last() else {
+            return Some(sent);
+        };
+        cursor = (last.conversation_id, last.seq);
+        let mut buf = BytesMut::new();
+        for message in &page {
+            sent.insert(message.conversation_id, message.seq);
+            let frame = Frame::push(Body::Deliver(proto::Deliver { message: Some((**message).clone()) }));
+            chat_protocol::encode(&frame, &mut buf);
+        }
+        let mut chunks: [Bytes; 1] = [buf.freeze()];
+        if send.write_all_chunks(&mut chunks).await.is_err() {
+            return None;
+        }
+        if page.len() < CATCH_UP_PAGE as usize {
+            return Some(sent);
+        }
+    }
+}

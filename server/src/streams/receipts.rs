@@ -1,0 +1,88 @@
+//! The receipts stream: MarkSeen from the client; Receipt pushes to it.
+//!
+//! When the stream opens, the writer first sends the current watermarks of
+//! the other members in the user's recent conversations, so receipts that
+//! happened while the user was offline arrive on reconnect. Receipts carry
+//! absolute watermarks, so replaying one is harmless.
+
+use std::sync::Arc;
+
+use chat_protocol::{Body, ErrorCode, Frame, StreamKind};
+use quinn::SendStream;
+
+use crate::delivery::MarkJob;
+use crate::error::Refusal;
+use crate::session::{Session, on_read_error};
+use crate::store::{WatermarkKind, WatermarkUpdate};
+use crate::wire::{self, FrameReader, Outbound};
+
+/// Conversations covered by the snapshot sent when the stream opens.
+const SNAPSHOT_CONVERSATIONS: u32 = 200;
+
+/// Serves the receipts stream until it or the connection ends.
+pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameReader) {
+    let authed = session.authed().expect("authenticated before data streams");
+    let Some(queue) = session.take_queue(StreamKind::Receipts) else {
+        return;
+    };
+    tokio::spawn(writer(session.clone(), send, queue));
+    let handle = authed.handle.clone();
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(e) => return on_read_error(&session, StreamKind::Receipts, e),
+        };
+        let request_id = frame.request_id;
+        let result = match frame.body {
+            Some(Body::MarkSeen(mark)) => {
+                let update = WatermarkUpdate {
+                    conversation_id: mark.conversation_id,
+                    user_id: authed.user_id,
+                    kind: WatermarkKind::Seen,
+                    seq: mark.seq,
+                };
+                // Membership is enforced by the store: a non-member's
+                // update matches no row and moves nothing. Answer the
+                // refusal explicitly so the client knows.
+                match session.shared.store.is_member(mark.conversation_id, authed.user_id).await {
+                    Ok(true) => {
+                        session
+                            .shared
+                            .delivery
+                            .mark(MarkJob { update, reply: Some((request_id, handle.clone())) })
+                            .await
+                    }
+                    Ok(false) => Err(Refusal::new(ErrorCode::NotAMember, "not a member of this conversation")),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Some(other) => Err(Refusal::new(
+                ErrorCode::UnexpectedFrame,
+                format!("{} does not belong on the receipts stream", other.name()),
+            )),
+            None => Err(Refusal::new(ErrorCode::MalformedFrame, "empty frame")),
+        };
+        if let Err(refusal) = result {
+            handle.push(StreamKind::Receipts, Outbound::frame(&refusal.to_frame(request_id)));
+        }
+    }
+}
+
+async fn writer(session: Arc<Session>, mut send: SendStream, mut queue: tokio::sync::mpsc::Receiver<Outbound>) {
+    let authed = session.authed().expect("authenticated");
+    match session.shared.store.receipt_snapshot(authed.user_id, SNAPSHOT_CONVERSATIONS).await {
+        Ok(receipts) => {
+            let mut buf = bytes::BytesMut::new();
+            for receipt in receipts.into_iter().filter(|r| r.delivered_seq > 0 || r.seen_seq > 0) {
+                chat_protocol::encode(&Frame::push(Body::Receipt(receipt)), &mut buf);
+            }
+            if !buf.is_empty() && send.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "receipt snapshot failed"),
+    }
+    wire::write_loop(&session.conn, &mut send, &mut queue, |_| true).await;
+}
+

@@ -1,0 +1,142 @@
+//! Moving frames over quinn streams: a reader that decodes with a bounded
+//! buffer, and a writer task per stream that coalesces queued frames into
+//! one write (so several frames share a QUIC packet under load).
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use chat_protocol::{Codec, ErrorCode, Frame, FrameError};
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::sync::mpsc;
+
+/// Most queued frames written in one go.
+const MAX_COALESCE: usize = 128;
+
+/// How long a writer waits for the peer to read a final error frame
+/// before closing the connection anyway.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// One encoded frame queued for a stream.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The frame, already length-prefixed.
+    pub bytes: Bytes,
+    /// For a `Deliver`: (conversation, seq), so the messages writer can
+    /// drop what catch-up already sent.
+    pub deliver: Option<(u64, u64)>,
+    /// Close the connection with this code once the frame is written.
+    pub close_after: Option<ErrorCode>,
+}
+
+impl Outbound {
+    /// Encodes a frame.
+    pub fn frame(frame: &Frame) -> Self {
+        let mut buf = BytesMut::with_capacity(chat_protocol::encoded_len(frame));
+        chat_protocol::encode(frame, &mut buf);
+        Outbound {
+            bytes: buf.freeze(),
+            deliver: None,
+            close_after: None,
+        }
+    }
+
+    /// Encodes a frame after which the connection closes with `code`.
+    pub fn closing(frame: &Frame, code: ErrorCode) -> Self {
+        Outbound {
+            close_after: Some(code),
+            ..Outbound::frame(frame)
+        }
+    }
+}
+
+/// Why reading a frame stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The bytes were not a valid frame.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The stream or connection failed.
+    #[error("stream: {0}")]
+    Stream(#[from] quinn::ReadError),
+}
+
+/// Reads frames from a receive stream.
+pub struct FrameReader {
+    recv: RecvStream,
+    buf: BytesMut,
+    codec: Codec,
+}
+
+impl FrameReader {
+    /// Wraps a stream; no buffer is allocated until data arrives.
+    pub fn new(recv: RecvStream, codec: Codec) -> Self {
+        FrameReader {
+            recv,
+            buf: BytesMut::new(),
+            codec,
+        }
+    }
+
+    /// The next frame, or `None` when the peer finished the stream
+    /// cleanly. The buffer never holds more than two maximal frames.
+    pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                if self.buf.is_empty() && self.buf.capacity() > 4 * 1024 {
+                    // Do not keep a large buffer on an idle stream.
+                    self.buf = BytesMut::new();
+                }
+                return Ok(Some(frame));
+            }
+            match self.recv.read_chunk(self.codec.max_frame_len(), true).await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None => return Ok(self.codec.decode_eof(&mut self.buf)?),
+            }
+        }
+    }
+}
+
+/// Closes `conn` with a protocol error code and a short reason.
+pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
+    conn.close(VarInt::from_u32(code as u32), reason.as_bytes());
+}
+
+/// Drains `rx` into `send`, coalescing queued frames, until the channel
+/// closes or the stream fails. `filter` may drop frames (used by the
+/// messages writer after catch-up).
+pub async fn write_loop(
+    conn: &quinn::Connection,
+    send: &mut SendStream,
+    rx: &mut mpsc::Receiver<Outbound>,
+    mut filter: impl FnMut(&Outbound) -> bool,
+) {
+    let mut batch: Vec<Outbound> = Vec::with_capacity(8);
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(8);
+    loop {
+        if rx.recv_many(&mut batch, MAX_COALESCE).await == 0 {
+            let _ = send.finish();
+            return;
+        }
+        let mut close_code = None;
+        for out in batch.drain(..) {
+            if !filter(&out) {
+                continue;
+            }
+            chunks.push(out.bytes);
+            if out.close_after.is_some() {
+                close_code = out.close_after;
+                break;
+            }
+        }
+        if send.write_all_chunks(&mut chunks).await.is_err() {
+            return;
+        }
+        chunks.clear();
+        if let Some(code) = close_code {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(CLOSE_LINGER, send.stopped()).await;
+            close(conn, code, code.as_str_name());
+            return;
+        }
+    }
+}
