@@ -1,1 +1,50 @@
+//! `chat-client`: the library iOS and Android apps embed to talk to
+//! `chat-server`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), chat_client::ClientError> {
+//! use chat_client::{Client, ClientConfig, Event};
+//! let config = ClientConfig::new("127.0.0.1:4433".parse().unwrap(), "localhost")
+//!     .with_ca_file("data/certs/ca.pem")?;
+//! let (client, mut events) = Client::login(config, "alice", "correct horse").await?;
+//! let friends = client.friends().await?;
+//! if let Some(bob) = friends.friends.first() {
+//!     let chat = client.open_direct(bob.user_id).await?;
+//!     let ack = client.send_text(chat.conversation_id, "hi Bob").await?;
+//!     println!("sent as seq {}", ack.seq);
+//! }
+//! while let Some(event) = events.next().await {
+//!     if let Event::Message(m) = event {
+//!         println!("{}: {}", m.sender_id, m.text);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! What the library does for the app:
+//! * one QUIC connection with separate control, messages and receipts
+//!   streams;
+//! * automatic reconnect with exponential backoff, resuming with the session
+//!   token;
+//! * a bounded outbox: `send_text` survives reconnects, is retried with the
+//!   same `client_msg_id` (so the server stores it once), and resolves when
+//!   the server says "sent";
+//! * exactly-once delivery to the app: messages are deduplicated by
+//!   (conversation, seq), and acknowledged to the server only after the app's
+//!   event queue took them.
+//!
+//! API boundary: everything public here is what app developers program
+//! against; errors are flat ([`ClientError`] with a wire [`ErrorCode`]) so a
+//! UniFFI layer can wrap them.
 
+mod client;
+mod config;
+mod connection;
+mod error;
+mod outbox;
+
+pub use chat_protocol::proto;
+pub use chat_protocol::{ErrorCode, StreamKind};
+pub use client::{Client, Event, Events, HistoryDirection, Identity};
+pub use config::ClientConfig;
+pub use error::ClientError;

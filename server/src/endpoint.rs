@@ -121,15 +121,24 @@ impl Server {
     pub async fn shutdown(mut self) {
         tracing::info!("shutting down");
         self.accept.abort();
+        let _ = (&mut self.accept).await;
         self.endpoint.close(
             VarInt::from_u32(ErrorCode::ServerShuttingDown as u32),
             b"server shutting down; reconnect",
         );
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
-        // Sessions hold clones of `shared`; once their tasks end and ours is
-        // dropped, the committers drain and stop, and the store closes.
-        drop(self.shared.take());
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.delivery_tasks.join()).await;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        let _ = tokio::time::timeout_at(deadline, self.endpoint.wait_idle()).await;
+        // Session tasks hold clones of `shared`; they end once their
+        // connections are closed. Wait (bounded) for them, so the UDP socket
+        // and the store are released when this returns.
+        let shared = self.shared.take().expect("shutdown runs once");
+        while Arc::strong_count(&shared) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(shared);
+        // With every `Delivery` handle gone the committers drain their
+        // queues (finishing in-flight group commits) and stop.
+        let _ = tokio::time::timeout_at(deadline, self.delivery_tasks.join()).await;
     }
 }
 

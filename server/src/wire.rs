@@ -113,7 +113,14 @@ pub async fn write_loop(
     let mut batch: Vec<Outbound> = Vec::with_capacity(8);
     let mut chunks: Vec<Bytes> = Vec::with_capacity(8);
     loop {
-        if rx.recv_many(&mut batch, MAX_COALESCE).await == 0 {
+        // The queue's senders live as long as the session, so also watch the
+        // connection: a closed connection must end this task (and release
+        // the session), not leave it waiting for frames forever.
+        let received = tokio::select! {
+            n = rx.recv_many(&mut batch, MAX_COALESCE) => n,
+            _ = conn.closed() => return,
+        };
+        if received == 0 {
             let _ = send.finish();
             return;
         }

@@ -1,1 +1,12 @@
+//! End-to-end tests: real `chat-server`s (in process, or as child
+//! processes when a test must kill one) and real `chat-client`s over QUIC on
+//! 127.0.0.1. One test binary, so the workspace links once.
 
+// Helpers are `pub` for the sibling test modules; nothing is exported.
+#![allow(unreachable_pub)]
+
+mod auth;
+mod friends;
+mod harness;
+mod messaging;
+mod robustness;

@@ -1,0 +1,494 @@
+//! The [`Client`] handle apps hold, its event stream, and the supervisor
+//! task that reconnects and resumes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+use crate::config::ClientConfig;
+use crate::connection::{self, Credential, Live};
+use crate::error::ClientError;
+use crate::outbox::Outbox;
+
+/// Something the server told the app, in arrival order.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A new message (each one exactly once).
+    Message(proto::Message),
+    /// Another member's delivered / seen watermarks moved.
+    Receipt(proto::Receipt),
+    /// A friend request, acceptance, decline or removal.
+    Friend(proto::FriendEvent),
+    /// The connection is (re-)established and authenticated.
+    Connected,
+    /// The connection was lost; the client is reconnecting unless
+    /// [`Event::SessionEnded`] follows.
+    Disconnected {
+        /// The server's close code, if it closed the connection.
+        code: Option<ErrorCode>,
+    },
+    /// The session cannot continue (logged out, token expired or revoked):
+    /// log in again.
+    SessionEnded {
+        /// Why.
+        code: ErrorCode,
+    },
+}
+
+/// The app's stream of [`Event`]s.
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the client is closed.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// An event if one is ready now.
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// Who the client is logged in as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// User id.
+    pub user_id: u64,
+    /// User name.
+    pub username: String,
+    /// Session token: store it in the platform keychain to resume later
+    /// with [`Client::resume`].
+    pub token: String,
+}
+
+/// Which way to page through history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryDirection {
+    /// Older messages: seq below the cursor (0 = newest).
+    Backward,
+    /// Newer messages: seq above the cursor.
+    Forward,
+}
+
+/// A connected chat client. Cheap to clone; all clones share one
+/// connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+type Pending = oneshot::Sender<Result<Body, ClientError>>;
+
+pub(crate) struct Inner {
+    pub(crate) config: ClientConfig,
+    pub(crate) quic: quinn::ClientConfig,
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) events: mpsc::Sender<Event>,
+    identity: Mutex<Option<Identity>>,
+    live: Mutex<Option<Live>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_request_id: AtomicU64,
+    outbox: Mutex<Outbox>,
+    /// Highest seq handed to the app per conversation (deduplication).
+    delivered: Mutex<HashMap<u64, u64>>,
+    closed: AtomicBool,
+    reconnect: Notify,
+    connected: watch::Sender<bool>,
+}
+
+impl Inner {
+    pub(crate) fn next_request_id(&self) -> u64 {
+        self.next_request_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// True the first time (conversation, seq) is seen; seqs arrive in
+    /// increasing order per conversation, so anything not above the last
+    /// one is a redelivery.
+    pub(crate) fn first_delivery(&self, conversation_id: u64, seq: u64) -> bool {
+        let mut delivered = self.delivered.lock().expect("delivered lock");
+        let last = delivered.entry(conversation_id).or_insert(0);
+        if seq > *last {
+            *last = seq;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Routes the answer to a request waiting in `pending`.
+    pub(crate) fn answer(&self, request_id: u64, result: Result<Body, ClientError>) {
+        if let Some(waiter) = self.pending.lock().expect("pending lock").remove(&request_id) {
+            let _ = waiter.send(result);
+        }
+    }
+
+    /// Routes the answer to a send in the outbox. Retryable refusals keep
+    /// the entry and resend it after the server's delay.
+    pub(crate) fn send_answered(self: &Arc<Self>, request_id: u64, result: Result<proto::SendAck, ClientError>) {
+        if let Err(ClientError::Server { code, retry_after, .. }) = &result {
+            if code.is_retryable() {
+                let delay = retry_after.unwrap_or(self.config.reconnect_min);
+                let inner = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let outbox = inner.outbox.lock().expect("outbox lock");
+                    if let (Some(frame), Some(live)) = (outbox.frame(request_id), inner.live()) {
+                        let _ = live.messages.send(frame);
+                    }
+                });
+                return;
+            }
+        }
+        self.outbox.lock().expect("outbox lock").complete(request_id, result);
+    }
+
+    fn live(&self) -> Option<Live> {
+        self.live.lock().expect("live lock").clone()
+    }
+
+    /// Makes `live` the current connection and resends the outbox on it, in
+    /// order, before any new send can slip in between.
+    fn install(&self, live: Live) {
+        let outbox = self.outbox.lock().expect("outbox lock");
+        for frame in outbox.frames() {
+            let _ = live.messages.send(frame.clone());
+        }
+        *self.live.lock().expect("live lock") = Some(live);
+        drop(outbox);
+        let _ = self.connected.send(true);
+    }
+
+    fn fail_pending(&self, error: &ClientError) {
+        for (_, waiter) in self.pending.lock().expect("pending lock").drain() {
+            let _ = waiter.send(Err(error.clone()));
+        }
+    }
+}
+
+impl Client {
+    /// Creates an account, logs in, and connects.
+    pub async fn register(config: ClientConfig, username: &str, password: &str) -> Result<(Client, Events), ClientError> {
+        Self::start(config, Credential::Register { username: username.into(), password: password.into() }).await
+    }
+
+    /// Logs in with a password and connects.
+    pub async fn login(config: ClientConfig, username: &str, password: &str) -> Result<(Client, Events), ClientError> {
+        Self::start(config, Credential::Login { username: username.into(), password: password.into() }).await
+    }
+
+    /// Connects with a token from an earlier login.
+    pub async fn resume(config: ClientConfig, token: &str) -> Result<(Client, Events), ClientError> {
+        Self::start(config, Credential::Token(token.into())).await
+    }
+
+    async fn start(config: ClientConfig, credential: Credential) -> Result<(Client, Events), ClientError> {
+        let quic = config.quinn_client_config()?;
+        let endpoint = config.endpoint()?;
+        let (events_tx, events_rx) = mpsc::channel(config.event_capacity.max(1));
+        let inner = Arc::new(Inner {
+            quic,
+            endpoint,
+            events: events_tx,
+            identity: Mutex::new(None),
+            live: Mutex::new(None),
+            pending: Mutex::new(HashMap::new()),
+            next_request_id: AtomicU64::new(1),
+            outbox: Mutex::new(Outbox::new(config.outbox_limit)),
+            delivered: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            reconnect: Notify::new(),
+            connected: watch::channel(false).0,
+            config,
+        });
+        let (live, auth) = connection::connect(&inner, &credential).await?;
+        let token = match credential {
+            Credential::Token(token) => token,
+            _ => auth.token.clone(),
+        };
+        *inner.identity.lock().expect("identity lock") =
+            Some(Identity { user_id: auth.user_id, username: auth.username.clone(), token });
+        let conn = live.conn.clone();
+        inner.install(live);
+        tokio::spawn(supervise(inner.clone(), conn));
+        Ok((Client { inner }, Events { rx: events_rx }))
+    }
+
+    /// Who this client is logged in as.
+    pub fn identity(&self) -> Identity {
+        self.inner.identity.lock().expect("identity lock").clone().expect("set at start")
+    }
+
+    /// Whether a connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        *self.inner.connected.borrow()
+    }
+
+    /// Waits until connected (or the timeout passes); true if connected.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.inner.connected.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|up| *up)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Drops the current connection and reconnects at once (e.g. when the
+    /// phone switched networks). Nothing is lost: unacknowledged sends are
+    /// resent and undelivered messages arrive again.
+    pub fn reconnect_now(&self) {
+        self.inner.reconnect.notify_one();
+    }
+
+    /// Sends a text message. Resolves with the server's "sent" ack once the
+    /// message is durable. Survives reconnects: the same request is resent
+    /// (same `client_msg_id`) until the server answers.
+    pub async fn send_text(&self, conversation_id: u64, text: &str) -> Result<proto::SendAck, ClientError> {
+        let client_msg_id = new_client_msg_id();
+        self.send_with_id(conversation_id, &client_msg_id, text).await
+    }
+
+    /// [`send_text`](Self::send_text) with an idempotency key chosen by the
+    /// app (e.g. persisted with a draft, so a send after an app restart is
+    /// still recognised as the same message).
+    pub async fn send_with_id(
+        &self,
+        conversation_id: u64,
+        client_msg_id: &str,
+        text: &str,
+    ) -> Result<proto::SendAck, ClientError> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(ClientError::Closed);
+        }
+        let request_id = self.inner.next_request_id();
+        let frame = connection::encode(&Frame::new(
+            request_id,
+            Body::Send(proto::Send {
+                conversation_id,
+                client_msg_id: client_msg_id.to_string(),
+                r#type: proto::MessageType::Text as i32,
+                text: text.to_string(),
+            }),
+        ));
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut outbox = self.inner.outbox.lock().expect("outbox lock");
+            outbox.push(request_id, frame.clone(), tx)?;
+            if let Some(live) = self.inner.live() {
+                let _ = live.messages.send(frame);
+            }
+        }
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Messages waiting in the outbox for the server's ack.
+    pub fn outbox_len(&self) -> usize {
+        self.inner.outbox.lock().expect("outbox lock").len()
+    }
+
+    /// Marks the conversation seen up to `seq`; the other members get a
+    /// "seen" receipt.
+    pub async fn mark_seen(&self, conversation_id: u64, seq: u64) -> Result<(), ClientError> {
+        let body = Body::MarkSeen(proto::MarkSeen { conversation_id, seq });
+        match self.request(StreamKind::Receipts, body).await? {
+            Body::Ok(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Friends and pending requests.
+    pub async fn friends(&self) -> Result<proto::FriendList, ClientError> {
+        match self.request(StreamKind::Control, Body::ListFriends(proto::ListFriends {})).await? {
+            Body::FriendList(list) => Ok(list),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Asks `username` to be friends (accepts if they asked first).
+    pub async fn send_friend_request(&self, username: &str) -> Result<(), ClientError> {
+        self.expect_ok(Body::FriendRequest(proto::FriendRequest { username: username.into() })).await
+    }
+
+    /// Accepts a pending request from `user_id`.
+    pub async fn accept_friend(&self, user_id: u64) -> Result<(), ClientError> {
+        self.expect_ok(Body::FriendAccept(proto::FriendAccept { user_id })).await
+    }
+
+    /// Declines a pending request from `user_id`.
+    pub async fn decline_friend(&self, user_id: u64) -> Result<(), ClientError> {
+        self.expect_ok(Body::FriendDecline(proto::FriendDecline { user_id })).await
+    }
+
+    /// Ends a friendship (or cancels a pending request).
+    pub async fn remove_friend(&self, user_id: u64) -> Result<(), ClientError> {
+        self.expect_ok(Body::FriendRemove(proto::FriendRemove { user_id })).await
+    }
+
+    /// Opens (or creates) the 1-1 conversation with a friend.
+    pub async fn open_direct(&self, user_id: u64) -> Result<proto::ConversationInfo, ClientError> {
+        match self.request(StreamKind::Control, Body::OpenDirect(proto::OpenDirect { user_id })).await? {
+            Body::Conversation(info) => Ok(info),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Conversations, most recently active first. `before_activity_ms` = 0
+    /// for the first page, else the last page's oldest `last_activity_ms`.
+    pub async fn conversations(&self, limit: u32, before_activity_ms: i64) -> Result<Vec<proto::ConversationInfo>, ClientError> {
+        let body = Body::ListConversations(proto::ListConversations { limit, before_activity_ms });
+        match self.request(StreamKind::Control, body).await? {
+            Body::ConversationList(list) => Ok(list.conversations),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A page of history, ascending by seq.
+    pub async fn history(
+        &self,
+        conversation_id: u64,
+        direction: HistoryDirection,
+        cursor: u64,
+        limit: u32,
+    ) -> Result<proto::HistoryPage, ClientError> {
+        let direction = match direction {
+            HistoryDirection::Backward => proto::history_query::Direction::Backward,
+            HistoryDirection::Forward => proto::history_query::Direction::Forward,
+        };
+        let body = Body::HistoryQuery(proto::HistoryQuery { conversation_id, direction: direction as i32, cursor, limit });
+        match self.request(StreamKind::Control, body).await? {
+            Body::HistoryPage(page) => Ok(page),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Revokes this session's token and disconnects for good.
+    pub async fn logout(&self) -> Result<(), ClientError> {
+        self.expect_ok(Body::Logout(proto::Logout {})).await?;
+        self.close();
+        Ok(())
+    }
+
+    /// Disconnects for good; pending sends fail with `Closed`.
+    pub fn close(&self) {
+        if self.inner.closed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Some(live) = self.inner.live.lock().expect("live lock").take() {
+            live.conn.close(0u32.into(), b"client closed");
+        }
+        self.inner.outbox.lock().expect("outbox lock").fail_all(&ClientError::Closed);
+        self.inner.fail_pending(&ClientError::Closed);
+        self.inner.reconnect.notify_one();
+    }
+
+    async fn expect_ok(&self, body: Body) -> Result<(), ClientError> {
+        match self.request(StreamKind::Control, body).await? {
+            Body::Ok(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends a request on a stream and waits for its answer.
+    async fn request(&self, kind: StreamKind, body: Body) -> Result<Body, ClientError> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(ClientError::Closed);
+        }
+        let live = self.inner.live().ok_or(ClientError::Disconnected)?;
+        let request_id = self.inner.next_request_id();
+        let (tx, rx) = oneshot::channel();
+        self.inner.pending.lock().expect("pending lock").insert(request_id, tx);
+        if live.writer(kind).send(connection::encode(&Frame::new(request_id, body))).is_err() {
+            self.inner.pending.lock().expect("pending lock").remove(&request_id);
+            return Err(ClientError::Disconnected);
+        }
+        match tokio::time::timeout(self.inner.config.request_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ClientError::Disconnected),
+            Err(_) => {
+                self.inner.pending.lock().expect("pending lock").remove(&request_id);
+                Err(ClientError::Timeout)
+            }
+        }
+    }
+}
+
+fn unexpected(body: &Body) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {}", body.name()))
+}
+
+/// 128 random bits, hex: unique per sender without coordination.
+fn new_client_msg_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Codes after which reconnecting with the same token cannot work.
+fn ends_session(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::LoggedOut | ErrorCode::TokenExpired | ErrorCode::TokenRevoked | ErrorCode::TokenInvalid
+    )
+}
+
+/// Watches the live connection; when it ends, reconnects with backoff and
+/// resumes with the token until the client is closed or the session ends.
+async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
+    loop {
+        let reason = tokio::select! {
+            reason = conn.closed() => reason,
+            () = inner.reconnect.notified() => {
+                conn.close(0u32.into(), b"reconnecting");
+                conn.closed().await
+            }
+        };
+        *inner.live.lock().expect("live lock") = None;
+        let _ = inner.connected.send(false);
+        let error = ClientError::from_connection(&reason);
+        inner.fail_pending(&error);
+        if inner.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let code = error.code();
+        tracing::debug!(?code, "connection lost");
+        let _ = inner.events.send(Event::Disconnected { code }).await;
+        if let Some(code) = code.filter(|c| ends_session(*c)) {
+            let _ = inner.events.send(Event::SessionEnded { code }).await;
+            return;
+        }
+        let token = inner.identity.lock().expect("identity lock").as_ref().map(|i| i.token.clone());
+        let Some(token) = token else { return };
+        let credential = Credential::Token(token);
+        let mut delay = inner.config.reconnect_min;
+        loop {
+            // Jitter spreads a fleet of clients reconnecting to a restarted
+            // node.
+            let jitter = delay.mul_f64(rand::random::<f64>() * 0.5);
+            tokio::select! {
+                () = tokio::time::sleep(delay + jitter) => {}
+                () = inner.reconnect.notified() => {}
+            }
+            if inner.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            match connection::connect(&inner, &credential).await {
+                Ok((live, _)) => {
+                    conn = live.conn.clone();
+                    inner.install(live);
+                    let _ = inner.events.send(Event::Connected).await;
+                    break;
+                }
+                Err(e) => {
+                    if let Some(code) = e.code().filter(|c| ends_session(*c)) {
+                        let _ = inner.events.send(Event::SessionEnded { code }).await;
+                        return;
+                    }
+                    tracing::debug!(error = %e, ?delay, "reconnect failed");
+                    delay = (delay * 2).min(inner.config.reconnect_max);
+                }
+            }
+        }
+    }
+}

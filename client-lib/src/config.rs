@@ -1,0 +1,124 @@
+//! Client configuration: where the server is, which CA to trust, and the
+//! knobs an app may tune (reconnect backoff, outbox size, timeouts).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use crate::error::ClientError;
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// Server UDP address.
+    pub server_addr: SocketAddr,
+    /// Name the server certificate must be valid for.
+    pub server_name: String,
+    /// Device label stored with the session.
+    pub device_name: String,
+    /// Certificates to trust as roots.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Messages that may wait in the outbox.
+    pub outbox_limit: usize,
+    /// Events buffered for the app before the client stops reading.
+    pub event_capacity: usize,
+    /// How long a request waits for its answer.
+    pub request_timeout: Duration,
+    /// First reconnect delay; doubles up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+    /// QUIC keep-alive: below typical NAT binding lifetimes (~30 s).
+    pub keep_alive: Duration,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// Share one UDP socket among many clients (load generators).
+    pub endpoint: Option<quinn::Endpoint>,
+}
+
+impl ClientConfig {
+    /// Defaults for a server at `server_addr` presenting a certificate for
+    /// `server_name`. Add a root with [`with_ca_file`](Self::with_ca_file).
+    pub fn new(server_addr: SocketAddr, server_name: impl Into<String>) -> Self {
+        ClientConfig {
+            server_addr,
+            server_name: server_name.into(),
+            device_name: "chat-client".into(),
+            roots: Vec::new(),
+            outbox_limit: 1_000,
+            event_capacity: 4_096,
+            request_timeout: Duration::from_secs(15),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            endpoint: None,
+        }
+    }
+
+    /// Trusts the CA certificate(s) in a PEM file (e.g. the server's dev CA).
+    pub fn with_ca_file(mut self, path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| ClientError::Config(format!("read CA from {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(ClientError::Config(format!("no certificate in {}", path.display())));
+        }
+        self.roots.extend(certs);
+        Ok(self)
+    }
+
+    /// The quinn client configuration (TLS 1.3, ALPN `chat/1`, the trusted
+    /// roots), for tools that speak the protocol directly.
+    pub fn quinn_client_config(&self) -> Result<quinn::ClientConfig, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in &self.roots {
+            roots.add(cert.clone()).map_err(|e| ClientError::Config(format!("bad CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(ClientError::Config("no CA to trust: use with_ca_file".into()));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![chat_protocol::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .keep_alive_interval(Some(self.keep_alive))
+            .max_idle_timeout(Some(
+                quinn::IdleTimeout::try_from(self.idle_timeout).map_err(|e| ClientError::Config(e.to_string()))?,
+            ))
+            // The server opens no streams toward the client.
+            .max_concurrent_bidi_streams(0u32.into())
+            .max_concurrent_uni_streams(0u32.into());
+        config.transport_config(Arc::new(transport));
+        Ok(config)
+    }
+
+    /// A UDP endpoint for this client, unless one is shared.
+    pub(crate) fn endpoint(&self) -> Result<quinn::Endpoint, ClientError> {
+        if let Some(endpoint) = &self.endpoint {
+            return Ok(endpoint.clone());
+        }
+        let bind: SocketAddr = match (self.server_addr.ip().is_loopback(), self.server_addr.is_ipv4()) {
+            (true, true) => "127.0.0.1:0",
+            (true, false) => "[::1]:0",
+            (false, true) => "0.0.0.0:0",
+            (false, false) => "[::]:0",
+        }
+        .parse()
+        .expect("literal socket address");
+        quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(format!("bind UDP socket: {e}")))
+    }
+}

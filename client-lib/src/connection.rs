@@ -1,0 +1,241 @@
+//! One live connection: the handshake and authentication, the three
+//! streams, and the tasks that read and write them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use chat_protocol::{Body, Codec, ErrorCode, Frame, FrameError, StreamKind, proto};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc;
+
+use crate::client::{Event, Inner};
+use crate::error::ClientError;
+
+/// Most queued frames written at once.
+const MAX_COALESCE: usize = 128;
+
+/// How a connection authenticates.
+#[derive(Clone)]
+pub(crate) enum Credential {
+    Register { username: String, password: String },
+    Login { username: String, password: String },
+    Token(String),
+}
+
+/// Writers of the live connection's streams. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Live {
+    pub(crate) conn: quinn::Connection,
+    pub(crate) control: mpsc::UnboundedSender<Bytes>,
+    pub(crate) messages: mpsc::UnboundedSender<Bytes>,
+    pub(crate) receipts: mpsc::UnboundedSender<Bytes>,
+}
+
+impl Live {
+    pub(crate) fn writer(&self, kind: StreamKind) -> &mpsc::UnboundedSender<Bytes> {
+        match kind {
+            StreamKind::Messages => &self.messages,
+            StreamKind::Receipts => &self.receipts,
+            _ => &self.control,
+        }
+    }
+}
+
+pub(crate) fn encode(frame: &Frame) -> Bytes {
+    let mut buf = BytesMut::with_capacity(chat_protocol::encoded_len(frame));
+    chat_protocol::encode(frame, &mut buf);
+    buf.freeze()
+}
+
+/// Connects, authenticates, opens the data streams and starts the stream
+/// tasks.
+pub(crate) async fn connect(inner: &Arc<Inner>, credential: &Credential) -> Result<(Live, proto::AuthOk), ClientError> {
+    let config = &inner.config;
+    let timeout = config.request_timeout;
+    let connecting = inner
+        .endpoint
+        .connect_with(inner.quic.clone(), config.server_addr, &config.server_name)
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let conn = tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| ClientError::Timeout)?
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let closed = |conn: &quinn::Connection| {
+        conn.close_reason().map_or(ClientError::Disconnected, |e| ClientError::from_connection(&e))
+    };
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| ClientError::from_connection(&e))?;
+    let request_id = inner.next_request_id();
+    let body = match credential.clone() {
+        Credential::Register { username, password } => Body::Register(proto::Register {
+            username,
+            password,
+            device_name: config.device_name.clone(),
+        }),
+        Credential::Login { username, password } => Body::Login(proto::Login {
+            username,
+            password,
+            device_name: config.device_name.clone(),
+        }),
+        Credential::Token(token) => Body::Authenticate(proto::Authenticate { token }),
+    };
+    let mut hello = BytesMut::new();
+    chat_protocol::encode(&Frame::open_stream(StreamKind::Control), &mut hello);
+    chat_protocol::encode(&Frame::new(request_id, body), &mut hello);
+    send.write_all(&hello).await.map_err(|_| closed(&conn))?;
+    let mut reader = FrameReader::new(recv);
+    let reply = match tokio::time::timeout(timeout, reader.next()).await {
+        Err(_) => return Err(ClientError::Timeout),
+        Ok(Ok(Some(frame))) => frame,
+        Ok(Ok(None) | Err(ReadError::Stream)) => return Err(closed(&conn)),
+        Ok(Err(ReadError::Frame(e))) => return Err(ClientError::Protocol(e.to_string())),
+    };
+    let auth_ok = match reply.body {
+        Some(Body::AuthOk(ok)) => ok,
+        Some(Body::Error(e)) => {
+            conn.close(0u32.into(), b"authentication refused");
+            return Err(ClientError::server(&e));
+        }
+        _ => return Err(ClientError::Protocol(format!("expected AuthOk, got {}", reply.body_name()))),
+    };
+
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (messages_tx, messages_rx) = mpsc::unbounded_channel();
+    let (receipts_tx, receipts_rx) = mpsc::unbounded_channel();
+    let (ms, mr) = open(&conn, StreamKind::Messages).await?;
+    let (rs, rr) = open(&conn, StreamKind::Receipts).await?;
+    tokio::spawn(write_loop(send, control_rx));
+    tokio::spawn(write_loop(ms, messages_rx));
+    tokio::spawn(write_loop(rs, receipts_rx));
+    let live = Live { conn, control: control_tx, messages: messages_tx, receipts: receipts_tx };
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    tokio::spawn(ack_loop(ack_rx, live.messages.clone()));
+    tokio::spawn(read_loop(inner.clone(), reader, StreamKind::Control, None));
+    tokio::spawn(read_loop(inner.clone(), FrameReader::new(mr), StreamKind::Messages, Some(ack_tx)));
+    tokio::spawn(read_loop(inner.clone(), FrameReader::new(rr), StreamKind::Receipts, None));
+    Ok((live, auth_ok))
+}
+
+async fn open(conn: &quinn::Connection, kind: StreamKind) -> Result<(SendStream, RecvStream), ClientError> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| ClientError::from_connection(&e))?;
+    send.write_all(&encode(&Frame::open_stream(kind)))
+        .await
+        .map_err(|_| conn.close_reason().map_or(ClientError::Disconnected, |e| ClientError::from_connection(&e)))?;
+    Ok((send, recv))
+}
+
+async fn write_loop(mut send: SendStream, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    let mut batch = Vec::with_capacity(16);
+    while rx.recv_many(&mut batch, MAX_COALESCE).await > 0 {
+        if send.write_all_chunks(&mut batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+    let _ = send.finish();
+}
+
+/// Coalesces delivery acks: whatever piled up while the previous ack was
+/// written goes out as one DeliveryAck per conversation.
+async fn ack_loop(mut rx: mpsc::UnboundedReceiver<(u64, u64)>, messages: mpsc::UnboundedSender<Bytes>) {
+    let mut batch = Vec::with_capacity(64);
+    let mut highest: HashMap<u64, u64> = HashMap::new();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        for (conversation_id, seq) in batch.drain(..) {
+            let entry = highest.entry(conversation_id).or_insert(0);
+            *entry = (*entry).max(seq);
+        }
+        for (conversation_id, seq) in highest.drain() {
+            let frame = Frame::push(Body::DeliveryAck(proto::DeliveryAck { conversation_id, seq }));
+            if messages.send(encode(&frame)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn read_loop(
+    inner: Arc<Inner>,
+    mut reader: FrameReader,
+    kind: StreamKind,
+    acks: Option<mpsc::UnboundedSender<(u64, u64)>>,
+) {
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) | Err(ReadError::Stream) => return,
+            Err(ReadError::Frame(e)) => {
+                tracing::warn!(stream = kind.name(), error = %e, "bad frame from server");
+                return;
+            }
+        };
+        let request_id = frame.request_id;
+        match frame.body {
+            Some(Body::Deliver(proto::Deliver { message: Some(message) })) => {
+                let (conversation_id, seq) = (message.conversation_id, message.seq);
+                if inner.first_delivery(conversation_id, seq) {
+                    // Waiting here is the backpressure that keeps a slow app
+                    // from buffering without bound.
+                    if inner.events.send(Event::Message(message)).await.is_err() {
+                        // The app dropped its event stream; still ack so the
+                        // server does not resend forever.
+                    }
+                }
+                if let Some(acks) = &acks {
+                    let _ = acks.send((conversation_id, seq));
+                }
+            }
+            Some(Body::SendAck(ack)) => inner.send_answered(request_id, Ok(ack)),
+            Some(Body::Receipt(receipt)) => {
+                let _ = inner.events.send(Event::Receipt(receipt)).await;
+            }
+            Some(Body::FriendEvent(event)) => {
+                let _ = inner.events.send(Event::Friend(event)).await;
+            }
+            Some(Body::Error(e)) if kind == StreamKind::Messages && request_id != 0 => {
+                inner.send_answered(request_id, Err(ClientError::server(&e)));
+            }
+            Some(Body::Error(e)) if request_id == 0 => {
+                let code = ErrorCode::from_wire(e.code);
+                tracing::debug!(stream = kind.name(), %code, message = e.message, "connection-level error from server");
+            }
+            Some(Body::Error(e)) => inner.answer(request_id, Err(ClientError::server(&e))),
+            Some(body) if request_id != 0 => inner.answer(request_id, Ok(body)),
+            Some(body) => tracing::debug!(stream = kind.name(), frame = body.name(), "ignoring unexpected push"),
+            None => {}
+        }
+    }
+}
+
+enum ReadError {
+    Frame(FrameError),
+    Stream,
+}
+
+/// Decodes frames from a stream with a bounded buffer.
+struct FrameReader {
+    recv: RecvStream,
+    buf: BytesMut,
+    codec: Codec,
+}
+
+impl FrameReader {
+    fn new(recv: RecvStream) -> Self {
+        // The server's frames are bounded by the protocol's cap; the client
+        // accepts anything up to it.
+        FrameReader { recv, buf: BytesMut::new(), codec: Codec::new(chat_protocol::limits::MAX_FRAME_LEN) }
+    }
+
+    async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf).map_err(ReadError::Frame)? {
+                return Ok(Some(frame));
+            }
+            match self.recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => return self.codec.decode_eof(&mut self.buf).map_err(ReadError::Frame),
+                Err(_) => return Err(ReadError::Stream),
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! The one error type of the client library: flat, cloneable, and carrying
+//! the server's stable code when there is one.
+
+use std::time::Duration;
+
+use chat_protocol::ErrorCode;
+
+/// Why a client call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server refused the request, or closed the connection, with a
+    /// stable code.
+    #[error("server refused: {code}: {message}")]
+    Server {
+        /// Stable wire code.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+        /// When the code is retryable: how long to wait first.
+        retry_after: Option<Duration>,
+    },
+    /// No connection right now (the client is reconnecting). Retry later.
+    #[error("not connected")]
+    Disconnected,
+    /// The server did not answer in time.
+    #[error("request timed out")]
+    Timeout,
+    /// Could not establish a connection (address, TLS, handshake).
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The local outbox is full; wait for earlier sends to complete.
+    #[error("outbox full ({0} messages waiting)")]
+    OutboxFull(usize),
+    /// The server sent something the client did not expect.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Bad client configuration (e.g. unreadable CA file).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The client was closed or logged out.
+    #[error("client closed")]
+    Closed,
+}
+
+impl ClientError {
+    /// The server's code, if the server produced this error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Server { code, .. } => code.is_retryable(),
+            ClientError::Disconnected | ClientError::Timeout | ClientError::Connect(_) => true,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn server(error: &chat_protocol::proto::Error) -> Self {
+        ClientError::Server {
+            code: ErrorCode::from_wire(error.code),
+            message: error.message.clone(),
+            retry_after: (error.retry_after_ms > 0).then(|| Duration::from_millis(error.retry_after_ms.into())),
+        }
+    }
+
+    /// The error a closed connection implies for requests still waiting.
+    pub(crate) fn from_connection(e: &quinn::ConnectionError) -> Self {
+        match e {
+            quinn::ConnectionError::ApplicationClosed(close) => ClientError::Server {
+                code: ErrorCode::from_wire(close.error_code.into_inner().min(i32::MAX as u64) as i32),
+                message: String::from_utf8_lossy(&close.reason).into_owned(),
+                retry_after: None,
+            },
+            quinn::ConnectionError::LocallyClosed => ClientError::Closed,
+            _ => ClientError::Disconnected,
+        }
+    }
+}

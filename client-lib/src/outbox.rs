@@ -1,0 +1,107 @@
+//! The ordered, bounded queue of sends the server has not confirmed yet.
+//!
+//! Each entry keeps its encoded `Send` frame (with its `client_msg_id`), so a
+//! resend after a reconnect is byte-for-byte the original request and the
+//! server recognises it as a retry. Entries are resent in their original
+//! order; an entry leaves only when the server answers it.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use chat_protocol::proto;
+use tokio::sync::oneshot;
+
+use crate::error::ClientError;
+
+/// Resolves a `send_text` call.
+pub(crate) type Waiter = oneshot::Sender<Result<proto::SendAck, ClientError>>;
+
+pub(crate) struct Entry {
+    pub(crate) request_id: u64,
+    pub(crate) frame: Bytes,
+    waiter: Option<Waiter>,
+}
+
+pub(crate) struct Outbox {
+    entries: VecDeque<Entry>,
+    limit: usize,
+}
+
+impl Outbox {
+    pub(crate) fn new(limit: usize) -> Self {
+        Outbox { entries: VecDeque::new(), limit: limit.max(1) }
+    }
+
+    /// Adds a send; refuses when full.
+    pub(crate) fn push(&mut self, request_id: u64, frame: Bytes, waiter: Waiter) -> Result<(), ClientError> {
+        if self.entries.len() >= self.limit {
+            return Err(ClientError::OutboxFull(self.entries.len()));
+        }
+        self.entries.push_back(Entry { request_id, frame, waiter: Some(waiter) });
+        Ok(())
+    }
+
+    /// Removes the entry the server answered and resolves its caller.
+    /// Returns false if no entry had that request id (e.g. a duplicate
+    /// answer after a resend).
+    pub(crate) fn complete(&mut self, request_id: u64, result: Result<proto::SendAck, ClientError>) -> bool {
+        let Some(pos) = self.entries.iter().position(|e| e.request_id == request_id) else {
+            return false;
+        };
+        let mut entry = self.entries.remove(pos).expect("position is in range");
+        if let Some(waiter) = entry.waiter.take() {
+            // The caller may have stopped waiting; the send still happened.
+            let _ = waiter.send(result);
+        }
+        true
+    }
+
+    /// The frames to resend, oldest first.
+    pub(crate) fn frames(&self) -> impl Iterator<Item = &Bytes> {
+        self.entries.iter().map(|e| &e.frame)
+    }
+
+    /// The frame of one entry (for a delayed retry).
+    pub(crate) fn frame(&self, request_id: u64) -> Option<Bytes> {
+        self.entries.iter().find(|e| e.request_id == request_id).map(|e| e.frame.clone())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Fails every entry (the client is closing for good).
+    pub(crate) fn fail_all(&mut self, error: &ClientError) {
+        for mut entry in self.entries.drain(..) {
+            if let Some(waiter) = entry.waiter.take() {
+                let _ = waiter.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(seq: u64) -> proto::SendAck {
+        proto::SendAck { seq, ..Default::default() }
+    }
+
+    #[test]
+    fn bounded_ordered_and_completed_once() {
+        let mut outbox = Outbox::new(2);
+        let (tx1, mut rx1) = oneshot::channel();
+        let (tx2, _rx2) = oneshot::channel();
+        let (tx3, _rx3) = oneshot::channel();
+        outbox.push(1, Bytes::from_static(b"a"), tx1).unwrap();
+        outbox.push(2, Bytes::from_static(b"b"), tx2).unwrap();
+        assert_eq!(outbox.push(3, Bytes::from_static(b"c"), tx3), Err(ClientError::OutboxFull(2)));
+        assert_eq!(outbox.frames().cloned().collect::<Vec<_>>(), vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        assert!(outbox.complete(1, Ok(ack(7))));
+        assert!(!outbox.complete(1, Ok(ack(7))), "a second answer finds nothing");
+        assert_eq!(rx1.try_recv().unwrap().unwrap().seq, 7);
+        assert_eq!(outbox.len(), 1);
+        assert_eq!(outbox.frame(2), Some(Bytes::from_static(b"b")));
+    }
+}

@@ -1,0 +1,112 @@
+//! Accounts and sessions: register, log in, tokens, logout, restarts.
+
+use std::time::Duration;
+
+use chat_client::{Client, ErrorCode, Event};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn register_login_and_resume_with_the_token() {
+    let server = TestServer::start().await;
+    let alice = name("alice");
+    let (client, _events) = register(server.client_config(), &alice).await;
+    let id = client.identity();
+    assert_eq!(id.username, alice);
+    assert_eq!(id.token.len(), 64, "256-bit token, hex");
+    client.close();
+
+    let (again, _events) = Client::login(server.client_config(), &alice.to_uppercase(), PASSWORD).await.unwrap();
+    assert_eq!(again.identity().user_id, id.user_id, "user names are case-insensitive");
+    assert_ne!(again.identity().token, id.token, "each login gets its own token");
+
+    let (resumed, _events) = Client::resume(server.client_config(), &id.token).await.unwrap();
+    assert_eq!(resumed.identity().user_id, id.user_id);
+    assert!(resumed.friends().await.unwrap().friends.is_empty());
+}
+
+#[tokio::test]
+async fn each_credential_failure_has_its_own_code() {
+    let server = TestServer::start().await;
+    let alice = name("alice");
+    let (client, _e) = register(server.client_config(), &alice).await;
+
+    assert_eq!(code(Client::login(server.client_config(), &alice, "wrong password!").await.map(|_| ())), ErrorCode::WrongPassword);
+    assert_eq!(code(Client::login(server.client_config(), &name("nobody"), PASSWORD).await.map(|_| ())), ErrorCode::UnknownUser);
+    assert_eq!(code(Client::register(server.client_config(), &alice, PASSWORD).await.map(|_| ())), ErrorCode::UsernameTaken);
+    assert_eq!(code(Client::register(server.client_config(), "x", PASSWORD).await.map(|_| ())), ErrorCode::InvalidArgument);
+    assert_eq!(code(Client::register(server.client_config(), &name("bob"), "short").await.map(|_| ())), ErrorCode::InvalidArgument);
+    assert_eq!(code(Client::resume(server.client_config(), &"0".repeat(64)).await.map(|_| ())), ErrorCode::TokenInvalid);
+
+    // The failures did not disturb the logged-in client.
+    assert!(client.friends().await.is_ok());
+}
+
+#[tokio::test]
+async fn logout_revokes_the_token() {
+    let server = TestServer::start().await;
+    let (client, mut events) = register(server.client_config(), &name("alice")).await;
+    let token = client.identity().token;
+    client.logout().await.unwrap();
+    let _ = &mut events;
+    assert_eq!(code(Client::resume(server.client_config(), &token).await.map(|_| ())), ErrorCode::TokenRevoked);
+}
+
+#[tokio::test]
+async fn a_logged_out_session_ends_on_the_other_device_at_reconnect() {
+    let server = TestServer::start().await;
+    let alice = name("alice");
+    let (phone, _e) = register(server.client_config(), &alice).await;
+    let (laptop, mut laptop_events) = Client::resume(server.client_config(), &phone.identity().token).await.unwrap();
+    phone.logout().await.unwrap();
+    // The laptop shares the revoked token: its next reconnect is refused
+    // and the app is told to log in again.
+    laptop.reconnect_now();
+    let ended = wait_for(&mut laptop_events, "session end", |e| match e {
+        Event::SessionEnded { code } => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(ended, ErrorCode::TokenRevoked);
+}
+
+#[tokio::test]
+async fn expired_tokens_are_refused() {
+    let server = TestServer::start_with(|c| c.limits.session_ttl = Duration::from_secs(1)).await;
+    let (client, _e) = register(server.client_config(), &name("alice")).await;
+    let token = client.identity().token;
+    client.close();
+    // Wait for expiry by polling the server, not by guessing a sleep.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match Client::resume(server.client_config(), &token).await {
+            Ok((c, _)) => c.close(),
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::TokenExpired), "{e:?}");
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "token never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn accounts_and_friendships_survive_a_restart() {
+    let mut server = TestServer::start().await;
+    let (a, b) = (name("alice"), name("bob"));
+    let (alice, _ea) = register(server.client_config(), &a).await;
+    let (bob, _eb) = register(server.client_config(), &b).await;
+    befriend(&alice, &bob).await;
+    let token = alice.identity().token;
+    alice.close();
+    bob.close();
+
+    server.restart().await;
+
+    let (alice, _ea) = Client::login(server.client_config(), &a, PASSWORD).await.expect("login after restart");
+    let friends = alice.friends().await.unwrap();
+    assert_eq!(friends.friends.iter().map(|f| f.username.as_str()).collect::<Vec<_>>(), vec![b.as_str()]);
+    let (resumed, _e) = Client::resume(server.client_config(), &token).await.expect("old token still valid");
+    assert_eq!(resumed.identity().username, a);
+}

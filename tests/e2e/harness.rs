@@ -1,0 +1,225 @@
+//! Test servers, clients and waiting helpers.
+//!
+//! Every server gets its own temporary data directory and an ephemeral
+//! port. Every wait has a generous deadline and says what it waited for.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use chat_client::{Client, ClientConfig, ClientError, Event, Events};
+use chat_server::{Config, Server};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// How long any single expectation may take on a loaded 2-core machine.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A password that satisfies the rules.
+pub const PASSWORD: &str = "correct horse battery";
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// An in-process server on its own data directory.
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub addr: SocketAddr,
+    pub ca: PathBuf,
+    pub config: Config,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `tweak` adjusted the test configuration.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        init_tracing();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let server = Server::start(config.clone()).await.expect("server starts");
+        TestServer {
+            addr: server.local_addr(),
+            ca: server.dev_ca().expect("dev CA").to_path_buf(),
+            server: Some(server),
+            config,
+            _dir: Some(dir),
+        }
+    }
+
+    /// Stops the server gracefully and starts it again on the same data
+    /// directory and port.
+    pub async fn restart(&mut self) {
+        self.server.take().expect("running").shutdown().await;
+        let mut config = self.config.clone();
+        config.listen = self.addr;
+        // quinn releases the UDP socket when its endpoint driver task next
+        // runs; retry the bind until then.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let server = loop {
+            match Server::start(config.clone()).await {
+                Ok(server) => break server,
+                Err(chat_server::ServerError::Bind { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("server restarts: {e}"),
+            }
+        };
+        self.addr = server.local_addr();
+        self.server = Some(server);
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        client_config(self.addr, &self.ca)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        // Leaving the runtime tears the server down; make sure the endpoint
+        // stops accepting right away.
+        if let Some(server) = self.server.take() {
+            drop(server);
+        }
+    }
+}
+
+pub fn client_config(addr: SocketAddr, ca: &Path) -> ClientConfig {
+    let mut config = ClientConfig::new(addr, "localhost").with_ca_file(ca).expect("read CA");
+    config.reconnect_min = Duration::from_millis(50);
+    config.reconnect_max = Duration::from_millis(500);
+    config.request_timeout = WAIT;
+    config
+}
+
+/// A `chat-server` child process (the real binary), for tests that kill it.
+pub struct ChildServer {
+    child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub ca: PathBuf,
+}
+
+impl ChildServer {
+    /// Starts the binary on `data_dir`, on `port` (0: any).
+    pub async fn start(data_dir: &Path, port: u16) -> ChildServer {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-e2e-server"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn chat-server");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("server prints its address in time")
+            .expect("read stdout")
+            .expect("a line");
+        // "chat-server listening on ADDR (dev CA: PATH)"
+        let rest = line.strip_prefix("chat-server listening on ").unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        let (addr, ca) = rest.split_once(" (dev CA: ").expect("dev CA in the line");
+        ChildServer {
+            child,
+            addr: addr.parse().expect("address"),
+            ca: PathBuf::from(ca.trim_end_matches(')')),
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill server");
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        client_config(self.addr, &self.ca)
+    }
+}
+
+pub async fn register(config: ClientConfig, name: &str) -> (Client, Events) {
+    let (client, events) = Client::register(config, name, PASSWORD).await.expect("register");
+    (client, events)
+}
+
+/// Makes `a` and `b` friends through the protocol and returns their 1-1
+/// conversation id.
+pub async fn befriend(a: &Client, b: &Client) -> u64 {
+    let b_name = b.identity().username;
+    a.send_friend_request(&b_name).await.expect("friend request");
+    b.accept_friend(a.identity().user_id).await.expect("accept");
+    a.open_direct(b.identity().user_id).await.expect("open direct").conversation_id
+}
+
+/// Waits for the first event `f` maps to `Some`, skipping others.
+pub async fn wait_for<T>(events: &mut Events, what: &str, mut f: impl FnMut(Event) -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(event)) => {
+                if let Some(found) = f(event) {
+                    return found;
+                }
+            }
+            Ok(None) => panic!("event stream ended while waiting for {what}"),
+            Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+        }
+    }
+}
+
+/// Collects `n` messages (ignoring other events).
+pub async fn messages(events: &mut Events, n: usize) -> Vec<chat_client::proto::Message> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = wait_for(events, &format!("message {} of {n}", out.len() + 1), |e| match e {
+            Event::Message(m) => Some(m),
+            _ => None,
+        })
+        .await;
+        out.push(m);
+    }
+    out
+}
+
+/// Asserts that no message arrives within `quiet`.
+pub async fn assert_no_message(events: &mut Events, quiet: Duration) {
+    let deadline = tokio::time::Instant::now() + quiet;
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.next()).await {
+        if let Event::Message(m) = event {
+            panic!("unexpected message {m:?}");
+        }
+    }
+}
+
+/// The server's code in an error.
+pub fn code(result: Result<impl std::fmt::Debug, ClientError>) -> chat_client::ErrorCode {
+    match result {
+        Err(e) => e.code().unwrap_or_else(|| panic!("expected a server code, got {e:?}")),
+        Ok(v) => panic!("expected an error, got {v:?}"),
+    }
+}
+
+/// A unique user name per call, so tests never collide.
+pub fn name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}{}", N.fetch_add(1, Ordering::Relaxed))
+}

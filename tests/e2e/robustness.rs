@@ -1,0 +1,176 @@
+//! Hostile and broken clients, spoken to with raw QUIC: each violation gets
+//! its own close code, and everyone else keeps being served.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use chat_client::{ErrorCode, proto};
+use chat_protocol::{Body, Frame, StreamKind};
+
+use crate::harness::*;
+
+/// A raw QUIC connection that speaks frames by hand.
+struct Raw {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+impl Raw {
+    async fn connect(server: &TestServer) -> Raw {
+        let config = server.client_config().quinn_client_config().unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = endpoint.connect_with(config, server.addr, "localhost").unwrap().await.expect("handshake");
+        Raw { _endpoint: endpoint, conn }
+    }
+
+    /// Opens a stream and writes raw bytes on it.
+    async fn stream(&self, bytes: &[u8]) -> (quinn::SendStream, quinn::RecvStream) {
+        let (mut send, recv) = self.conn.open_bi().await.unwrap();
+        send.write_all(bytes).await.unwrap();
+        (send, recv)
+    }
+
+    /// Registers a fresh user on a new control stream.
+    async fn authenticated(server: &TestServer) -> (Raw, quinn::SendStream, quinn::RecvStream) {
+        let raw = Raw::connect(server).await;
+        let register = Frame::new(
+            1,
+            Body::Register(proto::Register { username: name("raw"), password: PASSWORD.into(), device_name: String::new() }),
+        );
+        let (send, mut recv) = raw.stream(&frames(&[Frame::open_stream(StreamKind::Control), register])).await;
+        let mut buf = BytesMut::new();
+        let reply = loop {
+            if let Some(frame) = chat_protocol::Codec::default().decode(&mut buf).unwrap() {
+                break frame;
+            }
+            let chunk = tokio::time::timeout(WAIT, recv.read_chunk(4096, true)).await.unwrap().unwrap().unwrap();
+            buf.extend_from_slice(&chunk.bytes);
+        };
+        assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
+        (raw, send, recv)
+    }
+
+    async fn close_code(&self) -> ErrorCode {
+        match tokio::time::timeout(WAIT, self.conn.closed()).await.expect("server closes the connection") {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                ErrorCode::from_wire(close.error_code.into_inner() as i32)
+            }
+            other => panic!("expected an application close, got {other:?}"),
+        }
+    }
+}
+
+fn frames(list: &[Frame]) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    for frame in list {
+        chat_protocol::encode(frame, &mut buf);
+    }
+    buf.to_vec()
+}
+
+/// A varint length prefix claiming `len` bytes, plus a little of the body.
+fn oversize_prefix(len: u64) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    prost::encode_length_delimiter(len as usize, &mut buf).unwrap();
+    buf.extend_from_slice(&[0u8; 100]);
+    buf.to_vec()
+}
+
+fn garbage() -> Vec<u8> {
+    // Length 40, then bytes that are not a protobuf Frame (wire type 7 is
+    // invalid).
+    let mut bytes = vec![40u8];
+    bytes.extend(std::iter::repeat_n(0xffu8, 40));
+    bytes
+}
+
+#[tokio::test]
+async fn violations_get_their_codes_and_others_keep_working() {
+    let server = TestServer::start().await;
+    // A healthy pair chatting through it all.
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+
+    let list_friends = Frame::new(5, Body::ListFriends(proto::ListFriends {}));
+    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+        (
+            "a request before authentication",
+            frames(&[Frame::open_stream(StreamKind::Control), list_friends.clone()]),
+            ErrorCode::Unauthenticated,
+        ),
+        ("no OpenStream before a request", frames(&[list_friends.clone()]), ErrorCode::Unauthenticated),
+        (
+            "a data stream before authentication",
+            frames(&[Frame::open_stream(StreamKind::Messages)]),
+            ErrorCode::Unauthenticated,
+        ),
+        ("an unknown stream kind", frames(&[Frame::new(0, Body::OpenStream(proto::OpenStream { kind: 99 }))]), ErrorCode::BadStream),
+        ("a 10 MB frame before authentication", oversize_prefix(10 << 20), ErrorCode::FrameTooLarge),
+        ("random bytes before authentication", garbage(), ErrorCode::MalformedFrame),
+    ];
+    for (what, bytes, expected) in cases {
+        let raw = Raw::connect(&server).await;
+        let _stream = raw.stream(&bytes).await;
+        assert_eq!(raw.close_code().await, expected, "{what}");
+    }
+
+    // The same abuse after authentication, on each kind of stream.
+    {
+        let (raw, mut control_send, _recv) = Raw::authenticated(&server).await;
+        control_send.write_all(&oversize_prefix(200_000)).await.unwrap();
+        assert_eq!(raw.close_code().await, ErrorCode::FrameTooLarge, "oversize on control");
+    }
+    for kind in [StreamKind::Messages, StreamKind::Receipts] {
+        let (raw, _control_send, _control_recv) = Raw::authenticated(&server).await;
+        let mut bytes = frames(&[Frame::open_stream(kind)]);
+        bytes.extend(oversize_prefix(200_000));
+        let _stream = raw.stream(&bytes).await;
+        assert_eq!(raw.close_code().await, ErrorCode::FrameTooLarge, "oversize on {}", kind.name());
+    }
+    for kind in [StreamKind::Messages, StreamKind::Receipts] {
+        let (raw, _s, _r) = Raw::authenticated(&server).await;
+        let mut bytes = frames(&[Frame::open_stream(kind)]);
+        bytes.extend(garbage());
+        let _stream = raw.stream(&bytes).await;
+        assert_eq!(raw.close_code().await, ErrorCode::MalformedFrame, "garbage on {}", kind.name());
+    }
+    {
+        // A second control stream is a protocol violation too.
+        let (raw, _s, _r) = Raw::authenticated(&server).await;
+        let _stream = raw.stream(&frames(&[Frame::open_stream(StreamKind::Control)])).await;
+        assert_eq!(raw.close_code().await, ErrorCode::BadStream);
+    }
+
+    // Through all of that, the healthy clients were served.
+    let ack = alice.send_text(conversation, "still here?").await.expect("send works");
+    let got = messages(&mut bob_events, 1).await;
+    assert_eq!(got[0].seq, ack.seq);
+    assert_eq!(got[0].text, "still here?");
+    assert_eq!(bob.friends().await.unwrap().friends.len(), 1);
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed_after_the_auth_timeout() {
+    let server = TestServer::start_with(|c| c.limits.auth_timeout = Duration::from_millis(500)).await;
+    let raw = Raw::connect(&server).await;
+    assert_eq!(raw.close_code().await, ErrorCode::Timeout);
+    // Authenticated connections are not affected by the auth timeout.
+    let (client, _e) = register(server.client_config(), &name("alice")).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(client.friends().await.is_ok());
+}
+
+#[tokio::test]
+async fn bad_sends_are_refused_with_codes() {
+    let server = TestServer::start_with(|c| c.limits.max_text_len = 1000).await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    assert_eq!(code(alice.send_text(conversation, "").await), ErrorCode::EmptyMessage);
+    assert_eq!(code(alice.send_text(conversation, "   \n").await), ErrorCode::EmptyMessage);
+    assert_eq!(code(alice.send_text(conversation, &"x".repeat(1001)).await), ErrorCode::MessageTooLarge);
+    assert_eq!(code(alice.send_with_id(conversation, &"k".repeat(65), "hi").await), ErrorCode::InvalidArgument);
+    assert!(alice.send_text(conversation, &"x".repeat(1000)).await.is_ok());
+    assert_eq!(alice.outbox_len(), 0, "refused sends leave the outbox");
+}
