@@ -125,15 +125,27 @@ impl Inner {
 
     /// Routes the answer to a request waiting in `pending`.
     pub(crate) fn answer(&self, request_id: u64, result: Result<Body, ClientError>) {
-        if let Some(waiter) = self.pending.lock().expect("pending lock").remove(&request_id) {
+        if let Some(waiter) = self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&request_id)
+        {
             let _ = waiter.send(result);
         }
     }
 
     /// Routes the answer to a send in the outbox. Retryable refusals keep
     /// the entry and resend it after the server's delay.
-    pub(crate) fn send_answered(self: &Arc<Self>, request_id: u64, result: Result<proto::SendAck, ClientError>) {
-        if let Err(ClientError::Server { code, retry_after, .. }) = &result {
+    pub(crate) fn send_answered(
+        self: &Arc<Self>,
+        request_id: u64,
+        result: Result<proto::SendAck, ClientError>,
+    ) {
+        if let Err(ClientError::Server {
+            code, retry_after, ..
+        }) = &result
+        {
             if code.is_retryable() {
                 let delay = retry_after.unwrap_or(self.config.reconnect_min);
                 let inner = self.clone();
@@ -147,7 +159,10 @@ impl Inner {
                 return;
             }
         }
-        self.outbox.lock().expect("outbox lock").complete(request_id, result);
+        self.outbox
+            .lock()
+            .expect("outbox lock")
+            .complete(request_id, result);
     }
 
     fn live(&self) -> Option<Live> {
@@ -175,21 +190,49 @@ impl Inner {
 
 impl Client {
     /// Creates an account, logs in, and connects.
-    pub async fn register(config: ClientConfig, username: &str, password: &str) -> Result<(Client, Events), ClientError> {
-        Self::start(config, Credential::Register { username: username.into(), password: password.into() }).await
+    pub async fn register(
+        config: ClientConfig,
+        username: &str,
+        password: &str,
+    ) -> Result<(Client, Events), ClientError> {
+        Self::start(
+            config,
+            Credential::Register {
+                username: username.into(),
+                password: password.into(),
+            },
+        )
+        .await
     }
 
     /// Logs in with a password and connects.
-    pub async fn login(config: ClientConfig, username: &str, password: &str) -> Result<(Client, Events), ClientError> {
-        Self::start(config, Credential::Login { username: username.into(), password: password.into() }).await
+    pub async fn login(
+        config: ClientConfig,
+        username: &str,
+        password: &str,
+    ) -> Result<(Client, Events), ClientError> {
+        Self::start(
+            config,
+            Credential::Login {
+                username: username.into(),
+                password: password.into(),
+            },
+        )
+        .await
     }
 
     /// Connects with a token from an earlier login.
-    pub async fn resume(config: ClientConfig, token: &str) -> Result<(Client, Events), ClientError> {
+    pub async fn resume(
+        config: ClientConfig,
+        token: &str,
+    ) -> Result<(Client, Events), ClientError> {
         Self::start(config, Credential::Token(token.into())).await
     }
 
-    async fn start(config: ClientConfig, credential: Credential) -> Result<(Client, Events), ClientError> {
+    async fn start(
+        config: ClientConfig,
+        credential: Credential,
+    ) -> Result<(Client, Events), ClientError> {
         let quic = config.quinn_client_config()?;
         let endpoint = config.endpoint()?;
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity.max(1));
@@ -213,8 +256,11 @@ impl Client {
             Credential::Token(token) => token,
             _ => auth.token.clone(),
         };
-        *inner.identity.lock().expect("identity lock") =
-            Some(Identity { user_id: auth.user_id, username: auth.username.clone(), token });
+        *inner.identity.lock().expect("identity lock") = Some(Identity {
+            user_id: auth.user_id,
+            username: auth.username.clone(),
+            token,
+        });
         let conn = live.conn.clone();
         inner.install(live);
         tokio::spawn(supervise(inner.clone(), conn));
@@ -223,7 +269,12 @@ impl Client {
 
     /// Who this client is logged in as.
     pub fn identity(&self) -> Identity {
-        self.inner.identity.lock().expect("identity lock").clone().expect("set at start")
+        self.inner
+            .identity
+            .lock()
+            .expect("identity lock")
+            .clone()
+            .expect("set at start")
     }
 
     /// Whether a connection is up right now.
@@ -234,7 +285,9 @@ impl Client {
     /// Waits until connected (or the timeout passes); true if connected.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut rx = self.inner.connected.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|up| *up)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, rx.wait_for(|up| *up))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Drops the current connection and reconnects at once (e.g. when the
@@ -247,9 +300,14 @@ impl Client {
     /// Sends a text message. Resolves with the server's "sent" ack once the
     /// message is durable. Survives reconnects: the same request is resent
     /// (same `client_msg_id`) until the server answers.
-    pub async fn send_text(&self, conversation_id: u64, text: &str) -> Result<proto::SendAck, ClientError> {
+    pub async fn send_text(
+        &self,
+        conversation_id: u64,
+        text: &str,
+    ) -> Result<proto::SendAck, ClientError> {
         let client_msg_id = new_client_msg_id();
-        self.send_with_id(conversation_id, &client_msg_id, text).await
+        self.send_with_id(conversation_id, &client_msg_id, text)
+            .await
     }
 
     /// [`send_text`](Self::send_text) with an idempotency key chosen by the
@@ -293,7 +351,10 @@ impl Client {
     /// Marks the conversation seen up to `seq`; the other members get a
     /// "seen" receipt.
     pub async fn mark_seen(&self, conversation_id: u64, seq: u64) -> Result<(), ClientError> {
-        let body = Body::MarkSeen(proto::MarkSeen { conversation_id, seq });
+        let body = Body::MarkSeen(proto::MarkSeen {
+            conversation_id,
+            seq,
+        });
         match self.request(StreamKind::Receipts, body).await? {
             Body::Ok(_) => Ok(()),
             other => Err(unexpected(&other)),
@@ -302,7 +363,13 @@ impl Client {
 
     /// Friends and pending requests.
     pub async fn friends(&self) -> Result<proto::FriendList, ClientError> {
-        match self.request(StreamKind::Control, Body::ListFriends(proto::ListFriends {})).await? {
+        match self
+            .request(
+                StreamKind::Control,
+                Body::ListFriends(proto::ListFriends {}),
+            )
+            .await?
+        {
             Body::FriendList(list) => Ok(list),
             other => Err(unexpected(&other)),
         }
@@ -310,27 +377,39 @@ impl Client {
 
     /// Asks `username` to be friends (accepts if they asked first).
     pub async fn send_friend_request(&self, username: &str) -> Result<(), ClientError> {
-        self.expect_ok(Body::FriendRequest(proto::FriendRequest { username: username.into() })).await
+        self.expect_ok(Body::FriendRequest(proto::FriendRequest {
+            username: username.into(),
+        }))
+        .await
     }
 
     /// Accepts a pending request from `user_id`.
     pub async fn accept_friend(&self, user_id: u64) -> Result<(), ClientError> {
-        self.expect_ok(Body::FriendAccept(proto::FriendAccept { user_id })).await
+        self.expect_ok(Body::FriendAccept(proto::FriendAccept { user_id }))
+            .await
     }
 
     /// Declines a pending request from `user_id`.
     pub async fn decline_friend(&self, user_id: u64) -> Result<(), ClientError> {
-        self.expect_ok(Body::FriendDecline(proto::FriendDecline { user_id })).await
+        self.expect_ok(Body::FriendDecline(proto::FriendDecline { user_id }))
+            .await
     }
 
     /// Ends a friendship (or cancels a pending request).
     pub async fn remove_friend(&self, user_id: u64) -> Result<(), ClientError> {
-        self.expect_ok(Body::FriendRemove(proto::FriendRemove { user_id })).await
+        self.expect_ok(Body::FriendRemove(proto::FriendRemove { user_id }))
+            .await
     }
 
     /// Opens (or creates) the 1-1 conversation with a friend.
     pub async fn open_direct(&self, user_id: u64) -> Result<proto::ConversationInfo, ClientError> {
-        match self.request(StreamKind::Control, Body::OpenDirect(proto::OpenDirect { user_id })).await? {
+        match self
+            .request(
+                StreamKind::Control,
+                Body::OpenDirect(proto::OpenDirect { user_id }),
+            )
+            .await?
+        {
             Body::Conversation(info) => Ok(info),
             other => Err(unexpected(&other)),
         }
@@ -338,8 +417,15 @@ impl Client {
 
     /// Conversations, most recently active first. `before_activity_ms` = 0
     /// for the first page, else the last page's oldest `last_activity_ms`.
-    pub async fn conversations(&self, limit: u32, before_activity_ms: i64) -> Result<Vec<proto::ConversationInfo>, ClientError> {
-        let body = Body::ListConversations(proto::ListConversations { limit, before_activity_ms });
+    pub async fn conversations(
+        &self,
+        limit: u32,
+        before_activity_ms: i64,
+    ) -> Result<Vec<proto::ConversationInfo>, ClientError> {
+        let body = Body::ListConversations(proto::ListConversations {
+            limit,
+            before_activity_ms,
+        });
         match self.request(StreamKind::Control, body).await? {
             Body::ConversationList(list) => Ok(list.conversations),
             other => Err(unexpected(&other)),
@@ -358,7 +444,12 @@ impl Client {
             HistoryDirection::Backward => proto::history_query::Direction::Backward,
             HistoryDirection::Forward => proto::history_query::Direction::Forward,
         };
-        let body = Body::HistoryQuery(proto::HistoryQuery { conversation_id, direction: direction as i32, cursor, limit });
+        let body = Body::HistoryQuery(proto::HistoryQuery {
+            conversation_id,
+            direction: direction as i32,
+            cursor,
+            limit,
+        });
         match self.request(StreamKind::Control, body).await? {
             Body::HistoryPage(page) => Ok(page),
             other => Err(unexpected(&other)),
@@ -380,7 +471,11 @@ impl Client {
         if let Some(live) = self.inner.live.lock().expect("live lock").take() {
             live.conn.close(0u32.into(), b"client closed");
         }
-        self.inner.outbox.lock().expect("outbox lock").fail_all(&ClientError::Closed);
+        self.inner
+            .outbox
+            .lock()
+            .expect("outbox lock")
+            .fail_all(&ClientError::Closed);
         self.inner.fail_pending(&ClientError::Closed);
         self.inner.reconnect.notify_one();
     }
@@ -400,16 +495,32 @@ impl Client {
         let live = self.inner.live().ok_or(ClientError::Disconnected)?;
         let request_id = self.inner.next_request_id();
         let (tx, rx) = oneshot::channel();
-        self.inner.pending.lock().expect("pending lock").insert(request_id, tx);
-        if live.writer(kind).send(connection::encode(&Frame::new(request_id, body))).is_err() {
-            self.inner.pending.lock().expect("pending lock").remove(&request_id);
+        self.inner
+            .pending
+            .lock()
+            .expect("pending lock")
+            .insert(request_id, tx);
+        if live
+            .writer(kind)
+            .send(connection::encode(&Frame::new(request_id, body)))
+            .is_err()
+        {
+            self.inner
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&request_id);
             return Err(ClientError::Disconnected);
         }
         match tokio::time::timeout(self.inner.config.request_timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ClientError::Disconnected),
             Err(_) => {
-                self.inner.pending.lock().expect("pending lock").remove(&request_id);
+                self.inner
+                    .pending
+                    .lock()
+                    .expect("pending lock")
+                    .remove(&request_id);
                 Err(ClientError::Timeout)
             }
         }
@@ -429,7 +540,10 @@ fn new_client_msg_id() -> String {
 fn ends_session(code: ErrorCode) -> bool {
     matches!(
         code,
-        ErrorCode::LoggedOut | ErrorCode::TokenExpired | ErrorCode::TokenRevoked | ErrorCode::TokenInvalid
+        ErrorCode::LoggedOut
+            | ErrorCode::TokenExpired
+            | ErrorCode::TokenRevoked
+            | ErrorCode::TokenInvalid
     )
 }
 
@@ -458,7 +572,12 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
             let _ = inner.events.send(Event::SessionEnded { code }).await;
             return;
         }
-        let token = inner.identity.lock().expect("identity lock").as_ref().map(|i| i.token.clone());
+        let token = inner
+            .identity
+            .lock()
+            .expect("identity lock")
+            .as_ref()
+            .map(|i| i.token.clone());
         let Some(token) = token else { return };
         let credential = Credential::Token(token);
         let mut delay = inner.config.reconnect_min;

@@ -67,7 +67,10 @@ impl ClientConfig {
             .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
             .map_err(|e| ClientError::Config(format!("read CA from {}: {e}", path.display())))?;
         if certs.is_empty() {
-            return Err(ClientError::Config(format!("no certificate in {}", path.display())));
+            return Err(ClientError::Config(format!(
+                "no certificate in {}",
+                path.display()
+            )));
         }
         self.roots.extend(certs);
         Ok(self)
@@ -78,10 +81,14 @@ impl ClientConfig {
     pub fn quinn_client_config(&self) -> Result<quinn::ClientConfig, ClientError> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in &self.roots {
-            roots.add(cert.clone()).map_err(|e| ClientError::Config(format!("bad CA certificate: {e}")))?;
+            roots
+                .add(cert.clone())
+                .map_err(|e| ClientError::Config(format!("bad CA certificate: {e}")))?;
         }
         if roots.is_empty() {
-            return Err(ClientError::Config("no CA to trust: use with_ca_file".into()));
+            return Err(ClientError::Config(
+                "no CA to trust: use with_ca_file".into(),
+            ));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -97,7 +104,8 @@ impl ClientConfig {
         transport
             .keep_alive_interval(Some(self.keep_alive))
             .max_idle_timeout(Some(
-                quinn::IdleTimeout::try_from(self.idle_timeout).map_err(|e| ClientError::Config(e.to_string()))?,
+                quinn::IdleTimeout::try_from(self.idle_timeout)
+                    .map_err(|e| ClientError::Config(e.to_string()))?,
             ))
             // The server opens no streams toward the client.
             .max_concurrent_bidi_streams(0u32.into())
@@ -111,7 +119,10 @@ impl ClientConfig {
         if let Some(endpoint) = &self.endpoint {
             return Ok(endpoint.clone());
         }
-        let bind: SocketAddr = match (self.server_addr.ip().is_loopback(), self.server_addr.is_ipv4()) {
+        let bind: SocketAddr = match (
+            self.server_addr.ip().is_loopback(),
+            self.server_addr.is_ipv4(),
+        ) {
             (true, true) => "127.0.0.1:0",
             (true, false) => "[::1]:0",
             (false, true) => "0.0.0.0:0",
@@ -119,6 +130,7 @@ impl ClientConfig {
         }
         .parse()
         .expect("literal socket address");
-        quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(format!("bind UDP socket: {e}")))
+        quinn::Endpoint::client(bind)
+            .map_err(|e| ClientError::Connect(format!("bind UDP socket: {e}")))
     }
 }

@@ -50,7 +50,10 @@ pub(crate) fn encode(frame: &Frame) -> Bytes {
 
 /// Connects, authenticates, opens the data streams and starts the stream
 /// tasks.
-pub(crate) async fn connect(inner: &Arc<Inner>, credential: &Credential) -> Result<(Live, proto::AuthOk), ClientError> {
+pub(crate) async fn connect(
+    inner: &Arc<Inner>,
+    credential: &Credential,
+) -> Result<(Live, proto::AuthOk), ClientError> {
     let config = &inner.config;
     let timeout = config.request_timeout;
     let connecting = inner
@@ -62,9 +65,14 @@ pub(crate) async fn connect(inner: &Arc<Inner>, credential: &Credential) -> Resu
         .map_err(|_| ClientError::Timeout)?
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     let closed = |conn: &quinn::Connection| {
-        conn.close_reason().map_or(ClientError::Disconnected, |e| ClientError::from_connection(&e))
+        conn.close_reason().map_or(ClientError::Disconnected, |e| {
+            ClientError::from_connection(&e)
+        })
     };
-    let (mut send, recv) = conn.open_bi().await.map_err(|e| ClientError::from_connection(&e))?;
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::from_connection(&e))?;
     let request_id = inner.next_request_id();
     let body = match credential.clone() {
         Credential::Register { username, password } => Body::Register(proto::Register {
@@ -96,7 +104,12 @@ pub(crate) async fn connect(inner: &Arc<Inner>, credential: &Credential) -> Resu
             conn.close(0u32.into(), b"authentication refused");
             return Err(ClientError::server(&e));
         }
-        _ => return Err(ClientError::Protocol(format!("expected AuthOk, got {}", reply.body_name()))),
+        _ => {
+            return Err(ClientError::Protocol(format!(
+                "expected AuthOk, got {}",
+                reply.body_name()
+            )));
+        }
     };
 
     let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -107,20 +120,45 @@ pub(crate) async fn connect(inner: &Arc<Inner>, credential: &Credential) -> Resu
     tokio::spawn(write_loop(send, control_rx));
     tokio::spawn(write_loop(ms, messages_rx));
     tokio::spawn(write_loop(rs, receipts_rx));
-    let live = Live { conn, control: control_tx, messages: messages_tx, receipts: receipts_tx };
+    let live = Live {
+        conn,
+        control: control_tx,
+        messages: messages_tx,
+        receipts: receipts_tx,
+    };
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     tokio::spawn(ack_loop(ack_rx, live.messages.clone()));
     tokio::spawn(read_loop(inner.clone(), reader, StreamKind::Control, None));
-    tokio::spawn(read_loop(inner.clone(), FrameReader::new(mr), StreamKind::Messages, Some(ack_tx)));
-    tokio::spawn(read_loop(inner.clone(), FrameReader::new(rr), StreamKind::Receipts, None));
+    tokio::spawn(read_loop(
+        inner.clone(),
+        FrameReader::new(mr),
+        StreamKind::Messages,
+        Some(ack_tx),
+    ));
+    tokio::spawn(read_loop(
+        inner.clone(),
+        FrameReader::new(rr),
+        StreamKind::Receipts,
+        None,
+    ));
     Ok((live, auth_ok))
 }
 
-async fn open(conn: &quinn::Connection, kind: StreamKind) -> Result<(SendStream, RecvStream), ClientError> {
-    let (mut send, recv) = conn.open_bi().await.map_err(|e| ClientError::from_connection(&e))?;
+async fn open(
+    conn: &quinn::Connection,
+    kind: StreamKind,
+) -> Result<(SendStream, RecvStream), ClientError> {
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::from_connection(&e))?;
     send.write_all(&encode(&Frame::open_stream(kind)))
         .await
-        .map_err(|_| conn.close_reason().map_or(ClientError::Disconnected, |e| ClientError::from_connection(&e)))?;
+        .map_err(|_| {
+            conn.close_reason().map_or(ClientError::Disconnected, |e| {
+                ClientError::from_connection(&e)
+            })
+        })?;
     Ok((send, recv))
 }
 
@@ -137,7 +175,10 @@ async fn write_loop(mut send: SendStream, mut rx: mpsc::UnboundedReceiver<Bytes>
 
 /// Coalesces delivery acks: whatever piled up while the previous ack was
 /// written goes out as one DeliveryAck per conversation.
-async fn ack_loop(mut rx: mpsc::UnboundedReceiver<(u64, u64)>, messages: mpsc::UnboundedSender<Bytes>) {
+async fn ack_loop(
+    mut rx: mpsc::UnboundedReceiver<(u64, u64)>,
+    messages: mpsc::UnboundedSender<Bytes>,
+) {
     let mut batch = Vec::with_capacity(64);
     let mut highest: HashMap<u64, u64> = HashMap::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
@@ -146,7 +187,10 @@ async fn ack_loop(mut rx: mpsc::UnboundedReceiver<(u64, u64)>, messages: mpsc::U
             *entry = (*entry).max(seq);
         }
         for (conversation_id, seq) in highest.drain() {
-            let frame = Frame::push(Body::DeliveryAck(proto::DeliveryAck { conversation_id, seq }));
+            let frame = Frame::push(Body::DeliveryAck(proto::DeliveryAck {
+                conversation_id,
+                seq,
+            }));
             if messages.send(encode(&frame)).is_err() {
                 return;
             }
@@ -171,7 +215,9 @@ async fn read_loop(
         };
         let request_id = frame.request_id;
         match frame.body {
-            Some(Body::Deliver(proto::Deliver { message: Some(message) })) => {
+            Some(Body::Deliver(proto::Deliver {
+                message: Some(message),
+            })) => {
                 let (conversation_id, seq) = (message.conversation_id, message.seq);
                 if inner.first_delivery(conversation_id, seq) {
                     // Waiting here is the backpressure that keeps a slow app
@@ -201,7 +247,11 @@ async fn read_loop(
             }
             Some(Body::Error(e)) => inner.answer(request_id, Err(ClientError::server(&e))),
             Some(body) if request_id != 0 => inner.answer(request_id, Ok(body)),
-            Some(body) => tracing::debug!(stream = kind.name(), frame = body.name(), "ignoring unexpected push"),
+            Some(body) => tracing::debug!(
+                stream = kind.name(),
+                frame = body.name(),
+                "ignoring unexpected push"
+            ),
             None => {}
         }
     }
@@ -223,7 +273,11 @@ impl FrameReader {
     fn new(recv: RecvStream) -> Self {
         // The server's frames are bounded by the protocol's cap; the client
         // accepts anything up to it.
-        FrameReader { recv, buf: BytesMut::new(), codec: Codec::new(chat_protocol::limits::MAX_FRAME_LEN) }
+        FrameReader {
+            recv,
+            buf: BytesMut::new(),
+            codec: Codec::new(chat_protocol::limits::MAX_FRAME_LEN),
+        }
     }
 
     async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
@@ -233,7 +287,12 @@ impl FrameReader {
             }
             match self.recv.read_chunk(64 * 1024, true).await {
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => return self.codec.decode_eof(&mut self.buf).map_err(ReadError::Frame),
+                Ok(None) => {
+                    return self
+                        .codec
+                        .decode_eof(&mut self.buf)
+                        .map_err(ReadError::Frame);
+                }
                 Err(_) => return Err(ReadError::Stream),
             }
         }

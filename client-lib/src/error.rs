@@ -65,7 +65,8 @@ impl ClientError {
         ClientError::Server {
             code: ErrorCode::from_wire(error.code),
             message: error.message.clone(),
-            retry_after: (error.retry_after_ms > 0).then(|| Duration::from_millis(error.retry_after_ms.into())),
+            retry_after: (error.retry_after_ms > 0)
+                .then(|| Duration::from_millis(error.retry_after_ms.into())),
         }
     }
 
@@ -73,7 +74,9 @@ impl ClientError {
     pub(crate) fn from_connection(e: &quinn::ConnectionError) -> Self {
         match e {
             quinn::ConnectionError::ApplicationClosed(close) => ClientError::Server {
-                code: ErrorCode::from_wire(close.error_code.into_inner().min(i32::MAX as u64) as i32),
+                code: ErrorCode::from_wire(
+                    close.error_code.into_inner().min(i32::MAX as u64) as i32
+                ),
                 message: String::from_utf8_lossy(&close.reason).into_owned(),
                 retry_after: None,
             },

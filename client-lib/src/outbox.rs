@@ -29,22 +29,38 @@ pub(crate) struct Outbox {
 
 impl Outbox {
     pub(crate) fn new(limit: usize) -> Self {
-        Outbox { entries: VecDeque::new(), limit: limit.max(1) }
+        Outbox {
+            entries: VecDeque::new(),
+            limit: limit.max(1),
+        }
     }
 
     /// Adds a send; refuses when full.
-    pub(crate) fn push(&mut self, request_id: u64, frame: Bytes, waiter: Waiter) -> Result<(), ClientError> {
+    pub(crate) fn push(
+        &mut self,
+        request_id: u64,
+        frame: Bytes,
+        waiter: Waiter,
+    ) -> Result<(), ClientError> {
         if self.entries.len() >= self.limit {
             return Err(ClientError::OutboxFull(self.entries.len()));
         }
-        self.entries.push_back(Entry { request_id, frame, waiter: Some(waiter) });
+        self.entries.push_back(Entry {
+            request_id,
+            frame,
+            waiter: Some(waiter),
+        });
         Ok(())
     }
 
     /// Removes the entry the server answered and resolves its caller.
     /// Returns false if no entry had that request id (e.g. a duplicate
     /// answer after a resend).
-    pub(crate) fn complete(&mut self, request_id: u64, result: Result<proto::SendAck, ClientError>) -> bool {
+    pub(crate) fn complete(
+        &mut self,
+        request_id: u64,
+        result: Result<proto::SendAck, ClientError>,
+    ) -> bool {
         let Some(pos) = self.entries.iter().position(|e| e.request_id == request_id) else {
             return false;
         };
@@ -63,7 +79,10 @@ impl Outbox {
 
     /// The frame of one entry (for a delayed retry).
     pub(crate) fn frame(&self, request_id: u64) -> Option<Bytes> {
-        self.entries.iter().find(|e| e.request_id == request_id).map(|e| e.frame.clone())
+        self.entries
+            .iter()
+            .find(|e| e.request_id == request_id)
+            .map(|e| e.frame.clone())
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -85,7 +104,10 @@ mod tests {
     use super::*;
 
     fn ack(seq: u64) -> proto::SendAck {
-        proto::SendAck { seq, ..Default::default() }
+        proto::SendAck {
+            seq,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -96,10 +118,19 @@ mod tests {
         let (tx3, _rx3) = oneshot::channel();
         outbox.push(1, Bytes::from_static(b"a"), tx1).unwrap();
         outbox.push(2, Bytes::from_static(b"b"), tx2).unwrap();
-        assert_eq!(outbox.push(3, Bytes::from_static(b"c"), tx3), Err(ClientError::OutboxFull(2)));
-        assert_eq!(outbox.frames().cloned().collect::<Vec<_>>(), vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        assert_eq!(
+            outbox.push(3, Bytes::from_static(b"c"), tx3),
+            Err(ClientError::OutboxFull(2))
+        );
+        assert_eq!(
+            outbox.frames().cloned().collect::<Vec<_>>(),
+            vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
+        );
         assert!(outbox.complete(1, Ok(ack(7))));
-        assert!(!outbox.complete(1, Ok(ack(7))), "a second answer finds nothing");
+        assert!(
+            !outbox.complete(1, Ok(ack(7))),
+            "a second answer finds nothing"
+        );
         assert_eq!(rx1.try_recv().unwrap().unwrap().seq, 7);
         assert_eq!(outbox.len(), 1);
         assert_eq!(outbox.frame(2), Some(Bytes::from_static(b"b")));

@@ -277,10 +277,7 @@ mod tests {
             let mut buf = BytesMut::from(&wire[..cut]);
             assert_eq!(codec.decode(&mut buf).unwrap(), None, "cut at {cut}");
             assert_eq!(buf.len(), cut, "nothing consumed");
-            assert_eq!(
-                codec.decode_eof(&mut buf),
-                Err(FrameError::Truncated(cut))
-            );
+            assert_eq!(codec.decode_eof(&mut buf), Err(FrameError::Truncated(cut)));
         }
         assert_eq!(codec.decode_eof(&mut BytesMut::new()), Ok(None));
     }
@@ -299,10 +296,17 @@ mod tests {
                 max: 1024
             })
         );
-        assert_eq!(FrameError::TooLarge { len: 0, max: 0 }.code(), crate::ErrorCode::FrameTooLarge);
+        assert_eq!(
+            FrameError::TooLarge { len: 0, max: 0 }.code(),
+            crate::ErrorCode::FrameTooLarge
+        );
         // A prefix claiming u64::MAX bytes.
-        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01][..]);
-        assert!(matches!(codec.decode(&mut buf), Err(FrameError::TooLarge { .. })));
+        let mut buf =
+            BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::TooLarge { .. })
+        ));
         // The configured limit can never exceed the protocol cap.
         assert_eq!(Codec::new(usize::MAX).max_frame_len(), MAX_FRAME_LEN);
     }
@@ -314,7 +318,8 @@ mod tests {
         let mut buf = BytesMut::from(&[0x80u8; 11][..]);
         assert_eq!(codec.decode(&mut buf), Err(FrameError::BadLength));
         // Ten bytes whose last one overflows u64.
-        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02][..]);
+        let mut buf =
+            BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02][..]);
         assert_eq!(codec.decode(&mut buf), Err(FrameError::BadLength));
         // Nine continuation bytes: still possibly incomplete.
         let mut buf = BytesMut::from(&[0x80u8; 9][..]);
@@ -370,7 +375,8 @@ mod tests {
         for frame in sample_frames() {
             let mut buf = BytesMut::new();
             encode(&frame, &mut buf);
-            assert_eq!(codec.frame_len_hint(&buf[..1]).is_some() || buf[0] & 0x80 != 0, true);
+            // One byte is a complete prefix unless it has the continuation bit.
+            assert!(codec.frame_len_hint(&buf[..1]).is_some() || buf[0] & 0x80 != 0);
             assert_eq!(codec.frame_len_hint(&buf), Some(buf.len()));
             assert_eq!(encoded_len(&frame), buf.len());
         }

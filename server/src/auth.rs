@@ -74,7 +74,9 @@ pub fn hash_password(password: &str) -> Result<String, String> {
 /// Checks a password against a stored PHC string (blocking, CPU heavy).
 pub fn verify_password(password: &str, phc: &str) -> bool {
     match PasswordHash::new(phc) {
-        Ok(parsed) => hasher().verify_password(password.as_bytes(), &parsed).is_ok(),
+        Ok(parsed) => hasher()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
         Err(_) => false,
     }
 }
@@ -101,7 +103,11 @@ mod tests {
     fn usernames() {
         assert_eq!(canonical_username("Alice_1.x-y").unwrap(), "alice_1.x-y");
         for bad in ["ab", "", "has space", "ünï", &"a".repeat(33), "semi;colon"] {
-            assert_eq!(canonical_username(bad), Err(CredentialError::BadUsername), "{bad:?}");
+            assert_eq!(
+                canonical_username(bad),
+                Err(CredentialError::BadUsername),
+                "{bad:?}"
+            );
         }
     }
 
@@ -109,7 +115,10 @@ mod tests {
     fn passwords() {
         assert!(check_password("12345678").is_ok());
         assert_eq!(check_password("1234567"), Err(CredentialError::BadPassword));
-        assert_eq!(check_password(&"p".repeat(129)), Err(CredentialError::BadPassword));
+        assert_eq!(
+            check_password(&"p".repeat(129)),
+            Err(CredentialError::BadPassword)
+        );
     }
 
     #[test]
@@ -119,7 +128,10 @@ mod tests {
         assert!(!phc.contains("correct horse"));
         assert!(verify_password("correct horse battery", &phc));
         assert!(!verify_password("wrong horse battery", &phc));
-        assert!(!verify_password("correct horse battery", "not a phc string"));
+        assert!(!verify_password(
+            "correct horse battery",
+            "not a phc string"
+        ));
         // Salted: the same password hashes differently.
         assert_ne!(phc, hash_password("correct horse battery").unwrap());
     }

@@ -53,20 +53,25 @@ impl DevCerts {
     pub fn generate(names: &[String]) -> Result<DevCerts, CertError> {
         let fail = |what: &str, e: rcgen::Error| CertError(format!("{what}: {e}"));
         let ca_key = KeyPair::generate().map_err(|e| fail("generate CA key", e))?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("CA params", e))?;
+        let mut ca_params =
+            CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("CA params", e))?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "chat-server development CA (not for production)");
-        let ca_cert = ca_params.self_signed(&ca_key).map_err(|e| fail("self-sign CA", e))?;
+        ca_params.distinguished_name.push(
+            DnType::CommonName,
+            "chat-server development CA (not for production)",
+        );
+        let ca_cert = ca_params
+            .self_signed(&ca_key)
+            .map_err(|e| fail("self-sign CA", e))?;
 
         let server_key = KeyPair::generate().map_err(|e| fail("generate server key", e))?;
-        let mut server_params =
-            CertificateParams::new(names.to_vec()).map_err(|e| fail("server certificate names", e))?;
-        server_params
-            .distinguished_name
-            .push(DnType::CommonName, names.first().map_or("localhost", String::as_str));
+        let mut server_params = CertificateParams::new(names.to_vec())
+            .map_err(|e| fail("server certificate names", e))?;
+        server_params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().map_or("localhost", String::as_str),
+        );
         server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         server_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let issuer = Issuer::new(ca_params, &ca_key);
@@ -95,7 +100,8 @@ impl DevCerts {
 }
 
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertError> {
-    std::fs::write(path, contents).map_err(|e| CertError(format!("write {}: {e}", path.display())))?;
+    std::fs::write(path, contents)
+        .map_err(|e| CertError(format!("write {}: {e}", path.display())))?;
     #[cfg(unix)]
     if secret {
         use std::os::unix::fs::PermissionsExt;
@@ -157,7 +163,10 @@ pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| CertError(format!("read certificates from {}: {e}", path.display())))?;
     if chain.is_empty() {
-        return Err(CertError(format!("no certificate found in {}", path.display())));
+        return Err(CertError(format!(
+            "no certificate found in {}",
+            path.display()
+        )));
     }
     Ok(chain)
 }
@@ -175,14 +184,20 @@ mod tests {
     fn generate_write_and_load() {
         let dir = tempfile::tempdir().unwrap();
         let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        DevCerts::generate(&names).unwrap().write(dir.path()).unwrap();
+        DevCerts::generate(&names)
+            .unwrap()
+            .write(dir.path())
+            .unwrap();
         assert_eq!(load_chain(&dir.path().join(SERVER_FILE)).unwrap().len(), 1);
         assert_eq!(load_chain(&dir.path().join(CA_FILE)).unwrap().len(), 1);
         load_key(&dir.path().join(SERVER_KEY_FILE)).unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(CA_KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }
@@ -190,7 +205,10 @@ mod tests {
     #[test]
     fn created_once_then_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
         let first = load_or_create(&config).unwrap();
         let second = load_or_create(&config).unwrap();
         assert_eq!(first.chain, second.chain);

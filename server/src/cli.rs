@@ -120,9 +120,18 @@ impl Overrides {
         set(&mut c.limits.auth_timeout, self.auth_timeout);
         set(&mut c.limits.max_friends, self.max_friends);
         set(&mut c.transport.idle_timeout, self.idle_timeout);
-        set(&mut c.transport.keep_alive_interval, self.keep_alive_interval);
-        set(&mut c.transport.max_concurrent_bidi_streams, self.max_concurrent_bidi_streams);
-        set(&mut c.transport.stream_receive_window, self.stream_receive_window);
+        set(
+            &mut c.transport.keep_alive_interval,
+            self.keep_alive_interval,
+        );
+        set(
+            &mut c.transport.max_concurrent_bidi_streams,
+            self.max_concurrent_bidi_streams,
+        );
+        set(
+            &mut c.transport.stream_receive_window,
+            self.stream_receive_window,
+        );
         set(&mut c.transport.receive_window, self.receive_window);
         set(&mut c.transport.send_window, self.send_window);
         set(&mut c.transport.max_connections, self.max_connections);
@@ -138,7 +147,9 @@ impl Cli {
             None => Config::default(),
         };
         self.overrides.apply(&mut config);
-        config.validate().map_err(|e| format!("invalid configuration: {e}"))?;
+        config
+            .validate()
+            .map_err(|e| format!("invalid configuration: {e}"))?;
         Ok((config, self.print_config))
     }
 }
@@ -176,7 +187,10 @@ pub fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("chat-server: cannot start the runtime: {e}");
@@ -192,7 +206,11 @@ pub fn main() -> ExitCode {
             }
         };
         if let Some(ca) = server.dev_ca() {
-            println!("chat-server listening on {} (dev CA: {})", server.local_addr(), ca.display());
+            println!(
+                "chat-server listening on {} (dev CA: {})",
+                server.local_addr(),
+                ca.display()
+            );
         } else {
             println!("chat-server listening on {}", server.local_addr());
         }
@@ -219,7 +237,9 @@ async fn wait_for_signal() {
 fn init_tracing(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -239,7 +259,15 @@ mod tests {
 
     #[test]
     fn flags_override_defaults() {
-        let c = parse(&["--listen", "127.0.0.1:0", "--idle-timeout", "45s", "--max-text-len", "100"]).unwrap();
+        let c = parse(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--idle-timeout",
+            "45s",
+            "--max-text-len",
+            "100",
+        ])
+        .unwrap();
         assert_eq!(c.listen.port(), 0);
         assert_eq!(c.transport.idle_timeout, Duration::from_secs(45));
         assert_eq!(c.limits.max_text_len, 100);
@@ -248,14 +276,21 @@ mod tests {
     #[test]
     fn contradictions_name_both_settings() {
         let err = parse(&["--keep-alive-interval", "60s", "--idle-timeout", "30s"]).unwrap_err();
-        assert!(err.contains("keep-alive-interval") && err.contains("idle-timeout"), "{err}");
+        assert!(
+            err.contains("keep-alive-interval") && err.contains("idle-timeout"),
+            "{err}"
+        );
     }
 
     #[test]
     fn file_then_flags() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chat.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:7000\"\n[limits]\nmax-text-len = 200\n").unwrap();
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:7000\"\n[limits]\nmax-text-len = 200\n",
+        )
+        .unwrap();
         let c = parse(&["--config", path.to_str().unwrap(), "--max-text-len", "300"]).unwrap();
         assert_eq!(c.listen.port(), 7000);
         assert_eq!(c.limits.max_text_len, 300);

@@ -225,8 +225,12 @@ impl Config {
             return err("max-connections must be at least 1".into());
         }
         match (&self.tls.tls_cert, &self.tls.tls_key) {
-            (Some(_), None) => return err("tls-cert is set but tls-key is not; set both or neither".into()),
-            (None, Some(_)) => return err("tls-key is set but tls-cert is not; set both or neither".into()),
+            (Some(_), None) => {
+                return err("tls-cert is set but tls-key is not; set both or neither".into());
+            }
+            (None, Some(_)) => {
+                return err("tls-key is set but tls-cert is not; set both or neither".into());
+            }
             _ => {}
         }
         Ok(())
@@ -263,12 +267,16 @@ mod tests {
 
     #[test]
     fn invalid_settings_name_what_is_wrong() {
-        let cases: Vec<(fn(&mut Config), &str)> = vec![
+        type Case = (fn(&mut Config), &'static str);
+        let cases: Vec<Case> = vec![
             (|c| c.limits.max_frame_len = 10, "max-frame-len"),
             (|c| c.limits.max_text_len = 0, "max-text-len"),
             (|c| c.limits.max_text_len = 70_000, "max-frame-len"),
             (|c| c.limits.session_ttl = Duration::ZERO, "session-ttl"),
-            (|c| c.transport.idle_timeout = Duration::ZERO, "idle-timeout"),
+            (
+                |c| c.transport.idle_timeout = Duration::ZERO,
+                "idle-timeout",
+            ),
             (
                 |c| {
                     c.transport.keep_alive_interval = Duration::from_secs(60);
@@ -276,8 +284,14 @@ mod tests {
                 },
                 "keep-alive-interval (1m) must be shorter than idle-timeout (30s)",
             ),
-            (|c| c.transport.max_concurrent_bidi_streams = 2, "max-concurrent-bidi-streams"),
-            (|c| c.transport.stream_receive_window = 1000, "stream-receive-window"),
+            (
+                |c| c.transport.max_concurrent_bidi_streams = 2,
+                "max-concurrent-bidi-streams",
+            ),
+            (
+                |c| c.transport.stream_receive_window = 1000,
+                "stream-receive-window",
+            ),
             (|c| c.transport.receive_window = 1000, "receive-window"),
             (|c| c.transport.send_window = 10, "send-window"),
             (|c| c.transport.max_connections = 0, "max-connections"),
@@ -288,7 +302,10 @@ mod tests {
             let mut config = Config::default();
             break_it(&mut config);
             let err = config.validate().unwrap_err().0;
-            assert!(err.contains(expected), "{err:?} should mention {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{err:?} should mention {expected:?}"
+            );
         }
     }
 }

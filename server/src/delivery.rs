@@ -135,7 +135,8 @@ async fn send_committer(
                                     duplicate: appended.duplicate,
                                 }),
                             );
-                            job.session.push(StreamKind::Messages, Outbound::frame(&ack));
+                            job.session
+                                .push(StreamKind::Messages, Outbound::frame(&ack));
                             if appended.duplicate {
                                 // Already queued for everyone when first stored.
                                 continue;
@@ -145,7 +146,10 @@ async fn send_committer(
                                 message: Some((*appended.message).clone()),
                             }));
                             let out = Outbound {
-                                deliver: Some((appended.message.conversation_id, appended.message.seq)),
+                                deliver: Some((
+                                    appended.message.conversation_id,
+                                    appended.message.seq,
+                                )),
                                 ..Outbound::frame(&deliver)
                             };
                             for member in appended.members {
@@ -156,8 +160,10 @@ async fn send_committer(
                         }
                         Err(e) => {
                             let refusal = Refusal::from(e);
-                            job.session
-                                .push(StreamKind::Messages, Outbound::frame(&refusal.to_frame(job.request_id)));
+                            job.session.push(
+                                StreamKind::Messages,
+                                Outbound::frame(&refusal.to_frame(job.request_id)),
+                            );
                         }
                     }
                 }
@@ -167,15 +173,21 @@ async fn send_committer(
                 // retryable error and retries with the same client_msg_id.
                 let refusal = Refusal::from(e);
                 for job in jobs.drain(..) {
-                    job.session
-                        .push(StreamKind::Messages, Outbound::frame(&refusal.to_frame(job.request_id)));
+                    job.session.push(
+                        StreamKind::Messages,
+                        Outbound::frame(&refusal.to_frame(job.request_id)),
+                    );
                 }
             }
         }
     }
 }
 
-async fn mark_committer(mut rx: mpsc::Receiver<MarkJob>, store: Arc<dyn HistoryStore>, hub: Arc<Hub>) {
+async fn mark_committer(
+    mut rx: mpsc::Receiver<MarkJob>,
+    store: Arc<dyn HistoryStore>,
+    hub: Arc<Hub>,
+) {
     let mut jobs: Vec<MarkJob> = Vec::with_capacity(MAX_MARK_BATCH);
     while rx.recv_many(&mut jobs, MAX_MARK_BATCH).await > 0 {
         let updates = coalesce(jobs.iter().map(|j| j.update));
@@ -241,7 +253,12 @@ mod tests {
 
     #[test]
     fn coalesce_keeps_the_highest_per_member_and_kind() {
-        let u = |conversation_id, user_id, kind, seq| WatermarkUpdate { conversation_id, user_id, kind, seq };
+        let u = |conversation_id, user_id, kind, seq| WatermarkUpdate {
+            conversation_id,
+            user_id,
+            kind,
+            seq,
+        };
         let out = coalesce(
             vec![
                 u(1, 7, WatermarkKind::Seen, 3),

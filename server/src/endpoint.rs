@@ -85,14 +85,20 @@ impl Server {
         let server_config = quic_config(&config, identity)?;
         let store: Arc<dyn HistoryStore> = Arc::new(SqliteStore::open(&config.data_dir)?);
         tracing::info!(backend = store.backend(), data_dir = %config.data_dir.display(), "history store open");
-        let cache: Arc<dyn RecentCache> = Arc::new(MemoryRecentCache::new(DEFAULT_MAX_CONVERSATIONS));
+        let cache: Arc<dyn RecentCache> =
+            Arc::new(MemoryRecentCache::new(DEFAULT_MAX_CONVERSATIONS));
         let hub = Arc::new(Hub::default());
         let (delivery, delivery_tasks) = Delivery::start(store.clone(), cache.clone(), hub.clone());
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
-            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
-        let local_addr = endpoint
-            .local_addr()
-            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            ServerError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let shared = Arc::new(Shared {
             codec: Codec::new(config.limits.max_frame_len),
             config,
@@ -103,7 +109,14 @@ impl Server {
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         tracing::info!(%local_addr, "chat-server listening (ALPN chat/1)");
-        Ok(Server { endpoint, local_addr, dev_ca, shared: Some(shared), accept, delivery_tasks })
+        Ok(Server {
+            endpoint,
+            local_addr,
+            dev_ca,
+            shared: Some(shared),
+            accept,
+            delivery_tasks,
+        })
     }
 
     /// The bound UDP address (useful with port 0).
@@ -164,7 +177,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     }
 }
 
-fn quic_config(config: &Config, identity: ServerIdentity) -> Result<quinn::ServerConfig, ServerError> {
+fn quic_config(
+    config: &Config,
+    identity: ServerIdentity,
+) -> Result<quinn::ServerConfig, ServerError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -182,7 +198,8 @@ fn quic_config(config: &Config, identity: ServerIdentity) -> Result<quinn::Serve
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(
-            IdleTimeout::try_from(t.idle_timeout).map_err(|e| ServerError::Tls(format!("idle-timeout: {e}")))?,
+            IdleTimeout::try_from(t.idle_timeout)
+                .map_err(|e| ServerError::Tls(format!("idle-timeout: {e}")))?,
         ))
         .keep_alive_interval((!t.keep_alive_interval.is_zero()).then_some(t.keep_alive_interval))
         .max_concurrent_bidi_streams(VarInt::from_u32(t.max_concurrent_bidi_streams))

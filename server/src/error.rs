@@ -79,13 +79,19 @@ mod tests {
             (StoreError::Conflict, ErrorCode::InvalidArgument),
             (StoreError::NotFound, ErrorCode::NotFound),
             (StoreError::NotAMember, ErrorCode::NotAMember),
-            (StoreError::Unavailable("down".into()), ErrorCode::Unavailable),
+            (
+                StoreError::Unavailable("down".into()),
+                ErrorCode::Unavailable,
+            ),
             (StoreError::Internal("bug".into()), ErrorCode::Internal),
         ];
         for (error, code) in cases {
             let refusal = Refusal::from(error);
             assert_eq!(refusal.code, code);
-            assert!(!refusal.message.contains("bug"), "internal detail stays in logs");
+            assert!(
+                !refusal.message.contains("bug"),
+                "internal detail stays in logs"
+            );
         }
         assert!(Refusal::from(StoreError::Unavailable(String::new())).retry_after_ms > 0);
     }

@@ -47,7 +47,11 @@ pub struct SessionQueues {
 
 impl SessionHandle {
     /// A handle and its queues.
-    pub fn new(conn_id: u64, user_id: UserId, conn: quinn::Connection) -> (Arc<Self>, SessionQueues) {
+    pub fn new(
+        conn_id: u64,
+        user_id: UserId,
+        conn: quinn::Connection,
+    ) -> (Arc<Self>, SessionQueues) {
         let (control, control_rx) = mpsc::channel(QUEUE_CAPACITY);
         let (messages, messages_rx) = mpsc::channel(QUEUE_CAPACITY);
         let (receipts, receipts_rx) = mpsc::channel(QUEUE_CAPACITY);
@@ -82,8 +86,17 @@ impl SessionHandle {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if !self.closed.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(conn_id = self.conn_id, user_id = self.user_id, stream = kind.name(), "client too slow; closing");
-                    wire::close(&self.conn, ErrorCode::SlowConsumer, "client reads too slowly; reconnect");
+                    tracing::warn!(
+                        conn_id = self.conn_id,
+                        user_id = self.user_id,
+                        stream = kind.name(),
+                        "client too slow; closing"
+                    );
+                    wire::close(
+                        &self.conn,
+                        ErrorCode::SlowConsumer,
+                        "client reads too slowly; reconnect",
+                    );
                 }
                 false
             }
@@ -114,7 +127,13 @@ impl Hub {
 
     /// Queues a frame for every session of `user` except `except_conn`.
     /// Returns how many sessions took it.
-    pub fn push(&self, user: UserId, kind: StreamKind, out: &Outbound, except_conn: Option<u64>) -> usize {
+    pub fn push(
+        &self,
+        user: UserId,
+        kind: StreamKind,
+        out: &Outbound,
+        except_conn: Option<u64>,
+    ) -> usize {
         let Some(sessions) = self.users.get(&user) else {
             return 0;
         };

@@ -59,7 +59,12 @@ impl Session {
     /// the hub. False if it was authenticated already.
     pub fn authenticate(&self, user_id: UserId, username: String, token_hash: [u8; 32]) -> bool {
         let (handle, queues) = SessionHandle::new(self.conn_id, user_id, self.conn.clone());
-        let authed = Authed { user_id, username, token_hash, handle: handle.clone() };
+        let authed = Authed {
+            user_id,
+            username,
+            token_hash,
+            handle: handle.clone(),
+        };
         if self.authed.set(authed).is_err() {
             return false;
         }
@@ -92,7 +97,8 @@ impl Session {
             chat_protocol::encode(&frame, &mut buf);
             if send.write_all(&buf).await.is_ok() {
                 let _ = send.finish();
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
             }
         }
         wire::close(&self.conn, code, message);
@@ -120,7 +126,11 @@ pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
             async move {
                 tokio::time::sleep(auth_timeout).await;
                 if session.authed().is_none() {
-                    wire::close(&session.conn, ErrorCode::Timeout, "not authenticated in time");
+                    wire::close(
+                        &session.conn,
+                        ErrorCode::Timeout,
+                        "not authenticated in time",
+                    );
                 }
             }
         };
@@ -132,7 +142,8 @@ pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
                         Ok((send, recv)) => {
                             let session = session.clone();
                             tokio::spawn(
-                                serve_stream(session, send, recv).instrument(tracing::Span::current()),
+                                serve_stream(session, send, recv)
+                                    .instrument(tracing::Span::current()),
                             );
                         }
                         Err(e) => {
@@ -160,21 +171,40 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
     let mut reader = FrameReader::new(recv, shared.codec);
     let first = tokio::time::timeout(shared.config.limits.auth_timeout, reader.next()).await;
     let kind = match first {
-        Ok(Ok(Some(Frame { body: Some(Body::OpenStream(open)), .. }))) => StreamKind::from_wire(open.kind),
+        Ok(Ok(Some(Frame {
+            body: Some(Body::OpenStream(open)),
+            ..
+        }))) => StreamKind::from_wire(open.kind),
         Ok(Ok(Some(_))) => {
-            let code = if session.authed().is_none() { ErrorCode::Unauthenticated } else { ErrorCode::BadStream };
-            return session.close_with(Some(&mut send), code, "the first frame of a stream must be OpenStream").await;
+            let code = if session.authed().is_none() {
+                ErrorCode::Unauthenticated
+            } else {
+                ErrorCode::BadStream
+            };
+            return session
+                .close_with(
+                    Some(&mut send),
+                    code,
+                    "the first frame of a stream must be OpenStream",
+                )
+                .await;
         }
         Ok(Err(ReadError::Frame(e))) => {
-            return session.close_with(Some(&mut send), e.code(), &e.to_string()).await;
+            return session
+                .close_with(Some(&mut send), e.code(), &e.to_string())
+                .await;
         }
         Ok(Ok(None) | Err(ReadError::Stream(_))) => return,
         Err(_) => {
-            return session.close_with(Some(&mut send), ErrorCode::Timeout, "no OpenStream in time").await;
+            return session
+                .close_with(Some(&mut send), ErrorCode::Timeout, "no OpenStream in time")
+                .await;
         }
     };
     let Some(kind) = kind else {
-        return session.close_with(Some(&mut send), ErrorCode::BadStream, "unknown stream kind").await;
+        return session
+            .close_with(Some(&mut send), ErrorCode::BadStream, "unknown stream kind")
+            .await;
     };
     let duplicate = {
         let mut opened = session.opened.lock().expect("opened lock");
@@ -187,12 +217,22 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
         was && kind != StreamKind::Media
     };
     if duplicate {
-        return session.close_with(Some(&mut send), ErrorCode::BadStream, "stream kind already open").await;
+        return session
+            .close_with(
+                Some(&mut send),
+                ErrorCode::BadStream,
+                "stream kind already open",
+            )
+            .await;
     }
     let is_control = kind == StreamKind::Control;
     if !is_control && session.authed().is_none() {
         return session
-            .close_with(Some(&mut send), ErrorCode::Unauthenticated, "authenticate on the control stream first")
+            .close_with(
+                Some(&mut send),
+                ErrorCode::Unauthenticated,
+                "authenticate on the control stream first",
+            )
             .await;
     }
     match kind {
@@ -202,7 +242,11 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
         StreamKind::Calls | StreamKind::Media | StreamKind::Unspecified => {
             // Not served by this version: refuse the stream, keep the
             // connection.
-            let frame = Frame::error(0, ErrorCode::BadStream, format!("{} streams are not supported yet", kind.name()));
+            let frame = Frame::error(
+                0,
+                ErrorCode::BadStream,
+                format!("{} streams are not supported yet", kind.name()),
+            );
             let mut buf = bytes::BytesMut::new();
             chat_protocol::encode(&frame, &mut buf);
             let _ = send.write_all(&buf).await;

@@ -88,7 +88,11 @@ impl FrameReader {
                 }
                 return Ok(Some(frame));
             }
-            match self.recv.read_chunk(self.codec.max_frame_len(), true).await? {
+            match self
+                .recv
+                .read_chunk(self.codec.max_frame_len(), true)
+                .await?
+            {
                 Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
                 None => return Ok(self.codec.decode_eof(&mut self.buf)?),
             }

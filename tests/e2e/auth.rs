@@ -16,11 +16,23 @@ async fn register_login_and_resume_with_the_token() {
     assert_eq!(id.token.len(), 64, "256-bit token, hex");
     client.close();
 
-    let (again, _events) = Client::login(server.client_config(), &alice.to_uppercase(), PASSWORD).await.unwrap();
-    assert_eq!(again.identity().user_id, id.user_id, "user names are case-insensitive");
-    assert_ne!(again.identity().token, id.token, "each login gets its own token");
+    let (again, _events) = Client::login(server.client_config(), &alice.to_uppercase(), PASSWORD)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.identity().user_id,
+        id.user_id,
+        "user names are case-insensitive"
+    );
+    assert_ne!(
+        again.identity().token,
+        id.token,
+        "each login gets its own token"
+    );
 
-    let (resumed, _events) = Client::resume(server.client_config(), &id.token).await.unwrap();
+    let (resumed, _events) = Client::resume(server.client_config(), &id.token)
+        .await
+        .unwrap();
     assert_eq!(resumed.identity().user_id, id.user_id);
     assert!(resumed.friends().await.unwrap().friends.is_empty());
 }
@@ -31,12 +43,54 @@ async fn each_credential_failure_has_its_own_code() {
     let alice = name("alice");
     let (client, _e) = register(server.client_config(), &alice).await;
 
-    assert_eq!(code(Client::login(server.client_config(), &alice, "wrong password!").await.map(|_| ())), ErrorCode::WrongPassword);
-    assert_eq!(code(Client::login(server.client_config(), &name("nobody"), PASSWORD).await.map(|_| ())), ErrorCode::UnknownUser);
-    assert_eq!(code(Client::register(server.client_config(), &alice, PASSWORD).await.map(|_| ())), ErrorCode::UsernameTaken);
-    assert_eq!(code(Client::register(server.client_config(), "x", PASSWORD).await.map(|_| ())), ErrorCode::InvalidArgument);
-    assert_eq!(code(Client::register(server.client_config(), &name("bob"), "short").await.map(|_| ())), ErrorCode::InvalidArgument);
-    assert_eq!(code(Client::resume(server.client_config(), &"0".repeat(64)).await.map(|_| ())), ErrorCode::TokenInvalid);
+    assert_eq!(
+        code(
+            Client::login(server.client_config(), &alice, "wrong password!")
+                .await
+                .map(|_| ())
+        ),
+        ErrorCode::WrongPassword
+    );
+    assert_eq!(
+        code(
+            Client::login(server.client_config(), &name("nobody"), PASSWORD)
+                .await
+                .map(|_| ())
+        ),
+        ErrorCode::UnknownUser
+    );
+    assert_eq!(
+        code(
+            Client::register(server.client_config(), &alice, PASSWORD)
+                .await
+                .map(|_| ())
+        ),
+        ErrorCode::UsernameTaken
+    );
+    assert_eq!(
+        code(
+            Client::register(server.client_config(), "x", PASSWORD)
+                .await
+                .map(|_| ())
+        ),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            Client::register(server.client_config(), &name("bob"), "short")
+                .await
+                .map(|_| ())
+        ),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            Client::resume(server.client_config(), &"0".repeat(64))
+                .await
+                .map(|_| ())
+        ),
+        ErrorCode::TokenInvalid
+    );
 
     // The failures did not disturb the logged-in client.
     assert!(client.friends().await.is_ok());
@@ -49,7 +103,14 @@ async fn logout_revokes_the_token() {
     let token = client.identity().token;
     client.logout().await.unwrap();
     let _ = &mut events;
-    assert_eq!(code(Client::resume(server.client_config(), &token).await.map(|_| ())), ErrorCode::TokenRevoked);
+    assert_eq!(
+        code(
+            Client::resume(server.client_config(), &token)
+                .await
+                .map(|_| ())
+        ),
+        ErrorCode::TokenRevoked
+    );
 }
 
 #[tokio::test]
@@ -57,7 +118,10 @@ async fn a_logged_out_session_ends_on_the_other_device_at_reconnect() {
     let server = TestServer::start().await;
     let alice = name("alice");
     let (phone, _e) = register(server.client_config(), &alice).await;
-    let (laptop, mut laptop_events) = Client::resume(server.client_config(), &phone.identity().token).await.unwrap();
+    let (laptop, mut laptop_events) =
+        Client::resume(server.client_config(), &phone.identity().token)
+            .await
+            .unwrap();
     phone.logout().await.unwrap();
     // The laptop shares the revoked token: its next reconnect is refused
     // and the app is told to log in again.
@@ -86,7 +150,10 @@ async fn expired_tokens_are_refused() {
                 break;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "token never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "token never expired"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -104,9 +171,20 @@ async fn accounts_and_friendships_survive_a_restart() {
 
     server.restart().await;
 
-    let (alice, _ea) = Client::login(server.client_config(), &a, PASSWORD).await.expect("login after restart");
+    let (alice, _ea) = Client::login(server.client_config(), &a, PASSWORD)
+        .await
+        .expect("login after restart");
     let friends = alice.friends().await.unwrap();
-    assert_eq!(friends.friends.iter().map(|f| f.username.as_str()).collect::<Vec<_>>(), vec![b.as_str()]);
-    let (resumed, _e) = Client::resume(server.client_config(), &token).await.expect("old token still valid");
+    assert_eq!(
+        friends
+            .friends
+            .iter()
+            .map(|f| f.username.as_str())
+            .collect::<Vec<_>>(),
+        vec![b.as_str()]
+    );
+    let (resumed, _e) = Client::resume(server.client_config(), &token)
+        .await
+        .expect("old token still valid");
     assert_eq!(resumed.identity().username, a);
 }

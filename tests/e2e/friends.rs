@@ -24,8 +24,25 @@ async fn request_accept_and_both_see_each_other() {
     assert_eq!(kind(&event), proto::friend_event::Kind::RequestReceived);
     assert_eq!(event.user.as_ref().unwrap().user_id, a.user_id);
     let pending = bob.friends().await.unwrap();
-    assert_eq!(pending.incoming.iter().map(|u| u.user_id).collect::<Vec<_>>(), vec![a.user_id]);
-    assert_eq!(alice.friends().await.unwrap().outgoing.iter().map(|u| u.user_id).collect::<Vec<_>>(), vec![b.user_id]);
+    assert_eq!(
+        pending
+            .incoming
+            .iter()
+            .map(|u| u.user_id)
+            .collect::<Vec<_>>(),
+        vec![a.user_id]
+    );
+    assert_eq!(
+        alice
+            .friends()
+            .await
+            .unwrap()
+            .outgoing
+            .iter()
+            .map(|u| u.user_id)
+            .collect::<Vec<_>>(),
+        vec![b.user_id]
+    );
 
     bob.accept_friend(a.user_id).await.unwrap();
     let event = wait_for(&mut alice_events, "acceptance", |e| match e {
@@ -37,10 +54,25 @@ async fn request_accept_and_both_see_each_other() {
 
     let alice_list = alice.friends().await.unwrap();
     let bob_list = bob.friends().await.unwrap();
-    assert_eq!(alice_list.friends, vec![proto::UserRef { user_id: b.user_id, username: b.username.clone() }]);
-    assert_eq!(bob_list.friends, vec![proto::UserRef { user_id: a.user_id, username: a.username.clone() }]);
+    assert_eq!(
+        alice_list.friends,
+        vec![proto::UserRef {
+            user_id: b.user_id,
+            username: b.username.clone()
+        }]
+    );
+    assert_eq!(
+        bob_list.friends,
+        vec![proto::UserRef {
+            user_id: a.user_id,
+            username: a.username.clone()
+        }]
+    );
     assert!(alice_list.outgoing.is_empty() && bob_list.incoming.is_empty());
-    assert_eq!(code(alice.send_friend_request(&b.username).await), ErrorCode::AlreadyFriends);
+    assert_eq!(
+        code(alice.send_friend_request(&b.username).await),
+        ErrorCode::AlreadyFriends
+    );
 }
 
 #[tokio::test]
@@ -50,14 +82,27 @@ async fn decline_remove_and_unknown_users() {
     let (bob, _eb) = register(server.client_config(), &name("bob")).await;
     let (a, b) = (alice.identity(), bob.identity());
 
-    assert_eq!(code(alice.send_friend_request(&name("ghost")).await), ErrorCode::NotFound);
-    assert_eq!(code(alice.send_friend_request(&a.username).await), ErrorCode::InvalidArgument);
-    assert_eq!(code(bob.accept_friend(a.user_id).await), ErrorCode::NotFound, "no request yet");
+    assert_eq!(
+        code(alice.send_friend_request(&name("ghost")).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(alice.send_friend_request(&a.username).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(bob.accept_friend(a.user_id).await),
+        ErrorCode::NotFound,
+        "no request yet"
+    );
 
     alice.send_friend_request(&b.username).await.unwrap();
     bob.decline_friend(a.user_id).await.unwrap();
     assert!(bob.friends().await.unwrap().incoming.is_empty());
-    assert_eq!(code(bob.decline_friend(a.user_id).await), ErrorCode::NotFound);
+    assert_eq!(
+        code(bob.decline_friend(a.user_id).await),
+        ErrorCode::NotFound
+    );
 
     // Mutual requests become a friendship.
     alice.send_friend_request(&b.username).await.unwrap();
@@ -66,7 +111,10 @@ async fn decline_remove_and_unknown_users() {
 
     alice.remove_friend(b.user_id).await.unwrap();
     assert!(bob.friends().await.unwrap().friends.is_empty());
-    assert_eq!(code(alice.open_direct(b.user_id).await), ErrorCode::NotFriends);
+    assert_eq!(
+        code(alice.open_direct(b.user_id).await),
+        ErrorCode::NotFriends
+    );
 }
 
 #[tokio::test]
@@ -75,11 +123,23 @@ async fn only_friends_can_open_a_conversation() {
     let (alice, _ea) = register(server.client_config(), &name("alice")).await;
     let (bob, _eb) = register(server.client_config(), &name("bob")).await;
     let (eve, _ee) = register(server.client_config(), &name("eve")).await;
-    assert_eq!(code(eve.open_direct(alice.identity().user_id).await), ErrorCode::NotFriends);
-    assert_eq!(code(alice.open_direct(alice.identity().user_id).await), ErrorCode::InvalidArgument);
+    assert_eq!(
+        code(eve.open_direct(alice.identity().user_id).await),
+        ErrorCode::NotFriends
+    );
+    assert_eq!(
+        code(alice.open_direct(alice.identity().user_id).await),
+        ErrorCode::InvalidArgument
+    );
     let conversation = befriend(&alice, &bob).await;
     let info = bob.open_direct(alice.identity().user_id).await.unwrap();
-    assert_eq!(info.conversation_id, conversation, "one conversation per pair");
+    assert_eq!(
+        info.conversation_id, conversation,
+        "one conversation per pair"
+    );
     assert_eq!(info.members.len(), 2);
-    assert_eq!(code(eve.open_direct(bob.identity().user_id).await), ErrorCode::NotFriends);
+    assert_eq!(
+        code(eve.open_direct(bob.identity().user_id).await),
+        ErrorCode::NotFriends
+    );
 }

@@ -74,7 +74,9 @@ impl TestServer {
         let server = loop {
             match Server::start(config.clone()).await {
                 Ok(server) => break server,
-                Err(chat_server::ServerError::Bind { .. }) if tokio::time::Instant::now() < deadline => {
+                Err(chat_server::ServerError::Bind { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => panic!("server restarts: {e}"),
@@ -100,7 +102,9 @@ impl Drop for TestServer {
 }
 
 pub fn client_config(addr: SocketAddr, ca: &Path) -> ClientConfig {
-    let mut config = ClientConfig::new(addr, "localhost").with_ca_file(ca).expect("read CA");
+    let mut config = ClientConfig::new(addr, "localhost")
+        .with_ca_file(ca)
+        .expect("read CA");
     config.reconnect_min = Duration::from_millis(50);
     config.reconnect_max = Duration::from_millis(500);
     config.request_timeout = WAIT;
@@ -136,7 +140,9 @@ impl ChildServer {
             .expect("read stdout")
             .expect("a line");
         // "chat-server listening on ADDR (dev CA: PATH)"
-        let rest = line.strip_prefix("chat-server listening on ").unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        let rest = line
+            .strip_prefix("chat-server listening on ")
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
         let (addr, ca) = rest.split_once(" (dev CA: ").expect("dev CA in the line");
         ChildServer {
             child,
@@ -156,7 +162,9 @@ impl ChildServer {
 }
 
 pub async fn register(config: ClientConfig, name: &str) -> (Client, Events) {
-    let (client, events) = Client::register(config, name, PASSWORD).await.expect("register");
+    let (client, events) = Client::register(config, name, PASSWORD)
+        .await
+        .expect("register");
     (client, events)
 }
 
@@ -164,13 +172,22 @@ pub async fn register(config: ClientConfig, name: &str) -> (Client, Events) {
 /// conversation id.
 pub async fn befriend(a: &Client, b: &Client) -> u64 {
     let b_name = b.identity().username;
-    a.send_friend_request(&b_name).await.expect("friend request");
+    a.send_friend_request(&b_name)
+        .await
+        .expect("friend request");
     b.accept_friend(a.identity().user_id).await.expect("accept");
-    a.open_direct(b.identity().user_id).await.expect("open direct").conversation_id
+    a.open_direct(b.identity().user_id)
+        .await
+        .expect("open direct")
+        .conversation_id
 }
 
 /// Waits for the first event `f` maps to `Some`, skipping others.
-pub async fn wait_for<T>(events: &mut Events, what: &str, mut f: impl FnMut(Event) -> Option<T>) -> T {
+pub async fn wait_for<T>(
+    events: &mut Events,
+    what: &str,
+    mut f: impl FnMut(Event) -> Option<T>,
+) -> T {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         match tokio::time::timeout_at(deadline, events.next()).await {
@@ -189,10 +206,14 @@ pub async fn wait_for<T>(events: &mut Events, what: &str, mut f: impl FnMut(Even
 pub async fn messages(events: &mut Events, n: usize) -> Vec<chat_client::proto::Message> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let m = wait_for(events, &format!("message {} of {n}", out.len() + 1), |e| match e {
-            Event::Message(m) => Some(m),
-            _ => None,
-        })
+        let m = wait_for(
+            events,
+            &format!("message {} of {n}", out.len() + 1),
+            |e| match e {
+                Event::Message(m) => Some(m),
+                _ => None,
+            },
+        )
         .await;
         out.push(m);
     }
@@ -212,7 +233,9 @@ pub async fn assert_no_message(events: &mut Events, quiet: Duration) {
 /// The server's code in an error.
 pub fn code(result: Result<impl std::fmt::Debug, ClientError>) -> chat_client::ErrorCode {
     match result {
-        Err(e) => e.code().unwrap_or_else(|| panic!("expected a server code, got {e:?}")),
+        Err(e) => e
+            .code()
+            .unwrap_or_else(|| panic!("expected a server code, got {e:?}")),
         Ok(v) => panic!("expected an error, got {v:?}"),
     }
 }

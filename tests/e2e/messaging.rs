@@ -16,7 +16,9 @@ async fn receipt(
     f: impl Fn(&proto::Receipt) -> bool,
 ) -> proto::Receipt {
     wait_for(events, what, |e| match e {
-        Event::Receipt(r) if r.conversation_id == conversation && r.user_id == from && f(&r) => Some(r),
+        Event::Receipt(r) if r.conversation_id == conversation && r.user_id == from && f(&r) => {
+            Some(r)
+        }
         _ => None,
     })
     .await
@@ -41,12 +43,26 @@ async fn sent_then_delivered_then_seen() {
     assert_eq!((got[0].seq, got[0].message_id), (ack.seq, ack.message_id));
 
     // 2. Delivered: Bob's client acked it; Alice hears it before any seen.
-    let delivered = receipt(&mut alice_events, conversation, bob_id, "delivered receipt", |r| r.delivered_seq >= 1).await;
+    let delivered = receipt(
+        &mut alice_events,
+        conversation,
+        bob_id,
+        "delivered receipt",
+        |r| r.delivered_seq >= 1,
+    )
+    .await;
     assert_eq!(delivered.seen_seq, 0, "delivered arrives before seen");
 
     // 3. Seen.
     bob.mark_seen(conversation, ack.seq).await.unwrap();
-    let seen = receipt(&mut alice_events, conversation, bob_id, "seen receipt", |r| r.seen_seq >= 1).await;
+    let seen = receipt(
+        &mut alice_events,
+        conversation,
+        bob_id,
+        "seen receipt",
+        |r| r.seen_seq >= 1,
+    )
+    .await;
     assert_eq!((seen.delivered_seq, seen.seen_seq), (1, 1));
 
     // Watermarks only move forward: a lower mark is ignored (no receipt,
@@ -69,9 +85,17 @@ async fn offline_recipient_gets_everything_in_order_once() {
 
     let mut acks = Vec::new();
     for i in 0..100 {
-        acks.push(alice.send_text(conversation, &format!("message {i}")).await.unwrap());
+        acks.push(
+            alice
+                .send_text(conversation, &format!("message {i}"))
+                .await
+                .unwrap(),
+        );
     }
-    assert_eq!(acks.iter().map(|a| a.seq).collect::<Vec<_>>(), (1..=100).collect::<Vec<_>>());
+    assert_eq!(
+        acks.iter().map(|a| a.seq).collect::<Vec<_>>(),
+        (1..=100).collect::<Vec<_>>()
+    );
 
     // Alice drops her connection before Bob comes back: the delivered
     // receipt must still reach her (live after her reconnect, or in the
@@ -79,13 +103,29 @@ async fn offline_recipient_gets_everything_in_order_once() {
     alice.reconnect_now();
     assert!(alice.wait_connected(WAIT).await);
 
-    let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_token).await.unwrap();
+    let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
+        .await
+        .unwrap();
     let got = messages(&mut bob_events, 100).await;
-    assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=100).collect::<Vec<_>>());
-    assert!(got.iter().enumerate().all(|(i, m)| m.text == format!("message {i}")));
+    assert_eq!(
+        got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=100).collect::<Vec<_>>()
+    );
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, m)| m.text == format!("message {i}"))
+    );
     assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
 
-    receipt(&mut alice_events, conversation, bob_id, "delivered 100", |r| r.delivered_seq == 100).await;
+    receipt(
+        &mut alice_events,
+        conversation,
+        bob_id,
+        "delivered 100",
+        |r| r.delivered_seq == 100,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -95,14 +135,26 @@ async fn receipts_missed_while_offline_arrive_on_reconnect() {
     let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
     let conversation = befriend(&alice, &bob).await;
     let alice_token = alice.identity().token;
-    let ack = alice.send_text(conversation, "read me later").await.unwrap();
+    let ack = alice
+        .send_text(conversation, "read me later")
+        .await
+        .unwrap();
     alice.close();
 
     messages(&mut bob_events, 1).await;
     bob.mark_seen(conversation, ack.seq).await.unwrap();
 
-    let (_alice, mut alice_events) = Client::resume(server.client_config(), &alice_token).await.unwrap();
-    let r = receipt(&mut alice_events, conversation, bob.identity().user_id, "seen snapshot", |r| r.seen_seq == 1).await;
+    let (_alice, mut alice_events) = Client::resume(server.client_config(), &alice_token)
+        .await
+        .unwrap();
+    let r = receipt(
+        &mut alice_events,
+        conversation,
+        bob.identity().user_id,
+        "seen snapshot",
+        |r| r.seen_seq == 1,
+    )
+    .await;
     assert_eq!(r.delivered_seq, 1);
 }
 
@@ -113,21 +165,42 @@ async fn retried_sends_are_stored_once() {
     let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
     let conversation = befriend(&alice, &bob).await;
 
-    let first = alice.send_with_id(conversation, "draft-1", "once").await.unwrap();
-    let again = alice.send_with_id(conversation, "draft-1", "once").await.unwrap();
+    let first = alice
+        .send_with_id(conversation, "draft-1", "once")
+        .await
+        .unwrap();
+    let again = alice
+        .send_with_id(conversation, "draft-1", "once")
+        .await
+        .unwrap();
     assert!(!first.duplicate && again.duplicate);
-    assert_eq!((again.seq, again.message_id, again.sent_at_ms), (first.seq, first.message_id, first.sent_at_ms));
+    assert_eq!(
+        (again.seq, again.message_id, again.sent_at_ms),
+        (first.seq, first.message_id, first.sent_at_ms)
+    );
 
     // Across a reconnect too.
     alice.reconnect_now();
     assert!(alice.wait_connected(WAIT).await);
-    let third = alice.send_with_id(conversation, "draft-1", "once").await.unwrap();
+    let third = alice
+        .send_with_id(conversation, "draft-1", "once")
+        .await
+        .unwrap();
     assert_eq!(third.message_id, first.message_id);
 
     let next = alice.send_text(conversation, "twice").await.unwrap();
     assert_eq!(next.seq, 2, "retries consumed no seq");
-    let page = alice.history(conversation, HistoryDirection::Backward, 0, 50).await.unwrap();
-    assert_eq!(page.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), vec!["once", "twice"]);
+    let page = alice
+        .history(conversation, HistoryDirection::Backward, 0, 50)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.messages
+            .iter()
+            .map(|m| m.text.as_str())
+            .collect::<Vec<_>>(),
+        vec!["once", "twice"]
+    );
     let got = messages(&mut bob_events, 2).await;
     assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
     assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
@@ -145,7 +218,11 @@ async fn sends_queued_while_disconnected_go_out_on_reconnect() {
     let sends: Vec<_> = (0..20)
         .map(|i| {
             let alice = alice.clone();
-            tokio::spawn(async move { alice.send_with_id(conversation, &format!("k{i:02}"), &format!("m{i}")).await })
+            tokio::spawn(async move {
+                alice
+                    .send_with_id(conversation, &format!("k{i:02}"), &format!("m{i}"))
+                    .await
+            })
         })
         .collect();
     let mut seqs = Vec::new();
@@ -168,7 +245,12 @@ async fn acked_messages_survive_a_killed_server() {
     bob.close();
     let mut acked = Vec::new();
     for i in 0..50 {
-        acked.push(alice.send_text(conversation, &format!("durable {i}")).await.unwrap());
+        acked.push(
+            alice
+                .send_text(conversation, &format!("durable {i}"))
+                .await
+                .unwrap(),
+        );
     }
     let port = server.addr.port();
     // SIGKILL right after the last ack: no graceful anything.
@@ -176,10 +258,18 @@ async fn acked_messages_survive_a_killed_server() {
     alice.close();
 
     let server = ChildServer::start(dir.path(), port).await;
-    let (bob, mut bob_events) = Client::resume(server.client_config(), &bob_token).await.expect("token survives");
+    let (bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
+        .await
+        .expect("token survives");
     let got = messages(&mut bob_events, 50).await;
-    assert_eq!(got.iter().map(|m| m.message_id).collect::<Vec<_>>(), acked.iter().map(|a| a.message_id).collect::<Vec<_>>());
-    let page = bob.history(conversation, HistoryDirection::Forward, 0, 100).await.unwrap();
+    assert_eq!(
+        got.iter().map(|m| m.message_id).collect::<Vec<_>>(),
+        acked.iter().map(|a| a.message_id).collect::<Vec<_>>()
+    );
+    let page = bob
+        .history(conversation, HistoryDirection::Forward, 0, 100)
+        .await
+        .unwrap();
     assert_eq!(page.messages.len(), 50);
     server.kill().await;
 }
@@ -197,7 +287,9 @@ async fn a_dropped_connection_mid_burst_loses_and_duplicates_nothing() {
             let mut pending = Vec::with_capacity(N);
             for i in 0..N {
                 let alice = alice.clone();
-                pending.push(tokio::spawn(async move { alice.send_text(conversation, &format!("burst {i}")).await }));
+                pending.push(tokio::spawn(async move {
+                    alice.send_text(conversation, &format!("burst {i}")).await
+                }));
                 if i % 100 == 99 {
                     // Keep the outbox below its bound.
                     for p in pending.drain(..) {
@@ -214,7 +306,10 @@ async fn a_dropped_connection_mid_burst_loses_and_duplicates_nothing() {
     bob.reconnect_now();
     got.extend(messages(&mut bob_events, N - 300).await);
     sender.await.unwrap();
-    assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=N as u64).collect::<Vec<_>>());
+    assert_eq!(
+        got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=N as u64).collect::<Vec<_>>()
+    );
     assert_no_message(&mut bob_events, Duration::from_millis(500)).await;
 }
 
@@ -231,29 +326,67 @@ async fn history_pages_and_the_conversation_list() {
     }
     carol.send_text(with_carol, "hi from carol").await.unwrap();
 
-    let texts = |page: &proto::HistoryPage| page.messages.iter().map(|m| m.text.clone()).collect::<Vec<_>>();
-    let newest = alice.history(with_bob, HistoryDirection::Backward, 0, 10).await.unwrap();
-    assert_eq!(texts(&newest), (21..=30).map(|i| format!("b{i}")).collect::<Vec<_>>());
+    let texts = |page: &proto::HistoryPage| {
+        page.messages
+            .iter()
+            .map(|m| m.text.clone())
+            .collect::<Vec<_>>()
+    };
+    let newest = alice
+        .history(with_bob, HistoryDirection::Backward, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(&newest),
+        (21..=30).map(|i| format!("b{i}")).collect::<Vec<_>>()
+    );
     assert!(newest.has_more);
-    let older = alice.history(with_bob, HistoryDirection::Backward, 21, 25).await.unwrap();
-    assert_eq!(texts(&older), (1..=20).map(|i| format!("b{i}")).collect::<Vec<_>>());
+    let older = alice
+        .history(with_bob, HistoryDirection::Backward, 21, 25)
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(&older),
+        (1..=20).map(|i| format!("b{i}")).collect::<Vec<_>>()
+    );
     assert!(!older.has_more);
-    let forward = alice.history(with_bob, HistoryDirection::Forward, 25, 10).await.unwrap();
-    assert_eq!(texts(&forward), (26..=30).map(|i| format!("b{i}")).collect::<Vec<_>>());
+    let forward = alice
+        .history(with_bob, HistoryDirection::Forward, 25, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(&forward),
+        (26..=30).map(|i| format!("b{i}")).collect::<Vec<_>>()
+    );
     assert!(!forward.has_more);
     // Page sizes are capped by the server.
-    let capped = alice.history(with_bob, HistoryDirection::Forward, 0, 1_000_000).await.unwrap();
+    let capped = alice
+        .history(with_bob, HistoryDirection::Forward, 0, 1_000_000)
+        .await
+        .unwrap();
     assert_eq!(capped.messages.len(), 30);
 
     let list = alice.conversations(10, 0).await.unwrap();
-    assert_eq!(list.iter().map(|c| c.conversation_id).collect::<Vec<_>>(), vec![with_carol, with_bob]);
+    assert_eq!(
+        list.iter().map(|c| c.conversation_id).collect::<Vec<_>>(),
+        vec![with_carol, with_bob]
+    );
     assert_eq!(list[0].last_message.as_ref().unwrap().text, "hi from carol");
     assert_eq!((list[0].unread_count, list[1].unread_count), (1, 30));
     alice.mark_seen(with_bob, 25).await.unwrap();
     let list = alice.conversations(10, 0).await.unwrap();
     assert_eq!(list[1].unread_count, 5);
-    let second_page = alice.conversations(1, list[0].last_activity_ms).await.unwrap();
-    assert_eq!(second_page.iter().map(|c| c.conversation_id).collect::<Vec<_>>(), vec![with_bob]);
+    let second_page = alice
+        .conversations(1, list[0].last_activity_ms)
+        .await
+        .unwrap();
+    assert_eq!(
+        second_page
+            .iter()
+            .map(|c| c.conversation_id)
+            .collect::<Vec<_>>(),
+        vec![with_bob]
+    );
 }
 
 #[tokio::test]
@@ -265,10 +398,28 @@ async fn non_members_cannot_send_read_or_mark() {
     let conversation = befriend(&alice, &bob).await;
     alice.send_text(conversation, "private").await.unwrap();
 
-    assert_eq!(code(eve.send_text(conversation, "let me in").await), ErrorCode::NotAMember);
-    assert_eq!(code(eve.history(conversation, HistoryDirection::Backward, 0, 10).await), ErrorCode::NotAMember);
-    assert_eq!(code(eve.mark_seen(conversation, 1).await), ErrorCode::NotAMember);
-    assert_eq!(code(eve.history(9_999_999, HistoryDirection::Backward, 0, 10).await), ErrorCode::NotAMember);
+    assert_eq!(
+        code(eve.send_text(conversation, "let me in").await),
+        ErrorCode::NotAMember
+    );
+    assert_eq!(
+        code(
+            eve.history(conversation, HistoryDirection::Backward, 0, 10)
+                .await
+        ),
+        ErrorCode::NotAMember
+    );
+    assert_eq!(
+        code(eve.mark_seen(conversation, 1).await),
+        ErrorCode::NotAMember
+    );
+    assert_eq!(
+        code(
+            eve.history(9_999_999, HistoryDirection::Backward, 0, 10)
+                .await
+        ),
+        ErrorCode::NotAMember
+    );
     assert!(eve.conversations(10, 0).await.unwrap().is_empty());
     // Bob got only Alice's message.
     let got = messages(&mut bob_events, 1).await;

@@ -19,8 +19,15 @@ impl Raw {
     async fn connect(server: &TestServer) -> Raw {
         let config = server.client_config().quinn_client_config().unwrap();
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = endpoint.connect_with(config, server.addr, "localhost").unwrap().await.expect("handshake");
-        Raw { _endpoint: endpoint, conn }
+        let conn = endpoint
+            .connect_with(config, server.addr, "localhost")
+            .unwrap()
+            .await
+            .expect("handshake");
+        Raw {
+            _endpoint: endpoint,
+            conn,
+        }
     }
 
     /// Opens a stream and writes raw bytes on it.
@@ -35,15 +42,28 @@ impl Raw {
         let raw = Raw::connect(server).await;
         let register = Frame::new(
             1,
-            Body::Register(proto::Register { username: name("raw"), password: PASSWORD.into(), device_name: String::new() }),
+            Body::Register(proto::Register {
+                username: name("raw"),
+                password: PASSWORD.into(),
+                device_name: String::new(),
+            }),
         );
-        let (send, mut recv) = raw.stream(&frames(&[Frame::open_stream(StreamKind::Control), register])).await;
+        let (send, mut recv) = raw
+            .stream(&frames(&[
+                Frame::open_stream(StreamKind::Control),
+                register,
+            ]))
+            .await;
         let mut buf = BytesMut::new();
         let reply = loop {
             if let Some(frame) = chat_protocol::Codec::default().decode(&mut buf).unwrap() {
                 break frame;
             }
-            let chunk = tokio::time::timeout(WAIT, recv.read_chunk(4096, true)).await.unwrap().unwrap().unwrap();
+            let chunk = tokio::time::timeout(WAIT, recv.read_chunk(4096, true))
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             buf.extend_from_slice(&chunk.bytes);
         };
         assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
@@ -51,7 +71,10 @@ impl Raw {
     }
 
     async fn close_code(&self) -> ErrorCode {
-        match tokio::time::timeout(WAIT, self.conn.closed()).await.expect("server closes the connection") {
+        match tokio::time::timeout(WAIT, self.conn.closed())
+            .await
+            .expect("server closes the connection")
+        {
             quinn::ConnectionError::ApplicationClosed(close) => {
                 ErrorCode::from_wire(close.error_code.into_inner() as i32)
             }
@@ -96,18 +119,40 @@ async fn violations_get_their_codes_and_others_keep_working() {
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
         (
             "a request before authentication",
-            frames(&[Frame::open_stream(StreamKind::Control), list_friends.clone()]),
+            frames(&[
+                Frame::open_stream(StreamKind::Control),
+                list_friends.clone(),
+            ]),
             ErrorCode::Unauthenticated,
         ),
-        ("no OpenStream before a request", frames(&[list_friends.clone()]), ErrorCode::Unauthenticated),
+        (
+            "no OpenStream before a request",
+            frames(std::slice::from_ref(&list_friends)),
+            ErrorCode::Unauthenticated,
+        ),
         (
             "a data stream before authentication",
             frames(&[Frame::open_stream(StreamKind::Messages)]),
             ErrorCode::Unauthenticated,
         ),
-        ("an unknown stream kind", frames(&[Frame::new(0, Body::OpenStream(proto::OpenStream { kind: 99 }))]), ErrorCode::BadStream),
-        ("a 10 MB frame before authentication", oversize_prefix(10 << 20), ErrorCode::FrameTooLarge),
-        ("random bytes before authentication", garbage(), ErrorCode::MalformedFrame),
+        (
+            "an unknown stream kind",
+            frames(&[Frame::new(
+                0,
+                Body::OpenStream(proto::OpenStream { kind: 99 }),
+            )]),
+            ErrorCode::BadStream,
+        ),
+        (
+            "a 10 MB frame before authentication",
+            oversize_prefix(10 << 20),
+            ErrorCode::FrameTooLarge,
+        ),
+        (
+            "random bytes before authentication",
+            garbage(),
+            ErrorCode::MalformedFrame,
+        ),
     ];
     for (what, bytes, expected) in cases {
         let raw = Raw::connect(&server).await;
@@ -118,32 +163,54 @@ async fn violations_get_their_codes_and_others_keep_working() {
     // The same abuse after authentication, on each kind of stream.
     {
         let (raw, mut control_send, _recv) = Raw::authenticated(&server).await;
-        control_send.write_all(&oversize_prefix(200_000)).await.unwrap();
-        assert_eq!(raw.close_code().await, ErrorCode::FrameTooLarge, "oversize on control");
+        control_send
+            .write_all(&oversize_prefix(200_000))
+            .await
+            .unwrap();
+        assert_eq!(
+            raw.close_code().await,
+            ErrorCode::FrameTooLarge,
+            "oversize on control"
+        );
     }
     for kind in [StreamKind::Messages, StreamKind::Receipts] {
         let (raw, _control_send, _control_recv) = Raw::authenticated(&server).await;
         let mut bytes = frames(&[Frame::open_stream(kind)]);
         bytes.extend(oversize_prefix(200_000));
         let _stream = raw.stream(&bytes).await;
-        assert_eq!(raw.close_code().await, ErrorCode::FrameTooLarge, "oversize on {}", kind.name());
+        assert_eq!(
+            raw.close_code().await,
+            ErrorCode::FrameTooLarge,
+            "oversize on {}",
+            kind.name()
+        );
     }
     for kind in [StreamKind::Messages, StreamKind::Receipts] {
         let (raw, _s, _r) = Raw::authenticated(&server).await;
         let mut bytes = frames(&[Frame::open_stream(kind)]);
         bytes.extend(garbage());
         let _stream = raw.stream(&bytes).await;
-        assert_eq!(raw.close_code().await, ErrorCode::MalformedFrame, "garbage on {}", kind.name());
+        assert_eq!(
+            raw.close_code().await,
+            ErrorCode::MalformedFrame,
+            "garbage on {}",
+            kind.name()
+        );
     }
     {
         // A second control stream is a protocol violation too.
         let (raw, _s, _r) = Raw::authenticated(&server).await;
-        let _stream = raw.stream(&frames(&[Frame::open_stream(StreamKind::Control)])).await;
+        let _stream = raw
+            .stream(&frames(&[Frame::open_stream(StreamKind::Control)]))
+            .await;
         assert_eq!(raw.close_code().await, ErrorCode::BadStream);
     }
 
     // Through all of that, the healthy clients were served.
-    let ack = alice.send_text(conversation, "still here?").await.expect("send works");
+    let ack = alice
+        .send_text(conversation, "still here?")
+        .await
+        .expect("send works");
     let got = messages(&mut bob_events, 1).await;
     assert_eq!(got[0].seq, ack.seq);
     assert_eq!(got[0].text, "still here?");
@@ -152,7 +219,8 @@ async fn violations_get_their_codes_and_others_keep_working() {
 
 #[tokio::test]
 async fn silent_connections_are_closed_after_the_auth_timeout() {
-    let server = TestServer::start_with(|c| c.limits.auth_timeout = Duration::from_millis(500)).await;
+    let server =
+        TestServer::start_with(|c| c.limits.auth_timeout = Duration::from_millis(500)).await;
     let raw = Raw::connect(&server).await;
     assert_eq!(raw.close_code().await, ErrorCode::Timeout);
     // Authenticated connections are not affected by the auth timeout.
@@ -167,10 +235,31 @@ async fn bad_sends_are_refused_with_codes() {
     let (alice, _ea) = register(server.client_config(), &name("alice")).await;
     let (bob, _eb) = register(server.client_config(), &name("bob")).await;
     let conversation = befriend(&alice, &bob).await;
-    assert_eq!(code(alice.send_text(conversation, "").await), ErrorCode::EmptyMessage);
-    assert_eq!(code(alice.send_text(conversation, "   \n").await), ErrorCode::EmptyMessage);
-    assert_eq!(code(alice.send_text(conversation, &"x".repeat(1001)).await), ErrorCode::MessageTooLarge);
-    assert_eq!(code(alice.send_with_id(conversation, &"k".repeat(65), "hi").await), ErrorCode::InvalidArgument);
-    assert!(alice.send_text(conversation, &"x".repeat(1000)).await.is_ok());
+    assert_eq!(
+        code(alice.send_text(conversation, "").await),
+        ErrorCode::EmptyMessage
+    );
+    assert_eq!(
+        code(alice.send_text(conversation, "   \n").await),
+        ErrorCode::EmptyMessage
+    );
+    assert_eq!(
+        code(alice.send_text(conversation, &"x".repeat(1001)).await),
+        ErrorCode::MessageTooLarge
+    );
+    assert_eq!(
+        code(
+            alice
+                .send_with_id(conversation, &"k".repeat(65), "hi")
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+    assert!(
+        alice
+            .send_text(conversation, &"x".repeat(1000))
+            .await
+            .is_ok()
+    );
     assert_eq!(alice.outbox_len(), 0, "refused sends leave the outbox");
 }

@@ -49,10 +49,17 @@ macro_rules! history_store_conformance {
 }
 
 async fn user(store: &impl HistoryStore, name: &str) -> UserId {
-    store.create_user(name.into(), format!("hash-{name}"), 1).await.expect("create user")
+    store
+        .create_user(name.into(), format!("hash-{name}"), 1)
+        .await
+        .expect("create user")
 }
 
-async fn friends_with_direct(store: &impl HistoryStore, a: &str, b: &str) -> (UserId, UserId, ConversationId) {
+async fn friends_with_direct(
+    store: &impl HistoryStore,
+    a: &str,
+    b: &str,
+) -> (UserId, UserId, ConversationId) {
     let a = user(store, a).await;
     let b = user(store, b).await;
     store.friend_request(a, b, 1).await.unwrap();
@@ -61,7 +68,13 @@ async fn friends_with_direct(store: &impl HistoryStore, a: &str, b: &str) -> (Us
     (a, b, c)
 }
 
-fn text(conversation_id: ConversationId, sender_id: UserId, key: &str, body: &str, now_ms: i64) -> NewMessage {
+fn text(
+    conversation_id: ConversationId,
+    sender_id: UserId,
+    key: &str,
+    body: &str,
+    now_ms: i64,
+) -> NewMessage {
     NewMessage {
         conversation_id,
         sender_id,
@@ -82,15 +95,28 @@ fn seqs(messages: &[Arc<proto::Message>]) -> Vec<u64> {
 
 /// Users are unique by name and can be found by name and id.
 pub async fn users(store: &impl HistoryStore) {
-    let id = store.create_user("alice".into(), "h1".into(), 10).await.unwrap();
+    let id = store
+        .create_user("alice".into(), "h1".into(), 10)
+        .await
+        .unwrap();
     assert!(matches!(
         store.create_user("alice".into(), "h2".into(), 11).await,
         Err(StoreError::Conflict)
     ));
-    let bob = store.create_user("bob".into(), "h3".into(), 12).await.unwrap();
+    let bob = store
+        .create_user("bob".into(), "h3".into(), 12)
+        .await
+        .unwrap();
     assert_ne!(id, bob);
     let rec = store.user_by_name("alice".into()).await.unwrap().unwrap();
-    assert_eq!(rec, UserRecord { id, username: "alice".into(), password_hash: "h1".into() });
+    assert_eq!(
+        rec,
+        UserRecord {
+            id,
+            username: "alice".into(),
+            password_hash: "h1".into()
+        }
+    );
     assert_eq!(store.user_by_name("carol".into()).await.unwrap(), None);
     assert_eq!(store.username(bob).await.unwrap().as_deref(), Some("bob"));
     assert_eq!(store.username(9_999_999).await.unwrap(), None);
@@ -111,11 +137,24 @@ pub async fn sessions(store: &impl HistoryStore) {
         .await
         .unwrap();
     let rec = store.session(hash).await.unwrap().unwrap();
-    assert_eq!(rec, SessionRecord { user_id: alice, expires_at_ms: 200, revoked_at_ms: None });
+    assert_eq!(
+        rec,
+        SessionRecord {
+            user_id: alice,
+            expires_at_ms: 200,
+            revoked_at_ms: None
+        }
+    );
     assert_eq!(store.session([8u8; 32]).await.unwrap(), None);
     assert!(store.revoke_session(hash, 150).await.unwrap());
-    assert!(!store.revoke_session(hash, 160).await.unwrap(), "second revoke is a no-op");
-    assert_eq!(store.session(hash).await.unwrap().unwrap().revoked_at_ms, Some(150));
+    assert!(
+        !store.revoke_session(hash, 160).await.unwrap(),
+        "second revoke is a no-op"
+    );
+    assert_eq!(
+        store.session(hash).await.unwrap().unwrap().revoked_at_ms,
+        Some(150)
+    );
 }
 
 /// Requests, mutual requests, accept, decline, remove, and the lists.
@@ -125,11 +164,17 @@ pub async fn friend_requests(store: &impl HistoryStore) {
     let c = user(store, "carol").await;
     use FriendRequestOutcome::*;
     assert_eq!(store.friend_request(a, b, 1).await.unwrap(), Requested);
-    assert_eq!(store.friend_request(a, b, 2).await.unwrap(), AlreadyRequested);
+    assert_eq!(
+        store.friend_request(a, b, 2).await.unwrap(),
+        AlreadyRequested
+    );
     let lists = store.friends(b).await.unwrap();
     assert_eq!(lists.incoming, vec![(a, "alice".to_string())]);
     assert!(lists.friends.is_empty());
-    assert_eq!(store.friends(a).await.unwrap().outgoing, vec![(b, "bob".to_string())]);
+    assert_eq!(
+        store.friends(a).await.unwrap().outgoing,
+        vec![(b, "bob".to_string())]
+    );
     assert!(!store.are_friends(a, b).await.unwrap());
     // Asking someone who asked us accepts.
     assert_eq!(store.friend_request(b, a, 3).await.unwrap(), Accepted);
@@ -142,14 +187,24 @@ pub async fn friend_requests(store: &impl HistoryStore) {
     assert_eq!(store.friend_count(a).await.unwrap(), 1);
 
     // Accept without a request, decline, accept.
-    assert!(matches!(store.friend_accept(a, c, 5).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        store.friend_accept(a, c, 5).await,
+        Err(StoreError::NotFound)
+    ));
     store.friend_request(c, a, 6).await.unwrap();
     assert!(store.friend_decline(a, c).await.unwrap());
     assert!(!store.friend_decline(a, c).await.unwrap());
     assert!(!store.are_friends(a, c).await.unwrap());
     store.friend_request(c, a, 7).await.unwrap();
     store.friend_accept(a, c, 8).await.unwrap();
-    let names: Vec<_> = store.friends(a).await.unwrap().friends.into_iter().map(|f| f.1).collect();
+    let names: Vec<_> = store
+        .friends(a)
+        .await
+        .unwrap()
+        .friends
+        .into_iter()
+        .map(|f| f.1)
+        .collect();
     assert_eq!(names, vec!["bob", "carol"], "ordered by name");
 
     // Remove ends the friendship on both sides; removing again is a no-op.
@@ -165,7 +220,11 @@ pub async fn friend_requests(store: &impl HistoryStore) {
 /// One direct conversation per pair, visible to its members only.
 pub async fn direct_conversations(store: &impl HistoryStore) {
     let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
-    assert_eq!(store.open_direct(b, a, 10).await.unwrap(), c, "same pair, same conversation");
+    assert_eq!(
+        store.open_direct(b, a, 10).await.unwrap(),
+        c,
+        "same pair, same conversation"
+    );
     let outsider = user(store, "eve").await;
     let view = store.conversation(c, a).await.unwrap();
     assert_eq!(view.kind, proto::ConversationKind::Direct);
@@ -176,8 +235,14 @@ pub async fn direct_conversations(store: &impl HistoryStore) {
     assert!(ids.contains(&a) && ids.contains(&b));
     assert!(store.is_member(c, a).await.unwrap());
     assert!(!store.is_member(c, outsider).await.unwrap());
-    assert!(matches!(store.conversation(c, outsider).await, Err(StoreError::NotAMember)));
-    assert!(matches!(store.conversation(987_654, a).await, Err(StoreError::NotAMember)));
+    assert!(matches!(
+        store.conversation(c, outsider).await,
+        Err(StoreError::NotAMember)
+    ));
+    assert!(matches!(
+        store.conversation(987_654, a).await,
+        Err(StoreError::NotAMember)
+    ));
     let other = store.open_direct(a, outsider, 11).await.unwrap();
     assert_ne!(other, c);
 }
@@ -194,7 +259,10 @@ pub async fn append_assigns_seq_and_is_idempotent(store: &impl HistoryStore) {
         .await
         .unwrap();
     let appended: Vec<_> = results.into_iter().map(Result::unwrap).collect();
-    assert_eq!(appended.iter().map(|x| x.message.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        appended.iter().map(|x| x.message.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     assert!(appended.iter().all(|x| !x.duplicate));
     let ids: HashSet<_> = appended.iter().map(|x| x.message.message_id).collect();
     assert_eq!(ids.len(), 3, "message ids are unique");
@@ -238,7 +306,10 @@ pub async fn append_refuses_non_members_without_failing_the_batch(store: &impl H
     assert_eq!(seqs(&page.messages), vec![1, 2]);
     // The refused key was not consumed either.
     assert!(matches!(
-        store.append(vec![text(c, eve, "e1", "again", 104)]).await.unwrap()[0],
+        store
+            .append(vec![text(c, eve, "e1", "again", 104)])
+            .await
+            .unwrap()[0],
         Err(StoreError::NotAMember)
     ));
 }
@@ -249,9 +320,22 @@ pub async fn history_paging_edges(store: &impl HistoryStore) {
     let empty = store.history(c, Direction::Backward, 0, 10).await.unwrap();
     assert!(empty.messages.is_empty() && !empty.has_more);
     let batch = (1..=25)
-        .map(|i| text(c, if i % 2 == 0 { a } else { b }, &format!("k{i}"), &format!("m{i}"), i))
+        .map(|i| {
+            text(
+                c,
+                if i % 2 == 0 { a } else { b },
+                &format!("k{i}"),
+                &format!("m{i}"),
+                i,
+            )
+        })
         .collect();
-    store.append(batch).await.unwrap().into_iter().for_each(|r| drop(r.unwrap()));
+    store
+        .append(batch)
+        .await
+        .unwrap()
+        .into_iter()
+        .for_each(|r| drop(r.unwrap()));
 
     let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
     assert_eq!(seqs(&page.messages), (16..=25).collect::<Vec<_>>());
@@ -306,8 +390,16 @@ pub async fn undelivered_and_watermarks(store: &impl HistoryStore) {
     assert_eq!(seqs(&alice_pending), vec![6]);
     assert_eq!(alice_pending[0].sender_id, b);
 
-    let up = |user_id, kind, seq| WatermarkUpdate { conversation_id: c, user_id, kind, seq };
-    let moved = store.advance_watermarks(vec![up(b, WatermarkKind::Delivered, 3)]).await.unwrap();
+    let up = |user_id, kind, seq| WatermarkUpdate {
+        conversation_id: c,
+        user_id,
+        kind,
+        seq,
+    };
+    let moved = store
+        .advance_watermarks(vec![up(b, WatermarkKind::Delivered, 3)])
+        .await
+        .unwrap();
     assert_eq!(moved.len(), 1);
     assert_eq!((moved[0].delivered_seq, moved[0].seen_seq), (3, 0));
     let mut members = moved[0].members.clone();
@@ -315,12 +407,30 @@ pub async fn undelivered_and_watermarks(store: &impl HistoryStore) {
     let mut expected = vec![a, b];
     expected.sort();
     assert_eq!(members, expected);
-    assert_eq!(seqs(&store.undelivered(b, (0, 0), 100).await.unwrap()), vec![4, 5]);
+    assert_eq!(
+        seqs(&store.undelivered(b, (0, 0), 100).await.unwrap()),
+        vec![4, 5]
+    );
     // Lower or equal: ignored.
-    assert!(store.advance_watermarks(vec![up(b, WatermarkKind::Delivered, 2)]).await.unwrap().is_empty());
-    assert!(store.advance_watermarks(vec![up(b, WatermarkKind::Delivered, 3)]).await.unwrap().is_empty());
+    assert!(
+        store
+            .advance_watermarks(vec![up(b, WatermarkKind::Delivered, 2)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .advance_watermarks(vec![up(b, WatermarkKind::Delivered, 3)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Beyond last_seq: clamped.
-    let moved = store.advance_watermarks(vec![up(b, WatermarkKind::Delivered, 1_000)]).await.unwrap();
+    let moved = store
+        .advance_watermarks(vec![up(b, WatermarkKind::Delivered, 1_000)])
+        .await
+        .unwrap();
     assert_eq!(moved[0].delivered_seq, 6);
     assert!(store.undelivered(b, (0, 0), 100).await.unwrap().is_empty());
     // Seen implies delivered; several updates coalesce to one entry.
@@ -335,7 +445,13 @@ pub async fn undelivered_and_watermarks(store: &impl HistoryStore) {
     assert_eq!(moved.len(), 1);
     assert_eq!((moved[0].delivered_seq, moved[0].seen_seq), (6, 6));
     // Non-members move nothing.
-    assert!(store.advance_watermarks(vec![up(carol, WatermarkKind::Seen, 6)]).await.unwrap().is_empty());
+    assert!(
+        store
+            .advance_watermarks(vec![up(carol, WatermarkKind::Seen, 6)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let view = store.conversation(c, b).await.unwrap();
     let bob = view.members.iter().find(|m| m.user_id == b).unwrap();
@@ -343,10 +459,24 @@ pub async fn undelivered_and_watermarks(store: &impl HistoryStore) {
 
     // Alice's snapshot: bob's watermarks in c, carol's in c2.
     let snapshot = store.receipt_snapshot(a, 10).await.unwrap();
-    assert!(snapshot.contains(&proto::Receipt { conversation_id: c, user_id: b, delivered_seq: 6, seen_seq: 0 }));
-    assert!(snapshot.contains(&proto::Receipt { conversation_id: c2, user_id: carol, delivered_seq: 0, seen_seq: 0 }));
+    assert!(snapshot.contains(&proto::Receipt {
+        conversation_id: c,
+        user_id: b,
+        delivered_seq: 6,
+        seen_seq: 0
+    }));
+    assert!(snapshot.contains(&proto::Receipt {
+        conversation_id: c2,
+        user_id: carol,
+        delivered_seq: 0,
+        seen_seq: 0
+    }));
     assert!(snapshot.iter().all(|r| r.user_id != a));
-    assert_eq!(store.receipt_snapshot(a, 1).await.unwrap().len(), 1, "limit counts conversations");
+    assert_eq!(
+        store.receipt_snapshot(a, 1).await.unwrap().len(),
+        1,
+        "limit counts conversations"
+    );
 }
 
 /// Most recently active first, with preview, unread count and paging.
@@ -375,7 +505,12 @@ pub async fn conversation_list(store: &impl HistoryStore) {
     assert!(preview.len() < long.len() && preview.chars().all(|ch| ch == 'x'));
     // Reading moves the unread count; own messages never count.
     store
-        .advance_watermarks(vec![WatermarkUpdate { conversation_id: c1, user_id: a, kind: WatermarkKind::Seen, seq: 2 }])
+        .advance_watermarks(vec![WatermarkUpdate {
+            conversation_id: c1,
+            user_id: a,
+            kind: WatermarkKind::Seen,
+            seq: 2,
+        }])
         .await
         .unwrap();
     append_one(store, text(c1, a, "a1", "mine", 140)).await;
@@ -397,11 +532,18 @@ pub async fn concurrent_appends_get_distinct_contiguous_seqs(store: &impl Histor
         }
         seqs
     });
-    let all: Vec<u64> = futures_join_all(futures).await.into_iter().flatten().collect();
+    let all: Vec<u64> = futures_join_all(futures)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let unique: HashSet<_> = all.iter().copied().collect();
     assert_eq!(unique.len() as u64, writers * per_writer);
     assert_eq!(*all.iter().max().unwrap(), writers * per_writer);
-    assert_eq!(store.conversation(c, a).await.unwrap().last_seq, writers * per_writer);
+    assert_eq!(
+        store.conversation(c, a).await.unwrap().last_seq,
+        writers * per_writer
+    );
 }
 
 /// Polls futures concurrently on the current task (no spawning needed, so
@@ -419,8 +561,15 @@ async fn futures_join_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Ve
                 }
             }
         }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
     })
     .await;
-    outputs.into_iter().map(|o| o.expect("every future completed")).collect()
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every future completed"))
+        .collect()
 }

@@ -268,8 +268,12 @@ pub trait HistoryStore: Send + Sync + 'static {
     ) -> Result<FriendRequestOutcome, StoreError>;
     /// `user` accepts the pending request from `from`. `NotFound` if there
     /// is none.
-    async fn friend_accept(&self, user: UserId, from: UserId, now_ms: i64)
-    -> Result<(), StoreError>;
+    async fn friend_accept(
+        &self,
+        user: UserId,
+        from: UserId,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
     /// `user` declines the pending request from `from`; false if none.
     async fn friend_decline(&self, user: UserId, from: UserId) -> Result<bool, StoreError>;
     /// Ends a friendship or cancels a pending request in either direction;
@@ -317,8 +321,10 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// gets the next seq of its conversation, or is recognised as a retry.
     /// Results are in input order; one failing message (e.g. `NotAMember`)
     /// does not fail the others. Returns only after the batch is durable.
-    async fn append(&self, batch: Vec<NewMessage>)
-    -> Result<Vec<Result<Appended, StoreError>>, StoreError>;
+    async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Result<Appended, StoreError>>, StoreError>;
     /// A page of history. The caller has checked membership.
     async fn history(
         &self,

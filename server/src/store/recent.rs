@@ -53,7 +53,8 @@ impl MemoryRecentCache {
 impl RecentCache for MemoryRecentCache {
     fn push(&self, message: &Arc<proto::Message>) {
         let conversation_id = message.conversation_id;
-        if !self.entries.contains_key(&conversation_id) && self.entries.len() >= self.max_conversations
+        if !self.entries.contains_key(&conversation_id)
+            && self.entries.len() >= self.max_conversations
         {
             // Evict some entry. Which one matters little: a miss costs one
             // history query, and the evicted conversation refills on its
@@ -77,7 +78,12 @@ impl RecentCache for MemoryRecentCache {
         entry.push_back(Arc::clone(message));
     }
 
-    fn page_before(&self, conversation_id: ConversationId, before: u64, limit: u32) -> Option<Page> {
+    fn page_before(
+        &self,
+        conversation_id: ConversationId,
+        before: u64,
+        limit: u32,
+    ) -> Option<Page> {
         let entry = self.entries.get(&conversation_id)?;
         let limit = limit as usize;
         let first_seq = entry.front()?.seq;

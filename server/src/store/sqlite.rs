@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    HistoryStore, MemberState, NewMessage, NewSession, Page, SessionRecord, StoreError,
-    UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
+    HistoryStore, MemberState, NewMessage, NewSession, Page, SessionRecord, StoreError, UserId,
+    UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -107,9 +107,11 @@ impl SqliteStore {
         .map_err(internal)?;
         migrate(&conn)?;
         let next_message_id: i64 = conn
-            .query_row("SELECT COALESCE(MAX(message_id), 0) + 1 FROM messages", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT COALESCE(MAX(message_id), 0) + 1 FROM messages",
+                [],
+                |r| r.get(0),
+            )
             .map_err(internal)?;
         let state = DbState {
             next_message_id: next_message_id as u64,
@@ -217,8 +219,10 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         .map_err(internal)?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
         let version = i + 1;
-        conn.execute_batch(&format!("BEGIN; {sql}; PRAGMA user_version = {version}; COMMIT;"))
-            .map_err(|e| StoreError::Internal(format!("migration V{version} failed: {e}")))?;
+        conn.execute_batch(&format!(
+            "BEGIN; {sql}; PRAGMA user_version = {version}; COMMIT;"
+        ))
+        .map_err(|e| StoreError::Internal(format!("migration V{version} failed: {e}")))?;
         tracing::info!(version, "applied SQLite migration");
     }
     Ok(())
@@ -317,7 +321,10 @@ fn view(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq = ?2"
         ))
         .map_err(internal)?
-        .query_row(params![sql(conversation_id), sql(last_seq)], message_from_row)
+        .query_row(
+            params![sql(conversation_id), sql(last_seq)],
+            message_from_row,
+        )
         .optional()
         .map_err(internal)?
         .map(|mut m| {
@@ -335,7 +342,10 @@ fn view(
              WHERE conversation_id = ?1 AND seq > ?2 AND sender_id != ?3",
         )
         .map_err(internal)?
-        .query_row(params![sql(conversation_id), sql(seen_seq), sql(viewer)], |r| r.get(0))
+        .query_row(
+            params![sql(conversation_id), sql(seen_seq), sql(viewer)],
+            |r| r.get(0),
+        )
         .map_err(internal)?;
     Ok(ConversationView {
         id: conversation_id,
@@ -375,7 +385,9 @@ fn append_one(
             "SELECT EXISTS(SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2)",
         )
         .map_err(internal)?
-        .query_row(params![sql(m.conversation_id), sql(m.sender_id)], |r| r.get(0))
+        .query_row(params![sql(m.conversation_id), sql(m.sender_id)], |r| {
+            r.get(0)
+        })
         .map_err(internal)?;
     if !is_member {
         return Err(StoreError::NotAMember);
@@ -582,7 +594,12 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
-    async fn friend_accept(&self, user: UserId, from: UserId, now_ms: i64) -> Result<(), StoreError> {
+    async fn friend_accept(
+        &self,
+        user: UserId,
+        from: UserId,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         self.call(move |conn, _| {
             let n = conn
                 .prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
@@ -674,7 +691,12 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
-    async fn open_direct(&self, a: UserId, b: UserId, now_ms: i64) -> Result<ConversationId, StoreError> {
+    async fn open_direct(
+        &self,
+        a: UserId,
+        b: UserId,
+        now_ms: i64,
+    ) -> Result<ConversationId, StoreError> {
         self.call(move |conn, _| {
             let key = format!("{}:{}", a.min(b), a.max(b));
             let existing: Option<i64> = conn
@@ -713,7 +735,8 @@ impl HistoryStore for SqliteStore {
         conversation_id: ConversationId,
         viewer: UserId,
     ) -> Result<ConversationView, StoreError> {
-        self.call(move |conn, _| view(conn, conversation_id, viewer)).await
+        self.call(move |conn, _| view(conn, conversation_id, viewer))
+            .await
     }
 
     async fn conversations(
@@ -737,12 +760,18 @@ impl HistoryStore for SqliteStore {
                     .map_err(internal)?;
                 rows.collect::<rusqlite::Result<_>>().map_err(internal)?
             };
-            ids.into_iter().map(|id| view(conn, id as u64, user)).collect()
+            ids.into_iter()
+                .map(|id| view(conn, id as u64, user))
+                .collect()
         })
         .await
     }
 
-    async fn is_member(&self, conversation_id: ConversationId, user: UserId) -> Result<bool, StoreError> {
+    async fn is_member(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
         self.call(move |conn, _| {
             conn.prepare_cached(
                 "SELECT EXISTS(SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2)",
@@ -801,7 +830,10 @@ impl HistoryStore for SqliteStore {
                         ))
                         .map_err(internal)?;
                     let rows = stmt
-                        .query_map(params![sql(conversation_id), before, probe], message_from_row)
+                        .query_map(
+                            params![sql(conversation_id), before, probe],
+                            message_from_row,
+                        )
                         .map_err(internal)?;
                     rows.collect::<rusqlite::Result<_>>().map_err(internal)?
                 }
@@ -813,7 +845,10 @@ impl HistoryStore for SqliteStore {
                         ))
                         .map_err(internal)?;
                     let rows = stmt
-                        .query_map(params![sql(conversation_id), sql(cursor), probe], message_from_row)
+                        .query_map(
+                            params![sql(conversation_id), sql(cursor), probe],
+                            message_from_row,
+                        )
                         .map_err(internal)?;
                     rows.collect::<rusqlite::Result<_>>().map_err(internal)?
                 }
@@ -922,7 +957,11 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
-    async fn receipt_snapshot(&self, user: UserId, limit: u32) -> Result<Vec<proto::Receipt>, StoreError> {
+    async fn receipt_snapshot(
+        &self,
+        user: UserId,
+        limit: u32,
+    ) -> Result<Vec<proto::Receipt>, StoreError> {
         self.call(move |conn, _| {
             let mut stmt = conn
                 .prepare_cached(
@@ -966,8 +1005,10 @@ fn make_friends(conn: &Connection, a: UserId, b: UserId, now_ms: i64) -> Result<
             "INSERT OR IGNORE INTO friends (user_id, friend_id, since_ms) VALUES (?1, ?2, ?3)",
         )
         .map_err(internal)?;
-    stmt.execute(params![sql(a), sql(b), now_ms]).map_err(internal)?;
-    stmt.execute(params![sql(b), sql(a), now_ms]).map_err(internal)?;
+    stmt.execute(params![sql(a), sql(b), now_ms])
+        .map_err(internal)?;
+    stmt.execute(params![sql(b), sql(a), now_ms])
+        .map_err(internal)?;
     Ok(())
 }
 
@@ -984,7 +1025,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let id = {
             let store = SqliteStore::open(dir.path()).unwrap();
-            store.create_user("alice".into(), "hash".into(), 1).await.unwrap()
+            store
+                .create_user("alice".into(), "hash".into(), 1)
+                .await
+                .unwrap()
         };
         let store = SqliteStore::open(dir.path()).unwrap();
         let user = store.user_by_name("alice".into()).await.unwrap().unwrap();

@@ -71,7 +71,11 @@ enum Reply {
 }
 
 /// Runs the pre-authentication exchange. True once authenticated.
-async fn authenticate(session: &Arc<Session>, send: &mut SendStream, reader: &mut FrameReader) -> bool {
+async fn authenticate(
+    session: &Arc<Session>,
+    send: &mut SendStream,
+    reader: &mut FrameReader,
+) -> bool {
     let limits = &session.shared.config.limits;
     let mut failures = 0;
     loop {
@@ -79,7 +83,9 @@ async fn authenticate(session: &Arc<Session>, send: &mut SendStream, reader: &mu
             Ok(Some(frame)) => frame,
             Ok(None) => return false,
             Err(wire::ReadError::Frame(e)) => {
-                session.close_with(Some(send), e.code(), &e.to_string()).await;
+                session
+                    .close_with(Some(send), e.code(), &e.to_string())
+                    .await;
                 return false;
             }
             Err(_) => return false,
@@ -91,7 +97,11 @@ async fn authenticate(session: &Arc<Session>, send: &mut SendStream, reader: &mu
             Some(Body::Authenticate(a)) => resume(session, a).await,
             _ => {
                 session
-                    .close_with(Some(send), ErrorCode::Unauthenticated, "authenticate before anything else")
+                    .close_with(
+                        Some(send),
+                        ErrorCode::Unauthenticated,
+                        "authenticate before anything else",
+                    )
                     .await;
                 return false;
             }
@@ -112,7 +122,11 @@ async fn authenticate(session: &Arc<Session>, send: &mut SendStream, reader: &mu
                 tracing::info!(code = %refusal.code, failures, "authentication refused");
                 if failures >= limits.max_auth_attempts {
                     session
-                        .close_with(Some(send), refusal.code, "too many failed authentication attempts")
+                        .close_with(
+                            Some(send),
+                            refusal.code,
+                            "too many failed authentication attempts",
+                        )
                         .await;
                     return false;
                 }
@@ -124,7 +138,8 @@ async fn authenticate(session: &Arc<Session>, send: &mut SendStream, reader: &mu
 async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk, Refusal> {
     let username = auth::canonical_username(&r.username)
         .map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
-    auth::check_password(&r.password).map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
+    auth::check_password(&r.password)
+        .map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
     let password = r.password;
     let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
         .await
@@ -134,7 +149,10 @@ async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk
     let user_id = match store.create_user(username.clone(), hash, now_ms()).await {
         Ok(id) => id,
         Err(StoreError::Conflict) => {
-            return Err(Refusal::new(ErrorCode::UsernameTaken, "that username is taken"));
+            return Err(Refusal::new(
+                ErrorCode::UsernameTaken,
+                "that username is taken",
+            ));
         }
         Err(e) => return Err(e.into()),
     };
@@ -195,20 +213,38 @@ async fn resume(session: &Session, a: proto::Authenticate) -> Result<proto::Auth
         return Err(Refusal::new(ErrorCode::TokenInvalid, "unknown token"));
     };
     if record.revoked_at_ms.is_some() {
-        return Err(Refusal::new(ErrorCode::TokenRevoked, "token was revoked; log in again"));
+        return Err(Refusal::new(
+            ErrorCode::TokenRevoked,
+            "token was revoked; log in again",
+        ));
     }
     if record.expires_at_ms <= now_ms() {
-        return Err(Refusal::new(ErrorCode::TokenExpired, "token expired; log in again"));
+        return Err(Refusal::new(
+            ErrorCode::TokenExpired,
+            "token expired; log in again",
+        ));
     }
     let username = store
         .username(record.user_id)
         .await?
         .ok_or_else(|| Refusal::new(ErrorCode::TokenInvalid, "unknown token"))?;
     session.authenticate(record.user_id, username.clone(), token_hash);
-    Ok(auth_ok(session, record.user_id, username, String::new(), record.expires_at_ms))
+    Ok(auth_ok(
+        session,
+        record.user_id,
+        username,
+        String::new(),
+        record.expires_at_ms,
+    ))
 }
 
-fn auth_ok(_session: &Session, user_id: u64, username: String, token: String, expires: i64) -> proto::AuthOk {
+fn auth_ok(
+    _session: &Session,
+    user_id: u64,
+    username: String,
+    token: String,
+    expires: i64,
+) -> proto::AuthOk {
     proto::AuthOk {
         user_id,
         username,
@@ -220,16 +256,19 @@ fn auth_ok(_session: &Session, user_id: u64, username: String, token: String, ex
 }
 
 async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusal> {
-    let authed = session.authed().expect("control requests run after authentication");
+    let authed = session
+        .authed()
+        .expect("control requests run after authentication");
     let me = authed.user_id;
     let shared = &session.shared;
     let store = &shared.store;
     let rid = frame.request_id;
     let reply = |body| Ok(Reply::Frame(Frame::new(rid, body)));
     match frame.body {
-        Some(Body::Register(_) | Body::Login(_) | Body::Authenticate(_)) => {
-            Err(Refusal::new(ErrorCode::UnexpectedFrame, "this connection is already authenticated"))
-        }
+        Some(Body::Register(_) | Body::Login(_) | Body::Authenticate(_)) => Err(Refusal::new(
+            ErrorCode::UnexpectedFrame,
+            "this connection is already authenticated",
+        )),
         Some(Body::Logout(_)) => {
             store.revoke_session(authed.token_hash, now_ms()).await?;
             tracing::info!(user_id = me, "logged out");
@@ -242,12 +281,19 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 return Err(Refusal::new(ErrorCode::NotFound, "no such user"));
             };
             if target.id == me {
-                return Err(Refusal::new(ErrorCode::InvalidArgument, "cannot befriend yourself"));
+                return Err(Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    "cannot befriend yourself",
+                ));
             }
             check_friend_limit(session, me).await?;
             match store.friend_request(me, target.id, now_ms()).await? {
                 FriendRequestOutcome::Requested => {
-                    notify_friend(session, target.id, proto::friend_event::Kind::RequestReceived);
+                    notify_friend(
+                        session,
+                        target.id,
+                        proto::friend_event::Kind::RequestReceived,
+                    );
                 }
                 FriendRequestOutcome::Accepted => {
                     notify_friend(session, target.id, proto::friend_event::Kind::Accepted);
@@ -261,23 +307,34 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
         }
         Some(Body::FriendAccept(a)) => {
             check_friend_limit(session, me).await?;
-            store.friend_accept(me, a.user_id, now_ms()).await.map_err(|e| match e {
-                StoreError::NotFound => Refusal::new(ErrorCode::NotFound, "no pending request from that user"),
-                e => e.into(),
-            })?;
+            store
+                .friend_accept(me, a.user_id, now_ms())
+                .await
+                .map_err(|e| match e {
+                    StoreError::NotFound => {
+                        Refusal::new(ErrorCode::NotFound, "no pending request from that user")
+                    }
+                    e => e.into(),
+                })?;
             notify_friend(session, a.user_id, proto::friend_event::Kind::Accepted);
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::FriendDecline(d)) => {
             if !store.friend_decline(me, d.user_id).await? {
-                return Err(Refusal::new(ErrorCode::NotFound, "no pending request from that user"));
+                return Err(Refusal::new(
+                    ErrorCode::NotFound,
+                    "no pending request from that user",
+                ));
             }
             notify_friend(session, d.user_id, proto::friend_event::Kind::Declined);
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::FriendRemove(r)) => {
             if !store.friend_remove(me, r.user_id).await? {
-                return Err(Refusal::new(ErrorCode::NotFound, "not a friend or pending request"));
+                return Err(Refusal::new(
+                    ErrorCode::NotFound,
+                    "not a friend or pending request",
+                ));
             }
             notify_friend(session, r.user_id, proto::friend_event::Kind::Removed);
             reply(Body::Ok(proto::Ok {}))
@@ -285,7 +342,9 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
         Some(Body::ListFriends(_)) => {
             let lists = store.friends(me).await?;
             let refs = |v: Vec<(u64, String)>| {
-                v.into_iter().map(|(user_id, username)| proto::UserRef { user_id, username }).collect()
+                v.into_iter()
+                    .map(|(user_id, username)| proto::UserRef { user_id, username })
+                    .collect()
             };
             reply(Body::FriendList(proto::FriendList {
                 friends: refs(lists.friends),
@@ -295,7 +354,10 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
         }
         Some(Body::OpenDirect(o)) => {
             if o.user_id == me {
-                return Err(Refusal::new(ErrorCode::InvalidArgument, "a direct conversation needs another user"));
+                return Err(Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    "a direct conversation needs another user",
+                ));
             }
             if !store.are_friends(me, o.user_id).await? {
                 return Err(Refusal::new(ErrorCode::NotFriends, "only friends can chat"));
@@ -313,7 +375,10 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
         }
         Some(Body::HistoryQuery(q)) => {
             if !store.is_member(q.conversation_id, me).await? {
-                return Err(Refusal::new(ErrorCode::NotAMember, "not a member of this conversation"));
+                return Err(Refusal::new(
+                    ErrorCode::NotAMember,
+                    "not a member of this conversation",
+                ));
             }
             let limit = page_limit(q.limit, DEFAULT_HISTORY_PAGE);
             let direction = match proto::history_query::Direction::try_from(q.direction) {
@@ -326,7 +391,11 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             };
             let page = match cached {
                 Some(page) => page,
-                None => store.history(q.conversation_id, direction, q.cursor, limit).await?,
+                None => {
+                    store
+                        .history(q.conversation_id, direction, q.cursor, limit)
+                        .await?
+                }
             };
             reply(Body::HistoryPage(proto::HistoryPage {
                 messages: page.messages.iter().map(|m| (**m).clone()).collect(),
@@ -342,13 +411,20 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
 }
 
 fn page_limit(asked: u32, default: u32) -> u32 {
-    if asked == 0 { default } else { asked.min(MAX_PAGE_SIZE) }
+    if asked == 0 {
+        default
+    } else {
+        asked.min(MAX_PAGE_SIZE)
+    }
 }
 
 async fn check_friend_limit(session: &Session, me: u64) -> Result<(), Refusal> {
     let max = session.shared.config.limits.max_friends;
     if session.shared.store.friend_count(me).await? >= max {
-        return Err(Refusal::new(ErrorCode::LimitReached, format!("at most {max} friends")));
+        return Err(Refusal::new(
+            ErrorCode::LimitReached,
+            format!("at most {max} friends"),
+        ));
     }
     Ok(())
 }
@@ -357,9 +433,15 @@ fn notify_friend(session: &Session, user: u64, kind: proto::friend_event::Kind) 
     let authed = session.authed().expect("authenticated");
     let event = Frame::push(Body::FriendEvent(proto::FriendEvent {
         kind: kind as i32,
-        user: Some(proto::UserRef { user_id: authed.user_id, username: authed.username.clone() }),
+        user: Some(proto::UserRef {
+            user_id: authed.user_id,
+            username: authed.username.clone(),
+        }),
     }));
-    session.shared.hub.push(user, StreamKind::Control, &Outbound::frame(&event), None);
+    session
+        .shared
+        .hub
+        .push(user, StreamKind::Control, &Outbound::frame(&event), None);
 }
 
 /// The wire form of a conversation.

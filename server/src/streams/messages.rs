@@ -47,7 +47,11 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
             Some(Body::Send(send)) => match validate(&session, send) {
                 Ok(message) => {
                     delivery
-                        .submit(SendJob { message, request_id, session: handle.clone() })
+                        .submit(SendJob {
+                            message,
+                            request_id,
+                            session: handle.clone(),
+                        })
                         .await
                 }
                 Err(refusal) => Err(refusal),
@@ -59,7 +63,12 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                     kind: WatermarkKind::Delivered,
                     seq: ack.seq,
                 };
-                delivery.mark(MarkJob { update, reply: None }).await
+                delivery
+                    .mark(MarkJob {
+                        update,
+                        reply: None,
+                    })
+                    .await
             }
             Some(other) => Err(Refusal::new(
                 ErrorCode::UnexpectedFrame,
@@ -68,7 +77,10 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
             None => Err(Refusal::new(ErrorCode::MalformedFrame, "empty frame")),
         };
         if let Err(refusal) = result {
-            handle.push(StreamKind::Messages, Outbound::frame(&refusal.to_frame(request_id)));
+            handle.push(
+                StreamKind::Messages,
+                Outbound::frame(&refusal.to_frame(request_id)),
+            );
         }
     }
 }
@@ -84,22 +96,40 @@ fn validate(session: &Session, send: proto::Send) -> Result<NewMessage, Refusal>
         ));
     }
     if send.conversation_id == 0 {
-        return Err(Refusal::new(ErrorCode::InvalidArgument, "conversation_id is required"));
+        return Err(Refusal::new(
+            ErrorCode::InvalidArgument,
+            "conversation_id is required",
+        ));
     }
     let message_type = match proto::MessageType::try_from(send.r#type) {
         Ok(proto::MessageType::Text) => proto::MessageType::Text,
         Ok(proto::MessageType::Photo) => {
-            return Err(Refusal::new(ErrorCode::InvalidArgument, "photo messages are not supported yet"));
+            return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                "photo messages are not supported yet",
+            ));
         }
-        _ => return Err(Refusal::new(ErrorCode::InvalidArgument, "clients may send TEXT messages only")),
+        _ => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                "clients may send TEXT messages only",
+            ));
+        }
     };
     if send.text.trim().is_empty() {
-        return Err(Refusal::new(ErrorCode::EmptyMessage, "message text is empty"));
+        return Err(Refusal::new(
+            ErrorCode::EmptyMessage,
+            "message text is empty",
+        ));
     }
     if send.text.len() > limits.max_text_len {
         return Err(Refusal::new(
             ErrorCode::MessageTooLarge,
-            format!("text is {} bytes; the limit is {}", send.text.len(), limits.max_text_len),
+            format!(
+                "text is {} bytes; the limit is {}",
+                send.text.len(),
+                limits.max_text_len
+            ),
         ));
     }
     Ok(NewMessage {
@@ -112,20 +142,26 @@ fn validate(session: &Session, send: proto::Send) -> Result<NewMessage, Refusal>
     })
 }
 
-async fn writer(session: Arc<Session>, mut send: SendStream, mut queue: tokio::sync::mpsc::Receiver<Outbound>) {
+async fn writer(
+    session: Arc<Session>,
+    mut send: SendStream,
+    mut queue: tokio::sync::mpsc::Receiver<Outbound>,
+) {
     let Some(sent) = catch_up(&session, &mut send).await else {
         return;
     };
     let mut sent = sent;
-    wire::write_loop(&session.conn, &mut send, &mut queue, |out| match out.deliver {
-        Some((conversation, seq)) if !sent.is_empty() => match sent.get(&conversation) {
-            Some(&last) if seq <= last => false,
-            _ => {
-                sent.remove(&conversation);
-                true
-            }
-        },
-        _ => true,
+    wire::write_loop(&session.conn, &mut send, &mut queue, |out| {
+        match out.deliver {
+            Some((conversation, seq)) if !sent.is_empty() => match sent.get(&conversation) {
+                Some(&last) if seq <= last => false,
+                _ => {
+                    sent.remove(&conversation);
+                    true
+                }
+            },
+            _ => true,
+        }
     })
     .await;
 }
@@ -138,7 +174,10 @@ async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u6
     let mut sent: HashMap<u64, u64> = HashMap::new();
     let mut cursor = (0, 0);
     loop {
-        let page = match store.undelivered(authed.user_id, cursor, CATCH_UP_PAGE).await {
+        let page = match store
+            .undelivered(authed.user_id, cursor, CATCH_UP_PAGE)
+            .await
+        {
             Ok(page) => page,
             Err(e) => {
                 // The client will be caught up on its next connection.
@@ -153,7 +192,9 @@ async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u6
         let mut buf = BytesMut::new();
         for message in &page {
             sent.insert(message.conversation_id, message.seq);
-            let frame = Frame::push(Body::Deliver(proto::Deliver { message: Some((**message).clone()) }));
+            let frame = Frame::push(Body::Deliver(proto::Deliver {
+                message: Some((**message).clone()),
+            }));
             chat_protocol::encode(&frame, &mut buf);
         }
         let mut chunks: [Bytes; 1] = [buf.freeze()];

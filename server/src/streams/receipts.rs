@@ -45,15 +45,26 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                 // Membership is enforced by the store: a non-member's
                 // update matches no row and moves nothing. Answer the
                 // refusal explicitly so the client knows.
-                match session.shared.store.is_member(mark.conversation_id, authed.user_id).await {
+                match session
+                    .shared
+                    .store
+                    .is_member(mark.conversation_id, authed.user_id)
+                    .await
+                {
                     Ok(true) => {
                         session
                             .shared
                             .delivery
-                            .mark(MarkJob { update, reply: Some((request_id, handle.clone())) })
+                            .mark(MarkJob {
+                                update,
+                                reply: Some((request_id, handle.clone())),
+                            })
                             .await
                     }
-                    Ok(false) => Err(Refusal::new(ErrorCode::NotAMember, "not a member of this conversation")),
+                    Ok(false) => Err(Refusal::new(
+                        ErrorCode::NotAMember,
+                        "not a member of this conversation",
+                    )),
                     Err(e) => Err(e.into()),
                 }
             }
@@ -64,17 +75,32 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
             None => Err(Refusal::new(ErrorCode::MalformedFrame, "empty frame")),
         };
         if let Err(refusal) = result {
-            handle.push(StreamKind::Receipts, Outbound::frame(&refusal.to_frame(request_id)));
+            handle.push(
+                StreamKind::Receipts,
+                Outbound::frame(&refusal.to_frame(request_id)),
+            );
         }
     }
 }
 
-async fn writer(session: Arc<Session>, mut send: SendStream, mut queue: tokio::sync::mpsc::Receiver<Outbound>) {
+async fn writer(
+    session: Arc<Session>,
+    mut send: SendStream,
+    mut queue: tokio::sync::mpsc::Receiver<Outbound>,
+) {
     let authed = session.authed().expect("authenticated");
-    match session.shared.store.receipt_snapshot(authed.user_id, SNAPSHOT_CONVERSATIONS).await {
+    match session
+        .shared
+        .store
+        .receipt_snapshot(authed.user_id, SNAPSHOT_CONVERSATIONS)
+        .await
+    {
         Ok(receipts) => {
             let mut buf = bytes::BytesMut::new();
-            for receipt in receipts.into_iter().filter(|r| r.delivered_seq > 0 || r.seen_seq > 0) {
+            for receipt in receipts
+                .into_iter()
+                .filter(|r| r.delivered_seq > 0 || r.seen_seq > 0)
+            {
                 chat_protocol::encode(&Frame::push(Body::Receipt(receipt)), &mut buf);
             }
             if !buf.is_empty() && send.write_all(&buf).await.is_err() {
@@ -85,4 +111,3 @@ async fn writer(session: Arc<Session>, mut send: SendStream, mut queue: tokio::s
     }
     wire::write_loop(&session.conn, &mut send, &mut queue, |_| true).await;
 }
-

@@ -1,0 +1,259 @@
+//! A terminal chat client: log in (or register), manage friends, open a
+//! conversation and chat, with ✓ (sent), ✓✓ (delivered) and "seen" marks.
+//!
+//! ```text
+//! cargo run -p chat-client --example chat -- --ca data/certs/ca.pem --user alice --register
+//! ```
+//!
+//! Commands: `/friends`, `/add NAME`, `/accept NAME`, `/chats`, `/open NAME`,
+//! `/history`, `/quit`; any other line is sent to the open conversation.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use chat_client::{Client, ClientConfig, Event, HistoryDirection, proto};
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[derive(Parser)]
+#[command(about = "Terminal chat against a chat-server")]
+struct Args {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    server: SocketAddr,
+    /// Name on the server's certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// CA certificate to trust (the server prints where its dev CA is).
+    #[arg(long, default_value = "data/certs/ca.pem")]
+    ca: PathBuf,
+    /// User name.
+    #[arg(long)]
+    user: String,
+    /// Password (asked on stdin when omitted).
+    #[arg(long, env = "CHAT_PASSWORD")]
+    password: Option<String>,
+    /// Create the account first.
+    #[arg(long)]
+    register: bool,
+}
+
+/// What the screen remembers about the open conversation.
+#[derive(Default)]
+struct Screen {
+    /// Open conversation and the friend it is with.
+    open: Option<(u64, String)>,
+    /// User id -> name, for printing senders.
+    names: HashMap<u64, String>,
+    /// (conversation, member) -> (delivered, seen) last shown.
+    receipts: HashMap<(u64, u64), (u64, u64)>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let password = match args.password {
+        Some(p) => p,
+        None => {
+            println!("password for {}:", args.user);
+            lines.next_line().await?.context("no password given")?
+        }
+    };
+    let config = ClientConfig::new(args.server, args.server_name).with_ca_file(&args.ca)?;
+    let (client, mut events) = if args.register {
+        Client::register(config, &args.user, &password).await?
+    } else {
+        Client::login(config, &args.user, &password).await?
+    };
+    let me = client.identity();
+    println!(
+        "logged in as {} (id {}). /friends /add /accept /chats /open /history /quit",
+        me.username, me.user_id
+    );
+    let mut screen = Screen::default();
+    screen.names.insert(me.user_id, me.username.clone());
+    refresh_friends(&client, &mut screen).await?;
+
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line? else { break };
+                match command(&client, &mut screen, line.trim()).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => println!("! {e}"),
+                }
+            }
+            event = events.next() => {
+                let Some(event) = event else { break };
+                show(&client, &mut screen, event).await;
+            }
+        }
+    }
+    client.close();
+    Ok(())
+}
+
+async fn refresh_friends(client: &Client, screen: &mut Screen) -> Result<proto::FriendList> {
+    let list = client.friends().await?;
+    for user in list
+        .friends
+        .iter()
+        .chain(&list.incoming)
+        .chain(&list.outgoing)
+    {
+        screen.names.insert(user.user_id, user.username.clone());
+    }
+    Ok(list)
+}
+
+fn id_of(screen: &Screen, name: &str) -> Result<u64> {
+    screen
+        .names
+        .iter()
+        .find(|(_, n)| n.as_str() == name)
+        .map(|(id, _)| *id)
+        .with_context(|| format!("{name} is not in your friends or requests (try /friends)"))
+}
+
+/// Runs one input line; false to quit.
+async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<bool> {
+    let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+    match cmd {
+        "" => {}
+        "/quit" => return Ok(false),
+        "/friends" => {
+            let list = refresh_friends(client, screen).await?;
+            let names = |v: &[proto::UserRef]| {
+                v.iter()
+                    .map(|u| u.username.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!("friends: {}", names(&list.friends));
+            println!("requests to you: {}", names(&list.incoming));
+            println!("your requests: {}", names(&list.outgoing));
+        }
+        "/add" => {
+            client.send_friend_request(rest).await?;
+            println!("friend request sent to {rest}");
+        }
+        "/accept" => {
+            refresh_friends(client, screen).await?;
+            client.accept_friend(id_of(screen, rest)?).await?;
+            println!("you and {rest} are now friends");
+        }
+        "/chats" => {
+            for c in client.conversations(20, 0).await? {
+                let with: Vec<_> = c
+                    .members
+                    .iter()
+                    .filter(|m| m.user_id != client.identity().user_id)
+                    .map(|m| m.username.clone())
+                    .collect();
+                let preview = c.last_message.map(|m| m.text).unwrap_or_default();
+                println!(
+                    "{:>3} unread  {}: {}",
+                    c.unread_count,
+                    with.join(", "),
+                    preview
+                );
+            }
+        }
+        "/open" => {
+            refresh_friends(client, screen).await?;
+            let info = client.open_direct(id_of(screen, rest)?).await?;
+            screen.open = Some((info.conversation_id, rest.to_string()));
+            println!("-- chatting with {rest} --");
+            print_history(client, screen, info.conversation_id).await?;
+        }
+        "/history" => {
+            let Some((conversation, _)) = screen.open.clone() else {
+                bail!("no conversation open (/open NAME)")
+            };
+            print_history(client, screen, conversation).await?;
+        }
+        _ if cmd.starts_with('/') => bail!("unknown command {cmd}"),
+        _ => {
+            let Some((conversation, _)) = screen.open.clone() else {
+                bail!("no conversation open (/open NAME)")
+            };
+            let ack = client.send_text(conversation, line).await?;
+            println!("  ✓ sent (#{})", ack.seq);
+        }
+    }
+    Ok(true)
+}
+
+async fn print_history(client: &Client, screen: &Screen, conversation: u64) -> Result<()> {
+    let page = client
+        .history(conversation, HistoryDirection::Backward, 0, 20)
+        .await?;
+    let last = page.messages.last().map(|m| m.seq);
+    for m in &page.messages {
+        let who = screen
+            .names
+            .get(&m.sender_id)
+            .cloned()
+            .unwrap_or_else(|| m.sender_id.to_string());
+        println!("#{:<4} {who}: {}", m.seq, m.text);
+    }
+    if let Some(seq) = last {
+        client.mark_seen(conversation, seq).await?;
+    }
+    Ok(())
+}
+
+async fn show(client: &Client, screen: &mut Screen, event: Event) {
+    match event {
+        Event::Message(m) => {
+            let who = screen
+                .names
+                .get(&m.sender_id)
+                .cloned()
+                .unwrap_or_else(|| m.sender_id.to_string());
+            println!("#{:<4} {who}: {}", m.seq, m.text);
+            // Reading it on screen counts as seen when its chat is open.
+            if screen
+                .open
+                .as_ref()
+                .is_some_and(|(c, _)| *c == m.conversation_id)
+            {
+                let _ = client.mark_seen(m.conversation_id, m.seq).await;
+            }
+        }
+        Event::Receipt(r) => {
+            let who = screen
+                .names
+                .get(&r.user_id)
+                .cloned()
+                .unwrap_or_else(|| r.user_id.to_string());
+            let shown = screen
+                .receipts
+                .entry((r.conversation_id, r.user_id))
+                .or_default();
+            // Receipts carry absolute watermarks; show only what moved.
+            if r.delivered_seq > shown.0 {
+                println!("  ✓✓ delivered to {who} up to #{}", r.delivered_seq);
+            }
+            if r.seen_seq > shown.1 {
+                println!("  seen by {who} up to #{}", r.seen_seq);
+            }
+            *shown = (shown.0.max(r.delivered_seq), shown.1.max(r.seen_seq));
+        }
+        Event::Friend(f) => {
+            let kind = proto::friend_event::Kind::try_from(f.kind).unwrap_or_default();
+            if let Some(user) = f.user {
+                screen.names.insert(user.user_id, user.username.clone());
+                println!("* {}: {:?}", user.username, kind);
+            }
+        }
+        Event::Connected => println!("* reconnected"),
+        Event::Disconnected { code } => println!("* connection lost ({code:?}); reconnecting"),
+        Event::SessionEnded { code } => println!("* session ended ({code}); log in again"),
+        _ => {}
+    }
+}
