@@ -5,7 +5,7 @@
 //! cargo run -p chat-client --example chat -- --ca data/certs/ca.pem --user alice --register
 //! ```
 //!
-//! Commands: `/friends`, `/add NAME`, `/accept NAME`, `/chats`, `/open NAME`,
+//! Commands: `/friends` (with online / last active), `/add NAME`, `/accept NAME`, `/chats`, `/open NAME`,
 //! `/history`, `/quit`; any other line is sent to the open conversation.
 
 use std::collections::HashMap;
@@ -134,6 +134,16 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
                     .join(", ")
             };
             println!("friends: {}", names(&list.friends));
+            // Watch the friends now on screen; changes arrive as events.
+            let ids: Vec<u64> = list.friends.iter().map(|f| f.user_id).collect();
+            for state in client.subscribe_presence(&ids).await? {
+                let who = screen
+                    .names
+                    .get(&state.user_id)
+                    .cloned()
+                    .unwrap_or_default();
+                println!("  {who}: {}", describe(&state));
+            }
             println!("requests to you: {}", names(&list.incoming));
             println!("your requests: {}", names(&list.outgoing));
         }
@@ -251,9 +261,39 @@ async fn show(client: &Client, screen: &mut Screen, event: Event) {
                 println!("* {}: {:?}", user.username, kind);
             }
         }
+        Event::Presence(state) => {
+            let who = screen
+                .names
+                .get(&state.user_id)
+                .cloned()
+                .unwrap_or_else(|| state.user_id.to_string());
+            println!("* {who} is {}", describe(&state));
+        }
         Event::Connected => println!("* reconnected"),
         Event::Disconnected { code } => println!("* connection lost ({code:?}); reconnecting"),
         Event::SessionEnded { code } => println!("* session ended ({code}); log in again"),
         _ => {}
     }
+}
+
+/// "online" or "active 5m ago", the way Messenger shows it.
+fn describe(state: &proto::PresenceState) -> String {
+    if state.online {
+        return "online".into();
+    }
+    if state.last_active_ms == 0 {
+        return "offline".into();
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let secs = ((now_ms - state.last_active_ms).max(0) / 1000) as u64;
+    let ago = match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m", secs / 60),
+        3600..=86_399 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    };
+    format!("active {ago} ago")
 }

@@ -24,6 +24,9 @@ pub enum Event {
     Receipt(proto::Receipt),
     /// A friend request, acceptance, decline or removal.
     Friend(proto::FriendEvent),
+    /// A watched friend came online, went offline, or changed their
+    /// last-active time (see [`Client::subscribe_presence`]).
+    Presence(proto::PresenceState),
     /// The connection is (re-)established and authenticated.
     Connected,
     /// The connection was lost; the client is reconnecting unless
@@ -102,6 +105,12 @@ pub(crate) struct Inner {
     closed: AtomicBool,
     reconnect: Notify,
     connected: watch::Sender<bool>,
+    /// Send heartbeats (the app may stop them, e.g. in the background).
+    pub(crate) heartbeats: AtomicBool,
+    /// Users whose presence the app watches; re-subscribed on reconnect.
+    watching: Mutex<Vec<u64>>,
+    /// Latest known presence per watched user.
+    presence: Mutex<HashMap<u64, proto::PresenceState>>,
 }
 
 impl Inner {
@@ -165,6 +174,19 @@ impl Inner {
             .complete(request_id, result);
     }
 
+    /// Applies presence states from the server and tells the app.
+    pub(crate) async fn presence_changed(&self, states: Vec<proto::PresenceState>) {
+        {
+            let mut known = self.presence.lock().expect("presence lock");
+            for state in &states {
+                known.insert(state.user_id, *state);
+            }
+        }
+        for state in states {
+            let _ = self.events.send(Event::Presence(state)).await;
+        }
+    }
+
     fn live(&self) -> Option<Live> {
         self.live.lock().expect("live lock").clone()
     }
@@ -178,7 +200,7 @@ impl Inner {
         }
         *self.live.lock().expect("live lock") = Some(live);
         drop(outbox);
-        let _ = self.connected.send(true);
+        let _ = self.connected.send_replace(true);
     }
 
     fn fail_pending(&self, error: &ClientError) {
@@ -249,6 +271,9 @@ impl Client {
             closed: AtomicBool::new(false),
             reconnect: Notify::new(),
             connected: watch::channel(false).0,
+            heartbeats: AtomicBool::new(true),
+            watching: Mutex::new(Vec::new()),
+            presence: Mutex::new(HashMap::new()),
             config,
         });
         let (live, auth) = connection::connect(&inner, &credential).await?;
@@ -456,6 +481,49 @@ impl Client {
         }
     }
 
+    /// Watches the presence of these friends (e.g. the ones on screen),
+    /// replacing the previous list; returns their current state. Changes
+    /// then arrive as [`Event::Presence`]. The list is re-sent after every
+    /// reconnect.
+    pub async fn subscribe_presence(
+        &self,
+        user_ids: &[u64],
+    ) -> Result<Vec<proto::PresenceState>, ClientError> {
+        *self.inner.watching.lock().expect("watching lock") = user_ids.to_vec();
+        let states = subscribe(&self.inner, user_ids.to_vec()).await?;
+        let mut known = self.inner.presence.lock().expect("presence lock");
+        known.retain(|id, _| user_ids.contains(id));
+        for state in &states {
+            known.insert(state.user_id, *state);
+        }
+        Ok(states)
+    }
+
+    /// The latest known presence of a watched user.
+    pub fn presence(&self, user_id: u64) -> Option<proto::PresenceState> {
+        self.inner
+            .presence
+            .lock()
+            .expect("presence lock")
+            .get(&user_id)
+            .cloned()
+    }
+
+    /// Hides (`true`) or shows this user's online status to everyone.
+    pub async fn set_presence_hidden(&self, hidden: bool) -> Result<(), ClientError> {
+        self.expect_ok(Body::SetPresenceVisibility(proto::SetPresenceVisibility {
+            hidden,
+        }))
+        .await
+    }
+
+    /// Stops (`false`) or resumes heartbeats. Without heartbeats the server
+    /// shows this user offline after its presence window even though the
+    /// connection stays open (e.g. while the app is in the background).
+    pub fn set_heartbeats(&self, enabled: bool) {
+        self.inner.heartbeats.store(enabled, Ordering::Relaxed);
+    }
+
     /// Revokes this session's token and disconnects for good.
     pub async fn logout(&self) -> Result<(), ClientError> {
         self.expect_ok(Body::Logout(proto::Logout {})).await?;
@@ -489,41 +557,58 @@ impl Client {
 
     /// Sends a request on a stream and waits for its answer.
     async fn request(&self, kind: StreamKind, body: Body) -> Result<Body, ClientError> {
-        if self.inner.closed.load(Ordering::Relaxed) {
-            return Err(ClientError::Closed);
-        }
-        let live = self.inner.live().ok_or(ClientError::Disconnected)?;
-        let request_id = self.inner.next_request_id();
-        let (tx, rx) = oneshot::channel();
-        self.inner
+        request(&self.inner, kind, body).await
+    }
+}
+
+/// Sends a request on a stream of the live connection and waits for its
+/// answer.
+async fn request(inner: &Inner, kind: StreamKind, body: Body) -> Result<Body, ClientError> {
+    if inner.closed.load(Ordering::Relaxed) {
+        return Err(ClientError::Closed);
+    }
+    let live = inner.live().ok_or(ClientError::Disconnected)?;
+    let request_id = inner.next_request_id();
+    let (tx, rx) = oneshot::channel();
+    inner
+        .pending
+        .lock()
+        .expect("pending lock")
+        .insert(request_id, tx);
+    if live
+        .writer(kind)
+        .send(connection::encode(&Frame::new(request_id, body)))
+        .is_err()
+    {
+        inner
             .pending
             .lock()
             .expect("pending lock")
-            .insert(request_id, tx);
-        if live
-            .writer(kind)
-            .send(connection::encode(&Frame::new(request_id, body)))
-            .is_err()
-        {
-            self.inner
+            .remove(&request_id);
+        return Err(ClientError::Disconnected);
+    }
+    match tokio::time::timeout(inner.config.request_timeout, rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(ClientError::Disconnected),
+        Err(_) => {
+            inner
                 .pending
                 .lock()
                 .expect("pending lock")
                 .remove(&request_id);
-            return Err(ClientError::Disconnected);
+            Err(ClientError::Timeout)
         }
-        match tokio::time::timeout(self.inner.config.request_timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ClientError::Disconnected),
-            Err(_) => {
-                self.inner
-                    .pending
-                    .lock()
-                    .expect("pending lock")
-                    .remove(&request_id);
-                Err(ClientError::Timeout)
-            }
-        }
+    }
+}
+
+async fn subscribe(
+    inner: &Inner,
+    user_ids: Vec<u64>,
+) -> Result<Vec<proto::PresenceState>, ClientError> {
+    let body = Body::SubscribePresence(proto::SubscribePresence { user_ids });
+    match request(inner, StreamKind::Control, body).await? {
+        Body::PresenceSnapshot(snapshot) => Ok(snapshot.states),
+        other => Err(unexpected(&other)),
     }
 }
 
@@ -559,7 +644,7 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
             }
         };
         *inner.live.lock().expect("live lock") = None;
-        let _ = inner.connected.send(false);
+        let _ = inner.connected.send_replace(false);
         let error = ClientError::from_connection(&reason);
         inner.fail_pending(&error);
         if inner.closed.load(Ordering::Relaxed) {
@@ -597,6 +682,16 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                     conn = live.conn.clone();
                     inner.install(live);
                     let _ = inner.events.send(Event::Connected).await;
+                    // Presence may have changed while we were away.
+                    let watching = inner.watching.lock().expect("watching lock").clone();
+                    if !watching.is_empty() {
+                        let inner = inner.clone();
+                        tokio::spawn(async move {
+                            if let Ok(states) = subscribe(&inner, watching).await {
+                                inner.presence_changed(states).await;
+                            }
+                        });
+                    }
                     break;
                 }
                 Err(e) => {

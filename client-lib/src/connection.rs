@@ -129,6 +129,15 @@ pub(crate) async fn connect(
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     tokio::spawn(ack_loop(ack_rx, live.messages.clone()));
     tokio::spawn(read_loop(inner.clone(), reader, StreamKind::Control, None));
+    if auth_ok.heartbeat_interval_ms > 0 {
+        let interval = std::time::Duration::from_millis(auth_ok.heartbeat_interval_ms.into());
+        tokio::spawn(heartbeat_loop(
+            inner.clone(),
+            live.conn.clone(),
+            live.control.clone(),
+            interval,
+        ));
+    }
     tokio::spawn(read_loop(
         inner.clone(),
         FrameReader::new(mr),
@@ -171,6 +180,29 @@ async fn write_loop(mut send: SendStream, mut rx: mpsc::UnboundedReceiver<Bytes>
         batch.clear();
     }
     let _ = send.finish();
+}
+
+/// Sends a heartbeat every `interval` while the connection lives (and the
+/// app has not paused heartbeats).
+async fn heartbeat_loop(
+    inner: Arc<Inner>,
+    conn: quinn::Connection,
+    control: mpsc::UnboundedSender<Bytes>,
+    interval: std::time::Duration,
+) {
+    let heartbeat = encode(&Frame::push(Body::Heartbeat(proto::Heartbeat {})));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = conn.closed() => return,
+        }
+        if inner.heartbeats.load(std::sync::atomic::Ordering::Relaxed)
+            && control.send(heartbeat.clone()).is_err()
+        {
+            return;
+        }
+    }
 }
 
 /// Coalesces delivery acks: whatever piled up while the previous ack was
@@ -238,6 +270,7 @@ async fn read_loop(
             Some(Body::FriendEvent(event)) => {
                 let _ = inner.events.send(Event::Friend(event)).await;
             }
+            Some(Body::PresenceUpdate(update)) => inner.presence_changed(update.states).await,
             Some(Body::Error(e)) if kind == StreamKind::Messages && request_id != 0 => {
                 inner.send_answered(request_id, Err(ClientError::server(&e)));
             }

@@ -98,6 +98,11 @@ impl Body {
             Body::DeliveryAck(_) => "delivery_ack",
             Body::MarkSeen(_) => "mark_seen",
             Body::Receipt(_) => "receipt",
+            Body::Heartbeat(_) => "heartbeat",
+            Body::SubscribePresence(_) => "subscribe_presence",
+            Body::PresenceSnapshot(_) => "presence_snapshot",
+            Body::PresenceUpdate(_) => "presence_update",
+            Body::SetPresenceVisibility(_) => "set_presence_visibility",
         }
     }
 }

@@ -76,6 +76,12 @@ struct Overrides {
     /// Friends per user.
     #[arg(long, env = "CHAT_MAX_FRIENDS")]
     max_friends: Option<u64>,
+    /// Client heartbeat interval, e.g. 15s.
+    #[arg(long, env = "CHAT_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// Online window = heartbeat-interval x this.
+    #[arg(long, env = "CHAT_PRESENCE_TTL_MULTIPLE")]
+    presence_ttl_multiple: Option<u32>,
     /// Idle timeout, e.g. 30s.
     #[arg(long, env = "CHAT_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
@@ -119,6 +125,11 @@ impl Overrides {
         set(&mut c.limits.session_ttl, self.session_ttl);
         set(&mut c.limits.auth_timeout, self.auth_timeout);
         set(&mut c.limits.max_friends, self.max_friends);
+        set(&mut c.limits.heartbeat_interval, self.heartbeat_interval);
+        set(
+            &mut c.limits.presence_ttl_multiple,
+            self.presence_ttl_multiple,
+        );
         set(&mut c.transport.idle_timeout, self.idle_timeout);
         set(
             &mut c.transport.keep_alive_interval,

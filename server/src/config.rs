@@ -22,6 +22,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory for the embedded database, dev certificates and media.
     pub data_dir: PathBuf,
+    /// This node's name in presence records (default: its listen address).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
     /// TLS certificate and key.
     pub tls: TlsConfig,
     /// Per-user and per-frame limits.
@@ -63,6 +66,14 @@ pub struct Limits {
     /// Failed Register / Login / Authenticate attempts allowed on one
     /// connection before the server closes it.
     pub max_auth_attempts: u32,
+    /// How often clients send a heartbeat (announced at login).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A user counts as online while activity arrived within
+    /// `heartbeat-interval x presence-ttl-multiple`.
+    pub presence_ttl_multiple: u32,
+    /// Users one connection may watch the presence of.
+    pub max_presence_subscriptions: usize,
 }
 
 /// QUIC transport settings.
@@ -97,6 +108,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
             data_dir: PathBuf::from("./data"),
+            node_id: None,
             tls: TlsConfig::default(),
             limits: Limits::default(),
             transport: Transport::default(),
@@ -113,6 +125,9 @@ impl Default for Limits {
             auth_timeout: Duration::from_secs(10),
             max_friends: 5_000,
             max_auth_attempts: 5,
+            heartbeat_interval: Duration::from_secs(15),
+            presence_ttl_multiple: 3,
+            max_presence_subscriptions: 500,
         }
     }
 }
@@ -184,8 +199,27 @@ impl Config {
         if l.max_auth_attempts == 0 {
             return err("max-auth-attempts must be at least 1".into());
         }
+        if l.heartbeat_interval < Duration::from_millis(100) {
+            return err("heartbeat-interval must be at least 100ms".into());
+        }
+        if l.presence_ttl_multiple < 2 {
+            return err(format!(
+                "presence-ttl-multiple = {} must be at least 2, or one late heartbeat shows a user offline",
+                l.presence_ttl_multiple
+            ));
+        }
+        if l.max_presence_subscriptions == 0 {
+            return err("max-presence-subscriptions must be at least 1".into());
+        }
         if t.idle_timeout.is_zero() {
             return err("idle-timeout must be more than 0s".into());
+        }
+        if l.heartbeat_interval >= t.idle_timeout {
+            return err(format!(
+                "heartbeat-interval ({}) must be shorter than idle-timeout ({}), or idle connections time out between heartbeats",
+                humantime::format_duration(l.heartbeat_interval),
+                humantime::format_duration(t.idle_timeout)
+            ));
         }
         if t.idle_timeout.as_millis() >= (1u128 << 62) {
             return err("idle-timeout is too large".into());

@@ -15,7 +15,9 @@ use crate::certs::{self, ServerIdentity};
 use crate::config::Config;
 use crate::delivery::{Delivery, DeliveryTasks};
 use crate::hub::Hub;
+use crate::presence::Presence;
 use crate::session;
+use crate::store::presence::{MemoryPresenceStore, PresenceStore};
 use crate::store::recent::{DEFAULT_MAX_CONVERSATIONS, MemoryRecentCache};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{HistoryStore, RecentCache};
@@ -63,6 +65,8 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     /// The delivery pipeline.
     pub delivery: Arc<Delivery>,
+    /// Online status tracking.
+    pub presence: Arc<Presence>,
 }
 
 /// A running chat server.
@@ -99,7 +103,20 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        let node = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| local_addr.to_string());
+        let presence_store: Arc<dyn PresenceStore> = Arc::new(MemoryPresenceStore::default());
+        let presence = Presence::start(
+            node,
+            config.limits.heartbeat_interval,
+            config.limits.presence_ttl_multiple,
+            presence_store,
+            store.clone(),
+        );
         let shared = Arc::new(Shared {
+            presence,
             codec: Codec::new(config.limits.max_frame_len),
             config,
             store,

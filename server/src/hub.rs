@@ -7,7 +7,7 @@
 //! client resumes from its watermark when it reconnects.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use chat_protocol::{ErrorCode, StreamKind};
 use dashmap::DashMap;
@@ -32,6 +32,8 @@ pub struct SessionHandle {
     messages: mpsc::Sender<Outbound>,
     receipts: mpsc::Sender<Outbound>,
     closed: AtomicBool,
+    /// Unix ms of the latest frame from the client (presence activity).
+    last_activity_ms: AtomicI64,
 }
 
 /// The receiving ends of a session's queues, taken by each stream's writer
@@ -63,6 +65,7 @@ impl SessionHandle {
             messages,
             receipts,
             closed: AtomicBool::new(false),
+            last_activity_ms: AtomicI64::new(0),
         });
         let queues = SessionQueues {
             control: Some(control_rx),
@@ -70,6 +73,16 @@ impl SessionHandle {
             receipts: Some(receipts_rx),
         };
         (handle, queues)
+    }
+
+    /// Records client activity (any frame counts).
+    pub fn touch(&self, now_ms: i64) {
+        self.last_activity_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Unix ms of the latest client activity.
+    pub fn last_activity_ms(&self) -> i64 {
+        self.last_activity_ms.load(Ordering::Relaxed)
     }
 
     /// Queues a frame for one of this session's streams without waiting.

@@ -12,6 +12,8 @@
 //! * [`delivery`]: the group-commit pipeline every send and receipt goes
 //!   through: durable first, then ack, then fan-out.
 //! * [`hub`]: the node's connected sessions and their outbound queues.
+//! * [`presence`]: online status, last-active times, coalesced updates to
+//!   subscribed friends.
 //! * [`store`]: storage traits and backends (embedded SQLite now).
 //! * [`auth`], [`certs`], [`config`], [`error`], [`wire`]: the supporting
 //!   cast.
@@ -27,6 +29,7 @@ pub mod delivery;
 pub mod endpoint;
 pub mod error;
 pub mod hub;
+pub mod presence;
 pub mod session;
 pub mod store;
 pub mod streams;

@@ -47,6 +47,8 @@ pub struct Session {
     opened: Mutex<[bool; 6]>,
     /// Woken when authentication succeeds.
     pub auth_done: Notify,
+    /// Users this connection watches the presence of.
+    pub watching: Mutex<Vec<UserId>>,
 }
 
 impl Session {
@@ -117,6 +119,7 @@ pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
         queues: Mutex::new(None),
         opened: Mutex::new([false; 6]),
         auth_done: Notify::new(),
+        watching: Mutex::new(Vec::new()),
     });
     async move {
         tracing::debug!("connection established");
@@ -160,6 +163,9 @@ pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
         }
         if let Some(authed) = session.authed() {
             shared.hub.unregister(authed.user_id, conn_id);
+            let watching = std::mem::take(&mut *session.watching.lock().expect("watching lock"));
+            shared.presence.watch(&authed.handle, &watching, &[]);
+            shared.presence.disconnect(authed.user_id, conn_id).await;
         }
     }
     .instrument(span)

@@ -9,4 +9,5 @@ mod auth;
 mod friends;
 mod harness;
 mod messaging;
+mod presence;
 mod robustness;

@@ -30,6 +30,7 @@ macro_rules! history_store_conformance {
             undelivered_and_watermarks,
             conversation_list,
             concurrent_appends_get_distinct_contiguous_seqs,
+            stored_presence,
         );
     };
     (@tests $new_store:expr; $($name:ident),* $(,)?) => {
@@ -572,4 +573,38 @@ async fn futures_join_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Ve
         .into_iter()
         .map(|o| o.expect("every future completed"))
         .collect()
+}
+
+/// Last-active only moves forward; hiding freezes a time; unknown users
+/// read as defaults.
+pub async fn stored_presence(store: &impl HistoryStore) {
+    let a = user(store, "alice").await;
+    let b = user(store, "bob").await;
+    assert_eq!(
+        store.stored_presence(vec![a, b, 999_999]).await.unwrap(),
+        vec![StoredPresence::default(); 3]
+    );
+    store.record_last_active(a, 500).await.unwrap();
+    store.record_last_active(a, 400).await.unwrap();
+    store.set_presence_hidden(b, Some(450)).await.unwrap();
+    let got = store.stored_presence(vec![a, b]).await.unwrap();
+    assert_eq!(
+        got[0],
+        StoredPresence {
+            last_active_ms: 500,
+            hidden_at_ms: None
+        }
+    );
+    assert_eq!(
+        got[1],
+        StoredPresence {
+            last_active_ms: 0,
+            hidden_at_ms: Some(450)
+        }
+    );
+    store.set_presence_hidden(b, None).await.unwrap();
+    assert_eq!(
+        store.stored_presence(vec![b]).await.unwrap()[0].hidden_at_ms,
+        None
+    );
 }

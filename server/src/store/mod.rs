@@ -17,6 +17,7 @@
 //! Every backend passes the same suite in [`conformance`].
 
 pub mod conformance;
+pub mod presence;
 pub mod recent;
 pub mod sqlite;
 
@@ -213,6 +214,16 @@ pub struct WatermarkMoved {
     pub members: Vec<UserId>,
 }
 
+/// What history keeps of a user's presence: it outlives connections and
+/// restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoredPresence {
+    /// Unix ms of the last activity recorded (0: never).
+    pub last_active_ms: i64,
+    /// When the user hid their status (appear offline), if they did.
+    pub hidden_at_ms: Option<i64>,
+}
+
 /// Direction of a history page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -349,6 +360,18 @@ pub trait HistoryStore: Send + Sync + 'static {
         &self,
         updates: Vec<WatermarkUpdate>,
     ) -> Result<Vec<WatermarkMoved>, StoreError>;
+    /// Records a user's last activity (kept if later than the stored one).
+    async fn record_last_active(&self, user: UserId, last_active_ms: i64)
+    -> Result<(), StoreError>;
+    /// Hides (`Some(now)`) or shows (`None`) a user's online status.
+    async fn set_presence_hidden(
+        &self,
+        user: UserId,
+        hidden_at_ms: Option<i64>,
+    ) -> Result<(), StoreError>;
+    /// Stored presence of `users`, in order (default for unknown users).
+    async fn stored_presence(&self, users: Vec<UserId>) -> Result<Vec<StoredPresence>, StoreError>;
+
     /// Other members' watermarks in `user`'s most recently active
     /// conversations, so a reconnecting sender learns the receipts it
     /// missed.

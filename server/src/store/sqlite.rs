@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    HistoryStore, MemberState, NewMessage, NewSession, Page, SessionRecord, StoreError, UserId,
-    UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
+    HistoryStore, MemberState, NewMessage, NewSession, Page, SessionRecord, StoreError,
+    StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -36,7 +36,10 @@ pub const FILE_NAME: &str = "chat.sqlite3";
 
 /// Schema migrations, applied in order at open; `PRAGMA user_version`
 /// records how many have run. Never edit one that has shipped: append.
-const MIGRATIONS: &[&str] = &[include_str!("sqlite/V1__initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("sqlite/V1__initial.sql"),
+    include_str!("sqlite/V2__presence.sql"),
+];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 type Job = Box<dyn DbJob>;
@@ -953,6 +956,63 @@ impl HistoryStore for SqliteStore {
                 }
             }
             Ok(moved)
+        })
+        .await
+    }
+
+    async fn record_last_active(
+        &self,
+        user: UserId,
+        last_active_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached(
+                "UPDATE users SET last_active_ms = MAX(last_active_ms, ?2) WHERE id = ?1",
+            )
+            .map_err(internal)?
+            .execute(params![sql(user), last_active_ms])
+            .map_err(internal)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_presence_hidden(
+        &self,
+        user: UserId,
+        hidden_at_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached("UPDATE users SET presence_hidden_at_ms = ?2 WHERE id = ?1")
+                .map_err(internal)?
+                .execute(params![sql(user), hidden_at_ms])
+                .map_err(internal)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn stored_presence(&self, users: Vec<UserId>) -> Result<Vec<StoredPresence>, StoreError> {
+        self.call(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT last_active_ms, presence_hidden_at_ms FROM users WHERE id = ?1",
+                )
+                .map_err(internal)?;
+            users
+                .into_iter()
+                .map(|user| {
+                    stmt.query_row([sql(user)], |r| {
+                        Ok(StoredPresence {
+                            last_active_ms: r.get(0)?,
+                            hidden_at_ms: r.get(1)?,
+                        })
+                    })
+                    .optional()
+                    .map(Option::unwrap_or_default)
+                    .map_err(internal)
+                })
+                .collect()
         })
         .await
     }

@@ -47,6 +47,12 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
                 break;
             }
         };
+        handle.touch(now_ms());
+        if let Some(Body::Heartbeat(_)) = frame.body {
+            // Fire-and-forget: no reply, only a refreshed presence TTL.
+            session.shared.presence.heartbeat(&handle).await;
+            continue;
+        }
         let request_id = frame.request_id;
         let reply = match handle_request(&session, frame).await {
             Ok(Reply::Frame(frame)) => Outbound::frame(&frame),
@@ -106,6 +112,11 @@ async fn authenticate(
                 return false;
             }
         };
+        if let (Ok(_), Some(authed)) = (&result, session.authed()) {
+            // Before AuthOk leaves: a client that sees AuthOk may rely on
+            // being online (and a second device on not being offline).
+            session.shared.presence.connect(authed.handle.clone()).await;
+        }
         let reply = match &result {
             Ok(auth_ok) => Frame::new(request_id, Body::AuthOk(auth_ok.clone())),
             Err(refusal) => refusal.to_frame(request_id),
@@ -239,19 +250,20 @@ async fn resume(session: &Session, a: proto::Authenticate) -> Result<proto::Auth
 }
 
 fn auth_ok(
-    _session: &Session,
+    session: &Session,
     user_id: u64,
     username: String,
     token: String,
     expires: i64,
 ) -> proto::AuthOk {
+    let interval = session.shared.config.limits.heartbeat_interval;
     proto::AuthOk {
         user_id,
         username,
         token,
         token_expires_at_ms: expires,
         server_time_ms: now_ms(),
-        heartbeat_interval_ms: 0,
+        heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
     }
 }
 
@@ -401,6 +413,48 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 messages: page.messages.iter().map(|m| (**m).clone()).collect(),
                 has_more: page.has_more,
             }))
+        }
+        Some(Body::SubscribePresence(sub)) => {
+            let max = shared.config.limits.max_presence_subscriptions;
+            let mut wanted = sub.user_ids;
+            wanted.sort_unstable();
+            wanted.dedup();
+            if wanted.len() > max {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    format!("at most {max} users per subscription"),
+                ));
+            }
+            if !wanted.is_empty() {
+                let friends: std::collections::HashSet<u64> = store
+                    .friends(me)
+                    .await?
+                    .friends
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .collect();
+                if let Some(stranger) = wanted.iter().find(|id| !friends.contains(id)) {
+                    return Err(Refusal::new(
+                        ErrorCode::NotFriends,
+                        format!(
+                            "user {stranger} is not a friend; only friends' presence is visible"
+                        ),
+                    ));
+                }
+            }
+            // Watch first, then read: a change in between is sent again by
+            // the notifier rather than lost.
+            let old = std::mem::replace(
+                &mut *session.watching.lock().expect("watching lock"),
+                wanted.clone(),
+            );
+            shared.presence.watch(&authed.handle, &old, &wanted);
+            let states = shared.presence.states(&wanted).await?;
+            reply(Body::PresenceSnapshot(proto::PresenceSnapshot { states }))
+        }
+        Some(Body::SetPresenceVisibility(v)) => {
+            shared.presence.set_hidden(me, v.hidden).await?;
+            reply(Body::Ok(proto::Ok {}))
         }
         Some(other) => Err(Refusal::new(
             ErrorCode::UnexpectedFrame,

@@ -42,6 +42,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
             Ok(None) => return,
             Err(e) => return on_read_error(&session, StreamKind::Messages, e),
         };
+        handle.touch(now_ms());
         let request_id = frame.request_id;
         let result = match frame.body {
             Some(Body::Send(send)) => match validate(&session, send) {

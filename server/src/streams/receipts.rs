@@ -33,6 +33,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
             Ok(None) => return,
             Err(e) => return on_read_error(&session, StreamKind::Receipts, e),
         };
+        handle.touch(super::now_ms());
         let request_id = frame.request_id;
         let result = match frame.body {
             Some(Body::MarkSeen(mark)) => {
