@@ -8,6 +8,7 @@
 mod auth;
 mod friends;
 mod harness;
+mod loadgen;
 mod messaging;
 mod presence;
 mod robustness;

@@ -1,0 +1,307 @@
+//! The command line: every knob of a run with its documented default, and
+//! the checks that turn flags into a [`Plan`] or a clear refusal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::plan::{Plan, Profile, Shard};
+use crate::sampling::TextDist;
+
+/// The server's default text limit; longer texts are refused with
+/// MESSAGE_TOO_LARGE, so sampled lengths are clamped to it.
+pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+
+/// Drive a chat-server with real clients (real QUIC) on an open-loop
+/// schedule and report throughput, latency percentiles and correctness.
+///
+/// Example, a one-command demo on an in-process server:
+/// `chat-loadgen --spawn-server --users 200 --rate 2000 --duration 10s`
+#[derive(Debug, Clone, Parser)]
+#[command(name = "chat-loadgen", version)]
+pub struct Args {
+    /// Workload profile.
+    #[arg(long, value_enum, default_value_t = ProfileName::Messenger)]
+    pub profile: ProfileName,
+    /// Virtual users in this process, each with its own QUIC connection.
+    /// They are the first users of this process's shard.
+    #[arg(long, default_value_t = 100)]
+    pub users: u64,
+    /// This process's slice of the profile's population, `i/n`: n processes
+    /// with shards 0/n .. n-1/n use disjoint users.
+    #[arg(long, default_value = "0/1")]
+    pub shard: Shard,
+    /// Sends per second this process offers. Default: the profile's
+    /// per-user peak rate times --users (tiny; for stress use --rate).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Peak rate over the daily average.
+    #[arg(long, default_value_t = 2.0)]
+    pub peak_factor: f64,
+    /// Friends per user (ring-lattice friend graph); each friendship is one
+    /// 1-1 conversation that messages go to.
+    #[arg(long, default_value_t = 5)]
+    pub friends: usize,
+    /// Fraction of sends that go to groups. Groups are not implemented on
+    /// the server yet, so only 0 is accepted.
+    #[arg(long, default_value_t = 0.0)]
+    pub group_fraction: f64,
+    /// Message text length in bytes (the mean for --text-dist lognormal).
+    #[arg(long, default_value_t = 128)]
+    pub text_bytes: usize,
+    /// Text length distribution.
+    #[arg(long, value_enum, default_value_t = TextDist::Fixed)]
+    pub text_dist: TextDist,
+    /// Fraction of sends that are photos. Photos are not implemented on the
+    /// server yet, so only 0 is accepted.
+    #[arg(long, default_value_t = 0.0)]
+    pub photo_fraction: f64,
+    /// Activity skew: senders are chosen by Zipf over users with this
+    /// exponent (0 = uniform).
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf: f64,
+    /// How long after a message arrives its recipient marks it seen.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub read_delay: Duration,
+    /// Fraction of users per minute that go offline (close their client)
+    /// and come back after --offline-time by resuming with their token.
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
+    /// How long a churned user stays offline.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub offline_time: Duration,
+    /// Measured window, e.g. 15s or 2m.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Load before the measured window that is not counted.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Longest wait after the window for acks, deliveries and receipts;
+    /// the run ends sooner when everything has arrived.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain: Duration,
+    /// Seed of the send schedule, sender choice and text lengths.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// UDP sockets (quinn endpoints) the connections are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub endpoints: usize,
+    /// Tokio worker threads (1 suits a run pinned to one core).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Registrations / logins / friend requests in flight during set-up.
+    #[arg(long, default_value_t = 32)]
+    pub setup_concurrency: usize,
+    /// Sends one client may have waiting for their ack; beyond it sends
+    /// fail with outbox_full.
+    #[arg(long, default_value_t = 1_000)]
+    pub outbox: usize,
+    /// Server UDP address (IP:port; no name lookup).
+    #[arg(long, conflicts_with = "spawn_server", requires = "ca")]
+    pub server: Option<SocketAddr>,
+    /// PEM file of the CA the server's certificate chains to.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Name the server certificate must be valid for.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// Start an in-process chat-server on 127.0.0.1 (embedded store, fresh
+    /// temporary data directory unless --data-dir) and drive it.
+    #[arg(long, required_unless_present = "server")]
+    pub spawn_server: bool,
+    /// Data directory for --spawn-server (kept, so --reuse works across
+    /// runs).
+    #[arg(long, requires = "spawn_server")]
+    pub data_dir: Option<PathBuf>,
+    /// Server process id, for server CPU from /proc/PID/stat.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Users, tokens and conversations: saved here after set-up, and
+    /// resumed from here (no registration) when the file exists.
+    #[arg(long)]
+    pub reuse: Option<PathBuf>,
+    /// User name prefix (default: "lg" and 6 random hex digits, so runs on
+    /// one server do not collide).
+    #[arg(long)]
+    pub name_prefix: Option<String>,
+    /// No plan, set-up or progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Workload profiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfileName {
+    /// 300 million users, 10 billion sends a day.
+    Messenger,
+}
+
+impl ProfileName {
+    /// The profile's numbers.
+    pub fn profile(self) -> Profile {
+        match self {
+            ProfileName::Messenger => Profile::MESSENGER,
+        }
+    }
+}
+
+impl Args {
+    /// Parses a command line (first item: the program name), for tests and
+    /// tools that drive the load generator as a library.
+    pub fn try_parse_from_iter<I, T>(args: I) -> anyhow::Result<Args>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Ok(Args::try_parse_from(args)?)
+    }
+
+    /// Checks what clap cannot and derives the plan.
+    pub fn plan(&self) -> anyhow::Result<Plan> {
+        if self.group_fraction != 0.0 {
+            anyhow::bail!(
+                "--group-fraction {}: group conversations are not implemented on the server yet; only 0 is supported",
+                self.group_fraction
+            );
+        }
+        if self.photo_fraction != 0.0 {
+            anyhow::bail!(
+                "--photo-fraction {}: photo messages are not implemented on the server yet; only 0 is supported",
+                self.photo_fraction
+            );
+        }
+        if self.users < 2 {
+            anyhow::bail!("--users must be at least 2: every message needs a friend to go to");
+        }
+        if self.friends == 0 {
+            anyhow::bail!("--friends must be at least 1: every message needs a friend to go to");
+        }
+        if !(self.zipf.is_finite() && self.zipf >= 0.0) {
+            anyhow::bail!("--zipf {} must be a non-negative number", self.zipf);
+        }
+        if !(self.churn.is_finite() && (0.0..=1.0).contains(&self.churn)) {
+            anyhow::bail!(
+                "--churn {} must be a fraction of users per minute in 0..=1",
+                self.churn
+            );
+        }
+        if self.text_bytes == 0 || self.text_bytes > MAX_TEXT_BYTES {
+            anyhow::bail!(
+                "--text-bytes {} must be in 1..={MAX_TEXT_BYTES} (the server's default text limit)",
+                self.text_bytes
+            );
+        }
+        if self.duration.is_zero() {
+            anyhow::bail!("--duration must be more than 0s");
+        }
+        if self.endpoints == 0 || self.threads == 0 || self.setup_concurrency == 0 {
+            anyhow::bail!("--endpoints, --threads and --setup-concurrency must be at least 1");
+        }
+        if self.outbox == 0 {
+            anyhow::bail!("--outbox must be at least 1");
+        }
+        if let Some(prefix) = &self.name_prefix {
+            check_prefix(prefix)?;
+        }
+        Plan::new(
+            self.profile.profile(),
+            self.peak_factor,
+            self.shard,
+            self.users,
+            self.rate,
+        )
+        .map_err(anyhow::Error::msg)
+    }
+}
+
+/// Longest prefix that leaves room for "-" and a nine-digit population
+/// index within the server's 32-character user names.
+const MAX_PREFIX_LEN: usize = 22;
+
+/// User names are `{prefix}-{population index}`; the server allows 3-32
+/// characters of a-z, 0-9, '_', '.', '-'.
+pub fn check_prefix(prefix: &str) -> anyhow::Result<()> {
+    let ok_chars = prefix
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'));
+    if prefix.is_empty() || prefix.len() > MAX_PREFIX_LEN || !ok_chars {
+        anyhow::bail!(
+            "--name-prefix {prefix:?} must be 1-{MAX_PREFIX_LEN} characters of a-z, 0-9, '_', '.', '-'"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> anyhow::Result<Args> {
+        let mut argv = vec!["chat-loadgen"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from_iter(argv)
+    }
+
+    #[test]
+    fn defaults() {
+        let args = parse(&["--spawn-server"]).unwrap();
+        assert_eq!(args.users, 100);
+        assert_eq!(args.shard, Shard::ALL);
+        assert_eq!(args.friends, 5);
+        assert_eq!(args.text_bytes, 128);
+        assert_eq!(args.read_delay, Duration::from_secs(2));
+        assert_eq!(args.offline_time, Duration::from_secs(5));
+        assert_eq!(args.warmup, Duration::from_secs(2));
+        assert_eq!(args.drain, Duration::from_secs(5));
+        assert_eq!(args.endpoints, 4);
+        assert_eq!(args.threads, 1);
+        let plan = args.plan().unwrap();
+        assert!(!plan.rate_overridden);
+    }
+
+    #[test]
+    fn target_is_required_and_exclusive() {
+        assert!(parse(&[]).is_err());
+        assert!(
+            parse(&["--server", "127.0.0.1:4433"]).is_err(),
+            "needs --ca"
+        );
+        assert!(parse(&["--server", "127.0.0.1:4433", "--ca", "ca.pem"]).is_ok());
+        assert!(parse(&["--server", "127.0.0.1:4433", "--ca", "c", "--spawn-server"]).is_err());
+        assert!(parse(&["--server", "example.com:4433", "--ca", "c"]).is_err());
+    }
+
+    #[test]
+    fn unimplemented_features_are_refused_clearly() {
+        let err = parse(&["--spawn-server", "--group-fraction", "0.1"])
+            .unwrap()
+            .plan()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not implemented on the server yet"), "{err}");
+        let err = parse(&["--spawn-server", "--photo-fraction", "0.2"])
+            .unwrap()
+            .plan()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("photo"), "{err}");
+        for bad in [
+            &["--users", "1"][..],
+            &["--friends", "0"],
+            &["--zipf=-1"],
+            &["--churn", "2"],
+            &["--text-bytes", "100000"],
+            &["--duration", "0s"],
+            &["--name-prefix", "Bad Name"],
+        ] {
+            let mut argv = vec!["--spawn-server"];
+            argv.extend_from_slice(bad);
+            assert!(parse(&argv).unwrap().plan().is_err(), "{bad:?}");
+        }
+    }
+}

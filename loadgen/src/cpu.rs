@@ -1,0 +1,90 @@
+//! CPU time of a process from `/proc/PID/stat`, so a run can report how
+//! much server CPU each send cost (`--server-pid`), and how busy the load
+//! generator itself was (a saturated load generator makes every number
+//! suspect).
+
+use std::time::Duration;
+
+/// Clock ticks per second used by `/proc/PID/stat`. `sysconf(_SC_CLK_TCK)`
+/// needs libc, so [`clock_ticks_per_second`] asks `getconf CLK_TCK` and
+/// falls back to this value, which Linux has used on every mainstream
+/// architecture for decades.
+pub const DEFAULT_CLK_TCK: u64 = 100;
+
+/// User plus system CPU time a process has used so far, or `None` if it
+/// cannot be read (no such process, not Linux).
+pub fn process_cpu(pid: u32, ticks_per_second: u64) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ticks = parse_stat_ticks(&stat)?;
+    Some(Duration::from_secs_f64(
+        ticks as f64 / ticks_per_second.max(1) as f64,
+    ))
+}
+
+/// `utime + stime` from the text of `/proc/PID/stat`.
+///
+/// The second field (the command name) is in parentheses and may itself
+/// contain spaces and parentheses, so fields are counted after the last
+/// `)`: there, field 3 (state) comes first and utime, stime are fields 14
+/// and 15.
+pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The kernel's clock tick rate, from `getconf CLK_TCK` when available.
+pub fn clock_ticks_per_second() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(DEFAULT_CLK_TCK)
+}
+
+/// CPU used over a wall-clock window, as percent of one core.
+pub fn percent_of_core(cpu: Duration, wall: Duration) -> f64 {
+    if wall.is_zero() {
+        return 0.0;
+    }
+    100.0 * cpu.as_secs_f64() / wall.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_utime_and_stime_even_with_odd_names() {
+        let stat = "4242 (chat server) x) S 1 4242 4242 0 -1 4194560 1234 0 0 0 \
+                    250 50 0 0 20 0 3 0 123456 1000000 500 18446744073709551615";
+        assert_eq!(parse_stat_ticks(stat), Some(300));
+        assert_eq!(parse_stat_ticks("garbage"), None);
+        assert_eq!(parse_stat_ticks("1 (a) S 1 2"), None);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let tck = clock_ticks_per_second();
+        assert!(tck > 0);
+        // Burn a little CPU so the reading is not trivially zero.
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        assert!(process_cpu(std::process::id(), tck).is_some());
+        assert!(process_cpu(u32::MAX, tck).is_none());
+        assert_eq!(
+            percent_of_core(Duration::from_millis(500), Duration::from_secs(1)),
+            50.0
+        );
+        assert_eq!(percent_of_core(Duration::from_secs(1), Duration::ZERO), 0.0);
+    }
+}

@@ -1,0 +1,521 @@
+//! The measured run: the open-loop send schedule, one receiver per virtual
+//! user (delivery, receipts, "seen" after a reading delay), churn, the
+//! progress line, the CPU window, the drain, and teardown.
+//!
+//! Open loop means the schedule is fixed before the run (a seeded Poisson
+//! process at the offered rate) and each send is spawned at its intended
+//! time without waiting for earlier ones. In-flight sends are bounded only
+//! by each client's outbox, whose refusals are counted as `outbox_full`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_client::{Client, ClientError, Event, Events};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::args::{Args, MAX_TEXT_BYTES};
+use crate::cpu;
+use crate::payload::Header;
+use crate::plan::Plan;
+use crate::population::{Connector, Population, VUser};
+use crate::sampling::{PoissonSchedule, TextLen, Zipf};
+use crate::stats::{Clock, Final, Progress, Tracker};
+
+/// Where a run is; tests watch it to act at the right moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Connecting users, friends and conversations (not measured).
+    SettingUp,
+    /// Load is running but not counted yet.
+    Warmup,
+    /// The measured window.
+    Measuring,
+    /// The schedule has ended; waiting for answers.
+    Draining,
+    /// The report is ready.
+    Done,
+}
+
+/// Gap between the end of set-up and the first scheduled send, so the
+/// first sends are not late by construction.
+const START_LEAD: Duration = Duration::from_millis(50);
+/// How often the drain checks whether everything has arrived.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// Pause between attempts to bring a churned user back.
+const RESUME_RETRY: Duration = Duration::from_secs(1);
+/// Seed offsets, so the schedule, sender choice and churn draw from
+/// independent streams of one `--seed`.
+const SENDER_SEED: u64 = 0x5e4d_0001;
+const CHURN_SEED: u64 = 0xc4a1_0002;
+const CHURN_PICK_SEED: u64 = 0xc4a1_0003;
+
+/// State every task of a run shares.
+struct Shared {
+    clock: Clock,
+    tracker: Tracker,
+    users: Vec<Arc<VUser>>,
+    run_id: u32,
+    read_delay: Duration,
+    stopping: AtomicBool,
+    receivers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
+/// CPU use over the measured window.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuUse {
+    /// Server CPU time (with `--server-pid`).
+    pub server: Option<Duration>,
+    /// This process's CPU time.
+    pub own: Option<Duration>,
+    /// Wall time between the two samples.
+    pub wall: Duration,
+}
+
+/// What the run measured.
+pub struct Outcome {
+    /// Counters and histograms.
+    pub fin: Final,
+    /// CPU over the window.
+    pub cpu: CpuUse,
+}
+
+/// Runs warm-up, the measured window and the drain, then closes every
+/// client.
+pub async fn drive(
+    args: &Args,
+    plan: &Plan,
+    population: Population,
+    connector: Arc<Connector>,
+    phase: &watch::Sender<Phase>,
+) -> Outcome {
+    let Population {
+        users,
+        conversations,
+        events,
+    } = population;
+    let shared = Arc::new(Shared {
+        clock: Clock::new(),
+        tracker: Tracker::new(),
+        users,
+        run_id: rand::random(),
+        read_delay: args.read_delay,
+        stopping: AtomicBool::new(false),
+        receivers: Mutex::new(Vec::new()),
+    });
+    for (user, events) in shared.users.iter().zip(events) {
+        if let Some(client) = user.client() {
+            spawn_receiver(&shared, user.clone(), 0, client, events);
+        }
+    }
+    let ticks = cpu::clock_ticks_per_second();
+    let start_ns = shared.clock.now_ns() + START_LEAD.as_nanos() as u64;
+    let warmup_ns = args.warmup.as_nanos() as u64;
+    let total_ns = warmup_ns + args.duration.as_nanos() as u64;
+    phase.send_replace(if warmup_ns > 0 {
+        Phase::Warmup
+    } else {
+        Phase::Measuring
+    });
+    let window = tokio::spawn(measure_window(
+        shared.clone(),
+        start_ns + warmup_ns,
+        start_ns + total_ns,
+        args.server_pid,
+        ticks,
+        phase.clone(),
+    ));
+    let progress = (!args.quiet).then(|| {
+        tokio::spawn(progress_lines(
+            shared.clone(),
+            start_ns,
+            start_ns + warmup_ns,
+            start_ns + total_ns,
+        ))
+    });
+    let churn = (args.churn > 0.0).then(|| {
+        tokio::spawn(churn(
+            shared.clone(),
+            connector.clone(),
+            args.churn,
+            args.offline_time,
+            args.seed,
+            start_ns,
+            start_ns + total_ns,
+        ))
+    });
+
+    schedule(
+        &shared,
+        &conversations,
+        args,
+        plan,
+        start_ns,
+        warmup_ns,
+        total_ns,
+    )
+    .await;
+    let cpu = window.await.unwrap_or_default();
+    let deadline = shared.clock.instant(start_ns + total_ns) + args.drain;
+    while !shared.tracker.complete() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+
+    // Teardown: nothing counts from here on.
+    shared.stopping.store(true, Ordering::SeqCst);
+    let fin = shared.tracker.freeze();
+    if let Some(task) = churn {
+        task.abort();
+    }
+    if let Some(task) = progress {
+        task.abort();
+    }
+    for user in &shared.users {
+        if let Some(client) = user.take_client() {
+            client.close();
+        }
+    }
+    connector.wait_idle().await;
+    let receivers =
+        std::mem::take(&mut *shared.receivers.lock().unwrap_or_else(|e| e.into_inner()));
+    for task in receivers {
+        task.abort();
+    }
+    Outcome { fin, cpu }
+}
+
+/// Spawns every send of the schedule at its intended time.
+async fn schedule(
+    shared: &Arc<Shared>,
+    conversations: &[Vec<(u64, usize)>],
+    args: &Args,
+    plan: &Plan,
+    start_ns: u64,
+    warmup_ns: u64,
+    total_ns: u64,
+) {
+    let mut poisson = PoissonSchedule::new(plan.offered_rate, args.seed);
+    let mut rng = StdRng::seed_from_u64(args.seed ^ SENDER_SEED);
+    let zipf = Zipf::new(shared.users.len(), args.zipf);
+    let text_len = TextLen::new(args.text_dist, args.text_bytes, 1, MAX_TEXT_BYTES);
+    while let Some(offset) = poisson.next_offset() {
+        let offset_ns = offset.as_nanos() as u64;
+        if offset_ns >= total_ns {
+            break;
+        }
+        let intended_ns = start_ns + offset_ns;
+        if intended_ns > shared.clock.now_ns() {
+            tokio::time::sleep_until(shared.clock.instant(intended_ns)).await;
+        }
+        // Draw everything before looking at who is online, so churn does
+        // not shift the rest of the schedule.
+        let sender = zipf.sample(&mut rng);
+        let convs = &conversations[sender];
+        let pick = rng.random_range(0..convs.len().max(1));
+        let len = text_len.sample(&mut rng);
+        let measured = offset_ns >= warmup_ns;
+        let Some(&(conversation_id, _peer)) = convs.get(pick) else {
+            continue;
+        };
+        let Some(client) = shared.users[sender].client() else {
+            shared.tracker.skipped_offline(measured);
+            continue;
+        };
+        let send_no = shared.tracker.dispatch(measured);
+        let text = Header {
+            run: shared.run_id,
+            sender,
+            send_no,
+            intended_ns,
+        }
+        .encode(len);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let result = client.send_text(conversation_id, &text).await;
+            let now = shared.clock.now_ns();
+            match result {
+                Ok(ack) => shared.tracker.acked(
+                    send_no,
+                    conversation_id,
+                    sender,
+                    ack.seq,
+                    intended_ns,
+                    now,
+                ),
+                Err(e) => shared.tracker.failed(send_no, &error_name(&e)),
+            }
+        });
+    }
+}
+
+fn spawn_receiver(
+    shared: &Arc<Shared>,
+    user: Arc<VUser>,
+    incarnation: u32,
+    client: Client,
+    events: Events,
+) {
+    let task = tokio::spawn(receive(shared.clone(), user, incarnation, client, events));
+    shared
+        .receivers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(task);
+}
+
+/// Per conversation: the highest seq received and whether a "seen" timer
+/// is pending.
+type SeenState = Arc<Mutex<HashMap<u64, (u64, bool)>>>;
+
+/// Consumes one client's events until it is closed.
+async fn receive(
+    shared: Arc<Shared>,
+    user: Arc<VUser>,
+    incarnation: u32,
+    client: Client,
+    mut events: Events,
+) {
+    let seen: SeenState = Arc::default();
+    while let Some(event) = events.next().await {
+        let now = shared.clock.now_ns();
+        match event {
+            Event::Message(m) => {
+                match Header::parse(&m.text) {
+                    Some(h) if h.run == shared.run_id => {
+                        shared
+                            .tracker
+                            .delivered(h.send_no, incarnation, h.intended_ns, now);
+                    }
+                    _ => shared.tracker.stale(),
+                }
+                mark_seen_later(&shared, &client, &seen, m.conversation_id, m.seq);
+            }
+            Event::Receipt(r) if r.user_id != user.user_id => {
+                shared
+                    .tracker
+                    .receipt(r.conversation_id, user.idx, r.delivered_seq, now);
+            }
+            Event::Disconnected { .. } => shared.tracker.reconnect(),
+            Event::SessionEnded { code } => {
+                shared.tracker.error(&format!(
+                    "session_ended_{}",
+                    error_name(&ClientError::Server {
+                        code,
+                        message: String::new(),
+                        retry_after: None,
+                    })
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Marks the conversation seen `read_delay` after a message arrived,
+/// coalescing messages that arrive meanwhile into one MarkSeen.
+fn mark_seen_later(shared: &Arc<Shared>, client: &Client, seen: &SeenState, conv: u64, seq: u64) {
+    let start_timer = {
+        let mut map = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(conv).or_insert((0, false));
+        entry.0 = entry.0.max(seq);
+        !std::mem::replace(&mut entry.1, true)
+    };
+    if !start_timer {
+        return;
+    }
+    let (shared, client, seen) = (shared.clone(), client.clone(), seen.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(shared.read_delay).await;
+        let seq = {
+            let mut map = seen.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = map.entry(conv).or_insert((seq, false));
+            entry.1 = false;
+            entry.0
+        };
+        match client.mark_seen(conv, seq).await {
+            // Closed: the user went offline (churn) or the run ended.
+            Ok(()) | Err(ClientError::Closed) => {}
+            Err(e) => {
+                if !shared.stopping() {
+                    shared
+                        .tracker
+                        .error(&format!("mark_seen_{}", error_name(&e)));
+                }
+            }
+        }
+    });
+}
+
+/// Samples CPU at the start and end of the measured window and moves the
+/// phase along.
+async fn measure_window(
+    shared: Arc<Shared>,
+    measure_ns: u64,
+    end_ns: u64,
+    server_pid: Option<u32>,
+    ticks: u64,
+    phase: watch::Sender<Phase>,
+) -> CpuUse {
+    let sample = || {
+        (
+            tokio::time::Instant::now(),
+            server_pid.and_then(|pid| cpu::process_cpu(pid, ticks)),
+            cpu::process_cpu(std::process::id(), ticks),
+        )
+    };
+    tokio::time::sleep_until(shared.clock.instant(measure_ns)).await;
+    let (t0, server0, own0) = sample();
+    phase.send_replace(Phase::Measuring);
+    tokio::time::sleep_until(shared.clock.instant(end_ns)).await;
+    let (t1, server1, own1) = sample();
+    phase.send_replace(Phase::Draining);
+    let diff = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
+    CpuUse {
+        server: diff(server0, server1),
+        own: diff(own0, own1),
+        wall: t1 - t0,
+    }
+}
+
+/// One line a second on stderr.
+async fn progress_lines(shared: Arc<Shared>, start_ns: u64, measure_ns: u64, end_ns: u64) {
+    let period = Duration::from_secs(1);
+    let mut tick = tokio::time::interval_at(shared.clock.instant(start_ns) + period, period);
+    let mut last = Progress::default();
+    let mut last_ns = start_ns;
+    loop {
+        tick.tick().await;
+        let now = shared.clock.now_ns();
+        let p = shared.tracker.progress();
+        let dt = (now.saturating_sub(last_ns) as f64 / 1e9).max(1e-3);
+        let label = if now < measure_ns {
+            "warmup"
+        } else if now < end_ns {
+            "measure"
+        } else {
+            "drain"
+        };
+        eprintln!(
+            "[{:>6.1}s] {label:<7} offered {:>8.1}/s  acked {:>8.1}/s  in-flight {:>6}  p99 ack {:>8.2} ms  errors {}  reconnects {}",
+            now.saturating_sub(start_ns) as f64 / 1e9,
+            (p.dispatched - last.dispatched) as f64 / dt,
+            (p.acked - last.acked) as f64 / dt,
+            p.dispatched.saturating_sub(p.resolved),
+            p.ack_p99_ms,
+            p.errors,
+            p.reconnects,
+        );
+        last = p;
+        last_ns = now;
+    }
+}
+
+/// Takes random users offline at `churn` of the users per minute (a
+/// Poisson process) and brings each back after `offline_time`.
+async fn churn(
+    shared: Arc<Shared>,
+    connector: Arc<Connector>,
+    churn: f64,
+    offline_time: Duration,
+    seed: u64,
+    start_ns: u64,
+    end_ns: u64,
+) {
+    let n = shared.users.len();
+    let mut schedule = PoissonSchedule::new(churn * n as f64 / 60.0, seed ^ CHURN_SEED);
+    let mut rng = StdRng::seed_from_u64(seed ^ CHURN_PICK_SEED);
+    while let Some(offset) = schedule.next_offset() {
+        let at = start_ns + offset.as_nanos() as u64;
+        if at >= end_ns {
+            return;
+        }
+        tokio::time::sleep_until(shared.clock.instant(at)).await;
+        let user = shared.users[rng.random_range(0..n)].clone();
+        let Some(client) = user.take_client() else {
+            continue;
+        };
+        client.close();
+        shared.tracker.churn_offline();
+        tokio::spawn(come_back(
+            shared.clone(),
+            connector.clone(),
+            user,
+            offline_time,
+        ));
+    }
+}
+
+/// Resumes a churned user with its token (the offline path: everything
+/// sent to it meanwhile must arrive now).
+async fn come_back(
+    shared: Arc<Shared>,
+    connector: Arc<Connector>,
+    user: Arc<VUser>,
+    offline_time: Duration,
+) {
+    tokio::time::sleep(offline_time).await;
+    while !shared.stopping() {
+        match Client::resume(connector.config(user.idx), &user.token).await {
+            Ok((client, events)) => {
+                match user.install(client.clone(), &shared.stopping) {
+                    Some(incarnation) => {
+                        spawn_receiver(&shared, user.clone(), incarnation, client, events);
+                    }
+                    None => client.close(),
+                }
+                return;
+            }
+            Err(e) => {
+                shared.tracker.error(&format!("resume_{}", error_name(&e)));
+                tokio::time::sleep(RESUME_RETRY).await;
+            }
+        }
+    }
+}
+
+/// A short, stable name for an error: the wire code without its prefix
+/// (`rate_limited`), or the client-side condition (`outbox_full`).
+pub fn error_name(e: &ClientError) -> String {
+    match e {
+        ClientError::Server { code, .. } => code
+            .as_str_name()
+            .trim_start_matches("ERROR_CODE_")
+            .to_ascii_lowercase(),
+        ClientError::OutboxFull(_) => "outbox_full".into(),
+        ClientError::Disconnected => "disconnected".into(),
+        ClientError::Timeout => "timeout".into(),
+        ClientError::Connect(_) => "connect".into(),
+        ClientError::Protocol(_) => "protocol".into(),
+        ClientError::Config(_) => "config".into(),
+        ClientError::Closed => "closed".into(),
+        _ => "other".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_client::ErrorCode;
+
+    #[test]
+    fn error_names_are_short() {
+        let server = ClientError::Server {
+            code: ErrorCode::RateLimited,
+            message: "slow down".into(),
+            retry_after: None,
+        };
+        assert_eq!(error_name(&server), "rate_limited");
+        assert_eq!(error_name(&ClientError::OutboxFull(3)), "outbox_full");
+        assert_eq!(error_name(&ClientError::Closed), "closed");
+    }
+}

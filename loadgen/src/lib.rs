@@ -1,0 +1,198 @@
+//! `chat-loadgen`: drives a chat-server with real clients (`chat-client`
+//! over real QUIC) so capacity planners can answer "how many nodes, at what
+//! latency".
+//!
+//! A run, in order:
+//!
+//! * [`args`] and [`plan`]: flags become a [`plan::Plan`]: the profile's
+//!   full-scale rates, this shard's users, and the rate to offer (printed at
+//!   start).
+//! * [`population`]: set-up, not measured: shared UDP sockets, users
+//!   registered (or resumed from a `--reuse` file), a friend graph and its
+//!   1-1 conversations.
+//! * [`driver`]: warm-up, the measured window and the drain: an open-loop
+//!   Poisson schedule ([`sampling`]), Zipf-skewed senders, message texts
+//!   carrying a [`payload::Header`], receivers that mark messages seen, and
+//!   optional churn.
+//! * [`stats`] and [`cpu`]: HdrHistograms of latency from the *intended*
+//!   send time, correctness counters, server CPU from `/proc`, and the
+//!   [`Report`].
+//!
+//! The binary is a thin `main`; tests call [`run`] directly.
+
+pub mod args;
+pub mod cpu;
+pub mod driver;
+pub mod payload;
+pub mod plan;
+pub mod population;
+pub mod sampling;
+pub mod stats;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+pub use args::Args;
+pub use driver::Phase;
+/// The JSON library reports are written with, so tools and tests parse them
+/// with the same version.
+pub use serde_json;
+pub use stats::Report;
+
+use crate::driver::Outcome;
+use crate::plan::Plan;
+use crate::population::{Connector, Target};
+
+/// Runs the load described by `args` and returns its report (also written
+/// to `--json` when set).
+pub async fn run(args: Args) -> anyhow::Result<Report> {
+    run_with_phases(args, watch::channel(Phase::SettingUp).0).await
+}
+
+/// [`run`], announcing each [`Phase`] on `phase` as it begins (a test can
+/// wait for [`Phase::Measuring`] and then disturb the server).
+pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow::Result<Report> {
+    let plan = args.plan()?;
+    let quiet = args.quiet;
+    let log = move |line: &str| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    };
+    log(plan.describe().trim_end());
+    log(
+        "note: every client heartbeats at the interval the server announces at login \
+         (client-lib does it); nobody subscribes to presence",
+    );
+    phase.send_replace(Phase::SettingUp);
+    let mut spawned = None;
+    let target = if args.spawn_server {
+        let (server, dir) = spawn_server(&args).await?;
+        let target = Target {
+            addr: server.local_addr(),
+            ca: server
+                .dev_ca()
+                .context("the spawned server has no development CA")?
+                .to_path_buf(),
+            server_name: "localhost".into(),
+        };
+        log(&format!(
+            "spawned an in-process chat-server on {} (data dir {})",
+            target.addr,
+            dir.as_ref()
+                .map(|d| d.path().to_path_buf())
+                .or_else(|| args.data_dir.clone())
+                .unwrap_or_default()
+                .display()
+        ));
+        spawned = Some((server, dir));
+        target
+    } else {
+        Target {
+            addr: args
+                .server
+                .context("--server or --spawn-server is required")?,
+            ca: args.ca.clone().context("--ca is required with --server")?,
+            server_name: args.server_name.clone(),
+        }
+    };
+    let result = measure(&args, &plan, &target, &phase, &log).await;
+    if let Some((server, dir)) = spawned {
+        server.shutdown().await;
+        drop(dir);
+    }
+    let report = result?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.to_json())
+            .with_context(|| format!("write the JSON report to {}", path.display()))?;
+    }
+    phase.send_replace(Phase::Done);
+    Ok(report)
+}
+
+async fn measure(
+    args: &Args,
+    plan: &Plan,
+    target: &Target,
+    phase: &watch::Sender<Phase>,
+    log: &impl Fn(&str),
+) -> anyhow::Result<Report> {
+    let connector = Arc::new(Connector::new(target, args.endpoints, args.outbox)?);
+    let population = population::set_up(args, plan, &connector, log).await?;
+    let outcome = driver::drive(args, plan, population, connector.clone(), phase).await;
+    Ok(report(args, plan, connector.endpoint_count(), &outcome))
+}
+
+/// Starts an in-process server on 127.0.0.1:0 with the embedded store, in
+/// `--data-dir` or a fresh temporary directory (returned so it lives as
+/// long as the server).
+async fn spawn_server(
+    args: &Args,
+) -> anyhow::Result<(chat_server::Server, Option<tempfile::TempDir>)> {
+    let (data_dir, temp) = match &args.data_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("chat-loadgen-")
+                .tempdir()
+                .context("create a temporary data directory")?;
+            (temp.path().to_path_buf(), Some(temp))
+        }
+    };
+    let config = chat_server::Config {
+        listen: ([127, 0, 0, 1], 0).into(),
+        data_dir,
+        ..chat_server::Config::default()
+    };
+    let server = chat_server::Server::start(config)
+        .await
+        .context("start the in-process chat-server")?;
+    Ok((server, temp))
+}
+
+fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Report {
+    let fin = &outcome.fin;
+    let c = &fin.counts;
+    let duration_s = args.duration.as_secs_f64();
+    let cpu = outcome.cpu;
+    let server_cpu_pct = cpu.server.map(|d| cpu::percent_of_core(d, cpu.wall));
+    let server_cpu_us_per_send = cpu
+        .server
+        .filter(|_| c.acked > 0)
+        .map(|d| d.as_secs_f64() * 1e6 / c.acked as f64);
+    Report {
+        profile: plan.profile.name.to_string(),
+        shard: plan.shard.to_string(),
+        users: plan.users,
+        connections: plan.users,
+        endpoints,
+        offered_rate: plan.offered_rate,
+        seed: args.seed,
+        duration_s,
+        warmup_s: args.warmup.as_secs_f64(),
+        sent: c.sent,
+        acked: c.acked,
+        delivered: c.delivered,
+        lost: fin.lost,
+        duplicates: c.duplicates,
+        duplicates_across_resume: c.duplicates_across_resume,
+        receipts: c.receipts,
+        errors: c.errors.clone(),
+        acked_per_s: c.acked as f64 / duration_s,
+        delivered_per_s: c.delivered as f64 / duration_s,
+        latency_ms: stats::Latencies {
+            ack: stats::Percentiles::of(&fin.ack),
+            deliver: stats::Percentiles::of(&fin.deliver),
+            receipt: stats::Percentiles::of(&fin.receipt),
+        },
+        reconnects: c.reconnects,
+        churn_offline: c.churn_offline,
+        skipped_offline: c.skipped_offline,
+        stale_messages: c.stale,
+        server_cpu_pct,
+        server_cpu_us_per_send,
+        loadgen_cpu_pct: cpu.own.map(|d| cpu::percent_of_core(d, cpu.wall)),
+    }
+}

@@ -1,0 +1,536 @@
+//! Set-up before the measured run: the UDP sockets clients share, the
+//! virtual users (registered, or resumed from a `--reuse` file), their
+//! friendships and the 1-1 conversations messages go to.
+//!
+//! Set-up is deliberately not measured. Registration is expensive on the
+//! server (Argon2id, tens of milliseconds of CPU per user), so it runs with
+//! bounded concurrency; `--reuse` skips it on later runs against the same
+//! server data.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chat_client::{Client, ClientConfig, ClientError, Events};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+
+use crate::args::Args;
+use crate::plan::{Plan, friend_graph};
+
+/// Every virtual user's password (they are throw-away accounts).
+const PASSWORD: &str = "loadgen-password";
+/// Attempts for a set-up request refused with a retryable code.
+const SETUP_ATTEMPTS: u32 = 5;
+/// Version of the `--reuse` file format.
+const REUSE_VERSION: u32 = 1;
+/// How long closing waits for the sockets to send their close frames.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// The server to drive.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// UDP address.
+    pub addr: SocketAddr,
+    /// CA certificate (PEM) to trust.
+    pub ca: PathBuf,
+    /// Name the server certificate is valid for.
+    pub server_name: String,
+}
+
+/// Builds client configurations that spread connections over a few shared
+/// UDP sockets, as a real load generator must (one socket per connection
+/// would hit file-descriptor limits long before the server's limits).
+pub struct Connector {
+    base: ClientConfig,
+    endpoints: Vec<quinn::Endpoint>,
+}
+
+impl Connector {
+    /// Binds `endpoints` client sockets on 127.0.0.1 (or the unspecified
+    /// address for a non-loopback target).
+    pub fn new(target: &Target, endpoints: usize, outbox: usize) -> anyhow::Result<Connector> {
+        let mut base = ClientConfig::new(target.addr, target.server_name.clone())
+            .with_ca_file(&target.ca)
+            .with_context(|| format!("CA file {}", target.ca.display()))?;
+        base.device_name = "chat-loadgen".into();
+        base.outbox_limit = outbox;
+        // Set-up requests queue behind Argon2 on a busy server.
+        base.request_timeout = Duration::from_secs(60);
+        let bind: SocketAddr = match (target.addr.ip().is_loopback(), target.addr.is_ipv4()) {
+            (true, true) => ([127, 0, 0, 1], 0).into(),
+            (true, false) => (std::net::Ipv6Addr::LOCALHOST, 0).into(),
+            (false, true) => ([0, 0, 0, 0], 0).into(),
+            (false, false) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let endpoints = (0..endpoints.max(1))
+            .map(|_| quinn::Endpoint::client(bind).context("bind a client UDP socket"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Connector { base, endpoints })
+    }
+
+    /// The configuration for virtual user `k` (round-robin over sockets).
+    pub fn config(&self, k: usize) -> ClientConfig {
+        let mut config = self.base.clone();
+        config.endpoint = Some(self.endpoints[k % self.endpoints.len()].clone());
+        config
+    }
+
+    /// UDP sockets in use.
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Waits (briefly) until closed connections have told the server.
+    pub async fn wait_idle(&self) {
+        for endpoint in &self.endpoints {
+            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+        }
+    }
+}
+
+/// One simulated user. Its client is swapped out while churn has it
+/// offline.
+pub struct VUser {
+    /// Index among this process's users.
+    pub idx: usize,
+    /// User name on the server.
+    pub username: String,
+    /// User id on the server.
+    pub user_id: u64,
+    /// Session token, for resuming.
+    pub token: String,
+    client: Mutex<Option<Client>>,
+    incarnation: AtomicU32,
+}
+
+impl VUser {
+    fn new(idx: usize, client: Client) -> VUser {
+        let identity = client.identity();
+        VUser {
+            idx,
+            username: identity.username,
+            user_id: identity.user_id,
+            token: identity.token,
+            client: Mutex::new(Some(client)),
+            incarnation: AtomicU32::new(0),
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Client>> {
+        self.client.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client, unless the user is offline.
+    pub fn client(&self) -> Option<Client> {
+        self.slot().clone()
+    }
+
+    /// Takes the client away (the user goes offline).
+    pub fn take_client(&self) -> Option<Client> {
+        self.slot().take()
+    }
+
+    /// Installs a resumed client and returns its incarnation number, unless
+    /// the run is `stopping` (then the caller closes the client). Checked
+    /// under the slot's lock, so teardown, which sets `stopping` before
+    /// taking every client, never misses one.
+    pub fn install(&self, client: Client, stopping: &AtomicBool) -> Option<u32> {
+        let mut slot = self.slot();
+        if stopping.load(Ordering::SeqCst) {
+            return None;
+        }
+        *slot = Some(client);
+        Some(self.incarnation.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+}
+
+/// The users and conversations of a run.
+pub struct Population {
+    /// Virtual users, by index.
+    pub users: Vec<Arc<VUser>>,
+    /// Per user: its conversations as (conversation id, peer index).
+    pub conversations: Vec<Vec<(u64, usize)>>,
+    /// Each user's first event stream, by index.
+    pub events: Vec<Events>,
+}
+
+/// Registers or resumes every user and builds the friend graph.
+pub async fn set_up(
+    args: &Args,
+    plan: &Plan,
+    connector: &Arc<Connector>,
+    log: impl Fn(&str),
+) -> anyhow::Result<Population> {
+    let n = plan.users as usize;
+    let limit = args.setup_concurrency;
+    let edges = friend_graph(n, args.friends);
+    let saved = match &args.reuse {
+        Some(path) => ReuseFile::load(path)?,
+        None => None,
+    };
+    if let Some(saved) = saved {
+        saved.check(plan, &edges)?;
+        let started = Instant::now();
+        let saved = Arc::new(saved);
+        let sessions = bounded(n, limit, |k| {
+            let config = connector.config(k);
+            let saved = saved.clone();
+            async move {
+                let user = &saved.users[k];
+                retry(|| Client::resume(config.clone(), &user.token))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "resume {} with the token in the --reuse file (was it made against another server data dir? delete it to register anew)",
+                            user.username
+                        )
+                    })
+            }
+        })
+        .await?;
+        log(&format!(
+            "set-up: resumed {n} users from the --reuse file in {:.1}s",
+            started.elapsed().as_secs_f64()
+        ));
+        let conversations = saved
+            .conversations
+            .iter()
+            .map(|c| (c.a, c.b, c.conversation_id))
+            .collect::<Vec<_>>();
+        return Ok(assemble(sessions, &conversations));
+    }
+
+    let prefix = match &args.name_prefix {
+        Some(prefix) => prefix.clone(),
+        None => format!("lg{:06x}", rand::random::<u32>() & 0xff_ffff),
+    };
+    let started = Instant::now();
+    let sessions = bounded(n, limit, |k| {
+        let config = connector.config(k);
+        let username = format!("{prefix}-{}", plan.population_index(k));
+        async move {
+            retry(|| Client::register(config.clone(), &username, PASSWORD))
+                .await
+                .with_context(|| format!("register {username}"))
+        }
+    })
+    .await?;
+    log(&format!(
+        "set-up: registered {n} users in {:.1}s",
+        started.elapsed().as_secs_f64()
+    ));
+
+    let started = Instant::now();
+    let clients: Arc<Vec<Client>> = Arc::new(sessions.iter().map(|(c, _)| c.clone()).collect());
+    let edge_list = Arc::new(edges.clone());
+    let conv_ids = bounded(edges.len(), limit, |e| {
+        let clients = clients.clone();
+        let edges = edge_list.clone();
+        async move {
+            let (a, b) = edges[e];
+            let (ca, cb) = (&clients[a], &clients[b]);
+            let b_identity = cb.identity();
+            retry(|| ca.send_friend_request(&b_identity.username))
+                .await
+                .with_context(|| format!("friend request {a} -> {b}"))?;
+            retry(|| cb.accept_friend(ca.identity().user_id))
+                .await
+                .with_context(|| format!("accept friend {a} -> {b}"))?;
+            let info = retry(|| ca.open_direct(b_identity.user_id))
+                .await
+                .with_context(|| format!("open conversation {a} - {b}"))?;
+            Ok(info.conversation_id)
+        }
+    })
+    .await?;
+    log(&format!(
+        "set-up: {} friendships and conversations in {:.1}s",
+        edges.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    let conversations: Vec<(usize, usize, u64)> = edges
+        .iter()
+        .zip(&conv_ids)
+        .map(|(&(a, b), &id)| (a, b, id))
+        .collect();
+    let population = assemble(sessions, &conversations);
+    if let Some(path) = &args.reuse {
+        ReuseFile::from_population(&prefix, plan, args.friends, &population, &conversations)
+            .save(path)?;
+        log(&format!(
+            "set-up: saved users, tokens and conversations to {} (--reuse)",
+            path.display()
+        ));
+    }
+    Ok(population)
+}
+
+fn assemble(sessions: Vec<(Client, Events)>, conversations: &[(usize, usize, u64)]) -> Population {
+    let n = sessions.len();
+    let mut per_user = vec![Vec::new(); n];
+    for &(a, b, id) in conversations {
+        per_user[a].push((id, b));
+        per_user[b].push((id, a));
+    }
+    let mut users = Vec::with_capacity(n);
+    let mut events = Vec::with_capacity(n);
+    for (k, (client, ev)) in sessions.into_iter().enumerate() {
+        users.push(Arc::new(VUser::new(k, client)));
+        events.push(ev);
+    }
+    Population {
+        users,
+        conversations: per_user,
+        events,
+    }
+}
+
+/// Runs `f(0..count)` with at most `limit` in flight; results in index
+/// order. The first error stops the rest.
+async fn bounded<T, F, Fut>(count: usize, limit: usize, f: F) -> anyhow::Result<Vec<T>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut set = JoinSet::new();
+    let mut out: Vec<Option<T>> = (0..count).map(|_| None).collect();
+    let mut next = 0;
+    while next < count || !set.is_empty() {
+        while next < count && set.len() < limit.max(1) {
+            let fut = f(next);
+            let i = next;
+            set.spawn(async move { (i, fut.await) });
+            next += 1;
+        }
+        if let Some(joined) = set.join_next().await {
+            let (i, result) = joined.context("a set-up task panicked")?;
+            out[i] = Some(result?);
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// Retries a set-up request the server refused with a retryable code
+/// (busy, rate limited, unavailable), with a growing pause.
+async fn retry<T, F, Fut>(mut f: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(e) if e.code().is_some_and(|c| c.is_retryable()) && attempt < SETUP_ATTEMPTS => {
+                let pause = e
+                    .retry_after()
+                    .unwrap_or(Duration::from_millis(200) * attempt);
+                tokio::time::sleep(pause).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Retry pause a server error asks for.
+trait RetryAfter {
+    fn retry_after(&self) -> Option<Duration>;
+}
+
+impl RetryAfter for ClientError {
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Server { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The `--reuse` file: enough to resume every user and skip set-up.
+/// It holds session tokens, so it is written readable by its owner only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReuseFile {
+    /// Format version.
+    pub version: u32,
+    /// User name prefix of the run that made it.
+    pub prefix: String,
+    /// Shard, `i/n`.
+    pub shard: String,
+    /// Friends per user.
+    pub friends: usize,
+    /// Users by index.
+    pub users: Vec<SavedUser>,
+    /// Conversations between users (by index).
+    pub conversations: Vec<SavedConversation>,
+}
+
+/// One saved user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedUser {
+    /// Population index.
+    pub index: u64,
+    /// User name.
+    pub username: String,
+    /// User id.
+    pub user_id: u64,
+    /// Session token.
+    pub token: String,
+}
+
+/// One saved conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedConversation {
+    /// The user who asked for the friendship.
+    pub a: usize,
+    /// The user who accepted.
+    pub b: usize,
+    /// Conversation id.
+    pub conversation_id: u64,
+}
+
+impl ReuseFile {
+    fn from_population(
+        prefix: &str,
+        plan: &Plan,
+        friends: usize,
+        population: &Population,
+        conversations: &[(usize, usize, u64)],
+    ) -> ReuseFile {
+        ReuseFile {
+            version: REUSE_VERSION,
+            prefix: prefix.to_string(),
+            shard: plan.shard.to_string(),
+            friends,
+            users: population
+                .users
+                .iter()
+                .map(|u| SavedUser {
+                    index: plan.population_index(u.idx),
+                    username: u.username.clone(),
+                    user_id: u.user_id,
+                    token: u.token.clone(),
+                })
+                .collect(),
+            conversations: conversations
+                .iter()
+                .map(|&(a, b, conversation_id)| SavedConversation {
+                    a,
+                    b,
+                    conversation_id,
+                })
+                .collect(),
+        }
+    }
+
+    /// Reads the file; `Ok(None)` if it does not exist yet.
+    pub fn load(path: &Path) -> anyhow::Result<Option<ReuseFile>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        let file: ReuseFile = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a chat-loadgen --reuse file", path.display()))?;
+        if file.version != REUSE_VERSION {
+            anyhow::bail!(
+                "{} has format version {}; this chat-loadgen writes version {REUSE_VERSION}: delete it",
+                path.display(),
+                file.version
+            );
+        }
+        Ok(Some(file))
+    }
+
+    /// Checks that the file was made for the same users and friend graph.
+    pub fn check(&self, plan: &Plan, edges: &[(usize, usize)]) -> anyhow::Result<()> {
+        let same_users = self.users.len() as u64 == plan.users
+            && self
+                .users
+                .iter()
+                .enumerate()
+                .all(|(k, u)| u.index == plan.population_index(k));
+        let saved_edges: Vec<(usize, usize)> =
+            self.conversations.iter().map(|c| (c.a, c.b)).collect();
+        if !same_users || self.shard != plan.shard.to_string() || saved_edges != edges {
+            anyhow::bail!(
+                "the --reuse file was made for {} users of shard {} with another friend graph; \
+                 run with the same --users, --shard and --friends, or delete the file",
+                self.users.len(),
+                self.shard
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes the file (owner-only permissions on Unix: it holds tokens).
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            options.mode(0o600);
+        }
+        let mut file = options
+            .open(path)
+            .with_context(|| format!("create {}", path.display()))?;
+        let text = serde_json::to_string_pretty(self).context("serialise the --reuse file")?;
+        file.write_all(text.as_bytes())
+            .with_context(|| format!("write {}", path.display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Profile, Shard};
+
+    #[test]
+    fn reuse_file_round_trips_and_checks_the_plan() {
+        let plan = Plan::new(Profile::MESSENGER, 2.0, Shard::ALL, 3, Some(1.0)).unwrap();
+        let edges = friend_graph(3, 2);
+        let file = ReuseFile {
+            version: REUSE_VERSION,
+            prefix: "lgtest".into(),
+            shard: "0/1".into(),
+            friends: 2,
+            users: (0..3)
+                .map(|k| SavedUser {
+                    index: k,
+                    username: format!("lgtest-{k}"),
+                    user_id: 10 + k,
+                    token: format!("t{k}"),
+                })
+                .collect(),
+            conversations: edges
+                .iter()
+                .enumerate()
+                .map(|(i, &(a, b))| SavedConversation {
+                    a,
+                    b,
+                    conversation_id: 100 + i as u64,
+                })
+                .collect(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reuse.json");
+        assert_eq!(ReuseFile::load(&path).unwrap(), None);
+        file.save(&path).unwrap();
+        let back = ReuseFile::load(&path).unwrap().unwrap();
+        assert_eq!(back, file);
+        back.check(&plan, &edges).unwrap();
+        let other = Plan::new(Profile::MESSENGER, 2.0, Shard::ALL, 4, Some(1.0)).unwrap();
+        assert!(back.check(&other, &friend_graph(4, 2)).is_err());
+        assert!(back.check(&plan, &friend_graph(3, 1)).is_err());
+        std::fs::write(&path, "{}").unwrap();
+        assert!(ReuseFile::load(&path).is_err());
+    }
+}

@@ -1,0 +1,690 @@
+//! What a run measures: one record per send, the counters and HdrHistograms
+//! built from them, the once-a-second progress line, and the final
+//! [`Report`] (a table for people, JSON for scripts).
+//!
+//! Every latency is counted from the send's *intended* time on the open
+//! loop schedule, never from when the send actually left: if the server
+//! (or the load generator) stalls, the stall shows up as latency instead of
+//! silently lowering the offered rate (no coordinated omission).
+//!
+//! Only sends whose intended time falls in the measured window are counted;
+//! warm-up sends run through the same code and are then ignored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Largest latency the histograms hold, in microseconds (one hour); longer
+/// ones are recorded as this.
+const MAX_LATENCY_US: u64 = 3_600_000_000;
+/// Significant decimal digits the histograms keep.
+const SIGNIFICANT_DIGITS: u8 = 3;
+
+/// The process-wide time base: nanoseconds since one `Instant`, which fits
+/// in a message text and is comparable between sender and receiver because
+/// both live in this process.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: Instant,
+}
+
+impl Clock {
+    /// A clock whose zero is now.
+    pub fn new() -> Self {
+        Clock {
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Nanoseconds since the epoch.
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// The tokio instant `ns` after the epoch, to sleep until.
+    pub fn instant(&self, ns: u64) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.epoch + Duration::from_nanos(ns))
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What happened to one send.
+#[derive(Debug, Clone, Copy, Default)]
+struct SendRecord {
+    measured: bool,
+    resolved: bool,
+    acked: bool,
+    delivered: bool,
+    /// Which incarnation of the recipient's client saw it first (a new
+    /// incarnation starts after each churn resume).
+    incarnation: u32,
+}
+
+/// Sends of one sender in one conversation that wait for the recipient's
+/// delivered receipt.
+#[derive(Debug, Default)]
+struct ReceiptWatch {
+    /// Highest delivered watermark the recipient reported.
+    delivered_seq: u64,
+    /// seq -> (intended ns, measured).
+    pending: BTreeMap<u64, (u64, bool)>,
+}
+
+/// Counters of the measured window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Sends attempted.
+    pub sent: u64,
+    /// Sends the server acknowledged as durable.
+    pub acked: u64,
+    /// Sends that reached their recipient's app (at least once).
+    pub delivered: u64,
+    /// Acked sends that were also delivered.
+    pub acked_delivered: u64,
+    /// Acked sends whose delivered receipt came back to the sender.
+    pub receipts: u64,
+    /// Sends failed or unanswered (the rest of `sent`).
+    pub failed: u64,
+    /// Deliveries of a send that had already been delivered.
+    pub duplicates: u64,
+    /// The part of `duplicates` seen by a different incarnation of the
+    /// recipient's client than the first delivery (after a churn resume).
+    pub duplicates_across_resume: u64,
+    /// Failures by short code name (sends, receipts, resumes).
+    pub errors: BTreeMap<String, u64>,
+    /// Connections lost and re-established by client-lib.
+    pub reconnects: u64,
+    /// Users taken offline by churn.
+    pub churn_offline: u64,
+    /// Scheduled sends skipped because their sender was offline (churn).
+    pub skipped_offline: u64,
+    /// Messages from another run (or not from the load generator).
+    pub stale: u64,
+}
+
+/// The measurements at the end of a run.
+#[derive(Debug, Clone)]
+pub struct Final {
+    /// Counters.
+    pub counts: Counts,
+    /// Acked and never delivered.
+    pub lost: u64,
+    /// Intended send to "sent" ack, µs.
+    pub ack: Histogram<u64>,
+    /// Intended send to arrival at the recipient, µs.
+    pub deliver: Histogram<u64>,
+    /// Intended send to the delivered receipt at the sender, µs.
+    pub receipt: Histogram<u64>,
+}
+
+/// Collects every event of a run. All methods are cheap and take one lock.
+pub struct Tracker {
+    state: Mutex<State>,
+    dispatched: AtomicU64,
+    resolved: AtomicU64,
+    acked: AtomicU64,
+}
+
+struct State {
+    sends: Vec<SendRecord>,
+    counts: Counts,
+    ack: Histogram<u64>,
+    deliver: Histogram<u64>,
+    receipt: Histogram<u64>,
+    watches: HashMap<(u64, usize), ReceiptWatch>,
+    frozen: bool,
+}
+
+/// What the progress line needs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Sends started, warm-up included.
+    pub dispatched: u64,
+    /// Sends answered (ack or error), warm-up included.
+    pub resolved: u64,
+    /// Sends acked, warm-up included.
+    pub acked: u64,
+    /// Measured failures so far.
+    pub errors: u64,
+    /// Measured ack p99 so far, ms (0 before the window).
+    pub ack_p99_ms: f64,
+    /// Connections lost so far.
+    pub reconnects: u64,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)
+        .expect("constant histogram bounds are valid")
+}
+
+fn record(h: &mut Histogram<u64>, from_ns: u64, to_ns: u64) {
+    h.saturating_record(to_ns.saturating_sub(from_ns) / 1_000);
+}
+
+impl Tracker {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        Tracker {
+            state: Mutex::new(State {
+                sends: Vec::new(),
+                counts: Counts::default(),
+                ack: histogram(),
+                deliver: histogram(),
+                receipt: histogram(),
+                watches: HashMap::new(),
+                frozen: false,
+            }),
+            dispatched: AtomicU64::new(0),
+            resolved: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic elsewhere must not hide the measurements.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a send about to start and returns its number.
+    pub fn dispatch(&self, measured: bool) -> u64 {
+        let mut s = self.state();
+        let send_no = s.sends.len() as u64;
+        s.sends.push(SendRecord {
+            measured,
+            ..SendRecord::default()
+        });
+        if measured && !s.frozen {
+            s.counts.sent += 1;
+        }
+        self.dispatched.fetch_add(1, Ordering::Relaxed);
+        send_no
+    }
+
+    /// The server acknowledged send `send_no` as `seq` of `conversation_id`.
+    pub fn acked(
+        &self,
+        send_no: u64,
+        conversation_id: u64,
+        sender: usize,
+        seq: u64,
+        intended_ns: u64,
+        now_ns: u64,
+    ) {
+        self.resolved.fetch_add(1, Ordering::Relaxed);
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        let mut guard = self.state();
+        let s = &mut *guard;
+        if s.frozen {
+            return;
+        }
+        let Some(rec) = s.sends.get_mut(send_no as usize) else {
+            return;
+        };
+        rec.resolved = true;
+        rec.acked = true;
+        let measured = rec.measured;
+        if measured {
+            s.counts.acked += 1;
+            if rec.delivered {
+                s.counts.acked_delivered += 1;
+            }
+            record(&mut s.ack, intended_ns, now_ns);
+        }
+        let watch = s.watches.entry((conversation_id, sender)).or_default();
+        if seq <= watch.delivered_seq {
+            // The receipt overtook the ack (they travel on different
+            // streams); it arrived no later than now.
+            if measured {
+                s.counts.receipts += 1;
+                record(&mut s.receipt, intended_ns, now_ns);
+            }
+        } else {
+            watch.pending.insert(seq, (intended_ns, measured));
+        }
+    }
+
+    /// Send `send_no` failed; `code` is a short name such as `outbox_full`.
+    pub fn failed(&self, send_no: u64, code: &str) {
+        self.resolved.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.state();
+        if s.frozen {
+            return;
+        }
+        let Some(rec) = s.sends.get_mut(send_no as usize) else {
+            return;
+        };
+        rec.resolved = true;
+        if rec.measured {
+            s.counts.failed += 1;
+            *s.counts.errors.entry(code.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Something other than a send failed (mark seen, resume, session end).
+    pub fn error(&self, code: &str) {
+        let mut s = self.state();
+        if !s.frozen {
+            *s.counts.errors.entry(code.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Send `send_no` arrived at its recipient (client incarnation
+    /// `incarnation`).
+    pub fn delivered(&self, send_no: u64, incarnation: u32, intended_ns: u64, now_ns: u64) {
+        let mut guard = self.state();
+        let s = &mut *guard;
+        if s.frozen {
+            return;
+        }
+        let Some(rec) = s.sends.get_mut(send_no as usize) else {
+            s.counts.stale += 1;
+            return;
+        };
+        if !rec.measured {
+            rec.delivered = true;
+            return;
+        }
+        if rec.delivered {
+            s.counts.duplicates += 1;
+            if rec.incarnation != incarnation {
+                s.counts.duplicates_across_resume += 1;
+            }
+            return;
+        }
+        rec.delivered = true;
+        rec.incarnation = incarnation;
+        s.counts.delivered += 1;
+        if rec.acked {
+            s.counts.acked_delivered += 1;
+        }
+        record(&mut s.deliver, intended_ns, now_ns);
+    }
+
+    /// The recipient of `sender`'s messages in `conversation_id` reported
+    /// everything up to `delivered_seq` delivered.
+    pub fn receipt(&self, conversation_id: u64, sender: usize, delivered_seq: u64, now_ns: u64) {
+        let mut guard = self.state();
+        let s = &mut *guard;
+        if s.frozen {
+            return;
+        }
+        let watch = s.watches.entry((conversation_id, sender)).or_default();
+        if delivered_seq <= watch.delivered_seq {
+            return;
+        }
+        watch.delivered_seq = delivered_seq;
+        let later = watch.pending.split_off(&(delivered_seq + 1));
+        let done = std::mem::replace(&mut watch.pending, later);
+        for (intended_ns, measured) in done.into_values() {
+            if measured {
+                s.counts.receipts += 1;
+                record(&mut s.receipt, intended_ns, now_ns);
+            }
+        }
+    }
+
+    /// A message that is not from this run.
+    pub fn stale(&self) {
+        let mut s = self.state();
+        if !s.frozen {
+            s.counts.stale += 1;
+        }
+    }
+
+    /// A client lost its connection (it reconnects by itself).
+    pub fn reconnect(&self) {
+        let mut s = self.state();
+        if !s.frozen {
+            s.counts.reconnects += 1;
+        }
+    }
+
+    /// Churn took a user offline.
+    pub fn churn_offline(&self) {
+        let mut s = self.state();
+        if !s.frozen {
+            s.counts.churn_offline += 1;
+        }
+    }
+
+    /// A scheduled send was skipped because its sender was offline.
+    pub fn skipped_offline(&self, measured: bool) {
+        let mut s = self.state();
+        if measured && !s.frozen {
+            s.counts.skipped_offline += 1;
+        }
+    }
+
+    /// Whether every measured send is answered, every acked one delivered
+    /// and its receipt back: the drain can stop early.
+    pub fn complete(&self) -> bool {
+        let s = self.state();
+        let c = &s.counts;
+        c.acked + c.failed == c.sent && c.acked_delivered == c.acked && c.receipts == c.acked
+    }
+
+    /// Numbers for the progress line.
+    pub fn progress(&self) -> Progress {
+        let s = self.state();
+        Progress {
+            dispatched: self.dispatched.load(Ordering::Relaxed),
+            resolved: self.resolved.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+            errors: s.counts.errors.values().sum(),
+            ack_p99_ms: if s.ack.is_empty() {
+                0.0
+            } else {
+                s.ack.value_at_quantile(0.99) as f64 / 1_000.0
+            },
+            reconnects: s.counts.reconnects,
+        }
+    }
+
+    /// Stops counting and returns the measurements. Measured sends still
+    /// unanswered count as errors `no_ack`; acked sends never delivered are
+    /// `lost`.
+    pub fn freeze(&self) -> Final {
+        let mut guard = self.state();
+        let s = &mut *guard;
+        s.frozen = true;
+        let unanswered = s.sends.iter().filter(|r| r.measured && !r.resolved).count() as u64;
+        if unanswered > 0 {
+            s.counts.failed += unanswered;
+            *s.counts.errors.entry("no_ack".into()).or_default() += unanswered;
+        }
+        let lost = s
+            .sends
+            .iter()
+            .filter(|r| r.measured && r.acked && !r.delivered)
+            .count() as u64;
+        Final {
+            counts: s.counts.clone(),
+            lost,
+            ack: s.ack.clone(),
+            deliver: s.deliver.clone(),
+            receipt: s.receipt.clone(),
+        }
+    }
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// From a histogram of microseconds.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        let ms = |us: u64| us as f64 / 1_000.0;
+        Percentiles {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// The three latencies.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latencies {
+    /// Intended send to "sent" (the server's durable ack).
+    pub ack: Percentiles,
+    /// Intended send to arrival in the recipient's app.
+    pub deliver: Percentiles,
+    /// Intended send to the delivered receipt back at the sender.
+    pub receipt: Percentiles,
+}
+
+/// The result of a run; serialised as the `--json` file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Workload profile name.
+    pub profile: String,
+    /// Shard, `i/n`.
+    pub shard: String,
+    /// Virtual users.
+    pub users: u64,
+    /// QUIC connections (one per user).
+    pub connections: u64,
+    /// UDP sockets they share.
+    pub endpoints: usize,
+    /// Sends per second offered.
+    pub offered_rate: f64,
+    /// Schedule seed.
+    pub seed: u64,
+    /// Measured window, seconds.
+    pub duration_s: f64,
+    /// Uncounted warm-up, seconds.
+    pub warmup_s: f64,
+    /// Measured sends attempted.
+    pub sent: u64,
+    /// Acked as durable.
+    pub acked: u64,
+    /// Delivered to the recipient at least once.
+    pub delivered: u64,
+    /// Acked but never delivered.
+    pub lost: u64,
+    /// Delivered to the app more than once.
+    pub duplicates: u64,
+    /// Duplicates that crossed a churn resume (client-lib's deduplication
+    /// is per client instance).
+    pub duplicates_across_resume: u64,
+    /// Delivered receipts back at the sender.
+    pub receipts: u64,
+    /// Failures by short code name.
+    pub errors: BTreeMap<String, u64>,
+    /// Acked sends per second of the window.
+    pub acked_per_s: f64,
+    /// Delivered sends per second of the window.
+    pub delivered_per_s: f64,
+    /// Latency percentiles, ms.
+    pub latency_ms: Latencies,
+    /// Connections lost and re-established by client-lib.
+    pub reconnects: u64,
+    /// Users taken offline by churn.
+    pub churn_offline: u64,
+    /// Sends skipped because the sender was offline.
+    pub skipped_offline: u64,
+    /// Messages from another run, ignored.
+    pub stale_messages: u64,
+    /// Server CPU over the window, percent of one core (`--server-pid`).
+    pub server_cpu_pct: Option<f64>,
+    /// Server CPU microseconds per acked send.
+    pub server_cpu_us_per_send: Option<f64>,
+    /// This process's CPU over the window, percent of one core (includes
+    /// the server with `--spawn-server`).
+    pub loadgen_cpu_pct: Option<f64>,
+}
+
+impl Report {
+    /// Pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report always serialises")
+    }
+
+    /// The human-readable table printed at the end.
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "chat-loadgen: profile {}, shard {}, {} users on {} connections over {} UDP sockets",
+            self.profile, self.shard, self.users, self.connections, self.endpoints
+        );
+        let _ = writeln!(
+            t,
+            "offered {:.1} sends/s for {:.1}s (after {:.1}s warm-up), seed {}",
+            self.offered_rate, self.duration_s, self.warmup_s, self.seed
+        );
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "", "sent", "acked", "delivered", "receipts", "lost", "duplicates"
+        );
+        let _ = writeln!(
+            t,
+            "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "count",
+            self.sent,
+            self.acked,
+            self.delivered,
+            self.receipts,
+            self.lost,
+            self.duplicates
+        );
+        let _ = writeln!(
+            t,
+            "{:<10} {:>10} {:>10.1} {:>10.1}",
+            "per second", "", self.acked_per_s, self.delivered_per_s
+        );
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "latency ms", "p50", "p90", "p99", "p99.9", "max", "samples"
+        );
+        for (name, p) in [
+            ("ack", &self.latency_ms.ack),
+            ("deliver", &self.latency_ms.deliver),
+            ("receipt", &self.latency_ms.receipt),
+        ] {
+            let _ = writeln!(
+                t,
+                "{:<10} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10}",
+                name, p.p50, p.p90, p.p99, p.p999, p.max, p.count
+            );
+        }
+        let _ = writeln!(t);
+        if self.errors.is_empty() {
+            let _ = writeln!(t, "errors: none");
+        } else {
+            let list: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(code, n)| format!("{code}={n}"))
+                .collect();
+            let _ = writeln!(t, "errors: {}", list.join(" "));
+        }
+        let _ = writeln!(
+            t,
+            "reconnects: {}  churn offline: {}  skipped (sender offline): {}  duplicates across resume: {}  stale messages: {}",
+            self.reconnects,
+            self.churn_offline,
+            self.skipped_offline,
+            self.duplicates_across_resume,
+            self.stale_messages
+        );
+        match (self.server_cpu_pct, self.server_cpu_us_per_send) {
+            (Some(pct), Some(per)) => {
+                let _ = writeln!(
+                    t,
+                    "server cpu: {pct:.1}% of one core, {per:.1} µs per acked send"
+                );
+            }
+            (Some(pct), None) => {
+                let _ = writeln!(t, "server cpu: {pct:.1}% of one core");
+            }
+            _ => {
+                let _ = writeln!(t, "server cpu: n/a (pass --server-pid)");
+            }
+        }
+        if let Some(pct) = self.loadgen_cpu_pct {
+            let _ = writeln!(
+                t,
+                "load generator cpu: {pct:.1}% of one core (near 100% per thread: the numbers are bounded by the load generator)"
+            );
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_send_is_acked_delivered_and_receipted_once() {
+        let t = Tracker::new();
+        let warm = t.dispatch(false);
+        let a = t.dispatch(true);
+        let b = t.dispatch(true);
+        let c = t.dispatch(true);
+        t.acked(warm, 9, 0, 1, 0, 5_000_000);
+        t.acked(a, 9, 0, 2, 1_000_000, 3_000_000);
+        t.delivered(a, 0, 1_000_000, 4_000_000);
+        t.delivered(a, 0, 1_000_000, 4_500_000);
+        t.delivered(a, 1, 1_000_000, 4_600_000);
+        // b is delivered before its ack, and its receipt overtakes the ack.
+        t.delivered(b, 0, 2_000_000, 5_000_000);
+        t.receipt(9, 0, 3, 6_000_000);
+        t.acked(b, 9, 0, 3, 2_000_000, 7_000_000);
+        t.failed(c, "outbox_full");
+        assert!(t.complete());
+        let f = t.freeze();
+        let c = &f.counts;
+        assert_eq!((c.sent, c.acked, c.delivered, c.failed), (3, 2, 2, 1));
+        assert_eq!((c.duplicates, c.duplicates_across_resume), (2, 1));
+        assert_eq!(c.receipts, 2);
+        assert_eq!(c.errors.get("outbox_full"), Some(&1));
+        assert_eq!(f.lost, 0);
+        assert_eq!(f.ack.len(), 2);
+        let ack = Percentiles::of(&f.ack);
+        assert!((ack.max - 5.0).abs() < 0.01, "{ack:?}");
+        assert!((ack.p50 - 2.0).abs() < 0.01, "{ack:?}");
+        // Frozen: nothing more counts.
+        t.failed(b, "late");
+        assert!(!t.freeze().counts.errors.contains_key("late"));
+    }
+
+    #[test]
+    fn unanswered_and_undelivered_sends_are_reported() {
+        let t = Tracker::new();
+        let a = t.dispatch(true);
+        let _b = t.dispatch(true);
+        t.acked(a, 1, 0, 1, 0, 1_000);
+        assert!(!t.complete());
+        let f = t.freeze();
+        assert_eq!(f.lost, 1);
+        assert_eq!(f.counts.errors.get("no_ack"), Some(&1));
+        assert_eq!(f.counts.failed, 1);
+    }
+
+    #[test]
+    fn empty_percentiles_are_zero() {
+        assert_eq!(Percentiles::of(&histogram()), Percentiles::default());
+    }
+}
