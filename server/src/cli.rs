@@ -55,6 +55,18 @@ struct Overrides {
     /// Data directory [default: ./data].
     #[arg(long, env = "CHAT_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Redis URL for presence, unread queues and the recent cache.
+    #[arg(long, env = "CHAT_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of every Redis key.
+    #[arg(long, env = "CHAT_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
+    /// Postgres URL for history (default: embedded SQLite).
+    #[arg(long, env = "CHAT_POSTGRES_URL")]
+    postgres_url: Option<String>,
+    /// Postgres connections in the pool.
+    #[arg(long, env = "CHAT_POSTGRES_POOL_SIZE")]
+    postgres_pool_size: Option<usize>,
     /// PEM certificate chain (production).
     #[arg(long, env = "CHAT_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -114,6 +126,14 @@ impl Overrides {
         }
         set(&mut c.listen, self.listen);
         set(&mut c.data_dir, self.data_dir);
+        if self.redis_url.is_some() {
+            c.redis_url = self.redis_url;
+        }
+        set(&mut c.redis_prefix, self.redis_prefix);
+        if self.postgres_url.is_some() {
+            c.postgres_url = self.postgres_url;
+        }
+        set(&mut c.postgres_pool_size, self.postgres_pool_size);
         if self.tls_cert.is_some() {
             c.tls.tls_cert = self.tls_cert;
         }

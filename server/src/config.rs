@@ -25,6 +25,18 @@ pub struct Config {
     /// This node's name in presence records (default: its listen address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
+    /// Redis for presence, unread queues and the recent cache, e.g.
+    /// `redis://127.0.0.1:6379/0`. Unset: in process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key (several deployments can share a Redis).
+    pub redis_prefix: String,
+    /// Postgres for history, e.g. `postgres://chat@db/chat`. Unset: the
+    /// embedded SQLite file under `data-dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres_url: Option<String>,
+    /// Postgres connections in the pool.
+    pub postgres_pool_size: usize,
     /// TLS certificate and key.
     pub tls: TlsConfig,
     /// Per-user and per-frame limits.
@@ -109,6 +121,10 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
             data_dir: PathBuf::from("./data"),
             node_id: None,
+            redis_url: None,
+            redis_prefix: "chat:".into(),
+            postgres_url: None,
+            postgres_pool_size: 16,
             tls: TlsConfig::default(),
             limits: Limits::default(),
             transport: Transport::default(),
@@ -254,6 +270,9 @@ impl Config {
                 "send-window ({}) must be at least max-frame-len ({})",
                 t.send_window, l.max_frame_len
             ));
+        }
+        if self.postgres_pool_size == 0 {
+            return err("postgres-pool-size must be at least 1".into());
         }
         if t.max_connections == 0 {
             return err("max-connections must be at least 1".into());

@@ -26,7 +26,9 @@ use tokio::task::JoinHandle;
 
 use crate::error::Refusal;
 use crate::hub::{Hub, SessionHandle};
-use crate::store::{HistoryStore, NewMessage, RecentCache, WatermarkKind, WatermarkUpdate};
+use crate::store::{
+    HistoryStore, InboxStore, NewMessage, RecentCache, UserId, WatermarkKind, WatermarkUpdate,
+};
 use crate::wire::Outbound;
 
 /// Most sends in one group commit. Bounds the latency the first send of a
@@ -82,13 +84,20 @@ impl Delivery {
     pub fn start(
         store: Arc<dyn HistoryStore>,
         cache: Arc<dyn RecentCache>,
+        inbox: Option<Arc<dyn InboxStore>>,
         hub: Arc<Hub>,
     ) -> (Arc<Delivery>, DeliveryTasks) {
         let (sends, sends_rx) = mpsc::channel(QUEUE_DEPTH);
         let (marks, marks_rx) = mpsc::channel(QUEUE_DEPTH);
         let tasks = DeliveryTasks {
-            sends: tokio::spawn(send_committer(sends_rx, store.clone(), cache, hub.clone())),
-            marks: tokio::spawn(mark_committer(marks_rx, store, hub)),
+            sends: tokio::spawn(send_committer(
+                sends_rx,
+                store.clone(),
+                cache,
+                inbox.clone(),
+                hub.clone(),
+            )),
+            marks: tokio::spawn(mark_committer(marks_rx, store, inbox, hub)),
         };
         (Arc::new(Delivery { sends, marks }), tasks)
     }
@@ -114,71 +123,84 @@ async fn send_committer(
     mut rx: mpsc::Receiver<SendJob>,
     store: Arc<dyn HistoryStore>,
     cache: Arc<dyn RecentCache>,
+    inbox: Option<Arc<dyn InboxStore>>,
     hub: Arc<Hub>,
 ) {
     let mut jobs: Vec<SendJob> = Vec::with_capacity(MAX_SEND_BATCH);
+    let mut stored: Vec<Arc<proto::Message>> = Vec::with_capacity(MAX_SEND_BATCH);
+    let mut queued: Vec<(UserId, Arc<proto::Message>)> = Vec::new();
     while rx.recv_many(&mut jobs, MAX_SEND_BATCH).await > 0 {
         let batch: Vec<NewMessage> = jobs.iter().map(|j| j.message.clone()).collect();
-        match store.append(batch).await {
-            Ok(results) => {
-                for (job, result) in jobs.drain(..).zip(results) {
-                    match result {
-                        Ok(appended) => {
-                            let ack = Frame::new(
-                                job.request_id,
-                                Body::SendAck(proto::SendAck {
-                                    conversation_id: appended.message.conversation_id,
-                                    seq: appended.message.seq,
-                                    message_id: appended.message.message_id,
-                                    sent_at_ms: appended.message.sent_at_ms,
-                                    client_msg_id: appended.message.client_msg_id.clone(),
-                                    duplicate: appended.duplicate,
-                                }),
-                            );
-                            job.session
-                                .push(StreamKind::Messages, Outbound::frame(&ack));
-                            if appended.duplicate {
-                                // Already queued for everyone when first stored.
-                                continue;
-                            }
-                            cache.push(&appended.message);
-                            let deliver = Frame::push(Body::Deliver(proto::Deliver {
-                                message: Some((*appended.message).clone()),
-                            }));
-                            let out = Outbound {
-                                deliver: Some((
-                                    appended.message.conversation_id,
-                                    appended.message.seq,
-                                )),
-                                ..Outbound::frame(&deliver)
-                            };
-                            for member in appended.members {
-                                if member != appended.message.sender_id {
-                                    hub.push(member, StreamKind::Messages, &out, None);
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            let refusal = Refusal::from(e);
-                            job.session.push(
-                                StreamKind::Messages,
-                                Outbound::frame(&refusal.to_frame(job.request_id)),
-                            );
-                        }
-                    }
-                }
-            }
+        let results = match store.append(batch).await {
+            Ok(results) => results,
             Err(e) => {
                 // Nothing of the batch is durable: every sender hears a
                 // retryable error and retries with the same client_msg_id.
                 let refusal = Refusal::from(e);
                 for job in jobs.drain(..) {
-                    job.session.push(
-                        StreamKind::Messages,
-                        Outbound::frame(&refusal.to_frame(job.request_id)),
-                    );
+                    let frame = refusal.to_frame(job.request_id);
+                    job.session
+                        .push(StreamKind::Messages, Outbound::frame(&frame));
+                }
+                continue;
+            }
+        };
+        for (job, result) in jobs.drain(..).zip(results) {
+            let appended = match result {
+                Ok(appended) => appended,
+                Err(e) => {
+                    let frame = Refusal::from(e).to_frame(job.request_id);
+                    job.session
+                        .push(StreamKind::Messages, Outbound::frame(&frame));
+                    continue;
+                }
+            };
+            let message = &appended.message;
+            let ack = Frame::new(
+                job.request_id,
+                Body::SendAck(proto::SendAck {
+                    conversation_id: message.conversation_id,
+                    seq: message.seq,
+                    message_id: message.message_id,
+                    sent_at_ms: message.sent_at_ms,
+                    client_msg_id: message.client_msg_id.clone(),
+                    duplicate: appended.duplicate,
+                }),
+            );
+            job.session
+                .push(StreamKind::Messages, Outbound::frame(&ack));
+            if appended.duplicate {
+                // Already queued for everyone when first stored.
+                continue;
+            }
+            let deliver = Frame::push(Body::Deliver(proto::Deliver {
+                message: Some((**message).clone()),
+            }));
+            let out = Outbound {
+                deliver: Some((message.conversation_id, message.seq)),
+                ..Outbound::frame(&deliver)
+            };
+            for &member in &appended.members {
+                if member != message.sender_id {
+                    hub.push(member, StreamKind::Messages, &out, None);
+                    queued.push((member, message.clone()));
                 }
             }
+            stored.push(appended.message);
+        }
+        // Caches and queues after the acks and pushes, so they never delay
+        // "sent"; each is one pipelined round trip per batch.
+        cache.push(&stored).await;
+        stored.clear();
+        match &inbox {
+            Some(inbox) => {
+                if let Err(e) = inbox.push(std::mem::take(&mut queued)).await {
+                    // Catch-up checks queues against history, so a lost push
+                    // costs a history read on reconnect, not a message.
+                    tracing::warn!(error = %e, "inbox push failed");
+                }
+            }
+            None => queued.clear(),
         }
     }
 }
@@ -186,6 +208,7 @@ async fn send_committer(
 async fn mark_committer(
     mut rx: mpsc::Receiver<MarkJob>,
     store: Arc<dyn HistoryStore>,
+    inbox: Option<Arc<dyn InboxStore>>,
     hub: Arc<Hub>,
 ) {
     let mut jobs: Vec<MarkJob> = Vec::with_capacity(MAX_MARK_BATCH);
@@ -194,6 +217,7 @@ async fn mark_committer(
         let result = store.advance_watermarks(updates).await;
         let reply_body = match result {
             Ok(moved) => {
+                let mut acks = Vec::with_capacity(moved.len());
                 for m in moved {
                     let receipt = Outbound::frame(&Frame::push(Body::Receipt(proto::Receipt {
                         conversation_id: m.conversation_id,
@@ -201,10 +225,16 @@ async fn mark_committer(
                         delivered_seq: m.delivered_seq,
                         seen_seq: m.seen_seq,
                     })));
-                    for member in m.members {
+                    for &member in &m.members {
                         if member != m.user_id {
                             hub.push(member, StreamKind::Receipts, &receipt, None);
                         }
+                    }
+                    acks.push((m.user_id, m.conversation_id, m.delivered_seq));
+                }
+                if let Some(inbox) = &inbox {
+                    if let Err(e) = inbox.ack(acks).await {
+                        tracing::warn!(error = %e, "inbox ack failed");
                     }
                 }
                 Ok(())

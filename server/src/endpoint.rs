@@ -19,8 +19,9 @@ use crate::presence::Presence;
 use crate::session;
 use crate::store::presence::{MemoryPresenceStore, PresenceStore};
 use crate::store::recent::{DEFAULT_MAX_CONVERSATIONS, MemoryRecentCache};
+use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{HistoryStore, RecentCache};
+use crate::store::{HistoryStore, InboxStore, RecentCache};
 
 /// How long shutdown waits for connections to close and commits to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -41,6 +42,9 @@ pub enum ServerError {
     /// TLS set-up failed.
     #[error("TLS: {0}")]
     Tls(String),
+    /// A configured backend (Redis, Postgres) cannot be used.
+    #[error("{0}")]
+    Backend(String),
     /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -61,6 +65,8 @@ pub struct Shared {
     pub store: Arc<dyn HistoryStore>,
     /// Recent messages per conversation.
     pub cache: Arc<dyn RecentCache>,
+    /// Unread queues, when a production backend provides them.
+    pub inbox: Option<Arc<dyn InboxStore>>,
     /// Connected sessions.
     pub hub: Arc<Hub>,
     /// The delivery pipeline.
@@ -87,12 +93,15 @@ impl Server {
         let identity = certs::load_or_create(&config)?;
         let dev_ca = identity.dev_ca.clone();
         let server_config = quic_config(&config, identity)?;
-        let store: Arc<dyn HistoryStore> = Arc::new(SqliteStore::open(&config.data_dir)?);
-        tracing::info!(backend = store.backend(), data_dir = %config.data_dir.display(), "history store open");
-        let cache: Arc<dyn RecentCache> =
-            Arc::new(MemoryRecentCache::new(DEFAULT_MAX_CONVERSATIONS));
+        let Stores {
+            history: store,
+            cache,
+            inbox,
+            presence: presence_store,
+        } = Stores::open(&config).await?;
         let hub = Arc::new(Hub::default());
-        let (delivery, delivery_tasks) = Delivery::start(store.clone(), cache.clone(), hub.clone());
+        let (delivery, delivery_tasks) =
+            Delivery::start(store.clone(), cache.clone(), inbox.clone(), hub.clone());
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             ServerError::Bind {
                 addr: config.listen,
@@ -107,7 +116,6 @@ impl Server {
             .node_id
             .clone()
             .unwrap_or_else(|| local_addr.to_string());
-        let presence_store: Arc<dyn PresenceStore> = Arc::new(MemoryPresenceStore::default());
         let presence = Presence::start(
             node,
             config.limits.heartbeat_interval,
@@ -121,6 +129,7 @@ impl Server {
             config,
             store,
             cache,
+            inbox,
             hub,
             delivery,
         });
@@ -169,6 +178,60 @@ impl Server {
         // With every `Delivery` handle gone the committers drain their
         // queues (finishing in-flight group commits) and stop.
         let _ = tokio::time::timeout_at(deadline, self.delivery_tasks.join()).await;
+    }
+}
+
+/// The configured backends.
+struct Stores {
+    history: Arc<dyn HistoryStore>,
+    cache: Arc<dyn RecentCache>,
+    inbox: Option<Arc<dyn InboxStore>>,
+    presence: Arc<dyn PresenceStore>,
+}
+
+impl Stores {
+    /// Embedded unless URLs are configured; a configured backend that
+    /// cannot be reached fails start-up with an error naming it.
+    async fn open(config: &Config) -> Result<Stores, ServerError> {
+        let history: Arc<dyn HistoryStore> = match &config.postgres_url {
+            Some(_) => {
+                return Err(ServerError::Backend(
+                    "postgres-url is set but this build has no Postgres backend yet".into(),
+                ));
+            }
+            None => Arc::new(SqliteStore::open(&config.data_dir)?),
+        };
+        tracing::info!(backend = history.backend(), "history store open");
+        let Some(url) = &config.redis_url else {
+            return Ok(Stores {
+                history,
+                cache: Arc::new(MemoryRecentCache::new(DEFAULT_MAX_CONVERSATIONS)),
+                inbox: None,
+                presence: Arc::new(MemoryPresenceStore::default()),
+            });
+        };
+        let redis = RedisStore::connect(url, &config.redis_prefix)
+            .await
+            .map_err(|e| ServerError::Backend(format!("redis at {}: {e}", redact(url))))?;
+        tracing::info!(url = %redact(url), prefix = %config.redis_prefix, "redis connected");
+        Ok(Stores {
+            history,
+            cache: Arc::new(redis.clone()),
+            inbox: Some(Arc::new(redis.clone())),
+            presence: Arc::new(redis),
+        })
+    }
+}
+
+/// A URL without its password, for logs and errors.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
     }
 }
 

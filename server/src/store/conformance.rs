@@ -13,13 +13,27 @@ use chat_protocol::proto;
 
 use super::*;
 
-/// Expands every conformance check into a `#[tokio::test]`. The argument is
-/// an expression callable as `f(PathBuf) -> impl Future<Output = impl
-/// HistoryStore>`; the directory is a fresh temporary one per test.
+/// Expands every conformance check into a `#[tokio::test]`.
+///
+/// With one argument, it is an expression callable as `f(PathBuf) -> impl
+/// Future<Output = impl HistoryStore>`; the directory is a fresh temporary
+/// one per test.
+///
+/// With a second argument, for backends outside the process: the
+/// constructor returns `impl Future<Output = Option<impl HistoryStore>>`
+/// (`None` skips the test; the constructor says why), and the teardown,
+/// callable as `g(store) -> impl Future<Output = ()>`, runs after the check
+/// even when the check failed, so that a test leaves nothing behind.
 #[macro_export]
 macro_rules! history_store_conformance {
     ($new_store:expr) => {
-        $crate::history_store_conformance!(@tests $new_store;
+        $crate::history_store_conformance!(@list (@plain $new_store));
+    };
+    ($new_store:expr, $teardown:expr) => {
+        $crate::history_store_conformance!(@list (@teardown $new_store, $teardown));
+    };
+    (@list $mode:tt) => {
+        $crate::history_store_conformance!(@tests $mode;
             users,
             sessions,
             friend_requests,
@@ -31,20 +45,46 @@ macro_rules! history_store_conformance {
             conversation_list,
             concurrent_appends_get_distinct_contiguous_seqs,
             stored_presence,
+            pending_ranges_and_membership,
         );
     };
-    (@tests $new_store:expr; $($name:ident),* $(,)?) => {
+    (@tests $mode:tt; $($name:ident),* $(,)?) => {
         mod conformance {
             #[allow(unused_imports)]
             use super::*;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let dir = tempfile::tempdir().expect("temp dir");
-                    let store = ($new_store)(dir.path().to_path_buf()).await;
-                    $crate::store::conformance::$name(&store).await;
+                    $crate::history_store_conformance!(@run $name $mode);
                 }
             )*
+        }
+    };
+    (@run $name:ident (@plain $new_store:expr)) => {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = ($new_store)(dir.path().to_path_buf()).await;
+        $crate::store::conformance::$name(&store).await;
+    };
+    (@run $name:ident (@teardown $new_store:expr, $teardown:expr)) => {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let Some(store) = ($new_store)(dir.path().to_path_buf()).await else {
+            return;
+        };
+        let store = ::std::sync::Arc::new(store);
+        let checked = ::std::sync::Arc::clone(&store);
+        // The check runs in its own task so that a failed assertion still
+        // reaches the teardown.
+        let outcome =
+            tokio::spawn(async move { $crate::store::conformance::$name(&*checked).await })
+                .await;
+        match ::std::sync::Arc::into_inner(store) {
+            Some(store) => ($teardown)(store).await,
+            None => panic!("the store outlived its check"),
+        }
+        match outcome {
+            Ok(()) => {}
+            Err(e) if e.is_panic() => ::std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("the check did not finish: {e}"),
         }
     };
 }
@@ -607,4 +647,39 @@ pub async fn stored_presence(store: &impl HistoryStore) {
         store.stored_presence(vec![b]).await.unwrap()[0].hidden_at_ms,
         None
     );
+}
+
+/// Membership with freshness, and the cheap "what may be pending" index.
+pub async fn pending_ranges_and_membership(store: &impl HistoryStore) {
+    let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
+    let eve = user(store, "eve").await;
+    assert_eq!(store.member_last_seq(c, a).await.unwrap(), Some(0));
+    assert_eq!(store.member_last_seq(c, eve).await.unwrap(), None);
+    assert_eq!(store.member_last_seq(31_337, a).await.unwrap(), None);
+    for i in 1..=3 {
+        append_one(store, text(c, a, &format!("k{i}"), "hi", i)).await;
+    }
+    assert_eq!(store.member_last_seq(c, b).await.unwrap(), Some(3));
+    if let Some(ranges) = store.pending_ranges(b).await.unwrap() {
+        assert_eq!(
+            ranges,
+            vec![PendingRange {
+                conversation_id: c,
+                delivered_seq: 0,
+                last_seq: 3
+            }]
+        );
+        // The sender was caught up, so nothing is pending for her.
+        assert_eq!(store.pending_ranges(a).await.unwrap(), Some(vec![]));
+        store
+            .advance_watermarks(vec![WatermarkUpdate {
+                conversation_id: c,
+                user_id: b,
+                kind: WatermarkKind::Delivered,
+                seq: 3,
+            }])
+            .await
+            .unwrap();
+        assert_eq!(store.pending_ranges(b).await.unwrap(), Some(vec![]));
+    }
 }

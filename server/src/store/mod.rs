@@ -3,22 +3,24 @@
 //!
 //! * [`HistoryStore`]: the source of truth. Users, sessions, friends,
 //!   conversations, members with their delivered / seen watermarks, and
-//!   messages. Embedded: [`sqlite::SqliteStore`]. Production: Postgres
-//!   (later).
+//!   messages. Embedded: [`sqlite::SqliteStore`]. Production:
+//!   [`postgres::PostgresStore`].
 //! * [`RecentCache`]: the last messages of each conversation, so opening a
 //!   chat does not touch history. Embedded: [`recent::MemoryRecentCache`].
-//!   Production: a capped Redis list (later).
-//!
-//! The unread queue of a user is, in the embedded backend, the history
-//! itself: every message above the member's delivered watermark. A Redis
-//! inbox (later) is a cache of exactly that query, which is why it can be
-//! rebuilt after a flush.
+//!   Production: a capped Redis list ([`self::redis::RedisStore`]).
+//! * [`InboxStore`]: each user's unread queue. Production only
+//!   ([`self::redis::RedisStore`]); in the embedded backend the queue is the
+//!   history itself (every message above the member's delivered watermark),
+//!   which is also how a Redis queue is checked and, after a flush,
+//!   recomputed.
+//! * [`presence::PresenceStore`]: online records with a TTL.
 //!
 //! Every backend passes the same suite in [`conformance`].
 
 pub mod conformance;
 pub mod presence;
 pub mod recent;
+pub mod redis;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -321,6 +323,21 @@ pub trait HistoryStore: Send + Sync + 'static {
         before_ms: i64,
         limit: u32,
     ) -> Result<Vec<ConversationView>, StoreError>;
+    /// `Some(last_seq)` of the conversation if `user` is a member, else
+    /// `None`: membership and freshness in one lookup (the history handler
+    /// checks cached pages against it).
+    async fn member_last_seq(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Option<u64>, StoreError> {
+        if !self.is_member(conversation_id, user).await? {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.conversation(conversation_id, user).await?.last_seq,
+        ))
+    }
     /// Whether `user` is a member of the conversation.
     async fn is_member(
         &self,
@@ -353,6 +370,14 @@ pub trait HistoryStore: Send + Sync + 'static {
         after: (ConversationId, u64),
         limit: u32,
     ) -> Result<Vec<Arc<proto::Message>>, StoreError>;
+    /// Conversations where `user`'s delivered watermark is below the last
+    /// seq: a cheap index lookup used to check an [`InboxStore`] queue
+    /// before trusting it. `None` when the backend cannot answer cheaply
+    /// (callers then read history).
+    async fn pending_ranges(&self, user: UserId) -> Result<Option<Vec<PendingRange>>, StoreError> {
+        let _ = user;
+        Ok(None)
+    }
     /// Moves watermarks forward, all in one transaction. Returns the
     /// updates that moved something (coalesced: one entry per member and
     /// conversation).
@@ -385,14 +410,56 @@ pub trait HistoryStore: Send + Sync + 'static {
 /// The last messages of each conversation, kept where reads are cheap.
 ///
 /// It is only a cache: a miss (`None`) sends the caller to
-/// [`HistoryStore::history`]. Implementations must never return a page that
-/// history would answer differently.
+/// [`HistoryStore::history`], and so does any backend failure (logged, not
+/// returned). Implementations must never return a page that history would
+/// answer differently.
+#[async_trait]
 pub trait RecentCache: Send + Sync + 'static {
     /// Records newly appended messages. Called in seq order per
     /// conversation, by the single writer that appends them.
-    fn push(&self, message: &Arc<proto::Message>);
+    async fn push(&self, messages: &[Arc<proto::Message>]);
     /// Up to `limit` messages with seq below `before` (0: the newest), in
     /// ascending order, if the cache can answer exactly as history would.
-    fn page_before(&self, conversation_id: ConversationId, before: u64, limit: u32)
-    -> Option<Page>;
+    async fn page_before(
+        &self,
+        conversation_id: ConversationId,
+        before: u64,
+        limit: u32,
+    ) -> Option<Page>;
+}
+
+/// Per recipient, the messages not yet delivered: a fast copy of what
+/// history's watermarks already say, so reconnecting devices do not scan
+/// history.
+///
+/// Never trusted blindly: before catch-up uses a queue, it is checked
+/// against [`HistoryStore::pending_ranges`] and history is used instead
+/// when they disagree (after a flush, a lost push, an outage).
+#[async_trait]
+pub trait InboxStore: Send + Sync + 'static {
+    /// Short backend name for logs and metrics labels.
+    fn backend(&self) -> &'static str;
+    /// Queues stored messages for recipients (pipelined, one round trip).
+    async fn push(&self, entries: Vec<(UserId, Arc<proto::Message>)>) -> Result<(), StoreError>;
+    /// The user's queued messages, in (conversation, seq) order; at most
+    /// `limit`.
+    async fn pending(
+        &self,
+        user: UserId,
+        limit: usize,
+    ) -> Result<Vec<Arc<proto::Message>>, StoreError>;
+    /// Drops, per (user, conversation), everything up to the seq.
+    async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError>;
+}
+
+/// A conversation where a member may have messages to receive: every seq in
+/// `delivered_seq + 1 ..= last_seq` that someone else sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingRange {
+    /// Conversation.
+    pub conversation_id: ConversationId,
+    /// The member's delivered watermark.
+    pub delivered_seq: u64,
+    /// The conversation's newest seq.
+    pub last_seq: u64,
 }

@@ -3,14 +3,15 @@
 //!
 //! Only the single writer that appends messages (the delivery pipeline)
 //! pushes here, in seq order, so an entry is always a contiguous run of the
-//! newest messages of its conversation. An entry remembers whether it
-//! starts at seq 1; a page is answered only when the entry holds enough
-//! messages (or the whole conversation), so a hit is exactly what history
-//! would return.
+//! newest messages of its conversation. A page is answered only when the
+//! run holds enough messages (or the whole conversation), so a hit is
+//! exactly what history would return. [`page_from_run`] is that rule, shared
+//! with the Redis cache.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use chat_protocol::proto;
 use dashmap::DashMap;
 
@@ -48,10 +49,8 @@ impl MemoryRecentCache {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-}
 
-impl RecentCache for MemoryRecentCache {
-    fn push(&self, message: &Arc<proto::Message>) {
+    fn push_one(&self, message: &Arc<proto::Message>) {
         let conversation_id = message.conversation_id;
         if !self.entries.contains_key(&conversation_id)
             && self.entries.len() >= self.max_conversations
@@ -77,36 +76,61 @@ impl RecentCache for MemoryRecentCache {
         }
         entry.push_back(Arc::clone(message));
     }
+}
 
-    fn page_before(
+#[async_trait]
+impl RecentCache for MemoryRecentCache {
+    async fn push(&self, messages: &[Arc<proto::Message>]) {
+        for message in messages {
+            self.push_one(message);
+        }
+    }
+
+    async fn page_before(
         &self,
         conversation_id: ConversationId,
         before: u64,
         limit: u32,
     ) -> Option<Page> {
         let entry = self.entries.get(&conversation_id)?;
-        let limit = limit as usize;
-        let first_seq = entry.front()?.seq;
-        let end = if before == 0 {
-            entry.len()
+        let (front, back) = entry.as_slices();
+        if back.is_empty() {
+            page_from_run(front, before, limit)
         } else {
-            // Positions are seq - first_seq because the run is contiguous.
-            let newest = entry.back()?.seq;
-            if before > newest + 1 || before <= first_seq {
-                return None;
-            }
-            (before - first_seq) as usize
-        };
-        let start = end.saturating_sub(limit);
-        let starts_at_one = first_seq == 1;
-        if end - start < limit && !starts_at_one {
-            // The cache does not reach back far enough to fill the page.
+            let run: Vec<_> = entry.iter().cloned().collect();
+            page_from_run(&run, before, limit)
+        }
+    }
+}
+
+/// Answers "up to `limit` messages below `before` (0: the newest)" from
+/// `run`, ascending, contiguous newest messages of one conversation, or
+/// `None` if the run cannot answer exactly as history would (too short, or
+/// not contiguous).
+pub fn page_from_run(run: &[Arc<proto::Message>], before: u64, limit: u32) -> Option<Page> {
+    let first_seq = run.first()?.seq;
+    let newest = run.last()?.seq;
+    if newest + 1 - first_seq != run.len() as u64 {
+        return None;
+    }
+    let limit = limit as usize;
+    let end = if before == 0 {
+        run.len()
+    } else {
+        if before > newest + 1 || before <= first_seq {
             return None;
         }
-        let messages: Vec<_> = entry.range(start..end).cloned().collect();
-        let has_more = messages.first().is_some_and(|m| m.seq > 1);
-        Some(Page { messages, has_more })
+        // Positions are seq - first_seq because the run is contiguous.
+        (before - first_seq) as usize
+    };
+    let start = end.saturating_sub(limit);
+    if end - start < limit && first_seq != 1 {
+        // The run does not reach back far enough to fill the page.
+        return None;
     }
+    let messages: Vec<_> = run[start..end].to_vec();
+    let has_more = messages.first().is_some_and(|m| m.seq > 1);
+    Some(Page { messages, has_more })
 }
 
 #[cfg(test)]
@@ -125,54 +149,63 @@ mod tests {
         page.messages.iter().map(|m| m.seq).collect()
     }
 
-    #[test]
-    fn answers_only_what_it_holds() {
-        let cache = MemoryRecentCache::new(10);
-        for seq in 1..=60 {
-            cache.push(&msg(1, seq));
-        }
-        // Holds 11..=60.
-        let page = cache.page_before(1, 0, 20).unwrap();
-        assert_eq!(seqs(&page), (41..=60).collect::<Vec<_>>());
-        assert!(page.has_more);
-        let page = cache.page_before(1, 41, 20).unwrap();
-        assert_eq!(seqs(&page), (21..=40).collect::<Vec<_>>());
-        // Needs 1..=20 too: a miss, not a short page.
-        assert!(cache.page_before(1, 21, 20).is_none());
-        assert!(cache.page_before(1, 0, 51).is_none());
-        assert!(cache.page_before(2, 0, 10).is_none());
+    async fn push(
+        cache: &MemoryRecentCache,
+        conversation: u64,
+        seqs: impl IntoIterator<Item = u64>,
+    ) {
+        let messages: Vec<_> = seqs.into_iter().map(|s| msg(conversation, s)).collect();
+        cache.push(&messages).await;
     }
 
-    #[test]
-    fn a_young_conversation_is_answered_whole() {
+    #[tokio::test]
+    async fn answers_only_what_it_holds() {
         let cache = MemoryRecentCache::new(10);
-        for seq in 1..=3 {
-            cache.push(&msg(1, seq));
-        }
-        let page = cache.page_before(1, 0, 50).unwrap();
+        push(&cache, 1, 1..=60).await;
+        // Holds 11..=60.
+        let page = cache.page_before(1, 0, 20).await.unwrap();
+        assert_eq!(seqs(&page), (41..=60).collect::<Vec<_>>());
+        assert!(page.has_more);
+        let page = cache.page_before(1, 41, 20).await.unwrap();
+        assert_eq!(seqs(&page), (21..=40).collect::<Vec<_>>());
+        // Needs 1..=20 too: a miss, not a short page.
+        assert!(cache.page_before(1, 21, 20).await.is_none());
+        assert!(cache.page_before(1, 0, 51).await.is_none());
+        assert!(cache.page_before(2, 0, 10).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_young_conversation_is_answered_whole() {
+        let cache = MemoryRecentCache::new(10);
+        push(&cache, 1, 1..=3).await;
+        let page = cache.page_before(1, 0, 50).await.unwrap();
         assert_eq!(seqs(&page), vec![1, 2, 3]);
         assert!(!page.has_more);
     }
 
-    #[test]
-    fn a_gap_restarts_the_entry() {
+    #[tokio::test]
+    async fn a_gap_restarts_the_entry() {
         let cache = MemoryRecentCache::new(10);
-        cache.push(&msg(1, 5));
-        cache.push(&msg(1, 6));
-        cache.push(&msg(1, 9));
-        assert!(cache.page_before(1, 0, 2).is_none());
-        assert_eq!(seqs(&cache.page_before(1, 0, 1).unwrap()), vec![9]);
+        push(&cache, 1, [5, 6, 9]).await;
+        assert!(cache.page_before(1, 0, 2).await.is_none());
+        assert_eq!(seqs(&cache.page_before(1, 0, 1).await.unwrap()), vec![9]);
         // Replays are ignored.
-        cache.push(&msg(1, 9));
-        assert_eq!(seqs(&cache.page_before(1, 0, 1).unwrap()), vec![9]);
+        push(&cache, 1, [9]).await;
+        assert_eq!(seqs(&cache.page_before(1, 0, 1).await.unwrap()), vec![9]);
+    }
+
+    #[tokio::test]
+    async fn conversation_count_is_bounded() {
+        let cache = MemoryRecentCache::new(3);
+        for conversation in 1..=10 {
+            push(&cache, conversation, [1]).await;
+        }
+        assert!(cache.len() <= 3);
     }
 
     #[test]
-    fn conversation_count_is_bounded() {
-        let cache = MemoryRecentCache::new(3);
-        for conversation in 1..=10 {
-            cache.push(&msg(conversation, 1));
-        }
-        assert!(cache.len() <= 3);
+    fn a_run_with_a_hole_answers_nothing() {
+        let run = vec![msg(1, 1), msg(1, 2), msg(1, 4)];
+        assert!(page_from_run(&run, 0, 2).is_none());
     }
 }

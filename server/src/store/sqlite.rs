@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    HistoryStore, MemberState, NewMessage, NewSession, Page, SessionRecord, StoreError,
-    StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
+    HistoryStore, MemberState, NewMessage, NewSession, Page, PendingRange, SessionRecord,
+    StoreError, StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -898,6 +898,53 @@ impl HistoryStore for SqliteStore {
                 .map_err(internal)?;
             rows.map(|r| r.map(Arc::new))
                 .collect::<rusqlite::Result<_>>()
+                .map_err(internal)
+        })
+        .await
+    }
+
+    async fn member_last_seq(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Option<u64>, StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached(
+                "SELECT c.last_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
+                 WHERE m.conversation_id = ?1 AND m.user_id = ?2",
+            )
+            .map_err(internal)?
+            .query_row(params![sql(conversation_id), sql(user)], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|v| v.map(|v| v as u64))
+            .map_err(internal)
+        })
+        .await
+    }
+
+    async fn pending_ranges(&self, user: UserId) -> Result<Option<Vec<PendingRange>>, StoreError> {
+        self.call(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT m.conversation_id, m.delivered_seq, c.last_seq
+                     FROM members m JOIN conversations c ON c.id = m.conversation_id
+                     WHERE m.user_id = ?1 AND c.last_seq > m.delivered_seq
+                     ORDER BY m.conversation_id",
+                )
+                .map_err(internal)?;
+            let rows = stmt
+                .query_map([sql(user)], |r| {
+                    Ok(PendingRange {
+                        conversation_id: r.get::<_, i64>(0)? as u64,
+                        delivered_seq: r.get::<_, i64>(1)? as u64,
+                        last_seq: r.get::<_, i64>(2)? as u64,
+                    })
+                })
+                .map_err(internal)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map(Some)
                 .map_err(internal)
         })
         .await

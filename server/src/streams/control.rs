@@ -386,21 +386,31 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             }))
         }
         Some(Body::HistoryQuery(q)) => {
-            if !store.is_member(q.conversation_id, me).await? {
+            let Some(last_seq) = store.member_last_seq(q.conversation_id, me).await? else {
                 return Err(Refusal::new(
                     ErrorCode::NotAMember,
                     "not a member of this conversation",
                 ));
-            }
+            };
             let limit = page_limit(q.limit, DEFAULT_HISTORY_PAGE);
             let direction = match proto::history_query::Direction::try_from(q.direction) {
                 Ok(proto::history_query::Direction::Forward) => Direction::Forward,
                 _ => Direction::Backward,
             };
             let cached = match direction {
-                Direction::Backward => shared.cache.page_before(q.conversation_id, q.cursor, limit),
+                Direction::Backward => {
+                    shared
+                        .cache
+                        .page_before(q.conversation_id, q.cursor, limit)
+                        .await
+                }
                 Direction::Forward => None,
             };
+            // A cache that missed a push must not pass off an old page as
+            // the newest one.
+            let cached = cached.filter(|page| {
+                q.cursor != 0 || page.messages.last().is_some_and(|m| m.seq == last_seq)
+            });
             let page = match cached {
                 Some(page) => page,
                 None => {

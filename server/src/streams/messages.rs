@@ -26,6 +26,9 @@ use crate::wire::{self, FrameReader, Outbound};
 
 /// Messages fetched per catch-up page.
 const CATCH_UP_PAGE: u32 = 256;
+/// Largest queue read from the inbox store in one go; longer backlogs (a
+/// month offline) are paged from history.
+const INBOX_CATCH_UP_LIMIT: usize = 2_000;
 
 /// Serves the messages stream until it or the connection ends.
 pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameReader) {
@@ -171,8 +174,16 @@ async fn writer(
 /// conversation, or `None` if the stream failed.
 async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u64, u64>> {
     let authed = session.authed().expect("authenticated");
-    let store = &session.shared.store;
     let mut sent: HashMap<u64, u64> = HashMap::new();
+    if let Some(queued) = from_inbox(session, authed.user_id).await {
+        for page in queued.chunks(CATCH_UP_PAGE as usize) {
+            if !write_page(send, page, &mut sent).await {
+                return None;
+            }
+        }
+        return Some(sent);
+    }
+    let store = &session.shared.store;
     let mut cursor = (0, 0);
     loop {
         let page = match store
@@ -190,20 +201,81 @@ async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u6
             return Some(sent);
         };
         cursor = (last.conversation_id, last.seq);
-        let mut buf = BytesMut::new();
-        for message in &page {
-            sent.insert(message.conversation_id, message.seq);
-            let frame = Frame::push(Body::Deliver(proto::Deliver {
-                message: Some((**message).clone()),
-            }));
-            chat_protocol::encode(&frame, &mut buf);
-        }
-        let mut chunks: [Bytes; 1] = [buf.freeze()];
-        if send.write_all_chunks(&mut chunks).await.is_err() {
+        if !write_page(send, &page, &mut sent).await {
             return None;
         }
         if page.len() < CATCH_UP_PAGE as usize {
             return Some(sent);
         }
     }
+}
+
+/// Writes one page of Deliver frames in a single write.
+async fn write_page(
+    send: &mut SendStream,
+    page: &[Arc<proto::Message>],
+    sent: &mut HashMap<u64, u64>,
+) -> bool {
+    let mut buf = BytesMut::new();
+    for message in page {
+        sent.insert(message.conversation_id, message.seq);
+        let frame = Frame::push(Body::Deliver(proto::Deliver {
+            message: Some((**message).clone()),
+        }));
+        chat_protocol::encode(&frame, &mut buf);
+    }
+    let mut chunks: [Bytes; 1] = [buf.freeze()];
+    send.write_all_chunks(&mut chunks).await.is_ok()
+}
+
+/// The user's queue from the inbox store, if there is one and it agrees
+/// with history: for every conversation history says may have pending
+/// messages, the queue must hold exactly the seqs after the delivered
+/// watermark up to the last seq. Anything else (a flushed Redis, a lost
+/// push, an outage, the user's own messages in the range) returns `None`
+/// and catch-up reads history instead. Queue entries at or below the
+/// watermark (acks that raced a push) are dropped.
+async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Message>>> {
+    let inbox = session.shared.inbox.as_ref()?;
+    let ranges = match session.shared.store.pending_ranges(user).await {
+        Ok(Some(ranges)) => ranges,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "pending ranges failed");
+            return None;
+        }
+    };
+    let queued = match inbox.pending(user, INBOX_CATCH_UP_LIMIT).await {
+        Ok(queued) if queued.len() <= INBOX_CATCH_UP_LIMIT => queued,
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "inbox read failed; catching up from history");
+            return None;
+        }
+    };
+    let expected: HashMap<u64, (u64, u64)> = ranges
+        .iter()
+        .map(|r| (r.conversation_id, (r.delivered_seq, r.last_seq)))
+        .collect();
+    let mut out: Vec<Arc<proto::Message>> = Vec::with_capacity(queued.len());
+    let mut counts: HashMap<u64, u64> = HashMap::new();
+    for message in queued {
+        let Some(&(delivered, last)) = expected.get(&message.conversation_id) else {
+            continue;
+        };
+        if message.seq <= delivered || message.seq > last {
+            continue;
+        }
+        if out.last().is_some_and(|prev| {
+            prev.conversation_id == message.conversation_id && prev.seq >= message.seq
+        }) {
+            continue;
+        }
+        *counts.entry(message.conversation_id).or_default() += 1;
+        out.push(message);
+    }
+    let complete = ranges.iter().all(|r| {
+        counts.get(&r.conversation_id).copied().unwrap_or(0) == r.last_seq - r.delivered_seq
+    });
+    complete.then_some(out)
 }

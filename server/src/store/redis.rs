@@ -1,0 +1,526 @@
+//! The Redis backend for what is fast and rebuildable: presence records
+//! with a TTL, each user's unread queue, and each conversation's recent
+//! messages.
+//!
+//! Keys carry Redis Cluster hash tags, so everything of one user (`{u:ID}`)
+//! or one conversation (`{c:ID}`) lives in one slot and can be pipelined:
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `<prefix>{u:ID}:presence` | string, PX ttl | `node` and `last_active_ms` (the seed's User Status record) |
+//! | `<prefix>{u:ID}:inbox:<conversation>` | sorted set, score = seq | encoded messages not yet delivered (sender, recipient = ID, timestamp, text, type: the seed's Unread Messages record) |
+//! | `<prefix>{u:ID}:inbox` | set | conversations with a queue |
+//! | `<prefix>{c:ID}:recent` | list, ascending, capped | the newest messages of the conversation |
+//!
+//! Nothing here is the source of truth. Every failure is survivable: the
+//! callers fall back to history, and a flushed Redis refills as users
+//! heartbeat, send and reconnect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{AsyncCommands, Client, RedisError};
+use async_trait::async_trait;
+use chat_protocol::proto;
+use prost::Message as _;
+
+use super::presence::{OnlineRecord, PresenceStore};
+use super::recent::{PER_CONVERSATION, page_from_run};
+use super::{ConversationId, InboxStore, Page, RecentCache, StoreError, UserId};
+
+/// How long connecting may take before start-up fails with a clear error.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one command may take; past it the caller falls back.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection (multiplexed, reconnecting) and the key prefix.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: Arc<str>,
+}
+
+fn unavailable(e: RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+impl RedisStore {
+    /// Connects (bounded by [`CONNECT_TIMEOUT`]); `prefix` starts every key,
+    /// so several deployments or tests can share one Redis.
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        let client =
+            Client::open(url).map_err(|e| StoreError::Internal(format!("bad redis URL: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2);
+        let conn = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable("redis: connect timed out".into()))?
+        .map_err(unavailable)?;
+        Ok(RedisStore {
+            conn,
+            prefix: prefix.into(),
+        })
+    }
+
+    /// Checks the server answers (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        ::redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
+    fn presence_key(&self, user: UserId) -> String {
+        format!("{}{{u:{user}}}:presence", self.prefix)
+    }
+
+    fn inbox_key(&self, user: UserId, conversation: ConversationId) -> String {
+        format!("{}{{u:{user}}}:inbox:{conversation}", self.prefix)
+    }
+
+    fn inbox_index_key(&self, user: UserId) -> String {
+        format!("{}{{u:{user}}}:inbox", self.prefix)
+    }
+
+    fn recent_key(&self, conversation: ConversationId) -> String {
+        format!("{}{{c:{conversation}}}:recent", self.prefix)
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<Arc<proto::Message>> {
+    proto::Message::decode(bytes).ok().map(Arc::new)
+}
+
+#[async_trait]
+impl PresenceStore for RedisStore {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn refresh(
+        &self,
+        user: UserId,
+        record: OnlineRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let value = format!("{}|{}", record.last_active_ms, record.node);
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        conn.pset_ex::<_, _, ()>(self.presence_key(user), value, ttl_ms)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn remove(&self, user: UserId, node: String) -> Result<(), StoreError> {
+        // Delete only if the record is still ours: another node may own the
+        // user by now. A script makes check-and-delete atomic.
+        let script = ::redis::Script::new(
+            r"local v = redis.call('GET', KEYS[1])
+              if v and string.sub(v, string.find(v, '|', 1, true) + 1) == ARGV[1] then
+                return redis.call('DEL', KEYS[1])
+              end
+              return 0",
+        );
+        let mut conn = self.conn.clone();
+        script
+            .key(self.presence_key(user))
+            .arg(node)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
+    async fn online(&self, users: Vec<UserId>) -> Result<Vec<Option<OnlineRecord>>, StoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = ::redis::pipe();
+        for user in &users {
+            pipe.get(self.presence_key(*user));
+        }
+        let mut conn = self.conn.clone();
+        let values: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(values
+            .into_iter()
+            .map(|v| {
+                let v = v?;
+                let (ms, node) = v.split_once('|')?;
+                Some(OnlineRecord {
+                    node: node.to_string(),
+                    last_active_ms: ms.parse().ok()?,
+                })
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl InboxStore for RedisStore {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn push(&self, entries: Vec<(UserId, Arc<proto::Message>)>) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        for (user, message) in &entries {
+            pipe.zadd(
+                self.inbox_key(*user, message.conversation_id),
+                message.encode_to_vec(),
+                message.seq,
+            )
+            .ignore();
+            pipe.sadd(self.inbox_index_key(*user), message.conversation_id)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn pending(
+        &self,
+        user: UserId,
+        limit: usize,
+    ) -> Result<Vec<Arc<proto::Message>>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut conversations: Vec<u64> = conn
+            .smembers(self.inbox_index_key(user))
+            .await
+            .map_err(unavailable)?;
+        conversations.sort_unstable();
+        if conversations.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = ::redis::pipe();
+        for conversation in &conversations {
+            // One more than the limit tells the caller the queue overflowed.
+            pipe.zrange(self.inbox_key(user, *conversation), 0, limit as isize);
+        }
+        let queues: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        for queue in queues {
+            for bytes in queue {
+                let message = decode(&bytes).ok_or_else(|| {
+                    StoreError::Internal("undecodable message in a redis inbox".into())
+                })?;
+                out.push(message);
+                if out.len() > limit {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        for (user, conversation, seq) in &acks {
+            pipe.zrembyscore(self.inbox_key(*user, *conversation), "-inf", *seq)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        // Drop emptied queues from the index (a second round trip only for
+        // those; ZCARD of a missing key is 0).
+        let mut pipe = ::redis::pipe();
+        for (user, conversation, _) in &acks {
+            pipe.zcard(self.inbox_key(*user, *conversation));
+        }
+        let sizes: Vec<u64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let mut pipe = ::redis::pipe();
+        let mut any = false;
+        for ((user, conversation, _), size) in acks.iter().zip(sizes) {
+            if size == 0 {
+                pipe.srem(self.inbox_index_key(*user), *conversation)
+                    .ignore();
+                any = true;
+            }
+        }
+        if any {
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl RecentCache for RedisStore {
+    async fn push(&self, messages: &[Arc<proto::Message>]) {
+        if messages.is_empty() {
+            return;
+        }
+        let mut pipe = ::redis::pipe();
+        for message in messages {
+            let key = self.recent_key(message.conversation_id);
+            pipe.rpush(&key, message.encode_to_vec()).ignore();
+            pipe.ltrim(&key, -(PER_CONVERSATION as isize), -1).ignore();
+        }
+        let mut conn = self.conn.clone();
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            // Readers check the cached run against history's last seq, so a
+            // lost push costs a cache miss, never a wrong page.
+            tracing::warn!(error = %e, "recent cache push failed");
+        }
+    }
+
+    async fn page_before(
+        &self,
+        conversation_id: ConversationId,
+        before: u64,
+        limit: u32,
+    ) -> Option<Page> {
+        let mut conn = self.conn.clone();
+        let raw: Vec<Vec<u8>> = match conn.lrange(self.recent_key(conversation_id), 0, -1).await {
+            Ok(raw) => raw,
+            Err(e) => {
+                tracing::warn!(error = %e, "recent cache read failed");
+                return None;
+            }
+        };
+        let run: Vec<_> = raw.iter().filter_map(|b| decode(b)).collect();
+        if run.len() != raw.len() {
+            return None;
+        }
+        page_from_run(&run, before, limit)
+    }
+}
+
+/// Helpers for tests that need a real Redis: the URL, a unique key prefix,
+/// and clean-up. Public so the end-to-end harness uses the same rules.
+pub mod testing {
+    use super::*;
+
+    /// `CHAT_TEST_REDIS_URL`, defaulting to the local Redis.
+    pub fn url() -> String {
+        std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    /// Whether a missing backend must fail the test (CI sets
+    /// `CHAT_REQUIRE_BACKENDS=1`) rather than skip it.
+    pub fn required() -> bool {
+        std::env::var("CHAT_REQUIRE_BACKENDS").is_ok_and(|v| v == "1")
+    }
+
+    /// A key prefix no other test uses.
+    pub fn unique_prefix(tag: &str) -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!(
+            "test:{tag}:{}:{}:{nanos}:",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Connects with a unique prefix, or explains why not: `None` means
+    /// "skip" (after printing a SKIPPED line); a required backend that is
+    /// missing panics.
+    pub async fn connect(tag: &str) -> Option<RedisStore> {
+        let url = url();
+        match RedisStore::connect(&url, &unique_prefix(tag)).await {
+            Ok(store) => Some(store),
+            Err(e) if required() => {
+                panic!("redis required (CHAT_REQUIRE_BACKENDS=1) but unreachable at {url}: {e}")
+            }
+            Err(e) => {
+                println!("SKIPPED: redis unreachable at {url} ({e}); set CHAT_TEST_REDIS_URL");
+                None
+            }
+        }
+    }
+
+    /// Deletes every key under `prefix` (a flush scoped to one test, so
+    /// parallel tests keep their data).
+    pub async fn delete_prefix(store: &RedisStore, prefix: &str) {
+        let mut conn = store.conn.clone();
+        let pattern = format!("{}*", prefix.replace('{', "\\{").replace('}', "\\}"));
+        let keys: Vec<String> = match ::redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut conn)
+            .await
+        {
+            Ok(keys) => keys,
+            Err(e) => panic!("KEYS {pattern}: {e}"),
+        };
+        if !keys.is_empty() {
+            let _: () = conn.del(keys).await.expect("DEL");
+        }
+    }
+
+    impl RedisStore {
+        /// The key prefix.
+        pub fn prefix(&self) -> &str {
+            &self.prefix
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    fn message(conversation_id: u64, seq: u64) -> Arc<proto::Message> {
+        Arc::new(proto::Message {
+            conversation_id,
+            seq,
+            message_id: conversation_id * 1000 + seq,
+            sender_id: 7,
+            text: format!("m{seq}"),
+            ..Default::default()
+        })
+    }
+
+    fn seqs(messages: &[Arc<proto::Message>]) -> Vec<(u64, u64)> {
+        messages
+            .iter()
+            .map(|m| (m.conversation_id, m.seq))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn presence_records_expire_and_belong_to_a_node() {
+        let Some(store) = connect("presence").await else {
+            return;
+        };
+        let rec = |node: &str, ms| OnlineRecord {
+            node: node.into(),
+            last_active_ms: ms,
+        };
+        store
+            .refresh(1, rec("node-a", 100), Duration::from_millis(300))
+            .await
+            .unwrap();
+        store
+            .refresh(2, rec("node-b", 200), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.online(vec![1, 2, 3]).await.unwrap(),
+            vec![Some(rec("node-a", 100)), Some(rec("node-b", 200)), None]
+        );
+        // Expiry is Redis's clock: poll until it happens.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.online(vec![1]).await.unwrap()[0].is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "record never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        store.remove(2, "node-a".into()).await.unwrap();
+        assert!(
+            store.online(vec![2]).await.unwrap()[0].is_some(),
+            "other node's record stays"
+        );
+        store.remove(2, "node-b".into()).await.unwrap();
+        assert_eq!(store.online(vec![2]).await.unwrap(), vec![None]);
+        delete_prefix(&store, &store.prefix().to_string()).await;
+    }
+
+    #[tokio::test]
+    async fn inbox_queues_in_order_and_acks_by_watermark() {
+        let Some(store) = connect("inbox").await else {
+            return;
+        };
+        // Pushed out of order and twice: read back ordered and once.
+        InboxStore::push(
+            &store,
+            vec![
+                (5, message(20, 2)),
+                (5, message(10, 1)),
+                (5, message(20, 1)),
+                (6, message(10, 1)),
+            ],
+        )
+        .await
+        .unwrap();
+        InboxStore::push(&store, vec![(5, message(20, 2))])
+            .await
+            .unwrap();
+        assert_eq!(
+            seqs(&store.pending(5, 100).await.unwrap()),
+            vec![(10, 1), (20, 1), (20, 2)]
+        );
+        assert_eq!(seqs(&store.pending(6, 100).await.unwrap()), vec![(10, 1)]);
+        assert_eq!(store.pending(5, 100).await.unwrap()[0].text, "m1");
+        // The limit returns one more than asked so callers see overflow.
+        assert_eq!(store.pending(5, 1).await.unwrap().len(), 2);
+        store.ack(vec![(5, 20, 1), (5, 10, 5)]).await.unwrap();
+        assert_eq!(seqs(&store.pending(5, 100).await.unwrap()), vec![(20, 2)]);
+        store.ack(vec![(5, 20, 2)]).await.unwrap();
+        assert!(store.pending(5, 100).await.unwrap().is_empty());
+        assert_eq!(
+            seqs(&store.pending(6, 100).await.unwrap()),
+            vec![(10, 1)],
+            "other users untouched"
+        );
+        delete_prefix(&store, &store.prefix().to_string()).await;
+        assert!(
+            store.pending(6, 100).await.unwrap().is_empty(),
+            "a flush empties the queue"
+        );
+    }
+
+    #[tokio::test]
+    async fn recent_cache_is_capped_and_answers_like_history() {
+        let Some(store) = connect("recent").await else {
+            return;
+        };
+        let run: Vec<_> = (1..=60).map(|seq| message(3, seq)).collect();
+        RecentCache::push(&store, &run[..30]).await;
+        RecentCache::push(&store, &run[30..]).await;
+        let page = store.page_before(3, 0, 10).await.unwrap();
+        assert_eq!(
+            seqs(&page.messages),
+            (51..=60).map(|s| (3, s)).collect::<Vec<_>>()
+        );
+        assert!(page.has_more);
+        // Capped at PER_CONVERSATION: 11..=60 kept, so 1..=10 is a miss.
+        assert!(store.page_before(3, 11, 10).await.is_none());
+        assert_eq!(
+            store.page_before(3, 21, 10).await.unwrap().messages.len(),
+            10
+        );
+        assert!(store.page_before(4, 0, 10).await.is_none());
+        delete_prefix(&store, &store.prefix().to_string()).await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_is_a_clear_error_not_a_hang() {
+        let started = tokio::time::Instant::now();
+        let err = RedisStore::connect("redis://127.0.0.1:1/", "x:")
+            .await
+            .err()
+            .expect("must fail");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(started.elapsed() < CONNECT_TIMEOUT * 3);
+        let err = RedisStore::connect("not a url", "x:")
+            .await
+            .err()
+            .expect("must fail");
+        assert!(err.to_string().contains("bad redis URL"), "{err}");
+    }
+}
