@@ -28,22 +28,156 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Which stores a test server runs on.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// SQLite file and in-process presence / cache: the quick-start default.
+    Embedded,
+    /// Redis (own key prefix) for presence, queues and the recent cache.
+    Production {
+        redis_url: String,
+        redis_prefix: String,
+    },
+}
+
+impl Backend {
+    /// The production backends, if reachable. Prints a SKIPPED line and
+    /// returns `None` when they are not, unless `CHAT_REQUIRE_BACKENDS=1`
+    /// (CI), in which case it panics.
+    pub async fn production() -> Option<Backend> {
+        use chat_server::store::redis::testing;
+        let store = testing::connect("e2e").await?;
+        Some(Backend::Production {
+            redis_url: testing::url(),
+            redis_prefix: store.prefix().to_string(),
+        })
+    }
+
+    fn apply(&self, config: &mut Config) {
+        if let Backend::Production {
+            redis_url,
+            redis_prefix,
+        } = self
+        {
+            config.redis_url = Some(redis_url.clone());
+            config.redis_prefix = redis_prefix.clone();
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        match self {
+            Backend::Embedded => Vec::new(),
+            Backend::Production {
+                redis_url,
+                redis_prefix,
+            } => vec![
+                "--redis-url".into(),
+                redis_url.clone(),
+                "--redis-prefix".into(),
+                redis_prefix.clone(),
+            ],
+        }
+    }
+
+    /// Deletes what this backend stored outside the process (Redis keys).
+    /// Blocking, so it can run from `Drop`.
+    fn clean_up(&self) {
+        let Backend::Production {
+            redis_url,
+            redis_prefix,
+        } = self
+        else {
+            return;
+        };
+        let (url, prefix) = (redis_url.clone(), redis_prefix.clone());
+        let cleaner = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                use chat_server::store::redis::{RedisStore, testing};
+                if let Ok(store) = RedisStore::connect(&url, &prefix).await {
+                    testing::delete_prefix(&store, &prefix).await;
+                }
+            });
+        });
+        let _ = cleaner.join();
+    }
+
+    /// Empties this backend's Redis keys, as a Redis restart (it keeps
+    /// nothing on disk) or FLUSHALL would, without touching other tests.
+    pub async fn flush_redis(&self) {
+        let Backend::Production {
+            redis_url,
+            redis_prefix,
+        } = self
+        else {
+            return;
+        };
+        use chat_server::store::redis::{RedisStore, testing};
+        let store = RedisStore::connect(redis_url, redis_prefix)
+            .await
+            .expect("redis");
+        testing::delete_prefix(&store, redis_prefix).await;
+    }
+}
+
+/// Defines each test once and runs it on every backend: `embedded::NAME`
+/// always, `production::NAME` when Redis answers (or always, failing if it
+/// does not, under `CHAT_REQUIRE_BACKENDS=1`).
+macro_rules! each_backend {
+    ($(async fn $name:ident($backend:ident: Backend) $body:block)*) => {
+        $(
+            async fn $name($backend: $crate::harness::Backend) $body
+        )*
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::harness::Backend::Embedded).await
+                }
+            )*
+        }
+        mod production {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some(backend) = $crate::harness::Backend::production().await {
+                        super::$name(backend).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
 /// An in-process server on its own data directory.
 pub struct TestServer {
     pub server: Option<Server>,
     pub addr: SocketAddr,
     pub ca: PathBuf,
     pub config: Config,
+    pub backend: Backend,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
     pub async fn start() -> TestServer {
-        Self::start_with(|_| {}).await
+        Self::start_on_with(Backend::Embedded, |_| {}).await
     }
 
     /// Starts a server after `tweak` adjusted the test configuration.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        Self::start_on_with(Backend::Embedded, tweak).await
+    }
+
+    pub async fn start_on(backend: Backend) -> TestServer {
+        Self::start_on_with(backend, |_| {}).await
+    }
+
+    /// Starts a server on `backend` after `tweak` adjusted the configuration.
+    pub async fn start_on_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestServer {
         init_tracing();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config {
@@ -51,6 +185,7 @@ impl TestServer {
             data_dir: dir.path().to_path_buf(),
             ..Config::default()
         };
+        backend.apply(&mut config);
         tweak(&mut config);
         let server = Server::start(config.clone()).await.expect("server starts");
         TestServer {
@@ -58,6 +193,7 @@ impl TestServer {
             ca: server.dev_ca().expect("dev CA").to_path_buf(),
             server: Some(server),
             config,
+            backend,
             _dir: Some(dir),
         }
     }
@@ -98,6 +234,7 @@ impl Drop for TestServer {
         if let Some(server) = self.server.take() {
             drop(server);
         }
+        self.backend.clean_up();
     }
 }
 
@@ -119,13 +256,14 @@ pub struct ChildServer {
 }
 
 impl ChildServer {
-    /// Starts the binary on `data_dir`, on `port` (0: any).
-    pub async fn start(data_dir: &Path, port: u16) -> ChildServer {
+    /// Starts the binary on `backend`, `data_dir` and `port` (0: any).
+    pub async fn start_on(backend: &Backend, data_dir: &Path, port: u16) -> ChildServer {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-e2e-server"))
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(data_dir)
+            .args(backend.args())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -5,9 +5,12 @@
 // Helpers are `pub` for the sibling test modules; nothing is exported.
 #![allow(unreachable_pub)]
 
-mod auth;
-mod friends;
+#[macro_use]
 mod harness;
+
+mod auth;
+mod backends;
+mod friends;
 mod loadgen;
 mod messaging;
 mod presence;

@@ -24,405 +24,399 @@ async fn receipt(
     .await
 }
 
-#[tokio::test]
-async fn sent_then_delivered_then_seen() {
-    let server = TestServer::start().await;
-    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
-    let bob_id = bob.identity().user_id;
+each_backend! {
+    async fn sent_then_delivered_then_seen(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let bob_id = bob.identity().user_id;
 
-    // 1. Sent: the ack carries seq, id and a server timestamp.
-    let ack = alice.send_text(conversation, "hello bob").await.unwrap();
-    assert_eq!((ack.conversation_id, ack.seq), (conversation, 1));
-    assert!(ack.message_id > 0 && ack.sent_at_ms > 0 && !ack.duplicate);
+        // 1. Sent: the ack carries seq, id and a server timestamp.
+        let ack = alice.send_text(conversation, "hello bob").await.unwrap();
+        assert_eq!((ack.conversation_id, ack.seq), (conversation, 1));
+        assert!(ack.message_id > 0 && ack.sent_at_ms > 0 && !ack.duplicate);
 
-    let got = messages(&mut bob_events, 1).await;
-    assert_eq!(got[0].text, "hello bob");
-    assert_eq!(got[0].sender_id, alice.identity().user_id);
-    assert_eq!((got[0].seq, got[0].message_id), (ack.seq, ack.message_id));
+        let got = messages(&mut bob_events, 1).await;
+        assert_eq!(got[0].text, "hello bob");
+        assert_eq!(got[0].sender_id, alice.identity().user_id);
+        assert_eq!((got[0].seq, got[0].message_id), (ack.seq, ack.message_id));
 
-    // 2. Delivered: Bob's client acked it; Alice hears it before any seen.
-    let delivered = receipt(
-        &mut alice_events,
-        conversation,
-        bob_id,
-        "delivered receipt",
-        |r| r.delivered_seq >= 1,
-    )
-    .await;
-    assert_eq!(delivered.seen_seq, 0, "delivered arrives before seen");
+        // 2. Delivered: Bob's client acked it; Alice hears it before any seen.
+        let delivered = receipt(
+            &mut alice_events,
+            conversation,
+            bob_id,
+            "delivered receipt",
+            |r| r.delivered_seq >= 1,
+        )
+        .await;
+        assert_eq!(delivered.seen_seq, 0, "delivered arrives before seen");
 
-    // 3. Seen.
-    bob.mark_seen(conversation, ack.seq).await.unwrap();
-    let seen = receipt(
-        &mut alice_events,
-        conversation,
-        bob_id,
-        "seen receipt",
-        |r| r.seen_seq >= 1,
-    )
-    .await;
-    assert_eq!((seen.delivered_seq, seen.seen_seq), (1, 1));
+        // 3. Seen.
+        bob.mark_seen(conversation, ack.seq).await.unwrap();
+        let seen = receipt(
+            &mut alice_events,
+            conversation,
+            bob_id,
+            "seen receipt",
+            |r| r.seen_seq >= 1,
+        )
+        .await;
+        assert_eq!((seen.delivered_seq, seen.seen_seq), (1, 1));
 
-    // Watermarks only move forward: a lower mark is ignored (no receipt,
-    // state unchanged).
-    bob.mark_seen(conversation, 0).await.unwrap();
-    let info = alice.open_direct(bob_id).await.unwrap();
-    let bob_member = info.members.iter().find(|m| m.user_id == bob_id).unwrap();
-    assert_eq!((bob_member.delivered_seq, bob_member.seen_seq), (1, 1));
-}
-
-#[tokio::test]
-async fn offline_recipient_gets_everything_in_order_once() {
-    let server = TestServer::start().await;
-    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
-    let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
-    let bob_token = bob.identity().token;
-    let bob_id = bob.identity().user_id;
-    bob.close();
-
-    let mut acks = Vec::new();
-    for i in 0..100 {
-        acks.push(
-            alice
-                .send_text(conversation, &format!("message {i}"))
-                .await
-                .unwrap(),
-        );
+        // Watermarks only move forward: a lower mark is ignored (no receipt,
+        // state unchanged).
+        bob.mark_seen(conversation, 0).await.unwrap();
+        let info = alice.open_direct(bob_id).await.unwrap();
+        let bob_member = info.members.iter().find(|m| m.user_id == bob_id).unwrap();
+        assert_eq!((bob_member.delivered_seq, bob_member.seen_seq), (1, 1));
     }
-    assert_eq!(
-        acks.iter().map(|a| a.seq).collect::<Vec<_>>(),
-        (1..=100).collect::<Vec<_>>()
-    );
 
-    // Alice drops her connection before Bob comes back: the delivered
-    // receipt must still reach her (live after her reconnect, or in the
-    // snapshot sent when her receipts stream opens).
-    alice.reconnect_now();
-    assert!(alice.wait_connected(WAIT).await);
+    async fn offline_recipient_gets_everything_in_order_once(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let bob_token = bob.identity().token;
+        let bob_id = bob.identity().user_id;
+        bob.close();
 
-    let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
-        .await
-        .unwrap();
-    let got = messages(&mut bob_events, 100).await;
-    assert_eq!(
-        got.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        (1..=100).collect::<Vec<_>>()
-    );
-    assert!(
-        got.iter()
-            .enumerate()
-            .all(|(i, m)| m.text == format!("message {i}"))
-    );
-    assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+        let mut acks = Vec::new();
+        for i in 0..100 {
+            acks.push(
+                alice
+                    .send_text(conversation, &format!("message {i}"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert_eq!(
+            acks.iter().map(|a| a.seq).collect::<Vec<_>>(),
+            (1..=100).collect::<Vec<_>>()
+        );
 
-    receipt(
-        &mut alice_events,
-        conversation,
-        bob_id,
-        "delivered 100",
-        |r| r.delivered_seq == 100,
-    )
-    .await;
-}
+        // Alice drops her connection before Bob comes back: the delivered
+        // receipt must still reach her (live after her reconnect, or in the
+        // snapshot sent when her receipts stream opens).
+        alice.reconnect_now();
+        assert!(alice.wait_connected(WAIT).await);
 
-#[tokio::test]
-async fn receipts_missed_while_offline_arrive_on_reconnect() {
-    let server = TestServer::start().await;
-    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
-    let alice_token = alice.identity().token;
-    let ack = alice
-        .send_text(conversation, "read me later")
-        .await
-        .unwrap();
-    alice.close();
+        let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
+            .await
+            .unwrap();
+        let got = messages(&mut bob_events, 100).await;
+        assert_eq!(
+            got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            (1..=100).collect::<Vec<_>>()
+        );
+        assert!(
+            got.iter()
+                .enumerate()
+                .all(|(i, m)| m.text == format!("message {i}"))
+        );
+        assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
 
-    messages(&mut bob_events, 1).await;
-    bob.mark_seen(conversation, ack.seq).await.unwrap();
+        receipt(
+            &mut alice_events,
+            conversation,
+            bob_id,
+            "delivered 100",
+            |r| r.delivered_seq == 100,
+        )
+        .await;
+    }
 
-    let (_alice, mut alice_events) = Client::resume(server.client_config(), &alice_token)
-        .await
-        .unwrap();
-    let r = receipt(
-        &mut alice_events,
-        conversation,
-        bob.identity().user_id,
-        "seen snapshot",
-        |r| r.seen_seq == 1,
-    )
-    .await;
-    assert_eq!(r.delivered_seq, 1);
-}
+    async fn receipts_missed_while_offline_arrive_on_reconnect(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let alice_token = alice.identity().token;
+        let ack = alice
+            .send_text(conversation, "read me later")
+            .await
+            .unwrap();
+        alice.close();
 
-#[tokio::test]
-async fn retried_sends_are_stored_once() {
-    let server = TestServer::start().await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
+        messages(&mut bob_events, 1).await;
+        bob.mark_seen(conversation, ack.seq).await.unwrap();
 
-    let first = alice
-        .send_with_id(conversation, "draft-1", "once")
-        .await
-        .unwrap();
-    let again = alice
-        .send_with_id(conversation, "draft-1", "once")
-        .await
-        .unwrap();
-    assert!(!first.duplicate && again.duplicate);
-    assert_eq!(
-        (again.seq, again.message_id, again.sent_at_ms),
-        (first.seq, first.message_id, first.sent_at_ms)
-    );
+        let (_alice, mut alice_events) = Client::resume(server.client_config(), &alice_token)
+            .await
+            .unwrap();
+        let r = receipt(
+            &mut alice_events,
+            conversation,
+            bob.identity().user_id,
+            "seen snapshot",
+            |r| r.seen_seq == 1,
+        )
+        .await;
+        assert_eq!(r.delivered_seq, 1);
+    }
 
-    // Across a reconnect too.
-    alice.reconnect_now();
-    assert!(alice.wait_connected(WAIT).await);
-    let third = alice
-        .send_with_id(conversation, "draft-1", "once")
-        .await
-        .unwrap();
-    assert_eq!(third.message_id, first.message_id);
+    async fn retried_sends_are_stored_once(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
 
-    let next = alice.send_text(conversation, "twice").await.unwrap();
-    assert_eq!(next.seq, 2, "retries consumed no seq");
-    let page = alice
-        .history(conversation, HistoryDirection::Backward, 0, 50)
-        .await
-        .unwrap();
-    assert_eq!(
-        page.messages
-            .iter()
-            .map(|m| m.text.as_str())
-            .collect::<Vec<_>>(),
-        vec!["once", "twice"]
-    );
-    let got = messages(&mut bob_events, 2).await;
-    assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
-    assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
-}
+        let first = alice
+            .send_with_id(conversation, "draft-1", "once")
+            .await
+            .unwrap();
+        let again = alice
+            .send_with_id(conversation, "draft-1", "once")
+            .await
+            .unwrap();
+        assert!(!first.duplicate && again.duplicate);
+        assert_eq!(
+            (again.seq, again.message_id, again.sent_at_ms),
+            (first.seq, first.message_id, first.sent_at_ms)
+        );
 
-#[tokio::test]
-async fn sends_queued_while_disconnected_go_out_on_reconnect() {
-    let server = TestServer::start().await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
-    alice.reconnect_now();
-    // Whether these leave before or after the reconnect, each is stored once
-    // and in order.
-    let sends: Vec<_> = (0..20)
-        .map(|i| {
+        // Across a reconnect too.
+        alice.reconnect_now();
+        assert!(alice.wait_connected(WAIT).await);
+        let third = alice
+            .send_with_id(conversation, "draft-1", "once")
+            .await
+            .unwrap();
+        assert_eq!(third.message_id, first.message_id);
+
+        let next = alice.send_text(conversation, "twice").await.unwrap();
+        assert_eq!(next.seq, 2, "retries consumed no seq");
+        let page = alice
+            .history(conversation, HistoryDirection::Backward, 0, 50)
+            .await
+            .unwrap();
+        assert_eq!(
+            page.messages
+                .iter()
+                .map(|m| m.text.as_str())
+                .collect::<Vec<_>>(),
+            vec!["once", "twice"]
+        );
+        let got = messages(&mut bob_events, 2).await;
+        assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+    }
+
+    async fn sends_queued_while_disconnected_go_out_on_reconnect(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        alice.reconnect_now();
+        // Whether these leave before or after the reconnect, each is stored once
+        // and in order.
+        let sends: Vec<_> = (0..20)
+            .map(|i| {
+                let alice = alice.clone();
+                tokio::spawn(async move {
+                    alice
+                        .send_with_id(conversation, &format!("k{i:02}"), &format!("m{i}"))
+                        .await
+                })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for send in sends {
+            seqs.push(send.await.unwrap().unwrap().seq);
+        }
+        seqs.sort();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+        assert_eq!(messages(&mut bob_events, 20).await.len(), 20);
+    }
+
+    async fn acked_messages_survive_a_killed_server(backend: Backend) {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ChildServer::start_on(&backend, dir.path(), 0).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let bob_token = bob.identity().token;
+        bob.close();
+        let mut acked = Vec::new();
+        for i in 0..50 {
+            acked.push(
+                alice
+                    .send_text(conversation, &format!("durable {i}"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let port = server.addr.port();
+        // SIGKILL right after the last ack: no graceful anything.
+        server.kill().await;
+        alice.close();
+
+        let server = ChildServer::start_on(&backend, dir.path(), port).await;
+        let (bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
+            .await
+            .expect("token survives");
+        let got = messages(&mut bob_events, 50).await;
+        assert_eq!(
+            got.iter().map(|m| m.message_id).collect::<Vec<_>>(),
+            acked.iter().map(|a| a.message_id).collect::<Vec<_>>()
+        );
+        let page = bob
+            .history(conversation, HistoryDirection::Forward, 0, 100)
+            .await
+            .unwrap();
+        assert_eq!(page.messages.len(), 50);
+        server.kill().await;
+        backend.flush_redis().await;
+    }
+
+    async fn a_dropped_connection_mid_burst_loses_and_duplicates_nothing(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        const N: usize = 1000;
+        let sender = {
             let alice = alice.clone();
             tokio::spawn(async move {
-                alice
-                    .send_with_id(conversation, &format!("k{i:02}"), &format!("m{i}"))
-                    .await
-            })
-        })
-        .collect();
-    let mut seqs = Vec::new();
-    for send in sends {
-        seqs.push(send.await.unwrap().unwrap().seq);
-    }
-    seqs.sort();
-    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
-    assert_eq!(messages(&mut bob_events, 20).await.len(), 20);
-}
-
-#[tokio::test]
-async fn acked_messages_survive_a_killed_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ChildServer::start(dir.path(), 0).await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
-    let bob_token = bob.identity().token;
-    bob.close();
-    let mut acked = Vec::new();
-    for i in 0..50 {
-        acked.push(
-            alice
-                .send_text(conversation, &format!("durable {i}"))
-                .await
-                .unwrap(),
-        );
-    }
-    let port = server.addr.port();
-    // SIGKILL right after the last ack: no graceful anything.
-    server.kill().await;
-    alice.close();
-
-    let server = ChildServer::start(dir.path(), port).await;
-    let (bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
-        .await
-        .expect("token survives");
-    let got = messages(&mut bob_events, 50).await;
-    assert_eq!(
-        got.iter().map(|m| m.message_id).collect::<Vec<_>>(),
-        acked.iter().map(|a| a.message_id).collect::<Vec<_>>()
-    );
-    let page = bob
-        .history(conversation, HistoryDirection::Forward, 0, 100)
-        .await
-        .unwrap();
-    assert_eq!(page.messages.len(), 50);
-    server.kill().await;
-}
-
-#[tokio::test]
-async fn a_dropped_connection_mid_burst_loses_and_duplicates_nothing() {
-    let server = TestServer::start().await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
-    const N: usize = 1000;
-    let sender = {
-        let alice = alice.clone();
-        tokio::spawn(async move {
-            let mut pending = Vec::with_capacity(N);
-            for i in 0..N {
-                let alice = alice.clone();
-                pending.push(tokio::spawn(async move {
-                    alice.send_text(conversation, &format!("burst {i}")).await
-                }));
-                if i % 100 == 99 {
-                    // Keep the outbox below its bound.
-                    for p in pending.drain(..) {
-                        p.await.unwrap().unwrap();
+                let mut pending = Vec::with_capacity(N);
+                for i in 0..N {
+                    let alice = alice.clone();
+                    pending.push(tokio::spawn(async move {
+                        alice.send_text(conversation, &format!("burst {i}")).await
+                    }));
+                    if i % 100 == 99 {
+                        // Keep the outbox below its bound.
+                        for p in pending.drain(..) {
+                            p.await.unwrap().unwrap();
+                        }
                     }
                 }
-            }
-            for p in pending {
-                p.await.unwrap().unwrap();
-            }
-        })
-    };
-    let mut got = messages(&mut bob_events, 300).await;
-    bob.reconnect_now();
-    got.extend(messages(&mut bob_events, N - 300).await);
-    sender.await.unwrap();
-    assert_eq!(
-        got.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        (1..=N as u64).collect::<Vec<_>>()
-    );
-    assert_no_message(&mut bob_events, Duration::from_millis(500)).await;
-}
-
-#[tokio::test]
-async fn history_pages_and_the_conversation_list() {
-    let server = TestServer::start().await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
-    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
-    let with_bob = befriend(&alice, &bob).await;
-    let with_carol = befriend(&alice, &carol).await;
-    for i in 1..=30 {
-        bob.send_text(with_bob, &format!("b{i}")).await.unwrap();
+                for p in pending {
+                    p.await.unwrap().unwrap();
+                }
+            })
+        };
+        let mut got = messages(&mut bob_events, 300).await;
+        bob.reconnect_now();
+        got.extend(messages(&mut bob_events, N - 300).await);
+        sender.await.unwrap();
+        assert_eq!(
+            got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            (1..=N as u64).collect::<Vec<_>>()
+        );
+        assert_no_message(&mut bob_events, Duration::from_millis(500)).await;
     }
-    carol.send_text(with_carol, "hi from carol").await.unwrap();
 
-    let texts = |page: &proto::HistoryPage| {
-        page.messages
-            .iter()
-            .map(|m| m.text.clone())
-            .collect::<Vec<_>>()
-    };
-    let newest = alice
-        .history(with_bob, HistoryDirection::Backward, 0, 10)
-        .await
-        .unwrap();
-    assert_eq!(
-        texts(&newest),
-        (21..=30).map(|i| format!("b{i}")).collect::<Vec<_>>()
-    );
-    assert!(newest.has_more);
-    let older = alice
-        .history(with_bob, HistoryDirection::Backward, 21, 25)
-        .await
-        .unwrap();
-    assert_eq!(
-        texts(&older),
-        (1..=20).map(|i| format!("b{i}")).collect::<Vec<_>>()
-    );
-    assert!(!older.has_more);
-    let forward = alice
-        .history(with_bob, HistoryDirection::Forward, 25, 10)
-        .await
-        .unwrap();
-    assert_eq!(
-        texts(&forward),
-        (26..=30).map(|i| format!("b{i}")).collect::<Vec<_>>()
-    );
-    assert!(!forward.has_more);
-    // Page sizes are capped by the server.
-    let capped = alice
-        .history(with_bob, HistoryDirection::Forward, 0, 1_000_000)
-        .await
-        .unwrap();
-    assert_eq!(capped.messages.len(), 30);
+    async fn history_pages_and_the_conversation_list(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+        let (carol, _ec) = register(server.client_config(), &name("carol")).await;
+        let with_bob = befriend(&alice, &bob).await;
+        let with_carol = befriend(&alice, &carol).await;
+        for i in 1..=30 {
+            bob.send_text(with_bob, &format!("b{i}")).await.unwrap();
+        }
+        carol.send_text(with_carol, "hi from carol").await.unwrap();
 
-    let list = alice.conversations(10, 0).await.unwrap();
-    assert_eq!(
-        list.iter().map(|c| c.conversation_id).collect::<Vec<_>>(),
-        vec![with_carol, with_bob]
-    );
-    assert_eq!(list[0].last_message.as_ref().unwrap().text, "hi from carol");
-    assert_eq!((list[0].unread_count, list[1].unread_count), (1, 30));
-    alice.mark_seen(with_bob, 25).await.unwrap();
-    let list = alice.conversations(10, 0).await.unwrap();
-    assert_eq!(list[1].unread_count, 5);
-    let second_page = alice
-        .conversations(1, list[0].last_activity_ms)
-        .await
-        .unwrap();
-    assert_eq!(
-        second_page
-            .iter()
-            .map(|c| c.conversation_id)
-            .collect::<Vec<_>>(),
-        vec![with_bob]
-    );
-}
+        let texts = |page: &proto::HistoryPage| {
+            page.messages
+                .iter()
+                .map(|m| m.text.clone())
+                .collect::<Vec<_>>()
+        };
+        let newest = alice
+            .history(with_bob, HistoryDirection::Backward, 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            texts(&newest),
+            (21..=30).map(|i| format!("b{i}")).collect::<Vec<_>>()
+        );
+        assert!(newest.has_more);
+        let older = alice
+            .history(with_bob, HistoryDirection::Backward, 21, 25)
+            .await
+            .unwrap();
+        assert_eq!(
+            texts(&older),
+            (1..=20).map(|i| format!("b{i}")).collect::<Vec<_>>()
+        );
+        assert!(!older.has_more);
+        let forward = alice
+            .history(with_bob, HistoryDirection::Forward, 25, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            texts(&forward),
+            (26..=30).map(|i| format!("b{i}")).collect::<Vec<_>>()
+        );
+        assert!(!forward.has_more);
+        // Page sizes are capped by the server.
+        let capped = alice
+            .history(with_bob, HistoryDirection::Forward, 0, 1_000_000)
+            .await
+            .unwrap();
+        assert_eq!(capped.messages.len(), 30);
 
-#[tokio::test]
-async fn non_members_cannot_send_read_or_mark() {
-    let server = TestServer::start().await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    let (eve, _ee) = register(server.client_config(), &name("eve")).await;
-    let conversation = befriend(&alice, &bob).await;
-    alice.send_text(conversation, "private").await.unwrap();
+        let list = alice.conversations(10, 0).await.unwrap();
+        assert_eq!(
+            list.iter().map(|c| c.conversation_id).collect::<Vec<_>>(),
+            vec![with_carol, with_bob]
+        );
+        assert_eq!(list[0].last_message.as_ref().unwrap().text, "hi from carol");
+        assert_eq!((list[0].unread_count, list[1].unread_count), (1, 30));
+        alice.mark_seen(with_bob, 25).await.unwrap();
+        let list = alice.conversations(10, 0).await.unwrap();
+        assert_eq!(list[1].unread_count, 5);
+        let second_page = alice
+            .conversations(1, list[0].last_activity_ms)
+            .await
+            .unwrap();
+        assert_eq!(
+            second_page
+                .iter()
+                .map(|c| c.conversation_id)
+                .collect::<Vec<_>>(),
+            vec![with_bob]
+        );
+    }
 
-    assert_eq!(
-        code(eve.send_text(conversation, "let me in").await),
-        ErrorCode::NotAMember
-    );
-    assert_eq!(
-        code(
-            eve.history(conversation, HistoryDirection::Backward, 0, 10)
-                .await
-        ),
-        ErrorCode::NotAMember
-    );
-    assert_eq!(
-        code(eve.mark_seen(conversation, 1).await),
-        ErrorCode::NotAMember
-    );
-    assert_eq!(
-        code(
-            eve.history(9_999_999, HistoryDirection::Backward, 0, 10)
-                .await
-        ),
-        ErrorCode::NotAMember
-    );
-    assert!(eve.conversations(10, 0).await.unwrap().is_empty());
-    // Bob got only Alice's message.
-    let got = messages(&mut bob_events, 1).await;
-    assert_eq!(got[0].text, "private");
-    assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+    async fn non_members_cannot_send_read_or_mark(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let (eve, _ee) = register(server.client_config(), &name("eve")).await;
+        let conversation = befriend(&alice, &bob).await;
+        alice.send_text(conversation, "private").await.unwrap();
+
+        assert_eq!(
+            code(eve.send_text(conversation, "let me in").await),
+            ErrorCode::NotAMember
+        );
+        assert_eq!(
+            code(
+                eve.history(conversation, HistoryDirection::Backward, 0, 10)
+                    .await
+            ),
+            ErrorCode::NotAMember
+        );
+        assert_eq!(
+            code(eve.mark_seen(conversation, 1).await),
+            ErrorCode::NotAMember
+        );
+        assert_eq!(
+            code(
+                eve.history(9_999_999, HistoryDirection::Backward, 0, 10)
+                    .await
+            ),
+            ErrorCode::NotAMember
+        );
+        assert!(eve.conversations(10, 0).await.unwrap().is_empty());
+        // Bob got only Alice's message.
+        let got = messages(&mut bob_events, 1).await;
+        assert_eq!(got[0].text, "private");
+        assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+    }
 }

@@ -11,8 +11,8 @@ use crate::harness::*;
 const HEARTBEAT: Duration = Duration::from_millis(200);
 const MULTIPLE: u32 = 3;
 
-async fn server() -> TestServer {
-    TestServer::start_with(|c| {
+async fn server(backend: Backend) -> TestServer {
+    TestServer::start_on_with(backend, |c| {
         c.limits.heartbeat_interval = HEARTBEAT;
         c.limits.presence_ttl_multiple = MULTIPLE;
     })
@@ -59,236 +59,231 @@ async fn count_presence(
     seen
 }
 
-#[tokio::test]
-async fn online_then_offline_on_a_clean_disconnect() {
-    let server = server().await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    befriend(&alice, &bob).await;
-    let a = alice.identity();
-    alice.close();
-    // Wait until the server has her offline, then watch her.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice never went offline"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+each_backend! {
+    async fn online_then_offline_on_a_clean_disconnect(backend: Backend) {
+        let server = server(backend.clone()).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        befriend(&alice, &bob).await;
+        let a = alice.identity();
+        alice.close();
+        // Wait until the server has her offline, then watch her.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "alice never went offline"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
 
-    let (alice, _ea) = Client::resume(server.client_config(), &a.token)
-        .await
-        .unwrap();
-    let online = presence_of(&mut bob_events, a.user_id, true, "alice online").await;
-    assert!(online.online);
-    assert!(bob.presence(a.user_id).unwrap().online, "the client caches the state");
-
-    let closed_at = now_ms();
-    alice.close();
-    let offline = presence_of(&mut bob_events, a.user_id, false, "alice offline").await;
-    assert!(!offline.online);
-    assert!(
-        (offline.last_active_ms - closed_at).abs() <= 1_000,
-        "last active {} should be within a second of the disconnect at {closed_at}",
-        offline.last_active_ms
-    );
-}
-
-#[tokio::test]
-async fn a_silent_connection_goes_offline_after_the_window_not_before() {
-    let server = server().await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    befriend(&alice, &bob).await;
-    let a = alice.identity().user_id;
-    let snapshot = bob.subscribe_presence(&[a]).await.unwrap();
-    assert!(snapshot[0].online);
-
-    // The connection stays open (QUIC keep-alives continue) but the app
-    // stops heartbeating.
-    let silent_since = tokio::time::Instant::now();
-    let silent_at_ms = now_ms();
-    alice.set_heartbeats(false);
-    let offline = presence_of(&mut bob_events, a, false, "alice timed out").await;
-    let waited = silent_since.elapsed();
-    assert!(!offline.online);
-    // Her last heartbeat was at most one interval before she went silent,
-    // so the window cannot have run out sooner than this.
-    let earliest = HEARTBEAT * MULTIPLE - HEARTBEAT;
-    assert!(
-        waited >= earliest,
-        "offline after {waited:?}, before the window ({earliest:?})"
-    );
-    assert!(
-        offline.last_active_ms <= silent_at_ms + 50,
-        "last active is the last heartbeat"
-    );
-    assert!(alice.is_connected(), "the connection itself is still open");
-
-    // Heartbeats again: back online.
-    alice.set_heartbeats(true);
-    assert!(
-        presence_of(&mut bob_events, a, true, "alice back")
-            .await
-            .online
-    );
-}
-
-#[tokio::test]
-async fn two_devices_stay_online_until_both_are_gone() {
-    let server = server().await;
-    let (phone, _ep) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    befriend(&phone, &bob).await;
-    let a = phone.identity();
-    let (laptop, _el) = Client::resume(server.client_config(), &a.token)
-        .await
-        .unwrap();
-    assert!(bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online);
-
-    phone.close();
-    // Several coalescing windows and presence windows pass: still online.
-    let changes = count_presence(&mut bob_events, a.user_id, HEARTBEAT * MULTIPLE * 3).await;
-    assert!(
-        changes.iter().all(|p| p.online),
-        "went offline with a device left: {changes:?}"
-    );
-    assert!(bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online);
-
-    laptop.close();
-    assert!(
-        !presence_of(&mut bob_events, a.user_id, false, "alice offline")
-            .await
-            .online
-    );
-}
-
-#[tokio::test]
-async fn only_friends_presence_is_visible() {
-    let server = server().await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
-    let (eve, _ee) = register(server.client_config(), &name("eve")).await;
-    befriend(&alice, &bob).await;
-    let (a, b) = (alice.identity().user_id, bob.identity().user_id);
-    assert_eq!(
-        code(eve.subscribe_presence(&[a]).await),
-        ErrorCode::NotFriends
-    );
-    assert_eq!(
-        code(bob.subscribe_presence(&[a, eve.identity().user_id]).await),
-        ErrorCode::NotFriends
-    );
-    assert_eq!(bob.subscribe_presence(&[a]).await.unwrap().len(), 1);
-    assert!(alice.subscribe_presence(&[b]).await.unwrap()[0].online);
-    assert!(
-        bob.subscribe_presence(&[]).await.unwrap().is_empty(),
-        "an empty list unsubscribes"
-    );
-}
-
-#[tokio::test]
-async fn a_flapping_connection_produces_a_bounded_number_of_events() {
-    let server = server().await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    befriend(&alice, &bob).await;
-    let a = alice.identity();
-    alice.close();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice never went offline"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    const FLAPS: usize = 50;
-    let started = tokio::time::Instant::now();
-    for _ in 0..FLAPS {
-        let (device, _events) = Client::resume(server.client_config(), &a.token)
+        let (alice, _ea) = Client::resume(server.client_config(), &a.token)
             .await
             .unwrap();
-        device.close();
-    }
-    let flapping = started.elapsed();
-    // Let the last coalescing window flush.
-    let events = count_presence(
-        &mut bob_events,
-        a.user_id,
-        chat_server::presence::COALESCE * 4,
-    )
-    .await;
-    // At most one update per coalescing window while flapping, plus the
-    // windows at either end.
-    let bound = (flapping.as_millis() / chat_server::presence::COALESCE.as_millis()) as usize + 3;
-    assert!(
-        events.len() <= bound && events.len() < FLAPS,
-        "{} events for {FLAPS} flaps in {flapping:?} (bound {bound})",
-        events.len()
-    );
-    assert!(
-        !bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online,
-        "ends offline"
-    );
-}
+        let online = presence_of(&mut bob_events, a.user_id, true, "alice online").await;
+        assert!(online.online);
+        assert!(bob.presence(a.user_id).unwrap().online, "the client caches the state");
 
-#[tokio::test]
-async fn hidden_users_appear_offline_with_a_frozen_time() {
-    let server = server().await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    befriend(&alice, &bob).await;
-    let a = alice.identity().user_id;
-    assert!(bob.subscribe_presence(&[a]).await.unwrap()[0].online);
-
-    let before = now_ms();
-    alice.set_presence_hidden(true).await.unwrap();
-    let hidden = presence_of(&mut bob_events, a, false, "alice hidden").await;
-    assert!(!hidden.online);
-    assert!(hidden.last_active_ms >= before && hidden.last_active_ms <= now_ms());
-    // She keeps chatting and heartbeating; friends still see the frozen time.
-    tokio::time::sleep(HEARTBEAT * 2).await;
-    let snapshot = bob.subscribe_presence(&[a]).await.unwrap();
-    assert_eq!(snapshot[0], hidden);
-
-    alice.set_presence_hidden(false).await.unwrap();
-    assert!(
-        presence_of(&mut bob_events, a, true, "alice visible")
-            .await
-            .online
-    );
-}
-
-#[tokio::test]
-async fn last_active_survives_a_restart() {
-    let mut server = server().await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
-    befriend(&alice, &bob).await;
-    let a = alice.identity().user_id;
-    let b_token = bob.identity().token;
-    let closed_at = now_ms();
-    alice.close();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while bob.subscribe_presence(&[a]).await.unwrap()[0].online {
+        let closed_at = now_ms();
+        alice.close();
+        let offline = presence_of(&mut bob_events, a.user_id, false, "alice offline").await;
+        assert!(!offline.online);
         assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice never went offline"
+            (offline.last_active_ms - closed_at).abs() <= 1_000,
+            "last active {} should be within a second of the disconnect at {closed_at}",
+            offline.last_active_ms
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bob.close();
-    server.restart().await;
-    let (bob, _eb) = Client::resume(server.client_config(), &b_token)
-        .await
-        .unwrap();
-    let state = &bob.subscribe_presence(&[a]).await.unwrap()[0];
-    assert!(!state.online);
-    assert!(
-        (state.last_active_ms - closed_at).abs() <= 1_000,
-        "{state:?} vs {closed_at}"
-    );
+
+    async fn a_silent_connection_goes_offline_after_the_window_not_before(backend: Backend) {
+        let server = server(backend.clone()).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        befriend(&alice, &bob).await;
+        let a = alice.identity().user_id;
+        let snapshot = bob.subscribe_presence(&[a]).await.unwrap();
+        assert!(snapshot[0].online);
+
+        // The connection stays open (QUIC keep-alives continue) but the app
+        // stops heartbeating.
+        let silent_since = tokio::time::Instant::now();
+        let silent_at_ms = now_ms();
+        alice.set_heartbeats(false);
+        let offline = presence_of(&mut bob_events, a, false, "alice timed out").await;
+        let waited = silent_since.elapsed();
+        assert!(!offline.online);
+        // Her last heartbeat was at most one interval before she went silent,
+        // so the window cannot have run out sooner than this.
+        let earliest = HEARTBEAT * MULTIPLE - HEARTBEAT;
+        assert!(
+            waited >= earliest,
+            "offline after {waited:?}, before the window ({earliest:?})"
+        );
+        assert!(
+            offline.last_active_ms <= silent_at_ms + 50,
+            "last active is the last heartbeat"
+        );
+        assert!(alice.is_connected(), "the connection itself is still open");
+
+        // Heartbeats again: back online.
+        alice.set_heartbeats(true);
+        assert!(
+            presence_of(&mut bob_events, a, true, "alice back")
+                .await
+                .online
+        );
+    }
+
+    async fn two_devices_stay_online_until_both_are_gone(backend: Backend) {
+        let server = server(backend.clone()).await;
+        let (phone, _ep) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        befriend(&phone, &bob).await;
+        let a = phone.identity();
+        let (laptop, _el) = Client::resume(server.client_config(), &a.token)
+            .await
+            .unwrap();
+        assert!(bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online);
+
+        phone.close();
+        // Several coalescing windows and presence windows pass: still online.
+        let changes = count_presence(&mut bob_events, a.user_id, HEARTBEAT * MULTIPLE * 3).await;
+        assert!(
+            changes.iter().all(|p| p.online),
+            "went offline with a device left: {changes:?}"
+        );
+        assert!(bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online);
+
+        laptop.close();
+        assert!(
+            !presence_of(&mut bob_events, a.user_id, false, "alice offline")
+                .await
+                .online
+        );
+    }
+
+    async fn only_friends_presence_is_visible(backend: Backend) {
+        let server = server(backend.clone()).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+        let (eve, _ee) = register(server.client_config(), &name("eve")).await;
+        befriend(&alice, &bob).await;
+        let (a, b) = (alice.identity().user_id, bob.identity().user_id);
+        assert_eq!(
+            code(eve.subscribe_presence(&[a]).await),
+            ErrorCode::NotFriends
+        );
+        assert_eq!(
+            code(bob.subscribe_presence(&[a, eve.identity().user_id]).await),
+            ErrorCode::NotFriends
+        );
+        assert_eq!(bob.subscribe_presence(&[a]).await.unwrap().len(), 1);
+        assert!(alice.subscribe_presence(&[b]).await.unwrap()[0].online);
+        assert!(
+            bob.subscribe_presence(&[]).await.unwrap().is_empty(),
+            "an empty list unsubscribes"
+        );
+    }
+
+    async fn a_flapping_connection_produces_a_bounded_number_of_events(backend: Backend) {
+        let server = server(backend.clone()).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        befriend(&alice, &bob).await;
+        let a = alice.identity();
+        alice.close();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "alice never went offline"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        const FLAPS: usize = 50;
+        let started = tokio::time::Instant::now();
+        for _ in 0..FLAPS {
+            let (device, _events) = Client::resume(server.client_config(), &a.token)
+                .await
+                .unwrap();
+            device.close();
+        }
+        let flapping = started.elapsed();
+        // Let the last coalescing window flush.
+        let events = count_presence(
+            &mut bob_events,
+            a.user_id,
+            chat_server::presence::COALESCE * 4,
+        )
+        .await;
+        // At most one update per coalescing window while flapping, plus the
+        // windows at either end.
+        let bound = (flapping.as_millis() / chat_server::presence::COALESCE.as_millis()) as usize + 3;
+        assert!(
+            events.len() <= bound && events.len() < FLAPS,
+            "{} events for {FLAPS} flaps in {flapping:?} (bound {bound})",
+            events.len()
+        );
+        assert!(
+            !bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online,
+            "ends offline"
+        );
+    }
+
+    async fn hidden_users_appear_offline_with_a_frozen_time(backend: Backend) {
+        let server = server(backend.clone()).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        befriend(&alice, &bob).await;
+        let a = alice.identity().user_id;
+        assert!(bob.subscribe_presence(&[a]).await.unwrap()[0].online);
+
+        let before = now_ms();
+        alice.set_presence_hidden(true).await.unwrap();
+        let hidden = presence_of(&mut bob_events, a, false, "alice hidden").await;
+        assert!(!hidden.online);
+        assert!(hidden.last_active_ms >= before && hidden.last_active_ms <= now_ms());
+        // She keeps chatting and heartbeating; friends still see the frozen time.
+        tokio::time::sleep(HEARTBEAT * 2).await;
+        let snapshot = bob.subscribe_presence(&[a]).await.unwrap();
+        assert_eq!(snapshot[0], hidden);
+
+        alice.set_presence_hidden(false).await.unwrap();
+        assert!(
+            presence_of(&mut bob_events, a, true, "alice visible")
+                .await
+                .online
+        );
+    }
+
+    async fn last_active_survives_a_restart(backend: Backend) {
+        let mut server = server(backend.clone()).await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+        befriend(&alice, &bob).await;
+        let a = alice.identity().user_id;
+        let b_token = bob.identity().token;
+        let closed_at = now_ms();
+        alice.close();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while bob.subscribe_presence(&[a]).await.unwrap()[0].online {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "alice never went offline"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bob.close();
+        server.restart().await;
+        let (bob, _eb) = Client::resume(server.client_config(), &b_token)
+            .await
+            .unwrap();
+        let state = &bob.subscribe_presence(&[a]).await.unwrap()[0];
+        assert!(!state.online);
+        assert!(
+            (state.last_active_ms - closed_at).abs() <= 1_000,
+            "{state:?} vs {closed_at}"
+        );
+    }
 }

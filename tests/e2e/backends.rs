@@ -1,0 +1,197 @@
+//! The production backends' failure modes: Redis flushed or down, and
+//! unreachable backends at start.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use chat_client::{Client, HistoryDirection};
+use chat_server::{Config, Server, ServerError};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn a_flushed_redis_loses_nothing() {
+    let Some(backend) = Backend::production().await else {
+        return;
+    };
+    let server = TestServer::start_on(backend.clone()).await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let bob_token = bob.identity().token;
+    bob.close();
+    let ack = alice
+        .send_text(conversation, "survives the flush")
+        .await
+        .unwrap();
+
+    // Redis keeps nothing on disk: a restart is a flush. Empty this
+    // server's keys (FLUSHALL would also wipe parallel tests' keys).
+    backend.flush_redis().await;
+
+    let (bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
+        .await
+        .unwrap();
+    let got = messages(&mut bob_events, 1).await;
+    assert_eq!((got[0].seq, got[0].message_id), (ack.seq, ack.message_id));
+    assert_no_message(&mut bob_events, Duration::from_millis(500)).await;
+    // The recent cache refills from history too.
+    let page = bob
+        .history(conversation, HistoryDirection::Backward, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 1);
+}
+
+/// A private redis-server on a free port, so a test can stop it without
+/// disturbing anyone else.
+struct OwnRedis {
+    child: tokio::process::Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    async fn start(port: u16) -> Option<OwnRedis> {
+        let child = tokio::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                assert!(
+                    !std::env::var("CHAT_REQUIRE_BACKENDS").is_ok_and(|v| v == "1"),
+                    "redis-server required but cannot start: {e}"
+                );
+                println!("SKIPPED: cannot start redis-server ({e})");
+                return None;
+            }
+        };
+        let redis = OwnRedis { child, port };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn kill(mut self) {
+        self.child.kill().await.expect("kill redis-server");
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn a_redis_outage_keeps_sends_durable_and_recovers() {
+    let port = free_port();
+    let Some(redis) = OwnRedis::start(port).await else {
+        return;
+    };
+    let backend = Backend::Production {
+        redis_url: redis.url(),
+        redis_prefix: "outage:".into(),
+    };
+    let server = TestServer::start_on_with(backend, |c| {
+        c.limits.heartbeat_interval = Duration::from_millis(200);
+    })
+    .await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
+    let with_bob = befriend(&alice, &bob).await;
+    let with_carol = befriend(&alice, &carol).await;
+    let carol_token = carol.identity().token;
+    carol.close();
+
+    redis.kill().await;
+    // Sends are still acked (durable in history) and online recipients on
+    // this node still get them.
+    let ack = alice
+        .send_text(with_bob, "during the outage")
+        .await
+        .expect("send while redis is down");
+    assert_eq!(messages(&mut bob_events, 1).await[0].seq, ack.seq);
+    let for_carol = alice
+        .send_text(with_carol, "queued while redis is down")
+        .await
+        .unwrap();
+    // History reads do not need Redis.
+    let page = alice
+        .history(with_bob, HistoryDirection::Backward, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 1);
+
+    // Redis comes back empty; the offline recipient still gets her message
+    // (from history) and presence returns with the next heartbeats.
+    let redis = OwnRedis::start(port).await.expect("restart redis-server");
+    let (carol, mut carol_events) = Client::resume(server.client_config(), &carol_token)
+        .await
+        .unwrap();
+    let got = messages(&mut carol_events, 1).await;
+    assert_eq!(got[0].message_id, for_carol.message_id);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match carol.subscribe_presence(&[alice.identity().user_id]).await {
+            Ok(states) if states[0].online => break,
+            _ => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(server);
+    redis.kill().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_backend_fails_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        redis_url: Some(format!("redis://user:secret@127.0.0.1:{}/", free_port())),
+        ..Config::default()
+    };
+    let started = tokio::time::Instant::now();
+    let err = Server::start(config).await.err().expect("start must fail");
+    assert!(matches!(err, ServerError::Backend(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("redis at redis://user:***@127.0.0.1"),
+        "{text}"
+    );
+    assert!(!text.contains("secret"), "no password in errors: {text}");
+    assert!(started.elapsed() < WAIT, "bounded connect timeout");
+}
