@@ -289,6 +289,11 @@ impl ChildServer {
         }
     }
 
+    /// The process id (for signals such as SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("a running child has a pid")
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill server");

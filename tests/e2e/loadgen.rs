@@ -5,13 +5,11 @@
 //! latency is counted from the intended send time (open loop).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use chat_loadgen::{Args, Phase, Report, serde_json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::harness::{WAIT, init_tracing};
+use crate::harness::{Backend, ChildServer, WAIT, init_tracing};
 
 /// Every key the JSON report promises, by path.
 const REPORT_KEYS: &[&str] = &[
@@ -164,50 +162,6 @@ async fn reuse_file_skips_registration_on_the_next_run() {
     );
 }
 
-/// A `chat-server` child process whose pid the test needs (to freeze it).
-struct FrozenServer {
-    child: tokio::process::Child,
-    pid: u32,
-    addr: String,
-    ca: String,
-}
-
-impl FrozenServer {
-    /// Starts the real binary on `data_dir`, port 0, like
-    /// `harness::ChildServer::start`, keeping the pid.
-    async fn start(data_dir: &Path) -> FrozenServer {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-e2e-server"))
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn chat-server");
-        let pid = child.id().expect("a running child has a pid");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("server prints its address in time")
-            .expect("read stdout")
-            .expect("a line");
-        let rest = line
-            .strip_prefix("chat-server listening on ")
-            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
-        let (addr, ca) = rest.split_once(" (dev CA: ").expect("dev CA in the line");
-        FrozenServer {
-            child,
-            pid,
-            addr: addr.to_string(),
-            ca: ca.trim_end_matches(')').to_string(),
-        }
-    }
-}
-
 /// Sends a signal with kill(1).
 fn signal(pid: u32, sig: &str) {
     let status = std::process::Command::new("kill")
@@ -235,13 +189,14 @@ impl Drop for ContGuard {
 async fn a_frozen_server_shows_up_as_latency_from_the_intended_time() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let mut server = FrozenServer::start(dir.path()).await;
-    let pid = server.pid.to_string();
+    let server = ChildServer::start_on(&Backend::Embedded, dir.path(), 0).await;
+    let pid = server.pid().to_string();
+    let (addr, ca) = (server.addr.to_string(), server.ca.display().to_string());
     let args = args(&[
         "--server",
-        &server.addr,
+        &addr,
         "--ca",
-        &server.ca,
+        &ca,
         "--server-pid",
         &pid,
         "--users",
@@ -267,10 +222,10 @@ async fn a_frozen_server_shows_up_as_latency_from_the_intended_time() {
         .expect("the run is alive");
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     {
-        let _cont = ContGuard(server.pid);
-        signal(server.pid, "STOP");
+        let _cont = ContGuard(server.pid());
+        signal(server.pid(), "STOP");
         tokio::time::sleep(Duration::from_secs(1)).await;
-        signal(server.pid, "CONT");
+        signal(server.pid(), "CONT");
     }
     let report = tokio::time::timeout(Duration::from_secs(120), run)
         .await
@@ -289,5 +244,5 @@ async fn a_frozen_server_shows_up_as_latency_from_the_intended_time() {
     );
     assert!(report.latency_ms.deliver.max >= 800.0, "{report:?}");
     assert!(report.server_cpu_pct.is_some(), "{report:?}");
-    server.child.kill().await.expect("kill the server");
+    server.kill().await;
 }
