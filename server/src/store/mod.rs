@@ -18,6 +18,7 @@
 //! Every backend passes the same suite in [`conformance`].
 
 pub mod conformance;
+pub mod postgres;
 pub mod presence;
 pub mod recent;
 pub mod redis;

@@ -1,0 +1,2235 @@
+//! The production history store: Postgres, through a pool of connections.
+//!
+//! DESIGN.md puts history in Postgres once a deployment outgrows one SQLite
+//! file. This backend keeps the embedded store's behaviour exactly (both
+//! pass one conformance suite) while spending as few round trips as it can:
+//! DESIGN.md measured one commit per message topping out near 14k rows/s on
+//! 2 cores and a hundred rows per commit at several times that, so group
+//! commit is the design (`examples/history_bench.rs` measures it here).
+//!
+//! * `append` is one transaction with a fixed number of round trips whatever
+//!   the batch size: a pipelined read (stored keys, members, and the
+//!   conversations locked in id order), one pipelined write (seq bump,
+//!   multi-row insert from `unnest` arrays, the senders' own watermarks),
+//!   then COMMIT. The call returns after COMMIT, so "sent" means durable.
+//! * `advance_watermarks` is one transaction too: coalesced updates in one
+//!   statement.
+//! * Rows are locked in key order (conversations by id, members by
+//!   (conversation, user)) so concurrent group commits and watermark
+//!   updates cannot deadlock.
+//! * Errors: lost connections, timeouts and pool exhaustion are
+//!   `Unavailable` (retryable); nothing here panics on what the database
+//!   says. The pool replaces broken connections by itself.
+//! * The schema lives in `server/migrations/postgres/` and is applied by
+//!   refinery at connect, under an advisory lock so that several nodes can
+//!   start at once. [`PostgresStore::connect_with_schema`] puts everything
+//!   in one schema (tests and benchmarks use a fresh one each).
+
+use std::collections::{BTreeMap, HashMap, HashSet, btree_map};
+use std::fmt::Write as _;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chat_protocol::proto;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::{Config, NoTls, Row};
+
+use super::{
+    Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
+    HistoryStore, MemberState, NewMessage, NewSession, Page, PendingRange, SessionRecord,
+    StoreError, StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
+};
+
+/// How long connecting (TCP, startup, authentication) may take before the
+/// server is called unreachable, at start and for each new pooled
+/// connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long connecting and bringing the schema up to date may take at
+/// start. Migrations of a large database, or waiting for another node's,
+/// take longer than a connection.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a call waits for a free pooled connection before giving up
+/// with `Unavailable`. Long enough to ride out a burst, short enough that a
+/// stuck database shows up as errors rather than a silent pile-up.
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Server-side limit on one statement (`statement_timeout`), so that a
+/// hung query cannot hold locks forever. Migrations lift it.
+const STATEMENT_TIMEOUT_MS: u32 = 30_000;
+/// Server-side limit on a transaction left idle
+/// (`idle_in_transaction_session_timeout`), for the same reason.
+const IDLE_IN_TRANSACTION_TIMEOUT_MS: u32 = 60_000;
+
+/// After this long without traffic the kernel probes the connection, so a
+/// silently dead network path is noticed.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+
+/// How often `append` starts over when a concurrent call stored one of the
+/// batch's idempotency keys between our read and our insert. The second
+/// attempt sees the committed row, so one retry is enough in practice.
+const APPEND_ATTEMPTS: usize = 3;
+
+/// Length of the text kept in conversation-list previews, in characters
+/// (Postgres `left` counts characters, as the SQLite store does).
+const PREVIEW_CHARS: i32 = 100;
+
+/// The default `application_name`; schema stores append their schema.
+const APPLICATION_NAME: &str = "chat-server";
+
+mod embedded {
+    //! The SQL files under `server/migrations/postgres/`, compiled in.
+    #![allow(unreachable_pub, unused_qualifications, clippy::all)]
+    refinery::embed_migrations!("migrations/postgres");
+}
+
+/// The Postgres-backed [`HistoryStore`].
+pub struct PostgresStore {
+    pool: Pool,
+    /// `host:port/database`, for messages (never the password).
+    target: String,
+    /// The schema everything lives in, when one was asked for.
+    schema: Option<String>,
+    /// What `pg_stat_activity.application_name` shows for our connections.
+    application_name: String,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (a `postgres://` URL or a libpq key=value string),
+    /// applies pending migrations, and keeps up to `pool_size` connections.
+    ///
+    /// Connecting is bounded by [`CONNECT_TIMEOUT`]: an unreachable server
+    /// gives `Unavailable` naming its host, never a hang.
+    pub async fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        Self::open(url, None, pool_size).await
+    }
+
+    /// Like [`connect`](Self::connect), but everything lives in `schema`
+    /// (created if missing; lower-case letters, digits and `_` only): every
+    /// pooled connection gets `search_path=<schema>`, and the migration
+    /// history table is kept in that schema too. Connections are named
+    /// `chat-server <schema>` in `pg_stat_activity`.
+    pub async fn connect_with_schema(
+        url: &str,
+        schema: &str,
+        pool_size: usize,
+    ) -> Result<Self, StoreError> {
+        if !valid_schema_name(schema) {
+            return Err(StoreError::Internal(format!(
+                "invalid postgres schema name {schema:?}: use 1 to 63 of [a-z0-9_], not starting with a digit"
+            )));
+        }
+        Self::open(url, Some(schema), pool_size).await
+    }
+
+    /// `host:port/database` of the server, for logs.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The schema given to [`connect_with_schema`](Self::connect_with_schema).
+    pub fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+
+    /// The `application_name` of this store's connections.
+    pub fn application_name(&self) -> &str {
+        &self.application_name
+    }
+
+    /// Closes the pool: idle connections are dropped now, busy ones when
+    /// their call ends, and later calls fail with `Unavailable`.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
+    async fn open(url: &str, schema: Option<&str>, pool_size: usize) -> Result<Self, StoreError> {
+        let mut config = Config::from_str(url).map_err(|e| {
+            StoreError::Internal(format!("invalid postgres URL: {}", error_chain(&e)))
+        })?;
+        let target = describe_target(&config);
+        let application_name = match (config.get_application_name(), schema) {
+            (Some(name), _) => name.to_owned(),
+            (None, Some(schema)) => format!("{APPLICATION_NAME} {schema}"),
+            (None, None) => APPLICATION_NAME.to_owned(),
+        };
+        let mut options = config.get_options().unwrap_or_default().to_owned();
+        let _ = write!(
+            options,
+            " -c statement_timeout={STATEMENT_TIMEOUT_MS} \
+             -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+        );
+        if let Some(schema) = schema {
+            // The name was checked to need no quoting or escaping.
+            let _ = write!(options, " -c search_path={schema}");
+        }
+        config
+            .options(options.trim())
+            .application_name(&application_name)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE);
+
+        match tokio::time::timeout(MIGRATION_TIMEOUT, migrate(&config, schema)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(MigrateError::Connect(why))) => {
+                return Err(StoreError::Unavailable(format!(
+                    "postgres at {target} unreachable: {why}"
+                )));
+            }
+            Ok(Err(MigrateError::Failed(why))) => {
+                return Err(StoreError::Internal(format!("postgres at {target}: {why}")));
+            }
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "postgres at {target}: migrations did not finish within {} s \
+                     (is another node holding the migration lock?)",
+                    MIGRATION_TIMEOUT.as_secs()
+                )));
+            }
+        }
+
+        // `Fast` recycling only checks `is_closed()`: a connection killed
+        // while idle is noticed by its connection task (the server says
+        // FATAL and closes the socket) and discarded at the next checkout.
+        // `Verified` would add a round trip to every call, a quarter of an
+        // append's, to catch only silently dead network paths, which
+        // keepalives and the error path already handle: a call that hits
+        // one fails with `Unavailable` and the broken connection is
+        // discarded.
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Internal(format!("postgres pool: {e}")))?;
+        let store = PostgresStore {
+            pool,
+            target,
+            schema: schema.map(str::to_owned),
+            application_name,
+        };
+        store.check_search_path().await?;
+        Ok(store)
+    }
+
+    /// Checks, on a pooled connection, that the schema option took effect
+    /// (a connection pooler may drop startup options silently).
+    async fn check_search_path(&self) -> Result<(), StoreError> {
+        let Some(schema) = &self.schema else {
+            return Ok(());
+        };
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT current_schema()", &[])
+            .await
+            .map_err(pg)?;
+        let current: Option<String> = col(&row, 0)?;
+        if current.as_deref() != Some(schema.as_str()) {
+            return Err(StoreError::Internal(format!(
+                "postgres at {}: search_path is {current:?}, not {schema:?}; \
+                 is a pooler dropping the `options` startup parameter?",
+                self.target
+            )));
+        }
+        Ok(())
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Timeout(kind) => StoreError::Unavailable(format!(
+                "postgres at {}: no connection ({kind:?} timed out)",
+                self.target
+            )),
+            PoolError::Backend(e) => pg(e),
+            PoolError::Closed => StoreError::Unavailable("postgres store closed".into()),
+            other => StoreError::Internal(format!("postgres pool: {other}")),
+        })
+    }
+
+    /// Runs one statement (prepared once per pooled connection) and returns
+    /// its rows.
+    async fn rows(&self, statement: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(statement).await.map_err(pg)?;
+        client.query(&stmt, params).await.map_err(pg)
+    }
+
+    /// The first row of [`rows`](Self::rows), if any.
+    async fn row(&self, statement: &str, params: &[Param<'_>]) -> Result<Option<Row>, StoreError> {
+        Ok(self.rows(statement, params).await?.into_iter().next())
+    }
+
+    /// The row of a statement that always returns exactly one.
+    async fn one(&self, statement: &str, params: &[Param<'_>]) -> Result<Row, StoreError> {
+        self.row(statement, params)
+            .await?
+            .ok_or_else(|| StoreError::Internal("postgres: a query returned no row".into()))
+    }
+
+    /// Runs one statement and returns how many rows it changed.
+    async fn execute(&self, statement: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(statement).await.map_err(pg)?;
+        client.execute(&stmt, params).await.map_err(pg)
+    }
+
+    /// One attempt at a group commit. `None`: a concurrent call stored one
+    /// of the keys first; nothing was written and the caller starts over.
+    async fn append_once(&self, batch: &[NewMessage]) -> AppendAttempt {
+        let mut client = self.client().await?;
+        let existing_stmt = client.prepare_cached(EXISTING_KEYS).await.map_err(pg)?;
+        let members_stmt = client.prepare_cached(MEMBERS_OF).await.map_err(pg)?;
+        let lock_stmt = client
+            .prepare_cached(LOCK_CONVERSATIONS)
+            .await
+            .map_err(pg)?;
+        let lock_members_stmt = client.prepare_cached(LOCK_MEMBERS).await.map_err(pg)?;
+        let bump_stmt = client.prepare_cached(BUMP_SEQS).await.map_err(pg)?;
+        let insert_stmt = client.prepare_cached(INSERT_MESSAGES).await.map_err(pg)?;
+        let own_stmt = client.prepare_cached(OWN_WATERMARKS).await.map_err(pg)?;
+
+        let mut seen_keys = HashSet::new();
+        let (key_senders, key_ids): (Vec<i64>, Vec<&str>) = batch
+            .iter()
+            .filter(|m| seen_keys.insert((m.sender_id, m.client_msg_id.as_str())))
+            .map(|m| (sql(m.sender_id), m.client_msg_id.as_str()))
+            .unzip();
+        let mut conversation_ids: Vec<i64> = batch.iter().map(|m| sql(m.conversation_id)).collect();
+        conversation_ids.sort_unstable();
+        conversation_ids.dedup();
+
+        let tx = client.transaction().await.map_err(pg)?;
+        // Round trip 1, pipelined: what is stored already, who may write
+        // where, and the conversations locked (in id order) with their
+        // current last seq.
+        let existing_params: [Param<'_>; 2] = [&key_senders, &key_ids];
+        let conversation_params: [Param<'_>; 1] = [&conversation_ids];
+        let (existing_rows, member_rows, locked_rows) = tokio::try_join!(
+            biased;
+            tx.query(&existing_stmt, &existing_params),
+            tx.query(&members_stmt, &conversation_params),
+            tx.query(&lock_stmt, &conversation_params),
+        )
+        .map_err(pg)?;
+
+        let mut stored: HashMap<(UserId, String), (Arc<proto::Message>, Vec<UserId>)> =
+            HashMap::with_capacity(existing_rows.len());
+        for row in &existing_rows {
+            let message = message_from_row(row, 0)?;
+            let members: Vec<i64> = col(row, 8)?;
+            stored.insert(
+                (message.sender_id, message.client_msg_id.clone()),
+                (Arc::new(message), members.into_iter().map(id).collect()),
+            );
+        }
+        // Sorted by user id within each conversation (the query orders them).
+        let mut members: HashMap<ConversationId, Vec<UserId>> = HashMap::new();
+        for row in &member_rows {
+            members
+                .entry(id_col(row, 0)?)
+                .or_default()
+                .push(id_col(row, 1)?);
+        }
+        let mut last_seq: HashMap<ConversationId, u64> = HashMap::with_capacity(locked_rows.len());
+        for row in &locked_rows {
+            last_seq.insert(id_col(row, 0)?, id_col(row, 1)?);
+        }
+
+        // Decide each message's fate in input order, as the embedded store
+        // does one message at a time: a stored key is a retry, a key seen
+        // earlier in this batch is a duplicate of that message, a
+        // non-member is refused (consuming no seq), the rest get the next
+        // seqs of their conversation.
+        let mut slots = Vec::with_capacity(batch.len());
+        let mut accepted: HashMap<(UserId, &str), usize> = HashMap::new();
+        let mut next_seq = last_seq.clone();
+        for (i, m) in batch.iter().enumerate() {
+            let key = (m.sender_id, m.client_msg_id.as_str());
+            if let Some((message, members)) = stored.get(&(m.sender_id, m.client_msg_id.clone())) {
+                slots.push(Slot::Stored(message.clone(), members.clone()));
+            } else if let Some(&first) = accepted.get(&key) {
+                slots.push(Slot::SameAs(first));
+            } else if let (Some(seq), true) = (
+                next_seq.get_mut(&m.conversation_id),
+                members
+                    .get(&m.conversation_id)
+                    .is_some_and(|ms| ms.binary_search(&m.sender_id).is_ok()),
+            ) {
+                *seq += 1;
+                slots.push(Slot::New(*seq));
+                accepted.insert(key, i);
+            } else {
+                slots.push(Slot::Refused);
+            }
+        }
+
+        let writes = Writes::plan(batch, &slots, &last_seq);
+        let mut message_ids: HashMap<(ConversationId, u64), u64> = HashMap::new();
+        if writes.new_messages > 0 {
+            // Round trip 2, pipelined: lock the senders' member rows in
+            // order, move each conversation's last seq, insert every new
+            // message, and move the watermarks of senders who were caught
+            // up.
+            let lock_params: [Param<'_>; 2] = [&writes.own_conversations, &writes.own_users];
+            let bump_params: [Param<'_>; 3] = [
+                &writes.bump_ids,
+                &writes.bump_last_seqs,
+                &writes.bump_activity,
+            ];
+            let insert_params: [Param<'_>; 7] = [
+                &writes.conversation_ids,
+                &writes.seqs,
+                &writes.sender_ids,
+                &writes.client_msg_ids,
+                &writes.types,
+                &writes.sent_at_ms,
+                &writes.bodies,
+            ];
+            let own_params: [Param<'_>; 4] = [
+                &writes.own_conversations,
+                &writes.own_users,
+                &writes.own_caught_up_at,
+                &writes.own_moved_to,
+            ];
+            let (_, _, inserted, _) = tokio::try_join!(
+                biased;
+                tx.query(&lock_members_stmt, &lock_params),
+                tx.execute(&bump_stmt, &bump_params),
+                tx.query(&insert_stmt, &insert_params),
+                tx.execute(&own_stmt, &own_params),
+            )
+            .map_err(pg)?;
+            if inserted.len() != writes.new_messages {
+                // ON CONFLICT skipped a row: another transaction committed
+                // one of our keys after our read. Undo everything (the seqs
+                // too) and start over; the next read sees that row.
+                tx.rollback().await.map_err(pg)?;
+                return Ok(None);
+            }
+            for row in &inserted {
+                message_ids.insert((id_col(row, 0)?, id_col(row, 1)?), id_col(row, 2)?);
+            }
+        }
+        tx.commit().await.map_err(pg)?;
+
+        let mut results: Vec<Result<Appended, StoreError>> = Vec::with_capacity(batch.len());
+        for (m, slot) in batch.iter().zip(slots) {
+            let result = match slot {
+                Slot::Stored(message, members) => Ok(Appended {
+                    message,
+                    duplicate: true,
+                    members,
+                }),
+                Slot::SameAs(first) => match results.get(first) {
+                    Some(Ok(original)) => Ok(Appended {
+                        message: original.message.clone(),
+                        duplicate: true,
+                        members: original.members.clone(),
+                    }),
+                    _ => Err(StoreError::Internal(
+                        "duplicate points at a message that was not stored".into(),
+                    )),
+                },
+                Slot::Refused => Err(StoreError::NotAMember),
+                Slot::New(seq) => match message_ids.get(&(m.conversation_id, seq)) {
+                    None => Err(StoreError::Internal(
+                        "the insert returned no id for a message".into(),
+                    )),
+                    Some(&message_id) => Ok(Appended {
+                        message: Arc::new(proto::Message {
+                            conversation_id: m.conversation_id,
+                            seq,
+                            message_id,
+                            sender_id: m.sender_id,
+                            client_msg_id: m.client_msg_id.clone(),
+                            r#type: m.message_type as i32,
+                            sent_at_ms: m.now_ms,
+                            text: m.text.clone(),
+                        }),
+                        duplicate: false,
+                        members: members.get(&m.conversation_id).cloned().unwrap_or_default(),
+                    }),
+                },
+            };
+            results.push(result);
+        }
+        Ok(Some(results))
+    }
+
+    /// Conversation views of `ids` (in that order, skipping those `viewer`
+    /// is not a member of): two pipelined queries, whatever the count.
+    async fn views(
+        &self,
+        ids: Vec<i64>,
+        viewer: UserId,
+    ) -> Result<Vec<ConversationView>, StoreError> {
+        let client = self.client().await?;
+        let view_stmt = client.prepare_cached(VIEWS).await.map_err(pg)?;
+        let members_stmt = client.prepare_cached(MEMBER_STATES).await.map_err(pg)?;
+        let viewer = sql(viewer);
+        let view_params: [Param<'_>; 3] = [&ids, &viewer, &PREVIEW_CHARS];
+        let member_params: [Param<'_>; 1] = [&ids];
+        let (view_rows, member_rows) = tokio::try_join!(
+            biased;
+            client.query(&view_stmt, &view_params),
+            client.query(&members_stmt, &member_params),
+        )
+        .map_err(pg)?;
+        let mut members: HashMap<ConversationId, Vec<MemberState>> = HashMap::new();
+        for row in &member_rows {
+            members
+                .entry(id_col(row, 0)?)
+                .or_default()
+                .push(MemberState {
+                    user_id: id_col(row, 1)?,
+                    username: col(row, 2)?,
+                    delivered_seq: id_col(row, 3)?,
+                    seen_seq: id_col(row, 4)?,
+                });
+        }
+        let mut views: HashMap<ConversationId, ConversationView> = HashMap::new();
+        for row in &view_rows {
+            let id = id_col(row, 0)?;
+            let last_message = match col::<Option<i64>>(row, 6)? {
+                Some(_) => Some(message_from_row(row, 6)?),
+                None => None,
+            };
+            let kind: i32 = col(row, 1)?;
+            views.insert(
+                id,
+                ConversationView {
+                    id,
+                    kind: proto::ConversationKind::try_from(kind).unwrap_or_default(),
+                    name: col(row, 2)?,
+                    members: members.remove(&id).unwrap_or_default(),
+                    last_seq: id_col(row, 3)?,
+                    last_activity_ms: col(row, 4)?,
+                    last_message,
+                    unread_count: id_col(row, 5)?,
+                },
+            );
+        }
+        Ok(ids
+            .into_iter()
+            .filter_map(|conversation| views.remove(&id(conversation)))
+            .collect())
+    }
+}
+
+/// A statement parameter.
+type Param<'a> = &'a (dyn ToSql + Sync);
+
+/// What one `append` attempt produced: `None` asks for another attempt.
+type AppendAttempt = Result<Option<Vec<Result<Appended, StoreError>>>, StoreError>;
+
+/// The fate of one message of a batch.
+enum Slot {
+    /// Its key was stored by an earlier call: a retry.
+    Stored(Arc<proto::Message>, Vec<UserId>),
+    /// Its key was accepted earlier in this batch, at this index.
+    SameAs(usize),
+    /// The sender is not a member (or the conversation does not exist).
+    Refused,
+    /// A new message with this seq.
+    New(u64),
+}
+
+/// The arrays of a group commit's write round trip, one element per row.
+#[derive(Default)]
+struct Writes<'a> {
+    new_messages: usize,
+    // The messages to insert.
+    conversation_ids: Vec<i64>,
+    seqs: Vec<i64>,
+    sender_ids: Vec<i64>,
+    client_msg_ids: Vec<&'a str>,
+    types: Vec<i32>,
+    sent_at_ms: Vec<i64>,
+    bodies: Vec<&'a str>,
+    // Per conversation: the new last seq and activity time.
+    bump_ids: Vec<i64>,
+    bump_last_seqs: Vec<i64>,
+    bump_activity: Vec<i64>,
+    // Per conversation: the sender whose watermarks may move, from where
+    // (the last seq before the batch) to where (the end of their run).
+    own_conversations: Vec<i64>,
+    own_users: Vec<i64>,
+    own_caught_up_at: Vec<i64>,
+    own_moved_to: Vec<i64>,
+}
+
+impl<'a> Writes<'a> {
+    fn plan(batch: &'a [NewMessage], slots: &[Slot], last_seq: &HashMap<u64, u64>) -> Self {
+        let mut w = Writes::default();
+        // Per conversation, in id order (so the rows are locked and written
+        // in a stable order): last new seq and the now of that message.
+        let mut bumps: BTreeMap<ConversationId, (u64, i64)> = BTreeMap::new();
+        // Per conversation: the author of the first new message and the
+        // last seq of their unbroken run from there, while it lasts.
+        //
+        // A sender who had received everything before their own message
+        // has, trivially, received and seen it too; the embedded store
+        // moves their watermarks one message at a time when they equal
+        // seq - 1. Within a batch only the author of the conversation's
+        // first new message can qualify (everyone's watermarks are at most
+        // the old last seq), and only through their unbroken run.
+        let mut runs: BTreeMap<ConversationId, (UserId, u64, bool)> = BTreeMap::new();
+        for (m, slot) in batch.iter().zip(slots) {
+            let Slot::New(seq) = *slot else {
+                continue;
+            };
+            w.new_messages += 1;
+            w.conversation_ids.push(sql(m.conversation_id));
+            w.seqs.push(sql(seq));
+            w.sender_ids.push(sql(m.sender_id));
+            w.client_msg_ids.push(&m.client_msg_id);
+            w.types.push(m.message_type as i32);
+            w.sent_at_ms.push(m.now_ms);
+            w.bodies.push(&m.text);
+            bumps.insert(m.conversation_id, (seq, m.now_ms));
+            match runs.entry(m.conversation_id) {
+                btree_map::Entry::Vacant(v) => {
+                    v.insert((m.sender_id, seq, true));
+                }
+                btree_map::Entry::Occupied(mut o) => {
+                    let (sender, end, open) = o.get_mut();
+                    if *open && *sender == m.sender_id && *end + 1 == seq {
+                        *end = seq;
+                    } else {
+                        *open = false;
+                    }
+                }
+            }
+        }
+        for (conversation, (seq, now_ms)) in bumps {
+            w.bump_ids.push(sql(conversation));
+            w.bump_last_seqs.push(sql(seq));
+            w.bump_activity.push(now_ms);
+        }
+        for (conversation, (sender, end, _)) in runs {
+            w.own_conversations.push(sql(conversation));
+            w.own_users.push(sql(sender));
+            let before = last_seq.get(&conversation).copied().unwrap_or_default();
+            w.own_caught_up_at.push(sql(before));
+            w.own_moved_to.push(sql(end));
+        }
+        w
+    }
+}
+
+#[async_trait]
+impl HistoryStore for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn create_user(
+        &self,
+        username: String,
+        password_hash: String,
+        now_ms: i64,
+    ) -> Result<UserId, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO users (username, password_hash, created_at_ms)
+                 VALUES ($1, $2, $3) RETURNING id",
+            )
+            .await
+            .map_err(pg)?;
+        match client
+            .query_one(&stmt, &[&username, &password_hash, &now_ms])
+            .await
+        {
+            Ok(row) => id_col(&row, 0),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(StoreError::Conflict),
+            Err(e) => Err(pg(e)),
+        }
+    }
+
+    async fn user_by_name(&self, username: String) -> Result<Option<UserRecord>, StoreError> {
+        self.row(
+            "SELECT id, username, password_hash FROM users WHERE username = $1",
+            &[&username],
+        )
+        .await?
+        .map(|r| {
+            Ok(UserRecord {
+                id: id_col(&r, 0)?,
+                username: col(&r, 1)?,
+                password_hash: col(&r, 2)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn username(&self, user_id: UserId) -> Result<Option<String>, StoreError> {
+        self.row("SELECT username FROM users WHERE id = $1", &[&sql(user_id)])
+            .await?
+            .map(|r| col(&r, 0))
+            .transpose()
+    }
+
+    async fn create_session(&self, s: NewSession) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO sessions (token_hash, user_id, device_name, created_at_ms, expires_at_ms)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &&s.token_hash[..],
+                &sql(s.user_id),
+                &s.device_name,
+                &s.created_at_ms,
+                &s.expires_at_ms,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
+        self.row(
+            "SELECT user_id, expires_at_ms, revoked_at_ms FROM sessions WHERE token_hash = $1",
+            &[&&token_hash[..]],
+        )
+        .await?
+        .map(|r| {
+            Ok(SessionRecord {
+                user_id: id_col(&r, 0)?,
+                expires_at_ms: col(&r, 1)?,
+                revoked_at_ms: col(&r, 2)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn revoke_session(&self, token_hash: [u8; 32], now_ms: i64) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                "UPDATE sessions SET revoked_at_ms = $2
+                 WHERE token_hash = $1 AND revoked_at_ms IS NULL",
+                &[&&token_hash[..], &now_ms],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn friend_request(
+        &self,
+        from: UserId,
+        to: UserId,
+        now_ms: i64,
+    ) -> Result<FriendRequestOutcome, StoreError> {
+        let mut client = self.client().await?;
+        let lock = client.prepare_cached(LOCK_PAIR).await.map_err(pg)?;
+        let are = client.prepare_cached(ARE_FRIENDS).await.map_err(pg)?;
+        let take_reverse = client.prepare_cached(TAKE_REQUEST).await.map_err(pg)?;
+        let befriend = client.prepare_cached(MAKE_FRIENDS).await.map_err(pg)?;
+        let request = client
+            .prepare_cached(
+                "INSERT INTO friend_requests (from_id, to_id, created_at_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+            )
+            .await
+            .map_err(pg)?;
+        let (from, to) = (sql(from), sql(to));
+        let tx = client.transaction().await.map_err(pg)?;
+        // The pair lock makes two crossing requests meet: the second sees
+        // the first and accepts it instead of leaving two requests behind.
+        let pair: [Param<'_>; 2] = [&from, &to];
+        let (_, friends) = tokio::try_join!(
+            biased;
+            tx.execute(&lock, &pair),
+            tx.query_one(&are, &pair),
+        )
+        .map_err(pg)?;
+        let outcome = if col::<bool>(&friends, 0)? {
+            FriendRequestOutcome::AlreadyFriends
+        } else if tx.execute(&take_reverse, &[&to, &from]).await.map_err(pg)? > 0 {
+            tx.execute(&befriend, &[&from, &to, &now_ms])
+                .await
+                .map_err(pg)?;
+            FriendRequestOutcome::Accepted
+        } else if tx
+            .execute(&request, &[&from, &to, &now_ms])
+            .await
+            .map_err(pg)?
+            > 0
+        {
+            FriendRequestOutcome::Requested
+        } else {
+            FriendRequestOutcome::AlreadyRequested
+        };
+        tx.commit().await.map_err(pg)?;
+        Ok(outcome)
+    }
+
+    async fn friend_accept(
+        &self,
+        user: UserId,
+        from: UserId,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let take = client.prepare_cached(TAKE_REQUEST).await.map_err(pg)?;
+        let befriend = client.prepare_cached(MAKE_FRIENDS).await.map_err(pg)?;
+        let (user, from) = (sql(user), sql(from));
+        let tx = client.transaction().await.map_err(pg)?;
+        if tx.execute(&take, &[&from, &user]).await.map_err(pg)? == 0 {
+            return Err(StoreError::NotFound);
+        }
+        tx.execute(&befriend, &[&user, &from, &now_ms])
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn friend_decline(&self, user: UserId, from: UserId) -> Result<bool, StoreError> {
+        let n = self
+            .execute(TAKE_REQUEST, &[&sql(from), &sql(user)])
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn friend_remove(&self, user: UserId, other: UserId) -> Result<bool, StoreError> {
+        // Both deletes in one statement: atomic without a transaction.
+        let row = self
+            .one(
+                "WITH f AS (
+                    DELETE FROM friends WHERE (user_id = $1 AND friend_id = $2)
+                                           OR (user_id = $2 AND friend_id = $1)
+                    RETURNING 1
+                 ), r AS (
+                    DELETE FROM friend_requests WHERE (from_id = $1 AND to_id = $2)
+                                                   OR (from_id = $2 AND to_id = $1)
+                    RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM f) + (SELECT count(*) FROM r)",
+                &[&sql(user), &sql(other)],
+            )
+            .await?;
+        Ok(col::<i64>(&row, 0)? > 0)
+    }
+
+    async fn friends(&self, user: UserId) -> Result<FriendLists, StoreError> {
+        let client = self.client().await?;
+        let friends = client
+            .prepare_cached(
+                "SELECT u.id, u.username FROM friends f JOIN users u ON u.id = f.friend_id
+                 WHERE f.user_id = $1 ORDER BY u.username",
+            )
+            .await
+            .map_err(pg)?;
+        let incoming = client
+            .prepare_cached(
+                "SELECT u.id, u.username FROM friend_requests r JOIN users u ON u.id = r.from_id
+                 WHERE r.to_id = $1 ORDER BY r.created_at_ms, u.id",
+            )
+            .await
+            .map_err(pg)?;
+        let outgoing = client
+            .prepare_cached(
+                "SELECT u.id, u.username FROM friend_requests r JOIN users u ON u.id = r.to_id
+                 WHERE r.from_id = $1 ORDER BY r.created_at_ms, u.id",
+            )
+            .await
+            .map_err(pg)?;
+        let user = sql(user);
+        let user_param: [Param<'_>; 1] = [&user];
+        let (friends, incoming, outgoing) = tokio::try_join!(
+            biased;
+            client.query(&friends, &user_param),
+            client.query(&incoming, &user_param),
+            client.query(&outgoing, &user_param),
+        )
+        .map_err(pg)?;
+        let list = |rows: Vec<Row>| -> Result<Vec<(UserId, String)>, StoreError> {
+            rows.iter()
+                .map(|r| Ok((id_col(r, 0)?, col(r, 1)?)))
+                .collect()
+        };
+        Ok(FriendLists {
+            friends: list(friends)?,
+            incoming: list(incoming)?,
+            outgoing: list(outgoing)?,
+        })
+    }
+
+    async fn are_friends(&self, a: UserId, b: UserId) -> Result<bool, StoreError> {
+        col(&self.one(ARE_FRIENDS, &[&sql(a), &sql(b)]).await?, 0)
+    }
+
+    async fn friend_count(&self, user: UserId) -> Result<u64, StoreError> {
+        let row = self
+            .one(
+                "SELECT count(*) FROM friends WHERE user_id = $1",
+                &[&sql(user)],
+            )
+            .await?;
+        id_col(&row, 0)
+    }
+
+    async fn open_direct(
+        &self,
+        a: UserId,
+        b: UserId,
+        now_ms: i64,
+    ) -> Result<ConversationId, StoreError> {
+        let client = self.client().await?;
+        let find = client
+            .prepare_cached("SELECT id FROM conversations WHERE direct_key = $1")
+            .await
+            .map_err(pg)?;
+        // Creating is one statement, so the conversation and its members
+        // appear together; two concurrent creators meet on the unique
+        // direct key and the loser reads the winner's row.
+        let create = client
+            .prepare_cached(
+                "WITH c AS (
+                    INSERT INTO conversations (kind, name, direct_key, created_at_ms, last_activity_ms)
+                    VALUES ($1, '', $2, $3, $3)
+                    ON CONFLICT (direct_key) DO NOTHING
+                    RETURNING id
+                 ), m AS (
+                    INSERT INTO members (conversation_id, user_id, role, joined_seq, delivered_seq, seen_seq)
+                    SELECT c.id, u.id, 0, 0, 0, 0 FROM c, unnest(ARRAY[$4::bigint, $5::bigint]) AS u(id)
+                 )
+                 SELECT id FROM c",
+            )
+            .await
+            .map_err(pg)?;
+        let key = format!("{}:{}", a.min(b), a.max(b));
+        if let Some(row) = client.query_opt(&find, &[&key]).await.map_err(pg)? {
+            return id_col(&row, 0);
+        }
+        let kind = proto::ConversationKind::Direct as i32;
+        let created = client
+            .query_opt(&create, &[&kind, &key, &now_ms, &sql(a), &sql(b)])
+            .await
+            .map_err(pg)?;
+        let row = match created {
+            Some(row) => row,
+            None => client.query_one(&find, &[&key]).await.map_err(pg)?,
+        };
+        id_col(&row, 0)
+    }
+
+    async fn conversation(
+        &self,
+        conversation_id: ConversationId,
+        viewer: UserId,
+    ) -> Result<ConversationView, StoreError> {
+        self.views(vec![sql(conversation_id)], viewer)
+            .await?
+            .pop()
+            .ok_or(StoreError::NotAMember)
+    }
+
+    async fn conversations(
+        &self,
+        user: UserId,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<ConversationView>, StoreError> {
+        let before = if before_ms <= 0 { i64::MAX } else { before_ms };
+        let ids = self
+            .rows(
+                "SELECT c.id FROM members m JOIN conversations c ON c.id = m.conversation_id
+                 WHERE m.user_id = $1 AND c.last_activity_ms < $2
+                 ORDER BY c.last_activity_ms DESC, c.id DESC LIMIT $3",
+                &[&sql(user), &before, &i64::from(limit)],
+            )
+            .await?
+            .iter()
+            .map(|r| col(r, 0))
+            .collect::<Result<Vec<i64>, _>>()?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.views(ids, user).await
+    }
+
+    async fn member_last_seq(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Option<u64>, StoreError> {
+        self.row(
+            "SELECT c.last_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
+             WHERE m.conversation_id = $1 AND m.user_id = $2",
+            &[&sql(conversation_id), &sql(user)],
+        )
+        .await?
+        .map(|r| id_col(&r, 0))
+        .transpose()
+    }
+
+    async fn is_member(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        let row = self
+            .one(
+                "SELECT EXISTS(SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2)",
+                &[&sql(conversation_id), &sql(user)],
+            )
+            .await?;
+        col(&row, 0)
+    }
+
+    async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        for _ in 0..APPEND_ATTEMPTS {
+            if let Some(results) = self.append_once(&batch).await? {
+                return Ok(results);
+            }
+            tracing::debug!("a concurrent append stored one of the batch's keys; starting over");
+        }
+        Err(StoreError::Unavailable(
+            "postgres: the same messages keep being appended concurrently; retry".into(),
+        ))
+    }
+
+    async fn history(
+        &self,
+        conversation_id: ConversationId,
+        direction: Direction,
+        cursor: u64,
+        limit: u32,
+    ) -> Result<Page, StoreError> {
+        // Ask for one more than the page to learn whether more exist.
+        let probe = i64::from(limit) + 1;
+        let conversation_id = sql(conversation_id);
+        let rows = match direction {
+            Direction::Backward => {
+                let before = if cursor == 0 { i64::MAX } else { sql(cursor) };
+                self.rows(PAGE_BEFORE, &[&conversation_id, &before, &probe])
+                    .await?
+            }
+            Direction::Forward => {
+                self.rows(PAGE_AFTER, &[&conversation_id, &sql(cursor), &probe])
+                    .await?
+            }
+        };
+        let has_more = rows.len() > limit as usize;
+        let mut messages = rows
+            .iter()
+            .take(limit as usize)
+            .map(|r| message_from_row(r, 0).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        if direction == Direction::Backward {
+            messages.reverse();
+        }
+        Ok(Page { messages, has_more })
+    }
+
+    async fn undelivered(
+        &self,
+        user: UserId,
+        after: (ConversationId, u64),
+        limit: u32,
+    ) -> Result<Vec<Arc<proto::Message>>, StoreError> {
+        // Per conversation, at most one page is read (the lateral LIMIT), in
+        // seq order from the index: a month-long backlog costs one page per
+        // call, not a sort of the whole backlog. The (conversation, seq)
+        // cursor is spelled as a lower bound on seq, so that it and the
+        // watermark bound the index range instead of filtering it.
+        self.rows(
+            "SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
+                    m.type, m.sent_at_ms, m.body
+             FROM members mb
+             JOIN conversations c ON c.id = mb.conversation_id
+             CROSS JOIN LATERAL (
+                SELECT * FROM messages m
+                WHERE m.conversation_id = mb.conversation_id
+                  AND m.seq > GREATEST(mb.delivered_seq,
+                        CASE WHEN mb.conversation_id = $2::bigint THEN $3::bigint ELSE 0 END)
+                  AND m.sender_id <> $1
+                ORDER BY m.seq LIMIT $4
+             ) m
+             WHERE mb.user_id = $1 AND mb.conversation_id >= $2::bigint
+               AND c.last_seq > mb.delivered_seq
+             ORDER BY m.conversation_id, m.seq LIMIT $4",
+            &[&sql(user), &sql(after.0), &sql(after.1), &i64::from(limit)],
+        )
+        .await?
+        .iter()
+        .map(|r| message_from_row(r, 0).map(Arc::new))
+        .collect()
+    }
+
+    async fn pending_ranges(&self, user: UserId) -> Result<Option<Vec<PendingRange>>, StoreError> {
+        self.rows(
+            "SELECT m.conversation_id, m.delivered_seq, c.last_seq
+             FROM members m JOIN conversations c ON c.id = m.conversation_id
+             WHERE m.user_id = $1 AND c.last_seq > m.delivered_seq
+             ORDER BY m.conversation_id",
+            &[&sql(user)],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(PendingRange {
+                conversation_id: id_col(r, 0)?,
+                delivered_seq: id_col(r, 1)?,
+                last_seq: id_col(r, 2)?,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+    }
+
+    async fn advance_watermarks(
+        &self,
+        updates: Vec<WatermarkUpdate>,
+    ) -> Result<Vec<WatermarkMoved>, StoreError> {
+        // Coalesce first: applying updates one by one with "only forward,
+        // clamped" is the same as applying each member's highest targets
+        // once (seen implies delivered).
+        let mut order: Vec<(ConversationId, UserId)> = Vec::new();
+        let mut targets: HashMap<(ConversationId, UserId), (u64, u64)> = HashMap::new();
+        for u in &updates {
+            let key = (u.conversation_id, u.user_id);
+            let (delivered, seen) = targets.entry(key).or_insert_with(|| {
+                order.push(key);
+                (0, 0)
+            });
+            *delivered = (*delivered).max(u.seq);
+            if u.kind == WatermarkKind::Seen {
+                *seen = (*seen).max(u.seq);
+            }
+        }
+        if order.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        let (conversations, users): (Vec<i64>, Vec<i64>) =
+            sorted.iter().map(|&(c, u)| (sql(c), sql(u))).unzip();
+        let (delivered, seen): (Vec<i64>, Vec<i64>) = sorted
+            .iter()
+            .map(|k| {
+                let (d, s) = targets.get(k).copied().unwrap_or_default();
+                (sql(d), sql(s))
+            })
+            .unzip();
+
+        let mut client = self.client().await?;
+        let lock = client.prepare_cached(LOCK_MEMBERS).await.map_err(pg)?;
+        let advance = client.prepare_cached(ADVANCE).await.map_err(pg)?;
+        let lock_params: [Param<'_>; 2] = [&conversations, &users];
+        let advance_params: [Param<'_>; 4] = [&conversations, &users, &delivered, &seen];
+        let tx = client.transaction().await.map_err(pg)?;
+        let (_, rows) = tokio::try_join!(
+            biased;
+            tx.query(&lock, &lock_params),
+            tx.query(&advance, &advance_params),
+        )
+        .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+
+        let mut moved: HashMap<(ConversationId, UserId), WatermarkMoved> = HashMap::new();
+        for row in &rows {
+            let m = WatermarkMoved {
+                conversation_id: id_col(row, 0)?,
+                user_id: id_col(row, 1)?,
+                delivered_seq: id_col(row, 2)?,
+                seen_seq: id_col(row, 3)?,
+                members: col::<Vec<i64>>(row, 4)?.into_iter().map(id).collect(),
+            };
+            moved.insert((m.conversation_id, m.user_id), m);
+        }
+        Ok(order.iter().filter_map(|k| moved.remove(k)).collect())
+    }
+
+    async fn record_last_active(
+        &self,
+        user: UserId,
+        last_active_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE users SET last_active_ms = $2 WHERE id = $1 AND last_active_ms < $2",
+            &[&sql(user), &last_active_ms],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn set_presence_hidden(
+        &self,
+        user: UserId,
+        hidden_at_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE users SET presence_hidden_at_ms = $2 WHERE id = $1",
+            &[&sql(user), &hidden_at_ms],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn stored_presence(&self, users: Vec<UserId>) -> Result<Vec<StoredPresence>, StoreError> {
+        let ids: Vec<i64> = users.iter().map(|&u| sql(u)).collect();
+        let rows = self
+            .rows(
+                "SELECT id, last_active_ms, presence_hidden_at_ms FROM users WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        let mut found: HashMap<UserId, StoredPresence> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            found.insert(
+                id_col(row, 0)?,
+                StoredPresence {
+                    last_active_ms: col(row, 1)?,
+                    hidden_at_ms: col(row, 2)?,
+                },
+            );
+        }
+        Ok(users
+            .iter()
+            .map(|u| found.get(u).copied().unwrap_or_default())
+            .collect())
+    }
+
+    async fn receipt_snapshot(
+        &self,
+        user: UserId,
+        limit: u32,
+    ) -> Result<Vec<proto::Receipt>, StoreError> {
+        self.rows(
+            "SELECT other.conversation_id, other.user_id, other.delivered_seq, other.seen_seq
+             FROM (SELECT c.id, c.last_activity_ms FROM members me
+                   JOIN conversations c ON c.id = me.conversation_id
+                   WHERE me.user_id = $1
+                   ORDER BY c.last_activity_ms DESC LIMIT $2) recent
+             JOIN members other ON other.conversation_id = recent.id AND other.user_id <> $1
+             ORDER BY recent.last_activity_ms DESC, other.user_id",
+            &[&sql(user), &i64::from(limit)],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(proto::Receipt {
+                conversation_id: id_col(r, 0)?,
+                user_id: id_col(r, 1)?,
+                delivered_seq: id_col(r, 2)?,
+                seen_seq: id_col(r, 3)?,
+            })
+        })
+        .collect()
+    }
+}
+
+/// Stored messages with the keys of a batch, and the members of each one's
+/// conversation (a retry answers with the original and its members).
+const EXISTING_KEYS: &str = "
+    SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
+           m.type, m.sent_at_ms, m.body,
+           ARRAY(SELECT x.user_id FROM members x
+                 WHERE x.conversation_id = m.conversation_id ORDER BY x.user_id)
+    FROM unnest($1::bigint[], $2::text[]) AS k(sender_id, client_msg_id)
+    JOIN messages m ON m.sender_id = k.sender_id AND m.client_msg_id = k.client_msg_id";
+
+/// Every member of the batch's conversations.
+const MEMBERS_OF: &str = "
+    SELECT conversation_id, user_id FROM members
+    WHERE conversation_id = ANY($1::bigint[]) ORDER BY conversation_id, user_id";
+
+/// Locks the batch's conversations in id order (so that concurrent
+/// batches touching several conversations cannot deadlock) and reads the
+/// last seq as of the lock. NO KEY UPDATE is the lock an UPDATE of
+/// non-key columns takes: it does not block foreign-key checks.
+const LOCK_CONVERSATIONS: &str = "
+    SELECT id, last_seq FROM conversations WHERE id = ANY($1::bigint[])
+    ORDER BY id FOR NO KEY UPDATE";
+
+/// Locks member rows in (conversation, user) order before they are
+/// updated, in `append` and in `advance_watermarks` alike: a single UPDATE
+/// locks rows in whatever order its plan visits them.
+const LOCK_MEMBERS: &str = "
+    SELECT 1 FROM members
+    WHERE (conversation_id, user_id) IN (SELECT * FROM unnest($1::bigint[], $2::bigint[]))
+    ORDER BY conversation_id, user_id FOR NO KEY UPDATE";
+
+/// Moves each conversation's last seq and activity time.
+const BUMP_SEQS: &str = "
+    UPDATE conversations c SET last_seq = u.last_seq, last_activity_ms = u.activity
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, last_seq, activity)
+    WHERE c.id = u.id";
+
+/// Inserts the batch's new messages in one statement. A key committed by
+/// a concurrent call since our read is skipped, not an error; the caller
+/// notices the missing row and starts over.
+const INSERT_MESSAGES: &str = "
+    INSERT INTO messages (conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[],
+                         $5::int4[], $6::bigint[], $7::text[])
+    ON CONFLICT (sender_id, client_msg_id) DO NOTHING
+    RETURNING conversation_id, seq, message_id";
+
+/// Moves a sender's watermarks over their own run of messages, each one
+/// only if it was caught up (equal to the last seq before the batch).
+const OWN_WATERMARKS: &str = "
+    UPDATE members m SET
+        delivered_seq = CASE WHEN m.delivered_seq = u.caught_up_at THEN u.moved_to
+                             ELSE m.delivered_seq END,
+        seen_seq = CASE WHEN m.seen_seq = u.caught_up_at THEN u.moved_to
+                        ELSE m.seen_seq END
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+         AS u(conversation_id, user_id, caught_up_at, moved_to)
+    WHERE m.conversation_id = u.conversation_id AND m.user_id = u.user_id
+      AND (m.delivered_seq = u.caught_up_at OR m.seen_seq = u.caught_up_at)";
+
+/// Moves watermarks forward only, clamped to the conversation's last seq;
+/// returns the rows that moved with every member of their conversation.
+const ADVANCE: &str = "
+    UPDATE members m SET
+        delivered_seq = GREATEST(m.delivered_seq, LEAST(u.delivered, c.last_seq)),
+        seen_seq = GREATEST(m.seen_seq, LEAST(u.seen, c.last_seq))
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+             AS u(conversation_id, user_id, delivered, seen)
+         JOIN conversations c ON c.id = u.conversation_id
+    WHERE m.conversation_id = u.conversation_id AND m.user_id = u.user_id
+      AND (m.delivered_seq < LEAST(u.delivered, c.last_seq)
+           OR m.seen_seq < LEAST(u.seen, c.last_seq))
+    RETURNING m.conversation_id, m.user_id, m.delivered_seq, m.seen_seq,
+              ARRAY(SELECT x.user_id FROM members x
+                    WHERE x.conversation_id = m.conversation_id ORDER BY x.user_id)";
+
+/// Conversations as one member sees them: the row, the unread count
+/// (others' messages above the viewer's seen watermark) and the newest
+/// message with its text cut to the preview length.
+const VIEWS: &str = "
+    SELECT c.id, c.kind, c.name, c.last_seq, c.last_activity_ms,
+           (SELECT count(*) FROM messages u
+            WHERE u.conversation_id = c.id AND u.seq > me.seen_seq
+              AND u.sender_id <> me.user_id),
+           lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
+           lm.type, lm.sent_at_ms, left(lm.body, $3)
+    FROM conversations c
+    JOIN members me ON me.conversation_id = c.id AND me.user_id = $2
+    LEFT JOIN messages lm ON lm.conversation_id = c.id AND lm.seq = c.last_seq
+    WHERE c.id = ANY($1::bigint[])";
+
+/// Members of conversations with their names and watermarks.
+const MEMBER_STATES: &str = "
+    SELECT m.conversation_id, m.user_id, u.username, m.delivered_seq, m.seen_seq
+    FROM members m JOIN users u ON u.id = m.user_id
+    WHERE m.conversation_id = ANY($1::bigint[]) ORDER BY m.conversation_id, m.user_id";
+
+/// Serialises friendship changes of one pair of users (transaction-scoped
+/// advisory lock; the single-bigint key space is ours alone).
+const LOCK_PAIR: &str = "
+    SELECT pg_advisory_xact_lock(
+        hashtextextended('friends ' || LEAST($1::bigint, $2::bigint)
+                         || ' ' || GREATEST($1::bigint, $2::bigint), 0))";
+
+/// One history page, newest first below a seq, or oldest first above one.
+const PAGE_BEFORE: &str = "
+    SELECT conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body
+    FROM messages WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3";
+const PAGE_AFTER: &str = "
+    SELECT conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body
+    FROM messages WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3";
+
+const TAKE_REQUEST: &str = "DELETE FROM friend_requests WHERE from_id = $1 AND to_id = $2";
+
+const ARE_FRIENDS: &str =
+    "SELECT EXISTS(SELECT 1 FROM friends WHERE user_id = $1 AND friend_id = $2)";
+
+/// Both directions of a friendship.
+const MAKE_FRIENDS: &str = "
+    INSERT INTO friends (user_id, friend_id, since_ms) VALUES ($1, $2, $3), ($2, $1, $3)
+    ON CONFLICT DO NOTHING";
+
+/// Why the first connection or the migrations failed.
+enum MigrateError {
+    /// The server could not be reached or refused us: retryable.
+    Connect(String),
+    /// Reached, but the schema could not be brought up to date.
+    Failed(String),
+}
+
+/// Applies pending migrations on a dedicated connection, under an advisory
+/// lock keyed by the schema so that nodes starting together take turns.
+async fn migrate(config: &Config, schema: Option<&str>) -> Result<(), MigrateError> {
+    // The connect timeout in the config covers the TCP connect only; this
+    // one also covers startup and authentication.
+    let (mut client, connection) =
+        match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await {
+            Ok(Ok(connected)) => connected,
+            Ok(Err(e)) => return Err(MigrateError::Connect(error_chain(&e))),
+            Err(_) => {
+                return Err(MigrateError::Connect(format!(
+                    "no answer within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )));
+            }
+        };
+    let connection = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %error_chain(&e), "postgres migration connection ended");
+        }
+    });
+    let result = async {
+        let failed = |what: &str, e: tokio_postgres::Error| {
+            MigrateError::Failed(format!("{what}: {}", error_chain(&e)))
+        };
+        // Migrations may take longer than any statement on the hot path.
+        client
+            .batch_execute("SET statement_timeout = 0")
+            .await
+            .map_err(|e| failed("session setup", e))?;
+        let lock_key = format!("chat-server migrations {}", schema.unwrap_or("(default)"));
+        client
+            .execute(
+                "SELECT pg_advisory_lock(hashtextextended($1, 0))",
+                &[&lock_key],
+            )
+            .await
+            .map_err(|e| failed("migration lock", e))?;
+        if let Some(schema) = schema {
+            // Checked by the caller: needs no quoting beyond this.
+            client
+                .batch_execute(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path TO \"{schema}\""
+                ))
+                .await
+                .map_err(|e| failed("create schema", e))?;
+        }
+        let report = embedded::migrations::runner()
+            .set_grouped(true)
+            .run_async(&mut client)
+            .await
+            .map_err(|e| MigrateError::Failed(format!("migration failed: {e}")))?;
+        for migration in report.applied_migrations() {
+            tracing::info!(
+                version = migration.version(),
+                name = migration.name(),
+                schema = schema.unwrap_or("(default)"),
+                "applied Postgres migration"
+            );
+        }
+        client
+            .execute(
+                "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                &[&lock_key],
+            )
+            .await
+            .map_err(|e| failed("migration unlock", e))?;
+        Ok(())
+    }
+    .await;
+    // Closing the connection also releases the lock if unlocking failed.
+    drop(client);
+    let _ = connection.await;
+    result
+}
+
+/// Maps a database error: lost connections, timeouts, shutdowns, resource
+/// limits, serialization failures and deadlocks are `Unavailable` (a retry
+/// may work); anything else is `Internal`. Unique violations are mapped to
+/// `Conflict` by the calls whose contract says so, before this.
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    let detail = format!("postgres: {}", error_chain(&e));
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        let transient = code.starts_with("08") // connection exception
+            || code.starts_with("53") // insufficient resources
+            || code.starts_with("57P") // admin / crash shutdown, cannot connect now
+            || code == "57014" // query canceled (statement timeout)
+            || code == "40001" // serialization failure
+            || code == "40P01" // deadlock detected
+            || code == "55P03" // lock not available
+            || code == "25P03"; // idle-in-transaction timeout
+        return if transient {
+            StoreError::Unavailable(detail)
+        } else {
+            StoreError::Internal(detail)
+        };
+    }
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    let text = e.to_string();
+    if e.is_closed()
+        || io
+        || text.starts_with("error connecting")
+        || text.starts_with("timeout")
+        || text.starts_with("error communicating")
+    {
+        StoreError::Unavailable(detail)
+    } else {
+        StoreError::Internal(detail)
+    }
+}
+
+/// An error and its causes, joined by ": " (tokio-postgres puts the useful
+/// part, such as the server's message, in the source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let _ = write!(text, ": {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+/// `host:port/database` for every host of the config, without user or
+/// password.
+fn describe_target(config: &Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports
+                .get(i)
+                .or_else(|| ports.first())
+                .copied()
+                .unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(path) => format!("{}:{port}", path.display()),
+            }
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "(no host)".to_owned()
+    } else {
+        hosts.join(",")
+    };
+    format!("{hosts}/{}", config.get_dbname().unwrap_or("(default)"))
+}
+
+/// Lower-case identifiers only, so a schema name never needs escaping in
+/// SQL or in the `options` startup parameter.
+fn valid_schema_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 63
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn col<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, StoreError> {
+    row.try_get(idx)
+        .map_err(|e| StoreError::Internal(format!("postgres: column {idx}: {}", error_chain(&e))))
+}
+
+/// Ids and seqs are stored as BIGINT and never negative.
+fn id_col(row: &Row, idx: usize) -> Result<u64, StoreError> {
+    col::<i64>(row, idx).map(id)
+}
+
+fn id(v: i64) -> u64 {
+    v as u64
+}
+
+/// Postgres integers are signed; ids and seqs never reach 2^63.
+fn sql(v: u64) -> i64 {
+    v as i64
+}
+
+/// A message from eight columns starting at `at`: conversation_id, seq,
+/// message_id, sender_id, client_msg_id, type, sent_at_ms, body.
+fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> {
+    Ok(proto::Message {
+        conversation_id: id_col(row, at)?,
+        seq: id_col(row, at + 1)?,
+        message_id: id_col(row, at + 2)?,
+        sender_id: id_col(row, at + 3)?,
+        client_msg_id: col(row, at + 4)?,
+        r#type: col(row, at + 5)?,
+        sent_at_ms: col(row, at + 6)?,
+        text: col(row, at + 7)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+
+    use rand::seq::SliceRandom as _;
+    use tokio::sync::OnceCell;
+
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    /// Where tests find Postgres unless `CHAT_TEST_POSTGRES_URL` says
+    /// otherwise (trust authentication, no password).
+    const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+    /// Small, so that many parallel tests stay far below `max_connections`.
+    const TEST_POOL_SIZE: usize = 4;
+    /// Generous: the machine may be busy with other builds.
+    const PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
+
+    crate::history_store_conformance!(|_dir: PathBuf| new_store(), drop_store);
+
+    fn test_url() -> String {
+        std::env::var("CHAT_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_TEST_URL.to_owned())
+    }
+
+    /// Whether the test server answers; asked once per test binary.
+    async fn reachable() -> Result<(), String> {
+        static PROBE: OnceCell<Result<(), String>> = OnceCell::const_new();
+        PROBE
+            .get_or_init(|| async {
+                let url = test_url();
+                let config = Config::from_str(&url)
+                    .map_err(|e| format!("invalid CHAT_TEST_POSTGRES_URL: {}", error_chain(&e)))?;
+                let target = describe_target(&config);
+                match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!(
+                        "postgres unreachable at {target}: {}",
+                        error_chain(&e)
+                    )),
+                    Err(_) => Err(format!("postgres unreachable at {target}: no answer")),
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// True if Postgres is there. Otherwise fails the test when
+    /// `CHAT_REQUIRE_BACKENDS=1`, or says it skipped and returns false.
+    async fn backend_or_skip() -> bool {
+        let Err(why) = reachable().await else {
+            return true;
+        };
+        if std::env::var("CHAT_REQUIRE_BACKENDS").as_deref() == Ok("1") {
+            panic!("CHAT_REQUIRE_BACKENDS=1 but {why}");
+        }
+        // Straight to the process's stderr rather than through `eprintln!`,
+        // which the test harness captures and hides for passing tests.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: {why} (set CHAT_TEST_POSTGRES_URL)"
+        );
+        false
+    }
+
+    /// A schema name no other test, run or process uses.
+    fn fresh_schema() -> String {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        format!(
+            "chat_test_{}_{}_{:08x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        )
+    }
+
+    /// A store in a fresh schema, or `None` when the test is skipped.
+    async fn new_store() -> Option<PostgresStore> {
+        if !backend_or_skip().await {
+            return None;
+        }
+        let schema = fresh_schema();
+        match PostgresStore::connect_with_schema(&test_url(), &schema, TEST_POOL_SIZE).await {
+            Ok(store) => Some(store),
+            Err(e) => {
+                drop_schema(&schema).await;
+                panic!("connect a test store: {e}");
+            }
+        }
+    }
+
+    /// Closes the store and drops its schema with everything in it.
+    async fn drop_store(store: PostgresStore) {
+        let schema = store.schema().map(str::to_owned);
+        store.close();
+        drop(store);
+        if let Some(schema) = schema {
+            drop_schema(&schema).await;
+        }
+    }
+
+    async fn drop_schema(schema: &str) {
+        admin()
+            .await
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .await
+            .expect("drop the test schema");
+    }
+
+    /// A plain connection outside any store, for setup and inspection.
+    async fn admin() -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&test_url(), NoTls)
+            .await
+            .expect("admin connection");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+
+    /// Runs `check` on a fresh store in its own task, then drops the
+    /// schema whether or not the check passed.
+    async fn with_store<F, Fut>(check: F)
+    where
+        F: FnOnce(Arc<PostgresStore>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(store) = new_store().await else {
+            return;
+        };
+        let store = Arc::new(store);
+        let outcome = tokio::spawn(check(store.clone())).await;
+        match Arc::into_inner(store) {
+            Some(store) => drop_store(store).await,
+            None => panic!("a task of the check still holds the store"),
+        }
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
+    async fn user(store: &impl HistoryStore, name: &str) -> UserId {
+        store
+            .create_user(name.into(), format!("hash-{name}"), 1)
+            .await
+            .unwrap()
+    }
+
+    async fn befriend(store: &impl HistoryStore, a: UserId, b: UserId) -> ConversationId {
+        store.friend_request(a, b, 1).await.unwrap();
+        store.friend_accept(b, a, 2).await.unwrap();
+        store.open_direct(a, b, 3).await.unwrap()
+    }
+
+    fn text(
+        conversation_id: ConversationId,
+        sender_id: UserId,
+        key: &str,
+        body: &str,
+    ) -> NewMessage {
+        NewMessage {
+            conversation_id,
+            sender_id,
+            client_msg_id: key.into(),
+            message_type: proto::MessageType::Text,
+            text: body.into(),
+            now_ms: 1_000,
+        }
+    }
+
+    /// Waits until `counter` reaches `target`, failing after a deadline.
+    async fn wait_for(counter: &AtomicU64, target: u64, what: &str) {
+        let deadline = Instant::now() + PROGRESS_DEADLINE;
+        while counter.load(Ordering::Relaxed) < target {
+            assert!(Instant::now() < deadline, "no progress: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_fails_fast_naming_the_host_but_not_the_password() {
+        // Nothing listens on port 1 of loopback: the connection is refused.
+        let started = Instant::now();
+        let Err(e) = PostgresStore::connect("postgres://chat:s3cret-pw@127.0.0.1:1/chat", 2).await
+        else {
+            panic!("connected to port 1");
+        };
+        let StoreError::Unavailable(message) = &e else {
+            panic!("want Unavailable, got {e:?}");
+        };
+        assert!(message.contains("127.0.0.1:1/chat"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
+        assert!(
+            started.elapsed() < CONNECT_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_is_given_up_on_after_the_connect_timeout() {
+        // Accepts TCP connections and never says a word.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let started = Instant::now();
+        let url = format!("postgres://chat:s3cret-pw@127.0.0.1:{port}/chat");
+        let Err(e) = PostgresStore::connect(&url, 2).await else {
+            panic!("connected to a silent server");
+        };
+        silent.abort();
+        let StoreError::Unavailable(message) = &e else {
+            panic!("want Unavailable, got {e:?}");
+        };
+        assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
+        let took = started.elapsed();
+        assert!(took >= CONNECT_TIMEOUT, "{took:?}");
+        assert!(took < CONNECT_TIMEOUT * 4, "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn schema_names_that_would_need_quoting_are_refused() {
+        for bad in [
+            "",
+            "Chat",
+            "1chat",
+            "chat-test",
+            "chat test",
+            "chat;drop",
+            &"x".repeat(64),
+        ] {
+            let result = PostgresStore::connect_with_schema(DEFAULT_TEST_URL, bad, 1).await;
+            assert!(matches!(result, Err(StoreError::Internal(_))), "{bad:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() {
+        if !backend_or_skip().await {
+            return;
+        }
+        let url = test_url();
+        let schema = fresh_schema();
+        // Three nodes starting at once against a new schema take turns.
+        let (a, b, c) = tokio::join!(
+            PostgresStore::connect_with_schema(&url, &schema, 1),
+            PostgresStore::connect_with_schema(&url, &schema, 1),
+            PostgresStore::connect_with_schema(&url, &schema, 1),
+        );
+        let admin = admin().await;
+        let tables = admin
+            .query(
+                "SELECT table_name::text FROM information_schema.tables
+                 WHERE table_schema = $1 ORDER BY 1",
+                &[&schema],
+            )
+            .await
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>()
+            });
+        let history = admin
+            .query_one(
+                &format!("SELECT count(*) FROM \"{schema}\".refinery_schema_history"),
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0));
+        for store in [&a, &b, &c].into_iter().flatten() {
+            store.close();
+        }
+        drop((
+            a.as_ref().err().map(ToString::to_string),
+            b.is_ok(),
+            c.is_ok(),
+        ));
+        let outcomes = [a.err(), b.err(), c.err()];
+        drop_schema(&schema).await;
+
+        assert!(outcomes.iter().all(Option::is_none), "{outcomes:?}");
+        assert_eq!(
+            tables.unwrap(),
+            [
+                "conversations",
+                "friend_requests",
+                "friends",
+                "members",
+                "messages",
+                "refinery_schema_history",
+                "sessions",
+                "users"
+            ]
+        );
+        assert_eq!(history.unwrap(), 2, "V1 and V2, once each");
+    }
+
+    /// A group commit that mixes everything: new messages in two
+    /// conversations, a retry, a duplicate inside the batch, refusals,
+    /// runs of one sender, a batch with nothing new. Returns what a client
+    /// could observe, so that two backends can be compared.
+    async fn mixed_batches(store: &impl HistoryStore) -> Vec<String> {
+        let a = user(store, "alice").await;
+        let b = user(store, "bob").await;
+        let eve = user(store, "eve").await;
+        let c = befriend(store, a, b).await;
+        let c2 = befriend(store, a, eve).await;
+        let name = |u: UserId| {
+            [(a, "alice"), (b, "bob"), (eve, "eve")]
+                .iter()
+                .find(|(id, _)| *id == u)
+                .map_or("?", |(_, n)| n)
+        };
+        let mut seen = Vec::new();
+        let mut record = |label: &str, results: Vec<Result<Appended, StoreError>>| {
+            for (i, r) in results.into_iter().enumerate() {
+                seen.push(match r {
+                    Ok(x) => format!(
+                        "{label}[{i}] c{} seq {} {} {:?} dup={} members={}",
+                        if x.message.conversation_id == c { 1 } else { 2 },
+                        x.message.seq,
+                        name(x.message.sender_id),
+                        x.message.text,
+                        x.duplicate,
+                        x.members.len()
+                    ),
+                    Err(e) => format!("{label}[{i}] {e}"),
+                });
+            }
+        };
+        let umlauts = "ü".repeat(150);
+        let first = store
+            .append(vec![
+                text(c, a, "k1", "one"),
+                text(c, b, "k1", "two"),
+                text(c, a, "k1", "one again, same batch"),
+                text(c, eve, "e1", "intrusion"),
+                text(c, a, "k2", "three"),
+                text(c2, a, "x1", "hi eve"),
+                text(c2, eve, "e1", "hi alice"),
+                text(c2, eve, "e1", "hi alice, twice"),
+                text(424_242, a, "k9", "nowhere"),
+                text(c2, a, "x2", &umlauts),
+            ])
+            .await
+            .unwrap();
+        let first_ids: Vec<u64> = first
+            .iter()
+            .map(|r| r.as_ref().map_or(0, |x| x.message.message_id))
+            .collect();
+        assert_eq!(
+            first_ids[0], first_ids[2],
+            "in-batch duplicate is the original"
+        );
+        assert_eq!(first_ids[6], first_ids[7]);
+        record("first", first);
+        // Bob catches up, then a batch with a run of his.
+        store
+            .advance_watermarks(vec![WatermarkUpdate {
+                conversation_id: c,
+                user_id: b,
+                kind: WatermarkKind::Seen,
+                seq: 3,
+            }])
+            .await
+            .unwrap();
+        let second = store
+            .append(vec![
+                text(c, b, "k5", "four"),
+                text(c, b, "k6", "five"),
+                text(c, a, "k7", "six"),
+                text(c, b, "k8", "seven"),
+                text(c, a, "k1", "one, a later retry"),
+            ])
+            .await
+            .unwrap();
+        record("second", second);
+        let nothing_new = store
+            .append(vec![text(c, a, "k2", "retry"), text(c, eve, "e2", "no")])
+            .await
+            .unwrap();
+        record("nothing new", nothing_new);
+
+        for (label, conversation) in [("c1", c), ("c2", c2)] {
+            for viewer in [a, b, eve] {
+                match store.conversation(conversation, viewer).await {
+                    Ok(v) => {
+                        let marks: Vec<String> = v
+                            .members
+                            .iter()
+                            .map(|m| format!("{}:{}/{}", m.username, m.delivered_seq, m.seen_seq))
+                            .collect();
+                        seen.push(format!(
+                            "{label} as {}: last {} unread {} preview {:?} marks {marks:?}",
+                            name(viewer),
+                            v.last_seq,
+                            v.unread_count,
+                            v.last_message.map(|m| m.text)
+                        ));
+                    }
+                    Err(e) => seen.push(format!("{label} as {}: {e}", name(viewer))),
+                }
+            }
+        }
+        for viewer in [a, b, eve] {
+            let pending: Vec<String> = store
+                .undelivered(viewer, (0, 0), 100)
+                .await
+                .unwrap()
+                .iter()
+                .map(|m| format!("{}#{}", m.text, m.seq))
+                .collect();
+            seen.push(format!("{} pending {pending:?}", name(viewer)));
+        }
+        let page = store.history(c, Direction::Backward, 0, 100).await.unwrap();
+        seen.push(format!(
+            "history {:?}",
+            page.messages.iter().map(|m| &m.text).collect::<Vec<_>>()
+        ));
+        seen
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_matches_the_embedded_store_message_for_message() {
+        with_store(|store| async move {
+            let dir = tempfile::tempdir().unwrap();
+            let sqlite = SqliteStore::open(dir.path()).unwrap();
+            let expected = mixed_batches(&sqlite).await;
+            let got = mixed_batches(&*store).await;
+            assert_eq!(got, expected);
+            // The scenario means what it says.
+            assert!(
+                got.iter()
+                    .any(|l| l.contains("first[2] c1 seq 1") && l.contains("dup=true"))
+            );
+            assert!(
+                got.iter()
+                    .any(|l| l == "first[3] not a member of the conversation")
+            );
+            assert!(got.iter().any(|l| l.contains("bob:5/5")), "{got:#?}");
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn crossing_batches_and_watermarks_do_not_deadlock() {
+        with_store(|store| async move {
+            let mut users = Vec::new();
+            for name in ["u0", "u1", "u2", "u3"] {
+                users.push(user(&*store, name).await);
+            }
+            let mut conversations = Vec::new();
+            for (i, &x) in users.iter().enumerate() {
+                for &y in &users[i + 1..] {
+                    conversations.push((befriend(&*store, x, y).await, x, y));
+                }
+            }
+            const WRITERS: u64 = 4;
+            const ROUNDS: u64 = 15;
+            const PER_CONVERSATION: u64 = 4;
+            let mut tasks = Vec::new();
+            for w in 0..WRITERS {
+                let (store, conversations) = (store.clone(), conversations.clone());
+                tasks.push(tokio::spawn(async move {
+                    for round in 0..ROUNDS {
+                        let mut order = conversations.clone();
+                        order.shuffle(&mut rand::rng());
+                        let batch: Vec<NewMessage> = order
+                            .iter()
+                            .flat_map(|&(c, x, y)| {
+                                (0..PER_CONVERSATION).map(move |i| {
+                                    let sender = if i % 2 == 0 { x } else { y };
+                                    text(c, sender, &format!("w{w}-r{round}-c{c}-{i}"), "x")
+                                })
+                            })
+                            .collect();
+                        for r in store.append(batch).await.expect("append") {
+                            r.expect("every message is stored");
+                        }
+                    }
+                }));
+            }
+            for _ in 0..2 {
+                let (store, conversations) = (store.clone(), conversations.clone());
+                tasks.push(tokio::spawn(async move {
+                    for round in 0..ROUNDS * 2 {
+                        let mut updates: Vec<WatermarkUpdate> = conversations
+                            .iter()
+                            .flat_map(|&(c, x, y)| {
+                                [x, y].map(|user_id| WatermarkUpdate {
+                                    conversation_id: c,
+                                    user_id,
+                                    kind: if round % 2 == 0 {
+                                        WatermarkKind::Delivered
+                                    } else {
+                                        WatermarkKind::Seen
+                                    },
+                                    seq: round * 8,
+                                })
+                            })
+                            .collect();
+                        updates.shuffle(&mut rand::rng());
+                        store.advance_watermarks(updates).await.expect("advance");
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+            let per_conversation = WRITERS * ROUNDS * PER_CONVERSATION;
+            for &(c, x, _) in &conversations {
+                let page = store
+                    .history(c, Direction::Forward, 0, 10_000)
+                    .await
+                    .unwrap();
+                let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+                assert_eq!(seqs, (1..=per_conversation).collect::<Vec<_>>());
+                let view = store.conversation(c, x).await.unwrap();
+                assert_eq!(view.last_seq, per_conversation);
+                assert!(view.members.iter().all(|m| m.seen_seq <= m.delivered_seq));
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovers_by_itself_after_its_connections_are_killed() {
+        with_store(|store| async move {
+            let a = user(&*store, "alice").await;
+            let b = user(&*store, "bob").await;
+            let c = befriend(&*store, a, b).await;
+            let stop = Arc::new(AtomicBool::new(false));
+            let acked = Arc::new(AtomicU64::new(0));
+
+            // Two writers and a reader keep calls in flight throughout.
+            let mut writers = Vec::new();
+            for (w, sender) in [a, b].into_iter().enumerate() {
+                let (store, stop, acked) = (store.clone(), stop.clone(), acked.clone());
+                writers.push(tokio::spawn(async move {
+                    let mut failed = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let key = format!("w{w}-{i}");
+                        match store.append(vec![text(c, sender, &key, "x")]).await {
+                            Ok(results) => match results.as_slice() {
+                                [Ok(_)] => {
+                                    acked.fetch_add(1, Ordering::Relaxed);
+                                }
+                                other => panic!("per-message result: {other:?}"),
+                            },
+                            Err(StoreError::Unavailable(_)) => failed.push((sender, key)),
+                            Err(e) => panic!("append while connections die: {e:?}"),
+                        }
+                    }
+                    failed
+                }));
+            }
+            let reader = {
+                let (store, stop) = (store.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut unavailable = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        match store.conversation(c, a).await {
+                            Ok(_) => {}
+                            Err(StoreError::Unavailable(_)) => unavailable += 1,
+                            Err(e) => panic!("read while connections die: {e:?}"),
+                        }
+                    }
+                    unavailable
+                })
+            };
+
+            let admin = admin().await;
+            for round in 0..3 {
+                // Progress since the previous kill shows the pool recovered.
+                let target = acked.load(Ordering::Relaxed) + 20;
+                wait_for(&acked, target, &format!("appends before kill {round}")).await;
+                let killed: i64 = admin
+                    .query_one(
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+                         FROM pg_stat_activity
+                         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                        &[&store.application_name()],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert!(killed >= 1, "the store had no connection to kill");
+            }
+            let target = acked.load(Ordering::Relaxed) + 20;
+            wait_for(&acked, target, "appends after the last kill").await;
+            stop.store(true, Ordering::Relaxed);
+            let mut failed = Vec::new();
+            for writer in writers {
+                failed.extend(writer.await.unwrap());
+            }
+            let reads_failed = reader.await.unwrap();
+            let _ = writeln!(
+                std::io::stderr(),
+                "kill test: {} appends acked, {} appends and {reads_failed} reads got Unavailable",
+                acked.load(Ordering::Relaxed),
+                failed.len()
+            );
+
+            // The same store works again. A pooled connection killed while
+            // idle is discarded at checkout once its task has seen the
+            // close, which it does within moments; allow one failure per
+            // pooled connection for a task that has not run yet.
+            let mut ok = 0;
+            let mut unavailable = 0;
+            for i in 0..40 {
+                match store
+                    .append(vec![text(c, a, &format!("after-{i}"), "x")])
+                    .await
+                {
+                    Ok(_) => ok += 1,
+                    Err(StoreError::Unavailable(_)) => unavailable += 1,
+                    Err(e) => panic!("append after the kill: {e:?}"),
+                }
+            }
+            assert!(
+                unavailable <= TEST_POOL_SIZE,
+                "{unavailable} failures after recovery"
+            );
+            assert!(ok >= 40 - TEST_POOL_SIZE);
+
+            // A failed call may or may not have committed; its retry tells
+            // which, and never stores a message twice.
+            for (sender, key) in failed {
+                let results = store
+                    .append(vec![text(c, sender, &key, "x")])
+                    .await
+                    .expect("retry after recovery");
+                assert!(results[0].is_ok());
+            }
+            let page = store
+                .history(c, Direction::Forward, 0, 100_000)
+                .await
+                .unwrap();
+            let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+            let keys: HashSet<(u64, &str)> = page
+                .messages
+                .iter()
+                .map(|m| (m.sender_id, m.client_msg_id.as_str()))
+                .collect();
+            assert_eq!(keys.len(), page.messages.len(), "no message stored twice");
+            assert_eq!(
+                store.conversation(c, a).await.unwrap().last_seq,
+                seqs.len() as u64
+            );
+        })
+        .await;
+    }
+}
