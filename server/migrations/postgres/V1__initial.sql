@@ -74,8 +74,14 @@ CREATE TABLE members (
 -- fans out to every shard holding one of the user's conversations.
 CREATE INDEX members_by_user ON members(user_id, conversation_id);
 
+-- No foreign keys on messages, unlike the SQLite schema: the store inserts
+-- a message only after checking, in the same transaction, that its sender
+-- is a member of its conversation (members references both users and
+-- conversations), and it never deletes users, conversations or members.
+-- The two FK triggers cost more than half of the insert itself (measured:
+-- 3.3 of 5.8 ms for a 100-row insert), on the hottest statement there is.
 CREATE TABLE messages (
-    conversation_id BIGINT  NOT NULL REFERENCES conversations(id),
+    conversation_id BIGINT  NOT NULL,
     seq             BIGINT  NOT NULL,
     -- Unique because the identity hands out every value once. There is no
     -- index on it: no query reads by message id, and under partitioning a
@@ -83,7 +89,7 @@ CREATE TABLE messages (
     -- (Before Postgres 17 a partitioned table cannot have an identity
     -- column: it becomes BIGINT DEFAULT nextval() of a plain sequence.)
     message_id      BIGINT  GENERATED ALWAYS AS IDENTITY,
-    sender_id       BIGINT  NOT NULL REFERENCES users(id),
+    sender_id       BIGINT  NOT NULL,
     client_msg_id   TEXT    NOT NULL,
     type            INTEGER NOT NULL,
     sent_at_ms      BIGINT  NOT NULL,
