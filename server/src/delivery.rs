@@ -131,7 +131,8 @@ async fn send_committer(
     let mut queued: Vec<(UserId, Arc<proto::Message>)> = Vec::new();
     while rx.recv_many(&mut jobs, MAX_SEND_BATCH).await > 0 {
         let batch: Vec<NewMessage> = jobs.iter().map(|j| j.message.clone()).collect();
-        let results = match store.append(batch).await {
+        let appended = store.append(batch).await;
+        let results = match appended {
             Ok(results) => results,
             Err(e) => {
                 // Nothing of the batch is durable: every sender hears a

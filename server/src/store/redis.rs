@@ -437,7 +437,7 @@ mod tests {
         );
         store.remove(2, "node-b".into()).await.unwrap();
         assert_eq!(store.online(vec![2]).await.unwrap(), vec![None]);
-        delete_prefix(&store, &store.prefix().to_string()).await;
+        delete_prefix(&store, store.prefix()).await;
     }
 
     #[tokio::test]
@@ -477,7 +477,7 @@ mod tests {
             vec![(10, 1)],
             "other users untouched"
         );
-        delete_prefix(&store, &store.prefix().to_string()).await;
+        delete_prefix(&store, store.prefix()).await;
         assert!(
             store.pending(6, 100).await.unwrap().is_empty(),
             "a flush empties the queue"
@@ -505,7 +505,7 @@ mod tests {
             10
         );
         assert!(store.page_before(4, 0, 10).await.is_none());
-        delete_prefix(&store, &store.prefix().to_string()).await;
+        delete_prefix(&store, store.prefix()).await;
     }
 
     #[tokio::test]

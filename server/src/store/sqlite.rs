@@ -2,12 +2,19 @@
 //!
 //! One dedicated thread owns the connection. Callers send it jobs; the
 //! thread takes every job waiting in its queue (up to [`MAX_BATCH`]), runs
-//! them inside one transaction, each in its own savepoint so a failing job
-//! cannot undo the others, commits once, and only then answers each caller.
-//! That is group commit for everything, not only sends: one fsync covers
-//! the whole batch, and a caller never hears "done" before its write is on
-//! disk (`synchronous = FULL`).
+//! them inside one transaction, commits once, and only then answers each
+//! caller. That is group commit for everything, not only sends: one fsync
+//! covers the whole batch, and a caller never hears "done" before its write
+//! is on disk (`synchronous = FULL`).
+//!
+//! Jobs do not get savepoints (they made SQLite copy pages into a
+//! sub-journal for every job, the largest cost in profiles). Instead every
+//! job keeps one rule: it refuses (Conflict, NotFound, NotAMember) before
+//! writing anything. Any other error means the database is in trouble, and
+//! then the whole batch is rolled back and every caller in it hears
+//! "unavailable", so a half-done job can never be committed.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -46,9 +53,9 @@ type Job = Box<dyn DbJob>;
 
 /// One unit of work for the database thread.
 trait DbJob: Send {
-    /// Runs inside the batch transaction. Returns whether the job
-    /// succeeded (else its savepoint is rolled back) and what to call once
-    /// the transaction's fate is known.
+    /// Runs inside the batch transaction. Returns whether the job failed
+    /// in a way that poisons the batch (anything but a refusal) and what to
+    /// call once the transaction's fate is known.
     fn run(self: Box<Self>, conn: &Connection, state: &mut DbState) -> (bool, Completion);
     /// The job will not run (the transaction could not start).
     fn abort(self: Box<Self>, error: StoreError);
@@ -68,7 +75,10 @@ where
     fn run(self: Box<Self>, conn: &Connection, state: &mut DbState) -> (bool, Completion) {
         let CallJob { f, reply } = *self;
         let result = f(conn, state);
-        let ok = result.is_ok();
+        let ok = !matches!(
+            result,
+            Err(StoreError::Unavailable(_) | StoreError::Internal(_))
+        );
         let completion: Completion = Box::new(move |commit| {
             // The caller may have given up waiting; nothing to do then.
             let _ = reply.send(commit.and(result));
@@ -85,6 +95,53 @@ where
 struct DbState {
     /// Next message id to hand out (the thread is the only writer).
     next_message_id: u64,
+    /// Conversation -> (members, last seq), so the hot path (append, move a
+    /// watermark) needs no lookup queries. Exact because this thread is the
+    /// only writer; dropped whenever a job or commit fails.
+    conversations: HashMap<ConversationId, Cached>,
+}
+
+/// What the database thread remembers of one conversation.
+struct Cached {
+    members: Arc<Vec<UserId>>,
+    last_seq: u64,
+}
+
+/// Conversations kept in [`DbState`]; beyond it the cache starts over.
+const MAX_CACHED_CONVERSATIONS: usize = 200_000;
+
+impl DbState {
+    /// Members and last seq of a conversation, from the cache or the
+    /// database. `None` if the conversation does not exist.
+    fn conversation(
+        &mut self,
+        conn: &Connection,
+        conversation_id: ConversationId,
+    ) -> Result<Option<&mut Cached>, StoreError> {
+        if !self.conversations.contains_key(&conversation_id) {
+            let last_seq: Option<i64> = conn
+                .prepare_cached("SELECT last_seq FROM conversations WHERE id = ?1")
+                .map_err(internal)?
+                .query_row([sql(conversation_id)], |r| r.get(0))
+                .optional()
+                .map_err(internal)?;
+            let Some(last_seq) = last_seq else {
+                return Ok(None);
+            };
+            let members = members_of(conn, conversation_id).map_err(internal)?;
+            if self.conversations.len() >= MAX_CACHED_CONVERSATIONS {
+                self.conversations.clear();
+            }
+            self.conversations.insert(
+                conversation_id,
+                Cached {
+                    members: Arc::new(members),
+                    last_seq: last_seq as u64,
+                },
+            );
+        }
+        Ok(self.conversations.get_mut(&conversation_id))
+    }
 }
 
 /// The SQLite-backed [`HistoryStore`].
@@ -104,6 +161,8 @@ impl SqliteStore {
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = FULL;
+             PRAGMA temp_store = MEMORY;
+             PRAGMA cache_size = -65536;
              PRAGMA foreign_keys = ON;
              PRAGMA busy_timeout = 5000;",
         )
@@ -118,6 +177,7 @@ impl SqliteStore {
             .map_err(internal)?;
         let state = DbState {
             next_message_id: next_message_id as u64,
+            conversations: HashMap::new(),
         };
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
@@ -184,26 +244,40 @@ fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>)
             continue;
         }
         let before = state.next_message_id;
+        let mut poisoned = false;
         for job in batch {
-            let _ = conn.execute_batch("SAVEPOINT job");
             let (ok, done) = job.run(&conn, &mut state);
-            if ok {
-                let _ = conn.execute_batch("RELEASE job");
-            } else {
-                let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
-            }
+            poisoned |= !ok;
             completions.push(done);
         }
-        let commit = conn.execute_batch("COMMIT").map_err(|e| {
+        let commit = if poisoned {
+            Err(StoreError::Unavailable(
+                "a job failed; batch rolled back".into(),
+            ))
+        } else {
+            exec(&conn, "COMMIT")
+        };
+        let commit = commit.map_err(|e| {
             let _ = conn.execute_batch("ROLLBACK");
-            // Nothing of the batch is stored, so its ids may be reused.
+            // Nothing of the batch is stored, so its ids may be reused and
+            // nothing cached from it can be trusted.
             state.next_message_id = before;
+            state.conversations.clear();
             StoreError::Unavailable(format!("commit failed: {e}"))
         });
         for done in completions.drain(..) {
             done(commit.as_ref().map(|_| ()).map_err(clone_err));
         }
     }
+}
+
+/// Runs a parameterless statement through the statement cache (savepoints
+/// run for every job; parsing them each time shows in profiles).
+fn exec(conn: &Connection, statement: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(statement)
+        .and_then(|mut s| s.execute([]))
+        .map(drop)
+        .map_err(internal)
 }
 
 fn clone_err(e: &StoreError) -> StoreError {
@@ -367,60 +441,60 @@ fn append_one(
     state: &mut DbState,
     m: NewMessage,
 ) -> Result<Appended, StoreError> {
-    let existing = conn
-        .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2"
-        ))
+    let (members, seq) = match state.conversation(conn, m.conversation_id)? {
+        Some(c) if c.members.contains(&m.sender_id) => (c.members.clone(), c.last_seq + 1),
+        _ => return Err(StoreError::NotAMember),
+    };
+    let message_id = state.next_message_id;
+    // The idempotency key is checked by the unique index: a retry inserts
+    // nothing, and then the original is looked up. The common path is one
+    // insert and two updates by primary key.
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (sender_id, client_msg_id) DO NOTHING",
+        )
         .map_err(internal)?
-        .query_row(params![sql(m.sender_id), m.client_msg_id], message_from_row)
-        .optional()
+        .execute(params![
+            sql(m.conversation_id),
+            sql(seq),
+            sql(message_id),
+            sql(m.sender_id),
+            m.client_msg_id,
+            m.message_type as i32,
+            m.now_ms,
+            m.text,
+        ])
         .map_err(internal)?;
-    if let Some(original) = existing {
-        let members = members_of(conn, original.conversation_id).map_err(internal)?;
+    if inserted == 0 {
+        let original = conn
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2"
+            ))
+            .map_err(internal)?
+            .query_row(params![sql(m.sender_id), m.client_msg_id], message_from_row)
+            .map_err(internal)?;
+        let members = match state.conversation(conn, original.conversation_id)? {
+            Some(c) => c.members.clone(),
+            None => Arc::new(Vec::new()),
+        };
         return Ok(Appended {
             message: Arc::new(original),
             duplicate: true,
-            members,
+            members: members.to_vec(),
         });
     }
-    let is_member: bool = conn
-        .prepare_cached(
-            "SELECT EXISTS(SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2)",
-        )
-        .map_err(internal)?
-        .query_row(params![sql(m.conversation_id), sql(m.sender_id)], |r| {
-            r.get(0)
-        })
-        .map_err(internal)?;
-    if !is_member {
-        return Err(StoreError::NotAMember);
-    }
-    let seq: i64 = conn
-        .prepare_cached(
-            "UPDATE conversations SET last_seq = last_seq + 1, last_activity_ms = ?2
-             WHERE id = ?1 RETURNING last_seq",
-        )
-        .map_err(internal)?
-        .query_row(params![sql(m.conversation_id), m.now_ms], |r| r.get(0))
-        .map_err(internal)?;
-    let message_id = state.next_message_id;
     conn.prepare_cached(
-        "INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "UPDATE conversations SET last_seq = ?2, last_activity_ms = ?3 WHERE id = ?1",
     )
     .map_err(internal)?
-    .execute(params![
-        sql(m.conversation_id),
-        seq,
-        sql(message_id),
-        sql(m.sender_id),
-        m.client_msg_id,
-        m.message_type as i32,
-        m.now_ms,
-        m.text,
-    ])
+    .execute(params![sql(m.conversation_id), sql(seq), m.now_ms])
     .map_err(internal)?;
     state.next_message_id += 1;
+    if let Some(c) = state.conversations.get_mut(&m.conversation_id) {
+        c.last_seq = seq;
+    }
     // A sender who had received everything before their own message has,
     // trivially, received and seen their own message too. Moving the
     // watermarks only in that case never claims a delivery that did not
@@ -429,16 +503,15 @@ fn append_one(
         "UPDATE members SET
            delivered_seq = CASE WHEN delivered_seq = ?3 - 1 THEN ?3 ELSE delivered_seq END,
            seen_seq = CASE WHEN seen_seq = ?3 - 1 THEN ?3 ELSE seen_seq END
-         WHERE conversation_id = ?1 AND user_id = ?2",
+         WHERE conversation_id = ?1 AND user_id = ?2 AND (delivered_seq = ?3 - 1 OR seen_seq = ?3 - 1)",
     )
     .map_err(internal)?
-    .execute(params![sql(m.conversation_id), sql(m.sender_id), seq])
+    .execute(params![sql(m.conversation_id), sql(m.sender_id), sql(seq)])
     .map_err(internal)?;
-    let members = members_of(conn, m.conversation_id).map_err(internal)?;
     Ok(Appended {
         message: Arc::new(proto::Message {
             conversation_id: m.conversation_id,
-            seq: seq as u64,
+            seq,
             message_id,
             sender_id: m.sender_id,
             client_msg_id: m.client_msg_id,
@@ -447,7 +520,7 @@ fn append_one(
             text: m.text,
         }),
         duplicate: false,
-        members,
+        members: members.to_vec(),
     })
 }
 
@@ -790,21 +863,17 @@ impl HistoryStore for SqliteStore {
         &self,
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
-        // One job for the whole batch: one transaction, one fsync. Each
-        // message still gets its own savepoint so that one refusal does not
-        // undo the rest.
+        // One job for the whole batch: one transaction, one fsync. A refused
+        // message writes nothing (membership is checked first), so it does
+        // not undo the rest.
         self.call(move |conn, state| {
             let mut results = Vec::with_capacity(batch.len());
             for m in batch {
-                conn.execute_batch("SAVEPOINT msg").map_err(internal)?;
-                let before = state.next_message_id;
                 let result = append_one(conn, state, m);
-                if result.is_ok() {
-                    conn.execute_batch("RELEASE msg").map_err(internal)?;
-                } else {
-                    state.next_message_id = before;
-                    conn.execute_batch("ROLLBACK TO msg; RELEASE msg")
-                        .map_err(internal)?;
+                match &result {
+                    // A refused message wrote nothing; the batch goes on.
+                    Ok(_) | Err(StoreError::NotAMember) => {}
+                    Err(e) => return Err(clone_err(e)),
                 }
                 results.push(result);
             }
@@ -954,33 +1023,37 @@ impl HistoryStore for SqliteStore {
         &self,
         updates: Vec<WatermarkUpdate>,
     ) -> Result<Vec<WatermarkMoved>, StoreError> {
-        self.call(move |conn, _| {
+        self.call(move |conn, state| {
             let mut moved: Vec<WatermarkMoved> = Vec::new();
             for u in updates {
-                let column_sql = match u.kind {
+                // Clamp to the last seq (cached), and skip non-members
+                // without a query.
+                let (members, target) = match state.conversation(conn, u.conversation_id)? {
+                    Some(c) if c.members.contains(&u.user_id) => {
+                        (c.members.clone(), u.seq.min(c.last_seq))
+                    }
+                    _ => continue,
+                };
+                let statement = match u.kind {
                     // Seen implies delivered.
                     WatermarkKind::Seen => {
-                        "UPDATE members SET
-                           seen_seq = MAX(seen_seq, MIN(?3, (SELECT last_seq FROM conversations WHERE id = ?1))),
-                           delivered_seq = MAX(delivered_seq, MIN(?3, (SELECT last_seq FROM conversations WHERE id = ?1)))
-                         WHERE conversation_id = ?1 AND user_id = ?2
-                           AND seen_seq < MIN(?3, (SELECT last_seq FROM conversations WHERE id = ?1))
+                        "UPDATE members SET seen_seq = ?3, delivered_seq = MAX(delivered_seq, ?3)
+                         WHERE conversation_id = ?1 AND user_id = ?2 AND seen_seq < ?3
                          RETURNING delivered_seq, seen_seq"
                     }
                     WatermarkKind::Delivered => {
-                        "UPDATE members SET
-                           delivered_seq = MIN(?3, (SELECT last_seq FROM conversations WHERE id = ?1))
-                         WHERE conversation_id = ?1 AND user_id = ?2
-                           AND delivered_seq < MIN(?3, (SELECT last_seq FROM conversations WHERE id = ?1))
+                        "UPDATE members SET delivered_seq = ?3
+                         WHERE conversation_id = ?1 AND user_id = ?2 AND delivered_seq < ?3
                          RETURNING delivered_seq, seen_seq"
                     }
                 };
                 let row = conn
-                    .prepare_cached(column_sql)
+                    .prepare_cached(statement)
                     .map_err(internal)?
-                    .query_row(params![sql(u.conversation_id), sql(u.user_id), sql(u.seq)], |r| {
-                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-                    })
+                    .query_row(
+                        params![sql(u.conversation_id), sql(u.user_id), sql(target)],
+                        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+                    )
                     .optional()
                     .map_err(internal)?;
                 let Some((delivered_seq, seen_seq)) = row else {
@@ -998,7 +1071,7 @@ impl HistoryStore for SqliteStore {
                         user_id: u.user_id,
                         delivered_seq,
                         seen_seq,
-                        members: members_of(conn, u.conversation_id).map_err(internal)?,
+                        members: members.to_vec(),
                     });
                 }
             }
