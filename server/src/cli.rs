@@ -67,6 +67,9 @@ struct Overrides {
     /// Postgres connections in the pool.
     #[arg(long, env = "CHAT_POSTGRES_POOL_SIZE")]
     postgres_pool_size: Option<usize>,
+    /// Postgres schema for the tables (created if missing).
+    #[arg(long, env = "CHAT_POSTGRES_SCHEMA")]
+    postgres_schema: Option<String>,
     /// PEM certificate chain (production).
     #[arg(long, env = "CHAT_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -134,6 +137,9 @@ impl Overrides {
             c.postgres_url = self.postgres_url;
         }
         set(&mut c.postgres_pool_size, self.postgres_pool_size);
+        if self.postgres_schema.is_some() {
+            c.postgres_schema = self.postgres_schema;
+        }
         if self.tls_cert.is_some() {
             c.tls.tls_cert = self.tls_cert;
         }

@@ -37,6 +37,10 @@ pub struct Config {
     pub postgres_url: Option<String>,
     /// Postgres connections in the pool.
     pub postgres_pool_size: usize,
+    /// Postgres schema to keep the tables in (created if missing). Unset:
+    /// the URL's default `search_path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres_schema: Option<String>,
     /// TLS certificate and key.
     pub tls: TlsConfig,
     /// Per-user and per-frame limits.
@@ -125,6 +129,7 @@ impl Default for Config {
             redis_prefix: "chat:".into(),
             postgres_url: None,
             postgres_pool_size: 16,
+            postgres_schema: None,
             tls: TlsConfig::default(),
             limits: Limits::default(),
             transport: Transport::default(),

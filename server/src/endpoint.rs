@@ -17,6 +17,7 @@ use crate::delivery::{Delivery, DeliveryTasks};
 use crate::hub::Hub;
 use crate::presence::Presence;
 use crate::session;
+use crate::store::postgres::PostgresStore;
 use crate::store::presence::{MemoryPresenceStore, PresenceStore};
 use crate::store::recent::{DEFAULT_MAX_CONVERSATIONS, MemoryRecentCache};
 use crate::store::redis::RedisStore;
@@ -194,10 +195,15 @@ impl Stores {
     /// cannot be reached fails start-up with an error naming it.
     async fn open(config: &Config) -> Result<Stores, ServerError> {
         let history: Arc<dyn HistoryStore> = match &config.postgres_url {
-            Some(_) => {
-                return Err(ServerError::Backend(
-                    "postgres-url is set but this build has no Postgres backend yet".into(),
-                ));
+            Some(url) => {
+                let size = config.postgres_pool_size;
+                let store = match &config.postgres_schema {
+                    Some(schema) => PostgresStore::connect_with_schema(url, schema, size).await,
+                    None => PostgresStore::connect(url, size).await,
+                }
+                .map_err(|e| ServerError::Backend(format!("postgres: {e}")))?;
+                tracing::info!(target = store.target(), "postgres connected");
+                Arc::new(store)
             }
             None => Arc::new(SqliteStore::open(&config.data_dir)?),
         };

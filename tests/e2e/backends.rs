@@ -8,6 +8,7 @@ use chat_client::{Client, HistoryDirection};
 use chat_server::{Config, Server, ServerError};
 
 use crate::harness::*;
+use chat_server::store::postgres;
 
 #[tokio::test]
 async fn a_flushed_redis_loses_nothing() {
@@ -116,10 +117,11 @@ async fn a_redis_outage_keeps_sends_durable_and_recovers() {
     let Some(redis) = OwnRedis::start(port).await else {
         return;
     };
-    let backend = Backend::Production {
+    let backend = Backend::Production(Production {
         redis_url: redis.url(),
         redis_prefix: "outage:".into(),
-    };
+        postgres: None,
+    });
     let server = TestServer::start_on_with(backend, |c| {
         c.limits.heartbeat_interval = Duration::from_millis(200);
     })
@@ -194,4 +196,82 @@ async fn an_unreachable_backend_fails_start_with_a_clear_error() {
     );
     assert!(!text.contains("secret"), "no password in errors: {text}");
     assert!(started.elapsed() < WAIT, "bounded connect timeout");
+}
+
+#[tokio::test]
+async fn a_postgres_outage_loses_nothing_and_heals_without_a_restart() {
+    let Some(backend) = Backend::production().await else {
+        return;
+    };
+    let schema = backend
+        .postgres_schema()
+        .expect("postgres backend")
+        .to_string();
+    let server = TestServer::start_on(backend.clone()).await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+
+    // Send a burst while repeatedly killing the server's Postgres
+    // connections. Sends caught by a kill get UNAVAILABLE; client-lib
+    // retries them with the same client_msg_id.
+    const N: usize = 60;
+    let sender = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let mut acks = Vec::new();
+            for i in 0..N {
+                acks.push(
+                    alice
+                        .send_text(conversation, &format!("m{i}"))
+                        .await
+                        .expect("acked in the end"),
+                );
+            }
+            acks
+        })
+    };
+    let admin = postgres::testing::admin().await.expect("admin connection");
+    let mut killed = 0;
+    for _ in 0..10 {
+        let rows = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                &[&format!("chat-server {schema}")],
+            )
+            .await
+            .expect("terminate backends");
+        killed += rows.len();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(killed > 0, "the test must actually kill connections");
+    let acks = tokio::time::timeout(WAIT * 2, sender)
+        .await
+        .expect("sends finish")
+        .unwrap();
+    let mut seqs: Vec<u64> = acks.iter().map(|a| a.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=N as u64).collect::<Vec<_>>(),
+        "each message stored once"
+    );
+
+    let got = messages(&mut bob_events, N).await;
+    assert_eq!(
+        got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=N as u64).collect::<Vec<_>>()
+    );
+    assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+    // Healed without a restart: new work goes through.
+    let after = alice
+        .send_text(conversation, "after the outage")
+        .await
+        .unwrap();
+    assert_eq!(after.seq, N as u64 + 1);
+    let page = bob
+        .history(conversation, HistoryDirection::Forward, 0, 200)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), N + 1);
 }

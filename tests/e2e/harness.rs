@@ -33,72 +33,106 @@ pub fn init_tracing() {
 pub enum Backend {
     /// SQLite file and in-process presence / cache: the quick-start default.
     Embedded,
-    /// Redis (own key prefix) for presence, queues and the recent cache.
-    Production {
-        redis_url: String,
-        redis_prefix: String,
-    },
+    /// Redis and (usually) Postgres, each test in its own key prefix and
+    /// schema.
+    Production(Production),
+}
+
+/// Where a production-backend test server keeps its data.
+#[derive(Debug, Clone)]
+pub struct Production {
+    pub redis_url: String,
+    pub redis_prefix: String,
+    /// `None`: history stays in SQLite (used by tests that run their own
+    /// Redis).
+    pub postgres: Option<(String, String)>,
 }
 
 impl Backend {
-    /// The production backends, if reachable. Prints a SKIPPED line and
-    /// returns `None` when they are not, unless `CHAT_REQUIRE_BACKENDS=1`
-    /// (CI), in which case it panics.
+    /// Redis + Postgres, if reachable. Prints a SKIPPED line and returns
+    /// `None` when they are not, unless `CHAT_REQUIRE_BACKENDS=1` (CI), in
+    /// which case it panics.
     pub async fn production() -> Option<Backend> {
-        use chat_server::store::redis::testing;
-        let store = testing::connect("e2e").await?;
-        Some(Backend::Production {
-            redis_url: testing::url(),
+        use chat_server::store::{postgres, redis};
+        let store = redis::testing::connect("e2e").await?;
+        let url = postgres::testing::url();
+        if let Err(e) = postgres::testing::admin().await {
+            assert!(
+                !redis::testing::required(),
+                "postgres required (CHAT_REQUIRE_BACKENDS=1) but {e}"
+            );
+            println!("SKIPPED: {e} at {url} (set CHAT_TEST_POSTGRES_URL)");
+            return None;
+        }
+        Some(Backend::Production(Production {
+            redis_url: redis::testing::url(),
             redis_prefix: store.prefix().to_string(),
-        })
+            postgres: Some((url, postgres::testing::fresh_schema())),
+        }))
     }
 
     fn apply(&self, config: &mut Config) {
-        if let Backend::Production {
-            redis_url,
-            redis_prefix,
-        } = self
-        {
-            config.redis_url = Some(redis_url.clone());
-            config.redis_prefix = redis_prefix.clone();
+        if let Backend::Production(p) = self {
+            config.redis_url = Some(p.redis_url.clone());
+            config.redis_prefix = p.redis_prefix.clone();
+            if let Some((url, schema)) = &p.postgres {
+                config.postgres_url = Some(url.clone());
+                config.postgres_schema = Some(schema.clone());
+                config.postgres_pool_size = 4;
+            }
         }
     }
 
     fn args(&self) -> Vec<String> {
+        let Backend::Production(p) = self else {
+            return Vec::new();
+        };
+        let mut args = vec![
+            "--redis-url".to_string(),
+            p.redis_url.clone(),
+            "--redis-prefix".into(),
+            p.redis_prefix.clone(),
+        ];
+        if let Some((url, schema)) = &p.postgres {
+            args.extend([
+                "--postgres-url".into(),
+                url.clone(),
+                "--postgres-schema".into(),
+                schema.clone(),
+            ]);
+            args.extend(["--postgres-pool-size".into(), "4".into()]);
+        }
+        args
+    }
+
+    /// The Postgres schema, if this backend has one.
+    pub fn postgres_schema(&self) -> Option<&str> {
         match self {
-            Backend::Embedded => Vec::new(),
-            Backend::Production {
-                redis_url,
-                redis_prefix,
-            } => vec![
-                "--redis-url".into(),
-                redis_url.clone(),
-                "--redis-prefix".into(),
-                redis_prefix.clone(),
-            ],
+            Backend::Production(Production {
+                postgres: Some((_, schema)),
+                ..
+            }) => Some(schema),
+            _ => None,
         }
     }
 
-    /// Deletes what this backend stored outside the process (Redis keys).
-    /// Blocking, so it can run from `Drop`.
-    fn clean_up(&self) {
-        let Backend::Production {
-            redis_url,
-            redis_prefix,
-        } = self
-        else {
-            return;
-        };
-        let (url, prefix) = (redis_url.clone(), redis_prefix.clone());
+    /// Deletes what this backend stored outside the process (Redis keys,
+    /// the Postgres schema). Blocking, so it can run from `Drop`.
+    pub fn clean_up(&self) {
+        let Backend::Production(p) = self else { return };
+        let p = p.clone();
         let cleaner = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             runtime.block_on(async {
-                use chat_server::store::redis::{RedisStore, testing};
-                if let Ok(store) = RedisStore::connect(&url, &prefix).await {
-                    testing::delete_prefix(&store, &prefix).await;
+                use chat_server::store::{postgres, redis};
+                if let Ok(store) = redis::RedisStore::connect(&p.redis_url, &p.redis_prefix).await {
+                    redis::testing::delete_prefix(&store, &p.redis_prefix).await;
+                }
+                if let Some((_, schema)) = &p.postgres {
+                    let _ = postgres::testing::drop_schema(schema).await;
                 }
             });
         });
@@ -108,18 +142,12 @@ impl Backend {
     /// Empties this backend's Redis keys, as a Redis restart (it keeps
     /// nothing on disk) or FLUSHALL would, without touching other tests.
     pub async fn flush_redis(&self) {
-        let Backend::Production {
-            redis_url,
-            redis_prefix,
-        } = self
-        else {
-            return;
-        };
+        let Backend::Production(p) = self else { return };
         use chat_server::store::redis::{RedisStore, testing};
-        let store = RedisStore::connect(redis_url, redis_prefix)
+        let store = RedisStore::connect(&p.redis_url, &p.redis_prefix)
             .await
             .expect("redis");
-        testing::delete_prefix(&store, redis_prefix).await;
+        testing::delete_prefix(&store, &p.redis_prefix).await;
     }
 }
 

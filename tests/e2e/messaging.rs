@@ -267,7 +267,7 @@ each_backend! {
             .unwrap();
         assert_eq!(page.messages.len(), 50);
         server.kill().await;
-        backend.flush_redis().await;
+        backend.clean_up();
     }
 
     async fn a_dropped_connection_mid_burst_loses_and_duplicates_nothing(backend: Backend) {

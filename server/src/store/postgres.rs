@@ -1569,6 +1569,57 @@ fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> 
     })
 }
 
+/// Helpers for tests that need a real Postgres: the URL, unique schemas
+/// and clean-up. Public so the end-to-end harness follows the same rules.
+pub mod testing {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio_postgres::NoTls;
+
+    /// Where tests find Postgres unless `CHAT_TEST_POSTGRES_URL` says
+    /// otherwise (trust authentication, no password).
+    pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+    /// `CHAT_TEST_POSTGRES_URL` or [`DEFAULT_URL`].
+    pub fn url() -> String {
+        std::env::var("CHAT_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+    }
+
+    /// A schema name no other test, run or process uses.
+    pub fn fresh_schema() -> String {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        format!(
+            "chat_test_{}_{}_{:08x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        )
+    }
+
+    /// A plain connection outside any store, for setup and inspection.
+    pub async fn admin() -> Result<tokio_postgres::Client, String> {
+        let url = url();
+        let connect = tokio_postgres::connect(&url, NoTls);
+        let (client, connection) = tokio::time::timeout(super::CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| "postgres: connect timed out".to_string())?
+            .map_err(|e| format!("postgres: {e}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// Drops a test schema with everything in it.
+    pub async fn drop_schema(schema: &str) -> Result<(), String> {
+        admin()
+            .await?
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .await
+            .map_err(|e| format!("drop schema {schema}: {e}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write as _;
@@ -1582,9 +1633,6 @@ mod tests {
     use super::*;
     use crate::store::sqlite::SqliteStore;
 
-    /// Where tests find Postgres unless `CHAT_TEST_POSTGRES_URL` says
-    /// otherwise (trust authentication, no password).
-    const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
     /// Small, so that many parallel tests stay far below `max_connections`.
     const TEST_POOL_SIZE: usize = 4;
     /// Generous: the machine may be busy with other builds.
@@ -1593,7 +1641,7 @@ mod tests {
     crate::history_store_conformance!(|_dir: PathBuf| new_store(), drop_store);
 
     fn test_url() -> String {
-        std::env::var("CHAT_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_TEST_URL.to_owned())
+        testing::url()
     }
 
     /// Whether the test server answers; asked once per test binary.
@@ -1636,15 +1684,8 @@ mod tests {
         false
     }
 
-    /// A schema name no other test, run or process uses.
     fn fresh_schema() -> String {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        format!(
-            "chat_test_{}_{}_{:08x}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        )
+        testing::fresh_schema()
     }
 
     /// A store in a fresh schema, or `None` when the test is skipped.
@@ -1673,22 +1714,14 @@ mod tests {
     }
 
     async fn drop_schema(schema: &str) {
-        admin()
-            .await
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        testing::drop_schema(schema)
             .await
             .expect("drop the test schema");
     }
 
     /// A plain connection outside any store, for setup and inspection.
     async fn admin() -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&test_url(), NoTls)
-            .await
-            .expect("admin connection");
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        client
+        testing::admin().await.expect("admin connection")
     }
 
     /// Runs `check` on a fresh store in its own task, then drops the
@@ -1808,7 +1841,7 @@ mod tests {
             "chat;drop",
             &"x".repeat(64),
         ] {
-            let result = PostgresStore::connect_with_schema(DEFAULT_TEST_URL, bad, 1).await;
+            let result = PostgresStore::connect_with_schema(testing::DEFAULT_URL, bad, 1).await;
             assert!(matches!(result, Err(StoreError::Internal(_))), "{bad:?}");
         }
     }
