@@ -216,6 +216,13 @@ async fn mark_committer(
     while rx.recv_many(&mut jobs, MAX_MARK_BATCH).await > 0 {
         let updates = coalesce(jobs.iter().map(|j| j.update));
         let result = store.advance_watermarks(updates).await;
+        let moved_keys: std::collections::HashSet<(u64, UserId)> = match &result {
+            Ok(moved) => moved
+                .iter()
+                .map(|m| (m.conversation_id, m.user_id))
+                .collect(),
+            Err(_) => Default::default(),
+        };
         let reply_body = match result {
             Ok(moved) => {
                 let mut acks = Vec::with_capacity(moved.len());
@@ -243,13 +250,27 @@ async fn mark_committer(
             Err(e) => Err(Refusal::from(e)),
         };
         for job in jobs.drain(..) {
-            if let Some((request_id, session)) = job.reply {
-                let frame = match &reply_body {
-                    Ok(()) => Frame::new(request_id, Body::Ok(proto::Ok {})),
-                    Err(refusal) => refusal.to_frame(request_id),
-                };
-                session.push(StreamKind::Receipts, Outbound::frame(&frame));
-            }
+            let Some((request_id, session)) = job.reply else {
+                continue;
+            };
+            let u = job.update;
+            let frame = match &reply_body {
+                Err(refusal) => refusal.to_frame(request_id),
+                Ok(()) if moved_keys.contains(&(u.conversation_id, u.user_id)) => {
+                    Frame::new(request_id, Body::Ok(proto::Ok {}))
+                }
+                // Nothing moved: an old mark from a member (fine), or a
+                // non-member (refused). Only this rare case asks the store.
+                Ok(()) => match store.is_member(u.conversation_id, u.user_id).await {
+                    Ok(true) => Frame::new(request_id, Body::Ok(proto::Ok {})),
+                    Ok(false) => {
+                        Refusal::new(ErrorCode::NotAMember, "not a member of this conversation")
+                            .to_frame(request_id)
+                    }
+                    Err(e) => Refusal::from(e).to_frame(request_id),
+                },
+            };
+            session.push(StreamKind::Receipts, Outbound::frame(&frame));
         }
     }
 }

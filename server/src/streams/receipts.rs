@@ -43,31 +43,17 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                     kind: WatermarkKind::Seen,
                     seq: mark.seq,
                 };
-                // Membership is enforced by the store: a non-member's
-                // update matches no row and moves nothing. Answer the
-                // refusal explicitly so the client knows.
-                match session
+                // Membership is checked by the watermark committer, and
+                // only when the mark moved nothing (a legitimate client's
+                // marks usually move): no extra store call per mark.
+                session
                     .shared
-                    .store
-                    .is_member(mark.conversation_id, authed.user_id)
+                    .delivery
+                    .mark(MarkJob {
+                        update,
+                        reply: Some((request_id, handle.clone())),
+                    })
                     .await
-                {
-                    Ok(true) => {
-                        session
-                            .shared
-                            .delivery
-                            .mark(MarkJob {
-                                update,
-                                reply: Some((request_id, handle.clone())),
-                            })
-                            .await
-                    }
-                    Ok(false) => Err(Refusal::new(
-                        ErrorCode::NotAMember,
-                        "not a member of this conversation",
-                    )),
-                    Err(e) => Err(e.into()),
-                }
             }
             Some(other) => Err(Refusal::new(
                 ErrorCode::UnexpectedFrame,
