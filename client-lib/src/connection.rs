@@ -12,6 +12,9 @@ use tokio::sync::mpsc;
 use crate::client::{Event, Inner};
 use crate::error::ClientError;
 
+/// How long delivery acks wait to be coalesced.
+const ACK_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Most queued frames written at once.
 const MAX_COALESCE: usize = 128;
 
@@ -214,6 +217,13 @@ async fn ack_loop(
     let mut batch = Vec::with_capacity(64);
     let mut highest: HashMap<u64, u64> = HashMap::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
+        // Acks are not urgent (the server only moves a watermark): wait a
+        // moment so a burst of deliveries costs one ack per conversation
+        // and one packet, not one each.
+        tokio::time::sleep(ACK_LINGER).await;
+        while let Ok(item) = rx.try_recv() {
+            batch.push(item);
+        }
         for (conversation_id, seq) in batch.drain(..) {
             let entry = highest.entry(conversation_id).or_insert(0);
             *entry = (*entry).max(seq);

@@ -107,11 +107,14 @@ pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
 
 /// Drains `rx` into `send`, coalescing queued frames, until the channel
 /// closes or the stream fails. `filter` may drop frames (used by the
-/// messages writer after catch-up).
+/// messages writer after catch-up). With `linger`, the writer waits that
+/// long after the first frame of a burst for more to share its packets
+/// (receipts: nobody waits on them, and they come in bursts).
 pub async fn write_loop(
     conn: &quinn::Connection,
     send: &mut SendStream,
     rx: &mut mpsc::Receiver<Outbound>,
+    linger: Option<Duration>,
     mut filter: impl FnMut(&Outbound) -> bool,
 ) {
     let mut batch: Vec<Outbound> = Vec::with_capacity(8);
@@ -127,6 +130,17 @@ pub async fn write_loop(
         if received == 0 {
             let _ = send.finish();
             return;
+        }
+        if let Some(linger) = linger {
+            if batch.iter().all(|o| o.close_after.is_none()) && batch.len() < MAX_COALESCE {
+                tokio::time::sleep(linger).await;
+                while batch.len() < MAX_COALESCE {
+                    match rx.try_recv() {
+                        Ok(out) => batch.push(out),
+                        Err(_) => break,
+                    }
+                }
+            }
         }
         let mut close_code = None;
         for out in batch.drain(..) {

@@ -35,7 +35,9 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
     };
     let writer = {
         let conn = session.conn.clone();
-        tokio::spawn(async move { wire::write_loop(&conn, &mut send, &mut queue, |_| true).await })
+        tokio::spawn(
+            async move { wire::write_loop(&conn, &mut send, &mut queue, None, |_| true).await },
+        )
     };
     let handle = authed.handle.clone();
     loop {

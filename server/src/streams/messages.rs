@@ -155,8 +155,12 @@ async fn writer(
         return;
     };
     let mut sent = sent;
-    wire::write_loop(&session.conn, &mut send, &mut queue, |out| {
-        match out.deliver {
+    wire::write_loop(
+        &session.conn,
+        &mut send,
+        &mut queue,
+        None,
+        |out| match out.deliver {
             Some((conversation, seq)) if !sent.is_empty() => match sent.get(&conversation) {
                 Some(&last) if seq <= last => false,
                 _ => {
@@ -165,8 +169,8 @@ async fn writer(
                 }
             },
             _ => true,
-        }
-    })
+        },
+    )
     .await;
 }
 
