@@ -84,8 +84,8 @@ impl PresenceStore for MemoryPresenceStore {
     }
 }
 
-/// Conformance checks every [`PresenceStore`] passes. The store must read
-/// time from `tokio::time` (tests pause and advance it).
+/// Conformance checks every [`PresenceStore`] passes (in process and
+/// Redis). Expiry runs on real time with short TTLs and is polled for.
 #[cfg(test)]
 pub(crate) mod conformance {
     use super::*;
@@ -99,27 +99,42 @@ pub(crate) mod conformance {
 
     /// Refresh, lookup, expiry and node-scoped removal.
     pub(crate) async fn refresh_expire_remove(store: &impl PresenceStore) {
-        let ttl = Duration::from_secs(30);
+        let long = Duration::from_secs(60);
+        let short = Duration::from_millis(300);
         assert_eq!(store.online(vec![1, 2]).await.unwrap(), vec![None, None]);
-        store.refresh(1, rec("node-a", 100), ttl).await.unwrap();
-        store.refresh(2, rec("node-b", 200), ttl).await.unwrap();
+        assert!(store.online(vec![]).await.unwrap().is_empty());
+        store.refresh(1, rec("node-a", 100), long).await.unwrap();
+        store.refresh(2, rec("node-b", 200), long).await.unwrap();
         assert_eq!(
             store.online(vec![2, 3, 1]).await.unwrap(),
             vec![Some(rec("node-b", 200)), None, Some(rec("node-a", 100))]
         );
-        // A refresh moves the expiry and the activity time.
-        tokio::time::advance(Duration::from_secs(20)).await;
-        store.refresh(1, rec("node-a", 300), ttl).await.unwrap();
-        tokio::time::advance(Duration::from_secs(20)).await;
+        // A refresh moves the activity time (and the expiry).
+        store.refresh(1, rec("node-a", 300), long).await.unwrap();
         assert_eq!(
-            store.online(vec![1, 2]).await.unwrap(),
-            vec![Some(rec("node-a", 300)), None]
+            store.online(vec![1]).await.unwrap(),
+            vec![Some(rec("node-a", 300))]
         );
+        // A record that is not refreshed expires; the others stay.
+        store.refresh(3, rec("node-a", 400), short).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while store.online(vec![3]).await.unwrap()[0].is_some() {
+            assert!(Instant::now() < deadline, "the record never expired");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(store.online(vec![1]).await.unwrap()[0].is_some());
         // Removal only by the owning node.
         store.remove(1, "node-b".into()).await.unwrap();
         assert!(store.online(vec![1]).await.unwrap()[0].is_some());
         store.remove(1, "node-a".into()).await.unwrap();
         assert_eq!(store.online(vec![1]).await.unwrap(), vec![None]);
+        // Another node taking the user over replaces the record.
+        store.refresh(2, rec("node-c", 500), long).await.unwrap();
+        store.remove(2, "node-b".into()).await.unwrap();
+        assert_eq!(
+            store.online(vec![2]).await.unwrap(),
+            vec![Some(rec("node-c", 500))]
+        );
     }
 }
 
@@ -127,7 +142,7 @@ pub(crate) mod conformance {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn memory_store_conformance() {
         conformance::refresh_expire_remove(&MemoryPresenceStore::default()).await;
     }

@@ -133,6 +133,65 @@ pub fn page_from_run(run: &[Arc<proto::Message>], before: u64, limit: u32) -> Op
     Some(Page { messages, has_more })
 }
 
+/// Conformance checks every [`RecentCache`] passes (in process and Redis).
+/// A cache may always miss (`None`); when it answers, the page must be what
+/// history would return.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+
+    fn msg(conversation_id: u64, seq: u64) -> Arc<proto::Message> {
+        Arc::new(proto::Message {
+            conversation_id,
+            seq,
+            message_id: conversation_id * 1_000 + seq,
+            text: format!("m{seq}"),
+            ..Default::default()
+        })
+    }
+
+    fn seqs(page: &Page) -> Vec<u64> {
+        page.messages.iter().map(|m| m.seq).collect()
+    }
+
+    /// Capped runs, exact pages, misses rather than short pages, gaps.
+    pub(crate) async fn pages_like_history(cache: &impl RecentCache) {
+        let run: Vec<_> = (1..=60).map(|seq| msg(3, seq)).collect();
+        cache.push(&run[..30]).await;
+        cache.push(&run[30..]).await;
+        let page = cache
+            .page_before(3, 0, 10)
+            .await
+            .expect("the newest page is cached");
+        assert_eq!(seqs(&page), (51..=60).collect::<Vec<_>>());
+        assert!(page.has_more);
+        assert_eq!(page.messages[9].text, "m60");
+        let page = cache.page_before(3, 31, 10).await.expect("within the cap");
+        assert_eq!(seqs(&page), (21..=30).collect::<Vec<_>>());
+        // At most PER_CONVERSATION are kept: older pages miss, never shrink.
+        assert!(cache.page_before(3, 5, 10).await.is_none());
+        assert!(cache.page_before(3, 0, 51).await.is_none());
+        // Unknown conversations miss.
+        assert!(cache.page_before(4, 0, 10).await.is_none());
+        // A young conversation is answered whole.
+        cache.push(&[msg(5, 1), msg(5, 2)]).await;
+        let page = cache
+            .page_before(5, 0, 50)
+            .await
+            .expect("whole conversation");
+        assert_eq!(seqs(&page), vec![1, 2]);
+        assert!(!page.has_more);
+        // After a gap (a lost push), nothing older than the gap is served.
+        cache.push(&[msg(5, 4)]).await;
+        if let Some(page) = cache.page_before(5, 0, 2).await {
+            panic!("a page across a gap: {:?}", seqs(&page));
+        }
+        if let Some(page) = cache.page_before(5, 0, 1).await {
+            assert_eq!(seqs(&page), vec![4]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +215,11 @@ mod tests {
     ) {
         let messages: Vec<_> = seqs.into_iter().map(|s| msg(conversation, s)).collect();
         cache.push(&messages).await;
+    }
+
+    #[tokio::test]
+    async fn memory_cache_conformance() {
+        conformance::pages_like_history(&MemoryRecentCache::new(10)).await;
     }
 
     #[tokio::test]

@@ -401,42 +401,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn presence_records_expire_and_belong_to_a_node() {
+    async fn presence_store_conformance() {
         let Some(store) = connect("presence").await else {
             return;
         };
-        let rec = |node: &str, ms| OnlineRecord {
-            node: node.into(),
-            last_active_ms: ms,
-        };
-        store
-            .refresh(1, rec("node-a", 100), Duration::from_millis(300))
-            .await
-            .unwrap();
-        store
-            .refresh(2, rec("node-b", 200), Duration::from_secs(60))
-            .await
-            .unwrap();
-        assert_eq!(
-            store.online(vec![1, 2, 3]).await.unwrap(),
-            vec![Some(rec("node-a", 100)), Some(rec("node-b", 200)), None]
-        );
-        // Expiry is Redis's clock: poll until it happens.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while store.online(vec![1]).await.unwrap()[0].is_some() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "record never expired"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        store.remove(2, "node-a".into()).await.unwrap();
-        assert!(
-            store.online(vec![2]).await.unwrap()[0].is_some(),
-            "other node's record stays"
-        );
-        store.remove(2, "node-b".into()).await.unwrap();
-        assert_eq!(store.online(vec![2]).await.unwrap(), vec![None]);
+        crate::store::presence::conformance::refresh_expire_remove(&store).await;
         delete_prefix(&store, store.prefix()).await;
     }
 
@@ -485,26 +454,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn recent_cache_is_capped_and_answers_like_history() {
+    async fn recent_cache_conformance() {
         let Some(store) = connect("recent").await else {
             return;
         };
-        let run: Vec<_> = (1..=60).map(|seq| message(3, seq)).collect();
-        RecentCache::push(&store, &run[..30]).await;
-        RecentCache::push(&store, &run[30..]).await;
-        let page = store.page_before(3, 0, 10).await.unwrap();
-        assert_eq!(
-            seqs(&page.messages),
-            (51..=60).map(|s| (3, s)).collect::<Vec<_>>()
-        );
-        assert!(page.has_more);
-        // Capped at PER_CONVERSATION: 11..=60 kept, so 1..=10 is a miss.
-        assert!(store.page_before(3, 11, 10).await.is_none());
-        assert_eq!(
-            store.page_before(3, 21, 10).await.unwrap().messages.len(),
-            10
-        );
-        assert!(store.page_before(4, 0, 10).await.is_none());
+        crate::store::recent::conformance::pages_like_history(&store).await;
         delete_prefix(&store, store.prefix()).await;
     }
 
