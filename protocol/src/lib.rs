@@ -103,6 +103,15 @@ impl Body {
             Body::PresenceSnapshot(_) => "presence_snapshot",
             Body::PresenceUpdate(_) => "presence_update",
             Body::SetPresenceVisibility(_) => "set_presence_visibility",
+            Body::CreateGroup(_) => "create_group",
+            Body::RenameGroup(_) => "rename_group",
+            Body::AddMembers(_) => "add_members",
+            Body::RemoveMember(_) => "remove_member",
+            Body::LeaveGroup(_) => "leave_group",
+            Body::SetAdmin(_) => "set_admin",
+            Body::GetConversation(_) => "get_conversation",
+            Body::GetMessageReceipts(_) => "get_message_receipts",
+            Body::MessageReceipts(_) => "message_receipts",
         }
     }
 }

@@ -91,6 +91,9 @@ struct Overrides {
     /// Friends per user.
     #[arg(long, env = "CHAT_MAX_FRIENDS")]
     max_friends: Option<u64>,
+    /// Members per group.
+    #[arg(long, env = "CHAT_MAX_GROUP_SIZE")]
+    max_group_size: Option<usize>,
     /// Client heartbeat interval, e.g. 15s.
     #[arg(long, env = "CHAT_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -151,6 +154,7 @@ impl Overrides {
         set(&mut c.limits.session_ttl, self.session_ttl);
         set(&mut c.limits.auth_timeout, self.auth_timeout);
         set(&mut c.limits.max_friends, self.max_friends);
+        set(&mut c.limits.max_group_size, self.max_group_size);
         set(&mut c.limits.heartbeat_interval, self.heartbeat_interval);
         set(
             &mut c.limits.presence_ttl_multiple,

@@ -90,6 +90,8 @@ pub struct Limits {
     pub presence_ttl_multiple: u32,
     /// Users one connection may watch the presence of.
     pub max_presence_subscriptions: usize,
+    /// Members per group.
+    pub max_group_size: usize,
 }
 
 /// QUIC transport settings.
@@ -149,6 +151,7 @@ impl Default for Limits {
             heartbeat_interval: Duration::from_secs(15),
             presence_ttl_multiple: 3,
             max_presence_subscriptions: 500,
+            max_group_size: 250,
         }
     }
 }
@@ -227,6 +230,12 @@ impl Config {
             return err(format!(
                 "presence-ttl-multiple = {} must be at least 2, or one late heartbeat shows a user offline",
                 l.presence_ttl_multiple
+            ));
+        }
+        if !(2..=10_000).contains(&l.max_group_size) {
+            return err(format!(
+                "max-group-size = {} is outside 2..=10000",
+                l.max_group_size
             ));
         }
         if l.max_presence_subscriptions == 0 {

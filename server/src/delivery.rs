@@ -27,7 +27,8 @@ use tokio::task::JoinHandle;
 use crate::error::Refusal;
 use crate::hub::{Hub, SessionHandle};
 use crate::store::{
-    HistoryStore, InboxStore, NewMessage, RecentCache, UserId, WatermarkKind, WatermarkUpdate,
+    Appended, GroupChange, HistoryStore, InboxStore, NewMessage, RecentCache, UserId,
+    WatermarkKind, WatermarkUpdate,
 };
 use crate::wire::Outbound;
 
@@ -40,10 +41,30 @@ const MAX_MARK_BATCH: usize = 512;
 /// readers wait, which pushes back on clients through QUIC flow control.
 const QUEUE_DEPTH: usize = 4096;
 
-/// A validated send waiting for its commit.
+/// What the send committer stores.
+pub enum Work {
+    /// A validated message.
+    Message(NewMessage),
+    /// A group change (answered on control).
+    Group {
+        /// The group.
+        conversation_id: u64,
+        /// Who changes it.
+        actor: UserId,
+        /// What changes.
+        change: GroupChange,
+        /// The configured group size limit.
+        max_members: usize,
+    },
+    /// A message already stored elsewhere (a new group's first message),
+    /// to fan out in order with the rest.
+    Stored(Appended),
+}
+
+/// A validated send (or group change) waiting for its commit.
 pub struct SendJob {
-    /// The message to store.
-    pub message: NewMessage,
+    /// What to store.
+    pub work: Work,
     /// The client's request id, echoed in the ack.
     pub request_id: u64,
     /// Where the ack goes.
@@ -110,6 +131,21 @@ impl Delivery {
             .map_err(|_| Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down"))
     }
 
+    /// Fans out a message stored outside the committer (a new group's
+    /// first message), in order with everything else.
+    pub async fn deliver_stored(
+        &self,
+        appended: Appended,
+        session: Arc<SessionHandle>,
+    ) -> Result<(), Refusal> {
+        self.submit(SendJob {
+            work: Work::Stored(appended),
+            request_id: 0,
+            session,
+        })
+        .await
+    }
+
     /// Queues a watermark move.
     pub async fn mark(&self, job: MarkJob) -> Result<(), Refusal> {
         self.marks
@@ -127,83 +163,152 @@ async fn send_committer(
     hub: Arc<Hub>,
 ) {
     let mut jobs: Vec<SendJob> = Vec::with_capacity(MAX_SEND_BATCH);
-    let mut stored: Vec<Arc<proto::Message>> = Vec::with_capacity(MAX_SEND_BATCH);
-    let mut queued: Vec<(UserId, Arc<proto::Message>)> = Vec::new();
+    let mut out = Fanout::default();
     while rx.recv_many(&mut jobs, MAX_SEND_BATCH).await > 0 {
-        let batch: Vec<NewMessage> = jobs.iter().map(|j| j.message.clone()).collect();
-        let appended = store.append(batch).await;
-        let results = match appended {
-            Ok(results) => results,
-            Err(e) => {
-                // Nothing of the batch is durable: every sender hears a
-                // retryable error and retries with the same client_msg_id.
-                let refusal = Refusal::from(e);
-                for job in jobs.drain(..) {
-                    let frame = refusal.to_frame(job.request_id);
-                    job.session
-                        .push(StreamKind::Messages, Outbound::frame(&frame));
+        // Consecutive sends are one group commit; a group change runs alone
+        // between them, so its SYSTEM message keeps its place in seq order.
+        let mut run: Vec<SendJob> = Vec::new();
+        for job in jobs.drain(..) {
+            match job.work {
+                Work::Message(_) => run.push(job),
+                Work::Group { .. } => {
+                    commit_run(&store, std::mem::take(&mut run), &hub, &mut out).await;
+                    commit_group(&store, job, &hub, &mut out).await;
                 }
-                continue;
-            }
-        };
-        for (job, result) in jobs.drain(..).zip(results) {
-            let appended = match result {
-                Ok(appended) => appended,
-                Err(e) => {
-                    let frame = Refusal::from(e).to_frame(job.request_id);
-                    job.session
-                        .push(StreamKind::Messages, Outbound::frame(&frame));
-                    continue;
-                }
-            };
-            let message = &appended.message;
-            let ack = Frame::new(
-                job.request_id,
-                Body::SendAck(proto::SendAck {
-                    conversation_id: message.conversation_id,
-                    seq: message.seq,
-                    message_id: message.message_id,
-                    sent_at_ms: message.sent_at_ms,
-                    client_msg_id: message.client_msg_id.clone(),
-                    duplicate: appended.duplicate,
-                }),
-            );
-            job.session
-                .push(StreamKind::Messages, Outbound::frame(&ack));
-            if appended.duplicate {
-                // Already queued for everyone when first stored.
-                continue;
-            }
-            let deliver = Frame::push(Body::Deliver(proto::Deliver {
-                message: Some((**message).clone()),
-            }));
-            let out = Outbound {
-                deliver: Some((message.conversation_id, message.seq)),
-                ..Outbound::frame(&deliver)
-            };
-            for &member in &appended.members {
-                if member != message.sender_id {
-                    hub.push(member, StreamKind::Messages, &out, None);
-                    queued.push((member, message.clone()));
+                Work::Stored(appended) => {
+                    commit_run(&store, std::mem::take(&mut run), &hub, &mut out).await;
+                    fan_out(appended, &hub, &mut out);
                 }
             }
-            stored.push(appended.message);
         }
+        commit_run(&store, run, &hub, &mut out).await;
         // Caches and queues after the acks and pushes, so they never delay
         // "sent"; each is one pipelined round trip per batch.
-        cache.push(&stored).await;
-        stored.clear();
+        cache.push(&out.stored).await;
+        out.stored.clear();
         match &inbox {
             Some(inbox) => {
-                if let Err(e) = inbox.push(std::mem::take(&mut queued)).await {
+                if let Err(e) = inbox.push(std::mem::take(&mut out.queued)).await {
                     // Catch-up checks queues against history, so a lost push
                     // costs a history read on reconnect, not a message.
                     tracing::warn!(error = %e, "inbox push failed");
                 }
             }
-            None => queued.clear(),
+            None => out.queued.clear(),
         }
     }
+}
+
+/// What a committer batch stored, for the cache and the inbox.
+#[derive(Default)]
+struct Fanout {
+    stored: Vec<Arc<proto::Message>>,
+    queued: Vec<(UserId, Arc<proto::Message>)>,
+}
+
+/// Stores consecutive sends in one transaction, then acks and fans out.
+async fn commit_run(store: &Arc<dyn HistoryStore>, run: Vec<SendJob>, hub: &Hub, out: &mut Fanout) {
+    if run.is_empty() {
+        return;
+    }
+    let batch: Vec<NewMessage> = run
+        .iter()
+        .filter_map(|j| match &j.work {
+            Work::Message(m) => Some(m.clone()),
+            Work::Group { .. } | Work::Stored(_) => None,
+        })
+        .collect();
+    let results = match store.append(batch).await {
+        Ok(results) => results,
+        Err(e) => {
+            // Nothing of the batch is durable: every sender hears a
+            // retryable error and retries with the same client_msg_id.
+            let refusal = Refusal::from(e);
+            for job in run {
+                let frame = refusal.to_frame(job.request_id);
+                job.session
+                    .push(StreamKind::Messages, Outbound::frame(&frame));
+            }
+            return;
+        }
+    };
+    for (job, result) in run.into_iter().zip(results) {
+        let appended = match result {
+            Ok(appended) => appended,
+            Err(e) => {
+                let frame = Refusal::from(e).to_frame(job.request_id);
+                job.session
+                    .push(StreamKind::Messages, Outbound::frame(&frame));
+                continue;
+            }
+        };
+        let message = &appended.message;
+        let ack = Frame::new(
+            job.request_id,
+            Body::SendAck(proto::SendAck {
+                conversation_id: message.conversation_id,
+                seq: message.seq,
+                message_id: message.message_id,
+                sent_at_ms: message.sent_at_ms,
+                client_msg_id: message.client_msg_id.clone(),
+                duplicate: appended.duplicate,
+            }),
+        );
+        job.session
+            .push(StreamKind::Messages, Outbound::frame(&ack));
+        if appended.duplicate {
+            // Already queued for everyone when first stored.
+            continue;
+        }
+        fan_out(appended, hub, out);
+    }
+}
+
+/// Applies one group change (its SYSTEM message is stored in the same
+/// transaction), answers on control, and fans the message out like any other.
+async fn commit_group(store: &Arc<dyn HistoryStore>, job: SendJob, hub: &Hub, out: &mut Fanout) {
+    let Work::Group {
+        conversation_id,
+        actor,
+        change,
+        max_members,
+    } = job.work
+    else {
+        return;
+    };
+    let now = crate::streams::now_ms();
+    let reply = match store
+        .change_group(conversation_id, actor, change, max_members, now)
+        .await
+    {
+        Ok(appended) => {
+            fan_out(appended, hub, out);
+            Frame::new(job.request_id, Body::Ok(proto::Ok {}))
+        }
+        Err(e) => Refusal::from(e).to_frame(job.request_id),
+    };
+    job.session
+        .push(StreamKind::Control, Outbound::frame(&reply));
+}
+
+/// Pushes a stored message to every member but its sender, and notes it
+/// for the recent cache and the unread queues.
+fn fan_out(appended: Appended, hub: &Hub, out: &mut Fanout) {
+    let message = &appended.message;
+    let deliver = Frame::push(Body::Deliver(proto::Deliver {
+        message: Some((**message).clone()),
+    }));
+    let frame = Outbound {
+        deliver: Some((message.conversation_id, message.seq)),
+        ..Outbound::frame(&deliver)
+    };
+    for &member in &appended.members {
+        if member != message.sender_id {
+            hub.push(member, StreamKind::Messages, &frame, None);
+            out.queued.push((member, message.clone()));
+        }
+    }
+    out.stored.push(appended.message);
 }
 
 async fn mark_committer(

@@ -53,6 +53,13 @@ impl From<StoreError> for Refusal {
             StoreError::NotAMember => {
                 Refusal::new(ErrorCode::NotAMember, "not a member of this conversation")
             }
+            StoreError::NotAdmin => {
+                Refusal::new(ErrorCode::NotAdmin, "only group admins may do this")
+            }
+            StoreError::LimitReached => {
+                Refusal::new(ErrorCode::LimitReached, "group size limit reached")
+            }
+            StoreError::Invalid(why) => Refusal::new(ErrorCode::InvalidArgument, why),
             StoreError::Unavailable(detail) => {
                 tracing::warn!(%detail, "store unavailable");
                 Refusal {
@@ -79,6 +86,12 @@ mod tests {
             (StoreError::Conflict, ErrorCode::InvalidArgument),
             (StoreError::NotFound, ErrorCode::NotFound),
             (StoreError::NotAMember, ErrorCode::NotAMember),
+            (StoreError::NotAdmin, ErrorCode::NotAdmin),
+            (StoreError::LimitReached, ErrorCode::LimitReached),
+            (
+                StoreError::Invalid("why".into()),
+                ErrorCode::InvalidArgument,
+            ),
             (
                 StoreError::Unavailable("down".into()),
                 ErrorCode::Unavailable,

@@ -46,6 +46,7 @@ macro_rules! history_store_conformance {
             concurrent_appends_get_distinct_contiguous_seqs,
             stored_presence,
             pending_ranges_and_membership,
+            groups,
         );
     };
     (@tests $mode:tt; $($name:ident),* $(,)?) => {
@@ -653,13 +654,29 @@ pub async fn stored_presence(store: &impl HistoryStore) {
 pub async fn pending_ranges_and_membership(store: &impl HistoryStore) {
     let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
     let eve = user(store, "eve").await;
-    assert_eq!(store.member_last_seq(c, a).await.unwrap(), Some(0));
-    assert_eq!(store.member_last_seq(c, eve).await.unwrap(), None);
-    assert_eq!(store.member_last_seq(31_337, a).await.unwrap(), None);
+    assert_eq!(
+        store.membership(c, a).await.unwrap().map(|m| m.last_seq),
+        Some(0)
+    );
+    assert_eq!(
+        store.membership(c, eve).await.unwrap().map(|m| m.last_seq),
+        None
+    );
+    assert_eq!(
+        store
+            .membership(31_337, a)
+            .await
+            .unwrap()
+            .map(|m| m.last_seq),
+        None
+    );
     for i in 1..=3 {
         append_one(store, text(c, a, &format!("k{i}"), "hi", i)).await;
     }
-    assert_eq!(store.member_last_seq(c, b).await.unwrap(), Some(3));
+    assert_eq!(
+        store.membership(c, b).await.unwrap().map(|m| m.last_seq),
+        Some(3)
+    );
     if let Some(ranges) = store.pending_ranges(b).await.unwrap() {
         assert_eq!(
             ranges,
@@ -682,4 +699,169 @@ pub async fn pending_ranges_and_membership(store: &impl HistoryStore) {
             .unwrap();
         assert_eq!(store.pending_ranges(b).await.unwrap(), Some(vec![]));
     }
+}
+
+/// Groups: creation, changes with their SYSTEM messages in seq order,
+/// roles, limits, and what joining and leaving do to reading.
+pub async fn groups(store: &impl HistoryStore) {
+    let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
+    let c = user(store, "carol").await;
+    let d = user(store, "dave").await;
+    let names = |m: &Appended| m.message.text.clone();
+
+    assert!(matches!(
+        store
+            .create_group(a, "big".into(), vec![b, c, d], 3, 10)
+            .await,
+        Err(StoreError::LimitReached)
+    ));
+    let created = store
+        .create_group(a, "trip".into(), vec![b, c, b, a], 5, 10)
+        .await
+        .unwrap();
+    let g = created.message.conversation_id;
+    assert_eq!(created.message.seq, 1);
+    assert_eq!(created.message.r#type, proto::MessageType::System as i32);
+    assert_eq!(
+        names(&created),
+        "alice created the group \"trip\" with bob, carol"
+    );
+    let mut members = created.members.clone();
+    members.sort();
+    let mut expected = vec![a, b, c];
+    expected.sort();
+    assert_eq!(members, expected);
+    let view = store.conversation(g, b).await.unwrap();
+    assert_eq!(view.kind, proto::ConversationKind::Group);
+    assert_eq!(view.name, "trip");
+    let admins: Vec<_> = view
+        .members
+        .iter()
+        .filter(|m| m.admin)
+        .map(|m| m.user_id)
+        .collect();
+    assert_eq!(admins, vec![a]);
+
+    // Members send; non-admins cannot add; admins can, within the limit.
+    append_one(store, text(g, b, "b1", "hi all", 11)).await;
+    assert!(matches!(
+        store
+            .change_group(g, b, GroupChange::Add(vec![d]), 5, 12)
+            .await,
+        Err(StoreError::NotAdmin)
+    ));
+    assert!(matches!(
+        store
+            .change_group(g, a, GroupChange::Add(vec![b]), 5, 12)
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        store
+            .change_group(g, a, GroupChange::Add(vec![d]), 3, 12)
+            .await,
+        Err(StoreError::LimitReached)
+    ));
+    let added = store
+        .change_group(g, a, GroupChange::Add(vec![d]), 5, 12)
+        .await
+        .unwrap();
+    assert_eq!(
+        (added.message.seq, names(&added)),
+        (3, "alice added dave".to_string())
+    );
+    assert!(added.members.contains(&d));
+    // Dave reads from the message that added him: not before.
+    assert_eq!(
+        store.membership(g, d).await.unwrap().map(|m| m.joined_seq),
+        Some(3)
+    );
+    assert_eq!(
+        seqs(&store.undelivered(d, (0, 0), 100).await.unwrap()),
+        vec![3]
+    );
+    assert_eq!(
+        store.membership(g, b).await.unwrap().map(|m| m.joined_seq),
+        Some(0)
+    );
+
+    // Rename by any member; promote; remove; the removed member gets the
+    // removal message and is a stranger afterwards.
+    let renamed = store
+        .change_group(g, c, GroupChange::Rename("trip 2".into()), 5, 13)
+        .await
+        .unwrap();
+    assert_eq!(names(&renamed), "carol named the group \"trip 2\"");
+    assert!(matches!(
+        store
+            .change_group(g, b, GroupChange::Remove(c), 5, 14)
+            .await,
+        Err(StoreError::NotAdmin)
+    ));
+    store
+        .change_group(g, a, GroupChange::SetAdmin(b, true), 5, 14)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .change_group(g, a, GroupChange::Remove(a), 5, 15)
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        store
+            .change_group(g, a, GroupChange::Remove(424_242), 5, 15)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    let removed = store
+        .change_group(g, b, GroupChange::Remove(c), 5, 15)
+        .await
+        .unwrap();
+    assert_eq!(names(&removed), "bob removed carol");
+    assert!(
+        removed.members.contains(&c),
+        "the removed member hears of it"
+    );
+    assert_eq!(store.membership(g, c).await.unwrap(), None);
+    assert!(matches!(
+        store
+            .append(vec![text(g, c, "c1", "still here?", 16)])
+            .await
+            .unwrap()[0],
+        Err(StoreError::NotAMember)
+    ));
+    assert!(matches!(
+        store.change_group(g, c, GroupChange::Leave, 5, 16).await,
+        Err(StoreError::NotAMember)
+    ));
+
+    // The last admin leaving hands the role on; the group keeps going.
+    store
+        .change_group(g, b, GroupChange::SetAdmin(b, false), 5, 17)
+        .await
+        .unwrap();
+    let left = store
+        .change_group(g, a, GroupChange::Leave, 5, 18)
+        .await
+        .unwrap();
+    assert_eq!(names(&left), "alice left the group");
+    assert!(left.members.contains(&a));
+    let view = store.conversation(g, b).await.unwrap();
+    assert_eq!(view.members.len(), 2);
+    assert_eq!(view.members.iter().filter(|m| m.admin).count(), 1);
+    let page = store.history(g, Direction::Forward, 0, 100).await.unwrap();
+    assert_eq!(
+        seqs(&page.messages),
+        (1..=view.last_seq).collect::<Vec<_>>(),
+        "one seq order for everything"
+    );
+
+    // Direct conversations have no members to change.
+    assert!(matches!(
+        store
+            .change_group(direct, a, GroupChange::Rename("x".into()), 5, 19)
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
 }

@@ -47,6 +47,16 @@ pub enum StoreError {
     /// The user is not a member of the conversation.
     #[error("not a member of the conversation")]
     NotAMember,
+    /// The change needs the admin role in the group.
+    #[error("not an admin of the group")]
+    NotAdmin,
+    /// A size limit (group members) would be exceeded.
+    #[error("limit reached")]
+    LimitReached,
+    /// The request makes no sense for this data (e.g. a group change on a
+    /// direct conversation); the text says why.
+    #[error("invalid: {0}")]
+    Invalid(String),
     /// The backend cannot be reached right now; retrying may work.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -117,6 +127,30 @@ pub struct FriendLists {
     pub outgoing: Vec<(UserId, String)>,
 }
 
+/// A change to a group, made by one of its members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupChange {
+    /// New name (any member).
+    Rename(String),
+    /// Add these users (admins only; the caller has checked friendship).
+    Add(Vec<UserId>),
+    /// Remove this member (admins only).
+    Remove(UserId),
+    /// The actor leaves.
+    Leave,
+    /// Promote (`true`) or demote a member (admins only).
+    SetAdmin(UserId, bool),
+}
+
+/// What `membership` returns for a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    /// The conversation's newest seq.
+    pub last_seq: u64,
+    /// The first seq the member may read (0: everything).
+    pub joined_seq: u64,
+}
+
 /// One member of a conversation and their watermarks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberState {
@@ -128,6 +162,10 @@ pub struct MemberState {
     pub delivered_seq: u64,
     /// Highest seq they marked as seen.
     pub seen_seq: u64,
+    /// Group admin.
+    pub admin: bool,
+    /// First seq they may read.
+    pub joined_seq: u64,
 }
 
 /// A conversation as one member sees it.
@@ -324,21 +362,40 @@ pub trait HistoryStore: Send + Sync + 'static {
         before_ms: i64,
         limit: u32,
     ) -> Result<Vec<ConversationView>, StoreError>;
-    /// `Some(last_seq)` of the conversation if `user` is a member, else
-    /// `None`: membership and freshness in one lookup (the history handler
-    /// checks cached pages against it).
-    async fn member_last_seq(
+    /// The conversation's last seq and the member's joined seq if `user` is
+    /// a member, else `None`: membership, freshness (the history handler
+    /// checks cached pages against it) and the readable range in one lookup.
+    async fn membership(
         &self,
         conversation_id: ConversationId,
         user: UserId,
-    ) -> Result<Option<u64>, StoreError> {
-        if !self.is_member(conversation_id, user).await? {
-            return Ok(None);
-        }
-        Ok(Some(
-            self.conversation(conversation_id, user).await?.last_seq,
-        ))
-    }
+    ) -> Result<Option<Membership>, StoreError>;
+
+    /// Creates a group of `creator` (its first admin) and `members` and
+    /// stores its first SYSTEM message, which is returned for delivery.
+    /// `LimitReached` beyond `max_members`.
+    async fn create_group(
+        &self,
+        creator: UserId,
+        name: String,
+        members: Vec<UserId>,
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<Appended, StoreError>;
+
+    /// Applies a change to a group and stores the SYSTEM message recording
+    /// it, in the conversation's seq order, returned for delivery (its
+    /// `members` include a removed or leaving member, who gets this last
+    /// message). Refusals: `NotAMember` (actor), `NotAdmin`, `NotFound`
+    /// (target not a member), `LimitReached`, `Invalid`.
+    async fn change_group(
+        &self,
+        conversation_id: ConversationId,
+        actor: UserId,
+        change: GroupChange,
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<Appended, StoreError>;
     /// Whether `user` is a member of the conversation.
     async fn is_member(
         &self,

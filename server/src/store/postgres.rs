@@ -41,8 +41,9 @@ use tokio_postgres::{Config, NoTls, Row};
 
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    HistoryStore, MemberState, NewMessage, NewSession, Page, PendingRange, SessionRecord,
-    StoreError, StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
+    GroupChange, HistoryStore, MemberState, Membership, NewMessage, NewSession, Page, PendingRange,
+    SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved,
+    WatermarkUpdate,
 };
 
 /// How long connecting (TCP, startup, authentication) may take before the
@@ -501,6 +502,8 @@ impl PostgresStore {
                     username: col(row, 2)?,
                     delivered_seq: id_col(row, 3)?,
                     seen_seq: id_col(row, 4)?,
+                    admin: col::<i32>(row, 5)? == group::ROLE_ADMIN,
+                    joined_seq: id_col(row, 6)?,
                 });
         }
         let mut views: HashMap<ConversationId, ConversationView> = HashMap::new();
@@ -964,19 +967,236 @@ impl HistoryStore for PostgresStore {
         self.views(ids, user).await
     }
 
-    async fn member_last_seq(
+    async fn membership(
         &self,
         conversation_id: ConversationId,
         user: UserId,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Option<Membership>, StoreError> {
         self.row(
-            "SELECT c.last_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
+            "SELECT c.last_seq, m.joined_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
              WHERE m.conversation_id = $1 AND m.user_id = $2",
             &[&sql(conversation_id), &sql(user)],
         )
         .await?
-        .map(|r| id_col(&r, 0))
+        .map(|r| {
+            Ok(Membership {
+                last_seq: id_col(&r, 0)?,
+                joined_seq: id_col(&r, 1)?,
+            })
+        })
         .transpose()
+    }
+
+    async fn create_group(
+        &self,
+        creator: UserId,
+        name: String,
+        members: Vec<UserId>,
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<Appended, StoreError> {
+        let mut members: Vec<UserId> = members.into_iter().filter(|&m| m != creator).collect();
+        members.sort_unstable();
+        members.dedup();
+        if members.len() + 1 > max_members {
+            return Err(StoreError::LimitReached);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let creator_name = group::username(&tx, creator)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let mut names = Vec::with_capacity(members.len());
+        for &member in &members {
+            names.push(
+                group::username(&tx, member)
+                    .await?
+                    .ok_or(StoreError::NotFound)?,
+            );
+        }
+        let row = tx
+            .query_one(
+                "INSERT INTO conversations (kind, name, direct_key, created_at_ms, last_activity_ms)
+                 VALUES ($1, $2, NULL, $3, $3) RETURNING id",
+                &[&(proto::ConversationKind::Group as i32), &name, &now_ms],
+            )
+            .await
+            .map_err(pg)?;
+        let id = id_col(&row, 0)?;
+        group::add_member(&tx, id, creator, group::ROLE_ADMIN, 0).await?;
+        for &member in &members {
+            group::add_member(&tx, id, member, group::ROLE_MEMBER, 0).await?;
+        }
+        let text = if names.is_empty() {
+            format!("{creator_name} created the group \"{name}\"")
+        } else {
+            format!(
+                "{creator_name} created the group \"{name}\" with {}",
+                names.join(", ")
+            )
+        };
+        let appended = group::append_system(&tx, id, creator, text, now_ms).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(appended)
+    }
+
+    async fn change_group(
+        &self,
+        conversation_id: ConversationId,
+        actor: UserId,
+        change: GroupChange,
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<Appended, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        // The conversation row first, as appends lock it: same order, no
+        // deadlock, and seq allocation is serialised with sends.
+        let kind: Option<i32> = tx
+            .query_opt(
+                "SELECT kind FROM conversations WHERE id = $1 FOR UPDATE",
+                &[&sql(conversation_id)],
+            )
+            .await
+            .map_err(pg)?
+            .map(|r| col(&r, 0))
+            .transpose()?;
+        let Some(actor_role) = group::role(&tx, conversation_id, actor).await? else {
+            return Err(StoreError::NotAMember);
+        };
+        if kind != Some(proto::ConversationKind::Group as i32) {
+            return Err(StoreError::Invalid(
+                "direct conversations have no members to change".into(),
+            ));
+        }
+        let is_admin = actor_role == group::ROLE_ADMIN;
+        let actor_name = group::username(&tx, actor).await?.unwrap_or_default();
+        let next_seq: u64 = {
+            let row = tx
+                .query_one(
+                    "SELECT last_seq FROM conversations WHERE id = $1",
+                    &[&sql(conversation_id)],
+                )
+                .await
+                .map_err(pg)?;
+            id_col(&row, 0)? + 1
+        };
+        let mut also_tell: Vec<UserId> = Vec::new();
+        let text = match change {
+            GroupChange::Rename(name) => {
+                tx.execute(
+                    "UPDATE conversations SET name = $2 WHERE id = $1",
+                    &[&sql(conversation_id), &name],
+                )
+                .await
+                .map_err(pg)?;
+                format!("{actor_name} named the group \"{name}\"")
+            }
+            GroupChange::Add(users) => {
+                if !is_admin {
+                    return Err(StoreError::NotAdmin);
+                }
+                let mut new = Vec::new();
+                for user in users {
+                    if group::role(&tx, conversation_id, user).await?.is_none()
+                        && !new.contains(&user)
+                    {
+                        new.push(user);
+                    }
+                }
+                if new.is_empty() {
+                    return Err(StoreError::Invalid("they are members already".into()));
+                }
+                let row = tx
+                    .query_one(
+                        "SELECT COUNT(*) FROM members WHERE conversation_id = $1",
+                        &[&sql(conversation_id)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                let current: i64 = col(&row, 0)?;
+                if current as usize + new.len() > max_members {
+                    return Err(StoreError::LimitReached);
+                }
+                let mut names = Vec::new();
+                for &user in &new {
+                    names.push(
+                        group::username(&tx, user)
+                            .await?
+                            .ok_or(StoreError::NotFound)?,
+                    );
+                }
+                for &user in &new {
+                    group::add_member(&tx, conversation_id, user, group::ROLE_MEMBER, next_seq)
+                        .await?;
+                }
+                format!("{actor_name} added {}", names.join(", "))
+            }
+            GroupChange::Remove(user) => {
+                if !is_admin {
+                    return Err(StoreError::NotAdmin);
+                }
+                if user == actor {
+                    return Err(StoreError::Invalid("use leave to leave a group".into()));
+                }
+                if group::role(&tx, conversation_id, user).await?.is_none() {
+                    return Err(StoreError::NotFound);
+                }
+                let name = group::username(&tx, user).await?.unwrap_or_default();
+                group::remove_member(&tx, conversation_id, user).await?;
+                also_tell.push(user);
+                format!("{actor_name} removed {name}")
+            }
+            GroupChange::Leave => {
+                group::remove_member(&tx, conversation_id, actor).await?;
+                also_tell.push(actor);
+                // A group keeps an admin while it has members.
+                tx.execute(
+                    "UPDATE members SET role = $2
+                     WHERE conversation_id = $1
+                       AND NOT EXISTS (SELECT 1 FROM members WHERE conversation_id = $1 AND role = $2)
+                       AND user_id = (SELECT user_id FROM members WHERE conversation_id = $1
+                                      ORDER BY joined_seq, user_id LIMIT 1)",
+                    &[&sql(conversation_id), &group::ROLE_ADMIN],
+                )
+                .await
+                .map_err(pg)?;
+                format!("{actor_name} left the group")
+            }
+            GroupChange::SetAdmin(user, admin) => {
+                if !is_admin {
+                    return Err(StoreError::NotAdmin);
+                }
+                if group::role(&tx, conversation_id, user).await?.is_none() {
+                    return Err(StoreError::NotFound);
+                }
+                let name = group::username(&tx, user).await?.unwrap_or_default();
+                let role = if admin {
+                    group::ROLE_ADMIN
+                } else {
+                    group::ROLE_MEMBER
+                };
+                tx.execute(
+                    "UPDATE members SET role = $3 WHERE conversation_id = $1 AND user_id = $2",
+                    &[&sql(conversation_id), &sql(user), &role],
+                )
+                .await
+                .map_err(pg)?;
+                if admin {
+                    format!("{actor_name} made {name} an admin")
+                } else {
+                    format!("{actor_name} made {name} a member")
+                }
+            }
+        };
+        let mut appended = group::append_system(&tx, conversation_id, actor, text, now_ms).await?;
+        tx.commit().await.map_err(pg)?;
+        for user in also_tell {
+            if !appended.members.contains(&user) {
+                appended.members.push(user);
+            }
+        }
+        Ok(appended)
     }
 
     async fn is_member(
@@ -1335,7 +1555,8 @@ const VIEWS: &str = "
 
 /// Members of conversations with their names and watermarks.
 const MEMBER_STATES: &str = "
-    SELECT m.conversation_id, m.user_id, u.username, m.delivered_seq, m.seen_seq
+    SELECT m.conversation_id, m.user_id, u.username, m.delivered_seq, m.seen_seq, m.role,
+           m.joined_seq
     FROM members m JOIN users u ON u.id = m.user_id
     WHERE m.conversation_id = ANY($1::bigint[]) ORDER BY m.conversation_id, m.user_id";
 
@@ -1567,6 +1788,147 @@ fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> 
         sent_at_ms: col(row, at + 6)?,
         text: col(row, at + 7)?,
     })
+}
+
+/// Statements of group changes, run inside the caller's transaction.
+mod group {
+    use std::sync::Arc;
+
+    use chat_protocol::proto;
+    use deadpool_postgres::Transaction;
+
+    use super::{ConversationId, StoreError, UserId, col, id_col, pg, sql};
+    use crate::store::Appended;
+
+    /// Member roles in the `members.role` column.
+    pub(super) const ROLE_MEMBER: i32 = 0;
+    pub(super) const ROLE_ADMIN: i32 = 1;
+
+    pub(super) async fn username(
+        tx: &Transaction<'_>,
+        user: UserId,
+    ) -> Result<Option<String>, StoreError> {
+        tx.query_opt("SELECT username FROM users WHERE id = $1", &[&sql(user)])
+            .await
+            .map_err(pg)?
+            .map(|r| col(&r, 0))
+            .transpose()
+    }
+
+    pub(super) async fn role(
+        tx: &Transaction<'_>,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Option<i32>, StoreError> {
+        tx.query_opt(
+            "SELECT role FROM members WHERE conversation_id = $1 AND user_id = $2",
+            &[&sql(conversation_id), &sql(user)],
+        )
+        .await
+        .map_err(pg)?
+        .map(|r| col(&r, 0))
+        .transpose()
+    }
+
+    /// A member who reads from `joined_seq` on (0: everything); their
+    /// watermarks start just below it.
+    pub(super) async fn add_member(
+        tx: &Transaction<'_>,
+        conversation_id: ConversationId,
+        user: UserId,
+        role: i32,
+        joined_seq: u64,
+    ) -> Result<(), StoreError> {
+        let below = sql(joined_seq.saturating_sub(1));
+        tx.execute(
+            "INSERT INTO members (conversation_id, user_id, role, joined_seq, delivered_seq, seen_seq)
+             VALUES ($1, $2, $3, $4, $5, $5)",
+            &[&sql(conversation_id), &sql(user), &role, &sql(joined_seq), &below],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    pub(super) async fn remove_member(
+        tx: &Transaction<'_>,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<(), StoreError> {
+        tx.execute(
+            "DELETE FROM members WHERE conversation_id = $1 AND user_id = $2",
+            &[&sql(conversation_id), &sql(user)],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    /// Stores a SYSTEM message by `actor` with the next seq (the
+    /// conversation row is locked by the caller or created in this
+    /// transaction) and returns it with the current members.
+    pub(super) async fn append_system(
+        tx: &Transaction<'_>,
+        conversation_id: ConversationId,
+        actor: UserId,
+        text: String,
+        now_ms: i64,
+    ) -> Result<Appended, StoreError> {
+        let row = tx
+            .query_one(
+                "UPDATE conversations SET last_seq = last_seq + 1, last_activity_ms = $2
+                 WHERE id = $1 RETURNING last_seq",
+                &[&sql(conversation_id), &now_ms],
+            )
+            .await
+            .map_err(pg)?;
+        let seq = id_col(&row, 0)?;
+        let client_msg_id = format!("system:{:032x}", rand::random::<u128>());
+        let kind = proto::MessageType::System as i32;
+        let row = tx
+            .query_one(
+                "INSERT INTO messages (conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING message_id",
+                &[&sql(conversation_id), &sql(seq), &sql(actor), &client_msg_id, &kind, &now_ms, &text],
+            )
+            .await
+            .map_err(pg)?;
+        let message_id = id_col(&row, 0)?;
+        tx.execute(
+            "UPDATE members SET
+               delivered_seq = CASE WHEN delivered_seq = $3::bigint - 1 THEN $3::bigint ELSE delivered_seq END,
+               seen_seq = CASE WHEN seen_seq = $3::bigint - 1 THEN $3::bigint ELSE seen_seq END
+             WHERE conversation_id = $1 AND user_id = $2",
+            &[&sql(conversation_id), &sql(actor), &sql(seq)],
+        )
+        .await
+        .map_err(pg)?;
+        let rows = tx
+            .query(
+                "SELECT user_id FROM members WHERE conversation_id = $1 ORDER BY user_id",
+                &[&sql(conversation_id)],
+            )
+            .await
+            .map_err(pg)?;
+        let members = rows
+            .iter()
+            .map(|r| id_col(r, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Appended {
+            message: Arc::new(proto::Message {
+                conversation_id,
+                seq,
+                message_id,
+                sender_id: actor,
+                client_msg_id,
+                r#type: kind,
+                sent_at_ms: now_ms,
+                text,
+            }),
+            duplicate: false,
+            members,
+        })
+    }
 }
 
 /// Helpers for tests that need a real Postgres: the URL, unique schemas

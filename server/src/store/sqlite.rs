@@ -27,8 +27,9 @@ use tokio::sync::oneshot;
 
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    HistoryStore, MemberState, NewMessage, NewSession, Page, PendingRange, SessionRecord,
-    StoreError, StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
+    GroupChange, HistoryStore, MemberState, Membership, NewMessage, NewSession, Page, PendingRange,
+    SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved,
+    WatermarkUpdate,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -285,6 +286,9 @@ fn clone_err(e: &StoreError) -> StoreError {
         StoreError::Conflict => StoreError::Conflict,
         StoreError::NotFound => StoreError::NotFound,
         StoreError::NotAMember => StoreError::NotAMember,
+        StoreError::NotAdmin => StoreError::NotAdmin,
+        StoreError::LimitReached => StoreError::LimitReached,
+        StoreError::Invalid(s) => StoreError::Invalid(s.clone()),
         StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
         StoreError::Internal(s) => StoreError::Internal(s.clone()),
     }
@@ -352,7 +356,7 @@ fn member_states(
     conversation_id: ConversationId,
 ) -> rusqlite::Result<Vec<MemberState>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT m.user_id, u.username, m.delivered_seq, m.seen_seq
+        "SELECT m.user_id, u.username, m.delivered_seq, m.seen_seq, m.role, m.joined_seq
          FROM members m JOIN users u ON u.id = m.user_id
          WHERE m.conversation_id = ?1 ORDER BY m.user_id",
     )?;
@@ -362,6 +366,8 @@ fn member_states(
             username: r.get(1)?,
             delivered_seq: r.get::<_, i64>(2)? as u64,
             seen_seq: r.get::<_, i64>(3)? as u64,
+            admin: r.get::<_, i64>(4)? == ROLE_ADMIN,
+            joined_seq: r.get::<_, i64>(5)? as u64,
         })
     })?;
     rows.collect()
@@ -436,15 +442,103 @@ fn view(
     })
 }
 
+/// Member roles in the `members.role` column.
+const ROLE_MEMBER: i64 = 0;
+const ROLE_ADMIN: i64 = 1;
+
+fn username_of(conn: &Connection, user: UserId) -> Result<Option<String>, StoreError> {
+    conn.prepare_cached("SELECT username FROM users WHERE id = ?1")
+        .map_err(internal)?
+        .query_row([sql(user)], |r| r.get(0))
+        .optional()
+        .map_err(internal)
+}
+
+fn role_of(
+    conn: &Connection,
+    conversation_id: ConversationId,
+    user: UserId,
+) -> Result<Option<i64>, StoreError> {
+    conn.prepare_cached("SELECT role FROM members WHERE conversation_id = ?1 AND user_id = ?2")
+        .map_err(internal)?
+        .query_row(params![sql(conversation_id), sql(user)], |r| r.get(0))
+        .optional()
+        .map_err(internal)
+}
+
+/// Adds a member who reads from `joined_seq` on (0: everything): their
+/// watermarks start just below it, so the message that added them is the
+/// first one they receive.
+fn add_member(
+    conn: &Connection,
+    conversation_id: ConversationId,
+    user: UserId,
+    role: i64,
+    joined_seq: u64,
+) -> Result<(), StoreError> {
+    let below = joined_seq.saturating_sub(1);
+    conn.prepare_cached(
+        "INSERT INTO members (conversation_id, user_id, role, joined_seq, delivered_seq, seen_seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+    )
+    .map_err(internal)?
+    .execute(params![
+        sql(conversation_id),
+        sql(user),
+        role,
+        sql(joined_seq),
+        sql(below)
+    ])
+    .map_err(internal)?;
+    Ok(())
+}
+
+/// A removed member keeps nothing on the server side: no watermarks, no
+/// access, no deliveries.
+fn remove_member(
+    conn: &Connection,
+    conversation_id: ConversationId,
+    user: UserId,
+) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM members WHERE conversation_id = ?1 AND user_id = ?2")
+        .map_err(internal)?
+        .execute(params![sql(conversation_id), sql(user)])
+        .map_err(internal)?;
+    Ok(())
+}
+
+/// A SYSTEM message written by the server on behalf of `actor`.
+fn system_message(
+    conversation_id: ConversationId,
+    actor: UserId,
+    text: String,
+    now_ms: i64,
+) -> NewMessage {
+    NewMessage {
+        conversation_id,
+        sender_id: actor,
+        client_msg_id: format!("system:{:032x}", rand::random::<u128>()),
+        message_type: proto::MessageType::System,
+        text,
+        now_ms,
+    }
+}
+
+/// Appends one message. `system` skips the sender's membership check (a
+/// member who just left still authors "left the group").
 fn append_one(
     conn: &Connection,
     state: &mut DbState,
     m: NewMessage,
+    system: bool,
 ) -> Result<Appended, StoreError> {
     let (members, seq) = match state.conversation(conn, m.conversation_id)? {
-        Some(c) if c.members.contains(&m.sender_id) => (c.members.clone(), c.last_seq + 1),
+        Some(c) if system || c.members.contains(&m.sender_id) => {
+            (c.members.clone(), c.last_seq + 1)
+        }
         _ => return Err(StoreError::NotAMember),
     };
+
     let message_id = state.next_message_id;
     // The idempotency key is checked by the unique index: a retry inserts
     // nothing, and then the original is looked up. The common path is one
@@ -869,7 +963,7 @@ impl HistoryStore for SqliteStore {
         self.call(move |conn, state| {
             let mut results = Vec::with_capacity(batch.len());
             for m in batch {
-                let result = append_one(conn, state, m);
+                let result = append_one(conn, state, m, false);
                 match &result {
                     // A refused message wrote nothing; the batch goes on.
                     Ok(_) | Err(StoreError::NotAMember) => {}
@@ -972,23 +1066,208 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
-    async fn member_last_seq(
+    async fn membership(
         &self,
         conversation_id: ConversationId,
         user: UserId,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Option<Membership>, StoreError> {
         self.call(move |conn, _| {
             conn.prepare_cached(
-                "SELECT c.last_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
+                "SELECT c.last_seq, m.joined_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
                  WHERE m.conversation_id = ?1 AND m.user_id = ?2",
             )
             .map_err(internal)?
             .query_row(params![sql(conversation_id), sql(user)], |r| {
-                r.get::<_, i64>(0)
+                Ok(Membership {
+                    last_seq: r.get::<_, i64>(0)? as u64,
+                    joined_seq: r.get::<_, i64>(1)? as u64,
+                })
             })
             .optional()
-            .map(|v| v.map(|v| v as u64))
             .map_err(internal)
+        })
+        .await
+    }
+
+    async fn create_group(
+        &self,
+        creator: UserId,
+        name: String,
+        members: Vec<UserId>,
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<Appended, StoreError> {
+        self.call(move |conn, state| {
+            let mut members: Vec<UserId> = members.into_iter().filter(|&m| m != creator).collect();
+            members.sort_unstable();
+            members.dedup();
+            if members.len() + 1 > max_members {
+                return Err(StoreError::LimitReached);
+            }
+            let mut names = Vec::with_capacity(members.len());
+            for &member in &members {
+                names.push(username_of(conn, member)?.ok_or(StoreError::NotFound)?);
+            }
+            let creator_name = username_of(conn, creator)?.ok_or(StoreError::NotFound)?;
+            conn.prepare_cached(
+                "INSERT INTO conversations (kind, name, direct_key, created_at_ms, last_activity_ms)
+                 VALUES (?1, ?2, NULL, ?3, ?3)",
+            )
+            .map_err(internal)?
+            .execute(params![proto::ConversationKind::Group as i32, name, now_ms])
+            .map_err(internal)?;
+            let id = conn.last_insert_rowid() as u64;
+            add_member(conn, id, creator, ROLE_ADMIN, 0)?;
+            for &member in &members {
+                add_member(conn, id, member, ROLE_MEMBER, 0)?;
+            }
+            state.conversations.remove(&id);
+            let text = if names.is_empty() {
+                format!("{creator_name} created the group \"{name}\"")
+            } else {
+                format!(
+                    "{creator_name} created the group \"{name}\" with {}",
+                    names.join(", ")
+                )
+            };
+            append_one(conn, state, system_message(id, creator, text, now_ms), true)
+        })
+        .await
+    }
+
+    async fn change_group(
+        &self,
+        conversation_id: ConversationId,
+        actor: UserId,
+        change: GroupChange,
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<Appended, StoreError> {
+        self.call(move |conn, state| {
+            // Every refusal happens before the first write.
+            let kind: Option<i32> = conn
+                .prepare_cached("SELECT kind FROM conversations WHERE id = ?1")
+                .map_err(internal)?
+                .query_row([sql(conversation_id)], |r| r.get(0))
+                .optional()
+                .map_err(internal)?;
+            let Some(actor_role) = role_of(conn, conversation_id, actor)? else {
+                return Err(StoreError::NotAMember);
+            };
+            if kind != Some(proto::ConversationKind::Group as i32) {
+                return Err(StoreError::Invalid(
+                    "direct conversations have no members to change".into(),
+                ));
+            }
+            let is_admin = actor_role == ROLE_ADMIN;
+            let actor_name = username_of(conn, actor)?.unwrap_or_default();
+            let next_seq = match state.conversation(conn, conversation_id)? {
+                Some(c) => c.last_seq + 1,
+                None => return Err(StoreError::NotAMember),
+            };
+            let mut also_tell: Vec<UserId> = Vec::new();
+            let text = match change {
+                GroupChange::Rename(name) => {
+                    conn.prepare_cached("UPDATE conversations SET name = ?2 WHERE id = ?1")
+                        .map_err(internal)?
+                        .execute(params![sql(conversation_id), name])
+                        .map_err(internal)?;
+                    format!("{actor_name} named the group \"{name}\"")
+                }
+                GroupChange::Add(users) => {
+                    if !is_admin {
+                        return Err(StoreError::NotAdmin);
+                    }
+                    let mut new = Vec::new();
+                    for user in users {
+                        if role_of(conn, conversation_id, user)?.is_none() && !new.contains(&user) {
+                            new.push(user);
+                        }
+                    }
+                    if new.is_empty() {
+                        return Err(StoreError::Invalid("they are members already".into()));
+                    }
+                    let current: i64 = conn
+                        .prepare_cached("SELECT COUNT(*) FROM members WHERE conversation_id = ?1")
+                        .map_err(internal)?
+                        .query_row([sql(conversation_id)], |r| r.get(0))
+                        .map_err(internal)?;
+                    if current as usize + new.len() > max_members {
+                        return Err(StoreError::LimitReached);
+                    }
+                    let mut names = Vec::new();
+                    for &user in &new {
+                        names.push(username_of(conn, user)?.ok_or(StoreError::NotFound)?);
+                    }
+                    for &user in &new {
+                        // New members read from the message that adds them.
+                        add_member(conn, conversation_id, user, ROLE_MEMBER, next_seq)?;
+                    }
+                    format!("{actor_name} added {}", names.join(", "))
+                }
+                GroupChange::Remove(user) => {
+                    if !is_admin {
+                        return Err(StoreError::NotAdmin);
+                    }
+                    if user == actor {
+                        return Err(StoreError::Invalid("use leave to leave a group".into()));
+                    }
+                    if role_of(conn, conversation_id, user)?.is_none() {
+                        return Err(StoreError::NotFound);
+                    }
+                    let name = username_of(conn, user)?.unwrap_or_default();
+                    remove_member(conn, conversation_id, user)?;
+                    also_tell.push(user);
+                    format!("{actor_name} removed {name}")
+                }
+                GroupChange::Leave => {
+                    remove_member(conn, conversation_id, actor)?;
+                    also_tell.push(actor);
+                    // A group keeps an admin while it has members.
+                    conn.prepare_cached(
+                        "UPDATE members SET role = ?2
+                         WHERE conversation_id = ?1
+                           AND NOT EXISTS (SELECT 1 FROM members WHERE conversation_id = ?1 AND role = ?2)
+                           AND user_id = (SELECT user_id FROM members WHERE conversation_id = ?1
+                                          ORDER BY joined_seq, user_id LIMIT 1)",
+                    )
+                    .map_err(internal)?
+                    .execute(params![sql(conversation_id), ROLE_ADMIN])
+                    .map_err(internal)?;
+                    format!("{actor_name} left the group")
+                }
+                GroupChange::SetAdmin(user, admin) => {
+                    if !is_admin {
+                        return Err(StoreError::NotAdmin);
+                    }
+                    if role_of(conn, conversation_id, user)?.is_none() {
+                        return Err(StoreError::NotFound);
+                    }
+                    let name = username_of(conn, user)?.unwrap_or_default();
+                    let role = if admin { ROLE_ADMIN } else { ROLE_MEMBER };
+                    conn.prepare_cached(
+                        "UPDATE members SET role = ?3 WHERE conversation_id = ?1 AND user_id = ?2",
+                    )
+                    .map_err(internal)?
+                    .execute(params![sql(conversation_id), sql(user), role])
+                    .map_err(internal)?;
+                    if admin {
+                        format!("{actor_name} made {name} an admin")
+                    } else {
+                        format!("{actor_name} made {name} a member")
+                    }
+                }
+            };
+            // Membership may have changed: reload before appending.
+            state.conversations.remove(&conversation_id);
+            let message = system_message(conversation_id, actor, text, now_ms);
+            let mut appended = append_one(conn, state, message, true)?;
+            for user in also_tell {
+                if !appended.members.contains(&user) {
+                    appended.members.push(user);
+                }
+            }
+            Ok(appended)
         })
         .await
     }

@@ -14,9 +14,10 @@ use quinn::SendStream;
 
 use super::{now_ms, ok};
 use crate::auth;
+use crate::delivery::{SendJob, Work};
 use crate::error::Refusal;
 use crate::session::Session;
-use crate::store::{ConversationView, Direction, FriendRequestOutcome, StoreError};
+use crate::store::{ConversationView, Direction, FriendRequestOutcome, GroupChange, StoreError};
 use crate::wire::{self, FrameReader, Outbound};
 
 /// Default page size for conversation lists when the client sends 0.
@@ -59,6 +60,7 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
         let reply = match handle_request(&session, frame).await {
             Ok(Reply::Frame(frame)) => Outbound::frame(&frame),
             Ok(Reply::Close(frame, code)) => Outbound::closing(&frame, code),
+            Ok(Reply::Deferred) => continue,
             Err(refusal) => Outbound::frame(&refusal.to_frame(request_id)),
         };
         let closing = reply.close_after.is_some();
@@ -76,6 +78,8 @@ enum Reply {
     Frame(Frame),
     /// Send this frame, then close the connection with the code.
     Close(Frame, ErrorCode),
+    /// Another task answers (group changes: the send committer).
+    Deferred,
 }
 
 /// Runs the pre-authentication exchange. True once authenticated.
@@ -388,12 +392,13 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             }))
         }
         Some(Body::HistoryQuery(q)) => {
-            let Some(last_seq) = store.member_last_seq(q.conversation_id, me).await? else {
+            let Some(membership) = store.membership(q.conversation_id, me).await? else {
                 return Err(Refusal::new(
                     ErrorCode::NotAMember,
                     "not a member of this conversation",
                 ));
             };
+            let last_seq = membership.last_seq;
             let limit = page_limit(q.limit, DEFAULT_HISTORY_PAGE);
             let direction = match proto::history_query::Direction::try_from(q.direction) {
                 Ok(proto::history_query::Direction::Forward) => Direction::Forward,
@@ -413,17 +418,131 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             let cached = cached.filter(|page| {
                 q.cursor != 0 || page.messages.last().is_some_and(|m| m.seq == last_seq)
             });
-            let page = match cached {
+            // Forward pages start no earlier than the member's first seq.
+            let cursor = match direction {
+                Direction::Forward => q.cursor.max(membership.joined_seq.saturating_sub(1)),
+                Direction::Backward => q.cursor,
+            };
+            let mut page = match cached {
                 Some(page) => page,
                 None => {
                     store
-                        .history(q.conversation_id, direction, q.cursor, limit)
+                        .history(q.conversation_id, direction, cursor, limit)
                         .await?
                 }
             };
+            // Members added later read from the message that added them on.
+            let joined = membership.joined_seq;
+            if joined > 0 {
+                page.messages.retain(|m| m.seq >= joined);
+                if direction == Direction::Backward {
+                    page.has_more &= page.messages.first().is_some_and(|m| m.seq > joined);
+                }
+            }
             reply(Body::HistoryPage(proto::HistoryPage {
                 messages: page.messages.iter().map(|m| (**m).clone()).collect(),
                 has_more: page.has_more,
+            }))
+        }
+        Some(Body::CreateGroup(g)) => {
+            let name = group_name(&g.name)?;
+            let limits = &shared.config.limits;
+            if g.member_ids.len() + 1 > limits.max_group_size {
+                return Err(Refusal::new(
+                    ErrorCode::LimitReached,
+                    format!("groups have at most {} members", limits.max_group_size),
+                ));
+            }
+            check_all_friends(session, me, &g.member_ids).await?;
+            let appended = store
+                .create_group(me, name, g.member_ids, limits.max_group_size, now_ms())
+                .await?;
+            let id = appended.message.conversation_id;
+            shared
+                .delivery
+                .deliver_stored(appended, authed.handle.clone())
+                .await?;
+            let view = store.conversation(id, me).await?;
+            reply(Body::Conversation(conversation_info(view)))
+        }
+        Some(Body::RenameGroup(r)) => {
+            let change = GroupChange::Rename(group_name(&r.name)?);
+            group_change(session, rid, r.conversation_id, change).await
+        }
+        Some(Body::AddMembers(a)) => {
+            if a.user_ids.is_empty() || a.user_ids.len() > shared.config.limits.max_group_size {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    "user_ids: 1 to the group size limit",
+                ));
+            }
+            check_all_friends(session, me, &a.user_ids).await?;
+            group_change(
+                session,
+                rid,
+                a.conversation_id,
+                GroupChange::Add(a.user_ids),
+            )
+            .await
+        }
+        Some(Body::RemoveMember(r)) => {
+            group_change(
+                session,
+                rid,
+                r.conversation_id,
+                GroupChange::Remove(r.user_id),
+            )
+            .await
+        }
+        Some(Body::LeaveGroup(l)) => {
+            group_change(session, rid, l.conversation_id, GroupChange::Leave).await
+        }
+        Some(Body::SetAdmin(a)) => {
+            group_change(
+                session,
+                rid,
+                a.conversation_id,
+                GroupChange::SetAdmin(a.user_id, a.admin),
+            )
+            .await
+        }
+        Some(Body::GetConversation(g)) => {
+            let view = store.conversation(g.conversation_id, me).await?;
+            reply(Body::Conversation(conversation_info(view)))
+        }
+        Some(Body::GetMessageReceipts(q)) => {
+            let view = store.conversation(q.conversation_id, me).await?;
+            if q.seq == 0 || q.seq > view.last_seq {
+                return Err(Refusal::new(
+                    ErrorCode::NotFound,
+                    "no message with that seq",
+                ));
+            }
+            let page = store
+                .history(q.conversation_id, Direction::Forward, q.seq - 1, 1)
+                .await?;
+            let Some(message) = page.messages.first() else {
+                return Err(Refusal::new(
+                    ErrorCode::NotFound,
+                    "no message with that seq",
+                ));
+            };
+            let members: Vec<proto::MemberReceipt> = view
+                .members
+                .iter()
+                .filter(|m| m.user_id != message.sender_id && m.joined_seq <= q.seq)
+                .map(|m| proto::MemberReceipt {
+                    user_id: m.user_id,
+                    delivered: m.delivered_seq >= q.seq,
+                    seen: m.seen_seq >= q.seq,
+                })
+                .collect();
+            reply(Body::MessageReceipts(proto::MessageReceipts {
+                conversation_id: q.conversation_id,
+                seq: q.seq,
+                delivered_count: members.iter().filter(|m| m.delivered).count() as u32,
+                seen_count: members.iter().filter(|m| m.seen).count() as u32,
+                members,
             }))
         }
         Some(Body::SubscribePresence(sub)) => {
@@ -524,6 +643,8 @@ pub fn conversation_info(view: ConversationView) -> proto::ConversationInfo {
                 username: m.username,
                 delivered_seq: m.delivered_seq,
                 seen_seq: m.seen_seq,
+                admin: m.admin,
+                joined_seq: m.joined_seq,
             })
             .collect(),
         last_seq: view.last_seq,
@@ -531,4 +652,64 @@ pub fn conversation_info(view: ConversationView) -> proto::ConversationInfo {
         last_message: view.last_message,
         unread_count: view.unread_count,
     }
+}
+
+/// Longest group name, in characters.
+const MAX_GROUP_NAME_CHARS: usize = 100;
+
+fn group_name(name: &str) -> Result<String, Refusal> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_GROUP_NAME_CHARS {
+        return Err(Refusal::new(
+            ErrorCode::InvalidArgument,
+            format!("group names have 1-{MAX_GROUP_NAME_CHARS} characters"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// Only friends of the caller may be put into a group by them.
+async fn check_all_friends(session: &Session, me: u64, users: &[u64]) -> Result<(), Refusal> {
+    let friends: std::collections::HashSet<u64> = session
+        .shared
+        .store
+        .friends(me)
+        .await?
+        .friends
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    match users.iter().find(|u| **u != me && !friends.contains(u)) {
+        Some(stranger) => Err(Refusal::new(
+            ErrorCode::NotFriends,
+            format!("user {stranger} is not your friend"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Queues a group change on the send committer, so its SYSTEM message takes
+/// its place in seq order with concurrent sends; the committer answers.
+async fn group_change(
+    session: &Session,
+    request_id: u64,
+    conversation_id: u64,
+    change: GroupChange,
+) -> Result<Reply, Refusal> {
+    let authed = session.authed().expect("authenticated");
+    session
+        .shared
+        .delivery
+        .submit(SendJob {
+            work: Work::Group {
+                conversation_id,
+                actor: authed.user_id,
+                change,
+                max_members: session.shared.config.limits.max_group_size,
+            },
+            request_id,
+            session: authed.handle.clone(),
+        })
+        .await?;
+    Ok(Reply::Deferred)
 }

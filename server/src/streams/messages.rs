@@ -18,7 +18,7 @@ use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use quinn::SendStream;
 
 use super::now_ms;
-use crate::delivery::{MarkJob, SendJob};
+use crate::delivery::{MarkJob, SendJob, Work};
 use crate::error::Refusal;
 use crate::session::{Session, on_read_error};
 use crate::store::{NewMessage, WatermarkKind, WatermarkUpdate};
@@ -52,7 +52,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                 Ok(message) => {
                     delivery
                         .submit(SendJob {
-                            message,
+                            work: Work::Message(message),
                             request_id,
                             session: handle.clone(),
                         })
