@@ -72,6 +72,18 @@ pub struct Identity {
     pub token: String,
 }
 
+/// Aggregated status of one message: how many of the other members have
+/// received and seen it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptStatus {
+    /// Other members known.
+    pub members: usize,
+    /// How many of them received it.
+    pub delivered: usize,
+    /// How many of them saw it.
+    pub seen: usize,
+}
+
 /// Which way to page through history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HistoryDirection {
@@ -89,6 +101,9 @@ pub struct Client {
 }
 
 type Pending = oneshot::Sender<Result<Body, ClientError>>;
+
+/// Member -> (delivered, seen) watermarks of one conversation.
+type Watermarks = HashMap<u64, (u64, u64)>;
 
 pub(crate) struct Inner {
     pub(crate) config: ClientConfig,
@@ -111,6 +126,9 @@ pub(crate) struct Inner {
     watching: Mutex<Vec<u64>>,
     /// Latest known presence per watched user.
     presence: Mutex<HashMap<u64, proto::PresenceState>>,
+    /// Conversation -> member -> (delivered, seen), from conversation
+    /// replies and Receipt events, for aggregated statuses.
+    receipts: Mutex<HashMap<u64, Watermarks>>,
 }
 
 impl Inner {
@@ -172,6 +190,38 @@ impl Inner {
             .lock()
             .expect("outbox lock")
             .complete(request_id, result);
+    }
+
+    /// Remembers a member's watermarks (they only move forward).
+    pub(crate) fn note_receipt(&self, receipt: &proto::Receipt) {
+        let mut all = self.receipts.lock().expect("receipts lock");
+        let entry = all
+            .entry(receipt.conversation_id)
+            .or_default()
+            .entry(receipt.user_id)
+            .or_default();
+        entry.0 = entry.0.max(receipt.delivered_seq);
+        entry.1 = entry.1.max(receipt.seen_seq);
+    }
+
+    /// Replaces what is known of a conversation's members.
+    fn note_members(&self, info: &proto::ConversationInfo) {
+        let me = self
+            .identity
+            .lock()
+            .expect("identity lock")
+            .as_ref()
+            .map(|i| i.user_id);
+        let members: Watermarks = info
+            .members
+            .iter()
+            .filter(|m| Some(m.user_id) != me)
+            .map(|m| (m.user_id, (m.delivered_seq, m.seen_seq)))
+            .collect();
+        self.receipts
+            .lock()
+            .expect("receipts lock")
+            .insert(info.conversation_id, members);
     }
 
     /// Applies presence states from the server and tells the app.
@@ -274,6 +324,7 @@ impl Client {
             heartbeats: AtomicBool::new(true),
             watching: Mutex::new(Vec::new()),
             presence: Mutex::new(HashMap::new()),
+            receipts: Mutex::new(HashMap::new()),
             config,
         });
         let (live, auth) = connection::connect(&inner, &credential).await?;
@@ -435,7 +486,10 @@ impl Client {
             )
             .await?
         {
-            Body::Conversation(info) => Ok(info),
+            Body::Conversation(info) => {
+                self.inner.note_members(&info);
+                Ok(info)
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -522,6 +576,131 @@ impl Client {
     /// connection stays open (e.g. while the app is in the background).
     pub fn set_heartbeats(&self, enabled: bool) {
         self.inner.heartbeats.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Creates a group with friends; replies with the new conversation.
+    /// Everyone gets its first SYSTEM message.
+    pub async fn create_group(
+        &self,
+        name: &str,
+        member_ids: &[u64],
+    ) -> Result<proto::ConversationInfo, ClientError> {
+        let body = Body::CreateGroup(proto::CreateGroup {
+            name: name.into(),
+            member_ids: member_ids.to_vec(),
+        });
+        match self.request(StreamKind::Control, body).await? {
+            Body::Conversation(info) => {
+                self.inner.note_members(&info);
+                Ok(info)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Renames a group (any member).
+    pub async fn rename_group(&self, conversation_id: u64, name: &str) -> Result<(), ClientError> {
+        self.expect_ok(Body::RenameGroup(proto::RenameGroup {
+            conversation_id,
+            name: name.into(),
+        }))
+        .await
+    }
+
+    /// Adds friends to a group (admins).
+    pub async fn add_members(
+        &self,
+        conversation_id: u64,
+        user_ids: &[u64],
+    ) -> Result<(), ClientError> {
+        self.expect_ok(Body::AddMembers(proto::AddMembers {
+            conversation_id,
+            user_ids: user_ids.to_vec(),
+        }))
+        .await
+    }
+
+    /// Removes a member from a group (admins).
+    pub async fn remove_member(
+        &self,
+        conversation_id: u64,
+        user_id: u64,
+    ) -> Result<(), ClientError> {
+        self.expect_ok(Body::RemoveMember(proto::RemoveMember {
+            conversation_id,
+            user_id,
+        }))
+        .await
+    }
+
+    /// Leaves a group.
+    pub async fn leave_group(&self, conversation_id: u64) -> Result<(), ClientError> {
+        self.expect_ok(Body::LeaveGroup(proto::LeaveGroup { conversation_id }))
+            .await
+    }
+
+    /// Promotes (`true`) or demotes a member (admins).
+    pub async fn set_admin(
+        &self,
+        conversation_id: u64,
+        user_id: u64,
+        admin: bool,
+    ) -> Result<(), ClientError> {
+        self.expect_ok(Body::SetAdmin(proto::SetAdmin {
+            conversation_id,
+            user_id,
+            admin,
+        }))
+        .await
+    }
+
+    /// A conversation with its current members and their watermarks.
+    pub async fn conversation(
+        &self,
+        conversation_id: u64,
+    ) -> Result<proto::ConversationInfo, ClientError> {
+        let body = Body::GetConversation(proto::GetConversation { conversation_id });
+        match self.request(StreamKind::Control, body).await? {
+            Body::Conversation(info) => {
+                self.inner.note_members(&info);
+                Ok(info)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Who received and who saw message `seq` ("seen by 2 of 4"), member by
+    /// member.
+    pub async fn message_receipts(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+    ) -> Result<proto::MessageReceipts, ClientError> {
+        let body = Body::GetMessageReceipts(proto::GetMessageReceipts {
+            conversation_id,
+            seq,
+        });
+        match self.request(StreamKind::Control, body).await? {
+            Body::MessageReceipts(receipts) => Ok(receipts),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// "Delivered to 4 of 5, seen by 2 of 5" for message `seq` of a
+    /// conversation, from the receipts this client has seen. The member
+    /// list comes from the last [`conversation`](Self::conversation),
+    /// [`create_group`](Self::create_group) or
+    /// [`open_direct`](Self::open_direct) reply for it; receipts keep it
+    /// current. Returns `None` for a conversation the client knows nothing
+    /// of.
+    pub fn receipt_status(&self, conversation_id: u64, seq: u64) -> Option<ReceiptStatus> {
+        let all = self.inner.receipts.lock().expect("receipts lock");
+        let members = all.get(&conversation_id)?;
+        Some(ReceiptStatus {
+            members: members.len(),
+            delivered: members.values().filter(|(d, _)| *d >= seq).count(),
+            seen: members.values().filter(|(_, s)| *s >= seq).count(),
+        })
     }
 
     /// Revokes this session's token and disconnects for good.

@@ -275,6 +275,7 @@ async fn read_loop(
             }
             Some(Body::SendAck(ack)) => inner.send_answered(request_id, Ok(ack)),
             Some(Body::Receipt(receipt)) => {
+                inner.note_receipt(&receipt);
                 let _ = inner.events.send(Event::Receipt(receipt)).await;
             }
             Some(Body::FriendEvent(event)) => {

@@ -11,6 +11,7 @@ mod harness;
 mod auth;
 mod backends;
 mod friends;
+mod groups;
 mod loadgen;
 mod messaging;
 mod presence;

@@ -1,0 +1,270 @@
+//! Groups end to end: fan-out, per-member receipts, membership changes in
+//! seq order, removal, limits.
+
+use std::time::Duration;
+
+use chat_client::{Client, ErrorCode, Event, Events, HistoryDirection, proto};
+
+use crate::harness::*;
+
+/// A user and their event stream.
+type Member = (Client, Events);
+
+/// `n` registered users; the first is friends with all the others.
+async fn circle(server: &TestServer, n: usize) -> Vec<Member> {
+    let mut members = Vec::with_capacity(n);
+    for i in 0..n {
+        members.push(register(server.client_config(), &name(&format!("g{i}u"))).await);
+    }
+    for other in &members[1..] {
+        befriend(&members[0].0, &other.0).await;
+    }
+    members
+}
+
+fn ids(members: &[Member]) -> Vec<u64> {
+    members.iter().map(|(c, _)| c.identity().user_id).collect()
+}
+
+/// Receipt events for `conversation` from anyone, until none arrive for
+/// `quiet`.
+async fn receipts_until_quiet(
+    events: &mut Events,
+    conversation: u64,
+    quiet: Duration,
+) -> Vec<proto::Receipt> {
+    let mut out = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout(quiet, events.next()).await {
+        if let Event::Receipt(r) = event {
+            if r.conversation_id == conversation {
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
+each_backend! {
+    async fn a_group_send_reaches_everyone_once_with_aggregated_receipts(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let mut members = circle(&server, 5).await;
+        let all = ids(&members);
+        let (owner, owner_events) = members.remove(0);
+        let mut owner_events = owner_events;
+        let group = owner.create_group("five", &all[1..]).await.unwrap();
+        assert_eq!(group.members.len(), 5);
+        let g = group.conversation_id;
+        // Everyone gets the creation message first.
+        for (_, events) in members.iter_mut() {
+            let got = messages(events, 1).await;
+            assert_eq!(got[0].r#type, proto::MessageType::System as i32);
+        }
+
+        let ack = owner.send_text(g, "hello group").await.unwrap();
+        for (_, events) in members.iter_mut() {
+            let got = messages(events, 1).await;
+            assert_eq!((got[0].seq, got[0].text.as_str()), (ack.seq, "hello group"));
+            assert_no_message(events, Duration::from_millis(200)).await;
+        }
+        // Delivered to 4 of 4, from the receipts the sender received.
+        wait_for(&mut owner_events, "delivered 4/4", |e| match e {
+            Event::Receipt(_) => {
+                let status = owner.receipt_status(g, ack.seq).unwrap();
+                (status.delivered == 4).then_some(())
+            }
+            _ => None,
+        })
+        .await;
+        assert_eq!(owner.receipt_status(g, ack.seq).unwrap().members, 4);
+        assert_eq!(owner.receipt_status(g, ack.seq).unwrap().seen, 0);
+
+        // Seen counts grow as members read.
+        for (i, (member, _)) in members.iter().enumerate() {
+            member.mark_seen(g, ack.seq).await.unwrap();
+            wait_for(&mut owner_events, "seen count", |e| match e {
+                Event::Receipt(_) => {
+                    let status = owner.receipt_status(g, ack.seq).unwrap();
+                    (status.seen == i + 1).then_some(())
+                }
+                _ => None,
+            })
+            .await;
+            let detail = owner.message_receipts(g, ack.seq).await.unwrap();
+            assert_eq!((detail.delivered_count, detail.seen_count), (4, i as u32 + 1));
+        }
+        let detail = owner.message_receipts(g, ack.seq).await.unwrap();
+        assert!(detail.members.iter().all(|m| m.delivered && m.seen));
+        assert!(!detail.members.iter().any(|m| m.user_id == owner.identity().user_id));
+    }
+
+    async fn a_removed_member_gets_nothing_more_and_is_refused(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let mut members = circle(&server, 3).await;
+        let all = ids(&members);
+        let g = members[0].0.create_group("three", &all[1..]).await.unwrap().conversation_id;
+        for (_, events) in members.iter_mut().skip(1) {
+            messages(events, 1).await;
+        }
+        members[0].0.send_text(g, "before").await.unwrap();
+        members[0].0.remove_member(g, all[2]).await.unwrap();
+        // The removed member hears of the removal, then nothing.
+        let (_, carol_events) = &mut members[2];
+        let got = messages(carol_events, 2).await;
+        assert_eq!(got[0].text, "before");
+        assert_eq!(got[1].r#type, proto::MessageType::System as i32);
+        assert!(got[1].text.contains("removed"), "{}", got[1].text);
+        members[0].0.send_text(g, "after").await.unwrap();
+        let (_, bob_events) = &mut members[1];
+        let got = messages(bob_events, 3).await;
+        assert_eq!(got[2].text, "after");
+        let (carol, carol_events) = &mut members[2];
+        assert_no_message(carol_events, Duration::from_millis(500)).await;
+        assert_eq!(code(carol.history(g, HistoryDirection::Backward, 0, 50).await), ErrorCode::NotAMember);
+        assert_eq!(code(carol.send_text(g, "let me back").await), ErrorCode::NotAMember);
+        assert_eq!(code(carol.conversation(g).await), ErrorCode::NotAMember);
+        assert_eq!(code(carol.message_receipts(g, 1).await), ErrorCode::NotAMember);
+        // Only admins remove; non-members cannot change anything.
+        let (bob, _) = &members[1];
+        assert_eq!(code(bob.remove_member(g, all[0]).await), ErrorCode::NotAdmin);
+        assert_eq!(code(members[2].0.leave_group(g).await), ErrorCode::NotAMember);
+    }
+
+    async fn an_offline_member_catches_up_in_order_across_a_membership_change(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let mut members = circle(&server, 4).await;
+        let all = ids(&members);
+        let owner = members[0].0.clone();
+        let g = owner.create_group("four", &all[1..3]).await.unwrap().conversation_id;
+        let (dave, _) = members.remove(2);
+        let dave_token = dave.identity().token;
+        dave.close();
+
+        for i in 0..25 {
+            owner.send_text(g, &format!("m{i}")).await.unwrap();
+        }
+        owner.add_members(g, &[all[3]]).await.unwrap();
+        for i in 25..50 {
+            owner.send_text(g, &format!("m{i}")).await.unwrap();
+        }
+
+        let (_dave, mut dave_events) = Client::resume(server.client_config(), &dave_token).await.unwrap();
+        let got = messages(&mut dave_events, 52).await;
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=52).collect::<Vec<_>>(), "every message once, in seq order");
+        let texts: Vec<&str> = got.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts[1], "m0");
+        assert!(texts[26].contains("added"), "the change sits between m24 and m25: {:?}", &texts[25..28]);
+        assert_eq!((texts[25], texts[27]), ("m24", "m25"));
+        assert_no_message(&mut dave_events, Duration::from_millis(300)).await;
+
+        // The member added meanwhile reads from their join on.
+        let (erin, _) = &members[2];
+        let page = erin.history(g, HistoryDirection::Backward, 0, 200).await.unwrap();
+        assert_eq!(page.messages.first().map(|m| m.seq), Some(27));
+        assert_eq!(page.messages.len(), 26);
+        assert!(!page.has_more);
+        let forward = erin.history(g, HistoryDirection::Forward, 0, 5).await.unwrap();
+        assert_eq!(forward.messages.first().map(|m| m.seq), Some(27));
+    }
+
+    async fn receipts_to_the_sender_are_per_member_not_per_message(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let mut members = circle(&server, 5).await;
+        let all = ids(&members);
+        let (owner, mut owner_events) = members.remove(0);
+        let g = owner.create_group("burst", &all[1..]).await.unwrap().conversation_id;
+        const BURST: u64 = 100;
+        let mut last = 0;
+        for i in 0..BURST {
+            last = owner.send_text(g, &format!("b{i}")).await.unwrap().seq;
+        }
+        // Each member receives the burst and reads it, as a person does:
+        // one mark for everything on screen.
+        for (member, events) in members.iter_mut() {
+            messages(events, BURST as usize + 1).await;
+            member.mark_seen(g, last).await.unwrap();
+        }
+        let receipts = receipts_until_quiet(&mut owner_events, g, Duration::from_secs(2)).await;
+        // Per member, every receipt moves something (no repeats), and the
+        // seen watermark jumps once, straight to the end of the burst.
+        for &member in &all[1..] {
+            let mine: Vec<_> = receipts.iter().filter(|r| r.user_id == member).collect();
+            let seen: Vec<_> = mine.iter().filter(|r| r.seen_seq > 0).collect();
+            assert_eq!(seen.len(), 1, "one seen event per member: {mine:?}");
+            assert_eq!(seen[0].seen_seq, last);
+            for pair in mine.windows(2) {
+                assert!(
+                    pair[1].delivered_seq > pair[0].delivered_seq || pair[1].seen_seq > pair[0].seen_seq,
+                    "a receipt that moves nothing: {pair:?}"
+                );
+            }
+        }
+        // 4 members x 101 messages would be 404 per-message events.
+        assert!(receipts.len() < 4 * BURST as usize, "{} receipt events", receipts.len());
+        assert_eq!(owner.receipt_status(g, last).unwrap().seen, 4);
+    }
+}
+
+#[tokio::test]
+async fn group_size_and_friendship_rules() {
+    let server = TestServer::start_with(|c| c.limits.max_group_size = 4).await;
+    let members = circle(&server, 5).await;
+    let all = ids(&members);
+    let owner = &members[0].0;
+    let err = owner.create_group("too big", &all[1..]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::LimitReached));
+    assert!(err.to_string().contains("at most 4"), "{err}");
+    let g = owner
+        .create_group("just right", &all[1..4])
+        .await
+        .unwrap()
+        .conversation_id;
+    assert_eq!(
+        code(owner.add_members(g, &[all[4]]).await),
+        ErrorCode::LimitReached
+    );
+    // Only friends of the one adding.
+    let (stranger, _) = register(server.client_config(), &name("stranger")).await;
+    let small = owner
+        .create_group("small", &all[1..2])
+        .await
+        .unwrap()
+        .conversation_id;
+    assert_eq!(
+        code(
+            owner
+                .add_members(small, &[stranger.identity().user_id])
+                .await
+        ),
+        ErrorCode::NotFriends
+    );
+    assert_eq!(
+        code(
+            owner
+                .create_group("x", &[stranger.identity().user_id])
+                .await
+        ),
+        ErrorCode::NotFriends
+    );
+    assert_eq!(
+        code(owner.create_group("   ", &all[1..2]).await),
+        ErrorCode::InvalidArgument
+    );
+    // Renames by members, admin changes by admins.
+    let member = &members[1].0;
+    member.rename_group(small, "renamed").await.unwrap();
+    assert_eq!(member.conversation(small).await.unwrap().name, "renamed");
+    assert_eq!(
+        code(member.set_admin(small, all[1], true).await),
+        ErrorCode::NotAdmin
+    );
+    owner.set_admin(small, all[1], true).await.unwrap();
+    let info = owner.conversation(small).await.unwrap();
+    assert!(info.members.iter().all(|m| m.admin));
+    // The direct conversation has no members to change.
+    let direct = owner.open_direct(all[1]).await.unwrap().conversation_id;
+    assert_eq!(
+        code(owner.rename_group(direct, "nope").await),
+        ErrorCode::InvalidArgument
+    );
+}
