@@ -5,6 +5,9 @@
 //! cargo run -p chat-client --example chat -- --ca data/certs/ca.pem --user alice --register
 //! ```
 //!
+//! Groups: `/group NAME: friend1, friend2`, `/go ID` (any conversation from
+//! `/chats`), `/invite NAME`, `/kick NAME`, `/leave`.
+//!
 //! Commands: `/friends` (with online / last active), `/add NAME`, `/accept NAME`, `/chats`, `/open NAME`,
 //! `/history`, `/quit`; any other line is sent to the open conversation.
 
@@ -165,11 +168,14 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
                     .map(|m| m.username.clone())
                     .collect();
                 let preview = c.last_message.map(|m| m.text).unwrap_or_default();
+                let title = if c.name.is_empty() {
+                    with.join(", ")
+                } else {
+                    format!("{} ({})", c.name, with.join(", "))
+                };
                 println!(
-                    "{:>3} unread  {}: {}",
-                    c.unread_count,
-                    with.join(", "),
-                    preview
+                    "[{}] {:>3} unread  {title}: {preview}",
+                    c.conversation_id, c.unread_count
                 );
             }
         }
@@ -179,6 +185,55 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
             screen.open = Some((info.conversation_id, rest.to_string()));
             println!("-- chatting with {rest} --");
             print_history(client, screen, info.conversation_id).await?;
+        }
+        "/group" => {
+            // /group NAME: a, b, c
+            let (name, who) = rest
+                .split_once(':')
+                .context("usage: /group NAME: friend1, friend2")?;
+            refresh_friends(client, screen).await?;
+            let mut ids = Vec::new();
+            for friend in who.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+                ids.push(id_of(screen, friend)?);
+            }
+            let info = client.create_group(name.trim(), &ids).await?;
+            screen.open = Some((info.conversation_id, name.trim().to_string()));
+            println!("-- group \"{}\" [{}] --", name.trim(), info.conversation_id);
+        }
+        "/go" => {
+            // Open any conversation by the id /chats shows.
+            let id: u64 = rest.trim().parse().context("usage: /go ID (see /chats)")?;
+            let info = client.conversation(id).await?;
+            for member in &info.members {
+                screen.names.insert(member.user_id, member.username.clone());
+            }
+            let title = if info.name.is_empty() {
+                format!("conversation {id}")
+            } else {
+                info.name.clone()
+            };
+            screen.open = Some((id, title.clone()));
+            println!("-- {title} --");
+            print_history(client, screen, id).await?;
+        }
+        "/invite" | "/kick" => {
+            let Some((conversation, _)) = screen.open.clone() else {
+                bail!("no conversation open")
+            };
+            refresh_friends(client, screen).await?;
+            let user = id_of(screen, rest.trim())?;
+            if cmd == "/invite" {
+                client.add_members(conversation, &[user]).await?;
+            } else {
+                client.remove_member(conversation, user).await?;
+            }
+        }
+        "/leave" => {
+            let Some((conversation, _)) = screen.open.take() else {
+                bail!("no conversation open")
+            };
+            client.leave_group(conversation).await?;
+            println!("-- you left --");
         }
         "/history" => {
             let Some((conversation, _)) = screen.open.clone() else {
@@ -251,6 +306,15 @@ async fn show(client: &Client, screen: &mut Screen, event: Event) {
             }
             if r.seen_seq > shown.1 {
                 println!("  seen by {who} up to #{}", r.seen_seq);
+                // In groups, the count of readers is what people look at.
+                if let Some(status) = client.receipt_status(r.conversation_id, r.seen_seq) {
+                    if status.members > 1 {
+                        println!(
+                            "  #{} seen by {} of {}",
+                            r.seen_seq, status.seen, status.members
+                        );
+                    }
+                }
             }
             *shown = (shown.0.max(r.delivered_seq), shown.1.max(r.seen_seq));
         }
