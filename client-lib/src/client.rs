@@ -479,19 +479,8 @@ impl Client {
 
     /// Opens (or creates) the 1-1 conversation with a friend.
     pub async fn open_direct(&self, user_id: u64) -> Result<proto::ConversationInfo, ClientError> {
-        match self
-            .request(
-                StreamKind::Control,
-                Body::OpenDirect(proto::OpenDirect { user_id }),
-            )
-            .await?
-        {
-            Body::Conversation(info) => {
-                self.inner.note_members(&info);
-                Ok(info)
-            }
-            other => Err(unexpected(&other)),
-        }
+        self.conversation_request(Body::OpenDirect(proto::OpenDirect { user_id }))
+            .await
     }
 
     /// Conversations, most recently active first. `before_activity_ms` = 0
@@ -589,13 +578,7 @@ impl Client {
             name: name.into(),
             member_ids: member_ids.to_vec(),
         });
-        match self.request(StreamKind::Control, body).await? {
-            Body::Conversation(info) => {
-                self.inner.note_members(&info);
-                Ok(info)
-            }
-            other => Err(unexpected(&other)),
-        }
+        self.conversation_request(body).await
     }
 
     /// Renames a group (any member).
@@ -660,13 +643,7 @@ impl Client {
         conversation_id: u64,
     ) -> Result<proto::ConversationInfo, ClientError> {
         let body = Body::GetConversation(proto::GetConversation { conversation_id });
-        match self.request(StreamKind::Control, body).await? {
-            Body::Conversation(info) => {
-                self.inner.note_members(&info);
-                Ok(info)
-            }
-            other => Err(unexpected(&other)),
-        }
+        self.conversation_request(body).await
     }
 
     /// Who received and who saw message `seq` ("seen by 2 of 4"), member by
@@ -730,6 +707,21 @@ impl Client {
     async fn expect_ok(&self, body: Body) -> Result<(), ClientError> {
         match self.request(StreamKind::Control, body).await? {
             Body::Ok(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A control request answered with a conversation, whose members are
+    /// remembered for [`receipt_status`](Self::receipt_status).
+    async fn conversation_request(
+        &self,
+        body: Body,
+    ) -> Result<proto::ConversationInfo, ClientError> {
+        match self.request(StreamKind::Control, body).await? {
+            Body::Conversation(info) => {
+                self.inner.note_members(&info);
+                Ok(info)
+            }
             other => Err(unexpected(&other)),
         }
     }

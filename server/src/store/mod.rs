@@ -142,6 +142,51 @@ pub enum GroupChange {
     SetAdmin(UserId, bool),
 }
 
+/// The words of SYSTEM messages, shared by every backend so a group reads
+/// the same whatever stores it.
+pub mod system_text {
+    /// A group was created.
+    pub fn created(creator: &str, name: &str, members: &[String]) -> String {
+        if members.is_empty() {
+            format!("{creator} created the group \"{name}\"")
+        } else {
+            format!(
+                "{creator} created the group \"{name}\" with {}",
+                members.join(", ")
+            )
+        }
+    }
+
+    /// A member renamed the group.
+    pub fn renamed(actor: &str, name: &str) -> String {
+        format!("{actor} named the group \"{name}\"")
+    }
+
+    /// An admin added members.
+    pub fn added(actor: &str, names: &[String]) -> String {
+        format!("{actor} added {}", names.join(", "))
+    }
+
+    /// An admin removed a member.
+    pub fn removed(actor: &str, name: &str) -> String {
+        format!("{actor} removed {name}")
+    }
+
+    /// A member left.
+    pub fn left(actor: &str) -> String {
+        format!("{actor} left the group")
+    }
+
+    /// An admin promoted or demoted a member.
+    pub fn role(actor: &str, name: &str, admin: bool) -> String {
+        if admin {
+            format!("{actor} made {name} an admin")
+        } else {
+            format!("{actor} made {name} a member")
+        }
+    }
+}
+
 /// What `membership` returns for a member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Membership {

@@ -1027,14 +1027,7 @@ impl HistoryStore for PostgresStore {
         for &member in &members {
             group::add_member(&tx, id, member, group::ROLE_MEMBER, 0).await?;
         }
-        let text = if names.is_empty() {
-            format!("{creator_name} created the group \"{name}\"")
-        } else {
-            format!(
-                "{creator_name} created the group \"{name}\" with {}",
-                names.join(", ")
-            )
-        };
+        let text = crate::store::system_text::created(&creator_name, &name, &names);
         let appended = group::append_system(&tx, id, creator, text, now_ms).await?;
         tx.commit().await.map_err(pg)?;
         Ok(appended)
@@ -1090,7 +1083,7 @@ impl HistoryStore for PostgresStore {
                 )
                 .await
                 .map_err(pg)?;
-                format!("{actor_name} named the group \"{name}\"")
+                crate::store::system_text::renamed(&actor_name, &name)
             }
             GroupChange::Add(users) => {
                 if !is_admin {
@@ -1130,7 +1123,7 @@ impl HistoryStore for PostgresStore {
                     group::add_member(&tx, conversation_id, user, group::ROLE_MEMBER, next_seq)
                         .await?;
                 }
-                format!("{actor_name} added {}", names.join(", "))
+                crate::store::system_text::added(&actor_name, &names)
             }
             GroupChange::Remove(user) => {
                 if !is_admin {
@@ -1145,7 +1138,7 @@ impl HistoryStore for PostgresStore {
                 let name = group::username(&tx, user).await?.unwrap_or_default();
                 group::remove_member(&tx, conversation_id, user).await?;
                 also_tell.push(user);
-                format!("{actor_name} removed {name}")
+                crate::store::system_text::removed(&actor_name, &name)
             }
             GroupChange::Leave => {
                 group::remove_member(&tx, conversation_id, actor).await?;
@@ -1161,7 +1154,7 @@ impl HistoryStore for PostgresStore {
                 )
                 .await
                 .map_err(pg)?;
-                format!("{actor_name} left the group")
+                crate::store::system_text::left(&actor_name)
             }
             GroupChange::SetAdmin(user, admin) => {
                 if !is_admin {
@@ -1182,11 +1175,7 @@ impl HistoryStore for PostgresStore {
                 )
                 .await
                 .map_err(pg)?;
-                if admin {
-                    format!("{actor_name} made {name} an admin")
-                } else {
-                    format!("{actor_name} made {name} a member")
-                }
+                crate::store::system_text::role(&actor_name, &name, admin)
             }
         };
         let mut appended = group::append_system(&tx, conversation_id, actor, text, now_ms).await?;

@@ -1122,14 +1122,7 @@ impl HistoryStore for SqliteStore {
                 add_member(conn, id, member, ROLE_MEMBER, 0)?;
             }
             state.conversations.remove(&id);
-            let text = if names.is_empty() {
-                format!("{creator_name} created the group \"{name}\"")
-            } else {
-                format!(
-                    "{creator_name} created the group \"{name}\" with {}",
-                    names.join(", ")
-                )
-            };
+            let text = super::system_text::created(&creator_name, &name, &names);
             append_one(conn, state, system_message(id, creator, text, now_ms), true)
         })
         .await
@@ -1172,7 +1165,7 @@ impl HistoryStore for SqliteStore {
                         .map_err(internal)?
                         .execute(params![sql(conversation_id), name])
                         .map_err(internal)?;
-                    format!("{actor_name} named the group \"{name}\"")
+                    super::system_text::renamed(&actor_name, &name)
                 }
                 GroupChange::Add(users) => {
                     if !is_admin {
@@ -1203,7 +1196,7 @@ impl HistoryStore for SqliteStore {
                         // New members read from the message that adds them.
                         add_member(conn, conversation_id, user, ROLE_MEMBER, next_seq)?;
                     }
-                    format!("{actor_name} added {}", names.join(", "))
+                    super::system_text::added(&actor_name, &names)
                 }
                 GroupChange::Remove(user) => {
                     if !is_admin {
@@ -1218,7 +1211,7 @@ impl HistoryStore for SqliteStore {
                     let name = username_of(conn, user)?.unwrap_or_default();
                     remove_member(conn, conversation_id, user)?;
                     also_tell.push(user);
-                    format!("{actor_name} removed {name}")
+                    super::system_text::removed(&actor_name, &name)
                 }
                 GroupChange::Leave => {
                     remove_member(conn, conversation_id, actor)?;
@@ -1234,7 +1227,7 @@ impl HistoryStore for SqliteStore {
                     .map_err(internal)?
                     .execute(params![sql(conversation_id), ROLE_ADMIN])
                     .map_err(internal)?;
-                    format!("{actor_name} left the group")
+                    super::system_text::left(&actor_name)
                 }
                 GroupChange::SetAdmin(user, admin) => {
                     if !is_admin {
@@ -1251,11 +1244,7 @@ impl HistoryStore for SqliteStore {
                     .map_err(internal)?
                     .execute(params![sql(conversation_id), sql(user), role])
                     .map_err(internal)?;
-                    if admin {
-                        format!("{actor_name} made {name} an admin")
-                    } else {
-                        format!("{actor_name} made {name} a member")
-                    }
+                    super::system_text::role(&actor_name, &name, admin)
                 }
             };
             // Membership may have changed: reload before appending.
