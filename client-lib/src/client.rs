@@ -253,6 +253,21 @@ impl Inner {
         let _ = self.connected.send_replace(true);
     }
 
+    /// The session cannot continue: nothing will be sent any more, so
+    /// every waiting send and request fails with the reason, new ones fail
+    /// with `Closed`, and the app hears `SessionEnded`.
+    async fn end_session(&self, code: ErrorCode) {
+        self.closed.store(true, Ordering::Relaxed);
+        let error = ClientError::Server {
+            code,
+            message: "the session ended; log in again".into(),
+            retry_after: None,
+        };
+        self.outbox.lock().expect("outbox lock").fail_all(&error);
+        self.fail_pending(&error);
+        let _ = self.events.send(Event::SessionEnded { code }).await;
+    }
+
     fn fail_pending(&self, error: &ClientError) {
         for (_, waiter) in self.pending.lock().expect("pending lock").drain() {
             let _ = waiter.send(Err(error.clone()));
@@ -825,7 +840,7 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
         tracing::debug!(?code, "connection lost");
         let _ = inner.events.send(Event::Disconnected { code }).await;
         if let Some(code) = code.filter(|c| ends_session(*c)) {
-            let _ = inner.events.send(Event::SessionEnded { code }).await;
+            inner.end_session(code).await;
             return;
         }
         let token = inner
@@ -867,7 +882,7 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                 }
                 Err(e) => {
                     if let Some(code) = e.code().filter(|c| ends_session(*c)) {
-                        let _ = inner.events.send(Event::SessionEnded { code }).await;
+                        inner.end_session(code).await;
                         return;
                     }
                     tracing::debug!(error = %e, ?delay, "reconnect failed");

@@ -56,9 +56,17 @@ pub enum Work {
         /// The configured group size limit.
         max_members: usize,
     },
-    /// A message already stored elsewhere (a new group's first message),
-    /// to fan out in order with the rest.
-    Stored(Appended),
+    /// A new group (answered on control with the conversation).
+    CreateGroup {
+        /// Its first admin.
+        creator: UserId,
+        /// Its name.
+        name: String,
+        /// The other founding members.
+        members: Vec<UserId>,
+        /// The configured group size limit.
+        max_members: usize,
+    },
 }
 
 /// A validated send (or group change) waiting for its commit.
@@ -131,21 +139,6 @@ impl Delivery {
             .map_err(|_| Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down"))
     }
 
-    /// Fans out a message stored outside the committer (a new group's
-    /// first message), in order with everything else.
-    pub async fn deliver_stored(
-        &self,
-        appended: Appended,
-        session: Arc<SessionHandle>,
-    ) -> Result<(), Refusal> {
-        self.submit(SendJob {
-            work: Work::Stored(appended),
-            request_id: 0,
-            session,
-        })
-        .await
-    }
-
     /// Queues a watermark move.
     pub async fn mark(&self, job: MarkJob) -> Result<(), Refusal> {
         self.marks
@@ -175,9 +168,9 @@ async fn send_committer(
                     commit_run(&store, std::mem::take(&mut run), &hub, &mut out).await;
                     commit_group(&store, job, &hub, &mut out).await;
                 }
-                Work::Stored(appended) => {
+                Work::CreateGroup { .. } => {
                     commit_run(&store, std::mem::take(&mut run), &hub, &mut out).await;
-                    fan_out(appended, &hub, &mut out);
+                    commit_create(&store, job, &hub, &mut out).await;
                 }
             }
         }
@@ -215,7 +208,7 @@ async fn commit_run(store: &Arc<dyn HistoryStore>, run: Vec<SendJob>, hub: &Hub,
         .iter()
         .filter_map(|j| match &j.work {
             Work::Message(m) => Some(m.clone()),
-            Work::Group { .. } | Work::Stored(_) => None,
+            Work::Group { .. } | Work::CreateGroup { .. } => None,
         })
         .collect();
     let results = match store.append(batch).await {
@@ -284,6 +277,40 @@ async fn commit_group(store: &Arc<dyn HistoryStore>, job: SendJob, hub: &Hub, ou
         Ok(appended) => {
             fan_out(appended, hub, out);
             Frame::new(job.request_id, Body::Ok(proto::Ok {}))
+        }
+        Err(e) => Refusal::from(e).to_frame(job.request_id),
+    };
+    job.session
+        .push(StreamKind::Control, Outbound::frame(&reply));
+}
+
+/// Creates a group (its first SYSTEM message in the same transaction),
+/// answers on control with the conversation, and fans the message out.
+async fn commit_create(store: &Arc<dyn HistoryStore>, job: SendJob, hub: &Hub, out: &mut Fanout) {
+    let Work::CreateGroup {
+        creator,
+        name,
+        members,
+        max_members,
+    } = job.work
+    else {
+        return;
+    };
+    let now = crate::streams::now_ms();
+    let created = store
+        .create_group(creator, name, members, max_members, now)
+        .await;
+    let reply = match created {
+        Ok(appended) => {
+            let id = appended.message.conversation_id;
+            fan_out(appended, hub, out);
+            match store.conversation(id, creator).await {
+                Ok(view) => Frame::new(
+                    job.request_id,
+                    Body::Conversation(crate::streams::control::conversation_info(view)),
+                ),
+                Err(e) => Refusal::from(e).to_frame(job.request_id),
+            }
         }
         Err(e) => Refusal::from(e).to_frame(job.request_id),
     };
@@ -365,15 +392,24 @@ async fn mark_committer(
                     Frame::new(request_id, Body::Ok(proto::Ok {}))
                 }
                 // Nothing moved: an old mark from a member (fine), or a
-                // non-member (refused). Only this rare case asks the store.
-                Ok(()) => match store.is_member(u.conversation_id, u.user_id).await {
-                    Ok(true) => Frame::new(request_id, Body::Ok(proto::Ok {})),
-                    Ok(false) => {
-                        Refusal::new(ErrorCode::NotAMember, "not a member of this conversation")
-                            .to_frame(request_id)
-                    }
-                    Err(e) => Refusal::from(e).to_frame(request_id),
-                },
+                // non-member (refused). Only this case asks the store, and
+                // off the committer, so repeated marks cannot stall it.
+                Ok(()) => {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let frame = match store.is_member(u.conversation_id, u.user_id).await {
+                            Ok(true) => Frame::new(request_id, Body::Ok(proto::Ok {})),
+                            Ok(false) => Refusal::new(
+                                ErrorCode::NotAMember,
+                                "not a member of this conversation",
+                            )
+                            .to_frame(request_id),
+                            Err(e) => Refusal::from(e).to_frame(request_id),
+                        };
+                        session.push(StreamKind::Receipts, Outbound::frame(&frame));
+                    });
+                    continue;
+                }
             };
             session.push(StreamKind::Receipts, Outbound::frame(&frame));
         }

@@ -48,7 +48,16 @@ pub struct Presence {
     users: DashMap<UserId, Local>,
     /// Watched user -> sessions watching them.
     watchers: Arc<DashMap<UserId, Vec<Arc<SessionHandle>>>>,
-    changes: mpsc::UnboundedSender<proto::PresenceState>,
+    changes: mpsc::UnboundedSender<Notice>,
+}
+
+/// What the notifier hears.
+enum Notice {
+    /// A user's state changed.
+    Change(proto::PresenceState),
+    /// A session's watch list changed: forget what it was last sent, so a
+    /// re-subscription hears every later change.
+    Forget(u64),
 }
 
 impl Presence {
@@ -217,14 +226,26 @@ impl Presence {
                 .or_default()
                 .push(session.clone());
         }
+        let _ = self.changes.send(Notice::Forget(session.conn_id));
+    }
+
+    /// Two users stopped being friends: neither watches the other any more
+    /// (watching needs friendship, checked only when subscribing).
+    pub fn unfriend(&self, a: UserId, b: UserId) {
+        for (watched, watcher) in [(a, b), (b, a)] {
+            self.watchers.remove_if_mut(&watched, |_, list| {
+                list.retain(|s| s.user_id != watcher);
+                list.is_empty()
+            });
+        }
     }
 
     fn publish(&self, user_id: UserId, online: bool, last_active_ms: i64) {
-        let _ = self.changes.send(proto::PresenceState {
+        let _ = self.changes.send(Notice::Change(proto::PresenceState {
             user_id,
             online,
             last_active_ms,
-        });
+        }));
     }
 
     /// One sweep: users whose connections all went silent go offline (at
@@ -287,7 +308,7 @@ async fn sweeper(presence: std::sync::Weak<Presence>, every: Duration) {
 /// `PresenceUpdate` per flush with only the states that differ from what it
 /// was last sent.
 async fn notifier(
-    mut rx: mpsc::UnboundedReceiver<proto::PresenceState>,
+    mut rx: mpsc::UnboundedReceiver<Notice>,
     watchers: Arc<DashMap<UserId, Vec<Arc<SessionHandle>>>>,
 ) {
     let mut pending: HashMap<UserId, proto::PresenceState> = HashMap::new();
@@ -296,8 +317,9 @@ async fn notifier(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            change = rx.recv() => match change {
-                Some(state) => { pending.insert(state.user_id, state); }
+            notice = rx.recv() => match notice {
+                Some(Notice::Change(state)) => { pending.insert(state.user_id, state); }
+                Some(Notice::Forget(conn)) => sent.retain(|(c, _), _| *c != conn),
                 None => return,
             },
             _ = tick.tick() => {

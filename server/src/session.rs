@@ -2,7 +2,7 @@
 //! by the kind it announces, enforces "authenticate first", and cleans up
 //! when the connection ends.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind};
@@ -49,6 +49,8 @@ pub struct Session {
     pub auth_done: Notify,
     /// Users this connection watches the presence of.
     pub watching: Mutex<Vec<UserId>>,
+    /// Set when the connection task is cleaning up.
+    closed: AtomicBool,
 }
 
 impl Session {
@@ -75,6 +77,28 @@ impl Session {
         self.auth_done.notify_waiters();
         tracing::Span::current().record("user_id", user_id);
         true
+    }
+
+    /// Whether the connection is gone. A task that registered the session
+    /// somewhere checks this afterwards and calls [`forget`](Self::forget)
+    /// if so, because the connection task may have cleaned up already.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Removes the session from the hub, presence and watch lists. Safe to
+    /// call more than once.
+    pub async fn forget(&self) {
+        let Some(authed) = self.authed() else {
+            return;
+        };
+        self.shared.hub.unregister(authed.user_id, self.conn_id);
+        let watching = std::mem::take(&mut *self.watching.lock().expect("watching lock"));
+        self.shared.presence.watch(&authed.handle, &watching, &[]);
+        self.shared
+            .presence
+            .disconnect(authed.user_id, self.conn_id)
+            .await;
     }
 
     /// Takes the queue receiver for a stream kind (once).
@@ -120,6 +144,7 @@ pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
         opened: Mutex::new([false; 6]),
         auth_done: Notify::new(),
         watching: Mutex::new(Vec::new()),
+        closed: AtomicBool::new(false),
     });
     async move {
         tracing::debug!("connection established");
@@ -161,12 +186,11 @@ pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
             () = accept => {}
             () = async { watchdog.await; std::future::pending::<()>().await } => {}
         }
-        if let Some(authed) = session.authed() {
-            shared.hub.unregister(authed.user_id, conn_id);
-            let watching = std::mem::take(&mut *session.watching.lock().expect("watching lock"));
-            shared.presence.watch(&authed.handle, &watching, &[]);
-            shared.presence.disconnect(authed.user_id, conn_id).await;
-        }
+        // From here on, stream tasks that register something undo it
+        // themselves (see `Session::is_closed`), so nothing outlives the
+        // connection even if it closed in the middle of a login.
+        session.closed.store(true, Ordering::SeqCst);
+        session.forget().await;
     }
     .instrument(span)
     .await;

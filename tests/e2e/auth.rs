@@ -188,3 +188,25 @@ async fn accounts_and_friendships_survive_a_restart() {
         .expect("old token still valid");
     assert_eq!(resumed.identity().username, a);
 }
+
+#[tokio::test]
+async fn sends_fail_instead_of_hanging_when_the_session_ends() {
+    let server = TestServer::start().await;
+    let (phone, _ep) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&phone, &bob).await;
+    let (laptop, mut laptop_events) =
+        Client::resume(server.client_config(), &phone.identity().token)
+            .await
+            .unwrap();
+    phone.logout().await.unwrap();
+    laptop.reconnect_now();
+    wait_for(&mut laptop_events, "session end", |e| match e {
+        Event::SessionEnded { code } => Some(code),
+        _ => None,
+    })
+    .await;
+    let result = tokio::time::timeout(WAIT, laptop.send_text(conversation, "anyone?")).await;
+    let err = result.expect("the send must not hang").unwrap_err();
+    assert!(matches!(err, chat_client::ClientError::Closed), "{err:?}");
+}

@@ -287,3 +287,58 @@ each_backend! {
         );
     }
 }
+
+#[tokio::test]
+async fn ex_friends_stop_seeing_presence() {
+    let server = server(Backend::Embedded).await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    befriend(&alice, &bob).await;
+    let a = alice.identity().user_id;
+    assert!(bob.subscribe_presence(&[a]).await.unwrap()[0].online);
+    // Drain the coalesced updates from before the subscription.
+    count_presence(&mut bob_events, a, chat_server::presence::COALESCE * 2).await;
+    alice.remove_friend(bob.identity().user_id).await.unwrap();
+    alice.close();
+    let seen = count_presence(&mut bob_events, a, chat_server::presence::COALESCE * 4).await;
+    assert!(
+        seen.is_empty(),
+        "an ex-friend still sees presence: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_resubscription_hears_every_later_change() {
+    let server = server(Backend::Embedded).await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    befriend(&alice, &bob).await;
+    let a = alice.identity();
+    assert!(bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online);
+    presence_of(&mut bob_events, a.user_id, true, "initial online").await;
+    // Unsubscribe, let alice go offline unseen, subscribe again.
+    bob.subscribe_presence(&[]).await.unwrap();
+    alice.close();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let state = bob.subscribe_presence(&[a.user_id]).await.unwrap()[0];
+        if !state.online {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice never went offline"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Her coming back must reach bob, although the last update he was sent
+    // before unsubscribing also said "online".
+    let (_alice, _ea) = Client::resume(server.client_config(), &a.token)
+        .await
+        .unwrap();
+    assert!(
+        presence_of(&mut bob_events, a.user_id, true, "alice back")
+            .await
+            .online
+    );
+}

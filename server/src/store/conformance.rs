@@ -814,6 +814,7 @@ pub async fn groups(store: &impl HistoryStore) {
             .await,
         Err(StoreError::NotFound)
     ));
+    let mine = append_one(store, text(g, c, "c0", "mine", 14)).await;
     let removed = store
         .change_group(g, b, GroupChange::Remove(c), 5, 15)
         .await
@@ -824,6 +825,16 @@ pub async fn groups(store: &impl HistoryStore) {
         "the removed member hears of it"
     );
     assert_eq!(store.membership(g, c).await.unwrap(), None);
+    // A retry of what the removed member sent before still gets its ack.
+    let retry = store
+        .append(vec![text(g, c, "c0", "mine", 16)])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.message.seq, mine.message.seq);
     assert!(matches!(
         store
             .append(vec![text(g, c, "c1", "still here?", 16)])

@@ -524,6 +524,35 @@ fn system_message(
     }
 }
 
+/// The message already stored under `m`'s (sender, client_msg_id), as a
+/// duplicate append result.
+fn stored_original(
+    conn: &Connection,
+    state: &mut DbState,
+    m: &NewMessage,
+) -> Result<Option<Appended>, StoreError> {
+    let original = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2"
+        ))
+        .map_err(internal)?
+        .query_row(params![sql(m.sender_id), m.client_msg_id], message_from_row)
+        .optional()
+        .map_err(internal)?;
+    let Some(original) = original else {
+        return Ok(None);
+    };
+    let members = match state.conversation(conn, original.conversation_id)? {
+        Some(c) => c.members.to_vec(),
+        None => Vec::new(),
+    };
+    Ok(Some(Appended {
+        message: Arc::new(original),
+        duplicate: true,
+        members,
+    }))
+}
+
 /// Appends one message. `system` skips the sender's membership check (a
 /// member who just left still authors "left the group").
 fn append_one(
@@ -536,7 +565,14 @@ fn append_one(
         Some(c) if system || c.members.contains(&m.sender_id) => {
             (c.members.clone(), c.last_seq + 1)
         }
-        _ => return Err(StoreError::NotAMember),
+        _ => {
+            // A retry of a message stored before the sender left or was
+            // removed still gets its original ack.
+            return match stored_original(conn, state, &m)? {
+                Some(original) => Ok(original),
+                None => Err(StoreError::NotAMember),
+            };
+        }
     };
 
     let message_id = state.next_message_id;
@@ -562,21 +598,8 @@ fn append_one(
         ])
         .map_err(internal)?;
     if inserted == 0 {
-        let original = conn
-            .prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2"
-            ))
-            .map_err(internal)?
-            .query_row(params![sql(m.sender_id), m.client_msg_id], message_from_row)
-            .map_err(internal)?;
-        let members = match state.conversation(conn, original.conversation_id)? {
-            Some(c) => c.members.clone(),
-            None => Arc::new(Vec::new()),
-        };
-        return Ok(Appended {
-            message: Arc::new(original),
-            duplicate: true,
-            members: members.to_vec(),
+        return stored_original(conn, state, &m)?.ok_or_else(|| {
+            StoreError::Internal("idempotency conflict without a stored message".into())
         });
     }
     conn.prepare_cached(

@@ -122,6 +122,12 @@ async fn authenticate(
             // Before AuthOk leaves: a client that sees AuthOk may rely on
             // being online (and a second device on not being offline).
             session.shared.presence.connect(authed.handle.clone()).await;
+            if session.is_closed() {
+                // The connection died during the login: undo what the
+                // connection task could not see.
+                session.forget().await;
+                return false;
+            }
         }
         let reply = match &result {
             Ok(auth_ok) => Frame::new(request_id, Body::AuthOk(auth_ok.clone())),
@@ -354,6 +360,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     "not a friend or pending request",
                 ));
             }
+            shared.presence.unfriend(me, r.user_id);
             notify_friend(session, r.user_id, proto::friend_event::Kind::Removed);
             reply(Body::Ok(proto::Ok {}))
         }
@@ -454,16 +461,22 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 ));
             }
             check_all_friends(session, me, &g.member_ids).await?;
-            let appended = store
-                .create_group(me, name, g.member_ids, limits.max_group_size, now_ms())
-                .await?;
-            let id = appended.message.conversation_id;
+            // Through the send committer, so the group's first message is
+            // fanned out before anyone can reply to it.
             shared
                 .delivery
-                .deliver_stored(appended, authed.handle.clone())
+                .submit(SendJob {
+                    work: Work::CreateGroup {
+                        creator: me,
+                        name,
+                        members: g.member_ids,
+                        max_members: limits.max_group_size,
+                    },
+                    request_id: rid,
+                    session: authed.handle.clone(),
+                })
                 .await?;
-            let view = store.conversation(id, me).await?;
-            reply(Body::Conversation(conversation_info(view)))
+            Ok(Reply::Deferred)
         }
         Some(Body::RenameGroup(r)) => {
             let change = GroupChange::Rename(group_name(&r.name)?);
@@ -580,6 +593,9 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 wanted.clone(),
             );
             shared.presence.watch(&authed.handle, &old, &wanted);
+            if session.is_closed() {
+                session.forget().await;
+            }
             let states = shared.presence.states(&wanted).await?;
             reply(Body::PresenceSnapshot(proto::PresenceSnapshot { states }))
         }

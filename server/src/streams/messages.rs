@@ -196,9 +196,16 @@ async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u6
         {
             Ok(page) => page,
             Err(e) => {
-                // The client will be caught up on its next connection.
-                tracing::warn!(error = %e, "catch-up failed");
-                return Some(sent);
+                // Live pushes must not overtake what catch-up could not
+                // send (the client would ack past it): close, and the
+                // client resumes from its watermark on reconnect.
+                tracing::warn!(error = %e, "catch-up failed; closing the connection");
+                wire::close(
+                    &session.conn,
+                    ErrorCode::Unavailable,
+                    "catch-up failed; reconnect",
+                );
+                return None;
             }
         };
         let Some(last) = page.last() else {
