@@ -67,6 +67,9 @@ struct Overrides {
     /// Postgres connections in the pool.
     #[arg(long, env = "CHAT_POSTGRES_POOL_SIZE")]
     postgres_pool_size: Option<usize>,
+    /// How long a graceful stop may take, e.g. 10s.
+    #[arg(long, env = "CHAT_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
+    shutdown_timeout: Option<Duration>,
     /// Postgres schema for the tables (created if missing).
     #[arg(long, env = "CHAT_POSTGRES_SCHEMA")]
     postgres_schema: Option<String>,
@@ -140,6 +143,7 @@ impl Overrides {
             c.postgres_url = self.postgres_url;
         }
         set(&mut c.postgres_pool_size, self.postgres_pool_size);
+        set(&mut c.shutdown_timeout, self.shutdown_timeout);
         if self.postgres_schema.is_some() {
             c.postgres_schema = self.postgres_schema;
         }

@@ -37,6 +37,10 @@ pub struct Config {
     pub postgres_url: Option<String>,
     /// Postgres connections in the pool.
     pub postgres_pool_size: usize,
+    /// How long a graceful stop (SIGTERM / SIGINT) may take: connections
+    /// are told to reconnect and in-flight group commits finish within it.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
     /// Postgres schema to keep the tables in (created if missing). Unset:
     /// the URL's default `search_path`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -131,6 +135,7 @@ impl Default for Config {
             redis_prefix: "chat:".into(),
             postgres_url: None,
             postgres_pool_size: 16,
+            shutdown_timeout: Duration::from_secs(10),
             postgres_schema: None,
             tls: TlsConfig::default(),
             limits: Limits::default(),
@@ -285,6 +290,9 @@ impl Config {
                 t.send_window, l.max_frame_len
             ));
         }
+        if self.shutdown_timeout.is_zero() {
+            return err("shutdown-timeout must be more than 0s".into());
+        }
         if self.postgres_pool_size == 0 {
             return err("postgres-pool-size must be at least 1".into());
         }
@@ -362,6 +370,8 @@ mod tests {
             (|c| c.transport.receive_window = 1000, "receive-window"),
             (|c| c.transport.send_window = 10, "send-window"),
             (|c| c.transport.max_connections = 0, "max-connections"),
+            (|c| c.shutdown_timeout = Duration::ZERO, "shutdown-timeout"),
+            (|c| c.limits.max_group_size = 1, "max-group-size"),
             (|c| c.tls.tls_cert = Some("a.pem".into()), "tls-key is not"),
             (|c| c.tls.tls_key = Some("k.pem".into()), "tls-cert is not"),
         ];

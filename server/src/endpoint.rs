@@ -24,9 +24,6 @@ use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{HistoryStore, InboxStore, RecentCache};
 
-/// How long shutdown waits for connections to close and commits to finish.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -166,7 +163,11 @@ impl Server {
             VarInt::from_u32(ErrorCode::ServerShuttingDown as u32),
             b"server shutting down; reconnect",
         );
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        let grace = self
+            .shared
+            .as_ref()
+            .map_or(Duration::from_secs(10), |s| s.config.shutdown_timeout);
+        let deadline = tokio::time::Instant::now() + grace;
         let _ = tokio::time::timeout_at(deadline, self.endpoint.wait_idle()).await;
         // Session tasks hold clones of `shared`; they end once their
         // connections are closed. Wait (bounded) for them, so the UDP socket

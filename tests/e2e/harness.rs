@@ -322,6 +322,22 @@ impl ChildServer {
         self.child.id().expect("a running child has a pid")
     }
 
+    /// SIGTERM, then waits for the process to exit; returns whether it
+    /// exited successfully.
+    pub async fn terminate(mut self) -> bool {
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM");
+        let exited = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("the server exits after SIGTERM in time")
+            .expect("wait for the server");
+        exited.success()
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill server");

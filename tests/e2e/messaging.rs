@@ -420,3 +420,50 @@ each_backend! {
         assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
     }
 }
+
+#[tokio::test]
+async fn sigterm_finishes_commits_and_tells_clients_to_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start_on(&Backend::Embedded, dir.path(), 0).await;
+    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let bob_token = bob.identity().token;
+    bob.close();
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        acked.push(
+            alice
+                .send_text(conversation, &format!("before stop {i}"))
+                .await
+                .unwrap(),
+        );
+    }
+    let port = server.addr.port();
+    assert!(server.terminate().await, "a clean exit after SIGTERM");
+    // Connected clients are told to reconnect (possibly elsewhere).
+    let code = wait_for(&mut alice_events, "disconnect", |e| match e {
+        Event::Disconnected { code } => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, Some(ErrorCode::ServerShuttingDown));
+
+    // Everything acked before the stop is in history.
+    let server = ChildServer::start_on(&Backend::Embedded, dir.path(), port).await;
+    let (bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
+        .await
+        .unwrap();
+    let got = messages(&mut bob_events, 20).await;
+    assert_eq!(
+        got.iter().map(|m| m.message_id).collect::<Vec<_>>(),
+        acked.iter().map(|a| a.message_id).collect::<Vec<_>>()
+    );
+    let page = bob
+        .history(conversation, HistoryDirection::Forward, 0, 100)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 20);
+    alice.close();
+    server.kill().await;
+}
