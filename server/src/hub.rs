@@ -157,11 +157,6 @@ impl Hub {
             .count()
     }
 
-    /// Whether `user` has at least one session on this node.
-    pub fn is_online(&self, user: UserId) -> bool {
-        self.users.contains_key(&user)
-    }
-
     /// Number of connected sessions.
     pub fn session_count(&self) -> usize {
         self.users.iter().map(|e| e.value().len()).sum()

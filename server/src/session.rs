@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind};
 use quinn::{RecvStream, SendStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 use tracing::Instrument;
 
@@ -45,8 +45,6 @@ pub struct Session {
     queues: Mutex<Option<SessionQueues>>,
     /// Which singleton stream kinds the client has opened.
     opened: Mutex<[bool; 6]>,
-    /// Woken when authentication succeeds.
-    pub auth_done: Notify,
     /// Users this connection watches the presence of.
     pub watching: Mutex<Vec<UserId>>,
     /// Set when the connection task is cleaning up.
@@ -74,7 +72,6 @@ impl Session {
         }
         *self.queues.lock().expect("queues lock") = Some(queues);
         self.shared.hub.register(handle);
-        self.auth_done.notify_waiters();
         tracing::Span::current().record("user_id", user_id);
         true
     }
@@ -142,7 +139,6 @@ pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
         authed: OnceLock::new(),
         queues: Mutex::new(None),
         opened: Mutex::new([false; 6]),
-        auth_done: Notify::new(),
         watching: Mutex::new(Vec::new()),
         closed: AtomicBool::new(false),
     });
