@@ -17,6 +17,69 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use chat_protocol::limits::{PASSWORD_LEN, USERNAME_LEN};
 use sha2::{Digest, Sha256};
 
+/// Failed password checks per account, so that guessing a password
+/// cannot go faster than `max_failures` per `window` from any number of
+/// connections (each attempt also costs an Argon2 hash of server CPU).
+/// Per node, in memory: a cluster multiplies the budget by its node count,
+/// which still turns millions of guesses into a handful.
+pub struct LoginThrottle {
+    failures: dashmap::DashMap<UserIdKey, (u32, std::time::Instant)>,
+    max_failures: u32,
+    window: std::time::Duration,
+}
+
+type UserIdKey = u64;
+
+/// Entries kept before stale ones are swept.
+const THROTTLE_SWEEP_AT: usize = 100_000;
+
+impl LoginThrottle {
+    /// Allows `max_failures` wrong passwords per account per `window`.
+    pub fn new(max_failures: u32, window: std::time::Duration) -> Self {
+        LoginThrottle {
+            failures: dashmap::DashMap::new(),
+            max_failures,
+            window,
+        }
+    }
+
+    /// `Err(wait)` while the account is locked out.
+    pub fn check(&self, user: u64) -> Result<(), std::time::Duration> {
+        let Some(entry) = self.failures.get(&user) else {
+            return Ok(());
+        };
+        let (count, since) = *entry;
+        let elapsed = since.elapsed();
+        if count >= self.max_failures && elapsed < self.window {
+            Err(self.window - elapsed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Records a wrong password.
+    pub fn failed(&self, user: u64) {
+        if self.failures.len() >= THROTTLE_SWEEP_AT {
+            let window = self.window;
+            self.failures
+                .retain(|_, (_, since)| since.elapsed() < window);
+        }
+        let mut entry = self
+            .failures
+            .entry(user)
+            .or_insert((0, std::time::Instant::now()));
+        if entry.1.elapsed() >= self.window {
+            *entry = (0, std::time::Instant::now());
+        }
+        entry.0 += 1;
+    }
+
+    /// A successful login clears the account's record.
+    pub fn succeeded(&self, user: u64) {
+        self.failures.remove(&user);
+    }
+}
+
 /// Bytes of randomness in a session token.
 const TOKEN_BYTES: usize = 32;
 
@@ -134,6 +197,27 @@ mod tests {
         ));
         // Salted: the same password hashes differently.
         assert_ne!(phc, hash_password("correct horse battery").unwrap());
+    }
+
+    #[test]
+    fn login_throttle_locks_an_account_after_repeated_failures() {
+        let window = std::time::Duration::from_secs(60);
+        let throttle = LoginThrottle::new(3, window);
+        for _ in 0..2 {
+            throttle.failed(7);
+            assert!(throttle.check(7).is_ok());
+        }
+        throttle.failed(7);
+        let wait = throttle.check(7).unwrap_err();
+        assert!(wait > std::time::Duration::from_secs(59) && wait <= window);
+        assert!(throttle.check(8).is_ok(), "other accounts are unaffected");
+        throttle.succeeded(7);
+        assert!(throttle.check(7).is_ok());
+        // A window that has passed starts over.
+        let short = LoginThrottle::new(1, std::time::Duration::from_millis(1));
+        short.failed(1);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(short.check(1).is_ok());
     }
 
     #[test]

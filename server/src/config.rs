@@ -96,6 +96,12 @@ pub struct Limits {
     pub max_presence_subscriptions: usize,
     /// Members per group.
     pub max_group_size: usize,
+    /// Wrong passwords allowed per account per `login-failure-window`,
+    /// across all connections; then logins answer RATE_LIMITED.
+    pub max_login_failures: u32,
+    /// The window for `max-login-failures`.
+    #[serde(with = "humantime_serde")]
+    pub login_failure_window: Duration,
 }
 
 /// QUIC transport settings.
@@ -157,6 +163,8 @@ impl Default for Limits {
             presence_ttl_multiple: 3,
             max_presence_subscriptions: 500,
             max_group_size: 250,
+            max_login_failures: 10,
+            login_failure_window: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -242,6 +250,9 @@ impl Config {
                 "max-group-size = {} is outside 2..=10000",
                 l.max_group_size
             ));
+        }
+        if l.max_login_failures == 0 || l.login_failure_window.is_zero() {
+            return err("max-login-failures and login-failure-window must be more than 0".into());
         }
         if l.max_presence_subscriptions == 0 {
             return err("max-presence-subscriptions must be at least 1".into());

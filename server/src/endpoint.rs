@@ -71,6 +71,8 @@ pub struct Shared {
     pub delivery: Arc<Delivery>,
     /// Online status tracking.
     pub presence: Arc<Presence>,
+    /// Wrong-password limits per account.
+    pub login_throttle: crate::auth::LoginThrottle,
 }
 
 /// A running chat server.
@@ -122,6 +124,10 @@ impl Server {
             store.clone(),
         );
         let shared = Arc::new(Shared {
+            login_throttle: crate::auth::LoginThrottle::new(
+                config.limits.max_login_failures,
+                config.limits.login_failure_window,
+            ),
             presence,
             codec: Codec::new(config.limits.max_frame_len),
             config,

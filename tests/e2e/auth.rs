@@ -210,3 +210,43 @@ async fn sends_fail_instead_of_hanging_when_the_session_ends() {
     let err = result.expect("the send must not hang").unwrap_err();
     assert!(matches!(err, chat_client::ClientError::Closed), "{err:?}");
 }
+
+#[tokio::test]
+async fn password_guessing_is_throttled_per_account() {
+    let server = TestServer::start_with(|c| c.limits.max_login_failures = 3).await;
+    let alice = name("alice");
+    let bob = name("bob");
+    register(server.client_config(), &alice).await.0.close();
+    register(server.client_config(), &bob).await.0.close();
+    // Fresh connections each time: the limit is per account, not per
+    // connection.
+    for _ in 0..3 {
+        let err = Client::login(server.client_config(), &alice, "wrong password!")
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), Some(ErrorCode::WrongPassword));
+    }
+    let err = Client::login(server.client_config(), &alice, PASSWORD)
+        .await
+        .err()
+        .unwrap();
+    match err {
+        chat_client::ClientError::Server {
+            code, retry_after, ..
+        } => {
+            assert_eq!(code, ErrorCode::RateLimited);
+            assert!(
+                retry_after.is_some_and(|d| d > Duration::from_secs(60)),
+                "{retry_after:?}"
+            );
+        }
+        other => panic!("expected RATE_LIMITED, got {other:?}"),
+    }
+    // Other accounts are unaffected.
+    assert!(
+        Client::login(server.client_config(), &bob, PASSWORD)
+            .await
+            .is_ok()
+    );
+}

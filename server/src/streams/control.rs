@@ -189,14 +189,24 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     let Some(user) = session.shared.store.user_by_name(username).await? else {
         return Err(Refusal::new(ErrorCode::UnknownUser, "no such user"));
     };
+    let throttle = &session.shared.login_throttle;
+    if let Err(wait) = throttle.check(user.id) {
+        return Err(Refusal {
+            code: ErrorCode::RateLimited,
+            message: "too many wrong passwords for this account; wait before trying again".into(),
+            retry_after_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
+        });
+    }
     let password = l.password;
     let phc = user.password_hash.clone();
     let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &phc))
         .await
         .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing task failed: {e}")))?;
     if !ok {
+        throttle.failed(user.id);
         return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
     }
+    throttle.succeeded(user.id);
     tracing::info!(user_id = user.id, "logged in");
     issue_token(session, user.id, user.username, l.device_name).await
 }
