@@ -1,0 +1,145 @@
+//! Statements of group changes, run inside the caller's transaction.
+
+use std::sync::Arc;
+
+use chat_protocol::proto;
+use deadpool_postgres::Transaction;
+
+use super::{ConversationId, StoreError, UserId, col, id_col, pg, sql};
+use crate::store::Appended;
+
+/// Member roles in the `members.role` column.
+pub(super) const ROLE_MEMBER: i32 = 0;
+pub(super) const ROLE_ADMIN: i32 = 1;
+
+pub(super) async fn username(
+    tx: &Transaction<'_>,
+    user: UserId,
+) -> Result<Option<String>, StoreError> {
+    tx.query_opt("SELECT username FROM users WHERE id = $1", &[&sql(user)])
+        .await
+        .map_err(pg)?
+        .map(|r| col(&r, 0))
+        .transpose()
+}
+
+pub(super) async fn role(
+    tx: &Transaction<'_>,
+    conversation_id: ConversationId,
+    user: UserId,
+) -> Result<Option<i32>, StoreError> {
+    tx.query_opt(
+        "SELECT role FROM members WHERE conversation_id = $1 AND user_id = $2",
+        &[&sql(conversation_id), &sql(user)],
+    )
+    .await
+    .map_err(pg)?
+    .map(|r| col(&r, 0))
+    .transpose()
+}
+
+/// A member who reads from `joined_seq` on (0: everything); their
+/// watermarks start just below it.
+pub(super) async fn add_member(
+    tx: &Transaction<'_>,
+    conversation_id: ConversationId,
+    user: UserId,
+    role: i32,
+    joined_seq: u64,
+) -> Result<(), StoreError> {
+    let below = sql(joined_seq.saturating_sub(1));
+    tx.execute(
+        "INSERT INTO members (conversation_id, user_id, role, joined_seq, delivered_seq, seen_seq)
+         VALUES ($1, $2, $3, $4, $5, $5)",
+        &[
+            &sql(conversation_id),
+            &sql(user),
+            &role,
+            &sql(joined_seq),
+            &below,
+        ],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+pub(super) async fn remove_member(
+    tx: &Transaction<'_>,
+    conversation_id: ConversationId,
+    user: UserId,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "DELETE FROM members WHERE conversation_id = $1 AND user_id = $2",
+        &[&sql(conversation_id), &sql(user)],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+/// Stores a SYSTEM message by `actor` with the next seq (the
+/// conversation row is locked by the caller or created in this
+/// transaction) and returns it with the current members.
+pub(super) async fn append_system(
+    tx: &Transaction<'_>,
+    conversation_id: ConversationId,
+    actor: UserId,
+    text: String,
+    now_ms: i64,
+) -> Result<Appended, StoreError> {
+    let row = tx
+        .query_one(
+            "UPDATE conversations SET last_seq = last_seq + 1, last_activity_ms = $2
+             WHERE id = $1 RETURNING last_seq",
+            &[&sql(conversation_id), &now_ms],
+        )
+        .await
+        .map_err(pg)?;
+    let seq = id_col(&row, 0)?;
+    let client_msg_id = format!("system:{:032x}", rand::random::<u128>());
+    let kind = proto::MessageType::System as i32;
+    let row = tx
+        .query_one(
+            "INSERT INTO messages (conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING message_id",
+            &[&sql(conversation_id), &sql(seq), &sql(actor), &client_msg_id, &kind, &now_ms, &text],
+        )
+        .await
+        .map_err(pg)?;
+    let message_id = id_col(&row, 0)?;
+    tx.execute(
+        "UPDATE members SET
+           delivered_seq = CASE WHEN delivered_seq = $3::bigint - 1 THEN $3::bigint ELSE delivered_seq END,
+           seen_seq = CASE WHEN seen_seq = $3::bigint - 1 THEN $3::bigint ELSE seen_seq END
+         WHERE conversation_id = $1 AND user_id = $2",
+        &[&sql(conversation_id), &sql(actor), &sql(seq)],
+    )
+    .await
+    .map_err(pg)?;
+    let rows = tx
+        .query(
+            "SELECT user_id FROM members WHERE conversation_id = $1 ORDER BY user_id",
+            &[&sql(conversation_id)],
+        )
+        .await
+        .map_err(pg)?;
+    let members = rows
+        .iter()
+        .map(|r| id_col(r, 0))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Appended {
+        message: Arc::new(proto::Message {
+            conversation_id,
+            seq,
+            message_id,
+            sender_id: actor,
+            client_msg_id,
+            r#type: kind,
+            sent_at_ms: now_ms,
+            text,
+        }),
+        duplicate: false,
+        members,
+    })
+}
