@@ -314,25 +314,33 @@ async fn a_resubscription_hears_every_later_change() {
     let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
     befriend(&alice, &bob).await;
     let a = alice.identity();
-    assert!(bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online);
-    presence_of(&mut bob_events, a.user_id, true, "initial online").await;
-    // Unsubscribe, let alice go offline unseen, subscribe again.
+    alice.close();
+    let wait_offline = |bob: Client| async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "alice never went offline"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // Watching her while she is offline; her coming online is sent to bob.
+    wait_offline(bob.clone()).await;
+    let (alice, _ea) = Client::resume(server.client_config(), &a.token)
+        .await
+        .unwrap();
+    presence_of(&mut bob_events, a.user_id, true, "alice online").await;
+
+    // Unsubscribe; she goes offline unseen (let the coalescing window
+    // pass so that change is flushed while bob is not watching).
     bob.subscribe_presence(&[]).await.unwrap();
     alice.close();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let state = bob.subscribe_presence(&[a.user_id]).await.unwrap()[0];
-        if !state.online {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice never went offline"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Her coming back must reach bob, although the last update he was sent
-    // before unsubscribing also said "online".
+    tokio::time::sleep(chat_server::presence::COALESCE * 3).await;
+    wait_offline(bob.clone()).await;
+
+    // Her coming back must reach bob, although the last update he was
+    // sent, before unsubscribing, also said "online".
     let (_alice, _ea) = Client::resume(server.client_config(), &a.token)
         .await
         .unwrap();
