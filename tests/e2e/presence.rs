@@ -6,8 +6,8 @@ use chat_client::{Client, ErrorCode, Event, Events, proto};
 
 use crate::harness::*;
 
-/// Short heartbeats so the silent-connection path runs in well under a
-/// second or so: online window = 200 ms x 5 (slack for a busy machine).
+/// Short heartbeats so the silent-connection path runs in about a second:
+/// online window = 200 ms x 5 (slack for a busy machine).
 const HEARTBEAT: Duration = Duration::from_millis(200);
 const MULTIPLE: u32 = 5;
 
