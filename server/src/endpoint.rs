@@ -73,6 +73,8 @@ pub struct Shared {
     pub presence: Arc<Presence>,
     /// Wrong-password limits per account.
     pub login_throttle: crate::auth::LoginThrottle,
+    /// Argon2 hashes allowed to run at once (one per core).
+    pub hashing: tokio::sync::Semaphore,
 }
 
 /// A running chat server.
@@ -123,7 +125,9 @@ impl Server {
             presence_store,
             store.clone(),
         );
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let shared = Arc::new(Shared {
+            hashing: tokio::sync::Semaphore::new(cores),
             login_throttle: crate::auth::LoginThrottle::new(
                 config.limits.max_login_failures,
                 config.limits.login_failure_window,

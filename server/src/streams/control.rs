@@ -164,6 +164,7 @@ async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk
     auth::check_password(&r.password)
         .map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
     let password = r.password;
+    let _permit = hashing_permit(session).await?;
     let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
         .await
         .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing task failed: {e}")))?
@@ -199,6 +200,7 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     }
     let password = l.password;
     let phc = user.password_hash.clone();
+    let _permit = hashing_permit(session).await?;
     let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &phc))
         .await
         .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing task failed: {e}")))?;
@@ -209,6 +211,19 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     throttle.succeeded(user.id);
     tracing::info!(user_id = user.id, "logged in");
     issue_token(session, user.id, user.username, l.device_name).await
+}
+
+/// Waits for a slot to run Argon2. Each hash takes 19 MiB and tens of
+/// milliseconds of a core; without a bound, a burst of logins (or an
+/// attacker) makes the blocking pool run hundreds at once and exhausts
+/// memory. Waiting is bounded by the connection's auth timeout.
+async fn hashing_permit(session: &Session) -> Result<tokio::sync::SemaphorePermit<'_>, Refusal> {
+    session
+        .shared
+        .hashing
+        .acquire()
+        .await
+        .map_err(|_| Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down"))
 }
 
 async fn issue_token(
