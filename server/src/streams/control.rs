@@ -164,11 +164,12 @@ async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk
     auth::check_password(&r.password)
         .map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
     let password = r.password;
-    let _permit = hashing_permit(session).await?;
+    let permit = hashing_permit(session).await?;
     let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
         .await
         .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing task failed: {e}")))?
         .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing failed: {e}")))?;
+    drop(permit);
     let store = &session.shared.store;
     let user_id = match store.create_user(username.clone(), hash, now_ms()).await {
         Ok(id) => id,
@@ -200,10 +201,11 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     }
     let password = l.password;
     let phc = user.password_hash.clone();
-    let _permit = hashing_permit(session).await?;
+    let permit = hashing_permit(session).await?;
     let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &phc))
         .await
         .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing task failed: {e}")))?;
+    drop(permit);
     if !ok {
         throttle.failed(user.id);
         return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
