@@ -204,40 +204,41 @@ async fn commit_run(store: &Arc<dyn HistoryStore>, run: Vec<SendJob>, hub: &Hub,
     if run.is_empty() {
         return;
     }
-    let batch: Vec<NewMessage> = run
-        .iter()
-        .filter_map(|j| match &j.work {
-            Work::Message(m) => Some(m.clone()),
-            Work::Group { .. } | Work::CreateGroup { .. } => None,
-        })
-        .collect();
+    // Move the messages out (no copy of their text on the hot path); keep
+    // who to answer.
+    let mut batch: Vec<NewMessage> = Vec::with_capacity(run.len());
+    let mut replies: Vec<(u64, Arc<SessionHandle>)> = Vec::with_capacity(run.len());
+    for job in run {
+        if let Work::Message(message) = job.work {
+            batch.push(message);
+            replies.push((job.request_id, job.session));
+        }
+    }
     let results = match store.append(batch).await {
         Ok(results) => results,
         Err(e) => {
             // Nothing of the batch is durable: every sender hears a
             // retryable error and retries with the same client_msg_id.
             let refusal = Refusal::from(e);
-            for job in run {
-                let frame = refusal.to_frame(job.request_id);
-                job.session
-                    .push(StreamKind::Messages, Outbound::frame(&frame));
+            for (request_id, session) in replies {
+                let frame = refusal.to_frame(request_id);
+                session.push(StreamKind::Messages, Outbound::frame(&frame));
             }
             return;
         }
     };
-    for (job, result) in run.into_iter().zip(results) {
+    for ((request_id, session), result) in replies.into_iter().zip(results) {
         let appended = match result {
             Ok(appended) => appended,
             Err(e) => {
-                let frame = Refusal::from(e).to_frame(job.request_id);
-                job.session
-                    .push(StreamKind::Messages, Outbound::frame(&frame));
+                let frame = Refusal::from(e).to_frame(request_id);
+                session.push(StreamKind::Messages, Outbound::frame(&frame));
                 continue;
             }
         };
         let message = &appended.message;
         let ack = Frame::new(
-            job.request_id,
+            request_id,
             Body::SendAck(proto::SendAck {
                 conversation_id: message.conversation_id,
                 seq: message.seq,
@@ -247,8 +248,7 @@ async fn commit_run(store: &Arc<dyn HistoryStore>, run: Vec<SendJob>, hub: &Hub,
                 duplicate: appended.duplicate,
             }),
         );
-        job.session
-            .push(StreamKind::Messages, Outbound::frame(&ack));
+        session.push(StreamKind::Messages, Outbound::frame(&ack));
         if appended.duplicate {
             // Already queued for everyone when first stored.
             continue;

@@ -24,6 +24,37 @@ async fn receipt(
     .await
 }
 
+/// Alice and Bob, friends; Bob goes offline and Alice sends `n` texts
+/// (`"{prefix} {i}"`), each acked. Returns Alice, her events, the
+/// conversation, Bob's token and the acks.
+async fn alice_sends_to_offline_bob(
+    config: &chat_client::ClientConfig,
+    n: usize,
+    prefix: &str,
+) -> (
+    Client,
+    chat_client::Events,
+    u64,
+    String,
+    Vec<proto::SendAck>,
+) {
+    let (alice, alice_events) = register(config.clone(), &name("alice")).await;
+    let (bob, _bob_events) = register(config.clone(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let bob_token = bob.identity().token;
+    bob.close();
+    let mut acked = Vec::with_capacity(n);
+    for i in 0..n {
+        acked.push(
+            alice
+                .send_text(conversation, &format!("{prefix} {i}"))
+                .await
+                .unwrap(),
+        );
+    }
+    (alice, alice_events, conversation, bob_token, acked)
+}
+
 each_backend! {
     async fn sent_then_delivered_then_seen(backend: Backend) {
         let server = TestServer::start_on(backend.clone()).await;
@@ -233,20 +264,8 @@ each_backend! {
     async fn acked_messages_survive_a_killed_server(backend: Backend) {
         let dir = tempfile::tempdir().unwrap();
         let server = ChildServer::start_on(&backend, dir.path(), 0).await;
-        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-        let (bob, _eb) = register(server.client_config(), &name("bob")).await;
-        let conversation = befriend(&alice, &bob).await;
-        let bob_token = bob.identity().token;
-        bob.close();
-        let mut acked = Vec::new();
-        for i in 0..50 {
-            acked.push(
-                alice
-                    .send_text(conversation, &format!("durable {i}"))
-                    .await
-                    .unwrap(),
-            );
-        }
+        let (alice, _ea, conversation, bob_token, acked) =
+            alice_sends_to_offline_bob(&server.client_config(), 50, "durable").await;
         let port = server.addr.port();
         // SIGKILL right after the last ack: no graceful anything.
         server.kill().await;
@@ -425,20 +444,8 @@ each_backend! {
 async fn sigterm_finishes_commits_and_tells_clients_to_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let server = ChildServer::start_on(&Backend::Embedded, dir.path(), 0).await;
-    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
-    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
-    let bob_token = bob.identity().token;
-    bob.close();
-    let mut acked = Vec::new();
-    for i in 0..20 {
-        acked.push(
-            alice
-                .send_text(conversation, &format!("before stop {i}"))
-                .await
-                .unwrap(),
-        );
-    }
+    let (alice, mut alice_events, conversation, bob_token, acked) =
+        alice_sends_to_offline_bob(&server.client_config(), 20, "before stop").await;
     let port = server.addr.port();
     assert!(server.terminate().await, "a clean exit after SIGTERM");
     // Connected clients are told to reconnect (possibly elsewhere).

@@ -41,6 +41,19 @@ async fn presence_of(
     .await
 }
 
+/// Waits (polling with a fresh subscription) until `watcher` sees `user`
+/// offline; the subscription stays in place.
+async fn until_offline(watcher: &Client, user: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while watcher.subscribe_presence(&[user]).await.unwrap()[0].online {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "user {user} never went offline"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Counts presence events for `user` arriving within `quiet`.
 async fn count_presence(
     events: &mut Events,
@@ -68,14 +81,7 @@ each_backend! {
         let a = alice.identity();
         alice.close();
         // Wait until the server has her offline, then watch her.
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "alice never went offline"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_offline(&bob, a.user_id).await;
 
         let (alice, _ea) = Client::resume(server.client_config(), &a.token)
             .await
@@ -192,14 +198,7 @@ each_backend! {
         befriend(&alice, &bob).await;
         let a = alice.identity();
         alice.close();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "alice never went offline"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_offline(&bob, a.user_id).await;
 
         const FLAPS: usize = 50;
         let started = tokio::time::Instant::now();
@@ -266,14 +265,7 @@ each_backend! {
         let b_token = bob.identity().token;
         let closed_at = now_ms();
         alice.close();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while bob.subscribe_presence(&[a]).await.unwrap()[0].online {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "alice never went offline"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_offline(&bob, a).await;
         bob.close();
         server.restart().await;
         let (bob, _eb) = Client::resume(server.client_config(), &b_token)
@@ -315,18 +307,8 @@ async fn a_resubscription_hears_every_later_change() {
     befriend(&alice, &bob).await;
     let a = alice.identity();
     alice.close();
-    let wait_offline = |bob: Client| async move {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "alice never went offline"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
     // Watching her while she is offline; her coming online is sent to bob.
-    wait_offline(bob.clone()).await;
+    until_offline(&bob, a.user_id).await;
     let (alice, _ea) = Client::resume(server.client_config(), &a.token)
         .await
         .unwrap();
@@ -337,7 +319,7 @@ async fn a_resubscription_hears_every_later_change() {
     bob.subscribe_presence(&[]).await.unwrap();
     alice.close();
     tokio::time::sleep(chat_server::presence::COALESCE * 3).await;
-    wait_offline(bob.clone()).await;
+    until_offline(&bob, a.user_id).await;
 
     // Her coming back must reach bob, although the last update he was
     // sent, before unsubscribing, also said "online".
