@@ -174,15 +174,15 @@ impl Inner {
         }) = &result
         {
             if code.is_retryable() {
+                // Hold every send back until the server's time, then resend
+                // the whole outbox in order (the server deduplicates what it
+                // already stored): a retried send is never overtaken.
                 let delay = retry_after.unwrap_or(self.config.reconnect_min);
-                let inner = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let outbox = inner.outbox.lock().expect("outbox lock");
-                    if let (Some(frame), Some(live)) = (outbox.frame(request_id), inner.live()) {
-                        let _ = live.messages.send(frame);
-                    }
-                });
+                let until = tokio::time::Instant::now() + delay;
+                if self.outbox.lock().expect("outbox lock").pause(until) {
+                    let inner = self.clone();
+                    tokio::spawn(async move { inner.resume_after_pause(until).await });
+                }
                 return;
             }
         }
@@ -190,6 +190,25 @@ impl Inner {
             .lock()
             .expect("outbox lock")
             .complete(request_id, result);
+    }
+
+    /// Waits out a send pause, then resends the outbox in order.
+    async fn resume_after_pause(&self, mut until: tokio::time::Instant) {
+        loop {
+            tokio::time::sleep_until(until).await;
+            let mut outbox = self.outbox.lock().expect("outbox lock");
+            match outbox.try_resume(tokio::time::Instant::now()) {
+                Ok(()) => {
+                    if let Some(live) = self.live() {
+                        for frame in outbox.frames() {
+                            let _ = live.messages.send(frame.clone());
+                        }
+                    }
+                    return;
+                }
+                Err(later) => until = later,
+            }
+        }
     }
 
     /// Remembers a member's watermarks (they only move forward).
@@ -245,8 +264,11 @@ impl Inner {
     /// order, before any new send can slip in between.
     fn install(&self, live: Live) {
         let outbox = self.outbox.lock().expect("outbox lock");
-        for frame in outbox.frames() {
-            let _ = live.messages.send(frame.clone());
+        // During a pause the resend waits for its end (see send_answered).
+        if !outbox.is_paused() {
+            for frame in outbox.frames() {
+                let _ = live.messages.send(frame.clone());
+            }
         }
         *self.live.lock().expect("live lock") = Some(live);
         drop(outbox);
@@ -427,7 +449,7 @@ impl Client {
         {
             let mut outbox = self.inner.outbox.lock().expect("outbox lock");
             outbox.push(request_id, frame.clone(), tx)?;
-            if let Some(live) = self.inner.live() {
+            if let (false, Some(live)) = (outbox.is_paused(), self.inner.live()) {
                 let _ = live.messages.send(frame);
             }
         }

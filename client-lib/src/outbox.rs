@@ -25,6 +25,11 @@ pub(crate) struct Entry {
 pub(crate) struct Outbox {
     entries: VecDeque<Entry>,
     limit: usize,
+    /// Set while the server asked us to wait (RATE_LIMITED and other
+    /// retryable refusals): nothing is transmitted until then, and then
+    /// the whole outbox is resent in order, so a refused send is never
+    /// overtaken by a later one.
+    paused_until: Option<tokio::time::Instant>,
 }
 
 impl Outbox {
@@ -32,6 +37,7 @@ impl Outbox {
         Outbox {
             entries: VecDeque::new(),
             limit: limit.max(1),
+            paused_until: None,
         }
     }
 
@@ -77,12 +83,40 @@ impl Outbox {
         self.entries.iter().map(|e| &e.frame)
     }
 
-    /// The frame of one entry (for a delayed retry).
-    pub(crate) fn frame(&self, request_id: u64) -> Option<Bytes> {
-        self.entries
-            .iter()
-            .find(|e| e.request_id == request_id)
-            .map(|e| e.frame.clone())
+    /// Whether sends are held back now.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused_until.is_some()
+    }
+
+    /// Holds sends back until `until` (or later, if already paused
+    /// longer). Returns true if this starts a pause, so the caller
+    /// schedules the resend.
+    pub(crate) fn pause(&mut self, until: tokio::time::Instant) -> bool {
+        match self.paused_until {
+            Some(current) => {
+                self.paused_until = Some(current.max(until));
+                false
+            }
+            None => {
+                self.paused_until = Some(until);
+                true
+            }
+        }
+    }
+
+    /// Ends the pause if its time has come; otherwise returns when to
+    /// check again.
+    pub(crate) fn try_resume(
+        &mut self,
+        now: tokio::time::Instant,
+    ) -> Result<(), tokio::time::Instant> {
+        match self.paused_until {
+            Some(until) if until > now => Err(until),
+            _ => {
+                self.paused_until = None;
+                Ok(())
+            }
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -133,6 +167,23 @@ mod tests {
         );
         assert_eq!(rx1.try_recv().unwrap().unwrap().seq, 7);
         assert_eq!(outbox.len(), 1);
-        assert_eq!(outbox.frame(2), Some(Bytes::from_static(b"b")));
+    }
+
+    #[test]
+    fn a_pause_lasts_until_its_latest_deadline() {
+        let mut outbox = Outbox::new(4);
+        let now = tokio::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        assert!(!outbox.is_paused());
+        assert!(
+            outbox.pause(now + ms(100)),
+            "the first refusal starts a pause"
+        );
+        assert!(!outbox.pause(now + ms(300)), "later ones extend it");
+        assert!(!outbox.pause(now + ms(200)), "never shorten it");
+        assert_eq!(outbox.try_resume(now + ms(150)), Err(now + ms(300)));
+        assert!(outbox.is_paused());
+        assert_eq!(outbox.try_resume(now + ms(300)), Ok(()));
+        assert!(!outbox.is_paused());
     }
 }

@@ -143,6 +143,7 @@ async fn spawn_server(
     };
     let config = chat_server::Config {
         listen: ([127, 0, 0, 1], 0).into(),
+        metrics_listen: ([127, 0, 0, 1], 0).into(),
         data_dir,
         ..chat_server::Config::default()
     };

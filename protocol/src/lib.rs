@@ -116,6 +116,32 @@ impl Body {
     }
 }
 
+impl Body {
+    /// Whether a request may be processed from TLS early data (0-RTT),
+    /// which an attacker can replay. True only where a replay changes
+    /// nothing: reads, heartbeats, token resumption, watermark moves
+    /// (they only go forward) and `Send` (deduplicated by its
+    /// `client_msg_id`). Everything else (passwords, friendships, groups,
+    /// visibility, logout) waits until the handshake is complete.
+    pub fn is_replay_safe(&self) -> bool {
+        matches!(
+            self,
+            Body::OpenStream(_)
+                | Body::Authenticate(_)
+                | Body::ListFriends(_)
+                | Body::ListConversations(_)
+                | Body::HistoryQuery(_)
+                | Body::GetConversation(_)
+                | Body::GetMessageReceipts(_)
+                | Body::Send(_)
+                | Body::DeliveryAck(_)
+                | Body::MarkSeen(_)
+                | Body::Heartbeat(_)
+                | Body::SubscribePresence(_)
+        )
+    }
+}
+
 impl ErrorCode {
     /// The code for a raw wire value; unknown values (from a newer peer)
     /// become `Unspecified`, never a panic.
@@ -169,6 +195,42 @@ impl StreamKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_replay_safe_requests_run_from_early_data() {
+        let safe = [
+            Body::Authenticate(proto::Authenticate::default()),
+            Body::Send(proto::Send::default()),
+            Body::DeliveryAck(proto::DeliveryAck::default()),
+            Body::MarkSeen(proto::MarkSeen::default()),
+            Body::Heartbeat(proto::Heartbeat::default()),
+            Body::HistoryQuery(proto::HistoryQuery::default()),
+        ];
+        let unsafe_ = [
+            Body::Register(proto::Register::default()),
+            Body::Login(proto::Login::default()),
+            Body::Logout(proto::Logout::default()),
+            Body::FriendRequest(proto::FriendRequest::default()),
+            Body::FriendRemove(proto::FriendRemove::default()),
+            Body::CreateGroup(proto::CreateGroup::default()),
+            Body::RemoveMember(proto::RemoveMember::default()),
+            Body::SetPresenceVisibility(proto::SetPresenceVisibility::default()),
+        ];
+        for body in &safe {
+            assert!(
+                body.is_replay_safe(),
+                "{} should be replay safe",
+                body.name()
+            );
+        }
+        for body in &unsafe_ {
+            assert!(
+                !body.is_replay_safe(),
+                "{} must wait for the handshake",
+                body.name()
+            );
+        }
+    }
 
     #[test]
     fn error_codes_keep_their_numbers() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::certs::{DEFAULT_NAMES, DevCerts};
-use crate::config::Config;
+use crate::config::{Config, CongestionController};
 use crate::endpoint::Server;
 
 /// A chat service over QUIC. With no arguments: listens on 127.0.0.1:4433,
@@ -124,6 +124,60 @@ struct Overrides {
     /// Concurrent connections.
     #[arg(long, env = "CHAT_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Concurrent unidirectional streams per connection.
+    #[arg(long, env = "CHAT_MAX_CONCURRENT_UNI_STREAMS")]
+    max_concurrent_uni_streams: Option<u32>,
+    /// Congestion controller.
+    #[arg(long, env = "CHAT_CONGESTION_CONTROLLER", value_enum)]
+    congestion_controller: Option<CongestionController>,
+    /// RTT assumed before the first sample, e.g. 333ms.
+    #[arg(long, env = "CHAT_INITIAL_RTT", value_parser = humantime::parse_duration)]
+    initial_rtt: Option<Duration>,
+    /// Initial UDP payload size, bytes.
+    #[arg(long, env = "CHAT_INITIAL_MTU")]
+    initial_mtu: Option<u16>,
+    /// Minimum UDP payload size, bytes.
+    #[arg(long, env = "CHAT_MIN_MTU")]
+    min_mtu: Option<u16>,
+    /// MTU discovery (true / false).
+    #[arg(long, env = "CHAT_MTU_DISCOVERY")]
+    mtu_discovery: Option<bool>,
+    /// QUIC DATAGRAM receive buffer per connection, bytes (0: off).
+    #[arg(long, env = "CHAT_DATAGRAM_RECEIVE_BUFFER")]
+    datagram_receive_buffer: Option<usize>,
+    /// QUIC DATAGRAM send buffer per connection, bytes.
+    #[arg(long, env = "CHAT_DATAGRAM_SEND_BUFFER")]
+    datagram_send_buffer: Option<usize>,
+    /// UDP socket SO_RCVBUF, bytes (0: OS default).
+    #[arg(long, env = "CHAT_SOCKET_RECEIVE_BUFFER")]
+    socket_receive_buffer: Option<usize>,
+    /// UDP socket SO_SNDBUF, bytes (0: OS default).
+    #[arg(long, env = "CHAT_SOCKET_SEND_BUFFER")]
+    socket_send_buffer: Option<usize>,
+    /// Segmentation offload (true / false).
+    #[arg(long, env = "CHAT_GSO")]
+    gso: Option<bool>,
+    /// Stateless retry for address validation (true / false).
+    #[arg(long, env = "CHAT_STATELESS_RETRY")]
+    stateless_retry: Option<bool>,
+    /// Connection migration (true / false).
+    #[arg(long, env = "CHAT_MIGRATION")]
+    migration: Option<bool>,
+    /// 0-RTT early data on resumed sessions (true / false).
+    #[arg(long, env = "CHAT_ZERO_RTT")]
+    zero_rtt: Option<bool>,
+    /// Sustained sends per second per user (0: no limit).
+    #[arg(long, env = "CHAT_SEND_RATE")]
+    send_rate: Option<u32>,
+    /// Burst of sends above send-rate.
+    #[arg(long, env = "CHAT_SEND_BURST")]
+    send_burst: Option<u32>,
+    /// Wrong passwords per account per login-failure-window.
+    #[arg(long, env = "CHAT_MAX_LOGIN_FAILURES")]
+    max_login_failures: Option<u32>,
+    /// Prometheus metrics, /healthz and /readyz (HTTP), e.g. 127.0.0.1:9464.
+    #[arg(long, env = "CHAT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Overrides {
@@ -180,6 +234,28 @@ impl Overrides {
         set(&mut c.transport.receive_window, self.receive_window);
         set(&mut c.transport.send_window, self.send_window);
         set(&mut c.transport.max_connections, self.max_connections);
+        let t = &mut c.transport;
+        set(
+            &mut t.max_concurrent_uni_streams,
+            self.max_concurrent_uni_streams,
+        );
+        set(&mut t.congestion_controller, self.congestion_controller);
+        set(&mut t.initial_rtt, self.initial_rtt);
+        set(&mut t.initial_mtu, self.initial_mtu);
+        set(&mut t.min_mtu, self.min_mtu);
+        set(&mut t.mtu_discovery, self.mtu_discovery);
+        set(&mut t.datagram_receive_buffer, self.datagram_receive_buffer);
+        set(&mut t.datagram_send_buffer, self.datagram_send_buffer);
+        set(&mut t.socket_receive_buffer, self.socket_receive_buffer);
+        set(&mut t.socket_send_buffer, self.socket_send_buffer);
+        set(&mut t.gso, self.gso);
+        set(&mut t.stateless_retry, self.stateless_retry);
+        set(&mut t.migration, self.migration);
+        set(&mut t.zero_rtt, self.zero_rtt);
+        set(&mut c.limits.send_rate, self.send_rate);
+        set(&mut c.limits.send_burst, self.send_burst);
+        set(&mut c.limits.max_login_failures, self.max_login_failures);
+        set(&mut c.metrics_listen, self.metrics_listen);
     }
 }
 
@@ -259,6 +335,10 @@ pub fn main() -> ExitCode {
         } else {
             println!("chat-server listening on {}", server.local_addr());
         }
+        println!(
+            "chat-server metrics on http://{}/metrics (also /healthz, /readyz)",
+            server.metrics_addr()
+        );
         wait_for_signal().await;
         server.shutdown().await;
         ExitCode::SUCCESS
@@ -316,6 +396,40 @@ mod tests {
         assert_eq!(c.listen.port(), 0);
         assert_eq!(c.transport.idle_timeout, Duration::from_secs(45));
         assert_eq!(c.limits.max_text_len, 100);
+    }
+
+    #[test]
+    fn transport_flags_reach_the_config() {
+        let c = parse(&[
+            "--congestion-controller",
+            "bbr",
+            "--initial-rtt",
+            "100ms",
+            "--gso",
+            "false",
+            "--zero-rtt",
+            "true",
+            "--min-mtu",
+            "1280",
+            "--initial-mtu",
+            "1400",
+            "--send-rate",
+            "5",
+            "--send-burst",
+            "10",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        assert_eq!(c.transport.congestion_controller, CongestionController::Bbr);
+        assert_eq!(c.transport.initial_rtt, Duration::from_millis(100));
+        assert!(!c.transport.gso);
+        assert!(c.transport.zero_rtt);
+        assert_eq!((c.transport.min_mtu, c.transport.initial_mtu), (1280, 1400));
+        assert_eq!((c.limits.send_rate, c.limits.send_burst), (5, 10));
+        assert_eq!(c.metrics_listen.port(), 0);
+        let err = parse(&["--congestion-controller", "vegas"]).unwrap_err();
+        assert!(err.contains("vegas"), "{err}");
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct Config {
     /// are told to reconnect and in-flight group commits finish within it.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// HTTP address serving Prometheus `/metrics`, `/healthz` and
+    /// `/readyz` (keep it on a private interface).
+    pub metrics_listen: SocketAddr,
     /// Postgres schema to keep the tables in (created if missing). Unset:
     /// the URL's default `search_path`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,6 +105,12 @@ pub struct Limits {
     /// The window for `max-login-failures`.
     #[serde(with = "humantime_serde")]
     pub login_failure_window: Duration,
+    /// Sustained sends per second per user, across their devices (a token
+    /// bucket refilled at this rate; 0: no limit). Over it a send is
+    /// answered RATE_LIMITED with a retry-after.
+    pub send_rate: u32,
+    /// Sends a user may make at once above `send-rate` (the bucket size).
+    pub send_burst: u32,
 }
 
 /// QUIC transport settings.
@@ -126,9 +135,64 @@ pub struct Transport {
     pub receive_window: u32,
     /// Per-connection send buffer in bytes.
     pub send_window: u64,
-    /// Connections this node accepts at once; more are refused with
-    /// SERVER_BUSY.
+    /// Connections this node accepts at once; more are closed with
+    /// SERVER_BUSY right after the handshake.
     pub max_connections: usize,
+    /// Unidirectional streams a client may open at once (the protocol uses
+    /// none yet; 0 refuses them).
+    pub max_concurrent_uni_streams: u32,
+    /// Congestion controller: `cubic`, `newreno` or `bbr`.
+    pub congestion_controller: CongestionController,
+    /// RTT assumed before the first measurement; sets the first
+    /// retransmission timeout.
+    #[serde(with = "humantime_serde")]
+    pub initial_rtt: Duration,
+    /// UDP payload size used from the start, in bytes (at least 1200, the
+    /// QUIC minimum).
+    pub initial_mtu: u16,
+    /// UDP payload size the path is assumed to always carry; MTU discovery
+    /// never goes below it.
+    pub min_mtu: u16,
+    /// Probe for a larger MTU than `initial-mtu` (DPLPMTUD).
+    pub mtu_discovery: bool,
+    /// Bytes of QUIC DATAGRAM frames buffered per connection before the
+    /// oldest is dropped (0: the extension is off; nothing uses it yet).
+    pub datagram_receive_buffer: usize,
+    /// Bytes of outgoing QUIC DATAGRAM frames buffered per connection.
+    pub datagram_send_buffer: usize,
+    /// The UDP socket's kernel receive buffer (SO_RCVBUF) in bytes; 0
+    /// keeps the OS default. Raise it when the kernel drops datagrams under
+    /// bursts (`netstat -su` receive buffer errors).
+    pub socket_receive_buffer: usize,
+    /// The UDP socket's kernel send buffer (SO_SNDBUF) in bytes; 0 keeps
+    /// the OS default.
+    pub socket_send_buffer: usize,
+    /// Segmentation offload (GSO): hand the kernel several datagrams in
+    /// one call where the platform supports it.
+    pub gso: bool,
+    /// Stateless retry: make every new client prove its address with a
+    /// Retry round trip before the server keeps any state (costs one RTT;
+    /// turn on under a spoofed-source flood).
+    pub stateless_retry: bool,
+    /// Let clients keep a connection across address changes (Wi-Fi to
+    /// cellular, NAT rebinding).
+    pub migration: bool,
+    /// Accept 0-RTT early data on resumed TLS sessions; only replay-safe
+    /// requests run before the handshake completes.
+    pub zero_rtt: bool,
+}
+
+/// QUIC congestion control algorithms quinn provides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CongestionController {
+    /// CUBIC (RFC 9438): the default of most TCP stacks.
+    Cubic,
+    /// NewReno (RFC 9002's reference controller).
+    #[value(name = "newreno")]
+    NewReno,
+    /// BBR (experimental in quinn): model-based, less hurt by random loss.
+    Bbr,
 }
 
 impl Default for Config {
@@ -142,6 +206,7 @@ impl Default for Config {
             postgres_url: None,
             postgres_pool_size: 16,
             shutdown_timeout: Duration::from_secs(10),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             postgres_schema: None,
             tls: TlsConfig::default(),
             limits: Limits::default(),
@@ -165,6 +230,8 @@ impl Default for Limits {
             max_group_size: 250,
             max_login_failures: 10,
             login_failure_window: Duration::from_secs(15 * 60),
+            send_rate: 20,
+            send_burst: 100,
         }
     }
 }
@@ -179,12 +246,30 @@ impl Default for Transport {
             receive_window: 256 * 1024,
             send_window: 256 * 1024,
             max_connections: 100_000,
+            max_concurrent_uni_streams: 0,
+            congestion_controller: CongestionController::Cubic,
+            initial_rtt: Duration::from_millis(333),
+            initial_mtu: 1200,
+            min_mtu: 1200,
+            mtu_discovery: true,
+            datagram_receive_buffer: 0,
+            datagram_send_buffer: 64 * 1024,
+            socket_receive_buffer: 0,
+            socket_send_buffer: 0,
+            gso: true,
+            stateless_retry: false,
+            migration: true,
+            zero_rtt: false,
         }
     }
 }
 
 /// Room a frame needs around a maximal text (ids, keys, envelope).
 const FRAME_OVERHEAD: usize = 512;
+/// The smallest UDP payload every QUIC path must carry (RFC 9000 §14).
+const QUIC_MIN_MTU: u16 = 1200;
+/// The largest UDP payload over IPv4 (65535 - 8 - 20 header bytes).
+const MAX_UDP_PAYLOAD: u16 = 65_527;
 
 /// A configuration problem, in words an operator can act on.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -310,6 +395,58 @@ impl Config {
         if t.max_connections == 0 {
             return err("max-connections must be at least 1".into());
         }
+        if t.max_concurrent_uni_streams > 64 {
+            return err(format!(
+                "max-concurrent-uni-streams = {} is outside 0..=64",
+                t.max_concurrent_uni_streams
+            ));
+        }
+        if t.initial_rtt < Duration::from_millis(1) || t.initial_rtt > Duration::from_secs(10) {
+            return err(format!(
+                "initial-rtt ({}) is outside 1ms..=10s",
+                humantime::format_duration(t.initial_rtt)
+            ));
+        }
+        if t.initial_rtt >= t.idle_timeout {
+            return err(format!(
+                "initial-rtt ({}) must be shorter than idle-timeout ({}), or no handshake can finish",
+                humantime::format_duration(t.initial_rtt),
+                humantime::format_duration(t.idle_timeout)
+            ));
+        }
+        if t.min_mtu < QUIC_MIN_MTU {
+            return err(format!(
+                "min-mtu = {} is below {QUIC_MIN_MTU}, the smallest datagram QUIC allows",
+                t.min_mtu
+            ));
+        }
+        if t.initial_mtu < t.min_mtu {
+            return err(format!(
+                "initial-mtu ({}) must be at least min-mtu ({})",
+                t.initial_mtu, t.min_mtu
+            ));
+        }
+        if t.initial_mtu > MAX_UDP_PAYLOAD {
+            return err(format!(
+                "initial-mtu = {} is above {MAX_UDP_PAYLOAD}, the largest UDP payload",
+                t.initial_mtu
+            ));
+        }
+        if t.datagram_send_buffer == 0 {
+            return err("datagram-send-buffer must be at least 1 byte".into());
+        }
+        if t.zero_rtt && t.stateless_retry {
+            return err(
+                "zero-rtt and stateless-retry cannot both be on: a Retry discards the client's early data, so 0-RTT would never save a round trip"
+                    .into(),
+            );
+        }
+        if (l.send_rate == 0) != (l.send_burst == 0) {
+            return err(format!(
+                "send-rate ({}) and send-burst ({}) must both be 0 (no limit) or both above 0",
+                l.send_rate, l.send_burst
+            ));
+        }
         match (&self.tls.tls_cert, &self.tls.tls_key) {
             (Some(_), None) => {
                 return err("tls-cert is set but tls-key is not; set both or neither".into());
@@ -385,6 +522,53 @@ mod tests {
             (|c| c.limits.max_group_size = 1, "max-group-size"),
             (|c| c.tls.tls_cert = Some("a.pem".into()), "tls-key is not"),
             (|c| c.tls.tls_key = Some("k.pem".into()), "tls-cert is not"),
+            (
+                |c| c.transport.max_concurrent_uni_streams = 1000,
+                "max-concurrent-uni-streams",
+            ),
+            (|c| c.transport.initial_rtt = Duration::ZERO, "initial-rtt"),
+            (
+                |c| {
+                    c.transport.initial_rtt = Duration::from_secs(5);
+                    c.transport.idle_timeout = Duration::from_secs(4);
+                    c.limits.heartbeat_interval = Duration::from_secs(1);
+                },
+                "initial-rtt (5s) must be shorter than idle-timeout (4s)",
+            ),
+            (|c| c.transport.min_mtu = 1000, "min-mtu = 1000"),
+            (
+                |c| {
+                    c.transport.min_mtu = 1400;
+                    c.transport.initial_mtu = 1300;
+                },
+                "initial-mtu (1300) must be at least min-mtu (1400)",
+            ),
+            (|c| c.transport.initial_mtu = 65_535, "initial-mtu = 65535"),
+            (
+                |c| c.transport.datagram_send_buffer = 0,
+                "datagram-send-buffer",
+            ),
+            (
+                |c| {
+                    c.transport.zero_rtt = true;
+                    c.transport.stateless_retry = true;
+                },
+                "zero-rtt and stateless-retry",
+            ),
+            (
+                |c| c.limits.send_burst = 0,
+                "send-rate (20) and send-burst (0)",
+            ),
+            (
+                |c| c.limits.heartbeat_interval = Duration::from_secs(40),
+                "heartbeat-interval (40s) must be shorter than idle-timeout (30s)",
+            ),
+            (
+                |c| c.limits.presence_ttl_multiple = 1,
+                "presence-ttl-multiple",
+            ),
+            (|c| c.limits.auth_timeout = Duration::ZERO, "auth-timeout"),
+            (|c| c.postgres_pool_size = 0, "postgres-pool-size"),
         ];
         for (break_it, expected) in cases {
             let mut config = Config::default();

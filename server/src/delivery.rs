@@ -19,6 +19,7 @@
 //! conversation's messages in increasing seq order.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use tokio::sync::mpsc;
@@ -26,6 +27,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::Refusal;
 use crate::hub::{Hub, SessionHandle};
+use crate::metrics::Metrics;
 use crate::store::{
     Appended, GroupChange, HistoryStore, InboxStore, NewMessage, RecentCache, UserId,
     WatermarkKind, WatermarkUpdate,
@@ -77,6 +79,8 @@ pub struct SendJob {
     pub request_id: u64,
     /// Where the ack goes.
     pub session: Arc<SessionHandle>,
+    /// When the request was decoded (for the latency metrics).
+    pub received: Instant,
 }
 
 /// A watermark move, with an optional reply for MarkSeen.
@@ -115,18 +119,23 @@ impl Delivery {
         cache: Arc<dyn RecentCache>,
         inbox: Option<Arc<dyn InboxStore>>,
         hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
     ) -> (Arc<Delivery>, DeliveryTasks) {
         let (sends, sends_rx) = mpsc::channel(QUEUE_DEPTH);
         let (marks, marks_rx) = mpsc::channel(QUEUE_DEPTH);
+        let committer = Committer {
+            store,
+            hub,
+            metrics,
+        };
         let tasks = DeliveryTasks {
             sends: tokio::spawn(send_committer(
                 sends_rx,
-                store.clone(),
+                committer.clone(),
                 cache,
                 inbox.clone(),
-                hub.clone(),
             )),
-            marks: tokio::spawn(mark_committer(marks_rx, store, inbox, hub)),
+            marks: tokio::spawn(mark_committer(marks_rx, committer, inbox)),
         };
         (Arc::new(Delivery { sends, marks }), tasks)
     }
@@ -148,12 +157,19 @@ impl Delivery {
     }
 }
 
+/// What both committers work with.
+#[derive(Clone)]
+struct Committer {
+    store: Arc<dyn HistoryStore>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+}
+
 async fn send_committer(
     mut rx: mpsc::Receiver<SendJob>,
-    store: Arc<dyn HistoryStore>,
+    c: Committer,
     cache: Arc<dyn RecentCache>,
     inbox: Option<Arc<dyn InboxStore>>,
-    hub: Arc<Hub>,
 ) {
     let mut jobs: Vec<SendJob> = Vec::with_capacity(MAX_SEND_BATCH);
     let mut out = Fanout::default();
@@ -165,16 +181,16 @@ async fn send_committer(
             match job.work {
                 Work::Message(_) => run.push(job),
                 Work::Group { .. } => {
-                    commit_run(&store, std::mem::take(&mut run), &hub, &mut out).await;
-                    commit_group(&store, job, &hub, &mut out).await;
+                    commit_run(&c, std::mem::take(&mut run), &mut out).await;
+                    commit_group(&c, job, &mut out).await;
                 }
                 Work::CreateGroup { .. } => {
-                    commit_run(&store, std::mem::take(&mut run), &hub, &mut out).await;
-                    commit_create(&store, job, &hub, &mut out).await;
+                    commit_run(&c, std::mem::take(&mut run), &mut out).await;
+                    commit_create(&c, job, &mut out).await;
                 }
             }
         }
-        commit_run(&store, run, &hub, &mut out).await;
+        commit_run(&c, run, &mut out).await;
         // Caches and queues after the acks and pushes, so they never delay
         // "sent"; each is one pipelined round trip per batch.
         cache.push(&out.stored).await;
@@ -200,34 +216,35 @@ struct Fanout {
 }
 
 /// Stores consecutive sends in one transaction, then acks and fans out.
-async fn commit_run(store: &Arc<dyn HistoryStore>, run: Vec<SendJob>, hub: &Hub, out: &mut Fanout) {
+async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout) {
     if run.is_empty() {
         return;
     }
+    c.metrics.commit_batch.record(run.len() as f64);
     // Move the messages out (no copy of their text on the hot path); keep
     // who to answer.
     let mut batch: Vec<NewMessage> = Vec::with_capacity(run.len());
-    let mut replies: Vec<(u64, Arc<SessionHandle>)> = Vec::with_capacity(run.len());
+    let mut replies: Vec<(u64, Arc<SessionHandle>, Instant)> = Vec::with_capacity(run.len());
     for job in run {
         if let Work::Message(message) = job.work {
             batch.push(message);
-            replies.push((job.request_id, job.session));
+            replies.push((job.request_id, job.session, job.received));
         }
     }
-    let results = match store.append(batch).await {
+    let results = match c.store.append(batch).await {
         Ok(results) => results,
         Err(e) => {
             // Nothing of the batch is durable: every sender hears a
             // retryable error and retries with the same client_msg_id.
             let refusal = Refusal::from(e);
-            for (request_id, session) in replies {
+            for (request_id, session, _) in replies {
                 let frame = refusal.to_frame(request_id);
                 session.push(StreamKind::Messages, Outbound::frame(&frame));
             }
             return;
         }
     };
-    for ((request_id, session), result) in replies.into_iter().zip(results) {
+    for ((request_id, session, received), result) in replies.into_iter().zip(results) {
         let appended = match result {
             Ok(appended) => appended,
             Err(e) => {
@@ -249,17 +266,21 @@ async fn commit_run(store: &Arc<dyn HistoryStore>, run: Vec<SendJob>, hub: &Hub,
             }),
         );
         session.push(StreamKind::Messages, Outbound::frame(&ack));
+        c.metrics.acks.increment(1);
+        c.metrics
+            .send_to_ack
+            .record(received.elapsed().as_secs_f64());
         if appended.duplicate {
             // Already queued for everyone when first stored.
             continue;
         }
-        fan_out(appended, hub, out);
+        fan_out(c, appended, Some(received), out);
     }
 }
 
 /// Applies one group change (its SYSTEM message is stored in the same
 /// transaction), answers on control, and fans the message out like any other.
-async fn commit_group(store: &Arc<dyn HistoryStore>, job: SendJob, hub: &Hub, out: &mut Fanout) {
+async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout) {
     let Work::Group {
         conversation_id,
         actor,
@@ -270,12 +291,13 @@ async fn commit_group(store: &Arc<dyn HistoryStore>, job: SendJob, hub: &Hub, ou
         return;
     };
     let now = crate::streams::now_ms();
-    let reply = match store
+    let reply = match c
+        .store
         .change_group(conversation_id, actor, change, max_members, now)
         .await
     {
         Ok(appended) => {
-            fan_out(appended, hub, out);
+            fan_out(c, appended, None, out);
             Frame::new(job.request_id, Body::Ok(proto::Ok {}))
         }
         Err(e) => Refusal::from(e).to_frame(job.request_id),
@@ -286,7 +308,7 @@ async fn commit_group(store: &Arc<dyn HistoryStore>, job: SendJob, hub: &Hub, ou
 
 /// Creates a group (its first SYSTEM message in the same transaction),
 /// answers on control with the conversation, and fans the message out.
-async fn commit_create(store: &Arc<dyn HistoryStore>, job: SendJob, hub: &Hub, out: &mut Fanout) {
+async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
     let Work::CreateGroup {
         creator,
         name,
@@ -297,14 +319,15 @@ async fn commit_create(store: &Arc<dyn HistoryStore>, job: SendJob, hub: &Hub, o
         return;
     };
     let now = crate::streams::now_ms();
-    let created = store
+    let created = c
+        .store
         .create_group(creator, name, members, max_members, now)
         .await;
     let reply = match created {
         Ok(appended) => {
             let id = appended.message.conversation_id;
-            fan_out(appended, hub, out);
-            match store.conversation(id, creator).await {
+            fan_out(c, appended, None, out);
+            match c.store.conversation(id, creator).await {
                 Ok(view) => Frame::new(
                     job.request_id,
                     Body::Conversation(crate::streams::control::conversation_info(view)),
@@ -319,8 +342,9 @@ async fn commit_create(store: &Arc<dyn HistoryStore>, job: SendJob, hub: &Hub, o
 }
 
 /// Pushes a stored message to every member but its sender, and notes it
-/// for the recent cache and the unread queues.
-fn fan_out(appended: Appended, hub: &Hub, out: &mut Fanout) {
+/// for the recent cache and the unread queues. `received` (when the send
+/// was decoded) feeds the send-to-deliver latency.
+fn fan_out(c: &Committer, appended: Appended, received: Option<Instant>, out: &mut Fanout) {
     let message = &appended.message;
     let deliver = Frame::push(Body::Deliver(proto::Deliver {
         message: Some((**message).clone()),
@@ -329,24 +353,36 @@ fn fan_out(appended: Appended, hub: &Hub, out: &mut Fanout) {
         deliver: Some((message.conversation_id, message.seq)),
         ..Outbound::frame(&deliver)
     };
+    let mut pushed = 0;
     for &member in &appended.members {
         if member != message.sender_id {
-            hub.push(member, StreamKind::Messages, &frame, None);
+            pushed += c.hub.push(member, StreamKind::Messages, &frame, None);
             out.queued.push((member, message.clone()));
         }
+    }
+    c.metrics.deliveries.increment(pushed as u64);
+    if let (Some(received), true) = (received, pushed > 0) {
+        c.metrics
+            .send_to_deliver
+            .record(received.elapsed().as_secs_f64());
     }
     out.stored.push(appended.message);
 }
 
 async fn mark_committer(
     mut rx: mpsc::Receiver<MarkJob>,
-    store: Arc<dyn HistoryStore>,
+    c: Committer,
     inbox: Option<Arc<dyn InboxStore>>,
-    hub: Arc<Hub>,
 ) {
+    let Committer {
+        store,
+        hub,
+        metrics,
+    } = c;
     let mut jobs: Vec<MarkJob> = Vec::with_capacity(MAX_MARK_BATCH);
     while rx.recv_many(&mut jobs, MAX_MARK_BATCH).await > 0 {
         let updates = coalesce(jobs.iter().map(|j| j.update));
+        metrics.watermark_batch.record(updates.len() as f64);
         let result = store.advance_watermarks(updates).await;
         let moved_keys: std::collections::HashSet<(u64, UserId)> = match &result {
             Ok(moved) => moved
@@ -365,11 +401,13 @@ async fn mark_committer(
                         delivered_seq: m.delivered_seq,
                         seen_seq: m.seen_seq,
                     })));
+                    let mut pushed = 0;
                     for &member in &m.members {
                         if member != m.user_id {
-                            hub.push(member, StreamKind::Receipts, &receipt, None);
+                            pushed += hub.push(member, StreamKind::Receipts, &receipt, None);
                         }
                     }
+                    metrics.receipts.increment(pushed as u64);
                     acks.push((m.user_id, m.conversation_id, m.delivered_seq));
                 }
                 if let Some(inbox) = &inbox {

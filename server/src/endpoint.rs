@@ -12,11 +12,15 @@ use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{IdleTimeout, VarInt};
 
 use crate::certs::{self, ServerIdentity};
-use crate::config::Config;
+use crate::config::{Config, CongestionController, Transport};
 use crate::delivery::{Delivery, DeliveryTasks};
+use crate::http::{self, OpsState};
 use crate::hub::Hub;
+use crate::metrics::{self, Metrics};
 use crate::presence::Presence;
+use crate::ratelimit::{self, SendLimiter};
 use crate::session;
+use crate::store::instrumented::Instrumented;
 use crate::store::postgres::PostgresStore;
 use crate::store::presence::{MemoryPresenceStore, PresenceStore};
 use crate::store::recent::{DEFAULT_MAX_CONVERSATIONS, MemoryRecentCache};
@@ -43,6 +47,14 @@ pub enum ServerError {
     /// A configured backend (Redis, Postgres) cannot be used.
     #[error("{0}")]
     Backend(String),
+    /// The metrics port could not be bound.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    MetricsBind {
+        /// Address asked for.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -75,16 +87,23 @@ pub struct Shared {
     pub login_throttle: crate::auth::LoginThrottle,
     /// Argon2 hashes allowed to run at once (one per core).
     pub hashing: tokio::sync::Semaphore,
+    /// Per-user send rate.
+    pub send_limiter: SendLimiter,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A running chat server.
 pub struct Server {
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
+    metrics_addr: SocketAddr,
     dev_ca: Option<PathBuf>,
     shared: Option<Arc<Shared>>,
-    accept: tokio::task::JoinHandle<()>,
-    delivery_tasks: DeliveryTasks,
+    ops: Arc<OpsState>,
+    /// Accept loop, metrics listener, path sampler, limiter sweeper.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    delivery_tasks: Option<DeliveryTasks>,
 }
 
 impl Server {
@@ -95,25 +114,48 @@ impl Server {
         let identity = certs::load_or_create(&config)?;
         let dev_ca = identity.dev_ca.clone();
         let server_config = quic_config(&config, identity)?;
+        let metrics = Arc::new(Metrics::new());
         let Stores {
             history: store,
             cache,
             inbox,
             presence: presence_store,
-        } = Stores::open(&config).await?;
-        let hub = Arc::new(Hub::default());
-        let (delivery, delivery_tasks) =
-            Delivery::start(store.clone(), cache.clone(), inbox.clone(), hub.clone());
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            ServerError::Bind {
-                addr: config.listen,
+        } = Stores::open(&config, &metrics).await?;
+        let ops = Arc::new(OpsState {
+            metrics: metrics.clone(),
+            history: store.clone(),
+            presence: presence_store.clone(),
+            accepting: true.into(),
+        });
+        let (metrics_addr, http_task) = http::start(config.metrics_listen, ops.clone())
+            .await
+            .map_err(|source| ServerError::MetricsBind {
+                addr: config.metrics_listen,
                 source,
-            }
-        })?;
-        let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
+            })?;
+        let hub = Arc::new(Hub::default());
+        let (delivery, delivery_tasks) = Delivery::start(
+            store.clone(),
+            cache.clone(),
+            inbox.clone(),
+            hub.clone(),
+            metrics.clone(),
+        );
+        let bind_error = |source| ServerError::Bind {
             addr: config.listen,
             source,
-        })?;
+        };
+        let socket = udp_socket(config.listen, &config.transport).map_err(bind_error)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| ServerError::Tls("no async runtime for quinn".into()))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .map_err(bind_error)?;
+        let local_addr = endpoint.local_addr().map_err(bind_error)?;
         let node = config
             .node_id
             .clone()
@@ -127,6 +169,8 @@ impl Server {
         );
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let shared = Arc::new(Shared {
+            send_limiter: SendLimiter::new(config.limits.send_rate, config.limits.send_burst),
+            metrics,
             hashing: tokio::sync::Semaphore::new(cores),
             login_throttle: crate::auth::LoginThrottle::new(
                 config.limits.max_login_failures,
@@ -141,16 +185,28 @@ impl Server {
             hub,
             delivery,
         });
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
-        tracing::info!(%local_addr, "chat-server listening (ALPN chat/1)");
+        let tasks = vec![
+            tokio::spawn(accept_loop(endpoint.clone(), shared.clone())),
+            http_task,
+            tokio::spawn(sample_paths(shared.hub.clone())),
+            tokio::spawn(sweep_limiter(Arc::downgrade(&shared))),
+        ];
+        tracing::info!(%local_addr, %metrics_addr, "chat-server listening (ALPN chat/1)");
         Ok(Server {
             endpoint,
             local_addr,
+            metrics_addr,
             dev_ca,
             shared: Some(shared),
-            accept,
-            delivery_tasks,
+            ops,
+            tasks,
+            delivery_tasks: Some(delivery_tasks),
         })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// The bound UDP address (useful with port 0).
@@ -167,8 +223,10 @@ impl Server {
     /// lets in-flight group commits finish, and closes the store.
     pub async fn shutdown(mut self) {
         tracing::info!("shutting down");
-        self.accept.abort();
-        let _ = (&mut self.accept).await;
+        self.ops.accepting.store(false, Ordering::SeqCst);
+        let accept = self.tasks.remove(0);
+        accept.abort();
+        let _ = accept.await;
         self.endpoint.close(
             VarInt::from_u32(ErrorCode::ServerShuttingDown as u32),
             b"server shutting down; reconnect",
@@ -189,8 +247,63 @@ impl Server {
         drop(shared);
         // With every `Delivery` handle gone the committers drain their
         // queues (finishing in-flight group commits) and stop.
-        let _ = tokio::time::timeout_at(deadline, self.delivery_tasks.join()).await;
+        if let Some(delivery) = self.delivery_tasks.take() {
+            let _ = tokio::time::timeout_at(deadline, delivery.join()).await;
+        }
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
     }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A server dropped without `shutdown` (tests, a failed start) still
+        // stops its listeners.
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Samples every live session's QUIC path statistics into the metrics.
+async fn sample_paths(hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(metrics::PATH_SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        hub.for_each_session(|session| session.sample_path(true));
+    }
+}
+
+/// Drops idle rate-limit buckets; ends with the server.
+async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(ratelimit::SWEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.send_limiter.sweep(std::time::Instant::now());
+    }
+}
+
+/// The UDP socket with the configured kernel buffers.
+fn udp_socket(addr: SocketAddr, t: &Transport) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Accept IPv4 too on [::], as quinn's own bind does.
+        let _ = socket.set_only_v6(false);
+    }
+    if t.socket_receive_buffer > 0 {
+        socket.set_recv_buffer_size(t.socket_receive_buffer)?;
+    }
+    if t.socket_send_buffer > 0 {
+        socket.set_send_buffer_size(t.socket_send_buffer)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// The configured backends.
@@ -203,8 +316,40 @@ struct Stores {
 
 impl Stores {
     /// Embedded unless URLs are configured; a configured backend that
-    /// cannot be reached fails start-up with an error naming it.
-    async fn open(config: &Config) -> Result<Stores, ServerError> {
+    /// cannot be reached fails start-up with an error naming it. Every
+    /// store is wrapped to time its calls.
+    async fn open(config: &Config, metrics: &Arc<Metrics>) -> Result<Stores, ServerError> {
+        let raw = Self::open_raw(config).await?;
+        let history: Arc<dyn HistoryStore> = Arc::new(Instrumented::new(
+            raw.history.clone(),
+            raw.history.backend(),
+            metrics.clone(),
+        ));
+        let presence: Arc<dyn PresenceStore> = Arc::new(Instrumented::new(
+            raw.presence.clone(),
+            raw.presence.backend(),
+            metrics.clone(),
+        ));
+        let inbox = raw.inbox.map(|inbox| {
+            let backend = inbox.backend();
+            Arc::new(Instrumented::new(inbox, backend, metrics.clone())) as Arc<dyn InboxStore>
+        });
+        let cache_backend = if config.redis_url.is_some() {
+            "redis"
+        } else {
+            "memory"
+        };
+        let cache: Arc<dyn RecentCache> =
+            Arc::new(Instrumented::new(raw.cache, cache_backend, metrics.clone()));
+        Ok(Stores {
+            history,
+            cache,
+            inbox,
+            presence,
+        })
+    }
+
+    async fn open_raw(config: &Config) -> Result<Stores, ServerError> {
         let history: Arc<dyn HistoryStore> = match &config.postgres_url {
             Some(url) => {
                 let size = config.postgres_pool_size;
@@ -254,24 +399,85 @@ fn redact(url: &str) -> String {
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     let active = Arc::new(AtomicUsize::new(0));
-    let max = shared.config.transport.max_connections;
+    let transport = &shared.config.transport;
+    let max = transport.max_connections;
     while let Some(incoming) = endpoint.accept().await {
-        if active.load(Ordering::Relaxed) >= max {
-            tracing::warn!(max, "connection limit reached; refusing");
-            incoming.refuse();
+        if transport.stateless_retry && !incoming.remote_address_validated() {
+            // The client must echo the Retry token before we keep any
+            // state for it; `retry` fails only if it already did once.
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
             continue;
         }
+        let over = active.load(Ordering::Relaxed) >= max;
         active.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         let active = active.clone();
+        let zero_rtt = transport.zero_rtt;
         tokio::spawn(async move {
-            match incoming.await {
-                Ok(conn) => session::run(shared, conn).await,
-                Err(e) => tracing::debug!(error = %e, "handshake failed"),
-            }
+            serve_incoming(shared, incoming, over, zero_rtt).await;
             active.fetch_sub(1, Ordering::Relaxed);
         });
     }
+}
+
+/// Completes a handshake and serves the connection, or closes it with
+/// SERVER_BUSY when the node is at `max-connections` (a clear code the
+/// client backs off on, where a bare refusal would look like a network
+/// failure).
+async fn serve_incoming(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    over_limit: bool,
+    zero_rtt: bool,
+) {
+    let metrics = shared.metrics.clone();
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake failed");
+            metrics.closed("handshake_failed");
+            return;
+        }
+    };
+    let (conn, early) = if zero_rtt && !over_limit {
+        match connecting.into_0rtt() {
+            Ok((conn, accepted)) => (conn, Some(accepted)),
+            Err(connecting) => match connecting.await {
+                Ok(conn) => (conn, None),
+                Err(e) => {
+                    tracing::debug!(error = %e, "handshake failed");
+                    metrics.closed("handshake_failed");
+                    return;
+                }
+            },
+        }
+    } else {
+        match connecting.await {
+            Ok(conn) => (conn, None),
+            Err(e) => {
+                tracing::debug!(error = %e, "handshake failed");
+                metrics.closed("handshake_failed");
+                return;
+            }
+        }
+    };
+    if over_limit {
+        tracing::warn!(
+            max = shared.config.transport.max_connections,
+            remote = %conn.remote_address(),
+            "connection limit reached; closing with SERVER_BUSY"
+        );
+        metrics.connections_refused.increment(1);
+        metrics.error(ErrorCode::ServerBusy);
+        crate::wire::close(&conn, ErrorCode::ServerBusy, "server busy; try again later");
+        return;
+    }
+    metrics.connections_opened.increment(1);
+    metrics.connections_active.increment(1.0);
+    session::run(shared, conn, early).await;
+    metrics.connections_active.decrement(1.0);
 }
 
 fn quic_config(
@@ -286,12 +492,20 @@ fn quic_config(
         .with_single_cert(identity.chain, identity.key)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![chat_protocol::ALPN.to_vec()];
-    // 0-RTT stays off: replayable early data would need per-frame
-    // idempotency rules.
-    tls.max_early_data_size = 0;
+    let t = &config.transport;
+    if t.zero_rtt {
+        // quinn requires "unlimited" early data; what early data may do is
+        // limited per frame (see `Body::is_replay_safe`). Resumption needs
+        // a session cache big enough for the node's clients.
+        tls.max_early_data_size = u32::MAX;
+        tls.session_storage =
+            rustls::server::ServerSessionMemoryCache::new(t.max_connections.clamp(1024, 1 << 20));
+    } else {
+        tls.max_early_data_size = 0;
+    }
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| ServerError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let t = &config.transport;
+    server.migration(t.migration);
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(
@@ -300,10 +514,27 @@ fn quic_config(
         ))
         .keep_alive_interval((!t.keep_alive_interval.is_zero()).then_some(t.keep_alive_interval))
         .max_concurrent_bidi_streams(VarInt::from_u32(t.max_concurrent_bidi_streams))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(t.max_concurrent_uni_streams))
         .stream_receive_window(VarInt::from_u32(t.stream_receive_window))
         .receive_window(VarInt::from_u32(t.receive_window))
-        .send_window(t.send_window);
+        .send_window(t.send_window)
+        .initial_rtt(t.initial_rtt)
+        .initial_mtu(t.initial_mtu)
+        .min_mtu(t.min_mtu)
+        .mtu_discovery_config(t.mtu_discovery.then(quinn::MtuDiscoveryConfig::default))
+        .datagram_receive_buffer_size(
+            (t.datagram_receive_buffer > 0).then_some(t.datagram_receive_buffer),
+        )
+        .datagram_send_buffer_size(t.datagram_send_buffer)
+        .enable_segmentation_offload(t.gso);
+    match t.congestion_controller {
+        CongestionController::Cubic => transport
+            .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+        CongestionController::NewReno => transport
+            .congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+        CongestionController::Bbr => transport
+            .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+    };
     server.transport_config(Arc::new(transport));
     Ok(server)
 }

@@ -7,12 +7,13 @@
 //! client resumes from its watermark when it reconnects.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use chat_protocol::{ErrorCode, StreamKind};
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
+use crate::metrics::Metrics;
 use crate::store::UserId;
 use crate::wire::{self, Outbound};
 
@@ -34,6 +35,10 @@ pub struct SessionHandle {
     closed: AtomicBool,
     /// Unix ms of the latest frame from the client (presence activity).
     last_activity_ms: AtomicI64,
+    metrics: Arc<Metrics>,
+    /// Path counters already added to the metrics: lost packets, sent and
+    /// received datagrams.
+    sampled: [AtomicU64; 3],
 }
 
 /// The receiving ends of a session's queues, taken by each stream's writer
@@ -53,6 +58,7 @@ impl SessionHandle {
         conn_id: u64,
         user_id: UserId,
         conn: quinn::Connection,
+        metrics: Arc<Metrics>,
     ) -> (Arc<Self>, SessionQueues) {
         let (control, control_rx) = mpsc::channel(QUEUE_CAPACITY);
         let (messages, messages_rx) = mpsc::channel(QUEUE_CAPACITY);
@@ -66,6 +72,8 @@ impl SessionHandle {
             receipts,
             closed: AtomicBool::new(false),
             last_activity_ms: AtomicI64::new(0),
+            metrics,
+            sampled: Default::default(),
         });
         let queues = SessionQueues {
             control: Some(control_rx),
@@ -83,6 +91,31 @@ impl SessionHandle {
     /// Unix ms of the latest client activity.
     pub fn last_activity_ms(&self) -> i64 {
         self.last_activity_ms.load(Ordering::Relaxed)
+    }
+
+    /// Adds the connection's path statistics to the metrics: RTT and
+    /// congestion window as samples (with `gauges`), packet counters as
+    /// the increase since the last call.
+    pub fn sample_path(&self, gauges: bool) {
+        let stats = self.conn.stats();
+        if gauges {
+            self.metrics.rtt.record(stats.path.rtt.as_secs_f64());
+            self.metrics.cwnd.record(stats.path.cwnd as f64);
+        }
+        let now = [
+            stats.path.lost_packets,
+            stats.udp_tx.datagrams,
+            stats.udp_rx.datagrams,
+        ];
+        let counters = [
+            &self.metrics.lost_packets,
+            &self.metrics.sent_datagrams,
+            &self.metrics.received_datagrams,
+        ];
+        for ((seen, value), counter) in self.sampled.iter().zip(now).zip(counters) {
+            let before = seen.swap(value, Ordering::Relaxed);
+            counter.increment(value.saturating_sub(before));
+        }
     }
 
     /// Queues a frame for one of this session's streams without waiting.
@@ -105,6 +138,7 @@ impl SessionHandle {
                         stream = kind.name(),
                         "client too slow; closing"
                     );
+                    self.metrics.error(ErrorCode::SlowConsumer);
                     wire::close(
                         &self.conn,
                         ErrorCode::SlowConsumer,
@@ -155,6 +189,15 @@ impl Hub {
             .filter(|s| Some(s.conn_id) != except_conn)
             .filter(|s| s.push(kind, out.clone()))
             .count()
+    }
+
+    /// Calls `f` with every connected session.
+    pub fn for_each_session(&self, mut f: impl FnMut(&SessionHandle)) {
+        for entry in &self.users {
+            for session in entry.value() {
+                f(session);
+            }
+        }
     }
 
     /// Number of connected sessions.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind};
 use quinn::{RecvStream, SendStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use tracing::Instrument;
 
@@ -49,6 +49,8 @@ pub struct Session {
     pub watching: Mutex<Vec<UserId>>,
     /// Set when the connection task is cleaning up.
     closed: AtomicBool,
+    /// For a 0-RTT connection: turns true when the handshake completes.
+    handshake: Option<watch::Receiver<bool>>,
 }
 
 impl Session {
@@ -60,7 +62,12 @@ impl Session {
     /// Marks the connection authenticated as `user_id` and registers it in
     /// the hub. False if it was authenticated already.
     pub fn authenticate(&self, user_id: UserId, username: String, token_hash: [u8; 32]) -> bool {
-        let (handle, queues) = SessionHandle::new(self.conn_id, user_id, self.conn.clone());
+        let (handle, queues) = SessionHandle::new(
+            self.conn_id,
+            user_id,
+            self.conn.clone(),
+            self.shared.metrics.clone(),
+        );
         let authed = Authed {
             user_id,
             username,
@@ -89,6 +96,7 @@ impl Session {
         let Some(authed) = self.authed() else {
             return;
         };
+        authed.handle.sample_path(false);
         self.shared.hub.unregister(authed.user_id, self.conn_id);
         let watching = std::mem::take(&mut *self.watching.lock().expect("watching lock"));
         self.shared.presence.watch(&authed.handle, &watching, &[]);
@@ -114,6 +122,7 @@ impl Session {
     /// on `send`.
     pub async fn close_with(&self, send: Option<&mut SendStream>, code: ErrorCode, message: &str) {
         tracing::debug!(conn_id = self.conn_id, code = %code, message, "closing connection");
+        self.shared.metrics.error(code);
         if let Some(send) = send {
             let frame = Frame::error(0, code, message);
             let mut buf = bytes::BytesMut::new();
@@ -128,9 +137,23 @@ impl Session {
     }
 }
 
-/// Serves one connection until it closes.
-pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
+/// Serves one connection until it closes. `early` is set when the
+/// connection was accepted with 0-RTT and resolves when its handshake
+/// completes; until then only replay-safe frames are processed.
+pub async fn run(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    early: Option<quinn::ZeroRttAccepted>,
+) {
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let handshake = early.map(|accepted| {
+        let (done, handshake) = watch::channel(false);
+        tokio::spawn(async move {
+            accepted.await;
+            let _ = done.send(true);
+        });
+        handshake
+    });
     let span = tracing::info_span!("conn", conn_id, remote = %conn.remote_address(), user_id = tracing::field::Empty);
     let session = Arc::new(Session {
         conn_id,
@@ -141,6 +164,7 @@ pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
         opened: Mutex::new([false; 6]),
         watching: Mutex::new(Vec::new()),
         closed: AtomicBool::new(false),
+        handshake,
     });
     async move {
         tracing::debug!("connection established");
@@ -150,6 +174,7 @@ pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
             async move {
                 tokio::time::sleep(auth_timeout).await;
                 if session.authed().is_none() {
+                    session.shared.metrics.error(ErrorCode::Timeout);
                     wire::close(
                         &session.conn,
                         ErrorCode::Timeout,
@@ -172,6 +197,10 @@ pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
                         }
                         Err(e) => {
                             tracing::debug!(reason = %e, "connection closed");
+                            session
+                                .shared
+                                .metrics
+                                .closed(crate::metrics::close_reason(&e));
                             return;
                         }
                     }
@@ -195,6 +224,7 @@ pub async fn run(shared: Arc<Shared>, conn: quinn::Connection) {
 async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStream) {
     let shared = &session.shared;
     let mut reader = FrameReader::new(recv, shared.codec);
+    reader.guard_early_data(session.handshake.clone());
     let first = tokio::time::timeout(shared.config.limits.auth_timeout, reader.next()).await;
     let kind = match first {
         Ok(Ok(Some(Frame {
@@ -251,6 +281,7 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
             )
             .await;
     }
+    reader.count_into(shared.metrics.frames_in(kind).clone());
     let is_control = kind == StreamKind::Control;
     if !is_control && session.authed().is_none() {
         return session
@@ -293,6 +324,7 @@ pub fn on_read_error(session: &Session, kind: StreamKind, e: ReadError) {
                 .authed()
                 .is_some_and(|a| a.handle.push(kind, Outbound::closing(&frame, e.code())));
             if !queued {
+                session.shared.metrics.error(e.code());
                 wire::close(&session.conn, e.code(), &e.to_string());
             }
         }

@@ -5,9 +5,12 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use chat_protocol::{Codec, ErrorCode, Frame, FrameError};
+use chat_protocol::{Body, Codec, ErrorCode, Frame, FrameError, StreamKind};
+use metrics::Counter;
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+use crate::metrics::Metrics;
 
 /// Most queued frames written in one go.
 const MAX_COALESCE: usize = 128;
@@ -26,6 +29,8 @@ pub struct Outbound {
     pub deliver: Option<(u64, u64)>,
     /// Close the connection with this code once the frame is written.
     pub close_after: Option<ErrorCode>,
+    /// For an `Error` frame: its code (counted when written).
+    pub error: Option<ErrorCode>,
 }
 
 impl Outbound {
@@ -33,10 +38,15 @@ impl Outbound {
     pub fn frame(frame: &Frame) -> Self {
         let mut buf = BytesMut::with_capacity(chat_protocol::encoded_len(frame));
         chat_protocol::encode(frame, &mut buf);
+        let error = match &frame.body {
+            Some(Body::Error(e)) => Some(ErrorCode::from_wire(e.code)),
+            _ => None,
+        };
         Outbound {
             bytes: buf.freeze(),
             deliver: None,
             close_after: None,
+            error,
         }
     }
 
@@ -65,6 +75,8 @@ pub struct FrameReader {
     recv: RecvStream,
     buf: BytesMut,
     codec: Codec,
+    frames: Option<Counter>,
+    handshake: Option<watch::Receiver<bool>>,
 }
 
 impl FrameReader {
@@ -74,7 +86,38 @@ impl FrameReader {
             recv,
             buf: BytesMut::new(),
             codec,
+            frames: None,
+            handshake: None,
         }
+    }
+
+    /// Counts every frame read into `counter`.
+    pub fn count_into(&mut self, counter: Counter) {
+        self.frames = Some(counter);
+    }
+
+    /// For a connection accepted with 0-RTT: until `handshake` turns true,
+    /// a frame that is not replay safe is held back (not refused) until
+    /// the handshake completes.
+    pub fn guard_early_data(&mut self, handshake: Option<watch::Receiver<bool>>) {
+        self.handshake = handshake;
+    }
+
+    async fn admit(&mut self, frame: &Frame) {
+        let Some(handshake) = &mut self.handshake else {
+            return;
+        };
+        if *handshake.borrow() {
+            self.handshake = None;
+            return;
+        }
+        if frame.body.as_ref().is_some_and(Body::is_replay_safe) {
+            return;
+        }
+        // An error means the connection died before confirming; whatever
+        // the frame does next fails on the closed connection.
+        let _ = handshake.wait_for(|done| *done).await;
+        self.handshake = None;
     }
 
     /// The next frame, or `None` when the peer finished the stream
@@ -86,6 +129,10 @@ impl FrameReader {
                     // Do not keep a large buffer on an idle stream.
                     self.buf = BytesMut::new();
                 }
+                if let Some(frames) = &self.frames {
+                    frames.increment(1);
+                }
+                self.admit(&frame).await;
                 return Ok(Some(frame));
             }
             match self
@@ -109,11 +156,13 @@ pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
 /// closes or the stream fails. `filter` may drop frames (used by the
 /// messages writer after catch-up). With `linger`, the writer waits that
 /// long after the first frame of a burst for more to share its packets
-/// (receipts: nobody waits on them, and they come in bursts).
+/// (receipts: nobody waits on them, and they come in bursts). Frames and
+/// errors written are counted in `metrics` under `kind`.
 pub async fn write_loop(
     conn: &quinn::Connection,
     send: &mut SendStream,
     rx: &mut mpsc::Receiver<Outbound>,
+    (metrics, kind): (&Metrics, StreamKind),
     linger: Option<Duration>,
     mut filter: impl FnMut(&Outbound) -> bool,
 ) {
@@ -147,15 +196,20 @@ pub async fn write_loop(
             if !filter(&out) {
                 continue;
             }
+            if let Some(code) = out.error {
+                metrics.error(code);
+            }
             chunks.push(out.bytes);
             if out.close_after.is_some() {
                 close_code = out.close_after;
                 break;
             }
         }
+        let written = chunks.len() as u64;
         if send.write_all_chunks(&mut chunks).await.is_err() {
             return;
         }
+        metrics.frames_out(kind).increment(written);
         chunks.clear();
         if let Some(code) = close_code {
             let _ = send.finish();

@@ -210,6 +210,7 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().to_path_buf(),
             ..Config::default()
         };
@@ -281,6 +282,8 @@ pub struct ChildServer {
     child: tokio::process::Child,
     pub addr: SocketAddr,
     pub ca: PathBuf,
+    /// The metrics / health port.
+    pub metrics: SocketAddr,
 }
 
 impl ChildServer {
@@ -291,6 +294,8 @@ impl ChildServer {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(data_dir)
+            .arg("--metrics-listen")
+            .arg("127.0.0.1:0")
             .args(backend.args())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -310,10 +315,22 @@ impl ChildServer {
             .strip_prefix("chat-server listening on ")
             .unwrap_or_else(|| panic!("unexpected line {line:?}"));
         let (addr, ca) = rest.split_once(" (dev CA: ").expect("dev CA in the line");
+        // "chat-server metrics on http://ADDR/metrics (also ...)"
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("server prints its metrics address in time")
+            .expect("read stdout")
+            .expect("a second line");
+        let metrics = line
+            .strip_prefix("chat-server metrics on http://")
+            .and_then(|rest| rest.split_once('/'))
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+            .0;
         ChildServer {
             child,
             addr: addr.parse().expect("address"),
             ca: PathBuf::from(ca.trim_end_matches(')')),
+            metrics: metrics.parse().expect("metrics address"),
         }
     }
 

@@ -18,6 +18,7 @@
 //! Every backend passes the same suite in [`conformance`].
 
 pub mod conformance;
+pub mod instrumented;
 pub mod postgres;
 pub mod presence;
 pub mod recent;
@@ -336,6 +337,9 @@ pub struct Page {
 pub trait HistoryStore: Send + Sync + 'static {
     /// Short backend name for logs and metrics labels.
     fn backend(&self) -> &'static str;
+
+    /// A cheap round trip proving the store answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
 
     /// Creates a user. `Conflict` if the name is taken.
     async fn create_user(

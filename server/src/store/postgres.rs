@@ -1188,6 +1188,11 @@ impl HistoryStore for PostgresStore {
         Ok(appended)
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await.map(drop).map_err(pg)
+    }
+
     async fn is_member(
         &self,
         conversation_id: ConversationId,

@@ -28,6 +28,8 @@ pub struct OnlineRecord {
 pub trait PresenceStore: Send + Sync + 'static {
     /// Short backend name for logs and metrics labels.
     fn backend(&self) -> &'static str;
+    /// A cheap round trip proving the store answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
     /// Marks `user` online with `record`, expiring `ttl` from now unless
     /// refreshed.
     async fn refresh(
@@ -62,6 +64,10 @@ impl PresenceStore for MemoryPresenceStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.records.insert(user, (record, Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
 

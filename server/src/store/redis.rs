@@ -119,6 +119,15 @@ impl PresenceStore for RedisStore {
             .map_err(unavailable)
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        ::redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
     async fn remove(&self, user: UserId, node: String) -> Result<(), StoreError> {
         // Delete only if the record is still ours: another node may own the
         // user by now. A script makes check-and-delete atomic.

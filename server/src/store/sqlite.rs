@@ -686,6 +686,15 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.call(|conn, _| {
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map(drop)
+                .map_err(internal)
+        })
+        .await
+    }
+
     async fn username(&self, user_id: UserId) -> Result<Option<String>, StoreError> {
         self.call(move |conn, _| {
             conn.prepare_cached("SELECT username FROM users WHERE id = ?1")

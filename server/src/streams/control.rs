@@ -35,10 +35,14 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
         return;
     };
     let writer = {
-        let conn = session.conn.clone();
-        tokio::spawn(
-            async move { wire::write_loop(&conn, &mut send, &mut queue, None, |_| true).await },
-        )
+        let session = session.clone();
+        tokio::spawn(async move {
+            let counters = (&*session.shared.metrics, StreamKind::Control);
+            wire::write_loop(&session.conn, &mut send, &mut queue, counters, None, |_| {
+                true
+            })
+            .await;
+        })
     };
     let handle = authed.handle.clone();
     loop {
@@ -131,8 +135,16 @@ async fn authenticate(
         }
         let reply = match &result {
             Ok(auth_ok) => Frame::new(request_id, Body::AuthOk(auth_ok.clone())),
-            Err(refusal) => refusal.to_frame(request_id),
+            Err(refusal) => {
+                session.shared.metrics.error(refusal.code);
+                refusal.to_frame(request_id)
+            }
         };
+        session
+            .shared
+            .metrics
+            .frames_out(StreamKind::Control)
+            .increment(1);
         let mut buf = bytes::BytesMut::new();
         chat_protocol::encode(&reply, &mut buf);
         if send.write_all(&buf).await.is_err() {
@@ -501,6 +513,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     },
                     request_id: rid,
                     session: authed.handle.clone(),
+                    received: std::time::Instant::now(),
                 })
                 .await?;
             Ok(Reply::Deferred)
@@ -752,6 +765,7 @@ async fn group_change(
             },
             request_id,
             session: authed.handle.clone(),
+            received: std::time::Instant::now(),
         })
         .await?;
     Ok(Reply::Deferred)

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use chat_protocol::limits::MAX_CLIENT_MSG_ID_LEN;
@@ -39,6 +40,11 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     tokio::spawn(writer(session.clone(), send, queue));
     let handle = authed.handle.clone();
     let delivery = session.shared.delivery.clone();
+    let metrics = session.shared.metrics.clone();
+    // Once a send is rate limited, every later send on this connection is
+    // refused until the retry time, so none can overtake the refused one
+    // (the client resends them all, in order, after the wait).
+    let mut limited_until: Option<Instant> = None;
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -48,18 +54,25 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
         handle.touch(now_ms());
         let request_id = frame.request_id;
         let result = match frame.body {
-            Some(Body::Send(send)) => match validate(&session, send) {
-                Ok(message) => {
-                    delivery
-                        .submit(SendJob {
-                            work: Work::Message(message),
-                            request_id,
-                            session: handle.clone(),
-                        })
-                        .await
+            Some(Body::Send(send)) => {
+                let received = Instant::now();
+                metrics.sends.increment(1);
+                match rate_limit(&session, &mut limited_until, received)
+                    .and_then(|()| validate(&session, send))
+                {
+                    Ok(message) => {
+                        delivery
+                            .submit(SendJob {
+                                work: Work::Message(message),
+                                request_id,
+                                session: handle.clone(),
+                                received,
+                            })
+                            .await
+                    }
+                    Err(refusal) => Err(refusal),
                 }
-                Err(refusal) => Err(refusal),
-            },
+            }
             Some(Body::DeliveryAck(ack)) => {
                 let update = WatermarkUpdate {
                     conversation_id: ack.conversation_id,
@@ -87,6 +100,39 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
             );
         }
     }
+}
+
+/// Applies the per-user send rate (see `limited_until` in [`serve`]).
+fn rate_limit(
+    session: &Session,
+    limited_until: &mut Option<Instant>,
+    now: Instant,
+) -> Result<(), Refusal> {
+    let wait = match *limited_until {
+        Some(until) if until > now => until - now,
+        _ => {
+            *limited_until = None;
+            let user = session.authed().expect("authenticated").user_id;
+            match session.shared.send_limiter.check(user, now) {
+                Ok(()) => return Ok(()),
+                Err(wait) => {
+                    *limited_until = Some(now + wait);
+                    wait
+                }
+            }
+        }
+    };
+    let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
+    Err(Refusal {
+        retry_after_ms,
+        ..Refusal::new(
+            ErrorCode::RateLimited,
+            format!(
+                "over {} sends per second; retry in {retry_after_ms} ms",
+                session.shared.config.limits.send_rate
+            ),
+        )
+    })
 }
 
 /// Checks a Send against the protocol and the configured limits.
@@ -159,6 +205,7 @@ async fn writer(
         &session.conn,
         &mut send,
         &mut queue,
+        (&*session.shared.metrics, StreamKind::Messages),
         None,
         |out| match out.deliver {
             Some((conversation, seq)) if !sent.is_empty() => match sent.get(&conversation) {
@@ -178,15 +225,18 @@ async fn writer(
 /// conversation, or `None` if the stream failed.
 async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u64, u64>> {
     let authed = session.authed().expect("authenticated");
+    let metrics = &session.shared.metrics;
     let mut sent: HashMap<u64, u64> = HashMap::new();
     if let Some(queued) = from_inbox(session, authed.user_id).await {
+        metrics.unread.record(queued.len() as f64);
         for page in queued.chunks(CATCH_UP_PAGE as usize) {
-            if !write_page(send, page, &mut sent).await {
+            if !write_page(session, send, page, &mut sent).await {
                 return None;
             }
         }
         return Some(sent);
     }
+    let mut backlog = 0usize;
     let store = &session.shared.store;
     let mut cursor = (0, 0);
     loop {
@@ -208,14 +258,17 @@ async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u6
                 return None;
             }
         };
+        backlog += page.len();
         let Some(last) = page.last() else {
+            metrics.unread.record(backlog as f64);
             return Some(sent);
         };
         cursor = (last.conversation_id, last.seq);
-        if !write_page(send, &page, &mut sent).await {
+        if !write_page(session, send, &page, &mut sent).await {
             return None;
         }
         if page.len() < CATCH_UP_PAGE as usize {
+            metrics.unread.record(backlog as f64);
             return Some(sent);
         }
     }
@@ -223,6 +276,7 @@ async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u6
 
 /// Writes one page of Deliver frames in a single write.
 async fn write_page(
+    session: &Session,
     send: &mut SendStream,
     page: &[Arc<proto::Message>],
     sent: &mut HashMap<u64, u64>,
@@ -236,7 +290,15 @@ async fn write_page(
         chat_protocol::encode(&frame, &mut buf);
     }
     let mut chunks: [Bytes; 1] = [buf.freeze()];
-    send.write_all_chunks(&mut chunks).await.is_ok()
+    if send.write_all_chunks(&mut chunks).await.is_err() {
+        return false;
+    }
+    let metrics = &session.shared.metrics;
+    metrics.deliveries.increment(page.len() as u64);
+    metrics
+        .frames_out(StreamKind::Messages)
+        .increment(page.len() as u64);
+    true
 }
 
 /// The user's queue from the inbox store, if there is one and it agrees

@@ -105,6 +105,7 @@ async fn writer(
         &session.conn,
         &mut send,
         &mut queue,
+        (&*session.shared.metrics, StreamKind::Receipts),
         Some(RECEIPT_LINGER),
         |_| true,
     )

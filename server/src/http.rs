@@ -1,0 +1,138 @@
+//! The operations port (HTTP/1.1): Prometheus `/metrics`, `/healthz`
+//! (the process answers) and `/readyz` (the stores answer and the QUIC
+//! endpoint accepts connections).
+//!
+//! It shares nothing with the chat sessions but the metrics and the store
+//! handles, so it keeps answering while the server drains at shutdown
+//! (then `/readyz` says so).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use crate::store::HistoryStore;
+use crate::store::presence::PresenceStore;
+
+/// How long `/readyz` waits for each store before calling it unreachable.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the endpoints look at.
+pub struct OpsState {
+    /// The node's metrics.
+    pub metrics: Arc<Metrics>,
+    /// History, pinged by `/readyz`.
+    pub history: Arc<dyn HistoryStore>,
+    /// Presence (Redis when configured), pinged by `/readyz`.
+    pub presence: Arc<dyn PresenceStore>,
+    /// False once shutdown began.
+    pub accepting: AtomicBool,
+}
+
+impl OpsState {
+    /// Why the node is not ready, if it is not.
+    pub async fn not_ready(&self) -> Option<String> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Some("not accepting connections (shutting down)".into());
+        }
+        let history = self.history.backend();
+        match tokio::time::timeout(PING_TIMEOUT, self.history.ping()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Some(format!("history store ({history}): {e}")),
+            Err(_) => {
+                return Some(format!(
+                    "history store ({history}): no answer in {PING_TIMEOUT:?}"
+                ));
+            }
+        }
+        let presence = self.presence.backend();
+        match tokio::time::timeout(PING_TIMEOUT, self.presence.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("presence store ({presence}): {e}")),
+            Err(_) => Some(format!(
+                "presence store ({presence}): no answer in {PING_TIMEOUT:?}"
+            )),
+        }
+    }
+}
+
+/// Binds `addr` and serves the operations endpoints until the task is
+/// aborted. Returns the bound address (useful with port 0) and the task.
+pub async fn start(
+    addr: SocketAddr,
+    state: Arc<OpsState>,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: try again soon.
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(respond(&state, &req).await) }
+                });
+                let served = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, "metrics connection ended");
+                }
+            });
+        }
+    });
+    Ok((local, task))
+}
+
+async fn respond(state: &OpsState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, state.metrics.render());
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match state.not_ready().await {
+            None => text(StatusCode::OK, "ready\n".into()),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}

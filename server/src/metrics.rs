@@ -1,0 +1,378 @@
+//! The node's Prometheus metrics.
+//!
+//! Every server owns its recorder (not the process-global one), so several
+//! servers in one process (the tests) keep separate counts. Hot-path
+//! metrics are registered once and kept as handles; labelled ones whose
+//! label set is open (store operations) are looked up by key when used.
+//!
+//! The names, types and units are listed in [`DESCRIPTIONS`], which is also
+//! what `/metrics` prints as `# HELP`; docs/METRICS.md explains them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_protocol::{ErrorCode, StreamKind};
+use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+/// Stream kinds, by `StreamKind as usize`, as metric labels.
+const STREAM_LABELS: [&str; 6] = [
+    "unspecified",
+    "control",
+    "messages",
+    "receipts",
+    "calls",
+    "media",
+];
+
+/// (name, kind, unit, help) of every metric the node exports.
+pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
+    (
+        "chat_connections_active",
+        "gauge",
+        Unit::Count,
+        "QUIC connections open now (authenticated or not).",
+    ),
+    (
+        "chat_connections_opened_total",
+        "counter",
+        Unit::Count,
+        "QUIC connections whose handshake completed.",
+    ),
+    (
+        "chat_connections_closed_total",
+        "counter",
+        Unit::Count,
+        "Connections that ended, by reason: client_closed, idle_timeout, server_closed, reset, transport_error, handshake_failed.",
+    ),
+    (
+        "chat_connections_refused_total",
+        "counter",
+        Unit::Count,
+        "Connections closed with SERVER_BUSY because max-connections were open, or refused during shutdown.",
+    ),
+    (
+        "chat_frames_received_total",
+        "counter",
+        Unit::Count,
+        "Frames decoded from clients, by stream kind.",
+    ),
+    (
+        "chat_frames_sent_total",
+        "counter",
+        Unit::Count,
+        "Frames written to clients, by stream kind.",
+    ),
+    (
+        "chat_sends_total",
+        "counter",
+        Unit::Count,
+        "Send requests received.",
+    ),
+    (
+        "chat_send_acks_total",
+        "counter",
+        Unit::Count,
+        "SendAcks queued (the message is durable); retries of a stored message included.",
+    ),
+    (
+        "chat_deliveries_total",
+        "counter",
+        Unit::Count,
+        "Deliver frames queued to recipients' connections (live and catch-up).",
+    ),
+    (
+        "chat_receipts_total",
+        "counter",
+        Unit::Count,
+        "Receipt frames queued to members' connections.",
+    ),
+    (
+        "chat_errors_total",
+        "counter",
+        Unit::Count,
+        "Error frames and error closes sent to clients, by code.",
+    ),
+    (
+        "chat_send_ack_duration_seconds",
+        "histogram",
+        Unit::Seconds,
+        "From a Send frame decoded to its SendAck queued (validation, group commit).",
+    ),
+    (
+        "chat_send_deliver_duration_seconds",
+        "histogram",
+        Unit::Seconds,
+        "From a Send frame decoded to its Deliver queued to an online recipient.",
+    ),
+    (
+        "chat_store_operation_duration_seconds",
+        "histogram",
+        Unit::Seconds,
+        "Store calls by backend (sqlite, postgres, redis, memory) and operation; failures are labelled result=\"error\".",
+    ),
+    (
+        "chat_commit_batch_messages",
+        "histogram",
+        Unit::Count,
+        "Messages per group commit of the send committer.",
+    ),
+    (
+        "chat_watermark_batch_updates",
+        "histogram",
+        Unit::Count,
+        "Watermark moves per transaction of the receipt committer.",
+    ),
+    (
+        "chat_unread_messages",
+        "histogram",
+        Unit::Count,
+        "Messages waiting for a user when their messages stream opened (catch-up backlog).",
+    ),
+    (
+        "chat_quic_rtt_seconds",
+        "histogram",
+        Unit::Seconds,
+        "Smoothed RTT of live authenticated connections, sampled every 10 s.",
+    ),
+    (
+        "chat_quic_congestion_window_bytes",
+        "histogram",
+        Unit::Bytes,
+        "Congestion window of live authenticated connections, sampled every 10 s.",
+    ),
+    (
+        "chat_quic_lost_packets_total",
+        "counter",
+        Unit::Count,
+        "Packets declared lost on authenticated connections.",
+    ),
+    (
+        "chat_quic_sent_datagrams_total",
+        "counter",
+        Unit::Count,
+        "UDP datagrams sent on authenticated connections.",
+    ),
+    (
+        "chat_quic_received_datagrams_total",
+        "counter",
+        Unit::Count,
+        "UDP datagrams received on authenticated connections.",
+    ),
+];
+
+/// How often live connections' path statistics are sampled.
+pub const PATH_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+const UNREAD_BUCKETS: &[f64] = &[0.0, 1.0, 10.0, 100.0, 1_000.0, 10_000.0];
+const WINDOW_BUCKETS: &[f64] = &[
+    4_096.0,
+    16_384.0,
+    65_536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+];
+
+/// Handles to the node's metrics.
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+    /// Connections open now.
+    pub connections_active: Gauge,
+    /// Handshakes completed.
+    pub connections_opened: Counter,
+    /// Connections refused.
+    pub connections_refused: Counter,
+    frames_in: [Counter; 6],
+    frames_out: [Counter; 6],
+    /// Send requests received.
+    pub sends: Counter,
+    /// SendAcks queued.
+    pub acks: Counter,
+    /// Deliver frames queued.
+    pub deliveries: Counter,
+    /// Receipt frames queued.
+    pub receipts: Counter,
+    /// Send decoded to SendAck queued.
+    pub send_to_ack: Histogram,
+    /// Send decoded to Deliver queued.
+    pub send_to_deliver: Histogram,
+    /// Messages per group commit.
+    pub commit_batch: Histogram,
+    /// Watermark moves per transaction.
+    pub watermark_batch: Histogram,
+    /// Catch-up backlog per messages stream.
+    pub unread: Histogram,
+    /// Sampled smoothed RTT.
+    pub rtt: Histogram,
+    /// Sampled congestion window.
+    pub cwnd: Histogram,
+    /// Lost packets.
+    pub lost_packets: Counter,
+    /// UDP datagrams sent.
+    pub sent_datagrams: Counter,
+    /// UDP datagrams received.
+    pub received_datagrams: Counter,
+}
+
+impl Metrics {
+    /// A fresh recorder with every metric registered (at zero).
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("chat_commit_batch_messages".into()),
+                    BATCH_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("chat_watermark_batch_updates".into()),
+                    BATCH_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("chat_unread_messages".into()),
+                    UNREAD_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("chat_quic_congestion_window_bytes".into()),
+                    WINDOW_BUCKETS,
+                )
+            })
+            .expect("bucket lists are non-empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let recorder = Arc::new(recorder);
+        metrics::with_local_recorder(&*recorder, || {
+            for &(name, kind, unit, help) in DESCRIPTIONS {
+                match kind {
+                    "counter" => metrics::describe_counter!(name, unit, help),
+                    "gauge" => metrics::describe_gauge!(name, unit, help),
+                    _ => metrics::describe_histogram!(name, unit, help),
+                }
+            }
+            let by_stream = |name: &'static str| {
+                STREAM_LABELS.map(|stream| metrics::counter!(name, "stream" => stream))
+            };
+            // Error codes are few and fixed: register them all so a scrape
+            // shows zeros rather than missing series.
+            for code in all_error_codes() {
+                metrics::counter!("chat_errors_total", "code" => code_label(code)).increment(0);
+            }
+            Metrics {
+                connections_active: metrics::gauge!("chat_connections_active"),
+                connections_opened: metrics::counter!("chat_connections_opened_total"),
+                connections_refused: metrics::counter!("chat_connections_refused_total"),
+                frames_in: by_stream("chat_frames_received_total"),
+                frames_out: by_stream("chat_frames_sent_total"),
+                sends: metrics::counter!("chat_sends_total"),
+                acks: metrics::counter!("chat_send_acks_total"),
+                deliveries: metrics::counter!("chat_deliveries_total"),
+                receipts: metrics::counter!("chat_receipts_total"),
+                send_to_ack: metrics::histogram!("chat_send_ack_duration_seconds"),
+                send_to_deliver: metrics::histogram!("chat_send_deliver_duration_seconds"),
+                commit_batch: metrics::histogram!("chat_commit_batch_messages"),
+                watermark_batch: metrics::histogram!("chat_watermark_batch_updates"),
+                unread: metrics::histogram!("chat_unread_messages"),
+                rtt: metrics::histogram!("chat_quic_rtt_seconds"),
+                cwnd: metrics::histogram!("chat_quic_congestion_window_bytes"),
+                lost_packets: metrics::counter!("chat_quic_lost_packets_total"),
+                sent_datagrams: metrics::counter!("chat_quic_sent_datagrams_total"),
+                received_datagrams: metrics::counter!("chat_quic_received_datagrams_total"),
+                recorder: recorder.clone(),
+                handle,
+            }
+        })
+    }
+
+    /// Frames received on a stream kind.
+    pub fn frames_in(&self, kind: StreamKind) -> &Counter {
+        &self.frames_in[kind as usize]
+    }
+
+    /// Frames sent on a stream kind.
+    pub fn frames_out(&self, kind: StreamKind) -> &Counter {
+        &self.frames_out[kind as usize]
+    }
+
+    /// Counts an error sent to a client.
+    pub fn error(&self, code: ErrorCode) {
+        metrics::with_local_recorder(&*self.recorder, || {
+            metrics::counter!("chat_errors_total", "code" => code_label(code)).increment(1);
+        });
+    }
+
+    /// Counts a connection that ended.
+    pub fn closed(&self, reason: &'static str) {
+        metrics::with_local_recorder(&*self.recorder, || {
+            metrics::counter!("chat_connections_closed_total", "reason" => reason).increment(1);
+        });
+    }
+
+    /// Records how long a store call took.
+    pub fn store_op(
+        &self,
+        backend: &'static str,
+        operation: &'static str,
+        ok: bool,
+        took: Duration,
+    ) {
+        let result = if ok { "ok" } else { "error" };
+        metrics::with_local_recorder(&*self.recorder, || {
+            metrics::histogram!(
+                "chat_store_operation_duration_seconds",
+                "backend" => backend,
+                "operation" => operation,
+                "result" => result
+            )
+            .record(took.as_secs_f64());
+        });
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Every defined error code (wire values 1..=63 that exist).
+fn all_error_codes() -> impl Iterator<Item = ErrorCode> {
+    (1..64).filter_map(|v| ErrorCode::try_from(v).ok())
+}
+
+/// An error code as a label: `RATE_LIMITED`, not `ERROR_CODE_RATE_LIMITED`.
+fn code_label(code: ErrorCode) -> &'static str {
+    code.as_str_name().trim_start_matches("ERROR_CODE_")
+}
+
+/// The label for why a connection ended.
+pub fn close_reason(e: &quinn::ConnectionError) -> &'static str {
+    use quinn::ConnectionError as E;
+    match e {
+        E::ApplicationClosed(_) | E::ConnectionClosed(_) => "client_closed",
+        E::LocallyClosed => "server_closed",
+        E::TimedOut => "idle_timeout",
+        E::Reset => "reset",
+        E::TransportError(_) | E::VersionMismatch | E::CidsExhausted => "transport_error",
+    }
+}

@@ -1,0 +1,124 @@
+//! Per-user send rate limit: a token bucket per user, shared by all of the
+//! user's connections on this node.
+//!
+//! A bucket holds up to `burst` tokens and refills at `rate` per second; a
+//! send takes one. Buckets exist only for users who sent recently: a
+//! bucket that has refilled completely is the same as no bucket, so the
+//! sweeper drops it.
+
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use crate::store::UserId;
+
+/// How often full buckets are dropped.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+/// The node's send limiter.
+pub struct SendLimiter {
+    /// Tokens per second; 0 disables the limit.
+    rate: f64,
+    burst: f64,
+    buckets: DashMap<UserId, Bucket>,
+}
+
+impl SendLimiter {
+    /// `rate` sends per second with bursts of `burst`; `rate == 0` never
+    /// limits.
+    pub fn new(rate: u32, burst: u32) -> Self {
+        SendLimiter {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            buckets: DashMap::new(),
+        }
+    }
+
+    /// Takes a token for one send by `user`, or says how long until one is
+    /// available.
+    pub fn check(&self, user: UserId, now: Instant) -> Result<(), Duration> {
+        if self.rate == 0.0 {
+            return Ok(());
+        }
+        let mut bucket = self.buckets.entry(user).or_insert(Bucket {
+            tokens: self.burst,
+            updated: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
+        bucket.updated = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - bucket.tokens) / self.rate;
+            // Round up to whole milliseconds so a client that waits exactly
+            // this long finds its token.
+            Err(Duration::from_millis((wait * 1000.0).ceil() as u64))
+        }
+    }
+
+    /// Drops buckets that have refilled completely.
+    pub fn sweep(&self, now: Instant) {
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets.retain(|_, b| {
+            let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
+            b.tokens + elapsed * rate < burst
+        });
+    }
+
+    /// Users with a bucket (for tests and debugging).
+    pub fn tracked_users(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bursts_then_refills_at_the_rate() {
+        let limiter = SendLimiter::new(10, 3);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            limiter.check(1, t0).unwrap();
+        }
+        let wait = limiter.check(1, t0).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(100));
+        // Another user has their own bucket.
+        limiter.check(2, t0).unwrap();
+        // After the wait, exactly one token is back.
+        limiter.check(1, t0 + wait).unwrap();
+        assert!(limiter.check(1, t0 + wait).is_err());
+        // Refill never exceeds the burst.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            limiter.check(1, later).unwrap();
+        }
+        assert!(limiter.check(1, later).is_err());
+    }
+
+    #[test]
+    fn zero_rate_never_limits_and_sweep_forgets_full_buckets() {
+        let off = SendLimiter::new(0, 0);
+        let now = Instant::now();
+        for _ in 0..10_000 {
+            off.check(1, now).unwrap();
+        }
+        assert_eq!(off.tracked_users(), 0);
+
+        let limiter = SendLimiter::new(10, 5);
+        limiter.check(1, now).unwrap();
+        limiter.check(2, now).unwrap();
+        limiter.sweep(now);
+        assert_eq!(limiter.tracked_users(), 2, "not refilled yet");
+        limiter.sweep(now + Duration::from_secs(1));
+        assert_eq!(limiter.tracked_users(), 0);
+    }
+}

@@ -1,0 +1,414 @@
+//! Store wrappers that time every call into
+//! `chat_store_operation_duration_seconds{backend, operation, result}`.
+//!
+//! The backends stay free of metrics; the endpoint wraps whatever it
+//! opened. `result` is `error` only for backend failures (unavailable,
+//! internal); refusals such as "not a member" are answers, not failures.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chat_protocol::proto;
+
+use super::presence::{OnlineRecord, PresenceStore};
+use super::{
+    Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
+    GroupChange, HistoryStore, InboxStore, Membership, NewMessage, NewSession, Page, PendingRange,
+    RecentCache, SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved,
+    WatermarkUpdate,
+};
+use crate::metrics::Metrics;
+
+/// A store of type `S` whose calls are timed.
+pub struct Instrumented<S: ?Sized> {
+    inner: Arc<S>,
+    backend: &'static str,
+    metrics: Arc<Metrics>,
+}
+
+impl<S: ?Sized> Instrumented<S> {
+    /// Wraps `inner`, labelling its calls with `backend`.
+    pub fn new(inner: Arc<S>, backend: &'static str, metrics: Arc<Metrics>) -> Self {
+        Instrumented {
+            inner,
+            backend,
+            metrics,
+        }
+    }
+
+    fn record<T>(&self, operation: &'static str, result: &Result<T, StoreError>, took: Duration) {
+        let failed = matches!(
+            result,
+            Err(StoreError::Unavailable(_) | StoreError::Internal(_))
+        );
+        self.metrics
+            .store_op(self.backend, operation, !failed, took);
+    }
+}
+
+/// Awaits a store call and records its duration under `$op`.
+macro_rules! timed {
+    ($self:ident, $op:literal, $call:expr) => {{
+        let start = Instant::now();
+        let result = $call.await;
+        $self.record($op, &result, start.elapsed());
+        result
+    }};
+}
+
+#[async_trait]
+impl HistoryStore for Instrumented<dyn HistoryStore> {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        timed!(self, "ping", self.inner.ping())
+    }
+
+    async fn create_user(
+        &self,
+        username: String,
+        password_hash: String,
+        now_ms: i64,
+    ) -> Result<UserId, StoreError> {
+        timed!(
+            self,
+            "create_user",
+            self.inner.create_user(username, password_hash, now_ms)
+        )
+    }
+
+    async fn user_by_name(&self, username: String) -> Result<Option<UserRecord>, StoreError> {
+        timed!(self, "user_by_name", self.inner.user_by_name(username))
+    }
+
+    async fn username(&self, user_id: UserId) -> Result<Option<String>, StoreError> {
+        timed!(self, "username", self.inner.username(user_id))
+    }
+
+    async fn create_session(&self, session: NewSession) -> Result<(), StoreError> {
+        timed!(self, "create_session", self.inner.create_session(session))
+    }
+
+    async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
+        timed!(self, "session", self.inner.session(token_hash))
+    }
+
+    async fn revoke_session(&self, token_hash: [u8; 32], now_ms: i64) -> Result<bool, StoreError> {
+        timed!(
+            self,
+            "revoke_session",
+            self.inner.revoke_session(token_hash, now_ms)
+        )
+    }
+
+    async fn friend_request(
+        &self,
+        from: UserId,
+        to: UserId,
+        now_ms: i64,
+    ) -> Result<FriendRequestOutcome, StoreError> {
+        timed!(
+            self,
+            "friend_request",
+            self.inner.friend_request(from, to, now_ms)
+        )
+    }
+
+    async fn friend_accept(
+        &self,
+        user: UserId,
+        from: UserId,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "friend_accept",
+            self.inner.friend_accept(user, from, now_ms)
+        )
+    }
+
+    async fn friend_decline(&self, user: UserId, from: UserId) -> Result<bool, StoreError> {
+        timed!(
+            self,
+            "friend_decline",
+            self.inner.friend_decline(user, from)
+        )
+    }
+
+    async fn friend_remove(&self, user: UserId, other: UserId) -> Result<bool, StoreError> {
+        timed!(self, "friend_remove", self.inner.friend_remove(user, other))
+    }
+
+    async fn friends(&self, user: UserId) -> Result<FriendLists, StoreError> {
+        timed!(self, "friends", self.inner.friends(user))
+    }
+
+    async fn are_friends(&self, a: UserId, b: UserId) -> Result<bool, StoreError> {
+        timed!(self, "are_friends", self.inner.are_friends(a, b))
+    }
+
+    async fn friend_count(&self, user: UserId) -> Result<u64, StoreError> {
+        timed!(self, "friend_count", self.inner.friend_count(user))
+    }
+
+    async fn open_direct(
+        &self,
+        a: UserId,
+        b: UserId,
+        now_ms: i64,
+    ) -> Result<ConversationId, StoreError> {
+        timed!(self, "open_direct", self.inner.open_direct(a, b, now_ms))
+    }
+
+    async fn conversation(
+        &self,
+        conversation_id: ConversationId,
+        viewer: UserId,
+    ) -> Result<ConversationView, StoreError> {
+        timed!(
+            self,
+            "conversation",
+            self.inner.conversation(conversation_id, viewer)
+        )
+    }
+
+    async fn conversations(
+        &self,
+        user: UserId,
+        before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<ConversationView>, StoreError> {
+        timed!(
+            self,
+            "conversations",
+            self.inner.conversations(user, before_ms, limit)
+        )
+    }
+
+    async fn membership(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Option<Membership>, StoreError> {
+        timed!(
+            self,
+            "membership",
+            self.inner.membership(conversation_id, user)
+        )
+    }
+
+    async fn create_group(
+        &self,
+        creator: UserId,
+        name: String,
+        members: Vec<UserId>,
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<Appended, StoreError> {
+        timed!(
+            self,
+            "create_group",
+            self.inner
+                .create_group(creator, name, members, max_members, now_ms)
+        )
+    }
+
+    async fn change_group(
+        &self,
+        conversation_id: ConversationId,
+        actor: UserId,
+        change: GroupChange,
+        max_members: usize,
+        now_ms: i64,
+    ) -> Result<Appended, StoreError> {
+        timed!(
+            self,
+            "change_group",
+            self.inner
+                .change_group(conversation_id, actor, change, max_members, now_ms)
+        )
+    }
+
+    async fn is_member(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        timed!(
+            self,
+            "is_member",
+            self.inner.is_member(conversation_id, user)
+        )
+    }
+
+    async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+        timed!(self, "append", self.inner.append(batch))
+    }
+
+    async fn history(
+        &self,
+        conversation_id: ConversationId,
+        direction: Direction,
+        cursor: u64,
+        limit: u32,
+    ) -> Result<Page, StoreError> {
+        timed!(
+            self,
+            "history",
+            self.inner
+                .history(conversation_id, direction, cursor, limit)
+        )
+    }
+
+    async fn undelivered(
+        &self,
+        user: UserId,
+        after: (ConversationId, u64),
+        limit: u32,
+    ) -> Result<Vec<Arc<proto::Message>>, StoreError> {
+        timed!(
+            self,
+            "undelivered",
+            self.inner.undelivered(user, after, limit)
+        )
+    }
+
+    async fn pending_ranges(&self, user: UserId) -> Result<Option<Vec<PendingRange>>, StoreError> {
+        timed!(self, "pending_ranges", self.inner.pending_ranges(user))
+    }
+
+    async fn advance_watermarks(
+        &self,
+        updates: Vec<WatermarkUpdate>,
+    ) -> Result<Vec<WatermarkMoved>, StoreError> {
+        timed!(
+            self,
+            "advance_watermarks",
+            self.inner.advance_watermarks(updates)
+        )
+    }
+
+    async fn record_last_active(
+        &self,
+        user: UserId,
+        last_active_ms: i64,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "record_last_active",
+            self.inner.record_last_active(user, last_active_ms)
+        )
+    }
+
+    async fn set_presence_hidden(
+        &self,
+        user: UserId,
+        hidden_at_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "set_presence_hidden",
+            self.inner.set_presence_hidden(user, hidden_at_ms)
+        )
+    }
+
+    async fn stored_presence(&self, users: Vec<UserId>) -> Result<Vec<StoredPresence>, StoreError> {
+        timed!(self, "stored_presence", self.inner.stored_presence(users))
+    }
+
+    async fn receipt_snapshot(
+        &self,
+        user: UserId,
+        limit: u32,
+    ) -> Result<Vec<proto::Receipt>, StoreError> {
+        timed!(
+            self,
+            "receipt_snapshot",
+            self.inner.receipt_snapshot(user, limit)
+        )
+    }
+}
+
+#[async_trait]
+impl InboxStore for Instrumented<dyn InboxStore> {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn push(&self, entries: Vec<(UserId, Arc<proto::Message>)>) -> Result<(), StoreError> {
+        timed!(self, "inbox_push", self.inner.push(entries))
+    }
+
+    async fn pending(
+        &self,
+        user: UserId,
+        limit: usize,
+    ) -> Result<Vec<Arc<proto::Message>>, StoreError> {
+        timed!(self, "inbox_pending", self.inner.pending(user, limit))
+    }
+
+    async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError> {
+        timed!(self, "inbox_ack", self.inner.ack(acks))
+    }
+}
+
+#[async_trait]
+impl PresenceStore for Instrumented<dyn PresenceStore> {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        timed!(self, "ping", self.inner.ping())
+    }
+
+    async fn refresh(
+        &self,
+        user: UserId,
+        record: OnlineRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "presence_refresh",
+            self.inner.refresh(user, record, ttl)
+        )
+    }
+
+    async fn remove(&self, user: UserId, node: String) -> Result<(), StoreError> {
+        timed!(self, "presence_remove", self.inner.remove(user, node))
+    }
+
+    async fn online(&self, users: Vec<UserId>) -> Result<Vec<Option<OnlineRecord>>, StoreError> {
+        timed!(self, "presence_online", self.inner.online(users))
+    }
+}
+
+/// The recent cache swallows its own errors, so only durations are kept
+/// (`result` is always `ok`).
+#[async_trait]
+impl RecentCache for Instrumented<dyn RecentCache> {
+    async fn push(&self, messages: &[Arc<proto::Message>]) {
+        let start = Instant::now();
+        self.inner.push(messages).await;
+        self.record::<()>("recent_push", &Ok(()), start.elapsed());
+    }
+
+    async fn page_before(
+        &self,
+        conversation_id: ConversationId,
+        before: u64,
+        limit: u32,
+    ) -> Option<Page> {
+        let start = Instant::now();
+        let page = self.inner.page_before(conversation_id, before, limit).await;
+        self.record::<()>("recent_page", &Ok(()), start.elapsed());
+        page
+    }
+}
