@@ -136,3 +136,27 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     *response.status_mut() = status;
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::presence::MemoryPresenceStore;
+    use crate::store::sqlite::SqliteStore;
+
+    #[tokio::test]
+    async fn not_ready_once_shutdown_begins() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = OpsState {
+            metrics: Arc::new(Metrics::new()),
+            history: Arc::new(SqliteStore::open(dir.path()).unwrap()),
+            presence: Arc::new(MemoryPresenceStore::default()),
+            accepting: AtomicBool::new(true),
+        };
+        assert_eq!(state.not_ready().await, None);
+        state.accepting.store(false, Ordering::SeqCst);
+        assert_eq!(
+            state.not_ready().await.as_deref(),
+            Some("not accepting connections (shutting down)")
+        );
+    }
+}

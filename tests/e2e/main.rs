@@ -14,5 +14,6 @@ mod friends;
 mod groups;
 mod loadgen;
 mod messaging;
+mod operations;
 mod presence;
 mod robustness;

@@ -447,6 +447,8 @@ async fn sigterm_finishes_commits_and_tells_clients_to_reconnect() {
     let (alice, mut alice_events, conversation, bob_token, acked) =
         alice_sends_to_offline_bob(&server.client_config(), 20, "before stop").await;
     let port = server.addr.port();
+    let (status, body) = http_get(server.metrics, "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
     assert!(server.terminate().await, "a clean exit after SIGTERM");
     // Connected clients are told to reconnect (possibly elsewhere).
     let code = wait_for(&mut alice_events, "disconnect", |e| match e {

@@ -263,3 +263,98 @@ async fn bad_sends_are_refused_with_codes() {
     );
     assert_eq!(alice.outbox_len(), 0, "refused sends leave the outbox");
 }
+
+/// Reads the next frame from a raw stream.
+async fn next_frame(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Frame {
+    loop {
+        if let Some(frame) = chat_protocol::Codec::default().decode(buf).unwrap() {
+            return frame;
+        }
+        let chunk = tokio::time::timeout(WAIT, recv.read_chunk(4096, true))
+            .await
+            .expect("a frame in time")
+            .unwrap()
+            .expect("stream open");
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+#[tokio::test]
+async fn over_the_send_rate_the_answer_is_rate_limited_with_a_retry_after() {
+    // One send per second, bursts of two. The sends go to a conversation
+    // that does not exist: the limit applies before anything else, so the
+    // first two are answered NOT_A_MEMBER and the third RATE_LIMITED.
+    let server = TestServer::start_with(|c| {
+        c.limits.send_rate = 1;
+        c.limits.send_burst = 2;
+    })
+    .await;
+    let (raw, _control, _control_recv) = Raw::authenticated(&server).await;
+    let send = |id: u64| {
+        Frame::new(
+            id,
+            Body::Send(proto::Send {
+                conversation_id: 999_999,
+                client_msg_id: format!("k{id}"),
+                r#type: proto::MessageType::Text as i32,
+                text: "hi".into(),
+            }),
+        )
+    };
+    let (mut tx, mut rx) = raw
+        .stream(&frames(&[
+            Frame::open_stream(StreamKind::Messages),
+            send(1),
+            send(2),
+            send(3),
+            send(4),
+        ]))
+        .await;
+    let mut buf = BytesMut::new();
+    let mut answers = Vec::new();
+    while answers.len() < 4 {
+        let frame = next_frame(&mut rx, &mut buf).await;
+        if let Some(Body::Error(e)) = frame.body {
+            answers.push((
+                frame.request_id,
+                ErrorCode::from_wire(e.code),
+                e.retry_after_ms,
+            ));
+        }
+    }
+    answers.sort_by_key(|a| a.0);
+    assert_eq!(answers[0].1, ErrorCode::NotAMember);
+    assert_eq!(answers[1].1, ErrorCode::NotAMember);
+    for &(id, code, retry_after_ms) in &answers[2..] {
+        assert_eq!(code, ErrorCode::RateLimited, "send {id}");
+        assert!(
+            (1..=1_000).contains(&retry_after_ms),
+            "send {id}: retry after {retry_after_ms} ms"
+        );
+    }
+    // Another user is not limited meanwhile.
+    let (other, _c, _r) = Raw::authenticated(&server).await;
+    let (_tx2, mut rx2) = other
+        .stream(&frames(&[
+            Frame::open_stream(StreamKind::Messages),
+            send(1),
+        ]))
+        .await;
+    let frame = next_frame(&mut rx2, &mut BytesMut::new()).await;
+    match frame.body {
+        Some(Body::Error(e)) => assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::NotAMember),
+        other => panic!("unexpected {other:?}"),
+    }
+    // After the wait, the first user may send again.
+    tokio::time::sleep(Duration::from_millis(u64::from(answers[3].2) + 50)).await;
+    tx.write_all(&frames(&[send(5)])).await.unwrap();
+    let frame = next_frame(&mut rx, &mut buf).await;
+    match frame.body {
+        Some(Body::Error(e)) => assert_eq!(
+            ErrorCode::from_wire(e.code),
+            ErrorCode::NotAMember,
+            "past the wait the limit lets the send through"
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+}

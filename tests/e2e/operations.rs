@@ -1,0 +1,496 @@
+//! What SREs rely on: the metrics port (values, not just names), health
+//! and readiness, the connection cap, 0-RTT, the send rate limit as clients
+//! see it, and configuration errors from the real binary.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use chat_client::{ErrorCode, proto};
+use chat_protocol::{Body, Frame, StreamKind};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::*;
+
+/// The samples of a Prometheus text page: `name{labels}` to value.
+async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            Some((key.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn value(samples: &HashMap<String, f64>, key: &str) -> f64 {
+    *samples
+        .get(key)
+        .unwrap_or_else(|| panic!("{key} missing from /metrics"))
+}
+
+/// Scrapes until `done` holds (the counters move on server tasks, a little
+/// after the client sees the effect).
+async fn scrape_until(
+    addr: SocketAddr,
+    what: &str,
+    done: impl Fn(&HashMap<String, f64>) -> bool,
+) -> HashMap<String, f64> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let samples = scrape(addr).await;
+        if done(&samples) {
+            return samples;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_sends_acks_deliveries_and_errors() {
+    let server = TestServer::start().await;
+    let addr = server.server.as_ref().unwrap().metrics_addr();
+    let before = scrape(addr).await;
+    assert_eq!(value(&before, "chat_sends_total"), 0.0);
+    assert_eq!(
+        value(&before, "chat_errors_total{code=\"EMPTY_MESSAGE\"}"),
+        0.0
+    );
+
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    for text in ["one", "two", "three"] {
+        alice.send_text(conversation, text).await.expect("send");
+    }
+    messages(&mut bob_events, 3).await;
+    let refused = alice.send_text(conversation, "   ").await;
+    assert_eq!(code(refused), ErrorCode::EmptyMessage);
+
+    let m = scrape_until(addr, "three deliveries and one error", |m| {
+        value(m, "chat_deliveries_total") == 3.0
+            && value(m, "chat_errors_total{code=\"EMPTY_MESSAGE\"}") == 1.0
+    })
+    .await;
+    assert_eq!(
+        value(&m, "chat_sends_total"),
+        4.0,
+        "three sent, one refused"
+    );
+    assert_eq!(value(&m, "chat_send_acks_total"), 3.0);
+    assert_eq!(value(&m, "chat_send_ack_duration_seconds_count"), 3.0);
+    assert_eq!(value(&m, "chat_send_deliver_duration_seconds_count"), 3.0);
+    assert_eq!(value(&m, "chat_commit_batch_messages_sum"), 3.0);
+    assert_eq!(value(&m, "chat_connections_active"), 2.0);
+    assert_eq!(value(&m, "chat_connections_opened_total"), 2.0);
+    assert!(value(&m, "chat_frames_received_total{stream=\"messages\"}") >= 4.0);
+    assert!(value(&m, "chat_frames_sent_total{stream=\"messages\"}") >= 7.0);
+    let appends = "chat_store_operation_duration_seconds_count{backend=\"sqlite\",operation=\"append\",result=\"ok\"}";
+    assert!(value(&m, appends) >= 1.0, "appends timed");
+    // Bob's client acknowledged delivery: Alice got receipts.
+    let m = scrape_until(addr, "a receipt", |m| {
+        value(m, "chat_receipts_total") >= 1.0
+    })
+    .await;
+    assert!(value(&m, "chat_watermark_batch_updates_count") >= 1.0);
+
+    // Closing a client is counted by reason.
+    bob.close();
+    let m = scrape_until(addr, "a closed connection", |m| {
+        value(m, "chat_connections_active") == 1.0
+    })
+    .await;
+    assert_eq!(
+        value(
+            &m,
+            "chat_connections_closed_total{reason=\"client_closed\"}"
+        ),
+        1.0
+    );
+    let (status, body) = http_get(addr, "/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, _) = http_get(addr, "/nope").await;
+    assert_eq!(status, 404);
+}
+
+/// A TCP relay in front of Redis or Postgres that a test can cut: when
+/// down, it drops every relayed connection and refuses new ones.
+struct Cuttable {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    async fn start(target: SocketAddr) -> Cuttable {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let generation = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let task = {
+            let up = up.clone();
+            let generation = generation.clone();
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        continue; // dropped: connection refused by reset
+                    }
+                    let mut cut = generation.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(mut server) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = cut.changed() => {}
+                        }
+                    });
+                }
+            })
+        };
+        Cuttable {
+            addr,
+            up,
+            generation,
+            task,
+        }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// `url` with its host:port replaced by the relay's.
+    fn redirect(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").expect("a URL");
+        let (userinfo, hostpath) = match rest.rsplit_once('@') {
+            Some((user, hostpath)) => (format!("{user}@"), hostpath),
+            None => (String::new(), rest),
+        };
+        let path = hostpath.find('/').map_or("", |i| &hostpath[i..]);
+        format!("{scheme}://{userinfo}{}{path}", self.addr)
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The host:port a URL points at.
+fn target(url: &str) -> SocketAddr {
+    let rest = url.split_once("://").expect("a URL").1;
+    let hostpath = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let hostport = hostpath.split('/').next().unwrap();
+    let hostport = if hostport.contains(':') {
+        hostport.to_string()
+    } else if url.starts_with("redis") {
+        format!("{hostport}:6379")
+    } else {
+        format!("{hostport}:5432")
+    };
+    use std::net::ToSocketAddrs;
+    hostport.to_socket_addrs().unwrap().next().unwrap()
+}
+
+async fn ready_state(addr: SocketAddr, ready: bool, mentions: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = http_get(addr, "/readyz").await;
+        if (status == 200) == ready && body.contains(mentions) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never became {} (last: {status} {body:?})",
+            if ready { "ready" } else { "not ready" }
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn readyz_follows_the_production_stores() {
+    let Some(Backend::Production(production)) = Backend::production().await else {
+        return;
+    };
+    let (pg_url, _) = production.postgres.clone().expect("postgres");
+    let redis = Cuttable::start(target(&production.redis_url)).await;
+    let postgres = Cuttable::start(target(&pg_url)).await;
+    let backend = Backend::Production(production);
+    let server = TestServer::start_on_with(backend, |config| {
+        config.redis_url = Some(redis.redirect(config.redis_url.as_ref().unwrap()));
+        config.postgres_url = Some(postgres.redirect(config.postgres_url.as_ref().unwrap()));
+    })
+    .await;
+    let addr = server.server.as_ref().unwrap().metrics_addr();
+    ready_state(addr, true, "ready").await;
+
+    redis.cut();
+    let why = ready_state(addr, false, "presence store (redis)").await;
+    assert!(why.starts_with("not ready: "), "{why}");
+    let (status, _) = http_get(addr, "/healthz").await;
+    assert_eq!(status, 200, "alive even when a store is not");
+    redis.restore();
+    ready_state(addr, true, "ready").await;
+
+    postgres.cut();
+    ready_state(addr, false, "history store (postgres)").await;
+    postgres.restore();
+    ready_state(addr, true, "ready").await;
+
+    // And the node serves again once ready.
+    let (alice, _events) = register(server.client_config(), &name("alice")).await;
+    assert!(alice.identity().user_id > 0);
+}
+
+/// A raw QUIC connection attempt: the close code it ends with, if the
+/// server closes it within `within`.
+async fn close_code_of_new_connection(server: &TestServer, within: Duration) -> Option<ErrorCode> {
+    let config = server.client_config().quinn_client_config().unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(config, server.addr, "localhost")
+        .unwrap()
+        .await
+        .ok()?;
+    match tokio::time::timeout(within, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            Some(ErrorCode::from_wire(close.error_code.into_inner() as i32))
+        }
+        Ok(other) => panic!("unexpected close {other:?}"),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_with_server_busy() {
+    let server = TestServer::start_with(|c| c.transport.max_connections = 2).await;
+    let addr = server.server.as_ref().unwrap().metrics_addr();
+    let (alice, _a) = register(server.client_config(), &name("alice")).await;
+    let (_bob, _b) = register(server.client_config(), &name("bob")).await;
+    assert_eq!(
+        close_code_of_new_connection(&server, WAIT).await,
+        Some(ErrorCode::ServerBusy)
+    );
+    let m = scrape(addr).await;
+    assert_eq!(value(&m, "chat_connections_refused_total"), 1.0);
+    assert_eq!(value(&m, "chat_errors_total{code=\"SERVER_BUSY\"}"), 1.0);
+    // client-lib reports the code too.
+    let refused =
+        chat_client::Client::register(server.client_config(), &name("carol"), PASSWORD).await;
+    assert_eq!(code(refused.map(|_| ())), ErrorCode::ServerBusy);
+    // Room again once a client leaves.
+    alice.close();
+    scrape_until(addr, "alice gone", |m| {
+        value(m, "chat_connections_active") == 1.0
+    })
+    .await;
+    let (carol, _c) = register(server.client_config(), &name("carol")).await;
+    assert!(carol.identity().user_id > 0);
+}
+
+/// A client TLS config that keeps session tickets and offers early data.
+fn early_data_client(server: &TestServer) -> quinn::ClientConfig {
+    let ca = std::fs::read(&server.ca).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(&ca) {
+        roots.add(cert).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![chat_protocol::ALPN.to_vec()];
+    tls.enable_early_data = true;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    quinn::ClientConfig::new(Arc::new(crypto))
+}
+
+/// The certificates in a PEM file.
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.unwrap())
+        .collect()
+}
+
+/// Opens a control stream, authenticates with `token`, returns the reply.
+async fn authenticate(conn: &quinn::Connection, token: &str) -> Frame {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut buf = BytesMut::new();
+    chat_protocol::encode(&Frame::open_stream(StreamKind::Control), &mut buf);
+    chat_protocol::encode(
+        &Frame::new(
+            1,
+            Body::Authenticate(proto::Authenticate {
+                token: token.into(),
+            }),
+        ),
+        &mut buf,
+    );
+    send.write_all(&buf).await.unwrap();
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(frame) = chat_protocol::Codec::default().decode(&mut buf).unwrap() {
+            return frame;
+        }
+        let chunk = tokio::time::timeout(WAIT, recv.read_chunk(4096, true))
+            .await
+            .expect("reply in time")
+            .unwrap()
+            .expect("a reply");
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+async fn zero_rtt_resumption(zero_rtt: bool) -> Option<bool> {
+    let server = TestServer::start_with(|c| c.transport.zero_rtt = zero_rtt).await;
+    let (alice, _events) = register(server.client_config(), &name("alice")).await;
+    let token = alice.identity().token;
+    let config = early_data_client(&server);
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    // A full handshake first, which leaves a session ticket behind.
+    let first = endpoint
+        .connect(server.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let reply = authenticate(&first, &token).await;
+    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
+    first.close(0u32.into(), b"done");
+    // Then a resumption that may carry the request in early data.
+    let connecting = endpoint.connect(server.addr, "localhost").unwrap();
+    match connecting.into_0rtt() {
+        Ok((conn, accepted)) => {
+            let reply = authenticate(&conn, &token).await;
+            assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
+            Some(accepted.await)
+        }
+        Err(connecting) => {
+            let conn = connecting.await.unwrap();
+            let reply = authenticate(&conn, &token).await;
+            assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn zero_rtt_is_accepted_only_when_enabled() {
+    assert_eq!(
+        zero_rtt_resumption(true).await,
+        Some(true),
+        "early data offered and accepted"
+    );
+    assert_eq!(
+        zero_rtt_resumption(false).await,
+        None,
+        "no early data without zero-rtt"
+    );
+}
+
+#[tokio::test]
+async fn rate_limited_sends_are_retried_in_order_and_others_are_unaffected() {
+    let server = TestServer::start_with(|c| {
+        c.limits.send_rate = 4;
+        c.limits.send_burst = 2;
+    })
+    .await;
+    let addr = server.server.as_ref().unwrap().metrics_addr();
+    let (alice, _a) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let (carol, _c) = register(server.client_config(), &name("carol")).await;
+    let alice_bob = befriend(&alice, &bob).await;
+    let carol_bob = befriend(&carol, &bob).await;
+    // Six sends at once: two fit the burst, the rest are refused with a
+    // retry-after and resent by client-lib, in order.
+    let (a, b, c, d, e, f) = tokio::join!(
+        alice.send_text(alice_bob, "m0"),
+        alice.send_text(alice_bob, "m1"),
+        alice.send_text(alice_bob, "m2"),
+        alice.send_text(alice_bob, "m3"),
+        alice.send_text(alice_bob, "m4"),
+        alice.send_text(alice_bob, "m5"),
+    );
+    let seqs: Vec<u64> = [a, b, c, d, e, f]
+        .into_iter()
+        .map(|r| r.expect("every send succeeds in the end").seq)
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let m = scrape(addr).await;
+    assert!(
+        value(&m, "chat_errors_total{code=\"RATE_LIMITED\"}") >= 1.0,
+        "the limit was hit"
+    );
+    let limited = value(&m, "chat_errors_total{code=\"RATE_LIMITED\"}");
+    // Carol has her own bucket.
+    carol
+        .send_text(carol_bob, "hi")
+        .await
+        .expect("carol's send");
+    let got: Vec<String> = messages(&mut bob_events, 7)
+        .await
+        .into_iter()
+        .filter(|m| m.conversation_id == alice_bob)
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    let m = scrape(addr).await;
+    assert_eq!(
+        value(&m, "chat_errors_total{code=\"RATE_LIMITED\"}"),
+        limited,
+        "carol was not limited"
+    );
+}
+
+#[tokio::test]
+async fn the_binary_names_both_settings_of_a_contradiction() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-e2e-server"))
+        .args(["--keep-alive-interval", "60s", "--idle-timeout", "30s"])
+        .output()
+        .await
+        .expect("run chat-server");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("keep-alive-interval (1m)") && stderr.contains("idle-timeout (30s)"),
+        "{stderr}"
+    );
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-e2e-server"))
+        .args(["--print-config", "--congestion-controller", "bbr"])
+        .output()
+        .await
+        .expect("run chat-server");
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for key in [
+        "congestion-controller = \"bbr\"",
+        "initial-rtt = \"333ms\"",
+        "zero-rtt = false",
+        "stateless-retry = false",
+        "send-rate = 20",
+        "metrics-listen = \"127.0.0.1:9464\"",
+    ] {
+        assert!(stdout.contains(key), "{key} not in:\n{stdout}");
+    }
+}
