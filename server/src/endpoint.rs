@@ -296,11 +296,29 @@ fn udp_socket(addr: SocketAddr, t: &Transport) -> std::io::Result<std::net::UdpS
         // Accept IPv4 too on [::], as quinn's own bind does.
         let _ = socket.set_only_v6(false);
     }
+    // Linux caps these at net.core.rmem_max / wmem_max without an error
+    // (and reports double the size it grants); say so when it bites.
     if t.socket_receive_buffer > 0 {
         socket.set_recv_buffer_size(t.socket_receive_buffer)?;
+        let granted = socket.recv_buffer_size()?;
+        if granted < t.socket_receive_buffer {
+            tracing::warn!(
+                asked = t.socket_receive_buffer,
+                granted,
+                "the kernel capped socket-receive-buffer; raise net.core.rmem_max"
+            );
+        }
     }
     if t.socket_send_buffer > 0 {
         socket.set_send_buffer_size(t.socket_send_buffer)?;
+        let granted = socket.send_buffer_size()?;
+        if granted < t.socket_send_buffer {
+            tracing::warn!(
+                asked = t.socket_send_buffer,
+                granted,
+                "the kernel capped socket-send-buffer; raise net.core.wmem_max"
+            );
+        }
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())

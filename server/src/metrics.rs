@@ -6,7 +6,7 @@
 //! label set is open (store operations) are looked up by key when used.
 //!
 //! The names, types and units are listed in [`DESCRIPTIONS`], which is also
-//! what `/metrics` prints as `# HELP`; docs/METRICS.md explains them.
+//! what `/metrics` prints as `# HELP`; TUNING.md explains them.
 
 use std::sync::Arc;
 use std::time::Duration;
