@@ -166,6 +166,12 @@ struct Overrides {
     /// 0-RTT early data on resumed sessions (true / false).
     #[arg(long, env = "CHAT_ZERO_RTT")]
     zero_rtt: Option<bool>,
+    /// ACK every N ack-eliciting packets (asked of clients; 0: off).
+    #[arg(long, env = "CHAT_ACK_ELICITING_THRESHOLD")]
+    ack_eliciting_threshold: Option<u32>,
+    /// Longest ACK delay asked of clients, e.g. 25ms.
+    #[arg(long, env = "CHAT_MAX_ACK_DELAY", value_parser = humantime::parse_duration)]
+    max_ack_delay: Option<Duration>,
     /// Sustained sends per second per user (0: no limit).
     #[arg(long, env = "CHAT_SEND_RATE")]
     send_rate: Option<u32>,
@@ -252,6 +258,8 @@ impl Overrides {
         set(&mut t.stateless_retry, self.stateless_retry);
         set(&mut t.migration, self.migration);
         set(&mut t.zero_rtt, self.zero_rtt);
+        set(&mut t.ack_eliciting_threshold, self.ack_eliciting_threshold);
+        set(&mut t.max_ack_delay, self.max_ack_delay);
         set(&mut c.limits.send_rate, self.send_rate);
         set(&mut c.limits.send_burst, self.send_burst);
         set(&mut c.limits.max_login_failures, self.max_login_failures);

@@ -180,6 +180,14 @@ pub struct Transport {
     /// Accept 0-RTT early data on resumed TLS sessions; only replay-safe
     /// requests run before the handshake completes.
     pub zero_rtt: bool,
+    /// Ask clients (QUIC ACK frequency extension) to acknowledge only every
+    /// this many ack-eliciting packets (0: the extension is not used and
+    /// clients acknowledge every other packet, as RFC 9000 says).
+    pub ack_eliciting_threshold: u32,
+    /// With `ack-eliciting-threshold`: the longest clients may delay an
+    /// ACK (quinn clamps it to at most max(RTT, 25ms)).
+    #[serde(with = "humantime_serde")]
+    pub max_ack_delay: Duration,
 }
 
 /// QUIC congestion control algorithms quinn provides.
@@ -260,6 +268,8 @@ impl Default for Transport {
             stateless_retry: false,
             migration: true,
             zero_rtt: false,
+            ack_eliciting_threshold: 0,
+            max_ack_delay: Duration::from_millis(25),
         }
     }
 }
@@ -432,6 +442,19 @@ impl Config {
                 t.initial_mtu
             ));
         }
+        if t.ack_eliciting_threshold > 1000 {
+            return err(format!(
+                "ack-eliciting-threshold = {} is outside 0..=1000",
+                t.ack_eliciting_threshold
+            ));
+        }
+        if t.ack_eliciting_threshold > 0 && t.max_ack_delay >= t.idle_timeout {
+            return err(format!(
+                "max-ack-delay ({}) must be shorter than idle-timeout ({})",
+                humantime::format_duration(t.max_ack_delay),
+                humantime::format_duration(t.idle_timeout)
+            ));
+        }
         if t.datagram_send_buffer == 0 {
             return err("datagram-send-buffer must be at least 1 byte".into());
         }
@@ -547,6 +570,17 @@ mod tests {
             (
                 |c| c.transport.datagram_send_buffer = 0,
                 "datagram-send-buffer",
+            ),
+            (
+                |c| c.transport.ack_eliciting_threshold = 5000,
+                "ack-eliciting-threshold",
+            ),
+            (
+                |c| {
+                    c.transport.ack_eliciting_threshold = 10;
+                    c.transport.max_ack_delay = Duration::from_secs(60);
+                },
+                "max-ack-delay (1m) must be shorter than idle-timeout (30s)",
             ),
             (
                 |c| {

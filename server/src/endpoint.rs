@@ -545,6 +545,12 @@ fn quic_config(
         )
         .datagram_send_buffer_size(t.datagram_send_buffer)
         .enable_segmentation_offload(t.gso);
+    if t.ack_eliciting_threshold > 0 {
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(VarInt::from_u32(t.ack_eliciting_threshold))
+            .max_ack_delay(Some(t.max_ack_delay));
+        transport.ack_frequency_config(Some(ack));
+    }
     match t.congestion_controller {
         CongestionController::Cubic => transport
             .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
