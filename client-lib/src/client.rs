@@ -829,6 +829,17 @@ fn new_client_msg_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// How long to wait before the first reconnect after a close with `code`:
+/// a node that is stopping wants its clients elsewhere at once (only the
+/// jitter spreads them); a full node wants them to back off.
+fn first_reconnect_delay(code: Option<ErrorCode>, config: &ClientConfig) -> Duration {
+    match code {
+        Some(ErrorCode::ServerShuttingDown) => Duration::ZERO,
+        Some(ErrorCode::ServerBusy) => config.reconnect_max / 2,
+        _ => config.reconnect_min,
+    }
+}
+
 /// Codes after which reconnecting with the same token cannot work.
 fn ends_session(code: ErrorCode) -> bool {
     matches!(
@@ -873,11 +884,13 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
             .map(|i| i.token.clone());
         let Some(token) = token else { return };
         let credential = Credential::Token(token);
-        let mut delay = inner.config.reconnect_min;
+        let mut delay = first_reconnect_delay(code, &inner.config);
         loop {
             // Jitter spreads a fleet of clients reconnecting to a restarted
             // node.
-            let jitter = delay.mul_f64(rand::random::<f64>() * 0.5);
+            let jitter = delay
+                .max(inner.config.reconnect_min)
+                .mul_f64(rand::random::<f64>() * 0.5);
             tokio::select! {
                 () = tokio::time::sleep(delay + jitter) => {}
                 () = inner.reconnect.notified() => {}
@@ -908,9 +921,31 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                         return;
                     }
                     tracing::debug!(error = %e, ?delay, "reconnect failed");
-                    delay = (delay * 2).min(inner.config.reconnect_max);
+                    delay = (delay * 2)
+                        .max(inner.config.reconnect_min)
+                        .min(inner.config.reconnect_max);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopping_node_means_reconnect_now_and_a_busy_one_back_off() {
+        let config = ClientConfig::new("127.0.0.1:4433".parse().unwrap(), "localhost");
+        assert_eq!(
+            first_reconnect_delay(Some(ErrorCode::ServerShuttingDown), &config),
+            Duration::ZERO
+        );
+        assert_eq!(
+            first_reconnect_delay(Some(ErrorCode::ServerBusy), &config),
+            config.reconnect_max / 2
+        );
+        assert!(config.reconnect_max / 2 > config.reconnect_min);
+        assert_eq!(first_reconnect_delay(None, &config), config.reconnect_min);
     }
 }

@@ -135,8 +135,10 @@ fn seqs(messages: &[Arc<proto::Message>]) -> Vec<u64> {
     messages.iter().map(|m| m.seq).collect()
 }
 
-/// Users are unique by name and can be found by name and id.
+/// Users are unique by name and can be found by name and id; the store
+/// answers a ping (what `/readyz` asks).
 pub async fn users(store: &impl HistoryStore) {
+    store.ping().await.expect("a working store answers a ping");
     let id = store
         .create_user("alice".into(), "h1".into(), 10)
         .await

@@ -107,6 +107,7 @@ pub(crate) mod conformance {
     pub(crate) async fn refresh_expire_remove(store: &impl PresenceStore) {
         let long = Duration::from_secs(60);
         let short = Duration::from_millis(300);
+        store.ping().await.expect("a working store answers a ping");
         assert_eq!(store.online(vec![1, 2]).await.unwrap(), vec![None, None]);
         assert!(store.online(vec![]).await.unwrap().is_empty());
         store.refresh(1, rec("node-a", 100), long).await.unwrap();
