@@ -142,18 +142,26 @@ impl Delivery {
 
     /// Queues a send; waits only if the committer is saturated.
     pub async fn submit(&self, job: SendJob) -> Result<(), Refusal> {
-        self.sends
-            .send(job)
-            .await
-            .map_err(|_| Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down"))
+        enqueue(&self.sends, job).await
     }
 
     /// Queues a watermark move.
     pub async fn mark(&self, job: MarkJob) -> Result<(), Refusal> {
-        self.marks
-            .send(job)
+        enqueue(&self.marks, job).await
+    }
+}
+
+/// `try_send`, and only when the queue is full the (boxed) waiting send:
+/// the stream readers that call this live as long as their connections,
+/// and an inline `send` future would make each of them larger for good.
+async fn enqueue<T: Send>(queue: &mpsc::Sender<T>, item: T) -> Result<(), Refusal> {
+    let shutting_down = || Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down");
+    match queue.try_send(item) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(item)) => Box::pin(queue.send(item))
             .await
-            .map_err(|_| Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down"))
+            .map_err(|_| shutting_down()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(shutting_down()),
     }
 }
 

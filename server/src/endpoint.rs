@@ -429,14 +429,30 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             continue;
         }
         let over = active.load(Ordering::Relaxed) >= max;
+        let slot = Slot::take(&active);
+        tokio::spawn(serve_incoming(
+            shared.clone(),
+            incoming,
+            over,
+            transport.zero_rtt,
+            slot,
+        ));
+    }
+}
+
+/// One of the `max-connections` places, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>) -> Slot {
         active.fetch_add(1, Ordering::Relaxed);
-        let shared = shared.clone();
-        let active = active.clone();
-        let zero_rtt = transport.zero_rtt;
-        tokio::spawn(async move {
-            serve_incoming(shared, incoming, over, zero_rtt).await;
-            active.fetch_sub(1, Ordering::Relaxed);
-        });
+        Slot(active.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -449,6 +465,7 @@ async fn serve_incoming(
     incoming: quinn::Incoming,
     over_limit: bool,
     zero_rtt: bool,
+    slot: Slot,
 ) {
     let metrics = shared.metrics.clone();
     let connecting = match incoming.accept() {
@@ -494,8 +511,13 @@ async fn serve_incoming(
     }
     metrics.connections_opened.increment(1);
     metrics.connections_active.increment(1.0);
-    session::run(shared, conn, early).await;
-    metrics.connections_active.decrement(1.0);
+    // A task of its own: this one's state (sized for the handshake) is
+    // freed now instead of staying allocated for the connection's life.
+    tokio::spawn(async move {
+        session::run(shared, conn, early).await;
+        metrics.connections_active.decrement(1.0);
+        drop(slot);
+    });
 }
 
 fn quic_config(

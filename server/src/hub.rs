@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use chat_protocol::{ErrorCode, StreamKind};
 use dashmap::DashMap;
-use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
+use crate::queue::{OutQueue, PushError};
 use crate::store::UserId;
 use crate::wire::{self, Outbound};
 
@@ -29,9 +29,8 @@ pub struct SessionHandle {
     /// The authenticated user.
     pub user_id: UserId,
     conn: quinn::Connection,
-    control: mpsc::Sender<Outbound>,
-    messages: mpsc::Sender<Outbound>,
-    receipts: mpsc::Sender<Outbound>,
+    /// Outbound queues of the control, messages and receipts streams.
+    queues: [OutQueue; 3],
     closed: AtomicBool,
     /// Unix ms of the latest frame from the client (presence activity).
     last_activity_ms: AtomicI64,
@@ -41,46 +40,24 @@ pub struct SessionHandle {
     sampled: [AtomicU64; 3],
 }
 
-/// The receiving ends of a session's queues, taken by each stream's writer
-/// when the client opens that stream.
-pub struct SessionQueues {
-    /// Control stream queue.
-    pub control: Option<mpsc::Receiver<Outbound>>,
-    /// Messages stream queue.
-    pub messages: Option<mpsc::Receiver<Outbound>>,
-    /// Receipts stream queue.
-    pub receipts: Option<mpsc::Receiver<Outbound>>,
-}
-
 impl SessionHandle {
-    /// A handle and its queues.
+    /// A handle with empty queues.
     pub fn new(
         conn_id: u64,
         user_id: UserId,
         conn: quinn::Connection,
         metrics: Arc<Metrics>,
-    ) -> (Arc<Self>, SessionQueues) {
-        let (control, control_rx) = mpsc::channel(QUEUE_CAPACITY);
-        let (messages, messages_rx) = mpsc::channel(QUEUE_CAPACITY);
-        let (receipts, receipts_rx) = mpsc::channel(QUEUE_CAPACITY);
-        let handle = Arc::new(SessionHandle {
+    ) -> Arc<Self> {
+        Arc::new(SessionHandle {
             conn_id,
             user_id,
             conn,
-            control,
-            messages,
-            receipts,
+            queues: Default::default(),
             closed: AtomicBool::new(false),
             last_activity_ms: AtomicI64::new(0),
             metrics,
             sampled: Default::default(),
-        });
-        let queues = SessionQueues {
-            control: Some(control_rx),
-            messages: Some(messages_rx),
-            receipts: Some(receipts_rx),
-        };
-        (handle, queues)
+        })
     }
 
     /// Records client activity (any frame counts).
@@ -118,19 +95,26 @@ impl SessionHandle {
         }
     }
 
+    /// The outbound queue of a stream kind (its writer is the only reader).
+    pub fn queue(&self, kind: StreamKind) -> Option<&OutQueue> {
+        match kind {
+            StreamKind::Control => Some(&self.queues[0]),
+            StreamKind::Messages => Some(&self.queues[1]),
+            StreamKind::Receipts => Some(&self.queues[2]),
+            _ => None,
+        }
+    }
+
     /// Queues a frame for one of this session's streams without waiting.
     /// Returns false if the session is gone or was too slow (and is now
     /// being closed).
     pub fn push(&self, kind: StreamKind, out: Outbound) -> bool {
-        let queue = match kind {
-            StreamKind::Control => &self.control,
-            StreamKind::Messages => &self.messages,
-            StreamKind::Receipts => &self.receipts,
-            _ => return false,
+        let Some(queue) = self.queue(kind) else {
+            return false;
         };
-        match queue.try_send(out) {
+        match queue.push(out, QUEUE_CAPACITY) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(PushError::Full) => {
                 if !self.closed.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         conn_id = self.conn_id,
@@ -147,7 +131,7 @@ impl SessionHandle {
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(PushError::Closed) => false,
         }
     }
 }

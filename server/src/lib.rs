@@ -32,6 +32,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod presence;
+pub mod queue;
 pub mod ratelimit;
 pub mod session;
 pub mod store;

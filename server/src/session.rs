@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind};
 use quinn::{RecvStream, SendStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use tracing::Instrument;
 
 use crate::endpoint::Shared;
-use crate::hub::{SessionHandle, SessionQueues};
+use crate::hub::SessionHandle;
 use crate::store::UserId;
 use crate::streams;
 use crate::wire::{self, FrameReader, Outbound, ReadError};
@@ -41,8 +41,6 @@ pub struct Session {
     pub shared: Arc<Shared>,
     /// Set once, by the control stream, when authentication succeeds.
     pub authed: OnceLock<Authed>,
-    /// Queue receivers, handed to stream writers as streams open.
-    queues: Mutex<Option<SessionQueues>>,
     /// Which singleton stream kinds the client has opened.
     opened: Mutex<[bool; 6]>,
     /// Users this connection watches the presence of.
@@ -62,7 +60,7 @@ impl Session {
     /// Marks the connection authenticated as `user_id` and registers it in
     /// the hub. False if it was authenticated already.
     pub fn authenticate(&self, user_id: UserId, username: String, token_hash: [u8; 32]) -> bool {
-        let (handle, queues) = SessionHandle::new(
+        let handle = SessionHandle::new(
             self.conn_id,
             user_id,
             self.conn.clone(),
@@ -77,7 +75,6 @@ impl Session {
         if self.authed.set(authed).is_err() {
             return false;
         }
-        *self.queues.lock().expect("queues lock") = Some(queues);
         self.shared.hub.register(handle);
         tracing::Span::current().record("user_id", user_id);
         true
@@ -106,16 +103,12 @@ impl Session {
             .await;
     }
 
-    /// Takes the queue receiver for a stream kind (once).
-    pub fn take_queue(&self, kind: StreamKind) -> Option<mpsc::Receiver<Outbound>> {
-        let mut guard = self.queues.lock().expect("queues lock");
-        let queues = guard.as_mut()?;
-        match kind {
-            StreamKind::Control => queues.control.take(),
-            StreamKind::Messages => queues.messages.take(),
-            StreamKind::Receipts => queues.receipts.take(),
-            _ => None,
-        }
+    /// The handle whose queue a stream kind's writer drains (the stream
+    /// kind check in `serve_stream` makes each writer the only reader).
+    pub fn outbound(&self, kind: StreamKind) -> Option<Arc<SessionHandle>> {
+        let handle = &self.authed()?.handle;
+        handle.queue(kind)?;
+        Some(handle.clone())
     }
 
     /// Closes the connection with a code, after trying to deliver `frame`
@@ -160,7 +153,6 @@ pub async fn run(
         conn: conn.clone(),
         shared: shared.clone(),
         authed: OnceLock::new(),
-        queues: Mutex::new(None),
         opened: Mutex::new([false; 6]),
         watching: Mutex::new(Vec::new()),
         closed: AtomicBool::new(false),
@@ -292,10 +284,20 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
             )
             .await;
     }
+    // Each stream's handler runs as a task of its own, sized for that
+    // handler alone; this task (sized for the opening exchange) ends here
+    // instead of staying allocated for the stream's life.
+    let span = tracing::Span::current();
     match kind {
-        StreamKind::Control => streams::control::serve(session.clone(), send, reader).await,
-        StreamKind::Messages => streams::messages::serve(session.clone(), send, reader).await,
-        StreamKind::Receipts => streams::receipts::serve(session.clone(), send, reader).await,
+        StreamKind::Control => {
+            tokio::spawn(streams::control::serve(session.clone(), send, reader).instrument(span));
+        }
+        StreamKind::Messages => {
+            tokio::spawn(streams::messages::serve(session.clone(), send, reader).instrument(span));
+        }
+        StreamKind::Receipts => {
+            tokio::spawn(streams::receipts::serve(session.clone(), send, reader).instrument(span));
+        }
         StreamKind::Calls | StreamKind::Media | StreamKind::Unspecified => {
             // Not served by this version: refuse the stream, keep the
             // connection.

@@ -8,9 +8,10 @@ use bytes::{Bytes, BytesMut};
 use chat_protocol::{Body, Codec, ErrorCode, Frame, FrameError, StreamKind};
 use metrics::Counter;
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::queue::OutQueue;
 
 /// Most queued frames written in one go.
 const MAX_COALESCE: usize = 128;
@@ -103,21 +104,28 @@ impl FrameReader {
         self.handshake = handshake;
     }
 
-    async fn admit(&mut self, frame: &Frame) {
-        let Some(handshake) = &mut self.handshake else {
-            return;
+    /// Whether `frame` must wait for the handshake (see
+    /// [`guard_early_data`](Self::guard_early_data)).
+    fn must_wait(&mut self, frame: &Frame) -> bool {
+        let Some(handshake) = &self.handshake else {
+            return false;
         };
         if *handshake.borrow() {
             self.handshake = None;
-            return;
+            return false;
         }
-        if frame.body.as_ref().is_some_and(Body::is_replay_safe) {
-            return;
+        !frame.body.as_ref().is_some_and(Body::is_replay_safe)
+    }
+
+    /// Waits until the handshake completes. Boxed by the caller: it is
+    /// rare, and inline it would make every reader's future larger for
+    /// the connection's whole life.
+    async fn wait_for_handshake(&mut self) {
+        if let Some(mut handshake) = self.handshake.take() {
+            // An error means the connection died before confirming; what
+            // the frame does next fails on the closed connection.
+            let _ = handshake.wait_for(|done| *done).await;
         }
-        // An error means the connection died before confirming; whatever
-        // the frame does next fails on the closed connection.
-        let _ = handshake.wait_for(|done| *done).await;
-        self.handshake = None;
     }
 
     /// The next frame, or `None` when the peer finished the stream
@@ -132,7 +140,9 @@ impl FrameReader {
                 if let Some(frames) = &self.frames {
                     frames.increment(1);
                 }
-                self.admit(&frame).await;
+                if self.must_wait(&frame) {
+                    Box::pin(self.wait_for_handshake()).await;
+                }
                 return Ok(Some(frame));
             }
             match self
@@ -161,14 +171,16 @@ pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
 pub async fn write_loop(
     conn: &quinn::Connection,
     send: &mut SendStream,
-    rx: &mut mpsc::Receiver<Outbound>,
+    rx: &OutQueue,
     (metrics, kind): (&Metrics, StreamKind),
     linger: Option<Duration>,
     mut filter: impl FnMut(&Outbound) -> bool,
 ) {
-    let mut batch: Vec<Outbound> = Vec::with_capacity(8);
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(8);
     loop {
+        // Fresh (empty, unallocated) buffers per burst: an idle connection's
+        // writers then hold no buffer at all between bursts.
+        let mut batch: Vec<Outbound> = Vec::new();
+        let mut chunks: Vec<Bytes> = Vec::new();
         // The queue's senders live as long as the session, so also watch the
         // connection: a closed connection must end this task (and release
         // the session), not leave it waiting for frames forever.
@@ -185,8 +197,8 @@ pub async fn write_loop(
                 tokio::time::sleep(linger).await;
                 while batch.len() < MAX_COALESCE {
                     match rx.try_recv() {
-                        Ok(out) => batch.push(out),
-                        Err(_) => break,
+                        Some(out) => batch.push(out),
+                        None => break,
                     }
                 }
             }
@@ -210,7 +222,6 @@ pub async fn write_loop(
             return;
         }
         metrics.frames_out(kind).increment(written);
-        chunks.clear();
         if let Some(code) = close_code {
             let _ = send.finish();
             let _ = tokio::time::timeout(CLOSE_LINGER, send.stopped()).await;

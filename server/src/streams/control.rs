@@ -31,17 +31,15 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
         return;
     }
     let authed = session.authed().expect("authenticated above");
-    let Some(mut queue) = session.take_queue(StreamKind::Control) else {
+    let Some(queue) = session.outbound(StreamKind::Control) else {
         return;
     };
     let writer = {
         let session = session.clone();
         tokio::spawn(async move {
             let counters = (&*session.shared.metrics, StreamKind::Control);
-            wire::write_loop(&session.conn, &mut send, &mut queue, counters, None, |_| {
-                true
-            })
-            .await;
+            let queue = queue.queue(StreamKind::Control).expect("control queue");
+            wire::write_loop(&session.conn, &mut send, queue, counters, None, |_| true).await;
         })
     };
     let handle = authed.handle.clone();

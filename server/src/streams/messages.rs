@@ -21,6 +21,7 @@ use quinn::SendStream;
 use super::now_ms;
 use crate::delivery::{MarkJob, SendJob, Work};
 use crate::error::Refusal;
+use crate::hub::SessionHandle;
 use crate::session::{Session, on_read_error};
 use crate::store::{NewMessage, WatermarkKind, WatermarkUpdate};
 use crate::wire::{self, FrameReader, Outbound};
@@ -34,7 +35,7 @@ const INBOX_CATCH_UP_LIMIT: usize = 2_000;
 /// Serves the messages stream until it or the connection ends.
 pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameReader) {
     let authed = session.authed().expect("authenticated before data streams");
-    let Some(queue) = session.take_queue(StreamKind::Messages) else {
+    let Some(queue) = session.outbound(StreamKind::Messages) else {
         return;
     };
     tokio::spawn(writer(session.clone(), send, queue));
@@ -192,11 +193,7 @@ fn validate(session: &Session, send: proto::Send) -> Result<NewMessage, Refusal>
     })
 }
 
-async fn writer(
-    session: Arc<Session>,
-    mut send: SendStream,
-    mut queue: tokio::sync::mpsc::Receiver<Outbound>,
-) {
+async fn writer(session: Arc<Session>, mut send: SendStream, queue: Arc<SessionHandle>) {
     let Some(sent) = catch_up(&session, &mut send).await else {
         return;
     };
@@ -204,7 +201,7 @@ async fn writer(
     wire::write_loop(
         &session.conn,
         &mut send,
-        &mut queue,
+        queue.queue(StreamKind::Messages).expect("messages queue"),
         (&*session.shared.metrics, StreamKind::Messages),
         None,
         |out| match out.deliver {

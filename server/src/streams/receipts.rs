@@ -27,7 +27,7 @@ const SNAPSHOT_CONVERSATIONS: u32 = 200;
 /// Serves the receipts stream until it or the connection ends.
 pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameReader) {
     let authed = session.authed().expect("authenticated before data streams");
-    let Some(queue) = session.take_queue(StreamKind::Receipts) else {
+    let Some(queue) = session.outbound(StreamKind::Receipts) else {
         return;
     };
     tokio::spawn(writer(session.clone(), send, queue));
@@ -78,7 +78,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
 async fn writer(
     session: Arc<Session>,
     mut send: SendStream,
-    mut queue: tokio::sync::mpsc::Receiver<Outbound>,
+    queue: Arc<crate::hub::SessionHandle>,
 ) {
     let authed = session.authed().expect("authenticated");
     match session
@@ -104,7 +104,7 @@ async fn writer(
     wire::write_loop(
         &session.conn,
         &mut send,
-        &mut queue,
+        queue.queue(StreamKind::Receipts).expect("receipts queue"),
         (&*session.shared.metrics, StreamKind::Receipts),
         Some(RECEIPT_LINGER),
         |_| true,
