@@ -207,7 +207,9 @@ pub async fn run(
         // themselves (see `Session::is_closed`), so nothing outlives the
         // connection even if it closed in the middle of a login.
         session.closed.store(true, Ordering::SeqCst);
-        session.forget().await;
+        // Boxed: this task lives as long as the connection, and the clean-up
+        // (presence, store) would otherwise size it for good.
+        Box::pin(session.forget()).await;
     }
     .instrument(span)
     .await;

@@ -27,7 +27,10 @@ const DEFAULT_HISTORY_PAGE: u32 = 50;
 
 /// Serves the control stream until it or the connection ends.
 pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: FrameReader) {
-    if !authenticate(&session, &mut send, &mut reader).await {
+    // The login exchange and the request handlers are boxed: inline, their
+    // largest states (Argon2, group creation) would size this task, which
+    // lives as long as the connection.
+    if !Box::pin(authenticate(&session, &mut send, &mut reader)).await {
         return;
     }
     let authed = session.authed().expect("authenticated above");
@@ -55,11 +58,11 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
         handle.touch(now_ms());
         if let Some(Body::Heartbeat(_)) = frame.body {
             // Fire-and-forget: no reply, only a refreshed presence TTL.
-            session.shared.presence.heartbeat(&handle).await;
+            Box::pin(session.shared.presence.heartbeat(&handle)).await;
             continue;
         }
         let request_id = frame.request_id;
-        let reply = match handle_request(&session, frame).await {
+        let reply = match Box::pin(handle_request(&session, frame)).await {
             Ok(Reply::Frame(frame)) => Outbound::frame(&frame),
             Ok(Reply::Close(frame, code)) => Outbound::closing(&frame, code),
             Ok(Reply::Deferred) => continue,
