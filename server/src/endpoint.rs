@@ -127,12 +127,6 @@ impl Server {
             presence: presence_store.clone(),
             accepting: true.into(),
         });
-        let (metrics_addr, http_task) = http::start(config.metrics_listen, ops.clone())
-            .await
-            .map_err(|source| ServerError::MetricsBind {
-                addr: config.metrics_listen,
-                source,
-            })?;
         let hub = Arc::new(Hub::default());
         let (delivery, delivery_tasks) = Delivery::start(
             store.clone(),
@@ -156,6 +150,14 @@ impl Server {
         )
         .map_err(bind_error)?;
         let local_addr = endpoint.local_addr().map_err(bind_error)?;
+        // The last fallible step, because its task would outlive a failed
+        // start (the committers above stop once their handle is dropped).
+        let (metrics_addr, http_task) = http::start(config.metrics_listen, ops.clone())
+            .await
+            .map_err(|source| ServerError::MetricsBind {
+                addr: config.metrics_listen,
+                source,
+            })?;
         let node = config
             .node_id
             .clone()
