@@ -116,6 +116,9 @@ async fn metrics_count_sends_acks_deliveries_and_errors() {
         ),
         1.0
     );
+    // Bob's path counters were added when his session ended.
+    assert!(value(&m, "chat_quic_sent_datagrams_total") >= 4.0);
+    assert!(value(&m, "chat_quic_received_datagrams_total") >= 4.0);
     let (status, body) = http_get(addr, "/healthz").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     let (status, _) = http_get(addr, "/nope").await;
