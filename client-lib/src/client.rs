@@ -175,11 +175,17 @@ impl Inner {
         {
             if code.is_retryable() {
                 // Hold every send back until the server's time, then resend
-                // the whole outbox in order (the server deduplicates what it
-                // already stored): a retried send is never overtaken.
+                // from the earliest refused send on, in order (the server
+                // refuses everything after a refusal until the refused send
+                // returns): a retried send is never overtaken.
                 let delay = retry_after.unwrap_or(self.config.reconnect_min);
                 let until = tokio::time::Instant::now() + delay;
-                if self.outbox.lock().expect("outbox lock").pause(until) {
+                if self
+                    .outbox
+                    .lock()
+                    .expect("outbox lock")
+                    .pause(until, request_id)
+                {
                     let inner = self.clone();
                     tokio::spawn(async move { inner.resume_after_pause(until).await });
                 }
@@ -192,16 +198,19 @@ impl Inner {
             .complete(request_id, result);
     }
 
-    /// Waits out a send pause, then resends the outbox in order.
+    /// Waits out a send pause, then resends the outbox in order from its
+    /// earliest refused entry.
     async fn resume_after_pause(&self, mut until: tokio::time::Instant) {
         loop {
             tokio::time::sleep_until(until).await;
             let mut outbox = self.outbox.lock().expect("outbox lock");
             match outbox.try_resume(tokio::time::Instant::now()) {
                 Ok(()) => {
+                    // Without a connection the entries stay unsent and the
+                    // next connection gets them all.
                     if let Some(live) = self.live() {
-                        for frame in outbox.frames() {
-                            let _ = live.messages.send(frame.clone());
+                        for frame in outbox.transmit_unsent() {
+                            let _ = live.messages.send(frame);
                         }
                     }
                     return;
@@ -263,11 +272,14 @@ impl Inner {
     /// Makes `live` the current connection and resends the outbox on it, in
     /// order, before any new send can slip in between.
     fn install(&self, live: Live) {
-        let outbox = self.outbox.lock().expect("outbox lock");
-        // During a pause the resend waits for its end (see send_answered).
-        if !outbox.is_paused() {
-            for frame in outbox.frames() {
-                let _ = live.messages.send(frame.clone());
+        let mut outbox = self.outbox.lock().expect("outbox lock");
+        if outbox.is_paused() {
+            // The resend waits for the pause to end (see send_answered),
+            // and then this connection needs every entry.
+            outbox.mark_all_unsent();
+        } else {
+            for frame in outbox.transmit_all() {
+                let _ = live.messages.send(frame);
             }
         }
         *self.live.lock().expect("live lock") = Some(live);
@@ -448,8 +460,9 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         {
             let mut outbox = self.inner.outbox.lock().expect("outbox lock");
-            outbox.push(request_id, frame.clone(), tx)?;
-            if let (false, Some(live)) = (outbox.is_paused(), self.inner.live()) {
+            let live = self.inner.live().filter(|_| !outbox.is_paused());
+            outbox.push(request_id, frame.clone(), tx, live.is_some())?;
+            if let Some(live) = live {
                 let _ = live.messages.send(frame);
             }
         }

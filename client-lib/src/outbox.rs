@@ -4,6 +4,11 @@
 //! resend after a reconnect is byte-for-byte the original request and the
 //! server recognises it as a retry. Entries are resent in their original
 //! order; an entry leaves only when the server answers it.
+//!
+//! After a retryable refusal (RATE_LIMITED) the server refuses every later
+//! send on the connection until the refused one comes back, so the
+//! outbox, when the pause ends, resends from its earliest refused entry
+//! onward, in order. Entries before it were accepted and await their ack.
 
 use std::collections::VecDeque;
 
@@ -20,6 +25,9 @@ pub(crate) struct Entry {
     pub(crate) request_id: u64,
     pub(crate) frame: Bytes,
     waiter: Option<Waiter>,
+    /// Not (or no longer) on the wire of the live connection: never
+    /// transmitted, or refused.
+    unsent: bool,
 }
 
 pub(crate) struct Outbox {
@@ -27,8 +35,8 @@ pub(crate) struct Outbox {
     limit: usize,
     /// Set while the server asked us to wait (RATE_LIMITED and other
     /// retryable refusals): nothing is transmitted until then, and then
-    /// the whole outbox is resent in order, so a refused send is never
-    /// overtaken by a later one.
+    /// the outbox is resent in order from its first unsent entry, so a
+    /// refused send is never overtaken by a later one.
     paused_until: Option<tokio::time::Instant>,
 }
 
@@ -41,12 +49,14 @@ impl Outbox {
         }
     }
 
-    /// Adds a send; refuses when full.
+    /// Adds a send (`sent`: the caller transmits it now); refuses when
+    /// full.
     pub(crate) fn push(
         &mut self,
         request_id: u64,
         frame: Bytes,
         waiter: Waiter,
+        sent: bool,
     ) -> Result<(), ClientError> {
         if self.entries.len() >= self.limit {
             return Err(ClientError::OutboxFull(self.entries.len()));
@@ -55,6 +65,7 @@ impl Outbox {
             request_id,
             frame,
             waiter: Some(waiter),
+            unsent: !sent,
         });
         Ok(())
     }
@@ -78,9 +89,40 @@ impl Outbox {
         true
     }
 
-    /// The frames to resend, oldest first.
-    pub(crate) fn frames(&self) -> impl Iterator<Item = &Bytes> {
-        self.entries.iter().map(|e| &e.frame)
+    /// Every frame, oldest first, for a new connection (which has seen
+    /// none of them).
+    pub(crate) fn transmit_all(&mut self) -> Vec<Bytes> {
+        self.entries
+            .iter_mut()
+            .map(|e| {
+                e.unsent = false;
+                e.frame.clone()
+            })
+            .collect()
+    }
+
+    /// The frames to send when a pause ends: from the earliest unsent
+    /// entry onward, in order (later entries that were on the wire were
+    /// refused too, or will be; the server deduplicates the rest).
+    pub(crate) fn transmit_unsent(&mut self) -> Vec<Bytes> {
+        let Some(first) = self.entries.iter().position(|e| e.unsent) else {
+            return Vec::new();
+        };
+        self.entries
+            .iter_mut()
+            .skip(first)
+            .map(|e| {
+                e.unsent = false;
+                e.frame.clone()
+            })
+            .collect()
+    }
+
+    /// A new connection arrived during a pause: nothing is on its wire.
+    pub(crate) fn mark_all_unsent(&mut self) {
+        for entry in &mut self.entries {
+            entry.unsent = true;
+        }
     }
 
     /// Whether sends are held back now.
@@ -89,9 +131,12 @@ impl Outbox {
     }
 
     /// Holds sends back until `until` (or later, if already paused
-    /// longer). Returns true if this starts a pause, so the caller
-    /// schedules the resend.
-    pub(crate) fn pause(&mut self, until: tokio::time::Instant) -> bool {
+    /// longer), and marks the `refused` entry for resending. Returns true
+    /// if this starts a pause, so the caller schedules the resend.
+    pub(crate) fn pause(&mut self, until: tokio::time::Instant, refused: u64) -> bool {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.request_id == refused) {
+            entry.unsent = true;
+        }
         match self.paused_until {
             Some(current) => {
                 self.paused_until = Some(current.max(until));
@@ -150,14 +195,14 @@ mod tests {
         let (tx1, mut rx1) = oneshot::channel();
         let (tx2, _rx2) = oneshot::channel();
         let (tx3, _rx3) = oneshot::channel();
-        outbox.push(1, Bytes::from_static(b"a"), tx1).unwrap();
-        outbox.push(2, Bytes::from_static(b"b"), tx2).unwrap();
+        outbox.push(1, Bytes::from_static(b"a"), tx1, true).unwrap();
+        outbox.push(2, Bytes::from_static(b"b"), tx2, true).unwrap();
         assert_eq!(
-            outbox.push(3, Bytes::from_static(b"c"), tx3),
+            outbox.push(3, Bytes::from_static(b"c"), tx3, true),
             Err(ClientError::OutboxFull(2))
         );
         assert_eq!(
-            outbox.frames().cloned().collect::<Vec<_>>(),
+            outbox.transmit_all(),
             vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
         );
         assert!(outbox.complete(1, Ok(ack(7))));
@@ -176,14 +221,48 @@ mod tests {
         let ms = std::time::Duration::from_millis;
         assert!(!outbox.is_paused());
         assert!(
-            outbox.pause(now + ms(100)),
+            outbox.pause(now + ms(100), 1),
             "the first refusal starts a pause"
         );
-        assert!(!outbox.pause(now + ms(300)), "later ones extend it");
-        assert!(!outbox.pause(now + ms(200)), "never shorten it");
+        assert!(!outbox.pause(now + ms(300), 2), "later ones extend it");
+        assert!(!outbox.pause(now + ms(200), 3), "never shorten it");
         assert_eq!(outbox.try_resume(now + ms(150)), Err(now + ms(300)));
         assert!(outbox.is_paused());
         assert_eq!(outbox.try_resume(now + ms(300)), Ok(()));
         assert!(!outbox.is_paused());
+    }
+
+    #[test]
+    fn a_pause_ends_with_a_resend_from_the_earliest_refused_entry() {
+        let mut outbox = Outbox::new(8);
+        let mut waiters = Vec::new();
+        for (id, frame) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
+            let (tx, rx) = oneshot::channel();
+            waiters.push(rx);
+            outbox
+                .push(id, Bytes::from_static(frame.as_bytes()), tx, true)
+                .unwrap();
+        }
+        let until = tokio::time::Instant::now();
+        // "a" was accepted (its ack is on the way); "b" and "d" were
+        // refused; "c" was refused too but its answer has not arrived.
+        outbox.pause(until, 2);
+        outbox.pause(until, 4);
+        let (tx, rx) = oneshot::channel();
+        waiters.push(rx);
+        outbox.push(5, Bytes::from_static(b"e"), tx, false).unwrap();
+        assert_eq!(outbox.try_resume(until), Ok(()));
+        assert_eq!(
+            outbox.transmit_unsent(),
+            ["b", "c", "d", "e"].map(|f| Bytes::from_static(f.as_bytes())),
+            "from the first refused entry on, in order; not the accepted one"
+        );
+        assert!(outbox.transmit_unsent().is_empty(), "sent once");
+        outbox.mark_all_unsent();
+        assert_eq!(
+            outbox.transmit_unsent().len(),
+            5,
+            "a new connection gets all"
+        );
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chat_protocol::limits::MAX_CLIENT_MSG_ID_LEN;
@@ -43,9 +43,8 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     let delivery = session.shared.delivery.clone();
     let metrics = session.shared.metrics.clone();
     // Once a send is rate limited, every later send on this connection is
-    // refused until the retry time, so none can overtake the refused one
-    // (the client resends them all, in order, after the wait).
-    let mut limited_until: Option<Instant> = None;
+    // refused until that send comes back, so none can overtake it.
+    let mut limited: Option<Limited> = None;
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -58,7 +57,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
             Some(Body::Send(send)) => {
                 let received = Instant::now();
                 metrics.sends.increment(1);
-                match rate_limit(&session, &mut limited_until, received)
+                match rate_limit(&session, &mut limited, &send.client_msg_id, received)
                     .and_then(|()| validate(&session, send))
                 {
                     Ok(message) => {
@@ -103,21 +102,48 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     }
 }
 
-/// Applies the per-user send rate (see `limited_until` in [`serve`]).
+/// A connection whose sends are held back after a rate-limit refusal.
+struct Limited {
+    /// The retry time given with the first refusal.
+    until: Instant,
+    /// The `client_msg_id` of that first refused send.
+    head: String,
+}
+
+/// How long past its retry time a connection waits for the refused send
+/// to come back before giving up on it (a client may drop a message).
+const HEAD_GRACE: Duration = Duration::from_secs(10);
+
+/// Applies the per-user send rate.
+///
+/// A refusal must not let a later send overtake the refused one. A client
+/// only learns of the refusal a round trip later, and sends made in that
+/// window may arrive after the retry time; so after a refusal every send
+/// is refused until the refused one (`head`) is sent again, and the
+/// client resends from its earliest refused send, in order. Only if the
+/// head does not come back within [`HEAD_GRACE`] of the retry time is the
+/// hold dropped.
 fn rate_limit(
     session: &Session,
-    limited_until: &mut Option<Instant>,
+    limited: &mut Option<Limited>,
+    client_msg_id: &str,
     now: Instant,
 ) -> Result<(), Refusal> {
-    let wait = match *limited_until {
-        Some(until) if until > now => until - now,
+    let wait = match limited {
+        Some(hold) if hold.until > now => hold.until - now,
+        Some(hold) if hold.head != client_msg_id && now < hold.until + HEAD_GRACE => {
+            Duration::from_millis(1)
+        }
         _ => {
-            *limited_until = None;
+            *limited = None;
             let user = session.authed().expect("authenticated").user_id;
             match session.shared.send_limiter.check(user, now) {
                 Ok(()) => return Ok(()),
                 Err(wait) => {
-                    *limited_until = Some(now + wait);
+                    *limited = Some(Limited {
+                        until: now + wait,
+                        head: client_msg_id.to_owned(),
+                    });
                     wait
                 }
             }
@@ -247,6 +273,7 @@ async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u6
                 // send (the client would ack past it): close, and the
                 // client resumes from its watermark on reconnect.
                 tracing::warn!(error = %e, "catch-up failed; closing the connection");
+                session.shared.metrics.error(ErrorCode::Unavailable);
                 wire::close(
                     &session.conn,
                     ErrorCode::Unavailable,
