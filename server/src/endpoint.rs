@@ -191,6 +191,7 @@ impl Server {
             tokio::spawn(accept_loop(endpoint.clone(), shared.clone())),
             http_task,
             tokio::spawn(sample_paths(shared.hub.clone())),
+            tokio::spawn(metrics_upkeep(shared.metrics.clone())),
             tokio::spawn(sweep_limiter(Arc::downgrade(&shared))),
         ];
         tracing::info!(%local_addr, %metrics_addr, "chat-server listening (ALPN chat/1)");
@@ -278,6 +279,16 @@ async fn sample_paths(hub: Arc<Hub>) {
     }
 }
 
+/// Keeps the metrics' buffered histogram samples bounded.
+async fn metrics_upkeep(metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(metrics::UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        metrics.run_upkeep();
+    }
+}
+
 /// Drops idle rate-limit buckets; ends with the server.
 async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
     let mut tick = tokio::time::interval(ratelimit::SWEEP_INTERVAL);
@@ -298,11 +309,11 @@ fn udp_socket(addr: SocketAddr, t: &Transport) -> std::io::Result<std::net::UdpS
         // Accept IPv4 too on [::], as quinn's own bind does.
         let _ = socket.set_only_v6(false);
     }
-    // Linux caps these at net.core.rmem_max / wmem_max without an error
-    // (and reports double the size it grants); say so when it bites.
+    // Linux caps these at net.core.rmem_max / wmem_max without an error;
+    // say so when it bites.
     if t.socket_receive_buffer > 0 {
         socket.set_recv_buffer_size(t.socket_receive_buffer)?;
-        let granted = socket.recv_buffer_size()?;
+        let granted = usable_buffer(socket.recv_buffer_size()?);
         if granted < t.socket_receive_buffer {
             tracing::warn!(
                 asked = t.socket_receive_buffer,
@@ -313,7 +324,7 @@ fn udp_socket(addr: SocketAddr, t: &Transport) -> std::io::Result<std::net::UdpS
     }
     if t.socket_send_buffer > 0 {
         socket.set_send_buffer_size(t.socket_send_buffer)?;
-        let granted = socket.send_buffer_size()?;
+        let granted = usable_buffer(socket.send_buffer_size()?);
         if granted < t.socket_send_buffer {
             tracing::warn!(
                 asked = t.socket_send_buffer,
@@ -324,6 +335,17 @@ fn udp_socket(addr: SocketAddr, t: &Transport) -> std::io::Result<std::net::UdpS
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// The buffer size asked for that a reported socket buffer size stands
+/// for: Linux doubles what it grants (for its bookkeeping) when it
+/// reports it.
+fn usable_buffer(reported: usize) -> usize {
+    if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    }
 }
 
 /// The configured backends.

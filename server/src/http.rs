@@ -16,9 +16,9 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::metrics::Metrics;
 use crate::store::HistoryStore;
@@ -26,6 +26,13 @@ use crate::store::presence::PresenceStore;
 
 /// How long `/readyz` waits for each store before calling it unreachable.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Operations clients (scrapers, probes) served at once; more are closed
+/// on accept.
+const MAX_CONNECTIONS: usize = 64;
+/// A client must send its request headers within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// No operations connection lives longer (scrapers reconnect).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 
 /// What the endpoints look at.
 pub struct OpsState {
@@ -67,7 +74,8 @@ impl OpsState {
 }
 
 /// Binds `addr` and serves the operations endpoints until the task is
-/// aborted. Returns the bound address (useful with port 0) and the task.
+/// aborted (which ends its connections too). Returns the bound address
+/// (useful with port 0) and the task.
 pub async fn start(
     addr: SocketAddr,
     state: Arc<OpsState>,
@@ -75,8 +83,14 @@ pub async fn start(
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
+        // Connections live in this set, so aborting the task ends them.
+        let mut connections = JoinSet::new();
         loop {
-            let stream = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                Some(_) = connections.join_next() => continue,
+            };
+            let stream = match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     // Out of file descriptors and the like: try again soon.
@@ -85,17 +99,24 @@ pub async fn start(
                     continue;
                 }
             };
+            if connections.len() >= MAX_CONNECTIONS {
+                tracing::debug!("too many operations connections; closing a new one");
+                continue;
+            }
             let state = state.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(respond(&state, &req).await) }
                 });
                 let served = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-                if let Err(e) = served {
-                    tracing::debug!(error = %e, "metrics connection ended");
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                match tokio::time::timeout(CONNECTION_LIFETIME, served).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
+                    Err(_) => tracing::debug!("metrics connection reached its lifetime"),
                 }
             });
         }

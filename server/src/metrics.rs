@@ -51,7 +51,7 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_connections_refused_total",
         "counter",
         Unit::Count,
-        "Connections closed with SERVER_BUSY because max-connections were open, or refused during shutdown.",
+        "Connections closed with SERVER_BUSY because max-connections were open.",
     ),
     (
         "chat_frames_received_total",
@@ -165,6 +165,10 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
 
 /// How often live connections' path statistics are sampled.
 pub const PATH_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often buffered histogram samples are folded into buckets, so their
+/// memory stays bounded on a node nobody scrapes.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -342,6 +346,13 @@ impl Metrics {
         });
     }
 
+    /// Folds recorded histogram samples into their buckets. Samples are
+    /// buffered until then, so this must run periodically even when
+    /// nothing scrapes the node (see [`UPKEEP_INTERVAL`]).
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
@@ -369,10 +380,12 @@ fn code_label(code: ErrorCode) -> &'static str {
 pub fn close_reason(e: &quinn::ConnectionError) -> &'static str {
     use quinn::ConnectionError as E;
     match e {
-        E::ApplicationClosed(_) | E::ConnectionClosed(_) => "client_closed",
+        E::ApplicationClosed(_) => "client_closed",
         E::LocallyClosed => "server_closed",
         E::TimedOut => "idle_timeout",
         E::Reset => "reset",
-        E::TransportError(_) | E::VersionMismatch | E::CidsExhausted => "transport_error",
+        E::ConnectionClosed(_) | E::TransportError(_) | E::VersionMismatch | E::CidsExhausted => {
+            "transport_error"
+        }
     }
 }

@@ -141,9 +141,16 @@ pub async fn run(
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let handshake = early.map(|accepted| {
         let (done, handshake) = watch::channel(false);
+        let conn = conn.clone();
         tokio::spawn(async move {
+            // Resolves when the handshake completes or the connection ends
+            // first (its value means nothing on a server); only an open
+            // connection confirms the handshake. Otherwise `done` is
+            // dropped and held frames are never processed.
             accepted.await;
-            let _ = done.send(true);
+            if conn.close_reason().is_none() {
+                let _ = done.send(true);
+            }
         });
         handshake
     });
@@ -310,6 +317,7 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
             );
             let mut buf = bytes::BytesMut::new();
             chat_protocol::encode(&frame, &mut buf);
+            shared.metrics.error(ErrorCode::BadStream);
             let _ = send.write_all(&buf).await;
             let _ = send.finish();
         }

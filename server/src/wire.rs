@@ -120,12 +120,15 @@ impl FrameReader {
     /// Waits until the handshake completes. Boxed by the caller: it is
     /// rare, and inline it would make every reader's future larger for
     /// the connection's whole life.
-    async fn wait_for_handshake(&mut self) {
+    async fn wait_for_handshake(&mut self) -> Result<(), ReadError> {
         if let Some(mut handshake) = self.handshake.take() {
-            // An error means the connection died before confirming; what
-            // the frame does next fails on the closed connection.
-            let _ = handshake.wait_for(|done| *done).await;
+            if handshake.wait_for(|done| *done).await.is_err() {
+                // The connection ended before the handshake did: the held
+                // frame may be a replay and is dropped with the stream.
+                return Err(ReadError::Stream(quinn::ReadError::ZeroRttRejected));
+            }
         }
+        Ok(())
     }
 
     /// The next frame, or `None` when the peer finished the stream
@@ -141,7 +144,7 @@ impl FrameReader {
                     frames.increment(1);
                 }
                 if self.must_wait(&frame) {
-                    Box::pin(self.wait_for_handshake()).await;
+                    Box::pin(self.wait_for_handshake()).await?;
                 }
                 return Ok(Some(frame));
             }
