@@ -200,5 +200,6 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         server_cpu_pct,
         server_cpu_us_per_send,
         loadgen_cpu_pct: cpu.own.map(|d| cpu::percent_of_core(d, cpu.wall)),
+        loadgen_threads: args.threads,
     }
 }

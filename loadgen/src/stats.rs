@@ -470,7 +470,7 @@ pub struct Latencies {
 }
 
 /// The result of a run; serialised as the `--json` file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// Workload profile name.
     pub profile: String,
@@ -528,7 +528,13 @@ pub struct Report {
     /// This process's CPU over the window, percent of one core (includes
     /// the server with `--spawn-server`).
     pub loadgen_cpu_pct: Option<f64>,
+    /// Tokio worker threads the load generator ran (`--threads`).
+    pub loadgen_threads: usize,
 }
+
+/// Load generator CPU per worker thread (percent of a core) at which the
+/// report warns that the load generator, not the server, bounds the run.
+const LOADGEN_SATURATED_PCT: f64 = 90.0;
 
 impl Report {
     /// Pretty JSON.
@@ -623,9 +629,15 @@ impl Report {
             }
         }
         if let Some(pct) = self.loadgen_cpu_pct {
+            let _ = write!(t, "load generator cpu: {pct:.1}% of one core");
             let _ = writeln!(
                 t,
-                "load generator cpu: {pct:.1}% of one core (near 100% per thread: the numbers are bounded by the load generator)"
+                "{}",
+                if pct >= LOADGEN_SATURATED_PCT * self.loadgen_threads as f64 {
+                    " (near 100% per thread: the numbers are bounded by the load generator)"
+                } else {
+                    ""
+                }
             );
         }
         t
@@ -686,5 +698,25 @@ mod tests {
     #[test]
     fn empty_percentiles_are_zero() {
         assert_eq!(Percentiles::of(&histogram()), Percentiles::default());
+    }
+
+    #[test]
+    fn the_saturation_caveat_shows_only_near_a_full_core_per_thread() {
+        let table = |pct: f64, threads: usize| {
+            Report {
+                loadgen_cpu_pct: Some(pct),
+                loadgen_threads: threads,
+                ..Report::default()
+            }
+            .table()
+        };
+        let caveat = "bounded by the load generator";
+        assert!(!table(52.0, 1).contains(caveat));
+        assert!(table(95.0, 1).contains(caveat));
+        assert!(
+            !table(95.0, 2).contains(caveat),
+            "two threads have two cores"
+        );
+        assert!(table(185.0, 2).contains(caveat));
     }
 }
