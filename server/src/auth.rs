@@ -80,6 +80,65 @@ impl LoginThrottle {
     }
 }
 
+/// The password hashers: one Argon2 hash per core at a time (each holds
+/// 19 MiB), and a bounded queue in front of them. A flood of logins or
+/// registrations then gets a prompt "busy, retry later" beyond the queue
+/// instead of lining every request up behind it, where honest users would
+/// wait for seconds and connections would pile up.
+pub struct Hashers {
+    permits: tokio::sync::Semaphore,
+    queued: std::sync::atomic::AtomicUsize,
+    max_queued: usize,
+}
+
+/// Why no hasher was given.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HashersError {
+    /// Every hasher is busy and the queue is full.
+    Busy,
+    /// The server is shutting down.
+    Closed,
+}
+
+impl Hashers {
+    /// `hashers` at once, up to `max_queued` requests waiting for one.
+    pub fn new(hashers: usize, max_queued: usize) -> Self {
+        Hashers {
+            permits: tokio::sync::Semaphore::new(hashers.max(1)),
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            max_queued,
+        }
+    }
+
+    /// A hasher, waiting in the queue if all are busy and it has room.
+    pub async fn acquire(&self) -> Result<tokio::sync::SemaphorePermit<'_>, HashersError> {
+        use std::sync::atomic::Ordering;
+        use tokio::sync::TryAcquireError;
+        match self.permits.try_acquire() {
+            Ok(permit) => return Ok(permit),
+            Err(TryAcquireError::Closed) => return Err(HashersError::Closed),
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        /// Leaves the queue however the wait ends (also when the request
+        /// is dropped because its connection closed).
+        struct InQueue<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for InQueue<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let ahead = self.queued.fetch_add(1, Ordering::Relaxed);
+        let _in_queue = InQueue(&self.queued);
+        if ahead >= self.max_queued {
+            return Err(HashersError::Busy);
+        }
+        self.permits
+            .acquire()
+            .await
+            .map_err(|_| HashersError::Closed)
+    }
+}
+
 /// Bytes of randomness in a session token.
 const TOKEN_BYTES: usize = 32;
 
@@ -218,6 +277,27 @@ mod tests {
         short.failed(1);
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert!(short.check(1).is_ok());
+    }
+
+    #[tokio::test]
+    async fn hashers_queue_up_to_their_bound_then_refuse() {
+        let hashers = std::sync::Arc::new(Hashers::new(1, 1));
+        let running = hashers.acquire().await.unwrap();
+        // One waits in the queue...
+        let waiting = {
+            let hashers = hashers.clone();
+            tokio::spawn(async move { hashers.acquire().await.map(drop) })
+        };
+        while hashers.queued.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // ...the next is refused at once.
+        assert_eq!(hashers.acquire().await.err(), Some(HashersError::Busy));
+        drop(running);
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        // The refused and the served request both left the queue.
+        assert_eq!(hashers.queued.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(hashers.acquire().await.is_ok());
     }
 
     #[test]

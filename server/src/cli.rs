@@ -181,6 +181,9 @@ struct Overrides {
     /// Wrong passwords per account per login-failure-window.
     #[arg(long, env = "CHAT_MAX_LOGIN_FAILURES")]
     max_login_failures: Option<u32>,
+    /// Logins and registrations that may wait for a password hasher.
+    #[arg(long, env = "CHAT_MAX_QUEUED_PASSWORD_CHECKS")]
+    max_queued_password_checks: Option<usize>,
     /// Prometheus metrics, /healthz and /readyz (HTTP), e.g. 127.0.0.1:9464.
     #[arg(long, env = "CHAT_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -263,6 +266,10 @@ impl Overrides {
         set(&mut c.limits.send_rate, self.send_rate);
         set(&mut c.limits.send_burst, self.send_burst);
         set(&mut c.limits.max_login_failures, self.max_login_failures);
+        set(
+            &mut c.limits.max_queued_password_checks,
+            self.max_queued_password_checks,
+        );
         set(&mut c.metrics_listen, self.metrics_listen);
     }
 }

@@ -105,6 +105,10 @@ pub struct Limits {
     /// The window for `max-login-failures`.
     #[serde(with = "humantime_serde")]
     pub login_failure_window: Duration,
+    /// Registrations and logins that may wait for a password hasher (one
+    /// per core); beyond it they are answered SERVER_BUSY with a
+    /// retry-after at once (0: never wait).
+    pub max_queued_password_checks: usize,
     /// Sustained sends per second per user, across their devices (a token
     /// bucket refilled at this rate; 0: no limit). Over it a send is
     /// answered RATE_LIMITED with a retry-after.
@@ -238,6 +242,7 @@ impl Default for Limits {
             max_group_size: 250,
             max_login_failures: 10,
             login_failure_window: Duration::from_secs(15 * 60),
+            max_queued_password_checks: 64,
             send_rate: 20,
             send_burst: 100,
         }
@@ -348,6 +353,12 @@ impl Config {
         }
         if l.max_login_failures == 0 || l.login_failure_window.is_zero() {
             return err("max-login-failures and login-failure-window must be more than 0".into());
+        }
+        if l.max_queued_password_checks > 100_000 {
+            return err(format!(
+                "max-queued-password-checks = {} is outside 0..=100000",
+                l.max_queued_password_checks
+            ));
         }
         if l.max_presence_subscriptions == 0 {
             return err("max-presence-subscriptions must be at least 1".into());
@@ -574,6 +585,10 @@ mod tests {
             (
                 |c| c.transport.ack_eliciting_threshold = 5000,
                 "ack-eliciting-threshold",
+            ),
+            (
+                |c| c.limits.max_queued_password_checks = 1_000_000,
+                "max-queued-password-checks = 1000000",
             ),
             (
                 |c| {

@@ -86,7 +86,7 @@ pub struct Shared {
     /// Wrong-password limits per account.
     pub login_throttle: crate::auth::LoginThrottle,
     /// Argon2 hashes allowed to run at once (one per core).
-    pub hashing: tokio::sync::Semaphore,
+    pub hashing: crate::auth::Hashers,
     /// Per-user send rate.
     pub send_limiter: SendLimiter,
     /// Prometheus metrics.
@@ -173,7 +173,7 @@ impl Server {
         let shared = Arc::new(Shared {
             send_limiter: SendLimiter::new(config.limits.send_rate, config.limits.send_burst),
             metrics,
-            hashing: tokio::sync::Semaphore::new(cores),
+            hashing: crate::auth::Hashers::new(cores, config.limits.max_queued_password_checks),
             login_throttle: crate::auth::LoginThrottle::new(
                 config.limits.max_login_failures,
                 config.limits.login_failure_window,

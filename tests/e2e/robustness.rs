@@ -363,3 +363,50 @@ async fn over_the_send_rate_the_answer_is_rate_limited_with_a_retry_after() {
         "send 5 is held for the refused send 3, which passes the limit"
     );
 }
+
+#[tokio::test]
+async fn a_registration_flood_is_refused_at_once_beyond_the_hashing_queue() {
+    // No queue: a registration that finds every hasher (one per core) busy
+    // is answered SERVER_BUSY with a retry-after instead of waiting.
+    let server = TestServer::start_with(|c| c.limits.max_queued_password_checks = 0).await;
+    let mut raws = Vec::new();
+    for _ in 0..32 {
+        raws.push(Raw::connect(&server).await);
+    }
+    // Every connection is up; now all the registrations go out at once.
+    let mut replies = tokio::task::JoinSet::new();
+    for raw in raws {
+        let register = Frame::new(
+            1,
+            Body::Register(proto::Register {
+                username: name("flood"),
+                password: PASSWORD.into(),
+                device_name: String::new(),
+            }),
+        );
+        let bytes = frames(&[Frame::open_stream(StreamKind::Control), register]);
+        replies.spawn(async move {
+            let (_send, mut recv) = raw.stream(&bytes).await;
+            let frame = next_frame(&mut recv, &mut BytesMut::new()).await;
+            (raw, frame)
+        });
+    }
+    let (mut ok, mut busy) = (0, 0);
+    while let Some(joined) = replies.join_next().await {
+        let (_raw, frame) = joined.unwrap();
+        match frame.body {
+            Some(Body::AuthOk(_)) => ok += 1,
+            Some(Body::Error(e)) => {
+                assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::ServerBusy, "{e:?}");
+                assert_eq!(e.retry_after_ms, 1_000);
+                busy += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(ok >= 1, "the hashers kept working");
+    assert!(busy >= 1, "32 at once cannot all find a free hasher");
+    // Once the flood is over, registering works as usual.
+    let (carol, _c) = register(server.client_config(), &name("carol")).await;
+    assert!(carol.identity().user_id > 0);
+}

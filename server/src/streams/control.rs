@@ -233,13 +233,22 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
 /// attacker) makes the blocking pool run hundreds at once and exhausts
 /// memory. Waiting is bounded by the connection's auth timeout.
 async fn hashing_permit(session: &Session) -> Result<tokio::sync::SemaphorePermit<'_>, Refusal> {
-    session
-        .shared
-        .hashing
-        .acquire()
-        .await
-        .map_err(|_| Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down"))
+    session.shared.hashing.acquire().await.map_err(|e| match e {
+        auth::HashersError::Busy => Refusal {
+            retry_after_ms: HASHERS_BUSY_RETRY_MS,
+            ..Refusal::new(
+                ErrorCode::ServerBusy,
+                "too many password checks in progress; retry in a second",
+            )
+        },
+        auth::HashersError::Closed => {
+            Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down")
+        }
+    })
 }
+
+/// The retry-after given when the password hashers' queue is full.
+const HASHERS_BUSY_RETRY_MS: u32 = 1_000;
 
 async fn issue_token(
     session: &Session,
