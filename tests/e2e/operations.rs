@@ -497,3 +497,41 @@ async fn the_binary_names_both_settings_of_a_contradiction() {
         assert!(stdout.contains(key), "{key} not in:\n{stdout}");
     }
 }
+
+#[tokio::test]
+async fn group_changes_count_against_the_send_rate_but_leaving_does_not() {
+    let server = TestServer::start_with(|c| {
+        c.limits.send_rate = 1;
+        c.limits.send_burst = 1;
+    })
+    .await;
+    let (alice, _a) = register(server.client_config(), &name("alice")).await;
+    let (bob, _b) = register(server.client_config(), &name("bob")).await;
+    befriend(&alice, &bob).await;
+    let bob_id = bob.identity().user_id;
+    // Creating the group takes the one token; an immediate rename finds
+    // none (each posts a SYSTEM message to every member).
+    let group = alice
+        .create_group("team", &[bob_id])
+        .await
+        .expect("create")
+        .conversation_id;
+    let retry_after = match alice.rename_group(group, "renamed").await {
+        Err(chat_client::ClientError::Server {
+            code: ErrorCode::RateLimited,
+            retry_after: Some(wait),
+            ..
+        }) => wait,
+        other => panic!("expected RATE_LIMITED with a retry-after, got {other:?}"),
+    };
+    assert!(retry_after <= Duration::from_secs(1), "{retry_after:?}");
+    // After the wait the change goes through.
+    tokio::time::sleep(retry_after + Duration::from_millis(50)).await;
+    alice
+        .rename_group(group, "renamed")
+        .await
+        .expect("rename after the wait");
+    // Leaving is never limited, even with no token left.
+    bob.leave_group(group).await.expect("bob leaves");
+    alice.leave_group(group).await.expect("alice leaves");
+}

@@ -501,6 +501,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             }))
         }
         Some(Body::CreateGroup(g)) => {
+            charge_send_rate(session)?;
             let name = group_name(&g.name)?;
             let limits = &shared.config.limits;
             if g.member_ids.len() + 1 > limits.max_group_size {
@@ -756,12 +757,42 @@ async fn check_all_friends(session: &Session, me: u64, users: &[u64]) -> Result<
 
 /// Queues a group change on the send committer, so its SYSTEM message takes
 /// its place in seq order with concurrent sends; the committer answers.
+/// Charges a group request (it posts a SYSTEM message to every member) to
+/// the user's send rate, so group churn cannot flood members where sends
+/// could not.
+fn charge_send_rate(session: &Session) -> Result<(), Refusal> {
+    let user = session.authed().expect("authenticated").user_id;
+    let limits = &session.shared.config.limits;
+    session
+        .shared
+        .send_limiter
+        .check(user, std::time::Instant::now())
+        .map_err(|wait| {
+            let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
+            Refusal {
+                retry_after_ms,
+                ..Refusal::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "group changes count as sends: over {} per second; retry in {retry_after_ms} ms",
+                        limits.send_rate
+                    ),
+                )
+            }
+        })
+}
+
 async fn group_change(
     session: &Session,
     request_id: u64,
     conversation_id: u64,
     change: GroupChange,
 ) -> Result<Reply, Refusal> {
+    // Leaving always works; every other change posts a message to the
+    // group and counts against the sender's rate like one.
+    if !matches!(change, GroupChange::Leave) {
+        charge_send_rate(session)?;
+    }
     let authed = session.authed().expect("authenticated");
     session
         .shared
