@@ -85,7 +85,8 @@ pub struct Shared {
     pub presence: Arc<Presence>,
     /// Wrong-password limits per account.
     pub login_throttle: crate::auth::LoginThrottle,
-    /// Argon2 hashes allowed to run at once (one per core).
+    /// Argon2 hashes allowed to run at once (one per core), and the
+    /// bounded queue in front of them.
     pub hashing: crate::auth::Hashers,
     /// Per-user send rate.
     pub send_limiter: SendLimiter,

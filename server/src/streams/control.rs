@@ -231,7 +231,9 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
 /// Waits for a slot to run Argon2. Each hash takes 19 MiB and tens of
 /// milliseconds of a core; without a bound, a burst of logins (or an
 /// attacker) makes the blocking pool run hundreds at once and exhausts
-/// memory. Waiting is bounded by the connection's auth timeout.
+/// memory. At most `max-queued-password-checks` requests wait (each also
+/// bounded by its connection's auth timeout); beyond that the answer is
+/// SERVER_BUSY with a retry-after.
 async fn hashing_permit(session: &Session) -> Result<tokio::sync::SemaphorePermit<'_>, Refusal> {
     session.shared.hashing.acquire().await.map_err(|e| match e {
         auth::HashersError::Busy => Refusal {
@@ -755,8 +757,6 @@ async fn check_all_friends(session: &Session, me: u64, users: &[u64]) -> Result<
     }
 }
 
-/// Queues a group change on the send committer, so its SYSTEM message takes
-/// its place in seq order with concurrent sends; the committer answers.
 /// Charges a group request (it posts a SYSTEM message to every member) to
 /// the user's send rate, so group churn cannot flood members where sends
 /// could not.
@@ -782,6 +782,8 @@ fn charge_send_rate(session: &Session) -> Result<(), Refusal> {
         })
 }
 
+/// Queues a group change on the send committer, so its SYSTEM message takes
+/// its place in seq order with concurrent sends; the committer answers.
 async fn group_change(
     session: &Session,
     request_id: u64,
