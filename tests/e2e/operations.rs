@@ -509,21 +509,30 @@ async fn group_changes_count_against_the_send_rate_but_leaving_does_not() {
     let (bob, _b) = register(server.client_config(), &name("bob")).await;
     befriend(&alice, &bob).await;
     let bob_id = bob.identity().user_id;
-    // Creating the group takes the one token; an immediate rename finds
-    // none (each posts a SYSTEM message to every member).
+    // Creating the group takes the one token, and renames (each posts a
+    // SYSTEM message to every member) soon find none: one token a second
+    // cannot keep up unless each rename took a second.
     let group = alice
         .create_group("team", &[bob_id])
         .await
         .expect("create")
         .conversation_id;
-    let retry_after = match alice.rename_group(group, "renamed").await {
-        Err(chat_client::ClientError::Server {
-            code: ErrorCode::RateLimited,
-            retry_after: Some(wait),
-            ..
-        }) => wait,
-        other => panic!("expected RATE_LIMITED with a retry-after, got {other:?}"),
-    };
+    let mut limited = None;
+    for i in 0..10 {
+        match alice.rename_group(group, &format!("name {i}")).await {
+            Ok(()) => {}
+            Err(chat_client::ClientError::Server {
+                code: ErrorCode::RateLimited,
+                retry_after: Some(wait),
+                ..
+            }) => {
+                limited = Some(wait);
+                break;
+            }
+            Err(other) => panic!("expected RATE_LIMITED with a retry-after, got {other:?}"),
+        }
+    }
+    let retry_after = limited.expect("ten renames in a row hit the limit");
     assert!(retry_after <= Duration::from_secs(1), "{retry_after:?}");
     // After the wait the change goes through.
     tokio::time::sleep(retry_after + Duration::from_millis(50)).await;
