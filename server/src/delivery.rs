@@ -18,8 +18,9 @@
 //! order and fans out in seq order, every session's queue receives a
 //! conversation's messages in increasing seq order.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use tokio::sync::mpsc;
@@ -42,6 +43,9 @@ const MAX_MARK_BATCH: usize = 512;
 /// Queue depth in front of each committer; a full queue makes stream
 /// readers wait, which pushes back on clients through QUIC flow control.
 const QUEUE_DEPTH: usize = 4096;
+/// The retry-after for a send held behind an earlier failed one: short,
+/// since the client resends the failed one first anyway.
+const HELD_RETRY_MS: u32 = 100;
 
 /// What the send committer stores.
 pub enum Work {
@@ -181,6 +185,7 @@ async fn send_committer(
 ) {
     let mut jobs: Vec<SendJob> = Vec::with_capacity(MAX_SEND_BATCH);
     let mut out = Fanout::default();
+    let mut holds = Holds::new();
     while rx.recv_many(&mut jobs, MAX_SEND_BATCH).await > 0 {
         // Consecutive sends are one group commit; a group change runs alone
         // between them, so its SYSTEM message keeps its place in seq order.
@@ -189,16 +194,16 @@ async fn send_committer(
             match job.work {
                 Work::Message(_) => run.push(job),
                 Work::Group { .. } => {
-                    commit_run(&c, std::mem::take(&mut run), &mut out).await;
+                    commit_run(&c, std::mem::take(&mut run), &mut out, &mut holds).await;
                     commit_group(&c, job, &mut out).await;
                 }
                 Work::CreateGroup { .. } => {
-                    commit_run(&c, std::mem::take(&mut run), &mut out).await;
+                    commit_run(&c, std::mem::take(&mut run), &mut out, &mut holds).await;
                     commit_create(&c, job, &mut out).await;
                 }
             }
         }
-        commit_run(&c, run, &mut out).await;
+        commit_run(&c, run, &mut out, &mut holds).await;
         // Caches and queues after the acks and pushes, so they never delay
         // "sent"; each is one pipelined round trip per batch.
         cache.push(&out.stored).await;
@@ -223,31 +228,73 @@ struct Fanout {
     queued: Vec<(UserId, Arc<proto::Message>)>,
 }
 
+/// Connections whose sends failed with a retryable store error, by
+/// `conn_id`: the `client_msg_id` of the first failed send and when it
+/// failed. Sends the client made before it heard of the failure are still
+/// on their way; storing one of them before the failed send comes back
+/// would put it ahead in the conversation, so until then they are refused
+/// too (UNAVAILABLE, retryable), and client-lib resends from its earliest
+/// refused send, in order.
+type Holds = HashMap<u64, (String, Instant)>;
+
+/// How long a connection's failed send is waited for before its hold is
+/// dropped (a client may give up on a message, or disconnect: a new
+/// connection resends its whole outbox in order anyway).
+const HOLD_GRACE: Duration = Duration::from_secs(30);
+
 /// Stores consecutive sends in one transaction, then acks and fans out.
-async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout) {
+async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &mut Holds) {
     if run.is_empty() {
         return;
     }
     c.metrics.commit_batch.record(run.len() as f64);
+    let now = Instant::now();
+    if !holds.is_empty() {
+        holds.retain(|_, (_, since)| now.duration_since(*since) < HOLD_GRACE);
+    }
     // Move the messages out (no copy of their text on the hot path); keep
-    // who to answer.
+    // who to answer and, should the batch fail, each idempotency key.
     let mut batch: Vec<NewMessage> = Vec::with_capacity(run.len());
     let mut replies: Vec<(u64, Arc<SessionHandle>, Instant)> = Vec::with_capacity(run.len());
+    let mut keys: Vec<String> = Vec::with_capacity(run.len());
     for job in run {
         if let Work::Message(message) = job.work {
+            if let Some((head, _)) = holds.get(&job.session.conn_id) {
+                if *head != message.client_msg_id {
+                    let frame = Refusal {
+                        retry_after_ms: HELD_RETRY_MS,
+                        ..Refusal::new(
+                            ErrorCode::Unavailable,
+                            "an earlier send failed; send it again first",
+                        )
+                    }
+                    .to_frame(job.request_id);
+                    job.session
+                        .push(StreamKind::Messages, Outbound::frame(&frame));
+                    continue;
+                }
+                holds.remove(&job.session.conn_id);
+            }
+            keys.push(message.client_msg_id.clone());
             batch.push(message);
             replies.push((job.request_id, job.session, job.received));
         }
+    }
+    if batch.is_empty() {
+        return;
     }
     let results = match c.store.append(batch).await {
         Ok(results) => results,
         Err(e) => {
             // Nothing of the batch is durable: every sender hears a
-            // retryable error and retries with the same client_msg_id.
+            // retryable error and retries with the same client_msg_id, and
+            // its connection is held until the first of them returns.
             let refusal = Refusal::from(e);
-            for (request_id, session, _) in replies {
+            let failed_at = Instant::now();
+            for ((request_id, session, _), key) in replies.into_iter().zip(keys) {
                 let frame = refusal.to_frame(request_id);
                 session.push(StreamKind::Messages, Outbound::frame(&frame));
+                holds.entry(session.conn_id).or_insert((key, failed_at));
             }
             return;
         }
@@ -466,7 +513,7 @@ async fn mark_committer(
 /// of acks becomes one row update and one receipt.
 fn coalesce(updates: impl Iterator<Item = WatermarkUpdate>) -> Vec<WatermarkUpdate> {
     let mut out: Vec<WatermarkUpdate> = Vec::new();
-    let mut index = std::collections::HashMap::new();
+    let mut index = HashMap::new();
     for u in updates {
         let key = (u.conversation_id, u.user_id, u.kind);
         match index.get(&key) {

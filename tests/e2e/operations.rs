@@ -544,3 +544,92 @@ async fn group_changes_count_against_the_send_rate_but_leaving_does_not() {
     bob.leave_group(group).await.expect("bob leaves");
     alice.leave_group(group).await.expect("alice leaves");
 }
+
+/// The answer to request `id` on a messages stream (pushes are skipped).
+async fn answer_to(recv: &mut quinn::RecvStream, buf: &mut BytesMut, id: u64) -> Frame {
+    loop {
+        while let Some(frame) = chat_protocol::Codec::default().decode(buf).unwrap() {
+            if frame.request_id == id {
+                return frame;
+            }
+        }
+        let chunk = tokio::time::timeout(WAIT, recv.read_chunk(65_536, true))
+            .await
+            .expect("an answer in time")
+            .unwrap()
+            .expect("stream open");
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+#[tokio::test]
+async fn after_a_failed_commit_later_sends_wait_for_the_failed_one() {
+    let Some(Backend::Production(production)) = Backend::production().await else {
+        return;
+    };
+    let (pg_url, _) = production.postgres.clone().expect("postgres");
+    let postgres = Cuttable::start(target(&pg_url)).await;
+    let server = TestServer::start_on_with(Backend::Production(production), |config| {
+        config.postgres_url = Some(postgres.redirect(config.postgres_url.as_ref().unwrap()));
+    })
+    .await;
+    let (alice, _a) = register(server.client_config(), &name("alice")).await;
+    let (bob, _b) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    // Alice's second device speaks raw frames, so the test decides what is
+    // in flight when the store fails.
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(
+            server.client_config().quinn_client_config().unwrap(),
+            server.addr,
+            "localhost",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let reply = authenticate(&conn, &alice.identity().token).await;
+    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    let mut out = BytesMut::new();
+    chat_protocol::encode(&Frame::open_stream(StreamKind::Messages), &mut out);
+    tx.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let mut send = async |id: u64, key: &str| {
+        let mut out = BytesMut::new();
+        let frame = Frame::new(
+            id,
+            Body::Send(proto::Send {
+                conversation_id: conversation,
+                client_msg_id: key.into(),
+                r#type: proto::MessageType::Text as i32,
+                text: key.into(),
+            }),
+        );
+        chat_protocol::encode(&frame, &mut out);
+        tx.write_all(&out).await.unwrap();
+        answer_to(&mut rx, &mut buf, id).await.body
+    };
+    let code = |body: Option<Body>| match body {
+        Some(Body::Error(e)) => ErrorCode::from_wire(e.code),
+        other => panic!("expected an error, got {other:?}"),
+    };
+    let seq = |body: Option<Body>| match body {
+        Some(Body::SendAck(ack)) => ack.seq,
+        other => panic!("expected a SendAck, got {other:?}"),
+    };
+
+    // A first send's ack also means catch-up (which reads the store) is
+    // over.
+    let before = seq(send(1, "before").await);
+    postgres.cut();
+    assert_eq!(code(send(2, "first").await), ErrorCode::Unavailable);
+    postgres.restore();
+    // The store is back, but a send made before the device heard of the
+    // failure must not overtake the failed one...
+    assert_eq!(code(send(3, "second").await), ErrorCode::Unavailable);
+    // ...which goes first when resent, and then the other.
+    let first = seq(send(4, "first").await);
+    let second = seq(send(5, "second").await);
+    assert_eq!((first, second), (before + 1, before + 2));
+}

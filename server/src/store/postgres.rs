@@ -1827,10 +1827,21 @@ pub mod testing {
         Ok(client)
     }
 
-    /// Drops a test schema with everything in it.
+    /// Drops a test schema with everything in it. The test's server may
+    /// still hold a transaction open in it (a test runtime that stopped
+    /// polling mid-commit), so its sessions, found by their application
+    /// name, are ended first rather than waited for.
     pub async fn drop_schema(schema: &str) -> Result<(), String> {
-        admin()
-            .await?
+        let admin = admin().await?;
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                &[&format!("{} {schema}", super::APPLICATION_NAME)],
+            )
+            .await
+            .map_err(|e| format!("end sessions of {schema}: {e}"))?;
+        admin
             .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
             .await
             .map_err(|e| format!("drop schema {schema}: {e}"))
