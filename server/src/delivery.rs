@@ -286,15 +286,20 @@ async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &
     let results = match c.store.append(batch).await {
         Ok(results) => results,
         Err(e) => {
-            // Nothing of the batch is durable: every sender hears a
-            // retryable error and retries with the same client_msg_id, and
-            // its connection is held until the first of them returns.
+            // Nothing of the batch is durable: every sender hears the
+            // error. A retryable one (the store unavailable) is retried
+            // with the same client_msg_id, and its connection is held
+            // until the first of them returns; a final one is not
+            // retried, so nothing is held for it.
             let refusal = Refusal::from(e);
+            let hold = refusal.code.is_retryable();
             let failed_at = Instant::now();
             for ((request_id, session, _), key) in replies.into_iter().zip(keys) {
                 let frame = refusal.to_frame(request_id);
                 session.push(StreamKind::Messages, Outbound::frame(&frame));
-                holds.entry(session.conn_id).or_insert((key, failed_at));
+                if hold {
+                    holds.entry(session.conn_id).or_insert((key, failed_at));
+                }
             }
             return;
         }
