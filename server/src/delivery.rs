@@ -45,7 +45,7 @@ const MAX_MARK_BATCH: usize = 512;
 const QUEUE_DEPTH: usize = 4096;
 /// The retry-after for a send held behind an earlier failed one: short,
 /// since the client resends the failed one first anyway.
-const HELD_RETRY_MS: u32 = 100;
+const HELD_RETRY: Duration = Duration::from_millis(100);
 
 /// What the send committer stores.
 pub enum Work {
@@ -261,13 +261,11 @@ async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &
         if let Work::Message(message) = job.work {
             if let Some((head, _)) = holds.get(&job.session.conn_id) {
                 if *head != message.client_msg_id {
-                    let frame = Refusal {
-                        retry_after_ms: HELD_RETRY_MS,
-                        ..Refusal::new(
-                            ErrorCode::Unavailable,
-                            "an earlier send failed; send it again first",
-                        )
-                    }
+                    let frame = Refusal::new(
+                        ErrorCode::Unavailable,
+                        "an earlier send failed; send it again first",
+                    )
+                    .with_retry_after(HELD_RETRY)
                     .to_frame(job.request_id);
                     job.session
                         .push(StreamKind::Messages, Outbound::frame(&frame));

@@ -1,6 +1,8 @@
 //! Errors a request can end with, and the one place where internal errors
 //! become wire codes.
 
+use std::time::Duration;
+
 use chat_protocol::{ErrorCode, Frame, proto};
 
 use crate::store::StoreError;
@@ -30,6 +32,12 @@ impl Refusal {
         }
     }
 
+    /// The same refusal, asking the client to retry after `wait`.
+    pub fn with_retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after_ms = retry_after_ms(wait);
+        self
+    }
+
     /// The `Error` frame answering `request_id`.
     pub fn to_frame(&self, request_id: u64) -> Frame {
         Frame::new(
@@ -41,6 +49,12 @@ impl Refusal {
             }),
         )
     }
+}
+
+/// `wait` as a `retry_after_ms`: whole milliseconds, at least 1 (0 means
+/// "no retry-after" on the wire).
+pub fn retry_after_ms(wait: Duration) -> u32 {
+    u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1)
 }
 
 impl From<StoreError> for Refusal {

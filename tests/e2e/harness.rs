@@ -484,3 +484,22 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// Reads the next frame from a raw QUIC stream; `buf` keeps what arrived
+/// beyond it for the next call.
+pub async fn next_frame(
+    recv: &mut quinn::RecvStream,
+    buf: &mut bytes::BytesMut,
+) -> chat_protocol::Frame {
+    loop {
+        if let Some(frame) = chat_protocol::Codec::default().decode(buf).unwrap() {
+            return frame;
+        }
+        let chunk = tokio::time::timeout(WAIT, recv.read_chunk(65_536, true))
+            .await
+            .expect("a frame in time")
+            .unwrap()
+            .expect("stream open");
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}

@@ -351,18 +351,7 @@ async fn authenticate(conn: &quinn::Connection, token: &str) -> Frame {
         &mut buf,
     );
     send.write_all(&buf).await.unwrap();
-    let mut buf = BytesMut::new();
-    loop {
-        if let Some(frame) = chat_protocol::Codec::default().decode(&mut buf).unwrap() {
-            return frame;
-        }
-        let chunk = tokio::time::timeout(WAIT, recv.read_chunk(4096, true))
-            .await
-            .expect("reply in time")
-            .unwrap()
-            .expect("a reply");
-        buf.extend_from_slice(&chunk.bytes);
-    }
+    next_frame(&mut recv, &mut BytesMut::new()).await
 }
 
 async fn zero_rtt_resumption(zero_rtt: bool) -> Option<bool> {
@@ -548,17 +537,10 @@ async fn group_changes_count_against_the_send_rate_but_leaving_does_not() {
 /// The answer to request `id` on a messages stream (pushes are skipped).
 async fn answer_to(recv: &mut quinn::RecvStream, buf: &mut BytesMut, id: u64) -> Frame {
     loop {
-        while let Some(frame) = chat_protocol::Codec::default().decode(buf).unwrap() {
-            if frame.request_id == id {
-                return frame;
-            }
+        let frame = next_frame(recv, buf).await;
+        if frame.request_id == id {
+            return frame;
         }
-        let chunk = tokio::time::timeout(WAIT, recv.read_chunk(65_536, true))
-            .await
-            .expect("an answer in time")
-            .unwrap()
-            .expect("stream open");
-        buf.extend_from_slice(&chunk.bytes);
     }
 }
 

@@ -54,18 +54,7 @@ impl Raw {
                 register,
             ]))
             .await;
-        let mut buf = BytesMut::new();
-        let reply = loop {
-            if let Some(frame) = chat_protocol::Codec::default().decode(&mut buf).unwrap() {
-                break frame;
-            }
-            let chunk = tokio::time::timeout(WAIT, recv.read_chunk(4096, true))
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            buf.extend_from_slice(&chunk.bytes);
-        };
+        let reply = next_frame(&mut recv, &mut BytesMut::new()).await;
         assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
         (raw, send, recv)
     }
@@ -262,21 +251,6 @@ async fn bad_sends_are_refused_with_codes() {
             .is_ok()
     );
     assert_eq!(alice.outbox_len(), 0, "refused sends leave the outbox");
-}
-
-/// Reads the next frame from a raw stream.
-async fn next_frame(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Frame {
-    loop {
-        if let Some(frame) = chat_protocol::Codec::default().decode(buf).unwrap() {
-            return frame;
-        }
-        let chunk = tokio::time::timeout(WAIT, recv.read_chunk(4096, true))
-            .await
-            .expect("a frame in time")
-            .unwrap()
-            .expect("stream open");
-        buf.extend_from_slice(&chunk.bytes);
-    }
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use quinn::SendStream;
 use super::{now_ms, ok};
 use crate::auth;
 use crate::delivery::{SendJob, Work};
-use crate::error::Refusal;
+use crate::error::{Refusal, retry_after_ms};
 use crate::session::Session;
 use crate::store::{ConversationView, Direction, FriendRequestOutcome, GroupChange, StoreError};
 use crate::wire::{self, FrameReader, Outbound};
@@ -206,11 +206,11 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     };
     let throttle = &session.shared.login_throttle;
     if let Err(wait) = throttle.check(user.id) {
-        return Err(Refusal {
-            code: ErrorCode::RateLimited,
-            message: "too many wrong passwords for this account; wait before trying again".into(),
-            retry_after_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
-        });
+        return Err(Refusal::new(
+            ErrorCode::RateLimited,
+            "too many wrong passwords for this account; wait before trying again",
+        )
+        .with_retry_after(wait));
     }
     let password = l.password;
     let phc = user.password_hash.clone();
@@ -236,13 +236,11 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
 /// SERVER_BUSY with a retry-after.
 async fn hashing_permit(session: &Session) -> Result<tokio::sync::SemaphorePermit<'_>, Refusal> {
     session.shared.hashing.acquire().await.map_err(|e| match e {
-        auth::HashersError::Busy => Refusal {
-            retry_after_ms: HASHERS_BUSY_RETRY_MS,
-            ..Refusal::new(
-                ErrorCode::ServerBusy,
-                "too many password checks in progress; retry in a second",
-            )
-        },
+        auth::HashersError::Busy => Refusal::new(
+            ErrorCode::ServerBusy,
+            "too many password checks in progress; retry in a second",
+        )
+        .with_retry_after(HASHERS_BUSY_RETRY),
         auth::HashersError::Closed => {
             Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down")
         }
@@ -250,7 +248,7 @@ async fn hashing_permit(session: &Session) -> Result<tokio::sync::SemaphorePermi
 }
 
 /// The retry-after given when the password hashers' queue is full.
-const HASHERS_BUSY_RETRY_MS: u32 = 1_000;
+const HASHERS_BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn issue_token(
     session: &Session,
@@ -768,17 +766,15 @@ fn charge_send_rate(session: &Session) -> Result<(), Refusal> {
         .send_limiter
         .check(user, std::time::Instant::now())
         .map_err(|wait| {
-            let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
-            Refusal {
-                retry_after_ms,
-                ..Refusal::new(
-                    ErrorCode::RateLimited,
-                    format!(
-                        "group changes count as sends: over {} per second; retry in {retry_after_ms} ms",
-                        limits.send_rate
-                    ),
-                )
-            }
+            Refusal::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "group changes count as sends: over {} per second; retry in {} ms",
+                    limits.send_rate,
+                    retry_after_ms(wait)
+                ),
+            )
+            .with_retry_after(wait)
         })
 }
 

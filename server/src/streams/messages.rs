@@ -20,7 +20,7 @@ use quinn::SendStream;
 
 use super::now_ms;
 use crate::delivery::{MarkJob, SendJob, Work};
-use crate::error::Refusal;
+use crate::error::{Refusal, retry_after_ms};
 use crate::hub::SessionHandle;
 use crate::session::{Session, on_read_error};
 use crate::store::{NewMessage, WatermarkKind, WatermarkUpdate};
@@ -149,17 +149,15 @@ fn rate_limit(
             }
         }
     };
-    let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
-    Err(Refusal {
-        retry_after_ms,
-        ..Refusal::new(
-            ErrorCode::RateLimited,
-            format!(
-                "over {} sends per second; retry in {retry_after_ms} ms",
-                session.shared.config.limits.send_rate
-            ),
-        )
-    })
+    Err(Refusal::new(
+        ErrorCode::RateLimited,
+        format!(
+            "over {} sends per second; retry in {} ms",
+            session.shared.config.limits.send_rate,
+            retry_after_ms(wait)
+        ),
+    )
+    .with_retry_after(wait))
 }
 
 /// Checks a Send against the protocol and the configured limits.
