@@ -1500,6 +1500,19 @@ mod tests {
         SqliteStore::open(&dir).expect("open sqlite store")
     });
 
+    /// `.cargo/config.toml` builds the bundled SQLite with fdatasync();
+    /// SQLite cannot report it (it is not a compile option it lists), so
+    /// this checks that the flag reached the build.
+    #[test]
+    fn bundled_sqlite_is_built_with_fdatasync() {
+        let flags = option_env!("LIBSQLITE3_FLAGS").unwrap_or_default();
+        assert!(
+            flags.split_whitespace().any(|f| f == "-DHAVE_FDATASYNC=1"),
+            "LIBSQLITE3_FLAGS = {flags:?}: build from the workspace (its .cargo/config.toml) \
+             or add -DHAVE_FDATASYNC=1"
+        );
+    }
+
     #[tokio::test]
     async fn data_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
