@@ -97,7 +97,8 @@ async fn user(store: &impl HistoryStore, name: &str) -> UserId {
         .expect("create user")
 }
 
-async fn friends_with_direct(
+/// Two new users `a` and `b`, friends, and their direct conversation.
+pub async fn friends_with_direct(
     store: &impl HistoryStore,
     a: &str,
     b: &str,
@@ -110,7 +111,8 @@ async fn friends_with_direct(
     (a, b, c)
 }
 
-fn text(
+/// A text message to append.
+pub fn text(
     conversation_id: ConversationId,
     sender_id: UserId,
     key: &str,

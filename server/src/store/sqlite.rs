@@ -13,12 +13,22 @@
 //! writing anything. Any other error means the database is in trouble, and
 //! then the whole batch is rolled back and every caller in it hears
 //! "unavailable", so a half-done job can never be committed.
+//!
+//! A conversation's head (`conversations.last_seq`, `last_activity_ms`)
+//! is derived data: the last row of that conversation in `messages`. Sends
+//! do not write it; the thread keeps it in memory and writes it behind
+//! (every [`HEADS_FLUSH_INTERVAL`], before any job other than an append or
+//! a watermark move, and at shutdown), which saves each message one more
+//! page in the WAL and in checkpoints. After a crash, or a rolled-back
+//! transaction, heads are recomputed from `messages`, so no read ever
+//! sees a head behind a committed message.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chat_protocol::proto;
@@ -35,6 +45,10 @@ use super::{
 /// Most jobs folded into one transaction. Bounds commit latency for the
 /// first job of a batch while still amortising the fsync.
 const MAX_BATCH: usize = 512;
+
+/// Longest a conversation head stays unwritten while only sends and
+/// watermark moves arrive.
+const HEADS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Length of the text kept in conversation-list previews.
 const PREVIEW_CHARS: usize = 100;
@@ -66,6 +80,9 @@ trait DbJob: Send {
 struct CallJob<F, R> {
     f: F,
     reply: oneshot::Sender<Result<R, StoreError>>,
+    /// Write pending conversation heads first (every job but the hot ones,
+    /// which do not read heads from the table).
+    flush_heads: bool,
 }
 
 impl<F, R> DbJob for CallJob<F, R>
@@ -74,8 +91,15 @@ where
     F: FnOnce(&Connection, &mut DbState) -> Result<R, StoreError> + Send,
 {
     fn run(self: Box<Self>, conn: &Connection, state: &mut DbState) -> (bool, Completion) {
-        let CallJob { f, reply } = *self;
-        let result = f(conn, state);
+        let CallJob {
+            f,
+            reply,
+            flush_heads,
+        } = *self;
+        let result = match flush_heads {
+            true => state.flush_heads(conn).and_then(|()| f(conn, state)),
+            false => f(conn, state),
+        };
         let ok = !matches!(
             result,
             Err(StoreError::Unavailable(_) | StoreError::Internal(_))
@@ -100,6 +124,23 @@ struct DbState {
     /// watermark) needs no lookup queries. Exact because this thread is the
     /// only writer; dropped whenever a job or commit fails.
     conversations: HashMap<ConversationId, Cached>,
+    /// Conversation heads appended but not yet written to `conversations`.
+    heads: HashMap<ConversationId, Head>,
+    /// Heads written by the open transaction (back to `repair` if it rolls
+    /// back, since `heads` no longer holds them).
+    written_heads: Vec<ConversationId>,
+    /// Conversations whose head must be recomputed from `messages`: their
+    /// pending head was lost with a rolled-back transaction.
+    repair: HashSet<ConversationId>,
+    /// When heads were last written.
+    heads_flushed: Instant,
+}
+
+/// A conversation's last seq and when it was appended.
+#[derive(Clone, Copy)]
+struct Head {
+    last_seq: u64,
+    at_ms: i64,
 }
 
 /// What the database thread remembers of one conversation.
@@ -120,8 +161,14 @@ impl DbState {
         conversation_id: ConversationId,
     ) -> Result<Option<&mut Cached>, StoreError> {
         if !self.conversations.contains_key(&conversation_id) {
+            // The row's head may be behind (written behind, or lost in a
+            // rollback); the last message is not.
             let last_seq: Option<i64> = conn
-                .prepare_cached("SELECT last_seq FROM conversations WHERE id = ?1")
+                .prepare_cached(
+                    "SELECT MAX(c.last_seq,
+                                COALESCE((SELECT MAX(seq) FROM messages WHERE conversation_id = c.id), 0))
+                     FROM conversations c WHERE c.id = ?1",
+                )
                 .map_err(internal)?
                 .query_row([sql(conversation_id)], |r| r.get(0))
                 .optional()
@@ -143,7 +190,96 @@ impl DbState {
         }
         Ok(self.conversations.get_mut(&conversation_id))
     }
+
+    /// Records a conversation's new head, to be written behind.
+    fn note_head(&mut self, conversation_id: ConversationId, head: Head) {
+        let entry = self.heads.entry(conversation_id).or_insert(head);
+        if head.last_seq >= entry.last_seq {
+            *entry = head;
+        }
+    }
+
+    /// Writes every pending head inside the open transaction.
+    fn flush_heads(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        self.heads_flushed = Instant::now();
+        if self.heads.is_empty() {
+            return Ok(());
+        }
+        let heads: Vec<(ConversationId, Head)> = self.heads.drain().collect();
+        // Noted before writing: a failed write rolls the transaction back,
+        // and then all of these need repair.
+        self.written_heads.extend(heads.iter().map(|(id, _)| *id));
+        let mut update = conn
+            .prepare_cached(
+                "UPDATE conversations SET last_seq = MAX(last_seq, ?2),
+                        last_activity_ms = MAX(last_activity_ms, ?3)
+                 WHERE id = ?1",
+            )
+            .map_err(internal)?;
+        for (id, head) in heads {
+            update
+                .execute(params![sql(id), sql(head.last_seq), head.at_ms])
+                .map_err(internal)?;
+        }
+        Ok(())
+    }
+
+    /// The open transaction committed: what it wrote is on disk.
+    fn committed(&mut self) {
+        self.written_heads.clear();
+    }
+
+    /// The open transaction rolled back: nothing of it is stored, so its
+    /// ids may be reused and nothing cached from it can be trusted; heads
+    /// it wrote or noted are recomputed from `messages`.
+    fn rolled_back(&mut self, next_message_id: u64) {
+        self.next_message_id = next_message_id;
+        self.conversations.clear();
+        self.repair.extend(self.written_heads.drain(..));
+        self.repair.extend(self.heads.drain().map(|(id, _)| id));
+    }
+
+    /// Recomputes the heads in `repair` from `messages`, in a transaction
+    /// of its own; on failure they stay queued for the next batch.
+    fn repair_heads(&mut self, conn: &Connection) {
+        if self.repair.is_empty() {
+            return;
+        }
+        let ids: Vec<ConversationId> = self.repair.iter().copied().collect();
+        let result = conn.execute_batch("BEGIN IMMEDIATE").and_then(|()| {
+            let mut update = conn.prepare_cached(REPAIR_HEAD)?;
+            for &id in &ids {
+                update.execute([sql(id)])?;
+            }
+            conn.execute_batch("COMMIT")
+        });
+        match result {
+            Ok(()) => self.repair.clear(),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                tracing::error!(error = %e, "cannot repair conversation heads; retrying with the next batch");
+            }
+        }
+    }
 }
+
+/// Brings conversation `?1`'s head up to its last message, if behind.
+const REPAIR_HEAD: &str = "UPDATE conversations SET
+        last_seq = (SELECT MAX(seq) FROM messages WHERE conversation_id = ?1),
+        last_activity_ms = MAX(last_activity_ms,
+            (SELECT sent_at_ms FROM messages WHERE conversation_id = ?1 ORDER BY seq DESC LIMIT 1))
+     WHERE id = ?1
+       AND EXISTS (SELECT 1 FROM messages WHERE conversation_id = ?1 AND seq > last_seq)";
+
+/// [`REPAIR_HEAD`] for every conversation, run at open: heads written
+/// behind are lost if the process dies before writing them.
+const REPAIR_ALL_HEADS: &str = "UPDATE conversations SET
+        last_seq = (SELECT MAX(seq) FROM messages m WHERE m.conversation_id = conversations.id),
+        last_activity_ms = MAX(last_activity_ms,
+            (SELECT sent_at_ms FROM messages m WHERE m.conversation_id = conversations.id
+             ORDER BY seq DESC LIMIT 1))
+     WHERE EXISTS (SELECT 1 FROM messages m
+                   WHERE m.conversation_id = conversations.id AND m.seq > conversations.last_seq)";
 
 /// The SQLite-backed [`HistoryStore`].
 pub struct SqliteStore {
@@ -169,6 +305,8 @@ impl SqliteStore {
         )
         .map_err(internal)?;
         migrate(&conn)?;
+        conn.execute_batch(&format!("BEGIN; {REPAIR_ALL_HEADS}; COMMIT;"))
+            .map_err(internal)?;
         let next_message_id: i64 = conn
             .query_row(
                 "SELECT COALESCE(MAX(message_id), 0) + 1 FROM messages",
@@ -179,6 +317,10 @@ impl SqliteStore {
         let state = DbState {
             next_message_id: next_message_id as u64,
             conversations: HashMap::new(),
+            heads: HashMap::new(),
+            written_heads: Vec::new(),
+            repair: HashSet::new(),
+            heads_flushed: Instant::now(),
         };
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
@@ -204,8 +346,31 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&Connection, &mut DbState) -> Result<R, StoreError> + Send + 'static,
     {
+        self.submit(f, true).await
+    }
+
+    /// [`call`](Self::call) for the hot jobs (appends, watermark moves),
+    /// which neither read conversation heads from the table nor write
+    /// pending ones first.
+    async fn call_hot<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection, &mut DbState) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.submit(f, false).await
+    }
+
+    async fn submit<R, F>(&self, f: F, flush_heads: bool) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection, &mut DbState) -> Result<R, StoreError> + Send + 'static,
+    {
         let (reply, rx) = oneshot::channel();
-        let job: Job = Box::new(CallJob { f, reply });
+        let job: Job = Box::new(CallJob {
+            f,
+            reply,
+            flush_heads,
+        });
         self.jobs
             .send(job)
             .map_err(|_| StoreError::Unavailable("store thread stopped".into()))?;
@@ -237,6 +402,7 @@ fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>)
                 Err(_) => break,
             }
         }
+        state.repair_heads(&conn);
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             tracing::error!(error = %e, "cannot begin a SQLite transaction");
             for job in batch {
@@ -246,6 +412,12 @@ fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>)
         }
         let before = state.next_message_id;
         let mut poisoned = false;
+        if state.heads_flushed.elapsed() >= HEADS_FLUSH_INTERVAL {
+            if let Err(e) = state.flush_heads(&conn) {
+                tracing::error!(error = %e, "cannot write conversation heads");
+                poisoned = true;
+            }
+        }
         for job in batch {
             let (ok, done) = job.run(&conn, &mut state);
             poisoned |= !ok;
@@ -258,17 +430,32 @@ fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>)
         } else {
             exec(&conn, "COMMIT")
         };
-        let commit = commit.map_err(|e| {
-            let _ = conn.execute_batch("ROLLBACK");
-            // Nothing of the batch is stored, so its ids may be reused and
-            // nothing cached from it can be trusted.
-            state.next_message_id = before;
-            state.conversations.clear();
-            StoreError::Unavailable(format!("commit failed: {e}"))
-        });
+        let commit = match commit {
+            Ok(()) => {
+                state.committed();
+                Ok(())
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                state.rolled_back(before);
+                state.repair_heads(&conn);
+                Err(StoreError::Unavailable(format!("commit failed: {e}")))
+            }
+        };
         for done in completions.drain(..) {
             done(commit.as_ref().map(|_| ()).map_err(clone_err));
         }
+    }
+    // Shutting down: the heads still pending go to disk now (or, should
+    // this fail, are recomputed at the next open).
+    let flushed = conn
+        .execute_batch("BEGIN IMMEDIATE")
+        .map_err(internal)
+        .and_then(|()| state.flush_heads(&conn))
+        .and_then(|()| exec(&conn, "COMMIT"));
+    if let Err(e) = flushed {
+        let _ = conn.execute_batch("ROLLBACK");
+        tracing::warn!(error = %e, "conversation heads not written at shutdown; repaired at next open");
     }
 }
 
@@ -602,12 +789,13 @@ fn append_one(
             StoreError::Internal("idempotency conflict without a stored message".into())
         });
     }
-    conn.prepare_cached(
-        "UPDATE conversations SET last_seq = ?2, last_activity_ms = ?3 WHERE id = ?1",
-    )
-    .map_err(internal)?
-    .execute(params![sql(m.conversation_id), sql(seq), m.now_ms])
-    .map_err(internal)?;
+    state.note_head(
+        m.conversation_id,
+        Head {
+            last_seq: seq,
+            at_ms: m.now_ms,
+        },
+    );
     state.next_message_id += 1;
     if let Some(c) = state.conversations.get_mut(&m.conversation_id) {
         c.last_seq = seq;
@@ -992,7 +1180,7 @@ impl HistoryStore for SqliteStore {
         // One job for the whole batch: one transaction, one fsync. A refused
         // message writes nothing (membership is checked first), so it does
         // not undo the rest.
-        self.call(move |conn, state| {
+        self.call_hot(move |conn, state| {
             let mut results = Vec::with_capacity(batch.len());
             for m in batch {
                 let result = append_one(conn, state, m, false);
@@ -1323,7 +1511,7 @@ impl HistoryStore for SqliteStore {
         &self,
         updates: Vec<WatermarkUpdate>,
     ) -> Result<Vec<WatermarkMoved>, StoreError> {
-        self.call(move |conn, state| {
+        self.call_hot(move |conn, state| {
             let mut moved: Vec<WatermarkMoved> = Vec::new();
             for u in updates {
                 // Clamp to the last seq (cached), and skip non-members
@@ -1511,6 +1699,119 @@ mod tests {
             "LIBSQLITE3_FLAGS = {flags:?}: build from the workspace (its .cargo/config.toml) \
              or add -DHAVE_FDATASYNC=1"
         );
+    }
+
+    use crate::store::conformance::{friends_with_direct, text};
+
+    fn head_on_disk(dir: &Path, conversation_id: ConversationId) -> (u64, i64) {
+        let conn = Connection::open(dir.join(FILE_NAME)).unwrap();
+        conn.query_row(
+            "SELECT last_seq, last_activity_ms FROM conversations WHERE id = ?1",
+            [sql(conversation_id)],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn appends_write_the_conversation_head_behind_and_reads_see_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let (a, b, c) = friends_with_direct(&store, "alice", "bob").await;
+        let batch = vec![
+            text(c, a, "k1", "one", 100),
+            text(c, b, "k2", "two", 200),
+            text(c, a, "k3", "three", 300),
+        ];
+        for result in store.append(batch).await.unwrap() {
+            result.unwrap();
+        }
+        // Committed messages, head not yet written: the hot path saved
+        // that page.
+        assert_eq!(head_on_disk(dir.path(), c), (0, 3));
+        // Any other job writes pending heads before it runs (catch-up
+        // compares watermarks with the head).
+        let undelivered = store.undelivered(b, (0, 0), 10).await.unwrap();
+        let seqs: Vec<u64> = undelivered.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [1, 3], "alice's messages, not bob's own");
+        assert_eq!(head_on_disk(dir.path(), c), (3, 300));
+        let view = store.conversation(c, b).await.unwrap();
+        assert_eq!((view.last_seq, view.last_activity_ms), (3, 300));
+    }
+
+    #[tokio::test]
+    async fn heads_are_written_at_shutdown_and_recomputed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, c) = {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
+            store
+                .append(vec![text(c, a, "k1", "one", 100)])
+                .await
+                .unwrap();
+            (a, c)
+        };
+        assert_eq!(head_on_disk(dir.path(), c), (1, 100), "written at shutdown");
+        {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            store
+                .append(vec![text(c, a, "k2", "two", 200)])
+                .await
+                .unwrap();
+            store
+                .append(vec![text(c, a, "k3", "three", 300)])
+                .await
+                .unwrap();
+        }
+        // As after a crash before the heads were written.
+        Connection::open(dir.path().join(FILE_NAME))
+            .unwrap()
+            .execute(
+                "UPDATE conversations SET last_seq = 1, last_activity_ms = 100",
+                [],
+            )
+            .unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(head_on_disk(dir.path(), c), (3, 300), "repaired at open");
+        let view = store.conversation(c, a).await.unwrap();
+        assert_eq!(view.last_seq, 3);
+        let appended = store
+            .append(vec![text(c, a, "k4", "four", 400)])
+            .await
+            .unwrap();
+        assert_eq!(appended[0].as_ref().unwrap().message.seq, 4);
+    }
+
+    #[tokio::test]
+    async fn a_rolled_back_batch_leaves_heads_recomputed_from_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
+        store
+            .append(vec![text(c, a, "k1", "one", 100)])
+            .await
+            .unwrap();
+        // A job that writes the pending head (seq 1), appends seq 2, then
+        // fails: the whole batch rolls back, the head written in it too.
+        let failed = store
+            .call(move |conn, state| {
+                append_one(conn, state, text(c, a, "k2", "two", 200), false)?;
+                Err::<(), _>(StoreError::Internal("injected".into()))
+            })
+            .await;
+        assert!(
+            matches!(failed, Err(StoreError::Unavailable(_))),
+            "{failed:?}"
+        );
+        // Repaired right after the rollback, from what is stored: seq 1.
+        assert_eq!(head_on_disk(dir.path(), c), (1, 100));
+        let appended = store
+            .append(vec![text(c, a, "k3", "three", 300)])
+            .await
+            .unwrap();
+        assert_eq!(appended[0].as_ref().unwrap().message.seq, 2, "no gap");
+        let view = store.conversation(c, a).await.unwrap();
+        assert_eq!((view.last_seq, view.last_activity_ms), (2, 300));
     }
 
     #[tokio::test]
