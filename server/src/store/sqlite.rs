@@ -22,6 +22,14 @@
 //! page in the WAL and in checkpoints. After a crash, or a rolled-back
 //! transaction, heads are recomputed from `messages`, so no read ever
 //! sees a head behind a committed message.
+//!
+//! Idempotency keys (sender, client_msg_id) are derived data too: they live
+//! in their own table, written behind about once a second in key order
+//! (each sender's page once, not once per commit), with the keys not yet
+//! written held in memory and checked first. Every message up to
+//! `idempotency_through` has its key in the table; at open, and after a
+//! rolled-back transaction, the keys of the messages after it are
+//! rebuilt from `messages` before any append runs.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -46,9 +54,9 @@ use super::{
 /// first job of a batch while still amortising the fsync.
 const MAX_BATCH: usize = 512;
 
-/// Longest a conversation head stays unwritten while only sends and
-/// watermark moves arrive.
-const HEADS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest a conversation head or an idempotency key stays unwritten while
+/// only sends and watermark moves arrive.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Length of the text kept in conversation-list previews.
 const PREVIEW_CHARS: usize = 100;
@@ -61,6 +69,7 @@ pub const FILE_NAME: &str = "chat.sqlite3";
 const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V1__initial.sql"),
     include_str!("sqlite/V2__presence.sql"),
+    include_str!("sqlite/V3__idempotency.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -132,8 +141,14 @@ struct DbState {
     /// Conversations whose head must be recomputed from `messages`: their
     /// pending head was lost with a rolled-back transaction.
     repair: HashSet<ConversationId>,
-    /// When heads were last written.
-    heads_flushed: Instant,
+    /// When heads and keys were last written by the periodic flush.
+    flushed_at: Instant,
+    /// Idempotency keys of messages appended since the keys were last
+    /// written: sender -> client_msg_id -> (conversation, seq).
+    keys: HashMap<UserId, HashMap<String, (ConversationId, u64)>>,
+    /// Keys were lost with a rolled-back transaction: appends wait until
+    /// they are rebuilt from `messages`.
+    keys_need_repair: bool,
 }
 
 /// A conversation's last seq and when it was appended.
@@ -199,9 +214,68 @@ impl DbState {
         }
     }
 
+    /// Writes every pending head and idempotency key inside the open
+    /// transaction.
+    fn flush(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        self.flushed_at = Instant::now();
+        self.flush_heads(conn)?;
+        self.flush_keys(conn)
+    }
+
+    /// Writes the pending idempotency keys, in key order, and moves
+    /// `idempotency_through` up to the last message appended.
+    fn flush_keys(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        // Lost if the transaction rolls back: `rolled_back` rebuilds them.
+        let mut senders: Vec<_> = self.keys.drain().collect();
+        senders.sort_unstable_by_key(|(sender, _)| *sender);
+        let mut insert = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO idempotency (sender_id, client_msg_id, conversation_id, seq)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .map_err(internal)?;
+        for (sender, keys) in senders {
+            let mut keys: Vec<_> = keys.into_iter().collect();
+            keys.sort_unstable();
+            for (key, (conversation_id, seq)) in keys {
+                insert
+                    .execute(params![sql(sender), key, sql(conversation_id), sql(seq)])
+                    .map_err(internal)?;
+            }
+        }
+        conn.prepare_cached("UPDATE idempotency_through SET through_message_id = ?1 WHERE id = 1")
+            .map_err(internal)?
+            .execute([sql(self.next_message_id - 1)])
+            .map_err(internal)?;
+        Ok(())
+    }
+
+    /// Where the message stored under (`sender`, `client_msg_id`) went.
+    fn stored_key(
+        &self,
+        conn: &Connection,
+        sender: UserId,
+        client_msg_id: &str,
+    ) -> Result<Option<(ConversationId, u64)>, StoreError> {
+        if let Some(&at) = self.keys.get(&sender).and_then(|k| k.get(client_msg_id)) {
+            return Ok(Some(at));
+        }
+        conn.prepare_cached(
+            "SELECT conversation_id, seq FROM idempotency WHERE sender_id = ?1 AND client_msg_id = ?2",
+        )
+        .map_err(internal)?
+        .query_row(params![sql(sender), client_msg_id], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })
+        .optional()
+        .map_err(internal)
+    }
+
     /// Writes every pending head inside the open transaction.
     fn flush_heads(&mut self, conn: &Connection) -> Result<(), StoreError> {
-        self.heads_flushed = Instant::now();
         if self.heads.is_empty() {
             return Ok(());
         }
@@ -237,6 +311,27 @@ impl DbState {
         self.conversations.clear();
         self.repair.extend(self.written_heads.drain(..));
         self.repair.extend(self.heads.drain().map(|(id, _)| id));
+        // Pending keys mix committed messages with rolled-back ones; the
+        // committed ones are rebuilt from `messages`.
+        self.keys.clear();
+        self.keys_need_repair = true;
+    }
+
+    /// Rebuilds the idempotency keys of the messages after
+    /// `idempotency_through`, in a transaction of its own; on failure,
+    /// appends keep waiting and the next batch tries again.
+    fn repair_keys(&mut self, conn: &Connection) {
+        if !self.keys_need_repair {
+            return;
+        }
+        let result = conn.execute_batch(&format!("BEGIN IMMEDIATE; {REPAIR_KEYS}; COMMIT;"));
+        match result {
+            Ok(()) => self.keys_need_repair = false,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                tracing::error!(error = %e, "cannot rebuild idempotency keys; retrying with the next batch");
+            }
+        }
     }
 
     /// Recomputes the heads in `repair` from `messages`, in a transaction
@@ -262,6 +357,16 @@ impl DbState {
         }
     }
 }
+
+/// Writes the idempotency keys of the messages after `idempotency_through`
+/// (one range scan of the message-id index) and moves it to the last one.
+const REPAIR_KEYS: &str =
+    "INSERT OR IGNORE INTO idempotency (sender_id, client_msg_id, conversation_id, seq)
+        SELECT sender_id, client_msg_id, conversation_id, seq FROM messages
+        WHERE message_id > (SELECT through_message_id FROM idempotency_through WHERE id = 1);
+    UPDATE idempotency_through
+        SET through_message_id = (SELECT COALESCE(MAX(message_id), 0) FROM messages)
+        WHERE id = 1";
 
 /// Brings conversation `?1`'s head up to its last message, if behind.
 const REPAIR_HEAD: &str = "UPDATE conversations SET
@@ -305,8 +410,10 @@ impl SqliteStore {
         )
         .map_err(internal)?;
         migrate(&conn)?;
-        conn.execute_batch(&format!("BEGIN; {REPAIR_ALL_HEADS}; COMMIT;"))
-            .map_err(internal)?;
+        conn.execute_batch(&format!(
+            "BEGIN; {REPAIR_ALL_HEADS}; {REPAIR_KEYS}; COMMIT;"
+        ))
+        .map_err(internal)?;
         let next_message_id: i64 = conn
             .query_row(
                 "SELECT COALESCE(MAX(message_id), 0) + 1 FROM messages",
@@ -320,7 +427,9 @@ impl SqliteStore {
             heads: HashMap::new(),
             written_heads: Vec::new(),
             repair: HashSet::new(),
-            heads_flushed: Instant::now(),
+            flushed_at: Instant::now(),
+            keys: HashMap::new(),
+            keys_need_repair: false,
         };
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
@@ -403,6 +512,7 @@ fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>)
             }
         }
         state.repair_heads(&conn);
+        state.repair_keys(&conn);
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             tracing::error!(error = %e, "cannot begin a SQLite transaction");
             for job in batch {
@@ -412,9 +522,9 @@ fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>)
         }
         let before = state.next_message_id;
         let mut poisoned = false;
-        if state.heads_flushed.elapsed() >= HEADS_FLUSH_INTERVAL {
-            if let Err(e) = state.flush_heads(&conn) {
-                tracing::error!(error = %e, "cannot write conversation heads");
+        if state.flushed_at.elapsed() >= FLUSH_INTERVAL {
+            if let Err(e) = state.flush(&conn) {
+                tracing::error!(error = %e, "cannot write conversation heads or idempotency keys");
                 poisoned = true;
             }
         }
@@ -439,6 +549,7 @@ fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>)
                 let _ = conn.execute_batch("ROLLBACK");
                 state.rolled_back(before);
                 state.repair_heads(&conn);
+                state.repair_keys(&conn);
                 Err(StoreError::Unavailable(format!("commit failed: {e}")))
             }
         };
@@ -446,16 +557,16 @@ fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>)
             done(commit.as_ref().map(|_| ()).map_err(clone_err));
         }
     }
-    // Shutting down: the heads still pending go to disk now (or, should
-    // this fail, are recomputed at the next open).
+    // Shutting down: heads and keys still pending go to disk now (or,
+    // should this fail, are rebuilt at the next open).
     let flushed = conn
         .execute_batch("BEGIN IMMEDIATE")
         .map_err(internal)
-        .and_then(|()| state.flush_heads(&conn))
+        .and_then(|()| state.flush(&conn))
         .and_then(|()| exec(&conn, "COMMIT"));
     if let Err(e) = flushed {
         let _ = conn.execute_batch("ROLLBACK");
-        tracing::warn!(error = %e, "conversation heads not written at shutdown; repaired at next open");
+        tracing::warn!(error = %e, "heads and keys not written at shutdown; rebuilt at next open");
     }
 }
 
@@ -718,17 +829,19 @@ fn stored_original(
     state: &mut DbState,
     m: &NewMessage,
 ) -> Result<Option<Appended>, StoreError> {
-    let original = conn
-        .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2"
-        ))
-        .map_err(internal)?
-        .query_row(params![sql(m.sender_id), m.client_msg_id], message_from_row)
-        .optional()
-        .map_err(internal)?;
-    let Some(original) = original else {
+    let Some((conversation_id, seq)) = state.stored_key(conn, m.sender_id, &m.client_msg_id)?
+    else {
         return Ok(None);
     };
+    let original = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq = ?2"
+        ))
+        .map_err(internal)?
+        .query_row(params![sql(conversation_id), sql(seq)], message_from_row)
+        .optional()
+        .map_err(internal)?
+        .ok_or_else(|| StoreError::Internal("idempotency key without its message".into()))?;
     let members = match state.conversation(conn, original.conversation_id)? {
         Some(c) => c.members.to_vec(),
         None => Vec::new(),
@@ -762,17 +875,23 @@ fn append_one(
         }
     };
 
+    if state.keys_need_repair {
+        return Err(StoreError::Unavailable(
+            "idempotency keys are being rebuilt".into(),
+        ));
+    }
+    // A retry gets the original (the pending keys, then one read of the
+    // idempotency table). The common path is that read, one insert and one
+    // update by primary key.
+    if let Some(original) = stored_original(conn, state, &m)? {
+        return Ok(original);
+    }
     let message_id = state.next_message_id;
-    // The idempotency key is checked by the unique index: a retry inserts
-    // nothing, and then the original is looked up. The common path is one
-    // insert and two updates by primary key.
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT (sender_id, client_msg_id) DO NOTHING",
-        )
-        .map_err(internal)?
+    conn.prepare_cached(
+        "INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .map_err(internal)?
         .execute(params![
             sql(m.conversation_id),
             sql(seq),
@@ -784,11 +903,11 @@ fn append_one(
             m.text,
         ])
         .map_err(internal)?;
-    if inserted == 0 {
-        return stored_original(conn, state, &m)?.ok_or_else(|| {
-            StoreError::Internal("idempotency conflict without a stored message".into())
-        });
-    }
+    state
+        .keys
+        .entry(m.sender_id)
+        .or_default()
+        .insert(m.client_msg_id.clone(), (m.conversation_id, seq));
     state.note_head(
         m.conversation_id,
         Head {
@@ -1812,6 +1931,159 @@ mod tests {
         assert_eq!(appended[0].as_ref().unwrap().message.seq, 2, "no gap");
         let view = store.conversation(c, a).await.unwrap();
         assert_eq!((view.last_seq, view.last_activity_ms), (2, 300));
+    }
+
+    fn duplicate_of(appended: &[Result<Appended, StoreError>]) -> (bool, u64) {
+        let a = appended[0].as_ref().unwrap();
+        (a.duplicate, a.message.seq)
+    }
+
+    fn keys_on_disk(dir: &Path) -> (i64, i64) {
+        let conn = Connection::open(dir.join(FILE_NAME)).unwrap();
+        let keys = conn
+            .query_row("SELECT COUNT(*) FROM idempotency", [], |r| r.get(0))
+            .unwrap();
+        let through = conn
+            .query_row(
+                "SELECT through_message_id FROM idempotency_through",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (keys, through)
+    }
+
+    #[tokio::test]
+    async fn retries_are_recognised_from_pending_and_from_written_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, c) = {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
+            let first = store
+                .append(vec![text(c, a, "k1", "one", 100)])
+                .await
+                .unwrap();
+            assert_eq!(duplicate_of(&first), (false, 1));
+            assert_eq!(keys_on_disk(dir.path()), (0, 0), "written behind");
+            let retry = store
+                .append(vec![text(c, a, "k1", "again", 101)])
+                .await
+                .unwrap();
+            assert_eq!(duplicate_of(&retry), (true, 1), "found among pending keys");
+            (a, c)
+        };
+        assert_eq!(keys_on_disk(dir.path()), (1, 1), "written at shutdown");
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let retry = store
+            .append(vec![text(c, a, "k1", "again", 102)])
+            .await
+            .unwrap();
+        assert_eq!(duplicate_of(&retry), (true, 1), "found in the table");
+        assert_eq!(retry[0].as_ref().unwrap().message.text, "one");
+        let next = store
+            .append(vec![text(c, a, "k2", "two", 103)])
+            .await
+            .unwrap();
+        assert_eq!(duplicate_of(&next), (false, 2));
+    }
+
+    #[tokio::test]
+    async fn keys_lost_in_a_crash_are_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, c) = {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
+            store
+                .append(vec![text(c, a, "k1", "one", 100)])
+                .await
+                .unwrap();
+            store
+                .append(vec![text(c, a, "k2", "two", 200)])
+                .await
+                .unwrap();
+            (a, c)
+        };
+        // As if the process died before writing any key.
+        let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+        conn.execute_batch(
+            "DELETE FROM idempotency; UPDATE idempotency_through SET through_message_id = 0;",
+        )
+        .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(keys_on_disk(dir.path()), (2, 2), "rebuilt at open");
+        let retry = store
+            .append(vec![text(c, a, "k2", "again", 300)])
+            .await
+            .unwrap();
+        assert_eq!(duplicate_of(&retry), (true, 2));
+    }
+
+    #[tokio::test]
+    async fn a_rolled_back_append_leaves_no_key_and_keeps_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
+        store
+            .append(vec![text(c, a, "k1", "one", 100)])
+            .await
+            .unwrap();
+        let failed = store
+            .call_hot(move |conn, state| {
+                append_one(conn, state, text(c, a, "k2", "two", 200), false)?;
+                Err::<(), _>(StoreError::Internal("injected".into()))
+            })
+            .await;
+        assert!(
+            matches!(failed, Err(StoreError::Unavailable(_))),
+            "{failed:?}"
+        );
+        let k2 = store
+            .append(vec![text(c, a, "k2", "two", 300)])
+            .await
+            .unwrap();
+        assert_eq!(duplicate_of(&k2), (false, 2), "k2 was never stored");
+        let k1 = store
+            .append(vec![text(c, a, "k1", "one", 400)])
+            .await
+            .unwrap();
+        assert_eq!(
+            duplicate_of(&k1),
+            (true, 1),
+            "k1's key survived the rollback"
+        );
+    }
+
+    #[tokio::test]
+    async fn migration_moves_existing_keys_into_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        {
+            // A file as version 2 left it, with one message.
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..2] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.execute_batch(
+                "PRAGMA user_version = 2;
+                 INSERT INTO users (id, username, password_hash, created_at_ms) VALUES (1, 'a', 'h', 0);
+                 INSERT INTO conversations (id, kind, name, created_at_ms, last_seq, last_activity_ms)
+                     VALUES (1, 2, 'g', 0, 1, 5);
+                 INSERT INTO members (conversation_id, user_id, role, joined_seq, delivered_seq, seen_seq)
+                     VALUES (1, 1, 1, 0, 1, 1);
+                 INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body)
+                     VALUES (1, 1, 1, 1, 'old-key', 1, 5, 'hello');",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(keys_on_disk(dir.path()), (1, 1));
+        let retry = store
+            .append(vec![text(1, 1, "old-key", "again", 9)])
+            .await
+            .unwrap();
+        assert_eq!(duplicate_of(&retry), (true, 1));
+        assert_eq!(retry[0].as_ref().unwrap().message.text, "hello");
     }
 
     #[tokio::test]
