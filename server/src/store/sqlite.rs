@@ -17,16 +17,17 @@
 //! A conversation's head (`conversations.last_seq`, `last_activity_ms`)
 //! is derived data: the last row of that conversation in `messages`. Sends
 //! do not write it; the thread keeps it in memory and writes it behind
-//! (every [`HEADS_FLUSH_INTERVAL`], before any job other than an append or
+//! (every [`FLUSH_INTERVAL`], before any job other than an append or
 //! a watermark move, and at shutdown), which saves each message one more
 //! page in the WAL and in checkpoints. After a crash, or a rolled-back
 //! transaction, heads are recomputed from `messages`, so no read ever
 //! sees a head behind a committed message.
 //!
 //! Idempotency keys (sender, client_msg_id) are derived data too: they live
-//! in their own table, written behind about once a second in key order
-//! (each sender's page once, not once per commit), with the keys not yet
-//! written held in memory and checked first. Every message up to
+//! in their own table, written behind in key order, each sender's keys
+//! about once a second (so its page once, not once per commit), a tenth of
+//! the senders every 100 ms so that no commit carries them all; the keys
+//! not yet written are held in memory and checked first. Every message up to
 //! `idempotency_through` has its key in the table; at open, and after a
 //! rolled-back transaction, the keys of the messages after it are
 //! rebuilt from `messages` before any append runs.
@@ -57,6 +58,13 @@ const MAX_BATCH: usize = 512;
 /// Longest a conversation head or an idempotency key stays unwritten while
 /// only sends and watermark moves arrive.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Senders' idempotency keys are written in this many slices (by sender id),
+/// one slice every [`KEY_SLICE_INTERVAL`].
+const KEY_SLICES: u64 = 10;
+
+/// With [`KEY_SLICES`]: each sender's keys are written once a second.
+const KEY_SLICE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Length of the text kept in conversation-list previews.
 const PREVIEW_CHARS: usize = 100;
@@ -143,12 +151,24 @@ struct DbState {
     repair: HashSet<ConversationId>,
     /// When heads and keys were last written by the periodic flush.
     flushed_at: Instant,
-    /// Idempotency keys of messages appended since the keys were last
-    /// written: sender -> client_msg_id -> (conversation, seq).
-    keys: HashMap<UserId, HashMap<String, (ConversationId, u64)>>,
+    /// Idempotency keys of messages appended since their sender's keys
+    /// were last written: sender -> client_msg_id -> where it went.
+    keys: HashMap<UserId, HashMap<String, PendingKey>>,
+    /// The next slice of senders whose keys to write, and when the last
+    /// slice was written.
+    key_slice: u64,
+    keys_flushed_at: Instant,
     /// Keys were lost with a rolled-back transaction: appends wait until
     /// they are rebuilt from `messages`.
     keys_need_repair: bool,
+}
+
+/// Where a message with a pending idempotency key went.
+#[derive(Clone, Copy)]
+struct PendingKey {
+    conversation_id: ConversationId,
+    seq: u64,
+    message_id: u64,
 }
 
 /// A conversation's last seq and when it was appended.
@@ -219,17 +239,46 @@ impl DbState {
     fn flush(&mut self, conn: &Connection) -> Result<(), StoreError> {
         self.flushed_at = Instant::now();
         self.flush_heads(conn)?;
-        self.flush_keys(conn)
+        self.flush_keys(conn, None)
     }
 
-    /// Writes the pending idempotency keys, in key order, and moves
-    /// `idempotency_through` up to the last message appended.
-    fn flush_keys(&mut self, conn: &Connection) -> Result<(), StoreError> {
+    /// Writes the next slice of senders' pending idempotency keys when
+    /// [`KEY_SLICE_INTERVAL`] has passed.
+    fn flush_key_slice(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        if self.keys_flushed_at.elapsed() < KEY_SLICE_INTERVAL {
+            return Ok(());
+        }
+        let slice = self.key_slice;
+        self.key_slice = (slice + 1) % KEY_SLICES;
+        self.flush_keys(conn, Some(slice))
+    }
+
+    /// Writes the pending idempotency keys of every sender (`None`) or of
+    /// one slice of senders, in key order, and moves `idempotency_through`
+    /// up to the last message whose key, and every earlier one, is written.
+    fn flush_keys(&mut self, conn: &Connection, slice: Option<u64>) -> Result<(), StoreError> {
+        self.keys_flushed_at = Instant::now();
         if self.keys.is_empty() {
             return Ok(());
         }
         // Lost if the transaction rolls back: `rolled_back` rebuilds them.
-        let mut senders: Vec<_> = self.keys.drain().collect();
+        let mut senders: Vec<(UserId, HashMap<String, PendingKey>)> = match slice {
+            None => self.keys.drain().collect(),
+            Some(slice) => {
+                let ids: Vec<UserId> = self
+                    .keys
+                    .keys()
+                    .copied()
+                    .filter(|id| id % KEY_SLICES == slice)
+                    .collect();
+                ids.into_iter()
+                    .filter_map(|id| self.keys.remove_entry(&id))
+                    .collect()
+            }
+        };
+        if senders.is_empty() {
+            return Ok(());
+        }
         senders.sort_unstable_by_key(|(sender, _)| *sender);
         let mut insert = conn
             .prepare_cached(
@@ -239,17 +288,31 @@ impl DbState {
             .map_err(internal)?;
         for (sender, keys) in senders {
             let mut keys: Vec<_> = keys.into_iter().collect();
-            keys.sort_unstable();
-            for (key, (conversation_id, seq)) in keys {
+            keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (key, at) in keys {
                 insert
-                    .execute(params![sql(sender), key, sql(conversation_id), sql(seq)])
+                    .execute(params![
+                        sql(sender),
+                        key,
+                        sql(at.conversation_id),
+                        sql(at.seq)
+                    ])
                     .map_err(internal)?;
             }
         }
-        conn.prepare_cached("UPDATE idempotency_through SET through_message_id = ?1 WHERE id = 1")
-            .map_err(internal)?
-            .execute([sql(self.next_message_id - 1)])
-            .map_err(internal)?;
+        let oldest_pending = self
+            .keys
+            .values()
+            .flat_map(|keys| keys.values().map(|at| at.message_id))
+            .min();
+        let through = oldest_pending.unwrap_or(self.next_message_id) - 1;
+        conn.prepare_cached(
+            "UPDATE idempotency_through SET through_message_id = MAX(through_message_id, ?1)
+             WHERE id = 1",
+        )
+        .map_err(internal)?
+        .execute([sql(through)])
+        .map_err(internal)?;
         Ok(())
     }
 
@@ -260,8 +323,8 @@ impl DbState {
         sender: UserId,
         client_msg_id: &str,
     ) -> Result<Option<(ConversationId, u64)>, StoreError> {
-        if let Some(&at) = self.keys.get(&sender).and_then(|k| k.get(client_msg_id)) {
-            return Ok(Some(at));
+        if let Some(at) = self.keys.get(&sender).and_then(|k| k.get(client_msg_id)) {
+            return Ok(Some((at.conversation_id, at.seq)));
         }
         conn.prepare_cached(
             "SELECT conversation_id, seq FROM idempotency WHERE sender_id = ?1 AND client_msg_id = ?2",
@@ -435,6 +498,8 @@ impl SqliteStore {
             repair: HashSet::new(),
             flushed_at: Instant::now(),
             keys: HashMap::new(),
+            key_slice: 0,
+            keys_flushed_at: Instant::now(),
             keys_need_repair: false,
         };
         let (jobs, rx) = std_mpsc::channel::<Job>();
@@ -528,11 +593,16 @@ fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>)
         }
         let before = state.next_message_id;
         let mut poisoned = false;
-        if state.flushed_at.elapsed() >= FLUSH_INTERVAL {
-            if let Err(e) = state.flush(&conn) {
-                tracing::error!(error = %e, "cannot write conversation heads or idempotency keys");
-                poisoned = true;
-            }
+        let flushed = match state.flushed_at.elapsed() >= FLUSH_INTERVAL {
+            true => state
+                .flush_heads(&conn)
+                .map(|()| state.flushed_at = Instant::now()),
+            false => Ok(()),
+        }
+        .and_then(|()| state.flush_key_slice(&conn));
+        if let Err(e) = flushed {
+            tracing::error!(error = %e, "cannot write conversation heads or idempotency keys");
+            poisoned = true;
         }
         for job in batch {
             let (ok, done) = job.run(&conn, &mut state);
@@ -909,11 +979,14 @@ fn append_one(
             m.text,
         ])
         .map_err(internal)?;
-    state
-        .keys
-        .entry(m.sender_id)
-        .or_default()
-        .insert(m.client_msg_id.clone(), (m.conversation_id, seq));
+    state.keys.entry(m.sender_id).or_default().insert(
+        m.client_msg_id.clone(),
+        PendingKey {
+            conversation_id: m.conversation_id,
+            seq,
+            message_id,
+        },
+    );
     state.note_head(
         m.conversation_id,
         Head {
@@ -1991,6 +2064,48 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(duplicate_of(&next), (false, 2));
+    }
+
+    #[tokio::test]
+    async fn a_slice_of_senders_written_keeps_through_below_the_unwritten_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let (a, b, c) = friends_with_direct(&store, "alice", "bob").await;
+        assert_ne!(a % KEY_SLICES, b % KEY_SLICES);
+        for (sender, key) in [(a, "a1"), (b, "b1"), (a, "a2")] {
+            store
+                .append(vec![text(c, sender, key, "hi", 100)])
+                .await
+                .unwrap();
+        }
+        store
+            .call_hot(move |conn, state| state.flush_keys(conn, Some(a % KEY_SLICES)))
+            .await
+            .unwrap();
+        let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+        let written_for_a: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM idempotency WHERE sender_id = ?1",
+                [sql(a)],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(written_for_a, 2);
+        // Whatever else was written meanwhile, every message up to
+        // `through` has its key on disk (here bob's b1, message 2, is
+        // normally still pending, so `through` stays at 1).
+        let uncovered: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM messages m
+                 WHERE m.message_id <= (SELECT through_message_id FROM idempotency_through)
+                   AND NOT EXISTS (SELECT 1 FROM idempotency i
+                                   WHERE i.sender_id = m.sender_id
+                                     AND i.client_msg_id = m.client_msg_id)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(uncovered, 0);
     }
 
     #[tokio::test]
