@@ -160,7 +160,7 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
             println!("you and {rest} are now friends");
         }
         "/chats" => {
-            for c in client.conversations(20, 0).await? {
+            for c in client.conversations(20, None).await? {
                 let with: Vec<_> = c
                     .members
                     .iter()

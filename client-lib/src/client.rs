@@ -533,16 +533,17 @@ impl Client {
             .await
     }
 
-    /// Conversations, most recently active first. `before_activity_ms` = 0
-    /// for the first page, else the last page's oldest `last_activity_ms`.
+    /// Conversations, most recently active first. `before`: `None` for the
+    /// first page, else the last conversation of the previous page.
     pub async fn conversations(
         &self,
         limit: u32,
-        before_activity_ms: i64,
+        before: Option<&proto::ConversationInfo>,
     ) -> Result<Vec<proto::ConversationInfo>, ClientError> {
         let body = Body::ListConversations(proto::ListConversations {
             limit,
-            before_activity_ms,
+            before_activity_ms: before.map_or(0, |c| c.last_activity_ms),
+            before_conversation_id: before.map_or(0, |c| c.conversation_id),
         });
         match self.request(StreamKind::Control, body).await? {
             Body::ConversationList(list) => Ok(list.conversations),

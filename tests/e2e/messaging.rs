@@ -379,7 +379,7 @@ each_backend! {
             .unwrap();
         assert_eq!(capped.messages.len(), 30);
 
-        let list = alice.conversations(10, 0).await.unwrap();
+        let list = alice.conversations(10, None).await.unwrap();
         assert_eq!(
             list.iter().map(|c| c.conversation_id).collect::<Vec<_>>(),
             vec![with_carol, with_bob]
@@ -387,10 +387,10 @@ each_backend! {
         assert_eq!(list[0].last_message.as_ref().unwrap().text, "hi from carol");
         assert_eq!((list[0].unread_count, list[1].unread_count), (1, 30));
         alice.mark_seen(with_bob, 25).await.unwrap();
-        let list = alice.conversations(10, 0).await.unwrap();
+        let list = alice.conversations(10, None).await.unwrap();
         assert_eq!(list[1].unread_count, 5);
         let second_page = alice
-            .conversations(1, list[0].last_activity_ms)
+            .conversations(1, Some(&list[0]))
             .await
             .unwrap();
         assert_eq!(
@@ -432,7 +432,7 @@ each_backend! {
             ),
             ErrorCode::NotAMember
         );
-        assert!(eve.conversations(10, 0).await.unwrap().is_empty());
+        assert!(eve.conversations(10, None).await.unwrap().is_empty());
         // Bob got only Alice's message.
         let got = messages(&mut bob_events, 1).await;
         assert_eq!(got[0].text, "private");

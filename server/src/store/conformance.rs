@@ -535,15 +535,31 @@ pub async fn conversation_list(store: &impl HistoryStore) {
     append_one(store, text(c1, b, "b2", "second", 110)).await;
     append_one(store, text(c2, carol, "c1", "from carol", 120)).await;
 
-    let list = store.conversations(a, 0, 10).await.unwrap();
+    let list = store.conversations(a, (0, 0), 10).await.unwrap();
     assert_eq!(list.iter().map(|v| v.id).collect::<Vec<_>>(), vec![c2, c1]);
     assert_eq!(list[1].unread_count, 2);
     assert_eq!(list[1].last_message.as_ref().unwrap().text, "second");
     assert_eq!(list[0].last_activity_ms, 120);
-    // Paging by activity time.
-    let next = store.conversations(a, 120, 10).await.unwrap();
+    // Paging by (activity time, id) of the previous page's last entry.
+    let next = store.conversations(a, (120, c2), 10).await.unwrap();
     assert_eq!(next.iter().map(|v| v.id).collect::<Vec<_>>(), vec![c1]);
-    assert_eq!(store.conversations(a, 0, 1).await.unwrap().len(), 1);
+    assert_eq!(store.conversations(a, (0, 0), 1).await.unwrap().len(), 1);
+    // Conversations active in the same millisecond: one page each, none
+    // skipped (a time-only cursor lost the second one).
+    let dave = user(store, "dave").await;
+    let c3 = store.open_direct(a, dave, 6).await.unwrap();
+    append_one(store, text(c3, dave, "d1", "same time", 120)).await;
+    let mut seen = Vec::new();
+    let mut before = (0, 0);
+    loop {
+        let page = store.conversations(a, before, 1).await.unwrap();
+        let Some(last) = page.last() else { break };
+        seen.push(last.id);
+        before = (last.last_activity_ms, last.id);
+    }
+    let mut tied = [c2, c3];
+    tied.sort_unstable_by(|x, y| y.cmp(x));
+    assert_eq!(seen, [tied[0], tied[1], c1]);
     // Previews are truncated.
     append_one(store, text(c1, b, "b3", &long, 130)).await;
     let view = store.conversation(c1, a).await.unwrap();

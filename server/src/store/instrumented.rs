@@ -178,13 +178,13 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
     async fn conversations(
         &self,
         user: UserId,
-        before_ms: i64,
+        before: (i64, ConversationId),
         limit: u32,
     ) -> Result<Vec<ConversationView>, StoreError> {
         timed!(
             self,
             "conversations",
-            self.inner.conversations(user, before_ms, limit)
+            self.inner.conversations(user, before, limit)
         )
     }
 

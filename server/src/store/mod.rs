@@ -403,12 +403,14 @@ pub trait HistoryStore: Send + Sync + 'static {
         conversation_id: ConversationId,
         viewer: UserId,
     ) -> Result<ConversationView, StoreError>;
-    /// A user's conversations, most recently active first, active strictly
-    /// before `before_ms` (0: no bound).
+    /// A user's conversations, most recently active first (ties: higher id
+    /// first), after the cursor `before` = (last_activity_ms, id) of the
+    /// previous page's last conversation: active strictly before that time,
+    /// or at that time with a smaller id. `before_ms` 0: the first page.
     async fn conversations(
         &self,
         user: UserId,
-        before_ms: i64,
+        before: (i64, ConversationId),
         limit: u32,
     ) -> Result<Vec<ConversationView>, StoreError>;
     /// The conversation's last seq and the member's joined seq if `user` is

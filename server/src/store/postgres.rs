@@ -946,16 +946,17 @@ impl HistoryStore for PostgresStore {
     async fn conversations(
         &self,
         user: UserId,
-        before_ms: i64,
+        (before_ms, before_id): (i64, ConversationId),
         limit: u32,
     ) -> Result<Vec<ConversationView>, StoreError> {
         let before = if before_ms <= 0 { i64::MAX } else { before_ms };
         let ids = self
             .rows(
                 "SELECT c.id FROM members m JOIN conversations c ON c.id = m.conversation_id
-                 WHERE m.user_id = $1 AND c.last_activity_ms < $2
+                 WHERE m.user_id = $1
+                   AND (c.last_activity_ms, c.id) < ($2, $4)
                  ORDER BY c.last_activity_ms DESC, c.id DESC LIMIT $3",
-                &[&sql(user), &before, &i64::from(limit)],
+                &[&sql(user), &before, &i64::from(limit), &sql(before_id)],
             )
             .await?
             .iter()

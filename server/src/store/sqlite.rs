@@ -1330,7 +1330,7 @@ impl HistoryStore for SqliteStore {
     async fn conversations(
         &self,
         user: UserId,
-        before_ms: i64,
+        (before_ms, before_id): (i64, ConversationId),
         limit: u32,
     ) -> Result<Vec<ConversationView>, StoreError> {
         self.call(move |conn, _| {
@@ -1339,12 +1339,15 @@ impl HistoryStore for SqliteStore {
                 let mut stmt = conn
                     .prepare_cached(
                         "SELECT c.id FROM members m JOIN conversations c ON c.id = m.conversation_id
-                         WHERE m.user_id = ?1 AND c.last_activity_ms < ?2
+                         WHERE m.user_id = ?1
+                           AND (c.last_activity_ms < ?2 OR (c.last_activity_ms = ?2 AND c.id < ?4))
                          ORDER BY c.last_activity_ms DESC, c.id DESC LIMIT ?3",
                     )
                     .map_err(internal)?;
                 let rows = stmt
-                    .query_map(params![sql(user), before, limit], |r| r.get(0))
+                    .query_map(params![sql(user), before, limit, sql(before_id)], |r| {
+                        r.get(0)
+                    })
                     .map_err(internal)?;
                 rows.collect::<rusqlite::Result<_>>().map_err(internal)?
             };

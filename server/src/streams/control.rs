@@ -442,7 +442,8 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
         }
         Some(Body::ListConversations(l)) => {
             let limit = page_limit(l.limit, DEFAULT_CONVERSATION_PAGE);
-            let views = store.conversations(me, l.before_activity_ms, limit).await?;
+            let before = (l.before_activity_ms, l.before_conversation_id);
+            let views = store.conversations(me, before, limit).await?;
             reply(Body::ConversationList(proto::ConversationList {
                 conversations: views.into_iter().map(conversation_info).collect(),
             }))
