@@ -1904,6 +1904,31 @@ mod tests {
 
     use crate::store::conformance::{friends_with_direct, text};
 
+    /// Appends one message that must be accepted.
+    async fn send(store: &SqliteStore, m: NewMessage) -> Appended {
+        let mut results = store.append(vec![m]).await.unwrap();
+        results.remove(0).unwrap()
+    }
+
+    fn duplicate_of(appended: &Appended) -> (bool, u64) {
+        (appended.duplicate, appended.message.seq)
+    }
+
+    fn keys_on_disk(dir: &Path) -> (i64, i64) {
+        let conn = Connection::open(dir.join(FILE_NAME)).unwrap();
+        let keys = conn
+            .query_row("SELECT COUNT(*) FROM idempotency", [], |r| r.get(0))
+            .unwrap();
+        let through = conn
+            .query_row(
+                "SELECT through_message_id FROM idempotency_through",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (keys, through)
+    }
+
     fn head_on_disk(dir: &Path, conversation_id: ConversationId) -> (u64, i64) {
         let conn = Connection::open(dir.join(FILE_NAME)).unwrap();
         conn.query_row(
@@ -1946,23 +1971,14 @@ mod tests {
         let (a, c) = {
             let store = SqliteStore::open(dir.path()).unwrap();
             let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
-            store
-                .append(vec![text(c, a, "k1", "one", 100)])
-                .await
-                .unwrap();
+            send(&store, text(c, a, "k1", "one", 100)).await;
             (a, c)
         };
         assert_eq!(head_on_disk(dir.path(), c), (1, 100), "written at shutdown");
         {
             let store = SqliteStore::open(dir.path()).unwrap();
-            store
-                .append(vec![text(c, a, "k2", "two", 200)])
-                .await
-                .unwrap();
-            store
-                .append(vec![text(c, a, "k3", "three", 300)])
-                .await
-                .unwrap();
+            send(&store, text(c, a, "k2", "two", 200)).await;
+            send(&store, text(c, a, "k3", "three", 300)).await;
         }
         // As after a crash before the heads were written.
         Connection::open(dir.path().join(FILE_NAME))
@@ -1976,63 +1992,8 @@ mod tests {
         assert_eq!(head_on_disk(dir.path(), c), (3, 300), "repaired at open");
         let view = store.conversation(c, a).await.unwrap();
         assert_eq!(view.last_seq, 3);
-        let appended = store
-            .append(vec![text(c, a, "k4", "four", 400)])
-            .await
-            .unwrap();
-        assert_eq!(appended[0].as_ref().unwrap().message.seq, 4);
-    }
-
-    #[tokio::test]
-    async fn a_rolled_back_batch_leaves_heads_recomputed_from_messages() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
-        store
-            .append(vec![text(c, a, "k1", "one", 100)])
-            .await
-            .unwrap();
-        // A job that writes the pending head (seq 1), appends seq 2, then
-        // fails: the whole batch rolls back, the head written in it too.
-        let failed = store
-            .call(move |conn, state| {
-                append_one(conn, state, text(c, a, "k2", "two", 200), false)?;
-                Err::<(), _>(StoreError::Internal("injected".into()))
-            })
-            .await;
-        assert!(
-            matches!(failed, Err(StoreError::Unavailable(_))),
-            "{failed:?}"
-        );
-        // Repaired right after the rollback, from what is stored: seq 1.
-        assert_eq!(head_on_disk(dir.path(), c), (1, 100));
-        let appended = store
-            .append(vec![text(c, a, "k3", "three", 300)])
-            .await
-            .unwrap();
-        assert_eq!(appended[0].as_ref().unwrap().message.seq, 2, "no gap");
-        let view = store.conversation(c, a).await.unwrap();
-        assert_eq!((view.last_seq, view.last_activity_ms), (2, 300));
-    }
-
-    fn duplicate_of(appended: &[Result<Appended, StoreError>]) -> (bool, u64) {
-        let a = appended[0].as_ref().unwrap();
-        (a.duplicate, a.message.seq)
-    }
-
-    fn keys_on_disk(dir: &Path) -> (i64, i64) {
-        let conn = Connection::open(dir.join(FILE_NAME)).unwrap();
-        let keys = conn
-            .query_row("SELECT COUNT(*) FROM idempotency", [], |r| r.get(0))
-            .unwrap();
-        let through = conn
-            .query_row(
-                "SELECT through_message_id FROM idempotency_through",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        (keys, through)
+        let appended = send(&store, text(c, a, "k4", "four", 400)).await;
+        assert_eq!(appended.message.seq, 4);
     }
 
     #[tokio::test]
@@ -2041,31 +2002,19 @@ mod tests {
         let (a, c) = {
             let store = SqliteStore::open(dir.path()).unwrap();
             let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
-            let first = store
-                .append(vec![text(c, a, "k1", "one", 100)])
-                .await
-                .unwrap();
+            let first = send(&store, text(c, a, "k1", "one", 100)).await;
             assert_eq!(duplicate_of(&first), (false, 1));
             assert_eq!(keys_on_disk(dir.path()), (0, 0), "written behind");
-            let retry = store
-                .append(vec![text(c, a, "k1", "again", 101)])
-                .await
-                .unwrap();
+            let retry = send(&store, text(c, a, "k1", "again", 101)).await;
             assert_eq!(duplicate_of(&retry), (true, 1), "found among pending keys");
             (a, c)
         };
         assert_eq!(keys_on_disk(dir.path()), (1, 1), "written at shutdown");
         let store = SqliteStore::open(dir.path()).unwrap();
-        let retry = store
-            .append(vec![text(c, a, "k1", "again", 102)])
-            .await
-            .unwrap();
+        let retry = send(&store, text(c, a, "k1", "again", 102)).await;
         assert_eq!(duplicate_of(&retry), (true, 1), "found in the table");
-        assert_eq!(retry[0].as_ref().unwrap().message.text, "one");
-        let next = store
-            .append(vec![text(c, a, "k2", "two", 103)])
-            .await
-            .unwrap();
+        assert_eq!(retry.message.text, "one");
+        let next = send(&store, text(c, a, "k2", "two", 103)).await;
         assert_eq!(duplicate_of(&next), (false, 2));
     }
 
@@ -2076,10 +2025,7 @@ mod tests {
         let (a, b, c) = friends_with_direct(&store, "alice", "bob").await;
         assert_ne!(a % KEY_SLICES, b % KEY_SLICES);
         for (sender, key) in [(a, "a1"), (b, "b1"), (a, "a2")] {
-            store
-                .append(vec![text(c, sender, key, "hi", 100)])
-                .await
-                .unwrap();
+            send(&store, text(c, sender, key, "hi", 100)).await;
         }
         store
             .call_hot(move |conn, state| state.flush_keys(conn, Some(a % KEY_SLICES)))
@@ -2117,14 +2063,8 @@ mod tests {
         let (a, c) = {
             let store = SqliteStore::open(dir.path()).unwrap();
             let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
-            store
-                .append(vec![text(c, a, "k1", "one", 100)])
-                .await
-                .unwrap();
-            store
-                .append(vec![text(c, a, "k2", "two", 200)])
-                .await
-                .unwrap();
+            send(&store, text(c, a, "k1", "one", 100)).await;
+            send(&store, text(c, a, "k2", "two", 200)).await;
             (a, c)
         };
         // As if the process died before writing any key.
@@ -2136,24 +2076,21 @@ mod tests {
         drop(conn);
         let store = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(keys_on_disk(dir.path()), (2, 2), "rebuilt at open");
-        let retry = store
-            .append(vec![text(c, a, "k2", "again", 300)])
-            .await
-            .unwrap();
+        let retry = send(&store, text(c, a, "k2", "again", 300)).await;
         assert_eq!(duplicate_of(&retry), (true, 2));
     }
 
     #[tokio::test]
-    async fn a_rolled_back_append_leaves_no_key_and_keeps_the_others() {
+    async fn a_rolled_back_batch_leaves_heads_and_keys_as_stored() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
         let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
-        store
-            .append(vec![text(c, a, "k1", "one", 100)])
-            .await
-            .unwrap();
+        send(&store, text(c, a, "k1", "one", 100)).await;
+        // A job that writes the pending head (seq 1), appends k2 as seq 2,
+        // then fails: the whole batch rolls back, the head written in it
+        // too, and k2's pending key must go with it.
         let failed = store
-            .call_hot(move |conn, state| {
+            .call(move |conn, state| {
                 append_one(conn, state, text(c, a, "k2", "two", 200), false)?;
                 Err::<(), _>(StoreError::Internal("injected".into()))
             })
@@ -2162,20 +2099,18 @@ mod tests {
             matches!(failed, Err(StoreError::Unavailable(_))),
             "{failed:?}"
         );
-        let k2 = store
-            .append(vec![text(c, a, "k2", "two", 300)])
-            .await
-            .unwrap();
-        assert_eq!(duplicate_of(&k2), (false, 2), "k2 was never stored");
-        let k1 = store
-            .append(vec![text(c, a, "k1", "one", 400)])
-            .await
-            .unwrap();
+        // Repaired right after the rollback, from what is stored: seq 1.
+        assert_eq!(head_on_disk(dir.path(), c), (1, 100));
+        let k2 = send(&store, text(c, a, "k2", "two", 300)).await;
+        assert_eq!(duplicate_of(&k2), (false, 2), "k2 was never stored; no gap");
+        let k1 = send(&store, text(c, a, "k1", "one", 400)).await;
         assert_eq!(
             duplicate_of(&k1),
             (true, 1),
             "k1's key survived the rollback"
         );
+        let view = store.conversation(c, a).await.unwrap();
+        assert_eq!((view.last_seq, view.last_activity_ms), (2, 300));
     }
 
     #[tokio::test]
@@ -2202,12 +2137,9 @@ mod tests {
         }
         let store = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(keys_on_disk(dir.path()), (1, 1));
-        let retry = store
-            .append(vec![text(1, 1, "old-key", "again", 9)])
-            .await
-            .unwrap();
+        let retry = send(&store, text(1, 1, "old-key", "again", 9)).await;
         assert_eq!(duplicate_of(&retry), (true, 1));
-        assert_eq!(retry[0].as_ref().unwrap().message.text, "hello");
+        assert_eq!(retry.message.text, "hello");
     }
 
     #[tokio::test]
