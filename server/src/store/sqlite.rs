@@ -937,6 +937,12 @@ fn append_one(
     m: NewMessage,
     system: bool,
 ) -> Result<Appended, StoreError> {
+    // Without every key, a retry could not be told from a new message.
+    if state.keys_need_repair {
+        return Err(StoreError::Unavailable(
+            "idempotency keys are being rebuilt".into(),
+        ));
+    }
     let (members, seq) = match state.conversation(conn, m.conversation_id)? {
         Some(c) if system || c.members.contains(&m.sender_id) => {
             (c.members.clone(), c.last_seq + 1)
@@ -951,11 +957,6 @@ fn append_one(
         }
     };
 
-    if state.keys_need_repair {
-        return Err(StoreError::Unavailable(
-            "idempotency keys are being rebuilt".into(),
-        ));
-    }
     // A retry gets the original (the pending keys, then one read of the
     // idempotency table). The common path is that read, one insert and one
     // update by primary key.
