@@ -19,20 +19,22 @@
 //! do not write it; the thread keeps it in memory and writes it behind
 //! (every [`FLUSH_INTERVAL`], before any job other than an append or
 //! a watermark move, and at shutdown), which saves each message one more
-//! page in the WAL and in checkpoints. After a crash, or a rolled-back
-//! transaction, heads are recomputed from `messages`, so no read ever
-//! sees a head behind a committed message.
+//! page in the WAL and in checkpoints.
 //!
 //! Idempotency keys (sender, client_msg_id) are derived data too: they live
 //! in their own table, written behind in key order, each sender's keys
 //! about once a second (so its page once, not once per commit), a tenth of
 //! the senders every 100 ms so that no commit carries them all; the keys
-//! not yet written are held in memory and checked first. Every message up to
-//! `idempotency_through` has its key in the table; at open, and after a
-//! rolled-back transaction, the keys of the messages after it are
-//! rebuilt from `messages` before any append runs.
+//! not yet written are held in memory and checked first.
+//!
+//! `written_through` records up to which message both have been written.
+//! At open, and after a rolled-back transaction (which loses what was
+//! pending), the heads and keys of the messages after it are rebuilt from
+//! `messages` (a range scan of the message-id index) before any job runs,
+//! so no read sees a head behind a committed message and no retry is
+//! taken for a new message.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -143,12 +145,6 @@ struct DbState {
     conversations: HashMap<ConversationId, Cached>,
     /// Conversation heads appended but not yet written to `conversations`.
     heads: HashMap<ConversationId, Head>,
-    /// Heads written by the open transaction (back to `repair` if it rolls
-    /// back, since `heads` no longer holds them).
-    written_heads: Vec<ConversationId>,
-    /// Conversations whose head must be recomputed from `messages`: their
-    /// pending head was lost with a rolled-back transaction.
-    repair: HashSet<ConversationId>,
     /// When heads and keys were last written by the periodic flush.
     flushed_at: Instant,
     /// Idempotency keys of messages appended since their sender's keys
@@ -158,9 +154,9 @@ struct DbState {
     /// slice was written.
     key_slice: u64,
     keys_flushed_at: Instant,
-    /// Keys were lost with a rolled-back transaction: appends wait until
-    /// they are rebuilt from `messages`.
-    keys_need_repair: bool,
+    /// Pending heads and keys were lost with a rolled-back transaction:
+    /// jobs wait until they are rebuilt from `messages`.
+    needs_repair: bool,
 }
 
 /// Where a message with a pending idempotency key went.
@@ -254,7 +250,7 @@ impl DbState {
     }
 
     /// Writes the pending idempotency keys of every sender (`None`) or of
-    /// one slice of senders, in key order, and moves `idempotency_through`
+    /// one slice of senders, in key order, and moves `keys_message_id`
     /// up to the last message whose key, and every earlier one, is written.
     fn flush_keys(&mut self, conn: &Connection, slice: Option<u64>) -> Result<(), StoreError> {
         self.keys_flushed_at = Instant::now();
@@ -307,8 +303,7 @@ impl DbState {
             .min();
         let through = oldest_pending.unwrap_or(self.next_message_id) - 1;
         conn.prepare_cached(
-            "UPDATE idempotency_through SET through_message_id = MAX(through_message_id, ?1)
-             WHERE id = 1",
+            "UPDATE written_through SET keys_message_id = MAX(keys_message_id, ?1) WHERE id = 1",
         )
         .map_err(internal)?
         .execute([sql(through)])
@@ -337,15 +332,14 @@ impl DbState {
         .map_err(internal)
     }
 
-    /// Writes every pending head inside the open transaction.
+    /// Writes every pending head inside the open transaction and moves
+    /// `heads_message_id` up to the last message appended.
     fn flush_heads(&mut self, conn: &Connection) -> Result<(), StoreError> {
         if self.heads.is_empty() {
             return Ok(());
         }
+        // Lost if the transaction rolls back: `rolled_back` rebuilds them.
         let heads: Vec<(ConversationId, Head)> = self.heads.drain().collect();
-        // Noted before writing: a failed write rolls the transaction back,
-        // and then all of these need repair.
-        self.written_heads.extend(heads.iter().map(|(id, _)| *id));
         let mut update = conn
             .prepare_cached(
                 "UPDATE conversations SET last_seq = MAX(last_seq, ?2),
@@ -358,96 +352,63 @@ impl DbState {
                 .execute(params![sql(id), sql(head.last_seq), head.at_ms])
                 .map_err(internal)?;
         }
+        conn.prepare_cached(
+            "UPDATE written_through SET heads_message_id = MAX(heads_message_id, ?1) WHERE id = 1",
+        )
+        .map_err(internal)?
+        .execute([sql(self.next_message_id - 1)])
+        .map_err(internal)?;
         Ok(())
     }
 
-    /// The open transaction committed: what it wrote is on disk.
-    fn committed(&mut self) {
-        self.written_heads.clear();
-    }
-
     /// The open transaction rolled back: nothing of it is stored, so its
-    /// ids may be reused and nothing cached from it can be trusted; heads
-    /// it wrote or noted are recomputed from `messages`.
+    /// ids may be reused and nothing cached from it can be trusted. Pending
+    /// heads and keys mix committed messages with rolled-back ones; those of
+    /// the committed ones are rebuilt from `messages`.
     fn rolled_back(&mut self, next_message_id: u64) {
         self.next_message_id = next_message_id;
         self.conversations.clear();
-        self.repair.extend(self.written_heads.drain(..));
-        self.repair.extend(self.heads.drain().map(|(id, _)| id));
-        // Pending keys mix committed messages with rolled-back ones; the
-        // committed ones are rebuilt from `messages`.
+        self.heads.clear();
         self.keys.clear();
-        self.keys_need_repair = true;
+        self.needs_repair = true;
     }
 
-    /// Rebuilds the idempotency keys of the messages after
-    /// `idempotency_through`, in a transaction of its own; on failure,
-    /// appends keep waiting and the next batch tries again.
-    fn repair_keys(&mut self, conn: &Connection) {
-        if !self.keys_need_repair {
+    /// Rebuilds heads and keys after `written_through` from `messages`, in a
+    /// transaction of its own; on failure, jobs that need them keep waiting
+    /// and the next batch tries again.
+    fn repair(&mut self, conn: &Connection) {
+        if !self.needs_repair {
             return;
         }
-        let result = conn.execute_batch(&format!("BEGIN IMMEDIATE; {REPAIR_KEYS}; COMMIT;"));
-        match result {
-            Ok(()) => self.keys_need_repair = false,
+        match conn.execute_batch(&format!("BEGIN IMMEDIATE; {REPAIR}; COMMIT;")) {
+            Ok(()) => self.needs_repair = false,
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");
-                tracing::error!(error = %e, "cannot rebuild idempotency keys; retrying with the next batch");
-            }
-        }
-    }
-
-    /// Recomputes the heads in `repair` from `messages`, in a transaction
-    /// of its own; on failure they stay queued for the next batch.
-    fn repair_heads(&mut self, conn: &Connection) {
-        if self.repair.is_empty() {
-            return;
-        }
-        let ids: Vec<ConversationId> = self.repair.iter().copied().collect();
-        let result = conn.execute_batch("BEGIN IMMEDIATE").and_then(|()| {
-            let mut update = conn.prepare_cached(REPAIR_HEAD)?;
-            for &id in &ids {
-                update.execute([sql(id)])?;
-            }
-            conn.execute_batch("COMMIT")
-        });
-        match result {
-            Ok(()) => self.repair.clear(),
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                tracing::error!(error = %e, "cannot repair conversation heads; retrying with the next batch");
+                tracing::error!(error = %e, "cannot rebuild heads and idempotency keys; retrying with the next batch");
             }
         }
     }
 }
 
-/// Writes the idempotency keys of the messages after `idempotency_through`
-/// (one range scan of the message-id index) and moves it to the last one.
-const REPAIR_KEYS: &str =
-    "INSERT OR IGNORE INTO idempotency (sender_id, client_msg_id, conversation_id, seq)
-        SELECT sender_id, client_msg_id, conversation_id, seq FROM messages
-        WHERE message_id > (SELECT through_message_id FROM idempotency_through WHERE id = 1);
-    UPDATE idempotency_through
-        SET through_message_id = (SELECT COALESCE(MAX(message_id), 0) FROM messages)
-        WHERE id = 1";
-
-/// Brings conversation `?1`'s head up to its last message, if behind.
-const REPAIR_HEAD: &str = "UPDATE conversations SET
-        last_seq = (SELECT MAX(seq) FROM messages WHERE conversation_id = ?1),
-        last_activity_ms = MAX(last_activity_ms,
-            (SELECT sent_at_ms FROM messages WHERE conversation_id = ?1 ORDER BY seq DESC LIMIT 1))
-     WHERE id = ?1
-       AND EXISTS (SELECT 1 FROM messages WHERE conversation_id = ?1 AND seq > last_seq)";
-
-/// [`REPAIR_HEAD`] for every conversation, run at open: heads written
-/// behind are lost if the process dies before writing them.
-const REPAIR_ALL_HEADS: &str = "UPDATE conversations SET
+/// Brings the heads of the conversations with messages after
+/// `heads_message_id` up to their last message, writes the idempotency keys
+/// of the messages after `keys_message_id`, and moves both marks to the
+/// last message: two range scans of the message-id index.
+const REPAIR: &str = "
+    UPDATE conversations SET
         last_seq = (SELECT MAX(seq) FROM messages m WHERE m.conversation_id = conversations.id),
         last_activity_ms = MAX(last_activity_ms,
             (SELECT sent_at_ms FROM messages m WHERE m.conversation_id = conversations.id
              ORDER BY seq DESC LIMIT 1))
-     WHERE EXISTS (SELECT 1 FROM messages m
-                   WHERE m.conversation_id = conversations.id AND m.seq > conversations.last_seq)";
+    WHERE id IN (SELECT conversation_id FROM messages
+                 WHERE message_id > (SELECT heads_message_id FROM written_through));
+    INSERT OR IGNORE INTO idempotency (sender_id, client_msg_id, conversation_id, seq)
+        SELECT sender_id, client_msg_id, conversation_id, seq FROM messages
+        WHERE message_id > (SELECT keys_message_id FROM written_through);
+    UPDATE written_through SET
+        keys_message_id = (SELECT COALESCE(MAX(message_id), 0) FROM messages),
+        heads_message_id = (SELECT COALESCE(MAX(message_id), 0) FROM messages)
+    WHERE id = 1";
 
 /// The SQLite-backed [`HistoryStore`].
 pub struct SqliteStore {
@@ -479,10 +440,9 @@ impl SqliteStore {
         )
         .map_err(internal)?;
         migrate(&conn)?;
-        conn.execute_batch(&format!(
-            "BEGIN; {REPAIR_ALL_HEADS}; {REPAIR_KEYS}; COMMIT;"
-        ))
-        .map_err(internal)?;
+        // What a crash left unwritten.
+        conn.execute_batch(&format!("BEGIN; {REPAIR}; COMMIT;"))
+            .map_err(internal)?;
         let next_message_id: i64 = conn
             .query_row(
                 "SELECT COALESCE(MAX(message_id), 0) + 1 FROM messages",
@@ -494,13 +454,11 @@ impl SqliteStore {
             next_message_id: next_message_id as u64,
             conversations: HashMap::new(),
             heads: HashMap::new(),
-            written_heads: Vec::new(),
-            repair: HashSet::new(),
             flushed_at: Instant::now(),
             keys: HashMap::new(),
             key_slice: 0,
             keys_flushed_at: Instant::now(),
-            keys_need_repair: false,
+            needs_repair: false,
         };
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
@@ -582,8 +540,7 @@ fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>)
                 Err(_) => break,
             }
         }
-        state.repair_heads(&conn);
-        state.repair_keys(&conn);
+        state.repair(&conn);
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             tracing::error!(error = %e, "cannot begin a SQLite transaction");
             for job in batch {
@@ -616,19 +573,12 @@ fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>)
         } else {
             exec(&conn, "COMMIT")
         };
-        let commit = match commit {
-            Ok(()) => {
-                state.committed();
-                Ok(())
-            }
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                state.rolled_back(before);
-                state.repair_heads(&conn);
-                state.repair_keys(&conn);
-                Err(StoreError::Unavailable(format!("commit failed: {e}")))
-            }
-        };
+        let commit = commit.map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            state.rolled_back(before);
+            state.repair(&conn);
+            StoreError::Unavailable(format!("commit failed: {e}"))
+        });
         for done in completions.drain(..) {
             done(commit.as_ref().map(|_| ()).map_err(clone_err));
         }
@@ -938,9 +888,9 @@ fn append_one(
     system: bool,
 ) -> Result<Appended, StoreError> {
     // Without every key, a retry could not be told from a new message.
-    if state.keys_need_repair {
+    if state.needs_repair {
         return Err(StoreError::Unavailable(
-            "idempotency keys are being rebuilt".into(),
+            "heads and idempotency keys are being rebuilt".into(),
         ));
     }
     let (members, seq) = match state.conversation(conn, m.conversation_id)? {
@@ -1921,11 +1871,9 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM idempotency", [], |r| r.get(0))
             .unwrap();
         let through = conn
-            .query_row(
-                "SELECT through_message_id FROM idempotency_through",
-                [],
-                |r| r.get(0),
-            )
+            .query_row("SELECT keys_message_id FROM written_through", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         (keys, through)
     }
@@ -1981,12 +1929,12 @@ mod tests {
             send(&store, text(c, a, "k2", "two", 200)).await;
             send(&store, text(c, a, "k3", "three", 300)).await;
         }
-        // As after a crash before the heads were written.
+        // As after a crash before the heads of messages 2 and 3 were written.
         Connection::open(dir.path().join(FILE_NAME))
             .unwrap()
-            .execute(
-                "UPDATE conversations SET last_seq = 1, last_activity_ms = 100",
-                [],
+            .execute_batch(
+                "UPDATE conversations SET last_seq = 1, last_activity_ms = 100;
+                 UPDATE written_through SET heads_message_id = 1;",
             )
             .unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
@@ -2047,7 +1995,7 @@ mod tests {
         let uncovered: i64 = conn
             .query_row(
                 "SELECT COUNT(*) FROM messages m
-                 WHERE m.message_id <= (SELECT through_message_id FROM idempotency_through)
+                 WHERE m.message_id <= (SELECT keys_message_id FROM written_through)
                    AND NOT EXISTS (SELECT 1 FROM idempotency i
                                    WHERE i.sender_id = m.sender_id
                                      AND i.client_msg_id = m.client_msg_id)",
@@ -2071,7 +2019,7 @@ mod tests {
         // As if the process died before writing any key.
         let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
         conn.execute_batch(
-            "DELETE FROM idempotency; UPDATE idempotency_through SET through_message_id = 0;",
+            "DELETE FROM idempotency; UPDATE written_through SET keys_message_id = 0;",
         )
         .unwrap();
         drop(conn);
