@@ -1,8 +1,10 @@
 //! CPU time of a process from `/proc/PID/stat`, so a run can report how
 //! much server CPU each send cost (`--server-pid`), and how busy the load
 //! generator itself was (a saturated load generator makes every number
-//! suspect).
+//! suspect), and how the server's CPU splits over its threads (the
+//! runtime's workers against the embedded store's writer thread, say).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Clock ticks per second used by `/proc/PID/stat`. `sysconf(_SC_CLK_TCK)`
@@ -19,6 +21,52 @@ pub fn process_cpu(pid: u32, ticks_per_second: u64) -> Option<Duration> {
     Some(Duration::from_secs_f64(
         ticks as f64 / ticks_per_second.max(1) as f64,
     ))
+}
+
+/// CPU time used so far by each thread name of a process, from
+/// `/proc/PID/task/*/stat`. Threads that share a name (a runtime's
+/// workers) are summed. `None` if the process cannot be read.
+pub fn threads_cpu(pid: u32, ticks_per_second: u64) -> Option<BTreeMap<String, Duration>> {
+    let mut by_name: BTreeMap<String, u64> = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        // A thread may end between the listing and the read: skip it.
+        let Ok(task) = task else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        if let (Some(name), Some(ticks)) = (parse_stat_name(&stat), parse_stat_ticks(&stat)) {
+            *by_name.entry(name.to_string()).or_default() += ticks;
+        }
+    }
+    let per_tick = 1.0 / ticks_per_second.max(1) as f64;
+    Some(
+        by_name
+            .into_iter()
+            .map(|(name, ticks)| (name, Duration::from_secs_f64(ticks as f64 * per_tick)))
+            .collect(),
+    )
+}
+
+/// CPU each thread name used between two [`threads_cpu`] samples. A
+/// thread that ended in between is missing from the later sample, so its
+/// time is not counted; one that started counts from zero.
+pub fn threads_diff(
+    before: &BTreeMap<String, Duration>,
+    after: &BTreeMap<String, Duration>,
+) -> BTreeMap<String, Duration> {
+    after
+        .iter()
+        .map(|(name, &t)| {
+            let t0 = before.get(name).copied().unwrap_or_default();
+            (name.clone(), t.saturating_sub(t0))
+        })
+        .collect()
+}
+
+/// The command (thread) name from the text of `/proc/PID/stat`: what
+/// stands between the first `(` and the last `)`.
+pub fn parse_stat_name(stat: &str) -> Option<&str> {
+    stat.get(stat.find('(')? + 1..stat.rfind(')')?)
 }
 
 /// `utime + stime` from the text of `/proc/PID/stat`.
@@ -67,6 +115,50 @@ mod tests {
         assert_eq!(parse_stat_ticks(stat), Some(300));
         assert_eq!(parse_stat_ticks("garbage"), None);
         assert_eq!(parse_stat_ticks("1 (a) S 1 2"), None);
+        assert_eq!(parse_stat_name(stat), Some("chat server) x"));
+        assert_eq!(parse_stat_name("garbage"), None);
+    }
+
+    #[test]
+    fn splits_this_process_by_thread_name() {
+        let tck = clock_ticks_per_second();
+        let before = threads_cpu(std::process::id(), tck).expect("own threads");
+        // A named thread that burns ~0.3 s of CPU, then stays alive while
+        // the second sample is taken.
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (burnt_tx, burnt_rx) = std::sync::mpsc::channel::<()>();
+        let burner = std::thread::Builder::new()
+            .name("cpu-test-burn".into())
+            .spawn(move || {
+                let start = std::time::Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < Duration::from_millis(300) {
+                    for i in 0..10_000u64 {
+                        x = x.wrapping_mul(31).wrapping_add(i);
+                    }
+                }
+                std::hint::black_box(x);
+                burnt_tx.send(()).expect("test waits");
+                let _ = done_rx.recv();
+            })
+            .expect("spawn");
+        burnt_rx.recv().expect("burner reports");
+        let after = threads_cpu(std::process::id(), tck).expect("own threads");
+        done_tx.send(()).expect("burner waits");
+        burner.join().expect("burner");
+        let used = threads_diff(&before, &after);
+        let burnt = used.get("cpu-test-burn").copied().unwrap_or_default();
+        // It ran for 0.3 s of wall time; on a busy machine it may have had
+        // less than all of it, but never none of it (ticks are 10 ms).
+        assert!(burnt >= Duration::from_millis(20), "{used:?}");
+        assert!(burnt <= Duration::from_secs(5), "{used:?}");
+        assert!(threads_cpu(u32::MAX, tck).is_none());
+        let gone = BTreeMap::from([("old".to_string(), Duration::from_secs(3))]);
+        let now = BTreeMap::from([("new".to_string(), Duration::from_secs(1))]);
+        assert_eq!(
+            threads_diff(&gone, &now),
+            BTreeMap::from([("new".to_string(), Duration::from_secs(1))])
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! time without waiting for earlier ones. In-flight sends are bounded only
 //! by each client's outbox, whose refusals are counted as `outbox_full`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -72,10 +72,12 @@ impl Shared {
 }
 
 /// CPU use over the measured window.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CpuUse {
     /// Server CPU time (with `--server-pid`).
     pub server: Option<Duration>,
+    /// The same by server thread name (empty without `--server-pid`).
+    pub server_threads: BTreeMap<String, Duration>,
     /// This process's CPU time.
     pub own: Option<Duration>,
     /// Wall time between the two samples.
@@ -371,18 +373,23 @@ async fn measure_window(
             tokio::time::Instant::now(),
             server_pid.and_then(|pid| cpu::process_cpu(pid, ticks)),
             cpu::process_cpu(std::process::id(), ticks),
+            server_pid.and_then(|pid| cpu::threads_cpu(pid, ticks)),
         )
     };
     tokio::time::sleep_until(shared.clock.instant(measure_ns)).await;
-    let (t0, server0, own0) = sample();
+    let (t0, server0, own0, threads0) = sample();
     phase.send_replace(Phase::Measuring);
     tokio::time::sleep_until(shared.clock.instant(end_ns)).await;
-    let (t1, server1, own1) = sample();
+    let (t1, server1, own1, threads1) = sample();
     phase.send_replace(Phase::Draining);
     let diff = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
     CpuUse {
         server: diff(server0, server1),
         own: diff(own0, own1),
+        server_threads: match (threads0, threads1) {
+            (Some(a), Some(b)) => cpu::threads_diff(&a, &b),
+            _ => BTreeMap::new(),
+        },
         wall: t1 - t0,
     }
 }

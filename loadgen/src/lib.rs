@@ -162,7 +162,7 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
     let fin = &outcome.fin;
     let c = &fin.counts;
     let duration_s = args.duration.as_secs_f64();
-    let cpu = outcome.cpu;
+    let cpu = &outcome.cpu;
     let server_cpu_pct = cpu.server.map(|d| cpu::percent_of_core(d, cpu.wall));
     let server_cpu_us_per_send = cpu
         .server
@@ -199,6 +199,11 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         stale_messages: c.stale,
         server_cpu_pct,
         server_cpu_us_per_send,
+        server_cpu_by_thread: cpu
+            .server_threads
+            .iter()
+            .map(|(name, &d)| (name.clone(), cpu::percent_of_core(d, cpu.wall)))
+            .collect(),
         loadgen_cpu_pct: cpu.own.map(|d| cpu::percent_of_core(d, cpu.wall)),
         loadgen_threads: args.threads,
     }

@@ -525,6 +525,11 @@ pub struct Report {
     pub server_cpu_pct: Option<f64>,
     /// Server CPU microseconds per acked send.
     pub server_cpu_us_per_send: Option<f64>,
+    /// Server CPU over the window by thread name, percent of one core
+    /// (threads sharing a name, like a runtime's workers, are summed):
+    /// shows whether the transport or the store thread bounds a node.
+    #[serde(default)]
+    pub server_cpu_by_thread: BTreeMap<String, f64>,
     /// This process's CPU over the window, percent of one core (includes
     /// the server with `--spawn-server`).
     pub loadgen_cpu_pct: Option<f64>,
@@ -628,6 +633,16 @@ impl Report {
                 let _ = writeln!(t, "server cpu: n/a (pass --server-pid)");
             }
         }
+        if !self.server_cpu_by_thread.is_empty() {
+            let mut threads: Vec<(&String, &f64)> = self.server_cpu_by_thread.iter().collect();
+            threads.sort_by(|a, b| b.1.total_cmp(a.1));
+            let list: Vec<String> = threads
+                .into_iter()
+                .filter(|(_, pct)| **pct >= 0.05)
+                .map(|(name, pct)| format!("{name} {pct:.1}%"))
+                .collect();
+            let _ = writeln!(t, "server cpu by thread: {}", list.join(", "));
+        }
         if let Some(pct) = self.loadgen_cpu_pct {
             let _ = write!(t, "load generator cpu: {pct:.1}% of one core");
             let _ = writeln!(
@@ -698,6 +713,25 @@ mod tests {
     #[test]
     fn empty_percentiles_are_zero() {
         assert_eq!(Percentiles::of(&histogram()), Percentiles::default());
+    }
+
+    #[test]
+    fn the_table_lists_server_threads_busiest_first() {
+        let report = Report {
+            server_cpu_pct: Some(90.0),
+            server_cpu_by_thread: BTreeMap::from([
+                ("sqlite-store".to_string(), 38.5),
+                ("tokio-rt-worker".to_string(), 51.5),
+                ("idle-helper".to_string(), 0.0),
+            ]),
+            ..Report::default()
+        };
+        let table = report.table();
+        assert!(
+            table.contains("server cpu by thread: tokio-rt-worker 51.5%, sqlite-store 38.5%\n"),
+            "{table}"
+        );
+        assert!(!Report::default().table().contains("server cpu by thread"));
     }
 
     #[test]

@@ -30,6 +30,7 @@ const REPORT_KEYS: &[&str] = &[
     "reconnects",
     "server_cpu_pct",
     "server_cpu_us_per_send",
+    "server_cpu_by_thread",
 ];
 
 fn args(extra: &[&str]) -> Args {
@@ -244,5 +245,10 @@ async fn a_frozen_server_shows_up_as_latency_from_the_intended_time() {
     );
     assert!(report.latency_ms.deliver.max >= 800.0, "{report:?}");
     assert!(report.server_cpu_pct.is_some(), "{report:?}");
+    // The split by thread names the embedded store's writer thread.
+    assert!(
+        report.server_cpu_by_thread.contains_key("sqlite-store"),
+        "{report:?}"
+    );
     server.kill().await;
 }
