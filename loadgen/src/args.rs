@@ -44,8 +44,9 @@ pub struct Args {
     /// 1-1 conversation that messages go to.
     #[arg(long, default_value_t = 5)]
     pub friends: usize,
-    /// Fraction of sends that go to groups. Groups are not implemented on
-    /// the server yet, so only 0 is accepted.
+    /// Fraction of sends that go to groups. The server has groups, but
+    /// this load generator does not create or drive them yet, so only 0 is
+    /// accepted.
     #[arg(long, default_value_t = 0.0)]
     pub group_fraction: f64,
     /// Message text length in bytes (the mean for --text-dist lognormal).
@@ -165,7 +166,7 @@ impl Args {
     pub fn plan(&self) -> anyhow::Result<Plan> {
         if self.group_fraction != 0.0 {
             anyhow::bail!(
-                "--group-fraction {}: group conversations are not implemented on the server yet; only 0 is supported",
+                "--group-fraction {}: chat-loadgen does not drive group conversations yet; only 0 is supported",
                 self.group_fraction
             );
         }
@@ -283,7 +284,7 @@ mod tests {
             .plan()
             .unwrap_err()
             .to_string();
-        assert!(err.contains("not implemented on the server yet"), "{err}");
+        assert!(err.contains("does not drive group conversations"), "{err}");
         let err = parse(&["--spawn-server", "--photo-fraction", "0.2"])
             .unwrap()
             .plan()
