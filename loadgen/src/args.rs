@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::groups::MIN_GROUP_SIZE;
 use crate::plan::{Plan, Profile, Shard};
 use crate::sampling::TextDist;
 
@@ -44,11 +45,24 @@ pub struct Args {
     /// 1-1 conversation that messages go to.
     #[arg(long, default_value_t = 5)]
     pub friends: usize,
-    /// Fraction of sends that go to groups. The server has groups, but
-    /// this load generator does not create or drive them yet, so only 0 is
-    /// accepted.
-    #[arg(long, default_value_t = 0.0)]
+    /// Fraction of sends that go to one of the sender's groups (the rest
+    /// go to a 1-1 conversation). 0 creates no groups.
+    #[arg(long, default_value_t = 0.2)]
     pub group_fraction: f64,
+    /// Groups per virtual user; group starts are spread evenly over the
+    /// users, and each group reaches at least to the next start, so up to
+    /// one start per --group-max-size users every user is in a group.
+    #[arg(long, default_value_t = 0.35)]
+    pub groups_per_user: f64,
+    /// Largest group (the server's default limit is 250 members).
+    #[arg(long, default_value_t = 250)]
+    pub group_max_size: usize,
+    /// Skew of group sizes: `size - 3` follows Zipf with this exponent, so
+    /// most groups have 3-5 members and a few approach --group-max-size
+    /// (2.5: 74% have 3 members, mean 3.9; weighted by members, who all
+    /// send to their groups, a group send reaches ~8 others).
+    #[arg(long, default_value_t = 2.5)]
+    pub group_size_exponent: f64,
     /// Message text length in bytes (the mean for --text-dist lognormal).
     #[arg(long, default_value_t = 128)]
     pub text_bytes: usize,
@@ -59,8 +73,9 @@ pub struct Args {
     /// server yet, so only 0 is accepted.
     #[arg(long, default_value_t = 0.0)]
     pub photo_fraction: f64,
-    /// Activity skew: senders are chosen by Zipf over users with this
-    /// exponent (0 = uniform).
+    /// Activity skew: senders are chosen by Zipf with this exponent (0 =
+    /// uniform) over the users in a seeded random order, so the busiest
+    /// are not neighbours in the friend graph or the groups.
     #[arg(long, default_value_t = 1.0)]
     pub zipf: f64,
     /// How long after a message arrives its recipient marks it seen.
@@ -164,10 +179,34 @@ impl Args {
 
     /// Checks what clap cannot and derives the plan.
     pub fn plan(&self) -> anyhow::Result<Plan> {
-        if self.group_fraction != 0.0 {
+        if !(self.group_fraction.is_finite() && (0.0..=1.0).contains(&self.group_fraction)) {
             anyhow::bail!(
-                "--group-fraction {}: chat-loadgen does not drive group conversations yet; only 0 is supported",
+                "--group-fraction {} must be a fraction of sends in 0..=1",
                 self.group_fraction
+            );
+        }
+        if !(self.groups_per_user.is_finite() && (0.0..=1.0).contains(&self.groups_per_user)) {
+            anyhow::bail!(
+                "--groups-per-user {} must be in 0..=1 (each group needs its own creator)",
+                self.groups_per_user
+            );
+        }
+        if self.group_fraction > 0.0 && self.groups_per_user == 0.0 {
+            anyhow::bail!(
+                "--group-fraction {} needs --groups-per-user above 0",
+                self.group_fraction
+            );
+        }
+        if self.group_max_size < MIN_GROUP_SIZE {
+            anyhow::bail!(
+                "--group-max-size {} must be at least {MIN_GROUP_SIZE} (two members are a 1-1 conversation)",
+                self.group_max_size
+            );
+        }
+        if !(self.group_size_exponent.is_finite() && self.group_size_exponent >= 0.0) {
+            anyhow::bail!(
+                "--group-size-exponent {} must be a non-negative number",
+                self.group_size_exponent
             );
         }
         if self.photo_fraction != 0.0 {
@@ -220,6 +259,33 @@ impl Args {
     }
 }
 
+impl Args {
+    /// Groups `users` virtual users form: none without group sends, else
+    /// `--groups-per-user` of them (at least one).
+    pub fn group_count(&self, users: usize) -> usize {
+        if self.group_fraction == 0.0 {
+            return 0;
+        }
+        ((users as f64 * self.groups_per_user).ceil() as usize).clamp(1, users)
+    }
+
+    /// The group part of the plan printed at start.
+    pub fn describe_groups(&self, users: usize) -> String {
+        let count = self.group_count(users);
+        if count == 0 {
+            return "plan: 1-1 sends only (--group-fraction 0)".into();
+        }
+        let max = self.group_max_size.min(users);
+        format!(
+            "plan: {:.0}% of sends to groups: {count} groups of 3..={max} members \
+             (size - 3 ~ Zipf {}, mean {:.1} before the spread rule), every member a friend of the creator",
+            100.0 * self.group_fraction,
+            self.group_size_exponent,
+            crate::groups::mean_size(max, self.group_size_exponent),
+        )
+    }
+}
+
 /// Longest prefix that leaves room for "-" and a nine-digit population
 /// index within the server's 32-character user names.
 const MAX_PREFIX_LEN: usize = 22;
@@ -261,6 +327,8 @@ mod tests {
         assert_eq!(args.drain, Duration::from_secs(5));
         assert_eq!(args.endpoints, 4);
         assert_eq!(args.threads, 1);
+        assert_eq!(args.group_fraction, 0.2);
+        assert_eq!(args.group_max_size, 250);
         let plan = args.plan().unwrap();
         assert!(!plan.rate_overridden);
     }
@@ -278,13 +346,7 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_features_are_refused_clearly() {
-        let err = parse(&["--spawn-server", "--group-fraction", "0.1"])
-            .unwrap()
-            .plan()
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("does not drive group conversations"), "{err}");
+    fn unimplemented_and_bad_settings_are_refused_clearly() {
         let err = parse(&["--spawn-server", "--photo-fraction", "0.2"])
             .unwrap()
             .plan()
@@ -299,6 +361,11 @@ mod tests {
             &["--text-bytes", "100000"],
             &["--duration", "0s"],
             &["--name-prefix", "Bad Name"],
+            &["--group-fraction", "1.5"],
+            &["--groups-per-user", "0"],
+            &["--groups-per-user", "2"],
+            &["--group-max-size", "2"],
+            &["--group-size-exponent=-1"],
         ] {
             let mut argv = vec!["--spawn-server"];
             argv.extend_from_slice(bad);

@@ -1,6 +1,7 @@
-//! The measured run: the open-loop send schedule, one receiver per virtual
-//! user (delivery, receipts, "seen" after a reading delay), churn, the
-//! progress line, the CPU window, the drain, and teardown.
+//! The measured run: the open-loop send schedule (to 1-1 conversations and
+//! groups alike: one send path, a recipient count per send), one receiver
+//! per virtual user (delivery, receipts, "seen" after a reading delay),
+//! churn, the progress line, the CPU window, the drain, and teardown.
 //!
 //! Open loop means the schedule is fixed before the run (a seeded Poisson
 //! process at the offered rate) and each send is spawned at its intended
@@ -12,8 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chat_client::{Client, ClientError, Event, Events};
+use chat_client::{Client, ClientError, Event, Events, proto};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom as _;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -53,6 +55,7 @@ const RESUME_RETRY: Duration = Duration::from_secs(1);
 const SENDER_SEED: u64 = 0x5e4d_0001;
 const CHURN_SEED: u64 = 0xc4a1_0002;
 const CHURN_PICK_SEED: u64 = 0xc4a1_0003;
+const RANK_SEED: u64 = 0x5e4d_0005;
 
 /// State every task of a run shares.
 struct Shared {
@@ -104,6 +107,7 @@ pub async fn drive(
     let Population {
         users,
         conversations,
+        groups,
         events,
     } = population;
     let shared = Arc::new(Shared {
@@ -159,7 +163,10 @@ pub async fn drive(
 
     schedule(
         &shared,
-        &conversations,
+        &Targets {
+            direct: &conversations,
+            groups: &groups,
+        },
         args,
         plan,
         start_ns,
@@ -196,10 +203,33 @@ pub async fn drive(
     Outcome { fin, cpu }
 }
 
+/// Where each user's sends can go.
+struct Targets<'a> {
+    /// Per user: 1-1 conversations as (conversation id, peer).
+    direct: &'a [Vec<(u64, usize)>],
+    /// Per user: groups as (conversation id, other members).
+    groups: &'a [Vec<(u64, u32)>],
+}
+
+impl Targets<'_> {
+    /// The conversation and recipient count of a send by `sender`: one of
+    /// its groups when `to_group` and it has any, else one of its 1-1
+    /// conversations; `pick` chooses which.
+    fn pick(&self, sender: usize, to_group: bool, pick: usize) -> Option<(u64, u32, bool)> {
+        let groups = &self.groups[sender];
+        if to_group && !groups.is_empty() {
+            let (id, others) = groups[pick % groups.len()];
+            return Some((id, others, true));
+        }
+        let direct = &self.direct[sender];
+        (!direct.is_empty()).then(|| (direct[pick % direct.len()].0, 1, false))
+    }
+}
+
 /// Spawns every send of the schedule at its intended time.
 async fn schedule(
     shared: &Arc<Shared>,
-    conversations: &[Vec<(u64, usize)>],
+    targets: &Targets<'_>,
     args: &Args,
     plan: &Plan,
     start_ns: u64,
@@ -209,6 +239,11 @@ async fn schedule(
     let mut poisson = PoissonSchedule::new(plan.offered_rate, args.seed);
     let mut rng = StdRng::seed_from_u64(args.seed ^ SENDER_SEED);
     let zipf = Zipf::new(shared.users.len(), args.zipf);
+    // Zipf rank -> user, shuffled: the busiest senders are not ring
+    // neighbours, so they neither befriend each other nor share groups
+    // more than anyone else does.
+    let mut by_rank: Vec<usize> = (0..shared.users.len()).collect();
+    by_rank.shuffle(&mut StdRng::seed_from_u64(args.seed ^ RANK_SEED));
     let text_len = TextLen::new(args.text_dist, args.text_bytes, 1, MAX_TEXT_BYTES);
     while let Some(offset) = poisson.next_offset() {
         let offset_ns = offset.as_nanos() as u64;
@@ -221,19 +256,20 @@ async fn schedule(
         }
         // Draw everything before looking at who is online, so churn does
         // not shift the rest of the schedule.
-        let sender = zipf.sample(&mut rng);
-        let convs = &conversations[sender];
-        let pick = rng.random_range(0..convs.len().max(1));
+        let sender = by_rank[zipf.sample(&mut rng)];
+        let to_group = rng.random_bool(args.group_fraction);
+        let pick = rng.random::<u32>() as usize;
         let len = text_len.sample(&mut rng);
         let measured = offset_ns >= warmup_ns;
-        let Some(&(conversation_id, _peer)) = convs.get(pick) else {
+        let Some((conversation_id, recipients, group)) = targets.pick(sender, to_group, pick)
+        else {
             continue;
         };
         let Some(client) = shared.users[sender].client() else {
             shared.tracker.skipped_offline(measured);
             continue;
         };
-        let send_no = shared.tracker.dispatch(measured);
+        let send_no = shared.tracker.dispatch(measured, recipients, group);
         let text = Header {
             run: shared.run_id,
             sender,
@@ -292,20 +328,31 @@ async fn receive(
         let now = shared.clock.now_ns();
         match event {
             Event::Message(m) => {
+                let system = m.r#type == proto::MessageType::System as i32;
                 match Header::parse(&m.text) {
                     Some(h) if h.run == shared.run_id => {
-                        shared
-                            .tracker
-                            .delivered(h.send_no, incarnation, h.intended_ns, now);
+                        shared.tracker.delivered(
+                            h.send_no,
+                            user.idx,
+                            incarnation,
+                            h.intended_ns,
+                            now,
+                        );
                     }
+                    // "Group created" and the like, from set-up.
+                    _ if system => {}
                     _ => shared.tracker.stale(),
                 }
                 mark_seen_later(&shared, &client, &seen, m.conversation_id, m.seq);
             }
             Event::Receipt(r) if r.user_id != user.user_id => {
-                shared
-                    .tracker
-                    .receipt(r.conversation_id, user.idx, r.delivered_seq, now);
+                shared.tracker.receipt(
+                    r.conversation_id,
+                    user.idx,
+                    r.user_id,
+                    r.delivered_seq,
+                    now,
+                );
             }
             Event::Disconnected { .. } => shared.tracker.reconnect(),
             Event::SessionEnded { code } => {

@@ -9,7 +9,7 @@
 //!   start).
 //! * [`population`]: set-up, not measured: shared UDP sockets, users
 //!   registered (or resumed from a `--reuse` file), a friend graph and its
-//!   1-1 conversations.
+//!   1-1 conversations, and the groups of [`groups`].
 //! * [`driver`]: warm-up, the measured window and the drain: an open-loop
 //!   Poisson schedule ([`sampling`]), Zipf-skewed senders, message texts
 //!   carrying a [`payload::Header`], receivers that mark messages seen, and
@@ -23,6 +23,7 @@
 pub mod args;
 pub mod cpu;
 pub mod driver;
+pub mod groups;
 pub mod payload;
 pub mod plan;
 pub mod population;
@@ -62,6 +63,7 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
         }
     };
     log(plan.describe().trim_end());
+    log(&args.describe_groups(plan.users as usize));
     log(
         "note: every client heartbeats at the interval the server announces at login \
          (client-lib does it); nobody subscribes to presence",
@@ -179,15 +181,19 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         duration_s,
         warmup_s: args.warmup.as_secs_f64(),
         sent: c.sent,
+        group_sends: c.group_sends,
         acked: c.acked,
         delivered: c.delivered,
+        deliveries: c.deliveries,
         lost: fin.lost,
+        lost_deliveries: fin.lost_deliveries,
         duplicates: c.duplicates,
         duplicates_across_resume: c.duplicates_across_resume,
         receipts: c.receipts,
         errors: c.errors.clone(),
         acked_per_s: c.acked as f64 / duration_s,
         delivered_per_s: c.delivered as f64 / duration_s,
+        deliveries_per_s: c.deliveries as f64 / duration_s,
         latency_ms: stats::Latencies {
             ack: stats::Percentiles::of(&fin.ack),
             deliver: stats::Percentiles::of(&fin.deliver),

@@ -1,6 +1,6 @@
 //! Set-up before the measured run: the UDP sockets clients share, the
 //! virtual users (registered, or resumed from a `--reuse` file), their
-//! friendships and the 1-1 conversations messages go to.
+//! friendships, the 1-1 conversations and the groups messages go to.
 //!
 //! Set-up is deliberately not measured. Registration is expensive on the
 //! server (Argon2id, tens of milliseconds of CPU per user), so it runs with
@@ -20,14 +20,18 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::args::Args;
+use crate::groups::{GroupSpec, extra_friendships, group_layout};
 use crate::plan::{Plan, friend_graph};
 
 /// Every virtual user's password (they are throw-away accounts).
 const PASSWORD: &str = "loadgen-password";
 /// Attempts for a set-up request refused with a retryable code.
 const SETUP_ATTEMPTS: u32 = 5;
-/// Version of the `--reuse` file format.
-const REUSE_VERSION: u32 = 1;
+/// Version of the `--reuse` file format (2: groups).
+const REUSE_VERSION: u32 = 2;
+/// Seed of the group layout: fixed, not `--seed`, so one `--reuse` file
+/// serves runs with different schedules.
+const LAYOUT_SEED: u64 = 0;
 /// How long closing waits for the sockets to send their close frames.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -153,10 +157,23 @@ impl VUser {
 pub struct Population {
     /// Virtual users, by index.
     pub users: Vec<Arc<VUser>>,
-    /// Per user: its conversations as (conversation id, peer index).
+    /// Per user: its 1-1 conversations as (conversation id, peer index).
     pub conversations: Vec<Vec<(u64, usize)>>,
+    /// Per user: its groups as (conversation id, other members).
+    pub groups: Vec<Vec<(u64, u32)>>,
     /// Each user's first event stream, by index.
     pub events: Vec<Events>,
+}
+
+/// The groups of this run's users, as [`group_layout`] draws them.
+pub fn layout(args: &Args, users: usize) -> Vec<GroupSpec> {
+    group_layout(
+        users,
+        args.group_count(users),
+        args.group_max_size,
+        args.group_size_exponent,
+        LAYOUT_SEED,
+    )
 }
 
 /// Registers or resumes every user and builds the friend graph.
@@ -169,12 +186,13 @@ pub async fn set_up(
     let n = plan.users as usize;
     let limit = args.setup_concurrency;
     let edges = friend_graph(n, args.friends);
+    let specs = layout(args, n);
     let saved = match &args.reuse {
         Some(path) => ReuseFile::load(path)?,
         None => None,
     };
     if let Some(saved) = saved {
-        saved.check(plan, &edges)?;
+        saved.check(plan, &edges, &specs)?;
         let started = Instant::now();
         let saved = Arc::new(saved);
         let sessions = bounded(n, limit, |k| {
@@ -202,7 +220,8 @@ pub async fn set_up(
             .iter()
             .map(|c| (c.a, c.b, c.conversation_id))
             .collect::<Vec<_>>();
-        return Ok(assemble(sessions, &conversations));
+        let group_ids: Vec<u64> = saved.groups.iter().map(|g| g.conversation_id).collect();
+        return Ok(assemble(sessions, &conversations, &specs, &group_ids));
     }
 
     let prefix = match &args.name_prefix {
@@ -258,10 +277,15 @@ pub async fn set_up(
         .zip(&conv_ids)
         .map(|(&(a, b), &id)| (a, b, id))
         .collect();
-    let population = assemble(sessions, &conversations);
+    let group_ids = set_up_groups(&clients, &edges, &specs, limit, &log).await?;
+    let population = assemble(sessions, &conversations, &specs, &group_ids);
     if let Some(path) = &args.reuse {
-        ReuseFile::from_population(&prefix, plan, args.friends, &population, &conversations)
-            .save(path)?;
+        let saved = Saved {
+            conversations: &conversations,
+            groups: &specs,
+            group_ids: &group_ids,
+        };
+        ReuseFile::from_population(&prefix, plan, args.friends, &population, saved).save(path)?;
         log(&format!(
             "set-up: saved users, tokens and conversations to {} (--reuse)",
             path.display()
@@ -270,12 +294,86 @@ pub async fn set_up(
     Ok(population)
 }
 
-fn assemble(sessions: Vec<(Client, Events)>, conversations: &[(usize, usize, u64)]) -> Population {
+/// Makes every group member a friend of its creator where the 1-1 graph
+/// has not, then has each creator create its group. Returns the groups'
+/// conversation ids in `specs` order.
+async fn set_up_groups(
+    clients: &Arc<Vec<Client>>,
+    edges: &[(usize, usize)],
+    specs: &[GroupSpec],
+    limit: usize,
+    log: &impl Fn(&str),
+) -> anyhow::Result<Vec<u64>> {
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let started = Instant::now();
+    let extra = Arc::new(extra_friendships(edges, specs));
+    bounded(extra.len(), limit, |e| {
+        let clients = clients.clone();
+        let extra = extra.clone();
+        async move {
+            let (a, b) = extra[e];
+            let (ca, cb) = (&clients[a], &clients[b]);
+            let b_name = cb.identity().username;
+            retry(|| ca.send_friend_request(&b_name))
+                .await
+                .with_context(|| format!("friend request {a} -> {b} (group)"))?;
+            retry(|| cb.accept_friend(ca.identity().user_id))
+                .await
+                .with_context(|| format!("accept friend {a} -> {b} (group)"))?;
+            Ok(())
+        }
+    })
+    .await?;
+    let specs = Arc::new(specs.to_vec());
+    let ids = bounded(specs.len(), limit, |g| {
+        let clients = clients.clone();
+        let specs = specs.clone();
+        async move {
+            let spec = &specs[g];
+            let member_ids: Vec<u64> = spec
+                .members
+                .iter()
+                .map(|&m| clients[m].identity().user_id)
+                .collect();
+            let name = format!("loadgen group {g}");
+            let info = retry(|| clients[spec.creator].create_group(&name, &member_ids))
+                .await
+                .with_context(|| format!("create group {g} of {} members", spec.size()))?;
+            Ok(info.conversation_id)
+        }
+    })
+    .await?;
+    let members: usize = specs.iter().map(GroupSpec::size).sum();
+    log(&format!(
+        "set-up: {} groups ({} memberships, {} more friendships for them) in {:.1}s",
+        specs.len(),
+        members,
+        extra.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(ids)
+}
+
+fn assemble(
+    sessions: Vec<(Client, Events)>,
+    conversations: &[(usize, usize, u64)],
+    specs: &[GroupSpec],
+    group_ids: &[u64],
+) -> Population {
     let n = sessions.len();
     let mut per_user = vec![Vec::new(); n];
     for &(a, b, id) in conversations {
         per_user[a].push((id, b));
         per_user[b].push((id, a));
+    }
+    let mut groups = vec![Vec::new(); n];
+    for (spec, &id) in specs.iter().zip(group_ids) {
+        let others = spec.members.len() as u32;
+        for member in spec.everyone() {
+            groups[member].push((id, others));
+        }
     }
     let mut users = Vec::with_capacity(n);
     let mut events = Vec::with_capacity(n);
@@ -286,6 +384,7 @@ fn assemble(sessions: Vec<(Client, Events)>, conversations: &[(usize, usize, u64
     Population {
         users,
         conversations: per_user,
+        groups,
         events,
     }
 }
@@ -368,6 +467,26 @@ pub struct ReuseFile {
     pub users: Vec<SavedUser>,
     /// Conversations between users (by index).
     pub conversations: Vec<SavedConversation>,
+    /// Groups, in layout order.
+    pub groups: Vec<SavedGroup>,
+}
+
+/// One saved group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedGroup {
+    /// Its creator (by index).
+    pub creator: usize,
+    /// The other members (by index).
+    pub members: Vec<usize>,
+    /// Conversation id.
+    pub conversation_id: u64,
+}
+
+/// What set-up made, for the `--reuse` file.
+struct Saved<'a> {
+    conversations: &'a [(usize, usize, u64)],
+    groups: &'a [GroupSpec],
+    group_ids: &'a [u64],
 }
 
 /// One saved user.
@@ -400,7 +519,7 @@ impl ReuseFile {
         plan: &Plan,
         friends: usize,
         population: &Population,
-        conversations: &[(usize, usize, u64)],
+        saved: Saved<'_>,
     ) -> ReuseFile {
         ReuseFile {
             version: REUSE_VERSION,
@@ -417,11 +536,22 @@ impl ReuseFile {
                     token: u.token.clone(),
                 })
                 .collect(),
-            conversations: conversations
+            conversations: saved
+                .conversations
                 .iter()
                 .map(|&(a, b, conversation_id)| SavedConversation {
                     a,
                     b,
+                    conversation_id,
+                })
+                .collect(),
+            groups: saved
+                .groups
+                .iter()
+                .zip(saved.group_ids)
+                .map(|(spec, &conversation_id)| SavedGroup {
+                    creator: spec.creator,
+                    members: spec.members.clone(),
                     conversation_id,
                 })
                 .collect(),
@@ -447,8 +577,14 @@ impl ReuseFile {
         Ok(Some(file))
     }
 
-    /// Checks that the file was made for the same users and friend graph.
-    pub fn check(&self, plan: &Plan, edges: &[(usize, usize)]) -> anyhow::Result<()> {
+    /// Checks that the file was made for the same users, friend graph and
+    /// groups.
+    pub fn check(
+        &self,
+        plan: &Plan,
+        edges: &[(usize, usize)],
+        groups: &[GroupSpec],
+    ) -> anyhow::Result<()> {
         let same_users = self.users.len() as u64 == plan.users
             && self
                 .users
@@ -463,6 +599,19 @@ impl ReuseFile {
                  run with the same --users, --shard and --friends, or delete the file",
                 self.users.len(),
                 self.shard
+            );
+        }
+        let same_groups = self.groups.len() == groups.len()
+            && self.groups.iter().zip(groups).all(|(saved, spec)| {
+                saved.creator == spec.creator && saved.members == spec.members
+            });
+        if !same_groups {
+            anyhow::bail!(
+                "the --reuse file holds {} groups that differ from this run's {}; run with the same \
+                 --group-fraction, --groups-per-user, --group-max-size and --group-size-exponent, \
+                 or delete the file",
+                self.groups.len(),
+                groups.len()
             );
         }
         Ok(())
@@ -519,17 +668,27 @@ mod tests {
                     conversation_id: 100 + i as u64,
                 })
                 .collect(),
+            groups: vec![SavedGroup {
+                creator: 0,
+                members: vec![1, 2],
+                conversation_id: 200,
+            }],
         };
+        let groups = [GroupSpec {
+            creator: 0,
+            members: vec![1, 2],
+        }];
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("reuse.json");
         assert_eq!(ReuseFile::load(&path).unwrap(), None);
         file.save(&path).unwrap();
         let back = ReuseFile::load(&path).unwrap().unwrap();
         assert_eq!(back, file);
-        back.check(&plan, &edges).unwrap();
+        back.check(&plan, &edges, &groups).unwrap();
+        assert!(back.check(&plan, &edges, &[]).is_err(), "groups differ");
         let other = Plan::new(Profile::MESSENGER, 2.0, Shard::ALL, 4, Some(1.0)).unwrap();
-        assert!(back.check(&other, &friend_graph(4, 2)).is_err());
-        assert!(back.check(&plan, &friend_graph(3, 1)).is_err());
+        assert!(back.check(&other, &friend_graph(4, 2), &groups).is_err());
+        assert!(back.check(&plan, &friend_graph(3, 1), &groups).is_err());
         std::fs::write(&path, "{}").unwrap();
         assert!(ReuseFile::load(&path).is_err());
     }

@@ -64,20 +64,33 @@ struct SendRecord {
     measured: bool,
     resolved: bool,
     acked: bool,
-    delivered: bool,
-    /// Which incarnation of the recipient's client saw it first (a new
-    /// incarnation starts after each churn resume).
-    incarnation: u32,
+    /// Members it must reach: 1 for a 1-1 send, the group size less the
+    /// sender for a group send.
+    recipients: u32,
+    /// Distinct recipients it reached.
+    reached: u32,
 }
 
-/// Sends of one sender in one conversation that wait for the recipient's
-/// delivered receipt.
+/// Sends of one sender in one conversation that wait for every other
+/// member's delivered receipt (one member in a 1-1 conversation).
 #[derive(Debug, Default)]
 struct ReceiptWatch {
-    /// Highest delivered watermark the recipient reported.
-    delivered_seq: u64,
+    /// Members whose receipts count (0 until the first ack says).
+    recipients: u32,
+    /// Highest delivered watermark each member reported, by user id.
+    delivered: HashMap<u64, u64>,
     /// seq -> (intended ns, measured).
     pending: BTreeMap<u64, (u64, bool)>,
+}
+
+impl ReceiptWatch {
+    /// The seq every recipient has reported delivered.
+    fn floor(&self) -> u64 {
+        if self.recipients == 0 || self.delivered.len() < self.recipients as usize {
+            return 0;
+        }
+        self.delivered.values().copied().min().unwrap_or(0)
+    }
 }
 
 /// Counters of the measured window.
@@ -85,13 +98,19 @@ struct ReceiptWatch {
 pub struct Counts {
     /// Sends attempted.
     pub sent: u64,
+    /// The part of `sent` that went to groups.
+    pub group_sends: u64,
     /// Sends the server acknowledged as durable.
     pub acked: u64,
-    /// Sends that reached their recipient's app (at least once).
+    /// Sends that reached every recipient's app (at least once).
     pub delivered: u64,
-    /// Acked sends that were also delivered.
+    /// Acked sends that were also delivered to every recipient.
     pub acked_delivered: u64,
-    /// Acked sends whose delivered receipt came back to the sender.
+    /// Arrivals of a send at one recipient (a group send to five others
+    /// makes five).
+    pub deliveries: u64,
+    /// Acked sends whose delivered receipts (from every recipient) came
+    /// back to the sender.
     pub receipts: u64,
     /// Sends failed or unanswered (the rest of `sent`).
     pub failed: u64,
@@ -117,13 +136,16 @@ pub struct Counts {
 pub struct Final {
     /// Counters.
     pub counts: Counts,
-    /// Acked and never delivered.
+    /// Acked sends that missed at least one recipient.
     pub lost: u64,
+    /// Recipients acked sends never reached, summed.
+    pub lost_deliveries: u64,
     /// Intended send to "sent" ack, µs.
     pub ack: Histogram<u64>,
-    /// Intended send to arrival at the recipient, µs.
+    /// Intended send to arrival at each recipient, µs.
     pub deliver: Histogram<u64>,
-    /// Intended send to the delivered receipt at the sender, µs.
+    /// Intended send to the last recipient's delivered receipt at the
+    /// sender, µs.
     pub receipt: Histogram<u64>,
 }
 
@@ -142,6 +164,10 @@ struct State {
     deliver: Histogram<u64>,
     receipt: Histogram<u64>,
     watches: HashMap<(u64, usize), ReceiptWatch>,
+    /// (send number, recipient index) -> the incarnation of the
+    /// recipient's client that saw it first (a new incarnation starts after
+    /// each churn resume).
+    arrivals: HashMap<(u64, usize), u32>,
     frozen: bool,
 }
 
@@ -182,6 +208,7 @@ impl Tracker {
                 deliver: histogram(),
                 receipt: histogram(),
                 watches: HashMap::new(),
+                arrivals: HashMap::new(),
                 frozen: false,
             }),
             dispatched: AtomicU64::new(0),
@@ -195,16 +222,21 @@ impl Tracker {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a send about to start and returns its number.
-    pub fn dispatch(&self, measured: bool) -> u64 {
+    /// Registers a send about to start for `recipients` other members
+    /// (`group`: to a group) and returns its number.
+    pub fn dispatch(&self, measured: bool, recipients: u32, group: bool) -> u64 {
         let mut s = self.state();
         let send_no = s.sends.len() as u64;
         s.sends.push(SendRecord {
             measured,
+            recipients,
             ..SendRecord::default()
         });
         if measured && !s.frozen {
             s.counts.sent += 1;
+            if group {
+                s.counts.group_sends += 1;
+            }
         }
         self.dispatched.fetch_add(1, Ordering::Relaxed);
         send_no
@@ -232,16 +264,17 @@ impl Tracker {
         };
         rec.resolved = true;
         rec.acked = true;
-        let measured = rec.measured;
+        let (measured, recipients) = (rec.measured, rec.recipients);
         if measured {
             s.counts.acked += 1;
-            if rec.delivered {
+            if rec.reached >= recipients {
                 s.counts.acked_delivered += 1;
             }
             record(&mut s.ack, intended_ns, now_ns);
         }
         let watch = s.watches.entry((conversation_id, sender)).or_default();
-        if seq <= watch.delivered_seq {
+        watch.recipients = recipients;
+        if seq <= watch.floor() {
             // The receipt overtook the ack (they travel on different
             // streams); it arrived no later than now.
             if measured {
@@ -278,9 +311,16 @@ impl Tracker {
         }
     }
 
-    /// Send `send_no` arrived at its recipient (client incarnation
+    /// Send `send_no` arrived at recipient `recipient` (client incarnation
     /// `incarnation`).
-    pub fn delivered(&self, send_no: u64, incarnation: u32, intended_ns: u64, now_ns: u64) {
+    pub fn delivered(
+        &self,
+        send_no: u64,
+        recipient: usize,
+        incarnation: u32,
+        intended_ns: u64,
+        now_ns: u64,
+    ) {
         let mut guard = self.state();
         let s = &mut *guard;
         if s.frozen {
@@ -291,39 +331,59 @@ impl Tracker {
             return;
         };
         if !rec.measured {
-            rec.delivered = true;
             return;
         }
-        if rec.delivered {
-            s.counts.duplicates += 1;
-            if rec.incarnation != incarnation {
-                s.counts.duplicates_across_resume += 1;
+        match s.arrivals.entry((send_no, recipient)) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                s.counts.duplicates += 1;
+                if *first.get() != incarnation {
+                    s.counts.duplicates_across_resume += 1;
+                }
+                return;
             }
-            return;
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(incarnation);
+            }
         }
-        rec.delivered = true;
-        rec.incarnation = incarnation;
-        s.counts.delivered += 1;
-        if rec.acked {
-            s.counts.acked_delivered += 1;
+        rec.reached += 1;
+        s.counts.deliveries += 1;
+        if rec.reached == rec.recipients {
+            s.counts.delivered += 1;
+            if rec.acked {
+                s.counts.acked_delivered += 1;
+            }
         }
         record(&mut s.deliver, intended_ns, now_ns);
     }
 
-    /// The recipient of `sender`'s messages in `conversation_id` reported
-    /// everything up to `delivered_seq` delivered.
-    pub fn receipt(&self, conversation_id: u64, sender: usize, delivered_seq: u64, now_ns: u64) {
+    /// Member `reporter` of `conversation_id` reported everything up to
+    /// `delivered_seq` delivered; `sender` is the user whose messages wait
+    /// for it.
+    pub fn receipt(
+        &self,
+        conversation_id: u64,
+        sender: usize,
+        reporter: u64,
+        delivered_seq: u64,
+        now_ns: u64,
+    ) {
         let mut guard = self.state();
         let s = &mut *guard;
         if s.frozen {
             return;
         }
         let watch = s.watches.entry((conversation_id, sender)).or_default();
-        if delivered_seq <= watch.delivered_seq {
+        let before = watch.floor();
+        let mark = watch.delivered.entry(reporter).or_default();
+        if delivered_seq <= *mark {
             return;
         }
-        watch.delivered_seq = delivered_seq;
-        let later = watch.pending.split_off(&(delivered_seq + 1));
+        *mark = delivered_seq;
+        let floor = watch.floor();
+        if floor <= before {
+            return;
+        }
+        let later = watch.pending.split_off(&(floor + 1));
         let done = std::mem::replace(&mut watch.pending, later);
         for (intended_ns, measured) in done.into_values() {
             if measured {
@@ -402,14 +462,17 @@ impl Tracker {
             s.counts.failed += unanswered;
             *s.counts.errors.entry("no_ack".into()).or_default() += unanswered;
         }
-        let lost = s
+        let missed = s
             .sends
             .iter()
-            .filter(|r| r.measured && r.acked && !r.delivered)
-            .count() as u64;
+            .filter(|r| r.measured && r.acked && r.reached < r.recipients);
+        let (lost, lost_deliveries) = missed.fold((0, 0), |(sends, members), r| {
+            (sends + 1, members + u64::from(r.recipients - r.reached))
+        });
         Final {
             counts: s.counts.clone(),
             lost,
+            lost_deliveries,
             ack: s.ack.clone(),
             deliver: s.deliver.clone(),
             receipt: s.receipt.clone(),
@@ -463,9 +526,11 @@ impl Percentiles {
 pub struct Latencies {
     /// Intended send to "sent" (the server's durable ack).
     pub ack: Percentiles,
-    /// Intended send to arrival in the recipient's app.
+    /// Intended send to arrival in a recipient's app (each recipient of a
+    /// group send is one sample).
     pub deliver: Percentiles,
-    /// Intended send to the delivered receipt back at the sender.
+    /// Intended send to the delivered receipt back at the sender (for a
+    /// group send: the last recipient's).
     pub receipt: Percentiles,
 }
 
@@ -492,18 +557,29 @@ pub struct Report {
     pub warmup_s: f64,
     /// Measured sends attempted.
     pub sent: u64,
+    /// The part of `sent` that went to groups (`--group-fraction`).
+    #[serde(default)]
+    pub group_sends: u64,
     /// Acked as durable.
     pub acked: u64,
-    /// Delivered to the recipient at least once.
+    /// Delivered to every recipient at least once.
     pub delivered: u64,
-    /// Acked but never delivered.
+    /// Arrivals at one recipient each: a 1-1 send makes one, a group send
+    /// one per other member.
+    #[serde(default)]
+    pub deliveries: u64,
+    /// Acked but not delivered to every recipient.
     pub lost: u64,
+    /// Recipients that acked sends never reached, summed.
+    #[serde(default)]
+    pub lost_deliveries: u64,
     /// Delivered to the app more than once.
     pub duplicates: u64,
     /// Duplicates that crossed a churn resume (client-lib's deduplication
     /// is per client instance).
     pub duplicates_across_resume: u64,
-    /// Delivered receipts back at the sender.
+    /// Sends whose delivered receipts (from every recipient) came back to
+    /// the sender.
     pub receipts: u64,
     /// Failures by short code name.
     pub errors: BTreeMap<String, u64>,
@@ -511,6 +587,10 @@ pub struct Report {
     pub acked_per_s: f64,
     /// Delivered sends per second of the window.
     pub delivered_per_s: f64,
+    /// Arrivals at recipients per second of the window (the fan-out the
+    /// server carried).
+    #[serde(default)]
+    pub deliveries_per_s: f64,
     /// Latency percentiles, ms.
     pub latency_ms: Latencies,
     /// Connections lost and re-established by client-lib.
@@ -581,6 +661,11 @@ impl Report {
             t,
             "{:<10} {:>10} {:>10.1} {:>10.1}",
             "per second", "", self.acked_per_s, self.delivered_per_s
+        );
+        let _ = writeln!(
+            t,
+            "group sends: {}  deliveries (one per recipient): {} = {:.1}/s  lost deliveries: {}",
+            self.group_sends, self.deliveries, self.deliveries_per_s, self.lost_deliveries
         );
         let _ = writeln!(t);
         let _ = writeln!(
@@ -666,18 +751,18 @@ mod tests {
     #[test]
     fn a_send_is_acked_delivered_and_receipted_once() {
         let t = Tracker::new();
-        let warm = t.dispatch(false);
-        let a = t.dispatch(true);
-        let b = t.dispatch(true);
-        let c = t.dispatch(true);
+        let warm = t.dispatch(false, 1, false);
+        let a = t.dispatch(true, 1, false);
+        let b = t.dispatch(true, 1, false);
+        let c = t.dispatch(true, 1, false);
         t.acked(warm, 9, 0, 1, 0, 5_000_000);
         t.acked(a, 9, 0, 2, 1_000_000, 3_000_000);
-        t.delivered(a, 0, 1_000_000, 4_000_000);
-        t.delivered(a, 0, 1_000_000, 4_500_000);
-        t.delivered(a, 1, 1_000_000, 4_600_000);
+        t.delivered(a, 1, 0, 1_000_000, 4_000_000);
+        t.delivered(a, 1, 0, 1_000_000, 4_500_000);
+        t.delivered(a, 1, 1, 1_000_000, 4_600_000);
         // b is delivered before its ack, and its receipt overtakes the ack.
-        t.delivered(b, 0, 2_000_000, 5_000_000);
-        t.receipt(9, 0, 3, 6_000_000);
+        t.delivered(b, 1, 0, 2_000_000, 5_000_000);
+        t.receipt(9, 0, 501, 3, 6_000_000);
         t.acked(b, 9, 0, 3, 2_000_000, 7_000_000);
         t.failed(c, "outbox_full");
         assert!(t.complete());
@@ -700,14 +785,54 @@ mod tests {
     #[test]
     fn unanswered_and_undelivered_sends_are_reported() {
         let t = Tracker::new();
-        let a = t.dispatch(true);
-        let _b = t.dispatch(true);
+        let a = t.dispatch(true, 1, false);
+        let _b = t.dispatch(true, 1, false);
         t.acked(a, 1, 0, 1, 0, 1_000);
         assert!(!t.complete());
         let f = t.freeze();
         assert_eq!(f.lost, 1);
+        assert_eq!(f.lost_deliveries, 1);
         assert_eq!(f.counts.errors.get("no_ack"), Some(&1));
         assert_eq!(f.counts.failed, 1);
+    }
+
+    #[test]
+    fn a_group_send_counts_once_it_reached_every_recipient() {
+        let t = Tracker::new();
+        // User 0 sends to a group of four (recipients 1, 2, 3; user ids
+        // 101..=103), twice.
+        let a = t.dispatch(true, 3, true);
+        let b = t.dispatch(true, 3, true);
+        t.acked(a, 7, 0, 1, 0, 1_000_000);
+        t.acked(b, 7, 0, 2, 0, 1_000_000);
+        for r in 1..=3 {
+            t.delivered(a, r, 0, 0, 2_000_000);
+        }
+        t.delivered(a, 2, 0, 0, 2_500_000);
+        t.delivered(b, 1, 0, 0, 3_000_000);
+        t.delivered(b, 3, 0, 0, 3_000_000);
+        // Two of three receipts cover both sends: neither is complete.
+        t.receipt(7, 0, 101, 2, 4_000_000);
+        t.receipt(7, 0, 103, 2, 4_000_000);
+        // Another member's receipts in a group the sender also reads do not
+        // count for user 0's sends.
+        t.receipt(7, 1, 102, 2, 4_000_000);
+        assert!(!t.complete());
+        {
+            let s = t.state();
+            assert_eq!(s.counts.receipts, 0);
+        }
+        // The last one completes a only.
+        t.receipt(7, 0, 102, 1, 5_000_000);
+        let f = t.freeze();
+        let c = &f.counts;
+        assert_eq!((c.sent, c.group_sends, c.acked), (2, 2, 2));
+        assert_eq!((c.delivered, c.deliveries, c.duplicates), (1, 5, 1));
+        assert_eq!(c.receipts, 1);
+        assert_eq!((f.lost, f.lost_deliveries), (1, 1));
+        assert_eq!(f.deliver.len(), 5, "one sample per recipient");
+        let receipt = Percentiles::of(&f.receipt);
+        assert!((receipt.max - 5.0).abs() < 0.01, "{receipt:?}");
     }
 
     #[test]

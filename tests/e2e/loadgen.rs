@@ -19,9 +19,12 @@ const REPORT_KEYS: &[&str] = &[
     "offered_rate",
     "duration_s",
     "sent",
+    "group_sends",
     "acked",
     "delivered",
+    "deliveries",
     "lost",
+    "lost_deliveries",
     "duplicates",
     "errors",
     "acked_per_s",
@@ -52,6 +55,7 @@ fn assert_all_accounted(report: &Report) {
     assert_eq!(report.acked, report.sent, "{report:?}");
     assert_eq!(report.delivered, report.sent, "{report:?}");
     assert_eq!(report.lost, 0, "{report:?}");
+    assert_eq!(report.lost_deliveries, 0, "{report:?}");
     assert_eq!(report.duplicates, 0, "{report:?}");
     assert!(report.errors.is_empty(), "{report:?}");
 }
@@ -82,6 +86,15 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
     .await;
     assert_all_accounted(&report);
     assert_eq!(report.receipts, report.acked, "{report:?}");
+    // The default mix sends a fifth to groups, each reaching two or more.
+    assert!(
+        report.group_sends > 0 && report.group_sends < report.sent,
+        "{report:?}"
+    );
+    assert!(
+        report.deliveries >= report.sent + report.group_sends,
+        "{report:?}"
+    );
     assert_eq!(report.users, 20);
     assert_eq!(report.connections, 20);
     assert_eq!(report.latency_ms.ack.count, report.acked);
@@ -120,6 +133,51 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
             report.errors.clone()
         )
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_sends_reach_every_member_and_bring_back_every_receipt() {
+    init_tracing();
+    // Groups of up to 12 among 24 users whose 1-1 friends are only their
+    // ring neighbours: set-up must add the friendships the server requires
+    // before a creator may add someone.
+    let report = run(args(&[
+        "--spawn-server",
+        "--users",
+        "24",
+        "--friends",
+        "2",
+        "--group-fraction",
+        "1",
+        "--groups-per-user",
+        "0.25",
+        "--group-max-size",
+        "12",
+        "--group-size-exponent",
+        "0.5",
+        "--rate",
+        "40",
+        "--duration",
+        "2s",
+        "--warmup",
+        "300ms",
+        "--drain",
+        "30s",
+        "--read-delay",
+        "100ms",
+    ]))
+    .await;
+    assert_all_accounted(&report);
+    assert_eq!(report.group_sends, report.sent, "{report:?}");
+    assert_eq!(report.receipts, report.acked, "{report:?}");
+    // Six groups starting four users apart: every one has at least four
+    // members, so each send reaches three or more others.
+    assert!(report.deliveries >= 3 * report.sent, "{report:?}");
+    assert_eq!(
+        report.latency_ms.deliver.count, report.deliveries,
+        "one latency sample per recipient"
+    );
+    assert_eq!(report.stale_messages, 0, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
