@@ -220,7 +220,12 @@ pub async fn set_up(
             .iter()
             .map(|c| (c.a, c.b, c.conversation_id))
             .collect::<Vec<_>>();
-        let group_ids: Vec<u64> = saved.groups.iter().map(|g| g.conversation_id).collect();
+        let group_ids: Vec<u64> = saved
+            .groups
+            .iter()
+            .take(specs.len())
+            .map(|g| g.conversation_id)
+            .collect();
         return Ok(assemble(sessions, &conversations, &specs, &group_ids));
     }
 
@@ -578,7 +583,7 @@ impl ReuseFile {
     }
 
     /// Checks that the file was made for the same users, friend graph and
-    /// groups.
+    /// groups (when this run has any).
     pub fn check(
         &self,
         plan: &Plan,
@@ -601,10 +606,12 @@ impl ReuseFile {
                 self.shard
             );
         }
-        let same_groups = self.groups.len() == groups.len()
-            && self.groups.iter().zip(groups).all(|(saved, spec)| {
-                saved.creator == spec.creator && saved.members == spec.members
-            });
+        // A run without group sends leaves the file's groups alone.
+        let same_groups = groups.is_empty()
+            || self.groups.len() == groups.len()
+                && self.groups.iter().zip(groups).all(|(saved, spec)| {
+                    saved.creator == spec.creator && saved.members == spec.members
+                });
         if !same_groups {
             anyhow::bail!(
                 "the --reuse file holds {} groups that differ from this run's {}; run with the same \
@@ -685,7 +692,15 @@ mod tests {
         let back = ReuseFile::load(&path).unwrap().unwrap();
         assert_eq!(back, file);
         back.check(&plan, &edges, &groups).unwrap();
-        assert!(back.check(&plan, &edges, &[]).is_err(), "groups differ");
+        assert!(
+            back.check(&plan, &edges, &groups[..0]).is_ok(),
+            "a run without groups ignores the file's"
+        );
+        let other_groups = [GroupSpec {
+            creator: 1,
+            members: vec![2, 0],
+        }];
+        assert!(back.check(&plan, &edges, &other_groups).is_err());
         let other = Plan::new(Profile::MESSENGER, 2.0, Shard::ALL, 4, Some(1.0)).unwrap();
         assert!(back.check(&other, &friend_graph(4, 2), &groups).is_err());
         assert!(back.check(&plan, &friend_graph(3, 1), &groups).is_err());
