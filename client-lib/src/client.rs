@@ -719,8 +719,12 @@ impl Client {
     /// list comes from the last [`conversation`](Self::conversation),
     /// [`create_group`](Self::create_group) or
     /// [`open_direct`](Self::open_direct) reply for it; receipts keep it
-    /// current. Returns `None` for a conversation the client knows nothing
-    /// of.
+    /// current. In groups above the server's `receipt-broadcast-max-members`
+    /// (32 by default) the server sends a member's receipts only to the
+    /// senders of the messages they cover, so there this is complete for
+    /// this user's own messages; ask [`message_receipts`](Self::message_receipts)
+    /// for others'. Returns `None` for a conversation the client knows
+    /// nothing of.
     pub fn receipt_status(&self, conversation_id: u64, seq: u64) -> Option<ReceiptStatus> {
         let all = self.inner.receipts.lock().expect("receipts lock");
         let members = all.get(&conversation_id)?;

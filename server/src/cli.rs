@@ -97,6 +97,10 @@ struct Overrides {
     /// Members per group.
     #[arg(long, env = "CHAT_MAX_GROUP_SIZE")]
     max_group_size: Option<usize>,
+    /// Largest conversation whose receipts go to every member (larger
+    /// groups: to the covered messages' senders only).
+    #[arg(long, env = "CHAT_RECEIPT_BROADCAST_MAX_MEMBERS")]
+    receipt_broadcast_max_members: Option<usize>,
     /// Client heartbeat interval, e.g. 15s.
     #[arg(long, env = "CHAT_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -222,6 +226,10 @@ impl Overrides {
         set(&mut c.limits.auth_timeout, self.auth_timeout);
         set(&mut c.limits.max_friends, self.max_friends);
         set(&mut c.limits.max_group_size, self.max_group_size);
+        set(
+            &mut c.limits.receipt_broadcast_max_members,
+            self.receipt_broadcast_max_members,
+        );
         set(&mut c.limits.heartbeat_interval, self.heartbeat_interval);
         set(
             &mut c.limits.presence_ttl_multiple,

@@ -99,6 +99,11 @@ pub struct Limits {
     pub max_presence_subscriptions: usize,
     /// Members per group.
     pub max_group_size: usize,
+    /// Conversations of up to this many members push every member's
+    /// delivered / seen receipts to every other member; larger groups push
+    /// them only to the senders of the messages they cover (receipts grow
+    /// with the square of the size otherwise).
+    pub receipt_broadcast_max_members: usize,
     /// Wrong passwords allowed per account per `login-failure-window`,
     /// across all connections; then logins answer RATE_LIMITED.
     pub max_login_failures: u32,
@@ -240,6 +245,7 @@ impl Default for Limits {
             presence_ttl_multiple: 3,
             max_presence_subscriptions: 500,
             max_group_size: 250,
+            receipt_broadcast_max_members: 32,
             max_login_failures: 10,
             login_failure_window: Duration::from_secs(15 * 60),
             max_queued_password_checks: 64,
@@ -349,6 +355,12 @@ impl Config {
             return err(format!(
                 "max-group-size = {} is outside 2..=10000",
                 l.max_group_size
+            ));
+        }
+        if !(2..=10_000).contains(&l.receipt_broadcast_max_members) {
+            return err(format!(
+                "receipt-broadcast-max-members = {} is outside 2..=10000 (1-1 receipts always go to the peer)",
+                l.receipt_broadcast_max_members
             ));
         }
         if l.max_login_failures == 0 || l.login_failure_window.is_zero() {
@@ -554,6 +566,10 @@ mod tests {
             (|c| c.transport.max_connections = 0, "max-connections"),
             (|c| c.shutdown_timeout = Duration::ZERO, "shutdown-timeout"),
             (|c| c.limits.max_group_size = 1, "max-group-size"),
+            (
+                |c| c.limits.receipt_broadcast_max_members = 1,
+                "receipt-broadcast-max-members",
+            ),
             (|c| c.tls.tls_cert = Some("a.pem".into()), "tls-key is not"),
             (|c| c.tls.tls_key = Some("k.pem".into()), "tls-cert is not"),
             (

@@ -10,6 +10,9 @@
 //!
 //! messages / receipts streams --DeliveryAck / MarkSeen--> [watermark committer]
 //!        --advance_watermarks(batch)--> HistoryStore --> Receipt to other members
+//!                                                (all of a small group, the
+//!                                                covered messages' senders
+//!                                                in a large one: receipts.rs)
 //! ```
 //!
 //! Each committer is one task that takes every request waiting in its
@@ -29,6 +32,7 @@ use tokio::task::JoinHandle;
 use crate::error::Refusal;
 use crate::hub::{Hub, SessionHandle};
 use crate::metrics::Metrics;
+use crate::receipts::ReceiptRoutes;
 use crate::store::{
     Appended, GroupChange, HistoryStore, InboxStore, NewMessage, RecentCache, UserId,
     WatermarkKind, WatermarkUpdate,
@@ -124,6 +128,7 @@ impl Delivery {
         inbox: Option<Arc<dyn InboxStore>>,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
+        receipt_broadcast_max: usize,
     ) -> (Arc<Delivery>, DeliveryTasks) {
         let (sends, sends_rx) = mpsc::channel(QUEUE_DEPTH);
         let (marks, marks_rx) = mpsc::channel(QUEUE_DEPTH);
@@ -131,6 +136,7 @@ impl Delivery {
             store,
             hub,
             metrics,
+            routes: Arc::new(ReceiptRoutes::new(receipt_broadcast_max)),
         };
         let tasks = DeliveryTasks {
             sends: tokio::spawn(send_committer(
@@ -175,6 +181,8 @@ struct Committer {
     store: Arc<dyn HistoryStore>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    /// Who hears watermark moves (fed with every stored message).
+    routes: Arc<ReceiptRoutes>,
 }
 
 async fn send_committer(
@@ -419,6 +427,12 @@ fn fan_out(c: &Committer, appended: Appended, received: Option<Instant>, out: &m
         }
     }
     c.metrics.deliveries.increment(pushed as u64);
+    c.routes.note_message(
+        message.conversation_id,
+        appended.members.len(),
+        message.seq,
+        message.sender_id,
+    );
     if let (Some(received), true) = (received, pushed > 0) {
         c.metrics
             .send_to_deliver
@@ -436,6 +450,7 @@ async fn mark_committer(
         store,
         hub,
         metrics,
+        routes,
     } = c;
     let mut jobs: Vec<MarkJob> = Vec::with_capacity(MAX_MARK_BATCH);
     while rx.recv_many(&mut jobs, MAX_MARK_BATCH).await > 0 {
@@ -460,11 +475,9 @@ async fn mark_committer(
                         seen_seq: m.seen_seq,
                     })));
                     let mut pushed = 0;
-                    for &member in &m.members {
-                        if member != m.user_id {
-                            pushed += hub.push(member, StreamKind::Receipts, &receipt, None);
-                        }
-                    }
+                    routes.route(&m, |member| {
+                        pushed += hub.push(member, StreamKind::Receipts, &receipt, None);
+                    });
                     metrics.receipts.increment(pushed as u64);
                     acks.push((m.user_id, m.conversation_id, m.delivered_seq));
                 }

@@ -135,6 +135,7 @@ impl Server {
             inbox.clone(),
             hub.clone(),
             metrics.clone(),
+            config.limits.receipt_broadcast_max_members,
         );
         let bind_error = |source| ServerError::Bind {
             addr: config.listen,

@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod presence;
 pub mod queue;
 pub mod ratelimit;
+pub mod receipts;
 pub mod session;
 pub mod store;
 pub mod streams;

@@ -1,6 +1,7 @@
 //! Groups end to end: fan-out, per-member receipts, membership changes in
 //! seq order, removal, limits.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chat_client::{Client, ErrorCode, Event, Events, HistoryDirection, proto};
@@ -267,4 +268,67 @@ async fn group_size_and_friendship_rules() {
         code(owner.rename_group(direct, "nope").await),
         ErrorCode::InvalidArgument
     );
+}
+
+#[tokio::test]
+async fn large_groups_send_receipts_only_to_the_senders_they_concern() {
+    // Above the broadcast size (3 here, 32 by default) a member's receipts
+    // reach the senders of the messages they cover, not the whole group.
+    let server = TestServer::start_with(|c| c.limits.receipt_broadcast_max_members = 3).await;
+    let mut members = circle(&server, 4).await;
+    let all = ids(&members);
+    let g = members[0]
+        .0
+        .create_group("four", &all[1..])
+        .await
+        .unwrap()
+        .conversation_id;
+    for (_, events) in members.iter_mut().skip(1) {
+        messages(events, 1).await;
+    }
+
+    // Alice sends: every other member's delivered receipt reaches her.
+    let first = members[0].0.send_text(g, "from alice").await.unwrap().seq;
+    let mut heard = HashSet::new();
+    wait_for(
+        &mut members[0].1,
+        "3 receipts for alice's message",
+        |e| match e {
+            Event::Receipt(r) if r.conversation_id == g && r.delivered_seq >= first => {
+                heard.insert(r.user_id);
+                (heard.len() == 3).then_some(())
+            }
+            _ => None,
+        },
+    )
+    .await;
+
+    // Carol sends next. Broadcasting would have queued Bob's and Dave's
+    // receipts for Alice's message on Carol's stream before any for hers;
+    // she must hear only of her own.
+    let second = members[2].0.send_text(g, "from carol").await.unwrap().seq;
+    let (mut heard, mut earlier) = (HashSet::new(), Vec::new());
+    wait_for(
+        &mut members[2].1,
+        "3 receipts for carol's message",
+        |e| match e {
+            Event::Receipt(r) if r.conversation_id == g => {
+                if r.delivered_seq >= second {
+                    heard.insert(r.user_id);
+                } else {
+                    earlier.push(r);
+                }
+                (heard.len() == 3).then_some(())
+            }
+            _ => None,
+        },
+    )
+    .await;
+    assert!(
+        earlier.is_empty(),
+        "carol heard receipts that cover only alice's message: {earlier:?}"
+    );
+    // A member who sent nothing still gets the whole picture on request.
+    let detail = members[3].0.message_receipts(g, first).await.unwrap();
+    assert_eq!(detail.delivered_count, 3, "{detail:?}");
 }
