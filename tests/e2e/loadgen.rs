@@ -181,6 +181,46 @@ async fn group_sends_reach_every_member_and_bring_back_every_receipt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_group_above_the_receipt_broadcast_size_senders_still_get_every_receipt() {
+    init_tracing();
+    // One group of all 40 users, above the server's default broadcast size
+    // of 32: members' receipts go only to the senders of what they cover,
+    // and that must still bring every receipt back.
+    let report = run(args(&[
+        "--spawn-server",
+        "--users",
+        "40",
+        "--friends",
+        "2",
+        "--group-fraction",
+        "0.5",
+        "--groups-per-user",
+        "0.025",
+        "--group-max-size",
+        "40",
+        "--rate",
+        "30",
+        "--duration",
+        "2s",
+        "--warmup",
+        "300ms",
+        "--drain",
+        "30s",
+        "--read-delay",
+        "100ms",
+    ]))
+    .await;
+    assert_all_accounted(&report);
+    assert!(report.group_sends > 0, "{report:?}");
+    assert_eq!(
+        report.deliveries,
+        report.sent - report.group_sends + 39 * report.group_sends,
+        "{report:?}"
+    );
+    assert_eq!(report.receipts, report.acked, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churned_users_catch_up_on_everything_sent_while_they_were_away() {
     init_tracing();
     // All users churn once a minute on average: with this seed a few go
