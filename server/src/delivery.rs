@@ -419,6 +419,14 @@ fn fan_out(c: &Committer, appended: Appended, received: Option<Instant>, out: &m
         deliver: Some((message.conversation_id, message.seq)),
         ..Outbound::frame(&deliver)
     };
+    // Before the pushes: a member's ack of this message must find its
+    // sender in the routes.
+    c.routes.note_message(
+        message.conversation_id,
+        appended.members.len(),
+        message.seq,
+        message.sender_id,
+    );
     let mut pushed = 0;
     for &member in &appended.members {
         if member != message.sender_id {
@@ -427,12 +435,6 @@ fn fan_out(c: &Committer, appended: Appended, received: Option<Instant>, out: &m
         }
     }
     c.metrics.deliveries.increment(pushed as u64);
-    c.routes.note_message(
-        message.conversation_id,
-        appended.members.len(),
-        message.seq,
-        message.sender_id,
-    );
     if let (Some(received), true) = (received, pushed > 0) {
         c.metrics
             .send_to_deliver
