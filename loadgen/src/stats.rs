@@ -10,6 +10,7 @@
 //! Only sends whose intended time falls in the measured window are counted;
 //! warm-up sends run through the same code and are then ignored.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -79,17 +80,59 @@ struct ReceiptWatch {
     recipients: u32,
     /// Highest delivered watermark each member reported, by user id.
     delivered: HashMap<u64, u64>,
+    /// The seq every recipient has reported delivered (0 until all have
+    /// reported), kept current so a receipt costs O(1) but for one full
+    /// scan each time the floor rises.
+    floor: u64,
+    /// Members whose watermark is exactly `floor`.
+    at_floor: usize,
     /// seq -> (intended ns, measured).
     pending: BTreeMap<u64, (u64, bool)>,
 }
 
 impl ReceiptWatch {
-    /// The seq every recipient has reported delivered.
-    fn floor(&self) -> u64 {
-        if self.recipients == 0 || self.delivered.len() < self.recipients as usize {
-            return 0;
+    fn set_recipients(&mut self, recipients: u32) {
+        if self.recipients != recipients {
+            self.recipients = recipients;
+            self.refloor();
         }
-        self.delivered.values().copied().min().unwrap_or(0)
+    }
+
+    fn refloor(&mut self) {
+        if self.recipients == 0 || self.delivered.len() < self.recipients as usize {
+            (self.floor, self.at_floor) = (0, 0);
+            return;
+        }
+        let min = self.delivered.values().copied().min().unwrap_or(0);
+        self.floor = min;
+        self.at_floor = self.delivered.values().filter(|&&v| v == min).count();
+    }
+
+    /// Records `reporter`'s delivered watermark; true if the floor rose.
+    fn report(&mut self, reporter: u64, seq: u64) -> bool {
+        let before = self.floor;
+        match self.delivered.entry(reporter) {
+            Entry::Occupied(mut mark) => {
+                if seq <= *mark.get() {
+                    return false;
+                }
+                let was = std::mem::replace(mark.get_mut(), seq);
+                if self.recipients > 0
+                    && self.delivered.len() >= self.recipients as usize
+                    && was == self.floor
+                {
+                    self.at_floor -= 1;
+                    if self.at_floor == 0 {
+                        self.refloor();
+                    }
+                }
+            }
+            Entry::Vacant(mark) => {
+                mark.insert(seq);
+                self.refloor();
+            }
+        }
+        self.floor > before
     }
 }
 
@@ -273,8 +316,8 @@ impl Tracker {
             record(&mut s.ack, intended_ns, now_ns);
         }
         let watch = s.watches.entry((conversation_id, sender)).or_default();
-        watch.recipients = recipients;
-        if seq <= watch.floor() {
+        watch.set_recipients(recipients);
+        if seq <= watch.floor {
             // The receipt overtook the ack (they travel on different
             // streams); it arrived no later than now.
             if measured {
@@ -334,14 +377,14 @@ impl Tracker {
             return;
         }
         match s.arrivals.entry((send_no, recipient)) {
-            std::collections::hash_map::Entry::Occupied(first) => {
+            Entry::Occupied(first) => {
                 s.counts.duplicates += 1;
                 if *first.get() != incarnation {
                     s.counts.duplicates_across_resume += 1;
                 }
                 return;
             }
-            std::collections::hash_map::Entry::Vacant(slot) => {
+            Entry::Vacant(slot) => {
                 slot.insert(incarnation);
             }
         }
@@ -373,16 +416,10 @@ impl Tracker {
             return;
         }
         let watch = s.watches.entry((conversation_id, sender)).or_default();
-        let before = watch.floor();
-        let mark = watch.delivered.entry(reporter).or_default();
-        if delivered_seq <= *mark {
+        if !watch.report(reporter, delivered_seq) {
             return;
         }
-        *mark = delivered_seq;
-        let floor = watch.floor();
-        if floor <= before {
-            return;
-        }
+        let floor = watch.floor;
         let later = watch.pending.split_off(&(floor + 1));
         let done = std::mem::replace(&mut watch.pending, later);
         for (intended_ns, measured) in done.into_values() {
@@ -833,6 +870,45 @@ mod tests {
         assert_eq!(f.deliver.len(), 5, "one sample per recipient");
         let receipt = Percentiles::of(&f.receipt);
         assert!((receipt.max - 5.0).abs() < 0.01, "{receipt:?}");
+    }
+
+    #[test]
+    fn the_receipt_floor_is_the_lowest_member_once_all_reported() {
+        let mut w = ReceiptWatch::default();
+        assert!(!w.report(1, 5), "recipients unknown yet");
+        w.set_recipients(3);
+        assert_eq!(w.floor, 0);
+        assert!(!w.report(2, 4));
+        assert!(w.report(3, 4), "all three reported: floor 4");
+        assert_eq!((w.floor, w.at_floor), (4, 2));
+        assert!(!w.report(2, 9), "3 is still at 4");
+        assert!(!w.report(3, 3), "watermarks only move forward");
+        assert!(w.report(3, 6));
+        assert_eq!((w.floor, w.at_floor), (5, 1));
+        assert!(w.report(1, 7));
+        assert_eq!(w.floor, 6);
+        // Brute force agrees over a longer random walk.
+        let mut w = ReceiptWatch::default();
+        w.set_recipients(4);
+        let mut marks = [0u64; 4];
+        let mut x = 12345u64;
+        for _ in 0..2_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let member = (x >> 33) as usize % 4;
+            let seq = marks[member] + (x >> 40) % 3;
+            let before = w.floor;
+            let rose = w.report(member as u64 + 1, seq);
+            marks[member] = marks[member].max(seq);
+            let want = if marks.iter().all(|&m| m > 0) || w.delivered.len() == 4 {
+                *marks.iter().min().unwrap()
+            } else {
+                0
+            };
+            assert_eq!(w.floor, want);
+            assert_eq!(rose, want > before);
+        }
     }
 
     #[test]
