@@ -42,6 +42,15 @@ fn args(extra: &[&str]) -> Args {
     Args::try_parse_from_iter(argv).expect("valid loadgen flags")
 }
 
+/// Flags for a short run against an in-process server: a long drain
+/// bound (the run ends as soon as everything arrived) and a short reading
+/// delay, so receipts come back quickly.
+fn spawned(extra: &[&str]) -> Args {
+    let mut argv = vec!["--spawn-server", "--drain", "30s", "--read-delay", "100ms"];
+    argv.extend_from_slice(extra);
+    args(&argv)
+}
+
 /// A whole run, bounded so a hang fails the test instead of the suite.
 async fn run(args: Args) -> Report {
     tokio::time::timeout(Duration::from_secs(120), chat_loadgen::run(args))
@@ -66,8 +75,7 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
     let json_arg = json.to_str().unwrap();
-    let report = run(args(&[
-        "--spawn-server",
+    let report = run(spawned(&[
         "--users",
         "20",
         "--rate",
@@ -161,10 +169,6 @@ async fn group_sends_reach_every_member_and_bring_back_every_receipt() {
         "2s",
         "--warmup",
         "300ms",
-        "--drain",
-        "30s",
-        "--read-delay",
-        "100ms",
     ]))
     .await;
     assert_all_accounted(&report);
@@ -186,8 +190,7 @@ async fn in_a_group_above_the_receipt_broadcast_size_senders_still_get_every_rec
     // One group of all 40 users, above the server's default broadcast size
     // of 32: members' receipts go only to the senders of what they cover,
     // and that must still bring every receipt back.
-    let report = run(args(&[
-        "--spawn-server",
+    let report = run(spawned(&[
         "--users",
         "40",
         "--friends",
@@ -204,10 +207,6 @@ async fn in_a_group_above_the_receipt_broadcast_size_senders_still_get_every_rec
         "2s",
         "--warmup",
         "300ms",
-        "--drain",
-        "30s",
-        "--read-delay",
-        "100ms",
     ]))
     .await;
     assert_all_accounted(&report);
@@ -226,8 +225,7 @@ async fn churned_users_catch_up_on_everything_sent_while_they_were_away() {
     // All users churn once a minute on average: with this seed a few go
     // offline for a second during the run, and what was sent to them
     // (1-1 and in groups) must arrive when they resume.
-    let report = run(args(&[
-        "--spawn-server",
+    let report = run(spawned(&[
         "--users",
         "40",
         "--churn",
@@ -240,10 +238,6 @@ async fn churned_users_catch_up_on_everything_sent_while_they_were_away() {
         "5s",
         "--warmup",
         "500ms",
-        "--drain",
-        "30s",
-        "--read-delay",
-        "100ms",
     ]))
     .await;
     assert!(report.churn_offline >= 1, "{report:?}");
