@@ -84,10 +84,6 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
         "3s",
         "--warmup",
         "500ms",
-        "--drain",
-        "20s",
-        "--read-delay",
-        "100ms",
         "--json",
         json_arg,
     ]))
@@ -149,8 +145,7 @@ async fn group_sends_reach_every_member_and_bring_back_every_receipt() {
     // Groups of up to 12 among 24 users whose 1-1 friends are only their
     // ring neighbours: set-up must add the friendships the server requires
     // before a creator may add someone.
-    let report = run(args(&[
-        "--spawn-server",
+    let report = run(spawned(&[
         "--users",
         "24",
         "--friends",
