@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use chat_client::{Client, ClientError, Event, Events, proto};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom as _;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -25,7 +24,7 @@ use crate::cpu;
 use crate::payload::Header;
 use crate::plan::Plan;
 use crate::population::{Connector, Population, VUser};
-use crate::sampling::{PoissonSchedule, TextLen, Zipf};
+use crate::sampling::{PoissonSchedule, TextLen, Zipf, sender_order};
 use crate::stats::{Clock, Final, Progress, Tracker};
 
 /// Where a run is; tests watch it to act at the right moment.
@@ -55,7 +54,6 @@ const RESUME_RETRY: Duration = Duration::from_secs(1);
 const SENDER_SEED: u64 = 0x5e4d_0001;
 const CHURN_SEED: u64 = 0xc4a1_0002;
 const CHURN_PICK_SEED: u64 = 0xc4a1_0003;
-const RANK_SEED: u64 = 0x5e4d_0005;
 
 /// State every task of a run shares.
 struct Shared {
@@ -239,11 +237,7 @@ async fn schedule(
     let mut poisson = PoissonSchedule::new(plan.offered_rate, args.seed);
     let mut rng = StdRng::seed_from_u64(args.seed ^ SENDER_SEED);
     let zipf = Zipf::new(shared.users.len(), args.zipf);
-    // Zipf rank -> user, shuffled: the busiest senders are not ring
-    // neighbours, so they neither befriend each other nor share groups
-    // more than anyone else does.
-    let mut by_rank: Vec<usize> = (0..shared.users.len()).collect();
-    by_rank.shuffle(&mut StdRng::seed_from_u64(args.seed ^ RANK_SEED));
+    let by_rank = sender_order(shared.users.len(), args.seed);
     let text_len = TextLen::new(args.text_dist, args.text_bytes, 1, MAX_TEXT_BYTES);
     while let Some(offset) = poisson.next_offset() {
         let offset_ns = offset.as_nanos() as u64;

@@ -108,6 +108,34 @@ pub fn memberships(users: usize, groups: &[GroupSpec]) -> Vec<Vec<usize>> {
     of
 }
 
+/// Others a group send reaches, on average over senders weighted by
+/// `weight` (by user index): each sender picks one of its groups
+/// uniformly. Also returns the weight of senders in no group (their group
+/// sends go to a 1-1 conversation instead).
+pub fn mean_recipients(groups: &[GroupSpec], weight: &[f64]) -> (f64, f64) {
+    let of = memberships(weight.len(), groups);
+    let (mut others, mut in_groups, mut outside) = (0.0, 0.0, 0.0);
+    for (user, mine) in of.iter().enumerate() {
+        if mine.is_empty() {
+            outside += weight[user];
+            continue;
+        }
+        let mean = mine
+            .iter()
+            .map(|&g| groups[g].members.len() as f64)
+            .sum::<f64>()
+            / mine.len() as f64;
+        others += weight[user] * mean;
+        in_groups += weight[user];
+    }
+    let mean = if in_groups > 0.0 {
+        others / in_groups
+    } else {
+        0.0
+    };
+    (mean, outside)
+}
+
 /// Mean size of a group drawn from the size law before the gap and user
 /// caps (for the plan printed at start).
 pub fn mean_size(max_size: usize, exponent: f64) -> f64 {
@@ -180,6 +208,29 @@ mod tests {
             group_layout(500, 100, 250, 2.0, 9),
             group_layout(500, 100, 250, 2.0, 9)
         );
+    }
+
+    #[test]
+    fn mean_recipients_weighs_each_senders_groups() {
+        // Users 0..=3 in a group of 4; users 2..=4 in a group of 3; user 5
+        // in none.
+        let groups = [
+            GroupSpec {
+                creator: 0,
+                members: vec![1, 2, 3],
+            },
+            GroupSpec {
+                creator: 2,
+                members: vec![3, 4],
+            },
+        ];
+        let uniform = [1.0; 6];
+        let (mean, outside) = mean_recipients(&groups, &uniform);
+        // 0, 1: 3 others; 2, 3: (3 + 2) / 2; 4: 2 -> 13 / 5.
+        assert!((mean - 13.0 / 5.0).abs() < 1e-9, "{mean}");
+        assert_eq!(outside, 1.0);
+        let only_four = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0];
+        assert_eq!(mean_recipients(&groups, &only_four), (2.0, 0.0));
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
     };
     log(plan.describe().trim_end());
     log(&args.describe_groups(plan.users as usize));
+    if let Some(line) = describe_fanout(&args, plan.users as usize) {
+        log(&line);
+    }
     log(
         "note: every client heartbeats at the interval the server announces at login \
          (client-lib does it); nobody subscribes to presence",
@@ -112,6 +115,30 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
     }
     phase.send_replace(Phase::Done);
     Ok(report)
+}
+
+/// The deliveries per send this mix implies, so a planner can turn sends
+/// per second into deliveries per second before the run.
+fn describe_fanout(args: &Args, users: usize) -> Option<String> {
+    let specs = population::layout(args, users);
+    if specs.is_empty() {
+        return None;
+    }
+    let zipf = sampling::Zipf::new(users, args.zipf);
+    let mut weight = vec![0.0; users];
+    for (rank, user) in sampling::sender_order(users, args.seed)
+        .into_iter()
+        .enumerate()
+    {
+        weight[user] = zipf.probability(rank);
+    }
+    let (others, outside) = groups::mean_recipients(&specs, &weight);
+    let f = args.group_fraction;
+    let per_send = (1.0 - f) + f * ((1.0 - outside) * others + outside);
+    Some(format!(
+        "plan: {per_send:.2} deliveries per send expected: a group send reaches {others:.1} others \
+         on average, weighted by sender activity"
+    ))
 }
 
 async fn measure(

@@ -58,6 +58,13 @@ impl Zipf {
         Zipf { cumulative }
     }
 
+    /// The probability of index `i`.
+    pub fn probability(&self, i: usize) -> f64 {
+        let total = self.cumulative.last().copied().unwrap_or(1.0);
+        let below = if i == 0 { 0.0 } else { self.cumulative[i - 1] };
+        (self.cumulative[i] - below) / total
+    }
+
     /// One index.
     pub fn sample(&self, rng: &mut impl Rng) -> usize {
         let total = self.cumulative.last().copied().unwrap_or(1.0);
@@ -66,6 +73,19 @@ impl Zipf {
             .partition_point(|&c| c <= x)
             .min(self.cumulative.len() - 1)
     }
+}
+
+/// Seed offset of [`sender_order`], independent of the other streams.
+const RANK_SEED: u64 = 0x5e4d_0005;
+
+/// Which user holds each Zipf rank: a seeded shuffle, so the busiest
+/// senders are not neighbours in the friend graph or the groups (they
+/// would befriend each other and share groups more than anyone else).
+pub fn sender_order(users: usize, seed: u64) -> Vec<usize> {
+    use rand::seq::SliceRandom as _;
+    let mut order: Vec<usize> = (0..users).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed ^ RANK_SEED));
+    order
 }
 
 /// How long message texts are.
