@@ -49,9 +49,9 @@ pub struct Args {
     /// go to a 1-1 conversation). 0 creates no groups.
     #[arg(long, default_value_t = 0.2)]
     pub group_fraction: f64,
-    /// Groups per virtual user; group starts are spread evenly over the
-    /// users, and each group reaches at least to the next start, so up to
-    /// one start per --group-max-size users every user is in a group.
+    /// Groups per virtual user. Group starts are spread evenly over the
+    /// users and each group reaches at least to the next start, so every
+    /// user is in a group while this is at least 1 / --group-max-size.
     #[arg(long, default_value_t = 0.35)]
     pub groups_per_user: f64,
     /// Largest group (the server's default limit is 250 members).
@@ -257,9 +257,7 @@ impl Args {
         )
         .map_err(anyhow::Error::msg)
     }
-}
 
-impl Args {
     /// Groups `users` virtual users form: none without group sends, else
     /// `--groups-per-user` of them (at least one).
     pub fn group_count(&self, users: usize) -> usize {
@@ -276,6 +274,9 @@ impl Args {
             return "plan: 1-1 sends only (--group-fraction 0)".into();
         }
         let max = self.group_max_size.min(users);
+        if max < MIN_GROUP_SIZE {
+            return format!("plan: 1-1 sends only: groups need at least {MIN_GROUP_SIZE} users");
+        }
         format!(
             "plan: {:.0}% of sends to groups: {count} groups of 3..={max} members \
              (size - 3 ~ Zipf {}, mean {:.1} before the spread rule), every member a friend of the creator",
@@ -329,6 +330,11 @@ mod tests {
         assert_eq!(args.threads, 1);
         assert_eq!(args.group_fraction, 0.2);
         assert_eq!(args.group_max_size, 250);
+        assert_eq!(args.group_count(1_000), 350);
+        assert!(args.describe_groups(1_000).contains("350 groups of 3..=250"));
+        assert!(args.describe_groups(2).contains("1-1 sends only"));
+        let none = parse(&["--spawn-server", "--group-fraction", "0"]).unwrap();
+        assert_eq!(none.group_count(1_000), 0);
         let plan = args.plan().unwrap();
         assert!(!plan.rate_overridden);
     }
