@@ -331,7 +331,10 @@ mod tests {
         assert_eq!(args.group_fraction, 0.2);
         assert_eq!(args.group_max_size, 250);
         assert_eq!(args.group_count(1_000), 350);
-        assert!(args.describe_groups(1_000).contains("350 groups of 3..=250"));
+        assert!(
+            args.describe_groups(1_000)
+                .contains("350 groups of 3..=250")
+        );
         assert!(args.describe_groups(2).contains("1-1 sends only"));
         let none = parse(&["--spawn-server", "--group-fraction", "0"]).unwrap();
         assert_eq!(none.group_count(1_000), 0);
