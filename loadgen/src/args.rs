@@ -78,6 +78,12 @@ pub struct Args {
     /// are not neighbours in the friend graph or the groups.
     #[arg(long, default_value_t = 1.0)]
     pub zipf: f64,
+    /// Fraction of users whose app is in the background (the least active
+    /// senders): connected and receiving, but sending no heartbeats, so
+    /// presence shows them offline. The rest heartbeat at the interval the
+    /// server announces at login.
+    #[arg(long, default_value_t = 0.0)]
+    pub background_fraction: f64,
     /// How long after a message arrives its recipient marks it seen.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub read_delay: Duration,
@@ -207,6 +213,14 @@ impl Args {
             anyhow::bail!(
                 "--group-size-exponent {} must be a non-negative number",
                 self.group_size_exponent
+            );
+        }
+        if !(self.background_fraction.is_finite()
+            && (0.0..=1.0).contains(&self.background_fraction))
+        {
+            anyhow::bail!(
+                "--background-fraction {} must be a fraction of users in 0..=1",
+                self.background_fraction
             );
         }
         if self.photo_fraction != 0.0 {
@@ -375,6 +389,7 @@ mod tests {
             &["--groups-per-user", "2"],
             &["--group-max-size", "2"],
             &["--group-size-exponent=-1"],
+            &["--background-fraction", "1.1"],
         ] {
             let mut argv = vec!["--spawn-server"];
             argv.extend_from_slice(bad);

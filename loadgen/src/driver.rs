@@ -24,7 +24,7 @@ use crate::cpu;
 use crate::payload::Header;
 use crate::plan::Plan;
 use crate::population::{Connector, Population, VUser};
-use crate::sampling::{PoissonSchedule, TextLen, Zipf, sender_order};
+use crate::sampling::{PoissonSchedule, TextLen, Zipf, least_active, sender_order};
 use crate::stats::{Clock, Final, Progress, Tracker};
 
 /// Where a run is; tests watch it to act at the right moment.
@@ -62,6 +62,8 @@ struct Shared {
     users: Vec<Arc<VUser>>,
     run_id: u32,
     read_delay: Duration,
+    /// Users whose app is in the background (no heartbeats), by index.
+    background: Vec<bool>,
     stopping: AtomicBool,
     receivers: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -108,9 +110,11 @@ pub async fn drive(
         groups,
         events,
     } = population;
+    let by_rank = sender_order(users.len(), args.seed);
     let shared = Arc::new(Shared {
         clock: Clock::new(),
         tracker: Tracker::new(),
+        background: least_active(&by_rank, args.background_fraction),
         users,
         run_id: rand::random(),
         read_delay: args.read_delay,
@@ -119,6 +123,7 @@ pub async fn drive(
     });
     for (user, events) in shared.users.iter().zip(events) {
         if let Some(client) = user.client() {
+            client.set_heartbeats(!shared.background[user.idx]);
             spawn_receiver(&shared, user.clone(), 0, client, events);
         }
     }
@@ -164,6 +169,7 @@ pub async fn drive(
         &Targets {
             direct: &conversations,
             groups: &groups,
+            by_rank: &by_rank,
         },
         args,
         plan,
@@ -207,6 +213,8 @@ struct Targets<'a> {
     direct: &'a [Vec<(u64, usize)>],
     /// Per user: groups as (conversation id, other members).
     groups: &'a [Vec<(u64, u32)>],
+    /// Zipf rank -> user.
+    by_rank: &'a [usize],
 }
 
 impl Targets<'_> {
@@ -237,7 +245,6 @@ async fn schedule(
     let mut poisson = PoissonSchedule::new(plan.offered_rate, args.seed);
     let mut rng = StdRng::seed_from_u64(args.seed ^ SENDER_SEED);
     let zipf = Zipf::new(shared.users.len(), args.zipf);
-    let by_rank = sender_order(shared.users.len(), args.seed);
     let text_len = TextLen::new(args.text_dist, args.text_bytes, 1, MAX_TEXT_BYTES);
     while let Some(offset) = poisson.next_offset() {
         let offset_ns = offset.as_nanos() as u64;
@@ -250,7 +257,7 @@ async fn schedule(
         }
         // Draw everything before looking at who is online, so churn does
         // not shift the rest of the schedule.
-        let sender = by_rank[zipf.sample(&mut rng)];
+        let sender = targets.by_rank[zipf.sample(&mut rng)];
         let to_group = rng.random_bool(args.group_fraction);
         let pick = rng.random::<u32>() as usize;
         let len = text_len.sample(&mut rng);
@@ -515,6 +522,7 @@ async fn come_back(
     while !shared.stopping() {
         match Client::resume(connector.config(user.idx), &user.token).await {
             Ok((client, events)) => {
+                client.set_heartbeats(!shared.background[user.idx]);
                 match user.install(client.clone(), &shared.stopping) {
                     Some(incarnation) => {
                         spawn_receiver(&shared, user.clone(), incarnation, client, events);

@@ -67,10 +67,13 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
     if let Some(line) = describe_fanout(&args, plan.users as usize) {
         log(&line);
     }
-    log(
-        "note: every client heartbeats at the interval the server announces at login \
-         (client-lib does it); nobody subscribes to presence",
-    );
+    let background = (plan.users as f64 * args.background_fraction).round();
+    log(&format!(
+        "plan: {background} of {} users have the app in the background (no heartbeats, so \
+         presence shows them offline); the rest heartbeat at the interval the server announces \
+         at login; nobody subscribes to presence",
+        plan.users
+    ));
     phase.send_replace(Phase::SettingUp);
     let mut spawned = None;
     let target = if args.spawn_server {
@@ -228,6 +231,7 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         },
         reconnects: c.reconnects,
         churn_offline: c.churn_offline,
+        background_users: (plan.users as f64 * args.background_fraction).round() as u64,
         skipped_offline: c.skipped_offline,
         stale_messages: c.stale,
         server_cpu_pct,

@@ -88,6 +88,17 @@ pub fn sender_order(users: usize, seed: u64) -> Vec<usize> {
     order
 }
 
+/// Which users (by index) are the `fraction` least active in `order` (a
+/// [`sender_order`]): true for the last ranks.
+pub fn least_active(order: &[usize], fraction: f64) -> Vec<bool> {
+    let count = (order.len() as f64 * fraction).round() as usize;
+    let mut out = vec![false; order.len()];
+    for &user in order.iter().rev().take(count) {
+        out[user] = true;
+    }
+    out
+}
+
 /// How long message texts are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TextDist {
@@ -215,5 +226,18 @@ mod tests {
         let sum: usize = (0..n).map(|_| lognormal.sample(&mut rng)).sum();
         let mean = sum as f64 / n as f64;
         assert!((mean - 128.0).abs() < 5.0, "mean {mean}");
+    }
+
+    #[test]
+    fn the_least_active_are_the_last_ranks() {
+        let order = sender_order(10, 3);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "a permutation");
+        let background = least_active(&order, 0.3);
+        assert_eq!(background.iter().filter(|&&b| b).count(), 3);
+        assert!(order[7..].iter().all(|&u| background[u]));
+        assert!(least_active(&order, 0.0).iter().all(|&b| !b));
+        assert!(least_active(&order, 1.0).iter().all(|&b| b));
     }
 }

@@ -634,6 +634,9 @@ pub struct Report {
     pub reconnects: u64,
     /// Users taken offline by churn.
     pub churn_offline: u64,
+    /// Users whose app was in the background (no heartbeats).
+    #[serde(default)]
+    pub background_users: u64,
     /// Sends skipped because the sender was offline.
     pub skipped_offline: u64,
     /// Messages from another run, ignored.

@@ -3,6 +3,7 @@
 //! Every server gets its own temporary data directory and an ephemeral
 //! port. Every wait has a generous deadline and says what it waited for.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -502,4 +503,23 @@ pub async fn next_frame(
             .expect("stream open");
         buf.extend_from_slice(&chunk.bytes);
     }
+}
+
+/// The samples of a Prometheus text page: `name{labels}` to value.
+pub async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            Some((key.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn value(samples: &HashMap<String, f64>, key: &str) -> f64 {
+    *samples
+        .get(key)
+        .unwrap_or_else(|| panic!("{key} missing from /metrics"))
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chat_loadgen::{Args, Phase, Report, serde_json};
 
-use crate::harness::{Backend, ChildServer, WAIT, init_tracing};
+use crate::harness::{Backend, ChildServer, TestServer, WAIT, init_tracing, scrape, value};
 
 /// Every key the JSON report promises, by path.
 const REPORT_KEYS: &[&str] = &[
@@ -301,6 +301,65 @@ async fn reuse_file_skips_registration_on_the_next_run() {
         saved,
         "the second run resumed from the file instead of registering anew"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_with_the_app_in_the_background_send_no_heartbeats() {
+    init_tracing();
+    // Heartbeats every 200 ms, and no sends (--rate 0): during the measured
+    // window the control stream carries nothing but heartbeats.
+    let server =
+        TestServer::start_with(|c| c.limits.heartbeat_interval = Duration::from_millis(200)).await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let (addr, ca) = (server.addr.to_string(), server.ca.display().to_string());
+    let key = "chat_frames_received_total{stream=\"control\"}";
+    for (fraction, foreground) in [("0", true), ("1", false)] {
+        let args = args(&[
+            "--server",
+            &addr,
+            "--ca",
+            &ca,
+            "--users",
+            "6",
+            "--friends",
+            "2",
+            "--rate",
+            "0",
+            "--warmup",
+            "0s",
+            "--duration",
+            "2s",
+            "--background-fraction",
+            fraction,
+        ]);
+        let (phase_tx, mut phase_rx) = tokio::sync::watch::channel(Phase::SettingUp);
+        let run = tokio::spawn(chat_loadgen::run_with_phases(args, phase_tx));
+        let measuring = phase_rx.wait_for(|p| *p == Phase::Measuring);
+        tokio::time::timeout(WAIT * 2, measuring)
+            .await
+            .expect("the measured window starts in time")
+            .expect("the run is alive");
+        let before = value(&scrape(metrics).await, key);
+        let draining = phase_rx.wait_for(|p| *p == Phase::Draining);
+        tokio::time::timeout(WAIT * 2, draining)
+            .await
+            .expect("the measured window ends in time")
+            .expect("the run is alive");
+        let after = value(&scrape(metrics).await, key);
+        let report = tokio::time::timeout(Duration::from_secs(120), run)
+            .await
+            .expect("the load generator stops by itself")
+            .expect("the run task completes")
+            .expect("the run succeeds");
+        if foreground {
+            assert_eq!(report.background_users, 0);
+            // 6 users x 2 s / 200 ms = 60; allow for a slow machine.
+            assert!(after - before >= 10.0, "{before} -> {after} heartbeats");
+        } else {
+            assert_eq!(report.background_users, 6);
+            assert_eq!(after, before, "no heartbeats from background apps");
+        }
+    }
 }
 
 /// Sends a signal with kill(1).

@@ -15,25 +15,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::*;
 
-/// The samples of a Prometheus text page: `name{labels}` to value.
-async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
-    let (status, body) = http_get(addr, "/metrics").await;
-    assert_eq!(status, 200, "{body}");
-    body.lines()
-        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
-        .filter_map(|line| {
-            let (key, value) = line.rsplit_once(' ')?;
-            Some((key.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-fn value(samples: &HashMap<String, f64>, key: &str) -> f64 {
-    *samples
-        .get(key)
-        .unwrap_or_else(|| panic!("{key} missing from /metrics"))
-}
-
 /// Scrapes until `done` holds (the counters move on server tasks, a little
 /// after the client sees the effect).
 async fn scrape_until(
