@@ -95,7 +95,7 @@ impl ReceiptRoutes {
     /// messages the move newly covers (each once, never the mover).
     pub fn route(&self, moved: &WatermarkMoved, mut notify: impl FnMut(UserId)) {
         if self.broadcasts(moved.members.len()) {
-            for &member in &moved.members {
+            for &member in moved.members.iter() {
                 if member != moved.user_id {
                     notify(member);
                 }
@@ -138,6 +138,7 @@ impl ReceiptRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn moved(user_id: UserId, delivered_seq: u64, seen_seq: u64, members: usize) -> WatermarkMoved {
         WatermarkMoved {
@@ -145,7 +146,7 @@ mod tests {
             user_id,
             delivered_seq,
             seen_seq,
-            members: (1..=members as u64).collect(),
+            members: Arc::new((1..=members as u64).collect()),
         }
     }
 
@@ -179,7 +180,7 @@ mod tests {
         assert_eq!(routed(&routes, &moved(3, 4, 0, 6)), vec![1, 5]);
         // A sender who left is not told.
         let mut left = moved(4, 4, 0, 6);
-        left.members.retain(|&m| m != 5);
+        Arc::make_mut(&mut left.members).retain(|&m| m != 5);
         assert_eq!(routed(&routes, &left), vec![1, 3]);
         // Another conversation knows nothing of these.
         let mut other = moved(2, 4, 0, 6);
@@ -194,7 +195,7 @@ mod tests {
             routes.note_message(7, 5, seq, 100 + seq);
         }
         let members_and_senders = |m: &mut WatermarkMoved| {
-            m.members.extend(100..100 + SENDER_LOG as u64 + 11);
+            Arc::make_mut(&mut m.members).extend(100..100 + SENDER_LOG as u64 + 11);
         };
         let mut m = moved(2, SENDER_LOG as u64 + 10, 0, 5);
         members_and_senders(&mut m);

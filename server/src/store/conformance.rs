@@ -448,7 +448,7 @@ pub async fn undelivered_and_watermarks(store: &impl HistoryStore) {
         .unwrap();
     assert_eq!(moved.len(), 1);
     assert_eq!((moved[0].delivered_seq, moved[0].seen_seq), (3, 0));
-    let mut members = moved[0].members.clone();
+    let mut members = moved[0].members.to_vec();
     members.sort();
     let mut expected = vec![a, b];
     expected.sort();

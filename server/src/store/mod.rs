@@ -297,8 +297,9 @@ pub struct WatermarkMoved {
     pub delivered_seq: u64,
     /// New seen watermark.
     pub seen_seq: u64,
-    /// Every member of the conversation, to notify.
-    pub members: Vec<UserId>,
+    /// Every member of the conversation, to notify (shared with the
+    /// store's cache, so a move does not copy the list).
+    pub members: Arc<Vec<UserId>>,
 }
 
 /// What history keeps of a user's presence: it outlives connections and

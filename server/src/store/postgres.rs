@@ -1371,7 +1371,7 @@ impl HistoryStore for PostgresStore {
                 user_id: id_col(row, 1)?,
                 delivered_seq: id_col(row, 2)?,
                 seen_seq: id_col(row, 3)?,
-                members: col::<Vec<i64>>(row, 4)?.into_iter().map(id).collect(),
+                members: Arc::new(col::<Vec<i64>>(row, 4)?.into_iter().map(id).collect()),
             };
             moved.insert((m.conversation_id, m.user_id), m);
         }

@@ -1729,7 +1729,7 @@ impl HistoryStore for SqliteStore {
                         user_id: u.user_id,
                         delivered_seq,
                         seen_seq,
-                        members: members.to_vec(),
+                        members,
                     });
                 }
             }
