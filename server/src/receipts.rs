@@ -102,6 +102,14 @@ impl ReceiptRoutes {
             }
             return;
         }
+        for sender in self.covered_senders(moved) {
+            notify(sender);
+        }
+    }
+
+    /// The senders `route` tells in a large conversation (collected under
+    /// the lock, told after it).
+    fn covered_senders(&self, moved: &WatermarkMoved) -> Vec<UserId> {
         let mut guard = self.routes();
         let routes = &mut *guard;
         if routes.marks.len() >= MAX_MARKS {
@@ -110,15 +118,15 @@ impl ReceiptRoutes {
         let key = (moved.conversation_id, moved.user_id);
         let new = (moved.delivered_seq, moved.seen_seq);
         let (old_delivered, old_seen) = routes.marks.insert(key, new).unwrap_or((0, 0));
+        let mut told: Vec<UserId> = Vec::new();
         let Some(log) = routes.senders.get(&moved.conversation_id) else {
-            return;
+            return told;
         };
         let covered = |seq: u64| {
             (old_delivered < seq && seq <= moved.delivered_seq)
                 || (old_seen < seq && seq <= moved.seen_seq)
         };
         let from = log.partition_point(|&(seq, _)| seq <= old_delivered.min(old_seen));
-        let mut told: Vec<UserId> = Vec::new();
         for &(seq, sender) in log.range(from..) {
             if seq > moved.delivered_seq.max(moved.seen_seq) {
                 break;
@@ -129,9 +137,9 @@ impl ReceiptRoutes {
                 && moved.members.contains(&sender)
             {
                 told.push(sender);
-                notify(sender);
             }
         }
+        told
     }
 }
 
