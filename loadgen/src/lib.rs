@@ -69,8 +69,8 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
     }
     let background = (plan.users as f64 * args.background_fraction).round();
     log(&format!(
-        "plan: {background} of {} users have the app in the background (no heartbeats, so \
-         presence shows them offline); the rest heartbeat at the interval the server announces \
+        "plan: {background} of {} users have the app in the background (no heartbeats: only \
+         their other traffic keeps them online); the rest heartbeat at the interval the server announces \
          at login; nobody subscribes to presence",
         plan.users
     ));
