@@ -273,6 +273,12 @@ impl Args {
         .map_err(anyhow::Error::msg)
     }
 
+    /// Users whose app is in the background (`--background-fraction` of
+    /// `users`, rounded).
+    pub fn background_count(&self, users: usize) -> usize {
+        (users as f64 * self.background_fraction).round() as usize
+    }
+
     /// Groups `users` virtual users form: none without group sends, else
     /// `--groups-per-user` of them (at least one).
     pub fn group_count(&self, users: usize) -> usize {

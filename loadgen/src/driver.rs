@@ -114,7 +114,7 @@ pub async fn drive(
     let shared = Arc::new(Shared {
         clock: Clock::new(),
         tracker: Tracker::new(),
-        background: least_active(&by_rank, args.background_fraction),
+        background: least_active(&by_rank, args.background_count(by_rank.len())),
         users,
         run_id: rand::random(),
         read_delay: args.read_delay,

@@ -142,13 +142,11 @@ pub fn mean_size(max_size: usize, exponent: f64) -> f64 {
     if max_size < MIN_GROUP_SIZE {
         return 0.0;
     }
-    let (mut weight, mut total) = (0.0, 0.0);
-    for k in 0..=(max_size - MIN_GROUP_SIZE) {
-        let w = 1.0 / ((k + 1) as f64).powf(exponent);
-        weight += w;
-        total += w * (MIN_GROUP_SIZE + k) as f64;
-    }
-    total / weight
+    let sizes = max_size - MIN_GROUP_SIZE + 1;
+    let law = Zipf::new(sizes, exponent);
+    (0..sizes)
+        .map(|k| law.probability(k) * (MIN_GROUP_SIZE + k) as f64)
+        .sum()
 }
 
 #[cfg(test)]

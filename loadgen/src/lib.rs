@@ -67,11 +67,11 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
     if let Some(line) = describe_fanout(&args, plan.users as usize) {
         log(&line);
     }
-    let background = (plan.users as f64 * args.background_fraction).round();
     log(&format!(
-        "plan: {background} of {} users have the app in the background (no heartbeats: only \
+        "plan: {} of {} users have the app in the background (no heartbeats: only \
          their other traffic keeps them online); the rest heartbeat at the interval the server announces \
          at login; nobody subscribes to presence",
+        args.background_count(plan.users as usize),
         plan.users
     ));
     phase.send_replace(Phase::SettingUp);
@@ -231,7 +231,7 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         },
         reconnects: c.reconnects,
         churn_offline: c.churn_offline,
-        background_users: (plan.users as f64 * args.background_fraction).round() as u64,
+        background_users: args.background_count(plan.users as usize) as u64,
         skipped_offline: c.skipped_offline,
         stale_messages: c.stale,
         server_cpu_pct,

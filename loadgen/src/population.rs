@@ -257,15 +257,9 @@ pub async fn set_up(
         let edges = edge_list.clone();
         async move {
             let (a, b) = edges[e];
-            let (ca, cb) = (&clients[a], &clients[b]);
-            let b_identity = cb.identity();
-            retry(|| ca.send_friend_request(&b_identity.username))
-                .await
-                .with_context(|| format!("friend request {a} -> {b}"))?;
-            retry(|| cb.accept_friend(ca.identity().user_id))
-                .await
-                .with_context(|| format!("accept friend {a} -> {b}"))?;
-            let info = retry(|| ca.open_direct(b_identity.user_id))
+            befriend(&clients, a, b).await?;
+            let b_id = clients[b].identity().user_id;
+            let info = retry(|| clients[a].open_direct(b_id))
                 .await
                 .with_context(|| format!("open conversation {a} - {b}"))?;
             Ok(info.conversation_id)
@@ -299,6 +293,19 @@ pub async fn set_up(
     Ok(population)
 }
 
+/// User `a` asks `b` for friendship and `b` accepts.
+async fn befriend(clients: &[Client], a: usize, b: usize) -> anyhow::Result<()> {
+    let (ca, cb) = (&clients[a], &clients[b]);
+    let b_name = cb.identity().username;
+    retry(|| ca.send_friend_request(&b_name))
+        .await
+        .with_context(|| format!("friend request {a} -> {b}"))?;
+    retry(|| cb.accept_friend(ca.identity().user_id))
+        .await
+        .with_context(|| format!("accept friend {a} -> {b}"))?;
+    Ok(())
+}
+
 /// Makes every group member a friend of its creator where the 1-1 graph
 /// has not, then has each creator create its group. Returns the groups'
 /// conversation ids in `specs` order.
@@ -319,15 +326,7 @@ async fn set_up_groups(
         let extra = extra.clone();
         async move {
             let (a, b) = extra[e];
-            let (ca, cb) = (&clients[a], &clients[b]);
-            let b_name = cb.identity().username;
-            retry(|| ca.send_friend_request(&b_name))
-                .await
-                .with_context(|| format!("friend request {a} -> {b} (group)"))?;
-            retry(|| cb.accept_friend(ca.identity().user_id))
-                .await
-                .with_context(|| format!("accept friend {a} -> {b} (group)"))?;
-            Ok(())
+            befriend(&clients, a, b).await
         }
     })
     .await?;

@@ -88,10 +88,9 @@ pub fn sender_order(users: usize, seed: u64) -> Vec<usize> {
     order
 }
 
-/// Which users (by index) are the `fraction` least active in `order` (a
+/// Which users (by index) are the `count` least active in `order` (a
 /// [`sender_order`]): true for the last ranks.
-pub fn least_active(order: &[usize], fraction: f64) -> Vec<bool> {
-    let count = (order.len() as f64 * fraction).round() as usize;
+pub fn least_active(order: &[usize], count: usize) -> Vec<bool> {
     let mut out = vec![false; order.len()];
     for &user in order.iter().rev().take(count) {
         out[user] = true;
@@ -234,10 +233,10 @@ mod tests {
         let mut sorted = order.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "a permutation");
-        let background = least_active(&order, 0.3);
+        let background = least_active(&order, 3);
         assert_eq!(background.iter().filter(|&&b| b).count(), 3);
         assert!(order[7..].iter().all(|&u| background[u]));
-        assert!(least_active(&order, 0.0).iter().all(|&b| !b));
-        assert!(least_active(&order, 1.0).iter().all(|&b| b));
+        assert!(least_active(&order, 0).iter().all(|&b| !b));
+        assert!(least_active(&order, 10).iter().all(|&b| b));
     }
 }
