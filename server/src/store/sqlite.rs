@@ -27,7 +27,15 @@
 //! the senders every 100 ms so that no commit carries them all; the keys
 //! not yet written are held in memory and checked first.
 //!
-//! `written_through` records up to which message both have been written.
+//! Messages themselves are an append-only log keyed by message id, so a
+//! commit appends to the table's last pages instead of dirtying one leaf
+//! page per conversation it touches. Finding a conversation's messages by
+//! seq goes through `message_index`, which is derived data as well: it is
+//! written behind with the heads, in key order, and the entries not yet
+//! written are held in memory and looked up first.
+//!
+//! `written_through` records up to which message keys, and heads with
+//! their index entries, have been written.
 //! At open, and after a rolled-back transaction (which loses what was
 //! pending), the heads and keys of the messages after it are rebuilt from
 //! `messages` (a range scan of the message-id index) before any job runs,
@@ -91,6 +99,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V1__initial.sql"),
     include_str!("sqlite/V2__presence.sql"),
     include_str!("sqlite/V3__idempotency.sql"),
+    include_str!("sqlite/V4__message_log.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -156,6 +165,10 @@ struct DbState {
     conversations: HashMap<ConversationId, Cached>,
     /// Conversation heads appended but not yet written to `conversations`.
     heads: HashMap<ConversationId, Head>,
+    /// Index entries appended but not yet written to `message_index`:
+    /// conversation -> (seq, message id), in seq order. Written with the
+    /// heads.
+    index: HashMap<ConversationId, Vec<(u64, u64)>>,
     /// When heads and keys were last written by the periodic flush.
     flushed_at: Instant,
     /// Idempotency keys of messages appended since their sender's keys
@@ -203,12 +216,19 @@ impl DbState {
         conversation_id: ConversationId,
     ) -> Result<Option<&mut Cached>, StoreError> {
         if !self.conversations.contains_key(&conversation_id) {
-            // The row's head may be behind (written behind, or lost in a
-            // rollback); the last message is not.
+            // Without the pending heads and index entries the last seq
+            // below could be behind a committed message.
+            if self.needs_repair {
+                return Err(StoreError::Unavailable(
+                    "heads and the message index are being rebuilt".into(),
+                ));
+            }
+            // The row's head is behind by what is pending: the last
+            // written index entry and the pending head are not.
             let last_seq: Option<i64> = conn
                 .prepare_cached(
                     "SELECT MAX(c.last_seq,
-                                COALESCE((SELECT MAX(seq) FROM messages WHERE conversation_id = c.id), 0))
+                                COALESCE((SELECT MAX(seq) FROM message_index WHERE conversation_id = c.id), 0))
                      FROM conversations c WHERE c.id = ?1",
                 )
                 .map_err(internal)?
@@ -218,6 +238,8 @@ impl DbState {
             let Some(last_seq) = last_seq else {
                 return Ok(None);
             };
+            let pending = self.heads.get(&conversation_id).map_or(0, |h| h.last_seq);
+            let last_seq = (last_seq as u64).max(pending);
             let members = members_of(conn, conversation_id).map_err(internal)?;
             if self.conversations.len() >= MAX_CACHED_CONVERSATIONS {
                 self.conversations.clear();
@@ -226,7 +248,7 @@ impl DbState {
                 conversation_id,
                 Cached {
                     members: Arc::new(members),
-                    last_seq: last_seq as u64,
+                    last_seq,
                 },
             );
         }
@@ -241,8 +263,8 @@ impl DbState {
         }
     }
 
-    /// Writes every pending head and idempotency key inside the open
-    /// transaction.
+    /// Writes every pending head, index entry and idempotency key inside
+    /// the open transaction.
     fn flush(&mut self, conn: &Connection) -> Result<(), StoreError> {
         self.flushed_at = Instant::now();
         self.flush_heads(conn)?;
@@ -343,11 +365,28 @@ impl DbState {
         .map_err(internal)
     }
 
-    /// Writes every pending head inside the open transaction and moves
-    /// `heads_message_id` up to the last message appended.
+    /// Writes every pending head and index entry inside the open
+    /// transaction and moves `heads_message_id` up to the last message
+    /// appended.
     fn flush_heads(&mut self, conn: &Connection) -> Result<(), StoreError> {
-        if self.heads.is_empty() {
+        if self.heads.is_empty() && self.index.is_empty() {
             return Ok(());
+        }
+        // In key order, so consecutive inserts share leaf pages.
+        let mut index: Vec<(ConversationId, Vec<(u64, u64)>)> = self.index.drain().collect();
+        index.sort_unstable_by_key(|(conversation_id, _)| *conversation_id);
+        let mut insert = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO message_index (conversation_id, seq, message_id)
+                 VALUES (?1, ?2, ?3)",
+            )
+            .map_err(internal)?;
+        for (conversation_id, entries) in index {
+            for (seq, message_id) in entries {
+                insert
+                    .execute(params![sql(conversation_id), sql(seq), sql(message_id)])
+                    .map_err(internal)?;
+            }
         }
         // Lost if the transaction rolls back: `rolled_back` rebuilds them.
         let heads: Vec<(ConversationId, Head)> = self.heads.drain().collect();
@@ -380,13 +419,14 @@ impl DbState {
         self.next_message_id = next_message_id;
         self.conversations.clear();
         self.heads.clear();
+        self.index.clear();
         self.keys.clear();
         self.needs_repair = true;
     }
 
-    /// Rebuilds heads and keys after `written_through` from `messages`, in a
-    /// transaction of its own; on failure, jobs that need them keep waiting
-    /// and the next batch tries again.
+    /// Rebuilds heads, index entries and keys after `written_through` from
+    /// `messages`, in a transaction of its own; on failure, jobs that need
+    /// them keep waiting and the next batch tries again.
     fn repair(&mut self, conn: &Connection) {
         if !self.needs_repair {
             return;
@@ -395,22 +435,26 @@ impl DbState {
             Ok(()) => self.needs_repair = false,
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");
-                tracing::error!(error = %e, "cannot rebuild heads and idempotency keys; retrying with the next batch");
+                tracing::error!(error = %e, "cannot rebuild heads, index and idempotency keys; retrying with the next batch");
             }
         }
     }
 }
 
-/// Brings the heads of the conversations with messages after
-/// `heads_message_id` up to their last message, writes the idempotency keys
-/// of the messages after `keys_message_id`, and moves both marks to the
-/// last message: two range scans of the message-id index.
+/// Indexes the messages after `heads_message_id`, brings the heads of
+/// their conversations up to their last message, writes the idempotency
+/// keys of the messages after `keys_message_id`, and moves both marks to
+/// the last message. The messages after a mark are a range of the log's
+/// primary key, a scan of its last pages.
 const REPAIR: &str = "
+    INSERT OR IGNORE INTO message_index (conversation_id, seq, message_id)
+        SELECT conversation_id, seq, message_id FROM messages
+        WHERE message_id > (SELECT heads_message_id FROM written_through);
     UPDATE conversations SET
-        last_seq = (SELECT MAX(seq) FROM messages m WHERE m.conversation_id = conversations.id),
+        last_seq = (SELECT MAX(seq) FROM message_index i WHERE i.conversation_id = conversations.id),
         last_activity_ms = MAX(last_activity_ms,
-            (SELECT sent_at_ms FROM messages m WHERE m.conversation_id = conversations.id
-             ORDER BY seq DESC LIMIT 1))
+            (SELECT m.sent_at_ms FROM message_index i JOIN messages m ON m.message_id = i.message_id
+             WHERE i.conversation_id = conversations.id ORDER BY i.seq DESC LIMIT 1))
     WHERE id IN (SELECT conversation_id FROM messages
                  WHERE message_id > (SELECT heads_message_id FROM written_through));
     INSERT OR IGNORE INTO idempotency (sender_id, client_msg_id, conversation_id, seq)
@@ -465,6 +509,7 @@ impl SqliteStore {
             next_message_id: next_message_id as u64,
             conversations: HashMap::new(),
             heads: HashMap::new(),
+            index: HashMap::new(),
             flushed_at: Instant::now(),
             keys: HashMap::new(),
             key_slice: 0,
@@ -682,8 +727,45 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<proto::Message>
     })
 }
 
-const MESSAGE_COLUMNS: &str =
-    "conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body";
+/// The columns [`message_from_row`] reads, from `messages m`.
+const MESSAGE_COLUMNS: &str = "m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id, m.type, m.sent_at_ms, m.body";
+
+/// The message at `seq` of a conversation: its index entry from the pending
+/// ones or the table, then the message by id.
+fn message_at(
+    conn: &Connection,
+    state: &DbState,
+    conversation_id: ConversationId,
+    seq: u64,
+) -> Result<Option<proto::Message>, StoreError> {
+    let pending = state.index.get(&conversation_id).and_then(|entries| {
+        entries
+            .binary_search_by_key(&seq, |&(s, _)| s)
+            .ok()
+            .map(|i| entries[i].1)
+    });
+    let message_id = match pending {
+        Some(id) => Some(sql(id)),
+        None => conn
+            .prepare_cached(
+                "SELECT message_id FROM message_index WHERE conversation_id = ?1 AND seq = ?2",
+            )
+            .map_err(internal)?
+            .query_row(params![sql(conversation_id), sql(seq)], |r| r.get(0))
+            .optional()
+            .map_err(internal)?,
+    };
+    let Some(message_id) = message_id else {
+        return Ok(None);
+    };
+    conn.prepare_cached(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.message_id = ?1"
+    ))
+    .map_err(internal)?
+    .query_row([message_id], message_from_row)
+    .optional()
+    .map_err(internal)
+}
 
 fn members_of(conn: &Connection, conversation_id: ConversationId) -> rusqlite::Result<Vec<UserId>> {
     let mut stmt = conn.prepare_cached(
@@ -717,6 +799,7 @@ fn member_states(
 
 fn view(
     conn: &Connection,
+    state: &DbState,
     conversation_id: ConversationId,
     viewer: UserId,
 ) -> Result<ConversationView, StoreError> {
@@ -742,17 +825,7 @@ fn view(
         return Err(StoreError::NotAMember);
     };
     let last_message = if last_seq > 0 {
-        conn.prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq = ?2"
-        ))
-        .map_err(internal)?
-        .query_row(
-            params![sql(conversation_id), sql(last_seq)],
-            message_from_row,
-        )
-        .optional()
-        .map_err(internal)?
-        .map(|mut m| {
+        message_at(conn, state, conversation_id, last_seq)?.map(|mut m| {
             if let Some((cut, _)) = m.text.char_indices().nth(PREVIEW_CHARS) {
                 m.text.truncate(cut);
             }
@@ -763,8 +836,8 @@ fn view(
     };
     let unread_count: i64 = conn
         .prepare_cached(
-            "SELECT COUNT(*) FROM messages
-             WHERE conversation_id = ?1 AND seq > ?2 AND sender_id != ?3",
+            "SELECT COUNT(*) FROM message_index i JOIN messages m ON m.message_id = i.message_id
+             WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3",
         )
         .map_err(internal)?
         .query_row(
@@ -877,14 +950,7 @@ fn stored_original(
     else {
         return Ok(None);
     };
-    let original = conn
-        .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq = ?2"
-        ))
-        .map_err(internal)?
-        .query_row(params![sql(conversation_id), sql(seq)], message_from_row)
-        .optional()
-        .map_err(internal)?
+    let original = message_at(conn, state, conversation_id, seq)?
         .ok_or_else(|| StoreError::Internal("idempotency key without its message".into()))?;
     let members = match state.conversation(conn, original.conversation_id)? {
         Some(c) => c.members.to_vec(),
@@ -956,6 +1022,11 @@ fn append_one(
             message_id,
         },
     );
+    state
+        .index
+        .entry(m.conversation_id)
+        .or_default()
+        .push((seq, message_id));
     state.note_head(
         m.conversation_id,
         Head {
@@ -1292,7 +1363,7 @@ impl HistoryStore for SqliteStore {
         conversation_id: ConversationId,
         viewer: UserId,
     ) -> Result<ConversationView, StoreError> {
-        self.call(move |conn, _| view(conn, conversation_id, viewer))
+        self.call(move |conn, state| view(conn, state, conversation_id, viewer))
             .await
     }
 
@@ -1302,7 +1373,7 @@ impl HistoryStore for SqliteStore {
         (before_ms, before_id): (i64, ConversationId),
         limit: u32,
     ) -> Result<Vec<ConversationView>, StoreError> {
-        self.call(move |conn, _| {
+        self.call(move |conn, state| {
             let before = if before_ms <= 0 { i64::MAX } else { before_ms };
             let ids: Vec<i64> = {
                 let mut stmt = conn
@@ -1321,7 +1392,7 @@ impl HistoryStore for SqliteStore {
                 rows.collect::<rusqlite::Result<_>>().map_err(internal)?
             };
             ids.into_iter()
-                .map(|id| view(conn, id as u64, user))
+                .map(|id| view(conn, state, id as u64, user))
                 .collect()
         })
         .await
@@ -1381,8 +1452,9 @@ impl HistoryStore for SqliteStore {
                     let before = if cursor == 0 { i64::MAX } else { sql(cursor) };
                     let mut stmt = conn
                         .prepare_cached(&format!(
-                            "SELECT {MESSAGE_COLUMNS} FROM messages
-                             WHERE conversation_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+                            "SELECT {MESSAGE_COLUMNS}
+                             FROM message_index i JOIN messages m ON m.message_id = i.message_id
+                             WHERE i.conversation_id = ?1 AND i.seq < ?2 ORDER BY i.seq DESC LIMIT ?3"
                         ))
                         .map_err(internal)?;
                     let rows = stmt
@@ -1396,8 +1468,9 @@ impl HistoryStore for SqliteStore {
                 Direction::Forward => {
                     let mut stmt = conn
                         .prepare_cached(&format!(
-                            "SELECT {MESSAGE_COLUMNS} FROM messages
-                             WHERE conversation_id = ?1 AND seq > ?2 ORDER BY seq ASC LIMIT ?3"
+                            "SELECT {MESSAGE_COLUMNS}
+                             FROM message_index i JOIN messages m ON m.message_id = i.message_id
+                             WHERE i.conversation_id = ?1 AND i.seq > ?2 ORDER BY i.seq ASC LIMIT ?3"
                         ))
                         .map_err(internal)?;
                     let rows = stmt
@@ -1430,18 +1503,18 @@ impl HistoryStore for SqliteStore {
     ) -> Result<Vec<Arc<proto::Message>>, StoreError> {
         self.call(move |conn, _| {
             let mut stmt = conn
-                .prepare_cached(
-                    "SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
-                            m.type, m.sent_at_ms, m.body
+                .prepare_cached(&format!(
+                    "SELECT {MESSAGE_COLUMNS}
                      FROM members mb
                      JOIN conversations c ON c.id = mb.conversation_id
-                     JOIN messages m ON m.conversation_id = mb.conversation_id
-                                    AND m.seq > mb.delivered_seq
+                     JOIN message_index i ON i.conversation_id = mb.conversation_id
+                                         AND i.seq > mb.delivered_seq
+                     JOIN messages m ON m.message_id = i.message_id
                      WHERE mb.user_id = ?1 AND c.last_seq > mb.delivered_seq
                        AND m.sender_id != ?1
-                       AND (m.conversation_id, m.seq) > (?2, ?3)
-                     ORDER BY m.conversation_id, m.seq LIMIT ?4",
-                )
+                       AND (i.conversation_id, i.seq) > (?2, ?3)
+                     ORDER BY i.conversation_id, i.seq LIMIT ?4"
+                ))
                 .map_err(internal)?;
             let rows = stmt
                 .query_map(
@@ -1896,6 +1969,45 @@ mod tests {
         (keys, through)
     }
 
+    /// Stops the periodic write-behind (heads, index, key slices) for an
+    /// hour, so a test on a slow machine still sees what is pending; reads
+    /// and shutdown still write it.
+    async fn hold_write_behind(store: &SqliteStore) {
+        store
+            .call_hot(|_, state| {
+                let later = Instant::now() + Duration::from_secs(3600);
+                state.flushed_at = later;
+                state.keys_flushed_at = later;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Index entries on disk: (conversation, seq, message id) in key order.
+    fn index_on_disk(dir: &Path) -> Vec<(u64, u64, u64)> {
+        let conn = Connection::open(dir.join(FILE_NAME)).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT conversation_id, seq, message_id FROM message_index ORDER BY 1, 2")
+            .unwrap();
+        stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    }
+
+    /// The texts of a conversation's history, oldest first.
+    async fn history_texts(store: &SqliteStore, c: ConversationId) -> Vec<String> {
+        let page = store.history(c, Direction::Backward, 0, 100).await.unwrap();
+        page.messages.iter().map(|m| m.text.clone()).collect()
+    }
+
     fn head_on_disk(dir: &Path, conversation_id: ConversationId) -> (u64, i64) {
         let conn = Connection::open(dir.join(FILE_NAME)).unwrap();
         conn.query_row(
@@ -1931,6 +2043,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
         let (a, b, c) = friends_with_direct(&store, "alice", "bob").await;
+        hold_write_behind(&store).await;
         let batch = vec![
             text(c, a, "k1", "one", 100),
             text(c, b, "k2", "two", 200),
@@ -1972,11 +2085,18 @@ mod tests {
             .unwrap()
             .execute_batch(
                 "UPDATE conversations SET last_seq = 1, last_activity_ms = 100;
+                 DELETE FROM message_index WHERE message_id > 1;
                  UPDATE written_through SET heads_message_id = 1;",
             )
             .unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(head_on_disk(dir.path(), c), (3, 300), "repaired at open");
+        assert_eq!(
+            index_on_disk(dir.path()),
+            [(c, 1, 1), (c, 2, 2), (c, 3, 3)],
+            "index rebuilt at open"
+        );
+        assert_eq!(history_texts(&store, c).await, ["one", "two", "three"]);
         let view = store.conversation(c, a).await.unwrap();
         assert_eq!(view.last_seq, 3);
         let appended = send(&store, text(c, a, "k4", "four", 400)).await;
@@ -1989,6 +2109,7 @@ mod tests {
         let (a, c) = {
             let store = SqliteStore::open(dir.path()).unwrap();
             let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
+            hold_write_behind(&store).await;
             let first = send(&store, text(c, a, "k1", "one", 100)).await;
             assert_eq!(duplicate_of(&first), (false, 1));
             assert_eq!(keys_on_disk(dir.path()), (0, 0), "written behind");
@@ -2003,6 +2124,38 @@ mod tests {
         assert_eq!(retry.message.text, "one");
         let next = send(&store, text(c, a, "k2", "two", 103)).await;
         assert_eq!(duplicate_of(&next), (false, 2));
+    }
+
+    #[tokio::test]
+    async fn messages_are_found_by_seq_before_their_index_entries_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let (a, b, c) = friends_with_direct(&store, "alice", "bob").await;
+        hold_write_behind(&store).await;
+        send(&store, text(c, a, "k1", "one", 100)).await;
+        send(&store, text(c, b, "k2", "two", 200)).await;
+        assert_eq!(index_on_disk(dir.path()), [], "written behind");
+        // The keys reach the table first (their slices are written every
+        // 100 ms, the index once a second): a retry then finds its key on
+        // disk and its message through the pending index entry.
+        store
+            .call_hot(|conn, state| state.flush_keys(conn, None))
+            .await
+            .unwrap();
+        assert_eq!(keys_on_disk(dir.path()).0, 2);
+        let retry = send(&store, text(c, b, "k2", "again", 300)).await;
+        assert_eq!(duplicate_of(&retry), (true, 2));
+        assert_eq!(retry.message.text, "two");
+        assert_eq!(index_on_disk(dir.path()), [], "still pending");
+        // Every other read writes the pending entries first.
+        assert_eq!(history_texts(&store, c).await, ["one", "two"]);
+        assert_eq!(index_on_disk(dir.path()), [(c, 1, 1), (c, 2, 2)]);
+        let view = store.conversation(c, a).await.unwrap();
+        assert_eq!(view.last_message.map(|m| m.text).as_deref(), Some("two"));
+        assert_eq!(
+            view.unread_count, 1,
+            "bob's message; alice's own is not unread"
+        );
     }
 
     #[tokio::test]
@@ -2088,6 +2241,7 @@ mod tests {
         );
         // Repaired right after the rollback, from what is stored: seq 1.
         assert_eq!(head_on_disk(dir.path(), c), (1, 100));
+        assert_eq!(index_on_disk(dir.path()), [(c, 1, 1)]);
         let k2 = send(&store, text(c, a, "k2", "two", 300)).await;
         assert_eq!(duplicate_of(&k2), (false, 2), "k2 was never stored; no gap");
         let k1 = send(&store, text(c, a, "k1", "one", 400)).await;
@@ -2096,6 +2250,7 @@ mod tests {
             (true, 1),
             "k1's key survived the rollback"
         );
+        assert_eq!(history_texts(&store, c).await, ["one", "two"]);
         let view = store.conversation(c, a).await.unwrap();
         assert_eq!((view.last_seq, view.last_activity_ms), (2, 300));
     }
@@ -2124,9 +2279,12 @@ mod tests {
         }
         let store = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(keys_on_disk(dir.path()), (1, 1));
+        assert_eq!(index_on_disk(dir.path()), [(1, 1, 1)], "V4 indexed the log");
         let retry = send(&store, text(1, 1, "old-key", "again", 9)).await;
         assert_eq!(duplicate_of(&retry), (true, 1));
         assert_eq!(retry.message.text, "hello");
+        send(&store, text(1, 1, "new-key", "later", 10)).await;
+        assert_eq!(history_texts(&store, 1).await, ["hello", "later"]);
     }
 
     #[tokio::test]
