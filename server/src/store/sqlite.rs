@@ -34,19 +34,21 @@
 //! written behind with the heads, in key order, and the entries not yet
 //! written are held in memory and looked up first.
 //!
-//! Delivered and seen watermarks (`members`) are written behind the same
-//! way: a move is durable in its commit as one row appended to
-//! `watermark_log`, and the members rows follow with the heads, after
-//! which the log is emptied; whatever is left in the log is replayed at
+//! Delivered and seen watermarks (`members`) are written behind too: a
+//! move is durable in its commit as one row appended to `watermark_log`;
+//! the members rows follow before any job that reads them, and otherwise
+//! in the same slices as the keys (by conversation), after which the log
+//! rows they cover are deleted. Whatever the log holds is replayed at
 //! open and after a rollback.
 //!
 //! `written_through` records up to which message keys, and heads with
 //! their index entries, have been written.
 //! At open, and after a rolled-back transaction (which loses what was
-//! pending), the heads and keys of the messages after it are rebuilt from
-//! `messages` (a range scan of the message-id index) before any job runs,
-//! so no read sees a head behind a committed message and no retry is
-//! taken for a new message.
+//! pending), the heads, index entries and keys of the messages after it
+//! are rebuilt from `messages` (a range of its primary key), and the
+//! watermark log is replayed, before any job runs, so no read sees a head
+//! or a watermark behind what was committed and no retry is taken for a
+//! new message.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -129,7 +131,7 @@ struct CallJob<F, R> {
     /// Write pending watermarks, conversation heads and index entries
     /// first (every job but the hot ones, which read them through the
     /// pending state).
-    flush_heads: bool,
+    flush_pending: bool,
 }
 
 impl<F, R> DbJob for CallJob<F, R>
@@ -141,9 +143,9 @@ where
         let CallJob {
             f,
             reply,
-            flush_heads,
+            flush_pending,
         } = *self;
-        let result = match flush_heads {
+        let result = match flush_pending {
             true => state.flush_for_read(conn).and_then(|()| f(conn, state)),
             false => f(conn, state),
         };
@@ -178,8 +180,8 @@ struct DbState {
     /// heads.
     index: HashMap<ConversationId, Vec<(u64, u64)>>,
     /// Watermarks moved (and logged) but not yet written to `members`:
-    /// (conversation, user) -> (delivered seq, seen seq). Written with the
-    /// heads.
+    /// (conversation, user) -> (delivered seq, seen seq). Written before
+    /// any job that reads `members`, else in the key slices.
     watermarks: HashMap<(ConversationId, UserId), (u64, u64)>,
     /// The last `watermark_log` id when the current cycle of watermark
     /// slices began: after its last slice every row up to it is written.
@@ -705,8 +707,8 @@ impl SqliteStore {
     }
 
     /// [`call`](Self::call) for the hot jobs (appends, watermark moves),
-    /// which neither read conversation heads from the table nor write
-    /// pending ones first.
+    /// which read heads, index entries and watermarks through the pending
+    /// state and so do not write it first.
     async fn call_hot<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
@@ -715,7 +717,7 @@ impl SqliteStore {
         self.submit(f, false).await
     }
 
-    async fn submit<R, F>(&self, f: F, flush_heads: bool) -> Result<R, StoreError>
+    async fn submit<R, F>(&self, f: F, flush_pending: bool) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Connection, &mut DbState) -> Result<R, StoreError> + Send + 'static,
@@ -724,7 +726,7 @@ impl SqliteStore {
         let job: Job = Box::new(CallJob {
             f,
             reply,
-            flush_heads,
+            flush_pending,
         });
         self.jobs
             .send(job)
