@@ -37,6 +37,11 @@ pub struct Config {
     pub postgres_url: Option<String>,
     /// Postgres connections in the pool.
     pub postgres_pool_size: usize,
+    /// Embedded store: shortest time between the starts of two SQLite
+    /// transactions (group commit). Longer means fewer `fdatasync`s and
+    /// less CPU per send for more latency (TUNING.md).
+    #[serde(with = "humantime_serde")]
+    pub sqlite_commit_gap: Duration,
     /// How long a graceful stop (SIGTERM / SIGINT) may take: connections
     /// are told to reconnect and in-flight group commits finish within it.
     #[serde(with = "humantime_serde")]
@@ -222,6 +227,7 @@ impl Default for Config {
             redis_prefix: "chat:".into(),
             postgres_url: None,
             postgres_pool_size: 16,
+            sqlite_commit_gap: crate::store::sqlite::MIN_COMMIT_GAP,
             shutdown_timeout: Duration::from_secs(10),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             postgres_schema: None,
@@ -378,6 +384,13 @@ impl Config {
         if t.idle_timeout.is_zero() {
             return err("idle-timeout must be more than 0s".into());
         }
+        if self.sqlite_commit_gap > crate::store::sqlite::MAX_COMMIT_GAP {
+            return err(format!(
+                "sqlite-commit-gap = {} is above {}",
+                humantime::format_duration(self.sqlite_commit_gap),
+                humantime::format_duration(crate::store::sqlite::MAX_COMMIT_GAP)
+            ));
+        }
         if l.heartbeat_interval >= t.idle_timeout {
             return err(format!(
                 "heartbeat-interval ({}) must be shorter than idle-timeout ({}), or idle connections time out between heartbeats",
@@ -531,6 +544,9 @@ mod tests {
         assert_eq!(config.limits.max_text_len, 100);
         assert_eq!(config.limits.max_frame_len, limits::DEFAULT_MAX_FRAME_LEN);
         assert_eq!(config.transport.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.sqlite_commit_gap, Duration::from_millis(1));
+        let config: Config = toml::from_str("sqlite-commit-gap = \"3ms\"\n").unwrap();
+        assert_eq!(config.sqlite_commit_gap, Duration::from_millis(3));
         assert!(toml::from_str::<Config>("no-such-key = 1").is_err());
     }
 
@@ -542,6 +558,10 @@ mod tests {
             (|c| c.limits.max_text_len = 0, "max-text-len"),
             (|c| c.limits.max_text_len = 70_000, "max-frame-len"),
             (|c| c.limits.session_ttl = Duration::ZERO, "session-ttl"),
+            (
+                |c| c.sqlite_commit_gap = Duration::from_millis(51),
+                "sqlite-commit-gap",
+            ),
             (
                 |c| c.transport.idle_timeout = Duration::ZERO,
                 "idle-timeout",

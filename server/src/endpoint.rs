@@ -405,7 +405,10 @@ impl Stores {
                 tracing::info!(target = store.target(), "postgres connected");
                 Arc::new(store)
             }
-            None => Arc::new(SqliteStore::open(&config.data_dir)?),
+            None => Arc::new(SqliteStore::open_with(
+                &config.data_dir,
+                config.sqlite_commit_gap,
+            )?),
         };
         tracing::info!(backend = history.backend(), "history store open");
         let Some(url) = &config.redis_url else {

@@ -74,7 +74,7 @@ use super::{
 const MAX_BATCH: usize = 512;
 
 /// Shortest time from the start of one transaction to the start of the
-/// next. Without it the thread commits back to back whenever anything is
+/// next, by default (`sqlite-commit-gap`). Without it the thread commits back to back whenever anything is
 /// waiting, so at moderate load it syncs thousands of tiny transactions a
 /// second and its CPU hardly falls with the load (2,000 `fdatasync`s a
 /// second at 3,000 sends/s). One millisecond halves that: at 3,000 and
@@ -82,7 +82,11 @@ const MAX_BATCH: usize = 512;
 /// bytes per send, for ~1 ms more median ack latency (BENCHMARKS.md).
 /// Under heavy load commits take longer than this anyway, so it never
 /// binds there.
-const MIN_COMMIT_GAP: Duration = Duration::from_millis(1);
+pub const MIN_COMMIT_GAP: Duration = Duration::from_millis(1);
+
+/// Longest `sqlite-commit-gap` accepted: beyond it the gap is most of a
+/// send's latency.
+pub const MAX_COMMIT_GAP: Duration = Duration::from_millis(50);
 
 /// Longest a conversation head or an idempotency key stays unwritten while
 /// only sends and watermark moves arrive.
@@ -634,8 +638,17 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) `dir/chat.sqlite3` and migrates it.
+    /// Opens (creating if needed) `dir/chat.sqlite3` and migrates it,
+    /// with the default commit gap.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, MIN_COMMIT_GAP)
+    }
+
+    /// [`open`](Self::open) with `commit_gap` between the starts of
+    /// consecutive transactions (see [`MIN_COMMIT_GAP`]; at most
+    /// [`MAX_COMMIT_GAP`]).
+    pub fn open_with(dir: &Path, commit_gap: Duration) -> Result<Self, StoreError> {
+        let commit_gap = commit_gap.min(MAX_COMMIT_GAP);
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Internal(format!("create {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
@@ -682,7 +695,7 @@ impl SqliteStore {
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("sqlite-store".into())
-            .spawn(move || run_thread(conn, state, rx))
+            .spawn(move || run_thread(conn, state, rx, commit_gap))
             .map_err(|e| StoreError::Internal(format!("spawn store thread: {e}")))?;
         Ok(SqliteStore {
             jobs,
@@ -749,13 +762,18 @@ impl Drop for SqliteStore {
     }
 }
 
-fn run_thread(conn: Connection, mut state: DbState, rx: std_mpsc::Receiver<Job>) {
+fn run_thread(
+    conn: Connection,
+    mut state: DbState,
+    rx: std_mpsc::Receiver<Job>,
+    commit_gap: Duration,
+) {
     let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     let mut last_start: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
         // Back-to-back commits are paced (see MIN_COMMIT_GAP); the jobs
         // that arrive meanwhile join this batch.
-        if let Some(wait) = last_start.and_then(|t| MIN_COMMIT_GAP.checked_sub(t.elapsed())) {
+        if let Some(wait) = last_start.and_then(|t| commit_gap.checked_sub(t.elapsed())) {
             std::thread::sleep(wait);
         }
         last_start = Some(Instant::now());
@@ -2187,6 +2205,24 @@ mod tests {
         let elapsed = started.elapsed();
         assert!(
             elapsed >= MIN_COMMIT_GAP * (SENDS - 1),
+            "{SENDS} commits in {elapsed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_commit_gap_is_configurable() {
+        let dir = tempfile::tempdir().unwrap();
+        let gap = Duration::from_millis(20);
+        let store = SqliteStore::open_with(dir.path(), gap).unwrap();
+        let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
+        const SENDS: u32 = 6;
+        let started = Instant::now();
+        for i in 0..SENDS {
+            send(&store, text(c, a, &format!("k{i}"), "hi", 100)).await;
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= gap * (SENDS - 1),
             "{SENDS} commits in {elapsed:?}"
         );
     }
