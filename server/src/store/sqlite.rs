@@ -191,7 +191,8 @@ struct DbState {
     /// slices began: after its last slice every row up to it is written.
     /// `None` when the log was emptied since (ids may start over then).
     watermark_cycle: Option<i64>,
-    /// When heads and keys were last written by the periodic flush.
+    /// When heads and index entries were last written by the periodic
+    /// flush.
     flushed_at: Instant,
     /// Idempotency keys of messages appended since their sender's keys
     /// were last written: sender -> client_msg_id -> where it went.
@@ -909,7 +910,10 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<proto::Message>
 }
 
 /// The columns [`message_from_row`] reads, from `messages m`.
-const MESSAGE_COLUMNS: &str = "m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id, m.type, m.sent_at_ms, m.body";
+const MESSAGE_COLUMNS: &str = concat!(
+    "m.conversation_id, m.seq, m.message_id, m.sender_id, ",
+    "m.client_msg_id, m.type, m.sent_at_ms, m.body"
+);
 
 /// The message at `seq` of a conversation: its index entry from the pending
 /// ones or the table, then the message by id.
