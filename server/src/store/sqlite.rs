@@ -2459,6 +2459,149 @@ mod tests {
         assert_eq!(watermarks_on_disk(dir.path(), c1, a), ((1, 1), 1));
     }
 
+    /// What the test below expects of one conversation: the texts sent
+    /// (seq = index + 1) and the recipient's acknowledged watermarks.
+    struct Expected {
+        conversation: ConversationId,
+        sender: UserId,
+        recipient: UserId,
+        texts: Vec<String>,
+        delivered: u64,
+        seen: u64,
+    }
+
+    async fn check(store: &SqliteStore, e: &Expected, when: &str) {
+        assert_eq!(
+            history_texts(store, e.conversation).await,
+            e.texts,
+            "{when}"
+        );
+        let view = store
+            .conversation(e.conversation, e.recipient)
+            .await
+            .unwrap();
+        let member = view
+            .members
+            .iter()
+            .find(|m| m.user_id == e.recipient)
+            .unwrap();
+        assert_eq!(
+            (member.delivered_seq, member.seen_seq),
+            (e.delivered, e.seen),
+            "{when}"
+        );
+        assert_eq!(view.last_seq, e.texts.len() as u64, "{when}");
+    }
+
+    /// Random sends, retries, marks, partial write-behind, reads, crashes
+    /// (no shutdown) and clean restarts: after each, every acknowledged
+    /// send and watermark move is there, exactly once, and retries are
+    /// recognised.
+    #[tokio::test]
+    async fn write_behind_survives_crashes_at_any_point() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let mut expected = Vec::new();
+        for (a, b) in [("alice", "bob"), ("xavier", "yara")] {
+            let (sender, recipient, conversation) = friends_with_direct(&store, a, b).await;
+            expected.push(Expected {
+                conversation,
+                sender,
+                recipient,
+                texts: Vec::new(),
+                delivered: 0,
+                seen: 0,
+            });
+        }
+        hold_write_behind(&store).await;
+        let (mut crashes, mut restarts) = (0, 0);
+        for step in 0..300 {
+            let e = &mut expected[rng.random_range(0..2)];
+            let when = format!("step {step}");
+            match rng.random_range(0..100) {
+                0..35 => {
+                    let n = e.texts.len() + 1;
+                    let body = format!("m{n}");
+                    let key = format!("{}-{n}", e.conversation);
+                    let sent = send(&store, text(e.conversation, e.sender, &key, &body, 100)).await;
+                    assert_eq!(duplicate_of(&sent), (false, n as u64), "{when}");
+                    e.texts.push(body);
+                }
+                35..45 if !e.texts.is_empty() => {
+                    let n = rng.random_range(1..=e.texts.len());
+                    let key = format!("{}-{n}", e.conversation);
+                    let retry = send(&store, text(e.conversation, e.sender, &key, "x", 100)).await;
+                    assert_eq!(duplicate_of(&retry), (true, n as u64), "{when}");
+                    assert_eq!(retry.message.text, e.texts[n - 1], "{when}");
+                }
+                45..70 if !e.texts.is_empty() => {
+                    let seq = rng.random_range(1..=e.texts.len() as u64);
+                    let kind = if rng.random_bool(0.5) {
+                        WatermarkKind::Seen
+                    } else {
+                        WatermarkKind::Delivered
+                    };
+                    let before = (e.delivered, e.seen);
+                    e.delivered = e.delivered.max(seq);
+                    if kind == WatermarkKind::Seen {
+                        e.seen = e.seen.max(seq);
+                    }
+                    let moved = mark(&store, e.conversation, e.recipient, kind, seq).await;
+                    let after = (e.delivered, e.seen);
+                    assert_eq!(moved, (after != before).then_some(after), "{when}");
+                }
+                70..80 => {
+                    // Part of the write-behind, as the slices and the
+                    // periodic flush would do it.
+                    let slice = rng.random_range(0..KEY_SLICES);
+                    let heads = rng.random_bool(0.3);
+                    store
+                        .call_hot(move |conn, state| {
+                            state.flush_keys(conn, Some(slice))?;
+                            state.flush_watermarks(conn, Some(slice))?;
+                            match heads {
+                                true => state.flush_heads(conn),
+                                false => Ok(()),
+                            }
+                        })
+                        .await
+                        .unwrap();
+                }
+                80..88 => check(&store, e, &when).await,
+                88..95 => {
+                    // The process dies: nothing pending is written.
+                    std::mem::forget(store);
+                    store = SqliteStore::open(dir.path()).unwrap();
+                    hold_write_behind(&store).await;
+                    crashes += 1;
+                    for e in &expected {
+                        check(&store, e, &format!("{when}, after a crash")).await;
+                    }
+                }
+                95..100 => {
+                    drop(store);
+                    store = SqliteStore::open(dir.path()).unwrap();
+                    hold_write_behind(&store).await;
+                    restarts += 1;
+                    for e in &expected {
+                        check(&store, e, &format!("{when}, after a restart")).await;
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert!(
+            crashes >= 5 && restarts >= 5,
+            "{crashes} crashes, {restarts} restarts"
+        );
+        for e in &expected {
+            assert!(e.texts.len() > 20 && e.seen > 0, "{} sends", e.texts.len());
+            check(&store, e, "the end").await;
+        }
+    }
+
     #[tokio::test]
     async fn watermark_moves_lost_in_a_crash_are_replayed_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
