@@ -324,17 +324,7 @@ impl DbState {
         // Lost if the transaction rolls back: `rolled_back` rebuilds them.
         let mut senders: Vec<(UserId, HashMap<String, PendingKey>)> = match slice {
             None => self.keys.drain().collect(),
-            Some(slice) => {
-                let ids: Vec<UserId> = self
-                    .keys
-                    .keys()
-                    .copied()
-                    .filter(|id| id % KEY_SLICES == slice)
-                    .collect();
-                ids.into_iter()
-                    .filter_map(|id| self.keys.remove_entry(&id))
-                    .collect()
-            }
+            Some(slice) => take_where(&mut self.keys, |id| id % KEY_SLICES == slice),
         };
         if senders.is_empty() {
             return Ok(());
@@ -517,17 +507,9 @@ impl DbState {
         // `repair` replays them.
         let mut moved: Vec<((ConversationId, UserId), (u64, u64))> = match slice {
             None => self.watermarks.drain().collect(),
-            Some(slice) => {
-                let keys: Vec<(ConversationId, UserId)> = self
-                    .watermarks
-                    .keys()
-                    .copied()
-                    .filter(|(conversation_id, _)| conversation_id % KEY_SLICES == slice)
-                    .collect();
-                keys.into_iter()
-                    .filter_map(|key| self.watermarks.remove_entry(&key))
-                    .collect()
-            }
+            Some(slice) => take_where(&mut self.watermarks, |(conversation_id, _)| {
+                conversation_id % KEY_SLICES == slice
+            }),
         };
         moved.sort_unstable_by_key(|(key, _)| *key);
         let mut update = conn
@@ -839,6 +821,18 @@ fn run_thread(
         let _ = conn.execute_batch("ROLLBACK");
         tracing::warn!(error = %e, "heads and keys not written at shutdown; rebuilt at next open");
     }
+}
+
+/// Removes and returns the entries of `map` whose key is `wanted` (one
+/// slice of what is pending).
+fn take_where<K, V>(map: &mut HashMap<K, V>, wanted: impl Fn(&K) -> bool) -> Vec<(K, V)>
+where
+    K: Copy + Eq + std::hash::Hash,
+{
+    let keys: Vec<K> = map.keys().copied().filter(|k| wanted(k)).collect();
+    keys.into_iter()
+        .filter_map(|k| map.remove_entry(&k))
+        .collect()
 }
 
 /// Runs a parameterless statement through the statement cache (savepoints
@@ -2193,20 +2187,25 @@ mod tests {
         .unwrap()
     }
 
+    /// How long `sends` appends take when one caller sends one message at
+    /// a time: every append is a transaction of its own that starts as
+    /// soon as the previous one answered. A slow machine only makes this
+    /// take longer.
+    async fn back_to_back_sends(store: &SqliteStore, sends: u32) -> Duration {
+        let (a, _, c) = friends_with_direct(store, "alice", "bob").await;
+        let started = Instant::now();
+        for i in 0..sends {
+            send(store, text(c, a, &format!("k{i}"), "hi", 100)).await;
+        }
+        started.elapsed()
+    }
+
     #[tokio::test]
     async fn back_to_back_commits_are_paced() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
-        // One caller, one message at a time: every append is a transaction
-        // of its own that starts as soon as the previous one answered. A
-        // slow machine only makes this take longer.
         const SENDS: u32 = 40;
-        let started = Instant::now();
-        for i in 0..SENDS {
-            send(&store, text(c, a, &format!("k{i}"), "hi", 100)).await;
-        }
-        let elapsed = started.elapsed();
+        let elapsed = back_to_back_sends(&store, SENDS).await;
         assert!(
             elapsed >= MIN_COMMIT_GAP * (SENDS - 1),
             "{SENDS} commits in {elapsed:?}"
@@ -2218,13 +2217,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gap = Duration::from_millis(20);
         let store = SqliteStore::open_with(dir.path(), gap).unwrap();
-        let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
         const SENDS: u32 = 6;
-        let started = Instant::now();
-        for i in 0..SENDS {
-            send(&store, text(c, a, &format!("k{i}"), "hi", 100)).await;
-        }
-        let elapsed = started.elapsed();
+        let elapsed = back_to_back_sends(&store, SENDS).await;
         assert!(
             elapsed >= gap * (SENDS - 1),
             "{SENDS} commits in {elapsed:?}"
