@@ -71,6 +71,10 @@ struct Overrides {
     /// (fewer fsyncs and less CPU per send, more latency).
     #[arg(long, env = "CHAT_SQLITE_COMMIT_GAP", value_parser = humantime::parse_duration)]
     sqlite_commit_gap: Option<Duration>,
+    /// Committer pairs, each owning a share of the conversations (default:
+    /// 1 embedded, 4 on Postgres).
+    #[arg(long, env = "CHAT_COMMITTERS")]
+    committers: Option<usize>,
     /// How long a graceful stop may take, e.g. 10s.
     #[arg(long, env = "CHAT_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
     shutdown_timeout: Option<Duration>,
@@ -216,6 +220,9 @@ impl Overrides {
         set(&mut c.postgres_pool_size, self.postgres_pool_size);
         set(&mut c.shutdown_timeout, self.shutdown_timeout);
         set(&mut c.sqlite_commit_gap, self.sqlite_commit_gap);
+        if self.committers.is_some() {
+            c.committers = self.committers;
+        }
         if self.postgres_schema.is_some() {
             c.postgres_schema = self.postgres_schema;
         }
@@ -449,6 +456,8 @@ mod tests {
             "127.0.0.1:0",
             "--sqlite-commit-gap",
             "3ms",
+            "--committers",
+            "2",
         ])
         .unwrap();
         assert_eq!(c.transport.congestion_controller, CongestionController::Bbr);
@@ -459,6 +468,7 @@ mod tests {
         assert_eq!((c.limits.send_rate, c.limits.send_burst), (5, 10));
         assert_eq!(c.metrics_listen.port(), 0);
         assert_eq!(c.sqlite_commit_gap, Duration::from_millis(3));
+        assert_eq!(c.committers(), 2);
         let err = parse(&["--congestion-controller", "vegas"]).unwrap_err();
         assert!(err.contains("vegas"), "{err}");
     }

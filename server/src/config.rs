@@ -42,6 +42,12 @@ pub struct Config {
     /// less CPU per send for more latency (TUNING.md).
     #[serde(with = "humantime_serde")]
     pub sqlite_commit_gap: Duration,
+    /// Pairs of committers (send and watermark), each owning a share of
+    /// the conversations, so this many group commits can be in flight at
+    /// once. Unset: 1 on the embedded store (one writer anyway),
+    /// [`POSTGRES_COMMITTERS`] on Postgres (TUNING.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub committers: Option<usize>,
     /// How long a graceful stop (SIGTERM / SIGINT) may take: connections
     /// are told to reconnect and in-flight group commits finish within it.
     #[serde(with = "humantime_serde")]
@@ -228,6 +234,7 @@ impl Default for Config {
             postgres_url: None,
             postgres_pool_size: 16,
             sqlite_commit_gap: crate::store::sqlite::MIN_COMMIT_GAP,
+            committers: None,
             shutdown_timeout: Duration::from_secs(10),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             postgres_schema: None,
@@ -293,6 +300,14 @@ impl Default for Transport {
 
 /// Room a frame needs around a maximal text (ids, keys, envelope).
 const FRAME_OVERHEAD: usize = 512;
+
+/// Committer pairs on Postgres unless `committers` says otherwise: enough
+/// to keep a commit in flight while others wait for their fsync or fan
+/// out (BENCHMARKS.md, session 19).
+pub const POSTGRES_COMMITTERS: usize = 4;
+
+/// Most committer pairs accepted.
+pub const MAX_COMMITTERS: usize = 64;
 /// The smallest UDP payload every QUIC path must carry (RFC 9000 §14).
 const QUIC_MIN_MTU: u16 = 1200;
 /// The largest UDP payload over IPv4 (65535 - 8 - 20 header bytes).
@@ -304,6 +319,17 @@ const MAX_UDP_PAYLOAD: u16 = 65_527;
 pub struct ConfigError(pub String);
 
 impl Config {
+    /// How many committer pairs to run (see [`Config::committers`]'s
+    /// field): as set, else 1 on the embedded store and
+    /// [`POSTGRES_COMMITTERS`] (at most the pool size) on Postgres.
+    pub fn committers(&self) -> usize {
+        match (self.committers, &self.postgres_url) {
+            (Some(n), _) => n,
+            (None, Some(_)) => POSTGRES_COMMITTERS.min(self.postgres_pool_size).max(1),
+            (None, None) => 1,
+        }
+    }
+
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -438,6 +464,19 @@ impl Config {
         if self.postgres_pool_size == 0 {
             return err("postgres-pool-size must be at least 1".into());
         }
+        if let Some(n) = self.committers {
+            if !(1..=MAX_COMMITTERS).contains(&n) {
+                return err(format!("committers = {n} is outside 1..={MAX_COMMITTERS}"));
+            }
+        }
+        if let (Some(n), Some(_)) = (self.committers, &self.postgres_url) {
+            if n > self.postgres_pool_size {
+                return err(format!(
+                    "committers = {n} is more than postgres-pool-size = {}: the extra committers would only wait for a connection",
+                    self.postgres_pool_size
+                ));
+            }
+        }
         if t.max_connections == 0 {
             return err("max-connections must be at least 1".into());
         }
@@ -551,6 +590,19 @@ mod tests {
     }
 
     #[test]
+    fn committers_default_by_backend() {
+        let mut config = Config::default();
+        assert_eq!(config.committers(), 1, "embedded: one writer");
+        config.postgres_url = Some("postgres://db/chat".into());
+        assert_eq!(config.committers(), POSTGRES_COMMITTERS);
+        config.postgres_pool_size = 2;
+        assert_eq!(config.committers(), 2, "never more than the pool");
+        config.validate().unwrap();
+        let config: Config = toml::from_str("committers = 3\n").unwrap();
+        assert_eq!(config.committers(), 3);
+    }
+
+    #[test]
     fn invalid_settings_name_what_is_wrong() {
         type Case = (fn(&mut Config), &'static str);
         let cases: Vec<Case> = vec![
@@ -561,6 +613,16 @@ mod tests {
             (
                 |c| c.sqlite_commit_gap = Duration::from_millis(51),
                 "sqlite-commit-gap",
+            ),
+            (|c| c.committers = Some(0), "committers = 0"),
+            (|c| c.committers = Some(65), "committers = 65"),
+            (
+                |c| {
+                    c.postgres_url = Some("postgres://db/chat".into());
+                    c.postgres_pool_size = 2;
+                    c.committers = Some(3);
+                },
+                "postgres-pool-size",
             ),
             (
                 |c| c.transport.idle_timeout = Duration::ZERO,

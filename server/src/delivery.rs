@@ -17,9 +17,14 @@
 //!
 //! Each committer is one task that takes every request waiting in its
 //! queue, hands the whole batch to the store as one transaction (group
-//! commit), and only then answers. Because one task commits batches in
-//! order and fans out in seq order, every session's queue receives a
-//! conversation's messages in increasing seq order.
+//! commit), and only then answers. There are `committers` pairs of them
+//! (the `committers` setting), and a conversation always goes to the same
+//! pair ([`shard_of`]): because one task commits a conversation's batches
+//! in order and fans out in seq order, every session's queue receives a
+//! conversation's messages in increasing seq order. Several pairs let a
+//! store that runs transactions concurrently (Postgres) have several
+//! commits in flight; SQLite has one writer and folds them into one
+//! transaction anyway, so it runs one pair.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -99,29 +104,37 @@ pub struct MarkJob {
     pub reply: Option<(u64, Arc<SessionHandle>)>,
 }
 
-/// Handle to the two committers.
+/// Handle to the committers: one send and one watermark committer per
+/// shard of the conversations.
 pub struct Delivery {
-    sends: mpsc::Sender<SendJob>,
-    marks: mpsc::Sender<MarkJob>,
+    sends: Vec<mpsc::Sender<SendJob>>,
+    marks: Vec<mpsc::Sender<MarkJob>>,
 }
 
 /// The committers' tasks, to await at shutdown so in-flight commits finish.
 pub struct DeliveryTasks {
-    sends: JoinHandle<()>,
-    marks: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl DeliveryTasks {
-    /// Waits until both committers have drained their queues and stopped
+    /// Waits until every committer has drained its queue and stopped
     /// (which happens once every `Delivery` handle is dropped).
     pub async fn join(self) {
-        let _ = self.sends.await;
-        let _ = self.marks.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
     }
 }
 
+/// The committer pair that owns `conversation_id`, of `shards`.
+/// Conversation ids are handed out in sequence, so the remainder spreads
+/// them evenly.
+pub fn shard_of(conversation_id: u64, shards: usize) -> usize {
+    (conversation_id % shards.max(1) as u64) as usize
+}
+
 impl Delivery {
-    /// Starts the committers.
+    /// Starts `shards` pairs of committers (at least one).
     pub fn start(
         store: Arc<dyn HistoryStore>,
         cache: Arc<dyn RecentCache>,
@@ -129,35 +142,57 @@ impl Delivery {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         receipt_broadcast_max: usize,
+        shards: usize,
     ) -> (Arc<Delivery>, DeliveryTasks) {
-        let (sends, sends_rx) = mpsc::channel(QUEUE_DEPTH);
-        let (marks, marks_rx) = mpsc::channel(QUEUE_DEPTH);
         let committer = Committer {
             store,
             hub,
             metrics,
             routes: Arc::new(ReceiptRoutes::new(receipt_broadcast_max)),
         };
-        let tasks = DeliveryTasks {
-            sends: tokio::spawn(send_committer(
+        let mut delivery = Delivery {
+            sends: Vec::new(),
+            marks: Vec::new(),
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..shards.max(1) {
+            let (sends, sends_rx) = mpsc::channel(QUEUE_DEPTH);
+            let (marks, marks_rx) = mpsc::channel(QUEUE_DEPTH);
+            tasks.push(tokio::spawn(send_committer(
                 sends_rx,
                 committer.clone(),
-                cache,
+                cache.clone(),
                 inbox.clone(),
-            )),
-            marks: tokio::spawn(mark_committer(marks_rx, committer, inbox)),
-        };
-        (Arc::new(Delivery { sends, marks }), tasks)
+            )));
+            tasks.push(tokio::spawn(mark_committer(
+                marks_rx,
+                committer.clone(),
+                inbox.clone(),
+            )));
+            delivery.sends.push(sends);
+            delivery.marks.push(marks);
+        }
+        (Arc::new(delivery), DeliveryTasks { tasks })
     }
 
-    /// Queues a send; waits only if the committer is saturated.
+    /// Queues a send; waits only if its committer is saturated.
     pub async fn submit(&self, job: SendJob) -> Result<(), Refusal> {
-        enqueue(&self.sends, job).await
+        let key = match &job.work {
+            Work::Message(message) => message.conversation_id,
+            Work::Group {
+                conversation_id, ..
+            } => *conversation_id,
+            // A new conversation has nothing in flight to stay behind:
+            // any committer will do.
+            Work::CreateGroup { creator, .. } => *creator,
+        };
+        enqueue(&self.sends[shard_of(key, self.sends.len())], job).await
     }
 
     /// Queues a watermark move.
     pub async fn mark(&self, job: MarkJob) -> Result<(), Refusal> {
-        enqueue(&self.marks, job).await
+        let shard = shard_of(job.update.conversation_id, self.marks.len());
+        enqueue(&self.marks[shard], job).await
     }
 }
 
@@ -242,7 +277,8 @@ struct Fanout {
 /// on their way; storing one of them before the failed send comes back
 /// would put it ahead in the conversation, so until then they are refused
 /// too (UNAVAILABLE, retryable), and client-lib resends from its earliest
-/// refused send, in order.
+/// refused send, in order. Each committer keeps its own: order matters
+/// within a conversation, and a conversation has one committer.
 type Holds = HashMap<u64, (String, Instant)>;
 
 /// How long a connection's failed send is waited for before its hold is
@@ -554,6 +590,21 @@ fn coalesce(updates: impl Iterator<Item = WatermarkUpdate>) -> Vec<WatermarkUpda
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_conversation_always_has_the_same_committer_and_all_are_used() {
+        for shards in [1, 3, 4] {
+            let mut used = vec![0u32; shards];
+            for conversation in 1..=1_000u64 {
+                let shard = shard_of(conversation, shards);
+                assert_eq!(shard, shard_of(conversation, shards));
+                used[shard] += 1;
+            }
+            // Sequential ids spread evenly.
+            assert!(used.iter().all(|&n| n.abs_diff(1_000 / shards as u32) <= 1), "{used:?}");
+        }
+        assert_eq!(shard_of(42, 0), 0, "no shards means one");
+    }
 
     #[test]
     fn coalesce_keeps_the_highest_per_member_and_kind() {

@@ -56,6 +56,75 @@ async fn alice_sends_to_offline_bob(
 }
 
 each_backend! {
+    async fn several_committers_keep_every_conversation_in_order(backend: Backend) {
+        // Three committer pairs: the friends' conversations are spread over
+        // them, and all of them commit at once.
+        let server = TestServer::start_on_with(backend.clone(), |c| c.committers = Some(3)).await;
+        let (hub, mut hub_events) = register(server.client_config(), &name("hub")).await;
+        const FRIENDS: usize = 6;
+        const EACH: usize = 25;
+        let mut friends = Vec::new();
+        for i in 0..FRIENDS {
+            let (friend, events) = register(server.client_config(), &name(&format!("f{i}"))).await;
+            let conversation = befriend(&friend, &hub).await;
+            friends.push((friend, events, conversation));
+        }
+        let shards: std::collections::HashSet<usize> = friends
+            .iter()
+            .map(|(_, _, c)| chat_server::delivery::shard_of(*c, 3))
+            .collect();
+        assert!(shards.len() > 1, "conversations on one committer only: {shards:?}");
+
+        // Every friend sends its texts at once, without waiting for acks.
+        let mut sends = Vec::new();
+        for (friend, _, conversation) in &friends {
+            for n in 0..EACH {
+                let (friend, conversation) = (friend.clone(), *conversation);
+                let text = format!("{conversation}/{n}");
+                sends.push(tokio::spawn(async move {
+                    let ack = friend.send_text(conversation, &text).await;
+                    (text, ack)
+                }));
+            }
+        }
+        let mut acked = std::collections::HashMap::new();
+        for send in sends {
+            let (text, ack) = send.await.unwrap();
+            let ack = ack.unwrap();
+            acked.insert((ack.conversation_id, ack.seq), text);
+        }
+        assert_eq!(acked.len(), FRIENDS * EACH, "every send has its own seq");
+
+        // Each conversation arrives complete and in seq order, each seq
+        // carrying the text its ack named.
+        let got = messages(&mut hub_events, FRIENDS * EACH).await;
+        for (_, _, conversation) in &friends {
+            let arrived: Vec<&proto::Message> = got
+                .iter()
+                .filter(|m| m.conversation_id == *conversation)
+                .collect();
+            let seqs: Vec<u64> = arrived.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, (1..=EACH as u64).collect::<Vec<_>>(), "conversation {conversation}");
+            for m in arrived {
+                assert_eq!(Some(&m.text), acked.get(&(m.conversation_id, m.seq)));
+            }
+        }
+        assert_no_message(&mut hub_events, Duration::from_millis(300)).await;
+
+        // Watermark moves go through the sharded committers too: every
+        // friend hears "seen" for its last message.
+        let hub_id = hub.identity().user_id;
+        for (_, _, conversation) in &friends {
+            hub.mark_seen(*conversation, EACH as u64).await.unwrap();
+        }
+        for (_, events, conversation) in &mut friends {
+            receipt(events, *conversation, hub_id, "seen receipt", |r| {
+                r.seen_seq == EACH as u64 && r.delivered_seq == EACH as u64
+            })
+            .await;
+        }
+    }
+
     async fn sent_then_delivered_then_seen(backend: Backend) {
         let server = TestServer::start_on(backend.clone()).await;
         let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
