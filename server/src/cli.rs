@@ -71,8 +71,8 @@ struct Overrides {
     /// (fewer fsyncs and less CPU per send, more latency).
     #[arg(long, env = "CHAT_SQLITE_COMMIT_GAP", value_parser = humantime::parse_duration)]
     sqlite_commit_gap: Option<Duration>,
-    /// Committer pairs, each owning a share of the conversations (default:
-    /// 1 embedded, 4 on Postgres).
+    /// Committer pairs, each owning a share of the conversations (default
+    /// 1; see TUNING.md before raising it).
     #[arg(long, env = "CHAT_COMMITTERS")]
     committers: Option<usize>,
     /// How long a graceful stop may take, e.g. 10s.

@@ -44,8 +44,9 @@ pub struct Config {
     pub sqlite_commit_gap: Duration,
     /// Pairs of committers (send and watermark), each owning a share of
     /// the conversations, so this many group commits can be in flight at
-    /// once. Unset: 1 on the embedded store (one writer anyway),
-    /// [`POSTGRES_COMMITTERS`] on Postgres (TUNING.md).
+    /// once. Unset: 1 (TUNING.md: more only pays where Postgres has cores
+    /// and a disk of its own and round trips dominate; on a shared host it
+    /// splits batches and costs Postgres CPU).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub committers: Option<usize>,
     /// How long a graceful stop (SIGTERM / SIGINT) may take: connections
@@ -301,11 +302,6 @@ impl Default for Transport {
 /// Room a frame needs around a maximal text (ids, keys, envelope).
 const FRAME_OVERHEAD: usize = 512;
 
-/// Committer pairs on Postgres unless `committers` says otherwise: enough
-/// to keep a commit in flight while others wait for their fsync or fan
-/// out (BENCHMARKS.md, session 19).
-pub const POSTGRES_COMMITTERS: usize = 4;
-
 /// Most committer pairs accepted.
 pub const MAX_COMMITTERS: usize = 64;
 /// The smallest UDP payload every QUIC path must carry (RFC 9000 §14).
@@ -319,15 +315,9 @@ const MAX_UDP_PAYLOAD: u16 = 65_527;
 pub struct ConfigError(pub String);
 
 impl Config {
-    /// How many committer pairs to run (see [`Config::committers`]'s
-    /// field): as set, else 1 on the embedded store and
-    /// [`POSTGRES_COMMITTERS`] (at most the pool size) on Postgres.
+    /// How many committer pairs to run: as set, else 1.
     pub fn committers(&self) -> usize {
-        match (self.committers, &self.postgres_url) {
-            (Some(n), _) => n,
-            (None, Some(_)) => POSTGRES_COMMITTERS.min(self.postgres_pool_size).max(1),
-            (None, None) => 1,
-        }
+        self.committers.unwrap_or(1)
     }
 
     /// Reads a TOML file.
@@ -590,16 +580,11 @@ mod tests {
     }
 
     #[test]
-    fn committers_default_by_backend() {
-        let mut config = Config::default();
-        assert_eq!(config.committers(), 1, "embedded: one writer");
-        config.postgres_url = Some("postgres://db/chat".into());
-        assert_eq!(config.committers(), POSTGRES_COMMITTERS);
-        config.postgres_pool_size = 2;
-        assert_eq!(config.committers(), 2, "never more than the pool");
-        config.validate().unwrap();
+    fn committers_default_to_one_and_are_read_from_the_file() {
+        assert_eq!(Config::default().committers(), 1);
         let config: Config = toml::from_str("committers = 3\n").unwrap();
         assert_eq!(config.committers(), 3);
+        config.validate().unwrap();
     }
 
     #[test]

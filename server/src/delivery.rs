@@ -23,8 +23,9 @@
 //! in order and fans out in seq order, every session's queue receives a
 //! conversation's messages in increasing seq order. Several pairs let a
 //! store that runs transactions concurrently (Postgres) have several
-//! commits in flight; SQLite has one writer and folds them into one
-//! transaction anyway, so it runs one pair.
+//! commits in flight, at the price of smaller batches; the default is one
+//! (TUNING.md has the measurements). SQLite has one writer and folds
+//! concurrent jobs into one transaction anyway.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -601,7 +602,10 @@ mod tests {
                 used[shard] += 1;
             }
             // Sequential ids spread evenly.
-            assert!(used.iter().all(|&n| n.abs_diff(1_000 / shards as u32) <= 1), "{used:?}");
+            assert!(
+                used.iter().all(|&n| n.abs_diff(1_000 / shards as u32) <= 1),
+                "{used:?}"
+            );
         }
         assert_eq!(shard_of(42, 0), 0, "no shards means one");
     }
