@@ -159,15 +159,20 @@ impl Delivery {
         for _ in 0..shards.max(1) {
             let (sends, sends_rx) = mpsc::channel(QUEUE_DEPTH);
             let (marks, marks_rx) = mpsc::channel(QUEUE_DEPTH);
+            let (updates, updates_rx) = mpsc::channel(UPDATE_DEPTH);
             tasks.push(tokio::spawn(send_committer(
                 sends_rx,
                 committer.clone(),
-                cache.clone(),
-                inbox.clone(),
+                updates.clone(),
             )));
             tasks.push(tokio::spawn(mark_committer(
                 marks_rx,
                 committer.clone(),
+                updates,
+            )));
+            tasks.push(tokio::spawn(update_caches(
+                updates_rx,
+                cache.clone(),
                 inbox.clone(),
             )));
             delivery.sends.push(sends);
@@ -224,8 +229,7 @@ struct Committer {
 async fn send_committer(
     mut rx: mpsc::Receiver<SendJob>,
     c: Committer,
-    cache: Arc<dyn RecentCache>,
-    inbox: Option<Arc<dyn InboxStore>>,
+    updates: mpsc::Sender<CacheUpdate>,
 ) {
     let mut jobs: Vec<SendJob> = Vec::with_capacity(MAX_SEND_BATCH);
     let mut out = Fanout::default();
@@ -249,18 +253,64 @@ async fn send_committer(
         }
         commit_run(&c, run, &mut out, &mut holds).await;
         // Caches and queues after the acks and pushes, so they never delay
-        // "sent"; each is one pipelined round trip per batch.
-        cache.push(&out.stored).await;
-        out.stored.clear();
-        match &inbox {
-            Some(inbox) => {
-                if let Err(e) = inbox.push(std::mem::take(&mut out.queued)).await {
-                    // Catch-up checks queues against history, so a lost push
-                    // costs a history read on reconnect, not a message.
-                    tracing::warn!(error = %e, "inbox push failed");
+        // "sent", and by another task, so their round trips do not delay
+        // the next batch either.
+        if !out.stored.is_empty() {
+            let update = CacheUpdate::Stored {
+                stored: std::mem::take(&mut out.stored),
+                queued: std::mem::take(&mut out.queued),
+            };
+            if updates.send(update).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Queue depth in front of a cache updater, in batches; a full queue (a
+/// slow Redis) makes its committers wait, as they did when they wrote
+/// the caches themselves.
+const UPDATE_DEPTH: usize = 64;
+
+/// What a committer pair's batches change in the recent cache and the
+/// unread queues.
+enum CacheUpdate {
+    /// Messages stored (for the cache) and queued for their recipients.
+    Stored {
+        stored: Vec<Arc<proto::Message>>,
+        queued: Vec<(UserId, Arc<proto::Message>)>,
+    },
+    /// Delivered watermarks moved: (member, conversation, seq).
+    Delivered(Vec<(UserId, u64, u64)>),
+}
+
+/// Applies a committer pair's cache and queue updates in the order its
+/// batches committed. Each is one pipelined round trip (Redis) per batch;
+/// none is the source of truth: catch-up checks queues against history
+/// and history reads check the cache against the conversation's last seq,
+/// so a failed update costs a history read, never a message.
+async fn update_caches(
+    mut rx: mpsc::Receiver<CacheUpdate>,
+    cache: Arc<dyn RecentCache>,
+    inbox: Option<Arc<dyn InboxStore>>,
+) {
+    while let Some(update) = rx.recv().await {
+        match update {
+            CacheUpdate::Stored { stored, queued } => {
+                cache.push(&stored).await;
+                if let Some(inbox) = &inbox {
+                    if let Err(e) = inbox.push(queued).await {
+                        tracing::warn!(error = %e, "inbox push failed");
+                    }
                 }
             }
-            None => out.queued.clear(),
+            CacheUpdate::Delivered(acks) => {
+                if let Some(inbox) = &inbox {
+                    if let Err(e) = inbox.ack(acks).await {
+                        tracing::warn!(error = %e, "inbox ack failed");
+                    }
+                }
+            }
         }
     }
 }
@@ -483,7 +533,7 @@ fn fan_out(c: &Committer, appended: Appended, received: Option<Instant>, out: &m
 async fn mark_committer(
     mut rx: mpsc::Receiver<MarkJob>,
     c: Committer,
-    inbox: Option<Arc<dyn InboxStore>>,
+    updates: mpsc::Sender<CacheUpdate>,
 ) {
     let Committer {
         store,
@@ -493,9 +543,9 @@ async fn mark_committer(
     } = c;
     let mut jobs: Vec<MarkJob> = Vec::with_capacity(MAX_MARK_BATCH);
     while rx.recv_many(&mut jobs, MAX_MARK_BATCH).await > 0 {
-        let updates = coalesce(jobs.iter().map(|j| j.update));
-        metrics.watermark_batch.record(updates.len() as f64);
-        let result = store.advance_watermarks(updates).await;
+        let moves = coalesce(jobs.iter().map(|j| j.update));
+        metrics.watermark_batch.record(moves.len() as f64);
+        let result = store.advance_watermarks(moves).await;
         let moved_keys: std::collections::HashSet<(u64, UserId)> = match &result {
             Ok(moved) => moved
                 .iter()
@@ -520,10 +570,8 @@ async fn mark_committer(
                     metrics.receipts.increment(pushed as u64);
                     acks.push((m.user_id, m.conversation_id, m.delivered_seq));
                 }
-                if let Some(inbox) = &inbox {
-                    if let Err(e) = inbox.ack(acks).await {
-                        tracing::warn!(error = %e, "inbox ack failed");
-                    }
+                if !acks.is_empty() && updates.send(CacheUpdate::Delivered(acks)).await.is_err() {
+                    return;
                 }
                 Ok(())
             }
