@@ -5,14 +5,15 @@
 //! messages stream --Send--> [send committer] --append(batch)--> HistoryStore
 //!                                  |  (durable)
 //!                                  +--> SendAck to the sender's session
-//!                                  +--> RecentCache
 //!                                  +--> Deliver to every other member online
+//!                                  +--> [cache updater]: RecentCache, unread queues
 //!
 //! messages / receipts streams --DeliveryAck / MarkSeen--> [watermark committer]
 //!        --advance_watermarks(batch)--> HistoryStore --> Receipt to other members
-//!                                                (all of a small group, the
-//!                                                covered messages' senders
-//!                                                in a large one: receipts.rs)
+//!                                  |             (all of a small group, the
+//!                                  |             covered messages' senders
+//!                                  |             in a large one: receipts.rs)
+//!                                  +--> [cache updater]: acked entries leave the queues
 //! ```
 //!
 //! Each committer is one task that takes every request waiting in its
