@@ -125,6 +125,43 @@ each_backend! {
         }
     }
 
+    async fn a_nul_character_is_refused_and_sinks_no_one_elses_send(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        // Bob's sends are in flight while Alice's bad ones arrive, so they
+        // can share group commits.
+        let good: Vec<_> = (0..20)
+            .map(|i| {
+                let bob = bob.clone();
+                tokio::spawn(async move { bob.send_text(conversation, &format!("fine {i}")).await })
+            })
+            .collect();
+        for _ in 0..5 {
+            assert_eq!(
+                code(alice.send_text(conversation, "nul \0 inside").await),
+                ErrorCode::InvalidArgument
+            );
+            assert_eq!(
+                code(alice.send_with_id(conversation, "key\0", "hi").await),
+                ErrorCode::InvalidArgument
+            );
+        }
+        for send in good {
+            send.await.unwrap().expect("a send beside a refused one is stored");
+        }
+        assert_eq!(
+            code(alice.create_group("bad\0name", &[bob.identity().user_id]).await),
+            ErrorCode::InvalidArgument
+        );
+        let ack = alice.send_text(conversation, "after").await.unwrap();
+        assert_eq!(ack.seq, 21, "nothing refused took a seq");
+        let page = bob.history(conversation, HistoryDirection::Backward, 0, 50).await.unwrap();
+        assert_eq!(page.messages.len(), 21);
+        assert!(page.messages.iter().all(|m| !m.text.contains('\0')));
+    }
+
     async fn sent_then_delivered_then_seen(backend: Backend) {
         let server = TestServer::start_on(backend.clone()).await;
         let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;

@@ -727,10 +727,10 @@ const MAX_GROUP_NAME_CHARS: usize = 100;
 
 fn group_name(name: &str) -> Result<String, Refusal> {
     let name = name.trim();
-    if name.is_empty() || name.chars().count() > MAX_GROUP_NAME_CHARS {
+    if name.is_empty() || name.chars().count() > MAX_GROUP_NAME_CHARS || name.contains('\0') {
         return Err(Refusal::new(
             ErrorCode::InvalidArgument,
-            format!("group names have 1-{MAX_GROUP_NAME_CHARS} characters"),
+            format!("group names have 1-{MAX_GROUP_NAME_CHARS} characters, none of them U+0000"),
         ));
     }
     Ok(name.to_string())

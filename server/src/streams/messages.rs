@@ -176,6 +176,15 @@ fn validate(session: &Session, send: proto::Send) -> Result<NewMessage, Refusal>
             "conversation_id is required",
         ));
     }
+    // Valid UTF-8, but Postgres cannot store U+0000 in TEXT: it would fail
+    // the whole group commit, refusing everyone else's sends in the batch.
+    // Refused on every backend, so they all accept the same messages.
+    if send.text.contains('\0') || send.client_msg_id.contains('\0') {
+        return Err(Refusal::new(
+            ErrorCode::InvalidArgument,
+            "text and client_msg_id must not contain U+0000",
+        ));
+    }
     let message_type = match proto::MessageType::try_from(send.r#type) {
         Ok(proto::MessageType::Text) => proto::MessageType::Text,
         Ok(proto::MessageType::Photo) => {
