@@ -101,6 +101,76 @@ pub struct PostgresStore {
     application_name: String,
 }
 
+/// A transaction whose `BEGIN` is sent with its first statements instead
+/// of taking a round trip of its own (tokio-postgres pipelines requests
+/// polled together, and Postgres runs them in order). Unlike
+/// tokio-postgres's `Transaction`, nothing rolls it back when it is
+/// dropped unfinished (an error, a cancelled call), so then the
+/// connection is taken out of the pool and closed, and Postgres rolls the
+/// transaction back: a pooled connection must never be handed out inside
+/// one.
+struct PipelinedTx {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl PipelinedTx {
+    fn new(client: deadpool_postgres::Object) -> Self {
+        PipelinedTx {
+            client: Some(client),
+        }
+    }
+
+    fn client(&self) -> &tokio_postgres::Client {
+        self.client
+            .as_ref()
+            .expect("an open transaction has its client")
+    }
+
+    /// Starts the transaction; poll it first among the first statements.
+    async fn begin(&self) -> Result<(), tokio_postgres::Error> {
+        self.client().batch_execute("BEGIN").await
+    }
+
+    async fn query(
+        &self,
+        statement: &tokio_postgres::Statement,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        self.client().query(statement, params).await
+    }
+
+    async fn execute(
+        &self,
+        statement: &tokio_postgres::Statement,
+        params: &[Param<'_>],
+    ) -> Result<u64, tokio_postgres::Error> {
+        self.client().execute(statement, params).await
+    }
+
+    async fn commit(self) -> Result<(), tokio_postgres::Error> {
+        self.finish("COMMIT").await
+    }
+
+    async fn rollback(self) -> Result<(), tokio_postgres::Error> {
+        self.finish("ROLLBACK").await
+    }
+
+    async fn finish(mut self, statement: &str) -> Result<(), tokio_postgres::Error> {
+        self.client().batch_execute(statement).await?;
+        // Finished: the connection goes back to the pool.
+        self.client = None;
+        Ok(())
+    }
+}
+
+impl Drop for PipelinedTx {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 impl PostgresStore {
     /// Connects to `url` (a `postgres://` URL or a libpq key=value string),
     /// applies pending migrations, and keeps up to `pool_size` connections.
@@ -293,7 +363,7 @@ impl PostgresStore {
     /// One attempt at a group commit. `None`: a concurrent call stored one
     /// of the keys first; nothing was written and the caller starts over.
     async fn append_once(&self, batch: &[NewMessage]) -> AppendAttempt {
-        let mut client = self.client().await?;
+        let client = self.client().await?;
         let existing_stmt = client.prepare_cached(EXISTING_KEYS).await.map_err(pg)?;
         let members_stmt = client.prepare_cached(MEMBERS_OF).await.map_err(pg)?;
         let lock_stmt = client
@@ -315,14 +385,15 @@ impl PostgresStore {
         conversation_ids.sort_unstable();
         conversation_ids.dedup();
 
-        let tx = client.transaction().await.map_err(pg)?;
-        // Round trip 1, pipelined: what is stored already, who may write
-        // where, and the conversations locked (in id order) with their
-        // current last seq.
+        let tx = PipelinedTx::new(client);
+        // Round trip 1, pipelined: BEGIN, what is stored already, who may
+        // write where, and the conversations locked (in id order) with
+        // their current last seq.
         let existing_params: [Param<'_>; 2] = [&key_senders, &key_ids];
         let conversation_params: [Param<'_>; 1] = [&conversation_ids];
-        let (existing_rows, member_rows, locked_rows) = tokio::try_join!(
+        let (_, existing_rows, member_rows, locked_rows) = tokio::try_join!(
             biased;
+            tx.begin(),
             tx.query(&existing_stmt, &existing_params),
             tx.query(&members_stmt, &conversation_params),
             tx.query(&lock_stmt, &conversation_params),
@@ -1350,14 +1421,15 @@ impl HistoryStore for PostgresStore {
             })
             .unzip();
 
-        let mut client = self.client().await?;
+        let client = self.client().await?;
         let lock = client.prepare_cached(LOCK_MEMBERS).await.map_err(pg)?;
         let advance = client.prepare_cached(ADVANCE).await.map_err(pg)?;
         let lock_params: [Param<'_>; 2] = [&conversations, &users];
         let advance_params: [Param<'_>; 4] = [&conversations, &users, &delivered, &seen];
-        let tx = client.transaction().await.map_err(pg)?;
-        let (_, rows) = tokio::try_join!(
+        let tx = PipelinedTx::new(client);
+        let (_, _, rows) = tokio::try_join!(
             biased;
+            tx.begin(),
             tx.query(&lock, &lock_params),
             tx.query(&advance, &advance_params),
         )

@@ -639,3 +639,52 @@ async fn recovers_by_itself_after_its_connections_are_killed() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_transaction_that_fails_midway_never_goes_back_to_the_pool_open() {
+    // Appends send BEGIN with their first statements and have no
+    // rollback-on-drop; a batch that fails inside its transaction (here:
+    // U+0000, which TEXT cannot hold and which only the server's
+    // validation keeps out) must not leave a connection in the pool in
+    // an aborted transaction, or later calls on it would fail or, worse,
+    // commit with it.
+    with_store(|store| async move {
+        let a = user(&*store, "alice").await;
+        let b = user(&*store, "bob").await;
+        let c = befriend(&*store, a, b).await;
+        let mut next_seq = 1;
+        for round in 0..3 {
+            let bad = vec![
+                text(c, a, &format!("ok-{round}"), "fine"),
+                text(c, b, &format!("bad-{round}"), "nul \0 inside"),
+            ];
+            assert!(
+                store.append(bad).await.is_err(),
+                "the batch fails as a whole"
+            );
+            // More calls than the pool has connections: each one would
+            // meet a connection left open by the failure.
+            for i in 0..2 * TEST_POOL_SIZE {
+                let results = store
+                    .append(vec![text(c, a, &format!("good-{round}-{i}"), "fine")])
+                    .await
+                    .expect("a later append works");
+                let appended = results.into_iter().next().unwrap().expect("stored");
+                assert_eq!(
+                    appended.message.seq, next_seq,
+                    "the failed batch took no seq"
+                );
+                next_seq += 1;
+            }
+            store.conversation(c, a).await.expect("reads work too");
+        }
+        let page = store.history(c, Direction::Backward, 0, 200).await.unwrap();
+        assert_eq!(page.messages.len() as u64, next_seq - 1);
+        assert!(
+            page.messages
+                .iter()
+                .all(|m| m.text == "fine" && !m.client_msg_id.starts_with("ok-"))
+        );
+    })
+    .await;
+}
