@@ -220,9 +220,7 @@ impl Overrides {
         set(&mut c.postgres_pool_size, self.postgres_pool_size);
         set(&mut c.shutdown_timeout, self.shutdown_timeout);
         set(&mut c.sqlite_commit_gap, self.sqlite_commit_gap);
-        if self.committers.is_some() {
-            c.committers = self.committers;
-        }
+        set(&mut c.committers, self.committers);
         if self.postgres_schema.is_some() {
             c.postgres_schema = self.postgres_schema;
         }
@@ -468,7 +466,7 @@ mod tests {
         assert_eq!((c.limits.send_rate, c.limits.send_burst), (5, 10));
         assert_eq!(c.metrics_listen.port(), 0);
         assert_eq!(c.sqlite_commit_gap, Duration::from_millis(3));
-        assert_eq!(c.committers(), 2);
+        assert_eq!(c.committers, 2);
         let err = parse(&["--congestion-controller", "vegas"]).unwrap_err();
         assert!(err.contains("vegas"), "{err}");
     }

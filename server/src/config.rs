@@ -47,8 +47,7 @@ pub struct Config {
     /// once. Unset: 1 (TUNING.md: more only pays where Postgres has cores
     /// and a disk of its own and round trips dominate; on a shared host it
     /// splits batches and costs Postgres CPU).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub committers: Option<usize>,
+    pub committers: usize,
     /// How long a graceful stop (SIGTERM / SIGINT) may take: connections
     /// are told to reconnect and in-flight group commits finish within it.
     #[serde(with = "humantime_serde")]
@@ -235,7 +234,7 @@ impl Default for Config {
             postgres_url: None,
             postgres_pool_size: 16,
             sqlite_commit_gap: crate::store::sqlite::MIN_COMMIT_GAP,
-            committers: None,
+            committers: 1,
             shutdown_timeout: Duration::from_secs(10),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             postgres_schema: None,
@@ -315,11 +314,6 @@ const MAX_UDP_PAYLOAD: u16 = 65_527;
 pub struct ConfigError(pub String);
 
 impl Config {
-    /// How many committer pairs to run: as set, else 1.
-    pub fn committers(&self) -> usize {
-        self.committers.unwrap_or(1)
-    }
-
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -454,18 +448,15 @@ impl Config {
         if self.postgres_pool_size == 0 {
             return err("postgres-pool-size must be at least 1".into());
         }
-        if let Some(n) = self.committers {
-            if !(1..=MAX_COMMITTERS).contains(&n) {
-                return err(format!("committers = {n} is outside 1..={MAX_COMMITTERS}"));
-            }
+        let n = self.committers;
+        if !(1..=MAX_COMMITTERS).contains(&n) {
+            return err(format!("committers = {n} is outside 1..={MAX_COMMITTERS}"));
         }
-        if let (Some(n), Some(_)) = (self.committers, &self.postgres_url) {
-            if n > self.postgres_pool_size {
-                return err(format!(
-                    "committers = {n} is more than postgres-pool-size = {}: the extra committers would only wait for a connection",
-                    self.postgres_pool_size
-                ));
-            }
+        if self.postgres_url.is_some() && n > self.postgres_pool_size {
+            return err(format!(
+                "committers = {n} is more than postgres-pool-size = {}: the extra committers would only wait for a connection",
+                self.postgres_pool_size
+            ));
         }
         if t.max_connections == 0 {
             return err("max-connections must be at least 1".into());
@@ -581,9 +572,10 @@ mod tests {
 
     #[test]
     fn committers_default_to_one_and_are_read_from_the_file() {
-        assert_eq!(Config::default().committers(), 1);
+        assert_eq!(Config::default().committers, 1);
+        assert!(Config::default().to_toml().contains("committers = 1"));
         let config: Config = toml::from_str("committers = 3\n").unwrap();
-        assert_eq!(config.committers(), 3);
+        assert_eq!(config.committers, 3);
         config.validate().unwrap();
     }
 
@@ -599,13 +591,13 @@ mod tests {
                 |c| c.sqlite_commit_gap = Duration::from_millis(51),
                 "sqlite-commit-gap",
             ),
-            (|c| c.committers = Some(0), "committers = 0"),
-            (|c| c.committers = Some(65), "committers = 65"),
+            (|c| c.committers = 0, "committers = 0"),
+            (|c| c.committers = 65, "committers = 65"),
             (
                 |c| {
                     c.postgres_url = Some("postgres://db/chat".into());
                     c.postgres_pool_size = 2;
-                    c.committers = Some(3);
+                    c.committers = 3;
                 },
                 "postgres-pool-size",
             ),

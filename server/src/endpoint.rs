@@ -136,7 +136,7 @@ impl Server {
             hub.clone(),
             metrics.clone(),
             config.limits.receipt_broadcast_max_members,
-            config.committers(),
+            config.committers,
         );
         let bind_error = |source| ServerError::Bind {
             addr: config.listen,

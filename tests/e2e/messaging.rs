@@ -59,7 +59,7 @@ each_backend! {
     async fn several_committers_keep_every_conversation_in_order(backend: Backend) {
         // Three committer pairs: the friends' conversations are spread over
         // them, and all of them commit at once.
-        let server = TestServer::start_on_with(backend.clone(), |c| c.committers = Some(3)).await;
+        let server = TestServer::start_on_with(backend.clone(), |c| c.committers = 3).await;
         let (hub, mut hub_events) = register(server.client_config(), &name("hub")).await;
         const FRIENDS: usize = 6;
         const EACH: usize = 25;
