@@ -157,6 +157,11 @@ each_backend! {
         );
         let ack = alice.send_text(conversation, "after").await.unwrap();
         assert_eq!(ack.seq, 21, "nothing refused took a seq");
+        // A device name is a label: U+0000 is dropped from it, not refused.
+        let mut config = server.client_config();
+        config.device_name = "phone\0".into();
+        let (carol, _) = register(config, &name("carol")).await;
+        assert!(carol.identity().user_id > 0);
         let page = bob.history(conversation, HistoryDirection::Backward, 0, 50).await.unwrap();
         assert_eq!(page.messages.len(), 21);
         assert!(page.messages.iter().all(|m| !m.text.contains('\0')));

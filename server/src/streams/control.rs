@@ -259,7 +259,13 @@ async fn issue_token(
     let (token, token_hash) = auth::new_token();
     let now = now_ms();
     let expires = now + session.shared.config.limits.session_ttl.as_millis() as i64;
-    let device_name: String = device_name.chars().take(64).collect();
+    // A label only: cut to length, and without U+0000, which Postgres
+    // cannot store (the login would fail after its password check).
+    let device_name: String = device_name
+        .chars()
+        .filter(|&c| c != '\0')
+        .take(64)
+        .collect();
     session
         .shared
         .store
