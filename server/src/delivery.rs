@@ -166,10 +166,12 @@ impl Delivery {
                 committer.clone(),
                 updates.clone(),
             )));
+            // Only unread queues hear of watermark moves: without them
+            // (the embedded store) there is nothing to send.
             tasks.push(tokio::spawn(mark_committer(
                 marks_rx,
                 committer.clone(),
-                updates,
+                inbox.is_some().then_some(updates),
             )));
             tasks.push(tokio::spawn(update_caches(
                 updates_rx,
@@ -534,7 +536,7 @@ fn fan_out(c: &Committer, appended: Appended, received: Option<Instant>, out: &m
 async fn mark_committer(
     mut rx: mpsc::Receiver<MarkJob>,
     c: Committer,
-    updates: mpsc::Sender<CacheUpdate>,
+    queue_updates: Option<mpsc::Sender<CacheUpdate>>,
 ) {
     let Committer {
         store,
@@ -556,7 +558,11 @@ async fn mark_committer(
         };
         let reply_body = match result {
             Ok(moved) => {
-                let mut acks = Vec::with_capacity(moved.len());
+                let mut acks = Vec::with_capacity(if queue_updates.is_some() {
+                    moved.len()
+                } else {
+                    0
+                });
                 for m in moved {
                     let receipt = Outbound::frame(&Frame::push(Body::Receipt(proto::Receipt {
                         conversation_id: m.conversation_id,
@@ -569,10 +575,14 @@ async fn mark_committer(
                         pushed += hub.push(member, StreamKind::Receipts, &receipt, None);
                     });
                     metrics.receipts.increment(pushed as u64);
-                    acks.push((m.user_id, m.conversation_id, m.delivered_seq));
+                    if queue_updates.is_some() {
+                        acks.push((m.user_id, m.conversation_id, m.delivered_seq));
+                    }
                 }
-                if !acks.is_empty() && updates.send(CacheUpdate::Delivered(acks)).await.is_err() {
-                    return;
+                if let (Some(updates), false) = (&queue_updates, acks.is_empty()) {
+                    if updates.send(CacheUpdate::Delivered(acks)).await.is_err() {
+                        return;
+                    }
                 }
                 Ok(())
             }
