@@ -184,6 +184,9 @@ struct Overrides {
     /// Longest ACK delay asked of clients, e.g. 25ms.
     #[arg(long, env = "CHAT_MAX_ACK_DELAY", value_parser = humantime::parse_duration)]
     max_ack_delay: Option<Duration>,
+    /// Longest wait of a receipt to share a packet, e.g. 20ms (0s: none).
+    #[arg(long, env = "CHAT_RECEIPT_LINGER", value_parser = humantime::parse_duration)]
+    receipt_linger: Option<Duration>,
     /// Sustained sends per second per user (0: no limit).
     #[arg(long, env = "CHAT_SEND_RATE")]
     send_rate: Option<u32>,
@@ -281,6 +284,7 @@ impl Overrides {
         set(&mut t.zero_rtt, self.zero_rtt);
         set(&mut t.ack_eliciting_threshold, self.ack_eliciting_threshold);
         set(&mut t.max_ack_delay, self.max_ack_delay);
+        set(&mut t.receipt_linger, self.receipt_linger);
         set(&mut c.limits.send_rate, self.send_rate);
         set(&mut c.limits.send_burst, self.send_burst);
         set(&mut c.limits.max_login_failures, self.max_login_failures);

@@ -133,6 +133,9 @@ pub struct Limits {
     pub send_burst: u32,
 }
 
+/// Longest `receipt-linger` accepted.
+pub const MAX_RECEIPT_LINGER: Duration = Duration::from_secs(60);
+
 /// QUIC transport settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
@@ -208,6 +211,11 @@ pub struct Transport {
     /// ACK (quinn clamps it to at most max(RTT, 25ms)).
     #[serde(with = "humantime_serde")]
     pub max_ack_delay: Duration,
+    /// Longest time a receipt waits for more receipts, or for a frame on
+    /// another stream of the same connection, to share its packet (0s:
+    /// written at once). Status marks only: messages never wait.
+    #[serde(with = "humantime_serde")]
+    pub receipt_linger: Duration,
 }
 
 /// QUIC congestion control algorithms quinn provides.
@@ -294,6 +302,7 @@ impl Default for Transport {
             zero_rtt: false,
             ack_eliciting_threshold: 0,
             max_ack_delay: Duration::from_millis(25),
+            receipt_linger: Duration::from_millis(20),
         }
     }
 }
@@ -511,6 +520,13 @@ impl Config {
                 humantime::format_duration(t.idle_timeout)
             ));
         }
+        if t.receipt_linger > MAX_RECEIPT_LINGER {
+            return err(format!(
+                "receipt-linger = {} is above {}",
+                humantime::format_duration(t.receipt_linger),
+                humantime::format_duration(MAX_RECEIPT_LINGER)
+            ));
+        }
         if t.datagram_send_buffer == 0 {
             return err("datagram-send-buffer must be at least 1 byte".into());
         }
@@ -565,6 +581,7 @@ mod tests {
         assert_eq!(config.limits.max_frame_len, limits::DEFAULT_MAX_FRAME_LEN);
         assert_eq!(config.transport.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.sqlite_commit_gap, Duration::from_millis(1));
+        assert_eq!(config.transport.receipt_linger, Duration::from_millis(20));
         let config: Config = toml::from_str("sqlite-commit-gap = \"3ms\"\n").unwrap();
         assert_eq!(config.sqlite_commit_gap, Duration::from_millis(3));
         assert!(toml::from_str::<Config>("no-such-key = 1").is_err());
@@ -660,6 +677,10 @@ mod tests {
             (
                 |c| c.transport.ack_eliciting_threshold = 5000,
                 "ack-eliciting-threshold",
+            ),
+            (
+                |c| c.transport.receipt_linger = Duration::from_secs(61),
+                "receipt-linger = 1m 1s is above 1m",
             ),
             (
                 |c| c.limits.max_queued_password_checks = 1_000_000,

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use chat_protocol::{ErrorCode, StreamKind};
 use dashmap::DashMap;
+use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::queue::{OutQueue, PushError};
@@ -31,6 +32,11 @@ pub struct SessionHandle {
     conn: quinn::Connection,
     /// Outbound queues of the control, messages and receipts streams.
     queues: [OutQueue; 3],
+    /// Signalled (to current waiters only) each time a writer of this
+    /// connection hands frames to quinn: a writer lingering to coalesce
+    /// (receipts) writes right away instead, so its frames leave in the
+    /// same packet as the ones just written.
+    wrote: Notify,
     closed: AtomicBool,
     /// Unix ms of the latest frame from the client (presence activity).
     last_activity_ms: AtomicI64,
@@ -53,6 +59,7 @@ impl SessionHandle {
             user_id,
             conn,
             queues: Default::default(),
+            wrote: Notify::new(),
             closed: AtomicBool::new(false),
             last_activity_ms: AtomicI64::new(0),
             metrics,
@@ -93,6 +100,11 @@ impl SessionHandle {
             let before = seen.swap(value, Ordering::Relaxed);
             counter.increment(value.saturating_sub(before));
         }
+    }
+
+    /// See the `wrote` field.
+    pub fn wrote(&self) -> &Notify {
+        &self.wrote
     }
 
     /// The outbound queue of a stream kind (its writer is the only reader).

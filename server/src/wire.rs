@@ -10,8 +10,8 @@ use metrics::Counter;
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::watch;
 
+use crate::hub::SessionHandle;
 use crate::metrics::Metrics;
-use crate::queue::OutQueue;
 
 /// Most queued frames written in one go.
 const MAX_COALESCE: usize = 128;
@@ -165,20 +165,25 @@ pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
     conn.close(VarInt::from_u32(code as u32), reason.as_bytes());
 }
 
-/// Drains `rx` into `send`, coalescing queued frames, until the channel
-/// closes or the stream fails. `filter` may drop frames (used by the
-/// messages writer after catch-up). With `linger`, the writer waits that
-/// long after the first frame of a burst for more to share its packets
-/// (receipts: nobody waits on them, and they come in bursts). Frames and
-/// errors written are counted in `metrics` under `kind`.
+/// Drains the `kind` queue of `handle` into `send`, coalescing queued
+/// frames, until the queue closes or the stream fails. `filter` may drop
+/// frames (used by the messages writer after catch-up). With `linger`, the
+/// writer waits up to that long after the first frame of a burst for more
+/// to share its packets (receipts: nobody waits on them, and they come in
+/// bursts), and stops waiting as soon as another writer of the connection
+/// writes: frames handed to quinn together leave in one datagram, so a
+/// receipt then rides in the packet of a SendAck or Deliver instead of a
+/// packet of its own. Frames and errors written are counted in `metrics`
+/// under `kind`.
 pub async fn write_loop(
     conn: &quinn::Connection,
     send: &mut SendStream,
-    rx: &OutQueue,
+    handle: &SessionHandle,
     (metrics, kind): (&Metrics, StreamKind),
     linger: Option<Duration>,
     mut filter: impl FnMut(&Outbound) -> bool,
 ) {
+    let rx = handle.queue(kind).expect("a queued stream kind");
     loop {
         // Fresh (empty, unallocated) buffers per burst: an idle connection's
         // writers then hold no buffer at all between bursts.
@@ -197,7 +202,10 @@ pub async fn write_loop(
         }
         if let Some(linger) = linger {
             if batch.iter().all(|o| o.close_after.is_none()) && batch.len() < MAX_COALESCE {
-                tokio::time::sleep(linger).await;
+                tokio::select! {
+                    () = tokio::time::sleep(linger) => {}
+                    () = handle.wrote().notified() => {}
+                }
                 while batch.len() < MAX_COALESCE {
                     match rx.try_recv() {
                         Some(out) => batch.push(out),
@@ -225,6 +233,10 @@ pub async fn write_loop(
             return;
         }
         metrics.frames_out(kind).increment(written);
+        // Wakes a lingering writer of this connection only after quinn holds
+        // these frames, so both sets are pending when its driver next builds
+        // a packet.
+        handle.wrote().notify_waiters();
         if let Some(code) = close_code {
             let _ = send.finish();
             let _ = tokio::time::timeout(CLOSE_LINGER, send.stopped()).await;

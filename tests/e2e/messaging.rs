@@ -215,6 +215,61 @@ each_backend! {
         assert_eq!((bob_member.delivered_seq, bob_member.seen_seq), (1, 1));
     }
 
+    async fn a_waiting_receipt_leaves_with_the_next_frame_to_its_connection(backend: Backend) {
+        // Receipts may wait a minute for company here, so within the
+        // deadlines below only a frame to the same connection can take one.
+        let server = TestServer::start_on_with(backend.clone(), |c| {
+            c.transport.receipt_linger = Duration::from_secs(60);
+        })
+        .await;
+        let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let bob_id = bob.identity().user_id;
+
+        alice.send_text(conversation, "first").await.unwrap();
+        messages(&mut bob_events, 1).await;
+        // Bob's client acks the delivery; nothing else goes to Alice, so her
+        // delivered receipt waits.
+        let quiet = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(Some(event)) = tokio::time::timeout_at(quiet, alice_events.next()).await {
+            assert!(
+                !matches!(event, Event::Receipt(_)),
+                "a receipt left before its linger or a frame to take it: {event:?}"
+            );
+        }
+
+        // Bob writes back: the Deliver to Alice carries the receipt along. A
+        // receipt queued after one Deliver went out rides with the next, so
+        // Bob keeps writing (once a second) until it arrives.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut sent = 0;
+        let delivered = loop {
+            bob.send_text(conversation, &format!("reply {sent}")).await.unwrap();
+            sent += 1;
+            let next = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+            let mut found = None;
+            while let Ok(Some(event)) = tokio::time::timeout_at(next, alice_events.next()).await {
+                if let Event::Receipt(r) = event
+                    && r.conversation_id == conversation
+                    && r.user_id == bob_id
+                    && r.delivered_seq >= 1
+                {
+                    found = Some(r);
+                    break;
+                }
+            }
+            if let Some(r) = found {
+                break r;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the delivered receipt did not ride along with {sent} messages to Alice"
+            );
+        };
+        assert_eq!(delivered.seen_seq, 0);
+    }
+
     async fn offline_recipient_gets_everything_in_order_once(backend: Backend) {
         let server = TestServer::start_on(backend.clone()).await;
         let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;

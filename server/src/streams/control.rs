@@ -41,8 +41,7 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
         let session = session.clone();
         tokio::spawn(async move {
             let counters = (&*session.shared.metrics, StreamKind::Control);
-            let queue = queue.queue(StreamKind::Control).expect("control queue");
-            wire::write_loop(&session.conn, &mut send, queue, counters, None, |_| true).await;
+            wire::write_loop(&session.conn, &mut send, &queue, counters, None, |_| true).await;
         })
     };
     let handle = authed.handle.clone();

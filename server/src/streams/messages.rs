@@ -234,7 +234,7 @@ async fn writer(session: Arc<Session>, mut send: SendStream, queue: Arc<SessionH
     wire::write_loop(
         &session.conn,
         &mut send,
-        queue.queue(StreamKind::Messages).expect("messages queue"),
+        &queue,
         (&*session.shared.metrics, StreamKind::Messages),
         None,
         |out| match out.deliver {

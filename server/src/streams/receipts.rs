@@ -16,11 +16,6 @@ use crate::session::{Session, on_read_error};
 use crate::store::{WatermarkKind, WatermarkUpdate};
 use crate::wire::{self, FrameReader, Outbound};
 
-/// How long receipts wait to share packets with the receipts right behind
-/// them. Receipts are status marks, not messages: 20 ms is invisible to a
-/// person and cuts packets (and server CPU) when many arrive together.
-const RECEIPT_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
-
 /// Conversations covered by the snapshot sent when the stream opens.
 const SNAPSHOT_CONVERSATIONS: u32 = 200;
 
@@ -104,9 +99,12 @@ async fn writer(
     wire::write_loop(
         &session.conn,
         &mut send,
-        queue.queue(StreamKind::Receipts).expect("receipts queue"),
+        &queue,
         (&*session.shared.metrics, StreamKind::Receipts),
-        Some(RECEIPT_LINGER),
+        // Receipts are status marks, not messages: a short wait (20 ms by
+        // default) is invisible to a person and cuts packets when many
+        // arrive together or a message frame is about to leave anyway.
+        Some(session.shared.config.transport.receipt_linger).filter(|l| !l.is_zero()),
         |_| true,
     )
     .await;
