@@ -29,6 +29,7 @@ pub mod plan;
 pub mod population;
 pub mod sampling;
 pub mod stats;
+pub mod udp;
 
 use std::sync::Arc;
 
@@ -151,7 +152,13 @@ async fn measure(
     phase: &watch::Sender<Phase>,
     log: &impl Fn(&str),
 ) -> anyhow::Result<Report> {
-    let connector = Arc::new(Connector::new(target, args.endpoints, args.outbox)?);
+    let connector = Arc::new(Connector::new(
+        target,
+        args.endpoints,
+        args.socket_receive_buffer,
+        args.outbox,
+        log,
+    )?);
     let population = population::set_up(args, plan, &connector, log).await?;
     let outcome = driver::drive(args, plan, population, connector.clone(), phase).await;
     Ok(report(args, plan, connector.endpoint_count(), &outcome))
@@ -242,6 +249,7 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
             .map(|(name, &d)| (name.clone(), cpu::percent_of_core(d, cpu.wall)))
             .collect(),
         loadgen_cpu_pct: cpu.own.map(|d| cpu::percent_of_core(d, cpu.wall)),
+        udp_rcvbuf_drops: cpu.udp_rcvbuf_drops,
         loadgen_threads: args.threads,
     }
 }

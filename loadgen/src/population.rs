@@ -56,8 +56,15 @@ pub struct Connector {
 
 impl Connector {
     /// Binds `endpoints` client sockets on 127.0.0.1 (or the unspecified
-    /// address for a non-loopback target).
-    pub fn new(target: &Target, endpoints: usize, outbox: usize) -> anyhow::Result<Connector> {
+    /// address for a non-loopback target), each asking the kernel for a
+    /// `receive_buffer`-byte receive buffer (0: its default).
+    pub fn new(
+        target: &Target,
+        endpoints: usize,
+        receive_buffer: usize,
+        outbox: usize,
+        log: &impl Fn(&str),
+    ) -> anyhow::Result<Connector> {
         let mut base = ClientConfig::new(target.addr, target.server_name.clone())
             .with_ca_file(&target.ca)
             .with_context(|| format!("CA file {}", target.ca.display()))?;
@@ -71,9 +78,27 @@ impl Connector {
             (false, true) => ([0, 0, 0, 0], 0).into(),
             (false, false) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         };
-        let endpoints = (0..endpoints.max(1))
-            .map(|_| quinn::Endpoint::client(bind).context("bind a client UDP socket"))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let runtime = quinn::default_runtime().context("no async runtime for quinn")?;
+        let count = endpoints.max(1);
+        let mut endpoints = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (socket, granted) =
+                udp_socket(bind, receive_buffer).context("bind a client UDP socket")?;
+            if endpoints.is_empty() && granted < receive_buffer {
+                log(&format!(
+                    "warning: the kernel granted {granted} of the {receive_buffer} bytes asked \
+                     for as UDP receive buffer; raise net.core.rmem_max or expect drops"
+                ));
+            }
+            let endpoint = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                runtime.clone(),
+            )
+            .context("start a client endpoint")?;
+            endpoints.push(endpoint);
+        }
         Ok(Connector { base, endpoints })
     }
 
@@ -95,6 +120,28 @@ impl Connector {
             let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
         }
     }
+}
+
+/// A UDP socket bound to `bind` that asked for `receive_buffer` bytes of
+/// kernel receive buffer (unless 0), and what it was granted (Linux
+/// reports twice the usable size).
+fn udp_socket(
+    bind: SocketAddr,
+    receive_buffer: usize,
+) -> std::io::Result<(std::net::UdpSocket, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    if receive_buffer > 0 {
+        socket.set_recv_buffer_size(receive_buffer)?;
+    }
+    let reported = socket.recv_buffer_size()?;
+    let granted = if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    };
+    socket.bind(&bind.into())?;
+    Ok((socket.into(), granted))
 }
 
 /// One simulated user. Its client is swapped out while churn has it

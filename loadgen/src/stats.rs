@@ -655,6 +655,11 @@ pub struct Report {
     pub loadgen_cpu_pct: Option<f64>,
     /// Tokio worker threads the load generator ran (`--threads`).
     pub loadgen_threads: usize,
+    /// UDP datagrams dropped machine-wide for a full socket receive buffer
+    /// during the window: each one is a QUIC loss, and its retransmission
+    /// is latency the server may not have caused.
+    #[serde(default)]
+    pub udp_rcvbuf_drops: Option<u64>,
 }
 
 /// Load generator CPU per worker thread (percent of a core) at which the
@@ -779,6 +784,19 @@ impl Report {
                     ""
                 }
             );
+        }
+        match self.udp_rcvbuf_drops {
+            Some(0) => {
+                let _ = writeln!(t, "udp receive-buffer drops (whole machine): 0");
+            }
+            Some(n) => {
+                let _ = writeln!(
+                    t,
+                    "udp receive-buffer drops (whole machine): {n} (each is a QUIC loss: \
+                     latency includes retransmissions; raise the socket receive buffers)"
+                );
+            }
+            None => {}
         }
         t
     }

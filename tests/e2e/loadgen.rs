@@ -34,6 +34,7 @@ const REPORT_KEYS: &[&str] = &[
     "server_cpu_pct",
     "server_cpu_us_per_send",
     "server_cpu_by_thread",
+    "udp_rcvbuf_drops",
 ];
 
 fn args(extra: &[&str]) -> Args {
@@ -115,6 +116,10 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
                 "latency_ms.{kind}.{q} missing: {text}"
             );
         }
+    }
+    // Read from /proc/net/snmp over the window: a count on Linux.
+    if cfg!(target_os = "linux") {
+        assert!(value["udp_rcvbuf_drops"].is_u64(), "{text}");
     }
     assert_eq!(value["profile"], "messenger");
     assert_eq!(value["sent"], report.sent);
