@@ -165,6 +165,16 @@ pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
     conn.close(VarInt::from_u32(code as u32), reason.as_bytes());
 }
 
+/// A writer's linger: until `linger` has passed or another writer of the
+/// connection has written (true), or the connection closed (false).
+async fn linger_for(conn: &quinn::Connection, handle: &SessionHandle, linger: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(linger) => true,
+        () = handle.wrote().notified() => true,
+        _ = conn.closed() => false,
+    }
+}
+
 /// Drains the `kind` queue of `handle` into `send`, coalescing queued
 /// frames, until the queue closes or the stream fails. `filter` may drop
 /// frames (used by the messages writer after catch-up). With `linger`, the
@@ -202,9 +212,11 @@ pub async fn write_loop(
         }
         if let Some(linger) = linger {
             if batch.iter().all(|o| o.close_after.is_none()) && batch.len() < MAX_COALESCE {
-                tokio::select! {
-                    () = tokio::time::sleep(linger) => {}
-                    () = handle.wrote().notified() => {}
+                // Boxed: inline, this wait's state (a timer and two
+                // notifications) would size every writer task, idle or not,
+                // for the connection's whole life.
+                if !Box::pin(linger_for(conn, handle, linger)).await {
+                    return;
                 }
                 while batch.len() < MAX_COALESCE {
                     match rx.try_recv() {
