@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# The benchmarks behind BENCHMARKS.md, as one script: a reusable 1,000-user
+# base (so Argon2 registration is never measured), then each run on a
+# fresh copy of it, and one summary line per run.
+#
+#   loadgen/bench.sh base                  make the embedded and Postgres bases
+#   loadgen/bench.sh embedded RATE [pinned|unpinned] [chat-server flags...]
+#   loadgen/bench.sh postgres RATE [chat-server flags...]   (server pinned)
+#   loadgen/bench.sh idle                  RSS per idle connection, 10,000 users
+#
+# Pinned: the server on CPU 0, the load generator on CPU 1 (taskset).
+# Environment: BIN (default target/release), BENCH_DIR (default
+# /tmp/chat-bench), PG (default postgres://postgres@127.0.0.1:5432),
+# REDIS (default redis://127.0.0.1:6379), DURATION (10s), DRAIN (30s).
+# Every process it starts it stops by PID; every run ends by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${BIN:-target/release}
+DIR=${BENCH_DIR:-/tmp/chat-bench}
+PG=${PG:-postgres://postgres@127.0.0.1:5432}
+REDIS=${REDIS:-redis://127.0.0.1:6379}
+DURATION=${DURATION:-10s}
+DRAIN=${DRAIN:-30s}
+PORT=15433
+METRICS_PORT=19433
+SERVER_PID=
+
+stop_server() {
+    if [[ -n $SERVER_PID ]]; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=
+    fi
+}
+trap stop_server EXIT
+
+need_binaries() {
+    [[ -x $BIN/chat-server && -x $BIN/chat-loadgen ]] || {
+        echo "build first: cargo build --release -p chat-server -p chat-loadgen" >&2
+        exit 1
+    }
+}
+
+# The server's flags and the taskset prefix come in as arrays.
+launch() {
+    local data=$1
+    shift
+    local -a prefix=()
+    while [[ $# -gt 0 && $1 != -- ]]; do prefix+=("$1"); shift; done
+    shift
+    "${prefix[@]}" "$BIN/chat-server" --data-dir "$data" --listen "127.0.0.1:$PORT" \
+        --metrics-listen "127.0.0.1:$METRICS_PORT" --send-rate 0 --send-burst 0 \
+        --socket-receive-buffer 4194304 "$@" >"$data.log" 2>&1 &
+    SERVER_PID=$!
+    wait_ready
+}
+
+wait_ready() {
+    for _ in $(seq 1 300); do
+        curl -sf "127.0.0.1:$METRICS_PORT/readyz" >/dev/null 2>&1 && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || { echo "the server exited: see its log" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "the server did not get ready in 30 s" >&2
+    exit 1
+}
+
+summary() {
+    python3 - "$1" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+L = j["latency_ms"]
+threads = ", ".join(f"{k} {v:.0f}%" for k, v in sorted(j.get("server_cpu_by_thread", {}).items()) if v >= 0.5)
+print(f'offered {j["offered_rate"]:.0f}/s achieved {j["acked_per_s"]:.0f}/s lost {j["lost"]} dup {j["duplicates"]} '
+      f'ack p50 {L["ack"]["p50"]:.1f} p99 {L["ack"]["p99"]:.1f} deliver p99 {L["deliver"]["p99"]:.1f} ms '
+      f'server {j.get("server_cpu_pct") or 0:.0f}% = {j.get("server_cpu_us_per_send") or 0:.1f} us/send ({threads}) '
+      f'loadgen {j.get("loadgen_cpu_pct") or 0:.0f}% drops {j.get("udp_rcvbuf_drops")} errors {j["errors"]}')
+PY
+}
+
+# loadgen USERS_FILE CA RATE JSON [taskset prefix...] -- [extra flags...]
+loadgen() {
+    local users=$1 ca=$2 rate=$3 json=$4
+    shift 4
+    local -a prefix=()
+    while [[ $# -gt 0 && $1 != -- ]]; do prefix+=("$1"); shift; done
+    shift
+    "${prefix[@]}" "$BIN/chat-loadgen" --server "127.0.0.1:$PORT" --ca "$ca" \
+        --server-pid "$SERVER_PID" --reuse "$users" --users "$(users_in "$users")" \
+        --rate "$rate" --duration "$DURATION" --drain "$DRAIN" --group-fraction 0 \
+        --json "$json" "$@" >"$json.out" 2>&1
+}
+
+users_in() { python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["users"]))' "$1"; }
+
+make_base() { # make_base NAME USERS [server flags...]
+    local name=$1 n=$2
+    shift 2
+    rm -rf "${DIR:?}/$name" "$DIR/$name.users.json"
+    launch "$DIR/$name" -- "$@"
+    "$BIN/chat-loadgen" --server "127.0.0.1:$PORT" --ca "$DIR/$name/certs/ca.pem" \
+        --reuse "$DIR/$name.users.json" --users "$n" --rate 100 --duration 2s --drain 5s \
+        --group-fraction 0 --quiet >"$DIR/$name.setup.out" 2>&1
+    stop_server
+    echo "base $name: $n users in $DIR/$name.users.json"
+}
+
+psql_do() { psql "$PG/postgres" -qAt -c "$1"; }
+
+cmd=${1:-}
+shift || true
+need_binaries
+mkdir -p "$DIR"
+case $cmd in
+base)
+    make_base embedded 1000
+    psql_do "DROP DATABASE IF EXISTS chatbench_base" >/dev/null
+    psql_do "CREATE DATABASE chatbench_base" >/dev/null
+    make_base postgres 1000 --postgres-url "$PG/chatbench_base" --redis-url "$REDIS" \
+        --redis-prefix chatbench-base:
+    redis-cli --scan --pattern "chatbench-base:*" | xargs -r redis-cli del >/dev/null
+    ;;
+embedded)
+    rate=${1:?rate}
+    mode=${2:-pinned}
+    shift 2 || shift $#
+    run="$DIR/run-$$"
+    rm -rf "$run"
+    cp -a "$DIR/embedded" "$run"
+    if [[ $mode == pinned ]]; then
+        launch "$run" taskset -c 0 -- "$@"
+        loadgen "$DIR/embedded.users.json" "$run/certs/ca.pem" "$rate" "$run.json" taskset -c 1 -- || true
+    else
+        launch "$run" -- "$@"
+        loadgen "$DIR/embedded.users.json" "$run/certs/ca.pem" "$rate" "$run.json" -- --threads 2 || true
+    fi
+    stop_server
+    summary "$run.json"
+    echo "  report $run.json, output $run.json.out, server log $run.log"
+    rm -rf "$run"
+    ;;
+postgres)
+    rate=${1:?rate}
+    shift
+    db="chatbench_$$"
+    run="$DIR/run-$$"
+    psql_do "CREATE DATABASE $db TEMPLATE chatbench_base" >/dev/null
+    rm -rf "$run"
+    cp -a "$DIR/postgres" "$run"
+    launch "$run" taskset -c 0 -- --postgres-url "$PG/$db" --redis-url "$REDIS" \
+        --redis-prefix "chatbench-$$:" "$@"
+    loadgen "$DIR/postgres.users.json" "$run/certs/ca.pem" "$rate" "$run.json" taskset -c 1 -- || true
+    stop_server
+    summary "$run.json"
+    echo "  report $run.json, output $run.json.out, server log $run.log"
+    redis-cli --scan --pattern "chatbench-$$:*" | xargs -r redis-cli del >/dev/null
+    psql_do "DROP DATABASE $db" >/dev/null
+    rm -rf "$run"
+    ;;
+idle)
+    [[ -f $DIR/idle.users.json ]] || make_base idle 10000
+    run="$DIR/run-$$"
+    rm -rf "$run"
+    cp -a "$DIR/idle" "$run"
+    launch "$run" --
+    rss() { awk '/VmRSS/{print $2}' "/proc/$SERVER_PID/status"; }
+    before=$(rss)
+    "$BIN/chat-loadgen" --server "127.0.0.1:$PORT" --ca "$run/certs/ca.pem" \
+        --reuse "$DIR/idle.users.json" --users 10000 --rate 1 --duration 60s --drain 2s \
+        --group-fraction 0 --quiet >/dev/null 2>&1 &
+    lg=$!
+    for _ in $(seq 1 1200); do
+        n=$(curl -s "127.0.0.1:$METRICS_PORT/metrics" | awk '/^chat_connections_active /{print $2}')
+        [[ ${n:-0} == 10000 ]] && break
+        sleep 0.1
+    done
+    after=$(rss)
+    kill "$lg" 2>/dev/null || true
+    wait "$lg" 2>/dev/null || true
+    stop_server
+    echo "connections ${n:-0}: RSS ${before} kB -> ${after} kB = $(((after - before) * 1024 / 10000)) bytes per connection"
+    rm -rf "$run"
+    ;;
+*)
+    sed -n '2,15p' "$0" >&2
+    exit 2
+    ;;
+esac
