@@ -82,8 +82,9 @@ impl Connector {
         let count = endpoints.max(1);
         let mut endpoints = Vec::with_capacity(count);
         for _ in 0..count {
-            let (socket, granted) =
-                udp_socket(bind, receive_buffer).context("bind a client UDP socket")?;
+            let (socket, granted) = chat_server::endpoint::bind_udp(bind, receive_buffer, 0)
+                .context("bind a client UDP socket")?;
+            let granted = granted.receive;
             if endpoints.is_empty() && granted < receive_buffer {
                 log(&format!(
                     "warning: the kernel granted {granted} of the {receive_buffer} bytes asked \
@@ -120,28 +121,6 @@ impl Connector {
             let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
         }
     }
-}
-
-/// A UDP socket bound to `bind` that asked for `receive_buffer` bytes of
-/// kernel receive buffer (unless 0), and what it was granted (Linux
-/// reports twice the usable size).
-fn udp_socket(
-    bind: SocketAddr,
-    receive_buffer: usize,
-) -> std::io::Result<(std::net::UdpSocket, usize)> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
-    if receive_buffer > 0 {
-        socket.set_recv_buffer_size(receive_buffer)?;
-    }
-    let reported = socket.recv_buffer_size()?;
-    let granted = if cfg!(target_os = "linux") {
-        reported / 2
-    } else {
-        reported
-    };
-    socket.bind(&bind.into())?;
-    Ok((socket.into(), granted))
 }
 
 /// One simulated user. Its client is swapped out while churn has it

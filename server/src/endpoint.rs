@@ -304,40 +304,63 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
     }
 }
 
-/// The UDP socket with the configured kernel buffers.
+/// The UDP socket with the configured kernel buffers; warns when the
+/// kernel granted less than asked.
 fn udp_socket(addr: SocketAddr, t: &Transport) -> std::io::Result<std::net::UdpSocket> {
+    let (socket, granted) = bind_udp(addr, t.socket_receive_buffer, t.socket_send_buffer)?;
+    if t.socket_receive_buffer > 0 && granted.receive < t.socket_receive_buffer {
+        tracing::warn!(
+            asked = t.socket_receive_buffer,
+            granted = granted.receive,
+            "the kernel capped socket-receive-buffer; raise net.core.rmem_max"
+        );
+    }
+    if t.socket_send_buffer > 0 && granted.send < t.socket_send_buffer {
+        tracing::warn!(
+            asked = t.socket_send_buffer,
+            granted = granted.send,
+            "the kernel capped socket-send-buffer; raise net.core.wmem_max"
+        );
+    }
+    Ok(socket)
+}
+
+/// Usable kernel buffer sizes a socket was granted, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketBuffers {
+    /// SO_RCVBUF.
+    pub receive: usize,
+    /// SO_SNDBUF.
+    pub send: usize,
+}
+
+/// A UDP socket bound to `addr` that asked the kernel for `receive` and
+/// `send` bytes of buffer (0: the OS default), and the usable sizes it
+/// got: Linux caps them at net.core.rmem_max / wmem_max without an error.
+/// chat-loadgen binds its client sockets with it too.
+pub fn bind_udp(
+    addr: SocketAddr,
+    receive: usize,
+    send: usize,
+) -> std::io::Result<(std::net::UdpSocket, SocketBuffers)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // Accept IPv4 too on [::], as quinn's own bind does.
         let _ = socket.set_only_v6(false);
     }
-    // Linux caps these at net.core.rmem_max / wmem_max without an error;
-    // say so when it bites.
-    if t.socket_receive_buffer > 0 {
-        socket.set_recv_buffer_size(t.socket_receive_buffer)?;
-        let granted = usable_buffer(socket.recv_buffer_size()?);
-        if granted < t.socket_receive_buffer {
-            tracing::warn!(
-                asked = t.socket_receive_buffer,
-                granted,
-                "the kernel capped socket-receive-buffer; raise net.core.rmem_max"
-            );
-        }
+    if receive > 0 {
+        socket.set_recv_buffer_size(receive)?;
     }
-    if t.socket_send_buffer > 0 {
-        socket.set_send_buffer_size(t.socket_send_buffer)?;
-        let granted = usable_buffer(socket.send_buffer_size()?);
-        if granted < t.socket_send_buffer {
-            tracing::warn!(
-                asked = t.socket_send_buffer,
-                granted,
-                "the kernel capped socket-send-buffer; raise net.core.wmem_max"
-            );
-        }
+    if send > 0 {
+        socket.set_send_buffer_size(send)?;
     }
+    let granted = SocketBuffers {
+        receive: usable_buffer(socket.recv_buffer_size()?),
+        send: usable_buffer(socket.send_buffer_size()?),
+    };
     socket.bind(&addr.into())?;
-    Ok(socket.into())
+    Ok((socket.into(), granted))
 }
 
 /// The buffer size asked for that a reported socket buffer size stands
