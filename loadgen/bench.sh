@@ -11,7 +11,8 @@
 # Pinned: the server on CPU 0, the load generator on CPU 1 (taskset).
 # Environment: BIN (default target/release), BENCH_DIR (default
 # /tmp/chat-bench), PG (default postgres://postgres@127.0.0.1:5432),
-# REDIS (default redis://127.0.0.1:6379), DURATION (10s), DRAIN (30s).
+# REDIS (default redis://127.0.0.1:6379), DURATION (10s), DRAIN (30s),
+# LOADGEN_ARGS (more chat-loadgen flags, e.g. "--delivery-ack-linger 0s").
 # Every process it starts it stops by PID; every run ends by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,7 +76,7 @@ threads = ", ".join(f"{k} {v:.0f}%" for k, v in sorted(j.get("server_cpu_by_thre
 print(f'offered {j["offered_rate"]:.0f}/s achieved {j["acked_per_s"]:.0f}/s lost {j["lost"]} dup {j["duplicates"]} '
       f'ack p50 {L["ack"]["p50"]:.1f} p99 {L["ack"]["p99"]:.1f} deliver p99 {L["deliver"]["p99"]:.1f} ms '
       f'server {j.get("server_cpu_pct") or 0:.0f}% = {j.get("server_cpu_us_per_send") or 0:.1f} us/send ({threads}) '
-      f'loadgen {j.get("loadgen_cpu_pct") or 0:.0f}% drops {j.get("udp_rcvbuf_drops")} errors {j["errors"]}')
+      f'loadgen {j.get("loadgen_cpu_pct") or 0:.0f}% datagrams/send {j.get("udp_datagrams_per_send") or 0:.2f} drops {j.get("udp_rcvbuf_drops")} errors {j["errors"]}')
 PY
 }
 
@@ -89,7 +90,7 @@ loadgen() {
     "${prefix[@]}" "$BIN/chat-loadgen" --server "127.0.0.1:$PORT" --ca "$ca" \
         --server-pid "$SERVER_PID" --reuse "$users" --users "$(users_in "$users")" \
         --rate "$rate" --duration "$DURATION" --drain "$DRAIN" --group-fraction 0 \
-        --json "$json" "$@" >"$json.out" 2>&1
+        --json "$json" ${LOADGEN_ARGS:-} "$@" >"$json.out" 2>&1
 }
 
 users_in() { python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["users"]))' "$1"; }

@@ -36,6 +36,13 @@ pub struct ClientConfig {
     pub keep_alive: Duration,
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
+    /// Longest a delivery ack waits for company. Acks are not urgent (they
+    /// move the server's watermark and the sender's "delivered" tick), so
+    /// they wait to leave with the next message this device sends, in the
+    /// same packet, and acks that pile up meanwhile go as one per
+    /// conversation. Keep it under QUIC's ack delay (25 ms) so the
+    /// transport's own acknowledgement of the delivery rides along too.
+    pub delivery_ack_linger: Duration,
     /// Share one UDP socket among many clients (load generators).
     pub endpoint: Option<quinn::Endpoint>,
 }
@@ -56,6 +63,7 @@ impl ClientConfig {
             reconnect_max: Duration::from_secs(10),
             keep_alive: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            delivery_ack_linger: Duration::from_millis(20),
             endpoint: None,
         }
     }

@@ -12,9 +12,6 @@ use tokio::sync::mpsc;
 use crate::client::{Event, Inner};
 use crate::error::ClientError;
 
-/// How long delivery acks wait to be coalesced.
-const ACK_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
-
 /// Most queued frames written at once.
 const MAX_COALESCE: usize = 128;
 
@@ -120,8 +117,14 @@ pub(crate) async fn connect(
     let (receipts_tx, receipts_rx) = mpsc::unbounded_channel();
     let (ms, mr) = open(&conn, StreamKind::Messages).await?;
     let (rs, rr) = open(&conn, StreamKind::Receipts).await?;
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     tokio::spawn(write_loop(send, control_rx));
-    tokio::spawn(write_loop(ms, messages_rx));
+    tokio::spawn(messages_write_loop(
+        ms,
+        messages_rx,
+        ack_rx,
+        config.delivery_ack_linger,
+    ));
     tokio::spawn(write_loop(rs, receipts_rx));
     let live = Live {
         conn,
@@ -129,8 +132,6 @@ pub(crate) async fn connect(
         messages: messages_tx,
         receipts: receipts_tx,
     };
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-    tokio::spawn(ack_loop(ack_rx, live.messages.clone()));
     tokio::spawn(read_loop(inner.clone(), reader, StreamKind::Control, None));
     if auth_ok.heartbeat_interval_ms > 0 {
         let interval = std::time::Duration::from_millis(auth_ok.heartbeat_interval_ms.into());
@@ -208,36 +209,65 @@ async fn heartbeat_loop(
     }
 }
 
-/// Coalesces delivery acks: whatever piled up while the previous ack was
-/// written goes out as one DeliveryAck per conversation.
-async fn ack_loop(
-    mut rx: mpsc::UnboundedReceiver<(u64, u64)>,
-    messages: mpsc::UnboundedSender<Bytes>,
+/// Writes the messages stream: the app's sends as soon as they come, and
+/// delivery acks (`(conversation, seq)` from the reader), which wait up to
+/// `linger` to leave with the next send, in the same packet, as one
+/// DeliveryAck per conversation.
+async fn messages_write_loop(
+    mut send: SendStream,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    mut acks: mpsc::UnboundedReceiver<(u64, u64)>,
+    linger: std::time::Duration,
 ) {
-    let mut batch = Vec::with_capacity(64);
+    let mut batch = Vec::with_capacity(16);
     let mut highest: HashMap<u64, u64> = HashMap::new();
-    while rx.recv_many(&mut batch, 1024).await > 0 {
-        // Acks are not urgent (the server only moves a watermark): wait a
-        // moment so a burst of deliveries costs one ack per conversation
-        // and one packet, not one each.
-        tokio::time::sleep(ACK_LINGER).await;
-        while let Ok(item) = rx.try_recv() {
-            batch.push(item);
+    let deadline = tokio::time::sleep(linger);
+    tokio::pin!(deadline);
+    let mut acks_open = true;
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, MAX_COALESCE) => {
+                if n == 0 {
+                    break;
+                }
+            }
+            ack = acks.recv(), if acks_open => {
+                match ack {
+                    Some(ack) => {
+                        if highest.is_empty() {
+                            deadline.as_mut().reset(tokio::time::Instant::now() + linger);
+                        }
+                        note_ack(&mut highest, ack);
+                    }
+                    // The reader ended: the connection is going away.
+                    None => acks_open = false,
+                }
+                continue;
+            }
+            () = &mut deadline, if !highest.is_empty() => {}
         }
-        for (conversation_id, seq) in batch.drain(..) {
-            let entry = highest.entry(conversation_id).or_insert(0);
-            *entry = (*entry).max(seq);
+        while let Ok(ack) = acks.try_recv() {
+            note_ack(&mut highest, ack);
         }
         for (conversation_id, seq) in highest.drain() {
-            let frame = Frame::push(Body::DeliveryAck(proto::DeliveryAck {
-                conversation_id,
-                seq,
-            }));
-            if messages.send(encode(&frame)).is_err() {
-                return;
-            }
+            batch.push(encode(&Frame::push(Body::DeliveryAck(
+                proto::DeliveryAck {
+                    conversation_id,
+                    seq,
+                },
+            ))));
         }
+        if send.write_all_chunks(&mut batch).await.is_err() {
+            return;
+        }
+        batch.clear();
     }
+    let _ = send.finish();
+}
+
+fn note_ack(highest: &mut HashMap<u64, u64>, (conversation_id, seq): (u64, u64)) {
+    let entry = highest.entry(conversation_id).or_insert(0);
+    *entry = (*entry).max(seq);
 }
 
 async fn read_loop(

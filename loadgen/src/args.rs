@@ -128,6 +128,10 @@ pub struct Args {
     /// fail with outbox_full.
     #[arg(long, default_value_t = 1_000)]
     pub outbox: usize,
+    /// Longest a client holds a delivery ack for the next send to carry
+    /// (the client library's `delivery_ack_linger`; its default is 20ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub delivery_ack_linger: Option<Duration>,
     /// Server UDP address (IP:port; no name lookup).
     #[arg(long, conflicts_with = "spawn_server", requires = "ca")]
     pub server: Option<SocketAddr>,

@@ -86,9 +86,9 @@ pub struct CpuUse {
     pub own: Option<Duration>,
     /// Wall time between the two samples.
     pub wall: Duration,
-    /// UDP datagrams the whole machine dropped for a full receive buffer
-    /// in the window (see [`crate::udp`]).
-    pub udp_rcvbuf_drops: Option<u64>,
+    /// The whole machine's UDP counters over the window (see
+    /// [`crate::udp`]).
+    pub udp: Option<udp::UdpCounters>,
 }
 
 /// What the run measured.
@@ -426,14 +426,14 @@ async fn measure_window(
             server_pid.and_then(|pid| cpu::process_cpu(pid, ticks)),
             cpu::process_cpu(std::process::id(), ticks),
             server_pid.and_then(|pid| cpu::threads_cpu(pid, ticks)),
-            udp::rcvbuf_errors(),
+            udp::UdpCounters::read(),
         )
     };
     tokio::time::sleep_until(shared.clock.instant(measure_ns)).await;
-    let (t0, server0, own0, threads0, drops0) = sample();
+    let (t0, server0, own0, threads0, udp0) = sample();
     phase.send_replace(Phase::Measuring);
     tokio::time::sleep_until(shared.clock.instant(end_ns)).await;
-    let (t1, server1, own1, threads1, drops1) = sample();
+    let (t1, server1, own1, threads1, udp1) = sample();
     phase.send_replace(Phase::Draining);
     let diff = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
     CpuUse {
@@ -444,7 +444,7 @@ async fn measure_window(
             _ => BTreeMap::new(),
         },
         wall: t1 - t0,
-        udp_rcvbuf_drops: drops0.zip(drops1).map(|(a, b)| b.saturating_sub(a)),
+        udp: udp0.zip(udp1).map(|(a, b)| a.until(b)),
     }
 }
 

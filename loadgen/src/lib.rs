@@ -157,6 +157,7 @@ async fn measure(
         args.endpoints,
         args.socket_receive_buffer,
         args.outbox,
+        args.delivery_ack_linger,
         log,
     )?);
     let population = population::set_up(args, plan, &connector, log).await?;
@@ -249,7 +250,11 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
             .map(|(name, &d)| (name.clone(), cpu::percent_of_core(d, cpu.wall)))
             .collect(),
         loadgen_cpu_pct: cpu.own.map(|d| cpu::percent_of_core(d, cpu.wall)),
-        udp_rcvbuf_drops: cpu.udp_rcvbuf_drops,
+        udp_rcvbuf_drops: cpu.udp.map(|u| u.rcvbuf_errors),
+        udp_datagrams_per_send: cpu
+            .udp
+            .filter(|_| c.acked > 0)
+            .map(|u| u.out_datagrams as f64 / c.acked as f64),
         loadgen_threads: args.threads,
     }
 }

@@ -63,6 +63,7 @@ impl Connector {
         endpoints: usize,
         receive_buffer: usize,
         outbox: usize,
+        delivery_ack_linger: Option<Duration>,
         log: &impl Fn(&str),
     ) -> anyhow::Result<Connector> {
         let mut base = ClientConfig::new(target.addr, target.server_name.clone())
@@ -70,6 +71,9 @@ impl Connector {
             .with_context(|| format!("CA file {}", target.ca.display()))?;
         base.device_name = "chat-loadgen".into();
         base.outbox_limit = outbox;
+        if let Some(linger) = delivery_ack_linger {
+            base.delivery_ack_linger = linger;
+        }
         // Set-up requests queue behind Argon2 on a busy server.
         base.request_timeout = Duration::from_secs(60);
         let bind: SocketAddr = match (target.addr.ip().is_loopback(), target.addr.is_ipv4()) {

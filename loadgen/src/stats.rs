@@ -660,6 +660,11 @@ pub struct Report {
     /// is latency the server may not have caused.
     #[serde(default)]
     pub udp_rcvbuf_drops: Option<u64>,
+    /// UDP datagrams sent machine-wide during the window per acked send:
+    /// both ends' packets, data and QUIC acks alike (a bare relay moves
+    /// about 3 per message). Only on a machine running nothing else.
+    #[serde(default)]
+    pub udp_datagrams_per_send: Option<f64>,
 }
 
 /// Load generator CPU per worker thread (percent of a core) at which the
@@ -783,6 +788,12 @@ impl Report {
                 } else {
                     ""
                 }
+            );
+        }
+        if let Some(per_send) = self.udp_datagrams_per_send {
+            let _ = writeln!(
+                t,
+                "udp datagrams sent (whole machine): {per_send:.2} per acked send"
             );
         }
         match self.udp_rcvbuf_drops {

@@ -35,6 +35,7 @@ const REPORT_KEYS: &[&str] = &[
     "server_cpu_us_per_send",
     "server_cpu_by_thread",
     "udp_rcvbuf_drops",
+    "udp_datagrams_per_send",
 ];
 
 fn args(extra: &[&str]) -> Args {
@@ -120,6 +121,10 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
     // Read from /proc/net/snmp over the window: a count on Linux.
     if cfg!(target_os = "linux") {
         assert!(value["udp_rcvbuf_drops"].is_u64(), "{text}");
+        // Every acked send crossed the loopback at least twice (the Send
+        // and its SendAck).
+        let per_send = value["udp_datagrams_per_send"].as_f64();
+        assert!(per_send.is_some_and(|d| d >= 2.0), "{text}");
     }
     assert_eq!(value["profile"], "messenger");
     assert_eq!(value["sent"], report.sent);

@@ -270,6 +270,39 @@ each_backend! {
         assert_eq!(delivered.seen_seq, 0);
     }
 
+    async fn a_delivery_ack_leaves_with_the_recipients_next_send(backend: Backend) {
+        // Bob's client may hold a delivery ack for a minute, so within the
+        // deadlines below only his next send can carry it to the server.
+        let server = TestServer::start_on(backend.clone()).await;
+        let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+        let mut patient = server.client_config();
+        patient.delivery_ack_linger = Duration::from_secs(60);
+        let (bob, mut bob_events) = register(patient, &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let bob_id = bob.identity().user_id;
+
+        alice.send_text(conversation, "first").await.unwrap();
+        messages(&mut bob_events, 1).await;
+        let quiet = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(Some(event)) = tokio::time::timeout_at(quiet, alice_events.next()).await {
+            assert!(
+                !matches!(&event, Event::Receipt(r) if r.user_id == bob_id),
+                "Bob's ack left before its linger or a send to take it: {event:?}"
+            );
+        }
+
+        bob.send_text(conversation, "reply").await.unwrap();
+        let delivered = receipt(
+            &mut alice_events,
+            conversation,
+            bob_id,
+            "Bob's delivered receipt, carried by his reply",
+            |r| r.delivered_seq >= 1,
+        )
+        .await;
+        assert_eq!(delivered.seen_seq, 0);
+    }
+
     async fn offline_recipient_gets_everything_in_order_once(backend: Backend) {
         let server = TestServer::start_on(backend.clone()).await;
         let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
