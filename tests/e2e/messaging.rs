@@ -24,6 +24,18 @@ async fn receipt(
     .await
 }
 
+/// Watches `events` for a second and fails with `why` if one is `forbidden`.
+async fn quiet_for_a_second(
+    events: &mut chat_client::Events,
+    why: &str,
+    forbidden: impl Fn(&Event) -> bool,
+) {
+    let quiet = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Some(event)) = tokio::time::timeout_at(quiet, events.next()).await {
+        assert!(!forbidden(&event), "{why}: {event:?}");
+    }
+}
+
 /// Alice and Bob, friends; Bob goes offline and Alice sends `n` texts
 /// (`"{prefix} {i}"`), each acked. Returns Alice, her events, the
 /// conversation, Bob's token and the acks.
@@ -231,13 +243,12 @@ each_backend! {
         messages(&mut bob_events, 1).await;
         // Bob's client acks the delivery; nothing else goes to Alice, so her
         // delivered receipt waits.
-        let quiet = tokio::time::Instant::now() + Duration::from_secs(1);
-        while let Ok(Some(event)) = tokio::time::timeout_at(quiet, alice_events.next()).await {
-            assert!(
-                !matches!(event, Event::Receipt(_)),
-                "a receipt left before its linger or a frame to take it: {event:?}"
-            );
-        }
+        quiet_for_a_second(
+            &mut alice_events,
+            "a receipt left before its linger or a frame to take it",
+            |e| matches!(e, Event::Receipt(_)),
+        )
+        .await;
 
         // Bob writes back: the Deliver to Alice carries the receipt along. A
         // receipt queued after one Deliver went out rides with the next, so
@@ -283,13 +294,12 @@ each_backend! {
 
         alice.send_text(conversation, "first").await.unwrap();
         messages(&mut bob_events, 1).await;
-        let quiet = tokio::time::Instant::now() + Duration::from_secs(1);
-        while let Ok(Some(event)) = tokio::time::timeout_at(quiet, alice_events.next()).await {
-            assert!(
-                !matches!(&event, Event::Receipt(r) if r.user_id == bob_id),
-                "Bob's ack left before its linger or a send to take it: {event:?}"
-            );
-        }
+        quiet_for_a_second(
+            &mut alice_events,
+            "Bob's ack left before its linger or a send to take it",
+            |e| matches!(e, Event::Receipt(r) if r.user_id == bob_id),
+        )
+        .await;
 
         bob.send_text(conversation, "reply").await.unwrap();
         let delivered = receipt(
