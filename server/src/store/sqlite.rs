@@ -1,29 +1,17 @@
-//! The embedded history store: one SQLite file under the data directory,
-//! and a journal beside it.
+//! The embedded history store: one SQLite file under the data directory.
 //!
 //! One dedicated thread owns the connection. Callers send it jobs; the
 //! thread takes every job waiting in its queue (up to [`MAX_BATCH`]), runs
-//! them inside one transaction, makes the batch durable once, and only then
-//! answers each caller. That is group commit for everything, not only
-//! sends: a caller never hears "done" before its write is on disk.
-//!
-//! Durable how depends on the batch. Sends and watermark moves (the hot
-//! jobs) are appended to the journal (`journal.rs`: one record per row
-//! written, one synced write per batch) while the SQLite transaction stays
-//! open; it is committed (`synchronous = FULL`) every
-//! [`SQLITE_COMMIT_INTERVAL`], before answering a batch with any other job,
-//! and at shutdown, and each commit starts a new journal generation. At
-//! open, and after a rolled-back transaction, the journal's records of the
-//! committed generation are replayed before anything else runs. So the
-//! hot path's durability is one sequential write, and SQLite's page writes
-//! and checkpoints are paid 20 times a second instead of once per batch.
+//! them inside one transaction, commits once, and only then answers each
+//! caller. That is group commit for everything, not only sends: one fsync
+//! covers the whole batch, and a caller never hears "done" before its write
+//! is on disk (`synchronous = FULL`).
 //!
 //! Jobs do not get savepoints (they made SQLite copy pages into a
 //! sub-journal for every job, the largest cost in profiles). Instead every
 //! job keeps one rule: it refuses (Conflict, NotFound, NotAMember) before
 //! writing anything. Any other error means the database is in trouble, and
-//! then the open transaction is rolled back, the journal (the batches
-//! before this one) replayed, and every caller in the batch hears
+//! then the whole batch is rolled back and every caller in it hears
 //! "unavailable", so a half-done job can never be committed.
 //!
 //! A conversation's head (`conversations.last_seq`, `last_activity_ms`)
@@ -69,14 +57,10 @@ use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-mod journal;
-
 use async_trait::async_trait;
 use chat_protocol::proto;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
-
-use journal::{Journal, Record};
 
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
@@ -104,16 +88,6 @@ pub const MIN_COMMIT_GAP: Duration = Duration::from_millis(1);
 /// send's latency.
 pub const MAX_COMMIT_GAP: Duration = Duration::from_millis(50);
 
-/// Longest a SQLite transaction stays open while only sends and watermark
-/// moves arrive (the journal makes each batch of them durable meanwhile).
-/// Each commit writes the pages the interval dirtied once, where a commit
-/// per batch wrote the table's last pages again every time.
-const SQLITE_COMMIT_INTERVAL: Duration = Duration::from_millis(50);
-
-/// A journal generation this long is committed to SQLite before the
-/// interval is up (a burst of long texts).
-const JOURNAL_COMMIT_BYTES: u64 = 4 << 20;
-
 /// Longest a conversation head or an idempotency key stays unwritten while
 /// only sends and watermark moves arrive.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -139,7 +113,6 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V3__idempotency.sql"),
     include_str!("sqlite/V4__message_log.sql"),
     include_str!("sqlite/V5__watermark_log.sql"),
-    include_str!("sqlite/V6__journal.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -153,12 +126,6 @@ trait DbJob: Send {
     fn run(self: Box<Self>, conn: &Connection, state: &mut DbState) -> (bool, Completion);
     /// The job will not run (the transaction could not start).
     fn abort(self: Box<Self>, error: StoreError);
-    /// Tests: the thread stops at once, as if the process died (the open
-    /// transaction is lost; the journal stays as synced).
-    #[cfg(test)]
-    fn crashes(&self) -> bool {
-        false
-    }
 }
 
 /// A closure and the channel its caller waits on.
@@ -182,9 +149,6 @@ where
             reply,
             flush_pending,
         } = *self;
-        // Only sends and watermark moves are journaled: anything else is
-        // durable by the SQLite commit that ends its batch.
-        state.commit_requested |= flush_pending;
         let result = match flush_pending {
             true => state.flush_for_read(conn).and_then(|()| f(conn, state)),
             false => f(conn, state),
@@ -240,17 +204,6 @@ struct DbState {
     /// Pending heads and keys were lost with a rolled-back transaction:
     /// jobs wait until they are rebuilt from `messages`.
     needs_repair: bool,
-    /// Where sends and watermark moves are made durable between SQLite
-    /// commits.
-    journal: Journal,
-    /// A job in the batch needs the open transaction committed to SQLite
-    /// before it is answered.
-    commit_requested: bool,
-    /// [`SQLITE_COMMIT_INTERVAL`] (tests hold commits longer).
-    commit_interval: Duration,
-    /// Tests: this many replays fail before one runs.
-    #[cfg(test)]
-    failing_replays: u32,
 }
 
 /// Where a message with a pending idempotency key went.
@@ -523,12 +476,6 @@ impl DbState {
             sql(to.1)
         ])
         .map_err(internal)?;
-        self.journal.push(&Record::Watermark {
-            conversation_id,
-            user_id: user,
-            delivered: to.0,
-            seen: to.1,
-        });
         self.watermarks.insert((conversation_id, user), to);
         Ok(())
     }
@@ -602,25 +549,10 @@ impl DbState {
         }
     }
 
-    /// Commits the open transaction to SQLite and starts the journal's next
-    /// generation, recorded in the same transaction: the journal's records
-    /// until now are in SQLite from here on.
-    fn commit(&mut self, conn: &Connection) -> Result<(), StoreError> {
-        let generation = self.journal.generation() + 1;
-        conn.prepare_cached("UPDATE written_through SET journal_gen = ?1 WHERE id = 1")
-            .and_then(|mut s| s.execute([sql(generation)]))
-            .map_err(internal)?;
-        exec(conn, "COMMIT").map_err(|e| StoreError::Unavailable(format!("commit failed: {e}")))?;
-        self.journal.start_generation(generation);
-        self.commit_requested = false;
-        Ok(())
-    }
-
-    /// The open transaction rolled back: nothing of it is stored but what
-    /// the journal holds, so its ids may be reused and nothing cached from
-    /// it can be trusted. Pending heads and keys mix committed messages with
-    /// rolled-back ones; [`repair`](Self::repair) replays the journal and
-    /// rebuilds them.
+    /// The open transaction rolled back: nothing of it is stored, so its
+    /// ids may be reused and nothing cached from it can be trusted. Pending
+    /// heads and keys mix committed messages with rolled-back ones; those of
+    /// the committed ones are rebuilt from `messages`.
     fn rolled_back(&mut self, next_message_id: u64) {
         self.next_message_id = next_message_id;
         self.conversations.clear();
@@ -629,112 +561,23 @@ impl DbState {
         self.watermarks.clear();
         self.watermark_cycle = None;
         self.keys.clear();
-        self.journal.discard_pending();
-        self.commit_requested = false;
         self.needs_repair = true;
     }
 
-    /// Brings SQLite up to everything acknowledged, in a transaction of
-    /// its own: replays the journal's records of the committed generation,
-    /// then rebuilds heads, index entries and keys after `written_through`
-    /// from `messages` and replays the watermark log ([`REPAIR`]). On
-    /// failure jobs that need them keep waiting and the next batch tries
-    /// again.
-    fn repair(&mut self, conn: &Connection) -> Result<(), StoreError> {
+    /// Rebuilds heads, index entries and keys after `written_through` from
+    /// `messages`, in a transaction of its own; on failure, jobs that need
+    /// them keep waiting and the next batch tries again.
+    fn repair(&mut self, conn: &Connection) {
         if !self.needs_repair {
-            return Ok(());
+            return;
         }
-        exec(conn, "BEGIN IMMEDIATE")?;
-        match self.replay(conn) {
-            Ok(next_message_id) => {
-                self.next_message_id = next_message_id;
-                self.needs_repair = false;
-                Ok(())
-            }
+        match conn.execute_batch(&format!("BEGIN IMMEDIATE; {REPAIR}; COMMIT;")) {
+            Ok(()) => self.needs_repair = false,
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");
-                Err(e)
+                tracing::error!(error = %e, "cannot rebuild heads, index and idempotency keys; retrying with the next batch");
             }
         }
-    }
-
-    /// [`repair`](Self::repair)'s transaction; returns the next message id.
-    fn replay(&mut self, conn: &Connection) -> Result<u64, StoreError> {
-        #[cfg(test)]
-        if self.failing_replays > 0 {
-            self.failing_replays -= 1;
-            return Err(StoreError::Unavailable("injected replay failure".into()));
-        }
-        let generation: i64 = conn
-            .query_row("SELECT journal_gen FROM written_through", [], |r| r.get(0))
-            .map_err(internal)?;
-        self.journal.start_generation(generation as u64);
-        let records = self
-            .journal
-            .records(generation as u64)
-            .map_err(|e| StoreError::Internal(format!("read the journal: {e}")))?;
-        for record in &records {
-            match record {
-                Record::Message {
-                    message_id,
-                    conversation_id,
-                    seq,
-                    sender_id,
-                    client_msg_id,
-                    message_type,
-                    sent_at_ms,
-                    body,
-                } => conn
-                    .prepare_cached(
-                        "INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    )
-                    .and_then(|mut s| {
-                        s.execute(params![
-                            sql(*conversation_id),
-                            sql(*seq),
-                            sql(*message_id),
-                            sql(*sender_id),
-                            client_msg_id,
-                            message_type,
-                            sent_at_ms,
-                            body,
-                        ])
-                    }),
-                Record::Watermark {
-                    conversation_id,
-                    user_id,
-                    delivered,
-                    seen,
-                } => conn
-                    .prepare_cached(
-                        "INSERT INTO watermark_log (conversation_id, user_id, delivered_seq, seen_seq)
-                         VALUES (?1, ?2, ?3, ?4)",
-                    )
-                    .and_then(|mut s| {
-                        s.execute(params![
-                            sql(*conversation_id),
-                            sql(*user_id),
-                            sql(*delivered),
-                            sql(*seen)
-                        ])
-                    }),
-            }
-            .map_err(|e| StoreError::Internal(format!("replay the journal: {e}")))?;
-        }
-        if !records.is_empty() {
-            tracing::info!(records = records.len(), "replayed the journal");
-        }
-        conn.execute_batch(REPAIR).map_err(internal)?;
-        let next_message_id: i64 = conn
-            .query_row(
-                "SELECT COALESCE(MAX(message_id), 0) + 1 FROM messages",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(internal)?;
-        self.commit(conn)?;
-        Ok(next_message_id as u64)
     }
 }
 
@@ -809,15 +652,18 @@ impl SqliteStore {
         )
         .map_err(internal)?;
         migrate(&conn)?;
-        let journal = Journal::open(dir).map_err(|e| {
-            StoreError::Internal(format!(
-                "open {}: {e}",
-                dir.join(journal::FILE_NAME).display()
-            ))
-        })?;
-        tracing::info!(direct = journal.is_direct(), "opened the journal");
-        let mut state = DbState {
-            next_message_id: 0,
+        // What a crash left unwritten.
+        conn.execute_batch(&format!("BEGIN; {REPAIR}; COMMIT;"))
+            .map_err(internal)?;
+        let next_message_id: i64 = conn
+            .query_row(
+                "SELECT COALESCE(MAX(message_id), 0) + 1 FROM messages",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(internal)?;
+        let state = DbState {
+            next_message_id: next_message_id as u64,
             conversations: HashMap::new(),
             heads: HashMap::new(),
             index: HashMap::new(),
@@ -827,16 +673,8 @@ impl SqliteStore {
             keys: HashMap::new(),
             key_slice: 0,
             keys_flushed_at: Instant::now(),
-            // What a crash left unwritten: the journal's acknowledged
-            // writes, and what is derived from them.
-            needs_repair: true,
-            journal,
-            commit_requested: false,
-            commit_interval: SQLITE_COMMIT_INTERVAL,
-            #[cfg(test)]
-            failing_replays: 0,
+            needs_repair: false,
         };
-        state.repair(&conn)?;
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("sqlite-store".into())
@@ -915,70 +753,29 @@ fn run_thread(
 ) {
     let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     let mut last_start: Option<Instant> = None;
-    // The open SQLite transaction: when it began, and the next message id
-    // then (what a rollback goes back to).
-    let mut open: Option<(Instant, u64)> = None;
-    loop {
-        // With a transaction open, wait no longer than its commit is due:
-        // an idle store still commits within the interval.
-        let first = match open {
-            Some((began, _)) => {
-                match rx.recv_timeout(state.commit_interval.saturating_sub(began.elapsed())) {
-                    Ok(job) => Some(job),
-                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            }
-            None => match rx.recv() {
-                Ok(job) => Some(job),
+    while let Ok(first) = rx.recv() {
+        // Back-to-back commits are paced (see MIN_COMMIT_GAP); the jobs
+        // that arrive meanwhile join this batch.
+        if let Some(wait) = last_start.and_then(|t| commit_gap.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
+        }
+        last_start = Some(Instant::now());
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
                 Err(_) => break,
-            },
-        };
-        let mut batch = Vec::new();
-        if let Some(first) = first {
-            // Back-to-back batches are paced (see MIN_COMMIT_GAP); the jobs
-            // that arrive meanwhile join this one.
-            if let Some(wait) = last_start.and_then(|t| commit_gap.checked_sub(t.elapsed())) {
-                std::thread::sleep(wait);
-            }
-            last_start = Some(Instant::now());
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
             }
         }
-        #[cfg(test)]
-        if batch.iter().any(|job| job.crashes()) {
-            return;
-        }
-        let (began, before) = match open {
-            Some(open) => open,
-            None => {
-                // Nothing may be written or committed before the journal is
-                // replayed: a commit would start a new generation over
-                // acknowledged records that SQLite does not hold.
-                if let Err(e) = state.repair(&conn) {
-                    tracing::error!(error = %e, "cannot replay the journal or rebuild heads, index and idempotency keys; retrying with the next batch");
-                    for job in batch {
-                        job.abort(StoreError::Unavailable(
-                            "the journal is being replayed".into(),
-                        ));
-                    }
-                    continue;
-                }
-                if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-                    tracing::error!(error = %e, "cannot begin a SQLite transaction");
-                    for job in batch {
-                        job.abort(StoreError::Unavailable(format!("begin failed: {e}")));
-                    }
-                    continue;
-                }
-                *open.insert((Instant::now(), state.next_message_id))
+        state.repair(&conn);
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            tracing::error!(error = %e, "cannot begin a SQLite transaction");
+            for job in batch {
+                job.abort(StoreError::Unavailable(format!("begin failed: {e}")));
             }
-        };
+            continue;
+        }
+        let before = state.next_message_id;
         let mut poisoned = false;
         let flushed = match state.flushed_at.elapsed() >= FLUSH_INTERVAL {
             true => state
@@ -996,59 +793,30 @@ fn run_thread(
             poisoned |= !ok;
             completions.push(done);
         }
-        // Durable before anyone hears "done": in SQLite when a job asked
-        // for it, else in the journal.
-        let outcome = if poisoned {
+        let commit = if poisoned {
             Err(StoreError::Unavailable(
                 "a job failed; batch rolled back".into(),
             ))
-        } else if state.commit_requested {
-            state.commit(&conn).map(|()| open = None)
         } else {
-            state
-                .journal
-                .sync()
-                .map_err(|e| StoreError::Unavailable(format!("journal write failed: {e}")))
+            exec(&conn, "COMMIT")
         };
-        let rolled_back = |e: StoreError, state: &mut DbState, open: &mut Option<_>| {
+        let commit = commit.map_err(|e| {
             let _ = conn.execute_batch("ROLLBACK");
-            *open = None;
             state.rolled_back(before);
-            if let Err(e) = state.repair(&conn) {
-                tracing::error!(error = %e, "cannot replay the journal after a rollback; retrying with the next batch");
-            }
-            e
-        };
-        let outcome = outcome.map_err(|e| rolled_back(e, &mut state, &mut open));
+            state.repair(&conn);
+            StoreError::Unavailable(format!("commit failed: {e}"))
+        });
         for done in completions.drain(..) {
-            done(outcome.as_ref().map(|_| ()).map_err(clone_err));
-        }
-        // The periodic commit, once the batch is answered from the journal:
-        // its page writes and checkpoint hold up the next batch, not this
-        // one's callers.
-        let commit_due =
-            began.elapsed() >= state.commit_interval || state.journal.len() >= JOURNAL_COMMIT_BYTES;
-        if open.is_some() && commit_due {
-            match state.commit(&conn) {
-                Ok(()) => open = None,
-                Err(e) => {
-                    let e = rolled_back(e, &mut state, &mut open);
-                    tracing::error!(error = %e, "periodic SQLite commit failed; the journal was replayed");
-                }
-            }
+            done(commit.as_ref().map(|_| ()).map_err(clone_err));
         }
     }
     // Shutting down: heads and keys still pending go to disk now (or,
-    // should this fail, are rebuilt at the next open). A journal not yet
-    // replayed stays for the next open.
-    let flushed = match open {
-        Some(_) => Ok(()),
-        None => state
-            .repair(&conn)
-            .and_then(|()| conn.execute_batch("BEGIN IMMEDIATE").map_err(internal)),
-    }
-    .and_then(|()| state.flush(&conn))
-    .and_then(|()| state.commit(&conn));
+    // should this fail, are rebuilt at the next open).
+    let flushed = conn
+        .execute_batch("BEGIN IMMEDIATE")
+        .map_err(internal)
+        .and_then(|()| state.flush(&conn))
+        .and_then(|()| exec(&conn, "COMMIT"));
     if let Err(e) = flushed {
         let _ = conn.execute_batch("ROLLBACK");
         tracing::warn!(error = %e, "heads and keys not written at shutdown; rebuilt at next open");
@@ -1425,16 +1193,6 @@ fn append_one(
             m.text,
         ])
         .map_err(internal)?;
-    state.journal.push(&Record::Message {
-        message_id,
-        conversation_id: m.conversation_id,
-        seq,
-        sender_id: m.sender_id,
-        client_msg_id: (&m.client_msg_id).into(),
-        message_type: m.message_type as i32,
-        sent_at_ms: m.now_ms,
-        body: (&m.text).into(),
-    });
     state.keys.entry(m.sender_id).or_default().insert(
         m.client_msg_id.clone(),
         PendingKey {
@@ -2357,41 +2115,6 @@ mod tests {
 
     use crate::store::conformance::{friends_with_direct, text};
 
-    /// Stops the store thread before it runs anything more.
-    struct Crash;
-
-    impl DbJob for Crash {
-        fn run(self: Box<Self>, _: &Connection, _: &mut DbState) -> (bool, Completion) {
-            unreachable!("the thread stops before running a crash")
-        }
-
-        fn abort(self: Box<Self>, _: StoreError) {}
-
-        fn crashes(&self) -> bool {
-            true
-        }
-    }
-
-    /// The process dies: the store thread stops without committing or
-    /// writing anything pending, so only what was synced (SQLite commits
-    /// and the journal) survives.
-    fn crash(store: SqliteStore) {
-        store.jobs.send(Box::new(Crash)).unwrap();
-        drop(store);
-    }
-
-    /// Commits the open transaction to SQLite, so that another connection
-    /// sees what the store has written (not what it holds pending).
-    async fn commit(store: &SqliteStore) {
-        store
-            .call_hot(|_, state| {
-                state.commit_requested = true;
-                Ok(())
-            })
-            .await
-            .unwrap();
-    }
-
     /// Appends one message that must be accepted.
     async fn send(store: &SqliteStore, m: NewMessage) -> Appended {
         let mut results = store.append(vec![m]).await.unwrap();
@@ -2415,17 +2138,15 @@ mod tests {
         (keys, through)
     }
 
-    /// Stops the periodic write-behind (heads, index, key slices) and the
-    /// periodic SQLite commit for an hour, so a test on a slow machine
-    /// still sees what is pending; reads, [`commit`] and shutdown still
-    /// write it.
+    /// Stops the periodic write-behind (heads, index, key slices) for an
+    /// hour, so a test on a slow machine still sees what is pending; reads
+    /// and shutdown still write it.
     async fn hold_write_behind(store: &SqliteStore) {
         store
             .call_hot(|_, state| {
                 let later = Instant::now() + Duration::from_secs(3600);
                 state.flushed_at = later;
                 state.keys_flushed_at = later;
-                state.commit_interval = Duration::from_secs(3600);
                 Ok(())
             })
             .await
@@ -2600,7 +2321,6 @@ mod tests {
         hold_write_behind(&store).await;
         send(&store, text(c, a, "k1", "one", 100)).await;
         send(&store, text(c, b, "k2", "two", 200)).await;
-        commit(&store).await;
         assert_eq!(index_on_disk(dir.path()), [], "written behind");
         // The keys reach the table first (their slices are written every
         // 100 ms, the index once a second): a retry then finds its key on
@@ -2609,12 +2329,10 @@ mod tests {
             .call_hot(|conn, state| state.flush_keys(conn, None))
             .await
             .unwrap();
-        commit(&store).await;
         assert_eq!(keys_on_disk(dir.path()).0, 2);
         let retry = send(&store, text(c, b, "k2", "again", 300)).await;
         assert_eq!(duplicate_of(&retry), (true, 2));
         assert_eq!(retry.message.text, "two");
-        commit(&store).await;
         assert_eq!(index_on_disk(dir.path()), [], "still pending");
         // Every other read writes the pending entries first.
         assert_eq!(history_texts(&store, c).await, ["one", "two"]);
@@ -2690,7 +2408,6 @@ mod tests {
         );
         // Durable as log rows (alice's own two, bob's two), members not
         // yet written.
-        commit(&store).await;
         assert_eq!(watermarks_on_disk(dir.path(), c, b), ((0, 0), 4));
         assert_eq!(watermarks_on_disk(dir.path(), c, a), ((0, 0), 4));
         // Any other job writes them first and empties the log.
@@ -2725,13 +2442,11 @@ mod tests {
         for n in 1..=s1 {
             slice(n).await.unwrap();
         }
-        commit(&store).await;
         assert_eq!(watermarks_on_disk(dir.path(), c1, b), ((1, 0), 4));
         assert_eq!(watermarks_on_disk(dir.path(), c2, dave), ((0, 0), 4));
         for n in s1 + 1..KEY_SLICES {
             slice(n).await.unwrap();
         }
-        commit(&store).await;
         // Dave's move came after the cycle began: its row stays until the
         // next cycle, although its members row is written.
         assert_eq!(watermarks_on_disk(dir.path(), c2, dave), ((1, 0), 1));
@@ -2851,7 +2566,7 @@ mod tests {
                 80..88 => check(&store, e, &when).await,
                 88..95 => {
                     // The process dies: nothing pending is written.
-                    crash(store);
+                    std::mem::forget(store);
                     store = SqliteStore::open(dir.path()).unwrap();
                     hold_write_behind(&store).await;
                     crashes += 1;
@@ -2881,15 +2596,8 @@ mod tests {
         }
     }
 
-    fn messages_on_disk(dir: &Path) -> i64 {
-        Connection::open(dir.join(FILE_NAME))
-            .unwrap()
-            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
-            .unwrap()
-    }
-
     #[tokio::test]
-    async fn sends_and_watermark_moves_lost_in_a_crash_are_replayed_from_the_journal() {
+    async fn watermark_moves_lost_in_a_crash_are_replayed_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
         let (a, b, c) = friends_with_direct(&store, "alice", "bob").await;
@@ -2899,16 +2607,10 @@ mod tests {
             mark(&store, c, b, WatermarkKind::Seen, 1).await,
             Some((1, 1))
         );
-        // The process dies before the transaction holding them commits:
-        // both were acknowledged from the journal alone.
-        crash(store);
-        assert_eq!(messages_on_disk(dir.path()), 0);
-        assert_eq!(watermarks_on_disk(dir.path(), c, b), ((0, 0), 0));
+        // The process dies: no shutdown, nothing pending is written.
+        std::mem::forget(store);
+        assert_eq!(watermarks_on_disk(dir.path(), c, b), ((0, 0), 2));
         let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(messages_on_disk(dir.path()), 1, "replayed at open");
-        assert_eq!(history_texts(&store, c).await, ["one"]);
-        let retry = send(&store, text(c, a, "k1", "again", 200)).await;
-        assert_eq!(duplicate_of(&retry), (true, 1));
         assert_eq!(
             watermarks_on_disk(dir.path(), c, b),
             ((1, 1), 0),
@@ -2916,75 +2618,6 @@ mod tests {
         );
         assert_eq!(watermarks_on_disk(dir.path(), c, a), ((1, 1), 0));
         assert_eq!(mark(&store, c, b, WatermarkKind::Seen, 1).await, None);
-        // Replayed once: a second crash and open finds each row once.
-        send(&store, text(c, a, "k2", "two", 300)).await;
-        crash(store);
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(history_texts(&store, c).await, ["one", "two"]);
-    }
-
-    /// With nothing arriving, the open transaction still reaches SQLite
-    /// within the commit interval: the journal never holds a quiet store's
-    /// writes for long.
-    #[tokio::test]
-    async fn an_idle_store_commits_its_open_transaction() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
-        send(&store, text(c, a, "k1", "one", 100)).await;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while messages_on_disk(dir.path()) == 0 {
-            assert!(Instant::now() < deadline, "never committed to SQLite");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        // Only then may the journal start over: a crash now loses nothing.
-        crash(store);
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(history_texts(&store, c).await, ["one"]);
-    }
-
-    /// Until the journal is replayed after a rollback, nothing else runs:
-    /// a commit meanwhile would start a new generation over acknowledged
-    /// records that SQLite does not hold.
-    #[tokio::test]
-    async fn jobs_wait_for_the_journal_to_be_replayed_after_a_rollback() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
-        hold_write_behind(&store).await;
-        send(&store, text(c, a, "k1", "one", 100)).await;
-        store
-            .call_hot(|_, state| {
-                state.failing_replays = 2;
-                Ok(())
-            })
-            .await
-            .unwrap();
-        // Rolls back what is open, "one" with it; the replay fails.
-        let failed = store
-            .call(|_, _| Err::<(), _>(StoreError::Internal("injected".into())))
-            .await;
-        assert!(
-            matches!(failed, Err(StoreError::Unavailable(_))),
-            "{failed:?}"
-        );
-        // The next job finds the replay failing again and is refused
-        // without running (it would have committed).
-        let refused = store.create_user("carol".into(), "hash".into(), 1).await;
-        assert!(
-            matches!(refused, Err(StoreError::Unavailable(_))),
-            "{refused:?}"
-        );
-        // Then the replay succeeds and everything runs again.
-        store
-            .create_user("carol".into(), "hash".into(), 1)
-            .await
-            .unwrap();
-        send(&store, text(c, a, "k2", "two", 200)).await;
-        assert_eq!(history_texts(&store, c).await, ["one", "two"]);
-        crash(store);
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(history_texts(&store, c).await, ["one", "two"]);
     }
 
     #[tokio::test]
@@ -3000,7 +2633,7 @@ mod tests {
         );
         // A job that writes the pending moves (as every non-hot job does
         // first), moves bob's seen watermark, then fails: all of it rolls
-        // back, the journaled send and delivered move must come back.
+        // back, the committed delivered move must come back from the log.
         let failed = store
             .call(move |conn, state| {
                 state.move_watermark(conn, c, b, (1, 1))?;
@@ -3012,8 +2645,6 @@ mod tests {
             "{failed:?}"
         );
         assert_eq!(watermarks_on_disk(dir.path(), c, b), ((1, 0), 0));
-        assert_eq!(messages_on_disk(dir.path()), 1);
-        assert_eq!(history_texts(&store, c).await, ["one"]);
         assert_eq!(mark(&store, c, b, WatermarkKind::Delivered, 1).await, None);
         assert_eq!(
             mark(&store, c, b, WatermarkKind::Seen, 1).await,
@@ -3034,7 +2665,6 @@ mod tests {
             .call_hot(move |conn, state| state.flush_keys(conn, Some(a % KEY_SLICES)))
             .await
             .unwrap();
-        commit(&store).await;
         let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
         let written_for_a: i64 = conn
             .query_row(
