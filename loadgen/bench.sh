@@ -7,6 +7,9 @@
 #   loadgen/bench.sh embedded RATE [pinned|unpinned] [chat-server flags...]
 #   loadgen/bench.sh postgres RATE [chat-server flags...]   (server pinned)
 #   loadgen/bench.sh idle                  RSS per idle connection, 10,000 users
+#   loadgen/bench.sh compare PAIRS RATE BIN_B [chat-server flags...]
+#                                          interleaved pinned embedded runs of
+#                                          $BIN and BIN_B, then each one's medians
 #
 # Pinned: the server on CPU 0, the load generator on CPU 1 (taskset).
 # Environment: BIN (default target/release), BENCH_DIR (default
@@ -67,9 +70,14 @@ wait_ready() {
     exit 1
 }
 
+# The server's own view of the tail, scraped before it stops: the share of
+# sends whose SendAck took over 10 ms in the server (less noisy than the
+# load generator's p99, which adds both processes' scheduling).
+scrape_metrics() { curl -s -m 5 "127.0.0.1:$METRICS_PORT/metrics" >"$1" 2>/dev/null || true; }
+
 summary() {
-    python3 - "$1" <<'PY'
-import json, sys
+    python3 - "$1" "${2:-}" <<'PY'
+import json, re, sys
 j = json.load(open(sys.argv[1]))
 L = j["latency_ms"]
 threads = ", ".join(f"{k} {v:.0f}%" for k, v in sorted(j.get("server_cpu_by_thread", {}).items()) if v >= 0.5)
@@ -77,6 +85,16 @@ print(f'offered {j["offered_rate"]:.0f}/s achieved {j["acked_per_s"]:.0f}/s lost
       f'ack p50 {L["ack"]["p50"]:.1f} p99 {L["ack"]["p99"]:.1f} deliver p99 {L["deliver"]["p99"]:.1f} ms '
       f'server {j.get("server_cpu_pct") or 0:.0f}% = {j.get("server_cpu_us_per_send") or 0:.1f} us/send ({threads}) '
       f'loadgen {j.get("loadgen_cpu_pct") or 0:.0f}% datagrams/send {j.get("udp_datagrams_per_send") or 0:.2f} drops {j.get("udp_rcvbuf_drops")} errors {j["errors"]}')
+try:
+    m = open(sys.argv[2]).read()
+except OSError:
+    sys.exit(0)
+def bucket(le):
+    found = re.search(r'^chat_send_ack_duration_seconds_bucket\{le="%s"\} (\d+)' % re.escape(le), m, re.M)
+    return int(found.group(1)) if found else None
+total, within10, within25 = bucket("+Inf"), bucket("0.01"), bucket("0.025")
+if total:
+    print(f'  server: SendAck over 10 ms {100 * (total - within10) / total:.2f}%, over 25 ms {100 * (total - within25) / total:.2f}% of {total} sends')
 PY
 }
 
@@ -109,6 +127,29 @@ make_base() { # make_base NAME USERS [server flags...]
 
 psql_do() { psql "$PG/postgres" -qAt -c "$1"; }
 
+# run_embedded RATE pinned|unpinned [server flags...]: one run on a fresh
+# copy of the embedded base; leaves its report's path in LAST_REPORT.
+run_embedded() {
+    local rate=$1 mode=$2
+    shift 2
+    local run="$DIR/run-$$-$RANDOM"
+    rm -rf "$run"
+    cp -a "$DIR/embedded" "$run"
+    if [[ $mode == pinned ]]; then
+        launch "$run" taskset -c 0 -- "$@"
+        loadgen "$DIR/embedded.users.json" "$run/certs/ca.pem" "$rate" "$run.json" taskset -c 1 -- || true
+    else
+        launch "$run" -- "$@"
+        loadgen "$DIR/embedded.users.json" "$run/certs/ca.pem" "$rate" "$run.json" -- --threads 2 || true
+    fi
+    scrape_metrics "$run.json.metrics"
+    stop_server
+    summary "$run.json" "$run.json.metrics"
+    echo "  report $run.json, output $run.json.out, server log $run.log"
+    rm -rf "$run"
+    LAST_REPORT=$run.json
+}
+
 cmd=${1:-}
 shift || true
 need_binaries
@@ -126,20 +167,41 @@ embedded)
     rate=${1:?rate}
     mode=${2:-pinned}
     shift 2 || shift $#
-    run="$DIR/run-$$"
-    rm -rf "$run"
-    cp -a "$DIR/embedded" "$run"
-    if [[ $mode == pinned ]]; then
-        launch "$run" taskset -c 0 -- "$@"
-        loadgen "$DIR/embedded.users.json" "$run/certs/ca.pem" "$rate" "$run.json" taskset -c 1 -- || true
-    else
-        launch "$run" -- "$@"
-        loadgen "$DIR/embedded.users.json" "$run/certs/ca.pem" "$rate" "$run.json" -- --threads 2 || true
-    fi
-    stop_server
-    summary "$run.json"
-    echo "  report $run.json, output $run.json.out, server log $run.log"
-    rm -rf "$run"
+    run_embedded "$rate" "$mode" "$@"
+    ;;
+compare)
+    pairs=${1:?pairs}
+    rate=${2:?rate}
+    bin_b=${3:?BIN_B}
+    shift 3
+    bin_a=$BIN
+    reports=()
+    for i in $(seq 1 "$pairs"); do
+        for bin in "$bin_a" "$bin_b"; do
+            BIN=$bin
+            need_binaries
+            echo "pair $i, $bin:"
+            run_embedded "$rate" pinned "$@"
+            reports+=("$bin" "$LAST_REPORT")
+        done
+    done
+    python3 - "${reports[@]}" <<'PY'
+import json, re, statistics, sys
+runs = {}
+args = sys.argv[1:]
+for bin, report in zip(args[::2], args[1::2]):
+    j = json.load(open(report))
+    try:
+        m = open(report + ".metrics").read()
+        b = {le: int(v) for le, v in re.findall(r'^chat_send_ack_duration_seconds_bucket\{le="([^"]+)"\} (\d+)', m, re.M)}
+        over10 = 100 * (b["+Inf"] - b["0.01"]) / b["+Inf"]
+    except (OSError, KeyError, ZeroDivisionError):
+        over10 = float("nan")
+    runs.setdefault(bin, []).append((j.get("server_cpu_us_per_send") or 0, j["latency_ms"]["deliver"]["p99"], over10))
+for bin, rs in runs.items():
+    cpu, p99, over10 = (statistics.median(x[i] for x in rs) for i in range(3))
+    print(f'{bin}: medians of {len(rs)}: {cpu:.1f} us/send, deliver p99 {p99:.1f} ms, server SendAck over 10 ms {over10:.2f}%')
+PY
     ;;
 postgres)
     rate=${1:?rate}
@@ -152,8 +214,9 @@ postgres)
     launch "$run" taskset -c 0 -- --postgres-url "$PG/$db" --redis-url "$REDIS" \
         --redis-prefix "chatbench-$$:" "$@"
     loadgen "$DIR/postgres.users.json" "$run/certs/ca.pem" "$rate" "$run.json" taskset -c 1 -- || true
+    scrape_metrics "$run.json.metrics"
     stop_server
-    summary "$run.json"
+    summary "$run.json" "$run.json.metrics"
     echo "  report $run.json, output $run.json.out, server log $run.log"
     redis-cli --scan --pattern "chatbench-$$:*" | xargs -r redis-cli del >/dev/null
     psql_do "DROP DATABASE $db" >/dev/null
@@ -184,7 +247,7 @@ idle)
     rm -rf "$run"
     ;;
 *)
-    sed -n '2,15p' "$0" >&2
+    sed -n '2,18p' "$0" >&2
     exit 2
     ;;
 esac
