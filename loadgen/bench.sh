@@ -85,6 +85,8 @@ print(f'offered {j["offered_rate"]:.0f}/s achieved {j["acked_per_s"]:.0f}/s lost
       f'ack p50 {L["ack"]["p50"]:.1f} p99 {L["ack"]["p99"]:.1f} deliver p99 {L["deliver"]["p99"]:.1f} ms '
       f'server {j.get("server_cpu_pct") or 0:.0f}% = {j.get("server_cpu_us_per_send") or 0:.1f} us/send ({threads}) '
       f'loadgen {j.get("loadgen_cpu_pct") or 0:.0f}% datagrams/send {j.get("udp_datagrams_per_send") or 0:.2f} drops {j.get("udp_rcvbuf_drops")} errors {j["errors"]}')
+for name, b in sorted(j.get("backend_cpu", {}).items()):
+    print(f'  {name}: {b["cpu_pct"]:.0f}% = {b.get("cpu_us_per_send") or 0:.1f} us/send')
 try:
     m = open(sys.argv[2]).read()
 except OSError:
@@ -213,7 +215,8 @@ postgres)
     cp -a "$DIR/postgres" "$run"
     launch "$run" taskset -c 0 -- --postgres-url "$PG/$db" --redis-url "$REDIS" \
         --redis-prefix "chatbench-$$:" "$@"
-    loadgen "$DIR/postgres.users.json" "$run/certs/ca.pem" "$rate" "$run.json" taskset -c 1 -- || true
+    loadgen "$DIR/postgres.users.json" "$run/certs/ca.pem" "$rate" "$run.json" taskset -c 1 -- \
+        --backend postgres=postgres --backend redis=redis-server || true
     scrape_metrics "$run.json.metrics"
     stop_server
     summary "$run.json" "$run.json.metrics"

@@ -152,6 +152,13 @@ pub struct Args {
     /// Server process id, for server CPU from /proc/PID/stat.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// A backing service whose CPU to report beside the server's, as
+    /// `NAME=COMMAND`: every process whose command name (`/proc/PID/comm`)
+    /// is COMMAND is summed, so `postgres=postgres` counts every Postgres
+    /// backend and worker and `redis=redis-server` Redis. Repeatable. Only
+    /// meaningful on a machine where those processes serve this run alone.
+    #[arg(long = "backend", value_name = "NAME=COMMAND", value_parser = parse_backend)]
+    pub backends: Vec<Backend>,
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -166,6 +173,35 @@ pub struct Args {
     /// No plan, set-up or progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// A backing service measured by command name (`--backend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Its name in the report.
+    pub name: String,
+    /// The command name its processes run under.
+    pub command: String,
+}
+
+/// Parses `NAME=COMMAND` for `--backend`.
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    let (name, command) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=COMMAND, got {s:?}"))?;
+    if name.is_empty() || command.is_empty() {
+        return Err(format!("expected NAME=COMMAND, got {s:?}"));
+    }
+    // The kernel keeps 15 bytes of a command name.
+    if command.len() > 15 {
+        return Err(format!(
+            "{command:?}: the kernel keeps only the first 15 bytes of a command name"
+        ));
+    }
+    Ok(Backend {
+        name: name.to_string(),
+        command: command.to_string(),
+    })
 }
 
 /// Workload profiles.
@@ -373,6 +409,46 @@ mod tests {
         assert_eq!(none.group_count(1_000), 0);
         let plan = args.plan().unwrap();
         assert!(!plan.rate_overridden);
+    }
+
+    #[test]
+    fn backends_are_named_commands() {
+        let args = parse(&[
+            "--spawn-server",
+            "--backend",
+            "postgres=postgres",
+            "--backend",
+            "redis=redis-server",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.backends,
+            [
+                Backend {
+                    name: "postgres".into(),
+                    command: "postgres".into()
+                },
+                Backend {
+                    name: "redis".into(),
+                    command: "redis-server".into()
+                }
+            ]
+        );
+        assert!(parse(&["--spawn-server"]).unwrap().backends.is_empty());
+        for bad in [
+            "postgres",
+            "=postgres",
+            "pg=",
+            "pg=a-very-long-command-name",
+        ] {
+            let err = parse(&["--spawn-server", "--backend", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("COMMAND") || err.contains("15 bytes"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -47,6 +47,34 @@ pub fn threads_cpu(pid: u32, ticks_per_second: u64) -> Option<BTreeMap<String, D
     )
 }
 
+/// CPU time used so far by every process whose command name is `command`,
+/// by process id (the backends of a database, say).
+pub fn command_cpu(command: &str, ticks_per_second: u64) -> BTreeMap<u32, Duration> {
+    let per_tick = 1.0 / ticks_per_second.max(1) as f64;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return BTreeMap::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            // A process may end between the listing and the read: skip it.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            (parse_stat_name(&stat)? == command).then_some(())?;
+            let ticks = parse_stat_ticks(&stat)?;
+            Some((pid, Duration::from_secs_f64(ticks as f64 * per_tick)))
+        })
+        .collect()
+}
+
+/// CPU the processes of two [`command_cpu`] samples used in between: one
+/// that started counts from zero, one that ended is not counted.
+pub fn command_diff(before: &BTreeMap<u32, Duration>, after: &BTreeMap<u32, Duration>) -> Duration {
+    after
+        .iter()
+        .map(|(pid, &t)| t.saturating_sub(before.get(pid).copied().unwrap_or_default()))
+        .sum()
+}
+
 /// CPU each thread name used between two [`threads_cpu`] samples. A
 /// thread that ended in between is missing from the later sample, so its
 /// time is not counted; one that started counts from zero.
@@ -159,6 +187,35 @@ mod tests {
             threads_diff(&gone, &now),
             BTreeMap::from([("new".to_string(), Duration::from_secs(1))])
         );
+    }
+
+    #[test]
+    fn sums_the_processes_running_a_command() {
+        let tck = clock_ticks_per_second();
+        let comm = std::fs::read_to_string("/proc/self/comm").expect("Linux /proc");
+        let comm = comm.trim();
+        let before = command_cpu(comm, tck);
+        assert!(
+            before.contains_key(&std::process::id()),
+            "{comm}: {before:?}"
+        );
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(300) {
+            for i in 0..10_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+        }
+        std::hint::black_box(x);
+        let after = command_cpu(comm, tck);
+        let used = command_diff(&before, &after);
+        assert!(used >= Duration::from_millis(20), "{used:?}");
+        assert!(command_cpu("no-such-comm", tck).is_empty());
+        // A process that started in between counts from zero; one that
+        // ended is not counted.
+        let before = BTreeMap::from([(1, Duration::from_secs(5)), (2, Duration::from_secs(1))]);
+        let after = BTreeMap::from([(1, Duration::from_secs(7)), (3, Duration::from_secs(4))]);
+        assert_eq!(command_diff(&before, &after), Duration::from_secs(6));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::args::{Args, MAX_TEXT_BYTES};
+use crate::args::{Args, Backend, MAX_TEXT_BYTES};
 use crate::cpu;
 use crate::payload::Header;
 use crate::plan::Plan;
@@ -89,6 +89,8 @@ pub struct CpuUse {
     /// The whole machine's UDP counters over the window (see
     /// [`crate::udp`]).
     pub udp: Option<udp::UdpCounters>,
+    /// CPU of each `--backend`, by its name.
+    pub backends: BTreeMap<String, Duration>,
 }
 
 /// What the run measured.
@@ -145,6 +147,7 @@ pub async fn drive(
         start_ns + warmup_ns,
         start_ns + total_ns,
         args.server_pid,
+        args.backends.clone(),
         ticks,
         phase.clone(),
     ));
@@ -417,6 +420,7 @@ async fn measure_window(
     measure_ns: u64,
     end_ns: u64,
     server_pid: Option<u32>,
+    backends: Vec<Backend>,
     ticks: u64,
     phase: watch::Sender<Phase>,
 ) -> CpuUse {
@@ -427,13 +431,17 @@ async fn measure_window(
             cpu::process_cpu(std::process::id(), ticks),
             server_pid.and_then(|pid| cpu::threads_cpu(pid, ticks)),
             udp::UdpCounters::read(),
+            backends
+                .iter()
+                .map(|b| cpu::command_cpu(&b.command, ticks))
+                .collect::<Vec<_>>(),
         )
     };
     tokio::time::sleep_until(shared.clock.instant(measure_ns)).await;
-    let (t0, server0, own0, threads0, udp0) = sample();
+    let (t0, server0, own0, threads0, udp0, backends0) = sample();
     phase.send_replace(Phase::Measuring);
     tokio::time::sleep_until(shared.clock.instant(end_ns)).await;
-    let (t1, server1, own1, threads1, udp1) = sample();
+    let (t1, server1, own1, threads1, udp1, backends1) = sample();
     phase.send_replace(Phase::Draining);
     let diff = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
     CpuUse {
@@ -445,6 +453,11 @@ async fn measure_window(
         },
         wall: t1 - t0,
         udp: udp0.zip(udp1).map(|(a, b)| a.until(b)),
+        backends: backends
+            .iter()
+            .zip(backends0.iter().zip(&backends1))
+            .map(|(b, (before, after))| (b.name.clone(), cpu::command_diff(before, after)))
+            .collect(),
     }
 }
 

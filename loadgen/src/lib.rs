@@ -256,5 +256,16 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
             .filter(|_| c.acked > 0)
             .map(|u| u.out_datagrams as f64 / c.acked as f64),
         loadgen_threads: args.threads,
+        backend_cpu: cpu
+            .backends
+            .iter()
+            .map(|(name, &d)| {
+                let b = stats::BackendCpu {
+                    cpu_pct: cpu::percent_of_core(d, cpu.wall),
+                    cpu_us_per_send: (c.acked > 0).then(|| d.as_secs_f64() * 1e6 / c.acked as f64),
+                };
+                (name.clone(), b)
+            })
+            .collect(),
     }
 }

@@ -665,6 +665,19 @@ pub struct Report {
     /// about 3 per message). Only on a machine running nothing else.
     #[serde(default)]
     pub udp_datagrams_per_send: Option<f64>,
+    /// CPU of each `--backend` over the window (Postgres, Redis): what the
+    /// stores cost per send beside the server.
+    #[serde(default)]
+    pub backend_cpu: BTreeMap<String, BackendCpu>,
+}
+
+/// One `--backend`'s CPU over the window.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BackendCpu {
+    /// Percent of one core.
+    pub cpu_pct: f64,
+    /// Microseconds per acked send.
+    pub cpu_us_per_send: Option<f64>,
 }
 
 /// Load generator CPU per worker thread (percent of a core) at which the
@@ -777,6 +790,13 @@ impl Report {
                 .map(|(name, pct)| format!("{name} {pct:.1}%"))
                 .collect();
             let _ = writeln!(t, "server cpu by thread: {}", list.join(", "));
+        }
+        for (name, b) in &self.backend_cpu {
+            let _ = write!(t, "{name} cpu: {:.1}% of one core", b.cpu_pct);
+            let _ = match b.cpu_us_per_send {
+                Some(per) => writeln!(t, ", {per:.1} µs per acked send"),
+                None => writeln!(t),
+            };
         }
         if let Some(pct) = self.loadgen_cpu_pct {
             let _ = write!(t, "load generator cpu: {pct:.1}% of one core");

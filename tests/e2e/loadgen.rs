@@ -36,6 +36,7 @@ const REPORT_KEYS: &[&str] = &[
     "server_cpu_by_thread",
     "udp_rcvbuf_drops",
     "udp_datagrams_per_send",
+    "backend_cpu",
 ];
 
 fn args(extra: &[&str]) -> Args {
@@ -77,6 +78,10 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
     let json_arg = json.to_str().unwrap();
+    // This process as a "backend", measured by its command name: it runs
+    // the load generator and the server, so it is busy through the window.
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    let backend = format!("self={}", comm.trim());
     let report = run(spawned(&[
         "--users",
         "20",
@@ -88,6 +93,10 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
         "500ms",
         "--json",
         json_arg,
+        "--backend",
+        &backend,
+        "--backend",
+        "nothing=no-such-comm",
     ]))
     .await;
     assert_all_accounted(&report);
@@ -117,6 +126,29 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
                 "latency_ms.{kind}.{q} missing: {text}"
             );
         }
+    }
+    // Read from /proc over the window, on Linux: this process counted as a
+    // backend used what it used as the load generator (the same counters,
+    // read moments apart; the bound allows for a busy machine preempting
+    // the /proc scan between the two readings), and a command nothing runs
+    // used nothing.
+    if cfg!(target_os = "linux") {
+        let own = report.loadgen_cpu_pct.expect("own CPU on Linux");
+        let measured = report.backend_cpu["self"];
+        assert!(measured.cpu_pct > 0.0, "{report:?}");
+        assert!(
+            (measured.cpu_pct - own).abs() <= (own / 4.0).max(5.0),
+            "{report:?}"
+        );
+        assert!(
+            measured.cpu_us_per_send.is_some_and(|us| us > 0.0),
+            "{report:?}"
+        );
+        assert_eq!(report.backend_cpu["nothing"].cpu_pct, 0.0, "{report:?}");
+        assert!(
+            value["backend_cpu"]["self"]["cpu_us_per_send"].is_number(),
+            "{text}"
+        );
     }
     // Read from /proc/net/snmp over the window: a count on Linux.
     if cfg!(target_os = "linux") {
