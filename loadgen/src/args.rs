@@ -251,6 +251,14 @@ impl Args {
                 self.group_fraction
             );
         }
+        if let Some(twice) = self
+            .backends
+            .iter()
+            .enumerate()
+            .find(|(i, b)| self.backends[..*i].iter().any(|a| a.name == b.name))
+        {
+            anyhow::bail!("--backend {}: the name is given twice", twice.1.name);
+        }
         if self.group_max_size < MIN_GROUP_SIZE {
             anyhow::bail!(
                 "--group-max-size {} must be at least {MIN_GROUP_SIZE} (two members are a 1-1 conversation)",
@@ -485,6 +493,7 @@ mod tests {
             &["--group-max-size", "2"],
             &["--group-size-exponent=-1"],
             &["--background-fraction", "1.1"],
+            &["--backend", "db=postgres", "--backend", "db=redis-server"],
         ] {
             let mut argv = vec!["--spawn-server"];
             argv.extend_from_slice(bad);
