@@ -46,14 +46,21 @@ use crate::store::{
 };
 use crate::wire::Outbound;
 
-/// Most sends in one group commit. Bounds the latency the first send of a
-/// batch waits for the others.
-const MAX_SEND_BATCH: usize = 256;
-/// Most watermark moves in one transaction.
-const MAX_MARK_BATCH: usize = 512;
 /// Queue depth in front of each committer; a full queue makes stream
 /// readers wait, which pushes back on clients through QUIC flow control.
 const QUEUE_DEPTH: usize = 4096;
+/// Most sends in one group commit: all that are queued. A committer has
+/// one transaction in flight, so a smaller cap would also cap its
+/// throughput at cap / commit time, and once the store is slower than
+/// that the queue fills instead. (256, with Postgres on the 2-core
+/// benchmark host, held 10,000 sends/s to ~9,800 and the queue to its
+/// depth: p50 ack 510-580 ms against 120-165 ms taking everything;
+/// BENCHMARKS.md, session 22.) At lower rates batches are whatever
+/// arrived during the previous commit, far below it.
+const MAX_SEND_BATCH: usize = QUEUE_DEPTH;
+/// Most watermark moves in one transaction: all that are queued, for the
+/// same reason.
+const MAX_MARK_BATCH: usize = QUEUE_DEPTH;
 /// The retry-after for a send held behind an earlier failed one: short,
 /// since the client resends the failed one first anyway.
 const HELD_RETRY: Duration = Duration::from_millis(100);

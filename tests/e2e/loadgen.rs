@@ -127,19 +127,16 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
             );
         }
     }
-    // Read from /proc over the window, on Linux: this process counted as a
-    // backend used what it used as the load generator (the same counters,
-    // read moments apart; the bound allows for a busy machine preempting
-    // the /proc scan between the two readings), and a command nothing runs
-    // used nothing.
+    // Read from /proc over the window, on Linux: this process's command
+    // name counted at least what the process used as the load generator
+    // (the same counters, read moments apart; more when other test
+    // processes of this binary, which share the name, run in parallel),
+    // and a command nothing runs used nothing.
     if cfg!(target_os = "linux") {
         let own = report.loadgen_cpu_pct.expect("own CPU on Linux");
         let measured = report.backend_cpu["self"];
         assert!(measured.cpu_pct > 0.0, "{report:?}");
-        assert!(
-            (measured.cpu_pct - own).abs() <= (own / 4.0).max(5.0),
-            "{report:?}"
-        );
+        assert!(measured.cpu_pct >= own * 0.75 - 1.0, "{report:?}");
         assert!(
             measured.cpu_us_per_send.is_some_and(|us| us > 0.0),
             "{report:?}"
