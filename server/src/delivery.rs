@@ -54,7 +54,7 @@ const QUEUE_DEPTH: usize = 4096;
 /// throughput at cap / commit time, and once the store is slower than
 /// that the queue fills instead. (256, with Postgres on the 2-core
 /// benchmark host, held 10,000 sends/s to ~9,800 and the queue to its
-/// depth: p50 ack 510-580 ms against 120-165 ms taking everything;
+/// depth: p50 ack 510-580 ms against 120-200 ms taking everything;
 /// BENCHMARKS.md, session 22.) At lower rates batches are whatever
 /// arrived during the previous commit, far below it.
 const MAX_SEND_BATCH: usize = QUEUE_DEPTH;

@@ -193,6 +193,54 @@ fn target(url: &str) -> SocketAddr {
     hostport.to_socket_addrs().unwrap().next().unwrap()
 }
 
+/// A commit takes every send queued behind it, however many: with one
+/// transaction in flight, a cap on the batch would also cap the
+/// committer's throughput, and a store slower than that would only grow
+/// the queue (and the latency) until clients were refused.
+#[tokio::test]
+async fn a_backlog_behind_a_slow_commit_is_stored_in_one_batch() {
+    const SENDS: usize = 600;
+    let server = TestServer::start_with(|c| {
+        c.limits.send_rate = 0;
+        c.limits.send_burst = 0;
+    })
+    .await;
+    let addr = server.server.as_ref().expect("running").metrics_addr();
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let sends_before = value(&scrape(addr).await, "chat_sends_total");
+    // Another writer holds the database: the store's next transaction
+    // waits for it (SQLite's busy timeout, 5 s), like a commit on a slow
+    // disk, while every send after the first queues in front of the
+    // committer.
+    let db = rusqlite::Connection::open(server.config.data_dir.join("chat.sqlite3")).unwrap();
+    db.busy_timeout(WAIT).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let alice = Arc::new(alice);
+    let sending: Vec<_> = (0..SENDS)
+        .map(|i| {
+            let alice = alice.clone();
+            tokio::spawn(async move { alice.send_text(conversation, &format!("m{i}")).await })
+        })
+        .collect();
+    scrape_until(addr, "every send received", |m| {
+        value(m, "chat_sends_total") >= sends_before + SENDS as f64
+    })
+    .await;
+    db.execute_batch("COMMIT").unwrap();
+    for send in sending {
+        send.await.unwrap().expect("stored once the writer is gone");
+    }
+    let m = scrape(addr).await;
+    // The first commit took what had arrived when it started; nearly all
+    // the rest were in the next one.
+    let batches = value(&m, "chat_commit_batch_messages_count");
+    let up_to_256 = value(&m, "chat_commit_batch_messages_bucket{le=\"256\"}");
+    assert!(up_to_256 < batches, "no commit over 256 messages: {m:?}");
+    assert_eq!(value(&m, "chat_commit_batch_messages_sum"), SENDS as f64);
+}
+
 async fn ready_state(addr: SocketAddr, ready: bool, mentions: &str) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
