@@ -136,6 +136,18 @@ pub fn percent_of_core(cpu: Duration, wall: Duration) -> f64 {
 mod tests {
     use super::*;
 
+    /// Keeps the calling thread busy for `wall` of wall-clock time.
+    fn burn(wall: Duration) {
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < wall {
+            for i in 0..10_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+        }
+        std::hint::black_box(x);
+    }
+
     #[test]
     fn parses_utime_and_stime_even_with_odd_names() {
         let stat = "4242 (chat server) x) S 1 4242 4242 0 -1 4194560 1234 0 0 0 \
@@ -158,14 +170,7 @@ mod tests {
         let burner = std::thread::Builder::new()
             .name("cpu-test-burn".into())
             .spawn(move || {
-                let start = std::time::Instant::now();
-                let mut x = 0u64;
-                while start.elapsed() < Duration::from_millis(300) {
-                    for i in 0..10_000u64 {
-                        x = x.wrapping_mul(31).wrapping_add(i);
-                    }
-                }
-                std::hint::black_box(x);
+                burn(Duration::from_millis(300));
                 burnt_tx.send(()).expect("test waits");
                 let _ = done_rx.recv();
             })
@@ -199,14 +204,7 @@ mod tests {
             before.contains_key(&std::process::id()),
             "{comm}: {before:?}"
         );
-        let start = std::time::Instant::now();
-        let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(300) {
-            for i in 0..10_000u64 {
-                x = x.wrapping_mul(31).wrapping_add(i);
-            }
-        }
-        std::hint::black_box(x);
+        burn(Duration::from_millis(300));
         let after = command_cpu(comm, tck);
         let used = command_diff(&before, &after);
         assert!(used >= Duration::from_millis(20), "{used:?}");
