@@ -146,10 +146,12 @@ run_embedded() {
     fi
     scrape_metrics "$run.json.metrics"
     stop_server
-    summary "$run.json" "$run.json.metrics"
-    echo "  report $run.json, output $run.json.out, server log $run.log"
+    # Clean up before printing: a reader that stops early (| head) must not
+    # leave the copy behind.
     rm -rf "$run"
     LAST_REPORT=$run.json
+    summary "$run.json" "$run.json.metrics"
+    echo "  report $run.json, output $run.json.out, server log $run.log"
 }
 
 cmd=${1:-}
@@ -219,11 +221,12 @@ postgres)
         --backend postgres=postgres --backend redis=redis-server || true
     scrape_metrics "$run.json.metrics"
     stop_server
-    summary "$run.json" "$run.json.metrics"
-    echo "  report $run.json, output $run.json.out, server log $run.log"
+    # Clean up before printing (see run_embedded).
     redis-cli --scan --pattern "chatbench-$$:*" | xargs -r redis-cli del >/dev/null
     psql_do "DROP DATABASE $db" >/dev/null
     rm -rf "$run"
+    summary "$run.json" "$run.json.metrics"
+    echo "  report $run.json, output $run.json.out, server log $run.log"
     ;;
 idle)
     [[ -f $DIR/idle.users.json ]] || make_base idle 10000
