@@ -1560,11 +1560,15 @@ const LOCK_MEMBERS: &str = "
     WHERE (conversation_id, user_id) IN (SELECT * FROM unnest($1::bigint[], $2::bigint[]))
     ORDER BY conversation_id, user_id FOR NO KEY UPDATE";
 
-/// Moves each conversation's last seq and activity time.
+/// Moves each conversation's last seq and activity time. `c.id = ANY`
+/// makes the plan find the rows by key: joined to `unnest` alone, the
+/// cached generic plan scanned the whole table whenever it was small (a
+/// benchmark's 2,500 conversations, ~400 scans a second at 10,000 sends/s,
+/// reading dead row versions too until vacuum).
 const BUMP_SEQS: &str = "
     UPDATE conversations c SET last_seq = u.last_seq, last_activity_ms = u.activity
     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, last_seq, activity)
-    WHERE c.id = u.id";
+    WHERE c.id = u.id AND c.id = ANY($1::bigint[])";
 
 /// Inserts the batch's new messages in one statement. A key committed by
 /// a concurrent call since our read is skipped, not an error; the caller
@@ -1591,6 +1595,7 @@ const OWN_WATERMARKS: &str = "
 
 /// Moves watermarks forward only, clamped to the conversation's last seq;
 /// returns the rows that moved with every member of their conversation.
+/// `c.id = ANY` for the same reason as in [`BUMP_SEQS`].
 const ADVANCE: &str = "
     UPDATE members m SET
         delivered_seq = GREATEST(m.delivered_seq, LEAST(u.delivered, c.last_seq)),
@@ -1598,7 +1603,8 @@ const ADVANCE: &str = "
     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
              AS u(conversation_id, user_id, delivered, seen)
          JOIN conversations c ON c.id = u.conversation_id
-    WHERE m.conversation_id = u.conversation_id AND m.user_id = u.user_id
+    WHERE c.id = ANY($1::bigint[])
+      AND m.conversation_id = u.conversation_id AND m.user_id = u.user_id
       AND (m.delivered_seq < LEAST(u.delivered, c.last_seq)
            OR m.seen_seq < LEAST(u.seen, c.last_seq))
     RETURNING m.conversation_id, m.user_id, m.delivered_seq, m.seen_seq,
