@@ -75,9 +75,27 @@ wait_ready() {
 # load generator's p99, which adds both processes' scheduling).
 scrape_metrics() { curl -s -m 5 "127.0.0.1:$METRICS_PORT/metrics" >"$1" 2>/dev/null || true; }
 
+# Python the summaries share: that tail from a scrape, as percentages of
+# the sends it counted (None without a scrape).
+ACK_TAIL_PY=$(cat <<'PY'
+import re
+def ack_tail(path):
+    try:
+        m = open(path).read()
+    except OSError:
+        return None
+    b = {le: int(v) for le, v in re.findall(r'^chat_send_ack_duration_seconds_bucket\{le="([^"]+)"\} (\d+)', m, re.M)}
+    total = b.get("+Inf", 0)
+    if not total or "0.01" not in b or "0.025" not in b:
+        return None
+    return {"sends": total, "over10": 100 * (total - b["0.01"]) / total,
+            "over25": 100 * (total - b["0.025"]) / total}
+PY
+)
+
 summary() {
-    python3 - "$1" "${2:-}" <<'PY'
-import json, re, sys
+    python3 -c "$ACK_TAIL_PY"$'\n'"$(cat <<'PY'
+import json, sys
 j = json.load(open(sys.argv[1]))
 L = j["latency_ms"]
 threads = ", ".join(f"{k} {v:.0f}%" for k, v in sorted(j.get("server_cpu_by_thread", {}).items()) if v >= 0.5)
@@ -87,17 +105,11 @@ print(f'offered {j["offered_rate"]:.0f}/s achieved {j["acked_per_s"]:.0f}/s lost
       f'loadgen {j.get("loadgen_cpu_pct") or 0:.0f}% datagrams/send {j.get("udp_datagrams_per_send") or 0:.2f} drops {j.get("udp_rcvbuf_drops")} errors {j["errors"]}')
 for name, b in sorted(j.get("backend_cpu", {}).items()):
     print(f'  {name}: {b["cpu_pct"]:.0f}% = {b.get("cpu_us_per_send") or 0:.1f} us/send')
-try:
-    m = open(sys.argv[2]).read()
-except OSError:
-    sys.exit(0)
-def bucket(le):
-    found = re.search(r'^chat_send_ack_duration_seconds_bucket\{le="%s"\} (\d+)' % re.escape(le), m, re.M)
-    return int(found.group(1)) if found else None
-total, within10, within25 = bucket("+Inf"), bucket("0.01"), bucket("0.025")
-if total:
-    print(f'  server: SendAck over 10 ms {100 * (total - within10) / total:.2f}%, over 25 ms {100 * (total - within25) / total:.2f}% of {total} sends')
+t = ack_tail(sys.argv[2])
+if t:
+    print(f'  server: SendAck over 10 ms {t["over10"]:.2f}%, over 25 ms {t["over25"]:.2f}% of {t["sends"]} sends')
 PY
+)" "$1" "${2:-}"
 }
 
 # loadgen USERS_FILE CA RATE JSON [taskset prefix...] -- [extra flags...]
@@ -189,23 +201,20 @@ compare)
             reports+=("$bin" "$LAST_REPORT")
         done
     done
-    python3 - "${reports[@]}" <<'PY'
-import json, re, statistics, sys
+    python3 -c "$ACK_TAIL_PY"$'\n'"$(cat <<'PY'
+import json, statistics, sys
 runs = {}
 args = sys.argv[1:]
 for bin, report in zip(args[::2], args[1::2]):
     j = json.load(open(report))
-    try:
-        m = open(report + ".metrics").read()
-        b = {le: int(v) for le, v in re.findall(r'^chat_send_ack_duration_seconds_bucket\{le="([^"]+)"\} (\d+)', m, re.M)}
-        over10 = 100 * (b["+Inf"] - b["0.01"]) / b["+Inf"]
-    except (OSError, KeyError, ZeroDivisionError):
-        over10 = float("nan")
+    t = ack_tail(report + ".metrics")
+    over10 = t["over10"] if t else float("nan")
     runs.setdefault(bin, []).append((j.get("server_cpu_us_per_send") or 0, j["latency_ms"]["deliver"]["p99"], over10))
 for bin, rs in runs.items():
     cpu, p99, over10 = (statistics.median(x[i] for x in rs) for i in range(3))
     print(f'{bin}: medians of {len(rs)}: {cpu:.1f} us/send, deliver p99 {p99:.1f} ms, server SendAck over 10 ms {over10:.2f}%')
 PY
+)" "${reports[@]}"
     ;;
 postgres)
     rate=${1:?rate}

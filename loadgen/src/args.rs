@@ -1,6 +1,7 @@
 //! The command line: every knob of a run with its documented default, and
 //! the checks that turn flags into a [`Plan`] or a clear refusal.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -251,13 +252,9 @@ impl Args {
                 self.group_fraction
             );
         }
-        if let Some(twice) = self
-            .backends
-            .iter()
-            .enumerate()
-            .find(|(i, b)| self.backends[..*i].iter().any(|a| a.name == b.name))
-        {
-            anyhow::bail!("--backend {}: the name is given twice", twice.1.name);
+        let mut names = HashSet::new();
+        if let Some(twice) = self.backends.iter().find(|b| !names.insert(&b.name)) {
+            anyhow::bail!("--backend {}: the name is given twice", twice.name);
         }
         if self.group_max_size < MIN_GROUP_SIZE {
             anyhow::bail!(

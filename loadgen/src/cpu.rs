@@ -17,10 +17,12 @@ pub const DEFAULT_CLK_TCK: u64 = 100;
 /// cannot be read (no such process, not Linux).
 pub fn process_cpu(pid: u32, ticks_per_second: u64) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let ticks = parse_stat_ticks(&stat)?;
-    Some(Duration::from_secs_f64(
-        ticks as f64 / ticks_per_second.max(1) as f64,
-    ))
+    Some(ticks_to_time(parse_stat_ticks(&stat)?, ticks_per_second))
+}
+
+/// Clock ticks as time.
+fn ticks_to_time(ticks: u64, ticks_per_second: u64) -> Duration {
+    Duration::from_secs_f64(ticks as f64 / ticks_per_second.max(1) as f64)
 }
 
 /// CPU time used so far by each thread name of a process, from
@@ -38,11 +40,10 @@ pub fn threads_cpu(pid: u32, ticks_per_second: u64) -> Option<BTreeMap<String, D
             *by_name.entry(name.to_string()).or_default() += ticks;
         }
     }
-    let per_tick = 1.0 / ticks_per_second.max(1) as f64;
     Some(
         by_name
             .into_iter()
-            .map(|(name, ticks)| (name, Duration::from_secs_f64(ticks as f64 * per_tick)))
+            .map(|(name, ticks)| (name, ticks_to_time(ticks, ticks_per_second)))
             .collect(),
     )
 }
@@ -50,7 +51,6 @@ pub fn threads_cpu(pid: u32, ticks_per_second: u64) -> Option<BTreeMap<String, D
 /// CPU time used so far by every process whose command name is `command`,
 /// by process id (the backends of a database, say).
 pub fn command_cpu(command: &str, ticks_per_second: u64) -> BTreeMap<u32, Duration> {
-    let per_tick = 1.0 / ticks_per_second.max(1) as f64;
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return BTreeMap::new();
     };
@@ -60,8 +60,10 @@ pub fn command_cpu(command: &str, ticks_per_second: u64) -> BTreeMap<u32, Durati
             // A process may end between the listing and the read: skip it.
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             (parse_stat_name(&stat)? == command).then_some(())?;
-            let ticks = parse_stat_ticks(&stat)?;
-            Some((pid, Duration::from_secs_f64(ticks as f64 * per_tick)))
+            Some((
+                pid,
+                ticks_to_time(parse_stat_ticks(&stat)?, ticks_per_second),
+            ))
         })
         .collect()
 }

@@ -214,7 +214,11 @@ async fn a_backlog_behind_a_slow_commit_is_stored_in_one_batch() {
     // waits for it (SQLite's busy timeout, 5 s), like a commit on a slow
     // disk, while every send after the first queues in front of the
     // committer.
-    let db = rusqlite::Connection::open(server.config.data_dir.join("chat.sqlite3")).unwrap();
+    let file = server
+        .config
+        .data_dir
+        .join(chat_server::store::sqlite::FILE_NAME);
+    let db = rusqlite::Connection::open(file).unwrap();
     db.busy_timeout(WAIT).unwrap();
     db.execute_batch("BEGIN IMMEDIATE").unwrap();
     let alice = Arc::new(alice);
