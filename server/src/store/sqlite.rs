@@ -53,6 +53,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -91,6 +92,26 @@ pub const MAX_COMMIT_GAP: Duration = Duration::from_millis(50);
 /// Longest a conversation head or an idempotency key stays unwritten while
 /// only sends and watermark moves arrive.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the checkpointer thread copies committed WAL frames into the
+/// database file. The writer's connection has SQLite's automatic
+/// checkpoints off: one ran inside the commit that crossed 1,000 frames,
+/// so every send in that batch waited for ~300 pages to be copied and the
+/// database file synced (about half of the appends over 10 ms at 10,000
+/// sends/s; BENCHMARKS.md, session 22). A PASSIVE checkpoint on a
+/// connection of its own never blocks the writer.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// WAL length (frames) past which the writer starts the WAL over. Passive
+/// checkpoints alone rarely let it: the WAL restarts only when a write
+/// transaction begins with every frame copied, and a writer that commits
+/// every millisecond or two has always committed more by the time a
+/// concurrent checkpoint (with its own sync) ends. So once the WAL is this
+/// long, the writer runs one PASSIVE checkpoint itself right after a
+/// commit: it copies only what the checkpointer has not (a few commits),
+/// and nothing can commit meanwhile, so the next transaction restarts the
+/// WAL from its first frame.
+const WAL_RESTART_FRAMES: i64 = 2_000;
 
 /// Senders' idempotency keys are written in this many slices (by sender id),
 /// one slice every [`KEY_SLICE_INTERVAL`].
@@ -617,6 +638,9 @@ const REPAIR: &str = "
 pub struct SqliteStore {
     jobs: std_mpsc::Sender<Job>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Dropped to stop the checkpointer thread.
+    stop_checkpoints: std::sync::Mutex<Option<std_mpsc::Sender<()>>>,
+    checkpointer: std::sync::Mutex<Option<JoinHandle<()>>>,
     path: PathBuf,
 }
 
@@ -655,6 +679,13 @@ impl SqliteStore {
         // What a crash left unwritten.
         conn.execute_batch(&format!("BEGIN; {REPAIR}; COMMIT;"))
             .map_err(internal)?;
+        // Checkpoints run on their own connection (see CHECKPOINT_INTERVAL).
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")
+            .map_err(internal)?;
+        let checkpoints = Connection::open(&path).map_err(internal)?;
+        checkpoints
+            .execute_batch("PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;")
+            .map_err(internal)?;
         let next_message_id: i64 = conn
             .query_row(
                 "SELECT COALESCE(MAX(message_id), 0) + 1 FROM messages",
@@ -675,14 +706,23 @@ impl SqliteStore {
             keys_flushed_at: Instant::now(),
             needs_repair: false,
         };
+        let restart_due = Arc::new(AtomicBool::new(false));
+        let (stop_checkpoints, stop) = std_mpsc::channel::<()>();
+        let due = restart_due.clone();
+        let checkpointer = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || run_checkpointer(checkpoints, stop, &due))
+            .map_err(|e| StoreError::Internal(format!("spawn checkpoint thread: {e}")))?;
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("sqlite-store".into())
-            .spawn(move || run_thread(conn, state, rx, commit_gap))
+            .spawn(move || run_thread(conn, state, rx, commit_gap, &restart_due))
             .map_err(|e| StoreError::Internal(format!("spawn store thread: {e}")))?;
         Ok(SqliteStore {
             jobs,
             thread: std::sync::Mutex::new(Some(thread)),
+            stop_checkpoints: std::sync::Mutex::new(Some(stop_checkpoints)),
+            checkpointer: std::sync::Mutex::new(Some(checkpointer)),
             path,
         })
     }
@@ -742,7 +782,56 @@ impl Drop for SqliteStore {
         if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
             let _ = thread.join();
         }
+        drop(self.stop_checkpoints.lock().ok().and_then(|mut s| s.take()));
+        if let Some(thread) = self.checkpointer.lock().ok().and_then(|mut t| t.take()) {
+            let _ = thread.join();
+        }
     }
+}
+
+/// The checkpointer thread: every [`CHECKPOINT_INTERVAL`] a PASSIVE
+/// checkpoint copies what is committed into the database file, without
+/// waiting for or blocking the writer; past [`WAL_RESTART_FRAMES`] it asks
+/// the writer to finish the job (`restart_due`). Ends when `stop` closes.
+fn run_checkpointer(conn: Connection, stop: std_mpsc::Receiver<()>, restart_due: &AtomicBool) {
+    while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+        match checkpoint(&conn) {
+            Ok(c) if c.frames >= WAL_RESTART_FRAMES => {
+                restart_due.store(true, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries"),
+        }
+    }
+}
+
+/// What a checkpoint found.
+struct Checkpoint {
+    /// Another checkpoint was running, so this one did nothing.
+    busy: bool,
+    /// Frames in the WAL.
+    frames: i64,
+    /// Of those, the frames now in the database file.
+    copied: i64,
+}
+
+impl Checkpoint {
+    /// Every frame is in the database file: the next write transaction
+    /// starts the WAL over.
+    fn complete(&self) -> bool {
+        !self.busy && self.copied >= self.frames
+    }
+}
+
+/// One PASSIVE checkpoint.
+fn checkpoint(conn: &Connection) -> rusqlite::Result<Checkpoint> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok(Checkpoint {
+            busy: r.get::<_, i64>(0)? != 0,
+            frames: r.get(1)?,
+            copied: r.get(2)?,
+        })
+    })
 }
 
 fn run_thread(
@@ -750,6 +839,7 @@ fn run_thread(
     mut state: DbState,
     rx: std_mpsc::Receiver<Job>,
     commit_gap: Duration,
+    restart_due: &AtomicBool,
 ) {
     let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     let mut last_start: Option<Instant> = None;
@@ -808,6 +898,17 @@ fn run_thread(
         });
         for done in completions.drain(..) {
             done(commit.as_ref().map(|_| ()).map_err(clone_err));
+        }
+        // After answering, so no send waits for it: copy the few frames
+        // the checkpointer has not, and the next transaction starts the
+        // WAL over (see WAL_RESTART_FRAMES).
+        if restart_due.swap(false, Ordering::Relaxed) {
+            match checkpoint(&conn) {
+                Ok(c) if c.complete() => {}
+                // The checkpointer was mid-way: after the next commit.
+                Ok(_) => restart_due.store(true, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries"),
+            }
         }
     }
     // Shutting down: heads and keys still pending go to disk now (or,
@@ -2794,5 +2895,82 @@ mod tests {
         let store = SqliteStore::open(dir.path()).unwrap();
         let user = store.user_by_name("alice".into()).await.unwrap().unwrap();
         assert_eq!(user.id, id);
+    }
+
+    /// (frames in the WAL, frames copied to the database file), from the
+    /// WAL index (SQLite's `-shm` file: the header's `mxFrame` at byte 16,
+    /// the checkpoint's `nBackfill` at byte 96, in native byte order).
+    fn wal_index(dir: &Path) -> (u32, u32) {
+        let shm = std::fs::read(dir.join(format!("{FILE_NAME}-shm"))).unwrap();
+        let word = |at: usize| u32::from_ne_bytes(shm[at..at + 4].try_into().unwrap());
+        (word(16), word(96))
+    }
+
+    #[tokio::test]
+    async fn committed_frames_reach_the_database_file_without_more_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        back_to_back_sends(&store, 50).await;
+        // Far fewer frames than SQLite's own automatic checkpoint waits
+        // for (1,000), and nothing commits after them: only the
+        // checkpointer thread copies them.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (frames, copied) = wal_index(dir.path());
+            assert!(frames < 1000, "{frames} frames from 50 sends");
+            if frames > 0 && copied == frames {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{copied} of {frames} WAL frames copied after a minute"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_wal_starts_over_while_sends_keep_coming() {
+        let dir = tempfile::tempdir().unwrap();
+        // No pause between commits and sixteen senders, so a commit is
+        // nearly always in flight and a transaction seldom begins with
+        // every frame copied by chance: the writer has to finish the job.
+        let store = Arc::new(SqliteStore::open_with(dir.path(), Duration::ZERO).unwrap());
+        let (a, _, c) = friends_with_direct(&*store, "alice", "bob").await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let senders: Vec<_> = (0..16)
+            .map(|n| {
+                let (store, stop) = (store.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        send(&store, text(c, a, &format!("s{n}-{i}"), "hi", 100)).await;
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        // Until the WAL has started over three times, each time from at
+        // least half the restart threshold: with no checkpoints it only
+        // grows.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (mut restarts, mut last, mut longest) = (0, 0, 0);
+        while restarts < 3 {
+            let (frames, _) = wal_index(dir.path());
+            if frames < last && last as i64 >= WAL_RESTART_FRAMES / 2 {
+                restarts += 1;
+            }
+            last = frames;
+            longest = longest.max(frames);
+            assert!(
+                Instant::now() < deadline,
+                "the WAL started over {restarts} times in two minutes (longest {longest} frames)"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for sender in senders {
+            sender.await.unwrap();
+        }
     }
 }
