@@ -10,12 +10,18 @@
 #   loadgen/bench.sh compare PAIRS RATE BIN_B [chat-server flags...]
 #                                          interleaved pinned embedded runs of
 #                                          $BIN and BIN_B, then each one's medians
+#   loadgen/bench.sh targets               issue 7's targets: RUNS (3) rounds of
+#                                          pinned 10k, the unpinned LADDER and
+#                                          Postgres 10k, idle memory, the relay
+#                                          from RELAY_DIR if built; one table
 #
 # Pinned: the server on CPU 0, the load generator on CPU 1 (taskset).
 # Environment: BIN (default target/release), BENCH_DIR (default
 # /tmp/chat-bench), PG (default postgres://postgres@127.0.0.1:5432),
 # REDIS (default redis://127.0.0.1:6379), DURATION (10s), DRAIN (30s),
-# LOADGEN_ARGS (more chat-loadgen flags, e.g. "--delivery-ack-linger 0s").
+# LOADGEN_ARGS (more chat-loadgen flags, e.g. "--delivery-ack-linger 0s");
+# for targets: RUNS (3), LADDER (the unpinned rates, "10000 14000 18000
+# 20000"), RELAY_DIR (../shared/anchor-bench).
 # Every process it starts it stops by PID; every run ends by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -166,6 +172,62 @@ run_embedded() {
     echo "  report $run.json, output $run.json.out, server log $run.log"
 }
 
+# run_postgres RATE [server flags...]: one pinned run on Redis + Postgres,
+# on a database made from the base's template and a Redis prefix of its
+# own; leaves its report's path in LAST_REPORT.
+run_postgres() {
+    local rate=$1
+    shift
+    local db="chatbench_$$_$RANDOM"
+    local run="$DIR/run-$$-$RANDOM"
+    psql_do "CREATE DATABASE $db TEMPLATE chatbench_base" >/dev/null
+    rm -rf "$run"
+    cp -a "$DIR/postgres" "$run"
+    launch "$run" taskset -c 0 -- --postgres-url "$PG/$db" --redis-url "$REDIS" \
+        --redis-prefix "$db:" "$@"
+    loadgen "$DIR/postgres.users.json" "$run/certs/ca.pem" "$rate" "$run.json" taskset -c 1 -- \
+        --backend postgres=postgres --backend redis=redis-server || true
+    scrape_metrics "$run.json.metrics"
+    stop_server
+    # Clean up before printing (see run_embedded).
+    redis-cli --scan --pattern "$db:*" | xargs -r redis-cli del >/dev/null
+    psql_do "DROP DATABASE $db" >/dev/null
+    rm -rf "$run"
+    LAST_REPORT=$run.json
+    summary "$run.json" "$run.json.metrics"
+    echo "  report $run.json, output $run.json.out, server log $run.log"
+}
+
+# run_idle: RSS growth per authenticated idle connection at 10,000
+# connections; leaves the bytes per connection in LAST_IDLE.
+run_idle() {
+    [[ -f $DIR/idle.users.json ]] || make_base idle 10000
+    local run="$DIR/run-$$-$RANDOM"
+    rm -rf "$run"
+    cp -a "$DIR/idle" "$run"
+    launch "$run" --
+    rss() { awk '/VmRSS/{print $2}' "/proc/$SERVER_PID/status"; }
+    local before after n lg
+    before=$(rss)
+    "$BIN/chat-loadgen" --server "127.0.0.1:$PORT" --ca "$run/certs/ca.pem" \
+        --reuse "$DIR/idle.users.json" --users 10000 --rate 1 --duration 60s --drain 2s \
+        --group-fraction 0 --quiet >/dev/null 2>&1 &
+    lg=$!
+    for _ in $(seq 1 1200); do
+        n=$(curl -s "127.0.0.1:$METRICS_PORT/metrics" | awk '/^chat_connections_active /{print $2}')
+        [[ ${n:-0} == 10000 ]] && break
+        sleep 0.1
+    done
+    after=$(rss)
+    kill "$lg" 2>/dev/null || true
+    wait "$lg" 2>/dev/null || true
+    stop_server
+    rm -rf "$run"
+    LAST_IDLE=$(((after - before) * 1024 / 10000))
+    [[ ${n:-0} == 10000 ]] || LAST_IDLE=
+    echo "connections ${n:-0}: RSS ${before} kB -> ${after} kB = $(((after - before) * 1024 / 10000)) bytes per connection"
+}
+
 cmd=${1:-}
 shift || true
 need_binaries
@@ -219,50 +281,50 @@ PY
 postgres)
     rate=${1:?rate}
     shift
-    db="chatbench_$$"
-    run="$DIR/run-$$"
-    psql_do "CREATE DATABASE $db TEMPLATE chatbench_base" >/dev/null
-    rm -rf "$run"
-    cp -a "$DIR/postgres" "$run"
-    launch "$run" taskset -c 0 -- --postgres-url "$PG/$db" --redis-url "$REDIS" \
-        --redis-prefix "chatbench-$$:" "$@"
-    loadgen "$DIR/postgres.users.json" "$run/certs/ca.pem" "$rate" "$run.json" taskset -c 1 -- \
-        --backend postgres=postgres --backend redis=redis-server || true
-    scrape_metrics "$run.json.metrics"
-    stop_server
-    # Clean up before printing (see run_embedded).
-    redis-cli --scan --pattern "chatbench-$$:*" | xargs -r redis-cli del >/dev/null
-    psql_do "DROP DATABASE $db" >/dev/null
-    rm -rf "$run"
-    summary "$run.json" "$run.json.metrics"
-    echo "  report $run.json, output $run.json.out, server log $run.log"
+    run_postgres "$rate" "$@"
     ;;
 idle)
-    [[ -f $DIR/idle.users.json ]] || make_base idle 10000
-    run="$DIR/run-$$"
-    rm -rf "$run"
-    cp -a "$DIR/idle" "$run"
-    launch "$run" --
-    rss() { awk '/VmRSS/{print $2}' "/proc/$SERVER_PID/status"; }
-    before=$(rss)
-    "$BIN/chat-loadgen" --server "127.0.0.1:$PORT" --ca "$run/certs/ca.pem" \
-        --reuse "$DIR/idle.users.json" --users 10000 --rate 1 --duration 60s --drain 2s \
-        --group-fraction 0 --quiet >/dev/null 2>&1 &
-    lg=$!
-    for _ in $(seq 1 1200); do
-        n=$(curl -s "127.0.0.1:$METRICS_PORT/metrics" | awk '/^chat_connections_active /{print $2}')
-        [[ ${n:-0} == 10000 ]] && break
-        sleep 0.1
+    run_idle
+    ;;
+targets)
+    # Issue 7's targets, each from RUNS runs (default 3) and medians:
+    # the bare quinn relay the same hour (when RELAY_DIR holds the
+    # anchor bench), pinned 10,000/s, the unpinned ladder, Redis +
+    # Postgres pinned at 10,000/s, and idle memory; then one table.
+    runs=${RUNS:-3}
+    ladder=${LADDER:-10000 14000 18000 20000}
+    relay_dir=${RELAY_DIR:-../shared/anchor-bench}
+    rows=()
+    if [[ -x $relay_dir/bench.sh && -x $relay_dir/target/release/anchor-bench ]]; then
+        relay_out="$DIR/relay-$$.jsonl"
+        rm -f "$relay_out"
+        echo "relay: $relay_dir, $runs runs at 10,000/s"
+        (cd "$relay_dir" && REPS=$runs CONNS=1000 MODES=open:10000 ./bench.sh quinn "$relay_out" >/dev/null 2>&1) || true
+        rows+=(relay 10000 "$relay_out")
+    else
+        echo "relay: not measured (build the anchor bench in RELAY_DIR=$relay_dir to include it)"
+    fi
+    for i in $(seq 1 "$runs"); do
+        echo "pinned 10000, run $i:"
+        run_embedded 10000 pinned
+        rows+=(pinned 10000 "$LAST_REPORT")
+        for rate in $ladder; do
+            echo "unpinned $rate, run $i:"
+            run_embedded "$rate" unpinned
+            rows+=(unpinned "$rate" "$LAST_REPORT")
+        done
+        echo "postgres 10000, run $i:"
+        run_postgres 10000
+        rows+=(postgres 10000 "$LAST_REPORT")
     done
-    after=$(rss)
-    kill "$lg" 2>/dev/null || true
-    wait "$lg" 2>/dev/null || true
-    stop_server
-    echo "connections ${n:-0}: RSS ${before} kB -> ${after} kB = $(((after - before) * 1024 / 10000)) bytes per connection"
-    rm -rf "$run"
+    echo "idle:"
+    run_idle
+    rows+=(idle 10000 "${LAST_IDLE:-}")
+    echo "table: python3 loadgen/targets.py ${rows[*]}"
+    python3 loadgen/targets.py "${rows[@]}"
     ;;
 *)
-    sed -n '2,18p' "$0" >&2
+    sed -n '2,25p' "$0" >&2
     exit 2
     ;;
 esac
