@@ -296,7 +296,7 @@ targets)
     relay_dir=${RELAY_DIR:-../shared/anchor-bench}
     rows=()
     if [[ -x $relay_dir/bench.sh && -x $relay_dir/target/release/anchor-bench ]]; then
-        relay_out="$DIR/relay-$$.jsonl"
+        relay_out="$(cd "$DIR" && pwd)/relay-$$.jsonl"
         rm -f "$relay_out"
         echo "relay: $relay_dir, $runs runs at 10,000/s"
         (cd "$relay_dir" && REPS=$runs CONNS=1000 MODES=open:10000 ./bench.sh quinn "$relay_out" >/dev/null 2>&1) || true

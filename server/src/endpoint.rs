@@ -387,7 +387,7 @@ impl Stores {
     /// cannot be reached fails start-up with an error naming it. Every
     /// store is wrapped to time its calls.
     async fn open(config: &Config, metrics: &Arc<Metrics>) -> Result<Stores, ServerError> {
-        let raw = Self::open_raw(config).await?;
+        let raw = Self::open_raw(config, metrics).await?;
         let history: Arc<dyn HistoryStore> = Arc::new(Instrumented::new(
             raw.history.clone(),
             raw.history.backend(),
@@ -417,7 +417,7 @@ impl Stores {
         })
     }
 
-    async fn open_raw(config: &Config) -> Result<Stores, ServerError> {
+    async fn open_raw(config: &Config, metrics: &Metrics) -> Result<Stores, ServerError> {
         let history: Arc<dyn HistoryStore> = match &config.postgres_url {
             Some(url) => {
                 let size = config.postgres_pool_size;
@@ -429,9 +429,10 @@ impl Stores {
                 tracing::info!(target = store.target(), "postgres connected");
                 Arc::new(store)
             }
-            None => Arc::new(SqliteStore::open_with(
+            None => Arc::new(SqliteStore::open_observed(
                 &config.data_dir,
                 config.sqlite_commit_gap,
+                metrics.sqlite_checkpoints.clone(),
             )?),
         };
         tracing::info!(backend = history.backend(), "history store open");

@@ -17,6 +17,8 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
+use crate::store::sqlite::CheckpointMetrics;
+
 /// Stream kinds, by `StreamKind as usize`, as metric labels.
 const STREAM_LABELS: [&str; 6] = [
     "unspecified",
@@ -161,6 +163,18 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         Unit::Count,
         "UDP datagrams received on authenticated connections.",
     ),
+    (
+        "chat_sqlite_wal_frames",
+        "gauge",
+        Unit::Count,
+        "Frames in the embedded store's write-ahead log at its latest checkpoint; the log starts over past 2,000, so a steady climb means checkpoints are not keeping up.",
+    ),
+    (
+        "chat_sqlite_checkpoint_duration_seconds",
+        "histogram",
+        Unit::Seconds,
+        "Checkpoints of the embedded store's write-ahead log into its database file, by thread: checkpointer (every 100 ms, beside the commits) or writer (the one that lets the log start over, after a commit's acks).",
+    ),
 ];
 
 /// How often live connections' path statistics are sampled.
@@ -225,6 +239,8 @@ pub struct Metrics {
     pub sent_datagrams: Counter,
     /// UDP datagrams received.
     pub received_datagrams: Counter,
+    /// The embedded store's WAL checkpoints.
+    pub sqlite_checkpoints: CheckpointMetrics,
 }
 
 impl Metrics {
@@ -296,6 +312,17 @@ impl Metrics {
                 lost_packets: metrics::counter!("chat_quic_lost_packets_total"),
                 sent_datagrams: metrics::counter!("chat_quic_sent_datagrams_total"),
                 received_datagrams: metrics::counter!("chat_quic_received_datagrams_total"),
+                sqlite_checkpoints: CheckpointMetrics {
+                    wal_frames: metrics::gauge!("chat_sqlite_wal_frames"),
+                    checkpointer: metrics::histogram!(
+                        "chat_sqlite_checkpoint_duration_seconds",
+                        "thread" => "checkpointer"
+                    ),
+                    writer: metrics::histogram!(
+                        "chat_sqlite_checkpoint_duration_seconds",
+                        "thread" => "writer"
+                    ),
+                },
                 recorder: recorder.clone(),
                 handle,
             }

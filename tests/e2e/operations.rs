@@ -84,6 +84,15 @@ async fn metrics_count_sends_acks_deliveries_and_errors() {
     .await;
     assert!(value(&m, "chat_watermark_batch_updates_count") >= 1.0);
 
+    // The embedded store's checkpointer thread copies the WAL into the
+    // database file beside the commits, and reports what it found.
+    let checkpoints = "chat_sqlite_checkpoint_duration_seconds_count{thread=\"checkpointer\"}";
+    let m = scrape_until(addr, "a checkpoint", |m| {
+        m.get(checkpoints).is_some_and(|&n| n >= 1.0)
+    })
+    .await;
+    assert!(value(&m, "chat_sqlite_wal_frames") > 0.0);
+
     // Closing a client is counted by reason.
     bob.close();
     let m = scrape_until(addr, "a closed connection", |m| {

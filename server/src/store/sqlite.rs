@@ -60,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chat_protocol::proto;
+use metrics::{Gauge, Histogram};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
@@ -634,6 +635,27 @@ const REPAIR: &str = "
         heads_message_id = (SELECT COALESCE(MAX(message_id), 0) FROM messages)
     WHERE id = 1";
 
+/// Where the store reports its WAL checkpoints (nowhere by default).
+#[derive(Clone)]
+pub struct CheckpointMetrics {
+    /// Frames in the WAL at the latest checkpoint.
+    pub wal_frames: Gauge,
+    /// The checkpointer thread's checkpoints that copied frames.
+    pub checkpointer: Histogram,
+    /// The writer's own checkpoints (the ones that restart the WAL).
+    pub writer: Histogram,
+}
+
+impl Default for CheckpointMetrics {
+    fn default() -> Self {
+        CheckpointMetrics {
+            wal_frames: Gauge::noop(),
+            checkpointer: Histogram::noop(),
+            writer: Histogram::noop(),
+        }
+    }
+}
+
 /// The SQLite-backed [`HistoryStore`].
 pub struct SqliteStore {
     jobs: std_mpsc::Sender<Job>,
@@ -655,6 +677,15 @@ impl SqliteStore {
     /// consecutive transactions (see [`MIN_COMMIT_GAP`]; at most
     /// [`MAX_COMMIT_GAP`]).
     pub fn open_with(dir: &Path, commit_gap: Duration) -> Result<Self, StoreError> {
+        Self::open_observed(dir, commit_gap, CheckpointMetrics::default())
+    }
+
+    /// [`open_with`](Self::open_with), reporting checkpoints to `metrics`.
+    pub fn open_observed(
+        dir: &Path,
+        commit_gap: Duration,
+        metrics: CheckpointMetrics,
+    ) -> Result<Self, StoreError> {
         let commit_gap = commit_gap.min(MAX_COMMIT_GAP);
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Internal(format!("create {}: {e}", dir.display())))?;
@@ -709,14 +740,19 @@ impl SqliteStore {
         let restart_due = Arc::new(AtomicBool::new(false));
         let (stop_checkpoints, stop) = std_mpsc::channel::<()>();
         let due = restart_due.clone();
+        let observed = metrics.clone();
         let checkpointer = std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || run_checkpointer(checkpoints, stop, &due))
+            .spawn(move || run_checkpointer(checkpoints, stop, &due, &observed))
             .map_err(|e| StoreError::Internal(format!("spawn checkpoint thread: {e}")))?;
         let (jobs, rx) = std_mpsc::channel::<Job>();
+        let restart = WalRestart {
+            due: restart_due,
+            took: metrics.writer,
+        };
         let thread = std::thread::Builder::new()
             .name("sqlite-store".into())
-            .spawn(move || run_thread(conn, state, rx, commit_gap, &restart_due))
+            .spawn(move || run_thread(conn, state, rx, commit_gap, &restart))
             .map_err(|e| StoreError::Internal(format!("spawn store thread: {e}")))?;
         Ok(SqliteStore {
             jobs,
@@ -793,16 +829,38 @@ impl Drop for SqliteStore {
 /// checkpoint copies what is committed into the database file, without
 /// waiting for or blocking the writer; past [`WAL_RESTART_FRAMES`] it asks
 /// the writer to finish the job (`restart_due`). Ends when `stop` closes.
-fn run_checkpointer(conn: Connection, stop: std_mpsc::Receiver<()>, restart_due: &AtomicBool) {
+fn run_checkpointer(
+    conn: Connection,
+    stop: std_mpsc::Receiver<()>,
+    restart_due: &AtomicBool,
+    metrics: &CheckpointMetrics,
+) {
+    // (frames, copied) after the last pass, to time only passes with work.
+    let mut last = (0, 0);
     while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+        let started = Instant::now();
         match checkpoint(&conn) {
-            Ok(c) if c.frames >= WAL_RESTART_FRAMES => {
-                restart_due.store(true, Ordering::Relaxed);
+            Ok(c) if c.busy => {}
+            Ok(c) => {
+                if (c.frames, c.copied) != last {
+                    metrics.checkpointer.record(started.elapsed().as_secs_f64());
+                    last = (c.frames, c.copied);
+                }
+                metrics.wal_frames.set(c.frames as f64);
+                if c.frames >= WAL_RESTART_FRAMES {
+                    restart_due.store(true, Ordering::Relaxed);
+                }
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries"),
         }
     }
+}
+
+/// The writer's side of restarting the WAL: the checkpointer's request,
+/// and where the writer's own checkpoints are timed.
+struct WalRestart {
+    due: Arc<AtomicBool>,
+    took: Histogram,
 }
 
 /// What a checkpoint found.
@@ -839,7 +897,7 @@ fn run_thread(
     mut state: DbState,
     rx: std_mpsc::Receiver<Job>,
     commit_gap: Duration,
-    restart_due: &AtomicBool,
+    restart: &WalRestart,
 ) {
     let mut completions: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     let mut last_start: Option<Instant> = None;
@@ -902,11 +960,12 @@ fn run_thread(
         // After answering, so no send waits for it: copy the few frames
         // the checkpointer has not, and the next transaction starts the
         // WAL over (see WAL_RESTART_FRAMES).
-        if restart_due.swap(false, Ordering::Relaxed) {
+        if restart.due.swap(false, Ordering::Relaxed) {
+            let started = Instant::now();
             match checkpoint(&conn) {
-                Ok(c) if c.complete() => {}
+                Ok(c) if c.complete() => restart.took.record(started.elapsed().as_secs_f64()),
                 // The checkpointer was mid-way: after the next commit.
-                Ok(_) => restart_due.store(true, Ordering::Relaxed),
+                Ok(_) => restart.due.store(true, Ordering::Relaxed),
                 Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries"),
             }
         }
