@@ -25,6 +25,8 @@
 # Every process it starts it stops by PID; every run ends by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The summaries import loadgen/targets.py; keep the tree free of caches.
+export PYTHONDONTWRITEBYTECODE=1
 
 BIN=${BIN:-target/release}
 DIR=${BENCH_DIR:-/tmp/chat-bench}
@@ -81,23 +83,9 @@ wait_ready() {
 # load generator's p99, which adds both processes' scheduling).
 scrape_metrics() { curl -s -m 5 "127.0.0.1:$METRICS_PORT/metrics" >"$1" 2>/dev/null || true; }
 
-# Python the summaries share: that tail from a scrape, as percentages of
-# the sends it counted (None without a scrape).
-ACK_TAIL_PY=$(cat <<'PY'
-import re
-def ack_tail(path):
-    try:
-        m = open(path).read()
-    except OSError:
-        return None
-    b = {le: int(v) for le, v in re.findall(r'^chat_send_ack_duration_seconds_bucket\{le="([^"]+)"\} (\d+)', m, re.M)}
-    total = b.get("+Inf", 0)
-    if not total or "0.01" not in b or "0.025" not in b:
-        return None
-    return {"sends": total, "over10": 100 * (total - b["0.01"]) / total,
-            "over25": 100 * (total - b["0.025"]) / total}
-PY
-)
+# Python the summaries share: the server's SendAck tail from a scrape, as
+# percentages of the sends it counted (None without a scrape).
+ACK_TAIL_PY='import sys; sys.path.insert(0, "loadgen"); from targets import ack_tail'
 
 summary() {
     python3 -c "$ACK_TAIL_PY"$'\n'"$(cat <<'PY'

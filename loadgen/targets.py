@@ -20,18 +20,28 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-def ack_over_10ms(report):
-    """Share of SendAcks over 10 ms in the server's own histogram."""
+def ack_tail(path):
+    """The server's own SendAck tail from a scrape of its metrics: the
+    sends it counted and the shares over 10 and 25 ms (None without one).
+    bench.sh's run summaries use it too."""
     try:
-        text = open(report + ".metrics").read()
+        text = open(path).read()
     except OSError:
         return None
     buckets = dict(re.findall(
         r'^chat_send_ack_duration_seconds_bucket\{le="([^"]+)"\} (\d+)', text, re.M))
     total = int(buckets.get("+Inf", 0))
-    if not total or "0.01" not in buckets:
+    if not total or "0.01" not in buckets or "0.025" not in buckets:
         return None
-    return 100 * (total - int(buckets["0.01"])) / total
+    return {"sends": total,
+            "over10": 100 * (total - int(buckets["0.01"])) / total,
+            "over25": 100 * (total - int(buckets["0.025"])) / total}
+
+
+def ack_over_10ms(report):
+    """Share of SendAcks over 10 ms in the scrape beside a report."""
+    tail = ack_tail(report + ".metrics")
+    return tail and tail["over10"]
 
 
 def load(path):
@@ -75,7 +85,7 @@ def main(args):
         deliver = median(r["latency_ms"]["deliver"]["p99"] for r, _ in pinned)
         cpu = median(r.get("server_cpu_us_per_send") for r, _ in pinned)
         tail = median(ack_over_10ms(p) for _, p in pinned)
-        rows.append(("pinned 10,000/s: lost, duplicates", "0, 0", f"{lost}, {dup} ({n} runs)",
+        rows.append(("pinned 10,000/s: lost, duplicates", "0, 0", f"{lost}, {dup} ({n} run{'' if n == 1 else 's'})",
                      lost == 0 and dup == 0))
         rows.append(("pinned 10,000/s: p99 ack, deliver", "<= 10 ms",
                      f"{fmt(ack)} / {fmt(deliver)} ms (server: {fmt(tail, '.1f', '%')} of acks over 10 ms)",
