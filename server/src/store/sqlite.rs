@@ -837,21 +837,35 @@ fn run_checkpointer(
 ) {
     // (frames, copied) after the last pass, to time only passes with work.
     let mut last = (0, 0);
+    // A failure is logged when it starts and when it ends, not ten times a
+    // second while it lasts (a full disk, say).
+    let mut failing = false;
     while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
         let started = Instant::now();
-        match checkpoint(&conn) {
-            Ok(c) if c.busy => {}
-            Ok(c) => {
-                if (c.frames, c.copied) != last {
-                    metrics.checkpointer.record(started.elapsed().as_secs_f64());
-                    last = (c.frames, c.copied);
+        let c = match checkpoint(&conn) {
+            Ok(c) => c,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "WAL checkpoints failing; retrying every 100 ms");
                 }
-                metrics.wal_frames.set(c.frames as f64);
-                if c.frames >= WAL_RESTART_FRAMES {
-                    restart_due.store(true, Ordering::Relaxed);
-                }
+                failing = true;
+                continue;
             }
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries"),
+        };
+        if failing {
+            tracing::info!("WAL checkpoints work again");
+            failing = false;
+        }
+        if c.busy {
+            continue;
+        }
+        if (c.frames, c.copied) != last {
+            metrics.checkpointer.record(started.elapsed().as_secs_f64());
+            last = (c.frames, c.copied);
+        }
+        metrics.wal_frames.set(c.frames as f64);
+        if c.frames >= WAL_RESTART_FRAMES {
+            restart_due.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -966,7 +980,8 @@ fn run_thread(
                 Ok(c) if c.complete() => restart.took.record(started.elapsed().as_secs_f64()),
                 // The checkpointer was mid-way: after the next commit.
                 Ok(_) => restart.due.store(true, Ordering::Relaxed),
-                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries"),
+                // The checkpointer's own pass fails too, and logs it.
+                Err(e) => tracing::debug!(error = %e, "WAL checkpoint failed; asked again later"),
             }
         }
     }
