@@ -134,6 +134,11 @@ pub fn percent_of_core(cpu: Duration, wall: Duration) -> f64 {
     100.0 * cpu.as_secs_f64() / wall.as_secs_f64()
 }
 
+/// CPU per acked send in microseconds (`None` before any ack).
+pub fn micros_per_send(cpu: Duration, acked: u64) -> Option<f64> {
+    (acked > 0).then(|| cpu.as_secs_f64() * 1e6 / acked as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

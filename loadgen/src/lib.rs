@@ -204,10 +204,7 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
     let duration_s = args.duration.as_secs_f64();
     let cpu = &outcome.cpu;
     let server_cpu_pct = cpu.server.map(|d| cpu::percent_of_core(d, cpu.wall));
-    let server_cpu_us_per_send = cpu
-        .server
-        .filter(|_| c.acked > 0)
-        .map(|d| d.as_secs_f64() * 1e6 / c.acked as f64);
+    let server_cpu_us_per_send = cpu.server.and_then(|d| cpu::micros_per_send(d, c.acked));
     Report {
         profile: plan.profile.name.to_string(),
         shard: plan.shard.to_string(),
@@ -262,7 +259,7 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
             .map(|(name, &d)| {
                 let b = stats::BackendCpu {
                     cpu_pct: cpu::percent_of_core(d, cpu.wall),
-                    cpu_us_per_send: (c.acked > 0).then(|| d.as_secs_f64() * 1e6 / c.acked as f64),
+                    cpu_us_per_send: cpu::micros_per_send(d, c.acked),
                 };
                 (name.clone(), b)
             })

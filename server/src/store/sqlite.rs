@@ -660,9 +660,8 @@ impl Default for CheckpointMetrics {
 pub struct SqliteStore {
     jobs: std_mpsc::Sender<Job>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
-    /// Dropped to stop the checkpointer thread.
-    stop_checkpoints: std::sync::Mutex<Option<std_mpsc::Sender<()>>>,
-    checkpointer: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The checkpointer thread and the sender whose drop stops it.
+    checkpointer: std::sync::Mutex<Option<(std_mpsc::Sender<()>, JoinHandle<()>)>>,
     path: PathBuf,
 }
 
@@ -757,8 +756,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             jobs,
             thread: std::sync::Mutex::new(Some(thread)),
-            stop_checkpoints: std::sync::Mutex::new(Some(stop_checkpoints)),
-            checkpointer: std::sync::Mutex::new(Some(checkpointer)),
+            checkpointer: std::sync::Mutex::new(Some((stop_checkpoints, checkpointer))),
             path,
         })
     }
@@ -818,8 +816,8 @@ impl Drop for SqliteStore {
         if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
             let _ = thread.join();
         }
-        drop(self.stop_checkpoints.lock().ok().and_then(|mut s| s.take()));
-        if let Some(thread) = self.checkpointer.lock().ok().and_then(|mut t| t.take()) {
+        if let Some((stop, thread)) = self.checkpointer.lock().ok().and_then(|mut c| c.take()) {
+            drop(stop);
             let _ = thread.join();
         }
     }
