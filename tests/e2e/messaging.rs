@@ -685,3 +685,68 @@ async fn sigterm_finishes_commits_and_tells_clients_to_reconnect() {
     alice.close();
     server.kill().await;
 }
+
+#[tokio::test]
+async fn history_pages_of_long_texts_fit_in_a_frame_and_page_on() {
+    // 40 texts of 15,000 bytes: one page of them would be ~600 KB, ten
+    // times the 64 KiB frame limit; the server hands them out in pages
+    // that fit, and paging either way reads all of them once, in order.
+    let server = TestServer::start_with(|c| {
+        c.limits.send_rate = 0;
+        c.limits.send_burst = 0;
+    })
+    .await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    const N: u64 = 40;
+    for i in 0..N {
+        let text = format!("{i:02}{}", "x".repeat(14_998));
+        alice.send_text(conversation, &text).await.unwrap();
+    }
+    let max = server.config.limits.max_frame_len;
+    let seqs_of =
+        |page: &proto::HistoryPage| page.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+
+    let mut seqs = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = bob
+            .history(conversation, HistoryDirection::Backward, cursor, 200)
+            .await
+            .unwrap();
+        assert!(!page.messages.is_empty(), "a page always moves on");
+        let encoded = prost::Message::encoded_len(&page);
+        assert!(encoded <= max, "page of {encoded} bytes over {max}");
+        seqs.splice(0..0, seqs_of(&page));
+        cursor = page.messages[0].seq;
+        if !page.has_more {
+            break;
+        }
+        assert!(seqs.len() < N as usize, "has_more past the first message");
+    }
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
+    assert!(seqs.len() > 4, "more than one page was needed");
+
+    let mut seqs = Vec::new();
+    let mut cursor = 0;
+    let mut pages = 0;
+    loop {
+        let page = bob
+            .history(conversation, HistoryDirection::Forward, cursor, 200)
+            .await
+            .unwrap();
+        pages += 1;
+        assert!(prost::Message::encoded_len(&page) <= max);
+        seqs.extend(seqs_of(&page));
+        let Some(last) = page.messages.last() else {
+            break;
+        };
+        cursor = last.seq;
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
+    assert!(pages > 1, "the texts took more than one page");
+}

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use chat_protocol::limits::MAX_PAGE_SIZE;
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
+use prost::Message as _;
 use quinn::SendStream;
 
 use super::{now_ms, ok};
@@ -449,8 +450,17 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             let limit = page_limit(l.limit, DEFAULT_CONVERSATION_PAGE);
             let before = (l.before_activity_ms, l.before_conversation_id);
             let views = store.conversations(me, before, limit).await?;
+            let mut conversations: Vec<_> = views.into_iter().map(conversation_info).collect();
+            // Fewer than asked is an ordinary page (the limit is capped
+            // too): the client pages on from the last one until a page
+            // comes back empty.
+            let fit = fitting(
+                conversations.iter().map(prost::Message::encoded_len),
+                reply_budget(session),
+            );
+            conversations.truncate(fit);
             reply(Body::ConversationList(proto::ConversationList {
-                conversations: views.into_iter().map(conversation_info).collect(),
+                conversations,
             }))
         }
         Some(Body::HistoryQuery(q)) => {
@@ -501,8 +511,24 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     page.has_more &= page.messages.first().is_some_and(|m| m.seq > joined);
                 }
             }
+            // A page of long texts can outgrow a frame: keep the messages
+            // nearest the cursor that fit, and say there are more.
+            let budget = reply_budget(session);
+            let mut messages = page.messages;
+            match direction {
+                Direction::Forward => {
+                    let fit = fitting(messages.iter().map(|m| m.encoded_len()), budget);
+                    page.has_more |= fit < messages.len();
+                    messages.truncate(fit);
+                }
+                Direction::Backward => {
+                    let fit = fitting(messages.iter().rev().map(|m| m.encoded_len()), budget);
+                    page.has_more |= fit < messages.len();
+                    messages.drain(..messages.len() - fit);
+                }
+            }
             reply(Body::HistoryPage(proto::HistoryPage {
-                messages: page.messages.iter().map(|m| (**m).clone()).collect(),
+                messages: messages.iter().map(|m| (**m).clone()).collect(),
                 has_more: page.has_more,
             }))
         }
@@ -668,6 +694,36 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
     }
 }
 
+/// Room in a reply for what is not one of its items: the frame's request
+/// id and body tag, a page's `has_more`.
+const REPLY_ENVELOPE: usize = 32;
+
+/// Largest reply page, in encoded bytes: the node's `max-frame-len`, the
+/// size it accepts from clients, and far below what a client accepts
+/// (the protocol's 1 MiB). Without it, 200 messages of 16 KiB made a
+/// 3.3 MB HistoryPage that clients refuse as too large.
+fn reply_budget(session: &Session) -> usize {
+    session.shared.config.limits.max_frame_len
+}
+
+/// How many items, of these encoded lengths in page order, fit in a reply
+/// of `budget` bytes: at least one, so paging always moves on (one message
+/// always fits, as config validation keeps `max-text-len` plus its
+/// envelope under `max-frame-len`).
+fn fitting(lens: impl Iterator<Item = usize>, budget: usize) -> usize {
+    let mut used = REPLY_ENVELOPE;
+    let mut n = 0;
+    for len in lens {
+        // The repeated field's tag byte and length prefix.
+        used += 1 + prost::length_delimiter_len(len) + len;
+        if used > budget && n > 0 {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 fn page_limit(asked: u32, default: u32) -> u32 {
     if asked == 0 {
         default
@@ -814,4 +870,20 @@ async fn group_change(
         })
         .await?;
     Ok(Reply::Deferred)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_stop_at_the_byte_budget_but_always_hold_one_item() {
+        // Each item of 1,000 bytes costs 1,003 with its tag and length.
+        let items = [1000; 10];
+        assert_eq!(fitting(items.into_iter(), REPLY_ENVELOPE + 3 * 1003), 3);
+        assert_eq!(fitting(items.into_iter(), REPLY_ENVELOPE + 3 * 1003 - 1), 2);
+        assert_eq!(fitting(items.into_iter(), 1 << 20), 10);
+        assert_eq!(fitting([5000].into_iter(), 100), 1, "one always fits");
+        assert_eq!(fitting(std::iter::empty(), 100), 0);
+    }
 }
