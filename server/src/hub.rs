@@ -23,6 +23,12 @@ use crate::wire::{self, Outbound};
 /// queued here.
 pub const QUEUE_CAPACITY: usize = 1024;
 
+/// Bytes queued per stream before a client counts as too slow: frames
+/// can be up to the protocol's 1 MiB, and without a byte bound a client
+/// that asks for page after page of long texts and never reads made the
+/// node hold 1,024 of them for it.
+pub const QUEUE_BYTES: usize = 4 << 20;
+
 /// One authenticated connection, as seen by the rest of the node.
 pub struct SessionHandle {
     /// Node-unique connection id (for logs and unregistering).
@@ -124,7 +130,7 @@ impl SessionHandle {
         let Some(queue) = self.queue(kind) else {
             return false;
         };
-        match queue.push(out, QUEUE_CAPACITY) {
+        match queue.push(out, QUEUE_CAPACITY, QUEUE_BYTES) {
             Ok(()) => true,
             Err(PushError::Full) => {
                 if !self.closed.swap(true, Ordering::Relaxed) {

@@ -31,6 +31,8 @@ pub enum PushError {
 #[derive(Default)]
 struct State {
     items: VecDeque<Outbound>,
+    /// Encoded bytes of `items`.
+    bytes: usize,
     closed: bool,
 }
 
@@ -42,17 +44,25 @@ pub struct OutQueue {
 }
 
 impl OutQueue {
-    /// Appends `out` unless the queue already holds `limit` frames or is
-    /// closed. Never waits.
-    pub fn push(&self, out: Outbound, limit: usize) -> Result<(), PushError> {
+    /// Appends `out` unless the queue is closed, already holds
+    /// `max_frames` frames, or would hold more than `max_bytes` with it (an
+    /// empty queue takes any one frame). Never waits.
+    pub fn push(
+        &self,
+        out: Outbound,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> Result<(), PushError> {
         {
             let mut state = self.state.lock().expect("queue lock");
             if state.closed {
                 return Err(PushError::Closed);
             }
-            if state.items.len() >= limit {
+            let bytes = state.bytes + out.bytes.len();
+            if state.items.len() >= max_frames || (bytes > max_bytes && !state.items.is_empty()) {
                 return Err(PushError::Full);
             }
+            state.bytes = bytes;
             state.items.push_back(out);
         }
         // One consumer: a stored permit wakes it even if it is not waiting
@@ -61,14 +71,29 @@ impl OutQueue {
         Ok(())
     }
 
-    /// Waits until frames are queued and moves up to `limit` of them into
+    /// Waits until frames are queued and moves up to `max_frames` of them,
+    /// and no more than `max_bytes` unless the first alone is larger, into
     /// `buf`. Returns 0 once the queue is closed and empty.
-    pub async fn recv_many(&self, buf: &mut Vec<Outbound>, limit: usize) -> usize {
+    pub async fn recv_many(
+        &self,
+        buf: &mut Vec<Outbound>,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> usize {
         loop {
             {
                 let mut state = self.state.lock().expect("queue lock");
                 if !state.items.is_empty() {
-                    let n = state.items.len().min(limit);
+                    let mut n = 0;
+                    let mut taken = 0;
+                    for out in state.items.iter().take(max_frames) {
+                        if n > 0 && taken + out.bytes.len() > max_bytes {
+                            break;
+                        }
+                        taken += out.bytes.len();
+                        n += 1;
+                    }
+                    state.bytes -= taken;
                     buf.extend(state.items.drain(..n));
                     if state.items.is_empty() && state.items.capacity() > KEEP_CAPACITY {
                         state.items = VecDeque::new();
@@ -85,7 +110,10 @@ impl OutQueue {
 
     /// The next frame, if one is queued.
     pub fn try_recv(&self) -> Option<Outbound> {
-        self.state.lock().expect("queue lock").items.pop_front()
+        let mut state = self.state.lock().expect("queue lock");
+        let out = state.items.pop_front()?;
+        state.bytes -= out.bytes.len();
+        Some(out)
     }
 
     /// Refuses further pushes; the consumer drains what is queued, then
@@ -117,18 +145,22 @@ mod tests {
     #[tokio::test]
     async fn bounded_ordered_and_ends_after_close() {
         let queue = OutQueue::default();
-        queue.push(out(1), 2).unwrap();
-        queue.push(out(2), 2).unwrap();
-        assert_eq!(queue.push(out(3), 2), Err(PushError::Full));
+        queue.push(out(1), 2, 1 << 20).unwrap();
+        queue.push(out(2), 2, 1 << 20).unwrap();
+        assert_eq!(queue.push(out(3), 2, 1 << 20), Err(PushError::Full));
         let mut buf = Vec::new();
-        assert_eq!(queue.recv_many(&mut buf, 10).await, 2);
+        assert_eq!(queue.recv_many(&mut buf, 10, 1 << 20).await, 2);
         assert_eq!(buf.iter().map(|o| o.bytes[0]).collect::<Vec<_>>(), [1, 2]);
-        queue.push(out(4), 2).unwrap();
+        queue.push(out(4), 2, 1 << 20).unwrap();
         queue.close();
-        assert_eq!(queue.push(out(5), 2), Err(PushError::Closed));
+        assert_eq!(queue.push(out(5), 2, 1 << 20), Err(PushError::Closed));
         buf.clear();
-        assert_eq!(queue.recv_many(&mut buf, 10).await, 1, "drains first");
-        assert_eq!(queue.recv_many(&mut buf, 10).await, 0, "then ends");
+        assert_eq!(
+            queue.recv_many(&mut buf, 10, 1 << 20).await,
+            1,
+            "drains first"
+        );
+        assert_eq!(queue.recv_many(&mut buf, 10, 1 << 20).await, 0, "then ends");
     }
 
     #[tokio::test]
@@ -140,13 +172,13 @@ mod tests {
                 let mut buf = Vec::new();
                 let mut total = 0;
                 while total < 100 {
-                    total += queue.recv_many(&mut buf, 7).await;
+                    total += queue.recv_many(&mut buf, 7, 1 << 20).await;
                 }
                 buf
             })
         };
         for n in 0..100 {
-            queue.push(out(n), 1000).unwrap();
+            queue.push(out(n), 1000, 1 << 20).unwrap();
             if n % 10 == 0 {
                 tokio::task::yield_now().await;
             }
@@ -160,5 +192,39 @@ mod tests {
             (0..100).collect::<Vec<u8>>()
         );
         assert!(queue.state.lock().unwrap().items.capacity() <= KEEP_CAPACITY);
+    }
+
+    fn sized(len: usize) -> Outbound {
+        Outbound {
+            bytes: Bytes::from(vec![0; len]),
+            deliver: None,
+            close_after: None,
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_are_bounded_too_in_the_queue_and_in_each_take() {
+        // Few frames but many bytes: the byte bound refuses the third.
+        let queue = OutQueue::default();
+        queue.push(sized(600), 1024, 1000).unwrap();
+        queue.push(sized(400), 1024, 1000).unwrap();
+        assert_eq!(queue.push(sized(1), 1024, 1000), Err(PushError::Full));
+        // Taking frames gives their bytes back.
+        let mut buf = Vec::new();
+        assert_eq!(
+            queue.recv_many(&mut buf, 10, 700).await,
+            1,
+            "600 + 400 > 700"
+        );
+        assert_eq!(queue.recv_many(&mut buf, 10, 700).await, 1);
+        queue.push(sized(900), 1024, 1000).unwrap();
+        assert_eq!(queue.try_recv().map(|o| o.bytes.len()), Some(900));
+        // An empty queue takes, and a take hands out, one frame of any size.
+        queue.push(sized(5000), 1024, 1000).unwrap();
+        buf.clear();
+        assert_eq!(queue.recv_many(&mut buf, 10, 700).await, 1);
+        assert_eq!(buf[0].bytes.len(), 5000);
+        assert_eq!(queue.state.lock().unwrap().bytes, 0);
     }
 }

@@ -15,6 +15,10 @@ use crate::metrics::Metrics;
 
 /// Most queued frames written in one go.
 const MAX_COALESCE: usize = 128;
+/// Most bytes taken from the queue in one go (unless one frame is larger):
+/// the frames a writer holds while its peer does not read count against
+/// no queue, so they are bounded here.
+const MAX_COALESCE_BYTES: usize = 256 * 1024;
 
 /// How long a writer waits for the peer to read a final error frame
 /// before closing the connection anyway.
@@ -203,7 +207,7 @@ pub async fn write_loop(
         // connection: a closed connection must end this task (and release
         // the session), not leave it waiting for frames forever.
         let received = tokio::select! {
-            n = rx.recv_many(&mut batch, MAX_COALESCE) => n,
+            n = rx.recv_many(&mut batch, MAX_COALESCE, MAX_COALESCE_BYTES) => n,
             _ = conn.closed() => return,
         };
         if received == 0 {
