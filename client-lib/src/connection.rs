@@ -132,7 +132,13 @@ pub(crate) async fn connect(
         messages: messages_tx,
         receipts: receipts_tx,
     };
-    tokio::spawn(read_loop(inner.clone(), reader, StreamKind::Control, None));
+    tokio::spawn(read_loop(
+        inner.clone(),
+        live.conn.clone(),
+        reader,
+        StreamKind::Control,
+        None,
+    ));
     if auth_ok.heartbeat_interval_ms > 0 {
         let interval = std::time::Duration::from_millis(auth_ok.heartbeat_interval_ms.into());
         tokio::spawn(heartbeat_loop(
@@ -144,12 +150,14 @@ pub(crate) async fn connect(
     }
     tokio::spawn(read_loop(
         inner.clone(),
+        live.conn.clone(),
         FrameReader::new(mr),
         StreamKind::Messages,
         Some(ack_tx),
     ));
     tokio::spawn(read_loop(
         inner.clone(),
+        live.conn.clone(),
         FrameReader::new(rr),
         StreamKind::Receipts,
         None,
@@ -270,8 +278,14 @@ fn note_ack(highest: &mut HashMap<u64, u64>, (conversation_id, seq): (u64, u64))
     *entry = (*entry).max(seq);
 }
 
+/// Reads one stream until it ends. A stream that ends, fails or carries a
+/// bad frame while its connection lives closes the connection: nothing
+/// would read that stream's replies any more (requests would time out one
+/// by one while heartbeats kept the connection up), whereas a closed
+/// connection makes the supervisor connect again.
 async fn read_loop(
     inner: Arc<Inner>,
+    conn: quinn::Connection,
     mut reader: FrameReader,
     kind: StreamKind,
     acks: Option<mpsc::UnboundedSender<(u64, u64)>>,
@@ -279,9 +293,16 @@ async fn read_loop(
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
-            Ok(None) | Err(ReadError::Stream) => return,
+            Ok(None) | Err(ReadError::Stream) => {
+                if conn.close_reason().is_none() {
+                    tracing::warn!(stream = kind.name(), "server ended a stream; reconnecting");
+                    conn.close(0u32.into(), b"stream ended");
+                }
+                return;
+            }
             Err(ReadError::Frame(e)) => {
-                tracing::warn!(stream = kind.name(), error = %e, "bad frame from server");
+                tracing::warn!(stream = kind.name(), error = %e, "bad frame from server; reconnecting");
+                conn.close((e.code() as u32).into(), e.to_string().as_bytes());
                 return;
             }
         };

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use chat_client::{ErrorCode, proto};
+use chat_client::{Client, ErrorCode, proto};
 use chat_protocol::{Body, Frame, StreamKind};
 
 use crate::harness::*;
@@ -383,4 +383,77 @@ async fn a_registration_flood_is_refused_at_once_beyond_the_hashing_queue() {
     // Once the flood is over, registering works as usual.
     let (carol, _c) = register(server.client_config(), &name("carol")).await;
     assert!(carol.identity().user_id > 0);
+}
+
+/// A QUIC server that speaks the protocol by hand, with a dev certificate
+/// the harness's client configuration trusts.
+async fn fake_server(dir: &std::path::Path) -> (quinn::Endpoint, std::path::PathBuf) {
+    let config = chat_server::Config {
+        data_dir: dir.to_path_buf(),
+        ..chat_server::Config::default()
+    };
+    let identity = chat_server::certs::load_or_create(&config).expect("dev certificate");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)
+        .unwrap();
+    tls.alpn_protocols = vec![chat_protocol::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let server = quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto));
+    let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    (endpoint, identity.dev_ca.expect("a dev CA"))
+}
+
+#[tokio::test]
+async fn a_client_that_gets_a_bad_frame_from_the_server_reconnects() {
+    // Without this, the stream's reader just stopped: the connection stayed
+    // up on heartbeats and every later request timed out.
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path()).await;
+    let addr = endpoint.local_addr().unwrap();
+    let serve = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut buf = BytesMut::new();
+        let open = next_frame(&mut recv, &mut buf).await;
+        assert!(matches!(open.body, Some(Body::OpenStream(_))), "{open:?}");
+        let register = next_frame(&mut recv, &mut buf).await;
+        assert!(
+            matches!(register.body, Some(Body::Register(_))),
+            "{register:?}"
+        );
+        let ok = Frame::new(
+            register.request_id,
+            Body::AuthOk(proto::AuthOk {
+                user_id: 1,
+                username: "fake".into(),
+                token: "t".into(),
+                ..Default::default()
+            }),
+        );
+        send.write_all(&frames(&[ok])).await.unwrap();
+        // Then a frame over the protocol's 1 MiB.
+        send.write_all(&oversize_prefix(2 << 20)).await.unwrap();
+        let closed = tokio::time::timeout(WAIT, conn.closed())
+            .await
+            .expect("the client closes the connection");
+        let again = tokio::time::timeout(WAIT, endpoint.accept())
+            .await
+            .expect("the client connects again");
+        (closed, again.is_some())
+    });
+    let (_client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    let (closed, reconnected) = serve.await.unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, (ErrorCode::FrameTooLarge as u32).into());
+        }
+        other => panic!("closed by the client with FRAME_TOO_LARGE, not {other:?}"),
+    }
+    assert!(reconnected);
 }
