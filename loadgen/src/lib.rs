@@ -204,7 +204,9 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
     let duration_s = args.duration.as_secs_f64();
     let cpu = &outcome.cpu;
     let server_cpu_pct = cpu.server.map(|d| cpu::percent_of_core(d, cpu.wall));
-    let server_cpu_us_per_send = cpu.server.and_then(|d| cpu::micros_per_send(d, c.acked));
+    let server_cpu_us_per_send = cpu
+        .server
+        .and_then(|d| cpu::micros_per_send(d, c.acked_in_window));
     Report {
         profile: plan.profile.name.to_string(),
         shard: plan.shard.to_string(),
@@ -226,9 +228,10 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         duplicates_across_resume: c.duplicates_across_resume,
         receipts: c.receipts,
         errors: c.errors.clone(),
-        acked_per_s: c.acked as f64 / duration_s,
-        delivered_per_s: c.delivered as f64 / duration_s,
-        deliveries_per_s: c.deliveries as f64 / duration_s,
+        acked_in_window: c.acked_in_window,
+        acked_per_s: c.acked_in_window as f64 / duration_s,
+        delivered_per_s: c.delivered_in_window as f64 / duration_s,
+        deliveries_per_s: c.deliveries_in_window as f64 / duration_s,
         latency_ms: stats::Latencies {
             ack: stats::Percentiles::of(&fin.ack),
             deliver: stats::Percentiles::of(&fin.deliver),
@@ -250,8 +253,8 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         udp_rcvbuf_drops: cpu.udp.map(|u| u.rcvbuf_errors),
         udp_datagrams_per_send: cpu
             .udp
-            .filter(|_| c.acked > 0)
-            .map(|u| u.out_datagrams as f64 / c.acked as f64),
+            .filter(|_| c.acked_in_window > 0)
+            .map(|u| u.out_datagrams as f64 / c.acked_in_window as f64),
         loadgen_threads: args.threads,
         backend_cpu: cpu
             .backends
@@ -259,7 +262,7 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
             .map(|(name, &d)| {
                 let b = stats::BackendCpu {
                     cpu_pct: cpu::percent_of_core(d, cpu.wall),
-                    cpu_us_per_send: cpu::micros_per_send(d, c.acked),
+                    cpu_us_per_send: cpu::micros_per_send(d, c.acked_in_window),
                 };
                 (name.clone(), b)
             })

@@ -145,6 +145,14 @@ pub struct Counts {
     pub group_sends: u64,
     /// Sends the server acknowledged as durable.
     pub acked: u64,
+    /// The part of `acked` whose ack came before the window closed: the
+    /// throughput (a server that falls behind acks the rest in the drain,
+    /// and those must not count as carried).
+    pub acked_in_window: u64,
+    /// The part of `delivered` complete before the window closed.
+    pub delivered_in_window: u64,
+    /// The part of `deliveries` that arrived before the window closed.
+    pub deliveries_in_window: u64,
     /// Sends that reached every recipient's app (at least once).
     pub delivered: u64,
     /// Acked sends that were also delivered to every recipient.
@@ -207,6 +215,8 @@ struct State {
     deliver: Histogram<u64>,
     receipt: Histogram<u64>,
     watches: HashMap<(u64, usize), ReceiptWatch>,
+    /// When the measured window closes (ns on the run's clock).
+    window_end_ns: u64,
     /// (send number, recipient index) -> the incarnation of the
     /// recipient's client that saw it first (a new incarnation starts after
     /// each churn resume).
@@ -251,6 +261,7 @@ impl Tracker {
                 deliver: histogram(),
                 receipt: histogram(),
                 watches: HashMap::new(),
+                window_end_ns: u64::MAX,
                 arrivals: HashMap::new(),
                 frozen: false,
             }),
@@ -263,6 +274,12 @@ impl Tracker {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic elsewhere must not hide the measurements.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets when the measured window closes: what arrives later counts
+    /// for correctness but not for the rates.
+    pub fn set_window_end(&self, end_ns: u64) {
+        self.state().window_end_ns = end_ns;
     }
 
     /// Registers a send about to start for `recipients` other members
@@ -310,6 +327,9 @@ impl Tracker {
         let (measured, recipients) = (rec.measured, rec.recipients);
         if measured {
             s.counts.acked += 1;
+            if now_ns <= s.window_end_ns {
+                s.counts.acked_in_window += 1;
+            }
             if rec.reached >= recipients {
                 s.counts.acked_delivered += 1;
             }
@@ -390,8 +410,11 @@ impl Tracker {
         }
         rec.reached += 1;
         s.counts.deliveries += 1;
+        let in_window = now_ns <= s.window_end_ns;
+        s.counts.deliveries_in_window += u64::from(in_window);
         if rec.reached == rec.recipients {
             s.counts.delivered += 1;
+            s.counts.delivered_in_window += u64::from(in_window);
             if rec.acked {
                 s.counts.acked_delivered += 1;
             }
@@ -599,6 +622,11 @@ pub struct Report {
     pub group_sends: u64,
     /// Acked as durable.
     pub acked: u64,
+    /// The part of `acked` acked before the window closed (the rest came
+    /// in the drain): `acked_per_s` and the per-send CPU and datagrams
+    /// divide by it.
+    #[serde(default)]
+    pub acked_in_window: u64,
     /// Delivered to every recipient at least once.
     pub delivered: u64,
     /// Arrivals at one recipient each: a 1-1 send makes one, a group send
@@ -620,12 +648,13 @@ pub struct Report {
     pub receipts: u64,
     /// Failures by short code name.
     pub errors: BTreeMap<String, u64>,
-    /// Acked sends per second of the window.
+    /// Sends acked within the window, per second of it (the achieved
+    /// rate).
     pub acked_per_s: f64,
-    /// Delivered sends per second of the window.
+    /// Sends delivered to every recipient within the window, per second.
     pub delivered_per_s: f64,
-    /// Arrivals at recipients per second of the window (the fan-out the
-    /// server carried).
+    /// Arrivals at recipients within the window, per second (the fan-out
+    /// the server carried).
     #[serde(default)]
     pub deliveries_per_s: f64,
     /// Latency percentiles, ms.
@@ -836,6 +865,25 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_count_only_what_came_before_the_window_closed() {
+        // A server that falls behind: of three sends in the window, one is
+        // acked and delivered in it, two only in the drain. All three count
+        // as acked (nothing lost), but only one as carried in the window.
+        let t = Tracker::new();
+        t.set_window_end(10_000_000);
+        let sends: Vec<u64> = (0..3).map(|_| t.dispatch(true, 1, false)).collect();
+        for (i, &send) in sends.iter().enumerate() {
+            let at = 9_000_000 + i as u64 * 2_000_000;
+            t.acked(send, 9, 0, i as u64 + 1, 1_000_000, at);
+            t.delivered(send, 1, 0, 1_000_000, at + 500_000);
+        }
+        let c = t.freeze().counts;
+        assert_eq!((c.acked, c.delivered, c.deliveries), (3, 3, 3));
+        assert_eq!(c.acked_in_window, 1);
+        assert_eq!((c.delivered_in_window, c.deliveries_in_window), (1, 1));
+    }
 
     #[test]
     fn a_send_is_acked_delivered_and_receipted_once() {
