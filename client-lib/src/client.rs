@@ -872,6 +872,12 @@ fn ends_session(code: ErrorCode) -> bool {
 /// Watches the live connection; when it ends, reconnects with backoff and
 /// resumes with the token until the client is closed or the session ends.
 async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
+    // The backoff carries over from one connection to the next unless the
+    // connection lasted: a node that accepts the login and then drops the
+    // connection (catch-up failing, a node stopping again and again) must
+    // see its clients slow down, not come back every `reconnect_min`.
+    let mut connected_at = tokio::time::Instant::now();
+    let mut last_delay = Duration::ZERO;
     loop {
         let reason = tokio::select! {
             reason = conn.closed() => reason,
@@ -903,6 +909,9 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
         let Some(token) = token else { return };
         let credential = Credential::Token(token);
         let mut delay = first_reconnect_delay(code, &inner.config);
+        if connected_at.elapsed() < inner.config.reconnect_max {
+            delay = delay.max((last_delay * 2).min(inner.config.reconnect_max));
+        }
         loop {
             // Jitter spreads a fleet of clients reconnecting to a restarted
             // node.
@@ -919,6 +928,8 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
             match connection::connect(&inner, &credential).await {
                 Ok((live, _)) => {
                     conn = live.conn.clone();
+                    connected_at = tokio::time::Instant::now();
+                    last_delay = delay;
                     inner.install(live);
                     let _ = inner.events.send(Event::Connected).await;
                     // Presence may have changed while we were away.

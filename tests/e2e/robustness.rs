@@ -457,3 +457,59 @@ async fn a_client_that_gets_a_bad_frame_from_the_server_reconnects() {
     }
     assert!(reconnected);
 }
+
+#[tokio::test]
+async fn a_node_that_drops_every_connection_after_login_sees_the_client_back_off() {
+    // The fake node accepts every login, then closes with UNAVAILABLE (as a
+    // node whose catch-up fails does). Reconnecting every reconnect_min
+    // (50 ms here) would make ~40 connections in 3 s; backing off to
+    // reconnect_max (500 ms) makes fewer than 10.
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path()).await;
+    let addr = endpoint.local_addr().unwrap();
+    let count = tokio::spawn(async move {
+        let mut accepted = 0;
+        let mut window_end = None;
+        loop {
+            let deadline = window_end.unwrap_or_else(|| tokio::time::Instant::now() + WAIT);
+            let Ok(Some(incoming)) = tokio::time::timeout_at(deadline, endpoint.accept()).await
+            else {
+                break;
+            };
+            accepted += 1;
+            window_end.get_or_insert(tokio::time::Instant::now() + Duration::from_secs(3));
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                    return;
+                };
+                let mut buf = BytesMut::new();
+                let _open = next_frame(&mut recv, &mut buf).await;
+                let auth = next_frame(&mut recv, &mut buf).await;
+                let ok = Frame::new(
+                    auth.request_id,
+                    Body::AuthOk(proto::AuthOk {
+                        user_id: 1,
+                        username: "fake".into(),
+                        token: "t".into(),
+                        ..Default::default()
+                    }),
+                );
+                let _ = send.write_all(&frames(&[ok])).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                conn.close((ErrorCode::Unavailable as u32).into(), b"catch-up failed");
+            });
+        }
+        accepted
+    });
+    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    let accepted = count.await.unwrap();
+    client.close();
+    assert!(
+        accepted >= 3,
+        "the client reconnects: {accepted} connections"
+    );
+    assert!(accepted < 10, "{accepted} connections in 3 s: no backoff");
+}
