@@ -64,6 +64,27 @@ pub(crate) async fn connect(
         .await
         .map_err(|_| ClientError::Timeout)?
         .map_err(|e| ClientError::Connect(e.to_string()))?;
+    // The whole exchange after the handshake is bounded too: a server that
+    // never grants a stream or never answers must not hold a login (or the
+    // supervisor's reconnect) forever while keep-alives hold the connection.
+    match tokio::time::timeout(timeout, establish(inner, credential, conn.clone())).await {
+        Ok(result) => result,
+        Err(_) => {
+            conn.close(0u32.into(), b"timed out connecting");
+            Err(ClientError::Timeout)
+        }
+    }
+}
+
+/// Authenticates on a new connection, opens the data streams and starts
+/// the stream tasks.
+async fn establish(
+    inner: &Arc<Inner>,
+    credential: &Credential,
+    conn: quinn::Connection,
+) -> Result<(Live, proto::AuthOk), ClientError> {
+    let config = &inner.config;
+    let timeout = config.request_timeout;
     let closed = |conn: &quinn::Connection| {
         conn.close_reason().map_or(ClientError::Disconnected, |e| {
             ClientError::from_connection(&e)

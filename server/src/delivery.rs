@@ -595,6 +595,12 @@ async fn mark_committer(
             }
             Err(e) => Err(Refusal::from(e)),
         };
+        // Marks that moved nothing: an old mark from a member (fine), or a
+        // non-member's (refused). Only these ask the store, once per
+        // (conversation, member) of the batch and off the committer, so a
+        // flood of repeated marks costs one lookup per batch, not one per
+        // frame, and cannot stall the committer.
+        let mut unmoved = Unmoved::new();
         for job in jobs.drain(..) {
             let Some((request_id, session)) = job.reply else {
                 continue;
@@ -605,25 +611,42 @@ async fn mark_committer(
                 Ok(()) if moved_keys.contains(&(u.conversation_id, u.user_id)) => {
                     Frame::new(request_id, Body::Ok(proto::Ok {}))
                 }
-                // Nothing moved: an old mark from a member (fine), or a
-                // non-member (refused). Only this case asks the store, and
-                // off the committer, so repeated marks cannot stall it.
                 Ok(()) => {
-                    let store = store.clone();
-                    tokio::spawn(async move {
-                        let frame = match store.is_member(u.conversation_id, u.user_id).await {
-                            Ok(true) => Frame::new(request_id, Body::Ok(proto::Ok {})),
-                            Ok(false) => Refusal::new(
-                                ErrorCode::NotAMember,
-                                "not a member of this conversation",
-                            )
-                            .to_frame(request_id),
-                            Err(e) => Refusal::from(e).to_frame(request_id),
-                        };
-                        session.push(StreamKind::Receipts, Outbound::frame(&frame));
-                    });
+                    unmoved
+                        .entry((u.conversation_id, u.user_id))
+                        .or_default()
+                        .push((request_id, session));
                     continue;
                 }
+            };
+            session.push(StreamKind::Receipts, Outbound::frame(&frame));
+        }
+        if !unmoved.is_empty() {
+            tokio::spawn(answer_unmoved(store.clone(), unmoved));
+        }
+    }
+}
+
+/// Marks of a batch that moved nothing, by (conversation, member): the
+/// request ids to answer and their sessions.
+type Unmoved = HashMap<(u64, UserId), Vec<(u64, Arc<SessionHandle>)>>;
+
+/// Answers marks that moved nothing: Ok to members, NOT_A_MEMBER to the
+/// rest, one store lookup per (conversation, member).
+async fn answer_unmoved(store: Arc<dyn HistoryStore>, unmoved: Unmoved) {
+    for ((conversation_id, user), replies) in unmoved {
+        let refusal = match store.is_member(conversation_id, user).await {
+            Ok(true) => None,
+            Ok(false) => Some(Refusal::new(
+                ErrorCode::NotAMember,
+                "not a member of this conversation",
+            )),
+            Err(e) => Some(Refusal::from(e)),
+        };
+        for (request_id, session) in replies {
+            let frame = match &refusal {
+                None => Frame::new(request_id, Body::Ok(proto::Ok {})),
+                Some(refusal) => refusal.to_frame(request_id),
             };
             session.push(StreamKind::Receipts, Outbound::frame(&frame));
         }

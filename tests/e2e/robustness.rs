@@ -386,8 +386,9 @@ async fn a_registration_flood_is_refused_at_once_beyond_the_hashing_queue() {
 }
 
 /// A QUIC server that speaks the protocol by hand, with a dev certificate
-/// the harness's client configuration trusts.
-async fn fake_server(dir: &std::path::Path) -> (quinn::Endpoint, std::path::PathBuf) {
+/// the harness's client configuration trusts, granting each client
+/// `streams` bidirectional streams.
+async fn fake_server(dir: &std::path::Path, streams: u32) -> (quinn::Endpoint, std::path::PathBuf) {
     let config = chat_server::Config {
         data_dir: dir.to_path_buf(),
         ..chat_server::Config::default()
@@ -402,7 +403,10 @@ async fn fake_server(dir: &std::path::Path) -> (quinn::Endpoint, std::path::Path
         .unwrap();
     tls.alpn_protocols = vec![chat_protocol::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-    let server = quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto));
+    let mut server = quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(streams.into());
+    server.transport_config(std::sync::Arc::new(transport));
     let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
     (endpoint, identity.dev_ca.expect("a dev CA"))
 }
@@ -412,7 +416,7 @@ async fn a_client_that_gets_a_bad_frame_from_the_server_reconnects() {
     // Without this, the stream's reader just stopped: the connection stayed
     // up on heartbeats and every later request timed out.
     let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path()).await;
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
     let addr = endpoint.local_addr().unwrap();
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
@@ -465,7 +469,7 @@ async fn a_node_that_drops_every_connection_after_login_sees_the_client_back_off
     // (50 ms here) would make ~40 connections in 3 s; backing off to
     // reconnect_max (500 ms) makes fewer than 10.
     let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path()).await;
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
     let addr = endpoint.local_addr().unwrap();
     let count = tokio::spawn(async move {
         let mut accepted = 0;
@@ -512,4 +516,96 @@ async fn a_node_that_drops_every_connection_after_login_sees_the_client_back_off
         "the client reconnects: {accepted} connections"
     );
     assert!(accepted < 10, "{accepted} connections in 3 s: no backoff");
+}
+
+#[tokio::test]
+async fn a_flood_of_marks_that_move_nothing_costs_one_lookup_per_batch() {
+    // Each MarkSeen that moves no watermark asks the store whether its
+    // sender is a member; 1,000 of them in one burst used to make 1,000
+    // lookups, queued in front of everyone else's store work. (Below the
+    // session queue's 1,024 frames: this client reads its replies only
+    // after writing every mark.)
+    let server = TestServer::start().await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let (raw, _control, _control_recv) = Raw::authenticated(&server).await;
+    const N: u64 = 1_000;
+    let mut list = vec![Frame::open_stream(StreamKind::Receipts)];
+    list.extend((1..=N).map(|request_id| {
+        Frame::new(
+            request_id,
+            Body::MarkSeen(proto::MarkSeen {
+                conversation_id: 999_999,
+                seq: 1,
+            }),
+        )
+    }));
+    let (_send, mut recv) = raw.stream(&frames(&list)).await;
+    let mut buf = BytesMut::new();
+    for _ in 0..N {
+        let reply = next_frame(&mut recv, &mut buf).await;
+        match reply.body {
+            Some(Body::Error(e)) => assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::NotAMember),
+            other => panic!("NOT_A_MEMBER for every mark, got {other:?}"),
+        }
+    }
+    let lookups: f64 = scrape(metrics)
+        .await
+        .iter()
+        .filter(|(key, _)| {
+            key.starts_with("chat_store_operation_duration_seconds_count")
+                && key.contains("operation=\"is_member\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert!(lookups >= 1.0, "the store was asked");
+    assert!(
+        lookups <= (N / 10) as f64,
+        "{lookups} lookups for {N} marks"
+    );
+}
+
+#[tokio::test]
+async fn a_login_to_a_server_that_grants_no_data_streams_times_out() {
+    // The fake node answers the login on the control stream but lets the
+    // client open no other stream: opening the messages stream used to wait
+    // forever, with keep-alives holding the connection up.
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path(), 1).await;
+    let addr = endpoint.local_addr().unwrap();
+    let serve = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut buf = BytesMut::new();
+        let _open = next_frame(&mut recv, &mut buf).await;
+        let register = next_frame(&mut recv, &mut buf).await;
+        let ok = Frame::new(
+            register.request_id,
+            Body::AuthOk(proto::AuthOk {
+                user_id: 1,
+                username: "fake".into(),
+                token: "t".into(),
+                ..Default::default()
+            }),
+        );
+        send.write_all(&frames(&[ok])).await.unwrap();
+        conn.closed().await
+    });
+    let mut config = client_config(addr, &ca);
+    config.request_timeout = Duration::from_secs(2);
+    let result = tokio::time::timeout(WAIT, Client::register(config, "fake", PASSWORD))
+        .await
+        .expect("the login ends within its request timeout");
+    assert!(
+        matches!(result, Err(chat_client::ClientError::Timeout)),
+        "{:?}",
+        result.map(|_| ())
+    );
+    let closed = tokio::time::timeout(WAIT, serve)
+        .await
+        .expect("the client closed")
+        .unwrap();
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed:?}"
+    );
 }
