@@ -178,7 +178,7 @@ impl Inner {
                 // from the earliest refused send on, in order (the server
                 // refuses everything after a refusal until the refused send
                 // returns): a retried send is never overtaken.
-                let delay = retry_after.unwrap_or(self.config.reconnect_min);
+                let delay = server_pause(*retry_after, &self.config);
                 let until = tokio::time::Instant::now() + delay;
                 if self
                     .outbox
@@ -858,6 +858,19 @@ fn first_reconnect_delay(code: Option<ErrorCode>, config: &ClientConfig) -> Dura
     }
 }
 
+/// Longest a server's retry-after may hold the outbox back at a time: the
+/// pause outlives connections (the refused send must go first), so a
+/// server that answered with a retry-after of days must not silence the
+/// app for days; after this the client sends again and hears a new one.
+const MAX_SERVER_PAUSE: Duration = Duration::from_secs(60);
+
+/// How long to hold sends back after a retryable refusal.
+fn server_pause(retry_after: Option<Duration>, config: &ClientConfig) -> Duration {
+    retry_after
+        .unwrap_or(config.reconnect_min)
+        .min(MAX_SERVER_PAUSE)
+}
+
 /// Codes after which reconnecting with the same token cannot work.
 fn ends_session(code: ErrorCode) -> bool {
     matches!(
@@ -976,5 +989,15 @@ mod tests {
         );
         assert!(config.reconnect_max / 2 > config.reconnect_min);
         assert_eq!(first_reconnect_delay(None, &config), config.reconnect_min);
+    }
+
+    #[test]
+    fn a_server_pause_is_what_it_asks_up_to_a_minute() {
+        let config = ClientConfig::new("127.0.0.1:4433".parse().unwrap(), "localhost");
+        let asked = Duration::from_millis(1500);
+        assert_eq!(server_pause(Some(asked), &config), asked);
+        assert_eq!(server_pause(None, &config), config.reconnect_min);
+        let days = Duration::from_millis(u32::MAX.into());
+        assert_eq!(server_pause(Some(days), &config), MAX_SERVER_PAUSE);
     }
 }
