@@ -288,6 +288,14 @@ impl Args {
         if self.friends == 0 {
             anyhow::bail!("--friends must be at least 1: every message needs a friend to go to");
         }
+        if self.friends == 1 && self.users % 2 == 1 {
+            // One friend each pairs the users up; with an odd count nobody
+            // has one, and every 1-1 send would be dropped unscheduled.
+            anyhow::bail!(
+                "--friends 1 pairs users up: --users {} must be even",
+                self.users
+            );
+        }
         if !(self.zipf.is_finite() && self.zipf >= 0.0) {
             anyhow::bail!("--zipf {} must be a non-negative number", self.zipf);
         }
@@ -479,6 +487,7 @@ mod tests {
         for bad in [
             &["--users", "1"][..],
             &["--friends", "0"],
+            &["--friends", "1", "--users", "101"],
             &["--zipf=-1"],
             &["--churn", "2"],
             &["--text-bytes", "100000"],
