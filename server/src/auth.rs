@@ -23,60 +23,112 @@ use sha2::{Digest, Sha256};
 /// Per node, in memory: a cluster multiplies the budget by its node count,
 /// which still turns millions of guesses into a handful.
 pub struct LoginThrottle {
-    failures: dashmap::DashMap<UserIdKey, (u32, std::time::Instant)>,
+    records: dashmap::DashMap<UserIdKey, Record>,
     max_failures: u32,
     window: std::time::Duration,
 }
 
 type UserIdKey = u64;
 
+/// One account's wrong passwords in the current window, and its password
+/// checks still running (each may yet be one more).
+struct Record {
+    failures: u32,
+    running: u32,
+    since: std::time::Instant,
+}
+
 /// Entries kept before stale ones are swept.
 const THROTTLE_SWEEP_AT: usize = 100_000;
+
+/// The retry-after when the account's budget is taken by checks still
+/// running: one Argon2 hash, with room to queue for a hasher.
+const RUNNING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl LoginThrottle {
     /// Allows `max_failures` wrong passwords per account per `window`.
     pub fn new(max_failures: u32, window: std::time::Duration) -> Self {
         LoginThrottle {
-            failures: dashmap::DashMap::new(),
+            records: dashmap::DashMap::new(),
             max_failures,
             window,
         }
     }
 
-    /// `Err(wait)` while the account is locked out.
-    pub fn check(&self, user: u64) -> Result<(), std::time::Duration> {
-        let Some(entry) = self.failures.get(&user) else {
-            return Ok(());
-        };
-        let (count, since) = *entry;
-        let elapsed = since.elapsed();
-        if count >= self.max_failures && elapsed < self.window {
-            Err(self.window - elapsed)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Records a wrong password.
-    pub fn failed(&self, user: u64) {
-        if self.failures.len() >= THROTTLE_SWEEP_AT {
+    /// Starts a password check for `user`, or `Err(wait)` while the
+    /// account's wrong passwords, counting the checks still running as
+    /// wrong, reach the limit: a burst of guesses from many connections at
+    /// once gets no more tries than the same guesses one after another.
+    pub fn begin(&self, user: u64) -> Result<Attempt<'_>, std::time::Duration> {
+        if self.records.len() >= THROTTLE_SWEEP_AT {
             let window = self.window;
-            self.failures
-                .retain(|_, (_, since)| since.elapsed() < window);
+            self.records
+                .retain(|_, r| r.running > 0 || r.since.elapsed() < window);
         }
-        let mut entry = self
-            .failures
-            .entry(user)
-            .or_insert((0, std::time::Instant::now()));
-        if entry.1.elapsed() >= self.window {
-            *entry = (0, std::time::Instant::now());
+        let mut record = self.records.entry(user).or_insert(Record {
+            failures: 0,
+            running: 0,
+            since: std::time::Instant::now(),
+        });
+        let elapsed = record.since.elapsed();
+        if elapsed >= self.window {
+            record.failures = 0;
+            record.since = std::time::Instant::now();
+        } else if record.failures >= self.max_failures {
+            return Err(self.window - elapsed);
         }
-        entry.0 += 1;
+        if record.failures + record.running >= self.max_failures {
+            return Err(RUNNING_WAIT);
+        }
+        record.running += 1;
+        Ok(Attempt {
+            throttle: self,
+            user,
+            open: true,
+        })
     }
 
-    /// A successful login clears the account's record.
-    pub fn succeeded(&self, user: u64) {
-        self.failures.remove(&user);
+    fn end(&self, user: u64, failed: bool) {
+        if let Some(mut record) = self.records.get_mut(&user) {
+            record.running = record.running.saturating_sub(1);
+            if failed {
+                if record.since.elapsed() >= self.window {
+                    record.failures = 0;
+                    record.since = std::time::Instant::now();
+                }
+                record.failures += 1;
+            }
+        }
+    }
+}
+
+/// A password check under way (see [`LoginThrottle::begin`]). Dropped
+/// without a verdict (the check could not run), it gives its try back.
+pub struct Attempt<'a> {
+    throttle: &'a LoginThrottle,
+    user: u64,
+    open: bool,
+}
+
+impl Attempt<'_> {
+    /// The password was wrong.
+    pub fn failed(mut self) {
+        self.open = false;
+        self.throttle.end(self.user, true);
+    }
+
+    /// The password was right: the account's record is cleared.
+    pub fn succeeded(mut self) {
+        self.open = false;
+        self.throttle.records.remove(&self.user);
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.throttle.end(self.user, false);
+        }
     }
 }
 
@@ -263,20 +315,42 @@ mod tests {
         let window = std::time::Duration::from_secs(60);
         let throttle = LoginThrottle::new(3, window);
         for _ in 0..2 {
-            throttle.failed(7);
-            assert!(throttle.check(7).is_ok());
+            throttle.begin(7).unwrap().failed();
+            assert!(throttle.begin(7).is_ok());
         }
-        throttle.failed(7);
-        let wait = throttle.check(7).unwrap_err();
+        throttle.begin(7).unwrap().failed();
+        let wait = throttle.begin(7).err().unwrap();
         assert!(wait > std::time::Duration::from_secs(59) && wait <= window);
-        assert!(throttle.check(8).is_ok(), "other accounts are unaffected");
-        throttle.succeeded(7);
-        assert!(throttle.check(7).is_ok());
+        assert!(throttle.begin(8).is_ok(), "other accounts are unaffected");
+        // A right password clears the record (the attempt came before the
+        // lockout).
+        let throttle = LoginThrottle::new(3, window);
+        let early = throttle.begin(7).unwrap();
+        throttle.begin(7).unwrap().failed();
+        throttle.begin(7).unwrap().failed();
+        early.succeeded();
+        assert!(throttle.begin(7).is_ok());
         // A window that has passed starts over.
         let short = LoginThrottle::new(1, std::time::Duration::from_millis(1));
-        short.failed(1);
+        short.begin(1).unwrap().failed();
         std::thread::sleep(std::time::Duration::from_millis(5));
-        assert!(short.check(1).is_ok());
+        assert!(short.begin(1).is_ok());
+    }
+
+    #[test]
+    fn checks_still_running_count_against_the_budget() {
+        let throttle = LoginThrottle::new(3, std::time::Duration::from_secs(60));
+        let running: Vec<_> = (0..3).map(|_| throttle.begin(7).unwrap()).collect();
+        assert_eq!(throttle.begin(7).err(), Some(RUNNING_WAIT));
+        // A check that could not run gives its try back.
+        let mut running = running.into_iter();
+        drop(running.next());
+        let again = throttle.begin(7).unwrap();
+        for attempt in running.chain([again]) {
+            attempt.failed();
+        }
+        let wait = throttle.begin(7).err().unwrap();
+        assert!(wait > RUNNING_WAIT, "locked for the window: {wait:?}");
     }
 
     #[tokio::test]

@@ -250,3 +250,33 @@ async fn password_guessing_is_throttled_per_account() {
             .is_ok()
     );
 }
+
+#[tokio::test]
+async fn a_burst_of_guesses_gets_no_more_tries_than_guesses_in_turn() {
+    // 20 wrong passwords at once, each on its own connection: every one
+    // used to pass the lockout check before the first was found wrong.
+    let server = TestServer::start_with(|c| c.limits.max_login_failures = 3).await;
+    let alice = name("alice");
+    register(server.client_config(), &alice).await.0.close();
+    let guesses: Vec<_> = (0..20)
+        .map(|i| {
+            let config = server.client_config();
+            let alice = alice.clone();
+            tokio::spawn(async move {
+                Client::login(config, &alice, &format!("wrong password {i}"))
+                    .await
+                    .err()
+                    .and_then(|e| e.code())
+            })
+        })
+        .collect();
+    let mut wrong = 0;
+    for guess in guesses {
+        match guess.await.unwrap() {
+            Some(ErrorCode::WrongPassword) => wrong += 1,
+            Some(ErrorCode::RateLimited) => {}
+            other => panic!("WRONG_PASSWORD or RATE_LIMITED, got {other:?}"),
+        }
+    }
+    assert!((1..=3).contains(&wrong), "{wrong} passwords were checked");
+}

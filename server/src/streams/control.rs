@@ -204,14 +204,17 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     let Some(user) = session.shared.store.user_by_name(username).await? else {
         return Err(Refusal::new(ErrorCode::UnknownUser, "no such user"));
     };
-    let throttle = &session.shared.login_throttle;
-    if let Err(wait) = throttle.check(user.id) {
-        return Err(Refusal::new(
-            ErrorCode::RateLimited,
-            "too many wrong passwords for this account; wait before trying again",
-        )
-        .with_retry_after(wait));
-    }
+    let attempt = session
+        .shared
+        .login_throttle
+        .begin(user.id)
+        .map_err(|wait| {
+            Refusal::new(
+                ErrorCode::RateLimited,
+                "too many wrong passwords for this account; wait before trying again",
+            )
+            .with_retry_after(wait)
+        })?;
     let password = l.password;
     let phc = user.password_hash.clone();
     let permit = hashing_permit(session).await?;
@@ -220,10 +223,10 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
         .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing task failed: {e}")))?;
     drop(permit);
     if !ok {
-        throttle.failed(user.id);
+        attempt.failed();
         return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
     }
-    throttle.succeeded(user.id);
+    attempt.succeeded();
     tracing::info!(user_id = user.id, "logged in");
     issue_token(session, user.id, user.username, l.device_name).await
 }
