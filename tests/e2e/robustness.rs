@@ -411,6 +411,35 @@ async fn fake_server(dir: &std::path::Path, streams: u32) -> (quinn::Endpoint, s
     (endpoint, identity.dev_ca.expect("a dev CA"))
 }
 
+/// Answers a client's first stream as a node would: reads its OpenStream
+/// and its Register, Login or Authenticate, and replies AuthOk. `None` once
+/// the client has gone.
+async fn fake_login(conn: &quinn::Connection) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+    let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+    let mut buf = BytesMut::new();
+    let open = next_frame(&mut recv, &mut buf).await;
+    assert!(matches!(open.body, Some(Body::OpenStream(_))), "{open:?}");
+    let auth = next_frame(&mut recv, &mut buf).await;
+    assert!(
+        matches!(
+            auth.body,
+            Some(Body::Register(_) | Body::Login(_) | Body::Authenticate(_))
+        ),
+        "{auth:?}"
+    );
+    let ok = Frame::new(
+        auth.request_id,
+        Body::AuthOk(proto::AuthOk {
+            user_id: 1,
+            username: "fake".into(),
+            token: "t".into(),
+            ..Default::default()
+        }),
+    );
+    send.write_all(&frames(&[ok])).await.ok()?;
+    Some((send, recv))
+}
+
 #[tokio::test]
 async fn a_client_that_gets_a_bad_frame_from_the_server_reconnects() {
     // Without this, the stream's reader just stopped: the connection stayed
@@ -420,25 +449,7 @@ async fn a_client_that_gets_a_bad_frame_from_the_server_reconnects() {
     let addr = endpoint.local_addr().unwrap();
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-        let mut buf = BytesMut::new();
-        let open = next_frame(&mut recv, &mut buf).await;
-        assert!(matches!(open.body, Some(Body::OpenStream(_))), "{open:?}");
-        let register = next_frame(&mut recv, &mut buf).await;
-        assert!(
-            matches!(register.body, Some(Body::Register(_))),
-            "{register:?}"
-        );
-        let ok = Frame::new(
-            register.request_id,
-            Body::AuthOk(proto::AuthOk {
-                user_id: 1,
-                username: "fake".into(),
-                token: "t".into(),
-                ..Default::default()
-            }),
-        );
-        send.write_all(&frames(&[ok])).await.unwrap();
+        let (mut send, _recv) = fake_login(&conn).await.expect("a login");
         // Then a frame over the protocol's 1 MiB.
         send.write_all(&oversize_prefix(2 << 20)).await.unwrap();
         let closed = tokio::time::timeout(WAIT, conn.closed())
@@ -484,22 +495,7 @@ async fn a_node_that_drops_every_connection_after_login_sees_the_client_back_off
             window_end.get_or_insert(tokio::time::Instant::now() + Duration::from_secs(3));
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
-                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
-                    return;
-                };
-                let mut buf = BytesMut::new();
-                let _open = next_frame(&mut recv, &mut buf).await;
-                let auth = next_frame(&mut recv, &mut buf).await;
-                let ok = Frame::new(
-                    auth.request_id,
-                    Body::AuthOk(proto::AuthOk {
-                        user_id: 1,
-                        username: "fake".into(),
-                        token: "t".into(),
-                        ..Default::default()
-                    }),
-                );
-                let _ = send.write_all(&frames(&[ok])).await;
+                let _streams = fake_login(&conn).await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 conn.close((ErrorCode::Unavailable as u32).into(), b"catch-up failed");
             });
@@ -574,20 +570,7 @@ async fn a_login_to_a_server_that_grants_no_data_streams_times_out() {
     let addr = endpoint.local_addr().unwrap();
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-        let mut buf = BytesMut::new();
-        let _open = next_frame(&mut recv, &mut buf).await;
-        let register = next_frame(&mut recv, &mut buf).await;
-        let ok = Frame::new(
-            register.request_id,
-            Body::AuthOk(proto::AuthOk {
-                user_id: 1,
-                username: "fake".into(),
-                token: "t".into(),
-                ..Default::default()
-            }),
-        );
-        send.write_all(&frames(&[ok])).await.unwrap();
+        let _streams = fake_login(&conn).await.expect("a login");
         conn.closed().await
     });
     let mut config = client_config(addr, &ca);
