@@ -38,6 +38,16 @@ struct Record {
     since: std::time::Instant,
 }
 
+impl Record {
+    /// Starts a new window once `window` has passed since this one began.
+    fn roll(&mut self, window: std::time::Duration) {
+        if self.since.elapsed() >= window {
+            self.failures = 0;
+            self.since = std::time::Instant::now();
+        }
+    }
+}
+
 /// Entries kept before stale ones are swept.
 const THROTTLE_SWEEP_AT: usize = 100_000;
 
@@ -70,12 +80,9 @@ impl LoginThrottle {
             running: 0,
             since: std::time::Instant::now(),
         });
-        let elapsed = record.since.elapsed();
-        if elapsed >= self.window {
-            record.failures = 0;
-            record.since = std::time::Instant::now();
-        } else if record.failures >= self.max_failures {
-            return Err(self.window - elapsed);
+        record.roll(self.window);
+        if record.failures >= self.max_failures {
+            return Err(self.window.saturating_sub(record.since.elapsed()));
         }
         if record.failures + record.running >= self.max_failures {
             return Err(RUNNING_WAIT);
@@ -92,10 +99,7 @@ impl LoginThrottle {
         if let Some(mut record) = self.records.get_mut(&user) {
             record.running = record.running.saturating_sub(1);
             if failed {
-                if record.since.elapsed() >= self.window {
-                    record.failures = 0;
-                    record.since = std::time::Instant::now();
-                }
+                record.roll(self.window);
                 record.failures += 1;
             }
         }

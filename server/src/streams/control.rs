@@ -458,7 +458,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             // too): the client pages on from the last one until a page
             // comes back empty.
             let fit = fitting(
-                conversations.iter().map(prost::Message::encoded_len),
+                conversations.iter().map(|c| c.encoded_len()),
                 reply_budget(session),
             );
             conversations.truncate(fit);
@@ -516,19 +516,16 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             }
             // A page of long texts can outgrow a frame: keep the messages
             // nearest the cursor that fit, and say there are more.
-            let budget = reply_budget(session);
             let mut messages = page.messages;
+            let lens = messages.iter().map(|m| m.encoded_len());
+            let fit = match direction {
+                Direction::Forward => fitting(lens, reply_budget(session)),
+                Direction::Backward => fitting(lens.rev(), reply_budget(session)),
+            };
+            page.has_more |= fit < messages.len();
             match direction {
-                Direction::Forward => {
-                    let fit = fitting(messages.iter().map(|m| m.encoded_len()), budget);
-                    page.has_more |= fit < messages.len();
-                    messages.truncate(fit);
-                }
-                Direction::Backward => {
-                    let fit = fitting(messages.iter().rev().map(|m| m.encoded_len()), budget);
-                    page.has_more |= fit < messages.len();
-                    messages.drain(..messages.len() - fit);
-                }
+                Direction::Forward => messages.truncate(fit),
+                Direction::Backward => drop(messages.drain(..messages.len() - fit)),
             }
             reply(Body::HistoryPage(proto::HistoryPage {
                 messages: messages.iter().map(|m| (**m).clone()).collect(),
