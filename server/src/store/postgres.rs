@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use chat_protocol::proto;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::config::Host;
-use tokio_postgres::error::SqlState;
+use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Config, NoTls, Row};
 
@@ -76,6 +76,12 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// batch's idempotency keys between our read and our insert. The second
 /// attempt sees the committed row, so one retry is enough in practice.
 const APPEND_ATTEMPTS: usize = 3;
+
+/// How long a transaction whose COMMIT went unanswered (a lost connection)
+/// is inquired after before its outcome is reported unknown. The
+/// committer waits meanwhile, which keeps the conversation's order; while
+/// Postgres cannot be reached, later sends would fail anyway.
+const COMMIT_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Length of the text kept in conversation-list previews, in characters
 /// (Postgres `left` counts characters, as the SQLite store does).
@@ -360,6 +366,80 @@ impl PostgresStore {
         client.execute(&stmt, params).await.map_err(pg)
     }
 
+    /// Finds out what a COMMIT whose answer never came did, so that a
+    /// durable message is neither reported lost (the client's retry would
+    /// then be a duplicate that nobody fans out) nor a lost one reported
+    /// durable. `Ok` means transaction `xid` committed; otherwise the
+    /// error to return, for a transaction that rolled back or (after
+    /// [`COMMIT_SETTLE_TIMEOUT`] without an answer) whose outcome is
+    /// still unknown.
+    ///
+    /// An ERROR the server sent is its answer: the transaction rolled
+    /// back. A lost connection, or a FATAL (a backend ended by an
+    /// administrator may commit and then die before it answers), leaves
+    /// it open: Postgres may have committed it, may still be about to (the
+    /// COMMIT in its socket buffer), or will roll it back. `txid_status` on another connection
+    /// says which once the transaction ended; while it is still in
+    /// progress its backend is ended, so that the answer cannot change
+    /// after it is given.
+    async fn settle_commit(&self, xid: i64, e: tokio_postgres::Error) -> Result<(), StoreError> {
+        if e.as_db_error()
+            .is_some_and(|db| db.parsed_severity() == Some(Severity::Error))
+        {
+            return Err(pg(e));
+        }
+        tracing::warn!(
+            xid,
+            "postgres: lost the answer to a COMMIT ({}); asking how it ended",
+            error_chain(&e)
+        );
+        let deadline = tokio::time::Instant::now() + COMMIT_SETTLE_TIMEOUT;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match self.row(TRANSACTION_STATUS, &[&xid]).await {
+                Ok(Some(row)) => match col::<Option<String>>(&row, 0)?.as_deref() {
+                    Some("committed") => {
+                        tracing::info!(xid, "postgres: the unanswered COMMIT had committed");
+                        return Ok(());
+                    }
+                    Some("aborted") => return Err(pg(e)),
+                    Some(_in_progress) => {
+                        if let Err(end) = self.execute(END_TRANSACTION, &[&xid]).await {
+                            tracing::debug!(xid, "postgres: ending the open transaction: {end}");
+                        }
+                    }
+                    None => {
+                        return Err(StoreError::Unavailable(format!(
+                            "postgres: lost the answer to COMMIT of transaction {xid}, \
+                             which is too old to look up; its messages may be stored"
+                        )));
+                    }
+                },
+                Ok(None) => {
+                    return Err(StoreError::Internal(
+                        "postgres: txid_status gave no row".into(),
+                    ));
+                }
+                Err(status) => {
+                    tracing::debug!(xid, "postgres: asking how a COMMIT ended: {status}");
+                }
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                tracing::error!(
+                    xid,
+                    "postgres: the outcome of a COMMIT is unknown; giving up"
+                );
+                return Err(StoreError::Unavailable(format!(
+                    "postgres: lost the answer to COMMIT of transaction {xid} and could not \
+                     learn its outcome: {}",
+                    error_chain(&e)
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
     /// One attempt at a group commit. `None`: a concurrent call stored one
     /// of the keys first; nothing was written and the caller starts over.
     async fn append_once(&self, batch: &[NewMessage]) -> AppendAttempt {
@@ -374,6 +454,7 @@ impl PostgresStore {
         let bump_stmt = client.prepare_cached(BUMP_SEQS).await.map_err(pg)?;
         let insert_stmt = client.prepare_cached(INSERT_MESSAGES).await.map_err(pg)?;
         let own_stmt = client.prepare_cached(OWN_WATERMARKS).await.map_err(pg)?;
+        let xid_stmt = client.prepare_cached(TRANSACTION_ID).await.map_err(pg)?;
 
         let mut seen_keys = HashSet::new();
         let (key_senders, key_ids): (Vec<i64>, Vec<&str>) = batch
@@ -453,11 +534,13 @@ impl PostgresStore {
 
         let writes = Writes::plan(batch, &slots, &last_seq);
         let mut message_ids: HashMap<(ConversationId, u64), u64> = HashMap::new();
+        let mut xid = None;
         if writes.new_messages > 0 {
             // Round trip 2, pipelined: lock the senders' member rows in
             // order, move each conversation's last seq, insert every new
-            // message, and move the watermarks of senders who were caught
-            // up.
+            // message, move the watermarks of senders who were caught up,
+            // and learn the transaction's id (should COMMIT's answer be
+            // lost).
             let lock_params: [Param<'_>; 2] = [&writes.own_conversations, &writes.own_users];
             let bump_params: [Param<'_>; 3] = [
                 &writes.bump_ids,
@@ -479,12 +562,13 @@ impl PostgresStore {
                 &writes.own_caught_up_at,
                 &writes.own_moved_to,
             ];
-            let (_, _, inserted, _) = tokio::try_join!(
+            let (_, _, inserted, _, xid_rows) = tokio::try_join!(
                 biased;
                 tx.query(&lock_members_stmt, &lock_params),
                 tx.execute(&bump_stmt, &bump_params),
                 tx.query(&insert_stmt, &insert_params),
                 tx.execute(&own_stmt, &own_params),
+                tx.query(&xid_stmt, &[]),
             )
             .map_err(pg)?;
             if inserted.len() != writes.new_messages {
@@ -497,8 +581,15 @@ impl PostgresStore {
             for row in &inserted {
                 message_ids.insert((id_col(row, 0)?, id_col(row, 1)?), id_col(row, 2)?);
             }
+            xid = xid_rows.first().map(|row| col::<i64>(row, 0)).transpose()?;
         }
-        tx.commit().await.map_err(pg)?;
+        if let Err(e) = tx.commit().await {
+            match xid {
+                Some(xid) => self.settle_commit(xid, e).await?,
+                // Nothing was written: what was read stands.
+                None => tracing::debug!("postgres: a read-only append's COMMIT failed: {e}"),
+            }
+        }
 
         let mut results: Vec<Result<Appended, StoreError>> = Vec::with_capacity(batch.len());
         for (m, slot) in batch.iter().zip(slots) {
@@ -1100,8 +1191,10 @@ impl HistoryStore for PostgresStore {
             group::add_member(&tx, id, member, group::ROLE_MEMBER, 0).await?;
         }
         let text = crate::store::system_text::created(&creator_name, &name, &names);
-        let appended = group::append_system(&tx, id, creator, text, now_ms).await?;
-        tx.commit().await.map_err(pg)?;
+        let (appended, xid) = group::append_system(&tx, id, creator, text, now_ms).await?;
+        if let Err(e) = tx.commit().await {
+            self.settle_commit(xid, e).await?;
+        }
         Ok(appended)
     }
 
@@ -1250,8 +1343,11 @@ impl HistoryStore for PostgresStore {
                 crate::store::system_text::role(&actor_name, &name, admin)
             }
         };
-        let mut appended = group::append_system(&tx, conversation_id, actor, text, now_ms).await?;
-        tx.commit().await.map_err(pg)?;
+        let (mut appended, xid) =
+            group::append_system(&tx, conversation_id, actor, text, now_ms).await?;
+        if let Err(e) = tx.commit().await {
+            self.settle_commit(xid, e).await?;
+        }
         for user in also_tell {
             if !appended.members.contains(&user) {
                 appended.members.push(user);
@@ -1538,6 +1634,18 @@ const EXISTING_KEYS: &str = "
                  WHERE x.conversation_id = m.conversation_id ORDER BY x.user_id)
     FROM unnest($1::bigint[], $2::text[]) AS k(sender_id, client_msg_id)
     JOIN messages m ON m.sender_id = k.sender_id AND m.client_msg_id = k.client_msg_id";
+
+/// The current transaction's id (assigning one), with its epoch.
+const TRANSACTION_ID: &str = "SELECT txid_current()";
+
+/// `committed`, `aborted`, `in progress`, or NULL when too old to know.
+const TRANSACTION_STATUS: &str = "SELECT txid_status($1)";
+
+/// Ends the backend that still runs transaction `$1` (`backend_xid` is
+/// the id without its epoch), so that its outcome is settled.
+const END_TRANSACTION: &str = "
+    SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+    WHERE backend_xid::text::bigint = $1::bigint % 4294967296 AND pid <> pg_backend_pid()";
 
 /// Every member of the batch's conversations.
 const MEMBERS_OF: &str = "

@@ -80,23 +80,25 @@ pub(super) async fn remove_member(
 
 /// Stores a SYSTEM message by `actor` with the next seq (the
 /// conversation row is locked by the caller or created in this
-/// transaction) and returns it with the current members.
+/// transaction) and returns it with the current members, and the
+/// transaction's id (for settling a COMMIT that goes unanswered).
 pub(super) async fn append_system(
     tx: &Transaction<'_>,
     conversation_id: ConversationId,
     actor: UserId,
     text: String,
     now_ms: i64,
-) -> Result<Appended, StoreError> {
+) -> Result<(Appended, i64), StoreError> {
     let row = tx
         .query_one(
             "UPDATE conversations SET last_seq = last_seq + 1, last_activity_ms = $2
-             WHERE id = $1 RETURNING last_seq",
+             WHERE id = $1 RETURNING last_seq, txid_current()",
             &[&sql(conversation_id), &now_ms],
         )
         .await
         .map_err(pg)?;
     let seq = id_col(&row, 0)?;
+    let xid: i64 = col(&row, 1)?;
     let client_msg_id = format!("system:{:032x}", rand::random::<u128>());
     let kind = proto::MessageType::System as i32;
     let row = tx
@@ -128,7 +130,7 @@ pub(super) async fn append_system(
         .iter()
         .map(|r| id_col(r, 0))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Appended {
+    let appended = Appended {
         message: Arc::new(proto::Message {
             conversation_id,
             seq,
@@ -141,5 +143,6 @@ pub(super) async fn append_system(
         }),
         duplicate: false,
         members,
-    })
+    };
+    Ok((appended, xid))
 }

@@ -69,11 +69,17 @@ fn fresh_schema() -> String {
 
 /// A store in a fresh schema, or `None` when the test is skipped.
 async fn new_store() -> Option<PostgresStore> {
+    new_store_at(&test_url()).await
+}
+
+/// A store reached through `url` (the test server, or a proxy to it) in a
+/// fresh schema, or `None` when the test is skipped.
+async fn new_store_at(url: &str) -> Option<PostgresStore> {
     if !backend_or_skip().await {
         return None;
     }
     let schema = fresh_schema();
-    match PostgresStore::connect_with_schema(&test_url(), &schema, TEST_POOL_SIZE).await {
+    match PostgresStore::connect_with_schema(url, &schema, TEST_POOL_SIZE).await {
         Ok(store) => Some(store),
         Err(e) => {
             drop_schema(&schema).await;
@@ -110,7 +116,16 @@ where
     F: FnOnce(Arc<PostgresStore>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Some(store) = new_store().await else {
+    with_store_at(&test_url(), check).await;
+}
+
+/// [`with_store`] for a store reached through `url`.
+async fn with_store_at<F, Fut>(url: &str, check: F)
+where
+    F: FnOnce(Arc<PostgresStore>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(store) = new_store_at(url).await else {
         return;
     };
     let store = Arc::new(store);
@@ -611,14 +626,16 @@ async fn recovers_by_itself_after_its_connections_are_killed() {
         );
         assert!(ok >= 40 - TEST_POOL_SIZE);
 
-        // A failed call may or may not have committed; its retry tells
-        // which, and never stores a message twice.
+        // A failed call stored nothing (one killed at COMMIT was asked
+        // after, and reported failed only if it rolled back), so its retry
+        // stores the message now, once.
         for (sender, key) in failed {
             let results = store
                 .append(vec![text(c, sender, &key, "x")])
                 .await
                 .expect("retry after recovery");
-            assert!(results[0].is_ok());
+            let appended = results[0].as_ref().expect("stored");
+            assert!(!appended.duplicate, "{key} failed but had been stored");
         }
         let page = store
             .history(c, Direction::Forward, 0, 100_000)
@@ -743,6 +760,257 @@ async fn batch_updates_find_conversations_by_key() {
                 plan.contains("conversations_pkey") && !plan.contains("Seq Scan on conversations"),
                 "{name}:\n{plan}"
             );
+        }
+    })
+    .await;
+}
+
+/// What [`CommitCutter`] does to the next COMMIT that passes through it.
+const CUT_NONE: u8 = 0;
+/// Closes the connection instead of forwarding the COMMIT: Postgres
+/// never sees it and rolls the transaction back.
+const CUT_BEFORE_COMMIT: u8 = 1;
+/// Forwards the COMMIT and closes the connection when its answer comes:
+/// the transaction committed, and the store never hears so.
+const CUT_ANSWER: u8 = 2;
+
+/// A simple-query COMMIT as tokio-postgres sends it: 'Q', the length
+/// (itself included), the statement and its NUL.
+const COMMIT_QUERY: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+/// Postgres's answer that it committed: CommandComplete with tag COMMIT.
+const COMMIT_DONE: &[u8] = b"C\0\0\0\x0bCOMMIT\0";
+
+/// A TCP proxy in front of the test Postgres that cuts one connection at
+/// its next COMMIT, the way a network failure or a crash would.
+struct CommitCutter {
+    port: u16,
+    armed: Arc<std::sync::atomic::AtomicU8>,
+    cuts: Arc<AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CommitCutter {
+    async fn start() -> Self {
+        let config = Config::from_str(&test_url()).expect("test URL");
+        let host = match config.get_hosts().first() {
+            Some(Host::Tcp(host)) => host.clone(),
+            _ => "127.0.0.1".to_owned(),
+        };
+        let upstream = format!(
+            "{host}:{}",
+            config.get_ports().first().copied().unwrap_or(5432)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(std::sync::atomic::AtomicU8::new(CUT_NONE));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let accept = {
+            let (armed, cuts) = (armed.clone(), cuts.clone());
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        continue;
+                    };
+                    tokio::spawn(relay(client, server, armed.clone(), cuts.clone()));
+                }
+            })
+        };
+        CommitCutter {
+            port,
+            armed,
+            cuts,
+            accept,
+        }
+    }
+
+    /// The test URL, pointed at the proxy.
+    fn url(&self) -> String {
+        let config = Config::from_str(&test_url()).expect("test URL");
+        let mut url = format!("host=127.0.0.1 port={}", self.port);
+        if let Some(user) = config.get_user() {
+            url.push_str(&format!(" user='{user}'"));
+        }
+        if let Some(dbname) = config.get_dbname() {
+            url.push_str(&format!(" dbname='{dbname}'"));
+        }
+        if let Some(password) = config.get_password() {
+            url.push_str(&format!(
+                " password='{}'",
+                String::from_utf8_lossy(password)
+            ));
+        }
+        url
+    }
+
+    /// Cuts the next COMMIT that passes, whichever connection carries it.
+    fn arm(&self, cut: u8) {
+        self.armed.store(cut, Ordering::SeqCst);
+    }
+
+    fn cuts(&self) -> u64 {
+        self.cuts.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CommitCutter {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Copies bytes both ways until either side closes or a cut happens.
+async fn relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    armed: Arc<std::sync::atomic::AtomicU8>,
+    cuts: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let cut_answer = AtomicBool::new(false);
+    let up = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut window = Vec::new();
+        loop {
+            let n = match from_client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if seen(&mut window, &buf[..n], COMMIT_QUERY) {
+                let cut = armed.swap(CUT_NONE, Ordering::SeqCst);
+                if cut == CUT_BEFORE_COMMIT {
+                    cuts.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                if cut == CUT_ANSWER {
+                    // Set before the COMMIT leaves, so that its answer
+                    // cannot slip through.
+                    cut_answer.store(true, Ordering::SeqCst);
+                }
+            }
+            if to_server.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut window = Vec::new();
+        loop {
+            let n = match from_server.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // Other answers may come first (tokio-postgres closes a
+            // statement without waiting); only once Postgres says it
+            // committed is the transaction durable.
+            if seen(&mut window, &buf[..n], COMMIT_DONE) && cut_answer.load(Ordering::SeqCst) {
+                cuts.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            if to_client.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Whichever ends first, both connections close with this task.
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+    }
+}
+
+/// Whether `pattern` ends in `chunk`, given `window`, the end of the
+/// bytes before it (kept so that a pattern split across reads is seen).
+fn seen(window: &mut Vec<u8>, chunk: &[u8], pattern: &[u8]) -> bool {
+    window.extend_from_slice(chunk);
+    let found = window.windows(pattern.len()).any(|w| w == pattern);
+    let keep_from = window.len().saturating_sub(pattern.len() - 1);
+    window.drain(..keep_from);
+    found
+}
+
+#[tokio::test]
+async fn a_commit_whose_answer_is_lost_is_settled_not_guessed() {
+    // A COMMIT can succeed and its answer never arrive. Reporting the
+    // batch failed would make the client's retry a duplicate, which is
+    // acked but never fanned out: its recipients would miss the message.
+    // The store must find out what happened instead.
+    let cutter = CommitCutter::start().await;
+    let cutter = Arc::new(cutter);
+    let url = cutter.url();
+    with_store_at(&url, {
+        let cutter = cutter.clone();
+        move |store| async move {
+            let a = user(&*store, "alice").await;
+            let b = user(&*store, "bob").await;
+            let c = befriend(&*store, a, b).await;
+            let batch = || vec![text(c, a, "k1", "one"), text(c, b, "k2", "two")];
+
+            // Committed, answer lost: the messages are reported stored.
+            cutter.arm(CUT_ANSWER);
+            let results = store.append(batch()).await.expect("settled as committed");
+            assert_eq!(cutter.cuts(), 1, "the COMMIT's answer was cut");
+            let stored: Vec<(u64, u64)> = results
+                .iter()
+                .map(|r| {
+                    let appended = r.as_ref().expect("stored");
+                    assert!(!appended.duplicate);
+                    (appended.message.seq, appended.message.message_id)
+                })
+                .collect();
+            assert_eq!(stored.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2]);
+            // The client's retry is a duplicate of exactly those.
+            let retried = store.append(batch()).await.expect("retry");
+            for (r, (seq, message_id)) in retried.iter().zip(&stored) {
+                let appended = r.as_ref().expect("stored");
+                assert!(appended.duplicate);
+                assert_eq!(
+                    (appended.message.seq, appended.message.message_id),
+                    (*seq, *message_id)
+                );
+            }
+
+            // Never reached Postgres: reported failed, and nothing stored.
+            cutter.arm(CUT_BEFORE_COMMIT);
+            let more = || vec![text(c, a, "k3", "three")];
+            match store.append(more()).await {
+                Err(StoreError::Unavailable(_)) => {}
+                other => panic!("a rolled-back COMMIT must fail retryably: {other:?}"),
+            }
+            assert_eq!(cutter.cuts(), 2, "the COMMIT was cut");
+            let results = store.append(more()).await.expect("retry");
+            let appended = results[0].as_ref().expect("stored");
+            assert!(!appended.duplicate, "the failed attempt stored nothing");
+            assert_eq!(appended.message.seq, 3);
+
+            // Group changes commit the same way.
+            let friend = user(&*store, "carol").await;
+            befriend(&*store, a, friend).await;
+            cutter.arm(CUT_ANSWER);
+            let created = store
+                .create_group(a, "trip".into(), vec![b, friend], 10, 5)
+                .await
+                .expect("settled as committed");
+            assert_eq!(cutter.cuts(), 3);
+            let group = created.message.conversation_id;
+            cutter.arm(CUT_ANSWER);
+            let renamed = store
+                .change_group(group, a, GroupChange::Rename("trip 2".into()), 10, 6)
+                .await
+                .expect("settled as committed");
+            assert_eq!(cutter.cuts(), 4);
+            assert_eq!(renamed.message.seq, 2);
+            let view = store.conversation(group, b).await.unwrap();
+            assert_eq!((view.name.as_str(), view.last_seq), ("trip 2", 2));
+            let page = store.history(c, Direction::Forward, 0, 100).await.unwrap();
+            let keys: Vec<&str> = page
+                .messages
+                .iter()
+                .map(|m| m.client_msg_id.as_str())
+                .collect();
+            assert_eq!(keys, ["k1", "k2", "k3"]);
         }
     })
     .await;
