@@ -619,17 +619,57 @@ impl Client {
     }
 
     /// Creates a group with friends; replies with the new conversation.
-    /// Everyone gets its first SYSTEM message.
+    /// Everyone gets its first SYSTEM message. Makes one group however
+    /// often it has to ask: the request carries an idempotency key, and an
+    /// answer lost to a dropped connection, a timeout or a briefly
+    /// unavailable server is asked for again with the same key, for up to
+    /// [`CREATE_GROUP_ATTEMPTS`] request timeouts.
     pub async fn create_group(
         &self,
         name: &str,
         member_ids: &[u64],
     ) -> Result<proto::ConversationInfo, ClientError> {
+        self.create_group_with_key(name, member_ids, &new_client_msg_id())
+            .await
+    }
+
+    /// [`create_group`](Self::create_group) with an idempotency key chosen
+    /// by the app (1-64 bytes), which may persist it to retry after a
+    /// restart without making a second group.
+    pub async fn create_group_with_key(
+        &self,
+        name: &str,
+        member_ids: &[u64],
+        key: &str,
+    ) -> Result<proto::ConversationInfo, ClientError> {
         let body = Body::CreateGroup(proto::CreateGroup {
             name: name.into(),
             member_ids: member_ids.to_vec(),
+            client_key: key.into(),
         });
-        self.conversation_request(body).await
+        let give_up =
+            tokio::time::Instant::now() + self.inner.config.request_timeout * CREATE_GROUP_ATTEMPTS;
+        loop {
+            let error = match self.conversation_request(body.clone()).await {
+                Ok(info) => return Ok(info),
+                Err(e) => e,
+            };
+            let wait = match &error {
+                ClientError::Disconnected | ClientError::Timeout => Duration::ZERO,
+                ClientError::Server {
+                    code, retry_after, ..
+                } if code.is_retryable() => retry_after.unwrap_or(self.inner.config.reconnect_min),
+                _ => return Err(error),
+            };
+            let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(error);
+            }
+            tokio::time::sleep(wait.min(left)).await;
+            if !self.wait_connected(left).await {
+                return Err(error);
+            }
+        }
     }
 
     /// Renames a group (any member).
@@ -841,6 +881,9 @@ async fn subscribe(
 fn unexpected(body: &Body) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {}", body.name()))
 }
+
+/// How many request timeouts [`Client::create_group`] keeps asking for.
+pub const CREATE_GROUP_ATTEMPTS: u32 = 3;
 
 /// 128 random bits, hex: unique per sender without coordination.
 fn new_client_msg_id() -> String {

@@ -45,6 +45,8 @@ mod outbox;
 
 pub use chat_protocol::proto;
 pub use chat_protocol::{ErrorCode, StreamKind};
-pub use client::{Client, Event, Events, HistoryDirection, Identity, ReceiptStatus};
+pub use client::{
+    CREATE_GROUP_ATTEMPTS, Client, Event, Events, HistoryDirection, Identity, ReceiptStatus,
+};
 pub use config::ClientConfig;
 pub use error::ClientError;

@@ -41,8 +41,8 @@ use crate::hub::{Hub, SessionHandle};
 use crate::metrics::Metrics;
 use crate::receipts::ReceiptRoutes;
 use crate::store::{
-    Appended, GroupChange, HistoryStore, InboxStore, NewMessage, RecentCache, UserId,
-    WatermarkKind, WatermarkUpdate,
+    Appended, GroupChange, GroupCreated, HistoryStore, InboxStore, NewGroup, NewMessage,
+    RecentCache, UserId, WatermarkKind, WatermarkUpdate,
 };
 use crate::wire::Outbound;
 
@@ -82,12 +82,8 @@ pub enum Work {
     },
     /// A new group (answered on control with the conversation).
     CreateGroup {
-        /// Its first admin.
-        creator: UserId,
-        /// Its name.
-        name: String,
-        /// The other founding members.
-        members: Vec<UserId>,
+        /// The group, with its creator's idempotency key.
+        group: NewGroup,
         /// The configured group size limit.
         max_members: usize,
     },
@@ -200,7 +196,7 @@ impl Delivery {
             } => *conversation_id,
             // A new conversation has nothing in flight to stay behind:
             // any committer will do.
-            Work::CreateGroup { creator, .. } => *creator,
+            Work::CreateGroup { group, .. } => group.creator,
         };
         enqueue(&self.sends[shard_of(key, self.sends.len())], job).await
     }
@@ -470,26 +466,28 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout) {
 }
 
 /// Creates a group (its first SYSTEM message in the same transaction),
-/// answers on control with the conversation, and fans the message out.
+/// answers on control with the conversation, and fans the message out. A
+/// repeated key answers the group its first request made, and fans out
+/// nothing: that was done when it was created.
 async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
-    let Work::CreateGroup {
-        creator,
-        name,
-        members,
-        max_members,
-    } = job.work
-    else {
+    let Work::CreateGroup { group, max_members } = job.work else {
         return;
     };
+    let creator = group.creator;
     let now = crate::streams::now_ms();
-    let created = c
-        .store
-        .create_group(creator, name, members, max_members, now)
-        .await;
+    let created = c.store.create_group(group, max_members, now).await;
     let reply = match created {
-        Ok(appended) => {
-            let id = appended.message.conversation_id;
-            fan_out(c, appended, None, out);
+        Ok(created) => {
+            let id = match created {
+                GroupCreated::New(appended) => {
+                    let id = appended.message.conversation_id;
+                    fan_out(c, appended, None, out);
+                    id
+                }
+                GroupCreated::Existing(id) => id,
+            };
+            // Should this read fail, the group exists all the same: the
+            // client's retry with its key gets it without making another.
             match c.store.conversation(id, creator).await {
                 Ok(view) => Frame::new(
                     job.request_id,

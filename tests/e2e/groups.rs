@@ -46,6 +46,54 @@ async fn receipts_until_quiet(
 }
 
 each_backend! {
+    async fn a_repeated_creation_key_makes_one_group(backend: Backend) {
+        // A CreateGroup whose answer was lost is asked again with the same
+        // key. Without keys, every retry made another group.
+        let server = TestServer::start_on(backend.clone()).await;
+        let mut members = circle(&server, 3).await;
+        let all = ids(&members);
+        let owner = &members[0].0;
+        let first = owner
+            .create_group_with_key("trip", &all[1..], "key-1")
+            .await
+            .unwrap();
+        let again = owner
+            .create_group_with_key("trip", &all[1..], "key-1")
+            .await
+            .unwrap();
+        assert_eq!(again.conversation_id, first.conversation_id);
+        assert_eq!(again.last_seq, 1, "the repeat stored no message");
+        let other = owner
+            .create_group_with_key("trip", &all[1..], "key-2")
+            .await
+            .unwrap();
+        assert_ne!(other.conversation_id, first.conversation_id);
+        let got = messages(&mut members[1].1, 2).await;
+        let from: HashSet<u64> = got.iter().map(|m| m.conversation_id).collect();
+        assert_eq!(
+            from,
+            HashSet::from([first.conversation_id, other.conversation_id])
+        );
+        let groups: Vec<u64> = members[1]
+            .0
+            .conversations(50, None)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|c| c.kind == proto::ConversationKind::Group as i32)
+            .map(|c| c.conversation_id)
+            .collect();
+        assert_eq!(groups.len(), 2, "{groups:?}");
+
+        let owner = &members[0].0;
+        for bad in ["k".repeat(65), "nul\0key".to_string()] {
+            assert_eq!(
+                code(owner.create_group_with_key("x", &all[1..], &bad).await),
+                ErrorCode::InvalidArgument
+            );
+        }
+    }
+
     async fn a_group_send_reaches_everyone_once_with_aggregated_receipts(backend: Backend) {
         let server = TestServer::start_on(backend.clone()).await;
         let mut members = circle(&server, 5).await;

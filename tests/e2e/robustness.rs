@@ -592,3 +592,59 @@ async fn a_login_to_a_server_that_grants_no_data_streams_times_out() {
         "{closed:?}"
     );
 }
+
+#[tokio::test]
+async fn a_group_creation_whose_answer_is_lost_is_asked_again_with_its_key() {
+    // The fake node drops the connection on the first CreateGroup, as a
+    // node would whose answer is lost, and answers the second. client-lib
+    // must ask again by itself, with the same key, so that a node that had
+    // created the group answers it instead of making a second one.
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
+    let addr = endpoint.local_addr().unwrap();
+    let serve = tokio::spawn(async move {
+        let mut keys = Vec::new();
+        while keys.len() < 2 {
+            let conn = endpoint.accept().await.unwrap().await.unwrap();
+            let Some((mut send, mut recv)) = fake_login(&conn).await else {
+                continue;
+            };
+            let mut buf = BytesMut::new();
+            let (request_id, create) = loop {
+                let frame = next_frame(&mut recv, &mut buf).await;
+                if let Some(Body::CreateGroup(create)) = frame.body {
+                    break (frame.request_id, create);
+                }
+            };
+            keys.push(create.client_key.clone());
+            if keys.len() == 1 {
+                conn.close((ErrorCode::Unavailable as u32).into(), b"lost");
+                continue;
+            }
+            let info = proto::ConversationInfo {
+                conversation_id: 77,
+                kind: proto::ConversationKind::Group as i32,
+                name: create.name,
+                last_seq: 1,
+                ..Default::default()
+            };
+            let reply = Frame::new(request_id, Body::Conversation(info));
+            send.write_all(&frames(&[reply])).await.unwrap();
+            // Held open until the client has read the answer.
+            let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        }
+        keys
+    });
+    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    let info = client
+        .create_group("trip", &[2, 3])
+        .await
+        .expect("answered on the second connection");
+    assert_eq!(info.conversation_id, 77);
+    client.close();
+    let keys = serve.await.unwrap();
+    assert!(!keys[0].is_empty(), "the request carries a key");
+    assert_eq!(keys[0], keys[1], "asked again with the same key");
+}

@@ -47,6 +47,7 @@ macro_rules! history_store_conformance {
             stored_presence,
             pending_ranges_and_membership,
             groups,
+            group_creation_keys,
         );
     };
     (@tests $mode:tt; $($name:ident),* $(,)?) => {
@@ -721,6 +722,75 @@ pub async fn pending_ranges_and_membership(store: &impl HistoryStore) {
     }
 }
 
+fn new_group(creator: UserId, name: &str, members: Vec<UserId>, key: Option<&str>) -> NewGroup {
+    NewGroup {
+        creator,
+        name: name.into(),
+        members,
+        client_key: key.map(str::to_owned),
+    }
+}
+
+/// The first message of a group that `create_group` must have created.
+fn created(result: Result<GroupCreated, StoreError>) -> Appended {
+    match result {
+        Ok(GroupCreated::New(appended)) => appended,
+        other => panic!("want a new group, got {other:?}"),
+    }
+}
+
+/// A creation key names one group of its creator: repeating it creates
+/// nothing and names that group (even with other arguments), while
+/// another key, no key, or another creator's same key make new groups.
+pub async fn group_creation_keys(store: &impl HistoryStore) {
+    let (a, b, _) = friends_with_direct(store, "alice", "bob").await;
+    let c = user(store, "carol").await;
+    let first = created(
+        store
+            .create_group(new_group(a, "trip", vec![b], Some("k-1")), 5, 10)
+            .await,
+    );
+    let g = first.message.conversation_id;
+    for again in [
+        new_group(a, "trip", vec![b], Some("k-1")),
+        new_group(a, "other name", vec![b, c], Some("k-1")),
+    ] {
+        match store.create_group(again, 5, 20).await {
+            Ok(GroupCreated::Existing(id)) => assert_eq!(id, g),
+            other => panic!("a repeated key must name the first group: {other:?}"),
+        }
+    }
+    let view = store.conversation(g, a).await.unwrap();
+    assert_eq!((view.name.as_str(), view.last_seq), ("trip", 1));
+    assert_eq!(view.members.len(), 2, "the repeat added nobody");
+
+    let mut ids = vec![g];
+    for (creator, key) in [(a, Some("k-2")), (a, None), (a, None), (b, Some("k-1"))] {
+        let other = created(
+            store
+                .create_group(new_group(creator, "trip", vec![], key), 5, 30)
+                .await,
+        );
+        ids.push(other.message.conversation_id);
+    }
+    let mut distinct = ids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        ids.len(),
+        "each made its own group: {ids:?}"
+    );
+    let groups_of_a = store
+        .conversations(a, (0, 0), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.kind == proto::ConversationKind::Group)
+        .count();
+    assert_eq!(groups_of_a, 4, "k-1, k-2 and the two without a key");
+}
+
 /// Groups: creation, changes with their SYSTEM messages in seq order,
 /// roles, limits, and what joining and leaving do to reading.
 pub async fn groups(store: &impl HistoryStore) {
@@ -731,14 +801,15 @@ pub async fn groups(store: &impl HistoryStore) {
 
     assert!(matches!(
         store
-            .create_group(a, "big".into(), vec![b, c, d], 3, 10)
+            .create_group(new_group(a, "big", vec![b, c, d], None), 3, 10)
             .await,
         Err(StoreError::LimitReached)
     ));
-    let created = store
-        .create_group(a, "trip".into(), vec![b, c, b, a], 5, 10)
-        .await
-        .unwrap();
+    let created = created(
+        store
+            .create_group(new_group(a, "trip", vec![b, c, b, a], None), 5, 10)
+            .await,
+    );
     let g = created.message.conversation_id;
     assert_eq!(created.message.seq, 1);
     assert_eq!(created.message.r#type, proto::MessageType::System as i32);

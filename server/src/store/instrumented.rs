@@ -14,9 +14,9 @@ use chat_protocol::proto;
 use super::presence::{OnlineRecord, PresenceStore};
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    GroupChange, HistoryStore, InboxStore, Membership, NewMessage, NewSession, Page, PendingRange,
-    RecentCache, SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved,
-    WatermarkUpdate,
+    GroupChange, GroupCreated, HistoryStore, InboxStore, Membership, NewGroup, NewMessage,
+    NewSession, Page, PendingRange, RecentCache, SessionRecord, StoreError, StoredPresence, UserId,
+    UserRecord, WatermarkMoved, WatermarkUpdate,
 };
 use crate::metrics::Metrics;
 
@@ -202,17 +202,14 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
 
     async fn create_group(
         &self,
-        creator: UserId,
-        name: String,
-        members: Vec<UserId>,
+        group: NewGroup,
         max_members: usize,
         now_ms: i64,
-    ) -> Result<Appended, StoreError> {
+    ) -> Result<GroupCreated, StoreError> {
         timed!(
             self,
             "create_group",
-            self.inner
-                .create_group(creator, name, members, max_members, now_ms)
+            self.inner.create_group(group, max_members, now_ms)
         )
     }
 

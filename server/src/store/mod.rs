@@ -128,6 +128,29 @@ pub struct FriendLists {
     pub outgoing: Vec<(UserId, String)>,
 }
 
+/// A group to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewGroup {
+    /// Its first admin.
+    pub creator: UserId,
+    /// Its name.
+    pub name: String,
+    /// The other founding members (the creator and repeats are ignored).
+    pub members: Vec<UserId>,
+    /// The creator's idempotency key for this creation, if they gave one.
+    pub client_key: Option<String>,
+}
+
+/// What [`HistoryStore::create_group`] did.
+#[derive(Debug, Clone)]
+pub enum GroupCreated {
+    /// Created the group; its first SYSTEM message, for delivery.
+    New(Appended),
+    /// The creator's earlier request with the same key created this
+    /// group; nothing was written.
+    Existing(ConversationId),
+}
+
 /// A change to a group, made by one of its members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupChange {
@@ -423,17 +446,16 @@ pub trait HistoryStore: Send + Sync + 'static {
         user: UserId,
     ) -> Result<Option<Membership>, StoreError>;
 
-    /// Creates a group of `creator` (its first admin) and `members` and
+    /// Creates a group of its creator (its first admin) and members and
     /// stores its first SYSTEM message, which is returned for delivery.
-    /// `LimitReached` beyond `max_members`.
+    /// `LimitReached` beyond `max_members`. A key the creator used before
+    /// creates nothing and names the group it created.
     async fn create_group(
         &self,
-        creator: UserId,
-        name: String,
-        members: Vec<UserId>,
+        group: NewGroup,
         max_members: usize,
         now_ms: i64,
-    ) -> Result<Appended, StoreError>;
+    ) -> Result<GroupCreated, StoreError>;
 
     /// Applies a change to a group and stores the SYSTEM message recording
     /// it, in the conversation's seq order, returned for delivery (its

@@ -41,9 +41,9 @@ use tokio_postgres::{Config, NoTls, Row};
 
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    GroupChange, HistoryStore, MemberState, Membership, NewMessage, NewSession, Page, PendingRange,
-    SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved,
-    WatermarkUpdate,
+    GroupChange, GroupCreated, HistoryStore, MemberState, Membership, NewGroup, NewMessage,
+    NewSession, Page, PendingRange, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
+    WatermarkKind, WatermarkMoved, WatermarkUpdate,
 };
 
 /// How long connecting (TCP, startup, authentication) may take before the
@@ -364,6 +364,21 @@ impl PostgresStore {
         let client = self.client().await?;
         let stmt = client.prepare_cached(statement).await.map_err(pg)?;
         client.execute(&stmt, params).await.map_err(pg)
+    }
+
+    /// The group `creator` created with idempotency key `key`, if any.
+    async fn group_by_key(
+        &self,
+        creator: UserId,
+        key: &str,
+    ) -> Result<Option<ConversationId>, StoreError> {
+        self.row(
+            "SELECT id FROM conversations WHERE creator_id = $1 AND create_key = $2",
+            &[&sql(creator), &key],
+        )
+        .await?
+        .map(|row| id_col(&row, 0))
+        .transpose()
     }
 
     /// Finds out what a COMMIT whose answer never came did, so that a
@@ -1152,12 +1167,21 @@ impl HistoryStore for PostgresStore {
 
     async fn create_group(
         &self,
-        creator: UserId,
-        name: String,
-        members: Vec<UserId>,
+        group: NewGroup,
         max_members: usize,
         now_ms: i64,
-    ) -> Result<Appended, StoreError> {
+    ) -> Result<GroupCreated, StoreError> {
+        let NewGroup {
+            creator,
+            name,
+            members,
+            client_key,
+        } = group;
+        if let Some(key) = &client_key {
+            if let Some(id) = self.group_by_key(creator, key).await? {
+                return Ok(GroupCreated::Existing(id));
+            }
+        }
         let mut members: Vec<UserId> = members.into_iter().filter(|&m| m != creator).collect();
         members.sort_unstable();
         members.dedup();
@@ -1177,14 +1201,37 @@ impl HistoryStore for PostgresStore {
                     .ok_or(StoreError::NotFound)?,
             );
         }
+        // A concurrent request with the same key (a retry racing its
+        // original on another node) waits for it here and then inserts
+        // nothing.
         let row = tx
-            .query_one(
-                "INSERT INTO conversations (kind, name, direct_key, created_at_ms, last_activity_ms)
-                 VALUES ($1, $2, NULL, $3, $3) RETURNING id",
-                &[&(proto::ConversationKind::Group as i32), &name, &now_ms],
+            .query_opt(
+                "INSERT INTO conversations
+                   (kind, name, direct_key, created_at_ms, last_activity_ms, creator_id, create_key)
+                 VALUES ($1, $2, NULL, $3, $3, $4, $5)
+                 ON CONFLICT (creator_id, create_key) WHERE create_key IS NOT NULL DO NOTHING
+                 RETURNING id",
+                &[
+                    &(proto::ConversationKind::Group as i32),
+                    &name,
+                    &now_ms,
+                    &sql(creator),
+                    &client_key,
+                ],
             )
             .await
             .map_err(pg)?;
+        let Some(row) = row else {
+            drop(tx);
+            let key = client_key.as_deref().unwrap_or_default();
+            return match self.group_by_key(creator, key).await? {
+                Some(id) => Ok(GroupCreated::Existing(id)),
+                None => Err(StoreError::Unavailable(
+                    "postgres: a concurrent group creation with the same key rolled back; retry"
+                        .into(),
+                )),
+            };
+        };
         let id = id_col(&row, 0)?;
         group::add_member(&tx, id, creator, group::ROLE_ADMIN, 0).await?;
         for &member in &members {
@@ -1195,7 +1242,7 @@ impl HistoryStore for PostgresStore {
         if let Err(e) = tx.commit().await {
             self.settle_commit(xid, e).await?;
         }
-        Ok(appended)
+        Ok(GroupCreated::New(appended))
     }
 
     async fn change_group(

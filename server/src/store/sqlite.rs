@@ -66,9 +66,9 @@ use tokio::sync::oneshot;
 
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    GroupChange, HistoryStore, MemberState, Membership, NewMessage, NewSession, Page, PendingRange,
-    SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved,
-    WatermarkUpdate,
+    GroupChange, GroupCreated, HistoryStore, MemberState, Membership, NewGroup, NewMessage,
+    NewSession, Page, PendingRange, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
+    WatermarkKind, WatermarkMoved, WatermarkUpdate,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -135,6 +135,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V3__idempotency.sql"),
     include_str!("sqlite/V4__message_log.sql"),
     include_str!("sqlite/V5__watermark_log.sql"),
+    include_str!("sqlite/V6__group_keys.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1905,13 +1906,30 @@ impl HistoryStore for SqliteStore {
 
     async fn create_group(
         &self,
-        creator: UserId,
-        name: String,
-        members: Vec<UserId>,
+        group: NewGroup,
         max_members: usize,
         now_ms: i64,
-    ) -> Result<Appended, StoreError> {
+    ) -> Result<GroupCreated, StoreError> {
         self.call(move |conn, state| {
+            let NewGroup {
+                creator,
+                name,
+                members,
+                client_key,
+            } = group;
+            if let Some(key) = &client_key {
+                let existing: Option<i64> = conn
+                    .prepare_cached(
+                        "SELECT id FROM conversations WHERE creator_id = ?1 AND create_key = ?2",
+                    )
+                    .map_err(internal)?
+                    .query_row(params![sql(creator), key], |r| r.get(0))
+                    .optional()
+                    .map_err(internal)?;
+                if let Some(id) = existing {
+                    return Ok(GroupCreated::Existing(id as u64));
+                }
+            }
             let mut members: Vec<UserId> = members.into_iter().filter(|&m| m != creator).collect();
             members.sort_unstable();
             members.dedup();
@@ -1924,11 +1942,18 @@ impl HistoryStore for SqliteStore {
             }
             let creator_name = username_of(conn, creator)?.ok_or(StoreError::NotFound)?;
             conn.prepare_cached(
-                "INSERT INTO conversations (kind, name, direct_key, created_at_ms, last_activity_ms)
-                 VALUES (?1, ?2, NULL, ?3, ?3)",
+                "INSERT INTO conversations
+                   (kind, name, direct_key, created_at_ms, last_activity_ms, creator_id, create_key)
+                 VALUES (?1, ?2, NULL, ?3, ?3, ?4, ?5)",
             )
             .map_err(internal)?
-            .execute(params![proto::ConversationKind::Group as i32, name, now_ms])
+            .execute(params![
+                proto::ConversationKind::Group as i32,
+                name,
+                now_ms,
+                sql(creator),
+                client_key
+            ])
             .map_err(internal)?;
             let id = conn.last_insert_rowid() as u64;
             add_member(conn, id, creator, ROLE_ADMIN, 0)?;
@@ -1938,6 +1963,7 @@ impl HistoryStore for SqliteStore {
             state.conversations.remove(&id);
             let text = super::system_text::created(&creator_name, &name, &names);
             append_one(conn, state, system_message(id, creator, text, now_ms), true)
+                .map(GroupCreated::New)
         })
         .await
     }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use chat_protocol::limits::MAX_PAGE_SIZE;
+use chat_protocol::limits::{MAX_CLIENT_MSG_ID_LEN, MAX_PAGE_SIZE};
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use prost::Message as _;
 use quinn::SendStream;
@@ -18,7 +18,9 @@ use crate::auth;
 use crate::delivery::{SendJob, Work};
 use crate::error::{Refusal, retry_after_ms};
 use crate::session::Session;
-use crate::store::{ConversationView, Direction, FriendRequestOutcome, GroupChange, StoreError};
+use crate::store::{
+    ConversationView, Direction, FriendRequestOutcome, GroupChange, NewGroup, StoreError,
+};
 use crate::wire::{self, FrameReader, Outbound};
 
 /// Default page size for conversation lists when the client sends 0.
@@ -542,6 +544,19 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     format!("groups have at most {} members", limits.max_group_size),
                 ));
             }
+            let client_key = match g.client_key.as_str() {
+                "" => None,
+                key if key.len() > MAX_CLIENT_MSG_ID_LEN || key.contains('\0') => {
+                    return Err(Refusal::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "client_key must be 1-{MAX_CLIENT_MSG_ID_LEN} bytes without U+0000, \
+                             or empty"
+                        ),
+                    ));
+                }
+                key => Some(key.to_owned()),
+            };
             check_all_friends(session, me, &g.member_ids).await?;
             // Through the send committer, so the group's first message is
             // fanned out before anyone can reply to it.
@@ -549,9 +564,12 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 .delivery
                 .submit(SendJob {
                     work: Work::CreateGroup {
-                        creator: me,
-                        name,
-                        members: g.member_ids,
+                        group: NewGroup {
+                            creator: me,
+                            name,
+                            members: g.member_ids,
+                            client_key,
+                        },
                         max_members: limits.max_group_size,
                     },
                     request_id: rid,
