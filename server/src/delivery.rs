@@ -42,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::receipts::ReceiptRoutes;
 use crate::store::{
     Appended, GroupChange, GroupCreated, HistoryStore, InboxStore, NewGroup, NewMessage,
-    RecentCache, UserId, WatermarkKind, WatermarkUpdate,
+    RecentCache, StoreError, UserId, WatermarkKind, WatermarkUpdate,
 };
 use crate::wire::Outbound;
 
@@ -61,6 +61,10 @@ const MAX_SEND_BATCH: usize = QUEUE_DEPTH;
 /// Most watermark moves in one transaction: all that are queued, for the
 /// same reason.
 const MAX_MARK_BATCH: usize = QUEUE_DEPTH;
+
+/// How long delivery acks of a failed watermark batch wait before they are
+/// tried again, when no other mark comes first.
+const MARK_RETRY: Duration = Duration::from_millis(200);
 /// The retry-after for a send held behind an earlier failed one: short,
 /// since the client resends the failed one first anyway.
 const HELD_RETRY: Duration = Duration::from_millis(100);
@@ -550,10 +554,47 @@ async fn mark_committer(
         routes,
     } = c;
     let mut jobs: Vec<MarkJob> = Vec::with_capacity(MAX_MARK_BATCH);
-    while rx.recv_many(&mut jobs, MAX_MARK_BATCH).await > 0 {
-        let moves = coalesce(jobs.iter().map(|j| j.update));
+    // Delivery acks of a batch the store failed with a retryable error:
+    // they have no reply that would make the client send them again, so
+    // they go into the next batch, which comes after a pause if no other
+    // mark does.
+    let mut carried: Vec<WatermarkUpdate> = Vec::new();
+    loop {
+        if carried.is_empty() {
+            if rx.recv_many(&mut jobs, MAX_MARK_BATCH).await == 0 {
+                return;
+            }
+        } else {
+            tokio::select! {
+                received = rx.recv_many(&mut jobs, MAX_MARK_BATCH) => {
+                    if received == 0 {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep(MARK_RETRY) => {}
+            }
+        }
+        let previous = std::mem::take(&mut carried);
+        let moves = coalesce(
+            previous
+                .iter()
+                .copied()
+                .chain(jobs.iter().map(|j| j.update)),
+        );
         metrics.watermark_batch.record(moves.len() as f64);
         let result = store.advance_watermarks(moves).await;
+        if let Err(e @ StoreError::Unavailable(_)) = &result {
+            carried = coalesce(
+                previous
+                    .into_iter()
+                    .chain(jobs.iter().filter(|j| j.reply.is_none()).map(|j| j.update)),
+            );
+            carried.truncate(MAX_MARK_BATCH);
+            tracing::warn!(
+                acks = carried.len(),
+                "a batch of watermark moves failed ({e}); its delivery acks go again"
+            );
+        }
         let moved_keys: std::collections::HashSet<(u64, UserId)> = match &result {
             Ok(moved) => moved
                 .iter()

@@ -275,3 +275,68 @@ async fn a_postgres_outage_loses_nothing_and_heals_without_a_restart() {
         .unwrap();
     assert_eq!(page.messages.len(), N + 1);
 }
+
+#[tokio::test]
+async fn a_delivery_ack_the_store_fails_is_tried_again() {
+    // A DeliveryAck has no reply, so nothing makes the client send it
+    // again: when its batch fails in the store, the node must retry it, or
+    // the sender never learns the message was delivered. A trigger in the
+    // test's schema fails the first move of bob's delivered watermark with
+    // a serialization failure (retryable) and lets the rest through.
+    let Some(backend) = Backend::production().await else {
+        return;
+    };
+    let schema = backend
+        .postgres_schema()
+        .expect("postgres backend")
+        .to_string();
+    let server = TestServer::start_on(backend.clone()).await;
+    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let bob_id = bob.identity().user_id;
+
+    let admin = postgres::testing::admin().await.expect("admin connection");
+    admin
+        .batch_execute(&format!(
+            r#"
+            CREATE SEQUENCE "{schema}".injected_failures;
+            CREATE FUNCTION "{schema}".fail_first_move() RETURNS trigger AS $$
+            BEGIN
+                IF nextval('"{schema}".injected_failures') = 1 THEN
+                    RAISE EXCEPTION 'injected failure' USING ERRCODE = '40001';
+                END IF;
+                RETURN NEW;
+            END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER fail_first_move BEFORE UPDATE ON "{schema}".members
+                FOR EACH ROW WHEN (NEW.user_id = {bob_id} AND NEW.delivered_seq > OLD.delivered_seq)
+                EXECUTE FUNCTION "{schema}".fail_first_move();
+            "#
+        ))
+        .await
+        .expect("install the trigger");
+
+    let ack = alice.send_text(conversation, "hello").await.expect("sent");
+    let got = messages(&mut bob_events, 1).await;
+    assert_eq!(got[0].seq, ack.seq);
+    let receipt = wait_for(&mut alice_events, "bob's delivered receipt", |e| match e {
+        chat_client::Event::Receipt(r) if r.user_id == bob_id && r.delivered_seq >= ack.seq => {
+            Some(r)
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(receipt.conversation_id, conversation);
+    let tries: i64 = admin
+        .query_one(
+            &format!(r#"SELECT last_value FROM "{schema}".injected_failures"#),
+            &[],
+        )
+        .await
+        .expect("read the sequence")
+        .get(0);
+    assert!(
+        tries >= 2,
+        "the first move failed and a later one went through: {tries}"
+    );
+}
