@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::error::Refusal;
@@ -109,8 +109,27 @@ pub struct SendJob {
 pub struct MarkJob {
     /// What to move.
     pub update: WatermarkUpdate,
-    /// For MarkSeen: the request id and session to answer.
-    pub reply: Option<(u64, Arc<SessionHandle>)>,
+    /// For MarkSeen: who to answer.
+    pub reply: Option<MarkReply>,
+}
+
+/// Where a MarkSeen's answer goes.
+pub struct MarkReply {
+    /// The client's request id.
+    pub request_id: u64,
+    /// The session to answer.
+    pub session: Arc<SessionHandle>,
+    /// The connection's slot for an unanswered mark, given back once the
+    /// answer is queued.
+    pub slot: OwnedSemaphorePermit,
+}
+
+impl MarkReply {
+    /// Queues `frame` as the answer, freeing the slot.
+    fn answer(self, frame: &Frame) {
+        self.session
+            .push(StreamKind::Receipts, Outbound::frame(frame));
+    }
 }
 
 /// Handle to the committers: one send and one watermark committer per
@@ -641,24 +660,24 @@ async fn mark_committer(
         // frame, and cannot stall the committer.
         let mut unmoved = Unmoved::new();
         for job in jobs.drain(..) {
-            let Some((request_id, session)) = job.reply else {
+            let Some(reply) = job.reply else {
                 continue;
             };
             let u = job.update;
             let frame = match &reply_body {
-                Err(refusal) => refusal.to_frame(request_id),
+                Err(refusal) => refusal.to_frame(reply.request_id),
                 Ok(()) if moved_keys.contains(&(u.conversation_id, u.user_id)) => {
-                    Frame::new(request_id, Body::Ok(proto::Ok {}))
+                    Frame::new(reply.request_id, Body::Ok(proto::Ok {}))
                 }
                 Ok(()) => {
                     unmoved
                         .entry((u.conversation_id, u.user_id))
                         .or_default()
-                        .push((request_id, session));
+                        .push(reply);
                     continue;
                 }
             };
-            session.push(StreamKind::Receipts, Outbound::frame(&frame));
+            reply.answer(&frame);
         }
         if !unmoved.is_empty() {
             tokio::spawn(answer_unmoved(store.clone(), unmoved));
@@ -666,9 +685,9 @@ async fn mark_committer(
     }
 }
 
-/// Marks of a batch that moved nothing, by (conversation, member): the
-/// request ids to answer and their sessions.
-type Unmoved = HashMap<(u64, UserId), Vec<(u64, Arc<SessionHandle>)>>;
+/// Marks of a batch that moved nothing, by (conversation, member), to
+/// answer.
+type Unmoved = HashMap<(u64, UserId), Vec<MarkReply>>;
 
 /// Answers marks that moved nothing: Ok to members, NOT_A_MEMBER to the
 /// rest, one store lookup per (conversation, member).
@@ -682,12 +701,12 @@ async fn answer_unmoved(store: Arc<dyn HistoryStore>, unmoved: Unmoved) {
             )),
             Err(e) => Some(Refusal::from(e)),
         };
-        for (request_id, session) in replies {
+        for reply in replies {
             let frame = match &refusal {
-                None => Frame::new(request_id, Body::Ok(proto::Ok {})),
-                Some(refusal) => refusal.to_frame(request_id),
+                None => Frame::new(reply.request_id, Body::Ok(proto::Ok {})),
+                Some(refusal) => refusal.to_frame(reply.request_id),
             };
-            session.push(StreamKind::Receipts, Outbound::frame(&frame));
+            reply.answer(&frame);
         }
     }
 }

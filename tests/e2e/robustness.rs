@@ -648,3 +648,52 @@ async fn a_group_creation_whose_answer_is_lost_is_asked_again_with_its_key() {
     assert!(!keys[0].is_empty(), "the request carries a key");
     assert_eq!(keys[0], keys[1], "asked again with the same key");
 }
+
+#[tokio::test]
+async fn thousands_of_pipelined_marks_are_all_answered() {
+    // A client that pipelines many MarkSeen (an app marking every
+    // conversation seen after a long time offline) and reads the replies
+    // as they come is not a slow consumer. The watermark committer used to
+    // answer a whole batch (up to 4,096 marks) at once, overflowing the
+    // stream's 1,024-frame queue, and the node closed the connection with
+    // SLOW_CONSUMER.
+    let server = TestServer::start().await;
+    let (raw, _control, _control_recv) = Raw::authenticated(&server).await;
+    const N: u64 = 6_000;
+    let (mut send, mut recv) = raw
+        .stream(&frames(&[Frame::open_stream(StreamKind::Receipts)]))
+        .await;
+    let marks: Vec<Frame> = (1..=N)
+        .map(|request_id| {
+            Frame::new(
+                request_id,
+                Body::MarkSeen(proto::MarkSeen {
+                    conversation_id: 999_999,
+                    seq: 1,
+                }),
+            )
+        })
+        .collect();
+    let writer = tokio::spawn(async move {
+        send.write_all(&frames(&marks)).await.unwrap();
+        send
+    });
+    let mut buf = BytesMut::new();
+    let mut answered = std::collections::HashSet::new();
+    while (answered.len() as u64) < N {
+        let reply = next_frame(&mut recv, &mut buf).await;
+        match reply.body {
+            Some(Body::Error(e)) => {
+                assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::NotAMember, "{e:?}")
+            }
+            other => panic!("NOT_A_MEMBER for every mark, got {other:?}"),
+        }
+        assert!(answered.insert(reply.request_id), "answered twice");
+    }
+    let _send = writer.await.unwrap();
+    assert!(
+        raw.conn.close_reason().is_none(),
+        "{:?}",
+        raw.conn.close_reason()
+    );
+}

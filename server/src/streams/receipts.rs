@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind};
 use quinn::SendStream;
+use tokio::sync::Semaphore;
 
-use crate::delivery::MarkJob;
+use crate::delivery::{MarkJob, MarkReply};
 use crate::error::Refusal;
 use crate::session::{Session, on_read_error};
 use crate::store::{WatermarkKind, WatermarkUpdate};
@@ -18,6 +19,12 @@ use crate::wire::{self, FrameReader, Outbound};
 
 /// Conversations covered by the snapshot sent when the stream opens.
 const SNAPSHOT_CONVERSATIONS: u32 = 200;
+
+/// MarkSeen frames of one connection that may wait for their answers. The
+/// reader stops beyond it (and QUIC flow control holds the client back),
+/// so the answers of one watermark batch always fit in the stream's queue:
+/// pipelining marks is not being a slow consumer.
+const MAX_UNANSWERED_MARKS: usize = 256;
 
 /// Serves the receipts stream until it or the connection ends.
 pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameReader) {
@@ -27,6 +34,8 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     };
     tokio::spawn(writer(session.clone(), send, queue));
     let handle = authed.handle.clone();
+    // Made at the first mark: most connections never send one.
+    let mut unanswered: Option<Arc<Semaphore>> = None;
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -43,6 +52,12 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                     kind: WatermarkKind::Seen,
                     seq: mark.seq,
                 };
+                let slot = unanswered
+                    .get_or_insert_with(|| Arc::new(Semaphore::new(MAX_UNANSWERED_MARKS)))
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
                 // Membership is checked by the watermark committer, and
                 // only when the mark moved nothing (a legitimate client's
                 // marks usually move): no extra store call per mark.
@@ -51,7 +66,11 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                     .delivery
                     .mark(MarkJob {
                         update,
-                        reply: Some((request_id, handle.clone())),
+                        reply: Some(MarkReply {
+                            request_id,
+                            session: handle.clone(),
+                            slot,
+                        }),
                     })
                     .await
             }
