@@ -750,3 +750,42 @@ async fn history_pages_of_long_texts_fit_in_a_frame_and_page_on() {
     assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
     assert!(pages > 1, "the texts took more than one page");
 }
+
+#[tokio::test]
+async fn hundreds_of_pipelined_page_requests_are_all_answered() {
+    // An app that asks for many history pages at once and reads the
+    // answers as they come is not a slow consumer. The control stream
+    // answers requests one at a time without waiting for its queue (4 MiB)
+    // to drain; this guards that the writer keeps up, so the node does not
+    // close such a connection with SLOW_CONSUMER. (Measured in session 25:
+    // even 3,000 such requests never filled the queue.)
+    let server = TestServer::start_with(|c| {
+        c.limits.send_rate = 0;
+        c.limits.send_burst = 0;
+    })
+    .await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    for i in 0..8 {
+        let text = format!("{i:02}{}", "x".repeat(14_998));
+        alice.send_text(conversation, &text).await.unwrap();
+    }
+    // Each answer is a page of about 60 KB: 400 of them are 24 MB.
+    const REQUESTS: usize = 400;
+    let mut pages = tokio::task::JoinSet::new();
+    for _ in 0..REQUESTS {
+        let bob = bob.clone();
+        pages.spawn(async move {
+            bob.history(conversation, HistoryDirection::Backward, 0, 200)
+                .await
+        });
+    }
+    let mut answered = 0;
+    while let Some(page) = pages.join_next().await {
+        let page = page.unwrap().expect("every page is answered");
+        assert!(page.messages.len() >= 2, "{} messages", page.messages.len());
+        answered += 1;
+    }
+    assert_eq!(answered, REQUESTS);
+}
