@@ -187,6 +187,10 @@ struct Overrides {
     /// Longest wait of a receipt to share a packet, e.g. 20ms (0s: none).
     #[arg(long, env = "CHAT_RECEIPT_LINGER", value_parser = humantime::parse_duration)]
     receipt_linger: Option<Duration>,
+    /// Close a connection that takes no byte of pending data for this
+    /// long, e.g. 60s.
+    #[arg(long, env = "CHAT_WRITE_STALL", value_parser = humantime::parse_duration)]
+    write_stall: Option<Duration>,
     /// Sustained sends per second per user (0: no limit).
     #[arg(long, env = "CHAT_SEND_RATE")]
     send_rate: Option<u32>,
@@ -285,6 +289,7 @@ impl Overrides {
         set(&mut t.ack_eliciting_threshold, self.ack_eliciting_threshold);
         set(&mut t.max_ack_delay, self.max_ack_delay);
         set(&mut t.receipt_linger, self.receipt_linger);
+        set(&mut t.write_stall, self.write_stall);
         set(&mut c.limits.send_rate, self.send_rate);
         set(&mut c.limits.send_burst, self.send_burst);
         set(&mut c.limits.max_login_failures, self.max_login_failures);

@@ -133,6 +133,10 @@ pub struct Limits {
     pub send_burst: u32,
 }
 
+/// Shortest `write-stall` accepted: below it, a phone on a poor network
+/// that reads a page a little late would be thrown off.
+const MIN_WRITE_STALL: Duration = Duration::from_secs(1);
+
 /// Longest `receipt-linger` accepted.
 pub const MAX_RECEIPT_LINGER: Duration = Duration::from_secs(60);
 
@@ -216,6 +220,11 @@ pub struct Transport {
     /// written at once). Status marks only: messages never wait.
     #[serde(with = "humantime_serde")]
     pub receipt_linger: Duration,
+    /// How long a stream's writer waits with data pending while the client
+    /// takes no byte of it (its flow-control window shut) before closing
+    /// the connection with SLOW_CONSUMER.
+    #[serde(with = "humantime_serde")]
+    pub write_stall: Duration,
 }
 
 /// QUIC congestion control algorithms quinn provides.
@@ -303,6 +312,7 @@ impl Default for Transport {
             ack_eliciting_threshold: 0,
             max_ack_delay: Duration::from_millis(25),
             receipt_linger: Duration::from_millis(20),
+            write_stall: Duration::from_secs(60),
         }
     }
 }
@@ -527,6 +537,13 @@ impl Config {
                 humantime::format_duration(MAX_RECEIPT_LINGER)
             ));
         }
+        if t.write_stall < MIN_WRITE_STALL {
+            return err(format!(
+                "write-stall = {} is below {}",
+                humantime::format_duration(t.write_stall),
+                humantime::format_duration(MIN_WRITE_STALL)
+            ));
+        }
         if t.datagram_send_buffer == 0 {
             return err("datagram-send-buffer must be at least 1 byte".into());
         }
@@ -681,6 +698,10 @@ mod tests {
             (
                 |c| c.transport.receipt_linger = Duration::from_secs(61),
                 "receipt-linger = 1m 1s is above 1m",
+            ),
+            (
+                |c| c.transport.write_stall = Duration::from_millis(500),
+                "write-stall = 500ms is below 1s",
             ),
             (
                 |c| c.limits.max_queued_password_checks = 1_000_000,

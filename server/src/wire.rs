@@ -2,6 +2,8 @@
 //! buffer, and a writer task per stream that coalesces queued frames into
 //! one write (so several frames share a QUIC packet under load).
 
+use std::future::Future as _;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -164,6 +166,47 @@ impl FrameReader {
     }
 }
 
+/// Writes every chunk to `send`. False if the stream failed, or if the
+/// peer took no byte for `stall` while data was waiting: then the
+/// connection is closed with SLOW_CONSUMER (what a full queue does), so a
+/// client that stops reading a stream cannot hold its writer, and the
+/// frames it holds, for the life of the connection. The timer is set only
+/// when a write has to wait.
+pub async fn write_all_or_stall(
+    conn: &quinn::Connection,
+    send: &mut SendStream,
+    mut chunks: &mut [Bytes],
+    stall: Duration,
+    metrics: &Metrics,
+) -> bool {
+    while !chunks.is_empty() {
+        let written = {
+            let mut write = std::pin::pin!(send.write_chunks(chunks));
+            let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+            match first {
+                Poll::Ready(result) => result,
+                Poll::Pending => match tokio::time::timeout(stall, write).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        metrics.error(ErrorCode::SlowConsumer);
+                        close(
+                            conn,
+                            ErrorCode::SlowConsumer,
+                            "client reads too slowly; reconnect",
+                        );
+                        return false;
+                    }
+                },
+            }
+        };
+        match written {
+            Ok(written) => chunks = &mut chunks[written.chunks..],
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// Closes `conn` with a protocol error code and a short reason.
 pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
     conn.close(VarInt::from_u32(code as u32), reason.as_bytes());
@@ -194,7 +237,7 @@ pub async fn write_loop(
     send: &mut SendStream,
     handle: &SessionHandle,
     (metrics, kind): (&Metrics, StreamKind),
-    linger: Option<Duration>,
+    (linger, stall): (Option<Duration>, Duration),
     mut filter: impl FnMut(&Outbound) -> bool,
 ) {
     let rx = handle.queue(kind).expect("a queued stream kind");
@@ -245,7 +288,7 @@ pub async fn write_loop(
             }
         }
         let written = chunks.len() as u64;
-        if send.write_all_chunks(&mut chunks).await.is_err() {
+        if !write_all_or_stall(conn, send, &mut chunks, stall, metrics).await {
             return;
         }
         metrics.frames_out(kind).increment(written);

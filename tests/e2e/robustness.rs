@@ -697,3 +697,59 @@ async fn thousands_of_pipelined_marks_are_all_answered() {
         raw.conn.close_reason()
     );
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_messages_is_closed_after_the_write_stall() {
+    // Bob's device opens its messages stream, then reads nothing: his
+    // flow-control window (8 KiB here) shuts with a message still waiting.
+    // Nothing else fills his queue, so only the stall timeout (1 s here)
+    // ends the writer that waits on him; before it, the writer and the
+    // frames it held stayed for the life of the connection.
+    let server = TestServer::start_with(|c| {
+        c.transport.write_stall = Duration::from_secs(1);
+        c.limits.send_rate = 0;
+        c.limits.send_burst = 0;
+    })
+    .await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let bob_name = name("bob");
+    let (bob, _eb) = register(server.client_config(), &bob_name).await;
+    let conversation = befriend(&alice, &bob).await;
+    bob.close();
+    for i in 0..4 {
+        let text = format!("{i}{}", "x".repeat(14_999));
+        alice.send_text(conversation, &text).await.unwrap();
+    }
+
+    let mut config = server.client_config().quinn_client_config().unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(8_192u32.into());
+    config.transport_config(std::sync::Arc::new(transport));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(config, server.addr, "localhost")
+        .unwrap()
+        .await
+        .expect("handshake");
+    let raw = Raw {
+        _endpoint: endpoint,
+        conn,
+    };
+    let login = Frame::new(
+        1,
+        Body::Login(proto::Login {
+            username: bob_name,
+            password: PASSWORD.into(),
+            device_name: String::new(),
+        }),
+    );
+    let (_control, mut control_recv) = raw
+        .stream(&frames(&[Frame::open_stream(StreamKind::Control), login]))
+        .await;
+    let reply = next_frame(&mut control_recv, &mut BytesMut::new()).await;
+    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
+    let (_messages, _never_read) = raw
+        .stream(&frames(&[Frame::open_stream(StreamKind::Messages)]))
+        .await;
+    assert_eq!(raw.close_code().await, ErrorCode::SlowConsumer);
+}

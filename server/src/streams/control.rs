@@ -44,7 +44,8 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
         let session = session.clone();
         tokio::spawn(async move {
             let counters = (&*session.shared.metrics, StreamKind::Control);
-            wire::write_loop(&session.conn, &mut send, &queue, counters, None, |_| true).await;
+            let waits = (None, session.shared.config.transport.write_stall);
+            wire::write_loop(&session.conn, &mut send, &queue, counters, waits, |_| true).await;
         })
     };
     let handle = authed.handle.clone();

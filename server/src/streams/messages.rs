@@ -236,7 +236,7 @@ async fn writer(session: Arc<Session>, mut send: SendStream, queue: Arc<SessionH
         &mut send,
         &queue,
         (&*session.shared.metrics, StreamKind::Messages),
-        None,
+        (None, session.shared.config.transport.write_stall),
         |out| match out.deliver {
             Some((conversation, seq)) if !sent.is_empty() => match sent.get(&conversation) {
                 Some(&last) if seq <= last => false,
@@ -321,10 +321,11 @@ async fn write_page(
         chat_protocol::encode(&frame, &mut buf);
     }
     let mut chunks: [Bytes; 1] = [buf.freeze()];
-    if send.write_all_chunks(&mut chunks).await.is_err() {
+    let metrics = &session.shared.metrics;
+    let stall = session.shared.config.transport.write_stall;
+    if !wire::write_all_or_stall(&session.conn, send, &mut chunks, stall, metrics).await {
         return false;
     }
-    let metrics = &session.shared.metrics;
     metrics.deliveries.increment(page.len() as u64);
     metrics
         .frames_out(StreamKind::Messages)

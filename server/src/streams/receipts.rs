@@ -109,7 +109,13 @@ async fn writer(
             {
                 chat_protocol::encode(&Frame::push(Body::Receipt(receipt)), &mut buf);
             }
-            if !buf.is_empty() && send.write_all(&buf).await.is_err() {
+            let stall = session.shared.config.transport.write_stall;
+            let metrics = &session.shared.metrics;
+            let mut chunks = [buf.freeze()];
+            if !chunks[0].is_empty()
+                && !wire::write_all_or_stall(&session.conn, &mut send, &mut chunks, stall, metrics)
+                    .await
+            {
                 return;
             }
         }
@@ -123,7 +129,10 @@ async fn writer(
         // Receipts are status marks, not messages: a short wait (20 ms by
         // default) is invisible to a person and cuts packets when many
         // arrive together or a message frame is about to leave anyway.
-        Some(session.shared.config.transport.receipt_linger).filter(|l| !l.is_zero()),
+        (
+            Some(session.shared.config.transport.receipt_linger).filter(|l| !l.is_zero()),
+            session.shared.config.transport.write_stall,
+        ),
         |_| true,
     )
     .await;
