@@ -2,7 +2,6 @@
 //! buffer, and a writer task per stream that coalesces queued frames into
 //! one write (so several frames share a QUIC packet under load).
 
-use std::future::Future as _;
 use std::task::Poll;
 use std::time::Duration;
 

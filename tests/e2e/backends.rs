@@ -340,3 +340,62 @@ async fn a_delivery_ack_the_store_fails_is_tried_again() {
         "the first move failed and a later one went through: {tries}"
     );
 }
+
+#[tokio::test]
+async fn a_removed_members_unread_queue_is_dropped_when_they_come_back() {
+    // Bob is offline while messages queue up for him in a group, and is
+    // removed from it. His acks of that group no longer reach the queue, so
+    // it stayed in Redis for good and counted against his catch-up limit.
+    // Catch-up now drops what it will never send.
+    let Some(backend) = Backend::production().await else {
+        return;
+    };
+    let Backend::Production(production) = &backend else {
+        unreachable!("production() gives a production backend");
+    };
+    let server = TestServer::start_on(backend.clone()).await;
+    let (owner, _eo) = register(server.client_config(), &name("owner")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
+    befriend(&owner, &bob).await;
+    befriend(&owner, &carol).await;
+    let bob_id = bob.identity().user_id;
+    let bob_token = bob.identity().token;
+    let group = owner
+        .create_group("trip", &[bob_id, carol.identity().user_id])
+        .await
+        .unwrap()
+        .conversation_id;
+    // Bob is surely past the creation message before he goes.
+    wait_until("bob's delivered watermark past the creation", || async {
+        owner
+            .conversation(group)
+            .await
+            .unwrap()
+            .members
+            .iter()
+            .any(|m| m.user_id == bob_id && m.delivered_seq >= 1)
+    })
+    .await;
+    bob.close();
+    for i in 0..3 {
+        owner.send_text(group, &format!("m{i}")).await.unwrap();
+    }
+    let inbox = chat_server::store::redis::RedisStore::connect(
+        &production.redis_url,
+        &production.redis_prefix,
+    )
+    .await
+    .expect("redis");
+    use chat_server::store::InboxStore as _;
+    assert_eq!(inbox.pending(bob_id, 100).await.unwrap().len(), 3);
+    owner.remove_member(group, bob_id).await.unwrap();
+
+    let (_bob, _bob_events) = Client::resume(server.client_config(), &bob_token)
+        .await
+        .unwrap();
+    wait_until("bob's stale queue dropped", || async {
+        inbox.pending(bob_id, 100).await.unwrap().is_empty()
+    })
+    .await;
+}

@@ -407,6 +407,22 @@ pub async fn wait_for<T>(
     }
 }
 
+/// Asks `check` until it says true, failing after [`WAIT`].
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Collects `n` messages (ignoring other events).
 pub async fn messages(events: &mut Events, n: usize) -> Vec<chat_client::proto::Message> {
     let mut out = Vec::with_capacity(n);

@@ -351,8 +351,7 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
         }
     };
     let queued = match inbox.pending(user, INBOX_CATCH_UP_LIMIT).await {
-        Ok(queued) if queued.len() <= INBOX_CATCH_UP_LIMIT => queued,
-        Ok(_) => return None,
+        Ok(queued) => queued,
         Err(e) => {
             tracing::warn!(error = %e, "inbox read failed; catching up from history");
             return None;
@@ -362,6 +361,36 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
         .iter()
         .map(|r| (r.conversation_id, (r.delivered_seq, r.last_seq)))
         .collect();
+    // Entries that no catch-up will ever send: at or below the delivered
+    // watermark (an ack that raced a push), or of a conversation with
+    // nothing pending (one the user was removed from, whose acks no longer
+    // reach the queue). Dropped in the background, or they would stay in
+    // Redis for good and count against the catch-up limit. Dropping a live
+    // one is safe: the session has it queued too, and a queue that then
+    // disagrees with history costs a history read, not a message.
+    let mut stale: HashMap<u64, u64> = HashMap::new();
+    for message in &queued {
+        let upto = match expected.get(&message.conversation_id) {
+            None => message.seq,
+            Some(&(delivered, _)) if message.seq <= delivered => delivered,
+            Some(_) => continue,
+        };
+        let entry = stale.entry(message.conversation_id).or_default();
+        *entry = (*entry).max(upto);
+    }
+    if !stale.is_empty() {
+        let inbox = inbox.clone();
+        let trims: Vec<(u64, u64, u64)> =
+            stale.into_iter().map(|(c, seq)| (user, c, seq)).collect();
+        tokio::spawn(async move {
+            if let Err(e) = inbox.ack(trims).await {
+                tracing::debug!(error = %e, "dropping stale inbox entries failed");
+            }
+        });
+    }
+    if queued.len() > INBOX_CATCH_UP_LIMIT {
+        return None;
+    }
     let mut out: Vec<Arc<proto::Message>> = Vec::with_capacity(queued.len());
     let mut counts: HashMap<u64, u64> = HashMap::new();
     for message in queued {
