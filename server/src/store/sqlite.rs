@@ -595,7 +595,13 @@ impl DbState {
             return;
         }
         match conn.execute_batch(&format!("BEGIN IMMEDIATE; {REPAIR}; COMMIT;")) {
-            Ok(()) => self.needs_repair = false,
+            Ok(()) => {
+                self.needs_repair = false;
+                // The log was emptied, so its ids may start over: a cycle
+                // begun meanwhile (after a failed repair) must not trim
+                // rows logged from now on.
+                self.watermark_cycle = None;
+            }
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");
                 tracing::error!(error = %e, "cannot rebuild heads, index and idempotency keys; retrying with the next batch");
@@ -2651,6 +2657,58 @@ mod tests {
         // next cycle, although its members row is written.
         assert_eq!(watermarks_on_disk(dir.path(), c2, dave), ((1, 0), 1));
         assert_eq!(watermarks_on_disk(dir.path(), c1, a), ((1, 1), 1));
+    }
+
+    #[tokio::test]
+    async fn a_repair_ends_the_cycle_of_watermark_slices() {
+        // After a rollback, a repair may fail and a cycle of slices begin
+        // before the next repair succeeds. That repair empties the log, so
+        // its ids start over, and the cycle's end used to delete the new
+        // rows up to the old id: moves whose members rows were not written
+        // yet, lost in a crash before their slice.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let (a, b, c) = friends_with_direct(&store, "alice", "bob").await;
+        let s = c % KEY_SLICES;
+        assert!(s + 1 < KEY_SLICES, "conversation {c}");
+        hold_write_behind(&store).await;
+        let slice =
+            |n: u64| store.call_hot(move |conn, state| state.flush_watermarks(conn, Some(n)));
+        for (i, key) in ["k1", "k2", "k3"].into_iter().enumerate() {
+            send(&store, text(c, a, key, "hi", 100 + i as i64)).await;
+        }
+        mark(&store, c, b, WatermarkKind::Delivered, 1)
+            .await
+            .unwrap();
+        slice(0).await.unwrap(); // the cycle starts: the log holds ids up to 4
+        // As if a failed repair were pending: the next batch runs it
+        // before its transaction, and this time it succeeds.
+        store
+            .call_hot(|_, state| {
+                state.needs_repair = true;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let repaired = store
+            .call_hot(|_, state| Ok(!state.needs_repair))
+            .await
+            .unwrap();
+        assert!(repaired, "the repair went through");
+        assert_eq!(watermarks_on_disk(dir.path(), c, b), ((1, 0), 0));
+        // A new move, logged with id 1, pending in its slice.
+        mark(&store, c, b, WatermarkKind::Delivered, 3)
+            .await
+            .unwrap();
+        assert_eq!(watermarks_on_disk(dir.path(), c, b), ((1, 0), 1));
+        slice(KEY_SLICES - 1).await.unwrap(); // the end of a cycle
+        assert_eq!(
+            watermarks_on_disk(dir.path(), c, b),
+            ((1, 0), 1),
+            "the move stays logged until its members row is written"
+        );
+        slice(s).await.unwrap();
+        assert_eq!(watermarks_on_disk(dir.path(), c, b).0, (3, 0));
     }
 
     /// What the test below expects of one conversation: the texts sent
