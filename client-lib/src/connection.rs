@@ -15,6 +15,11 @@ use crate::error::ClientError;
 /// Most queued frames written at once.
 const MAX_COALESCE: usize = 128;
 
+/// Delivery acks read but not yet handed to the messages writer. Beyond
+/// it the messages reader waits, so a server that sends without reading
+/// the acks cannot make them pile up in the client.
+const ACK_QUEUE: usize = 1024;
+
 /// How a connection authenticates.
 #[derive(Clone)]
 pub(crate) enum Credential {
@@ -138,7 +143,7 @@ async fn establish(
     let (receipts_tx, receipts_rx) = mpsc::unbounded_channel();
     let (ms, mr) = open(&conn, StreamKind::Messages).await?;
     let (rs, rr) = open(&conn, StreamKind::Receipts).await?;
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
     tokio::spawn(write_loop(send, control_rx));
     tokio::spawn(messages_write_loop(
         ms,
@@ -245,7 +250,7 @@ async fn heartbeat_loop(
 async fn messages_write_loop(
     mut send: SendStream,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
-    mut acks: mpsc::UnboundedReceiver<(u64, u64)>,
+    mut acks: mpsc::Receiver<(u64, u64)>,
     linger: std::time::Duration,
 ) {
     let mut batch = Vec::with_capacity(16);
@@ -309,7 +314,7 @@ async fn read_loop(
     conn: quinn::Connection,
     mut reader: FrameReader,
     kind: StreamKind,
-    acks: Option<mpsc::UnboundedSender<(u64, u64)>>,
+    acks: Option<mpsc::Sender<(u64, u64)>>,
 ) {
     loop {
         let frame = match reader.next().await {
@@ -342,7 +347,10 @@ async fn read_loop(
                     }
                 }
                 if let Some(acks) = &acks {
-                    let _ = acks.send((conversation_id, seq));
+                    // Waits while the writer cannot send acks (the server
+                    // does not read them): reading stops, and flow control
+                    // holds the server back instead of acks piling up here.
+                    let _ = acks.send((conversation_id, seq)).await;
                 }
             }
             Some(Body::SendAck(ack)) => inner.send_answered(request_id, Ok(ack)),

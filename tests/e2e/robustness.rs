@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use chat_client::{Client, ErrorCode, proto};
+use chat_client::{Client, ErrorCode, Event, proto};
 use chat_protocol::{Body, Frame, StreamKind};
 
 use crate::harness::*;
@@ -389,6 +389,16 @@ async fn a_registration_flood_is_refused_at_once_beyond_the_hashing_queue() {
 /// the harness's client configuration trusts, granting each client
 /// `streams` bidirectional streams.
 async fn fake_server(dir: &std::path::Path, streams: u32) -> (quinn::Endpoint, std::path::PathBuf) {
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(streams.into());
+    fake_server_with(dir, transport).await
+}
+
+/// [`fake_server`] with a transport of the test's own.
+async fn fake_server_with(
+    dir: &std::path::Path,
+    transport: quinn::TransportConfig,
+) -> (quinn::Endpoint, std::path::PathBuf) {
     let config = chat_server::Config {
         data_dir: dir.to_path_buf(),
         ..chat_server::Config::default()
@@ -404,8 +414,6 @@ async fn fake_server(dir: &std::path::Path, streams: u32) -> (quinn::Endpoint, s
     tls.alpn_protocols = vec![chat_protocol::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
     let mut server = quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(streams.into());
     server.transport_config(std::sync::Arc::new(transport));
     let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
     (endpoint, identity.dev_ca.expect("a dev CA"))
@@ -752,4 +760,87 @@ async fn a_client_that_stops_reading_its_messages_is_closed_after_the_write_stal
         .stream(&frames(&[Frame::open_stream(StreamKind::Messages)]))
         .await;
     assert_eq!(raw.close_code().await, ErrorCode::SlowConsumer);
+}
+
+#[tokio::test]
+async fn a_server_that_does_not_read_delivery_acks_is_held_back() {
+    // The fake node pushes Deliver frames, each of a conversation of its
+    // own so that no two acks coalesce, and never reads the messages
+    // stream, whose window it keeps at 4 KiB: the client's acks cannot
+    // leave. client-lib used to keep reading and queue every ack in an
+    // unbounded channel; now its reader waits once 1,024 are queued, and
+    // the node's writes stop at the client's flow-control window.
+    const N: u64 = 150_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(4_096u32.into());
+    let (endpoint, ca) = fake_server_with(dir.path(), transport).await;
+    let addr = endpoint.local_addr().unwrap();
+    let serve = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let _control = fake_login(&conn).await.expect("a login");
+        let (mut send, _acks_never_read) = conn.accept_bi().await.expect("the messages stream");
+        let mut written = 0;
+        for chunk in (1..=N).collect::<Vec<_>>().chunks(1_000) {
+            let delivers: Vec<Frame> = chunk
+                .iter()
+                .map(|&conversation_id| {
+                    Frame::push(Body::Deliver(proto::Deliver {
+                        message: Some(proto::Message {
+                            conversation_id,
+                            seq: 1,
+                            message_id: conversation_id,
+                            sender_id: 2,
+                            text: "x".into(),
+                            ..Default::default()
+                        }),
+                    }))
+                })
+                .collect();
+            let bytes = frames(&delivers);
+            let write = send.write_all(&bytes);
+            if tokio::time::timeout(Duration::from_secs(3), write)
+                .await
+                .is_err()
+            {
+                break;
+            }
+            written += chunk.len() as u64;
+        }
+        conn.close(0u32.into(), b"done");
+        written
+    });
+    let (client, mut events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    // The app reads every message it gets, so only the acks can hold the
+    // reader back.
+    let app = tokio::spawn(async move {
+        let mut got = 0u64;
+        while let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_secs(5), events.next()).await
+        {
+            if matches!(event, Event::Message(_)) {
+                got += 1;
+            }
+        }
+        got
+    });
+    let written = tokio::time::timeout(WAIT * 2, serve)
+        .await
+        .expect("the fake node stops writing")
+        .unwrap();
+    client.close();
+    let got = tokio::time::timeout(WAIT, app)
+        .await
+        .expect("the app's reads end")
+        .unwrap();
+    assert!(
+        got > 1_000,
+        "the client read until the acks backed up: {got}"
+    );
+    assert!(
+        written < N,
+        "all {N} frames went out: the client kept reading without sending its acks"
+    );
 }
