@@ -65,6 +65,7 @@ const MAX_MARK_BATCH: usize = QUEUE_DEPTH;
 /// How long delivery acks of a failed watermark batch wait before they are
 /// tried again, when no other mark comes first.
 const MARK_RETRY: Duration = Duration::from_millis(200);
+
 /// The retry-after for a send held behind an earlier failed one: short,
 /// since the client resends the failed one first anyway.
 const HELD_RETRY: Duration = Duration::from_millis(100);
@@ -86,8 +87,9 @@ pub enum Work {
     },
     /// A new group (answered on control with the conversation).
     CreateGroup {
-        /// The group, with its creator's idempotency key.
-        group: NewGroup,
+        /// The group, with its creator's idempotency key (boxed: rare, and
+        /// larger than a message, it would size every job).
+        group: Box<NewGroup>,
         /// The configured group size limit.
         max_members: usize,
     },
@@ -109,8 +111,9 @@ pub struct SendJob {
 pub struct MarkJob {
     /// What to move.
     pub update: WatermarkUpdate,
-    /// For MarkSeen: who to answer.
-    pub reply: Option<MarkReply>,
+    /// For MarkSeen: who to answer (boxed: a delivery ack, the common
+    /// case, has none, and a job sits in every reader's state).
+    pub reply: Option<Box<MarkReply>>,
 }
 
 /// Where a MarkSeen's answer goes.
@@ -498,7 +501,7 @@ async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
     };
     let creator = group.creator;
     let now = crate::streams::now_ms();
-    let created = c.store.create_group(group, max_members, now).await;
+    let created = c.store.create_group(*group, max_members, now).await;
     let reply = match created {
         Ok(created) => {
             let id = match created {
@@ -687,7 +690,7 @@ async fn mark_committer(
 
 /// Marks of a batch that moved nothing, by (conversation, member), to
 /// answer.
-type Unmoved = HashMap<(u64, UserId), Vec<MarkReply>>;
+type Unmoved = HashMap<(u64, UserId), Vec<Box<MarkReply>>>;
 
 /// Answers marks that moved nothing: Ok to members, NOT_A_MEMBER to the
 /// rest, one store lookup per (conversation, member).

@@ -2,6 +2,7 @@
 //! buffer, and a writer task per stream that coalesces queued frames into
 //! one write (so several frames share a QUIC packet under load).
 
+use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use metrics::Counter;
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::watch;
 
+use crate::config::Transport;
 use crate::hub::SessionHandle;
 use crate::metrics::Metrics;
 
@@ -171,39 +173,46 @@ impl FrameReader {
 /// client that stops reading a stream cannot hold its writer, and the
 /// frames it holds, for the life of the connection. The timer is set only
 /// when a write has to wait.
-pub async fn write_all_or_stall(
-    conn: &quinn::Connection,
-    send: &mut SendStream,
-    mut chunks: &mut [Bytes],
+///
+/// Boxed: the writers are tasks that live as long as their connection,
+/// and inline, this future's state (the write, its error, the timer)
+/// would size each of them, idle or not. A write allocates it instead.
+pub fn write_all_or_stall<'a>(
+    conn: &'a quinn::Connection,
+    send: &'a mut SendStream,
+    chunks: &'a mut [Bytes],
     stall: Duration,
-    metrics: &Metrics,
-) -> bool {
-    while !chunks.is_empty() {
-        let written = {
-            let mut write = std::pin::pin!(send.write_chunks(chunks));
-            let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
-            match first {
-                Poll::Ready(result) => result,
-                Poll::Pending => match tokio::time::timeout(stall, write).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        metrics.error(ErrorCode::SlowConsumer);
-                        close(
-                            conn,
-                            ErrorCode::SlowConsumer,
-                            "client reads too slowly; reconnect",
-                        );
-                        return false;
-                    }
-                },
+    metrics: &'a Metrics,
+) -> Pin<Box<impl Future<Output = bool> + Send + 'a>> {
+    Box::pin(async move {
+        let mut chunks = chunks;
+        while !chunks.is_empty() {
+            let written = {
+                let mut write = std::pin::pin!(send.write_chunks(chunks));
+                let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+                match first {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => match tokio::time::timeout(stall, write).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            metrics.error(ErrorCode::SlowConsumer);
+                            close(
+                                conn,
+                                ErrorCode::SlowConsumer,
+                                "client reads too slowly; reconnect",
+                            );
+                            return false;
+                        }
+                    },
+                }
+            };
+            match written {
+                Ok(written) => chunks = &mut chunks[written.chunks..],
+                Err(_) => return false,
             }
-        };
-        match written {
-            Ok(written) => chunks = &mut chunks[written.chunks..],
-            Err(_) => return false,
         }
-    }
-    true
+        true
+    })
 }
 
 /// Closes `conn` with a protocol error code and a short reason.
@@ -224,19 +233,21 @@ async fn linger_for(conn: &quinn::Connection, handle: &SessionHandle, linger: Du
 /// Drains the `kind` queue of `handle` into `send`, coalescing queued
 /// frames, until the queue closes or the stream fails. `filter` may drop
 /// frames (used by the messages writer after catch-up). With `linger`, the
-/// writer waits up to that long after the first frame of a burst for more
-/// to share its packets (receipts: nobody waits on them, and they come in
-/// bursts), and stops waiting as soon as another writer of the connection
-/// writes: frames handed to quinn together leave in one datagram, so a
-/// receipt then rides in the packet of a SendAck or Deliver instead of a
-/// packet of its own. Frames and errors written are counted in `metrics`
-/// under `kind`.
+/// writer waits up to `receipt-linger` after the first frame of a burst
+/// for more to share its packets (receipts: nobody waits on them, and they
+/// come in bursts), and stops waiting as soon as another writer of the
+/// connection writes: frames handed to quinn together leave in one
+/// datagram, so a receipt then rides in the packet of a SendAck or Deliver
+/// instead of a packet of its own. A client that takes no byte for
+/// `write-stall` is closed. Frames and errors written are counted in
+/// `metrics` under `kind`. (The settings come by reference: each value
+/// would be kept in every writer task, idle or not.)
 pub async fn write_loop(
     conn: &quinn::Connection,
     send: &mut SendStream,
     handle: &SessionHandle,
     (metrics, kind): (&Metrics, StreamKind),
-    (linger, stall): (Option<Duration>, Duration),
+    (transport, linger): (&Transport, bool),
     mut filter: impl FnMut(&Outbound) -> bool,
 ) {
     let rx = handle.queue(kind).expect("a queued stream kind");
@@ -256,6 +267,7 @@ pub async fn write_loop(
             let _ = send.finish();
             return;
         }
+        let linger = Some(transport.receipt_linger).filter(|l| linger && !l.is_zero());
         if let Some(linger) = linger {
             if batch.iter().all(|o| o.close_after.is_none()) && batch.len() < MAX_COALESCE {
                 // Boxed: inline, this wait's state (a timer and two
@@ -287,7 +299,7 @@ pub async fn write_loop(
             }
         }
         let written = chunks.len() as u64;
-        if !write_all_or_stall(conn, send, &mut chunks, stall, metrics).await {
+        if !write_all_or_stall(conn, send, &mut chunks, transport.write_stall, metrics).await {
             return;
         }
         metrics.frames_out(kind).increment(written);

@@ -393,10 +393,10 @@ impl PostgresStore {
     /// back. A lost connection, or a FATAL (a backend ended by an
     /// administrator may commit and then die before it answers), leaves
     /// it open: Postgres may have committed it, may still be about to (the
-    /// COMMIT in its socket buffer), or will roll it back. `txid_status` on another connection
-    /// says which once the transaction ended; while it is still in
-    /// progress its backend is ended, so that the answer cannot change
-    /// after it is given.
+    /// COMMIT in its socket buffer), or will roll it back. `txid_status`
+    /// on another connection says which once the transaction ended; while
+    /// it is still in progress its backend is ended, so that the answer
+    /// cannot change after it is given.
     async fn settle_commit(&self, xid: i64, e: tokio_postgres::Error) -> Result<(), StoreError> {
         if e.as_db_error()
             .is_some_and(|db| db.parsed_severity() == Some(Severity::Error))

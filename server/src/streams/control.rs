@@ -44,7 +44,7 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
         let session = session.clone();
         tokio::spawn(async move {
             let counters = (&*session.shared.metrics, StreamKind::Control);
-            let waits = (None, session.shared.config.transport.write_stall);
+            let waits = (&session.shared.config.transport, false);
             wire::write_loop(&session.conn, &mut send, &queue, counters, waits, |_| true).await;
         })
     };
@@ -565,12 +565,12 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 .delivery
                 .submit(SendJob {
                     work: Work::CreateGroup {
-                        group: NewGroup {
+                        group: Box::new(NewGroup {
                             creator: me,
                             name,
                             members: g.member_ids,
                             client_key,
-                        },
+                        }),
                         max_members: limits.max_group_size,
                     },
                     request_id: rid,

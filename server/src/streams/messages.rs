@@ -236,7 +236,7 @@ async fn writer(session: Arc<Session>, mut send: SendStream, queue: Arc<SessionH
         &mut send,
         &queue,
         (&*session.shared.metrics, StreamKind::Messages),
-        (None, session.shared.config.transport.write_stall),
+        (&session.shared.config.transport, false),
         |out| match out.deliver {
             Some((conversation, seq)) if !sent.is_empty() => match sent.get(&conversation) {
                 Some(&last) if seq <= last => false,

@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::delivery::{MarkJob, MarkReply};
 use crate::error::Refusal;
+use crate::hub::SessionHandle;
 use crate::session::{Session, on_read_error};
 use crate::store::{WatermarkKind, WatermarkUpdate};
 use crate::wire::{self, FrameReader, Outbound};
@@ -52,27 +53,17 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                     kind: WatermarkKind::Seen,
                     seq: mark.seq,
                 };
-                let slot = unanswered
-                    .get_or_insert_with(|| Arc::new(Semaphore::new(MAX_UNANSWERED_MARKS)))
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("the semaphore is never closed");
-                // Membership is checked by the watermark committer, and
-                // only when the mark moved nothing (a legitimate client's
-                // marks usually move): no extra store call per mark.
-                session
-                    .shared
-                    .delivery
-                    .mark(MarkJob {
-                        update,
-                        reply: Some(MarkReply {
-                            request_id,
-                            session: handle.clone(),
-                            slot,
-                        }),
-                    })
-                    .await
+                // Boxed: inline, the wait for a slot and for the committer's
+                // queue would size this task, which lives as long as the
+                // connection; a mark allocates it instead.
+                Box::pin(mark_seen(
+                    &session,
+                    &handle,
+                    &mut unanswered,
+                    request_id,
+                    update,
+                ))
+                .await
             }
             Some(other) => Err(Refusal::new(
                 ErrorCode::UnexpectedFrame,
@@ -89,11 +80,39 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     }
 }
 
-async fn writer(
-    session: Arc<Session>,
-    mut send: SendStream,
-    queue: Arc<crate::hub::SessionHandle>,
-) {
+/// Queues a MarkSeen for the watermark committer once the connection has
+/// a free slot for its answer.
+async fn mark_seen(
+    session: &Session,
+    handle: &Arc<SessionHandle>,
+    unanswered: &mut Option<Arc<Semaphore>>,
+    request_id: u64,
+    update: WatermarkUpdate,
+) -> Result<(), Refusal> {
+    let slot = unanswered
+        .get_or_insert_with(|| Arc::new(Semaphore::new(MAX_UNANSWERED_MARKS)))
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    // Membership is checked by the watermark committer, and only when the
+    // mark moved nothing (a legitimate client's marks usually move): no
+    // extra store call per mark.
+    session
+        .shared
+        .delivery
+        .mark(MarkJob {
+            update,
+            reply: Some(Box::new(MarkReply {
+                request_id,
+                session: handle.clone(),
+                slot,
+            })),
+        })
+        .await
+}
+
+async fn writer(session: Arc<Session>, mut send: SendStream, queue: Arc<SessionHandle>) {
     let authed = session.authed().expect("authenticated");
     match session
         .shared
@@ -129,10 +148,7 @@ async fn writer(
         // Receipts are status marks, not messages: a short wait (20 ms by
         // default) is invisible to a person and cuts packets when many
         // arrive together or a message frame is about to leave anyway.
-        (
-            Some(session.shared.config.transport.receipt_linger).filter(|l| !l.is_zero()),
-            session.shared.config.transport.write_stall,
-        ),
+        (&session.shared.config.transport, true),
         |_| true,
     )
     .await;
