@@ -29,6 +29,9 @@
 //! * a bounded outbox: `send_text` survives reconnects, is retried with the
 //!   same `client_msg_id` (so the server stores it once), and resolves when
 //!   the server says "sent";
+//! * `create_group` makes one group however often it has to ask: its
+//!   request carries an idempotency key, asked again when an answer is
+//!   lost (`create_group_with_key` lets the app keep the key);
 //! * exactly-once delivery to the app: messages are deduplicated by
 //!   (conversation, seq), and acknowledged to the server only after the app's
 //!   event queue took them.
