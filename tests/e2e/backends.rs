@@ -198,15 +198,22 @@ async fn an_unreachable_backend_fails_start_with_a_clear_error() {
     assert!(started.elapsed() < WAIT, "bounded connect timeout");
 }
 
-#[tokio::test]
-async fn a_postgres_outage_loses_nothing_and_heals_without_a_restart() {
-    let Some(backend) = Backend::production().await else {
-        return;
-    };
+/// The production backend and its Postgres schema, or `None` when the
+/// test is skipped.
+async fn production_with_schema() -> Option<(Backend, String)> {
+    let backend = Backend::production().await?;
     let schema = backend
         .postgres_schema()
         .expect("postgres backend")
         .to_string();
+    Some((backend, schema))
+}
+
+#[tokio::test]
+async fn a_postgres_outage_loses_nothing_and_heals_without_a_restart() {
+    let Some((backend, schema)) = production_with_schema().await else {
+        return;
+    };
     let server = TestServer::start_on(backend.clone()).await;
     let (alice, _ea) = register(server.client_config(), &name("alice")).await;
     let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
@@ -283,13 +290,9 @@ async fn a_delivery_ack_the_store_fails_is_tried_again() {
     // the sender never learns the message was delivered. A trigger in the
     // test's schema fails the first move of bob's delivered watermark with
     // a serialization failure (retryable) and lets the rest through.
-    let Some(backend) = Backend::production().await else {
+    let Some((backend, schema)) = production_with_schema().await else {
         return;
     };
-    let schema = backend
-        .postgres_schema()
-        .expect("postgres backend")
-        .to_string();
     let server = TestServer::start_on(backend.clone()).await;
     let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
     let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
