@@ -391,7 +391,11 @@ async fn a_removed_members_unread_queue_is_dropped_when_they_come_back() {
     .await
     .expect("redis");
     use chat_server::store::InboxStore as _;
-    assert_eq!(inbox.pending(bob_id, 100).await.unwrap().len(), 3);
+    // Queued after the acks, by the node's cache updater.
+    wait_until("three messages queued for bob", || async {
+        inbox.pending(bob_id, 100).await.unwrap().len() == 3
+    })
+    .await;
     owner.remove_member(group, bob_id).await.unwrap();
 
     let (_bob, _bob_events) = Client::resume(server.client_config(), &bob_token)
