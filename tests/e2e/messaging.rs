@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use chat_client::{Client, ErrorCode, Event, HistoryDirection, proto};
+use chat_client::{Client, ErrorCode, Event, Events, HistoryDirection, proto};
 
 use crate::harness::*;
 
 /// Waits for a receipt from `from` in `conversation` satisfying `f`.
 async fn receipt(
-    events: &mut chat_client::Events,
+    events: &mut Events,
     conversation: u64,
     from: u64,
     what: &str,
@@ -25,11 +25,7 @@ async fn receipt(
 }
 
 /// Watches `events` for a second and fails with `why` if one is `forbidden`.
-async fn quiet_for_a_second(
-    events: &mut chat_client::Events,
-    why: &str,
-    forbidden: impl Fn(&Event) -> bool,
-) {
+async fn quiet_for_a_second(events: &mut Events, why: &str, forbidden: impl Fn(&Event) -> bool) {
     let quiet = tokio::time::Instant::now() + Duration::from_secs(1);
     while let Ok(Some(event)) = tokio::time::timeout_at(quiet, events.next()).await {
         assert!(!forbidden(&event), "{why}: {event:?}");
@@ -43,13 +39,7 @@ async fn alice_sends_to_offline_bob(
     config: &chat_client::ClientConfig,
     n: usize,
     prefix: &str,
-) -> (
-    Client,
-    chat_client::Events,
-    u64,
-    String,
-    Vec<proto::SendAck>,
-) {
+) -> (Client, Events, u64, String, Vec<proto::SendAck>) {
     let (alice, alice_events) = register(config.clone(), &name("alice")).await;
     let (bob, _bob_events) = register(config.clone(), &name("bob")).await;
     let conversation = befriend(&alice, &bob).await;
@@ -686,24 +676,32 @@ async fn sigterm_finishes_commits_and_tells_clients_to_reconnect() {
     server.kill().await;
 }
 
-#[tokio::test]
-async fn history_pages_of_long_texts_fit_in_a_frame_and_page_on() {
-    // 40 texts of 15,000 bytes: one page of them would be ~600 KB, ten
-    // times the 64 KiB frame limit; the server hands them out in pages
-    // that fit, and paging either way reads all of them once, in order.
+/// A server without a send rate limit, alice and bob as friends (each
+/// with their events), and `n` texts of 15,000 bytes from alice in their
+/// conversation, each starting with its two-digit index.
+async fn long_texts(n: u64) -> (TestServer, (Client, Events), (Client, Events), u64) {
     let server = TestServer::start_with(|c| {
         c.limits.send_rate = 0;
         c.limits.send_burst = 0;
     })
     .await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
-    const N: u64 = 40;
-    for i in 0..N {
+    let alice = register(server.client_config(), &name("alice")).await;
+    let bob = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice.0, &bob.0).await;
+    for i in 0..n {
         let text = format!("{i:02}{}", "x".repeat(14_998));
-        alice.send_text(conversation, &text).await.unwrap();
+        alice.0.send_text(conversation, &text).await.unwrap();
     }
+    (server, alice, bob, conversation)
+}
+
+#[tokio::test]
+async fn history_pages_of_long_texts_fit_in_a_frame_and_page_on() {
+    // 40 texts of 15,000 bytes: one page of them would be ~600 KB, ten
+    // times the 64 KiB frame limit; the server hands them out in pages
+    // that fit, and paging either way reads all of them once, in order.
+    const N: u64 = 40;
+    let (server, _alice, (bob, _eb), conversation) = long_texts(N).await;
     let max = server.config.limits.max_frame_len;
     let seqs_of =
         |page: &proto::HistoryPage| page.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
@@ -759,18 +757,7 @@ async fn hundreds_of_pipelined_page_requests_are_all_answered() {
     // to drain; this guards that the writer keeps up, so the node does not
     // close such a connection with SLOW_CONSUMER. (Measured in session 25:
     // even 3,000 such requests never filled the queue.)
-    let server = TestServer::start_with(|c| {
-        c.limits.send_rate = 0;
-        c.limits.send_burst = 0;
-    })
-    .await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
-    for i in 0..8 {
-        let text = format!("{i:02}{}", "x".repeat(14_998));
-        alice.send_text(conversation, &text).await.unwrap();
-    }
+    let (_server, _alice, (bob, _eb), conversation) = long_texts(8).await;
     // Each answer is a page of about 60 KB: 400 of them are 24 MB.
     const REQUESTS: usize = 400;
     let mut pages = tokio::task::JoinSet::new();

@@ -361,22 +361,38 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
         .iter()
         .map(|r| (r.conversation_id, (r.delivered_seq, r.last_seq)))
         .collect();
-    // Entries that no catch-up will ever send: at or below the delivered
-    // watermark (an ack that raced a push), or of a conversation with
-    // nothing pending (one the user was removed from, whose acks no longer
-    // reach the queue). Dropped in the background, or they would stay in
-    // Redis for good and count against the catch-up limit. Dropping a live
-    // one is safe: the session has it queued too, and a queue that then
-    // disagrees with history costs a history read, not a message.
+    // Entries that no catch-up will ever send (`stale`): at or below the
+    // delivered watermark (an ack that raced a push), or of a conversation
+    // with nothing pending (one the user was removed from, whose acks no
+    // longer reach the queue). Dropped in the background, or they would
+    // stay in Redis for good and count against the catch-up limit.
+    // Dropping a live one is safe: the session has it queued too, and a
+    // queue that then disagrees with history costs a history read, not a
+    // message.
+    let overflowed = queued.len() > INBOX_CATCH_UP_LIMIT;
     let mut stale: HashMap<u64, u64> = HashMap::new();
-    for message in &queued {
-        let upto = match expected.get(&message.conversation_id) {
-            None => message.seq,
-            Some(&(delivered, _)) if message.seq <= delivered => delivered,
-            Some(_) => continue,
+    let mut out: Vec<Arc<proto::Message>> = Vec::with_capacity(queued.len());
+    let mut counts: HashMap<u64, u64> = HashMap::new();
+    for message in queued {
+        let conversation = message.conversation_id;
+        let Some(&(delivered, last)) = expected.get(&conversation) else {
+            let upto = stale.entry(conversation).or_default();
+            *upto = (*upto).max(message.seq);
+            continue;
         };
-        let entry = stale.entry(message.conversation_id).or_default();
-        *entry = (*entry).max(upto);
+        if message.seq <= delivered {
+            stale.insert(conversation, delivered);
+            continue;
+        }
+        if message.seq > last
+            || out
+                .last()
+                .is_some_and(|prev| prev.conversation_id == conversation && prev.seq >= message.seq)
+        {
+            continue;
+        }
+        *counts.entry(conversation).or_default() += 1;
+        out.push(message);
     }
     if !stale.is_empty() {
         let inbox = inbox.clone();
@@ -388,25 +404,8 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
             }
         });
     }
-    if queued.len() > INBOX_CATCH_UP_LIMIT {
+    if overflowed {
         return None;
-    }
-    let mut out: Vec<Arc<proto::Message>> = Vec::with_capacity(queued.len());
-    let mut counts: HashMap<u64, u64> = HashMap::new();
-    for message in queued {
-        let Some(&(delivered, last)) = expected.get(&message.conversation_id) else {
-            continue;
-        };
-        if message.seq <= delivered || message.seq > last {
-            continue;
-        }
-        if out.last().is_some_and(|prev| {
-            prev.conversation_id == message.conversation_id && prev.seq >= message.seq
-        }) {
-            continue;
-        }
-        *counts.entry(message.conversation_id).or_default() += 1;
-        out.push(message);
     }
     let complete = ranges.iter().all(|r| {
         counts.get(&r.conversation_id).copied().unwrap_or(0) == r.last_seq - r.delivered_seq
