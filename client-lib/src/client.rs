@@ -2,6 +2,7 @@
 //! task that reconnects and resumes.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -623,7 +624,7 @@ impl Client {
     /// often it has to ask: the request carries an idempotency key, and an
     /// answer lost to a dropped connection, a timeout or a briefly
     /// unavailable server is asked for again with the same key, for up to
-    /// [`CREATE_GROUP_ATTEMPTS`] request timeouts.
+    /// [`GROUP_REQUEST_ATTEMPTS`] request timeouts.
     pub async fn create_group(
         &self,
         name: &str,
@@ -647,38 +648,20 @@ impl Client {
             member_ids: member_ids.to_vec(),
             client_key: key.into(),
         });
-        let give_up =
-            tokio::time::Instant::now() + self.inner.config.request_timeout * CREATE_GROUP_ATTEMPTS;
-        loop {
-            let error = match self.conversation_request(body.clone()).await {
-                Ok(info) => return Ok(info),
-                Err(e) => e,
-            };
-            let wait = match &error {
-                ClientError::Disconnected | ClientError::Timeout => Duration::ZERO,
-                ClientError::Server {
-                    code, retry_after, ..
-                } if code.is_retryable() => retry_after.unwrap_or(self.inner.config.reconnect_min),
-                _ => return Err(error),
-            };
-            let left = give_up.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return Err(error);
-            }
-            tokio::time::sleep(wait.min(left)).await;
-            if !self.wait_connected(left).await {
-                return Err(error);
-            }
-        }
+        self.keyed(|| self.conversation_request(body.clone())).await
     }
 
-    /// Renames a group (any member).
+    /// Renames a group (any member). Like every group change below, it is
+    /// made once however often it has to ask (see
+    /// [`create_group`](Self::create_group)): a repeat after a lost answer
+    /// is answered Ok and changes nothing.
     pub async fn rename_group(&self, conversation_id: u64, name: &str) -> Result<(), ClientError> {
-        self.expect_ok(Body::RenameGroup(proto::RenameGroup {
+        let body = Body::RenameGroup(proto::RenameGroup {
             conversation_id,
             name: name.into(),
-        }))
-        .await
+            client_key: new_client_msg_id(),
+        });
+        self.keyed(|| self.expect_ok(body.clone())).await
     }
 
     /// Adds friends to a group (admins).
@@ -687,11 +670,12 @@ impl Client {
         conversation_id: u64,
         user_ids: &[u64],
     ) -> Result<(), ClientError> {
-        self.expect_ok(Body::AddMembers(proto::AddMembers {
+        let body = Body::AddMembers(proto::AddMembers {
             conversation_id,
             user_ids: user_ids.to_vec(),
-        }))
-        .await
+            client_key: new_client_msg_id(),
+        });
+        self.keyed(|| self.expect_ok(body.clone())).await
     }
 
     /// Removes a member from a group (admins).
@@ -700,17 +684,21 @@ impl Client {
         conversation_id: u64,
         user_id: u64,
     ) -> Result<(), ClientError> {
-        self.expect_ok(Body::RemoveMember(proto::RemoveMember {
+        let body = Body::RemoveMember(proto::RemoveMember {
             conversation_id,
             user_id,
-        }))
-        .await
+            client_key: new_client_msg_id(),
+        });
+        self.keyed(|| self.expect_ok(body.clone())).await
     }
 
     /// Leaves a group.
     pub async fn leave_group(&self, conversation_id: u64) -> Result<(), ClientError> {
-        self.expect_ok(Body::LeaveGroup(proto::LeaveGroup { conversation_id }))
-            .await
+        let body = Body::LeaveGroup(proto::LeaveGroup {
+            conversation_id,
+            client_key: new_client_msg_id(),
+        });
+        self.keyed(|| self.expect_ok(body.clone())).await
     }
 
     /// Promotes (`true`) or demotes a member (admins).
@@ -720,12 +708,13 @@ impl Client {
         user_id: u64,
         admin: bool,
     ) -> Result<(), ClientError> {
-        self.expect_ok(Body::SetAdmin(proto::SetAdmin {
+        let body = Body::SetAdmin(proto::SetAdmin {
             conversation_id,
             user_id,
             admin,
-        }))
-        .await
+            client_key: new_client_msg_id(),
+        });
+        self.keyed(|| self.expect_ok(body.clone())).await
     }
 
     /// A conversation with its current members and their watermarks.
@@ -806,6 +795,41 @@ impl Client {
         }
     }
 
+    /// Asks a request that carries an idempotency key until it is
+    /// answered: again at once after a dropped connection (once connected)
+    /// or a timeout, after the server's delay on a retryable refusal, for
+    /// up to [`GROUP_REQUEST_ATTEMPTS`] request timeouts. Any other answer
+    /// is final.
+    async fn keyed<T, F, Fut>(&self, ask: F) -> Result<T, ClientError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let give_up = tokio::time::Instant::now()
+            + self.inner.config.request_timeout * GROUP_REQUEST_ATTEMPTS;
+        loop {
+            let error = match ask().await {
+                Ok(answer) => return Ok(answer),
+                Err(e) => e,
+            };
+            let wait = match &error {
+                ClientError::Disconnected | ClientError::Timeout => Duration::ZERO,
+                ClientError::Server {
+                    code, retry_after, ..
+                } if code.is_retryable() => retry_after.unwrap_or(self.inner.config.reconnect_min),
+                _ => return Err(error),
+            };
+            let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(error);
+            }
+            tokio::time::sleep(wait.min(left)).await;
+            if !self.wait_connected(left).await {
+                return Err(error);
+            }
+        }
+    }
+
     /// A control request answered with a conversation, whose members are
     /// remembered for [`receipt_status`](Self::receipt_status).
     async fn conversation_request(
@@ -882,8 +906,9 @@ fn unexpected(body: &Body) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {}", body.name()))
 }
 
-/// How many request timeouts [`Client::create_group`] keeps asking for.
-pub const CREATE_GROUP_ATTEMPTS: u32 = 3;
+/// How many request timeouts [`Client::create_group`] and the group
+/// changes keep asking for.
+pub const GROUP_REQUEST_ATTEMPTS: u32 = 3;
 
 /// 128 random bits, hex: unique per sender without coordination.
 fn new_client_msg_id() -> String {

@@ -29,9 +29,10 @@
 //! * a bounded outbox: `send_text` survives reconnects, is retried with the
 //!   same `client_msg_id` (so the server stores it once), and resolves when
 //!   the server says "sent";
-//! * `create_group` makes one group however often it has to ask: its
-//!   request carries an idempotency key, asked again when an answer is
-//!   lost (`create_group_with_key` lets the app keep the key);
+//! * group creation and changes happen once however often they have to
+//!   ask: each request carries an idempotency key and is asked again when
+//!   an answer is lost (`create_group_with_key` lets the app keep the key
+//!   of a creation);
 //! * exactly-once delivery to the app: messages are deduplicated by
 //!   (conversation, seq), and acknowledged to the server only after the app's
 //!   event queue took them.
@@ -49,7 +50,7 @@ mod outbox;
 pub use chat_protocol::proto;
 pub use chat_protocol::{ErrorCode, StreamKind};
 pub use client::{
-    CREATE_GROUP_ATTEMPTS, Client, Event, Events, HistoryDirection, Identity, ReceiptStatus,
+    Client, Event, Events, GROUP_REQUEST_ATTEMPTS, HistoryDirection, Identity, ReceiptStatus,
 };
 pub use config::ClientConfig;
 pub use error::ClientError;

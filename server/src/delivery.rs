@@ -41,8 +41,8 @@ use crate::hub::{Hub, SessionHandle};
 use crate::metrics::Metrics;
 use crate::receipts::ReceiptRoutes;
 use crate::store::{
-    Appended, GroupChange, GroupCreated, HistoryStore, InboxStore, NewGroup, NewMessage,
-    RecentCache, StoreError, UserId, WatermarkKind, WatermarkUpdate,
+    Appended, GroupCreated, GroupEdit, HistoryStore, InboxStore, NewGroup, NewMessage, RecentCache,
+    StoreError, UserId, WatermarkKind, WatermarkUpdate,
 };
 use crate::wire::Outbound;
 
@@ -76,12 +76,9 @@ pub enum Work {
     Message(NewMessage),
     /// A group change (answered on control).
     Group {
-        /// The group.
-        conversation_id: u64,
-        /// Who changes it.
-        actor: UserId,
-        /// What changes.
-        change: GroupChange,
+        /// The group, who changes it, what and under which key (boxed, as
+        /// a new group is).
+        edit: Box<GroupEdit>,
         /// The configured group size limit.
         max_members: usize,
     },
@@ -217,9 +214,7 @@ impl Delivery {
     pub async fn submit(&self, job: SendJob) -> Result<(), Refusal> {
         let key = match &job.work {
             Work::Message(message) => message.conversation_id,
-            Work::Group {
-                conversation_id, ..
-            } => *conversation_id,
+            Work::Group { edit, .. } => edit.conversation_id,
             // A new conversation has nothing in flight to stay behind:
             // any committer will do.
             Work::CreateGroup { group, .. } => group.creator,
@@ -465,24 +460,18 @@ async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &
 
 /// Applies one group change (its SYSTEM message is stored in the same
 /// transaction), answers on control, and fans the message out like any other.
+/// A repeated key answers Ok and fans out nothing: that was done the first
+/// time.
 async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout) {
-    let Work::Group {
-        conversation_id,
-        actor,
-        change,
-        max_members,
-    } = job.work
-    else {
+    let Work::Group { edit, max_members } = job.work else {
         return;
     };
     let now = crate::streams::now_ms();
-    let reply = match c
-        .store
-        .change_group(conversation_id, actor, change, max_members, now)
-        .await
-    {
+    let reply = match c.store.change_group(*edit, max_members, now).await {
         Ok(appended) => {
-            fan_out(c, appended, None, out);
+            if !appended.duplicate {
+                fan_out(c, appended, None, out);
+            }
             Frame::new(job.request_id, Body::Ok(proto::Ok {}))
         }
         Err(e) => Refusal::from(e).to_frame(job.request_id),

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chat_client::{Client, ErrorCode, Event, Events, HistoryDirection, proto};
+use chat_protocol::Body;
 
 use crate::harness::*;
 
@@ -92,6 +93,64 @@ each_backend! {
                 ErrorCode::InvalidArgument
             );
         }
+    }
+
+    async fn a_repeated_change_key_changes_once(backend: Backend) {
+        // A group change whose answer was lost is asked again with the same
+        // key (client-lib does so by itself). The repeat must be answered
+        // Ok and change nothing, even though by then the change could not
+        // be made again (bob is gone): without the key it is NOT_FOUND.
+        let server = TestServer::start_on(backend.clone()).await;
+        let mut members = circle(&server, 3).await;
+        let all = ids(&members);
+        let g = members[0]
+            .0
+            .create_group("trip", &all[1..])
+            .await
+            .unwrap()
+            .conversation_id;
+        let mut device = RawControl::resume(&server, &members[0].0.identity().token).await;
+        let remove = |key: &str| {
+            Body::RemoveMember(proto::RemoveMember {
+                conversation_id: g,
+                user_id: all[1],
+                client_key: key.into(),
+            })
+        };
+        for attempt in 0..2 {
+            let answer = device.request(remove("remove-bob")).await;
+            assert!(matches!(answer, Body::Ok(_)), "attempt {attempt}: {answer:?}");
+        }
+        match device.request(remove("")).await {
+            Body::Error(e) => assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::NotFound),
+            other => panic!("a new removal of a non-member is NOT_FOUND: {other:?}"),
+        }
+        let rename = |name: &str| {
+            Body::RenameGroup(proto::RenameGroup {
+                conversation_id: g,
+                name: name.into(),
+                client_key: "rename-1".into(),
+            })
+        };
+        for name in ["trip 2", "trip 3"] {
+            let answer = device.request(rename(name)).await;
+            assert!(matches!(answer, Body::Ok(_)), "{answer:?}");
+        }
+        // The creation, one removal, one rename, then carol's own send:
+        // nothing else was stored or delivered in between.
+        members[2].0.send_text(g, "still here").await.unwrap();
+        let info = members[0].0.conversation(g).await.unwrap();
+        assert_eq!((info.name.as_str(), info.last_seq), ("trip 2", 4));
+        let got = messages(&mut members[2].1, 3).await;
+        let keys: Vec<&str> = got.iter().map(|m| m.client_msg_id.as_str()).collect();
+        assert_eq!(keys[1..], ["remove-bob", "rename-1"], "{got:?}");
+        assert_eq!(got[0].seq, 1);
+        let history = members[0]
+            .0
+            .history(g, HistoryDirection::Backward, 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(history.messages.len(), 4, "{:?}", history.messages);
     }
 
     async fn a_group_send_reaches_everyone_once_with_aggregated_receipts(backend: Backend) {

@@ -502,6 +502,71 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Another device of a user that writes control requests by hand: for
+/// requests client-lib would not send as they are (a repeat with the same
+/// key, say).
+pub struct RawControl {
+    _endpoint: quinn::Endpoint,
+    _conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: bytes::BytesMut,
+    next_request_id: u64,
+}
+
+impl RawControl {
+    /// Connects and resumes the session of `token` on a control stream.
+    pub async fn resume(server: &TestServer, token: &str) -> RawControl {
+        let config = server.client_config().quinn_client_config().unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = endpoint
+            .connect_with(config, server.addr, "localhost")
+            .unwrap()
+            .await
+            .expect("handshake");
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let mut open = bytes::BytesMut::new();
+        chat_protocol::encode(
+            &chat_protocol::Frame::open_stream(chat_protocol::StreamKind::Control),
+            &mut open,
+        );
+        send.write_all(&open).await.unwrap();
+        let mut raw = RawControl {
+            _endpoint: endpoint,
+            _conn: conn,
+            send,
+            recv,
+            buf: bytes::BytesMut::new(),
+            next_request_id: 1,
+        };
+        let reply = raw
+            .request(chat_protocol::Body::Authenticate(
+                chat_client::proto::Authenticate {
+                    token: token.into(),
+                },
+            ))
+            .await;
+        assert!(matches!(reply, chat_protocol::Body::AuthOk(_)), "{reply:?}");
+        raw
+    }
+
+    /// Sends a request and returns its answer (pushes in between are
+    /// skipped).
+    pub async fn request(&mut self, body: chat_protocol::Body) -> chat_protocol::Body {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let mut out = bytes::BytesMut::new();
+        chat_protocol::encode(&chat_protocol::Frame::new(request_id, body), &mut out);
+        self.send.write_all(&out).await.unwrap();
+        loop {
+            let frame = next_frame(&mut self.recv, &mut self.buf).await;
+            if frame.request_id == request_id {
+                return frame.body.expect("an answer with a body");
+            }
+        }
+    }
+}
+
 /// Reads the next frame from a raw QUIC stream; `buf` keeps what arrived
 /// beyond it for the next call.
 pub async fn next_frame(

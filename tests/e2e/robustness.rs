@@ -657,6 +657,88 @@ async fn a_group_creation_whose_answer_is_lost_is_asked_again_with_its_key() {
     assert_eq!(keys[0], keys[1], "asked again with the same key");
 }
 
+/// A group change's kind and idempotency key.
+fn change_key(body: &Body) -> Option<(&'static str, String)> {
+    match body {
+        Body::RenameGroup(r) => Some(("rename", r.client_key.clone())),
+        Body::AddMembers(a) => Some(("add", a.client_key.clone())),
+        Body::RemoveMember(r) => Some(("remove", r.client_key.clone())),
+        Body::SetAdmin(a) => Some(("admin", a.client_key.clone())),
+        Body::LeaveGroup(l) => Some(("leave", l.client_key.clone())),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn group_changes_whose_answers_are_lost_are_asked_again_with_their_keys() {
+    // As for creation: the fake node drops the connection on the first
+    // request of each change, as a node would whose answer is lost, and
+    // answers its repeat. Without keys a repeated removal was refused
+    // (the member was gone) and a repeated rename renamed twice.
+    const CHANGES: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
+    let addr = endpoint.local_addr().unwrap();
+    let serve = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < 2 * CHANGES {
+            let conn = endpoint.accept().await.unwrap().await.unwrap();
+            let Some((mut send, mut recv)) = fake_login(&conn).await else {
+                continue;
+            };
+            let mut buf = BytesMut::new();
+            while seen.len() < 2 * CHANGES {
+                let frame = next_frame(&mut recv, &mut buf).await;
+                let Some(change) = frame.body.as_ref().and_then(change_key) else {
+                    continue;
+                };
+                seen.push(change);
+                if seen.len() % 2 == 1 {
+                    conn.close((ErrorCode::Unavailable as u32).into(), b"lost");
+                    break;
+                }
+                let ok = Frame::new(frame.request_id, Body::Ok(proto::Ok {}));
+                send.write_all(&frames(&[ok])).await.unwrap();
+            }
+            if seen.len() == 2 * CHANGES {
+                // Held open until the client has read the last answer.
+                let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+            }
+        }
+        seen
+    });
+    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    client.rename_group(77, "trip 2").await.expect("rename");
+    client.add_members(77, &[2]).await.expect("add");
+    client.remove_member(77, 2).await.expect("remove");
+    client.set_admin(77, 3, true).await.expect("admin");
+    client.leave_group(77).await.expect("leave");
+    client.close();
+    let seen = serve.await.unwrap();
+    let kinds: Vec<&str> = seen.iter().map(|(kind, _)| *kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "rename", "rename", "add", "add", "remove", "remove", "admin", "admin", "leave",
+            "leave"
+        ]
+    );
+    for pair in seen.chunks(2) {
+        assert!(!pair[0].1.is_empty(), "{pair:?} carries a key");
+        assert_eq!(
+            pair[0].1, pair[1].1,
+            "{pair:?}: asked again with the same key"
+        );
+    }
+    let mut keys: Vec<&String> = seen.iter().map(|(_, key)| key).collect();
+    keys.dedup();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), CHANGES, "each change has a key of its own");
+}
+
 #[tokio::test]
 async fn thousands_of_pipelined_marks_are_all_answered() {
     // A client that pipelines many MarkSeen (an app marking every

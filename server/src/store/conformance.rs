@@ -48,6 +48,7 @@ macro_rules! history_store_conformance {
             pending_ranges_and_membership,
             groups,
             group_creation_keys,
+            group_edit_keys,
         );
     };
     (@tests $mode:tt; $($name:ident),* $(,)?) => {
@@ -791,6 +792,112 @@ pub async fn group_creation_keys(store: &impl HistoryStore) {
     assert_eq!(groups_of_a, 4, "k-1, k-2 and the two without a key");
 }
 
+/// Keyed group changes: a repeat (a retry after a lost reply) changes
+/// nothing and returns the first one's SYSTEM message, even where the
+/// change itself would now be refused; a key spent on anything else is
+/// refused and changes nothing.
+pub async fn group_edit_keys(store: &impl HistoryStore) {
+    let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
+    let c = user(store, "carol").await;
+    let d = user(store, "dave").await;
+    let g = created(
+        store
+            .create_group(new_group(a, "trip", vec![b, c], None), 5, 10)
+            .await,
+    )
+    .message
+    .conversation_id;
+    let edit = |actor, change, key: &str| GroupEdit::new(g, actor, change).keyed(key);
+    let rename = |name: &str| GroupChange::Rename(name.into());
+
+    // Each change, then its repeat: the first change's message, not new.
+    let mut now = 10;
+    for (actor, change, key) in [
+        (b, rename("trip 2"), "rename-1"),
+        (a, GroupChange::Add(vec![d]), "add-1"),
+        (a, GroupChange::SetAdmin(b, true), "admin-1"),
+        (a, GroupChange::Remove(d), "remove-1"),
+        (c, GroupChange::Leave, "leave-1"),
+    ] {
+        now += 1;
+        let first = store
+            .change_group(edit(actor, change.clone(), key), 5, now)
+            .await
+            .unwrap();
+        assert!(!first.duplicate, "{key}");
+        assert_eq!(first.message.client_msg_id, key);
+        assert_eq!(first.message.r#type, proto::MessageType::System as i32);
+        // The same change again: refused without a key, where the target
+        // is gone or in place already.
+        let again = store
+            .change_group(edit(actor, change, key), 5, now + 1)
+            .await
+            .unwrap_or_else(|e| panic!("a repeat of {key} must answer as the first did: {e:?}"));
+        assert!(again.duplicate, "{key}");
+        assert_eq!(again.message.seq, first.message.seq, "{key}");
+        assert_eq!(again.message.text, first.message.text, "{key}");
+    }
+    // The key decides, not what the repeat asks for.
+    let other = store
+        .change_group(edit(b, rename("trip 3"), "rename-1"), 5, 30)
+        .await
+        .unwrap();
+    assert!(other.duplicate);
+    let view = store.conversation(g, a).await.unwrap();
+    assert_eq!(view.name, "trip 2");
+    assert_eq!(view.last_seq, 6, "one message per keyed change");
+    let mut members: Vec<_> = view.members.iter().map(|m| m.user_id).collect();
+    members.sort_unstable();
+    let mut expected = vec![a, b];
+    expected.sort_unstable();
+    assert_eq!(members, expected, "dave added and removed once, carol left");
+
+    // Keys are each actor's own: bob's "add-1" is a change of its own.
+    let bobs = store
+        .change_group(edit(b, rename("bob's"), "add-1"), 5, 31)
+        .await
+        .unwrap();
+    assert!(!bobs.duplicate);
+
+    // A key spent on a send, on another group or on a direct conversation's
+    // message is refused, and nothing changes.
+    append_one(store, text(g, a, "sent-1", "hello", 32)).await;
+    append_one(store, text(direct, a, "sent-2", "hi bob", 32)).await;
+    let g2 = created(
+        store
+            .create_group(new_group(a, "other", vec![b], None), 5, 33)
+            .await,
+    )
+    .message
+    .conversation_id;
+    store
+        .change_group(
+            GroupEdit::new(g2, a, rename("other 2")).keyed("elsewhere"),
+            5,
+            34,
+        )
+        .await
+        .unwrap();
+    let last_seq = store.conversation(g, a).await.unwrap().last_seq;
+    for key in ["sent-1", "sent-2", "elsewhere"] {
+        assert!(
+            matches!(
+                store.change_group(edit(a, rename("no"), key), 5, 35).await,
+                Err(StoreError::Invalid(_))
+            ),
+            "{key}"
+        );
+    }
+    let view = store.conversation(g, a).await.unwrap();
+    assert_eq!((view.name.as_str(), view.last_seq), ("bob's", last_seq));
+    let page = store.history(g, Direction::Forward, 0, 100).await.unwrap();
+    assert_eq!(
+        seqs(&page.messages),
+        (1..=last_seq).collect::<Vec<_>>(),
+        "one seq order for everything"
+    );
+}
+
 /// Groups: creation, changes with their SYSTEM messages in seq order,
 /// roles, limits, and what joining and leaving do to reading.
 pub async fn groups(store: &impl HistoryStore) {
@@ -837,24 +944,24 @@ pub async fn groups(store: &impl HistoryStore) {
     append_one(store, text(g, b, "b1", "hi all", 11)).await;
     assert!(matches!(
         store
-            .change_group(g, b, GroupChange::Add(vec![d]), 5, 12)
+            .change_group(GroupEdit::new(g, b, GroupChange::Add(vec![d])), 5, 12)
             .await,
         Err(StoreError::NotAdmin)
     ));
     assert!(matches!(
         store
-            .change_group(g, a, GroupChange::Add(vec![b]), 5, 12)
+            .change_group(GroupEdit::new(g, a, GroupChange::Add(vec![b])), 5, 12)
             .await,
         Err(StoreError::Invalid(_))
     ));
     assert!(matches!(
         store
-            .change_group(g, a, GroupChange::Add(vec![d]), 3, 12)
+            .change_group(GroupEdit::new(g, a, GroupChange::Add(vec![d])), 3, 12)
             .await,
         Err(StoreError::LimitReached)
     ));
     let added = store
-        .change_group(g, a, GroupChange::Add(vec![d]), 5, 12)
+        .change_group(GroupEdit::new(g, a, GroupChange::Add(vec![d])), 5, 12)
         .await
         .unwrap();
     assert_eq!(
@@ -879,35 +986,39 @@ pub async fn groups(store: &impl HistoryStore) {
     // Rename by any member; promote; remove; the removed member gets the
     // removal message and is a stranger afterwards.
     let renamed = store
-        .change_group(g, c, GroupChange::Rename("trip 2".into()), 5, 13)
+        .change_group(
+            GroupEdit::new(g, c, GroupChange::Rename("trip 2".into())),
+            5,
+            13,
+        )
         .await
         .unwrap();
     assert_eq!(names(&renamed), "carol named the group \"trip 2\"");
     assert!(matches!(
         store
-            .change_group(g, b, GroupChange::Remove(c), 5, 14)
+            .change_group(GroupEdit::new(g, b, GroupChange::Remove(c)), 5, 14)
             .await,
         Err(StoreError::NotAdmin)
     ));
     store
-        .change_group(g, a, GroupChange::SetAdmin(b, true), 5, 14)
+        .change_group(GroupEdit::new(g, a, GroupChange::SetAdmin(b, true)), 5, 14)
         .await
         .unwrap();
     assert!(matches!(
         store
-            .change_group(g, a, GroupChange::Remove(a), 5, 15)
+            .change_group(GroupEdit::new(g, a, GroupChange::Remove(a)), 5, 15)
             .await,
         Err(StoreError::Invalid(_))
     ));
     assert!(matches!(
         store
-            .change_group(g, a, GroupChange::Remove(424_242), 5, 15)
+            .change_group(GroupEdit::new(g, a, GroupChange::Remove(424_242)), 5, 15)
             .await,
         Err(StoreError::NotFound)
     ));
     let mine = append_one(store, text(g, c, "c0", "mine", 14)).await;
     let removed = store
-        .change_group(g, b, GroupChange::Remove(c), 5, 15)
+        .change_group(GroupEdit::new(g, b, GroupChange::Remove(c)), 5, 15)
         .await
         .unwrap();
     assert_eq!(names(&removed), "bob removed carol");
@@ -934,17 +1045,19 @@ pub async fn groups(store: &impl HistoryStore) {
         Err(StoreError::NotAMember)
     ));
     assert!(matches!(
-        store.change_group(g, c, GroupChange::Leave, 5, 16).await,
+        store
+            .change_group(GroupEdit::new(g, c, GroupChange::Leave), 5, 16)
+            .await,
         Err(StoreError::NotAMember)
     ));
 
     // The last admin leaving hands the role on; the group keeps going.
     store
-        .change_group(g, b, GroupChange::SetAdmin(b, false), 5, 17)
+        .change_group(GroupEdit::new(g, b, GroupChange::SetAdmin(b, false)), 5, 17)
         .await
         .unwrap();
     let left = store
-        .change_group(g, a, GroupChange::Leave, 5, 18)
+        .change_group(GroupEdit::new(g, a, GroupChange::Leave), 5, 18)
         .await
         .unwrap();
     assert_eq!(names(&left), "alice left the group");
@@ -962,7 +1075,11 @@ pub async fn groups(store: &impl HistoryStore) {
     // Direct conversations have no members to change.
     assert!(matches!(
         store
-            .change_group(direct, a, GroupChange::Rename("x".into()), 5, 19)
+            .change_group(
+                GroupEdit::new(direct, a, GroupChange::Rename("x".into())),
+                5,
+                19
+            )
             .await,
         Err(StoreError::Invalid(_))
     ));

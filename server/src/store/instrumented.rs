@@ -14,7 +14,7 @@ use chat_protocol::proto;
 use super::presence::{OnlineRecord, PresenceStore};
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    GroupChange, GroupCreated, HistoryStore, InboxStore, Membership, NewGroup, NewMessage,
+    GroupCreated, GroupEdit, HistoryStore, InboxStore, Membership, NewGroup, NewMessage,
     NewSession, Page, PendingRange, RecentCache, SessionRecord, StoreError, StoredPresence, UserId,
     UserRecord, WatermarkMoved, WatermarkUpdate,
 };
@@ -215,17 +215,14 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
 
     async fn change_group(
         &self,
-        conversation_id: ConversationId,
-        actor: UserId,
-        change: GroupChange,
+        edit: GroupEdit,
         max_members: usize,
         now_ms: i64,
     ) -> Result<Appended, StoreError> {
         timed!(
             self,
             "change_group",
-            self.inner
-                .change_group(conversation_id, actor, change, max_members, now_ms)
+            self.inner.change_group(edit, max_members, now_ms)
         )
     }
 

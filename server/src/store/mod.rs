@@ -151,6 +151,40 @@ pub enum GroupCreated {
     Existing(ConversationId),
 }
 
+/// A change to a group as its actor asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupEdit {
+    /// The group.
+    pub conversation_id: ConversationId,
+    /// Who changes it (for `Leave`, who leaves).
+    pub actor: UserId,
+    /// What changes.
+    pub change: GroupChange,
+    /// The actor's idempotency key, if they gave one: stored as the
+    /// `client_msg_id` of the SYSTEM message recording the change.
+    pub client_key: Option<String>,
+}
+
+impl GroupEdit {
+    /// A change without a key.
+    pub fn new(conversation_id: ConversationId, actor: UserId, change: GroupChange) -> Self {
+        Self {
+            conversation_id,
+            actor,
+            change,
+            client_key: None,
+        }
+    }
+
+    /// The same change under the actor's idempotency key.
+    pub fn keyed(self, key: &str) -> Self {
+        Self {
+            client_key: Some(key.to_owned()),
+            ..self
+        }
+    }
+}
+
 /// A change to a group, made by one of its members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupChange {
@@ -164,6 +198,31 @@ pub enum GroupChange {
     Leave,
     /// Promote (`true`) or demote a member (admins only).
     SetAdmin(UserId, bool),
+}
+
+/// The `client_msg_id` of a SYSTEM message its actor gave no key for.
+pub(crate) fn random_system_key() -> String {
+    format!("system:{:032x}", rand::random::<u128>())
+}
+
+/// Accepts `first` (what an actor's earlier request stored under the key of
+/// a group edit) as the same edit repeated: only a SYSTEM message of that
+/// group can be one. A key spent on a send or on another group is refused
+/// rather than answered with something the edit did not do.
+pub(crate) fn check_repeated_edit(
+    first: &Appended,
+    conversation_id: ConversationId,
+) -> Result<(), StoreError> {
+    let message = &first.message;
+    if message.conversation_id == conversation_id
+        && message.r#type == proto::MessageType::System as i32
+    {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(
+            "client_key was already used for another request".into(),
+        ))
+    }
 }
 
 /// The words of SYSTEM messages, shared by every backend so a group reads
@@ -462,11 +521,16 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// `members` include a removed or leaving member, who gets this last
     /// message). Refusals: `NotAMember` (actor), `NotAdmin`, `NotFound`
     /// (target not a member), `LimitReached`, `Invalid`.
+    ///
+    /// A keyed edit whose key the actor gave before to a change of this
+    /// group changes nothing and returns that change's message as a
+    /// duplicate, before any refusal is considered (a repeated leave or
+    /// removal finds its target gone, yet answers as the first did). A key
+    /// the actor used for anything else (a send, another group) is
+    /// `Invalid`.
     async fn change_group(
         &self,
-        conversation_id: ConversationId,
-        actor: UserId,
-        change: GroupChange,
+        edit: GroupEdit,
         max_members: usize,
         now_ms: i64,
     ) -> Result<Appended, StoreError>;

@@ -41,9 +41,9 @@ use tokio_postgres::{Config, NoTls, Row};
 
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    GroupChange, GroupCreated, HistoryStore, MemberState, Membership, NewGroup, NewMessage,
-    NewSession, Page, PendingRange, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
-    WatermarkKind, WatermarkMoved, WatermarkUpdate,
+    GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState, Membership, NewGroup,
+    NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError, StoredPresence, UserId,
+    UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
 };
 
 /// How long connecting (TCP, startup, authentication) may take before the
@@ -1238,7 +1238,7 @@ impl HistoryStore for PostgresStore {
             group::add_member(&tx, id, member, group::ROLE_MEMBER, 0).await?;
         }
         let text = crate::store::system_text::created(&creator_name, &name, &names);
-        let (appended, xid) = group::append_system(&tx, id, creator, text, now_ms).await?;
+        let (appended, xid) = group::append_system(&tx, id, creator, None, text, now_ms).await?;
         if let Err(e) = tx.commit().await {
             self.settle_commit(xid, e).await?;
         }
@@ -1247,12 +1247,16 @@ impl HistoryStore for PostgresStore {
 
     async fn change_group(
         &self,
-        conversation_id: ConversationId,
-        actor: UserId,
-        change: GroupChange,
+        edit: GroupEdit,
         max_members: usize,
         now_ms: i64,
     ) -> Result<Appended, StoreError> {
+        let GroupEdit {
+            conversation_id,
+            actor,
+            change,
+            client_key,
+        } = edit;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
         // The conversation row first, as appends lock it: same order, no
@@ -1266,6 +1270,24 @@ impl HistoryStore for PostgresStore {
             .map_err(pg)?
             .map(|r| col(&r, 0))
             .transpose()?;
+        // A repeat answers as the first did, whatever changed since. Under
+        // the conversation's lock: a repeat racing its first waits for it.
+        if let Some(key) = &client_key {
+            let row = tx
+                .query_opt(EXISTING_KEYS, &[&vec![sql(actor)], &vec![key.as_str()]])
+                .await
+                .map_err(pg)?;
+            if let Some(row) = row {
+                let members: Vec<i64> = col(&row, 8)?;
+                let first = Appended {
+                    message: Arc::new(message_from_row(&row, 0)?),
+                    duplicate: true,
+                    members: members.into_iter().map(id).collect(),
+                };
+                crate::store::check_repeated_edit(&first, conversation_id)?;
+                return Ok(first);
+            }
+        }
         let Some(actor_role) = group::role(&tx, conversation_id, actor).await? else {
             return Err(StoreError::NotAMember);
         };
@@ -1391,7 +1413,7 @@ impl HistoryStore for PostgresStore {
             }
         };
         let (mut appended, xid) =
-            group::append_system(&tx, conversation_id, actor, text, now_ms).await?;
+            group::append_system(&tx, conversation_id, actor, client_key, text, now_ms).await?;
         if let Err(e) = tx.commit().await {
             self.settle_commit(xid, e).await?;
         }

@@ -66,9 +66,9 @@ use tokio::sync::oneshot;
 
 use super::{
     Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    GroupChange, GroupCreated, HistoryStore, MemberState, Membership, NewGroup, NewMessage,
-    NewSession, Page, PendingRange, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
-    WatermarkKind, WatermarkMoved, WatermarkUpdate,
+    GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState, Membership, NewGroup,
+    NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError, StoredPresence, UserId,
+    UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -1283,31 +1283,57 @@ fn remove_member(
 }
 
 /// A SYSTEM message written by the server on behalf of `actor`.
+/// A SYSTEM message by `actor`, stored under the actor's key for the change
+/// it records, or under a random one.
 fn system_message(
     conversation_id: ConversationId,
     actor: UserId,
+    key: Option<String>,
     text: String,
     now_ms: i64,
 ) -> NewMessage {
     NewMessage {
         conversation_id,
         sender_id: actor,
-        client_msg_id: format!("system:{:032x}", rand::random::<u128>()),
+        client_msg_id: key.unwrap_or_else(super::random_system_key),
         message_type: proto::MessageType::System,
         text,
         now_ms,
     }
 }
 
-/// The message already stored under `m`'s (sender, client_msg_id), as a
+/// The change `actor` made before under `key`, as a duplicate result: the
+/// SYSTEM message recording it must belong to this group, or the key is
+/// refused as used for something else.
+fn repeated_edit(
+    conn: &Connection,
+    state: &mut DbState,
+    conversation_id: ConversationId,
+    actor: UserId,
+    key: &str,
+) -> Result<Option<Appended>, StoreError> {
+    // Without every key, a repeat could not be told from a new change.
+    if state.needs_repair {
+        return Err(StoreError::Unavailable(
+            "heads and idempotency keys are being rebuilt".into(),
+        ));
+    }
+    let Some(first) = stored_original(conn, state, actor, key)? else {
+        return Ok(None);
+    };
+    super::check_repeated_edit(&first, conversation_id)?;
+    Ok(Some(first))
+}
+
+/// The message already stored under (`sender`, `client_msg_id`), as a
 /// duplicate append result.
 fn stored_original(
     conn: &Connection,
     state: &mut DbState,
-    m: &NewMessage,
+    sender: UserId,
+    client_msg_id: &str,
 ) -> Result<Option<Appended>, StoreError> {
-    let Some((conversation_id, seq)) = state.stored_key(conn, m.sender_id, &m.client_msg_id)?
-    else {
+    let Some((conversation_id, seq)) = state.stored_key(conn, sender, client_msg_id)? else {
         return Ok(None);
     };
     let original = message_at(conn, state, conversation_id, seq)?
@@ -1344,7 +1370,7 @@ fn append_one(
         _ => {
             // A retry of a message stored before the sender left or was
             // removed still gets its original ack.
-            return match stored_original(conn, state, &m)? {
+            return match stored_original(conn, state, m.sender_id, &m.client_msg_id)? {
                 Some(original) => Ok(original),
                 None => Err(StoreError::NotAMember),
             };
@@ -1354,7 +1380,7 @@ fn append_one(
     // A retry gets the original (the pending keys, then one read of the
     // idempotency table). The common path is that read, one insert and one
     // update by primary key.
-    if let Some(original) = stored_original(conn, state, &m)? {
+    if let Some(original) = stored_original(conn, state, m.sender_id, &m.client_msg_id)? {
         return Ok(original);
     }
     let message_id = state.next_message_id;
@@ -1968,21 +1994,36 @@ impl HistoryStore for SqliteStore {
             }
             state.conversations.remove(&id);
             let text = super::system_text::created(&creator_name, &name, &names);
-            append_one(conn, state, system_message(id, creator, text, now_ms), true)
-                .map(GroupCreated::New)
+            append_one(
+                conn,
+                state,
+                system_message(id, creator, None, text, now_ms),
+                true,
+            )
+            .map(GroupCreated::New)
         })
         .await
     }
 
     async fn change_group(
         &self,
-        conversation_id: ConversationId,
-        actor: UserId,
-        change: GroupChange,
+        edit: GroupEdit,
         max_members: usize,
         now_ms: i64,
     ) -> Result<Appended, StoreError> {
         self.call(move |conn, state| {
+            let GroupEdit {
+                conversation_id,
+                actor,
+                change,
+                client_key,
+            } = edit;
+            // A repeat answers as the first did, whatever changed since.
+            if let Some(key) = &client_key {
+                if let Some(first) = repeated_edit(conn, state, conversation_id, actor, key)? {
+                    return Ok(first);
+                }
+            }
             // Every refusal happens before the first write.
             let kind: Option<i32> = conn
                 .prepare_cached("SELECT kind FROM conversations WHERE id = ?1")
@@ -2095,7 +2136,7 @@ impl HistoryStore for SqliteStore {
             };
             // Membership may have changed: reload before appending.
             state.conversations.remove(&conversation_id);
-            let message = system_message(conversation_id, actor, text, now_ms);
+            let message = system_message(conversation_id, actor, client_key, text, now_ms);
             let mut appended = append_one(conn, state, message, true)?;
             for user in also_tell {
                 if !appended.members.contains(&user) {

@@ -19,7 +19,7 @@ use crate::delivery::{SendJob, Work};
 use crate::error::{Refusal, retry_after_ms};
 use crate::session::Session;
 use crate::store::{
-    ConversationView, Direction, FriendRequestOutcome, GroupChange, NewGroup, StoreError,
+    ConversationView, Direction, FriendRequestOutcome, GroupChange, GroupEdit, NewGroup, StoreError,
 };
 use crate::wire::{self, FrameReader, Outbound};
 
@@ -545,19 +545,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     format!("groups have at most {} members", limits.max_group_size),
                 ));
             }
-            let client_key = match g.client_key.as_str() {
-                "" => None,
-                key if key.len() > MAX_CLIENT_MSG_ID_LEN || key.contains('\0') => {
-                    return Err(Refusal::new(
-                        ErrorCode::InvalidArgument,
-                        format!(
-                            "client_key must be 1-{MAX_CLIENT_MSG_ID_LEN} bytes without U+0000, \
-                             or empty"
-                        ),
-                    ));
-                }
-                key => Some(key.to_owned()),
-            };
+            let client_key = client_key(&g.client_key)?;
             check_all_friends(session, me, &g.member_ids).await?;
             // Through the send committer, so the group's first message is
             // fanned out before anyone can reply to it.
@@ -582,7 +570,8 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
         }
         Some(Body::RenameGroup(r)) => {
             let change = GroupChange::Rename(group_name(&r.name)?);
-            group_change(session, rid, r.conversation_id, change).await
+            let key = client_key(&r.client_key)?;
+            group_change(session, rid, r.conversation_id, change, key).await
         }
         Some(Body::AddMembers(a)) => {
             if a.user_ids.is_empty() || a.user_ids.len() > shared.config.limits.max_group_size {
@@ -591,35 +580,24 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     "user_ids: 1 to the group size limit",
                 ));
             }
+            let key = client_key(&a.client_key)?;
             check_all_friends(session, me, &a.user_ids).await?;
-            group_change(
-                session,
-                rid,
-                a.conversation_id,
-                GroupChange::Add(a.user_ids),
-            )
-            .await
+            let change = GroupChange::Add(a.user_ids);
+            group_change(session, rid, a.conversation_id, change, key).await
         }
         Some(Body::RemoveMember(r)) => {
-            group_change(
-                session,
-                rid,
-                r.conversation_id,
-                GroupChange::Remove(r.user_id),
-            )
-            .await
+            let change = GroupChange::Remove(r.user_id);
+            let key = client_key(&r.client_key)?;
+            group_change(session, rid, r.conversation_id, change, key).await
         }
         Some(Body::LeaveGroup(l)) => {
-            group_change(session, rid, l.conversation_id, GroupChange::Leave).await
+            let key = client_key(&l.client_key)?;
+            group_change(session, rid, l.conversation_id, GroupChange::Leave, key).await
         }
         Some(Body::SetAdmin(a)) => {
-            group_change(
-                session,
-                rid,
-                a.conversation_id,
-                GroupChange::SetAdmin(a.user_id, a.admin),
-            )
-            .await
+            let change = GroupChange::SetAdmin(a.user_id, a.admin);
+            let key = client_key(&a.client_key)?;
+            group_change(session, rid, a.conversation_id, change, key).await
         }
         Some(Body::GetConversation(g)) => {
             let view = store.conversation(g.conversation_id, me).await?;
@@ -816,6 +794,19 @@ fn group_name(name: &str) -> Result<String, Refusal> {
     Ok(name.to_string())
 }
 
+/// An idempotency key of a group request: 1-64 bytes without U+0000, or
+/// empty for none.
+fn client_key(key: &str) -> Result<Option<String>, Refusal> {
+    match key {
+        "" => Ok(None),
+        key if key.len() > MAX_CLIENT_MSG_ID_LEN || key.contains('\0') => Err(Refusal::new(
+            ErrorCode::InvalidArgument,
+            format!("client_key must be 1-{MAX_CLIENT_MSG_ID_LEN} bytes without U+0000, or empty"),
+        )),
+        key => Ok(Some(key.to_owned())),
+    }
+}
+
 /// Only friends of the caller may be put into a group by them.
 async fn check_all_friends(session: &Session, me: u64, users: &[u64]) -> Result<(), Refusal> {
     let friends: std::collections::HashSet<u64> = session
@@ -866,6 +857,7 @@ async fn group_change(
     request_id: u64,
     conversation_id: u64,
     change: GroupChange,
+    client_key: Option<String>,
 ) -> Result<Reply, Refusal> {
     // Leaving always works; every other change posts a message to the
     // group and counts against the sender's rate like one.
@@ -878,9 +870,12 @@ async fn group_change(
         .delivery
         .submit(SendJob {
             work: Work::Group {
-                conversation_id,
-                actor: authed.user_id,
-                change,
+                edit: Box::new(GroupEdit {
+                    conversation_id,
+                    actor: authed.user_id,
+                    change,
+                    client_key,
+                }),
                 max_members: session.shared.config.limits.max_group_size,
             },
             request_id,

@@ -78,14 +78,16 @@ pub(super) async fn remove_member(
     Ok(())
 }
 
-/// Stores a SYSTEM message by `actor` with the next seq (the
-/// conversation row is locked by the caller or created in this
-/// transaction) and returns it with the current members, and the
-/// transaction's id (for settling a COMMIT that goes unanswered).
+/// Stores a SYSTEM message by `actor` (under the actor's key for the
+/// change it records, if any) with the next seq (the conversation row is
+/// locked by the caller or created in this transaction) and returns it
+/// with the current members, and the transaction's id (for settling a
+/// COMMIT that goes unanswered).
 pub(super) async fn append_system(
     tx: &Transaction<'_>,
     conversation_id: ConversationId,
     actor: UserId,
+    key: Option<String>,
     text: String,
     now_ms: i64,
 ) -> Result<(Appended, i64), StoreError> {
@@ -99,7 +101,7 @@ pub(super) async fn append_system(
         .map_err(pg)?;
     let seq = id_col(&row, 0)?;
     let xid: i64 = col(&row, 1)?;
-    let client_msg_id = format!("system:{:032x}", rand::random::<u128>());
+    let client_msg_id = key.unwrap_or_else(crate::store::random_system_key);
     let kind = proto::MessageType::System as i32;
     let row = tx
         .query_one(

@@ -1006,7 +1006,11 @@ async fn a_commit_whose_answer_is_lost_is_settled_not_guessed() {
             let group = created.message.conversation_id;
             cutter.arm(CUT_ANSWER);
             let renamed = store
-                .change_group(group, a, GroupChange::Rename("trip 2".into()), 10, 6)
+                .change_group(
+                    GroupEdit::new(group, a, GroupChange::Rename("trip 2".into())),
+                    10,
+                    6,
+                )
                 .await
                 .expect("settled as committed");
             assert_eq!(cutter.cuts(), 4);
