@@ -2,6 +2,7 @@
 //! task that reconnects and resumes.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::config::ClientConfig;
 use crate::connection::{self, Credential, Live};
+use crate::dedup::Delivered;
 use crate::error::ClientError;
 use crate::outbox::Outbox;
 
@@ -117,7 +119,7 @@ pub(crate) struct Inner {
     next_request_id: AtomicU64,
     outbox: Mutex<Outbox>,
     /// Highest seq handed to the app per conversation (deduplication).
-    delivered: Mutex<HashMap<u64, u64>>,
+    delivered: Mutex<Delivered>,
     closed: AtomicBool,
     reconnect: Notify,
     connected: watch::Sender<bool>,
@@ -125,10 +127,12 @@ pub(crate) struct Inner {
     pub(crate) heartbeats: AtomicBool,
     /// Users whose presence the app watches; re-subscribed on reconnect.
     watching: Mutex<Vec<u64>>,
-    /// Latest known presence per watched user.
+    /// Latest known presence per watched user (only theirs).
     presence: Mutex<HashMap<u64, proto::PresenceState>>,
     /// Conversation -> member -> (delivered, seen), from conversation
-    /// replies and Receipt events, for aggregated statuses.
+    /// replies and Receipt events, for aggregated statuses: only the
+    /// conversations the app asked about, at most [`MAX_MEMBERS`] members
+    /// each.
     receipts: Mutex<HashMap<u64, Watermarks>>,
 }
 
@@ -137,28 +141,27 @@ impl Inner {
         self.next_request_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// True the first time (conversation, seq) is seen; seqs arrive in
-    /// increasing order per conversation, so anything not above the last
-    /// one is a redelivery.
+    /// True the first time (conversation, seq) is seen (see [`Delivered`]).
     pub(crate) fn first_delivery(&self, conversation_id: u64, seq: u64) -> bool {
-        let mut delivered = self.delivered.lock().expect("delivered lock");
-        let last = delivered.entry(conversation_id).or_insert(0);
-        if seq > *last {
-            *last = seq;
-            true
-        } else {
-            false
-        }
+        self.delivered
+            .lock()
+            .expect("delivered lock")
+            .first(conversation_id, seq)
     }
 
-    /// Routes the answer to a request waiting in `pending`.
+    /// Routes the answer to a request waiting in `pending`. A conversation's
+    /// members are noted here, in the stream's reader, so that receipts read
+    /// after the reply find them.
     pub(crate) fn answer(&self, request_id: u64, result: Result<Body, ClientError>) {
-        if let Some(waiter) = self
+        let waiter = self
             .pending
             .lock()
             .expect("pending lock")
-            .remove(&request_id)
-        {
+            .remove(&request_id);
+        if let Some(waiter) = waiter {
+            if let Ok(Body::Conversation(info)) = &result {
+                self.note_members(info);
+            }
             let _ = waiter.send(result);
         }
     }
@@ -221,19 +224,30 @@ impl Inner {
         }
     }
 
-    /// Remembers a member's watermarks (they only move forward).
+    /// Remembers a member's watermarks (they only move forward) in a
+    /// conversation the app asked about; a member who joined since is
+    /// added, up to [`MAX_MEMBERS`]. Receipts of other conversations still
+    /// reach the app as events, but are not kept: the server names the
+    /// conversations, and what it sends must not grow the client without
+    /// bound.
     pub(crate) fn note_receipt(&self, receipt: &proto::Receipt) {
         let mut all = self.receipts.lock().expect("receipts lock");
-        let entry = all
-            .entry(receipt.conversation_id)
-            .or_default()
-            .entry(receipt.user_id)
-            .or_default();
+        let Some(members) = all.get_mut(&receipt.conversation_id) else {
+            return;
+        };
+        let full = members.len() >= MAX_MEMBERS;
+        let entry = match members.entry(receipt.user_id) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(_) if full => return,
+            Entry::Vacant(new) => new.insert((0, 0)),
+        };
         entry.0 = entry.0.max(receipt.delivered_seq);
         entry.1 = entry.1.max(receipt.seen_seq);
     }
 
-    /// Replaces what is known of a conversation's members.
+    /// Replaces what is known of a conversation's members, keeping the
+    /// higher of the known and the replied watermarks of each (a receipt on
+    /// the receipts stream may overtake a reply on control).
     fn note_members(&self, info: &proto::ConversationInfo) {
         let me = self
             .identity
@@ -241,20 +255,34 @@ impl Inner {
             .expect("identity lock")
             .as_ref()
             .map(|i| i.user_id);
+        let mut all = self.receipts.lock().expect("receipts lock");
+        let known = all.get(&info.conversation_id);
         let members: Watermarks = info
             .members
             .iter()
             .filter(|m| Some(m.user_id) != me)
-            .map(|m| (m.user_id, (m.delivered_seq, m.seen_seq)))
+            .take(MAX_MEMBERS)
+            .map(|m| {
+                let (delivered, seen) = known
+                    .and_then(|k| k.get(&m.user_id))
+                    .copied()
+                    .unwrap_or_default();
+                let watermarks = (m.delivered_seq.max(delivered), m.seen_seq.max(seen));
+                (m.user_id, watermarks)
+            })
             .collect();
-        self.receipts
-            .lock()
-            .expect("receipts lock")
-            .insert(info.conversation_id, members);
+        all.insert(info.conversation_id, members);
     }
 
-    /// Applies presence states from the server and tells the app.
-    pub(crate) async fn presence_changed(&self, states: Vec<proto::PresenceState>) {
+    /// Applies presence states of watched users from the server and tells
+    /// the app. States of anyone else (a subscription the app has since
+    /// replaced, or a confused server) are dropped: the map holds only the
+    /// watched users.
+    pub(crate) async fn presence_changed(&self, mut states: Vec<proto::PresenceState>) {
+        {
+            let watching = self.watching.lock().expect("watching lock");
+            states.retain(|state| watching.contains(&state.user_id));
+        }
         {
             let mut known = self.presence.lock().expect("presence lock");
             for state in &states {
@@ -367,7 +395,7 @@ impl Client {
             pending: Mutex::new(HashMap::new()),
             next_request_id: AtomicU64::new(1),
             outbox: Mutex::new(Outbox::new(config.outbox_limit)),
-            delivered: Mutex::new(HashMap::new()),
+            delivered: Mutex::new(Delivered::default()),
             closed: AtomicBool::new(false),
             reconnect: Notify::new(),
             connected: watch::channel(false).0,
@@ -831,16 +859,14 @@ impl Client {
     }
 
     /// A control request answered with a conversation, whose members are
-    /// remembered for [`receipt_status`](Self::receipt_status).
+    /// remembered for [`receipt_status`](Self::receipt_status) (by the
+    /// reader, see `Inner::answer`).
     async fn conversation_request(
         &self,
         body: Body,
     ) -> Result<proto::ConversationInfo, ClientError> {
         match self.request(StreamKind::Control, body).await? {
-            Body::Conversation(info) => {
-                self.inner.note_members(&info);
-                Ok(info)
-            }
+            Body::Conversation(info) => Ok(info),
             other => Err(unexpected(&other)),
         }
     }
@@ -905,6 +931,10 @@ async fn subscribe(
 fn unexpected(body: &Body) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {}", body.name()))
 }
+
+/// Members kept per conversation for [`Client::receipt_status`]: the
+/// largest group a server may be configured for.
+pub(crate) const MAX_MEMBERS: usize = 10_000;
 
 /// How many request timeouts [`Client::create_group`] and the group
 /// changes keep asking for.

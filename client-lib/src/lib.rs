@@ -35,7 +35,11 @@
 //!   of a creation);
 //! * exactly-once delivery to the app: messages are deduplicated by
 //!   (conversation, seq), and acknowledged to the server only after the app's
-//!   event queue took them.
+//!   event queue took them;
+//! * bounded state whatever a server sends: presence is kept for the
+//!   watched users only, receipt watermarks for the conversations the app
+//!   asked about (at most 10,000 members each), and the deduplication
+//!   marks of the 16,384 conversations with the latest deliveries.
 //!
 //! API boundary: everything public here is what app developers program
 //! against; errors are flat ([`ClientError`] with a wire [`ErrorCode`]) so a
@@ -44,6 +48,7 @@
 mod client;
 mod config;
 mod connection;
+mod dedup;
 mod error;
 mod outbox;
 

@@ -740,6 +740,106 @@ async fn group_changes_whose_answers_are_lost_are_asked_again_with_their_keys() 
 }
 
 #[tokio::test]
+async fn client_state_holds_only_what_the_app_asked_about() {
+    // client-lib keeps presence and receipt watermarks for its queries; a
+    // server that names anyone else (a stale subscription, a bug, a
+    // hostile node) must not grow them. Events still reach the app.
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
+    let addr = endpoint.local_addr().unwrap();
+    let serve = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = fake_login(&conn).await.expect("a login");
+        let mut buf = BytesMut::new();
+        let state = |user_id, online| proto::PresenceState {
+            user_id,
+            online,
+            last_active_ms: 1,
+        };
+        let receipt = |conversation_id, user_id, seq| {
+            Frame::push(Body::Receipt(proto::Receipt {
+                conversation_id,
+                user_id,
+                delivered_seq: seq,
+                seen_seq: seq,
+            }))
+        };
+        let mut answered = 0;
+        while answered < 2 {
+            let frame = next_frame(&mut recv, &mut buf).await;
+            let reply = match frame.body {
+                Some(Body::SubscribePresence(_)) => {
+                    Body::PresenceSnapshot(proto::PresenceSnapshot {
+                        states: vec![state(5, false)],
+                    })
+                }
+                Some(Body::GetConversation(g)) => Body::Conversation(proto::ConversationInfo {
+                    conversation_id: g.conversation_id,
+                    kind: proto::ConversationKind::Group as i32,
+                    members: [1, 5]
+                        .map(|user_id| proto::Member {
+                            user_id,
+                            ..Default::default()
+                        })
+                        .to_vec(),
+                    last_seq: 4,
+                    ..Default::default()
+                }),
+                _ => continue,
+            };
+            answered += 1;
+            send.write_all(&frames(&[Frame::new(frame.request_id, reply)]))
+                .await
+                .unwrap();
+        }
+        let pushes = [
+            Frame::push(Body::PresenceUpdate(proto::PresenceUpdate {
+                states: vec![state(6, true), state(5, true), state(7, true)],
+            })),
+            receipt(900, 5, 3),
+            receipt(77, 9, 2),
+            receipt(77, 5, 4),
+        ];
+        send.write_all(&frames(&pushes)).await.unwrap();
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    });
+    let (client, mut events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    client.subscribe_presence(&[5]).await.unwrap();
+    client.conversation(77).await.unwrap();
+    let mut presence = Vec::new();
+    let mut receipts = Vec::new();
+    while receipts.len() < 3 {
+        match tokio::time::timeout(WAIT, events.next()).await {
+            Ok(Some(Event::Presence(state))) => presence.push(state.user_id),
+            Ok(Some(Event::Receipt(r))) => receipts.push((r.conversation_id, r.user_id)),
+            Ok(Some(_)) => {}
+            other => panic!("the pushes arrive: {other:?}"),
+        }
+    }
+    assert_eq!(
+        presence,
+        [5],
+        "only the watched user's state reaches the app"
+    );
+    assert_eq!(receipts, [(900, 5), (77, 9), (77, 5)], "every receipt does");
+    assert!(client.presence(5).unwrap().online);
+    assert_eq!(client.presence(6), None);
+    assert_eq!(client.presence(7), None);
+    assert_eq!(
+        client.receipt_status(900, 3),
+        None,
+        "a conversation the app never asked about is not kept"
+    );
+    // Bob (5) from the conversation reply, 9 who joined since.
+    let status = client.receipt_status(77, 4).unwrap();
+    assert_eq!((status.members, status.delivered, status.seen), (2, 1, 1));
+    client.close();
+    serve.await.unwrap();
+}
+
+#[tokio::test]
 async fn thousands_of_pipelined_marks_are_all_answered() {
     // A client that pipelines many MarkSeen (an app marking every
     // conversation seen after a long time offline) and reads the replies
