@@ -451,17 +451,55 @@ async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &
             .send_to_ack
             .record(received.elapsed().as_secs_f64());
         if appended.duplicate {
-            // Already queued for everyone when first stored.
+            redeliver(c, &appended, out);
             continue;
         }
         fan_out(c, appended, Some(received), out);
     }
 }
 
+/// A retry of a stored message (or group change) goes again to the members
+/// still owed it, in case its first fan-out never happened: a commit whose
+/// outcome was settled too late, a node that stopped between its commit and
+/// its pushes. Only live connections: the queues and catch-up read
+/// history's watermarks, so an offline member gets it on their return
+/// anyway. A member who had it drops the copy (client-lib deduplicates by
+/// seq), and one fanned out in this very batch is not pushed twice.
+fn redeliver(c: &Committer, appended: &Appended, out: &Fanout) {
+    let message = &appended.message;
+    let owed = appended
+        .members
+        .iter()
+        .filter(|&&member| member != message.sender_id);
+    if owed.clone().next().is_none()
+        || out
+            .stored
+            .iter()
+            .any(|m| (m.conversation_id, m.seq) == (message.conversation_id, message.seq))
+    {
+        return;
+    }
+    let deliver = Frame::push(Body::Deliver(proto::Deliver {
+        message: Some((**message).clone()),
+    }));
+    let frame = Outbound {
+        deliver: Some((message.conversation_id, message.seq)),
+        ..Outbound::frame(&deliver)
+    };
+    // Not noted in the receipt routes, which take messages in seq order: a
+    // large group's sender may miss the receipts of a message that was never
+    // fanned out, and GetMessageReceipts still has them.
+    let mut pushed = 0;
+    for &member in owed {
+        pushed += c.hub.push(member, StreamKind::Messages, &frame, None);
+    }
+    c.metrics.redeliveries.increment(pushed as u64);
+}
+
 /// Applies one group change (its SYSTEM message is stored in the same
 /// transaction), answers on control, and fans the message out like any other.
-/// A repeated key answers Ok and fans out nothing: that was done the first
-/// time.
+/// A repeated key answers Ok, and the change's message goes only to the
+/// members still owed it.
 async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout) {
     let Work::Group { edit, max_members } = job.work else {
         return;
@@ -469,7 +507,9 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout) {
     let now = crate::streams::now_ms();
     let reply = match c.store.change_group(*edit, max_members, now).await {
         Ok(appended) => {
-            if !appended.duplicate {
+            if appended.duplicate {
+                redeliver(c, &appended, out);
+            } else {
                 fan_out(c, appended, None, out);
             }
             Frame::new(job.request_id, Body::Ok(proto::Ok {}))

@@ -86,6 +86,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "Deliver frames queued to recipients' connections (live and catch-up).",
     ),
     (
+        "chat_redeliveries_total",
+        "counter",
+        Unit::Count,
+        "Deliver frames a retried send or group change queued again to members still owed it.",
+    ),
+    (
         "chat_receipts_total",
         "counter",
         Unit::Count,
@@ -217,6 +223,8 @@ pub struct Metrics {
     pub acks: Counter,
     /// Deliver frames queued.
     pub deliveries: Counter,
+    /// Deliver frames queued again for a retry.
+    pub redeliveries: Counter,
     /// Receipt frames queued.
     pub receipts: Counter,
     /// Send decoded to SendAck queued.
@@ -301,6 +309,7 @@ impl Metrics {
                 sends: metrics::counter!("chat_sends_total"),
                 acks: metrics::counter!("chat_send_acks_total"),
                 deliveries: metrics::counter!("chat_deliveries_total"),
+                redeliveries: metrics::counter!("chat_redeliveries_total"),
                 receipts: metrics::counter!("chat_receipts_total"),
                 send_to_ack: metrics::histogram!("chat_send_ack_duration_seconds"),
                 send_to_deliver: metrics::histogram!("chat_send_deliver_duration_seconds"),

@@ -345,6 +345,83 @@ async fn a_delivery_ack_the_store_fails_is_tried_again() {
 }
 
 #[tokio::test]
+async fn a_retry_delivers_a_message_whose_first_fan_out_never_happened() {
+    // A message can be durable without having been pushed to anyone: a
+    // COMMIT whose outcome was settled only after the store gave up, a node
+    // that stopped between its commit and its pushes. Its sender's retry
+    // finds it stored, and used to be acked and nothing more: a recipient
+    // who stayed online did not get it until they reconnected. Here the
+    // first attempt's row is written straight into the schema, bob online.
+    let Some((backend, schema)) = production_with_schema().await else {
+        return;
+    };
+    let server = TestServer::start_on(backend.clone()).await;
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let alice_id = alice.identity().user_id;
+    let admin = postgres::testing::admin().await.expect("admin connection");
+    admin
+        .batch_execute(&format!(
+            r#"
+            WITH head AS (
+                UPDATE "{schema}".conversations SET last_seq = last_seq + 1
+                WHERE id = {conversation} RETURNING last_seq
+            )
+            INSERT INTO "{schema}".messages
+                (conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body)
+            SELECT {conversation}, last_seq, {alice_id}, 'limbo-1', 1, 1, 'made it' FROM head;
+            "#
+        ))
+        .await
+        .expect("store the first attempt");
+
+    let ack = alice
+        .send_with_id(conversation, "limbo-1", "made it")
+        .await
+        .expect("the retry is acked");
+    assert!(ack.duplicate, "{ack:?}");
+    let got = messages(&mut bob_events, 1).await;
+    assert_eq!(
+        (
+            got[0].seq,
+            got[0].client_msg_id.as_str(),
+            got[0].text.as_str()
+        ),
+        (ack.seq, "limbo-1", "made it")
+    );
+    let addr = server.server.as_ref().unwrap().metrics_addr();
+    scrape_until(addr, "one redelivery", |m| {
+        value(m, "chat_redeliveries_total") == 1.0
+    })
+    .await;
+    // Once bob has acknowledged it, a further retry tells nobody.
+    wait_until("bob's delivered watermark at the message", || async {
+        alice
+            .conversation(conversation)
+            .await
+            .unwrap()
+            .members
+            .iter()
+            .any(|m| m.user_id == bob.identity().user_id && m.delivered_seq >= ack.seq)
+    })
+    .await;
+    let again = alice
+        .send_with_id(conversation, "limbo-1", "made it")
+        .await
+        .expect("acked again");
+    assert!(again.duplicate);
+    alice.send_text(conversation, "next").await.expect("sent");
+    let next = messages(&mut bob_events, 1).await;
+    assert_eq!(next[0].text, "next", "no second copy came first");
+    assert_eq!(
+        value(&scrape(addr).await, "chat_redeliveries_total"),
+        1.0,
+        "the retry after bob's ack redelivered nothing"
+    );
+}
+
+#[tokio::test]
 async fn a_removed_members_unread_queue_is_dropped_when_they_come_back() {
     // Bob is offline while messages queue up for him in a group, and is
     // removed from it. His acks of that group no longer reach the queue, so

@@ -586,6 +586,27 @@ pub async fn next_frame(
     }
 }
 
+/// Scrapes until `done` holds (the counters move on server tasks, a little
+/// after the client sees the effect).
+pub async fn scrape_until(
+    addr: SocketAddr,
+    what: &str,
+    done: impl Fn(&HashMap<String, f64>) -> bool,
+) -> HashMap<String, f64> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let samples = scrape(addr).await;
+        if done(&samples) {
+            return samples;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The samples of a Prometheus text page: `name{labels}` to value.
 pub async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
     let (status, body) = http_get(addr, "/metrics").await;

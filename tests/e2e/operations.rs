@@ -2,7 +2,6 @@
 //! and readiness, the connection cap, 0-RTT, the send rate limit as clients
 //! see it, and configuration errors from the real binary.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,27 +13,6 @@ use chat_protocol::{Body, Frame, StreamKind};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::*;
-
-/// Scrapes until `done` holds (the counters move on server tasks, a little
-/// after the client sees the effect).
-async fn scrape_until(
-    addr: SocketAddr,
-    what: &str,
-    done: impl Fn(&HashMap<String, f64>) -> bool,
-) -> HashMap<String, f64> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let samples = scrape(addr).await;
-        if done(&samples) {
-            return samples;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test]
 async fn metrics_count_sends_acks_deliveries_and_errors() {

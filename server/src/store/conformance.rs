@@ -49,6 +49,7 @@ macro_rules! history_store_conformance {
             groups,
             group_creation_keys,
             group_edit_keys,
+            duplicates_name_the_members_still_owed,
         );
     };
     (@tests $mode:tt; $($name:ident),* $(,)?) => {
@@ -896,6 +897,66 @@ pub async fn group_edit_keys(store: &impl HistoryStore) {
         (1..=last_seq).collect::<Vec<_>>(),
         "one seq order for everything"
     );
+}
+
+/// A retry's result names the members whose delivered watermark is still
+/// below the message: those who may never have been sent it, to whom the
+/// retry delivers it again. Retries of sends and of group changes alike.
+pub async fn duplicates_name_the_members_still_owed(store: &impl HistoryStore) {
+    let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
+    let c = user(store, "carol").await;
+    let others = |x: &Appended| {
+        let mut owed: Vec<UserId> = x.members.iter().copied().filter(|&u| u != a).collect();
+        owed.sort_unstable();
+        owed
+    };
+    let delivered = |conversation_id, user_id, seq| WatermarkUpdate {
+        conversation_id,
+        user_id,
+        kind: WatermarkKind::Delivered,
+        seq,
+    };
+
+    let first = append_one(store, text(direct, a, "m-1", "hi", 10)).await;
+    assert!(!first.duplicate);
+    assert_eq!(others(&first), vec![b], "a new message goes to everyone");
+    let retry = append_one(store, text(direct, a, "m-1", "hi", 11)).await;
+    assert!(retry.duplicate);
+    assert_eq!(retry.message.seq, first.message.seq);
+    assert_eq!(others(&retry), vec![b], "bob has not acknowledged it");
+    store
+        .advance_watermarks(vec![delivered(direct, b, first.message.seq)])
+        .await
+        .unwrap();
+    let retry = append_one(store, text(direct, a, "m-1", "hi", 12)).await;
+    assert!(retry.duplicate);
+    assert_eq!(others(&retry), Vec::<UserId>::new(), "bob has it");
+    // A later message does not settle an earlier one's retry.
+    let second = append_one(store, text(direct, a, "m-2", "there?", 13)).await;
+    let retry = append_one(store, text(direct, a, "m-2", "there?", 14)).await;
+    assert_eq!(
+        (retry.message.seq, others(&retry)),
+        (second.message.seq, vec![b])
+    );
+
+    let g = created(
+        store
+            .create_group(new_group(a, "trip", vec![b, c], None), 5, 20)
+            .await,
+    )
+    .message
+    .conversation_id;
+    let edit = || GroupEdit::new(g, a, GroupChange::Rename("trip 2".into())).keyed("e-1");
+    let renamed = store.change_group(edit(), 5, 21).await.unwrap();
+    store
+        .advance_watermarks(vec![delivered(g, b, renamed.message.seq)])
+        .await
+        .unwrap();
+    let repeat = store.change_group(edit(), 5, 22).await.unwrap();
+    assert!(repeat.duplicate);
+    let mut expected = vec![c];
+    expected.sort_unstable();
+    assert_eq!(others(&repeat), expected, "carol has not acknowledged it");
 }
 
 /// Groups: creation, changes with their SYSTEM messages in seq order,

@@ -341,7 +341,10 @@ pub struct Appended {
     pub message: Arc<proto::Message>,
     /// True when `client_msg_id` was already stored: nothing was written.
     pub duplicate: bool,
-    /// Every member of the conversation, sender included.
+    /// Every member of the conversation, sender included. For a duplicate,
+    /// only the other members whose delivered watermark is still below it:
+    /// those who may never have been sent it (its first answer was lost
+    /// before its fan-out, say), to whom the retry delivers it again.
     pub members: Vec<UserId>,
 }
 

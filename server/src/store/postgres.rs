@@ -615,10 +615,16 @@ impl PostgresStore {
                     members,
                 }),
                 Slot::SameAs(first) => match results.get(first) {
+                    // Nobody has acknowledged a message of this batch yet.
                     Some(Ok(original)) => Ok(Appended {
                         message: original.message.clone(),
                         duplicate: true,
-                        members: original.members.clone(),
+                        members: original
+                            .members
+                            .iter()
+                            .copied()
+                            .filter(|&member| member != m.sender_id)
+                            .collect(),
                     }),
                     _ => Err(StoreError::Internal(
                         "duplicate points at a message that was not stored".into(),
@@ -1694,13 +1700,16 @@ impl HistoryStore for PostgresStore {
     }
 }
 
-/// Stored messages with the keys of a batch, and the members of each one's
-/// conversation (a retry answers with the original and its members).
+/// Stored messages with the keys of a batch, and the other members of each
+/// one's conversation still owed it (a retry answers with the original, and
+/// delivers it again to them).
 const EXISTING_KEYS: &str = "
     SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
            m.type, m.sent_at_ms, m.body,
            ARRAY(SELECT x.user_id FROM members x
-                 WHERE x.conversation_id = m.conversation_id ORDER BY x.user_id)
+                 WHERE x.conversation_id = m.conversation_id AND x.delivered_seq < m.seq
+                   AND x.user_id <> m.sender_id
+                 ORDER BY x.user_id)
     FROM unnest($1::bigint[], $2::text[]) AS k(sender_id, client_msg_id)
     JOIN messages m ON m.sender_id = k.sender_id AND m.client_msg_id = k.client_msg_id";
 

@@ -1342,10 +1342,21 @@ fn stored_original(
         Some(c) => c.members.to_vec(),
         None => Vec::new(),
     };
+    // Only the others still owed it.
+    let mut owed = Vec::with_capacity(members.len());
+    for member in members {
+        if member != sender
+            && state
+                .watermark(conn, conversation_id, member)?
+                .is_some_and(|(delivered, _)| delivered < seq)
+        {
+            owed.push(member);
+        }
+    }
     Ok(Some(Appended {
         message: Arc::new(original),
         duplicate: true,
-        members,
+        members: owed,
     }))
 }
 
