@@ -422,22 +422,24 @@ async fn a_retry_delivers_a_message_whose_first_fan_out_never_happened() {
 }
 
 #[tokio::test]
-async fn a_removed_members_unread_queue_is_dropped_when_they_come_back() {
+async fn a_member_removed_while_offline_is_told_once_and_their_queue_then_dropped() {
     // Bob is offline while messages queue up for him in a group, and is
-    // removed from it. His acks of that group no longer reach the queue, so
-    // it stayed in Redis for good and counted against his catch-up limit.
-    // Catch-up now drops what it will never send.
-    let Some(backend) = Backend::production().await else {
+    // removed from it. On his return he gets them and his removal (the
+    // departure in Postgres); his device's ack ends the departure. His acks
+    // of that group no longer reach the queue (he is no member), so the
+    // next catch-up drops it: it stayed in Redis for good and counted
+    // against his catch-up limit.
+    let Some((backend, schema)) = production_with_schema().await else {
         return;
     };
     let Backend::Production(production) = &backend else {
-        unreachable!("production() gives a production backend");
+        unreachable!("production_with_schema() gives a production backend");
     };
     let server = TestServer::start_on(backend.clone()).await;
     let (owner, _eo) = register(server.client_config(), &name("owner")).await;
     let (bob, _eb) = register(server.client_config(), &name("bob")).await;
     let (carol, _ec) = register(server.client_config(), &name("carol")).await;
-    befriend(&owner, &bob).await;
+    let direct = befriend(&owner, &bob).await;
     befriend(&owner, &carol).await;
     let bob_id = bob.identity().user_id;
     let bob_token = bob.identity().token;
@@ -475,11 +477,36 @@ async fn a_removed_members_unread_queue_is_dropped_when_they_come_back() {
     .await;
     owner.remove_member(group, bob_id).await.unwrap();
 
-    let (_bob, _bob_events) = Client::resume(server.client_config(), &bob_token)
+    let (bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
+        .await
+        .unwrap();
+    let got = messages(&mut bob_events, 4).await;
+    let texts: Vec<&str> = got.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts[..3], ["m0", "m1", "m2"], "{texts:?}");
+    assert!(texts[3].contains("removed"), "{texts:?}");
+    let admin = postgres::testing::admin().await.expect("admin connection");
+    wait_until("bob's device acknowledged his removal", || async {
+        let left: i64 = admin
+            .query_one(
+                &format!(r#"SELECT count(*) FROM "{schema}".departures WHERE user_id = $1"#),
+                &[&(bob_id as i64)],
+            )
+            .await
+            .expect("count departures")
+            .get(0);
+        left == 0
+    })
+    .await;
+    bob.close();
+
+    let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
         .await
         .unwrap();
     wait_until("bob's stale queue dropped", || async {
         inbox.pending(bob_id, 100).await.unwrap().is_empty()
     })
     .await;
+    owner.send_text(direct, "still friends").await.unwrap();
+    let next = messages(&mut bob_events, 1).await;
+    assert_eq!(next[0].text, "still friends", "told of the removal once");
 }

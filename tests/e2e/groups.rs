@@ -237,6 +237,48 @@ each_backend! {
         assert_eq!(code(members[2].0.leave_group(g).await), ErrorCode::NotAMember);
     }
 
+    async fn a_member_removed_while_offline_is_told_on_return(backend: Backend) {
+        // Bob is offline while he is removed. His members row is gone, and
+        // catch-up, which read only memberships, sent him nothing: his app
+        // went on showing the group. Now he gets what he missed up to and
+        // including his removal, and nothing after it.
+        let server = TestServer::start_on(backend.clone()).await;
+        let mut members = circle(&server, 3).await;
+        let all = ids(&members);
+        let owner = members[0].0.clone();
+        let g = owner.create_group("trip", &all[1..]).await.unwrap().conversation_id;
+        let direct = owner.open_direct(all[1]).await.unwrap().conversation_id;
+        wait_until("bob's delivered watermark past the creation", || async {
+            owner
+                .conversation(g)
+                .await
+                .unwrap()
+                .members
+                .iter()
+                .any(|m| m.user_id == all[1] && m.delivered_seq >= 1)
+        })
+        .await;
+        let (bob, _) = members.remove(1);
+        let bob_token = bob.identity().token;
+        bob.close();
+
+        owner.send_text(g, "while you were out").await.unwrap();
+        owner.remove_member(g, all[1]).await.unwrap();
+        owner.send_text(g, "after").await.unwrap();
+
+        let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_token).await.unwrap();
+        let got = messages(&mut bob_events, 2).await;
+        let seqs: Vec<(u64, u64)> = got.iter().map(|m| (m.conversation_id, m.seq)).collect();
+        assert_eq!(seqs, [(g, 2), (g, 3)], "{got:?}");
+        assert_eq!(got[0].text, "while you were out");
+        assert_eq!(got[1].r#type, proto::MessageType::System as i32);
+        assert!(got[1].text.contains("removed"), "{}", got[1].text);
+        // Catch-up came first; the next message is live, and not "after".
+        owner.send_text(direct, "are you there?").await.unwrap();
+        let next = messages(&mut bob_events, 1).await;
+        assert_eq!((next[0].conversation_id, next[0].text.as_str()), (direct, "are you there?"));
+    }
+
     async fn an_offline_member_catches_up_in_order_across_a_membership_change(backend: Backend) {
         let server = TestServer::start_on(backend.clone()).await;
         let mut members = circle(&server, 4).await;

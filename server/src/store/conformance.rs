@@ -50,6 +50,7 @@ macro_rules! history_store_conformance {
             group_creation_keys,
             group_edit_keys,
             duplicates_name_the_members_still_owed,
+            removed_members_catch_up_to_their_removal,
         );
     };
     (@tests $mode:tt; $($name:ident),* $(,)?) => {
@@ -957,6 +958,100 @@ pub async fn duplicates_name_the_members_still_owed(store: &impl HistoryStore) {
     let mut expected = vec![c];
     expected.sort_unstable();
     assert_eq!(others(&repeat), expected, "carol has not acknowledged it");
+}
+
+/// A member removed while offline still catches up on what they had not
+/// received, up to and including the message that removed them, and no
+/// further; their device's acknowledgement ends it, and rejoining starts
+/// afresh.
+pub async fn removed_members_catch_up_to_their_removal(store: &impl HistoryStore) {
+    let (a, b, _) = friends_with_direct(store, "alice", "bob").await;
+    let c = user(store, "carol").await;
+    let g = created(
+        store
+            .create_group(new_group(a, "trip", vec![b, c], None), 5, 10)
+            .await,
+    )
+    .message
+    .conversation_id;
+    let delivered = |seq| WatermarkUpdate {
+        conversation_id: g,
+        user_id: b,
+        kind: WatermarkKind::Delivered,
+        seq,
+    };
+    let pending = |ranges: Option<Vec<PendingRange>>| {
+        ranges.map(|r| {
+            r.iter()
+                .filter(|r| r.conversation_id == g)
+                .map(|r| (r.delivered_seq, r.last_seq))
+                .collect::<Vec<_>>()
+        })
+    };
+    store.advance_watermarks(vec![delivered(1)]).await.unwrap();
+    append_one(store, text(g, a, "m2", "before", 11)).await;
+    let removed = store
+        .change_group(GroupEdit::new(g, a, GroupChange::Remove(b)), 5, 12)
+        .await
+        .unwrap();
+    assert_eq!(removed.message.seq, 3);
+    append_one(store, text(g, c, "m4", "after", 13)).await;
+
+    assert_eq!(store.membership(g, b).await.unwrap(), None);
+    let missed = store.undelivered(b, (0, 0), 100).await.unwrap();
+    assert_eq!(seqs(&missed), vec![2, 3], "up to the removal, not after");
+    assert_eq!(missed[1].text, "alice removed bob");
+    assert_eq!(
+        seqs(&store.undelivered(b, (g, 2), 100).await.unwrap()),
+        vec![3]
+    );
+    let ranges = store.pending_ranges(b).await.unwrap();
+    if ranges.is_some() {
+        assert_eq!(pending(ranges), Some(vec![(1, 3)]));
+    }
+
+    // The device acknowledges part, then all of it.
+    assert!(
+        store
+            .advance_watermarks(vec![delivered(2)])
+            .await
+            .unwrap()
+            .is_empty(),
+        "no member's watermark moved"
+    );
+    assert_eq!(
+        seqs(&store.undelivered(b, (0, 0), 100).await.unwrap()),
+        vec![3]
+    );
+    store.advance_watermarks(vec![delivered(3)]).await.unwrap();
+    assert!(store.undelivered(b, (0, 0), 100).await.unwrap().is_empty());
+    let ranges = store.pending_ranges(b).await.unwrap();
+    if ranges.is_some() {
+        assert_eq!(pending(ranges), Some(vec![]));
+    }
+
+    // Back in (from seq 5), out again (6): the second stay, and only it.
+    store
+        .change_group(GroupEdit::new(g, a, GroupChange::Add(vec![b])), 5, 14)
+        .await
+        .unwrap();
+    store
+        .change_group(GroupEdit::new(g, a, GroupChange::Remove(b)), 5, 15)
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs(&store.undelivered(b, (0, 0), 100).await.unwrap()),
+        vec![5, 6]
+    );
+    // Rejoining while the removal is unacknowledged drops it.
+    store
+        .change_group(GroupEdit::new(g, a, GroupChange::Add(vec![b])), 5, 16)
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs(&store.undelivered(b, (0, 0), 100).await.unwrap()),
+        vec![7]
+    );
 }
 
 /// Groups: creation, changes with their SYSTEM messages in seq order,

@@ -562,7 +562,11 @@ pub trait HistoryStore: Send + Sync + 'static {
     ) -> Result<Page, StoreError>;
     /// Messages from others above `user`'s delivered watermark, ordered by
     /// (conversation, seq), starting strictly after `after` (a
-    /// (conversation, seq) cursor) for paging.
+    /// (conversation, seq) cursor) for paging. A group `user` was removed
+    /// from while their device had not had everything counts up to the
+    /// message that removed them, until a watermark move of theirs there
+    /// reaches it ([`advance_watermarks`](Self::advance_watermarks) takes
+    /// non-members' moves for this) or they rejoin.
     async fn undelivered(
         &self,
         user: UserId,
@@ -570,8 +574,9 @@ pub trait HistoryStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Arc<proto::Message>>, StoreError>;
     /// Conversations where `user`'s delivered watermark is below the last
-    /// seq: a cheap index lookup used to check an [`InboxStore`] queue
-    /// before trusting it. `None` when the backend cannot answer cheaply
+    /// seq (for a group they were removed from, the removal's seq; see
+    /// [`undelivered`](Self::undelivered)): a cheap index lookup used to
+    /// check an [`InboxStore`] queue before trusting it. `None` when the backend cannot answer cheaply
     /// (callers then read history).
     async fn pending_ranges(&self, user: UserId) -> Result<Option<Vec<PendingRange>>, StoreError> {
         let _ = user;

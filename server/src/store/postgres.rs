@@ -1315,6 +1315,8 @@ impl HistoryStore for PostgresStore {
             id_col(&row, 0)? + 1
         };
         let mut also_tell: Vec<UserId> = Vec::new();
+        // A removed member and their delivered watermark.
+        let mut departed: Option<(UserId, u64)> = None;
         let text = match change {
             GroupChange::Rename(name) => {
                 tx.execute(
@@ -1376,8 +1378,9 @@ impl HistoryStore for PostgresStore {
                     return Err(StoreError::NotFound);
                 }
                 let name = group::username(&tx, user).await?.unwrap_or_default();
-                group::remove_member(&tx, conversation_id, user).await?;
+                let delivered = group::remove_member(&tx, conversation_id, user).await?;
                 also_tell.push(user);
+                departed = Some((user, delivered));
                 crate::store::system_text::removed(&actor_name, &name)
             }
             GroupChange::Leave => {
@@ -1420,6 +1423,10 @@ impl HistoryStore for PostgresStore {
         };
         let (mut appended, xid) =
             group::append_system(&tx, conversation_id, actor, client_key, text, now_ms).await?;
+        if let Some((user, delivered)) = departed {
+            group::note_departure(&tx, conversation_id, user, delivered, appended.message.seq)
+                .await?;
+        }
         if let Err(e) = tx.commit().await {
             self.settle_commit(xid, e).await?;
         }
@@ -1515,18 +1522,24 @@ impl HistoryStore for PostgresStore {
         self.rows(
             "SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
                     m.type, m.sent_at_ms, m.body
-             FROM members mb
-             JOIN conversations c ON c.id = mb.conversation_id
+             FROM (
+                SELECT mb.conversation_id, mb.delivered_seq, c.last_seq AS upto
+                FROM members mb JOIN conversations c ON c.id = mb.conversation_id
+                WHERE mb.user_id = $1 AND mb.conversation_id >= $2::bigint
+                UNION ALL
+                SELECT conversation_id, delivered_seq, seq FROM departures
+                WHERE user_id = $1 AND conversation_id >= $2::bigint
+             ) r
              CROSS JOIN LATERAL (
                 SELECT * FROM messages m
-                WHERE m.conversation_id = mb.conversation_id
-                  AND m.seq > GREATEST(mb.delivered_seq,
-                        CASE WHEN mb.conversation_id = $2::bigint THEN $3::bigint ELSE 0 END)
+                WHERE m.conversation_id = r.conversation_id
+                  AND m.seq > GREATEST(r.delivered_seq,
+                        CASE WHEN r.conversation_id = $2::bigint THEN $3::bigint ELSE 0 END)
+                  AND m.seq <= r.upto
                   AND m.sender_id <> $1
                 ORDER BY m.seq LIMIT $4
              ) m
-             WHERE mb.user_id = $1 AND mb.conversation_id >= $2::bigint
-               AND c.last_seq > mb.delivered_seq
+             WHERE r.upto > r.delivered_seq
              ORDER BY m.conversation_id, m.seq LIMIT $4",
             &[&sql(user), &sql(after.0), &sql(after.1), &i64::from(limit)],
         )
@@ -1541,7 +1554,10 @@ impl HistoryStore for PostgresStore {
             "SELECT m.conversation_id, m.delivered_seq, c.last_seq
              FROM members m JOIN conversations c ON c.id = m.conversation_id
              WHERE m.user_id = $1 AND c.last_seq > m.delivered_seq
-             ORDER BY m.conversation_id",
+             UNION ALL
+             SELECT conversation_id, delivered_seq, seq FROM departures
+             WHERE user_id = $1 AND seq > delivered_seq
+             ORDER BY 1",
             &[&sql(user)],
         )
         .await?
@@ -1598,13 +1614,33 @@ impl HistoryStore for PostgresStore {
         let lock_params: [Param<'_>; 2] = [&conversations, &users];
         let advance_params: [Param<'_>; 4] = [&conversations, &users, &delivered, &seen];
         let tx = PipelinedTx::new(client);
-        let (_, _, rows) = tokio::try_join!(
+        let (_, locked, rows) = tokio::try_join!(
             biased;
             tx.begin(),
             tx.query(&lock, &lock_params),
             tx.query(&advance, &advance_params),
         )
         .map_err(pg)?;
+        if locked.len() < sorted.len() {
+            // Some are no members: perhaps removed members' devices,
+            // catching up (rare, so a round trip of its own).
+            let members: HashSet<(ConversationId, UserId)> = locked
+                .iter()
+                .map(|r| Ok((id_col(r, 0)?, id_col(r, 1)?)))
+                .collect::<Result<_, StoreError>>()?;
+            let (conversations, users, delivered): (Vec<i64>, Vec<i64>, Vec<i64>) = sorted
+                .iter()
+                .filter(|k| !members.contains(k))
+                .map(|k| {
+                    let (d, _) = targets.get(k).copied().unwrap_or_default();
+                    (sql(k.0), sql(k.1), sql(d))
+                })
+                .collect();
+            tx.client()
+                .execute(ACK_DEPARTURES, &[&conversations, &users, &delivered])
+                .await
+                .map_err(pg)?;
+        }
         tx.commit().await.map_err(pg)?;
 
         let mut moved: HashMap<(ConversationId, UserId), WatermarkMoved> = HashMap::new();
@@ -1742,9 +1778,26 @@ const LOCK_CONVERSATIONS: &str = "
 /// updated, in `append` and in `advance_watermarks` alike: a single UPDATE
 /// locks rows in whatever order its plan visits them.
 const LOCK_MEMBERS: &str = "
-    SELECT 1 FROM members
+    SELECT conversation_id, user_id FROM members
     WHERE (conversation_id, user_id) IN (SELECT * FROM unnest($1::bigint[], $2::bigint[]))
     ORDER BY conversation_id, user_id FOR NO KEY UPDATE";
+
+/// Removed members' devices acknowledged up to `$3`: each departure moves
+/// forward, and is gone once the removal itself is acknowledged (the two
+/// statements touch different rows).
+const ACK_DEPARTURES: &str = "
+    WITH u AS (
+        SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[])
+            AS u(conversation_id, user_id, delivered)
+    ), gone AS (
+        DELETE FROM departures d USING u
+        WHERE d.conversation_id = u.conversation_id AND d.user_id = u.user_id
+          AND d.seq <= u.delivered
+    )
+    UPDATE departures d SET delivered_seq = GREATEST(d.delivered_seq, u.delivered)
+    FROM u
+    WHERE d.conversation_id = u.conversation_id AND d.user_id = u.user_id
+      AND d.seq > u.delivered";
 
 /// Moves each conversation's last seq and activity time. `c.id = ANY`
 /// makes the plan find the rows by key: joined to `unnest` alone, the

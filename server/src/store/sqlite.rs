@@ -136,6 +136,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V4__message_log.sql"),
     include_str!("sqlite/V5__watermark_log.sql"),
     include_str!("sqlite/V6__group_keys.sql"),
+    include_str!("sqlite/V7__departures.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1085,6 +1086,16 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<proto::Message>
 }
 
 /// The columns [`message_from_row`] reads, from `messages m`.
+/// What user `?1` has to catch up on, per conversation: above their
+/// delivered watermark, up to the last seq of a group they are in, or up
+/// to the message that removed them from one (`departures`).
+const READING_RANGES: &str = "
+    SELECT mb.conversation_id, mb.delivered_seq, c.last_seq AS upto
+    FROM members mb JOIN conversations c ON c.id = mb.conversation_id
+    WHERE mb.user_id = ?1
+    UNION ALL
+    SELECT conversation_id, delivered_seq, seq FROM departures WHERE user_id = ?1";
+
 const MESSAGE_COLUMNS: &str = concat!(
     "m.conversation_id, m.seq, m.message_id, m.sender_id, ",
     "m.client_msg_id, m.type, m.sent_at_ms, m.body"
@@ -1265,6 +1276,59 @@ fn add_member(
         sql(below)
     ])
     .map_err(internal)?;
+    // Rejoining: what they missed while away is not theirs to catch up on.
+    conn.prepare_cached("DELETE FROM departures WHERE user_id = ?1 AND conversation_id = ?2")
+        .map_err(internal)?
+        .execute(params![sql(user), sql(conversation_id)])
+        .map_err(internal)?;
+    Ok(())
+}
+
+/// Remembers that `user` was removed by message `seq` while their delivered
+/// watermark stood at `delivered`, until their device acknowledges it.
+fn note_departure(
+    conn: &Connection,
+    conversation_id: ConversationId,
+    user: UserId,
+    delivered: u64,
+    seq: u64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO departures (user_id, conversation_id, delivered_seq, seq)
+         VALUES (?1, ?2, ?3, ?4)",
+    )
+    .map_err(internal)?
+    .execute(params![
+        sql(user),
+        sql(conversation_id),
+        sql(delivered),
+        sql(seq)
+    ])
+    .map_err(internal)?;
+    Ok(())
+}
+
+/// A removed member's device acknowledged up to `seq`: the departure moves
+/// forward, and is gone once the removal itself is acknowledged.
+fn ack_departure(
+    conn: &Connection,
+    conversation_id: ConversationId,
+    user: UserId,
+    seq: u64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "DELETE FROM departures WHERE user_id = ?1 AND conversation_id = ?2 AND seq <= ?3",
+    )
+    .map_err(internal)?
+    .execute(params![sql(user), sql(conversation_id), sql(seq)])
+    .map_err(internal)?;
+    conn.prepare_cached(
+        "UPDATE departures SET delivered_seq = MAX(delivered_seq, ?3)
+         WHERE user_id = ?1 AND conversation_id = ?2",
+    )
+    .map_err(internal)?
+    .execute(params![sql(user), sql(conversation_id), sql(seq)])
+    .map_err(internal)?;
     Ok(())
 }
 
@@ -1282,9 +1346,8 @@ fn remove_member(
     Ok(())
 }
 
-/// A SYSTEM message written by the server on behalf of `actor`.
-/// A SYSTEM message by `actor`, stored under the actor's key for the change
-/// it records, or under a random one.
+/// A SYSTEM message written by the server on behalf of `actor`, stored
+/// under the actor's key for the change it records, or under a random one.
 fn system_message(
     conversation_id: ConversationId,
     actor: UserId,
@@ -1900,12 +1963,11 @@ impl HistoryStore for SqliteStore {
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {MESSAGE_COLUMNS}
-                     FROM members mb
-                     JOIN conversations c ON c.id = mb.conversation_id
-                     JOIN message_index i ON i.conversation_id = mb.conversation_id
-                                         AND i.seq > mb.delivered_seq
+                     FROM ({READING_RANGES}) r
+                     JOIN message_index i ON i.conversation_id = r.conversation_id
+                                         AND i.seq > r.delivered_seq AND i.seq <= r.upto
                      JOIN messages m ON m.message_id = i.message_id
-                     WHERE mb.user_id = ?1 AND c.last_seq > mb.delivered_seq
+                     WHERE r.upto > r.delivered_seq
                        AND m.sender_id != ?1
                        AND (i.conversation_id, i.seq) > (?2, ?3)
                      ORDER BY i.conversation_id, i.seq LIMIT ?4"
@@ -2057,6 +2119,8 @@ impl HistoryStore for SqliteStore {
                 None => return Err(StoreError::NotAMember),
             };
             let mut also_tell: Vec<UserId> = Vec::new();
+            // A removed member and their delivered watermark.
+            let mut departed: Option<(UserId, u64)> = None;
             let text = match change {
                 GroupChange::Rename(name) => {
                     conn.prepare_cached("UPDATE conversations SET name = ?2 WHERE id = ?1")
@@ -2107,8 +2171,12 @@ impl HistoryStore for SqliteStore {
                         return Err(StoreError::NotFound);
                     }
                     let name = username_of(conn, user)?.unwrap_or_default();
+                    let delivered = state
+                        .watermark(conn, conversation_id, user)?
+                        .map_or(0, |(delivered, _)| delivered);
                     remove_member(conn, conversation_id, user)?;
                     also_tell.push(user);
+                    departed = Some((user, delivered));
                     super::system_text::removed(&actor_name, &name)
                 }
                 GroupChange::Leave => {
@@ -2149,6 +2217,9 @@ impl HistoryStore for SqliteStore {
             state.conversations.remove(&conversation_id);
             let message = system_message(conversation_id, actor, client_key, text, now_ms);
             let mut appended = append_one(conn, state, message, true)?;
+            if let Some((user, delivered)) = departed {
+                note_departure(conn, conversation_id, user, delivered, appended.message.seq)?;
+            }
             for user in also_tell {
                 if !appended.members.contains(&user) {
                     appended.members.push(user);
@@ -2162,12 +2233,10 @@ impl HistoryStore for SqliteStore {
     async fn pending_ranges(&self, user: UserId) -> Result<Option<Vec<PendingRange>>, StoreError> {
         self.call(move |conn, _| {
             let mut stmt = conn
-                .prepare_cached(
-                    "SELECT m.conversation_id, m.delivered_seq, c.last_seq
-                     FROM members m JOIN conversations c ON c.id = m.conversation_id
-                     WHERE m.user_id = ?1 AND c.last_seq > m.delivered_seq
-                     ORDER BY m.conversation_id",
-                )
+                .prepare_cached(&format!(
+                    "SELECT conversation_id, delivered_seq, upto FROM ({READING_RANGES})
+                     WHERE upto > delivered_seq ORDER BY conversation_id"
+                ))
                 .map_err(internal)?;
             let rows = stmt
                 .query_map([sql(user)], |r| {
@@ -2198,7 +2267,11 @@ impl HistoryStore for SqliteStore {
                     Some(c) if c.members.contains(&u.user_id) => {
                         (c.members.clone(), u.seq.min(c.last_seq))
                     }
-                    _ => continue,
+                    // Perhaps a removed member's device, catching up.
+                    _ => {
+                        ack_departure(conn, u.conversation_id, u.user_id, u.seq)?;
+                        continue;
+                    }
                 };
                 let Some(current) = state.watermark(conn, u.conversation_id, u.user_id)? else {
                     continue;

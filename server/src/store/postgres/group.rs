@@ -61,17 +61,54 @@ pub(super) async fn add_member(
     )
     .await
     .map_err(pg)?;
+    // Rejoining: what they missed while away is not theirs to catch up on.
+    tx.execute(
+        "DELETE FROM departures WHERE user_id = $1 AND conversation_id = $2",
+        &[&sql(user), &sql(conversation_id)],
+    )
+    .await
+    .map_err(pg)?;
     Ok(())
 }
 
+/// Deletes a member's row; returns their delivered watermark (0 if they
+/// were no member).
 pub(super) async fn remove_member(
     tx: &Transaction<'_>,
     conversation_id: ConversationId,
     user: UserId,
+) -> Result<u64, StoreError> {
+    let row = tx
+        .query_opt(
+            "DELETE FROM members WHERE conversation_id = $1 AND user_id = $2
+             RETURNING delivered_seq",
+            &[&sql(conversation_id), &sql(user)],
+        )
+        .await
+        .map_err(pg)?;
+    row.map_or(Ok(0), |r| id_col(&r, 0))
+}
+
+/// Remembers that `user` was removed by message `seq` while their delivered
+/// watermark stood at `delivered`, until their device acknowledges it.
+pub(super) async fn note_departure(
+    tx: &Transaction<'_>,
+    conversation_id: ConversationId,
+    user: UserId,
+    delivered: u64,
+    seq: u64,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "DELETE FROM members WHERE conversation_id = $1 AND user_id = $2",
-        &[&sql(conversation_id), &sql(user)],
+        "INSERT INTO departures (user_id, conversation_id, delivered_seq, seq)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (user_id, conversation_id)
+         DO UPDATE SET delivered_seq = EXCLUDED.delivered_seq, seq = EXCLUDED.seq",
+        &[
+            &sql(user),
+            &sql(conversation_id),
+            &sql(delivered),
+            &sql(seq),
+        ],
     )
     .await
     .map_err(pg)?;
