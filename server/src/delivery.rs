@@ -454,7 +454,7 @@ async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &
             redeliver(c, &appended, out);
             continue;
         }
-        fan_out(c, appended, Some(received), out);
+        fan_out(c, appended, session.conn_id, Some(received), out);
     }
 }
 
@@ -510,7 +510,7 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout) {
             if appended.duplicate {
                 redeliver(c, &appended, out);
             } else {
-                fan_out(c, appended, None, out);
+                fan_out(c, appended, job.session.conn_id, None, out);
             }
             Frame::new(job.request_id, Body::Ok(proto::Ok {}))
         }
@@ -536,7 +536,7 @@ async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
             let id = match created {
                 GroupCreated::New(appended) => {
                     let id = appended.message.conversation_id;
-                    fan_out(c, appended, None, out);
+                    fan_out(c, appended, job.session.conn_id, None, out);
                     id
                 }
                 GroupCreated::Existing(id) => id,
@@ -557,10 +557,18 @@ async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
         .push(StreamKind::Control, Outbound::frame(&reply));
 }
 
-/// Pushes a stored message to every member but its sender, and notes it
-/// for the recent cache and the unread queues. `received` (when the send
-/// was decoded) feeds the send-to-deliver latency.
-fn fan_out(c: &Committer, appended: Appended, received: Option<Instant>, out: &mut Fanout) {
+/// Pushes a stored message to every member but its sender, and to the
+/// sender's other connected devices (not `from_conn`, the one it came
+/// from), and notes it for the recent cache and the unread queues.
+/// `received` (when the send was decoded) feeds the send-to-deliver
+/// latency.
+fn fan_out(
+    c: &Committer,
+    appended: Appended,
+    from_conn: u64,
+    received: Option<Instant>,
+    out: &mut Fanout,
+) {
     let message = &appended.message;
     let deliver = Frame::push(Body::Deliver(proto::Deliver {
         message: Some((**message).clone()),
@@ -584,7 +592,15 @@ fn fan_out(c: &Committer, appended: Appended, received: Option<Instant>, out: &m
             out.queued.push((member, message.clone()));
         }
     }
-    c.metrics.deliveries.increment(pushed as u64);
+    // Live only: an offline device of the sender reads its own messages
+    // through history (watermarks are per member, not per device).
+    let echoed = c.hub.push(
+        message.sender_id,
+        StreamKind::Messages,
+        &frame,
+        Some(from_conn),
+    );
+    c.metrics.deliveries.increment((pushed + echoed) as u64);
     if let (Some(received), true) = (received, pushed > 0) {
         c.metrics
             .send_to_deliver

@@ -58,6 +58,35 @@ async fn alice_sends_to_offline_bob(
 }
 
 each_backend! {
+    async fn a_send_shows_on_the_senders_other_devices(backend: Backend) {
+        // Alice on a phone and a laptop: what she sends from the phone
+        // appears on the laptop as it is sent (not on the phone, which has
+        // its SendAck), and bob's reply reaches both.
+        let server = TestServer::start_on(backend.clone()).await;
+        let alice_name = name("alice");
+        let (phone, mut phone_events) = register(server.client_config(), &alice_name).await;
+        let (laptop, mut laptop_events) = Client::login(server.client_config(), &alice_name, PASSWORD)
+            .await
+            .expect("a second device");
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&phone, &bob).await;
+        let alice_id = phone.identity().user_id;
+        assert_eq!(laptop.identity().user_id, alice_id);
+
+        let sent = phone.send_text(conversation, "from my phone").await.unwrap();
+        let echoed = messages(&mut laptop_events, 1).await;
+        assert_eq!(
+            (echoed[0].seq, echoed[0].sender_id, echoed[0].text.as_str()),
+            (sent.seq, alice_id, "from my phone")
+        );
+        assert_eq!(messages(&mut bob_events, 1).await[0].seq, sent.seq);
+        bob.send_text(conversation, "got it").await.unwrap();
+        for events in [&mut phone_events, &mut laptop_events] {
+            let next = messages(events, 1).await;
+            assert_eq!(next[0].text, "got it", "the phone did not get its own send back");
+        }
+    }
+
     async fn several_committers_keep_every_conversation_in_order(backend: Backend) {
         // Three committer pairs: the friends' conversations are spread over
         // them, and all of them commit at once.
