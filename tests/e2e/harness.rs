@@ -502,6 +502,20 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A bare QUIC connection to the server, trusting its CA; the endpoint must
+/// outlive the connection.
+pub async fn quic_connect(
+    server: &TestServer,
+) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {
+    let config = server.client_config().quinn_client_config().unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(config, server.addr, "localhost")
+        .unwrap()
+        .await?;
+    Ok((endpoint, conn))
+}
+
 /// Another device of a user that writes control requests by hand: for
 /// requests client-lib would not send as they are (a repeat with the same
 /// key, say).
@@ -517,13 +531,7 @@ pub struct RawControl {
 impl RawControl {
     /// Connects and resumes the session of `token` on a control stream.
     pub async fn resume(server: &TestServer, token: &str) -> RawControl {
-        let config = server.client_config().quinn_client_config().unwrap();
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = endpoint
-            .connect_with(config, server.addr, "localhost")
-            .unwrap()
-            .await
-            .expect("handshake");
+        let (endpoint, conn) = quic_connect(server).await.expect("handshake");
         let (mut send, recv) = conn.open_bi().await.unwrap();
         let mut open = bytes::BytesMut::new();
         chat_protocol::encode(

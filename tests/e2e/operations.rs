@@ -286,13 +286,7 @@ async fn readyz_follows_the_production_stores() {
 /// A raw QUIC connection attempt: the close code it ends with, if the
 /// server closes it within `within`.
 async fn close_code_of_new_connection(server: &TestServer, within: Duration) -> Option<ErrorCode> {
-    let config = server.client_config().quinn_client_config().unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(config, server.addr, "localhost")
-        .unwrap()
-        .await
-        .ok()?;
+    let (_endpoint, conn) = quic_connect(server).await.ok()?;
     match tokio::time::timeout(within, conn.closed()).await {
         Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
             Some(ErrorCode::from_wire(close.error_code.into_inner() as i32))

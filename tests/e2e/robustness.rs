@@ -17,13 +17,7 @@ struct Raw {
 
 impl Raw {
     async fn connect(server: &TestServer) -> Raw {
-        let config = server.client_config().quinn_client_config().unwrap();
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = endpoint
-            .connect_with(config, server.addr, "localhost")
-            .unwrap()
-            .await
-            .expect("handshake");
+        let (endpoint, conn) = quic_connect(server).await.expect("handshake");
         Raw {
             _endpoint: endpoint,
             conn,

@@ -133,6 +133,17 @@ pub fn text(
     }
 }
 
+/// A group "trip" of `creator` and `members` (limit 5).
+async fn trip(store: &impl HistoryStore, creator: UserId, members: Vec<UserId>) -> ConversationId {
+    created(
+        store
+            .create_group(new_group(creator, "trip", members, None), 5, 10)
+            .await,
+    )
+    .message
+    .conversation_id
+}
+
 async fn append_one(store: &impl HistoryStore, m: NewMessage) -> Appended {
     store.append(vec![m]).await.unwrap().pop().unwrap().unwrap()
 }
@@ -802,13 +813,7 @@ pub async fn group_edit_keys(store: &impl HistoryStore) {
     let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
     let c = user(store, "carol").await;
     let d = user(store, "dave").await;
-    let g = created(
-        store
-            .create_group(new_group(a, "trip", vec![b, c], None), 5, 10)
-            .await,
-    )
-    .message
-    .conversation_id;
+    let g = trip(store, a, vec![b, c]).await;
     let edit = |actor, change, key: &str| GroupEdit::new(g, actor, change).keyed(key);
     let rename = |name: &str| GroupChange::Rename(name.into());
 
@@ -940,13 +945,7 @@ pub async fn duplicates_name_the_members_still_owed(store: &impl HistoryStore) {
         (second.message.seq, vec![b])
     );
 
-    let g = created(
-        store
-            .create_group(new_group(a, "trip", vec![b, c], None), 5, 20)
-            .await,
-    )
-    .message
-    .conversation_id;
+    let g = trip(store, a, vec![b, c]).await;
     let edit = || GroupEdit::new(g, a, GroupChange::Rename("trip 2".into())).keyed("e-1");
     let renamed = store.change_group(edit(), 5, 21).await.unwrap();
     store
@@ -967,13 +966,7 @@ pub async fn duplicates_name_the_members_still_owed(store: &impl HistoryStore) {
 pub async fn removed_members_catch_up_to_their_removal(store: &impl HistoryStore) {
     let (a, b, _) = friends_with_direct(store, "alice", "bob").await;
     let c = user(store, "carol").await;
-    let g = created(
-        store
-            .create_group(new_group(a, "trip", vec![b, c], None), 5, 10)
-            .await,
-    )
-    .message
-    .conversation_id;
+    let g = trip(store, a, vec![b, c]).await;
     let delivered = |seq| WatermarkUpdate {
         conversation_id: g,
         user_id: b,
