@@ -613,7 +613,8 @@ impl Client {
         user_ids: &[u64],
     ) -> Result<Vec<proto::PresenceState>, ClientError> {
         *self.inner.watching.lock().expect("watching lock") = user_ids.to_vec();
-        let states = subscribe(&self.inner, user_ids.to_vec()).await?;
+        let mut states = subscribe(&self.inner, user_ids.to_vec()).await?;
+        states.retain(|state| user_ids.contains(&state.user_id));
         let mut known = self.inner.presence.lock().expect("presence lock");
         known.retain(|id, _| user_ids.contains(id));
         for state in &states {

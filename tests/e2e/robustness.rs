@@ -764,7 +764,7 @@ async fn client_state_holds_only_what_the_app_asked_about() {
             let reply = match frame.body {
                 Some(Body::SubscribePresence(_)) => {
                     Body::PresenceSnapshot(proto::PresenceSnapshot {
-                        states: vec![state(5, false)],
+                        states: vec![state(5, false), state(8, true)],
                     })
                 }
                 Some(Body::GetConversation(g)) => Body::Conversation(proto::ConversationInfo {
@@ -800,7 +800,12 @@ async fn client_state_holds_only_what_the_app_asked_about() {
     let (client, mut events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
         .await
         .expect("registered with the fake server");
-    client.subscribe_presence(&[5]).await.unwrap();
+    let snapshot = client.subscribe_presence(&[5]).await.unwrap();
+    assert_eq!(
+        snapshot.iter().map(|s| s.user_id).collect::<Vec<_>>(),
+        [5],
+        "a snapshot names only the users asked for"
+    );
     client.conversation(77).await.unwrap();
     let mut presence = Vec::new();
     let mut receipts = Vec::new();
@@ -821,6 +826,7 @@ async fn client_state_holds_only_what_the_app_asked_about() {
     assert!(client.presence(5).unwrap().online);
     assert_eq!(client.presence(6), None);
     assert_eq!(client.presence(7), None);
+    assert_eq!(client.presence(8), None);
     assert_eq!(
         client.receipt_status(900, 3),
         None,
