@@ -467,11 +467,8 @@ async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &
 /// seq), and one fanned out in this very batch is not pushed twice.
 fn redeliver(c: &Committer, appended: &Appended, out: &Fanout) {
     let message = &appended.message;
-    let owed = appended
-        .members
-        .iter()
-        .filter(|&&member| member != message.sender_id);
-    if owed.clone().next().is_none()
+    // The store names only the others still owed it.
+    if appended.members.is_empty()
         || out
             .stored
             .iter()
@@ -490,7 +487,7 @@ fn redeliver(c: &Committer, appended: &Appended, out: &Fanout) {
     // large group's sender may miss the receipts of a message that was never
     // fanned out, and GetMessageReceipts still has them.
     let mut pushed = 0;
-    for &member in owed {
+    for &member in &appended.members {
         pushed += c.hub.push(member, StreamKind::Messages, &frame, None);
     }
     c.metrics.redeliveries.increment(pushed as u64);

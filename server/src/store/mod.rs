@@ -141,6 +141,26 @@ pub struct NewGroup {
     pub client_key: Option<String>,
 }
 
+impl NewGroup {
+    /// The founding members besides the creator, sorted and without
+    /// repeats; `LimitReached` when they and the creator exceed
+    /// `max_members`.
+    pub fn others(&self, max_members: usize) -> Result<Vec<UserId>, StoreError> {
+        let mut others: Vec<UserId> = self
+            .members
+            .iter()
+            .copied()
+            .filter(|&m| m != self.creator)
+            .collect();
+        others.sort_unstable();
+        others.dedup();
+        if others.len() + 1 > max_members {
+            return Err(StoreError::LimitReached);
+        }
+        Ok(others)
+    }
+}
+
 /// What [`HistoryStore::create_group`] did.
 #[derive(Debug, Clone)]
 pub enum GroupCreated {

@@ -1177,23 +1177,18 @@ impl HistoryStore for PostgresStore {
         max_members: usize,
         now_ms: i64,
     ) -> Result<GroupCreated, StoreError> {
-        let NewGroup {
-            creator,
-            name,
-            members,
-            client_key,
-        } = group;
-        if let Some(key) = &client_key {
-            if let Some(id) = self.group_by_key(creator, key).await? {
+        if let Some(key) = &group.client_key {
+            if let Some(id) = self.group_by_key(group.creator, key).await? {
                 return Ok(GroupCreated::Existing(id));
             }
         }
-        let mut members: Vec<UserId> = members.into_iter().filter(|&m| m != creator).collect();
-        members.sort_unstable();
-        members.dedup();
-        if members.len() + 1 > max_members {
-            return Err(StoreError::LimitReached);
-        }
+        let members = group.others(max_members)?;
+        let NewGroup {
+            creator,
+            name,
+            client_key,
+            ..
+        } = group;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
         let creator_name = group::username(&tx, creator)

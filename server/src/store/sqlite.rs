@@ -2016,31 +2016,26 @@ impl HistoryStore for SqliteStore {
         now_ms: i64,
     ) -> Result<GroupCreated, StoreError> {
         self.call(move |conn, state| {
-            let NewGroup {
-                creator,
-                name,
-                members,
-                client_key,
-            } = group;
-            if let Some(key) = &client_key {
+            if let Some(key) = &group.client_key {
                 let existing: Option<i64> = conn
                     .prepare_cached(
                         "SELECT id FROM conversations WHERE creator_id = ?1 AND create_key = ?2",
                     )
                     .map_err(internal)?
-                    .query_row(params![sql(creator), key], |r| r.get(0))
+                    .query_row(params![sql(group.creator), key], |r| r.get(0))
                     .optional()
                     .map_err(internal)?;
                 if let Some(id) = existing {
                     return Ok(GroupCreated::Existing(id as u64));
                 }
             }
-            let mut members: Vec<UserId> = members.into_iter().filter(|&m| m != creator).collect();
-            members.sort_unstable();
-            members.dedup();
-            if members.len() + 1 > max_members {
-                return Err(StoreError::LimitReached);
-            }
+            let members = group.others(max_members)?;
+            let NewGroup {
+                creator,
+                name,
+                client_key,
+                ..
+            } = group;
             let mut names = Vec::with_capacity(members.len());
             for &member in &members {
                 names.push(username_of(conn, member)?.ok_or(StoreError::NotFound)?);
