@@ -646,6 +646,20 @@ async fn mark_committer(
                 .chain(jobs.iter().map(|j| j.update)),
         );
         metrics.watermark_batch.record(moves.len() as f64);
+        // Every mark also trims its member's unread queue up to its seq,
+        // the moved ones (below) by the stored watermark, the rest by what
+        // the device said: a removed member's device acknowledging the
+        // messages and removal it caught up on (no watermark moves; the
+        // queue would otherwise wait for their next catch-up), or a
+        // repeated ack (a no-op). A device that claims more than it got
+        // trims only its own queue.
+        let mut claimed: HashMap<(u64, UserId), u64> = HashMap::new();
+        if queue_updates.is_some() {
+            for u in &moves {
+                let seq = claimed.entry((u.conversation_id, u.user_id)).or_default();
+                *seq = (*seq).max(u.seq);
+            }
+        }
         let result = store.advance_watermarks(moves).await;
         if let Err(e @ StoreError::Unavailable(_)) = &result {
             carried = coalesce(
@@ -689,6 +703,12 @@ async fn mark_committer(
                         acks.push((m.user_id, m.conversation_id, m.delivered_seq));
                     }
                 }
+                acks.extend(
+                    claimed
+                        .into_iter()
+                        .filter(|(key, _)| !moved_keys.contains(key))
+                        .map(|((conversation, user), seq)| (user, conversation, seq)),
+                );
                 if let (Some(updates), false) = (&queue_updates, acks.is_empty()) {
                     if updates.send(CacheUpdate::Delivered(acks)).await.is_err() {
                         return;
