@@ -1289,6 +1289,27 @@ impl HistoryStore for PostgresStore {
                 return Ok(first);
             }
         }
+        // Then, before any write, the member rows the change will write, in
+        // user order: watermark batches lock member rows in (conversation,
+        // user) order and only then touch departures, so a change that
+        // wrote a target's row or a departure before the actor's row could
+        // deadlock with a batch holding the actor's. Leave may promote any
+        // member: it locks them all.
+        let touched: Option<Vec<i64>> = match &change {
+            GroupChange::Leave => None,
+            GroupChange::Remove(user) | GroupChange::SetAdmin(user, _) => {
+                Some(vec![sql(actor), sql(*user)])
+            }
+            GroupChange::Rename(_) | GroupChange::Add(_) => Some(vec![sql(actor)]),
+        };
+        tx.query(
+            "SELECT user_id FROM members
+             WHERE conversation_id = $1 AND ($2::bigint[] IS NULL OR user_id = ANY($2))
+             ORDER BY user_id FOR UPDATE",
+            &[&sql(conversation_id), &touched],
+        )
+        .await
+        .map_err(pg)?;
         let Some(actor_role) = group::role(&tx, conversation_id, actor).await? else {
             return Err(StoreError::NotAMember);
         };

@@ -525,6 +525,110 @@ async fn crossing_batches_and_watermarks_do_not_deadlock() {
     .await;
 }
 
+/// A group change locks the member rows it writes before it writes any,
+/// in the order watermark batches lock them. A batch holding the actor's
+/// row (their ack) that then wants the removed member's row used to
+/// deadlock with a removal that had deleted that row and waited for the
+/// actor's: Postgres broke it after a second by failing the change, and
+/// both committers stalled meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_change_and_a_crossing_watermark_batch_do_not_deadlock() {
+    with_store(|store| async move {
+        let schema = store
+            .schema()
+            .expect("a test store has a schema")
+            .to_owned();
+        // The owner's id is below the member's: the batch locks it first.
+        let owner = user(&*store, "owner").await;
+        let member = user(&*store, "member").await;
+        let other = user(&*store, "other").await;
+        let group = NewGroup {
+            creator: owner,
+            name: "g".into(),
+            members: vec![member, other],
+            client_key: None,
+        };
+        let GroupCreated::New(created) = store.create_group(group, 10, 10).await.unwrap() else {
+            panic!("a new group");
+        };
+        let group = created.message.conversation_id;
+        let (group_sql, owner_sql, member_sql) = (sql(group), sql(owner), sql(member));
+
+        // The "watermark batch": the owner's row locked, as LOCK_MEMBERS does.
+        let batch = admin().await;
+        batch.batch_execute("BEGIN").await.unwrap();
+        batch
+            .execute(
+                &format!(
+                    r#"SELECT 1 FROM "{schema}".members
+                       WHERE conversation_id = $1 AND user_id = $2 FOR NO KEY UPDATE"#
+                ),
+                &[&group_sql, &owner_sql],
+            )
+            .await
+            .unwrap();
+        let batch_pid: i32 = batch
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+
+        let change = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .change_group(
+                        GroupEdit::new(group, owner, GroupChange::Remove(member)),
+                        10,
+                        20,
+                    )
+                    .await
+            }
+        });
+        // Until the change waits for the batch.
+        let watcher = admin().await;
+        let deadline = Instant::now() + PROGRESS_DEADLINE;
+        loop {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    &[&batch_pid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the change never waited for the batch"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The batch moves the member's watermark, as ADVANCE does.
+        batch
+            .execute(
+                &format!(
+                    r#"UPDATE "{schema}".members SET delivered_seq = delivered_seq
+                       WHERE conversation_id = $1 AND user_id = $2"#
+                ),
+                &[&group_sql, &member_sql],
+            )
+            .await
+            .expect("the batch is not the deadlock's victim");
+        batch.batch_execute("COMMIT").await.unwrap();
+        let removed = tokio::time::timeout(PROGRESS_DEADLINE, change)
+            .await
+            .expect("the change finishes")
+            .unwrap()
+            .expect("the change is not the deadlock's victim");
+        assert_eq!(removed.message.seq, 2);
+        assert!(!store.is_member(group, member).await.unwrap());
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_by_itself_after_its_connections_are_killed() {
     with_store(|store| async move {
