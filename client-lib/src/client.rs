@@ -142,6 +142,22 @@ impl Inner {
     }
 
     /// True the first time (conversation, seq) is seen (see [`Delivered`]).
+    /// Whether `message` is a send of this user's still in the outbox.
+    pub(crate) fn own_unanswered(&self, message: &proto::Message) -> bool {
+        let me = self
+            .identity
+            .lock()
+            .expect("identity lock")
+            .as_ref()
+            .map(|i| i.user_id);
+        me == Some(message.sender_id)
+            && self
+                .outbox
+                .lock()
+                .expect("outbox lock")
+                .holds(message.conversation_id, &message.client_msg_id)
+    }
+
     pub(crate) fn first_delivery(&self, conversation_id: u64, seq: u64) -> bool {
         self.delivered
             .lock()
@@ -490,7 +506,13 @@ impl Client {
         {
             let mut outbox = self.inner.outbox.lock().expect("outbox lock");
             let live = self.inner.live().filter(|_| !outbox.is_paused());
-            outbox.push(request_id, frame.clone(), tx, live.is_some())?;
+            outbox.push(
+                request_id,
+                (conversation_id, client_msg_id.to_owned()),
+                frame.clone(),
+                tx,
+                live.is_some(),
+            )?;
             if let Some(live) = live {
                 let _ = live.messages.send(frame);
             }

@@ -338,7 +338,10 @@ async fn read_loop(
                 message: Some(message),
             })) => {
                 let (conversation_id, seq) = (message.conversation_id, message.seq);
-                if inner.first_delivery(conversation_id, seq) {
+                // The echo of this device's own send, the first attempt of
+                // one whose answer died with an earlier connection: the app
+                // has it in its outbox, and its ack follows on this stream.
+                if inner.first_delivery(conversation_id, seq) && !inner.own_unanswered(&message) {
                     // Waiting here is the backpressure that keeps a slow app
                     // from buffering without bound.
                     if inner.events.send(Event::Message(message)).await.is_err() {

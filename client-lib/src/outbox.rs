@@ -23,6 +23,8 @@ pub(crate) type Waiter = oneshot::Sender<Result<proto::SendAck, ClientError>>;
 
 pub(crate) struct Entry {
     pub(crate) request_id: u64,
+    /// The send's conversation and `client_msg_id`.
+    key: (u64, String),
     pub(crate) frame: Bytes,
     waiter: Option<Waiter>,
     /// Not (or no longer) on the wire of the live connection: never
@@ -54,6 +56,7 @@ impl Outbox {
     pub(crate) fn push(
         &mut self,
         request_id: u64,
+        key: (u64, String),
         frame: Bytes,
         waiter: Waiter,
         sent: bool,
@@ -63,6 +66,7 @@ impl Outbox {
         }
         self.entries.push_back(Entry {
             request_id,
+            key,
             frame,
             waiter: Some(waiter),
             unsent: !sent,
@@ -168,6 +172,14 @@ impl Outbox {
         self.entries.len()
     }
 
+    /// Whether a send of `client_msg_id` to the conversation awaits its
+    /// answer here.
+    pub(crate) fn holds(&self, conversation_id: u64, client_msg_id: &str) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.key.0 == conversation_id && e.key.1 == client_msg_id)
+    }
+
     /// Fails every entry (the client is closing for good).
     pub(crate) fn fail_all(&mut self, error: &ClientError) {
         for mut entry in self.entries.drain(..) {
@@ -182,6 +194,10 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn key(n: u64) -> (u64, String) {
+        (7, format!("m{n}"))
+    }
+
     fn ack(seq: u64) -> proto::SendAck {
         proto::SendAck {
             seq,
@@ -195,10 +211,14 @@ mod tests {
         let (tx1, mut rx1) = oneshot::channel();
         let (tx2, _rx2) = oneshot::channel();
         let (tx3, _rx3) = oneshot::channel();
-        outbox.push(1, Bytes::from_static(b"a"), tx1, true).unwrap();
-        outbox.push(2, Bytes::from_static(b"b"), tx2, true).unwrap();
+        outbox
+            .push(1, key(1), Bytes::from_static(b"a"), tx1, true)
+            .unwrap();
+        outbox
+            .push(2, key(2), Bytes::from_static(b"b"), tx2, true)
+            .unwrap();
         assert_eq!(
-            outbox.push(3, Bytes::from_static(b"c"), tx3, true),
+            outbox.push(3, key(3), Bytes::from_static(b"c"), tx3, true),
             Err(ClientError::OutboxFull(2))
         );
         assert_eq!(
@@ -212,6 +232,9 @@ mod tests {
         );
         assert_eq!(rx1.try_recv().unwrap().unwrap().seq, 7);
         assert_eq!(outbox.len(), 1);
+        assert!(outbox.holds(7, "m2"));
+        assert!(!outbox.holds(7, "m1"), "answered: no longer held");
+        assert!(!outbox.holds(8, "m2"), "another conversation's key");
     }
 
     #[test]
@@ -240,7 +263,7 @@ mod tests {
             let (tx, rx) = oneshot::channel();
             waiters.push(rx);
             outbox
-                .push(id, Bytes::from_static(frame.as_bytes()), tx, true)
+                .push(id, key(id), Bytes::from_static(frame.as_bytes()), tx, true)
                 .unwrap();
         }
         let until = tokio::time::Instant::now();
@@ -250,7 +273,9 @@ mod tests {
         outbox.pause(until, 4);
         let (tx, rx) = oneshot::channel();
         waiters.push(rx);
-        outbox.push(5, Bytes::from_static(b"e"), tx, false).unwrap();
+        outbox
+            .push(5, key(5), Bytes::from_static(b"e"), tx, false)
+            .unwrap();
         assert_eq!(outbox.try_resume(until), Ok(()));
         assert_eq!(
             outbox.transmit_unsent(),

@@ -1026,3 +1026,91 @@ async fn a_server_that_does_not_read_delivery_acks_is_held_back() {
         "all {N} frames went out: the client kept reading without sending its acks"
     );
 }
+
+#[tokio::test]
+async fn a_device_is_not_shown_its_own_send_as_a_new_message() {
+    // A send whose first connection died after it reached the node: the
+    // node stores it and echoes it to the user's other connections, one of
+    // which is now this very device, reconnected, its send still in the
+    // outbox and about to be answered as a retry. The echo used to reach
+    // the app as an incoming message from the user, on top of the send it
+    // was already showing. The fake node plays that: it answers the send
+    // only after pushing its echo, then a friend's message as a marker.
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
+    let addr = endpoint.local_addr().unwrap();
+    let serve = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let _control = fake_login(&conn).await.expect("a login");
+        let mut others = Vec::new();
+        let (mut send, mut recv, mut buf) = loop {
+            let (send, mut recv) = conn.accept_bi().await.expect("the client's streams");
+            let mut buf = BytesMut::new();
+            let open = next_frame(&mut recv, &mut buf).await;
+            if open.body
+                == Some(Body::OpenStream(proto::OpenStream {
+                    kind: StreamKind::Messages as i32,
+                }))
+            {
+                break (send, recv, buf);
+            }
+            others.push((send, recv));
+        };
+        let request = next_frame(&mut recv, &mut buf).await;
+        let Some(Body::Send(sent)) = request.body else {
+            panic!("a Send, not {request:?}");
+        };
+        let message = |seq: u64, sender_id: u64, client_msg_id: &str, text: &str| {
+            Frame::push(Body::Deliver(proto::Deliver {
+                message: Some(proto::Message {
+                    conversation_id: sent.conversation_id,
+                    seq,
+                    message_id: seq,
+                    sender_id,
+                    client_msg_id: client_msg_id.into(),
+                    text: text.into(),
+                    ..Default::default()
+                }),
+            }))
+        };
+        let ack = Frame::new(
+            request.request_id,
+            Body::SendAck(proto::SendAck {
+                seq: 1,
+                message_id: 1,
+                duplicate: true,
+                ..Default::default()
+            }),
+        );
+        let echo = message(1, 1, &sent.client_msg_id, &sent.text);
+        let marker = message(2, 2, "friend-1", "from a friend");
+        send.write_all(&frames(&[echo, ack, marker])).await.unwrap();
+        // Until the client has read them all.
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        drop(others);
+    });
+    let (client, mut events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    let ack = client
+        .send_text(5, "hello")
+        .await
+        .expect("the send is answered");
+    assert_eq!(ack.seq, 1);
+    let mut shown = Vec::new();
+    loop {
+        let event = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("the friend's message in time")
+            .expect("events open");
+        if let Event::Message(m) = event {
+            shown.push((m.sender_id, m.text.clone()));
+            if m.sender_id == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(shown, [(2, "from a friend".to_owned())]);
+    client.close();
+    serve.await.unwrap();
+}
