@@ -773,8 +773,24 @@ impl Client {
         &self,
         conversation_id: u64,
     ) -> Result<proto::ConversationInfo, ClientError> {
+        // Asked about from now on: a receipt that overtakes the reply (the
+        // receipts stream is read apart from control) is kept and merged
+        // with it, not dropped as one of a conversation nobody asked about.
+        self.inner
+            .receipts
+            .lock()
+            .expect("receipts lock")
+            .entry(conversation_id)
+            .or_default();
         let body = Body::GetConversation(proto::GetConversation { conversation_id });
-        self.conversation_request(body).await
+        let reply = self.conversation_request(body).await;
+        if reply.is_err() {
+            let mut all = self.inner.receipts.lock().expect("receipts lock");
+            if all.get(&conversation_id).is_some_and(HashMap::is_empty) {
+                all.remove(&conversation_id);
+            }
+        }
+        reply
     }
 
     /// Who received and who saw message `seq` ("seen by 2 of 4"), member by
@@ -804,7 +820,7 @@ impl Client {
     /// senders of the messages they cover, so there this is complete for
     /// this user's own messages; ask [`message_receipts`](Self::message_receipts)
     /// for others'. Returns `None` for a conversation the client knows
-    /// nothing of.
+    /// nothing of (and no members while its first reply is on its way).
     pub fn receipt_status(&self, conversation_id: u64, seq: u64) -> Option<ReceiptStatus> {
         let all = self.inner.receipts.lock().expect("receipts lock");
         let members = all.get(&conversation_id)?;

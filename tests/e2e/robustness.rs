@@ -1114,3 +1114,92 @@ async fn a_device_is_not_shown_its_own_send_as_a_new_message() {
     client.close();
     serve.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_receipt_that_overtakes_the_first_reply_for_a_conversation_is_kept() {
+    // Receipts and control replies come on different streams, read apart.
+    // A receipt read before the first reply for a conversation used to be
+    // dropped (the conversation was not yet one the app asked about), and
+    // the reply's older watermark then stood until the member moved again.
+    // The fake node sends the receipt, waits until the app has it, and
+    // only then replies with the watermark from before it.
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
+    let addr = endpoint.local_addr().unwrap();
+    let (app_has_receipt, receipt_seen) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut control, mut control_recv) = fake_login(&conn).await.expect("a login");
+        let mut others = Vec::new();
+        let mut receipts = loop {
+            let (send, mut recv) = conn.accept_bi().await.expect("the client's streams");
+            let open = next_frame(&mut recv, &mut BytesMut::new()).await;
+            if open.body
+                == Some(Body::OpenStream(proto::OpenStream {
+                    kind: StreamKind::Receipts as i32,
+                }))
+            {
+                break send;
+            }
+            others.push((send, recv));
+        };
+        let request = next_frame(&mut control_recv, &mut BytesMut::new()).await;
+        assert_eq!(
+            request.body,
+            Some(Body::GetConversation(proto::GetConversation {
+                conversation_id: 5
+            }))
+        );
+        let receipt = Frame::push(Body::Receipt(proto::Receipt {
+            conversation_id: 5,
+            user_id: 2,
+            delivered_seq: 6,
+            seen_seq: 6,
+        }));
+        receipts.write_all(&frames(&[receipt])).await.unwrap();
+        receipt_seen.await.expect("the app saw the receipt");
+        let member = |user_id: u64, seq: u64| proto::Member {
+            user_id,
+            delivered_seq: seq,
+            seen_seq: seq,
+            ..Default::default()
+        };
+        let reply = Frame::new(
+            request.request_id,
+            Body::Conversation(proto::ConversationInfo {
+                conversation_id: 5,
+                members: vec![member(1, 6), member(2, 5)],
+                last_seq: 6,
+                ..Default::default()
+            }),
+        );
+        control.write_all(&frames(&[reply])).await.unwrap();
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        drop(others);
+    });
+    let (client, mut events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    let asking = tokio::spawn({
+        let client = client.clone();
+        async move { client.conversation(5).await }
+    });
+    loop {
+        let event = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("the receipt in time")
+            .expect("events open");
+        if matches!(event, Event::Receipt(_)) {
+            break;
+        }
+    }
+    app_has_receipt.send(()).unwrap();
+    let info = asking.await.unwrap().expect("the reply");
+    assert_eq!(info.members.len(), 2);
+    let status = client
+        .receipt_status(5, 6)
+        .expect("a conversation asked about");
+    assert_eq!((status.members, status.delivered, status.seen), (1, 1, 1));
+    client.close();
+    serve.await.unwrap();
+}
