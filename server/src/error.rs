@@ -73,6 +73,10 @@ impl From<StoreError> for Refusal {
             StoreError::LimitReached => {
                 Refusal::new(ErrorCode::LimitReached, "group size limit reached")
             }
+            StoreError::NotFriends(user) => Refusal::new(
+                ErrorCode::NotFriends,
+                format!("user {user} is not your friend"),
+            ),
             StoreError::Invalid(why) => Refusal::new(ErrorCode::InvalidArgument, why),
             StoreError::Unavailable(detail) => {
                 tracing::warn!(%detail, "store unavailable");
@@ -102,6 +106,7 @@ mod tests {
             (StoreError::NotAMember, ErrorCode::NotAMember),
             (StoreError::NotAdmin, ErrorCode::NotAdmin),
             (StoreError::LimitReached, ErrorCode::LimitReached),
+            (StoreError::NotFriends(7), ErrorCode::NotFriends),
             (
                 StoreError::Invalid("why".into()),
                 ErrorCode::InvalidArgument,

@@ -100,12 +100,13 @@ each_backend! {
         // key (client-lib does so by itself). The repeat must be answered
         // Ok and change nothing, even though by then the change could not
         // be made again (bob is gone): without the key it is NOT_FOUND.
+        // Likewise an add repeated after the friendship ended.
         let server = TestServer::start_on(backend.clone()).await;
-        let mut members = circle(&server, 3).await;
+        let mut members = circle(&server, 4).await;
         let all = ids(&members);
         let g = members[0]
             .0
-            .create_group("trip", &all[1..])
+            .create_group("trip", &all[1..3])
             .await
             .unwrap()
             .conversation_id;
@@ -136,21 +137,31 @@ each_backend! {
             let answer = device.request(rename(name)).await;
             assert!(matches!(answer, Body::Ok(_)), "{answer:?}");
         }
-        // The creation, one removal, one rename, then carol's own send:
-        // nothing else was stored or delivered in between.
+        let add = Body::AddMembers(proto::AddMembers {
+            conversation_id: g,
+            user_ids: vec![all[3]],
+            client_key: "add-dave".into(),
+        });
+        let answer = device.request(add.clone()).await;
+        assert!(matches!(answer, Body::Ok(_)), "{answer:?}");
+        members[0].0.remove_friend(all[3]).await.unwrap();
+        let answer = device.request(add).await;
+        assert!(matches!(answer, Body::Ok(_)), "the repeat of an add: {answer:?}");
+        // The creation, one removal, one rename, one add, then carol's own
+        // send: nothing else was stored or delivered in between.
         members[2].0.send_text(g, "still here").await.unwrap();
         let info = members[0].0.conversation(g).await.unwrap();
-        assert_eq!((info.name.as_str(), info.last_seq), ("trip 2", 4));
-        let got = messages(&mut members[2].1, 3).await;
+        assert_eq!((info.name.as_str(), info.last_seq), ("trip 2", 5));
+        let got = messages(&mut members[2].1, 4).await;
         let keys: Vec<&str> = got.iter().map(|m| m.client_msg_id.as_str()).collect();
-        assert_eq!(keys[1..], ["remove-bob", "rename-1"], "{got:?}");
+        assert_eq!(keys[1..], ["remove-bob", "rename-1", "add-dave"], "{got:?}");
         assert_eq!(got[0].seq, 1);
         let history = members[0]
             .0
             .history(g, HistoryDirection::Backward, 0, 10)
             .await
             .unwrap();
-        assert_eq!(history.messages.len(), 4, "{:?}", history.messages);
+        assert_eq!(history.messages.len(), 5, "{:?}", history.messages);
     }
 
     async fn a_group_send_reaches_everyone_once_with_aggregated_receipts(backend: Backend) {

@@ -101,6 +101,14 @@ async fn user(store: &impl HistoryStore, name: &str) -> UserId {
         .expect("create user")
 }
 
+/// Makes `a` and `b` friends, if they are not yet.
+async fn befriend(store: &impl HistoryStore, a: UserId, b: UserId) {
+    if !store.are_friends(a, b).await.unwrap() {
+        store.friend_request(a, b, 1).await.unwrap();
+        store.friend_accept(b, a, 2).await.unwrap();
+    }
+}
+
 /// Two new users `a` and `b`, friends, and their direct conversation.
 pub async fn friends_with_direct(
     store: &impl HistoryStore,
@@ -135,6 +143,9 @@ pub fn text(
 
 /// A group "trip" of `creator` and `members` (limit 5).
 async fn trip(store: &impl HistoryStore, creator: UserId, members: Vec<UserId>) -> ConversationId {
+    for &member in &members {
+        befriend(store, creator, member).await;
+    }
     created(
         store
             .create_group(new_group(creator, "trip", members, None), 5, 10)
@@ -813,6 +824,7 @@ pub async fn group_edit_keys(store: &impl HistoryStore) {
     let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
     let c = user(store, "carol").await;
     let d = user(store, "dave").await;
+    befriend(store, a, d).await;
     let g = trip(store, a, vec![b, c]).await;
     let edit = |actor, change, key: &str| GroupEdit::new(g, actor, change).keyed(key);
     let rename = |name: &str| GroupChange::Rename(name.into());
@@ -844,6 +856,14 @@ pub async fn group_edit_keys(store: &impl HistoryStore) {
         assert_eq!(again.message.seq, first.message.seq, "{key}");
         assert_eq!(again.message.text, first.message.text, "{key}");
     }
+    // A repeat answers as the first did even where the change would now
+    // be refused: dave is no longer alice's friend.
+    store.friend_remove(a, d).await.unwrap();
+    let again = store
+        .change_group(edit(a, GroupChange::Add(vec![d]), "add-1"), 5, 29)
+        .await
+        .expect("a repeated add after the friendship ended");
+    assert!(again.duplicate);
     // The key decides, not what the repeat asks for.
     let other = store
         .change_group(edit(b, rename("trip 3"), "rename-1"), 5, 30)
@@ -1053,7 +1073,18 @@ pub async fn groups(store: &impl HistoryStore) {
     let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
     let c = user(store, "carol").await;
     let d = user(store, "dave").await;
+    let e = user(store, "erin").await;
+    befriend(store, a, c).await;
+    befriend(store, a, d).await;
     let names = |m: &Appended| m.message.text.clone();
+
+    // Only friends of the creator, named by the first stranger.
+    assert!(matches!(
+        store
+            .create_group(new_group(a, "strangers", vec![b, e], None), 5, 10)
+            .await,
+        Err(StoreError::NotFriends(x)) if x == e
+    ));
 
     assert!(matches!(
         store
@@ -1108,6 +1139,12 @@ pub async fn groups(store: &impl HistoryStore) {
             .change_group(GroupEdit::new(g, a, GroupChange::Add(vec![d])), 3, 12)
             .await,
         Err(StoreError::LimitReached)
+    ));
+    assert!(matches!(
+        store
+            .change_group(GroupEdit::new(g, a, GroupChange::Add(vec![d, e])), 5, 12)
+            .await,
+        Err(StoreError::NotFriends(x)) if x == e
     ));
     let added = store
         .change_group(GroupEdit::new(g, a, GroupChange::Add(vec![d])), 5, 12)

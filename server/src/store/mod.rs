@@ -54,6 +54,10 @@ pub enum StoreError {
     /// A size limit (group members) would be exceeded.
     #[error("limit reached")]
     LimitReached,
+    /// Only friends of the actor may be put into a group; this user is not
+    /// one.
+    #[error("user {0} is not a friend")]
+    NotFriends(UserId),
     /// The request makes no sense for this data (e.g. a group change on a
     /// direct conversation); the text says why.
     #[error("invalid: {0}")]
@@ -210,7 +214,7 @@ impl GroupEdit {
 pub enum GroupChange {
     /// New name (any member).
     Rename(String),
-    /// Add these users (admins only; the caller has checked friendship).
+    /// Add these users (admins only; friends of the actor only).
     Add(Vec<UserId>),
     /// Remove this member (admins only).
     Remove(UserId),

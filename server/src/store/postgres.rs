@@ -1191,6 +1191,7 @@ impl HistoryStore for PostgresStore {
         } = group;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
+        group::check_friends(&tx, creator, &members).await?;
         let creator_name = group::username(&tx, creator)
             .await?
             .ok_or(StoreError::NotFound)?;
@@ -1358,6 +1359,7 @@ impl HistoryStore for PostgresStore {
                 if new.is_empty() {
                     return Err(StoreError::Invalid("they are members already".into()));
                 }
+                group::check_friends(&tx, actor, &new).await?;
                 let row = tx
                     .query_one(
                         "SELECT COUNT(*) FROM members WHERE conversation_id = $1",

@@ -1033,6 +1033,7 @@ fn clone_err(e: &StoreError) -> StoreError {
         StoreError::NotAMember => StoreError::NotAMember,
         StoreError::NotAdmin => StoreError::NotAdmin,
         StoreError::LimitReached => StoreError::LimitReached,
+        StoreError::NotFriends(user) => StoreError::NotFriends(*user),
         StoreError::Invalid(s) => StoreError::Invalid(s.clone()),
         StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
         StoreError::Internal(s) => StoreError::Internal(s.clone()),
@@ -2030,6 +2031,7 @@ impl HistoryStore for SqliteStore {
                 }
             }
             let members = group.others(max_members)?;
+            check_friends(conn, group.creator, &members)?;
             let NewGroup {
                 creator,
                 name,
@@ -2137,6 +2139,7 @@ impl HistoryStore for SqliteStore {
                     if new.is_empty() {
                         return Err(StoreError::Invalid("they are members already".into()));
                     }
+                    check_friends(conn, actor, &new)?;
                     let current: i64 = conn
                         .prepare_cached("SELECT COUNT(*) FROM members WHERE conversation_id = ?1")
                         .map_err(internal)?
@@ -2403,6 +2406,16 @@ fn are_friends(conn: &Connection, a: UserId, b: UserId) -> Result<bool, StoreErr
     .map_err(internal)?
     .query_row(params![sql(a), sql(b)], |r| r.get(0))
     .map_err(internal)
+}
+
+/// `NotFriends` naming the first of `users` who is not a friend of `user`.
+fn check_friends(conn: &Connection, user: UserId, users: &[UserId]) -> Result<(), StoreError> {
+    for &other in users {
+        if !are_friends(conn, user, other)? {
+            return Err(StoreError::NotFriends(other));
+        }
+    }
+    Ok(())
 }
 
 fn make_friends(conn: &Connection, a: UserId, b: UserId, now_ms: i64) -> Result<(), StoreError> {

@@ -546,7 +546,6 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 ));
             }
             let client_key = client_key(&g.client_key)?;
-            check_all_friends(session, me, &g.member_ids).await?;
             // Through the send committer, so the group's first message is
             // fanned out before anyone can reply to it.
             shared
@@ -581,7 +580,6 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 ));
             }
             let key = client_key(&a.client_key)?;
-            check_all_friends(session, me, &a.user_ids).await?;
             let change = GroupChange::Add(a.user_ids);
             group_change(session, rid, a.conversation_id, change, key).await
         }
@@ -804,26 +802,6 @@ fn client_key(key: &str) -> Result<Option<String>, Refusal> {
             format!("client_key must be 1-{MAX_CLIENT_MSG_ID_LEN} bytes without U+0000, or empty"),
         )),
         key => Ok(Some(key.to_owned())),
-    }
-}
-
-/// Only friends of the caller may be put into a group by them.
-async fn check_all_friends(session: &Session, me: u64, users: &[u64]) -> Result<(), Refusal> {
-    let friends: std::collections::HashSet<u64> = session
-        .shared
-        .store
-        .friends(me)
-        .await?
-        .friends
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    match users.iter().find(|u| **u != me && !friends.contains(u)) {
-        Some(stranger) => Err(Refusal::new(
-            ErrorCode::NotFriends,
-            format!("user {stranger} is not your friend"),
-        )),
-        None => Ok(()),
     }
 }
 

@@ -23,6 +23,29 @@ pub(super) async fn username(
         .transpose()
 }
 
+/// `NotFriends` naming the first of `users` (in their order) who is not a
+/// friend of `user`.
+pub(super) async fn check_friends(
+    tx: &Transaction<'_>,
+    user: UserId,
+    users: &[UserId],
+) -> Result<(), StoreError> {
+    let ids: Vec<i64> = users.iter().map(|&u| sql(u)).collect();
+    let stranger = tx
+        .query_opt(
+            "SELECT u.id FROM unnest($2::bigint[]) WITH ORDINALITY AS u(id, n)
+             WHERE NOT EXISTS (SELECT 1 FROM friends f WHERE f.user_id = $1 AND f.friend_id = u.id)
+             ORDER BY u.n LIMIT 1",
+            &[&sql(user), &ids],
+        )
+        .await
+        .map_err(pg)?;
+    match stranger {
+        Some(row) => Err(StoreError::NotFriends(id_col(&row, 0)?)),
+        None => Ok(()),
+    }
+}
+
 pub(super) async fn role(
     tx: &Transaction<'_>,
     conversation_id: ConversationId,

@@ -542,6 +542,8 @@ async fn a_group_change_and_a_crossing_watermark_batch_do_not_deadlock() {
         let owner = user(&*store, "owner").await;
         let member = user(&*store, "member").await;
         let other = user(&*store, "other").await;
+        befriend(&*store, owner, member).await;
+        befriend(&*store, owner, other).await;
         let group = NewGroup {
             creator: owner,
             name: "g".into(),
