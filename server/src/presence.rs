@@ -142,6 +142,14 @@ impl Presence {
         if let Err(e) = self.store.remove(user, self.node.clone()).await {
             tracing::warn!(error = %e, "cannot clear presence record");
         }
+        // The user connected again during those awaits: the removal may
+        // have deleted the new connection's record, and news of going
+        // offline would come after its news of coming online. Put the
+        // record back and say nothing.
+        if self.users.contains_key(&user) {
+            self.refresh(user, now_ms()).await;
+            return;
+        }
         if went_offline == Some(false) {
             self.publish(user, false, now);
         }
@@ -312,14 +320,16 @@ async fn notifier(
     watchers: Arc<DashMap<UserId, Vec<Arc<SessionHandle>>>>,
 ) {
     let mut pending: HashMap<UserId, proto::PresenceState> = HashMap::new();
-    let mut sent: HashMap<(u64, UserId), (bool, i64)> = HashMap::new();
+    // What each connection was last sent, per user: a connection's entries
+    // go at once when it closes or subscribes anew (`Forget`).
+    let mut sent: HashMap<u64, HashMap<UserId, (bool, i64)>> = HashMap::new();
     let mut tick = tokio::time::interval(COALESCE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             notice = rx.recv() => match notice {
                 Some(Notice::Change(state)) => { pending.insert(state.user_id, state); }
-                Some(Notice::Forget(conn)) => sent.retain(|(c, _), _| *c != conn),
+                Some(Notice::Forget(conn)) => { sent.remove(&conn); }
                 None => return,
             },
             _ = tick.tick() => {
@@ -330,18 +340,18 @@ async fn notifier(
                 for (user, state) in pending.drain() {
                     let Some(list) = watchers.get(&user) else { continue };
                     for session in list.iter() {
-                        let key = (session.conn_id, user);
                         let value = (state.online, state.last_active_ms);
+                        let told = sent.entry(session.conn_id).or_default();
                         // Online users' activity time moves constantly; only
                         // a flip, or a new offline time, is news.
-                        let news = match sent.get(&key) {
+                        let news = match told.get(&user) {
                             Some(&(was_online, was_ms)) => {
                                 was_online != state.online || (!state.online && was_ms != state.last_active_ms)
                             }
                             None => true,
                         };
                         if news {
-                            sent.insert(key, value);
+                            told.insert(user, value);
                             per_session.entry(session.conn_id).or_insert_with(|| (session.clone(), Vec::new())).1.push(state);
                         }
                     }
@@ -350,11 +360,152 @@ async fn notifier(
                     let frame = Frame::push(Body::PresenceUpdate(proto::PresenceUpdate { states }));
                     session.push(StreamKind::Control, Outbound::frame(&frame));
                 }
-                // Forget sessions that are gone so the map stays bounded.
-                if sent.len() > 4 * watchers.len().max(1024) {
-                    sent.retain(|(conn, user), _| watchers.get(user).is_some_and(|l| l.iter().any(|s| s.conn_id == *conn)));
-                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+    use tokio::sync::{Notify, Semaphore};
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::store::presence::MemoryPresenceStore;
+    use crate::store::sqlite::SqliteStore;
+
+    /// The in-process presence store, whose first `remove` waits until the
+    /// test lets it go.
+    struct HeldRemove {
+        inner: MemoryPresenceStore,
+        held: AtomicBool,
+        entered: Notify,
+        release: Semaphore,
+    }
+
+    #[async_trait]
+    impl PresenceStore for HeldRemove {
+        fn backend(&self) -> &'static str {
+            "held"
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+        async fn refresh(
+            &self,
+            user: UserId,
+            record: OnlineRecord,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.refresh(user, record, ttl).await
+        }
+        async fn remove(&self, user: UserId, node: String) -> Result<(), StoreError> {
+            if !self.held.swap(true, Ordering::SeqCst) {
+                self.entered.notify_one();
+                let _permit = self.release.acquire().await.expect("open");
+            }
+            self.inner.remove(user, node).await
+        }
+        async fn online(
+            &self,
+            users: Vec<UserId>,
+        ) -> Result<Vec<Option<OnlineRecord>>, StoreError> {
+            self.inner.online(users).await
+        }
+    }
+
+    /// A server-side QUIC connection on loopback, for session handles (the
+    /// endpoints must outlive it).
+    async fn connection() -> (quinn::Endpoint, quinn::Endpoint, quinn::Connection) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = certified.cert.der().clone();
+        let key =
+            rustls::pki_types::PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key.into())
+            .unwrap();
+        server_tls.alpn_protocols = vec![b"test".to_vec()];
+        let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).unwrap();
+        let server = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(server_crypto)),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_tls.alpn_protocols = vec![b"test".to_vec()];
+        let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = client
+            .connect_with(
+                quinn::ClientConfig::new(Arc::new(client_crypto)),
+                server.local_addr().unwrap(),
+                "localhost",
+            )
+            .unwrap();
+        let (accepted, _client_side) = tokio::join!(
+            async { server.accept().await.unwrap().await.unwrap() },
+            connecting
+        );
+        (server, client, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_during_the_last_disconnect_stays_online() {
+        // The last connection's disconnect removes the user's record after
+        // two store round trips; a new connection of the user's can come
+        // online in between. The removal used to delete the new record
+        // (friends' snapshots then said offline until its next heartbeat)
+        // and publish "offline" after the new connection's "online".
+        let dir = tempfile::tempdir().unwrap();
+        let history = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let user = history
+            .create_user("alice".into(), "hash".into(), 1)
+            .await
+            .unwrap();
+        let store = Arc::new(HeldRemove {
+            inner: MemoryPresenceStore::default(),
+            held: AtomicBool::new(false),
+            entered: Notify::new(),
+            release: Semaphore::new(0),
+        });
+        let presence = Presence::start(
+            "node".into(),
+            Duration::from_secs(30),
+            3,
+            store.clone(),
+            history,
+        );
+        let (_server, _client, conn) = connection().await;
+        let metrics = Arc::new(Metrics::new());
+        let first = SessionHandle::new(1, user, conn.clone(), metrics.clone());
+        let second = SessionHandle::new(2, user, conn, metrics);
+        presence.connect(first).await;
+
+        let leaving = tokio::spawn({
+            let presence = presence.clone();
+            async move { presence.disconnect(user, 1).await }
+        });
+        tokio::time::timeout(Duration::from_secs(60), store.entered.notified())
+            .await
+            .expect("the disconnect reaches its removal");
+        presence.connect(second).await;
+        store.release.add_permits(1);
+        leaving.await.unwrap();
+
+        let states = presence.states(&[user]).await.unwrap();
+        assert!(states[0].online, "{states:?}");
     }
 }

@@ -95,8 +95,13 @@ impl Session {
         };
         authed.handle.sample_path(false);
         self.shared.hub.unregister(authed.user_id, self.conn_id);
-        let watching = std::mem::take(&mut *self.watching.lock().expect("watching lock"));
-        self.shared.presence.watch(&authed.handle, &watching, &[]);
+        {
+            // Taken and unwatched under one lock, as SubscribePresence
+            // replaces and watches under it.
+            let mut watching = self.watching.lock().expect("watching lock");
+            let old = std::mem::take(&mut *watching);
+            self.shared.presence.watch(&authed.handle, &old, &[]);
+        }
         self.shared
             .presence
             .disconnect(authed.user_id, self.conn_id)

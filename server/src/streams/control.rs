@@ -666,11 +666,13 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             }
             // Watch first, then read: a change in between is sent again by
             // the notifier rather than lost.
-            let old = std::mem::replace(
-                &mut *session.watching.lock().expect("watching lock"),
-                wanted.clone(),
-            );
-            shared.presence.watch(&authed.handle, &old, &wanted);
+            // Under the lock `forget` takes the list under, so the two
+            // cannot interleave and leave this session watching for good.
+            {
+                let mut watching = session.watching.lock().expect("watching lock");
+                let old = std::mem::replace(&mut *watching, wanted.clone());
+                shared.presence.watch(&authed.handle, &old, &wanted);
+            }
             if session.is_closed() {
                 session.forget().await;
             }
