@@ -228,6 +228,9 @@ struct DbState {
     /// Pending heads and keys were lost with a rolled-back transaction:
     /// jobs wait until they are rebuilt from `messages`.
     needs_repair: bool,
+    /// Repairs the tests make fail.
+    #[cfg(test)]
+    failing_repairs: u32,
 }
 
 /// Where a message with a pending idempotency key went.
@@ -595,6 +598,11 @@ impl DbState {
         if !self.needs_repair {
             return;
         }
+        #[cfg(test)]
+        if self.failing_repairs > 0 {
+            self.failing_repairs -= 1;
+            return;
+        }
         match conn.execute_batch(&format!("BEGIN IMMEDIATE; {REPAIR}; COMMIT;")) {
             Ok(()) => {
                 self.needs_repair = false;
@@ -743,6 +751,8 @@ impl SqliteStore {
             key_slice: 0,
             keys_flushed_at: Instant::now(),
             needs_repair: false,
+            #[cfg(test)]
+            failing_repairs: 0,
         };
         let restart_due = Arc::new(AtomicBool::new(false));
         let (stop_checkpoints, stop) = std_mpsc::channel::<()>();
@@ -936,6 +946,20 @@ fn run_thread(
             }
         }
         state.repair(&conn);
+        if state.needs_repair {
+            // The tables are behind what was committed (pending index
+            // entries, heads, keys and watermark moves went with the
+            // rollback): a read would show last seqs going backwards and
+            // catch-up would skip messages, and a watermark slice could
+            // trim log rows never replayed. Nothing runs until the rebuild
+            // goes through; `/readyz` says so too.
+            for job in batch {
+                job.abort(StoreError::Unavailable(
+                    "the store is rebuilding after a failed transaction; retry".into(),
+                ));
+            }
+            continue;
+        }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             tracing::error!(error = %e, "cannot begin a SQLite transaction");
             for job in batch {
@@ -2790,6 +2814,41 @@ mod tests {
         // next cycle, although its members row is written.
         assert_eq!(watermarks_on_disk(dir.path(), c2, dave), ((1, 0), 1));
         assert_eq!(watermarks_on_disk(dir.path(), c1, a), ((1, 1), 1));
+    }
+
+    #[tokio::test]
+    async fn nothing_reads_the_tables_until_a_failed_repair_goes_through() {
+        // A rolled-back batch takes the pending index entries and heads
+        // with it; until the repair rebuilds them the tables are behind
+        // what was committed. Reads used to go on meanwhile (only writes
+        // waited): history without the last messages, a last seq going
+        // backwards, a catch-up skipping them.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let (a, _b, c) = friends_with_direct(&store, "alice", "bob").await;
+        hold_write_behind(&store).await;
+        for (i, key) in ["k1", "k2"].into_iter().enumerate() {
+            send(&store, text(c, a, key, &format!("m{i}"), 100 + i as i64)).await;
+        }
+        assert_eq!(index_on_disk(dir.path()).len(), 0, "both entries pending");
+        // As after a rollback whose repair then fails once.
+        store
+            .call_hot(|_, state| {
+                state.rolled_back(state.next_message_id);
+                state.failing_repairs = 1;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        match store.history(c, Direction::Backward, 0, 100).await {
+            Err(StoreError::Unavailable(_)) => {}
+            other => panic!("a read while the repair fails: {other:?}"),
+        }
+        assert!(
+            matches!(store.ping().await, Ok(())),
+            "the repair went through"
+        );
+        assert_eq!(history_texts(&store, c).await, ["m0", "m1"]);
     }
 
     #[tokio::test]
