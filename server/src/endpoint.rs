@@ -23,7 +23,7 @@ use crate::session;
 use crate::store::instrumented::Instrumented;
 use crate::store::postgres::PostgresStore;
 use crate::store::presence::{MemoryPresenceStore, PresenceStore};
-use crate::store::recent::{DEFAULT_MAX_CONVERSATIONS, MemoryRecentCache};
+use crate::store::recent::{DEFAULT_MAX_BYTES, DEFAULT_MAX_CONVERSATIONS, MemoryRecentCache};
 use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{HistoryStore, InboxStore, RecentCache};
@@ -439,7 +439,10 @@ impl Stores {
         let Some(url) = &config.redis_url else {
             return Ok(Stores {
                 history,
-                cache: Arc::new(MemoryRecentCache::new(DEFAULT_MAX_CONVERSATIONS)),
+                cache: Arc::new(MemoryRecentCache::new(
+                    DEFAULT_MAX_CONVERSATIONS,
+                    DEFAULT_MAX_BYTES,
+                )),
                 inbox: None,
                 presence: Arc::new(MemoryPresenceStore::default()),
             });
@@ -469,12 +472,28 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// A handshake not done by then is dropped. Honest handshakes take a few
+/// round trips; a half-open one (a spoofed source address, a client that
+/// stopped) would otherwise last the idle timeout.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    // Established connections and handshakes in progress are counted apart,
+    // each up to `max-connections`: half-open handshakes (a flood of
+    // Initials from spoofed addresses) used to hold connection places for
+    // the idle timeout and turn every honest client away with SERVER_BUSY.
+    // Under many handshakes, address validation keeps them from piling up.
     let active = Arc::new(AtomicUsize::new(0));
+    let handshakes = Arc::new(AtomicUsize::new(0));
     let transport = &shared.config.transport;
     let max = transport.max_connections;
+    // From this many handshakes in progress on, a client must prove its
+    // address first (a Retry: one more round trip), so Initials from
+    // spoofed sources, which never finish, keep no state.
+    let retry_from = (max / 4).clamp(1, 1_024);
     while let Some(incoming) = endpoint.accept().await {
-        if transport.stateless_retry && !incoming.remote_address_validated() {
+        let busy = handshakes.load(Ordering::Relaxed) >= retry_from;
+        if (transport.stateless_retry || busy) && !incoming.remote_address_validated() {
             // The client must echo the Retry token before we keep any
             // state for it; `retry` fails only if it already did once.
             if let Err(e) = incoming.retry() {
@@ -482,25 +501,36 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             }
             continue;
         }
-        let over = active.load(Ordering::Relaxed) >= max;
-        let slot = Slot::take(&active);
+        let Some(handshake) = Slot::try_take(&handshakes, max) else {
+            // As many handshakes from proven addresses as connections
+            // allowed: the client backs off and tries again.
+            shared.metrics.closed("handshakes_full");
+            incoming.refuse();
+            continue;
+        };
         tokio::spawn(serve_incoming(
             shared.clone(),
             incoming,
-            over,
+            active.clone(),
             transport.zero_rtt,
-            slot,
+            handshake,
         ));
     }
 }
 
-/// One of the `max-connections` places, given back when dropped.
+/// One of `max-connections` places (of connections, or of handshakes),
+/// given back when dropped.
 struct Slot(Arc<AtomicUsize>);
 
 impl Slot {
-    fn take(active: &Arc<AtomicUsize>) -> Slot {
-        active.fetch_add(1, Ordering::Relaxed);
-        Slot(active.clone())
+    /// A place, if fewer than `max` are taken.
+    fn try_take(taken: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        taken
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(taken.clone()))
     }
 }
 
@@ -517,11 +547,12 @@ impl Drop for Slot {
 async fn serve_incoming(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
-    over_limit: bool,
+    active: Arc<AtomicUsize>,
     zero_rtt: bool,
-    slot: Slot,
+    handshake: Slot,
 ) {
     let metrics = shared.metrics.clone();
+    let max = shared.config.transport.max_connections;
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
@@ -530,29 +561,37 @@ async fn serve_incoming(
             return;
         }
     };
-    let (conn, early) = if zero_rtt && !over_limit {
+    let full = || active.load(Ordering::Relaxed) >= max;
+    let finished = |result: Result<Result<quinn::Connection, quinn::ConnectionError>, _>| {
+        let outcome = match result {
+            Ok(Ok(conn)) => return Some(conn),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        tracing::debug!(error = %outcome, "handshake failed");
+        metrics.closed("handshake_failed");
+        None
+    };
+    // With 0-RTT the connection is in use before its handshake is done.
+    let (conn, early) = if zero_rtt && !full() {
         match connecting.into_0rtt() {
             Ok((conn, accepted)) => (conn, Some(accepted)),
-            Err(connecting) => match connecting.await {
-                Ok(conn) => (conn, None),
-                Err(e) => {
-                    tracing::debug!(error = %e, "handshake failed");
-                    metrics.closed("handshake_failed");
-                    return;
+            Err(connecting) => {
+                match finished(tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await) {
+                    Some(conn) => (conn, None),
+                    None => return,
                 }
-            },
-        }
-    } else {
-        match connecting.await {
-            Ok(conn) => (conn, None),
-            Err(e) => {
-                tracing::debug!(error = %e, "handshake failed");
-                metrics.closed("handshake_failed");
-                return;
             }
         }
+    } else {
+        match finished(tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await) {
+            Some(conn) => (conn, None),
+            None => return,
+        }
     };
-    if over_limit {
+    drop(handshake);
+    let slot = Slot::try_take(&active, max);
+    let Some(slot) = slot else {
         tracing::warn!(
             max = shared.config.transport.max_connections,
             remote = %conn.remote_address(),
@@ -562,7 +601,7 @@ async fn serve_incoming(
         metrics.error(ErrorCode::ServerBusy);
         crate::wire::close(&conn, ErrorCode::ServerBusy, "server busy; try again later");
         return;
-    }
+    };
     metrics.connections_opened.increment(1);
     metrics.connections_active.increment(1.0);
     // A task of its own: this one's state (sized for the handshake) is

@@ -47,7 +47,7 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_connections_closed_total",
         "counter",
         Unit::Count,
-        "Connections that ended, by reason: client_closed, idle_timeout, server_closed, reset, transport_error, handshake_failed.",
+        "Connections that ended, by reason: client_closed, idle_timeout, server_closed, reset, transport_error, handshake_failed (or timed out), handshakes_full (refused: max-connections handshakes in progress).",
     ),
     (
         "chat_connections_refused_total",
@@ -90,6 +90,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "counter",
         Unit::Count,
         "Deliver frames a retried send or group change queued again to members still owed it.",
+    ),
+    (
+        "chat_delivery_acks_ignored_total",
+        "counter",
+        Unit::Count,
+        "DeliveryAcks dropped: the connection had acked more messages than it was delivered.",
     ),
     (
         "chat_receipts_total",
@@ -225,6 +231,8 @@ pub struct Metrics {
     pub deliveries: Counter,
     /// Deliver frames queued again for a retry.
     pub redeliveries: Counter,
+    /// DeliveryAcks beyond a connection's deliveries, dropped.
+    pub acks_ignored: Counter,
     /// Receipt frames queued.
     pub receipts: Counter,
     /// Send decoded to SendAck queued.
@@ -310,6 +318,7 @@ impl Metrics {
                 acks: metrics::counter!("chat_send_acks_total"),
                 deliveries: metrics::counter!("chat_deliveries_total"),
                 redeliveries: metrics::counter!("chat_redeliveries_total"),
+                acks_ignored: metrics::counter!("chat_delivery_acks_ignored_total"),
                 receipts: metrics::counter!("chat_receipts_total"),
                 send_to_ack: metrics::histogram!("chat_send_ack_duration_seconds"),
                 send_to_deliver: metrics::histogram!("chat_send_deliver_duration_seconds"),

@@ -323,6 +323,56 @@ async fn connections_over_the_cap_are_closed_with_server_busy() {
     assert!(carol.identity().user_id > 0);
 }
 
+#[tokio::test]
+async fn half_open_handshakes_do_not_take_connection_places() {
+    // Handshakes that never finish (Initials from addresses that do not
+    // answer, such as spoofed ones) used to hold places of
+    // `max-connections` until the idle timeout, so honest clients were
+    // closed with SERVER_BUSY. Now handshakes are counted apart: with a cap
+    // of 2 and three half-open handshakes, clients still get in.
+    let server = TestServer::start_with(|c| c.transport.max_connections = 2).await;
+    let mut half_open = Vec::new();
+    for _ in 0..3 {
+        half_open.push(half_open_handshake(&server).await);
+    }
+    let (alice, _a) = register(server.client_config(), &name("alice")).await;
+    assert!(alice.identity().user_id > 0);
+    let (bob, _b) = register(server.client_config(), &name("bob")).await;
+    assert!(bob.identity().user_id > 0);
+    // The cap still holds for connections.
+    assert_eq!(
+        close_code_of_new_connection(&server, WAIT).await,
+        Some(ErrorCode::ServerBusy)
+    );
+    drop(half_open);
+}
+
+/// Starts a handshake the server never sees finish: a client's Initial
+/// goes to a relay socket, which passes it on to the server and keeps the
+/// answers. Returns once the server has answered, so the handshake is in
+/// progress there; the parts must be kept alive.
+async fn half_open_handshake(
+    server: &TestServer,
+) -> (tokio::net::UdpSocket, quinn::Endpoint, quinn::Connecting) {
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let config = server.client_config().quinn_client_config().unwrap();
+    let connecting = endpoint
+        .connect_with(config, relay.local_addr().unwrap(), "localhost")
+        .unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let (n, _) = tokio::time::timeout(WAIT, relay.recv_from(&mut buf))
+        .await
+        .expect("the client's Initial")
+        .unwrap();
+    relay.send_to(&buf[..n], server.addr).await.unwrap();
+    tokio::time::timeout(WAIT, relay.recv_from(&mut buf))
+        .await
+        .expect("the server answers the Initial")
+        .unwrap();
+    (relay, endpoint, connecting)
+}
+
 /// A client TLS config that keeps session tickets and offers early data.
 fn early_data_client(server: &TestServer) -> quinn::ClientConfig {
     let ca = std::fs::read(&server.ca).unwrap();

@@ -517,6 +517,51 @@ async fn a_node_that_drops_every_connection_after_login_sees_the_client_back_off
 }
 
 #[tokio::test]
+async fn delivery_acks_beyond_what_a_connection_was_delivered_are_dropped() {
+    // A DeliveryAck has no reply, and each costs the store work even when
+    // it moves nothing (a conversation the user is not in is looked up, a
+    // departure touched): a client looping them used to fill the watermark
+    // committer's queue, which every session's acks wait on. Now a
+    // connection may ack what it was delivered plus a slack of 1,024; this
+    // one was delivered nothing, so of 1,524 acks exactly 500 are dropped.
+    let server = TestServer::start().await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let (raw, _control, _control_recv) = Raw::authenticated(&server).await;
+    let mut list = vec![Frame::open_stream(StreamKind::Messages)];
+    list.extend((1..=1_524u64).map(|conversation_id| {
+        Frame::push(Body::DeliveryAck(proto::DeliveryAck {
+            conversation_id,
+            seq: 1,
+        }))
+    }));
+    let (_messages, _messages_recv) = raw.stream(&frames(&list)).await;
+    scrape_until(metrics, "500 acks dropped", |m| {
+        value(m, "chat_delivery_acks_ignored_total") == 500.0
+    })
+    .await;
+    // A connection's deliveries earn it acks: bob acks what alice sends.
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let ack = alice.send_text(conversation, "hello").await.unwrap();
+    assert_eq!(messages(&mut bob_events, 1).await[0].seq, ack.seq);
+    wait_until("bob's delivery ack moved his watermark", || async {
+        alice
+            .conversation(conversation)
+            .await
+            .unwrap()
+            .members
+            .iter()
+            .any(|m| m.user_id == bob.identity().user_id && m.delivered_seq >= ack.seq)
+    })
+    .await;
+    assert_eq!(
+        value(&scrape(metrics).await, "chat_delivery_acks_ignored_total"),
+        500.0
+    );
+}
+
+#[tokio::test]
 async fn a_flood_of_marks_that_move_nothing_costs_one_lookup_per_batch() {
     // Each MarkSeen that moves no watermark asks the store whether its
     // sender is a member; 1,000 of them in one burst used to make 1,000

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use chat_protocol::proto;
@@ -21,23 +22,65 @@ use super::{ConversationId, Page, RecentCache};
 /// clients ask for when opening a conversation.
 pub const PER_CONVERSATION: usize = 50;
 
-/// Default bound on cached conversations (at ~50 x 200 B per entry about
-/// 100 MB at the limit).
+/// Default bound on cached conversations.
 pub const DEFAULT_MAX_CONVERSATIONS: usize = 10_000;
+
+/// Default bound on the bytes the cached messages hold. A count alone does
+/// not bound memory: texts run up to `max-text-len` (16 KiB), so 10,000
+/// conversations of 50 such messages would be 8 GiB.
+pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
+
+/// What a cached message is taken to cost besides its text and key: the
+/// struct, the `Arc` and the queue slot, rounded up.
+const MESSAGE_OVERHEAD: usize = 128;
+
+fn cost(message: &proto::Message) -> usize {
+    message.text.len() + message.client_msg_id.len() + MESSAGE_OVERHEAD
+}
 
 /// See the module docs.
 pub struct MemoryRecentCache {
     entries: DashMap<ConversationId, VecDeque<Arc<proto::Message>>>,
     max_conversations: usize,
+    max_bytes: usize,
+    /// What the cached messages cost, by [`cost`].
+    bytes: AtomicUsize,
 }
 
 impl MemoryRecentCache {
-    /// A cache holding at most `max_conversations` conversations.
-    pub fn new(max_conversations: usize) -> Self {
+    /// A cache holding at most `max_conversations` conversations and
+    /// messages costing at most `max_bytes` in all.
+    pub fn new(max_conversations: usize, max_bytes: usize) -> Self {
         MemoryRecentCache {
             entries: DashMap::new(),
             max_conversations: max_conversations.max(1),
+            max_bytes,
+            bytes: AtomicUsize::new(0),
         }
+    }
+
+    /// What the cached messages cost now (text, key and overhead).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Drops some conversation other than `keep`. Which one matters little:
+    /// a miss costs one history query, and the evicted conversation refills
+    /// on its next message.
+    fn evict_other_than(&self, keep: ConversationId) -> bool {
+        let victim = self.entries.iter().map(|e| *e.key()).find(|&c| c != keep);
+        let Some(victim) = victim else {
+            return false;
+        };
+        if let Some((_, run)) = self.entries.remove(&victim) {
+            self.release(&run);
+        }
+        true
+    }
+
+    fn release<'a>(&self, messages: impl IntoIterator<Item = &'a Arc<proto::Message>>) {
+        let freed: usize = messages.into_iter().map(|m| cost(m)).sum();
+        self.bytes.fetch_sub(freed, Ordering::Relaxed);
     }
 
     /// Number of cached conversations.
@@ -55,26 +98,41 @@ impl MemoryRecentCache {
         if !self.entries.contains_key(&conversation_id)
             && self.entries.len() >= self.max_conversations
         {
-            // Evict some entry. Which one matters little: a miss costs one
-            // history query, and the evicted conversation refills on its
-            // next message.
-            let victim = self.entries.iter().next().map(|e| *e.key());
-            if let Some(victim) = victim {
-                self.entries.remove(&victim);
+            self.evict_other_than(conversation_id);
+        }
+        {
+            let mut entry = self.entries.entry(conversation_id).or_default();
+            match entry.back() {
+                Some(last) if last.seq + 1 == message.seq => {}
+                Some(last) if last.seq >= message.seq => return,
+                // A gap (an eviction or a restart in between): start over
+                // from this message.
+                _ => {
+                    self.release(entry.iter());
+                    entry.clear();
+                }
+            }
+            if entry.len() == PER_CONVERSATION {
+                if let Some(oldest) = entry.pop_front() {
+                    self.release([&oldest]);
+                }
+            }
+            self.bytes.fetch_add(cost(message), Ordering::Relaxed);
+            entry.push_back(Arc::clone(message));
+        }
+        // Over the byte budget: other conversations go first; a single
+        // conversation over it on its own (a tiny budget) keeps its newest
+        // message only.
+        while self.bytes() > self.max_bytes && self.evict_other_than(conversation_id) {}
+        if self.bytes() > self.max_bytes {
+            if let Some(mut entry) = self.entries.get_mut(&conversation_id) {
+                while entry.len() > 1 {
+                    if let Some(oldest) = entry.pop_front() {
+                        self.release([&oldest]);
+                    }
+                }
             }
         }
-        let mut entry = self.entries.entry(conversation_id).or_default();
-        match entry.back() {
-            Some(last) if last.seq + 1 == message.seq => {}
-            Some(last) if last.seq >= message.seq => return,
-            // A gap (an eviction or a restart in between): start over from
-            // this message.
-            _ => entry.clear(),
-        }
-        if entry.len() == PER_CONVERSATION {
-            entry.pop_front();
-        }
-        entry.push_back(Arc::clone(message));
     }
 }
 
@@ -219,12 +277,12 @@ mod tests {
 
     #[tokio::test]
     async fn memory_cache_conformance() {
-        conformance::pages_like_history(&MemoryRecentCache::new(10)).await;
+        conformance::pages_like_history(&MemoryRecentCache::new(10, DEFAULT_MAX_BYTES)).await;
     }
 
     #[tokio::test]
     async fn answers_only_what_it_holds() {
-        let cache = MemoryRecentCache::new(10);
+        let cache = MemoryRecentCache::new(10, DEFAULT_MAX_BYTES);
         push(&cache, 1, 1..=60).await;
         // Holds 11..=60.
         let page = cache.page_before(1, 0, 20).await.unwrap();
@@ -240,7 +298,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_young_conversation_is_answered_whole() {
-        let cache = MemoryRecentCache::new(10);
+        let cache = MemoryRecentCache::new(10, DEFAULT_MAX_BYTES);
         push(&cache, 1, 1..=3).await;
         let page = cache.page_before(1, 0, 50).await.unwrap();
         assert_eq!(seqs(&page), vec![1, 2, 3]);
@@ -249,7 +307,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_gap_restarts_the_entry() {
-        let cache = MemoryRecentCache::new(10);
+        let cache = MemoryRecentCache::new(10, DEFAULT_MAX_BYTES);
         push(&cache, 1, [5, 6, 9]).await;
         assert!(cache.page_before(1, 0, 2).await.is_none());
         assert_eq!(seqs(&cache.page_before(1, 0, 1).await.unwrap()), vec![9]);
@@ -260,11 +318,43 @@ mod tests {
 
     #[tokio::test]
     async fn conversation_count_is_bounded() {
-        let cache = MemoryRecentCache::new(3);
+        let cache = MemoryRecentCache::new(3, DEFAULT_MAX_BYTES);
         for conversation in 1..=10 {
             push(&cache, conversation, [1]).await;
         }
         assert!(cache.len() <= 3);
+    }
+
+    #[tokio::test]
+    async fn memory_is_bounded_by_bytes_not_only_by_conversations() {
+        // 16 KiB texts: 50 of them in each of 20 conversations would be
+        // 16 MiB; the budget is 1 MiB.
+        let budget = 1 << 20;
+        let cache = MemoryRecentCache::new(10_000, budget);
+        let big = |conversation_id: u64, seq: u64| {
+            Arc::new(proto::Message {
+                conversation_id,
+                seq,
+                text: "x".repeat(16 * 1024),
+                ..Default::default()
+            })
+        };
+        for conversation in 1..=20 {
+            let run: Vec<_> = (1..=50).map(|seq| big(conversation, seq)).collect();
+            cache.push(&run).await;
+            assert!(cache.bytes() <= budget, "{} bytes", cache.bytes());
+        }
+        // The newest conversation is the one kept, whole where it fits.
+        let page = cache.page_before(20, 0, 50).await;
+        assert!(page.is_none() || seqs(&page.unwrap()).last() == Some(&50));
+        // What is left is accounted exactly: emptying it frees everything.
+        while cache.evict_other_than(0) {}
+        assert_eq!(cache.bytes(), 0);
+        // Small messages still fill many conversations.
+        for conversation in 1..=100 {
+            push(&cache, conversation, [1, 2, 3]).await;
+        }
+        assert_eq!(cache.len(), 100);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -31,6 +32,14 @@ const CATCH_UP_PAGE: u32 = 256;
 /// Largest queue read from the inbox store in one go; longer backlogs (a
 /// month offline) are paged from history.
 const INBOX_CATCH_UP_LIMIT: usize = 2_000;
+/// DeliveryAcks a connection may send beyond the Deliver frames written to
+/// it. An ack costs the store work even when it moves nothing (a
+/// conversation the user is not in is looked up, a departure touched), and
+/// a flood of them would fill the watermark committer's queue that every
+/// session's acks wait on; so a connection's acks are bounded by what it
+/// was delivered. The slack covers acks of messages delivered on the
+/// device's previous connection (client-lib holds up to 1,024 unsent).
+const ACK_SLACK: u64 = 1_024;
 
 /// Serves the messages stream until it or the connection ends.
 pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameReader) {
@@ -38,7 +47,10 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     let Some(queue) = session.outbound(StreamKind::Messages) else {
         return;
     };
-    tokio::spawn(writer(session.clone(), send, queue));
+    // Acks this connection may still send: the slack, plus one per Deliver
+    // the writer writes.
+    let credits = Arc::new(AtomicU64::new(ACK_SLACK));
+    tokio::spawn(writer(session.clone(), send, queue, credits.clone()));
     let handle = authed.handle.clone();
     let delivery = session.shared.delivery.clone();
     let metrics = session.shared.metrics.clone();
@@ -72,6 +84,14 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                     }
                     Err(refusal) => Err(refusal),
                 }
+            }
+            Some(Body::DeliveryAck(_))
+                if credits
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1))
+                    .is_err() =>
+            {
+                metrics.acks_ignored.increment(1);
+                Ok(())
             }
             Some(Body::DeliveryAck(ack)) => {
                 let update = WatermarkUpdate {
@@ -226,8 +246,13 @@ fn validate(session: &Session, send: proto::Send) -> Result<NewMessage, Refusal>
     })
 }
 
-async fn writer(session: Arc<Session>, mut send: SendStream, queue: Arc<SessionHandle>) {
-    let Some(sent) = catch_up(&session, &mut send).await else {
+async fn writer(
+    session: Arc<Session>,
+    mut send: SendStream,
+    queue: Arc<SessionHandle>,
+    credits: Arc<AtomicU64>,
+) {
+    let Some(sent) = catch_up(&session, &mut send, &credits).await else {
         return;
     };
     let mut sent = sent;
@@ -237,15 +262,21 @@ async fn writer(session: Arc<Session>, mut send: SendStream, queue: Arc<SessionH
         &queue,
         (&*session.shared.metrics, StreamKind::Messages),
         (&session.shared.config.transport, false),
-        |out| match out.deliver {
-            Some((conversation, seq)) if !sent.is_empty() => match sent.get(&conversation) {
-                Some(&last) if seq <= last => false,
-                _ => {
-                    sent.remove(&conversation);
-                    true
-                }
-            },
-            _ => true,
+        |out| {
+            let write = match out.deliver {
+                Some((conversation, seq)) if !sent.is_empty() => match sent.get(&conversation) {
+                    Some(&last) if seq <= last => false,
+                    _ => {
+                        sent.remove(&conversation);
+                        true
+                    }
+                },
+                _ => true,
+            };
+            if write && out.deliver.is_some() {
+                credits.fetch_add(1, Ordering::Relaxed);
+            }
+            write
         },
     )
     .await;
@@ -253,14 +284,18 @@ async fn writer(session: Arc<Session>, mut send: SendStream, queue: Arc<SessionH
 
 /// Streams undelivered messages; returns the last seq sent per
 /// conversation, or `None` if the stream failed.
-async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u64, u64>> {
+async fn catch_up(
+    session: &Session,
+    send: &mut SendStream,
+    credits: &AtomicU64,
+) -> Option<HashMap<u64, u64>> {
     let authed = session.authed().expect("authenticated");
     let metrics = &session.shared.metrics;
     let mut sent: HashMap<u64, u64> = HashMap::new();
     if let Some(queued) = from_inbox(session, authed.user_id).await {
         metrics.unread.record(queued.len() as f64);
         for page in queued.chunks(CATCH_UP_PAGE as usize) {
-            if !write_page(session, send, page, &mut sent).await {
+            if !write_page(session, send, page, &mut sent, credits).await {
                 return None;
             }
         }
@@ -295,7 +330,7 @@ async fn catch_up(session: &Session, send: &mut SendStream) -> Option<HashMap<u6
             return Some(sent);
         };
         cursor = (last.conversation_id, last.seq);
-        if !write_page(session, send, &page, &mut sent).await {
+        if !write_page(session, send, &page, &mut sent, credits).await {
             return None;
         }
         if page.len() < CATCH_UP_PAGE as usize {
@@ -311,7 +346,11 @@ async fn write_page(
     send: &mut SendStream,
     page: &[Arc<proto::Message>],
     sent: &mut HashMap<u64, u64>,
+    credits: &AtomicU64,
 ) -> bool {
+    // Credited before the write: the client may ack a message as soon as
+    // it reads it, before this task runs again.
+    credits.fetch_add(page.len() as u64, Ordering::Relaxed);
     let mut buf = BytesMut::new();
     for message in page {
         sent.insert(message.conversation_id, message.seq);
