@@ -315,9 +315,14 @@ impl Inner {
     }
 
     /// Makes `live` the current connection and resends the outbox on it, in
-    /// order, before any new send can slip in between.
-    fn install(&self, live: Live) {
+    /// order, before any new send can slip in between. False (and the
+    /// connection closed) if the client was closed meanwhile.
+    fn install(&self, live: Live) -> bool {
         let mut outbox = self.outbox.lock().expect("outbox lock");
+        if self.closed.load(Ordering::Relaxed) {
+            live.conn.close(0u32.into(), b"client closed");
+            return false;
+        }
         if outbox.is_paused() {
             // The resend waits for the pause to end (see send_answered),
             // and then this connection needs every entry.
@@ -330,19 +335,23 @@ impl Inner {
         *self.live.lock().expect("live lock") = Some(live);
         drop(outbox);
         let _ = self.connected.send_replace(true);
+        true
     }
 
     /// The session cannot continue: nothing will be sent any more, so
     /// every waiting send and request fails with the reason, new ones fail
     /// with `Closed`, and the app hears `SessionEnded`.
     async fn end_session(&self, code: ErrorCode) {
-        self.closed.store(true, Ordering::Relaxed);
         let error = ClientError::Server {
             code,
             message: "the session ended; log in again".into(),
             retry_after: None,
         };
-        self.outbox.lock().expect("outbox lock").fail_all(&error);
+        {
+            let mut outbox = self.outbox.lock().expect("outbox lock");
+            self.closed.store(true, Ordering::Relaxed);
+            outbox.fail_all(&error);
+        }
         self.fail_pending(&error);
         let _ = self.events.send(Event::SessionEnded { code }).await;
     }
@@ -432,6 +441,7 @@ impl Client {
             token,
         });
         let conn = live.conn.clone();
+        // Nobody can have closed a client not yet returned.
         inner.install(live);
         tokio::spawn(supervise(inner.clone(), conn));
         Ok((Client { inner }, Events { rx: events_rx }))
@@ -505,6 +515,11 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         {
             let mut outbox = self.inner.outbox.lock().expect("outbox lock");
+            // Under the lock `close` and `end_session` fail the outbox
+            // under: an entry added after that would wait forever.
+            if self.inner.closed.load(Ordering::Relaxed) {
+                return Err(ClientError::Closed);
+            }
             let live = self.inner.live().filter(|_| !outbox.is_paused());
             outbox.push(
                 request_id,
@@ -840,17 +855,20 @@ impl Client {
 
     /// Disconnects for good; pending sends fail with `Closed`.
     pub fn close(&self) {
-        if self.inner.closed.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        if let Some(live) = self.inner.live.lock().expect("live lock").take() {
+        // Under the outbox lock, which `install` and sends take too: a
+        // connection being made now is closed as it is installed, and no
+        // send joins the outbox after it is failed.
+        let live = {
+            let mut outbox = self.inner.outbox.lock().expect("outbox lock");
+            if self.inner.closed.swap(true, Ordering::Relaxed) {
+                return;
+            }
+            outbox.fail_all(&ClientError::Closed);
+            self.inner.live.lock().expect("live lock").take()
+        };
+        if let Some(live) = live {
             live.conn.close(0u32.into(), b"client closed");
         }
-        self.inner
-            .outbox
-            .lock()
-            .expect("outbox lock")
-            .fail_all(&ClientError::Closed);
         self.inner.fail_pending(&ClientError::Closed);
         self.inner.reconnect.notify_one();
     }
@@ -1038,7 +1056,15 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
         };
         *inner.live.lock().expect("live lock") = None;
         let _ = inner.connected.send_replace(false);
-        let error = ClientError::from_connection(&reason);
+        let error = match ClientError::from_connection(&reason) {
+            // Closed here to reconnect (`reconnect_now`, a stream the server
+            // ended, a bad frame), not for good: requests waiting on it may
+            // be asked again (keyed group changes are).
+            ClientError::Closed if !inner.closed.load(Ordering::Relaxed) => {
+                ClientError::Disconnected
+            }
+            error => error,
+        };
         inner.fail_pending(&error);
         if inner.closed.load(Ordering::Relaxed) {
             return;
@@ -1079,8 +1105,13 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                 Ok((live, _)) => {
                     conn = live.conn.clone();
                     connected_at = tokio::time::Instant::now();
-                    last_delay = delay;
-                    inner.install(live);
+                    // At least the minimum: after a shutdown's immediate
+                    // reconnect, a node that keeps closing must still see
+                    // the backoff grow.
+                    last_delay = delay.max(inner.config.reconnect_min);
+                    if !inner.install(live) {
+                        return;
+                    }
                     let _ = inner.events.send(Event::Connected).await;
                     // Presence may have changed while we were away.
                     let watching = inner.watching.lock().expect("watching lock").clone();

@@ -1248,3 +1248,181 @@ async fn a_receipt_that_overtakes_the_first_reply_for_a_conversation_is_kept() {
     client.close();
     serve.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_group_change_in_flight_when_the_app_reconnects_is_asked_again() {
+    // `reconnect_now` (a network switch) closes the connection from the
+    // client's side. Requests waiting on it used to fail with `Closed`
+    // ("client closed or logged out"), which a keyed group change takes
+    // as final: a removal the node may have made was reported as failed.
+    // Now they fail as a lost connection, and the change is asked again.
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
+    let addr = endpoint.local_addr().unwrap();
+    let (arrived, first_request) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(async move {
+        let mut arrived = Some(arrived);
+        let mut keys = Vec::new();
+        while keys.len() < 2 {
+            let conn = endpoint.accept().await.unwrap().await.unwrap();
+            let Some((mut send, mut recv)) = fake_login(&conn).await else {
+                continue;
+            };
+            let mut buf = BytesMut::new();
+            let frame = loop {
+                let frame = next_frame(&mut recv, &mut buf).await;
+                if matches!(frame.body, Some(Body::RemoveMember(_))) {
+                    break frame;
+                }
+            };
+            let Some(Body::RemoveMember(remove)) = &frame.body else {
+                unreachable!()
+            };
+            keys.push(remove.client_key.clone());
+            if let Some(arrived) = arrived.take() {
+                // No answer: the client drops this connection itself.
+                arrived.send(()).unwrap();
+                let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+                continue;
+            }
+            let ok = Frame::new(frame.request_id, Body::Ok(proto::Ok {}));
+            send.write_all(&frames(&[ok])).await.unwrap();
+            let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        }
+        keys
+    });
+    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    let removing = tokio::spawn({
+        let client = client.clone();
+        async move { client.remove_member(77, 2).await }
+    });
+    tokio::time::timeout(WAIT, first_request)
+        .await
+        .expect("the removal reached the node")
+        .unwrap();
+    client.reconnect_now();
+    removing
+        .await
+        .unwrap()
+        .expect("answered on the next connection");
+    client.close();
+    let keys = serve.await.unwrap();
+    assert_eq!(keys[0], keys[1], "asked again with the same key");
+}
+
+#[tokio::test]
+async fn a_client_closed_while_reconnecting_does_not_come_back() {
+    // `close()` while the client was logging in again found no connection
+    // to close; the login then completed and the connection was installed
+    // (up, heartbeating, the user online) until something else ended it.
+    // Now the connection is closed as it is installed. The fake node
+    // drops the first connection and holds the second login's answer
+    // until the app has closed the client.
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
+    let addr = endpoint.local_addr().unwrap();
+    let (login_held, holding) = tokio::sync::oneshot::channel::<()>();
+    let (app_closed, closed) = tokio::sync::oneshot::channel::<()>();
+    let (app_registered, registered) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let _control = fake_login(&conn).await.expect("a login");
+        registered.await.unwrap();
+        conn.close((ErrorCode::Unavailable as u32).into(), b"lost");
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut buf = BytesMut::new();
+        let _open = next_frame(&mut recv, &mut buf).await;
+        let auth = next_frame(&mut recv, &mut buf).await;
+        login_held.send(()).unwrap();
+        closed.await.unwrap();
+        let ok = Frame::new(
+            auth.request_id,
+            Body::AuthOk(proto::AuthOk {
+                user_id: 1,
+                username: "fake".into(),
+                token: "t".into(),
+                ..Default::default()
+            }),
+        );
+        send.write_all(&frames(&[ok])).await.unwrap();
+        let mut others = Vec::new();
+        let reason = loop {
+            tokio::select! {
+                stream = conn.accept_bi() => match stream {
+                    Ok(stream) => others.push(stream),
+                    Err(reason) => break reason,
+                },
+                reason = conn.closed() => break reason,
+            }
+        };
+        drop(others);
+        reason
+    });
+    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    app_registered.send(()).unwrap();
+    tokio::time::timeout(WAIT, holding)
+        .await
+        .expect("the client logs in again")
+        .unwrap();
+    client.close();
+    app_closed.send(()).unwrap();
+    let reason = tokio::time::timeout(WAIT, serve)
+        .await
+        .expect("the client ends the new connection")
+        .unwrap();
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(&close.reason[..], b"client closed", "{close:?}");
+        }
+        other => panic!("closed by the client, not {other:?}"),
+    }
+    assert!(!client.is_connected());
+}
+
+#[tokio::test]
+async fn a_server_cannot_ask_for_heartbeats_more_than_once_a_second() {
+    // The heartbeat interval comes from the server. At 1 ms, with a server
+    // that stopped reading the control stream, the client queued a
+    // thousand unsendable frames a second; it now keeps to at least 1 s.
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
+    let addr = endpoint.local_addr().unwrap();
+    let serve = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut buf = BytesMut::new();
+        let _open = next_frame(&mut recv, &mut buf).await;
+        let auth = next_frame(&mut recv, &mut buf).await;
+        let ok = Frame::new(
+            auth.request_id,
+            Body::AuthOk(proto::AuthOk {
+                user_id: 1,
+                username: "fake".into(),
+                token: "t".into(),
+                heartbeat_interval_ms: 1,
+                ..Default::default()
+            }),
+        );
+        send.write_all(&frames(&[ok])).await.unwrap();
+        let mut heartbeats = 0;
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(frame) = tokio::time::timeout_at(until, next_frame(&mut recv, &mut buf)).await
+        {
+            if matches!(frame.body, Some(Body::Heartbeat(_))) {
+                heartbeats += 1;
+            }
+        }
+        heartbeats
+    });
+    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    let heartbeats = serve.await.unwrap();
+    assert!(heartbeats <= 4, "{heartbeats} heartbeats in 3 s");
+    client.close();
+}
