@@ -51,6 +51,7 @@ macro_rules! history_store_conformance {
             group_edit_keys,
             duplicates_name_the_members_still_owed,
             removed_members_catch_up_to_their_removal,
+            moves_share_their_conversations_member_list,
         );
     };
     (@tests $mode:tt; $($name:ident),* $(,)?) => {
@@ -1269,4 +1270,34 @@ pub async fn groups(store: &impl HistoryStore) {
             .await,
         Err(StoreError::Invalid(_))
     ));
+}
+
+/// The moves of one conversation in a batch share one member list (large
+/// groups: a list per move was a group's worth of ids per member's ack).
+pub async fn moves_share_their_conversations_member_list(store: &impl HistoryStore) {
+    let (a, b, _) = friends_with_direct(store, "alice", "bob").await;
+    let c = user(store, "carol").await;
+    let g = trip(store, a, vec![b, c]).await;
+    append_one(store, text(g, a, "m1", "hello", 11)).await;
+    let moved = store
+        .advance_watermarks(
+            [b, c]
+                .map(|user_id| WatermarkUpdate {
+                    conversation_id: g,
+                    user_id,
+                    kind: WatermarkKind::Delivered,
+                    seq: 2,
+                })
+                .to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 2, "{moved:?}");
+    let mut expected = vec![a, b, c];
+    expected.sort_unstable();
+    assert_eq!(*moved[0].members, expected);
+    assert!(
+        Arc::ptr_eq(&moved[0].members, &moved[1].members),
+        "one list for the conversation's moves"
+    );
 }

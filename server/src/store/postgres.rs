@@ -1626,17 +1626,23 @@ impl HistoryStore for PostgresStore {
             })
             .unzip();
 
+        let mut distinct = conversations.clone();
+        distinct.dedup();
+
         let client = self.client().await?;
         let lock = client.prepare_cached(LOCK_MEMBERS).await.map_err(pg)?;
         let advance = client.prepare_cached(ADVANCE).await.map_err(pg)?;
+        let members_of = client.prepare_cached(MEMBERS_OF).await.map_err(pg)?;
         let lock_params: [Param<'_>; 2] = [&conversations, &users];
         let advance_params: [Param<'_>; 4] = [&conversations, &users, &delivered, &seen];
+        let members_params: [Param<'_>; 1] = [&distinct];
         let tx = PipelinedTx::new(client);
-        let (_, locked, rows) = tokio::try_join!(
+        let (_, locked, rows, member_rows) = tokio::try_join!(
             biased;
             tx.begin(),
             tx.query(&lock, &lock_params),
             tx.query(&advance, &advance_params),
+            tx.query(&members_of, &members_params),
         )
         .map_err(pg)?;
         if locked.len() < sorted.len() {
@@ -1661,14 +1667,28 @@ impl HistoryStore for PostgresStore {
         }
         tx.commit().await.map_err(pg)?;
 
+        // One list per conversation, shared by its moves (sorted by user id
+        // within each conversation: the query orders them).
+        let mut lists: HashMap<ConversationId, Vec<UserId>> = HashMap::new();
+        for row in &member_rows {
+            lists
+                .entry(id_col(row, 0)?)
+                .or_default()
+                .push(id_col(row, 1)?);
+        }
+        let lists: HashMap<ConversationId, Arc<Vec<UserId>>> = lists
+            .into_iter()
+            .map(|(c, members)| (c, Arc::new(members)))
+            .collect();
         let mut moved: HashMap<(ConversationId, UserId), WatermarkMoved> = HashMap::new();
         for row in &rows {
+            let conversation_id = id_col(row, 0)?;
             let m = WatermarkMoved {
-                conversation_id: id_col(row, 0)?,
+                conversation_id,
                 user_id: id_col(row, 1)?,
                 delivered_seq: id_col(row, 2)?,
                 seen_seq: id_col(row, 3)?,
-                members: Arc::new(col::<Vec<i64>>(row, 4)?.into_iter().map(id).collect()),
+                members: lists.get(&conversation_id).cloned().unwrap_or_default(),
             };
             moved.insert((m.conversation_id, m.user_id), m);
         }
@@ -1851,7 +1871,9 @@ const OWN_WATERMARKS: &str = "
       AND (m.delivered_seq = u.caught_up_at OR m.seen_seq = u.caught_up_at)";
 
 /// Moves watermarks forward only, clamped to the conversation's last seq;
-/// returns the rows that moved with every member of their conversation.
+/// returns the rows that moved (their conversations' members come from
+/// [`MEMBERS_OF`], once per conversation: a subquery per row read and sent
+/// a large group's whole list for every member's ack).
 /// `c.id = ANY` for the same reason as in [`BUMP_SEQS`].
 const ADVANCE: &str = "
     UPDATE members m SET
@@ -1864,9 +1886,7 @@ const ADVANCE: &str = "
       AND m.conversation_id = u.conversation_id AND m.user_id = u.user_id
       AND (m.delivered_seq < LEAST(u.delivered, c.last_seq)
            OR m.seen_seq < LEAST(u.seen, c.last_seq))
-    RETURNING m.conversation_id, m.user_id, m.delivered_seq, m.seen_seq,
-              ARRAY(SELECT x.user_id FROM members x
-                    WHERE x.conversation_id = m.conversation_id ORDER BY x.user_id)";
+    RETURNING m.conversation_id, m.user_id, m.delivered_seq, m.seen_seq";
 
 /// Conversations as one member sees them: the row, the unread count
 /// (others' messages above the viewer's seen watermark) and the newest
