@@ -8,9 +8,9 @@
 //! | key | type | holds |
 //! | --- | --- | --- |
 //! | `<prefix>{u:ID}:presence` | string, PX ttl | `node` and `last_active_ms` (the seed's User Status record) |
-//! | `<prefix>{u:ID}:inbox:<conversation>` | sorted set, score = seq | encoded messages not yet delivered (sender, recipient = ID, timestamp, text, type: the seed's Unread Messages record) |
-//! | `<prefix>{u:ID}:inbox` | set | conversations with a queue |
-//! | `<prefix>{c:ID}:recent` | list, ascending, capped | the newest messages of the conversation |
+//! | `<prefix>{u:ID}:inbox:<conversation>` | sorted set, score = seq, the newest 4,096, PX 30 days from the last push | encoded messages not yet delivered (sender, recipient = ID, timestamp, text, type: the seed's Unread Messages record) |
+//! | `<prefix>{u:ID}:inbox` | set, PX 30 days from the last push | conversations with a queue |
+//! | `<prefix>{c:ID}:recent` | list, ascending, capped, PX 7 days from the last push | the newest messages of the conversation |
 //!
 //! Nothing here is the source of truth. Every failure is survivable: the
 //! callers fall back to history, and a flushed Redis refills as users
@@ -33,6 +33,19 @@ use super::{ConversationId, InboxStore, Page, RecentCache, StoreError, UserId};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one command may take; past it the caller falls back.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A user's unread queues and their index expire this long after their
+/// last push: an account that never comes back does not keep its groups'
+/// messages in Redis for good (catch-up checks a queue against history, so
+/// an expired one costs a history read, not a message).
+const INBOX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Entries kept per unread queue, the newest: the node reads at most 2,000
+/// in a catch-up and pages a longer backlog from history, so older ones
+/// would never be read (a trimmed queue disagrees with history and is not
+/// used).
+const INBOX_QUEUE_CAP: isize = 4_096;
+/// A conversation's recent messages expire this long after its last one:
+/// a cache miss costs a history read.
+const RECENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A connection (multiplexed, reconnecting) and the key prefix.
 #[derive(Clone)]
@@ -182,16 +195,18 @@ impl InboxStore for RedisStore {
         if entries.is_empty() {
             return Ok(());
         }
+        let ttl = INBOX_TTL.as_millis() as i64;
         let mut pipe = ::redis::pipe();
         for (user, message) in &entries {
-            pipe.zadd(
-                self.inbox_key(*user, message.conversation_id),
-                message.encode_to_vec(),
-                message.seq,
-            )
-            .ignore();
-            pipe.sadd(self.inbox_index_key(*user), message.conversation_id)
+            let queue = self.inbox_key(*user, message.conversation_id);
+            let index = self.inbox_index_key(*user);
+            pipe.zadd(&queue, message.encode_to_vec(), message.seq)
                 .ignore();
+            pipe.zremrangebyrank(&queue, 0, -(INBOX_QUEUE_CAP + 1))
+                .ignore();
+            pipe.pexpire(&queue, ttl).ignore();
+            pipe.sadd(&index, message.conversation_id).ignore();
+            pipe.pexpire(&index, ttl).ignore();
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
@@ -281,6 +296,7 @@ impl RecentCache for RedisStore {
             let key = self.recent_key(message.conversation_id);
             pipe.rpush(&key, message.encode_to_vec()).ignore();
             pipe.ltrim(&key, -(PER_CONVERSATION as isize), -1).ignore();
+            pipe.pexpire(&key, RECENT_TTL.as_millis() as i64).ignore();
         }
         let mut conn = self.conn.clone();
         if let Err(e) = pipe.query_async::<()>(&mut conn).await {
@@ -460,6 +476,36 @@ mod tests {
             store.pending(6, 100).await.unwrap().is_empty(),
             "a flush empties the queue"
         );
+    }
+
+    #[tokio::test]
+    async fn queues_and_recent_runs_expire_and_stay_capped() {
+        // Without a bound, an account that never came back kept every
+        // message of its groups in Redis for good, and every conversation
+        // ever written kept its recent run.
+        let Some(store) = connect("bounds").await else {
+            return;
+        };
+        let n = INBOX_QUEUE_CAP as u64 + 10;
+        let entries: Vec<_> = (1..=n).map(|seq| (5, message(10, seq))).collect();
+        InboxStore::push(&store, entries).await.unwrap();
+        let queued = store.pending(5, 10_000).await.unwrap();
+        assert_eq!(queued.len(), INBOX_QUEUE_CAP as usize);
+        assert_eq!(queued[0].seq, 11, "the newest are kept");
+        RecentCache::push(&store, &[message(10, 1)]).await;
+        let mut conn = store.conn.clone();
+        for (key, ttl) in [
+            (store.inbox_key(5, 10), INBOX_TTL),
+            (store.inbox_index_key(5), INBOX_TTL),
+            (store.recent_key(10), RECENT_TTL),
+        ] {
+            let left: i64 = conn.pttl(&key).await.unwrap();
+            assert!(
+                left > 0 && left <= ttl.as_millis() as i64,
+                "{key}: {left} ms to live"
+            );
+        }
+        delete_prefix(&store, store.prefix()).await;
     }
 
     #[tokio::test]
