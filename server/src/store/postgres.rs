@@ -972,10 +972,14 @@ impl HistoryStore for PostgresStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
+        let lock = client.prepare_cached(LOCK_PAIR).await.map_err(pg)?;
         let take = client.prepare_cached(TAKE_REQUEST).await.map_err(pg)?;
         let befriend = client.prepare_cached(MAKE_FRIENDS).await.map_err(pg)?;
         let (user, from) = (sql(user), sql(from));
         let tx = client.transaction().await.map_err(pg)?;
+        // The pair's lock, as requests and removals take it: a removal
+        // crossing this accept either sees the friendship or waits for it.
+        tx.execute(&lock, &[&user, &from]).await.map_err(pg)?;
         if tx.execute(&take, &[&from, &user]).await.map_err(pg)? == 0 {
             return Err(StoreError::NotFound);
         }
@@ -993,9 +997,16 @@ impl HistoryStore for PostgresStore {
     }
 
     async fn friend_remove(&self, user: UserId, other: UserId) -> Result<bool, StoreError> {
-        // Both deletes in one statement: atomic without a transaction.
-        let row = self
-            .one(
+        // Under the pair's lock: a removal whose snapshot predated a
+        // crossing accept's commit found nothing to remove, answered
+        // "nothing removed", and left the two friends.
+        let mut client = self.client().await?;
+        let lock = client.prepare_cached(LOCK_PAIR).await.map_err(pg)?;
+        let (user, other) = (sql(user), sql(other));
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute(&lock, &[&user, &other]).await.map_err(pg)?;
+        let row = tx
+            .query_one(
                 "WITH f AS (
                     DELETE FROM friends WHERE (user_id = $1 AND friend_id = $2)
                                            OR (user_id = $2 AND friend_id = $1)
@@ -1006,9 +1017,11 @@ impl HistoryStore for PostgresStore {
                     RETURNING 1
                  )
                  SELECT (SELECT count(*) FROM f) + (SELECT count(*) FROM r)",
-                &[&sql(user), &sql(other)],
+                &[&user, &other],
             )
-            .await?;
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
         Ok(col::<i64>(&row, 0)? > 0)
     }
 

@@ -525,6 +525,73 @@ async fn crossing_batches_and_watermarks_do_not_deadlock() {
     .await;
 }
 
+/// Accepting and removing a friendship take the pair's lock, as requests
+/// do. A removal whose snapshot predated a crossing accept's commit found
+/// nothing to remove, answered "nothing removed" and left the two friends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepting_and_removing_a_friendship_are_serialised() {
+    with_store(|store| async move {
+        let a = user(&*store, "a").await;
+        let b = user(&*store, "b").await;
+        store.friend_request(a, b, 1).await.unwrap();
+        // Someone holds the pair's lock (the session-level twin of it).
+        let holder = admin().await;
+        let pair = [sql(a), sql(b)];
+        let hold = LOCK_PAIR.replace("pg_advisory_xact_lock", "pg_advisory_lock");
+        holder.execute(&hold, &[&pair[0], &pair[1]]).await.unwrap();
+        let holder_pid: i32 = holder
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let watcher = admin().await;
+        let waiting_behind_holder = |n: i64| {
+            let watcher = &watcher;
+            async move {
+                let deadline = Instant::now() + PROGRESS_DEADLINE;
+                loop {
+                    let waiting: i64 = watcher
+                        .query_one(
+                            "SELECT count(*) FROM pg_stat_activity
+                             WHERE $1 = ANY(pg_blocking_pids(pid))",
+                            &[&holder_pid],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    if waiting >= n {
+                        return;
+                    }
+                    assert!(Instant::now() < deadline, "{n} waiting for the pair's lock");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        let accept = tokio::spawn({
+            let store = store.clone();
+            async move { store.friend_accept(b, a, 2).await }
+        });
+        waiting_behind_holder(1).await;
+        let remove = tokio::spawn({
+            let store = store.clone();
+            async move { store.friend_remove(a, b).await }
+        });
+        waiting_behind_holder(2).await;
+        let unhold = hold.replace("pg_advisory_lock", "pg_advisory_unlock");
+        holder
+            .execute(&unhold, &[&pair[0], &pair[1]])
+            .await
+            .unwrap();
+        accept.await.unwrap().expect("accepted");
+        assert!(
+            remove.await.unwrap().unwrap(),
+            "the removal found the friendship"
+        );
+        assert!(!store.are_friends(a, b).await.unwrap());
+    })
+    .await;
+}
+
 /// A group change locks the member rows it writes before it writes any,
 /// in the order watermark batches lock them. A batch holding the actor's
 /// row (their ack) that then wants the removed member's row used to
