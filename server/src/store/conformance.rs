@@ -279,6 +279,22 @@ pub async fn friend_requests(store: &impl HistoryStore) {
         .map(|f| f.1)
         .collect();
     assert_eq!(names, vec!["bob", "carol"], "ordered by name");
+    // By bytes, whatever the database's locale (in `en_US` "b-z" would
+    // come after "ba": punctuation is ignored at first).
+    for name in ["ba", "b-z"] {
+        let id = user(store, name).await;
+        store.friend_request(id, a, 8).await.unwrap();
+        store.friend_accept(a, id, 8).await.unwrap();
+    }
+    let names: Vec<_> = store
+        .friends(a)
+        .await
+        .unwrap()
+        .friends
+        .into_iter()
+        .map(|f| f.1)
+        .collect();
+    assert_eq!(names, vec!["b-z", "ba", "bob", "carol"], "ordered by bytes");
 
     // Remove ends the friendship on both sides; removing again is a no-op.
     assert!(store.friend_remove(b, a).await.unwrap());

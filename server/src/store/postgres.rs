@@ -1030,7 +1030,7 @@ impl HistoryStore for PostgresStore {
         let friends = client
             .prepare_cached(
                 "SELECT u.id, u.username FROM friends f JOIN users u ON u.id = f.friend_id
-                 WHERE f.user_id = $1 ORDER BY u.username",
+                 WHERE f.user_id = $1 ORDER BY u.username COLLATE \"C\"",
             )
             .await
             .map_err(pg)?;
