@@ -1255,6 +1255,9 @@ impl HistoryStore for PostgresStore {
         let text = crate::store::system_text::created(&creator_name, &name, &names);
         let (appended, xid) = group::append_system(&tx, id, creator, None, text, now_ms).await?;
         if let Err(e) = tx.commit().await {
+            // Its connection back to the pool first: the settle needs one,
+            // and with a pool of one this is it.
+            drop(client);
             self.settle_commit(xid, e).await?;
         }
         Ok(GroupCreated::New(appended))
@@ -1459,6 +1462,8 @@ impl HistoryStore for PostgresStore {
                 .await?;
         }
         if let Err(e) = tx.commit().await {
+            // As in create_group: the connection back first.
+            drop(client);
             self.settle_commit(xid, e).await?;
         }
         for user in also_tell {

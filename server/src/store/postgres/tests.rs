@@ -75,11 +75,16 @@ async fn new_store() -> Option<PostgresStore> {
 /// A store reached through `url` (the test server, or a proxy to it) in a
 /// fresh schema, or `None` when the test is skipped.
 async fn new_store_at(url: &str) -> Option<PostgresStore> {
+    new_store_sized(url, TEST_POOL_SIZE).await
+}
+
+/// [`new_store_at`] with a pool of `pool_size` connections.
+async fn new_store_sized(url: &str, pool_size: usize) -> Option<PostgresStore> {
     if !backend_or_skip().await {
         return None;
     }
     let schema = fresh_schema();
-    match PostgresStore::connect_with_schema(url, &schema, TEST_POOL_SIZE).await {
+    match PostgresStore::connect_with_schema(url, &schema, pool_size).await {
         Ok(store) => Some(store),
         Err(e) => {
             drop_schema(&schema).await;
@@ -125,7 +130,16 @@ where
     F: FnOnce(Arc<PostgresStore>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Some(store) = new_store_at(url).await else {
+    with_store_sized(url, TEST_POOL_SIZE, check).await;
+}
+
+/// [`with_store_at`] with a pool of `pool_size` connections.
+async fn with_store_sized<F, Fut>(url: &str, pool_size: usize, check: F)
+where
+    F: FnOnce(Arc<PostgresStore>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(store) = new_store_sized(url, pool_size).await else {
         return;
     };
     let store = Arc::new(store);
@@ -1103,6 +1117,49 @@ fn seen(window: &mut Vec<u8>, chunk: &[u8], pattern: &[u8]) -> bool {
     let keep_from = window.len().saturating_sub(pattern.len() - 1);
     window.drain(..keep_from);
     found
+}
+
+#[tokio::test]
+async fn a_group_change_settles_its_commit_with_a_pool_of_one() {
+    // Settling asks Postgres on a connection of its own. A group change
+    // held its broken one meanwhile, so with `postgres-pool-size = 1` the
+    // settle never got a connection and a change that had committed was
+    // reported failed.
+    let cutter = Arc::new(CommitCutter::start().await);
+    let url = cutter.url();
+    with_store_sized(&url, 1, {
+        let cutter = cutter.clone();
+        move |store| async move {
+            let a = user(&*store, "alice").await;
+            let b = user(&*store, "bob").await;
+            befriend(&*store, a, b).await;
+            let group = NewGroup {
+                creator: a,
+                name: "trip".into(),
+                members: vec![b],
+                client_key: None,
+            };
+            let GroupCreated::New(created) = store.create_group(group, 10, 5).await.unwrap() else {
+                panic!("a new group");
+            };
+            let group = created.message.conversation_id;
+            cutter.arm(CUT_ANSWER);
+            let renamed = tokio::time::timeout(
+                PROGRESS_DEADLINE,
+                store.change_group(
+                    GroupEdit::new(group, a, GroupChange::Rename("trip 2".into())),
+                    10,
+                    6,
+                ),
+            )
+            .await
+            .expect("settled in time")
+            .expect("settled as committed");
+            assert_eq!(cutter.cuts(), 1);
+            assert_eq!(renamed.message.seq, 2);
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
