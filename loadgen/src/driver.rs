@@ -278,7 +278,9 @@ async fn schedule(
             shared.tracker.skipped_offline(measured);
             continue;
         };
-        let send_no = shared.tracker.dispatch(measured, recipients, group);
+        let send_no = shared
+            .tracker
+            .dispatch(measured, recipients, group, conversation_id, sender);
         let text = Header {
             run: shared.run_id,
             sender,
@@ -343,6 +345,7 @@ async fn receive(
                         shared.tracker.delivered(
                             h.send_no,
                             user.idx,
+                            m.conversation_id,
                             incarnation,
                             h.intended_ns,
                             now,

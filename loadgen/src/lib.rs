@@ -226,6 +226,7 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         lost_deliveries: fin.lost_deliveries,
         duplicates: c.duplicates,
         duplicates_across_resume: c.duplicates_across_resume,
+        misrouted: c.misrouted,
         receipts: c.receipts,
         errors: c.errors.clone(),
         acked_in_window: c.acked_in_window,

@@ -70,6 +70,10 @@ struct SendRecord {
     recipients: u32,
     /// Distinct recipients it reached.
     reached: u32,
+    /// Where it went and who sent it: a copy anywhere else, or at the
+    /// sender, is misrouted, not a delivery.
+    conversation_id: u64,
+    sender: u32,
 }
 
 /// Sends of one sender in one conversation that wait for every other
@@ -167,6 +171,9 @@ pub struct Counts {
     pub failed: u64,
     /// Deliveries of a send that had already been delivered.
     pub duplicates: u64,
+    /// Copies of a send that arrived in another conversation or at its
+    /// sender.
+    pub misrouted: u64,
     /// The part of `duplicates` seen by a different incarnation of the
     /// recipient's client than the first delivery (after a churn resume).
     pub duplicates_across_resume: u64,
@@ -284,12 +291,21 @@ impl Tracker {
 
     /// Registers a send about to start for `recipients` other members
     /// (`group`: to a group) and returns its number.
-    pub fn dispatch(&self, measured: bool, recipients: u32, group: bool) -> u64 {
+    pub fn dispatch(
+        &self,
+        measured: bool,
+        recipients: u32,
+        group: bool,
+        conversation_id: u64,
+        sender: usize,
+    ) -> u64 {
         let mut s = self.state();
         let send_no = s.sends.len() as u64;
         s.sends.push(SendRecord {
             measured,
             recipients,
+            conversation_id,
+            sender: sender as u32,
             ..SendRecord::default()
         });
         if measured && !s.frozen {
@@ -375,11 +391,12 @@ impl Tracker {
     }
 
     /// Send `send_no` arrived at recipient `recipient` (client incarnation
-    /// `incarnation`).
+    /// `incarnation`) in `conversation_id`.
     pub fn delivered(
         &self,
         send_no: u64,
         recipient: usize,
+        conversation_id: u64,
         incarnation: u32,
         intended_ns: u64,
         now_ns: u64,
@@ -394,6 +411,12 @@ impl Tracker {
             return;
         };
         if !rec.measured {
+            return;
+        }
+        if rec.conversation_id != conversation_id || rec.sender as usize == recipient {
+            // Not one of its recipients: counting it would let a copy in
+            // the wrong place stand in for one that never arrived.
+            s.counts.misrouted += 1;
             return;
         }
         match s.arrivals.entry((send_no, recipient)) {
@@ -643,6 +666,10 @@ pub struct Report {
     /// Duplicates that crossed a churn resume (client-lib's deduplication
     /// is per client instance).
     pub duplicates_across_resume: u64,
+    /// Copies that arrived in another conversation or at their sender (not
+    /// counted as deliveries).
+    #[serde(default)]
+    pub misrouted: u64,
     /// Sends whose delivered receipts (from every recipient) came back to
     /// the sender.
     pub receipts: u64,
@@ -789,11 +816,12 @@ impl Report {
         }
         let _ = writeln!(
             t,
-            "reconnects: {}  churn offline: {}  skipped (sender offline): {}  duplicates across resume: {}  stale messages: {}",
+            "reconnects: {}  churn offline: {}  skipped (sender offline): {}  duplicates across resume: {}  misrouted: {}  stale messages: {}",
             self.reconnects,
             self.churn_offline,
             self.skipped_offline,
             self.duplicates_across_resume,
+            self.misrouted,
             self.stale_messages
         );
         match (self.server_cpu_pct, self.server_cpu_us_per_send) {
@@ -873,11 +901,11 @@ mod tests {
         // as acked (nothing lost), but only one as carried in the window.
         let t = Tracker::new();
         t.set_window_end(10_000_000);
-        let sends: Vec<u64> = (0..3).map(|_| t.dispatch(true, 1, false)).collect();
+        let sends: Vec<u64> = (0..3).map(|_| t.dispatch(true, 1, false, 0, 0)).collect();
         for (i, &send) in sends.iter().enumerate() {
             let at = 9_000_000 + i as u64 * 2_000_000;
             t.acked(send, 9, 0, i as u64 + 1, 1_000_000, at);
-            t.delivered(send, 1, 0, 1_000_000, at + 500_000);
+            t.delivered(send, 1, 0, 0, 1_000_000, at + 500_000);
         }
         let c = t.freeze().counts;
         assert_eq!((c.acked, c.delivered, c.deliveries), (3, 3, 3));
@@ -888,17 +916,17 @@ mod tests {
     #[test]
     fn a_send_is_acked_delivered_and_receipted_once() {
         let t = Tracker::new();
-        let warm = t.dispatch(false, 1, false);
-        let a = t.dispatch(true, 1, false);
-        let b = t.dispatch(true, 1, false);
-        let c = t.dispatch(true, 1, false);
+        let warm = t.dispatch(false, 1, false, 0, 0);
+        let a = t.dispatch(true, 1, false, 0, 0);
+        let b = t.dispatch(true, 1, false, 0, 0);
+        let c = t.dispatch(true, 1, false, 0, 0);
         t.acked(warm, 9, 0, 1, 0, 5_000_000);
         t.acked(a, 9, 0, 2, 1_000_000, 3_000_000);
-        t.delivered(a, 1, 0, 1_000_000, 4_000_000);
-        t.delivered(a, 1, 0, 1_000_000, 4_500_000);
-        t.delivered(a, 1, 1, 1_000_000, 4_600_000);
+        t.delivered(a, 1, 0, 0, 1_000_000, 4_000_000);
+        t.delivered(a, 1, 0, 0, 1_000_000, 4_500_000);
+        t.delivered(a, 1, 0, 1, 1_000_000, 4_600_000);
         // b is delivered before its ack, and its receipt overtakes the ack.
-        t.delivered(b, 1, 0, 2_000_000, 5_000_000);
+        t.delivered(b, 1, 0, 0, 2_000_000, 5_000_000);
         t.receipt(9, 0, 501, 3, 6_000_000);
         t.acked(b, 9, 0, 3, 2_000_000, 7_000_000);
         t.failed(c, "outbox_full");
@@ -922,8 +950,8 @@ mod tests {
     #[test]
     fn unanswered_and_undelivered_sends_are_reported() {
         let t = Tracker::new();
-        let a = t.dispatch(true, 1, false);
-        let _b = t.dispatch(true, 1, false);
+        let a = t.dispatch(true, 1, false, 0, 0);
+        let _b = t.dispatch(true, 1, false, 0, 0);
         t.acked(a, 1, 0, 1, 0, 1_000);
         assert!(!t.complete());
         let f = t.freeze();
@@ -938,16 +966,16 @@ mod tests {
         let t = Tracker::new();
         // User 0 sends to a group of four (recipients 1, 2, 3; user ids
         // 101..=103), twice.
-        let a = t.dispatch(true, 3, true);
-        let b = t.dispatch(true, 3, true);
+        let a = t.dispatch(true, 3, true, 0, 0);
+        let b = t.dispatch(true, 3, true, 0, 0);
         t.acked(a, 7, 0, 1, 0, 1_000_000);
         t.acked(b, 7, 0, 2, 0, 1_000_000);
         for r in 1..=3 {
-            t.delivered(a, r, 0, 0, 2_000_000);
+            t.delivered(a, r, 0, 0, 0, 2_000_000);
         }
-        t.delivered(a, 2, 0, 0, 2_500_000);
-        t.delivered(b, 1, 0, 0, 3_000_000);
-        t.delivered(b, 3, 0, 0, 3_000_000);
+        t.delivered(a, 2, 0, 0, 0, 2_500_000);
+        t.delivered(b, 1, 0, 0, 0, 3_000_000);
+        t.delivered(b, 3, 0, 0, 0, 3_000_000);
         // Two of three receipts cover both sends: neither is complete.
         t.receipt(7, 0, 101, 2, 4_000_000);
         t.receipt(7, 0, 103, 2, 4_000_000);
@@ -1053,5 +1081,19 @@ mod tests {
             "two threads have two cores"
         );
         assert!(table(185.0, 2).contains(caveat));
+    }
+
+    #[test]
+    fn copies_in_the_wrong_place_are_misrouted_not_delivered() {
+        let t = Tracker::new();
+        let send = t.dispatch(true, 1, false, 7, 0);
+        // At its sender, and in another conversation: neither counts.
+        t.delivered(send, 0, 7, 0, 0, 1_000_000);
+        t.delivered(send, 1, 8, 0, 0, 1_000_000);
+        t.acked(send, 7, 0, 1, 0, 1_000_000);
+        // The real recipient's copy does.
+        t.delivered(send, 1, 7, 0, 0, 2_000_000);
+        let c = t.freeze().counts;
+        assert_eq!((c.misrouted, c.deliveries, c.delivered), (2, 1, 1));
     }
 }

@@ -121,10 +121,19 @@ impl Attempt<'_> {
         self.throttle.end(self.user, true);
     }
 
-    /// The password was right: the account's record is cleared.
+    /// The password was right: the account's wrong passwords are
+    /// forgiven, but not the checks still running (removing the record
+    /// used to let guesses in flight during the owner's login fail
+    /// uncounted).
     pub fn succeeded(mut self) {
         self.open = false;
-        self.throttle.records.remove(&self.user);
+        let throttle = self.throttle;
+        throttle.records.remove_if_mut(&self.user, |_, record| {
+            record.running = record.running.saturating_sub(1);
+            record.failures = 0;
+            record.since = std::time::Instant::now();
+            record.running == 0
+        });
     }
 }
 
@@ -339,6 +348,20 @@ mod tests {
         short.begin(1).unwrap().failed();
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert!(short.begin(1).is_ok());
+    }
+
+    #[test]
+    fn guesses_in_flight_during_the_owners_login_still_count() {
+        let throttle = LoginThrottle::new(3, std::time::Duration::from_secs(60));
+        let owner = throttle.begin(7).unwrap();
+        let guesses: Vec<_> = (0..2).map(|_| throttle.begin(7).unwrap()).collect();
+        owner.succeeded();
+        for guess in guesses {
+            guess.failed();
+        }
+        // Both wrong guesses counted: one more try, then the lock.
+        throttle.begin(7).unwrap().failed();
+        assert!(throttle.begin(7).is_err());
     }
 
     #[test]

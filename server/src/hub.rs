@@ -35,6 +35,9 @@ pub struct SessionHandle {
     pub conn_id: u64,
     /// The authenticated user.
     pub user_id: UserId,
+    /// Hash of the token the connection authenticated with: a logout
+    /// closes the other connections that used it.
+    pub token_hash: [u8; 32],
     conn: quinn::Connection,
     /// Outbound queues of the control, messages and receipts streams.
     queues: [OutQueue; 3],
@@ -57,12 +60,14 @@ impl SessionHandle {
     pub fn new(
         conn_id: u64,
         user_id: UserId,
+        token_hash: [u8; 32],
         conn: quinn::Connection,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(SessionHandle {
             conn_id,
             user_id,
+            token_hash,
             conn,
             queues: Default::default(),
             wrote: Notify::new(),
@@ -162,6 +167,29 @@ pub struct Hub {
 
 impl Hub {
     /// Adds a session (a user may have several devices).
+    /// Closes `user`'s connections on this node that authenticated with
+    /// `token_hash`, but `except_conn`, with `code`. Returns how many.
+    pub fn close_token(
+        &self,
+        user: UserId,
+        token_hash: &[u8; 32],
+        except_conn: u64,
+        code: ErrorCode,
+        reason: &str,
+    ) -> usize {
+        let Some(sessions) = self.users.get(&user) else {
+            return 0;
+        };
+        let mut closed = 0;
+        for session in sessions.iter() {
+            if session.conn_id != except_conn && &session.token_hash == token_hash {
+                wire::close(&session.conn, code, reason);
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     pub fn register(&self, session: Arc<SessionHandle>) {
         self.users.entry(session.user_id).or_default().push(session);
     }

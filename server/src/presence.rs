@@ -490,8 +490,8 @@ mod tests {
         );
         let (_server, _client, conn) = connection().await;
         let metrics = Arc::new(Metrics::new());
-        let first = SessionHandle::new(1, user, conn.clone(), metrics.clone());
-        let second = SessionHandle::new(2, user, conn, metrics);
+        let first = SessionHandle::new(1, user, [1; 32], conn.clone(), metrics.clone());
+        let second = SessionHandle::new(2, user, [2; 32], conn, metrics);
         presence.connect(first).await;
 
         let leaving = tokio::spawn({

@@ -27,6 +27,8 @@ pub struct Authed {
     pub username: String,
     /// Hash of the token this connection used or was issued (for logout).
     pub token_hash: [u8; 32],
+    /// When that token expires (Unix ms): the connection closes then.
+    pub expires_at_ms: i64,
     /// The node-wide handle other sessions push to.
     pub handle: Arc<SessionHandle>,
 }
@@ -59,10 +61,17 @@ impl Session {
 
     /// Marks the connection authenticated as `user_id` and registers it in
     /// the hub. False if it was authenticated already.
-    pub fn authenticate(&self, user_id: UserId, username: String, token_hash: [u8; 32]) -> bool {
+    pub fn authenticate(
+        &self,
+        user_id: UserId,
+        username: String,
+        token_hash: [u8; 32],
+        expires_at_ms: i64,
+    ) -> bool {
         let handle = SessionHandle::new(
             self.conn_id,
             user_id,
+            token_hash,
             self.conn.clone(),
             self.shared.metrics.clone(),
         );
@@ -70,6 +79,7 @@ impl Session {
             user_id,
             username,
             token_hash,
+            expires_at_ms,
             handle: handle.clone(),
         };
         if self.authed.set(authed).is_err() {
@@ -177,14 +187,25 @@ pub async fn run(
             let session = session.clone();
             async move {
                 tokio::time::sleep(auth_timeout).await;
-                if session.authed().is_none() {
+                let Some(authed) = session.authed() else {
                     session.shared.metrics.error(ErrorCode::Timeout);
                     wire::close(
                         &session.conn,
                         ErrorCode::Timeout,
                         "not authenticated in time",
                     );
-                }
+                    return;
+                };
+                // The token's checks ran once, at authentication: an open
+                // connection must not outlive its token.
+                let left = authed.expires_at_ms.saturating_sub(streams::now_ms());
+                tokio::time::sleep(std::time::Duration::from_millis(left.max(0) as u64)).await;
+                session.shared.metrics.error(ErrorCode::TokenExpired);
+                wire::close(
+                    &session.conn,
+                    ErrorCode::TokenExpired,
+                    "token expired; log in again",
+                );
             }
         };
         let accept = {

@@ -69,6 +69,7 @@ fn assert_all_accounted(report: &Report) {
     assert_eq!(report.lost, 0, "{report:?}");
     assert_eq!(report.lost_deliveries, 0, "{report:?}");
     assert_eq!(report.duplicates, 0, "{report:?}");
+    assert_eq!(report.misrouted, 0, "{report:?}");
     assert!(report.errors.is_empty(), "{report:?}");
 }
 

@@ -283,7 +283,7 @@ async fn issue_token(
             expires_at_ms: expires,
         })
         .await?;
-    session.authenticate(user_id, username.clone(), token_hash);
+    session.authenticate(user_id, username.clone(), token_hash, expires);
     Ok(auth_ok(session, user_id, username, token, expires))
 }
 
@@ -312,7 +312,12 @@ async fn resume(session: &Session, a: proto::Authenticate) -> Result<proto::Auth
         .username(record.user_id)
         .await?
         .ok_or_else(|| Refusal::new(ErrorCode::TokenInvalid, "unknown token"))?;
-    session.authenticate(record.user_id, username.clone(), token_hash);
+    session.authenticate(
+        record.user_id,
+        username.clone(),
+        token_hash,
+        record.expires_at_ms,
+    );
     Ok(auth_ok(
         session,
         record.user_id,
@@ -356,7 +361,17 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
         )),
         Some(Body::Logout(_)) => {
             store.revoke_session(authed.token_hash, now_ms()).await?;
-            tracing::info!(user_id = me, "logged out");
+            // Other connections of this node resumed with the token (a
+            // stolen copy, say) end with it: checks ran only when they
+            // authenticated. Other nodes' learn at their token's expiry.
+            let others = shared.hub.close_token(
+                me,
+                &authed.token_hash,
+                session.conn_id,
+                ErrorCode::TokenRevoked,
+                "token was revoked; log in again",
+            );
+            tracing::info!(user_id = me, others, "logged out");
             Ok(Reply::Close(ok(rid), ErrorCode::LoggedOut))
         }
         Some(Body::FriendRequest(r)) => {
