@@ -352,6 +352,7 @@ impl Inner {
             self.closed.store(true, Ordering::Relaxed);
             outbox.fail_all(&error);
         }
+        let _ = self.connected.send_replace(false);
         self.fail_pending(&error);
         let _ = self.events.send(Event::SessionEnded { code }).await;
     }
@@ -464,10 +465,16 @@ impl Client {
 
     /// Waits until connected (or the timeout passes); true if connected.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let mut rx = self.inner.connected.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|up| *up))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        let inner = &self.inner;
+        let mut rx = inner.connected.subscribe();
+        // A client closed for good (or whose session ended) answers false
+        // at once: `close` and `end_session` wake the waiters.
+        tokio::time::timeout(
+            timeout,
+            rx.wait_for(|up| *up || inner.closed.load(Ordering::Relaxed)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok_and(|up| *up))
     }
 
     /// Drops the current connection and reconnects at once (e.g. when the
@@ -870,6 +877,7 @@ impl Client {
             live.conn.close(0u32.into(), b"client closed");
         }
         self.inner.fail_pending(&ClientError::Closed);
+        let _ = self.inner.connected.send_replace(false);
         self.inner.reconnect.notify_one();
     }
 
@@ -910,6 +918,10 @@ impl Client {
             }
             tokio::time::sleep(wait.min(left)).await;
             if !self.wait_connected(left).await {
+                // Closed, or the session ended: nothing will answer.
+                if self.inner.closed.load(Ordering::Relaxed) {
+                    return Err(ClientError::Closed);
+                }
                 return Err(error);
             }
         }

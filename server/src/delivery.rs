@@ -655,7 +655,8 @@ async fn mark_committer(
         // trims only its own queue.
         let mut claimed: HashMap<(u64, UserId), u64> = HashMap::new();
         if queue_updates.is_some() {
-            for u in &moves {
+            // Delivery acks only: a repeated MarkSeen trims nothing new.
+            for u in moves.iter().filter(|u| u.kind == WatermarkKind::Delivered) {
                 let seq = claimed.entry((u.conversation_id, u.user_id)).or_default();
                 *seq = (*seq).max(u.seq);
             }

@@ -166,7 +166,6 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Adds a session (a user may have several devices).
     /// Closes `user`'s connections on this node that authenticated with
     /// `token_hash`, but `except_conn`, with `code`. Returns how many.
     pub fn close_token(
@@ -190,6 +189,7 @@ impl Hub {
         closed
     }
 
+    /// Adds a session (a user may have several devices).
     pub fn register(&self, session: Arc<SessionHandle>) {
         self.users.entry(session.user_id).or_default().push(session);
     }

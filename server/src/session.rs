@@ -197,7 +197,9 @@ pub async fn run(
                     return;
                 };
                 // The token's checks ran once, at authentication: an open
-                // connection must not outlive its token.
+                // connection must not outlive its token (watched from the
+                // end of the authentication window on, so a token that
+                // expires within it ends there).
                 let left = authed.expires_at_ms.saturating_sub(streams::now_ms());
                 tokio::time::sleep(std::time::Duration::from_millis(left.max(0) as u64)).await;
                 session.shared.metrics.error(ErrorCode::TokenExpired);

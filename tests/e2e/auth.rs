@@ -139,6 +139,8 @@ async fn a_logged_out_session_ends_on_the_other_device_at_once() {
 async fn a_connection_ends_when_its_token_expires() {
     // Expiry too was checked only when a connection authenticated, so an
     // open connection outlived its token for as long as it stayed up.
+    // The expiry is watched from the end of the authentication window (10
+    // s): this token, good for 2 s, ends there.
     let server = TestServer::start_with(|c| c.limits.session_ttl = Duration::from_secs(2)).await;
     let (_client, mut events) = register(server.client_config(), &name("alice")).await;
     let ended = wait_for(&mut events, "session end", |e| match e {

@@ -328,8 +328,10 @@ async fn half_open_handshakes_do_not_take_connection_places() {
     // Handshakes that never finish (Initials from addresses that do not
     // answer, such as spoofed ones) used to hold places of
     // `max-connections` until the idle timeout, so honest clients were
-    // closed with SERVER_BUSY. Now handshakes are counted apart: with a cap
-    // of 2 and three half-open handshakes, clients still get in.
+    // closed with SERVER_BUSY. Now handshakes are counted apart, and once
+    // some are in progress (here: one, a quarter of the cap of 2) new
+    // clients prove their address first, so the later half-open ones hold
+    // nothing: clients still get in.
     let server = TestServer::start_with(|c| c.transport.max_connections = 2).await;
     let mut half_open = Vec::new();
     for _ in 0..3 {

@@ -1426,3 +1426,66 @@ async fn a_server_cannot_ask_for_heartbeats_more_than_once_a_second() {
     assert!(heartbeats <= 4, "{heartbeats} heartbeats in 3 s");
     client.close();
 }
+
+#[tokio::test]
+async fn a_group_change_stops_asking_when_the_session_ends() {
+    // A keyed group change waits for the next connection to ask again. If
+    // the session ends instead (the reconnect finds the token revoked), it
+    // used to wait out its whole budget (three request timeouts, 45 s) and
+    // then report a lost connection; now it ends with the session.
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
+    let addr = endpoint.local_addr().unwrap();
+    let (arrived, first_request) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (_control, mut recv) = fake_login(&conn).await.expect("a login");
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = next_frame(&mut recv, &mut buf).await;
+            if matches!(frame.body, Some(Body::RemoveMember(_))) {
+                break;
+            }
+        }
+        arrived.send(()).unwrap();
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        // The reconnect: its token was revoked meanwhile.
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut buf = BytesMut::new();
+        let _open = next_frame(&mut recv, &mut buf).await;
+        let auth = next_frame(&mut recv, &mut buf).await;
+        let refused = Frame::new(
+            auth.request_id,
+            Body::Error(proto::Error {
+                code: ErrorCode::TokenRevoked as i32,
+                message: "revoked".into(),
+                retry_after_ms: 0,
+            }),
+        );
+        send.write_all(&frames(&[refused])).await.unwrap();
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    });
+    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server");
+    let removing = tokio::spawn({
+        let client = client.clone();
+        async move { client.remove_member(77, 2).await }
+    });
+    tokio::time::timeout(WAIT, first_request)
+        .await
+        .expect("the removal reached the node")
+        .unwrap();
+    client.reconnect_now();
+    let result = tokio::time::timeout(Duration::from_secs(20), removing)
+        .await
+        .expect("the change ends with the session, not after its whole budget")
+        .unwrap();
+    assert!(
+        matches!(result, Err(chat_client::ClientError::Closed)),
+        "{result:?}"
+    );
+    client.close();
+    serve.abort();
+}

@@ -1238,6 +1238,8 @@ impl HistoryStore for PostgresStore {
             .map_err(pg)?;
         let Some(row) = row else {
             drop(tx);
+            // The lookup needs a connection of its own (a pool of one).
+            drop(client);
             let key = client_key.as_deref().unwrap_or_default();
             return match self.group_by_key(creator, key).await? {
                 Some(id) => Ok(GroupCreated::Existing(id)),

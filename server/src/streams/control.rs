@@ -318,6 +318,24 @@ async fn resume(session: &Session, a: proto::Authenticate) -> Result<proto::Auth
         token_hash,
         record.expires_at_ms,
     );
+    // A logout of this token that committed after the read above may have
+    // closed the token's connections before this one was in the hub: look
+    // again now that it is.
+    if store
+        .session(token_hash)
+        .await?
+        .is_none_or(|r| r.revoked_at_ms.is_some())
+    {
+        wire::close(
+            &session.conn,
+            ErrorCode::TokenRevoked,
+            "token was revoked; log in again",
+        );
+        return Err(Refusal::new(
+            ErrorCode::TokenRevoked,
+            "token was revoked; log in again",
+        ));
+    }
     Ok(auth_ok(
         session,
         record.user_id,
