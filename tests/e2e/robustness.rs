@@ -417,7 +417,19 @@ async fn fake_server_with(
 /// and its Register, Login or Authenticate, and replies AuthOk. `None` once
 /// the client has gone.
 async fn fake_login(conn: &quinn::Connection) -> Option<(quinn::SendStream, quinn::RecvStream)> {
-    let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+    let (mut send, recv, _buf, auth) = held_login(conn).await?;
+    send.write_all(&frames(&[auth_ok(auth.request_id, 0)]))
+        .await
+        .ok()?;
+    Some((send, recv))
+}
+
+/// A client's first stream up to its Register, Login or Authenticate, not
+/// yet answered: the stream, what was read past the request, the request.
+async fn held_login(
+    conn: &quinn::Connection,
+) -> Option<(quinn::SendStream, quinn::RecvStream, BytesMut, Frame)> {
+    let (send, mut recv) = conn.accept_bi().await.ok()?;
     let mut buf = BytesMut::new();
     let open = next_frame(&mut recv, &mut buf).await;
     assert!(matches!(open.body, Some(Body::OpenStream(_))), "{open:?}");
@@ -429,17 +441,42 @@ async fn fake_login(conn: &quinn::Connection) -> Option<(quinn::SendStream, quin
         ),
         "{auth:?}"
     );
-    let ok = Frame::new(
-        auth.request_id,
+    Some((send, recv, buf, auth))
+}
+
+/// A fake node's AuthOk for user 1 (`heartbeat_interval_ms` 0: none).
+fn auth_ok(request_id: u64, heartbeat_interval_ms: u32) -> Frame {
+    Frame::new(
+        request_id,
         Body::AuthOk(proto::AuthOk {
             user_id: 1,
             username: "fake".into(),
             token: "t".into(),
+            heartbeat_interval_ms,
             ..Default::default()
         }),
-    );
-    send.write_all(&frames(&[ok])).await.ok()?;
-    Some((send, recv))
+    )
+}
+
+/// The client's streams, accepted until the one of `kind` opens.
+type Streams = Vec<(quinn::SendStream, quinn::RecvStream)>;
+
+/// Accepts the client's streams until the one of `kind` opens; returns it,
+/// what was read past its OpenStream, and the others (to keep open).
+async fn accept_stream(
+    conn: &quinn::Connection,
+    kind: StreamKind,
+) -> (quinn::SendStream, quinn::RecvStream, BytesMut, Streams) {
+    let mut others = Vec::new();
+    loop {
+        let (send, mut recv) = conn.accept_bi().await.expect("the client's streams");
+        let mut buf = BytesMut::new();
+        let open = next_frame(&mut recv, &mut buf).await;
+        if open.body == Some(Body::OpenStream(proto::OpenStream { kind: kind as i32 })) {
+            return (send, recv, buf, others);
+        }
+        others.push((send, recv));
+    }
 }
 
 #[tokio::test]
@@ -1087,20 +1124,8 @@ async fn a_device_is_not_shown_its_own_send_as_a_new_message() {
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
         let _control = fake_login(&conn).await.expect("a login");
-        let mut others = Vec::new();
-        let (mut send, mut recv, mut buf) = loop {
-            let (send, mut recv) = conn.accept_bi().await.expect("the client's streams");
-            let mut buf = BytesMut::new();
-            let open = next_frame(&mut recv, &mut buf).await;
-            if open.body
-                == Some(Body::OpenStream(proto::OpenStream {
-                    kind: StreamKind::Messages as i32,
-                }))
-            {
-                break (send, recv, buf);
-            }
-            others.push((send, recv));
-        };
+        let (mut send, mut recv, mut buf, others) =
+            accept_stream(&conn, StreamKind::Messages).await;
         let request = next_frame(&mut recv, &mut buf).await;
         let Some(Body::Send(sent)) = request.body else {
             panic!("a Send, not {request:?}");
@@ -1175,19 +1200,8 @@ async fn a_receipt_that_overtakes_the_first_reply_for_a_conversation_is_kept() {
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
         let (mut control, mut control_recv) = fake_login(&conn).await.expect("a login");
-        let mut others = Vec::new();
-        let mut receipts = loop {
-            let (send, mut recv) = conn.accept_bi().await.expect("the client's streams");
-            let open = next_frame(&mut recv, &mut BytesMut::new()).await;
-            if open.body
-                == Some(Body::OpenStream(proto::OpenStream {
-                    kind: StreamKind::Receipts as i32,
-                }))
-            {
-                break send;
-            }
-            others.push((send, recv));
-        };
+        let (mut receipts, _receipts_recv, _, others) =
+            accept_stream(&conn, StreamKind::Receipts).await;
         let request = next_frame(&mut control_recv, &mut BytesMut::new()).await;
         assert_eq!(
             request.body,
@@ -1332,21 +1346,10 @@ async fn a_client_closed_while_reconnecting_does_not_come_back() {
         registered.await.unwrap();
         conn.close((ErrorCode::Unavailable as u32).into(), b"lost");
         let conn = endpoint.accept().await.unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-        let mut buf = BytesMut::new();
-        let _open = next_frame(&mut recv, &mut buf).await;
-        let auth = next_frame(&mut recv, &mut buf).await;
+        let (mut send, _recv, _, auth) = held_login(&conn).await.expect("a login");
         login_held.send(()).unwrap();
         closed.await.unwrap();
-        let ok = Frame::new(
-            auth.request_id,
-            Body::AuthOk(proto::AuthOk {
-                user_id: 1,
-                username: "fake".into(),
-                token: "t".into(),
-                ..Default::default()
-            }),
-        );
+        let ok = auth_ok(auth.request_id, 0);
         send.write_all(&frames(&[ok])).await.unwrap();
         let mut others = Vec::new();
         let reason = loop {
@@ -1394,20 +1397,8 @@ async fn a_server_cannot_ask_for_heartbeats_more_than_once_a_second() {
     let addr = endpoint.local_addr().unwrap();
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-        let mut buf = BytesMut::new();
-        let _open = next_frame(&mut recv, &mut buf).await;
-        let auth = next_frame(&mut recv, &mut buf).await;
-        let ok = Frame::new(
-            auth.request_id,
-            Body::AuthOk(proto::AuthOk {
-                user_id: 1,
-                username: "fake".into(),
-                token: "t".into(),
-                heartbeat_interval_ms: 1,
-                ..Default::default()
-            }),
-        );
+        let (mut send, mut recv, mut buf, auth) = held_login(&conn).await.expect("a login");
+        let ok = auth_ok(auth.request_id, 1);
         send.write_all(&frames(&[ok])).await.unwrap();
         let mut heartbeats = 0;
         let until = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -1451,10 +1442,7 @@ async fn a_group_change_stops_asking_when_the_session_ends() {
         let _ = tokio::time::timeout(WAIT, conn.closed()).await;
         // The reconnect: its token was revoked meanwhile.
         let conn = endpoint.accept().await.unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-        let mut buf = BytesMut::new();
-        let _open = next_frame(&mut recv, &mut buf).await;
-        let auth = next_frame(&mut recv, &mut buf).await;
+        let (mut send, _recv, _, auth) = held_login(&conn).await.expect("a login");
         let refused = Frame::new(
             auth.request_id,
             Body::Error(proto::Error {
