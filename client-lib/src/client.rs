@@ -142,15 +142,18 @@ impl Inner {
     }
 
     /// True the first time (conversation, seq) is seen (see [`Delivered`]).
-    /// Whether `message` is a send of this user's still in the outbox.
-    pub(crate) fn own_unanswered(&self, message: &proto::Message) -> bool {
-        let me = self
-            .identity
+    /// The logged-in user's id, once known.
+    fn user_id(&self) -> Option<u64> {
+        self.identity
             .lock()
             .expect("identity lock")
             .as_ref()
-            .map(|i| i.user_id);
-        me == Some(message.sender_id)
+            .map(|i| i.user_id)
+    }
+
+    /// Whether `message` is a send of this user's still in the outbox.
+    pub(crate) fn own_unanswered(&self, message: &proto::Message) -> bool {
+        self.user_id() == Some(message.sender_id)
             && self
                 .outbox
                 .lock()
@@ -265,12 +268,7 @@ impl Inner {
     /// higher of the known and the replied watermarks of each (a receipt on
     /// the receipts stream may overtake a reply on control).
     fn note_members(&self, info: &proto::ConversationInfo) {
-        let me = self
-            .identity
-            .lock()
-            .expect("identity lock")
-            .as_ref()
-            .map(|i| i.user_id);
+        let me = self.user_id();
         let mut all = self.receipts.lock().expect("receipts lock");
         let known = all.get(&info.conversation_id);
         let members: Watermarks = info

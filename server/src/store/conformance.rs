@@ -102,6 +102,12 @@ async fn user(store: &impl HistoryStore, name: &str) -> UserId {
         .expect("create user")
 }
 
+/// `user`'s friends' names, in the order the store lists them.
+async fn friend_names(store: &impl HistoryStore, user: UserId) -> Vec<String> {
+    let lists = store.friends(user).await.unwrap();
+    lists.friends.into_iter().map(|(_, name)| name).collect()
+}
+
 /// Makes `a` and `b` friends, if they are not yet.
 async fn befriend(store: &impl HistoryStore, a: UserId, b: UserId) {
     if !store.are_friends(a, b).await.unwrap() {
@@ -270,14 +276,7 @@ pub async fn friend_requests(store: &impl HistoryStore) {
     assert!(!store.are_friends(a, c).await.unwrap());
     store.friend_request(c, a, 7).await.unwrap();
     store.friend_accept(a, c, 8).await.unwrap();
-    let names: Vec<_> = store
-        .friends(a)
-        .await
-        .unwrap()
-        .friends
-        .into_iter()
-        .map(|f| f.1)
-        .collect();
+    let names = friend_names(store, a).await;
     assert_eq!(names, vec!["bob", "carol"], "ordered by name");
     // By bytes, whatever the database's locale (in `en_US` "b-z" would
     // come after "ba": punctuation is ignored at first).
@@ -286,14 +285,7 @@ pub async fn friend_requests(store: &impl HistoryStore) {
         store.friend_request(id, a, 8).await.unwrap();
         store.friend_accept(a, id, 8).await.unwrap();
     }
-    let names: Vec<_> = store
-        .friends(a)
-        .await
-        .unwrap()
-        .friends
-        .into_iter()
-        .map(|f| f.1)
-        .collect();
+    let names = friend_names(store, a).await;
     assert_eq!(names, vec!["b-z", "ba", "bob", "carol"], "ordered by bytes");
 
     // Remove ends the friendship on both sides; removing again is a no-op.
