@@ -194,7 +194,7 @@ pub async fn drive(
 
     // Teardown: nothing counts from here on.
     shared.stopping.store(true, Ordering::SeqCst);
-    let fin = shared.tracker.freeze();
+    let fin = shared.tracker.freeze(shared.clock.now_ns());
     if let Some(task) = churn {
         task.abort();
     }
@@ -278,9 +278,14 @@ async fn schedule(
             shared.tracker.skipped_offline(measured);
             continue;
         };
-        let send_no = shared
-            .tracker
-            .dispatch(measured, recipients, group, conversation_id, sender);
+        let send_no = shared.tracker.dispatch(
+            measured,
+            recipients,
+            group,
+            conversation_id,
+            sender,
+            intended_ns,
+        );
         let text = Header {
             run: shared.run_id,
             sender,

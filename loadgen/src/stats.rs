@@ -74,6 +74,8 @@ struct SendRecord {
     /// sender, is misrouted, not a delivery.
     conversation_id: u64,
     sender: u32,
+    /// When it was meant to leave (ns on the run's clock).
+    intended_ns: u64,
 }
 
 /// Sends of one sender in one conversation that wait for every other
@@ -298,6 +300,7 @@ impl Tracker {
         group: bool,
         conversation_id: u64,
         sender: usize,
+        intended_ns: u64,
     ) -> u64 {
         let mut s = self.state();
         let send_no = s.sends.len() as u64;
@@ -306,6 +309,7 @@ impl Tracker {
             recipients,
             conversation_id,
             sender: sender as u32,
+            intended_ns,
             ..SendRecord::default()
         });
         if measured && !s.frozen {
@@ -536,10 +540,23 @@ impl Tracker {
     /// Stops counting and returns the measurements. Measured sends still
     /// unanswered count as errors `no_ack`; acked sends never delivered are
     /// `lost`.
-    pub fn freeze(&self) -> Final {
+    pub fn freeze(&self, now_ns: u64) -> Final {
         let mut guard = self.state();
         let s = &mut *guard;
         s.frozen = true;
+        // What never came counts as late as the run could see: a send that
+        // failed or was never answered in the ack percentiles, and every
+        // recipient it did not reach in the deliver ones. Left out, a
+        // stalled server's refused sends (a full outbox) would leave the
+        // percentiles looking better the more it refused.
+        for r in s.sends.iter().filter(|r| r.measured) {
+            if !r.acked {
+                record(&mut s.ack, r.intended_ns, now_ns);
+            }
+            for _ in r.reached..r.recipients {
+                record(&mut s.deliver, r.intended_ns, now_ns);
+            }
+        }
         let unanswered = s.sends.iter().filter(|r| r.measured && !r.resolved).count() as u64;
         if unanswered > 0 {
             s.counts.failed += unanswered;
@@ -901,13 +918,15 @@ mod tests {
         // as acked (nothing lost), but only one as carried in the window.
         let t = Tracker::new();
         t.set_window_end(10_000_000);
-        let sends: Vec<u64> = (0..3).map(|_| t.dispatch(true, 1, false, 0, 0)).collect();
+        let sends: Vec<u64> = (0..3)
+            .map(|_| t.dispatch(true, 1, false, 0, 0, 0))
+            .collect();
         for (i, &send) in sends.iter().enumerate() {
             let at = 9_000_000 + i as u64 * 2_000_000;
             t.acked(send, 9, 0, i as u64 + 1, 1_000_000, at);
             t.delivered(send, 1, 0, 0, 1_000_000, at + 500_000);
         }
-        let c = t.freeze().counts;
+        let c = t.freeze(0).counts;
         assert_eq!((c.acked, c.delivered, c.deliveries), (3, 3, 3));
         assert_eq!(c.acked_in_window, 1);
         assert_eq!((c.delivered_in_window, c.deliveries_in_window), (1, 1));
@@ -916,10 +935,10 @@ mod tests {
     #[test]
     fn a_send_is_acked_delivered_and_receipted_once() {
         let t = Tracker::new();
-        let warm = t.dispatch(false, 1, false, 0, 0);
-        let a = t.dispatch(true, 1, false, 0, 0);
-        let b = t.dispatch(true, 1, false, 0, 0);
-        let c = t.dispatch(true, 1, false, 0, 0);
+        let warm = t.dispatch(false, 1, false, 0, 0, 0);
+        let a = t.dispatch(true, 1, false, 0, 0, 0);
+        let b = t.dispatch(true, 1, false, 0, 0, 0);
+        let c = t.dispatch(true, 1, false, 0, 0, 0);
         t.acked(warm, 9, 0, 1, 0, 5_000_000);
         t.acked(a, 9, 0, 2, 1_000_000, 3_000_000);
         t.delivered(a, 1, 0, 0, 1_000_000, 4_000_000);
@@ -931,30 +950,34 @@ mod tests {
         t.acked(b, 9, 0, 3, 2_000_000, 7_000_000);
         t.failed(c, "outbox_full");
         assert!(t.complete());
-        let f = t.freeze();
+        let f = t.freeze(9_000_000);
         let c = &f.counts;
         assert_eq!((c.sent, c.acked, c.delivered, c.failed), (3, 2, 2, 1));
         assert_eq!((c.duplicates, c.duplicates_across_resume), (2, 1));
         assert_eq!(c.receipts, 2);
         assert_eq!(c.errors.get("outbox_full"), Some(&1));
         assert_eq!(f.lost, 0);
-        assert_eq!(f.ack.len(), 2);
+        // a after 2 ms, b after 5; the failed c counts as late as the run
+        // saw (9 ms), in the acks and in the deliveries alike.
+        assert_eq!((f.ack.len(), f.deliver.len()), (3, 3));
         let ack = Percentiles::of(&f.ack);
-        assert!((ack.max - 5.0).abs() < 0.01, "{ack:?}");
-        assert!((ack.p50 - 2.0).abs() < 0.01, "{ack:?}");
+        assert!((ack.max - 9.0).abs() < 0.01, "{ack:?}");
+        assert!((ack.p50 - 5.0).abs() < 0.01, "{ack:?}");
+        let deliver = Percentiles::of(&f.deliver);
+        assert!((deliver.max - 9.0).abs() < 0.01, "{deliver:?}");
         // Frozen: nothing more counts.
         t.failed(b, "late");
-        assert!(!t.freeze().counts.errors.contains_key("late"));
+        assert!(!t.freeze(0).counts.errors.contains_key("late"));
     }
 
     #[test]
     fn unanswered_and_undelivered_sends_are_reported() {
         let t = Tracker::new();
-        let a = t.dispatch(true, 1, false, 0, 0);
-        let _b = t.dispatch(true, 1, false, 0, 0);
+        let a = t.dispatch(true, 1, false, 0, 0, 0);
+        let _b = t.dispatch(true, 1, false, 0, 0, 0);
         t.acked(a, 1, 0, 1, 0, 1_000);
         assert!(!t.complete());
-        let f = t.freeze();
+        let f = t.freeze(0);
         assert_eq!(f.lost, 1);
         assert_eq!(f.lost_deliveries, 1);
         assert_eq!(f.counts.errors.get("no_ack"), Some(&1));
@@ -966,8 +989,8 @@ mod tests {
         let t = Tracker::new();
         // User 0 sends to a group of four (recipients 1, 2, 3; user ids
         // 101..=103), twice.
-        let a = t.dispatch(true, 3, true, 0, 0);
-        let b = t.dispatch(true, 3, true, 0, 0);
+        let a = t.dispatch(true, 3, true, 0, 0, 0);
+        let b = t.dispatch(true, 3, true, 0, 0, 0);
         t.acked(a, 7, 0, 1, 0, 1_000_000);
         t.acked(b, 7, 0, 2, 0, 1_000_000);
         for r in 1..=3 {
@@ -989,13 +1012,15 @@ mod tests {
         }
         // The last one completes a only.
         t.receipt(7, 0, 102, 1, 5_000_000);
-        let f = t.freeze();
+        let f = t.freeze(0);
         let c = &f.counts;
         assert_eq!((c.sent, c.group_sends, c.acked), (2, 2, 2));
         assert_eq!((c.delivered, c.deliveries, c.duplicates), (1, 5, 1));
         assert_eq!(c.receipts, 1);
         assert_eq!((f.lost, f.lost_deliveries), (1, 1));
-        assert_eq!(f.deliver.len(), 5, "one sample per recipient");
+        // One sample per arrival, and one for b's recipient it never
+        // reached (as late as the run saw).
+        assert_eq!(f.deliver.len(), 6, "one sample per recipient");
         let receipt = Percentiles::of(&f.receipt);
         assert!((receipt.max - 5.0).abs() < 0.01, "{receipt:?}");
     }
@@ -1086,14 +1111,14 @@ mod tests {
     #[test]
     fn copies_in_the_wrong_place_are_misrouted_not_delivered() {
         let t = Tracker::new();
-        let send = t.dispatch(true, 1, false, 7, 0);
+        let send = t.dispatch(true, 1, false, 7, 0, 0);
         // At its sender, and in another conversation: neither counts.
         t.delivered(send, 0, 7, 0, 0, 1_000_000);
         t.delivered(send, 1, 8, 0, 0, 1_000_000);
         t.acked(send, 7, 0, 1, 0, 1_000_000);
         // The real recipient's copy does.
         t.delivered(send, 1, 7, 0, 0, 2_000_000);
-        let c = t.freeze().counts;
+        let c = t.freeze(0).counts;
         assert_eq!((c.misrouted, c.deliveries, c.delivered), (2, 1, 1));
     }
 }
