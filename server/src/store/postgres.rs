@@ -1653,18 +1653,27 @@ impl HistoryStore for PostgresStore {
         let lock = client.prepare_cached(LOCK_MEMBERS).await.map_err(pg)?;
         let advance = client.prepare_cached(ADVANCE).await.map_err(pg)?;
         let members_of = client.prepare_cached(MEMBERS_OF).await.map_err(pg)?;
+        let xid_stmt = client
+            .prepare_cached(ASSIGNED_TRANSACTION_ID)
+            .await
+            .map_err(pg)?;
         let lock_params: [Param<'_>; 2] = [&conversations, &users];
         let advance_params: [Param<'_>; 4] = [&conversations, &users, &delivered, &seen];
         let members_params: [Param<'_>; 1] = [&distinct];
         let tx = PipelinedTx::new(client);
-        let (_, locked, rows, member_rows) = tokio::try_join!(
+        let (_, locked, rows, member_rows, xid_rows) = tokio::try_join!(
             biased;
             tx.begin(),
             tx.query(&lock, &lock_params),
             tx.query(&advance, &advance_params),
             tx.query(&members_of, &members_params),
+            tx.query(&xid_stmt, &[]),
         )
         .map_err(pg)?;
+        let xid: Option<i64> = match xid_rows.first() {
+            Some(row) => col(row, 0)?,
+            None => None,
+        };
         if locked.len() < sorted.len() {
             // Some are no members: perhaps removed members' devices,
             // catching up (rare, so a round trip of its own).
@@ -1685,7 +1694,15 @@ impl HistoryStore for PostgresStore {
                 .await
                 .map_err(pg)?;
         }
-        tx.commit().await.map_err(pg)?;
+        if let Err(e) = tx.commit().await {
+            // As for appends: a move that committed but was reported failed
+            // would be acked again, move nothing, and its receipt would
+            // never go out. Without an id, nothing was written.
+            match xid {
+                Some(xid) => self.settle_commit(xid, e).await?,
+                None => return Err(pg(e)),
+            }
+        }
 
         // One list per conversation, shared by its moves (sorted by user id
         // within each conversation: the query orders them).
@@ -1809,6 +1826,9 @@ const EXISTING_KEYS: &str = "
 
 /// The current transaction's id (assigning one), with its epoch.
 const TRANSACTION_ID: &str = "SELECT txid_current()";
+
+/// The current transaction's id if it has written (or locked) anything.
+const ASSIGNED_TRANSACTION_ID: &str = "SELECT txid_current_if_assigned()";
 
 /// `committed`, `aborted`, `in progress`, or NULL when too old to know.
 const TRANSACTION_STATUS: &str = "SELECT txid_status($1)";

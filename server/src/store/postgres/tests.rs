@@ -1216,6 +1216,27 @@ async fn a_commit_whose_answer_is_lost_is_settled_not_guessed() {
             assert!(!appended.duplicate, "the failed attempt stored nothing");
             assert_eq!(appended.message.seq, 3);
 
+            // Watermark moves too: a move reported failed would be acked
+            // again, move nothing, and its receipt never go out.
+            cutter.arm(CUT_ANSWER);
+            let moved = store
+                .advance_watermarks(vec![WatermarkUpdate {
+                    conversation_id: c,
+                    user_id: b,
+                    kind: WatermarkKind::Seen,
+                    seq: 3,
+                }])
+                .await
+                .expect("settled as committed");
+            assert_eq!(cutter.cuts(), 3, "the COMMIT's answer was cut");
+            assert_eq!(
+                moved
+                    .iter()
+                    .map(|m| (m.user_id, m.delivered_seq, m.seen_seq))
+                    .collect::<Vec<_>>(),
+                [(b, 3, 3)]
+            );
+
             // Group changes commit the same way.
             let friend = user(&*store, "carol").await;
             befriend(&*store, a, friend).await;
@@ -1230,7 +1251,7 @@ async fn a_commit_whose_answer_is_lost_is_settled_not_guessed() {
                 .create_group(group, 10, 5)
                 .await
                 .expect("settled as committed");
-            assert_eq!(cutter.cuts(), 3);
+            assert_eq!(cutter.cuts(), 4);
             let GroupCreated::New(created) = created else {
                 panic!("created nothing: {created:?}");
             };
@@ -1244,7 +1265,7 @@ async fn a_commit_whose_answer_is_lost_is_settled_not_guessed() {
                 )
                 .await
                 .expect("settled as committed");
-            assert_eq!(cutter.cuts(), 4);
+            assert_eq!(cutter.cuts(), 5);
             assert_eq!(renamed.message.seq, 2);
             let view = store.conversation(group, b).await.unwrap();
             assert_eq!((view.name.as_str(), view.last_seq), ("trip 2", 2));
