@@ -396,16 +396,7 @@ async fn a_retry_delivers_a_message_whose_first_fan_out_never_happened() {
     })
     .await;
     // Once bob has acknowledged it, a further retry tells nobody.
-    wait_until("bob's delivered watermark at the message", || async {
-        alice
-            .conversation(conversation)
-            .await
-            .unwrap()
-            .members
-            .iter()
-            .any(|m| m.user_id == bob.identity().user_id && m.delivered_seq >= ack.seq)
-    })
-    .await;
+    wait_delivered(&alice, conversation, bob.identity().user_id, ack.seq).await;
     let again = alice
         .send_with_id(conversation, "limbo-1", "made it")
         .await
@@ -451,16 +442,7 @@ async fn a_member_removed_while_offline_is_told_once_and_their_queue_then_droppe
         .unwrap()
         .conversation_id;
     // Bob is surely past the creation message before he goes.
-    wait_until("bob's delivered watermark past the creation", || async {
-        owner
-            .conversation(group)
-            .await
-            .unwrap()
-            .members
-            .iter()
-            .any(|m| m.user_id == bob_id && m.delivered_seq >= 1)
-    })
-    .await;
+    wait_delivered(&owner, group, bob_id, 1).await;
     bob.close();
     for i in 0..3 {
         owner.send_text(group, &format!("m{i}")).await.unwrap();

@@ -259,16 +259,7 @@ each_backend! {
         let owner = members[0].0.clone();
         let g = owner.create_group("trip", &all[1..]).await.unwrap().conversation_id;
         let direct = owner.open_direct(all[1]).await.unwrap().conversation_id;
-        wait_until("bob's delivered watermark past the creation", || async {
-            owner
-                .conversation(g)
-                .await
-                .unwrap()
-                .members
-                .iter()
-                .any(|m| m.user_id == all[1] && m.delivered_seq >= 1)
-        })
-        .await;
+        wait_delivered(&owner, g, all[1], 1).await;
         let (bob, _) = members.remove(1);
         let bob_token = bob.identity().token;
         bob.close();

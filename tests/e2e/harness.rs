@@ -423,6 +423,22 @@ where
     }
 }
 
+/// Waits until `observer`'s view of `conversation` has `member`'s
+/// delivered watermark at `seq` or beyond.
+pub async fn wait_delivered(observer: &Client, conversation: u64, member: u64, seq: u64) {
+    let what = format!("member {member}'s delivered watermark at {seq} in {conversation}");
+    wait_until(&what, || async {
+        observer
+            .conversation(conversation)
+            .await
+            .unwrap()
+            .members
+            .iter()
+            .any(|m| m.user_id == member && m.delivered_seq >= seq)
+    })
+    .await;
+}
+
 /// Collects `n` messages (ignoring other events).
 pub async fn messages(events: &mut Events, n: usize) -> Vec<chat_client::proto::Message> {
     let mut out = Vec::with_capacity(n);

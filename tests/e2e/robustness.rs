@@ -582,16 +582,7 @@ async fn delivery_acks_beyond_what_a_connection_was_delivered_are_dropped() {
     let conversation = befriend(&alice, &bob).await;
     let ack = alice.send_text(conversation, "hello").await.unwrap();
     assert_eq!(messages(&mut bob_events, 1).await[0].seq, ack.seq);
-    wait_until("bob's delivery ack moved his watermark", || async {
-        alice
-            .conversation(conversation)
-            .await
-            .unwrap()
-            .members
-            .iter()
-            .any(|m| m.user_id == bob.identity().user_id && m.delivered_seq >= ack.seq)
-    })
-    .await;
+    wait_delivered(&alice, conversation, bob.identity().user_id, ack.seq).await;
     assert_eq!(
         value(&scrape(metrics).await, "chat_delivery_acks_ignored_total"),
         500.0
