@@ -166,12 +166,12 @@ async fn establish(
         None,
     ));
     if auth_ok.heartbeat_interval_ms > 0 {
-        // Not more often than MIN_HEARTBEAT_INTERVAL whatever the server
+        // Not more often than the protocol's minimum whatever the server
         // asks: a server asking every millisecond that then stopped reading
         // the control stream would grow the unsent queue by a thousand
         // frames a second.
         let interval = std::time::Duration::from_millis(auth_ok.heartbeat_interval_ms.into())
-            .max(MIN_HEARTBEAT_INTERVAL);
+            .max(chat_protocol::limits::MIN_HEARTBEAT_INTERVAL);
         tokio::spawn(heartbeat_loop(
             inner.clone(),
             live.conn.clone(),
@@ -224,9 +224,6 @@ async fn write_loop(mut send: SendStream, mut rx: mpsc::UnboundedReceiver<Bytes>
     }
     let _ = send.finish();
 }
-
-/// The shortest heartbeat interval the client keeps to.
-const MIN_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sends a heartbeat every `interval` while the connection lives (and the
 /// app has not paused heartbeats).

@@ -21,8 +21,22 @@ pub const MAX_CLIENT_MSG_ID_LEN: usize = 64;
 /// Largest history or conversation page the server returns.
 pub const MAX_PAGE_SIZE: u32 = 200;
 
+/// Most friends a server may allow a user. A user's friends, the requests
+/// they sent and the requests waiting for their answer are each bounded by
+/// the server's `max-friends`, so at this many the friend list reply (at
+/// most ~47 bytes an entry) stays well inside [`MAX_FRAME_LEN`] even when
+/// racing requests take a list a little over.
+pub const MAX_FRIENDS: u64 = 5_000;
+
 /// User names: length bounds in bytes (ASCII only).
 pub const USERNAME_LEN: std::ops::RangeInclusive<usize> = 3..=32;
 
 /// Passwords: length bounds in bytes.
 pub const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 8..=128;
+
+/// Shortest heartbeat interval: clients heartbeat at most this often
+/// whatever a server asks (a server asking every millisecond would make a
+/// client queue a thousand frames a second once it stopped reading), so a
+/// server must not ask for less or its online window would run out
+/// between two heartbeats.
+pub const MIN_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

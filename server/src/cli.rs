@@ -55,6 +55,10 @@ struct Overrides {
     /// Data directory [default: ./data].
     #[arg(long, env = "CHAT_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// This node's name in presence records [default: host name and port
+    /// when listening on every address, else the listen address].
+    #[arg(long, env = "CHAT_NODE_ID")]
+    node_id: Option<String>,
     /// Redis URL for presence, unread queues and the recent cache.
     #[arg(long, env = "CHAT_REDIS_URL")]
     redis_url: Option<String>,
@@ -99,7 +103,13 @@ struct Overrides {
     /// Time allowed to authenticate, e.g. 10s.
     #[arg(long, env = "CHAT_AUTH_TIMEOUT", value_parser = humantime::parse_duration)]
     auth_timeout: Option<Duration>,
-    /// Friends per user.
+    /// Failed logins per connection before it is closed.
+    #[arg(long, env = "CHAT_MAX_AUTH_ATTEMPTS")]
+    max_auth_attempts: Option<u32>,
+    /// The window for max-login-failures, e.g. 15m.
+    #[arg(long, env = "CHAT_LOGIN_FAILURE_WINDOW", value_parser = humantime::parse_duration)]
+    login_failure_window: Option<Duration>,
+    /// Friends per user (and requests waiting, each way).
     #[arg(long, env = "CHAT_MAX_FRIENDS")]
     max_friends: Option<u64>,
     /// Members per group.
@@ -115,6 +125,9 @@ struct Overrides {
     /// Online window = heartbeat-interval x this.
     #[arg(long, env = "CHAT_PRESENCE_TTL_MULTIPLE")]
     presence_ttl_multiple: Option<u32>,
+    /// Users one connection may watch the presence of.
+    #[arg(long, env = "CHAT_MAX_PRESENCE_SUBSCRIPTIONS")]
+    max_presence_subscriptions: Option<usize>,
     /// Idle timeout, e.g. 30s.
     #[arg(long, env = "CHAT_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
@@ -221,6 +234,9 @@ impl Overrides {
             c.redis_url = self.redis_url;
         }
         set(&mut c.redis_prefix, self.redis_prefix);
+        if self.node_id.is_some() {
+            c.node_id = self.node_id;
+        }
         if self.postgres_url.is_some() {
             c.postgres_url = self.postgres_url;
         }
@@ -242,6 +258,11 @@ impl Overrides {
         set(&mut c.limits.session_ttl, self.session_ttl);
         set(&mut c.limits.auth_timeout, self.auth_timeout);
         set(&mut c.limits.max_friends, self.max_friends);
+        set(&mut c.limits.max_auth_attempts, self.max_auth_attempts);
+        set(
+            &mut c.limits.login_failure_window,
+            self.login_failure_window,
+        );
         set(&mut c.limits.max_group_size, self.max_group_size);
         set(
             &mut c.limits.receipt_broadcast_max_members,
@@ -251,6 +272,10 @@ impl Overrides {
         set(
             &mut c.limits.presence_ttl_multiple,
             self.presence_ttl_multiple,
+        );
+        set(
+            &mut c.limits.max_presence_subscriptions,
+            self.max_presence_subscriptions,
         );
         set(&mut c.transport.idle_timeout, self.idle_timeout);
         set(
@@ -425,6 +450,44 @@ mod tests {
     }
 
     #[test]
+    fn every_config_key_has_a_flag() {
+        use clap::CommandFactory;
+        // Every key, the optional ones set so that they are written out.
+        let config = Config {
+            node_id: Some("n".into()),
+            redis_url: Some("redis://r".into()),
+            postgres_url: Some("postgres://p".into()),
+            tls: crate::config::TlsConfig {
+                tls_cert: Some("c.pem".into()),
+                tls_key: Some("k.pem".into()),
+            },
+            ..Config::default()
+        };
+        let table: toml::Table = toml::from_str(&config.to_toml()).unwrap();
+        let mut keys = Vec::new();
+        for (key, value) in &table {
+            match value.as_table() {
+                Some(section) => keys.extend(section.keys().cloned()),
+                None => keys.push(key.clone()),
+            }
+        }
+        let command = Cli::command();
+        let flags: Vec<&str> = command
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .collect();
+        let missing: Vec<&String> = keys
+            .iter()
+            .filter(|k| !flags.contains(&k.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "config keys without a flag: {missing:?}"
+        );
+        assert!(keys.len() > 40, "{keys:?}");
+    }
+
+    #[test]
     fn flags_override_defaults() {
         let c = parse(&[
             "--listen",
@@ -438,6 +501,21 @@ mod tests {
         assert_eq!(c.listen.port(), 0);
         assert_eq!(c.transport.idle_timeout, Duration::from_secs(45));
         assert_eq!(c.limits.max_text_len, 100);
+        let c = parse(&[
+            "--node-id",
+            "pod-a",
+            "--max-auth-attempts",
+            "3",
+            "--login-failure-window",
+            "1h",
+            "--max-presence-subscriptions",
+            "50",
+        ])
+        .unwrap();
+        assert_eq!(c.node_id.as_deref(), Some("pod-a"));
+        assert_eq!(c.limits.max_auth_attempts, 3);
+        assert_eq!(c.limits.login_failure_window, Duration::from_secs(3600));
+        assert_eq!(c.limits.max_presence_subscriptions, 50);
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory for the embedded database, dev certificates and media.
     pub data_dir: PathBuf,
-    /// This node's name in presence records (default: its listen address).
+    /// This node's name in presence records (default: its listen address,
+    /// or the host's name and port when listening on every address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     /// Redis for presence, unread queues and the recent cache, e.g.
@@ -79,6 +80,18 @@ pub struct TlsConfig {
     /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+}
+
+/// A URL without its password, for logs, errors and `--print-config`.
+pub(crate) fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Application limits.
@@ -341,9 +354,14 @@ impl Config {
             .map_err(|e| ConfigError(format!("invalid config file {}: {e}", path.display())))
     }
 
-    /// The effective configuration as TOML (what `--print-config` shows).
+    /// The effective configuration as TOML (what `--print-config` shows),
+    /// with the passwords in backend URLs replaced by `***`: the output
+    /// gets pasted into tickets and chats.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("config serialises to TOML")
+        let mut shown = self.clone();
+        shown.redis_url = shown.redis_url.as_deref().map(redact_url);
+        shown.postgres_url = shown.postgres_url.as_deref().map(redact_url);
+        toml::to_string(&shown).expect("config serialises to TOML")
     }
 
     /// Checks ranges and contradictions. Errors name every setting
@@ -362,10 +380,17 @@ impl Config {
         if l.max_text_len == 0 {
             return err("max-text-len must be at least 1".into());
         }
-        if l.max_text_len + FRAME_OVERHEAD > l.max_frame_len {
+        if l.max_text_len.saturating_add(FRAME_OVERHEAD) > l.max_frame_len {
             return err(format!(
                 "max-text-len ({}) plus {FRAME_OVERHEAD} bytes of envelope must fit in max-frame-len ({})",
                 l.max_text_len, l.max_frame_len
+            ));
+        }
+        if !(1..=limits::MAX_FRIENDS).contains(&l.max_friends) {
+            return err(format!(
+                "max-friends = {} is outside 1..={} (the friend list reply must fit in a frame)",
+                l.max_friends,
+                limits::MAX_FRIENDS
             ));
         }
         if l.session_ttl < Duration::from_secs(1) {
@@ -377,8 +402,13 @@ impl Config {
         if l.max_auth_attempts == 0 {
             return err("max-auth-attempts must be at least 1".into());
         }
-        if l.heartbeat_interval < Duration::from_millis(100) {
-            return err("heartbeat-interval must be at least 100ms".into());
+        if l.heartbeat_interval < limits::MIN_HEARTBEAT_INTERVAL {
+            // Clients heartbeat at most once a second whatever the server
+            // asks: a shorter interval would make idle users flap offline.
+            return err(format!(
+                "heartbeat-interval must be at least {} (clients heartbeat at most that often)",
+                humantime::format_duration(limits::MIN_HEARTBEAT_INTERVAL)
+            ));
         }
         if l.presence_ttl_multiple < 2 {
             return err(format!(
@@ -588,6 +618,27 @@ mod tests {
     }
 
     #[test]
+    fn printed_config_hides_backend_passwords() {
+        let config = Config {
+            redis_url: Some("redis://:hunter2@cache:6379/0".into()),
+            postgres_url: Some("postgres://chat:s3cret@db:5432/chat".into()),
+            ..Config::default()
+        };
+        let text = config.to_toml();
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cret"),
+            "{text}"
+        );
+        assert!(text.contains("redis://:***@cache:6379/0"), "{text}");
+        assert!(text.contains("postgres://chat:***@db:5432/chat"), "{text}");
+        let plain = Config {
+            postgres_url: Some("postgres://db/chat".into()),
+            ..Config::default()
+        };
+        assert!(plain.to_toml().contains("postgres://db/chat"));
+    }
+
+    #[test]
     fn partial_files_keep_defaults() {
         let config: Config = toml::from_str(
             "listen = \"0.0.0.0:5000\"\n[limits]\nmax-text-len = 100\n[transport]\nidle-timeout = \"1m\"\n",
@@ -620,6 +671,13 @@ mod tests {
             (|c| c.limits.max_frame_len = 10, "max-frame-len"),
             (|c| c.limits.max_text_len = 0, "max-text-len"),
             (|c| c.limits.max_text_len = 70_000, "max-frame-len"),
+            (|c| c.limits.max_text_len = usize::MAX, "max-frame-len"),
+            (|c| c.limits.max_friends = 0, "max-friends = 0"),
+            (|c| c.limits.max_friends = 5_001, "max-friends = 5001"),
+            (
+                |c| c.limits.heartbeat_interval = Duration::from_millis(500),
+                "heartbeat-interval must be at least 1s",
+            ),
             (|c| c.limits.session_ttl = Duration::ZERO, "session-ttl"),
             (
                 |c| c.sqlite_commit_gap = Duration::from_millis(51),

@@ -10,9 +10,10 @@ use std::time::Duration;
 use chat_protocol::{Codec, ErrorCode};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{IdleTimeout, VarInt};
+use tokio::sync::watch;
 
 use crate::certs::{self, ServerIdentity};
-use crate::config::{Config, CongestionController, Transport};
+use crate::config::{Config, CongestionController, Transport, redact_url};
 use crate::delivery::{Delivery, DeliveryTasks};
 use crate::http::{self, OpsState};
 use crate::hub::Hub;
@@ -164,7 +165,7 @@ impl Server {
         let node = config
             .node_id
             .clone()
-            .unwrap_or_else(|| local_addr.to_string());
+            .unwrap_or_else(|| default_node_id(local_addr));
         let presence = Presence::start(
             node,
             config.limits.heartbeat_interval,
@@ -449,8 +450,8 @@ impl Stores {
         };
         let redis = RedisStore::connect(url, &config.redis_prefix)
             .await
-            .map_err(|e| ServerError::Backend(format!("redis at {}: {e}", redact(url))))?;
-        tracing::info!(url = %redact(url), prefix = %config.redis_prefix, "redis connected");
+            .map_err(|e| ServerError::Backend(format!("redis at {}: {e}", redact_url(url))))?;
+        tracing::info!(url = %redact_url(url), prefix = %config.redis_prefix, "redis connected");
         Ok(Stores {
             history,
             cache: Arc::new(redis.clone()),
@@ -460,15 +461,21 @@ impl Stores {
     }
 }
 
-/// A URL without its password, for logs and errors.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
+/// The name a node goes by in presence records when `node-id` is unset:
+/// its listen address, or on every address (`0.0.0.0`, as in containers,
+/// where every node would have the same) the host's name and the port.
+fn default_node_id(local_addr: SocketAddr) -> String {
+    if !local_addr.ip().is_unspecified() {
+        return local_addr.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    if host.is_empty() {
+        local_addr.to_string()
+    } else {
+        format!("{host}:{}", local_addr.port())
     }
 }
 
@@ -476,6 +483,13 @@ fn redact(url: &str) -> String {
 /// round trips; a half-open one (a spoofed source address, a client that
 /// stopped) would otherwise last the idle timeout.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`HANDSHAKE_TIMEOUT`], or longer where a large `initial-rtt` makes the
+/// first retransmission of a lost flight come later (about 3 x
+/// `initial-rtt` before any RTT sample).
+fn handshake_timeout(transport: &Transport) -> Duration {
+    HANDSHAKE_TIMEOUT.max(transport.initial_rtt * 4)
+}
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     // Established connections and handshakes in progress are counted apart,
@@ -540,10 +554,7 @@ impl Drop for Slot {
     }
 }
 
-/// Completes a handshake and serves the connection, or closes it with
-/// SERVER_BUSY when the node is at `max-connections` (a clear code the
-/// client backs off on, where a bare refusal would look like a network
-/// failure).
+/// Completes a handshake and serves the connection.
 async fn serve_incoming(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
@@ -562,6 +573,7 @@ async fn serve_incoming(
         }
     };
     let full = || active.load(Ordering::Relaxed) >= max;
+    let timeout = handshake_timeout(&shared.config.transport);
     let finished = |result: Result<Result<quinn::Connection, quinn::ConnectionError>, _>| {
         let outcome = match result {
             Ok(Ok(conn)) => return Some(conn),
@@ -573,44 +585,101 @@ async fn serve_incoming(
         None
     };
     // With 0-RTT the connection is in use before its handshake is done.
-    let (conn, early) = if zero_rtt && !full() {
+    let connecting = if zero_rtt && !full() {
         match connecting.into_0rtt() {
-            Ok((conn, accepted)) => (conn, Some(accepted)),
-            Err(connecting) => {
-                match finished(tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await) {
-                    Some(conn) => (conn, None),
-                    None => return,
-                }
+            Ok((conn, accepted)) => {
+                return serve_early(shared, conn, accepted, active, handshake).await;
             }
+            Err(connecting) => connecting,
         }
     } else {
-        match finished(tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await) {
-            Some(conn) => (conn, None),
-            None => return,
-        }
+        connecting
+    };
+    let Some(conn) = finished(tokio::time::timeout(timeout, connecting).await) else {
+        return;
     };
     drop(handshake);
-    let slot = Slot::try_take(&active, max);
-    let Some(slot) = slot else {
+    serve_established(shared, conn, &active);
+}
+
+/// Serves a connection whose handshake is done, in a task of its own (the
+/// caller's state, sized for the handshake, is freed instead of staying
+/// allocated for the connection's life), or closes it with SERVER_BUSY at
+/// `max-connections`.
+fn serve_established(shared: Arc<Shared>, conn: quinn::Connection, active: &Arc<AtomicUsize>) {
+    let Some(slot) = take_connection_place(&shared, &conn, active) else {
+        return;
+    };
+    tokio::spawn(async move {
+        let metrics = shared.metrics.clone();
+        session::run(shared, conn, None).await;
+        metrics.connections_active.decrement(1.0);
+        drop(slot);
+    });
+}
+
+/// Serves a connection accepted with 0-RTT: its session starts now, on
+/// replay-safe frames only, while the handshake finishes. Until then it
+/// keeps its handshake place, not a connection place, so half-open 0-RTT
+/// attempts count toward Retry and are dropped after the handshake
+/// timeout like any other handshake; once done it needs a connection place like
+/// any other connection (SERVER_BUSY without one).
+async fn serve_early(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    accepted: quinn::ZeroRttAccepted,
+    active: Arc<AtomicUsize>,
+    handshake: Slot,
+) {
+    let metrics = shared.metrics.clone();
+    // `done` turns true once the handshake is confirmed; dropped without
+    // that, the session's held frames are never processed.
+    let (done, confirmed) = watch::channel(false);
+    let session = tokio::spawn(session::run(shared.clone(), conn.clone(), Some(confirmed)));
+    // Resolves when the handshake completes or the connection ends first
+    // (its value means nothing on a server).
+    let timeout = handshake_timeout(&shared.config.transport);
+    let completed = tokio::time::timeout(timeout, accepted).await.is_ok();
+    drop(handshake);
+    if !completed || conn.close_reason().is_some() {
+        tracing::debug!(completed, "0-RTT handshake failed");
+        metrics.closed("handshake_failed");
+        crate::wire::close(&conn, ErrorCode::Timeout, "handshake not completed in time");
+        return;
+    }
+    let Some(slot) = take_connection_place(&shared, &conn, &active) else {
+        return;
+    };
+    let _ = done.send(true);
+    let _ = session.await;
+    metrics.connections_active.decrement(1.0);
+    drop(slot);
+}
+
+/// A connection place for `conn`, counted as opened; or none, and `conn`
+/// closed with SERVER_BUSY (a clear code the client backs off on, where a
+/// bare refusal would look like a network failure).
+fn take_connection_place(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    active: &Arc<AtomicUsize>,
+) -> Option<Slot> {
+    let metrics = &shared.metrics;
+    let max = shared.config.transport.max_connections;
+    let Some(slot) = Slot::try_take(active, max) else {
         tracing::warn!(
-            max = shared.config.transport.max_connections,
+            max,
             remote = %conn.remote_address(),
             "connection limit reached; closing with SERVER_BUSY"
         );
         metrics.connections_refused.increment(1);
         metrics.error(ErrorCode::ServerBusy);
-        crate::wire::close(&conn, ErrorCode::ServerBusy, "server busy; try again later");
-        return;
+        crate::wire::close(conn, ErrorCode::ServerBusy, "server busy; try again later");
+        return None;
     };
     metrics.connections_opened.increment(1);
     metrics.connections_active.increment(1.0);
-    // A task of its own: this one's state (sized for the handshake) is
-    // freed now instead of staying allocated for the connection's life.
-    tokio::spawn(async move {
-        session::run(shared, conn, early).await;
-        metrics.connections_active.decrement(1.0);
-        drop(slot);
-    });
+    Some(slot)
 }
 
 fn quic_config(

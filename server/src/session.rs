@@ -145,30 +145,16 @@ impl Session {
     }
 }
 
-/// Serves one connection until it closes. `early` is set when the
-/// connection was accepted with 0-RTT and resolves when its handshake
-/// completes; until then only replay-safe frames are processed.
+/// Serves one connection until it closes. `handshake` is set when the
+/// connection was accepted with 0-RTT: it turns true once the handshake
+/// is confirmed, and until then only replay-safe frames are processed
+/// (none at all if it is dropped first).
 pub async fn run(
     shared: Arc<Shared>,
     conn: quinn::Connection,
-    early: Option<quinn::ZeroRttAccepted>,
+    handshake: Option<watch::Receiver<bool>>,
 ) {
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-    let handshake = early.map(|accepted| {
-        let (done, handshake) = watch::channel(false);
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            // Resolves when the handshake completes or the connection ends
-            // first (its value means nothing on a server); only an open
-            // connection confirms the handshake. Otherwise `done` is
-            // dropped and held frames are never processed.
-            accepted.await;
-            if conn.close_reason().is_none() {
-                let _ = done.send(true);
-            }
-        });
-        handshake
-    });
     let span = tracing::info_span!("conn", conn_id, remote = %conn.remote_address(), user_id = tracing::field::Empty);
     let session = Arc::new(Session {
         conn_id,

@@ -123,7 +123,7 @@ async fn a_redis_outage_keeps_sends_durable_and_recovers() {
         postgres: None,
     });
     let server = TestServer::start_on_with(backend, |c| {
-        c.limits.heartbeat_interval = Duration::from_millis(200);
+        c.limits.heartbeat_interval = chat_protocol::limits::MIN_HEARTBEAT_INTERVAL;
     })
     .await;
     let (alice, _ea) = register(server.client_config(), &name("alice")).await;

@@ -325,6 +325,18 @@ async fn connections_over_the_cap_are_closed_with_server_busy() {
 
 #[tokio::test]
 async fn half_open_handshakes_do_not_take_connection_places() {
+    half_open_handshakes_leave_room(false).await;
+}
+
+#[tokio::test]
+async fn half_open_handshakes_do_not_take_connection_places_with_0rtt() {
+    // With 0-RTT a connection is served before its handshake completes;
+    // it used to take a connection place at once, so half-open ones still
+    // shut honest clients out.
+    half_open_handshakes_leave_room(true).await;
+}
+
+async fn half_open_handshakes_leave_room(zero_rtt: bool) {
     // Handshakes that never finish (Initials from addresses that do not
     // answer, such as spoofed ones) used to hold places of
     // `max-connections` until the idle timeout, so honest clients were
@@ -332,7 +344,11 @@ async fn half_open_handshakes_do_not_take_connection_places() {
     // some are in progress (here: one, a quarter of the cap of 2) new
     // clients prove their address first, so the later half-open ones hold
     // nothing: clients still get in.
-    let server = TestServer::start_with(|c| c.transport.max_connections = 2).await;
+    let server = TestServer::start_with(|c| {
+        c.transport.max_connections = 2;
+        c.transport.zero_rtt = zero_rtt;
+    })
+    .await;
     let mut half_open = Vec::new();
     for _ in 0..3 {
         half_open.push(half_open_handshake(&server).await);
