@@ -143,3 +143,55 @@ async fn only_friends_can_open_a_conversation() {
         ErrorCode::NotFriends
     );
 }
+
+#[tokio::test]
+async fn friends_and_waiting_requests_are_bounded() {
+    // max-friends 2: what a user sent counts with their friends, and what
+    // waits for a user's answer is bounded apart, so no account can grow
+    // another's friend list reply by asking from many accounts.
+    let server = TestServer::start_with(|c| c.limits.max_friends = 2).await;
+    let mut users = Vec::new();
+    for who in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        users.push(register(server.client_config(), &name(who)).await);
+    }
+    let [alice, bob, carol, dave, erin, frank] = [0, 1, 2, 3, 4, 5].map(|i| &users[i].0);
+    let username = |c: &chat_client::Client| c.identity().username;
+
+    // Alice: one friend and one request waiting make two.
+    befriend(alice, bob).await;
+    alice.send_friend_request(&username(carol)).await.unwrap();
+    assert_eq!(
+        code(alice.send_friend_request(&username(dave)).await),
+        ErrorCode::LimitReached
+    );
+    // Nor can she accept one more.
+    dave.send_friend_request(&username(alice)).await.unwrap();
+    assert_eq!(
+        code(alice.accept_friend(dave.identity().user_id).await),
+        ErrorCode::LimitReached
+    );
+    // Requests waiting for her answer: dave's and erin's, then no more.
+    erin.send_friend_request(&username(alice)).await.unwrap();
+    let refused = frank.send_friend_request(&username(alice)).await;
+    assert_eq!(code(refused), ErrorCode::LimitReached);
+    let lists = alice.friends().await.unwrap();
+    assert_eq!(
+        (
+            lists.friends.len(),
+            lists.outgoing.len(),
+            lists.incoming.len()
+        ),
+        (1, 1, 2)
+    );
+
+    // Room comes back when an answer or a removal takes an entry away.
+    alice.decline_friend(erin.identity().user_id).await.unwrap();
+    frank.send_friend_request(&username(alice)).await.unwrap();
+    alice.remove_friend(carol.identity().user_id).await.unwrap();
+    alice.accept_friend(dave.identity().user_id).await.unwrap();
+    let lists = alice.friends().await.unwrap();
+    let ids = |refs: &[proto::UserRef]| refs.iter().map(|u| u.user_id).collect::<Vec<_>>();
+    assert_eq!(lists.outgoing.len(), 0);
+    assert_eq!(ids(&lists.incoming), vec![frank.identity().user_id]);
+    assert_eq!(lists.friends.len(), 2);
+}

@@ -263,7 +263,14 @@ pub async fn friend_requests(store: &impl HistoryStore) {
     let lists = store.friends(a).await.unwrap();
     assert_eq!(lists.friends, vec![(b, "bob".to_string())]);
     assert!(lists.incoming.is_empty() && lists.outgoing.is_empty());
-    assert_eq!(store.friend_count(a).await.unwrap(), 1);
+    assert_eq!(
+        store.friend_counts(a).await.unwrap(),
+        FriendCounts {
+            friends: 1,
+            incoming: 0,
+            outgoing: 0
+        }
+    );
 
     // Accept without a request, decline, accept.
     assert!(matches!(

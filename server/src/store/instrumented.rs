@@ -13,10 +13,10 @@ use chat_protocol::proto;
 
 use super::presence::{OnlineRecord, PresenceStore};
 use super::{
-    Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    GroupCreated, GroupEdit, HistoryStore, InboxStore, Membership, NewGroup, NewMessage,
-    NewSession, Page, PendingRange, RecentCache, SessionRecord, StoreError, StoredPresence, UserId,
-    UserRecord, WatermarkMoved, WatermarkUpdate,
+    Appended, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
+    FriendRequestOutcome, GroupCreated, GroupEdit, HistoryStore, InboxStore, Membership, NewGroup,
+    NewMessage, NewSession, Page, PendingRange, RecentCache, SessionRecord, StoreError,
+    StoredPresence, UserId, UserRecord, WatermarkMoved, WatermarkUpdate,
 };
 use crate::metrics::Metrics;
 
@@ -150,8 +150,8 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         timed!(self, "are_friends", self.inner.are_friends(a, b))
     }
 
-    async fn friend_count(&self, user: UserId) -> Result<u64, StoreError> {
-        timed!(self, "friend_count", self.inner.friend_count(user))
+    async fn friend_counts(&self, user: UserId) -> Result<FriendCounts, StoreError> {
+        timed!(self, "friend_counts", self.inner.friend_counts(user))
     }
 
     async fn open_direct(

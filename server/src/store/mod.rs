@@ -132,6 +132,17 @@ pub struct FriendLists {
     pub outgoing: Vec<(UserId, String)>,
 }
 
+/// How long a user's friend lists are (what the limits count).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FriendCounts {
+    /// Friends.
+    pub friends: u64,
+    /// Requests to the user not answered yet.
+    pub incoming: u64,
+    /// Requests from the user not answered yet.
+    pub outgoing: u64,
+}
+
 /// A group to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewGroup {
@@ -494,8 +505,8 @@ pub trait HistoryStore: Send + Sync + 'static {
     async fn friends(&self, user: UserId) -> Result<FriendLists, StoreError>;
     /// Whether the two users are friends.
     async fn are_friends(&self, a: UserId, b: UserId) -> Result<bool, StoreError>;
-    /// How many friends a user has.
-    async fn friend_count(&self, user: UserId) -> Result<u64, StoreError>;
+    /// How many friends and pending requests a user has.
+    async fn friend_counts(&self, user: UserId) -> Result<FriendCounts, StoreError>;
 
     /// The direct conversation of two users, created if missing. The caller
     /// checks that they are friends.

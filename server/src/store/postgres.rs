@@ -40,10 +40,10 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Config, NoTls, Row};
 
 use super::{
-    Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState, Membership, NewGroup,
-    NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError, StoredPresence, UserId,
-    UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
+    Appended, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
+    FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState,
+    Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError,
+    StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
 };
 
 /// How long connecting (TCP, startup, authentication) may take before the
@@ -1073,14 +1073,20 @@ impl HistoryStore for PostgresStore {
         col(&self.one(ARE_FRIENDS, &[&sql(a), &sql(b)]).await?, 0)
     }
 
-    async fn friend_count(&self, user: UserId) -> Result<u64, StoreError> {
+    async fn friend_counts(&self, user: UserId) -> Result<FriendCounts, StoreError> {
         let row = self
             .one(
-                "SELECT count(*) FROM friends WHERE user_id = $1",
+                "SELECT (SELECT count(*) FROM friends WHERE user_id = $1),
+                        (SELECT count(*) FROM friend_requests WHERE to_id = $1),
+                        (SELECT count(*) FROM friend_requests WHERE from_id = $1)",
                 &[&sql(user)],
             )
             .await?;
-        id_col(&row, 0)
+        Ok(FriendCounts {
+            friends: id_col(&row, 0)?,
+            incoming: id_col(&row, 1)?,
+            outgoing: id_col(&row, 2)?,
+        })
     }
 
     async fn open_direct(

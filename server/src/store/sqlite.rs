@@ -65,10 +65,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Appended, ConversationId, ConversationView, Direction, FriendLists, FriendRequestOutcome,
-    GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState, Membership, NewGroup,
-    NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError, StoredPresence, UserId,
-    UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
+    Appended, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
+    FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState,
+    Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError,
+    StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -1791,13 +1791,23 @@ impl HistoryStore for SqliteStore {
         self.call(move |conn, _| are_friends(conn, a, b)).await
     }
 
-    async fn friend_count(&self, user: UserId) -> Result<u64, StoreError> {
+    async fn friend_counts(&self, user: UserId) -> Result<FriendCounts, StoreError> {
         self.call(move |conn, _| {
-            conn.prepare_cached("SELECT COUNT(*) FROM friends WHERE user_id = ?1")
-                .map_err(internal)?
-                .query_row([sql(user)], |r| r.get::<_, i64>(0))
-                .map(|n| n as u64)
-                .map_err(internal)
+            conn.prepare_cached(
+                "SELECT (SELECT COUNT(*) FROM friends WHERE user_id = ?1),
+                        (SELECT COUNT(*) FROM friend_requests WHERE to_id = ?1),
+                        (SELECT COUNT(*) FROM friend_requests WHERE from_id = ?1)",
+            )
+            .map_err(internal)?
+            .query_row([sql(user)], |r| {
+                let count = |i| r.get::<_, i64>(i).map(|n| n as u64);
+                Ok(FriendCounts {
+                    friends: count(0)?,
+                    incoming: count(1)?,
+                    outgoing: count(2)?,
+                })
+            })
+            .map_err(internal)
         })
         .await
     }
