@@ -57,10 +57,17 @@ impl FrameError {
     }
 }
 
+/// Field numbers in `Frame` of the bodies only a server sends
+/// ([`crate::proto::frame::Body::is_from_server`]; a test keeps the two in
+/// step).
+const SERVER_BODY_FIELDS: [u32; 14] = [3, 4, 13, 25, 26, 31, 33, 35, 41, 42, 51, 62, 63, 78];
+
 /// Decodes frames with a maximum size. Cheap to copy; holds no buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct Codec {
     max_frame_len: usize,
+    /// A server's codec: bodies only servers send are not decoded.
+    for_server: bool,
 }
 
 impl Codec {
@@ -69,6 +76,21 @@ impl Codec {
     pub fn new(max_frame_len: usize) -> Self {
         Codec {
             max_frame_len: max_frame_len.min(MAX_FRAME_LEN),
+            for_server: false,
+        }
+    }
+
+    /// This codec for a server reading what clients send. A body only a
+    /// server sends (a reply or a push) comes out empty, as the empty
+    /// message of its kind, without its fields decoded: the server answers
+    /// it as a frame that does not belong, as before, but a client cannot
+    /// make it build a large reply's structures from a few bytes (an empty
+    /// entry of a `ConversationList` is 2 bytes on the wire and ~180 in
+    /// memory: one 64 KiB frame made ~6 MB).
+    pub fn for_server(self) -> Self {
+        Codec {
+            for_server: true,
+            ..self
         }
     }
 
@@ -101,7 +123,11 @@ impl Codec {
         }
         buf.advance(prefix_len);
         let body = buf.split_to(len).freeze();
-        let frame = Frame::decode(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        let frame = match self.for_server.then(|| server_body(&body)).flatten() {
+            Some((request_id, field)) => emptied(request_id, field),
+            None => Frame::decode(body),
+        }
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
         if frame.body.is_none() {
             return Err(FrameError::EmptyBody);
         }
@@ -161,6 +187,63 @@ pub fn encode_to(frame: &Frame, dst: &mut impl BufMut) {
         .expect("buffer has room for the frame");
 }
 
+/// If the encoded `Frame` in `bytes` has a body only servers send: its
+/// request id and the body's field number. `None` for anything else,
+/// including bytes that are not a valid encoding (the full decode then
+/// says what is wrong). Walks the top-level fields without decoding them.
+fn server_body(mut bytes: &[u8]) -> Option<(u64, u32)> {
+    let mut request_id = 0;
+    let mut body = None;
+    while !bytes.is_empty() {
+        let (key, n) = peek_varint(bytes).ok()??;
+        bytes = &bytes[n..];
+        let field = u32::try_from(key >> 3).ok()?;
+        match key & 7 {
+            // Varint.
+            0 => {
+                let (value, n) = peek_varint(bytes).ok()??;
+                bytes = &bytes[n..];
+                if field == 1 {
+                    request_id = value;
+                }
+            }
+            // 64-bit and 32-bit.
+            1 => bytes = bytes.get(8..)?,
+            5 => bytes = bytes.get(4..)?,
+            // Length-delimited: a body (the last one counts, as in a full
+            // decode).
+            2 => {
+                let (len, n) = peek_varint(bytes).ok()??;
+                let end = n.checked_add(usize::try_from(len).ok()?)?;
+                bytes = bytes.get(end..)?;
+                if (2..).contains(&field) {
+                    body = Some(field);
+                }
+            }
+            _ => return None,
+        }
+    }
+    let field = body.filter(|f| SERVER_BODY_FIELDS.contains(f))?;
+    Some((request_id, field))
+}
+
+/// A frame with `request_id` and the empty body of field `field`.
+fn emptied(request_id: u64, field: u32) -> Result<Frame, prost::DecodeError> {
+    let mut bytes = Vec::with_capacity(3 * MAX_VARINT_LEN + 1);
+    for varint in [1 << 3, request_id, (u64::from(field) << 3) | 2, 0] {
+        put_varint(varint, &mut bytes);
+    }
+    Frame::decode(bytes.as_slice())
+}
+
+fn put_varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
 /// Reads a varint at the front of `buf` without consuming it. Returns the
 /// value and the number of bytes it occupies, or `None` if more bytes are
 /// needed.
@@ -218,6 +301,69 @@ mod tests {
             Frame::error(9, crate::ErrorCode::NotFriends, "not friends"),
             Frame::new(1, Body::Ok(proto::Ok {})),
         ]
+    }
+
+    #[test]
+    fn a_server_codec_leaves_server_bodies_undecoded() {
+        // A reply only servers send, as a client could send it: many empty
+        // entries, 2 bytes each on the wire.
+        let list = Frame::new(
+            77,
+            Body::ConversationList(proto::ConversationList {
+                conversations: vec![proto::ConversationInfo::default(); 30_000],
+            }),
+        );
+        let mut wire = BytesMut::new();
+        encode(&list, &mut wire);
+        assert!(wire.len() < 64 * 1024);
+        let server = Codec::new(MAX_FRAME_LEN).for_server();
+        let frame = server.decode(&mut wire.clone()).unwrap().unwrap();
+        assert_eq!(frame.request_id, 77, "still answered by its request id");
+        assert_eq!(
+            frame.body,
+            Some(Body::ConversationList(proto::ConversationList::default()))
+        );
+        // A client's codec decodes it whole, and the server's codec leaves
+        // what clients send as it is.
+        let client = Codec::new(MAX_FRAME_LEN);
+        assert_eq!(client.decode(&mut wire).unwrap().unwrap(), list);
+        for frame in sample_frames() {
+            let mut wire = BytesMut::new();
+            encode(&frame, &mut wire);
+            let decoded = server.decode(&mut wire).unwrap().unwrap();
+            match frame.body.as_ref().unwrap().is_from_server() {
+                false => assert_eq!(decoded, frame),
+                true => assert_eq!(decoded.request_id, frame.request_id),
+            }
+        }
+        // Broken encodings still fail as malformed.
+        let mut bad = BytesMut::from(&[3u8, 0x9a, 0x02, 0x05][..]);
+        assert!(matches!(
+            server.decode(&mut bad),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn server_body_fields_match_the_bodies_only_servers_send() {
+        // Every field number that decodes to a body: listed exactly when
+        // the body says it is a server's.
+        let mut bodies = 0;
+        for field in 2..200u32 {
+            let mut bytes = Vec::new();
+            put_varint((u64::from(field) << 3) | 2, &mut bytes);
+            bytes.push(0);
+            if let Some(body) = Frame::decode(bytes.as_slice()).unwrap().body {
+                bodies += 1;
+                assert_eq!(
+                    SERVER_BODY_FIELDS.contains(&field),
+                    body.is_from_server(),
+                    "field {field} ({})",
+                    body.name()
+                );
+            }
+        }
+        assert_eq!(bodies, 41);
     }
 
     #[test]

@@ -117,6 +117,55 @@ impl Body {
 }
 
 impl Body {
+    /// Whether only a server sends this body (replies and pushes). A
+    /// server's codec ([`Codec::for_server`]) does not decode these from
+    /// clients (see there); a new variant must be placed here.
+    pub fn is_from_server(&self) -> bool {
+        match self {
+            Body::Error(_)
+            | Body::Ok(_)
+            | Body::AuthOk(_)
+            | Body::FriendList(_)
+            | Body::FriendEvent(_)
+            | Body::Conversation(_)
+            | Body::ConversationList(_)
+            | Body::HistoryPage(_)
+            | Body::SendAck(_)
+            | Body::Deliver(_)
+            | Body::Receipt(_)
+            | Body::PresenceSnapshot(_)
+            | Body::PresenceUpdate(_)
+            | Body::MessageReceipts(_) => true,
+            Body::OpenStream(_)
+            | Body::Register(_)
+            | Body::Login(_)
+            | Body::Authenticate(_)
+            | Body::Logout(_)
+            | Body::FriendRequest(_)
+            | Body::FriendAccept(_)
+            | Body::FriendDecline(_)
+            | Body::FriendRemove(_)
+            | Body::ListFriends(_)
+            | Body::OpenDirect(_)
+            | Body::ListConversations(_)
+            | Body::HistoryQuery(_)
+            | Body::Send(_)
+            | Body::DeliveryAck(_)
+            | Body::MarkSeen(_)
+            | Body::Heartbeat(_)
+            | Body::SubscribePresence(_)
+            | Body::SetPresenceVisibility(_)
+            | Body::CreateGroup(_)
+            | Body::RenameGroup(_)
+            | Body::AddMembers(_)
+            | Body::RemoveMember(_)
+            | Body::LeaveGroup(_)
+            | Body::SetAdmin(_)
+            | Body::GetConversation(_)
+            | Body::GetMessageReceipts(_) => false,
+        }
+    }
+
     /// Whether a request may be processed from TLS early data (0-RTT),
     /// which an attacker can replay. True only where a replay changes
     /// nothing: reads, heartbeats, token resumption, watermark moves

@@ -183,7 +183,7 @@ impl Server {
                 config.limits.login_failure_window,
             ),
             presence,
-            codec: Codec::new(config.limits.max_frame_len),
+            codec: Codec::new(config.limits.max_frame_len).for_server(),
             config,
             store,
             cache,

@@ -135,11 +135,16 @@ impl Session {
             let frame = Frame::error(0, code, message);
             let mut buf = bytes::BytesMut::new();
             chat_protocol::encode(&frame, &mut buf);
-            if send.write_all(&buf).await.is_ok() {
+            // A second at most: a peer that gives no flow-control credit
+            // must not keep the connection (and what the caller holds)
+            // open.
+            let delivered = async {
+                send.write_all(&buf).await?;
                 let _ = send.finish();
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-            }
+                let _ = send.stopped().await;
+                Ok::<_, quinn::WriteError>(())
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), delivered).await;
         }
         wire::close(&self.conn, code, message);
     }

@@ -188,6 +188,35 @@ async fn violations_get_their_codes_and_others_keep_working() {
             .await;
         assert_eq!(raw.close_code().await, ErrorCode::BadStream);
     }
+    {
+        // A body only servers send, from a client: answered
+        // UNEXPECTED_FRAME by its request id (its 20,000 entries never
+        // decoded: see the protocol's server codec), and the connection
+        // goes on.
+        let (raw, mut send, mut recv) = Raw::authenticated(&server).await;
+        let list = Frame::new(
+            8,
+            Body::ConversationList(proto::ConversationList {
+                conversations: vec![proto::ConversationInfo::default(); 20_000],
+            }),
+        );
+        send.write_all(&frames(&[list, list_friends.clone()]))
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let reply = next_frame(&mut recv, &mut buf).await;
+        assert_eq!(reply.request_id, 8);
+        match reply.body {
+            Some(Body::Error(e)) => {
+                assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::UnexpectedFrame);
+                assert!(e.message.contains("conversation_list"), "{}", e.message);
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+        let reply = next_frame(&mut recv, &mut buf).await;
+        assert!(matches!(reply.body, Some(Body::FriendList(_))), "{reply:?}");
+        assert!(raw.conn.close_reason().is_none());
+    }
 
     // Through all of that, the healthy clients were served.
     let ack = alice
