@@ -23,6 +23,15 @@ use crate::wire::{self, Outbound};
 /// queued here.
 pub const QUEUE_CAPACITY: usize = 1024;
 
+/// Frames queued on a receipts stream before a client counts as too
+/// slow. Receipts are small and come in bursts that wait out the receipts
+/// writer's linger: one watermark batch (up to 4,096 moves) can make a
+/// receipt per move for one sender (a returning member acking a thousand
+/// conversations with them, or a large group's members acking their
+/// message). At [`QUEUE_CAPACITY`] such a burst closed a client that read
+/// fine. Room for a few batches; [`QUEUE_BYTES`] still bounds the memory.
+pub const RECEIPTS_QUEUE_CAPACITY: usize = 16 * 1024;
+
 /// Bytes queued per stream before a client counts as too slow: frames
 /// can be up to the protocol's 1 MiB, and without a byte bound a client
 /// that asks for page after page of long texts and never reads made the
@@ -135,7 +144,11 @@ impl SessionHandle {
         let Some(queue) = self.queue(kind) else {
             return false;
         };
-        match queue.push(out, QUEUE_CAPACITY, QUEUE_BYTES) {
+        let frames = match kind {
+            StreamKind::Receipts => RECEIPTS_QUEUE_CAPACITY,
+            _ => QUEUE_CAPACITY,
+        };
+        match queue.push(out, frames, QUEUE_BYTES) {
             Ok(()) => true,
             Err(PushError::Full) => {
                 if !self.closed.swap(true, Ordering::Relaxed) {

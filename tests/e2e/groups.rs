@@ -494,3 +494,105 @@ async fn large_groups_send_receipts_only_to_the_senders_they_concern() {
     let detail = members[3].0.message_receipts(g, first).await.unwrap();
     assert_eq!(detail.delivered_count, 3, "{detail:?}");
 }
+
+#[tokio::test]
+async fn a_burst_of_receipts_for_one_sender_does_not_close_it() {
+    // Bob reads 1,100 conversations with Sam at once: Sam's receipts for
+    // all of them wait out one linger (long here) on his receipts stream,
+    // more than the 1,024 frames another stream may queue. He reads fine,
+    // so he must not be closed as too slow.
+    const GROUPS: usize = 1_100;
+    let server = TestServer::start_with(|c| {
+        c.limits.send_rate = 0;
+        c.limits.send_burst = 0;
+        c.transport.receipt_linger = Duration::from_secs(5);
+    })
+    .await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let (sam, mut sam_events) = register(server.client_config(), &name("sam")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    befriend(&sam, &bob).await;
+    let bob_id = bob.identity().user_id;
+
+    // In rounds below the client's outbox limit.
+    let mut groups = HashSet::new();
+    for round in (0..GROUPS).collect::<Vec<_>>().chunks(250) {
+        let mut tasks = Vec::new();
+        for &i in round {
+            let sam = sam.clone();
+            tasks.push(tokio::spawn(async move {
+                let g = sam
+                    .create_group(&format!("g{i}"), &[bob_id])
+                    .await
+                    .unwrap()
+                    .conversation_id;
+                sam.send_text(g, "news").await.unwrap();
+                g
+            }));
+        }
+        for task in tasks {
+            groups.insert(task.await.unwrap());
+        }
+    }
+    assert_eq!(groups.len(), GROUPS);
+    // Each group holds its creation and the text; Sam hears they arrived.
+    assert_eq!(
+        messages(&mut bob_events, 2 * GROUPS).await.len(),
+        2 * GROUPS
+    );
+    assert_eq!(
+        receipts_from(&mut sam_events, bob_id, false, GROUPS).await,
+        groups
+    );
+
+    // Bob reads one conversation, and Sam's receipts writer starts its
+    // linger with that receipt; then he reads all the others at once.
+    let before = value(&scrape(metrics).await, "chat_receipts_total");
+    let mut groups_left = groups.iter().copied();
+    let first = groups_left.next().unwrap();
+    let mut marks = vec![tokio::spawn({
+        let bob = bob.clone();
+        async move { bob.mark_seen(first, 2).await }
+    })];
+    scrape_until(metrics, "the first seen receipt pushed", |m| {
+        value(m, "chat_receipts_total") > before
+    })
+    .await;
+    for g in groups_left {
+        let bob = bob.clone();
+        marks.push(tokio::spawn(async move { bob.mark_seen(g, 2).await }));
+    }
+    for mark in marks {
+        mark.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        receipts_from(&mut sam_events, bob_id, true, GROUPS).await,
+        groups
+    );
+    let m = scrape(metrics).await;
+    assert_eq!(value(&m, "chat_errors_total{code=\"SLOW_CONSUMER\"}"), 0.0);
+}
+
+/// Waits for `user`'s delivered (or seen) receipts covering seq 2 in `n`
+/// conversations; their ids. Fails if the connection drops meanwhile.
+async fn receipts_from(events: &mut Events, user: u64, seen: bool, n: usize) -> HashSet<u64> {
+    let mut covered = HashSet::new();
+    let what = format!(
+        "{} receipts in {n} conversations",
+        if seen { "seen" } else { "delivered" }
+    );
+    wait_for(events, &what, |e| {
+        match e {
+            Event::Receipt(r)
+                if r.user_id == user && (if seen { r.seen_seq } else { r.delivered_seq }) >= 2 =>
+            {
+                covered.insert(r.conversation_id);
+            }
+            Event::Disconnected { code } => panic!("disconnected: {code:?}"),
+            _ => {}
+        }
+        (covered.len() == n).then_some(())
+    })
+    .await;
+    covered
+}

@@ -22,9 +22,11 @@ use crate::wire::{self, FrameReader, Outbound};
 const SNAPSHOT_CONVERSATIONS: u32 = 200;
 
 /// MarkSeen frames of one connection that may wait for their answers. The
-/// reader stops beyond it (and QUIC flow control holds the client back),
-/// so the answers of one watermark batch always fit in the stream's queue:
-/// pipelining marks is not being a slow consumer.
+/// reader stops beyond it (and QUIC flow control holds the client back).
+/// A slot is given back once the answer is queued, and queued answers may
+/// wait out the receipts linger, so the receipts queue is sized for bursts
+/// ([`crate::hub::RECEIPTS_QUEUE_CAPACITY`]): pipelining a thousand marks
+/// is not being a slow consumer.
 const MAX_UNANSWERED_MARKS: usize = 256;
 
 /// Serves the receipts stream until it or the connection ends.
