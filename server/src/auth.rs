@@ -26,6 +26,10 @@ pub struct LoginThrottle {
     records: dashmap::DashMap<UserIdKey, Record>,
     max_failures: u32,
     window: std::time::Duration,
+    /// Records at which the next sweep runs: twice what the last one
+    /// kept, so records still inside their window are not scanned again
+    /// at every login.
+    sweep_at: std::sync::atomic::AtomicUsize,
 }
 
 type UserIdKey = u64;
@@ -62,6 +66,7 @@ impl LoginThrottle {
             records: dashmap::DashMap::new(),
             max_failures,
             window,
+            sweep_at: std::sync::atomic::AtomicUsize::new(THROTTLE_SWEEP_AT),
         }
     }
 
@@ -70,10 +75,13 @@ impl LoginThrottle {
     /// wrong, reach the limit: a burst of guesses from many connections at
     /// once gets no more tries than the same guesses one after another.
     pub fn begin(&self, user: u64) -> Result<Attempt<'_>, std::time::Duration> {
-        if self.records.len() >= THROTTLE_SWEEP_AT {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.records.len() >= self.sweep_at.load(Relaxed) {
             let window = self.window;
             self.records
                 .retain(|_, r| r.running > 0 || r.since.elapsed() < window);
+            let next = (2 * self.records.len()).max(THROTTLE_SWEEP_AT);
+            self.sweep_at.store(next, Relaxed);
         }
         let mut record = self.records.entry(user).or_insert(Record {
             failures: 0,
@@ -348,6 +356,29 @@ mod tests {
         short.begin(1).unwrap().failed();
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert!(short.begin(1).is_ok());
+    }
+
+    #[test]
+    fn records_inside_their_window_are_not_swept_at_every_login() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let throttle = LoginThrottle::new(3, std::time::Duration::from_secs(60));
+        for user in 0..THROTTLE_SWEEP_AT as u64 {
+            throttle.begin(user).unwrap().failed();
+        }
+        // The sweep at the limit kept them all (in their window) and moved
+        // the next one to twice as many.
+        throttle.begin(u64::MAX).unwrap().failed();
+        assert_eq!(throttle.records.len(), THROTTLE_SWEEP_AT + 1);
+        assert_eq!(throttle.sweep_at.load(Relaxed), 2 * THROTTLE_SWEEP_AT);
+        // Expired records are dropped by the next sweep all the same.
+        let short = LoginThrottle::new(3, std::time::Duration::from_millis(1));
+        for user in 0..THROTTLE_SWEEP_AT as u64 {
+            short.begin(user).unwrap().failed();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        short.begin(u64::MAX).unwrap().failed();
+        assert_eq!(short.records.len(), 1);
+        assert_eq!(short.sweep_at.load(Relaxed), THROTTLE_SWEEP_AT);
     }
 
     #[test]

@@ -51,7 +51,10 @@ impl SendLimiter {
         });
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
-        bucket.updated = now;
+        // Never backwards: two connections of a user may come with their
+        // instants in either order, and going back would credit the gap
+        // twice.
+        bucket.updated = bucket.updated.max(now);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             Ok(())
@@ -102,6 +105,20 @@ mod tests {
             limiter.check(1, later).unwrap();
         }
         assert!(limiter.check(1, later).is_err());
+    }
+
+    #[test]
+    fn an_earlier_instant_does_not_credit_a_gap_twice() {
+        // Two connections of one user: the later instant is checked first.
+        let limiter = SendLimiter::new(10, 1);
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(100);
+        limiter.check(1, t0).unwrap();
+        limiter.check(1, t1).unwrap(); // refilled by t1
+        assert!(limiter.check(1, t0).is_err());
+        // The next token is 100 ms after t1, not after t0.
+        assert!(limiter.check(1, t1 + Duration::from_millis(50)).is_err());
+        limiter.check(1, t1 + Duration::from_millis(100)).unwrap();
     }
 
     #[test]

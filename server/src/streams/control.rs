@@ -183,8 +183,8 @@ async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk
     let permit = hashing_permit(session).await?;
     let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
         .await
-        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing task failed: {e}")))?
-        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing failed: {e}")))?;
+        .map_err(|e| internal("the hashing task failed", &e))?
+        .map_err(|e| internal("hashing failed", &e))?;
     drop(permit);
     let store = &session.shared.store;
     let user_id = match store.create_user(username.clone(), hash, now_ms()).await {
@@ -223,7 +223,7 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     let permit = hashing_permit(session).await?;
     let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &phc))
         .await
-        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("hashing task failed: {e}")))?;
+        .map_err(|e| internal("the hashing task failed", &e))?;
     drop(permit);
     if !ok {
         attempt.failed();
@@ -283,8 +283,24 @@ async fn issue_token(
             expires_at_ms: expires,
         })
         .await?;
-    session.authenticate(user_id, username.clone(), token_hash, expires);
+    if !session.authenticate(user_id, username.clone(), token_hash, expires) {
+        return Err(already_authenticated());
+    }
     Ok(auth_ok(session, user_id, username, token, expires))
+}
+
+/// INTERNAL for the client; the detail (a panic's message, say) goes to
+/// the log only.
+fn internal(what: &str, detail: &dyn std::fmt::Display) -> Refusal {
+    tracing::error!(error = %detail, "{what}");
+    Refusal::new(ErrorCode::Internal, "internal error")
+}
+
+fn already_authenticated() -> Refusal {
+    Refusal::new(
+        ErrorCode::UnexpectedFrame,
+        "this connection is already authenticated",
+    )
 }
 
 async fn resume(session: &Session, a: proto::Authenticate) -> Result<proto::AuthOk, Refusal> {
@@ -312,29 +328,31 @@ async fn resume(session: &Session, a: proto::Authenticate) -> Result<proto::Auth
         .username(record.user_id)
         .await?
         .ok_or_else(|| Refusal::new(ErrorCode::TokenInvalid, "unknown token"))?;
-    session.authenticate(
+    if !session.authenticate(
         record.user_id,
         username.clone(),
         token_hash,
         record.expires_at_ms,
-    );
+    ) {
+        return Err(already_authenticated());
+    }
     // A logout of this token that committed after the read above may have
     // closed the token's connections before this one was in the hub: look
-    // again now that it is.
-    if store
-        .session(token_hash)
-        .await?
-        .is_none_or(|r| r.revoked_at_ms.is_some())
-    {
-        wire::close(
-            &session.conn,
+    // again now that it is. The connection is authenticated by now, so a
+    // refusal closes it (the client would otherwise hold a connection
+    // logged in as this user after an error, and could log in as another
+    // on it).
+    let refusal = match store.session(token_hash).await {
+        Ok(Some(r)) if r.revoked_at_ms.is_none() => None,
+        Ok(_) => Some(Refusal::new(
             ErrorCode::TokenRevoked,
             "token was revoked; log in again",
-        );
-        return Err(Refusal::new(
-            ErrorCode::TokenRevoked,
-            "token was revoked; log in again",
-        ));
+        )),
+        Err(e) => Some(Refusal::from(e)),
+    };
+    if let Some(refusal) = refusal {
+        wire::close(&session.conn, refusal.code, &refusal.message);
+        return Err(refusal);
     }
     Ok(auth_ok(
         session,
