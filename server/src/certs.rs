@@ -86,11 +86,59 @@ impl DevCerts {
         })
     }
 
-    /// Writes the four files into `dir` (created if needed); keys are
-    /// readable by the owner only.
+    /// Writes the four files into `dir` (created if needed). Keys are
+    /// readable by the owner only from the moment they are created, and
+    /// no existing file is replaced: overwriting a CA would make every
+    /// copy of `ca.pem` handed out stop working.
     pub fn write(&self, dir: &Path) -> Result<(), CertError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| CertError(format!("create {}: {e}", dir.display())))?;
+        for name in [CA_FILE, CA_KEY_FILE, SERVER_FILE, SERVER_KEY_FILE] {
+            if dir.join(name).exists() {
+                return Err(CertError(format!(
+                    "{} exists; remove it (and the rest of the set) to make new ones",
+                    dir.join(name).display()
+                )));
+            }
+        }
+        self.write_files(dir)
+    }
+
+    /// Writes the set as the new directory `dir`, all or nothing: the
+    /// files go to a directory of their own beside it, which is then
+    /// renamed. False if `dir` appeared meanwhile (another process made
+    /// its set first; use that one).
+    fn write_as_dir(&self, dir: &Path) -> Result<bool, CertError> {
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .map_err(|e| CertError(format!("create {}: {e}", parent.display())))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let staged = parent.join(format!(".certs-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&staged)
+            .map_err(|e| CertError(format!("create {}: {e}", staged.display())))?;
+        if let Err(e) = self.write_files(&staged) {
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(e);
+        }
+        match std::fs::rename(&staged, dir) {
+            Ok(()) => Ok(true),
+            Err(_) if dir.join(SERVER_FILE).exists() => {
+                let _ = std::fs::remove_dir_all(&staged);
+                Ok(false)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staged);
+                Err(CertError(format!(
+                    "move the new certificates to {}: {e}",
+                    dir.display()
+                )))
+            }
+        }
+    }
+
+    fn write_files(&self, dir: &Path) -> Result<(), CertError> {
         write_file(&dir.join(CA_FILE), &self.ca_pem, false)?;
         write_file(&dir.join(CA_KEY_FILE), &self.ca_key_pem, true)?;
         write_file(&dir.join(SERVER_FILE), &self.server_pem, false)?;
@@ -99,18 +147,23 @@ impl DevCerts {
     }
 }
 
+/// Creates `path` (which must not exist) with `contents`, synced; a
+/// secret is created readable by the owner only (0600), never wider.
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertError> {
-    std::fs::write(path, contents)
-        .map_err(|e| CertError(format!("write {}: {e}", path.display())))?;
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
     #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| CertError(format!("chmod {}: {e}", path.display())))?;
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if secret { 0o600 } else { 0o644 });
     }
     #[cfg(not(unix))]
     let _ = secret;
-    Ok(())
+    let fail = |e: std::io::Error| CertError(format!("write {}: {e}", path.display()));
+    let mut file = options.open(path).map_err(fail)?;
+    file.write_all(contents.as_bytes()).map_err(fail)?;
+    file.sync_all().map_err(fail)
 }
 
 /// The certificate chain and key the server presents.
@@ -135,9 +188,8 @@ pub fn load_or_create(config: &Config) -> Result<ServerIdentity, CertError> {
     }
     let dir = config.data_dir.join("certs");
     let server = dir.join(SERVER_FILE);
-    if !server.exists() {
-        let names: Vec<String> = DEFAULT_NAMES.iter().map(|s| s.to_string()).collect();
-        DevCerts::generate(&names)?.write(&dir)?;
+    let names: Vec<String> = DEFAULT_NAMES.iter().map(|s| s.to_string()).collect();
+    if !dir.exists() && DevCerts::generate(&names)?.write_as_dir(&dir)? {
         tracing::warn!(
             dir = %dir.display(),
             "created a DEVELOPMENT CA and server certificate; clients must trust {}. \
@@ -145,6 +197,17 @@ pub fn load_or_create(config: &Config) -> Result<ServerIdentity, CertError> {
             dir.join(CA_FILE).display()
         );
     } else {
+        // A set is whole or absent (made as one directory); a directory
+        // missing one names it rather than failing on a half-read key.
+        for name in [CA_FILE, SERVER_FILE, SERVER_KEY_FILE] {
+            if !dir.join(name).exists() {
+                return Err(CertError(format!(
+                    "{} is missing from the development certificates in {}: remove the directory to make new ones",
+                    name,
+                    dir.display()
+                )));
+            }
+        }
         tracing::warn!(
             ca = %dir.join(CA_FILE).display(),
             "using the DEVELOPMENT certificate from the data directory; set tls-cert and tls-key for production"
@@ -213,6 +276,47 @@ mod tests {
         let second = load_or_create(&config).unwrap();
         assert_eq!(first.chain, second.chain);
         assert!(first.dev_ca.unwrap().ends_with("certs/ca.pem"));
+    }
+
+    #[test]
+    fn written_sets_are_never_replaced_and_keys_are_never_world_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_string()];
+        let first = DevCerts::generate(&names).unwrap();
+        first.write(dir.path()).unwrap();
+        let again = DevCerts::generate(&names).unwrap().write(dir.path());
+        assert!(again.unwrap_err().0.contains("exists"));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(CA_FILE)).unwrap(),
+            first.ca_pem
+        );
+        // Made as one directory: a second maker finds the first's set.
+        let certs = dir.path().join("data/certs");
+        assert!(first.write_as_dir(&certs).unwrap());
+        let second = DevCerts::generate(&names).unwrap();
+        assert!(!second.write_as_dir(&certs).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(certs.join(SERVER_FILE)).unwrap(),
+            first.server_pem
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("data"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("certs")]);
+    }
+
+    #[test]
+    fn an_incomplete_set_is_named_not_half_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        load_or_create(&config).unwrap();
+        std::fs::remove_file(dir.path().join("certs").join(SERVER_KEY_FILE)).unwrap();
+        let err = load_or_create(&config).err().unwrap();
+        assert!(err.0.contains("server-key.pem is missing"), "{}", err.0);
     }
 
     #[test]
