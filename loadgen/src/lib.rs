@@ -109,7 +109,7 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
     };
     let result = measure(&args, &plan, &target, &phase, &log).await;
     if let Some((server, dir)) = spawned {
-        server.shutdown().await;
+        let _ = server.shutdown().await;
         drop(dir);
     }
     let report = result?;

@@ -407,8 +407,19 @@ pub fn main() -> ExitCode {
             server.metrics_addr()
         );
         wait_for_signal().await;
-        server.shutdown().await;
-        ExitCode::SUCCESS
+        // A second signal stops at once instead of waiting out the drain.
+        let complete = tokio::select! {
+            complete = server.shutdown() => complete,
+            () = wait_for_signal() => {
+                eprintln!("chat-server: second signal; stopping without waiting for the drain");
+                false
+            }
+        };
+        if complete {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
     })
 }
 

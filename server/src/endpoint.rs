@@ -227,8 +227,11 @@ impl Server {
     }
 
     /// Stops accepting, tells clients to reconnect (SERVER_SHUTTING_DOWN),
-    /// lets in-flight group commits finish, and closes the store.
-    pub async fn shutdown(mut self) {
+    /// lets in-flight group commits finish, and closes the store. False
+    /// when `shutdown-timeout` ran out first (sessions or committers were
+    /// still at work; nothing acknowledged is lost by that, since a
+    /// SendAck follows its commit, but the operator should know).
+    pub async fn shutdown(mut self) -> bool {
         tracing::info!("shutting down");
         self.ops.accepting.store(false, Ordering::SeqCst);
         let accept = self.tasks.remove(0);
@@ -251,15 +254,31 @@ impl Server {
         while Arc::strong_count(&shared) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let sessions_left = Arc::strong_count(&shared) - 1;
         drop(shared);
         // With every `Delivery` handle gone the committers drain their
         // queues (finishing in-flight group commits) and stop.
+        let mut committers_done = true;
         if let Some(delivery) = self.delivery_tasks.take() {
-            let _ = tokio::time::timeout_at(deadline, delivery.join()).await;
+            committers_done = tokio::time::timeout_at(deadline, delivery.join())
+                .await
+                .is_ok();
         }
         for task in self.tasks.drain(..) {
             task.abort();
         }
+        let complete = sessions_left == 0 && committers_done;
+        if complete {
+            tracing::info!("shut down");
+        } else {
+            tracing::warn!(
+                sessions_left,
+                committers_done,
+                timeout = %humantime::format_duration(grace),
+                "shutdown-timeout ran out before the node was drained"
+            );
+        }
+        complete
     }
 }
 

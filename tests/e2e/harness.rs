@@ -231,7 +231,8 @@ impl TestServer {
     /// Stops the server gracefully and starts it again on the same data
     /// directory and port.
     pub async fn restart(&mut self) {
-        self.server.take().expect("running").shutdown().await;
+        let drained = self.server.take().expect("running").shutdown().await;
+        assert!(drained, "the node drained within its shutdown timeout");
         let mut config = self.config.clone();
         config.listen = self.addr;
         // quinn releases the UDP socket when its endpoint driver task next
