@@ -144,11 +144,22 @@ mod tests {
     use super::*;
 
     /// Keeps the calling thread busy for `wall` of wall-clock time.
-    fn burn(wall: Duration) {
-        let start = std::time::Instant::now();
+    /// Burns CPU on this thread until it has used `cpu` of it by its own
+    /// clock (`/proc/thread-self/stat`, in ticks), however long a busy
+    /// machine makes that take (a minute at most).
+    fn burn(cpu: Duration) {
+        let tck = clock_ticks_per_second();
+        let ticks = || {
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("Linux /proc");
+            parse_stat_ticks(&stat).expect("a stat line")
+        };
+        let want = (cpu.as_secs_f64() * tck as f64).ceil() as u64;
+        let start = ticks();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut x = 0u64;
-        while start.elapsed() < wall {
-            for i in 0..10_000u64 {
+        while ticks() - start < want {
+            assert!(std::time::Instant::now() < deadline, "no CPU for a minute");
+            for i in 0..100_000u64 {
                 x = x.wrapping_mul(31).wrapping_add(i);
             }
         }
@@ -170,14 +181,14 @@ mod tests {
     fn splits_this_process_by_thread_name() {
         let tck = clock_ticks_per_second();
         let before = threads_cpu(std::process::id(), tck).expect("own threads");
-        // A named thread that burns ~0.3 s of CPU, then stays alive while
+        // A named thread that burns 0.1 s of CPU, then stays alive while
         // the second sample is taken.
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (burnt_tx, burnt_rx) = std::sync::mpsc::channel::<()>();
         let burner = std::thread::Builder::new()
             .name("cpu-test-burn".into())
             .spawn(move || {
-                burn(Duration::from_millis(300));
+                burn(Duration::from_millis(100));
                 burnt_tx.send(()).expect("test waits");
                 let _ = done_rx.recv();
             })
@@ -188,9 +199,8 @@ mod tests {
         burner.join().expect("burner");
         let used = threads_diff(&before, &after);
         let burnt = used.get("cpu-test-burn").copied().unwrap_or_default();
-        // It ran for 0.3 s of wall time; on a busy machine it may have had
-        // less than all of it, but never none of it (ticks are 10 ms).
-        assert!(burnt >= Duration::from_millis(20), "{used:?}");
+        // It burnt 0.1 s by its own clock, however long that took.
+        assert!(burnt >= Duration::from_millis(100), "{used:?}");
         assert!(burnt <= Duration::from_secs(5), "{used:?}");
         assert!(threads_cpu(u32::MAX, tck).is_none());
         let gone = BTreeMap::from([("old".to_string(), Duration::from_secs(3))]);
@@ -211,10 +221,10 @@ mod tests {
             before.contains_key(&std::process::id()),
             "{comm}: {before:?}"
         );
-        burn(Duration::from_millis(300));
+        burn(Duration::from_millis(100));
         let after = command_cpu(comm, tck);
         let used = command_diff(&before, &after);
-        assert!(used >= Duration::from_millis(20), "{used:?}");
+        assert!(used >= Duration::from_millis(100), "{used:?}");
         assert!(command_cpu("no-such-comm", tck).is_empty());
         // A process that started in between counts from zero; one that
         // ended is not counted.

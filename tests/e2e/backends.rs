@@ -19,16 +19,19 @@ async fn a_flushed_redis_loses_nothing() {
     let (alice, _ea) = register(server.client_config(), &name("alice")).await;
     let (bob, _eb) = register(server.client_config(), &name("bob")).await;
     let conversation = befriend(&alice, &bob).await;
-    let bob_token = bob.identity().token;
+    let bob_identity = bob.identity();
     bob.close();
     let ack = alice
         .send_text(conversation, "survives the flush")
         .await
         .unwrap();
+    // Queued for him first, so the flush takes it away.
+    backend.wait_queued(bob_identity.user_id, 1).await;
 
     // Redis keeps nothing on disk: a restart is a flush. Empty this
     // server's keys (FLUSHALL would also wipe parallel tests' keys).
     backend.flush_redis().await;
+    let bob_token = bob_identity.token;
 
     let (bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
         .await

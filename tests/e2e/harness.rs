@@ -140,6 +140,44 @@ impl Backend {
         let _ = cleaner.join();
     }
 
+    /// A guard that calls [`clean_up`](Self::clean_up) when dropped, for
+    /// tests that run servers of their own on this backend: it runs even
+    /// when the test fails.
+    pub fn cleaned_up_on_drop(&self) -> impl Drop + '_ {
+        struct Guard<'a>(&'a Backend);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                self.0.clean_up();
+            }
+        }
+        Guard(self)
+    }
+
+    /// Waits until `user`'s Redis unread queue holds `n` messages (the
+    /// committer's cache updater pushes them a moment after the ack).
+    pub async fn wait_queued(&self, user: u64, n: usize) {
+        let Backend::Production(p) = self else { return };
+        use chat_server::store::InboxStore;
+        use chat_server::store::redis::RedisStore;
+        let store = RedisStore::connect(&p.redis_url, &p.redis_prefix)
+            .await
+            .expect("redis");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while store
+            .pending(user, n + 1)
+            .await
+            .expect("read the queue")
+            .len()
+            != n
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "user {user}'s queue never held {n} messages"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Empties this backend's Redis keys, as a Redis restart (it keeps
     /// nothing on disk) or FLUSHALL would, without touching other tests.
     pub async fn flush_redis(&self) {

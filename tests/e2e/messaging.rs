@@ -490,6 +490,7 @@ each_backend! {
     }
 
     async fn acked_messages_survive_a_killed_server(backend: Backend) {
+        let _clean_up = backend.cleaned_up_on_drop();
         let dir = tempfile::tempdir().unwrap();
         let server = ChildServer::start_on(&backend, dir.path(), 0).await;
         let (alice, _ea, conversation, bob_token, acked) =
@@ -514,7 +515,6 @@ each_backend! {
             .unwrap();
         assert_eq!(page.messages.len(), 50);
         server.kill().await;
-        backend.clean_up();
     }
 
     async fn a_dropped_connection_mid_burst_loses_and_duplicates_nothing(backend: Backend) {
@@ -600,7 +600,8 @@ each_backend! {
             (26..=30).map(|i| format!("b{i}")).collect::<Vec<_>>()
         );
         assert!(!forward.has_more);
-        // Page sizes are capped by the server.
+        // A page size beyond the server's cap is not an error (the cap
+        // itself: history_pages_are_capped_at_the_protocol_page_size).
         let capped = alice
             .history(with_bob, HistoryDirection::Forward, 0, 1_000_000)
             .await
@@ -725,6 +726,45 @@ async fn long_texts(n: u64) -> (TestServer, (Client, Events), (Client, Events), 
 }
 
 #[tokio::test]
+async fn history_pages_are_capped_at_the_protocol_page_size() {
+    let max = chat_protocol::limits::MAX_PAGE_SIZE as usize;
+    let server = TestServer::start_with(|c| {
+        c.limits.send_rate = 0;
+        c.limits.send_burst = 0;
+    })
+    .await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let sends: Vec<_> = (0..max + 5)
+        .map(|i| {
+            let alice = alice.clone();
+            tokio::spawn(async move { alice.send_text(conversation, &i.to_string()).await })
+        })
+        .collect();
+    for send in sends {
+        send.await.unwrap().unwrap();
+    }
+    let page = bob
+        .history(conversation, HistoryDirection::Forward, 0, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), max);
+    assert!(page.has_more);
+    let rest = bob
+        .history(
+            conversation,
+            HistoryDirection::Forward,
+            page.messages[max - 1].seq,
+            1_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(rest.messages.len(), 5);
+    assert!(!rest.has_more);
+}
+
+#[tokio::test]
 async fn history_pages_of_long_texts_fit_in_a_frame_and_page_on() {
     // 40 texts of 15,000 bytes: one page of them would be ~600 KB, ten
     // times the 64 KiB frame limit; the server hands them out in pages
@@ -737,11 +777,13 @@ async fn history_pages_of_long_texts_fit_in_a_frame_and_page_on() {
 
     let mut seqs = Vec::new();
     let mut cursor = 0;
+    let mut backward_pages = 0;
     loop {
         let page = bob
             .history(conversation, HistoryDirection::Backward, cursor, 200)
             .await
             .unwrap();
+        backward_pages += 1;
         assert!(!page.messages.is_empty(), "a page always moves on");
         let encoded = prost::Message::encoded_len(&page);
         assert!(encoded <= max, "page of {encoded} bytes over {max}");
@@ -753,7 +795,10 @@ async fn history_pages_of_long_texts_fit_in_a_frame_and_page_on() {
         assert!(seqs.len() < N as usize, "has_more past the first message");
     }
     assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
-    assert!(seqs.len() > 4, "more than one page was needed");
+    assert!(
+        backward_pages > 4,
+        "{backward_pages} pages: they must fit a frame"
+    );
 
     let mut seqs = Vec::new();
     let mut cursor = 0;

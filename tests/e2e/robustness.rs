@@ -235,10 +235,18 @@ async fn silent_connections_are_closed_after_the_auth_timeout() {
     let raw = Raw::connect(&server).await;
     assert_eq!(raw.close_code().await, ErrorCode::Timeout);
     // Authenticated connections are not affected by the auth timeout (2 s
-    // leaves room for an Argon2 registration on a busy machine).
-    let (client, _e) = register(server.client_config(), &name("alice")).await;
+    // leaves room for an Argon2 registration on a busy machine). A raw
+    // connection: client-lib would reconnect and hide a close.
+    let (raw, mut send, mut recv) = Raw::authenticated(&server).await;
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert!(client.friends().await.is_ok());
+    let list = Frame::new(5, Body::ListFriends(proto::ListFriends {}));
+    send.write_all(&frames(&[list])).await.unwrap();
+    let reply = next_frame(&mut recv, &mut BytesMut::new()).await;
+    assert!(matches!(reply.body, Some(Body::FriendList(_))), "{reply:?}");
+    assert!(
+        raw.conn.close_reason().is_none(),
+        "still the same connection"
+    );
 }
 
 #[tokio::test]
@@ -575,8 +583,10 @@ async fn a_node_that_drops_every_connection_after_login_sees_the_client_back_off
         .expect("registered with the fake server");
     let accepted = count.await.unwrap();
     client.close();
+    // At least one reconnect however busy the machine (without backoff
+    // there would be dozens).
     assert!(
-        accepted >= 3,
+        accepted >= 2,
         "the client reconnects: {accepted} connections"
     );
     assert!(accepted < 10, "{accepted} connections in 3 s: no backoff");
@@ -1434,7 +1444,10 @@ async fn a_server_cannot_ask_for_heartbeats_more_than_once_a_second() {
         .await
         .expect("registered with the fake server");
     let heartbeats = serve.await.unwrap();
-    assert!(heartbeats <= 4, "{heartbeats} heartbeats in 3 s");
+    assert!(
+        (1..=4).contains(&heartbeats),
+        "{heartbeats} heartbeats in 3 s"
+    );
     client.close();
 }
 

@@ -2573,18 +2573,9 @@ mod tests {
         started.elapsed()
     }
 
-    #[tokio::test]
-    async fn back_to_back_commits_are_paced() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        const SENDS: u32 = 40;
-        let elapsed = back_to_back_sends(&store, SENDS).await;
-        assert!(
-            elapsed >= MIN_COMMIT_GAP * (SENDS - 1),
-            "{SENDS} commits in {elapsed:?}"
-        );
-    }
-
+    /// Pacing, shown with a gap far above a commit's own time (the default
+    /// 1 ms is less than an `fdatasync` here, so a test with it could not
+    /// tell pacing from syncing).
     #[tokio::test]
     async fn the_commit_gap_is_configurable() {
         let dir = tempfile::tempdir().unwrap();

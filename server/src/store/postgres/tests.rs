@@ -143,14 +143,26 @@ where
         return;
     };
     let store = Arc::new(store);
+    let schema = store.schema().map(str::to_owned);
     let outcome = tokio::spawn(check(store.clone())).await;
-    match Arc::into_inner(store) {
-        Some(store) => drop_store(store).await,
-        None => panic!("a task of the check still holds the store"),
-    }
+    // The schema goes whatever happened: a failed check may leave tasks of
+    // its own holding the store (their connections end with the schema).
+    let leftover = match Arc::into_inner(store) {
+        Some(store) => {
+            drop_store(store).await;
+            false
+        }
+        None => {
+            if let Some(schema) = &schema {
+                drop_schema(schema).await;
+            }
+            true
+        }
+    };
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }
+    assert!(!leftover, "a task of the check still holds the store");
 }
 
 async fn user(store: &impl HistoryStore, name: &str) -> UserId {
