@@ -167,12 +167,19 @@ impl FrameReader {
     }
 }
 
+/// Bytes a peer must take within `write-stall` while writes wait on it.
+/// One byte used to be enough to start the timer over, so a client
+/// granting a few bytes of credit a minute held a catch-up page (megabytes)
+/// for as long as it liked.
+const STALL_PROGRESS: usize = 16 * 1024;
+
 /// Writes every chunk to `send`. False if the stream failed, or if the
-/// peer took no byte for `stall` while data was waiting: then the
-/// connection is closed with SLOW_CONSUMER (what a full queue does), so a
-/// client that stops reading a stream cannot hold its writer, and the
-/// frames it holds, for the life of the connection. The timer is set only
-/// when a write has to wait.
+/// peer took less than [`STALL_PROGRESS`] bytes in `stall` while data was
+/// waiting: then the connection is closed with SLOW_CONSUMER (what a full
+/// queue does), so a client that stops reading a stream, or reads it a
+/// trickle at a time, cannot hold its writer, and the frames it holds, for
+/// the life of the connection. The timer is set only when a write has to
+/// wait, and a write that does not wait clears it.
 ///
 /// Boxed: the writers are tasks that live as long as their connection,
 /// and inline, this future's state (the write, its error, the timer)
@@ -186,28 +193,47 @@ pub fn write_all_or_stall<'a>(
 ) -> Pin<Box<impl Future<Output = bool> + Send + 'a>> {
     Box::pin(async move {
         let mut chunks = chunks;
+        // While writes wait: when the peer must have taken STALL_PROGRESS
+        // bytes by, and how many it has taken since the timer started.
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut progress = 0;
         while !chunks.is_empty() {
             let written = {
                 let mut write = std::pin::pin!(send.write_chunks(chunks));
                 let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
                 match first {
-                    Poll::Ready(result) => result,
-                    Poll::Pending => match tokio::time::timeout(stall, write).await {
-                        Ok(result) => result,
-                        Err(_) => {
-                            metrics.error(ErrorCode::SlowConsumer);
-                            close(
-                                conn,
-                                ErrorCode::SlowConsumer,
-                                "client reads too slowly; reconnect",
-                            );
-                            return false;
+                    Poll::Ready(result) => {
+                        deadline = None;
+                        progress = 0;
+                        result
+                    }
+                    Poll::Pending => {
+                        let until =
+                            *deadline.get_or_insert_with(|| tokio::time::Instant::now() + stall);
+                        match tokio::time::timeout_at(until, write).await {
+                            Ok(result) => result,
+                            Err(_) => {
+                                metrics.error(ErrorCode::SlowConsumer);
+                                close(
+                                    conn,
+                                    ErrorCode::SlowConsumer,
+                                    "client reads too slowly; reconnect",
+                                );
+                                return false;
+                            }
                         }
-                    },
+                    }
                 }
             };
             match written {
-                Ok(written) => chunks = &mut chunks[written.chunks..],
+                Ok(written) => {
+                    chunks = &mut chunks[written.chunks..];
+                    progress += written.bytes;
+                    if progress >= STALL_PROGRESS {
+                        deadline = None;
+                        progress = 0;
+                    }
+                }
                 Err(_) => return false,
             }
         }

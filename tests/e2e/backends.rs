@@ -459,7 +459,7 @@ async fn a_member_removed_while_offline_is_told_once_and_their_queue_then_droppe
     use chat_server::store::InboxStore as _;
     // Queued after the acks, by the node's cache updater.
     wait_until("three messages queued for bob", || async {
-        inbox.pending(bob_id, 100).await.unwrap().len() == 3
+        inbox.pending(bob_id, 100).await.unwrap().unwrap().len() == 3
     })
     .await;
     owner.remove_member(group, bob_id).await.unwrap();
@@ -485,7 +485,12 @@ async fn a_member_removed_while_offline_is_told_once_and_their_queue_then_droppe
     })
     .await;
     wait_until("the ack emptied bob's queue", || async {
-        inbox.pending(bob_id, 100).await.unwrap().is_empty()
+        inbox
+            .pending(bob_id, 100)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_empty()
     })
     .await;
     bob.close();
@@ -496,12 +501,17 @@ async fn a_member_removed_while_offline_is_told_once_and_their_queue_then_droppe
         .push(vec![(bob_id, std::sync::Arc::new(leftover))])
         .await
         .unwrap();
-    assert_eq!(inbox.pending(bob_id, 100).await.unwrap().len(), 1);
+    assert_eq!(inbox.pending(bob_id, 100).await.unwrap().unwrap().len(), 1);
     let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
         .await
         .unwrap();
     wait_until("bob's stale queue dropped", || async {
-        inbox.pending(bob_id, 100).await.unwrap().is_empty()
+        inbox
+            .pending(bob_id, 100)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_empty()
     })
     .await;
     owner.send_text(direct, "still friends").await.unwrap();

@@ -163,13 +163,8 @@ impl Backend {
             .await
             .expect("redis");
         let deadline = tokio::time::Instant::now() + WAIT;
-        while store
-            .pending(user, n + 1)
-            .await
-            .expect("read the queue")
-            .len()
-            != n
-        {
+        let queued = |pending: Option<Vec<_>>| pending.map_or(usize::MAX, |q| q.len());
+        while queued(store.pending(user, n).await.expect("read the queue")) != n {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "user {user}'s queue never held {n} messages"

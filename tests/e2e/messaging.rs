@@ -58,6 +58,46 @@ async fn alice_sends_to_offline_bob(
 }
 
 each_backend! {
+    async fn a_long_backlog_arrives_in_order_and_once(backend: Backend) {
+        // More than a catch-up page (256) many times over, and, with Redis,
+        // more than a catch-up takes from the unread queues (2,000): the
+        // node pages through history instead.
+        const N: usize = 2_100;
+        let server = TestServer::start_on_with(backend.clone(), |c| {
+            c.limits.send_rate = 0;
+            c.limits.send_burst = 0;
+        })
+        .await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let bob_identity = bob.identity();
+        bob.close();
+        // In rounds below the client's outbox limit.
+        let mut acked = Vec::with_capacity(N);
+        for round in (0..N).collect::<Vec<_>>().chunks(500) {
+            let sends: Vec<_> = round
+                .iter()
+                .map(|&i| {
+                    let alice = alice.clone();
+                    tokio::spawn(async move { alice.send_text(conversation, &format!("{i}")).await })
+                })
+                .collect();
+            for send in sends {
+                acked.push(send.await.unwrap().unwrap().seq);
+            }
+        }
+        acked.sort_unstable();
+        backend.wait_queued(bob_identity.user_id, N).await;
+
+        let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_identity.token)
+            .await
+            .unwrap();
+        let got: Vec<u64> = messages(&mut bob_events, N).await.iter().map(|m| m.seq).collect();
+        assert_eq!(got, acked, "every message, in order");
+        assert_no_message(&mut bob_events, Duration::from_millis(500)).await;
+    }
+
     async fn a_send_shows_on_the_senders_other_devices(backend: Backend) {
         // Alice on a phone and a laptop: what she sends from the phone
         // appears on the laptop as it is sent (not on the phone, which has

@@ -343,7 +343,7 @@ impl InboxStore for Instrumented<dyn InboxStore> {
         &self,
         user: UserId,
         limit: usize,
-    ) -> Result<Vec<Arc<proto::Message>>, StoreError> {
+    ) -> Result<Option<Vec<Arc<proto::Message>>>, StoreError> {
         timed!(self, "inbox_pending", self.inner.pending(user, limit))
     }
 

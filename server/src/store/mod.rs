@@ -680,13 +680,15 @@ pub trait InboxStore: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
     /// Queues stored messages for recipients (pipelined, one round trip).
     async fn push(&self, entries: Vec<(UserId, Arc<proto::Message>)>) -> Result<(), StoreError>;
-    /// The user's queued messages, in (conversation, seq) order; at most
-    /// `limit`.
+    /// The user's queued messages, in (conversation, seq) order; `None`
+    /// when more than `limit` are queued, without reading them (catch-up
+    /// then reads history, so a user back to many long queues costs a
+    /// count, not their contents).
     async fn pending(
         &self,
         user: UserId,
         limit: usize,
-    ) -> Result<Vec<Arc<proto::Message>>, StoreError>;
+    ) -> Result<Option<Vec<Arc<proto::Message>>>, StoreError>;
     /// Drops, per (user, conversation), everything up to the seq.
     async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError>;
 }

@@ -216,7 +216,7 @@ impl InboxStore for RedisStore {
         &self,
         user: UserId,
         limit: usize,
-    ) -> Result<Vec<Arc<proto::Message>>, StoreError> {
+    ) -> Result<Option<Vec<Arc<proto::Message>>>, StoreError> {
         let mut conn = self.conn.clone();
         let mut conversations: Vec<u64> = conn
             .smembers(self.inbox_index_key(user))
@@ -224,27 +224,35 @@ impl InboxStore for RedisStore {
             .map_err(unavailable)?;
         conversations.sort_unstable();
         if conversations.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         }
+        // Sizes first: reading up to `limit` from every queue held up to
+        // (conversations x limit) messages in memory for one reconnect.
         let mut pipe = ::redis::pipe();
         for conversation in &conversations {
-            // One more than the limit tells the caller the queue overflowed.
-            pipe.zrange(self.inbox_key(user, *conversation), 0, limit as isize);
+            pipe.zcard(self.inbox_key(user, *conversation));
         }
-        let queues: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        let mut out = Vec::new();
-        for queue in queues {
-            for bytes in queue {
-                let message = decode(&bytes).ok_or_else(|| {
-                    StoreError::Internal("undecodable message in a redis inbox".into())
-                })?;
-                out.push(message);
-                if out.len() > limit {
-                    return Ok(out);
-                }
+        let sizes: Vec<usize> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        if sizes.iter().sum::<usize>() > limit {
+            return Ok(None);
+        }
+        let mut pipe = ::redis::pipe();
+        for (conversation, &size) in conversations.iter().zip(&sizes) {
+            // As many as counted (pushes since then come live, or with
+            // the next catch-up), so the total stays within `limit`.
+            if size > 0 {
+                pipe.zrange(self.inbox_key(user, *conversation), 0, size as isize - 1);
             }
         }
-        Ok(out)
+        let queues: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let mut out = Vec::with_capacity(sizes.iter().sum());
+        for bytes in queues.into_iter().flatten() {
+            let message = decode(&bytes).ok_or_else(|| {
+                StoreError::Internal("undecodable message in a redis inbox".into())
+            })?;
+            out.push(message);
+        }
+        Ok(Some(out))
     }
 
     async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError> {
@@ -455,25 +463,32 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            seqs(&store.pending(5, 100).await.unwrap()),
+            seqs(&store.pending(5, 100).await.unwrap().unwrap()),
             vec![(10, 1), (20, 1), (20, 2)]
         );
-        assert_eq!(seqs(&store.pending(6, 100).await.unwrap()), vec![(10, 1)]);
-        assert_eq!(store.pending(5, 100).await.unwrap()[0].text, "m1");
-        // The limit returns one more than asked so callers see overflow.
-        assert_eq!(store.pending(5, 1).await.unwrap().len(), 2);
-        store.ack(vec![(5, 20, 1), (5, 10, 5)]).await.unwrap();
-        assert_eq!(seqs(&store.pending(5, 100).await.unwrap()), vec![(20, 2)]);
-        store.ack(vec![(5, 20, 2)]).await.unwrap();
-        assert!(store.pending(5, 100).await.unwrap().is_empty());
         assert_eq!(
-            seqs(&store.pending(6, 100).await.unwrap()),
+            seqs(&store.pending(6, 100).await.unwrap().unwrap()),
+            vec![(10, 1)]
+        );
+        assert_eq!(store.pending(5, 100).await.unwrap().unwrap()[0].text, "m1");
+        // Past the limit nothing is read, and the caller is told.
+        assert!(store.pending(5, 2).await.unwrap().is_none());
+        assert_eq!(store.pending(5, 3).await.unwrap().unwrap().len(), 3);
+        store.ack(vec![(5, 20, 1), (5, 10, 5)]).await.unwrap();
+        assert_eq!(
+            seqs(&store.pending(5, 100).await.unwrap().unwrap()),
+            vec![(20, 2)]
+        );
+        store.ack(vec![(5, 20, 2)]).await.unwrap();
+        assert!(store.pending(5, 100).await.unwrap().unwrap().is_empty());
+        assert_eq!(
+            seqs(&store.pending(6, 100).await.unwrap().unwrap()),
             vec![(10, 1)],
             "other users untouched"
         );
         delete_prefix(&store, store.prefix()).await;
         assert!(
-            store.pending(6, 100).await.unwrap().is_empty(),
+            store.pending(6, 100).await.unwrap().unwrap().is_empty(),
             "a flush empties the queue"
         );
     }
@@ -489,7 +504,7 @@ mod tests {
         let n = INBOX_QUEUE_CAP as u64 + 10;
         let entries: Vec<_> = (1..=n).map(|seq| (5, message(10, seq))).collect();
         InboxStore::push(&store, entries).await.unwrap();
-        let queued = store.pending(5, 10_000).await.unwrap();
+        let queued = store.pending(5, 10_000).await.unwrap().unwrap();
         assert_eq!(queued.len(), INBOX_QUEUE_CAP as usize);
         assert_eq!(queued[0].seq, 11, "the newest are kept");
         RecentCache::push(&store, &[message(10, 1)]).await;

@@ -390,7 +390,10 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
         }
     };
     let queued = match inbox.pending(user, INBOX_CATCH_UP_LIMIT).await {
-        Ok(queued) => queued,
+        Ok(Some(queued)) => queued,
+        // More than a catch-up takes from the queue: history pages through
+        // it instead, and the acks trim the queues as they come.
+        Ok(None) => return None,
         Err(e) => {
             tracing::warn!(error = %e, "inbox read failed; catching up from history");
             return None;
@@ -408,7 +411,6 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
     // Dropping a live one is safe: the session has it queued too, and a
     // queue that then disagrees with history costs a history read, not a
     // message.
-    let overflowed = queued.len() > INBOX_CATCH_UP_LIMIT;
     let mut stale: HashMap<u64, u64> = HashMap::new();
     let mut out: Vec<Arc<proto::Message>> = Vec::with_capacity(queued.len());
     let mut counts: HashMap<u64, u64> = HashMap::new();
@@ -442,9 +444,6 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
                 tracing::debug!(error = %e, "dropping stale inbox entries failed");
             }
         });
-    }
-    if overflowed {
-        return None;
     }
     let complete = ranges.iter().all(|r| {
         counts.get(&r.conversation_id).copied().unwrap_or(0) == r.last_seq - r.delivered_seq
