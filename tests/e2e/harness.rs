@@ -312,6 +312,25 @@ pub fn client_config(addr: SocketAddr, ca: &Path) -> ClientConfig {
     config
 }
 
+/// The `chat-server` binary as a command, without the developer's `CHAT_`
+/// settings (the server reads its flags from them too, so a shell that
+/// set, say, `CHAT_REDIS_PREFIX` would make child servers share keys).
+/// The test settings `CHAT_TEST_*` and `CHAT_REQUIRE_BACKENDS` are not the
+/// server's and stay.
+pub fn server_command() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-e2e-server"));
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CHAT_")
+            && !key.starts_with("CHAT_TEST_")
+            && key != "CHAT_REQUIRE_BACKENDS"
+        {
+            command.env_remove(&*key);
+        }
+    }
+    command
+}
+
 /// A `chat-server` child process (the real binary), for tests that kill it.
 pub struct ChildServer {
     child: tokio::process::Child,
@@ -324,7 +343,7 @@ pub struct ChildServer {
 impl ChildServer {
     /// Starts the binary on `backend`, `data_dir` and `port` (0: any).
     pub async fn start_on(backend: &Backend, data_dir: &Path, port: u16) -> ChildServer {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-e2e-server"))
+        let mut child = server_command()
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")

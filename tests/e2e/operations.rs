@@ -539,7 +539,7 @@ async fn rate_limited_sends_are_retried_in_order_and_others_are_unaffected() {
 
 #[tokio::test]
 async fn the_binary_names_both_settings_of_a_contradiction() {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-e2e-server"))
+    let output = server_command()
         .args(["--keep-alive-interval", "60s", "--idle-timeout", "30s"])
         .output()
         .await
@@ -550,7 +550,7 @@ async fn the_binary_names_both_settings_of_a_contradiction() {
         stderr.contains("keep-alive-interval (1m)") && stderr.contains("idle-timeout (30s)"),
         "{stderr}"
     );
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-e2e-server"))
+    let output = server_command()
         .args(["--print-config", "--congestion-controller", "bbr"])
         .output()
         .await
