@@ -119,7 +119,9 @@ pub(crate) struct Inner {
     next_request_id: AtomicU64,
     outbox: Mutex<Outbox>,
     /// Highest seq handed to the app per conversation (deduplication).
-    delivered: Mutex<Delivered>,
+    /// An async lock, held while the message is handed over: see
+    /// [`Inner::hand_over`].
+    delivered: tokio::sync::Mutex<Delivered>,
     closed: AtomicBool,
     reconnect: Notify,
     connected: watch::Sender<bool>,
@@ -161,11 +163,20 @@ impl Inner {
                 .holds(message.conversation_id, &message.client_msg_id)
     }
 
-    pub(crate) fn first_delivery(&self, conversation_id: u64, seq: u64) -> bool {
-        self.delivered
-            .lock()
-            .expect("delivered lock")
-            .first(conversation_id, seq)
+    /// Hands a delivered message to the app unless it already has it (a
+    /// redelivery) or it is the echo of this device's own send still in
+    /// the outbox. The check and the hand-over happen under one lock: two
+    /// readers (a connection being replaced and its successor) could
+    /// otherwise each pass the check and then reach the app in the other
+    /// order, seq n+1 before n. Waiting on a slow app here is the
+    /// backpressure that keeps the client from buffering without bound.
+    pub(crate) async fn hand_over(&self, message: proto::Message) {
+        let mut delivered = self.delivered.lock().await;
+        if delivered.first(message.conversation_id, message.seq) && !self.own_unanswered(&message) {
+            // An app that dropped its event stream still gets acks sent,
+            // so the server does not resend forever.
+            let _ = self.events.send(Event::Message(message)).await;
+        }
     }
 
     /// Routes the answer to a request waiting in `pending`. A conversation's
@@ -419,7 +430,7 @@ impl Client {
             pending: Mutex::new(HashMap::new()),
             next_request_id: AtomicU64::new(1),
             outbox: Mutex::new(Outbox::new(config.outbox_limit)),
-            delivered: Mutex::new(Delivered::default()),
+            delivered: tokio::sync::Mutex::new(Delivered::default()),
             closed: AtomicBool::new(false),
             reconnect: Notify::new(),
             connected: watch::channel(false).0,

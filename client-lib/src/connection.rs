@@ -343,17 +343,11 @@ async fn read_loop(
                 message: Some(message),
             })) => {
                 let (conversation_id, seq) = (message.conversation_id, message.seq);
-                // The echo of this device's own send, the first attempt of
-                // one whose answer died with an earlier connection: the app
-                // has it in its outbox, and its ack follows on this stream.
-                if inner.first_delivery(conversation_id, seq) && !inner.own_unanswered(&message) {
-                    // Waiting here is the backpressure that keeps a slow app
-                    // from buffering without bound.
-                    if inner.events.send(Event::Message(message)).await.is_err() {
-                        // The app dropped its event stream; still ack so the
-                        // server does not resend forever.
-                    }
-                }
+                // Not an echo of this device's own send (the first attempt
+                // of one whose answer died with an earlier connection: the
+                // app has it in its outbox, and its ack follows on this
+                // stream), nor a redelivery.
+                inner.hand_over(message).await;
                 if let Some(acks) = &acks {
                     // Waits while the writer cannot send acks (the server
                     // does not read them): reading stops, and flow control
