@@ -123,9 +123,17 @@ impl Codec {
         }
         buf.advance(prefix_len);
         let body = buf.split_to(len).freeze();
-        let frame = match self.for_server.then(|| server_body(&body)).flatten() {
-            Some((request_id, field)) => emptied(request_id, field),
-            None => Frame::decode(body),
+        let scanned = if self.for_server {
+            scan(&body)
+        } else {
+            Scan::Decode
+        };
+        let frame = match scanned {
+            Scan::Decode => Frame::decode(body),
+            Scan::ServerBody(request_id, field) => emptied(request_id, field),
+            Scan::Refuse => {
+                return Err(FrameError::Malformed("a field no client frame has".into()));
+            }
         }
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
         if frame.body.is_none() {
@@ -187,44 +195,80 @@ pub fn encode_to(frame: &Frame, dst: &mut impl BufMut) {
         .expect("buffer has room for the frame");
 }
 
-/// If the encoded `Frame` in `bytes` has a body only servers send: its
-/// request id and the body's field number. `None` for anything else,
-/// including bytes that are not a valid encoding (the full decode then
-/// says what is wrong). Walks the top-level fields without decoding them.
-fn server_body(mut bytes: &[u8]) -> Option<(u64, u32)> {
+/// What a server's codec makes of a frame's top-level fields before
+/// decoding it.
+enum Scan {
+    /// No body only servers send: decode it whole.
+    Decode,
+    /// A body only servers send (the request id, the body's field number):
+    /// decode it empty.
+    ServerBody(u64, u32),
+    /// Fields no client sends (groups, a request id that is not a
+    /// varint): refuse it, since a full decode skips them and could hide a
+    /// server body behind them.
+    Refuse,
+}
+
+/// Walks the top-level fields of the encoded `Frame` in `bytes` without
+/// decoding any. A server body anywhere among them counts, whatever comes
+/// after it: a full decode builds every body field it meets (and keeps the
+/// last), so one followed by a client's body or an unknown field would
+/// still be built. Bytes that are not a valid encoding scan as `Decode`,
+/// and the full decode says what is wrong.
+fn scan(mut bytes: &[u8]) -> Scan {
     let mut request_id = 0;
-    let mut body = None;
+    let mut server_body = None;
     while !bytes.is_empty() {
-        let (key, n) = peek_varint(bytes).ok()??;
+        let Ok(Some((key, n))) = peek_varint(bytes) else {
+            return Scan::Decode;
+        };
         bytes = &bytes[n..];
-        let field = u32::try_from(key >> 3).ok()?;
-        match key & 7 {
-            // Varint.
-            0 => {
-                let (value, n) = peek_varint(bytes).ok()??;
-                bytes = &bytes[n..];
-                if field == 1 {
-                    request_id = value;
-                }
-            }
-            // 64-bit and 32-bit.
-            1 => bytes = bytes.get(8..)?,
-            5 => bytes = bytes.get(4..)?,
-            // Length-delimited: a body (the last one counts, as in a full
-            // decode).
-            2 => {
-                let (len, n) = peek_varint(bytes).ok()??;
-                let end = n.checked_add(usize::try_from(len).ok()?)?;
-                bytes = bytes.get(end..)?;
-                if (2..).contains(&field) {
-                    body = Some(field);
-                }
-            }
-            _ => return None,
+        let Ok(field) = u32::try_from(key >> 3) else {
+            return Scan::Decode;
+        };
+        let wire_type = key & 7;
+        if field == 1 && wire_type != 0 {
+            return Scan::Refuse;
         }
+        let rest = match wire_type {
+            // Varint.
+            0 => match peek_varint(bytes) {
+                Ok(Some((value, n))) => {
+                    if field == 1 {
+                        request_id = value;
+                    }
+                    bytes.get(n..)
+                }
+                _ => None,
+            },
+            // 64-bit and 32-bit.
+            1 => bytes.get(8..),
+            5 => bytes.get(4..),
+            // Length-delimited: bodies (and unknown fields).
+            2 => match peek_varint(bytes) {
+                Ok(Some((len, n))) => {
+                    if SERVER_BODY_FIELDS.contains(&field) {
+                        server_body = Some(field);
+                    }
+                    usize::try_from(len)
+                        .ok()
+                        .and_then(|len| n.checked_add(len))
+                        .and_then(|end| bytes.get(end..))
+                }
+                _ => None,
+            },
+            // Groups (3, 4) and invalid wire types.
+            _ => return Scan::Refuse,
+        };
+        let Some(rest) = rest else {
+            return Scan::Decode;
+        };
+        bytes = rest;
     }
-    let field = body.filter(|f| SERVER_BODY_FIELDS.contains(f))?;
-    Some((request_id, field))
+    match server_body {
+        Some(field) => Scan::ServerBody(request_id, field),
+        None => Scan::Decode,
+    }
 }
 
 /// A frame with `request_id` and the empty body of field `field`.
@@ -335,6 +379,43 @@ mod tests {
                 false => assert_eq!(decoded, frame),
                 true => assert_eq!(decoded.request_id, frame.request_id),
             }
+        }
+        // Followed by anything (a client's body, an unknown field), a
+        // server body is still not built; groups, which a full decode would
+        // skip, are refused.
+        let framed = |body: &[u8]| {
+            let mut wire = Vec::new();
+            put_varint(body.len() as u64, &mut wire);
+            wire.extend_from_slice(body);
+            BytesMut::from(&wire[..])
+        };
+        // ListFriends (24), and an unknown field 1000, both empty.
+        let trailers: [&[u8]; 2] = [&[0xc2, 0x01, 0x00], &[0xc2, 0x3e, 0x00]];
+        for trailer in trailers {
+            let mut body = Vec::new();
+            list.encode(&mut body).unwrap();
+            body.extend_from_slice(trailer);
+            let frame = server.decode(&mut framed(&body)).unwrap().unwrap();
+            assert_eq!(frame.request_id, 77);
+            assert!(
+                frame.body.as_ref().is_some_and(|b| b.is_from_server()),
+                "{:?}",
+                frame.body.as_ref().map(|b| b.name())
+            );
+            assert!(
+                !matches!(&frame.body, Some(Body::ConversationList(l)) if !l.conversations.is_empty())
+            );
+        }
+        for refused in [
+            // A group (field 1000) after the request id.
+            &[0x08, 0x05, 0xc3, 0x3e, 0xc4, 0x3e][..],
+            // A request id that is not a varint.
+            &[0x0a, 0x00][..],
+        ] {
+            assert!(matches!(
+                server.decode(&mut framed(refused)),
+                Err(FrameError::Malformed(_))
+            ));
         }
         // Broken encodings still fail as malformed.
         let mut bad = BytesMut::from(&[3u8, 0x9a, 0x02, 0x05][..]);

@@ -124,6 +124,13 @@ impl DevCerts {
         }
         match std::fs::rename(&staged, dir) {
             Ok(()) => Ok(true),
+            Err(_) if std::fs::read_dir(dir).is_ok_and(|mut e| e.next().is_none()) => {
+                // An empty directory that cannot be replaced (a mount
+                // point): the files go into it, none replaced.
+                let _ = std::fs::remove_dir_all(&staged);
+                self.write_files(dir)?;
+                Ok(true)
+            }
             Err(_) if dir.join(SERVER_FILE).exists() => {
                 let _ = std::fs::remove_dir_all(&staged);
                 Ok(false)
@@ -189,7 +196,11 @@ pub fn load_or_create(config: &Config) -> Result<ServerIdentity, CertError> {
     let dir = config.data_dir.join("certs");
     let server = dir.join(SERVER_FILE);
     let names: Vec<String> = DEFAULT_NAMES.iter().map(|s| s.to_string()).collect();
-    if !dir.exists() && DevCerts::generate(&names)?.write_as_dir(&dir)? {
+    // An empty directory (made by hand, or a volume mounted there) counts
+    // as none: the set is renamed onto it, or, where it cannot be (a mount
+    // point), written into it file by file.
+    let empty = std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_none());
+    if (!dir.exists() || empty) && DevCerts::generate(&names)?.write_as_dir(&dir)? {
         tracing::warn!(
             dir = %dir.display(),
             "created a DEVELOPMENT CA and server certificate; clients must trust {}. \
@@ -304,6 +315,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers, vec![std::ffi::OsString::from("certs")]);
+    }
+
+    #[test]
+    fn an_empty_certificate_directory_counts_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("certs")).unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let identity = load_or_create(&config).unwrap();
+        assert_eq!(identity.chain.len(), 1);
     }
 
     #[test]

@@ -200,8 +200,8 @@ struct Overrides {
     /// Longest wait of a receipt to share a packet, e.g. 20ms (0s: none).
     #[arg(long, env = "CHAT_RECEIPT_LINGER", value_parser = humantime::parse_duration)]
     receipt_linger: Option<Duration>,
-    /// Close a connection that takes no byte of pending data for this
-    /// long, e.g. 60s.
+    /// Close a connection that takes less than 16 KiB of pending data in
+    /// this long, e.g. 60s.
     #[arg(long, env = "CHAT_WRITE_STALL", value_parser = humantime::parse_duration)]
     write_stall: Option<Duration>,
     /// Sustained sends per second per user (0: no limit).

@@ -82,13 +82,27 @@ pub struct TlsConfig {
     pub tls_key: Option<PathBuf>,
 }
 
-/// A URL without its password, for logs, errors and `--print-config`.
+/// A backend URL without its password, for logs, errors and
+/// `--print-config`: `scheme://user:***@host` when it has one, and the
+/// `password=` of a key=value Postgres string.
 pub(crate) fn redact_url(url: &str) -> String {
+    if !url.contains("://") {
+        return url
+            .split(' ')
+            .map(|part| match part.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => part.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
         }
         _ => url.to_string(),
     }
@@ -234,8 +248,9 @@ pub struct Transport {
     #[serde(with = "humantime_serde")]
     pub receipt_linger: Duration,
     /// How long a stream's writer waits with data pending while the client
-    /// takes no byte of it (its flow-control window shut) before closing
-    /// the connection with SLOW_CONSUMER.
+    /// takes less than 16 KiB of it (its flow-control window shut, or
+    /// opening a trickle at a time) before closing the connection with
+    /// SLOW_CONSUMER.
     #[serde(with = "humantime_serde")]
     pub write_stall: Duration,
 }
@@ -633,9 +648,19 @@ mod tests {
         assert!(text.contains("postgres://chat:***@db:5432/chat"), "{text}");
         let plain = Config {
             postgres_url: Some("postgres://db/chat".into()),
+            redis_url: Some("redis://cache/0".into()),
             ..Config::default()
         };
         assert!(plain.to_toml().contains("postgres://db/chat"));
+        assert_eq!(
+            redact_url("postgres://chat@db/chat"),
+            "postgres://chat@db/chat",
+            "no password, nothing hidden"
+        );
+        assert_eq!(
+            redact_url("host=db user=chat password=s3cret dbname=chat"),
+            "host=db user=chat password=*** dbname=chat"
+        );
     }
 
     #[test]

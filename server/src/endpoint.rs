@@ -650,19 +650,31 @@ async fn serve_early(
     active: Arc<AtomicUsize>,
     handshake: Slot,
 ) {
-    let metrics = shared.metrics.clone();
     // `done` turns true once the handshake is confirmed; dropped without
-    // that, the session's held frames are never processed.
+    // that, the session's held frames are never processed. The session's
+    // task gets the connection place once there is one, and gives it back
+    // when it ends; this task ends with the handshake.
     let (done, confirmed) = watch::channel(false);
-    let session = tokio::spawn(session::run(shared.clone(), conn.clone(), Some(confirmed)));
+    let (place_tx, place_rx) = tokio::sync::oneshot::channel::<Slot>();
+    tokio::spawn({
+        let (shared, conn) = (shared.clone(), conn.clone());
+        async move {
+            let metrics = shared.metrics.clone();
+            session::run(shared, conn, Some(confirmed)).await;
+            if let Ok(slot) = place_rx.await {
+                metrics.connections_active.decrement(1.0);
+                drop(slot);
+            }
+        }
+    });
     // Resolves when the handshake completes or the connection ends first
     // (its value means nothing on a server).
     let timeout = handshake_timeout(&shared.config.transport);
     let completed = tokio::time::timeout(timeout, accepted).await.is_ok();
     drop(handshake);
     if !completed || conn.close_reason().is_some() {
+        // Counted once, by the session, as the close it sees.
         tracing::debug!(completed, "0-RTT handshake failed");
-        metrics.closed("handshake_failed");
         crate::wire::close(&conn, ErrorCode::Timeout, "handshake not completed in time");
         return;
     }
@@ -670,9 +682,7 @@ async fn serve_early(
         return;
     };
     let _ = done.send(true);
-    let _ = session.await;
-    metrics.connections_active.decrement(1.0);
-    drop(slot);
+    let _ = place_tx.send(slot);
 }
 
 /// A connection place for `conn`, counted as opened; or none, and `conn`

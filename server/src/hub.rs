@@ -18,7 +18,8 @@ use crate::queue::{OutQueue, PushError};
 use crate::store::UserId;
 use crate::wire::{self, Outbound};
 
-/// Frames queued per stream before a client counts as too slow. Sized for
+/// Frames queued on a control or messages stream before a client counts
+/// as too slow (receipts: [`RECEIPTS_QUEUE_CAPACITY`]). Sized for
 /// a burst: a reconnecting user's backlog is streamed by catch-up, not
 /// queued here.
 pub const QUEUE_CAPACITY: usize = 1024;

@@ -264,8 +264,8 @@ async fn linger_for(conn: &quinn::Connection, handle: &SessionHandle, linger: Du
 /// come in bursts), and stops waiting as soon as another writer of the
 /// connection writes: frames handed to quinn together leave in one
 /// datagram, so a receipt then rides in the packet of a SendAck or Deliver
-/// instead of a packet of its own. A client that takes no byte for
-/// `write-stall` is closed. Frames and errors written are counted in
+/// instead of a packet of its own. A client that takes less than 16 KiB
+/// in `write-stall` while writes wait is closed. Frames and errors written are counted in
 /// `metrics` under `kind`. (The settings come by reference: each value
 /// would be kept in every writer task, idle or not.)
 pub async fn write_loop(

@@ -497,15 +497,16 @@ async fn large_groups_send_receipts_only_to_the_senders_they_concern() {
 
 #[tokio::test]
 async fn a_burst_of_receipts_for_one_sender_does_not_close_it() {
-    // Bob reads 1,100 conversations with Sam at once: Sam's receipts for
-    // all of them wait out one linger (long here) on his receipts stream,
-    // more than the 1,024 frames another stream may queue. He reads fine,
-    // so he must not be closed as too slow.
+    // Bob reads 1,100 conversations with Sam at once. The receipts writers
+    // linger a minute here, so Sam's receipts (and Bob's MarkSeen answers)
+    // all wait in their queues until something else is written on the
+    // connection: more than the 1,024 frames a control or messages stream
+    // may queue. Both read fine, so neither may be closed as too slow.
     const GROUPS: usize = 1_100;
     let server = TestServer::start_with(|c| {
         c.limits.send_rate = 0;
         c.limits.send_burst = 0;
-        c.transport.receipt_linger = Duration::from_secs(5);
+        c.transport.receipt_linger = Duration::from_secs(60);
     })
     .await;
     let metrics = server.server.as_ref().unwrap().metrics_addr();
@@ -515,7 +516,7 @@ async fn a_burst_of_receipts_for_one_sender_does_not_close_it() {
     let bob_id = bob.identity().user_id;
 
     // In rounds below the client's outbox limit.
-    let mut groups = HashSet::new();
+    let mut groups = Vec::new();
     for round in (0..GROUPS).collect::<Vec<_>>().chunks(250) {
         let mut tasks = Vec::new();
         for &i in round {
@@ -531,44 +532,43 @@ async fn a_burst_of_receipts_for_one_sender_does_not_close_it() {
             }));
         }
         for task in tasks {
-            groups.insert(task.await.unwrap());
+            groups.push(task.await.unwrap());
         }
     }
-    assert_eq!(groups.len(), GROUPS);
-    // Each group holds its creation and the text; Sam hears they arrived.
+    // Each group holds its creation and the text.
     assert_eq!(
         messages(&mut bob_events, 2 * GROUPS).await.len(),
         2 * GROUPS
     );
-    assert_eq!(
-        receipts_from(&mut sam_events, bob_id, false, GROUPS).await,
-        groups
-    );
 
-    // Bob reads one conversation, and Sam's receipts writer starts its
-    // linger with that receipt; then he reads all the others at once.
+    // One mark first: its receipt (and its answer) start each writer's
+    // linger; then all the others at once, and every seen receipt is
+    // pushed before anything else is written to either connection. (Marks
+    // all at once could find a writer idle with a full batch queued, which
+    // it writes without lingering.)
     let before = value(&scrape(metrics).await, "chat_receipts_total");
-    let mut groups_left = groups.iter().copied();
-    let first = groups_left.next().unwrap();
-    let mut marks = vec![tokio::spawn({
+    let mark = |g: u64| {
         let bob = bob.clone();
-        async move { bob.mark_seen(first, 2).await }
-    })];
+        tokio::spawn(async move { bob.mark_seen(g, 2).await })
+    };
+    let mut marks = vec![mark(groups[0])];
     scrape_until(metrics, "the first seen receipt pushed", |m| {
         value(m, "chat_receipts_total") > before
     })
     .await;
-    for g in groups_left {
-        let bob = bob.clone();
-        marks.push(tokio::spawn(async move { bob.mark_seen(g, 2).await }));
-    }
+    marks.extend(groups[1..].iter().map(|&g| mark(g)));
+    scrape_until(metrics, "a seen receipt for every group pushed", |m| {
+        value(m, "chat_receipts_total") >= before + GROUPS as f64
+    })
+    .await;
+    // A write on another stream of each connection ends the linger.
+    sam.send_text(groups[0], "flush").await.unwrap();
+    bob.send_text(groups[0], "flush").await.unwrap();
     for mark in marks {
         mark.await.unwrap().unwrap();
     }
-    assert_eq!(
-        receipts_from(&mut sam_events, bob_id, true, GROUPS).await,
-        groups
-    );
+    let seen = receipts_from(&mut sam_events, bob_id, true, GROUPS).await;
+    assert_eq!(seen, groups.iter().copied().collect::<HashSet<_>>());
     let m = scrape(metrics).await;
     assert_eq!(value(&m, "chat_errors_total{code=\"SLOW_CONSUMER\"}"), 0.0);
 }

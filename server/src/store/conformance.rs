@@ -37,6 +37,7 @@ macro_rules! history_store_conformance {
             users,
             sessions,
             friend_requests,
+            friend_limits,
             direct_conversations,
             append_assigns_seq_and_is_idempotent,
             append_refuses_non_members_without_failing_the_batch,
@@ -303,6 +304,52 @@ pub async fn friend_requests(store: &impl HistoryStore) {
     store.friend_request(a, b, 9).await.unwrap();
     assert!(store.friend_remove(a, b).await.unwrap());
     assert!(store.friends(b).await.unwrap().incoming.is_empty());
+}
+
+/// `friend_request_within`: friends plus requests sent, and requests
+/// waiting for an answer, stay within the limit; what would not change
+/// anything answers as without one.
+pub async fn friend_limits(store: &impl HistoryStore) {
+    use FriendRequestOutcome::*;
+    let [a, b, c, d, e, f] = [
+        user(store, "alice").await,
+        user(store, "bob").await,
+        user(store, "carol").await,
+        user(store, "dave").await,
+        user(store, "erin").await,
+        user(store, "frank").await,
+    ];
+    let max = 2;
+    let ask = |from, to| store.friend_request_within(from, to, 1, max);
+    // Alice: one friend and one request sent make two.
+    assert_eq!(ask(a, b).await.unwrap(), Requested);
+    assert_eq!(ask(b, a).await.unwrap(), Accepted);
+    assert_eq!(ask(a, c).await.unwrap(), Requested);
+    assert_eq!(ask(a, d).await.unwrap(), AskerFull);
+    // At the limit, a repeat and a request to a friend answer as usual.
+    assert_eq!(ask(a, c).await.unwrap(), AlreadyRequested);
+    assert_eq!(ask(a, b).await.unwrap(), AlreadyFriends);
+    // Accepting by asking back adds a friend: refused at the limit.
+    assert_eq!(ask(d, a).await.unwrap(), Requested);
+    assert_eq!(ask(a, d).await.unwrap(), AskerFull);
+    // Requests waiting for Alice: dave's and erin's, then no more; but
+    // Alice's own request to carol is carol's to accept whatever waits.
+    assert_eq!(ask(e, a).await.unwrap(), Requested);
+    assert_eq!(ask(f, a).await.unwrap(), TargetFull);
+    assert_eq!(ask(c, a).await.unwrap(), Accepted);
+    // Refusals changed nothing.
+    assert_eq!(
+        store.friend_counts(a).await.unwrap(),
+        FriendCounts {
+            friends: 2,
+            incoming: 2,
+            outgoing: 0
+        }
+    );
+    assert_eq!(
+        store.friend_counts(f).await.unwrap(),
+        FriendCounts::default()
+    );
 }
 
 /// One direct conversation per pair, visible to its members only.

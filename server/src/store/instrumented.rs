@@ -104,16 +104,18 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         )
     }
 
-    async fn friend_request(
+    async fn friend_request_within(
         &self,
         from: UserId,
         to: UserId,
         now_ms: i64,
+        max_friends: u64,
     ) -> Result<FriendRequestOutcome, StoreError> {
         timed!(
             self,
             "friend_request",
-            self.inner.friend_request(from, to, now_ms)
+            self.inner
+                .friend_request_within(from, to, now_ms, max_friends)
         )
     }
 
@@ -349,6 +351,14 @@ impl InboxStore for Instrumented<dyn InboxStore> {
 
     async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError> {
         timed!(self, "inbox_ack", self.inner.ack(acks))
+    }
+
+    async fn trim(
+        &self,
+        user: UserId,
+        pending: Vec<(ConversationId, u64)>,
+    ) -> Result<(), StoreError> {
+        timed!(self, "inbox_trim", self.inner.trim(user, pending))
     }
 }
 

@@ -119,6 +119,12 @@ pub enum FriendRequestOutcome {
     Accepted,
     /// We were friends already.
     AlreadyFriends,
+    /// Nothing changed: it would have taken the asker's friends and
+    /// requests sent past the limit.
+    AskerFull,
+    /// Nothing changed: the other user has as many requests waiting for
+    /// their answer as the limit.
+    TargetFull,
 }
 
 /// A user's friends and pending requests.
@@ -481,12 +487,28 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// Revokes a session; true if it existed and was not revoked already.
     async fn revoke_session(&self, token_hash: [u8; 32], now_ms: i64) -> Result<bool, StoreError>;
 
-    /// `from` asks `to` to be friends.
+    /// `from` asks `to` to be friends, with no limit (set-up and tests).
     async fn friend_request(
         &self,
         from: UserId,
         to: UserId,
         now_ms: i64,
+    ) -> Result<FriendRequestOutcome, StoreError> {
+        self.friend_request_within(from, to, now_ms, u64::MAX).await
+    }
+    /// `from` asks `to` to be friends. A new request must leave `from`'s
+    /// friends plus requests sent, and `to`'s requests waiting, within
+    /// `max_friends`; accepting `to`'s request to `from` must leave
+    /// `from`'s friends plus requests sent within it (the other side's
+    /// count does not change). Checked in the change's transaction, so
+    /// racing requests cannot pass together; repeats and requests between
+    /// friends answer as they would without a limit.
+    async fn friend_request_within(
+        &self,
+        from: UserId,
+        to: UserId,
+        now_ms: i64,
+        max_friends: u64,
     ) -> Result<FriendRequestOutcome, StoreError>;
     /// `user` accepts the pending request from `from`. `NotFound` if there
     /// is none.
@@ -691,6 +713,17 @@ pub trait InboxStore: Send + Sync + 'static {
     ) -> Result<Option<Vec<Arc<proto::Message>>>, StoreError>;
     /// Drops, per (user, conversation), everything up to the seq.
     async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError>;
+    /// Drops what no catch-up of `user` will send: entries at or below the
+    /// delivered seq of each conversation in `pending` (conversation,
+    /// delivered), and the whole queue of every other conversation (one
+    /// with nothing pending, such as one the user left). For queues past
+    /// what a catch-up reads, where [`pending`](Self::pending) reads
+    /// nothing to drop them by.
+    async fn trim(
+        &self,
+        user: UserId,
+        pending: Vec<(ConversationId, u64)>,
+    ) -> Result<(), StoreError>;
 }
 
 /// A conversation where a member may have messages to receive: every seq in

@@ -915,13 +915,15 @@ impl HistoryStore for PostgresStore {
         Ok(n > 0)
     }
 
-    async fn friend_request(
+    async fn friend_request_within(
         &self,
         from: UserId,
         to: UserId,
         now_ms: i64,
+        max_friends: u64,
     ) -> Result<FriendRequestOutcome, StoreError> {
         let mut client = self.client().await?;
+        let counts = client.prepare_cached(FRIEND_COUNTS).await.map_err(pg)?;
         let lock = client.prepare_cached(LOCK_PAIR).await.map_err(pg)?;
         let are = client.prepare_cached(ARE_FRIENDS).await.map_err(pg)?;
         let take_reverse = client.prepare_cached(TAKE_REQUEST).await.map_err(pg)?;
@@ -944,12 +946,25 @@ impl HistoryStore for PostgresStore {
             tx.query_one(&are, &pair),
         )
         .map_err(pg)?;
+        // The limits are checked after the change, in its transaction,
+        // which is dropped (rolled back) when one is exceeded.
+        let count = |row: &Row| -> Result<FriendCounts, StoreError> {
+            Ok(FriendCounts {
+                friends: id_col(row, 0)?,
+                incoming: id_col(row, 1)?,
+                outgoing: id_col(row, 2)?,
+            })
+        };
         let outcome = if col::<bool>(&friends, 0)? {
             FriendRequestOutcome::AlreadyFriends
         } else if tx.execute(&take_reverse, &[&to, &from]).await.map_err(pg)? > 0 {
             tx.execute(&befriend, &[&from, &to, &now_ms])
                 .await
                 .map_err(pg)?;
+            let mine = count(&tx.query_one(&counts, &[&from]).await.map_err(pg)?)?;
+            if mine.friends + mine.outgoing > max_friends {
+                return Ok(FriendRequestOutcome::AskerFull);
+            }
             FriendRequestOutcome::Accepted
         } else if tx
             .execute(&request, &[&from, &to, &now_ms])
@@ -957,6 +972,19 @@ impl HistoryStore for PostgresStore {
             .map_err(pg)?
             > 0
         {
+            let (asker, target): ([Param<'_>; 1], [Param<'_>; 1]) = ([&from], [&to]);
+            let (mine, theirs) = tokio::try_join!(
+                tx.query_one(&counts, &asker),
+                tx.query_one(&counts, &target),
+            )
+            .map_err(pg)?;
+            let (mine, theirs) = (count(&mine)?, count(&theirs)?);
+            if mine.friends + mine.outgoing > max_friends {
+                return Ok(FriendRequestOutcome::AskerFull);
+            }
+            if theirs.incoming > max_friends {
+                return Ok(FriendRequestOutcome::TargetFull);
+            }
             FriendRequestOutcome::Requested
         } else {
             FriendRequestOutcome::AlreadyRequested
@@ -1074,14 +1102,7 @@ impl HistoryStore for PostgresStore {
     }
 
     async fn friend_counts(&self, user: UserId) -> Result<FriendCounts, StoreError> {
-        let row = self
-            .one(
-                "SELECT (SELECT count(*) FROM friends WHERE user_id = $1),
-                        (SELECT count(*) FROM friend_requests WHERE to_id = $1),
-                        (SELECT count(*) FROM friend_requests WHERE from_id = $1)",
-                &[&sql(user)],
-            )
-            .await?;
+        let row = self.one(FRIEND_COUNTS, &[&sql(user)]).await?;
         Ok(FriendCounts {
             friends: id_col(&row, 0)?,
             incoming: id_col(&row, 1)?,
@@ -1972,6 +1993,13 @@ const PAGE_AFTER: &str = "
     FROM messages WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3";
 
 const TAKE_REQUEST: &str = "DELETE FROM friend_requests WHERE from_id = $1 AND to_id = $2";
+
+/// A user's friends, requests waiting for their answer, and requests they
+/// sent.
+const FRIEND_COUNTS: &str = "
+    SELECT (SELECT count(*) FROM friends WHERE user_id = $1),
+           (SELECT count(*) FROM friend_requests WHERE to_id = $1),
+           (SELECT count(*) FROM friend_requests WHERE from_id = $1)";
 
 const ARE_FRIENDS: &str =
     "SELECT EXISTS(SELECT 1 FROM friends WHERE user_id = $1 AND friend_id = $2)";

@@ -16,6 +16,7 @@
 //! callers fall back to history, and a flushed Redis refills as users
 //! heartbeat, send and reconnect.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -255,6 +256,32 @@ impl InboxStore for RedisStore {
         Ok(Some(out))
     }
 
+    async fn trim(
+        &self,
+        user: UserId,
+        pending: Vec<(ConversationId, u64)>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let conversations: Vec<u64> = conn
+            .smembers(self.inbox_index_key(user))
+            .await
+            .map_err(unavailable)?;
+        let delivered: HashMap<u64, u64> = pending.into_iter().collect();
+        let mut pipe = ::redis::pipe();
+        for conversation in conversations {
+            let key = self.inbox_key(user, conversation);
+            match delivered.get(&conversation) {
+                Some(&seq) => pipe.zrembyscore(key, "-inf", seq).ignore(),
+                None => pipe
+                    .del(key)
+                    .ignore()
+                    .srem(self.inbox_index_key(user), conversation)
+                    .ignore(),
+            };
+        }
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
     async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError> {
         if acks.is_empty() {
             return Ok(());
@@ -474,6 +501,15 @@ mod tests {
         // Past the limit nothing is read, and the caller is told.
         assert!(store.pending(5, 2).await.unwrap().is_none());
         assert_eq!(store.pending(5, 3).await.unwrap().unwrap().len(), 3);
+        // Trimming: conversation 20 delivered to 1, nothing pending in 10.
+        store.trim(5, vec![(20, 1)]).await.unwrap();
+        assert_eq!(
+            seqs(&store.pending(5, 2).await.unwrap().unwrap()),
+            vec![(20, 2)]
+        );
+        InboxStore::push(&store, vec![(5, message(10, 1)), (5, message(20, 1))])
+            .await
+            .unwrap();
         store.ack(vec![(5, 20, 1), (5, 10, 5)]).await.unwrap();
         assert_eq!(
             seqs(&store.pending(5, 100).await.unwrap().unwrap()),

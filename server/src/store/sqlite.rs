@@ -1669,38 +1669,51 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
-    async fn friend_request(
+    async fn friend_request_within(
         &self,
         from: UserId,
         to: UserId,
         now_ms: i64,
+        max_friends: u64,
     ) -> Result<FriendRequestOutcome, StoreError> {
         self.call(move |conn, _| {
             if are_friends(conn, from, to)? {
                 return Ok(FriendRequestOutcome::AlreadyFriends);
             }
-            let reverse = conn
-                .prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
+            // One writer: what is counted here is what is written.
+            let exists = |a: UserId, b: UserId| -> Result<bool, StoreError> {
+                conn.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM friend_requests WHERE from_id = ?1 AND to_id = ?2)",
+                )
                 .map_err(internal)?
-                .execute(params![sql(to), sql(from)])
-                .map_err(internal)?;
-            if reverse > 0 {
+                .query_row(params![sql(a), sql(b)], |r| r.get(0))
+                .map_err(internal)
+            };
+            if exists(from, to)? {
+                return Ok(FriendRequestOutcome::AlreadyRequested);
+            }
+            let mine = friend_counts(conn, from)?;
+            if mine.friends + mine.outgoing >= max_friends {
+                return Ok(FriendRequestOutcome::AskerFull);
+            }
+            if exists(to, from)? {
+                conn.prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
+                    .map_err(internal)?
+                    .execute(params![sql(to), sql(from)])
+                    .map_err(internal)?;
                 make_friends(conn, from, to, now_ms)?;
                 return Ok(FriendRequestOutcome::Accepted);
             }
-            let inserted = conn
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO friend_requests (from_id, to_id, created_at_ms)
-                     VALUES (?1, ?2, ?3)",
-                )
-                .map_err(internal)?
-                .execute(params![sql(from), sql(to), now_ms])
-                .map_err(internal)?;
-            Ok(if inserted > 0 {
-                FriendRequestOutcome::Requested
-            } else {
-                FriendRequestOutcome::AlreadyRequested
-            })
+            if friend_counts(conn, to)?.incoming >= max_friends {
+                return Ok(FriendRequestOutcome::TargetFull);
+            }
+            conn.prepare_cached(
+                "INSERT INTO friend_requests (from_id, to_id, created_at_ms) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(internal)?
+            .execute(params![sql(from), sql(to), now_ms])
+            .map_err(internal)?;
+            Ok(FriendRequestOutcome::Requested)
         })
         .await
     }
@@ -1792,24 +1805,7 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn friend_counts(&self, user: UserId) -> Result<FriendCounts, StoreError> {
-        self.call(move |conn, _| {
-            conn.prepare_cached(
-                "SELECT (SELECT COUNT(*) FROM friends WHERE user_id = ?1),
-                        (SELECT COUNT(*) FROM friend_requests WHERE to_id = ?1),
-                        (SELECT COUNT(*) FROM friend_requests WHERE from_id = ?1)",
-            )
-            .map_err(internal)?
-            .query_row([sql(user)], |r| {
-                let count = |i| r.get::<_, i64>(i).map(|n| n as u64);
-                Ok(FriendCounts {
-                    friends: count(0)?,
-                    incoming: count(1)?,
-                    outgoing: count(2)?,
-                })
-            })
-            .map_err(internal)
-        })
-        .await
+        self.call(move |conn, _| friend_counts(conn, user)).await
     }
 
     async fn open_direct(
@@ -2450,6 +2446,24 @@ fn check_friends(conn: &Connection, user: UserId, users: &[UserId]) -> Result<()
         }
     }
     Ok(())
+}
+
+fn friend_counts(conn: &Connection, user: UserId) -> Result<FriendCounts, StoreError> {
+    conn.prepare_cached(
+        "SELECT (SELECT COUNT(*) FROM friends WHERE user_id = ?1),
+                (SELECT COUNT(*) FROM friend_requests WHERE to_id = ?1),
+                (SELECT COUNT(*) FROM friend_requests WHERE from_id = ?1)",
+    )
+    .map_err(internal)?
+    .query_row([sql(user)], |r| {
+        let count = |i| r.get::<_, i64>(i).map(|n| n as u64);
+        Ok(FriendCounts {
+            friends: count(0)?,
+            incoming: count(1)?,
+            outgoing: count(2)?,
+        })
+    })
+    .map_err(internal)
 }
 
 fn make_friends(conn: &Connection, a: UserId, b: UserId, now_ms: i64) -> Result<(), StoreError> {

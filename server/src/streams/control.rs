@@ -422,9 +422,11 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     "cannot befriend yourself",
                 ));
             }
-            check_friend_limit(session, me).await?;
-            check_incoming_limit(session, target.id, &target.username).await?;
-            match store.friend_request(me, target.id, now_ms()).await? {
+            let max = shared.config.limits.max_friends;
+            match store
+                .friend_request_within(me, target.id, now_ms(), max)
+                .await?
+            {
                 FriendRequestOutcome::Requested => {
                     notify_friend(
                         session,
@@ -438,6 +440,16 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 FriendRequestOutcome::AlreadyRequested => {}
                 FriendRequestOutcome::AlreadyFriends => {
                     return Err(Refusal::new(ErrorCode::AlreadyFriends, "already friends"));
+                }
+                FriendRequestOutcome::AskerFull => return Err(friends_full(max)),
+                FriendRequestOutcome::TargetFull => {
+                    return Err(Refusal::new(
+                        ErrorCode::LimitReached,
+                        format!(
+                            "{} has too many friend requests waiting for an answer",
+                            target.username
+                        ),
+                    ));
                 }
             }
             reply(Body::Ok(proto::Ok {}))
@@ -781,36 +793,24 @@ fn page_limit(asked: u32, default: u32) -> u32 {
     }
 }
 
-/// A user's friends and the requests they sent wait for an answer count
-/// together toward `max-friends` (a request is a friendship waiting), so
-/// neither list grows past it. The check comes before the store's write,
-/// so requests racing each other may pass it together and go a few over:
-/// the bound is on what a client can make its own lists, not exact.
+/// Accepting a request adds a friend: a user's friends and the requests
+/// they sent count together toward `max-friends` (a request is a
+/// friendship waiting), so neither list grows past it. (Requests are
+/// checked by the store, in the change's transaction.)
 async fn check_friend_limit(session: &Session, me: u64) -> Result<(), Refusal> {
     let max = session.shared.config.limits.max_friends;
     let counts = session.shared.store.friend_counts(me).await?;
     if counts.friends + counts.outgoing >= max {
-        return Err(Refusal::new(
-            ErrorCode::LimitReached,
-            format!("at most {max} friends and friend requests waiting for an answer"),
-        ));
+        return Err(friends_full(max));
     }
     Ok(())
 }
 
-/// Requests waiting for `target`'s answer are bounded by `max-friends`
-/// too: others could otherwise grow `target`'s friend list reply without
-/// limit (past the largest frame a client accepts) by asking from many
-/// accounts. `target` makes room by declining.
-async fn check_incoming_limit(session: &Session, target: u64, name: &str) -> Result<(), Refusal> {
-    let max = session.shared.config.limits.max_friends;
-    if session.shared.store.friend_counts(target).await?.incoming >= max {
-        return Err(Refusal::new(
-            ErrorCode::LimitReached,
-            format!("{name} has too many friend requests waiting for an answer"),
-        ));
-    }
-    Ok(())
+fn friends_full(max: u64) -> Refusal {
+    Refusal::new(
+        ErrorCode::LimitReached,
+        format!("at most {max} friends and friend requests waiting for an answer"),
+    )
 }
 
 fn notify_friend(session: &Session, user: u64, kind: proto::friend_event::Kind) {

@@ -392,8 +392,21 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
     let queued = match inbox.pending(user, INBOX_CATCH_UP_LIMIT).await {
         Ok(Some(queued)) => queued,
         // More than a catch-up takes from the queue: history pages through
-        // it instead, and the acks trim the queues as they come.
-        Ok(None) => return None,
+        // it instead. What no catch-up will send goes (in the background),
+        // so that stale entries do not keep the queue past the limit.
+        Ok(None) => {
+            let inbox = inbox.clone();
+            let pending = ranges
+                .iter()
+                .map(|r| (r.conversation_id, r.delivered_seq))
+                .collect();
+            tokio::spawn(async move {
+                if let Err(e) = inbox.trim(user, pending).await {
+                    tracing::debug!(error = %e, "trimming the inbox failed");
+                }
+            });
+            return None;
+        }
         Err(e) => {
             tracing::warn!(error = %e, "inbox read failed; catching up from history");
             return None;
