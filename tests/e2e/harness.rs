@@ -419,6 +419,26 @@ impl ChildServer {
     }
 }
 
+/// Sends `n` texts ("0", "1", ...) to `conversation` at once, in rounds
+/// below client-lib's outbox limit; their seqs, ascending.
+pub async fn send_texts(client: &Client, conversation: u64, n: usize) -> Vec<u64> {
+    let mut seqs = Vec::with_capacity(n);
+    for round in (0..n).collect::<Vec<_>>().chunks(500) {
+        let sends: Vec<_> = round
+            .iter()
+            .map(|&i| {
+                let client = client.clone();
+                tokio::spawn(async move { client.send_text(conversation, &i.to_string()).await })
+            })
+            .collect();
+        for send in sends {
+            seqs.push(send.await.unwrap().expect("send").seq);
+        }
+    }
+    seqs.sort_unstable();
+    seqs
+}
+
 pub async fn register(config: ClientConfig, name: &str) -> (Client, Events) {
     let (client, events) = Client::register(config, name, PASSWORD)
         .await

@@ -73,21 +73,7 @@ each_backend! {
         let conversation = befriend(&alice, &bob).await;
         let bob_identity = bob.identity();
         bob.close();
-        // In rounds below the client's outbox limit.
-        let mut acked = Vec::with_capacity(N);
-        for round in (0..N).collect::<Vec<_>>().chunks(500) {
-            let sends: Vec<_> = round
-                .iter()
-                .map(|&i| {
-                    let alice = alice.clone();
-                    tokio::spawn(async move { alice.send_text(conversation, &format!("{i}")).await })
-                })
-                .collect();
-            for send in sends {
-                acked.push(send.await.unwrap().unwrap().seq);
-            }
-        }
-        acked.sort_unstable();
+        let acked = send_texts(&alice, conversation, N).await;
         backend.wait_queued(bob_identity.user_id, N).await;
 
         let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_identity.token)
@@ -775,15 +761,7 @@ async fn history_pages_are_capped_at_the_protocol_page_size() {
     let (alice, _ea) = register(server.client_config(), &name("alice")).await;
     let (bob, _eb) = register(server.client_config(), &name("bob")).await;
     let conversation = befriend(&alice, &bob).await;
-    let sends: Vec<_> = (0..max + 5)
-        .map(|i| {
-            let alice = alice.clone();
-            tokio::spawn(async move { alice.send_text(conversation, &i.to_string()).await })
-        })
-        .collect();
-    for send in sends {
-        send.await.unwrap().unwrap();
-    }
+    send_texts(&alice, conversation, max + 5).await;
     let page = bob
         .history(conversation, HistoryDirection::Forward, 0, 1_000)
         .await
