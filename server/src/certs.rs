@@ -14,10 +14,14 @@
 //! impersonate the server to clients that trust `ca.pem`.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 use crate::config::Config;
 
@@ -171,6 +175,70 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertError
     let mut file = options.open(path).map_err(fail)?;
     file.write_all(contents.as_bytes()).map_err(fail)?;
     file.sync_all().map_err(fail)
+}
+
+/// The certificate every new handshake is answered with, replaceable while
+/// the node runs ([`crate::Server::reload_certificate`], which SIGHUP
+/// calls): a renewed certificate takes effect without a restart, and open
+/// connections keep the one they began with.
+#[derive(Debug)]
+pub struct CertificateSlot {
+    provider: Arc<CryptoProvider>,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertificateSlot {
+    /// A slot holding `identity`, its key loaded by `provider`.
+    pub fn new(identity: ServerIdentity, provider: Arc<CryptoProvider>) -> Result<Self, CertError> {
+        let current = RwLock::new(Arc::new(certified(identity, &provider)?));
+        Ok(CertificateSlot { provider, current })
+    }
+
+    /// Presents `identity` from the next handshake on. An identity whose
+    /// key does not match its certificate is refused, and the current one
+    /// stays.
+    pub fn replace(&self, identity: ServerIdentity) -> Result<(), CertError> {
+        let key = Arc::new(certified(identity, &self.provider)?);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = key;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for CertificateSlot {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
+fn certified(
+    identity: ServerIdentity,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, CertError> {
+    CertifiedKey::from_der(identity.chain, identity.key, provider)
+        .map_err(|e| CertError(format!("certificate and key: {e}")))
+}
+
+/// The configured certificate, or the dev certificate under the data
+/// directory, as they are on disk now (for a reload: nothing is created).
+pub fn load(config: &Config) -> Result<ServerIdentity, CertError> {
+    if let (Some(cert), Some(key)) = (&config.tls.tls_cert, &config.tls.tls_key) {
+        return Ok(ServerIdentity {
+            chain: load_chain(cert)?,
+            key: load_key(key)?,
+            dev_ca: None,
+        });
+    }
+    let dir = config.data_dir.join("certs");
+    Ok(ServerIdentity {
+        chain: load_chain(&dir.join(SERVER_FILE))?,
+        key: load_key(&dir.join(SERVER_KEY_FILE))?,
+        dev_ca: Some(dir.join(CA_FILE)),
+    })
 }
 
 /// The certificate chain and key the server presents.

@@ -406,7 +406,11 @@ pub fn main() -> ExitCode {
             "chat-server metrics on http://{}/metrics (also /healthz, /readyz)",
             server.metrics_addr()
         );
-        wait_for_signal().await;
+        // SIGHUP reloads the certificate (a renewal) until a stop signal.
+        tokio::select! {
+            () = wait_for_signal() => {}
+            () = reload_on_hangup(&server) => {}
+        }
         // A second signal stops at once instead of waiting out the drain.
         let complete = tokio::select! {
             complete = server.shutdown() => complete,
@@ -421,6 +425,21 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     })
+}
+
+/// Reloads the certificate at every SIGHUP; never returns (on Unix).
+async fn reload_on_hangup(server: &Server) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
+        while hangup.recv().await.is_some() {
+            if let Err(e) = server.reload_certificate() {
+                tracing::error!(error = %e, "certificate reload failed; keeping the current one");
+            }
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 async fn wait_for_signal() {

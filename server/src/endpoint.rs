@@ -12,7 +12,7 @@ use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{IdleTimeout, VarInt};
 use tokio::sync::watch;
 
-use crate::certs::{self, ServerIdentity};
+use crate::certs;
 use crate::config::{Config, CongestionController, Transport, redact_url};
 use crate::delivery::{Delivery, DeliveryTasks};
 use crate::http::{self, OpsState};
@@ -101,6 +101,8 @@ pub struct Server {
     local_addr: SocketAddr,
     metrics_addr: SocketAddr,
     dev_ca: Option<PathBuf>,
+    /// What new handshakes are answered with (reloadable).
+    certificate: Arc<certs::CertificateSlot>,
     shared: Option<Arc<Shared>>,
     ops: Arc<OpsState>,
     /// Accept loop, metrics listener, path sampler, limiter sweeper.
@@ -115,7 +117,9 @@ impl Server {
         config.validate()?;
         let identity = certs::load_or_create(&config)?;
         let dev_ca = identity.dev_ca.clone();
-        let server_config = quic_config(&config, identity)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certificate = Arc::new(certs::CertificateSlot::new(identity, provider.clone())?);
+        let server_config = quic_config(&config, provider, certificate.clone())?;
         let metrics = Arc::new(Metrics::new());
         let Stores {
             history: store,
@@ -204,11 +208,23 @@ impl Server {
             local_addr,
             metrics_addr,
             dev_ca,
+            certificate,
             shared: Some(shared),
             ops,
             tasks,
             delivery_tasks: Some(delivery_tasks),
         })
+    }
+
+    /// Reads the certificate and key again (`tls-cert` and `tls-key`, or
+    /// the dev set under the data directory) and answers new handshakes
+    /// with them: a renewed certificate without a restart. On an error
+    /// (a file missing, a key that does not match) the current one stays.
+    pub fn reload_certificate(&self) -> Result<(), ServerError> {
+        let config = &self.shared.as_ref().expect("running").config;
+        self.certificate.replace(certs::load(config)?)?;
+        tracing::info!("certificate reloaded");
+        Ok(())
     }
 
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
@@ -713,15 +729,14 @@ fn take_connection_place(
 
 fn quic_config(
     config: &Config,
-    identity: ServerIdentity,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    certificate: Arc<certs::CertificateSlot>,
 ) -> Result<quinn::ServerConfig, ServerError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ServerError::Tls(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(identity.chain, identity.key)
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
+        .with_cert_resolver(certificate);
     tls.alpn_protocols = vec![chat_protocol::ALPN.to_vec()];
     let t = &config.transport;
     if t.zero_rtt {

@@ -3,6 +3,7 @@
 //! see it, and configuration errors from the real binary.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -721,4 +722,88 @@ async fn after_a_failed_commit_later_sends_wait_for_the_failed_one() {
     let first = seq(send(4, "first").await);
     let second = seq(send(5, "second").await);
     assert_eq!((first, second), (before + 1, before + 2));
+}
+
+/// Replaces the dev certificate set in `dir` by a new one from another CA
+/// (each file renamed over the old, as a renewal would); returns it.
+fn renew_dev_certificates(dir: &Path) {
+    let fresh = tempfile::tempdir().unwrap();
+    dev_certificates().write(fresh.path()).unwrap();
+    for file in ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem"] {
+        std::fs::rename(fresh.path().join(file), dir.join(file)).unwrap();
+    }
+}
+
+/// A new dev certificate set from a CA of its own.
+fn dev_certificates() -> chat_server::certs::DevCerts {
+    let names: Vec<String> = chat_server::certs::DEFAULT_NAMES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    chat_server::certs::DevCerts::generate(&names).unwrap()
+}
+
+#[tokio::test]
+async fn a_reloaded_certificate_answers_new_handshakes_and_open_connections_stay() {
+    let server = TestServer::start().await;
+    let node = server.server.as_ref().unwrap();
+    let (alice, _a) = register(server.client_config(), &name("alice")).await;
+    let trusting_old = server.client_config();
+
+    let certs = server.config.data_dir.join("certs");
+    renew_dev_certificates(&certs);
+    node.reload_certificate().expect("reload");
+    // New handshakes: the new CA is needed, the old one no longer does.
+    let (bob, _b) = register(server.client_config(), &name("bob")).await;
+    assert!(bob.identity().user_id > 0);
+    let refused = chat_client::Client::register(trusting_old, &name("carol"), PASSWORD).await;
+    assert!(refused.is_err(), "a client trusting only the old CA got in");
+    // Connections already open keep theirs.
+    assert!(alice.friends().await.is_ok());
+    assert!(alice.is_connected());
+
+    // A key that does not match its certificate is refused; the current
+    // certificate stays.
+    std::fs::remove_file(certs.join("server-key.pem")).unwrap();
+    std::fs::write(
+        certs.join("server-key.pem"),
+        dev_certificates().server_key_pem,
+    )
+    .unwrap();
+    assert!(node.reload_certificate().is_err());
+    let (dave, _d) = register(server.client_config(), &name("dave")).await;
+    assert!(dave.identity().user_id > 0);
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start_on(&Backend::Embedded, dir.path(), 0).await;
+    let trusting_old = server.client_config();
+    renew_dev_certificates(&dir.path().join("certs"));
+    let status = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(server.pid().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    // The new CA gets in once the signal is handled; the old one not.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (alice, _a) = loop {
+        match chat_client::Client::register(server.client_config(), &name("alice"), PASSWORD).await
+        {
+            Ok(client) => break client,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the new certificate never answered: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(alice.identity().user_id > 0);
+    let refused = chat_client::Client::register(trusting_old, &name("bob"), PASSWORD).await;
+    assert!(refused.is_err(), "a client trusting only the old CA got in");
+    assert!(server.terminate().await, "still a clean exit");
 }
