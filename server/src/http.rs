@@ -31,8 +31,11 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_CONNECTIONS: usize = 64;
 /// A client must send its request headers within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// No operations connection lives longer (scrapers reconnect).
+/// No operations connection lives longer; at this age it finishes the
+/// response in progress (up to `GRACE`) and closes.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// How long a connection past its lifetime may take to finish a response.
+const GRACE: Duration = Duration::from_secs(10);
 
 /// What the endpoints look at.
 pub struct OpsState {
@@ -99,6 +102,8 @@ pub async fn start(
                     continue;
                 }
             };
+            // Connections that ended but were not reaped yet hold no place.
+            while connections.try_join_next().is_some() {}
             if connections.len() >= MAX_CONNECTIONS {
                 tracing::debug!("too many operations connections; closing a new one");
                 continue;
@@ -109,14 +114,31 @@ pub async fn start(
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(respond(&state, &req).await) }
                 });
+                // One request per connection: probes and scrapes are a
+                // request every few seconds, and a connection kept alive
+                // between them held one of the MAX_CONNECTIONS places (a
+                // client repeating a cheap request could keep it for the
+                // whole lifetime, and 64 of them locked out the probes).
                 let served = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
+                    .keep_alive(false)
                     .serve_connection(TokioIo::new(stream), service);
-                match tokio::time::timeout(CONNECTION_LIFETIME, served).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
-                    Err(_) => tracing::debug!("metrics connection reached its lifetime"),
+                let mut served = std::pin::pin!(served);
+                let ended = match tokio::time::timeout(CONNECTION_LIFETIME, served.as_mut()).await {
+                    Ok(ended) => ended,
+                    Err(_) => {
+                        // Finish the response in progress, then close
+                        // (dropping it would cut the response off).
+                        served.as_mut().graceful_shutdown();
+                        match tokio::time::timeout(GRACE, served).await {
+                            Ok(ended) => ended,
+                            Err(_) => Ok(()),
+                        }
+                    }
+                };
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "metrics connection ended");
                 }
             });
         }

@@ -807,3 +807,56 @@ async fn sighup_reloads_the_certificate() {
     assert!(refused.is_err(), "a client trusting only the old CA got in");
     assert!(server.terminate().await, "still a clean exit");
 }
+
+#[tokio::test]
+async fn clients_that_keep_their_ops_connection_open_do_not_lock_out_probes() {
+    // 64 clients (the ops port's limit) make a cheap request every second
+    // on connections they keep open, as HTTP/1.1 keep-alive allows: the
+    // server used to keep those connections for two minutes, and every
+    // probe meanwhile was closed unanswered. Now it closes each after one
+    // response, so a probe gets in.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let addr = server.server.as_ref().unwrap().metrics_addr();
+    let holders: Vec<_> = (0..64)
+        .map(|_| {
+            tokio::spawn(async move {
+                let Ok(mut stream) = TcpStream::connect(addr).await else {
+                    return;
+                };
+                let mut response = vec![0u8; 1024];
+                loop {
+                    let request = b"GET /nope HTTP/1.1\r\nHost: test\r\n\r\n";
+                    if stream.write_all(request).await.is_err() {
+                        return;
+                    }
+                    match stream.read(&mut response).await {
+                        Ok(n) if n > 0 => {}
+                        _ => return,
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+        stream.write_all(request).await.unwrap();
+        let mut response = String::new();
+        if stream.read_to_string(&mut response).await.is_ok() && response.ends_with("ok\n") {
+            assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "probes stayed locked out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for holder in holders {
+        holder.abort();
+    }
+}
