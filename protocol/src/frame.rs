@@ -213,21 +213,22 @@ enum Scan {
 /// decoding any. A server body anywhere among them counts, whatever comes
 /// after it: a full decode builds every body field it meets (and keeps the
 /// last), so one followed by a client's body or an unknown field would
-/// still be built. Bytes that are not a valid encoding scan as `Decode`,
-/// and the full decode says what is wrong.
+/// still be built. Bytes that are not a valid encoding are refused here
+/// (a full decode refuses them too, but only once it has built what
+/// comes before them).
 fn scan(mut bytes: &[u8]) -> Scan {
     let mut request_id = 0;
     let mut server_body = None;
     while !bytes.is_empty() {
         let Ok(Some((key, n))) = peek_varint(bytes) else {
-            return Scan::Decode;
+            return Scan::Refuse;
         };
         bytes = &bytes[n..];
         let Ok(field) = u32::try_from(key >> 3) else {
-            return Scan::Decode;
+            return Scan::Refuse;
         };
         let wire_type = key & 7;
-        if field == 1 && wire_type != 0 {
+        if field == 0 || (field == 1 && wire_type != 0) {
             return Scan::Refuse;
         }
         let rest = match wire_type {
@@ -261,7 +262,7 @@ fn scan(mut bytes: &[u8]) -> Scan {
             _ => return Scan::Refuse,
         };
         let Some(rest) = rest else {
-            return Scan::Decode;
+            return Scan::Refuse;
         };
         bytes = rest;
     }
@@ -406,11 +407,22 @@ mod tests {
                 !matches!(&frame.body, Some(Body::ConversationList(l)) if !l.conversations.is_empty())
             );
         }
+        // A server body followed by bytes that end the encoding: refused
+        // before it is built (a full decode builds it, then fails).
+        let mut cut_short = Vec::new();
+        list.encode(&mut cut_short).unwrap();
+        cut_short.extend_from_slice(&[0x12, 0x05]);
+        assert!(matches!(
+            server.decode(&mut framed(&cut_short)),
+            Err(FrameError::Malformed(_))
+        ));
         for refused in [
             // A group (field 1000) after the request id.
             &[0x08, 0x05, 0xc3, 0x3e, 0xc4, 0x3e][..],
             // A request id that is not a varint.
             &[0x0a, 0x00][..],
+            // An unfinished key.
+            &[0x08, 0x05, 0x80][..],
         ] {
             assert!(matches!(
                 server.decode(&mut framed(refused)),

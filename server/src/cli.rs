@@ -386,6 +386,9 @@ pub fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Before the start (migrations, backends: it can take a while): a
+        // SIGHUP's default action would end the process.
+        let hangup = hangup_signal();
         let server = match Server::start(config).await {
             Ok(server) => server,
             Err(e) => {
@@ -409,7 +412,7 @@ pub fn main() -> ExitCode {
         // SIGHUP reloads the certificate (a renewal) until a stop signal.
         tokio::select! {
             () = wait_for_signal() => {}
-            () = reload_on_hangup(&server) => {}
+            () = reload_on_hangup(&server, hangup) => {}
         }
         // A second signal stops at once instead of waiting out the drain.
         let complete = tokio::select! {
@@ -427,18 +430,33 @@ pub fn main() -> ExitCode {
     })
 }
 
-/// Reloads the certificate at every SIGHUP; never returns (on Unix).
-async fn reload_on_hangup(server: &Server) {
+/// SIGHUP's handler (nothing elsewhere).
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = ();
+
+fn hangup_signal() -> Hangup {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut hangup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
+        signal(SignalKind::hangup()).expect("install SIGHUP handler")
+    }
+}
+
+/// Reloads the certificate at every SIGHUP; never returns.
+async fn reload_on_hangup(server: &Server, hangup: Hangup) {
+    #[cfg(unix)]
+    {
+        let mut hangup = hangup;
         while hangup.recv().await.is_some() {
             if let Err(e) = server.reload_certificate() {
                 tracing::error!(error = %e, "certificate reload failed; keeping the current one");
             }
         }
     }
+    #[cfg(not(unix))]
+    let _ = (server, hangup);
     std::future::pending::<()>().await;
 }
 

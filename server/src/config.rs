@@ -83,29 +83,78 @@ pub struct TlsConfig {
 }
 
 /// A backend URL without its password, for logs, errors and
-/// `--print-config`: `scheme://user:***@host` when it has one, and the
-/// `password=` of a key=value Postgres string.
+/// `--print-config`: `scheme://user:***@host` when it has one, a
+/// `password=` query parameter, and the `password` of a key=value
+/// Postgres string (spaces around `=` and quoted values included).
 pub(crate) fn redact_url(url: &str) -> String {
-    if !url.contains("://") {
-        return url
-            .split(' ')
-            .map(|part| match part.split_once('=') {
+    let Some(scheme) = url.find("://") else {
+        return redact_key_values(url);
+    };
+    let (base, query) = match url.find('?') {
+        Some(q) => (&url[..q], Some(&url[q + 1..])),
+        None => (url, None),
+    };
+    let mut out = match base.rfind('@') {
+        Some(at) if at > scheme => match base[scheme + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &base[..scheme + 3], &base[at..]),
+            None => base.to_string(),
+        },
+        _ => base.to_string(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
                 Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
-                _ => part.to_string(),
+                _ => param.to_string(),
             })
-            .collect::<Vec<_>>()
-            .join(" ");
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
+    out
+}
+
+/// `key=value` pairs (libpq's form) with the password's value hidden.
+fn redact_key_values(text: &str) -> String {
+    let mut out = Vec::new();
+    let mut rest = text.trim_start();
+    while !rest.is_empty() {
+        let key_end = rest
+            .find(|c: char| c == '=' || c.is_whitespace())
+            .unwrap_or(rest.len());
+        let key = &rest[..key_end];
+        let after_key = rest[key_end..].trim_start();
+        let Some(after_eq) = after_key.strip_prefix('=') else {
+            // Not a pair: keep the word as it is.
+            out.push(key.to_string());
+            rest = after_key;
+            continue;
+        };
+        let value_start = after_eq.trim_start();
+        let value_len = if let Some(quoted) = value_start.strip_prefix('\'') {
+            // Up to the closing quote; a backslash escapes the next char.
+            let mut escaped = false;
+            let close = quoted.char_indices().find(|&(_, c)| {
+                let end = c == '\'' && !escaped;
+                escaped = c == '\\' && !escaped;
+                end
+            });
+            close.map_or(value_start.len(), |(i, _)| i + 2)
+        } else {
+            value_start
+                .find(char::is_whitespace)
+                .unwrap_or(value_start.len())
+        };
+        let value = &value_start[..value_len];
+        if key.eq_ignore_ascii_case("password") {
+            out.push(format!("{key}=***"));
+        } else {
+            out.push(format!("{key}={value}"));
         }
-        _ => url.to_string(),
+        rest = value_start[value_len..].trim_start();
     }
+    out.join(" ")
 }
 
 /// Application limits.
@@ -660,6 +709,18 @@ mod tests {
         assert_eq!(
             redact_url("host=db user=chat password=s3cret dbname=chat"),
             "host=db user=chat password=*** dbname=chat"
+        );
+        assert_eq!(
+            redact_url("host=db password = s3cret user=chat"),
+            "host=db password=*** user=chat"
+        );
+        assert_eq!(
+            redact_url("host=db password='a b\\' c' user=chat"),
+            "host=db password=*** user=chat"
+        );
+        assert_eq!(
+            redact_url("postgres://chat@db/chat?sslmode=require&password=s3cret"),
+            "postgres://chat@db/chat?sslmode=require&password=***"
         );
     }
 

@@ -646,9 +646,7 @@ fn serve_established(shared: Arc<Shared>, conn: quinn::Connection, active: &Arc<
         return;
     };
     tokio::spawn(async move {
-        let metrics = shared.metrics.clone();
         session::run(shared, conn, None).await;
-        metrics.connections_active.decrement(1.0);
         drop(slot);
     });
 }
@@ -671,16 +669,13 @@ async fn serve_early(
     // task gets the connection place once there is one, and gives it back
     // when it ends; this task ends with the handshake.
     let (done, confirmed) = watch::channel(false);
-    let (place_tx, place_rx) = tokio::sync::oneshot::channel::<Slot>();
+    let (place_tx, place_rx) = tokio::sync::oneshot::channel::<Place>();
     tokio::spawn({
         let (shared, conn) = (shared.clone(), conn.clone());
         async move {
-            let metrics = shared.metrics.clone();
             session::run(shared, conn, Some(confirmed)).await;
-            if let Ok(slot) = place_rx.await {
-                metrics.connections_active.decrement(1.0);
-                drop(slot);
-            }
+            // Given back when dropped, also if the session panicked.
+            drop(place_rx.await);
         }
     });
     // Resolves when the handshake completes or the connection ends first
@@ -701,6 +696,19 @@ async fn serve_early(
     let _ = place_tx.send(slot);
 }
 
+/// A connection place, counted in `connections_active` while held: both
+/// are given back when it is dropped, however the connection's task ends.
+struct Place {
+    _slot: Slot,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.metrics.connections_active.decrement(1.0);
+    }
+}
+
 /// A connection place for `conn`, counted as opened; or none, and `conn`
 /// closed with SERVER_BUSY (a clear code the client backs off on, where a
 /// bare refusal would look like a network failure).
@@ -708,7 +716,7 @@ fn take_connection_place(
     shared: &Shared,
     conn: &quinn::Connection,
     active: &Arc<AtomicUsize>,
-) -> Option<Slot> {
+) -> Option<Place> {
     let metrics = &shared.metrics;
     let max = shared.config.transport.max_connections;
     let Some(slot) = Slot::try_take(active, max) else {
@@ -724,7 +732,10 @@ fn take_connection_place(
     };
     metrics.connections_opened.increment(1);
     metrics.connections_active.increment(1.0);
-    Some(slot)
+    Some(Place {
+        _slot: slot,
+        metrics: metrics.clone(),
+    })
 }
 
 fn quic_config(

@@ -546,7 +546,22 @@ async fn a_burst_of_receipts_for_one_sender_does_not_close_it() {
     // pushed before anything else is written to either connection. (Marks
     // all at once could find a writer idle with a full batch queued, which
     // it writes without lingering.)
-    let before = value(&scrape(metrics).await, "chat_receipts_total");
+    // Bob's delivery acks go out a moment after the messages, and their
+    // receipts count too: start from a count that has stopped moving.
+    let mut before = value(&scrape(metrics).await, "chat_receipts_total");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "receipts never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = value(&scrape(metrics).await, "chat_receipts_total");
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     let mark = |g: u64| {
         let bob = bob.clone();
         tokio::spawn(async move { bob.mark_seen(g, 2).await })
@@ -561,9 +576,19 @@ async fn a_burst_of_receipts_for_one_sender_does_not_close_it() {
         value(m, "chat_receipts_total") >= before + GROUPS as f64
     })
     .await;
-    // A write on another stream of each connection ends the linger.
-    sam.send_text(groups[0], "flush").await.unwrap();
-    bob.send_text(groups[0], "flush").await.unwrap();
+    // A write on another stream of a connection ends its linger (for one
+    // batch: the writer lingers again on a partial one), so both write a
+    // message every 300 ms from now on.
+    let nudges = tokio::spawn({
+        let (sam, bob, g) = (sam.clone(), bob.clone(), groups[0]);
+        async move {
+            loop {
+                let _ = bob.send_text(g, "nudge").await;
+                let _ = sam.send_text(g, "nudge").await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    });
     for mark in marks {
         mark.await.unwrap().unwrap();
     }
@@ -571,6 +596,7 @@ async fn a_burst_of_receipts_for_one_sender_does_not_close_it() {
     assert_eq!(seen, groups.iter().copied().collect::<HashSet<_>>());
     let m = scrape(metrics).await;
     assert_eq!(value(&m, "chat_errors_total{code=\"SLOW_CONSUMER\"}"), 0.0);
+    nudges.abort();
 }
 
 /// Waits for `user`'s delivered (or seen) receipts covering seq 2 in `n`
