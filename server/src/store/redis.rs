@@ -234,8 +234,14 @@ impl InboxStore for RedisStore {
             pipe.zcard(self.inbox_key(user, *conversation));
         }
         let sizes: Vec<usize> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        if sizes.iter().sum::<usize>() > limit {
+        let total: usize = sizes.iter().sum();
+        if total > limit {
             return Ok(None);
+        }
+        if total == 0 {
+            // Conversations in the index whose queues are empty or gone
+            // (an empty pipeline is an error to Redis).
+            return Ok(Some(Vec::new()));
         }
         let mut pipe = ::redis::pipe();
         for (conversation, &size) in conversations.iter().zip(&sizes) {
@@ -246,7 +252,7 @@ impl InboxStore for RedisStore {
             }
         }
         let queues: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        let mut out = Vec::with_capacity(sizes.iter().sum());
+        let mut out = Vec::with_capacity(total);
         for bytes in queues.into_iter().flatten() {
             let message = decode(&bytes).ok_or_else(|| {
                 StoreError::Internal("undecodable message in a redis inbox".into())
@@ -499,6 +505,10 @@ mod tests {
         );
         assert_eq!(store.pending(5, 100).await.unwrap().unwrap()[0].text, "m1");
         // Past the limit nothing is read, and the caller is told.
+        // (An index naming only emptied queues reads as nothing queued.)
+        let mut conn = store.conn.clone();
+        let _: () = conn.sadd(store.inbox_index_key(7), 99u64).await.unwrap();
+        assert_eq!(store.pending(7, 10).await.unwrap(), Some(vec![]));
         assert!(store.pending(5, 2).await.unwrap().is_none());
         assert_eq!(store.pending(5, 3).await.unwrap().unwrap().len(), 3);
         // Trimming: conversation 20 delivered to 1, nothing pending in 10.
