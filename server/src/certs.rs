@@ -254,15 +254,10 @@ pub struct ServerIdentity {
 /// Loads the configured certificate, or the dev certificate under the data
 /// directory, creating it (with a warning) if it does not exist yet.
 pub fn load_or_create(config: &Config) -> Result<ServerIdentity, CertError> {
-    if let (Some(cert), Some(key)) = (&config.tls.tls_cert, &config.tls.tls_key) {
-        return Ok(ServerIdentity {
-            chain: load_chain(cert)?,
-            key: load_key(key)?,
-            dev_ca: None,
-        });
+    if config.tls.tls_cert.is_some() && config.tls.tls_key.is_some() {
+        return load(config);
     }
     let dir = config.data_dir.join("certs");
-    let server = dir.join(SERVER_FILE);
     let names: Vec<String> = DEFAULT_NAMES.iter().map(|s| s.to_string()).collect();
     // An empty directory (made by hand, or a volume mounted there) counts
     // as none: the set is renamed onto it, or, where it cannot be (a mount
@@ -292,11 +287,7 @@ pub fn load_or_create(config: &Config) -> Result<ServerIdentity, CertError> {
             "using the DEVELOPMENT certificate from the data directory; set tls-cert and tls-key for production"
         );
     }
-    Ok(ServerIdentity {
-        chain: load_chain(&server)?,
-        key: load_key(&dir.join(SERVER_KEY_FILE))?,
-        dev_ca: Some(dir.join(CA_FILE)),
-    })
+    load(config)
 }
 
 /// Reads every certificate in a PEM file.
