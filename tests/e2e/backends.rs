@@ -484,15 +484,11 @@ async fn a_member_removed_while_offline_is_told_once_and_their_queue_then_droppe
         left == 0
     })
     .await;
-    wait_until("the ack emptied bob's queue", || async {
-        inbox
-            .pending(bob_id, 100)
-            .await
-            .unwrap()
-            .unwrap()
-            .is_empty()
-    })
-    .await;
+    let queue_empty = || async {
+        let queued = inbox.pending(bob_id, 100).await.unwrap();
+        queued.expect("within the limit").is_empty()
+    };
+    wait_until("the ack emptied bob's queue", queue_empty).await;
     bob.close();
 
     // A leftover the ack did not reach (say, Redis was briefly down then).
@@ -505,15 +501,7 @@ async fn a_member_removed_while_offline_is_told_once_and_their_queue_then_droppe
     let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_token)
         .await
         .unwrap();
-    wait_until("bob's stale queue dropped", || async {
-        inbox
-            .pending(bob_id, 100)
-            .await
-            .unwrap()
-            .unwrap()
-            .is_empty()
-    })
-    .await;
+    wait_until("bob's stale queue dropped", queue_empty).await;
     owner.send_text(direct, "still friends").await.unwrap();
     let next = messages(&mut bob_events, 1).await;
     assert_eq!(next[0].text, "still friends", "told of the removal once");

@@ -504,8 +504,7 @@ async fn a_burst_of_receipts_for_one_sender_does_not_close_it() {
     // may queue. Both read fine, so neither may be closed as too slow.
     const GROUPS: usize = 1_100;
     let server = TestServer::start_with(|c| {
-        c.limits.send_rate = 0;
-        c.limits.send_burst = 0;
+        unlimited_sends(c);
         c.transport.receipt_linger = Duration::from_secs(60);
     })
     .await;

@@ -419,6 +419,12 @@ impl ChildServer {
     }
 }
 
+/// No per-user send rate: for tests that send (or change groups) in bulk.
+pub fn unlimited_sends(c: &mut Config) {
+    c.limits.send_rate = 0;
+    c.limits.send_burst = 0;
+}
+
 /// Sends `n` texts ("0", "1", ...) to `conversation` at once, in rounds
 /// below client-lib's outbox limit; their seqs, ascending.
 pub async fn send_texts(client: &Client, conversation: u64, n: usize) -> Vec<u64> {

@@ -63,10 +63,7 @@ each_backend! {
         // more than a catch-up takes from the unread queues (2,000): the
         // node pages through history instead.
         const N: usize = 2_100;
-        let server = TestServer::start_on_with(backend.clone(), |c| {
-            c.limits.send_rate = 0;
-            c.limits.send_burst = 0;
-        })
+        let server = TestServer::start_on_with(backend.clone(), unlimited_sends)
         .await;
         let (alice, _ea) = register(server.client_config(), &name("alice")).await;
         let (bob, _eb) = register(server.client_config(), &name("bob")).await;
@@ -735,11 +732,7 @@ async fn sigterm_finishes_commits_and_tells_clients_to_reconnect() {
 /// with their events), and `n` texts of 15,000 bytes from alice in their
 /// conversation, each starting with its two-digit index.
 async fn long_texts(n: u64) -> (TestServer, (Client, Events), (Client, Events), u64) {
-    let server = TestServer::start_with(|c| {
-        c.limits.send_rate = 0;
-        c.limits.send_burst = 0;
-    })
-    .await;
+    let server = TestServer::start_with(unlimited_sends).await;
     let alice = register(server.client_config(), &name("alice")).await;
     let bob = register(server.client_config(), &name("bob")).await;
     let conversation = befriend(&alice.0, &bob.0).await;
@@ -753,11 +746,7 @@ async fn long_texts(n: u64) -> (TestServer, (Client, Events), (Client, Events), 
 #[tokio::test]
 async fn history_pages_are_capped_at_the_protocol_page_size() {
     let max = chat_protocol::limits::MAX_PAGE_SIZE as usize;
-    let server = TestServer::start_with(|c| {
-        c.limits.send_rate = 0;
-        c.limits.send_burst = 0;
-    })
-    .await;
+    let server = TestServer::start_with(unlimited_sends).await;
     let (alice, _ea) = register(server.client_config(), &name("alice")).await;
     let (bob, _eb) = register(server.client_config(), &name("bob")).await;
     let conversation = befriend(&alice, &bob).await;

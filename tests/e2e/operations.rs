@@ -188,11 +188,7 @@ fn target(url: &str) -> SocketAddr {
 #[tokio::test]
 async fn a_backlog_behind_a_slow_commit_is_stored_in_one_batch() {
     const SENDS: usize = 600;
-    let server = TestServer::start_with(|c| {
-        c.limits.send_rate = 0;
-        c.limits.send_burst = 0;
-    })
-    .await;
+    let server = TestServer::start_with(unlimited_sends).await;
     let addr = server.server.as_ref().expect("running").metrics_addr();
     let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
     let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;

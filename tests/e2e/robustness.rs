@@ -425,6 +425,26 @@ async fn fake_server(dir: &std::path::Path, streams: u32) -> (quinn::Endpoint, s
     fake_server_with(dir, transport).await
 }
 
+/// A fake node on the usual 8 streams: its data directory (keep it for
+/// the test's length), its endpoint, and a client config that trusts it.
+async fn fake_node() -> (
+    tempfile::TempDir,
+    quinn::Endpoint,
+    chat_client::ClientConfig,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, ca) = fake_server(dir.path(), 8).await;
+    let config = client_config(endpoint.local_addr().unwrap(), &ca);
+    (dir, endpoint, config)
+}
+
+/// Registers with a fake node (which answers any login).
+async fn register_fake(config: chat_client::ClientConfig) -> (Client, chat_client::Events) {
+    Client::register(config, "fake", PASSWORD)
+        .await
+        .expect("registered with the fake server")
+}
+
 /// [`fake_server`] with a transport of the test's own.
 async fn fake_server_with(
     dir: &std::path::Path,
@@ -520,9 +540,7 @@ async fn accept_stream(
 async fn a_client_that_gets_a_bad_frame_from_the_server_reconnects() {
     // Without this, the stream's reader just stopped: the connection stayed
     // up on heartbeats and every later request timed out.
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path(), 8).await;
-    let addr = endpoint.local_addr().unwrap();
+    let (_dir, endpoint, config) = fake_node().await;
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
         let (mut send, _recv) = fake_login(&conn).await.expect("a login");
@@ -536,9 +554,7 @@ async fn a_client_that_gets_a_bad_frame_from_the_server_reconnects() {
             .expect("the client connects again");
         (closed, again.is_some())
     });
-    let (_client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (_client, _events) = register_fake(config).await;
     let (closed, reconnected) = serve.await.unwrap();
     match closed {
         quinn::ConnectionError::ApplicationClosed(close) => {
@@ -555,9 +571,7 @@ async fn a_node_that_drops_every_connection_after_login_sees_the_client_back_off
     // node whose catch-up fails does). Reconnecting every reconnect_min
     // (50 ms here) would make ~40 connections in 3 s; backing off to
     // reconnect_max (500 ms) makes fewer than 10.
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path(), 8).await;
-    let addr = endpoint.local_addr().unwrap();
+    let (_dir, endpoint, config) = fake_node().await;
     let count = tokio::spawn(async move {
         let mut accepted = 0;
         let mut window_end = None;
@@ -578,9 +592,7 @@ async fn a_node_that_drops_every_connection_after_login_sees_the_client_back_off
         }
         accepted
     });
-    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (client, _events) = register_fake(config).await;
     let accepted = count.await.unwrap();
     client.close();
     // At least one reconnect however busy the machine (without backoff
@@ -713,9 +725,7 @@ async fn a_group_creation_whose_answer_is_lost_is_asked_again_with_its_key() {
     // node would whose answer is lost, and answers the second. client-lib
     // must ask again by itself, with the same key, so that a node that had
     // created the group answers it instead of making a second one.
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path(), 8).await;
-    let addr = endpoint.local_addr().unwrap();
+    let (_dir, endpoint, config) = fake_node().await;
     let serve = tokio::spawn(async move {
         let mut keys = Vec::new();
         while keys.len() < 2 {
@@ -749,9 +759,7 @@ async fn a_group_creation_whose_answer_is_lost_is_asked_again_with_its_key() {
         }
         keys
     });
-    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (client, _events) = register_fake(config).await;
     let info = client
         .create_group("trip", &[2, 3])
         .await
@@ -782,9 +790,7 @@ async fn group_changes_whose_answers_are_lost_are_asked_again_with_their_keys() 
     // answers its repeat. Without keys a repeated removal was refused
     // (the member was gone) and a repeated rename renamed twice.
     const CHANGES: usize = 5;
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path(), 8).await;
-    let addr = endpoint.local_addr().unwrap();
+    let (_dir, endpoint, config) = fake_node().await;
     let serve = tokio::spawn(async move {
         let mut seen = Vec::new();
         while seen.len() < 2 * CHANGES {
@@ -813,9 +819,7 @@ async fn group_changes_whose_answers_are_lost_are_asked_again_with_their_keys() 
         }
         seen
     });
-    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (client, _events) = register_fake(config).await;
     client.rename_group(77, "trip 2").await.expect("rename");
     client.add_members(77, &[2]).await.expect("add");
     client.remove_member(77, 2).await.expect("remove");
@@ -850,9 +854,7 @@ async fn client_state_holds_only_what_the_app_asked_about() {
     // client-lib keeps presence and receipt watermarks for its queries; a
     // server that names anyone else (a stale subscription, a bug, a
     // hostile node) must not grow them. Events still reach the app.
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path(), 8).await;
-    let addr = endpoint.local_addr().unwrap();
+    let (_dir, endpoint, config) = fake_node().await;
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
         let (mut send, mut recv) = fake_login(&conn).await.expect("a login");
@@ -909,9 +911,7 @@ async fn client_state_holds_only_what_the_app_asked_about() {
         send.write_all(&frames(&pushes)).await.unwrap();
         let _ = tokio::time::timeout(WAIT, conn.closed()).await;
     });
-    let (client, mut events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (client, mut events) = register_fake(config).await;
     let snapshot = client.subscribe_presence(&[5]).await.unwrap();
     assert_eq!(
         snapshot.iter().map(|s| s.user_id).collect::<Vec<_>>(),
@@ -1009,8 +1009,7 @@ async fn a_client_that_stops_reading_its_messages_is_closed_after_the_write_stal
     // frames it held stayed for the life of the connection.
     let server = TestServer::start_with(|c| {
         c.transport.write_stall = Duration::from_secs(1);
-        c.limits.send_rate = 0;
-        c.limits.send_burst = 0;
+        unlimited_sends(c);
     })
     .await;
     let (alice, _ea) = register(server.client_config(), &name("alice")).await;
@@ -1069,7 +1068,7 @@ async fn a_server_that_does_not_read_delivery_acks_is_held_back() {
     let mut transport = quinn::TransportConfig::default();
     transport.stream_receive_window(4_096u32.into());
     let (endpoint, ca) = fake_server_with(dir.path(), transport).await;
-    let addr = endpoint.local_addr().unwrap();
+    let config = client_config(endpoint.local_addr().unwrap(), &ca);
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
         let _control = fake_login(&conn).await.expect("a login");
@@ -1104,9 +1103,7 @@ async fn a_server_that_does_not_read_delivery_acks_is_held_back() {
         conn.close(0u32.into(), b"done");
         written
     });
-    let (client, mut events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (client, mut events) = register_fake(config).await;
     // The app reads every message it gets, so only the acks can hold the
     // reader back.
     let app = tokio::spawn(async move {
@@ -1148,9 +1145,7 @@ async fn a_device_is_not_shown_its_own_send_as_a_new_message() {
     // the app as an incoming message from the user, on top of the send it
     // was already showing. The fake node plays that: it answers the send
     // only after pushing its echo, then a friend's message as a marker.
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path(), 8).await;
-    let addr = endpoint.local_addr().unwrap();
+    let (_dir, endpoint, config) = fake_node().await;
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
         let _control = fake_login(&conn).await.expect("a login");
@@ -1189,9 +1184,7 @@ async fn a_device_is_not_shown_its_own_send_as_a_new_message() {
         let _ = tokio::time::timeout(WAIT, conn.closed()).await;
         drop(others);
     });
-    let (client, mut events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (client, mut events) = register_fake(config).await;
     let ack = client
         .send_text(5, "hello")
         .await
@@ -1223,9 +1216,7 @@ async fn a_receipt_that_overtakes_the_first_reply_for_a_conversation_is_kept() {
     // the reply's older watermark then stood until the member moved again.
     // The fake node sends the receipt, waits until the app has it, and
     // only then replies with the watermark from before it.
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path(), 8).await;
-    let addr = endpoint.local_addr().unwrap();
+    let (_dir, endpoint, config) = fake_node().await;
     let (app_has_receipt, receipt_seen) = tokio::sync::oneshot::channel::<()>();
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
@@ -1266,9 +1257,7 @@ async fn a_receipt_that_overtakes_the_first_reply_for_a_conversation_is_kept() {
         let _ = tokio::time::timeout(WAIT, conn.closed()).await;
         drop(others);
     });
-    let (client, mut events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (client, mut events) = register_fake(config).await;
     let asking = tokio::spawn({
         let client = client.clone();
         async move { client.conversation(5).await }
@@ -1300,9 +1289,7 @@ async fn a_group_change_in_flight_when_the_app_reconnects_is_asked_again() {
     // ("client closed or logged out"), which a keyed group change takes
     // as final: a removal the node may have made was reported as failed.
     // Now they fail as a lost connection, and the change is asked again.
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path(), 8).await;
-    let addr = endpoint.local_addr().unwrap();
+    let (_dir, endpoint, config) = fake_node().await;
     let (arrived, first_request) = tokio::sync::oneshot::channel::<()>();
     let serve = tokio::spawn(async move {
         let mut arrived = Some(arrived);
@@ -1335,9 +1322,7 @@ async fn a_group_change_in_flight_when_the_app_reconnects_is_asked_again() {
         }
         keys
     });
-    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (client, _events) = register_fake(config).await;
     let removing = tokio::spawn({
         let client = client.clone();
         async move { client.remove_member(77, 2).await }
@@ -1364,9 +1349,7 @@ async fn a_client_closed_while_reconnecting_does_not_come_back() {
     // Now the connection is closed as it is installed. The fake node
     // drops the first connection and holds the second login's answer
     // until the app has closed the client.
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path(), 8).await;
-    let addr = endpoint.local_addr().unwrap();
+    let (_dir, endpoint, config) = fake_node().await;
     let (login_held, holding) = tokio::sync::oneshot::channel::<()>();
     let (app_closed, closed) = tokio::sync::oneshot::channel::<()>();
     let (app_registered, registered) = tokio::sync::oneshot::channel::<()>();
@@ -1394,9 +1377,7 @@ async fn a_client_closed_while_reconnecting_does_not_come_back() {
         drop(others);
         reason
     });
-    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (client, _events) = register_fake(config).await;
     app_registered.send(()).unwrap();
     tokio::time::timeout(WAIT, holding)
         .await
@@ -1422,9 +1403,7 @@ async fn a_server_cannot_ask_for_heartbeats_more_than_once_a_second() {
     // The heartbeat interval comes from the server. At 1 ms, with a server
     // that stopped reading the control stream, the client queued a
     // thousand unsendable frames a second; it now keeps to at least 1 s.
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path(), 8).await;
-    let addr = endpoint.local_addr().unwrap();
+    let (_dir, endpoint, config) = fake_node().await;
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
         let (mut send, mut recv, mut buf, auth) = held_login(&conn).await.expect("a login");
@@ -1440,9 +1419,7 @@ async fn a_server_cannot_ask_for_heartbeats_more_than_once_a_second() {
         }
         heartbeats
     });
-    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (client, _events) = register_fake(config).await;
     let heartbeats = serve.await.unwrap();
     assert!(
         (1..=4).contains(&heartbeats),
@@ -1457,9 +1434,7 @@ async fn a_group_change_stops_asking_when_the_session_ends() {
     // the session ends instead (the reconnect finds the token revoked), it
     // used to wait out its whole budget (three request timeouts, 45 s) and
     // then report a lost connection; now it ends with the session.
-    let dir = tempfile::tempdir().unwrap();
-    let (endpoint, ca) = fake_server(dir.path(), 8).await;
-    let addr = endpoint.local_addr().unwrap();
+    let (_dir, endpoint, config) = fake_node().await;
     let (arrived, first_request) = tokio::sync::oneshot::channel::<()>();
     let serve = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
@@ -1487,9 +1462,7 @@ async fn a_group_change_stops_asking_when_the_session_ends() {
         send.write_all(&frames(&[refused])).await.unwrap();
         let _ = tokio::time::timeout(WAIT, conn.closed()).await;
     });
-    let (client, _events) = Client::register(client_config(addr, &ca), "fake", PASSWORD)
-        .await
-        .expect("registered with the fake server");
+    let (client, _events) = register_fake(config).await;
     let removing = tokio::spawn({
         let client = client.clone();
         async move { client.remove_member(77, 2).await }
