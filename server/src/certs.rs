@@ -251,6 +251,24 @@ pub struct ServerIdentity {
     pub dev_ca: Option<PathBuf>,
 }
 
+impl ServerIdentity {
+    /// When the chain stops being accepted: the earliest `notAfter` among
+    /// its certificates, in seconds since the Unix epoch (negative before
+    /// 1970). An intermediate that expires first ends the chain's life as
+    /// surely as the leaf.
+    pub fn expires_at(&self) -> Result<i64, CertError> {
+        self.chain
+            .iter()
+            .enumerate()
+            .map(|(i, der)| {
+                x509_parser::parse_x509_certificate(der)
+                    .map(|(_, cert)| cert.validity().not_after.timestamp())
+                    .map_err(|e| CertError(format!("certificate {} of the chain: {e}", i + 1)))
+            })
+            .try_fold(i64::MAX, |earliest, at| Ok(earliest.min(at?)))
+    }
+}
+
 /// Loads the configured certificate, or the dev certificate under the data
 /// directory, creating it (with a warning) if it does not exist yet.
 pub fn load_or_create(config: &Config) -> Result<ServerIdentity, CertError> {
@@ -312,6 +330,60 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A self-signed certificate for localhost that expires on `year`-05-06.
+    fn expiring(year: i32) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(year, 5, 6);
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn identity(chain: Vec<CertificateDer<'static>>) -> ServerIdentity {
+        let key = KeyPair::generate().unwrap();
+        ServerIdentity {
+            chain,
+            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            dev_ca: None,
+        }
+    }
+
+    #[test]
+    fn a_chain_expires_with_its_earliest_certificate() {
+        // 2031-05-06T00:00:00Z and 2040-05-06T00:00:00Z.
+        assert_eq!(
+            identity(vec![expiring(2031)]).expires_at().unwrap(),
+            1_935_792_000
+        );
+        assert_eq!(
+            identity(vec![expiring(2040)]).expires_at().unwrap(),
+            2_219_875_200
+        );
+        // An intermediate that ends first ends the chain, in either place.
+        assert_eq!(
+            identity(vec![expiring(2040), expiring(2031)])
+                .expires_at()
+                .unwrap(),
+            1_935_792_000
+        );
+        assert_eq!(
+            identity(vec![expiring(2031), expiring(2040)])
+                .expires_at()
+                .unwrap(),
+            1_935_792_000
+        );
+        // Long expired: 1990-05-06.
+        assert_eq!(
+            identity(vec![expiring(1990)]).expires_at().unwrap(),
+            641_952_000
+        );
+        // Bytes that are no certificate name their place in the chain.
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        let err = identity(vec![expiring(2040), garbage])
+            .expires_at()
+            .unwrap_err();
+        assert!(err.0.contains("certificate 2 of the chain"), "{err}");
+    }
 
     #[test]
     fn generate_write_and_load() {

@@ -491,9 +491,15 @@ fn init_tracing(format: &str) {
 mod tests {
     use super::*;
 
+    /// Parses `args` as the command line would, but reading no `CHAT_`
+    /// variable: a developer's shell must not change what the tests see.
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let cli = Cli::try_parse_from(std::iter::once("chat-server").chain(args.iter().copied()))
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Cli::command().mut_args(|arg| arg.env(None::<&'static str>));
+        let matches = command
+            .try_get_matches_from(std::iter::once("chat-server").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
+        let cli = Cli::from_arg_matches(&matches).map_err(|e| e.to_string())?;
         cli.effective_config().map(|(c, _)| c)
     }
 

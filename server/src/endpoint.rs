@@ -117,10 +117,12 @@ impl Server {
         config.validate()?;
         let identity = certs::load_or_create(&config)?;
         let dev_ca = identity.dev_ca.clone();
+        let expires_at = identity.expires_at();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certificate = Arc::new(certs::CertificateSlot::new(identity, provider.clone())?);
         let server_config = quic_config(&config, provider, certificate.clone())?;
         let metrics = Arc::new(Metrics::new());
+        note_expiry(&metrics, expires_at);
         let Stores {
             history: store,
             cache,
@@ -222,8 +224,11 @@ impl Server {
     /// (a file missing, a key that does not match) the current one stays.
     pub fn reload_certificate(&self) -> Result<(), ServerError> {
         let config = &self.shared.as_ref().expect("running").config;
-        self.certificate.replace(certs::load(config)?)?;
+        let identity = certs::load(config)?;
+        let expires_at = identity.expires_at();
+        self.certificate.replace(identity)?;
         tracing::info!("certificate reloaded");
+        note_expiry(&self.ops.metrics, expires_at);
         Ok(())
     }
 
@@ -684,8 +689,10 @@ async fn serve_early(
     let completed = tokio::time::timeout(timeout, accepted).await.is_ok();
     drop(handshake);
     if !completed || conn.close_reason().is_some() {
-        // Counted once, by the session, as the close it sees.
+        // Counted here, as a 1-RTT handshake's failure is (the session
+        // counts only connections that were established).
         tracing::debug!(completed, "0-RTT handshake failed");
+        shared.metrics.closed("handshake_failed");
         crate::wire::close(&conn, ErrorCode::Timeout, "handshake not completed in time");
         return;
     }
@@ -736,6 +743,39 @@ fn take_connection_place(
         _slot: slot,
         metrics: metrics.clone(),
     })
+}
+
+/// Within this of its expiry, loading a certificate logs a warning.
+const CERTIFICATE_EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Exports when the certificate now served expires, and says so in the log
+/// when that is soon or past. A chain this cannot read (rustls accepted it)
+/// leaves the gauge as it was, with a warning: it is no reason to refuse
+/// service.
+fn note_expiry(metrics: &Metrics, expires_at: Result<i64, certs::CertError>) {
+    let expires_at = match expires_at {
+        Ok(at) => at,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the certificate's expiry date");
+            return;
+        }
+    };
+    metrics.certificate_expiry.set(expires_at as f64);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = expires_at.saturating_sub(now);
+    if left <= 0 {
+        tracing::error!(
+            expired_secs_ago = left.unsigned_abs(),
+            "the certificate has EXPIRED: clients refuse every handshake; renew it and send SIGHUP"
+        );
+    } else if left < CERTIFICATE_EXPIRY_WARNING.as_secs() as i64 {
+        tracing::warn!(
+            expires_in = %humantime::format_duration(Duration::from_secs(left as u64)),
+            "the certificate expires soon; renew it and send SIGHUP"
+        );
+    }
 }
 
 fn quic_config(

@@ -38,6 +38,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "QUIC connections open now (authenticated or not).",
     ),
     (
+        "chat_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        Unit::Seconds,
+        "When the certificate chain new handshakes are answered with expires (the earliest notAfter in it), in seconds since the Unix epoch; set at start and at each reload. Alert on it minus time() falling under a few weeks.",
+    ),
+    (
         "chat_connections_opened_total",
         "counter",
         Unit::Count,
@@ -257,6 +263,8 @@ pub struct Metrics {
     pub received_datagrams: Counter,
     /// The embedded store's WAL checkpoints.
     pub sqlite_checkpoints: CheckpointMetrics,
+    /// When the served certificate chain expires (Unix seconds).
+    pub certificate_expiry: Gauge,
 }
 
 impl Metrics {
@@ -341,6 +349,9 @@ impl Metrics {
                         "thread" => "writer"
                     ),
                 },
+                certificate_expiry: metrics::gauge!(
+                    "chat_tls_certificate_expiry_timestamp_seconds"
+                ),
                 recorder: recorder.clone(),
                 handle,
             }

@@ -90,6 +90,18 @@ impl Session {
         true
     }
 
+    /// Whether the connection's handshake completed and it was given a
+    /// connection place: always for a 1-RTT connection (served only then);
+    /// for a 0-RTT one, waits (at most the handshake timeout) until the
+    /// endpoint knows. A connection that never got that far is counted by
+    /// the endpoint (`handshake_failed`, or refused), as a 1-RTT one is.
+    async fn was_established(&self) -> bool {
+        match &self.handshake {
+            None => true,
+            Some(handshake) => handshake.clone().wait_for(|done| *done).await.is_ok(),
+        }
+    }
+
     /// Whether the connection is gone. A task that registered the session
     /// somewhere checks this afterwards and calls [`forget`](Self::forget)
     /// if so, because the connection task may have cleaned up already.
@@ -215,10 +227,13 @@ pub async fn run(
                         }
                         Err(e) => {
                             tracing::debug!(reason = %e, "connection closed");
-                            session
-                                .shared
-                                .metrics
-                                .closed(crate::metrics::close_reason(&e));
+                            // Boxed: rare, and only 0-RTT connections wait.
+                            if Box::pin(session.was_established()).await {
+                                session
+                                    .shared
+                                    .metrics
+                                    .closed(crate::metrics::close_reason(&e));
+                            }
                             return;
                         }
                     }

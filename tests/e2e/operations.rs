@@ -333,6 +333,29 @@ async fn half_open_handshakes_do_not_take_connection_places_with_0rtt() {
     half_open_handshakes_leave_room(true).await;
 }
 
+#[tokio::test]
+async fn an_unfinished_0rtt_handshake_is_counted_as_a_failed_handshake() {
+    // A 0-RTT connection is served from its first packet, so its session
+    // used to count the close when the handshake timed out, as
+    // `server_closed`: a dashboard saw no failed handshakes with zero-rtt on.
+    let server = TestServer::start_with(|c| c.transport.zero_rtt = true).await;
+    let addr = server.server.as_ref().unwrap().metrics_addr();
+    let _half_open = half_open_handshake(&server).await;
+    // Dropped after the handshake timeout (10 s).
+    let m = scrape_until(addr, "the handshake to time out", |m| {
+        m.get("chat_connections_closed_total{reason=\"handshake_failed\"}") == Some(&1.0)
+    })
+    .await;
+    let others: Vec<_> = m
+        .keys()
+        .filter(|k| {
+            k.starts_with("chat_connections_closed_total") && !k.contains("handshake_failed")
+        })
+        .collect();
+    assert!(others.is_empty(), "also counted as {others:?}");
+    assert_eq!(value(&m, "chat_connections_opened_total"), 0.0);
+}
+
 async fn half_open_handshakes_leave_room(zero_rtt: bool) {
     // Handshakes that never finish (Initials from addresses that do not
     // answer, such as spoofed ones) used to hold places of
@@ -769,6 +792,42 @@ async fn a_reloaded_certificate_answers_new_handshakes_and_open_connections_stay
     assert!(node.reload_certificate().is_err());
     let (dave, _d) = register(server.client_config(), &name("dave")).await;
     assert!(dave.identity().user_id > 0);
+}
+
+#[tokio::test]
+async fn the_served_certificates_expiry_is_exported_and_follows_a_reload() {
+    const EXPIRY: &str = "chat_tls_certificate_expiry_timestamp_seconds";
+    let server = TestServer::start().await;
+    let node = server.server.as_ref().unwrap();
+    let certs = server.config.data_dir.join("certs");
+    // The dev set, as the server read it.
+    let dev = chat_server::certs::load(&server.config)
+        .unwrap()
+        .expires_at()
+        .unwrap();
+    let samples = scrape(node.metrics_addr()).await;
+    assert_eq!(value(&samples, EXPIRY), dev as f64);
+
+    // A renewal that expires on 2031-05-06 (its CA does not matter here).
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(2031, 5, 6);
+    let renewed = params.self_signed(&key).unwrap();
+    std::fs::write(certs.join("server.pem"), renewed.pem()).unwrap();
+    std::fs::write(certs.join("server-key.pem"), key.serialize_pem()).unwrap();
+    node.reload_certificate().expect("reload");
+    let samples = scrape(node.metrics_addr()).await;
+    assert_eq!(value(&samples, EXPIRY), 1_935_792_000.0);
+
+    // A refused reload (the key does not match) leaves the figure alone.
+    std::fs::write(
+        certs.join("server-key.pem"),
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    assert!(node.reload_certificate().is_err());
+    let samples = scrape(node.metrics_addr()).await;
+    assert_eq!(value(&samples, EXPIRY), 1_935_792_000.0);
 }
 
 #[tokio::test]
