@@ -137,7 +137,9 @@ pub async fn drive(
     let start_ns = shared.clock.now_ns() + START_LEAD.as_nanos() as u64;
     let warmup_ns = args.warmup.as_nanos() as u64;
     let total_ns = warmup_ns + args.duration.as_nanos() as u64;
-    shared.tracker.set_window_end(start_ns + total_ns);
+    shared
+        .tracker
+        .set_window(start_ns + warmup_ns, start_ns + total_ns);
     phase.send_replace(if warmup_ns > 0 {
         Phase::Warmup
     } else {

@@ -190,6 +190,14 @@ impl Plan {
             self.users,
             100.0 * self.users as f64 / p.population as f64,
         );
+        out.push_str(&format!(
+            "plan: shard {}'s share of the full-scale peak is {:.0} sends/s: \
+             with --rate {:.0} in each, {} processes together offer the full rate\n",
+            self.shard,
+            self.shard_peak_rate(),
+            self.shard_peak_rate(),
+            self.shard.count,
+        ));
         if self.rate_overridden {
             out.push_str(&format!(
                 "plan: offered rate {:.1} sends/s (set by --rate; the profile's share would be {:.3})\n",
@@ -203,6 +211,15 @@ impl Plan {
             ));
         }
         out
+    }
+
+    /// The shard's share of the full-scale peak rate: what this process
+    /// offers with `--rate` at that figure, its users standing for the
+    /// whole shard.
+    pub fn shard_peak_rate(&self) -> f64 {
+        let shard_users = self.shard_range.end - self.shard_range.start;
+        self.profile.peak_rate(self.peak_factor) * shard_users as f64
+            / self.profile.population as f64
     }
 
     /// The rate the profile alone would give these users.
@@ -313,6 +330,27 @@ mod tests {
         let plan = Plan::new(Profile::MESSENGER, 2.0, shard, 10, None).unwrap();
         assert_eq!(plan.population_index(0), 225_000_000);
         assert_eq!(plan.population_index(9), 225_000_009);
+    }
+
+    #[test]
+    fn shards_name_their_share_of_the_full_scale_peak() {
+        // Four shards of 300 million users at 231,481/s peak: 57,870/s each,
+        // and together the full peak.
+        let total: f64 = (0..4)
+            .map(|index| {
+                let plan = Plan::new(Profile::MESSENGER, 2.0, Shard { index, count: 4 }, 10, None)
+                    .unwrap();
+                assert!((plan.shard_peak_rate() - 57_870.37).abs() < 0.01);
+                assert!(
+                    plan.describe()
+                        .contains("with --rate 57870 in each, 4 processes"),
+                    "{}",
+                    plan.describe()
+                );
+                plan.shard_peak_rate()
+            })
+            .sum();
+        assert!((total - Profile::MESSENGER.peak_rate(2.0)).abs() < 1e-6);
     }
 
     #[test]

@@ -151,13 +151,16 @@ pub struct Counts {
     pub group_sends: u64,
     /// Sends the server acknowledged as durable.
     pub acked: u64,
-    /// The part of `acked` whose ack came before the window closed: the
-    /// throughput (a server that falls behind acks the rest in the drain,
-    /// and those must not count as carried).
+    /// Acks that arrived within the measured window, of any send (warm-up
+    /// ones included): the throughput. A server that falls behind acks
+    /// the rest in the drain, and those must not count as carried; and
+    /// counting only the window's own sends would leave out those of its
+    /// last ack latency, so a server that keeps up would score 1 - L/D.
     pub acked_in_window: u64,
-    /// The part of `delivered` complete before the window closed.
+    /// Sends that became delivered to every recipient within the window
+    /// (warm-up ones included).
     pub delivered_in_window: u64,
-    /// The part of `deliveries` that arrived before the window closed.
+    /// Arrivals at a recipient within the window (warm-up sends included).
     pub deliveries_in_window: u64,
     /// Sends that reached every recipient's app (at least once).
     pub delivered: u64,
@@ -224,8 +227,8 @@ struct State {
     deliver: Histogram<u64>,
     receipt: Histogram<u64>,
     watches: HashMap<(u64, usize), ReceiptWatch>,
-    /// When the measured window closes (ns on the run's clock).
-    window_end_ns: u64,
+    /// When the measured window opens and closes (ns on the run's clock).
+    window: std::ops::RangeInclusive<u64>,
     /// (send number, recipient index) -> the incarnation of the
     /// recipient's client that saw it first (a new incarnation starts after
     /// each churn resume).
@@ -270,7 +273,7 @@ impl Tracker {
                 deliver: histogram(),
                 receipt: histogram(),
                 watches: HashMap::new(),
-                window_end_ns: u64::MAX,
+                window: 0..=u64::MAX,
                 arrivals: HashMap::new(),
                 frozen: false,
             }),
@@ -285,10 +288,10 @@ impl Tracker {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sets when the measured window closes: what arrives later counts
-    /// for correctness but not for the rates.
-    pub fn set_window_end(&self, end_ns: u64) {
-        self.state().window_end_ns = end_ns;
+    /// Sets the measured window: what arrives outside it counts for
+    /// correctness but not for the rates.
+    pub fn set_window(&self, start_ns: u64, end_ns: u64) {
+        self.state().window = start_ns..=end_ns;
     }
 
     /// Registers a send about to start for `recipients` other members
@@ -345,11 +348,9 @@ impl Tracker {
         rec.resolved = true;
         rec.acked = true;
         let (measured, recipients) = (rec.measured, rec.recipients);
+        s.counts.acked_in_window += u64::from(s.window.contains(&now_ns));
         if measured {
             s.counts.acked += 1;
-            if now_ns <= s.window_end_ns {
-                s.counts.acked_in_window += 1;
-            }
             if rec.reached >= recipients {
                 s.counts.acked_delivered += 1;
             }
@@ -414,20 +415,21 @@ impl Tracker {
             s.counts.stale += 1;
             return;
         };
-        if !rec.measured {
-            return;
-        }
+        // Warm-up sends count only toward the window's rates.
+        let measured = rec.measured;
         if rec.conversation_id != conversation_id || rec.sender as usize == recipient {
             // Not one of its recipients: counting it would let a copy in
             // the wrong place stand in for one that never arrived.
-            s.counts.misrouted += 1;
+            s.counts.misrouted += u64::from(measured);
             return;
         }
         match s.arrivals.entry((send_no, recipient)) {
             Entry::Occupied(first) => {
-                s.counts.duplicates += 1;
-                if *first.get() != incarnation {
-                    s.counts.duplicates_across_resume += 1;
+                if measured {
+                    s.counts.duplicates += 1;
+                    if *first.get() != incarnation {
+                        s.counts.duplicates_across_resume += 1;
+                    }
                 }
                 return;
             }
@@ -436,12 +438,17 @@ impl Tracker {
             }
         }
         rec.reached += 1;
+        let complete = rec.reached == rec.recipients;
+        if s.window.contains(&now_ns) {
+            s.counts.deliveries_in_window += 1;
+            s.counts.delivered_in_window += u64::from(complete);
+        }
+        if !measured {
+            return;
+        }
         s.counts.deliveries += 1;
-        let in_window = now_ns <= s.window_end_ns;
-        s.counts.deliveries_in_window += u64::from(in_window);
-        if rec.reached == rec.recipients {
+        if complete {
             s.counts.delivered += 1;
-            s.counts.delivered_in_window += u64::from(in_window);
             if rec.acked {
                 s.counts.acked_delivered += 1;
             }
@@ -555,6 +562,15 @@ impl Tracker {
             }
             for _ in r.reached..r.recipients {
                 record(&mut s.deliver, r.intended_ns, now_ns);
+            }
+        }
+        // And an acked send whose receipts never all came back, in the
+        // receipt ones: a server that drops receipts must not look faster.
+        for watch in s.watches.values() {
+            for &(intended_ns, measured) in watch.pending.values() {
+                if measured {
+                    record(&mut s.receipt, intended_ns, now_ns);
+                }
             }
         }
         let unanswered = s.sends.iter().filter(|r| r.measured && !r.resolved).count() as u64;
@@ -917,7 +933,7 @@ mod tests {
         // acked and delivered in it, two only in the drain. All three count
         // as acked (nothing lost), but only one as carried in the window.
         let t = Tracker::new();
-        t.set_window_end(10_000_000);
+        t.set_window(1_000_000, 10_000_000);
         let sends: Vec<u64> = (0..3)
             .map(|_| t.dispatch(true, 1, false, 0, 0, 0))
             .collect();
@@ -930,6 +946,57 @@ mod tests {
         assert_eq!((c.acked, c.delivered, c.deliveries), (3, 3, 3));
         assert_eq!(c.acked_in_window, 1);
         assert_eq!((c.delivered_in_window, c.deliveries_in_window), (1, 1));
+    }
+
+    #[test]
+    fn rates_count_what_arrived_in_the_window_of_any_send() {
+        // A server that keeps up with a 100 ms ack latency: the window's
+        // last sends are acked after it closes, and warm-up sends inside
+        // it; counting only the window's own sends would show it short by
+        // the latency over the window.
+        let t = Tracker::new();
+        t.set_window(1_000_000_000, 2_000_000_000);
+        let mut in_window = 0;
+        for i in 0..30 {
+            // One send every 100 ms from 0.1 s, each acked and delivered
+            // 100 ms after it was meant to leave.
+            let intended = 100_000_000 * (i + 1);
+            let measured = (1_000_000_000..2_000_000_000).contains(&intended);
+            let send = t.dispatch(measured, 1, false, 7, 0, intended);
+            let at = intended + 100_000_000;
+            t.acked(send, 7, 0, i + 1, intended, at);
+            t.delivered(send, 1, 7, 0, intended, at);
+            in_window += u64::from((1_000_000_000..=2_000_000_000).contains(&at));
+        }
+        let c = t.freeze(3_000_000_000).counts;
+        assert_eq!(c.sent, 10);
+        assert_eq!(in_window, 11);
+        assert_eq!(c.acked_in_window, in_window);
+        assert_eq!(c.delivered_in_window, in_window);
+        assert_eq!(c.deliveries_in_window, in_window);
+        // Only the measured sends count for correctness.
+        assert_eq!((c.acked, c.delivered, c.deliveries), (10, 10, 10));
+    }
+
+    #[test]
+    fn receipts_that_never_came_count_as_late_as_the_run_saw() {
+        let t = Tracker::new();
+        let a = t.dispatch(true, 1, false, 7, 0, 0);
+        let b = t.dispatch(true, 1, false, 7, 0, 0);
+        t.acked(a, 7, 0, 1, 0, 1_000_000);
+        t.acked(b, 7, 0, 2, 0, 1_000_000);
+        t.delivered(a, 1, 7, 0, 0, 2_000_000);
+        t.delivered(b, 1, 7, 0, 0, 2_000_000);
+        // The recipient reports only the first delivered.
+        t.receipt(7, 0, 501, 1, 3_000_000);
+        let f = t.freeze(60_000_000);
+        assert_eq!(f.counts.receipts, 1);
+        assert_eq!(f.receipt.len(), 2);
+        let max = f.receipt.max();
+        assert!(
+            (59_000..=61_000).contains(&max),
+            "b's receipt counts at the freeze: {max}"
+        );
     }
 
     #[test]

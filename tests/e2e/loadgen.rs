@@ -485,6 +485,13 @@ async fn a_frozen_server_shows_up_as_latency_from_the_intended_time() {
         ack.max >= 800.0 && ack.p99 >= 800.0,
         "the 1 s freeze must show in the ack latency: {ack:?}"
     );
+    // Open loop: the ~50 sends scheduled during the freeze (a quarter of
+    // the window's ~200) all left on time and waited, from 0 to 1 s, so
+    // the slowest tenth waited more than half a second. A load generator
+    // whose users waited for their acks would have had only one send per
+    // user (10) stuck, and would have sent fewer in all.
+    assert!(ack.p90 >= 300.0, "p90 {ack:?}");
+    assert!(report.sent >= 160, "the schedule kept its rate: {report:?}");
     assert!(report.latency_ms.deliver.max >= 800.0, "{report:?}");
     assert!(report.server_cpu_pct.is_some(), "{report:?}");
     // The split by thread names the embedded store's writer thread.
