@@ -43,6 +43,7 @@ macro_rules! history_store_conformance {
             append_refuses_non_members_without_failing_the_batch,
             history_paging_edges,
             undelivered_and_watermarks,
+            undelivered_pages_across_conversations,
             conversation_list,
             concurrent_appends_get_distinct_contiguous_seqs,
             stored_presence,
@@ -496,6 +497,70 @@ pub async fn history_paging_edges(store: &impl HistoryStore) {
     assert_eq!(page.messages.len(), 0);
     let page = store.history(c, Direction::Backward, 0, 1).await.unwrap();
     assert_eq!(page.messages[0].text, "m25");
+}
+
+/// Catch-up pages walk every conversation with something pending in
+/// (conversation, seq) order, each message once, whatever the page size
+/// and wherever the cursor stops (in a conversation, or at its end).
+pub async fn undelivered_pages_across_conversations(store: &impl HistoryStore) {
+    let (a, b, c1) = friends_with_direct(store, "alice", "bob").await;
+    let carol = user(store, "carol").await;
+    let dave = user(store, "dave").await;
+    let mut expected = Vec::new();
+    let mut conversations = vec![c1];
+    for other in [carol, dave] {
+        store.friend_request(other, b, 1).await.unwrap();
+        store.friend_accept(b, other, 1).await.unwrap();
+        conversations.push(store.open_direct(other, b, 2).await.unwrap());
+    }
+    let senders = [a, carol, dave];
+    for i in 0..4 {
+        for (k, (&c, &from)) in conversations.iter().zip(&senders).enumerate() {
+            // Bob's own replies are in the conversations but not his to
+            // catch up on; Dave's conversation gets fewer messages.
+            if k == 2 && i >= 2 {
+                continue;
+            }
+            let m = append_one(store, text(c, from, &format!("m{k}-{i}"), "hi", 10 + i)).await;
+            expected.push((c, m.message.seq));
+            append_one(store, text(c, b, &format!("r{k}-{i}"), "re", 10 + i)).await;
+        }
+    }
+    expected.sort();
+    let all: Vec<_> = store
+        .undelivered(b, (0, 0), 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| (m.conversation_id, m.seq))
+        .collect();
+    assert_eq!(all, expected);
+    for page_size in 1..=4 {
+        let mut walked = Vec::new();
+        let mut cursor = (0, 0);
+        loop {
+            let page = store.undelivered(b, cursor, page_size).await.unwrap();
+            assert!(page.len() <= page_size as usize);
+            let Some(last) = page.last() else {
+                break;
+            };
+            cursor = (last.conversation_id, last.seq);
+            walked.extend(page.iter().map(|m| (m.conversation_id, m.seq)));
+        }
+        assert_eq!(walked, expected, "pages of {page_size}");
+    }
+    // A cursor at the last seq of a conversation goes on with the next.
+    let c1_last = expected
+        .iter()
+        .filter(|(c, _)| *c == c1)
+        .map(|&(_, s)| s)
+        .max()
+        .unwrap();
+    let next = store.undelivered(b, (c1, c1_last), 1).await.unwrap();
+    assert_eq!(
+        (next[0].conversation_id, next[0].seq),
+        *expected.iter().find(|(c, _)| *c != c1).unwrap()
+    );
 }
 
 /// Undelivered messages, forward-only watermarks, clamping, seen implies

@@ -1990,29 +1990,69 @@ impl HistoryStore for SqliteStore {
         after: (ConversationId, u64),
         limit: u32,
     ) -> Result<Vec<Arc<proto::Message>>, StoreError> {
+        // The ranges first, then each conversation's from where the page
+        // starts: one query joining them could not start at the cursor
+        // (SQLite does not push it into a UNION ALL), so every page read
+        // and sorted the user's whole backlog, catch-up was quadratic in
+        // it, and all of it ran on the store's one thread.
         self.call(move |conn, _| {
+            let ranges: Vec<(u64, u64, u64)> = conn
+                .prepare_cached(&format!(
+                    "SELECT conversation_id, delivered_seq, upto FROM ({READING_RANGES})
+                     WHERE upto > delivered_seq AND conversation_id >= ?2
+                     ORDER BY conversation_id"
+                ))
+                .map_err(internal)?
+                .query_map(params![sql(user), sql(after.0)], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)? as u64,
+                        row.get::<_, i64>(1)? as u64,
+                        row.get::<_, i64>(2)? as u64,
+                    ))
+                })
+                .map_err(internal)?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(internal)?;
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {MESSAGE_COLUMNS}
-                     FROM ({READING_RANGES}) r
-                     JOIN message_index i ON i.conversation_id = r.conversation_id
-                                         AND i.seq > r.delivered_seq AND i.seq <= r.upto
-                     JOIN messages m ON m.message_id = i.message_id
-                     WHERE r.upto > r.delivered_seq
-                       AND m.sender_id != ?1
-                       AND (i.conversation_id, i.seq) > (?2, ?3)
-                     ORDER BY i.conversation_id, i.seq LIMIT ?4"
+                     FROM message_index i JOIN messages m ON m.message_id = i.message_id
+                     WHERE i.conversation_id = ?1 AND i.seq > ?2 AND i.seq <= ?3
+                       AND m.sender_id != ?4
+                     ORDER BY i.seq LIMIT ?5"
                 ))
                 .map_err(internal)?;
-            let rows = stmt
-                .query_map(
-                    params![sql(user), sql(after.0), sql(after.1), limit],
-                    message_from_row,
-                )
-                .map_err(internal)?;
-            rows.map(|r| r.map(Arc::new))
-                .collect::<rusqlite::Result<_>>()
-                .map_err(internal)
+            let mut page = Vec::new();
+            for (conversation, delivered, upto) in ranges {
+                let left = limit as usize - page.len();
+                if left == 0 {
+                    break;
+                }
+                let from = if conversation == after.0 {
+                    delivered.max(after.1)
+                } else {
+                    delivered
+                };
+                if from >= upto {
+                    continue;
+                }
+                let rows = stmt
+                    .query_map(
+                        params![
+                            sql(conversation),
+                            sql(from),
+                            sql(upto),
+                            sql(user),
+                            left as i64
+                        ],
+                        message_from_row,
+                    )
+                    .map_err(internal)?;
+                for row in rows {
+                    page.push(Arc::new(row.map_err(internal)?));
+                }
+            }
+            Ok(page)
         })
         .await
     }
