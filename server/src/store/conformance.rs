@@ -419,6 +419,37 @@ pub async fn append_assigns_seq_and_is_idempotent(store: &impl HistoryStore) {
     let view = store.conversation(c, b).await.unwrap();
     assert_eq!(view.last_seq, 4);
     assert_eq!(view.last_activity_ms, 300);
+
+    // A key reused for another conversation is no retry: refused, nothing
+    // stored there, and alone (in a batch, or after the first commit).
+    let carol = user(store, "carol").await;
+    store.friend_request(a, carol, 1).await.unwrap();
+    store.friend_accept(carol, a, 1).await.unwrap();
+    let c2 = store.open_direct(a, carol, 2).await.unwrap();
+    let results = store
+        .append(vec![
+            text(c2, a, "k1", "to carol, old key", 400),
+            text(c2, a, "k5", "to carol", 401),
+            text(c, a, "k5", "to bob, same key in the batch", 402),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(results[0], Err(StoreError::Invalid(_))),
+        "{results:?}"
+    );
+    assert_eq!(results[1].as_ref().unwrap().message.seq, 1);
+    assert!(
+        matches!(results[2], Err(StoreError::Invalid(_))),
+        "{results:?}"
+    );
+    let page = store.history(c2, Direction::Backward, 0, 10).await.unwrap();
+    assert_eq!(seqs(&page.messages), vec![1]);
+    assert_eq!(store.conversation(c, b).await.unwrap().last_seq, 4);
+    // And the first of them still answers its own retry.
+    let retry = append_one(store, text(c2, a, "k5", "to carol", 500)).await;
+    assert!(retry.duplicate);
+    assert_eq!(retry.message.seq, 1);
 }
 
 /// A non-member's message fails alone; the rest of the batch commits.

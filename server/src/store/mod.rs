@@ -266,6 +266,21 @@ pub(crate) fn check_repeated_edit(
     }
 }
 
+/// `original`, stored under the key `m` carries, answers `m` only if `m` is
+/// its retry: same conversation, same type. A key reused for a message to
+/// another conversation, or a group change's key on a send, is refused:
+/// acknowledging it would tell the app a message was stored that was not.
+pub(crate) fn check_retry(original: Appended, m: &NewMessage) -> Result<Appended, StoreError> {
+    let message = &original.message;
+    if message.conversation_id == m.conversation_id && message.r#type == m.message_type as i32 {
+        Ok(original)
+    } else {
+        Err(StoreError::Invalid(
+            "client_msg_id was already used for another message".into(),
+        ))
+    }
+}
+
 /// The words of SYSTEM messages, shared by every backend so a group reads
 /// the same whatever stores it.
 pub mod system_text {

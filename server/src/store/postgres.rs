@@ -609,23 +609,29 @@ impl PostgresStore {
         let mut results: Vec<Result<Appended, StoreError>> = Vec::with_capacity(batch.len());
         for (m, slot) in batch.iter().zip(slots) {
             let result = match slot {
-                Slot::Stored(message, members) => Ok(Appended {
-                    message,
-                    duplicate: true,
-                    members,
-                }),
+                Slot::Stored(message, members) => crate::store::check_retry(
+                    Appended {
+                        message,
+                        duplicate: true,
+                        members,
+                    },
+                    m,
+                ),
                 Slot::SameAs(first) => match results.get(first) {
                     // Nobody has acknowledged a message of this batch yet.
-                    Some(Ok(original)) => Ok(Appended {
-                        message: original.message.clone(),
-                        duplicate: true,
-                        members: original
-                            .members
-                            .iter()
-                            .copied()
-                            .filter(|&member| member != m.sender_id)
-                            .collect(),
-                    }),
+                    Some(Ok(original)) => crate::store::check_retry(
+                        Appended {
+                            message: original.message.clone(),
+                            duplicate: true,
+                            members: original
+                                .members
+                                .iter()
+                                .copied()
+                                .filter(|&member| member != m.sender_id)
+                                .collect(),
+                        },
+                        m,
+                    ),
                     _ => Err(StoreError::Internal(
                         "duplicate points at a message that was not stored".into(),
                     )),

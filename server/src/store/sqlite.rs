@@ -1470,7 +1470,7 @@ fn append_one(
             // A retry of a message stored before the sender left or was
             // removed still gets its original ack.
             return match stored_original(conn, state, m.sender_id, &m.client_msg_id)? {
-                Some(original) => Ok(original),
+                Some(original) => crate::store::check_retry(original, &m),
                 None => Err(StoreError::NotAMember),
             };
         }
@@ -1480,7 +1480,7 @@ fn append_one(
     // idempotency table). The common path is that read, one insert and one
     // update by primary key.
     if let Some(original) = stored_original(conn, state, m.sender_id, &m.client_msg_id)? {
-        return Ok(original);
+        return crate::store::check_retry(original, &m);
     }
     let message_id = state.next_message_id;
     conn.prepare_cached(
@@ -1915,8 +1915,9 @@ impl HistoryStore for SqliteStore {
             for m in batch {
                 let result = append_one(conn, state, m, false);
                 match &result {
-                    // A refused message wrote nothing; the batch goes on.
-                    Ok(_) | Err(StoreError::NotAMember) => {}
+                    // A refused message (not a member, a key reused for
+                    // another message) wrote nothing; the batch goes on.
+                    Ok(_) | Err(StoreError::NotAMember | StoreError::Invalid(_)) => {}
                     Err(e) => return Err(clone_err(e)),
                 }
                 results.push(result);
