@@ -1408,6 +1408,18 @@ pub async fn groups(store: &impl HistoryStore) {
         .change_group(GroupEdit::new(g, b, GroupChange::SetAdmin(b, false)), 5, 17)
         .await
         .unwrap();
+    // But the only admin cannot step down: nobody could change the group
+    // after that. Refused, nothing written.
+    let before = store.conversation(g, a).await.unwrap().last_seq;
+    assert!(matches!(
+        store
+            .change_group(GroupEdit::new(g, a, GroupChange::SetAdmin(a, false)), 5, 17)
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    let view = store.conversation(g, a).await.unwrap();
+    assert_eq!(view.last_seq, before);
+    assert_eq!(view.members.iter().filter(|m| m.admin).count(), 1);
     let left = store
         .change_group(GroupEdit::new(g, a, GroupChange::Leave), 5, 18)
         .await

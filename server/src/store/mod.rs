@@ -266,6 +266,11 @@ pub(crate) fn check_repeated_edit(
     }
 }
 
+/// Why demoting a group's only admin is refused: a group keeps an admin
+/// while it has members (leaving promotes one; nothing else would).
+pub(crate) const LAST_ADMIN: &str =
+    "a group keeps at least one admin: make another member admin first";
+
 /// `original`, stored under the key `m` carries, answers `m` only if `m` is
 /// its retry: same conversation, same type. A key reused for a message to
 /// another conversation, or a group change's key on a send, is refused:

@@ -1472,8 +1472,23 @@ impl HistoryStore for PostgresStore {
                 if !is_admin {
                     return Err(StoreError::NotAdmin);
                 }
-                if group::role(&tx, conversation_id, user).await?.is_none() {
+                let Some(current) = group::role(&tx, conversation_id, user).await? else {
                     return Err(StoreError::NotFound);
+                };
+                if !admin && current == group::ROLE_ADMIN {
+                    // Group changes hold the conversation's row: no other
+                    // demotion runs meanwhile.
+                    let admins: i64 = tx
+                        .query_one(
+                            "SELECT COUNT(*) FROM members WHERE conversation_id = $1 AND role = $2",
+                            &[&sql(conversation_id), &group::ROLE_ADMIN],
+                        )
+                        .await
+                        .map_err(pg)
+                        .and_then(|row| col(&row, 0))?;
+                    if admins <= 1 {
+                        return Err(StoreError::Invalid(crate::store::LAST_ADMIN.into()));
+                    }
                 }
                 let name = group::username(&tx, user).await?.unwrap_or_default();
                 let role = if admin {

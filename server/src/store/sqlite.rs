@@ -2268,8 +2268,20 @@ impl HistoryStore for SqliteStore {
                     if !is_admin {
                         return Err(StoreError::NotAdmin);
                     }
-                    if role_of(conn, conversation_id, user)?.is_none() {
+                    let Some(current) = role_of(conn, conversation_id, user)? else {
                         return Err(StoreError::NotFound);
+                    };
+                    if !admin && current == ROLE_ADMIN {
+                        let admins: i64 = conn
+                            .prepare_cached(
+                                "SELECT COUNT(*) FROM members WHERE conversation_id = ?1 AND role = ?2",
+                            )
+                            .map_err(internal)?
+                            .query_row(params![sql(conversation_id), ROLE_ADMIN], |r| r.get(0))
+                            .map_err(internal)?;
+                        if admins <= 1 {
+                            return Err(StoreError::Invalid(crate::store::LAST_ADMIN.into()));
+                        }
                     }
                     let name = username_of(conn, user)?.unwrap_or_default();
                     let role = if admin { ROLE_ADMIN } else { ROLE_MEMBER };
