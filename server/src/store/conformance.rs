@@ -419,6 +419,11 @@ pub async fn append_assigns_seq_and_is_idempotent(store: &impl HistoryStore) {
     let view = store.conversation(c, b).await.unwrap();
     assert_eq!(view.last_seq, 4);
     assert_eq!(view.last_activity_ms, 300);
+    // A message stamped earlier (the clock stepped back) does not move the
+    // conversation's activity back.
+    append_one(store, text(c, a, "k4", "five", 250)).await;
+    let view = store.conversation(c, b).await.unwrap();
+    assert_eq!((view.last_seq, view.last_activity_ms), (5, 300));
 
     // A key reused for another conversation is no retry: refused, nothing
     // stored there, and alone (in a batch, or after the first commit).
@@ -445,7 +450,7 @@ pub async fn append_assigns_seq_and_is_idempotent(store: &impl HistoryStore) {
     );
     let page = store.history(c2, Direction::Backward, 0, 10).await.unwrap();
     assert_eq!(seqs(&page.messages), vec![1]);
-    assert_eq!(store.conversation(c, b).await.unwrap().last_seq, 4);
+    assert_eq!(store.conversation(c, b).await.unwrap().last_seq, 5);
     // And the first of them still answers its own retry.
     let retry = append_one(store, text(c2, a, "k5", "to carol", 500)).await;
     assert!(retry.duplicate);

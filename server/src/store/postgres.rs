@@ -1925,13 +1925,16 @@ const ACK_DEPARTURES: &str = "
     WHERE d.conversation_id = u.conversation_id AND d.user_id = u.user_id
       AND d.seq > u.delivered";
 
-/// Moves each conversation's last seq and activity time. `c.id = ANY`
+/// Moves each conversation's last seq and activity time (never back: a
+/// clock stepped back must not reorder the conversation list, and SQLite
+/// keeps the later too). `c.id = ANY`
 /// makes the plan find the rows by key: joined to `unnest` alone, the
 /// cached generic plan scanned the whole table whenever it was small (a
 /// benchmark's 2,500 conversations, ~400 scans a second at 10,000 sends/s,
 /// reading dead row versions too until vacuum).
 const BUMP_SEQS: &str = "
-    UPDATE conversations c SET last_seq = u.last_seq, last_activity_ms = u.activity
+    UPDATE conversations c
+    SET last_seq = u.last_seq, last_activity_ms = GREATEST(c.last_activity_ms, u.activity)
     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(id, last_seq, activity)
     WHERE c.id = u.id AND c.id = ANY($1::bigint[])";
 

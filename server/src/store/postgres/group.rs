@@ -153,7 +153,8 @@ pub(super) async fn append_system(
 ) -> Result<(Appended, i64), StoreError> {
     let row = tx
         .query_one(
-            "UPDATE conversations SET last_seq = last_seq + 1, last_activity_ms = $2
+            "UPDATE conversations
+             SET last_seq = last_seq + 1, last_activity_ms = GREATEST(last_activity_ms, $2)
              WHERE id = $1 RETURNING last_seq, txid_current()",
             &[&sql(conversation_id), &now_ms],
         )
