@@ -2218,9 +2218,11 @@ fn id(v: i64) -> u64 {
     v as u64
 }
 
-/// Postgres integers are signed; ids and seqs never reach 2^63.
+/// Postgres integers are signed. Ids and seqs never reach 2^63, but a
+/// cursor from the network may: it saturates (past everything) rather than
+/// wrapping to a negative number that would read as before everything.
 fn sql(v: u64) -> i64 {
-    v as i64
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// A message from eight columns starting at `at`: conversation_id, seq,

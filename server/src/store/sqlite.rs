@@ -1092,9 +1092,11 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     )
 }
 
-/// SQLite integers are signed; ids and seqs never reach 2^63.
+/// SQLite integers are signed. Ids and seqs never reach 2^63, but a
+/// cursor from the network may: it saturates (past everything) rather than
+/// wrapping to a negative number that would read as before everything.
 fn sql(v: u64) -> i64 {
-    v as i64
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<proto::Message> {
