@@ -1902,10 +1902,12 @@ const LOCK_CONVERSATIONS: &str = "
 
 /// Locks member rows in (conversation, user) order before they are
 /// updated, in `append` and in `advance_watermarks` alike: a single UPDATE
-/// locks rows in whatever order its plan visits them.
+/// locks rows in whatever order its plan visits them. `conversation_id =
+/// ANY` lets the plan find them by key, as in [`BUMP_SEQS`].
 const LOCK_MEMBERS: &str = "
     SELECT conversation_id, user_id FROM members
     WHERE (conversation_id, user_id) IN (SELECT * FROM unnest($1::bigint[], $2::bigint[]))
+      AND conversation_id = ANY($1::bigint[])
     ORDER BY conversation_id, user_id FOR NO KEY UPDATE";
 
 /// Removed members' devices acknowledged up to `$3`: each departure moves
@@ -1950,6 +1952,7 @@ const INSERT_MESSAGES: &str = "
 
 /// Moves a sender's watermarks over their own run of messages, each one
 /// only if it was caught up (equal to the last seq before the batch).
+/// `conversation_id = ANY` as in [`BUMP_SEQS`].
 const OWN_WATERMARKS: &str = "
     UPDATE members m SET
         delivered_seq = CASE WHEN m.delivered_seq = u.caught_up_at THEN u.moved_to
@@ -1959,6 +1962,7 @@ const OWN_WATERMARKS: &str = "
     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
          AS u(conversation_id, user_id, caught_up_at, moved_to)
     WHERE m.conversation_id = u.conversation_id AND m.user_id = u.user_id
+      AND m.conversation_id = ANY($1::bigint[])
       AND (m.delivered_seq = u.caught_up_at OR m.seen_seq = u.caught_up_at)";
 
 /// Moves watermarks forward only, clamped to the conversation's last seq;

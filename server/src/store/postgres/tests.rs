@@ -932,7 +932,7 @@ async fn generic_plan(schema: &str, statement: &str, types: &str, args: &str) ->
 /// small (and its dead row versions with it), ~400 scans a second at
 /// 10,000 sends/s in the benchmark.
 #[tokio::test]
-async fn batch_updates_find_conversations_by_key() {
+async fn batch_updates_find_their_rows_by_key() {
     with_store(|store| async move {
         let (a, b) = (user(&*store, "alice").await, user(&*store, "bob").await);
         befriend(&*store, a, b).await;
@@ -958,6 +958,36 @@ async fn batch_updates_find_conversations_by_key() {
             let plan = generic_plan(&schema, statement, types, &args).await;
             assert!(
                 plan.contains("conversations_pkey") && !plan.contains("Seq Scan on conversations"),
+                "{name}:\n{plan}"
+            );
+        }
+        // The member rows every append and watermark batch locks and moves.
+        for (name, statement, types, args) in [
+            (
+                "LOCK_MEMBERS",
+                LOCK_MEMBERS,
+                "bigint[], bigint[]",
+                "ARRAY[1]::bigint[], ARRAY[1]::bigint[]".to_owned(),
+            ),
+            (
+                "OWN_WATERMARKS",
+                OWN_WATERMARKS,
+                "bigint[], bigint[], bigint[], bigint[]",
+                format!("{arrays}, ARRAY[1]::bigint[]"),
+            ),
+            (
+                "ADVANCE",
+                ADVANCE,
+                "bigint[], bigint[], bigint[], bigint[]",
+                format!("{arrays}, ARRAY[1]::bigint[]"),
+            ),
+        ] {
+            let plan = generic_plan(&schema, statement, types, &args).await;
+            // By either of its keys: (conversation, user) or (user,
+            // conversation).
+            assert!(
+                (plan.contains("members_pkey") || plan.contains("members_by_user"))
+                    && !plan.contains("Seq Scan on members"),
                 "{name}:\n{plan}"
             );
         }
