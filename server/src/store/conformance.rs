@@ -521,11 +521,23 @@ pub async fn history_paging_edges(store: &impl HistoryStore) {
     // Cursors past 2^63 (from the network) are past everything, not
     // wrapped to before it.
     for cursor in [1 << 63, u64::MAX] {
-        let page = store.history(c, Direction::Backward, cursor, 10).await.unwrap();
+        let page = store
+            .history(c, Direction::Backward, cursor, 10)
+            .await
+            .unwrap();
         assert_eq!(seqs(&page.messages), (16..=25).collect::<Vec<_>>());
-        let page = store.history(c, Direction::Forward, cursor, 10).await.unwrap();
+        let page = store
+            .history(c, Direction::Forward, cursor, 10)
+            .await
+            .unwrap();
         assert!(page.messages.is_empty() && !page.has_more);
-        assert!(store.undelivered(b, (c, cursor), 10).await.unwrap().is_empty());
+        assert!(
+            store
+                .undelivered(b, (c, cursor), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
     let page = store.history(c, Direction::Backward, 11, 10).await.unwrap();
     assert_eq!(seqs(&page.messages), (1..=10).collect::<Vec<_>>());

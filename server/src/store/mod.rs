@@ -266,6 +266,11 @@ pub(crate) fn check_repeated_edit(
     }
 }
 
+/// Largest backlog a catch-up reads from an [`InboxStore`] in one go;
+/// longer ones (a month offline) are paged from history, so a backend
+/// need keep no more than one entry past this per queue.
+pub const INBOX_CATCH_UP_LIMIT: usize = 2_000;
+
 /// Why demoting a group's only admin is refused: a group keeps an admin
 /// while it has members (leaving promotes one; nothing else would).
 pub(crate) const LAST_ADMIN: &str =

@@ -28,7 +28,9 @@ use prost::Message as _;
 
 use super::presence::{OnlineRecord, PresenceStore};
 use super::recent::{PER_CONVERSATION, page_from_run};
-use super::{ConversationId, InboxStore, Page, RecentCache, StoreError, UserId};
+use super::{
+    ConversationId, INBOX_CATCH_UP_LIMIT, InboxStore, Page, RecentCache, StoreError, UserId,
+};
 
 /// How long connecting may take before start-up fails with a clear error.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,11 +41,13 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// messages in Redis for good (catch-up checks a queue against history, so
 /// an expired one costs a history read, not a message).
 const INBOX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Entries kept per unread queue, the newest: the node reads at most 2,000
-/// in a catch-up and pages a longer backlog from history, so older ones
-/// would never be read (a trimmed queue disagrees with history and is not
-/// used).
-const INBOX_QUEUE_CAP: isize = 4_096;
+/// Entries kept per unread queue, the newest: a catch-up reads at most
+/// [`INBOX_CATCH_UP_LIMIT`] from the queues and pages a longer backlog from
+/// history, so older ones would never be read; the one more tells that a
+/// queue went past it (a trimmed queue disagrees with history and is not
+/// used either). Kept to that, a group member's maximum-size texts hold
+/// ~32 MiB per offline member's queue, not twice that.
+const INBOX_QUEUE_CAP: isize = INBOX_CATCH_UP_LIMIT as isize + 1;
 /// A conversation's recent messages expire this long after its last one:
 /// a cache miss costs a history read.
 const RECENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -553,6 +557,16 @@ mod tests {
         let queued = store.pending(5, 10_000).await.unwrap().unwrap();
         assert_eq!(queued.len(), INBOX_QUEUE_CAP as usize);
         assert_eq!(queued[0].seq, 11, "the newest are kept");
+        // No more than a catch-up could use, and a capped queue still
+        // reads as past the limit (history then).
+        assert_eq!(queued.len(), INBOX_CATCH_UP_LIMIT + 1);
+        assert!(
+            store
+                .pending(5, INBOX_CATCH_UP_LIMIT)
+                .await
+                .unwrap()
+                .is_none()
+        );
         RecentCache::push(&store, &[message(10, 1)]).await;
         let mut conn = store.conn.clone();
         for (key, ttl) in [

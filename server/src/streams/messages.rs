@@ -24,14 +24,11 @@ use crate::delivery::{MarkJob, SendJob, Work};
 use crate::error::{Refusal, retry_after_ms};
 use crate::hub::SessionHandle;
 use crate::session::{Session, on_read_error};
-use crate::store::{NewMessage, WatermarkKind, WatermarkUpdate};
+use crate::store::{INBOX_CATCH_UP_LIMIT, NewMessage, WatermarkKind, WatermarkUpdate};
 use crate::wire::{self, FrameReader, Outbound};
 
 /// Messages fetched per catch-up page.
 const CATCH_UP_PAGE: u32 = 256;
-/// Largest queue read from the inbox store in one go; longer backlogs (a
-/// month offline) are paged from history.
-const INBOX_CATCH_UP_LIMIT: usize = 2_000;
 /// DeliveryAcks a connection may send beyond the Deliver frames written to
 /// it. An ack costs the store work even when it moves nothing (a
 /// conversation the user is not in is looked up, a departure touched), and
