@@ -40,3 +40,8 @@ pub const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 8..=128;
 /// server must not ask for less or its online window would run out
 /// between two heartbeats.
 pub const MIN_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Unread counts are counted up to this; a longer backlog reads as this
+/// (apps show "999+"). Counting further would read every unread message of
+/// a busy muted group for each conversation list page.
+pub const MAX_UNREAD_COUNT: u64 = 1_000;

@@ -789,6 +789,18 @@ pub async fn conversation_list(store: &impl HistoryStore) {
     append_one(store, text(c1, a, "a1", "mine", 140)).await;
     assert_eq!(store.conversation(c1, a).await.unwrap().unread_count, 1);
     assert_eq!(store.conversation(c1, b).await.unwrap().unread_count, 1);
+    // Counted up to the cap, in the view and in the list.
+    let cap = chat_protocol::limits::MAX_UNREAD_COUNT;
+    let burst = (0..cap + 5)
+        .map(|i| text(c1, b, &format!("burst{i}"), "x", 150))
+        .collect();
+    for r in store.append(burst).await.unwrap() {
+        r.unwrap();
+    }
+    assert_eq!(store.conversation(c1, a).await.unwrap().unread_count, cap);
+    let list = store.conversations(a, (0, 0), 10).await.unwrap();
+    let listed = list.iter().find(|v| v.id == c1).unwrap();
+    assert_eq!(listed.unread_count, cap);
 }
 
 /// Many writers at once: every message gets a distinct seq, no gaps.

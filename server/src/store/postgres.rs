@@ -1984,13 +1984,15 @@ const ADVANCE: &str = "
     RETURNING m.conversation_id, m.user_id, m.delivered_seq, m.seen_seq";
 
 /// Conversations as one member sees them: the row, the unread count
-/// (others' messages above the viewer's seen watermark) and the newest
-/// message with its text cut to the preview length.
+/// (others' messages above the viewer's seen watermark, counted up to
+/// `MAX_UNREAD_COUNT`) and the newest message with its text cut to the
+/// preview length.
 const VIEWS: &str = "
     SELECT c.id, c.kind, c.name, c.last_seq, c.last_activity_ms,
-           (SELECT count(*) FROM messages u
-            WHERE u.conversation_id = c.id AND u.seq > me.seen_seq
-              AND u.sender_id <> me.user_id),
+           (SELECT count(*) FROM (SELECT 1 FROM messages u
+                                  WHERE u.conversation_id = c.id AND u.seq > me.seen_seq
+                                    AND u.sender_id <> me.user_id
+                                  LIMIT 1000) unread),
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
            lm.type, lm.sent_at_ms, left(lm.body, $3)
     FROM conversations c

@@ -1232,14 +1232,21 @@ fn view(
     } else {
         None
     };
+    // Counted up to the cap: past it, each view would read the backlog.
     let unread_count: i64 = conn
         .prepare_cached(
-            "SELECT COUNT(*) FROM message_index i JOIN messages m ON m.message_id = i.message_id
-             WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3",
+            "SELECT COUNT(*) FROM (
+                 SELECT 1 FROM message_index i JOIN messages m ON m.message_id = i.message_id
+                 WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3 LIMIT ?4)",
         )
         .map_err(internal)?
         .query_row(
-            params![sql(conversation_id), sql(seen_seq), sql(viewer)],
+            params![
+                sql(conversation_id),
+                sql(seen_seq),
+                sql(viewer),
+                sql(chat_protocol::limits::MAX_UNREAD_COUNT)
+            ],
             |r| r.get(0),
         )
         .map_err(internal)?;
