@@ -30,10 +30,13 @@ pub enum Event {
     /// A watched friend came online, went offline, or changed their
     /// last-active time (see [`Client::subscribe_presence`]).
     Presence(proto::PresenceState),
-    /// The connection is (re-)established and authenticated.
+    /// The connection is (re-)established and authenticated. Like
+    /// [`Event::Disconnected`], dropped when the event queue is full (see
+    /// [`Events`]).
     Connected,
     /// The connection was lost; the client is reconnecting unless
-    /// [`Event::SessionEnded`] follows.
+    /// [`Event::SessionEnded`] follows. Dropped when the event queue is
+    /// full (see [`Events`]).
     Disconnected {
         /// The server's close code, if it closed the connection.
         code: Option<ErrorCode>,
@@ -46,13 +49,24 @@ pub enum Event {
     },
 }
 
-/// The app's stream of [`Event`]s.
+/// The app's stream of [`Event`]s, up to `event_capacity` of them queued.
+///
+/// Messages, receipts, friend and presence events are never dropped: while
+/// the queue is full the client stops reading the server (which holds
+/// back in turn), so an app that stops draining the queue stops
+/// receiving. Connection-state events ([`Event::Connected`],
+/// [`Event::Disconnected`]) are dropped instead when the queue is full, so
+/// that reconnecting never waits for the app:
+/// [`Client::is_connected`] and [`Client::wait_connected`] always tell the
+/// current state.
 pub struct Events {
     rx: mpsc::Receiver<Event>,
 }
 
 impl Events {
-    /// The next event; `None` once the client is closed.
+    /// The next event; `None` once the client is closed (by
+    /// [`Client::close`], [`Client::logout`], the end of the session, or
+    /// dropping every [`Client`] handle) and the queued events are read.
     pub async fn next(&mut self) -> Option<Event> {
         self.rx.recv().await
     }
@@ -97,10 +111,25 @@ pub enum HistoryDirection {
 }
 
 /// A connected chat client. Cheap to clone; all clones share one
-/// connection.
+/// connection. Dropping the last clone closes the client as
+/// [`close`](Self::close) does.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    _handle: Arc<Handle>,
+}
+
+/// Shared by the app's [`Client`] clones only, never by the client's own
+/// tasks (they hold [`Inner`]): when the last clone goes, nobody can see
+/// what the connection brings any more, so it must not live on,
+/// reconnecting for ever and acknowledging deliveries (which moves the
+/// user's delivered watermark) that no app shows.
+struct Handle(Arc<Inner>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 type Pending = oneshot::Sender<Result<Body, ClientError>>;
@@ -112,7 +141,10 @@ pub(crate) struct Inner {
     pub(crate) config: ClientConfig,
     pub(crate) quic: quinn::ClientConfig,
     pub(crate) endpoint: quinn::Endpoint,
-    pub(crate) events: mpsc::Sender<Event>,
+    /// The app's event queue; taken when the client closes or the session
+    /// ends, so that [`Events::next`] then ends too, whoever still holds a
+    /// [`Client`].
+    events: Mutex<Option<mpsc::Sender<Event>>>,
     identity: Mutex<Option<Identity>>,
     live: Mutex<Option<Live>>,
     pending: Mutex<HashMap<u64, Pending>>,
@@ -125,8 +157,9 @@ pub(crate) struct Inner {
     closed: AtomicBool,
     reconnect: Notify,
     connected: watch::Sender<bool>,
-    /// Send heartbeats (the app may stop them, e.g. in the background).
-    pub(crate) heartbeats: AtomicBool,
+    /// Send heartbeats (the app may stop them, e.g. in the background);
+    /// each connection's heartbeat task watches it.
+    pub(crate) heartbeats: watch::Sender<bool>,
     /// Users whose presence the app watches; re-subscribed on reconnect.
     watching: Mutex<Vec<u64>>,
     /// Latest known presence per watched user (only theirs).
@@ -141,6 +174,30 @@ pub(crate) struct Inner {
 impl Inner {
     pub(crate) fn next_request_id(&self) -> u64 {
         self.next_request_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues an event for the app, waiting while the queue is full (the
+    /// caller, a stream's reader, then stops reading: see [`Events`]).
+    /// Nothing once the client is closed.
+    pub(crate) async fn emit(&self, event: Event) {
+        let events = self.events.lock().expect("events lock").clone();
+        if let Some(events) = events {
+            let _ = events.send(event).await;
+        }
+    }
+
+    /// Queues a connection-state event if there is room, else drops it:
+    /// the supervisor must never wait for the app (see [`Events`]).
+    fn emit_state(&self, event: Event) {
+        let events = self.events.lock().expect("events lock").clone();
+        if let Some(events) = events {
+            if let Err(mpsc::error::TrySendError::Full(event)) = events.try_send(event) {
+                tracing::debug!(
+                    ?event,
+                    "event queue full; dropping a connection-state event"
+                );
+            }
+        }
     }
 
     /// True the first time (conversation, seq) is seen (see [`Delivered`]).
@@ -175,7 +232,7 @@ impl Inner {
         if delivered.first(message.conversation_id, message.seq) && !self.own_unanswered(&message) {
             // An app that dropped its event stream still gets acks sent,
             // so the server does not resend forever.
-            let _ = self.events.send(Event::Message(message)).await;
+            self.emit(Event::Message(message)).await;
         }
     }
 
@@ -315,7 +372,7 @@ impl Inner {
             }
         }
         for state in states {
-            let _ = self.events.send(Event::Presence(state)).await;
+            self.emit(Event::Presence(state)).await;
         }
     }
 
@@ -349,8 +406,11 @@ impl Inner {
 
     /// The session cannot continue: nothing will be sent any more, so
     /// every waiting send and request fails with the reason, new ones fail
-    /// with `Closed`, and the app hears `SessionEnded`.
-    async fn end_session(&self, code: ErrorCode) {
+    /// with `Closed`, and the app hears `SessionEnded`, after which its
+    /// event stream ends. That event is not dropped however full the queue
+    /// is, and the caller (the supervisor) does not wait for room: a task
+    /// of its own delivers it.
+    fn end_session(&self, code: ErrorCode) {
         let error = ClientError::Server {
             code,
             message: "the session ended; log in again".into(),
@@ -363,7 +423,34 @@ impl Inner {
         }
         let _ = self.connected.send_replace(false);
         self.fail_pending(&error);
-        let _ = self.events.send(Event::SessionEnded { code }).await;
+        if let Some(events) = self.events.lock().expect("events lock").take() {
+            tokio::spawn(async move {
+                let _ = events.send(Event::SessionEnded { code }).await;
+            });
+        }
+    }
+
+    /// Disconnects for good (see [`Client::close`]).
+    fn close(&self) {
+        // Under the outbox lock, which `install` and sends take too: a
+        // connection being made now is closed as it is installed, and no
+        // send joins the outbox after it is failed.
+        let live = {
+            let mut outbox = self.outbox.lock().expect("outbox lock");
+            if self.closed.swap(true, Ordering::Relaxed) {
+                return;
+            }
+            outbox.fail_all(&ClientError::Closed);
+            self.live.lock().expect("live lock").take()
+        };
+        if let Some(live) = live {
+            live.conn.close(0u32.into(), b"client closed");
+        }
+        self.fail_pending(&ClientError::Closed);
+        let _ = self.connected.send_replace(false);
+        // The app's event stream ends once it has read what is queued.
+        self.events.lock().expect("events lock").take();
+        self.reconnect.notify_one();
     }
 
     fn fail_pending(&self, error: &ClientError) {
@@ -424,7 +511,7 @@ impl Client {
         let inner = Arc::new(Inner {
             quic,
             endpoint,
-            events: events_tx,
+            events: Mutex::new(Some(events_tx)),
             identity: Mutex::new(None),
             live: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
@@ -434,7 +521,7 @@ impl Client {
             closed: AtomicBool::new(false),
             reconnect: Notify::new(),
             connected: watch::channel(false).0,
-            heartbeats: AtomicBool::new(true),
+            heartbeats: watch::channel(true).0,
             watching: Mutex::new(Vec::new()),
             presence: Mutex::new(HashMap::new()),
             receipts: Mutex::new(HashMap::new()),
@@ -454,7 +541,11 @@ impl Client {
         // Nobody can have closed a client not yet returned.
         inner.install(live);
         tokio::spawn(supervise(inner.clone(), conn));
-        Ok((Client { inner }, Events { rx: events_rx }))
+        let client = Client {
+            _handle: Arc::new(Handle(inner.clone())),
+            inner,
+        };
+        Ok((client, Events { rx: events_rx }))
     }
 
     /// Who this client is logged in as.
@@ -697,8 +788,14 @@ impl Client {
     /// Stops (`false`) or resumes heartbeats. Without heartbeats the server
     /// shows this user offline after its presence window even though the
     /// connection stays open (e.g. while the app is in the background).
+    /// Resuming sends one at once, so the user is online again at once
+    /// (e.g. when the app comes to the foreground).
     pub fn set_heartbeats(&self, enabled: bool) {
-        self.inner.heartbeats.store(enabled, Ordering::Relaxed);
+        self.inner.heartbeats.send_if_modified(|on| {
+            let changed = *on != enabled;
+            *on = enabled;
+            changed
+        });
     }
 
     /// Creates a group with friends; replies with the new conversation.
@@ -869,25 +966,11 @@ impl Client {
         Ok(())
     }
 
-    /// Disconnects for good; pending sends fail with `Closed`.
+    /// Disconnects for good; pending sends fail with `Closed`, and the
+    /// event stream ends once its queued events are read. Dropping the last
+    /// clone of the client does this too.
     pub fn close(&self) {
-        // Under the outbox lock, which `install` and sends take too: a
-        // connection being made now is closed as it is installed, and no
-        // send joins the outbox after it is failed.
-        let live = {
-            let mut outbox = self.inner.outbox.lock().expect("outbox lock");
-            if self.inner.closed.swap(true, Ordering::Relaxed) {
-                return;
-            }
-            outbox.fail_all(&ClientError::Closed);
-            self.inner.live.lock().expect("live lock").take()
-        };
-        if let Some(live) = live {
-            live.conn.close(0u32.into(), b"client closed");
-        }
-        self.inner.fail_pending(&ClientError::Closed);
-        let _ = self.inner.connected.send_replace(false);
-        self.inner.reconnect.notify_one();
+        self.inner.close();
     }
 
     async fn expect_ok(&self, body: Body) -> Result<(), ClientError> {
@@ -1034,6 +1117,28 @@ fn first_reconnect_delay(code: Option<ErrorCode>, config: &ClientConfig) -> Dura
     }
 }
 
+/// How long to wait before the next reconnect after an attempt that waited
+/// `delay` failed with `error`: the doubled delay (within the configured
+/// bounds), but at least what the refusal calls for (a full node's
+/// SERVER_BUSY, as when a live connection closes with it) and the server's
+/// retry-after, so that a fleet of clients does not hammer a full node
+/// every few hundred milliseconds.
+fn retry_delay(delay: Duration, error: &ClientError, config: &ClientConfig) -> Duration {
+    let doubled = (delay * 2)
+        .max(config.reconnect_min)
+        .min(config.reconnect_max);
+    let ClientError::Server {
+        code, retry_after, ..
+    } = error
+    else {
+        return doubled;
+    };
+    let asked = retry_after.map_or(Duration::ZERO, |r| r.min(MAX_SERVER_PAUSE));
+    doubled
+        .max(first_reconnect_delay(Some(*code), config))
+        .max(asked)
+}
+
 /// Longest a server's retry-after may hold the outbox back at a time: the
 /// pause outlives connections (the refused send must go first), so a
 /// server that answered with a retry-after of days must not silence the
@@ -1092,9 +1197,9 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
         }
         let code = error.code();
         tracing::debug!(?code, "connection lost");
-        let _ = inner.events.send(Event::Disconnected { code }).await;
+        inner.emit_state(Event::Disconnected { code });
         if let Some(code) = code.filter(|c| ends_session(*c)) {
-            inner.end_session(code).await;
+            inner.end_session(code);
             return;
         }
         let token = inner
@@ -1133,7 +1238,7 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                     if !inner.install(live) {
                         return;
                     }
-                    let _ = inner.events.send(Event::Connected).await;
+                    inner.emit_state(Event::Connected);
                     // Presence may have changed while we were away.
                     let watching = inner.watching.lock().expect("watching lock").clone();
                     if !watching.is_empty() {
@@ -1148,13 +1253,11 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                 }
                 Err(e) => {
                     if let Some(code) = e.code().filter(|c| ends_session(*c)) {
-                        inner.end_session(code).await;
+                        inner.end_session(code);
                         return;
                     }
                     tracing::debug!(error = %e, ?delay, "reconnect failed");
-                    delay = (delay * 2)
-                        .max(inner.config.reconnect_min)
-                        .min(inner.config.reconnect_max);
+                    delay = retry_delay(delay, &e, &inner.config);
                 }
             }
         }
@@ -1178,6 +1281,50 @@ mod tests {
         );
         assert!(config.reconnect_max / 2 > config.reconnect_min);
         assert_eq!(first_reconnect_delay(None, &config), config.reconnect_min);
+    }
+
+    #[test]
+    fn a_refused_reconnect_waits_what_the_refusal_calls_for() {
+        let config = ClientConfig::new("127.0.0.1:4433".parse().unwrap(), "localhost");
+        let min = config.reconnect_min;
+        let busy = |retry_after| ClientError::Server {
+            code: ErrorCode::ServerBusy,
+            message: "full".into(),
+            retry_after,
+        };
+        // A network failure doubles from the minimum up to the maximum.
+        assert_eq!(retry_delay(min, &ClientError::Timeout, &config), min * 2);
+        assert_eq!(
+            retry_delay(config.reconnect_max, &ClientError::Timeout, &config),
+            config.reconnect_max
+        );
+        // A full node: at least the busy delay, from the first refusal on.
+        assert_eq!(
+            retry_delay(min, &busy(None), &config),
+            config.reconnect_max / 2
+        );
+        assert_eq!(
+            retry_delay(config.reconnect_max, &busy(None), &config),
+            config.reconnect_max
+        );
+        // A retry-after beyond both is waited out, up to a minute.
+        let asked = config.reconnect_max * 3;
+        assert_eq!(retry_delay(min, &busy(Some(asked)), &config), asked);
+        let days = Duration::from_secs(3 * 24 * 3600);
+        assert_eq!(
+            retry_delay(min, &busy(Some(days)), &config),
+            MAX_SERVER_PAUSE
+        );
+        // Any refusal with a retry-after (a login refused as busy).
+        let unavailable = ClientError::Server {
+            code: ErrorCode::Unavailable,
+            message: "later".into(),
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        assert_eq!(
+            retry_delay(min, &unavailable, &config),
+            Duration::from_secs(2)
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use chat_protocol::{Body, Codec, ErrorCode, Frame, FrameError, StreamKind, proto};
 use quinn::{RecvStream, SendStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::client::{Event, Inner};
 use crate::error::ClientError;
@@ -144,14 +144,25 @@ async fn establish(
     let (ms, mr) = open(&conn, StreamKind::Messages).await?;
     let (rs, rr) = open(&conn, StreamKind::Receipts).await?;
     let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
-    tokio::spawn(write_loop(send, control_rx));
+    tokio::spawn(write_loop(
+        conn.clone(),
+        send,
+        control_rx,
+        StreamKind::Control,
+    ));
     tokio::spawn(messages_write_loop(
+        conn.clone(),
         ms,
         messages_rx,
         ack_rx,
         config.delivery_ack_linger,
     ));
-    tokio::spawn(write_loop(rs, receipts_rx));
+    tokio::spawn(write_loop(
+        conn.clone(),
+        rs,
+        receipts_rx,
+        StreamKind::Receipts,
+    ));
     let live = Live {
         conn,
         control: control_tx,
@@ -173,7 +184,7 @@ async fn establish(
         let interval = std::time::Duration::from_millis(auth_ok.heartbeat_interval_ms.into())
             .max(chat_protocol::limits::MIN_HEARTBEAT_INTERVAL);
         tokio::spawn(heartbeat_loop(
-            inner.clone(),
+            inner.heartbeats.subscribe(),
             live.conn.clone(),
             live.control.clone(),
             interval,
@@ -214,10 +225,22 @@ async fn open(
     Ok((send, recv))
 }
 
-async fn write_loop(mut send: SendStream, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+/// Writes one stream until its queue closes. A write that fails while
+/// the connection lives (the server stopped or reset the stream) closes
+/// the connection, as a failed read does (see [`read_loop`]): the frames
+/// queued here count as sent, so sends would wait for answers that never
+/// come while heartbeats kept the connection up; a closed connection makes
+/// the supervisor connect again and resend the outbox.
+async fn write_loop(
+    conn: quinn::Connection,
+    mut send: SendStream,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    kind: StreamKind,
+) {
     let mut batch = Vec::with_capacity(16);
     while rx.recv_many(&mut batch, MAX_COALESCE).await > 0 {
         if send.write_all_chunks(&mut batch).await.is_err() {
+            write_failed(&conn, kind);
             return;
         }
         batch.clear();
@@ -225,24 +248,50 @@ async fn write_loop(mut send: SendStream, mut rx: mpsc::UnboundedReceiver<Bytes>
     let _ = send.finish();
 }
 
-/// Sends a heartbeat every `interval` while the connection lives (and the
-/// app has not paused heartbeats).
+/// Closes the connection after a failed write on `kind`, unless it is
+/// already closed (which is what made the write fail).
+fn write_failed(conn: &quinn::Connection, kind: StreamKind) {
+    if conn.close_reason().is_none() {
+        tracing::warn!(
+            stream = kind.name(),
+            "cannot write to a stream; reconnecting"
+        );
+        conn.close(0u32.into(), b"stream write failed");
+    }
+}
+
+/// Sends a heartbeat every `interval` while the connection lives and the
+/// app has heartbeats on (`enabled`). Turning them back on sends one at
+/// once, so a user coming back to the foreground is online at once, and
+/// the next a full interval later. Ticks missed while the process was
+/// frozen (an app in the background) are not made up in a burst: the
+/// schedule just resumes.
 async fn heartbeat_loop(
-    inner: Arc<Inner>,
+    mut enabled: watch::Receiver<bool>,
     conn: quinn::Connection,
     control: mpsc::UnboundedSender<Bytes>,
     interval: std::time::Duration,
 ) {
     let heartbeat = encode(&Frame::push(Body::Heartbeat(proto::Heartbeat {})));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            changed = enabled.changed() => {
+                // The sender lives in `Inner`, which outlives the
+                // connection; gone, nobody can turn heartbeats on again.
+                if changed.is_err() {
+                    return;
+                }
+                if !*enabled.borrow_and_update() {
+                    continue;
+                }
+                tick.reset();
+            }
             _ = conn.closed() => return,
         }
-        if inner.heartbeats.load(std::sync::atomic::Ordering::Relaxed)
-            && control.send(heartbeat.clone()).is_err()
-        {
+        if *enabled.borrow() && control.send(heartbeat.clone()).is_err() {
             return;
         }
     }
@@ -251,8 +300,10 @@ async fn heartbeat_loop(
 /// Writes the messages stream: the app's sends as soon as they come, and
 /// delivery acks (`(conversation, seq)` from the reader), which wait up to
 /// `linger` to leave with the next send, in the same packet, as one
-/// DeliveryAck per conversation.
+/// DeliveryAck per conversation. A failed write closes the connection
+/// (see [`write_loop`]).
 async fn messages_write_loop(
+    conn: quinn::Connection,
     mut send: SendStream,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     mut acks: mpsc::Receiver<(u64, u64)>,
@@ -297,6 +348,7 @@ async fn messages_write_loop(
             ))));
         }
         if send.write_all_chunks(&mut batch).await.is_err() {
+            write_failed(&conn, StreamKind::Messages);
             return;
         }
         batch.clear();
@@ -358,10 +410,10 @@ async fn read_loop(
             Some(Body::SendAck(ack)) => inner.send_answered(request_id, Ok(ack)),
             Some(Body::Receipt(receipt)) => {
                 inner.note_receipt(&receipt);
-                let _ = inner.events.send(Event::Receipt(receipt)).await;
+                inner.emit(Event::Receipt(receipt)).await;
             }
             Some(Body::FriendEvent(event)) => {
-                let _ = inner.events.send(Event::Friend(event)).await;
+                inner.emit(Event::Friend(event)).await;
             }
             Some(Body::PresenceUpdate(update)) => inner.presence_changed(update.states).await,
             Some(Body::Error(e)) if kind == StreamKind::Messages && request_id != 0 => {

@@ -36,6 +36,11 @@
 //! * exactly-once delivery to the app: messages are deduplicated by
 //!   (conversation, seq), and acknowledged to the server only after the app's
 //!   event queue took them;
+//! * a client lives while the app holds it: dropping the last clone of a
+//!   [`Client`] closes it as [`Client::close`] does, and the [`Events`]
+//!   stream ends when the client closes;
+//! * reconnecting never waits for the app: connection-state events are
+//!   dropped when the event queue is full (messages never are);
 //! * bounded state whatever a server sends: presence is kept for the
 //!   watched users only, receipt watermarks for the conversations the app
 //!   asked about (at most 10,000 members each), and the deduplication

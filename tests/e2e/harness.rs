@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use chat_client::{Client, ClientConfig, ClientError, Event, Events};
+use chat_client::{Client, ClientConfig, ClientError, Event, Events, proto};
 use chat_server::{Config, Server};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -168,6 +168,37 @@ impl Backend {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "user {user}'s queue never held {n} messages"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `user`'s unread queue of `conversation` holds its
+    /// message `seq` (the queue keeps only the newest, so a long backlog
+    /// is never all there); returns at once on the embedded store.
+    pub async fn wait_queued_through(&self, user: u64, conversation: u64, seq: u64) {
+        let Backend::Production(p) = self else { return };
+        use chat_server::store::InboxStore;
+        use chat_server::store::redis::RedisStore;
+        let store = RedisStore::connect(&p.redis_url, &p.redis_prefix)
+            .await
+            .expect("redis");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let queued = store
+                .pending(user, usize::MAX)
+                .await
+                .expect("read the queue");
+            let there = queued.is_some_and(|q| {
+                q.iter()
+                    .any(|m| m.conversation_id == conversation && m.seq == seq)
+            });
+            if there {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "user {user}'s queue never held {conversation}:{seq}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -519,7 +550,7 @@ pub async fn wait_delivered(observer: &Client, conversation: u64, member: u64, s
 }
 
 /// Collects `n` messages (ignoring other events).
-pub async fn messages(events: &mut Events, n: usize) -> Vec<chat_client::proto::Message> {
+pub async fn messages(events: &mut Events, n: usize) -> Vec<proto::Message> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let m = wait_for(
@@ -643,11 +674,9 @@ impl RawControl {
             next_request_id: 1,
         };
         let reply = raw
-            .request(chat_protocol::Body::Authenticate(
-                chat_client::proto::Authenticate {
-                    token: token.into(),
-                },
-            ))
+            .request(chat_protocol::Body::Authenticate(proto::Authenticate {
+                token: token.into(),
+            }))
             .await;
         assert!(matches!(reply, chat_protocol::Body::AuthOk(_)), "{reply:?}");
         raw
@@ -727,4 +756,27 @@ pub fn value(samples: &HashMap<String, f64>, key: &str) -> f64 {
     *samples
         .get(key)
         .unwrap_or_else(|| panic!("{key} missing from /metrics"))
+}
+
+/// Wall-clock Unix milliseconds, as the server stamps presence.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The next presence change of `user` to `online` (earlier updates, e.g. a
+/// coalesced "online" from before the subscription, are skipped).
+pub async fn presence_of(
+    events: &mut Events,
+    user: u64,
+    online: bool,
+    what: &str,
+) -> proto::PresenceState {
+    wait_for(events, what, |e| match e {
+        Event::Presence(p) if p.user_id == user && p.online == online => Some(p),
+        _ => None,
+    })
+    .await
 }

@@ -71,7 +71,9 @@ each_backend! {
         let bob_identity = bob.identity();
         bob.close();
         let acked = send_texts(&alice, conversation, N).await;
-        backend.wait_queued(bob_identity.user_id, N).await;
+        backend
+            .wait_queued_through(bob_identity.user_id, conversation, *acked.last().unwrap())
+            .await;
 
         let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_identity.token)
             .await
@@ -855,4 +857,208 @@ async fn hundreds_of_pipelined_page_requests_are_all_answered() {
         answered += 1;
     }
     assert_eq!(answered, REQUESTS);
+}
+
+/// The client library's own faults, each seen against a node: a stream
+/// the server stops, reconnects refused by a full node, heartbeats turned
+/// back on, clients dropped without `close`, and an app that does not
+/// drain its events.
+mod client_faults {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use chat_client::{Client, Event, Events};
+
+    use crate::harness::*;
+
+    #[tokio::test]
+    async fn reconnects_refused_by_a_full_node_wait_the_busy_delay() {
+        // A reconnect refused with SERVER_BUSY used to wait only the
+        // doubled delay (250 ms, 500 ms, 1 s here), so a fleet hammered a
+        // full node; now it waits at least the busy delay (reconnect_max /
+        // 2 = 30 s here) after the first refusal. The node has one
+        // connection place; Alice takes it while Bob is away.
+        let server = TestServer::start_with(|c| c.transport.max_connections = 1).await;
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        let count = |m: &HashMap<String, f64>, key| value(m, key) as u64;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        let token = alice.identity().token;
+        alice.close();
+        scrape_until(metrics, "alice's place given back", |m| {
+            count(m, "chat_connections_active") == 0
+        })
+        .await;
+        let mut config = server.client_config();
+        config.reconnect_min = Duration::from_millis(250);
+        config.reconnect_max = Duration::from_secs(60);
+        let (bob, _eb) = register(config, &name("bob")).await;
+
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let in_time = || {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "alice never got the place while bob was away"
+            );
+        };
+        let (alice, _alice_events) = 'race: loop {
+            in_time();
+            let opened = count(&scrape(metrics).await, "chat_connections_opened_total");
+            bob.reconnect_now();
+            loop {
+                if let Ok(alice) = Client::resume(server.client_config(), &token).await {
+                    break 'race alice;
+                }
+                // Bob was quicker: once he is back, let him go again.
+                let now = count(&scrape(metrics).await, "chat_connections_opened_total");
+                if now > opened {
+                    assert!(bob.wait_connected(WAIT).await, "bob is back");
+                    break;
+                }
+                in_time();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let refused = count(&scrape(metrics).await, "chat_connections_refused_total");
+        // Bob's next attempt is refused; without the busy delay two more
+        // would follow within this window.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let samples = scrape(metrics).await;
+        let more = count(&samples, "chat_connections_refused_total") - refused;
+        assert!(
+            more <= 1,
+            "{more} reconnects refused in 8 s: bob did not back off"
+        );
+        assert!(!bob.is_connected());
+        // Asked to, he comes back at once once there is room.
+        alice.close();
+        scrape_until(metrics, "alice's place given back", |m| {
+            count(m, "chat_connections_active") == 0
+        })
+        .await;
+        bob.reconnect_now();
+        assert!(bob.wait_connected(WAIT).await, "bob reconnects when asked");
+    }
+
+    #[tokio::test]
+    async fn heartbeats_turned_back_on_show_the_user_online_at_once() {
+        // Turning heartbeats back on used to wait for the next tick, up to
+        // a whole interval, before the user showed online again. Alice
+        // goes offline with her heartbeats off; they are turned back on
+        // just after one of her ticks, so the next tick is most of an
+        // interval away, and she must show online well before it.
+        const HEARTBEAT: Duration = Duration::from_secs(6);
+        let server = TestServer::start_with(|c| {
+            c.limits.heartbeat_interval = HEARTBEAT;
+            c.limits.presence_ttl_multiple = 2;
+        })
+        .await;
+        let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+        // Her heartbeats are due every HEARTBEAT from about now.
+        let ticks_from = tokio::time::Instant::now();
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        befriend(&alice, &bob).await;
+        let a = alice.identity().user_id;
+        assert!(bob.subscribe_presence(&[a]).await.unwrap()[0].online);
+        alice.set_heartbeats(false);
+        presence_of(&mut bob_events, a, false, "alice offline").await;
+
+        let ticks = ticks_from.elapsed().as_secs_f64() / HEARTBEAT.as_secs_f64();
+        let next = HEARTBEAT.mul_f64(ticks.floor() + 1.0);
+        tokio::time::sleep_until(ticks_from + next + HEARTBEAT / 10).await;
+        let on_ms = now_ms();
+        alice.set_heartbeats(true);
+        let online = presence_of(&mut bob_events, a, true, "alice back online").await;
+        // Her last activity is the heartbeat that brought her back.
+        let after = online.last_active_ms - on_ms;
+        let next_tick = HEARTBEAT.mul_f64(0.9).as_millis() as i64;
+        assert!(
+            after < next_tick - 900,
+            "the first heartbeat came {after} ms after turning them on (the next tick was {next_tick} ms away)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_dropped_without_close_disconnects() {
+        // The connection used to live on, reconnecting for ever and
+        // acknowledging deliveries nobody saw, once the app had dropped
+        // every handle.
+        let server = TestServer::start().await;
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        let (alice, mut events) = register(server.client_config(), &name("alice")).await;
+        let copy = alice.clone();
+        assert_eq!(
+            value(&scrape(metrics).await, "chat_connections_active"),
+            1.0
+        );
+        drop(alice);
+        assert!(copy.is_connected(), "a clone keeps the client");
+        drop(copy);
+        scrape_until(metrics, "the dropped client's connection closed", |m| {
+            value(m, "chat_connections_active") == 0.0
+        })
+        .await;
+        assert_events_end(&mut events).await;
+    }
+
+    #[tokio::test]
+    async fn events_end_on_logout_while_a_clone_is_held() {
+        let server = TestServer::start().await;
+        let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+        let held = alice.clone();
+        alice.logout().await.unwrap();
+        assert_events_end(&mut alice_events).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let _held = bob.clone();
+        bob.close();
+        assert_events_end(&mut bob_events).await;
+        assert!(!held.is_connected());
+    }
+
+    #[tokio::test]
+    async fn an_app_that_does_not_drain_its_events_still_reconnects() {
+        // The supervisor used to wait for room for Disconnected: with the
+        // queue full it never reconnected. Connection-state events are now
+        // dropped when there is no room; messages still wait for it.
+        let server = TestServer::start().await;
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        let mut config = server.client_config();
+        config.event_capacity = 1;
+        let (alice, mut alice_events) = register(config, &name("alice")).await;
+        let (bob, _be) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        while alice_events.try_next().is_some() {}
+        // A message fills Alice's queue (she acks it once it is queued).
+        let sent = bob
+            .send_text(conversation, "fills the queue")
+            .await
+            .unwrap();
+        let a = alice.identity().user_id;
+        wait_delivered(&bob, conversation, a, sent.seq).await;
+
+        let opened = value(&scrape(metrics).await, "chat_connections_opened_total");
+        alice.reconnect_now();
+        scrape_until(metrics, "alice connected again", |m| {
+            value(m, "chat_connections_opened_total") > opened
+                && value(m, "chat_connections_active") == 2.0
+        })
+        .await;
+        assert!(alice.wait_connected(WAIT).await);
+        alice.friends().await.expect("requests answered");
+        match alice_events.next().await {
+            Some(Event::Message(m)) => assert_eq!(m.seq, sent.seq),
+            other => panic!("the message first, not {other:?}"),
+        }
+        // And messages still arrive on the new connection.
+        let later = bob.send_text(conversation, "later").await.unwrap();
+        let m = messages(&mut alice_events, 1).await;
+        assert_eq!(m[0].seq, later.seq);
+    }
+
+    /// Reads the queued events until the stream ends, failing after
+    /// [`WAIT`].
+    async fn assert_events_end(events: &mut Events) {
+        tokio::time::timeout(WAIT, async { while events.next().await.is_some() {} })
+            .await
+            .expect("the event stream ends");
+    }
 }

@@ -1,6 +1,6 @@
 //! Presence: online / offline / last active, for friends who subscribe.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chat_client::{Client, ErrorCode, Event, Events, proto};
 
@@ -16,28 +16,6 @@ async fn server(backend: Backend) -> TestServer {
     TestServer::start_on_with(backend, |c| {
         c.limits.heartbeat_interval = HEARTBEAT;
         c.limits.presence_ttl_multiple = MULTIPLE;
-    })
-    .await
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-/// The next presence change of `user` to `online` (earlier updates, e.g. a
-/// coalesced "online" from before the subscription, are skipped).
-async fn presence_of(
-    events: &mut Events,
-    user: u64,
-    online: bool,
-    what: &str,
-) -> proto::PresenceState {
-    wait_for(events, what, |e| match e {
-        Event::Presence(p) if p.user_id == user && p.online == online => Some(p),
-        _ => None,
     })
     .await
 }

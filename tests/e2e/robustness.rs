@@ -537,6 +537,64 @@ async fn accept_stream(
 }
 
 #[tokio::test]
+async fn a_stream_the_server_stops_makes_the_client_reconnect_and_resend() {
+    // A failed write used to end only that stream's writer: the send
+    // then counted as sent and waited for an answer for ever, while the
+    // connection stayed up. Now the write's failure closes the
+    // connection and the next one resends the outbox. The fake node
+    // stops reading the first connection's messages stream.
+    let (_dir, endpoint, config) = fake_node().await;
+    let node = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut control, _control) = fake_login(&conn).await.expect("a login");
+        let (_send, mut messages, _, _others) = accept_stream(&conn, StreamKind::Messages).await;
+        messages.stop(0u32.into()).unwrap();
+        // Sent after the STOP_SENDING: once the app has this push, the
+        // client knows its messages stream is stopped.
+        let push = Frame::push(Body::FriendEvent(proto::FriendEvent::default()));
+        control.write_all(&frames(&[push])).await.unwrap();
+
+        let again = tokio::time::timeout(WAIT, endpoint.accept())
+            .await
+            .expect("the client connects again")
+            .unwrap();
+        let conn = again.await.unwrap();
+        let _control = fake_login(&conn).await.expect("a login again");
+        let (mut send, mut recv, mut buf, _others) =
+            accept_stream(&conn, StreamKind::Messages).await;
+        let resent = next_frame(&mut recv, &mut buf).await;
+        let Some(Body::Send(request)) = resent.body else {
+            panic!("the send resent, not {resent:?}");
+        };
+        let ack = Frame::new(
+            resent.request_id,
+            Body::SendAck(proto::SendAck {
+                conversation_id: request.conversation_id,
+                seq: 1,
+                message_id: 1,
+                client_msg_id: request.client_msg_id,
+                ..Default::default()
+            }),
+        );
+        send.write_all(&frames(&[ack])).await.unwrap();
+        // Until the client has gone.
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    });
+    let (client, mut events) = register_fake(config).await;
+    wait_for(&mut events, "the node's push", |e| {
+        matches!(e, Event::Friend(_)).then_some(())
+    })
+    .await;
+    let ack = tokio::time::timeout(WAIT, client.send_text(7, "hello"))
+        .await
+        .expect("the send is answered on the next connection")
+        .expect("sent");
+    assert_eq!(ack.seq, 1);
+    client.close();
+    node.await.unwrap();
+}
+
+#[tokio::test]
 async fn a_client_that_gets_a_bad_frame_from_the_server_reconnects() {
     // Without this, the stream's reader just stopped: the connection stayed
     // up on heartbeats and every later request timed out.
