@@ -246,8 +246,15 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
             let Some((conversation, _)) = screen.open.clone() else {
                 bail!("no conversation open (/open NAME)")
             };
-            let ack = client.send_text(conversation, line).await?;
-            println!("  ✓ sent (#{})", ack.seq);
+            // Spawned, not awaited here: this loop also drains the events,
+            // and the ack travels behind the messages queued before it.
+            let (client, text) = (client.clone(), line.to_owned());
+            tokio::spawn(async move {
+                match client.send_text(conversation, &text).await {
+                    Ok(ack) => println!("  ✓ sent (#{})", ack.seq),
+                    Err(e) => println!("  ✗ not sent: {e}"),
+                }
+            });
         }
     }
     Ok(true)

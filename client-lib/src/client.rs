@@ -59,6 +59,12 @@ pub enum Event {
 /// that reconnecting never waits for the app:
 /// [`Client::is_connected`] and [`Client::wait_connected`] always tell the
 /// current state.
+///
+/// Answers travel behind the events of their stream: a `SendAck` after
+/// the messages queued before it. So do not await a send or request on
+/// the task that drains the events while the queue may be full (after a
+/// long time offline, say): spawn it, or keep draining while it runs;
+/// otherwise both wait for each other.
 pub struct Events {
     rx: mpsc::Receiver<Event>,
 }
