@@ -941,54 +941,61 @@ async fn batch_updates_find_their_rows_by_key() {
             .expect("test stores have a schema")
             .to_owned();
         let arrays = "ARRAY[1]::bigint[], ARRAY[1]::bigint[], ARRAY[1]::bigint[]";
-        for (name, statement, types, args) in [
+        let two = "bigint[], bigint[]";
+        let three = "bigint[], bigint[], bigint[]";
+        let four = "bigint[], bigint[], bigint[], bigint[]";
+        let four_args = format!("{arrays}, ARRAY[1]::bigint[]");
+        // Each statement, the table whose rows it finds, and the keys it
+        // may find them by; members by either of its two.
+        let conversations: &[&str] = &["conversations_pkey"];
+        let members: &[&str] = &["members_pkey", "members_by_user"];
+        for (name, statement, types, args, table, keys) in [
             (
                 "BUMP_SEQS",
                 BUMP_SEQS,
-                "bigint[], bigint[], bigint[]",
+                three,
                 arrays.to_owned(),
+                "conversations",
+                conversations,
             ),
             (
                 "ADVANCE",
                 ADVANCE,
-                "bigint[], bigint[], bigint[], bigint[]",
-                format!("{arrays}, ARRAY[1]::bigint[]"),
+                four,
+                four_args.clone(),
+                "conversations",
+                conversations,
             ),
-        ] {
-            let plan = generic_plan(&schema, statement, types, &args).await;
-            assert!(
-                plan.contains("conversations_pkey") && !plan.contains("Seq Scan on conversations"),
-                "{name}:\n{plan}"
-            );
-        }
-        // The member rows every append and watermark batch locks and moves.
-        for (name, statement, types, args) in [
+            (
+                "ADVANCE",
+                ADVANCE,
+                four,
+                four_args.clone(),
+                "members",
+                members,
+            ),
             (
                 "LOCK_MEMBERS",
                 LOCK_MEMBERS,
-                "bigint[], bigint[]",
+                two,
                 "ARRAY[1]::bigint[], ARRAY[1]::bigint[]".to_owned(),
+                "members",
+                members,
             ),
             (
                 "OWN_WATERMARKS",
                 OWN_WATERMARKS,
-                "bigint[], bigint[], bigint[], bigint[]",
-                format!("{arrays}, ARRAY[1]::bigint[]"),
-            ),
-            (
-                "ADVANCE",
-                ADVANCE,
-                "bigint[], bigint[], bigint[], bigint[]",
-                format!("{arrays}, ARRAY[1]::bigint[]"),
+                four,
+                four_args.clone(),
+                "members",
+                members,
             ),
         ] {
             let plan = generic_plan(&schema, statement, types, &args).await;
-            // By either of its keys: (conversation, user) or (user,
-            // conversation).
             assert!(
-                (plan.contains("members_pkey") || plan.contains("members_by_user"))
-                    && !plan.contains("Seq Scan on members"),
-                "{name}:\n{plan}"
+                keys.iter().any(|key| plan.contains(key))
+                    && !plan.contains(&format!("Seq Scan on {table}")),
+                "{name} on {table}:\n{plan}"
             );
         }
     })
