@@ -75,7 +75,7 @@ impl Shared {
     }
 }
 
-/// CPU use over the measured window.
+/// CPU use over the measured window, and the connections at its ends.
 #[derive(Debug, Clone, Default)]
 pub struct CpuUse {
     /// Server CPU time (with `--server-pid`).
@@ -91,6 +91,9 @@ pub struct CpuUse {
     pub udp: Option<udp::UdpCounters>,
     /// CPU of each `--backend`, by its name.
     pub backends: BTreeMap<String, Duration>,
+    /// Users whose connection was up when the window opened and when it
+    /// closed (churn and reconnects show here).
+    pub connected: [u64; 2],
 }
 
 /// What the run measured.
@@ -435,6 +438,13 @@ async fn measure_window(
     ticks: u64,
     phase: watch::Sender<Phase>,
 ) -> CpuUse {
+    let connected = || {
+        shared
+            .users
+            .iter()
+            .filter(|user| user.client().is_some_and(|client| client.is_connected()))
+            .count() as u64
+    };
     let sample = || {
         (
             tokio::time::Instant::now(),
@@ -450,9 +460,11 @@ async fn measure_window(
     };
     tokio::time::sleep_until(shared.clock.instant(measure_ns)).await;
     let (t0, server0, own0, threads0, udp0, backends0) = sample();
+    let connected0 = connected();
     phase.send_replace(Phase::Measuring);
     tokio::time::sleep_until(shared.clock.instant(end_ns)).await;
     let (t1, server1, own1, threads1, udp1, backends1) = sample();
+    let connected1 = connected();
     phase.send_replace(Phase::Draining);
     let diff = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
     CpuUse {
@@ -469,6 +481,7 @@ async fn measure_window(
             .zip(backends0.iter().zip(&backends1))
             .map(|(b, (before, after))| (b.name.clone(), cpu::command_diff(before, after)))
             .collect(),
+        connected: [connected0, connected1],
     }
 }
 

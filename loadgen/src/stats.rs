@@ -659,8 +659,11 @@ pub struct Report {
     pub shard: String,
     /// Virtual users.
     pub users: u64,
-    /// QUIC connections (one per user).
+    /// QUIC connections up when the measured window opened (one per
+    /// online user).
     pub connections: u64,
+    /// Those up when it closed.
+    pub connections_at_end: u64,
     /// UDP sockets they share.
     pub endpoints: usize,
     /// Sends per second offered.
@@ -784,8 +787,13 @@ impl Report {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "chat-loadgen: profile {}, shard {}, {} users on {} connections over {} UDP sockets",
-            self.profile, self.shard, self.users, self.connections, self.endpoints
+            "chat-loadgen: profile {}, shard {}, {} users over {} UDP sockets, {} connected when the window opened and {} when it closed",
+            self.profile,
+            self.shard,
+            self.users,
+            self.endpoints,
+            self.connections,
+            self.connections_at_end
         );
         let _ = writeln!(
             t,

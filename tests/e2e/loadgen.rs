@@ -16,6 +16,7 @@ const REPORT_KEYS: &[&str] = &[
     "profile",
     "users",
     "connections",
+    "connections_at_end",
     "offered_rate",
     "duration_s",
     "sent",
@@ -112,7 +113,8 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
         "{report:?}"
     );
     assert_eq!(report.users, 20);
-    assert_eq!(report.connections, 20);
+    // Measured, not the plan's count: every user was online throughout.
+    assert_eq!((report.connections, report.connections_at_end), (20, 20));
     assert_eq!(report.latency_ms.ack.count, report.acked);
 
     let text = std::fs::read_to_string(&json).expect("the JSON report was written");
