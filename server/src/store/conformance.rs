@@ -1350,14 +1350,17 @@ pub async fn groups(store: &impl HistoryStore) {
             .await,
         Err(StoreError::NotFriends(x)) if x == e
     ));
+    // A list naming someone twice, and a member already in: each new one
+    // is added once.
     let added = store
-        .change_group(GroupEdit::new(g, a, GroupChange::Add(vec![d])), 5, 12)
+        .change_group(GroupEdit::new(g, a, GroupChange::Add(vec![d, b, d])), 5, 12)
         .await
         .unwrap();
     assert_eq!(
         (added.message.seq, names(&added)),
         (3, "alice added dave".to_string())
     );
+    assert_eq!(store.conversation(g, a).await.unwrap().members.len(), 4);
     assert!(added.members.contains(&d));
     // Dave reads from the message that added him: not before.
     assert_eq!(

@@ -1241,14 +1241,7 @@ impl HistoryStore for PostgresStore {
         let creator_name = group::username(&tx, creator)
             .await?
             .ok_or(StoreError::NotFound)?;
-        let mut names = Vec::with_capacity(members.len());
-        for &member in &members {
-            names.push(
-                group::username(&tx, member)
-                    .await?
-                    .ok_or(StoreError::NotFound)?,
-            );
-        }
+        let names = group::usernames(&tx, &members).await?;
         // A concurrent request with the same key (a retry racing its
         // original on another node) waits for it here and then inserts
         // nothing.
@@ -1283,10 +1276,8 @@ impl HistoryStore for PostgresStore {
             };
         };
         let id = id_col(&row, 0)?;
-        group::add_member(&tx, id, creator, group::ROLE_ADMIN, 0).await?;
-        for &member in &members {
-            group::add_member(&tx, id, member, group::ROLE_MEMBER, 0).await?;
-        }
+        group::add_members(&tx, id, &[creator], group::ROLE_ADMIN, 0).await?;
+        group::add_members(&tx, id, &members, group::ROLE_MEMBER, 0).await?;
         let text = crate::store::system_text::created(&creator_name, &name, &names);
         let (appended, xid) = group::append_system(&tx, id, creator, None, text, now_ms).await?;
         if let Err(e) = tx.commit().await {
@@ -1399,14 +1390,14 @@ impl HistoryStore for PostgresStore {
                 if !is_admin {
                     return Err(StoreError::NotAdmin);
                 }
-                let mut new = Vec::new();
-                for user in users {
-                    if group::role(&tx, conversation_id, user).await?.is_none()
-                        && !new.contains(&user)
-                    {
-                        new.push(user);
-                    }
-                }
+                // The list is the client's: one lookup for all of it, and
+                // each user once, in the order given.
+                let members = group::members_among(&tx, conversation_id, &users).await?;
+                let mut seen = HashSet::with_capacity(users.len());
+                let new: Vec<UserId> = users
+                    .into_iter()
+                    .filter(|user| !members.contains(user) && seen.insert(*user))
+                    .collect();
                 if new.is_empty() {
                     return Err(StoreError::Invalid("they are members already".into()));
                 }
@@ -1422,18 +1413,9 @@ impl HistoryStore for PostgresStore {
                 if current as usize + new.len() > max_members {
                     return Err(StoreError::LimitReached);
                 }
-                let mut names = Vec::new();
-                for &user in &new {
-                    names.push(
-                        group::username(&tx, user)
-                            .await?
-                            .ok_or(StoreError::NotFound)?,
-                    );
-                }
-                for &user in &new {
-                    group::add_member(&tx, conversation_id, user, group::ROLE_MEMBER, next_seq)
-                        .await?;
-                }
+                let names = group::usernames(&tx, &new).await?;
+                group::add_members(&tx, conversation_id, &new, group::ROLE_MEMBER, next_seq)
+                    .await?;
                 crate::store::system_text::added(&actor_name, &names)
             }
             GroupChange::Remove(user) => {

@@ -50,7 +50,7 @@
 //! or a watermark behind what was committed and no retry is taken for a
 //! new message.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -2210,9 +2210,11 @@ impl HistoryStore for SqliteStore {
                     if !is_admin {
                         return Err(StoreError::NotAdmin);
                     }
+                    // Each user once, in the order given.
+                    let mut seen = HashSet::with_capacity(users.len());
                     let mut new = Vec::new();
                     for user in users {
-                        if role_of(conn, conversation_id, user)?.is_none() && !new.contains(&user) {
+                        if seen.insert(user) && role_of(conn, conversation_id, user)?.is_none() {
                             new.push(user);
                         }
                     }

@@ -1,5 +1,6 @@
 //! Statements of group changes, run inside the caller's transaction.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chat_protocol::proto;
@@ -21,6 +22,44 @@ pub(super) async fn username(
         .map_err(pg)?
         .map(|r| col(&r, 0))
         .transpose()
+}
+
+/// The names of `users`, in their order; `NotFound` if one has no account.
+/// One round trip, however many (a group's founders or additions).
+pub(super) async fn usernames(
+    tx: &Transaction<'_>,
+    users: &[UserId],
+) -> Result<Vec<String>, StoreError> {
+    let ids: Vec<i64> = users.iter().map(|&u| sql(u)).collect();
+    let rows = tx
+        .query("SELECT id, username FROM users WHERE id = ANY($1)", &[&ids])
+        .await
+        .map_err(pg)?;
+    let mut names = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        names.insert(id_col(row, 0)?, col::<String>(row, 1)?);
+    }
+    users
+        .iter()
+        .map(|user| names.get(user).cloned().ok_or(StoreError::NotFound))
+        .collect()
+}
+
+/// Which of `users` are members of the conversation now (one round trip).
+pub(super) async fn members_among(
+    tx: &Transaction<'_>,
+    conversation_id: ConversationId,
+    users: &[UserId],
+) -> Result<HashSet<UserId>, StoreError> {
+    let ids: Vec<i64> = users.iter().map(|&u| sql(u)).collect();
+    let rows = tx
+        .query(
+            "SELECT user_id FROM members WHERE conversation_id = $1 AND user_id = ANY($2)",
+            &[&sql(conversation_id), &ids],
+        )
+        .await
+        .map_err(pg)?;
+    rows.iter().map(|row| id_col(row, 0)).collect()
 }
 
 /// `NotFriends` naming the first of `users` (in their order) who is not a
@@ -61,33 +100,28 @@ pub(super) async fn role(
     .transpose()
 }
 
-/// A member who reads from `joined_seq` on (0: everything); their
-/// watermarks start just below it.
-pub(super) async fn add_member(
+/// Adds members who read from `joined_seq` on (0: everything): their
+/// watermarks start just below it. Two statements however many.
+pub(super) async fn add_members(
     tx: &Transaction<'_>,
     conversation_id: ConversationId,
-    user: UserId,
+    users: &[UserId],
     role: i32,
     joined_seq: u64,
 ) -> Result<(), StoreError> {
+    let ids: Vec<i64> = users.iter().map(|&u| sql(u)).collect();
     let below = sql(joined_seq.saturating_sub(1));
     tx.execute(
         "INSERT INTO members (conversation_id, user_id, role, joined_seq, delivered_seq, seen_seq)
-         VALUES ($1, $2, $3, $4, $5, $5)",
-        &[
-            &sql(conversation_id),
-            &sql(user),
-            &role,
-            &sql(joined_seq),
-            &below,
-        ],
+         SELECT $1, u, $3, $4, $5, $5 FROM unnest($2::bigint[]) AS u",
+        &[&sql(conversation_id), &ids, &role, &sql(joined_seq), &below],
     )
     .await
     .map_err(pg)?;
     // Rejoining: what they missed while away is not theirs to catch up on.
     tx.execute(
-        "DELETE FROM departures WHERE user_id = $1 AND conversation_id = $2",
-        &[&sql(user), &sql(conversation_id)],
+        "DELETE FROM departures WHERE conversation_id = $1 AND user_id = ANY($2)",
+        &[&sql(conversation_id), &ids],
     )
     .await
     .map_err(pg)?;
