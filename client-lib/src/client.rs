@@ -1125,10 +1125,10 @@ fn first_reconnect_delay(code: Option<ErrorCode>, config: &ClientConfig) -> Dura
 
 /// How long to wait before the next reconnect after an attempt that waited
 /// `delay` failed with `error`: the doubled delay (within the configured
-/// bounds), but at least what the refusal calls for (a full node's
-/// SERVER_BUSY, as when a live connection closes with it) and the server's
-/// retry-after, so that a fleet of clients does not hammer a full node
-/// every few hundred milliseconds.
+/// bounds), but at least the server's retry-after when it gave one, else
+/// what the refusal's code calls for (a full node's SERVER_BUSY, as when a
+/// live connection closes with it), so that a fleet of clients does not
+/// hammer a full node every few hundred milliseconds.
 fn retry_delay(delay: Duration, error: &ClientError, config: &ClientConfig) -> Duration {
     let doubled = (delay * 2)
         .max(config.reconnect_min)
@@ -1139,10 +1139,12 @@ fn retry_delay(delay: Duration, error: &ClientError, config: &ClientConfig) -> D
     else {
         return doubled;
     };
-    let asked = retry_after.map_or(Duration::ZERO, |r| r.min(MAX_SERVER_PAUSE));
-    doubled
-        .max(first_reconnect_delay(Some(*code), config))
-        .max(asked)
+    // What the server asked for, when it said; else what the code calls for.
+    let floor = match retry_after {
+        Some(asked) => (*asked).min(MAX_SERVER_PAUSE),
+        None => first_reconnect_delay(Some(*code), config),
+    };
+    doubled.max(floor)
 }
 
 /// Longest a server's retry-after may hold the outbox back at a time: the
@@ -1313,6 +1315,11 @@ mod tests {
             retry_delay(config.reconnect_max, &busy(None), &config),
             config.reconnect_max
         );
+        // A shorter retry-after than the busy delay is what the server
+        // asked for: it replaces it.
+        let soon = Duration::from_secs(1);
+        assert!(soon < config.reconnect_max / 2 && soon > min * 2);
+        assert_eq!(retry_delay(min, &busy(Some(soon)), &config), soon);
         // A retry-after beyond both is waited out, up to a minute.
         let asked = config.reconnect_max * 3;
         assert_eq!(retry_delay(min, &busy(Some(asked)), &config), asked);

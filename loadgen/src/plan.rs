@@ -190,14 +190,16 @@ impl Plan {
             self.users,
             100.0 * self.users as f64 / p.population as f64,
         );
-        out.push_str(&format!(
-            "plan: shard {}'s share of the full-scale peak is {:.0} sends/s: \
-             with --rate {:.0} in each, {} processes together offer the full rate\n",
-            self.shard,
-            self.shard_peak_rate(),
-            self.shard_peak_rate(),
-            self.shard.count,
-        ));
+        if self.shard.count > 1 {
+            out.push_str(&format!(
+                "plan: shard {}'s share of the full-scale peak is {:.0} sends/s: \
+                 with --rate {:.0} in each, {} processes together offer the full rate\n",
+                self.shard,
+                self.shard_peak_rate(),
+                self.shard_peak_rate(),
+                self.shard.count,
+            ));
+        }
         if self.rate_overridden {
             out.push_str(&format!(
                 "plan: offered rate {:.1} sends/s (set by --rate; the profile's share would be {:.3})\n",

@@ -681,9 +681,9 @@ pub struct Report {
     pub group_sends: u64,
     /// Acked as durable.
     pub acked: u64,
-    /// The part of `acked` acked before the window closed (the rest came
-    /// in the drain): `acked_per_s` and the per-send CPU and datagrams
-    /// divide by it.
+    /// Acks that arrived within the measured window, of any send (warm-up
+    /// ones included, so it may exceed `acked`): `acked_per_s` and the
+    /// per-send CPU and datagrams divide by it.
     #[serde(default)]
     pub acked_in_window: u64,
     /// Delivered to every recipient at least once.
@@ -722,7 +722,9 @@ pub struct Report {
     pub deliveries_per_s: f64,
     /// Latency percentiles, ms.
     pub latency_ms: Latencies,
-    /// Connections lost and re-established by client-lib.
+    /// Connections lost and re-established by client-lib, as their
+    /// `Disconnected` events told: a lower bound, since client-lib drops
+    /// connection-state events when a receiver's event queue is full.
     pub reconnects: u64,
     /// Users taken offline by churn.
     pub churn_offline: u64,

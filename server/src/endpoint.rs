@@ -688,10 +688,21 @@ async fn serve_early(
     let timeout = handshake_timeout(&shared.config.transport);
     let completed = tokio::time::timeout(timeout, accepted).await.is_ok();
     drop(handshake);
-    if !completed || conn.close_reason().is_some() {
-        // Counted here, as a 1-RTT handshake's failure is (the session
-        // counts only connections that were established).
-        tracing::debug!(completed, "0-RTT handshake failed");
+    if let Some(reason) = conn.close_reason() {
+        // Ended before its handshake did. Counted here, as a 1-RTT
+        // handshake's failure is (the session counts only connections that
+        // were established): closed by the session itself over its early
+        // data (a bad frame, a refused token) as such, else as a failure.
+        let label = match reason {
+            quinn::ConnectionError::LocallyClosed => "server_closed",
+            _ => "handshake_failed",
+        };
+        tracing::debug!(reason = %reason, "0-RTT connection ended during its handshake");
+        shared.metrics.closed(label);
+        return;
+    }
+    if !completed {
+        tracing::debug!("0-RTT handshake not completed in time");
         shared.metrics.closed("handshake_failed");
         crate::wire::close(&conn, ErrorCode::Timeout, "handshake not completed in time");
         return;

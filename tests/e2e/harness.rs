@@ -156,27 +156,34 @@ impl Backend {
     /// Waits until `user`'s Redis unread queue holds `n` messages (the
     /// committer's cache updater pushes them a moment after the ack).
     pub async fn wait_queued(&self, user: u64, n: usize) {
-        let Backend::Production(p) = self else { return };
-        use chat_server::store::InboxStore;
-        use chat_server::store::redis::RedisStore;
-        let store = RedisStore::connect(&p.redis_url, &p.redis_prefix)
-            .await
-            .expect("redis");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let queued = |pending: Option<Vec<_>>| pending.map_or(usize::MAX, |q| q.len());
-        while queued(store.pending(user, n).await.expect("read the queue")) != n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "user {user}'s queue never held {n} messages"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_queue(user, &format!("{n} messages"), |queued| {
+            queued.is_some_and(|q| q.len() == n)
+        })
+        .await;
     }
 
     /// Waits until `user`'s unread queue of `conversation` holds its
     /// message `seq` (the queue keeps only the newest, so a long backlog
-    /// is never all there); returns at once on the embedded store.
+    /// is never all there).
     pub async fn wait_queued_through(&self, user: u64, conversation: u64, seq: u64) {
+        self.wait_queue(user, &format!("{conversation}:{seq}"), |queued| {
+            queued.is_some_and(|q| {
+                q.iter()
+                    .any(|m| m.conversation_id == conversation && m.seq == seq)
+            })
+        })
+        .await;
+    }
+
+    /// Polls `user`'s unread queues (all of them, `None` if there are
+    /// more than the store returns) until `done`; returns at once on the
+    /// embedded store, which has none.
+    async fn wait_queue(
+        &self,
+        user: u64,
+        what: &str,
+        done: impl Fn(Option<&[std::sync::Arc<proto::Message>]>) -> bool,
+    ) {
         let Backend::Production(p) = self else { return };
         use chat_server::store::InboxStore;
         use chat_server::store::redis::RedisStore;
@@ -185,20 +192,13 @@ impl Backend {
             .expect("redis");
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let queued = store
-                .pending(user, usize::MAX)
-                .await
-                .expect("read the queue");
-            let there = queued.is_some_and(|q| {
-                q.iter()
-                    .any(|m| m.conversation_id == conversation && m.seq == seq)
-            });
-            if there {
+            let queued = store.pending(user, 100_000).await.expect("read the queue");
+            if done(queued.as_deref()) {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "user {user}'s queue never held {conversation}:{seq}"
+                "user {user}'s queue never held {what}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -673,7 +673,8 @@ impl PostgresStore {
         let view_stmt = client.prepare_cached(VIEWS).await.map_err(pg)?;
         let members_stmt = client.prepare_cached(MEMBER_STATES).await.map_err(pg)?;
         let viewer = sql(viewer);
-        let view_params: [Param<'_>; 3] = [&ids, &viewer, &PREVIEW_CHARS];
+        let unread_cap = sql(chat_protocol::limits::MAX_UNREAD_COUNT);
+        let view_params: [Param<'_>; 4] = [&ids, &viewer, &PREVIEW_CHARS, &unread_cap];
         let member_params: [Param<'_>; 1] = [&ids];
         let (view_rows, member_rows) = tokio::try_join!(
             biased;
@@ -1967,14 +1968,14 @@ const ADVANCE: &str = "
 
 /// Conversations as one member sees them: the row, the unread count
 /// (others' messages above the viewer's seen watermark, counted up to
-/// `MAX_UNREAD_COUNT`) and the newest message with its text cut to the
-/// preview length.
+/// `$4`, `MAX_UNREAD_COUNT`) and the newest message with its text cut to
+/// the preview length.
 const VIEWS: &str = "
     SELECT c.id, c.kind, c.name, c.last_seq, c.last_activity_ms,
            (SELECT count(*) FROM (SELECT 1 FROM messages u
                                   WHERE u.conversation_id = c.id AND u.seq > me.seen_seq
                                     AND u.sender_id <> me.user_id
-                                  LIMIT 1000) unread),
+                                  LIMIT $4) unread),
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
            lm.type, lm.sent_at_ms, left(lm.body, $3)
     FROM conversations c

@@ -2010,7 +2010,7 @@ impl HistoryStore for SqliteStore {
                 .prepare_cached(&format!(
                     "SELECT conversation_id, delivered_seq, upto FROM ({READING_RANGES})
                      WHERE upto > delivered_seq AND conversation_id >= ?2
-                     ORDER BY conversation_id"
+                     ORDER BY conversation_id, delivered_seq"
                 ))
                 .map_err(internal)?
                 .query_map(params![sql(user), sql(after.0)], |row| {
