@@ -168,6 +168,12 @@ pub(crate) struct Inner {
     pub(crate) heartbeats: watch::Sender<bool>,
     /// Users whose presence the app watches; re-subscribed on reconnect.
     watching: Mutex<Vec<u64>>,
+    /// Held across a presence subscription's request and its reply, so
+    /// subscriptions reach the server in the order their lists were set:
+    /// a re-subscription after a reconnect, sent with the list as it was,
+    /// could otherwise land after the app's newer one and leave the
+    /// server watching the old list.
+    subscribing: tokio::sync::Mutex<()>,
     /// Latest known presence per watched user (only theirs).
     presence: Mutex<HashMap<u64, proto::PresenceState>>,
     /// Conversation -> member -> (delivered, seen), from conversation
@@ -529,6 +535,7 @@ impl Client {
             connected: watch::channel(false).0,
             heartbeats: watch::channel(true).0,
             watching: Mutex::new(Vec::new()),
+            subscribing: tokio::sync::Mutex::new(()),
             presence: Mutex::new(HashMap::new()),
             receipts: Mutex::new(HashMap::new()),
             config,
@@ -762,6 +769,7 @@ impl Client {
         &self,
         user_ids: &[u64],
     ) -> Result<Vec<proto::PresenceState>, ClientError> {
+        let _order = self.inner.subscribing.lock().await;
         *self.inner.watching.lock().expect("watching lock") = user_ids.to_vec();
         let mut states = subscribe(&self.inner, user_ids.to_vec()).await?;
         states.retain(|state| user_ids.contains(&state.user_id));
@@ -1247,12 +1255,24 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                         return;
                     }
                     inner.emit_state(Event::Connected);
-                    // Presence may have changed while we were away.
-                    let watching = inner.watching.lock().expect("watching lock").clone();
-                    if !watching.is_empty() {
+                    // Presence may have changed while we were away. The list
+                    // is read once it is this subscription's turn, so a
+                    // newer one from the app is never overtaken by an older.
+                    if !inner.watching.lock().expect("watching lock").is_empty() {
                         let inner = inner.clone();
                         tokio::spawn(async move {
-                            if let Ok(states) = subscribe(&inner, watching).await {
+                            let states = {
+                                let _order = inner.subscribing.lock().await;
+                                let watching =
+                                    inner.watching.lock().expect("watching lock").clone();
+                                if watching.is_empty() {
+                                    return;
+                                }
+                                subscribe(&inner, watching).await
+                            };
+                            // Handed to the app (which may wait for room)
+                            // after the turn is given back.
+                            if let Ok(states) = states {
                                 inner.presence_changed(states).await;
                             }
                         });

@@ -311,3 +311,42 @@ async fn a_resubscription_hears_every_later_change() {
             .online
     );
 }
+
+#[tokio::test]
+async fn a_list_changed_while_reconnecting_is_the_one_watched() {
+    // After a reconnect the client re-sends the list it watches. That
+    // re-subscription used to be made with the list as it was and could
+    // reach the server after the app's newer one, leaving the server
+    // watching the old list (and the client dropping its updates).
+    let server = server(Backend::Embedded).await;
+    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
+    befriend(&alice, &bob).await;
+    befriend(&alice, &carol).await;
+    let c = carol.identity();
+    carol.close();
+    until_offline(&alice, c.user_id).await;
+    alice
+        .subscribe_presence(&[bob.identity().user_id])
+        .await
+        .unwrap();
+
+    alice.reconnect_now();
+    // The app switches to carol while the client reconnects (a request
+    // made before the new connection is up may fail: ask again).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while alice.subscribe_presence(&[c.user_id]).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(alice.wait_connected(WAIT).await);
+    let (_carol, _ec) = Client::resume(server.client_config(), &c.token)
+        .await
+        .unwrap();
+    assert!(
+        presence_of(&mut alice_events, c.user_id, true, "carol online")
+            .await
+            .online
+    );
+}
