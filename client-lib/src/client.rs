@@ -372,20 +372,24 @@ impl Inner {
     /// the app. States of anyone else (a subscription the app has since
     /// replaced, or a confused server) are dropped: the map holds only the
     /// watched users.
-    pub(crate) async fn presence_changed(&self, mut states: Vec<proto::PresenceState>) {
+    pub(crate) async fn presence_changed(&self, states: Vec<proto::PresenceState>) {
+        for state in self.note_presence(states) {
+            self.emit(Event::Presence(state)).await;
+        }
+    }
+
+    /// Records presence states of watched users (dropping the rest) and
+    /// returns them, for the app to hear.
+    fn note_presence(&self, mut states: Vec<proto::PresenceState>) -> Vec<proto::PresenceState> {
         {
             let watching = self.watching.lock().expect("watching lock");
             states.retain(|state| watching.contains(&state.user_id));
         }
-        {
-            let mut known = self.presence.lock().expect("presence lock");
-            for state in &states {
-                known.insert(state.user_id, *state);
-            }
+        let mut known = self.presence.lock().expect("presence lock");
+        for state in &states {
+            known.insert(state.user_id, *state);
         }
-        for state in states {
-            self.emit(Event::Presence(state)).await;
-        }
+        states
     }
 
     fn live(&self) -> Option<Live> {
@@ -1268,12 +1272,18 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                                 if watching.is_empty() {
                                     return;
                                 }
-                                subscribe(&inner, watching).await
+                                // Recorded in its turn, so a newer
+                                // subscription's snapshot is not
+                                // overwritten by this older one.
+                                match subscribe(&inner, watching).await {
+                                    Ok(states) => inner.note_presence(states),
+                                    Err(_) => return,
+                                }
                             };
                             // Handed to the app (which may wait for room)
                             // after the turn is given back.
-                            if let Ok(states) = states {
-                                inner.presence_changed(states).await;
+                            for state in states {
+                                inner.emit(Event::Presence(state)).await;
                             }
                         });
                     }

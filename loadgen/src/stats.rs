@@ -663,6 +663,7 @@ pub struct Report {
     /// online user).
     pub connections: u64,
     /// Those up when it closed.
+    #[serde(default)]
     pub connections_at_end: u64,
     /// UDP sockets they share.
     pub endpoints: usize,

@@ -689,16 +689,12 @@ async fn serve_early(
     let completed = tokio::time::timeout(timeout, accepted).await.is_ok();
     drop(handshake);
     if let Some(reason) = conn.close_reason() {
-        // Ended before its handshake did. Counted here, as a 1-RTT
-        // handshake's failure is (the session counts only connections that
-        // were established): closed by the session itself over its early
-        // data (a bad frame, a refused token) as such, else as a failure.
-        let label = match reason {
-            quinn::ConnectionError::LocallyClosed => "server_closed",
-            _ => "handshake_failed",
-        };
+        // Ended before its handshake did, whoever closed it (the peer, or
+        // the session over its early data or its login timer): a failed
+        // handshake, counted here as a 1-RTT one's is (the session counts
+        // only connections that were established).
         tracing::debug!(reason = %reason, "0-RTT connection ended during its handshake");
-        shared.metrics.closed(label);
+        shared.metrics.closed("handshake_failed");
         return;
     }
     if !completed {

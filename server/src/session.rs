@@ -94,7 +94,8 @@ impl Session {
     /// connection place: always for a 1-RTT connection (served only then);
     /// for a 0-RTT one, waits (at most the handshake timeout) until the
     /// endpoint knows. A connection that never got that far is counted by
-    /// the endpoint (`handshake_failed`, or refused), as a 1-RTT one is.
+    /// the endpoint (`handshake_failed`, or as refused at the cap), as a
+    /// 1-RTT one is.
     async fn was_established(&self) -> bool {
         match &self.handshake {
             None => true,

@@ -1417,6 +1417,7 @@ impl HistoryStore for PostgresStore {
                 let names = group::usernames(&tx, &new).await?;
                 group::add_members(&tx, conversation_id, &new, group::ROLE_MEMBER, next_seq)
                     .await?;
+                group::forget_departures(&tx, conversation_id, &new).await?;
                 crate::store::system_text::added(&actor_name, &names)
             }
             GroupChange::Remove(user) => {

@@ -8,7 +8,7 @@
 //! | key | type | holds |
 //! | --- | --- | --- |
 //! | `<prefix>{u:ID}:presence` | string, PX ttl | `node` and `last_active_ms` (the seed's User Status record) |
-//! | `<prefix>{u:ID}:inbox:<conversation>` | sorted set, score = seq, the newest 4,096, PX 30 days from the last push | encoded messages not yet delivered (sender, recipient = ID, timestamp, text, type: the seed's Unread Messages record) |
+//! | `<prefix>{u:ID}:inbox:<conversation>` | sorted set, score = seq, the newest 2,001, PX 30 days from the last push | encoded messages not yet delivered (sender, recipient = ID, timestamp, text, type: the seed's Unread Messages record) |
 //! | `<prefix>{u:ID}:inbox` | set, PX 30 days from the last push | conversations with a queue |
 //! | `<prefix>{c:ID}:recent` | list, ascending, capped, PX 7 days from the last push | the newest messages of the conversation |
 //!

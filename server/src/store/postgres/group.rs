@@ -30,6 +30,9 @@ pub(super) async fn usernames(
     tx: &Transaction<'_>,
     users: &[UserId],
 ) -> Result<Vec<String>, StoreError> {
+    if users.is_empty() {
+        return Ok(Vec::new());
+    }
     let ids: Vec<i64> = users.iter().map(|&u| sql(u)).collect();
     let rows = tx
         .query("SELECT id, username FROM users WHERE id = ANY($1)", &[&ids])
@@ -101,7 +104,8 @@ pub(super) async fn role(
 }
 
 /// Adds members who read from `joined_seq` on (0: everything): their
-/// watermarks start just below it. Two statements however many.
+/// watermarks start just below it. One statement however many; none for
+/// none. A group that existed before must also [`forget_departures`].
 pub(super) async fn add_members(
     tx: &Transaction<'_>,
     conversation_id: ConversationId,
@@ -109,6 +113,9 @@ pub(super) async fn add_members(
     role: i32,
     joined_seq: u64,
 ) -> Result<(), StoreError> {
+    if users.is_empty() {
+        return Ok(());
+    }
     let ids: Vec<i64> = users.iter().map(|&u| sql(u)).collect();
     let below = sql(joined_seq.saturating_sub(1));
     tx.execute(
@@ -118,7 +125,17 @@ pub(super) async fn add_members(
     )
     .await
     .map_err(pg)?;
-    // Rejoining: what they missed while away is not theirs to catch up on.
+    Ok(())
+}
+
+/// Members added back to a group they left or were removed from: what
+/// they missed while away is not theirs to catch up on.
+pub(super) async fn forget_departures(
+    tx: &Transaction<'_>,
+    conversation_id: ConversationId,
+    users: &[UserId],
+) -> Result<(), StoreError> {
+    let ids: Vec<i64> = users.iter().map(|&u| sql(u)).collect();
     tx.execute(
         "DELETE FROM departures WHERE conversation_id = $1 AND user_id = ANY($2)",
         &[&sql(conversation_id), &ids],
