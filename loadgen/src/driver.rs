@@ -442,7 +442,7 @@ async fn measure_window(
         shared
             .users
             .iter()
-            .filter(|user| user.client().is_some_and(|client| client.is_connected()))
+            .filter(|user| user.is_connected())
             .count() as u64
     };
     let sample = || {

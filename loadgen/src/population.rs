@@ -164,6 +164,11 @@ impl VUser {
         self.slot().clone()
     }
 
+    /// Whether the user has a client with its connection up (no clone).
+    pub fn is_connected(&self) -> bool {
+        self.slot().as_ref().is_some_and(Client::is_connected)
+    }
+
     /// Takes the client away (the user goes offline).
     pub fn take_client(&self) -> Option<Client> {
         self.slot().take()

@@ -254,10 +254,7 @@ pub(crate) fn check_repeated_edit(
     first: &Appended,
     conversation_id: ConversationId,
 ) -> Result<(), StoreError> {
-    let message = &first.message;
-    if message.conversation_id == conversation_id
-        && message.r#type == proto::MessageType::System as i32
-    {
+    if is_retry_of(&first.message, conversation_id, proto::MessageType::System) {
         Ok(())
     } else {
         Err(StoreError::Invalid(
@@ -281,14 +278,23 @@ pub(crate) const LAST_ADMIN: &str =
 /// another conversation, or a group change's key on a send, is refused:
 /// acknowledging it would tell the app a message was stored that was not.
 pub(crate) fn check_retry(original: Appended, m: &NewMessage) -> Result<Appended, StoreError> {
-    let message = &original.message;
-    if message.conversation_id == m.conversation_id && message.r#type == m.message_type as i32 {
+    if is_retry_of(&original.message, m.conversation_id, m.message_type) {
         Ok(original)
     } else {
         Err(StoreError::Invalid(
             "client_msg_id was already used for another message".into(),
         ))
     }
+}
+
+/// Whether `stored`, found under a request's key, is what that request
+/// (to `conversation_id`, of `kind`) stores: the request is its retry.
+fn is_retry_of(
+    stored: &proto::Message,
+    conversation_id: ConversationId,
+    kind: proto::MessageType,
+) -> bool {
+    stored.conversation_id == conversation_id && stored.r#type == kind as i32
 }
 
 /// The words of SYSTEM messages, shared by every backend so a group reads

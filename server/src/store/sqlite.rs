@@ -1123,6 +1123,31 @@ const READING_RANGES: &str = "
     UNION ALL
     SELECT conversation_id, delivered_seq, seq FROM departures WHERE user_id = ?1";
 
+/// `user`'s reading ranges with something pending, from conversation
+/// `from` on, in (conversation, seq) order.
+fn pending_ranges_from(
+    conn: &Connection,
+    user: UserId,
+    from: ConversationId,
+) -> Result<Vec<PendingRange>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT conversation_id, delivered_seq, upto FROM ({READING_RANGES})
+         WHERE upto > delivered_seq AND conversation_id >= ?2
+         ORDER BY conversation_id, delivered_seq"
+    ))
+    .map_err(internal)?
+    .query_map(params![sql(user), sql(from)], |r| {
+        Ok(PendingRange {
+            conversation_id: r.get::<_, i64>(0)? as u64,
+            delivered_seq: r.get::<_, i64>(1)? as u64,
+            last_seq: r.get::<_, i64>(2)? as u64,
+        })
+    })
+    .map_err(internal)?
+    .collect::<rusqlite::Result<_>>()
+    .map_err(internal)
+}
+
 const MESSAGE_COLUMNS: &str = concat!(
     "m.conversation_id, m.seq, m.message_id, m.sender_id, ",
     "m.client_msg_id, m.type, m.sent_at_ms, m.body"
@@ -2006,23 +2031,7 @@ impl HistoryStore for SqliteStore {
         // and sorted the user's whole backlog, catch-up was quadratic in
         // it, and all of it ran on the store's one thread.
         self.call(move |conn, _| {
-            let ranges: Vec<(u64, u64, u64)> = conn
-                .prepare_cached(&format!(
-                    "SELECT conversation_id, delivered_seq, upto FROM ({READING_RANGES})
-                     WHERE upto > delivered_seq AND conversation_id >= ?2
-                     ORDER BY conversation_id, delivered_seq"
-                ))
-                .map_err(internal)?
-                .query_map(params![sql(user), sql(after.0)], |row| {
-                    Ok((
-                        row.get::<_, i64>(0)? as u64,
-                        row.get::<_, i64>(1)? as u64,
-                        row.get::<_, i64>(2)? as u64,
-                    ))
-                })
-                .map_err(internal)?
-                .collect::<rusqlite::Result<_>>()
-                .map_err(internal)?;
+            let ranges = pending_ranges_from(conn, user, after.0)?;
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {MESSAGE_COLUMNS}
@@ -2033,7 +2042,9 @@ impl HistoryStore for SqliteStore {
                 ))
                 .map_err(internal)?;
             let mut page = Vec::new();
-            for (conversation, delivered, upto) in ranges {
+            for range in ranges {
+                let (conversation, delivered, upto) =
+                    (range.conversation_id, range.delivered_seq, range.last_seq);
                 let left = limit as usize - page.len();
                 if left == 0 {
                     break;
@@ -2323,27 +2334,8 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn pending_ranges(&self, user: UserId) -> Result<Option<Vec<PendingRange>>, StoreError> {
-        self.call(move |conn, _| {
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "SELECT conversation_id, delivered_seq, upto FROM ({READING_RANGES})
-                     WHERE upto > delivered_seq ORDER BY conversation_id"
-                ))
-                .map_err(internal)?;
-            let rows = stmt
-                .query_map([sql(user)], |r| {
-                    Ok(PendingRange {
-                        conversation_id: r.get::<_, i64>(0)? as u64,
-                        delivered_seq: r.get::<_, i64>(1)? as u64,
-                        last_seq: r.get::<_, i64>(2)? as u64,
-                    })
-                })
-                .map_err(internal)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()
-                .map(Some)
-                .map_err(internal)
-        })
-        .await
+        self.call(move |conn, _| pending_ranges_from(conn, user, 0).map(Some))
+            .await
     }
 
     async fn advance_watermarks(
