@@ -11,7 +11,8 @@ use std::time::Duration;
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-use crate::config::ClientConfig;
+use crate::acks::Acks;
+use crate::config::{ClientConfig, DeliveryAcks};
 use crate::connection::{self, Credential, Live};
 use crate::dedup::Delivered;
 use crate::error::ClientError;
@@ -65,8 +66,13 @@ pub enum Event {
 /// the task that drains the events while the queue may be full (after a
 /// long time offline, say): spawn it, or keep draining while it runs;
 /// otherwise both wait for each other.
+///
+/// A message is acknowledged to the server when the app takes it from
+/// here (or when it calls [`Client::ack_delivery`], with
+/// [`DeliveryAcks::Manual`]), not while it waits in the queue.
 pub struct Events {
     rx: mpsc::Receiver<Event>,
+    inner: Arc<Inner>,
 }
 
 impl Events {
@@ -74,12 +80,25 @@ impl Events {
     /// [`Client::close`], [`Client::logout`], the end of the session, or
     /// dropping every [`Client`] handle) and the queued events are read.
     pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        let event = self.rx.recv().await;
+        self.taken(event.as_ref());
+        event
     }
 
     /// An event if one is ready now.
     pub fn try_next(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        let event = self.rx.try_recv().ok();
+        self.taken(event.as_ref());
+        event
+    }
+
+    /// The app has a message now: ack it, unless the app acks itself.
+    fn taken(&self, event: Option<&Event>) {
+        if let Some(Event::Message(m)) = event {
+            if self.inner.config.delivery_acks == DeliveryAcks::OnTake {
+                self.inner.acks.have(m.conversation_id, m.seq);
+            }
+        }
     }
 }
 
@@ -160,6 +179,8 @@ pub(crate) struct Inner {
     /// An async lock, held while the message is handed over: see
     /// [`Inner::hand_over`].
     delivered: tokio::sync::Mutex<Delivered>,
+    /// What the app has, and the delivery acks not yet written.
+    pub(crate) acks: Acks,
     closed: AtomicBool,
     reconnect: Notify,
     connected: watch::Sender<bool>,
@@ -190,12 +211,23 @@ impl Inner {
 
     /// Queues an event for the app, waiting while the queue is full (the
     /// caller, a stream's reader, then stops reading: see [`Events`]).
-    /// Nothing once the client is closed.
-    pub(crate) async fn emit(&self, event: Event) {
+    /// False if nobody will read it: the client is closed or the app
+    /// dropped its [`Events`].
+    pub(crate) async fn emit(&self, event: Event) -> bool {
         let events = self.events.lock().expect("events lock").clone();
-        if let Some(events) = events {
-            let _ = events.send(event).await;
+        match events {
+            Some(events) => events.send(event).await.is_ok(),
+            None => false,
         }
+    }
+
+    /// Whether the app can no longer read events.
+    fn events_gone(&self) -> bool {
+        self.events
+            .lock()
+            .expect("events lock")
+            .as_ref()
+            .is_none_or(mpsc::Sender::is_closed)
     }
 
     /// Queues a connection-state event if there is room, else drops it:
@@ -239,12 +271,20 @@ impl Inner {
     /// otherwise each pass the check and then reach the app in the other
     /// order, seq n+1 before n. Waiting on a slow app here is the
     /// backpressure that keeps the client from buffering without bound.
+    ///
+    /// The app acks what it takes (see [`Acks`]); the reader acks only
+    /// what never reaches the app: the echo of its own send, a redelivery
+    /// of a message the app has, and everything once nobody reads the
+    /// events any more (so the server does not resend for ever).
     pub(crate) async fn hand_over(&self, message: proto::Message) {
+        let (conversation_id, seq) = (message.conversation_id, message.seq);
         let mut delivered = self.delivered.lock().await;
-        if delivered.first(message.conversation_id, message.seq) && !self.own_unanswered(&message) {
-            // An app that dropped its event stream still gets acks sent,
-            // so the server does not resend forever.
-            self.emit(Event::Message(message)).await;
+        if !delivered.first(conversation_id, seq) {
+            if !self.acks.redelivered(conversation_id, seq) && self.events_gone() {
+                self.acks.have(conversation_id, seq);
+            }
+        } else if self.own_unanswered(&message) || !self.emit(Event::Message(message)).await {
+            self.acks.have(conversation_id, seq);
         }
     }
 
@@ -534,6 +574,7 @@ impl Client {
             next_request_id: AtomicU64::new(1),
             outbox: Mutex::new(Outbox::new(config.outbox_limit)),
             delivered: tokio::sync::Mutex::new(Delivered::default()),
+            acks: Acks::default(),
             closed: AtomicBool::new(false),
             reconnect: Notify::new(),
             connected: watch::channel(false).0,
@@ -562,7 +603,11 @@ impl Client {
             _handle: Arc::new(Handle(inner.clone())),
             inner,
         };
-        Ok((client, Events { rx: events_rx }))
+        let events = Events {
+            rx: events_rx,
+            inner: client.inner.clone(),
+        };
+        Ok((client, events))
     }
 
     /// Who this client is logged in as.
@@ -657,6 +702,16 @@ impl Client {
             }
         }
         rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Acknowledges delivery of `seq` in the conversation and of every
+    /// message before it, with [`DeliveryAcks::Manual`] once the app has
+    /// stored it: the server stops redelivering them and tells their
+    /// senders. (With [`DeliveryAcks::OnTake`] taking a message from
+    /// [`Events`] does this.) Written with the next send or after
+    /// `delivery_ack_linger`; while disconnected, on the next connection.
+    pub fn ack_delivery(&self, conversation_id: u64, seq: u64) {
+        self.inner.acks.have(conversation_id, seq);
     }
 
     /// Messages waiting in the outbox for the server's ack.

@@ -43,8 +43,27 @@ pub struct ClientConfig {
     /// conversation. Keep it under QUIC's ack delay (25 ms) so the
     /// transport's own acknowledgement of the delivery rides along too.
     pub delivery_ack_linger: Duration,
+    /// When a delivered message is acknowledged to the server.
+    pub delivery_acks: DeliveryAcks,
     /// Share one UDP socket among many clients (load generators).
     pub endpoint: Option<quinn::Endpoint>,
+}
+
+/// When a delivered message is acknowledged to the server, which then
+/// stops redelivering it and tells its sender "delivered". Never before
+/// the app has it: messages still queued for the app when its process
+/// dies are delivered again on the next connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DeliveryAcks {
+    /// When the app takes the message from [`Events`](crate::Events).
+    /// Only the message in the app's hands can be lost if the process
+    /// dies.
+    #[default]
+    OnTake,
+    /// When the app calls [`Client::ack_delivery`](crate::Client::ack_delivery),
+    /// e.g. once it has stored the message: nothing is lost, and an app
+    /// that dies before acking gets the message again.
+    Manual,
 }
 
 impl ClientConfig {
@@ -64,6 +83,7 @@ impl ClientConfig {
             keep_alive: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             delivery_ack_linger: Duration::from_millis(20),
+            delivery_acks: DeliveryAcks::OnTake,
             endpoint: None,
         }
     }

@@ -1,7 +1,6 @@
 //! One live connection: the handshake and authentication, the three
 //! streams, and the tasks that read and write them.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -14,11 +13,6 @@ use crate::error::ClientError;
 
 /// Most queued frames written at once.
 const MAX_COALESCE: usize = 128;
-
-/// Delivery acks read but not yet handed to the messages writer. Beyond
-/// it the messages reader waits, so a server that sends without reading
-/// the acks cannot make them pile up in the client.
-const ACK_QUEUE: usize = 1024;
 
 /// How a connection authenticates.
 #[derive(Clone)]
@@ -143,7 +137,6 @@ async fn establish(
     let (receipts_tx, receipts_rx) = mpsc::unbounded_channel();
     let (ms, mr) = open(&conn, StreamKind::Messages).await?;
     let (rs, rr) = open(&conn, StreamKind::Receipts).await?;
-    let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
     tokio::spawn(write_loop(
         conn.clone(),
         send,
@@ -151,11 +144,10 @@ async fn establish(
         StreamKind::Control,
     ));
     tokio::spawn(messages_write_loop(
+        inner.clone(),
         conn.clone(),
         ms,
         messages_rx,
-        ack_rx,
-        config.delivery_ack_linger,
     ));
     tokio::spawn(write_loop(
         conn.clone(),
@@ -174,7 +166,6 @@ async fn establish(
         live.conn.clone(),
         reader,
         StreamKind::Control,
-        None,
     ));
     if auth_ok.heartbeat_interval_ms > 0 {
         // Not more often than the protocol's minimum whatever the server
@@ -195,14 +186,12 @@ async fn establish(
         live.conn.clone(),
         FrameReader::new(mr),
         StreamKind::Messages,
-        Some(ack_tx),
     ));
     tokio::spawn(read_loop(
         inner.clone(),
         live.conn.clone(),
         FrameReader::new(rr),
         StreamKind::Receipts,
-        None,
     ));
     Ok((live, auth_ok))
 }
@@ -298,54 +287,56 @@ async fn heartbeat_loop(
 }
 
 /// Writes the messages stream: the app's sends as soon as they come, and
-/// delivery acks (`(conversation, seq)` from the reader), which wait up to
-/// `linger` to leave with the next send, in the same packet, as one
-/// DeliveryAck per conversation. A failed write closes the connection
-/// (see [`write_loop`]).
+/// delivery acks (see [`Acks`](crate::acks::Acks)), which wait up to
+/// `delivery_ack_linger` to leave with the next send, in the same packet,
+/// as one DeliveryAck per conversation. A failed write closes the
+/// connection (see [`write_loop`]); acks are taken only while the
+/// connection is open, so those queued after it closed wait for the next.
 async fn messages_write_loop(
+    inner: Arc<Inner>,
     conn: quinn::Connection,
     mut send: SendStream,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
-    mut acks: mpsc::Receiver<(u64, u64)>,
-    linger: std::time::Duration,
 ) {
+    let linger = inner.config.delivery_ack_linger;
     let mut batch = Vec::with_capacity(16);
-    let mut highest: HashMap<u64, u64> = HashMap::new();
     let deadline = tokio::time::sleep(linger);
     tokio::pin!(deadline);
-    let mut acks_open = true;
+    let mut lingering = false;
     loop {
+        // Enabled before looking, so an ack queued in between still wakes.
+        let queued = inner.acks.queued();
+        tokio::pin!(queued);
+        queued.as_mut().enable();
+        if !lingering && inner.acks.any_unsent() {
+            lingering = true;
+            deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + linger);
+        }
         tokio::select! {
             n = rx.recv_many(&mut batch, MAX_COALESCE) => {
                 if n == 0 {
                     break;
                 }
             }
-            ack = acks.recv(), if acks_open => {
-                match ack {
-                    Some(ack) => {
-                        if highest.is_empty() {
-                            deadline.as_mut().reset(tokio::time::Instant::now() + linger);
-                        }
-                        note_ack(&mut highest, ack);
-                    }
-                    // The reader ended: the connection is going away.
-                    None => acks_open = false,
-                }
-                continue;
-            }
-            () = &mut deadline, if !highest.is_empty() => {}
+            () = &mut queued, if !lingering => continue,
+            () = &mut deadline, if lingering => {}
         }
-        while let Ok(ack) = acks.try_recv() {
-            note_ack(&mut highest, ack);
+        lingering = false;
+        if conn.close_reason().is_some() {
+            return;
         }
-        for (conversation_id, seq) in highest.drain() {
+        for (conversation_id, seq) in inner.acks.take_unsent() {
             batch.push(encode(&Frame::push(Body::DeliveryAck(
                 proto::DeliveryAck {
                     conversation_id,
                     seq,
                 },
             ))));
+        }
+        if batch.is_empty() {
+            continue;
         }
         if send.write_all_chunks(&mut batch).await.is_err() {
             write_failed(&conn, StreamKind::Messages);
@@ -354,11 +345,6 @@ async fn messages_write_loop(
         batch.clear();
     }
     let _ = send.finish();
-}
-
-fn note_ack(highest: &mut HashMap<u64, u64>, (conversation_id, seq): (u64, u64)) {
-    let entry = highest.entry(conversation_id).or_insert(0);
-    *entry = (*entry).max(seq);
 }
 
 /// Reads one stream until it ends. A stream that ends, fails or carries a
@@ -371,7 +357,6 @@ async fn read_loop(
     conn: quinn::Connection,
     mut reader: FrameReader,
     kind: StreamKind,
-    acks: Option<mpsc::Sender<(u64, u64)>>,
 ) {
     loop {
         let frame = match reader.next().await {
@@ -394,18 +379,13 @@ async fn read_loop(
             Some(Body::Deliver(proto::Deliver {
                 message: Some(message),
             })) => {
-                let (conversation_id, seq) = (message.conversation_id, message.seq);
-                // Not an echo of this device's own send (the first attempt
-                // of one whose answer died with an earlier connection: the
-                // app has it in its outbox, and its ack follows on this
-                // stream), nor a redelivery.
-                inner.hand_over(message).await;
-                if let Some(acks) = &acks {
-                    // Waits while the writer cannot send acks (the server
-                    // does not read them): reading stops, and flow control
-                    // holds the server back instead of acks piling up here.
-                    let _ = acks.send((conversation_id, seq)).await;
+                // While acks cannot leave (the server does not read them),
+                // stop reading: flow control then holds the server back.
+                tokio::select! {
+                    () = inner.acks.room() => {}
+                    _ = conn.closed() => return,
                 }
+                inner.hand_over(message).await;
             }
             Some(Body::SendAck(ack)) => inner.send_answered(request_id, Ok(ack)),
             Some(Body::Receipt(receipt)) => {

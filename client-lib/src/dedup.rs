@@ -40,6 +40,13 @@ impl Delivered {
         first
     }
 
+    /// Whether (conversation, seq) is at or below the highest seen.
+    pub(crate) fn covers(&self, conversation_id: u64, seq: u64) -> bool {
+        self.seqs
+            .get(&conversation_id)
+            .is_some_and(|&(last, _)| seq <= last)
+    }
+
     /// Drops the conversations whose last delivery is older than the
     /// median: one O(n) pass per MAX_CONVERSATIONS / 2 new conversations.
     fn forget_least_recent_half(&mut self) {
@@ -69,6 +76,8 @@ mod tests {
         assert!(d.first(2, 1), "another conversation");
         assert!(d.first(1, 5), "gaps are fine");
         assert!(!d.first(1, 4));
+        assert!(d.covers(1, 5) && d.covers(1, 1));
+        assert!(!d.covers(1, 6) && !d.covers(3, 1));
     }
 
     #[test]

@@ -34,8 +34,10 @@
 //!   an answer is lost (`create_group_with_key` lets the app keep the key
 //!   of a creation);
 //! * exactly-once delivery to the app: messages are deduplicated by
-//!   (conversation, seq), and acknowledged to the server only after the app's
-//!   event queue took them;
+//!   (conversation, seq), and acknowledged to the server only once the app
+//!   has them: when it takes them from [`Events`], or when it says so with
+//!   [`Client::ack_delivery`] ([`DeliveryAcks::Manual`]), so that messages
+//!   still queued when the app's process dies are delivered again;
 //! * a client lives while the app holds it: dropping the last clone of a
 //!   [`Client`] closes it as [`Client::close`] does, and the [`Events`]
 //!   stream ends when the client closes;
@@ -50,6 +52,7 @@
 //! against; errors are flat ([`ClientError`] with a wire [`ErrorCode`]) so a
 //! UniFFI layer can wrap them.
 
+mod acks;
 mod client;
 mod config;
 mod connection;
@@ -62,5 +65,5 @@ pub use chat_protocol::{ErrorCode, StreamKind};
 pub use client::{
     Client, Event, Events, GROUP_REQUEST_ATTEMPTS, HistoryDirection, Identity, ReceiptStatus,
 };
-pub use config::ClientConfig;
+pub use config::{ClientConfig, DeliveryAcks};
 pub use error::ClientError;

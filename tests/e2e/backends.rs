@@ -433,7 +433,7 @@ async fn a_member_removed_while_offline_is_told_once_and_their_queue_then_droppe
     };
     let server = TestServer::start_on(backend.clone()).await;
     let (owner, _eo) = register(server.client_config(), &name("owner")).await;
-    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
     let (carol, _ec) = register(server.client_config(), &name("carol")).await;
     let direct = befriend(&owner, &bob).await;
     befriend(&owner, &carol).await;
@@ -444,7 +444,8 @@ async fn a_member_removed_while_offline_is_told_once_and_their_queue_then_droppe
         .await
         .unwrap()
         .conversation_id;
-    // Bob is surely past the creation message before he goes.
+    // Bob's app takes the creation message, and it is acked before he goes.
+    messages(&mut bob_events, 1).await;
     wait_delivered(&owner, group, bob_id, 1).await;
     bob.close();
     for i in 0..3 {

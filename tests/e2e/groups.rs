@@ -259,6 +259,8 @@ each_backend! {
         let owner = members[0].0.clone();
         let g = owner.create_group("trip", &all[1..]).await.unwrap().conversation_id;
         let direct = owner.open_direct(all[1]).await.unwrap().conversation_id;
+        // Bob's app takes the creation message, which acks it.
+        messages(&mut members[1].1, 1).await;
         wait_delivered(&owner, g, all[1], 1).await;
         let (bob, _) = members.remove(1);
         let bob_token = bob.identity().token;
@@ -449,8 +451,12 @@ async fn large_groups_send_receipts_only_to_the_senders_they_concern() {
         messages(events, 1).await;
     }
 
-    // Alice sends: every other member's delivered receipt reaches her.
+    // Alice sends: every other member's delivered receipt reaches her
+    // (their apps take the message, which acks it).
     let first = members[0].0.send_text(g, "from alice").await.unwrap().seq;
+    for (_, events) in members.iter_mut().skip(1) {
+        messages(events, 1).await;
+    }
     let mut heard = HashSet::new();
     wait_for(
         &mut members[0].1,
@@ -469,6 +475,9 @@ async fn large_groups_send_receipts_only_to_the_senders_they_concern() {
     // receipts for Alice's message on Carol's stream before any for hers;
     // she must hear only of her own.
     let second = members[2].0.send_text(g, "from carol").await.unwrap().seq;
+    for i in [0, 1, 3] {
+        messages(&mut members[i].1, 1).await;
+    }
     let (mut heard, mut earlier) = (HashSet::new(), Vec::new());
     wait_for(
         &mut members[2].1,

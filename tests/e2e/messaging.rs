@@ -861,13 +861,13 @@ async fn hundreds_of_pipelined_page_requests_are_all_answered() {
 
 /// The client library's own faults, each seen against a node: a stream
 /// the server stops, reconnects refused by a full node, heartbeats turned
-/// back on, clients dropped without `close`, and an app that does not
-/// drain its events.
+/// back on, clients dropped without `close`, an app that does not drain
+/// its events, and one that dies before it takes them.
 mod client_faults {
     use std::collections::HashMap;
     use std::time::Duration;
 
-    use chat_client::{Client, Event, Events};
+    use chat_client::{Client, DeliveryAcks, Event, Events};
 
     use crate::harness::*;
 
@@ -1027,13 +1027,13 @@ mod client_faults {
         let (bob, _be) = register(server.client_config(), &name("bob")).await;
         let conversation = befriend(&alice, &bob).await;
         while alice_events.try_next().is_some() {}
-        // A message fills Alice's queue (she acks it once it is queued).
+        // A message fills Alice's queue (the ack of her reply comes
+        // behind it on her messages stream).
         let sent = bob
             .send_text(conversation, "fills the queue")
             .await
             .unwrap();
-        let a = alice.identity().user_id;
-        wait_delivered(&bob, conversation, a, sent.seq).await;
+        alice.send_text(conversation, "reply").await.unwrap();
 
         let opened = value(&scrape(metrics).await, "chat_connections_opened_total");
         alice.reconnect_now();
@@ -1052,6 +1052,100 @@ mod client_faults {
         let later = bob.send_text(conversation, "later").await.unwrap();
         let m = messages(&mut alice_events, 1).await;
         assert_eq!(m[0].seq, later.seq);
+    }
+
+    /// Alice sends five; Bob's app takes the first `took` and keeps the
+    /// rest queued (the ack of his reply comes behind them on his messages
+    /// stream, so they are all in his client). Returns the conversation,
+    /// the five seqs, Bob's token, and Bob (still running) with his events.
+    async fn five_for_bob_who_takes(
+        server: &TestServer,
+        bob_config: chat_client::ClientConfig,
+        took: usize,
+    ) -> (u64, Vec<u64>, String, Client, Events, Client) {
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(bob_config, &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let sent = send_texts(&alice, conversation, 5).await;
+        let taken = messages(&mut bob_events, took).await;
+        assert_eq!(
+            taken.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            sent[..took]
+        );
+        bob.send_text(conversation, "reply").await.unwrap();
+        let token = bob.identity().token;
+        (conversation, sent, token, bob, bob_events, alice)
+    }
+
+    #[tokio::test]
+    async fn messages_the_app_never_took_are_delivered_again() {
+        // Deliveries used to be acked as soon as they were queued for the
+        // app, so an app killed while draining lost the rest of its queue
+        // (up to event_capacity): the server had them as delivered. Now
+        // taking a message from Events acks it.
+        let server = TestServer::start().await;
+        let (conversation, sent, token, bob, bob_events, alice) =
+            five_for_bob_who_takes(&server, server.client_config(), 2).await;
+        let bob_id = bob.identity().user_id;
+        wait_delivered(&alice, conversation, bob_id, sent[1]).await;
+        // The app dies with three messages in its queue.
+        drop((bob, bob_events));
+
+        let (_bob, mut bob_events) = Client::resume(server.client_config(), &token)
+            .await
+            .unwrap();
+        let again = messages(&mut bob_events, 3).await;
+        assert_eq!(again.iter().map(|m| m.seq).collect::<Vec<_>>(), sent[2..]);
+        // Taking them acks them.
+        wait_delivered(&alice, conversation, bob_id, sent[4]).await;
+    }
+
+    #[tokio::test]
+    async fn with_manual_acks_only_what_the_app_acked_is_delivered() {
+        let server = TestServer::start().await;
+        let mut config = server.client_config();
+        config.delivery_acks = DeliveryAcks::Manual;
+        // The app takes all five but acks (stores) only the first three.
+        let (conversation, sent, token, bob, bob_events, alice) =
+            five_for_bob_who_takes(&server, config.clone(), 5).await;
+        let bob_id = bob.identity().user_id;
+        bob.ack_delivery(conversation, sent[2]);
+        wait_delivered(&alice, conversation, bob_id, sent[2]).await;
+        drop((bob, bob_events));
+
+        let (bob, mut bob_events) = Client::resume(config, &token).await.unwrap();
+        let again = messages(&mut bob_events, 2).await;
+        assert_eq!(again.iter().map(|m| m.seq).collect::<Vec<_>>(), sent[3..]);
+        // Taken, not yet acked: still the app's to ack.
+        let view = alice.conversation(conversation).await.unwrap();
+        let bob_delivered = view.members.iter().find(|m| m.user_id == bob_id).unwrap();
+        assert_eq!(bob_delivered.delivered_seq, sent[2]);
+        bob.ack_delivery(conversation, sent[4]);
+        wait_delivered(&alice, conversation, bob_id, sent[4]).await;
+    }
+
+    #[tokio::test]
+    async fn messages_taken_after_their_connection_is_gone_are_acked_once_shown() {
+        // Acks belong to the client, not to the connection that brought
+        // the message: Bob's app takes his queue only once a new
+        // connection has replaced that one, which redelivers the five
+        // (not acked yet) behind the queued copies.
+        let server = TestServer::start().await;
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        let (conversation, sent, _token, bob, mut bob_events, alice) =
+            five_for_bob_who_takes(&server, server.client_config(), 0).await;
+        let bob_id = bob.identity().user_id;
+        let opened = value(&scrape(metrics).await, "chat_connections_opened_total");
+        bob.reconnect_now();
+        scrape_until(metrics, "bob connected again", |m| {
+            value(m, "chat_connections_opened_total") > opened
+                && value(m, "chat_connections_active") == 2.0
+        })
+        .await;
+        let taken = messages(&mut bob_events, 5).await;
+        assert_eq!(taken.iter().map(|m| m.seq).collect::<Vec<_>>(), sent);
+        wait_delivered(&alice, conversation, bob_id, sent[4]).await;
+        assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
     }
 
     /// Reads the queued events until the stream ends, failing after

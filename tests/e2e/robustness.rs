@@ -1119,8 +1119,9 @@ async fn a_server_that_does_not_read_delivery_acks_is_held_back() {
     // own so that no two acks coalesce, and never reads the messages
     // stream, whose window it keeps at 4 KiB: the client's acks cannot
     // leave. client-lib used to keep reading and queue every ack in an
-    // unbounded channel; now its reader waits once 1,024 are queued, and
-    // the node's writes stop at the client's flow-control window.
+    // unbounded channel; now its reader waits once acks of 1,024
+    // conversations are waiting, and the node's writes stop at the
+    // client's flow-control window.
     const N: u64 = 150_000;
     let dir = tempfile::tempdir().unwrap();
     let mut transport = quinn::TransportConfig::default();

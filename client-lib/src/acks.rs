@@ -1,0 +1,160 @@
+//! Delivery acks: what the app has of each conversation, and the acks
+//! still to be written.
+//!
+//! A delivery ack moves the user's delivered watermark on the server,
+//! which then stops redelivering what it covers; so a message is acked
+//! only once the app has it (it took it from [`Events`](crate::Events),
+//! or acknowledged it itself with [`DeliveryAcks::Manual`]), never when
+//! it is merely queued: a process killed with messages still queued gets
+//! them again on its next connection.
+//!
+//! Acks are per client, not per connection. The app takes a message
+//! whenever it likes, perhaps after the connection that brought it is
+//! gone; its ack waits here for whichever connection's messages writer
+//! runs next. An ack can still be lost with a connection (written to one
+//! that failed); the next connection then redelivers what the server's
+//! watermark does not cover, and a redelivery of something the app has is
+//! acked again at once ([`Acks::redelivered`]). That is the invariant:
+//! *what the app has is recorded before its ack is queued*.
+//!
+//! [`DeliveryAcks::Manual`]: crate::DeliveryAcks::Manual
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+use crate::dedup::Delivered;
+
+/// Conversations with an ack waiting to be written, beyond which the
+/// messages reader waits ([`Acks::room`]). Acks pile up only while the
+/// messages stream cannot be written (the server does not read it); then
+/// the reader stops, and flow control holds the server back instead of
+/// the client growing. The app may still take what is queued for it, so
+/// at most this plus `event_capacity` wait.
+pub(crate) const MAX_UNSENT: usize = 1_024;
+
+#[derive(Default)]
+pub(crate) struct Acks {
+    state: Mutex<State>,
+    /// Woken when an ack is queued.
+    queued: Notify,
+    /// Woken when a writer takes the waiting acks.
+    taken: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Highest seq per conversation the app has (bounded as the
+    /// deduplication marks are).
+    had: Delivered,
+    /// Conversation -> highest seq to ack, not yet written.
+    unsent: HashMap<u64, u64>,
+}
+
+impl Acks {
+    /// The app has `seq` of the conversation and everything before it:
+    /// records it and queues its ack.
+    pub(crate) fn have(&self, conversation_id: u64, seq: u64) {
+        let mut state = self.state.lock().expect("acks lock");
+        state.had.first(conversation_id, seq);
+        state.queue(conversation_id, seq);
+        drop(state);
+        self.queued.notify_waiters();
+    }
+
+    /// The server delivered `seq` again (after a reconnect): true, and its
+    /// ack queued again, if the app has it already; false if it is still
+    /// on its way to the app, which acks it when it gets there.
+    pub(crate) fn redelivered(&self, conversation_id: u64, seq: u64) -> bool {
+        let mut state = self.state.lock().expect("acks lock");
+        if !state.had.covers(conversation_id, seq) {
+            return false;
+        }
+        state.queue(conversation_id, seq);
+        drop(state);
+        self.queued.notify_waiters();
+        true
+    }
+
+    /// Whether an ack is waiting.
+    pub(crate) fn any_unsent(&self) -> bool {
+        !self.state.lock().expect("acks lock").unsent.is_empty()
+    }
+
+    /// Takes every waiting ack, for a writer to write.
+    pub(crate) fn take_unsent(&self) -> HashMap<u64, u64> {
+        let unsent = std::mem::take(&mut self.state.lock().expect("acks lock").unsent);
+        self.taken.notify_waiters();
+        unsent
+    }
+
+    /// Resolves once fewer than [`MAX_UNSENT`] conversations have acks
+    /// waiting.
+    pub(crate) async fn room(&self) {
+        loop {
+            let taken = self.taken.notified();
+            tokio::pin!(taken);
+            taken.as_mut().enable();
+            if self.state.lock().expect("acks lock").unsent.len() < MAX_UNSENT {
+                return;
+            }
+            taken.await;
+        }
+    }
+
+    /// Resolves after an ack is queued, once enabled (see
+    /// [`tokio::sync::futures::Notified::enable`]).
+    pub(crate) fn queued(&self) -> tokio::sync::futures::Notified<'_> {
+        self.queued.notified()
+    }
+}
+
+impl State {
+    fn queue(&mut self, conversation_id: u64, seq: u64) {
+        let highest = self.unsent.entry(conversation_id).or_insert(seq);
+        *highest = (*highest).max(seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_what_the_app_has_and_redeliveries_of_it() {
+        let acks = Acks::default();
+        acks.have(1, 3);
+        acks.have(1, 2);
+        acks.have(2, 7);
+        assert_eq!(acks.take_unsent(), HashMap::from([(1, 3), (2, 7)]));
+        assert!(!acks.any_unsent());
+
+        assert!(acks.redelivered(1, 3), "the app has it: acked again");
+        assert!(acks.redelivered(1, 1));
+        assert!(!acks.redelivered(1, 4), "still on its way to the app");
+        assert!(!acks.redelivered(9, 1), "a conversation never seen");
+        assert_eq!(acks.take_unsent(), HashMap::from([(1, 3)]));
+    }
+
+    #[test]
+    fn the_reader_waits_while_acks_cannot_leave() {
+        let acks = Acks::default();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for conversation in 0..(MAX_UNSENT as u64 - 1) {
+            acks.have(conversation, 1);
+        }
+        let room = std::pin::pin!(acks.room());
+        assert!(room.poll(&mut cx).is_ready(), "one conversation short");
+
+        acks.have(u64::MAX, 1);
+        let mut room = std::pin::pin!(acks.room());
+        assert!(room.as_mut().poll(&mut cx).is_pending(), "full");
+        // More acks of a waiting conversation take no room.
+        acks.have(0, 9);
+        assert!(room.as_mut().poll(&mut cx).is_pending());
+        let unsent = acks.take_unsent();
+        assert_eq!((unsent.len(), unsent[&0]), (MAX_UNSENT, 9));
+        assert!(room.as_mut().poll(&mut cx).is_ready(), "a writer took them");
+    }
+}
