@@ -290,7 +290,8 @@ impl Inner {
 
     /// Routes the answer to a request waiting in `pending`. A conversation's
     /// members are noted here, in the stream's reader, so that receipts read
-    /// after the reply find them.
+    /// after the reply find them; so is a presence snapshot, so that an
+    /// update read right after it is not overwritten by it.
     pub(crate) fn answer(&self, request_id: u64, result: Result<Body, ClientError>) {
         let waiter = self
             .pending
@@ -298,8 +299,12 @@ impl Inner {
             .expect("pending lock")
             .remove(&request_id);
         if let Some(waiter) = waiter {
-            if let Ok(Body::Conversation(info)) = &result {
-                self.note_members(info);
+            match &result {
+                Ok(Body::Conversation(info)) => self.note_members(info),
+                Ok(Body::PresenceSnapshot(snapshot)) => {
+                    self.note_presence(snapshot.states.clone());
+                }
+                _ => {}
             }
             let _ = waiter.send(result);
         }
@@ -418,13 +423,17 @@ impl Inner {
         }
     }
 
+    /// The states of watched users among `states`.
+    fn watched(&self, mut states: Vec<proto::PresenceState>) -> Vec<proto::PresenceState> {
+        let watching = self.watching.lock().expect("watching lock");
+        states.retain(|state| watching.contains(&state.user_id));
+        states
+    }
+
     /// Records presence states of watched users (dropping the rest) and
     /// returns them, for the app to hear.
-    fn note_presence(&self, mut states: Vec<proto::PresenceState>) -> Vec<proto::PresenceState> {
-        {
-            let watching = self.watching.lock().expect("watching lock");
-            states.retain(|state| watching.contains(&state.user_id));
-        }
+    fn note_presence(&self, states: Vec<proto::PresenceState>) -> Vec<proto::PresenceState> {
+        let states = self.watched(states);
         let mut known = self.presence.lock().expect("presence lock");
         for state in &states {
             known.insert(state.user_id, *state);
@@ -830,13 +839,14 @@ impl Client {
     ) -> Result<Vec<proto::PresenceState>, ClientError> {
         let _order = self.inner.subscribing.lock().await;
         *self.inner.watching.lock().expect("watching lock") = user_ids.to_vec();
+        // The reader records the snapshot (see `Inner::answer`).
         let mut states = subscribe(&self.inner, user_ids.to_vec()).await?;
         states.retain(|state| user_ids.contains(&state.user_id));
-        let mut known = self.inner.presence.lock().expect("presence lock");
-        known.retain(|id, _| user_ids.contains(id));
-        for state in &states {
-            known.insert(state.user_id, *state);
-        }
+        self.inner
+            .presence
+            .lock()
+            .expect("presence lock")
+            .retain(|id, _| user_ids.contains(id));
         Ok(states)
     }
 
@@ -1327,11 +1337,9 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                                 if watching.is_empty() {
                                     return;
                                 }
-                                // Recorded in its turn, so a newer
-                                // subscription's snapshot is not
-                                // overwritten by this older one.
+                                // The reader recorded the snapshot.
                                 match subscribe(&inner, watching).await {
-                                    Ok(states) => inner.note_presence(states),
+                                    Ok(states) => inner.watched(states),
                                     Err(_) => return,
                                 }
                             };
