@@ -28,10 +28,16 @@ use crate::dedup::Delivered;
 
 /// Conversations with an ack waiting to be written, beyond which the
 /// messages reader waits ([`Acks::room`]). Acks pile up only while the
-/// messages stream cannot be written (the server does not read it); then
-/// the reader stops, and flow control holds the server back instead of
-/// the client growing. The app may still take what is queued for it, so
-/// at most this plus `event_capacity` wait.
+/// messages stream cannot be written (the server does not read it) or
+/// the client is disconnected; then the reader stops, and flow control
+/// holds the server back instead of the client growing. The app may still
+/// take what is queued for it, so with [`DeliveryAcks::OnTake`] at most
+/// this plus `event_capacity` wait (the server accepts 8,192 acks on a
+/// new connection before its deliveries earn more); with
+/// [`DeliveryAcks::Manual`] the app's own acks add to them.
+///
+/// [`DeliveryAcks::OnTake`]: crate::DeliveryAcks::OnTake
+/// [`DeliveryAcks::Manual`]: crate::DeliveryAcks::Manual
 pub(crate) const MAX_UNSENT: usize = 1_024;
 
 #[derive(Default)]
@@ -63,15 +69,16 @@ impl Acks {
         self.queued.notify_waiters();
     }
 
-    /// The server delivered `seq` again (after a reconnect): true, and its
-    /// ack queued again, if the app has it already; false if it is still
-    /// on its way to the app, which acks it when it gets there.
+    /// The server delivered `seq` again (after a reconnect): true, and the
+    /// ack of everything the app has of the conversation queued again, if
+    /// the app has `seq` already; false if it is still on its way to the
+    /// app, which acks it when it gets there.
     pub(crate) fn redelivered(&self, conversation_id: u64, seq: u64) -> bool {
         let mut state = self.state.lock().expect("acks lock");
-        if !state.had.covers(conversation_id, seq) {
+        let Some(had) = state.had.last(conversation_id).filter(|&had| seq <= had) else {
             return false;
-        }
-        state.queue(conversation_id, seq);
+        };
+        state.queue(conversation_id, had);
         drop(state);
         self.queued.notify_waiters();
         true
@@ -131,10 +138,12 @@ mod tests {
         assert!(!acks.any_unsent());
 
         assert!(acks.redelivered(1, 3), "the app has it: acked again");
-        assert!(acks.redelivered(1, 1));
         assert!(!acks.redelivered(1, 4), "still on its way to the app");
         assert!(!acks.redelivered(9, 1), "a conversation never seen");
         assert_eq!(acks.take_unsent(), HashMap::from([(1, 3)]));
+        // An older one re-acks all the app has.
+        assert!(acks.redelivered(2, 1));
+        assert_eq!(acks.take_unsent(), HashMap::from([(2, 7)]));
     }
 
     #[test]

@@ -272,18 +272,22 @@ impl Inner {
     /// order, seq n+1 before n. Waiting on a slow app here is the
     /// backpressure that keeps the client from buffering without bound.
     ///
-    /// The app acks what it takes (see [`Acks`]); the reader acks only
-    /// what never reaches the app: the echo of its own send, a redelivery
-    /// of a message the app has, and everything once nobody reads the
-    /// events any more (so the server does not resend for ever).
+    /// The app acks what it takes (see [`Acks`]); the reader acks only a
+    /// redelivery of what the app has, and, with [`DeliveryAcks::OnTake`],
+    /// what arrives once nobody reads the events any more (so the server
+    /// does not resend it for ever). Not the echo of an own send: an ack
+    /// covers every earlier message of the conversation, some perhaps
+    /// still queued for the app, and the server moves a sender's own
+    /// watermark past their message itself when it can.
     pub(crate) async fn hand_over(&self, message: proto::Message) {
         let (conversation_id, seq) = (message.conversation_id, message.seq);
         let mut delivered = self.delivered.lock().await;
-        if !delivered.first(conversation_id, seq) {
-            if !self.acks.redelivered(conversation_id, seq) && self.events_gone() {
-                self.acks.have(conversation_id, seq);
-            }
-        } else if self.own_unanswered(&message) || !self.emit(Event::Message(message)).await {
+        let nobody_reads = if !delivered.first(conversation_id, seq) {
+            !self.acks.redelivered(conversation_id, seq) && self.events_gone()
+        } else {
+            !self.own_unanswered(&message) && !self.emit(Event::Message(message)).await
+        };
+        if nobody_reads && self.config.delivery_acks == DeliveryAcks::OnTake {
             self.acks.have(conversation_id, seq);
         }
     }
@@ -1051,7 +1055,9 @@ impl Client {
 
     /// Disconnects for good; pending sends fail with `Closed`, and the
     /// event stream ends once its queued events are read. Dropping the last
-    /// clone of the client does this too.
+    /// clone of the client does this too. Delivery acks not yet written
+    /// (those lingering, and those of messages taken after this) are not
+    /// sent: the next client of this user gets those messages again.
     pub fn close(&self) {
         self.inner.close();
     }

@@ -40,7 +40,9 @@ pub struct ClientConfig {
     /// move the server's watermark and the sender's "delivered" tick), so
     /// they wait to leave with the next message this device sends, in the
     /// same packet, and acks that pile up meanwhile go as one per
-    /// conversation. Keep it under QUIC's ack delay (25 ms) so the
+    /// conversation. It counts from when the app has the message (see
+    /// `delivery_acks`: an app that drains its events promptly takes it as
+    /// it arrives). Keep it under QUIC's ack delay (25 ms) so the
     /// transport's own acknowledgement of the delivery rides along too.
     pub delivery_ack_linger: Duration,
     /// When a delivered message is acknowledged to the server.

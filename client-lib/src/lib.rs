@@ -33,11 +33,15 @@
 //!   ask: each request carries an idempotency key and is asked again when
 //!   an answer is lost (`create_group_with_key` lets the app keep the key
 //!   of a creation);
-//! * exactly-once delivery to the app: messages are deduplicated by
-//!   (conversation, seq), and acknowledged to the server only once the app
-//!   has them: when it takes them from [`Events`], or when it says so with
-//!   [`Client::ack_delivery`] ([`DeliveryAcks::Manual`]), so that messages
-//!   still queued when the app's process dies are delivered again;
+//! * every message reaches the app, once per client: messages are
+//!   deduplicated by (conversation, seq), and acknowledged to the server
+//!   only once the app has them (when it takes them from [`Events`], or
+//!   when it says so with [`Client::ack_delivery`],
+//!   [`DeliveryAcks::Manual`]), so that messages still queued when the
+//!   app's process dies are delivered again. Across clients (a restart, a
+//!   new login) that is at least once: what was not yet acknowledged when
+//!   the last one closed comes again, and an app that stores messages
+//!   drops a (conversation, seq) it has;
 //! * a client lives while the app holds it: dropping the last clone of a
 //!   [`Client`] closes it as [`Client::close`] does, and the [`Events`]
 //!   stream ends when the client closes;

@@ -1116,7 +1116,10 @@ mod client_faults {
         let (bob, mut bob_events) = Client::resume(config, &token).await.unwrap();
         let again = messages(&mut bob_events, 2).await;
         assert_eq!(again.iter().map(|m| m.seq).collect::<Vec<_>>(), sent[3..]);
-        // Taken, not yet acked: still the app's to ack.
+        // Taken, not yet acked: still the app's to ack. A reply would carry
+        // an ack, and a seen mark is committed behind it.
+        bob.send_text(conversation, "carrier").await.unwrap();
+        bob.mark_seen(conversation, sent[0]).await.unwrap();
         let view = alice.conversation(conversation).await.unwrap();
         let bob_delivered = view.members.iter().find(|m| m.user_id == bob_id).unwrap();
         assert_eq!(bob_delivered.delivered_seq, sent[2]);

@@ -668,13 +668,14 @@ async fn delivery_acks_beyond_what_a_connection_was_delivered_are_dropped() {
     // it moves nothing (a conversation the user is not in is looked up, a
     // departure touched): a client looping them used to fill the watermark
     // committer's queue, which every session's acks wait on. Now a
-    // connection may ack what it was delivered plus a slack of 1,024; this
-    // one was delivered nothing, so of 1,524 acks exactly 500 are dropped.
+    // connection may ack what it was delivered plus a slack; this one was
+    // delivered nothing, so of 500 acks beyond the slack all are dropped.
     let server = TestServer::start().await;
     let metrics = server.server.as_ref().unwrap().metrics_addr();
     let (raw, _control, _control_recv) = Raw::authenticated(&server).await;
     let mut list = vec![Frame::open_stream(StreamKind::Messages)];
-    list.extend((1..=1_524u64).map(|conversation_id| {
+    let slack = chat_server::streams::messages::ACK_SLACK;
+    list.extend((1..=slack + 500).map(|conversation_id| {
         Frame::push(Body::DeliveryAck(proto::DeliveryAck {
             conversation_id,
             seq: 1,

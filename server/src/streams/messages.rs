@@ -35,8 +35,10 @@ const CATCH_UP_PAGE: u32 = 256;
 /// a flood of them would fill the watermark committer's queue that every
 /// session's acks wait on; so a connection's acks are bounded by what it
 /// was delivered. The slack covers acks of messages delivered on the
-/// device's previous connection (client-lib holds up to 1,024 unsent).
-const ACK_SLACK: u64 = 1_024;
+/// device's previous connection: client-lib carries the acks of up to
+/// 1,024 conversations plus what its app takes meanwhile (its event queue
+/// holds 4,096 by default) to the next connection.
+pub const ACK_SLACK: u64 = 8_192;
 
 /// Serves the messages stream until it or the connection ends.
 pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameReader) {
