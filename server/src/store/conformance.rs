@@ -38,6 +38,7 @@ macro_rules! history_store_conformance {
             sessions,
             friend_requests,
             friend_limits,
+            concurrent_friend_requests_stay_within_the_limits,
             direct_conversations,
             append_assigns_seq_and_is_idempotent,
             append_refuses_non_members_without_failing_the_batch,
@@ -351,6 +352,62 @@ pub async fn friend_limits(store: &impl HistoryStore) {
         store.friend_counts(f).await.unwrap(),
         FriendCounts::default()
     );
+}
+
+/// Requests racing on different pairs count each other: of many asking
+/// one user at once, exactly the limit's worth wait for an answer, and of
+/// one user asking many at once, exactly the limit's worth go out.
+pub async fn concurrent_friend_requests_stay_within_the_limits(store: &impl HistoryStore) {
+    use FriendRequestOutcome::*;
+    const MAX: u64 = 3;
+    const MANY: usize = 16;
+    let target = user(store, "popular").await;
+    let asker = user(store, "eager").await;
+    let mut others = Vec::with_capacity(MANY);
+    for i in 0..MANY {
+        others.push(user(store, &format!("other{i}")).await);
+    }
+    let outcomes = futures_join_all(
+        others
+            .iter()
+            .map(|&from| store.friend_request_within(from, target, 1, MAX)),
+    )
+    .await;
+    let requested = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(Requested)))
+        .count();
+    let full = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(TargetFull)))
+        .count();
+    assert_eq!(
+        (requested, full),
+        (MAX as usize, MANY - MAX as usize),
+        "{outcomes:?}"
+    );
+    assert_eq!(store.friend_counts(target).await.unwrap().incoming, MAX);
+
+    let outcomes = futures_join_all(
+        others
+            .iter()
+            .map(|&to| store.friend_request_within(asker, to, 1, MAX)),
+    )
+    .await;
+    let requested = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(Requested)))
+        .count();
+    let full = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(AskerFull)))
+        .count();
+    assert_eq!(
+        (requested, full),
+        (MAX as usize, MANY - MAX as usize),
+        "{outcomes:?}"
+    );
+    assert_eq!(store.friend_counts(asker).await.unwrap().outgoing, MAX);
 }
 
 /// One direct conversation per pair, visible to its members only.

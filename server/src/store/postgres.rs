@@ -932,6 +932,10 @@ impl HistoryStore for PostgresStore {
         let mut client = self.client().await?;
         let counts = client.prepare_cached(FRIEND_COUNTS).await.map_err(pg)?;
         let lock = client.prepare_cached(LOCK_PAIR).await.map_err(pg)?;
+        let lock_users = client
+            .prepare_cached(LOCK_FRIEND_COUNTS)
+            .await
+            .map_err(pg)?;
         let are = client.prepare_cached(ARE_FRIENDS).await.map_err(pg)?;
         let take_reverse = client.prepare_cached(TAKE_REQUEST).await.map_err(pg)?;
         let befriend = client.prepare_cached(MAKE_FRIENDS).await.map_err(pg)?;
@@ -946,10 +950,17 @@ impl HistoryStore for PostgresStore {
         let tx = client.transaction().await.map_err(pg)?;
         // The pair lock makes two crossing requests meet: the second sees
         // the first and accepts it instead of leaving two requests behind.
+        // Then both users' count locks (after the pair lock, in id order,
+        // as every request takes them): requests of other pairs that
+        // involve either user wait, so each counts what the ones before it
+        // committed and the limits are exact. Without them two requests
+        // to one user from different askers each counted without the
+        // other's uncommitted row, and both passed.
         let pair: [Param<'_>; 2] = [&from, &to];
-        let (_, friends) = tokio::try_join!(
+        let (_, _, friends) = tokio::try_join!(
             biased;
             tx.execute(&lock, &pair),
+            tx.execute(&lock_users, &pair),
             tx.query_one(&are, &pair),
         )
         .map_err(pg)?;
@@ -1997,6 +2008,12 @@ const LOCK_PAIR: &str = "
     SELECT pg_advisory_xact_lock(
         hashtextextended('friends ' || LEAST($1::bigint, $2::bigint)
                          || ' ' || GREATEST($1::bigint, $2::bigint), 0))";
+
+/// Both users' friend-count locks, the lower id first (Postgres evaluates
+/// a select list in order), so two requests never wait for each other's.
+const LOCK_FRIEND_COUNTS: &str = "
+    SELECT pg_advisory_xact_lock(hashtextextended('friend counts ' || LEAST($1::bigint, $2::bigint), 0)),
+           pg_advisory_xact_lock(hashtextextended('friend counts ' || GREATEST($1::bigint, $2::bigint), 0))";
 
 /// One history page, newest first below a seq, or oldest first above one.
 const PAGE_BEFORE: &str = "
