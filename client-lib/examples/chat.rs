@@ -84,7 +84,24 @@ async fn main() -> Result<()> {
         tokio::select! {
             line = lines.next_line() => {
                 let Some(line) = line? else { break };
-                match command(&client, &mut screen, line.trim()).await {
+                // Answers travel behind the events of their stream, so the
+                // events are drained while the command waits for one, and
+                // shown once it is done (it may change the screen).
+                let mut held = Vec::new();
+                let result = {
+                    let run = command(&client, &mut screen, line.trim());
+                    tokio::pin!(run);
+                    loop {
+                        tokio::select! {
+                            result = &mut run => break result,
+                            Some(event) = events.next() => held.push(event),
+                        }
+                    }
+                };
+                for event in held {
+                    show(&client, &mut screen, event);
+                }
+                match result {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(e) => println!("! {e}"),
@@ -92,7 +109,7 @@ async fn main() -> Result<()> {
             }
             event = events.next() => {
                 let Some(event) = event else { break };
-                show(&client, &mut screen, event).await;
+                show(&client, &mut screen, event);
             }
         }
     }
@@ -279,7 +296,7 @@ async fn print_history(client: &Client, screen: &Screen, conversation: u64) -> R
     Ok(())
 }
 
-async fn show(client: &Client, screen: &mut Screen, event: Event) {
+fn show(client: &Client, screen: &mut Screen, event: Event) {
     match event {
         Event::Message(m) => {
             let who = screen
@@ -294,7 +311,12 @@ async fn show(client: &Client, screen: &mut Screen, event: Event) {
                 .as_ref()
                 .is_some_and(|(c, _)| *c == m.conversation_id)
             {
-                let _ = client.mark_seen(m.conversation_id, m.seq).await;
+                // Spawned: its answer travels behind events this loop has
+                // yet to drain.
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let _ = client.mark_seen(m.conversation_id, m.seq).await;
+                });
             }
         }
         Event::Receipt(r) => {
