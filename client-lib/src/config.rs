@@ -47,6 +47,11 @@ pub struct ClientConfig {
     pub delivery_ack_linger: Duration,
     /// When a delivered message is acknowledged to the server.
     pub delivery_acks: DeliveryAcks,
+    /// Heartbeat this often instead of at the interval the server
+    /// announces at login (never more often than once a second). For load
+    /// generators and tests: a client that heartbeats less often than the
+    /// server asks shows offline between its heartbeats.
+    pub heartbeat_interval: Option<Duration>,
     /// Share one UDP socket among many clients (load generators).
     pub endpoint: Option<quinn::Endpoint>,
 }
@@ -86,6 +91,7 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(30),
             delivery_ack_linger: Duration::from_millis(20),
             delivery_acks: DeliveryAcks::OnTake,
+            heartbeat_interval: None,
             endpoint: None,
         }
     }

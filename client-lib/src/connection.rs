@@ -167,13 +167,14 @@ async fn establish(
         reader,
         StreamKind::Control,
     ));
-    if auth_ok.heartbeat_interval_ms > 0 {
+    let announced = (auth_ok.heartbeat_interval_ms > 0)
+        .then(|| std::time::Duration::from_millis(auth_ok.heartbeat_interval_ms.into()));
+    if let Some(interval) = config.heartbeat_interval.or(announced) {
         // Not more often than the protocol's minimum whatever the server
         // asks: a server asking every millisecond that then stopped reading
         // the control stream would grow the unsent queue by a thousand
         // frames a second.
-        let interval = std::time::Duration::from_millis(auth_ok.heartbeat_interval_ms.into())
-            .max(chat_protocol::limits::MIN_HEARTBEAT_INTERVAL);
+        let interval = interval.max(chat_protocol::limits::MIN_HEARTBEAT_INTERVAL);
         tokio::spawn(heartbeat_loop(
             inner.heartbeats.subscribe(),
             live.conn.clone(),

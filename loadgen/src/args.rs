@@ -86,6 +86,12 @@ pub struct Args {
     /// login.
     #[arg(long, default_value_t = 0.0)]
     pub background_fraction: f64,
+    /// How often users whose app is in the foreground heartbeat. Default:
+    /// the interval the server announces at login (its
+    /// `heartbeat-interval`, 15 s by default); longer than the server's
+    /// presence window shows them offline between heartbeats. At least 1s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
     /// How long after a message arrives its recipient marks it seen.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub read_delay: Duration,
@@ -299,6 +305,14 @@ impl Args {
         if !(self.zipf.is_finite() && self.zipf >= 0.0) {
             anyhow::bail!("--zipf {} must be a non-negative number", self.zipf);
         }
+        let min_heartbeat = chat_protocol::limits::MIN_HEARTBEAT_INTERVAL;
+        if let Some(interval) = self.heartbeat_interval.filter(|&i| i < min_heartbeat) {
+            anyhow::bail!(
+                "--heartbeat-interval {} must be at least {} (client-lib heartbeats no more often)",
+                humantime::format_duration(interval),
+                humantime::format_duration(min_heartbeat)
+            );
+        }
         if !(self.churn.is_finite() && (0.0..=1.0).contains(&self.churn)) {
             anyhow::bail!(
                 "--churn {} must be a fraction of users per minute in 0..=1",
@@ -490,6 +504,7 @@ mod tests {
             &["--friends", "1", "--users", "101"],
             &["--zipf=-1"],
             &["--churn", "2"],
+            &["--heartbeat-interval", "500ms"],
             &["--text-bytes", "100000"],
             &["--duration", "0s"],
             &["--name-prefix", "Bad Name"],

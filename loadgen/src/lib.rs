@@ -68,10 +68,14 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
     if let Some(line) = describe_fanout(&args, plan.users as usize) {
         log(&line);
     }
+    let heartbeat = args.heartbeat_interval.map_or_else(
+        || "at the interval the server announces at login".to_string(),
+        |i| format!("every {}", humantime::format_duration(i)),
+    );
     log(&format!(
         "plan: {} of {} users have the app in the background (no heartbeats: only \
-         their other traffic keeps them online); the rest heartbeat at the interval the server announces \
-         at login; nobody subscribes to presence",
+         their other traffic keeps them online); the rest heartbeat {heartbeat}; nobody \
+         subscribes to presence",
         args.background_count(plan.users as usize),
         plan.users
     ));
@@ -158,6 +162,7 @@ async fn measure(
         args.socket_receive_buffer,
         args.outbox,
         args.delivery_ack_linger,
+        args.heartbeat_interval,
         log,
     )?);
     let population = population::set_up(args, plan, &connector, log).await?;

@@ -64,6 +64,7 @@ impl Connector {
         receive_buffer: usize,
         outbox: usize,
         delivery_ack_linger: Option<Duration>,
+        heartbeat_interval: Option<Duration>,
         log: &impl Fn(&str),
     ) -> anyhow::Result<Connector> {
         let mut base = ClientConfig::new(target.addr, target.server_name.clone())
@@ -74,6 +75,7 @@ impl Connector {
         if let Some(linger) = delivery_ack_linger {
             base.delivery_ack_linger = linger;
         }
+        base.heartbeat_interval = heartbeat_interval;
         // Set-up requests queue behind Argon2 on a busy server.
         base.request_timeout = Duration::from_secs(60);
         let bind: SocketAddr = match (target.addr.ip().is_loopback(), target.addr.is_ipv4()) {

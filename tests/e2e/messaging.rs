@@ -978,6 +978,32 @@ mod client_faults {
     }
 
     #[tokio::test]
+    async fn a_client_heartbeats_at_its_own_interval_when_told() {
+        // The node asks for a heartbeat a minute; Alice's client is told
+        // every second (what chat-loadgen's --heartbeat-interval sets).
+        // Each heartbeat refreshes her stored activity time, so Bob's
+        // snapshots see it move within seconds.
+        let server = TestServer::start_with(|c| {
+            c.limits.heartbeat_interval = Duration::from_secs(60);
+            c.transport.idle_timeout = Duration::from_secs(120);
+        })
+        .await;
+        let mut config = server.client_config();
+        config.heartbeat_interval = Some(Duration::from_secs(1));
+        let (alice, _ea) = register(config, &name("alice")).await;
+        let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+        befriend(&alice, &bob).await;
+        let a = alice.identity().user_id;
+        let first = bob.subscribe_presence(&[a]).await.unwrap()[0];
+        assert!(first.online);
+        wait_until("alice's activity time moved by her heartbeats", || async {
+            let now = bob.subscribe_presence(&[a]).await.unwrap()[0];
+            now.online && now.last_active_ms >= first.last_active_ms + 2_000
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn a_client_dropped_without_close_disconnects() {
         // The connection used to live on, reconnecting for ever and
         // acknowledging deliveries nobody saw, once the app had dropped
