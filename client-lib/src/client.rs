@@ -22,7 +22,8 @@ use crate::outbox::Outbox;
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
-    /// A new message (each one exactly once).
+    /// A new message (each one once per client: see [`Events`] on when it
+    /// is acknowledged).
     Message(proto::Message),
     /// Another member's delivered / seen watermarks moved.
     Receipt(proto::Receipt),
@@ -425,6 +426,15 @@ impl Inner {
         for state in self.note_presence(states) {
             self.emit(Event::Presence(state)).await;
         }
+    }
+
+    /// The latest known states of these users, in their order.
+    fn known_presence(&self, user_ids: &[u64]) -> Vec<proto::PresenceState> {
+        let known = self.presence.lock().expect("presence lock");
+        user_ids
+            .iter()
+            .filter_map(|id| known.get(id).copied())
+            .collect()
     }
 
     /// The states of watched users among `states`.
@@ -834,24 +844,25 @@ impl Client {
     }
 
     /// Watches the presence of these friends (e.g. the ones on screen),
-    /// replacing the previous list; returns their current state. Changes
-    /// then arrive as [`Event::Presence`]. The list is re-sent after every
-    /// reconnect.
+    /// replacing the previous list; returns their current state (the
+    /// server's snapshot, with any update that arrived right behind it).
+    /// Changes then arrive as [`Event::Presence`]. The list is re-sent
+    /// after every reconnect.
     pub async fn subscribe_presence(
         &self,
         user_ids: &[u64],
     ) -> Result<Vec<proto::PresenceState>, ClientError> {
         let _order = self.inner.subscribing.lock().await;
         *self.inner.watching.lock().expect("watching lock") = user_ids.to_vec();
-        // The reader records the snapshot (see `Inner::answer`).
-        let mut states = subscribe(&self.inner, user_ids.to_vec()).await?;
-        states.retain(|state| user_ids.contains(&state.user_id));
+        // The reader records the snapshot (see `Inner::answer`), and any
+        // update read behind it since.
+        subscribe(&self.inner, user_ids.to_vec()).await?;
         self.inner
             .presence
             .lock()
             .expect("presence lock")
             .retain(|id, _| user_ids.contains(id));
-        Ok(states)
+        Ok(self.inner.known_presence(user_ids))
     }
 
     /// The latest known presence of a watched user.
@@ -1343,9 +1354,11 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                                 if watching.is_empty() {
                                     return;
                                 }
-                                // The reader recorded the snapshot.
-                                match subscribe(&inner, watching).await {
-                                    Ok(states) => inner.watched(states),
+                                // The reader recorded the snapshot, and any
+                                // update behind it: the app hears the
+                                // latest, not the snapshot's.
+                                match subscribe(&inner, watching.clone()).await {
+                                    Ok(_) => inner.known_presence(&watching),
                                     Err(_) => return,
                                 }
                             };

@@ -48,9 +48,10 @@ pub struct ClientConfig {
     /// When a delivered message is acknowledged to the server.
     pub delivery_acks: DeliveryAcks,
     /// Heartbeat this often instead of at the interval the server
-    /// announces at login (never more often than once a second). For load
-    /// generators and tests: a client that heartbeats less often than the
-    /// server asks shows offline between its heartbeats.
+    /// announces at login, even if it asks for none (never more often
+    /// than once a second). For load generators and tests: a client that
+    /// heartbeats less often than the server asks shows offline between
+    /// its heartbeats.
     pub heartbeat_interval: Option<Duration>,
     /// Share one UDP socket among many clients (load generators).
     pub endpoint: Option<quinn::Endpoint>,

@@ -1547,43 +1547,49 @@ async fn a_group_change_stops_asking_when_the_session_ends() {
 #[tokio::test]
 async fn a_presence_update_right_after_its_snapshot_is_the_one_kept() {
     // The fake node answers a subscription with a snapshot (user 7 online)
-    // and, in the same write, an update (7 went offline). The reader used
-    // to record the update while the subscribing task, woken by the reply,
-    // had not yet run; that task then recorded the older snapshot over it.
-    // On this single-threaded runtime the order is certain.
+    // and, in the same write, an update (7 went offline), on two
+    // connections: the app's subscription, then the client's own after a
+    // reconnect. The reader used to record the update while the
+    // subscribing task, woken by the reply, had not yet run; that task then
+    // recorded the older snapshot over it, and after a reconnect handed it
+    // to the app after the update. On this single-threaded runtime the
+    // order is certain.
     let (_dir, endpoint, config) = fake_node().await;
     let serve = tokio::spawn(async move {
-        let conn = endpoint.accept().await.unwrap().await.unwrap();
-        let (mut send, mut recv) = fake_login(&conn).await.expect("a login");
-        let mut buf = BytesMut::new();
-        let request_id = loop {
-            let frame = next_frame(&mut recv, &mut buf).await;
-            if let Some(Body::SubscribePresence(s)) = frame.body {
-                assert_eq!(s.user_ids, [7]);
-                break frame.request_id;
-            }
-        };
-        let state = |online| proto::PresenceState {
-            user_id: 7,
-            online,
-            last_active_ms: 1_000,
-        };
-        let snapshot = Frame::new(
-            request_id,
-            Body::PresenceSnapshot(proto::PresenceSnapshot {
-                states: vec![state(true)],
-            }),
-        );
-        let update = Frame::push(Body::PresenceUpdate(proto::PresenceUpdate {
-            states: vec![state(false)],
-        }));
-        send.write_all(&frames(&[snapshot, update])).await.unwrap();
-        // Held open until the client is done.
-        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        for round in 0..2 {
+            let conn = endpoint.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = fake_login(&conn).await.expect("a login");
+            let mut buf = BytesMut::new();
+            let request_id = loop {
+                let frame = next_frame(&mut recv, &mut buf).await;
+                if let Some(Body::SubscribePresence(s)) = frame.body {
+                    assert_eq!(s.user_ids, [7]);
+                    break frame.request_id;
+                }
+            };
+            let state = |online| proto::PresenceState {
+                user_id: 7,
+                online,
+                last_active_ms: 1_000 * (round + 1),
+            };
+            let snapshot = Frame::new(
+                request_id,
+                Body::PresenceSnapshot(proto::PresenceSnapshot {
+                    states: vec![state(true)],
+                }),
+            );
+            let update = Frame::push(Body::PresenceUpdate(proto::PresenceUpdate {
+                states: vec![state(false)],
+            }));
+            send.write_all(&frames(&[snapshot, update])).await.unwrap();
+            // Held open until the client drops it.
+            let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        }
     });
     let (client, mut events) = register_fake(config).await;
-    let snapshot = client.subscribe_presence(&[7]).await.unwrap();
-    assert!(snapshot[0].online, "{snapshot:?}");
+    // The snapshot, or already the update behind it.
+    let states = client.subscribe_presence(&[7]).await.unwrap();
+    assert_eq!(states.len(), 1, "{states:?}");
     wait_for(&mut events, "the offline update", |e| match e {
         Event::Presence(p) if p.user_id == 7 && !p.online => Some(()),
         _ => None,
@@ -1593,6 +1599,24 @@ async fn a_presence_update_right_after_its_snapshot_is_the_one_kept() {
         !client.presence(7).expect("watched").online,
         "the snapshot overwrote the newer update"
     );
+
+    // After a reconnect the app hears the update and the client's
+    // re-subscription; whatever their order, the last word is the latest.
+    client.reconnect_now();
+    let mut heard = Vec::new();
+    while heard.len() < 2 {
+        let state = wait_for(&mut events, "presence after the reconnect", |e| match e {
+            Event::Presence(p) if p.user_id == 7 && p.last_active_ms == 2_000 => Some(p),
+            _ => None,
+        })
+        .await;
+        heard.push(state);
+    }
+    assert!(
+        !heard[1].online,
+        "the app heard the older snapshot last: {heard:?}"
+    );
+    assert!(!client.presence(7).expect("watched").online);
     client.close();
     serve.await.unwrap();
 }

@@ -531,10 +531,9 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// friends plus requests sent, and `to`'s requests waiting, within
     /// `max_friends`; accepting `to`'s request to `from` must leave
     /// `from`'s friends plus requests sent within it (the other side's
-    /// count does not change). Checked in the change's transaction: exact
-    /// on SQLite (one writer); on Postgres, whose lock is per pair,
-    /// requests racing each other on different pairs may each pass, a few
-    /// over (the limit leaves the friend list reply room for that).
+    /// count does not change). Checked in the change's transaction, so
+    /// exact however requests race: SQLite has one writer, and Postgres
+    /// takes both users' count locks.
     /// Repeats and requests between friends answer as without a limit.
     async fn friend_request_within(
         &self,
