@@ -354,19 +354,47 @@ pub async fn friend_limits(store: &impl HistoryStore) {
     );
 }
 
-/// Requests racing on different pairs count each other: of many asking
-/// one user at once, exactly the limit's worth wait for an answer, and of
-/// one user asking many at once, exactly the limit's worth go out.
+/// Requests and accepts racing on different pairs count each other: of
+/// many asking one user at once, exactly the limit's worth wait for an
+/// answer; of one user asking many at once, exactly the limit's worth go
+/// out; of one user accepting many at once (from several devices),
+/// exactly the limit's worth become friends.
 pub async fn concurrent_friend_requests_stay_within_the_limits(store: &impl HistoryStore) {
     use FriendRequestOutcome::*;
     const MAX: u64 = 3;
     const MANY: usize = 16;
     let target = user(store, "popular").await;
     let asker = user(store, "eager").await;
+    let accepter = user(store, "welcoming").await;
     let mut others = Vec::with_capacity(MANY);
     for i in 0..MANY {
-        others.push(user(store, &format!("other{i}")).await);
+        let other = user(store, &format!("other{i}")).await;
+        store.friend_request(other, accepter, 1).await.unwrap();
+        others.push(other);
     }
+    let accepted = futures_join_all(
+        others
+            .iter()
+            .map(|&from| store.friend_accept_within(accepter, from, 1, MAX)),
+    )
+    .await;
+    let yes = accepted.iter().filter(|a| matches!(a, Ok(true))).count();
+    let no = accepted.iter().filter(|a| matches!(a, Ok(false))).count();
+    assert_eq!(
+        (yes, no),
+        (MAX as usize, MANY - MAX as usize),
+        "{accepted:?}"
+    );
+    let counts = store.friend_counts(accepter).await.unwrap();
+    assert_eq!(
+        (counts.friends, counts.incoming),
+        (MAX, (MANY as u64) - MAX)
+    );
+    assert!(matches!(
+        store.friend_accept_within(accepter, target, 1, MAX).await,
+        Err(StoreError::NotFound)
+    ));
+
     let outcomes = futures_join_all(
         others
             .iter()

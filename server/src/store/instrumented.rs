@@ -119,16 +119,18 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         )
     }
 
-    async fn friend_accept(
+    async fn friend_accept_within(
         &self,
         user: UserId,
         from: UserId,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+        max_friends: u64,
+    ) -> Result<bool, StoreError> {
         timed!(
             self,
             "friend_accept",
-            self.inner.friend_accept(user, from, now_ms)
+            self.inner
+                .friend_accept_within(user, from, now_ms, max_friends)
         )
     }
 

@@ -542,14 +542,30 @@ pub trait HistoryStore: Send + Sync + 'static {
         now_ms: i64,
         max_friends: u64,
     ) -> Result<FriendRequestOutcome, StoreError>;
-    /// `user` accepts the pending request from `from`. `NotFound` if there
-    /// is none.
+    /// `user` accepts the pending request from `from`, with no limit
+    /// (set-up and tests). `NotFound` if there is none.
     async fn friend_accept(
         &self,
         user: UserId,
         from: UserId,
         now_ms: i64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        self.friend_accept_within(user, from, now_ms, u64::MAX)
+            .await
+            .map(|_| ())
+    }
+    /// `user` accepts the pending request from `from` if that leaves
+    /// `user`'s friends plus requests sent within `max_friends`: true if
+    /// accepted, false (nothing changed) if not. Checked in the change's
+    /// transaction, so racing accepts and requests count each other.
+    /// `NotFound` if there is no such request.
+    async fn friend_accept_within(
+        &self,
+        user: UserId,
+        from: UserId,
+        now_ms: i64,
+        max_friends: u64,
+    ) -> Result<bool, StoreError>;
     /// `user` declines the pending request from `from`; false if none.
     async fn friend_decline(&self, user: UserId, from: UserId) -> Result<bool, StoreError>;
     /// Ends a friendship or cancels a pending request in either direction;

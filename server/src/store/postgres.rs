@@ -1011,28 +1011,49 @@ impl HistoryStore for PostgresStore {
         Ok(outcome)
     }
 
-    async fn friend_accept(
+    async fn friend_accept_within(
         &self,
         user: UserId,
         from: UserId,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+        max_friends: u64,
+    ) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
         let lock = client.prepare_cached(LOCK_PAIR).await.map_err(pg)?;
+        let lock_users = client
+            .prepare_cached(LOCK_FRIEND_COUNTS)
+            .await
+            .map_err(pg)?;
         let take = client.prepare_cached(TAKE_REQUEST).await.map_err(pg)?;
         let befriend = client.prepare_cached(MAKE_FRIENDS).await.map_err(pg)?;
+        let counts = client.prepare_cached(FRIEND_COUNTS).await.map_err(pg)?;
         let (user, from) = (sql(user), sql(from));
         let tx = client.transaction().await.map_err(pg)?;
         // The pair's lock, as requests and removals take it: a removal
         // crossing this accept either sees the friendship or waits for it.
-        tx.execute(&lock, &[&user, &from]).await.map_err(pg)?;
+        // Then both users' count locks, as requests take them, so the
+        // limit below counts every accept and request before this one.
+        let pair: [Param<'_>; 2] = [&user, &from];
+        tokio::try_join!(
+            biased;
+            tx.execute(&lock, &pair),
+            tx.execute(&lock_users, &pair),
+        )
+        .map_err(pg)?;
         if tx.execute(&take, &[&from, &user]).await.map_err(pg)? == 0 {
             return Err(StoreError::NotFound);
         }
         tx.execute(&befriend, &[&user, &from, &now_ms])
             .await
             .map_err(pg)?;
-        tx.commit().await.map_err(pg)
+        // Checked after the change, in its transaction, which is dropped
+        // (rolled back) when the limit is exceeded.
+        let mine = tx.query_one(&counts, &[&user]).await.map_err(pg)?;
+        if id_col(&mine, 0)? + id_col(&mine, 2)? > max_friends {
+            return Ok(false);
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(true)
     }
 
     async fn friend_decline(&self, user: UserId, from: UserId) -> Result<bool, StoreError> {

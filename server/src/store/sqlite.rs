@@ -1752,22 +1752,35 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
-    async fn friend_accept(
+    async fn friend_accept_within(
         &self,
         user: UserId,
         from: UserId,
         now_ms: i64,
-    ) -> Result<(), StoreError> {
+        max_friends: u64,
+    ) -> Result<bool, StoreError> {
         self.call(move |conn, _| {
-            let n = conn
-                .prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
+            let waiting: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM friend_requests WHERE from_id = ?1 AND to_id = ?2)",
+                )
+                .map_err(internal)?
+                .query_row(params![sql(from), sql(user)], |r| r.get(0))
+                .map_err(internal)?;
+            if !waiting {
+                return Err(StoreError::NotFound);
+            }
+            // One writer: what is counted here is what is written.
+            let mine = friend_counts(conn, user)?;
+            if mine.friends + mine.outgoing >= max_friends {
+                return Ok(false);
+            }
+            conn.prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
                 .map_err(internal)?
                 .execute(params![sql(from), sql(user)])
                 .map_err(internal)?;
-            if n == 0 {
-                return Err(StoreError::NotFound);
-            }
-            make_friends(conn, user, from, now_ms)
+            make_friends(conn, user, from, now_ms)?;
+            Ok(true)
         })
         .await
     }

@@ -455,9 +455,9 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::FriendAccept(a)) => {
-            check_friend_limit(session, me).await?;
-            store
-                .friend_accept(me, a.user_id, now_ms())
+            let max = session.shared.config.limits.max_friends;
+            let accepted = store
+                .friend_accept_within(me, a.user_id, now_ms(), max)
                 .await
                 .map_err(|e| match e {
                     StoreError::NotFound => {
@@ -465,6 +465,9 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     }
                     e => e.into(),
                 })?;
+            if !accepted {
+                return Err(friends_full(max));
+            }
             notify_friend(session, a.user_id, proto::friend_event::Kind::Accepted);
             reply(Body::Ok(proto::Ok {}))
         }
@@ -797,15 +800,6 @@ fn page_limit(asked: u32, default: u32) -> u32 {
 /// they sent count together toward `max-friends` (a request is a
 /// friendship waiting), so neither list grows past it. (Requests are
 /// checked by the store, in the change's transaction.)
-async fn check_friend_limit(session: &Session, me: u64) -> Result<(), Refusal> {
-    let max = session.shared.config.limits.max_friends;
-    let counts = session.shared.store.friend_counts(me).await?;
-    if counts.friends + counts.outgoing >= max {
-        return Err(friends_full(max));
-    }
-    Ok(())
-}
-
 fn friends_full(max: u64) -> Refusal {
     Refusal::new(
         ErrorCode::LimitReached,
