@@ -378,13 +378,7 @@ pub async fn concurrent_friend_requests_stay_within_the_limits(store: &impl Hist
             .map(|&from| store.friend_accept_within(accepter, from, 1, MAX)),
     )
     .await;
-    let yes = accepted.iter().filter(|a| matches!(a, Ok(true))).count();
-    let no = accepted.iter().filter(|a| matches!(a, Ok(false))).count();
-    assert_eq!(
-        (yes, no),
-        (MAX as usize, MANY - MAX as usize),
-        "{accepted:?}"
-    );
+    assert_split(&accepted, true, false, MAX);
     let counts = store.friend_counts(accepter).await.unwrap();
     assert_eq!(
         (counts.friends, counts.incoming),
@@ -401,19 +395,7 @@ pub async fn concurrent_friend_requests_stay_within_the_limits(store: &impl Hist
             .map(|&from| store.friend_request_within(from, target, 1, MAX)),
     )
     .await;
-    let requested = outcomes
-        .iter()
-        .filter(|o| matches!(o, Ok(Requested)))
-        .count();
-    let full = outcomes
-        .iter()
-        .filter(|o| matches!(o, Ok(TargetFull)))
-        .count();
-    assert_eq!(
-        (requested, full),
-        (MAX as usize, MANY - MAX as usize),
-        "{outcomes:?}"
-    );
+    assert_split(&outcomes, Requested, TargetFull, MAX);
     assert_eq!(store.friend_counts(target).await.unwrap().incoming, MAX);
 
     let outcomes = futures_join_all(
@@ -422,20 +404,29 @@ pub async fn concurrent_friend_requests_stay_within_the_limits(store: &impl Hist
             .map(|&to| store.friend_request_within(asker, to, 1, MAX)),
     )
     .await;
-    let requested = outcomes
-        .iter()
-        .filter(|o| matches!(o, Ok(Requested)))
-        .count();
-    let full = outcomes
-        .iter()
-        .filter(|o| matches!(o, Ok(AskerFull)))
-        .count();
-    assert_eq!(
-        (requested, full),
-        (MAX as usize, MANY - MAX as usize),
-        "{outcomes:?}"
-    );
+    assert_split(&outcomes, Requested, AskerFull, MAX);
     assert_eq!(store.friend_counts(asker).await.unwrap().outgoing, MAX);
+}
+
+/// Asserts that exactly `max` of racing `results` are `yes` and the rest
+/// `no`.
+fn assert_split<T: PartialEq + std::fmt::Debug>(
+    results: &[Result<T, StoreError>],
+    yes: T,
+    no: T,
+    max: u64,
+) {
+    let count = |want: &T| {
+        results
+            .iter()
+            .filter(|r| r.as_ref().ok() == Some(want))
+            .count()
+    };
+    assert_eq!(
+        (count(&yes), count(&no)),
+        (max as usize, results.len() - max as usize),
+        "{results:?}"
+    );
 }
 
 /// One direct conversation per pair, visible to its members only.
