@@ -437,22 +437,29 @@ impl Inner {
             .collect()
     }
 
-    /// The states of watched users among `states`.
-    fn watched(&self, mut states: Vec<proto::PresenceState>) -> Vec<proto::PresenceState> {
-        let watching = self.watching.lock().expect("watching lock");
-        states.retain(|state| watching.contains(&state.user_id));
-        states
-    }
-
     /// Records presence states of watched users (dropping the rest) and
-    /// returns them, for the app to hear.
-    fn note_presence(&self, states: Vec<proto::PresenceState>) -> Vec<proto::PresenceState> {
-        let states = self.watched(states);
+    /// returns them, for the app to hear. Under the presence lock, as
+    /// [`Inner::watch`] changes the list: a state is never recorded for a
+    /// user who was just dropped from it.
+    fn note_presence(&self, mut states: Vec<proto::PresenceState>) -> Vec<proto::PresenceState> {
         let mut known = self.presence.lock().expect("presence lock");
+        {
+            let watching = self.watching.lock().expect("watching lock");
+            states.retain(|state| watching.contains(&state.user_id));
+        }
         for state in &states {
             known.insert(state.user_id, *state);
         }
         states
+    }
+
+    /// Makes `user_ids` the watched list and forgets the presence of
+    /// everyone else, before asking the server: a subscription that then
+    /// fails or is abandoned leaves no state of the old list behind.
+    fn watch(&self, user_ids: &[u64]) {
+        let mut known = self.presence.lock().expect("presence lock");
+        *self.watching.lock().expect("watching lock") = user_ids.to_vec();
+        known.retain(|id, _| user_ids.contains(id));
     }
 
     fn live(&self) -> Option<Live> {
@@ -853,15 +860,10 @@ impl Client {
         user_ids: &[u64],
     ) -> Result<Vec<proto::PresenceState>, ClientError> {
         let _order = self.inner.subscribing.lock().await;
-        *self.inner.watching.lock().expect("watching lock") = user_ids.to_vec();
+        self.inner.watch(user_ids);
         // The reader records the snapshot (see `Inner::answer`), and any
         // update read behind it since.
         subscribe(&self.inner, user_ids.to_vec()).await?;
-        self.inner
-            .presence
-            .lock()
-            .expect("presence lock")
-            .retain(|id, _| user_ids.contains(id));
         Ok(self.inner.known_presence(user_ids))
     }
 

@@ -1620,3 +1620,52 @@ async fn a_presence_update_right_after_its_snapshot_is_the_one_kept() {
     client.close();
     serve.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_subscription_that_times_out_leaves_no_state_of_the_old_list() {
+    // The fake node answers the first subscription (user 5) and never the
+    // second (user 7). The old list's state used to be dropped only once
+    // a subscription was answered, so presence(5) kept answering for a
+    // user no longer watched.
+    let (_dir, endpoint, mut config) = fake_node().await;
+    config.request_timeout = Duration::from_secs(1);
+    let serve = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = fake_login(&conn).await.expect("a login");
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = next_frame(&mut recv, &mut buf).await;
+            if let Some(Body::SubscribePresence(s)) = frame.body {
+                if s.user_ids == [5] {
+                    let state = proto::PresenceState {
+                        user_id: 5,
+                        online: true,
+                        last_active_ms: 1_000,
+                    };
+                    let snapshot = Frame::new(
+                        frame.request_id,
+                        Body::PresenceSnapshot(proto::PresenceSnapshot {
+                            states: vec![state],
+                        }),
+                    );
+                    send.write_all(&frames(&[snapshot])).await.unwrap();
+                } else {
+                    break;
+                }
+            }
+        }
+        // Held open, unanswered, until the client is done.
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    });
+    let (client, _events) = register_fake(config).await;
+    assert_eq!(client.subscribe_presence(&[5]).await.unwrap().len(), 1);
+    assert!(client.presence(5).is_some());
+    let refused = client.subscribe_presence(&[7]).await;
+    assert!(
+        matches!(refused, Err(chat_client::ClientError::Timeout)),
+        "{refused:?}"
+    );
+    assert_eq!(client.presence(5), None, "the old list's state stayed");
+    client.close();
+    serve.await.unwrap();
+}
