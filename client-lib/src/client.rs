@@ -1249,11 +1249,18 @@ fn retry_delay(delay: Duration, error: &ClientError, config: &ClientConfig) -> D
 /// app for days; after this the client sends again and hears a new one.
 const MAX_SERVER_PAUSE: Duration = Duration::from_secs(60);
 
+/// The shortest send pause, whatever the server asks: each pause ends in
+/// a resend of the outbox from the refused send on, so a server answering
+/// "retry in 1 ms" again and again (as chat-server does for the sends
+/// queued behind a refused one) would otherwise get the whole tail a
+/// thousand times a second.
+const MIN_SERVER_PAUSE: Duration = Duration::from_millis(20);
+
 /// How long to hold sends back after a retryable refusal.
 fn server_pause(retry_after: Option<Duration>, config: &ClientConfig) -> Duration {
     retry_after
         .unwrap_or(config.reconnect_min)
-        .min(MAX_SERVER_PAUSE)
+        .clamp(MIN_SERVER_PAUSE, MAX_SERVER_PAUSE)
 }
 
 /// Codes after which reconnecting with the same token cannot work.

@@ -1669,3 +1669,69 @@ async fn a_subscription_that_times_out_leaves_no_state_of_the_old_list() {
     client.close();
     serve.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_node_that_asks_for_a_retry_in_a_millisecond_gets_a_paced_client() {
+    // The fake node refuses every send for a second with RATE_LIMITED and
+    // a retry-after of 1 ms. The client used to resend after exactly that,
+    // hundreds of times a second (each time its whole tail of sends); its
+    // pauses now last at least 20 ms. Slowness can only lower the count.
+    let (_dir, endpoint, config) = fake_node().await;
+    let node = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let _control = fake_login(&conn).await.expect("a login");
+        let (mut send, mut recv, mut buf, _others) =
+            accept_stream(&conn, StreamKind::Messages).await;
+        let mut refused = 0u32;
+        let mut until = None;
+        loop {
+            let frame = next_frame(&mut recv, &mut buf).await;
+            let Some(Body::Send(request)) = frame.body else {
+                continue;
+            };
+            let until =
+                *until.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(1));
+            let reply = if tokio::time::Instant::now() < until {
+                refused += 1;
+                Frame::new(
+                    frame.request_id,
+                    Body::Error(proto::Error {
+                        code: ErrorCode::RateLimited as i32,
+                        message: "slow down".into(),
+                        retry_after_ms: 1,
+                    }),
+                )
+            } else {
+                Frame::new(
+                    frame.request_id,
+                    Body::SendAck(proto::SendAck {
+                        conversation_id: request.conversation_id,
+                        seq: 1,
+                        message_id: 1,
+                        client_msg_id: request.client_msg_id,
+                        ..Default::default()
+                    }),
+                )
+            };
+            send.write_all(&frames(&[reply])).await.unwrap();
+            if tokio::time::Instant::now() >= until {
+                break;
+            }
+        }
+        // Until the client has gone.
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        refused
+    });
+    let (client, _events) = register_fake(config).await;
+    let ack = tokio::time::timeout(WAIT, client.send_text(7, "hello"))
+        .await
+        .expect("answered once the node lets it through")
+        .expect("sent");
+    assert_eq!(ack.seq, 1);
+    client.close();
+    let refused = node.await.unwrap();
+    assert!(
+        (2..=60).contains(&refused),
+        "refused {refused} times in a second (pauses of 20 ms allow ~50)"
+    );
+}
