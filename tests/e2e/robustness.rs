@@ -501,6 +501,30 @@ async fn held_login(
     Some((send, recv, buf, auth))
 }
 
+/// A fake node's SendAck storing `request` as seq 1.
+fn first_ack(request_id: u64, request: proto::Send) -> Frame {
+    Frame::new(
+        request_id,
+        Body::SendAck(proto::SendAck {
+            conversation_id: request.conversation_id,
+            seq: 1,
+            message_id: 1,
+            client_msg_id: request.client_msg_id,
+            ..Default::default()
+        }),
+    )
+}
+
+/// A fake node's answer to a presence subscription: one user's state.
+fn presence_snapshot(request_id: u64, state: proto::PresenceState) -> Frame {
+    Frame::new(
+        request_id,
+        Body::PresenceSnapshot(proto::PresenceSnapshot {
+            states: vec![state],
+        }),
+    )
+}
+
 /// A fake node's AuthOk for user 1 (`heartbeat_interval_ms` 0: none).
 fn auth_ok(request_id: u64, heartbeat_interval_ms: u32) -> Frame {
     Frame::new(
@@ -566,16 +590,7 @@ async fn a_stream_the_server_stops_makes_the_client_reconnect_and_resend() {
         let Some(Body::Send(request)) = resent.body else {
             panic!("the send resent, not {resent:?}");
         };
-        let ack = Frame::new(
-            resent.request_id,
-            Body::SendAck(proto::SendAck {
-                conversation_id: request.conversation_id,
-                seq: 1,
-                message_id: 1,
-                client_msg_id: request.client_msg_id,
-                ..Default::default()
-            }),
-        );
+        let ack = first_ack(resent.request_id, request);
         send.write_all(&frames(&[ack])).await.unwrap();
         // Until the client has gone.
         let _ = tokio::time::timeout(WAIT, conn.closed()).await;
@@ -1572,12 +1587,7 @@ async fn a_presence_update_right_after_its_snapshot_is_the_one_kept() {
                 online,
                 last_active_ms: 1_000 * (round + 1),
             };
-            let snapshot = Frame::new(
-                request_id,
-                Body::PresenceSnapshot(proto::PresenceSnapshot {
-                    states: vec![state(true)],
-                }),
-            );
+            let snapshot = presence_snapshot(request_id, state(true));
             let update = Frame::push(Body::PresenceUpdate(proto::PresenceUpdate {
                 states: vec![state(false)],
             }));
@@ -1642,12 +1652,7 @@ async fn a_subscription_that_times_out_leaves_no_state_of_the_old_list() {
                         online: true,
                         last_active_ms: 1_000,
                     };
-                    let snapshot = Frame::new(
-                        frame.request_id,
-                        Body::PresenceSnapshot(proto::PresenceSnapshot {
-                            states: vec![state],
-                        }),
-                    );
+                    let snapshot = presence_snapshot(frame.request_id, state);
                     send.write_all(&frames(&[snapshot])).await.unwrap();
                 } else {
                     break;
@@ -1702,16 +1707,7 @@ async fn a_node_that_asks_for_a_retry_in_a_millisecond_gets_a_paced_client() {
                     }),
                 )
             } else {
-                Frame::new(
-                    frame.request_id,
-                    Body::SendAck(proto::SendAck {
-                        conversation_id: request.conversation_id,
-                        seq: 1,
-                        message_id: 1,
-                        client_msg_id: request.client_msg_id,
-                        ..Default::default()
-                    }),
-                )
+                first_ack(frame.request_id, request)
             };
             send.write_all(&frames(&[reply])).await.unwrap();
             if tokio::time::Instant::now() >= until {

@@ -1715,26 +1715,14 @@ impl HistoryStore for SqliteStore {
                 return Ok(FriendRequestOutcome::AlreadyFriends);
             }
             // One writer: what is counted here is what is written.
-            let exists = |a: UserId, b: UserId| -> Result<bool, StoreError> {
-                conn.prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM friend_requests WHERE from_id = ?1 AND to_id = ?2)",
-                )
-                .map_err(internal)?
-                .query_row(params![sql(a), sql(b)], |r| r.get(0))
-                .map_err(internal)
-            };
-            if exists(from, to)? {
+            if request_waiting(conn, from, to)? {
                 return Ok(FriendRequestOutcome::AlreadyRequested);
             }
             let mine = friend_counts(conn, from)?;
             if mine.friends + mine.outgoing >= max_friends {
                 return Ok(FriendRequestOutcome::AskerFull);
             }
-            if exists(to, from)? {
-                conn.prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
-                    .map_err(internal)?
-                    .execute(params![sql(to), sql(from)])
-                    .map_err(internal)?;
+            if take_request(conn, to, from)? {
                 make_friends(conn, from, to, now_ms)?;
                 return Ok(FriendRequestOutcome::Accepted);
             }
@@ -1760,14 +1748,7 @@ impl HistoryStore for SqliteStore {
         max_friends: u64,
     ) -> Result<bool, StoreError> {
         self.call(move |conn, _| {
-            let waiting: bool = conn
-                .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM friend_requests WHERE from_id = ?1 AND to_id = ?2)",
-                )
-                .map_err(internal)?
-                .query_row(params![sql(from), sql(user)], |r| r.get(0))
-                .map_err(internal)?;
-            if !waiting {
+            if !request_waiting(conn, from, user)? {
                 return Err(StoreError::NotFound);
             }
             // One writer: what is counted here is what is written.
@@ -1775,10 +1756,7 @@ impl HistoryStore for SqliteStore {
             if mine.friends + mine.outgoing >= max_friends {
                 return Ok(false);
             }
-            conn.prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
-                .map_err(internal)?
-                .execute(params![sql(from), sql(user)])
-                .map_err(internal)?;
+            take_request(conn, from, user)?;
             make_friends(conn, user, from, now_ms)?;
             Ok(true)
         })
@@ -1786,15 +1764,8 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn friend_decline(&self, user: UserId, from: UserId) -> Result<bool, StoreError> {
-        self.call(move |conn, _| {
-            let n = conn
-                .prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
-                .map_err(internal)?
-                .execute(params![sql(from), sql(user)])
-                .map_err(internal)?;
-            Ok(n > 0)
-        })
-        .await
+        self.call(move |conn, _| take_request(conn, from, user))
+            .await
     }
 
     async fn friend_remove(&self, user: UserId, other: UserId) -> Result<bool, StoreError> {
@@ -2505,6 +2476,26 @@ fn are_friends(conn: &Connection, a: UserId, b: UserId) -> Result<bool, StoreErr
     .map_err(internal)?
     .query_row(params![sql(a), sql(b)], |r| r.get(0))
     .map_err(internal)
+}
+
+/// Whether `from`'s request to `to` waits for an answer.
+fn request_waiting(conn: &Connection, from: UserId, to: UserId) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM friend_requests WHERE from_id = ?1 AND to_id = ?2)",
+    )
+    .map_err(internal)?
+    .query_row(params![sql(from), sql(to)], |r| r.get(0))
+    .map_err(internal)
+}
+
+/// Removes `from`'s request to `to`; false if there was none.
+fn take_request(conn: &Connection, from: UserId, to: UserId) -> Result<bool, StoreError> {
+    let n = conn
+        .prepare_cached("DELETE FROM friend_requests WHERE from_id = ?1 AND to_id = ?2")
+        .map_err(internal)?
+        .execute(params![sql(from), sql(to)])
+        .map_err(internal)?;
+    Ok(n > 0)
 }
 
 /// `NotFriends` naming the first of `users` who is not a friend of `user`.
