@@ -115,7 +115,7 @@ loadgen() {
     shift
     "${prefix[@]}" "$BIN/chat-loadgen" --server "127.0.0.1:$PORT" --ca "$ca" \
         --server-pid "$SERVER_PID" --reuse "$users" --users "$(users_in "$users")" \
-        --rate "$rate" --duration "$DURATION" --drain "$DRAIN" --group-fraction 0 \
+        --rate "$rate" --duration "$DURATION" --drain "$DRAIN" --group-fraction 0 --churn 0 \
         --json "$json" ${LOADGEN_ARGS:-} "$@" >"$json.out" 2>&1
 }
 
@@ -128,7 +128,7 @@ make_base() { # make_base NAME USERS [server flags...]
     launch "$DIR/$name" -- "$@"
     "$BIN/chat-loadgen" --server "127.0.0.1:$PORT" --ca "$DIR/$name/certs/ca.pem" \
         --reuse "$DIR/$name.users.json" --users "$n" --rate 100 --duration 2s --drain 5s \
-        --group-fraction 0 --quiet >"$DIR/$name.setup.out" 2>&1
+        --group-fraction 0 --churn 0 --quiet >"$DIR/$name.setup.out" 2>&1
     stop_server
     echo "base $name: $n users in $DIR/$name.users.json"
 }
@@ -199,7 +199,7 @@ run_idle() {
     before=$(rss)
     "$BIN/chat-loadgen" --server "127.0.0.1:$PORT" --ca "$run/certs/ca.pem" \
         --reuse "$DIR/idle.users.json" --users 10000 --rate 1 --duration 60s --drain 2s \
-        --group-fraction 0 --quiet >/dev/null 2>&1 &
+        --group-fraction 0 --churn 0 --quiet >/dev/null 2>&1 &
     lg=$!
     for _ in $(seq 1 1200); do
         n=$(curl -s "127.0.0.1:$METRICS_PORT/metrics" | awk '/^chat_connections_active /{print $2}')

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use chat_client::{Client, ClientConfig, Event, HistoryDirection, proto};
@@ -113,7 +114,9 @@ async fn main() -> Result<()> {
             }
         }
     }
-    client.close();
+    // Leaves gracefully: what was shown is acknowledged, so it does not
+    // come again next time.
+    client.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }
 

@@ -42,6 +42,6 @@ async fn main() -> Result<()> {
         Ok(true) => println!("delivered"),
         _ => println!("not delivered yet (is {friend} online?)"),
     }
-    client.close();
+    client.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }

@@ -56,17 +56,36 @@ struct State {
     had: Delivered,
     /// Conversation -> highest seq to ack, not yet written.
     unsent: HashMap<u64, u64>,
+    /// The last acks were taken (see [`Acks::seal`]): no more are queued.
+    sealed: bool,
 }
 
 impl Acks {
     /// The app has `seq` of the conversation and everything before it:
-    /// records it and queues its ack.
-    pub(crate) fn have(&self, conversation_id: u64, seq: u64) {
+    /// records it and queues its ack. False, and nothing recorded, once
+    /// the acks are sealed (the client is leaving): an ack queued now
+    /// would never be written.
+    pub(crate) fn have(&self, conversation_id: u64, seq: u64) -> bool {
         let mut state = self.state.lock().expect("acks lock");
+        if state.sealed {
+            return false;
+        }
         state.had.first(conversation_id, seq);
         state.queue(conversation_id, seq);
         drop(state);
         self.queued.notify_waiters();
+        true
+    }
+
+    /// Takes the last waiting acks, for the writer of a client that is
+    /// leaving; from now on [`have`](Self::have) refuses.
+    pub(crate) fn seal(&self) -> HashMap<u64, u64> {
+        let mut state = self.state.lock().expect("acks lock");
+        state.sealed = true;
+        let unsent = std::mem::take(&mut state.unsent);
+        drop(state);
+        self.taken.notify_waiters();
+        unsent
     }
 
     /// The server delivered `seq` again (after a reconnect): true, and the
@@ -78,6 +97,9 @@ impl Acks {
         let Some(had) = state.had.last(conversation_id).filter(|&had| seq <= had) else {
             return false;
         };
+        if state.sealed {
+            return true;
+        }
         state.queue(conversation_id, had);
         drop(state);
         self.queued.notify_waiters();
@@ -144,6 +166,18 @@ mod tests {
         // An older one re-acks all the app has.
         assert!(acks.redelivered(2, 1));
         assert_eq!(acks.take_unsent(), HashMap::from([(2, 7)]));
+    }
+
+    #[test]
+    fn sealed_acks_take_no_more() {
+        let acks = Acks::default();
+        assert!(acks.have(1, 3));
+        assert!(acks.have(2, 1));
+        assert_eq!(acks.seal(), HashMap::from([(1, 3), (2, 1)]));
+        assert!(!acks.have(1, 4), "refused: it would never be written");
+        assert!(acks.redelivered(1, 3), "the app still has it");
+        assert!(!acks.any_unsent());
+        assert_eq!(acks.seal(), HashMap::new());
     }
 
     #[test]

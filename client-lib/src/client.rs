@@ -79,27 +79,37 @@ pub struct Events {
 impl Events {
     /// The next event; `None` once the client is closed (by
     /// [`Client::close`], [`Client::logout`], the end of the session, or
-    /// dropping every [`Client`] handle) and the queued events are read.
+    /// dropping every [`Client`] handle) and the queued events are read,
+    /// and at once from the start of a [`Client::shutdown`].
     pub async fn next(&mut self) -> Option<Event> {
+        if self.inner.departure.leaving() {
+            return None;
+        }
         let event = self.rx.recv().await;
-        self.taken(event.as_ref());
-        event
+        self.taken(event)
     }
 
     /// An event if one is ready now.
     pub fn try_next(&mut self) -> Option<Event> {
+        if self.inner.departure.leaving() {
+            return None;
+        }
         let event = self.rx.try_recv().ok();
-        self.taken(event.as_ref());
-        event
+        self.taken(event)
     }
 
-    /// The app has a message now: ack it, unless the app acks itself.
-    fn taken(&self, event: Option<&Event>) {
-        if let Some(Event::Message(m)) = event {
-            if self.inner.config.delivery_acks == DeliveryAcks::OnTake {
-                self.inner.acks.have(m.conversation_id, m.seq);
+    /// The app has a message now: ack it, unless the app acks itself. A
+    /// message the client can no longer ack (it is leaving) is not given
+    /// to the app: it comes again on the next connection.
+    fn taken(&self, event: Option<Event>) -> Option<Event> {
+        if let Some(Event::Message(m)) = &event {
+            if self.inner.config.delivery_acks == DeliveryAcks::OnTake
+                && !self.inner.acks.have(m.conversation_id, m.seq)
+            {
+                return None;
             }
         }
+        event.filter(|_| !self.inner.departure.leaving())
     }
 }
 
@@ -182,6 +192,11 @@ pub(crate) struct Inner {
     delivered: tokio::sync::Mutex<Delivered>,
     /// What the app has, and the delivery acks not yet written.
     pub(crate) acks: Acks,
+    /// A graceful close under way (see [`Client::shutdown`]).
+    pub(crate) departure: Departure,
+    /// Woken when a send is answered or failed, for a shutdown waiting for
+    /// the outbox to empty.
+    answered: Notify,
     closed: AtomicBool,
     reconnect: Notify,
     connected: watch::Sender<bool>,
@@ -205,6 +220,41 @@ pub(crate) struct Inner {
     receipts: Mutex<HashMap<u64, Watermarks>>,
 }
 
+/// The steps of a graceful close (see [`Client::shutdown`]).
+#[derive(Default)]
+pub(crate) struct Departure {
+    /// No new sends; the app gets no more events.
+    leaving: AtomicBool,
+    /// The messages writer is to write the last acks and end the stream.
+    finishing: AtomicBool,
+    /// Wakes the messages writer once `finishing` is set.
+    finish: Notify,
+    /// Woken when the server ends its side of the messages stream while
+    /// finishing: it has stored every ack written before the end.
+    finished: Notify,
+}
+
+impl Departure {
+    pub(crate) fn leaving(&self) -> bool {
+        self.leaving.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn finishing(&self) -> bool {
+        self.finishing.load(Ordering::Relaxed)
+    }
+
+    /// Resolves after `finishing` is set, once enabled (see
+    /// [`tokio::sync::futures::Notified::enable`]).
+    pub(crate) fn finish(&self) -> tokio::sync::futures::Notified<'_> {
+        self.finish.notified()
+    }
+
+    /// The server ended the messages stream after the client ended its own.
+    pub(crate) fn server_finished(&self) {
+        self.finished.notify_waiters();
+    }
+}
+
 impl Inner {
     pub(crate) fn next_request_id(&self) -> u64 {
         self.next_request_id.fetch_add(1, Ordering::Relaxed)
@@ -215,6 +265,9 @@ impl Inner {
     /// False if nobody will read it: the client is closed or the app
     /// dropped its [`Events`].
     pub(crate) async fn emit(&self, event: Event) -> bool {
+        if self.departure.leaving() {
+            return false;
+        }
         let events = self.events.lock().expect("events lock").clone();
         match events {
             Some(events) => events.send(event).await.is_ok(),
@@ -280,7 +333,13 @@ impl Inner {
     /// covers every earlier message of the conversation, some perhaps
     /// still queued for the app, and the server moves a sender's own
     /// watermark past their message itself when it can.
+    ///
+    /// A client that is leaving drops what arrives: the app takes no more,
+    /// and what it never took must not be acked.
     pub(crate) async fn hand_over(&self, message: proto::Message) {
+        if self.departure.leaving() {
+            return;
+        }
         let (conversation_id, seq) = (message.conversation_id, message.seq);
         let mut delivered = self.delivered.lock().await;
         let nobody_reads = if !delivered.first(conversation_id, seq) {
@@ -349,6 +408,7 @@ impl Inner {
             .lock()
             .expect("outbox lock")
             .complete(request_id, result);
+        self.answered.notify_waiters();
     }
 
     /// Waits out a send pause, then resends the outbox in order from its
@@ -507,6 +567,7 @@ impl Inner {
             self.closed.store(true, Ordering::Relaxed);
             outbox.fail_all(&error);
         }
+        self.answered.notify_waiters();
         let _ = self.connected.send_replace(false);
         self.fail_pending(&error);
         if let Some(events) = self.events.lock().expect("events lock").take() {
@@ -529,6 +590,7 @@ impl Inner {
             outbox.fail_all(&ClientError::Closed);
             self.live.lock().expect("live lock").take()
         };
+        self.answered.notify_waiters();
         if let Some(live) = live {
             live.conn.close(0u32.into(), b"client closed");
         }
@@ -537,6 +599,51 @@ impl Inner {
         // The app's event stream ends once it has read what is queued.
         self.events.lock().expect("events lock").take();
         self.reconnect.notify_one();
+    }
+
+    /// Whether a new send is refused: the client is closed or leaving.
+    fn refuses_sends(&self) -> bool {
+        self.closed.load(Ordering::Relaxed) || self.departure.leaving()
+    }
+
+    /// See [`Client::shutdown`].
+    async fn shutdown(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        {
+            let _outbox = self.outbox.lock().expect("outbox lock");
+            if self.closed.load(Ordering::Relaxed)
+                || self.departure.leaving.swap(true, Ordering::Relaxed)
+            {
+                return;
+            }
+        }
+        // The sends already made get their answers (they are resent on a
+        // new connection meanwhile, as ever).
+        loop {
+            let answered = self.answered.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            if self.outbox.lock().expect("outbox lock").len() == 0
+                || self.closed.load(Ordering::Relaxed)
+            {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, answered).await.is_err() {
+                break;
+            }
+        }
+        // Then the messages writer writes the last acks and ends the
+        // stream, and the server ends its side once it has stored them. A
+        // writer of a connection made after this finishes at once.
+        let finished = self.departure.finished.notified();
+        tokio::pin!(finished);
+        finished.as_mut().enable();
+        self.departure.finishing.store(true, Ordering::Relaxed);
+        self.departure.finish.notify_waiters();
+        if tokio::time::timeout_at(deadline, finished).await.is_err() {
+            tracing::debug!("the server did not confirm the last delivery acks in time");
+        }
+        self.close();
     }
 
     fn fail_pending(&self, error: &ClientError) {
@@ -605,6 +712,8 @@ impl Client {
             outbox: Mutex::new(Outbox::new(config.outbox_limit)),
             delivered: tokio::sync::Mutex::new(Delivered::default()),
             acks: Acks::default(),
+            departure: Departure::default(),
+            answered: Notify::new(),
             closed: AtomicBool::new(false),
             reconnect: Notify::new(),
             connected: watch::channel(false).0,
@@ -698,7 +807,7 @@ impl Client {
         client_msg_id: &str,
         text: &str,
     ) -> Result<proto::SendAck, ClientError> {
-        if self.inner.closed.load(Ordering::Relaxed) {
+        if self.inner.refuses_sends() {
             return Err(ClientError::Closed);
         }
         let request_id = self.inner.next_request_id();
@@ -715,8 +824,9 @@ impl Client {
         {
             let mut outbox = self.inner.outbox.lock().expect("outbox lock");
             // Under the lock `close` and `end_session` fail the outbox
-            // under: an entry added after that would wait forever.
-            if self.inner.closed.load(Ordering::Relaxed) {
+            // under (and `shutdown` starts under): an entry added after
+            // that would wait forever, or keep a shutdown waiting.
+            if self.inner.refuses_sends() {
                 return Err(ClientError::Closed);
             }
             let live = self.inner.live().filter(|_| !outbox.is_paused());
@@ -1070,9 +1180,24 @@ impl Client {
     /// event stream ends once its queued events are read. Dropping the last
     /// clone of the client does this too. Delivery acks not yet written
     /// (those lingering, and those of messages taken after this) are not
-    /// sent: the next client of this user gets those messages again.
+    /// sent: the next client of this user gets those messages again. To
+    /// leave without that, use [`shutdown`](Self::shutdown).
     pub fn close(&self) {
         self.inner.close();
+    }
+
+    /// Leaves gracefully, then closes as [`close`](Self::close) does. From
+    /// the start, new sends fail with `Closed` and [`Events`] yields
+    /// nothing more. Then, within `timeout`: the sends already made get
+    /// their answers, and the delivery acks of every message the app took
+    /// (or, with [`DeliveryAcks::Manual`], acked) are written and
+    /// confirmed stored by the server. So the next client of this user
+    /// gets again exactly the messages this one's app never took. What
+    /// does not finish in time (no connection, a slow server) is left as
+    /// `close` leaves it. For an app going away: to the background for
+    /// good, a logout, an account switch.
+    pub async fn shutdown(&self, timeout: Duration) {
+        self.inner.shutdown(timeout).await;
     }
 
     async fn expect_ok(&self, body: Body) -> Result<(), ClientError> {

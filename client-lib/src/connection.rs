@@ -293,6 +293,10 @@ async fn heartbeat_loop(
 /// as one DeliveryAck per conversation. A failed write closes the
 /// connection (see [`write_loop`]); acks are taken only while the
 /// connection is open, so those queued after it closed wait for the next.
+/// When the client is leaving ([`Client::shutdown`]) it writes what is
+/// queued and the last acks, and ends the stream.
+///
+/// [`Client::shutdown`]: crate::Client::shutdown
 async fn messages_write_loop(
     inner: Arc<Inner>,
     conn: quinn::Connection,
@@ -309,6 +313,12 @@ async fn messages_write_loop(
         let queued = inner.acks.queued();
         tokio::pin!(queued);
         queued.as_mut().enable();
+        let finish = inner.departure.finish();
+        tokio::pin!(finish);
+        finish.as_mut().enable();
+        if inner.departure.finishing() {
+            return finish_messages(&inner, &conn, send, rx, batch).await;
+        }
         if !lingering && inner.acks.any_unsent() {
             lingering = true;
             deadline
@@ -323,6 +333,7 @@ async fn messages_write_loop(
             }
             () = &mut queued, if !lingering => continue,
             () = &mut deadline, if lingering => {}
+            () = &mut finish => continue,
         }
         lingering = false;
         if conn.close_reason().is_some() {
@@ -348,6 +359,38 @@ async fn messages_write_loop(
     let _ = send.finish();
 }
 
+/// The end of a leaving client's messages stream: the sends still queued,
+/// the last delivery acks (none can be queued after these), and the end
+/// of the stream, after which the server ends its side once it has stored
+/// the acks (see [`read_loop`]).
+async fn finish_messages(
+    inner: &Inner,
+    conn: &quinn::Connection,
+    mut send: SendStream,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    mut batch: Vec<Bytes>,
+) {
+    if conn.close_reason().is_some() {
+        return;
+    }
+    while let Ok(frame) = rx.try_recv() {
+        batch.push(frame);
+    }
+    for (conversation_id, seq) in inner.acks.seal() {
+        batch.push(encode(&Frame::push(Body::DeliveryAck(
+            proto::DeliveryAck {
+                conversation_id,
+                seq,
+            },
+        ))));
+    }
+    if send.write_all_chunks(&mut batch).await.is_err() {
+        write_failed(conn, StreamKind::Messages);
+        return;
+    }
+    let _ = send.finish();
+}
+
 /// Reads one stream until it ends. A stream that ends, fails or carries a
 /// bad frame while its connection lives closes the connection: nothing
 /// would read that stream's replies any more (requests would time out one
@@ -362,6 +405,11 @@ async fn read_loop(
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
+            Ok(None) if kind == StreamKind::Messages && inner.departure.finishing() => {
+                // The server's answer to the end of ours: it has the acks.
+                inner.departure.server_finished();
+                return;
+            }
             Ok(None) | Err(ReadError::Stream) => {
                 if conn.close_reason().is_none() {
                     tracing::warn!(stream = kind.name(), "server ended a stream; reconnecting");

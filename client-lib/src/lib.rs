@@ -38,9 +38,12 @@
 //!   only once the app has them (when it takes them from [`Events`], or
 //!   when it says so with [`Client::ack_delivery`],
 //!   [`DeliveryAcks::Manual`]), so that messages still queued when the
-//!   app's process dies are delivered again. Across clients (a restart, a
-//!   new login) that is at least once: what was not yet acknowledged when
-//!   the last one closed comes again, and an app that stores messages
+//!   app's process dies are delivered again. An app that goes away
+//!   gracefully calls [`Client::shutdown`]: its sends are answered and the
+//!   acks of what it took are confirmed by the server before it closes,
+//!   so the next client gets again exactly what it never took. A client
+//!   that only closes, or dies, may leave acks unwritten: across such
+//!   clients delivery is at least once, and an app that stores messages
 //!   drops a (conversation, seq) it has;
 //! * a client lives while the app holds it: dropping the last clone of a
 //!   [`Client`] closes it as [`Client::close`] does, and the [`Events`]

@@ -50,6 +50,9 @@ const START_LEAD: Duration = Duration::from_millis(50);
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 /// Pause between attempts to bring a churned user back.
 const RESUME_RETRY: Duration = Duration::from_secs(1);
+/// Most a churned user's client takes to leave (its sends answered, its
+/// delivery acks confirmed) before it closes anyway.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Seed offsets, so the schedule, sender choice and churn draw from
 /// independent streams of one `--seed`.
 const SENDER_SEED: u64 = 0x5e4d_0001;
@@ -542,25 +545,31 @@ async fn churn(
         let Some(client) = user.take_client() else {
             continue;
         };
-        client.close();
         shared.tracker.churn_offline();
         tokio::spawn(come_back(
             shared.clone(),
             connector.clone(),
             user,
+            client,
             offline_time,
         ));
     }
 }
 
-/// Resumes a churned user with its token (the offline path: everything
-/// sent to it meanwhile must arrive now).
+/// Takes a churned user's client offline as an app going away does (its
+/// sends answered and the acks of what it took written first, so nothing
+/// it had arrives again), then resumes with its token after
+/// `offline_time` (the offline path: everything sent to it meanwhile must
+/// arrive now).
 async fn come_back(
     shared: Arc<Shared>,
     connector: Arc<Connector>,
     user: Arc<VUser>,
+    client: Client,
     offline_time: Duration,
 ) {
+    client.shutdown(LEAVE_TIMEOUT).await;
+    drop(client);
     tokio::time::sleep(offline_time).await;
     while !shared.stopping() {
         match Client::resume(connector.config(user.idx), &user.token).await {

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::error::Refusal;
@@ -113,6 +113,14 @@ pub struct MarkJob {
     pub reply: Option<Box<MarkReply>>,
 }
 
+/// What a watermark committer takes.
+enum MarkWork {
+    Move(MarkJob),
+    /// Answered once every move queued before it on this committer is
+    /// stored (see [`Delivery::flush_marks`]).
+    Flush(oneshot::Sender<()>),
+}
+
 /// Where a MarkSeen's answer goes.
 pub struct MarkReply {
     /// The client's request id.
@@ -136,7 +144,7 @@ impl MarkReply {
 /// shard of the conversations.
 pub struct Delivery {
     sends: Vec<mpsc::Sender<SendJob>>,
-    marks: Vec<mpsc::Sender<MarkJob>>,
+    marks: Vec<mpsc::Sender<MarkWork>>,
 }
 
 /// The committers' tasks, to await at shutdown so in-flight commits finish.
@@ -225,7 +233,27 @@ impl Delivery {
     /// Queues a watermark move.
     pub async fn mark(&self, job: MarkJob) -> Result<(), Refusal> {
         let shard = shard_of(job.update.conversation_id, self.marks.len());
-        enqueue(&self.marks[shard], job).await
+        enqueue(&self.marks[shard], MarkWork::Move(job)).await
+    }
+
+    /// Resolves once every watermark move queued before this call is
+    /// stored (or failed for good: a batch the store refused is not
+    /// retried; one it could not reach is, and this waits for it). A
+    /// client leaving gracefully learns this way that its delivery acks
+    /// count before it closes.
+    pub async fn flush_marks(&self) -> Result<(), Refusal> {
+        let mut flushed = Vec::with_capacity(self.marks.len());
+        for marks in &self.marks {
+            let (done, wait) = oneshot::channel();
+            enqueue(marks, MarkWork::Flush(done)).await?;
+            flushed.push(wait);
+        }
+        for wait in flushed {
+            wait.await.map_err(|_| {
+                Refusal::new(ErrorCode::ServerShuttingDown, "server is shutting down")
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -607,7 +635,7 @@ fn fan_out(
 }
 
 async fn mark_committer(
-    mut rx: mpsc::Receiver<MarkJob>,
+    mut rx: mpsc::Receiver<MarkWork>,
     c: Committer,
     queue_updates: Option<mpsc::Sender<CacheUpdate>>,
 ) {
@@ -617,26 +645,42 @@ async fn mark_committer(
         metrics,
         routes,
     } = c;
+    let mut received: Vec<MarkWork> = Vec::with_capacity(MAX_MARK_BATCH);
     let mut jobs: Vec<MarkJob> = Vec::with_capacity(MAX_MARK_BATCH);
     // Delivery acks of a batch the store failed with a retryable error:
     // they have no reply that would make the client send them again, so
     // they go into the next batch, which comes after a pause if no other
     // mark does.
     let mut carried: Vec<WatermarkUpdate> = Vec::new();
+    // Flushes waiting for the moves queued before them: answered once a
+    // batch leaves nothing carried.
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         if carried.is_empty() {
-            if rx.recv_many(&mut jobs, MAX_MARK_BATCH).await == 0 {
+            if rx.recv_many(&mut received, MAX_MARK_BATCH).await == 0 {
                 return;
             }
         } else {
             tokio::select! {
-                received = rx.recv_many(&mut jobs, MAX_MARK_BATCH) => {
-                    if received == 0 {
+                n = rx.recv_many(&mut received, MAX_MARK_BATCH) => {
+                    if n == 0 {
                         return;
                     }
                 }
                 () = tokio::time::sleep(MARK_RETRY) => {}
             }
+        }
+        for work in received.drain(..) {
+            match work {
+                MarkWork::Move(job) => jobs.push(job),
+                MarkWork::Flush(done) => flushes.push(done),
+            }
+        }
+        if jobs.is_empty() && carried.is_empty() {
+            for done in flushes.drain(..) {
+                let _ = done.send(());
+            }
+            continue;
         }
         let previous = std::mem::take(&mut carried);
         let moves = coalesce(
@@ -747,6 +791,11 @@ async fn mark_committer(
         }
         if !unmoved.is_empty() {
             tokio::spawn(answer_unmoved(store.clone(), unmoved));
+        }
+        if carried.is_empty() {
+            for done in flushes.drain(..) {
+                let _ = done.send(());
+            }
         }
     }
 }

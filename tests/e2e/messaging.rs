@@ -1177,6 +1177,77 @@ mod client_faults {
         assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
     }
 
+    /// Bob's delivered watermark as Alice's view of the conversation
+    /// has it.
+    async fn delivered_to(alice: &Client, conversation: u64, bob: u64) -> u64 {
+        let view = alice.conversation(conversation).await.unwrap();
+        view.members
+            .iter()
+            .find(|m| m.user_id == bob)
+            .expect("bob is a member")
+            .delivered_seq
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_acks_what_the_app_took_and_nothing_else() {
+        // Bob's acks would linger for an hour: only the shutdown writes
+        // them. close() leaves them unsent, and the next client gets again
+        // messages its app already showed.
+        let server = TestServer::start().await;
+        let mut config = server.client_config();
+        config.delivery_ack_linger = Duration::from_secs(3600);
+        let (conversation, sent, token, bob, mut bob_events, alice) =
+            five_for_bob_who_takes(&server, config.clone(), 0).await;
+        let bob_id = bob.identity().user_id;
+        let taken = messages(&mut bob_events, 3).await;
+        assert_eq!(taken.iter().map(|m| m.seq).collect::<Vec<_>>(), sent[..3]);
+        assert!(delivered_to(&alice, conversation, bob_id).await < sent[0]);
+
+        // A shutdown that had to wait out its own deadline would fail here:
+        // the server's end of the stream is what ends it.
+        tokio::time::timeout(WAIT, bob.shutdown(Duration::from_secs(3600)))
+            .await
+            .expect("the server confirms the last acks");
+        // Confirmed stored: no waiting.
+        assert_eq!(delivered_to(&alice, conversation, bob_id).await, sent[2]);
+        assert!(
+            bob_events.next().await.is_none(),
+            "the two still queued are not given to the app"
+        );
+        assert!(matches!(
+            bob.send_text(conversation, "too late").await,
+            Err(chat_client::ClientError::Closed)
+        ));
+
+        let (_bob, mut bob_events) = Client::resume(config, &token).await.unwrap();
+        let again = messages(&mut bob_events, 2).await;
+        assert_eq!(again.iter().map(|m| m.seq).collect::<Vec<_>>(), sent[3..]);
+        assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_waits_for_the_answers_to_sends_already_made() {
+        let server = TestServer::start().await;
+        let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let mut send = std::pin::pin!(bob.send_text(conversation, "last words"));
+        // Polled once: it is in the outbox and on its way.
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(send.as_mut().poll(cx).is_pending()))
+                .await;
+        assert!(first, "a send waits for the server's ack");
+        assert_eq!(bob.outbox_len(), 1);
+        let (ack, ()) = tokio::join!(send, async {
+            tokio::time::timeout(WAIT, bob.shutdown(WAIT))
+                .await
+                .expect("shutdown ends");
+        });
+        let ack = ack.expect("acked, not failed as Closed");
+        let m = messages(&mut alice_events, 1).await;
+        assert_eq!((m[0].seq, m[0].text.as_str()), (ack.seq, "last words"));
+    }
+
     /// Reads the queued events until the stream ends, failing after
     /// [`WAIT`].
     async fn assert_events_end(events: &mut Events) {

@@ -59,7 +59,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
-            Ok(None) => return,
+            Ok(None) => return Box::pin(leave(&session, &handle)).await,
             Err(e) => return on_read_error(&session, StreamKind::Messages, e),
         };
         handle.touch(now_ms());
@@ -117,6 +117,27 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                 StreamKind::Messages,
                 Outbound::frame(&refusal.to_frame(request_id)),
             );
+        }
+    }
+}
+
+/// The client finished its side of the stream: it is leaving
+/// (client-lib's `Client::shutdown`) and will send nothing more here. Once
+/// every delivery ack it sent is stored, this side ends too, after the
+/// frames already queued for it: the client learns from that end that the
+/// server has its acks, and closes the connection. Frames queued after
+/// the end are not written: deliveries stay above the watermark and come
+/// on the next connection, and the SendAck of a send still being committed
+/// is lost, so its client resends it and gets a duplicate's ack
+/// (client-lib leaves only once its sends are answered).
+async fn leave(session: &Session, queue: &SessionHandle) {
+    let flushed = tokio::select! {
+        flushed = session.shared.delivery.flush_marks() => flushed,
+        _ = session.conn.closed() => return,
+    };
+    if flushed.is_ok() {
+        if let Some(queue) = queue.queue(StreamKind::Messages) {
+            queue.close();
         }
     }
 }
