@@ -56,8 +56,10 @@ struct State {
     had: Delivered,
     /// Conversation -> highest seq to ack, not yet written.
     unsent: HashMap<u64, u64>,
-    /// The last acks were taken (see [`Acks::seal`]): no more are queued.
-    sealed: bool,
+    /// The client is leaving (see [`Acks::leave`]).
+    leaving: bool,
+    /// The last acks, once taken (see [`Acks::seal`]): no more are queued.
+    sealed: Option<HashMap<u64, u64>>,
 }
 
 impl Acks {
@@ -67,7 +69,7 @@ impl Acks {
     /// would never be written.
     pub(crate) fn have(&self, conversation_id: u64, seq: u64) -> bool {
         let mut state = self.state.lock().expect("acks lock");
-        if state.sealed {
+        if state.sealed.is_some() {
             return false;
         }
         state.had.first(conversation_id, seq);
@@ -77,15 +79,42 @@ impl Acks {
         true
     }
 
-    /// Takes the last waiting acks, for the writer of a client that is
-    /// leaving; from now on [`have`](Self::have) refuses.
+    /// Nobody reads the events any more (the app dropped them), so `seq`
+    /// is acked although the app never took it: otherwise the server would
+    /// resend it for ever. Refused once the client is leaving: then the
+    /// events end by design, and what the app did not take must come
+    /// again on the next client.
+    pub(crate) fn unread(&self, conversation_id: u64, seq: u64) {
+        let mut state = self.state.lock().expect("acks lock");
+        if state.leaving || state.sealed.is_some() {
+            return;
+        }
+        state.had.first(conversation_id, seq);
+        state.queue(conversation_id, seq);
+        drop(state);
+        self.queued.notify_waiters();
+    }
+
+    /// The client starts leaving: from now on [`unread`](Self::unread)
+    /// refuses.
+    pub(crate) fn leave(&self) {
+        self.state.lock().expect("acks lock").leaving = true;
+    }
+
+    /// The last acks, for the writer of a client that is leaving: those
+    /// waiting the first time, and the same again on every later call (a
+    /// connection made during the leaving writes them again, in case the
+    /// one that wrote them first was lost). From the first call on,
+    /// [`have`](Self::have) refuses.
     pub(crate) fn seal(&self) -> HashMap<u64, u64> {
         let mut state = self.state.lock().expect("acks lock");
-        state.sealed = true;
-        let unsent = std::mem::take(&mut state.unsent);
-        drop(state);
+        let state = &mut *state;
+        let sealed = state
+            .sealed
+            .get_or_insert_with(|| std::mem::take(&mut state.unsent))
+            .clone();
         self.taken.notify_waiters();
-        unsent
+        sealed
     }
 
     /// The server delivered `seq` again (after a reconnect): true, and the
@@ -97,7 +126,7 @@ impl Acks {
         let Some(had) = state.had.last(conversation_id).filter(|&had| seq <= had) else {
             return false;
         };
-        if state.sealed {
+        if state.sealed.is_some() {
             return true;
         }
         state.queue(conversation_id, had);
@@ -177,7 +206,23 @@ mod tests {
         assert!(!acks.have(1, 4), "refused: it would never be written");
         assert!(acks.redelivered(1, 3), "the app still has it");
         assert!(!acks.any_unsent());
-        assert_eq!(acks.seal(), HashMap::new());
+        assert_eq!(
+            acks.seal(),
+            HashMap::from([(1, 3), (2, 1)]),
+            "the same again, for a connection made meanwhile"
+        );
+    }
+
+    #[test]
+    fn a_leaving_client_acks_nothing_the_app_did_not_take() {
+        let acks = Acks::default();
+        acks.unread(1, 2);
+        assert_eq!(acks.take_unsent(), HashMap::from([(1, 2)]));
+        acks.leave();
+        acks.unread(1, 3);
+        assert!(!acks.any_unsent(), "the events ended by design");
+        assert!(acks.have(1, 3), "taken before the seal: acked");
+        assert_eq!(acks.seal(), HashMap::from([(1, 3)]));
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub enum Event {
 /// A message is acknowledged to the server when the app takes it from
 /// here (or when it calls [`Client::ack_delivery`], with
 /// [`DeliveryAcks::Manual`]), not while it waits in the queue.
+///
+/// Once a [`Client::shutdown`] begins, the stream yields nothing more:
+/// what is still queued (or arrives) is dropped without an ack, and comes
+/// again on the user's next client.
 pub struct Events {
     rx: mpsc::Receiver<Event>,
     inner: Arc<Inner>,
@@ -99,17 +103,20 @@ impl Events {
     }
 
     /// The app has a message now: ack it, unless the app acks itself. A
-    /// message the client can no longer ack (it is leaving) is not given
-    /// to the app: it comes again on the next connection.
+    /// message the client can no longer ack (its last acks are written) is
+    /// not given to the app: it comes again on the next client. One whose
+    /// ack was queued is given, even if a shutdown began meanwhile: its
+    /// ack leaves with the last ones.
     fn taken(&self, event: Option<Event>) -> Option<Event> {
-        if let Some(Event::Message(m)) = &event {
-            if self.inner.config.delivery_acks == DeliveryAcks::OnTake
-                && !self.inner.acks.have(m.conversation_id, m.seq)
-            {
-                return None;
+        match event {
+            Some(Event::Message(m)) if self.inner.config.delivery_acks == DeliveryAcks::OnTake => {
+                self.inner
+                    .acks
+                    .have(m.conversation_id, m.seq)
+                    .then_some(Event::Message(m))
             }
+            event => event.filter(|_| !self.inner.departure.leaving()),
         }
-        event.filter(|_| !self.inner.departure.leaving())
     }
 }
 
@@ -225,12 +232,16 @@ pub(crate) struct Inner {
 pub(crate) struct Departure {
     /// No new sends; the app gets no more events.
     leaving: AtomicBool,
+    /// Wakes a reader waiting for room in a full event queue once
+    /// `leaving` is set: nobody takes events any more.
+    leave: Notify,
     /// The messages writer is to write the last acks and end the stream.
     finishing: AtomicBool,
     /// Wakes the messages writer once `finishing` is set.
     finish: Notify,
     /// Woken when the server ends its side of the messages stream while
-    /// finishing: it has stored every ack written before the end.
+    /// finishing (it has stored every ack written before the end), and
+    /// when the client closes.
     finished: Notify,
 }
 
@@ -264,14 +275,31 @@ impl Inner {
     /// caller, a stream's reader, then stops reading: see [`Events`]).
     /// False if nobody will read it: the client is closed or the app
     /// dropped its [`Events`].
+    ///
+    /// Also false once the client is leaving (see [`Client::shutdown`]),
+    /// even for a reader already waiting for room: the app takes nothing
+    /// more, and the reader must go on to the answers behind.
     pub(crate) async fn emit(&self, event: Event) -> bool {
         if self.departure.leaving() {
             return false;
         }
-        let events = self.events.lock().expect("events lock").clone();
-        match events {
-            Some(events) => events.send(event).await.is_ok(),
-            None => false,
+        let Some(events) = self.events.lock().expect("events lock").clone() else {
+            return false;
+        };
+        let event = match events.try_send(event) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+        };
+        let leave = self.departure.leave.notified();
+        tokio::pin!(leave);
+        leave.as_mut().enable();
+        if self.departure.leaving() {
+            return false;
+        }
+        tokio::select! {
+            sent = events.send(event) => sent.is_ok(),
+            () = leave => false,
         }
     }
 
@@ -348,7 +376,7 @@ impl Inner {
             !self.own_unanswered(&message) && !self.emit(Event::Message(message)).await
         };
         if nobody_reads && self.config.delivery_acks == DeliveryAcks::OnTake {
-            self.acks.have(conversation_id, seq);
+            self.acks.unread(conversation_id, seq);
         }
     }
 
@@ -568,6 +596,7 @@ impl Inner {
             outbox.fail_all(&error);
         }
         self.answered.notify_waiters();
+        self.departure.finished.notify_waiters();
         let _ = self.connected.send_replace(false);
         self.fail_pending(&error);
         if let Some(events) = self.events.lock().expect("events lock").take() {
@@ -591,6 +620,7 @@ impl Inner {
             self.live.lock().expect("live lock").take()
         };
         self.answered.notify_waiters();
+        self.departure.finished.notify_waiters();
         if let Some(live) = live {
             live.conn.close(0u32.into(), b"client closed");
         }
@@ -611,12 +641,15 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + timeout;
         {
             let _outbox = self.outbox.lock().expect("outbox lock");
-            if self.closed.load(Ordering::Relaxed)
-                || self.departure.leaving.swap(true, Ordering::Relaxed)
-            {
+            if self.closed.load(Ordering::Relaxed) || self.departure.leaving() {
                 return;
             }
+            // The acks first: a reader that finds `leaving` set must find
+            // them refusing what the app did not take.
+            self.acks.leave();
+            self.departure.leaving.store(true, Ordering::Relaxed);
         }
+        self.departure.leave.notify_waiters();
         // The sends already made get their answers (they are resent on a
         // new connection meanwhile, as ever).
         loop {
@@ -632,12 +665,16 @@ impl Inner {
                 break;
             }
         }
-        // Then the messages writer writes the last acks and ends the
-        // stream, and the server ends its side once it has stored them. A
-        // writer of a connection made after this finishes at once.
+        // Closed meanwhile (by the app, or the session ended).
         let finished = self.departure.finished.notified();
         tokio::pin!(finished);
         finished.as_mut().enable();
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        // Then the messages writer writes the last acks and ends the
+        // stream, and the server ends its side once it has stored them. A
+        // writer of a connection made after this finishes at once.
         self.departure.finishing.store(true, Ordering::Relaxed);
         self.departure.finish.notify_waiters();
         if tokio::time::timeout_at(deadline, finished).await.is_err() {
@@ -788,25 +825,41 @@ impl Client {
     /// Sends a text message. Resolves with the server's "sent" ack once the
     /// message is durable. Survives reconnects: the same request is resent
     /// (same `client_msg_id`) until the server answers.
-    pub async fn send_text(
+    ///
+    /// The send is queued when this is called, not when the future is
+    /// first polled: sends leave in the order of the calls, and one made
+    /// before a [`shutdown`](Self::shutdown) starts is answered before it
+    /// ends.
+    pub fn send_text(
         &self,
         conversation_id: u64,
         text: &str,
-    ) -> Result<proto::SendAck, ClientError> {
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
         let client_msg_id = new_client_msg_id();
         self.send_with_id(conversation_id, &client_msg_id, text)
-            .await
     }
 
     /// [`send_text`](Self::send_text) with an idempotency key chosen by the
     /// app (e.g. persisted with a draft, so a send after an app restart is
     /// still recognised as the same message).
-    pub async fn send_with_id(
+    pub fn send_with_id(
         &self,
         conversation_id: u64,
         client_msg_id: &str,
         text: &str,
-    ) -> Result<proto::SendAck, ClientError> {
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
+        let queued = self.queue_send(conversation_id, client_msg_id, text);
+        async move { queued?.await.map_err(|_| ClientError::Closed)? }
+    }
+
+    /// Puts a send in the outbox (and on the live connection): the
+    /// receiver of its answer.
+    fn queue_send(
+        &self,
+        conversation_id: u64,
+        client_msg_id: &str,
+        text: &str,
+    ) -> Result<oneshot::Receiver<Result<proto::SendAck, ClientError>>, ClientError> {
         if self.inner.refuses_sends() {
             return Err(ClientError::Closed);
         }
@@ -841,7 +894,7 @@ impl Client {
                 let _ = live.messages.send(frame);
             }
         }
-        rx.await.map_err(|_| ClientError::Closed)?
+        Ok(rx)
     }
 
     /// Acknowledges delivery of `seq` in the conversation and of every
@@ -850,6 +903,8 @@ impl Client {
     /// senders. (With [`DeliveryAcks::OnTake`] taking a message from
     /// [`Events`] does this.) Written with the next send or after
     /// `delivery_ack_linger`; while disconnected, on the next connection.
+    /// Once a [`shutdown`](Self::shutdown) has written its last acks, not
+    /// at all: the next client gets the message again.
     pub fn ack_delivery(&self, conversation_id: u64, seq: u64) {
         self.inner.acks.have(conversation_id, seq);
     }
@@ -1190,12 +1245,16 @@ impl Client {
     /// the start, new sends fail with `Closed` and [`Events`] yields
     /// nothing more. Then, within `timeout`: the sends already made get
     /// their answers, and the delivery acks of every message the app took
-    /// (or, with [`DeliveryAcks::Manual`], acked) are written and
-    /// confirmed stored by the server. So the next client of this user
-    /// gets again exactly the messages this one's app never took. What
-    /// does not finish in time (no connection, a slow server) is left as
-    /// `close` leaves it. For an app going away: to the background for
-    /// good, a logout, an account switch.
+    /// (or, with [`DeliveryAcks::Manual`], acked before this point) are
+    /// written and confirmed stored by the server. So the next client of
+    /// this user gets again the messages this one's app never took, and
+    /// none it took. What does not finish in time (no connection, a slow
+    /// server) is left as `close` leaves it, and so are acks written to a
+    /// connection that is lost during the shutdown before the server read
+    /// them (the last ones are written again on the next connection, but
+    /// earlier ones are not). A second call while one runs, or a call
+    /// on a closed client, returns at once. For an app going away: to the
+    /// background for good, a logout, an account switch.
     pub async fn shutdown(&self, timeout: Duration) {
         self.inner.shutdown(timeout).await;
     }

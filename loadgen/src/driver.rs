@@ -282,28 +282,31 @@ async fn schedule(
         else {
             continue;
         };
-        let Some(client) = shared.users[sender].client() else {
+        let queued = shared.users[sender].with_client(|client| {
+            let send_no = shared.tracker.dispatch(
+                measured,
+                recipients,
+                group,
+                conversation_id,
+                sender,
+                intended_ns,
+            );
+            let text = Header {
+                run: shared.run_id,
+                sender,
+                send_no,
+                intended_ns,
+            }
+            .encode(len);
+            (send_no, client.send_text(conversation_id, &text))
+        });
+        let Some((send_no, send)) = queued else {
             shared.tracker.skipped_offline(measured);
             continue;
         };
-        let send_no = shared.tracker.dispatch(
-            measured,
-            recipients,
-            group,
-            conversation_id,
-            sender,
-            intended_ns,
-        );
-        let text = Header {
-            run: shared.run_id,
-            sender,
-            send_no,
-            intended_ns,
-        }
-        .encode(len);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let result = client.send_text(conversation_id, &text).await;
+            let result = send.await;
             let now = shared.clock.now_ns();
             match result {
                 Ok(ack) => shared.tracker.acked(

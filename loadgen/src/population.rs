@@ -166,6 +166,14 @@ impl VUser {
         self.slot().clone()
     }
 
+    /// `f` with the client, unless the user is offline, under the slot's
+    /// lock: churn cannot take the client (and start its shutdown) in
+    /// between, so a send `f` makes is queued before the client leaves,
+    /// and answered.
+    pub fn with_client<T>(&self, f: impl FnOnce(&Client) -> T) -> Option<T> {
+        self.slot().as_ref().map(f)
+    }
+
     /// Whether the user has a client with its connection up (no clone).
     pub fn is_connected(&self) -> bool {
         self.slot().as_ref().is_some_and(Client::is_connected)

@@ -238,7 +238,8 @@ impl Delivery {
 
     /// Resolves once every watermark move queued before this call is
     /// stored (or failed for good: a batch the store refused is not
-    /// retried; one it could not reach is, and this waits for it). A
+    /// retried; one it could not reach is, and this waits for it, but a
+    /// carried batch beyond `MAX_MARK_BATCH` moves loses the rest). A
     /// client leaving gracefully learns this way that its delivery acks
     /// count before it closes.
     pub async fn flush_marks(&self) -> Result<(), Refusal> {
@@ -673,7 +674,12 @@ async fn mark_committer(
         for work in received.drain(..) {
             match work {
                 MarkWork::Move(job) => jobs.push(job),
-                MarkWork::Flush(done) => flushes.push(done),
+                MarkWork::Flush(done) => {
+                    // Those whose waiter left (its connection closed while
+                    // the store was out) go.
+                    flushes.retain(|f| !f.is_closed());
+                    flushes.push(done);
+                }
             }
         }
         if jobs.is_empty() && carried.is_empty() {

@@ -40,21 +40,22 @@ const REPORT_KEYS: &[&str] = &[
     "backend_cpu",
 ];
 
+/// No churn unless a test asks for it: a user taken offline would skip
+/// sends and change what a test counts.
 fn args(extra: &[&str]) -> Args {
     let mut argv = vec!["chat-loadgen", "--quiet"];
+    if !extra.contains(&"--churn") {
+        argv.extend_from_slice(&["--churn", "0"]);
+    }
     argv.extend_from_slice(extra);
     Args::try_parse_from_iter(argv).expect("valid loadgen flags")
 }
 
 /// Flags for a short run against an in-process server: a long drain
 /// bound (the run ends as soon as everything arrived) and a short reading
-/// delay, so receipts come back quickly. No churn unless asked for: a
-/// user taken offline would skip sends and change what a test counts.
+/// delay, so receipts come back quickly.
 fn spawned(extra: &[&str]) -> Args {
     let mut argv = vec!["--spawn-server", "--drain", "30s", "--read-delay", "100ms"];
-    if !extra.contains(&"--churn") {
-        argv.extend_from_slice(&["--churn", "0"]);
-    }
     argv.extend_from_slice(extra);
     args(&argv)
 }

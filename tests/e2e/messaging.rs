@@ -1231,21 +1231,66 @@ mod client_faults {
         let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
         let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
         let conversation = befriend(&alice, &bob).await;
-        let mut send = std::pin::pin!(bob.send_text(conversation, "last words"));
-        // Polled once: it is in the outbox and on its way.
-        let first =
-            std::future::poll_fn(|cx| std::task::Poll::Ready(send.as_mut().poll(cx).is_pending()))
-                .await;
-        assert!(first, "a send waits for the server's ack");
+        // Queued by the call, before the shutdown starts.
+        let send = bob.send_text(conversation, "last words");
         assert_eq!(bob.outbox_len(), 1);
         let (ack, ()) = tokio::join!(send, async {
-            tokio::time::timeout(WAIT, bob.shutdown(WAIT))
+            // Ended by the server's end of the stream, not by its deadline.
+            tokio::time::timeout(WAIT, bob.shutdown(Duration::from_secs(3600)))
                 .await
                 .expect("shutdown ends");
         });
         let ack = ack.expect("acked, not failed as Closed");
         let m = messages(&mut alice_events, 1).await;
         assert_eq!((m[0].seq, m[0].text.as_str()), (ack.seq, "last words"));
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_is_not_held_up_by_a_full_event_queue() {
+        // Bob's queue holds two; the third of Alice's five holds his
+        // messages reader, and the SendAck of his reply waits behind it.
+        // The app takes nothing more once it is leaving, so the reader
+        // must stop waiting for room: else the reply is never answered
+        // and the server's end never read.
+        let server = TestServer::start().await;
+        let mut config = server.client_config();
+        config.event_capacity = 2;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, bob_events) = register(config.clone(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let sent = send_texts(&alice, conversation, 5).await;
+        let reply = bob.send_text(conversation, "reply");
+        tokio::time::timeout(WAIT, bob.shutdown(Duration::from_secs(3600)))
+            .await
+            .expect("the reader stops waiting for room");
+        reply.await.expect("the reply is answered");
+        drop(bob_events);
+
+        // Bob's app took none of the five: all come again.
+        let (_bob, mut bob_events) = Client::resume(config, &bob.identity().token).await.unwrap();
+        let again = messages(&mut bob_events, 5).await;
+        assert_eq!(again.iter().map(|m| m.seq).collect::<Vec<_>>(), sent);
+    }
+
+    #[tokio::test]
+    async fn closing_ends_a_shutdown_under_way() {
+        let mut server = TestServer::start().await;
+        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let conversation = befriend(&alice, &bob).await;
+        // With the node gone, Bob's send cannot be answered.
+        assert!(server.server.take().unwrap().shutdown().await);
+        let _unanswered = bob.send_text(conversation, "into the void");
+        let mut shutdown = std::pin::pin!(bob.shutdown(Duration::from_secs(3600)));
+        let waiting = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(shutdown.as_mut().poll(cx).is_pending())
+        })
+        .await;
+        assert!(waiting, "the shutdown waits for the send's answer");
+        bob.close();
+        tokio::time::timeout(WAIT, shutdown)
+            .await
+            .expect("close ends the shutdown, whatever its timeout");
     }
 
     /// Reads the queued events until the stream ends, failing after
