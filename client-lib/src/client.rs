@@ -89,7 +89,24 @@ impl Events {
         if self.inner.departure.leaving() {
             return None;
         }
-        let event = self.rx.recv().await;
+        let event = match self.rx.try_recv() {
+            Ok(event) => Some(event),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Waiting: a shutdown that begins meanwhile ends the wait.
+                let leave = self.inner.departure.leave.notified();
+                tokio::pin!(leave);
+                leave.as_mut().enable();
+                if self.inner.departure.leaving() {
+                    return None;
+                }
+                tokio::select! {
+                    biased;
+                    event = self.rx.recv() => event,
+                    () = leave => None,
+                }
+            }
+        };
         self.taken(event)
     }
 
@@ -247,11 +264,11 @@ pub(crate) struct Departure {
 
 impl Departure {
     pub(crate) fn leaving(&self) -> bool {
-        self.leaving.load(Ordering::Relaxed)
+        self.leaving.load(Ordering::Acquire)
     }
 
     pub(crate) fn finishing(&self) -> bool {
-        self.finishing.load(Ordering::Relaxed)
+        self.finishing.load(Ordering::Acquire)
     }
 
     /// Resolves after `finishing` is set, once enabled (see
@@ -362,12 +379,10 @@ impl Inner {
     /// still queued for the app, and the server moves a sender's own
     /// watermark past their message itself when it can.
     ///
-    /// A client that is leaving drops what arrives: the app takes no more,
-    /// and what it never took must not be acked.
+    /// A client that is leaving gives the app nothing more (`emit`
+    /// refuses) and acks nothing it never took (`Acks::unread` refuses),
+    /// but still re-acks a redelivery of what the app has.
     pub(crate) async fn hand_over(&self, message: proto::Message) {
-        if self.departure.leaving() {
-            return;
-        }
         let (conversation_id, seq) = (message.conversation_id, message.seq);
         let mut delivered = self.delivered.lock().await;
         let nobody_reads = if !delivered.first(conversation_id, seq) {
@@ -647,7 +662,7 @@ impl Inner {
             // The acks first: a reader that finds `leaving` set must find
             // them refusing what the app did not take.
             self.acks.leave();
-            self.departure.leaving.store(true, Ordering::Relaxed);
+            self.departure.leaving.store(true, Ordering::Release);
         }
         self.departure.leave.notify_waiters();
         // The sends already made get their answers (they are resent on a
@@ -675,7 +690,7 @@ impl Inner {
         // Then the messages writer writes the last acks and ends the
         // stream, and the server ends its side once it has stored them. A
         // writer of a connection made after this finishes at once.
-        self.departure.finishing.store(true, Ordering::Relaxed);
+        self.departure.finishing.store(true, Ordering::Release);
         self.departure.finish.notify_waiters();
         if tokio::time::timeout_at(deadline, finished).await.is_err() {
             tracing::debug!("the server did not confirm the last delivery acks in time");
@@ -827,9 +842,9 @@ impl Client {
     /// (same `client_msg_id`) until the server answers.
     ///
     /// The send is queued when this is called, not when the future is
-    /// first polled: sends leave in the order of the calls, and one made
-    /// before a [`shutdown`](Self::shutdown) starts is answered before it
-    /// ends.
+    /// first polled: sends leave in the order of the calls, and a
+    /// [`shutdown`](Self::shutdown) that starts later waits (within its
+    /// timeout) for its answer.
     pub fn send_text(
         &self,
         conversation_id: u64,

@@ -40,9 +40,10 @@
 //!   [`DeliveryAcks::Manual`]), so that messages still queued when the
 //!   app's process dies are delivered again. An app that goes away
 //!   gracefully calls [`Client::shutdown`]: its sends are answered and the
-//!   acks of what it took are confirmed by the server before it closes,
-//!   so the next client gets again what it never took and none of what it
-//!   took (within the shutdown's timeout). A client
+//!   acks of what it took (with [`DeliveryAcks::Manual`]: what it acked)
+//!   are confirmed by the server before it closes, so the next client gets
+//!   again what it never took and none of what it took (within the
+//!   shutdown's timeout). A client
 //!   that only closes, or dies, may leave acks unwritten: across such
 //!   clients delivery is at least once, and an app that stores messages
 //!   drops a (conversation, seq) it has;

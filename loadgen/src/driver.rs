@@ -51,8 +51,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 /// Pause between attempts to bring a churned user back.
 const RESUME_RETRY: Duration = Duration::from_secs(1);
 /// Most a churned user's client takes to leave (its sends answered, its
-/// delivery acks confirmed) before it closes anyway.
-const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// delivery acks confirmed) before it closes anyway: client-lib's default
+/// request timeout.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Seed offsets, so the schedule, sender choice and churn draw from
 /// independent streams of one `--seed`.
 const SENDER_SEED: u64 = 0x5e4d_0001;

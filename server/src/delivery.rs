@@ -237,11 +237,11 @@ impl Delivery {
     }
 
     /// Resolves once every watermark move queued before this call is
-    /// stored (or failed for good: a batch the store refused is not
-    /// retried; one it could not reach is, and this waits for it, but a
-    /// carried batch beyond `MAX_MARK_BATCH` moves loses the rest). A
-    /// client leaving gracefully learns this way that its delivery acks
-    /// count before it closes.
+    /// stored: a batch the store could not reach is retried, and this
+    /// waits for it. An error if moves queued before it were lost (a batch
+    /// the store refused, or carried retries beyond `MAX_MARK_BATCH`
+    /// moves), or the node is stopping. A client leaving gracefully learns
+    /// this way that its delivery acks count before it closes.
     pub async fn flush_marks(&self) -> Result<(), Refusal> {
         let mut flushed = Vec::with_capacity(self.marks.len());
         for marks in &self.marks {
@@ -712,17 +712,28 @@ async fn mark_committer(
             }
         }
         let result = store.advance_watermarks(moves).await;
-        if let Err(e @ StoreError::Unavailable(_)) = &result {
-            carried = coalesce(
-                previous
-                    .into_iter()
-                    .chain(jobs.iter().filter(|j| j.reply.is_none()).map(|j| j.update)),
-            );
-            carried.truncate(MAX_MARK_BATCH);
-            tracing::warn!(
-                acks = carried.len(),
-                "a batch of watermark moves failed ({e}); its delivery acks go again"
-            );
+        match &result {
+            Ok(_) => {}
+            Err(e @ StoreError::Unavailable(_)) => {
+                carried = coalesce(
+                    previous
+                        .into_iter()
+                        .chain(jobs.iter().filter(|j| j.reply.is_none()).map(|j| j.update)),
+                );
+                if carried.len() > MAX_MARK_BATCH {
+                    carried.truncate(MAX_MARK_BATCH);
+                    // Acks were dropped: no flush may say they are stored.
+                    flushes.clear();
+                }
+                tracing::warn!(
+                    acks = carried.len(),
+                    "a batch of watermark moves failed ({e}); its delivery acks go again"
+                );
+            }
+            // Refused for good: those acks are not stored, and a flush
+            // waiting for them must not say they are (its waiter gets an
+            // error instead).
+            Err(_) => flushes.clear(),
         }
         let moved_keys: std::collections::HashSet<(u64, UserId)> = match &result {
             Ok(moved) => moved

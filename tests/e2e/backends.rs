@@ -287,6 +287,56 @@ async fn a_postgres_outage_loses_nothing_and_heals_without_a_restart() {
 }
 
 #[tokio::test]
+async fn a_leaving_client_is_confirmed_only_once_its_acks_are_stored() {
+    // Bob's last ack is written by his shutdown; the server must end his
+    // messages stream (which ends the shutdown) only once that ack is
+    // stored. The test holds Bob's member row locked, so the move waits
+    // in Postgres: meanwhile the shutdown must not end.
+    let Some((backend, schema)) = production_with_schema().await else {
+        return;
+    };
+    let server = TestServer::start_on(backend.clone()).await;
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let mut config = server.client_config();
+    config.delivery_ack_linger = Duration::from_secs(3600);
+    let (bob, mut bob_events) = register(config, &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let bob_id = bob.identity().user_id;
+    let ack = alice.send_text(conversation, "hello").await.unwrap();
+    assert_eq!(messages(&mut bob_events, 1).await[0].seq, ack.seq);
+
+    let mut admin = postgres::testing::admin().await.expect("admin connection");
+    let lock = admin.transaction().await.unwrap();
+    lock.execute(
+        &format!(
+            r#"SELECT 1 FROM "{schema}".members
+               WHERE conversation_id = $1 AND user_id = $2 FOR UPDATE"#
+        ),
+        &[&(conversation as i64), &(bob_id as i64)],
+    )
+    .await
+    .unwrap();
+    let mut shutdown = tokio::spawn({
+        let bob = bob.clone();
+        async move { bob.shutdown(Duration::from_secs(3600)).await }
+    });
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut shutdown)
+        .await
+        .is_ok();
+    // Released before any assertion: a failing test must not leave the
+    // node's committer waiting on the lock (its teardown would wait too).
+    lock.rollback().await.unwrap();
+    assert!(!early, "no confirmation while the ack waits on the lock");
+    tokio::time::timeout(WAIT, shutdown)
+        .await
+        .expect("confirmed once stored")
+        .unwrap();
+    let view = alice.conversation(conversation).await.unwrap();
+    let bob_view = view.members.iter().find(|m| m.user_id == bob_id).unwrap();
+    assert_eq!(bob_view.delivered_seq, ack.seq);
+}
+
+#[tokio::test]
 async fn a_delivery_ack_the_store_fails_is_tried_again() {
     // A DeliveryAck has no reply, so nothing makes the client send it
     // again: when its batch fails in the store, the node must retry it, or

@@ -1272,21 +1272,39 @@ mod client_faults {
         assert_eq!(again.iter().map(|m| m.seq).collect::<Vec<_>>(), sent);
     }
 
+    /// Polls `future` once: whether it is still pending.
+    async fn pending_after_one_poll<F: Future>(future: std::pin::Pin<&mut F>) -> bool {
+        let mut future = future;
+        std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx).is_pending()))
+            .await
+    }
+
     #[tokio::test]
-    async fn closing_ends_a_shutdown_under_way() {
+    async fn a_shutdown_ends_the_events_at_once_and_close_ends_the_shutdown() {
         let mut server = TestServer::start().await;
-        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
         let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
         let conversation = befriend(&alice, &bob).await;
-        // With the node gone, Bob's send cannot be answered.
+        // With the node gone, Bob's send cannot be answered, and no event
+        // comes after the disconnection.
         assert!(server.server.take().unwrap().shutdown().await);
-        let _unanswered = bob.send_text(conversation, "into the void");
-        let mut shutdown = std::pin::pin!(bob.shutdown(Duration::from_secs(3600)));
-        let waiting = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(shutdown.as_mut().poll(cx).is_pending())
+        wait_for(&mut bob_events, "bob disconnected", |e| {
+            matches!(e, Event::Disconnected { .. }).then_some(())
         })
         .await;
-        assert!(waiting, "the shutdown waits for the send's answer");
+        let _unanswered = bob.send_text(conversation, "into the void");
+        // The app waits for its next event.
+        let mut next = std::pin::pin!(bob_events.next());
+        assert!(pending_after_one_poll(next.as_mut()).await);
+        let mut shutdown = std::pin::pin!(bob.shutdown(Duration::from_secs(3600)));
+        assert!(
+            pending_after_one_poll(shutdown.as_mut()).await,
+            "the shutdown waits for the send's answer"
+        );
+        let event = tokio::time::timeout(WAIT, next)
+            .await
+            .expect("a waiting next() ends when a shutdown begins");
+        assert_eq!(event, None);
         bob.close();
         tokio::time::timeout(WAIT, shutdown)
             .await

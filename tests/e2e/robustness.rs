@@ -715,6 +715,60 @@ async fn delivery_acks_beyond_what_a_connection_was_delivered_are_dropped() {
 }
 
 #[tokio::test]
+async fn a_finished_messages_stream_is_answered_with_the_end_of_the_servers_side() {
+    // A client leaving gracefully (a third-party one, on the wire) finishes
+    // its messages stream after its last DeliveryAck; the server ends its
+    // side once that ack is stored. Bob acks Alice's message on the wire,
+    // finishes, and reads the server's side to its end: by then Alice sees
+    // the watermark moved, with no waiting.
+    let server = TestServer::start().await;
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let bob_id = bob.identity().user_id;
+    let token = bob.identity().token;
+    drop((bob, bob_events));
+    let ack = alice.send_text(conversation, "hello").await.unwrap();
+
+    let raw = Raw::connect(&server).await;
+    let (_control, mut control_recv) = raw
+        .stream(&frames(&[
+            Frame::open_stream(StreamKind::Control),
+            Frame::new(1, Body::Authenticate(proto::Authenticate { token })),
+        ]))
+        .await;
+    let mut buf = BytesMut::new();
+    let reply = next_frame(&mut control_recv, &mut buf).await;
+    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
+    let (mut send, mut recv) = raw
+        .stream(&frames(&[Frame::open_stream(StreamKind::Messages)]))
+        .await;
+    let mut buf = BytesMut::new();
+    let delivered = next_frame(&mut recv, &mut buf).await;
+    assert!(
+        matches!(&delivered.body, Some(Body::Deliver(d)) if d.message.as_ref().unwrap().seq == ack.seq),
+        "{delivered:?}"
+    );
+    send.write_all(&frames(&[Frame::push(Body::DeliveryAck(
+        proto::DeliveryAck {
+            conversation_id: conversation,
+            seq: ack.seq,
+        },
+    ))]))
+    .await
+    .unwrap();
+    send.finish().unwrap();
+    let rest = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
+        .await
+        .expect("the server ends its side")
+        .expect("cleanly");
+    assert!(buf.is_empty() && rest.is_empty(), "nothing else was owed");
+    let view = alice.conversation(conversation).await.unwrap();
+    let bob_view = view.members.iter().find(|m| m.user_id == bob_id).unwrap();
+    assert_eq!(bob_view.delivered_seq, ack.seq, "stored before the end");
+}
+
+#[tokio::test]
 async fn a_flood_of_marks_that_move_nothing_costs_one_lookup_per_batch() {
     // Each MarkSeen that moves no watermark asks the store whether its
     // sender is a member; 1,000 of them in one burst used to make 1,000

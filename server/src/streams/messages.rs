@@ -56,10 +56,13 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     // Once a send is rate limited, every later send on this connection is
     // refused until that send comes back, so none can overtake it.
     let mut limited: Option<Limited> = None;
+    // Whether an ack was dropped for want of credit (then a leaving client
+    // gets no confirmation: see `leave`).
+    let mut ignored = false;
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
-            Ok(None) => return Box::pin(leave(&session, &handle)).await,
+            Ok(None) => return Box::pin(leave(&session, &handle, ignored)).await,
             Err(e) => return on_read_error(&session, StreamKind::Messages, e),
         };
         handle.touch(now_ms());
@@ -90,6 +93,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                     .is_err() =>
             {
                 metrics.acks_ignored.increment(1);
+                ignored = true;
                 Ok(())
             }
             Some(Body::DeliveryAck(ack)) => {
@@ -129,8 +133,13 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
 /// the end are not written: deliveries stay above the watermark and come
 /// on the next connection, and the SendAck of a send still being committed
 /// is lost, so its client resends it and gets a duplicate's ack
-/// (client-lib leaves only once its sends are answered).
-async fn leave(session: &Session, queue: &SessionHandle) {
+/// (client-lib leaves only once its sends are answered). No end, and so
+/// no confirmation (the client's shutdown times out), if any of its acks
+/// was dropped: for want of credit (`ignored`) or by the store.
+async fn leave(session: &Session, queue: &SessionHandle, ignored: bool) {
+    if ignored {
+        return;
+    }
     let flushed = tokio::select! {
         flushed = session.shared.delivery.flush_marks() => flushed,
         _ = session.conn.closed() => return,
