@@ -10,6 +10,7 @@
 //! strictly increasing seq order, which lets the client deduplicate by seq.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -62,7 +63,11 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
-            Ok(None) => return Box::pin(leave(&session, &handle, ignored)).await,
+            // Out of the loop before awaiting anything: this match's
+            // awaited read stays alive to its end, so an await in an arm
+            // would size every reader for both (200 bytes a connection,
+            // measured).
+            Ok(None) => break,
             Err(e) => return on_read_error(&session, StreamKind::Messages, e),
         };
         handle.touch(now_ms());
@@ -123,6 +128,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
             );
         }
     }
+    leave(&session, &handle, ignored).await;
 }
 
 /// The client finished its side of the stream: it is leaving
@@ -136,19 +142,28 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
 /// (client-lib leaves only once its sends are answered). No end, and so
 /// no confirmation (the client's shutdown times out), if any of its acks
 /// was dropped: for want of credit (`ignored`) or by the store.
-async fn leave(session: &Session, queue: &SessionHandle, ignored: bool) {
-    if ignored {
-        return;
-    }
-    let flushed = tokio::select! {
-        flushed = session.shared.delivery.flush_marks() => flushed,
-        _ = session.conn.closed() => return,
-    };
-    if flushed.is_ok() {
-        if let Some(queue) = queue.queue(StreamKind::Messages) {
-            queue.close();
+///
+/// Boxed: the reader lives as long as its connection, and is sized for its
+/// largest state (see ARCHITECTURE.md, idle memory).
+fn leave<'a>(
+    session: &'a Session,
+    queue: &'a SessionHandle,
+    ignored: bool,
+) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        if ignored {
+            return;
         }
-    }
+        let flushed = tokio::select! {
+            flushed = session.shared.delivery.flush_marks() => flushed,
+            _ = session.conn.closed() => return,
+        };
+        if flushed.is_ok() {
+            if let Some(queue) = queue.queue(StreamKind::Messages) {
+                queue.close();
+            }
+        }
+    })
 }
 
 /// A connection whose sends are held back after a rate-limit refusal.
