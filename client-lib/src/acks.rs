@@ -68,15 +68,7 @@ impl Acks {
     /// the acks are sealed (the client is leaving): an ack queued now
     /// would never be written.
     pub(crate) fn have(&self, conversation_id: u64, seq: u64) -> bool {
-        let mut state = self.state.lock().expect("acks lock");
-        if state.sealed.is_some() {
-            return false;
-        }
-        state.had.first(conversation_id, seq);
-        state.queue(conversation_id, seq);
-        drop(state);
-        self.queued.notify_waiters();
-        true
+        self.record(conversation_id, seq, |state| state.sealed.is_none())
     }
 
     /// Nobody reads the events any more (the app dropped them), so `seq`
@@ -85,14 +77,23 @@ impl Acks {
     /// events end by design, and what the app did not take must come
     /// again on the next client.
     pub(crate) fn unread(&self, conversation_id: u64, seq: u64) {
+        self.record(conversation_id, seq, |state| {
+            !state.leaving && state.sealed.is_none()
+        });
+    }
+
+    /// Records that the app has `seq` and queues its ack, if `allowed`
+    /// says so under the lock; whether it did.
+    fn record(&self, conversation_id: u64, seq: u64, allowed: impl Fn(&State) -> bool) -> bool {
         let mut state = self.state.lock().expect("acks lock");
-        if state.leaving || state.sealed.is_some() {
-            return;
+        if !allowed(&state) {
+            return false;
         }
         state.had.first(conversation_id, seq);
         state.queue(conversation_id, seq);
         drop(state);
         self.queued.notify_waiters();
+        true
     }
 
     /// The client starts leaving: from now on [`unread`](Self::unread)

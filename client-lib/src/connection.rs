@@ -339,14 +339,7 @@ async fn messages_write_loop(
         if conn.close_reason().is_some() {
             return;
         }
-        for (conversation_id, seq) in inner.acks.take_unsent() {
-            batch.push(encode(&Frame::push(Body::DeliveryAck(
-                proto::DeliveryAck {
-                    conversation_id,
-                    seq,
-                },
-            ))));
-        }
+        push_acks(&mut batch, inner.acks.take_unsent());
         if batch.is_empty() {
             continue;
         }
@@ -357,6 +350,16 @@ async fn messages_write_loop(
         batch.clear();
     }
     let _ = send.finish();
+}
+
+/// Appends one DeliveryAck frame per conversation to `batch`.
+fn push_acks(batch: &mut Vec<Bytes>, acks: std::collections::HashMap<u64, u64>) {
+    batch.extend(acks.into_iter().map(|(conversation_id, seq)| {
+        encode(&Frame::push(Body::DeliveryAck(proto::DeliveryAck {
+            conversation_id,
+            seq,
+        })))
+    }));
 }
 
 /// The end of a leaving client's messages stream: the sends still queued,
@@ -376,14 +379,7 @@ async fn finish_messages(
     while let Ok(frame) = rx.try_recv() {
         batch.push(frame);
     }
-    for (conversation_id, seq) in inner.acks.seal() {
-        batch.push(encode(&Frame::push(Body::DeliveryAck(
-            proto::DeliveryAck {
-                conversation_id,
-                seq,
-            },
-        ))));
-    }
+    push_acks(&mut batch, inner.acks.seal());
     if send.write_all_chunks(&mut batch).await.is_err() {
         write_failed(conn, StreamKind::Messages);
         return;
