@@ -256,8 +256,8 @@ pub(crate) struct Departure {
     finishing: AtomicBool,
     /// Wakes the messages writer once `finishing` is set.
     finish: Notify,
-    /// Woken when the server ends its side of the messages stream while
-    /// finishing (it has stored every ack written before the end), and
+    /// Woken when the server answers the end of the messages stream with
+    /// `AcksStored` (it has stored every ack written before the end), and
     /// when the client closes.
     finished: Notify,
 }
@@ -277,7 +277,8 @@ impl Departure {
         self.finish.notified()
     }
 
-    /// The server ended the messages stream after the client ended its own.
+    /// The server confirmed, after the client ended its messages stream,
+    /// that it has stored every ack written before that end.
     pub(crate) fn server_finished(&self) {
         self.finished.notify_waiters();
     }
@@ -688,7 +689,8 @@ impl Inner {
             return;
         }
         // Then the messages writer writes the last acks and ends the
-        // stream, and the server ends its side once it has stored them. A
+        // stream, and the server confirms (`AcksStored`) once it has stored
+        // them. A
         // writer of a connection made after this finishes at once.
         self.departure.finishing.store(true, Ordering::Release);
         self.departure.finish.notify_waiters();
@@ -1239,7 +1241,11 @@ impl Client {
         })
     }
 
-    /// Revokes this session's token and disconnects for good.
+    /// Revokes this session's token and disconnects for good. Like
+    /// [`close`](Self::close), it leaves unwritten the delivery acks still
+    /// lingering (at most `delivery_ack_linger` old), so the user's next
+    /// session gets those messages again; a logged-out device drops what
+    /// it had anyway.
     pub async fn logout(&self) -> Result<(), ClientError> {
         self.expect_ok(Body::Logout(proto::Logout {})).await?;
         self.close();
@@ -1269,7 +1275,8 @@ impl Client {
     /// them (the last ones are written again on the next connection, but
     /// earlier ones are not). A second call while one runs, or a call
     /// on a closed client, returns at once. For an app going away: to the
-    /// background for good, a logout, an account switch.
+    /// background for good, an account switch (a client cannot log out
+    /// after this: see [`logout`](Self::logout)).
     pub async fn shutdown(&self, timeout: Duration) {
         self.inner.shutdown(timeout).await;
     }

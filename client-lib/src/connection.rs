@@ -364,8 +364,8 @@ fn push_acks(batch: &mut Vec<Bytes>, acks: std::collections::HashMap<u64, u64>) 
 
 /// The end of a leaving client's messages stream: the sends still queued,
 /// the last delivery acks (none can be queued after these), and the end
-/// of the stream, after which the server ends its side once it has stored
-/// the acks (see [`read_loop`]).
+/// of the stream, after which the server confirms with `AcksStored` once it
+/// has stored the acks (see [`read_loop`]).
 async fn finish_messages(
     inner: &Inner,
     conn: &quinn::Connection,
@@ -401,11 +401,6 @@ async fn read_loop(
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
-            Ok(None) if kind == StreamKind::Messages && inner.departure.finishing() => {
-                // The server's answer to the end of ours: it has the acks.
-                inner.departure.server_finished();
-                return;
-            }
             Ok(None) | Err(ReadError::Stream) => {
                 if conn.close_reason().is_none() {
                     tracing::warn!(stream = kind.name(), "server ended a stream; reconnecting");
@@ -433,6 +428,14 @@ async fn read_loop(
                 inner.hand_over(message).await;
             }
             Some(Body::SendAck(ack)) => inner.send_answered(request_id, Ok(ack)),
+            Some(Body::AcksStored(_))
+                if kind == StreamKind::Messages && inner.departure.finishing() =>
+            {
+                // The server's answer to the end of ours: it has the acks,
+                // and ends its side next. Nothing after this is read.
+                inner.departure.server_finished();
+                return;
+            }
             Some(Body::Receipt(receipt)) => {
                 inner.note_receipt(&receipt);
                 inner.emit(Event::Receipt(receipt)).await;

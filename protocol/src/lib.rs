@@ -96,6 +96,7 @@ impl Body {
             Body::SendAck(_) => "send_ack",
             Body::Deliver(_) => "deliver",
             Body::DeliveryAck(_) => "delivery_ack",
+            Body::AcksStored(_) => "acks_stored",
             Body::MarkSeen(_) => "mark_seen",
             Body::Receipt(_) => "receipt",
             Body::Heartbeat(_) => "heartbeat",
@@ -132,6 +133,7 @@ impl Body {
             | Body::HistoryPage(_)
             | Body::SendAck(_)
             | Body::Deliver(_)
+            | Body::AcksStored(_)
             | Body::Receipt(_)
             | Body::PresenceSnapshot(_)
             | Body::PresenceUpdate(_)

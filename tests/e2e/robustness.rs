@@ -715,12 +715,14 @@ async fn delivery_acks_beyond_what_a_connection_was_delivered_are_dropped() {
 }
 
 #[tokio::test]
-async fn a_finished_messages_stream_is_answered_with_the_end_of_the_servers_side() {
+async fn a_finished_messages_stream_is_answered_with_acks_stored_and_the_end() {
     // A client leaving gracefully (a third-party one, on the wire) finishes
-    // its messages stream after its last DeliveryAck; the server ends its
-    // side once that ack is stored. Bob acks Alice's message on the wire,
-    // finishes, and reads the server's side to its end: by then Alice sees
-    // the watermark moved, with no waiting.
+    // its messages stream after its last DeliveryAck; once that ack is
+    // stored the server writes AcksStored, the one frame that confirms
+    // (an end alone does not: a writer that gives up ends its stream too),
+    // and ends its side. Bob acks Alice's message on the wire, finishes,
+    // and reads the server's side to its end: by the confirmation Alice
+    // sees the watermark moved, with no waiting.
     let server = TestServer::start().await;
     let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
     let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
@@ -758,6 +760,11 @@ async fn a_finished_messages_stream_is_answered_with_the_end_of_the_servers_side
     .await
     .unwrap();
     send.finish().unwrap();
+    let confirmed = next_frame(&mut recv, &mut buf).await;
+    assert!(
+        matches!(confirmed.body, Some(Body::AcksStored(_))) && confirmed.request_id == 0,
+        "{confirmed:?}"
+    );
     let rest = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
         .await
         .expect("the server ends its side")
@@ -1335,6 +1342,87 @@ async fn a_device_is_not_shown_its_own_send_as_a_new_message() {
     assert_eq!(shown, [(2, "from a friend".to_owned())]);
     client.close();
     serve.await.unwrap();
+}
+
+#[tokio::test]
+async fn only_acks_stored_confirms_a_shutdown_not_a_bare_end_of_the_stream() {
+    // A server writer that gives up drops its messages stream, and quinn
+    // ends a dropped stream cleanly. client-lib used to take any end of
+    // that stream while leaving as the confirmation that its last acks
+    // were stored, and closed. The fake node ends its side bare on the
+    // first connection: the client must not believe it, but reconnect and
+    // write its last ack again; the second connection's AcksStored ends
+    // the shutdown.
+    let (_dir, endpoint, mut config) = fake_node().await;
+    // The ack leaves only with the shutdown's last acks.
+    config.delivery_ack_linger = Duration::from_secs(3600);
+    let deliver = Frame::push(Body::Deliver(proto::Deliver {
+        message: Some(proto::Message {
+            conversation_id: 7,
+            seq: 1,
+            message_id: 1,
+            sender_id: 2,
+            text: "hi".into(),
+            ..Default::default()
+        }),
+    }));
+    let node = tokio::spawn(async move {
+        let mut acks = Vec::new();
+        for confirm in [false, true] {
+            let conn = tokio::time::timeout(WAIT, endpoint.accept())
+                .await
+                .expect("a connection in time")
+                .unwrap()
+                .await
+                .unwrap();
+            let _control = fake_login(&conn).await.expect("a login");
+            let (mut send, mut recv, mut buf, _others) =
+                accept_stream(&conn, StreamKind::Messages).await;
+            if !confirm {
+                send.write_all(&frames(std::slice::from_ref(&deliver)))
+                    .await
+                    .unwrap();
+            }
+            let rest = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
+                .await
+                .expect("the client ends its side")
+                .unwrap();
+            buf.extend_from_slice(&rest);
+            while let Some(frame) = chat_protocol::Codec::default().decode(&mut buf).unwrap() {
+                if let Some(Body::DeliveryAck(ack)) = frame.body {
+                    acks.push((confirm, ack.conversation_id, ack.seq));
+                }
+            }
+            if confirm {
+                let stored = Frame::push(Body::AcksStored(proto::AcksStored {}));
+                send.write_all(&frames(&[stored])).await.unwrap();
+            }
+            send.finish().unwrap();
+            // Until the client closes this connection.
+            let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        }
+        acks
+    });
+    let (client, mut events) = register_fake(config).await;
+    let event = tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("the message in time")
+        .expect("events open");
+    assert!(
+        matches!(event, Event::Message(m) if m.seq == 1),
+        "the app took it"
+    );
+    tokio::time::timeout(WAIT, client.shutdown(Duration::from_secs(3600)))
+        .await
+        .expect("the second connection's AcksStored ends the shutdown");
+    let acks = node
+        .await
+        .expect("a second connection: the bare end confirmed nothing");
+    assert_eq!(
+        acks,
+        [(false, 7, 1), (true, 7, 1)],
+        "the last ack, written again on the connection made during the shutdown"
+    );
 }
 
 #[tokio::test]

@@ -133,15 +133,17 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
 
 /// The client finished its side of the stream: it is leaving
 /// (client-lib's `Client::shutdown`) and will send nothing more here. Once
-/// every delivery ack it sent is stored, this side ends too, after the
-/// frames already queued for it: the client learns from that end that the
-/// server has its acks, and closes the connection. Frames queued after
-/// the end are not written: deliveries stay above the watermark and come
-/// on the next connection, and the SendAck of a send still being committed
-/// is lost, so its client resends it and gets a duplicate's ack
-/// (client-lib leaves only once its sends are answered). No end, and so
-/// no confirmation (the client's shutdown times out), if any of its acks
-/// was dropped: for want of credit (`ignored`) or by the store.
+/// every delivery ack it sent is stored, `AcksStored` is queued after the
+/// frames already queued and this side ends: the client learns from that
+/// frame that the server has its acks, and closes the connection. (The
+/// frame, not the end, confirms: a writer that gives up drops its stream,
+/// which quinn ends cleanly.) Frames queued after it are not written:
+/// deliveries stay above the watermark and come on the next connection,
+/// and the SendAck of a send still being committed is lost, so its client
+/// resends it and gets a duplicate's ack (client-lib leaves only once its
+/// sends are answered). No confirmation (the client's shutdown times out)
+/// if any of its acks was dropped: for want of credit (`ignored`) or by
+/// the store.
 ///
 /// Boxed: the reader lives as long as its connection, and is sized for its
 /// largest state (see ARCHITECTURE.md, idle memory).
@@ -159,8 +161,11 @@ fn leave<'a>(
             _ = session.conn.closed() => return,
         };
         if flushed.is_ok() {
-            if let Some(queue) = queue.queue(StreamKind::Messages) {
-                queue.close();
+            let stored = Frame::push(Body::AcksStored(proto::AcksStored {}));
+            if queue.push(StreamKind::Messages, Outbound::frame(&stored)) {
+                if let Some(queue) = queue.queue(StreamKind::Messages) {
+                    queue.close();
+                }
             }
         }
     })
