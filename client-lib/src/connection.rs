@@ -135,8 +135,16 @@ async fn establish(
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (messages_tx, messages_rx) = mpsc::unbounded_channel();
     let (receipts_tx, receipts_rx) = mpsc::unbounded_channel();
-    let (ms, mr) = open(&conn, StreamKind::Messages).await?;
-    let (rs, rr) = open(&conn, StreamKind::Receipts).await?;
+    // A leave is confirmed by AcksStored (see `read_loop`).
+    let messages = Frame::new(
+        0,
+        Body::OpenStream(proto::OpenStream {
+            kind: StreamKind::Messages as i32,
+            confirm_leave: true,
+        }),
+    );
+    let (ms, mr) = open(&conn, messages).await?;
+    let (rs, rr) = open(&conn, Frame::open_stream(StreamKind::Receipts)).await?;
     tokio::spawn(write_loop(
         conn.clone(),
         send,
@@ -165,7 +173,7 @@ async fn establish(
         inner.clone(),
         live.conn.clone(),
         reader,
-        StreamKind::Control,
+        (StreamKind::Control, false),
     ));
     let announced = (auth_ok.heartbeat_interval_ms > 0)
         .then(|| std::time::Duration::from_millis(auth_ok.heartbeat_interval_ms.into()));
@@ -182,36 +190,38 @@ async fn establish(
             interval,
         ));
     }
+    // A server that does not confirm leaves (it predates AcksStored) ends
+    // the stream as its only answer.
+    let end_confirms = !auth_ok.confirms_leave;
     tokio::spawn(read_loop(
         inner.clone(),
         live.conn.clone(),
         FrameReader::new(mr),
-        StreamKind::Messages,
+        (StreamKind::Messages, end_confirms),
     ));
     tokio::spawn(read_loop(
         inner.clone(),
         live.conn.clone(),
         FrameReader::new(rr),
-        StreamKind::Receipts,
+        (StreamKind::Receipts, false),
     ));
     Ok((live, auth_ok))
 }
 
+/// Opens a data stream with its `OpenStream` frame.
 async fn open(
     conn: &quinn::Connection,
-    kind: StreamKind,
+    open_stream: Frame,
 ) -> Result<(SendStream, RecvStream), ClientError> {
     let (mut send, recv) = conn
         .open_bi()
         .await
         .map_err(|e| ClientError::from_connection(&e))?;
-    send.write_all(&encode(&Frame::open_stream(kind)))
-        .await
-        .map_err(|_| {
-            conn.close_reason().map_or(ClientError::Disconnected, |e| {
-                ClientError::from_connection(&e)
-            })
-        })?;
+    send.write_all(&encode(&open_stream)).await.map_err(|_| {
+        conn.close_reason().map_or(ClientError::Disconnected, |e| {
+            ClientError::from_connection(&e)
+        })
+    })?;
     Ok((send, recv))
 }
 
@@ -391,16 +401,25 @@ async fn finish_messages(
 /// bad frame while its connection lives closes the connection: nothing
 /// would read that stream's replies any more (requests would time out one
 /// by one while heartbeats kept the connection up), whereas a closed
-/// connection makes the supervisor connect again.
+/// connection makes the supervisor connect again. That includes the end
+/// of the messages stream while leaving, unless `end_confirms` (a server
+/// that predates `AcksStored`): only that frame confirms a leave.
 async fn read_loop(
     inner: Arc<Inner>,
     conn: quinn::Connection,
     mut reader: FrameReader,
-    kind: StreamKind,
+    (kind, end_confirms): (StreamKind, bool),
 ) {
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
+            Ok(None)
+                if end_confirms && kind == StreamKind::Messages && inner.departure.finishing() =>
+            {
+                // An older server's answer to the end of ours.
+                inner.departure.server_finished();
+                return;
+            }
             Ok(None) | Err(ReadError::Stream) => {
                 if conn.close_reason().is_none() {
                     tracing::warn!(stream = kind.name(), "server ended a stream; reconnecting");

@@ -60,7 +60,7 @@ impl FrameError {
 /// Field numbers in `Frame` of the bodies only a server sends
 /// ([`crate::proto::frame::Body::is_from_server`]; a test keeps the two in
 /// step).
-const SERVER_BODY_FIELDS: [u32; 14] = [3, 4, 13, 25, 26, 31, 33, 35, 41, 42, 51, 62, 63, 78];
+const SERVER_BODY_FIELDS: [u32; 15] = [3, 4, 13, 25, 26, 31, 33, 35, 41, 42, 44, 51, 62, 63, 78];
 
 /// Decodes frames with a maximum size. Cheap to copy; holds no buffer.
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +106,11 @@ impl Codec {
     ///   again. Nothing was consumed. The caller never needs more than
     ///   `10 + max_frame_len` bytes buffered.
     /// * `Err(_)`: the bytes can never form a valid frame.
+    ///
+    /// A frame with no body a client's codec returns as such (`body` is
+    /// `None`): it is a body this build does not know, from a newer server,
+    /// and a client skips it. A server's codec refuses it
+    /// ([`FrameError::EmptyBody`]).
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         let Some((len, prefix_len)) = peek_varint(buf)? else {
             return Ok(None);
@@ -136,7 +141,7 @@ impl Codec {
             }
         }
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
-        if frame.body.is_none() {
+        if frame.body.is_none() && self.for_server {
             return Err(FrameError::EmptyBody);
         }
         Ok(Some(frame))
@@ -456,7 +461,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(bodies, 41);
+        assert_eq!(bodies, 42);
     }
 
     #[test]
@@ -567,18 +572,42 @@ mod tests {
 
     #[test]
     fn garbage_bodies_are_typed_errors() {
-        let codec = Codec::default();
-        // A length of 3 followed by an invalid wire type.
-        let mut buf = BytesMut::from(&[0x03, 0xff, 0xff, 0xff][..]);
-        let err = codec.decode(&mut buf).unwrap_err();
-        assert!(matches!(err, FrameError::Malformed(_)), "{err:?}");
-        assert_eq!(err.code(), crate::ErrorCode::MalformedFrame);
+        for codec in [Codec::default(), Codec::default().for_server()] {
+            // A length of 3 followed by an invalid wire type.
+            let mut buf = BytesMut::from(&[0x03, 0xff, 0xff, 0xff][..]);
+            let err = codec.decode(&mut buf).unwrap_err();
+            assert!(matches!(err, FrameError::Malformed(_)), "{err:?}");
+            assert_eq!(err.code(), crate::ErrorCode::MalformedFrame);
+        }
+        let server = Codec::default().for_server();
         // A well-formed protobuf with no body set.
         let mut buf = BytesMut::from(&[0x02, 0x08, 0x05][..]);
-        assert_eq!(codec.decode(&mut buf), Err(FrameError::EmptyBody));
+        assert_eq!(server.decode(&mut buf), Err(FrameError::EmptyBody));
         // Zero-length frame: empty message, no body.
         let mut buf = BytesMut::from(&[0x00][..]);
-        assert_eq!(codec.decode(&mut buf), Err(FrameError::EmptyBody));
+        assert_eq!(server.decode(&mut buf), Err(FrameError::EmptyBody));
+    }
+
+    #[test]
+    fn a_client_skips_a_body_it_does_not_know() {
+        // A push from a newer server (field 199, an empty message) comes
+        // out of a client's codec with no body, and the frame after it
+        // intact; a server's codec refuses such a frame.
+        let mut bytes = Vec::new();
+        put_varint((199 << 3) | 2, &mut bytes);
+        bytes.push(0);
+        let mut unknown = Vec::new();
+        put_varint(bytes.len() as u64, &mut unknown);
+        unknown.extend_from_slice(&bytes);
+        let mut buf = BytesMut::from(&unknown[..]);
+        let next = Frame::push(Body::Heartbeat(proto::Heartbeat {}));
+        encode(&next, &mut buf);
+        let client = Codec::default();
+        let skipped = client.decode(&mut buf).unwrap().expect("a whole frame");
+        assert_eq!((skipped.request_id, skipped.body), (0, None));
+        assert_eq!(client.decode(&mut buf).unwrap(), Some(next));
+        let mut buf = BytesMut::from(&unknown[..]);
+        assert!(Codec::default().for_server().decode(&mut buf).is_err());
     }
 
     #[test]

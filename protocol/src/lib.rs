@@ -57,7 +57,13 @@ impl Frame {
 
     /// The `OpenStream` preamble for a stream of `kind`.
     pub fn open_stream(kind: StreamKind) -> Self {
-        Self::new(0, Body::OpenStream(proto::OpenStream { kind: kind as i32 }))
+        Self::new(
+            0,
+            Body::OpenStream(proto::OpenStream {
+                kind: kind as i32,
+                ..Default::default()
+            }),
+        )
     }
 
     /// A short name of the body variant, for logs and metrics labels (never

@@ -122,6 +122,23 @@ impl OutQueue {
         self.state.lock().expect("queue lock").closed = true;
         self.ready.notify_one();
     }
+
+    /// Appends `last`, over any limit, and closes the queue in the same
+    /// step, so that nothing can follow it. False if the queue was closed
+    /// already.
+    pub fn close_with(&self, last: Outbound) -> bool {
+        {
+            let mut state = self.state.lock().expect("queue lock");
+            if state.closed {
+                return false;
+            }
+            state.bytes += last.bytes.len();
+            state.items.push_back(last);
+            state.closed = true;
+        }
+        self.ready.notify_one();
+        true
+    }
 }
 
 #[cfg(test)]
@@ -160,6 +177,20 @@ mod tests {
             1,
             "drains first"
         );
+        assert_eq!(queue.recv_many(&mut buf, 10, 1 << 20).await, 0, "then ends");
+    }
+
+    #[tokio::test]
+    async fn a_last_frame_goes_in_over_the_limit_and_nothing_after_it() {
+        let queue = OutQueue::default();
+        queue.push(out(1), 1, 1 << 20).unwrap();
+        assert_eq!(queue.push(out(2), 1, 1 << 20), Err(PushError::Full));
+        assert!(queue.close_with(out(3)), "taken over a full queue");
+        assert_eq!(queue.push(out(4), 10, 1 << 20), Err(PushError::Closed));
+        assert!(!queue.close_with(out(5)), "closed already");
+        let mut buf = Vec::new();
+        assert_eq!(queue.recv_many(&mut buf, 10, 1 << 20).await, 2);
+        assert_eq!(buf.iter().map(|o| o.bytes[0]).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(queue.recv_many(&mut buf, 10, 1 << 20).await, 0, "then ends");
     }
 

@@ -49,6 +49,11 @@ pub struct Session {
     pub watching: Mutex<Vec<UserId>>,
     /// Set when the connection task is cleaning up.
     closed: AtomicBool,
+    /// The messages stream's `OpenStream` asked for `AcksStored` when the
+    /// client leaves. Here rather than in the messages reader, which
+    /// would be sized for it for the connection's life (8 bytes,
+    /// measured), where this struct has the room.
+    pub confirm_leave: AtomicBool,
     /// For a 0-RTT connection: turns true when the handshake completes.
     handshake: Option<watch::Receiver<bool>>,
 }
@@ -182,6 +187,7 @@ pub async fn run(
         opened: Mutex::new([false; 6]),
         watching: Mutex::new(Vec::new()),
         closed: AtomicBool::new(false),
+        confirm_leave: AtomicBool::new(false),
         handshake,
     });
     async move {
@@ -262,11 +268,11 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
     let mut reader = FrameReader::new(recv, shared.codec);
     reader.guard_early_data(session.handshake.clone());
     let first = tokio::time::timeout(shared.config.limits.auth_timeout, reader.next()).await;
-    let kind = match first {
+    let (kind, confirm_leave) = match first {
         Ok(Ok(Some(Frame {
             body: Some(Body::OpenStream(open)),
             ..
-        }))) => StreamKind::from_wire(open.kind),
+        }))) => (StreamKind::from_wire(open.kind), open.confirm_leave),
         Ok(Ok(Some(_))) => {
             let code = if session.authed().is_none() {
                 ErrorCode::Unauthenticated
@@ -337,6 +343,9 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
             tokio::spawn(streams::control::serve(session.clone(), send, reader).instrument(span));
         }
         StreamKind::Messages => {
+            session
+                .confirm_leave
+                .store(confirm_leave, Ordering::Relaxed);
             tokio::spawn(streams::messages::serve(session.clone(), send, reader).instrument(span));
         }
         StreamKind::Receipts => {

@@ -288,8 +288,8 @@ async fn a_postgres_outage_loses_nothing_and_heals_without_a_restart() {
 
 #[tokio::test]
 async fn a_leaving_client_is_confirmed_only_once_its_acks_are_stored() {
-    // Bob's last ack is written by his shutdown; the server must end his
-    // messages stream (which ends the shutdown) only once that ack is
+    // Bob's last ack is written by his shutdown; the server must confirm
+    // it (AcksStored, which ends the shutdown) only once that ack is
     // stored. The test holds Bob's member row locked, so the move waits
     // in Postgres: meanwhile the shutdown must not end.
     let Some((backend, schema)) = production_with_schema().await else {

@@ -1204,7 +1204,7 @@ mod client_faults {
         assert!(delivered_to(&alice, conversation, bob_id).await < sent[0]);
 
         // A shutdown that had to wait out its own deadline would fail here:
-        // the server's end of the stream is what ends it.
+        // the server's AcksStored is what ends it.
         tokio::time::timeout(WAIT, bob.shutdown(Duration::from_secs(3600)))
             .await
             .expect("the server confirms the last acks");
@@ -1235,7 +1235,7 @@ mod client_faults {
         let send = bob.send_text(conversation, "last words");
         assert_eq!(bob.outbox_len(), 1);
         let (ack, ()) = tokio::join!(send, async {
-            // Ended by the server's end of the stream, not by its deadline.
+            // Ended by the server's AcksStored, not by its deadline.
             tokio::time::timeout(WAIT, bob.shutdown(Duration::from_secs(3600)))
                 .await
                 .expect("shutdown ends");
@@ -1251,7 +1251,7 @@ mod client_faults {
         // messages reader, and the SendAck of his reply waits behind it.
         // The app takes nothing more once it is leaving, so the reader
         // must stop waiting for room: else the reply is never answered
-        // and the server's end never read.
+        // and the server's AcksStored never read.
         let server = TestServer::start().await;
         let mut config = server.client_config();
         config.event_capacity = 2;

@@ -122,7 +122,10 @@ async fn violations_get_their_codes_and_others_keep_working() {
             "an unknown stream kind",
             frames(&[Frame::new(
                 0,
-                Body::OpenStream(proto::OpenStream { kind: 99 }),
+                Body::OpenStream(proto::OpenStream {
+                    kind: 99,
+                    ..Default::default()
+                }),
             )]),
             ErrorCode::BadStream,
         ),
@@ -548,15 +551,32 @@ async fn accept_stream(
     conn: &quinn::Connection,
     kind: StreamKind,
 ) -> (quinn::SendStream, quinn::RecvStream, BytesMut, Streams) {
+    let (send, recv, buf, others, _) = accept_opened(conn, kind).await;
+    (send, recv, buf, others)
+}
+
+/// [`accept_stream`], with the stream's `OpenStream`.
+async fn accept_opened(
+    conn: &quinn::Connection,
+    kind: StreamKind,
+) -> (
+    quinn::SendStream,
+    quinn::RecvStream,
+    BytesMut,
+    Streams,
+    proto::OpenStream,
+) {
     let mut others = Vec::new();
     loop {
         let (send, mut recv) = conn.accept_bi().await.expect("the client's streams");
         let mut buf = BytesMut::new();
         let open = next_frame(&mut recv, &mut buf).await;
-        if open.body == Some(Body::OpenStream(proto::OpenStream { kind: kind as i32 })) {
-            return (send, recv, buf, others);
+        match open.body {
+            Some(Body::OpenStream(open)) if open.kind == kind as i32 => {
+                return (send, recv, buf, others, open);
+            }
+            _ => others.push((send, recv)),
         }
-        others.push((send, recv));
     }
 }
 
@@ -720,9 +740,23 @@ async fn a_finished_messages_stream_is_answered_with_acks_stored_and_the_end() {
     // its messages stream after its last DeliveryAck; once that ack is
     // stored the server writes AcksStored, the one frame that confirms
     // (an end alone does not: a writer that gives up ends its stream too),
-    // and ends its side. Bob acks Alice's message on the wire, finishes,
-    // and reads the server's side to its end: by the confirmation Alice
-    // sees the watermark moved, with no waiting.
+    // and ends its side. By the confirmation the watermark has moved.
+    leave_on_the_wire(true).await;
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_ask_for_acks_stored_gets_the_end_alone() {
+    // A client from before AcksStored does not know the frame (it would
+    // close the connection on it) and takes the end as the answer: it gets
+    // the end alone, once its ack is stored.
+    leave_on_the_wire(false).await;
+}
+
+/// Bob acks Alice's message on the wire, finishes his messages stream
+/// (opened with `confirm_leave` as given), and reads the server's side to
+/// its end: AcksStored then the end if he asked for it, else the end
+/// alone, and by then Alice sees the watermark moved, with no waiting.
+async fn leave_on_the_wire(confirm_leave: bool) {
     let server = TestServer::start().await;
     let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
     let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
@@ -741,10 +775,18 @@ async fn a_finished_messages_stream_is_answered_with_acks_stored_and_the_end() {
         .await;
     let mut buf = BytesMut::new();
     let reply = next_frame(&mut control_recv, &mut buf).await;
-    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
-    let (mut send, mut recv) = raw
-        .stream(&frames(&[Frame::open_stream(StreamKind::Messages)]))
-        .await;
+    assert!(
+        matches!(&reply.body, Some(Body::AuthOk(ok)) if ok.confirms_leave),
+        "{reply:?}"
+    );
+    let open = Frame::new(
+        0,
+        Body::OpenStream(proto::OpenStream {
+            kind: StreamKind::Messages as i32,
+            confirm_leave,
+        }),
+    );
+    let (mut send, mut recv) = raw.stream(&frames(&[open])).await;
     let mut buf = BytesMut::new();
     let delivered = next_frame(&mut recv, &mut buf).await;
     assert!(
@@ -760,11 +802,13 @@ async fn a_finished_messages_stream_is_answered_with_acks_stored_and_the_end() {
     .await
     .unwrap();
     send.finish().unwrap();
-    let confirmed = next_frame(&mut recv, &mut buf).await;
-    assert!(
-        matches!(confirmed.body, Some(Body::AcksStored(_))) && confirmed.request_id == 0,
-        "{confirmed:?}"
-    );
+    if confirm_leave {
+        let confirmed = next_frame(&mut recv, &mut buf).await;
+        assert!(
+            matches!(confirmed.body, Some(Body::AcksStored(_))) && confirmed.request_id == 0,
+            "{confirmed:?}"
+        );
+    }
     let rest = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
         .await
         .expect("the server ends its side")
@@ -1344,65 +1388,62 @@ async fn a_device_is_not_shown_its_own_send_as_a_new_message() {
     serve.await.unwrap();
 }
 
-#[tokio::test]
-async fn only_acks_stored_confirms_a_shutdown_not_a_bare_end_of_the_stream() {
-    // A server writer that gives up drops its messages stream, and quinn
-    // ends a dropped stream cleanly. client-lib used to take any end of
-    // that stream while leaving as the confirmation that its last acks
-    // were stored, and closed. The fake node ends its side bare on the
-    // first connection: the client must not believe it, but reconnect and
-    // write its last ack again; the second connection's AcksStored ends
-    // the shutdown.
-    let (_dir, endpoint, mut config) = fake_node().await;
+/// One connection of a client leaving through a fake node: logs it in
+/// (AuthOk announcing `confirms_leave` or not), pushes `deliver` if given,
+/// reads the messages stream to the client's end, answers with
+/// `AcksStored` if `confirm`, ends its side, and waits for the client to
+/// close. Returns the acks read and whether the client asked for the
+/// confirmation.
+async fn leave_through_fake_node(
+    endpoint: &quinn::Endpoint,
+    announce: bool,
+    deliver: Option<&Frame>,
+    confirm: bool,
+) -> (Vec<(u64, u64)>, bool) {
+    let conn = tokio::time::timeout(WAIT, endpoint.accept())
+        .await
+        .expect("a connection in time")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut control, _control_recv, _, auth) = held_login(&conn).await.expect("a login");
+    let mut ok = auth_ok(auth.request_id, 0);
+    if let Some(Body::AuthOk(ok)) = &mut ok.body {
+        ok.confirms_leave = announce;
+    }
+    control.write_all(&frames(&[ok])).await.unwrap();
+    let (mut send, mut recv, mut buf, _others, open) =
+        accept_opened(&conn, StreamKind::Messages).await;
+    if let Some(deliver) = deliver {
+        send.write_all(&frames(std::slice::from_ref(deliver)))
+            .await
+            .unwrap();
+    }
+    let rest = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
+        .await
+        .expect("the client ends its side")
+        .unwrap();
+    buf.extend_from_slice(&rest);
+    let mut acks = Vec::new();
+    while let Some(frame) = chat_protocol::Codec::default().decode(&mut buf).unwrap() {
+        if let Some(Body::DeliveryAck(ack)) = frame.body {
+            acks.push((ack.conversation_id, ack.seq));
+        }
+    }
+    if confirm {
+        let stored = Frame::push(Body::AcksStored(proto::AcksStored {}));
+        send.write_all(&frames(&[stored])).await.unwrap();
+    }
+    send.finish().unwrap();
+    let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    (acks, open.confirm_leave)
+}
+
+/// A message for a client of a fake node, and a client that acks it only
+/// when it leaves, having taken it.
+async fn took_one_from_fake_node(mut config: chat_client::ClientConfig) -> Client {
     // The ack leaves only with the shutdown's last acks.
     config.delivery_ack_linger = Duration::from_secs(3600);
-    let deliver = Frame::push(Body::Deliver(proto::Deliver {
-        message: Some(proto::Message {
-            conversation_id: 7,
-            seq: 1,
-            message_id: 1,
-            sender_id: 2,
-            text: "hi".into(),
-            ..Default::default()
-        }),
-    }));
-    let node = tokio::spawn(async move {
-        let mut acks = Vec::new();
-        for confirm in [false, true] {
-            let conn = tokio::time::timeout(WAIT, endpoint.accept())
-                .await
-                .expect("a connection in time")
-                .unwrap()
-                .await
-                .unwrap();
-            let _control = fake_login(&conn).await.expect("a login");
-            let (mut send, mut recv, mut buf, _others) =
-                accept_stream(&conn, StreamKind::Messages).await;
-            if !confirm {
-                send.write_all(&frames(std::slice::from_ref(&deliver)))
-                    .await
-                    .unwrap();
-            }
-            let rest = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
-                .await
-                .expect("the client ends its side")
-                .unwrap();
-            buf.extend_from_slice(&rest);
-            while let Some(frame) = chat_protocol::Codec::default().decode(&mut buf).unwrap() {
-                if let Some(Body::DeliveryAck(ack)) = frame.body {
-                    acks.push((confirm, ack.conversation_id, ack.seq));
-                }
-            }
-            if confirm {
-                let stored = Frame::push(Body::AcksStored(proto::AcksStored {}));
-                send.write_all(&frames(&[stored])).await.unwrap();
-            }
-            send.finish().unwrap();
-            // Until the client closes this connection.
-            let _ = tokio::time::timeout(WAIT, conn.closed()).await;
-        }
-        acks
-    });
     let (client, mut events) = register_fake(config).await;
     let event = tokio::time::timeout(WAIT, events.next())
         .await
@@ -1412,17 +1453,69 @@ async fn only_acks_stored_confirms_a_shutdown_not_a_bare_end_of_the_stream() {
         matches!(event, Event::Message(m) if m.seq == 1),
         "the app took it"
     );
+    client
+}
+
+fn one_deliver() -> Frame {
+    Frame::push(Body::Deliver(proto::Deliver {
+        message: Some(proto::Message {
+            conversation_id: 7,
+            seq: 1,
+            message_id: 1,
+            sender_id: 2,
+            text: "hi".into(),
+            ..Default::default()
+        }),
+    }))
+}
+
+#[tokio::test]
+async fn only_acks_stored_confirms_a_shutdown_not_a_bare_end_of_the_stream() {
+    // A server writer that gives up drops its messages stream, and quinn
+    // ends a dropped stream cleanly. client-lib used to take any end of
+    // that stream while leaving as the confirmation that its last acks
+    // were stored, and closed. The fake node, announcing AcksStored, ends
+    // its side bare on the first connection: the client must not believe
+    // it, but reconnect and write its last ack again; the second
+    // connection's AcksStored ends the shutdown.
+    let (_dir, endpoint, config) = fake_node().await;
+    let node = tokio::spawn(async move {
+        let deliver = one_deliver();
+        let first = leave_through_fake_node(&endpoint, true, Some(&deliver), false).await;
+        let second = leave_through_fake_node(&endpoint, true, None, true).await;
+        (first, second)
+    });
+    let client = took_one_from_fake_node(config).await;
     tokio::time::timeout(WAIT, client.shutdown(Duration::from_secs(3600)))
         .await
         .expect("the second connection's AcksStored ends the shutdown");
-    let acks = node
+    let (first, second) = node
         .await
         .expect("a second connection: the bare end confirmed nothing");
+    assert_eq!(first, (vec![(7, 1)], true), "asked for the confirmation");
     assert_eq!(
-        acks,
-        [(false, 7, 1), (true, 7, 1)],
+        second,
+        (vec![(7, 1)], true),
         "the last ack, written again on the connection made during the shutdown"
     );
+}
+
+#[tokio::test]
+async fn a_node_that_predates_acks_stored_confirms_a_shutdown_by_its_end() {
+    // A node without AcksStored (its AuthOk does not announce
+    // confirms_leave) answers a leave with the end of its messages stream
+    // alone: a client must take that end as the answer, or it would
+    // reconnect until its shutdown timed out.
+    let (_dir, endpoint, config) = fake_node().await;
+    let node = tokio::spawn(async move {
+        let deliver = one_deliver();
+        leave_through_fake_node(&endpoint, false, Some(&deliver), false).await
+    });
+    let client = took_one_from_fake_node(config).await;
+    tokio::time::timeout(WAIT, client.shutdown(Duration::from_secs(3600)))
+        .await
+        .expect("the end ends the shutdown");
+    assert_eq!(node.await.unwrap(), (vec![(7, 1)], true));
 }
 
 #[tokio::test]

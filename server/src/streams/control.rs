@@ -378,6 +378,7 @@ fn auth_ok(
         token_expires_at_ms: expires,
         server_time_ms: now_ms(),
         heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+        confirms_leave: true,
     }
 }
 

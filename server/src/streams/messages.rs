@@ -134,10 +134,13 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
 /// The client finished its side of the stream: it is leaving
 /// (client-lib's `Client::shutdown`) and will send nothing more here. Once
 /// every delivery ack it sent is stored, `AcksStored` is queued after the
-/// frames already queued and this side ends: the client learns from that
-/// frame that the server has its acks, and closes the connection. (The
-/// frame, not the end, confirms: a writer that gives up drops its stream,
-/// which quinn ends cleanly.) Frames queued after it are not written:
+/// frames already queued (however many) and this side ends: the client
+/// learns from that frame that the server has its acks, and closes the
+/// connection. (The frame, not the end, confirms: a writer that gives up
+/// drops its stream, which quinn ends cleanly. A client that did not ask
+/// for the frame, `confirm_leave`, gets the end alone, as before the frame
+/// existed: `Session::confirm_leave`.) Frames queued after it are not
+/// written:
 /// deliveries stay above the watermark and come on the next connection,
 /// and the SendAck of a send still being committed is lost, so its client
 /// resends it and gets a duplicate's ack (client-lib leaves only once its
@@ -160,12 +163,15 @@ fn leave<'a>(
             flushed = session.shared.delivery.flush_marks() => flushed,
             _ = session.conn.closed() => return,
         };
+        let Some(queue) = queue.queue(StreamKind::Messages) else {
+            return;
+        };
         if flushed.is_ok() {
-            let stored = Frame::push(Body::AcksStored(proto::AcksStored {}));
-            if queue.push(StreamKind::Messages, Outbound::frame(&stored)) {
-                if let Some(queue) = queue.queue(StreamKind::Messages) {
-                    queue.close();
-                }
+            if session.confirm_leave.load(Ordering::Relaxed) {
+                let stored = Frame::push(Body::AcksStored(proto::AcksStored {}));
+                queue.close_with(Outbound::frame(&stored));
+            } else {
+                queue.close();
             }
         }
     })
