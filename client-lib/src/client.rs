@@ -665,6 +665,16 @@ impl Inner {
             self.acks.leave();
             self.departure.leaving.store(true, Ordering::Release);
         }
+        // A shutdown dropped before its end (a cancelled task, a timeout
+        // around it) still closes: the client would otherwise stay
+        // connected, online to friends, with no events and no sends.
+        struct CloseOnDrop<'a>(&'a Inner);
+        impl Drop for CloseOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        let _close = CloseOnDrop(self);
         self.departure.leave.notify_waiters();
         // The sends already made get their answers (they are resent on a
         // new connection meanwhile, as ever).
@@ -1274,7 +1284,9 @@ impl Client {
     /// connection that is lost during the shutdown before the server read
     /// them (the last ones are written again on the next connection, but
     /// earlier ones are not). A second call while one runs, or a call
-    /// on a closed client, returns at once. For an app going away: to the
+    /// on a closed client, returns at once. Dropping the future before it
+    /// ends (a cancelled task) closes the client as `close` does. For an
+    /// app going away: to the
     /// background for good, an account switch (a client cannot log out
     /// after this: see [`logout`](Self::logout)).
     pub async fn shutdown(&self, timeout: Duration) {

@@ -319,6 +319,12 @@ each_backend! {
         assert!(!page.has_more);
         let forward = erin.history(g, HistoryDirection::Forward, 0, 5).await.unwrap();
         assert_eq!(forward.messages.first().map(|m| m.seq), Some(27));
+        // Nor do receipts tell her of what came before: not even that it
+        // exists, nor who has seen it.
+        assert_eq!(code(erin.message_receipts(g, 26).await), ErrorCode::NotFound);
+        assert_eq!(code(erin.message_receipts(g, 2).await), ErrorCode::NotFound);
+        let from_her_join = erin.message_receipts(g, 27).await.unwrap();
+        assert_eq!(from_her_join.seq, 27);
     }
 
     async fn receipts_to_the_sender_are_per_member_not_per_message(backend: Backend) {

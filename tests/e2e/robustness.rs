@@ -419,6 +419,51 @@ async fn a_registration_flood_is_refused_at_once_beyond_the_hashing_queue() {
     assert!(carol.identity().user_id > 0);
 }
 
+#[tokio::test]
+async fn registrations_of_a_taken_name_cost_no_hashing() {
+    // No queue, as above: 32 registrations at once of a name that exists.
+    // Each used to hash the password before the insert found the name
+    // taken, so most were answered SERVER_BUSY (and honest logins with
+    // them); now every one is USERNAME_TAKEN, with no hashing.
+    let server = TestServer::start_with(|c| c.limits.max_queued_password_checks = 0).await;
+    let taken = name("taken");
+    let (_owner, _owner_events) = register(server.client_config(), &taken).await;
+    let mut raws = Vec::new();
+    for _ in 0..32 {
+        raws.push(Raw::connect(&server).await);
+    }
+    let mut replies = tokio::task::JoinSet::new();
+    for raw in raws {
+        let register = Frame::new(
+            1,
+            Body::Register(proto::Register {
+                username: taken.clone(),
+                password: PASSWORD.into(),
+                device_name: String::new(),
+            }),
+        );
+        let bytes = frames(&[Frame::open_stream(StreamKind::Control), register]);
+        replies.spawn(async move {
+            let (_send, mut recv) = raw.stream(&bytes).await;
+            let frame = next_frame(&mut recv, &mut BytesMut::new()).await;
+            (raw, frame)
+        });
+    }
+    while let Some(joined) = replies.join_next().await {
+        let (_raw, frame) = joined.unwrap();
+        match frame.body {
+            Some(Body::Error(e)) => {
+                assert_eq!(
+                    ErrorCode::from_wire(e.code),
+                    ErrorCode::UsernameTaken,
+                    "{e:?}"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
 /// A QUIC server that speaks the protocol by hand, with a dev certificate
 /// the harness's client configuration trusts, granting each client
 /// `streams` bidirectional streams.
@@ -1497,6 +1542,38 @@ async fn only_acks_stored_confirms_a_shutdown_not_a_bare_end_of_the_stream() {
         second,
         (vec![(7, 1)], true),
         "the last ack, written again on the connection made during the shutdown"
+    );
+}
+
+#[tokio::test]
+async fn a_shutdown_cut_short_still_closes_the_client() {
+    // An app that cancels its shutdown (a task cancelled, a timeout
+    // around the call) used to leave a zombie: no events, every send
+    // refused, yet connected and heartbeating, online to its friends. The
+    // fake node never confirms the leave; the app gives up on the
+    // shutdown; the node must see the connection closed.
+    let (_dir, endpoint, config) = fake_node().await;
+    let node = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let _control = fake_login(&conn).await.expect("a login");
+        let (_send, mut recv, _buf, _others) = accept_stream(&conn, StreamKind::Messages).await;
+        // The client's end of its messages stream (the shutdown is under
+        // way, and waits for an answer that never comes), or the close.
+        let _ = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20)).await;
+        tokio::time::timeout(WAIT, conn.closed()).await.is_ok()
+    });
+    let (client, _events) = register_fake(config).await;
+    // Boxed, so that dropping it below drops the future itself.
+    let mut shutdown = Box::pin(client.shutdown(Duration::from_secs(3600)));
+    // Polled until the client has ended its messages stream, then dropped.
+    tokio::select! {
+        () = &mut shutdown => panic!("nothing confirmed the leave"),
+        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+    }
+    drop(shutdown);
+    assert!(
+        node.await.unwrap(),
+        "the connection stayed up after the shutdown was dropped"
     );
 }
 

@@ -180,25 +180,31 @@ async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk
     auth::check_password(&r.password)
         .map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
     let password = r.password;
+    let store = &session.shared.store;
+    // A taken name is answered before any hashing: a flood of
+    // registrations of existing names would otherwise keep the hashers
+    // (and every honest login waiting for them) busy. The insert below
+    // still settles a race for a free name.
+    if store.user_by_name(username.clone()).await?.is_some() {
+        return Err(taken());
+    }
     let permit = hashing_permit(session).await?;
     let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
         .await
         .map_err(|e| internal("the hashing task failed", &e))?
         .map_err(|e| internal("hashing failed", &e))?;
     drop(permit);
-    let store = &session.shared.store;
     let user_id = match store.create_user(username.clone(), hash, now_ms()).await {
         Ok(id) => id,
-        Err(StoreError::Conflict) => {
-            return Err(Refusal::new(
-                ErrorCode::UsernameTaken,
-                "that username is taken",
-            ));
-        }
+        Err(StoreError::Conflict) => return Err(taken()),
         Err(e) => return Err(e.into()),
     };
     tracing::info!(user_id, "registered");
     issue_token(session, user_id, username, r.device_name).await
+}
+
+fn taken() -> Refusal {
+    Refusal::new(ErrorCode::UsernameTaken, "that username is taken")
 }
 
 async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refusal> {
@@ -237,11 +243,18 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
 /// Waits for a slot to run Argon2. Each hash takes 19 MiB and tens of
 /// milliseconds of a core; without a bound, a burst of logins (or an
 /// attacker) makes the blocking pool run hundreds at once and exhausts
-/// memory. At most `max-queued-password-checks` requests wait (each also
-/// bounded by its connection's auth timeout); beyond that the answer is
-/// SERVER_BUSY with a retry-after.
+/// memory. At most `max-queued-password-checks` requests wait; beyond that
+/// the answer is SERVER_BUSY with a retry-after. A request whose
+/// connection closes while it waits gives up its place, so a client that
+/// asks and hangs up costs no hash.
 async fn hashing_permit(session: &Session) -> Result<tokio::sync::SemaphorePermit<'_>, Refusal> {
-    session.shared.hashing.acquire().await.map_err(|e| match e {
+    let acquired = tokio::select! {
+        acquired = session.shared.hashing.acquire() => acquired,
+        _ = session.conn.closed() => {
+            return Err(Refusal::new(ErrorCode::Unavailable, "the connection closed"));
+        }
+    };
+    acquired.map_err(|e| match e {
         auth::HashersError::Busy => Refusal::new(
             ErrorCode::ServerBusy,
             "too many password checks in progress; retry in a second",
@@ -671,7 +684,15 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
         }
         Some(Body::GetMessageReceipts(q)) => {
             let view = store.conversation(q.conversation_id, me).await?;
-            if q.seq == 0 || q.seq > view.last_seq {
+            // A member added later reads from the message that added them
+            // on, here as in history: of an earlier message they learn
+            // nothing, not even that it exists.
+            let joined = view
+                .members
+                .iter()
+                .find(|m| m.user_id == me)
+                .map_or(0, |m| m.joined_seq);
+            if q.seq == 0 || q.seq > view.last_seq || q.seq < joined {
                 return Err(Refusal::new(
                     ErrorCode::NotFound,
                     "no message with that seq",
