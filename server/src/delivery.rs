@@ -30,6 +30,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
@@ -145,6 +146,9 @@ impl MarkReply {
 pub struct Delivery {
     sends: Vec<mpsc::Sender<SendJob>>,
     marks: Vec<mpsc::Sender<MarkWork>>,
+    /// Delivery acks dropped by any mark committer since the node started
+    /// (see [`Delivery::acks_lost`]).
+    acks_lost: Arc<AtomicU64>,
 }
 
 /// The committers' tasks, to await at shutdown so in-flight commits finish.
@@ -180,15 +184,18 @@ impl Delivery {
         receipt_broadcast_max: usize,
         shards: usize,
     ) -> (Arc<Delivery>, DeliveryTasks) {
+        let acks_lost = Arc::new(AtomicU64::new(0));
         let committer = Committer {
             store,
             hub,
             metrics,
             routes: Arc::new(ReceiptRoutes::new(receipt_broadcast_max)),
+            acks_lost: acks_lost.clone(),
         };
         let mut delivery = Delivery {
             sends: Vec::new(),
             marks: Vec::new(),
+            acks_lost,
         };
         let mut tasks = Vec::new();
         for _ in 0..shards.max(1) {
@@ -242,6 +249,12 @@ impl Delivery {
     /// the store refused, or carried retries beyond `MAX_MARK_BATCH`
     /// moves), or the node is stopping. A client leaving gracefully learns
     /// this way that its delivery acks count before it closes.
+    ///
+    /// A flush sees only the losses of the batches it waits for: a batch
+    /// that took a connection's acks and failed before that connection's
+    /// flush was queued is behind it. So a leaving client is confirmed
+    /// only if, besides, no ack was lost anywhere since it connected (see
+    /// [`Delivery::acks_lost`]).
     pub async fn flush_marks(&self) -> Result<(), Refusal> {
         let mut flushed = Vec::with_capacity(self.marks.len());
         for marks in &self.marks {
@@ -255,6 +268,17 @@ impl Delivery {
             })?;
         }
         Ok(())
+    }
+}
+
+impl Delivery {
+    /// How many delivery acks the mark committers have dropped since the
+    /// node started (refused by the store, or cut from retries carried
+    /// beyond `MAX_MARK_BATCH`). Such a loss costs a redelivery, never a
+    /// message; a connection that saw the count move since it connected
+    /// gets no confirmation when it leaves.
+    pub fn acks_lost(&self) -> u64 {
+        self.acks_lost.load(Ordering::Acquire)
     }
 }
 
@@ -280,6 +304,8 @@ struct Committer {
     metrics: Arc<Metrics>,
     /// Who hears watermark moves (fed with every stored message).
     routes: Arc<ReceiptRoutes>,
+    /// See [`Delivery::acks_lost`].
+    acks_lost: Arc<AtomicU64>,
 }
 
 async fn send_committer(
@@ -645,6 +671,7 @@ async fn mark_committer(
         hub,
         metrics,
         routes,
+        acks_lost,
     } = c;
     let mut received: Vec<MarkWork> = Vec::with_capacity(MAX_MARK_BATCH);
     let mut jobs: Vec<MarkJob> = Vec::with_capacity(MAX_MARK_BATCH);
@@ -721,8 +748,10 @@ async fn mark_committer(
                         .chain(jobs.iter().filter(|j| j.reply.is_none()).map(|j| j.update)),
                 );
                 if carried.len() > MAX_MARK_BATCH {
+                    let cut = carried.len() - MAX_MARK_BATCH;
                     carried.truncate(MAX_MARK_BATCH);
                     // Acks were dropped: no flush may say they are stored.
+                    acks_lost.fetch_add(cut as u64, Ordering::Release);
                     flushes.clear();
                 }
                 tracing::warn!(
@@ -732,8 +761,14 @@ async fn mark_committer(
             }
             // Refused for good: those acks are not stored, and a flush
             // waiting for them must not say they are (its waiter gets an
-            // error instead).
-            Err(_) => flushes.clear(),
+            // error instead), nor one queued later (`acks_lost`).
+            Err(_) => {
+                let lost = previous.len() + jobs.iter().filter(|j| j.reply.is_none()).count();
+                if lost > 0 {
+                    acks_lost.fetch_add(lost as u64, Ordering::Release);
+                }
+                flushes.clear();
+            }
         }
         let moved_keys: std::collections::HashSet<(u64, UserId)> = match &result {
             Ok(moved) => moved

@@ -49,6 +49,9 @@ pub struct Session {
     pub watching: Mutex<Vec<UserId>>,
     /// Set when the connection task is cleaning up.
     closed: AtomicBool,
+    /// `Delivery::acks_lost` when the connection came: a leave is
+    /// confirmed only if no ack was lost since (its own may have been).
+    pub acks_lost_before: u64,
     /// The messages stream's `OpenStream` asked for `AcksStored` when the
     /// client leaves. Here rather than in the messages reader, which
     /// would be sized for it for the connection's life (8 bytes,
@@ -188,6 +191,7 @@ pub async fn run(
         watching: Mutex::new(Vec::new()),
         closed: AtomicBool::new(false),
         confirm_leave: AtomicBool::new(false),
+        acks_lost_before: shared.delivery.acks_lost(),
         handshake,
     });
     async move {

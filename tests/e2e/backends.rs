@@ -337,6 +337,119 @@ async fn a_leaving_client_is_confirmed_only_once_its_acks_are_stored() {
 }
 
 #[tokio::test]
+async fn a_leaving_client_is_not_confirmed_once_its_acks_are_lost() {
+    // The store refuses Bob's ack for good, and the batch that carries it
+    // is already under way when his leave's flush is queued: the flush,
+    // in a later batch, sees nothing lost and used to be answered, so the
+    // server wrote AcksStored for an ack it never stored. A trigger in the
+    // test's schema marks when the move reaches Postgres, holds it two
+    // seconds, then refuses it (P0001, not retryable).
+    let Some((backend, schema)) = production_with_schema().await else {
+        return;
+    };
+    let server = TestServer::start_on(backend.clone()).await;
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let bob_id = bob.identity().user_id;
+    let token = bob.identity().token;
+    drop((bob, bob_events));
+    let ack = alice.send_text(conversation, "hello").await.unwrap();
+
+    let admin = postgres::testing::admin().await.expect("admin connection");
+    admin
+        .batch_execute(&format!(
+            r#"
+            CREATE SEQUENCE "{schema}".refused_moves;
+            CREATE FUNCTION "{schema}".refuse_move() RETURNS trigger AS $$
+            BEGIN
+                PERFORM nextval('"{schema}".refused_moves');
+                PERFORM pg_sleep(2);
+                RAISE EXCEPTION 'injected refusal' USING ERRCODE = 'P0001';
+            END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER refuse_move BEFORE UPDATE ON "{schema}".members
+                FOR EACH ROW WHEN (NEW.user_id = {bob_id} AND NEW.delivered_seq > OLD.delivered_seq)
+                EXECUTE FUNCTION "{schema}".refuse_move();
+            "#
+        ))
+        .await
+        .expect("install the trigger");
+
+    // Bob on the wire: authenticate, open messages asking for the
+    // confirmation, take the message and ack it.
+    use chat_protocol::{Body, Frame, StreamKind, proto};
+    let encode = |list: &[Frame]| {
+        let mut buf = bytes::BytesMut::new();
+        for frame in list {
+            chat_protocol::encode(frame, &mut buf);
+        }
+        buf.to_vec()
+    };
+    let (_endpoint, conn) = quic_connect(&server).await.expect("handshake");
+    let (mut control, mut control_recv) = conn.open_bi().await.unwrap();
+    control
+        .write_all(&encode(&[
+            Frame::open_stream(StreamKind::Control),
+            Frame::new(1, Body::Authenticate(proto::Authenticate { token })),
+        ]))
+        .await
+        .unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let reply = next_frame(&mut control_recv, &mut buf).await;
+    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let open = Frame::new(
+        0,
+        Body::OpenStream(proto::OpenStream {
+            kind: StreamKind::Messages as i32,
+            confirm_leave: true,
+        }),
+    );
+    send.write_all(&encode(&[open])).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let delivered = next_frame(&mut recv, &mut buf).await;
+    assert!(
+        matches!(delivered.body, Some(Body::Deliver(_))),
+        "{delivered:?}"
+    );
+    send.write_all(&encode(&[Frame::push(Body::DeliveryAck(
+        proto::DeliveryAck {
+            conversation_id: conversation,
+            seq: ack.seq,
+        },
+    ))]))
+    .await
+    .unwrap();
+    // The move is in Postgres, held by the trigger: only now the leave.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let reached: bool = admin
+            .query_one(
+                &format!(r#"SELECT is_called FROM "{schema}".refused_moves"#),
+                &[],
+            )
+            .await
+            .expect("read the sequence")
+            .get(0);
+        if reached {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the move never reached Postgres"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    send.finish().unwrap();
+    // The refusal comes two seconds in; a confirmation would follow at once.
+    let answer = tokio::time::timeout(Duration::from_secs(6), recv.read_chunk(1 << 16, true)).await;
+    assert!(answer.is_err(), "no answer to the leave: {answer:?}");
+    let view = alice.conversation(conversation).await.unwrap();
+    let bob_view = view.members.iter().find(|m| m.user_id == bob_id).unwrap();
+    assert!(bob_view.delivered_seq < ack.seq, "the ack was refused");
+}
+
+#[tokio::test]
 async fn a_delivery_ack_the_store_fails_is_tried_again() {
     // A DeliveryAck has no reply, so nothing makes the client send it
     // again: when its batch fails in the store, the node must retry it, or

@@ -236,11 +236,19 @@ impl PostgresStore {
             (None, Some(schema)) => format!("{APPLICATION_NAME} {schema}"),
             (None, None) => APPLICATION_NAME.to_owned(),
         };
+        // After the URL's own options, so these win over them and over the
+        // role's and the database's defaults. `synchronous_commit` on: a
+        // COMMIT answers only once its WAL is flushed, which is what lets a
+        // SendAck follow it (with it off, a crash would lose acknowledged
+        // sends and hand their seqs out again). Read committed: the locks
+        // and seqs of `append` are written for it.
         let mut options = config.get_options().unwrap_or_default().to_owned();
         let _ = write!(
             options,
             " -c statement_timeout={STATEMENT_TIMEOUT_MS} \
-             -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+             -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS} \
+             -c synchronous_commit=on \
+             -c default_transaction_isolation=read\\ committed"
         );
         if let Some(schema) = schema {
             // The name was checked to need no quoting or escaping.

@@ -146,7 +146,8 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
 /// resends it and gets a duplicate's ack (client-lib leaves only once its
 /// sends are answered). No confirmation (the client's shutdown times out)
 /// if any of its acks was dropped: for want of credit (`ignored`) or by
-/// the store.
+/// the store (`flush_marks` fails, or any ack was lost on the node since
+/// the connection came: see `Delivery::acks_lost`).
 ///
 /// Boxed: the reader lives as long as its connection, and is sized for its
 /// largest state (see ARCHITECTURE.md, idle memory).
@@ -166,7 +167,8 @@ fn leave<'a>(
         let Some(queue) = queue.queue(StreamKind::Messages) else {
             return;
         };
-        if flushed.is_ok() {
+        let delivery = &session.shared.delivery;
+        if flushed.is_ok() && delivery.acks_lost() == session.acks_lost_before {
             if session.confirm_leave.load(Ordering::Relaxed) {
                 let stored = Frame::push(Body::AcksStored(proto::AcksStored {}));
                 queue.close_with(Outbound::frame(&stored));

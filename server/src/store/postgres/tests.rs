@@ -246,6 +246,32 @@ async fn a_silent_server_is_given_up_on_after_the_connect_timeout() {
 }
 
 #[tokio::test]
+async fn durable_commits_and_read_committed_hold_whatever_the_url_says() {
+    // An operator's URL (or the role's or database's defaults) turning
+    // synchronous_commit off would let COMMIT answer before its WAL is
+    // flushed, and a SendAck go out for a send a crash then loses.
+    let url = format!(
+        "{}?options=-c%20synchronous_commit%3Doff%20-c%20default_transaction_isolation%3Dserializable",
+        test_url()
+    );
+    with_store_at(&url, |store| async move {
+        let client = store.pool.get().await.expect("a pooled connection");
+        for (setting, wanted) in [
+            ("synchronous_commit", "on"),
+            ("default_transaction_isolation", "read committed"),
+        ] {
+            let value: String = client
+                .query_one(&format!("SHOW {setting}"), &[])
+                .await
+                .expect("show")
+                .get(0);
+            assert_eq!(value, wanted, "{setting}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn schema_names_that_would_need_quoting_are_refused() {
     for bad in [
         "",
