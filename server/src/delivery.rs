@@ -342,17 +342,37 @@ async fn send_committer(
                 stored: std::mem::take(&mut out.stored),
                 queued: std::mem::take(&mut out.queued),
             };
-            if updates.send(update).await.is_err() {
+            if !hand_to_updater(&updates, update, &c.metrics) {
                 return;
             }
         }
     }
 }
 
-/// Queue depth in front of a cache updater, in batches; a full queue (a
-/// slow Redis) makes its committers wait, as they did when they wrote
-/// the caches themselves.
+/// Queue depth in front of a cache updater, in batches. A full queue (a
+/// slow or unreachable Redis, each call waiting out its timeout) drops
+/// the update rather than make the committers wait: the caches are never
+/// the truth (see [`update_caches`]), and waiting made every SendAck and
+/// receipt of the node wait on Redis.
 const UPDATE_DEPTH: usize = 64;
+
+/// Queues a cache update without waiting; a full queue drops it (counted
+/// and logged). False once the updater is gone.
+fn hand_to_updater(
+    updates: &mpsc::Sender<CacheUpdate>,
+    update: CacheUpdate,
+    metrics: &Metrics,
+) -> bool {
+    match updates.try_send(update) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            metrics.cache_updates_dropped.increment(1);
+            tracing::warn!("cache updater behind (slow Redis?); an update was dropped");
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
 
 /// What a committer pair's batches change in the recent cache and the
 /// unread queues.
@@ -807,7 +827,7 @@ async fn mark_committer(
                         .map(|((conversation, user), seq)| (user, conversation, seq)),
                 );
                 if let (Some(updates), false) = (&queue_updates, acks.is_empty()) {
-                    if updates.send(CacheUpdate::Delivered(acks)).await.is_err() {
+                    if !hand_to_updater(updates, CacheUpdate::Delivered(acks), &metrics) {
                         return;
                     }
                 }

@@ -110,6 +110,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "Receipt frames queued to members' connections.",
     ),
     (
+        "chat_cache_updates_dropped_total",
+        "counter",
+        Unit::Count,
+        "Batches of recent-cache and unread-queue updates dropped because the updater was behind (a slow Redis): each costs history reads later, never a message.",
+    ),
+    (
         "chat_errors_total",
         "counter",
         Unit::Count,
@@ -241,6 +247,8 @@ pub struct Metrics {
     pub acks_ignored: Counter,
     /// Receipt frames queued.
     pub receipts: Counter,
+    /// Cache and queue updates dropped for a full updater queue.
+    pub cache_updates_dropped: Counter,
     /// Send decoded to SendAck queued.
     pub send_to_ack: Histogram,
     /// Send decoded to Deliver queued.
@@ -328,6 +336,7 @@ impl Metrics {
                 redeliveries: metrics::counter!("chat_redeliveries_total"),
                 acks_ignored: metrics::counter!("chat_delivery_acks_ignored_total"),
                 receipts: metrics::counter!("chat_receipts_total"),
+                cache_updates_dropped: metrics::counter!("chat_cache_updates_dropped_total"),
                 send_to_ack: metrics::histogram!("chat_send_ack_duration_seconds"),
                 send_to_deliver: metrics::histogram!("chat_send_deliver_duration_seconds"),
                 commit_batch: metrics::histogram!("chat_commit_batch_messages"),

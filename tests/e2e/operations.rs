@@ -95,11 +95,15 @@ async fn metrics_count_sends_acks_deliveries_and_errors() {
 }
 
 /// A TCP relay in front of Redis or Postgres that a test can cut: when
-/// down, it drops every relayed connection and refuses new ones.
+/// down, it drops every relayed connection and refuses new ones. Or
+/// stall: then it holds every connection, old and new, open and silent
+/// (a black hole, where each request waits out its timeout) until
+/// restored, when it drops them.
 struct Cuttable {
     addr: SocketAddr,
     up: Arc<AtomicBool>,
     generation: Arc<tokio::sync::watch::Sender<u64>>,
+    flowing: Arc<tokio::sync::watch::Sender<bool>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -109,22 +113,35 @@ impl Cuttable {
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
         let generation = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let flowing = Arc::new(tokio::sync::watch::channel(true).0);
         let task = {
             let up = up.clone();
             let generation = generation.clone();
+            let flowing = flowing.clone();
             tokio::spawn(async move {
                 while let Ok((mut client, _)) = listener.accept().await {
                     if !up.load(Ordering::SeqCst) {
                         continue; // dropped: connection refused by reset
                     }
                     let mut cut = generation.subscribe();
+                    let mut flow = flowing.subscribe();
                     tokio::spawn(async move {
+                        if !*flow.borrow_and_update() {
+                            let _ = flow.wait_for(|f| *f).await;
+                            return;
+                        }
                         let Ok(mut server) = TcpStream::connect(target).await else {
                             return;
                         };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                            _ = cut.changed() => {}
+                        let stalled = tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                            _ = cut.changed() => false,
+                            () = async {
+                                let _ = flow.wait_for(|f| !*f).await;
+                            } => true,
+                        };
+                        if stalled {
+                            let _ = flow.wait_for(|f| *f).await;
                         }
                     });
                 }
@@ -134,8 +151,17 @@ impl Cuttable {
             addr,
             up,
             generation,
+            flowing,
             task,
         }
+    }
+
+    fn stall(&self) {
+        self.flowing.send_replace(false);
+    }
+
+    fn unstall(&self) {
+        self.flowing.send_replace(true);
     }
 
     fn cut(&self) {
@@ -243,6 +269,71 @@ async fn ready_state(addr: SocketAddr, ready: bool, mentions: &str) -> String {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_does_not_hold_up_sends() {
+    // Redis is a cache and a queue, never the truth: a black-holed Redis
+    // (each call waits out its 2 s timeout) used to fill the 64 batches
+    // queued in front of the cache updater, after which every committer
+    // batch, and so every SendAck of the node, waited on Redis. Now the
+    // update is dropped, and counted; the offline recipient's catch-up
+    // finds the queue short and reads history.
+    let Some(Backend::Production(production)) = Backend::production().await else {
+        return;
+    };
+    let redis = Cuttable::start(target(&production.redis_url)).await;
+    let backend = Backend::Production(production);
+    let server = TestServer::start_on_with(backend, |config| {
+        unlimited_sends(config);
+        config.redis_url = Some(redis.redirect(config.redis_url.as_ref().unwrap()));
+    })
+    .await;
+    let addr = server.server.as_ref().unwrap().metrics_addr();
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let token = bob.identity().token;
+    bob.close();
+    drop(bob_events);
+
+    redis.stall();
+    // 100 sends one after another, each a batch of its own: 64 fill the
+    // updater's queue, and each of the rest used to wait 2-4 s on Redis.
+    const N: usize = 100;
+    let mut seqs = Vec::new();
+    let sending = async {
+        for i in 0..N {
+            seqs.push(
+                alice
+                    .send_text(conversation, &format!("m{i}"))
+                    .await
+                    .expect("sent")
+                    .seq,
+            );
+        }
+    };
+    tokio::time::timeout(WAIT, sending)
+        .await
+        .expect("sends go on while Redis is silent");
+    let m = scrape(addr).await;
+    assert!(
+        value(&m, "chat_cache_updates_dropped_total") >= 1.0,
+        "{m:?}"
+    );
+    redis.unstall();
+
+    let (_bob, mut bob_events) = chat_client::Client::resume(server.client_config(), &token)
+        .await
+        .expect("bob resumes");
+    let got = messages(&mut bob_events, N).await;
+    assert_eq!(
+        got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        seqs,
+        "every one, once, in order"
+    );
+    assert_eq!(got[N - 1].text, format!("m{}", N - 1));
+    assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
 }
 
 #[tokio::test]
