@@ -234,6 +234,20 @@ pub fn write_all_or_stall<'a>(
                         progress = 0;
                     }
                 }
+                Err(quinn::WriteError::Stopped(_)) => {
+                    // The peer stopped reading a stream the protocol needs
+                    // (every queued stream is a singleton): with the
+                    // connection left up, it would look online and have
+                    // its sends stored while SendAcks and Delivers went
+                    // nowhere. Closed, it reconnects.
+                    metrics.error(ErrorCode::BadStream);
+                    close(
+                        conn,
+                        ErrorCode::BadStream,
+                        "a stream the server writes on was stopped; reconnect",
+                    );
+                    return false;
+                }
                 Err(_) => return false,
             }
         }

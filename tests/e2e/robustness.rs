@@ -790,6 +790,54 @@ async fn a_finished_messages_stream_is_answered_with_acks_stored_and_the_end() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_its_messages_stream_is_disconnected() {
+    // Bob (on the wire) stops the server's side of his messages stream.
+    // The server's writer used to end quietly and leave the connection
+    // up: Bob looked online, his sends would be stored, and his SendAcks
+    // and Delivers queued for nobody. Now the connection closes with
+    // BAD_STREAM (a reconnecting client gets new streams).
+    let server = TestServer::start().await;
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let token = bob.identity().token;
+    drop((bob, bob_events));
+    let raw = Raw::connect(&server).await;
+    let (_control, mut control_recv) = raw
+        .stream(&frames(&[
+            Frame::open_stream(StreamKind::Control),
+            Frame::new(1, Body::Authenticate(proto::Authenticate { token })),
+        ]))
+        .await;
+    let reply = next_frame(&mut control_recv, &mut BytesMut::new()).await;
+    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
+    let (_send, mut recv) = raw
+        .stream(&frames(&[Frame::open_stream(StreamKind::Messages)]))
+        .await;
+    recv.stop(0u32.into()).unwrap();
+    // Messages for Bob until a write meets the stop (the first may be
+    // written before the server hears of it).
+    let closed = async {
+        loop {
+            tokio::select! {
+                reason = raw.conn.closed() => return reason,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    alice.send_text(conversation, "are you there?").await.unwrap();
+                }
+            }
+        }
+    };
+    let reason = tokio::time::timeout(WAIT, closed)
+        .await
+        .expect("the connection is closed");
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(ErrorCode::BadStream as u32)),
+        "{reason:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_client_that_does_not_ask_for_acks_stored_gets_the_end_alone() {
     // A client from before AcksStored does not know the frame (it would
     // close the connection on it) and takes the end as the answer: it gets
