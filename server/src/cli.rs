@@ -128,6 +128,9 @@ struct Overrides {
     /// Users one connection may watch the presence of.
     #[arg(long, env = "CHAT_MAX_PRESENCE_SUBSCRIPTIONS")]
     max_presence_subscriptions: Option<usize>,
+    /// Connections one user may have authenticated on this node at once.
+    #[arg(long, env = "CHAT_MAX_SESSIONS_PER_USER")]
+    max_sessions_per_user: Option<usize>,
     /// Idle timeout, e.g. 30s.
     #[arg(long, env = "CHAT_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
@@ -276,6 +279,10 @@ impl Overrides {
         set(
             &mut c.limits.max_presence_subscriptions,
             self.max_presence_subscriptions,
+        );
+        set(
+            &mut c.limits.max_sessions_per_user,
+            self.max_sessions_per_user,
         );
         set(&mut c.transport.idle_timeout, self.idle_timeout);
         set(
@@ -564,12 +571,15 @@ mod tests {
             "1h",
             "--max-presence-subscriptions",
             "50",
+            "--max-sessions-per-user",
+            "4",
         ])
         .unwrap();
         assert_eq!(c.node_id.as_deref(), Some("pod-a"));
         assert_eq!(c.limits.max_auth_attempts, 3);
         assert_eq!(c.limits.login_failure_window, Duration::from_secs(3600));
         assert_eq!(c.limits.max_presence_subscriptions, 50);
+        assert_eq!(c.limits.max_sessions_per_user, 4);
     }
 
     #[test]

@@ -184,6 +184,11 @@ pub struct Limits {
     pub presence_ttl_multiple: u32,
     /// Users one connection may watch the presence of.
     pub max_presence_subscriptions: usize,
+    /// Connections one user may have authenticated on this node at once
+    /// (their devices); one more is refused LIMIT_REACHED with a
+    /// retry-after, so a stolen or looping token cannot take the node's
+    /// connection places (each also multiplies the user's fan-out).
+    pub max_sessions_per_user: usize,
     /// Members per group.
     pub max_group_size: usize,
     /// Conversations of up to this many members push every member's
@@ -351,6 +356,7 @@ impl Default for Limits {
             heartbeat_interval: Duration::from_secs(15),
             presence_ttl_multiple: 3,
             max_presence_subscriptions: 500,
+            max_sessions_per_user: 16,
             max_group_size: 250,
             receipt_broadcast_max_members: 32,
             max_login_failures: 10,
@@ -500,6 +506,9 @@ impl Config {
                 "max-queued-password-checks = {} is outside 0..=100000",
                 l.max_queued_password_checks
             ));
+        }
+        if l.max_sessions_per_user == 0 {
+            return err("max-sessions-per-user must be at least 1".into());
         }
         if l.max_presence_subscriptions == 0 {
             return err("max-presence-subscriptions must be at least 1".into());

@@ -203,9 +203,15 @@ impl Hub {
         closed
     }
 
-    /// Adds a session (a user may have several devices).
-    pub fn register(&self, session: Arc<SessionHandle>) {
-        self.users.entry(session.user_id).or_default().push(session);
+    /// Adds a session (a user may have several devices), unless the user
+    /// has `max` already (false).
+    pub fn register(&self, session: Arc<SessionHandle>, max: usize) -> bool {
+        let mut sessions = self.users.entry(session.user_id).or_default();
+        if sessions.len() >= max.max(1) {
+            return false;
+        }
+        sessions.push(session);
+        true
     }
 
     /// Removes a session; the user's entry goes with its last session.

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::endpoint::Shared;
+use crate::error::Refusal;
 use crate::hub::SessionHandle;
 use crate::store::UserId;
 use crate::streams;
@@ -61,6 +62,19 @@ pub struct Session {
     handshake: Option<watch::Receiver<bool>>,
 }
 
+/// The retry-after of a connection refused for its user's
+/// `max-sessions-per-user`: long enough for a device's dead connection to
+/// time out meanwhile.
+const SESSIONS_FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The refusal of a second authentication on one connection.
+fn already_authenticated() -> Refusal {
+    Refusal::new(
+        ErrorCode::UnexpectedFrame,
+        "this connection is already authenticated",
+    )
+}
+
 impl Session {
     /// The authenticated identity, if any.
     pub fn authed(&self) -> Option<&Authed> {
@@ -68,14 +82,20 @@ impl Session {
     }
 
     /// Marks the connection authenticated as `user_id` and registers it in
-    /// the hub. False if it was authenticated already.
+    /// the hub. Refused if it was authenticated already, or if the user has
+    /// `max-sessions-per-user` connections on this node.
     pub fn authenticate(
         &self,
         user_id: UserId,
         username: String,
         token_hash: [u8; 32],
         expires_at_ms: i64,
-    ) -> bool {
+    ) -> Result<(), Refusal> {
+        // The control stream authenticates one request at a time, so
+        // nothing can set `authed` between this look and the set below.
+        if self.authed.get().is_some() {
+            return Err(already_authenticated());
+        }
         let handle = SessionHandle::new(
             self.conn_id,
             user_id,
@@ -90,12 +110,20 @@ impl Session {
             expires_at_ms,
             handle: handle.clone(),
         };
-        if self.authed.set(authed).is_err() {
-            return false;
+        let max = self.shared.config.limits.max_sessions_per_user;
+        if !self.shared.hub.register(handle, max) {
+            return Err(Refusal::new(
+                ErrorCode::LimitReached,
+                "this account has too many connections to this node; retry later",
+            )
+            .with_retry_after(SESSIONS_FULL_RETRY));
         }
-        self.shared.hub.register(handle);
+        if self.authed.set(authed).is_err() {
+            self.shared.hub.unregister(user_id, self.conn_id);
+            return Err(already_authenticated());
+        }
         tracing::Span::current().record("user_id", user_id);
-        true
+        Ok(())
     }
 
     /// Whether the connection's handshake completed and it was given a

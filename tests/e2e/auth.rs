@@ -38,6 +38,51 @@ async fn register_login_and_resume_with_the_token() {
 }
 
 #[tokio::test]
+async fn a_user_may_have_only_so_many_connections_at_once() {
+    // One token resumed again and again used to take as many connection
+    // places as the node has (and every send of the user was pushed to
+    // each). Two at most here: the third is refused with LIMIT_REACHED and
+    // a retry-after, others are not affected, and a place that frees is
+    // taken again.
+    let server = TestServer::start_with(|c| c.limits.max_sessions_per_user = 2).await;
+    let (first, _first_events) = register(server.client_config(), &name("alice")).await;
+    let token = first.identity().token;
+    let (second, _second_events) = Client::resume(server.client_config(), &token)
+        .await
+        .expect("a second device");
+    let third = Client::resume(server.client_config(), &token).await;
+    let Err(chat_client::ClientError::Server {
+        code, retry_after, ..
+    }) = &third
+    else {
+        panic!("a third connection: {:?}", third.map(|_| ()));
+    };
+    assert_eq!(*code, ErrorCode::LimitReached);
+    assert_eq!(*retry_after, Some(Duration::from_secs(10)));
+    let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+    assert!(bob.identity().user_id > 0, "another user is not affected");
+
+    second.close();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match Client::resume(server.client_config(), &token).await {
+            Ok((again, _events)) => {
+                assert_eq!(again.identity().user_id, first.identity().user_id);
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::LimitReached), "{e}");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the place never freed"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn each_credential_failure_has_its_own_code() {
     let server = TestServer::start().await;
     let alice = name("alice");

@@ -296,9 +296,7 @@ async fn issue_token(
             expires_at_ms: expires,
         })
         .await?;
-    if !session.authenticate(user_id, username.clone(), token_hash, expires) {
-        return Err(already_authenticated());
-    }
+    session.authenticate(user_id, username.clone(), token_hash, expires)?;
     Ok(auth_ok(session, user_id, username, token, expires))
 }
 
@@ -307,13 +305,6 @@ async fn issue_token(
 fn internal(what: &str, detail: &dyn std::fmt::Display) -> Refusal {
     tracing::error!(error = %detail, "{what}");
     Refusal::new(ErrorCode::Internal, "internal error")
-}
-
-fn already_authenticated() -> Refusal {
-    Refusal::new(
-        ErrorCode::UnexpectedFrame,
-        "this connection is already authenticated",
-    )
 }
 
 async fn resume(session: &Session, a: proto::Authenticate) -> Result<proto::AuthOk, Refusal> {
@@ -341,14 +332,12 @@ async fn resume(session: &Session, a: proto::Authenticate) -> Result<proto::Auth
         .username(record.user_id)
         .await?
         .ok_or_else(|| Refusal::new(ErrorCode::TokenInvalid, "unknown token"))?;
-    if !session.authenticate(
+    session.authenticate(
         record.user_id,
         username.clone(),
         token_hash,
         record.expires_at_ms,
-    ) {
-        return Err(already_authenticated());
-    }
+    )?;
     // A logout of this token that committed after the read above may have
     // closed the token's connections before this one was in the hub: look
     // again now that it is. The connection is authenticated by now, so a
