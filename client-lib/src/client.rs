@@ -244,6 +244,16 @@ pub(crate) struct Inner {
     receipts: Mutex<HashMap<u64, Watermarks>>,
 }
 
+/// What [`Inner::event_room`] found.
+enum Room {
+    /// A place in the app's event queue.
+    Reserved(mpsc::OwnedPermit<Event>),
+    /// Nobody will read the event (see [`Inner::event_room`]).
+    NobodyReads,
+    /// The reader's connection closed while it waited.
+    Closed,
+}
+
 /// The steps of a graceful close (see [`Client::shutdown`]).
 #[derive(Default)]
 pub(crate) struct Departure {
@@ -290,34 +300,52 @@ impl Inner {
     }
 
     /// Queues an event for the app, waiting while the queue is full (the
-    /// caller, a stream's reader, then stops reading: see [`Events`]).
-    /// False if nobody will read it: the client is closed or the app
-    /// dropped its [`Events`].
-    ///
-    /// Also false once the client is leaving (see [`Client::shutdown`]),
-    /// even for a reader already waiting for room: the app takes nothing
-    /// more, and the reader must go on to the answers behind.
-    pub(crate) async fn emit(&self, event: Event) -> bool {
+    /// caller, a stream's reader of `conn`, then stops reading: see
+    /// [`Events`]). False if it was not queued (see [`Inner::event_room`]).
+    pub(crate) async fn emit(&self, event: Event, conn: &quinn::Connection) -> bool {
+        match self.event_room(conn).await {
+            Room::Reserved(permit) => {
+                permit.send(event);
+                true
+            }
+            Room::NobodyReads | Room::Closed => false,
+        }
+    }
+
+    /// A place in the app's event queue, waiting while it is full. Not
+    /// once nobody will read it: the client is closed, the app dropped its
+    /// [`Events`], or the client is leaving (see [`Client::shutdown`]), even
+    /// for a reader already waiting: the app takes nothing more, and the
+    /// reader must go on to the answers behind. Nor once `conn`, whose
+    /// reader asks, is closed: the reader must end (else every reconnect
+    /// of an app that stopped draining would leave its readers, and their
+    /// connection, waiting), and what it was to hand over comes again on
+    /// the next connection.
+    async fn event_room(&self, conn: &quinn::Connection) -> Room {
         if self.departure.leaving() {
-            return false;
+            return Room::NobodyReads;
         }
         let Some(events) = self.events.lock().expect("events lock").clone() else {
-            return false;
+            return Room::NobodyReads;
         };
-        let event = match events.try_send(event) {
-            Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            Err(mpsc::error::TrySendError::Full(event)) => event,
+        let events = match events.try_reserve_owned() {
+            Ok(permit) => return Room::Reserved(permit),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Room::NobodyReads,
+            Err(mpsc::error::TrySendError::Full(events)) => events,
         };
         let leave = self.departure.leave.notified();
         tokio::pin!(leave);
         leave.as_mut().enable();
         if self.departure.leaving() {
-            return false;
+            return Room::NobodyReads;
         }
+        // The close first: a place that frees as the connection closes
+        // must not go to its reader.
         tokio::select! {
-            sent = events.send(event) => sent.is_ok(),
-            () = leave => false,
+            biased;
+            _ = conn.closed() => Room::Closed,
+            () = leave => Room::NobodyReads,
+            permit = events.reserve_owned() => permit.map_or(Room::NobodyReads, Room::Reserved),
         }
     }
 
@@ -369,7 +397,9 @@ impl Inner {
     /// the outbox. The check and the hand-over happen under one lock: two
     /// readers (a connection being replaced and its successor) could
     /// otherwise each pass the check and then reach the app in the other
-    /// order, seq n+1 before n. Waiting on a slow app here is the
+    /// order, seq n+1 before n. Waiting on a slow app here (for a place in
+    /// its queue, taken before the lock, so that a reader whose connection
+    /// closes meanwhile ends without recording anything) is the
     /// backpressure that keeps the client from buffering without bound.
     ///
     /// The app acks what it takes (see [`Acks`]); the reader acks only a
@@ -380,16 +410,33 @@ impl Inner {
     /// still queued for the app, and the server moves a sender's own
     /// watermark past their message itself when it can.
     ///
-    /// A client that is leaving gives the app nothing more (`emit`
+    /// A client that is leaving gives the app nothing more (`event_room`
     /// refuses) and acks nothing it never took (`Acks::unread` refuses),
     /// but still re-acks a redelivery of what the app has.
-    pub(crate) async fn hand_over(&self, message: proto::Message) {
+    pub(crate) async fn hand_over(&self, message: proto::Message, conn: &quinn::Connection) {
         let (conversation_id, seq) = (message.conversation_id, message.seq);
+        // The place first, then the record that the app has the message:
+        // a wait that ends with the connection records nothing, and the
+        // message comes again on the next one. So does a message read after
+        // its connection closed (from quinn's buffer): a reader of a closed
+        // connection hands the app nothing more.
+        if conn.close_reason().is_some() {
+            return;
+        }
+        let room = self.event_room(conn).await;
+        if matches!(room, Room::Closed) {
+            return;
+        }
         let mut delivered = self.delivered.lock().await;
         let nobody_reads = if !delivered.first(conversation_id, seq) {
             !self.acks.redelivered(conversation_id, seq) && self.events_gone()
+        } else if self.own_unanswered(&message) {
+            false
+        } else if let Room::Reserved(permit) = room {
+            permit.send(Event::Message(message));
+            false
         } else {
-            !self.own_unanswered(&message) && !self.emit(Event::Message(message)).await
+            true
         };
         if nobody_reads && self.config.delivery_acks == DeliveryAcks::OnTake {
             self.acks.unread(conversation_id, seq);
@@ -526,9 +573,15 @@ impl Inner {
     /// the app. States of anyone else (a subscription the app has since
     /// replaced, or a confused server) are dropped: the map holds only the
     /// watched users.
-    pub(crate) async fn presence_changed(&self, states: Vec<proto::PresenceState>) {
+    pub(crate) async fn presence_changed(
+        &self,
+        states: Vec<proto::PresenceState>,
+        conn: &quinn::Connection,
+    ) {
         for state in self.note_presence(states) {
-            self.emit(Event::Presence(state)).await;
+            if !self.emit(Event::Presence(state), conn).await {
+                return;
+            }
         }
     }
 
@@ -1573,6 +1626,7 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                     // newer one from the app is never overtaken by an older.
                     if !inner.watching.lock().expect("watching lock").is_empty() {
                         let inner = inner.clone();
+                        let conn = conn.clone();
                         tokio::spawn(async move {
                             let states = {
                                 let _order = inner.subscribing.lock().await;
@@ -1592,7 +1646,9 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                             // Handed to the app (which may wait for room)
                             // after the turn is given back.
                             for state in states {
-                                inner.emit(Event::Presence(state)).await;
+                                if !inner.emit(Event::Presence(state), &conn).await {
+                                    return;
+                                }
                             }
                         });
                     }

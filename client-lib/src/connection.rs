@@ -444,7 +444,7 @@ async fn read_loop(
                     () = inner.acks.room() => {}
                     _ = conn.closed() => return,
                 }
-                inner.hand_over(message).await;
+                inner.hand_over(message, &conn).await;
             }
             Some(Body::SendAck(ack)) => inner.send_answered(request_id, Ok(ack)),
             Some(Body::AcksStored(_))
@@ -457,12 +457,14 @@ async fn read_loop(
             }
             Some(Body::Receipt(receipt)) => {
                 inner.note_receipt(&receipt);
-                inner.emit(Event::Receipt(receipt)).await;
+                inner.emit(Event::Receipt(receipt), &conn).await;
             }
             Some(Body::FriendEvent(event)) => {
-                inner.emit(Event::Friend(event)).await;
+                inner.emit(Event::Friend(event), &conn).await;
             }
-            Some(Body::PresenceUpdate(update)) => inner.presence_changed(update.states).await,
+            Some(Body::PresenceUpdate(update)) => {
+                inner.presence_changed(update.states, &conn).await;
+            }
             Some(Body::Error(e)) if kind == StreamKind::Messages && request_id != 0 => {
                 inner.send_answered(request_id, Err(ClientError::server(&e)));
             }

@@ -1594,6 +1594,82 @@ async fn only_acks_stored_confirms_a_shutdown_not_a_bare_end_of_the_stream() {
 }
 
 #[tokio::test]
+async fn a_reader_whose_connection_closed_hands_nothing_more_to_a_full_queue() {
+    // The app's event queue holds one and the app is not taking. The first
+    // connection's reader queues A and waits for room to hand over B; the
+    // node closes that connection. That reader used to wait on for ever
+    // (holding the lock every later reader needs, and its connection),
+    // one more such reader with every reconnect, and to hand B over once
+    // the app took A, though B's connection was long gone. Now it ends
+    // when its connection closes, records nothing (B would come again on
+    // the next connection), and the app's next message is the live
+    // connection's C.
+    let (_dir, endpoint, mut config) = fake_node().await;
+    config.event_capacity = 1;
+    config.delivery_ack_linger = Duration::from_secs(3600);
+    let deliver = |conversation_id: u64| {
+        Frame::push(Body::Deliver(proto::Deliver {
+            message: Some(proto::Message {
+                conversation_id,
+                seq: 1,
+                message_id: conversation_id,
+                sender_id: 2,
+                text: format!("in {conversation_id}"),
+                ..Default::default()
+            }),
+        }))
+    };
+    let (c_written, c_was_written) = tokio::sync::oneshot::channel();
+    let node = tokio::spawn(async move {
+        let first = endpoint.accept().await.unwrap().await.unwrap();
+        let _control = fake_login(&first).await.expect("a login");
+        let (mut send, _recv, _buf, _others) = accept_stream(&first, StreamKind::Messages).await;
+        send.write_all(&frames(&[deliver(1), deliver(2)]))
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        // Both are with the client (it acknowledged them) before the close.
+        let _ = tokio::time::timeout(WAIT, send.stopped()).await;
+        first.close(0u32.into(), b"gone");
+        let second = tokio::time::timeout(WAIT, endpoint.accept())
+            .await
+            .expect("a reconnect")
+            .unwrap()
+            .await
+            .unwrap();
+        let _control = fake_login(&second).await.expect("a login again");
+        let (mut send, _recv, _buf, _others) = accept_stream(&second, StreamKind::Messages).await;
+        send.write_all(&frames(&[deliver(3)])).await.unwrap();
+        let _ = c_written.send(());
+        let _ = tokio::time::timeout(WAIT, second.closed()).await;
+    });
+    let (client, mut events) = register_fake(config).await;
+    let mut next_message = async || loop {
+        let event = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("a message in time")
+            .expect("events open");
+        if let Event::Message(m) = event {
+            return m.conversation_id;
+        }
+    };
+    // Nothing is taken until the client has seen the first connection
+    // close (it made the second) and C is on its way.
+    tokio::time::timeout(WAIT, c_was_written)
+        .await
+        .expect("a second connection in time")
+        .expect("the node wrote C");
+    assert_eq!(next_message().await, 1);
+    assert_eq!(
+        next_message().await,
+        3,
+        "the live connection's message, not one from the closed connection"
+    );
+    client.close();
+    node.abort();
+}
+
+#[tokio::test]
 async fn a_shutdown_cut_short_still_closes_the_client() {
     // An app that cancels its shutdown (a task cancelled, a timeout
     // around the call) used to leave a zombie: no events, every send
