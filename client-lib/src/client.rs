@@ -223,6 +223,10 @@ pub(crate) struct Inner {
     answered: Notify,
     closed: AtomicBool,
     reconnect: Notify,
+    /// How many times the app called `reconnect_now`: a request made while
+    /// a connection was being made is answered by that connection, not by
+    /// closing it once it is up (the notification's stored permit would).
+    reconnects_asked: AtomicU64,
     connected: watch::Sender<bool>,
     /// Send heartbeats (the app may stop them, e.g. in the background);
     /// each connection's heartbeat task watches it.
@@ -833,6 +837,7 @@ impl Client {
             answered: Notify::new(),
             closed: AtomicBool::new(false),
             reconnect: Notify::new(),
+            reconnects_asked: AtomicU64::new(0),
             connected: watch::channel(false).0,
             heartbeats: watch::channel(true).0,
             watching: Mutex::new(Vec::new()),
@@ -854,7 +859,8 @@ impl Client {
         let conn = live.conn.clone();
         // Nobody can have closed a client not yet returned.
         inner.install(live);
-        tokio::spawn(supervise(inner.clone(), conn));
+        let answered = inner.reconnects_asked.load(Ordering::Acquire);
+        tokio::spawn(supervise(inner.clone(), conn, answered));
         let client = Client {
             _handle: Arc::new(Handle(inner.clone())),
             inner,
@@ -899,6 +905,7 @@ impl Client {
     /// phone switched networks). Nothing is lost: unacknowledged sends are
     /// resent and undelivered messages arrive again.
     pub fn reconnect_now(&self) {
+        self.inner.reconnects_asked.fetch_add(1, Ordering::AcqRel);
         self.inner.reconnect.notify_one();
     }
 
@@ -1547,7 +1554,11 @@ fn ends_session(code: ErrorCode) -> bool {
 
 /// Watches the live connection; when it ends, reconnects with backoff and
 /// resumes with the token until the client is closed or the session ends.
-async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
+///
+/// `answered`: `reconnects_asked` when `conn` was installed (requests up to
+/// there are answered by it); read before this task is spawned, so that a
+/// request made before it first runs still counts.
+async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection, mut answered: u64) {
     // The backoff carries over from one connection to the next unless the
     // connection lasted: a node that accepts the login and then drops the
     // connection (catch-up failing, a node stopping again and again) must
@@ -1555,11 +1566,17 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
     let mut connected_at = tokio::time::Instant::now();
     let mut last_delay = Duration::ZERO;
     loop {
-        let reason = tokio::select! {
-            reason = conn.closed() => reason,
-            () = inner.reconnect.notified() => {
-                conn.close(0u32.into(), b"reconnecting");
-                conn.closed().await
+        let reason = loop {
+            tokio::select! {
+                reason = conn.closed() => break reason,
+                () = inner.reconnect.notified() => {
+                    if inner.reconnects_asked.load(Ordering::Acquire) != answered
+                        || inner.closed.load(Ordering::Relaxed)
+                    {
+                        conn.close(0u32.into(), b"reconnecting");
+                        break conn.closed().await;
+                    }
+                }
             }
         };
         *inner.live.lock().expect("live lock") = None;
@@ -1620,6 +1637,7 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection) {
                     if !inner.install(live) {
                         return;
                     }
+                    answered = inner.reconnects_asked.load(Ordering::Acquire);
                     inner.emit_state(Event::Connected);
                     // Presence may have changed while we were away. The list
                     // is read once it is this subscription's turn, so a

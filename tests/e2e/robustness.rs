@@ -1670,6 +1670,53 @@ async fn a_reader_whose_connection_closed_hands_nothing_more_to_a_full_queue() {
 }
 
 #[tokio::test]
+async fn a_reconnect_asked_for_while_connecting_keeps_the_new_connection() {
+    // Network-change callbacks come in bursts. A second reconnect_now made
+    // while the first one's connection was being made left a stored
+    // wake-up, which closed that connection as soon as it was up (and the
+    // next attempt waited out a doubled backoff). The new connection is
+    // what the app asked for: it must stay.
+    let (_dir, endpoint, config) = fake_node().await;
+    let (held_tx, held) = tokio::sync::oneshot::channel();
+    let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+    let node = tokio::spawn(async move {
+        let first = endpoint.accept().await.unwrap().await.unwrap();
+        let _first_streams = fake_login(&first).await.expect("a login");
+        let second = tokio::time::timeout(WAIT, endpoint.accept())
+            .await
+            .expect("a reconnect")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut control, _recv, _buf, auth) = held_login(&second).await.expect("a login again");
+        let _ = held_tx.send(());
+        let _ = go.await;
+        control
+            .write_all(&frames(&[auth_ok(auth.request_id, 0)]))
+            .await
+            .unwrap();
+        // Closed at once if the client took the second request for a new
+        // one; a second is plenty to see it.
+        tokio::time::timeout(Duration::from_secs(1), second.closed())
+            .await
+            .is_ok()
+    });
+    let (client, _events) = register_fake(config).await;
+    client.reconnect_now();
+    tokio::time::timeout(WAIT, held)
+        .await
+        .expect("the second login in time")
+        .unwrap();
+    client.reconnect_now();
+    go_tx.send(()).unwrap();
+    assert!(
+        !node.await.unwrap(),
+        "the new connection was closed for a request it answered"
+    );
+    assert!(client.is_connected());
+}
+
+#[tokio::test]
 async fn a_shutdown_cut_short_still_closes_the_client() {
     // An app that cancels its shutdown (a task cancelled, a timeout
     // around the call) used to leave a zombie: no events, every send
