@@ -150,7 +150,12 @@ async fn respond(state: &OpsState, req: &Request<Incoming>) -> Response<Full<Byt
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
-    match req.uri().path() {
+    route(state, req.uri().path()).await
+}
+
+/// The answer to a GET of `path`.
+async fn route(state: &OpsState, path: &str) -> Response<Full<Bytes>> {
+    match path {
         "/metrics" => {
             let mut response = text(StatusCode::OK, state.metrics.render());
             response.headers_mut().insert(
@@ -159,7 +164,13 @@ async fn respond(state: &OpsState, req: &Request<Incoming>) -> Response<Full<Byt
             );
             response
         }
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/healthz" => match state.history.broken() {
+            None => text(StatusCode::OK, "ok\n".into()),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not live: {why}\n"),
+            ),
+        },
         "/readyz" => match state.not_ready().await {
             None => text(StatusCode::OK, "ready\n".into()),
             Some(why) => text(
@@ -200,6 +211,32 @@ mod tests {
         assert_eq!(
             state.not_ready().await.as_deref(),
             Some("not accepting connections (shutting down)")
+        );
+    }
+
+    #[tokio::test]
+    async fn not_live_once_the_store_thread_died() {
+        // A panic in a job ends the embedded store's writer thread, and
+        // every request fails from then on. /readyz said so, but /healthz
+        // stayed "ok", so an orchestrator never restarted the node.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let state = OpsState {
+            metrics: Arc::new(Metrics::new()),
+            history: store.clone(),
+            presence: Arc::new(MemoryPresenceStore::default()),
+            accepting: AtomicBool::new(true),
+        };
+        assert_eq!(route(&state, "/healthz").await.status(), StatusCode::OK);
+        store.crash_thread().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while route(&state, "/healthz").await.status() == StatusCode::OK {
+            assert!(std::time::Instant::now() < deadline, "still live");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            route(&state, "/healthz").await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
         );
     }
 }

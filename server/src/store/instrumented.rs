@@ -67,6 +67,10 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         timed!(self, "ping", self.inner.ping())
     }
 
+    fn broken(&self) -> Option<String> {
+        self.inner.broken()
+    }
+
     async fn create_user(
         &self,
         username: String,

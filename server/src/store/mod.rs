@@ -499,6 +499,14 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// A cheap round trip proving the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Why this store can never work again in this process (the embedded
+    /// store's writer thread died, say), for `/healthz`: the node must be
+    /// restarted. `None` while it can, including while its database is
+    /// unreachable (that heals, and `ping` reports it).
+    fn broken(&self) -> Option<String> {
+        None
+    }
+
     /// Creates a user. `Conflict` if the name is taken.
     async fn create_user(
         &self,

@@ -784,6 +784,14 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Makes the store thread panic, as a bug in a job would.
+    #[cfg(test)]
+    pub(crate) async fn crash_thread(&self) {
+        let _ = self
+            .call(|_, _| -> Result<(), StoreError> { panic!("injected store thread panic") })
+            .await;
+    }
+
     /// Runs `f` on the database thread inside the current batch's
     /// transaction and returns its result once that transaction committed.
     async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
@@ -1627,6 +1635,14 @@ impl HistoryStore for SqliteStore {
                 .map_err(internal)
         })
         .await
+    }
+
+    fn broken(&self) -> Option<String> {
+        let thread = self.thread.lock().expect("thread lock");
+        thread
+            .as_ref()
+            .is_some_and(JoinHandle::is_finished)
+            .then(|| "the store thread stopped".to_owned())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
