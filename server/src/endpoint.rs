@@ -91,6 +91,10 @@ pub struct Shared {
     pub hashing: crate::auth::Hashers,
     /// Per-user send rate.
     pub send_limiter: SendLimiter,
+    /// Per-user rate of group leaves, which the send rate does not limit
+    /// (a user out of send tokens can still leave) but which each take a
+    /// turn on the send committer.
+    pub leave_limiter: SendLimiter,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -182,6 +186,7 @@ impl Server {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let shared = Arc::new(Shared {
             send_limiter: SendLimiter::new(config.limits.send_rate, config.limits.send_burst),
+            leave_limiter: SendLimiter::new(ratelimit::LEAVE_RATE, ratelimit::LEAVE_BURST),
             metrics,
             hashing: crate::auth::Hashers::new(cores, config.limits.max_queued_password_checks),
             login_throttle: crate::auth::LoginThrottle::new(
@@ -341,7 +346,9 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        shared.send_limiter.sweep(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        shared.send_limiter.sweep(now);
+        shared.leave_limiter.sweep(now);
     }
 }
 

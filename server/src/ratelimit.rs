@@ -20,7 +20,15 @@ struct Bucket {
     updated: Instant,
 }
 
-/// The node's send limiter.
+/// Group leaves a user may make per second, sustained: far more than a
+/// person leaves, so it limits only a flood (each leave is a transaction
+/// on the send committer, in line with everyone's sends).
+pub const LEAVE_RATE: u32 = 10;
+/// Leaves a user may make at once above [`LEAVE_RATE`]: a user leaving
+/// every group they are in at once stays under it.
+pub const LEAVE_BURST: u32 = 500;
+
+/// The node's send limiter (and its leave limiter).
 pub struct SendLimiter {
     /// Tokens per second; 0 disables the limit.
     rate: f64,

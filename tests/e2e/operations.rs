@@ -752,6 +752,41 @@ async fn group_changes_count_against_the_send_rate_but_leaving_does_not() {
     bob.leave_group(group).await.expect("bob leaves");
 }
 
+#[tokio::test]
+async fn a_flood_of_group_leaves_is_limited() {
+    // Leaves escape the send rate, so that a user out of send tokens can
+    // still leave, but each is a transaction on the send committer, in
+    // line with everyone's sends: unlimited, a client pipelining leaves
+    // (of groups that do not even exist) held up every sender of the node.
+    // They have a bucket of their own: 500 at once, then 10 a second.
+    let server = TestServer::start().await;
+    let (alice, _a) = register(server.client_config(), &name("alice")).await;
+    let mut device = RawControl::resume(&server, &alice.identity().token).await;
+    let mut limited = None;
+    for i in 0..600u64 {
+        let leave = Body::LeaveGroup(proto::LeaveGroup {
+            conversation_id: 1_000_000 + i,
+            client_key: String::new(),
+        });
+        match device.request(leave).await {
+            Body::Error(e) if ErrorCode::from_wire(e.code) == ErrorCode::RateLimited => {
+                limited = Some((i, e.retry_after_ms));
+                break;
+            }
+            Body::Error(e) => {
+                assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::NotAMember, "{e:?}")
+            }
+            other => panic!("expected NOT_A_MEMBER or RATE_LIMITED, got {other:?}"),
+        }
+    }
+    let (at, retry_after_ms) = limited.expect("600 leaves in a row hit the limit");
+    assert!(at >= 500, "the burst of 500 went through: limited at {at}");
+    assert!(
+        retry_after_ms > 0 && retry_after_ms <= 1_000,
+        "{retry_after_ms}"
+    );
+}
+
 /// The answer to request `id` on a messages stream (pushes are skipped).
 async fn answer_to(recv: &mut quinn::RecvStream, buf: &mut BytesMut, id: u64) -> Frame {
     loop {

@@ -908,6 +908,26 @@ fn charge_send_rate(session: &Session) -> Result<(), Refusal> {
         })
 }
 
+/// Charges a leave to the user's leave bucket (see `Shared::leave_limiter`).
+fn charge_leave_rate(session: &Session) -> Result<(), Refusal> {
+    let user = session.authed().expect("authenticated").user_id;
+    session
+        .shared
+        .leave_limiter
+        .check(user, std::time::Instant::now())
+        .map_err(|wait| {
+            Refusal::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "over {} group leaves per second; retry in {} ms",
+                    crate::ratelimit::LEAVE_RATE,
+                    retry_after_ms(wait)
+                ),
+            )
+            .with_retry_after(wait)
+        })
+}
+
 /// Queues a group change on the send committer, so its SYSTEM message takes
 /// its place in seq order with concurrent sends; the committer answers.
 async fn group_change(
@@ -917,9 +937,12 @@ async fn group_change(
     change: GroupChange,
     client_key: Option<String>,
 ) -> Result<Reply, Refusal> {
-    // Leaving always works; every other change posts a message to the
-    // group and counts against the sender's rate like one.
-    if !matches!(change, GroupChange::Leave) {
+    // Leaving works whatever the send rate (it has a bucket of its own,
+    // against floods); every other change posts a message to the group
+    // and counts against the sender's rate like one.
+    if matches!(change, GroupChange::Leave) {
+        charge_leave_rate(session)?;
+    } else {
         charge_send_rate(session)?;
     }
     let authed = session.authed().expect("authenticated");
