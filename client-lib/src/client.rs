@@ -917,6 +917,15 @@ impl Client {
     /// first polled: sends leave in the order of the calls, and a
     /// [`shutdown`](Self::shutdown) that starts later waits (within its
     /// timeout) for its answer.
+    ///
+    /// An error other than a refusal by the server (`Closed` from a close,
+    /// logout or shutdown, a session that ended) leaves the outcome
+    /// unknown: the message may have been stored before the answer was
+    /// lost. Sending it again with a new key would then show it twice, so
+    /// an app that resends after such an error (with a new client, after
+    /// logging in again) uses [`send_with_id`](Self::send_with_id) with a
+    /// key it kept, and gets the stored message's ack (`duplicate`) if it
+    /// was.
     pub fn send_text(
         &self,
         conversation_id: u64,
