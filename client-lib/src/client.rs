@@ -56,7 +56,10 @@ pub enum Event {
 /// Messages, receipts, friend and presence events are never dropped: while
 /// the queue is full the client stops reading the server (which holds
 /// back in turn), so an app that stops draining the queue stops
-/// receiving. Connection-state events ([`Event::Connected`],
+/// receiving. (A reader whose connection closes while it waits stops
+/// waiting: the message or receipt it held comes again on the next
+/// connection, presence with the next snapshot, and a friend event waits
+/// for room on its own.) Connection-state events ([`Event::Connected`],
 /// [`Event::Disconnected`]) are dropped instead when the queue is full, so
 /// that reconnecting never waits for the app:
 /// [`Client::is_connected`] and [`Client::wait_connected`] always tell the
@@ -108,6 +111,16 @@ impl Events {
             }
         };
         self.taken(event)
+    }
+
+    /// How many events are queued, ready to be taken.
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Whether no event is queued.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
     }
 
     /// An event if one is ready now.
@@ -249,7 +262,7 @@ pub(crate) struct Inner {
 }
 
 /// What [`Inner::event_room`] found.
-enum Room {
+pub(crate) enum Room {
     /// A place in the app's event queue.
     Reserved(mpsc::OwnedPermit<Event>),
     /// Nobody will read the event (see [`Inner::event_room`]).
@@ -307,7 +320,7 @@ impl Inner {
     /// caller, a stream's reader of `conn`, then stops reading: see
     /// [`Events`]). False if it was not queued (see [`Inner::event_room`]).
     pub(crate) async fn emit(&self, event: Event, conn: &quinn::Connection) -> bool {
-        match self.event_room(conn).await {
+        match self.event_room(Some(conn)).await {
             Room::Reserved(permit) => {
                 permit.send(event);
                 true
@@ -324,8 +337,8 @@ impl Inner {
     /// reader asks, is closed: the reader must end (else every reconnect
     /// of an app that stopped draining would leave its readers, and their
     /// connection, waiting), and what it was to hand over comes again on
-    /// the next connection.
-    async fn event_room(&self, conn: &quinn::Connection) -> Room {
+    /// the next connection. With no `conn`, it waits for room or leave only.
+    pub(crate) async fn event_room(&self, conn: Option<&quinn::Connection>) -> Room {
         if self.departure.leaving() {
             return Room::NobodyReads;
         }
@@ -345,9 +358,15 @@ impl Inner {
         }
         // The close first: a place that frees as the connection closes
         // must not go to its reader.
+        let closed = async {
+            match conn {
+                Some(conn) => drop(conn.closed().await),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
-            _ = conn.closed() => Room::Closed,
+            () = closed => Room::Closed,
             () = leave => Room::NobodyReads,
             permit = events.reserve_owned() => permit.map_or(Room::NobodyReads, Room::Reserved),
         }
@@ -402,9 +421,10 @@ impl Inner {
     /// readers (a connection being replaced and its successor) could
     /// otherwise each pass the check and then reach the app in the other
     /// order, seq n+1 before n. Waiting on a slow app here (for a place in
-    /// its queue, taken before the lock, so that a reader whose connection
-    /// closes meanwhile ends without recording anything) is the
-    /// backpressure that keeps the client from buffering without bound.
+    /// its queue, taken outside the lock once the message is known to be
+    /// new, so that a reader whose connection closes meanwhile ends without
+    /// recording anything) is the backpressure that keeps the client from
+    /// buffering without bound; redeliveries and own echoes never wait.
     ///
     /// The app acks what it takes (see [`Acks`]); the reader acks only a
     /// redelivery of what the app has, and, with [`DeliveryAcks::OnTake`],
@@ -417,6 +437,15 @@ impl Inner {
     /// A client that is leaving gives the app nothing more (`event_room`
     /// refuses) and acks nothing it never took (`Acks::unread` refuses),
     /// but still re-acks a redelivery of what the app has.
+    /// A redelivery of what the app has is acked again; with
+    /// [`DeliveryAcks::OnTake`] one nobody will read is acked too.
+    fn settle_repeat(&self, conversation_id: u64, seq: u64) {
+        let nobody_reads = !self.acks.redelivered(conversation_id, seq) && self.events_gone();
+        if nobody_reads && self.config.delivery_acks == DeliveryAcks::OnTake {
+            self.acks.unread(conversation_id, seq);
+        }
+    }
+
     pub(crate) async fn hand_over(&self, message: proto::Message, conn: &quinn::Connection) {
         let (conversation_id, seq) = (message.conversation_id, message.seq);
         // The place first, then the record that the app has the message:
@@ -427,10 +456,26 @@ impl Inner {
         if conn.close_reason().is_some() {
             return;
         }
-        let room = self.event_room(conn).await;
+        // What is not handed over (a redelivery, the echo of an own send)
+        // is settled at once, as the rest of the stream (SendAcks, say)
+        // must not wait on the app for it.
+        {
+            let mut delivered = self.delivered.lock().await;
+            if !delivered.is_new(conversation_id, seq) {
+                drop(delivered);
+                self.settle_repeat(conversation_id, seq);
+                return;
+            }
+            if self.own_unanswered(&message) {
+                delivered.first(conversation_id, seq);
+                return;
+            }
+        }
+        let room = self.event_room(Some(conn)).await;
         if matches!(room, Room::Closed) {
             return;
         }
+        // Another reader may have handed it over meanwhile: `first` decides.
         let mut delivered = self.delivered.lock().await;
         let nobody_reads = if !delivered.first(conversation_id, seq) {
             !self.acks.redelivered(conversation_id, seq) && self.events_gone()

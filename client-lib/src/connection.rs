@@ -8,7 +8,7 @@ use chat_protocol::{Body, Codec, ErrorCode, Frame, FrameError, StreamKind, proto
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::client::{Event, Inner};
+use crate::client::{Event, Inner, Room};
 use crate::error::ClientError;
 
 /// Most queued frames written at once.
@@ -460,7 +460,21 @@ async fn read_loop(
                 inner.emit(Event::Receipt(receipt), &conn).await;
             }
             Some(Body::FriendEvent(event)) => {
-                inner.emit(Event::Friend(event), &conn).await;
+                // Pushed once and never again: one the closing connection
+                // read waits for room on its own, without the connection.
+                match inner.event_room(Some(&conn)).await {
+                    Room::Reserved(permit) => drop(permit.send(Event::Friend(event))),
+                    Room::NobodyReads => {}
+                    Room::Closed => {
+                        let inner = inner.clone();
+                        tokio::spawn(async move {
+                            if let Room::Reserved(permit) = inner.event_room(None).await {
+                                permit.send(Event::Friend(event));
+                            }
+                        });
+                        return;
+                    }
+                }
             }
             Some(Body::PresenceUpdate(update)) => {
                 inner.presence_changed(update.states, &conn).await;
@@ -479,6 +493,17 @@ async fn read_loop(
                 frame = body.name(),
                 "ignoring unexpected push"
             ),
+            // A body this build does not know (a newer server's): a push
+            // is skipped; a reply fails its request at once rather than
+            // leave it to time out.
+            None if request_id != 0 => {
+                let error = ClientError::Protocol("a reply this client does not know".into());
+                if kind == StreamKind::Messages {
+                    inner.send_answered(request_id, Err(error));
+                } else {
+                    inner.answer(request_id, Err(error));
+                }
+            }
             None => {}
         }
     }

@@ -40,6 +40,14 @@ impl Delivered {
         first
     }
 
+    /// Whether (conversation, seq) would be [`first`](Self::first), without
+    /// recording it.
+    pub(crate) fn is_new(&self, conversation_id: u64, seq: u64) -> bool {
+        self.seqs
+            .get(&conversation_id)
+            .is_none_or(|&(last, _)| seq > last)
+    }
+
     /// The highest seq seen of the conversation, if it is remembered.
     pub(crate) fn last(&self, conversation_id: u64) -> Option<u64> {
         self.seqs.get(&conversation_id).map(|&(last, _)| last)
@@ -67,8 +75,10 @@ mod tests {
     #[test]
     fn only_a_higher_seq_is_new_per_conversation() {
         let mut d = Delivered::default();
+        assert!(d.is_new(1, 1));
         assert!(d.first(1, 1));
         assert!(d.first(1, 2));
+        assert!(!d.is_new(1, 2) && d.is_new(1, 3), "a look records nothing");
         assert!(!d.first(1, 2), "redelivery");
         assert!(!d.first(1, 1), "older");
         assert!(d.first(2, 1), "another conversation");

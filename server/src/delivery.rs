@@ -367,7 +367,16 @@ fn hand_to_updater(
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
             metrics.cache_updates_dropped.increment(1);
-            tracing::warn!("cache updater behind (slow Redis?); an update was dropped");
+            // Once a minute at most: while Redis is silent, every batch
+            // drops one (the counter has the volume).
+            static LAST_WARNED: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+            let mut last = LAST_WARNED.lock().expect("warn lock");
+            if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                *last = Some(Instant::now());
+                tracing::warn!(
+                    "cache updater behind (slow Redis?): dropping updates (chat_cache_updates_dropped_total)"
+                );
+            }
             true
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,

@@ -203,6 +203,11 @@ impl Hub {
         closed
     }
 
+    /// How many sessions `user` has on this node.
+    pub fn sessions_of(&self, user: UserId) -> usize {
+        self.users.get(&user).map_or(0, |sessions| sessions.len())
+    }
+
     /// Adds a session (a user may have several devices), unless the user
     /// has `max` already (false).
     pub fn register(&self, session: Arc<SessionHandle>, max: usize) -> bool {

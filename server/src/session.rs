@@ -67,6 +67,15 @@ pub struct Session {
 /// time out meanwhile.
 const SESSIONS_FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The refusal of a connection over its user's `max-sessions-per-user`.
+fn sessions_full() -> Refusal {
+    Refusal::new(
+        ErrorCode::LimitReached,
+        "this account has too many connections to this node; retry later",
+    )
+    .with_retry_after(SESSIONS_FULL_RETRY)
+}
+
 /// The refusal of a second authentication on one connection.
 fn already_authenticated() -> Refusal {
     Refusal::new(
@@ -76,6 +85,17 @@ fn already_authenticated() -> Refusal {
 }
 
 impl Session {
+    /// Refuses early (before a password hash and a session row) a login of
+    /// a user who has `max-sessions-per-user` connections here already;
+    /// [`Session::authenticate`] still decides.
+    pub fn check_session_room(&self, user_id: UserId) -> Result<(), Refusal> {
+        let max = self.shared.config.limits.max_sessions_per_user;
+        if self.shared.hub.sessions_of(user_id) >= max {
+            return Err(sessions_full());
+        }
+        Ok(())
+    }
+
     /// The authenticated identity, if any.
     pub fn authed(&self) -> Option<&Authed> {
         self.authed.get()
@@ -112,11 +132,7 @@ impl Session {
         };
         let max = self.shared.config.limits.max_sessions_per_user;
         if !self.shared.hub.register(handle, max) {
-            return Err(Refusal::new(
-                ErrorCode::LimitReached,
-                "this account has too many connections to this node; retry later",
-            )
-            .with_retry_after(SESSIONS_FULL_RETRY));
+            return Err(sessions_full());
         }
         if self.authed.set(authed).is_err() {
             self.shared.hub.unregister(user_id, self.conn_id);

@@ -682,6 +682,29 @@ impl RawControl {
         raw
     }
 
+    /// Writes every request at once, then returns their answers in the
+    /// same order (pushes are skipped).
+    pub async fn pipeline(&mut self, bodies: Vec<chat_protocol::Body>) -> Vec<chat_protocol::Body> {
+        let first = self.next_request_id;
+        let mut out = bytes::BytesMut::new();
+        for body in bodies {
+            chat_protocol::encode(
+                &chat_protocol::Frame::new(self.next_request_id, body),
+                &mut out,
+            );
+            self.next_request_id += 1;
+        }
+        self.send.write_all(&out).await.unwrap();
+        let mut answers = std::collections::BTreeMap::new();
+        while answers.len() < (self.next_request_id - first) as usize {
+            let frame = next_frame(&mut self.recv, &mut self.buf).await;
+            if (first..self.next_request_id).contains(&frame.request_id) {
+                answers.insert(frame.request_id, frame.body.expect("an answer with a body"));
+            }
+        }
+        answers.into_values().collect()
+    }
+
     /// Sends a request and returns its answer (pushes in between are
     /// skipped).
     pub async fn request(&mut self, body: chat_protocol::Body) -> chat_protocol::Body {

@@ -1620,6 +1620,7 @@ async fn a_reader_whose_connection_closed_hands_nothing_more_to_a_full_queue() {
         }))
     };
     let (c_written, c_was_written) = tokio::sync::oneshot::channel();
+    let (a_queued, a_was_queued) = tokio::sync::oneshot::channel::<()>();
     let node = tokio::spawn(async move {
         let first = endpoint.accept().await.unwrap().await.unwrap();
         let _control = fake_login(&first).await.expect("a login");
@@ -1628,7 +1629,9 @@ async fn a_reader_whose_connection_closed_hands_nothing_more_to_a_full_queue() {
             .await
             .unwrap();
         send.finish().unwrap();
-        // Both are with the client (it acknowledged them) before the close.
+        // A is in the app's queue, and B with the client (it acknowledged
+        // it), before the close.
+        let _ = a_was_queued.await;
         let _ = tokio::time::timeout(WAIT, send.stopped()).await;
         first.close(0u32.into(), b"gone");
         let second = tokio::time::timeout(WAIT, endpoint.accept())
@@ -1644,6 +1647,12 @@ async fn a_reader_whose_connection_closed_hands_nothing_more_to_a_full_queue() {
         let _ = tokio::time::timeout(WAIT, second.closed()).await;
     });
     let (client, mut events) = register_fake(config).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while events.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "A never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a_queued.send(()).unwrap();
     let mut next_message = async || loop {
         let event = tokio::time::timeout(WAIT, events.next())
             .await
@@ -1714,6 +1723,89 @@ async fn a_reconnect_asked_for_while_connecting_keeps_the_new_connection() {
         "the new connection was closed for a request it answered"
     );
     assert!(client.is_connected());
+}
+
+#[tokio::test]
+async fn a_redelivery_does_not_wait_on_a_full_event_queue() {
+    // The app's queue holds one and is full with X. The node sends X again
+    // (a redelivery: the app has it), then the SendAck of the app's send.
+    // A redelivery is settled at once, so the SendAck behind it is read
+    // and the send answered, app or no app.
+    let (_dir, endpoint, mut config) = fake_node().await;
+    config.event_capacity = 1;
+    let x = Frame::push(Body::Deliver(proto::Deliver {
+        message: Some(proto::Message {
+            conversation_id: 7,
+            seq: 1,
+            message_id: 1,
+            sender_id: 2,
+            text: "x".into(),
+            ..Default::default()
+        }),
+    }));
+    let node = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let _control = fake_login(&conn).await.expect("a login");
+        let (mut send, mut recv, mut buf, _others) =
+            accept_stream(&conn, StreamKind::Messages).await;
+        let request = next_frame(&mut recv, &mut buf).await;
+        let Some(Body::Send(sent)) = request.body else {
+            panic!("a Send, not {request:?}");
+        };
+        let mut ack = first_ack(request.request_id, sent);
+        if let Some(Body::SendAck(a)) = &mut ack.body {
+            a.conversation_id = 8;
+        }
+        send.write_all(&frames(&[x.clone(), x, ack])).await.unwrap();
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    });
+    let (client, _events_never_drained) = register_fake(config).await;
+    let ack = tokio::time::timeout(WAIT, client.send_text(8, "hello"))
+        .await
+        .expect("answered behind the redelivery")
+        .expect("sent");
+    assert_eq!(ack.seq, 1);
+    client.close();
+    node.abort();
+}
+
+#[tokio::test]
+async fn a_reply_this_client_does_not_know_fails_its_request_at_once() {
+    // A newer node answering with a body this build has no name for: the
+    // request fails there and then, instead of waiting out its timeout
+    // (and the connection stays up: the codec skips the body).
+    let (_dir, endpoint, mut config) = fake_node().await;
+    config.request_timeout = Duration::from_secs(3600);
+    let node = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = fake_login(&conn).await.expect("a login");
+        let mut buf = BytesMut::new();
+        let request = next_frame(&mut recv, &mut buf).await;
+        assert!(
+            matches!(request.body, Some(Body::ListFriends(_))),
+            "{request:?}"
+        );
+        // Frame { request_id, field 199: an empty message }.
+        let mut body = Vec::new();
+        body.push(0x08);
+        body.push(request.request_id as u8);
+        body.extend_from_slice(&[0xba, 0x0c, 0x00]);
+        let mut framed = vec![body.len() as u8];
+        framed.extend_from_slice(&body);
+        send.write_all(&framed).await.unwrap();
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    });
+    let (client, _events) = register_fake(config).await;
+    let answer = tokio::time::timeout(WAIT, client.friends())
+        .await
+        .expect("answered, not left to time out");
+    assert!(
+        matches!(answer, Err(chat_client::ClientError::Protocol(_))),
+        "{answer:?}"
+    );
+    assert!(client.is_connected(), "the connection stays up");
+    client.close();
+    node.abort();
 }
 
 #[tokio::test]

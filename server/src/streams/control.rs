@@ -213,6 +213,7 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     let Some(user) = session.shared.store.user_by_name(username).await? else {
         return Err(Refusal::new(ErrorCode::UnknownUser, "no such user"));
     };
+    session.check_session_room(user.id)?;
     let attempt = session
         .shared
         .login_throttle
@@ -889,42 +890,34 @@ fn client_key(key: &str) -> Result<Option<String>, Refusal> {
 /// the user's send rate, so group churn cannot flood members where sends
 /// could not.
 fn charge_send_rate(session: &Session) -> Result<(), Refusal> {
-    let user = session.authed().expect("authenticated").user_id;
-    let limits = &session.shared.config.limits;
-    session
-        .shared
-        .send_limiter
-        .check(user, std::time::Instant::now())
-        .map_err(|wait| {
-            Refusal::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "group changes count as sends: over {} per second; retry in {} ms",
-                    limits.send_rate,
-                    retry_after_ms(wait)
-                ),
-            )
-            .with_retry_after(wait)
-        })
+    let rate = session.shared.config.limits.send_rate;
+    charge(session, &session.shared.send_limiter, |wait| {
+        format!("group changes count as sends: over {rate} per second; retry in {wait} ms")
+    })
 }
 
 /// Charges a leave to the user's leave bucket (see `Shared::leave_limiter`).
 fn charge_leave_rate(session: &Session) -> Result<(), Refusal> {
+    charge(session, &session.shared.leave_limiter, |wait| {
+        format!(
+            "over {} group leaves per second; retry in {wait} ms",
+            crate::ratelimit::LEAVE_RATE
+        )
+    })
+}
+
+/// Takes a token from the user's bucket in `limiter`, or refuses with
+/// RATE_LIMITED, the retry-after and `why` (given it in milliseconds).
+fn charge(
+    session: &Session,
+    limiter: &crate::ratelimit::SendLimiter,
+    why: impl FnOnce(u32) -> String,
+) -> Result<(), Refusal> {
     let user = session.authed().expect("authenticated").user_id;
-    session
-        .shared
-        .leave_limiter
+    limiter
         .check(user, std::time::Instant::now())
         .map_err(|wait| {
-            Refusal::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "over {} group leaves per second; retry in {} ms",
-                    crate::ratelimit::LEAVE_RATE,
-                    retry_after_ms(wait)
-                ),
-            )
-            .with_retry_after(wait)
+            Refusal::new(ErrorCode::RateLimited, why(retry_after_ms(wait))).with_retry_after(wait)
         })
 }
 
