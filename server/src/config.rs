@@ -214,6 +214,14 @@ pub struct Limits {
     pub send_burst: u32,
 }
 
+/// Longest `session-ttl` accepted (ten years).
+const MAX_SESSION_TTL: Duration = Duration::from_secs(3650 * 24 * 3600);
+/// Longest `auth-timeout` accepted.
+const MAX_AUTH_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest online window (`heartbeat-interval x presence-ttl-multiple`)
+/// accepted.
+const MAX_PRESENCE_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 /// Shortest `write-stall` accepted: below it, a phone on a poor network
 /// that reads a page a little late would be thrown off.
 const MIN_WRITE_STALL: Duration = Duration::from_secs(1);
@@ -463,11 +471,17 @@ impl Config {
                 limits::MAX_FRIENDS
             ));
         }
-        if l.session_ttl < Duration::from_secs(1) {
-            return err("session-ttl must be at least 1s".into());
+        if l.session_ttl < Duration::from_secs(1) || l.session_ttl > MAX_SESSION_TTL {
+            return err(format!(
+                "session-ttl must be between 1s and {} (token expiry times are milliseconds since 1970)",
+                humantime::format_duration(MAX_SESSION_TTL)
+            ));
         }
-        if l.auth_timeout.is_zero() {
-            return err("auth-timeout must be more than 0s".into());
+        if l.auth_timeout.is_zero() || l.auth_timeout > MAX_AUTH_TIMEOUT {
+            return err(format!(
+                "auth-timeout must be more than 0s and at most {} (a connection holds a place while it waits)",
+                humantime::format_duration(MAX_AUTH_TIMEOUT)
+            ));
         }
         if l.max_auth_attempts == 0 {
             return err("max-auth-attempts must be at least 1".into());
@@ -484,6 +498,15 @@ impl Config {
             return err(format!(
                 "presence-ttl-multiple = {} must be at least 2, or one late heartbeat shows a user offline",
                 l.presence_ttl_multiple
+            ));
+        }
+        if l.heartbeat_interval
+            .checked_mul(l.presence_ttl_multiple)
+            .is_none_or(|window| window > MAX_PRESENCE_WINDOW)
+        {
+            return err(format!(
+                "heartbeat-interval x presence-ttl-multiple must be at most {} (how long a silent user still shows online)",
+                humantime::format_duration(MAX_PRESENCE_WINDOW)
             ));
         }
         if !(2..=10_000).contains(&l.max_group_size) {
@@ -774,6 +797,23 @@ mod tests {
                 "heartbeat-interval must be at least 1s",
             ),
             (|c| c.limits.session_ttl = Duration::ZERO, "session-ttl"),
+            (|c| c.limits.session_ttl = Duration::MAX, "session-ttl"),
+            (
+                |c| c.limits.auth_timeout = Duration::from_secs(3600),
+                "auth-timeout",
+            ),
+            (
+                |c| c.limits.presence_ttl_multiple = u32::MAX,
+                "presence-ttl-multiple must be at most",
+            ),
+            (
+                |c| c.limits.heartbeat_interval = Duration::MAX,
+                "presence-ttl-multiple must be at most",
+            ),
+            (
+                |c| c.limits.max_sessions_per_user = 0,
+                "max-sessions-per-user",
+            ),
             (
                 |c| c.sqlite_commit_gap = Duration::from_millis(51),
                 "sqlite-commit-gap",
