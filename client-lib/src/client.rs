@@ -477,9 +477,12 @@ impl Inner {
         }
         // Another reader may have handed it over meanwhile: `first` decides.
         let mut delivered = self.delivered.lock().await;
-        let nobody_reads = if !delivered.first(conversation_id, seq) {
-            !self.acks.redelivered(conversation_id, seq) && self.events_gone()
-        } else if self.own_unanswered(&message) {
+        if !delivered.first(conversation_id, seq) {
+            drop(delivered);
+            self.settle_repeat(conversation_id, seq);
+            return;
+        }
+        let nobody_reads = if self.own_unanswered(&message) {
             false
         } else if let Room::Reserved(permit) = room {
             permit.send(Event::Message(message));

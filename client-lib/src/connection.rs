@@ -136,14 +136,7 @@ async fn establish(
     let (messages_tx, messages_rx) = mpsc::unbounded_channel();
     let (receipts_tx, receipts_rx) = mpsc::unbounded_channel();
     // A leave is confirmed by AcksStored (see `read_loop`).
-    let messages = Frame::new(
-        0,
-        Body::OpenStream(proto::OpenStream {
-            kind: StreamKind::Messages as i32,
-            confirm_leave: true,
-        }),
-    );
-    let (ms, mr) = open(&conn, messages).await?;
+    let (ms, mr) = open(&conn, Frame::open_messages(true)).await?;
     let (rs, rr) = open(&conn, Frame::open_stream(StreamKind::Receipts)).await?;
     tokio::spawn(write_loop(
         conn.clone(),

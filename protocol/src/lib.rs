@@ -55,6 +55,18 @@ impl Frame {
         )
     }
 
+    /// The `OpenStream` of a messages stream; `confirm_leave` asks for
+    /// `AcksStored` when the client leaves (see chat.proto).
+    pub fn open_messages(confirm_leave: bool) -> Self {
+        Self::new(
+            0,
+            Body::OpenStream(proto::OpenStream {
+                kind: StreamKind::Messages as i32,
+                confirm_leave,
+            }),
+        )
+    }
+
     /// The `OpenStream` preamble for a stream of `kind`.
     pub fn open_stream(kind: StreamKind) -> Self {
         Self::new(

@@ -747,8 +747,12 @@ fn take_connection_place(
             "connection limit reached; closing with SERVER_BUSY"
         );
         metrics.connections_refused.increment(1);
-        metrics.error(ErrorCode::ServerBusy);
-        crate::wire::close(conn, ErrorCode::ServerBusy, "server busy; try again later");
+        crate::wire::close_counted(
+            conn,
+            metrics,
+            ErrorCode::ServerBusy,
+            "server busy; try again later",
+        );
         return None;
     };
     metrics.connections_opened.increment(1);

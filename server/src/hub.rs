@@ -159,9 +159,9 @@ impl SessionHandle {
                         stream = kind.name(),
                         "client too slow; closing"
                     );
-                    self.metrics.error(ErrorCode::SlowConsumer);
-                    wire::close(
+                    wire::close_counted(
                         &self.conn,
+                        &self.metrics,
                         ErrorCode::SlowConsumer,
                         "client reads too slowly; reconnect",
                     );

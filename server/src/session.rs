@@ -246,9 +246,9 @@ pub async fn run(
             async move {
                 tokio::time::sleep(auth_timeout).await;
                 let Some(authed) = session.authed() else {
-                    session.shared.metrics.error(ErrorCode::Timeout);
-                    wire::close(
+                    wire::close_counted(
                         &session.conn,
+                        &session.shared.metrics,
                         ErrorCode::Timeout,
                         "not authenticated in time",
                     );
@@ -260,9 +260,9 @@ pub async fn run(
                 // expires within it ends there).
                 let left = authed.expires_at_ms.saturating_sub(streams::now_ms());
                 tokio::time::sleep(std::time::Duration::from_millis(left.max(0) as u64)).await;
-                session.shared.metrics.error(ErrorCode::TokenExpired);
-                wire::close(
+                wire::close_counted(
                     &session.conn,
+                    &session.shared.metrics,
                     ErrorCode::TokenExpired,
                     "token expired; log in again",
                 );
@@ -428,8 +428,12 @@ pub fn on_read_error(session: &Session, kind: StreamKind, e: ReadError) {
                 .authed()
                 .is_some_and(|a| a.handle.push(kind, Outbound::closing(&frame, e.code())));
             if !queued {
-                session.shared.metrics.error(e.code());
-                wire::close(&session.conn, e.code(), &e.to_string());
+                wire::close_counted(
+                    &session.conn,
+                    &session.shared.metrics,
+                    e.code(),
+                    &e.to_string(),
+                );
             }
         }
         ReadError::Stream(e) => tracing::debug!(error = %e, stream = kind.name(), "stream ended"),

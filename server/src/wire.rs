@@ -213,9 +213,9 @@ pub fn write_all_or_stall<'a>(
                         match tokio::time::timeout_at(until, write).await {
                             Ok(result) => result,
                             Err(_) => {
-                                metrics.error(ErrorCode::SlowConsumer);
-                                close(
+                                close_counted(
                                     conn,
+                                    metrics,
                                     ErrorCode::SlowConsumer,
                                     "client reads too slowly; reconnect",
                                 );
@@ -240,9 +240,9 @@ pub fn write_all_or_stall<'a>(
                     // connection left up, it would look online and have
                     // its sends stored while SendAcks and Delivers went
                     // nowhere. Closed, it reconnects.
-                    metrics.error(ErrorCode::BadStream);
-                    close(
+                    close_counted(
                         conn,
+                        metrics,
                         ErrorCode::BadStream,
                         "a stream the server writes on was stopped; reconnect",
                     );
@@ -258,6 +258,12 @@ pub fn write_all_or_stall<'a>(
 /// Closes `conn` with a protocol error code and a short reason.
 pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
     conn.close(VarInt::from_u32(code as u32), reason.as_bytes());
+}
+
+/// [`close`], counting `code` in `chat_errors_total`.
+pub fn close_counted(conn: &quinn::Connection, metrics: &Metrics, code: ErrorCode, reason: &str) {
+    metrics.error(code);
+    close(conn, code, reason);
 }
 
 /// A writer's linger: until `linger` has passed or another writer of the

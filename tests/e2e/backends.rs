@@ -377,49 +377,24 @@ async fn a_leaving_client_is_not_confirmed_once_its_acks_are_lost() {
 
     // Bob on the wire: authenticate, open messages asking for the
     // confirmation, take the message and ack it.
-    use chat_protocol::{Body, Frame, StreamKind, proto};
-    let encode = |list: &[Frame]| {
-        let mut buf = bytes::BytesMut::new();
-        for frame in list {
-            chat_protocol::encode(frame, &mut buf);
-        }
-        buf.to_vec()
-    };
-    let (_endpoint, conn) = quic_connect(&server).await.expect("handshake");
-    let (mut control, mut control_recv) = conn.open_bi().await.unwrap();
-    control
-        .write_all(&encode(&[
-            Frame::open_stream(StreamKind::Control),
-            Frame::new(1, Body::Authenticate(proto::Authenticate { token })),
-        ]))
-        .await
-        .unwrap();
-    let mut buf = bytes::BytesMut::new();
-    let reply = next_frame(&mut control_recv, &mut buf).await;
-    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let open = Frame::new(
-        0,
-        Body::OpenStream(proto::OpenStream {
-            kind: StreamKind::Messages as i32,
-            confirm_leave: true,
-        }),
-    );
-    send.write_all(&encode(&[open])).await.unwrap();
+    use chat_protocol::{Body, Frame, proto};
+    let bob_device = RawControl::resume(&server, &token).await;
+    let (mut send, mut recv) = bob_device.open_messages(true).await;
     let mut buf = bytes::BytesMut::new();
     let delivered = next_frame(&mut recv, &mut buf).await;
     assert!(
         matches!(delivered.body, Some(Body::Deliver(_))),
         "{delivered:?}"
     );
-    send.write_all(&encode(&[Frame::push(Body::DeliveryAck(
-        proto::DeliveryAck {
+    let mut ack_frame = bytes::BytesMut::new();
+    chat_protocol::encode(
+        &Frame::push(Body::DeliveryAck(proto::DeliveryAck {
             conversation_id: conversation,
             seq: ack.seq,
-        },
-    ))]))
-    .await
-    .unwrap();
+        })),
+        &mut ack_frame,
+    );
+    send.write_all(&ack_frame).await.unwrap();
     // The move is in Postgres, held by the trigger: only now the leave.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {

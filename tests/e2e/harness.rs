@@ -647,7 +647,7 @@ pub async fn quic_connect(
 /// key, say).
 pub struct RawControl {
     _endpoint: quinn::Endpoint,
-    _conn: quinn::Connection,
+    conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     buf: bytes::BytesMut,
@@ -667,7 +667,7 @@ impl RawControl {
         send.write_all(&open).await.unwrap();
         let mut raw = RawControl {
             _endpoint: endpoint,
-            _conn: conn,
+            conn,
             send,
             recv,
             buf: bytes::BytesMut::new(),
@@ -680,6 +680,27 @@ impl RawControl {
             .await;
         assert!(matches!(reply, chat_protocol::Body::AuthOk(_)), "{reply:?}");
         raw
+    }
+
+    /// The connection this device authenticated.
+    pub fn conn(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Opens this device's messages stream (asking for `AcksStored` when
+    /// it leaves if `confirm_leave`).
+    pub async fn open_messages(
+        &self,
+        confirm_leave: bool,
+    ) -> (quinn::SendStream, quinn::RecvStream) {
+        let (mut send, recv) = self.conn.open_bi().await.unwrap();
+        let mut open = bytes::BytesMut::new();
+        chat_protocol::encode(
+            &chat_protocol::Frame::open_messages(confirm_leave),
+            &mut open,
+        );
+        send.write_all(&open).await.unwrap();
+        (send, recv)
     }
 
     /// Writes every request at once, then returns their answers in the

@@ -802,25 +802,15 @@ async fn a_client_that_stops_reading_its_messages_stream_is_disconnected() {
     let conversation = befriend(&alice, &bob).await;
     let token = bob.identity().token;
     drop((bob, bob_events));
-    let raw = Raw::connect(&server).await;
-    let (_control, mut control_recv) = raw
-        .stream(&frames(&[
-            Frame::open_stream(StreamKind::Control),
-            Frame::new(1, Body::Authenticate(proto::Authenticate { token })),
-        ]))
-        .await;
-    let reply = next_frame(&mut control_recv, &mut BytesMut::new()).await;
-    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
-    let (_send, mut recv) = raw
-        .stream(&frames(&[Frame::open_stream(StreamKind::Messages)]))
-        .await;
+    let device = RawControl::resume(&server, &token).await;
+    let (_send, mut recv) = device.open_messages(false).await;
     recv.stop(0u32.into()).unwrap();
     // Messages for Bob until a write meets the stop (the first may be
     // written before the server hears of it).
     let closed = async {
         loop {
             tokio::select! {
-                reason = raw.conn.closed() => return reason,
+                reason = device.conn().closed() => return reason,
                 () = tokio::time::sleep(Duration::from_millis(200)) => {
                     alice.send_text(conversation, "are you there?").await.unwrap();
                 }
@@ -872,14 +862,9 @@ async fn leave_on_the_wire(confirm_leave: bool) {
         matches!(&reply.body, Some(Body::AuthOk(ok)) if ok.confirms_leave),
         "{reply:?}"
     );
-    let open = Frame::new(
-        0,
-        Body::OpenStream(proto::OpenStream {
-            kind: StreamKind::Messages as i32,
-            confirm_leave,
-        }),
-    );
-    let (mut send, mut recv) = raw.stream(&frames(&[open])).await;
+    let (mut send, mut recv) = raw
+        .stream(&frames(&[Frame::open_messages(confirm_leave)]))
+        .await;
     let mut buf = BytesMut::new();
     let delivered = next_frame(&mut recv, &mut buf).await;
     assert!(

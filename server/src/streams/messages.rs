@@ -372,9 +372,9 @@ async fn catch_up(
                 // send (the client would ack past it): close, and the
                 // client resumes from its watermark on reconnect.
                 tracing::warn!(error = %e, "catch-up failed; closing the connection");
-                session.shared.metrics.error(ErrorCode::Unavailable);
-                wire::close(
+                wire::close_counted(
                     &session.conn,
+                    &session.shared.metrics,
                     ErrorCode::Unavailable,
                     "catch-up failed; reconnect",
                 );
