@@ -17,25 +17,45 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use chat_protocol::limits::{PASSWORD_LEN, USERNAME_LEN};
 use sha2::{Digest, Sha256};
 
-/// Failed password checks per account, so that guessing a password
-/// cannot go faster than `max_failures` per `window` from any number of
-/// connections (each attempt also costs an Argon2 hash of server CPU).
-/// Per node, in memory: a cluster multiplies the budget by its node count,
-/// which still turns millions of guesses into a handful.
+/// Failed password checks, counted twice: per account and source address
+/// (`per_source`, the tight budget) and per account from every source
+/// together (`per_account`, looser). Guessing a password cannot go faster
+/// than `per_account` per `window` from any number of connections and
+/// addresses (each attempt also costs an Argon2 hash of server CPU), while
+/// one attacker's address, having spent its own budget, no longer locks
+/// the owner out from theirs: that takes guesses from `per_account /
+/// per_source` addresses. (The owner's devices resume with their session
+/// tokens, which no throttle touches.) A source is an IPv4 address or an
+/// IPv6 /64, the block one host is usually given.
+///
+/// Per node, in memory: a cluster multiplies the budgets by its node
+/// count, which still turns millions of guesses into a handful. One lock:
+/// a login is rare next to its Argon2 hash, and both records of an attempt
+/// change together.
 pub struct LoginThrottle {
-    records: dashmap::DashMap<UserIdKey, Record>,
-    max_failures: u32,
+    state: std::sync::Mutex<ThrottleState>,
+    per_source: u32,
+    per_account: u32,
     window: std::time::Duration,
+}
+
+struct ThrottleState {
+    records: std::collections::HashMap<ThrottleKey, Record>,
     /// Records at which the next sweep runs: twice what the last one
     /// kept, so records still inside their window are not scanned again
     /// at every login.
-    sweep_at: std::sync::atomic::AtomicUsize,
+    sweep_at: usize,
 }
 
-type UserIdKey = u64;
+/// An account's record from one source, or (`source: None`) from all.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct ThrottleKey {
+    user: u64,
+    source: Option<std::net::IpAddr>,
+}
 
-/// One account's wrong passwords in the current window, and its password
-/// checks still running (each may yet be one more).
+/// Wrong passwords in the current window, and password checks still
+/// running (each may yet be one more).
 struct Record {
     failures: u32,
     running: u32,
@@ -43,6 +63,14 @@ struct Record {
 }
 
 impl Record {
+    fn new() -> Self {
+        Record {
+            failures: 0,
+            running: 0,
+            since: std::time::Instant::now(),
+        }
+    }
+
     /// Starts a new window once `window` has passed since this one began.
     fn roll(&mut self, window: std::time::Duration) {
         if self.since.elapsed() >= window {
@@ -50,75 +78,143 @@ impl Record {
             self.since = std::time::Instant::now();
         }
     }
+
+    /// How long a new check must wait under `max`, if it must.
+    fn wait(&self, max: u32, window: std::time::Duration) -> Option<std::time::Duration> {
+        if self.failures >= max {
+            Some(window.saturating_sub(self.since.elapsed()))
+        } else if self.failures + self.running >= max {
+            Some(RUNNING_WAIT)
+        } else {
+            None
+        }
+    }
 }
 
 /// Entries kept before stale ones are swept.
 const THROTTLE_SWEEP_AT: usize = 100_000;
 
-/// The retry-after when the account's budget is taken by checks still
-/// running: one Argon2 hash, with room to queue for a hasher.
+/// The retry-after when the budget is taken by checks still running: one
+/// Argon2 hash, with room to queue for a hasher.
 const RUNNING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The source a login is counted under: the IPv4 address (also when it
+/// comes mapped into IPv6), or the IPv6 address's /64.
+pub fn login_source(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !u128::from(u64::MAX);
+            std::net::IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
 impl LoginThrottle {
-    /// Allows `max_failures` wrong passwords per account per `window`.
-    pub fn new(max_failures: u32, window: std::time::Duration) -> Self {
+    /// Allows `per_source` wrong passwords per account and source, and
+    /// `per_account` per account from all sources, per `window`.
+    pub fn new(per_source: u32, per_account: u32, window: std::time::Duration) -> Self {
         LoginThrottle {
-            records: dashmap::DashMap::new(),
-            max_failures,
+            state: std::sync::Mutex::new(ThrottleState {
+                records: std::collections::HashMap::new(),
+                sweep_at: THROTTLE_SWEEP_AT,
+            }),
+            per_source,
+            per_account,
             window,
-            sweep_at: std::sync::atomic::AtomicUsize::new(THROTTLE_SWEEP_AT),
         }
     }
 
-    /// Starts a password check for `user`, or `Err(wait)` while the
-    /// account's wrong passwords, counting the checks still running as
-    /// wrong, reach the limit: a burst of guesses from many connections at
-    /// once gets no more tries than the same guesses one after another.
-    pub fn begin(&self, user: u64) -> Result<Attempt<'_>, std::time::Duration> {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.records.len() >= self.sweep_at.load(Relaxed) {
-            let window = self.window;
-            self.records
+    fn keys(user: u64, source: std::net::IpAddr) -> [ThrottleKey; 2] {
+        [
+            ThrottleKey { user, source: None },
+            ThrottleKey {
+                user,
+                source: Some(login_source(source)),
+            },
+        ]
+    }
+
+    /// Starts a password check for `user` from `source`, or `Err(wait)`
+    /// while either budget is spent, counting the checks still running as
+    /// wrong: a burst of guesses from many connections at once gets no
+    /// more tries than the same guesses one after another.
+    pub fn begin(
+        &self,
+        user: u64,
+        source: std::net::IpAddr,
+    ) -> Result<Attempt<'_>, std::time::Duration> {
+        let window = self.window;
+        let mut state = self.state.lock().expect("throttle lock");
+        if state.records.len() >= state.sweep_at {
+            state
+                .records
                 .retain(|_, r| r.running > 0 || r.since.elapsed() < window);
-            let next = (2 * self.records.len()).max(THROTTLE_SWEEP_AT);
-            self.sweep_at.store(next, Relaxed);
+            state.sweep_at = (2 * state.records.len()).max(THROTTLE_SWEEP_AT);
         }
-        let mut record = self.records.entry(user).or_insert(Record {
-            failures: 0,
-            running: 0,
-            since: std::time::Instant::now(),
-        });
-        record.roll(self.window);
-        if record.failures >= self.max_failures {
-            return Err(self.window.saturating_sub(record.since.elapsed()));
+        let keys = Self::keys(user, source);
+        let mut wait = None;
+        for (key, max) in keys.iter().zip([self.per_account, self.per_source]) {
+            let record = state.records.entry(*key).or_insert_with(Record::new);
+            record.roll(window);
+            wait = wait.max(record.wait(max, window));
         }
-        if record.failures + record.running >= self.max_failures {
-            return Err(RUNNING_WAIT);
+        if let Some(wait) = wait {
+            return Err(wait);
         }
-        record.running += 1;
+        for key in &keys {
+            state.records.get_mut(key).expect("made above").running += 1;
+        }
         Ok(Attempt {
             throttle: self,
-            user,
+            keys,
             open: true,
         })
     }
 
-    fn end(&self, user: u64, failed: bool) {
-        if let Some(mut record) = self.records.get_mut(&user) {
+    /// Ends a check: a wrong password counts in both records; a right one
+    /// forgives its source's wrong passwords, but not the account's from
+    /// elsewhere, nor the checks still running (forgiving those used to
+    /// let guesses in flight during the owner's login fail uncounted).
+    fn end(&self, keys: &[ThrottleKey; 2], verdict: Verdict) {
+        let window = self.window;
+        let mut state = self.state.lock().expect("throttle lock");
+        for key in keys {
+            let Some(record) = state.records.get_mut(key) else {
+                continue;
+            };
             record.running = record.running.saturating_sub(1);
-            if failed {
-                record.roll(self.window);
-                record.failures += 1;
+            match verdict {
+                Verdict::Wrong => {
+                    record.roll(window);
+                    record.failures += 1;
+                }
+                Verdict::Right if key.source.is_some() => {
+                    record.failures = 0;
+                    record.since = std::time::Instant::now();
+                    if record.running == 0 {
+                        state.records.remove(key);
+                    }
+                }
+                Verdict::Right | Verdict::NotRun => {}
             }
         }
     }
+}
+
+#[derive(Clone, Copy)]
+enum Verdict {
+    Wrong,
+    Right,
+    /// The check could not run: its try is given back.
+    NotRun,
 }
 
 /// A password check under way (see [`LoginThrottle::begin`]). Dropped
 /// without a verdict (the check could not run), it gives its try back.
 pub struct Attempt<'a> {
     throttle: &'a LoginThrottle,
-    user: u64,
+    keys: [ThrottleKey; 2],
     open: bool,
 }
 
@@ -126,29 +222,20 @@ impl Attempt<'_> {
     /// The password was wrong.
     pub fn failed(mut self) {
         self.open = false;
-        self.throttle.end(self.user, true);
+        self.throttle.end(&self.keys, Verdict::Wrong);
     }
 
-    /// The password was right: the account's wrong passwords are
-    /// forgiven, but not the checks still running (removing the record
-    /// used to let guesses in flight during the owner's login fail
-    /// uncounted).
+    /// The password was right.
     pub fn succeeded(mut self) {
         self.open = false;
-        let throttle = self.throttle;
-        throttle.records.remove_if_mut(&self.user, |_, record| {
-            record.running = record.running.saturating_sub(1);
-            record.failures = 0;
-            record.since = std::time::Instant::now();
-            record.running == 0
-        });
+        self.throttle.end(&self.keys, Verdict::Right);
     }
 }
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if self.open {
-            self.throttle.end(self.user, false);
+            self.throttle.end(&self.keys, Verdict::NotRun);
         }
     }
 }
@@ -331,84 +418,156 @@ mod tests {
         assert_ne!(phc, hash_password("correct horse battery").unwrap());
     }
 
+    const HOME: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+
+    fn ip(text: &str) -> std::net::IpAddr {
+        text.parse().unwrap()
+    }
+
     #[test]
     fn login_throttle_locks_an_account_after_repeated_failures() {
         let window = std::time::Duration::from_secs(60);
-        let throttle = LoginThrottle::new(3, window);
+        let throttle = LoginThrottle::new(3, 100, window);
         for _ in 0..2 {
-            throttle.begin(7).unwrap().failed();
-            assert!(throttle.begin(7).is_ok());
+            throttle.begin(7, HOME).unwrap().failed();
+            assert!(throttle.begin(7, HOME).is_ok());
         }
-        throttle.begin(7).unwrap().failed();
-        let wait = throttle.begin(7).err().unwrap();
+        throttle.begin(7, HOME).unwrap().failed();
+        let wait = throttle.begin(7, HOME).err().unwrap();
         assert!(wait > window / 2 && wait <= window, "{wait:?}");
-        assert!(throttle.begin(8).is_ok(), "other accounts are unaffected");
-        // A right password clears the record (the attempt came before the
-        // lockout).
-        let throttle = LoginThrottle::new(3, window);
-        let early = throttle.begin(7).unwrap();
-        throttle.begin(7).unwrap().failed();
-        throttle.begin(7).unwrap().failed();
+        assert!(
+            throttle.begin(8, HOME).is_ok(),
+            "other accounts are unaffected"
+        );
+        // A right password clears the source's record (the attempt came
+        // before the lockout).
+        let throttle = LoginThrottle::new(3, 100, window);
+        let early = throttle.begin(7, HOME).unwrap();
+        throttle.begin(7, HOME).unwrap().failed();
+        throttle.begin(7, HOME).unwrap().failed();
         early.succeeded();
-        assert!(throttle.begin(7).is_ok());
+        assert!(throttle.begin(7, HOME).is_ok());
         // A window that has passed starts over.
-        let short = LoginThrottle::new(1, std::time::Duration::from_millis(1));
-        short.begin(1).unwrap().failed();
+        let short = LoginThrottle::new(1, 100, std::time::Duration::from_millis(1));
+        short.begin(1, HOME).unwrap().failed();
         std::thread::sleep(std::time::Duration::from_millis(5));
-        assert!(short.begin(1).is_ok());
+        assert!(short.begin(1, HOME).is_ok());
+    }
+
+    #[test]
+    fn one_source_spending_its_budget_does_not_lock_out_another() {
+        let window = std::time::Duration::from_secs(60);
+        let throttle = LoginThrottle::new(3, 10, window);
+        for _ in 0..3 {
+            throttle.begin(7, ip("203.0.113.9")).unwrap().failed();
+        }
+        assert!(throttle.begin(7, ip("203.0.113.9")).is_err());
+        // The same host over IPv6-mapped IPv4 is the same source, and so is
+        // another address in the same IPv6 /64.
+        assert!(throttle.begin(7, ip("::ffff:203.0.113.9")).is_err());
+        for _ in 0..3 {
+            throttle.begin(7, ip("2001:db8:1:2::1")).unwrap().failed();
+        }
+        assert!(throttle.begin(7, ip("2001:db8:1:2:ffff::5")).is_err());
+        // The owner, elsewhere, still gets in; their success does not
+        // forgive the account's wrong passwords from other sources.
+        throttle.begin(7, HOME).unwrap().succeeded();
+        assert!(throttle.begin(7, ip("203.0.113.9")).is_err());
+        // Guesses from enough sources spend the account's budget (10):
+        // then every source waits for the window, the owner's too.
+        throttle.begin(7, ip("2001:db8:1:3::1")).unwrap().failed();
+        throttle.begin(7, ip("2001:db8:1:3::1")).unwrap().failed();
+        assert!(throttle.begin(7, HOME).is_ok());
+        throttle.begin(7, ip("2001:db8:1:4::1")).unwrap().failed();
+        assert!(throttle.begin(7, ip("2001:db8:1:4::1")).is_ok());
+        let wait = throttle.begin(7, ip("2001:db8:1:5::1")).err();
+        assert!(
+            wait.is_none(),
+            "9 wrong so far, after the attempts given back: {wait:?}"
+        );
+        throttle.begin(7, ip("2001:db8:1:5::1")).unwrap().failed();
+        let wait = throttle.begin(7, HOME).err().unwrap();
+        assert!(wait > window / 2 && wait <= window, "{wait:?}");
+        assert!(
+            throttle.begin(8, HOME).is_ok(),
+            "other accounts are unaffected"
+        );
+    }
+
+    #[test]
+    fn login_sources_are_ipv4_addresses_and_ipv6_slash_64s() {
+        assert_eq!(login_source(ip("198.51.100.7")), ip("198.51.100.7"));
+        assert_eq!(login_source(ip("::ffff:198.51.100.7")), ip("198.51.100.7"));
+        assert_eq!(
+            login_source(ip("2001:db8:a:b:c:d:e:f")),
+            ip("2001:db8:a:b::")
+        );
+        assert_ne!(
+            login_source(ip("2001:db8:a:b::1")),
+            login_source(ip("2001:db8:a:c::1"))
+        );
     }
 
     #[test]
     fn records_inside_their_window_are_not_swept_at_every_login() {
-        use std::sync::atomic::Ordering::Relaxed;
-        let throttle = LoginThrottle::new(3, std::time::Duration::from_secs(60));
-        for user in 0..THROTTLE_SWEEP_AT as u64 {
-            throttle.begin(user).unwrap().failed();
+        let state = |t: &LoginThrottle| {
+            let s = t.state.lock().unwrap();
+            (s.records.len(), s.sweep_at)
+        };
+        let throttle = LoginThrottle::new(3, 100, std::time::Duration::from_secs(60));
+        // Two records per account: its own and its source's.
+        let accounts = THROTTLE_SWEEP_AT as u64 / 2;
+        for user in 0..accounts {
+            throttle.begin(user, HOME).unwrap().failed();
         }
         // The sweep at the limit kept them all (in their window) and moved
         // the next one to twice as many.
-        throttle.begin(u64::MAX).unwrap().failed();
-        assert_eq!(throttle.records.len(), THROTTLE_SWEEP_AT + 1);
-        assert_eq!(throttle.sweep_at.load(Relaxed), 2 * THROTTLE_SWEEP_AT);
+        throttle.begin(u64::MAX, HOME).unwrap().failed();
+        assert_eq!(
+            state(&throttle),
+            (THROTTLE_SWEEP_AT + 2, 2 * THROTTLE_SWEEP_AT)
+        );
         // Expired records are dropped by the next sweep all the same.
-        let short = LoginThrottle::new(3, std::time::Duration::from_millis(1));
-        for user in 0..THROTTLE_SWEEP_AT as u64 {
-            short.begin(user).unwrap().failed();
+        let short = LoginThrottle::new(3, 100, std::time::Duration::from_millis(1));
+        for user in 0..accounts {
+            short.begin(user, HOME).unwrap().failed();
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
-        short.begin(u64::MAX).unwrap().failed();
-        assert_eq!(short.records.len(), 1);
-        assert_eq!(short.sweep_at.load(Relaxed), THROTTLE_SWEEP_AT);
+        short.begin(u64::MAX, HOME).unwrap().failed();
+        assert_eq!(state(&short), (2, THROTTLE_SWEEP_AT));
     }
 
     #[test]
     fn guesses_in_flight_during_the_owners_login_still_count() {
-        let throttle = LoginThrottle::new(3, std::time::Duration::from_secs(60));
-        let owner = throttle.begin(7).unwrap();
-        let guesses: Vec<_> = (0..2).map(|_| throttle.begin(7).unwrap()).collect();
+        let throttle = LoginThrottle::new(3, 100, std::time::Duration::from_secs(60));
+        let owner = throttle.begin(7, HOME).unwrap();
+        let guesses: Vec<_> = (0..2).map(|_| throttle.begin(7, HOME).unwrap()).collect();
         owner.succeeded();
         for guess in guesses {
             guess.failed();
         }
         // Both wrong guesses counted: one more try, then the lock.
-        throttle.begin(7).unwrap().failed();
-        assert!(throttle.begin(7).is_err());
+        throttle.begin(7, HOME).unwrap().failed();
+        assert!(throttle.begin(7, HOME).is_err());
     }
 
     #[test]
     fn checks_still_running_count_against_the_budget() {
-        let throttle = LoginThrottle::new(3, std::time::Duration::from_secs(60));
-        let running: Vec<_> = (0..3).map(|_| throttle.begin(7).unwrap()).collect();
-        assert_eq!(throttle.begin(7).err(), Some(RUNNING_WAIT));
-        // A check that could not run gives its try back.
-        let mut running = running.into_iter();
-        drop(running.next());
-        let again = throttle.begin(7).unwrap();
-        for attempt in running.chain([again]) {
-            attempt.failed();
+        for (per_source, per_account) in [(3, 100), (100, 3)] {
+            let throttle =
+                LoginThrottle::new(per_source, per_account, std::time::Duration::from_secs(60));
+            let running: Vec<_> = (0..3).map(|_| throttle.begin(7, HOME).unwrap()).collect();
+            assert_eq!(throttle.begin(7, HOME).err(), Some(RUNNING_WAIT));
+            // A check that could not run gives its try back.
+            let mut running = running.into_iter();
+            drop(running.next());
+            let again = throttle.begin(7, HOME).unwrap();
+            for attempt in running.chain([again]) {
+                attempt.failed();
+            }
+            let wait = throttle.begin(7, HOME).err().unwrap();
+            assert!(wait > RUNNING_WAIT, "locked for the window: {wait:?}");
         }
-        let wait = throttle.begin(7).err().unwrap();
-        assert!(wait > RUNNING_WAIT, "locked for the window: {wait:?}");
     }
 
     #[tokio::test]

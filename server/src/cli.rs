@@ -213,9 +213,20 @@ struct Overrides {
     /// Burst of sends above send-rate.
     #[arg(long, env = "CHAT_SEND_BURST")]
     send_burst: Option<u32>,
-    /// Wrong passwords per account per login-failure-window.
+    /// Sustained control requests per second per user (0: no limit).
+    #[arg(long, env = "CHAT_CONTROL_RATE")]
+    control_rate: Option<u32>,
+    /// Burst of control requests above control-rate.
+    #[arg(long, env = "CHAT_CONTROL_BURST")]
+    control_burst: Option<u32>,
+    /// Wrong passwords per account and source address per
+    /// login-failure-window.
     #[arg(long, env = "CHAT_MAX_LOGIN_FAILURES")]
     max_login_failures: Option<u32>,
+    /// Wrong passwords per account from all sources per
+    /// login-failure-window.
+    #[arg(long, env = "CHAT_MAX_ACCOUNT_LOGIN_FAILURES")]
+    max_account_login_failures: Option<u32>,
     /// Logins and registrations that may wait for a password hasher.
     #[arg(long, env = "CHAT_MAX_QUEUED_PASSWORD_CHECKS")]
     max_queued_password_checks: Option<usize>,
@@ -324,7 +335,13 @@ impl Overrides {
         set(&mut t.write_stall, self.write_stall);
         set(&mut c.limits.send_rate, self.send_rate);
         set(&mut c.limits.send_burst, self.send_burst);
+        set(&mut c.limits.control_rate, self.control_rate);
+        set(&mut c.limits.control_burst, self.control_burst);
         set(&mut c.limits.max_login_failures, self.max_login_failures);
+        set(
+            &mut c.limits.max_account_login_failures,
+            self.max_account_login_failures,
+        );
         set(
             &mut c.limits.max_queued_password_checks,
             self.max_queued_password_checks,
@@ -601,6 +618,10 @@ mod tests {
             "5",
             "--send-burst",
             "10",
+            "--control-rate",
+            "7",
+            "--control-burst",
+            "70",
             "--metrics-listen",
             "127.0.0.1:0",
             "--sqlite-commit-gap",
@@ -615,6 +636,7 @@ mod tests {
         assert!(c.transport.zero_rtt);
         assert_eq!((c.transport.min_mtu, c.transport.initial_mtu), (1280, 1400));
         assert_eq!((c.limits.send_rate, c.limits.send_burst), (5, 10));
+        assert_eq!((c.limits.control_rate, c.limits.control_burst), (7, 70));
         assert_eq!(c.metrics_listen.port(), 0);
         assert_eq!(c.sqlite_commit_gap, Duration::from_millis(3));
         assert_eq!(c.committers, 2);

@@ -196,9 +196,14 @@ pub struct Limits {
     /// them only to the senders of the messages they cover (receipts grow
     /// with the square of the size otherwise).
     pub receipt_broadcast_max_members: usize,
-    /// Wrong passwords allowed per account per `login-failure-window`,
-    /// across all connections; then logins answer RATE_LIMITED.
+    /// Wrong passwords allowed per account from one source address (an
+    /// IPv4 address or an IPv6 /64) per `login-failure-window`, across all
+    /// connections; then logins from there answer RATE_LIMITED.
     pub max_login_failures: u32,
+    /// Wrong passwords allowed per account from all sources together per
+    /// `login-failure-window`; then every login of the account answers
+    /// RATE_LIMITED. Bounds guessing spread over many addresses.
+    pub max_account_login_failures: u32,
     /// The window for `max-login-failures`.
     #[serde(with = "humantime_serde")]
     pub login_failure_window: Duration,
@@ -212,6 +217,16 @@ pub struct Limits {
     pub send_rate: u32,
     /// Sends a user may make at once above `send-rate` (the bucket size).
     pub send_burst: u32,
+    /// Sustained control requests per second per user, across their
+    /// devices (friends, conversations, history, presence, receipts
+    /// queries, group changes, heartbeats; 0: no limit). Over it a
+    /// request is answered RATE_LIMITED with a retry-after and a heartbeat
+    /// is ignored.
+    pub control_rate: u32,
+    /// Control requests a user may make at once above `control-rate`: an
+    /// app's start-up sync (conversation list, a page of history for each
+    /// of the first screen's conversations, presence) stays under it.
+    pub control_burst: u32,
 }
 
 /// Longest `session-ttl` accepted (ten years).
@@ -368,10 +383,13 @@ impl Default for Limits {
             max_group_size: 250,
             receipt_broadcast_max_members: 32,
             max_login_failures: 10,
+            max_account_login_failures: 100,
             login_failure_window: Duration::from_secs(15 * 60),
             max_queued_password_checks: 64,
             send_rate: 20,
             send_burst: 100,
+            control_rate: 20,
+            control_burst: 200,
         }
     }
 }
@@ -521,8 +539,14 @@ impl Config {
                 l.receipt_broadcast_max_members
             ));
         }
-        if l.max_login_failures == 0 || l.login_failure_window.is_zero() {
-            return err("max-login-failures and login-failure-window must be more than 0".into());
+        if l.max_login_failures == 0
+            || l.max_account_login_failures == 0
+            || l.login_failure_window.is_zero()
+        {
+            return err(
+                "max-login-failures, max-account-login-failures and login-failure-window must be more than 0"
+                    .into(),
+            );
         }
         if l.max_queued_password_checks > 100_000 {
             return err(format!(
@@ -683,6 +707,12 @@ impl Config {
             return err(format!(
                 "send-rate ({}) and send-burst ({}) must both be 0 (no limit) or both above 0",
                 l.send_rate, l.send_burst
+            ));
+        }
+        if (l.control_rate == 0) != (l.control_burst == 0) {
+            return err(format!(
+                "control-rate ({}) and control-burst ({}) must both be 0 (no limit) or both above 0",
+                l.control_rate, l.control_burst
             ));
         }
         match (&self.tls.tls_cert, &self.tls.tls_key) {
@@ -917,6 +947,10 @@ mod tests {
             (
                 |c| c.limits.send_burst = 0,
                 "send-rate (20) and send-burst (0)",
+            ),
+            (
+                |c| c.limits.control_rate = 0,
+                "control-rate (0) and control-burst (200)",
             ),
             (
                 |c| c.limits.heartbeat_interval = Duration::from_secs(40),

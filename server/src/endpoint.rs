@@ -19,7 +19,7 @@ use crate::http::{self, OpsState};
 use crate::hub::Hub;
 use crate::metrics::{self, Metrics};
 use crate::presence::Presence;
-use crate::ratelimit::{self, SendLimiter};
+use crate::ratelimit::{self, RateLimiter};
 use crate::session;
 use crate::store::instrumented::Instrumented;
 use crate::store::postgres::PostgresStore;
@@ -84,17 +84,19 @@ pub struct Shared {
     pub delivery: Arc<Delivery>,
     /// Online status tracking.
     pub presence: Arc<Presence>,
-    /// Wrong-password limits per account.
+    /// Wrong-password limits per account and source, and per account.
     pub login_throttle: crate::auth::LoginThrottle,
     /// Argon2 hashes allowed to run at once (one per core), and the
     /// bounded queue in front of them.
     pub hashing: crate::auth::Hashers,
     /// Per-user send rate.
-    pub send_limiter: SendLimiter,
+    pub send_limiter: RateLimiter,
     /// Per-user rate of group leaves, which the send rate does not limit
     /// (a user out of send tokens can still leave) but which each take a
     /// turn on the send committer.
-    pub leave_limiter: SendLimiter,
+    pub leave_limiter: RateLimiter,
+    /// Per-user rate of control requests (and heartbeats).
+    pub control_limiter: RateLimiter,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -185,12 +187,17 @@ impl Server {
         );
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let shared = Arc::new(Shared {
-            send_limiter: SendLimiter::new(config.limits.send_rate, config.limits.send_burst),
-            leave_limiter: SendLimiter::new(ratelimit::LEAVE_RATE, ratelimit::LEAVE_BURST),
+            send_limiter: RateLimiter::new(config.limits.send_rate, config.limits.send_burst),
+            leave_limiter: RateLimiter::new(ratelimit::LEAVE_RATE, ratelimit::LEAVE_BURST),
+            control_limiter: RateLimiter::new(
+                config.limits.control_rate,
+                config.limits.control_burst,
+            ),
             metrics,
             hashing: crate::auth::Hashers::new(cores, config.limits.max_queued_password_checks),
             login_throttle: crate::auth::LoginThrottle::new(
                 config.limits.max_login_failures,
+                config.limits.max_account_login_failures,
                 config.limits.login_failure_window,
             ),
             presence,
@@ -349,6 +356,7 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         let now = std::time::Instant::now();
         shared.send_limiter.sweep(now);
         shared.leave_limiter.sweep(now);
+        shared.control_limiter.sweep(now);
     }
 }
 

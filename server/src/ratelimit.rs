@@ -1,8 +1,9 @@
-//! Per-user send rate limit: a token bucket per user, shared by all of the
-//! user's connections on this node.
+//! Per-user rate limits: a token bucket per user, shared by all of the
+//! user's connections on this node. The node keeps one limiter for sends,
+//! one for group leaves and one for control requests.
 //!
 //! A bucket holds up to `burst` tokens and refills at `rate` per second; a
-//! send takes one. Buckets exist only for users who sent recently: a
+//! send (a leave, a request) takes one. Buckets exist only for users who sent recently: a
 //! bucket that has refilled completely is the same as no bucket, so the
 //! sweeper drops it.
 
@@ -28,27 +29,27 @@ pub const LEAVE_RATE: u32 = 10;
 /// every group they are in at once stays under it.
 pub const LEAVE_BURST: u32 = 500;
 
-/// The node's send limiter (and its leave limiter).
-pub struct SendLimiter {
+/// One of the node's limiters: sends, group leaves or control requests.
+pub struct RateLimiter {
     /// Tokens per second; 0 disables the limit.
     rate: f64,
     burst: f64,
     buckets: DashMap<UserId, Bucket>,
 }
 
-impl SendLimiter {
+impl RateLimiter {
     /// `rate` sends per second with bursts of `burst`; `rate == 0` never
     /// limits.
     pub fn new(rate: u32, burst: u32) -> Self {
-        SendLimiter {
+        RateLimiter {
             rate: f64::from(rate),
             burst: f64::from(burst.max(1)),
             buckets: DashMap::new(),
         }
     }
 
-    /// Takes a token for one send by `user`, or says how long until one is
-    /// available.
+    /// Takes a token for one send (leave, request) by `user`, or says how
+    /// long until one is available.
     pub fn check(&self, user: UserId, now: Instant) -> Result<(), Duration> {
         if self.rate == 0.0 {
             return Ok(());
@@ -95,7 +96,7 @@ mod tests {
 
     #[test]
     fn bursts_then_refills_at_the_rate() {
-        let limiter = SendLimiter::new(10, 3);
+        let limiter = RateLimiter::new(10, 3);
         let t0 = Instant::now();
         for _ in 0..3 {
             limiter.check(1, t0).unwrap();
@@ -118,7 +119,7 @@ mod tests {
     #[test]
     fn an_earlier_instant_does_not_credit_a_gap_twice() {
         // Two connections of one user: the later instant is checked first.
-        let limiter = SendLimiter::new(10, 1);
+        let limiter = RateLimiter::new(10, 1);
         let t0 = Instant::now();
         let t1 = t0 + Duration::from_millis(100);
         limiter.check(1, t0).unwrap();
@@ -131,14 +132,14 @@ mod tests {
 
     #[test]
     fn zero_rate_never_limits_and_sweep_forgets_full_buckets() {
-        let off = SendLimiter::new(0, 0);
+        let off = RateLimiter::new(0, 0);
         let now = Instant::now();
         for _ in 0..10_000 {
             off.check(1, now).unwrap();
         }
         assert_eq!(off.tracked_users(), 0);
 
-        let limiter = SendLimiter::new(10, 5);
+        let limiter = RateLimiter::new(10, 5);
         limiter.check(1, now).unwrap();
         limiter.check(2, now).unwrap();
         limiter.sweep(now);

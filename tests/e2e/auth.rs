@@ -314,6 +314,49 @@ async fn password_guessing_is_throttled_per_account() {
 }
 
 #[tokio::test]
+async fn an_attacker_spending_their_budget_does_not_lock_the_owner_out() {
+    // Three wrong passwords per account and source address, five per
+    // account from everywhere. The owner logs in from 127.0.0.1; guesses
+    // come from other loopback addresses.
+    let server = TestServer::start_with(|c| {
+        c.limits.max_login_failures = 3;
+        c.limits.max_account_login_failures = 5;
+    })
+    .await;
+    let from = |ip: &str| {
+        let mut config = server.client_config();
+        let bind = std::net::SocketAddr::new(ip.parse().unwrap(), 0);
+        config.endpoint = Some(quinn::Endpoint::client(bind).expect("bind a loopback address"));
+        config
+    };
+    let alice = name("alice");
+    register(server.client_config(), &alice).await.0.close();
+    let code = |result: Result<(Client, chat_client::Events), chat_client::ClientError>| {
+        result.err().and_then(|e| e.code())
+    };
+    for _ in 0..3 {
+        let guess = Client::login(from("127.0.0.2"), &alice, "wrong password!").await;
+        assert_eq!(code(guess), Some(ErrorCode::WrongPassword));
+    }
+    // That source is locked, even with the right password...
+    let again = Client::login(from("127.0.0.2"), &alice, PASSWORD).await;
+    assert_eq!(code(again), Some(ErrorCode::RateLimited));
+    // ...but the owner, elsewhere, is not.
+    let (owner, _events) = Client::login(from("127.0.0.1"), &alice, PASSWORD)
+        .await
+        .expect("the owner logs in from their own address");
+    owner.close();
+    // Guesses from a second source spend the account's budget: then the
+    // owner waits too.
+    for _ in 0..2 {
+        let guess = Client::login(from("127.0.0.3"), &alice, "wrong password!").await;
+        assert_eq!(code(guess), Some(ErrorCode::WrongPassword));
+    }
+    let owner = Client::login(from("127.0.0.1"), &alice, PASSWORD).await;
+    assert_eq!(code(owner), Some(ErrorCode::RateLimited));
+}
+
+#[tokio::test]
 async fn a_burst_of_guesses_gets_no_more_tries_than_guesses_in_turn() {
     // 20 wrong passwords at once, each on its own connection: every one
     // used to pass the lockout check before the first was found wrong.

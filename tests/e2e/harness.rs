@@ -456,6 +456,14 @@ pub fn unlimited_sends(c: &mut Config) {
     c.limits.send_burst = 0;
 }
 
+/// No per-user send or control-request rate: for tests that also make
+/// requests in bulk.
+pub fn unlimited_sends_and_requests(c: &mut Config) {
+    unlimited_sends(c);
+    c.limits.control_rate = 0;
+    c.limits.control_burst = 0;
+}
+
 /// Sends `n` texts ("0", "1", ...) to `conversation` at once, in rounds
 /// below client-lib's outbox limit; their seqs, ascending.
 pub async fn send_texts(client: &Client, conversation: u64, n: usize) -> Vec<u64> {
@@ -701,6 +709,15 @@ impl RawControl {
         );
         send.write_all(&open).await.unwrap();
         (send, recv)
+    }
+
+    /// Writes frames that have no answer (heartbeats) at once.
+    pub async fn write_unanswered(&mut self, bodies: Vec<chat_protocol::Body>) {
+        let mut out = bytes::BytesMut::new();
+        for body in bodies {
+            chat_protocol::encode(&chat_protocol::Frame::new(0, body), &mut out);
+        }
+        self.send.write_all(&out).await.unwrap();
     }
 
     /// Writes every request at once, then returns their answers in the

@@ -734,7 +734,7 @@ async fn sigterm_finishes_commits_and_tells_clients_to_reconnect() {
 /// with their events), and `n` texts of 15,000 bytes from alice in their
 /// conversation, each starting with its two-digit index.
 async fn long_texts(n: u64) -> (TestServer, (Client, Events), (Client, Events), u64) {
-    let server = TestServer::start_with(unlimited_sends).await;
+    let server = TestServer::start_with(unlimited_sends_and_requests).await;
     let alice = register(server.client_config(), &name("alice")).await;
     let bob = register(server.client_config(), &name("bob")).await;
     let conversation = befriend(&alice.0, &bob.0).await;

@@ -759,7 +759,8 @@ async fn a_flood_of_group_leaves_is_limited() {
     // line with everyone's sends: unlimited, a client pipelining leaves
     // (of groups that do not even exist) held up every sender of the node.
     // They have a bucket of their own: 500 at once, then 10 a second.
-    let server = TestServer::start().await;
+    // The control-request limit would refuse them first.
+    let server = TestServer::start_with(|c| c.limits.control_burst = 1_000).await;
     let (alice, _a) = register(server.client_config(), &name("alice")).await;
     let mut device = RawControl::resume(&server, &alice.identity().token).await;
     // Written at once, so the bucket's refill (10 a second) cannot keep
@@ -791,6 +792,70 @@ async fn a_flood_of_group_leaves_is_limited() {
         retry_after_ms > 0 && retry_after_ms <= 1_000,
         "{retry_after_ms}"
     );
+}
+
+#[tokio::test]
+async fn a_flood_of_control_requests_or_heartbeats_is_limited() {
+    // Each control request is a store read or write and each heartbeat a
+    // presence write; unlimited, one client pipelining them had the
+    // node's store to itself. A bucket per user: 50 at once, then 1 a
+    // second (the test's figures), heartbeats included.
+    let server = TestServer::start_with(|c| {
+        c.limits.control_rate = 1;
+        c.limits.control_burst = 50;
+    })
+    .await;
+    let (alice, _a) = register(server.client_config(), &name("alice")).await;
+    let (bob, _b) = register(server.client_config(), &name("bob")).await;
+    // Their own devices go offline, so none of their heartbeats counts.
+    alice.shutdown(WAIT).await;
+    bob.shutdown(WAIT).await;
+    let list = || Body::ListFriends(proto::ListFriends {});
+    let limited = |answers: &[Body]| -> Vec<(usize, u32)> {
+        answers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, answer)| match answer {
+                Body::FriendList(_) => None,
+                Body::Error(e) if ErrorCode::from_wire(e.code) == ErrorCode::RateLimited => {
+                    Some((i, e.retry_after_ms))
+                }
+                other => panic!("expected a friend list or RATE_LIMITED, got {other:?}"),
+            })
+            .collect()
+    };
+    // Written at once, 10 over the burst: the refill (1 a second) cannot
+    // make up 10 however slow the machine.
+    let mut device = RawControl::resume(&server, &alice.identity().token).await;
+    let answers = device.pipeline((0..60).map(|_| list()).collect()).await;
+    let refused = limited(&answers);
+    let &(at, retry_after_ms) = refused.first().expect("60 requests at once hit the limit");
+    assert!(at >= 50, "the burst of 50 went through: limited at {at}");
+    assert!(
+        (1..=1_000).contains(&retry_after_ms),
+        "retry after {retry_after_ms} ms"
+    );
+    // Another user has a bucket of their own; their heartbeats take from
+    // it like requests.
+    let mut other = RawControl::resume(&server, &bob.identity().token).await;
+    let answer = other.request(list()).await;
+    assert!(matches!(answer, Body::FriendList(_)), "{answer:?}");
+    other
+        .write_unanswered(
+            (0..49)
+                .map(|_| Body::Heartbeat(proto::Heartbeat {}))
+                .collect(),
+        )
+        .await;
+    let answers = other.pipeline((0..10).map(|_| list()).collect()).await;
+    assert!(
+        !limited(&answers).is_empty(),
+        "after 49 heartbeats, 10 more requests hit the limit"
+    );
+    // Once the retry-after has passed, the refused user is served again.
+    tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms) + 50)).await;
+    let answer = device.request(list()).await;
+    assert!(matches!(answer, Body::FriendList(_)), "{answer:?}");
 }
 
 /// The answer to request `id` on a messages stream (pushes are skipped).

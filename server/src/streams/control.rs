@@ -59,13 +59,26 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
             }
         };
         handle.touch(now_ms());
+        // Every request and heartbeat takes a token from the user's control
+        // bucket first: a client pipelining requests (each a store read or
+        // write) or heartbeats (each a presence write) could otherwise
+        // take the node's store for itself.
+        let charged = charge_control_rate(&session);
         if let Some(Body::Heartbeat(_)) = frame.body {
-            // Fire-and-forget: no reply, only a refreshed presence TTL.
-            Box::pin(session.shared.presence.heartbeat(&handle)).await;
+            // Fire-and-forget: no reply, only a refreshed presence TTL. Over
+            // the rate it is ignored; the presence window outlasts a few
+            // missed beats.
+            if charged.is_ok() {
+                Box::pin(session.shared.presence.heartbeat(&handle)).await;
+            }
             continue;
         }
         let request_id = frame.request_id;
-        let reply = match Box::pin(handle_request(&session, frame)).await {
+        let answer = match charged {
+            Ok(()) => Box::pin(handle_request(&session, frame)).await,
+            Err(refusal) => Err(refusal),
+        };
+        let reply = match answer {
             Ok(Reply::Frame(frame)) => Outbound::frame(&frame),
             Ok(Reply::Close(frame, code)) => Outbound::closing(&frame, code),
             Ok(Reply::Deferred) => continue,
@@ -217,7 +230,7 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     let attempt = session
         .shared
         .login_throttle
-        .begin(user.id)
+        .begin(user.id, session.conn.remote_address().ip())
         .map_err(|wait| {
             Refusal::new(
                 ErrorCode::RateLimited,
@@ -896,6 +909,15 @@ fn charge_send_rate(session: &Session) -> Result<(), Refusal> {
     })
 }
 
+/// Charges a control request (or heartbeat) to the user's control bucket
+/// (see `Shared::control_limiter`).
+fn charge_control_rate(session: &Session) -> Result<(), Refusal> {
+    let rate = session.shared.config.limits.control_rate;
+    charge(session, &session.shared.control_limiter, |wait| {
+        format!("over {rate} control requests per second; retry in {wait} ms")
+    })
+}
+
 /// Charges a leave to the user's leave bucket (see `Shared::leave_limiter`).
 fn charge_leave_rate(session: &Session) -> Result<(), Refusal> {
     charge(session, &session.shared.leave_limiter, |wait| {
@@ -910,7 +932,7 @@ fn charge_leave_rate(session: &Session) -> Result<(), Refusal> {
 /// RATE_LIMITED, the retry-after and `why` (given it in milliseconds).
 fn charge(
     session: &Session,
-    limiter: &crate::ratelimit::SendLimiter,
+    limiter: &crate::ratelimit::RateLimiter,
     why: impl FnOnce(u32) -> String,
 ) -> Result<(), Refusal> {
     let user = session.authed().expect("authenticated").user_id;
