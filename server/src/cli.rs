@@ -100,6 +100,12 @@ struct Overrides {
     /// Session token lifetime, e.g. 30days.
     #[arg(long, env = "CHAT_SESSION_TTL", value_parser = humantime::parse_duration)]
     session_ttl: Option<Duration>,
+    /// How long an expired or revoked session is kept, e.g. 30days.
+    #[arg(long, env = "CHAT_SESSION_RETENTION", value_parser = humantime::parse_duration)]
+    session_retention: Option<Duration>,
+    /// How often sessions past session-retention are deleted, e.g. 1h.
+    #[arg(long, env = "CHAT_SESSION_PURGE_INTERVAL", value_parser = humantime::parse_duration)]
+    session_purge_interval: Option<Duration>,
     /// Time allowed to authenticate, e.g. 10s.
     #[arg(long, env = "CHAT_AUTH_TIMEOUT", value_parser = humantime::parse_duration)]
     auth_timeout: Option<Duration>,
@@ -270,6 +276,11 @@ impl Overrides {
         set(&mut c.limits.max_frame_len, self.max_frame_len);
         set(&mut c.limits.max_text_len, self.max_text_len);
         set(&mut c.limits.session_ttl, self.session_ttl);
+        set(&mut c.limits.session_retention, self.session_retention);
+        set(
+            &mut c.limits.session_purge_interval,
+            self.session_purge_interval,
+        );
         set(&mut c.limits.auth_timeout, self.auth_timeout);
         set(&mut c.limits.max_friends, self.max_friends);
         set(&mut c.limits.max_auth_attempts, self.max_auth_attempts);

@@ -168,6 +168,14 @@ pub struct Limits {
     /// How long a session token stays valid after login.
     #[serde(with = "humantime_serde")]
     pub session_ttl: Duration,
+    /// How long a session is kept after it expired or was revoked, so a
+    /// device coming back is told which (TOKEN_EXPIRED, TOKEN_REVOKED)
+    /// rather than TOKEN_INVALID; then its row is deleted.
+    #[serde(with = "humantime_serde")]
+    pub session_retention: Duration,
+    /// How often the node deletes sessions past `session-retention`.
+    #[serde(with = "humantime_serde")]
+    pub session_purge_interval: Duration,
     /// How long a new connection may take to authenticate.
     #[serde(with = "humantime_serde")]
     pub auth_timeout: Duration,
@@ -373,6 +381,8 @@ impl Default for Limits {
             max_frame_len: limits::DEFAULT_MAX_FRAME_LEN,
             max_text_len: limits::DEFAULT_MAX_TEXT_LEN,
             session_ttl: Duration::from_secs(30 * 24 * 3600),
+            session_retention: Duration::from_secs(30 * 24 * 3600),
+            session_purge_interval: Duration::from_secs(3600),
             auth_timeout: Duration::from_secs(10),
             max_friends: 5_000,
             max_auth_attempts: 5,
@@ -494,6 +504,17 @@ impl Config {
                 "session-ttl must be between 1s and {} (token expiry times are milliseconds since 1970)",
                 humantime::format_duration(MAX_SESSION_TTL)
             ));
+        }
+        if l.session_retention > MAX_SESSION_TTL {
+            return err(format!(
+                "session-retention must be at most {}",
+                humantime::format_duration(MAX_SESSION_TTL)
+            ));
+        }
+        if l.session_purge_interval < Duration::from_millis(10)
+            || l.session_purge_interval > Duration::from_secs(24 * 3600)
+        {
+            return err("session-purge-interval must be between 10ms and 1day".into());
         }
         if l.auth_timeout.is_zero() || l.auth_timeout > MAX_AUTH_TIMEOUT {
             return err(format!(
@@ -828,6 +849,14 @@ mod tests {
             ),
             (|c| c.limits.session_ttl = Duration::ZERO, "session-ttl"),
             (|c| c.limits.session_ttl = Duration::MAX, "session-ttl"),
+            (
+                |c| c.limits.session_retention = Duration::MAX,
+                "session-retention",
+            ),
+            (
+                |c| c.limits.session_purge_interval = Duration::ZERO,
+                "session-purge-interval",
+            ),
             (
                 |c| c.limits.auth_timeout = Duration::from_secs(3600),
                 "auth-timeout",

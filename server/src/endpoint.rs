@@ -215,6 +215,7 @@ impl Server {
             tokio::spawn(sample_paths(shared.hub.clone())),
             tokio::spawn(metrics_upkeep(shared.metrics.clone())),
             tokio::spawn(sweep_limiter(Arc::downgrade(&shared))),
+            tokio::spawn(purge_sessions(Arc::downgrade(&shared))),
         ];
         tracing::info!(%local_addr, %metrics_addr, "chat-server listening (ALPN chat/1)");
         Ok(Server {
@@ -357,6 +358,56 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         shared.send_limiter.sweep(now);
         shared.leave_limiter.sweep(now);
         shared.control_limiter.sweep(now);
+    }
+}
+
+/// Sessions deleted per store call while purging.
+const PURGE_BATCH: u32 = 1_000;
+/// The pause between two purge batches, so a backlog (a first purge on a
+/// large table) takes short turns with the store's other work.
+const PURGE_PAUSE: Duration = Duration::from_millis(100);
+
+/// Deletes sessions that ended (expired or were revoked) more than
+/// `session-retention` ago, at start and then every
+/// `session-purge-interval`, a batch at a time; ends with the server.
+/// Nodes sharing a Postgres each purge: a row is deleted once, whoever
+/// comes first.
+async fn purge_sessions(weak: std::sync::Weak<Shared>) {
+    let every = match weak.upgrade() {
+        Some(shared) => shared.config.limits.session_purge_interval,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut purged = 0;
+        loop {
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            let retention = shared.config.limits.session_retention;
+            let before = crate::streams::now_ms()
+                .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+            match shared.store.purge_sessions(before, PURGE_BATCH).await {
+                Ok(n) => {
+                    purged += n;
+                    shared.metrics.sessions_purged.increment(n);
+                    if n < u64::from(PURGE_BATCH) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot purge ended sessions; trying again at the next interval");
+                    break;
+                }
+            }
+            drop(shared);
+            tokio::time::sleep(PURGE_PAUSE).await;
+        }
+        if purged > 0 {
+            tracing::info!(purged, "deleted ended sessions");
+        }
     }
 }
 

@@ -116,6 +116,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "Batches of recent-cache and unread-queue updates dropped because the updater was behind (a slow Redis): each costs history reads later, never a message.",
     ),
     (
+        "chat_sessions_purged_total",
+        "counter",
+        Unit::Count,
+        "Sessions deleted after they expired or were revoked more than session-retention ago.",
+    ),
+    (
         "chat_errors_total",
         "counter",
         Unit::Count,
@@ -249,6 +255,8 @@ pub struct Metrics {
     pub receipts: Counter,
     /// Cache and queue updates dropped for a full updater queue.
     pub cache_updates_dropped: Counter,
+    /// Ended sessions deleted.
+    pub sessions_purged: Counter,
     /// Send decoded to SendAck queued.
     pub send_to_ack: Histogram,
     /// Send decoded to Deliver queued.
@@ -337,6 +345,7 @@ impl Metrics {
                 acks_ignored: metrics::counter!("chat_delivery_acks_ignored_total"),
                 receipts: metrics::counter!("chat_receipts_total"),
                 cache_updates_dropped: metrics::counter!("chat_cache_updates_dropped_total"),
+                sessions_purged: metrics::counter!("chat_sessions_purged_total"),
                 send_to_ack: metrics::histogram!("chat_send_ack_duration_seconds"),
                 send_to_deliver: metrics::histogram!("chat_send_deliver_duration_seconds"),
                 commit_batch: metrics::histogram!("chat_commit_batch_messages"),

@@ -37,6 +37,7 @@ macro_rules! history_store_conformance {
             users,
             sessions,
             friend_requests,
+            ended_sessions_are_purged,
             friend_limits,
             concurrent_friend_requests_stay_within_the_limits,
             direct_conversations,
@@ -237,6 +238,48 @@ pub async fn sessions(store: &impl HistoryStore) {
         store.session(hash).await.unwrap().unwrap().revoked_at_ms,
         Some(150)
     );
+}
+
+/// Sessions that ended (expired or revoked) before a time are deleted, a
+/// bounded number at a time; live ones, and those that ended later, stay.
+pub async fn ended_sessions_are_purged(store: &impl HistoryStore) {
+    let alice = user(store, "alice").await;
+    let session = |n: u8, expires_at_ms: i64| NewSession {
+        token_hash: [n; 32],
+        user_id: alice,
+        device_name: format!("device {n}"),
+        created_at_ms: 0,
+        expires_at_ms,
+    };
+    // 1-3 expired at 100, 200, 300; 4 and 5 live until 10,000, 5 revoked
+    // at 150; 6 revoked at 900.
+    for (n, expires) in [
+        (1, 100),
+        (2, 200),
+        (3, 300),
+        (4, 10_000),
+        (5, 10_000),
+        (6, 10_000),
+    ] {
+        store.create_session(session(n, expires)).await.unwrap();
+    }
+    assert!(store.revoke_session([5; 32], 150).await.unwrap());
+    assert!(store.revoke_session([6; 32], 900).await.unwrap());
+    // Ended before 250: 1, 2 and 5, at most two a call.
+    assert_eq!(store.purge_sessions(250, 2).await.unwrap(), 2);
+    assert_eq!(store.purge_sessions(250, 2).await.unwrap(), 1);
+    assert_eq!(store.purge_sessions(250, 2).await.unwrap(), 0);
+    let left = |n: u8| async move { store.session([n; 32]).await.unwrap().is_some() };
+    for n in [1, 2, 5] {
+        assert!(!left(n).await, "session {n} ended before 250");
+    }
+    for n in [3, 4, 6] {
+        assert!(left(n).await, "session {n} ended after 250 or lives");
+    }
+    // The rest that ended: 3 (expired) and 6 (revoked), not 4.
+    assert_eq!(store.purge_sessions(1_000, 100).await.unwrap(), 2);
+    assert!(left(4).await);
+    assert!(!left(3).await && !left(6).await);
 }
 
 /// Requests, mutual requests, accept, decline, remove, and the lists.

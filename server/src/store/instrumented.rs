@@ -108,6 +108,14 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         )
     }
 
+    async fn purge_sessions(&self, ended_before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        timed!(
+            self,
+            "purge_sessions",
+            self.inner.purge_sessions(ended_before_ms, limit)
+        )
+    }
+
     async fn friend_request_within(
         &self,
         from: UserId,

@@ -525,6 +525,10 @@ pub trait HistoryStore: Send + Sync + 'static {
     async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>, StoreError>;
     /// Revokes a session; true if it existed and was not revoked already.
     async fn revoke_session(&self, token_hash: [u8; 32], now_ms: i64) -> Result<bool, StoreError>;
+    /// Deletes up to `limit` sessions that expired or were revoked before
+    /// `ended_before_ms`; how many it deleted (fewer than `limit`: none
+    /// are left).
+    async fn purge_sessions(&self, ended_before_ms: i64, limit: u32) -> Result<u64, StoreError>;
 
     /// `from` asks `to` to be friends, with no limit (set-up and tests).
     async fn friend_request(

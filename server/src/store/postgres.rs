@@ -930,6 +930,29 @@ impl HistoryStore for PostgresStore {
         Ok(n > 0)
     }
 
+    async fn purge_sessions(&self, ended_before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        // One statement per index, each bounded, so a backlog is deleted
+        // in short transactions; nodes purging at once delete each row
+        // once (the loser's DELETE finds it gone).
+        let mut deleted = 0;
+        for ended in ["expires_at_ms", "revoked_at_ms"] {
+            let left = u64::from(limit) - deleted;
+            if left == 0 {
+                break;
+            }
+            deleted += self
+                .execute(
+                    &format!(
+                        "DELETE FROM sessions WHERE token_hash IN
+                         (SELECT token_hash FROM sessions WHERE {ended} < $1 LIMIT $2)"
+                    ),
+                    &[&ended_before_ms, &(left as i64)],
+                )
+                .await?;
+        }
+        Ok(deleted)
+    }
+
     async fn friend_request_within(
         &self,
         from: UserId,

@@ -137,6 +137,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V5__watermark_log.sql"),
     include_str!("sqlite/V6__group_keys.sql"),
     include_str!("sqlite/V7__departures.sql"),
+    include_str!("sqlite/V8__session_ends.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1715,6 +1716,30 @@ impl HistoryStore for SqliteStore {
                 .execute(params![&token_hash[..], now_ms])
                 .map_err(internal)?;
             Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn purge_sessions(&self, ended_before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        self.call(move |conn, _| {
+            let mut deleted = 0;
+            // One statement per index, each bounded, so a backlog is
+            // deleted in short turns on the store thread.
+            for ended in ["expires_at_ms", "revoked_at_ms"] {
+                let left = u64::from(limit) - deleted;
+                if left == 0 {
+                    break;
+                }
+                deleted += conn
+                    .prepare_cached(&format!(
+                        "DELETE FROM sessions WHERE token_hash IN
+                         (SELECT token_hash FROM sessions WHERE {ended} < ?1 LIMIT ?2)"
+                    ))
+                    .map_err(internal)?
+                    .execute(params![ended_before_ms, left as i64])
+                    .map_err(internal)? as u64;
+            }
+            Ok(deleted)
         })
         .await
     }
