@@ -1526,6 +1526,31 @@ async fn subscribe(
     }
 }
 
+/// Tries a re-subscription after a reconnect again when the node refuses
+/// it for now (a user whose devices spent their control requests gets
+/// RATE_LIMITED with a retry-after): given up, the app would silently
+/// hear no more presence on this connection. Ends with the connection.
+async fn resubscribe(
+    inner: &Inner,
+    conn: &quinn::Connection,
+    user_ids: &[u64],
+) -> Result<Vec<proto::PresenceState>, ClientError> {
+    /// Refusals taken before giving up (each waits its retry-after).
+    const ATTEMPTS: u32 = 10;
+    let mut refused = 0;
+    loop {
+        match subscribe(inner, user_ids.to_vec()).await {
+            Err(ClientError::Server {
+                code, retry_after, ..
+            }) if code.is_retryable() && refused < ATTEMPTS && conn.close_reason().is_none() => {
+                refused += 1;
+                tokio::time::sleep(server_pause(retry_after, &inner.config)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn unexpected(body: &Body) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {}", body.name()))
 }
@@ -1713,7 +1738,7 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection, mut answered:
                                 // The reader recorded the snapshot, and any
                                 // update behind it: the app hears the
                                 // latest, not the snapshot's.
-                                match subscribe(&inner, watching.clone()).await {
+                                match resubscribe(&inner, &conn, &watching).await {
                                     Ok(_) => inner.known_presence(&watching),
                                     Err(_) => return,
                                 }

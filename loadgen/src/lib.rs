@@ -194,9 +194,12 @@ async fn spawn_server(
     };
     // A capacity run offers Zipf-skewed load: its busiest virtual users
     // send far above any human rate, which the per-user limit would
-    // (rightly) refuse. Measure the server, not the limit.
+    // (rightly) refuse, and set-up makes a large group's creator ask every
+    // member to be friends at once. Measure the server, not the limits.
     config.limits.send_rate = 0;
     config.limits.send_burst = 0;
+    config.limits.control_rate = 0;
+    config.limits.control_burst = 0;
     let server = chat_server::Server::start(config)
         .await
         .context("start the in-process chat-server")?;

@@ -26,7 +26,7 @@ use crate::plan::{Plan, friend_graph};
 /// Every virtual user's password (they are throw-away accounts).
 const PASSWORD: &str = "loadgen-password";
 /// Attempts for a set-up request refused with a retryable code.
-const SETUP_ATTEMPTS: u32 = 5;
+const SETUP_ATTEMPTS: u32 = 10;
 /// Version of the `--reuse` file format (2: groups).
 const REUSE_VERSION: u32 = 2;
 /// Seed of the group layout: fixed, not `--seed`, so one `--reuse` file
@@ -475,9 +475,12 @@ where
     loop {
         match f().await {
             Err(e) if e.code().is_some_and(|c| c.is_retryable()) && attempt < SETUP_ATTEMPTS => {
+                // Never less than the growing pause: tasks refused together
+                // by a rate limit would otherwise come back together.
                 let pause = e
                     .retry_after()
-                    .unwrap_or(Duration::from_millis(200) * attempt);
+                    .unwrap_or_default()
+                    .max(Duration::from_millis(200) * attempt);
                 tokio::time::sleep(pause).await;
                 attempt += 1;
             }

@@ -149,21 +149,30 @@ impl LoginThrottle {
         if state.records.len() >= state.sweep_at {
             state
                 .records
-                .retain(|_, r| r.running > 0 || r.since.elapsed() < window);
+                .retain(|_, r| r.running > 0 || (r.failures > 0 && r.since.elapsed() < window));
             state.sweep_at = (2 * state.records.len()).max(THROTTLE_SWEEP_AT);
         }
         let keys = Self::keys(user, source);
         let mut wait = None;
         for (key, max) in keys.iter().zip([self.per_account, self.per_source]) {
-            let record = state.records.entry(*key).or_insert_with(Record::new);
-            record.roll(window);
-            wait = wait.max(record.wait(max, window));
+            // Looked at, not made: a refused attempt costs no hash, so it
+            // must not cost the node a record either (an attacker with
+            // many addresses would add one per address at handshake
+            // speed).
+            if let Some(record) = state.records.get_mut(key) {
+                record.roll(window);
+                wait = wait.max(record.wait(max, window));
+            }
         }
         if let Some(wait) = wait {
             return Err(wait);
         }
         for key in &keys {
-            state.records.get_mut(key).expect("made above").running += 1;
+            state
+                .records
+                .entry(*key)
+                .or_insert_with(Record::new)
+                .running += 1;
         }
         Ok(Attempt {
             throttle: self,
@@ -192,11 +201,12 @@ impl LoginThrottle {
                 Verdict::Right if key.source.is_some() => {
                     record.failures = 0;
                     record.since = std::time::Instant::now();
-                    if record.running == 0 {
-                        state.records.remove(key);
-                    }
                 }
                 Verdict::Right | Verdict::NotRun => {}
+            }
+            // A record that holds nothing is the same as none.
+            if record.running == 0 && record.failures == 0 {
+                state.records.remove(key);
             }
         }
     }
@@ -492,6 +502,27 @@ mod tests {
             throttle.begin(8, HOME).is_ok(),
             "other accounts are unaffected"
         );
+    }
+
+    #[test]
+    fn refused_attempts_and_finished_checks_keep_no_records() {
+        let throttle = LoginThrottle::new(3, 3, std::time::Duration::from_secs(60));
+        let records = |t: &LoginThrottle| t.state.lock().unwrap().records.len();
+        // Checks that end right, or never run, leave nothing behind.
+        throttle.begin(7, HOME).unwrap().succeeded();
+        drop(throttle.begin(7, HOME).unwrap());
+        assert_eq!(records(&throttle), 0);
+        // Once the account is locked, guesses from new sources (which
+        // cost no hash) add no records.
+        for _ in 0..3 {
+            throttle.begin(7, HOME).unwrap().failed();
+        }
+        assert_eq!(records(&throttle), 2);
+        for i in 0..1_000u32 {
+            let source = std::net::IpAddr::V4((0x0a00_0000 + i).into());
+            assert!(throttle.begin(7, source).is_err());
+        }
+        assert_eq!(records(&throttle), 2);
     }
 
     #[test]

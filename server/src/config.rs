@@ -569,6 +569,12 @@ impl Config {
                     .into(),
             );
         }
+        if l.max_account_login_failures < l.max_login_failures {
+            return err(format!(
+                "max-account-login-failures ({}) must be at least max-login-failures ({}): the first counts every source of an account, the second one source",
+                l.max_account_login_failures, l.max_login_failures
+            ));
+        }
         if l.max_queued_password_checks > 100_000 {
             return err(format!(
                 "max-queued-password-checks = {} is outside 0..=100000",
@@ -849,6 +855,10 @@ mod tests {
             ),
             (|c| c.limits.session_ttl = Duration::ZERO, "session-ttl"),
             (|c| c.limits.session_ttl = Duration::MAX, "session-ttl"),
+            (
+                |c| c.limits.max_login_failures = 101,
+                "max-account-login-failures (100) must be at least max-login-failures (101)",
+            ),
             (
                 |c| c.limits.session_retention = Duration::MAX,
                 "session-retention",

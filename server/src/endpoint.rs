@@ -95,8 +95,12 @@ pub struct Shared {
     /// (a user out of send tokens can still leave) but which each take a
     /// turn on the send committer.
     pub leave_limiter: RateLimiter,
-    /// Per-user rate of control requests (and heartbeats).
+    /// Per-user rate of control requests (not leaves, logouts or
+    /// heartbeats).
     pub control_limiter: RateLimiter,
+    /// Per-user rate of heartbeats: room for every device the user may
+    /// connect beating at the interval the node announces, twice over.
+    pub heartbeat_limiter: RateLimiter,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -192,6 +196,10 @@ impl Server {
             control_limiter: RateLimiter::new(
                 config.limits.control_rate,
                 config.limits.control_burst,
+            ),
+            heartbeat_limiter: ratelimit::heartbeat_limiter(
+                config.limits.max_sessions_per_user,
+                config.limits.heartbeat_interval,
             ),
             metrics,
             hashing: crate::auth::Hashers::new(cores, config.limits.max_queued_password_checks),
@@ -358,11 +366,14 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         shared.send_limiter.sweep(now);
         shared.leave_limiter.sweep(now);
         shared.control_limiter.sweep(now);
+        shared.heartbeat_limiter.sweep(now);
     }
 }
 
-/// Sessions deleted per store call while purging.
-const PURGE_BATCH: u32 = 1_000;
+/// Sessions deleted per store call while purging. On SQLite the call runs
+/// in a group commit's transaction, beside that batch's sends, so it is
+/// kept to a couple of milliseconds.
+const PURGE_BATCH: u32 = 500;
 /// The pause between two purge batches, so a backlog (a first purge on a
 /// large table) takes short turns with the store's other work.
 const PURGE_PAUSE: Duration = Duration::from_millis(100);
@@ -383,16 +394,23 @@ async fn purge_sessions(weak: std::sync::Weak<Shared>) {
         tick.tick().await;
         let mut purged = 0;
         loop {
-            let Some(shared) = weak.upgrade() else {
+            // Not `Shared` across the store call: a graceful stop waits for
+            // every holder of it.
+            let Some((store, metrics, retention)) = weak.upgrade().map(|shared| {
+                (
+                    shared.store.clone(),
+                    shared.metrics.clone(),
+                    shared.config.limits.session_retention,
+                )
+            }) else {
                 return;
             };
-            let retention = shared.config.limits.session_retention;
             let before = crate::streams::now_ms()
                 .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-            match shared.store.purge_sessions(before, PURGE_BATCH).await {
+            match store.purge_sessions(before, PURGE_BATCH).await {
                 Ok(n) => {
                     purged += n;
-                    shared.metrics.sessions_purged.increment(n);
+                    metrics.sessions_purged.increment(n);
                     if n < u64::from(PURGE_BATCH) {
                         break;
                     }
@@ -402,7 +420,6 @@ async fn purge_sessions(weak: std::sync::Weak<Shared>) {
                     break;
                 }
             }
-            drop(shared);
             tokio::time::sleep(PURGE_PAUSE).await;
         }
         if purged > 0 {

@@ -116,6 +116,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "Batches of recent-cache and unread-queue updates dropped because the updater was behind (a slow Redis): each costs history reads later, never a message.",
     ),
     (
+        "chat_heartbeats_ignored_total",
+        "counter",
+        Unit::Count,
+        "Heartbeats ignored because the user's devices beat far more often than the node asks (a flood; honest devices fit twice over).",
+    ),
+    (
         "chat_sessions_purged_total",
         "counter",
         Unit::Count,
@@ -257,6 +263,8 @@ pub struct Metrics {
     pub cache_updates_dropped: Counter,
     /// Ended sessions deleted.
     pub sessions_purged: Counter,
+    /// Heartbeats over the user's heartbeat bucket.
+    pub heartbeats_ignored: Counter,
     /// Send decoded to SendAck queued.
     pub send_to_ack: Histogram,
     /// Send decoded to Deliver queued.
@@ -346,6 +354,7 @@ impl Metrics {
                 receipts: metrics::counter!("chat_receipts_total"),
                 cache_updates_dropped: metrics::counter!("chat_cache_updates_dropped_total"),
                 sessions_purged: metrics::counter!("chat_sessions_purged_total"),
+                heartbeats_ignored: metrics::counter!("chat_heartbeats_ignored_total"),
                 send_to_ack: metrics::histogram!("chat_send_ack_duration_seconds"),
                 send_to_deliver: metrics::histogram!("chat_send_deliver_duration_seconds"),
                 commit_batch: metrics::histogram!("chat_commit_batch_messages"),

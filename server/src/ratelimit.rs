@@ -1,6 +1,6 @@
 //! Per-user rate limits: a token bucket per user, shared by all of the
 //! user's connections on this node. The node keeps one limiter for sends,
-//! one for group leaves and one for control requests.
+//! one for group leaves, one for control requests and one for heartbeats.
 //!
 //! A bucket holds up to `burst` tokens and refills at `rate` per second; a
 //! send (a leave, a request) takes one. Buckets exist only for users who sent recently: a
@@ -29,7 +29,18 @@ pub const LEAVE_RATE: u32 = 10;
 /// every group they are in at once stays under it.
 pub const LEAVE_BURST: u32 = 500;
 
-/// One of the node's limiters: sends, group leaves or control requests.
+/// A user's heartbeat bucket: `max_sessions` devices beating every
+/// `interval` (what the node announces; clients never beat more often
+/// than once a second) fit in it twice over, so only a flood is ignored.
+pub fn heartbeat_limiter(max_sessions: usize, interval: Duration) -> RateLimiter {
+    let devices = u32::try_from(max_sessions).unwrap_or(u32::MAX).max(1);
+    let per_second = f64::from(devices) / interval.as_secs_f64().max(1.0);
+    let rate = (2.0 * per_second).ceil() as u32;
+    RateLimiter::new(rate.max(1), devices.saturating_mul(2))
+}
+
+/// One of the node's limiters: sends, group leaves, control requests or
+/// heartbeats.
 pub struct RateLimiter {
     /// Tokens per second; 0 disables the limit.
     rate: f64,
@@ -114,6 +125,33 @@ mod tests {
             limiter.check(1, later).unwrap();
         }
         assert!(limiter.check(1, later).is_err());
+    }
+
+    #[test]
+    fn every_device_beating_at_the_interval_fits_in_the_heartbeat_bucket() {
+        // 16 devices every 15 s: 3 a second sustained (2.1 twice over,
+        // rounded up), 32 at once.
+        let limiter = heartbeat_limiter(16, Duration::from_secs(15));
+        let t0 = Instant::now();
+        for round in 0..10u32 {
+            let at = t0 + Duration::from_secs(15) * round;
+            for _ in 0..16 {
+                limiter.check(1, at).unwrap();
+            }
+        }
+        // Full again after the last round: 32 at once, not 33.
+        let later = t0 + Duration::from_secs(150);
+        for _ in 0..32 {
+            limiter.check(1, later).unwrap();
+        }
+        assert!(limiter.check(1, later).is_err());
+        // A one-second interval (the least clients use) still fits.
+        let fast = heartbeat_limiter(4, Duration::from_secs(1));
+        for second in 0..20u32 {
+            for _ in 0..4 {
+                fast.check(1, t0 + Duration::from_secs(1) * second).unwrap();
+            }
+        }
     }
 
     #[test]

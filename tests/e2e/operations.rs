@@ -759,8 +759,9 @@ async fn a_flood_of_group_leaves_is_limited() {
     // line with everyone's sends: unlimited, a client pipelining leaves
     // (of groups that do not even exist) held up every sender of the node.
     // They have a bucket of their own: 500 at once, then 10 a second.
-    // The control-request limit would refuse them first.
-    let server = TestServer::start_with(|c| c.limits.control_burst = 1_000).await;
+    // With the default control-request limit (200 at once), which leaves
+    // do not take from.
+    let server = TestServer::start().await;
     let (alice, _a) = register(server.client_config(), &name("alice")).await;
     let mut device = RawControl::resume(&server, &alice.identity().token).await;
     // Written at once, so the bucket's refill (10 a second) cannot keep
@@ -798,8 +799,10 @@ async fn a_flood_of_group_leaves_is_limited() {
 async fn a_flood_of_control_requests_or_heartbeats_is_limited() {
     // Each control request is a store read or write and each heartbeat a
     // presence write; unlimited, one client pipelining them had the
-    // node's store to itself. A bucket per user: 50 at once, then 1 a
-    // second (the test's figures), heartbeats included.
+    // node's store to itself. Requests: a bucket per user, 50 at once,
+    // then 1 a second (the test's figures). Heartbeats: a bucket of their
+    // own, room for every device at the announced interval twice over
+    // (16 devices: 32 at once).
     let server = TestServer::start_with(|c| {
         c.limits.control_rate = 1;
         c.limits.control_burst = 50;
@@ -835,27 +838,47 @@ async fn a_flood_of_control_requests_or_heartbeats_is_limited() {
         (1..=1_000).contains(&retry_after_ms),
         "retry after {retry_after_ms} ms"
     );
-    // Another user has a bucket of their own; their heartbeats take from
-    // it like requests.
+    // Out of tokens, a leave (its own bucket) and a logout still go
+    // through.
+    let leave = Body::LeaveGroup(proto::LeaveGroup {
+        conversation_id: 999_999,
+        client_key: String::new(),
+    });
+    match device.request(leave).await {
+        Body::Error(e) => assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::NotAMember),
+        other => panic!("expected NOT_A_MEMBER, got {other:?}"),
+    }
+    // Another user has a bucket of their own, which heartbeats do not
+    // take from; a flood of heartbeats is ignored beyond theirs.
     let mut other = RawControl::resume(&server, &bob.identity().token).await;
-    let answer = other.request(list()).await;
-    assert!(matches!(answer, Body::FriendList(_)), "{answer:?}");
     other
         .write_unanswered(
-            (0..49)
+            (0..200)
                 .map(|_| Body::Heartbeat(proto::Heartbeat {}))
                 .collect(),
         )
         .await;
-    let answers = other.pipeline((0..10).map(|_| list()).collect()).await;
+    let answers = other.pipeline((0..50).map(|_| list()).collect()).await;
     assert!(
-        !limited(&answers).is_empty(),
-        "after 49 heartbeats, 10 more requests hit the limit"
+        limited(&answers).is_empty(),
+        "heartbeats took none of the 50 requests' tokens"
     );
-    // Once the retry-after has passed, the refused user is served again.
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let samples = scrape_until(metrics, "ignored heartbeats", |s| {
+        value(s, "chat_heartbeats_ignored_total") >= 1.0
+    })
+    .await;
+    // 200 written at once against a bucket of 32 refilled at 3 a second.
+    let ignored = value(&samples, "chat_heartbeats_ignored_total");
+    assert!(ignored >= 100.0, "{ignored} of 200 heartbeats ignored");
+    // Once the retry-after has passed, the refused user is served again,
+    // and may always log out.
     tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms) + 50)).await;
     let answer = device.request(list()).await;
     assert!(matches!(answer, Body::FriendList(_)), "{answer:?}");
+    device.pipeline((0..60).map(|_| list()).collect()).await;
+    let answer = device.request(Body::Logout(proto::Logout {})).await;
+    assert!(matches!(answer, Body::Ok(_)), "{answer:?}");
 }
 
 /// The answer to request `id` on a messages stream (pushes are skipped).

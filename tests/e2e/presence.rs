@@ -313,6 +313,59 @@ async fn a_resubscription_hears_every_later_change() {
 }
 
 #[tokio::test]
+async fn a_resubscription_refused_for_the_request_rate_is_tried_again() {
+    // After a reconnect the client re-sends the list it watches. A user
+    // whose devices spent their control requests (here: 20 at once, then 1
+    // a second) gets RATE_LIMITED for it; the client used to give up, and
+    // the app heard no more presence on that connection.
+    let server = TestServer::start_with(|c| {
+        c.limits.heartbeat_interval = HEARTBEAT;
+        c.limits.presence_ttl_multiple = MULTIPLE;
+        c.limits.control_rate = 1;
+        c.limits.control_burst = 20;
+    })
+    .await;
+    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    befriend(&alice, &bob).await;
+    let b = bob.identity();
+    bob.close();
+    until_offline(&alice, b.user_id).await;
+    // Alice's other device spends the bucket, then her client reconnects
+    // (refilled within a second: on a slow machine the re-subscription
+    // may find a token, and this checks nothing more than the plain path).
+    let mut other = RawControl::resume(&server, &alice.identity().token).await;
+    let answers = other
+        .pipeline(
+            (0..30)
+                .map(|_| chat_protocol::Body::ListFriends(proto::ListFriends {}))
+                .collect(),
+        )
+        .await;
+    assert!(
+        answers
+            .iter()
+            .any(|a| matches!(a, chat_protocol::Body::Error(_))),
+        "the bucket is spent"
+    );
+    alice.reconnect_now();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while alice.is_connected() {
+        assert!(tokio::time::Instant::now() < deadline, "never disconnected");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(alice.wait_connected(WAIT).await);
+    let (_bob, _eb) = Client::resume(server.client_config(), &b.token)
+        .await
+        .unwrap();
+    assert!(
+        presence_of(&mut alice_events, b.user_id, true, "bob online")
+            .await
+            .online
+    );
+}
+
+#[tokio::test]
 async fn a_list_changed_while_reconnecting_is_the_one_watched() {
     // After a reconnect the client re-sends the list it watches; an app
     // that switches lists while the client is reconnecting must end up

@@ -59,20 +59,28 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
             }
         };
         handle.touch(now_ms());
-        // Every request and heartbeat takes a token from the user's control
-        // bucket first: a client pipelining requests (each a store read or
-        // write) or heartbeats (each a presence write) could otherwise
-        // take the node's store for itself.
-        let charged = charge_control_rate(&session);
         if let Some(Body::Heartbeat(_)) = frame.body {
-            // Fire-and-forget: no reply, only a refreshed presence TTL. Over
-            // the rate it is ignored; the presence window outlasts a few
-            // missed beats.
-            if charged.is_ok() {
+            // Fire-and-forget: no reply, only a refreshed presence TTL. Each
+            // is a presence write, so a flood is ignored beyond the user's
+            // heartbeat bucket, which every honest device's beats fit in.
+            let user = handle.user_id;
+            let limiter = &session.shared.heartbeat_limiter;
+            if limiter.check(user, std::time::Instant::now()).is_ok() {
                 Box::pin(session.shared.presence.heartbeat(&handle)).await;
+            } else {
+                session.shared.metrics.heartbeats_ignored.increment(1);
             }
             continue;
         }
+        // Every other request takes a token from the user's control bucket
+        // first: a client pipelining requests (each a store read or write)
+        // could otherwise take the node's store for itself. Not a leave
+        // (it has a bucket of its own) nor a logout (revoking a stolen
+        // token must always be possible).
+        let charged = match frame.body {
+            Some(Body::LeaveGroup(_) | Body::Logout(_)) => Ok(()),
+            _ => charge_control_rate(&session),
+        };
         let request_id = frame.request_id;
         let answer = match charged {
             Ok(()) => Box::pin(handle_request(&session, frame)).await,
@@ -909,8 +917,8 @@ fn charge_send_rate(session: &Session) -> Result<(), Refusal> {
     })
 }
 
-/// Charges a control request (or heartbeat) to the user's control bucket
-/// (see `Shared::control_limiter`).
+/// Charges a control request to the user's control bucket (see
+/// `Shared::control_limiter`).
 fn charge_control_rate(session: &Session) -> Result<(), Refusal> {
     let rate = session.shared.config.limits.control_rate;
     charge(session, &session.shared.control_limiter, |wait| {
