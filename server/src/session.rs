@@ -225,7 +225,12 @@ pub async fn run(
     handshake: Option<watch::Receiver<bool>>,
 ) {
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::info_span!("conn", conn_id, remote = %conn.remote_address(), user_id = tracing::field::Empty);
+    // At debug level only: an enabled span keeps a record (its formatted
+    // fields in the subscriber's registry) for the connection's life, a
+    // few hundred bytes per idle connection, and is entered at every poll
+    // of the stream tasks. Events at info and above name the connection
+    // (and user) in fields of their own.
+    let span = tracing::debug_span!("conn", conn_id, remote = %conn.remote_address(), user_id = tracing::field::Empty);
     let session = Arc::new(Session {
         conn_id,
         conn: conn.clone(),
@@ -422,7 +427,13 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
 pub fn on_read_error(session: &Session, kind: StreamKind, e: ReadError) {
     match e {
         ReadError::Frame(e) => {
-            tracing::info!(error = %e, stream = kind.name(), "bad frame; closing connection");
+            tracing::info!(
+                conn_id = session.conn_id,
+                user_id = session.authed().map(|a| a.user_id),
+                error = %e,
+                stream = kind.name(),
+                "bad frame; closing connection"
+            );
             let frame = Frame::error(0, e.code(), e.to_string());
             let queued = session
                 .authed()

@@ -179,7 +179,13 @@ async fn authenticate(
             Ok(_) => return true,
             Err(refusal) => {
                 failures += 1;
-                tracing::info!(code = %refusal.code, failures, "authentication refused");
+                tracing::info!(
+                    conn_id = session.conn_id,
+                    remote = %session.conn.remote_address(),
+                    code = %refusal.code,
+                    failures,
+                    "authentication refused"
+                );
                 if failures >= limits.max_auth_attempts {
                     session
                         .close_with(
@@ -220,7 +226,7 @@ async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk
         Err(StoreError::Conflict) => return Err(taken()),
         Err(e) => return Err(e.into()),
     };
-    tracing::info!(user_id, "registered");
+    tracing::info!(conn_id = session.conn_id, user_id, "registered");
     issue_token(session, user_id, username, r.device_name).await
 }
 
@@ -258,7 +264,7 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
         return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
     }
     attempt.succeeded();
-    tracing::info!(user_id = user.id, "logged in");
+    tracing::info!(conn_id = session.conn_id, user_id = user.id, "logged in");
     issue_token(session, user.id, user.username, l.device_name).await
 }
 
@@ -432,7 +438,12 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 ErrorCode::TokenRevoked,
                 "token was revoked; log in again",
             );
-            tracing::info!(user_id = me, others, "logged out");
+            tracing::info!(
+                conn_id = session.conn_id,
+                user_id = me,
+                others,
+                "logged out"
+            );
             Ok(Reply::Close(ok(rid), ErrorCode::LoggedOut))
         }
         Some(Body::FriendRequest(r)) => {

@@ -371,7 +371,12 @@ async fn catch_up(
                 // Live pushes must not overtake what catch-up could not
                 // send (the client would ack past it): close, and the
                 // client resumes from its watermark on reconnect.
-                tracing::warn!(error = %e, "catch-up failed; closing the connection");
+                tracing::warn!(
+                    conn_id = session.conn_id,
+                    user_id = authed.user_id,
+                    error = %e,
+                    "catch-up failed; closing the connection"
+                );
                 wire::close_counted(
                     &session.conn,
                     &session.shared.metrics,
@@ -442,7 +447,7 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
         Ok(Some(ranges)) => ranges,
         Ok(None) => return None,
         Err(e) => {
-            tracing::warn!(error = %e, "pending ranges failed");
+            tracing::warn!(conn_id = session.conn_id, user_id = user, error = %e, "pending ranges failed");
             return None;
         }
     };
@@ -465,7 +470,12 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
             return None;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "inbox read failed; catching up from history");
+            tracing::warn!(
+                conn_id = session.conn_id,
+                user_id = user,
+                error = %e,
+                "inbox read failed; catching up from history"
+            );
             return None;
         }
     };

@@ -140,7 +140,12 @@ async fn writer(session: Arc<Session>, mut send: SendStream, queue: Arc<SessionH
                 return;
             }
         }
-        Err(e) => tracing::warn!(error = %e, "receipt snapshot failed"),
+        Err(e) => tracing::warn!(
+            conn_id = session.conn_id,
+            user_id = authed.user_id,
+            error = %e,
+            "receipt snapshot failed"
+        ),
     }
     wire::write_loop(
         &session.conn,
