@@ -1526,27 +1526,43 @@ async fn subscribe(
     }
 }
 
-/// Tries a re-subscription after a reconnect again when the node refuses
-/// it for now (a user whose devices spent their control requests gets
-/// RATE_LIMITED with a retry-after): given up, the app would silently
-/// hear no more presence on this connection. Ends with the connection.
-async fn resubscribe(
-    inner: &Inner,
-    conn: &quinn::Connection,
-    user_ids: &[u64],
-) -> Result<Vec<proto::PresenceState>, ClientError> {
+/// Re-sends the list the app watches after a reconnect (on `conn`, the
+/// new connection), and returns what the client knows of them then. The
+/// list is read once it is this subscription's turn, so a newer one from
+/// the app is never overtaken by an older. Refused for now (a user whose
+/// devices spent their control requests gets RATE_LIMITED with a
+/// retry-after), it tries again: given up, the app would silently hear no
+/// more presence on this connection. The turn is given back while it
+/// waits, so the app's own subscriptions go ahead (and the next try sends
+/// whatever the list is then); it ends with the connection.
+async fn resubscribe(inner: &Inner, conn: &quinn::Connection) -> Option<Vec<proto::PresenceState>> {
     /// Refusals taken before giving up (each waits its retry-after).
     const ATTEMPTS: u32 = 10;
     let mut refused = 0;
     loop {
-        match subscribe(inner, user_ids.to_vec()).await {
+        let order = inner.subscribing.lock().await;
+        if conn.close_reason().is_some() {
+            return None;
+        }
+        let watching = inner.watching.lock().expect("watching lock").clone();
+        if watching.is_empty() {
+            return None;
+        }
+        match subscribe(inner, watching.clone()).await {
+            // The reader recorded the snapshot, and any update behind it:
+            // the app hears the latest, not the snapshot's.
+            Ok(_) => return Some(inner.known_presence(&watching)),
             Err(ClientError::Server {
                 code, retry_after, ..
-            }) if code.is_retryable() && refused < ATTEMPTS && conn.close_reason().is_none() => {
+            }) if code.is_retryable() && refused < ATTEMPTS => {
+                drop(order);
                 refused += 1;
-                tokio::time::sleep(server_pause(retry_after, &inner.config)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(server_pause(retry_after, &inner.config)) => {}
+                    _ = conn.closed() => return None,
+                }
             }
-            other => return other,
+            Err(_) => return None,
         }
     }
 }
@@ -1728,20 +1744,8 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection, mut answered:
                         let inner = inner.clone();
                         let conn = conn.clone();
                         tokio::spawn(async move {
-                            let states = {
-                                let _order = inner.subscribing.lock().await;
-                                let watching =
-                                    inner.watching.lock().expect("watching lock").clone();
-                                if watching.is_empty() {
-                                    return;
-                                }
-                                // The reader recorded the snapshot, and any
-                                // update behind it: the app hears the
-                                // latest, not the snapshot's.
-                                match resubscribe(&inner, &conn, &watching).await {
-                                    Ok(_) => inner.known_presence(&watching),
-                                    Err(_) => return,
-                                }
+                            let Some(states) = resubscribe(&inner, &conn).await else {
+                                return;
                             };
                             // Handed to the app (which may wait for room)
                             // after the turn is given back.

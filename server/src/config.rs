@@ -227,9 +227,9 @@ pub struct Limits {
     pub send_burst: u32,
     /// Sustained control requests per second per user, across their
     /// devices (friends, conversations, history, presence, receipts
-    /// queries, group changes, heartbeats; 0: no limit). Over it a
-    /// request is answered RATE_LIMITED with a retry-after and a heartbeat
-    /// is ignored.
+    /// queries, group changes; not leaves, logouts or heartbeats, which
+    /// have buckets of their own or none; 0: no limit). Over it a request
+    /// is answered RATE_LIMITED with a retry-after.
     pub control_rate: u32,
     /// Control requests a user may make at once above `control-rate`: an
     /// app's start-up sync (conversation list, a page of history for each

@@ -117,6 +117,9 @@ pub struct Server {
     ops: Arc<OpsState>,
     /// Accept loop, metrics listener, path sampler, limiter sweeper.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The session purge, which holds the store during its calls: ended
+    /// (and waited for) before the store is let go.
+    purge: Option<tokio::task::JoinHandle<()>>,
     delivery_tasks: Option<DeliveryTasks>,
 }
 
@@ -223,8 +226,8 @@ impl Server {
             tokio::spawn(sample_paths(shared.hub.clone())),
             tokio::spawn(metrics_upkeep(shared.metrics.clone())),
             tokio::spawn(sweep_limiter(Arc::downgrade(&shared))),
-            tokio::spawn(purge_sessions(Arc::downgrade(&shared))),
         ];
+        let purge = Some(tokio::spawn(purge_sessions(Arc::downgrade(&shared))));
         tracing::info!(%local_addr, %metrics_addr, "chat-server listening (ALPN chat/1)");
         Ok(Server {
             endpoint,
@@ -235,6 +238,7 @@ impl Server {
             shared: Some(shared),
             ops,
             tasks,
+            purge,
             delivery_tasks: Some(delivery_tasks),
         })
     }
@@ -292,6 +296,10 @@ impl Server {
         // Session tasks hold clones of `shared`; they end once their
         // connections are closed. Wait (bounded) for them, so the UDP socket
         // and the store are released when this returns.
+        if let Some(purge) = self.purge.take() {
+            purge.abort();
+            let _ = purge.await;
+        }
         let shared = self.shared.take().expect("shutdown runs once");
         while Arc::strong_count(&shared) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -328,7 +336,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         // A server dropped without `shutdown` (tests, a failed start) still
         // stops its listeners.
-        for task in &self.tasks {
+        for task in self.tasks.iter().chain(&self.purge) {
             task.abort();
         }
     }
@@ -394,8 +402,8 @@ async fn purge_sessions(weak: std::sync::Weak<Shared>) {
         tick.tick().await;
         let mut purged = 0;
         loop {
-            // Not `Shared` across the store call: a graceful stop waits for
-            // every holder of it.
+            // Not `Shared` across the store call (a graceful stop waits for
+            // every holder of it, after ending this task).
             let Some((store, metrics, retention)) = weak.upgrade().map(|shared| {
                 (
                     shared.store.clone(),

@@ -226,7 +226,12 @@ async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk
         Err(StoreError::Conflict) => return Err(taken()),
         Err(e) => return Err(e.into()),
     };
-    tracing::info!(conn_id = session.conn_id, user_id, "registered");
+    tracing::info!(
+        conn_id = session.conn_id,
+        remote = %session.conn.remote_address(),
+        user_id,
+        "registered"
+    );
     issue_token(session, user_id, username, r.device_name).await
 }
 
@@ -264,7 +269,12 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
         return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
     }
     attempt.succeeded();
-    tracing::info!(conn_id = session.conn_id, user_id = user.id, "logged in");
+    tracing::info!(
+        conn_id = session.conn_id,
+        remote = %session.conn.remote_address(),
+        user_id = user.id,
+        "logged in"
+    );
     issue_token(session, user.id, user.username, l.device_name).await
 }
 
