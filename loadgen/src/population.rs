@@ -475,12 +475,12 @@ where
     loop {
         match f().await {
             Err(e) if e.code().is_some_and(|c| c.is_retryable()) && attempt < SETUP_ATTEMPTS => {
-                // Never less than the growing pause: tasks refused together
-                // by a rate limit would otherwise come back together.
-                let pause = e
-                    .retry_after()
-                    .unwrap_or_default()
-                    .max(Duration::from_millis(200) * attempt);
+                // Never less than the growing pause, plus up to half of it
+                // at random: tasks refused together by a rate limit would
+                // otherwise come back together.
+                let floor = Duration::from_millis(200) * attempt;
+                let jitter = floor.mul_f64(rand::random::<f64>() / 2.0);
+                let pause = e.retry_after().unwrap_or_default().max(floor) + jitter;
                 tokio::time::sleep(pause).await;
                 attempt += 1;
             }

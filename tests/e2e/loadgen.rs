@@ -262,6 +262,50 @@ async fn in_a_group_above_the_receipt_broadcast_size_senders_still_get_every_rec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_up_waits_out_a_nodes_request_limit() {
+    init_tracing();
+    // A node with production limits and a tight control-request budget
+    // (10 at once, then 20 a second): the creator of a 40-member group asks
+    // 39 users to be friends, 32 at a time, and most are refused at first.
+    // Set-up used to give up after five tries spaced by the retry-after (50
+    // ms); it now waits at least a growing pause, with jitter.
+    let server = TestServer::start_with(|c| {
+        c.limits.control_rate = 20;
+        c.limits.control_burst = 10;
+    })
+    .await;
+    let (addr, ca) = (server.addr.to_string(), server.ca.display().to_string());
+    let report = run(args(&[
+        "--server",
+        &addr,
+        "--ca",
+        &ca,
+        "--users",
+        "40",
+        "--friends",
+        "2",
+        "--group-fraction",
+        "0.5",
+        "--groups-per-user",
+        "0.025",
+        "--group-max-size",
+        "40",
+        "--rate",
+        "20",
+        "--duration",
+        "1s",
+        "--warmup",
+        "300ms",
+        "--drain",
+        "30s",
+        "--read-delay",
+        "100ms",
+    ]))
+    .await;
+    assert_all_accounted(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churned_users_catch_up_on_everything_sent_while_they_were_away() {
     init_tracing();
     // All users churn once a minute on average: with this seed a few go
