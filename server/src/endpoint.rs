@@ -293,13 +293,14 @@ impl Server {
             .map_or(Duration::from_secs(10), |s| s.config.shutdown_timeout);
         let deadline = tokio::time::Instant::now() + grace;
         let _ = tokio::time::timeout_at(deadline, self.endpoint.wait_idle()).await;
-        // Session tasks hold clones of `shared`; they end once their
-        // connections are closed. Wait (bounded) for them, so the UDP socket
-        // and the store are released when this returns.
+        // The purge holds the store during its calls: it ends first.
         if let Some(purge) = self.purge.take() {
             purge.abort();
             let _ = purge.await;
         }
+        // Session tasks hold clones of `shared`; they end once their
+        // connections are closed. Wait (bounded) for them, so the UDP socket
+        // and the store are released when this returns.
         let shared = self.shared.take().expect("shutdown runs once");
         while Arc::strong_count(&shared) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
