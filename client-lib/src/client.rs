@@ -781,6 +781,11 @@ impl Inner {
         }
         let _close = CloseOnDrop(self);
         self.departure.leave.notify_waiters();
+        // A client waiting out a reconnect backoff connects now: what is
+        // left to send and ack needs a connection within the timeout, not
+        // after the backoff (up to `reconnect_max`). A connected client's
+        // supervisor takes the wake-up and carries on.
+        self.reconnect.notify_one();
         // The sends already made get their answers (they are resent on a
         // new connection meanwhile, as ever).
         loop {

@@ -1246,6 +1246,32 @@ mod client_faults {
     }
 
     #[tokio::test]
+    async fn a_shutdown_during_a_reconnect_backoff_connects_at_once() {
+        // Bob's client waits a minute between reconnects (reconnect_min):
+        // a shutdown made while it waits must not leave its last send to
+        // that minute (beyond the app's deadline here, 30 s) but connect,
+        // get the send answered, and leave.
+        let server = TestServer::start().await;
+        let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+        let mut config = server.client_config();
+        config.reconnect_min = Duration::from_secs(60);
+        config.reconnect_max = Duration::from_secs(120);
+        let (bob, _bob_events) = register(config, &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        bob.reconnect_now();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while bob.is_connected() {
+            assert!(tokio::time::Instant::now() < deadline, "never disconnected");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let send = bob.send_text(conversation, "last words");
+        let (ack, ()) = tokio::join!(send, bob.shutdown(WAIT));
+        let ack = ack.expect("acked before the deadline, not failed as Closed");
+        let m = messages(&mut alice_events, 1).await;
+        assert_eq!((m[0].seq, m[0].text.as_str()), (ack.seq, "last words"));
+    }
+
+    #[tokio::test]
     async fn a_shutdown_is_not_held_up_by_a_full_event_queue() {
         // Bob's queue holds two; the third of Alice's five holds his
         // messages reader, and the SendAck of his reply waits behind it.
