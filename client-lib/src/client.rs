@@ -783,8 +783,9 @@ impl Inner {
         self.departure.leave.notify_waiters();
         // A client waiting out a reconnect backoff connects now: what is
         // left to send and ack needs a connection within the timeout, not
-        // after the backoff (up to `reconnect_max`). A connected client's
-        // supervisor takes the wake-up and carries on.
+        // after the backoff (up to 1.5 x `reconnect_max` with jitter, or
+        // a server's retry-after). A connected client's supervisor takes
+        // the wake-up and carries on.
         self.reconnect.notify_one();
         // The sends already made get their answers (they are resent on a
         // new connection meanwhile, as ever).
@@ -954,9 +955,11 @@ impl Client {
         .is_ok_and(|r| r.is_ok_and(|up| *up))
     }
 
-    /// Drops the current connection and reconnects at once (e.g. when the
-    /// phone switched networks). Nothing is lost: unacknowledged sends are
-    /// resent and undelivered messages arrive again.
+    /// Drops the current connection and reconnects (e.g. when the phone
+    /// switched networks) after `reconnect_min` and some jitter, longer if
+    /// the connection was young (the backoff carries over). Nothing is
+    /// lost: unacknowledged sends are resent and undelivered messages
+    /// arrive again.
     pub fn reconnect_now(&self) {
         self.inner.reconnects_asked.fetch_add(1, Ordering::AcqRel);
         self.inner.reconnect.notify_one();
