@@ -348,13 +348,14 @@ async fn a_leaving_client_is_not_confirmed_once_its_acks_are_lost() {
         return;
     };
     let server = TestServer::start_on(backend.clone()).await;
-    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
-    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
-    let bob_id = bob.identity().user_id;
-    let token = bob.identity().token;
-    drop((bob, bob_events));
-    let ack = alice.send_text(conversation, "hello").await.unwrap();
+    let OfflineBob {
+        alice,
+        alice_events: _alice_events,
+        conversation,
+        bob_id,
+        token,
+        ack,
+    } = hello_for_offline_bob(&server).await;
 
     let admin = postgres::testing::admin().await.expect("admin connection");
     admin

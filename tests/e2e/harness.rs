@@ -464,6 +464,36 @@ pub fn unlimited_sends_and_requests(c: &mut Config) {
     c.limits.control_burst = 0;
 }
 
+/// Alice and Bob are friends; Bob's client is gone (his session stays,
+/// as `token`), and Alice has sent him "hello" (`ack`): the start of the
+/// tests that play Bob's device on the wire.
+pub struct OfflineBob {
+    pub alice: Client,
+    pub alice_events: Events,
+    pub conversation: u64,
+    pub bob_id: u64,
+    pub token: String,
+    pub ack: proto::SendAck,
+}
+
+pub async fn hello_for_offline_bob(server: &TestServer) -> OfflineBob {
+    let (alice, alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let bob_id = bob.identity().user_id;
+    let token = bob.identity().token;
+    drop((bob, bob_events));
+    let ack = alice.send_text(conversation, "hello").await.unwrap();
+    OfflineBob {
+        alice,
+        alice_events,
+        conversation,
+        bob_id,
+        token,
+        ack,
+    }
+}
+
 /// Sends `n` texts ("0", "1", ...) to `conversation` at once, in rounds
 /// below client-lib's outbox limit; their seqs, ascending.
 pub async fn send_texts(client: &Client, conversation: u64, n: usize) -> Vec<u64> {

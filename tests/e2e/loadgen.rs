@@ -60,6 +60,21 @@ fn spawned(extra: &[&str]) -> Args {
     args(&argv)
 }
 
+/// One group of all 40 users (each with 2 friends besides), half the
+/// sends to it.
+const ONE_GROUP_OF_40: &[&str] = &[
+    "--users",
+    "40",
+    "--friends",
+    "2",
+    "--group-fraction",
+    "0.5",
+    "--groups-per-user",
+    "0.025",
+    "--group-max-size",
+    "40",
+];
+
 /// A whole run, bounded so a hang fails the test instead of the suite.
 async fn run(args: Args) -> Report {
     tokio::time::timeout(Duration::from_secs(120), chat_loadgen::run(args))
@@ -232,25 +247,8 @@ async fn in_a_group_above_the_receipt_broadcast_size_senders_still_get_every_rec
     // One group of all 40 users, above the server's default broadcast size
     // of 32: members' receipts go only to the senders of what they cover,
     // and that must still bring every receipt back.
-    let report = run(spawned(&[
-        "--users",
-        "40",
-        "--friends",
-        "2",
-        "--group-fraction",
-        "0.5",
-        "--groups-per-user",
-        "0.025",
-        "--group-max-size",
-        "40",
-        "--rate",
-        "30",
-        "--duration",
-        "2s",
-        "--warmup",
-        "300ms",
-    ]))
-    .await;
+    let rest: &[&str] = &["--rate", "30", "--duration", "2s", "--warmup", "300ms"];
+    let report = run(spawned(&[ONE_GROUP_OF_40, rest].concat())).await;
     assert_all_accounted(&report);
     assert!(report.group_sends > 0, "{report:?}");
     assert_eq!(
@@ -275,32 +273,26 @@ async fn set_up_waits_out_a_nodes_request_limit() {
     })
     .await;
     let (addr, ca) = (server.addr.to_string(), server.ca.display().to_string());
-    let report = run(args(&[
-        "--server",
-        &addr,
-        "--ca",
-        &ca,
-        "--users",
-        "40",
-        "--friends",
-        "2",
-        "--group-fraction",
-        "0.5",
-        "--groups-per-user",
-        "0.025",
-        "--group-max-size",
-        "40",
-        "--rate",
-        "20",
-        "--duration",
-        "1s",
-        "--warmup",
-        "300ms",
-        "--drain",
-        "30s",
-        "--read-delay",
-        "100ms",
-    ]))
+    let server_flags: &[&str] = &["--server", &addr, "--ca", &ca];
+    let report = run(args(
+        &[
+            server_flags,
+            ONE_GROUP_OF_40,
+            &[
+                "--rate",
+                "20",
+                "--duration",
+                "1s",
+                "--warmup",
+                "300ms",
+                "--drain",
+                "30s",
+                "--read-delay",
+                "100ms",
+            ],
+        ]
+        .concat(),
+    ))
     .await;
     assert_all_accounted(&report);
 }

@@ -841,13 +841,14 @@ async fn a_client_that_does_not_ask_for_acks_stored_gets_the_end_alone() {
 /// alone, and by then Alice sees the watermark moved, with no waiting.
 async fn leave_on_the_wire(confirm_leave: bool) {
     let server = TestServer::start().await;
-    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
-    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
-    let conversation = befriend(&alice, &bob).await;
-    let bob_id = bob.identity().user_id;
-    let token = bob.identity().token;
-    drop((bob, bob_events));
-    let ack = alice.send_text(conversation, "hello").await.unwrap();
+    let OfflineBob {
+        alice,
+        alice_events: _alice_events,
+        conversation,
+        bob_id,
+        token,
+        ack,
+    } = hello_for_offline_bob(&server).await;
 
     let raw = Raw::connect(&server).await;
     let (_control, mut control_recv) = raw
