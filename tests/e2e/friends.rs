@@ -195,3 +195,69 @@ async fn friends_and_waiting_requests_are_bounded() {
     assert_eq!(ids(&lists.incoming), vec![frank.identity().user_id]);
     assert_eq!(lists.friends.len(), 2);
 }
+
+/// Ending a friendship closes the pair's conversation to new messages, both
+/// ways (NOT_FRIENDS), while what was said stays readable; a refused send
+/// holds up nothing behind it, and friends again, the same conversation
+/// takes messages again.
+#[tokio::test]
+async fn an_ended_friendship_takes_no_more_messages() {
+    let server = TestServer::start().await;
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let (carol, mut carol_events) = register(server.client_config(), &name("carol")).await;
+    let (a, b) = (alice.identity(), bob.identity());
+    let conversation = befriend(&alice, &bob).await;
+    let with_carol = befriend(&alice, &carol).await;
+    alice.send_text(conversation, "hi bob").await.unwrap();
+    let got = wait_for(&mut bob_events, "alice's first message", |e| match e {
+        Event::Message(m) => Some(m.text),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got, "hi bob");
+
+    bob.remove_friend(a.user_id).await.unwrap();
+    let late = alice.send_text(conversation, "still there?");
+    let other = alice.send_text(with_carol, "hi carol");
+    assert_eq!(code(late.await), ErrorCode::NotFriends);
+    assert_eq!(other.await.unwrap().seq, 1, "the send behind goes through");
+    assert_eq!(
+        code(bob.send_text(conversation, "bye").await),
+        ErrorCode::NotFriends
+    );
+    let got = wait_for(&mut carol_events, "alice's message to carol", |e| match e {
+        Event::Message(m) => Some(m.text),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got, "hi carol");
+    let page = alice
+        .history(conversation, chat_client::HistoryDirection::Backward, 0, 10)
+        .await
+        .unwrap();
+    let texts: Vec<_> = page.messages.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["hi bob"],
+        "history stays; nothing refused was stored"
+    );
+
+    alice.send_friend_request(&b.username).await.unwrap();
+    bob.accept_friend(a.user_id).await.unwrap();
+    let ack = alice
+        .send_text(conversation, "friends again")
+        .await
+        .unwrap();
+    assert_eq!(ack.seq, 2);
+    let got = wait_for(
+        &mut bob_events,
+        "alice's message after the new friendship",
+        |e| match e {
+            Event::Message(m) => Some(m.text),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(got, "friends again");
+}

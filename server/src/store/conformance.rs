@@ -43,6 +43,7 @@ macro_rules! history_store_conformance {
             direct_conversations,
             append_assigns_seq_and_is_idempotent,
             append_refuses_non_members_without_failing_the_batch,
+            direct_sends_need_friendship,
             history_paging_edges,
             undelivered_and_watermarks,
             undelivered_pages_across_conversations,
@@ -605,6 +606,94 @@ pub async fn append_refuses_non_members_without_failing_the_batch(store: &impl H
     ));
 }
 
+/// A direct conversation takes sends only while its members are friends:
+/// after a removal both are refused (naming the other), without failing
+/// the batch or using a seq; a retry of an earlier message keeps its answer,
+/// history and watermarks stay; a new friendship opens it again. Groups
+/// are not affected.
+pub async fn direct_sends_need_friendship(store: &impl HistoryStore) {
+    let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
+    let carol = user(store, "carol").await;
+    befriend(store, a, carol).await;
+    let other = store.open_direct(a, carol, 4).await.unwrap();
+    let group = trip(store, a, vec![b]).await;
+    let first = append_one(store, text(c, a, "k1", "before", 100)).await;
+    assert_eq!(first.message.seq, 1);
+
+    assert!(store.friend_remove(b, a).await.unwrap());
+    let results = store
+        .append(vec![
+            text(c, a, "k2", "after", 101),
+            text(other, a, "k3", "to carol", 102),
+            text(c, b, "k4", "back", 103),
+            text(group, a, "k5", "to the group", 104),
+            text(c, a, "k1", "before", 100),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(results[0], Err(StoreError::NotFriends(x)) if x == b),
+        "{:?}",
+        results[0]
+    );
+    assert_eq!(results[1].as_ref().unwrap().message.seq, 1);
+    assert!(
+        matches!(results[2], Err(StoreError::NotFriends(x)) if x == a),
+        "{:?}",
+        results[2]
+    );
+    assert!(!results[3].as_ref().unwrap().duplicate, "groups stay open");
+    let retry = results[4].as_ref().expect("a retry of a stored message");
+    assert!(retry.duplicate);
+    assert_eq!(retry.message.seq, 1);
+
+    let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
+    assert_eq!(seqs(&page.messages), vec![1], "no seq used by a refusal");
+    let moved = store
+        .advance_watermarks(vec![WatermarkUpdate {
+            conversation_id: c,
+            user_id: b,
+            kind: WatermarkKind::Seen,
+            seq: 1,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 1, "reading still moves watermarks");
+
+    // Friends again (a request both ways, then an accept): open again.
+    store.friend_request(b, a, 200).await.unwrap();
+    assert!(
+        matches!(
+            store.append(vec![text(c, b, "k6", "asked", 201)]).await.unwrap()[0],
+            Err(StoreError::NotFriends(x)) if x == a
+        ),
+        "a request alone does not open it"
+    );
+    store.friend_accept(a, b, 202).await.unwrap();
+    let again = append_one(store, text(c, b, "k6", "friends again", 203)).await;
+    assert_eq!(again.message.seq, 2);
+    assert_eq!(
+        store.open_direct(b, a, 204).await.unwrap(),
+        c,
+        "the same one"
+    );
+
+    // Removal then a crossing request both ways (which befriends).
+    store.friend_remove(a, b).await.unwrap();
+    store.friend_request(a, b, 300).await.unwrap();
+    assert_eq!(
+        store.friend_request(b, a, 301).await.unwrap(),
+        FriendRequestOutcome::Accepted
+    );
+    assert_eq!(
+        append_one(store, text(c, a, "k7", "and again", 302))
+            .await
+            .message
+            .seq,
+        3
+    );
+}
+
 /// Backward and forward pages, cursors and has_more at the edges.
 pub async fn history_paging_edges(store: &impl HistoryStore) {
     let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
@@ -859,6 +948,7 @@ pub async fn undelivered_and_watermarks(store: &impl HistoryStore) {
 pub async fn conversation_list(store: &impl HistoryStore) {
     let (a, b, c1) = friends_with_direct(store, "alice", "bob").await;
     let carol = user(store, "carol").await;
+    befriend(store, a, carol).await;
     let c2 = store.open_direct(a, carol, 5).await.unwrap();
     let long = "x".repeat(500);
     append_one(store, text(c1, b, "b1", &long, 100)).await;
@@ -877,6 +967,7 @@ pub async fn conversation_list(store: &impl HistoryStore) {
     // Conversations active in the same millisecond: one page each, none
     // skipped (a time-only cursor lost the second one).
     let dave = user(store, "dave").await;
+    befriend(store, a, dave).await;
     let c3 = store.open_direct(a, dave, 6).await.unwrap();
     append_one(store, text(c3, dave, "d1", "same time", 120)).await;
     let mut seen = Vec::new();

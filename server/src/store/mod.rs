@@ -54,8 +54,8 @@ pub enum StoreError {
     /// A size limit (group members) would be exceeded.
     #[error("limit reached")]
     LimitReached,
-    /// Only friends of the actor may be put into a group; this user is not
-    /// one.
+    /// Only friends of the actor may be put into a group, and only friends
+    /// may send in their direct conversation; this user is not one.
     #[error("user {0} is not a friend")]
     NotFriends(UserId),
     /// The request makes no sense for this data (e.g. a group change on a
@@ -272,6 +272,12 @@ pub const INBOX_CATCH_UP_LIMIT: usize = 2_000;
 /// while it has members (leaving promotes one; nothing else would).
 pub(crate) const LAST_ADMIN: &str =
     "a group keeps at least one admin: make another member admin first";
+
+/// The unique key of the direct conversation of `a` and `b`, in whichever
+/// order they come.
+pub(crate) fn direct_key(a: UserId, b: UserId) -> String {
+    format!("{}:{}", a.min(b), a.max(b))
+}
 
 /// `original`, stored under the key `m` carries, answers `m` only if `m` is
 /// its retry: same conversation, same type. A key reused for a message to
@@ -581,7 +587,8 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// `user` declines the pending request from `from`; false if none.
     async fn friend_decline(&self, user: UserId, from: UserId) -> Result<bool, StoreError>;
     /// Ends a friendship or cancels a pending request in either direction;
-    /// false if there was nothing.
+    /// false if there was nothing. The pair's direct conversation takes no
+    /// more sends (see [`append`](Self::append)).
     async fn friend_remove(&self, user: UserId, other: UserId) -> Result<bool, StoreError>;
     /// A user's friends and pending requests.
     async fn friends(&self, user: UserId) -> Result<FriendLists, StoreError>;
@@ -665,6 +672,14 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// gets the next seq of its conversation, or is recognised as a retry.
     /// Results are in input order; one failing message (e.g. `NotAMember`)
     /// does not fail the others. Returns only after the batch is durable.
+    ///
+    /// A direct conversation takes sends only while its two members are
+    /// friends: after [`friend_remove`](Self::friend_remove) either one's
+    /// new message is refused with `NotFriends` naming the other (history
+    /// stays readable, watermarks still move, and a retry of a message
+    /// stored before still gets its original answer), until they are
+    /// friends again. A send and a removal are ordered: a send either is
+    /// stored before the removal or is refused.
     async fn append(
         &self,
         batch: Vec<NewMessage>,

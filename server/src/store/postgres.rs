@@ -43,7 +43,7 @@ use super::{
     Appended, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState,
     Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError,
-    StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
+    StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
 /// How long connecting (TCP, startup, authentication) may take before the
@@ -473,6 +473,7 @@ impl PostgresStore {
             .prepare_cached(LOCK_CONVERSATIONS)
             .await
             .map_err(pg)?;
+        let closed_stmt = client.prepare_cached(CLOSED_DIRECT).await.map_err(pg)?;
         let lock_members_stmt = client.prepare_cached(LOCK_MEMBERS).await.map_err(pg)?;
         let bump_stmt = client.prepare_cached(BUMP_SEQS).await.map_err(pg)?;
         let insert_stmt = client.prepare_cached(INSERT_MESSAGES).await.map_err(pg)?;
@@ -490,19 +491,29 @@ impl PostgresStore {
         conversation_ids.dedup();
 
         let tx = PipelinedTx::new(client);
-        // Round trip 1, pipelined: BEGIN, what is stored already, who may
-        // write where, and the conversations locked (in id order) with
-        // their current last seq.
+        // Round trip 1, pipelined: BEGIN, what is stored already, the
+        // conversations locked (in id order) with their current last seq,
+        // then, as of the locks (each statement reads what was committed
+        // when it began), who may write where: the members, and the direct
+        // conversations whose two members are no longer friends (a
+        // friendship's removal locks its direct conversation's row).
         let existing_params: [Param<'_>; 2] = [&key_senders, &key_ids];
         let conversation_params: [Param<'_>; 1] = [&conversation_ids];
-        let (_, existing_rows, member_rows, locked_rows) = tokio::try_join!(
+        let direct = proto::ConversationKind::Direct as i32;
+        let closed_params: [Param<'_>; 2] = [&conversation_ids, &direct];
+        let (_, existing_rows, locked_rows, member_rows, closed_rows) = tokio::try_join!(
             biased;
             tx.begin(),
             tx.query(&existing_stmt, &existing_params),
-            tx.query(&members_stmt, &conversation_params),
             tx.query(&lock_stmt, &conversation_params),
+            tx.query(&members_stmt, &conversation_params),
+            tx.query(&closed_stmt, &closed_params),
         )
         .map_err(pg)?;
+        let closed: HashSet<ConversationId> = closed_rows
+            .iter()
+            .map(|row| id_col(row, 0))
+            .collect::<Result<_, _>>()?;
 
         let mut stored: HashMap<(UserId, String), (Arc<proto::Message>, Vec<UserId>)> =
             HashMap::with_capacity(existing_rows.len());
@@ -541,17 +552,22 @@ impl PostgresStore {
                 slots.push(Slot::Stored(message.clone(), members.clone()));
             } else if let Some(&first) = accepted.get(&key) {
                 slots.push(Slot::SameAs(first));
-            } else if let (Some(seq), true) = (
+            } else if let (Some(seq), Some(ms)) = (
                 next_seq.get_mut(&m.conversation_id),
                 members
                     .get(&m.conversation_id)
-                    .is_some_and(|ms| ms.binary_search(&m.sender_id).is_ok()),
+                    .filter(|ms| ms.binary_search(&m.sender_id).is_ok()),
             ) {
-                *seq += 1;
-                slots.push(Slot::New(*seq));
-                accepted.insert(key, i);
+                if closed.contains(&m.conversation_id) {
+                    let other = ms.iter().copied().find(|&u| u != m.sender_id);
+                    slots.push(Slot::NotFriends(other.unwrap_or(m.sender_id)));
+                } else {
+                    *seq += 1;
+                    slots.push(Slot::New(*seq));
+                    accepted.insert(key, i);
+                }
             } else {
-                slots.push(Slot::Refused);
+                slots.push(Slot::NotAMember);
             }
         }
 
@@ -644,7 +660,8 @@ impl PostgresStore {
                         "duplicate points at a message that was not stored".into(),
                     )),
                 },
-                Slot::Refused => Err(StoreError::NotAMember),
+                Slot::NotAMember => Err(StoreError::NotAMember),
+                Slot::NotFriends(other) => Err(StoreError::NotFriends(other)),
                 Slot::New(seq) => match message_ids.get(&(m.conversation_id, seq)) {
                     None => Err(StoreError::Internal(
                         "the insert returned no id for a message".into(),
@@ -746,7 +763,10 @@ enum Slot {
     /// Its key was accepted earlier in this batch, at this index.
     SameAs(usize),
     /// The sender is not a member (or the conversation does not exist).
-    Refused,
+    NotAMember,
+    /// The conversation is direct and its members, the sender and this
+    /// user, are no longer friends.
+    NotFriends(UserId),
     /// A new message with this seq.
     New(u64),
 }
@@ -1100,9 +1120,18 @@ impl HistoryStore for PostgresStore {
         // "nothing removed", and left the two friends.
         let mut client = self.client().await?;
         let lock = client.prepare_cached(LOCK_PAIR).await.map_err(pg)?;
+        let lock_direct = client
+            .prepare_cached("SELECT id FROM conversations WHERE direct_key = $1 FOR NO KEY UPDATE")
+            .await
+            .map_err(pg)?;
+        let key = direct_key(user, other);
         let (user, other) = (sql(user), sql(other));
         let tx = client.transaction().await.map_err(pg)?;
         tx.execute(&lock, &[&user, &other]).await.map_err(pg)?;
+        // Their direct conversation's row, as a group commit locks it: a
+        // send being stored there commits first, and a later one reads
+        // the removal (see `append_once`).
+        tx.execute(&lock_direct, &[&key]).await.map_err(pg)?;
         let row = tx
             .query_one(
                 "WITH f AS (
@@ -1209,7 +1238,7 @@ impl HistoryStore for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        let key = format!("{}:{}", a.min(b), a.max(b));
+        let key = direct_key(a, b);
         if let Some(row) = client.query_opt(&find, &[&key]).await.map_err(pg)? {
             return id_col(&row, 0);
         }
@@ -1938,6 +1967,17 @@ const END_TRANSACTION: &str = "
 const MEMBERS_OF: &str = "
     SELECT conversation_id, user_id FROM members
     WHERE conversation_id = ANY($1::bigint[]) ORDER BY conversation_id, user_id";
+
+/// Which of the direct conversations among `$1` (`$2`: the direct kind)
+/// have two members who are not friends: they take no sends.
+const CLOSED_DIRECT: &str = "
+    SELECT c.id FROM conversations c
+    WHERE c.id = ANY($1::bigint[]) AND c.kind = $2
+      AND NOT EXISTS (
+        SELECT 1 FROM members a
+        JOIN members b ON b.conversation_id = a.conversation_id AND b.user_id > a.user_id
+        JOIN friends f ON f.user_id = a.user_id AND f.friend_id = b.user_id
+        WHERE a.conversation_id = c.id)";
 
 /// Locks the batch's conversations in id order (so that concurrent
 /// batches touching several conversations cannot deadlock) and reads the

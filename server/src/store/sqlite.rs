@@ -9,10 +9,10 @@
 //!
 //! Jobs do not get savepoints (they made SQLite copy pages into a
 //! sub-journal for every job, the largest cost in profiles). Instead every
-//! job keeps one rule: it refuses (Conflict, NotFound, NotAMember) before
-//! writing anything. Any other error means the database is in trouble, and
-//! then the whole batch is rolled back and every caller in it hears
-//! "unavailable", so a half-done job can never be committed.
+//! job keeps one rule: it refuses (Conflict, NotFound, NotAMember,
+//! NotFriends) before writing anything. Any other error means the database
+//! is in trouble, and then the whole batch is rolled back and every caller
+//! in it hears "unavailable", so a half-done job can never be committed.
 //!
 //! A conversation's head (`conversations.last_seq`, `last_activity_ms`)
 //! is derived data: the last row of that conversation in `messages`. Sends
@@ -68,7 +68,7 @@ use super::{
     Appended, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState,
     Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError,
-    StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate,
+    StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -253,6 +253,10 @@ struct Head {
 struct Cached {
     members: Arc<Vec<UserId>>,
     last_seq: u64,
+    /// Whether members may send: false for a direct conversation whose two
+    /// members are not friends. Friendship changes drop the entry
+    /// ([`DbState::forget_direct`]).
+    open: bool,
 }
 
 /// Conversations kept in [`DbState`]; beyond it the cache starts over.
@@ -276,22 +280,29 @@ impl DbState {
             }
             // The row's head is behind by what is pending: the last
             // written index entry and the pending head are not.
-            let last_seq: Option<i64> = conn
+            let row: Option<(i64, i32)> = conn
                 .prepare_cached(
                     "SELECT MAX(c.last_seq,
-                                COALESCE((SELECT MAX(seq) FROM message_index WHERE conversation_id = c.id), 0))
+                                COALESCE((SELECT MAX(seq) FROM message_index WHERE conversation_id = c.id), 0)),
+                            c.kind
                      FROM conversations c WHERE c.id = ?1",
                 )
                 .map_err(internal)?
-                .query_row([sql(conversation_id)], |r| r.get(0))
+                .query_row([sql(conversation_id)], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()
                 .map_err(internal)?;
-            let Some(last_seq) = last_seq else {
+            let Some((last_seq, kind)) = row else {
                 return Ok(None);
             };
             let pending = self.heads.get(&conversation_id).map_or(0, |h| h.last_seq);
             let last_seq = (last_seq as u64).max(pending);
             let members = members_of(conn, conversation_id).map_err(internal)?;
+            let open = match members[..] {
+                [a, b] if kind == proto::ConversationKind::Direct as i32 => {
+                    are_friends(conn, a, b)?
+                }
+                _ => true,
+            };
             if self.conversations.len() >= MAX_CACHED_CONVERSATIONS {
                 self.conversations.clear();
             }
@@ -300,10 +311,27 @@ impl DbState {
                 Cached {
                     members: Arc::new(members),
                     last_seq,
+                    open,
                 },
             );
         }
         Ok(self.conversations.get_mut(&conversation_id))
+    }
+
+    /// Drops what is remembered of the direct conversation of `a` and `b`
+    /// (if they have one), whose members may send only while the two are
+    /// friends: called in the transaction that changes their friendship.
+    fn forget_direct(&mut self, conn: &Connection, a: UserId, b: UserId) -> Result<(), StoreError> {
+        let id: Option<i64> = conn
+            .prepare_cached("SELECT id FROM conversations WHERE direct_key = ?1")
+            .map_err(internal)?
+            .query_row([direct_key(a, b)], |r| r.get(0))
+            .optional()
+            .map_err(internal)?;
+        if let Some(id) = id {
+            self.conversations.remove(&(id as u64));
+        }
+        Ok(())
     }
 
     /// Records a conversation's new head, to be written behind.
@@ -1505,16 +1533,25 @@ fn append_one(
             "heads and idempotency keys are being rebuilt".into(),
         ));
     }
-    let (members, seq) = match state.conversation(conn, m.conversation_id)? {
-        Some(c) if system || c.members.contains(&m.sender_id) => {
-            (c.members.clone(), c.last_seq + 1)
+    let admitted = match state.conversation(conn, m.conversation_id)? {
+        Some(c) if system || (c.open && c.members.contains(&m.sender_id)) => {
+            Ok((c.members.clone(), c.last_seq + 1))
         }
-        _ => {
+        Some(c) if c.members.contains(&m.sender_id) => {
+            let other = c.members.iter().copied().find(|&u| u != m.sender_id);
+            Err(StoreError::NotFriends(other.unwrap_or(m.sender_id)))
+        }
+        _ => Err(StoreError::NotAMember),
+    };
+    let (members, seq) = match admitted {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
             // A retry of a message stored before the sender left or was
-            // removed still gets its original ack.
+            // removed, or before the friendship ended, still gets its
+            // original ack.
             return match stored_original(conn, state, m.sender_id, &m.client_msg_id)? {
                 Some(original) => crate::store::check_retry(original, &m),
-                None => Err(StoreError::NotAMember),
+                None => Err(refusal),
             };
         }
     };
@@ -1751,7 +1788,7 @@ impl HistoryStore for SqliteStore {
         now_ms: i64,
         max_friends: u64,
     ) -> Result<FriendRequestOutcome, StoreError> {
-        self.call(move |conn, _| {
+        self.call(move |conn, state| {
             if are_friends(conn, from, to)? {
                 return Ok(FriendRequestOutcome::AlreadyFriends);
             }
@@ -1765,6 +1802,7 @@ impl HistoryStore for SqliteStore {
             }
             if take_request(conn, to, from)? {
                 make_friends(conn, from, to, now_ms)?;
+                state.forget_direct(conn, from, to)?;
                 return Ok(FriendRequestOutcome::Accepted);
             }
             if friend_counts(conn, to)?.incoming >= max_friends {
@@ -1788,7 +1826,7 @@ impl HistoryStore for SqliteStore {
         now_ms: i64,
         max_friends: u64,
     ) -> Result<bool, StoreError> {
-        self.call(move |conn, _| {
+        self.call(move |conn, state| {
             if !request_waiting(conn, from, user)? {
                 return Err(StoreError::NotFound);
             }
@@ -1799,6 +1837,7 @@ impl HistoryStore for SqliteStore {
             }
             take_request(conn, from, user)?;
             make_friends(conn, user, from, now_ms)?;
+            state.forget_direct(conn, user, from)?;
             Ok(true)
         })
         .await
@@ -1810,7 +1849,7 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn friend_remove(&self, user: UserId, other: UserId) -> Result<bool, StoreError> {
-        self.call(move |conn, _| {
+        self.call(move |conn, state| {
             let friends = conn
                 .prepare_cached(
                     "DELETE FROM friends WHERE (user_id = ?1 AND friend_id = ?2)
@@ -1827,6 +1866,9 @@ impl HistoryStore for SqliteStore {
                 .map_err(internal)?
                 .execute(params![sql(user), sql(other)])
                 .map_err(internal)?;
+            if friends > 0 {
+                state.forget_direct(conn, user, other)?;
+            }
             Ok(friends + requests > 0)
         })
         .await
@@ -1874,7 +1916,7 @@ impl HistoryStore for SqliteStore {
         now_ms: i64,
     ) -> Result<ConversationId, StoreError> {
         self.call(move |conn, _| {
-            let key = format!("{}:{}", a.min(b), a.max(b));
+            let key = direct_key(a, b);
             let existing: Option<i64> = conn
                 .prepare_cached("SELECT id FROM conversations WHERE direct_key = ?1")
                 .map_err(internal)?
@@ -1974,9 +2016,13 @@ impl HistoryStore for SqliteStore {
             for m in batch {
                 let result = append_one(conn, state, m, false);
                 match &result {
-                    // A refused message (not a member, a key reused for
-                    // another message) wrote nothing; the batch goes on.
-                    Ok(_) | Err(StoreError::NotAMember | StoreError::Invalid(_)) => {}
+                    // A refused message (not a member, not friends in a
+                    // direct conversation, a key reused for another
+                    // message) wrote nothing; the batch goes on.
+                    Ok(_)
+                    | Err(
+                        StoreError::NotAMember | StoreError::NotFriends(_) | StoreError::Invalid(_),
+                    ) => {}
                     Err(e) => return Err(clone_err(e)),
                 }
                 results.push(result);

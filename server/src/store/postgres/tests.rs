@@ -644,6 +644,97 @@ async fn accepting_and_removing_a_friendship_are_serialised() {
     .await;
 }
 
+/// Waits until `n` backends wait for a lock `holder_pid` holds.
+async fn blocked_by(watcher: &tokio_postgres::Client, holder_pid: i32, n: i64, what: &str) {
+    let deadline = Instant::now() + PROGRESS_DEADLINE;
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                &[&holder_pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never blocked: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A send and the end of a friendship are ordered by the direct
+/// conversation's row. A removal waits for a group commit holding that
+/// row; a group commit waiting for it (behind a removal) reads who may
+/// send only once it has it, and is refused. Read before the lock, the
+/// friendship was still there and the send was stored after the removal
+/// had been answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_and_the_end_of_a_friendship_are_ordered() {
+    with_store(|store| async move {
+        let schema = store
+            .schema()
+            .expect("a test store has a schema")
+            .to_owned();
+        let a = user(&*store, "alice").await;
+        let b = user(&*store, "bob").await;
+        let c = befriend(&*store, a, b).await;
+        let watcher = admin().await;
+        let lock_row =
+            format!(r#"SELECT id FROM "{schema}".conversations WHERE id = $1 FOR NO KEY UPDATE"#);
+
+        // A group commit in flight holds the row: the removal waits for it.
+        let mut holder = admin().await;
+        let holder_pid: i32 = holder
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let tx = holder.transaction().await.unwrap();
+        tx.execute(&lock_row, &[&sql(c)]).await.unwrap();
+        let remove = tokio::spawn({
+            let store = store.clone();
+            async move { store.friend_remove(a, b).await }
+        });
+        blocked_by(&watcher, holder_pid, 1, "the removal behind a group commit").await;
+        assert!(!remove.is_finished());
+        tx.commit().await.unwrap();
+        assert!(remove.await.unwrap().unwrap());
+
+        // Friends again; now a removal holds the row, its friendship rows
+        // deleted and not yet committed, while a send waits for the row.
+        store.friend_request(a, b, 10).await.unwrap();
+        store.friend_accept(b, a, 11).await.unwrap();
+        let tx = holder.transaction().await.unwrap();
+        tx.execute(&lock_row, &[&sql(c)]).await.unwrap();
+        tx.execute(
+            &format!(
+                r#"DELETE FROM "{schema}".friends WHERE (user_id = $1 AND friend_id = $2)
+                                                    OR (user_id = $2 AND friend_id = $1)"#
+            ),
+            &[&sql(a), &sql(b)],
+        )
+        .await
+        .unwrap();
+        let send = tokio::spawn({
+            let store = store.clone();
+            async move { store.append(vec![text(c, a, "k1", "crossing")]).await }
+        });
+        blocked_by(&watcher, holder_pid, 1, "the send behind the removal").await;
+        tx.commit().await.unwrap();
+        let results = send.await.unwrap().unwrap();
+        assert!(
+            matches!(results[0], Err(StoreError::NotFriends(x)) if x == b),
+            "{:?}",
+            results[0]
+        );
+        let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
+        assert!(page.messages.is_empty());
+    })
+    .await;
+}
+
 /// A group change locks the member rows it writes before it writes any,
 /// in the order watermark batches lock them. A batch holding the actor's
 /// row (their ack) that then wants the removed member's row used to
