@@ -1113,7 +1113,11 @@ impl Client {
             .await
     }
 
-    /// Ends a friendship (or cancels a pending request).
+    /// Ends a friendship (or cancels a pending request). The pair's 1-1
+    /// conversation keeps its history but takes no new messages from
+    /// either: a send there fails with [`ErrorCode::NotFriends`] (not
+    /// retried) until they are friends again. The other user hears
+    /// [`Event::Friend`] with `KIND_REMOVED`.
     pub async fn remove_friend(&self, user_id: u64) -> Result<(), ClientError> {
         self.expect_ok(Body::FriendRemove(proto::FriendRemove { user_id }))
             .await
