@@ -1079,7 +1079,7 @@ impl Client {
         }
     }
 
-    /// Friends and pending requests.
+    /// Friends, pending requests and blocked users.
     pub async fn friends(&self) -> Result<proto::FriendList, ClientError> {
         match self
             .request(
@@ -1120,6 +1120,24 @@ impl Client {
     /// [`Event::Friend`] with `KIND_REMOVED`.
     pub async fn remove_friend(&self, user_id: u64) -> Result<(), ClientError> {
         self.expect_ok(Body::FriendRemove(proto::FriendRemove { user_id }))
+            .await
+    }
+
+    /// Blocks `user_id`: ends a friendship or pending request with them
+    /// (they hear `KIND_REMOVED` if there was one, and nothing of the
+    /// block), and until [`unblock`](Self::unblock) their friend requests
+    /// fail as if this account did not exist, and this user's to them with
+    /// [`ErrorCode::InvalidArgument`]. Shared groups are not changed.
+    /// Blocked users are listed in [`friends`](Self::friends)' `blocked`.
+    pub async fn block(&self, user_id: u64) -> Result<(), ClientError> {
+        self.expect_ok(Body::BlockUser(proto::BlockUser { user_id }))
+            .await
+    }
+
+    /// Ends a block; a friendship it ended is not restored.
+    /// [`ErrorCode::NotFound`] if `user_id` was not blocked.
+    pub async fn unblock(&self, user_id: u64) -> Result<(), ClientError> {
+        self.expect_ok(Body::UnblockUser(proto::UnblockUser { user_id }))
             .await
     }
 

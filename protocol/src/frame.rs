@@ -461,7 +461,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(bodies, 42);
+        assert_eq!(bodies, 44);
     }
 
     #[test]

@@ -104,6 +104,8 @@ impl Body {
             Body::ListFriends(_) => "list_friends",
             Body::FriendList(_) => "friend_list",
             Body::FriendEvent(_) => "friend_event",
+            Body::BlockUser(_) => "block_user",
+            Body::UnblockUser(_) => "unblock_user",
             Body::OpenDirect(_) => "open_direct",
             Body::Conversation(_) => "conversation",
             Body::ListConversations(_) => "list_conversations",
@@ -165,6 +167,8 @@ impl Body {
             | Body::FriendAccept(_)
             | Body::FriendDecline(_)
             | Body::FriendRemove(_)
+            | Body::BlockUser(_)
+            | Body::UnblockUser(_)
             | Body::ListFriends(_)
             | Body::OpenDirect(_)
             | Body::ListConversations(_)
@@ -281,6 +285,8 @@ mod tests {
             Body::Logout(proto::Logout::default()),
             Body::FriendRequest(proto::FriendRequest::default()),
             Body::FriendRemove(proto::FriendRemove::default()),
+            Body::BlockUser(proto::BlockUser::default()),
+            Body::UnblockUser(proto::UnblockUser::default()),
             Body::CreateGroup(proto::CreateGroup::default()),
             Body::RemoveMember(proto::RemoveMember::default()),
             Body::SetPresenceVisibility(proto::SetPresenceVisibility::default()),

@@ -28,6 +28,11 @@ pub const MAX_PAGE_SIZE: u32 = 200;
 /// racing requests take a list a little over.
 pub const MAX_FRIENDS: u64 = 5_000;
 
+/// Most users one user may block: the blocked list rides in the friend
+/// list reply (about 47 bytes an entry), beside lists of up to
+/// [`MAX_FRIENDS`] each.
+pub const MAX_BLOCKED: u64 = 1_000;
+
 /// User names: length bounds in bytes (ASCII only).
 pub const USERNAME_LEN: std::ops::RangeInclusive<usize> = 3..=32;
 

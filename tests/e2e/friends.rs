@@ -261,3 +261,70 @@ async fn an_ended_friendship_takes_no_more_messages() {
     .await;
     assert_eq!(got, "friends again");
 }
+
+/// A block ends the friendship (the other hears a removal, as for
+/// FriendRemove); the blocked user's friend requests then fail exactly as
+/// for a name with no account, the blocker's with INVALID_ARGUMENT, and
+/// neither can message the other. It is listed; unblocking lets a new
+/// request through, not the old friendship.
+#[tokio::test]
+async fn a_block_ends_the_friendship_and_keeps_requests_out() {
+    let server = TestServer::start().await;
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let (a, b) = (alice.identity(), bob.identity());
+    let conversation = befriend(&alice, &bob).await;
+
+    alice.block(b.user_id).await.unwrap();
+    let event = wait_for(&mut bob_events, "the friendship's end", |e| match e {
+        Event::Friend(f) if kind(&f) == proto::friend_event::Kind::Removed => Some(f),
+        _ => None,
+    })
+    .await;
+    assert_eq!(event.user.unwrap().user_id, a.user_id);
+    assert!(bob.friends().await.unwrap().friends.is_empty());
+    assert_eq!(
+        code(bob.send_text(conversation, "hello?").await),
+        ErrorCode::NotFriends
+    );
+    assert_eq!(
+        code(alice.send_text(conversation, "bye").await),
+        ErrorCode::NotFriends
+    );
+    let blocked = bob.send_friend_request(&a.username).await.unwrap_err();
+    let unknown = bob.send_friend_request(&name("nobody")).await.unwrap_err();
+    assert_eq!(blocked.code(), Some(ErrorCode::NotFound));
+    assert_eq!(
+        blocked.to_string(),
+        unknown.to_string(),
+        "a block reads as no account"
+    );
+    assert_eq!(
+        code(alice.send_friend_request(&b.username).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(alice.block(a.user_id).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(code(alice.block(u64::MAX).await), ErrorCode::NotFound);
+    alice
+        .block(b.user_id)
+        .await
+        .expect("blocking again is fine");
+    let lists = alice.friends().await.unwrap();
+    let blocked: Vec<_> = lists.blocked.iter().map(|u| u.user_id).collect();
+    assert_eq!(blocked, [b.user_id]);
+    assert!(bob.friends().await.unwrap().blocked.is_empty());
+
+    alice.unblock(b.user_id).await.unwrap();
+    assert_eq!(code(alice.unblock(b.user_id).await), ErrorCode::NotFound);
+    assert!(
+        alice.friends().await.unwrap().friends.is_empty(),
+        "unblocking restores no friendship"
+    );
+    bob.send_friend_request(&a.username).await.unwrap();
+    alice.accept_friend(b.user_id).await.unwrap();
+    let ack = bob.send_text(conversation, "hello again").await.unwrap();
+    assert_eq!(ack.seq, 1);
+}

@@ -44,6 +44,7 @@ macro_rules! history_store_conformance {
             append_assigns_seq_and_is_idempotent,
             append_refuses_non_members_without_failing_the_batch,
             direct_sends_need_friendship,
+            blocks,
             history_paging_edges,
             undelivered_and_watermarks,
             undelivered_pages_across_conversations,
@@ -691,6 +692,89 @@ pub async fn direct_sends_need_friendship(store: &impl HistoryStore) {
             .message
             .seq,
         3
+    );
+}
+
+/// A block ends the friendship and any request between the two (and with
+/// it sends in their direct conversation), refuses requests both ways while
+/// it lasts, is listed, stays within its limit, and ends with `unblock`
+/// without making the two friends again.
+pub async fn blocks(store: &impl HistoryStore) {
+    let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
+    let carol = user(store, "carol").await;
+    let dave = user(store, "dave").await;
+    store.friend_request(carol, a, 5).await.unwrap();
+
+    assert_eq!(
+        store.block(a, b, 10, 2).await.unwrap(),
+        BlockOutcome::Blocked { ended: true }
+    );
+    assert!(!store.are_friends(a, b).await.unwrap());
+    assert!(matches!(
+        store.append(vec![text(c, b, "k1", "hi", 11)]).await.unwrap()[0],
+        Err(StoreError::NotFriends(x)) if x == a
+    ));
+    assert_eq!(
+        store.block(a, b, 12, 2).await.unwrap(),
+        BlockOutcome::AlreadyBlocked
+    );
+    // Requests either way change nothing.
+    assert_eq!(
+        store.friend_request(b, a, 13).await.unwrap(),
+        FriendRequestOutcome::BlockedBy
+    );
+    assert_eq!(
+        store.friend_request(a, b, 14).await.unwrap(),
+        FriendRequestOutcome::Blocked
+    );
+    assert_eq!(store.friends(b).await.unwrap(), FriendLists::default());
+    // A request waiting for an answer ends with a block too.
+    assert_eq!(
+        store.block(a, carol, 15, 2).await.unwrap(),
+        BlockOutcome::Blocked { ended: true }
+    );
+    assert!(store.friends(a).await.unwrap().incoming.is_empty());
+    assert!(store.friends(carol).await.unwrap().outgoing.is_empty());
+    // The limit: two blocked, so not a third.
+    assert_eq!(
+        store.block(a, dave, 16, 2).await.unwrap(),
+        BlockOutcome::Full
+    );
+    let blocked = store.friends(a).await.unwrap().blocked;
+    assert_eq!(
+        blocked,
+        vec![(b, "bob".to_owned()), (carol, "carol".to_owned())]
+    );
+    assert_eq!(
+        store.friend_request(a, dave, 17).await.unwrap(),
+        FriendRequestOutcome::Requested,
+        "the refused block changed nothing"
+    );
+    // Each side may block the other; either block refuses requests.
+    assert_eq!(
+        store.block(b, a, 18, 2).await.unwrap(),
+        BlockOutcome::Blocked { ended: false }
+    );
+    assert!(store.unblock(a, b).await.unwrap());
+    assert!(!store.unblock(a, b).await.unwrap(), "unblocked already");
+    assert_eq!(
+        store.friend_request(a, b, 19).await.unwrap(),
+        FriendRequestOutcome::BlockedBy
+    );
+    assert!(store.unblock(b, a).await.unwrap());
+    // Unblocked is not friends; a request and an accept are, and the same
+    // conversation takes messages again.
+    assert!(!store.are_friends(a, b).await.unwrap());
+    assert_eq!(
+        store.friend_request(a, b, 20).await.unwrap(),
+        FriendRequestOutcome::Requested
+    );
+    store.friend_accept(b, a, 21).await.unwrap();
+    let again = append_one(store, text(c, b, "k2", "back", 22)).await;
+    assert_eq!(again.message.seq, 1);
+    assert_eq!(
+        store.friends(a).await.unwrap().blocked,
+        vec![(carol, "carol".to_owned())]
     );
 }
 

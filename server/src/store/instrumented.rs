@@ -13,7 +13,7 @@ use chat_protocol::proto;
 
 use super::presence::{OnlineRecord, PresenceStore};
 use super::{
-    Appended, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
+    Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupCreated, GroupEdit, HistoryStore, InboxStore, Membership, NewGroup,
     NewMessage, NewSession, Page, PendingRange, RecentCache, SessionRecord, StoreError,
     StoredPresence, UserId, UserRecord, WatermarkMoved, WatermarkUpdate,
@@ -156,6 +156,24 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
 
     async fn friend_remove(&self, user: UserId, other: UserId) -> Result<bool, StoreError> {
         timed!(self, "friend_remove", self.inner.friend_remove(user, other))
+    }
+
+    async fn block(
+        &self,
+        user: UserId,
+        other: UserId,
+        now_ms: i64,
+        max_blocked: u64,
+    ) -> Result<BlockOutcome, StoreError> {
+        timed!(
+            self,
+            "block",
+            self.inner.block(user, other, now_ms, max_blocked)
+        )
+    }
+
+    async fn unblock(&self, user: UserId, other: UserId) -> Result<bool, StoreError> {
+        timed!(self, "unblock", self.inner.unblock(user, other))
     }
 
     async fn friends(&self, user: UserId) -> Result<FriendLists, StoreError> {

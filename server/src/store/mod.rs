@@ -125,6 +125,25 @@ pub enum FriendRequestOutcome {
     /// Nothing changed: the other user has as many requests waiting for
     /// their answer as the limit.
     TargetFull,
+    /// Nothing changed: the asker blocked the other user.
+    Blocked,
+    /// Nothing changed: the other user blocked the asker.
+    BlockedBy,
+}
+
+/// What a block did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOutcome {
+    /// Now blocked; `ended` when a friendship or a pending request between
+    /// the two ended with it.
+    Blocked {
+        /// Whether a friendship or request ended.
+        ended: bool,
+    },
+    /// Blocked already; nothing changed.
+    AlreadyBlocked,
+    /// Nothing changed: the user has blocked as many as the limit.
+    Full,
 }
 
 /// A user's friends and pending requests.
@@ -136,6 +155,8 @@ pub struct FriendLists {
     pub incoming: Vec<(UserId, String)>,
     /// Requests from us.
     pub outgoing: Vec<(UserId, String)>,
+    /// Users we blocked, by user name.
+    pub blocked: Vec<(UserId, String)>,
 }
 
 /// How long a user's friend lists are (what the limits count).
@@ -553,6 +574,8 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// exact however requests race: SQLite has one writer, and Postgres
     /// takes both users' count locks.
     /// Repeats and requests between friends answer as without a limit.
+    /// Between two users one of whom blocked the other, nothing changes
+    /// (`Blocked` or `BlockedBy`; see [`block`](Self::block)).
     async fn friend_request_within(
         &self,
         from: UserId,
@@ -590,7 +613,23 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// false if there was nothing. The pair's direct conversation takes no
     /// more sends (see [`append`](Self::append)).
     async fn friend_remove(&self, user: UserId, other: UserId) -> Result<bool, StoreError>;
-    /// A user's friends and pending requests.
+    /// `user` blocks `other`: in one step, ends their friendship and
+    /// pending requests in either direction (as
+    /// [`friend_remove`](Self::friend_remove) does) and records the block,
+    /// unless `user` has blocked `max_blocked` others already. While it
+    /// lasts, [`friend_request_within`](Self::friend_request_within)
+    /// between the two answers `Blocked` / `BlockedBy`; a request and a
+    /// block are ordered as two requests are.
+    async fn block(
+        &self,
+        user: UserId,
+        other: UserId,
+        now_ms: i64,
+        max_blocked: u64,
+    ) -> Result<BlockOutcome, StoreError>;
+    /// Ends `user`'s block of `other`; false if there was none.
+    async fn unblock(&self, user: UserId, other: UserId) -> Result<bool, StoreError>;
+    /// A user's friends, pending requests and blocked users.
     async fn friends(&self, user: UserId) -> Result<FriendLists, StoreError>;
     /// Whether the two users are friends.
     async fn are_friends(&self, a: UserId, b: UserId) -> Result<bool, StoreError>;

@@ -40,7 +40,7 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Config, NoTls, Row};
 
 use super::{
-    Appended, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
+    Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState,
     Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError,
     StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
@@ -473,7 +473,6 @@ impl PostgresStore {
             .prepare_cached(LOCK_CONVERSATIONS)
             .await
             .map_err(pg)?;
-        let closed_stmt = client.prepare_cached(CLOSED_DIRECT).await.map_err(pg)?;
         let lock_members_stmt = client.prepare_cached(LOCK_MEMBERS).await.map_err(pg)?;
         let bump_stmt = client.prepare_cached(BUMP_SEQS).await.map_err(pg)?;
         let insert_stmt = client.prepare_cached(INSERT_MESSAGES).await.map_err(pg)?;
@@ -492,28 +491,21 @@ impl PostgresStore {
 
         let tx = PipelinedTx::new(client);
         // Round trip 1, pipelined: BEGIN, what is stored already, the
-        // conversations locked (in id order) with their current last seq,
-        // then, as of the locks (each statement reads what was committed
-        // when it began), who may write where: the members, and the direct
-        // conversations whose two members are no longer friends (a
-        // friendship's removal locks its direct conversation's row).
+        // conversations locked (in id order) with their current last seq
+        // and whether they are closed (a direct conversation of two users
+        // who are no longer friends: the friendship's end sets it under
+        // the same lock), then, as of the locks (each statement reads what
+        // was committed when it began), who may write where.
         let existing_params: [Param<'_>; 2] = [&key_senders, &key_ids];
         let conversation_params: [Param<'_>; 1] = [&conversation_ids];
-        let direct = proto::ConversationKind::Direct as i32;
-        let closed_params: [Param<'_>; 2] = [&conversation_ids, &direct];
-        let (_, existing_rows, locked_rows, member_rows, closed_rows) = tokio::try_join!(
+        let (_, existing_rows, locked_rows, member_rows) = tokio::try_join!(
             biased;
             tx.begin(),
             tx.query(&existing_stmt, &existing_params),
             tx.query(&lock_stmt, &conversation_params),
             tx.query(&members_stmt, &conversation_params),
-            tx.query(&closed_stmt, &closed_params),
         )
         .map_err(pg)?;
-        let closed: HashSet<ConversationId> = closed_rows
-            .iter()
-            .map(|row| id_col(row, 0))
-            .collect::<Result<_, _>>()?;
 
         let mut stored: HashMap<(UserId, String), (Arc<proto::Message>, Vec<UserId>)> =
             HashMap::with_capacity(existing_rows.len());
@@ -534,8 +526,13 @@ impl PostgresStore {
                 .push(id_col(row, 1)?);
         }
         let mut last_seq: HashMap<ConversationId, u64> = HashMap::with_capacity(locked_rows.len());
+        let mut closed: HashSet<ConversationId> = HashSet::new();
         for row in &locked_rows {
-            last_seq.insert(id_col(row, 0)?, id_col(row, 1)?);
+            let id = id_col(row, 0)?;
+            last_seq.insert(id, id_col(row, 1)?);
+            if col::<bool>(row, 2)? {
+                closed.insert(id);
+            }
         }
 
         // Decide each message's fate in input order, as the embedded store
@@ -988,6 +985,7 @@ impl HistoryStore for PostgresStore {
             .await
             .map_err(pg)?;
         let are = client.prepare_cached(ARE_FRIENDS).await.map_err(pg)?;
+        let blocks = client.prepare_cached(BLOCKS).await.map_err(pg)?;
         let take_reverse = client.prepare_cached(TAKE_REQUEST).await.map_err(pg)?;
         let befriend = client.prepare_cached(MAKE_FRIENDS).await.map_err(pg)?;
         let request = client
@@ -1008,11 +1006,12 @@ impl HistoryStore for PostgresStore {
         // to one user from different askers each counted without the
         // other's uncommitted row, and both passed.
         let pair: [Param<'_>; 2] = [&from, &to];
-        let (_, _, friends) = tokio::try_join!(
+        let (_, _, friends, blocked) = tokio::try_join!(
             biased;
             tx.execute(&lock, &pair),
             tx.execute(&lock_users, &pair),
             tx.query_one(&are, &pair),
+            tx.query_one(&blocks, &pair),
         )
         .map_err(pg)?;
         // The limits are checked after the change, in its transaction,
@@ -1024,10 +1023,15 @@ impl HistoryStore for PostgresStore {
                 outgoing: id_col(row, 2)?,
             })
         };
-        let outcome = if col::<bool>(&friends, 0)? {
+        let outcome = if col::<bool>(&blocked, 0)? {
+            FriendRequestOutcome::Blocked
+        } else if col::<bool>(&blocked, 1)? {
+            FriendRequestOutcome::BlockedBy
+        } else if col::<bool>(&friends, 0)? {
             FriendRequestOutcome::AlreadyFriends
         } else if tx.execute(&take_reverse, &[&to, &from]).await.map_err(pg)? > 0 {
-            tx.execute(&befriend, &[&from, &to, &now_ms])
+            let key = direct_key(id(from), id(to));
+            tx.execute(&befriend, &[&from, &to, &now_ms, &key])
                 .await
                 .map_err(pg)?;
             let mine = count(&tx.query_one(&counts, &[&from]).await.map_err(pg)?)?;
@@ -1094,7 +1098,8 @@ impl HistoryStore for PostgresStore {
         if tx.execute(&take, &[&from, &user]).await.map_err(pg)? == 0 {
             return Err(StoreError::NotFound);
         }
-        tx.execute(&befriend, &[&user, &from, &now_ms])
+        let key = direct_key(id(user), id(from));
+        tx.execute(&befriend, &[&user, &from, &now_ms, &key])
             .await
             .map_err(pg)?;
         // Checked after the change, in its transaction, which is dropped
@@ -1120,36 +1125,81 @@ impl HistoryStore for PostgresStore {
         // "nothing removed", and left the two friends.
         let mut client = self.client().await?;
         let lock = client.prepare_cached(LOCK_PAIR).await.map_err(pg)?;
-        let lock_direct = client
-            .prepare_cached("SELECT id FROM conversations WHERE direct_key = $1 FOR NO KEY UPDATE")
+        let end = EndFriendship::prepare(&client).await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute(&lock, &[&sql(user), &sql(other)])
             .await
             .map_err(pg)?;
-        let key = direct_key(user, other);
-        let (user, other) = (sql(user), sql(other));
-        let tx = client.transaction().await.map_err(pg)?;
-        tx.execute(&lock, &[&user, &other]).await.map_err(pg)?;
-        // Their direct conversation's row, as a group commit locks it: a
-        // send being stored there commits first, and a later one reads
-        // the removal (see `append_once`).
-        tx.execute(&lock_direct, &[&key]).await.map_err(pg)?;
-        let row = tx
-            .query_one(
-                "WITH f AS (
-                    DELETE FROM friends WHERE (user_id = $1 AND friend_id = $2)
-                                           OR (user_id = $2 AND friend_id = $1)
-                    RETURNING 1
-                 ), r AS (
-                    DELETE FROM friend_requests WHERE (from_id = $1 AND to_id = $2)
-                                                   OR (from_id = $2 AND to_id = $1)
-                    RETURNING 1
-                 )
-                 SELECT (SELECT count(*) FROM f) + (SELECT count(*) FROM r)",
-                &[&user, &other],
+        let ended = end.run(&tx, user, other).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(ended)
+    }
+
+    async fn block(
+        &self,
+        user: UserId,
+        other: UserId,
+        now_ms: i64,
+        max_blocked: u64,
+    ) -> Result<BlockOutcome, StoreError> {
+        let mut client = self.client().await?;
+        let lock = client.prepare_cached(LOCK_PAIR).await.map_err(pg)?;
+        let lock_users = client
+            .prepare_cached(LOCK_FRIEND_COUNTS)
+            .await
+            .map_err(pg)?;
+        let end = EndFriendship::prepare(&client).await?;
+        let insert = client
+            .prepare_cached(
+                "INSERT INTO blocks (user_id, blocked_id, since_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
             )
             .await
             .map_err(pg)?;
+        let count = client
+            .prepare_cached("SELECT count(*) FROM blocks WHERE user_id = $1")
+            .await
+            .map_err(pg)?;
+        let tx = client.transaction().await.map_err(pg)?;
+        // The pair's lock, as requests take it: a request crossing this
+        // block either comes first (and is ended here) or sees the block.
+        // Then both users' count locks, as requests take them, which makes
+        // the count below exact however blocks of the user race.
+        let (user_id, other_id) = (sql(user), sql(other));
+        let pair: [Param<'_>; 2] = [&user_id, &other_id];
+        tokio::try_join!(
+            biased;
+            tx.execute(&lock, &pair),
+            tx.execute(&lock_users, &pair),
+        )
+        .map_err(pg)?;
+        if tx
+            .execute(&insert, &[&user_id, &other_id, &now_ms])
+            .await
+            .map_err(pg)?
+            == 0
+        {
+            return Ok(BlockOutcome::AlreadyBlocked);
+        }
+        // Checked after the insert, in its transaction, which is dropped
+        // (rolled back) when the limit is exceeded.
+        let blocked = tx.query_one(&count, &[&user_id]).await.map_err(pg)?;
+        if id_col(&blocked, 0)? > max_blocked {
+            return Ok(BlockOutcome::Full);
+        }
+        let ended = end.run(&tx, user, other).await?;
         tx.commit().await.map_err(pg)?;
-        Ok(col::<i64>(&row, 0)? > 0)
+        Ok(BlockOutcome::Blocked { ended })
+    }
+
+    async fn unblock(&self, user: UserId, other: UserId) -> Result<bool, StoreError> {
+        let n = self
+            .execute(
+                "DELETE FROM blocks WHERE user_id = $1 AND blocked_id = $2",
+                &[&sql(user), &sql(other)],
+            )
+            .await?;
+        Ok(n > 0)
     }
 
     async fn friends(&self, user: UserId) -> Result<FriendLists, StoreError> {
@@ -1175,13 +1225,21 @@ impl HistoryStore for PostgresStore {
             )
             .await
             .map_err(pg)?;
+        let blocked = client
+            .prepare_cached(
+                "SELECT u.id, u.username FROM blocks b JOIN users u ON u.id = b.blocked_id
+                 WHERE b.user_id = $1 ORDER BY u.username COLLATE \"C\"",
+            )
+            .await
+            .map_err(pg)?;
         let user = sql(user);
         let user_param: [Param<'_>; 1] = [&user];
-        let (friends, incoming, outgoing) = tokio::try_join!(
+        let (friends, incoming, outgoing, blocked) = tokio::try_join!(
             biased;
             client.query(&friends, &user_param),
             client.query(&incoming, &user_param),
             client.query(&outgoing, &user_param),
+            client.query(&blocked, &user_param),
         )
         .map_err(pg)?;
         let list = |rows: Vec<Row>| -> Result<Vec<(UserId, String)>, StoreError> {
@@ -1193,6 +1251,7 @@ impl HistoryStore for PostgresStore {
             friends: list(friends)?,
             incoming: list(incoming)?,
             outgoing: list(outgoing)?,
+            blocked: list(blocked)?,
         })
     }
 
@@ -1215,19 +1274,23 @@ impl HistoryStore for PostgresStore {
         b: UserId,
         now_ms: i64,
     ) -> Result<ConversationId, StoreError> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let find = client
             .prepare_cached("SELECT id FROM conversations WHERE direct_key = $1")
             .await
             .map_err(pg)?;
+        let lock = client.prepare_cached(LOCK_PAIR).await.map_err(pg)?;
         // Creating is one statement, so the conversation and its members
         // appear together; two concurrent creators meet on the unique
-        // direct key and the loser reads the winner's row.
+        // direct key and the loser reads the winner's row. It is closed
+        // unless the two are friends (the caller checked, but a removal
+        // may have come since: the pair's lock orders the two).
         let create = client
             .prepare_cached(
                 "WITH c AS (
-                    INSERT INTO conversations (kind, name, direct_key, created_at_ms, last_activity_ms)
-                    VALUES ($1, '', $2, $3, $3)
+                    INSERT INTO conversations (kind, name, direct_key, created_at_ms, last_activity_ms, closed)
+                    VALUES ($1, '', $2, $3, $3,
+                            NOT EXISTS (SELECT 1 FROM friends WHERE user_id = $4 AND friend_id = $5))
                     ON CONFLICT (direct_key) DO NOTHING
                     RETURNING id
                  ), m AS (
@@ -1243,14 +1306,17 @@ impl HistoryStore for PostgresStore {
             return id_col(&row, 0);
         }
         let kind = proto::ConversationKind::Direct as i32;
-        let created = client
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute(&lock, &[&sql(a), &sql(b)]).await.map_err(pg)?;
+        let created = tx
             .query_opt(&create, &[&kind, &key, &now_ms, &sql(a), &sql(b)])
             .await
             .map_err(pg)?;
         let row = match created {
             Some(row) => row,
-            None => client.query_one(&find, &[&key]).await.map_err(pg)?,
+            None => tx.query_one(&find, &[&key]).await.map_err(pg)?,
         };
+        tx.commit().await.map_err(pg)?;
         id_col(&row, 0)
     }
 
@@ -1968,23 +2034,12 @@ const MEMBERS_OF: &str = "
     SELECT conversation_id, user_id FROM members
     WHERE conversation_id = ANY($1::bigint[]) ORDER BY conversation_id, user_id";
 
-/// Which of the direct conversations among `$1` (`$2`: the direct kind)
-/// have two members who are not friends: they take no sends.
-const CLOSED_DIRECT: &str = "
-    SELECT c.id FROM conversations c
-    WHERE c.id = ANY($1::bigint[]) AND c.kind = $2
-      AND NOT EXISTS (
-        SELECT 1 FROM members a
-        JOIN members b ON b.conversation_id = a.conversation_id AND b.user_id > a.user_id
-        JOIN friends f ON f.user_id = a.user_id AND f.friend_id = b.user_id
-        WHERE a.conversation_id = c.id)";
-
 /// Locks the batch's conversations in id order (so that concurrent
 /// batches touching several conversations cannot deadlock) and reads the
 /// last seq as of the lock. NO KEY UPDATE is the lock an UPDATE of
 /// non-key columns takes: it does not block foreign-key checks.
 const LOCK_CONVERSATIONS: &str = "
-    SELECT id, last_seq FROM conversations WHERE id = ANY($1::bigint[])
+    SELECT id, last_seq, closed FROM conversations WHERE id = ANY($1::bigint[])
     ORDER BY id FOR NO KEY UPDATE";
 
 /// Locks member rows in (conversation, user) order before they are
@@ -2124,13 +2179,80 @@ const FRIEND_COUNTS: &str = "
            (SELECT count(*) FROM friend_requests WHERE to_id = $1),
            (SELECT count(*) FROM friend_requests WHERE from_id = $1)";
 
+/// Whether `$1` blocked `$2`, and whether `$2` blocked `$1`.
+const BLOCKS: &str = "
+    SELECT EXISTS(SELECT 1 FROM blocks WHERE user_id = $1 AND blocked_id = $2),
+           EXISTS(SELECT 1 FROM blocks WHERE user_id = $2 AND blocked_id = $1)";
+
 const ARE_FRIENDS: &str =
     "SELECT EXISTS(SELECT 1 FROM friends WHERE user_id = $1 AND friend_id = $2)";
 
-/// Both directions of a friendship.
+/// Both directions of a friendship, and their direct conversation (`$4`:
+/// its key), if they have one, open again.
 const MAKE_FRIENDS: &str = "
-    INSERT INTO friends (user_id, friend_id, since_ms) VALUES ($1, $2, $3), ($2, $1, $3)
-    ON CONFLICT DO NOTHING";
+    WITH f AS (
+        INSERT INTO friends (user_id, friend_id, since_ms) VALUES ($1, $2, $3), ($2, $1, $3)
+        ON CONFLICT DO NOTHING
+    )
+    UPDATE conversations SET closed = false WHERE direct_key = $4";
+
+/// Ends a friendship and the pending requests between two users, inside
+/// a transaction that holds their pair's lock (`LOCK_PAIR`).
+struct EndFriendship {
+    close_direct: tokio_postgres::Statement,
+    delete: tokio_postgres::Statement,
+}
+
+impl EndFriendship {
+    async fn prepare(client: &deadpool_postgres::Object) -> Result<Self, StoreError> {
+        let close_direct = client.prepare_cached(CLOSE_DIRECT).await.map_err(pg)?;
+        let delete = client
+            .prepare_cached(
+                "WITH f AS (
+                    DELETE FROM friends WHERE (user_id = $1 AND friend_id = $2)
+                                           OR (user_id = $2 AND friend_id = $1)
+                    RETURNING 1
+                 ), r AS (
+                    DELETE FROM friend_requests WHERE (from_id = $1 AND to_id = $2)
+                                                   OR (from_id = $2 AND to_id = $1)
+                    RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM f) + (SELECT count(*) FROM r)",
+            )
+            .await
+            .map_err(pg)?;
+        Ok(Self {
+            close_direct,
+            delete,
+        })
+    }
+
+    /// True if there was a friendship or a request. Closes the pair's
+    /// direct conversation first, taking its row's lock as a group commit
+    /// does: a send being stored there commits first, and a later one
+    /// reads `closed` and is refused (see `append_once`).
+    async fn run(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        a: UserId,
+        b: UserId,
+    ) -> Result<bool, StoreError> {
+        let closed = true;
+        tx.execute(&self.close_direct, &[&direct_key(a, b), &closed])
+            .await
+            .map_err(pg)?;
+        let row = tx
+            .query_one(&self.delete, &[&sql(a), &sql(b)])
+            .await
+            .map_err(pg)?;
+        Ok(col::<i64>(&row, 0)? > 0)
+    }
+}
+
+/// Sets whether the direct conversation with key `$1` is closed (`$2`):
+/// true when its two users stop being friends, false when they become
+/// friends again.
+const CLOSE_DIRECT: &str = "UPDATE conversations SET closed = $2 WHERE direct_key = $1";
 
 /// Why the first connection or the migrations failed.
 enum MigrateError {

@@ -65,7 +65,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Appended, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
+    Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState,
     Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError,
     StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
@@ -138,6 +138,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V6__group_keys.sql"),
     include_str!("sqlite/V7__departures.sql"),
     include_str!("sqlite/V8__session_ends.sql"),
+    include_str!("sqlite/V9__blocks.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1789,6 +1790,12 @@ impl HistoryStore for SqliteStore {
         max_friends: u64,
     ) -> Result<FriendRequestOutcome, StoreError> {
         self.call(move |conn, state| {
+            if blocks(conn, from, to)? {
+                return Ok(FriendRequestOutcome::Blocked);
+            }
+            if blocks(conn, to, from)? {
+                return Ok(FriendRequestOutcome::BlockedBy);
+            }
             if are_friends(conn, from, to)? {
                 return Ok(FriendRequestOutcome::AlreadyFriends);
             }
@@ -1849,27 +1856,50 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn friend_remove(&self, user: UserId, other: UserId) -> Result<bool, StoreError> {
+        self.call(move |conn, state| end_friendship(conn, state, user, other))
+            .await
+    }
+
+    async fn block(
+        &self,
+        user: UserId,
+        other: UserId,
+        now_ms: i64,
+        max_blocked: u64,
+    ) -> Result<BlockOutcome, StoreError> {
         self.call(move |conn, state| {
-            let friends = conn
-                .prepare_cached(
-                    "DELETE FROM friends WHERE (user_id = ?1 AND friend_id = ?2)
-                                            OR (user_id = ?2 AND friend_id = ?1)",
-                )
-                .map_err(internal)?
-                .execute(params![sql(user), sql(other)])
-                .map_err(internal)?;
-            let requests = conn
-                .prepare_cached(
-                    "DELETE FROM friend_requests WHERE (from_id = ?1 AND to_id = ?2)
-                                                    OR (from_id = ?2 AND to_id = ?1)",
-                )
-                .map_err(internal)?
-                .execute(params![sql(user), sql(other)])
-                .map_err(internal)?;
-            if friends > 0 {
-                state.forget_direct(conn, user, other)?;
+            // One writer: what is counted here is what is written.
+            if blocks(conn, user, other)? {
+                return Ok(BlockOutcome::AlreadyBlocked);
             }
-            Ok(friends + requests > 0)
+            let count: i64 = conn
+                .prepare_cached("SELECT count(*) FROM blocks WHERE user_id = ?1")
+                .map_err(internal)?
+                .query_row([sql(user)], |r| r.get(0))
+                .map_err(internal)?;
+            if count as u64 >= max_blocked {
+                return Ok(BlockOutcome::Full);
+            }
+            let ended = end_friendship(conn, state, user, other)?;
+            conn.prepare_cached(
+                "INSERT INTO blocks (user_id, blocked_id, since_ms) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(internal)?
+            .execute(params![sql(user), sql(other), now_ms])
+            .map_err(internal)?;
+            Ok(BlockOutcome::Blocked { ended })
+        })
+        .await
+    }
+
+    async fn unblock(&self, user: UserId, other: UserId) -> Result<bool, StoreError> {
+        self.call(move |conn, _| {
+            let n = conn
+                .prepare_cached("DELETE FROM blocks WHERE user_id = ?1 AND blocked_id = ?2")
+                .map_err(internal)?
+                .execute(params![sql(user), sql(other)])
+                .map_err(internal)?;
+            Ok(n > 0)
         })
         .await
     }
@@ -1895,6 +1925,10 @@ impl HistoryStore for SqliteStore {
                 outgoing: list(
                     "SELECT u.id, u.username FROM friend_requests r JOIN users u ON u.id = r.to_id
                      WHERE r.from_id = ?1 ORDER BY r.created_at_ms, u.id",
+                )?,
+                blocked: list(
+                    "SELECT u.id, u.username FROM blocks b JOIN users u ON u.id = b.blocked_id
+                     WHERE b.user_id = ?1 ORDER BY u.username",
                 )?,
             })
         })
@@ -2563,6 +2597,47 @@ fn are_friends(conn: &Connection, a: UserId, b: UserId) -> Result<bool, StoreErr
     .map_err(internal)?
     .query_row(params![sql(a), sql(b)], |r| r.get(0))
     .map_err(internal)
+}
+
+/// Whether `user` blocked `other`.
+fn blocks(conn: &Connection, user: UserId, other: UserId) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "SELECT EXISTS(SELECT 1 FROM blocks WHERE user_id = ?1 AND blocked_id = ?2)",
+    )
+    .map_err(internal)?
+    .query_row(params![sql(user), sql(other)], |r| r.get(0))
+    .map_err(internal)
+}
+
+/// Ends the friendship of `a` and `b` and their pending requests either
+/// way; true if there was any. Their direct conversation, if any, takes no
+/// more sends.
+fn end_friendship(
+    conn: &Connection,
+    state: &mut DbState,
+    a: UserId,
+    b: UserId,
+) -> Result<bool, StoreError> {
+    let friends = conn
+        .prepare_cached(
+            "DELETE FROM friends WHERE (user_id = ?1 AND friend_id = ?2)
+                                    OR (user_id = ?2 AND friend_id = ?1)",
+        )
+        .map_err(internal)?
+        .execute(params![sql(a), sql(b)])
+        .map_err(internal)?;
+    let requests = conn
+        .prepare_cached(
+            "DELETE FROM friend_requests WHERE (from_id = ?1 AND to_id = ?2)
+                                            OR (from_id = ?2 AND to_id = ?1)",
+        )
+        .map_err(internal)?
+        .execute(params![sql(a), sql(b)])
+        .map_err(internal)?;
+    if friends > 0 {
+        state.forget_direct(conn, a, b)?;
+    }
+    Ok(friends + requests > 0)
 }
 
 /// Whether `from`'s request to `to` waits for an answer.

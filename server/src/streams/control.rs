@@ -19,7 +19,8 @@ use crate::delivery::{SendJob, Work};
 use crate::error::{Refusal, retry_after_ms};
 use crate::session::Session;
 use crate::store::{
-    ConversationView, Direction, FriendRequestOutcome, GroupChange, GroupEdit, NewGroup, StoreError,
+    BlockOutcome, ConversationView, Direction, FriendRequestOutcome, GroupChange, GroupEdit,
+    NewGroup, StoreError,
 };
 use crate::wire::{self, FrameReader, Outbound};
 
@@ -488,6 +489,17 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     return Err(Refusal::new(ErrorCode::AlreadyFriends, "already friends"));
                 }
                 FriendRequestOutcome::AskerFull => return Err(friends_full(max)),
+                // As for a name with no account: a blocked user cannot
+                // find out whether they were blocked or the account went.
+                FriendRequestOutcome::BlockedBy => {
+                    return Err(Refusal::new(ErrorCode::NotFound, "no such user"));
+                }
+                FriendRequestOutcome::Blocked => {
+                    return Err(Refusal::new(
+                        ErrorCode::InvalidArgument,
+                        format!("you blocked {}; unblock them first", target.username),
+                    ));
+                }
                 FriendRequestOutcome::TargetFull => {
                     return Err(Refusal::new(
                         ErrorCode::LimitReached,
@@ -538,6 +550,43 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             notify_friend(session, r.user_id, proto::friend_event::Kind::Removed);
             reply(Body::Ok(proto::Ok {}))
         }
+        Some(Body::BlockUser(b)) => {
+            if b.user_id == me {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    "cannot block yourself",
+                ));
+            }
+            if store.username(b.user_id).await?.is_none() {
+                return Err(Refusal::new(ErrorCode::NotFound, "no such user"));
+            }
+            let max = chat_protocol::limits::MAX_BLOCKED;
+            match store.block(me, b.user_id, now_ms(), max).await? {
+                BlockOutcome::Blocked { ended } => {
+                    if ended {
+                        shared.presence.unfriend(me, b.user_id);
+                        notify_friend(session, b.user_id, proto::friend_event::Kind::Removed);
+                    }
+                }
+                BlockOutcome::AlreadyBlocked => {}
+                BlockOutcome::Full => {
+                    return Err(Refusal::new(
+                        ErrorCode::LimitReached,
+                        format!("at most {max} blocked users; unblock some first"),
+                    ));
+                }
+            }
+            reply(Body::Ok(proto::Ok {}))
+        }
+        Some(Body::UnblockUser(u)) => {
+            if !store.unblock(me, u.user_id).await? {
+                return Err(Refusal::new(
+                    ErrorCode::NotFound,
+                    "that user is not blocked",
+                ));
+            }
+            reply(Body::Ok(proto::Ok {}))
+        }
         Some(Body::ListFriends(_)) => {
             let lists = store.friends(me).await?;
             let refs = |v: Vec<(u64, String)>| {
@@ -549,6 +598,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 friends: refs(lists.friends),
                 incoming: refs(lists.incoming),
                 outgoing: refs(lists.outgoing),
+                blocked: refs(lists.blocked),
             }))
         }
         Some(Body::OpenDirect(o)) => {

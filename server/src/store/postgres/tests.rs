@@ -335,6 +335,7 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
     assert_eq!(
         tables.unwrap(),
         [
+            "blocks",
             "conversations",
             "departures",
             "friend_requests",
@@ -346,7 +347,91 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
             "users"
         ]
     );
-    assert_eq!(history.unwrap(), 5, "V1 to V5, once each");
+    assert_eq!(history.unwrap(), 7, "V1 to V7, once each");
+}
+
+/// V7 closes the direct conversations of pairs who had stopped being
+/// friends before it (until then their sends were taken), and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_closes_conversations_of_ended_friendships() {
+    if !backend_or_skip().await {
+        return;
+    }
+    let schema = fresh_schema();
+    let outcome = tokio::spawn({
+        let schema = schema.clone();
+        async move {
+            let mut setup = admin().await;
+            setup
+                .batch_execute(&format!(
+                    "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\""
+                ))
+                .await
+                .unwrap();
+            embedded::migrations::runner()
+                .set_target(refinery::Target::Version(6))
+                .set_grouped(true)
+                .run_async(&mut setup)
+                .await
+                .unwrap();
+            // As V6 left them: alice and bob were friends once (no longer),
+            // alice and carol are, and alice and dave share a group only.
+            setup
+                .batch_execute(
+                    "INSERT INTO users (username, password_hash, created_at_ms)
+                         VALUES ('alice', 'h', 1), ('bob', 'h', 1), ('carol', 'h', 1), ('dave', 'h', 1);
+                     INSERT INTO friends (user_id, friend_id, since_ms)
+                         SELECT a.id, c.id, 1 FROM users a, users c
+                         WHERE (a.username, c.username) IN (('alice', 'carol'), ('carol', 'alice'));
+                     INSERT INTO conversations (kind, name, direct_key, created_at_ms, last_activity_ms)
+                         SELECT 1, '', LEAST(a.id, o.id) || ':' || GREATEST(a.id, o.id), 1, 1
+                         FROM users a, users o
+                         WHERE a.username = 'alice' AND o.username IN ('bob', 'carol')
+                         ORDER BY o.username;
+                     INSERT INTO conversations (kind, name, created_at_ms, last_activity_ms)
+                         VALUES (2, 'trip', 1, 1);
+                     INSERT INTO members (conversation_id, user_id, role, joined_seq, delivered_seq, seen_seq)
+                         SELECT c.id, u.id, 0, 0, 0, 0 FROM conversations c JOIN users u
+                           ON u.username = 'alice'
+                           OR (c.direct_key IS NOT NULL AND c.direct_key LIKE '%:' || u.id AND u.username <> 'alice')
+                           OR (c.kind = 2 AND u.username = 'dave');",
+                )
+                .await
+                .unwrap();
+            drop(setup);
+            let store = PostgresStore::connect_with_schema(&test_url(), &schema, 1)
+                .await
+                .expect("the store applies V7");
+            let id_of = |name: &str| store.user_by_name(name.into());
+            let alice = id_of("alice").await.unwrap().unwrap().id;
+            let bob = id_of("bob").await.unwrap().unwrap().id;
+            let carol = id_of("carol").await.unwrap().unwrap().id;
+            let with_bob = store.open_direct(alice, bob, 2).await.unwrap();
+            let with_carol = store.open_direct(alice, carol, 2).await.unwrap();
+            let group = with_carol + 1;
+            let results = store
+                .append(vec![
+                    text(with_bob, alice, "k1", "to bob"),
+                    text(with_carol, alice, "k2", "to carol"),
+                    text(group, alice, "k3", "to the trip"),
+                ])
+                .await
+                .unwrap();
+            store.close();
+            assert!(
+                matches!(results[0], Err(StoreError::NotFriends(x)) if x == bob),
+                "{:?}",
+                results[0]
+            );
+            assert_eq!(results[1].as_ref().unwrap().message.seq, 1);
+            assert_eq!(results[2].as_ref().unwrap().message.seq, 1);
+        }
+    })
+    .await;
+    drop_schema(&schema).await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
 }
 
 /// A group commit that mixes everything: new messages in two
@@ -666,10 +751,9 @@ async fn blocked_by(watcher: &tokio_postgres::Client, holder_pid: i32, n: i64, w
 
 /// A send and the end of a friendship are ordered by the direct
 /// conversation's row. A removal waits for a group commit holding that
-/// row; a group commit waiting for it (behind a removal) reads who may
-/// send only once it has it, and is refused. Read before the lock, the
-/// friendship was still there and the send was stored after the removal
-/// had been answered.
+/// row (else a send read as open could be stored after the removal was
+/// answered); a group commit waiting for it behind a removal reads the
+/// row as closed once it has it, and is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_and_the_end_of_a_friendship_are_ordered() {
     with_store(|store| async move {
@@ -702,12 +786,18 @@ async fn a_send_and_the_end_of_a_friendship_are_ordered() {
         tx.commit().await.unwrap();
         assert!(remove.await.unwrap().unwrap());
 
-        // Friends again; now a removal holds the row, its friendship rows
-        // deleted and not yet committed, while a send waits for the row.
+        // Friends again; now a removal holds the row, as `friend_remove`
+        // does (the conversation closed, the friendship rows deleted, not
+        // yet committed), while a send waits for the row.
         store.friend_request(a, b, 10).await.unwrap();
         store.friend_accept(b, a, 11).await.unwrap();
         let tx = holder.transaction().await.unwrap();
-        tx.execute(&lock_row, &[&sql(c)]).await.unwrap();
+        tx.execute(
+            &format!(r#"UPDATE "{schema}".conversations SET closed = true WHERE id = $1"#),
+            &[&sql(c)],
+        )
+        .await
+        .unwrap();
         tx.execute(
             &format!(
                 r#"DELETE FROM "{schema}".friends WHERE (user_id = $1 AND friend_id = $2)
