@@ -1129,6 +1129,9 @@ impl Client {
     /// fail as if this account did not exist, and this user's to them with
     /// [`ErrorCode::InvalidArgument`]. Shared groups are not changed.
     /// Blocked users are listed in [`friends`](Self::friends)' `blocked`.
+    /// Blocking again is not an error. Errors: `InvalidArgument` for this
+    /// user, `NotFound` for an unknown one, `LimitReached` past
+    /// [`chat_protocol::limits::MAX_BLOCKED`] blocked users.
     pub async fn block(&self, user_id: u64) -> Result<(), ClientError> {
         self.expect_ok(Body::BlockUser(proto::BlockUser { user_id }))
             .await

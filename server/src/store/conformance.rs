@@ -679,8 +679,13 @@ pub async fn direct_sends_need_friendship(store: &impl HistoryStore) {
         "the same one"
     );
 
-    // Removal then a crossing request both ways (which befriends).
+    // Removal then a crossing request both ways (which befriends), with
+    // the refusal between them remembered by a store that caches.
     store.friend_remove(a, b).await.unwrap();
+    assert!(matches!(
+        store.append(vec![text(c, a, "k8", "gone", 299)]).await.unwrap()[0],
+        Err(StoreError::NotFriends(x)) if x == b
+    ));
     store.friend_request(a, b, 300).await.unwrap();
     assert_eq!(
         store.friend_request(b, a, 301).await.unwrap(),
@@ -704,7 +709,12 @@ pub async fn blocks(store: &impl HistoryStore) {
     let carol = user(store, "carol").await;
     let dave = user(store, "dave").await;
     store.friend_request(carol, a, 5).await.unwrap();
+    append_one(store, text(c, a, "k0", "before", 6)).await;
 
+    assert!(matches!(
+        store.block(a, 987_654, 9, 2).await,
+        Err(StoreError::NotFound)
+    ));
     assert_eq!(
         store.block(a, b, 10, 2).await.unwrap(),
         BlockOutcome::Blocked { ended: true }
@@ -771,7 +781,7 @@ pub async fn blocks(store: &impl HistoryStore) {
     );
     store.friend_accept(b, a, 21).await.unwrap();
     let again = append_one(store, text(c, b, "k2", "back", 22)).await;
-    assert_eq!(again.message.seq, 1);
+    assert_eq!(again.message.seq, 2);
     assert_eq!(
         store.friends(a).await.unwrap().blocked,
         vec![(carol, "carol".to_owned())]

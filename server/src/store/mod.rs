@@ -619,7 +619,8 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// unless `user` has blocked `max_blocked` others already. While it
     /// lasts, [`friend_request_within`](Self::friend_request_within)
     /// between the two answers `Blocked` / `BlockedBy`; a request and a
-    /// block are ordered as two requests are.
+    /// block are ordered as two requests are. `NotFound` if `other` has no
+    /// account.
     async fn block(
         &self,
         user: UserId,

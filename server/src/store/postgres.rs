@@ -490,19 +490,21 @@ impl PostgresStore {
         conversation_ids.dedup();
 
         let tx = PipelinedTx::new(client);
-        // Round trip 1, pipelined: BEGIN, what is stored already, the
-        // conversations locked (in id order) with their current last seq
-        // and whether they are closed (a direct conversation of two users
-        // who are no longer friends: the friendship's end sets it under
-        // the same lock), then, as of the locks (each statement reads what
-        // was committed when it began), who may write where.
+        // Round trip 1, pipelined: BEGIN, the conversations locked (in id
+        // order) with their current last seq and whether they are closed
+        // (a direct conversation of two users who are no longer friends:
+        // the friendship's end sets it under the same lock), then, as of
+        // the locks (each statement reads what was committed when it
+        // began), what is stored already and who may write where. A retry
+        // that waited for the lock behind its original's commit finds it
+        // stored, even when a removal or a friendship's end came between.
         let existing_params: [Param<'_>; 2] = [&key_senders, &key_ids];
         let conversation_params: [Param<'_>; 1] = [&conversation_ids];
-        let (_, existing_rows, locked_rows, member_rows) = tokio::try_join!(
+        let (_, locked_rows, existing_rows, member_rows) = tokio::try_join!(
             biased;
             tx.begin(),
-            tx.query(&existing_stmt, &existing_params),
             tx.query(&lock_stmt, &conversation_params),
+            tx.query(&existing_stmt, &existing_params),
             tx.query(&members_stmt, &conversation_params),
         )
         .map_err(pg)?;
@@ -1173,6 +1175,15 @@ impl HistoryStore for PostgresStore {
             tx.execute(&lock_users, &pair),
         )
         .map_err(pg)?;
+        // Rather than the insert's foreign key error (which would read as a
+        // store failure).
+        let exists = tx
+            .query_opt("SELECT 1 FROM users WHERE id = $1", &[&other_id])
+            .await
+            .map_err(pg)?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound);
+        }
         if tx
             .execute(&insert, &[&user_id, &other_id, &now_ms])
             .await

@@ -1868,6 +1868,15 @@ impl HistoryStore for SqliteStore {
         max_blocked: u64,
     ) -> Result<BlockOutcome, StoreError> {
         self.call(move |conn, state| {
+            // Refused before anything is written (see the module docs).
+            let exists: bool = conn
+                .prepare_cached("SELECT EXISTS(SELECT 1 FROM users WHERE id = ?1)")
+                .map_err(internal)?
+                .query_row([sql(other)], |r| r.get(0))
+                .map_err(internal)?;
+            if !exists {
+                return Err(StoreError::NotFound);
+            }
             // One writer: what is counted here is what is written.
             if blocks(conn, user, other)? {
                 return Ok(BlockOutcome::AlreadyBlocked);

@@ -489,8 +489,9 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     return Err(Refusal::new(ErrorCode::AlreadyFriends, "already friends"));
                 }
                 FriendRequestOutcome::AskerFull => return Err(friends_full(max)),
-                // As for a name with no account: a blocked user cannot
-                // find out whether they were blocked or the account went.
+                // As for a name with no account: the block is not
+                // announced (though the account can be seen to exist, in
+                // a shared group for one).
                 FriendRequestOutcome::BlockedBy => {
                     return Err(Refusal::new(ErrorCode::NotFound, "no such user"));
                 }
@@ -557,11 +558,15 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     "cannot block yourself",
                 ));
             }
-            if store.username(b.user_id).await?.is_none() {
-                return Err(Refusal::new(ErrorCode::NotFound, "no such user"));
-            }
             let max = chat_protocol::limits::MAX_BLOCKED;
-            match store.block(me, b.user_id, now_ms(), max).await? {
+            let outcome = store
+                .block(me, b.user_id, now_ms(), max)
+                .await
+                .map_err(|e| match e {
+                    StoreError::NotFound => Refusal::new(ErrorCode::NotFound, "no such user"),
+                    e => e.into(),
+                })?;
+            match outcome {
                 BlockOutcome::Blocked { ended } => {
                     if ended {
                         shared.presence.unfriend(me, b.user_id);

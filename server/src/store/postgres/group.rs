@@ -66,24 +66,30 @@ pub(super) async fn members_among(
 }
 
 /// `NotFriends` naming the first of `users` (in their order) who is not a
-/// friend of `user`.
+/// friend of `user`. The friendships found stay locked (KEY SHARE) until
+/// the transaction ends: ending one (a removal, a block) deletes its rows,
+/// so it waits for a change that relied on it, and a change that comes
+/// after it finds it gone. The two are ordered.
 pub(super) async fn check_friends(
     tx: &Transaction<'_>,
     user: UserId,
     users: &[UserId],
 ) -> Result<(), StoreError> {
     let ids: Vec<i64> = users.iter().map(|&u| sql(u)).collect();
-    let stranger = tx
-        .query_opt(
-            "SELECT u.id FROM unnest($2::bigint[]) WITH ORDINALITY AS u(id, n)
-             WHERE NOT EXISTS (SELECT 1 FROM friends f WHERE f.user_id = $1 AND f.friend_id = u.id)
-             ORDER BY u.n LIMIT 1",
+    let rows = tx
+        .query(
+            "SELECT friend_id FROM friends WHERE user_id = $1 AND friend_id = ANY($2)
+             ORDER BY friend_id FOR KEY SHARE",
             &[&sql(user), &ids],
         )
         .await
         .map_err(pg)?;
-    match stranger {
-        Some(row) => Err(StoreError::NotFriends(id_col(&row, 0)?)),
+    let friends = rows
+        .iter()
+        .map(|row| id_col(row, 0))
+        .collect::<Result<HashSet<UserId>, _>>()?;
+    match users.iter().find(|u| !friends.contains(u)) {
+        Some(&stranger) => Err(StoreError::NotFriends(stranger)),
         None => Ok(()),
     }
 }

@@ -825,6 +825,129 @@ async fn a_send_and_the_end_of_a_friendship_are_ordered() {
     .await;
 }
 
+/// A retry that waited for its conversation's row behind its original's
+/// commit and then a friendship's end is answered as a retry (the
+/// original's seq, a duplicate), not refused: what is stored already is
+/// read after the lock, as the conversation's state is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_behind_its_original_and_a_removal_keeps_its_answer() {
+    with_store(|store| async move {
+        let schema = store
+            .schema()
+            .expect("a test store has a schema")
+            .to_owned();
+        let a = user(&*store, "alice").await;
+        let b = user(&*store, "bob").await;
+        let c = befriend(&*store, a, b).await;
+        // The original's commit and the removal after it, as one
+        // transaction holding the row: the message stored, the
+        // conversation closed.
+        let mut holder = admin().await;
+        let holder_pid: i32 = holder
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let tx = holder.transaction().await.unwrap();
+        tx.execute(
+            &format!(
+                r#"UPDATE "{schema}".conversations SET last_seq = 1, closed = true WHERE id = $1"#
+            ),
+            &[&sql(c)],
+        )
+        .await
+        .unwrap();
+        tx.execute(
+            &format!(
+                r#"INSERT INTO "{schema}".messages
+                       (conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body)
+                   VALUES ($1, 1, $2, 'k1', $3, 1000, 'first')"#
+            ),
+            &[&sql(c), &sql(a), &(proto::MessageType::Text as i32)],
+        )
+        .await
+        .unwrap();
+        let retry = tokio::spawn({
+            let store = store.clone();
+            async move { store.append(vec![text(c, a, "k1", "first")]).await }
+        });
+        let watcher = admin().await;
+        blocked_by(&watcher, holder_pid, 1, "the retry behind its original").await;
+        tx.commit().await.unwrap();
+        let results = retry.await.unwrap().unwrap();
+        let answer = results[0].as_ref().expect("a retry keeps its answer");
+        assert!(answer.duplicate);
+        assert_eq!(answer.message.seq, 1);
+    })
+    .await;
+}
+
+/// A group change that relies on a friendship and the end of that
+/// friendship are ordered: an add that reads the friendship while a
+/// removal has deleted it (not yet committed) waits, then finds it gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_add_and_the_end_of_the_friendship_are_ordered() {
+    with_store(|store| async move {
+        let schema = store
+            .schema()
+            .expect("a test store has a schema")
+            .to_owned();
+        let owner = user(&*store, "owner").await;
+        let member = user(&*store, "member").await;
+        let late = user(&*store, "late").await;
+        befriend(&*store, owner, member).await;
+        befriend(&*store, owner, late).await;
+        let group = NewGroup {
+            creator: owner,
+            name: "g".into(),
+            members: vec![member],
+            client_key: None,
+        };
+        let GroupCreated::New(created) = store.create_group(group, 10, 10).await.unwrap() else {
+            panic!("a new group");
+        };
+        let group = created.message.conversation_id;
+        // A removal of owner and late, deleted and not yet committed.
+        let mut holder = admin().await;
+        let holder_pid: i32 = holder
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let tx = holder.transaction().await.unwrap();
+        tx.execute(
+            &format!(
+                r#"DELETE FROM "{schema}".friends WHERE (user_id = $1 AND friend_id = $2)
+                                                    OR (user_id = $2 AND friend_id = $1)"#
+            ),
+            &[&sql(owner), &sql(late)],
+        )
+        .await
+        .unwrap();
+        let add = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .change_group(
+                        GroupEdit::new(group, owner, GroupChange::Add(vec![late])),
+                        10,
+                        20,
+                    )
+                    .await
+            }
+        });
+        let watcher = admin().await;
+        blocked_by(&watcher, holder_pid, 1, "the add behind the removal").await;
+        tx.commit().await.unwrap();
+        let outcome = add.await.unwrap();
+        assert!(
+            matches!(outcome, Err(StoreError::NotFriends(x)) if x == late),
+            "{outcome:?}"
+        );
+    })
+    .await;
+}
+
 /// A group change locks the member rows it writes before it writes any,
 /// in the order watermark batches lock them. A batch holding the actor's
 /// row (their ack) that then wants the removed member's row used to
