@@ -83,6 +83,7 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
             _ => charge_control_rate(&session),
         };
         let request_id = frame.request_id;
+        let request = frame.body_name();
         let answer = match charged {
             Ok(()) => Box::pin(handle_request(&session, frame)).await,
             Err(refusal) => Err(refusal),
@@ -91,7 +92,20 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
             Ok(Reply::Frame(frame)) => Outbound::frame(&frame),
             Ok(Reply::Close(frame, code)) => Outbound::closing(&frame, code),
             Ok(Reply::Deferred) => continue,
-            Err(refusal) => Outbound::frame(&refusal.to_frame(request_id)),
+            Err(refusal) => {
+                if matches!(refusal.code, ErrorCode::Internal | ErrorCode::Unavailable) {
+                    // The store's own log line has the detail but not
+                    // whose request it failed.
+                    tracing::warn!(
+                        conn_id = session.conn_id,
+                        user_id = handle.user_id,
+                        request,
+                        code = %refusal.code,
+                        "request failed"
+                    );
+                }
+                Outbound::frame(&refusal.to_frame(request_id))
+            }
         };
         let closing = reply.close_after.is_some();
         handle.push(StreamKind::Control, reply);
