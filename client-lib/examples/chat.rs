@@ -9,7 +9,8 @@
 //! `/chats`), `/invite NAME`, `/kick NAME`, `/leave`.
 //!
 //! Commands: `/friends` (with online / last active), `/add NAME`, `/accept NAME`, `/chats`, `/open NAME`,
-//! `/history`, `/quit`; any other line is sent to the open conversation.
+//! `/history`, `/block NAME`, `/unblock NAME`, `/quit`; any other line is sent to the open
+//! conversation.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -127,6 +128,7 @@ async fn refresh_friends(client: &Client, screen: &mut Screen) -> Result<proto::
         .iter()
         .chain(&list.incoming)
         .chain(&list.outgoing)
+        .chain(&list.blocked)
     {
         screen.names.insert(user.user_id, user.username.clone());
     }
@@ -169,6 +171,9 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
             }
             println!("requests to you: {}", names(&list.incoming));
             println!("your requests: {}", names(&list.outgoing));
+            if !list.blocked.is_empty() {
+                println!("blocked: {}", names(&list.blocked));
+            }
         }
         "/add" => {
             client.send_friend_request(rest).await?;
@@ -178,6 +183,19 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
             refresh_friends(client, screen).await?;
             client.accept_friend(id_of(screen, rest)?).await?;
             println!("you and {rest} are now friends");
+        }
+        "/block" | "/unblock" => {
+            // Anyone whose name is on screen: friends, requests, members
+            // of a conversation opened with /go.
+            refresh_friends(client, screen).await?;
+            let user = id_of(screen, rest.trim())?;
+            if cmd == "/block" {
+                client.block(user).await?;
+                println!("{rest} is blocked");
+            } else {
+                client.unblock(user).await?;
+                println!("{rest} is no longer blocked");
+            }
         }
         "/chats" => {
             for c in client.conversations(20, None).await? {

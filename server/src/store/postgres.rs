@@ -8,8 +8,9 @@
 //! commit is the design (`examples/history_bench.rs` measures it here).
 //!
 //! * `append` is one transaction with a fixed number of round trips whatever
-//!   the batch size: a pipelined read (stored keys, members, and the
-//!   conversations locked in id order), one pipelined write (seq bump,
+//!   the batch size: a pipelined read (the conversations locked in id
+//!   order, then, as of the locks, stored keys and members), one pipelined
+//!   write (seq bump,
 //!   multi-row insert from `unnest` arrays, the senders' own watermarks),
 //!   then COMMIT. The call returns after COMMIT, so "sent" means durable.
 //! * `advance_watermarks` is one transaction too: coalesced updates in one
@@ -611,8 +612,9 @@ impl PostgresStore {
             .map_err(pg)?;
             if inserted.len() != writes.new_messages {
                 // ON CONFLICT skipped a row: another transaction committed
-                // one of our keys after our read. Undo everything (the seqs
-                // too) and start over; the next read sees that row.
+                // one of our keys after our read (in a conversation of its
+                // own: ours were locked). Undo everything (the seqs too)
+                // and start over; the next read sees that row.
                 tx.rollback().await.map_err(pg)?;
                 return Ok(None);
             }
@@ -2241,7 +2243,13 @@ impl EndFriendship {
     /// True if there was a friendship or a request. Closes the pair's
     /// direct conversation first, taking its row's lock as a group commit
     /// does: a send being stored there commits first, and a later one
-    /// reads `closed` and is refused (see `append_once`).
+    /// reads `closed` and is refused (see `append_once`). The order
+    /// matters: a group change holding its group's row may wait for the
+    /// friends rows deleted next (`group::check_friends` takes KEY SHARE),
+    /// and a group commit holding this conversation's row may wait for the
+    /// group's; deleting first and then waiting for this row would close
+    /// that cycle. A removal waiting behind a group change holds the
+    /// conversation's sends for that change's transaction.
     async fn run(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
