@@ -676,11 +676,7 @@ async fn accepting_and_removing_a_friendship_are_serialised() {
         let pair = [sql(a), sql(b)];
         let hold = LOCK_PAIR.replace("pg_advisory_xact_lock", "pg_advisory_lock");
         holder.execute(&hold, &[&pair[0], &pair[1]]).await.unwrap();
-        let holder_pid: i32 = holder
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let holder_pid = backend_pid(&holder).await;
         let watcher = admin().await;
         let waiting_behind_holder = |n: i64| {
             let watcher = &watcher;
@@ -729,6 +725,31 @@ async fn accepting_and_removing_a_friendship_are_serialised() {
     .await;
 }
 
+/// The backend process id of `client`'s connection (to see who waits for
+/// its locks).
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A new group "g" of `owner` (admin) and `members`, who must be the
+/// owner's friends.
+async fn new_group(store: &PostgresStore, owner: UserId, members: Vec<UserId>) -> ConversationId {
+    let group = NewGroup {
+        creator: owner,
+        name: "g".into(),
+        members,
+        client_key: None,
+    };
+    let GroupCreated::New(created) = store.create_group(group, 10, 10).await.unwrap() else {
+        panic!("a new group");
+    };
+    created.message.conversation_id
+}
+
 /// Waits until `n` backends wait for a lock `holder_pid` holds.
 async fn blocked_by(watcher: &tokio_postgres::Client, holder_pid: i32, n: i64, what: &str) {
     let deadline = Instant::now() + PROGRESS_DEADLINE;
@@ -770,11 +791,7 @@ async fn a_send_and_the_end_of_a_friendship_are_ordered() {
 
         // A group commit in flight holds the row: the removal waits for it.
         let mut holder = admin().await;
-        let holder_pid: i32 = holder
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let holder_pid = backend_pid(&holder).await;
         let tx = holder.transaction().await.unwrap();
         tx.execute(&lock_row, &[&sql(c)]).await.unwrap();
         let remove = tokio::spawn({
@@ -843,11 +860,7 @@ async fn a_retry_behind_its_original_and_a_removal_keeps_its_answer() {
         // transaction holding the row: the message stored, the
         // conversation closed.
         let mut holder = admin().await;
-        let holder_pid: i32 = holder
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let holder_pid = backend_pid(&holder).await;
         let tx = holder.transaction().await.unwrap();
         tx.execute(
             &format!(
@@ -897,23 +910,10 @@ async fn a_group_add_and_the_end_of_the_friendship_are_ordered() {
         let late = user(&*store, "late").await;
         befriend(&*store, owner, member).await;
         befriend(&*store, owner, late).await;
-        let group = NewGroup {
-            creator: owner,
-            name: "g".into(),
-            members: vec![member],
-            client_key: None,
-        };
-        let GroupCreated::New(created) = store.create_group(group, 10, 10).await.unwrap() else {
-            panic!("a new group");
-        };
-        let group = created.message.conversation_id;
+        let group = new_group(&store, owner, vec![member]).await;
         // A removal of owner and late, deleted and not yet committed.
         let mut holder = admin().await;
-        let holder_pid: i32 = holder
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let holder_pid = backend_pid(&holder).await;
         let tx = holder.transaction().await.unwrap();
         tx.execute(
             &format!(
@@ -967,16 +967,7 @@ async fn a_group_change_and_a_crossing_watermark_batch_do_not_deadlock() {
         let other = user(&*store, "other").await;
         befriend(&*store, owner, member).await;
         befriend(&*store, owner, other).await;
-        let group = NewGroup {
-            creator: owner,
-            name: "g".into(),
-            members: vec![member, other],
-            client_key: None,
-        };
-        let GroupCreated::New(created) = store.create_group(group, 10, 10).await.unwrap() else {
-            panic!("a new group");
-        };
-        let group = created.message.conversation_id;
+        let group = new_group(&store, owner, vec![member, other]).await;
         let (group_sql, owner_sql, member_sql) = (sql(group), sql(owner), sql(member));
 
         // The "watermark batch": the owner's row locked, as LOCK_MEMBERS does.
@@ -992,11 +983,7 @@ async fn a_group_change_and_a_crossing_watermark_batch_do_not_deadlock() {
             )
             .await
             .unwrap();
-        let batch_pid: i32 = batch
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let batch_pid = backend_pid(&batch).await;
 
         let change = tokio::spawn({
             let store = store.clone();
