@@ -10,9 +10,9 @@
 //! * `append` is one transaction with a fixed number of round trips whatever
 //!   the batch size: a pipelined read (the conversations locked in id
 //!   order, then, as of the locks, stored keys and members), one pipelined
-//!   write (seq bump,
-//!   multi-row insert from `unnest` arrays, the senders' own watermarks),
-//!   then COMMIT. The call returns after COMMIT, so "sent" means durable.
+//!   write (seq bump, multi-row insert from `unnest` arrays, the senders'
+//!   own watermarks), then COMMIT. The call returns after COMMIT, so
+//!   "sent" means durable.
 //! * `advance_watermarks` is one transaction too: coalesced updates in one
 //!   statement.
 //! * Rows are locked in key order (conversations by id, members by
