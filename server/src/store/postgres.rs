@@ -74,8 +74,9 @@ const IDLE_IN_TRANSACTION_TIMEOUT_MS: u32 = 60_000;
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 /// How often `append` starts over when a concurrent call stored one of the
-/// batch's idempotency keys between our read and our insert. The second
-/// attempt sees the committed row, so one retry is enough in practice.
+/// batch's idempotency keys between our read and our insert, or Postgres
+/// broke a deadlock over such keys by failing it. The second attempt sees
+/// the committed row, so one retry is enough in practice.
 const APPEND_ATTEMPTS: usize = 3;
 
 /// How long a transaction whose COMMIT went unanswered (a lost connection)
@@ -465,7 +466,8 @@ impl PostgresStore {
     }
 
     /// One attempt at a group commit. `None`: a concurrent call stored one
-    /// of the keys first; nothing was written and the caller starts over.
+    /// of the keys first (or Postgres failed this one to break a deadlock
+    /// over them); nothing was written and the caller starts over.
     async fn append_once(&self, batch: &[NewMessage]) -> AppendAttempt {
         let client = self.client().await?;
         let existing_stmt = client.prepare_cached(EXISTING_KEYS).await.map_err(pg)?;
@@ -601,15 +603,32 @@ impl PostgresStore {
                 &writes.own_caught_up_at,
                 &writes.own_moved_to,
             ];
-            let (_, _, inserted, _, xid_rows) = tokio::try_join!(
+            let written = tokio::try_join!(
                 biased;
                 tx.query(&lock_members_stmt, &lock_params),
                 tx.execute(&bump_stmt, &bump_params),
                 tx.query(&insert_stmt, &insert_params),
                 tx.execute(&own_stmt, &own_params),
                 tx.query(&xid_stmt, &[]),
-            )
-            .map_err(pg)?;
+            );
+            let (_, _, inserted, _, xid_rows) = match written {
+                Ok(written) => written,
+                // Rows are inserted in batch order, and a sender's keys
+                // are unique across conversations: two batches of
+                // committers that share no conversation can each hold a
+                // key the other inserts next (a client reusing keys across
+                // conversations). Postgres breaks the cycle by failing one;
+                // that one starts over, rather than failing every sender in
+                // it, and then finds the other's keys stored.
+                Err(e) if is_deadlock(&e) => {
+                    tracing::debug!(
+                        "postgres: a group commit was a deadlock's victim; starting over"
+                    );
+                    tx.rollback().await.map_err(pg)?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(pg(e)),
+            };
             if inserted.len() != writes.new_messages {
                 // ON CONFLICT skipped a row: another transaction committed
                 // one of our keys after our read (in a conversation of its
@@ -1709,7 +1728,9 @@ impl HistoryStore for PostgresStore {
             if let Some(results) = self.append_once(&batch).await? {
                 return Ok(results);
             }
-            tracing::debug!("a concurrent append stored one of the batch's keys; starting over");
+            tracing::debug!(
+                "a concurrent append stored one of the batch's keys, or broke a deadlock with it; starting over"
+            );
         }
         Err(StoreError::Unavailable(
             "postgres: the same messages keep being appended concurrently; retry".into(),
@@ -2361,6 +2382,11 @@ async fn migrate(config: &Config, schema: Option<&str>) -> Result<(), MigrateErr
 /// limits, serialization failures and deadlocks are `Unavailable` (a retry
 /// may work); anything else is `Internal`. Unique violations are mapped to
 /// `Conflict` by the calls whose contract says so, before this.
+/// Whether Postgres failed the statement to break a deadlock.
+fn is_deadlock(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+}
+
 fn pg(e: tokio_postgres::Error) -> StoreError {
     let detail = format!("postgres: {}", error_chain(&e));
     if let Some(db) = e.as_db_error() {

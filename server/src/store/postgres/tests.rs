@@ -895,6 +895,74 @@ async fn a_retry_behind_its_original_and_a_removal_keeps_its_answer() {
     .await;
 }
 
+/// Two group commits that share no conversation can deadlock over one
+/// sender's keys, each holding one the other inserts next (a client
+/// reusing keys across conversations, with several committers). Postgres
+/// fails one; that one starts over, rather than answering UNAVAILABLE to
+/// every sender in it, and finds the other's keys stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_commit_that_loses_a_deadlock_starts_over() {
+    // Our store's connections look for a deadlock after waiting 10 s, the
+    // other batch's after an hour: Postgres fails ours, as long as the
+    // cycle closes within 10 s of our wait (it closes at once here).
+    let url = test_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let url = format!("{url}{separator}options=-c%20deadlock_timeout%3D10s");
+    with_store_at(&url, |store| async move {
+        let schema = store
+            .schema()
+            .expect("a test store has a schema")
+            .to_owned();
+        let a = user(&*store, "alice").await;
+        let b = user(&*store, "bob").await;
+        let c = user(&*store, "carol").await;
+        let ours = befriend(&*store, a, b).await;
+        let theirs = befriend(&*store, a, c).await;
+        let mut other = admin().await;
+        let other_pid = backend_pid(&other).await;
+        let tx = other.transaction().await.unwrap();
+        tx.batch_execute("SET LOCAL deadlock_timeout = '1h'")
+            .await
+            .unwrap();
+        let insert = format!(
+            r#"INSERT INTO "{schema}".messages
+                   (conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body)
+               VALUES ($1, $2, $3, $4, $5, 1000, 'other')"#
+        );
+        let kind = proto::MessageType::Text as i32;
+        // The other batch holds k2, while ours inserts k1 and waits for k2.
+        tx.execute(&insert, &[&sql(theirs), &1_i64, &sql(a), &"k2", &kind])
+            .await
+            .unwrap();
+        let batch = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .append(vec![text(ours, a, "k1", "one"), text(ours, a, "k2", "two")])
+                    .await
+            }
+        });
+        let watcher = admin().await;
+        blocked_by(&watcher, other_pid, 1, "our batch behind the other's key").await;
+        // The other wants k1 now: the cycle closes, and Postgres fails ours.
+        tx.execute(&insert, &[&sql(theirs), &2_i64, &sql(a), &"k1", &kind])
+            .await
+            .expect("the other batch goes on");
+        tx.commit().await.unwrap();
+        let results = batch
+            .await
+            .unwrap()
+            .expect("the batch starts over instead of failing");
+        for result in &results {
+            assert!(
+                matches!(result, Err(StoreError::Invalid(_))),
+                "keys stored for another conversation: {result:?}"
+            );
+        }
+    })
+    .await;
+}
+
 /// A group change that relies on a friendship and the end of that
 /// friendship are ordered: an add that reads the friendship while a
 /// removal has deleted it (not yet committed) waits, then finds it gone.
