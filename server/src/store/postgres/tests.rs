@@ -725,6 +725,14 @@ async fn accepting_and_removing_a_friendship_are_serialised() {
     .await;
 }
 
+/// The schema a test store works in.
+fn schema_of(store: &PostgresStore) -> String {
+    store
+        .schema()
+        .expect("a test store has a schema")
+        .to_owned()
+}
+
 /// The backend process id of `client`'s connection (to see who waits for
 /// its locks).
 async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
@@ -778,10 +786,7 @@ async fn blocked_by(watcher: &tokio_postgres::Client, holder_pid: i32, n: i64, w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_and_the_end_of_a_friendship_are_ordered() {
     with_store(|store| async move {
-        let schema = store
-            .schema()
-            .expect("a test store has a schema")
-            .to_owned();
+        let schema = schema_of(&store);
         let a = user(&*store, "alice").await;
         let b = user(&*store, "bob").await;
         let c = befriend(&*store, a, b).await;
@@ -849,10 +854,7 @@ async fn a_send_and_the_end_of_a_friendship_are_ordered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_behind_its_original_and_a_removal_keeps_its_answer() {
     with_store(|store| async move {
-        let schema = store
-            .schema()
-            .expect("a test store has a schema")
-            .to_owned();
+        let schema = schema_of(&store);
         let a = user(&*store, "alice").await;
         let b = user(&*store, "bob").await;
         let c = befriend(&*store, a, b).await;
@@ -911,10 +913,7 @@ async fn a_group_commit_that_loses_a_deadlock_starts_over() {
     let separator = if url.contains('?') { '&' } else { '?' };
     let url = format!("{url}{separator}options=-c%20deadlock_timeout%3D10s");
     with_store_at(&url, |store| async move {
-        let schema = store
-            .schema()
-            .expect("a test store has a schema")
-            .to_owned();
+        let schema = schema_of(&store);
         let a = user(&*store, "alice").await;
         let b = user(&*store, "bob").await;
         let c = user(&*store, "carol").await;
@@ -971,10 +970,7 @@ async fn a_group_commit_that_loses_a_deadlock_starts_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_add_and_the_end_of_the_friendship_are_ordered() {
     with_store(|store| async move {
-        let schema = store
-            .schema()
-            .expect("a test store has a schema")
-            .to_owned();
+        let schema = schema_of(&store);
         let owner = user(&*store, "owner").await;
         let member = user(&*store, "member").await;
         let late = user(&*store, "late").await;
@@ -1027,10 +1023,7 @@ async fn a_group_add_and_the_end_of_the_friendship_are_ordered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_change_and_a_crossing_watermark_batch_do_not_deadlock() {
     with_store(|store| async move {
-        let schema = store
-            .schema()
-            .expect("a test store has a schema")
-            .to_owned();
+        let schema = schema_of(&store);
         // The owner's id is below the member's: the batch locks it first.
         let owner = user(&*store, "owner").await;
         let member = user(&*store, "member").await;
