@@ -74,12 +74,16 @@ impl SessionHandle {
         conn: quinn::Connection,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        // The control stream is open already: the session authenticated on
+        // it. The others open when the client opens them (`open`).
+        let queues: [OutQueue; 3] = Default::default();
+        queues[0].open();
         Arc::new(SessionHandle {
             conn_id,
             user_id,
             token_hash,
             conn,
-            queues: Default::default(),
+            queues,
             wrote: Notify::new(),
             closed: AtomicBool::new(false),
             last_activity_ms: AtomicI64::new(0),
@@ -138,9 +142,18 @@ impl SessionHandle {
         }
     }
 
+    /// The client opened the `kind` stream: frames pushed from now on are
+    /// kept for its writer. Called before the stream's catch-up or snapshot
+    /// reads the store (see [`crate::queue`]).
+    pub fn open(&self, kind: StreamKind) {
+        if let Some(queue) = self.queue(kind) {
+            queue.open();
+        }
+    }
+
     /// Queues a frame for one of this session's streams without waiting.
-    /// Returns false if the session is gone or was too slow (and is now
-    /// being closed).
+    /// Returns false if the session is gone, was too slow (and is now
+    /// being closed), or has not opened that stream.
     pub fn push(&self, kind: StreamKind, out: Outbound) -> bool {
         let Some(queue) = self.queue(kind) else {
             return false;
@@ -168,7 +181,7 @@ impl SessionHandle {
                 }
                 false
             }
-            Err(PushError::Closed) => false,
+            Err(PushError::Closed | PushError::Unopened) => false,
         }
     }
 }

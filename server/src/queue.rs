@@ -2,6 +2,14 @@
 //! committers, presence, other sessions), one consumer (the stream's
 //! writer).
 //!
+//! A queue keeps nothing until it is [opened](OutQueue::open), which its
+//! stream's handler does when the client opens the stream: a client that
+//! never opens its messages or receipts stream (an app that only talks on
+//! control) has nothing held for it, and is not closed as too slow for
+//! frames it never asked for. What a closed-to-pushes stream misses comes
+//! when it opens: catch-up (messages) or the snapshot (receipts), both read
+//! after the queue opened, so nothing falls between the two.
+//!
 //! Not a `tokio::sync::mpsc` channel because of idle memory: a bounded
 //! channel allocates its first block (32 slots) when it is created, about
 //! 2.3 KB per queue and 7 KB per connection for three streams, for
@@ -26,6 +34,8 @@ pub enum PushError {
     Full,
     /// The queue was closed.
     Closed,
+    /// The queue is not open yet: nobody would read the frame.
+    Unopened,
 }
 
 #[derive(Default)]
@@ -33,6 +43,8 @@ struct State {
     items: VecDeque<Outbound>,
     /// Encoded bytes of `items`.
     bytes: usize,
+    /// A writer takes from the queue (see the module docs).
+    open: bool,
     closed: bool,
 }
 
@@ -44,7 +56,12 @@ pub struct OutQueue {
 }
 
 impl OutQueue {
-    /// Appends `out` unless the queue is closed, already holds
+    /// From now on pushes are kept for the writer (see the module docs).
+    pub fn open(&self) {
+        self.state.lock().expect("queue lock").open = true;
+    }
+
+    /// Appends `out` unless the queue is not open, is closed, already holds
     /// `max_frames` frames, or would hold more than `max_bytes` with it (an
     /// empty queue takes any one frame). Never waits.
     pub fn push(
@@ -57,6 +74,9 @@ impl OutQueue {
             let mut state = self.state.lock().expect("queue lock");
             if state.closed {
                 return Err(PushError::Closed);
+            }
+            if !state.open {
+                return Err(PushError::Unopened);
             }
             let bytes = state.bytes + out.bytes.len();
             if state.items.len() >= max_frames || (bytes > max_bytes && !state.items.is_empty()) {
@@ -159,9 +179,28 @@ mod tests {
         }
     }
 
+    fn opened() -> OutQueue {
+        let queue = OutQueue::default();
+        queue.open();
+        queue
+    }
+
+    #[tokio::test]
+    async fn nothing_is_kept_before_the_queue_opens() {
+        let queue = OutQueue::default();
+        assert_eq!(queue.push(out(1), 2, 1 << 20), Err(PushError::Unopened));
+        assert_eq!(queue.push(out(2), 2, 1 << 20), Err(PushError::Unopened));
+        assert_eq!(queue.state.lock().unwrap().items.len(), 0);
+        queue.open();
+        queue.push(out(3), 2, 1 << 20).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(queue.recv_many(&mut buf, 10, 1 << 20).await, 1);
+        assert_eq!(buf[0].bytes[0], 3);
+    }
+
     #[tokio::test]
     async fn bounded_ordered_and_ends_after_close() {
-        let queue = OutQueue::default();
+        let queue = opened();
         queue.push(out(1), 2, 1 << 20).unwrap();
         queue.push(out(2), 2, 1 << 20).unwrap();
         assert_eq!(queue.push(out(3), 2, 1 << 20), Err(PushError::Full));
@@ -182,7 +221,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_last_frame_goes_in_over_the_limit_and_nothing_after_it() {
-        let queue = OutQueue::default();
+        let queue = opened();
         queue.push(out(1), 1, 1 << 20).unwrap();
         assert_eq!(queue.push(out(2), 1, 1 << 20), Err(PushError::Full));
         assert!(queue.close_with(out(3)), "taken over a full queue");
@@ -196,7 +235,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_consumer_wakes_on_push_and_big_buffers_are_freed() {
-        let queue = Arc::new(OutQueue::default());
+        let queue = Arc::new(opened());
         let consumer = {
             let queue = queue.clone();
             tokio::spawn(async move {
@@ -237,7 +276,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_are_bounded_too_in_the_queue_and_in_each_take() {
         // Few frames but many bytes: the byte bound refuses the third.
-        let queue = OutQueue::default();
+        let queue = opened();
         queue.push(sized(600), 1024, 1000).unwrap();
         queue.push(sized(400), 1024, 1000).unwrap();
         assert_eq!(queue.push(sized(1), 1024, 1000), Err(PushError::Full));

@@ -1345,3 +1345,52 @@ mod client_faults {
             .expect("the event stream ends");
     }
 }
+
+#[tokio::test]
+async fn a_device_on_control_alone_is_not_closed_for_the_messages_it_has_not_opened() {
+    // A device may talk on control alone for a while (an app asking for
+    // its friend list before it opens anything else). Deliveries for it
+    // used to be queued for a messages writer that did not exist yet, up
+    // to 4 MiB, until the 1,025th closed the connection with
+    // SLOW_CONSUMER. Now nothing is queued before the stream opens, the
+    // device stays connected, and catch-up brings every message when it
+    // opens the stream.
+    use chat_protocol::Body;
+    const N: usize = chat_server::hub::QUEUE_CAPACITY + 76;
+    let server = TestServer::start_with(unlimited_sends).await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let token = bob.identity().token;
+    bob.close();
+    let mut device = RawControl::resume(&server, &token).await;
+
+    let seqs = send_texts(&alice, conversation, N).await;
+    assert_eq!(seqs, (1..=N as u64).collect::<Vec<_>>());
+    let reply = device
+        .request(Body::ListFriends(proto::ListFriends {}))
+        .await;
+    assert!(matches!(reply, Body::FriendList(_)), "{reply:?}");
+    assert!(
+        device.conn().close_reason().is_none(),
+        "{:?}",
+        device.conn().close_reason()
+    );
+
+    let (_send, mut recv) = device.open_messages(false).await;
+    let mut buf = bytes::BytesMut::new();
+    let mut delivered = Vec::with_capacity(N);
+    while delivered.len() < N {
+        let frame = next_frame(&mut recv, &mut buf).await;
+        match frame.body {
+            Some(Body::Deliver(d)) => {
+                let message = d.message.expect("a message");
+                assert_eq!(message.conversation_id, conversation);
+                delivered.push(message.seq);
+            }
+            other => panic!("only Deliver frames, got {other:?}"),
+        }
+    }
+    assert_eq!(delivered, seqs, "each message once, in order");
+    assert!(device.conn().close_reason().is_none());
+}

@@ -3,10 +3,12 @@
 //!
 //! When the stream opens, the writer first streams everything above the
 //! user's delivered watermarks (catch-up, in pages, in seq order per
-//! conversation), then the live queue. The session was registered in the
-//! hub before catch-up began, so a message committed in between is in
-//! both; the writer drops the live copy by remembering the last seq sent
-//! per conversation. Result: each connection sees each conversation in
+//! conversation), then the live queue. The queue opened (took pushes)
+//! before catch-up began, so a message committed in between is in both;
+//! the writer drops the live copy by remembering the last seq sent per
+//! conversation. Before the stream opens the queue keeps nothing: what
+//! the session was pushed then is above the watermark, so catch-up sends
+//! it. Result: each connection sees each conversation in
 //! strictly increasing seq order, which lets the client deduplicate by seq.
 
 use std::collections::HashMap;
@@ -50,6 +52,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     // Acks this connection may still send: the slack, plus one per Deliver
     // the writer writes.
     let credits = Arc::new(AtomicU64::new(ACK_SLACK));
+    queue.open(StreamKind::Messages);
     tokio::spawn(writer(session.clone(), send, queue, credits.clone()));
     let handle = authed.handle.clone();
     let delivery = session.shared.delivery.clone();

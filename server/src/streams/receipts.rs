@@ -2,8 +2,11 @@
 //!
 //! When the stream opens, the writer first sends the current watermarks of
 //! the other members in the user's recent conversations, so receipts that
-//! happened while the user was offline arrive on reconnect. Receipts carry
-//! absolute watermarks, so replaying one is harmless.
+//! happened while the user was offline arrive on reconnect. The queue
+//! opens (takes pushes) before that snapshot is read, so a receipt made
+//! meanwhile comes in one or both; receipts carry absolute watermarks, so
+//! replaying one is harmless. Before the stream opens the queue keeps
+//! nothing.
 
 use std::sync::Arc;
 
@@ -35,6 +38,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     let Some(queue) = session.outbound(StreamKind::Receipts) else {
         return;
     };
+    queue.open(StreamKind::Receipts);
     tokio::spawn(writer(session.clone(), send, queue));
     let handle = authed.handle.clone();
     // Made at the first mark: most connections never send one.
