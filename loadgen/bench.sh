@@ -278,23 +278,27 @@ idle)
     ;;
 targets)
     # Issue 7's targets, each from RUNS runs (default 3) and medians:
-    # the bare quinn relay the same hour (when RELAY_DIR holds the
-    # anchor bench), pinned 10,000/s, the unpinned ladder, Redis +
-    # Postgres pinned at 10,000/s, and idle memory; then one table.
+    # the bare quinn relay (when RELAY_DIR holds the anchor bench), run
+    # just before each round's pinned 10,000/s so that each pair sees the
+    # same hour of a drifting host, the unpinned ladder, Redis + Postgres
+    # pinned at 10,000/s, and idle memory; then one table.
     runs=${RUNS:-3}
     ladder=${LADDER:-10000 14000 18000 20000}
     relay_dir=${RELAY_DIR:-../shared/anchor-bench}
     rows=()
+    relay_out=
     if [[ -x $relay_dir/bench.sh && -x $relay_dir/target/release/anchor-bench ]]; then
         relay_out="$(cd "$DIR" && pwd)/relay-$$.jsonl"
         rm -f "$relay_out"
-        echo "relay: $relay_dir, $runs runs at 10,000/s"
-        (cd "$relay_dir" && REPS=$runs CONNS=1000 MODES=open:10000 ./bench.sh quinn "$relay_out" >/dev/null 2>&1) || true
         rows+=(relay 10000 "$relay_out")
     else
         echo "relay: not measured (build the anchor bench in RELAY_DIR=$relay_dir to include it)"
     fi
     for i in $(seq 1 "$runs"); do
+        if [[ -n $relay_out ]]; then
+            echo "relay 10000, run $i: $relay_dir"
+            (cd "$relay_dir" && REPS=1 CONNS=1000 MODES=open:10000 ./bench.sh quinn "$relay_out" >/dev/null 2>&1) || true
+        fi
         echo "pinned 10000, run $i:"
         run_embedded 10000 pinned
         rows+=(pinned 10000 "$LAST_REPORT")

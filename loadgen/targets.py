@@ -61,13 +61,14 @@ def main(args):
         groups.setdefault((kind, int(rate)), []).append(path)
 
     relay = None
+    relay_runs = []
     for path in groups.get(("relay", 10000), []):
         try:
             lines = [json.loads(line) for line in open(path) if line.strip()]
         except (OSError, ValueError):
             continue
-        relay = median(
-            1e4 * r["server_cpu_pct"] / r["msgs_per_s"] for r in lines if r.get("msgs_per_s"))
+        relay_runs = [1e4 * r["server_cpu_pct"] / r["msgs_per_s"] for r in lines if r.get("msgs_per_s")]
+        relay = median(relay_runs)
 
     rows = []
 
@@ -91,8 +92,15 @@ def main(args):
                      f"{fmt(ack)} / {fmt(deliver)} ms (server: {fmt(tail, '.1f', '%')} of acks over 10 ms)",
                      ack is not None and deliver is not None and ack <= 10 and deliver <= 10))
         if relay is not None and cpu is not None:
+            # bench.sh runs the relay just before each pinned run: each
+            # pair's ratio is from one hour of the host.
+            paired = ""
+            ours = [r.get("server_cpu_us_per_send") for r, _ in pinned]
+            if len(relay_runs) == len(ours) and None not in ours:
+                ratios = ", ".join(f"{o / r:.2f}" for o, r in zip(ours, relay_runs))
+                paired = f"; run by run {ratios}"
             rows.append(("pinned 10,000/s: server CPU per send", f"<= 2x relay ({2 * relay:.1f} us)",
-                         f"{cpu:.1f} us ({cpu / relay:.2f}x the relay's {relay:.1f})", cpu <= 2 * relay))
+                         f"{cpu:.1f} us ({cpu / relay:.2f}x the relay's {relay:.1f}{paired})", cpu <= 2 * relay))
         else:
             rows.append(("pinned 10,000/s: server CPU per send", "<= 2x relay",
                          f"{fmt(cpu)} us (relay not measured)", None))
