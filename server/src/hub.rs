@@ -142,9 +142,9 @@ impl SessionHandle {
         }
     }
 
-    /// The client opened the `kind` stream: frames pushed from now on are
-    /// kept for its writer. Called before the stream's catch-up or snapshot
-    /// reads the store (see [`crate::queue`]).
+    /// The client opened the `kind` stream: its writer takes the queue from
+    /// now on. Called before the stream's catch-up or snapshot reads the
+    /// store (see [`crate::queue`]).
     pub fn open(&self, kind: StreamKind) {
         if let Some(queue) = self.queue(kind) {
             queue.open();
@@ -153,7 +153,8 @@ impl SessionHandle {
 
     /// Queues a frame for one of this session's streams without waiting.
     /// Returns false if the session is gone, was too slow (and is now
-    /// being closed), or has not opened that stream.
+    /// being closed), or has not opened that stream and its queue gave up
+    /// (see [`crate::queue`]).
     pub fn push(&self, kind: StreamKind, out: Outbound) -> bool {
         let Some(queue) = self.queue(kind) else {
             return false;

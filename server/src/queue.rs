@@ -2,13 +2,18 @@
 //! committers, presence, other sessions), one consumer (the stream's
 //! writer).
 //!
-//! A queue keeps nothing until it is [opened](OutQueue::open), which its
-//! stream's handler does when the client opens the stream: a client that
-//! never opens its messages or receipts stream (an app that only talks on
-//! control) has nothing held for it, and is not closed as too slow for
-//! frames it never asked for. What a closed-to-pushes stream misses comes
-//! when it opens: catch-up (messages) or the snapshot (receipts), both read
-//! after the queue opened, so nothing falls between the two.
+//! Frames pushed before the client opens the stream are kept as well,
+//! within the same bounds: client-lib opens its streams a round trip after
+//! authenticating, and not all that a device is pushed in between would
+//! come with catch-up (the echo of its user's send from another device,
+//! which catch-up leaves out, or a message another device of the user
+//! acknowledges meanwhile: watermarks are per user). But a stream that is
+//! not open is not a slow reader: once the bounds are reached, the queue
+//! lets go of what it kept and keeps nothing until the stream opens
+//! ([`PushError::Unopened`]), and the device gets what an offline one gets
+//! when it opens the stream: catch-up (messages) or the snapshot
+//! (receipts). So a device that talks on control alone is not closed for
+//! messages it never asked for, and holds at most one queue's bounds.
 //!
 //! Not a `tokio::sync::mpsc` channel because of idle memory: a bounded
 //! channel allocates its first block (32 slots) when it is created, about
@@ -34,7 +39,8 @@ pub enum PushError {
     Full,
     /// The queue was closed.
     Closed,
-    /// The queue is not open yet: nobody would read the frame.
+    /// The stream is not open, and the queue gave up keeping frames for
+    /// it (see the module docs).
     Unopened,
 }
 
@@ -43,9 +49,20 @@ struct State {
     items: VecDeque<Outbound>,
     /// Encoded bytes of `items`.
     bytes: usize,
-    /// A writer takes from the queue (see the module docs).
-    open: bool,
+    phase: Phase,
     closed: bool,
+}
+
+/// Whether a writer takes from the queue (see the module docs).
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The stream is not open; pushes are kept within the bounds.
+    #[default]
+    Unopened,
+    /// The stream is not open and the bounds were reached: nothing is kept.
+    GaveUp,
+    /// The stream's writer takes from the queue.
+    Open,
 }
 
 /// See the module docs.
@@ -56,14 +73,18 @@ pub struct OutQueue {
 }
 
 impl OutQueue {
-    /// From now on pushes are kept for the writer (see the module docs).
+    /// The stream's writer takes from the queue from now on: pushes are
+    /// kept for it, and a full queue means a slow reader (see the module
+    /// docs).
     pub fn open(&self) {
-        self.state.lock().expect("queue lock").open = true;
+        self.state.lock().expect("queue lock").phase = Phase::Open;
     }
 
-    /// Appends `out` unless the queue is not open, is closed, already holds
+    /// Appends `out` unless the queue is closed, already holds
     /// `max_frames` frames, or would hold more than `max_bytes` with it (an
-    /// empty queue takes any one frame). Never waits.
+    /// empty queue takes any one frame): then `Full`, or, if the stream is
+    /// not open, `Unopened`, and the queue lets go of what it held. Never
+    /// waits.
     pub fn push(
         &self,
         out: Outbound,
@@ -75,12 +96,18 @@ impl OutQueue {
             if state.closed {
                 return Err(PushError::Closed);
             }
-            if !state.open {
+            if state.phase == Phase::GaveUp {
                 return Err(PushError::Unopened);
             }
             let bytes = state.bytes + out.bytes.len();
             if state.items.len() >= max_frames || (bytes > max_bytes && !state.items.is_empty()) {
-                return Err(PushError::Full);
+                if state.phase == Phase::Open {
+                    return Err(PushError::Full);
+                }
+                state.items = VecDeque::new();
+                state.bytes = 0;
+                state.phase = Phase::GaveUp;
+                return Err(PushError::Unopened);
             }
             state.bytes = bytes;
             state.items.push_back(out);
@@ -186,16 +213,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn nothing_is_kept_before_the_queue_opens() {
+    async fn before_it_opens_a_full_queue_lets_go_instead_of_refusing() {
         let queue = OutQueue::default();
-        assert_eq!(queue.push(out(1), 2, 1 << 20), Err(PushError::Unopened));
-        assert_eq!(queue.push(out(2), 2, 1 << 20), Err(PushError::Unopened));
-        assert_eq!(queue.state.lock().unwrap().items.len(), 0);
+        queue.push(out(1), 2, 1 << 20).unwrap();
+        queue.push(out(2), 2, 1 << 20).unwrap();
+        assert_eq!(queue.push(out(3), 2, 1 << 20), Err(PushError::Unopened));
+        assert_eq!(queue.state.lock().unwrap().items.len(), 0, "let go");
+        assert_eq!(
+            queue.push(out(4), 2, 1 << 20),
+            Err(PushError::Unopened),
+            "and keeps nothing more"
+        );
         queue.open();
-        queue.push(out(3), 2, 1 << 20).unwrap();
+        queue.push(out(5), 2, 1 << 20).unwrap();
+        queue.push(out(6), 2, 1 << 20).unwrap();
+        assert_eq!(queue.push(out(7), 2, 1 << 20), Err(PushError::Full));
         let mut buf = Vec::new();
-        assert_eq!(queue.recv_many(&mut buf, 10, 1 << 20).await, 1);
-        assert_eq!(buf[0].bytes[0], 3);
+        assert_eq!(queue.recv_many(&mut buf, 10, 1 << 20).await, 2);
+        assert_eq!(buf.iter().map(|o| o.bytes[0]).collect::<Vec<_>>(), [5, 6]);
+    }
+
+    #[tokio::test]
+    async fn what_is_pushed_before_it_opens_is_kept_for_the_writer() {
+        let queue = OutQueue::default();
+        queue.push(out(1), 2, 1 << 20).unwrap();
+        queue.open();
+        queue.push(out(2), 2, 1 << 20).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(queue.recv_many(&mut buf, 10, 1 << 20).await, 2);
+        assert_eq!(buf.iter().map(|o| o.bytes[0]).collect::<Vec<_>>(), [1, 2]);
     }
 
     #[tokio::test]

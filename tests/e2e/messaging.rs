@@ -1394,3 +1394,36 @@ async fn a_device_on_control_alone_is_not_closed_for_the_messages_it_has_not_ope
     assert_eq!(delivered, seqs, "each message once, in order");
     assert!(device.conn().close_reason().is_none());
 }
+
+#[tokio::test]
+async fn a_device_gets_its_users_sends_from_before_it_opened_its_messages_stream() {
+    // A device is pushed messages from the moment it authenticates, a
+    // round trip before client-lib has its messages stream open. What it
+    // is pushed in between must wait for the stream: not all of it comes
+    // with catch-up, which leaves out the user's own sends (made here on
+    // the user's other device).
+    use chat_protocol::Body;
+    let server = TestServer::start().await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let device = RawControl::resume(&server, &alice.identity().token).await;
+    let own = alice
+        .send_text(conversation, "from the laptop")
+        .await
+        .unwrap();
+
+    let (_send, mut recv) = device.open_messages(false).await;
+    let frame = next_frame(&mut recv, &mut bytes::BytesMut::new()).await;
+    match frame.body {
+        Some(Body::Deliver(d)) => {
+            let message = d.message.expect("a message");
+            assert_eq!(
+                (message.conversation_id, message.seq),
+                (conversation, own.seq)
+            );
+            assert_eq!(message.text, "from the laptop");
+        }
+        other => panic!("the laptop's message, got {other:?}"),
+    }
+}

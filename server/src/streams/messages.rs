@@ -3,12 +3,11 @@
 //!
 //! When the stream opens, the writer first streams everything above the
 //! user's delivered watermarks (catch-up, in pages, in seq order per
-//! conversation), then the live queue. The queue opened (took pushes)
-//! before catch-up began, so a message committed in between is in both;
-//! the writer drops the live copy by remembering the last seq sent per
-//! conversation. Before the stream opens the queue keeps nothing: what
-//! the session was pushed then is above the watermark, so catch-up sends
-//! it. Result: each connection sees each conversation in
+//! conversation), then the live queue. The queue took pushes before
+//! catch-up began, so a message committed in between is in both; the
+//! writer drops the live copy by remembering the last seq sent per
+//! conversation. (A queue that overflowed before its stream opened keeps
+//! nothing from then until the opening: see [`crate::queue`].) Result: each connection sees each conversation in
 //! strictly increasing seq order, which lets the client deduplicate by seq.
 
 use std::collections::HashMap;

@@ -3,10 +3,9 @@
 //! When the stream opens, the writer first sends the current watermarks of
 //! the other members in the user's recent conversations, so receipts that
 //! happened while the user was offline arrive on reconnect. The queue
-//! opens (takes pushes) before that snapshot is read, so a receipt made
-//! meanwhile comes in one or both; receipts carry absolute watermarks, so
-//! replaying one is harmless. Before the stream opens the queue keeps
-//! nothing.
+//! takes pushes before that snapshot is read, so a receipt made meanwhile
+//! comes in one or both; receipts carry absolute watermarks, so replaying
+//! one is harmless.
 
 use std::sync::Arc;
 
