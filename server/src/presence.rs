@@ -37,6 +37,9 @@ struct Local {
     conns: Vec<Arc<SessionHandle>>,
     online: bool,
     hidden_at_ms: Option<i64>,
+    /// The stored setting could not be read when the user connected: taken
+    /// as hidden until a sweep reads it.
+    unsure: bool,
 }
 
 /// The node's presence tracker. See the module docs.
@@ -95,25 +98,35 @@ impl Presence {
     pub async fn connect(&self, session: Arc<SessionHandle>) {
         let user = session.user_id;
         session.touch(now_ms());
-        let hidden_at_ms = match self.history.stored_presence(vec![user]).await {
-            Ok(stored) => stored.first().and_then(|s| s.hidden_at_ms),
+        // Unreadable, the setting counts as hidden until a sweep reads it:
+        // showing a user who chose to appear offline is the worse mistake.
+        // A connection already here keeps what was read for it.
+        let stored = match self.history.stored_presence(vec![user]).await {
+            Ok(stored) => Some(stored.first().and_then(|s| s.hidden_at_ms)),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read stored presence");
+                tracing::warn!(error = %e, user, "cannot read stored presence; taken as hidden");
                 None
             }
         };
-        let came_online = {
+        let (came_online, hidden) = {
             let mut local = self.users.entry(user).or_insert_with(|| Local {
                 conns: Vec::new(),
                 online: false,
-                hidden_at_ms,
+                hidden_at_ms: Some(now_ms()),
+                unsure: true,
             });
-            local.hidden_at_ms = hidden_at_ms;
+            if let Some(hidden_at_ms) = stored {
+                local.hidden_at_ms = hidden_at_ms;
+                local.unsure = false;
+            }
             local.conns.push(session);
-            !std::mem::replace(&mut local.online, true)
+            (
+                !std::mem::replace(&mut local.online, true),
+                local.hidden_at_ms.is_some(),
+            )
         };
         self.refresh(user, now_ms()).await;
-        if came_online && hidden_at_ms.is_none() {
+        if came_online && !hidden {
             self.publish(user, true, now_ms());
         }
     }
@@ -180,6 +193,7 @@ impl Presence {
         let online = match self.users.get_mut(&user) {
             Some(mut local) => {
                 local.hidden_at_ms = hidden_at;
+                local.unsure = false;
                 local.online
             }
             None => false,
@@ -263,7 +277,11 @@ impl Presence {
         let window = self.window.as_millis() as i64;
         let mut offline = Vec::new();
         let mut online = Vec::new();
+        let mut unsure = Vec::new();
         for mut entry in self.users.iter_mut() {
+            if entry.unsure {
+                unsure.push(*entry.key());
+            }
             let last = entry
                 .conns
                 .iter()
@@ -279,6 +297,9 @@ impl Presence {
                 online.push((*entry.key(), last, entry.hidden_at_ms.is_some()));
             }
         }
+        // Each change is checked again after its store round trips, as
+        // `disconnect` does: the user may have connected or left meanwhile,
+        // and then that path's news is the right one.
         for (user, last, hidden) in offline {
             tracing::debug!(user, "presence timed out");
             if let Err(e) = self.history.record_last_active(user, last).await {
@@ -287,15 +308,70 @@ impl Presence {
             if let Err(e) = self.store.remove(user, self.node.clone()).await {
                 tracing::warn!(error = %e, "cannot clear presence record");
             }
-            if !hidden {
+            if self.is_online(user) {
+                // Back (a new connection published "online"): the removal
+                // may have deleted its record.
+                self.refresh(user, now_ms()).await;
+            } else if !hidden {
                 self.publish(user, false, last);
             }
         }
         for (user, last, hidden) in online {
             self.refresh(user, last).await;
-            if !hidden {
+            if !self.is_online(user) {
+                // Gone meanwhile (its disconnect published "offline"): the
+                // refresh may have put back the record it removed.
+                self.remove_unless_online(user).await;
+            } else if !hidden {
                 self.publish(user, true, last);
             }
+        }
+        if !unsure.is_empty() {
+            self.read_unsure(unsure).await;
+        }
+    }
+
+    /// Reads the stored setting of users connected while it could not be
+    /// read; those who do not hide are shown online now.
+    async fn read_unsure(&self, users: Vec<UserId>) {
+        let stored = match self.history.stored_presence(users.clone()).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read stored presence");
+                return;
+            }
+        };
+        for (user, stored) in users.into_iter().zip(stored) {
+            let shown = {
+                let Some(mut local) = self.users.get_mut(&user) else {
+                    continue;
+                };
+                if !local.unsure {
+                    continue;
+                }
+                local.unsure = false;
+                local.hidden_at_ms = stored.hidden_at_ms;
+                local.online && stored.hidden_at_ms.is_none()
+            };
+            if shown {
+                self.publish(user, true, now_ms());
+            }
+        }
+    }
+
+    /// Whether `user` has connections here and counts as online.
+    fn is_online(&self, user: UserId) -> bool {
+        self.users.get(&user).is_some_and(|local| local.online)
+    }
+
+    /// Removes `user`'s record, then puts it back if the user connected
+    /// during the removal.
+    async fn remove_unless_online(&self, user: UserId) {
+        if let Err(e) = self.store.remove(user, self.node.clone()).await {
+            tracing::warn!(error = %e, "cannot clear presence record");
+        }
+        if self.is_online(user) {
+            self.refresh(user, now_ms()).await;
         }
     }
 }
@@ -367,7 +443,7 @@ async fn notifier(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
 
     use async_trait::async_trait;
     use tokio::sync::{Notify, Semaphore};
@@ -377,17 +453,61 @@ mod tests {
     use crate::store::presence::MemoryPresenceStore;
     use crate::store::sqlite::SqliteStore;
 
-    /// The in-process presence store, whose first `remove` waits until the
-    /// test lets it go.
-    struct HeldRemove {
+    /// Which store call [`Held`] holds.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Op {
+        Refresh,
+        Remove,
+    }
+
+    /// The in-process presence store, whose next call of the armed kind
+    /// waits until the test lets it go.
+    struct Held {
         inner: MemoryPresenceStore,
-        held: AtomicBool,
+        armed: Mutex<Option<Op>>,
         entered: Notify,
         release: Semaphore,
     }
 
+    impl Held {
+        fn new(armed: Option<Op>) -> Arc<Held> {
+            Arc::new(Held {
+                inner: MemoryPresenceStore::default(),
+                armed: Mutex::new(armed),
+                entered: Notify::new(),
+                release: Semaphore::new(0),
+            })
+        }
+
+        fn arm(&self, op: Op) {
+            *self.armed.lock().unwrap() = Some(op);
+        }
+
+        async fn hold(&self, op: Op) {
+            let mine = {
+                let mut armed = self.armed.lock().unwrap();
+                let mine = *armed == Some(op);
+                if mine {
+                    *armed = None;
+                }
+                mine
+            };
+            if mine {
+                self.entered.notify_one();
+                let _permit = self.release.acquire().await.expect("open");
+            }
+        }
+
+        /// Waits until the held call is waiting.
+        async fn entered(&self) {
+            tokio::time::timeout(Duration::from_secs(60), self.entered.notified())
+                .await
+                .expect("the held call is reached");
+        }
+    }
+
     #[async_trait]
-    impl PresenceStore for HeldRemove {
+    impl PresenceStore for Held {
         fn backend(&self) -> &'static str {
             "held"
         }
@@ -400,13 +520,11 @@ mod tests {
             record: OnlineRecord,
             ttl: Duration,
         ) -> Result<(), StoreError> {
+            self.hold(Op::Refresh).await;
             self.inner.refresh(user, record, ttl).await
         }
         async fn remove(&self, user: UserId, node: String) -> Result<(), StoreError> {
-            if !self.held.swap(true, Ordering::SeqCst) {
-                self.entered.notify_one();
-                let _permit = self.release.acquire().await.expect("open");
-            }
+            self.hold(Op::Remove).await;
             self.inner.remove(user, node).await
         }
         async fn online(
@@ -415,6 +533,40 @@ mod tests {
         ) -> Result<Vec<Option<OnlineRecord>>, StoreError> {
             self.inner.online(users).await
         }
+    }
+
+    /// A tracker whose sweeper does not run by itself during a test (the
+    /// tests call `sweep`), on `store` and a fresh SQLite history with one
+    /// user, and two session handles of that user.
+    async fn tracker(
+        store: Arc<Held>,
+    ) -> (
+        tempfile::TempDir,
+        Arc<SqliteStore>,
+        Arc<Presence>,
+        [Arc<SessionHandle>; 2],
+        (quinn::Endpoint, quinn::Endpoint),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let history = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let user = history
+            .create_user("alice".into(), "hash".into(), 1)
+            .await
+            .unwrap();
+        // An online window of an hour and a half; the first sweep runs at
+        // once, on no users, the next a quarter of an hour later.
+        let presence = Presence::start(
+            "node".into(),
+            Duration::from_secs(1800),
+            3,
+            store,
+            history.clone(),
+        );
+        let (server, client, conn) = connection().await;
+        let metrics = Arc::new(Metrics::new());
+        let first = SessionHandle::new(1, user, [1; 32], conn.clone(), metrics.clone());
+        let second = SessionHandle::new(2, user, [2; 32], conn, metrics);
+        (dir, history, presence, [first, second], (server, client))
     }
 
     /// A server-side QUIC connection on loopback, for session handles (the
@@ -469,43 +621,142 @@ mod tests {
         // online in between. The removal used to delete the new record
         // (friends' snapshots then said offline until its next heartbeat)
         // and publish "offline" after the new connection's "online".
-        let dir = tempfile::tempdir().unwrap();
-        let history = Arc::new(SqliteStore::open(dir.path()).unwrap());
-        let user = history
-            .create_user("alice".into(), "hash".into(), 1)
-            .await
-            .unwrap();
-        let store = Arc::new(HeldRemove {
-            inner: MemoryPresenceStore::default(),
-            held: AtomicBool::new(false),
-            entered: Notify::new(),
-            release: Semaphore::new(0),
-        });
-        let presence = Presence::start(
-            "node".into(),
-            Duration::from_secs(30),
-            3,
-            store.clone(),
-            history,
-        );
-        let (_server, _client, conn) = connection().await;
-        let metrics = Arc::new(Metrics::new());
-        let first = SessionHandle::new(1, user, [1; 32], conn.clone(), metrics.clone());
-        let second = SessionHandle::new(2, user, [2; 32], conn, metrics);
+        let store = Held::new(Some(Op::Remove));
+        let (_dir, _history, presence, [first, second], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
         presence.connect(first).await;
 
         let leaving = tokio::spawn({
             let presence = presence.clone();
             async move { presence.disconnect(user, 1).await }
         });
-        tokio::time::timeout(Duration::from_secs(60), store.entered.notified())
-            .await
-            .expect("the disconnect reaches its removal");
+        store.entered().await;
         presence.connect(second).await;
         store.release.add_permits(1);
         leaving.await.unwrap();
 
         let states = presence.states(&[user]).await.unwrap();
         assert!(states[0].online, "{states:?}");
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_during_a_timeout_stays_online() {
+        // A sweep times out a silent user and removes their record after
+        // two store round trips, during which the user connects again. It
+        // used to delete the new connection's record and publish "offline"
+        // after its "online": friends saw the user offline.
+        let store = Held::new(Some(Op::Remove));
+        let (_dir, _history, presence, [first, second], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
+        presence.connect(first.clone()).await;
+        first.touch(now_ms() - 4 * 3_600_000);
+
+        let sweep = tokio::spawn({
+            let presence = presence.clone();
+            async move { presence.sweep().await }
+        });
+        store.entered().await;
+        presence.connect(second).await;
+        store.release.add_permits(1);
+        sweep.await.unwrap();
+
+        let states = presence.states(&[user]).await.unwrap();
+        assert!(states[0].online, "{states:?}");
+    }
+
+    #[tokio::test]
+    async fn a_disconnect_while_a_sweep_brings_the_user_back_leaves_them_offline() {
+        // A sweep finds a timed-out user active again and refreshes their
+        // record; their last connection closes meanwhile, and its
+        // disconnect removes the record. The sweep's refresh used to put
+        // the record back and publish "online" with nobody connected:
+        // friends saw the user online until they next came and went.
+        let store = Held::new(None);
+        let (_dir, _history, presence, [first, _], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
+        presence.connect(first.clone()).await;
+        first.touch(now_ms() - 4 * 3_600_000);
+        presence.sweep().await;
+        assert!(!presence.states(&[user]).await.unwrap()[0].online);
+
+        first.touch(now_ms());
+        store.arm(Op::Refresh);
+        let sweep = tokio::spawn({
+            let presence = presence.clone();
+            async move { presence.sweep().await }
+        });
+        store.entered().await;
+        presence.disconnect(user, 1).await;
+        store.release.add_permits(1);
+        sweep.await.unwrap();
+
+        let states = presence.states(&[user]).await.unwrap();
+        assert!(!states[0].online, "{states:?}");
+    }
+
+    #[tokio::test]
+    async fn a_user_whose_setting_cannot_be_read_is_shown_only_once_it_is() {
+        // A user who hides their status connects while the setting cannot
+        // be read. They used to be taken as not hiding, and friends saw
+        // them online; now they count as hidden until a sweep reads the
+        // setting, and one who does not hide is then shown online.
+        let store = Held::new(None);
+        let (_dir, history, presence, [first, watcher], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
+        // Published after the connect: its update comes in the same flush
+        // as any news of the user, or a later one.
+        let marker = user + 1_000;
+        presence.watch(&watcher, &[], &[user, marker]);
+        history
+            .execute_for_test(
+                "ALTER TABLE users RENAME COLUMN presence_hidden_at_ms TO hidden_elsewhere",
+            )
+            .await;
+        presence.connect(first).await;
+        history
+            .execute_for_test(
+                "ALTER TABLE users RENAME COLUMN hidden_elsewhere TO presence_hidden_at_ms",
+            )
+            .await;
+        presence.publish(marker, true, now_ms());
+        let control = watcher.queue(StreamKind::Control).unwrap();
+        let mut told = Vec::new();
+        while !told
+            .iter()
+            .any(|s: &proto::PresenceState| s.user_id == marker)
+        {
+            told.extend(next_update(control).await);
+        }
+        assert!(
+            told.iter().all(|s| s.user_id != user),
+            "shown while unsure: {told:?}"
+        );
+
+        presence.sweep().await;
+        let told = next_update(control).await;
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!((told[0].user_id, told[0].online), (user, true));
+    }
+
+    /// The states of the next presence update queued on a control queue.
+    async fn next_update(control: &crate::queue::OutQueue) -> Vec<proto::PresenceState> {
+        let out = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if let Some(out) = control.try_recv() {
+                    return out;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("a presence update in time");
+        let frame = chat_protocol::Codec::default()
+            .decode(&mut bytes::BytesMut::from(&out.bytes[..]))
+            .unwrap()
+            .unwrap();
+        match frame.body {
+            Some(Body::PresenceUpdate(update)) => update.states,
+            other => panic!("a presence update, got {other:?}"),
+        }
     }
 }

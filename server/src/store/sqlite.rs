@@ -814,6 +814,15 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Runs `sql` on the store thread, in the current batch's transaction
+    /// (tests change the schema under a running store with it).
+    #[cfg(test)]
+    pub(crate) async fn execute_for_test(&self, sql: &'static str) {
+        self.call(move |conn, _| conn.execute_batch(sql).map_err(internal))
+            .await
+            .expect("the statement runs");
+    }
+
     /// Makes the store thread panic, as a bug in a job would.
     #[cfg(test)]
     pub(crate) async fn crash_thread(&self) {
