@@ -671,6 +671,17 @@ impl Inner {
         known.retain(|id, _| user_ids.contains(id));
     }
 
+    /// Drops from the watched list (and forgets the presence of) those
+    /// `keep` rejects.
+    pub(crate) fn unwatch_unless(&self, keep: impl Fn(u64) -> bool) {
+        let mut known = self.presence.lock().expect("presence lock");
+        self.watching
+            .lock()
+            .expect("watching lock")
+            .retain(|&id| keep(id));
+        known.retain(|&id, _| keep(id));
+    }
+
     fn live(&self) -> Option<Live> {
         self.live.lock().expect("live lock").clone()
     }
@@ -1196,7 +1207,10 @@ impl Client {
     /// replacing the previous list; returns their current state (the
     /// server's snapshot, with any update that arrived right behind it).
     /// Changes then arrive as [`Event::Presence`]. The list is re-sent
-    /// after every reconnect.
+    /// after every reconnect. A friend who removes the user (the app hears
+    /// [`Event::Friend`] with `KIND_REMOVED`) leaves the list, and so does
+    /// one whose friendship ended while the device was away, which the
+    /// re-sent list finds out.
     pub async fn subscribe_presence(
         &self,
         user_ids: &[u64],
@@ -1567,7 +1581,10 @@ async fn subscribe(
 /// retry-after), it tries again: given up, the app would silently hear no
 /// more presence on this connection. The turn is given back while it
 /// waits, so the app's own subscriptions go ahead (and the next try sends
-/// whatever the list is then); it ends with the connection.
+/// whatever the list is then); it ends with the connection. Refused with
+/// NOT_FRIENDS (a friendship ended while the device was away, so it never
+/// heard), it drops whoever is no longer a friend from the list and tries
+/// again: one ex-friend used to leave the whole list unwatched.
 async fn resubscribe(inner: &Inner, conn: &quinn::Connection) -> Option<Vec<proto::PresenceState>> {
     /// Refusals taken before giving up (each waits its retry-after).
     const ATTEMPTS: u32 = 10;
@@ -1594,6 +1611,20 @@ async fn resubscribe(inner: &Inner, conn: &quinn::Connection) -> Option<Vec<prot
                     () = tokio::time::sleep(server_pause(retry_after, &inner.config)) => {}
                     _ = conn.closed() => return None,
                 }
+            }
+            Err(ClientError::Server {
+                code: ErrorCode::NotFriends,
+                ..
+            }) if refused < ATTEMPTS => {
+                refused += 1;
+                let body = Body::ListFriends(proto::ListFriends {});
+                let Ok(Body::FriendList(list)) = request(inner, StreamKind::Control, body).await
+                else {
+                    return None;
+                };
+                let friends: std::collections::HashSet<u64> =
+                    list.friends.iter().map(|friend| friend.user_id).collect();
+                inner.unwatch_unless(|id| friends.contains(&id));
             }
             Err(_) => return None,
         }

@@ -453,6 +453,14 @@ async fn read_loop(
                 inner.emit(Event::Receipt(receipt), &conn).await;
             }
             Some(Body::FriendEvent(event)) => {
+                if event.kind() == proto::friend_event::Kind::Removed {
+                    // The server stopped sending their presence: what the
+                    // client knows of it would stay as it is for good.
+                    if let Some(user) = &event.user {
+                        let gone = user.user_id;
+                        inner.unwatch_unless(|id| id != gone);
+                    }
+                }
                 // Pushed once and never again: one the closing connection
                 // read waits for room on its own, without the connection.
                 match inner.event_room(Some(&conn)).await {

@@ -646,3 +646,52 @@ async fn a_member_removed_while_offline_is_told_once_and_their_queue_then_droppe
     let next = messages(&mut bob_events, 1).await;
     assert_eq!(next[0].text, "still friends", "told of the removal once");
 }
+
+#[tokio::test]
+async fn a_friendship_ended_unheard_leaves_the_other_friends_watched() {
+    // Bob watches alice and carol. His friendship with alice ends without
+    // his device hearing of it (in life: ended while his phone was away;
+    // here: deleted in Postgres behind the server's back). On his next
+    // connection the client re-sends the list and the server refuses it
+    // (NOT_FRIENDS, for alice): the client used to give up and watch
+    // nobody, so carol's changes never reached him. Now it drops alice
+    // and asks again.
+    let Some((backend, schema)) = production_with_schema().await else {
+        return;
+    };
+    let server = TestServer::start_on(backend.clone()).await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
+    befriend(&bob, &alice).await;
+    befriend(&bob, &carol).await;
+    let (a, b, c) = (
+        alice.identity().user_id,
+        bob.identity().user_id,
+        carol.identity().user_id,
+    );
+    bob.subscribe_presence(&[a, c]).await.unwrap();
+    let admin = postgres::testing::admin().await.expect("admin connection");
+    let removed = admin
+        .execute(
+            &format!(
+                r#"DELETE FROM "{schema}".friends
+                   WHERE (user_id = $1 AND friend_id = $2) OR (user_id = $2 AND friend_id = $1)"#
+            ),
+            &[&(a as i64), &(b as i64)],
+        )
+        .await
+        .expect("delete the friendship");
+    assert_eq!(removed, 2);
+
+    bob.reconnect_now();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bob.is_connected() {
+        assert!(tokio::time::Instant::now() < deadline, "never disconnected");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(bob.wait_connected(WAIT).await, "never reconnected");
+    carol.close();
+    presence_of(&mut bob_events, c, false, "carol offline").await;
+    assert_eq!(bob.presence(a), None, "alice is no longer watched");
+}

@@ -410,3 +410,45 @@ async fn a_list_changed_while_reconnecting_is_the_one_watched() {
             .online
     );
 }
+
+/// Reconnects `client` and waits until the new connection is up.
+async fn reconnected(client: &Client) {
+    client.reconnect_now();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.is_connected() {
+        assert!(tokio::time::Instant::now() < deadline, "never disconnected");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(client.wait_connected(WAIT).await, "never reconnected");
+}
+
+#[tokio::test]
+async fn an_ex_friend_is_dropped_from_the_watched_list() {
+    // Bob watches alice and carol, and alice unfriends him. His client
+    // drops her from the list: what it knew of her (online) used to stay
+    // as it was for good, the server sending no more. His next
+    // connection's re-subscription, without her, goes through, and
+    // carol's changes still reach him.
+    let server = server(Backend::Embedded).await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
+    befriend(&bob, &alice).await;
+    befriend(&bob, &carol).await;
+    let (a, c) = (alice.identity().user_id, carol.identity().user_id);
+    let states = bob.subscribe_presence(&[a, c]).await.unwrap();
+    assert!(states.iter().all(|s| s.online), "{states:?}");
+    assert!(bob.presence(a).is_some());
+
+    alice.remove_friend(bob.identity().user_id).await.unwrap();
+    wait_for(&mut bob_events, "alice's removal", |e| match e {
+        Event::Friend(f) if f.kind() == proto::friend_event::Kind::Removed => Some(()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(bob.presence(a), None, "alice is no longer watched");
+
+    reconnected(&bob).await;
+    carol.close();
+    presence_of(&mut bob_events, c, false, "carol offline").await;
+}
