@@ -166,7 +166,8 @@ pub struct Identity {
 /// received and seen it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReceiptStatus {
-    /// Other members known.
+    /// Other members known who could read the message (members when it
+    /// was sent, and still members).
     pub members: usize,
     /// How many of them received it.
     pub delivered: usize,
@@ -207,8 +208,17 @@ impl Drop for Handle {
 
 type Pending = oneshot::Sender<Result<Body, ClientError>>;
 
-/// Member -> (delivered, seen) watermarks of one conversation.
-type Watermarks = HashMap<u64, (u64, u64)>;
+/// Member -> what is known of them in one conversation.
+type Watermarks = HashMap<u64, MemberMarks>;
+
+/// A member's place in a conversation, for aggregated statuses.
+#[derive(Debug, Clone, Copy, Default)]
+struct MemberMarks {
+    /// The seq from which they read the conversation (0: from its start).
+    joined: u64,
+    delivered: u64,
+    seen: u64,
+}
 
 pub(crate) struct Inner {
     pub(crate) config: ClientConfig,
@@ -254,11 +264,14 @@ pub(crate) struct Inner {
     subscribing: tokio::sync::Mutex<()>,
     /// Latest known presence per watched user (only theirs).
     presence: Mutex<HashMap<u64, proto::PresenceState>>,
-    /// Conversation -> member -> (delivered, seen), from conversation
-    /// replies and Receipt events, for aggregated statuses: only the
-    /// conversations the app asked about, at most [`MAX_MEMBERS`] members
-    /// each.
+    /// Conversation -> member -> joined seq and watermarks, from
+    /// conversation replies and Receipt events, for aggregated statuses:
+    /// only the conversations the app asked about, at most [`MAX_MEMBERS`]
+    /// members each.
     receipts: Mutex<HashMap<u64, Watermarks>>,
+    /// Conversations whose member list is being fetched again after a
+    /// SYSTEM message, and whether another came meanwhile.
+    refreshing: Mutex<HashMap<u64, bool>>,
 }
 
 /// What [`Inner::event_room`] found.
@@ -591,10 +604,75 @@ impl Inner {
         let entry = match members.entry(receipt.user_id) {
             Entry::Occupied(known) => known.into_mut(),
             Entry::Vacant(_) if full => return,
-            Entry::Vacant(new) => new.insert((0, 0)),
+            // Joined since the list was fetched (its SYSTEM message fetches
+            // it again): a new member's watermarks start just below the
+            // message that added them, so until the list says, they count
+            // from above what their first receipt covers, never for a
+            // message from before they joined.
+            Entry::Vacant(new) => new.insert(MemberMarks {
+                joined: receipt.delivered_seq.min(receipt.seen_seq) + 1,
+                ..MemberMarks::default()
+            }),
         };
-        entry.0 = entry.0.max(receipt.delivered_seq);
-        entry.1 = entry.1.max(receipt.seen_seq);
+        entry.delivered = entry.delivered.max(receipt.delivered_seq);
+        entry.seen = entry.seen.max(receipt.seen_seq);
+    }
+
+    /// A SYSTEM message (a member added, removed, leaving...) came in a
+    /// conversation whose members the client keeps: asks for the list
+    /// again (the reader notes the reply), so statuses count the members
+    /// of the moment, each from the message that added them. One request
+    /// at a time per conversation; another SYSTEM message meanwhile asks
+    /// once more after it.
+    pub(crate) fn refresh_members(self: &Arc<Self>, conversation_id: u64) {
+        if !self
+            .receipts
+            .lock()
+            .expect("receipts lock")
+            .contains_key(&conversation_id)
+        {
+            return;
+        }
+        match self
+            .refreshing
+            .lock()
+            .expect("refreshing lock")
+            .entry(conversation_id)
+        {
+            Entry::Occupied(mut running) => {
+                *running.get_mut() = true;
+                return;
+            }
+            Entry::Vacant(idle) => {
+                idle.insert(false);
+            }
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let body = Body::GetConversation(proto::GetConversation { conversation_id });
+                let reply = request(&inner, StreamKind::Control, body).await;
+                if let Err(ClientError::Server {
+                    code: ErrorCode::NotAMember,
+                    ..
+                }) = reply
+                {
+                    // Removed, or left from another device: nothing to count.
+                    inner
+                        .receipts
+                        .lock()
+                        .expect("receipts lock")
+                        .remove(&conversation_id);
+                }
+                let mut refreshing = inner.refreshing.lock().expect("refreshing lock");
+                if reply.is_ok() && refreshing.get(&conversation_id) == Some(&true) {
+                    refreshing.insert(conversation_id, false);
+                    continue;
+                }
+                refreshing.remove(&conversation_id);
+                return;
+            }
+        });
     }
 
     /// Replaces what is known of a conversation's members, keeping the
@@ -610,12 +688,16 @@ impl Inner {
             .filter(|m| Some(m.user_id) != me)
             .take(MAX_MEMBERS)
             .map(|m| {
-                let (delivered, seen) = known
+                let known = known
                     .and_then(|k| k.get(&m.user_id))
                     .copied()
                     .unwrap_or_default();
-                let watermarks = (m.delivered_seq.max(delivered), m.seen_seq.max(seen));
-                (m.user_id, watermarks)
+                let marks = MemberMarks {
+                    joined: m.joined_seq,
+                    delivered: m.delivered_seq.max(known.delivered),
+                    seen: m.seen_seq.max(known.seen),
+                };
+                (m.user_id, marks)
             })
             .collect();
         all.insert(info.conversation_id, members);
@@ -909,6 +991,7 @@ impl Client {
             subscribing: tokio::sync::Mutex::new(()),
             presence: Mutex::new(HashMap::new()),
             receipts: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(HashMap::new()),
             config,
         });
         let (live, auth) = connection::connect(&inner, &credential).await?;
@@ -1310,7 +1393,10 @@ impl Client {
             user_ids: user_ids.to_vec(),
             client_key: new_client_msg_id(),
         });
-        self.keyed(|| self.expect_ok(body.clone())).await
+        self.keyed(|| self.expect_ok(body.clone())).await?;
+        // The change's SYSTEM message goes to everyone but this device.
+        self.inner.refresh_members(conversation_id);
+        Ok(())
     }
 
     /// Removes a member from a group (admins).
@@ -1324,7 +1410,10 @@ impl Client {
             user_id,
             client_key: new_client_msg_id(),
         });
-        self.keyed(|| self.expect_ok(body.clone())).await
+        self.keyed(|| self.expect_ok(body.clone())).await?;
+        // The change's SYSTEM message goes to everyone but this device.
+        self.inner.refresh_members(conversation_id);
+        Ok(())
     }
 
     /// Leaves a group.
@@ -1333,7 +1422,13 @@ impl Client {
             conversation_id,
             client_key: new_client_msg_id(),
         });
-        self.keyed(|| self.expect_ok(body.clone())).await
+        self.keyed(|| self.expect_ok(body.clone())).await?;
+        self.inner
+            .receipts
+            .lock()
+            .expect("receipts lock")
+            .remove(&conversation_id);
+        Ok(())
     }
 
     /// Promotes (`true`) or demotes a member (admins).
@@ -1395,11 +1490,16 @@ impl Client {
     }
 
     /// "Delivered to 4 of 5, seen by 2 of 5" for message `seq` of a
-    /// conversation, from the receipts this client has seen. The member
-    /// list comes from the last [`conversation`](Self::conversation),
+    /// conversation, from the receipts this client has seen: the other
+    /// members who could read it (members added later do not count), for
+    /// a message this user sent (for someone else's, its sender counts
+    /// among those who saw it). The member list comes from the last
+    /// [`conversation`](Self::conversation),
     /// [`create_group`](Self::create_group) or
-    /// [`open_direct`](Self::open_direct) reply for it; receipts keep it
-    /// current. In groups above the server's `receipt-broadcast-max-members`
+    /// [`open_direct`](Self::open_direct) reply for it, and is fetched
+    /// again when a SYSTEM message (members added, removed, leaving) comes
+    /// in it or this client adds or removes members; receipts keep the
+    /// watermarks current. In groups above the server's `receipt-broadcast-max-members`
     /// (32 by default) the server sends a member's receipts only to the
     /// senders of the messages they cover, so there this is complete for
     /// this user's own messages; ask [`message_receipts`](Self::message_receipts)
@@ -1407,11 +1507,15 @@ impl Client {
     /// nothing of (and no members while its first reply is on its way).
     pub fn receipt_status(&self, conversation_id: u64, seq: u64) -> Option<ReceiptStatus> {
         let all = self.inner.receipts.lock().expect("receipts lock");
-        let members = all.get(&conversation_id)?;
+        let readers: Vec<&MemberMarks> = all
+            .get(&conversation_id)?
+            .values()
+            .filter(|m| m.joined <= seq)
+            .collect();
         Some(ReceiptStatus {
-            members: members.len(),
-            delivered: members.values().filter(|(d, _)| *d >= seq).count(),
-            seen: members.values().filter(|(_, s)| *s >= seq).count(),
+            members: readers.len(),
+            delivered: readers.iter().filter(|m| m.delivered >= seq).count(),
+            seen: readers.iter().filter(|m| m.seen >= seq).count(),
         })
     }
 

@@ -437,7 +437,12 @@ async fn read_loop(
                     () = inner.acks.room() => {}
                     _ = conn.closed() => return,
                 }
+                let system = message.r#type == proto::MessageType::System as i32;
+                let conversation_id = message.conversation_id;
                 inner.hand_over(message, &conn).await;
+                if system {
+                    inner.refresh_members(conversation_id);
+                }
             }
             Some(Body::SendAck(ack)) => inner.send_answered(request_id, Ok(ack)),
             Some(Body::AcksStored(_))

@@ -636,3 +636,83 @@ async fn receipts_from(events: &mut Events, user: u64, seen: bool, n: usize) -> 
     .await;
     covered
 }
+
+#[tokio::test]
+async fn the_senders_status_counts_who_could_read_the_message() {
+    // "Seen by N of M" on the sender's device counts the members who could
+    // read the message, as the server's answer does. A member added after
+    // it used to count, as having seen it too (a new member's watermarks
+    // start just below the message that added them, and their first
+    // receipt added them to the client's list), and a member removed since
+    // counted until the app asked for the group again. The client now
+    // fetches the list again after its own changes and on each SYSTEM
+    // message of the group (a change's message goes to everyone but the
+    // device that made it). (The
+    // waits poll the server's answer: no request limit.)
+    let server = TestServer::start_with(unlimited_sends_and_requests).await;
+    let mut members = circle(&server, 4).await;
+    let all = ids(&members);
+    let (owner, mut owner_events) = members.remove(0);
+    let g = owner
+        .create_group("team", &all[1..3])
+        .await
+        .unwrap()
+        .conversation_id;
+    let sent = owner.send_text(g, "before dave").await.unwrap();
+    owner.add_members(g, &[all[3]]).await.unwrap();
+    // The apps take what they are delivered (client-lib acks on take):
+    // bob and carol the creation, the text and dave's addition; dave his
+    // addition, whose receipt reaches the owner (a small group's receipts
+    // go to every member).
+    for (i, n) in [(0, 3), (1, 3), (2, 1)] {
+        messages(&mut members[i].1, n).await;
+    }
+    let dave = all[3];
+    wait_for(&mut owner_events, "dave's first receipt", |e| match e {
+        Event::Receipt(r) if r.conversation_id == g && r.user_id == dave => Some(()),
+        _ => None,
+    })
+    .await;
+    // Bob and carol received it and nobody read it; dave does not count.
+    wait_until("bob and carol of 2, nobody seen", || {
+        agrees(&owner, g, sent.seq, (2, 2, 0))
+    })
+    .await;
+
+    owner.remove_member(g, all[2]).await.unwrap();
+    wait_until("bob alone counts", || {
+        agrees(&owner, g, sent.seq, (1, 1, 0))
+    })
+    .await;
+
+    // A change someone else makes reaches a device only as its SYSTEM
+    // message: bob's status of his own message follows dave's removal.
+    let bob = members[0].0.clone();
+    bob.conversation(g).await.unwrap();
+    let from_bob = bob.send_text(g, "from bob").await.unwrap();
+    // The owner takes it; dave carol's removal, then it.
+    messages(&mut owner_events, 1).await;
+    messages(&mut members[2].1, 2).await;
+    wait_until("the owner and dave of 2", || {
+        agrees(&bob, g, from_bob.seq, (2, 2, 0))
+    })
+    .await;
+    owner.remove_member(g, dave).await.unwrap();
+    wait_until("the owner alone counts", || {
+        agrees(&bob, g, from_bob.seq, (1, 1, 0))
+    })
+    .await;
+}
+
+/// Whether `client`'s status of message `seq` and the server's answer
+/// both read (members, delivered, seen) = `expected`.
+async fn agrees(client: &Client, g: u64, seq: u64, expected: (usize, usize, usize)) -> bool {
+    let server = client.message_receipts(g, seq).await.unwrap();
+    let from_server = (
+        server.members.len(),
+        server.delivered_count as usize,
+        server.seen_count as usize,
+    );
+    let status = client.receipt_status(g, seq).unwrap();
+    from_server == expected && (status.members, status.delivered, status.seen) == expected
+}
