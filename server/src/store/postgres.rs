@@ -1370,9 +1370,10 @@ impl HistoryStore for PostgresStore {
         limit: u32,
     ) -> Result<Vec<ConversationView>, StoreError> {
         let before = if before_ms <= 0 { i64::MAX } else { before_ms };
-        let ids = self
+        let chosen = self
             .rows(
-                "SELECT c.id FROM members m JOIN conversations c ON c.id = m.conversation_id
+                "SELECT c.id, c.last_activity_ms
+                 FROM members m JOIN conversations c ON c.id = m.conversation_id
                  WHERE m.user_id = $1
                    AND (c.last_activity_ms, c.id) < ($2, $4)
                  ORDER BY c.last_activity_ms DESC, c.id DESC LIMIT $3",
@@ -1380,12 +1381,25 @@ impl HistoryStore for PostgresStore {
             )
             .await?
             .iter()
-            .map(|r| col(r, 0))
-            .collect::<Result<Vec<i64>, _>>()?;
-        if ids.is_empty() {
+            .map(|r| Ok((col::<i64>(r, 0)?, col::<i64>(r, 1)?)))
+            .collect::<Result<Vec<(i64, i64)>, StoreError>>()?;
+        if chosen.is_empty() {
             return Ok(Vec::new());
         }
-        self.views(ids, user).await
+        let ids: Vec<i64> = chosen.iter().map(|&(id, _)| id).collect();
+        let chosen: HashMap<i64, i64> = chosen.into_iter().collect();
+        // The views are read by later statements, which may see newer
+        // activity: each keeps the time it was ordered by, as the client
+        // pages on from the last one's (a newer time there would start the
+        // next page above this one, and repeat it). SQLite reads both in
+        // one transaction.
+        let mut views = self.views(ids, user).await?;
+        for view in &mut views {
+            if let Some(&ordered_by) = chosen.get(&sql(view.id)) {
+                view.last_activity_ms = ordered_by;
+            }
+        }
+        Ok(views)
     }
 
     async fn membership(

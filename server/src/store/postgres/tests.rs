@@ -1698,3 +1698,64 @@ async fn a_commit_whose_answer_is_lost_is_settled_not_guessed() {
     })
     .await;
 }
+
+/// A page of the conversation list carries the activity times it was
+/// ordered by. The views are read by a later statement, which used to
+/// carry a newer time for a conversation that got a message in between:
+/// the client's next cursor then started above the page, and the next
+/// page repeated it. Here the views' read waits behind a lock on
+/// `messages` while a conversation of the page gets newer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_list_page_keeps_the_times_it_was_ordered_by() {
+    with_store(|store| async move {
+        let schema = schema_of(&store);
+        let a = user(&*store, "alice").await;
+        let watcher = admin().await;
+        let set_activity =
+            format!(r#"UPDATE "{schema}".conversations SET last_activity_ms = $2 WHERE id = $1"#);
+        let mut direct = Vec::new();
+        for (name, at) in [("bob", 100i64), ("carol", 200), ("dave", 300)] {
+            let other = user(&*store, name).await;
+            let c = befriend(&*store, a, other).await;
+            watcher
+                .execute(&set_activity, &[&sql(c), &at])
+                .await
+                .unwrap();
+            direct.push(c);
+        }
+        let (bob, carol, dave) = (direct[0], direct[1], direct[2]);
+
+        let mut holder = admin().await;
+        let holder_pid = backend_pid(&holder).await;
+        let tx = holder.transaction().await.unwrap();
+        tx.batch_execute(&format!(
+            r#"LOCK TABLE "{schema}".messages IN ACCESS EXCLUSIVE MODE"#
+        ))
+        .await
+        .unwrap();
+        let first = tokio::spawn({
+            let store = store.clone();
+            async move { store.conversations(a, (0, 0), 2).await }
+        });
+        blocked_by(&watcher, holder_pid, 1, "the views behind the lock").await;
+        // Carol's conversation gets a message now, after the page's ids.
+        watcher
+            .execute(&set_activity, &[&sql(carol), &400i64])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let first = first.await.unwrap().unwrap();
+        let ids: Vec<_> = first.iter().map(|v| v.id).collect();
+        assert_eq!(ids, [dave, carol]);
+        assert_eq!(first[1].last_activity_ms, 200, "the time it was ordered by");
+
+        let last = &first[1];
+        let second = store
+            .conversations(a, (last.last_activity_ms, last.id), 2)
+            .await
+            .unwrap();
+        let ids: Vec<_> = second.iter().map(|v| v.id).collect();
+        assert_eq!(ids, [bob], "nothing of the first page again");
+    })
+    .await;
+}
