@@ -20,7 +20,7 @@ use crate::error::{Refusal, retry_after_ms};
 use crate::session::Session;
 use crate::store::{
     BlockOutcome, ConversationView, Direction, FriendRequestOutcome, GroupChange, GroupEdit,
-    NewGroup, StoreError,
+    Membership, NewGroup, Page, StoreError,
 };
 use crate::wire::{self, FrameReader, Outbound};
 
@@ -664,11 +664,12 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 Ok(proto::history_query::Direction::Forward) => Direction::Forward,
                 _ => Direction::Backward,
             };
+            let cursor = readable_cursor(direction, q.cursor, &membership);
             let cached = match direction {
                 Direction::Backward => {
                     shared
                         .cache
-                        .page_before(q.conversation_id, q.cursor, limit)
+                        .page_before(q.conversation_id, cursor, limit)
                         .await
                 }
                 Direction::Forward => None,
@@ -676,13 +677,8 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             // A cache that missed a push must not pass off an old page as
             // the newest one.
             let cached = cached.filter(|page| {
-                q.cursor != 0 || page.messages.last().is_some_and(|m| m.seq == last_seq)
+                cursor <= last_seq || page.messages.last().is_some_and(|m| m.seq == last_seq)
             });
-            // Forward pages start no earlier than the member's first seq.
-            let cursor = match direction {
-                Direction::Forward => q.cursor.max(membership.joined_seq.saturating_sub(1)),
-                Direction::Backward => q.cursor,
-            };
             let mut page = match cached {
                 Some(page) => page,
                 None => {
@@ -691,6 +687,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                         .await?
                 }
             };
+            bound_page(&mut page, last_seq);
             // Members added later read from the message that added them on.
             let joined = membership.joined_seq;
             if joined > 0 {
@@ -923,6 +920,34 @@ fn page_limit(asked: u32, default: u32) -> u32 {
 /// they sent count together toward `max-friends` (a request is a
 /// friendship waiting), so neither list grows past it. (Requests are
 /// checked by the store, in the change's transaction.)
+/// Where a history read starts, within what `membership` (looked up just
+/// before) lets the member read: forward pages from the member's first
+/// seq, backward ones (0: the newest) from no later than the
+/// conversation's last seq then. A member removed after that lookup, with
+/// messages sent since, reads nothing past it: the removal may commit
+/// between the lookup and the read.
+fn readable_cursor(direction: Direction, cursor: u64, membership: &Membership) -> u64 {
+    match direction {
+        Direction::Forward => cursor.max(membership.joined_seq.saturating_sub(1)),
+        Direction::Backward => {
+            let newest = membership.last_seq.saturating_add(1);
+            if cursor == 0 {
+                newest
+            } else {
+                cursor.min(newest)
+            }
+        }
+    }
+}
+
+/// Drops what a page read past `last_seq` (a forward page read after the
+/// membership lookup, see [`readable_cursor`]); the client pages on for it.
+fn bound_page(page: &mut Page, last_seq: u64) {
+    let read = page.messages.len();
+    page.messages.retain(|m| m.seq <= last_seq);
+    page.has_more |= page.messages.len() < read;
+}
+
 fn friends_full(max: u64) -> Refusal {
     Refusal::new(
         ErrorCode::LimitReached,
@@ -1083,6 +1108,42 @@ async fn group_change(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_reads_stay_within_the_membership_looked_up() {
+        let member = Membership {
+            last_seq: 10,
+            joined_seq: 4,
+        };
+        let backward = |cursor| readable_cursor(Direction::Backward, cursor, &member);
+        assert_eq!(backward(0), 11, "the newest: from the last seq then");
+        assert_eq!(backward(50), 11, "a cursor past it");
+        assert_eq!(backward(7), 7);
+        let forward = |cursor| readable_cursor(Direction::Forward, cursor, &member);
+        assert_eq!(forward(0), 3, "from the first readable seq");
+        assert_eq!(forward(8), 8);
+
+        let message = |seq| {
+            Arc::new(proto::Message {
+                seq,
+                ..Default::default()
+            })
+        };
+        let mut page = Page {
+            messages: (9..=12).map(message).collect(),
+            has_more: false,
+        };
+        bound_page(&mut page, 10);
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [9, 10]);
+        assert!(page.has_more, "the rest on the next page");
+        let mut page = Page {
+            messages: (9..=10).map(message).collect(),
+            has_more: false,
+        };
+        bound_page(&mut page, 10);
+        assert!(!page.has_more);
+    }
 
     #[test]
     fn pages_stop_at_the_byte_budget_but_always_hold_one_item() {
