@@ -684,13 +684,7 @@ async fn a_friendship_ended_unheard_leaves_the_other_friends_watched() {
         .expect("delete the friendship");
     assert_eq!(removed, 2);
 
-    bob.reconnect_now();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while bob.is_connected() {
-        assert!(tokio::time::Instant::now() < deadline, "never disconnected");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(bob.wait_connected(WAIT).await, "never reconnected");
+    reconnected(&bob).await;
     carol.close();
     presence_of(&mut bob_events, c, false, "carol offline").await;
     assert_eq!(bob.presence(a), None, "alice is no longer watched");

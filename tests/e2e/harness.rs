@@ -571,6 +571,18 @@ where
     }
 }
 
+/// Reconnects `client` (`reconnect_now`) and waits until the new
+/// connection is up.
+pub async fn reconnected(client: &Client) {
+    client.reconnect_now();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.is_connected() {
+        assert!(tokio::time::Instant::now() < deadline, "never disconnected");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(client.wait_connected(WAIT).await, "never reconnected");
+}
+
 /// Waits until `observer`'s view of `conversation` has `member`'s
 /// delivered watermark at `seq` or beyond.
 pub async fn wait_delivered(observer: &Client, conversation: u64, member: u64, seq: u64) {

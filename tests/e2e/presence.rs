@@ -349,13 +349,7 @@ async fn a_resubscription_refused_for_the_request_rate_is_tried_again() {
             .any(|a| matches!(a, chat_protocol::Body::Error(_))),
         "the bucket is spent"
     );
-    alice.reconnect_now();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while alice.is_connected() {
-        assert!(tokio::time::Instant::now() < deadline, "never disconnected");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(alice.wait_connected(WAIT).await);
+    reconnected(&alice).await;
     let (_bob, _eb) = Client::resume(server.client_config(), &b.token)
         .await
         .unwrap();
@@ -409,17 +403,6 @@ async fn a_list_changed_while_reconnecting_is_the_one_watched() {
             .await
             .online
     );
-}
-
-/// Reconnects `client` and waits until the new connection is up.
-async fn reconnected(client: &Client) {
-    client.reconnect_now();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while client.is_connected() {
-        assert!(tokio::time::Instant::now() < deadline, "never disconnected");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(client.wait_connected(WAIT).await, "never reconnected");
 }
 
 #[tokio::test]
