@@ -114,12 +114,16 @@ def main(args):
             continue
         # Against what the schedule actually drew in the window (a Poisson
         # draw off the nominal rate by a few tenths of a percent).
-        achieved = median(100 * r["acked_per_s"] * r["duration_s"] / r["sent"] for r, _ in rs)
-        deliver = median(r["latency_ms"]["deliver"]["p99"] for r, _ in rs)
-        ok = achieved >= 99 and deliver <= 100
+        shares = [100 * r["acked_per_s"] * r["duration_s"] / r["sent"] for r, _ in rs]
+        p99s = [r["latency_ms"]["deliver"]["p99"] for r, _ in rs]
+        # Both terms in one run: medians taken apart could pass a rate
+        # that no run carried. A rate holds when most of its runs did.
+        within = sum(1 for a, d in zip(shares, p99s) if a >= 99 and d <= 100)
+        ok = 2 * within > len(rs)
         if ok:
             best = rate
-        cells.append(f"{rate}: {achieved:.1f}% at p99 {deliver:.0f} ms")
+        cells.append(f"{rate}: {median(shares):.1f}% at p99 {median(p99s):.0f} ms, "
+                     f"{within} of {len(rs)} runs within")
     if cells:
         rows.append(("unpinned: highest rate with achieved >= 99 % and p99 deliver <= 100 ms",
                      ">= 20,000/s", f"{best or 'none'} ({'; '.join(cells)})",
