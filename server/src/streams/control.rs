@@ -20,7 +20,7 @@ use crate::error::{Refusal, retry_after_ms};
 use crate::session::Session;
 use crate::store::{
     BlockOutcome, ConversationView, Direction, FriendRequestOutcome, GroupChange, GroupEdit,
-    Membership, NewGroup, Page, StoreError,
+    HistoryStore, Membership, NewGroup, Page, StoreError,
 };
 use crate::wire::{self, FrameReader, Outbound};
 
@@ -834,22 +834,8 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     format!("at most {max} users per subscription"),
                 ));
             }
-            if !wanted.is_empty() {
-                let friends: std::collections::HashSet<u64> = store
-                    .friends(me)
-                    .await?
-                    .friends
-                    .into_iter()
-                    .map(|(id, _)| id)
-                    .collect();
-                if let Some(stranger) = wanted.iter().find(|id| !friends.contains(id)) {
-                    return Err(Refusal::new(
-                        ErrorCode::NotFriends,
-                        format!(
-                            "user {stranger} is not a friend; only friends' presence is visible"
-                        ),
-                    ));
-                }
+            if let Some(stranger) = first_stranger(store.as_ref(), me, &wanted).await? {
+                return Err(not_friends_presence(stranger));
             }
             // Watch first, then read: a change in between is sent again by
             // the notifier rather than lost.
@@ -862,6 +848,26 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             }
             if session.is_closed() {
                 session.forget().await;
+            }
+            // A friendship that ended after the check above may have had
+            // its watchers dropped (`Presence::unfriend`, after the end is
+            // stored) before this session watched: look again now that it
+            // does, so one of the two sees the end. (Watching first and
+            // checking once would show a stranger's changes to anyone who
+            // asks, until the check.) Refused now, the session watches
+            // nobody.
+            let refusal = match first_stranger(store.as_ref(), me, &wanted).await {
+                Ok(None) => None,
+                Ok(Some(stranger)) => Some(not_friends_presence(stranger)),
+                Err(refusal) => Some(refusal),
+            };
+            if let Some(refusal) = refusal {
+                {
+                    let mut watching = session.watching.lock().expect("watching lock");
+                    let old = std::mem::take(&mut *watching);
+                    shared.presence.watch(&authed.handle, &old, &[]);
+                }
+                return Err(refusal);
             }
             let states = shared.presence.states(&wanted).await?;
             reply(Body::PresenceSnapshot(proto::PresenceSnapshot { states }))
@@ -916,10 +922,6 @@ fn page_limit(asked: u32, default: u32) -> u32 {
     }
 }
 
-/// Accepting a request adds a friend: a user's friends and the requests
-/// they sent count together toward `max-friends` (a request is a
-/// friendship waiting), so neither list grows past it. (Requests are
-/// checked by the store, in the change's transaction.)
 /// Where a history read starts, within what `membership` (looked up just
 /// before) lets the member read: forward pages from the member's first
 /// seq, backward ones (0: the newest) from no later than the
@@ -948,6 +950,36 @@ fn bound_page(page: &mut Page, last_seq: u64) {
     page.has_more |= page.messages.len() < read;
 }
 
+/// The first of `users` who is not a friend of `me`, if any.
+async fn first_stranger(
+    store: &dyn HistoryStore,
+    me: u64,
+    users: &[u64],
+) -> Result<Option<u64>, Refusal> {
+    if users.is_empty() {
+        return Ok(None);
+    }
+    let friends: std::collections::HashSet<u64> = store
+        .friends(me)
+        .await?
+        .friends
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    Ok(users.iter().copied().find(|id| !friends.contains(id)))
+}
+
+fn not_friends_presence(stranger: u64) -> Refusal {
+    Refusal::new(
+        ErrorCode::NotFriends,
+        format!("user {stranger} is not a friend; only friends' presence is visible"),
+    )
+}
+
+/// Accepting a request adds a friend: a user's friends and the requests
+/// they sent count together toward `max-friends` (a request is a
+/// friendship waiting), so neither list grows past it. (Requests are
+/// checked by the store, in the change's transaction.)
 fn friends_full(max: u64) -> Refusal {
     Refusal::new(
         ErrorCode::LimitReached,
