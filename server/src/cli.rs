@@ -137,6 +137,9 @@ struct Overrides {
     /// Connections one user may have authenticated on this node at once.
     #[arg(long, env = "CHAT_MAX_SESSIONS_PER_USER")]
     max_sessions_per_user: Option<usize>,
+    /// Of those, connections one session token may have.
+    #[arg(long, env = "CHAT_MAX_SESSIONS_PER_TOKEN")]
+    max_sessions_per_token: Option<usize>,
     /// Idle timeout, e.g. 30s.
     #[arg(long, env = "CHAT_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
@@ -305,6 +308,10 @@ impl Overrides {
         set(
             &mut c.limits.max_sessions_per_user,
             self.max_sessions_per_user,
+        );
+        set(
+            &mut c.limits.max_sessions_per_token,
+            self.max_sessions_per_token,
         );
         set(&mut c.transport.idle_timeout, self.idle_timeout);
         set(
@@ -601,6 +608,8 @@ mod tests {
             "50",
             "--max-sessions-per-user",
             "4",
+            "--max-sessions-per-token",
+            "2",
         ])
         .unwrap();
         assert_eq!(c.node_id.as_deref(), Some("pod-a"));
@@ -608,6 +617,7 @@ mod tests {
         assert_eq!(c.limits.login_failure_window, Duration::from_secs(3600));
         assert_eq!(c.limits.max_presence_subscriptions, 50);
         assert_eq!(c.limits.max_sessions_per_user, 4);
+        assert_eq!(c.limits.max_sessions_per_token, 2);
     }
 
     #[test]

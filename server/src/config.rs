@@ -197,6 +197,11 @@ pub struct Limits {
     /// retry-after, so a stolen or looping token cannot take the node's
     /// connection places (each also multiplies the user's fan-out).
     pub max_sessions_per_user: usize,
+    /// Of those, connections that may use one session token (one device's
+    /// login; above `max-sessions-per-user` it changes nothing): someone
+    /// holding a copy of a token cannot take all of the user's places, so
+    /// the owner's other devices, and a new login, still get in.
+    pub max_sessions_per_token: usize,
     /// Members per group.
     pub max_group_size: usize,
     /// Conversations of up to this many members push every member's
@@ -390,6 +395,7 @@ impl Default for Limits {
             presence_ttl_multiple: 3,
             max_presence_subscriptions: 500,
             max_sessions_per_user: 16,
+            max_sessions_per_token: 4,
             max_group_size: 250,
             receipt_broadcast_max_members: 32,
             max_login_failures: 10,
@@ -583,6 +589,9 @@ impl Config {
         }
         if l.max_sessions_per_user == 0 {
             return err("max-sessions-per-user must be at least 1".into());
+        }
+        if l.max_sessions_per_token == 0 {
+            return err("max-sessions-per-token must be at least 1".into());
         }
         if l.max_presence_subscriptions == 0 {
             return err("max-presence-subscriptions must be at least 1".into());
@@ -882,6 +891,10 @@ mod tests {
             (
                 |c| c.limits.max_sessions_per_user = 0,
                 "max-sessions-per-user",
+            ),
+            (
+                |c| c.limits.max_sessions_per_token = 0,
+                "max-sessions-per-token",
             ),
             (
                 |c| c.sqlite_commit_gap = Duration::from_millis(51),

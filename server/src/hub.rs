@@ -223,10 +223,20 @@ impl Hub {
     }
 
     /// Adds a session (a user may have several devices), unless the user
-    /// has `max` already (false).
-    pub fn register(&self, session: Arc<SessionHandle>, max: usize) -> bool {
+    /// has `max_per_user` already, or `max_per_token` with the session's
+    /// token (false).
+    pub fn register(
+        &self,
+        session: Arc<SessionHandle>,
+        max_per_user: usize,
+        max_per_token: usize,
+    ) -> bool {
         let mut sessions = self.users.entry(session.user_id).or_default();
-        if sessions.len() >= max.max(1) {
+        let same_token = sessions
+            .iter()
+            .filter(|s| s.token_hash == session.token_hash)
+            .count();
+        if sessions.len() >= max_per_user.max(1) || same_token >= max_per_token.max(1) {
             return false;
         }
         sessions.push(session);

@@ -63,15 +63,16 @@ pub struct Session {
 }
 
 /// The retry-after of a connection refused for its user's
-/// `max-sessions-per-user`: long enough for a device's dead connection to
-/// time out meanwhile.
+/// `max-sessions-per-user` (or its token's `max-sessions-per-token`): long
+/// enough for a device's dead connection to time out meanwhile.
 const SESSIONS_FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The refusal of a connection over its user's `max-sessions-per-user`.
+/// The refusal of a connection over its user's `max-sessions-per-user`
+/// or its token's `max-sessions-per-token`.
 fn sessions_full() -> Refusal {
     Refusal::new(
         ErrorCode::LimitReached,
-        "this account has too many connections to this node; retry later",
+        "this account, or this session, has too many connections to this node; retry later",
     )
     .with_retry_after(SESSIONS_FULL_RETRY)
 }
@@ -130,8 +131,9 @@ impl Session {
             expires_at_ms,
             handle: handle.clone(),
         };
-        let max = self.shared.config.limits.max_sessions_per_user;
-        if !self.shared.hub.register(handle, max) {
+        let limits = &self.shared.config.limits;
+        let (per_user, per_token) = (limits.max_sessions_per_user, limits.max_sessions_per_token);
+        if !self.shared.hub.register(handle, per_user, per_token) {
             return Err(sessions_full());
         }
         if self.authed.set(authed).is_err() {

@@ -83,6 +83,36 @@ async fn a_user_may_have_only_so_many_connections_at_once() {
 }
 
 #[tokio::test]
+async fn a_copied_token_cannot_keep_its_owner_out() {
+    // Someone holding a copy of one of alice's session tokens resumes it
+    // until refused. The per-user limit alone let the copy take every one
+    // of her places on the node, and then her other devices, and even a
+    // login with her password, were refused LIMIT_REACHED until the token
+    // expired (a month). One token may have only so many connections; the
+    // other places stay hers.
+    let server = TestServer::start_with(|c| {
+        c.limits.max_sessions_per_user = 3;
+        c.limits.max_sessions_per_token = 2;
+    })
+    .await;
+    let alice = name("alice");
+    let (phone, _phone_events) = register(server.client_config(), &alice).await;
+    let token = phone.identity().token;
+    let _copy = RawControl::resume(&server, &token).await;
+    let Err(refused) = RawControl::try_resume(&server, &token).await else {
+        panic!("a third connection of one token was let in");
+    };
+    let chat_protocol::Body::Error(e) = refused else {
+        panic!("LIMIT_REACHED, got {refused:?}");
+    };
+    assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::LimitReached);
+    let (laptop, _laptop_events) = Client::login(server.client_config(), &alice, PASSWORD)
+        .await
+        .expect("her password still gets her in");
+    assert_eq!(laptop.identity().user_id, phone.identity().user_id);
+}
+
+#[tokio::test]
 async fn each_credential_failure_has_its_own_code() {
     let server = TestServer::start().await;
     let alice = name("alice");

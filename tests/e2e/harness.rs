@@ -707,6 +707,18 @@ pub struct RawControl {
 impl RawControl {
     /// Connects and resumes the session of `token` on a control stream.
     pub async fn resume(server: &TestServer, token: &str) -> RawControl {
+        match Self::try_resume(server, token).await {
+            Ok(raw) => raw,
+            Err(reply) => panic!("AuthOk, got {reply:?}"),
+        }
+    }
+
+    /// [`resume`](Self::resume), returning the server's answer if it is
+    /// not AuthOk.
+    pub async fn try_resume(
+        server: &TestServer,
+        token: &str,
+    ) -> Result<RawControl, chat_protocol::Body> {
         let (endpoint, conn) = quic_connect(server).await.expect("handshake");
         let (mut send, recv) = conn.open_bi().await.unwrap();
         let mut open = bytes::BytesMut::new();
@@ -728,8 +740,10 @@ impl RawControl {
                 token: token.into(),
             }))
             .await;
-        assert!(matches!(reply, chat_protocol::Body::AuthOk(_)), "{reply:?}");
-        raw
+        match reply {
+            chat_protocol::Body::AuthOk(_) => Ok(raw),
+            other => Err(other),
+        }
     }
 
     /// The connection this device authenticated.
