@@ -201,11 +201,14 @@ run_idle() {
         --reuse "$DIR/idle.users.json" --users 10000 --rate 1 --duration 60s --drain 2s \
         --group-fraction 0 --churn 0 --quiet >/dev/null 2>&1 &
     lg=$!
+    # Authenticated, not just connected (since session 35): then a moment
+    # for what follows the login (streams opened, catch-up, presence).
     for _ in $(seq 1 1200); do
-        n=$(curl -s "127.0.0.1:$METRICS_PORT/metrics" | awk '/^chat_connections_active /{print $2}')
+        n=$(curl -s "127.0.0.1:$METRICS_PORT/metrics" | awk '/^chat_sessions_active /{print $2}')
         [[ ${n:-0} == 10000 ]] && break
         sleep 0.1
     done
+    sleep 2
     after=$(rss)
     kill "$lg" 2>/dev/null || true
     wait "$lg" 2>/dev/null || true

@@ -239,6 +239,7 @@ impl Hub {
         if sessions.len() >= max_per_user.max(1) || same_token >= max_per_token.max(1) {
             return false;
         }
+        session.metrics.sessions_active.increment(1.0);
         sessions.push(session);
         true
     }
@@ -246,7 +247,13 @@ impl Hub {
     /// Removes a session; the user's entry goes with its last session.
     pub fn unregister(&self, user_id: UserId, conn_id: u64) {
         self.users.remove_if_mut(&user_id, |_, sessions| {
-            sessions.retain(|s| s.conn_id != conn_id);
+            sessions.retain(|s| {
+                let stays = s.conn_id != conn_id;
+                if !stays {
+                    s.metrics.sessions_active.decrement(1.0);
+                }
+                stays
+            });
             sessions.is_empty()
         });
     }

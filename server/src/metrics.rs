@@ -38,6 +38,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "QUIC connections open now (authenticated or not).",
     ),
     (
+        "chat_sessions_active",
+        "gauge",
+        Unit::Count,
+        "Authenticated connections now (a user's devices each count).",
+    ),
+    (
         "chat_tls_certificate_expiry_timestamp_seconds",
         "gauge",
         Unit::Seconds,
@@ -241,6 +247,8 @@ pub struct Metrics {
     handle: PrometheusHandle,
     /// Connections open now.
     pub connections_active: Gauge,
+    /// Authenticated connections now (registered in the hub).
+    pub sessions_active: Gauge,
     /// Handshakes completed.
     pub connections_opened: Counter,
     /// Connections refused.
@@ -342,6 +350,7 @@ impl Metrics {
             }
             Metrics {
                 connections_active: metrics::gauge!("chat_connections_active"),
+                sessions_active: metrics::gauge!("chat_sessions_active"),
                 connections_opened: metrics::counter!("chat_connections_opened_total"),
                 connections_refused: metrics::counter!("chat_connections_refused_total"),
                 frames_in: by_stream("chat_frames_received_total"),

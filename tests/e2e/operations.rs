@@ -1135,3 +1135,31 @@ async fn clients_that_keep_their_ops_connection_open_do_not_lock_out_probes() {
         holder.abort();
     }
 }
+
+#[tokio::test]
+async fn authenticated_sessions_are_counted_apart_from_connections() {
+    // chat_sessions_active counts connections that authenticated (what an
+    // SRE reads as devices online, and what the idle-memory benchmark
+    // waits for); a connection still in its handshake or login is only in
+    // chat_connections_active.
+    let server = TestServer::start().await;
+    let addr = server.server.as_ref().unwrap().metrics_addr();
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (_endpoint, bare) = quic_connect(&server).await.expect("handshake");
+    scrape_until(addr, "one session among two connections", |m| {
+        value(m, "chat_connections_active") == 2.0 && value(m, "chat_sessions_active") == 1.0
+    })
+    .await;
+    let device = RawControl::resume(&server, &alice.identity().token).await;
+    scrape_until(addr, "two sessions", |m| {
+        value(m, "chat_sessions_active") == 2.0
+    })
+    .await;
+    drop(device);
+    alice.close();
+    bare.close(0u32.into(), b"done");
+    scrape_until(addr, "none left", |m| {
+        value(m, "chat_sessions_active") == 0.0 && value(m, "chat_connections_active") == 0.0
+    })
+    .await;
+}
