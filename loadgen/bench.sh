@@ -95,6 +95,7 @@ L = j["latency_ms"]
 threads = ", ".join(f"{k} {v:.0f}%" for k, v in sorted(j.get("server_cpu_by_thread", {}).items()) if v >= 0.5)
 print(f'offered {j["offered_rate"]:.0f}/s achieved {j["acked_per_s"]:.0f}/s lost {j["lost"]} dup {j["duplicates"]} '
       f'ack p50 {L["ack"]["p50"]:.1f} p99 {L["ack"]["p99"]:.1f} deliver p99 {L["deliver"]["p99"]:.1f} ms '
+      f'(load generator late p99 {L.get("dispatch", {}).get("p99", 0):.1f}) '
       f'server {j.get("server_cpu_pct") or 0:.0f}% = {j.get("server_cpu_us_per_send") or 0:.1f} us/send ({threads}) '
       f'loadgen {j.get("loadgen_cpu_pct") or 0:.0f}% datagrams/send {j.get("udp_datagrams_per_send") or 0:.2f} drops {j.get("udp_rcvbuf_drops")} errors {j["errors"]}')
 for name, b in sorted(j.get("backend_cpu", {}).items()):

@@ -290,7 +290,7 @@ async fn schedule(
                 group,
                 conversation_id,
                 sender,
-                intended_ns,
+                (intended_ns, shared.clock.now_ns()),
             );
             let text = Header {
                 run: shared.run_id,

@@ -246,6 +246,7 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
             ack: stats::Percentiles::of(&fin.ack),
             deliver: stats::Percentiles::of(&fin.deliver),
             receipt: stats::Percentiles::of(&fin.receipt),
+            dispatch: stats::Percentiles::of(&fin.dispatch),
         },
         reconnects: c.reconnects,
         churn_offline: c.churn_offline,
