@@ -108,25 +108,29 @@ impl Presence {
                 None
             }
         };
-        let (came_online, hidden) = {
+        let (shown, hidden) = {
             let mut local = self.users.entry(user).or_insert_with(|| Local {
                 conns: Vec::new(),
                 online: false,
                 hidden_at_ms: Some(now_ms()),
                 unsure: true,
             });
+            // Online already but taken as hidden for want of the setting:
+            // now that it is read, the user shows (as a sweep would).
+            let was_unsure = local.unsure && local.online;
             if let Some(hidden_at_ms) = stored {
                 local.hidden_at_ms = hidden_at_ms;
                 local.unsure = false;
             }
             local.conns.push(session);
+            let came_online = !std::mem::replace(&mut local.online, true);
             (
-                !std::mem::replace(&mut local.online, true),
+                came_online || (was_unsure && !local.unsure),
                 local.hidden_at_ms.is_some(),
             )
         };
         self.refresh(user, now_ms()).await;
-        if came_online && !hidden {
+        if shown && !hidden {
             self.publish(user, true, now_ms());
         }
     }
@@ -733,6 +737,37 @@ mod tests {
         );
 
         presence.sweep().await;
+        let told = next_update(control).await;
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!((told[0].user_id, told[0].online), (user, true));
+    }
+
+    #[tokio::test]
+    async fn a_user_taken_as_hidden_shows_when_another_device_reads_the_setting() {
+        // The first connection could not read the setting (taken as
+        // hidden); a second one reads it, not hidden. The user was online
+        // already, so that connect used to publish nothing, and the sweep
+        // no longer looked (the setting was known): friends saw the user
+        // offline until their next change.
+        let store = Held::new(None);
+        let (_dir, history, presence, [first, second], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
+        let (_server, _client, conn) = connection().await;
+        let watcher = SessionHandle::new(3, user + 1, [3; 32], conn, Arc::new(Metrics::new()));
+        presence.watch(&watcher, &[], &[user]);
+        history
+            .execute_for_test(
+                "ALTER TABLE users RENAME COLUMN presence_hidden_at_ms TO hidden_elsewhere",
+            )
+            .await;
+        presence.connect(first).await;
+        history
+            .execute_for_test(
+                "ALTER TABLE users RENAME COLUMN hidden_elsewhere TO presence_hidden_at_ms",
+            )
+            .await;
+        presence.connect(second).await;
+        let control = watcher.queue(StreamKind::Control).unwrap();
         let told = next_update(control).await;
         assert_eq!(told.len(), 1, "{told:?}");
         assert_eq!((told[0].user_id, told[0].online), (user, true));
