@@ -647,22 +647,36 @@ impl Inner {
                 idle.insert(false);
             }
         }
+        /// Refusals for the moment (RATE_LIMITED: a catch-up can bring
+        /// SYSTEM messages of many groups at once) waited out per refresh.
+        const ATTEMPTS: u32 = 10;
         let inner = self.clone();
         tokio::spawn(async move {
+            let mut refused = 0;
             loop {
                 let body = Body::GetConversation(proto::GetConversation { conversation_id });
                 let reply = request(&inner, StreamKind::Control, body).await;
-                if let Err(ClientError::Server {
-                    code: ErrorCode::NotAMember,
-                    ..
-                }) = reply
-                {
-                    // Removed, or left from another device: nothing to count.
-                    inner
-                        .receipts
-                        .lock()
-                        .expect("receipts lock")
-                        .remove(&conversation_id);
+                match &reply {
+                    Err(ClientError::Server {
+                        code: ErrorCode::NotAMember,
+                        ..
+                    }) => {
+                        // Removed, or left from another device: nothing to
+                        // count.
+                        inner
+                            .receipts
+                            .lock()
+                            .expect("receipts lock")
+                            .remove(&conversation_id);
+                    }
+                    Err(ClientError::Server {
+                        code, retry_after, ..
+                    }) if code.is_retryable() && refused < ATTEMPTS => {
+                        refused += 1;
+                        tokio::time::sleep(server_pause(*retry_after, &inner.config)).await;
+                        continue;
+                    }
+                    _ => {}
                 }
                 let mut refreshing = inner.refreshing.lock().expect("refreshing lock");
                 if reply.is_ok() && refreshing.get(&conversation_id) == Some(&true) {
@@ -1211,10 +1225,13 @@ impl Client {
     /// conversation keeps its history but takes no new messages from
     /// either: a send there fails with [`ErrorCode::NotFriends`] (not
     /// retried) until they are friends again. The other user hears
-    /// [`Event::Friend`] with `KIND_REMOVED`.
+    /// [`Event::Friend`] with `KIND_REMOVED`. Neither watches the other's
+    /// presence any more.
     pub async fn remove_friend(&self, user_id: u64) -> Result<(), ClientError> {
         self.expect_ok(Body::FriendRemove(proto::FriendRemove { user_id }))
-            .await
+            .await?;
+        self.inner.unwatch_unless(|id| id != user_id);
+        Ok(())
     }
 
     /// Blocks `user_id`: ends a friendship or pending request with them
@@ -1228,7 +1245,9 @@ impl Client {
     /// [`chat_protocol::limits::MAX_BLOCKED`] blocked users.
     pub async fn block(&self, user_id: u64) -> Result<(), ClientError> {
         self.expect_ok(Body::BlockUser(proto::BlockUser { user_id }))
-            .await
+            .await?;
+        self.inner.unwatch_unless(|id| id != user_id);
+        Ok(())
     }
 
     /// Ends a block; a friendship it ended is not restored.

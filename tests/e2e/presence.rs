@@ -407,9 +407,10 @@ async fn a_list_changed_while_reconnecting_is_the_one_watched() {
 
 #[tokio::test]
 async fn an_ex_friend_is_dropped_from_the_watched_list() {
-    // Bob watches alice and carol, and alice unfriends him. His client
-    // drops her from the list: what it knew of her (online) used to stay
-    // as it was for good, the server sending no more. His next
+    // Bob watches alice and carol (and she him), and alice unfriends him.
+    // Both clients drop the other from their lists: what each knew of the
+    // other (online) used to stay as it was for good, the server sending
+    // no more. His next
     // connection's re-subscription, without her, goes through, and
     // carol's changes still reach him.
     let server = server(Backend::Embedded).await;
@@ -418,12 +419,19 @@ async fn an_ex_friend_is_dropped_from_the_watched_list() {
     let (carol, _ec) = register(server.client_config(), &name("carol")).await;
     befriend(&bob, &alice).await;
     befriend(&bob, &carol).await;
-    let (a, c) = (alice.identity().user_id, carol.identity().user_id);
+    let (a, b, c) = (
+        alice.identity().user_id,
+        bob.identity().user_id,
+        carol.identity().user_id,
+    );
     let states = bob.subscribe_presence(&[a, c]).await.unwrap();
     assert!(states.iter().all(|s| s.online), "{states:?}");
     assert!(bob.presence(a).is_some());
+    alice.subscribe_presence(&[b]).await.unwrap();
+    assert!(alice.presence(b).is_some());
 
-    alice.remove_friend(bob.identity().user_id).await.unwrap();
+    alice.remove_friend(b).await.unwrap();
+    assert_eq!(alice.presence(b), None, "nor does the remover watch him");
     wait_for(&mut bob_events, "alice's removal", |e| match e {
         Event::Friend(f) if f.kind() == proto::friend_event::Kind::Removed => Some(()),
         _ => None,
