@@ -7,7 +7,9 @@
 //! authenticating, and not all that a device is pushed in between would
 //! come with catch-up (the echo of its user's send from another device,
 //! which catch-up leaves out, or a message another device of the user
-//! acknowledges meanwhile: watermarks are per user). But a stream that is
+//! acknowledges meanwhile: watermarks are per user). An echo older than
+//! what catch-up then sends of its conversation is still dropped by the
+//! messages writer, which keeps each conversation in seq order. But a stream that is
 //! not open is not a slow reader: once the bounds are reached, the queue
 //! lets go of what it kept and keeps nothing until the stream opens
 //! ([`PushError::Unopened`]), and the device gets what an offline one gets

@@ -104,7 +104,8 @@ impl Session {
 
     /// Marks the connection authenticated as `user_id` and registers it in
     /// the hub. Refused if it was authenticated already, or if the user has
-    /// `max-sessions-per-user` connections on this node.
+    /// `max-sessions-per-user` connections on this node, or its token
+    /// `max-sessions-per-token`.
     pub fn authenticate(
         &self,
         user_id: UserId,

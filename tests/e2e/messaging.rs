@@ -1352,9 +1352,9 @@ async fn a_device_on_control_alone_is_not_closed_for_the_messages_it_has_not_ope
     // its friend list before it opens anything else). Deliveries for it
     // used to be queued for a messages writer that did not exist yet, up
     // to 4 MiB, until the 1,025th closed the connection with
-    // SLOW_CONSUMER. Now nothing is queued before the stream opens, the
-    // device stays connected, and catch-up brings every message when it
-    // opens the stream.
+    // SLOW_CONSUMER. Now a queue whose stream is not open lets go of what
+    // it kept at its bounds instead, the device stays connected, and
+    // catch-up brings every message when it opens the stream.
     use chat_protocol::Body;
     const N: usize = chat_server::hub::QUEUE_CAPACITY + 76;
     let server = TestServer::start_with(unlimited_sends).await;

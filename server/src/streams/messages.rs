@@ -7,8 +7,11 @@
 //! catch-up began, so a message committed in between is in both; the
 //! writer drops the live copy by remembering the last seq sent per
 //! conversation. (A queue that overflowed before its stream opened keeps
-//! nothing from then until the opening: see [`crate::queue`].) Result: each connection sees each conversation in
-//! strictly increasing seq order, which lets the client deduplicate by seq.
+//! nothing from then until the opening: see [`crate::queue`].) Result:
+//! each connection sees each conversation in strictly increasing seq
+//! order, which lets the client deduplicate by seq. So a queued echo of
+//! the user's own send is dropped too if catch-up sent a later message of
+//! its conversation; the device reads it in history.
 
 use std::collections::HashMap;
 use std::pin::Pin;
