@@ -111,8 +111,9 @@ pub struct Args {
     /// Load before the measured window that is not counted.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
-    /// Longest wait after the window for acks, deliveries and receipts;
-    /// the run ends sooner when everything has arrived.
+    /// Longest wait after the window (or after the last user churn took
+    /// away came back, if later) for acks, deliveries and receipts; the
+    /// run ends sooner when everything has arrived.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain: Duration,
     /// Seed of the send schedule, sender choice and text lengths.

@@ -9,7 +9,7 @@
 //! by each client's outbox, whose refusals are counted as `outbox_full`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,6 +71,10 @@ struct Shared {
     background: Vec<bool>,
     stopping: AtomicBool,
     receivers: Mutex<Vec<JoinHandle<()>>>,
+    /// Users churn has taken offline and not brought back yet.
+    away: AtomicUsize,
+    /// When the latest of them came back (ns on the run's clock).
+    last_back_ns: AtomicU64,
 }
 
 impl Shared {
@@ -133,6 +137,8 @@ pub async fn drive(
         read_delay: args.read_delay,
         stopping: AtomicBool::new(false),
         receivers: Mutex::new(Vec::new()),
+        away: AtomicUsize::new(0),
+        last_back_ns: AtomicU64::new(0),
     });
     for (user, events) in shared.users.iter().zip(events) {
         if let Some(client) = user.client() {
@@ -196,8 +202,22 @@ pub async fn drive(
     )
     .await;
     let cpu = window.await.unwrap_or_default();
-    let deadline = shared.clock.instant(start_ns + total_ns) + args.drain;
-    while !shared.tracker.complete() && tokio::time::Instant::now() < deadline {
+    // The drain gives every user the same time to catch up, those churn
+    // took away too: it lasts until `--drain` after the window or after
+    // the last of them came back, whichever is later. Otherwise a user
+    // taken offline late in the window was still away when the drain
+    // ended, and what was sent to it counted as lost on a correct server.
+    let end = shared.clock.instant(start_ns + total_ns);
+    let cap = end + args.drain + args.offline_time + LEAVE_TIMEOUT + args.drain;
+    while !shared.tracker.complete() {
+        let now = tokio::time::Instant::now();
+        let back = shared
+            .clock
+            .instant(shared.last_back_ns.load(Ordering::SeqCst));
+        let away = shared.away.load(Ordering::SeqCst) > 0;
+        if now >= cap || (!away && now >= end.max(back) + args.drain) {
+            break;
+        }
         tokio::time::sleep(DRAIN_POLL).await;
     }
 
@@ -550,6 +570,7 @@ async fn churn(
             continue;
         };
         shared.tracker.churn_offline();
+        shared.away.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(come_back(
             shared.clone(),
             connector.clone(),
@@ -572,6 +593,18 @@ async fn come_back(
     client: Client,
     offline_time: Duration,
 ) {
+    /// Counts the user back (or given up) however this ends.
+    struct Back<'a>(&'a Shared);
+    impl Drop for Back<'_> {
+        fn drop(&mut self) {
+            let shared = self.0;
+            shared
+                .last_back_ns
+                .fetch_max(shared.clock.now_ns(), Ordering::SeqCst);
+            shared.away.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _back = Back(&shared);
     client.shutdown(LEAVE_TIMEOUT).await;
     drop(client);
     tokio::time::sleep(offline_time).await;

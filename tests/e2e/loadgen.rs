@@ -338,6 +338,41 @@ async fn churned_users_catch_up_on_everything_sent_while_they_were_away() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_waits_for_users_churned_late_in_the_window() {
+    init_tracing();
+    // Users stay away 8 s, longer than the 5 s drain, so those taken
+    // offline in the window's last seconds came back after it: what was
+    // sent to them counted as lost, on a correct server (the defaults of
+    // 5 s each did the same to a user churned at the very end). The drain
+    // now lasts until its length after the last of them is back.
+    let report = run(args(&[
+        "--spawn-server",
+        "--read-delay",
+        "100ms",
+        "--drain",
+        "5s",
+        "--users",
+        "40",
+        "--churn",
+        "1",
+        "--offline-time",
+        "8s",
+        "--rate",
+        "60",
+        "--duration",
+        "5s",
+        "--warmup",
+        "500ms",
+    ]))
+    .await;
+    assert!(report.churn_offline >= 1, "{report:?}");
+    assert!(report.sent > 0, "{report:?}");
+    assert_eq!(report.acked, report.sent, "{report:?}");
+    assert_eq!(report.delivered, report.acked, "{report:?}");
+    assert_eq!((report.lost, report.lost_deliveries), (0, 0), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reuse_file_skips_registration_on_the_next_run() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
