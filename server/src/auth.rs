@@ -318,6 +318,12 @@ pub enum CredentialError {
     /// The user name breaks the naming rules.
     #[error("username must be {min}-{max} characters of a-z, 0-9, '_', '.', '-'", min = USERNAME_LEN.start(), max = USERNAME_LEN.end())]
     BadUsername,
+    /// A new user name whose punctuation would make it easy to take for
+    /// another (`alice.` for `alice`, `a..b` for `a.b`).
+    #[error(
+        "username must start and end with a letter or digit, with no two of '_', '.', '-' in a row"
+    )]
+    LooseUsername,
     /// The password is too short or too long.
     #[error("password must be {min}-{max} bytes", min = PASSWORD_LEN.start(), max = PASSWORD_LEN.end())]
     BadPassword,
@@ -335,6 +341,27 @@ pub fn canonical_username(name: &str) -> Result<String, CredentialError> {
     } else {
         Err(CredentialError::BadUsername)
     }
+}
+
+/// The canonical form of a name a new account asks for: the rules of
+/// [`canonical_username`], and punctuation only between letters or digits,
+/// one mark at a time, so that no new name differs from another by a
+/// trailing dot or a doubled dash. (Names are still looked up by
+/// [`canonical_username`], so accounts made before this rule keep
+/// working.)
+pub fn new_username(name: &str) -> Result<String, CredentialError> {
+    let name = canonical_username(name)?;
+    let bytes = name.as_bytes();
+    let mark = |b: &u8| !b.is_ascii_alphanumeric();
+    let loose = bytes.first().is_some_and(mark)
+        || bytes.last().is_some_and(mark)
+        || bytes
+            .windows(2)
+            .any(|pair| mark(&pair[0]) && mark(&pair[1]));
+    if loose {
+        return Err(CredentialError::LooseUsername);
+    }
+    Ok(name)
 }
 
 /// Checks the password length rules.
@@ -401,6 +428,25 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn new_usernames_keep_punctuation_between_letters() {
+        assert_eq!(new_username("Alice_1.x-y").unwrap(), "alice_1.x-y");
+        assert_eq!(new_username("a-b").unwrap(), "a-b");
+        for loose in [
+            "alice.", ".alice", "_bob", "bob-", "a..b", "a._b", "a-_b", "...",
+        ] {
+            assert_eq!(
+                new_username(loose),
+                Err(CredentialError::LooseUsername),
+                "{loose:?}"
+            );
+            if loose.len() >= 3 {
+                assert!(canonical_username(loose).is_ok(), "still found: {loose:?}");
+            }
+        }
+        assert_eq!(new_username("ab"), Err(CredentialError::BadUsername));
     }
 
     #[test]

@@ -150,6 +150,22 @@ async fn each_credential_failure_has_its_own_code() {
         ),
         ErrorCode::InvalidArgument
     );
+    // A name that differs from a taken one by its punctuation alone.
+    let lookalike = format!("{alice}.");
+    let refused = Client::register(server.client_config(), &lookalike, PASSWORD).await;
+    let Err(chat_client::ClientError::Server {
+        code: refused_with,
+        message,
+        ..
+    }) = refused
+    else {
+        panic!("{lookalike} refused, got {:?}", refused.map(|_| ()));
+    };
+    assert_eq!(refused_with, ErrorCode::InvalidArgument);
+    assert!(
+        message.contains("start and end with a letter or digit"),
+        "{message}"
+    );
     assert_eq!(
         code(
             Client::register(server.client_config(), &name("bob"), "short")

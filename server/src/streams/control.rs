@@ -217,7 +217,7 @@ async fn authenticate(
 }
 
 async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk, Refusal> {
-    let username = auth::canonical_username(&r.username)
+    let username = auth::new_username(&r.username)
         .map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
     auth::check_password(&r.password)
         .map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
