@@ -502,11 +502,20 @@ mod tests {
             }
         }
 
-        /// Waits until the held call is waiting.
-        async fn entered(&self) {
+        /// Runs `task` until it reaches the held call, then `meanwhile`,
+        /// then lets the call go and waits for `task` to finish.
+        async fn around(
+            &self,
+            task: impl Future<Output = ()> + Send + 'static,
+            meanwhile: impl Future<Output = ()>,
+        ) {
+            let task = tokio::spawn(task);
             tokio::time::timeout(Duration::from_secs(60), self.entered.notified())
                 .await
                 .expect("the held call is reached");
+            meanwhile.await;
+            self.release.add_permits(1);
+            task.await.unwrap();
         }
     }
 
@@ -630,14 +639,11 @@ mod tests {
         let user = first.user_id;
         presence.connect(first).await;
 
-        let leaving = tokio::spawn({
+        let leaving = {
             let presence = presence.clone();
             async move { presence.disconnect(user, 1).await }
-        });
-        store.entered().await;
-        presence.connect(second).await;
-        store.release.add_permits(1);
-        leaving.await.unwrap();
+        };
+        store.around(leaving, presence.connect(second)).await;
 
         let states = presence.states(&[user]).await.unwrap();
         assert!(states[0].online, "{states:?}");
@@ -655,14 +661,11 @@ mod tests {
         presence.connect(first.clone()).await;
         first.touch(now_ms() - 4 * 3_600_000);
 
-        let sweep = tokio::spawn({
+        let sweep = {
             let presence = presence.clone();
             async move { presence.sweep().await }
-        });
-        store.entered().await;
-        presence.connect(second).await;
-        store.release.add_permits(1);
-        sweep.await.unwrap();
+        };
+        store.around(sweep, presence.connect(second)).await;
 
         let states = presence.states(&[user]).await.unwrap();
         assert!(states[0].online, "{states:?}");
@@ -685,14 +688,11 @@ mod tests {
 
         first.touch(now_ms());
         store.arm(Op::Refresh);
-        let sweep = tokio::spawn({
+        let sweep = {
             let presence = presence.clone();
             async move { presence.sweep().await }
-        });
-        store.entered().await;
-        presence.disconnect(user, 1).await;
-        store.release.add_permits(1);
-        sweep.await.unwrap();
+        };
+        store.around(sweep, presence.disconnect(user, 1)).await;
 
         let states = presence.states(&[user]).await.unwrap();
         assert!(!states[0].online, "{states:?}");

@@ -660,11 +660,11 @@ async fn a_friendship_ended_unheard_leaves_the_other_friends_watched() {
         return;
     };
     let server = TestServer::start_on(backend.clone()).await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
-    befriend(&bob, &alice).await;
-    befriend(&bob, &carol).await;
+    let [(bob, mut bob_events), (alice, _ea), (carol, _ec)]: [Member; 3] = circle(&server, 3)
+        .await
+        .try_into()
+        .ok()
+        .expect("three users");
     let (a, b, c) = (
         alice.identity().user_id,
         bob.identity().user_id,

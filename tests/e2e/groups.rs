@@ -9,21 +9,6 @@ use chat_protocol::Body;
 
 use crate::harness::*;
 
-/// A user and their event stream.
-type Member = (Client, Events);
-
-/// `n` registered users; the first is friends with all the others.
-async fn circle(server: &TestServer, n: usize) -> Vec<Member> {
-    let mut members = Vec::with_capacity(n);
-    for i in 0..n {
-        members.push(register(server.client_config(), &name(&format!("g{i}u"))).await);
-    }
-    for other in &members[1..] {
-        befriend(&members[0].0, &other.0).await;
-    }
-    members
-}
-
 fn ids(members: &[Member]) -> Vec<u64> {
     members.iter().map(|(c, _)| c.identity().user_id).collect()
 }

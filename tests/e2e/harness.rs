@@ -521,6 +521,21 @@ pub async fn register(config: ClientConfig, name: &str) -> (Client, Events) {
     (client, events)
 }
 
+/// A user and their event stream.
+pub type Member = (Client, Events);
+
+/// `n` registered users; the first is friends with all the others.
+pub async fn circle(server: &TestServer, n: usize) -> Vec<Member> {
+    let mut members = Vec::with_capacity(n);
+    for i in 0..n {
+        members.push(register(server.client_config(), &name(&format!("g{i}u"))).await);
+    }
+    for other in &members[1..] {
+        befriend(&members[0].0, &other.0).await;
+    }
+    members
+}
+
 /// Makes `a` and `b` friends through the protocol and returns their 1-1
 /// conversation id.
 pub async fn befriend(a: &Client, b: &Client) -> u64 {

@@ -297,26 +297,30 @@ async fn set_up_waits_out_a_nodes_request_limit() {
     assert_all_accounted(&report);
 }
 
+/// 40 users who all churn once a minute on average (with the default
+/// seed a few go offline during the run), 60 sends/s for 5 s.
+const EVERYONE_CHURNS: &[&str] = &[
+    "--users",
+    "40",
+    "--churn",
+    "1",
+    "--rate",
+    "60",
+    "--duration",
+    "5s",
+    "--warmup",
+    "500ms",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churned_users_catch_up_on_everything_sent_while_they_were_away() {
     init_tracing();
     // All users churn once a minute on average: with this seed a few go
     // offline for a second during the run, and what was sent to them
     // (1-1 and in groups) must arrive when they resume.
-    let report = run(spawned(&[
-        "--users",
-        "40",
-        "--churn",
-        "1",
-        "--offline-time",
-        "1s",
-        "--rate",
-        "60",
-        "--duration",
-        "5s",
-        "--warmup",
-        "500ms",
-    ]))
+    let report = run(spawned(
+        &[EVERYONE_CHURNS, &["--offline-time", "1s"]].concat(),
+    ))
     .await;
     assert!(report.churn_offline >= 1, "{report:?}");
     // A sender that is offline skips its turn. A churned client leaves
@@ -345,26 +349,13 @@ async fn the_drain_waits_for_users_churned_late_in_the_window() {
     // sent to them counted as lost, on a correct server (the defaults of
     // 5 s each did the same to a user churned at the very end). The drain
     // now lasts until its length after the last of them is back.
-    let report = run(args(&[
-        "--spawn-server",
-        "--read-delay",
-        "100ms",
-        "--drain",
-        "5s",
-        "--users",
-        "40",
-        "--churn",
-        "1",
-        "--offline-time",
-        "8s",
-        "--rate",
-        "60",
-        "--duration",
-        "5s",
-        "--warmup",
-        "500ms",
-    ]))
-    .await;
+    let flags = [
+        &["--spawn-server", "--read-delay", "100ms", "--drain", "5s"],
+        EVERYONE_CHURNS,
+        &["--offline-time", "8s"],
+    ]
+    .concat();
+    let report = run(args(&flags)).await;
     assert!(report.churn_offline >= 1, "{report:?}");
     assert!(report.sent > 0, "{report:?}");
     assert_eq!(report.acked, report.sent, "{report:?}");

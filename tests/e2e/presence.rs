@@ -414,11 +414,11 @@ async fn an_ex_friend_is_dropped_from_the_watched_list() {
     // connection's re-subscription, without her, goes through, and
     // carol's changes still reach him.
     let server = server(Backend::Embedded).await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
-    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
-    befriend(&bob, &alice).await;
-    befriend(&bob, &carol).await;
+    let [(bob, mut bob_events), (alice, _ea), (carol, _ec)]: [Member; 3] = circle(&server, 3)
+        .await
+        .try_into()
+        .ok()
+        .expect("three users");
     let (a, b, c) = (
         alice.identity().user_id,
         bob.identity().user_id,
