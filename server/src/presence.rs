@@ -711,17 +711,7 @@ mod tests {
         // as any news of the user, or a later one.
         let marker = user + 1_000;
         presence.watch(&watcher, &[], &[user, marker]);
-        history
-            .execute_for_test(
-                "ALTER TABLE users RENAME COLUMN presence_hidden_at_ms TO hidden_elsewhere",
-            )
-            .await;
-        presence.connect(first).await;
-        history
-            .execute_for_test(
-                "ALTER TABLE users RENAME COLUMN hidden_elsewhere TO presence_hidden_at_ms",
-            )
-            .await;
+        connect_unreadable(&history, &presence, first).await;
         presence.publish(marker, true, now_ms());
         let control = watcher.queue(StreamKind::Control).unwrap();
         let mut told = Vec::new();
@@ -755,22 +745,32 @@ mod tests {
         let (_server, _client, conn) = connection().await;
         let watcher = SessionHandle::new(3, user + 1, [3; 32], conn, Arc::new(Metrics::new()));
         presence.watch(&watcher, &[], &[user]);
-        history
-            .execute_for_test(
-                "ALTER TABLE users RENAME COLUMN presence_hidden_at_ms TO hidden_elsewhere",
-            )
-            .await;
-        presence.connect(first).await;
-        history
-            .execute_for_test(
-                "ALTER TABLE users RENAME COLUMN hidden_elsewhere TO presence_hidden_at_ms",
-            )
-            .await;
+        connect_unreadable(&history, &presence, first).await;
         presence.connect(second).await;
         let control = watcher.queue(StreamKind::Control).unwrap();
         let told = next_update(control).await;
         assert_eq!(told.len(), 1, "{told:?}");
         assert_eq!((told[0].user_id, told[0].online), (user, true));
+    }
+
+    /// Connects `session` while its user's stored presence cannot be read
+    /// (its column renamed away for the call).
+    async fn connect_unreadable(
+        history: &SqliteStore,
+        presence: &Presence,
+        session: Arc<SessionHandle>,
+    ) {
+        history
+            .execute_for_test(
+                "ALTER TABLE users RENAME COLUMN presence_hidden_at_ms TO hidden_elsewhere",
+            )
+            .await;
+        presence.connect(session).await;
+        history
+            .execute_for_test(
+                "ALTER TABLE users RENAME COLUMN hidden_elsewhere TO presence_hidden_at_ms",
+            )
+            .await;
     }
 
     /// The states of the next presence update queued on a control queue.
