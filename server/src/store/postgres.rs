@@ -1235,56 +1235,22 @@ impl HistoryStore for PostgresStore {
     }
 
     async fn friends(&self, user: UserId) -> Result<FriendLists, StoreError> {
-        let client = self.client().await?;
-        let friends = client
-            .prepare_cached(
-                "SELECT u.id, u.username FROM friends f JOIN users u ON u.id = f.friend_id
-                 WHERE f.user_id = $1 ORDER BY u.username COLLATE \"C\"",
-            )
-            .await
-            .map_err(pg)?;
-        let incoming = client
-            .prepare_cached(
-                "SELECT u.id, u.username FROM friend_requests r JOIN users u ON u.id = r.from_id
-                 WHERE r.to_id = $1 ORDER BY r.created_at_ms, u.id",
-            )
-            .await
-            .map_err(pg)?;
-        let outgoing = client
-            .prepare_cached(
-                "SELECT u.id, u.username FROM friend_requests r JOIN users u ON u.id = r.to_id
-                 WHERE r.from_id = $1 ORDER BY r.created_at_ms, u.id",
-            )
-            .await
-            .map_err(pg)?;
-        let blocked = client
-            .prepare_cached(
-                "SELECT u.id, u.username FROM blocks b JOIN users u ON u.id = b.blocked_id
-                 WHERE b.user_id = $1 ORDER BY u.username COLLATE \"C\"",
-            )
-            .await
-            .map_err(pg)?;
-        let user = sql(user);
-        let user_param: [Param<'_>; 1] = [&user];
-        let (friends, incoming, outgoing, blocked) = tokio::try_join!(
-            biased;
-            client.query(&friends, &user_param),
-            client.query(&incoming, &user_param),
-            client.query(&outgoing, &user_param),
-            client.query(&blocked, &user_param),
-        )
-        .map_err(pg)?;
-        let list = |rows: Vec<Row>| -> Result<Vec<(UserId, String)>, StoreError> {
-            rows.iter()
-                .map(|r| Ok((id_col(r, 0)?, col(r, 1)?)))
-                .collect()
-        };
-        Ok(FriendLists {
-            friends: list(friends)?,
-            incoming: list(incoming)?,
-            outgoing: list(outgoing)?,
-            blocked: list(blocked)?,
-        })
+        // One statement, so the four lists come from one snapshot: as four
+        // statements, an accept committed between them left the user in
+        // neither the friends list nor the requests.
+        let rows = self.rows(FRIEND_LISTS, &[&sql(user)]).await?;
+        let mut lists = FriendLists::default();
+        for row in &rows {
+            let kind: i32 = col(row, 0)?;
+            let list = match kind {
+                0 => &mut lists.friends,
+                1 => &mut lists.incoming,
+                2 => &mut lists.outgoing,
+                _ => &mut lists.blocked,
+            };
+            list.push((id_col(row, 1)?, col(row, 2)?));
+        }
+        Ok(lists)
     }
 
     async fn are_friends(&self, a: UserId, b: UserId) -> Result<bool, StoreError> {
@@ -2231,6 +2197,23 @@ const FRIEND_COUNTS: &str = "
 const BLOCKS: &str = "
     SELECT EXISTS(SELECT 1 FROM blocks WHERE user_id = $1 AND blocked_id = $2),
            EXISTS(SELECT 1 FROM blocks WHERE user_id = $2 AND blocked_id = $1)";
+
+/// A user's friends (0), incoming (1) and outgoing (2) requests and
+/// blocked users (3), each list in its order: friends and blocked users by
+/// name, requests oldest first.
+const FRIEND_LISTS: &str = "
+    SELECT 0 AS kind, u.id, u.username, u.username COLLATE \"C\" AS by_name, 0::BIGINT AS at
+      FROM friends f JOIN users u ON u.id = f.friend_id WHERE f.user_id = $1
+    UNION ALL
+    SELECT 1, u.id, u.username, '', r.created_at_ms
+      FROM friend_requests r JOIN users u ON u.id = r.from_id WHERE r.to_id = $1
+    UNION ALL
+    SELECT 2, u.id, u.username, '', r.created_at_ms
+      FROM friend_requests r JOIN users u ON u.id = r.to_id WHERE r.from_id = $1
+    UNION ALL
+    SELECT 3, u.id, u.username, u.username, 0
+      FROM blocks b JOIN users u ON u.id = b.blocked_id WHERE b.user_id = $1
+    ORDER BY kind, by_name, at, id";
 
 const ARE_FRIENDS: &str =
     "SELECT EXISTS(SELECT 1 FROM friends WHERE user_id = $1 AND friend_id = $2)";

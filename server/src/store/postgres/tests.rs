@@ -1759,3 +1759,55 @@ async fn a_conversation_list_page_keeps_the_times_it_was_ordered_by() {
     })
     .await;
 }
+
+/// The friend lists come from one snapshot. Read in four statements, an
+/// accept committed between the friends list and the requests left the
+/// new friend in neither. Here the requests' read waits behind a lock on
+/// `friend_requests` while bob's request to alice is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_friend_lists_do_not_miss_a_friendship_accepted_while_read() {
+    // One connection, whose statements are already prepared: a statement
+    // being prepared would wait for the lock before any of them ran.
+    with_store_sized(&test_url(), 1, |store| async move {
+        let schema = schema_of(&store);
+        let a = user(&*store, "alice").await;
+        let b = user(&*store, "bob").await;
+        store.friend_request(b, a, 1).await.unwrap();
+        let before = store.friends(a).await.unwrap();
+        assert_eq!(before.incoming, [(b, "bob".to_owned())]);
+        assert!(before.friends.is_empty());
+
+        let watcher = admin().await;
+        let mut holder = admin().await;
+        let holder_pid = backend_pid(&holder).await;
+        let tx = holder.transaction().await.unwrap();
+        tx.batch_execute(&format!(
+            r#"LOCK TABLE "{schema}".friend_requests IN ACCESS EXCLUSIVE MODE"#
+        ))
+        .await
+        .unwrap();
+        let lists = tokio::spawn({
+            let store = store.clone();
+            async move { store.friends(a).await }
+        });
+        blocked_by(&watcher, holder_pid, 1, "the requests behind the lock").await;
+        // Alice accepts bob, as friend_accept writes it, inside the holder.
+        tx.batch_execute(&format!(
+            r#"DELETE FROM "{schema}".friend_requests WHERE from_id = {b} AND to_id = {a};
+               INSERT INTO "{schema}".friends (user_id, friend_id, since_ms)
+                   VALUES ({a}, {b}, 2), ({b}, {a}, 2);"#,
+            a = sql(a),
+            b = sql(b),
+        ))
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let lists = lists.await.unwrap().unwrap();
+        assert_eq!(
+            (lists.friends, lists.incoming),
+            (vec![(b, "bob".to_owned())], vec![]),
+            "bob is either a friend or a request, never neither"
+        );
+    })
+    .await;
+}
