@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use crate::config::{ClientConfig, DeliveryAcks};
 use crate::connection::{self, Credential, Live};
 use crate::dedup::Delivered;
 use crate::error::ClientError;
-use crate::outbox::Outbox;
+use crate::outbox::{self, Outbox};
 
 /// Something the server told the app, in arrival order.
 #[derive(Debug, Clone, PartialEq)]
@@ -245,6 +245,9 @@ pub(crate) struct Inner {
     /// the outbox to empty.
     answered: Notify,
     closed: AtomicBool,
+    /// Longest text the server accepts, from the latest connection's
+    /// AuthOk: longer sends are refused before they reach the outbox.
+    max_text_len: AtomicUsize,
     reconnect: Notify,
     /// How many times the app called `reconnect_now`: a request made while
     /// a connection was being made is answered by that connection, not by
@@ -791,6 +794,9 @@ impl Inner {
             live.conn.close(0u32.into(), b"client closed");
             return false;
         }
+        self.max_text_len
+            .store(live.max_text_len, Ordering::Relaxed);
+        outbox.fail_longer_than(live.max_text_len);
         if outbox.is_paused() {
             // The resend waits for the pause to end (see send_answered),
             // and then this connection needs every entry.
@@ -999,6 +1005,7 @@ impl Client {
             closed: AtomicBool::new(false),
             reconnect: Notify::new(),
             reconnects_asked: AtomicU64::new(0),
+            max_text_len: AtomicUsize::new(chat_protocol::limits::DEFAULT_MAX_TEXT_LEN),
             connected: watch::channel(false).0,
             heartbeats: watch::channel(true).0,
             watching: Mutex::new(Vec::new()),
@@ -1082,6 +1089,11 @@ impl Client {
     /// [`shutdown`](Self::shutdown) that starts later waits (within its
     /// timeout) for its answer.
     ///
+    /// A text longer than the server accepts (its AuthOk's
+    /// `max_text_len`) fails at once with MESSAGE_TOO_LARGE, the server's
+    /// own refusal, without reaching the outbox; one queued before a
+    /// reconnect to a server with a lower limit fails then.
+    ///
     /// An error other than a refusal by the server (`Closed` from a close,
     /// logout or shutdown, a session that ended) leaves the outcome
     /// unknown: the message may have been stored before the answer was
@@ -1123,6 +1135,14 @@ impl Client {
         if self.inner.refuses_sends() {
             return Err(ClientError::Closed);
         }
+        // Refused here rather than by the server: a text far over the
+        // limit would not fit in a frame, and the server closes the
+        // connection of a client that sends one (on every reconnect, as
+        // the outbox resends it).
+        let max_text_len = self.inner.max_text_len.load(Ordering::Relaxed);
+        if text.len() > max_text_len {
+            return Err(outbox::too_long(text.len(), max_text_len));
+        }
         let request_id = self.inner.next_request_id();
         let frame = connection::encode(&Frame::new(
             request_id,
@@ -1146,7 +1166,7 @@ impl Client {
             outbox.push(
                 request_id,
                 (conversation_id, client_msg_id.to_owned()),
-                frame.clone(),
+                (frame.clone(), text.len()),
                 tx,
                 live.is_some(),
             )?;

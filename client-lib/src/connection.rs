@@ -29,6 +29,8 @@ pub(crate) struct Live {
     pub(crate) control: mpsc::UnboundedSender<Bytes>,
     pub(crate) messages: mpsc::UnboundedSender<Bytes>,
     pub(crate) receipts: mpsc::UnboundedSender<Bytes>,
+    /// Longest text the server accepts (from its AuthOk).
+    pub(crate) max_text_len: usize,
 }
 
 impl Live {
@@ -161,6 +163,10 @@ async fn establish(
         control: control_tx,
         messages: messages_tx,
         receipts: receipts_tx,
+        max_text_len: match auth_ok.max_text_len {
+            0 => chat_protocol::limits::DEFAULT_MAX_TEXT_LEN,
+            n => n as usize,
+        },
     };
     tokio::spawn(read_loop(
         inner.clone(),

@@ -26,6 +26,8 @@ pub(crate) struct Entry {
     /// The send's conversation and `client_msg_id`.
     key: (u64, String),
     pub(crate) frame: Bytes,
+    /// Length of the send's text, in bytes.
+    text_len: usize,
     waiter: Option<Waiter>,
     /// Not (or no longer) on the wire of the live connection: never
     /// transmitted, or refused.
@@ -57,7 +59,7 @@ impl Outbox {
         &mut self,
         request_id: u64,
         key: (u64, String),
-        frame: Bytes,
+        (frame, text_len): (Bytes, usize),
         waiter: Waiter,
         sent: bool,
     ) -> Result<(), ClientError> {
@@ -68,6 +70,7 @@ impl Outbox {
             request_id,
             key,
             frame,
+            text_len,
             waiter: Some(waiter),
             unsent: !sent,
         });
@@ -91,6 +94,21 @@ impl Outbox {
             let _ = waiter.send(result);
         }
         true
+    }
+
+    /// Fails the sends whose text is longer than `max_text_len`, the limit
+    /// of a new connection's server: it would refuse them, or close the
+    /// connection for a frame too large, on every reconnect.
+    pub(crate) fn fail_longer_than(&mut self, max_text_len: usize) {
+        self.entries.retain_mut(|entry| {
+            if entry.text_len <= max_text_len {
+                return true;
+            }
+            if let Some(waiter) = entry.waiter.take() {
+                let _ = waiter.send(Err(too_long(entry.text_len, max_text_len)));
+            }
+            false
+        });
     }
 
     /// Every frame, oldest first, for a new connection (which has seen
@@ -190,6 +208,16 @@ impl Outbox {
     }
 }
 
+/// The refusal of a text longer than the server accepts: the one the
+/// server itself would give.
+pub(crate) fn too_long(text_len: usize, max_text_len: usize) -> ClientError {
+    ClientError::Server {
+        code: chat_protocol::ErrorCode::MessageTooLarge,
+        message: format!("text is {text_len} bytes; the limit is {max_text_len}"),
+        retry_after: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,13 +240,13 @@ mod tests {
         let (tx2, _rx2) = oneshot::channel();
         let (tx3, _rx3) = oneshot::channel();
         outbox
-            .push(1, key(1), Bytes::from_static(b"a"), tx1, true)
+            .push(1, key(1), (Bytes::from_static(b"a"), 1), tx1, true)
             .unwrap();
         outbox
-            .push(2, key(2), Bytes::from_static(b"b"), tx2, true)
+            .push(2, key(2), (Bytes::from_static(b"b"), 1), tx2, true)
             .unwrap();
         assert_eq!(
-            outbox.push(3, key(3), Bytes::from_static(b"c"), tx3, true),
+            outbox.push(3, key(3), (Bytes::from_static(b"c"), 1), tx3, true),
             Err(ClientError::OutboxFull(2))
         );
         assert_eq!(
@@ -263,7 +291,13 @@ mod tests {
             let (tx, rx) = oneshot::channel();
             waiters.push(rx);
             outbox
-                .push(id, key(id), Bytes::from_static(frame.as_bytes()), tx, true)
+                .push(
+                    id,
+                    key(id),
+                    (Bytes::from_static(frame.as_bytes()), 1),
+                    tx,
+                    true,
+                )
                 .unwrap();
         }
         let until = tokio::time::Instant::now();
@@ -274,7 +308,7 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         waiters.push(rx);
         outbox
-            .push(5, key(5), Bytes::from_static(b"e"), tx, false)
+            .push(5, key(5), (Bytes::from_static(b"e"), 1), tx, false)
             .unwrap();
         assert_eq!(outbox.try_resume(until), Ok(()));
         assert_eq!(
@@ -288,6 +322,31 @@ mod tests {
             outbox.transmit_unsent().len(),
             5,
             "a new connection gets all"
+        );
+    }
+    #[test]
+    fn a_new_servers_lower_text_limit_fails_the_longer_sends_alone() {
+        let mut outbox = Outbox::new(4);
+        let mut waiters = Vec::new();
+        for (id, len) in [(1, 10), (2, 2_000), (3, 1_000)] {
+            let (tx, rx) = oneshot::channel();
+            waiters.push(rx);
+            outbox
+                .push(id, key(id), (Bytes::from_static(b"f"), len), tx, true)
+                .unwrap();
+        }
+        outbox.fail_longer_than(1_000);
+        assert_eq!(outbox.len(), 2);
+        assert!(outbox.holds(7, "m1") && outbox.holds(7, "m3"));
+        let refused = waiters[1].try_recv().unwrap().unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(chat_protocol::ErrorCode::MessageTooLarge)
+        );
+        assert!(waiters[0].try_recv().is_err(), "still waiting");
+        assert!(
+            waiters[2].try_recv().is_err(),
+            "at the limit: still waiting"
         );
     }
 }

@@ -266,10 +266,33 @@ async fn bad_sends_are_refused_with_codes() {
         code(alice.send_text(conversation, "   \n").await),
         ErrorCode::EmptyMessage
     );
+    // Refused by the client (its server's AuthOk says 1,000 bytes) ...
     assert_eq!(
         code(alice.send_text(conversation, &"x".repeat(1001)).await),
         ErrorCode::MessageTooLarge
     );
+    // ... and by the server, for a client that does not check.
+    let (raw, _control, _control_recv) = Raw::authenticated(&server).await;
+    let long = Frame::new(
+        1,
+        Body::Send(proto::Send {
+            conversation_id: conversation,
+            client_msg_id: "long".into(),
+            r#type: proto::MessageType::Text as i32,
+            text: "x".repeat(1001),
+        }),
+    );
+    let (_tx, mut rx) = raw
+        .stream(&frames(&[Frame::open_stream(StreamKind::Messages), long]))
+        .await;
+    let mut buf = BytesMut::new();
+    let answer = loop {
+        let frame = next_frame(&mut rx, &mut buf).await;
+        if let Some(Body::Error(e)) = frame.body {
+            break ErrorCode::from_wire(e.code);
+        }
+    };
+    assert_eq!(answer, ErrorCode::MessageTooLarge);
     assert_eq!(
         code(
             alice
@@ -285,6 +308,39 @@ async fn bad_sends_are_refused_with_codes() {
             .is_ok()
     );
     assert_eq!(alice.outbox_len(), 0, "refused sends leave the outbox");
+}
+
+/// A text too long for a frame fails at once: sent, the server would
+/// close the connection for a frame too large, and the outbox would resend
+/// it on every reconnect, holding every later send back for good.
+#[tokio::test]
+async fn a_text_too_long_for_a_frame_fails_at_once_and_later_sends_go_through() {
+    let server = TestServer::start().await;
+    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let huge = "x".repeat(chat_protocol::limits::DEFAULT_MAX_FRAME_LEN + 1);
+    let refused = tokio::time::timeout(
+        Duration::from_secs(30),
+        alice.send_text(conversation, &huge),
+    )
+    .await
+    .expect("refused at once, not left waiting in the outbox");
+    assert_eq!(code(refused), ErrorCode::MessageTooLarge);
+    assert_eq!(alice.outbox_len(), 0);
+    alice.send_text(conversation, "after").await.unwrap();
+    wait_for(&mut bob_events, "the next send delivered", |e| match e {
+        Event::Message(m) if m.text == "after" => Some(()),
+        _ => None,
+    })
+    .await;
+    // The refusal came before the send left: the connection never closed.
+    while let Some(event) = alice_events.try_next() {
+        assert!(
+            !matches!(event, Event::Disconnected { .. }),
+            "alice's connection closed: {event:?}"
+        );
+    }
 }
 
 #[tokio::test]

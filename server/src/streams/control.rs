@@ -434,6 +434,7 @@ fn auth_ok(
         server_time_ms: now_ms(),
         heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
         confirms_leave: true,
+        max_text_len: u32::try_from(session.shared.config.limits.max_text_len).unwrap_or(u32::MAX),
     }
 }
 
