@@ -315,8 +315,13 @@ impl Server {
                 .await
                 .is_ok();
         }
+        // Awaited, not only aborted: the metrics listener holds the store
+        // (through `ops`), which must be closed, and the data directory let
+        // go, when this returns (a node restarted in the process reopens
+        // it).
         for task in self.tasks.drain(..) {
             task.abort();
+            let _ = task.await;
         }
         let complete = sessions_left == 0 && committers_done;
         if complete {

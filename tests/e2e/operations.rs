@@ -1163,3 +1163,39 @@ async fn authenticated_sessions_are_counted_apart_from_connections() {
     })
     .await;
 }
+
+/// A second node started on a data directory in use is refused before it
+/// touches the store, and the running node keeps serving; once that node
+/// has shut down, the directory opens again.
+#[tokio::test]
+async fn a_second_node_on_a_data_directory_in_use_is_refused() {
+    let mut server = TestServer::start().await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    alice.send_text(conversation, "one").await.unwrap();
+
+    let mut second = server.config.clone();
+    second.listen = "127.0.0.1:0".parse().unwrap();
+    second.metrics_listen = "127.0.0.1:0".parse().unwrap();
+    let Err(refused) = chat_server::Server::start(second).await else {
+        panic!("a second node started on a data directory in use");
+    };
+    let why = refused.to_string();
+    assert!(why.contains("in use by another chat-server"), "{why}");
+
+    alice.send_text(conversation, "two").await.unwrap();
+    // A graceful shutdown lets the directory go before it returns.
+    server.restart().await;
+    let token = alice.identity().token;
+    alice.close();
+    let (alice, _ea) = chat_client::Client::resume(server.client_config(), &token)
+        .await
+        .unwrap();
+    let page = alice
+        .history(conversation, chat_client::HistoryDirection::Backward, 0, 10)
+        .await
+        .unwrap();
+    let texts: Vec<_> = page.messages.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["one", "two"]);
+}

@@ -127,6 +127,9 @@ const PREVIEW_CHARS: usize = 100;
 /// The file name under the data directory.
 pub const FILE_NAME: &str = "chat.sqlite3";
 
+/// The data directory's lock file (see [`lock_dir`]).
+pub const LOCK_FILE_NAME: &str = "chat.sqlite3.lock";
+
 /// Schema migrations, applied in order at open; `PRAGMA user_version`
 /// records how many have run. Never edit one that has shipped: append.
 const MIGRATIONS: &[&str] = &[
@@ -709,6 +712,10 @@ pub struct SqliteStore {
     /// The checkpointer thread and the sender whose drop stops it.
     checkpointer: std::sync::Mutex<Option<(std_mpsc::Sender<()>, JoinHandle<()>)>>,
     path: PathBuf,
+    /// The data directory's lock (see [`lock_dir`]), let go once the
+    /// threads above have closed the database: the last field, dropped
+    /// after [`Drop::drop`] joined them.
+    _lock: std::fs::File,
 }
 
 impl SqliteStore {
@@ -734,6 +741,7 @@ impl SqliteStore {
         let commit_gap = commit_gap.min(MAX_COMMIT_GAP);
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Internal(format!("create {}: {e}", dir.display())))?;
+        let lock = lock_dir(dir)?;
         let path = dir.join(FILE_NAME);
         let conn = Connection::open(&path).map_err(internal)?;
         // The page cache is 16 MiB, not larger: a commit that split a
@@ -806,6 +814,7 @@ impl SqliteStore {
             thread: std::sync::Mutex::new(Some(thread)),
             checkpointer: std::sync::Mutex::new(Some((stop_checkpoints, checkpointer))),
             path,
+            _lock: lock,
         })
     }
 
@@ -868,6 +877,38 @@ impl SqliteStore {
             .map_err(|_| StoreError::Unavailable("store thread stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Internal("store thread dropped a job".into()))?
+    }
+}
+
+/// Takes the data directory for this store, or says which is in use. Two
+/// stores on one database (a second node started with the same
+/// `--data-dir`, an old pod still draining beside its replacement) would
+/// each hand out message ids and seqs from what they read at start, and
+/// one's acknowledged messages would be refused or dropped as the
+/// other's; the lock is taken before anything is read or repaired. An
+/// advisory lock (`flock`) on a file of its own, which the kernel lets go
+/// when the process ends however it ends; not on the database file, whose
+/// POSIX locks SQLite loses when any descriptor of the file is closed.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    let path = dir.join(LOCK_FILE_NAME);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Internal(format!("open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Internal(format!(
+            "the data directory {} is in use by another chat-server (it holds {}); \
+             give each node a directory of its own",
+            dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Internal(format!(
+            "lock {}: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -2841,6 +2882,30 @@ mod tests {
             elapsed >= gap * (SENDS - 1),
             "{SENDS} commits in {elapsed:?}"
         );
+    }
+
+    /// A second store on a directory in use is refused before it reads or
+    /// repairs anything, and the directory is free again once the first
+    /// store is gone.
+    #[tokio::test]
+    async fn a_data_directory_holds_one_store_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SqliteStore::open(dir.path()).unwrap();
+        let (a, _, c) = friends_with_direct(&first, "alice", "bob").await;
+        first
+            .append(vec![text(c, a, "k1", "one", 100)])
+            .await
+            .unwrap()[0]
+            .as_ref()
+            .unwrap();
+        let Err(StoreError::Internal(why)) = SqliteStore::open(dir.path()) else {
+            panic!("a second store opened on a directory in use");
+        };
+        assert!(why.contains("in use by another chat-server"), "{why}");
+        drop(first);
+        let again = SqliteStore::open(dir.path()).unwrap();
+        let page = again.history(c, Direction::Backward, 0, 10).await.unwrap();
+        assert_eq!(page.messages.len(), 1, "the first store's message is there");
     }
 
     #[tokio::test]
