@@ -1017,7 +1017,7 @@ pub async fn undelivered_and_watermarks(store: &impl HistoryStore) {
     assert_eq!((bob.delivered_seq, bob.seen_seq), (6, 0));
 
     // Alice's snapshot: bob's watermarks in c, carol's in c2.
-    let snapshot = store.receipt_snapshot(a, 10).await.unwrap();
+    let snapshot = store.receipt_snapshot(a, 10, 32).await.unwrap();
     assert!(snapshot.contains(&proto::Receipt {
         conversation_id: c,
         user_id: b,
@@ -1032,9 +1032,31 @@ pub async fn undelivered_and_watermarks(store: &impl HistoryStore) {
     }));
     assert!(snapshot.iter().all(|r| r.user_id != a));
     assert_eq!(
-        store.receipt_snapshot(a, 1).await.unwrap().len(),
+        store.receipt_snapshot(a, 1, 32).await.unwrap().len(),
         1,
         "limit counts conversations"
+    );
+    // A group above the broadcast limit is left out; at it, it is in.
+    let group = trip(store, a, vec![b, carol]).await;
+    let in_group = |snapshot: &[proto::Receipt]| {
+        let mut members: Vec<_> = snapshot
+            .iter()
+            .filter(|r| r.conversation_id == group)
+            .map(|r| r.user_id)
+            .collect();
+        members.sort();
+        members
+    };
+    let mut others = vec![b, carol];
+    others.sort();
+    let small = store.receipt_snapshot(a, 10, 3).await.unwrap();
+    assert_eq!(in_group(&small), others);
+    let large = store.receipt_snapshot(a, 10, 2).await.unwrap();
+    assert_eq!(in_group(&large), Vec::<UserId>::new());
+    assert!(
+        large.iter().any(|r| r.conversation_id == c)
+            && large.iter().any(|r| r.conversation_id == c2),
+        "the direct conversations stay: {large:?}"
     );
 }
 

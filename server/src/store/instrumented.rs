@@ -354,11 +354,12 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         &self,
         user: UserId,
         limit: u32,
+        max_members: u32,
     ) -> Result<Vec<proto::Receipt>, StoreError> {
         timed!(
             self,
             "receipt_snapshot",
-            self.inner.receipt_snapshot(user, limit)
+            self.inner.receipt_snapshot(user, limit, max_members)
         )
     }
 }

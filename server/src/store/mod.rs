@@ -773,13 +773,17 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// Stored presence of `users`, in order (default for unknown users).
     async fn stored_presence(&self, users: Vec<UserId>) -> Result<Vec<StoredPresence>, StoreError>;
 
-    /// Other members' watermarks in `user`'s most recently active
+    /// Other members' watermarks in `user`'s `limit` most recently active
     /// conversations, so a reconnecting sender learns the receipts it
-    /// missed.
+    /// missed; those of more than `max_members` members are left out, as
+    /// their moves are not broadcast either (see `crate::receipts`): a
+    /// member of many large groups would otherwise be sent every member's
+    /// watermarks on each connection.
     async fn receipt_snapshot(
         &self,
         user: UserId,
         limit: u32,
+        max_members: u32,
     ) -> Result<Vec<proto::Receipt>, StoreError>;
 }
 

@@ -1990,7 +1990,10 @@ impl HistoryStore for PostgresStore {
         &self,
         user: UserId,
         limit: u32,
+        max_members: u32,
     ) -> Result<Vec<proto::Receipt>, StoreError> {
+        // A (max_members + 1)th member marks a large conversation: at most
+        // that many index entries are read for each.
         self.rows(
             "SELECT other.conversation_id, other.user_id, other.delivered_seq, other.seen_seq
              FROM (SELECT c.id, c.last_activity_ms FROM members me
@@ -1998,8 +2001,10 @@ impl HistoryStore for PostgresStore {
                    WHERE me.user_id = $1
                    ORDER BY c.last_activity_ms DESC LIMIT $2) recent
              JOIN members other ON other.conversation_id = recent.id AND other.user_id <> $1
+             WHERE NOT EXISTS (SELECT 1 FROM members m WHERE m.conversation_id = recent.id
+                               LIMIT 1 OFFSET $3)
              ORDER BY recent.last_activity_ms DESC, other.user_id",
-            &[&sql(user), &i64::from(limit)],
+            &[&sql(user), &i64::from(limit), &i64::from(max_members)],
         )
         .await?
         .iter()

@@ -715,7 +715,7 @@ pub struct SqliteStore {
     /// The data directory's lock (see [`lock_dir`]), let go once the
     /// threads above have closed the database: the last field, dropped
     /// after [`Drop::drop`] joined them.
-    _lock: std::fs::File,
+    lock: std::fs::File,
 }
 
 impl SqliteStore {
@@ -814,7 +814,7 @@ impl SqliteStore {
             thread: std::sync::Mutex::new(Some(thread)),
             checkpointer: std::sync::Mutex::new(Some((stop_checkpoints, checkpointer))),
             path,
-            _lock: lock,
+            lock,
         })
     }
 
@@ -830,6 +830,16 @@ impl SqliteStore {
         self.call(move |conn, _| conn.execute_batch(sql).map_err(internal))
             .await
             .expect("the statement runs");
+    }
+
+    /// The process dies, as far as the files can tell: nothing pending
+    /// is written and the threads are left as they are, but the data
+    /// directory's lock goes, as the kernel lets it go when a process
+    /// ends.
+    #[cfg(test)]
+    pub(crate) fn crash_for_test(self) {
+        let _ = self.lock.unlock();
+        std::mem::forget(self);
     }
 
     /// Makes the store thread panic, as a bug in a job would.
@@ -2620,8 +2630,11 @@ impl HistoryStore for SqliteStore {
         &self,
         user: UserId,
         limit: u32,
+        max_members: u32,
     ) -> Result<Vec<proto::Receipt>, StoreError> {
         self.call(move |conn, _| {
+            // A (max_members + 1)th member marks a large conversation: at
+            // most that many index entries are read for each.
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT other.conversation_id, other.user_id, other.delivered_seq, other.seen_seq
@@ -2630,11 +2643,13 @@ impl HistoryStore for SqliteStore {
                            WHERE me.user_id = ?1
                            ORDER BY c.last_activity_ms DESC LIMIT ?2) recent
                      JOIN members other ON other.conversation_id = recent.id AND other.user_id != ?1
+                     WHERE NOT EXISTS (SELECT 1 FROM members m WHERE m.conversation_id = recent.id
+                                       LIMIT 1 OFFSET ?3)
                      ORDER BY recent.last_activity_ms DESC, other.user_id",
                 )
                 .map_err(internal)?;
             let rows = stmt
-                .query_map(params![sql(user), limit], |r| {
+                .query_map(params![sql(user), limit, max_members], |r| {
                     Ok(proto::Receipt {
                         conversation_id: r.get::<_, i64>(0)? as u64,
                         user_id: r.get::<_, i64>(1)? as u64,
@@ -3336,7 +3351,7 @@ mod tests {
                 80..88 => check(&store, e, &when).await,
                 88..95 => {
                     // The process dies: nothing pending is written.
-                    std::mem::forget(store);
+                    store.crash_for_test();
                     store = SqliteStore::open(dir.path()).unwrap();
                     hold_write_behind(&store).await;
                     crashes += 1;
@@ -3378,7 +3393,7 @@ mod tests {
             Some((1, 1))
         );
         // The process dies: no shutdown, nothing pending is written.
-        std::mem::forget(store);
+        store.crash_for_test();
         assert_eq!(watermarks_on_disk(dir.path(), c, b), ((0, 0), 2));
         let store = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(

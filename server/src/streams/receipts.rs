@@ -2,7 +2,9 @@
 //!
 //! When the stream opens, the writer first sends the current watermarks of
 //! the other members in the user's recent conversations, so receipts that
-//! happened while the user was offline arrive on reconnect. The queue
+//! happened while the user was offline arrive on reconnect; groups larger
+//! than `receipt-broadcast-max-members` are left out, as their moves are
+//! not broadcast live either. The queue
 //! takes pushes before that snapshot is read, so a receipt made meanwhile
 //! comes in one or both; receipts carry absolute watermarks, so replaying
 //! one is harmless.
@@ -122,7 +124,12 @@ async fn writer(session: Arc<Session>, mut send: SendStream, queue: Arc<SessionH
     match session
         .shared
         .store
-        .receipt_snapshot(authed.user_id, SNAPSHOT_CONVERSATIONS)
+        .receipt_snapshot(
+            authed.user_id,
+            SNAPSHOT_CONVERSATIONS,
+            u32::try_from(session.shared.config.limits.receipt_broadcast_max_members)
+                .unwrap_or(u32::MAX),
+        )
         .await
     {
         Ok(receipts) => {
