@@ -98,6 +98,8 @@ pub struct Shared {
     /// Per-user rate of control requests (not leaves, logouts or
     /// heartbeats).
     pub control_limiter: RateLimiter,
+    /// Per-user rate of MarkSeen frames.
+    pub mark_limiter: RateLimiter,
     /// Per-user rate of heartbeats: room for every device the user may
     /// connect beating at the interval the node announces, twice over.
     pub heartbeat_limiter: RateLimiter,
@@ -196,6 +198,7 @@ impl Server {
         let shared = Arc::new(Shared {
             send_limiter: RateLimiter::new(config.limits.send_rate, config.limits.send_burst),
             leave_limiter: RateLimiter::new(ratelimit::LEAVE_RATE, ratelimit::LEAVE_BURST),
+            mark_limiter: RateLimiter::new(ratelimit::MARK_RATE, ratelimit::MARK_BURST),
             control_limiter: RateLimiter::new(
                 config.limits.control_rate,
                 config.limits.control_burst,
@@ -380,6 +383,7 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         shared.send_limiter.sweep(now);
         shared.leave_limiter.sweep(now);
         shared.control_limiter.sweep(now);
+        shared.mark_limiter.sweep(now);
         shared.heartbeat_limiter.sweep(now);
     }
 }

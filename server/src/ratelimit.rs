@@ -1,6 +1,7 @@
 //! Per-user rate limits: a token bucket per user, shared by all of the
 //! user's connections on this node. The node keeps one limiter for sends,
-//! one for group leaves, one for control requests and one for heartbeats.
+//! one for group leaves, one for control requests, one for MarkSeen and
+//! one for heartbeats.
 //!
 //! A bucket holds up to `burst` tokens and refills at `rate` per second; a
 //! send (a leave, a request) takes one. Buckets exist only for users who sent recently: a
@@ -28,6 +29,17 @@ pub const LEAVE_RATE: u32 = 10;
 /// Leaves a user may make at once above [`LEAVE_RATE`]: a user leaving
 /// every group they are in at once stays under it.
 pub const LEAVE_BURST: u32 = 500;
+
+/// MarkSeen frames a user may send per second, sustained, across their
+/// devices: an app marks a conversation seen when it shows it, so far
+/// more than a person reads. A mark costs the watermark committer a
+/// membership lookup when it moves nothing (any conversation id will do),
+/// so without a bound one user could keep every other session's marks and
+/// acks waiting behind a flood of them.
+pub const MARK_RATE: u32 = 100;
+/// MarkSeen frames a user may send at once above [`MARK_RATE`]: marking a
+/// thousand conversations read at once stays under it.
+pub const MARK_BURST: u32 = 1_000;
 
 /// A user's heartbeat bucket: `max_sessions` devices beating every
 /// `interval` (what the node announces; clients never beat more often

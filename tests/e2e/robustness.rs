@@ -1000,6 +1000,57 @@ async fn a_flood_of_marks_that_move_nothing_costs_one_lookup_per_batch() {
     );
 }
 
+/// Marks for a different conversation each cannot share a membership
+/// lookup, so past the user's mark burst they are refused RATE_LIMITED
+/// before they reach the store.
+#[tokio::test]
+async fn a_flood_of_marks_past_the_burst_is_rate_limited() {
+    let server = TestServer::start().await;
+    let (raw, _control, _control_recv) = Raw::authenticated(&server).await;
+    // Refilling at MARK_RATE while they are answered, so three times the
+    // burst: 20 s at the rate before none would be refused.
+    let n = 3 * u64::from(chat_server::ratelimit::MARK_BURST);
+    let mut list = vec![Frame::open_stream(StreamKind::Receipts)];
+    list.extend((1..=n).map(|request_id| {
+        Frame::new(
+            request_id,
+            Body::MarkSeen(proto::MarkSeen {
+                conversation_id: 1_000_000 + request_id,
+                seq: 1,
+            }),
+        )
+    }));
+    let (mut send, mut recv) = raw.conn.open_bi().await.unwrap();
+    // Written beside the reads: the answers must be read as they come.
+    let bytes = frames(&list);
+    let writer = tokio::spawn(async move {
+        send.write_all(&bytes).await.unwrap();
+        send
+    });
+    let mut buf = BytesMut::new();
+    let (mut limited, mut looked_up) = (0, 0);
+    for _ in 0..n {
+        let reply = next_frame(&mut recv, &mut buf).await;
+        let Some(Body::Error(e)) = reply.body else {
+            panic!("an error for every mark, got {reply:?}");
+        };
+        match ErrorCode::from_wire(e.code) {
+            ErrorCode::RateLimited => {
+                assert!(e.retry_after_ms > 0, "with a retry-after");
+                limited += 1;
+            }
+            ErrorCode::NotAMember => looked_up += 1,
+            other => panic!("NOT_A_MEMBER or RATE_LIMITED, got {other}"),
+        }
+    }
+    let _send = writer.await.unwrap();
+    assert!(limited > 0, "none refused of {n}");
+    assert!(
+        looked_up >= u64::from(chat_server::ratelimit::MARK_BURST),
+        "the burst went through: {looked_up}"
+    );
+}
+
 #[tokio::test]
 async fn a_login_to_a_server_that_grants_no_data_streams_times_out() {
     // The fake node answers the login on the control stream but lets the

@@ -16,7 +16,7 @@ use quinn::SendStream;
 use tokio::sync::Semaphore;
 
 use crate::delivery::{MarkJob, MarkReply};
-use crate::error::Refusal;
+use crate::error::{Refusal, retry_after_ms};
 use crate::hub::SessionHandle;
 use crate::session::{Session, on_read_error};
 use crate::store::{WatermarkKind, WatermarkUpdate};
@@ -53,7 +53,19 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
         handle.touch(super::now_ms());
         let request_id = frame.request_id;
         let result = match frame.body {
-            Some(Body::MarkSeen(mark)) => {
+            Some(Body::MarkSeen(mark)) => 'mark: {
+                let now = std::time::Instant::now();
+                if let Err(wait) = session.shared.mark_limiter.check(authed.user_id, now) {
+                    break 'mark Err(Refusal::new(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "over {} MarkSeen per second; retry in {} ms",
+                            crate::ratelimit::MARK_RATE,
+                            retry_after_ms(wait)
+                        ),
+                    )
+                    .with_retry_after(wait));
+                }
                 let update = WatermarkUpdate {
                     conversation_id: mark.conversation_id,
                     user_id: authed.user_id,
