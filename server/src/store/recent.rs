@@ -168,7 +168,9 @@ impl RecentCache for MemoryRecentCache {
 pub fn page_from_run(run: &[Arc<proto::Message>], before: u64, limit: u32) -> Option<Page> {
     let first_seq = run.first()?.seq;
     let newest = run.last()?.seq;
-    if newest + 1 - first_seq != run.len() as u64 {
+    // Checked: a run out of order (a cache written by an older node, say)
+    // is a miss, not an overflow.
+    if newest.checked_add(1).and_then(|n| n.checked_sub(first_seq)) != Some(run.len() as u64) {
         return None;
     }
     let limit = limit as usize;
