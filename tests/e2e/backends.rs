@@ -47,6 +47,65 @@ async fn a_flushed_redis_loses_nothing() {
     assert_eq!(page.messages.len(), 1);
 }
 
+/// A queue holding a different message at a seq history has (a Redis
+/// shared by two deployments, or kept across a restore of history) is not
+/// believed: the user gets history's message, not the one whose bytes
+/// happened to sort first.
+#[tokio::test]
+async fn a_queued_message_history_does_not_have_is_not_delivered() {
+    use chat_server::store::InboxStore;
+    use chat_server::store::redis::RedisStore;
+    let Some(backend) = Backend::production().await else {
+        return;
+    };
+    let Backend::Production(production) = &backend else {
+        unreachable!("a production backend");
+    };
+    let server = TestServer::start_on(backend.clone()).await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    alice.send_text(conversation, "first").await.unwrap();
+    let bob_identity = bob.identity();
+    bob.close();
+    let ack = alice.send_text(conversation, "the real one").await.unwrap();
+    backend
+        .wait_queued_through(bob_identity.user_id, conversation, ack.seq)
+        .await;
+    // Another deployment's message at the same seq, with a lower id, so
+    // its bytes sort first in the queue.
+    assert!(ack.message_id > 1, "{ack:?}");
+    let impostor = chat_client::proto::Message {
+        conversation_id: conversation,
+        seq: ack.seq,
+        message_id: ack.message_id - 1,
+        sender_id: alice.identity().user_id,
+        client_msg_id: "elsewhere".into(),
+        r#type: chat_client::proto::MessageType::Text as i32,
+        sent_at_ms: ack.sent_at_ms,
+        text: "from another deployment".into(),
+    };
+    let redis = RedisStore::connect(&production.redis_url, &production.redis_prefix)
+        .await
+        .unwrap();
+    redis
+        .push(vec![(bob_identity.user_id, std::sync::Arc::new(impostor))])
+        .await
+        .unwrap();
+
+    let (_bob, mut bob_events) = Client::resume(server.client_config(), &bob_identity.token)
+        .await
+        .unwrap();
+    // "first" too: bob closed before taking it.
+    let got = messages(&mut bob_events, 2).await;
+    assert_eq!(got[0].text, "first");
+    assert_eq!(
+        (got[1].seq, got[1].message_id, got[1].text.as_str()),
+        (ack.seq, ack.message_id, "the real one")
+    );
+    assert_no_message(&mut bob_events, Duration::from_millis(500)).await;
+}
+
 /// A private redis-server on a free port, so a test can stop it without
 /// disturbing anyone else.
 struct OwnRedis {

@@ -510,11 +510,26 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
             stale.insert(conversation, delivered);
             continue;
         }
-        if message.seq > last
-            || out
-                .last()
-                .is_some_and(|prev| prev.conversation_id == conversation && prev.seq >= message.seq)
+        if message.seq > last {
+            continue;
+        }
+        if let Some(prev) = out
+            .last()
+            .filter(|prev| prev.conversation_id == conversation && prev.seq >= message.seq)
         {
+            if prev.seq == message.seq && prev.message_id != message.message_id {
+                // Two messages at one seq: the queue is not this history's
+                // (a Redis shared by two deployments with one prefix, or
+                // kept across a restore of history). Which one came first
+                // is down to their bytes; history decides instead.
+                tracing::warn!(
+                    user_id = user,
+                    conversation_id = conversation,
+                    seq = message.seq,
+                    "two queued messages at one seq; catching up from history"
+                );
+                return None;
+            }
             continue;
         }
         *counts.entry(conversation).or_default() += 1;
