@@ -548,7 +548,8 @@ impl Inner {
                 // Hold every send back until the server's time, then resend
                 // from the earliest refused send on, in order (the server
                 // refuses everything after a refusal until the refused send
-                // returns): a retried send is never overtaken.
+                // returns): a retried send is never overtaken. A send window
+                // paces the resend (see `outbox`).
                 let delay = server_pause(*retry_after, &self.config);
                 let until = tokio::time::Instant::now() + delay;
                 if self
@@ -563,10 +564,21 @@ impl Inner {
                 return;
             }
         }
-        self.outbox
-            .lock()
-            .expect("outbox lock")
-            .complete(request_id, result);
+        {
+            let mut outbox = self.outbox.lock().expect("outbox lock");
+            outbox.complete(request_id, result);
+            // An answer widens a send window after a pause: what it makes
+            // room for goes now, under the lock, so no new send overtakes
+            // it.
+            let frames = outbox.transmit();
+            if !frames.is_empty()
+                && let Some(live) = self.live()
+            {
+                for frame in frames {
+                    let _ = live.messages.send(frame);
+                }
+            }
+        }
         self.answered.notify_waiters();
     }
 
@@ -579,9 +591,9 @@ impl Inner {
             match outbox.try_resume(tokio::time::Instant::now()) {
                 Ok(()) => {
                     // Without a connection the entries stay unsent and the
-                    // next connection gets them all.
+                    // next connection gets them.
                     if let Some(live) = self.live() {
-                        for frame in outbox.transmit_unsent() {
+                        for frame in outbox.transmit() {
                             let _ = live.messages.send(frame);
                         }
                     }
@@ -797,14 +809,11 @@ impl Inner {
         self.max_text_len
             .store(live.max_text_len, Ordering::Relaxed);
         outbox.fail_longer_than(live.max_text_len);
-        if outbox.is_paused() {
-            // The resend waits for the pause to end (see send_answered),
-            // and then this connection needs every entry.
-            outbox.mark_all_unsent();
-        } else {
-            for frame in outbox.transmit_all() {
-                let _ = live.messages.send(frame);
-            }
+        // Nothing is on this connection's wire; during a pause the resend
+        // waits for its end (see send_answered).
+        outbox.mark_all_unsent();
+        for frame in outbox.transmit() {
+            let _ = live.messages.send(frame);
         }
         *self.live.lock().expect("live lock") = Some(live);
         drop(outbox);
@@ -1162,15 +1171,15 @@ impl Client {
             if self.inner.refuses_sends() {
                 return Err(ClientError::Closed);
             }
-            let live = self.inner.live().filter(|_| !outbox.is_paused());
-            outbox.push(
+            let live = self.inner.live();
+            let now = outbox.push(
                 request_id,
                 (conversation_id, client_msg_id.to_owned()),
                 (frame.clone(), text.len()),
                 tx,
                 live.is_some(),
             )?;
-            if let Some(live) = live {
+            if let Some(live) = live.filter(|_| now) {
                 let _ = live.messages.send(frame);
             }
         }

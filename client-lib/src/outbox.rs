@@ -9,6 +9,14 @@
 //! send on the connection until the refused one comes back, so the
 //! outbox, when the pause ends, resends from its earliest refused entry
 //! onward, in order. Entries before it were accepted and await their ack.
+//!
+//! It does not resend all of them at once: a user's bucket that just ran
+//! dry refills a token at a time, so a backlog of N resent whole after each
+//! pause was refused again but for its head, N²/2 frames to clear it (half
+//! a million for a full outbox of 1,000). After a pause the outbox keeps a
+//! send window instead, as TCP's slow start does: one send on the wire,
+//! then twice as many for each answer, until the window holds everything
+//! waiting and the outbox is open again. A refusal shuts it back to one.
 
 use std::collections::VecDeque;
 
@@ -42,6 +50,9 @@ pub(crate) struct Outbox {
     /// the outbox is resent in order from its first unsent entry, so a
     /// refused send is never overtaken by a later one.
     paused_until: Option<tokio::time::Instant>,
+    /// Since a pause: how many entries may be on the wire at once (see the
+    /// module docs); `None` once the window has opened.
+    window: Option<usize>,
 }
 
 impl Outbox {
@@ -50,36 +61,52 @@ impl Outbox {
             entries: VecDeque::new(),
             limit: limit.max(1),
             paused_until: None,
+            window: None,
         }
     }
 
-    /// Adds a send (`sent`: the caller transmits it now); refuses when
-    /// full.
+    /// Adds a send; refuses when full. True if the caller transmits it now
+    /// (`live`: there is a connection): not during a pause, not past the
+    /// send window, and never ahead of an entry still to be sent.
     pub(crate) fn push(
         &mut self,
         request_id: u64,
         key: (u64, String),
         (frame, text_len): (Bytes, usize),
         waiter: Waiter,
-        sent: bool,
-    ) -> Result<(), ClientError> {
+        live: bool,
+    ) -> Result<bool, ClientError> {
         if self.entries.len() >= self.limit {
             return Err(ClientError::OutboxFull(self.entries.len()));
         }
+        let now =
+            live && !self.is_paused() && !self.entries.iter().any(|e| e.unsent) && self.room() > 0;
         self.entries.push_back(Entry {
             request_id,
             key,
             frame,
             text_len,
             waiter: Some(waiter),
-            unsent: !sent,
+            unsent: !now,
         });
-        Ok(())
+        Ok(now)
     }
 
-    /// Removes the entry the server answered and resolves its caller.
-    /// Returns false if no entry had that request id (e.g. a duplicate
-    /// answer after a resend).
+    /// How many more entries may go on the wire now.
+    fn room(&self) -> usize {
+        match self.window {
+            None => usize::MAX,
+            Some(window) => {
+                let on_wire = self.entries.iter().filter(|e| !e.unsent).count();
+                window.saturating_sub(on_wire)
+            }
+        }
+    }
+
+    /// Removes the entry the server answered and resolves its caller; an
+    /// answer doubles the send window (see [`transmit`](Self::transmit)
+    /// for what may then go). Returns false if no entry had that request
+    /// id (e.g. a duplicate answer after a resend).
     pub(crate) fn complete(
         &mut self,
         request_id: u64,
@@ -92,6 +119,11 @@ impl Outbox {
         if let Some(waiter) = entry.waiter.take() {
             // The caller may have stopped waiting; the send still happened.
             let _ = waiter.send(result);
+        }
+        if let Some(window) = self.window {
+            let window = window.saturating_mul(2);
+            // Open once it would hold every entry waiting.
+            self.window = (window < self.entries.len()).then_some(window);
         }
         true
     }
@@ -111,28 +143,22 @@ impl Outbox {
         });
     }
 
-    /// Every frame, oldest first, for a new connection (which has seen
-    /// none of them).
-    pub(crate) fn transmit_all(&mut self) -> Vec<Bytes> {
-        self.entries
-            .iter_mut()
-            .map(|e| {
-                e.unsent = false;
-                e.frame.clone()
-            })
-            .collect()
-    }
-
-    /// The frames to send when a pause ends: from the earliest unsent
-    /// entry onward, in order (later entries that were on the wire were
-    /// refused too, or will be; the server deduplicates the rest).
-    pub(crate) fn transmit_unsent(&mut self) -> Vec<Bytes> {
+    /// The frames to send now: from the earliest unsent entry onward, in
+    /// order, as many as the send window leaves room for (later entries
+    /// that were on the wire were refused too, or will be; the server
+    /// deduplicates the rest). Nothing during a pause.
+    pub(crate) fn transmit(&mut self) -> Vec<Bytes> {
+        if self.is_paused() {
+            return Vec::new();
+        }
         let Some(first) = self.entries.iter().position(|e| e.unsent) else {
             return Vec::new();
         };
+        let room = self.room();
         self.entries
             .iter_mut()
             .skip(first)
+            .take(room)
             .map(|e| {
                 e.unsent = false;
                 e.frame.clone()
@@ -140,7 +166,8 @@ impl Outbox {
             .collect()
     }
 
-    /// A new connection arrived during a pause: nothing is on its wire.
+    /// A new connection: nothing is on its wire. The caller then sends
+    /// what [`transmit`](Self::transmit) gives.
     pub(crate) fn mark_all_unsent(&mut self) {
         for entry in &mut self.entries {
             entry.unsent = true;
@@ -159,6 +186,7 @@ impl Outbox {
         if let Some(entry) = self.entries.iter_mut().find(|e| e.request_id == refused) {
             entry.unsent = true;
         }
+        self.window = Some(1);
         match self.paused_until {
             Some(current) => {
                 self.paused_until = Some(current.max(until));
@@ -249,8 +277,9 @@ mod tests {
             outbox.push(3, key(3), (Bytes::from_static(b"c"), 1), tx3, true),
             Err(ClientError::OutboxFull(2))
         );
+        outbox.mark_all_unsent();
         assert_eq!(
-            outbox.transmit_all(),
+            outbox.transmit(),
             vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
         );
         assert!(outbox.complete(1, Ok(ack(7))));
@@ -311,18 +340,103 @@ mod tests {
             .push(5, key(5), (Bytes::from_static(b"e"), 1), tx, false)
             .unwrap();
         assert_eq!(outbox.try_resume(until), Ok(()));
-        assert_eq!(
-            outbox.transmit_unsent(),
-            ["b", "c", "d", "e"].map(|f| Bytes::from_static(f.as_bytes())),
-            "from the first refused entry on, in order; not the accepted one"
+        let frames = |names: &[&'static str]| -> Vec<Bytes> {
+            names
+                .iter()
+                .map(|f| Bytes::from_static(f.as_bytes()))
+                .collect()
+        };
+        // A window of one, which "a" (and "c", until its refusal comes)
+        // still fills.
+        assert!(outbox.transmit().is_empty(), "the window is full");
+        assert!(
+            outbox.pause(until, 3),
+            "c's refusal arrives after the pause: another one"
         );
-        assert!(outbox.transmit_unsent().is_empty(), "sent once");
+        assert_eq!(outbox.try_resume(until), Ok(()));
+        assert!(outbox.transmit().is_empty(), "a is still on the wire");
+        assert!(
+            !outbox
+                .push(
+                    6,
+                    key(6),
+                    (Bytes::from_static(b"f"), 1),
+                    oneshot::channel().0,
+                    true
+                )
+                .unwrap(),
+            "a new send waits behind the unsent ones"
+        );
+        // a's ack doubles the window: from the first refused entry on, in
+        // order; not the accepted one.
+        assert!(outbox.complete(1, Ok(ack(1))));
+        assert_eq!(outbox.transmit(), frames(&["b", "c"]));
+        assert!(outbox.transmit().is_empty(), "sent once");
+        // Four, as many as wait: the window opens.
+        assert!(outbox.complete(2, Ok(ack(2))));
+        assert_eq!(outbox.transmit(), frames(&["d", "e", "f"]));
+        assert!(
+            outbox
+                .push(
+                    7,
+                    key(7),
+                    (Bytes::from_static(b"g"), 1),
+                    oneshot::channel().0,
+                    true
+                )
+                .unwrap(),
+            "open again: a new send goes at once"
+        );
         outbox.mark_all_unsent();
         assert_eq!(
-            outbox.transmit_unsent().len(),
-            5,
+            outbox.transmit(),
+            frames(&["c", "d", "e", "f", "g"]),
             "a new connection gets all"
         );
+    }
+
+    /// A backlog behind a refusal clears in about as many frames as it
+    /// holds: resent whole after each pause, a bucket refilling one token
+    /// at a time made it N²/2.
+    #[test]
+    fn a_backlog_behind_a_rate_limit_is_resent_a_window_at_a_time() {
+        const N: u64 = 200;
+        let mut outbox = Outbox::new(N as usize);
+        for id in 1..=N {
+            outbox
+                .push(
+                    id,
+                    key(id),
+                    (Bytes::from_static(b"x"), 1),
+                    oneshot::channel().0,
+                    true,
+                )
+                .unwrap();
+        }
+        // A server with one token a pause: each time, the first frame it
+        // reads is accepted and the rest of what was sent refused.
+        let now = tokio::time::Instant::now();
+        let mut on_wire: VecDeque<u64> = (1..=N).collect();
+        let mut frames_sent = N;
+        while outbox.len() > 0 {
+            let accepted = on_wire.pop_front().expect("something on the wire");
+            for refused in on_wire.drain(..) {
+                outbox.pause(now, refused);
+            }
+            assert!(outbox.complete(accepted, Ok(ack(accepted))));
+            let _ = outbox.try_resume(now);
+            let sent = outbox.transmit();
+            frames_sent += sent.len() as u64;
+            on_wire.extend(
+                outbox
+                    .entries
+                    .iter()
+                    .filter(|e| !e.unsent)
+                    .map(|e| e.request_id),
+            );
+        }
+        // 597 as written; 20,100 resent whole.
+        assert!(frames_sent <= 4 * N, "{frames_sent} frames for {N} sends");
     }
     #[test]
     fn a_new_servers_lower_text_limit_fails_the_longer_sends_alone() {

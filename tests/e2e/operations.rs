@@ -648,6 +648,44 @@ async fn rate_limited_sends_are_retried_in_order_and_others_are_unaffected() {
     );
 }
 
+/// A backlog behind the send rate clears in about as many frames as it
+/// holds: resent whole after each pause, while the bucket refilled a token
+/// at a time, 60 sends against a burst of 10 drew over a thousand
+/// refusals.
+#[tokio::test]
+async fn a_backlog_behind_the_send_rate_is_not_resent_whole_after_each_pause() {
+    const N: usize = 60;
+    let server = TestServer::start_with(|c| {
+        c.limits.send_rate = 20;
+        c.limits.send_burst = 10;
+    })
+    .await;
+    let addr = server.server.as_ref().unwrap().metrics_addr();
+    let (alice, _a) = register(server.client_config(), &name("alice")).await;
+    let (bob, _b) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    // Queued at once, answered in the end.
+    let sends: Vec<_> = (0..N)
+        .map(|i| alice.send_text(conversation, &format!("m{i}")))
+        .collect();
+    let mut seqs = Vec::with_capacity(N);
+    for send in sends {
+        seqs.push(send.await.expect("every send succeeds in the end").seq);
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let limited = value(
+        &scrape(addr).await,
+        "chat_errors_total{code=\"RATE_LIMITED\"}",
+    );
+    assert!(limited >= 1.0, "the limit was hit");
+    // 147 here as written; 1,275 resent whole. Timing moves the figure
+    // (how many tokens a pause refills), not its order.
+    assert!(
+        limited <= (8 * N) as f64,
+        "{limited} refusals for {N} sends"
+    );
+}
+
 #[tokio::test]
 async fn the_binary_names_both_settings_of_a_contradiction() {
     let output = server_command()

@@ -715,7 +715,7 @@ pub struct SqliteStore {
     /// The data directory's lock (see [`lock_dir`]), let go once the
     /// threads above have closed the database: the last field, dropped
     /// after [`Drop::drop`] joined them.
-    lock: std::fs::File,
+    _lock: std::fs::File,
 }
 
 impl SqliteStore {
@@ -814,7 +814,7 @@ impl SqliteStore {
             thread: std::sync::Mutex::new(Some(thread)),
             checkpointer: std::sync::Mutex::new(Some((stop_checkpoints, checkpointer))),
             path,
-            lock,
+            _lock: lock,
         })
     }
 
@@ -838,7 +838,7 @@ impl SqliteStore {
     /// ends.
     #[cfg(test)]
     pub(crate) fn crash_for_test(self) {
-        let _ = self.lock.unlock();
+        let _ = self._lock.unlock();
         std::mem::forget(self);
     }
 
