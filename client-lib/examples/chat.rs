@@ -357,13 +357,13 @@ fn show(client: &Client, screen: &mut Screen, event: Event) {
             if r.seen_seq > shown.1 {
                 println!("  seen by {who} up to #{}", r.seen_seq);
                 // In groups, the count of readers is what people look at.
-                if let Some(status) = client.receipt_status(r.conversation_id, r.seen_seq) {
-                    if status.members > 1 {
-                        println!(
-                            "  #{} seen by {} of {}",
-                            r.seen_seq, status.seen, status.members
-                        );
-                    }
+                if let Some(status) = client.receipt_status(r.conversation_id, r.seen_seq)
+                    && status.members > 1
+                {
+                    println!(
+                        "  #{} seen by {} of {}",
+                        r.seen_seq, status.seen, status.members
+                    );
                 }
             }
             *shown = (shown.0.max(r.delivered_seq), shown.1.max(r.seen_seq));

@@ -30,10 +30,11 @@ async fn main() -> Result<()> {
     println!("sent: seq {} id {}", ack.seq, ack.message_id);
     let wait = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(event) = events.next().await {
-            if let Event::Receipt(r) = event {
-                if r.conversation_id == chat.conversation_id && r.delivered_seq >= ack.seq {
-                    return true;
-                }
+            if let Event::Receipt(r) = event
+                && r.conversation_id == chat.conversation_id
+                && r.delivered_seq >= ack.seq
+            {
+                return true;
             }
         }
         false

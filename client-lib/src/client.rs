@@ -401,13 +401,13 @@ impl Inner {
     /// the supervisor must never wait for the app (see [`Events`]).
     fn emit_state(&self, event: Event) {
         let events = self.events.lock().expect("events lock").clone();
-        if let Some(events) = events {
-            if let Err(mpsc::error::TrySendError::Full(event)) = events.try_send(event) {
-                tracing::debug!(
-                    ?event,
-                    "event queue full; dropping a connection-state event"
-                );
-            }
+        if let Some(events) = events
+            && let Err(mpsc::error::TrySendError::Full(event)) = events.try_send(event)
+        {
+            tracing::debug!(
+                ?event,
+                "event queue full; dropping a connection-state event"
+            );
         }
     }
 
@@ -543,26 +543,25 @@ impl Inner {
         if let Err(ClientError::Server {
             code, retry_after, ..
         }) = &result
+            && code.is_retryable()
         {
-            if code.is_retryable() {
-                // Hold every send back until the server's time, then resend
-                // from the earliest refused send on, in order (the server
-                // refuses everything after a refusal until the refused send
-                // returns): a retried send is never overtaken. A send window
-                // paces the resend (see `outbox`).
-                let delay = server_pause(*retry_after, &self.config);
-                let until = tokio::time::Instant::now() + delay;
-                if self
-                    .outbox
-                    .lock()
-                    .expect("outbox lock")
-                    .pause(until, request_id)
-                {
-                    let inner = self.clone();
-                    tokio::spawn(async move { inner.resume_after_pause(until).await });
-                }
-                return;
+            // Hold every send back until the server's time, then resend
+            // from the earliest refused send on, in order (the server
+            // refuses everything after a refusal until the refused send
+            // returns): a retried send is never overtaken. A send window
+            // paces the resend (see `outbox`).
+            let delay = server_pause(*retry_after, &self.config);
+            let until = tokio::time::Instant::now() + delay;
+            if self
+                .outbox
+                .lock()
+                .expect("outbox lock")
+                .pause(until, request_id)
+            {
+                let inner = self.clone();
+                tokio::spawn(async move { inner.resume_after_pause(until).await });
             }
+            return;
         }
         {
             let mut outbox = self.outbox.lock().expect("outbox lock");

@@ -146,10 +146,10 @@ impl Plan {
                 "--users {users} exceeds shard {shard}'s {shard_users} users"
             ));
         }
-        if let Some(rate) = rate {
-            if !(rate.is_finite() && rate >= 0.0) {
-                return Err(format!("--rate {rate} must be a non-negative number"));
-            }
+        if let Some(rate) = rate
+            && !(rate.is_finite() && rate >= 0.0)
+        {
+            return Err(format!("--rate {rate} must be a non-negative number"));
         }
         let per_user = profile.peak_rate(peak_factor) / profile.population as f64;
         Ok(Plan {
@@ -253,7 +253,7 @@ pub fn friend_graph(users: usize, degree: usize) -> Vec<(usize, usize)> {
             edges.push((k, (k + offset) % users));
         }
     }
-    if degree % 2 == 1 && users % 2 == 0 {
+    if degree % 2 == 1 && users.is_multiple_of(2) {
         // The opposite user is further than `half`, so this adds new pairs.
         let opposite = users / 2;
         for k in 0..opposite {

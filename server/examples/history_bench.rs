@@ -134,7 +134,7 @@ fn message(conversation: (ConversationId, UserId, UserId), key: String, n: u64) 
     ));
     NewMessage {
         conversation_id,
-        sender_id: if n % 2 == 0 { a } else { b },
+        sender_id: if n.is_multiple_of(2) { a } else { b },
         client_msg_id: key,
         message_type: proto::MessageType::Text,
         text,

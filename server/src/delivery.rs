@@ -409,17 +409,17 @@ async fn update_caches(
         match update {
             CacheUpdate::Stored { stored, queued } => {
                 cache.push(&stored).await;
-                if let Some(inbox) = &inbox {
-                    if let Err(e) = inbox.push(queued).await {
-                        tracing::warn!(error = %e, "inbox push failed");
-                    }
+                if let Some(inbox) = &inbox
+                    && let Err(e) = inbox.push(queued).await
+                {
+                    tracing::warn!(error = %e, "inbox push failed");
                 }
             }
             CacheUpdate::Delivered(acks) => {
-                if let Some(inbox) = &inbox {
-                    if let Err(e) = inbox.ack(acks).await {
-                        tracing::warn!(error = %e, "inbox ack failed");
-                    }
+                if let Some(inbox) = &inbox
+                    && let Err(e) = inbox.ack(acks).await
+                {
+                    tracing::warn!(error = %e, "inbox ack failed");
                 }
             }
         }
@@ -835,10 +835,10 @@ async fn mark_committer(
                         .filter(|(key, _)| !moved_keys.contains(key))
                         .map(|((conversation, user), seq)| (user, conversation, seq)),
                 );
-                if let (Some(updates), false) = (&queue_updates, acks.is_empty()) {
-                    if !hand_to_updater(updates, CacheUpdate::Delivered(acks), &metrics) {
-                        return;
-                    }
+                if let (Some(updates), false) = (&queue_updates, acks.is_empty())
+                    && !hand_to_updater(updates, CacheUpdate::Delivered(acks), &metrics)
+                {
+                    return;
                 }
                 Ok(())
             }

@@ -77,11 +77,11 @@ impl ReceiptRoutes {
             return;
         }
         let mut routes = self.routes();
-        if routes.senders.len() >= MAX_CONVERSATIONS && !routes.senders.contains_key(&conversation)
+        if routes.senders.len() >= MAX_CONVERSATIONS
+            && !routes.senders.contains_key(&conversation)
+            && let Some(&victim) = routes.senders.keys().next()
         {
-            if let Some(&victim) = routes.senders.keys().next() {
-                routes.senders.remove(&victim);
-            }
+            routes.senders.remove(&victim);
         }
         let log = routes.senders.entry(conversation).or_default();
         if log.len() == SENDER_LOG {

@@ -128,12 +128,12 @@ impl FrameReader {
     /// rare, and inline it would make every reader's future larger for
     /// the connection's whole life.
     async fn wait_for_handshake(&mut self) -> Result<(), ReadError> {
-        if let Some(mut handshake) = self.handshake.take() {
-            if handshake.wait_for(|done| *done).await.is_err() {
-                // The connection ended before the handshake did: the held
-                // frame may be a replay and is dropped with the stream.
-                return Err(ReadError::Stream(quinn::ReadError::ZeroRttRejected));
-            }
+        if let Some(mut handshake) = self.handshake.take()
+            && handshake.wait_for(|done| *done).await.is_err()
+        {
+            // The connection ended before the handshake did: the held
+            // frame may be a replay and is dropped with the stream.
+            return Err(ReadError::Stream(quinn::ReadError::ZeroRttRejected));
         }
         Ok(())
     }
@@ -314,19 +314,20 @@ pub async fn write_loop(
             return;
         }
         let linger = Some(transport.receipt_linger).filter(|l| linger && !l.is_zero());
-        if let Some(linger) = linger {
-            if batch.iter().all(|o| o.close_after.is_none()) && batch.len() < MAX_COALESCE {
-                // Boxed: inline, this wait's state (a timer and two
-                // notifications) would size every writer task, idle or not,
-                // for the connection's whole life.
-                if !Box::pin(linger_for(conn, handle, linger)).await {
-                    return;
-                }
-                while batch.len() < MAX_COALESCE {
-                    match rx.try_recv() {
-                        Some(out) => batch.push(out),
-                        None => break,
-                    }
+        if let Some(linger) = linger
+            && batch.iter().all(|o| o.close_after.is_none())
+            && batch.len() < MAX_COALESCE
+        {
+            // Boxed: inline, this wait's state (a timer and two
+            // notifications) would size every writer task, idle or not,
+            // for the connection's whole life.
+            if !Box::pin(linger_for(conn, handle, linger)).await {
+                return;
+            }
+            while batch.len() < MAX_COALESCE {
+                match rx.try_recv() {
+                    Some(out) => batch.push(out),
+                    None => break,
                 }
             }
         }

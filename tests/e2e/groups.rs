@@ -22,10 +22,10 @@ async fn receipts_until_quiet(
 ) -> Vec<proto::Receipt> {
     let mut out = Vec::new();
     while let Ok(Some(event)) = tokio::time::timeout(quiet, events.next()).await {
-        if let Event::Receipt(r) = event {
-            if r.conversation_id == conversation {
-                out.push(r);
-            }
+        if let Event::Receipt(r) = event
+            && r.conversation_id == conversation
+        {
+            out.push(r);
         }
     }
     out

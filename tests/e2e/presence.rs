@@ -42,10 +42,10 @@ async fn count_presence(
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + quiet;
     while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.next()).await {
-        if let Event::Presence(p) = event {
-            if p.user_id == user {
-                seen.push(p);
-            }
+        if let Event::Presence(p) = event
+            && p.user_id == user
+        {
+            seen.push(p);
         }
     }
     seen

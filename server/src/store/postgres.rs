@@ -1394,10 +1394,10 @@ impl HistoryStore for PostgresStore {
         max_members: usize,
         now_ms: i64,
     ) -> Result<GroupCreated, StoreError> {
-        if let Some(key) = &group.client_key {
-            if let Some(id) = self.group_by_key(group.creator, key).await? {
-                return Ok(GroupCreated::Existing(id));
-            }
+        if let Some(key) = &group.client_key
+            && let Some(id) = self.group_by_key(group.creator, key).await?
+        {
+            return Ok(GroupCreated::Existing(id));
         }
         let members = group.others(max_members)?;
         let NewGroup {

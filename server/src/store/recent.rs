@@ -112,10 +112,10 @@ impl MemoryRecentCache {
                     entry.clear();
                 }
             }
-            if entry.len() == PER_CONVERSATION {
-                if let Some(oldest) = entry.pop_front() {
-                    self.release([&oldest]);
-                }
+            if entry.len() == PER_CONVERSATION
+                && let Some(oldest) = entry.pop_front()
+            {
+                self.release([&oldest]);
             }
             self.bytes.fetch_add(cost(message), Ordering::Relaxed);
             entry.push_back(Arc::clone(message));
@@ -124,12 +124,12 @@ impl MemoryRecentCache {
         // conversation over it on its own (a tiny budget) keeps its newest
         // message only.
         while self.bytes() > self.max_bytes && self.evict_other_than(conversation_id) {}
-        if self.bytes() > self.max_bytes {
-            if let Some(mut entry) = self.entries.get_mut(&conversation_id) {
-                while entry.len() > 1 {
-                    if let Some(oldest) = entry.pop_front() {
-                        self.release([&oldest]);
-                    }
+        if self.bytes() > self.max_bytes
+            && let Some(mut entry) = self.entries.get_mut(&conversation_id)
+        {
+            while entry.len() > 1 {
+                if let Some(oldest) = entry.pop_front() {
+                    self.release([&oldest]);
                 }
             }
         }

@@ -2354,11 +2354,10 @@ impl HistoryStore for SqliteStore {
                 client_key,
             } = edit;
             // A repeat answers as the first did, whatever changed since.
-            if let Some(key) = &client_key {
-                if let Some(first) = repeated_edit(conn, state, conversation_id, actor, key)? {
+            if let Some(key) = &client_key
+                && let Some(first) = repeated_edit(conn, state, conversation_id, actor, key)? {
                     return Ok(first);
                 }
-            }
             // Every refusal happens before the first write.
             let kind: Option<i32> = conn
                 .prepare_cached("SELECT kind FROM conversations WHERE id = ?1")
