@@ -161,6 +161,10 @@ struct Overrides {
     /// Concurrent connections.
     #[arg(long, env = "CHAT_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Connections from one address waiting to authenticate at once (0: no
+    /// limit).
+    #[arg(long, env = "CHAT_MAX_UNAUTHENTICATED_PER_ADDRESS")]
+    max_unauthenticated_per_address: Option<usize>,
     /// Concurrent unidirectional streams per connection.
     #[arg(long, env = "CHAT_MAX_CONCURRENT_UNI_STREAMS")]
     max_concurrent_uni_streams: Option<u32>,
@@ -329,6 +333,10 @@ impl Overrides {
         set(&mut c.transport.receive_window, self.receive_window);
         set(&mut c.transport.send_window, self.send_window);
         set(&mut c.transport.max_connections, self.max_connections);
+        set(
+            &mut c.transport.max_unauthenticated_per_address,
+            self.max_unauthenticated_per_address,
+        );
         let t = &mut c.transport;
         set(
             &mut t.max_concurrent_uni_streams,

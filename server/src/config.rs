@@ -282,6 +282,10 @@ pub struct Transport {
     /// Connections this node accepts at once; more are closed with
     /// SERVER_BUSY right after the handshake.
     pub max_connections: usize,
+    /// Connections from one address that may wait to authenticate at once
+    /// (0: no limit); more are closed with SERVER_BUSY, so one host cannot
+    /// fill `max-connections` with connections that never log in.
+    pub max_unauthenticated_per_address: usize,
     /// Unidirectional streams a client may open at once (the protocol uses
     /// none yet; 0 refuses them).
     pub max_concurrent_uni_streams: u32,
@@ -420,6 +424,7 @@ impl Default for Transport {
             receive_window: 256 * 1024,
             send_window: 256 * 1024,
             max_connections: 100_000,
+            max_unauthenticated_per_address: 128,
             max_concurrent_uni_streams: 0,
             congestion_controller: CongestionController::Cubic,
             initial_rtt: Duration::from_millis(333),

@@ -100,6 +100,8 @@ pub struct Shared {
     pub control_limiter: RateLimiter,
     /// Per-user rate of MarkSeen frames.
     pub mark_limiter: RateLimiter,
+    /// Connections per address not yet authenticated.
+    pub unauthenticated: ratelimit::Unauthenticated,
     /// Per-user rate of heartbeats: room for every device the user may
     /// connect beating at the interval the node announces, twice over.
     pub heartbeat_limiter: RateLimiter,
@@ -199,6 +201,9 @@ impl Server {
             send_limiter: RateLimiter::new(config.limits.send_rate, config.limits.send_burst),
             leave_limiter: RateLimiter::new(ratelimit::LEAVE_RATE, ratelimit::LEAVE_BURST),
             mark_limiter: RateLimiter::new(ratelimit::MARK_RATE, ratelimit::MARK_BURST),
+            unauthenticated: ratelimit::Unauthenticated::new(
+                config.transport.max_unauthenticated_per_address,
+            ),
             control_limiter: RateLimiter::new(
                 config.limits.control_rate,
                 config.limits.control_burst,

@@ -8,6 +8,7 @@
 //! bucket that has refilled completely is the same as no bucket, so the
 //! sweeper drops it.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -113,6 +114,57 @@ impl RateLimiter {
     }
 }
 
+/// Connections from each address that have not authenticated yet, each
+/// up to a maximum: established connections get `max-connections` places
+/// before they log in, so without it one host completing handshakes could
+/// take them all for `auth-timeout` at a time, over and over. Legitimate
+/// clients log in within a round trip or two of the handshake, so even
+/// many behind one carrier NAT seldom wait at once.
+pub struct Unauthenticated {
+    max: usize,
+    counts: DashMap<IpAddr, usize>,
+}
+
+impl Unauthenticated {
+    /// At most `max` waiting per address; 0: no limit.
+    pub fn new(max: usize) -> Self {
+        Unauthenticated {
+            max,
+            counts: DashMap::new(),
+        }
+    }
+
+    /// Counts a connection from `address` as waiting, unless `max` are.
+    pub fn try_take(&self, address: IpAddr) -> bool {
+        if self.max == 0 {
+            return true;
+        }
+        let mut count = self.counts.entry(address).or_insert(0);
+        if *count >= self.max {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    /// A connection counted by [`try_take`](Self::try_take) authenticated
+    /// or ended.
+    pub fn give_back(&self, address: IpAddr) {
+        if self.max == 0 {
+            return;
+        }
+        self.counts.remove_if_mut(&address, |_, count| {
+            *count = count.saturating_sub(1);
+            *count == 0
+        });
+    }
+
+    /// Addresses with a connection waiting (for tests and metrics).
+    pub fn addresses(&self) -> usize {
+        self.counts.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +248,27 @@ mod tests {
         assert_eq!(limiter.tracked_users(), 2, "not refilled yet");
         limiter.sweep(now + Duration::from_secs(1));
         assert_eq!(limiter.tracked_users(), 0);
+    }
+
+    #[test]
+    fn addresses_wait_up_to_their_share_and_are_forgotten_when_none_do() {
+        let waiting = Unauthenticated::new(2);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        assert!(waiting.try_take(a) && waiting.try_take(a));
+        assert!(!waiting.try_take(a), "a third from one address");
+        assert!(waiting.try_take(b), "another address has its own share");
+        waiting.give_back(a);
+        assert!(waiting.try_take(a), "a place given back");
+        for address in [a, a, b] {
+            waiting.give_back(address);
+        }
+        assert_eq!(
+            waiting.addresses(),
+            0,
+            "nothing kept for addresses none wait from"
+        );
+        let unlimited = Unauthenticated::new(0);
+        assert!((0..1_000).all(|_| unlimited.try_take(a)));
+        assert_eq!(unlimited.addresses(), 0);
     }
 }

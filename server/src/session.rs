@@ -60,6 +60,9 @@ pub struct Session {
     pub confirm_leave: AtomicBool,
     /// For a 0-RTT connection: turns true when the handshake completes.
     handshake: Option<watch::Receiver<bool>>,
+    /// The address this connection is counted under in
+    /// `Shared::unauthenticated` until it authenticates or ends.
+    waiting_from: Mutex<Option<std::net::IpAddr>>,
 }
 
 /// The retry-after of a connection refused for its user's
@@ -141,8 +144,16 @@ impl Session {
             self.shared.hub.unregister(user_id, self.conn_id);
             return Err(already_authenticated());
         }
+        self.stop_waiting();
         tracing::Span::current().record("user_id", user_id);
         Ok(())
+    }
+
+    /// No longer counted as waiting to authenticate from its address.
+    fn stop_waiting(&self) {
+        if let Some(address) = self.waiting_from.lock().expect("waiting lock").take() {
+            self.shared.unauthenticated.give_back(address);
+        }
     }
 
     /// Whether the connection's handshake completed and it was given a
@@ -228,6 +239,22 @@ pub async fn run(
     handshake: Option<watch::Receiver<bool>>,
 ) {
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let address = conn.remote_address().ip().to_canonical();
+    if !shared.unauthenticated.try_take(address) {
+        tracing::info!(
+            %address,
+            max = shared.config.transport.max_unauthenticated_per_address,
+            "too many connections from one address waiting to authenticate; closing with SERVER_BUSY"
+        );
+        shared.metrics.connections_refused.increment(1);
+        wire::close_counted(
+            &conn,
+            &shared.metrics,
+            ErrorCode::ServerBusy,
+            "too many connections from this address waiting to log in; try again later",
+        );
+        return;
+    }
     // At debug level only: an enabled span keeps a record (its formatted
     // fields in the subscriber's registry) for the connection's life, a
     // few hundred bytes per idle connection, and is entered at every poll
@@ -245,6 +272,7 @@ pub async fn run(
         confirm_leave: AtomicBool::new(false),
         acks_lost_before: shared.delivery.acks_lost(),
         handshake,
+        waiting_from: Mutex::new(Some(address)),
     });
     async move {
         tracing::debug!("connection established");
@@ -311,6 +339,7 @@ pub async fn run(
         // themselves (see `Session::is_closed`), so nothing outlives the
         // connection even if it closed in the middle of a login.
         session.closed.store(true, Ordering::SeqCst);
+        session.stop_waiting();
         // Boxed: this task lives as long as the connection, and the clean-up
         // (presence, store) would otherwise size it for good.
         Box::pin(session.forget()).await;

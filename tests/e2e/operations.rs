@@ -411,6 +411,78 @@ async fn connections_over_the_cap_are_closed_with_server_busy() {
     assert!(carol.identity().user_id > 0);
 }
 
+/// A connection from 127.0.0.1 that has asked to log in, been refused,
+/// and so waits to authenticate; with its control stream, to log in later.
+async fn waiting_to_log_in(
+    server: &TestServer,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let (endpoint, conn) = quic_connect(server).await.expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let login = Frame::new(
+        1,
+        Body::Login(proto::Login {
+            username: name("nobody"),
+            password: PASSWORD.into(),
+            ..Default::default()
+        }),
+    );
+    let mut bytes = BytesMut::new();
+    chat_protocol::encode(&Frame::open_stream(StreamKind::Control), &mut bytes);
+    chat_protocol::encode(&login, &mut bytes);
+    send.write_all(&bytes).await.unwrap();
+    let mut buf = BytesMut::new();
+    let reply = next_frame(&mut recv, &mut buf).await;
+    let Some(Body::Error(refused)) = reply.body else {
+        panic!("a refused login: {reply:?}");
+    };
+    assert_eq!(ErrorCode::from_wire(refused.code), ErrorCode::UnknownUser);
+    (endpoint, conn, send, recv)
+}
+
+/// One address cannot take the node's connection places with connections
+/// that never log in: past `max-unauthenticated-per-address` waiting at
+/// once its next connection is closed with SERVER_BUSY, while another
+/// address still gets in, and a login frees a place.
+#[tokio::test]
+async fn one_address_cannot_hold_more_connections_waiting_to_log_in_than_its_share() {
+    let server = TestServer::start_with(|c| c.transport.max_unauthenticated_per_address = 3).await;
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        waiting.push(waiting_to_log_in(&server).await);
+    }
+    assert_eq!(
+        close_code_of_new_connection(&server, WAIT).await,
+        Some(ErrorCode::ServerBusy)
+    );
+    // Another address is not held back.
+    let mut elsewhere = server.client_config();
+    elsewhere.endpoint = Some(quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap());
+    let (carol, _c) = register(elsewhere, &name("carol")).await;
+    assert!(carol.identity().user_id > 0);
+    // One of the three logs in: its place is free again.
+    let (_endpoint, _conn, mut send, mut recv) = waiting.pop().unwrap();
+    let register_frame = Frame::new(
+        2,
+        Body::Register(proto::Register {
+            username: name("dave"),
+            password: PASSWORD.into(),
+            ..Default::default()
+        }),
+    );
+    let mut bytes = BytesMut::new();
+    chat_protocol::encode(&register_frame, &mut bytes);
+    send.write_all(&bytes).await.unwrap();
+    let reply = next_frame(&mut recv, &mut BytesMut::new()).await;
+    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
+    let (erin, _e) = register(server.client_config(), &name("erin")).await;
+    assert!(erin.identity().user_id > 0);
+}
+
 #[tokio::test]
 async fn half_open_handshakes_do_not_take_connection_places() {
     half_open_handshakes_leave_room(false).await;
