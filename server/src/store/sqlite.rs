@@ -672,7 +672,7 @@ const REPAIR: &str = "
     UPDATE conversations SET
         last_seq = (SELECT MAX(seq) FROM message_index i WHERE i.conversation_id = conversations.id),
         last_activity_ms = MAX(last_activity_ms,
-            (SELECT m.sent_at_ms FROM message_index i JOIN messages m ON m.message_id = i.message_id
+            (SELECT m.sent_at_ms FROM message_index i JOIN messages m ON m.message_id = i.message_id AND m.conversation_id = i.conversation_id
              WHERE i.conversation_id = conversations.id ORDER BY i.seq DESC LIMIT 1))
     WHERE id IN (SELECT conversation_id FROM messages
                  WHERE message_id > (SELECT heads_message_id FROM written_through));
@@ -1078,10 +1078,26 @@ fn run_thread(
             tracing::error!(error = %e, "cannot write conversation heads or idempotency keys");
             poisoned = true;
         }
+        // SQLite rolls the whole transaction back by itself on some errors
+        // (an I/O error, a full disk or no memory while the page cache
+        // spills), whoever caught the error: then nothing more may run,
+        // as each statement would commit on its own, stored although its
+        // caller hears UNAVAILABLE, with ids the rollback hands out again.
+        // Jobs after a failed one are not run either: they would be
+        // rolled back with it.
+        poisoned |= conn.is_autocommit();
         for job in batch {
+            if poisoned {
+                job.abort(StoreError::Unavailable(
+                    "an earlier job of the batch failed; batch rolled back".into(),
+                ));
+                continue;
+            }
             let (ok, done) = job.run(&conn, &mut state);
-            poisoned |= !ok;
             completions.push(done);
+            if !ok || conn.is_autocommit() {
+                poisoned = true;
+            }
         }
         let commit = if poisoned {
             Err(StoreError::Unavailable(
@@ -1092,7 +1108,16 @@ fn run_thread(
         };
         let commit = commit.map_err(|e| {
             let _ = conn.execute_batch("ROLLBACK");
-            state.rolled_back(before);
+            // Ids from `before` on may be reused, unless a statement that
+            // ran outside the transaction stored one.
+            let next = conn
+                .query_row(
+                    "SELECT COALESCE(MAX(message_id), 0) + 1 FROM messages",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_or(before, |n| (n as u64).max(before));
+            state.rolled_back(next);
             state.repair(&conn);
             StoreError::Unavailable(format!("commit failed: {e}"))
         });
@@ -1359,7 +1384,7 @@ fn view(
     let unread_count: i64 = conn
         .prepare_cached(
             "SELECT COUNT(*) FROM (
-                 SELECT 1 FROM message_index i JOIN messages m ON m.message_id = i.message_id
+                 SELECT 1 FROM message_index i JOIN messages m ON m.message_id = i.message_id AND m.conversation_id = i.conversation_id
                  WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3 LIMIT ?4)",
         )
         .map_err(internal)?
@@ -2151,7 +2176,7 @@ impl HistoryStore for SqliteStore {
                     let mut stmt = conn
                         .prepare_cached(&format!(
                             "SELECT {MESSAGE_COLUMNS}
-                             FROM message_index i JOIN messages m ON m.message_id = i.message_id
+                             FROM message_index i JOIN messages m ON m.message_id = i.message_id AND m.conversation_id = i.conversation_id
                              WHERE i.conversation_id = ?1 AND i.seq < ?2 ORDER BY i.seq DESC LIMIT ?3"
                         ))
                         .map_err(internal)?;
@@ -2167,7 +2192,7 @@ impl HistoryStore for SqliteStore {
                     let mut stmt = conn
                         .prepare_cached(&format!(
                             "SELECT {MESSAGE_COLUMNS}
-                             FROM message_index i JOIN messages m ON m.message_id = i.message_id
+                             FROM message_index i JOIN messages m ON m.message_id = i.message_id AND m.conversation_id = i.conversation_id
                              WHERE i.conversation_id = ?1 AND i.seq > ?2 ORDER BY i.seq ASC LIMIT ?3"
                         ))
                         .map_err(internal)?;
@@ -2209,7 +2234,7 @@ impl HistoryStore for SqliteStore {
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {MESSAGE_COLUMNS}
-                     FROM message_index i JOIN messages m ON m.message_id = i.message_id
+                     FROM message_index i JOIN messages m ON m.message_id = i.message_id AND m.conversation_id = i.conversation_id
                      WHERE i.conversation_id = ?1 AND i.seq > ?2 AND i.seq <= ?3
                        AND m.sender_id != ?4
                      ORDER BY i.seq LIMIT ?5"
@@ -3531,6 +3556,70 @@ mod tests {
         assert_eq!(history_texts(&store, c).await, ["one", "two"]);
         let view = store.conversation(c, a).await.unwrap();
         assert_eq!((view.last_seq, view.last_activity_ms), (2, 300));
+    }
+
+    /// SQLite rolls a transaction back by itself on some errors (I/O, a
+    /// full disk, no memory while its page cache spills), whoever catches
+    /// the error. The rest of the batch used to run anyway, outside any
+    /// transaction: each statement committed on its own, stored although
+    /// its caller heard UNAVAILABLE, and the ids the rollback handed out
+    /// again then collided with them, so sends failed until a restart.
+    #[tokio::test]
+    async fn a_batch_whose_transaction_sqlite_rolled_back_runs_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
+        let (carol, _, d) = friends_with_direct(&store, "carol", "dave").await;
+        send(&store, text(c, a, "k1", "one", 100)).await;
+        // The thread is held while the next batch queues up.
+        let (started, held) = std::sync::mpsc::channel();
+        let hold = store.call(move |_, _| {
+            started.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(())
+        });
+        let queued = async {
+            tokio::task::spawn_blocking(move || held.recv().unwrap())
+                .await
+                .unwrap();
+            tokio::join!(
+                store.append(vec![text(c, a, "k2", "two", 200)]),
+                // The rollback SQLite makes on its own, with the error
+                // swallowed by the job that met it.
+                store.call(|conn, _| conn.execute_batch("ROLLBACK").map_err(internal)),
+                store.history(d, Direction::Backward, 0, 10),
+                store.append(vec![text(d, carol, "k3", "three", 300)]),
+            )
+        };
+        let (held, (two, rollback, history, three)) = tokio::join!(hold, queued);
+        held.unwrap();
+        for (what, failed) in [
+            ("k2", two.map(drop)),
+            ("the job", rollback),
+            ("the read", history.map(drop)),
+            ("k3", three.map(drop)),
+        ] {
+            assert!(
+                matches!(failed, Err(StoreError::Unavailable(_))),
+                "{what}: {failed:?}"
+            );
+        }
+        let stored: i64 = Connection::open(dir.path().join(FILE_NAME))
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM messages WHERE client_msg_id IN ('k2', 'k3')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, 0, "nothing of the batch stored");
+        // Sends go on, with ids of their own.
+        for (key, at) in [("k3", 400), ("k4", 500)] {
+            send(&store, text(d, carol, key, key, at)).await;
+        }
+        send(&store, text(c, a, "k2", "two", 600)).await;
+        assert_eq!(history_texts(&store, c).await, ["one", "two"]);
+        assert_eq!(history_texts(&store, d).await, ["k3", "k4"]);
     }
 
     #[tokio::test]
