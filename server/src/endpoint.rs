@@ -331,13 +331,24 @@ impl Server {
             task.abort();
             let _ = task.await;
         }
-        let complete = sessions_left == 0 && committers_done;
+        // Tasks that borrow the store for one call (the presence sweeper's
+        // last-active write, a mark's membership check) may still hold it:
+        // wait for them, so that when `self` (and with it `ops`, the
+        // other reference) drops at the end, the store closes here.
+        let store = self.ops.history.clone();
+        while Arc::strong_count(&store) > 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let store_released = Arc::strong_count(&store) <= 2;
+        drop(store);
+        let complete = sessions_left == 0 && committers_done && store_released;
         if complete {
             tracing::info!("shut down");
         } else {
             tracing::warn!(
                 sessions_left,
                 committers_done,
+                store_released,
                 timeout = %humantime::format_duration(grace),
                 "shutdown-timeout ran out before the node was drained"
             );
