@@ -200,6 +200,8 @@ async fn spawn_server(
     config.limits.send_burst = 0;
     config.limits.control_rate = 0;
     config.limits.control_burst = 0;
+    config.limits.mark_rate = 0;
+    config.limits.mark_burst = 0;
     let server = chat_server::Server::start(config)
         .await
         .context("start the in-process chat-server")?;

@@ -232,6 +232,12 @@ struct Overrides {
     /// Burst of control requests above control-rate.
     #[arg(long, env = "CHAT_CONTROL_BURST")]
     control_burst: Option<u32>,
+    /// Sustained MarkSeen frames per second per user (0: no limit).
+    #[arg(long, env = "CHAT_MARK_RATE")]
+    mark_rate: Option<u32>,
+    /// Burst of MarkSeen frames above mark-rate.
+    #[arg(long, env = "CHAT_MARK_BURST")]
+    mark_burst: Option<u32>,
     /// Wrong passwords per account and source address per
     /// login-failure-window.
     #[arg(long, env = "CHAT_MAX_LOGIN_FAILURES")]
@@ -363,6 +369,8 @@ impl Overrides {
         set(&mut c.limits.send_burst, self.send_burst);
         set(&mut c.limits.control_rate, self.control_rate);
         set(&mut c.limits.control_burst, self.control_burst);
+        set(&mut c.limits.mark_rate, self.mark_rate);
+        set(&mut c.limits.mark_burst, self.mark_burst);
         set(&mut c.limits.max_login_failures, self.max_login_failures);
         set(
             &mut c.limits.max_account_login_failures,
@@ -651,6 +659,12 @@ mod tests {
             "7",
             "--control-burst",
             "70",
+            "--mark-rate",
+            "8",
+            "--mark-burst",
+            "80",
+            "--max-unauthenticated-per-address",
+            "9",
             "--metrics-listen",
             "127.0.0.1:0",
             "--sqlite-commit-gap",
@@ -666,6 +680,8 @@ mod tests {
         assert_eq!((c.transport.min_mtu, c.transport.initial_mtu), (1280, 1400));
         assert_eq!((c.limits.send_rate, c.limits.send_burst), (5, 10));
         assert_eq!((c.limits.control_rate, c.limits.control_burst), (7, 70));
+        assert_eq!((c.limits.mark_rate, c.limits.mark_burst), (8, 80));
+        assert_eq!(c.transport.max_unauthenticated_per_address, 9);
         assert_eq!(c.metrics_listen.port(), 0);
         assert_eq!(c.sqlite_commit_gap, Duration::from_millis(3));
         assert_eq!(c.committers, 2);

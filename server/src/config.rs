@@ -240,6 +240,14 @@ pub struct Limits {
     /// app's start-up sync (conversation list, a page of history for each
     /// of the first screen's conversations, presence) stays under it.
     pub control_burst: u32,
+    /// Sustained MarkSeen frames per second per user, across their
+    /// devices (0: no limit). A mark that moves nothing costs the store a
+    /// membership lookup, whatever conversation it names; over it a mark
+    /// is answered RATE_LIMITED with a retry-after.
+    pub mark_rate: u32,
+    /// MarkSeen frames a user may send at once above `mark-rate`: an app
+    /// marking a thousand conversations read at once stays under it.
+    pub mark_burst: u32,
 }
 
 /// Longest `session-ttl` accepted (ten years).
@@ -410,6 +418,8 @@ impl Default for Limits {
             send_burst: 100,
             control_rate: 20,
             control_burst: 200,
+            mark_rate: 100,
+            mark_burst: 1_000,
         }
     }
 }
@@ -750,6 +760,12 @@ impl Config {
                 l.send_rate, l.send_burst
             ));
         }
+        if (l.mark_rate == 0) != (l.mark_burst == 0) {
+            return err(format!(
+                "mark-rate ({}) and mark-burst ({}) must both be 0 (no limit) or both above 0",
+                l.mark_rate, l.mark_burst
+            ));
+        }
         if (l.control_rate == 0) != (l.control_burst == 0) {
             return err(format!(
                 "control-rate ({}) and control-burst ({}) must both be 0 (no limit) or both above 0",
@@ -1008,6 +1024,10 @@ mod tests {
             (
                 |c| c.limits.control_rate = 0,
                 "control-rate (0) and control-burst (200)",
+            ),
+            (
+                |c| c.limits.mark_burst = 0,
+                "mark-rate (100) and mark-burst (0)",
             ),
             (
                 |c| c.limits.heartbeat_interval = Duration::from_secs(40),

@@ -200,7 +200,7 @@ impl Server {
         let shared = Arc::new(Shared {
             send_limiter: RateLimiter::new(config.limits.send_rate, config.limits.send_burst),
             leave_limiter: RateLimiter::new(ratelimit::LEAVE_RATE, ratelimit::LEAVE_BURST),
-            mark_limiter: RateLimiter::new(ratelimit::MARK_RATE, ratelimit::MARK_BURST),
+            mark_limiter: RateLimiter::new(config.limits.mark_rate, config.limits.mark_burst),
             unauthenticated: ratelimit::Unauthenticated::new(
                 config.transport.max_unauthenticated_per_address,
             ),

@@ -31,17 +31,6 @@ pub const LEAVE_RATE: u32 = 10;
 /// every group they are in at once stays under it.
 pub const LEAVE_BURST: u32 = 500;
 
-/// MarkSeen frames a user may send per second, sustained, across their
-/// devices: an app marks a conversation seen when it shows it, so far
-/// more than a person reads. A mark costs the watermark committer a
-/// membership lookup when it moves nothing (any conversation id will do),
-/// so without a bound one user could keep every other session's marks and
-/// acks waiting behind a flood of them.
-pub const MARK_RATE: u32 = 100;
-/// MarkSeen frames a user may send at once above [`MARK_RATE`]: marking a
-/// thousand conversations read at once stays under it.
-pub const MARK_BURST: u32 = 1_000;
-
 /// A user's heartbeat bucket: `max_sessions` devices beating every
 /// `interval` (what the node announces; clients never beat more often
 /// than once a second) fit in it twice over, so only a flood is ignored.

@@ -505,6 +505,7 @@ async fn a_burst_of_receipts_for_one_sender_does_not_close_it() {
     const GROUPS: usize = 1_100;
     let server = TestServer::start_with(|c| {
         unlimited_sends(c);
+        unlimited_marks(c);
         c.transport.receipt_linger = Duration::from_secs(60);
     })
     .await;

@@ -462,6 +462,13 @@ pub fn unlimited_sends_and_requests(c: &mut Config) {
     unlimited_sends(c);
     c.limits.control_rate = 0;
     c.limits.control_burst = 0;
+    unlimited_marks(c);
+}
+
+/// No per-user MarkSeen rate: for tests that mark in bulk.
+pub fn unlimited_marks(c: &mut Config) {
+    c.limits.mark_rate = 0;
+    c.limits.mark_burst = 0;
 }
 
 /// Alice and Bob are friends; Bob's client is gone (his session stays,

@@ -60,7 +60,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                         ErrorCode::RateLimited,
                         format!(
                             "over {} MarkSeen per second; retry in {} ms",
-                            crate::ratelimit::MARK_RATE,
+                            session.shared.config.limits.mark_rate,
                             retry_after_ms(wait)
                         ),
                     )
