@@ -1018,6 +1018,7 @@ impl HistoryStore for PostgresStore {
             )
             .await
             .map_err(pg)?;
+        let xid_stmt = client.prepare_cached(TRANSACTION_ID).await.map_err(pg)?;
         let (from, to) = (sql(from), sql(to));
         let tx = client.transaction().await.map_err(pg)?;
         // The pair lock makes two crossing requests meet: the second sees
@@ -1029,14 +1030,16 @@ impl HistoryStore for PostgresStore {
         // to one user from different askers each counted without the
         // other's uncommitted row, and both passed.
         let pair: [Param<'_>; 2] = [&from, &to];
-        let (_, _, friends, blocked) = tokio::try_join!(
+        let (_, _, friends, blocked, xid) = tokio::try_join!(
             biased;
             tx.execute(&lock, &pair),
             tx.execute(&lock_users, &pair),
             tx.query_one(&are, &pair),
             tx.query_one(&blocks, &pair),
+            tx.query_one(&xid_stmt, &[]),
         )
         .map_err(pg)?;
+        let xid: i64 = col(&xid, 0)?;
         // The limits are checked after the change, in its transaction,
         // which is dropped (rolled back) when one is exceeded.
         let count = |row: &Row| -> Result<FriendCounts, StoreError> {
@@ -1085,7 +1088,12 @@ impl HistoryStore for PostgresStore {
         } else {
             FriendRequestOutcome::AlreadyRequested
         };
-        tx.commit().await.map_err(pg)?;
+        if let Err(e) = tx.commit().await {
+            // As for appends: a change reported failed that had committed
+            // would be answered wrongly when retried.
+            drop(client);
+            self.settle_commit(xid, e).await?;
+        }
         Ok(outcome)
     }
 
@@ -1105,6 +1113,7 @@ impl HistoryStore for PostgresStore {
         let take = client.prepare_cached(TAKE_REQUEST).await.map_err(pg)?;
         let befriend = client.prepare_cached(MAKE_FRIENDS).await.map_err(pg)?;
         let counts = client.prepare_cached(FRIEND_COUNTS).await.map_err(pg)?;
+        let xid_stmt = client.prepare_cached(TRANSACTION_ID).await.map_err(pg)?;
         let (user, from) = (sql(user), sql(from));
         let tx = client.transaction().await.map_err(pg)?;
         // The pair's lock, as requests and removals take it: a removal
@@ -1112,12 +1121,14 @@ impl HistoryStore for PostgresStore {
         // Then both users' count locks, as requests take them, so the
         // limit below counts every accept and request before this one.
         let pair: [Param<'_>; 2] = [&user, &from];
-        tokio::try_join!(
+        let (_, _, xid) = tokio::try_join!(
             biased;
             tx.execute(&lock, &pair),
             tx.execute(&lock_users, &pair),
+            tx.query_one(&xid_stmt, &[]),
         )
         .map_err(pg)?;
+        let xid: i64 = col(&xid, 0)?;
         if tx.execute(&take, &[&from, &user]).await.map_err(pg)? == 0 {
             return Err(StoreError::NotFound);
         }
@@ -1131,7 +1142,12 @@ impl HistoryStore for PostgresStore {
         if id_col(&mine, 0)? + id_col(&mine, 2)? > max_friends {
             return Ok(false);
         }
-        tx.commit().await.map_err(pg)?;
+        if let Err(e) = tx.commit().await {
+            // Retried after a lost answer, an accept that had committed
+            // would find no request and answer NOT_FOUND.
+            drop(client);
+            self.settle_commit(xid, e).await?;
+        }
         Ok(true)
     }
 
@@ -1149,12 +1165,24 @@ impl HistoryStore for PostgresStore {
         let mut client = self.client().await?;
         let lock = client.prepare_cached(LOCK_PAIR).await.map_err(pg)?;
         let end = EndFriendship::prepare(&client).await?;
+        let xid_stmt = client.prepare_cached(TRANSACTION_ID).await.map_err(pg)?;
         let tx = client.transaction().await.map_err(pg)?;
-        tx.execute(&lock, &[&sql(user), &sql(other)])
-            .await
-            .map_err(pg)?;
+        let (user_id, other_id) = (sql(user), sql(other));
+        let pair: [Param<'_>; 2] = [&user_id, &other_id];
+        let (_, xid) = tokio::try_join!(
+            biased;
+            tx.execute(&lock, &pair),
+            tx.query_one(&xid_stmt, &[]),
+        )
+        .map_err(pg)?;
+        let xid: i64 = col(&xid, 0)?;
         let ended = end.run(&tx, user, other).await?;
-        tx.commit().await.map_err(pg)?;
+        if let Err(e) = tx.commit().await {
+            // Retried after a lost answer, a removal that had committed
+            // would find nothing to end, and its ex-friend would not hear.
+            drop(client);
+            self.settle_commit(xid, e).await?;
+        }
         Ok(ended)
     }
 
@@ -1183,6 +1211,7 @@ impl HistoryStore for PostgresStore {
             .prepare_cached("SELECT count(*) FROM blocks WHERE user_id = $1")
             .await
             .map_err(pg)?;
+        let xid_stmt = client.prepare_cached(TRANSACTION_ID).await.map_err(pg)?;
         let tx = client.transaction().await.map_err(pg)?;
         // The pair's lock, as requests take it: a request crossing this
         // block either comes first (and is ended here) or sees the block.
@@ -1190,12 +1219,14 @@ impl HistoryStore for PostgresStore {
         // the count below exact however blocks of the user race.
         let (user_id, other_id) = (sql(user), sql(other));
         let pair: [Param<'_>; 2] = [&user_id, &other_id];
-        tokio::try_join!(
+        let (_, _, xid) = tokio::try_join!(
             biased;
             tx.execute(&lock, &pair),
             tx.execute(&lock_users, &pair),
+            tx.query_one(&xid_stmt, &[]),
         )
         .map_err(pg)?;
+        let xid: i64 = col(&xid, 0)?;
         // Rather than the insert's foreign key error (which would read as a
         // store failure).
         let exists = tx
@@ -1220,7 +1251,12 @@ impl HistoryStore for PostgresStore {
             return Ok(BlockOutcome::Full);
         }
         let ended = end.run(&tx, user, other).await?;
-        tx.commit().await.map_err(pg)?;
+        if let Err(e) = tx.commit().await {
+            // Retried after a lost answer, a block that had committed would
+            // answer "already blocked" and lose the friendship it ended.
+            drop(client);
+            self.settle_commit(xid, e).await?;
+        }
         Ok(BlockOutcome::Blocked { ended })
     }
 

@@ -1811,3 +1811,54 @@ async fn the_friend_lists_do_not_miss_a_friendship_accepted_while_read() {
     })
     .await;
 }
+
+/// Friendship changes settle a COMMIT whose answer was lost, as appends
+/// do. Reported failed, the change was there all the same, and the retry
+/// answered wrongly: an accept found no request (NOT_FOUND), a removal or
+/// a block found nothing to end, so the ex-friend never heard.
+#[tokio::test]
+async fn a_friendship_change_whose_commit_answer_is_lost_is_settled() {
+    let cutter = Arc::new(CommitCutter::start().await);
+    let url = cutter.url();
+    with_store_at(&url, {
+        let cutter = cutter.clone();
+        move |store| async move {
+            let a = user(&*store, "alice").await;
+            let b = user(&*store, "bob").await;
+            let lost = |n: u64| {
+                assert_eq!(cutter.cuts(), n, "the COMMIT's answer was cut");
+            };
+
+            cutter.arm(CUT_ANSWER);
+            let asked = store.friend_request_within(a, b, 1, 10).await;
+            lost(1);
+            assert!(
+                matches!(asked, Ok(FriendRequestOutcome::Requested)),
+                "{asked:?}"
+            );
+
+            cutter.arm(CUT_ANSWER);
+            let accepted = store.friend_accept_within(b, a, 2, 10).await;
+            lost(2);
+            assert!(matches!(accepted, Ok(true)), "{accepted:?}");
+            assert!(store.are_friends(a, b).await.unwrap());
+
+            cutter.arm(CUT_ANSWER);
+            let removed = store.friend_remove(a, b).await;
+            lost(3);
+            assert!(matches!(removed, Ok(true)), "{removed:?}");
+            assert!(!store.are_friends(a, b).await.unwrap());
+
+            befriend(&*store, a, b).await;
+            cutter.arm(CUT_ANSWER);
+            let blocked = store.block(a, b, 3, 10).await;
+            lost(4);
+            assert!(
+                matches!(blocked, Ok(BlockOutcome::Blocked { ended: true })),
+                "{blocked:?}"
+            );
+            assert!(!store.are_friends(a, b).await.unwrap());
+        }
+    })
+    .await;
+}
