@@ -228,7 +228,19 @@ pub(super) async fn append_system(
             &[&sql(conversation_id), &sql(seq), &sql(actor), &client_msg_id, &kind, &now_ms, &text],
         )
         .await
-        .map_err(pg)?;
+        .map_err(|e| {
+            // The change's key was taken meanwhile by a message of the
+            // actor's elsewhere, which the check under the conversation's
+            // lock could not see yet: refused, as a key seen there is.
+            let key_taken = e.as_db_error().is_some_and(|db| {
+                db.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                    && db.constraint() == Some("messages_idempotency")
+            });
+            match key_taken {
+                true => StoreError::Invalid("client_key was already used for another request".into()),
+                false => pg(e),
+            }
+        })?;
     let message_id = id_col(&row, 0)?;
     tx.execute(
         "UPDATE members SET

@@ -1862,3 +1862,59 @@ async fn a_friendship_change_whose_commit_answer_is_lost_is_settled() {
     })
     .await;
 }
+
+/// A group change's key taken meanwhile by a message of the actor's in
+/// another conversation, not yet committed when the change looked: the
+/// change is refused as a repeated key is (INVALID_ARGUMENT), not failed
+/// as a store error (INTERNAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_change_whose_key_is_taken_meanwhile_is_refused() {
+    with_store(|store| async move {
+        let schema = schema_of(&store);
+        let a = user(&*store, "alice").await;
+        let b = user(&*store, "bob").await;
+        let direct = befriend(&*store, a, b).await;
+        let group = new_group(&store, a, vec![b]).await;
+
+        let mut holder = admin().await;
+        let holder_pid = backend_pid(&holder).await;
+        let tx = holder.transaction().await.unwrap();
+        tx.execute(
+            &format!(
+                r#"INSERT INTO "{schema}".messages
+                       (conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body)
+                   VALUES ($1, 1000, $2, 'k', 1, 1, 'elsewhere')"#
+            ),
+            &[&sql(direct), &sql(a)],
+        )
+        .await
+        .unwrap();
+        let rename = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .change_group(
+                        GroupEdit::new(group, a, GroupChange::Rename("trip".into())).keyed("k"),
+                        10,
+                        20,
+                    )
+                    .await
+            }
+        });
+        let watcher = admin().await;
+        blocked_by(
+            &watcher,
+            holder_pid,
+            1,
+            "the change's insert behind the key",
+        )
+        .await;
+        tx.commit().await.unwrap();
+        let outcome = rename.await.unwrap();
+        assert!(
+            matches!(outcome, Err(StoreError::Invalid(_))),
+            "{outcome:?}"
+        );
+    })
+    .await;
+}
