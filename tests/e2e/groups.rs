@@ -702,3 +702,54 @@ async fn agrees(client: &Client, g: u64, seq: u64, expected: (usize, usize, usiz
     let status = client.receipt_status(g, seq).unwrap();
     from_server == expected && (status.members, status.delivered, status.seen) == expected
 }
+
+/// A page of the conversation list is read from the store a chunk at a
+/// time until the reply is full: paging through more conversations than a
+/// chunk (30) and than a frame holds gives each one once, newest first.
+#[tokio::test]
+async fn the_conversation_list_pages_through_every_conversation_once() {
+    const GROUPS: usize = 70;
+    let server = TestServer::start_with(|c| {
+        unlimited_sends_and_requests(c);
+        c.limits.max_frame_len = 8 * 1024;
+        c.limits.max_text_len = 1024;
+    })
+    .await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    befriend(&alice, &bob).await;
+    let bob_id = bob.identity().user_id;
+    for i in 0..GROUPS {
+        alice
+            .create_group(&format!("group {i}"), &[bob_id])
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut last: Option<proto::ConversationInfo> = None;
+    loop {
+        let page = alice.conversations(200, last.as_ref()).await.unwrap();
+        let Some(end) = page.last().cloned() else {
+            break;
+        };
+        pages += 1;
+        assert!(pages <= GROUPS, "paging never ends");
+        seen.extend(page.iter().map(|c| (c.last_activity_ms, c.conversation_id)));
+        last = Some(end);
+    }
+    assert_eq!(
+        seen.len(),
+        GROUPS + 1,
+        "the groups and the direct conversation"
+    );
+    let unique: HashSet<_> = seen.iter().map(|s| s.1).collect();
+    assert_eq!(unique.len(), seen.len(), "each once");
+    assert!(
+        seen.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {seen:?}"
+    );
+    // 50 and 21 here: the first page spans two chunks and ends at the
+    // frame.
+    assert!(pages >= 2, "a page is cut at the frame: {pages} pages");
+}

@@ -26,6 +26,9 @@ use crate::wire::{self, FrameReader, Outbound};
 
 /// Default page size for conversation lists when the client sends 0.
 const DEFAULT_CONVERSATION_PAGE: u32 = 30;
+/// Conversations read from the store at a time for one page (see
+/// ListConversations): a default page is one read.
+const CONVERSATION_CHUNK: usize = 30;
 /// Default page size for history when the client sends 0.
 const DEFAULT_HISTORY_PAGE: u32 = 50;
 
@@ -636,18 +639,36 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             reply(Body::Conversation(conversation_info(view)))
         }
         Some(Body::ListConversations(l)) => {
-            let limit = page_limit(l.limit, DEFAULT_CONVERSATION_PAGE);
-            let before = (l.before_activity_ms, l.before_conversation_id);
-            let views = store.conversations(me, before, limit).await?;
-            let mut conversations: Vec<_> = views.into_iter().map(conversation_info).collect();
-            // Fewer than asked is an ordinary page (the limit is capped
-            // too): the client pages on from the last one until a page
-            // comes back empty.
-            let fit = fitting(
-                conversations.iter().map(|c| c.encoded_len()),
-                reply_budget(session),
-            );
-            conversations.truncate(fit);
+            let limit = page_limit(l.limit, DEFAULT_CONVERSATION_PAGE) as usize;
+            let mut before = (l.before_activity_ms, l.before_conversation_id);
+            // Read a chunk at a time until the reply is full: a view
+            // carries every member, so in large groups a frame holds a
+            // dozen, and building the 200 a client may ask for, to send
+            // a dozen, kept the store busy for nothing. Fewer than asked is
+            // an ordinary page (the limit is capped too): the client pages
+            // on from the last one until a page comes back empty.
+            let budget = reply_budget(session);
+            let mut used = REPLY_ENVELOPE;
+            let mut conversations = Vec::new();
+            'chunks: while conversations.len() < limit {
+                let chunk = (limit - conversations.len()).min(CONVERSATION_CHUNK);
+                let views = store.conversations(me, before, chunk as u32).await?;
+                let read = views.len();
+                for view in views {
+                    let info = conversation_info(view);
+                    let len = info.encoded_len();
+                    // The repeated field's tag byte and length prefix.
+                    used += 1 + prost::length_delimiter_len(len) + len;
+                    if used > budget && !conversations.is_empty() {
+                        break 'chunks;
+                    }
+                    before = (info.last_activity_ms, info.conversation_id);
+                    conversations.push(info);
+                }
+                if read < chunk {
+                    break;
+                }
+            }
             reply(Body::ConversationList(proto::ConversationList {
                 conversations,
             }))
