@@ -212,6 +212,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "Frames in the embedded store's write-ahead log at its latest checkpoint; the log starts over past 2,000, so a steady climb means checkpoints are not keeping up.",
     ),
     (
+        "chat_sqlite_checkpoint_failures_total",
+        "counter",
+        Unit::Count,
+        "Failed checkpoints of the embedded store's write-ahead log (every 100 ms while they fail): the log grows without bound meanwhile and chat_sqlite_wal_frames stands still.",
+    ),
+    (
         "chat_sqlite_checkpoint_duration_seconds",
         "histogram",
         Unit::Seconds,
@@ -384,6 +390,9 @@ impl Metrics {
                         "chat_sqlite_checkpoint_duration_seconds",
                         "thread" => "writer"
                     ),
+                    failures: metrics::counter!("chat_sqlite_checkpoint_failures_total"),
+                    #[cfg(test)]
+                    fail_next: Default::default(),
                 },
                 certificate_expiry: metrics::gauge!(
                     "chat_tls_certificate_expiry_timestamp_seconds"

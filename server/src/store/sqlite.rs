@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chat_protocol::proto;
-use metrics::{Gauge, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
@@ -693,6 +693,12 @@ pub struct CheckpointMetrics {
     pub checkpointer: Histogram,
     /// The writer's own checkpoints (the ones that restart the WAL).
     pub writer: Histogram,
+    /// The checkpointer thread's checkpoints that failed: while they do,
+    /// the WAL grows without bound and the frames gauge stands still.
+    pub failures: Counter,
+    /// Tests: how many of the checkpointer's next checkpoints fail.
+    #[cfg(test)]
+    pub(crate) fail_next: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Default for CheckpointMetrics {
@@ -701,6 +707,9 @@ impl Default for CheckpointMetrics {
             wal_frames: Gauge::noop(),
             checkpointer: Histogram::noop(),
             writer: Histogram::noop(),
+            failures: Counter::noop(),
+            #[cfg(test)]
+            fail_next: Arc::default(),
         }
     }
 }
@@ -956,13 +965,25 @@ fn run_checkpointer(
     let mut failing = false;
     while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
         let started = Instant::now();
-        let c = match checkpoint(&conn) {
+        #[cfg(test)]
+        let injected = metrics
+            .fail_next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        #[cfg(not(test))]
+        let injected = false;
+        let checkpointed = match injected {
+            true => Err(rusqlite::Error::InvalidQuery),
+            false => checkpoint(&conn),
+        };
+        let c = match checkpointed {
             Ok(c) => c,
             Err(e) => {
                 if !failing {
                     tracing::warn!(error = %e, "WAL checkpoints failing; retrying every 100 ms");
                 }
                 failing = true;
+                metrics.failures.increment(1);
                 continue;
             }
         };
@@ -3620,6 +3641,31 @@ mod tests {
         send(&store, text(c, a, "k2", "two", 600)).await;
         assert_eq!(history_texts(&store, c).await, ["one", "two"]);
         assert_eq!(history_texts(&store, d).await, ["k3", "k4"]);
+    }
+
+    /// Failing checkpoints are counted: meanwhile the WAL grows without
+    /// bound and the frames gauge stands still, so the count is what an
+    /// operator can see.
+    #[tokio::test]
+    async fn failing_checkpoints_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let metrics = CheckpointMetrics {
+            failures: Counter::from_arc(failures.clone()),
+            ..CheckpointMetrics::default()
+        };
+        metrics.fail_next.store(3, Ordering::Relaxed);
+        let store = SqliteStore::open_observed(dir.path(), MIN_COMMIT_GAP, metrics).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while failures.load(Ordering::Relaxed) < 3 {
+            assert!(Instant::now() < deadline, "never counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Then they work again, and nothing more is counted.
+        let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
+        send(&store, text(c, a, "k1", "one", 100)).await;
+        tokio::time::sleep(CHECKPOINT_INTERVAL * 3).await;
+        assert_eq!(failures.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test]
