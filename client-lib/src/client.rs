@@ -1965,8 +1965,19 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection, mut answered:
                             // Handed to the app (which may wait for room)
                             // after the turn is given back.
                             for state in states {
-                                if !inner.emit(Event::Presence(state), &conn).await {
+                                let Room::Reserved(permit) = inner.event_room(Some(&conn)).await
+                                else {
                                     return;
+                                };
+                                // What is known once there is room, queued
+                                // under the lock the control reader records
+                                // updates under: an update it recorded (and
+                                // queued) meanwhile is not followed by this
+                                // older snapshot, and a user unwatched
+                                // meanwhile is not shown.
+                                let known = inner.presence.lock().expect("presence lock");
+                                if let Some(current) = known.get(&state.user_id) {
+                                    permit.send(Event::Presence(*current));
                                 }
                             }
                         });
