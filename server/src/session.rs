@@ -65,6 +65,21 @@ pub struct Session {
     waiting_from: Mutex<Option<std::net::IpAddr>>,
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The connection task gives the place back when the connection
+        // ends; this covers a task that panicked first.
+        let waiting = self
+            .waiting_from
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(address) = waiting {
+            self.shared.unauthenticated.give_back(address);
+        }
+    }
+}
+
 /// The retry-after of a connection refused for its user's
 /// `max-sessions-per-user` (or its token's `max-sessions-per-token`): long
 /// enough for a device's dead connection to time out meanwhile.
