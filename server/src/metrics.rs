@@ -59,7 +59,7 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_connections_closed_total",
         "counter",
         Unit::Count,
-        "Connections that ended, by reason: client_closed, idle_timeout, server_closed, reset, transport_error, handshake_failed (or timed out), handshakes_full (refused: max-connections handshakes in progress).",
+        "Connections that ended, by reason: client_closed, idle_timeout, server_closed, reset, transport_error, handshake_failed (or timed out), handshakes_full (refused: max-connections handshakes in progress), address_busy (refused: max-unauthenticated-per-address from its address).",
     ),
     (
         "chat_connections_refused_total",

@@ -164,6 +164,30 @@ impl Session {
         Ok(())
     }
 
+    /// For a 0-RTT connection: once its handshake is done, counts it as
+    /// waiting to authenticate from its (now proven) address, unless it
+    /// has authenticated already, or closes it with SERVER_BUSY if that
+    /// address has its share waiting. False if it was closed, or ended
+    /// before its handshake did.
+    async fn wait_as_established(&self) -> bool {
+        if !self.was_established().await {
+            return false;
+        }
+        let mut waiting = self.waiting_from.lock().expect("waiting lock");
+        // Under the lock `authenticate` gives the place back under, after
+        // it set `authed`: either it sees the place, or this sees `authed`.
+        if self.authed().is_some() {
+            return true;
+        }
+        match take_waiting_place(&self.shared, &self.conn) {
+            Some(address) => {
+                *waiting = Some(address);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// No longer counted as waiting to authenticate from its address.
     fn stop_waiting(&self) {
         if let Some(address) = self.waiting_from.lock().expect("waiting lock").take() {
@@ -244,6 +268,29 @@ impl Session {
     }
 }
 
+/// Counts `conn` as waiting to authenticate from its source (an IPv4
+/// address, or an IPv6 /64, the block one host is usually given), or
+/// closes it with SERVER_BUSY when that source has its share waiting.
+fn take_waiting_place(shared: &Shared, conn: &quinn::Connection) -> Option<std::net::IpAddr> {
+    let source = crate::auth::login_source(conn.remote_address().ip());
+    if shared.unauthenticated.try_take(source) {
+        return Some(source);
+    }
+    tracing::info!(
+        %source,
+        max = shared.config.transport.max_unauthenticated_per_address,
+        "too many connections from one address waiting to authenticate; closing with SERVER_BUSY"
+    );
+    shared.metrics.connections_refused.increment(1);
+    wire::close_counted(
+        conn,
+        &shared.metrics,
+        ErrorCode::ServerBusy,
+        "too many connections from this address waiting to log in; try again later",
+    );
+    None
+}
+
 /// Serves one connection until it closes. `handshake` is set when the
 /// connection was accepted with 0-RTT: it turns true once the handshake
 /// is confirmed, and until then only replay-safe frames are processed
@@ -254,22 +301,21 @@ pub async fn run(
     handshake: Option<watch::Receiver<bool>>,
 ) {
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-    let address = conn.remote_address().ip().to_canonical();
-    if !shared.unauthenticated.try_take(address) {
-        tracing::info!(
-            %address,
-            max = shared.config.transport.max_unauthenticated_per_address,
-            "too many connections from one address waiting to authenticate; closing with SERVER_BUSY"
-        );
-        shared.metrics.connections_refused.increment(1);
-        wire::close_counted(
-            &conn,
-            &shared.metrics,
-            ErrorCode::ServerBusy,
-            "too many connections from this address waiting to log in; try again later",
-        );
-        return;
-    }
+    // A 0-RTT connection is counted once its handshake is done (see the
+    // watchdog below): before, its address is not proven, and Initials
+    // forged from someone's address would take that address's places.
+    let counted = match handshake {
+        Some(_) => None,
+        None => match take_waiting_place(&shared, &conn) {
+            Some(address) => Some(address),
+            None => {
+                // Ended here, before the loop that counts how connections
+                // end (a 0-RTT one refused later ends through it).
+                shared.metrics.closed("address_busy");
+                return;
+            }
+        },
+    };
     // At debug level only: an enabled span keeps a record (its formatted
     // fields in the subscriber's registry) for the connection's life, a
     // few hundred bytes per idle connection, and is entered at every poll
@@ -287,7 +333,7 @@ pub async fn run(
         confirm_leave: AtomicBool::new(false),
         acks_lost_before: shared.delivery.acks_lost(),
         handshake,
-        waiting_from: Mutex::new(Some(address)),
+        waiting_from: Mutex::new(counted),
     });
     async move {
         tracing::debug!("connection established");
@@ -295,7 +341,12 @@ pub async fn run(
         let watchdog = {
             let session = session.clone();
             async move {
-                tokio::time::sleep(auth_timeout).await;
+                let login_window = tokio::time::sleep(auth_timeout);
+                tokio::pin!(login_window);
+                if session.handshake.is_some() && !Box::pin(session.wait_as_established()).await {
+                    return;
+                }
+                login_window.await;
                 let Some(authed) = session.authed() else {
                     wire::close_counted(
                         &session.conn,

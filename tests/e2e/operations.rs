@@ -450,7 +450,22 @@ async fn waiting_to_log_in(
 /// address still gets in, and a login frees a place.
 #[tokio::test]
 async fn one_address_cannot_hold_more_connections_waiting_to_log_in_than_its_share() {
-    let server = TestServer::start_with(|c| c.transport.max_unauthenticated_per_address = 3).await;
+    address_share(false).await;
+}
+
+/// With 0-RTT a connection is served from its first packet, and counted
+/// under its address once its handshake has proven that address.
+#[tokio::test]
+async fn one_address_cannot_hold_more_connections_waiting_to_log_in_with_0rtt() {
+    address_share(true).await;
+}
+
+async fn address_share(zero_rtt: bool) {
+    let server = TestServer::start_with(|c| {
+        c.transport.max_unauthenticated_per_address = 3;
+        c.transport.zero_rtt = zero_rtt;
+    })
+    .await;
     let mut waiting = Vec::new();
     for _ in 0..3 {
         waiting.push(waiting_to_log_in(&server).await);
