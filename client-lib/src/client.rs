@@ -807,7 +807,10 @@ impl Inner {
         }
         self.max_text_len
             .store(live.max_text_len, Ordering::Relaxed);
-        outbox.fail_longer_than(live.max_text_len);
+        if outbox.fail_longer_than(live.max_text_len) {
+            // A shutdown may be waiting for the outbox to empty.
+            self.answered.notify_waiters();
+        }
         // Nothing is on this connection's wire; during a pause the resend
         // waits for its end (see send_answered).
         outbox.mark_all_unsent();

@@ -163,8 +163,11 @@ async fn establish(
         control: control_tx,
         messages: messages_tx,
         receipts: receipts_tx,
+        // A server that does not say: no text over the protocol's frame
+        // cap can be sent to any server, and nothing under it is refused
+        // that this one might take.
         max_text_len: match auth_ok.max_text_len {
-            0 => chat_protocol::limits::DEFAULT_MAX_TEXT_LEN,
+            0 => chat_protocol::limits::MAX_FRAME_LEN,
             n => n as usize,
         },
     };

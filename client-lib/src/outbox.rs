@@ -131,7 +131,9 @@ impl Outbox {
     /// Fails the sends whose text is longer than `max_text_len`, the limit
     /// of a new connection's server: it would refuse them, or close the
     /// connection for a frame too large, on every reconnect.
-    pub(crate) fn fail_longer_than(&mut self, max_text_len: usize) {
+    /// True if it failed any.
+    pub(crate) fn fail_longer_than(&mut self, max_text_len: usize) -> bool {
+        let before = self.entries.len();
         self.entries.retain_mut(|entry| {
             if entry.text_len <= max_text_len {
                 return true;
@@ -141,6 +143,7 @@ impl Outbox {
             }
             false
         });
+        self.entries.len() < before
     }
 
     /// The frames to send now: from the earliest unsent entry onward, in
@@ -449,7 +452,8 @@ mod tests {
                 .push(id, key(id), (Bytes::from_static(b"f"), len), tx, true)
                 .unwrap();
         }
-        outbox.fail_longer_than(1_000);
+        assert!(outbox.fail_longer_than(1_000));
+        assert!(!outbox.fail_longer_than(1_000), "nothing more to fail");
         assert_eq!(outbox.len(), 2);
         assert!(outbox.holds(7, "m1") && outbox.holds(7, "m3"));
         let refused = waiters[1].try_recv().unwrap().unwrap_err();
