@@ -332,14 +332,18 @@ impl Server {
             let _ = task.await;
         }
         // Tasks that borrow the store for one call (the presence sweeper's
-        // last-active write, a mark's membership check) may still hold it:
-        // wait for them, so that when `self` (and with it `ops`, the
-        // other reference) drops at the end, the store closes here.
+        // last-active write, a mark's membership check) and the metrics
+        // port's requests in flight (holding `ops`) may still hold it: wait
+        // for them, so that when `self` (and with it `ops`, the other
+        // reference) drops at the end, the store closes here.
         let store = self.ops.history.clone();
-        while Arc::strong_count(&store) > 2 && tokio::time::Instant::now() < deadline {
+        let held = |store: &Arc<dyn HistoryStore>| {
+            Arc::strong_count(store) > 2 || Arc::strong_count(&self.ops) > 1
+        };
+        while held(&store) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let store_released = Arc::strong_count(&store) <= 2;
+        let store_released = !held(&store);
         drop(store);
         let complete = sessions_left == 0 && committers_done && store_released;
         if complete {

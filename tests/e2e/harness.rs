@@ -300,13 +300,17 @@ impl TestServer {
         let mut config = self.config.clone();
         config.listen = self.addr;
         // quinn releases the UDP socket when its endpoint driver task next
-        // runs; retry the bind until then.
+        // runs; retry the bind until then. A start that failed at the bind
+        // lets go of the store (and its data directory's lock) as its
+        // committers end, a moment later: retry that too.
         let deadline = tokio::time::Instant::now() + WAIT;
         let server = loop {
             match Server::start(config.clone()).await {
                 Ok(server) => break server,
-                Err(chat_server::ServerError::Bind { .. })
-                    if tokio::time::Instant::now() < deadline =>
+                Err(e)
+                    if tokio::time::Instant::now() < deadline
+                        && (matches!(e, chat_server::ServerError::Bind { .. })
+                            || e.to_string().contains("in use by another chat-server")) =>
                 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
