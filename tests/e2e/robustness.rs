@@ -960,8 +960,9 @@ async fn a_flood_of_marks_that_move_nothing_costs_one_lookup_per_batch() {
     // sender is a member; 1,000 of them in one burst used to make 1,000
     // lookups, queued in front of everyone else's store work. (Below the
     // session queue's 1,024 frames: this client reads its replies only
-    // after writing every mark.)
-    let server = TestServer::start().await;
+    // after writing every mark. No mark rate: this many at once would
+    // reach its burst.)
+    let server = TestServer::start_with(unlimited_marks).await;
     let metrics = server.server.as_ref().unwrap().metrics_addr();
     let (raw, _control, _control_recv) = Raw::authenticated(&server).await;
     const N: u64 = 1_000;

@@ -3592,25 +3592,30 @@ mod tests {
         let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
         let (carol, _, d) = friends_with_direct(&store, "carol", "dave").await;
         send(&store, text(c, a, "k1", "one", 100)).await;
-        // The thread is held while the next batch queues up.
+        // The thread is held until the next batch has queued up: the four
+        // jobs are queued when the join first polls them, before the fifth
+        // future lets the thread go.
         let (started, held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
         let hold = store.call(move |_, _| {
             started.send(()).unwrap();
-            std::thread::sleep(Duration::from_millis(200));
+            released.recv().unwrap();
             Ok(())
         });
         let queued = async {
             tokio::task::spawn_blocking(move || held.recv().unwrap())
                 .await
                 .unwrap();
-            tokio::join!(
+            let (two, rollback, history, three, ()) = tokio::join!(
                 store.append(vec![text(c, a, "k2", "two", 200)]),
                 // The rollback SQLite makes on its own, with the error
                 // swallowed by the job that met it.
                 store.call(|conn, _| conn.execute_batch("ROLLBACK").map_err(internal)),
                 store.history(d, Direction::Backward, 0, 10),
                 store.append(vec![text(d, carol, "k3", "three", 300)]),
-            )
+                async { release.send(()).unwrap() },
+            );
+            (two, rollback, history, three)
         };
         let (held, (two, rollback, history, three)) = tokio::join!(hold, queued);
         held.unwrap();
