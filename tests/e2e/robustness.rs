@@ -343,6 +343,49 @@ async fn a_text_too_long_for_a_frame_fails_at_once_and_later_sends_go_through() 
     }
 }
 
+/// A client that grants no flow-control credit on its control stream
+/// cannot keep its connection up, counted as logged in, by never taking
+/// its AuthOk: that write is bounded by `write-stall` as every other is.
+#[tokio::test]
+async fn a_client_that_never_takes_its_auth_ok_is_closed_as_a_slow_consumer() {
+    let server = TestServer::start_with(|c| c.transport.write_stall = Duration::from_secs(1)).await;
+    let mut config = server.client_config().quinn_client_config().unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(0u32.into());
+    config.transport_config(std::sync::Arc::new(transport));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(config, server.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let register = Frame::new(
+        1,
+        Body::Register(proto::Register {
+            username: name("stingy"),
+            password: PASSWORD.into(),
+            ..Default::default()
+        }),
+    );
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frames(&[
+        Frame::open_stream(StreamKind::Control),
+        register,
+    ]))
+    .await
+    .unwrap();
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("closed within write-stall");
+    let quinn::ConnectionError::ApplicationClosed(close) = closed else {
+        panic!("closed by the server, got {closed:?}");
+    };
+    assert_eq!(
+        ErrorCode::from_wire(close.error_code.into_inner() as i32),
+        ErrorCode::SlowConsumer
+    );
+}
+
 #[tokio::test]
 async fn over_the_send_rate_the_answer_is_rate_limited_with_a_retry_after() {
     // One send per second, bursts of two. The sends go to a conversation

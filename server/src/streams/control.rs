@@ -190,7 +190,20 @@ async fn authenticate(
             .increment(1);
         let mut buf = bytes::BytesMut::new();
         chat_protocol::encode(&reply, &mut buf);
-        if send.write_all(&buf).await.is_err() {
+        // Bounded as every other write is: a client that grants no credit
+        // on its control stream would otherwise hold this task, and a
+        // connection that counts as logged in, until its token expires.
+        let stall = session.shared.config.transport.write_stall;
+        let mut chunks = [buf.freeze()];
+        if !wire::write_all_or_stall(
+            &session.conn,
+            send,
+            &mut chunks,
+            stall,
+            &session.shared.metrics,
+        )
+        .await
+        {
             return false;
         }
         match result {
