@@ -173,9 +173,10 @@ impl Session {
             return;
         }
         let mut waiting = self.waiting_from.lock().expect("waiting lock");
-        // Under the lock `authenticate` gives the place back under, after
-        // it set `authed`: either it sees the place, or this sees `authed`.
-        if self.authed().is_none() {
+        // Under the lock `authenticate` and the connection's end give the
+        // place back under, after setting `authed` or `closed`: either they
+        // see the place, or this sees that none is wanted.
+        if self.authed().is_none() && !self.is_closed() {
             *waiting = take_waiting_place(&self.shared, &self.conn);
         }
     }
