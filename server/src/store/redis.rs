@@ -48,6 +48,9 @@ const INBOX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// used either). Kept to that, a group member's maximum-size texts hold
 /// ~32 MiB per offline member's queue, not twice that.
 const INBOX_QUEUE_CAP: isize = INBOX_CATCH_UP_LIMIT as isize + 1;
+/// Queued messages read per round trip in [`InboxStore::pending`] (more
+/// when one queue holds more).
+const PENDING_READ: usize = 256;
 /// A conversation's recent messages expire this long after its last one:
 /// a cache miss costs a history read.
 const RECENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -256,21 +259,36 @@ impl InboxStore for RedisStore {
             // (an empty pipeline is an error to Redis).
             return Ok(Some(Vec::new()));
         }
-        let mut pipe = ::redis::pipe();
-        for (conversation, &size) in conversations.iter().zip(&sizes) {
-            // As many as counted (pushes since then come live, or with
-            // the next catch-up), so the total stays within `limit`.
-            if size > 0 {
-                pipe.zrange(self.inbox_key(user, *conversation), 0, size as isize - 1);
-            }
-        }
-        let queues: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        // Read in round trips of about PENDING_READ messages: one reply of
+        // up to 2,000 maximal texts (~32 MiB) held everyone else's calls on
+        // the node's one multiplexed connection, and Redis's event loop,
+        // until it was through.
         let mut out = Vec::with_capacity(total);
-        for bytes in queues.into_iter().flatten() {
-            let message = decode(&bytes).ok_or_else(|| {
-                StoreError::Internal("undecodable message in a redis inbox".into())
-            })?;
-            out.push(message);
+        let queued: Vec<(u64, usize)> = conversations
+            .into_iter()
+            .zip(sizes)
+            .filter(|&(_, size)| size > 0)
+            .collect();
+        let mut next = 0;
+        while next < queued.len() {
+            let mut pipe = ::redis::pipe();
+            let mut in_pipe = 0;
+            while next < queued.len() && in_pipe < PENDING_READ {
+                let (conversation, size) = queued[next];
+                // As many as counted (pushes since then come live, or with
+                // the next catch-up), so the total stays within `limit`.
+                pipe.zrange(self.inbox_key(user, conversation), 0, size as isize - 1);
+                in_pipe += size;
+                next += 1;
+            }
+            let queues: Vec<Vec<Vec<u8>>> =
+                pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            for bytes in queues.into_iter().flatten() {
+                let message = decode(&bytes).ok_or_else(|| {
+                    StoreError::Internal("undecodable message in a redis inbox".into())
+                })?;
+                out.push(message);
+            }
         }
         Ok(Some(out))
     }
@@ -642,6 +660,34 @@ mod tests {
         assert_eq!(seqs(store.page_before(7, 0, 1).await), Some(vec![3]));
         RecentCache::push(&store, &[message(7, 4)]).await;
         assert_eq!(seqs(store.page_before(7, 0, 2).await), Some(vec![3, 4]));
+        delete_prefix(&store, store.prefix()).await;
+    }
+
+    /// A catch-up's queues come in several round trips (about 256
+    /// messages each) and still whole and in (conversation, seq) order.
+    #[tokio::test]
+    async fn pending_reads_every_queue_in_order_over_several_round_trips() {
+        let Some(store) = connect("pending-chunks").await else {
+            return;
+        };
+        let mut entries = Vec::new();
+        for conversation in [3, 1, 2] {
+            for seq in 1..=300 {
+                entries.push((5, message(conversation, seq)));
+            }
+        }
+        InboxStore::push(&store, entries).await.unwrap();
+        let queued = store
+            .pending(5, 2_000)
+            .await
+            .unwrap()
+            .expect("within the limit");
+        let got: Vec<(u64, u64)> = queued.iter().map(|m| (m.conversation_id, m.seq)).collect();
+        let wanted: Vec<(u64, u64)> = [1, 2, 3]
+            .into_iter()
+            .flat_map(|c| (1..=300).map(move |s| (c, s)))
+            .collect();
+        assert_eq!(got, wanted);
         delete_prefix(&store, store.prefix()).await;
     }
 
