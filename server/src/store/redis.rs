@@ -269,7 +269,11 @@ impl InboxStore for RedisStore {
             .zip(sizes)
             .filter(|&(_, size)| size > 0)
             .collect();
-        let mut next = 0;
+        // The next queue to read, and how far into it (a long queue is
+        // read in slices). A queue trimmed meanwhile shifts its ranks: the
+        // catch-up's check against history then finds messages missing
+        // and reads history instead.
+        let (mut next, mut offset) = (0, 0);
         while next < queued.len() {
             let mut pipe = ::redis::pipe();
             let mut in_pipe = 0;
@@ -277,9 +281,17 @@ impl InboxStore for RedisStore {
                 let (conversation, size) = queued[next];
                 // As many as counted (pushes since then come live, or with
                 // the next catch-up), so the total stays within `limit`.
-                pipe.zrange(self.inbox_key(user, conversation), 0, size as isize - 1);
-                in_pipe += size;
-                next += 1;
+                let take = (size - offset).min(PENDING_READ - in_pipe);
+                pipe.zrange(
+                    self.inbox_key(user, conversation),
+                    offset as isize,
+                    (offset + take) as isize - 1,
+                );
+                in_pipe += take;
+                offset += take;
+                if offset == size {
+                    (next, offset) = (next + 1, 0);
+                }
             }
             let queues: Vec<Vec<Vec<u8>>> =
                 pipe.query_async(&mut conn).await.map_err(unavailable)?;
@@ -663,16 +675,18 @@ mod tests {
         delete_prefix(&store, store.prefix()).await;
     }
 
-    /// A catch-up's queues come in several round trips (about 256
-    /// messages each) and still whole and in (conversation, seq) order.
+    /// A catch-up's queues come in round trips of about 256 messages, a
+    /// long queue in slices, short ones together, and still whole and in
+    /// (conversation, seq) order.
     #[tokio::test]
     async fn pending_reads_every_queue_in_order_over_several_round_trips() {
         let Some(store) = connect("pending-chunks").await else {
             return;
         };
+        let lengths = [(1, 600), (2, 10), (3, 100), (4, 1)];
         let mut entries = Vec::new();
-        for conversation in [3, 1, 2] {
-            for seq in 1..=300 {
+        for (conversation, n) in lengths.into_iter().rev() {
+            for seq in 1..=n {
                 entries.push((5, message(conversation, seq)));
             }
         }
@@ -683,9 +697,9 @@ mod tests {
             .unwrap()
             .expect("within the limit");
         let got: Vec<(u64, u64)> = queued.iter().map(|m| (m.conversation_id, m.seq)).collect();
-        let wanted: Vec<(u64, u64)> = [1, 2, 3]
+        let wanted: Vec<(u64, u64)> = lengths
             .into_iter()
-            .flat_map(|c| (1..=300).map(move |s| (c, s)))
+            .flat_map(|(c, n)| (1..=n).map(move |s| (c, s)))
             .collect();
         assert_eq!(got, wanted);
         delete_prefix(&store, store.prefix()).await;
