@@ -163,11 +163,14 @@ async fn establish(
         control: control_tx,
         messages: messages_tx,
         receipts: receipts_tx,
-        // A server that does not say: no text over the protocol's frame
-        // cap can be sent to any server, and nothing under it is refused
-        // that this one might take.
+        // A server that does not say: as long as fits in a frame of the
+        // default size with its envelope (the 512 bytes servers keep
+        // beside their text limit), so a send never makes a server with
+        // default frames close the connection (and the outbox send it
+        // again after every reconnect), while a longer text limit up to
+        // there is not undercut.
         max_text_len: match auth_ok.max_text_len {
-            0 => chat_protocol::limits::MAX_FRAME_LEN,
+            0 => chat_protocol::limits::DEFAULT_MAX_FRAME_LEN - 512,
             n => n as usize,
         },
     };
