@@ -65,7 +65,7 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_connections_refused_total",
         "counter",
         Unit::Count,
-        "Connections closed with SERVER_BUSY because max-connections were open.",
+        "Connections closed with SERVER_BUSY because max-connections were open, or max-unauthenticated-per-address from their source were waiting to log in.",
     ),
     (
         "chat_frames_received_total",
