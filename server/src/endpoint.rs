@@ -140,6 +140,14 @@ impl Server {
         let server_config = quic_config(&config, provider, certificate.clone())?;
         let metrics = Arc::new(Metrics::new());
         note_expiry(&metrics, expires_at);
+        // Bound before the store opens: a node that cannot have its port
+        // (another node's, or a restart's whose old socket is not let go
+        // yet) stops without touching the data directory.
+        let bind_error = |source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = udp_socket(config.listen, &config.transport).map_err(bind_error)?;
         let Stores {
             history: store,
             cache,
@@ -162,11 +170,6 @@ impl Server {
             config.limits.receipt_broadcast_max_members,
             config.committers,
         );
-        let bind_error = |source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        };
-        let socket = udp_socket(config.listen, &config.transport).map_err(bind_error)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| ServerError::Tls("no async runtime for quinn".into()))?;
         let endpoint = quinn::Endpoint::new(

@@ -300,17 +300,14 @@ impl TestServer {
         let mut config = self.config.clone();
         config.listen = self.addr;
         // quinn releases the UDP socket when its endpoint driver task next
-        // runs; retry the bind until then. A start that failed at the bind
-        // lets go of the store (and its data directory's lock) as its
-        // committers end, a moment later: retry that too.
+        // runs; retry the bind until then (a start that fails at the bind
+        // has not opened the store).
         let deadline = tokio::time::Instant::now() + WAIT;
         let server = loop {
             match Server::start(config.clone()).await {
                 Ok(server) => break server,
-                Err(e)
-                    if tokio::time::Instant::now() < deadline
-                        && (matches!(e, chat_server::ServerError::Bind { .. })
-                            || e.to_string().contains("in use by another chat-server")) =>
+                Err(chat_server::ServerError::Bind { .. })
+                    if tokio::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -840,6 +837,15 @@ impl RawControl {
             }
         }
     }
+}
+
+/// `list` encoded back to back, as a raw client writes frames.
+pub fn frames(list: &[chat_protocol::Frame]) -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    for frame in list {
+        chat_protocol::encode(frame, &mut buf);
+    }
+    buf.to_vec()
 }
 
 /// Reads the next frame from a raw QUIC stream; `buf` keeps what arrived

@@ -431,10 +431,9 @@ async fn waiting_to_log_in(
             ..Default::default()
         }),
     );
-    let mut bytes = BytesMut::new();
-    chat_protocol::encode(&Frame::open_stream(StreamKind::Control), &mut bytes);
-    chat_protocol::encode(&login, &mut bytes);
-    send.write_all(&bytes).await.unwrap();
+    send.write_all(&frames(&[Frame::open_stream(StreamKind::Control), login]))
+        .await
+        .unwrap();
     let mut buf = BytesMut::new();
     let reply = next_frame(&mut recv, &mut buf).await;
     let Some(Body::Error(refused)) = reply.body else {
@@ -489,9 +488,7 @@ async fn address_share(zero_rtt: bool) {
             ..Default::default()
         }),
     );
-    let mut bytes = BytesMut::new();
-    chat_protocol::encode(&register_frame, &mut bytes);
-    send.write_all(&bytes).await.unwrap();
+    send.write_all(&frames(&[register_frame])).await.unwrap();
     let reply = next_frame(&mut recv, &mut BytesMut::new()).await;
     assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
     let (erin, _e) = register(server.client_config(), &name("erin")).await;

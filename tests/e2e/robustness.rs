@@ -24,6 +24,25 @@ impl Raw {
         }
     }
 
+    /// Connects with a stream receive window of `window` bytes (the credit
+    /// the server gets on each stream).
+    async fn connect_with_stream_window(server: &TestServer, window: u32) -> Raw {
+        let mut config = server.client_config().quinn_client_config().unwrap();
+        let mut transport = quinn::TransportConfig::default();
+        transport.stream_receive_window(window.into());
+        config.transport_config(std::sync::Arc::new(transport));
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = endpoint
+            .connect_with(config, server.addr, "localhost")
+            .unwrap()
+            .await
+            .expect("handshake");
+        Raw {
+            _endpoint: endpoint,
+            conn,
+        }
+    }
+
     /// Opens a stream and writes raw bytes on it.
     async fn stream(&self, bytes: &[u8]) -> (quinn::SendStream, quinn::RecvStream) {
         let (mut send, recv) = self.conn.open_bi().await.unwrap();
@@ -64,14 +83,6 @@ impl Raw {
             other => panic!("expected an application close, got {other:?}"),
         }
     }
-}
-
-fn frames(list: &[Frame]) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    for frame in list {
-        chat_protocol::encode(frame, &mut buf);
-    }
-    buf.to_vec()
 }
 
 /// A varint length prefix claiming `len` bytes, plus a little of the body.
@@ -349,16 +360,7 @@ async fn a_text_too_long_for_a_frame_fails_at_once_and_later_sends_go_through() 
 #[tokio::test]
 async fn a_client_that_never_takes_its_auth_ok_is_closed_as_a_slow_consumer() {
     let server = TestServer::start_with(|c| c.transport.write_stall = Duration::from_secs(1)).await;
-    let mut config = server.client_config().quinn_client_config().unwrap();
-    let mut transport = quinn::TransportConfig::default();
-    transport.stream_receive_window(0u32.into());
-    config.transport_config(std::sync::Arc::new(transport));
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(config, server.addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let raw = Raw::connect_with_stream_window(&server, 0).await;
     let register = Frame::new(
         1,
         Body::Register(proto::Register {
@@ -367,23 +369,13 @@ async fn a_client_that_never_takes_its_auth_ok_is_closed_as_a_slow_consumer() {
             ..Default::default()
         }),
     );
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
-    send.write_all(&frames(&[
-        Frame::open_stream(StreamKind::Control),
-        register,
-    ]))
-    .await
-    .unwrap();
-    let closed = tokio::time::timeout(WAIT, conn.closed())
-        .await
-        .expect("closed within write-stall");
-    let quinn::ConnectionError::ApplicationClosed(close) = closed else {
-        panic!("closed by the server, got {closed:?}");
-    };
-    assert_eq!(
-        ErrorCode::from_wire(close.error_code.into_inner() as i32),
-        ErrorCode::SlowConsumer
-    );
+    let _streams = raw
+        .stream(&frames(&[
+            Frame::open_stream(StreamKind::Control),
+            register,
+        ]))
+        .await;
+    assert_eq!(raw.close_code().await, ErrorCode::SlowConsumer);
 }
 
 #[tokio::test]
@@ -1431,20 +1423,7 @@ async fn a_client_that_stops_reading_its_messages_is_closed_after_the_write_stal
         alice.send_text(conversation, &text).await.unwrap();
     }
 
-    let mut config = server.client_config().quinn_client_config().unwrap();
-    let mut transport = quinn::TransportConfig::default();
-    transport.stream_receive_window(8_192u32.into());
-    config.transport_config(std::sync::Arc::new(transport));
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(config, server.addr, "localhost")
-        .unwrap()
-        .await
-        .expect("handshake");
-    let raw = Raw {
-        _endpoint: endpoint,
-        conn,
-    };
+    let raw = Raw::connect_with_stream_window(&server, 8_192).await;
     let login = Frame::new(
         1,
         Body::Login(proto::Login {
