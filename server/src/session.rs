@@ -69,14 +69,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         // The connection task gives the place back when the connection
         // ends; this covers a task that panicked first.
-        let waiting = self
-            .waiting_from
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(address) = waiting {
-            self.shared.unauthenticated.give_back(address);
-        }
+        self.stop_waiting();
     }
 }
 
@@ -183,7 +176,12 @@ impl Session {
 
     /// No longer counted as waiting to authenticate from its address.
     fn stop_waiting(&self) {
-        if let Some(address) = self.waiting_from.lock().expect("waiting lock").take() {
+        let waiting = self
+            .waiting_from
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(address) = waiting {
             self.shared.unauthenticated.give_back(address);
         }
     }

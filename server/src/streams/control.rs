@@ -669,9 +669,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 let read = views.len();
                 for view in views {
                     let info = conversation_info(view);
-                    let len = info.encoded_len();
-                    // The repeated field's tag byte and length prefix.
-                    used += 1 + prost::length_delimiter_len(len) + len;
+                    used += repeated_len(info.encoded_len());
                     if used > budget && !conversations.is_empty() {
                         break 'chunks;
                     }
@@ -939,14 +937,19 @@ fn fitting(lens: impl Iterator<Item = usize>, budget: usize) -> usize {
     let mut used = REPLY_ENVELOPE;
     let mut n = 0;
     for len in lens {
-        // The repeated field's tag byte and length prefix.
-        used += 1 + prost::length_delimiter_len(len) + len;
+        used += repeated_len(len);
         if used > budget && n > 0 {
             break;
         }
         n += 1;
     }
     n
+}
+
+/// What an item of encoded length `len` adds to a reply's repeated field:
+/// its tag byte, its length prefix and itself.
+fn repeated_len(len: usize) -> usize {
+    1 + prost::length_delimiter_len(len) + len
 }
 
 fn page_limit(asked: u32, default: u32) -> u32 {
@@ -1120,7 +1123,7 @@ fn charge_leave_rate(session: &Session) -> Result<(), Refusal> {
 
 /// Takes a token from the user's bucket in `limiter`, or refuses with
 /// RATE_LIMITED, the retry-after and `why` (given it in milliseconds).
-fn charge(
+pub(super) fn charge(
     session: &Session,
     limiter: &crate::ratelimit::RateLimiter,
     why: impl FnOnce(u32) -> String,

@@ -16,7 +16,7 @@ use quinn::SendStream;
 use tokio::sync::Semaphore;
 
 use crate::delivery::{MarkJob, MarkReply};
-use crate::error::{Refusal, retry_after_ms};
+use crate::error::Refusal;
 use crate::hub::SessionHandle;
 use crate::session::{Session, on_read_error};
 use crate::store::{WatermarkKind, WatermarkUpdate};
@@ -53,19 +53,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
         handle.touch(super::now_ms());
         let request_id = frame.request_id;
         let result = match frame.body {
-            Some(Body::MarkSeen(mark)) => 'mark: {
-                let now = std::time::Instant::now();
-                if let Err(wait) = session.shared.mark_limiter.check(authed.user_id, now) {
-                    break 'mark Err(Refusal::new(
-                        ErrorCode::RateLimited,
-                        format!(
-                            "over {} MarkSeen per second; retry in {} ms",
-                            session.shared.config.limits.mark_rate,
-                            retry_after_ms(wait)
-                        ),
-                    )
-                    .with_retry_after(wait));
-                }
+            Some(Body::MarkSeen(mark)) => {
                 let update = WatermarkUpdate {
                     conversation_id: mark.conversation_id,
                     user_id: authed.user_id,
@@ -99,8 +87,9 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     }
 }
 
-/// Queues a MarkSeen for the watermark committer once the connection has
-/// a free slot for its answer.
+/// Queues a MarkSeen for the watermark committer, once it is charged to
+/// the user's mark bucket (`mark-rate`) and the connection has a free
+/// slot for its answer.
 async fn mark_seen(
     session: &Session,
     handle: &Arc<SessionHandle>,
@@ -108,6 +97,10 @@ async fn mark_seen(
     request_id: u64,
     update: WatermarkUpdate,
 ) -> Result<(), Refusal> {
+    let rate = session.shared.config.limits.mark_rate;
+    super::control::charge(session, &session.shared.mark_limiter, |wait| {
+        format!("over {rate} MarkSeen per second; retry in {wait} ms")
+    })?;
     let slot = unanswered
         .get_or_insert_with(|| Arc::new(Semaphore::new(MAX_UNANSWERED_MARKS)))
         .clone()
