@@ -153,7 +153,8 @@ pub struct Args {
     #[arg(long, default_value = "localhost")]
     pub server_name: String,
     /// Start an in-process chat-server on 127.0.0.1 (embedded store, fresh
-    /// temporary data directory unless --data-dir) and drive it.
+    /// temporary data directory unless --data-dir, a runtime of its own
+    /// whose threads the report counts as the server's CPU) and drive it.
     #[arg(long, required_unless_present = "server")]
     pub spawn_server: bool,
     /// Data directory for --spawn-server (kept, so --reuse works across

@@ -13,6 +13,32 @@ use std::time::Duration;
 /// architecture for decades.
 pub const DEFAULT_CLK_TCK: u64 = 100;
 
+/// Where a run reads the server's CPU from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerCpu {
+    /// A server process of its own (`--server-pid`).
+    Process(u32),
+    /// The in-process server of `--spawn-server`: this process's threads
+    /// named as in [`IN_PROCESS_SERVER_THREADS`].
+    InProcess,
+}
+
+/// Name prefixes of the threads an in-process server runs on: its runtime's
+/// (named so by the load generator) and its embedded store's.
+pub const IN_PROCESS_SERVER_THREADS: &[&str] = &["chat-server", "sqlite-"];
+
+/// The entries of a thread split that belong to an in-process server.
+pub fn in_process_server(threads: BTreeMap<String, Duration>) -> BTreeMap<String, Duration> {
+    threads
+        .into_iter()
+        .filter(|(name, _)| {
+            IN_PROCESS_SERVER_THREADS
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+        })
+        .collect()
+}
+
 /// User plus system CPU time a process has used so far, or `None` if it
 /// cannot be read (no such process, not Linux).
 pub fn process_cpu(pid: u32, ticks_per_second: u64) -> Option<Duration> {

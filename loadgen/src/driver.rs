@@ -86,9 +86,9 @@ impl Shared {
 /// CPU use over the measured window, and the connections at its ends.
 #[derive(Debug, Clone, Default)]
 pub struct CpuUse {
-    /// Server CPU time (with `--server-pid`).
+    /// Server CPU time (with `--server-pid` or `--spawn-server`).
     pub server: Option<Duration>,
-    /// The same by server thread name (empty without `--server-pid`).
+    /// The same by server thread name (empty without either).
     pub server_threads: BTreeMap<String, Duration>,
     /// This process's CPU time.
     pub own: Option<Duration>,
@@ -119,6 +119,7 @@ pub async fn drive(
     plan: &Plan,
     population: Population,
     connector: Arc<Connector>,
+    server_cpu: Option<cpu::ServerCpu>,
     phase: &watch::Sender<Phase>,
 ) -> Outcome {
     let Population {
@@ -162,7 +163,7 @@ pub async fn drive(
         shared.clone(),
         start_ns + warmup_ns,
         start_ns + total_ns,
-        args.server_pid,
+        server_cpu,
         args.backends.clone(),
         ticks,
         phase.clone(),
@@ -460,7 +461,7 @@ async fn measure_window(
     shared: Arc<Shared>,
     measure_ns: u64,
     end_ns: u64,
-    server_pid: Option<u32>,
+    server_cpu: Option<cpu::ServerCpu>,
     backends: Vec<Backend>,
     ticks: u64,
     phase: watch::Sender<Phase>,
@@ -472,12 +473,24 @@ async fn measure_window(
             .filter(|user| user.is_connected())
             .count() as u64
     };
+    let own_pid = std::process::id();
     let sample = || {
+        let (server, threads) = match server_cpu {
+            Some(cpu::ServerCpu::Process(pid)) => {
+                (cpu::process_cpu(pid, ticks), cpu::threads_cpu(pid, ticks))
+            }
+            // Summed from the threads' own differences below.
+            Some(cpu::ServerCpu::InProcess) => (
+                None,
+                cpu::threads_cpu(own_pid, ticks).map(cpu::in_process_server),
+            ),
+            None => (None, None),
+        };
         (
             tokio::time::Instant::now(),
-            server_pid.and_then(|pid| cpu::process_cpu(pid, ticks)),
-            cpu::process_cpu(std::process::id(), ticks),
-            server_pid.and_then(|pid| cpu::threads_cpu(pid, ticks)),
+            server,
+            cpu::process_cpu(own_pid, ticks),
+            threads,
             udp::UdpCounters::read(),
             backends
                 .iter()
@@ -494,13 +507,24 @@ async fn measure_window(
     let connected1 = connected();
     phase.send_replace(Phase::Draining);
     let diff = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
+    let server_threads = match (threads0, threads1) {
+        (Some(a), Some(b)) => cpu::threads_diff(&a, &b),
+        _ => BTreeMap::new(),
+    };
+    let (server, own) = match server_cpu {
+        // The server's threads are part of this process: the load
+        // generator's own share is what they leave.
+        Some(cpu::ServerCpu::InProcess) => {
+            let server: Duration = server_threads.values().sum();
+            let own = diff(own0, own1).map(|own| own.saturating_sub(server));
+            (Some(server), own)
+        }
+        _ => (diff(server0, server1), diff(own0, own1)),
+    };
     CpuUse {
-        server: diff(server0, server1),
-        own: diff(own0, own1),
-        server_threads: match (threads0, threads1) {
-            (Some(a), Some(b)) => cpu::threads_diff(&a, &b),
-            _ => BTreeMap::new(),
-        },
+        server,
+        own,
+        server_threads,
         wall: t1 - t0,
         udp: udp0.zip(udp1).map(|(a, b)| a.until(b)),
         backends: backends

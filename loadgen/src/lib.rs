@@ -82,25 +82,23 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
     phase.send_replace(Phase::SettingUp);
     let mut spawned = None;
     let target = if args.spawn_server {
-        let (server, dir) = spawn_server(&args).await?;
+        let server = SpawnedServer::start(&args).await?;
         let target = Target {
-            addr: server.local_addr(),
+            addr: server.server().local_addr(),
             ca: server
+                .server()
                 .dev_ca()
                 .context("the spawned server has no development CA")?
                 .to_path_buf(),
             server_name: "localhost".into(),
         };
         log(&format!(
-            "spawned an in-process chat-server on {} (data dir {})",
+            "spawned an in-process chat-server on {} (data dir {}; {} runtime threads of its own)",
             target.addr,
-            dir.as_ref()
-                .map(|d| d.path().to_path_buf())
-                .or_else(|| args.data_dir.clone())
-                .unwrap_or_default()
-                .display()
+            server.data_dir.display(),
+            server.threads,
         ));
-        spawned = Some((server, dir));
+        spawned = Some(server);
         target
     } else {
         Target {
@@ -111,10 +109,15 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
             server_name: args.server_name.clone(),
         }
     };
-    let result = measure(&args, &plan, &target, &phase, &log).await;
-    if let Some((server, dir)) = spawned {
-        let _ = server.shutdown().await;
-        drop(dir);
+    // A given pid wins; an in-process server is otherwise measured by its
+    // threads.
+    let server_cpu = args
+        .server_pid
+        .map(cpu::ServerCpu::Process)
+        .or(spawned.is_some().then_some(cpu::ServerCpu::InProcess));
+    let result = measure(&args, &plan, &target, server_cpu, &phase, &log).await;
+    if let Some(server) = spawned {
+        server.stop().await;
     }
     let report = result?;
     if let Some(path) = &args.json {
@@ -153,6 +156,7 @@ async fn measure(
     args: &Args,
     plan: &Plan,
     target: &Target,
+    server_cpu: Option<cpu::ServerCpu>,
     phase: &watch::Sender<Phase>,
     log: &impl Fn(&str),
 ) -> anyhow::Result<Report> {
@@ -166,46 +170,112 @@ async fn measure(
         log,
     )?);
     let population = population::set_up(args, plan, &connector, log).await?;
-    let outcome = driver::drive(args, plan, population, connector.clone(), phase).await;
+    let outcome = driver::drive(args, plan, population, connector.clone(), server_cpu, phase).await;
     Ok(report(args, plan, connector.endpoint_count(), &outcome))
 }
 
-/// Starts an in-process server on 127.0.0.1:0 with the embedded store, in
-/// `--data-dir` or a fresh temporary directory (returned so it lives as
-/// long as the server).
-async fn spawn_server(
-    args: &Args,
-) -> anyhow::Result<(chat_server::Server, Option<tempfile::TempDir>)> {
-    let (data_dir, temp) = match &args.data_dir {
-        Some(dir) => (dir.clone(), None),
-        None => {
-            let temp = tempfile::Builder::new()
-                .prefix("chat-loadgen-")
-                .tempdir()
-                .context("create a temporary data directory")?;
-            (temp.path().to_path_buf(), Some(temp))
+/// An in-process server (`--spawn-server`) on a runtime of its own, as
+/// it would run in a process of its own: on the load generator's runtime
+/// (one worker by default) the server's work would queue behind the
+/// clients' and the other way round, so the run would measure the sharing.
+struct SpawnedServer {
+    server: Option<chat_server::Server>,
+    runtime: Option<tokio::runtime::Runtime>,
+    threads: usize,
+    data_dir: std::path::PathBuf,
+    /// A fresh directory when `--data-dir` is not given, removed last.
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl SpawnedServer {
+    /// Starts it on 127.0.0.1:0 with the embedded store, in `--data-dir` or
+    /// a fresh temporary directory.
+    async fn start(args: &Args) -> anyhow::Result<Self> {
+        let (data_dir, temp) = match &args.data_dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("chat-loadgen-")
+                    .tempdir()
+                    .context("create a temporary data directory")?;
+                (temp.path().to_path_buf(), Some(temp))
+            }
+        };
+        let mut config = chat_server::Config {
+            listen: ([127, 0, 0, 1], 0).into(),
+            metrics_listen: ([127, 0, 0, 1], 0).into(),
+            data_dir: data_dir.clone(),
+            ..chat_server::Config::default()
+        };
+        // A capacity run offers Zipf-skewed load: its busiest virtual users
+        // send far above any human rate, which the per-user limit would
+        // (rightly) refuse, and set-up makes a large group's creator ask
+        // every member to be friends at once. Measure the server, not the
+        // limits.
+        config.limits.send_rate = 0;
+        config.limits.send_burst = 0;
+        config.limits.control_rate = 0;
+        config.limits.control_burst = 0;
+        config.limits.mark_rate = 0;
+        config.limits.mark_burst = 0;
+        // As many workers as chat-server's own runtime would have.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name(cpu::IN_PROCESS_SERVER_THREADS[0])
+            .enable_all()
+            .build()
+            .context("start the in-process server's runtime")?;
+        let started = runtime.spawn(chat_server::Server::start(config)).await;
+        let mut spawned = Self {
+            server: None,
+            runtime: Some(runtime),
+            threads,
+            data_dir,
+            _temp: temp,
+        };
+        match started {
+            Ok(Ok(server)) => {
+                spawned.server = Some(server);
+                Ok(spawned)
+            }
+            Ok(Err(e)) => {
+                spawned.stop().await;
+                Err(anyhow::Error::new(e).context("start the in-process chat-server"))
+            }
+            Err(e) => {
+                spawned.stop().await;
+                Err(anyhow::Error::new(e).context("the in-process chat-server's start panicked"))
+            }
         }
-    };
-    let mut config = chat_server::Config {
-        listen: ([127, 0, 0, 1], 0).into(),
-        metrics_listen: ([127, 0, 0, 1], 0).into(),
-        data_dir,
-        ..chat_server::Config::default()
-    };
-    // A capacity run offers Zipf-skewed load: its busiest virtual users
-    // send far above any human rate, which the per-user limit would
-    // (rightly) refuse, and set-up makes a large group's creator ask every
-    // member to be friends at once. Measure the server, not the limits.
-    config.limits.send_rate = 0;
-    config.limits.send_burst = 0;
-    config.limits.control_rate = 0;
-    config.limits.control_burst = 0;
-    config.limits.mark_rate = 0;
-    config.limits.mark_burst = 0;
-    let server = chat_server::Server::start(config)
-        .await
-        .context("start the in-process chat-server")?;
-    Ok((server, temp))
+    }
+
+    fn server(&self) -> &chat_server::Server {
+        self.server.as_ref().expect("started")
+    }
+
+    /// Shuts the server down on its runtime, then the runtime (off the
+    /// caller's: dropping a runtime blocks until its threads end).
+    async fn stop(mut self) {
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
+        if let Some(server) = self.server.take() {
+            let _ = runtime.spawn(server.shutdown()).await;
+        }
+        let _ = tokio::task::spawn_blocking(move || drop(runtime)).await;
+    }
+}
+
+impl Drop for SpawnedServer {
+    /// A run dropped before [`SpawnedServer::stop`] (its caller timed out)
+    /// must not block its runtime's thread on this one's.
+    fn drop(&mut self) {
+        drop(self.server.take());
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Report {

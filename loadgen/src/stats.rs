@@ -749,7 +749,8 @@ pub struct Report {
     pub skipped_offline: u64,
     /// Messages from another run, ignored.
     pub stale_messages: u64,
-    /// Server CPU over the window, percent of one core (`--server-pid`).
+    /// Server CPU over the window, percent of one core (`--server-pid`, or
+    /// the in-process server's threads with `--spawn-server`).
     pub server_cpu_pct: Option<f64>,
     /// Server CPU microseconds per acked send.
     pub server_cpu_us_per_send: Option<f64>,
@@ -758,8 +759,8 @@ pub struct Report {
     /// shows whether the transport or the store thread bounds a node.
     #[serde(default)]
     pub server_cpu_by_thread: BTreeMap<String, f64>,
-    /// This process's CPU over the window, percent of one core (includes
-    /// the server with `--spawn-server`).
+    /// This process's CPU over the window, percent of one core (without
+    /// the in-process server's threads with `--spawn-server`).
     pub loadgen_cpu_pct: Option<f64>,
     /// Tokio worker threads the load generator ran (`--threads`).
     pub loadgen_threads: usize,

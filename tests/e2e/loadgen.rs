@@ -170,6 +170,26 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
             "{text}"
         );
     }
+    // The in-process server runs on threads of its own (its runtime's and
+    // its store's), and those are what the report counts as the server's.
+    if cfg!(target_os = "linux") {
+        let server = report
+            .server_cpu_pct
+            .expect("an in-process server is measured");
+        assert!(server > 0.0, "{report:?}");
+        assert!(report.server_cpu_us_per_send.is_some(), "{report:?}");
+        let threads = &report.server_cpu_by_thread;
+        assert!(
+            threads.contains_key("chat-server") && threads.contains_key("sqlite-store"),
+            "{report:?}"
+        );
+        assert!(
+            threads
+                .keys()
+                .all(|name| name.starts_with("chat-server") || name.starts_with("sqlite-")),
+            "{report:?}"
+        );
+    }
     // Read from /proc/net/snmp over the window: a count on Linux.
     if cfg!(target_os = "linux") {
         assert!(value["udp_rcvbuf_drops"].is_u64(), "{text}");
