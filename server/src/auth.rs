@@ -255,10 +255,23 @@ impl Drop for Attempt<'_> {
 /// registrations then gets a prompt "busy, retry later" beyond the queue
 /// instead of lining every request up behind it, where honest users would
 /// wait for seconds and connections would pile up.
+///
+/// Each source (an IPv4 address, an IPv6 /64: [`login_source`]) has at most
+/// `per_source` requests in that queue or hashing at once; its others wait
+/// for one of its own to end before they join. Without it one host, with
+/// its share of unauthenticated connections and their attempts, could keep
+/// the whole queue full and every other login answered SERVER_BUSY; now it
+/// only slows itself down (a bulk set-up from one address still goes
+/// through, `per_source` at a time).
 pub struct Hashers {
     permits: tokio::sync::Semaphore,
     queued: std::sync::atomic::AtomicUsize,
     max_queued: usize,
+    /// 0: no per-source share.
+    per_source: usize,
+    /// The turns of each source with a request waiting or hashing; an
+    /// entry goes with its last request.
+    sources: dashmap::DashMap<std::net::IpAddr, std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 /// Why no hasher was given.
@@ -270,18 +283,85 @@ pub enum HashersError {
     Closed,
 }
 
+/// A hasher, held while one password is hashed.
+pub struct HashPermit<'a> {
+    _hasher: tokio::sync::SemaphorePermit<'a>,
+    /// Let go after the hasher (fields drop in order), so the source's next
+    /// request finds it free.
+    _turn: Option<SourceTurn<'a>>,
+}
+
+/// One of a source's `per_source` places, held from before its request
+/// joins the queue until its hash ends (or its wait is given up).
+struct SourceTurn<'a> {
+    hashers: &'a Hashers,
+    source: std::net::IpAddr,
+    turns: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for SourceTurn<'_> {
+    fn drop(&mut self) {
+        drop(self.held.take());
+        drop(self.turns.take());
+        // Under the map's lock, as every clone is taken: nobody else holds
+        // or waits for a turn of this source, so its entry can go.
+        self.hashers.sources.remove_if(&self.source, |_, turns| {
+            std::sync::Arc::strong_count(turns) == 1
+        });
+    }
+}
+
 impl Hashers {
-    /// `hashers` at once, up to `max_queued` requests waiting for one.
-    pub fn new(hashers: usize, max_queued: usize) -> Self {
+    /// `hashers` at once, up to `max_queued` requests waiting for one, at
+    /// most `per_source` of them (0: any number) from one source.
+    pub fn new(hashers: usize, max_queued: usize, per_source: usize) -> Self {
         Hashers {
             permits: tokio::sync::Semaphore::new(hashers.max(1)),
             queued: std::sync::atomic::AtomicUsize::new(0),
             max_queued,
+            per_source,
+            sources: dashmap::DashMap::new(),
         }
     }
 
+    /// A hasher for a request from `address`: first one of its source's
+    /// places (waiting for one if they are all taken), then a hasher,
+    /// waiting in the queue if all are busy and it has room.
+    pub async fn acquire(&self, address: std::net::IpAddr) -> Result<HashPermit<'_>, HashersError> {
+        let turn = if self.per_source == 0 {
+            None
+        } else {
+            let source = login_source(address);
+            let turns = self
+                .sources
+                .entry(source)
+                .or_insert_with(|| {
+                    std::sync::Arc::new(tokio::sync::Semaphore::new(self.per_source))
+                })
+                .clone();
+            let mut turn = SourceTurn {
+                hashers: self,
+                source,
+                turns: Some(turns.clone()),
+                held: None,
+            };
+            turn.held = Some(
+                turns
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| HashersError::Closed)?,
+            );
+            Some(turn)
+        };
+        Ok(HashPermit {
+            _hasher: self.hasher().await?,
+            _turn: turn,
+        })
+    }
+
     /// A hasher, waiting in the queue if all are busy and it has room.
-    pub async fn acquire(&self) -> Result<tokio::sync::SemaphorePermit<'_>, HashersError> {
+    async fn hasher(&self) -> Result<tokio::sync::SemaphorePermit<'_>, HashersError> {
         use std::sync::atomic::Ordering;
         use tokio::sync::TryAcquireError;
         match self.permits.try_acquire() {
@@ -306,6 +386,11 @@ impl Hashers {
             .acquire()
             .await
             .map_err(|_| HashersError::Closed)
+    }
+
+    /// Sources with a request waiting or hashing (for tests).
+    pub fn sources(&self) -> usize {
+        self.sources.len()
     }
 }
 
@@ -649,23 +734,86 @@ mod tests {
 
     #[tokio::test]
     async fn hashers_queue_up_to_their_bound_then_refuse() {
-        let hashers = std::sync::Arc::new(Hashers::new(1, 1));
-        let running = hashers.acquire().await.unwrap();
+        let hashers = std::sync::Arc::new(Hashers::new(1, 1, 0));
+        let running = hashers.acquire(HOME).await.unwrap();
         // One waits in the queue...
         let waiting = {
             let hashers = hashers.clone();
-            tokio::spawn(async move { hashers.acquire().await.map(drop) })
+            tokio::spawn(async move { hashers.acquire(HOME).await.map(drop) })
         };
         while hashers.queued.load(std::sync::atomic::Ordering::Relaxed) == 0 {
             tokio::task::yield_now().await;
         }
         // ...the next is refused at once.
-        assert_eq!(hashers.acquire().await.err(), Some(HashersError::Busy));
+        assert_eq!(hashers.acquire(HOME).await.err(), Some(HashersError::Busy));
         drop(running);
         assert_eq!(waiting.await.unwrap(), Ok(()));
         // The refused and the served request both left the queue.
         assert_eq!(hashers.queued.load(std::sync::atomic::Ordering::Relaxed), 0);
-        assert!(hashers.acquire().await.is_ok());
+        assert!(hashers.acquire(HOME).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn one_source_cannot_fill_the_queue() {
+        // One hasher, a queue of 4, two places per source.
+        let hashers = std::sync::Arc::new(Hashers::new(1, 4, 2));
+        let flooder: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+        let running = hashers.acquire(flooder).await.unwrap();
+        // The flooder's next joins the queue; the rest of its requests wait
+        // for its own places, outside the queue.
+        let mut flood = Vec::new();
+        for _ in 0..6 {
+            let hashers = hashers.clone();
+            flood.push(tokio::spawn(async move {
+                hashers.acquire(flooder).await.map(drop)
+            }));
+        }
+        while hashers.queued.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(hashers.queued.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // So another source still finds room in the queue, where without
+        // the share it would have found it full and been refused.
+        let honest = {
+            let hashers = hashers.clone();
+            tokio::spawn(async move { hashers.acquire(HOME).await.map(drop) })
+        };
+        while hashers.queued.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+            tokio::task::yield_now().await;
+        }
+        drop(running);
+        assert_eq!(honest.await.unwrap(), Ok(()));
+        // Every one of the flooder's requests is served in turn, and the
+        // sources' entries go with their last request.
+        for request in flood {
+            assert_eq!(request.await.unwrap(), Ok(()));
+        }
+        assert_eq!(hashers.sources(), 0);
+        assert_eq!(hashers.queued.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_source_waiting_for_its_turn_and_giving_up_leaves_nothing() {
+        let hashers = std::sync::Arc::new(Hashers::new(1, 4, 1));
+        let running = hashers.acquire(HOME).await.unwrap();
+        let waiting = {
+            let hashers = hashers.clone();
+            tokio::spawn(async move { hashers.acquire(HOME).await.map(drop) })
+        };
+        // It waits for the source's one place (not in the queue)...
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished());
+        assert_eq!(hashers.queued.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // ...and gives up (its connection closed), then the holder ends.
+        waiting.abort();
+        let _ = waiting.await;
+        drop(running);
+        assert_eq!(hashers.sources(), 0);
     }
 
     #[test]

@@ -249,6 +249,10 @@ struct Overrides {
     /// Logins and registrations that may wait for a password hasher.
     #[arg(long, env = "CHAT_MAX_QUEUED_PASSWORD_CHECKS")]
     max_queued_password_checks: Option<usize>,
+    /// Of those, most from one source address (IPv4, IPv6 /64) at once; 0:
+    /// no share.
+    #[arg(long, env = "CHAT_PASSWORD_CHECKS_PER_ADDRESS")]
+    password_checks_per_address: Option<usize>,
     /// Prometheus metrics, /healthz and /readyz (HTTP), e.g. 127.0.0.1:9464.
     #[arg(long, env = "CHAT_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -379,6 +383,10 @@ impl Overrides {
         set(
             &mut c.limits.max_queued_password_checks,
             self.max_queued_password_checks,
+        );
+        set(
+            &mut c.limits.password_checks_per_address,
+            self.password_checks_per_address,
         );
         set(&mut c.metrics_listen, self.metrics_listen);
     }

@@ -224,6 +224,10 @@ pub struct Limits {
     /// per core); beyond it they are answered SERVER_BUSY with a
     /// retry-after at once (0: never wait).
     pub max_queued_password_checks: usize,
+    /// Of those, at most this many from one source address (an IPv4
+    /// address, an IPv6 /64) at once; its others wait for one of its own
+    /// to end, so one host cannot fill the queue (0: no share).
+    pub password_checks_per_address: usize,
     /// Sustained sends per second per user, across their devices (a token
     /// bucket refilled at this rate; 0: no limit). Over it a send is
     /// answered RATE_LIMITED with a retry-after.
@@ -414,6 +418,7 @@ impl Default for Limits {
             max_account_login_failures: 100,
             login_failure_window: Duration::from_secs(15 * 60),
             max_queued_password_checks: 64,
+            password_checks_per_address: 4,
             send_rate: 20,
             send_burst: 100,
             control_rate: 20,
@@ -600,6 +605,12 @@ impl Config {
             return err(format!(
                 "max-queued-password-checks = {} is outside 0..=100000",
                 l.max_queued_password_checks
+            ));
+        }
+        if l.password_checks_per_address > 100_000 {
+            return err(format!(
+                "password-checks-per-address = {} is outside 0..=100000",
+                l.password_checks_per_address
             ));
         }
         if l.max_sessions_per_user == 0 {
@@ -1002,6 +1013,10 @@ mod tests {
             (
                 |c| c.limits.max_queued_password_checks = 1_000_000,
                 "max-queued-password-checks = 1000000",
+            ),
+            (
+                |c| c.limits.password_checks_per_address = 1_000_000,
+                "password-checks-per-address = 1000000",
             ),
             (
                 |c| {

@@ -216,7 +216,11 @@ impl Server {
                 config.limits.heartbeat_interval,
             ),
             metrics,
-            hashing: crate::auth::Hashers::new(cores, config.limits.max_queued_password_checks),
+            hashing: crate::auth::Hashers::new(
+                cores,
+                config.limits.max_queued_password_checks,
+                config.limits.password_checks_per_address,
+            ),
             login_throttle: crate::auth::LoginThrottle::new(
                 config.limits.max_login_failures,
                 config.limits.max_account_login_failures,

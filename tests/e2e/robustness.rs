@@ -27,11 +27,22 @@ impl Raw {
     /// Connects with a stream receive window of `window` bytes (the credit
     /// the server gets on each stream).
     async fn connect_with_stream_window(server: &TestServer, window: u32) -> Raw {
-        let mut config = server.client_config().quinn_client_config().unwrap();
         let mut transport = quinn::TransportConfig::default();
         transport.stream_receive_window(window.into());
+        Self::connect_from(server, "127.0.0.1", transport).await
+    }
+
+    /// Connects from `local` (a loopback address: the server sees another
+    /// source) with `transport`.
+    async fn connect_from(
+        server: &TestServer,
+        local: &str,
+        transport: quinn::TransportConfig,
+    ) -> Raw {
+        let mut config = server.client_config().quinn_client_config().unwrap();
         config.transport_config(std::sync::Arc::new(transport));
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let local = std::net::SocketAddr::new(local.parse().unwrap(), 0);
+        let endpoint = quinn::Endpoint::client(local).unwrap();
         let conn = endpoint
             .connect_with(config, server.addr, "localhost")
             .unwrap()
@@ -508,6 +519,64 @@ async fn a_registration_flood_is_refused_at_once_beyond_the_hashing_queue() {
     // Once the flood is over, registering works as usual.
     let (carol, _c) = register(server.client_config(), &name("carol")).await;
     assert!(carol.identity().user_id > 0);
+}
+
+#[tokio::test]
+async fn one_address_flooding_the_hashers_does_not_keep_another_out() {
+    // A queue of 4, two places per address: 16 registrations at once from
+    // one address used to fill the queue (and be refused beyond it), so a
+    // login from anywhere else was answered SERVER_BUSY while they lasted.
+    let server = TestServer::start_with(|c| {
+        c.limits.max_queued_password_checks = 4;
+        c.limits.password_checks_per_address = 2;
+    })
+    .await;
+    let register_bytes = |who: &str| {
+        let register = Frame::new(
+            1,
+            Body::Register(proto::Register {
+                username: name(who),
+                password: PASSWORD.into(),
+                device_name: String::new(),
+            }),
+        );
+        frames(&[Frame::open_stream(StreamKind::Control), register])
+    };
+    let mut raws = Vec::new();
+    for _ in 0..16 {
+        raws.push(Raw::connect(&server).await);
+    }
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::channel(16);
+    let mut flood = tokio::task::JoinSet::new();
+    for raw in raws {
+        let bytes = register_bytes("flood");
+        let first_tx = first_tx.clone();
+        flood.spawn(async move {
+            let (_send, mut recv) = raw.stream(&bytes).await;
+            let frame = next_frame(&mut recv, &mut BytesMut::new()).await;
+            let _ = first_tx.try_send(());
+            (raw, frame)
+        });
+    }
+    // Once the flood has an answer (an AuthOk after a hash, or at once a
+    // refusal for a full queue), another address registers.
+    tokio::time::timeout(WAIT, first_rx.recv())
+        .await
+        .expect("the flood is answered")
+        .expect("a flood task reports");
+    let elsewhere =
+        Raw::connect_from(&server, "127.0.0.2", quinn::TransportConfig::default()).await;
+    let (_send, mut recv) = elsewhere.stream(&register_bytes("carol")).await;
+    let reply = next_frame(&mut recv, &mut BytesMut::new()).await;
+    assert!(
+        matches!(reply.body, Some(Body::AuthOk(_))),
+        "another address gets its hash: {reply:?}"
+    );
+    // And the flood itself is served in turn, none refused.
+    while let Some(joined) = flood.join_next().await {
+        let (_raw, frame) = joined.unwrap();
+        assert!(matches!(frame.body, Some(Body::AuthOk(_))), "{frame:?}");
+    }
 }
 
 #[tokio::test]

@@ -316,9 +316,10 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
 /// the answer is SERVER_BUSY with a retry-after. A request whose
 /// connection closes while it waits gives up its place, so a client that
 /// asks and hangs up costs no hash.
-async fn hashing_permit(session: &Session) -> Result<tokio::sync::SemaphorePermit<'_>, Refusal> {
+async fn hashing_permit(session: &Session) -> Result<auth::HashPermit<'_>, Refusal> {
+    let address = session.conn.remote_address().ip();
     let acquired = tokio::select! {
-        acquired = session.shared.hashing.acquire() => acquired,
+        acquired = session.shared.hashing.acquire(address) => acquired,
         _ = session.conn.closed() => {
             return Err(Refusal::new(ErrorCode::Unavailable, "the connection closed"));
         }
