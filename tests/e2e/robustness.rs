@@ -940,6 +940,39 @@ async fn delivery_acks_beyond_what_a_connection_was_delivered_are_dropped() {
 }
 
 #[tokio::test]
+async fn a_connection_cannot_bank_acks_beyond_the_slack() {
+    // Each Deliver earns its connection an ack, but never more than the
+    // slack in hand: a client reading without acking used to bank one per
+    // message (tens of thousands an hour in a busy group) to spend at once
+    // on conversations it is not in. Bob is delivered one message and then
+    // acks the slack plus one made-up conversations: the last is dropped.
+    let server = TestServer::start().await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let OfflineBob { token, ack, .. } = hello_for_offline_bob(&server).await;
+    let bob = RawControl::resume(&server, &token).await;
+    let (mut send, mut recv) = bob.open_messages(false).await;
+    let delivered = next_frame(&mut recv, &mut BytesMut::new()).await;
+    match delivered.body {
+        Some(Body::Deliver(d)) => assert_eq!(d.message.unwrap().seq, ack.seq),
+        other => panic!("expected the hello, got {other:?}"),
+    }
+    let slack = chat_server::streams::messages::ACK_SLACK;
+    let list: Vec<Frame> = (1..=slack + 1)
+        .map(|i| {
+            Frame::push(Body::DeliveryAck(proto::DeliveryAck {
+                conversation_id: 1_000_000 + i,
+                seq: 1,
+            }))
+        })
+        .collect();
+    send.write_all(&frames(&list)).await.unwrap();
+    scrape_until(metrics, "the ack beyond the slack dropped", |m| {
+        value(m, "chat_delivery_acks_ignored_total") == 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_finished_messages_stream_is_answered_with_acks_stored_and_the_end() {
     // A client leaving gracefully (a third-party one, on the wire) finishes
     // its messages stream after its last DeliveryAck; once that ack is

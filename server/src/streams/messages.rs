@@ -45,6 +45,21 @@ const CATCH_UP_PAGE: u32 = 256;
 /// holds 4,096 by default) to the next connection.
 pub const ACK_SLACK: u64 = 8_192;
 
+/// Most acks a connection may have in hand: the slack. Deliveries earn
+/// acks only up to it, since client-lib acks a conversation's newest
+/// message at most every `delivery-ack-linger`, so an honest connection
+/// spends far fewer than it is delivered; uncapped, one that read a busy
+/// group for an hour without acking would bank tens of thousands to spend
+/// at once on conversations it is not in.
+const MAX_ACK_CREDITS: u64 = ACK_SLACK;
+
+/// Earns `n` acks, up to [`MAX_ACK_CREDITS`].
+fn earn_acks(credits: &AtomicU64, n: u64) {
+    let _ = credits.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+        Some(c.saturating_add(n).min(MAX_ACK_CREDITS))
+    });
+}
+
 /// Serves the messages stream until it or the connection ends.
 pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameReader) {
     let authed = session.authed().expect("authenticated before data streams");
@@ -52,7 +67,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
         return;
     };
     // Acks this connection may still send: the slack, plus one per Deliver
-    // the writer writes.
+    // the writer writes, never more than the slack in hand.
     let credits = Arc::new(AtomicU64::new(ACK_SLACK));
     queue.open(StreamKind::Messages);
     tokio::spawn(writer(session.clone(), send, queue, credits.clone()));
@@ -336,7 +351,7 @@ async fn writer(
                 _ => true,
             };
             if write && out.deliver.is_some() {
-                credits.fetch_add(1, Ordering::Relaxed);
+                earn_acks(&credits, 1);
             }
             write
         },
@@ -417,7 +432,7 @@ async fn write_page(
 ) -> bool {
     // Credited before the write: the client may ack a message as soon as
     // it reads it, before this task runs again.
-    credits.fetch_add(page.len() as u64, Ordering::Relaxed);
+    earn_acks(credits, page.len() as u64);
     let mut buf = BytesMut::new();
     for message in page {
         sent.insert(message.conversation_id, message.seq);
