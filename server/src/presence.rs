@@ -40,6 +40,11 @@ struct Local {
     /// The stored setting could not be read when the user connected: taken
     /// as hidden until a sweep reads it.
     unsure: bool,
+    /// When the store's online record was last refreshed (Unix ms): a
+    /// sweep refreshes it for a user active by frames other than
+    /// heartbeats, or friends' snapshots would say offline while pushes
+    /// said online.
+    refreshed_ms: i64,
 }
 
 /// The node's presence tracker. See the module docs.
@@ -108,13 +113,15 @@ impl Presence {
                 None
             }
         };
-        let (shown, hidden) = {
+        let shown = {
             let mut local = self.users.entry(user).or_insert_with(|| Local {
                 conns: Vec::new(),
                 online: false,
                 hidden_at_ms: Some(now_ms()),
                 unsure: true,
+                refreshed_ms: 0,
             });
+            local.refreshed_ms = now_ms();
             // Online already but taken as hidden for want of the setting:
             // now that it is read, the user shows (as a sweep would).
             let was_unsure = local.unsure && local.online;
@@ -124,25 +131,32 @@ impl Presence {
             }
             local.conns.push(session);
             let came_online = !std::mem::replace(&mut local.online, true);
-            (
-                came_online || (was_unsure && !local.unsure),
-                local.hidden_at_ms.is_some(),
-            )
+            came_online || (was_unsure && !local.unsure)
         };
         self.refresh(user, now_ms()).await;
-        if shown && !hidden {
-            self.publish(user, true, now_ms());
+        if shown {
+            self.publish_if_shown(user, now_ms());
         }
     }
 
     /// A session ended: if it was the user's last one here, they go offline
-    /// now, not after the TTL.
-    pub async fn disconnect(&self, user: UserId, conn_id: u64) {
+    /// now, not after the TTL. Their last-active time is now if they were
+    /// online and the connection closed (rather than went silent until it
+    /// timed out); otherwise it is the connection's last activity, so a
+    /// device the sweep already took offline (an app in the background),
+    /// or one whose network vanished, is not shown active at its close.
+    pub async fn disconnect(&self, user: UserId, conn_id: u64, timed_out: bool) {
         let now = now_ms();
-        let went_offline = {
+        let (went_offline, last_active) = {
             let Some(mut local) = self.users.get_mut(&user) else {
                 return;
             };
+            let last_activity = local
+                .conns
+                .iter()
+                .map(|s| s.last_activity_ms())
+                .max()
+                .unwrap_or(now);
             local.conns.retain(|s| s.conn_id != conn_id);
             if !local.conns.is_empty() {
                 return;
@@ -151,9 +165,14 @@ impl Presence {
             let hidden = local.hidden_at_ms.is_some();
             drop(local);
             self.users.remove_if(&user, |_, l| l.conns.is_empty());
-            was_online.then_some(hidden)
+            let last_active = if was_online && !timed_out {
+                now
+            } else {
+                last_activity.min(now)
+            };
+            (was_online.then_some(hidden), last_active)
         };
-        if let Err(e) = self.history.record_last_active(user, now).await {
+        if let Err(e) = self.history.record_last_active(user, last_active).await {
             tracing::warn!(error = %e, "cannot record last active");
         }
         if let Err(e) = self.store.remove(user, self.node.clone()).await {
@@ -168,15 +187,46 @@ impl Presence {
             return;
         }
         if went_offline == Some(false) {
-            self.publish(user, false, now);
+            self.publish(user, false, last_active);
         }
     }
 
-    /// A heartbeat: refresh the store's TTL and the activity time.
+    /// A heartbeat: refresh the store's TTL and the activity time. One
+    /// read after its connection ended (a frame already buffered) does
+    /// nothing: its refresh would put back the record the disconnect
+    /// removed, with no entry here for a sweep to take away.
     pub async fn heartbeat(&self, session: &SessionHandle) {
         let now = now_ms();
         session.touch(now);
-        self.refresh(session.user_id, now).await;
+        let user = session.user_id;
+        if !self.note_refresh(user, session.conn_id, now) {
+            return;
+        }
+        self.refresh(user, now).await;
+        // Gone during the refresh: its disconnect's removal may have come
+        // first.
+        if !self.has_conn(user, session.conn_id) {
+            self.remove_unless_online(user).await;
+        }
+    }
+
+    /// Records a refresh of `user`'s record for connection `conn_id`;
+    /// false if that connection is no longer registered here.
+    fn note_refresh(&self, user: UserId, conn_id: u64, now: i64) -> bool {
+        match self.users.get_mut(&user) {
+            Some(mut local) if local.conns.iter().any(|s| s.conn_id == conn_id) => {
+                local.refreshed_ms = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether connection `conn_id` of `user` is registered here.
+    fn has_conn(&self, user: UserId, conn_id: u64) -> bool {
+        self.users
+            .get(&user)
+            .is_some_and(|local| local.conns.iter().any(|s| s.conn_id == conn_id))
     }
 
     async fn refresh(&self, user: UserId, now: i64) {
@@ -194,17 +244,19 @@ impl Presence {
         let now = now_ms();
         let hidden_at = hidden.then_some(now);
         self.history.set_presence_hidden(user, hidden_at).await?;
-        let online = match self.users.get_mut(&user) {
+        // Hiding looks like going offline now; showing again reveals the
+        // real state. Published under the user's entry, as every "online"
+        // is (`publish_if_shown`), so the notifier hears the two in the
+        // order the state changed: a connect or sweep that read "not
+        // hidden" before this cannot publish "online" after it.
+        match self.users.get_mut(&user) {
             Some(mut local) => {
                 local.hidden_at_ms = hidden_at;
                 local.unsure = false;
-                local.online
+                self.publish(user, local.online && !hidden, now);
             }
-            None => false,
-        };
-        // Hiding looks like going offline now; showing again reveals the
-        // real state.
-        self.publish(user, online && !hidden, now);
+            None => self.publish(user, false, now),
+        }
         Ok(())
     }
 
@@ -266,6 +318,19 @@ impl Presence {
         }
     }
 
+    /// Publishes `user` online if, now, they are online here and shown
+    /// (not hiding, setting known), under their entry: what was read
+    /// before a store round trip may no longer hold.
+    fn publish_if_shown(&self, user: UserId, last_active_ms: i64) {
+        if let Some(local) = self.users.get(&user)
+            && local.online
+            && local.hidden_at_ms.is_none()
+            && !local.unsure
+        {
+            self.publish(user, true, last_active_ms);
+        }
+    }
+
     fn publish(&self, user_id: UserId, online: bool, last_active_ms: i64) {
         let _ = self.changes.send(Notice::Change(proto::PresenceState {
             user_id,
@@ -281,6 +346,7 @@ impl Presence {
         let window = self.window.as_millis() as i64;
         let mut offline = Vec::new();
         let mut online = Vec::new();
+        let mut stale = Vec::new();
         let mut unsure = Vec::new();
         for mut entry in self.users.iter_mut() {
             if entry.unsure {
@@ -298,7 +364,12 @@ impl Presence {
                 offline.push((*entry.key(), last, entry.hidden_at_ms.is_some()));
             } else if !entry.online && live {
                 entry.online = true;
-                online.push((*entry.key(), last, entry.hidden_at_ms.is_some()));
+                entry.refreshed_ms = now;
+                online.push((*entry.key(), last));
+            } else if entry.online && now - entry.refreshed_ms >= window / 2 {
+                // Online by frames other than heartbeats: keep the record.
+                entry.refreshed_ms = now;
+                stale.push((*entry.key(), last));
             }
         }
         // Each change is checked again after its store round trips, as
@@ -320,14 +391,20 @@ impl Presence {
                 self.publish(user, false, last);
             }
         }
-        for (user, last, hidden) in online {
+        for (user, last) in online {
             self.refresh(user, last).await;
             if !self.is_online(user) {
                 // Gone meanwhile (its disconnect published "offline"): the
                 // refresh may have put back the record it removed.
                 self.remove_unless_online(user).await;
-            } else if !hidden {
-                self.publish(user, true, last);
+            } else {
+                self.publish_if_shown(user, last);
+            }
+        }
+        for (user, last) in stale {
+            self.refresh(user, last).await;
+            if !self.is_online(user) {
+                self.remove_unless_online(user).await;
             }
         }
         if !unsure.is_empty() {
@@ -346,18 +423,16 @@ impl Presence {
             }
         };
         for (user, stored) in users.into_iter().zip(stored) {
-            let shown = {
-                let Some(mut local) = self.users.get_mut(&user) else {
-                    continue;
-                };
-                if !local.unsure {
-                    continue;
-                }
-                local.unsure = false;
-                local.hidden_at_ms = stored.hidden_at_ms;
-                local.online && stored.hidden_at_ms.is_none()
+            let Some(mut local) = self.users.get_mut(&user) else {
+                continue;
             };
-            if shown {
+            if !local.unsure {
+                continue;
+            }
+            local.unsure = false;
+            local.hidden_at_ms = stored.hidden_at_ms;
+            if local.online && stored.hidden_at_ms.is_none() {
+                // Under the entry, as `set_hidden` publishes.
                 self.publish(user, true, now_ms());
             }
         }
@@ -641,7 +716,7 @@ mod tests {
 
         let leaving = {
             let presence = presence.clone();
-            async move { presence.disconnect(user, 1).await }
+            async move { presence.disconnect(user, 1, false).await }
         };
         store.around(leaving, presence.connect(second)).await;
 
@@ -692,7 +767,9 @@ mod tests {
             let presence = presence.clone();
             async move { presence.sweep().await }
         };
-        store.around(sweep, presence.disconnect(user, 1)).await;
+        store
+            .around(sweep, presence.disconnect(user, 1, false))
+            .await;
 
         let states = presence.states(&[user]).await.unwrap();
         assert!(!states[0].online, "{states:?}");
@@ -751,6 +828,116 @@ mod tests {
         let told = next_update(control).await;
         assert_eq!(told.len(), 1, "{told:?}");
         assert_eq!((told[0].user_id, told[0].online), (user, true));
+    }
+
+    #[tokio::test]
+    async fn hiding_during_a_connect_is_not_followed_by_online() {
+        // A connect reads "not hidden", then refreshes the record; the user
+        // hides meanwhile (another device), which publishes "offline". The
+        // connect then published "online" from what it had read, and
+        // friends saw the user online after they hid.
+        let store = Held::new(Some(Op::Refresh));
+        let (_dir, _history, presence, [first, watcher], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
+        let marker = user + 1_000;
+        presence.watch(&watcher, &[], &[user, marker]);
+        let connecting = {
+            let presence = presence.clone();
+            async move { presence.connect(first).await }
+        };
+        store
+            .around(connecting, async {
+                presence.set_hidden(user, true).await.unwrap();
+            })
+            .await;
+        presence.publish(marker, true, now_ms());
+        let control = watcher.queue(StreamKind::Control).unwrap();
+        let mut told = Vec::new();
+        while !told
+            .iter()
+            .any(|s: &proto::PresenceState| s.user_id == marker)
+        {
+            told.extend(next_update(control).await);
+        }
+        assert!(
+            told.iter().all(|s| s.user_id != user || !s.online),
+            "shown online after hiding: {told:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_device_taken_offline_by_the_sweep_keeps_its_last_activity_when_it_closes() {
+        // An app in the background keeps its connection without frames:
+        // the sweep takes the user offline at their last activity. When the
+        // connection closed hours later, the close time was stored (and
+        // the store keeps the later time), so friends read "active" then.
+        let store = Held::new(None);
+        let (_dir, _history, presence, [first, _], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
+        presence.connect(first.clone()).await;
+        let active = now_ms() - 4 * 3_600_000;
+        first.touch(active);
+        presence.sweep().await;
+        presence.disconnect(user, 1, false).await;
+        let states = presence.states(&[user]).await.unwrap();
+        assert_eq!(
+            (states[0].online, states[0].last_active_ms),
+            (false, active)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_timed_out_leaves_its_last_activity() {
+        // Online, then the network vanished: the connection ends when it
+        // times out, a while after the user's last frame, which is when
+        // they were last active (not the timeout).
+        let store = Held::new(None);
+        let (_dir, _history, presence, [first, _], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
+        presence.connect(first.clone()).await;
+        let active = now_ms() - 30_000;
+        first.touch(active);
+        presence.disconnect(user, 1, true).await;
+        let states = presence.states(&[user]).await.unwrap();
+        assert_eq!(
+            (states[0].online, states[0].last_active_ms),
+            (false, active)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_read_after_the_disconnect_puts_no_record_back() {
+        // A heartbeat already buffered is read after its connection ended
+        // and the disconnect removed the user's record; its refresh put the
+        // record back, with no entry here for a sweep to remove, so
+        // friends' snapshots said online for a TTL.
+        let store = Held::new(None);
+        let (_dir, _history, presence, [first, _], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
+        presence.connect(first.clone()).await;
+        presence.disconnect(user, 1, false).await;
+        presence.heartbeat(&first).await;
+        assert!(!presence.states(&[user]).await.unwrap()[0].online);
+    }
+
+    #[tokio::test]
+    async fn a_user_active_without_heartbeats_keeps_their_record() {
+        // Any frame keeps a connection active, heartbeats or not (an app
+        // in the background sends none but may still send messages); only
+        // heartbeats refreshed the store's record, so it expired while
+        // pushes said online and snapshots said offline. The sweep now
+        // refreshes it.
+        let store = Held::new(None);
+        let (_dir, _history, presence, [first, _], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
+        presence.connect(first.clone()).await;
+        // Its record expired; the user was active since by other frames.
+        store.inner.remove(user, "node".into()).await.unwrap();
+        presence.users.get_mut(&user).unwrap().refreshed_ms = 0;
+        first.touch(now_ms());
+        assert!(!presence.states(&[user]).await.unwrap()[0].online);
+        presence.sweep().await;
+        assert!(presence.states(&[user]).await.unwrap()[0].online);
     }
 
     /// Connects `session` while its user's stored presence cannot be read

@@ -221,9 +221,13 @@ impl Session {
             let old = std::mem::take(&mut *watching);
             self.shared.presence.watch(&authed.handle, &old, &[]);
         }
+        let timed_out = matches!(
+            self.conn.close_reason(),
+            Some(quinn::ConnectionError::TimedOut)
+        );
         self.shared
             .presence
-            .disconnect(authed.user_id, self.conn_id)
+            .disconnect(authed.user_id, self.conn_id, timed_out)
             .await;
     }
 
