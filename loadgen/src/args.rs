@@ -16,6 +16,9 @@ use crate::sampling::TextDist;
 /// MESSAGE_TOO_LARGE, so sampled lengths are clamped to it.
 pub const MAX_TEXT_BYTES: usize = 16 * 1024;
 
+/// Longest `--duration`, `--warmup` or `--drain` taken: a year.
+const MAX_PHASE: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Drive a chat-server with real clients (real QUIC) on an open-loop
 /// schedule and report throughput, latency percentiles and correctness.
 ///
@@ -113,7 +116,8 @@ pub struct Args {
     pub warmup: Duration,
     /// Longest wait after the window (or after the last user churn took
     /// away came back, if later) for acks, deliveries and receipts; the
-    /// run ends sooner when everything has arrived.
+    /// run ends sooner when everything has arrived, after listening a
+    /// second more (or the drain, if shorter) for copies that come late.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain: Duration,
     /// Seed of the send schedule, sender choice and text lengths.
@@ -333,6 +337,25 @@ impl Args {
         if self.duration.is_zero() {
             anyhow::bail!("--duration must be more than 0s");
         }
+        // The schedule counts nanoseconds in a u64 (584 years).
+        for (flag, value) in [
+            ("--duration", self.duration),
+            ("--warmup", self.warmup),
+            ("--drain", self.drain),
+        ] {
+            if value > MAX_PHASE {
+                anyhow::bail!(
+                    "{flag} {} is longer than {}",
+                    humantime::format_duration(value),
+                    humantime::format_duration(MAX_PHASE)
+                );
+            }
+        }
+        if self.spawn_server && self.reuse.is_some() && self.data_dir.is_none() {
+            // Its tokens would name sessions of a server whose data is gone
+            // when the run ends.
+            anyhow::bail!("--reuse with --spawn-server needs --data-dir, kept for the next run");
+        }
         if self.endpoints == 0 || self.threads == 0 || self.setup_concurrency == 0 {
             anyhow::bail!("--endpoints, --threads and --setup-concurrency must be at least 1");
         }
@@ -513,6 +536,9 @@ mod tests {
             &["--heartbeat-interval", "500ms"],
             &["--text-bytes", "100000"],
             &["--duration", "0s"],
+            &["--duration", "600years"],
+            &["--drain", "2years"],
+            &["--reuse", "users.json"],
             &["--name-prefix", "Bad Name"],
             &["--group-fraction", "1.5"],
             &["--groups-per-user", "0"],

@@ -48,6 +48,12 @@ pub enum Phase {
 const START_LEAD: Duration = Duration::from_millis(50);
 /// How often the drain checks whether everything has arrived.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// How long the drain goes on listening once everything has arrived (at
+/// most `--drain`): a copy delivered again (a redelivery after a
+/// reconnect, say) arrives after the first, and ending at the first would
+/// count no duplicate however wrong the server.
+const SETTLE: Duration = Duration::from_secs(1);
 /// Pause between attempts to bring a churned user back.
 const RESUME_RETRY: Duration = Duration::from_secs(1);
 /// Most a churned user's client takes to leave (its sends answered, its
@@ -141,6 +147,25 @@ pub async fn drive(
         away: AtomicUsize::new(0),
         last_back_ns: AtomicU64::new(0),
     });
+    // Room for every send and arrival the plan expects, taken before the
+    // schedule starts (a tenth more for the Poisson count's spread).
+    let planned = plan.offered_rate * (args.warmup + args.duration).as_secs_f64();
+    let sends = (planned * 1.1 + 1_000.0).min(1e9) as usize;
+    let (members, memberships) = groups
+        .iter()
+        .flatten()
+        .fold((0u64, 0u64), |(sum, n), &(_, others)| {
+            (sum + u64::from(others), n + 1)
+        });
+    let per_group_send = if memberships == 0 {
+        1.0
+    } else {
+        (members as f64 / memberships as f64).max(1.0)
+    };
+    let per_send = (1.0 - args.group_fraction) + args.group_fraction * per_group_send;
+    shared
+        .tracker
+        .reserve(sends, (sends as f64 * per_send).min(1e9) as usize);
     for (user, events) in shared.users.iter().zip(events) {
         if let Some(client) = user.client() {
             client.set_heartbeats(!shared.background[user.idx]);
@@ -182,7 +207,7 @@ pub async fn drive(
             connector.clone(),
             args.churn,
             args.offline_time,
-            args.seed,
+            plan.schedule_seed(args.seed),
             start_ns,
             start_ns + total_ns,
         ))
@@ -220,6 +245,10 @@ pub async fn drive(
             break;
         }
         tokio::time::sleep(DRAIN_POLL).await;
+    }
+    if shared.tracker.complete() {
+        let settled = tokio::time::Instant::now() + SETTLE.min(args.drain);
+        tokio::time::sleep_until(settled.min(cap)).await;
     }
 
     // Teardown: nothing counts from here on.
@@ -280,12 +309,13 @@ async fn schedule(
     warmup_ns: u64,
     total_ns: u64,
 ) {
-    let mut poisson = PoissonSchedule::new(plan.offered_rate, args.seed);
-    let mut rng = StdRng::seed_from_u64(args.seed ^ SENDER_SEED);
+    let seed = plan.schedule_seed(args.seed);
+    let mut poisson = PoissonSchedule::new(plan.offered_rate, seed);
+    let mut rng = StdRng::seed_from_u64(seed ^ SENDER_SEED);
     let zipf = Zipf::new(shared.users.len(), args.zipf);
     let text_len = TextLen::new(args.text_dist, args.text_bytes, 1, MAX_TEXT_BYTES);
     while let Some(offset) = poisson.next_offset() {
-        let offset_ns = offset.as_nanos() as u64;
+        let offset_ns = u64::try_from(offset.as_nanos()).unwrap_or(u64::MAX);
         if offset_ns >= total_ns {
             break;
         }
@@ -540,6 +570,9 @@ async fn measure_window(
 async fn progress_lines(shared: Arc<Shared>, start_ns: u64, measure_ns: u64, end_ns: u64) {
     let period = Duration::from_secs(1);
     let mut tick = tokio::time::interval_at(shared.clock.instant(start_ns) + period, period);
+    // After a stall, one line rather than a burst of lines a moment apart
+    // (each with a rate over a millisecond).
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = Progress::default();
     let mut last_ns = start_ns;
     loop {
@@ -584,7 +617,7 @@ async fn churn(
     let mut schedule = PoissonSchedule::new(churn * n as f64 / 60.0, seed ^ CHURN_SEED);
     let mut rng = StdRng::seed_from_u64(seed ^ CHURN_PICK_SEED);
     while let Some(offset) = schedule.next_offset() {
-        let at = start_ns + offset.as_nanos() as u64;
+        let at = start_ns.saturating_add(u64::try_from(offset.as_nanos()).unwrap_or(u64::MAX));
         if at >= end_ns {
             return;
         }

@@ -123,6 +123,14 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The seed of this shard's schedule (arrivals, senders, churn):
+    /// `--seed` in shard 0, mixed with the index in the others, so n shards
+    /// started together offer n independent Poisson streams rather than
+    /// one stream n times over (n sends at each instant).
+    pub fn schedule_seed(&self, seed: u64) -> u64 {
+        seed ^ self.shard.index.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
     /// Derives the plan. Without an explicit rate, each virtual user sends
     /// at the profile's per-user peak rate, so running every shard with all
     /// of its users offers exactly the full-scale peak rate.
@@ -266,6 +274,24 @@ pub fn friend_graph(users: usize, degree: usize) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_shard_draws_its_own_schedule() {
+        let plan = |index| {
+            Plan::new(
+                Profile::MESSENGER,
+                2.0,
+                Shard { index, count: 3 },
+                100,
+                Some(10.0),
+            )
+            .unwrap()
+        };
+        assert_eq!(plan(0).schedule_seed(7), 7, "shard 0 keeps --seed");
+        let seeds: std::collections::HashSet<u64> =
+            (0..3).map(|i| plan(i).schedule_seed(7)).collect();
+        assert_eq!(seeds.len(), 3);
+    }
 
     #[test]
     fn messenger_rates() {

@@ -26,7 +26,9 @@ impl PoissonSchedule {
         }
     }
 
-    /// The next send's offset from the start; `None` when the rate is zero.
+    /// The next send's offset from the start; `None` when the rate is zero
+    /// or the offset is past what a `Duration` holds (a rate so small the
+    /// next send would come after hundreds of billions of years).
     pub fn next_offset(&mut self) -> Option<Duration> {
         if self.rate <= 0.0 || !self.rate.is_finite() {
             return None;
@@ -34,7 +36,7 @@ impl PoissonSchedule {
         // 1 - u is in (0, 1], so the logarithm is finite.
         let u: f64 = self.rng.random();
         self.next_s += -(1.0 - u).ln() / self.rate;
-        Some(Duration::from_secs_f64(self.next_s))
+        Duration::try_from_secs_f64(self.next_s).ok()
     }
 }
 
@@ -151,6 +153,20 @@ impl TextLen {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vanishing_rate_ends_the_schedule_instead_of_panicking() {
+        for rate in [1e-20, 1e-300, f64::MIN_POSITIVE] {
+            let mut schedule = PoissonSchedule::new(rate, 1);
+            // The first offset is far beyond any run (or beyond a Duration).
+            assert!(
+                schedule
+                    .next_offset()
+                    .is_none_or(|d| d > Duration::from_secs(1 << 40)),
+                "{rate}"
+            );
+        }
+    }
 
     #[test]
     fn poisson_mean_rate_for_a_fixed_seed() {

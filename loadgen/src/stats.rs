@@ -299,6 +299,17 @@ impl Tracker {
         self.state().window = start_ns..=end_ns;
     }
 
+    /// Makes room for `sends` sends and `deliveries` arrivals before the
+    /// run: growing inside it rehashes under the lock every dispatch and
+    /// arrival takes (tens of ms at a million entries), which the run would
+    /// report as the server's latency. Best effort: without the memory the
+    /// run grows as it goes.
+    pub fn reserve(&self, sends: usize, deliveries: usize) {
+        let mut s = self.state();
+        let _ = s.sends.try_reserve(sends);
+        let _ = s.arrivals.try_reserve(deliveries);
+    }
+
     /// Registers a send about to start for `recipients` other members
     /// (`group`: to a group) and returns its number. `at`: when it was
     /// meant to go and when it is handed to its client (ns).
