@@ -151,6 +151,20 @@ impl SessionHandle {
         }
     }
 
+    /// [`open`](Self::open) for a stream whose writer first runs a
+    /// catch-up (see [`crate::queue`]).
+    pub fn open_for_catch_up(&self, kind: StreamKind) {
+        if let Some(queue) = self.queue(kind) {
+            queue.open_for_catch_up();
+        }
+    }
+
+    /// A catch-up pass of the `kind` stream ended: whether the queue is now
+    /// open (else live messages were let go meanwhile: run another pass).
+    pub fn finish_catch_up(&self, kind: StreamKind) -> bool {
+        self.queue(kind).is_none_or(|queue| queue.finish_catch_up())
+    }
+
     /// Queues a frame for one of this session's streams without waiting.
     /// Returns false if the session is gone, was too slow (and is now
     /// being closed), or has not opened that stream and its queue gave up

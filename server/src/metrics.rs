@@ -110,6 +110,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "DeliveryAcks dropped: the connection had acked more messages than it was delivered.",
     ),
     (
+        "chat_catch_up_repeats_total",
+        "counter",
+        Unit::Count,
+        "Catch-up passes run again because live messages overflowed the queue during the one before.",
+    ),
+    (
         "chat_receipts_total",
         "counter",
         Unit::Count,
@@ -271,6 +277,8 @@ pub struct Metrics {
     pub redeliveries: Counter,
     /// DeliveryAcks beyond a connection's deliveries, dropped.
     pub acks_ignored: Counter,
+    /// Catch-up passes run again after live messages overflowed the queue.
+    pub catch_up_repeats: Counter,
     /// Receipt frames queued.
     pub receipts: Counter,
     /// Cache and queue updates dropped for a full updater queue.
@@ -366,6 +374,7 @@ impl Metrics {
                 deliveries: metrics::counter!("chat_deliveries_total"),
                 redeliveries: metrics::counter!("chat_redeliveries_total"),
                 acks_ignored: metrics::counter!("chat_delivery_acks_ignored_total"),
+                catch_up_repeats: metrics::counter!("chat_catch_up_repeats_total"),
                 receipts: metrics::counter!("chat_receipts_total"),
                 cache_updates_dropped: metrics::counter!("chat_cache_updates_dropped_total"),
                 sessions_purged: metrics::counter!("chat_sessions_purged_total"),

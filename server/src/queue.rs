@@ -15,7 +15,17 @@
 //! ([`PushError::Unopened`]), and the device gets what an offline one gets
 //! when it opens the stream: catch-up (messages) or the snapshot
 //! (receipts). So a device that talks on control alone is not closed for
-//! messages it never asked for, and holds at most one queue's bounds.
+//! messages it never asked for, and holds at most [`UNOPENED_FRAMES`] /
+//! [`UNOPENED_BYTES`] per stream (a round trip's worth).
+//!
+//! While the messages stream's catch-up runs, its writer does not take
+//! from the queue either: a long backlog on a slow link can take minutes,
+//! and a busy user's live messages meanwhile used to fill the queue and
+//! close a client that read as fast as its link allowed. At the bounds
+//! the queue then lets go of its `Deliver` frames (catch-up brings them:
+//! the writer runs another pass, see [`OutQueue::finish_catch_up`]) and
+//! keeps the rest (send acks, errors), which only a client that does not
+//! read can fill.
 //!
 //! Not a `tokio::sync::mpsc` channel because of idle memory: a bounded
 //! channel allocates its first block (32 slots) when it is created, about
@@ -33,6 +43,12 @@ use crate::wire::Outbound;
 /// Capacity kept after a drain; a queue that grew beyond it (a burst)
 /// returns its buffer.
 const KEEP_CAPACITY: usize = 16;
+
+/// Most frames kept for a stream the client has not opened.
+pub const UNOPENED_FRAMES: usize = 256;
+
+/// Most bytes kept for a stream the client has not opened.
+pub const UNOPENED_BYTES: usize = 256 << 10;
 
 /// Why a push failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +79,12 @@ enum Phase {
     Unopened,
     /// The stream is not open and the bounds were reached: nothing is kept.
     GaveUp,
+    /// The stream is open and its catch-up runs; the writer takes from the
+    /// queue after it.
+    CatchingUp,
+    /// The same, and the queue let go of `Deliver` frames at its bounds:
+    /// catch-up must run again.
+    CatchingUpMissed,
     /// The stream's writer takes from the queue.
     Open,
 }
@@ -80,6 +102,30 @@ impl OutQueue {
     /// docs).
     pub fn open(&self) {
         self.state.lock().expect("queue lock").phase = Phase::Open;
+    }
+
+    /// The stream is open, but its writer takes from the queue only after
+    /// a catch-up (see the module docs); [`finish_catch_up`](Self::finish_catch_up)
+    /// says when.
+    pub fn open_for_catch_up(&self) {
+        self.state.lock().expect("queue lock").phase = Phase::CatchingUp;
+    }
+
+    /// A catch-up pass ended: true, and the queue is open, unless it let go
+    /// of `Deliver` frames meanwhile; then false, and the caller runs
+    /// another pass (whatever is pushed from here on is kept for after it).
+    pub fn finish_catch_up(&self) -> bool {
+        let mut state = self.state.lock().expect("queue lock");
+        match state.phase {
+            Phase::CatchingUpMissed => {
+                state.phase = Phase::CatchingUp;
+                false
+            }
+            _ => {
+                state.phase = Phase::Open;
+                true
+            }
+        }
     }
 
     /// Appends `out` unless the queue is closed, already holds
@@ -101,17 +147,42 @@ impl OutQueue {
             if state.phase == Phase::GaveUp {
                 return Err(PushError::Unopened);
             }
-            let bytes = state.bytes + out.bytes.len();
-            if state.items.len() >= max_frames || (bytes > max_bytes && !state.items.is_empty()) {
-                if state.phase == Phase::Open {
-                    return Err(PushError::Full);
+            let (max_frames, max_bytes) = if state.phase == Phase::Unopened {
+                (
+                    max_frames.min(UNOPENED_FRAMES),
+                    max_bytes.min(UNOPENED_BYTES),
+                )
+            } else {
+                (max_frames, max_bytes)
+            };
+            let over = |state: &State| {
+                let bytes = state.bytes + out.bytes.len();
+                state.items.len() >= max_frames || (bytes > max_bytes && !state.items.is_empty())
+            };
+            if over(&state) {
+                match state.phase {
+                    Phase::Open => return Err(PushError::Full),
+                    Phase::CatchingUp | Phase::CatchingUpMissed => {
+                        // Catch-up brings the messages; the rest stays.
+                        state.items.retain(|o| o.deliver.is_none());
+                        state.bytes = state.items.iter().map(|o| o.bytes.len()).sum();
+                        state.phase = Phase::CatchingUpMissed;
+                        if out.deliver.is_some() {
+                            return Err(PushError::Unopened);
+                        }
+                        if over(&state) {
+                            return Err(PushError::Full);
+                        }
+                    }
+                    Phase::Unopened | Phase::GaveUp => {
+                        state.items = VecDeque::new();
+                        state.bytes = 0;
+                        state.phase = Phase::GaveUp;
+                        return Err(PushError::Unopened);
+                    }
                 }
-                state.items = VecDeque::new();
-                state.bytes = 0;
-                state.phase = Phase::GaveUp;
-                return Err(PushError::Unopened);
             }
-            state.bytes = bytes;
+            state.bytes += out.bytes.len();
             state.items.push_back(out);
         }
         // One consumer: a stored permit wakes it even if it is not waiting
@@ -212,6 +283,77 @@ mod tests {
         let queue = OutQueue::default();
         queue.open();
         queue
+    }
+
+    fn deliver(n: u8) -> Outbound {
+        Outbound {
+            deliver: Some((7, u64::from(n))),
+            ..out(n)
+        }
+    }
+
+    #[test]
+    fn during_catch_up_a_full_queue_lets_go_of_messages_and_keeps_the_rest() {
+        // A long catch-up on a slow link while live messages come in: at
+        // the bounds the queue used to refuse (the client was closed as
+        // too slow, and its next catch-up started over). Now it lets go of
+        // the Deliver frames, which catch-up brings, keeps what catch-up
+        // cannot (a send's ack), and says another pass is needed.
+        let queue = OutQueue::default();
+        queue.open_for_catch_up();
+        queue.push(deliver(1), 3, 1 << 20).unwrap();
+        queue.push(out(2), 3, 1 << 20).unwrap();
+        queue.push(deliver(3), 3, 1 << 20).unwrap();
+        assert_eq!(queue.push(deliver(4), 3, 1 << 20), Err(PushError::Unopened));
+        queue.push(out(5), 3, 1 << 20).unwrap();
+        queue.push(deliver(6), 3, 1 << 20).unwrap();
+        let kept: Vec<u8> = std::iter::from_fn(|| queue.try_recv())
+            .map(|o| o.bytes[0])
+            .collect();
+        assert_eq!(kept, vec![2, 5, 6]);
+        assert!(
+            !queue.finish_catch_up(),
+            "messages were let go: another pass"
+        );
+        // The next pass ends with nothing let go: the queue is open, and a
+        // full queue then means a slow reader.
+        queue.push(deliver(7), 1, 1 << 20).unwrap();
+        assert!(queue.finish_catch_up());
+        assert_eq!(queue.push(deliver(8), 1, 1 << 20), Err(PushError::Full));
+    }
+
+    #[test]
+    fn during_catch_up_what_is_not_a_message_is_still_bounded() {
+        let queue = OutQueue::default();
+        queue.open_for_catch_up();
+        queue.push(out(1), 2, 1 << 20).unwrap();
+        queue.push(out(2), 2, 1 << 20).unwrap();
+        assert_eq!(queue.push(out(3), 2, 1 << 20), Err(PushError::Full));
+    }
+
+    #[test]
+    fn a_stream_not_opened_keeps_a_round_trip_at_most() {
+        // Before it opens, the queue keeps no more than its own small
+        // bounds, whatever the caller's: a connection that never opens its
+        // receipts stream used to hold up to 16,384 frames for it.
+        let queue = OutQueue::default();
+        for n in 0..UNOPENED_FRAMES {
+            queue.push(out(n as u8), 16 * 1024, 4 << 20).unwrap();
+        }
+        assert_eq!(
+            queue.push(out(0), 16 * 1024, 4 << 20),
+            Err(PushError::Unopened)
+        );
+        let queue = OutQueue::default();
+        let big = Outbound {
+            bytes: Bytes::from(vec![0; UNOPENED_BYTES]),
+            ..out(0)
+        };
+        queue.push(big, 16 * 1024, 4 << 20).unwrap();
+        assert_eq!(
+            queue.push(out(1), 16 * 1024, 4 << 20),
+            Err(PushError::Unopened)
+        );
     }
 
     #[tokio::test]

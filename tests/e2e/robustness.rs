@@ -973,6 +973,70 @@ async fn a_connection_cannot_bank_acks_beyond_the_slack() {
 }
 
 #[tokio::test]
+async fn live_messages_during_a_long_catch_up_do_not_close_a_reading_client() {
+    // Bob comes back to a backlog over a link that takes it slowly (a small
+    // stream window, left unread for now), while Carol sends him more than
+    // a queue's worth live. Those queued while catch-up ran and filled the
+    // queue: Bob was closed as too slow, and his next catch-up started
+    // over. Now the queue lets go of them, catch-up runs again for what it
+    // let go, and Bob gets every message once, in order.
+    const BACKLOG: usize = 300;
+    const LIVE: usize = 1_100;
+    let server = TestServer::start_with(unlimited_sends).await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let from_alice = befriend(&alice, &bob).await;
+    let from_carol = befriend(&carol, &bob).await;
+    let token = bob.identity().token;
+    bob.close();
+    drop((bob, bob_events));
+    send_texts(&alice, from_alice, BACKLOG).await;
+
+    let bob = Raw::connect_with_stream_window(&server, 4096).await;
+    let authenticate = Frame::new(1, Body::Authenticate(proto::Authenticate { token }));
+    let (_control, mut control_recv) = bob
+        .stream(&frames(&[
+            Frame::open_stream(StreamKind::Control),
+            authenticate,
+        ]))
+        .await;
+    let reply = next_frame(&mut control_recv, &mut BytesMut::new()).await;
+    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
+    let (_messages, mut messages_recv) = bob.stream(&frames(&[Frame::open_messages(false)])).await;
+    // Catch-up's first page does not fit the window: it waits for Bob,
+    // who reads nothing until Carol's messages are all stored and pushed.
+    send_texts(&carol, from_carol, LIVE).await;
+
+    let mut seen: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+    let mut buf = BytesMut::new();
+    while seen.get(&from_alice).map_or(0, Vec::len) < BACKLOG
+        || seen.get(&from_carol).map_or(0, Vec::len) < LIVE
+    {
+        let frame = next_frame(&mut messages_recv, &mut buf).await;
+        match frame.body {
+            Some(Body::Deliver(d)) => {
+                let m = d.message.unwrap();
+                seen.entry(m.conversation_id).or_default().push(m.seq);
+            }
+            other => panic!("a Deliver, got {other:?}"),
+        }
+    }
+    for (conversation, n) in [(from_alice, BACKLOG), (from_carol, LIVE)] {
+        let seqs = &seen[&conversation];
+        let first = seqs[0];
+        let expected: Vec<u64> = (first..first + n as u64).collect();
+        assert_eq!(seqs, &expected, "every message once, in order");
+    }
+    assert!(bob.conn.close_reason().is_none(), "Bob stays connected");
+    assert!(
+        value(&scrape(metrics).await, "chat_catch_up_repeats_total") >= 1.0,
+        "the live messages overflowed during catch-up"
+    );
+}
+
+#[tokio::test]
 async fn a_finished_messages_stream_is_answered_with_acks_stored_and_the_end() {
     // A client leaving gracefully (a third-party one, on the wire) finishes
     // its messages stream after its last DeliveryAck; once that ack is

@@ -69,7 +69,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     // Acks this connection may still send: the slack, plus one per Deliver
     // the writer writes, never more than the slack in hand.
     let credits = Arc::new(AtomicU64::new(ACK_SLACK));
-    queue.open(StreamKind::Messages);
+    queue.open_for_catch_up(StreamKind::Messages);
     tokio::spawn(writer(session.clone(), send, queue, credits.clone()));
     let handle = authed.handle.clone();
     let delivery = session.shared.delivery.clone();
@@ -329,10 +329,18 @@ async fn writer(
     queue: Arc<SessionHandle>,
     credits: Arc<AtomicU64>,
 ) {
-    let Some(sent) = catch_up(&session, &mut send, &credits).await else {
-        return;
-    };
-    let mut sent = sent;
+    // Passes until one ends without the queue letting go of live messages
+    // (see `crate::queue`); each sends only what the ones before did not.
+    let mut sent = HashMap::new();
+    loop {
+        if !catch_up(&session, &mut send, &credits, &mut sent).await {
+            return;
+        }
+        if queue.finish_catch_up(StreamKind::Messages) {
+            break;
+        }
+        session.shared.metrics.catch_up_repeats.increment(1);
+    }
     wire::write_loop(
         &session.conn,
         &mut send,
@@ -359,24 +367,24 @@ async fn writer(
     .await;
 }
 
-/// Streams undelivered messages; returns the last seq sent per
-/// conversation, or `None` if the stream failed.
+/// Streams undelivered messages but those `sent` has (the last seq sent
+/// per conversation, which it updates); false if the stream failed.
 async fn catch_up(
     session: &Session,
     send: &mut SendStream,
     credits: &AtomicU64,
-) -> Option<HashMap<u64, u64>> {
+    sent: &mut HashMap<u64, u64>,
+) -> bool {
     let authed = session.authed().expect("authenticated");
     let metrics = &session.shared.metrics;
-    let mut sent: HashMap<u64, u64> = HashMap::new();
     if let Some(queued) = from_inbox(session, authed.user_id).await {
         metrics.unread.record(queued.len() as f64);
         for page in queued.chunks(CATCH_UP_PAGE as usize) {
-            if !write_page(session, send, page, &mut sent, credits).await {
-                return None;
+            if !write_page(session, send, page, sent, credits).await {
+                return false;
             }
         }
-        return Some(sent);
+        return true;
     }
     let mut backlog = 0usize;
     let store = &session.shared.store;
@@ -403,21 +411,21 @@ async fn catch_up(
                     ErrorCode::Unavailable,
                     "catch-up failed; reconnect",
                 );
-                return None;
+                return false;
             }
         };
         backlog += page.len();
         let Some(last) = page.last() else {
             metrics.unread.record(backlog as f64);
-            return Some(sent);
+            return true;
         };
         cursor = (last.conversation_id, last.seq);
-        if !write_page(session, send, &page, &mut sent, credits).await {
-            return None;
+        if !write_page(session, send, &page, sent, credits).await {
+            return false;
         }
         if page.len() < CATCH_UP_PAGE as usize {
             metrics.unread.record(backlog as f64);
-            return Some(sent);
+            return true;
         }
     }
 }
@@ -430,14 +438,25 @@ async fn write_page(
     sent: &mut HashMap<u64, u64>,
     credits: &AtomicU64,
 ) -> bool {
+    // Only what an earlier pass did not send.
+    let page: Vec<&Arc<proto::Message>> = page
+        .iter()
+        .filter(|m| {
+            sent.get(&m.conversation_id)
+                .is_none_or(|&last| m.seq > last)
+        })
+        .collect();
+    if page.is_empty() {
+        return true;
+    }
     // Credited before the write: the client may ack a message as soon as
     // it reads it, before this task runs again.
     earn_acks(credits, page.len() as u64);
     let mut buf = BytesMut::new();
-    for message in page {
+    for message in &page {
         sent.insert(message.conversation_id, message.seq);
         let frame = Frame::push(Body::Deliver(proto::Deliver {
-            message: Some((**message).clone()),
+            message: Some((***message).clone()),
         }));
         chat_protocol::encode(&frame, &mut buf);
     }
