@@ -27,11 +27,11 @@ pub enum ServerCpu {
 /// (named so by the load generator) and its embedded store's.
 pub const IN_PROCESS_SERVER_THREADS: &[&str] = &["chat-server", "sqlite-"];
 
-/// The entries of a thread split that belong to an in-process server.
-pub fn in_process_server(threads: BTreeMap<String, Duration>) -> BTreeMap<String, Duration> {
+/// The threads of a sample that belong to an in-process server.
+pub fn in_process_server(threads: BTreeMap<u32, ThreadCpu>) -> BTreeMap<u32, ThreadCpu> {
     threads
         .into_iter()
-        .filter(|(name, _)| {
+        .filter(|(_, (name, _))| {
             IN_PROCESS_SERVER_THREADS
                 .iter()
                 .any(|prefix| name.starts_with(prefix))
@@ -51,27 +51,34 @@ fn ticks_to_time(ticks: u64, ticks_per_second: u64) -> Duration {
     Duration::from_secs_f64(ticks as f64 / ticks_per_second.max(1) as f64)
 }
 
-/// CPU time used so far by each thread name of a process, from
-/// `/proc/PID/task/*/stat`. Threads that share a name (a runtime's
-/// workers) are summed. `None` if the process cannot be read.
-pub fn threads_cpu(pid: u32, ticks_per_second: u64) -> Option<BTreeMap<String, Duration>> {
-    let mut by_name: BTreeMap<String, u64> = BTreeMap::new();
+/// One thread's name and the CPU time it has used so far.
+pub type ThreadCpu = (String, Duration);
+
+/// CPU time used so far by each thread of a process, by thread id, from
+/// `/proc/PID/task/*/stat`. `None` if the process cannot be read.
+pub fn threads_cpu(pid: u32, ticks_per_second: u64) -> Option<BTreeMap<u32, ThreadCpu>> {
+    let mut threads = BTreeMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         // A thread may end between the listing and the read: skip it.
         let Ok(task) = task else { continue };
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
             continue;
         };
         if let (Some(name), Some(ticks)) = (parse_stat_name(&stat), parse_stat_ticks(&stat)) {
-            *by_name.entry(name.to_string()).or_default() += ticks;
+            threads.insert(
+                tid,
+                (name.to_string(), ticks_to_time(ticks, ticks_per_second)),
+            );
         }
     }
-    Some(
-        by_name
-            .into_iter()
-            .map(|(name, ticks)| (name, ticks_to_time(ticks, ticks_per_second)))
-            .collect(),
-    )
+    Some(threads)
 }
 
 /// CPU time used so far by every process whose command name is `command`,
@@ -103,20 +110,24 @@ pub fn command_diff(before: &BTreeMap<u32, Duration>, after: &BTreeMap<u32, Dura
         .sum()
 }
 
-/// CPU each thread name used between two [`threads_cpu`] samples. A
-/// thread that ended in between is missing from the later sample, so its
-/// time is not counted; one that started counts from zero.
+/// CPU each thread name used between two [`threads_cpu`] samples, thread
+/// by thread (threads that share a name, a runtime's workers, are summed).
+/// A thread that ended in between is missing from the later sample, so its
+/// time in the window is not counted (nor, as a sum by name would have
+/// it, taken off its namesakes'); one that started counts from zero.
 pub fn threads_diff(
-    before: &BTreeMap<String, Duration>,
-    after: &BTreeMap<String, Duration>,
+    before: &BTreeMap<u32, ThreadCpu>,
+    after: &BTreeMap<u32, ThreadCpu>,
 ) -> BTreeMap<String, Duration> {
-    after
-        .iter()
-        .map(|(name, &t)| {
-            let t0 = before.get(name).copied().unwrap_or_default();
-            (name.clone(), t.saturating_sub(t0))
-        })
-        .collect()
+    let mut by_name: BTreeMap<String, Duration> = BTreeMap::new();
+    for (tid, (name, t)) in after {
+        let t0 = before
+            .get(tid)
+            .filter(|(was, _)| was == name)
+            .map_or(Duration::ZERO, |&(_, t0)| t0);
+        *by_name.entry(name.clone()).or_default() += t.saturating_sub(t0);
+    }
+    by_name
 }
 
 /// The command (thread) name from the text of `/proc/PID/stat`: what
@@ -229,11 +240,25 @@ mod tests {
         assert!(burnt >= Duration::from_millis(100), "{used:?}");
         assert!(burnt <= Duration::from_secs(5), "{used:?}");
         assert!(threads_cpu(u32::MAX, tck).is_none());
-        let gone = BTreeMap::from([("old".to_string(), Duration::from_secs(3))]);
-        let now = BTreeMap::from([("new".to_string(), Duration::from_secs(1))]);
+        // Thread by thread: a worker that ended takes nothing off its
+        // namesakes' time (summed by name first, the window's total for
+        // "worker" came out as 0), and a new thread counts from zero.
+        let secs = Duration::from_secs;
+        let before = BTreeMap::from([
+            (1, ("worker".to_string(), secs(30))),
+            (2, ("worker".to_string(), secs(2))),
+        ]);
+        let after = BTreeMap::from([
+            (2, ("worker".to_string(), secs(5))),
+            (3, ("worker".to_string(), secs(1))),
+            (4, ("store".to_string(), secs(4))),
+        ]);
         assert_eq!(
-            threads_diff(&gone, &now),
-            BTreeMap::from([("new".to_string(), Duration::from_secs(1))])
+            threads_diff(&before, &after),
+            BTreeMap::from([
+                ("store".to_string(), secs(4)),
+                ("worker".to_string(), secs(4)),
+            ])
         );
     }
 

@@ -228,7 +228,9 @@ impl SpawnedServer {
             .enable_all()
             .build()
             .context("start the in-process server's runtime")?;
-        let started = runtime.spawn(chat_server::Server::start(config)).await;
+        let start = runtime.spawn(chat_server::Server::start(config));
+        // Owned before the wait, so a caller that gives up during the start
+        // drops the runtime through `Drop` (in the background), not here.
         let mut spawned = Self {
             server: None,
             runtime: Some(runtime),
@@ -236,7 +238,7 @@ impl SpawnedServer {
             data_dir,
             _temp: temp,
         };
-        match started {
+        match start.await {
             Ok(Ok(server)) => {
                 spawned.server = Some(server);
                 Ok(spawned)

@@ -45,7 +45,7 @@ use crate::store::{
     Appended, GroupCreated, GroupEdit, HistoryStore, InboxStore, NewGroup, NewMessage, RecentCache,
     StoreError, UserId, WatermarkKind, WatermarkUpdate,
 };
-use crate::wire::Outbound;
+use crate::wire::{DeliverKey, Outbound};
 
 /// Queue depth in front of each committer; a full queue makes stream
 /// readers wait, which pushes back on clients through QUIC flow control.
@@ -563,18 +563,39 @@ fn redeliver(c: &Committer, appended: &Appended, out: &Fanout) {
     let deliver = Frame::push(Body::Deliver(proto::Deliver {
         message: Some((**message).clone()),
     }));
-    let frame = Outbound {
-        deliver: Some((message.conversation_id, message.seq)),
-        ..Outbound::frame(&deliver)
-    };
+    let (frame, own) = deliver_frames(&deliver, message);
     // Not noted in the receipt routes, which take messages in seq order: a
     // large group's sender may miss the receipts of a message that was never
     // fanned out, and GetMessageReceipts still has them.
     let mut pushed = 0;
     for &member in &appended.members {
-        pushed += c.hub.push(member, StreamKind::Messages, &frame, None);
+        let frame = if member == message.sender_id {
+            &own
+        } else {
+            &frame
+        };
+        pushed += c.hub.push(member, StreamKind::Messages, frame, None);
     }
     c.metrics.redeliveries.increment(pushed as u64);
+}
+
+/// The queued `Deliver` of `message` for its members, and for its
+/// sender's other devices (the same bytes, marked as their own).
+fn deliver_frames(deliver: &Frame, message: &proto::Message) -> (Outbound, Outbound) {
+    let key = DeliverKey {
+        conversation: message.conversation_id,
+        seq: message.seq,
+        own: false,
+    };
+    let frame = Outbound {
+        deliver: Some(key),
+        ..Outbound::frame(deliver)
+    };
+    let own = Outbound {
+        deliver: Some(DeliverKey { own: true, ..key }),
+        ..frame.clone()
+    };
+    (frame, own)
 }
 
 /// Applies one group change (its SYSTEM message is stored in the same
@@ -654,10 +675,7 @@ fn fan_out(
     let deliver = Frame::push(Body::Deliver(proto::Deliver {
         message: Some((**message).clone()),
     }));
-    let frame = Outbound {
-        deliver: Some((message.conversation_id, message.seq)),
-        ..Outbound::frame(&deliver)
-    };
+    let (frame, own) = deliver_frames(&deliver, message);
     // Before the pushes: a member's ack of this message must find its
     // sender in the routes.
     c.routes.note_message(
@@ -678,7 +696,7 @@ fn fan_out(
     let echoed = c.hub.push(
         message.sender_id,
         StreamKind::Messages,
-        &frame,
+        &own,
         Some(from_conn),
     );
     c.metrics.deliveries.increment((pushed + echoed) as u64);

@@ -167,8 +167,9 @@ impl SessionHandle {
 
     /// Queues a frame for one of this session's streams without waiting.
     /// Returns false if the session is gone, was too slow (and is now
-    /// being closed), or has not opened that stream and its queue gave up
-    /// (see [`crate::queue`]).
+    /// being closed), has not opened that stream and its queue gave up, or
+    /// is catching up on it and its queue let the message go for catch-up
+    /// to bring (see [`crate::queue`]).
     pub fn push(&self, kind: StreamKind, out: Outbound) -> bool {
         let Some(queue) = self.queue(kind) else {
             return false;

@@ -47,6 +47,13 @@ struct Local {
     refreshed_ms: i64,
 }
 
+impl Local {
+    /// The latest activity of the user's connections here.
+    fn last_activity_ms(&self) -> Option<i64> {
+        self.conns.iter().map(|s| s.last_activity_ms()).max()
+    }
+}
+
 /// The node's presence tracker. See the module docs.
 pub struct Presence {
     node: String,
@@ -151,12 +158,7 @@ impl Presence {
             let Some(mut local) = self.users.get_mut(&user) else {
                 return;
             };
-            let last_activity = local
-                .conns
-                .iter()
-                .map(|s| s.last_activity_ms())
-                .max()
-                .unwrap_or(now);
+            let last_activity = local.last_activity_ms().unwrap_or(now);
             local.conns.retain(|s| s.conn_id != conn_id);
             if !local.conns.is_empty() {
                 return;
@@ -345,19 +347,14 @@ impl Presence {
         let now = now_ms();
         let window = self.window.as_millis() as i64;
         let mut offline = Vec::new();
-        let mut online = Vec::new();
-        let mut stale = Vec::new();
+        // (user, last activity, whether they just came online)
+        let mut refresh = Vec::new();
         let mut unsure = Vec::new();
         for mut entry in self.users.iter_mut() {
             if entry.unsure {
                 unsure.push(*entry.key());
             }
-            let last = entry
-                .conns
-                .iter()
-                .map(|s| s.last_activity_ms())
-                .max()
-                .unwrap_or(0);
+            let last = entry.last_activity_ms().unwrap_or(0);
             let live = now - last <= window;
             if entry.online && !live {
                 entry.online = false;
@@ -365,11 +362,11 @@ impl Presence {
             } else if !entry.online && live {
                 entry.online = true;
                 entry.refreshed_ms = now;
-                online.push((*entry.key(), last));
+                refresh.push((*entry.key(), last, true));
             } else if entry.online && now - entry.refreshed_ms >= window / 2 {
                 // Online by frames other than heartbeats: keep the record.
                 entry.refreshed_ms = now;
-                stale.push((*entry.key(), last));
+                refresh.push((*entry.key(), last, false));
             }
         }
         // Each change is checked again after its store round trips, as
@@ -391,20 +388,14 @@ impl Presence {
                 self.publish(user, false, last);
             }
         }
-        for (user, last) in online {
+        for (user, last, came_online) in refresh {
             self.refresh(user, last).await;
             if !self.is_online(user) {
                 // Gone meanwhile (its disconnect published "offline"): the
                 // refresh may have put back the record it removed.
                 self.remove_unless_online(user).await;
-            } else {
+            } else if came_online {
                 self.publish_if_shown(user, last);
-            }
-        }
-        for (user, last) in stale {
-            self.refresh(user, last).await;
-            if !self.is_online(user) {
-                self.remove_unless_online(user).await;
             }
         }
         if !unsure.is_empty() {

@@ -22,10 +22,11 @@
 //! from the queue either: a long backlog on a slow link can take minutes,
 //! and a busy user's live messages meanwhile used to fill the queue and
 //! close a client that read as fast as its link allowed. At the bounds
-//! the queue then lets go of its `Deliver` frames (catch-up brings them:
-//! the writer runs another pass, see [`OutQueue::finish_catch_up`]) and
-//! keeps the rest (send acks, errors), which only a client that does not
-//! read can fill.
+//! the queue then lets go of its `Deliver` frames of other users'
+//! messages (catch-up brings them: the writer runs another pass, see
+//! [`OutQueue::finish_catch_up`]) and keeps the rest: send acks, errors,
+//! and the user's own messages echoed from their other devices, which
+//! catch-up never sends. Only a client that does not read fills those.
 //!
 //! Not a `tokio::sync::mpsc` channel because of idle memory: a bounded
 //! channel allocates its first block (32 slots) when it is created, about
@@ -57,8 +58,11 @@ pub enum PushError {
     Full,
     /// The queue was closed.
     Closed,
-    /// The stream is not open, and the queue gave up keeping frames for
-    /// it (see the module docs).
+    /// The frame was not kept and the device gets it through catch-up
+    /// or the receipts snapshot: the stream is not open and the queue gave
+    /// up keeping frames for it, or (a message) the stream's catch-up is
+    /// still being written and the queue is at its bounds (see the module
+    /// docs).
     Unopened,
 }
 
@@ -163,11 +167,13 @@ impl OutQueue {
                 match state.phase {
                     Phase::Open => return Err(PushError::Full),
                     Phase::CatchingUp | Phase::CatchingUpMissed => {
-                        // Catch-up brings the messages; the rest stays.
-                        state.items.retain(|o| o.deliver.is_none());
+                        // Catch-up brings other users' messages; the rest
+                        // stays.
+                        let catch_up_has = |o: &Outbound| o.deliver.is_some_and(|d| !d.own);
+                        state.items.retain(|o| !catch_up_has(o));
                         state.bytes = state.items.iter().map(|o| o.bytes.len()).sum();
                         state.phase = Phase::CatchingUpMissed;
-                        if out.deliver.is_some() {
+                        if catch_up_has(&out) {
                             return Err(PushError::Unopened);
                         }
                         if over(&state) {
@@ -287,7 +293,23 @@ mod tests {
 
     fn deliver(n: u8) -> Outbound {
         Outbound {
-            deliver: Some((7, u64::from(n))),
+            deliver: Some(crate::wire::DeliverKey {
+                conversation: 7,
+                seq: u64::from(n),
+                own: false,
+            }),
+            ..out(n)
+        }
+    }
+
+    /// The user's own message, echoed from another device.
+    fn echo(n: u8) -> Outbound {
+        Outbound {
+            deliver: Some(crate::wire::DeliverKey {
+                conversation: 7,
+                seq: u64::from(n),
+                own: true,
+            }),
             ..out(n)
         }
     }
@@ -297,38 +319,41 @@ mod tests {
         // A long catch-up on a slow link while live messages come in: at
         // the bounds the queue used to refuse (the client was closed as
         // too slow, and its next catch-up started over). Now it lets go of
-        // the Deliver frames, which catch-up brings, keeps what catch-up
-        // cannot (a send's ack), and says another pass is needed.
+        // the Deliver frames catch-up brings, keeps what catch-up cannot (a
+        // send's ack, the user's own message from another device), and
+        // says another pass is needed.
         let queue = OutQueue::default();
         queue.open_for_catch_up();
-        queue.push(deliver(1), 3, 1 << 20).unwrap();
-        queue.push(out(2), 3, 1 << 20).unwrap();
-        queue.push(deliver(3), 3, 1 << 20).unwrap();
-        assert_eq!(queue.push(deliver(4), 3, 1 << 20), Err(PushError::Unopened));
-        queue.push(out(5), 3, 1 << 20).unwrap();
-        queue.push(deliver(6), 3, 1 << 20).unwrap();
+        queue.push(deliver(1), 4, 1 << 20).unwrap();
+        queue.push(out(2), 4, 1 << 20).unwrap();
+        queue.push(echo(3), 4, 1 << 20).unwrap();
+        queue.push(deliver(4), 4, 1 << 20).unwrap();
+        assert_eq!(queue.push(deliver(5), 4, 1 << 20), Err(PushError::Unopened));
+        queue.push(out(6), 4, 1 << 20).unwrap();
+        queue.push(deliver(7), 4, 1 << 20).unwrap();
         let kept: Vec<u8> = std::iter::from_fn(|| queue.try_recv())
             .map(|o| o.bytes[0])
             .collect();
-        assert_eq!(kept, vec![2, 5, 6]);
+        assert_eq!(kept, vec![2, 3, 6, 7]);
         assert!(
             !queue.finish_catch_up(),
             "messages were let go: another pass"
         );
         // The next pass ends with nothing let go: the queue is open, and a
         // full queue then means a slow reader.
-        queue.push(deliver(7), 1, 1 << 20).unwrap();
+        queue.push(deliver(8), 1, 1 << 20).unwrap();
         assert!(queue.finish_catch_up());
-        assert_eq!(queue.push(deliver(8), 1, 1 << 20), Err(PushError::Full));
+        assert_eq!(queue.push(deliver(9), 1, 1 << 20), Err(PushError::Full));
     }
 
     #[test]
-    fn during_catch_up_what_is_not_a_message_is_still_bounded() {
+    fn during_catch_up_what_catch_up_cannot_bring_is_still_bounded() {
         let queue = OutQueue::default();
         queue.open_for_catch_up();
         queue.push(out(1), 2, 1 << 20).unwrap();
-        queue.push(out(2), 2, 1 << 20).unwrap();
+        queue.push(echo(2), 2, 1 << 20).unwrap();
         assert_eq!(queue.push(out(3), 2, 1 << 20), Err(PushError::Full));
+        assert_eq!(queue.push(echo(4), 2, 1 << 20), Err(PushError::Full));
     }
 
     #[test]

@@ -27,14 +27,25 @@ const MAX_COALESCE_BYTES: usize = 256 * 1024;
 /// before closing the connection anyway.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// Which message a queued `Deliver` frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliverKey {
+    pub conversation: u64,
+    pub seq: u64,
+    /// The recipient's own message, echoed to their other devices:
+    /// catch-up never sends it, so a queue must not let it go counting on
+    /// catch-up (see [`crate::queue`]).
+    pub own: bool,
+}
+
 /// One encoded frame queued for a stream.
 #[derive(Debug, Clone)]
 pub struct Outbound {
     /// The frame, already length-prefixed.
     pub bytes: Bytes,
-    /// For a `Deliver`: (conversation, seq), so the messages writer can
-    /// drop what catch-up already sent.
-    pub deliver: Option<(u64, u64)>,
+    /// For a `Deliver`: its message, so the messages writer can drop what
+    /// catch-up already sent.
+    pub deliver: Option<DeliverKey>,
     /// Close the connection with this code once the frame is written.
     pub close_after: Option<ErrorCode>,
     /// For an `Error` frame: its code (counted when written).

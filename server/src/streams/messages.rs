@@ -30,7 +30,7 @@ use crate::error::{Refusal, retry_after_ms};
 use crate::hub::SessionHandle;
 use crate::session::{Session, on_read_error};
 use crate::store::{INBOX_CATCH_UP_LIMIT, NewMessage, WatermarkKind, WatermarkUpdate};
-use crate::wire::{self, FrameReader, Outbound};
+use crate::wire::{self, DeliverKey, FrameReader, Outbound};
 
 /// Messages fetched per catch-up page.
 const CATCH_UP_PAGE: u32 = 256;
@@ -45,13 +45,15 @@ const CATCH_UP_PAGE: u32 = 256;
 /// holds 4,096 by default) to the next connection.
 pub const ACK_SLACK: u64 = 8_192;
 
-/// Most acks a connection may have in hand: the slack. Deliveries earn
-/// acks only up to it, since client-lib acks a conversation's newest
+/// Most acks a connection may have in hand: twice the slack. Deliveries
+/// earn acks only up to it, since client-lib acks a conversation's newest
 /// message at most every `delivery-ack-linger`, so an honest connection
 /// spends far fewer than it is delivered; uncapped, one that read a busy
 /// group for an hour without acking would bank tens of thousands to spend
-/// at once on conversations it is not in.
-const MAX_ACK_CREDITS: u64 = ACK_SLACK;
+/// at once on conversations it is not in. Twice, not once: a device back
+/// with a full slack of carried acks and a catch-up of thousands of
+/// conversations to ack, one each, must not run out.
+const MAX_ACK_CREDITS: u64 = 2 * ACK_SLACK;
 
 /// Earns `n` acks, up to [`MAX_ACK_CREDITS`].
 fn earn_acks(credits: &AtomicU64, n: u64) {
@@ -333,7 +335,9 @@ async fn writer(
     // (see `crate::queue`); each sends only what the ones before did not.
     let mut sent = HashMap::new();
     loop {
-        if !catch_up(&session, &mut send, &credits, &mut sent).await {
+        // Boxed: this task lives as long as the connection, and the
+        // catch-up's state would otherwise size it for good.
+        if !Box::pin(catch_up(&session, &mut send, &credits, &mut sent)).await {
             return;
         }
         if queue.finish_catch_up(StreamKind::Messages) {
@@ -349,7 +353,9 @@ async fn writer(
         (&session.shared.config.transport, false),
         |out| {
             let write = match out.deliver {
-                Some((conversation, seq)) if !sent.is_empty() => match sent.get(&conversation) {
+                Some(DeliverKey {
+                    conversation, seq, ..
+                }) if !sent.is_empty() => match sent.get(&conversation) {
                     Some(&last) if seq <= last => false,
                     _ => {
                         sent.remove(&conversation);
@@ -377,8 +383,15 @@ async fn catch_up(
 ) -> bool {
     let authed = session.authed().expect("authenticated");
     let metrics = &session.shared.metrics;
+    // The backlog a device comes back to, recorded by the first pass only.
+    let first = sent.is_empty();
+    let record_backlog = |n: usize| {
+        if first {
+            metrics.unread.record(n as f64);
+        }
+    };
     if let Some(queued) = from_inbox(session, authed.user_id).await {
-        metrics.unread.record(queued.len() as f64);
+        record_backlog(queued.len());
         for page in queued.chunks(CATCH_UP_PAGE as usize) {
             if !write_page(session, send, page, sent, credits).await {
                 return false;
@@ -416,7 +429,7 @@ async fn catch_up(
         };
         backlog += page.len();
         let Some(last) = page.last() else {
-            metrics.unread.record(backlog as f64);
+            record_backlog(backlog);
             return true;
         };
         cursor = (last.conversation_id, last.seq);
@@ -424,7 +437,7 @@ async fn catch_up(
             return false;
         }
         if page.len() < CATCH_UP_PAGE as usize {
-            metrics.unread.record(backlog as f64);
+            record_backlog(backlog);
             return true;
         }
     }
@@ -583,4 +596,24 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
         counts.get(&r.conversation_id).copied().unwrap_or(0) == r.last_seq - r.delivered_seq
     });
     complete.then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliveries_earn_acks_up_to_the_cap() {
+        // A connection reading a busy group without acking used to bank an
+        // ack per message, without a ceiling, to spend at once.
+        let credits = AtomicU64::new(ACK_SLACK);
+        earn_acks(&credits, 3);
+        assert_eq!(credits.load(Ordering::Relaxed), ACK_SLACK + 3);
+        for _ in 0..3 * ACK_SLACK {
+            earn_acks(&credits, 1);
+        }
+        assert_eq!(credits.load(Ordering::Relaxed), MAX_ACK_CREDITS);
+        earn_acks(&credits, u64::MAX);
+        assert_eq!(credits.load(Ordering::Relaxed), MAX_ACK_CREDITS);
+    }
 }
