@@ -12,8 +12,9 @@
 //!
 //! To know what a move newly covers, the routes remember, per large
 //! conversation, the senders of its latest messages (fed by the send
-//! committer, which stores messages in seq order) and each member's last
-//! routed watermarks. Both are in memory and bounded: a move that covers
+//! committer, which stores messages in seq order; from half the limit up,
+//! so a group that grows past it has its latest senders) and each
+//! member's last routed watermarks. Both are in memory and bounded: a move that covers
 //! messages older than the log, or that follows a restart, reaches the
 //! senders the log still holds, and the store stays the truth.
 
@@ -60,6 +61,14 @@ impl ReceiptRoutes {
         members <= self.broadcast_max
     }
 
+    /// Whether messages of a conversation of `members` are logged: every
+    /// one that does not broadcast, and those that may soon stop (a group
+    /// at the limit that adds a member would otherwise start with an
+    /// empty log, and acks of its earlier messages would reach no sender).
+    fn logs(&self, members: usize) -> bool {
+        members > self.broadcast_max / 2
+    }
+
     fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -73,7 +82,7 @@ impl ReceiptRoutes {
         seq: u64,
         sender: UserId,
     ) {
-        if self.broadcasts(members) {
+        if !self.logs(members) {
             return;
         }
         let mut routes = self.routes();
@@ -194,6 +203,21 @@ mod tests {
         let mut other = moved(2, 4, 0, 6);
         other.conversation_id = 8;
         assert!(routed(&routes, &other).is_empty());
+    }
+
+    #[test]
+    fn a_group_that_grows_past_the_limit_still_routes_its_earlier_messages() {
+        // Messages sent while the group broadcast (4 members, limit 4);
+        // a fifth member joins, then member 2 acks them: the senders hear
+        // it. The log used to start only once the group was large, so
+        // nobody did.
+        let routes = ReceiptRoutes::new(4);
+        routes.note_message(7, 4, 1, 1);
+        routes.note_message(7, 4, 2, 3);
+        assert_eq!(routed(&routes, &moved(2, 2, 0, 5)), vec![1, 3]);
+        // Small conversations (1-1 among them) log nothing.
+        routes.note_message(8, 2, 1, 1);
+        assert!(!routes.routes().senders.contains_key(&8));
     }
 
     #[test]
