@@ -563,18 +563,14 @@ fn redeliver(c: &Committer, appended: &Appended, out: &Fanout) {
     let deliver = Frame::push(Body::Deliver(proto::Deliver {
         message: Some((**message).clone()),
     }));
-    let (frame, own) = deliver_frames(&deliver, message);
+    // The members still owed it, never its sender (see `Appended`).
+    let (frame, _) = deliver_frames(&deliver, message);
     // Not noted in the receipt routes, which take messages in seq order: a
     // large group's sender may miss the receipts of a message that was never
     // fanned out, and GetMessageReceipts still has them.
     let mut pushed = 0;
     for &member in &appended.members {
-        let frame = if member == message.sender_id {
-            &own
-        } else {
-            &frame
-        };
-        pushed += c.hub.push(member, StreamKind::Messages, frame, None);
+        pushed += c.hub.push(member, StreamKind::Messages, &frame, None);
     }
     c.metrics.redeliveries.increment(pushed as u64);
 }

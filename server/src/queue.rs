@@ -26,7 +26,11 @@
 //! messages (catch-up brings them: the writer runs another pass, see
 //! [`OutQueue::finish_catch_up`]) and keeps the rest: send acks, errors,
 //! and the user's own messages echoed from their other devices, which
-//! catch-up never sends. Only a client that does not read fills those.
+//! catch-up never sends. Only a client that does not read fills those. An
+//! echo kept is still dropped by the writer if the next pass sent a later
+//! message of its conversation (the device keeps each conversation in seq
+//! order): the device then reads it from history, as one that was offline
+//! does.
 //!
 //! Not a `tokio::sync::mpsc` channel because of idle memory: a bounded
 //! channel allocates its first block (32 slots) when it is created, about

@@ -34,7 +34,7 @@ pub struct DeliverKey {
     pub seq: u64,
     /// The recipient's own message, echoed to their other devices:
     /// catch-up never sends it, so a queue must not let it go counting on
-    /// catch-up (see [`crate::queue`]).
+    /// catch-up (see [`crate::queue`] for what still drops it).
     pub own: bool,
 }
 
@@ -51,6 +51,11 @@ pub struct Outbound {
     /// For an `Error` frame: its code (counted when written).
     pub error: Option<ErrorCode>,
 }
+
+// Every queue slot is one: a queue keeps 16 after a burst, and idle
+// memory per connection is a target (ARCHITECTURE.md).
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(size_of::<Outbound>() == 64);
 
 impl Outbound {
     /// Encodes a frame.

@@ -183,6 +183,13 @@ async fn short_run_accounts_for_every_message_and_reports_every_field() {
             threads.contains_key("chat-server") && threads.contains_key("sqlite-store"),
             "{report:?}"
         );
+        // And only those: the load generator's own runtime is not counted.
+        assert!(
+            threads
+                .keys()
+                .all(|name| name.starts_with("chat-server") || name.starts_with("sqlite-")),
+            "{report:?}"
+        );
     }
     // Read from /proc/net/snmp over the window: a count on Linux.
     if cfg!(target_os = "linux") {

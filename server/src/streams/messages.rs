@@ -69,7 +69,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
         return;
     };
     // Acks this connection may still send: the slack, plus one per Deliver
-    // the writer writes, never more than the slack in hand.
+    // the writer writes, never more than `MAX_ACK_CREDITS` in hand.
     let credits = Arc::new(AtomicU64::new(ACK_SLACK));
     queue.open_for_catch_up(StreamKind::Messages);
     tokio::spawn(writer(session.clone(), send, queue, credits.clone()));
