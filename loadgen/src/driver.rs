@@ -169,7 +169,7 @@ pub async fn drive(
     for (user, events) in shared.users.iter().zip(events) {
         if let Some(client) = user.client() {
             client.set_heartbeats(!shared.background[user.idx]);
-            spawn_receiver(&shared, user.clone(), 0, client, events);
+            spawn_receiver(&shared, user.clone(), (0, 0), client, events);
         }
     }
     let ticks = cpu::clock_ticks_per_second();
@@ -375,14 +375,22 @@ async fn schedule(
     }
 }
 
+/// `back_ns`: when this client resumed after churn took its user offline
+/// (0 for the first): what was meant to go before, it had on return.
 fn spawn_receiver(
     shared: &Arc<Shared>,
     user: Arc<VUser>,
-    incarnation: u32,
+    (incarnation, back_ns): (u32, u64),
     client: Client,
     events: Events,
 ) {
-    let task = tokio::spawn(receive(shared.clone(), user, incarnation, client, events));
+    let task = tokio::spawn(receive(
+        shared.clone(),
+        user,
+        (incarnation, back_ns),
+        client,
+        events,
+    ));
     shared
         .receivers
         .lock()
@@ -398,7 +406,7 @@ type SeenState = Arc<Mutex<HashMap<u64, (u64, bool)>>>;
 async fn receive(
     shared: Arc<Shared>,
     user: Arc<VUser>,
-    incarnation: u32,
+    (incarnation, back_ns): (u32, u64),
     client: Client,
     mut events: Events,
 ) {
@@ -410,7 +418,13 @@ async fn receive(
                 let system = m.r#type == proto::MessageType::System as i32;
                 match Header::parse(&m.text) {
                     Some(h) if h.run == shared.run_id => {
-                        shared.tracker.delivered(
+                        let arrived = if h.intended_ns < back_ns {
+                            Tracker::delivered_offline
+                        } else {
+                            Tracker::delivered
+                        };
+                        arrived(
+                            &shared.tracker,
                             h.send_no,
                             user.idx,
                             m.conversation_id,
@@ -671,7 +685,14 @@ async fn come_back(
                 client.set_heartbeats(!shared.background[user.idx]);
                 match user.install(client.clone(), &shared.stopping) {
                     Some(incarnation) => {
-                        spawn_receiver(&shared, user.clone(), incarnation, client, events);
+                        let back_ns = shared.clock.now_ns();
+                        spawn_receiver(
+                            &shared,
+                            user.clone(),
+                            (incarnation, back_ns),
+                            client,
+                            events,
+                        );
                     }
                     None => client.close(),
                 }

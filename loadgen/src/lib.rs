@@ -321,6 +321,7 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         latency_ms: stats::Latencies {
             ack: stats::Percentiles::of(&fin.ack),
             deliver: stats::Percentiles::of(&fin.deliver),
+            deliver_offline: stats::Percentiles::of(&fin.deliver_offline),
             receipt: stats::Percentiles::of(&fin.receipt),
             dispatch: stats::Percentiles::of(&fin.dispatch),
         },

@@ -207,6 +207,8 @@ pub struct Final {
     pub ack: Histogram<u64>,
     /// Intended send to arrival at each recipient, µs.
     pub deliver: Histogram<u64>,
+    /// The same for recipients churn had taken offline, µs.
+    pub deliver_offline: Histogram<u64>,
     /// Intended send to the last recipient's delivered receipt at the
     /// sender, µs.
     pub receipt: Histogram<u64>,
@@ -228,6 +230,7 @@ struct State {
     counts: Counts,
     ack: Histogram<u64>,
     deliver: Histogram<u64>,
+    deliver_offline: Histogram<u64>,
     receipt: Histogram<u64>,
     dispatch: Histogram<u64>,
     watches: HashMap<(u64, usize), ReceiptWatch>,
@@ -275,6 +278,7 @@ impl Tracker {
                 counts: Counts::default(),
                 ack: histogram(),
                 deliver: histogram(),
+                deliver_offline: histogram(),
                 receipt: histogram(),
                 dispatch: histogram(),
                 watches: HashMap::new(),
@@ -424,6 +428,36 @@ impl Tracker {
         intended_ns: u64,
         now_ns: u64,
     ) {
+        let at = (intended_ns, now_ns);
+        self.arrived(send_no, recipient, conversation_id, incarnation, at, false);
+    }
+
+    /// [`delivered`](Self::delivered), to a recipient that churn had taken
+    /// offline when the send was meant to go: it came with the catch-up on
+    /// their return, and its latency (mostly `--offline-time`) is kept
+    /// apart from the online deliveries'.
+    pub fn delivered_offline(
+        &self,
+        send_no: u64,
+        recipient: usize,
+        conversation_id: u64,
+        incarnation: u32,
+        intended_ns: u64,
+        now_ns: u64,
+    ) {
+        let at = (intended_ns, now_ns);
+        self.arrived(send_no, recipient, conversation_id, incarnation, at, true);
+    }
+
+    fn arrived(
+        &self,
+        send_no: u64,
+        recipient: usize,
+        conversation_id: u64,
+        incarnation: u32,
+        (intended_ns, now_ns): (u64, u64),
+        offline: bool,
+    ) {
         let mut guard = self.state();
         let s = &mut *guard;
         if s.frozen {
@@ -471,7 +505,11 @@ impl Tracker {
                 s.counts.acked_delivered += 1;
             }
         }
-        record(&mut s.deliver, intended_ns, now_ns);
+        if offline {
+            record(&mut s.deliver_offline, intended_ns, now_ns);
+        } else {
+            record(&mut s.deliver, intended_ns, now_ns);
+        }
     }
 
     /// Member `reporter` of `conversation_id` reported everything up to
@@ -609,6 +647,7 @@ impl Tracker {
             lost_deliveries,
             ack: s.ack.clone(),
             deliver: s.deliver.clone(),
+            deliver_offline: s.deliver_offline.clone(),
             receipt: s.receipt.clone(),
             dispatch: s.dispatch.clone(),
         }
@@ -662,8 +701,14 @@ pub struct Latencies {
     /// Intended send to "sent" (the server's durable ack).
     pub ack: Percentiles,
     /// Intended send to arrival in a recipient's app (each recipient of a
-    /// group send is one sample).
+    /// group send is one sample), for recipients online when it was meant
+    /// to go (and every recipient it never reached, as late as the run saw).
     pub deliver: Percentiles,
+    /// The same for recipients churn had taken offline then: they had it
+    /// from catch-up on their return, so it measures `--offline-time` more
+    /// than the server.
+    #[serde(default)]
+    pub deliver_offline: Percentiles,
     /// Intended send to the delivered receipt back at the sender (for a
     /// group send: the last recipient's).
     pub receipt: Percentiles,
@@ -861,16 +906,28 @@ impl Report {
             "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
             "latency ms", "p50", "p90", "p99", "p99.9", "max", "samples"
         );
+        let offline = (self.latency_ms.deliver_offline.count > 0)
+            .then_some(("offline", &self.latency_ms.deliver_offline));
         for (name, p) in [
-            ("ack", &self.latency_ms.ack),
-            ("deliver", &self.latency_ms.deliver),
-            ("receipt", &self.latency_ms.receipt),
-            ("dispatch", &self.latency_ms.dispatch),
-        ] {
+            Some(("ack", &self.latency_ms.ack)),
+            Some(("deliver", &self.latency_ms.deliver)),
+            offline,
+            Some(("receipt", &self.latency_ms.receipt)),
+            Some(("dispatch", &self.latency_ms.dispatch)),
+        ]
+        .into_iter()
+        .flatten()
+        {
             let _ = writeln!(
                 t,
                 "{:<10} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10}",
                 name, p.p50, p.p90, p.p99, p.p999, p.max, p.count
+            );
+        }
+        if offline.is_some() {
+            let _ = writeln!(
+                t,
+                "(offline: deliveries to users churn had taken offline, on their return; not in deliver)"
             );
         }
         let _ = writeln!(t);
@@ -1095,6 +1152,23 @@ mod tests {
         // Frozen: nothing more counts.
         t.failed(b, "late");
         assert!(!t.freeze(0).counts.errors.contains_key("late"));
+    }
+
+    #[test]
+    fn deliveries_to_users_who_were_offline_are_kept_apart() {
+        // A recipient churn took away has a message on its return, seconds
+        // late: that is its offline time, not the server's latency, and it
+        // used to be the deliver tail of every default (churning) run.
+        let t = Tracker::new();
+        let a = t.dispatch(true, 1, false, 0, 0, (0, 0));
+        let b = t.dispatch(true, 1, false, 0, 0, (0, 0));
+        t.delivered(a, 1, 0, 0, 0, 2_000_000);
+        t.delivered_offline(b, 1, 0, 1, 0, 5_000_000_000);
+        let f = t.freeze(6_000_000_000);
+        assert_eq!(f.counts.deliveries, 2);
+        assert_eq!((f.deliver.len(), f.deliver_offline.len()), (1, 1));
+        assert!((Percentiles::of(&f.deliver).max - 2.0).abs() < 0.01);
+        assert!(Percentiles::of(&f.deliver_offline).max > 4_900.0);
     }
 
     #[test]

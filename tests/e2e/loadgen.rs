@@ -360,6 +360,15 @@ async fn churned_users_catch_up_on_everything_sent_while_they_were_away() {
         (0, 0),
         "{report:?}"
     );
+    // What they had on their return is timed apart from what reached users
+    // online, one sample per delivery between the two.
+    let latency = &report.latency_ms;
+    assert!(latency.deliver_offline.count > 0, "{report:?}");
+    assert_eq!(
+        latency.deliver.count + latency.deliver_offline.count,
+        report.deliveries,
+        "{report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
