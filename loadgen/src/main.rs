@@ -29,17 +29,22 @@ fn main() -> ExitCode {
     match runtime.block_on(chat_loadgen::run(args)) {
         Ok(report) => {
             print!("{}", report.table());
-            // Acked but never delivered breaks the service's core promise:
-            // make it visible to scripts.
-            if report.lost > 0 {
-                eprintln!(
-                    "chat-loadgen: {} acked messages were never delivered",
-                    report.lost
-                );
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
+            // Acked but never delivered, shown twice, or shown to the wrong
+            // user breaks the service's core promise: make it visible to
+            // scripts.
+            let broken = [
+                (report.lost, "acked messages were never delivered"),
+                (report.duplicates, "deliveries were duplicates"),
+                (report.misrouted, "copies reached a user they were not for"),
+            ];
+            let mut code = ExitCode::SUCCESS;
+            for (count, what) in broken {
+                if count > 0 {
+                    eprintln!("chat-loadgen: {count} {what}");
+                    code = ExitCode::from(1);
+                }
             }
+            code
         }
         Err(e) => {
             eprintln!("chat-loadgen: {e:#}");
