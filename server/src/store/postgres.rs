@@ -2205,17 +2205,21 @@ const MEMBER_STATES: &str = "
     WHERE m.conversation_id = ANY($1::bigint[]) ORDER BY m.conversation_id, m.user_id";
 
 /// Serialises friendship changes of one pair of users (transaction-scoped
-/// advisory lock; the single-bigint key space is ours alone).
+/// advisory lock; the single-bigint key space is ours alone). Advisory
+/// locks are per database, so the key names the schema: deployments (or
+/// tests) in other schemas of the same database have their own users 1
+/// and 2, and used to wait for each other's.
 const LOCK_PAIR: &str = "
     SELECT pg_advisory_xact_lock(
-        hashtextextended('friends ' || LEAST($1::bigint, $2::bigint)
+        hashtextextended(current_schema() || ' friends ' || LEAST($1::bigint, $2::bigint)
                          || ' ' || GREATEST($1::bigint, $2::bigint), 0))";
 
 /// Both users' friend-count locks, the lower id first (Postgres evaluates
-/// a select list in order), so two requests never wait for each other's.
+/// a select list in order), so two requests never wait for each other's;
+/// per schema, as [`LOCK_PAIR`].
 const LOCK_FRIEND_COUNTS: &str = "
-    SELECT pg_advisory_xact_lock(hashtextextended('friend counts ' || LEAST($1::bigint, $2::bigint), 0)),
-           pg_advisory_xact_lock(hashtextextended('friend counts ' || GREATEST($1::bigint, $2::bigint), 0))";
+    SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || ' friend counts ' || LEAST($1::bigint, $2::bigint), 0)),
+           pg_advisory_xact_lock(hashtextextended(current_schema() || ' friend counts ' || GREATEST($1::bigint, $2::bigint), 0))";
 
 /// One history page, newest first below a seq, or oldest first above one.
 const PAGE_BEFORE: &str = "

@@ -671,8 +671,14 @@ async fn accepting_and_removing_a_friendship_are_serialised() {
         let a = user(&*store, "a").await;
         let b = user(&*store, "b").await;
         store.friend_request(a, b, 1).await.unwrap();
-        // Someone holds the pair's lock (the session-level twin of it).
+        // Someone holds the pair's lock (the session-level twin of it), in
+        // the store's schema: the key names it.
         let holder = admin().await;
+        let schema = store.schema().expect("a test schema");
+        holder
+            .batch_execute(&format!("SET search_path TO \"{schema}\""))
+            .await
+            .unwrap();
         let pair = [sql(a), sql(b)];
         let hold = LOCK_PAIR.replace("pg_advisory_xact_lock", "pg_advisory_lock");
         holder.execute(&hold, &[&pair[0], &pair[1]]).await.unwrap();
