@@ -463,6 +463,9 @@ async fn address_share(zero_rtt: bool) {
     let server = TestServer::start_with(|c| {
         c.transport.max_unauthenticated_per_address = 3;
         c.transport.zero_rtt = zero_rtt;
+        // The waiting connections must outlast registrations (Argon2) on a
+        // busy machine.
+        c.limits.auth_timeout = Duration::from_secs(300);
     })
     .await;
     let mut waiting = Vec::new();

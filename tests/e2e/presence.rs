@@ -13,12 +13,22 @@ const HEARTBEAT: Duration = chat_protocol::limits::MIN_HEARTBEAT_INTERVAL;
 const MULTIPLE: u32 = 3;
 
 async fn server(backend: Backend) -> TestServer {
+    server_with_window(backend, MULTIPLE).await
+}
+
+/// A presence window of `multiple` heartbeats: tests that assert a user
+/// stays online use a longer one than [`MULTIPLE`], so a process stalled
+/// for a couple of seconds on a busy machine does not time them out.
+async fn server_with_window(backend: Backend, multiple: u32) -> TestServer {
     TestServer::start_on_with(backend, |c| {
         c.limits.heartbeat_interval = HEARTBEAT;
-        c.limits.presence_ttl_multiple = MULTIPLE;
+        c.limits.presence_ttl_multiple = multiple;
     })
     .await
 }
+
+/// The window of tests that assert a user stays online.
+const STAYS_ONLINE: u32 = 6;
 
 /// Waits (polling with a fresh subscription) until `watcher` sees `user`
 /// offline; the subscription stays in place.
@@ -72,10 +82,15 @@ each_backend! {
         let closed_at = now_ms();
         alice.close();
         let offline = presence_of(&mut bob_events, a.user_id, false, "alice offline").await;
+        let seen_at = now_ms();
         assert!(!offline.online);
+        // The close, as the server saw it: after she closed (or, had the
+        // close been lost, her last heartbeat, within an interval before)
+        // and before Bob heard of it, however slow the machine.
+        let heartbeat = HEARTBEAT.as_millis() as i64;
         assert!(
-            (offline.last_active_ms - closed_at).abs() <= 1_000,
-            "last active {} should be within a second of the disconnect at {closed_at}",
+            (closed_at - heartbeat..=seen_at).contains(&offline.last_active_ms),
+            "last active {} should be the disconnect at {closed_at} (heard at {seen_at})",
             offline.last_active_ms
         );
     }
@@ -104,8 +119,11 @@ each_backend! {
             waited >= earliest,
             "offline after {waited:?}, before the window ({earliest:?})"
         );
+        // A heartbeat already on its way when she went silent may be read
+        // a little later (a busy machine); the timeout itself comes a
+        // window later still.
         assert!(
-            offline.last_active_ms <= silent_at_ms + 50,
+            offline.last_active_ms <= silent_at_ms + HEARTBEAT.as_millis() as i64,
             "last active is the last heartbeat"
         );
         assert!(alice.is_connected(), "the connection itself is still open");
@@ -120,7 +138,7 @@ each_backend! {
     }
 
     async fn two_devices_stay_online_until_both_are_gone(backend: Backend) {
-        let server = server(backend.clone()).await;
+        let server = server_with_window(backend.clone(), STAYS_ONLINE).await;
         let (phone, _ep) = register(server.client_config(), &name("alice")).await;
         let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
         befriend(&phone, &bob).await;
@@ -132,7 +150,8 @@ each_backend! {
 
         phone.close();
         // Several coalescing windows and presence windows pass: still online.
-        let changes = count_presence(&mut bob_events, a.user_id, HEARTBEAT * MULTIPLE * 2).await;
+        let changes =
+            count_presence(&mut bob_events, a.user_id, HEARTBEAT * STAYS_ONLINE * 2).await;
         assert!(
             changes.iter().all(|p| p.online),
             "went offline with a device left: {changes:?}"
@@ -245,6 +264,7 @@ each_backend! {
         let closed_at = now_ms();
         alice.close();
         until_offline(&bob, a).await;
+        let seen_at = now_ms();
         bob.close();
         server.restart().await;
         let (bob, _eb) = Client::resume(server.client_config(), &b_token)
@@ -252,9 +272,12 @@ each_backend! {
             .unwrap();
         let state = &bob.subscribe_presence(&[a]).await.unwrap()[0];
         assert!(!state.online);
+        // The disconnect as the server saw it (see above), kept across
+        // the restart.
+        let heartbeat = HEARTBEAT.as_millis() as i64;
         assert!(
-            (state.last_active_ms - closed_at).abs() <= 1_000,
-            "{state:?} vs {closed_at}"
+            (closed_at - heartbeat..=seen_at).contains(&state.last_active_ms),
+            "{state:?} vs {closed_at}..{seen_at}"
         );
     }
 }
@@ -338,7 +361,9 @@ async fn a_resubscription_refused_for_the_request_rate_is_tried_again() {
     let mut other = RawControl::resume(&server, &alice.identity().token).await;
     let answers = other
         .pipeline(
-            (0..510)
+            // Past the burst however slowly the server answers (it
+            // refills 1 a second).
+            (0..700)
                 .map(|_| chat_protocol::Body::ListFriends(proto::ListFriends {}))
                 .collect(),
         )

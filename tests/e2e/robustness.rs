@@ -256,20 +256,27 @@ async fn violations_get_their_codes_and_others_keep_working() {
 
 #[tokio::test]
 async fn silent_connections_are_closed_after_the_auth_timeout() {
-    let server = TestServer::start_with(|c| c.limits.auth_timeout = Duration::from_secs(2)).await;
+    // A user registered first, under the default timeout: an Argon2 hash on
+    // a busy machine must not race the 2 s one below.
+    let mut server = TestServer::start().await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let token = alice.identity().token;
+    alice.close();
+    server.config.limits.auth_timeout = Duration::from_secs(2);
+    server.restart().await;
     let raw = Raw::connect(&server).await;
     assert_eq!(raw.close_code().await, ErrorCode::Timeout);
-    // Authenticated connections are not affected by the auth timeout (2 s
-    // leaves room for an Argon2 registration on a busy machine). A raw
-    // connection: client-lib would reconnect and hide a close.
-    let (raw, mut send, mut recv) = Raw::authenticated(&server).await;
+    // Authenticated connections are not affected by the auth timeout (a
+    // resume hashes nothing). A raw connection: client-lib would reconnect
+    // and hide a close.
+    let mut resumed = RawControl::resume(&server, &token).await;
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let list = Frame::new(5, Body::ListFriends(proto::ListFriends {}));
-    send.write_all(&frames(&[list])).await.unwrap();
-    let reply = next_frame(&mut recv, &mut BytesMut::new()).await;
-    assert!(matches!(reply.body, Some(Body::FriendList(_))), "{reply:?}");
+    let reply = resumed
+        .request(Body::ListFriends(proto::ListFriends {}))
+        .await;
+    assert!(matches!(reply, Body::FriendList(_)), "{reply:?}");
     assert!(
-        raw.conn.close_reason().is_none(),
+        resumed.conn().close_reason().is_none(),
         "still the same connection"
     );
 }
@@ -400,6 +407,10 @@ async fn over_the_send_rate_the_answer_is_rate_limited_with_a_retry_after() {
     })
     .await;
     let (raw, _control, _control_recv) = Raw::authenticated(&server).await;
+    // Registered before the burst: an Argon2 hash between the refusal and
+    // the retry below could outlast the refused send's hold on a busy
+    // machine.
+    let (other, _c, _r) = Raw::authenticated(&server).await;
     let send = |id: u64| {
         Frame::new(
             id,
@@ -443,7 +454,6 @@ async fn over_the_send_rate_the_answer_is_rate_limited_with_a_retry_after() {
         );
     }
     // Another user is not limited meanwhile.
-    let (other, _c, _r) = Raw::authenticated(&server).await;
     let (_tx2, mut rx2) = other
         .stream(&frames(&[
             Frame::open_stream(StreamKind::Messages),
@@ -535,6 +545,9 @@ async fn one_address_flooding_the_hashers_does_not_keep_another_out() {
     let server = TestServer::start_with(|c| {
         c.limits.max_queued_password_checks = 4;
         c.limits.password_checks_per_address = 2;
+        // Sixteen hashes in turn must not outlast their connections' wait
+        // to log in on a busy machine.
+        c.limits.auth_timeout = Duration::from_secs(300);
     })
     .await;
     let register_bytes = |who: &str| {
