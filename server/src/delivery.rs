@@ -629,30 +629,36 @@ async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
     let creator = group.creator;
     let now = crate::streams::now_ms();
     let created = c.store.create_group(*group, max_members, now).await;
-    let reply = match created {
-        Ok(created) => {
-            let id = match created {
-                GroupCreated::New(appended) => {
-                    let id = appended.message.conversation_id;
-                    fan_out(c, appended, job.session.conn_id, None, out);
-                    id
-                }
-                GroupCreated::Existing(id) => id,
-            };
-            // Should this read fail, the group exists all the same: the
-            // client's retry with its key gets it without making another.
-            match c.store.conversation(id, creator).await {
-                Ok(view) => Frame::new(
-                    job.request_id,
-                    Body::Conversation(crate::streams::control::conversation_info(view)),
-                ),
-                Err(e) => Refusal::from(e).to_frame(job.request_id),
-            }
+    let id = match created {
+        Ok(GroupCreated::New(appended)) => {
+            let id = appended.message.conversation_id;
+            fan_out(c, appended, job.session.conn_id, None, out);
+            id
         }
-        Err(e) => Refusal::from(e).to_frame(job.request_id),
+        Ok(GroupCreated::Existing(id)) => id,
+        Err(e) => {
+            let reply = Refusal::from(e).to_frame(job.request_id);
+            job.session
+                .push(StreamKind::Control, Outbound::frame(&reply));
+            return;
+        }
     };
-    job.session
-        .push(StreamKind::Control, Outbound::frame(&reply));
+    // The reply's read in a task of its own: the committer goes on with
+    // everyone's sends meanwhile (a round trip on Postgres). Should it
+    // fail, the group exists all the same: the client's retry with its key
+    // gets it without making another.
+    let store = c.store.clone();
+    tokio::spawn(async move {
+        let reply = match store.conversation(id, creator).await {
+            Ok(view) => Frame::new(
+                job.request_id,
+                Body::Conversation(crate::streams::control::conversation_info(view)),
+            ),
+            Err(e) => Refusal::from(e).to_frame(job.request_id),
+        };
+        job.session
+            .push(StreamKind::Control, Outbound::frame(&reply));
+    });
 }
 
 /// Pushes a stored message to every member but its sender, and to the
