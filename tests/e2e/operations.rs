@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -1218,13 +1218,16 @@ async fn clients_that_keep_their_ops_connection_open_do_not_lock_out_probes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = TestServer::start().await;
     let addr = server.server.as_ref().unwrap().metrics_addr();
+    let served = Arc::new(AtomicUsize::new(0));
     let holders: Vec<_> = (0..64)
         .map(|_| {
+            let served = served.clone();
             tokio::spawn(async move {
                 let Ok(mut stream) = TcpStream::connect(addr).await else {
                     return;
                 };
                 let mut response = vec![0u8; 1024];
+                let mut first = true;
                 loop {
                     let request = b"GET /nope HTTP/1.1\r\nHost: test\r\n\r\n";
                     if stream.write_all(request).await.is_err() {
@@ -1234,12 +1237,24 @@ async fn clients_that_keep_their_ops_connection_open_do_not_lock_out_probes() {
                         Ok(n) if n > 0 => {}
                         _ => return,
                     }
+                    if std::mem::take(&mut first) {
+                        served.fetch_add(1, Ordering::SeqCst);
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every holder has its connection and an answer on it, however slowly
+    // the machine got them there.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while served.load(Ordering::SeqCst) < 64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the holders were served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let mut stream = TcpStream::connect(addr).await.unwrap();
