@@ -862,19 +862,9 @@ mod tests {
         // the sweep takes the user offline at their last activity. When the
         // connection closed hours later, the close time was stored (and
         // the store keeps the later time), so friends read "active" then.
-        let store = Held::new(None);
-        let (_dir, _history, presence, [first, _], _endpoints) = tracker(store.clone()).await;
-        let user = first.user_id;
-        presence.connect(first.clone()).await;
         let active = now_ms() - 4 * 3_600_000;
-        first.touch(active);
-        presence.sweep().await;
-        presence.disconnect(user, 1, false).await;
-        let states = presence.states(&[user]).await.unwrap();
-        assert_eq!(
-            (states[0].online, states[0].last_active_ms),
-            (false, active)
-        );
+        let state = state_after_close(active, true, false).await;
+        assert_eq!((state.online, state.last_active_ms), (false, active));
     }
 
     #[tokio::test]
@@ -882,18 +872,24 @@ mod tests {
         // Online, then the network vanished: the connection ends when it
         // times out, a while after the user's last frame, which is when
         // they were last active (not the timeout).
+        let active = now_ms() - 30_000;
+        let state = state_after_close(active, false, true).await;
+        assert_eq!((state.online, state.last_active_ms), (false, active));
+    }
+
+    /// A user's state once their one connection, last active at `active`,
+    /// has closed (`timed_out` or not), after a sweep first if `swept`.
+    async fn state_after_close(active: i64, swept: bool, timed_out: bool) -> proto::PresenceState {
         let store = Held::new(None);
         let (_dir, _history, presence, [first, _], _endpoints) = tracker(store.clone()).await;
         let user = first.user_id;
         presence.connect(first.clone()).await;
-        let active = now_ms() - 30_000;
         first.touch(active);
-        presence.disconnect(user, 1, true).await;
-        let states = presence.states(&[user]).await.unwrap();
-        assert_eq!(
-            (states[0].online, states[0].last_active_ms),
-            (false, active)
-        );
+        if swept {
+            presence.sweep().await;
+        }
+        presence.disconnect(user, 1, timed_out).await;
+        presence.states(&[user]).await.unwrap().remove(0)
     }
 
     #[tokio::test]

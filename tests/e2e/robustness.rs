@@ -64,23 +64,28 @@ impl Raw {
     /// Registers a fresh user on a new control stream.
     async fn authenticated(server: &TestServer) -> (Raw, quinn::SendStream, quinn::RecvStream) {
         let raw = Raw::connect(server).await;
-        let register = Frame::new(
-            1,
-            Body::Register(proto::Register {
+        let (send, recv) = raw
+            .log_in(Body::Register(proto::Register {
                 username: name("raw"),
                 password: PASSWORD.into(),
                 device_name: String::new(),
-            }),
-        );
-        let (send, mut recv) = raw
+            }))
+            .await;
+        (raw, send, recv)
+    }
+
+    /// Opens the control stream with `auth` (a Register, Login or
+    /// Authenticate) and waits for its AuthOk.
+    async fn log_in(&self, auth: Body) -> (quinn::SendStream, quinn::RecvStream) {
+        let (send, mut recv) = self
             .stream(&frames(&[
                 Frame::open_stream(StreamKind::Control),
-                register,
+                Frame::new(1, auth),
             ]))
             .await;
         let reply = next_frame(&mut recv, &mut BytesMut::new()).await;
         assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
-        (raw, send, recv)
+        (send, recv)
     }
 
     async fn close_code(&self) -> ErrorCode {
@@ -987,15 +992,9 @@ async fn live_messages_during_a_long_catch_up_do_not_close_a_reading_client() {
     send_texts(&alice, from_alice, BACKLOG).await;
 
     let bob = Raw::connect_with_stream_window(&server, 4096).await;
-    let authenticate = Frame::new(1, Body::Authenticate(proto::Authenticate { token }));
-    let (_control, mut control_recv) = bob
-        .stream(&frames(&[
-            Frame::open_stream(StreamKind::Control),
-            authenticate,
-        ]))
+    let _control = bob
+        .log_in(Body::Authenticate(proto::Authenticate { token }))
         .await;
-    let reply = next_frame(&mut control_recv, &mut BytesMut::new()).await;
-    assert!(matches!(reply.body, Some(Body::AuthOk(_))), "{reply:?}");
     let (_messages, mut messages_recv) = bob.stream(&frames(&[Frame::open_messages(false)])).await;
     // Catch-up's first page does not fit the window: once its first
     // message is in (the writer is catching up), Bob reads nothing more

@@ -674,7 +674,7 @@ async fn accepting_and_removing_a_friendship_are_serialised() {
         // Someone holds the pair's lock (the session-level twin of it), in
         // the store's schema: the key names it.
         let holder = admin().await;
-        let schema = store.schema().expect("a test schema");
+        let schema = schema_of(&store);
         holder
             .batch_execute(&format!("SET search_path TO \"{schema}\""))
             .await
@@ -684,38 +684,28 @@ async fn accepting_and_removing_a_friendship_are_serialised() {
         holder.execute(&hold, &[&pair[0], &pair[1]]).await.unwrap();
         let holder_pid = backend_pid(&holder).await;
         let watcher = admin().await;
-        let waiting_behind_holder = |n: i64| {
-            let watcher = &watcher;
-            async move {
-                let deadline = Instant::now() + PROGRESS_DEADLINE;
-                loop {
-                    let waiting: i64 = watcher
-                        .query_one(
-                            "SELECT count(*) FROM pg_stat_activity
-                             WHERE $1 = ANY(pg_blocking_pids(pid))",
-                            &[&holder_pid],
-                        )
-                        .await
-                        .unwrap()
-                        .get(0);
-                    if waiting >= n {
-                        return;
-                    }
-                    assert!(Instant::now() < deadline, "{n} waiting for the pair's lock");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        };
         let accept = tokio::spawn({
             let store = store.clone();
             async move { store.friend_accept(b, a, 2).await }
         });
-        waiting_behind_holder(1).await;
+        blocked_by(
+            &watcher,
+            holder_pid,
+            1,
+            "the accept waits for the pair's lock",
+        )
+        .await;
         let remove = tokio::spawn({
             let store = store.clone();
             async move { store.friend_remove(a, b).await }
         });
-        waiting_behind_holder(2).await;
+        blocked_by(
+            &watcher,
+            holder_pid,
+            2,
+            "the removal waits for the pair's lock",
+        )
+        .await;
         let unhold = hold.replace("pg_advisory_lock", "pg_advisory_unlock");
         holder
             .execute(&unhold, &[&pair[0], &pair[1]])
