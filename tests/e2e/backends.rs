@@ -748,3 +748,100 @@ async fn a_friendship_ended_unheard_leaves_the_other_friends_watched() {
     presence_of(&mut bob_events, c, false, "carol offline").await;
     assert_eq!(bob.presence(a), None, "alice is no longer watched");
 }
+
+#[tokio::test]
+async fn a_resume_refused_after_its_registration_leaves_no_session_behind() {
+    // The device sends its token and goes away while the server reads the
+    // user (a lock on `users` holds the read); the token is revoked before
+    // the read returns. The connection's end came before the session was
+    // registered, so it had nothing to undo; the refusal after the
+    // registration must undo it, or the session counts against the user's
+    // and the token's limits until a restart.
+    let Some((backend, schema)) = production_with_schema().await else {
+        return;
+    };
+    let server = TestServer::start_on(backend).await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let token = bob.identity().token;
+    let bob_id = bob.identity().user_id as i64;
+    bob.close();
+    drop(bob_events);
+    scrape_until(metrics, "bob's connection gone", |m| {
+        value(m, "chat_sessions_active") == 0.0 && value(m, "chat_connections_active") == 0.0
+    })
+    .await;
+
+    let mut admin = postgres::testing::admin().await.expect("admin connection");
+    let lock = admin.transaction().await.unwrap();
+    lock.batch_execute(&format!(
+        r#"LOCK TABLE "{schema}".users IN ACCESS EXCLUSIVE MODE"#
+    ))
+    .await
+    .unwrap();
+    let (_endpoint, conn) = quic_connect(&server).await.expect("handshake");
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    chat_protocol::encode(
+        &chat_protocol::Frame::open_stream(chat_protocol::StreamKind::Control),
+        &mut out,
+    );
+    chat_protocol::encode(
+        &chat_protocol::Frame::new(
+            1,
+            chat_protocol::Body::Authenticate(chat_client::proto::Authenticate {
+                token: token.clone(),
+            }),
+        ),
+        &mut out,
+    );
+    send.write_all(&out).await.unwrap();
+    // The resume waits on the lock...
+    let waiting = async {
+        loop {
+            let rows = lock
+                .query(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = $1
+                       AND wait_event_type = 'Lock' AND query LIKE '%FROM users%'",
+                    &[&format!("chat-server {schema}")],
+                )
+                .await
+                .unwrap();
+            if !rows.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let waited = tokio::time::timeout(WAIT, waiting).await.is_ok();
+    // ...while its connection ends and the server forgets it.
+    conn.close(0u32.into(), b"gone");
+    let gone = tokio::time::timeout(WAIT, async {
+        while value(&scrape(metrics).await, "chat_connections_active") != 0.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok();
+    lock.execute(
+        &format!(r#"UPDATE "{schema}".sessions SET revoked_at_ms = 1 WHERE user_id = $1"#),
+        &[&bob_id],
+    )
+    .await
+    .unwrap();
+    // Committed before any assertion, so that a failing test does not
+    // leave the node waiting on the lock.
+    lock.commit().await.unwrap();
+    assert!(waited, "the resume never waited on the lock");
+    assert!(gone, "the connection's end was never seen");
+
+    let m = scrape_until(metrics, "the resume refused", |m| {
+        value(m, "chat_errors_total{code=\"TOKEN_REVOKED\"}") >= 1.0
+    })
+    .await;
+    assert_eq!(
+        value(&m, "chat_sessions_active"),
+        0.0,
+        "the refused resume's session stayed registered"
+    );
+}

@@ -165,6 +165,15 @@ async fn authenticate(
                 return false;
             }
         };
+        if result.is_err() && session.authed().is_some() {
+            // Refused after it was registered (a resume whose token was
+            // revoked meanwhile; the refusal closed the connection). The
+            // connection task may have looked before the registration and
+            // found nothing to undo: without this the handle stayed in the
+            // hub for good, counting against the user's and the token's
+            // session limits.
+            session.forget().await;
+        }
         if let (Ok(_), Some(authed)) = (&result, session.authed()) {
             // Before AuthOk leaves: a client that sees AuthOk may rely on
             // being online (and a second device on not being offline).
@@ -716,9 +725,15 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             let mut page = match cached {
                 Some(page) => page,
                 None => {
-                    store
-                        .history(q.conversation_id, direction, cursor, limit)
-                        .await?
+                    read_history(
+                        store.as_ref(),
+                        q.conversation_id,
+                        direction,
+                        cursor,
+                        limit,
+                        reply_budget(session),
+                    )
+                    .await?
                 }
             };
             bound_page(&mut page, last_seq);
@@ -926,6 +941,57 @@ const REPLY_ENVELOPE: usize = 32;
 /// size it accepts from clients, and far below what a client accepts
 /// (the protocol's 1 MiB). Without it, 200 messages of 16 KiB made a
 /// 3.3 MB HistoryPage that clients refuse as too large.
+/// Messages read for a history page at first (a default page in one
+/// read); each further read takes twice the last.
+const HISTORY_FIRST_READ: u32 = 50;
+
+/// Up to `limit` messages of history from `cursor`, in reads that grow
+/// until they hold more than a reply of `budget` bytes takes: a page of
+/// 200 maximum-size texts (3.2 MiB) was read whole, on SQLite's store
+/// thread, for the 3 that fit in a reply.
+async fn read_history(
+    store: &dyn HistoryStore,
+    conversation_id: u64,
+    direction: Direction,
+    mut cursor: u64,
+    limit: u32,
+    budget: usize,
+) -> Result<Page, StoreError> {
+    let mut read = limit.min(HISTORY_FIRST_READ);
+    let mut messages: Vec<Arc<proto::Message>> = Vec::new();
+    let mut used = REPLY_ENVELOPE;
+    loop {
+        let page = store
+            .history(conversation_id, direction, cursor, read)
+            .await?;
+        used += page
+            .messages
+            .iter()
+            .map(|m| repeated_len(m.encoded_len()))
+            .sum::<usize>();
+        let got = page.messages.len();
+        match direction {
+            Direction::Forward => {
+                cursor = page.messages.last().map_or(cursor, |m| m.seq);
+                messages.extend(page.messages);
+            }
+            Direction::Backward => {
+                cursor = page.messages.first().map_or(cursor, |m| m.seq);
+                let newer = std::mem::replace(&mut messages, page.messages);
+                messages.extend(newer);
+            }
+        }
+        let left = (limit as usize).saturating_sub(messages.len());
+        if !page.has_more || got == 0 || left == 0 || used > budget {
+            return Ok(Page {
+                messages,
+                has_more: page.has_more,
+            });
+        }
+        read = read.saturating_mul(2).min(left as u32);
+    }
+}
+
 fn reply_budget(session: &Session) -> usize {
     session.shared.config.limits.max_frame_len
 }
@@ -1179,6 +1245,63 @@ async fn group_change(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Long texts end the reads once a reply is full; short ones are read
+    /// up to the limit, in order, in either direction.
+    #[tokio::test]
+    async fn history_is_read_in_steps_until_a_reply_is_full() {
+        use crate::store::conformance::{friends_with_direct, text};
+        use crate::store::sqlite::SqliteStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let (a, _, long) = friends_with_direct(&store, "alice", "bob").await;
+        let (c, _, short) = friends_with_direct(&store, "carol", "dave").await;
+        let texts = "x".repeat(16 * 1024);
+        let batch = |conversation, sender, body: &str| {
+            (0..200)
+                .map(|i| text(conversation, sender, &format!("k{i}"), body, 100))
+                .collect::<Vec<_>>()
+        };
+        for result in store.append(batch(long, a, &texts)).await.unwrap() {
+            result.unwrap();
+        }
+        for result in store.append(batch(short, c, "hi")).await.unwrap() {
+            result.unwrap();
+        }
+        let budget = 64 * 1024;
+        let seqs = |page: &Page| page.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+
+        let page = read_history(&store, long, Direction::Backward, 0, 200, budget)
+            .await
+            .unwrap();
+        assert_eq!(seqs(&page), (151..=200).collect::<Vec<_>>(), "one read");
+        assert!(page.has_more);
+        let page = read_history(&store, long, Direction::Forward, 0, 200, budget)
+            .await
+            .unwrap();
+        assert_eq!(seqs(&page), (1..=50).collect::<Vec<_>>(), "one read");
+
+        let page = read_history(&store, short, Direction::Backward, 0, 200, budget)
+            .await
+            .unwrap();
+        assert_eq!(seqs(&page), (1..=200).collect::<Vec<_>>());
+        assert!(!page.has_more);
+        let page = read_history(&store, short, Direction::Backward, 181, 120, budget)
+            .await
+            .unwrap();
+        assert_eq!(seqs(&page), (61..=180).collect::<Vec<_>>());
+        assert!(page.has_more);
+        let page = read_history(&store, short, Direction::Forward, 20, 170, budget)
+            .await
+            .unwrap();
+        assert_eq!(seqs(&page), (21..=190).collect::<Vec<_>>());
+        assert!(page.has_more);
+        let page = read_history(&store, short, Direction::Forward, 20, 200, budget)
+            .await
+            .unwrap();
+        assert_eq!(seqs(&page), (21..=200).collect::<Vec<_>>());
+        assert!(!page.has_more);
+    }
 
     #[test]
     fn history_reads_stay_within_the_membership_looked_up() {
