@@ -311,30 +311,33 @@ impl PostgresStore {
             schema: schema.map(str::to_owned),
             application_name,
         };
-        store.check_search_path().await?;
+        store.check_session_settings().await?;
         Ok(store)
     }
 
-    /// Checks, on a pooled connection, that the schema option took effect
-    /// (a connection pooler may drop startup options silently).
-    async fn check_search_path(&self) -> Result<(), StoreError> {
-        let Some(schema) = &self.schema else {
-            return Ok(());
-        };
+    /// Checks, on a pooled connection, that the startup options took
+    /// effect: a connection pooler may drop the `options` parameter
+    /// silently, and then a role or database default of
+    /// `synchronous_commit = off` would let a SendAck go before its WAL is
+    /// flushed.
+    async fn check_session_settings(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
         let row = client
-            .query_one("SELECT current_schema()", &[])
+            .query_one(
+                "SELECT current_schema(), current_setting('synchronous_commit'),
+                        current_setting('default_transaction_isolation')",
+                &[],
+            )
             .await
             .map_err(pg)?;
-        let current: Option<String> = col(&row, 0)?;
-        if current.as_deref() != Some(schema.as_str()) {
-            return Err(StoreError::Internal(format!(
-                "postgres at {}: search_path is {current:?}, not {schema:?}; \
-                 is a pooler dropping the `options` startup parameter?",
-                self.target
-            )));
-        }
-        Ok(())
+        let settings = SessionSettings {
+            schema: col(&row, 0)?,
+            synchronous_commit: col(&row, 1)?,
+            isolation: col(&row, 2)?,
+        };
+        settings
+            .check(self.schema.as_deref())
+            .map_err(|why| StoreError::Internal(format!("postgres at {}: {why}", self.target)))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -1543,18 +1546,27 @@ impl HistoryStore for PostgresStore {
         // user order: watermark batches lock member rows in (conversation,
         // user) order and only then touch departures, so a change that
         // wrote a target's row or a departure before the actor's row could
-        // deadlock with a batch holding the actor's. Leave may promote any
-        // member: it locks them all.
-        let touched: Option<Vec<i64>> = match &change {
-            GroupChange::Leave => None,
-            GroupChange::Remove(user) | GroupChange::SetAdmin(user, _) => {
-                Some(vec![sql(actor), sql(*user)])
+        // deadlock with a batch holding the actor's. A leave writes the
+        // actor's row and, when the actor is the only admin, the member it
+        // promotes: locking every member of a 10,000-member group held up
+        // all of its sends and acks meanwhile.
+        let touched: Vec<i64> = match &change {
+            GroupChange::Leave => {
+                let mut rows = vec![sql(actor)];
+                if let Some(next) = group::promoted_on_leave(&tx, conversation_id, actor).await? {
+                    rows.push(sql(next));
+                    rows.sort_unstable();
+                }
+                rows
             }
-            GroupChange::Rename(_) | GroupChange::Add(_) => Some(vec![sql(actor)]),
+            GroupChange::Remove(user) | GroupChange::SetAdmin(user, _) => {
+                vec![sql(actor), sql(*user)]
+            }
+            GroupChange::Rename(_) | GroupChange::Add(_) => vec![sql(actor)],
         };
         tx.query(
             "SELECT user_id FROM members
-             WHERE conversation_id = $1 AND ($2::bigint[] IS NULL OR user_id = ANY($2))
+             WHERE conversation_id = $1 AND user_id = ANY($2)
              ORDER BY user_id FOR UPDATE",
             &[&sql(conversation_id), &touched],
         )
@@ -1910,7 +1922,7 @@ impl HistoryStore for PostgresStore {
             tx.query(&xid_stmt, &[]),
         )
         .map_err(pg)?;
-        let xid: Option<i64> = match xid_rows.first() {
+        let mut xid: Option<i64> = match xid_rows.first() {
             Some(row) => col(row, 0)?,
             None => None,
         };
@@ -1933,6 +1945,13 @@ impl HistoryStore for PostgresStore {
                 .execute(ACK_DEPARTURES, &[&conversations, &users, &delivered])
                 .await
                 .map_err(pg)?;
+            if xid.is_none() {
+                // Only departures moved: the id was read before they
+                // wrote, so read it again (still `None` if they wrote
+                // nothing either).
+                let row = tx.client().query_one(&xid_stmt, &[]).await.map_err(pg)?;
+                xid = col(&row, 0)?;
+            }
         }
         if let Err(e) = tx.commit().await {
             // As for appends: a move that committed but was reported failed
@@ -2549,6 +2568,43 @@ fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> 
 }
 
 mod group;
+
+/// What a pooled connection runs with, as read back after connecting.
+struct SessionSettings {
+    schema: Option<String>,
+    synchronous_commit: String,
+    isolation: String,
+}
+
+impl SessionSettings {
+    /// Why the store cannot run on such a connection, if it cannot.
+    fn check(&self, schema: Option<&str>) -> Result<(), String> {
+        const DROPPED: &str = "is a pooler dropping the `options` startup parameter?";
+        if let Some(schema) = schema
+            && self.schema.as_deref() != Some(schema)
+        {
+            return Err(format!(
+                "search_path is {:?}, not {schema:?}; {DROPPED}",
+                self.schema
+            ));
+        }
+        // `on`, `remote_write`, `remote_apply` and `local` all wait for
+        // the local flush; `off` does not.
+        if self.synchronous_commit == "off" {
+            return Err(format!(
+                "synchronous_commit is off, so a COMMIT could be answered before \
+                 it is durable; {DROPPED}"
+            ));
+        }
+        if self.isolation != "read committed" {
+            return Err(format!(
+                "default_transaction_isolation is {:?}, not \"read committed\"; {DROPPED}",
+                self.isolation
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Helpers for tests that need a real Postgres: the URL, unique schemas
 /// and clean-up. Public so the end-to-end harness follows the same rules.

@@ -37,9 +37,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one command may take; past it the caller falls back.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A user's unread queues and their index expire this long after their
-/// last push: an account that never comes back does not keep its groups'
-/// messages in Redis for good (catch-up checks a queue against history, so
-/// an expired one costs a history read, not a message).
+/// last push: an account that never comes back stops holding a quiet
+/// conversation's messages (catch-up checks a queue against history, so an
+/// expired one costs a history read, not a message). A conversation that
+/// stays busy keeps its dormant members' queues, each at most
+/// [`INBOX_QUEUE_CAP`] entries (~32 MiB of maximum-size texts, ~300 KiB of
+/// 128-byte ones): Redis memory grows with dormant members of busy groups,
+/// which capacity planning has to count (ARCHITECTURE.md).
 const INBOX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Entries kept per unread queue, the newest: a catch-up reads at most
 /// [`INBOX_CATCH_UP_LIMIT`] from the queues and pages a longer backlog from

@@ -1914,3 +1914,151 @@ async fn a_group_change_whose_key_is_taken_meanwhile_is_refused() {
     })
     .await;
 }
+
+/// A connection whose startup options were dropped (by a pooler) is
+/// refused when it would run without durable commits, another isolation
+/// or another schema; the settings the store asks for pass.
+#[test]
+fn connections_without_the_startup_options_are_refused() {
+    let settings = |schema: &str, synchronous_commit: &str, isolation: &str| SessionSettings {
+        schema: Some(schema.to_owned()),
+        synchronous_commit: synchronous_commit.to_owned(),
+        isolation: isolation.to_owned(),
+    };
+    let ours = settings("chat", "on", "read committed");
+    assert_eq!(ours.check(Some("chat")), Ok(()));
+    assert_eq!(ours.check(None), Ok(()));
+    for durable in ["remote_apply", "remote_write", "local"] {
+        assert_eq!(
+            settings("chat", durable, "read committed").check(Some("chat")),
+            Ok(())
+        );
+    }
+    let off = settings("chat", "off", "read committed")
+        .check(None)
+        .unwrap_err();
+    assert!(off.contains("synchronous_commit is off"), "{off}");
+    let serializable = settings("chat", "on", "serializable")
+        .check(None)
+        .unwrap_err();
+    assert!(serializable.contains("serializable"), "{serializable}");
+    let public = settings("public", "on", "read committed")
+        .check(Some("chat"))
+        .unwrap_err();
+    assert!(public.contains("search_path"), "{public}");
+}
+
+/// A watermark batch that moves only a removed member's departure writes
+/// after the transaction id is first read: an answer lost on its COMMIT
+/// was reported as a failure although the move was stored.
+#[tokio::test]
+async fn a_departure_only_batch_whose_answer_is_lost_is_settled() {
+    let cutter = Arc::new(CommitCutter::start().await);
+    let url = cutter.url();
+    with_store_at(&url, {
+        let cutter = cutter.clone();
+        move |store| async move {
+            let a = user(&*store, "alice").await;
+            let b = user(&*store, "bob").await;
+            let c = user(&*store, "carol").await;
+            befriend(&*store, a, b).await;
+            befriend(&*store, a, c).await;
+            let group = NewGroup {
+                creator: a,
+                name: "trip".into(),
+                members: vec![b, c],
+                client_key: None,
+            };
+            let GroupCreated::New(created) = store.create_group(group, 10, 5).await.unwrap() else {
+                panic!("no group");
+            };
+            let group = created.message.conversation_id;
+            store
+                .append(vec![text(group, a, "k1", "one")])
+                .await
+                .unwrap()[0]
+                .as_ref()
+                .unwrap();
+            store
+                .change_group(GroupEdit::new(group, a, GroupChange::Remove(b)), 10, 6)
+                .await
+                .unwrap();
+            // Bob's device, removed at seq 3, acknowledges seq 2.
+            cutter.arm(CUT_ANSWER);
+            let cuts = cutter.cuts();
+            store
+                .advance_watermarks(vec![WatermarkUpdate {
+                    conversation_id: group,
+                    user_id: b,
+                    kind: WatermarkKind::Delivered,
+                    seq: 2,
+                }])
+                .await
+                .expect("settled as committed");
+            assert_eq!(cutter.cuts(), cuts + 1, "the COMMIT's answer was cut");
+        }
+    })
+    .await;
+}
+
+/// A leave locks the rows it writes, not the whole group: another member's
+/// row held by a watermark batch (their ack) does not hold it up, unless
+/// that member is the one the leave promotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_locks_only_the_leaver_and_whom_it_promotes() {
+    with_store(|store| async move {
+        let schema = schema_of(&store);
+        let owner = user(&*store, "owner").await;
+        let admin_b = user(&*store, "admin_b").await;
+        let member = user(&*store, "member").await;
+        befriend(&*store, owner, admin_b).await;
+        befriend(&*store, owner, member).await;
+        let group = new_group(&store, owner, vec![admin_b, member]).await;
+        store
+            .change_group(
+                GroupEdit::new(group, owner, GroupChange::SetAdmin(admin_b, true)),
+                10,
+                20,
+            )
+            .await
+            .unwrap();
+
+        // The "watermark batch": the plain member's row locked.
+        let batch = admin().await;
+        batch.batch_execute("BEGIN").await.unwrap();
+        batch
+            .execute(
+                &format!(
+                    r#"SELECT 1 FROM "{schema}".members
+                       WHERE conversation_id = $1 AND user_id = $2 FOR NO KEY UPDATE"#
+                ),
+                &[&sql(group), &sql(member)],
+            )
+            .await
+            .unwrap();
+        // The owner is not the only admin: nobody is promoted.
+        let leave = store.change_group(GroupEdit::new(group, owner, GroupChange::Leave), 10, 21);
+        let left = tokio::time::timeout(PROGRESS_DEADLINE, leave).await;
+        // Released before any assertion: a failing test must not leave the
+        // leave waiting on the lock.
+        batch.batch_execute("COMMIT").await.unwrap();
+        left.expect("the leave waited for another member's row")
+            .expect("left");
+        let view = store.conversation(group, admin_b).await.unwrap();
+        let mut members: Vec<(UserId, bool)> =
+            view.members.iter().map(|m| (m.user_id, m.admin)).collect();
+        members.sort_unstable();
+        assert_eq!(members, [(admin_b, true), (member, false)]);
+
+        // The only admin leaves: the member is promoted.
+        store
+            .change_group(GroupEdit::new(group, admin_b, GroupChange::Leave), 10, 22)
+            .await
+            .unwrap();
+        let view = store.conversation(group, member).await.unwrap();
+        let members: Vec<(UserId, bool)> =
+            view.members.iter().map(|m| (m.user_id, m.admin)).collect();
+        assert_eq!(members, [(member, true)]);
+    })
+    .await;
+}
