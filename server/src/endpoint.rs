@@ -95,6 +95,9 @@ pub struct Shared {
     /// (a user out of send tokens can still leave) but which each take a
     /// turn on the send committer.
     pub leave_limiter: RateLimiter,
+    /// Per-user DeliveryAcks beyond what the user's connections were
+    /// delivered (`streams::messages::ACK_SLACK`).
+    pub ack_limiter: RateLimiter,
     /// Per-user rate of control requests (not leaves, logouts or
     /// heartbeats).
     pub control_limiter: RateLimiter,
@@ -203,6 +206,10 @@ impl Server {
         let shared = Arc::new(Shared {
             send_limiter: RateLimiter::new(config.limits.send_rate, config.limits.send_burst),
             leave_limiter: RateLimiter::new(ratelimit::LEAVE_RATE, ratelimit::LEAVE_BURST),
+            ack_limiter: RateLimiter::new(
+                crate::streams::messages::ACK_SLACK_REFILL,
+                crate::streams::messages::ACK_SLACK as u32,
+            ),
             mark_limiter: RateLimiter::new(config.limits.mark_rate, config.limits.mark_burst),
             unauthenticated: ratelimit::Unauthenticated::new(
                 config.transport.max_unauthenticated_per_address,
@@ -409,6 +416,7 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         let now = std::time::Instant::now();
         shared.send_limiter.sweep(now);
         shared.leave_limiter.sweep(now);
+        shared.ack_limiter.sweep(now);
         shared.control_limiter.sweep(now);
         shared.mark_limiter.sweep(now);
         shared.heartbeat_limiter.sweep(now);

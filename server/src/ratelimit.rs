@@ -1,7 +1,7 @@
 //! Per-user rate limits: a token bucket per user, shared by all of the
 //! user's connections on this node. The node keeps one limiter for sends,
-//! one for group leaves, one for control requests, one for MarkSeen and
-//! one for heartbeats.
+//! one for group leaves, one for control requests, one for MarkSeen, one
+//! for heartbeats and one for delivery acks beyond what was delivered.
 //!
 //! A bucket holds up to `burst` tokens and refills at `rate` per second; a
 //! send (a leave, a request) takes one. Buckets exist only for users who sent recently: a

@@ -933,40 +933,97 @@ async fn a_node_that_drops_every_connection_after_login_sees_the_client_back_off
 }
 
 #[tokio::test]
-async fn delivery_acks_beyond_what_a_connection_was_delivered_are_dropped() {
+async fn delivery_acks_beyond_what_a_user_was_delivered_are_dropped() {
     // A DeliveryAck has no reply, and each costs the store work even when
     // it moves nothing (a conversation the user is not in is looked up, a
     // departure touched): a client looping them used to fill the watermark
-    // committer's queue, which every session's acks wait on. Now a
-    // connection may ack what it was delivered plus a slack; this one was
-    // delivered nothing, so of 500 acks beyond the slack all are dropped.
+    // committer's queue, which every session's acks wait on. Now a user's
+    // connections may ack what they were delivered plus one slack, refilled
+    // over a minute; this user was delivered nothing, so of 500 acks beyond
+    // the slack all but the refill are dropped. Each connection used to
+    // have a slack of its own: a second one got 8,192 more.
+    use chat_server::streams::messages::{ACK_SLACK, ACK_SLACK_REFILL};
     let server = TestServer::start().await;
     let metrics = server.server.as_ref().unwrap().metrics_addr();
-    let (raw, _control, _control_recv) = Raw::authenticated(&server).await;
-    let mut list = vec![Frame::open_stream(StreamKind::Messages)];
-    let slack = chat_server::streams::messages::ACK_SLACK;
-    list.extend((1..=slack + 500).map(|conversation_id| {
-        Frame::push(Body::DeliveryAck(proto::DeliveryAck {
-            conversation_id,
-            seq: 1,
+    let username = name("raw");
+    let first = Raw::connect(&server).await;
+    let (_control, _control_recv) = first
+        .log_in(Body::Register(proto::Register {
+            username: username.clone(),
+            password: PASSWORD.into(),
+            device_name: String::new(),
         }))
-    }));
-    let (_messages, _messages_recv) = raw.stream(&frames(&list)).await;
-    scrape_until(metrics, "500 acks dropped", |m| {
-        value(m, "chat_delivery_acks_ignored_total") == 500.0
-    })
-    .await;
+        .await;
+    // The acks, then a send to no conversation: its refusal comes back
+    // once every ack before it was taken or dropped.
+    let burst = || {
+        let mut list = vec![Frame::open_stream(StreamKind::Messages)];
+        list.extend((1..=ACK_SLACK + 500).map(|conversation_id| {
+            Frame::push(Body::DeliveryAck(proto::DeliveryAck {
+                conversation_id,
+                seq: 1,
+            }))
+        }));
+        list.push(Frame::new(
+            7,
+            Body::Send(proto::Send {
+                conversation_id: u64::MAX,
+                client_msg_id: "probe".into(),
+                r#type: proto::MessageType::Text as i32,
+                text: "probe".into(),
+            }),
+        ));
+        frames(&list)
+    };
+    let answered = |mut recv: quinn::RecvStream| async move {
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = next_frame(&mut recv, &mut buf).await;
+            if frame.request_id == 7 {
+                assert!(matches!(frame.body, Some(Body::Error(_))), "{frame:?}");
+                return recv;
+            }
+        }
+    };
+    let ignored = || async { value(&scrape(metrics).await, "chat_delivery_acks_ignored_total") };
+    let started = std::time::Instant::now();
+    let refilled = || (started.elapsed().as_secs_f64() * f64::from(ACK_SLACK_REFILL)).ceil();
+
+    let (_messages, recv) = first.stream(&burst()).await;
+    let _recv = answered(recv).await;
+    let dropped = ignored().await;
+    let most = refilled();
+    assert!(
+        dropped <= 500.0 && dropped >= 500.0 - most,
+        "{dropped} of the first connection's acks dropped ({most} refilled)"
+    );
+
+    let second = Raw::connect(&server).await;
+    let (_control2, _control2_recv) = second
+        .log_in(Body::Login(proto::Login {
+            username,
+            password: PASSWORD.into(),
+            device_name: String::new(),
+        }))
+        .await;
+    let (_messages2, recv2) = second.stream(&burst()).await;
+    let _recv2 = answered(recv2).await;
+    let dropped_again = ignored().await - dropped;
+    let most = refilled();
+    assert!(
+        dropped_again >= (ACK_SLACK + 500) as f64 - most,
+        "{dropped_again} of the second connection's acks dropped ({most} refilled)"
+    );
+
     // A connection's deliveries earn it acks: bob acks what alice sends.
+    let before = ignored().await;
     let (alice, _ea) = register(server.client_config(), &name("alice")).await;
     let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
     let conversation = befriend(&alice, &bob).await;
     let ack = alice.send_text(conversation, "hello").await.unwrap();
     assert_eq!(messages(&mut bob_events, 1).await[0].seq, ack.seq);
     wait_delivered(&alice, conversation, bob.identity().user_id, ack.seq).await;
-    assert_eq!(
-        value(&scrape(metrics).await, "chat_delivery_acks_ignored_total"),
-        500.0
-    );
+    assert_eq!(ignored().await, before);
 }
 
 #[tokio::test]

@@ -34,16 +34,22 @@ use crate::wire::{self, DeliverKey, FrameReader, Outbound};
 
 /// Messages fetched per catch-up page.
 const CATCH_UP_PAGE: u32 = 256;
-/// DeliveryAcks a connection may send beyond the Deliver frames written to
-/// it. An ack costs the store work even when it moves nothing (a
-/// conversation the user is not in is looked up, a departure touched), and
-/// a flood of them would fill the watermark committer's queue that every
-/// session's acks wait on; so a connection's acks are bounded by what it
-/// was delivered. The slack covers acks of messages delivered on the
-/// device's previous connection: client-lib carries the acks of up to
-/// 1,024 conversations plus what its app takes meanwhile (its event queue
-/// holds 4,096 by default) to the next connection.
+/// DeliveryAcks a user's connections may send beyond the Deliver frames
+/// written to them, refilled over a minute (`Shared::ack_limiter`). An ack
+/// costs the store work even when it moves nothing (a conversation the
+/// user is not in is looked up, a departure touched), and a flood of them
+/// would fill the watermark committer's queue that every session's acks
+/// wait on; so acks are bounded by what was delivered. The slack covers
+/// acks of messages delivered on a device's previous connection:
+/// client-lib carries the acks of up to 1,024 conversations plus what its
+/// app takes meanwhile (its event queue holds 4,096 by default) to the
+/// next connection. Per user, not per connection: each new connection had
+/// a slack of its own, so a client resuming in a loop sent 8,192 acks of
+/// made-up conversations on every one.
 pub const ACK_SLACK: u64 = 8_192;
+
+/// Unearned acks a user gets back per second: the slack over a minute.
+pub const ACK_SLACK_REFILL: u32 = (ACK_SLACK / 60) as u32;
 
 /// Most acks a connection may have in hand: twice the slack. Deliveries
 /// earn acks only up to it, since client-lib acks a conversation's newest
@@ -62,15 +68,25 @@ fn earn_acks(credits: &AtomicU64, n: u64) {
     });
 }
 
+/// Whether one more DeliveryAck may go to the store: one the connection
+/// earned, else one of the user's slack.
+fn take_ack(credits: &AtomicU64, slack: &crate::ratelimit::RateLimiter, user: u64) -> bool {
+    credits
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1))
+        .is_ok()
+        || slack.check(user, Instant::now()).is_ok()
+}
+
 /// Serves the messages stream until it or the connection ends.
 pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameReader) {
     let authed = session.authed().expect("authenticated before data streams");
     let Some(queue) = session.outbound(StreamKind::Messages) else {
         return;
     };
-    // Acks this connection may still send: the slack, plus one per Deliver
-    // the writer writes, never more than `MAX_ACK_CREDITS` in hand.
-    let credits = Arc::new(AtomicU64::new(ACK_SLACK));
+    // Acks this connection earned: one per Deliver the writer writes,
+    // never more than `MAX_ACK_CREDITS` in hand; beyond them, the user's
+    // slack.
+    let credits = Arc::new(AtomicU64::new(0));
     queue.open_for_catch_up(StreamKind::Messages);
     tokio::spawn(writer(session.clone(), send, queue, credits.clone()));
     let handle = authed.handle.clone();
@@ -115,9 +131,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                 }
             }
             Some(Body::DeliveryAck(_))
-                if credits
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1))
-                    .is_err() =>
+                if !take_ack(&credits, &session.shared.ack_limiter, authed.user_id) =>
             {
                 metrics.acks_ignored.increment(1);
                 ignored = true;
