@@ -796,10 +796,12 @@ async fn a_resume_refused_after_its_registration_leaves_no_session_behind() {
         &mut out,
     );
     send.write_all(&out).await.unwrap();
-    // The resume waits on the lock...
+    // The resume waits on the lock (seen from another connection: a
+    // transaction reads pg_stat_activity once)...
+    let watcher = postgres::testing::admin().await.expect("admin connection");
     let waiting = async {
         loop {
-            let rows = lock
+            let rows = watcher
                 .query(
                     "SELECT 1 FROM pg_stat_activity WHERE application_name = $1
                        AND wait_event_type = 'Lock' AND query LIKE '%FROM users%'",
