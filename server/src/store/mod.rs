@@ -289,6 +289,13 @@ pub(crate) fn check_repeated_edit(
 /// need keep no more than one entry past this per queue.
 pub const INBOX_CATCH_UP_LIMIT: usize = 2_000;
 
+/// Largest backlog, in encoded bytes, a catch-up holds from an
+/// [`InboxStore`]: 2,000 maximum-size texts are ~32 MiB, which a device
+/// reading its catch-up slowly held for as long as it kept reading (and
+/// each of a user's 16 connections could). Longer ones are paged from
+/// history, a page at a time.
+pub const INBOX_CATCH_UP_BYTES: usize = 4 * 1024 * 1024;
+
 /// Why demoting a group's only admin is refused: a group keeps an admin
 /// while it has members (leaving promotes one; nothing else would).
 pub(crate) const LAST_ADMIN: &str =
@@ -824,7 +831,8 @@ pub trait InboxStore: Send + Sync + 'static {
     /// The user's queued messages, in (conversation, seq) order; `None`
     /// when more than `limit` are queued, without reading them (catch-up
     /// then reads history, so a user back to many long queues costs a
-    /// count, not their contents).
+    /// count, not their contents), or, once read, when they are more than
+    /// [`INBOX_CATCH_UP_BYTES`].
     async fn pending(
         &self,
         user: UserId,

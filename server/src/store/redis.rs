@@ -29,7 +29,8 @@ use prost::Message as _;
 use super::presence::{OnlineRecord, PresenceStore};
 use super::recent::{PER_CONVERSATION, page_from_run};
 use super::{
-    ConversationId, INBOX_CATCH_UP_LIMIT, InboxStore, Page, RecentCache, StoreError, UserId,
+    ConversationId, INBOX_CATCH_UP_BYTES, INBOX_CATCH_UP_LIMIT, InboxStore, Page, RecentCache,
+    StoreError, UserId,
 };
 
 /// How long connecting may take before start-up fails with a clear error.
@@ -268,6 +269,7 @@ impl InboxStore for RedisStore {
         // the node's one multiplexed connection, and Redis's event loop,
         // until it was through.
         let mut out = Vec::with_capacity(total);
+        let mut bytes = 0;
         let queued: Vec<(u64, usize)> = conversations
             .into_iter()
             .zip(sizes)
@@ -299,8 +301,12 @@ impl InboxStore for RedisStore {
             }
             let queues: Vec<Vec<Vec<u8>>> =
                 pipe.query_async(&mut conn).await.map_err(unavailable)?;
-            for bytes in queues.into_iter().flatten() {
-                let message = decode(&bytes).ok_or_else(|| {
+            for entry in queues.into_iter().flatten() {
+                bytes += entry.len();
+                if bytes > INBOX_CATCH_UP_BYTES {
+                    return Ok(None);
+                }
+                let message = decode(&entry).ok_or_else(|| {
                     StoreError::Internal("undecodable message in a redis inbox".into())
                 })?;
                 out.push(message);
@@ -706,6 +712,34 @@ mod tests {
             .flat_map(|(c, n)| (1..=n).map(move |s| (c, s)))
             .collect();
         assert_eq!(got, wanted);
+        delete_prefix(&store, store.prefix()).await;
+    }
+
+    /// Queues of long texts over the byte bound are left to history,
+    /// however few they are.
+    #[tokio::test]
+    async fn pending_gives_up_past_the_byte_bound() {
+        let Some(store) = connect("pending-bytes").await else {
+            return;
+        };
+        let long = |conversation_id, seq| {
+            Arc::new(proto::Message {
+                text: "x".repeat(16 * 1024),
+                ..(*message(conversation_id, seq)).clone()
+            })
+        };
+        let within = INBOX_CATCH_UP_BYTES / (16 * 1024 + 64);
+        let entries = (1..=within as u64).map(|seq| (5, long(1, seq))).collect();
+        InboxStore::push(&store, entries).await.unwrap();
+        let queued = store.pending(5, 2_000).await.unwrap();
+        assert_eq!(queued.map(|q| q.len()), Some(within), "within the bound");
+        let entries = (1..=64).map(|seq| (5, long(2, seq))).collect();
+        InboxStore::push(&store, entries).await.unwrap();
+        assert!(
+            store.pending(5, 2_000).await.unwrap().is_none(),
+            "{} long texts read",
+            within + 64
+        );
         delete_prefix(&store, store.prefix()).await;
     }
 

@@ -479,25 +479,45 @@ async fn write_page(
     // Credited before the write: the client may ack a message as soon as
     // it reads it, before this task runs again.
     earn_acks(credits, page.len() as u64);
+    let metrics = &session.shared.metrics;
+    let stall = session.shared.config.transport.write_stall;
+    let mut next = 0;
+    while next < page.len() {
+        let from = next;
+        let mut chunks: [Bytes; 1] = [encode_deliveries(&page, &mut next)];
+        for message in &page[from..next] {
+            sent.insert(message.conversation_id, message.seq);
+        }
+        if !wire::write_all_or_stall(&session.conn, send, &mut chunks, stall, metrics).await {
+            return false;
+        }
+        metrics.deliveries.increment((next - from) as u64);
+        metrics
+            .frames_out(StreamKind::Messages)
+            .increment((next - from) as u64);
+    }
+    true
+}
+
+/// Encoded bytes a catch-up writes at a time: a page of 256 maximum-size
+/// texts encoded whole was 4 MiB more held while a slow reader took it.
+const CATCH_UP_WRITE: usize = 256 * 1024;
+
+/// The Deliver frames of `page` from `*next` on, up to about
+/// [`CATCH_UP_WRITE`] bytes (at least one frame); moves `*next` past them.
+fn encode_deliveries(page: &[&Arc<proto::Message>], next: &mut usize) -> Bytes {
     let mut buf = BytesMut::new();
-    for message in &page {
-        sent.insert(message.conversation_id, message.seq);
+    while let Some(message) = page.get(*next) {
+        if !buf.is_empty() && buf.len() >= CATCH_UP_WRITE {
+            break;
+        }
         let frame = Frame::push(Body::Deliver(proto::Deliver {
             message: Some((***message).clone()),
         }));
         chat_protocol::encode(&frame, &mut buf);
+        *next += 1;
     }
-    let mut chunks: [Bytes; 1] = [buf.freeze()];
-    let metrics = &session.shared.metrics;
-    let stall = session.shared.config.transport.write_stall;
-    if !wire::write_all_or_stall(&session.conn, send, &mut chunks, stall, metrics).await {
-        return false;
-    }
-    metrics.deliveries.increment(page.len() as u64);
-    metrics
-        .frames_out(StreamKind::Messages)
-        .increment(page.len() as u64);
-    true
+    buf.freeze()
 }
 
 /// The user's queue from the inbox store, if there is one and it agrees
@@ -615,6 +635,50 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn catch_up_writes_a_page_a_bounded_chunk_at_a_time() {
+        let messages: Vec<Arc<proto::Message>> = (1..=256)
+            .map(|seq| {
+                Arc::new(proto::Message {
+                    conversation_id: 1,
+                    seq,
+                    text: "x".repeat(if seq % 2 == 0 { 16 * 1024 } else { 10 }),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let page: Vec<&Arc<proto::Message>> = messages.iter().collect();
+        let (mut next, mut seqs, mut writes) = (0, Vec::new(), 0);
+        while next < page.len() {
+            let chunk = encode_deliveries(&page, &mut next);
+            assert!(chunk.len() < CATCH_UP_WRITE + 17 * 1024, "{}", chunk.len());
+            writes += 1;
+            let mut buf = BytesMut::from(&chunk[..]);
+            let codec = chat_protocol::Codec::new(1 << 20);
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                let Some(Body::Deliver(d)) = frame.body else {
+                    panic!("{frame:?}");
+                };
+                seqs.push(d.message.unwrap().seq);
+            }
+            assert!(buf.is_empty());
+        }
+        assert_eq!(
+            seqs,
+            (1..=256).collect::<Vec<_>>(),
+            "every message once, in order"
+        );
+        assert!(writes >= 8, "{writes} writes for ~2 MiB");
+        // A message larger than a write still goes, alone.
+        let big = Arc::new(proto::Message {
+            text: "x".repeat(CATCH_UP_WRITE + 1),
+            ..Default::default()
+        });
+        let mut next = 0;
+        assert!(encode_deliveries(&[&big, &big], &mut next).len() > CATCH_UP_WRITE);
+        assert_eq!(next, 1);
+    }
 
     #[test]
     fn deliveries_earn_acks_up_to_the_cap() {
