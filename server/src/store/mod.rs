@@ -25,6 +25,9 @@ pub mod recent;
 pub mod redis;
 pub mod sqlite;
 
+#[cfg(test)]
+mod migrations_pinned;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
