@@ -6,7 +6,11 @@
 //! only once the app has it (it took it from [`Events`](crate::Events),
 //! or acknowledged it itself with [`DeliveryAcks::Manual`]), never when
 //! it is merely queued: a process killed with messages still queued gets
-//! them again on its next connection.
+//! them again on its next connection. Nor when nobody reads the events (the
+//! app dropped them, or the client is leaving): the watermark is the
+//! user's, not the device's, so such an ack would keep the message from the
+//! user's other devices and next client. It stays unacknowledged and comes
+//! again on the next connection.
 //!
 //! Acks are per client, not per connection. The app takes a message
 //! whenever it likes, perhaps after the connection that brought it is
@@ -56,8 +60,6 @@ struct State {
     had: Delivered,
     /// Conversation -> highest seq to ack, not yet written.
     unsent: HashMap<u64, u64>,
-    /// The client is leaving (see [`Acks::leave`]).
-    leaving: bool,
     /// The last acks, once taken (see [`Acks::seal`]): no more are queued.
     sealed: Option<HashMap<u64, u64>>,
 }
@@ -68,25 +70,8 @@ impl Acks {
     /// the acks are sealed (the client is leaving): an ack queued now
     /// would never be written.
     pub(crate) fn have(&self, conversation_id: u64, seq: u64) -> bool {
-        self.record(conversation_id, seq, |state| state.sealed.is_none())
-    }
-
-    /// Nobody reads the events any more (the app dropped them), so `seq`
-    /// is acked although the app never took it: otherwise the server would
-    /// resend it for ever. Refused once the client is leaving: then the
-    /// events end by design, and what the app did not take must come
-    /// again on the next client.
-    pub(crate) fn unread(&self, conversation_id: u64, seq: u64) {
-        self.record(conversation_id, seq, |state| {
-            !state.leaving && state.sealed.is_none()
-        });
-    }
-
-    /// Records that the app has `seq` and queues its ack, if `allowed`
-    /// says so under the lock; whether it did.
-    fn record(&self, conversation_id: u64, seq: u64, allowed: impl Fn(&State) -> bool) -> bool {
         let mut state = self.state.lock().expect("acks lock");
-        if !allowed(&state) {
+        if state.sealed.is_some() {
             return false;
         }
         state.had.first(conversation_id, seq);
@@ -94,12 +79,6 @@ impl Acks {
         drop(state);
         self.queued.notify_waiters();
         true
-    }
-
-    /// The client starts leaving: from now on [`unread`](Self::unread)
-    /// refuses.
-    pub(crate) fn leave(&self) {
-        self.state.lock().expect("acks lock").leaving = true;
     }
 
     /// The last acks, for the writer of a client that is leaving: those
@@ -212,18 +191,6 @@ mod tests {
             HashMap::from([(1, 3), (2, 1)]),
             "the same again, for a connection made meanwhile"
         );
-    }
-
-    #[test]
-    fn a_leaving_client_acks_nothing_the_app_did_not_take() {
-        let acks = Acks::default();
-        acks.unread(1, 2);
-        assert_eq!(acks.take_unsent(), HashMap::from([(1, 2)]));
-        acks.leave();
-        acks.unread(1, 3);
-        assert!(!acks.any_unsent(), "the events ended by design");
-        assert!(acks.have(1, 3), "taken before the seal: acked");
-        assert_eq!(acks.seal(), HashMap::from([(1, 3)]));
     }
 
     #[test]

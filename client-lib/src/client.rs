@@ -73,7 +73,13 @@ pub enum Event {
 ///
 /// A message is acknowledged to the server when the app takes it from
 /// here (or when it calls [`Client::ack_delivery`], with
-/// [`DeliveryAcks::Manual`]), not while it waits in the queue.
+/// [`DeliveryAcks::Manual`]), not while it waits in the queue. With no
+/// reader (the app dropped this stream but kept the [`Client`]), what
+/// arrives is not acknowledged at all: the server's delivered watermark is
+/// the user's, not the device's, so an ack would keep it from the user's
+/// other devices and next client, and tell its sender "delivered". It
+/// stays unacknowledged and comes again on the next connection (this
+/// client, having seen it, drops it; the user's next client gets it).
 ///
 /// Once a [`Client::shutdown`] begins, the stream yields nothing more:
 /// what is still queued (or arrives) is dropped without an ack, and comes
@@ -388,15 +394,6 @@ impl Inner {
         }
     }
 
-    /// Whether the app can no longer read events.
-    fn events_gone(&self) -> bool {
-        self.events
-            .lock()
-            .expect("events lock")
-            .as_ref()
-            .is_none_or(mpsc::Sender::is_closed)
-    }
-
     /// Queues a connection-state event if there is room, else drops it:
     /// the supervisor must never wait for the app (see [`Events`]).
     fn emit_state(&self, event: Event) {
@@ -443,23 +440,20 @@ impl Inner {
     /// buffering without bound; redeliveries and own echoes never wait.
     ///
     /// The app acks what it takes (see [`Acks`]); the reader acks only a
-    /// redelivery of what the app has, and, with [`DeliveryAcks::OnTake`],
-    /// what arrives once nobody reads the events any more (so the server
-    /// does not resend it for ever). Not the echo of an own send: an ack
-    /// covers every earlier message of the conversation, some perhaps
-    /// still queued for the app, and the server moves a sender's own
-    /// watermark past their message itself when it can.
+    /// redelivery of what the app has. Never what the app did not take,
+    /// even once nobody reads the events (the app dropped them, the client
+    /// is closed or leaving): the server's watermark is the user's, so
+    /// that ack would keep the message from the user's other devices and
+    /// next client; unacknowledged, it comes again on the next connection.
+    /// Nor the echo of an own send: an ack covers every earlier message of
+    /// the conversation, some perhaps still queued for the app, and the
+    /// server moves a sender's own watermark past their message itself
+    /// when it can.
     ///
     /// A client that is leaving gives the app nothing more (`event_room`
-    /// refuses) and acks nothing it never took (`Acks::unread` refuses),
-    /// but still re-acks a redelivery of what the app has.
-    /// A redelivery of what the app has is acked again; with
-    /// [`DeliveryAcks::OnTake`] one nobody will read is acked too.
+    /// refuses), but still re-acks a redelivery of what the app has.
     fn settle_repeat(&self, conversation_id: u64, seq: u64) {
-        let nobody_reads = !self.acks.redelivered(conversation_id, seq) && self.events_gone();
-        if nobody_reads && self.config.delivery_acks == DeliveryAcks::OnTake {
-            self.acks.unread(conversation_id, seq);
-        }
+        self.acks.redelivered(conversation_id, seq);
     }
 
     pub(crate) async fn hand_over(&self, message: proto::Message, conn: &quinn::Connection) {
@@ -498,16 +492,12 @@ impl Inner {
             self.settle_repeat(conversation_id, seq);
             return;
         }
-        let nobody_reads = if self.own_unanswered(&message) {
-            false
-        } else if let Room::Reserved(permit) = room {
+        // With nobody to read it (`Room::NobodyReads`) it is only recorded,
+        // and never acked (see `settle_repeat`).
+        if !self.own_unanswered(&message)
+            && let Room::Reserved(permit) = room
+        {
             permit.send(Event::Message(message));
-            false
-        } else {
-            true
-        };
-        if nobody_reads && self.config.delivery_acks == DeliveryAcks::OnTake {
-            self.acks.unread(conversation_id, seq);
         }
     }
 
@@ -889,9 +879,6 @@ impl Inner {
             if self.closed.load(Ordering::Relaxed) || self.departure.leaving() {
                 return;
             }
-            // The acks first: a reader that finds `leaving` set must find
-            // them refusing what the app did not take.
-            self.acks.leave();
             self.departure.leaving.store(true, Ordering::Release);
         }
         // A shutdown dropped before its end (a cancelled task, a timeout

@@ -60,7 +60,10 @@ pub struct ClientConfig {
 /// When a delivered message is acknowledged to the server, which then
 /// stops redelivering it and tells its sender "delivered". Never before
 /// the app has it: messages still queued for the app when its process
-/// dies are delivered again on the next connection.
+/// dies are delivered again on the next connection. Nor when it has no
+/// reader (the app dropped its [`Events`](crate::Events) but kept the
+/// client): such messages stay unacknowledged and come again on the next
+/// connection, to the user's next client or another device.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DeliveryAcks {
     /// When the app takes the message from [`Events`](crate::Events).

@@ -38,7 +38,10 @@
 //!   only once the app has them (when it takes them from [`Events`], or
 //!   when it says so with [`Client::ack_delivery`],
 //!   [`DeliveryAcks::Manual`]), so that messages still queued when the
-//!   app's process dies are delivered again. An app that goes away
+//!   app's process dies are delivered again; with no reader of
+//!   [`Events`] (dropped while the client is kept), nothing is
+//!   acknowledged, and those messages come again on the next connection
+//!   (to the user's next client). An app that goes away
 //!   gracefully calls [`Client::shutdown`]: its sends are answered and the
 //!   acks of what it took (with [`DeliveryAcks::Manual`]: what it acked)
 //!   are confirmed by the server before it closes, so the next client gets

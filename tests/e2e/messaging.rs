@@ -1189,6 +1189,50 @@ mod client_faults {
     }
 
     #[tokio::test]
+    async fn messages_nobody_reads_are_not_acked_and_come_to_the_next_client() {
+        // Bob's app dropped its Events but kept the client. Every message
+        // that came after was acked as though the app had it: the
+        // delivered watermark (the user's, not the device's) moved past
+        // it, so Bob's next client never got it, and Alice was told
+        // "delivered". Now nothing the app did not take is acked.
+        let server = TestServer::start().await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let bob_id = bob.identity().user_id;
+        drop(bob_events);
+        let unread = alice
+            .send_text(conversation, "nobody reads this")
+            .await
+            .unwrap();
+        // Bob's client has read the message once his reply's SendAck (which
+        // comes behind it) answers; an ack it queued then is in the node's
+        // watermark committer once two more sends are answered (the second
+        // is written after it), and Alice's mark is committed behind it.
+        let mut last = 0;
+        for text in ["reply", "carrier", "behind the carrier's acks"] {
+            last = bob.send_text(conversation, text).await.unwrap().seq;
+        }
+        alice.mark_seen(conversation, last).await.unwrap();
+        assert_eq!(
+            delivered_to(&alice, conversation, bob_id).await,
+            0,
+            "acked though the app never took it"
+        );
+        let token = bob.identity().token;
+        bob.close();
+
+        let (_bob, mut bob_events) = Client::resume(server.client_config(), &token)
+            .await
+            .unwrap();
+        let again = messages(&mut bob_events, 1).await;
+        assert_eq!(
+            (again[0].seq, again[0].text.as_str()),
+            (unread.seq, "nobody reads this")
+        );
+    }
+
+    #[tokio::test]
     async fn a_shutdown_acks_what_the_app_took_and_nothing_else() {
         // Bob's acks would linger for an hour: only the shutdown writes
         // them. close() leaves them unsent, and the next client gets again
