@@ -21,6 +21,15 @@
 //! acked again at once ([`Acks::redelivered`]). That is the invariant:
 //! *what the app has is recorded before its ack is queued*.
 //!
+//! A redelivery comes too late once a leaving client has sealed its last
+//! acks ([`Acks::seal`]): nothing more is written after them. So the acks
+//! a connection's writer wrote are also remembered until that connection
+//! is lost, and then queued again ([`Acks::lost`]) before the next
+//! connection's writer runs: the last acks include them, whenever the
+//! shutdown starts. Bounded: per connection, the highest seq of each of
+//! the [`MAX_UNSENT`] conversations it acked most recently (an older one,
+//! long read by the server in practice, relies on the redelivery).
+//!
 //! [`DeliveryAcks::Manual`]: crate::DeliveryAcks::Manual
 
 use std::collections::HashMap;
@@ -36,9 +45,11 @@ use crate::dedup::Delivered;
 /// the client is disconnected; then the reader stops, and flow control
 /// holds the server back instead of the client growing. The app may still
 /// take what is queued for it, so with [`DeliveryAcks::OnTake`] at most
-/// this plus `event_capacity` wait (the server accepts 8,192 acks on a
-/// new connection before its deliveries earn more); with
-/// [`DeliveryAcks::Manual`] the app's own acks add to them.
+/// this plus `event_capacity` wait, and as many again queued by
+/// [`Acks::lost`] (the server accepts 8,192 acks on a new connection
+/// before its deliveries earn more); with [`DeliveryAcks::Manual`] the
+/// app's own acks add to them. Also the bound of what [`Acks::lost`]
+/// keeps per connection.
 ///
 /// [`DeliveryAcks::OnTake`]: crate::DeliveryAcks::OnTake
 /// [`DeliveryAcks::Manual`]: crate::DeliveryAcks::Manual
@@ -62,6 +73,12 @@ struct State {
     unsent: HashMap<u64, u64>,
     /// The last acks, once taken (see [`Acks::seal`]): no more are queued.
     sealed: Option<HashMap<u64, u64>>,
+    /// Connection (see [`Acks::connection`]) -> the acks its writer wrote,
+    /// as the highest seq per conversation, for the [`MAX_UNSENT`]
+    /// conversations it acked most recently; until it is lost.
+    written: HashMap<u64, Delivered>,
+    /// The id of the next connection.
+    next_connection: u64,
 }
 
 impl Acks {
@@ -81,26 +98,63 @@ impl Acks {
         true
     }
 
-    /// The last acks, for the writer of a client that is leaving: those
-    /// waiting the first time, and the same again on every later call (a
-    /// connection made during the leaving writes them again, in case the
-    /// one that wrote them first was lost). From the first call on,
+    /// A new connection, whose messages writer takes acks with the id
+    /// returned, until [`lost`](Self::lost).
+    pub(crate) fn connection(&self) -> u64 {
+        let mut state = self.state.lock().expect("acks lock");
+        let id = state.next_connection;
+        state.next_connection += 1;
+        state.written.insert(id, Delivered::bounded(MAX_UNSENT));
+        id
+    }
+
+    /// The connection is gone, and the acks its writer wrote may have gone
+    /// with it, unread by the server: they are queued again, merged with
+    /// those waiting (or, once sealed, with the last acks), for the next
+    /// connection, whose writer the caller starts only after this. Its
+    /// own writer takes nothing more.
+    pub(crate) fn lost(&self, connection: u64) {
+        let mut state = self.state.lock().expect("acks lock");
+        let state = &mut *state;
+        let Some(written) = state.written.remove(&connection) else {
+            return;
+        };
+        let waiting = state.sealed.as_mut().unwrap_or(&mut state.unsent);
+        for (conversation_id, seq) in written.into_seqs() {
+            let highest = waiting.entry(conversation_id).or_insert(seq);
+            *highest = (*highest).max(seq);
+        }
+        self.queued.notify_waiters();
+    }
+
+    /// The last acks, for the writer of `connection` when the client is
+    /// leaving: those waiting the first time, and the same again on every
+    /// later call, with any that a connection lost meanwhile had written
+    /// (a connection made during the leaving writes them again, in case
+    /// the one that wrote them was lost). From the first call on,
     /// [`have`](Self::have) refuses.
-    pub(crate) fn seal(&self) -> HashMap<u64, u64> {
+    pub(crate) fn seal(&self, connection: u64) -> HashMap<u64, u64> {
         let mut state = self.state.lock().expect("acks lock");
         let state = &mut *state;
         let sealed = state
             .sealed
             .get_or_insert_with(|| std::mem::take(&mut state.unsent))
             .clone();
+        if let Some(written) = state.written.get_mut(&connection) {
+            for (&conversation_id, &seq) in &sealed {
+                written.first(conversation_id, seq);
+            }
+        }
         self.taken.notify_waiters();
         sealed
     }
 
     /// The server delivered `seq` again (after a reconnect): true, and the
     /// ack of everything the app has of the conversation queued again, if
-    /// the app has `seq` already; false if it is still on its way to the
-    /// app, which acks it when it gets there.
+    /// the app has `seq` already (unless the acks are sealed: the last
+    /// ones hold what lost connections wrote, see [`lost`](Self::lost));
+    /// false if it is still on its way to the app, which acks it when it
+    /// gets there.
     pub(crate) fn redelivered(&self, conversation_id: u64, seq: u64) -> bool {
         let mut state = self.state.lock().expect("acks lock");
         let Some(had) = state.had.last(conversation_id).filter(|&had| seq <= had) else {
@@ -120,9 +174,19 @@ impl Acks {
         !self.state.lock().expect("acks lock").unsent.is_empty()
     }
 
-    /// Takes every waiting ack, for a writer to write.
-    pub(crate) fn take_unsent(&self) -> HashMap<u64, u64> {
-        let unsent = std::mem::take(&mut self.state.lock().expect("acks lock").unsent);
+    /// Takes every waiting ack, for the writer of `connection` to write
+    /// (remembered as written by it until it is lost). Nothing once it is
+    /// lost: they wait for the next connection.
+    pub(crate) fn take_unsent(&self, connection: u64) -> HashMap<u64, u64> {
+        let mut state = self.state.lock().expect("acks lock");
+        let state = &mut *state;
+        let Some(written) = state.written.get_mut(&connection) else {
+            return HashMap::new();
+        };
+        let unsent = std::mem::take(&mut state.unsent);
+        for (&conversation_id, &seq) in &unsent {
+            written.first(conversation_id, seq);
+        }
         self.taken.notify_waiters();
         unsent
     }
@@ -162,34 +226,87 @@ mod tests {
     #[test]
     fn acks_what_the_app_has_and_redeliveries_of_it() {
         let acks = Acks::default();
+        let conn = acks.connection();
         acks.have(1, 3);
         acks.have(1, 2);
         acks.have(2, 7);
-        assert_eq!(acks.take_unsent(), HashMap::from([(1, 3), (2, 7)]));
+        assert_eq!(acks.take_unsent(conn), HashMap::from([(1, 3), (2, 7)]));
         assert!(!acks.any_unsent());
 
         assert!(acks.redelivered(1, 3), "the app has it: acked again");
         assert!(!acks.redelivered(1, 4), "still on its way to the app");
         assert!(!acks.redelivered(9, 1), "a conversation never seen");
-        assert_eq!(acks.take_unsent(), HashMap::from([(1, 3)]));
+        assert_eq!(acks.take_unsent(conn), HashMap::from([(1, 3)]));
         // An older one re-acks all the app has.
         assert!(acks.redelivered(2, 1));
-        assert_eq!(acks.take_unsent(), HashMap::from([(2, 7)]));
+        assert_eq!(acks.take_unsent(conn), HashMap::from([(2, 7)]));
     }
 
     #[test]
     fn sealed_acks_take_no_more() {
         let acks = Acks::default();
+        let conn = acks.connection();
         assert!(acks.have(1, 3));
         assert!(acks.have(2, 1));
-        assert_eq!(acks.seal(), HashMap::from([(1, 3), (2, 1)]));
+        assert_eq!(acks.seal(conn), HashMap::from([(1, 3), (2, 1)]));
         assert!(!acks.have(1, 4), "refused: it would never be written");
         assert!(acks.redelivered(1, 3), "the app still has it");
         assert!(!acks.any_unsent());
         assert_eq!(
-            acks.seal(),
+            acks.seal(acks.connection()),
             HashMap::from([(1, 3), (2, 1)]),
             "the same again, for a connection made meanwhile"
+        );
+    }
+
+    #[test]
+    fn what_a_lost_connection_wrote_waits_for_the_next() {
+        let acks = Acks::default();
+        let first = acks.connection();
+        acks.have(1, 3);
+        acks.have(2, 1);
+        assert_eq!(acks.take_unsent(first), HashMap::from([(1, 3), (2, 1)]));
+        acks.have(1, 5);
+        acks.lost(first);
+        assert!(
+            acks.take_unsent(first).is_empty(),
+            "a lost connection's writer takes nothing more"
+        );
+        let second = acks.connection();
+        assert_eq!(
+            acks.take_unsent(second),
+            HashMap::from([(1, 5), (2, 1)]),
+            "merged with those waiting, by the highest seq"
+        );
+        acks.lost(first);
+        assert!(!acks.any_unsent(), "lost once only");
+
+        // Written before the seal, lost after it: the last acks include
+        // them, for the connection made next.
+        acks.have(3, 2);
+        assert_eq!(acks.seal(second), HashMap::from([(3, 2)]));
+        acks.lost(second);
+        assert_eq!(
+            acks.seal(acks.connection()),
+            HashMap::from([(1, 5), (2, 1), (3, 2)])
+        );
+        assert!(!acks.any_unsent());
+    }
+
+    #[test]
+    fn a_connection_remembers_the_acks_it_wrote_last() {
+        let acks = Acks::default();
+        let conn = acks.connection();
+        for conversation in 0..(4 * MAX_UNSENT as u64) {
+            acks.have(conversation, 1);
+            acks.take_unsent(conn);
+        }
+        acks.lost(conn);
+        let again = acks.take_unsent(acks.connection());
+        assert!(again.len() <= MAX_UNSENT, "{}", again.len());
+        assert!(
+            again.contains_key(&(4 * MAX_UNSENT as u64 - 1)),
+            "the latest kept"
         );
     }
 
@@ -209,7 +326,7 @@ mod tests {
         // More acks of a waiting conversation take no room.
         acks.have(0, 9);
         assert!(room.as_mut().poll(&mut cx).is_pending());
-        let unsent = acks.take_unsent();
+        let unsent = acks.take_unsent(acks.connection());
         assert_eq!((unsent.len(), unsent[&0]), (MAX_UNSENT, 9));
         assert!(room.as_mut().poll(&mut cx).is_ready(), "a writer took them");
     }

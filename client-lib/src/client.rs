@@ -1023,7 +1023,7 @@ impl Client {
             username: auth.username.clone(),
             token,
         });
-        let conn = live.conn.clone();
+        let conn = (live.conn.clone(), live.acks_id);
         // Nobody can have closed a client not yet returned.
         inner.install(live);
         let answered = inner.reconnects_asked.load(Ordering::Acquire);
@@ -1585,10 +1585,12 @@ impl Client {
     /// written and confirmed stored by the server. So the next client of
     /// this user gets again the messages this one's app never took, and
     /// none it took. What does not finish in time (no connection, a slow
-    /// server) is left as `close` leaves it, and so are acks written to a
-    /// connection that is lost during the shutdown before the server read
-    /// them (the last ones are written again on the next connection, but
-    /// earlier ones are not). A second call while one runs, or a call
+    /// server) is left as `close` leaves it. Acks written to a connection
+    /// that is lost before the server read them, before or during the
+    /// shutdown, are written again on the next connection (those of the
+    /// 1,024 conversations it acked last; an older one only if the
+    /// message comes again before the last acks are written). A second
+    /// call while one runs, or a call
     /// on a closed client, returns at once. Dropping the future before it
     /// ends (a cancelled task) closes the client as `close` does. For an
     /// app going away: to the
@@ -1861,7 +1863,11 @@ fn ends_session(code: ErrorCode) -> bool {
 /// `answered`: `reconnects_asked` when `conn` was installed (requests up to
 /// there are answered by it); read before this task is spawned, so that a
 /// request made before it first runs still counts.
-async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection, mut answered: u64) {
+async fn supervise(
+    inner: Arc<Inner>,
+    (mut conn, mut acks_id): (quinn::Connection, u64),
+    mut answered: u64,
+) {
     // The backoff carries over from one connection to the next unless the
     // connection lasted: a node that accepts the login and then drops the
     // connection (catch-up failing, a node stopping again and again) must
@@ -1882,6 +1888,9 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection, mut answered:
                 }
             }
         };
+        // Before the next connection's writer: it writes again what this
+        // one's wrote.
+        inner.acks.lost(acks_id);
         *inner.live.lock().expect("live lock") = None;
         let _ = inner.connected.send_replace(false);
         let error = match ClientError::from_connection(&reason) {
@@ -1932,6 +1941,7 @@ async fn supervise(inner: Arc<Inner>, mut conn: quinn::Connection, mut answered:
             match connection::connect(&inner, &credential).await {
                 Ok((live, _)) => {
                     conn = live.conn.clone();
+                    acks_id = live.acks_id;
                     connected_at = tokio::time::Instant::now();
                     // At least the minimum: after a shutdown's immediate
                     // reconnect, a node that keeps closing must still see

@@ -31,6 +31,8 @@ pub(crate) struct Live {
     pub(crate) receipts: mpsc::UnboundedSender<Bytes>,
     /// Longest text the server accepts (from its AuthOk).
     pub(crate) max_text_len: usize,
+    /// Its id in [`Acks`](crate::acks::Acks), which hears when it is lost.
+    pub(crate) acks_id: u64,
 }
 
 impl Live {
@@ -140,6 +142,9 @@ async fn establish(
     // A leave is confirmed by AcksStored (see `read_loop`).
     let (ms, mr) = open(&conn, Frame::open_messages(true)).await?;
     let (rs, rr) = open(&conn, Frame::open_stream(StreamKind::Receipts)).await?;
+    // After the last await: a connection given an id is one the caller
+    // gets, and reports lost.
+    let acks_id = inner.acks.connection();
     tokio::spawn(write_loop(
         conn.clone(),
         send,
@@ -148,7 +153,7 @@ async fn establish(
     ));
     tokio::spawn(messages_write_loop(
         inner.clone(),
-        conn.clone(),
+        (conn.clone(), acks_id),
         ms,
         messages_rx,
     ));
@@ -173,6 +178,7 @@ async fn establish(
             0 => chat_protocol::limits::DEFAULT_MAX_FRAME_LEN - 512,
             n => n as usize,
         },
+        acks_id,
     };
     tokio::spawn(read_loop(
         inner.clone(),
@@ -307,14 +313,15 @@ async fn heartbeat_loop(
 /// `delivery_ack_linger` to leave with the next send, in the same packet,
 /// as one DeliveryAck per conversation. A failed write closes the
 /// connection (see [`write_loop`]); acks are taken only while the
-/// connection is open, so those queued after it closed wait for the next.
-/// When the client is leaving ([`Client::shutdown`]) it writes what is
+/// connection is open, so those queued after it closed wait for the next,
+/// and those it wrote are queued again for the next once it is lost
+/// ([`Acks::lost`](crate::acks::Acks::lost)). When the client is leaving ([`Client::shutdown`]) it writes what is
 /// queued and the last acks, and ends the stream.
 ///
 /// [`Client::shutdown`]: crate::Client::shutdown
 async fn messages_write_loop(
     inner: Arc<Inner>,
-    conn: quinn::Connection,
+    (conn, acks_id): (quinn::Connection, u64),
     mut send: SendStream,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
 ) {
@@ -332,7 +339,7 @@ async fn messages_write_loop(
         tokio::pin!(finish);
         finish.as_mut().enable();
         if inner.departure.finishing() {
-            return finish_messages(&inner, &conn, send, rx, batch).await;
+            return finish_messages(&inner, (&conn, acks_id), send, rx, batch).await;
         }
         if !lingering && inner.acks.any_unsent() {
             lingering = true;
@@ -354,7 +361,7 @@ async fn messages_write_loop(
         if conn.close_reason().is_some() {
             return;
         }
-        push_acks(&mut batch, inner.acks.take_unsent());
+        push_acks(&mut batch, inner.acks.take_unsent(acks_id));
         if batch.is_empty() {
             continue;
         }
@@ -383,7 +390,7 @@ fn push_acks(batch: &mut Vec<Bytes>, acks: std::collections::HashMap<u64, u64>) 
 /// has stored the acks (see [`read_loop`]).
 async fn finish_messages(
     inner: &Inner,
-    conn: &quinn::Connection,
+    (conn, acks_id): (&quinn::Connection, u64),
     mut send: SendStream,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     mut batch: Vec<Bytes>,
@@ -394,7 +401,7 @@ async fn finish_messages(
     while let Ok(frame) = rx.try_recv() {
         batch.push(frame);
     }
-    push_acks(&mut batch, inner.acks.seal());
+    push_acks(&mut batch, inner.acks.seal(acks_id));
     if send.write_all_chunks(&mut batch).await.is_err() {
         write_failed(conn, StreamKind::Messages);
         return;

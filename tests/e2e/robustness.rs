@@ -1932,6 +1932,58 @@ async fn only_acks_stored_confirms_a_shutdown_not_a_bare_end_of_the_stream() {
 }
 
 #[tokio::test]
+async fn an_ack_lost_with_its_connection_is_written_again_by_a_shutdown() {
+    // The app took (7, 1) and its ack was written to the first connection,
+    // which the node then lost without storing it. The client forgot acks
+    // once written, so the shutdown that followed sealed an empty set on
+    // the second connection, and (had the node redelivered the message) a
+    // redelivery after the seal queued nothing: the next client showed the
+    // message again. Now a lost connection's acks are queued again for
+    // the next connection, and its last acks include them.
+    let (_dir, endpoint, mut config) = fake_node().await;
+    config.delivery_ack_linger = Duration::from_millis(1);
+    let node = tokio::spawn(async move {
+        let first = endpoint.accept().await.unwrap().await.unwrap();
+        let _control = fake_login(&first).await.expect("a login");
+        let (mut send, mut recv, mut buf, _others) =
+            accept_stream(&first, StreamKind::Messages).await;
+        send.write_all(&frames(&[one_deliver()])).await.unwrap();
+        let ack = next_frame(&mut recv, &mut buf).await;
+        assert_eq!(
+            ack.body,
+            Some(Body::DeliveryAck(proto::DeliveryAck {
+                conversation_id: 7,
+                seq: 1
+            })),
+            "the app took it"
+        );
+        // Read, never stored: the connection is lost.
+        first.close(0u32.into(), b"gone");
+        leave_through_fake_node(&endpoint, true, None, true).await
+    });
+    let (client, mut events) = register_fake(config).await;
+    let event = tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("the message in time")
+        .expect("events open");
+    assert!(matches!(event, Event::Message(m) if m.seq == 1));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.is_connected() {
+        assert!(tokio::time::Instant::now() < deadline, "never disconnected");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::timeout(WAIT, client.shutdown(Duration::from_secs(3600)))
+        .await
+        .expect("the second connection's AcksStored ends the shutdown");
+    let (acks, _) = node.await.unwrap();
+    assert_eq!(
+        acks,
+        [(7, 1)],
+        "the ack lost with the first connection, written again"
+    );
+}
+
+#[tokio::test]
 async fn a_reader_whose_connection_closed_hands_nothing_more_to_a_full_queue() {
     // The app's event queue holds one and the app is not taking. The first
     // connection's reader queues A and waits for room to hand over B; the
