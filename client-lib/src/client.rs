@@ -612,9 +612,14 @@ impl Inner {
             // it again): a new member's watermarks start just below the
             // message that added them, so until the list says, they count
             // from above what their first receipt covers, never for a
-            // message from before they joined.
+            // message from before they joined. Saturating: the seqs are the
+            // server's, and an overflow would panic the receipts reader
+            // with the lock held.
             Entry::Vacant(new) => new.insert(MemberMarks {
-                joined: receipt.delivered_seq.min(receipt.seen_seq) + 1,
+                joined: receipt
+                    .delivered_seq
+                    .min(receipt.seen_seq)
+                    .saturating_add(1),
                 ..MemberMarks::default()
             }),
         };

@@ -1984,6 +1984,76 @@ async fn an_ack_lost_with_its_connection_is_written_again_by_a_shutdown() {
 }
 
 #[tokio::test]
+async fn a_receipt_at_the_top_of_the_seq_range_keeps_the_receipts_reader() {
+    // A receipt from a member the client did not know, with both
+    // watermarks at u64::MAX: the seq they were taken to have joined at
+    // (one past what it covers) overflowed, which in a debug build
+    // panicked the receipts reader while it held the receipts lock. No
+    // receipt reached the app any more, every mark_seen waited out its
+    // timeout, and receipt_status panicked on the poisoned lock.
+    let (_dir, endpoint, mut config) = fake_node().await;
+    config.request_timeout = Duration::from_secs(3600);
+    let (app_has_reply, reply_taken) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut control, mut control_recv) = fake_login(&conn).await.expect("a login");
+        let (mut receipts, mut receipts_recv, mut buf, others) =
+            accept_stream(&conn, StreamKind::Receipts).await;
+        let request = next_frame(&mut control_recv, &mut BytesMut::new()).await;
+        assert!(
+            matches!(request.body, Some(Body::GetConversation(_))),
+            "{request:?}"
+        );
+        let reply = Frame::new(
+            request.request_id,
+            Body::Conversation(proto::ConversationInfo {
+                conversation_id: 5,
+                ..Default::default()
+            }),
+        );
+        control.write_all(&frames(&[reply])).await.unwrap();
+        reply_taken.await.expect("the app has the reply");
+        let receipt = Frame::push(Body::Receipt(proto::Receipt {
+            conversation_id: 5,
+            user_id: 2,
+            delivered_seq: u64::MAX,
+            seen_seq: u64::MAX,
+        }));
+        receipts.write_all(&frames(&[receipt])).await.unwrap();
+        let mark = next_frame(&mut receipts_recv, &mut buf).await;
+        assert!(matches!(mark.body, Some(Body::MarkSeen(_))), "{mark:?}");
+        let ok = Frame::new(mark.request_id, Body::Ok(proto::Ok {}));
+        receipts.write_all(&frames(&[ok])).await.unwrap();
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        drop(others);
+    });
+    let (client, mut events) = register_fake(config).await;
+    client.conversation(5).await.expect("the reply");
+    app_has_reply.send(()).unwrap();
+    tokio::time::timeout(WAIT, client.mark_seen(5, 1))
+        .await
+        .expect("the mark answered: the receipts reader lives")
+        .expect("Ok");
+    let receipt = loop {
+        let event = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("the receipt in time")
+            .expect("events open");
+        if let Event::Receipt(receipt) = event {
+            break receipt;
+        }
+    };
+    assert_eq!(receipt.delivered_seq, u64::MAX);
+    let status = client.receipt_status(5, 1).expect("asked about");
+    assert_eq!(
+        status.members, 0,
+        "counted from past the receipt, not before"
+    );
+    client.close();
+    serve.await.unwrap();
+}
+
+#[tokio::test]
 async fn a_reader_whose_connection_closed_hands_nothing_more_to_a_full_queue() {
     // The app's event queue holds one and the app is not taking. The first
     // connection's reader queues A and waits for room to hand over B; the
