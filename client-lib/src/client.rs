@@ -53,17 +53,22 @@ pub enum Event {
 
 /// The app's stream of [`Event`]s, up to `event_capacity` of them queued.
 ///
-/// Messages, receipts, friend and presence events are never dropped: while
-/// the queue is full the client stops reading the server (which holds
-/// back in turn), so an app that stops draining the queue stops
-/// receiving. (A reader whose connection closes while it waits stops
-/// waiting: the message or receipt it held comes again on the next
-/// connection, presence with the next snapshot, and a friend event waits
-/// for room on its own.) Connection-state events ([`Event::Connected`],
-/// [`Event::Disconnected`]) are dropped instead when the queue is full, so
-/// that reconnecting never waits for the app:
-/// [`Client::is_connected`] and [`Client::wait_connected`] always tell the
-/// current state.
+/// Messages, receipts, friend and presence events are not dropped for
+/// want of room: while the queue is full the client stops reading the
+/// server (which holds back in turn), so an app that stops draining the
+/// queue stops receiving. (A reader whose connection closes while it waits
+/// stops waiting: the message it held comes again on the next connection,
+/// presence with the next snapshot, and a friend event waits for room on
+/// its own. A receipt it held is dropped, and may not come again: the
+/// server's snapshot on the next connection has the latest watermarks of
+/// the user's 200 most recently active conversations only, leaving out
+/// groups larger than its `receipt-broadcast-max-members`. What
+/// [`Client::receipt_status`] tells stays right, as the client notes a
+/// receipt before it waits; only the event is missed.) Connection-state
+/// events ([`Event::Connected`], [`Event::Disconnected`]) are dropped
+/// instead when the queue is full, so that reconnecting never waits for
+/// the app: [`Client::is_connected`] and [`Client::wait_connected`] always
+/// tell the current state.
 ///
 /// Answers travel behind the events of their stream: a `SendAck` after
 /// the messages queued before it. So do not await a send or request on
