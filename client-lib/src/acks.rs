@@ -46,8 +46,8 @@ use crate::dedup::Delivered;
 /// holds the server back instead of the client growing. The app may still
 /// take what is queued for it, so with [`DeliveryAcks::OnTake`] at most
 /// this plus `event_capacity` wait, and as many again queued by
-/// [`Acks::lost`] (the server accepts 8,192 acks on a new connection
-/// before its deliveries earn more); with [`DeliveryAcks::Manual`] the
+/// [`Acks::lost`] (beyond what its deliveries earn, the server accepts a
+/// slack of 8,192 per user, refilled over a minute); with [`DeliveryAcks::Manual`] the
 /// app's own acks add to them. Also the bound of what [`Acks::lost`]
 /// keeps per connection.
 ///
