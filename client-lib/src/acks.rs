@@ -26,14 +26,16 @@
 //! a connection's writer wrote are also remembered until that connection
 //! is lost, and then queued again ([`Acks::lost`]) before the next
 //! connection's writer runs: the last acks include them, whenever the
-//! shutdown starts. Bounded: per connection, the highest seq of each of
-//! the [`MAX_UNSENT`] conversations it acked most recently (an older one,
-//! long read by the server in practice, relies on the redelivery).
+//! shutdown starts. Only those written within twice the idle timeout of
+//! the loss (a dead path is noticed within one; an ack written before,
+//! on a connection that stayed up, reached the server), and at most
+//! 4,096 of them, the latest (an older one relies on the redelivery).
 //!
 //! [`DeliveryAcks::Manual`]: crate::DeliveryAcks::Manual
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -45,11 +47,11 @@ use crate::dedup::Delivered;
 /// the client is disconnected; then the reader stops, and flow control
 /// holds the server back instead of the client growing. The app may still
 /// take what is queued for it, so with [`DeliveryAcks::OnTake`] at most
-/// this plus `event_capacity` wait, and as many again queued by
-/// [`Acks::lost`] (beyond what its deliveries earn, the server accepts a
-/// slack of 8,192 per user, refilled over a minute); with [`DeliveryAcks::Manual`] the
-/// app's own acks add to them. Also the bound of what [`Acks::lost`]
-/// keeps per connection.
+/// this plus `event_capacity` wait, and those of the last moments of a
+/// lost connection queued again by [`Acks::lost`] (beyond what its
+/// deliveries earn, the server accepts a slack of 8,192 per user,
+/// refilled over a minute); with [`DeliveryAcks::Manual`] the app's own
+/// acks add to them.
 ///
 /// [`DeliveryAcks::OnTake`]: crate::DeliveryAcks::OnTake
 /// [`DeliveryAcks::Manual`]: crate::DeliveryAcks::Manual
@@ -64,6 +66,43 @@ pub(crate) struct Acks {
     taken: Notify,
 }
 
+/// Acks a connection's writer wrote at most, for [`Acks::lost`] (24 bytes
+/// each).
+const MAX_WRITTEN: usize = 4 * MAX_UNSENT;
+
+/// The acks one connection's writer wrote within its window (what a loss
+/// detected now may have taken with it), oldest first: an ack written
+/// longer ago, on a connection that stayed up, reached the server. Putting
+/// back all a long-lived connection ever wrote cost every reconnect up to
+/// 1,024 acks of the user's slack on the server.
+struct Written {
+    window: Duration,
+    acks: VecDeque<(Instant, u64, u64)>,
+}
+
+impl Written {
+    fn note(&mut self, now: Instant, acks: &HashMap<u64, u64>) {
+        self.forget_before(now);
+        self.acks.extend(
+            acks.iter()
+                .map(|(&conversation, &seq)| (now, conversation, seq)),
+        );
+        while self.acks.len() > MAX_WRITTEN {
+            self.acks.pop_front();
+        }
+    }
+
+    fn forget_before(&mut self, now: Instant) {
+        while self
+            .acks
+            .front()
+            .is_some_and(|&(at, _, _)| now.saturating_duration_since(at) > self.window)
+        {
+            self.acks.pop_front();
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Highest seq per conversation the app has (bounded as the
@@ -73,10 +112,9 @@ struct State {
     unsent: HashMap<u64, u64>,
     /// The last acks, once taken (see [`Acks::seal`]): no more are queued.
     sealed: Option<HashMap<u64, u64>>,
-    /// Connection (see [`Acks::connection`]) -> the acks its writer wrote,
-    /// as the highest seq per conversation, for the [`MAX_UNSENT`]
-    /// conversations it acked most recently; until it is lost.
-    written: HashMap<u64, Delivered>,
+    /// Connection (see [`Acks::connection`]) -> the acks its writer wrote
+    /// lately; until it is lost.
+    written: HashMap<u64, Written>,
     /// The id of the next connection.
     next_connection: u64,
 }
@@ -99,12 +137,20 @@ impl Acks {
     }
 
     /// A new connection, whose messages writer takes acks with the id
-    /// returned, until [`lost`](Self::lost).
-    pub(crate) fn connection(&self) -> u64 {
+    /// returned, until [`lost`](Self::lost); what it wrote within `window`
+    /// of its loss (at least the idle timeout: how long a dead path takes
+    /// to be noticed) is written again on the next one.
+    pub(crate) fn connection(&self, window: Duration) -> u64 {
         let mut state = self.state.lock().expect("acks lock");
         let id = state.next_connection;
         state.next_connection += 1;
-        state.written.insert(id, Delivered::bounded(MAX_UNSENT));
+        state.written.insert(
+            id,
+            Written {
+                window,
+                acks: VecDeque::new(),
+            },
+        );
         id
     }
 
@@ -116,11 +162,12 @@ impl Acks {
     pub(crate) fn lost(&self, connection: u64) {
         let mut state = self.state.lock().expect("acks lock");
         let state = &mut *state;
-        let Some(written) = state.written.remove(&connection) else {
+        let Some(mut written) = state.written.remove(&connection) else {
             return;
         };
+        written.forget_before(Instant::now());
         let waiting = state.sealed.as_mut().unwrap_or(&mut state.unsent);
-        for (conversation_id, seq) in written.into_seqs() {
+        for (_, conversation_id, seq) in written.acks {
             let highest = waiting.entry(conversation_id).or_insert(seq);
             *highest = (*highest).max(seq);
         }
@@ -141,9 +188,7 @@ impl Acks {
             .get_or_insert_with(|| std::mem::take(&mut state.unsent))
             .clone();
         if let Some(written) = state.written.get_mut(&connection) {
-            for (&conversation_id, &seq) in &sealed {
-                written.first(conversation_id, seq);
-            }
+            written.note(Instant::now(), &sealed);
         }
         self.taken.notify_waiters();
         sealed
@@ -184,9 +229,7 @@ impl Acks {
             return HashMap::new();
         };
         let unsent = std::mem::take(&mut state.unsent);
-        for (&conversation_id, &seq) in &unsent {
-            written.first(conversation_id, seq);
-        }
+        written.note(Instant::now(), &unsent);
         self.taken.notify_waiters();
         unsent
     }
@@ -223,10 +266,12 @@ impl State {
 mod tests {
     use super::*;
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
     #[test]
     fn acks_what_the_app_has_and_redeliveries_of_it() {
         let acks = Acks::default();
-        let conn = acks.connection();
+        let conn = acks.connection(HOUR);
         acks.have(1, 3);
         acks.have(1, 2);
         acks.have(2, 7);
@@ -245,7 +290,7 @@ mod tests {
     #[test]
     fn sealed_acks_take_no_more() {
         let acks = Acks::default();
-        let conn = acks.connection();
+        let conn = acks.connection(HOUR);
         assert!(acks.have(1, 3));
         assert!(acks.have(2, 1));
         assert_eq!(acks.seal(conn), HashMap::from([(1, 3), (2, 1)]));
@@ -253,7 +298,7 @@ mod tests {
         assert!(acks.redelivered(1, 3), "the app still has it");
         assert!(!acks.any_unsent());
         assert_eq!(
-            acks.seal(acks.connection()),
+            acks.seal(acks.connection(HOUR)),
             HashMap::from([(1, 3), (2, 1)]),
             "the same again, for a connection made meanwhile"
         );
@@ -262,7 +307,7 @@ mod tests {
     #[test]
     fn what_a_lost_connection_wrote_waits_for_the_next() {
         let acks = Acks::default();
-        let first = acks.connection();
+        let first = acks.connection(HOUR);
         acks.have(1, 3);
         acks.have(2, 1);
         assert_eq!(acks.take_unsent(first), HashMap::from([(1, 3), (2, 1)]));
@@ -272,7 +317,7 @@ mod tests {
             acks.take_unsent(first).is_empty(),
             "a lost connection's writer takes nothing more"
         );
-        let second = acks.connection();
+        let second = acks.connection(HOUR);
         assert_eq!(
             acks.take_unsent(second),
             HashMap::from([(1, 5), (2, 1)]),
@@ -287,7 +332,7 @@ mod tests {
         assert_eq!(acks.seal(second), HashMap::from([(3, 2)]));
         acks.lost(second);
         assert_eq!(
-            acks.seal(acks.connection()),
+            acks.seal(acks.connection(HOUR)),
             HashMap::from([(1, 5), (2, 1), (3, 2)])
         );
         assert!(!acks.any_unsent());
@@ -296,17 +341,38 @@ mod tests {
     #[test]
     fn a_connection_remembers_the_acks_it_wrote_last() {
         let acks = Acks::default();
-        let conn = acks.connection();
-        for conversation in 0..(4 * MAX_UNSENT as u64) {
+        let conn = acks.connection(HOUR);
+        let n = 2 * MAX_WRITTEN as u64;
+        for conversation in 0..n {
             acks.have(conversation, 1);
             acks.take_unsent(conn);
         }
         acks.lost(conn);
-        let again = acks.take_unsent(acks.connection());
-        assert!(again.len() <= MAX_UNSENT, "{}", again.len());
-        assert!(
-            again.contains_key(&(4 * MAX_UNSENT as u64 - 1)),
-            "the latest kept"
+        let again = acks.take_unsent(acks.connection(HOUR));
+        let mut kept: Vec<u64> = again.into_keys().collect();
+        kept.sort_unstable();
+        assert_eq!(
+            kept,
+            (n - MAX_WRITTEN as u64..n).collect::<Vec<_>>(),
+            "the latest"
+        );
+    }
+
+    #[test]
+    fn acks_written_before_the_window_are_not_written_again() {
+        let acks = Acks::default();
+        let conn = acks.connection(Duration::from_millis(1));
+        acks.have(1, 3);
+        acks.take_unsent(conn);
+        // Longer ago than the window when the loss is noticed.
+        std::thread::sleep(Duration::from_millis(20));
+        acks.have(2, 5);
+        acks.take_unsent(conn);
+        acks.lost(conn);
+        assert_eq!(
+            acks.take_unsent(acks.connection(HOUR)),
+            HashMap::from([(2, 5)]),
+            "only what the window holds"
         );
     }
 
@@ -326,7 +392,7 @@ mod tests {
         // More acks of a waiting conversation take no room.
         acks.have(0, 9);
         assert!(room.as_mut().poll(&mut cx).is_pending());
-        let unsent = acks.take_unsent(acks.connection());
+        let unsent = acks.take_unsent(acks.connection(HOUR));
         assert_eq!((unsent.len(), unsent[&0]), (MAX_UNSENT, 9));
         assert!(room.as_mut().poll(&mut cx).is_ready(), "a writer took them");
     }

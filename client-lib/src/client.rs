@@ -85,6 +85,10 @@ pub enum Event {
 /// other devices and next client, and tell its sender "delivered". It
 /// stays unacknowledged and comes again on the next connection (this
 /// client, having seen it, drops it; the user's next client gets it).
+/// So an app that only sends (a bot, a share extension) still drains this
+/// stream, or acks with [`DeliveryAcks::Manual`]: otherwise its backlog
+/// grows for as long as the client lives and comes again on every
+/// reconnect.
 ///
 /// Once a [`Client::shutdown`] begins, the stream yields nothing more:
 /// what is still queued (or arrives) is dropped without an ack, and comes
@@ -1597,8 +1601,8 @@ impl Client {
     /// none it took. What does not finish in time (no connection, a slow
     /// server) is left as `close` leaves it. Acks written to a connection
     /// that is lost before the server read them, before or during the
-    /// shutdown, are written again on the next connection (those of the
-    /// 1,024 conversations it acked last; an older one only if the
+    /// shutdown, are written again on the next connection (those written
+    /// within twice `idle_timeout` of the loss; an older one only if the
     /// message comes again before the last acks are written). A second
     /// call while one runs, or a call
     /// on a closed client, returns at once. Dropping the future before it

@@ -144,7 +144,7 @@ async fn establish(
     let (rs, rr) = open(&conn, Frame::open_stream(StreamKind::Receipts)).await?;
     // After the last await: a connection given an id is one the caller
     // gets, and reports lost.
-    let acks_id = inner.acks.connection();
+    let acks_id = inner.acks.connection(2 * inner.config.idle_timeout);
     tokio::spawn(write_loop(
         conn.clone(),
         send,

@@ -8,43 +8,21 @@
 //! forgotten. A redelivery only follows a delivery whose ack was lost, a
 //! moment earlier, so what is forgotten (thousands of conversations ago)
 //! is never asked about again in practice.
-//!
-//! [`Acks`](crate::acks) keeps what the app has in one, and what each
-//! connection wrote acks for in one of a smaller bound
-//! ([`Delivered::bounded`]).
 
 use std::collections::HashMap;
 
 /// Conversations remembered at most (~40 bytes each).
 pub(crate) const MAX_CONVERSATIONS: usize = 16_384;
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Delivered {
     /// Conversation -> (highest seq handed over, tick of its last delivery).
     seqs: HashMap<u64, (u64, u64)>,
     /// Counts deliveries: recency without a clock.
     tick: u64,
-    /// Conversations remembered at most.
-    limit: usize,
-}
-
-impl Default for Delivered {
-    fn default() -> Self {
-        Delivered::bounded(MAX_CONVERSATIONS)
-    }
 }
 
 impl Delivered {
-    /// Remembers at most `limit` conversations, forgetting the least
-    /// recent half beyond that.
-    pub(crate) fn bounded(limit: usize) -> Self {
-        Delivered {
-            seqs: HashMap::new(),
-            tick: 0,
-            limit,
-        }
-    }
-
     /// True the first time (conversation, seq) is seen; seqs arrive in
     /// increasing order per conversation, so anything not above the last
     /// one is a redelivery.
@@ -56,7 +34,7 @@ impl Delivered {
         if first {
             *last = seq;
         }
-        if self.seqs.len() > self.limit {
+        if self.seqs.len() > MAX_CONVERSATIONS {
             self.forget_least_recent_half();
         }
         first
@@ -75,13 +53,8 @@ impl Delivered {
         self.seqs.get(&conversation_id).map(|&(last, _)| last)
     }
 
-    /// The highest seq of each conversation remembered.
-    pub(crate) fn into_seqs(self) -> impl Iterator<Item = (u64, u64)> {
-        self.seqs.into_iter().map(|(id, (last, _))| (id, last))
-    }
-
     /// Drops the conversations whose last delivery is older than the
-    /// median: one O(n) pass per `limit / 2` new conversations.
+    /// median: one O(n) pass per MAX_CONVERSATIONS / 2 new conversations.
     fn forget_least_recent_half(&mut self) {
         let mut ticks: Vec<u64> = self.seqs.values().map(|&(_, tick)| tick).collect();
         let middle = ticks.len() / 2;

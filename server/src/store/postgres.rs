@@ -1550,13 +1550,14 @@ impl HistoryStore for PostgresStore {
         // actor's row and, when the actor is the only admin, the member it
         // promotes: locking every member of a 10,000-member group held up
         // all of its sends and acks meanwhile.
+        let promoted = match &change {
+            GroupChange::Leave => group::promoted_on_leave(&tx, conversation_id, actor).await?,
+            _ => None,
+        };
         let touched: Vec<i64> = match &change {
             GroupChange::Leave => {
-                let mut rows = vec![sql(actor)];
-                if let Some(next) = group::promoted_on_leave(&tx, conversation_id, actor).await? {
-                    rows.push(sql(next));
-                    rows.sort_unstable();
-                }
+                let mut rows: Vec<i64> = std::iter::once(actor).chain(promoted).map(sql).collect();
+                rows.sort_unstable();
                 rows
             }
             GroupChange::Remove(user) | GroupChange::SetAdmin(user, _) => {
@@ -1658,16 +1659,14 @@ impl HistoryStore for PostgresStore {
                 group::remove_member(&tx, conversation_id, actor).await?;
                 also_tell.push(actor);
                 // A group keeps an admin while it has members.
-                tx.execute(
-                    "UPDATE members SET role = $2
-                     WHERE conversation_id = $1
-                       AND NOT EXISTS (SELECT 1 FROM members WHERE conversation_id = $1 AND role = $2)
-                       AND user_id = (SELECT user_id FROM members WHERE conversation_id = $1
-                                      ORDER BY joined_seq, user_id LIMIT 1)",
-                    &[&sql(conversation_id), &group::ROLE_ADMIN],
-                )
-                .await
-                .map_err(pg)?;
+                if let Some(next) = promoted {
+                    tx.execute(
+                        "UPDATE members SET role = $3 WHERE conversation_id = $1 AND user_id = $2",
+                        &[&sql(conversation_id), &sql(next), &group::ROLE_ADMIN],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
                 crate::store::system_text::left(&actor_name)
             }
             GroupChange::SetAdmin(user, admin) => {

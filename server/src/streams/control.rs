@@ -937,10 +937,6 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
 /// id and body tag, a page's `has_more`.
 const REPLY_ENVELOPE: usize = 32;
 
-/// Largest reply page, in encoded bytes: the node's `max-frame-len`, the
-/// size it accepts from clients, and far below what a client accepts
-/// (the protocol's 1 MiB). Without it, 200 messages of 16 KiB made a
-/// 3.3 MB HistoryPage that clients refuse as too large.
 /// Messages read for a history page at first (a default page in one
 /// read); each further read takes twice the last.
 const HISTORY_FIRST_READ: u32 = 50;
@@ -992,6 +988,10 @@ async fn read_history(
     }
 }
 
+/// Largest reply page, in encoded bytes: the node's `max-frame-len`, the
+/// size it accepts from clients, and far below what a client accepts
+/// (the protocol's 1 MiB). Without it, 200 messages of 16 KiB made a
+/// 3.3 MB HistoryPage that clients refuse as too large.
 fn reply_budget(session: &Session) -> usize {
     session.shared.config.limits.max_frame_len
 }

@@ -43,7 +43,8 @@ const CATCH_UP_PAGE: u32 = 256;
 /// acks of messages delivered on a device's previous connection:
 /// client-lib carries the acks of up to 1,024 conversations plus what its
 /// app takes meanwhile (its event queue holds 4,096 by default) to the
-/// next connection. Per user, not per connection: each new connection had
+/// next connection, and what a lost connection wrote in its last moments.
+/// Per user, not per connection: each new connection had
 /// a slack of its own, so a client resuming in a loop sent 8,192 acks of
 /// made-up conversations on every one.
 pub const ACK_SLACK: u64 = 8_192;
@@ -51,14 +52,14 @@ pub const ACK_SLACK: u64 = 8_192;
 /// Unearned acks a user gets back per second: the slack over a minute.
 pub const ACK_SLACK_REFILL: u32 = (ACK_SLACK / 60) as u32;
 
-/// Most acks a connection may have in hand: twice the slack. Deliveries
-/// earn acks only up to it, since client-lib acks a conversation's newest
+/// Most acks a connection may have earned and not spent. Deliveries earn
+/// acks only up to it, since client-lib acks a conversation's newest
 /// message at most every `delivery-ack-linger`, so an honest connection
 /// spends far fewer than it is delivered; uncapped, one that read a busy
 /// group for an hour without acking would bank tens of thousands to spend
-/// at once on conversations it is not in. Twice, not once: a device back
-/// with a full slack of carried acks and a catch-up of thousands of
-/// conversations to ack, one each, must not run out.
+/// at once on conversations it is not in. Twice the slack: a device back
+/// to a catch-up of thousands of conversations acks one each, after the
+/// carried acks have taken the user's slack.
 const MAX_ACK_CREDITS: u64 = 2 * ACK_SLACK;
 
 /// Earns `n` acks, up to [`MAX_ACK_CREDITS`].
@@ -70,11 +71,16 @@ fn earn_acks(credits: &AtomicU64, n: u64) {
 
 /// Whether one more DeliveryAck may go to the store: one the connection
 /// earned, else one of the user's slack.
-fn take_ack(credits: &AtomicU64, slack: &crate::ratelimit::RateLimiter, user: u64) -> bool {
+fn take_ack(
+    credits: &AtomicU64,
+    slack: &crate::ratelimit::RateLimiter,
+    user: u64,
+    now: Instant,
+) -> bool {
     credits
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1))
         .is_ok()
-        || slack.check(user, Instant::now()).is_ok()
+        || slack.check(user, now).is_ok()
 }
 
 /// Serves the messages stream until it or the connection ends.
@@ -131,7 +137,12 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                 }
             }
             Some(Body::DeliveryAck(_))
-                if !take_ack(&credits, &session.shared.ack_limiter, authed.user_id) =>
+                if !take_ack(
+                    &credits,
+                    &session.shared.ack_limiter,
+                    authed.user_id,
+                    Instant::now(),
+                ) =>
             {
                 metrics.acks_ignored.increment(1);
                 ignored = true;
@@ -678,6 +689,28 @@ mod tests {
         let mut next = 0;
         assert!(encode_deliveries(&[&big, &big], &mut next).len() > CATCH_UP_WRITE);
         assert_eq!(next, 1);
+    }
+
+    #[test]
+    fn acks_are_earned_first_then_taken_from_the_users_slack() {
+        let slack = crate::ratelimit::RateLimiter::new(1, 2);
+        let now = Instant::now();
+        let (mine, other) = (AtomicU64::new(0), AtomicU64::new(0));
+        assert!(take_ack(&mine, &slack, 7, now));
+        assert!(take_ack(&other, &slack, 7, now), "another connection's");
+        assert!(
+            !take_ack(&mine, &slack, 7, now),
+            "the user's slack is spent"
+        );
+        assert!(take_ack(&mine, &slack, 8, now), "another user's is not");
+        earn_acks(&mine, 2);
+        assert!(take_ack(&mine, &slack, 7, now));
+        assert!(take_ack(&mine, &slack, 7, now));
+        assert!(!take_ack(&mine, &slack, 7, now), "earned ones spent too");
+        assert!(
+            take_ack(&mine, &slack, 7, now + Duration::from_secs(1)),
+            "refilled"
+        );
     }
 
     #[test]

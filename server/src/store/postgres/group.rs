@@ -94,10 +94,11 @@ pub(super) async fn check_friends(
     }
 }
 
-/// The member a leave of `actor` promotes: the earliest to join (then the
-/// lowest id) of the others, if `actor` is the group's only admin. Read
-/// under the conversation's lock, which every change of roles and members
-/// holds, so it is still the one when the leave writes.
+/// The member a leave of `actor` promotes, so that a group keeps an admin
+/// while it has members: if no other member is an admin, the earliest to
+/// join (then the lowest id) of the others. Read under the conversation's
+/// lock, which every change of roles and members holds, so it is still
+/// the one when the leave writes.
 pub(super) async fn promoted_on_leave(
     tx: &Transaction<'_>,
     conversation_id: ConversationId,
@@ -106,8 +107,6 @@ pub(super) async fn promoted_on_leave(
     tx.query_opt(
         "SELECT user_id FROM members
          WHERE conversation_id = $1 AND user_id <> $2
-           AND EXISTS (SELECT 1 FROM members
-                       WHERE conversation_id = $1 AND user_id = $2 AND role = $3)
            AND NOT EXISTS (SELECT 1 FROM members
                            WHERE conversation_id = $1 AND user_id <> $2 AND role = $3)
          ORDER BY joined_seq, user_id LIMIT 1",
