@@ -238,8 +238,13 @@ impl Hub {
     }
 
     /// Adds a session (a user may have several devices), unless the user
-    /// has `max_per_user` already, or `max_per_token` with the session's
-    /// token (false).
+    /// has `max_per_user` already (false). One with the session's token
+    /// beyond `max_per_token` replaces the oldest with it, which is closed
+    /// LIMIT_REACHED: whoever holds a token can get in, so an owner whose
+    /// token was copied can always resume it to log it out. Refusing the
+    /// newcomer instead let a copy that held the token's places keep its
+    /// owner from revoking it (only a connection authenticated with a
+    /// token can log it out) until it expired, a month later.
     pub fn register(
         &self,
         session: Arc<SessionHandle>,
@@ -251,7 +256,20 @@ impl Hub {
             .iter()
             .filter(|s| s.token_hash == session.token_hash)
             .count();
-        if sessions.len() >= max_per_user.max(1) || same_token >= max_per_token.max(1) {
+        if same_token >= max_per_token.max(1) {
+            let oldest = sessions
+                .iter()
+                .position(|s| s.token_hash == session.token_hash)
+                .expect("counted above");
+            let replaced = sessions.remove(oldest);
+            replaced.metrics.sessions_active.decrement(1.0);
+            wire::close_counted(
+                &replaced.conn,
+                &replaced.metrics,
+                ErrorCode::LimitReached,
+                "replaced by a newer connection with this session's token",
+            );
+        } else if sessions.len() >= max_per_user.max(1) {
             return false;
         }
         session.metrics.sessions_active.increment(1.0);

@@ -85,31 +85,64 @@ async fn a_user_may_have_only_so_many_connections_at_once() {
 #[tokio::test]
 async fn a_copied_token_cannot_keep_its_owner_out() {
     // Someone holding a copy of one of alice's session tokens resumes it
-    // until refused. The per-user limit alone let the copy take every one
-    // of her places on the node, and then her other devices, and even a
-    // login with her password, were refused LIMIT_REACHED until the token
-    // expired (a month). One token may have only so many connections; the
-    // other places stay hers.
+    // again and again. The per-user limit alone let the copy take every
+    // one of her places on the node, and then her other devices, and even
+    // a login with her password, were refused LIMIT_REACHED until the
+    // token expired (a month): one token may have only so many
+    // connections. Refusing the token's next one instead let copies that
+    // held its places keep the owner from resuming it, and so from logging
+    // it out (only a connection authenticated with a token can): now the
+    // newest connection of a token replaces its oldest.
     let server = TestServer::start_with(|c| {
         c.limits.max_sessions_per_user = 3;
         c.limits.max_sessions_per_token = 2;
     })
     .await;
     let alice = name("alice");
-    let (phone, _phone_events) = register(server.client_config(), &alice).await;
+    let (phone, phone_events) = register(server.client_config(), &alice).await;
     let token = phone.identity().token;
-    let _copy = RawControl::resume(&server, &token).await;
+    phone.close();
+    drop(phone_events);
+    let first_copy = RawControl::resume(&server, &token).await;
+    let second_copy = RawControl::resume(&server, &token).await;
+    let (owner, _owner_events) = Client::resume(server.client_config(), &token)
+        .await
+        .expect("the owner gets in");
+    assert_eq!(
+        close_code_of(first_copy.conn()).await,
+        ErrorCode::LimitReached,
+        "the oldest gave way"
+    );
+    owner.logout().await.expect("the owner logs the token out");
+    assert_eq!(
+        close_code_of(second_copy.conn()).await,
+        ErrorCode::TokenRevoked
+    );
     let Err(refused) = RawControl::try_resume(&server, &token).await else {
-        panic!("a third connection of one token was let in");
+        panic!("a logged-out token was let in");
     };
     let chat_protocol::Body::Error(e) = refused else {
-        panic!("LIMIT_REACHED, got {refused:?}");
+        panic!("TOKEN_REVOKED, got {refused:?}");
     };
-    assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::LimitReached);
+    assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::TokenRevoked);
+
+    // Copies of a token take at most its places: her password still gets
+    // her in.
+    let (stolen, stolen_events) = Client::login(server.client_config(), &alice, PASSWORD)
+        .await
+        .expect("a login");
+    let stolen_token = stolen.identity().token;
+    stolen.close();
+    drop(stolen_events);
+    let _copies = [
+        RawControl::resume(&server, &stolen_token).await,
+        RawControl::resume(&server, &stolen_token).await,
+        RawControl::resume(&server, &stolen_token).await,
+    ];
     let (laptop, _laptop_events) = Client::login(server.client_config(), &alice, PASSWORD)
         .await
         .expect("her password still gets her in");
-    assert_eq!(laptop.identity().user_id, phone.identity().user_id);
+    assert_eq!(laptop.identity().user_id, owner.identity().user_id);
 }
 
 #[tokio::test]

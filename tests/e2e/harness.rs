@@ -703,6 +703,19 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// A bare QUIC connection to the server, trusting its CA; the endpoint must
 /// outlive the connection.
+/// The code the server closed `conn` with, waiting up to [`WAIT`].
+pub async fn close_code_of(conn: &quinn::Connection) -> chat_client::ErrorCode {
+    match tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("server closes the connection")
+    {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            chat_client::ErrorCode::from_wire(close.error_code.into_inner() as i32)
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+}
+
 pub async fn quic_connect(
     server: &TestServer,
 ) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {

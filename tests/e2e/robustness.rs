@@ -89,15 +89,7 @@ impl Raw {
     }
 
     async fn close_code(&self) -> ErrorCode {
-        match tokio::time::timeout(WAIT, self.conn.closed())
-            .await
-            .expect("server closes the connection")
-        {
-            quinn::ConnectionError::ApplicationClosed(close) => {
-                ErrorCode::from_wire(close.error_code.into_inner() as i32)
-            }
-            other => panic!("expected an application close, got {other:?}"),
-        }
+        close_code_of(&self.conn).await
     }
 }
 
