@@ -132,7 +132,13 @@ impl Presence {
             // Online already but taken as hidden for want of the setting:
             // now that it is read, the user shows (as a sweep would).
             let was_unsure = local.unsure && local.online;
-            if let Some(hidden_at_ms) = stored {
+            // Only where nothing surer is known: an entry with the setting
+            // read is kept current by `set_hidden` under this lock, and a
+            // hide made while this connection read it must not be undone
+            // by what it read before.
+            if let Some(hidden_at_ms) = stored
+                && local.unsure
+            {
                 local.hidden_at_ms = hidden_at_ms;
                 local.unsure = false;
             }
@@ -691,6 +697,32 @@ mod tests {
             connecting
         );
         (server, client, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_hide_made_while_a_device_connects_stays() {
+        // A second device's connect read the stored setting ("shown")
+        // before the user hid on the first device, then wrote what it had
+        // read over the hide: later sweeps published the hidden user
+        // online, and snapshots and pushes disagreed.
+        let store = Held::new(None);
+        let (_dir, _history, presence, [first, second], _endpoints) = tracker(store).await;
+        let user = first.user_id;
+        presence.connect(first).await;
+        let mut connecting = Box::pin(presence.connect(second));
+        // One poll: its read of the setting is queued on the store thread,
+        // ahead of the hide's write.
+        let pending = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(connecting.as_mut().poll(cx).is_pending())
+        })
+        .await;
+        assert!(pending, "the connect waits for its read");
+        presence.set_hidden(user, true).await.unwrap();
+        connecting.await;
+        assert!(
+            presence.users.get(&user).unwrap().hidden_at_ms.is_some(),
+            "the hide was undone"
+        );
     }
 
     #[tokio::test]
