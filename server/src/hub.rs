@@ -159,10 +159,12 @@ impl SessionHandle {
         }
     }
 
-    /// A catch-up pass of the `kind` stream ended: whether the queue is now
-    /// open (else live messages were let go meanwhile: run another pass).
-    pub fn finish_catch_up(&self, kind: StreamKind) -> bool {
-        self.queue(kind).is_none_or(|queue| queue.finish_catch_up())
+    /// A catch-up pass of the `kind` stream ended: `Ok` if the queue is now
+    /// open, else the live messages it let go meanwhile (run another pass,
+    /// which brings them).
+    pub fn finish_catch_up(&self, kind: StreamKind) -> Result<(), crate::queue::Missed> {
+        self.queue(kind)
+            .map_or(Ok(()), |queue| queue.finish_catch_up())
     }
 
     /// Queues a frame for one of this session's streams without waiting.

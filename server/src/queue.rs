@@ -24,7 +24,10 @@
 //! close a client that read as fast as its link allowed. At the bounds
 //! the queue then lets go of its `Deliver` frames of other users'
 //! messages (catch-up brings them: the writer runs another pass, see
-//! [`OutQueue::finish_catch_up`]) and keeps the rest: send acks, errors,
+//! [`OutQueue::finish_catch_up`], which names the seqs let go of each
+//! conversation, read from history then: the user's watermark may have
+//! passed them meanwhile, acked by another device, and the next pass, from
+//! the watermark, would not bring them) and keeps the rest: send acks, errors,
 //! and the user's own messages echoed from their other devices, which
 //! catch-up never sends. Only a client that does not read fills those. An
 //! echo kept is still dropped by the writer if the next pass sent a later
@@ -38,7 +41,7 @@
 //! connections that mostly sit idle. This queue holds nothing while empty
 //! and gives back large buffers once drained.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -77,6 +80,25 @@ struct State {
     bytes: usize,
     phase: Phase,
     closed: bool,
+    /// Conversation -> the lowest and highest seq of the `Deliver` frames
+    /// let go during a catch-up since it was last taken (boxed: most
+    /// queues never have any).
+    missed: Option<Box<Missed>>,
+}
+
+/// Conversation -> the lowest and highest seq let go (see
+/// [`OutQueue::finish_catch_up`]).
+pub type Missed = HashMap<u64, (u64, u64)>;
+
+impl State {
+    fn note_missed(&mut self, conversation: u64, seq: u64) {
+        let range = self
+            .missed
+            .get_or_insert_with(Default::default)
+            .entry(conversation)
+            .or_insert((seq, seq));
+        *range = (range.0.min(seq), range.1.max(seq));
+    }
 }
 
 /// Whether a writer takes from the queue (see the module docs).
@@ -119,19 +141,21 @@ impl OutQueue {
         self.state.lock().expect("queue lock").phase = Phase::CatchingUp;
     }
 
-    /// A catch-up pass ended: true, and the queue is open, unless it let go
-    /// of `Deliver` frames meanwhile; then false, and the caller runs
-    /// another pass (whatever is pushed from here on is kept for after it).
-    pub fn finish_catch_up(&self) -> bool {
+    /// A catch-up pass ended: `Ok`, and the queue is open, unless it let
+    /// go of `Deliver` frames meanwhile; then `Err` with the seqs it let
+    /// go of, and the caller runs another pass that brings them (whatever
+    /// is pushed from here on is kept for after it).
+    pub fn finish_catch_up(&self) -> Result<(), Missed> {
         let mut state = self.state.lock().expect("queue lock");
         match state.phase {
             Phase::CatchingUpMissed => {
                 state.phase = Phase::CatchingUp;
-                false
+                Err(state.missed.take().map(|m| *m).unwrap_or_default())
             }
             _ => {
                 state.phase = Phase::Open;
-                true
+                state.missed = None;
+                Ok(())
             }
         }
     }
@@ -173,11 +197,19 @@ impl OutQueue {
                     Phase::CatchingUp | Phase::CatchingUpMissed => {
                         // Catch-up brings other users' messages; the rest
                         // stays.
-                        let catch_up_has = |o: &Outbound| o.deliver.is_some_and(|d| !d.own);
-                        state.items.retain(|o| !catch_up_has(o));
+                        let catch_up_has = |o: &Outbound| o.deliver.filter(|d| !d.own);
+                        let mut kept = VecDeque::with_capacity(state.items.len());
+                        for o in std::mem::take(&mut state.items) {
+                            match catch_up_has(&o) {
+                                Some(d) => state.note_missed(d.conversation, d.seq),
+                                None => kept.push_back(o),
+                            }
+                        }
+                        state.items = kept;
                         state.bytes = state.items.iter().map(|o| o.bytes.len()).sum();
                         state.phase = Phase::CatchingUpMissed;
-                        if catch_up_has(&out) {
+                        if let Some(d) = catch_up_has(&out) {
+                            state.note_missed(d.conversation, d.seq);
                             return Err(PushError::Unopened);
                         }
                         if over(&state) {
@@ -339,14 +371,15 @@ mod tests {
             .map(|o| o.bytes[0])
             .collect();
         assert_eq!(kept, vec![2, 3, 6, 7]);
-        assert!(
-            !queue.finish_catch_up(),
-            "messages were let go: another pass"
+        assert_eq!(
+            queue.finish_catch_up(),
+            Err(HashMap::from([(7, (1, 5))])),
+            "messages were let go: another pass, for 1 to 5"
         );
         // The next pass ends with nothing let go: the queue is open, and a
         // full queue then means a slow reader.
         queue.push(deliver(8), 1, 1 << 20).unwrap();
-        assert!(queue.finish_catch_up());
+        assert_eq!(queue.finish_catch_up(), Ok(()));
         assert_eq!(queue.push(deliver(9), 1, 1 << 20), Err(PushError::Full));
     }
 

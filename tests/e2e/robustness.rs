@@ -1087,6 +1087,79 @@ async fn live_messages_during_a_long_catch_up_do_not_close_a_reading_client() {
 }
 
 #[tokio::test]
+async fn live_messages_let_go_during_catch_up_come_even_once_another_device_acked_them() {
+    // As above, but Bob's phone is online meanwhile and acks Carol's live
+    // messages as they come. The next pass of the slow device's catch-up
+    // read from Bob's delivered watermark, which the phone had moved past
+    // them: the slow device never got the messages its queue let go. Now
+    // the queue names what it let go, and the next pass reads that from
+    // history.
+    const BACKLOG: usize = 200;
+    const LIVE: usize = 1_100;
+    let server = TestServer::start_with(unlimited_sends).await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let bob_id = bob.identity().user_id;
+    let from_alice = befriend(&alice, &bob).await;
+    let from_carol = befriend(&carol, &bob).await;
+    let token = bob.identity().token;
+    bob.close();
+    drop((bob, bob_events));
+    send_texts(&alice, from_alice, BACKLOG).await;
+
+    let slow = Raw::connect_with_stream_window(&server, 4096).await;
+    let _control = slow
+        .log_in(Body::Authenticate(proto::Authenticate {
+            token: token.clone(),
+        }))
+        .await;
+    let (_messages, mut messages_recv) = slow.stream(&frames(&[Frame::open_messages(false)])).await;
+    let mut seen: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+    let mut buf = BytesMut::new();
+    let read = |seen: &mut std::collections::HashMap<u64, Vec<u64>>, frame: Frame| match frame.body
+    {
+        Some(Body::Deliver(d)) => {
+            let m = d.message.unwrap();
+            seen.entry(m.conversation_id).or_default().push(m.seq);
+        }
+        other => panic!("a Deliver, got {other:?}"),
+    };
+    // The slow device is catching up (its first page does not fit the
+    // window) while the phone reads everything and acks it.
+    read(&mut seen, next_frame(&mut messages_recv, &mut buf).await);
+    let (phone, mut phone_events) = Client::resume(server.client_config(), &token)
+        .await
+        .unwrap();
+    messages(&mut phone_events, BACKLOG).await;
+    let sent = send_texts(&carol, from_carol, LIVE).await;
+    messages(&mut phone_events, LIVE).await;
+    wait_delivered(&carol, from_carol, bob_id, *sent.last().unwrap()).await;
+    assert!(phone.is_connected());
+
+    while seen.get(&from_alice).map_or(0, Vec::len) < BACKLOG
+        || seen.get(&from_carol).map_or(0, Vec::len) < LIVE
+    {
+        read(&mut seen, next_frame(&mut messages_recv, &mut buf).await);
+    }
+    assert_eq!(seen[&from_carol], sent, "every live message once, in order");
+    assert_eq!(
+        seen[&from_alice],
+        (1..=BACKLOG as u64).collect::<Vec<_>>(),
+        "the backlog once, in order"
+    );
+    assert!(
+        slow.conn.close_reason().is_none(),
+        "the slow device stays connected"
+    );
+    assert!(
+        value(&scrape(metrics).await, "chat_catch_up_repeats_total") >= 1.0,
+        "the live messages overflowed during catch-up"
+    );
+}
+
+#[tokio::test]
 async fn a_finished_messages_stream_is_answered_with_acks_stored_and_the_end() {
     // A client leaving gracefully (a third-party one, on the wire) finishes
     // its messages stream after its last DeliveryAck; once that ack is

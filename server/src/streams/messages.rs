@@ -28,8 +28,9 @@ use super::now_ms;
 use crate::delivery::{MarkJob, SendJob, Work};
 use crate::error::{Refusal, retry_after_ms};
 use crate::hub::SessionHandle;
+use crate::queue::Missed;
 use crate::session::{Session, on_read_error};
-use crate::store::{INBOX_CATCH_UP_LIMIT, NewMessage, WatermarkKind, WatermarkUpdate};
+use crate::store::{Direction, INBOX_CATCH_UP_LIMIT, NewMessage, WatermarkKind, WatermarkUpdate};
 use crate::wire::{self, DeliverKey, FrameReader, Outbound};
 
 /// Messages fetched per catch-up page.
@@ -359,16 +360,21 @@ async fn writer(
     // Passes until one ends without the queue letting go of live messages
     // (see `crate::queue`); each sends only what the ones before did not.
     let mut sent = HashMap::new();
-    loop {
-        // Boxed: this task lives as long as the connection, and the
-        // catch-up's state would otherwise size it for good.
-        if !Box::pin(catch_up(&session, &mut send, &credits, &mut sent)).await {
-            return;
+    // Scoped to the passes: the writer lives as long as the connection.
+    {
+        let mut missed = Missed::new();
+        loop {
+            // Boxed: this task lives as long as the connection, and the
+            // catch-up's state would otherwise size it for good.
+            if !Box::pin(catch_up(&session, &mut send, &credits, &mut sent, &missed)).await {
+                return;
+            }
+            match queue.finish_catch_up(StreamKind::Messages) {
+                Ok(()) => break,
+                Err(let_go) => missed = let_go,
+            }
+            session.shared.metrics.catch_up_repeats.increment(1);
         }
-        if queue.finish_catch_up(StreamKind::Messages) {
-            break;
-        }
-        session.shared.metrics.catch_up_repeats.increment(1);
     }
     wire::write_loop(
         &session.conn,
@@ -398,15 +404,24 @@ async fn writer(
     .await;
 }
 
-/// Streams undelivered messages but those `sent` has (the last seq sent
-/// per conversation, which it updates); false if the stream failed.
+/// Streams the live messages the queue let go (`missed`, from history:
+/// another device of the user may have acked them meanwhile, moving the
+/// watermark past them), then undelivered messages, but those `sent` has
+/// (the last seq sent per conversation, which it updates); false if the
+/// stream failed.
 async fn catch_up(
     session: &Session,
     send: &mut SendStream,
     credits: &AtomicU64,
     sent: &mut HashMap<u64, u64>,
+    missed: &Missed,
 ) -> bool {
     let authed = session.authed().expect("authenticated");
+    for (&conversation, &(lowest, highest)) in missed {
+        if !write_missed(session, send, credits, sent, conversation, lowest, highest).await {
+            return false;
+        }
+    }
     let metrics = &session.shared.metrics;
     // The backlog a device comes back to, recorded by the first pass only.
     let first = sent.is_empty();
@@ -433,24 +448,7 @@ async fn catch_up(
             .await
         {
             Ok(page) => page,
-            Err(e) => {
-                // Live pushes must not overtake what catch-up could not
-                // send (the client would ack past it): close, and the
-                // client resumes from its watermark on reconnect.
-                tracing::warn!(
-                    conn_id = session.conn_id,
-                    user_id = authed.user_id,
-                    error = %e,
-                    "catch-up failed; closing the connection"
-                );
-                wire::close_counted(
-                    &session.conn,
-                    &session.shared.metrics,
-                    ErrorCode::Unavailable,
-                    "catch-up failed; reconnect",
-                );
-                return false;
-            }
+            Err(e) => return catch_up_failed(session, &e),
         };
         backlog += page.len();
         let Some(last) = page.last() else {
@@ -466,6 +464,66 @@ async fn catch_up(
             return true;
         }
     }
+}
+
+/// Writes the messages of `conversation` from `lowest` to `highest` (the
+/// range of live messages a catch-up let go: they were pushed to this
+/// user, so they are theirs to read) from history, but what `sent` has.
+async fn write_missed(
+    session: &Session,
+    send: &mut SendStream,
+    credits: &AtomicU64,
+    sent: &mut HashMap<u64, u64>,
+    conversation: u64,
+    lowest: u64,
+    highest: u64,
+) -> bool {
+    let mut cursor = lowest.saturating_sub(1);
+    while cursor < highest {
+        let limit = u32::try_from(highest - cursor).map_or(CATCH_UP_PAGE, |n| n.min(CATCH_UP_PAGE));
+        let page = match session
+            .shared
+            .store
+            .history(conversation, Direction::Forward, cursor, limit)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => return catch_up_failed(session, &e),
+        };
+        let messages: Vec<Arc<proto::Message>> = page
+            .messages
+            .into_iter()
+            .filter(|m| m.seq <= highest)
+            .collect();
+        let Some(last) = messages.last() else {
+            return true;
+        };
+        cursor = last.seq;
+        if !write_page(session, send, &messages, sent, credits).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Closes the connection after a catch-up read failed (false): live
+/// pushes must not overtake what catch-up could not send (the client
+/// would ack past it), and the client resumes from its watermark on
+/// reconnect.
+fn catch_up_failed(session: &Session, e: &crate::store::StoreError) -> bool {
+    tracing::warn!(
+        conn_id = session.conn_id,
+        user_id = session.authed().map(|a| a.user_id),
+        error = %e,
+        "catch-up failed; closing the connection"
+    );
+    wire::close_counted(
+        &session.conn,
+        &session.shared.metrics,
+        ErrorCode::Unavailable,
+        "catch-up failed; reconnect",
+    );
+    false
 }
 
 /// Writes one page of Deliver frames in a single write.
