@@ -1087,14 +1087,16 @@ async fn live_messages_during_a_long_catch_up_do_not_close_a_reading_client() {
 }
 
 #[tokio::test]
-async fn live_messages_let_go_during_catch_up_come_even_once_another_device_acked_them() {
-    // As above, but Bob's phone is online meanwhile and acks Carol's live
-    // messages as they come. The next pass of the slow device's catch-up
-    // read from Bob's delivered watermark, which the phone had moved past
-    // them: the slow device never got the messages its queue let go. Now
-    // the queue names what it let go, and the next pass reads that from
-    // history.
-    const BACKLOG: usize = 200;
+async fn a_slow_catch_up_brings_everything_though_another_device_acked_it() {
+    // As above, but Bob's phone is online meanwhile and acks what it gets.
+    // Catch-up read each page of the backlog from Bob's delivered
+    // watermark as it was then, and its next pass too: the phone had moved
+    // it past the backlog's later pages and past Carol's live messages the
+    // queue let go, and the slow device never got them. Now catch-up reads
+    // past its first page from where each conversation stood when it
+    // began, and the queue names what it let go for the next pass to read
+    // from history.
+    const BACKLOG: usize = 400;
     const LIVE: usize = 1_100;
     let server = TestServer::start_with(unlimited_sends).await;
     let metrics = server.server.as_ref().unwrap().metrics_addr();

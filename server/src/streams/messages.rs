@@ -418,7 +418,8 @@ async fn catch_up(
 ) -> bool {
     let authed = session.authed().expect("authenticated");
     for (&conversation, &(lowest, highest)) in missed {
-        if !write_missed(session, send, credits, sent, conversation, lowest, highest).await {
+        let range = (lowest, highest);
+        if !write_range(session, send, credits, sent, conversation, range, None).await {
             return false;
         }
     }
@@ -439,44 +440,84 @@ async fn catch_up(
         }
         return true;
     }
-    let mut backlog = 0usize;
     let store = &session.shared.store;
+    let user = authed.user_id;
+    // What was pending when the pass began. Read page by page from the
+    // watermark as it is at each read, a backlog lost what another device
+    // of the user acked meanwhile and this one was not sent yet; so past
+    // the first page (one read: nothing to lose) each conversation is read
+    // from where it stood here.
+    let pending = match store.pending_ranges(user).await {
+        Ok(pending) => pending,
+        Err(e) => return catch_up_failed(session, &e),
+    };
     let mut cursor = (0, 0);
+    let mut backlog = 0usize;
     loop {
-        let page = match store
-            .undelivered(authed.user_id, cursor, CATCH_UP_PAGE)
-            .await
-        {
+        let page = match store.undelivered(user, cursor, CATCH_UP_PAGE).await {
             Ok(page) => page,
             Err(e) => return catch_up_failed(session, &e),
         };
         backlog += page.len();
-        let Some(last) = page.last() else {
-            record_backlog(backlog);
-            return true;
-        };
-        cursor = (last.conversation_id, last.seq);
-        if !write_page(session, send, &page, sent, credits).await {
-            return false;
+        let full = page.len() == CATCH_UP_PAGE as usize;
+        if let Some(last) = page.last() {
+            cursor = (last.conversation_id, last.seq);
+            if !write_page(session, send, &page, sent, credits).await {
+                return false;
+            }
         }
-        if page.len() < CATCH_UP_PAGE as usize {
+        if !full {
             record_backlog(backlog);
             return true;
+        }
+        if pending.is_some() {
+            break;
         }
     }
+    // Ordered by conversation, as pages are: those the first page
+    // finished are behind the cursor.
+    for range in pending.into_iter().flatten() {
+        if range.conversation_id < cursor.0 {
+            continue;
+        }
+        let from = sent
+            .get(&range.conversation_id)
+            .map_or(range.delivered_seq, |&s| s.max(range.delivered_seq));
+        if from >= range.last_seq {
+            continue;
+        }
+        backlog += (range.last_seq - from) as usize;
+        let seqs = (from + 1, range.last_seq);
+        if !write_range(
+            session,
+            send,
+            credits,
+            sent,
+            range.conversation_id,
+            seqs,
+            Some(user),
+        )
+        .await
+        {
+            return false;
+        }
+    }
+    record_backlog(backlog);
+    true
 }
 
-/// Writes the messages of `conversation` from `lowest` to `highest` (the
-/// range of live messages a catch-up let go: they were pushed to this
-/// user, so they are theirs to read) from history, but what `sent` has.
-async fn write_missed(
+/// Writes the messages of `conversation` from `lowest` to `highest` (a
+/// range that was pending for this user, or that was pushed to them, so
+/// theirs to read) from history, but what `sent` has and, with
+/// `not_from`, that user's own (catch-up leaves them out).
+async fn write_range(
     session: &Session,
     send: &mut SendStream,
     credits: &AtomicU64,
     sent: &mut HashMap<u64, u64>,
     conversation: u64,
-    lowest: u64,
-    highest: u64,
+    (lowest, highest): (u64, u64),
+    not_from: Option<u64>,
 ) -> bool {
     let mut cursor = lowest.saturating_sub(1);
     while cursor < highest {
@@ -495,10 +536,14 @@ async fn write_missed(
             .into_iter()
             .filter(|m| m.seq <= highest)
             .collect();
-        let Some(last) = messages.last() else {
+        let Some(last) = messages.last().map(|m| m.seq) else {
             return true;
         };
-        cursor = last.seq;
+        cursor = last;
+        let messages: Vec<Arc<proto::Message>> = messages
+            .into_iter()
+            .filter(|m| not_from != Some(m.sender_id))
+            .collect();
         if !write_page(session, send, &messages, sent, credits).await {
             return false;
         }
