@@ -706,17 +706,22 @@ mod tests {
         // read over the hide: later sweeps published the hidden user
         // online, and snapshots and pushes disagreed.
         let store = Held::new(None);
-        let (_dir, _history, presence, [first, second], _endpoints) = tracker(store).await;
+        let (_dir, history, presence, [first, second], _endpoints) = tracker(store).await;
         let user = first.user_id;
         presence.connect(first).await;
+        // The store thread is held: one poll queues the connect's read of
+        // the setting, which cannot be answered yet.
+        let occupied = history.occupy_thread().await;
         let mut connecting = Box::pin(presence.connect(second));
-        // One poll: its read of the setting is queued on the store thread,
-        // ahead of the hide's write.
         let pending = std::future::poll_fn(|cx| {
             std::task::Poll::Ready(connecting.as_mut().poll(cx).is_pending())
         })
         .await;
         assert!(pending, "the connect waits for its read");
+        // The hide's write is queued behind the read: the read sees the
+        // setting as it was, and the hide is done before the connect goes
+        // on.
+        drop(occupied);
         presence.set_hidden(user, true).await.unwrap();
         connecting.await;
         assert!(

@@ -853,6 +853,27 @@ impl SqliteStore {
         std::mem::forget(self);
     }
 
+    /// Occupies the store thread until the returned sender is dropped:
+    /// jobs submitted meanwhile queue behind it, in order (for tests that
+    /// need a read to wait). Returns once the thread is occupied.
+    #[cfg(test)]
+    pub(crate) async fn occupy_thread(self: &Arc<Self>) -> std_mpsc::Sender<()> {
+        let (release, released) = std_mpsc::channel::<()>();
+        let (started, occupied) = oneshot::channel();
+        let store = self.clone();
+        tokio::spawn(async move {
+            store
+                .call(move |_, _| {
+                    let _ = started.send(());
+                    let _ = released.recv();
+                    Ok(())
+                })
+                .await
+        });
+        occupied.await.expect("the store thread runs the job");
+        release
+    }
+
     /// Makes the store thread panic, as a bug in a job would.
     #[cfg(test)]
     pub(crate) async fn crash_thread(&self) {
@@ -3637,7 +3658,7 @@ mod tests {
         // jobs are queued when the join first polls them, before the fifth
         // future lets the thread go.
         let (started, held) = std::sync::mpsc::channel();
-        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std_mpsc::channel::<()>();
         let hold = store.call(move |_, _| {
             started.send(()).unwrap();
             released.recv().unwrap();
