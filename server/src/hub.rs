@@ -159,6 +159,13 @@ impl SessionHandle {
         }
     }
 
+    /// See [`OutQueue::held_deliveries`](crate::queue::OutQueue::held_deliveries).
+    pub fn held_deliveries(&self, kind: StreamKind) -> std::collections::HashMap<u64, u64> {
+        self.queue(kind)
+            .map(|queue| queue.held_deliveries())
+            .unwrap_or_default()
+    }
+
     /// A catch-up pass of the `kind` stream ended: `Ok` if the queue is now
     /// open, else the live messages it let go meanwhile (run another pass,
     /// which brings them).

@@ -7,7 +7,9 @@
 //! authenticating, and not all that a device is pushed in between would
 //! come with catch-up (the echo of its user's send from another device,
 //! which catch-up leaves out, or a message another device of the user
-//! acknowledges meanwhile: watermarks are per user). An echo older than
+//! acknowledges meanwhile: watermarks are per user; catch-up reads a
+//! conversation with messages held from below them,
+//! [`OutQueue::held_deliveries`]). An echo older than
 //! what catch-up then sends of its conversation is still dropped by the
 //! messages writer, which keeps each conversation in seq order. But a stream that is
 //! not open is not a slow reader: once the bounds are reached, the queue
@@ -158,6 +160,25 @@ impl OutQueue {
                 Ok(())
             }
         }
+    }
+
+    /// Conversation -> the lowest seq of the other users' messages the
+    /// queue holds: a catch-up writing a later one of the conversation
+    /// from history starts below it, or the writer would drop what is held
+    /// (it keeps each conversation in seq order) though another device of
+    /// the user may have acked it, so no pass brings it either.
+    pub fn held_deliveries(&self) -> HashMap<u64, u64> {
+        let state = self.state.lock().expect("queue lock");
+        let mut held = HashMap::new();
+        for d in state
+            .items
+            .iter()
+            .filter_map(|o| o.deliver.filter(|d| !d.own))
+        {
+            let lowest = held.entry(d.conversation).or_insert(d.seq);
+            *lowest = (*lowest).min(d.seq);
+        }
+        held
     }
 
     /// Appends `out` unless the queue is closed, already holds
@@ -371,6 +392,15 @@ mod tests {
             .map(|o| o.bytes[0])
             .collect();
         assert_eq!(kept, vec![2, 3, 6, 7]);
+        queue.push(echo(9), 4, 1 << 20).unwrap();
+        queue.push(deliver(10), 4, 1 << 20).unwrap();
+        queue.push(deliver(8), 4, 1 << 20).unwrap();
+        assert_eq!(
+            queue.held_deliveries(),
+            HashMap::from([(7, 8)]),
+            "the lowest held, not an echo's"
+        );
+        while queue.try_recv().is_some() {}
         assert_eq!(
             queue.finish_catch_up(),
             Err(HashMap::from([(7, (1, 5))])),

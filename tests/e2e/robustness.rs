@@ -1162,6 +1162,43 @@ async fn a_slow_catch_up_brings_everything_though_another_device_acked_it() {
 }
 
 #[tokio::test]
+async fn messages_held_for_a_device_come_though_another_device_acked_some() {
+    // Carol's twelve reach Bob's second device before it opens its
+    // messages stream, so its queue holds them; his phone acks ten of
+    // them meanwhile. Its catch-up wrote the last two from history and
+    // the writer then dropped all twelve queued copies (it keeps each
+    // conversation in seq order): the device never got the first ten.
+    let server = TestServer::start().await;
+    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
+    let mut config = server.client_config();
+    config.delivery_acks = chat_client::DeliveryAcks::Manual;
+    let (phone, mut phone_events) = register(config, &name("bob")).await;
+    let bob_id = phone.identity().user_id;
+    let conversation = befriend(&carol, &phone).await;
+    let device = Raw::connect(&server).await;
+    let _control = device
+        .log_in(Body::Authenticate(proto::Authenticate {
+            token: phone.identity().token,
+        }))
+        .await;
+    let sent = send_texts(&carol, conversation, 12).await;
+    assert_eq!(messages(&mut phone_events, 12).await.len(), 12);
+    phone.ack_delivery(conversation, sent[9]);
+    wait_delivered(&carol, conversation, bob_id, sent[9]).await;
+
+    let (_messages, mut recv) = device.stream(&frames(&[Frame::open_messages(false)])).await;
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        match next_frame(&mut recv, &mut buf).await.body {
+            Some(Body::Deliver(d)) => got.push(d.message.unwrap().seq),
+            other => panic!("a Deliver, got {other:?}"),
+        }
+    }
+    assert_eq!(got, sent, "every message once, in order");
+}
+
+#[tokio::test]
 async fn a_finished_messages_stream_is_answered_with_acks_stored_and_the_end() {
     // A client leaving gracefully (a third-party one, on the wire) finishes
     // its messages stream after its last DeliveryAck; once that ack is

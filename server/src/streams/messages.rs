@@ -366,7 +366,8 @@ async fn writer(
         loop {
             // Boxed: this task lives as long as the connection, and the
             // catch-up's state would otherwise size it for good.
-            if !Box::pin(catch_up(&session, &mut send, &credits, &mut sent, &missed)).await {
+            let pass = catch_up(&session, &queue, &mut send, &credits, &mut sent, &missed);
+            if !Box::pin(pass).await {
                 return;
             }
             match queue.finish_catch_up(StreamKind::Messages) {
@@ -411,18 +412,32 @@ async fn writer(
 /// stream failed.
 async fn catch_up(
     session: &Session,
+    queue: &SessionHandle,
     send: &mut SendStream,
     credits: &AtomicU64,
     sent: &mut HashMap<u64, u64>,
     missed: &Missed,
 ) -> bool {
     let authed = session.authed().expect("authenticated");
+    let store = &session.shared.store;
+    let user = authed.user_id;
     for (&conversation, &(lowest, highest)) in missed {
-        let range = (lowest, highest);
+        // Not what was sent already, nor, for a member removed and added
+        // again meanwhile, what came between.
+        let joined = match store.membership(conversation, user).await {
+            Ok(membership) => membership.map_or(0, |m| m.joined_seq),
+            Err(e) => return catch_up_failed(session, &e),
+        };
+        let after_sent = sent.get(&conversation).map_or(0, |&s| s + 1);
+        let range = (lowest.max(after_sent).max(joined), highest);
         if !write_range(session, send, credits, sent, conversation, range, None).await {
             return false;
         }
     }
+    // Messages the queue holds (pushed before the stream opened, or kept
+    // during an earlier pass), which catch-up must not pass in their
+    // conversations: another device of the user may have acked them.
+    let held = queue.held_deliveries(StreamKind::Messages);
     let metrics = &session.shared.metrics;
     // The backlog a device comes back to, recorded by the first pass only.
     let first = sent.is_empty();
@@ -431,7 +446,10 @@ async fn catch_up(
             metrics.unread.record(n as f64);
         }
     };
-    if let Some(queued) = from_inbox(session, authed.user_id).await {
+    // (The inbox starts at the watermark: not with messages held.)
+    if held.is_empty()
+        && let Some(queued) = from_inbox(session, authed.user_id).await
+    {
         record_backlog(queued.len());
         for page in queued.chunks(CATCH_UP_PAGE as usize) {
             if !write_page(session, send, page, sent, credits).await {
@@ -440,8 +458,6 @@ async fn catch_up(
         }
         return true;
     }
-    let store = &session.shared.store;
-    let user = authed.user_id;
     // What was pending when the pass began. Read page by page from the
     // watermark as it is at each read, a backlog lost what another device
     // of the user acked meanwhile and this one was not sent yet; so past
@@ -453,7 +469,9 @@ async fn catch_up(
     };
     let mut cursor = (0, 0);
     let mut backlog = 0usize;
-    loop {
+    // With messages held, each conversation is read from the snapshot,
+    // from below what is held.
+    while held.is_empty() || pending.is_none() {
         let page = match store.undelivered(user, cursor, CATCH_UP_PAGE).await {
             Ok(page) => page,
             Err(e) => return catch_up_failed(session, &e),
@@ -474,15 +492,20 @@ async fn catch_up(
             break;
         }
     }
+    let below_held = |conversation: u64, delivered: u64| {
+        held.get(&conversation)
+            .map_or(delivered, |&h| delivered.min(h.saturating_sub(1)))
+    };
     // Ordered by conversation, as pages are: those the first page
     // finished are behind the cursor.
     for range in pending.into_iter().flatten() {
         if range.conversation_id < cursor.0 {
             continue;
         }
+        let start = below_held(range.conversation_id, range.delivered_seq);
         let from = sent
             .get(&range.conversation_id)
-            .map_or(range.delivered_seq, |&s| s.max(range.delivered_seq));
+            .map_or(start, |&s| s.max(start));
         if from >= range.last_seq {
             continue;
         }
