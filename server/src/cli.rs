@@ -137,7 +137,8 @@ struct Overrides {
     /// Connections one user may have authenticated on this node at once.
     #[arg(long, env = "CHAT_MAX_SESSIONS_PER_USER")]
     max_sessions_per_user: Option<usize>,
-    /// Of those, connections one session token may have.
+    /// Of those, connections one session token may have (one more replaces
+    /// the oldest).
     #[arg(long, env = "CHAT_MAX_SESSIONS_PER_TOKEN")]
     max_sessions_per_token: Option<usize>,
     /// Idle timeout, e.g. 30s.

@@ -200,7 +200,9 @@ pub struct Limits {
     /// Of those, connections that may use one session token (one device's
     /// login; above `max-sessions-per-user` it changes nothing): someone
     /// holding a copy of a token cannot take all of the user's places, so
-    /// the owner's other devices, and a new login, still get in.
+    /// the owner's other devices, and a new login, still get in. One more
+    /// replaces the token's oldest connection, so whoever holds the token
+    /// (its owner) can always resume it and log it out.
     pub max_sessions_per_token: usize,
     /// Members per group.
     pub max_group_size: usize,

@@ -83,7 +83,7 @@ const SESSIONS_FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(
 fn sessions_full() -> Refusal {
     Refusal::new(
         ErrorCode::LimitReached,
-        "this account, or this session, has too many connections to this node; retry later",
+        "this account has too many connections to this node; retry later",
     )
     .with_retry_after(SESSIONS_FULL_RETRY)
 }
@@ -115,8 +115,9 @@ impl Session {
 
     /// Marks the connection authenticated as `user_id` and registers it in
     /// the hub. Refused if it was authenticated already, or if the user has
-    /// `max-sessions-per-user` connections on this node, or its token
-    /// `max-sessions-per-token`.
+    /// `max-sessions-per-user` connections on this node; one beyond its
+    /// token's `max-sessions-per-token` replaces the token's oldest
+    /// (see [`Hub::register`](crate::hub::Hub::register)).
     pub fn authenticate(
         &self,
         user_id: UserId,

@@ -362,7 +362,8 @@ async fn writer(
     let mut sent = HashMap::new();
     // Scoped to the passes: the writer lives as long as the connection.
     {
-        let mut missed = Missed::new();
+        // What the queue let go before the stream opened, first.
+        let mut missed = queue.take_missed(StreamKind::Messages);
         loop {
             // Boxed: this task lives as long as the connection, and the
             // catch-up's state would otherwise size it for good.
