@@ -159,13 +159,6 @@ impl SessionHandle {
         }
     }
 
-    /// See [`OutQueue::take_missed`](crate::queue::OutQueue::take_missed).
-    pub fn take_missed(&self, kind: StreamKind) -> crate::queue::Missed {
-        self.queue(kind)
-            .map(|queue| queue.take_missed())
-            .unwrap_or_default()
-    }
-
     /// See [`OutQueue::held_deliveries`](crate::queue::OutQueue::held_deliveries).
     pub fn held_deliveries(&self, kind: StreamKind) -> std::collections::HashMap<u64, u64> {
         self.queue(kind)

@@ -143,15 +143,6 @@ impl OutQueue {
         self.state.lock().expect("queue lock").phase = Phase::CatchingUp;
     }
 
-    /// The messages let go before the stream opened, for its first
-    /// catch-up pass to read from history (another device of the user may
-    /// have acked them, so a pass from the watermark would not bring
-    /// them).
-    pub fn take_missed(&self) -> Missed {
-        let mut state = self.state.lock().expect("queue lock");
-        state.missed.take().map(|m| *m).unwrap_or_default()
-    }
-
     /// A catch-up pass ended: `Ok`, and the queue is open, unless it let
     /// go of `Deliver` frames meanwhile; then `Err` with the seqs it let
     /// go of, and the caller runs another pass that brings them (whatever
@@ -207,9 +198,6 @@ impl OutQueue {
                 return Err(PushError::Closed);
             }
             if state.phase == Phase::GaveUp {
-                if let Some(d) = out.deliver.filter(|d| !d.own) {
-                    state.note_missed(d.conversation, d.seq);
-                }
                 return Err(PushError::Unopened);
             }
             let (max_frames, max_bytes) = if state.phase == Phase::Unopened {
@@ -250,11 +238,7 @@ impl OutQueue {
                         }
                     }
                     Phase::Unopened | Phase::GaveUp => {
-                        let dropped = std::mem::take(&mut state.items);
-                        let messages = dropped.iter().chain([&out]);
-                        for d in messages.filter_map(|o| o.deliver.filter(|d| !d.own)) {
-                            state.note_missed(d.conversation, d.seq);
-                        }
+                        state.items = VecDeque::new();
                         state.bytes = 0;
                         state.phase = Phase::GaveUp;
                         return Err(PushError::Unopened);
@@ -437,20 +421,6 @@ mod tests {
         queue.push(echo(2), 2, 1 << 20).unwrap();
         assert_eq!(queue.push(out(3), 2, 1 << 20), Err(PushError::Full));
         assert_eq!(queue.push(echo(4), 2, 1 << 20), Err(PushError::Full));
-    }
-
-    #[test]
-    fn messages_let_go_before_the_stream_opens_are_named_for_catch_up() {
-        // Another device of the user may ack them meanwhile, and a catch-up
-        // from the watermark would then not bring them.
-        let queue = OutQueue::default();
-        queue.push(deliver(3), 2, 1 << 20).unwrap();
-        queue.push(echo(4), 2, 1 << 20).unwrap();
-        assert_eq!(queue.push(deliver(5), 2, 1 << 20), Err(PushError::Unopened));
-        assert_eq!(queue.push(deliver(9), 2, 1 << 20), Err(PushError::Unopened));
-        assert_eq!(queue.push(out(10), 2, 1 << 20), Err(PushError::Unopened));
-        assert_eq!(queue.take_missed(), HashMap::from([(7, (3, 9))]));
-        assert_eq!(queue.take_missed(), HashMap::new(), "taken once");
     }
 
     #[test]

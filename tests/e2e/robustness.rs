@@ -1199,40 +1199,6 @@ async fn messages_held_for_a_device_come_though_another_device_acked_some() {
 }
 
 #[tokio::test]
-async fn messages_let_go_before_a_device_opened_its_stream_come_though_acked_elsewhere() {
-    // More than the 256 frames a stream not yet opened is kept reach Bob's
-    // second device, so its queue lets them go for catch-up to bring; his
-    // phone acks them all meanwhile. Catch-up read from the watermark and
-    // brought none of them.
-    const SENT: usize = 300;
-    let server = TestServer::start_with(unlimited_sends).await;
-    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
-    let (phone, mut phone_events) = register(server.client_config(), &name("bob")).await;
-    let bob_id = phone.identity().user_id;
-    let conversation = befriend(&carol, &phone).await;
-    let device = Raw::connect(&server).await;
-    let _control = device
-        .log_in(Body::Authenticate(proto::Authenticate {
-            token: phone.identity().token,
-        }))
-        .await;
-    let sent = send_texts(&carol, conversation, SENT).await;
-    assert_eq!(messages(&mut phone_events, SENT).await.len(), SENT);
-    wait_delivered(&carol, conversation, bob_id, *sent.last().unwrap()).await;
-
-    let (_messages, mut recv) = device.stream(&frames(&[Frame::open_messages(false)])).await;
-    let mut buf = BytesMut::new();
-    let mut got = Vec::new();
-    while got.len() < sent.len() {
-        match next_frame(&mut recv, &mut buf).await.body {
-            Some(Body::Deliver(d)) => got.push(d.message.unwrap().seq),
-            other => panic!("a Deliver, got {other:?}"),
-        }
-    }
-    assert_eq!(got, sent, "every message once, in order");
-}
-
-#[tokio::test]
 async fn a_finished_messages_stream_is_answered_with_acks_stored_and_the_end() {
     // A client leaving gracefully (a third-party one, on the wire) finishes
     // its messages stream after its last DeliveryAck; once that ack is

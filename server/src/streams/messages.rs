@@ -362,8 +362,7 @@ async fn writer(
     let mut sent = HashMap::new();
     // Scoped to the passes: the writer lives as long as the connection.
     {
-        // What the queue let go before the stream opened, first.
-        let mut missed = queue.take_missed(StreamKind::Messages);
+        let mut missed = Missed::new();
         loop {
             // Boxed: this task lives as long as the connection, and the
             // catch-up's state would otherwise size it for good.
@@ -426,7 +425,10 @@ async fn catch_up(
         // Not what was sent already, nor, for a member removed and added
         // again meanwhile, what came between.
         let joined = match store.membership(conversation, user).await {
-            Ok(membership) => membership.map_or(0, |m| m.joined_seq),
+            Ok(Some(membership)) => membership.joined_seq,
+            // Removed since: what they were owed up to the removal comes
+            // with their departure's pending range.
+            Ok(None) => continue,
             Err(e) => return catch_up_failed(session, &e),
         };
         let after_sent = sent.get(&conversation).map_or(0, |&s| s + 1);
@@ -503,7 +505,17 @@ async fn catch_up(
         if range.conversation_id < cursor.0 {
             continue;
         }
-        let start = below_held(range.conversation_id, range.delivered_seq);
+        let mut start = below_held(range.conversation_id, range.delivered_seq);
+        if start < range.delivered_seq {
+            // Below the watermark, not below where the membership began (a
+            // member removed and added again is not sent what came
+            // between).
+            match store.membership(range.conversation_id, user).await {
+                Ok(Some(m)) => start = start.max(m.joined_seq.saturating_sub(1)),
+                Ok(None) => start = range.delivered_seq,
+                Err(e) => return catch_up_failed(session, &e),
+            }
+        }
         let from = sent
             .get(&range.conversation_id)
             .map_or(start, |&s| s.max(start));
