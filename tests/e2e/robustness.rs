@@ -1199,6 +1199,62 @@ async fn messages_held_for_a_device_come_though_another_device_acked_some() {
 }
 
 #[tokio::test]
+async fn a_member_removed_and_added_again_is_not_caught_up_on_what_came_between() {
+    // Bob's second device holds the group's messages from before his
+    // removal (it has not opened its messages stream); his phone acks up
+    // to the message that added him again. Catch-up reads a conversation
+    // with messages held from below them: from history, which does not
+    // know memberships, it sent the two messages posted while Bob was out.
+    let server = TestServer::start().await;
+    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
+    let mut config = server.client_config();
+    config.delivery_acks = chat_client::DeliveryAcks::Manual;
+    let (phone, mut phone_events) = register(config, &name("bob")).await;
+    let bob_id = phone.identity().user_id;
+    befriend(&carol, &phone).await;
+    let device = Raw::connect(&server).await;
+    let _control = device
+        .log_in(Body::Authenticate(proto::Authenticate {
+            token: phone.identity().token,
+        }))
+        .await;
+    let group = carol
+        .create_group("g", &[bob_id])
+        .await
+        .unwrap()
+        .conversation_id;
+    carol.send_text(group, "before").await.unwrap();
+    carol.remove_member(group, bob_id).await.unwrap();
+    let between = send_texts(&carol, group, 2).await;
+    carol.add_members(group, &[bob_id]).await.unwrap();
+    let after = carol.send_text(group, "after").await.unwrap().seq;
+    // The phone has: created, "before", removed, added, "after".
+    let got = messages(&mut phone_events, 5).await;
+    let added = got[3].seq;
+    phone.ack_delivery(group, added);
+    wait_delivered(&carol, group, bob_id, added).await;
+
+    let (_messages, mut recv) = device.stream(&frames(&[Frame::open_messages(false)])).await;
+    let mut buf = BytesMut::new();
+    let mut seen = Vec::new();
+    while !seen.contains(&after) {
+        match next_frame(&mut recv, &mut buf).await.body {
+            Some(Body::Deliver(d)) => {
+                let m = d.message.unwrap();
+                if m.conversation_id == group {
+                    seen.push(m.seq);
+                }
+            }
+            other => panic!("a Deliver, got {other:?}"),
+        }
+    }
+    assert!(
+        !seen.iter().any(|s| between.contains(s)),
+        "sent {seen:?}, which has {between:?} from while Bob was out"
+    );
+}
+
+#[tokio::test]
 async fn a_finished_messages_stream_is_answered_with_acks_stored_and_the_end() {
     // A client leaving gracefully (a third-party one, on the wire) finishes
     // its messages stream after its last DeliveryAck; once that ack is
