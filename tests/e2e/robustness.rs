@@ -93,6 +93,14 @@ impl Raw {
     }
 }
 
+/// The next frame on `recv`, which must be a Deliver: its message.
+async fn next_delivered(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> proto::Message {
+    match next_frame(recv, buf).await.body {
+        Some(Body::Deliver(d)) => d.message.expect("a message"),
+        other => panic!("a Deliver, got {other:?}"),
+    }
+}
+
 /// A varint length prefix claiming `len` bytes, plus a little of the body.
 fn oversize_prefix(len: u64) -> Vec<u8> {
     let mut buf = BytesMut::new();
@@ -1052,26 +1060,15 @@ async fn live_messages_during_a_long_catch_up_do_not_close_a_reading_client() {
     // until Carol's messages are all stored and pushed.
     let mut seen: std::collections::HashMap<u64, Vec<u64>> = Default::default();
     let mut buf = BytesMut::new();
-    match next_frame(&mut messages_recv, &mut buf).await.body {
-        Some(Body::Deliver(d)) => {
-            let m = d.message.unwrap();
-            seen.entry(m.conversation_id).or_default().push(m.seq);
-        }
-        other => panic!("a Deliver, got {other:?}"),
-    }
+    let m = next_delivered(&mut messages_recv, &mut buf).await;
+    seen.entry(m.conversation_id).or_default().push(m.seq);
     send_texts(&carol, from_carol, LIVE).await;
 
     while seen.get(&from_alice).map_or(0, Vec::len) < BACKLOG
         || seen.get(&from_carol).map_or(0, Vec::len) < LIVE
     {
-        let frame = next_frame(&mut messages_recv, &mut buf).await;
-        match frame.body {
-            Some(Body::Deliver(d)) => {
-                let m = d.message.unwrap();
-                seen.entry(m.conversation_id).or_default().push(m.seq);
-            }
-            other => panic!("a Deliver, got {other:?}"),
-        }
+        let m = next_delivered(&mut messages_recv, &mut buf).await;
+        seen.entry(m.conversation_id).or_default().push(m.seq);
     }
     for (conversation, n) in [(from_alice, BACKLOG), (from_carol, LIVE)] {
         let seqs = &seen[&conversation];
@@ -1120,17 +1117,15 @@ async fn a_slow_catch_up_brings_everything_though_another_device_acked_it() {
     let (_messages, mut messages_recv) = slow.stream(&frames(&[Frame::open_messages(false)])).await;
     let mut seen: std::collections::HashMap<u64, Vec<u64>> = Default::default();
     let mut buf = BytesMut::new();
-    let read = |seen: &mut std::collections::HashMap<u64, Vec<u64>>, frame: Frame| match frame.body
-    {
-        Some(Body::Deliver(d)) => {
-            let m = d.message.unwrap();
-            seen.entry(m.conversation_id).or_default().push(m.seq);
-        }
-        other => panic!("a Deliver, got {other:?}"),
+    let read = |seen: &mut std::collections::HashMap<u64, Vec<u64>>, m: proto::Message| {
+        seen.entry(m.conversation_id).or_default().push(m.seq);
     };
     // The slow device is catching up (its first page does not fit the
     // window) while the phone reads everything and acks it.
-    read(&mut seen, next_frame(&mut messages_recv, &mut buf).await);
+    read(
+        &mut seen,
+        next_delivered(&mut messages_recv, &mut buf).await,
+    );
     let (phone, mut phone_events) = Client::resume(server.client_config(), &token)
         .await
         .unwrap();
@@ -1143,7 +1138,10 @@ async fn a_slow_catch_up_brings_everything_though_another_device_acked_it() {
     while seen.get(&from_alice).map_or(0, Vec::len) < BACKLOG
         || seen.get(&from_carol).map_or(0, Vec::len) < LIVE
     {
-        read(&mut seen, next_frame(&mut messages_recv, &mut buf).await);
+        read(
+            &mut seen,
+            next_delivered(&mut messages_recv, &mut buf).await,
+        );
     }
     assert_eq!(seen[&from_carol], sent, "every live message once, in order");
     assert_eq!(
@@ -1190,10 +1188,7 @@ async fn messages_held_for_a_device_come_though_another_device_acked_some() {
     let mut buf = BytesMut::new();
     let mut got = Vec::new();
     while got.len() < sent.len() {
-        match next_frame(&mut recv, &mut buf).await.body {
-            Some(Body::Deliver(d)) => got.push(d.message.unwrap().seq),
-            other => panic!("a Deliver, got {other:?}"),
-        }
+        got.push(next_delivered(&mut recv, &mut buf).await.seq);
     }
     assert_eq!(got, sent, "every message once, in order");
 }
@@ -1238,14 +1233,9 @@ async fn a_member_removed_and_added_again_is_not_caught_up_on_what_came_between(
     let mut buf = BytesMut::new();
     let mut seen = Vec::new();
     while !seen.contains(&after) {
-        match next_frame(&mut recv, &mut buf).await.body {
-            Some(Body::Deliver(d)) => {
-                let m = d.message.unwrap();
-                if m.conversation_id == group {
-                    seen.push(m.seq);
-                }
-            }
-            other => panic!("a Deliver, got {other:?}"),
+        let m = next_delivered(&mut recv, &mut buf).await;
+        if m.conversation_id == group {
+            seen.push(m.seq);
         }
     }
     assert!(

@@ -1963,16 +1963,7 @@ async fn a_departure_only_batch_whose_answer_is_lost_is_settled() {
             let c = user(&*store, "carol").await;
             befriend(&*store, a, b).await;
             befriend(&*store, a, c).await;
-            let group = NewGroup {
-                creator: a,
-                name: "trip".into(),
-                members: vec![b, c],
-                client_key: None,
-            };
-            let GroupCreated::New(created) = store.create_group(group, 10, 5).await.unwrap() else {
-                panic!("no group");
-            };
-            let group = created.message.conversation_id;
+            let group = new_group(&store, a, vec![b, c]).await;
             store
                 .append(vec![text(group, a, "k1", "one")])
                 .await
@@ -2044,21 +2035,25 @@ async fn a_leave_locks_only_the_leaver_and_whom_it_promotes() {
         batch.batch_execute("COMMIT").await.unwrap();
         left.expect("the leave waited for another member's row")
             .expect("left");
-        let view = store.conversation(group, admin_b).await.unwrap();
-        let mut members: Vec<(UserId, bool)> =
-            view.members.iter().map(|m| (m.user_id, m.admin)).collect();
-        members.sort_unstable();
-        assert_eq!(members, [(admin_b, true), (member, false)]);
+        // (member, admin) as `viewer` sees them.
+        let roles = |viewer| {
+            let store = store.clone();
+            async move {
+                let view = store.conversation(group, viewer).await.unwrap();
+                let mut members: Vec<(UserId, bool)> =
+                    view.members.iter().map(|m| (m.user_id, m.admin)).collect();
+                members.sort_unstable();
+                members
+            }
+        };
+        assert_eq!(roles(admin_b).await, [(admin_b, true), (member, false)]);
 
         // The only admin leaves: the member is promoted.
         store
             .change_group(GroupEdit::new(group, admin_b, GroupChange::Leave), 10, 22)
             .await
             .unwrap();
-        let view = store.conversation(group, member).await.unwrap();
-        let members: Vec<(UserId, bool)> =
-            view.members.iter().map(|m| (m.user_id, m.admin)).collect();
-        assert_eq!(members, [(member, true)]);
+        assert_eq!(roles(member).await, [(member, true)]);
     })
     .await;
 }
