@@ -97,8 +97,8 @@ fn already_authenticated() -> Refusal {
 }
 
 impl Session {
-    /// Refuses early (before a password hash and a session row) a login of
-    /// a user who has `max-sessions-per-user` connections here already;
+    /// Refuses a login (after its password check, before its session row)
+    /// of a user who has `max-sessions-per-user` connections here already;
     /// [`Session::authenticate`] still decides.
     pub fn check_session_room(&self, user_id: UserId) -> Result<(), Refusal> {
         let max = self.shared.config.limits.max_sessions_per_user;

@@ -83,6 +83,33 @@ async fn a_user_may_have_only_so_many_connections_at_once() {
 }
 
 #[tokio::test]
+async fn a_full_account_answers_a_wrong_password_as_any_other() {
+    // The per-user connection limit was checked before the password, so
+    // anyone who knew the name learned that the user had that many
+    // connections open (LIMIT_REACHED instead of WRONG_PASSWORD).
+    let server = TestServer::start_with(|c| c.limits.max_sessions_per_user = 1).await;
+    let alice = name("alice");
+    let (_connected, _events) = register(server.client_config(), &alice).await;
+    assert_eq!(
+        code(
+            Client::login(server.client_config(), &alice, "not her password")
+                .await
+                .map(|_| ())
+        ),
+        ErrorCode::WrongPassword
+    );
+    assert_eq!(
+        code(
+            Client::login(server.client_config(), &alice, PASSWORD)
+                .await
+                .map(|_| ())
+        ),
+        ErrorCode::LimitReached,
+        "the right password still finds the account full"
+    );
+}
+
+#[tokio::test]
 async fn a_copied_token_cannot_keep_its_owner_out() {
     // Someone holding a copy of one of alice's session tokens resumes it
     // again and again. The per-user limit alone let the copy take every

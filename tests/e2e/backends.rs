@@ -750,6 +750,87 @@ async fn a_friendship_ended_unheard_leaves_the_other_friends_watched() {
 }
 
 #[tokio::test]
+async fn a_login_refused_after_its_session_row_leaves_the_row_revoked() {
+    // The login's password is right and the account has room, but another
+    // device takes the last place while the login writes its session row
+    // (a lock on `sessions` holds the insert). The login is refused
+    // LIMIT_REACHED, and nobody will ever hold its token: the row must not
+    // stay a live session for the token's month.
+    let Some((backend, schema)) = production_with_schema().await else {
+        return;
+    };
+    let server = TestServer::start_on_with(backend, |c| c.limits.max_sessions_per_user = 1).await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let bob_name = name("bob");
+    let (bob, bob_events) = register(server.client_config(), &bob_name).await;
+    let token = bob.identity().token;
+    let bob_id = bob.identity().user_id as i64;
+    bob.close();
+    drop(bob_events);
+    scrape_until(metrics, "bob's connection gone", |m| {
+        value(m, "chat_sessions_active") == 0.0
+    })
+    .await;
+
+    let mut admin = postgres::testing::admin().await.expect("admin connection");
+    let lock = admin.transaction().await.unwrap();
+    // Reads of `sessions` (the resume's) pass; inserts wait.
+    lock.batch_execute(&format!(
+        r#"LOCK TABLE "{schema}".sessions IN EXCLUSIVE MODE"#
+    ))
+    .await
+    .unwrap();
+    let login = tokio::spawn({
+        let config = server.client_config();
+        async move { Client::login(config, &bob_name, PASSWORD).await.map(|_| ()) }
+    });
+    let watcher = postgres::testing::admin().await.expect("admin connection");
+    let waiting = async {
+        loop {
+            let rows = watcher
+                .query(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = $1
+                       AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sessions%'",
+                    &[&format!("chat-server {schema}")],
+                )
+                .await
+                .unwrap();
+            if !rows.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let waited = tokio::time::timeout(WAIT, waiting).await.is_ok();
+    // Meanwhile the phone resumes and takes the one place.
+    let resumed = tokio::time::timeout(WAIT, Client::resume(server.client_config(), &token)).await;
+    // Committed before any assertion, so that a failing test does not
+    // leave the node waiting on the lock.
+    lock.commit().await.unwrap();
+    assert!(waited, "the login never waited on the lock");
+    let (_phone, _phone_events) = resumed
+        .expect("the resume waited on the lock")
+        .expect("the phone resumes");
+    assert_eq!(
+        code(login.await.unwrap()),
+        chat_client::ErrorCode::LimitReached,
+        "the login finds the place taken"
+    );
+    let live: i64 = watcher
+        .query_one(
+            &format!(
+                r#"SELECT count(*) FROM "{schema}".sessions
+                   WHERE user_id = $1 AND revoked_at_ms IS NULL"#
+            ),
+            &[&bob_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 1, "only the phone's session is live");
+}
+
+#[tokio::test]
 async fn a_resume_refused_after_its_registration_leaves_no_session_behind() {
     // The device sends its token and goes away while the server reads the
     // user (a lock on `users` holds the read); the token is revoked before

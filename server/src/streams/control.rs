@@ -285,7 +285,6 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     let Some(user) = session.shared.store.user_by_name(username).await? else {
         return Err(Refusal::new(ErrorCode::UnknownUser, "no such user"));
     };
-    session.check_session_room(user.id)?;
     let attempt = session
         .shared
         .login_throttle
@@ -309,6 +308,9 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
         return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
     }
     attempt.succeeded();
+    // Only after the password: answered before it, LIMIT_REACHED told
+    // anyone who knew the name that the user had this many connections.
+    session.check_session_room(user.id)?;
     tracing::info!(
         conn_id = session.conn_id,
         remote = %session.conn.remote_address(),
@@ -375,7 +377,19 @@ async fn issue_token(
             expires_at_ms: expires,
         })
         .await?;
-    session.authenticate(user_id, username.clone(), token_hash, expires)?;
+    if let Err(refusal) = session.authenticate(user_id, username.clone(), token_hash, expires) {
+        // Nobody will ever hold this token: revoke its row rather than
+        // leave a live session no device can resume or log out.
+        if let Err(e) = session
+            .shared
+            .store
+            .revoke_session(token_hash, now_ms())
+            .await
+        {
+            tracing::warn!(error = %e, "could not revoke a session refused at registration");
+        }
+        return Err(refusal);
+    }
     Ok(auth_ok(session, user_id, username, token, expires))
 }
 
