@@ -248,7 +248,8 @@ pub(crate) struct Inner {
     pending: Mutex<HashMap<u64, Pending>>,
     next_request_id: AtomicU64,
     outbox: Mutex<Outbox>,
-    /// Highest seq handed to the app per conversation (deduplication).
+    /// Which seqs were handed to the app per conversation (deduplication:
+    /// the highest, and which of the 256 below it, see [`Delivered`]).
     /// An async lock, held while the message is handed over: see
     /// [`Inner::hand_over`].
     delivered: tokio::sync::Mutex<Delivered>,
@@ -417,7 +418,6 @@ impl Inner {
         }
     }
 
-    /// True the first time (conversation, seq) is seen (see [`Delivered`]).
     /// The logged-in user's id, once known.
     fn user_id(&self) -> Option<u64> {
         self.identity
@@ -439,7 +439,10 @@ impl Inner {
 
     /// Hands a delivered message to the app unless it already has it (a
     /// redelivery) or it is the echo of this device's own send still in
-    /// the outbox. The check and the hand-over happen under one lock: two
+    /// the outbox. [`Delivered`] tells which seqs the app has: one below
+    /// the highest it has is still handed over if it is within the 256
+    /// below and was not before (the server delivers a message found
+    /// stored by its sender's retry after later ones). The check and the hand-over happen under one lock: two
     /// readers (a connection being replaced and its successor) could
     /// otherwise each pass the check and then reach the app in the other
     /// order, seq n+1 before n. Waiting on a slow app here (for a place in
@@ -461,10 +464,6 @@ impl Inner {
     ///
     /// A client that is leaving gives the app nothing more (`event_room`
     /// refuses), but still re-acks a redelivery of what the app has.
-    fn settle_repeat(&self, conversation_id: u64, seq: u64) {
-        self.acks.redelivered(conversation_id, seq);
-    }
-
     pub(crate) async fn hand_over(&self, message: proto::Message, conn: &quinn::Connection) {
         let (conversation_id, seq) = (message.conversation_id, message.seq);
         // The place first, then the record that the app has the message:
@@ -508,6 +507,12 @@ impl Inner {
         {
             permit.send(Event::Message(message));
         }
+    }
+
+    /// A message the app has came again: acks again what the app has of
+    /// the conversation (see [`Acks::redelivered`]).
+    fn settle_repeat(&self, conversation_id: u64, seq: u64) {
+        self.acks.redelivered(conversation_id, seq);
     }
 
     /// Routes the answer to a request waiting in `pending`. A conversation's

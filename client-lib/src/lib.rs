@@ -34,9 +34,11 @@
 //!   an answer is lost (`create_group_with_key` lets the app keep the key
 //!   of a creation);
 //! * every message reaches the app, once per client: messages are
-//!   deduplicated by (conversation, seq), and acknowledged to the server
-//!   only once the app has them (when it takes them from [`Events`], or
-//!   when it says so with [`Client::ack_delivery`],
+//!   deduplicated by (conversation, seq) (one that comes after later
+//!   messages of its conversation, as a retried send found stored can,
+//!   still reaches the app within 256 seqs of the highest it has), and
+//!   acknowledged to the server only once the app has them (when it takes
+//!   them from [`Events`], or when it says so with [`Client::ack_delivery`],
 //!   [`DeliveryAcks::Manual`]), so that messages still queued when the
 //!   app's process dies are delivered again; with no reader of
 //!   [`Events`] (dropped while the client is kept), nothing is

@@ -2383,6 +2383,52 @@ async fn a_redelivery_does_not_wait_on_a_full_event_queue() {
 }
 
 #[tokio::test]
+async fn a_lower_seq_that_comes_after_higher_ones_reaches_the_app_once() {
+    // A message whose batch was reported failed (its commit outcome
+    // unknown) and that its sender's retry then found stored is delivered
+    // again, after later messages of its conversation, to the members still
+    // owed it. The client took anything below the highest seq it had for a
+    // redelivery: it dropped it (and acked over it), and the user never saw
+    // it. The fake node delivers 2 and 3, then 1 (never delivered), then 1
+    // and 3 again (true duplicates), then 4 as a marker.
+    let (_dir, endpoint, config) = fake_node().await;
+    let node = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let _control = fake_login(&conn).await.expect("a login");
+        let (mut send, _recv, _buf, _others) = accept_stream(&conn, StreamKind::Messages).await;
+        let deliver = |seq: u64| {
+            Frame::push(Body::Deliver(proto::Deliver {
+                message: Some(proto::Message {
+                    conversation_id: 7,
+                    seq,
+                    message_id: seq,
+                    sender_id: 2,
+                    text: format!("message {seq}"),
+                    ..Default::default()
+                }),
+            }))
+        };
+        let pushes: Vec<Frame> = [2, 3, 1, 1, 3, 4].into_iter().map(deliver).collect();
+        send.write_all(&frames(&pushes)).await.unwrap();
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    });
+    let (client, mut events) = register_fake(config).await;
+    let mut shown = Vec::new();
+    while shown.last() != Some(&4) {
+        let event = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("the marker in time")
+            .expect("events open");
+        if let Event::Message(m) = event {
+            shown.push(m.seq);
+        }
+    }
+    assert_eq!(shown, [2, 3, 1, 4], "1 once, late; no duplicate");
+    client.close();
+    node.await.unwrap();
+}
+
+#[tokio::test]
 async fn a_reply_this_client_does_not_know_fails_its_request_at_once() {
     // A newer node answering with a body this build has no name for: the
     // request fails there and then, instead of waiting out its timeout
