@@ -17,6 +17,7 @@ use crate::connection::{self, Credential, Live};
 use crate::dedup::Delivered;
 use crate::error::ClientError;
 use crate::outbox::{self, Outbox};
+use crate::receipts::ReceiptsTold;
 
 /// Something the server told the app, in arrival order.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,7 +26,12 @@ pub enum Event {
     /// A new message (each one once per client: see [`Events`] on when it
     /// is acknowledged).
     Message(proto::Message),
-    /// Another member's delivered / seen watermarks moved.
+    /// Another member's delivered / seen watermarks moved: the higher of
+    /// each of what the server said and what the app was told of that
+    /// member before. A receipt that raises neither is not told (a server
+    /// may send an older one after a newer: see [`Events`]), so the app
+    /// never sees a member's watermark go back, across reconnects too, but
+    /// for the one gap [`Events`] describes.
     Receipt(proto::Receipt),
     /// A friend request, acceptance, decline or removal.
     Friend(proto::FriendEvent),
@@ -69,6 +75,18 @@ pub enum Event {
 /// instead when the queue is full, so that reconnecting never waits for
 /// the app: [`Client::is_connected`] and [`Client::wait_connected`] always
 /// tell the current state.
+///
+/// Receipt events only move forward: each carries the higher of what the
+/// server said of a member and what the app was told of them before, and
+/// one that raises neither their delivered nor their seen watermark is not
+/// told. (A server sends them out of order at times: the snapshot it
+/// writes when the receipts stream opens goes before receipts queued
+/// earlier, and the readers of a connection being replaced and of its
+/// successor overlap.) The client remembers what it told of 32,768
+/// (conversation, member) pairs, across reconnects; beyond that the half
+/// raised least recently is forgotten, and a pair forgotten so is told its
+/// next receipt as it comes, which may be lower than what the app was told
+/// of it before, once.
 ///
 /// Answers travel behind the events of their stream: a `SendAck` after
 /// the messages queued before it. So do not await a send or request on
@@ -291,6 +309,13 @@ pub(crate) struct Inner {
     /// Conversations whose member list is being fetched again after a
     /// SYSTEM message, and whether another came meanwhile.
     refreshing: Mutex<HashMap<u64, bool>>,
+    /// The watermarks of each (conversation, member) last told to the app
+    /// in a receipt event, so that those events never go back: at most
+    /// 32,768 pairs, the least recently raised half forgotten beyond (a
+    /// pair forgotten so may go back once; see [`ReceiptsTold`]). Its
+    /// lock is held while a receipt is queued for the app: see
+    /// [`Inner::tell_receipt`].
+    told: Mutex<ReceiptsTold>,
 }
 
 /// What [`Inner::event_room`] found.
@@ -639,6 +664,29 @@ impl Inner {
         };
         entry.delivered = entry.delivered.max(receipt.delivered_seq);
         entry.seen = entry.seen.max(receipt.seen_seq);
+    }
+
+    /// Tells the app a receipt read on `conn` if it raises the delivered or
+    /// seen watermark the app was told of that member, merged with it (see
+    /// [`ReceiptsTold`]); one that raises neither returns at once, without
+    /// waiting for room. The record and the queueing happen under one lock,
+    /// after the place is reserved: two readers (a connection being
+    /// replaced and its successor) could otherwise each pass the check and
+    /// then reach the app in the other order, the higher watermark first.
+    /// A reader that gets no place (its connection closed, nobody reads)
+    /// records nothing.
+    pub(crate) async fn tell_receipt(&self, receipt: proto::Receipt, conn: &quinn::Connection) {
+        if !self.told.lock().expect("told lock").raises(&receipt) {
+            return;
+        }
+        let Room::Reserved(permit) = self.event_room(Some(conn)).await else {
+            return;
+        };
+        // Another reader may have told as much meanwhile: `raise` decides.
+        let mut told = self.told.lock().expect("told lock");
+        if let Some(merged) = told.raise(&receipt) {
+            permit.send(Event::Receipt(merged));
+        }
     }
 
     /// A SYSTEM message (a member added, removed, leaving...) came in a
@@ -1030,6 +1078,7 @@ impl Client {
             presence: Mutex::new(HashMap::new()),
             receipts: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashMap::new()),
+            told: Mutex::new(ReceiptsTold::default()),
             config,
         });
         let (live, auth) = connection::connect(&inner, &credential).await?;
