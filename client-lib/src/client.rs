@@ -17,6 +17,7 @@ use crate::connection::{self, Credential, Live};
 use crate::dedup::Delivered;
 use crate::error::ClientError;
 use crate::outbox::{self, Outbox};
+use crate::receipts::ReceiptsTold;
 
 /// Something the server told the app, in arrival order.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,7 +26,12 @@ pub enum Event {
     /// A new message (each one once per client: see [`Events`] on when it
     /// is acknowledged).
     Message(proto::Message),
-    /// Another member's delivered / seen watermarks moved.
+    /// Another member's delivered / seen watermarks moved: the higher of
+    /// each of what the server said and what the app was told of that
+    /// member before. A receipt that raises neither is not told (a server
+    /// may send an older one after a newer: see [`Events`]), so the app
+    /// never sees a member's watermark go back, across reconnects too, but
+    /// for the one gap [`Events`] describes.
     Receipt(proto::Receipt),
     /// A friend request, acceptance, decline or removal.
     Friend(proto::FriendEvent),
@@ -69,6 +75,18 @@ pub enum Event {
 /// instead when the queue is full, so that reconnecting never waits for
 /// the app: [`Client::is_connected`] and [`Client::wait_connected`] always
 /// tell the current state.
+///
+/// Receipt events only move forward: each carries the higher of what the
+/// server said of a member and what the app was told of them before, and
+/// one that raises neither their delivered nor their seen watermark is not
+/// told. (A server sends them out of order at times: the snapshot it
+/// writes when the receipts stream opens goes before receipts queued
+/// earlier, and the readers of a connection being replaced and of its
+/// successor overlap.) The client remembers what it told of 32,768
+/// (conversation, member) pairs, across reconnects; beyond that the half
+/// raised least recently is forgotten, and a pair forgotten so is told its
+/// next receipt as it comes, which may be lower than what the app was told
+/// of it before, once.
 ///
 /// Answers travel behind the events of their stream: a `SendAck` after
 /// the messages queued before it. So do not await a send or request on
@@ -248,7 +266,8 @@ pub(crate) struct Inner {
     pending: Mutex<HashMap<u64, Pending>>,
     next_request_id: AtomicU64,
     outbox: Mutex<Outbox>,
-    /// Highest seq handed to the app per conversation (deduplication).
+    /// Which seqs were handed to the app per conversation (deduplication:
+    /// the highest, and which of the 256 below it, see [`Delivered`]).
     /// An async lock, held while the message is handed over: see
     /// [`Inner::hand_over`].
     delivered: tokio::sync::Mutex<Delivered>,
@@ -290,6 +309,13 @@ pub(crate) struct Inner {
     /// Conversations whose member list is being fetched again after a
     /// SYSTEM message, and whether another came meanwhile.
     refreshing: Mutex<HashMap<u64, bool>>,
+    /// The watermarks of each (conversation, member) last told to the app
+    /// in a receipt event, so that those events never go back: at most
+    /// 32,768 pairs, the least recently raised half forgotten beyond (a
+    /// pair forgotten so may go back once; see [`ReceiptsTold`]). Its
+    /// lock is held while a receipt is queued for the app: see
+    /// [`Inner::tell_receipt`].
+    told: Mutex<ReceiptsTold>,
 }
 
 /// What [`Inner::event_room`] found.
@@ -417,7 +443,6 @@ impl Inner {
         }
     }
 
-    /// True the first time (conversation, seq) is seen (see [`Delivered`]).
     /// The logged-in user's id, once known.
     fn user_id(&self) -> Option<u64> {
         self.identity
@@ -439,7 +464,10 @@ impl Inner {
 
     /// Hands a delivered message to the app unless it already has it (a
     /// redelivery) or it is the echo of this device's own send still in
-    /// the outbox. The check and the hand-over happen under one lock: two
+    /// the outbox. [`Delivered`] tells which seqs the app has: one below
+    /// the highest it has is still handed over if it is within the 256
+    /// below and was not before (the server delivers a message found
+    /// stored by its sender's retry after later ones). The check and the hand-over happen under one lock: two
     /// readers (a connection being replaced and its successor) could
     /// otherwise each pass the check and then reach the app in the other
     /// order, seq n+1 before n. Waiting on a slow app here (for a place in
@@ -461,10 +489,6 @@ impl Inner {
     ///
     /// A client that is leaving gives the app nothing more (`event_room`
     /// refuses), but still re-acks a redelivery of what the app has.
-    fn settle_repeat(&self, conversation_id: u64, seq: u64) {
-        self.acks.redelivered(conversation_id, seq);
-    }
-
     pub(crate) async fn hand_over(&self, message: proto::Message, conn: &quinn::Connection) {
         let (conversation_id, seq) = (message.conversation_id, message.seq);
         // The place first, then the record that the app has the message:
@@ -508,6 +532,12 @@ impl Inner {
         {
             permit.send(Event::Message(message));
         }
+    }
+
+    /// A message the app has came again: acks again what the app has of
+    /// the conversation (see [`Acks::redelivered`]).
+    fn settle_repeat(&self, conversation_id: u64, seq: u64) {
+        self.acks.redelivered(conversation_id, seq);
     }
 
     /// Routes the answer to a request waiting in `pending`. A conversation's
@@ -634,6 +664,29 @@ impl Inner {
         };
         entry.delivered = entry.delivered.max(receipt.delivered_seq);
         entry.seen = entry.seen.max(receipt.seen_seq);
+    }
+
+    /// Tells the app a receipt read on `conn` if it raises the delivered or
+    /// seen watermark the app was told of that member, merged with it (see
+    /// [`ReceiptsTold`]); one that raises neither returns at once, without
+    /// waiting for room. The record and the queueing happen under one lock,
+    /// after the place is reserved: two readers (a connection being
+    /// replaced and its successor) could otherwise each pass the check and
+    /// then reach the app in the other order, the higher watermark first.
+    /// A reader that gets no place (its connection closed, nobody reads)
+    /// records nothing.
+    pub(crate) async fn tell_receipt(&self, receipt: proto::Receipt, conn: &quinn::Connection) {
+        if !self.told.lock().expect("told lock").raises(&receipt) {
+            return;
+        }
+        let Room::Reserved(permit) = self.event_room(Some(conn)).await else {
+            return;
+        };
+        // Another reader may have told as much meanwhile: `raise` decides.
+        let mut told = self.told.lock().expect("told lock");
+        if let Some(merged) = told.raise(&receipt) {
+            permit.send(Event::Receipt(merged));
+        }
     }
 
     /// A SYSTEM message (a member added, removed, leaving...) came in a
@@ -1025,6 +1078,7 @@ impl Client {
             presence: Mutex::new(HashMap::new()),
             receipts: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashMap::new()),
+            told: Mutex::new(ReceiptsTold::default()),
             config,
         });
         let (live, auth) = connection::connect(&inner, &credential).await?;

@@ -474,7 +474,7 @@ async fn read_loop(
             }
             Some(Body::Receipt(receipt)) => {
                 inner.note_receipt(&receipt);
-                inner.emit(Event::Receipt(receipt), &conn).await;
+                inner.tell_receipt(receipt, &conn).await;
             }
             Some(Body::FriendEvent(event)) => {
                 if event.kind() == proto::friend_event::Kind::Removed {

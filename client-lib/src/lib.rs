@@ -34,9 +34,11 @@
 //!   an answer is lost (`create_group_with_key` lets the app keep the key
 //!   of a creation);
 //! * every message reaches the app, once per client: messages are
-//!   deduplicated by (conversation, seq), and acknowledged to the server
-//!   only once the app has them (when it takes them from [`Events`], or
-//!   when it says so with [`Client::ack_delivery`],
+//!   deduplicated by (conversation, seq) (one that comes after later
+//!   messages of its conversation, as a retried send found stored can,
+//!   still reaches the app within 256 seqs of the highest it has), and
+//!   acknowledged to the server only once the app has them (when it takes
+//!   them from [`Events`], or when it says so with [`Client::ack_delivery`],
 //!   [`DeliveryAcks::Manual`]), so that messages still queued when the
 //!   app's process dies are delivered again; with no reader of
 //!   [`Events`] (dropped while the client is kept), nothing is
@@ -55,10 +57,15 @@
 //!   stream ends when the client closes;
 //! * reconnecting never waits for the app: connection-state events are
 //!   dropped when the event queue is full (messages never are);
+//! * receipt events never go back: a receipt reaches the app only if it
+//!   raises a member's delivered or seen watermark, merged with what the
+//!   app was told of them (see [`Events`] for the one gap);
 //! * bounded state whatever a server sends: presence is kept for the
 //!   watched users only, receipt watermarks for the conversations the app
-//!   asked about (at most 10,000 members each), and the deduplication
-//!   marks of the 16,384 conversations with the latest deliveries.
+//!   asked about (at most 10,000 members each), the watermarks told to the
+//!   app of the 32,768 (conversation, member) pairs raised last, and the
+//!   deduplication marks of the 16,384 conversations with the latest
+//!   deliveries.
 //!
 //! API boundary: everything public here is what app developers program
 //! against; errors are flat ([`ClientError`] with a wire [`ErrorCode`]) so a
@@ -71,6 +78,7 @@ mod connection;
 mod dedup;
 mod error;
 mod outbox;
+mod receipts;
 
 pub use chat_protocol::proto;
 pub use chat_protocol::{ErrorCode, StreamKind};

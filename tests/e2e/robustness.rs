@@ -2383,6 +2383,123 @@ async fn a_redelivery_does_not_wait_on_a_full_event_queue() {
 }
 
 #[tokio::test]
+async fn a_lower_seq_that_comes_after_higher_ones_reaches_the_app_once() {
+    // A message whose batch was reported failed (its commit outcome
+    // unknown) and that its sender's retry then found stored is delivered
+    // again, after later messages of its conversation, to the members still
+    // owed it. The client took anything below the highest seq it had for a
+    // redelivery: it dropped it (and acked over it), and the user never saw
+    // it. The fake node delivers 2 and 3, then 1 (never delivered), then 1
+    // and 3 again (true duplicates), then 4 as a marker.
+    let (_dir, endpoint, config) = fake_node().await;
+    let node = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let _control = fake_login(&conn).await.expect("a login");
+        let (mut send, _recv, _buf, _others) = accept_stream(&conn, StreamKind::Messages).await;
+        let deliver = |seq: u64| {
+            Frame::push(Body::Deliver(proto::Deliver {
+                message: Some(proto::Message {
+                    conversation_id: 7,
+                    seq,
+                    message_id: seq,
+                    sender_id: 2,
+                    text: format!("message {seq}"),
+                    ..Default::default()
+                }),
+            }))
+        };
+        let pushes: Vec<Frame> = [2, 3, 1, 1, 3, 4].into_iter().map(deliver).collect();
+        send.write_all(&frames(&pushes)).await.unwrap();
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    });
+    let (client, mut events) = register_fake(config).await;
+    let mut shown = Vec::new();
+    while shown.last() != Some(&4) {
+        let event = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("the marker in time")
+            .expect("events open");
+        if let Event::Message(m) = event {
+            shown.push(m.seq);
+        }
+    }
+    assert_eq!(shown, [2, 3, 1, 4], "1 once, late; no duplicate");
+    client.close();
+    node.await.unwrap();
+}
+
+#[tokio::test]
+async fn receipt_events_never_go_back_across_connections() {
+    // The node writes the snapshot of watermarks taken when the receipts
+    // stream opens before receipts queued earlier, and an old and a new
+    // connection's readers can overlap: the app used to see a member's
+    // watermark go 7, 5, 7. The fake node sends member 2's receipts out of
+    // order, then member 3's as a marker; on the client's next connection,
+    // lower and equal ones again, then a marker.
+    let receipt = |user_id, delivered_seq, seen_seq| {
+        Frame::push(Body::Receipt(proto::Receipt {
+            conversation_id: 7,
+            user_id,
+            delivered_seq,
+            seen_seq,
+        }))
+    };
+    let connections = [
+        vec![
+            receipt(2, 7, 7),
+            receipt(2, 5, 5),
+            receipt(2, 7, 7),
+            receipt(2, 9, 4),
+            receipt(2, 8, 8),
+            receipt(3, 1, 1),
+        ],
+        vec![receipt(2, 6, 6), receipt(2, 9, 8), receipt(3, 2, 2)],
+    ];
+    let (_dir, endpoint, config) = fake_node().await;
+    let node = tokio::spawn(async move {
+        for pushes in connections {
+            let conn = tokio::time::timeout(WAIT, endpoint.accept())
+                .await
+                .expect("a connection in time")
+                .unwrap()
+                .await
+                .unwrap();
+            let _control = fake_login(&conn).await.expect("a login");
+            let (mut send, _recv, _buf, _others) = accept_stream(&conn, StreamKind::Receipts).await;
+            send.write_all(&frames(&pushes)).await.unwrap();
+            let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        }
+    });
+    let (client, mut events) = register_fake(config).await;
+    let mut told = Vec::new();
+    for marker in [1, 2] {
+        loop {
+            let event = tokio::time::timeout(WAIT, events.next())
+                .await
+                .expect("the marker in time")
+                .expect("events open");
+            if let Event::Receipt(r) = event {
+                if r.user_id == 3 {
+                    assert_eq!(r.delivered_seq, marker);
+                    break;
+                }
+                told.push((r.delivered_seq, r.seen_seq));
+            }
+        }
+        if marker == 1 {
+            client.reconnect_now();
+        }
+    }
+    assert_eq!(
+        told,
+        [(7, 7), (9, 7), (9, 8)],
+        "only raises, merged (seen not pulled back by a higher delivered)"
+    );
+    client.close();
+    node.await.unwrap();
+}
+
+#[tokio::test]
 async fn a_reply_this_client_does_not_know_fails_its_request_at_once() {
     // A newer node answering with a body this build has no name for: the
     // request fails there and then, instead of waiting out its timeout
