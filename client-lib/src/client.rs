@@ -467,10 +467,10 @@ impl Inner {
     /// the outbox. [`Delivered`] tells which seqs the app has: one below
     /// the highest it has is still handed over if it is within the 256
     /// below and was not before (the server delivers a message found
-    /// stored by its sender's retry after later ones). The check and the hand-over happen under one lock: two
-    /// readers (a connection being replaced and its successor) could
-    /// otherwise each pass the check and then reach the app in the other
-    /// order, seq n+1 before n. Waiting on a slow app here (for a place in
+    /// stored by its sender's retry after later ones). The check and the
+    /// hand-over happen under one lock: two readers (a connection being
+    /// replaced and its successor) could otherwise each pass the check and
+    /// then reach the app in the other order, seq n+1 before n. Waiting on a slow app here (for a place in
     /// its queue, taken outside the lock once the message is known to be
     /// new, so that a reader whose connection closes meanwhile ends without
     /// recording anything) is the backpressure that keeps the client from
