@@ -71,6 +71,10 @@ struct Overrides {
     /// Postgres connections in the pool.
     #[arg(long, env = "CHAT_POSTGRES_POOL_SIZE")]
     postgres_pool_size: Option<usize>,
+    /// How long to ask after a COMMIT whose answer was lost before taking
+    /// its outcome as unknown, e.g. 30s (should outlast a failover).
+    #[arg(long, env = "CHAT_POSTGRES_COMMIT_SETTLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    postgres_commit_settle_timeout: Option<Duration>,
     /// Embedded store: shortest time between two SQLite commits, e.g. 3ms
     /// (fewer fsyncs and less CPU per send, more latency).
     #[arg(long, env = "CHAT_SQLITE_COMMIT_GAP", value_parser = humantime::parse_duration)]
@@ -279,6 +283,10 @@ impl Overrides {
             c.postgres_url = self.postgres_url;
         }
         set(&mut c.postgres_pool_size, self.postgres_pool_size);
+        set(
+            &mut c.postgres_commit_settle_timeout,
+            self.postgres_commit_settle_timeout,
+        );
         set(&mut c.shutdown_timeout, self.shutdown_timeout);
         set(&mut c.sqlite_commit_gap, self.sqlite_commit_gap);
         set(&mut c.committers, self.committers);

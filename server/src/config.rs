@@ -38,6 +38,12 @@ pub struct Config {
     pub postgres_url: Option<String>,
     /// Postgres connections in the pool.
     pub postgres_pool_size: usize,
+    /// How long the outcome of a COMMIT whose answer was lost is asked
+    /// after before it is taken as unknown (sends then fail retryably and
+    /// their conversations pause until the retries settle). It should
+    /// outlast a database failover.
+    #[serde(with = "humantime_serde")]
+    pub postgres_commit_settle_timeout: Duration,
     /// Embedded store: shortest time between the starts of two SQLite
     /// transactions (group commit). Longer means fewer `fdatasync`s and
     /// less CPU per send for more latency (TUNING.md).
@@ -386,6 +392,7 @@ impl Default for Config {
             redis_prefix: "chat:".into(),
             postgres_url: None,
             postgres_pool_size: 16,
+            postgres_commit_settle_timeout: crate::store::postgres::COMMIT_SETTLE_TIMEOUT,
             sqlite_commit_gap: crate::store::sqlite::MIN_COMMIT_GAP,
             committers: 1,
             shutdown_timeout: Duration::from_secs(10),
@@ -680,6 +687,13 @@ impl Config {
         }
         if self.postgres_pool_size == 0 {
             return err("postgres-pool-size must be at least 1".into());
+        }
+        let settle = self.postgres_commit_settle_timeout;
+        if settle < Duration::from_millis(100) || settle > Duration::from_secs(600) {
+            return err(format!(
+                "postgres-commit-settle-timeout ({}) is outside 100ms..=10m",
+                humantime::format_duration(settle)
+            ));
         }
         let n = self.committers;
         if !(1..=MAX_COMMITTERS).contains(&n) {
@@ -1056,6 +1070,10 @@ mod tests {
             ),
             (|c| c.limits.auth_timeout = Duration::ZERO, "auth-timeout"),
             (|c| c.postgres_pool_size = 0, "postgres-pool-size"),
+            (
+                |c| c.postgres_commit_settle_timeout = Duration::from_secs(3600),
+                "postgres-commit-settle-timeout (1h) is outside 100ms..=10m",
+            ),
         ];
         for (break_it, expected) in cases {
             let mut config = Config::default();

@@ -316,6 +316,7 @@ async fn send_committer(
     let mut jobs: Vec<SendJob> = Vec::with_capacity(MAX_SEND_BATCH);
     let mut out = Fanout::default();
     let mut holds = Holds::new();
+    let mut paused = Paused::default();
     while rx.recv_many(&mut jobs, MAX_SEND_BATCH).await > 0 {
         // Consecutive sends are one group commit; a group change runs alone
         // between them, so its SYSTEM message keeps its place in seq order.
@@ -324,16 +325,30 @@ async fn send_committer(
             match job.work {
                 Work::Message(_) => run.push(job),
                 Work::Group { .. } => {
-                    commit_run(&c, std::mem::take(&mut run), &mut out, &mut holds).await;
-                    commit_group(&c, job, &mut out).await;
+                    commit_run(
+                        &c,
+                        std::mem::take(&mut run),
+                        &mut out,
+                        &mut holds,
+                        &mut paused,
+                    )
+                    .await;
+                    commit_group(&c, job, &mut out, &mut paused).await;
                 }
                 Work::CreateGroup { .. } => {
-                    commit_run(&c, std::mem::take(&mut run), &mut out, &mut holds).await;
+                    commit_run(
+                        &c,
+                        std::mem::take(&mut run),
+                        &mut out,
+                        &mut holds,
+                        &mut paused,
+                    )
+                    .await;
                     commit_create(&c, job, &mut out).await;
                 }
             }
         }
-        commit_run(&c, run, &mut out, &mut holds).await;
+        commit_run(&c, run, &mut out, &mut holds, &mut paused).await;
         // Caches and queues after the acks and pushes, so they never delay
         // "sent", and by another task, so their round trips do not delay
         // the next batch either.
@@ -448,8 +463,148 @@ type Holds = HashMap<u64, (String, Instant)>;
 /// connection resends its whole outbox in order anyway).
 const HOLD_GRACE: Duration = Duration::from_secs(30);
 
+/// The retry-after for a send to a conversation paused behind a write
+/// whose outcome is unknown ([`Paused`]): the pause lasts until the
+/// writer's client sends again, a round trip or a reconnect away.
+const PAUSED_RETRY: Duration = Duration::from_millis(500);
+
+/// Conversations a batch whose outcome is unknown wrote to
+/// ([`StoreError::Unsettled`]: its COMMIT's answer was lost and the store
+/// could not learn whether it committed). Its messages may be stored, at
+/// seqs no member was sent. Were a later message of the conversation
+/// stored and delivered first, its recipients would ack it, and the retry
+/// that finds the earlier one stored would send it only to members still
+/// below it (see [`redeliver`]): to nobody. The same holds between the
+/// batch's own messages, whose retries may come in any order. So such a
+/// conversation takes only the retry of the first of its unsettled writes
+/// (same sender, same key; kept in batch order, which is seq order), then
+/// of the next, until each has a definite answer (found stored, or
+/// refused for good; one stored anew shows that its batch never
+/// committed, which settles the rest of that batch too), or until none of
+/// them was tried for `HOLD_GRACE` (a client that never sends again).
+/// Every other send and group change to it is refused UNAVAILABLE,
+/// retryable.
+#[derive(Default)]
+struct Paused {
+    conversations: HashMap<u64, PausedOn>,
+    /// Numbers the batches that failed so.
+    batches: u64,
+}
+
+struct PausedOn {
+    /// (sender, key, batch) of the writes not settled yet, in seq order.
+    keys: Vec<(UserId, String, u64)>,
+    /// When the pause began, or a retry of one of its writes last failed
+    /// without an answer.
+    since: Instant,
+}
+
+impl Paused {
+    fn is_empty(&self) -> bool {
+        self.conversations.is_empty()
+    }
+
+    /// Numbers a batch whose outcome is unknown, for [`add`](Self::add).
+    fn next_batch(&mut self) -> u64 {
+        self.batches += 1;
+        self.batches
+    }
+
+    /// Pauses `conversation` until (`sender`, `key`) of `batch` is
+    /// settled. A write added again (its retry's outcome unknown too)
+    /// keeps its place and starts the grace over.
+    fn add(&mut self, conversation: u64, sender: UserId, key: String, batch: u64, now: Instant) {
+        let on = self
+            .conversations
+            .entry(conversation)
+            .or_insert_with(|| PausedOn {
+                keys: Vec::new(),
+                since: now,
+            });
+        on.since = now;
+        if !on.keys.iter().any(|(s, k, _)| *s == sender && *k == key) {
+            on.keys.push((sender, key, batch));
+        }
+    }
+
+    /// Whether a write to `conversation` by `sender` under `key` must wait:
+    /// the conversation is paused and this is not the retry of its first
+    /// unsettled write.
+    fn refuses(&self, conversation: u64, sender: UserId, key: Option<&str>) -> bool {
+        self.conversations.get(&conversation).is_some_and(|on| {
+            let first = on.keys.first().map(|(s, k, _)| (*s, k.as_str()));
+            key.is_none_or(|key| first != Some((sender, key)))
+        })
+    }
+
+    /// (`sender`, `key`) got a definite answer from the store: `fresh` if
+    /// it was stored now (so its batch, being one transaction, stored
+    /// nothing), else found stored or refused. The conversation goes on
+    /// once all of its writes are settled.
+    fn settle(&mut self, conversation: u64, sender: UserId, key: &str, fresh: bool) {
+        let Some(on) = self.conversations.get_mut(&conversation) else {
+            return;
+        };
+        let batch = on
+            .keys
+            .iter()
+            .find(|(s, k, _)| *s == sender && k == key)
+            .map(|&(_, _, batch)| batch);
+        match batch {
+            Some(batch) if fresh => on.keys.retain(|&(_, _, b)| b != batch),
+            Some(_) => on.keys.retain(|(s, k, _)| !(*s == sender && k == key)),
+            None => {}
+        }
+        if on.keys.is_empty() {
+            self.conversations.remove(&conversation);
+        }
+    }
+
+    /// A retry of a write `conversation` waits for failed again, without
+    /// an answer either way (the store still unavailable): its client is
+    /// still at it, so the pause's `HOLD_GRACE` starts again, and an
+    /// outage longer than that does not end it.
+    fn still_trying(&mut self, conversation: u64, sender: UserId, key: &str, now: Instant) {
+        if let Some(on) = self.conversations.get_mut(&conversation)
+            && on.keys.iter().any(|(s, k, _)| *s == sender && k == key)
+        {
+            on.since = now;
+        }
+    }
+
+    /// Ends the pauses older than `HOLD_GRACE`.
+    fn expire(&mut self, now: Instant) {
+        self.conversations.retain(|conversation, on| {
+            let keep = now.duration_since(on.since) < HOLD_GRACE;
+            if !keep {
+                tracing::warn!(
+                    conversation,
+                    unsettled = on.keys.len(),
+                    "a write of unknown outcome was not sent again in time; the conversation goes on"
+                );
+            }
+            keep
+        });
+    }
+}
+
+/// The refusal of a write to a [`Paused`] conversation.
+fn paused_refusal() -> Refusal {
+    Refusal::new(
+        ErrorCode::Unavailable,
+        "an earlier message of this conversation is being settled; send again",
+    )
+    .with_retry_after(PAUSED_RETRY)
+}
+
 /// Stores consecutive sends in one transaction, then acks and fans out.
-async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &mut Holds) {
+async fn commit_run(
+    c: &Committer,
+    run: Vec<SendJob>,
+    out: &mut Fanout,
+    holds: &mut Holds,
+    paused: &mut Paused,
+) {
     if run.is_empty() {
         return;
     }
@@ -458,11 +613,15 @@ async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &
     if !holds.is_empty() {
         holds.retain(|_, (_, since)| now.duration_since(*since) < HOLD_GRACE);
     }
+    if !paused.is_empty() {
+        paused.expire(now);
+    }
     // Move the messages out (no copy of their text on the hot path); keep
     // who to answer and, should the batch fail, each idempotency key.
     let mut batch: Vec<NewMessage> = Vec::with_capacity(run.len());
     let mut replies: Vec<(u64, Arc<SessionHandle>, Instant)> = Vec::with_capacity(run.len());
-    let mut keys: Vec<String> = Vec::with_capacity(run.len());
+    // (conversation, sender, key) of each message.
+    let mut keys: Vec<(u64, UserId, String)> = Vec::with_capacity(run.len());
     for job in run {
         if let Work::Message(message) = job.work {
             if let Some((head, _)) = holds.get(&job.session.conn_id) {
@@ -479,7 +638,28 @@ async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &
                 }
                 holds.remove(&job.session.conn_id);
             }
-            keys.push(message.client_msg_id.clone());
+            if !paused.is_empty()
+                && paused.refuses(
+                    message.conversation_id,
+                    message.sender_id,
+                    Some(&message.client_msg_id),
+                )
+            {
+                let frame = paused_refusal().to_frame(job.request_id);
+                job.session
+                    .push(StreamKind::Messages, Outbound::frame(&frame));
+                // As for a failed send: what this connection sent after it
+                // must not be stored first once the pause ends.
+                holds
+                    .entry(job.session.conn_id)
+                    .or_insert((message.client_msg_id, now));
+                continue;
+            }
+            keys.push((
+                message.conversation_id,
+                message.sender_id,
+                message.client_msg_id.clone(),
+            ));
             batch.push(message);
             replies.push((job.request_id, job.session, job.received));
         }
@@ -490,17 +670,29 @@ async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &
     let results = match c.store.append(batch).await {
         Ok(results) => results,
         Err(e) => {
-            // Nothing of the batch is durable: every sender hears the
-            // error. A retryable one (the store unavailable) is retried
-            // with the same client_msg_id, and its connection is held
-            // until the first of them returns; a final one is not
-            // retried, so nothing is held for it.
+            // Nothing of the batch is known to be durable: every sender
+            // hears the error. A retryable one (the store unavailable) is
+            // retried with the same client_msg_id, and its connection is
+            // held until the first of them returns; a final one is not
+            // retried, so nothing is held for it. One whose outcome is
+            // unknown also pauses its conversations (see `Paused`).
+            let unsettled = matches!(e, StoreError::Unsettled(_)).then(|| paused.next_batch());
             let refusal = Refusal::from(e);
             let hold = refusal.code.is_retryable();
             let failed_at = Instant::now();
-            for ((request_id, session, _), key) in replies.into_iter().zip(keys) {
+            for ((request_id, session, _), (conversation, sender, key)) in
+                replies.into_iter().zip(keys)
+            {
                 let frame = refusal.to_frame(request_id);
                 session.push(StreamKind::Messages, Outbound::frame(&frame));
+                if let Some(batch) = unsettled {
+                    paused.add(conversation, sender, key.clone(), batch, failed_at);
+                } else if hold {
+                    paused.still_trying(conversation, sender, &key, failed_at);
+                } else {
+                    // Refused for good: nothing of it is stored.
+                    paused.settle(conversation, sender, &key, false);
+                }
                 if hold {
                     holds.entry(session.conn_id).or_insert((key, failed_at));
                 }
@@ -508,7 +700,14 @@ async fn commit_run(c: &Committer, run: Vec<SendJob>, out: &mut Fanout, holds: &
             return;
         }
     };
-    for ((request_id, session, received), result) in replies.into_iter().zip(results) {
+    for (((request_id, session, received), result), (conversation, sender, key)) in
+        replies.into_iter().zip(results).zip(keys)
+    {
+        if !paused.is_empty() {
+            // Each answer is definite, whatever it is.
+            let fresh = matches!(&result, Ok(appended) if !appended.duplicate);
+            paused.settle(conversation, sender, &key, fresh);
+        }
         let appended = match result {
             Ok(appended) => appended,
             Err(e) => {
@@ -597,13 +796,41 @@ fn deliver_frames(deliver: &Frame, message: &proto::Message) -> (Outbound, Outbo
 /// Applies one group change (its SYSTEM message is stored in the same
 /// transaction), answers on control, and fans the message out like any other.
 /// A repeated key answers Ok, and the change's message goes only to the
-/// members still owed it.
-async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout) {
+/// members still owed it. A group paused behind a write of unknown outcome
+/// takes only that write's retry ([`Paused`]); a change whose own outcome
+/// is unknown pauses it until its retry (client-lib keys every change; a
+/// change without a key cannot be told from a new one, so it pauses
+/// nothing).
+async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout, paused: &mut Paused) {
     let Work::Group { edit, max_members } = job.work else {
         return;
     };
+    let (conversation, actor, key) = (edit.conversation_id, edit.actor, edit.client_key.clone());
+    if !paused.is_empty() {
+        paused.expire(Instant::now());
+        if paused.refuses(conversation, actor, key.as_deref()) {
+            let frame = paused_refusal().to_frame(job.request_id);
+            job.session
+                .push(StreamKind::Control, Outbound::frame(&frame));
+            return;
+        }
+    }
     let now = crate::streams::now_ms();
-    let reply = match c.store.change_group(*edit, max_members, now).await {
+    let result = c.store.change_group(*edit, max_members, now).await;
+    if let Some(key) = key {
+        match &result {
+            Err(StoreError::Unsettled(_)) => {
+                let batch = paused.next_batch();
+                paused.add(conversation, actor, key, batch, Instant::now());
+            }
+            Err(StoreError::Unavailable(_)) => {
+                paused.still_trying(conversation, actor, &key, Instant::now());
+            }
+            Ok(appended) => paused.settle(conversation, actor, &key, !appended.duplicate),
+            Err(_) => paused.settle(conversation, actor, &key, false),
+        }
+    }
+    let reply = match result {
         Ok(appended) => {
             if appended.duplicate {
                 redeliver(c, &appended, out);
@@ -790,7 +1017,7 @@ async fn mark_committer(
         let result = store.advance_watermarks(moves).await;
         match &result {
             Ok(_) => {}
-            Err(e @ StoreError::Unavailable(_)) => {
+            Err(e @ (StoreError::Unavailable(_) | StoreError::Unsettled(_))) => {
                 carried = coalesce(
                     previous
                         .into_iter()
@@ -971,6 +1198,68 @@ mod tests {
             );
         }
         assert_eq!(shard_of(42, 0), 0, "no shards means one");
+    }
+
+    #[test]
+    fn a_paused_conversation_takes_its_unsettled_retries_in_order() {
+        let start = Instant::now();
+        let mut paused = Paused::default();
+        let batch = paused.next_batch();
+        paused.add(1, 10, "a".into(), batch, start);
+        paused.add(1, 11, "b".into(), batch, start);
+        paused.add(1, 10, "a".into(), batch, start);
+        assert!(
+            !paused.refuses(1, 10, Some("a")),
+            "the first retry goes through"
+        );
+        assert!(
+            paused.refuses(1, 11, Some("b")),
+            "the second waits for the first (it may be stored after it)"
+        );
+        assert!(paused.refuses(1, 10, Some("c")), "a later send waits");
+        assert!(paused.refuses(1, 12, Some("a")), "another sender's key");
+        assert!(paused.refuses(1, 10, None), "a change without a key");
+        assert!(!paused.refuses(2, 12, Some("z")), "other conversations");
+        // Found stored: the rest of its batch may be stored too.
+        paused.settle(1, 10, "a", false);
+        assert!(!paused.refuses(1, 11, Some("b")), "now the second");
+        assert!(
+            paused.refuses(1, 12, Some("x")),
+            "one write still unsettled"
+        );
+        paused.settle(1, 11, "b", false);
+        assert!(paused.is_empty(), "all settled: the conversation goes on");
+
+        // Stored anew: its batch had not committed, and neither had the
+        // rest of it; another batch's write still waits.
+        let (first, second) = (paused.next_batch(), paused.next_batch());
+        paused.add(5, 10, "a".into(), first, start);
+        paused.add(5, 11, "b".into(), first, start);
+        paused.add(5, 12, "c".into(), second, start);
+        paused.settle(5, 10, "a", true);
+        assert!(
+            !paused.refuses(5, 12, Some("c")),
+            "the other batch's write is first now"
+        );
+        assert!(paused.refuses(5, 11, Some("b")) && paused.refuses(5, 13, Some("x")));
+        paused.settle(5, 12, "c", false);
+        assert!(paused.is_empty());
+
+        // Nobody sends again: the pause ends after the grace; a retry
+        // that fails again (still no answer, or unknown again) starts the
+        // grace over.
+        paused.add(3, 10, "a".into(), batch, start);
+        paused.add(4, 10, "b".into(), batch, start);
+        paused.add(6, 10, "c".into(), batch, start);
+        paused.still_trying(3, 10, "a", start + HOLD_GRACE / 2);
+        paused.still_trying(4, 10, "not its key", start + HOLD_GRACE / 2);
+        paused.add(6, 10, "c".into(), batch, start + HOLD_GRACE / 2);
+        paused.expire(start + HOLD_GRACE);
+        assert!(paused.refuses(3, 12, Some("x")), "still being retried");
+        assert!(!paused.refuses(4, 12, Some("x")), "given up on");
+        assert!(paused.refuses(6, 12, Some("x")), "unknown again");
+        paused.expire(start + HOLD_GRACE * 2);
+        assert!(paused.is_empty());
     }
 
     #[test]

@@ -602,7 +602,8 @@ impl Stores {
                     Some(schema) => PostgresStore::connect_with_schema(url, schema, size).await,
                     None => PostgresStore::connect(url, size).await,
                 }
-                .map_err(|e| ServerError::Backend(format!("postgres: {e}")))?;
+                .map_err(|e| ServerError::Backend(format!("postgres: {e}")))?
+                .with_settle_timeout(config.postgres_commit_settle_timeout);
                 tracing::info!(target = store.target(), "postgres connected");
                 Arc::new(store)
             }

@@ -78,7 +78,7 @@ impl From<StoreError> for Refusal {
                 format!("user {user} is not your friend"),
             ),
             StoreError::Invalid(why) => Refusal::new(ErrorCode::InvalidArgument, why),
-            StoreError::Unavailable(detail) => {
+            StoreError::Unavailable(detail) | StoreError::Unsettled(detail) => {
                 tracing::warn!(%detail, "store unavailable");
                 Refusal {
                     code: ErrorCode::Unavailable,
@@ -113,6 +113,10 @@ mod tests {
             ),
             (
                 StoreError::Unavailable("down".into()),
+                ErrorCode::Unavailable,
+            ),
+            (
+                StoreError::Unsettled("unknown".into()),
                 ErrorCode::Unavailable,
             ),
             (StoreError::Internal("bug".into()), ErrorCode::Internal),

@@ -928,3 +928,197 @@ async fn a_resume_refused_after_its_registration_leaves_no_session_behind() {
         "the refused resume's session stayed registered"
     );
 }
+
+#[tokio::test]
+async fn a_send_of_unknown_outcome_keeps_its_place_for_every_member() {
+    // Alice's send commits, but the answer to its COMMIT is lost and
+    // Postgres cannot be asked how it ended (the proxy in front of it drops
+    // every connection meanwhile), so she hears UNAVAILABLE though her
+    // message is stored. Had Carol's next message to the group been stored
+    // and delivered before Alice's retry, Bob would have acked it, and the
+    // retry, finding Alice's message stored, would have gone only to
+    // members still below it: Bob would never have seen it. The group
+    // waits for the retry instead.
+    let Some((backend, schema)) = production_with_schema().await else {
+        return;
+    };
+    let cutter = postgres::cutter::CommitCutter::start().await;
+    let proxied = cutter.url();
+    let server = TestServer::start_on_with(backend, |c| {
+        c.postgres_url = Some(proxied);
+        c.postgres_commit_settle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut members = circle(&server, 3).await;
+    let ids: Vec<u64> = members.iter().map(|(c, _)| c.identity().user_id).collect();
+    let group = members[0]
+        .0
+        .create_group("unsettled", &ids[1..])
+        .await
+        .unwrap()
+        .conversation_id;
+    let (carol, carol_events) = members.pop().unwrap();
+    let (bob, mut bob_events) = members.pop().unwrap();
+    let (alice, alice_events) = members.pop().unwrap();
+    // Alice and Carol send from raw devices, which retry only when told.
+    let (alice_token, carol_token) = (alice.identity().token, carol.identity().token);
+    alice.close();
+    carol.close();
+    drop((alice_events, carol_events));
+    let alice = RawControl::resume(&server, &alice_token).await;
+    let carol = RawControl::resume(&server, &carol_token).await;
+    let mut alice_messages = RawSender::open(&alice).await;
+    let mut carol_messages = RawSender::open(&carol).await;
+
+    cutter.arm_after(b"stored, unanswered");
+    let first = alice_messages.send(group, "a1", "stored, unanswered").await;
+    let chat_protocol::Body::Error(e) = &first else {
+        panic!("the send's outcome is unknown: {first:?}");
+    };
+    assert_eq!(
+        chat_client::ErrorCode::from_wire(e.code),
+        chat_client::ErrorCode::Unavailable
+    );
+    assert_eq!(cutter.cuts(), 1, "the COMMIT's answer was cut");
+    cutter.end_blackout();
+    // Postgres answers through the proxy again.
+    wait_until("postgres behind the proxy", || cutter.relays()).await;
+
+    // Carol sends for two seconds: her message must wait for Alice's
+    // retry (refused with the pause's retry-after, 500 ms).
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut carol_first = None;
+    let mut paused = 0;
+    while tokio::time::Instant::now() < until {
+        match carol_messages.send(group, "c1", "after it").await {
+            chat_protocol::Body::SendAck(ack) => {
+                carol_first = Some(ack);
+                break;
+            }
+            chat_protocol::Body::Error(e) => {
+                paused += usize::from(e.retry_after_ms == 500);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("a send's answer: {other:?}"),
+        }
+    }
+    if let Some(ack) = &carol_first {
+        // Stored first (the defect): Bob takes it, and his client acks
+        // it before Alice's retry comes.
+        wait_for(&mut bob_events, "carol's message", |event| match event {
+            chat_client::Event::Message(m) if m.seq == ack.seq => Some(()),
+            _ => None,
+        })
+        .await;
+        let watcher = postgres::testing::admin().await.expect("admin connection");
+        let query = format!(
+            r#"SELECT delivered_seq FROM "{schema}".members
+               WHERE conversation_id = $1 AND user_id = $2"#
+        );
+        let (watcher, query, bob_id, seq) = (&watcher, &query, ids[1] as i64, ack.seq);
+        wait_until("bob's ack stored", || async move {
+            let row = watcher
+                .query_one(query.as_str(), &[&(group as i64), &bob_id])
+                .await
+                .unwrap();
+            row.get::<_, i64>(0) as u64 >= seq
+        })
+        .await;
+    }
+    let retried = alice_messages
+        .send_until_acked(group, "a1", "stored, unanswered")
+        .await;
+    assert!(retried.duplicate, "the first attempt had committed");
+    if carol_first.is_none() {
+        carol_messages
+            .send_until_acked(group, "c1", "after it")
+            .await;
+    }
+    let mut texts = Vec::new();
+    while texts.len() < 2 {
+        let text = wait_for(&mut bob_events, "both messages", |event| match event {
+            chat_client::Event::Message(m)
+                if m.r#type == chat_client::proto::MessageType::Text as i32 =>
+            {
+                Some(m.text)
+            }
+            _ => None,
+        })
+        .await;
+        texts.push(text);
+    }
+    assert_eq!(texts, ["stored, unanswered", "after it"]);
+    assert!(
+        carol_first.is_none() && paused > 0,
+        "carol's message was stored ahead of the retry ({paused} refusals)"
+    );
+    drop(bob);
+}
+
+/// A raw device's messages stream, for sends whose answers a test reads
+/// itself (client-lib would retry them).
+struct RawSender {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: bytes::BytesMut,
+    next_request_id: u64,
+}
+
+impl RawSender {
+    async fn open(device: &RawControl) -> RawSender {
+        let (send, recv) = device.open_messages(false).await;
+        RawSender {
+            send,
+            recv,
+            buf: bytes::BytesMut::new(),
+            next_request_id: 1,
+        }
+    }
+
+    /// Sends `text` under `key` again and again (a store coming back may
+    /// still refuse the first tries) until it is acked.
+    async fn send_until_acked(
+        &mut self,
+        conversation: u64,
+        key: &str,
+        text: &str,
+    ) -> chat_client::proto::SendAck {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match self.send(conversation, key, text).await {
+                chat_protocol::Body::SendAck(ack) => return ack,
+                chat_protocol::Body::Error(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{key} never went through: {e:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => panic!("a send's answer: {other:?}"),
+            }
+        }
+    }
+
+    /// Sends `text` under `key` and returns the answer (pushes are
+    /// skipped).
+    async fn send(&mut self, conversation: u64, key: &str, text: &str) -> chat_protocol::Body {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let frame = chat_protocol::Frame::new(
+            request_id,
+            chat_protocol::Body::Send(chat_client::proto::Send {
+                conversation_id: conversation,
+                client_msg_id: key.into(),
+                r#type: chat_client::proto::MessageType::Text as i32,
+                text: text.into(),
+            }),
+        );
+        self.send.write_all(&frames(&[frame])).await.unwrap();
+        loop {
+            let frame = next_frame(&mut self.recv, &mut self.buf).await;
+            if frame.request_id == request_id {
+                return frame.body.expect("an answer with a body");
+            }
+        }
+    }
+}

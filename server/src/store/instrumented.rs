@@ -40,7 +40,7 @@ impl<S: ?Sized> Instrumented<S> {
     fn record<T>(&self, operation: &'static str, result: &Result<T, StoreError>, took: Duration) {
         let failed = matches!(
             result,
-            Err(StoreError::Unavailable(_) | StoreError::Internal(_))
+            Err(StoreError::Unavailable(_) | StoreError::Unsettled(_) | StoreError::Internal(_))
         );
         self.metrics
             .store_op(self.backend, operation, !failed, took);

@@ -68,6 +68,13 @@ pub enum StoreError {
     /// The backend cannot be reached right now; retrying may work.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The answer to a commit was lost and its outcome could not be
+    /// learned: what it wrote may be stored or not. Retryable like
+    /// [`Unavailable`](Self::Unavailable) (a retry with the same keys
+    /// finds out), but a caller that orders writes must not let later ones
+    /// pass it until then (`crate::delivery`).
+    #[error("store outcome unknown: {0}")]
+    Unsettled(String),
     /// Anything else: corrupt data, a bug, a failed migration.
     #[error("store failure: {0}")]
     Internal(String),

@@ -80,10 +80,12 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const APPEND_ATTEMPTS: usize = 3;
 
 /// How long a transaction whose COMMIT went unanswered (a lost connection)
-/// is inquired after before its outcome is reported unknown. The
-/// committer waits meanwhile, which keeps the conversation's order; while
-/// Postgres cannot be reached, later sends would fail anyway.
-const COMMIT_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// is inquired after, by default, before its outcome is reported unknown
+/// ([`StoreError::Unsettled`]); [`PostgresStore::with_settle_timeout`]
+/// changes it. The committer waits meanwhile, which keeps the
+/// conversation's order; while Postgres cannot be reached, later sends
+/// would fail anyway.
+pub const COMMIT_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Length of the text kept in conversation-list previews, in characters
 /// (Postgres `left` counts characters, as the SQLite store does).
@@ -107,6 +109,8 @@ pub struct PostgresStore {
     schema: Option<String>,
     /// What `pg_stat_activity.application_name` shows for our connections.
     application_name: String,
+    /// See [`COMMIT_SETTLE_TIMEOUT`].
+    settle_timeout: Duration,
 }
 
 /// A transaction whose `BEGIN` is sent with its first statements instead
@@ -222,6 +226,16 @@ impl PostgresStore {
         &self.application_name
     }
 
+    /// How long the outcome of an unanswered COMMIT is inquired after
+    /// before it is reported unknown (default [`COMMIT_SETTLE_TIMEOUT`]):
+    /// it should outlast a failover of the database, after which the
+    /// answer can be had again.
+    #[must_use]
+    pub fn with_settle_timeout(mut self, timeout: Duration) -> Self {
+        self.settle_timeout = timeout;
+        self
+    }
+
     /// Closes the pool: idle connections are dropped now, busy ones when
     /// their call ends, and later calls fail with `Unavailable`.
     pub fn close(&self) {
@@ -310,6 +324,7 @@ impl PostgresStore {
             target,
             schema: schema.map(str::to_owned),
             application_name,
+            settle_timeout: COMMIT_SETTLE_TIMEOUT,
         };
         store.check_session_settings().await?;
         Ok(store)
@@ -398,9 +413,9 @@ impl PostgresStore {
     /// durable message is neither reported lost (the client's retry would
     /// then be a duplicate that nobody fans out) nor a lost one reported
     /// durable. `Ok` means transaction `xid` committed; otherwise the
-    /// error to return, for a transaction that rolled back or (after
-    /// [`COMMIT_SETTLE_TIMEOUT`] without an answer) whose outcome is
-    /// still unknown.
+    /// error to return, for a transaction that rolled back or (after the
+    /// settle timeout without an answer, [`StoreError::Unsettled`]) whose
+    /// outcome is still unknown.
     ///
     /// An ERROR the server sent is its answer: the transaction rolled
     /// back. A lost connection, or a FATAL (a backend ended by an
@@ -421,7 +436,7 @@ impl PostgresStore {
             "postgres: lost the answer to a COMMIT ({}); asking how it ended",
             error_chain(&e)
         );
-        let deadline = tokio::time::Instant::now() + COMMIT_SETTLE_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + self.settle_timeout;
         let mut pause = Duration::from_millis(20);
         loop {
             match self.row(TRANSACTION_STATUS, &[&xid]).await {
@@ -437,7 +452,7 @@ impl PostgresStore {
                         }
                     }
                     None => {
-                        return Err(StoreError::Unavailable(format!(
+                        return Err(StoreError::Unsettled(format!(
                             "postgres: lost the answer to COMMIT of transaction {xid}, \
                              which is too old to look up; its messages may be stored"
                         )));
@@ -457,7 +472,7 @@ impl PostgresStore {
                     xid,
                     "postgres: the outcome of a COMMIT is unknown; giving up"
                 );
-                return Err(StoreError::Unavailable(format!(
+                return Err(StoreError::Unsettled(format!(
                     "postgres: lost the answer to COMMIT of transaction {xid} and could not \
                      learn its outcome: {}",
                     error_chain(&e)
@@ -2566,6 +2581,7 @@ fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> 
     })
 }
 
+pub mod cutter;
 mod group;
 
 /// What a pooled connection runs with, as read back after connecting.

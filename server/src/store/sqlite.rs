@@ -1227,6 +1227,7 @@ fn clone_err(e: &StoreError) -> StoreError {
         StoreError::NotFriends(user) => StoreError::NotFriends(*user),
         StoreError::Invalid(s) => StoreError::Invalid(s.clone()),
         StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
+        StoreError::Unsettled(s) => StoreError::Unsettled(s.clone()),
         StoreError::Internal(s) => StoreError::Internal(s.clone()),
     }
 }

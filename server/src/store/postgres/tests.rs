@@ -9,6 +9,7 @@ use std::time::Instant;
 use rand::seq::SliceRandom as _;
 use tokio::sync::OnceCell;
 
+use super::cutter::{CUT_ANSWER, CUT_BEFORE_COMMIT, CommitCutter};
 use super::*;
 use crate::store::sqlite::SqliteStore;
 
@@ -1126,7 +1127,9 @@ async fn recovers_by_itself_after_its_connections_are_killed() {
                             }
                             other => panic!("per-message result: {other:?}"),
                         },
-                        Err(StoreError::Unavailable(_)) => failed.push((sender, key)),
+                        Err(StoreError::Unavailable(_) | StoreError::Unsettled(_)) => {
+                            failed.push((sender, key))
+                        }
                         Err(e) => panic!("append while connections die: {e:?}"),
                     }
                 }
@@ -1365,172 +1368,6 @@ async fn batch_updates_find_their_rows_by_key() {
         }
     })
     .await;
-}
-
-/// What [`CommitCutter`] does to the next COMMIT that passes through it.
-const CUT_NONE: u8 = 0;
-/// Closes the connection instead of forwarding the COMMIT: Postgres
-/// never sees it and rolls the transaction back.
-const CUT_BEFORE_COMMIT: u8 = 1;
-/// Forwards the COMMIT and closes the connection when its answer comes:
-/// the transaction committed, and the store never hears so.
-const CUT_ANSWER: u8 = 2;
-
-/// A simple-query COMMIT as tokio-postgres sends it: 'Q', the length
-/// (itself included), the statement and its NUL.
-const COMMIT_QUERY: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
-/// Postgres's answer that it committed: CommandComplete with tag COMMIT.
-const COMMIT_DONE: &[u8] = b"C\0\0\0\x0bCOMMIT\0";
-
-/// A TCP proxy in front of the test Postgres that cuts one connection at
-/// its next COMMIT, the way a network failure or a crash would.
-struct CommitCutter {
-    port: u16,
-    armed: Arc<std::sync::atomic::AtomicU8>,
-    cuts: Arc<AtomicU64>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl CommitCutter {
-    async fn start() -> Self {
-        let config = Config::from_str(&test_url()).expect("test URL");
-        let host = match config.get_hosts().first() {
-            Some(Host::Tcp(host)) => host.clone(),
-            _ => "127.0.0.1".to_owned(),
-        };
-        let upstream = format!(
-            "{host}:{}",
-            config.get_ports().first().copied().unwrap_or(5432)
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let armed = Arc::new(std::sync::atomic::AtomicU8::new(CUT_NONE));
-        let cuts = Arc::new(AtomicU64::new(0));
-        let accept = {
-            let (armed, cuts) = (armed.clone(), cuts.clone());
-            tokio::spawn(async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                        continue;
-                    };
-                    tokio::spawn(relay(client, server, armed.clone(), cuts.clone()));
-                }
-            })
-        };
-        CommitCutter {
-            port,
-            armed,
-            cuts,
-            accept,
-        }
-    }
-
-    /// The test URL, pointed at the proxy.
-    fn url(&self) -> String {
-        let config = Config::from_str(&test_url()).expect("test URL");
-        let mut url = format!("host=127.0.0.1 port={}", self.port);
-        if let Some(user) = config.get_user() {
-            url.push_str(&format!(" user='{user}'"));
-        }
-        if let Some(dbname) = config.get_dbname() {
-            url.push_str(&format!(" dbname='{dbname}'"));
-        }
-        if let Some(password) = config.get_password() {
-            url.push_str(&format!(
-                " password='{}'",
-                String::from_utf8_lossy(password)
-            ));
-        }
-        url
-    }
-
-    /// Cuts the next COMMIT that passes, whichever connection carries it.
-    fn arm(&self, cut: u8) {
-        self.armed.store(cut, Ordering::SeqCst);
-    }
-
-    fn cuts(&self) -> u64 {
-        self.cuts.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for CommitCutter {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
-}
-
-/// Copies bytes both ways until either side closes or a cut happens.
-async fn relay(
-    client: tokio::net::TcpStream,
-    server: tokio::net::TcpStream,
-    armed: Arc<std::sync::atomic::AtomicU8>,
-    cuts: Arc<AtomicU64>,
-) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let (mut from_client, mut to_client) = client.into_split();
-    let (mut from_server, mut to_server) = server.into_split();
-    let cut_answer = AtomicBool::new(false);
-    let up = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut window = Vec::new();
-        loop {
-            let n = match from_client.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if seen(&mut window, &buf[..n], COMMIT_QUERY) {
-                let cut = armed.swap(CUT_NONE, Ordering::SeqCst);
-                if cut == CUT_BEFORE_COMMIT {
-                    cuts.fetch_add(1, Ordering::SeqCst);
-                    return;
-                }
-                if cut == CUT_ANSWER {
-                    // Set before the COMMIT leaves, so that its answer
-                    // cannot slip through.
-                    cut_answer.store(true, Ordering::SeqCst);
-                }
-            }
-            if to_server.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    };
-    let down = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut window = Vec::new();
-        loop {
-            let n = match from_server.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            // Other answers may come first (tokio-postgres closes a
-            // statement without waiting); only once Postgres says it
-            // committed is the transaction durable.
-            if seen(&mut window, &buf[..n], COMMIT_DONE) && cut_answer.load(Ordering::SeqCst) {
-                cuts.fetch_add(1, Ordering::SeqCst);
-                return;
-            }
-            if to_client.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    };
-    // Whichever ends first, both connections close with this task.
-    tokio::select! {
-        () = up => {}
-        () = down => {}
-    }
-}
-
-/// Whether `pattern` ends in `chunk`, given `window`, the end of the
-/// bytes before it (kept so that a pattern split across reads is seen).
-fn seen(window: &mut Vec<u8>, chunk: &[u8], pattern: &[u8]) -> bool {
-    window.extend_from_slice(chunk);
-    let found = window.windows(pattern.len()).any(|w| w == pattern);
-    let keep_from = window.len().saturating_sub(pattern.len() - 1);
-    window.drain(..keep_from);
-    found
 }
 
 #[tokio::test]
