@@ -480,23 +480,31 @@ const PAUSED_RETRY: Duration = Duration::from_millis(500);
 /// (same sender, same key; kept in batch order, which is seq order), then
 /// of the next, until each has a definite answer (found stored, or
 /// refused for good; one stored anew shows that its batch never
-/// committed, which settles the rest of that batch too), or until none of
-/// them was tried for `HOLD_GRACE` (a client that never sends again).
-/// Every other send and group change to it is refused UNAVAILABLE,
-/// retryable.
+/// committed, which settles the rest of that batch too); a write not
+/// tried again for `HOLD_GRACE` (a refused or failed retry counts) is
+/// given up, its client having stopped sending it. Every other send and
+/// group change to the conversation is refused UNAVAILABLE, retryable.
 #[derive(Default)]
 struct Paused {
-    conversations: HashMap<u64, PausedOn>,
+    conversations: HashMap<u64, Vec<Unsettled>>,
     /// Numbers the batches that failed so.
     batches: u64,
 }
 
-struct PausedOn {
-    /// (sender, key, batch) of the writes not settled yet, in seq order.
-    keys: Vec<(UserId, String, u64)>,
-    /// When the pause began, or a retry of one of its writes last failed
-    /// without an answer.
-    since: Instant,
+/// A write of unknown outcome that its conversation waits for.
+struct Unsettled {
+    sender: UserId,
+    key: String,
+    batch: u64,
+    /// When it failed, or a retry of it was last refused or failed again
+    /// without an answer: its client is still at it.
+    tried: Instant,
+}
+
+impl Unsettled {
+    fn is(&self, sender: UserId, key: &str) -> bool {
+        self.sender == sender && self.key == key
+    }
 }
 
 impl Paused {
@@ -512,29 +520,44 @@ impl Paused {
 
     /// Pauses `conversation` until (`sender`, `key`) of `batch` is
     /// settled. A write added again (its retry's outcome unknown too)
-    /// keeps its place and starts the grace over.
+    /// keeps its place and batch.
     fn add(&mut self, conversation: u64, sender: UserId, key: String, batch: u64, now: Instant) {
-        let on = self
-            .conversations
-            .entry(conversation)
-            .or_insert_with(|| PausedOn {
-                keys: Vec::new(),
-                since: now,
-            });
-        on.since = now;
-        if !on.keys.iter().any(|(s, k, _)| *s == sender && *k == key) {
-            on.keys.push((sender, key, batch));
+        let writes = self.conversations.entry(conversation).or_default();
+        match writes.iter_mut().find(|w| w.is(sender, &key)) {
+            Some(write) => write.tried = now,
+            None => writes.push(Unsettled {
+                sender,
+                key,
+                batch,
+                tried: now,
+            }),
         }
     }
 
     /// Whether a write to `conversation` by `sender` under `key` must wait:
     /// the conversation is paused and this is not the retry of its first
-    /// unsettled write.
-    fn refuses(&self, conversation: u64, sender: UserId, key: Option<&str>) -> bool {
-        self.conversations.get(&conversation).is_some_and(|on| {
-            let first = on.keys.first().map(|(s, k, _)| (*s, k.as_str()));
-            key.is_none_or(|key| first != Some((sender, key)))
-        })
+    /// unsettled write. A refused retry of a later one counts as tried.
+    fn refuses(
+        &mut self,
+        conversation: u64,
+        sender: UserId,
+        key: Option<&str>,
+        now: Instant,
+    ) -> bool {
+        let Some(writes) = self.conversations.get_mut(&conversation) else {
+            return false;
+        };
+        let Some(key) = key else {
+            return true;
+        };
+        match writes.iter().position(|w| w.is(sender, key)) {
+            Some(0) => false,
+            Some(i) => {
+                writes[i].tried = now;
+                true
+            }
+            None => true,
+        }
     }
 
     /// (`sender`, `key`) got a definite answer from the store: `fresh` if
@@ -542,48 +565,49 @@ impl Paused {
     /// nothing), else found stored or refused. The conversation goes on
     /// once all of its writes are settled.
     fn settle(&mut self, conversation: u64, sender: UserId, key: &str, fresh: bool) {
-        let Some(on) = self.conversations.get_mut(&conversation) else {
+        let Some(writes) = self.conversations.get_mut(&conversation) else {
             return;
         };
-        let batch = on
-            .keys
-            .iter()
-            .find(|(s, k, _)| *s == sender && k == key)
-            .map(|&(_, _, batch)| batch);
-        match batch {
-            Some(batch) if fresh => on.keys.retain(|&(_, _, b)| b != batch),
-            Some(_) => on.keys.retain(|(s, k, _)| !(*s == sender && k == key)),
+        match writes.iter().find(|w| w.is(sender, key)).map(|w| w.batch) {
+            Some(batch) if fresh => writes.retain(|w| w.batch != batch),
+            Some(_) => writes.retain(|w| !w.is(sender, key)),
             None => {}
         }
-        if on.keys.is_empty() {
+        if writes.is_empty() {
             self.conversations.remove(&conversation);
         }
     }
 
     /// A retry of a write `conversation` waits for failed again, without
     /// an answer either way (the store still unavailable): its client is
-    /// still at it, so the pause's `HOLD_GRACE` starts again, and an
-    /// outage longer than that does not end it.
+    /// still at it, so an outage longer than `HOLD_GRACE` does not end the
+    /// wait for it.
     fn still_trying(&mut self, conversation: u64, sender: UserId, key: &str, now: Instant) {
-        if let Some(on) = self.conversations.get_mut(&conversation)
-            && on.keys.iter().any(|(s, k, _)| *s == sender && k == key)
+        if let Some(write) = self
+            .conversations
+            .get_mut(&conversation)
+            .and_then(|writes| writes.iter_mut().find(|w| w.is(sender, key)))
         {
-            on.since = now;
+            write.tried = now;
         }
     }
 
-    /// Ends the pauses older than `HOLD_GRACE`.
+    /// Gives up on the writes not tried for `HOLD_GRACE` (their clients
+    /// stopped sending them); a conversation goes on once none is left.
     fn expire(&mut self, now: Instant) {
-        self.conversations.retain(|conversation, on| {
-            let keep = now.duration_since(on.since) < HOLD_GRACE;
-            if !keep {
-                tracing::warn!(
-                    conversation,
-                    unsettled = on.keys.len(),
-                    "a write of unknown outcome was not sent again in time; the conversation goes on"
-                );
-            }
-            keep
+        self.conversations.retain(|conversation, writes| {
+            writes.retain(|w| {
+                let keep = now.duration_since(w.tried) < HOLD_GRACE;
+                if !keep {
+                    tracing::warn!(
+                        conversation,
+                        sender = w.sender,
+                        "a write of unknown outcome was not sent again in time; its conversation goes on without it"
+                    );
+                }
+                keep
+            });
+            !writes.is_empty()
         });
     }
 }
@@ -643,6 +667,7 @@ async fn commit_run(
                     message.conversation_id,
                     message.sender_id,
                     Some(&message.client_msg_id),
+                    now,
                 )
             {
                 let frame = paused_refusal().to_frame(job.request_id);
@@ -680,6 +705,7 @@ async fn commit_run(
             let refusal = Refusal::from(e);
             let hold = refusal.code.is_retryable();
             let failed_at = Instant::now();
+            let mut held = std::collections::HashSet::new();
             for ((request_id, session, _), (conversation, sender, key)) in
                 replies.into_iter().zip(keys)
             {
@@ -693,8 +719,12 @@ async fn commit_run(
                     // Refused for good: nothing of it is stored.
                     paused.settle(conversation, sender, &key, false);
                 }
-                if hold {
-                    holds.entry(session.conn_id).or_insert((key, failed_at));
+                // The connection's first failed send is the one to wait
+                // for: a hold it has now was set in this run, by a send
+                // it made later (refused for a pause), and kept instead it
+                // would refuse this one for good.
+                if hold && held.insert(session.conn_id) {
+                    holds.insert(session.conn_id, (key, failed_at));
                 }
             }
             return;
@@ -808,7 +838,7 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout, paused: &mu
     let (conversation, actor, key) = (edit.conversation_id, edit.actor, edit.client_key.clone());
     if !paused.is_empty() {
         paused.expire(Instant::now());
-        if paused.refuses(conversation, actor, key.as_deref()) {
+        if paused.refuses(conversation, actor, key.as_deref(), Instant::now()) {
             let frame = paused_refusal().to_frame(job.request_id);
             job.session
                 .push(StreamKind::Control, Outbound::frame(&frame));
@@ -1209,22 +1239,31 @@ mod tests {
         paused.add(1, 11, "b".into(), batch, start);
         paused.add(1, 10, "a".into(), batch, start);
         assert!(
-            !paused.refuses(1, 10, Some("a")),
+            !paused.refuses(1, 10, Some("a"), start),
             "the first retry goes through"
         );
         assert!(
-            paused.refuses(1, 11, Some("b")),
+            paused.refuses(1, 11, Some("b"), start),
             "the second waits for the first (it may be stored after it)"
         );
-        assert!(paused.refuses(1, 10, Some("c")), "a later send waits");
-        assert!(paused.refuses(1, 12, Some("a")), "another sender's key");
-        assert!(paused.refuses(1, 10, None), "a change without a key");
-        assert!(!paused.refuses(2, 12, Some("z")), "other conversations");
+        assert!(
+            paused.refuses(1, 10, Some("c"), start),
+            "a later send waits"
+        );
+        assert!(
+            paused.refuses(1, 12, Some("a"), start),
+            "another sender's key"
+        );
+        assert!(paused.refuses(1, 10, None, start), "a change without a key");
+        assert!(
+            !paused.refuses(2, 12, Some("z"), start),
+            "other conversations"
+        );
         // Found stored: the rest of its batch may be stored too.
         paused.settle(1, 10, "a", false);
-        assert!(!paused.refuses(1, 11, Some("b")), "now the second");
+        assert!(!paused.refuses(1, 11, Some("b"), start), "now the second");
         assert!(
-            paused.refuses(1, 12, Some("x")),
+            paused.refuses(1, 12, Some("x"), start),
             "one write still unsettled"
         );
         paused.settle(1, 11, "b", false);
@@ -1238,12 +1277,33 @@ mod tests {
         paused.add(5, 12, "c".into(), second, start);
         paused.settle(5, 10, "a", true);
         assert!(
-            !paused.refuses(5, 12, Some("c")),
+            !paused.refuses(5, 12, Some("c"), start),
             "the other batch's write is first now"
         );
-        assert!(paused.refuses(5, 11, Some("b")) && paused.refuses(5, 13, Some("x")));
+        assert!(paused.refuses(5, 11, Some("b"), start) && paused.refuses(5, 13, Some("x"), start));
         paused.settle(5, 12, "c", false);
         assert!(paused.is_empty());
+
+        // A write whose client stopped sending it is given up after the
+        // grace, and the next one waited for comes first: tried since (a
+        // refused retry counts), it is not given up with it.
+        paused.add(7, 10, "a".into(), batch, start);
+        paused.add(7, 11, "b".into(), batch, start);
+        assert!(paused.refuses(7, 11, Some("b"), start + HOLD_GRACE / 2));
+        paused.expire(start + HOLD_GRACE);
+        assert!(
+            !paused.refuses(7, 11, Some("b"), start + HOLD_GRACE),
+            "b is first now"
+        );
+        assert!(
+            paused.refuses(7, 10, Some("a"), start + HOLD_GRACE),
+            "a late a waits"
+        );
+        paused.settle(7, 11, "b", false);
+        assert!(
+            !paused.refuses(7, 12, Some("x"), start),
+            "b settled: it goes on"
+        );
 
         // Nobody sends again: the pause ends after the grace; a retry
         // that fails again (still no answer, or unknown again) starts the
@@ -1255,9 +1315,12 @@ mod tests {
         paused.still_trying(4, 10, "not its key", start + HOLD_GRACE / 2);
         paused.add(6, 10, "c".into(), batch, start + HOLD_GRACE / 2);
         paused.expire(start + HOLD_GRACE);
-        assert!(paused.refuses(3, 12, Some("x")), "still being retried");
-        assert!(!paused.refuses(4, 12, Some("x")), "given up on");
-        assert!(paused.refuses(6, 12, Some("x")), "unknown again");
+        assert!(
+            paused.refuses(3, 12, Some("x"), start),
+            "still being retried"
+        );
+        assert!(!paused.refuses(4, 12, Some("x"), start), "given up on");
+        assert!(paused.refuses(6, 12, Some("x"), start), "unknown again");
         paused.expire(start + HOLD_GRACE * 2);
         assert!(paused.is_empty());
     }

@@ -29,6 +29,9 @@ const COMMIT_QUERY: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
 const COMMIT_DONE: &[u8] = b"C\0\0\0\x0bCOMMIT\0";
 /// A simple-query ROLLBACK: the transaction under way ends without one.
 const ROLLBACK_QUERY: &[u8] = b"Q\0\0\0\x0dROLLBACK\0";
+/// Postgres's answer to a COMMIT of a transaction that had failed: it
+/// rolled back, and an armed cut of the answer is not used up.
+const ROLLBACK_DONE: &[u8] = b"C\0\0\0\x0dROLLBACK\0";
 
 /// The proxy; see the module docs. Dropping it stops accepting (the
 /// connections relayed so far end with their peers).
@@ -134,6 +137,7 @@ impl CommitCutter {
     /// and refuses new ones) until [`end_blackout`](Self::end_blackout),
     /// so that nobody can learn how that transaction ended meanwhile.
     pub fn arm_after(&self, pattern: &[u8]) {
+        assert!(!pattern.is_empty(), "a pattern to look for");
         *self.shared.armed.lock().unwrap() = Armed {
             cut: CUT_ANSWER,
             pattern: Some(pattern.to_vec()),
@@ -233,11 +237,17 @@ async fn relay(client: tokio::net::TcpStream, server: tokio::net::TcpStream, sha
     let down = async {
         let mut buf = vec![0u8; 64 * 1024];
         let mut window = Vec::new();
+        let mut rolled_back = Vec::new();
         loop {
             let n = match from_server.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            if seen(&mut rolled_back, &buf[..n], ROLLBACK_DONE) {
+                // The COMMIT it was armed for answered ROLLBACK: a later
+                // COMMIT of this connection is not the one.
+                *cut_answer.lock().unwrap() = None;
+            }
             // Other answers may come first (tokio-postgres closes a
             // statement without waiting); only once Postgres says it
             // committed is the transaction durable.
