@@ -909,7 +909,7 @@ async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
         let reply = match store.conversation(id, creator).await {
             Ok(view) => Frame::new(
                 job.request_id,
-                Body::Conversation(crate::streams::control::conversation_info(view)),
+                Body::Conversation(crate::streams::control::conversation_info(view, creator)),
             ),
             Err(e) => Refusal::from(e).to_frame(job.request_id),
         };

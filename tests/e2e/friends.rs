@@ -268,6 +268,72 @@ async fn an_ended_friendship_takes_no_more_messages() {
 /// neither can message the other. It is listed; unblocking lets a new
 /// request through, not the old friendship.
 #[tokio::test]
+async fn after_a_block_the_blocked_is_told_nothing_of_what_the_blocker_reads() {
+    // Bob blocks Alice: she is told nothing more of what he reads in their
+    // direct conversation, no live receipt, and its views and message
+    // receipts show none of his watermarks. A group they share is not
+    // affected, and Bob's own view keeps his.
+    let server = TestServer::start().await;
+    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let bob_id = bob.identity().user_id;
+    let direct = befriend(&alice, &bob).await;
+    let group = alice
+        .create_group("both", &[bob_id])
+        .await
+        .unwrap()
+        .conversation_id;
+    let d1 = alice.send_text(direct, "before").await.unwrap().seq;
+    let d2 = alice.send_text(direct, "after").await.unwrap().seq;
+    let g1 = alice.send_text(group, "to both").await.unwrap().seq;
+    for (conversation, seq) in [(direct, d1), (direct, d2), (group, g1)] {
+        wait_for(&mut bob_events, "alice's messages", |e| match e {
+            Event::Message(m) if (m.conversation_id, m.seq) == (conversation, seq) => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+    bob.mark_seen(direct, d1).await.unwrap();
+    wait_for(&mut alice_events, "bob read the first", |e| match e {
+        Event::Receipt(r) if r.conversation_id == direct && r.seen_seq >= d1 => Some(()),
+        _ => None,
+    })
+    .await;
+
+    bob.block(alice.identity().user_id).await.unwrap();
+    // Answered once its receipts were queued: one of the direct
+    // conversation would reach Alice before the group's.
+    bob.mark_seen(direct, d2).await.unwrap();
+    bob.mark_seen(group, g1).await.unwrap();
+    wait_for(&mut alice_events, "bob read the group", |e| match e {
+        Event::Receipt(r) if r.conversation_id == direct && r.seen_seq >= d2 => {
+            panic!("told of a read after the block: {r:?}")
+        }
+        Event::Receipt(r) if r.conversation_id == group && r.seen_seq >= g1 => Some(()),
+        _ => None,
+    })
+    .await;
+
+    let bobs = |info: &proto::ConversationInfo| {
+        let m = info.members.iter().find(|m| m.user_id == bob_id).unwrap();
+        (m.delivered_seq, m.seen_seq)
+    };
+    assert_eq!(bobs(&alice.conversation(direct).await.unwrap()), (0, 0));
+    let listed = alice.conversations(10, None).await.unwrap();
+    let listed = |id| listed.iter().find(|c| c.conversation_id == id).unwrap();
+    assert_eq!(bobs(listed(direct)), (0, 0), "as listed");
+    assert_eq!(bobs(listed(group)), (g1, g1), "the group still shows it");
+    let receipts = alice.message_receipts(direct, d1).await.unwrap();
+    assert_eq!((receipts.delivered_count, receipts.seen_count), (0, 0));
+    assert!(receipts.members.iter().all(|m| !m.delivered && !m.seen));
+    assert_eq!(
+        bobs(&bob.conversation(direct).await.unwrap()),
+        (d2, d2),
+        "bob's own view keeps his"
+    );
+}
+
+#[tokio::test]
 async fn a_block_ends_the_friendship_and_keeps_requests_out() {
     let server = TestServer::start().await;
     let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;

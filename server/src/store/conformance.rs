@@ -58,6 +58,7 @@ macro_rules! history_store_conformance {
             duplicates_name_the_members_still_owed,
             removed_members_catch_up_to_their_removal,
             moves_share_their_conversations_member_list,
+            closed_direct_conversations_keep_their_watermarks_to_themselves,
         );
     };
     (@tests $mode:tt; $($name:ident),* $(,)?) => {
@@ -1844,4 +1845,83 @@ pub async fn moves_share_their_conversations_member_list(store: &impl HistorySto
         Arc::ptr_eq(&moved[0].members, &moved[1].members),
         "one list for the conversation's moves"
     );
+}
+
+/// After a friendship ends (a removal, a block), a direct conversation is
+/// closed: the views say so, nobody is told of either member's watermark
+/// moves, and the snapshot of receipts leaves it out; a group of the same
+/// two is not affected. Friends again, it opens again.
+pub async fn closed_direct_conversations_keep_their_watermarks_to_themselves(
+    store: &impl HistoryStore,
+) {
+    let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
+    let group = trip(store, a, vec![b]).await;
+    append_one(store, text(c, a, "k1", "one", 10)).await;
+    append_one(store, text(c, a, "k2", "two", 11)).await;
+    append_one(store, text(group, a, "k3", "hi all", 12)).await;
+    let seen = |conversation_id, seq| WatermarkUpdate {
+        conversation_id,
+        user_id: b,
+        kind: WatermarkKind::Seen,
+        seq,
+    };
+    let moved = store.advance_watermarks(vec![seen(c, 1)]).await.unwrap();
+    assert_eq!(moved.len(), 1);
+    assert_eq!(
+        *moved[0].members,
+        vec![a.min(b), a.max(b)],
+        "friends hear of it"
+    );
+    assert!(!store.conversation(c, a).await.unwrap().closed);
+    let in_snapshot = |snapshot: &[proto::Receipt], conversation| {
+        snapshot.iter().any(|r| r.conversation_id == conversation)
+    };
+    assert!(in_snapshot(
+        &store.receipt_snapshot(a, 10, 32).await.unwrap(),
+        c
+    ));
+
+    assert!(matches!(
+        store.block(b, a, 20, 10).await.unwrap(),
+        BlockOutcome::Blocked { .. }
+    ));
+    for viewer in [a, b] {
+        assert!(store.conversation(c, viewer).await.unwrap().closed);
+        assert!(!store.conversation(group, viewer).await.unwrap().closed);
+        let listed = store.conversations(viewer, (0, 0), 10).await.unwrap();
+        let closed: Vec<bool> = [c, group]
+            .iter()
+            .map(|&id| listed.iter().find(|v| v.id == id).unwrap().closed)
+            .collect();
+        assert_eq!(closed, [true, false], "as listed");
+    }
+    // Bob reads on, and the store still moves his watermark (his devices
+    // and catch-up rely on it), but nobody is to be told.
+    let moved = store
+        .advance_watermarks(vec![seen(c, 2), seen(group, 1)])
+        .await
+        .unwrap();
+    let audience = |conversation| {
+        let m = moved
+            .iter()
+            .find(|m| m.conversation_id == conversation)
+            .unwrap();
+        let read = if conversation == c { 2 } else { 1 };
+        assert_eq!((m.delivered_seq, m.seen_seq), (read, read));
+        m.members.len()
+    };
+    assert_eq!(audience(c), 0, "nobody hears of a move in a closed one");
+    assert_eq!(audience(group), 2, "the group is not closed");
+    let snapshot = store.receipt_snapshot(a, 10, 32).await.unwrap();
+    assert!(!in_snapshot(&snapshot, c), "{snapshot:?}");
+    assert!(in_snapshot(&snapshot, group), "{snapshot:?}");
+
+    // Friends again: open again.
+    store.unblock(b, a).await.unwrap();
+    befriend(store, a, b).await;
+    assert!(!store.conversation(c, a).await.unwrap().closed);
+    assert!(in_snapshot(
+        &store.receipt_snapshot(a, 10, 32).await.unwrap(),
+        c
+    ));
 }

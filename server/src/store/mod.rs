@@ -431,6 +431,9 @@ pub struct ConversationView {
     pub last_message: Option<proto::Message>,
     /// Messages from others above the viewer's seen watermark.
     pub unread_count: u64,
+    /// A direct conversation whose two members are not friends (any more):
+    /// nobody sends in it, and neither is shown the other's watermarks.
+    pub closed: bool,
 }
 
 /// A message to append, after validation.
@@ -498,8 +501,10 @@ pub struct WatermarkMoved {
     pub delivered_seq: u64,
     /// New seen watermark.
     pub seen_seq: u64,
-    /// Every member of the conversation, to notify (shared with the
-    /// store's cache, so a move does not copy the list).
+    /// Who to notify: every member of the conversation (shared with the
+    /// store's cache, so a move does not copy the list), or nobody in a
+    /// closed direct conversation, whose two members are not friends any
+    /// more ([`ConversationView::closed`]).
     pub members: Arc<Vec<UserId>>,
 }
 
@@ -795,7 +800,8 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// missed; those of more than `max_members` members are left out, as
     /// their moves are not broadcast either (see `crate::receipts`): a
     /// member of many large groups would otherwise be sent every member's
-    /// watermarks on each connection.
+    /// watermarks on each connection. Nor is the other member's of a
+    /// closed direct conversation ([`ConversationView::closed`]).
     async fn receipt_snapshot(
         &self,
         user: UserId,

@@ -778,6 +778,7 @@ impl PostgresStore {
                     last_activity_ms: col(row, 4)?,
                     last_message,
                     unread_count: id_col(row, 5)?,
+                    closed: col(row, 14)?,
                 },
             );
         }
@@ -1918,7 +1919,7 @@ impl HistoryStore for PostgresStore {
         let client = self.client().await?;
         let lock = client.prepare_cached(LOCK_MEMBERS).await.map_err(pg)?;
         let advance = client.prepare_cached(ADVANCE).await.map_err(pg)?;
-        let members_of = client.prepare_cached(MEMBERS_OF).await.map_err(pg)?;
+        let members_of = client.prepare_cached(RECEIPT_AUDIENCE).await.map_err(pg)?;
         let xid_stmt = client
             .prepare_cached(ASSIGNED_TRANSACTION_ID)
             .await
@@ -2067,7 +2068,7 @@ impl HistoryStore for PostgresStore {
             "SELECT other.conversation_id, other.user_id, other.delivered_seq, other.seen_seq
              FROM (SELECT c.id, c.last_activity_ms FROM members me
                    JOIN conversations c ON c.id = me.conversation_id
-                   WHERE me.user_id = $1
+                   WHERE me.user_id = $1 AND NOT c.closed
                    ORDER BY c.last_activity_ms DESC LIMIT $2) recent
              JOIN members other ON other.conversation_id = recent.id AND other.user_id <> $1
              WHERE NOT EXISTS (SELECT 1 FROM members m WHERE m.conversation_id = recent.id
@@ -2121,6 +2122,14 @@ const END_TRANSACTION: &str = "
 const MEMBERS_OF: &str = "
     SELECT conversation_id, user_id FROM members
     WHERE conversation_id = ANY($1::bigint[]) ORDER BY conversation_id, user_id";
+
+/// Who hears of watermark moves in each conversation: its members, but
+/// nobody in a closed direct conversation (the two are not friends any
+/// more, and neither is told the other's receipts).
+const RECEIPT_AUDIENCE: &str = "
+    SELECT m.conversation_id, m.user_id FROM members m
+    JOIN conversations c ON c.id = m.conversation_id AND NOT c.closed
+    WHERE m.conversation_id = ANY($1::bigint[]) ORDER BY m.conversation_id, m.user_id";
 
 /// Locks the batch's conversations in id order (so that concurrent
 /// batches touching several conversations cannot deadlock) and reads the
@@ -2224,7 +2233,7 @@ const VIEWS: &str = "
                                     AND u.sender_id <> me.user_id
                                   LIMIT $4) unread),
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
-           lm.type, lm.sent_at_ms, left(lm.body, $3)
+           lm.type, lm.sent_at_ms, left(lm.body, $3), c.closed
     FROM conversations c
     JOIN members me ON me.conversation_id = c.id AND me.user_id = $2
     LEFT JOIN messages lm ON lm.conversation_id = c.id AND lm.seq = c.last_seq

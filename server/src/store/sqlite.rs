@@ -1454,15 +1454,24 @@ fn view(
             |r| r.get(0),
         )
         .map_err(internal)?;
+    let kind = proto::ConversationKind::try_from(kind).unwrap_or_default();
+    let members = member_states(conn, conversation_id).map_err(internal)?;
+    let closed = match members.iter().find(|m| m.user_id != viewer) {
+        Some(other) if kind == proto::ConversationKind::Direct => {
+            !are_friends(conn, viewer, other.user_id)?
+        }
+        _ => false,
+    };
     Ok(ConversationView {
         id: conversation_id,
-        kind: proto::ConversationKind::try_from(kind).unwrap_or_default(),
+        kind,
         name,
-        members: member_states(conn, conversation_id).map_err(internal)?,
+        members,
         last_seq,
         last_activity_ms,
         last_message,
         unread_count: unread_count as u64,
+        closed,
     })
 }
 
@@ -2603,7 +2612,14 @@ impl HistoryStore for SqliteStore {
                 // without a query.
                 let (members, target) = match state.conversation(conn, u.conversation_id)? {
                     Some(c) if c.members.binary_search(&u.user_id).is_ok() => {
-                        (c.members.clone(), u.seq.min(c.last_seq))
+                        // In a closed direct conversation nobody hears of
+                        // it (see `WatermarkMoved::members`).
+                        let audience = if c.open {
+                            c.members.clone()
+                        } else {
+                            Arc::new(Vec::new())
+                        };
+                        (audience, u.seq.min(c.last_seq))
                     }
                     // Perhaps a removed member's device, catching up.
                     _ => {
@@ -2718,18 +2734,22 @@ impl HistoryStore for SqliteStore {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT other.conversation_id, other.user_id, other.delivered_seq, other.seen_seq
-                     FROM (SELECT c.id, c.last_activity_ms FROM members me
+                     FROM (SELECT c.id, c.kind, c.last_activity_ms FROM members me
                            JOIN conversations c ON c.id = me.conversation_id
                            WHERE me.user_id = ?1
                            ORDER BY c.last_activity_ms DESC LIMIT ?2) recent
                      JOIN members other ON other.conversation_id = recent.id AND other.user_id != ?1
                      WHERE NOT EXISTS (SELECT 1 FROM members m WHERE m.conversation_id = recent.id
                                        LIMIT 1 OFFSET ?3)
+                       AND (recent.kind != ?4
+                            OR EXISTS (SELECT 1 FROM friends f
+                                       WHERE f.user_id = ?1 AND f.friend_id = other.user_id))
                      ORDER BY recent.last_activity_ms DESC, other.user_id",
                 )
                 .map_err(internal)?;
+            let direct = proto::ConversationKind::Direct as i32;
             let rows = stmt
-                .query_map(params![sql(user), limit, max_members], |r| {
+                .query_map(params![sql(user), limit, max_members, direct], |r| {
                     Ok(proto::Receipt {
                         conversation_id: r.get::<_, i64>(0)? as u64,
                         user_id: r.get::<_, i64>(1)? as u64,

@@ -20,7 +20,7 @@ use crate::error::{Refusal, retry_after_ms};
 use crate::session::Session;
 use crate::store::{
     BlockOutcome, ConversationView, Direction, FriendRequestOutcome, GroupChange, GroupEdit,
-    HistoryStore, Membership, NewGroup, Page, StoreError,
+    HistoryStore, MemberState, Membership, NewGroup, Page, StoreError, UserId,
 };
 use crate::wire::{self, FrameReader, Outbound};
 
@@ -673,7 +673,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             }
             let id = store.open_direct(me, o.user_id, now_ms()).await?;
             let view = store.conversation(id, me).await?;
-            reply(Body::Conversation(conversation_info(view)))
+            reply(Body::Conversation(conversation_info(view, me)))
         }
         Some(Body::ListConversations(l)) => {
             let limit = page_limit(l.limit, DEFAULT_CONVERSATION_PAGE) as usize;
@@ -692,7 +692,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 let views = store.conversations(me, before, chunk as u32).await?;
                 let read = views.len();
                 for view in views {
-                    let info = conversation_info(view);
+                    let info = conversation_info(view, me);
                     used += repeated_len(info.encoded_len());
                     if used > budget && !conversations.is_empty() {
                         break 'chunks;
@@ -841,7 +841,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
         }
         Some(Body::GetConversation(g)) => {
             let view = store.conversation(g.conversation_id, me).await?;
-            reply(Body::Conversation(conversation_info(view)))
+            reply(Body::Conversation(conversation_info(view, me)))
         }
         Some(Body::GetMessageReceipts(q)) => {
             let view = store.conversation(q.conversation_id, me).await?;
@@ -868,14 +868,17 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     "no message with that seq",
                 ));
             };
+            // As in `conversation_info`: nothing of the other in a closed
+            // direct conversation.
+            let shown = |m: &MemberState| !view.closed || m.user_id == me;
             let members: Vec<proto::MemberReceipt> = view
                 .members
                 .iter()
                 .filter(|m| m.user_id != message.sender_id && m.joined_seq <= q.seq)
                 .map(|m| proto::MemberReceipt {
                     user_id: m.user_id,
-                    delivered: m.delivered_seq >= q.seq,
-                    seen: m.seen_seq >= q.seq,
+                    delivered: shown(m) && m.delivered_seq >= q.seq,
+                    seen: shown(m) && m.seen_seq >= q.seq,
                 })
                 .collect();
             reply(Body::MessageReceipts(proto::MessageReceipts {
@@ -1122,7 +1125,11 @@ fn notify_friend(session: &Session, user: u64, kind: proto::friend_event::Kind) 
 }
 
 /// The wire form of a conversation.
-pub fn conversation_info(view: ConversationView) -> proto::ConversationInfo {
+pub fn conversation_info(view: ConversationView, viewer: UserId) -> proto::ConversationInfo {
+    // In a closed direct conversation (the two are not friends any more)
+    // the other's watermarks are not shown: after a block, the blocked
+    // user must not see when the blocker reads.
+    let hidden = |user| view.closed && user != viewer;
     proto::ConversationInfo {
         conversation_id: view.id,
         kind: view.kind as i32,
@@ -1133,8 +1140,12 @@ pub fn conversation_info(view: ConversationView) -> proto::ConversationInfo {
             .map(|m| proto::Member {
                 user_id: m.user_id,
                 username: m.username,
-                delivered_seq: m.delivered_seq,
-                seen_seq: m.seen_seq,
+                delivered_seq: if hidden(m.user_id) {
+                    0
+                } else {
+                    m.delivered_seq
+                },
+                seen_seq: if hidden(m.user_id) { 0 } else { m.seen_seq },
                 admin: m.admin,
                 joined_seq: m.joined_seq,
             })
