@@ -1857,8 +1857,9 @@ pub async fn closed_direct_conversations_keep_their_watermarks_to_themselves(
     let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
     let group = trip(store, a, vec![b]).await;
     append_one(store, text(c, a, "k1", "one", 10)).await;
-    append_one(store, text(c, a, "k2", "two", 11)).await;
-    append_one(store, text(group, a, "k3", "hi all", 12)).await;
+    append_one(store, text(group, a, "k3", "hi all", 11)).await;
+    // The direct conversation is the most recent.
+    append_one(store, text(c, a, "k2", "two", 12)).await;
     let seen = |conversation_id, seq| WatermarkUpdate {
         conversation_id,
         user_id: b,
@@ -1915,6 +1916,10 @@ pub async fn closed_direct_conversations_keep_their_watermarks_to_themselves(
     let snapshot = store.receipt_snapshot(a, 10, 32).await.unwrap();
     assert!(!in_snapshot(&snapshot, c), "{snapshot:?}");
     assert!(in_snapshot(&snapshot, group), "{snapshot:?}");
+    // Left out before the limit: the one most recent open conversation
+    // is the group.
+    let one = store.receipt_snapshot(a, 1, 32).await.unwrap();
+    assert!(in_snapshot(&one, group), "{one:?}");
 
     // Friends again: open again.
     store.unblock(b, a).await.unwrap();

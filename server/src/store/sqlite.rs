@@ -2730,20 +2730,22 @@ impl HistoryStore for SqliteStore {
     ) -> Result<Vec<proto::Receipt>, StoreError> {
         self.call(move |conn, _| {
             // A (max_members + 1)th member marks a large conversation: at
-            // most that many index entries are read for each.
+            // most that many index entries are read for each. Closed direct
+            // conversations are left out before the limit, as on Postgres.
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT other.conversation_id, other.user_id, other.delivered_seq, other.seen_seq
-                     FROM (SELECT c.id, c.kind, c.last_activity_ms FROM members me
+                     FROM (SELECT c.id, c.last_activity_ms FROM members me
                            JOIN conversations c ON c.id = me.conversation_id
                            WHERE me.user_id = ?1
+                             AND (c.kind != ?4
+                                  OR EXISTS (SELECT 1 FROM members o
+                                             JOIN friends f ON f.user_id = ?1 AND f.friend_id = o.user_id
+                                             WHERE o.conversation_id = c.id AND o.user_id != ?1))
                            ORDER BY c.last_activity_ms DESC LIMIT ?2) recent
                      JOIN members other ON other.conversation_id = recent.id AND other.user_id != ?1
                      WHERE NOT EXISTS (SELECT 1 FROM members m WHERE m.conversation_id = recent.id
                                        LIMIT 1 OFFSET ?3)
-                       AND (recent.kind != ?4
-                            OR EXISTS (SELECT 1 FROM friends f
-                                       WHERE f.user_id = ?1 AND f.friend_id = other.user_id))
                      ORDER BY recent.last_activity_ms DESC, other.user_id",
                 )
                 .map_err(internal)?;
