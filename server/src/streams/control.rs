@@ -386,7 +386,7 @@ async fn issue_token(
             .revoke_session(token_hash, now_ms())
             .await
         {
-            tracing::warn!(error = %e, "could not revoke a session refused at registration");
+            tracing::warn!(error = %e, "could not revoke a session refused as it was issued");
         }
         return Err(refusal);
     }
