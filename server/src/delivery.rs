@@ -42,8 +42,8 @@ use crate::hub::{Hub, SessionHandle};
 use crate::metrics::Metrics;
 use crate::receipts::ReceiptRoutes;
 use crate::store::{
-    Appended, GroupCreated, GroupEdit, HistoryStore, InboxStore, NewGroup, NewMessage, RecentCache,
-    StoreError, UserId, WatermarkKind, WatermarkUpdate,
+    Appended, ConversationView, Direction, GroupCreated, GroupEdit, HistoryStore, InboxStore,
+    NewGroup, NewMessage, RecentCache, StoreError, UserId, WatermarkKind, WatermarkUpdate,
 };
 use crate::wire::{DeliverKey, Outbound};
 
@@ -877,8 +877,10 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout, paused: &mu
 
 /// Creates a group (its first SYSTEM message in the same transaction),
 /// answers on control with the conversation, and fans the message out. A
-/// repeated key answers the group its first request made, and fans out
-/// nothing: that was done when it was created.
+/// repeated key answers the group its first request made and sends its
+/// first message again to the members still owed it
+/// ([`redeliver_creation`]). A new group is not paused like a send of
+/// unknown outcome ([`Paused`]): nobody else knows of it before that.
 async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
     let Work::CreateGroup { group, max_members } = job.work else {
         return;
@@ -886,13 +888,13 @@ async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
     let creator = group.creator;
     let now = crate::streams::now_ms();
     let created = c.store.create_group(*group, max_members, now).await;
-    let id = match created {
+    let (id, repeated) = match created {
         Ok(GroupCreated::New(appended)) => {
             let id = appended.message.conversation_id;
             fan_out(c, appended, job.session.conn_id, None, out);
-            id
+            (id, false)
         }
-        Ok(GroupCreated::Existing(id)) => id,
+        Ok(GroupCreated::Existing(id)) => (id, true),
         Err(e) => {
             let reply = Refusal::from(e).to_frame(job.request_id);
             job.session
@@ -904,18 +906,66 @@ async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
     // everyone's sends meanwhile (a round trip on Postgres). Should it
     // fail, the group exists all the same: the client's retry with its key
     // gets it without making another.
-    let store = c.store.clone();
+    let (store, hub, metrics) = (c.store.clone(), c.hub.clone(), c.metrics.clone());
     tokio::spawn(async move {
         let reply = match store.conversation(id, creator).await {
-            Ok(view) => Frame::new(
-                job.request_id,
-                Body::Conversation(crate::streams::control::conversation_info(view, creator)),
-            ),
+            Ok(view) => {
+                if repeated {
+                    redeliver_creation(&*store, &hub, &metrics, &view, creator).await;
+                }
+                Frame::new(
+                    job.request_id,
+                    Body::Conversation(crate::streams::control::conversation_info(view, creator)),
+                )
+            }
             Err(e) => Refusal::from(e).to_frame(job.request_id),
         };
         job.session
             .push(StreamKind::Control, Outbound::frame(&reply));
     });
+}
+
+/// A repeated creation (the creator's retry with the same key) sends the
+/// group's first message again to the connected members still owed it,
+/// as [`redeliver`] does for a send: its first fan-out may never have
+/// happened (a creation whose outcome was unknown, reported failed
+/// although it committed), and without it the members knew nothing of the
+/// group until its next message. A member who had it drops the copy.
+async fn redeliver_creation(
+    store: &dyn HistoryStore,
+    hub: &Hub,
+    metrics: &Metrics,
+    view: &ConversationView,
+    creator: UserId,
+) {
+    let owed: Vec<UserId> = view
+        .members
+        .iter()
+        .filter(|m| m.user_id != creator && m.delivered_seq == 0 && m.joined_seq == 0)
+        .map(|m| m.user_id)
+        .collect();
+    if owed.is_empty() {
+        return;
+    }
+    let first = match store.history(view.id, Direction::Forward, 0, 1).await {
+        Ok(page) => page.messages.into_iter().next(),
+        Err(e) => {
+            tracing::warn!(conversation = view.id, error = %e, "could not read a repeated group's first message");
+            None
+        }
+    };
+    let Some(message) = first else {
+        return;
+    };
+    let deliver = Frame::push(Body::Deliver(proto::Deliver {
+        message: Some((*message).clone()),
+    }));
+    let (frame, _) = deliver_frames(&deliver, &message);
+    let mut pushed = 0;
+    for member in owed {
+        pushed += hub.push(member, StreamKind::Messages, &frame, None);
+    }
+    metrics.redeliveries.increment(pushed as u64);
 }
 
 /// Pushes a stored message to every member but its sender, and to the

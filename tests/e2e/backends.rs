@@ -1122,3 +1122,57 @@ impl RawSender {
         }
     }
 }
+
+#[tokio::test]
+async fn a_group_created_with_an_unknown_outcome_reaches_its_members_on_the_retry() {
+    // The creation commits, but the answer to its COMMIT is lost and
+    // Postgres cannot be asked how it ended: Alice hears UNAVAILABLE, and
+    // her client's retry with the same key finds the group. Bob was told
+    // nothing the first time; the retry must bring him the group's first
+    // message, or he knows nothing of the group until its next one.
+    let Some((backend, _schema)) = production_with_schema().await else {
+        return;
+    };
+    let cutter = postgres::cutter::CommitCutter::start().await;
+    let proxied = cutter.url();
+    let server = TestServer::start_on_with(backend, |c| {
+        c.postgres_url = Some(proxied);
+        c.postgres_commit_settle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let mut members = circle(&server, 2).await;
+    let (bob, mut bob_events) = members.pop().unwrap();
+    let (alice, _alice_events) = members.pop().unwrap();
+    let bob_id = bob.identity().user_id;
+
+    cutter.arm_after(b"unsettled group");
+    let creating = tokio::spawn({
+        let alice = alice.clone();
+        async move {
+            alice
+                .create_group_with_key("unsettled group", &[bob_id], "unsettled-1")
+                .await
+        }
+    });
+    // The first attempt is answered UNAVAILABLE (its outcome unknown)...
+    scrape_until(metrics, "the creation's unknown outcome", |m| {
+        value(m, "chat_errors_total{code=\"UNAVAILABLE\"}") >= 1.0
+    })
+    .await;
+    assert_eq!(cutter.cuts(), 1, "the COMMIT's answer was cut");
+    // ... and the client's retry finds the group once Postgres answers.
+    cutter.end_blackout();
+    let group = tokio::time::timeout(WAIT, creating)
+        .await
+        .expect("the retry in time")
+        .unwrap()
+        .expect("the group, found by its key")
+        .conversation_id;
+    wait_for(&mut bob_events, "the group's first message", |e| match e {
+        chat_client::Event::Message(m) if m.conversation_id == group => Some(m),
+        _ => None,
+    })
+    .await;
+    drop(bob);
+}
