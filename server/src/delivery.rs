@@ -879,8 +879,9 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout, paused: &mu
 /// answers on control with the conversation, and fans the message out. A
 /// repeated key answers the group its first request made and sends its
 /// first message again to the members still owed it
-/// ([`redeliver_creation`]). A new group is not paused like a send of
-/// unknown outcome ([`Paused`]): nobody else knows of it before that.
+/// ([`redeliver_creation`]). A new group whose creation's outcome is
+/// unknown is not paused like a send ([`Paused`]): it belongs to the
+/// creator's committer, not the group's (ARCHITECTURE.md has the cost).
 async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
     let Work::CreateGroup { group, max_members } = job.work else {
         return;

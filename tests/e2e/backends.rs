@@ -1174,5 +1174,10 @@ async fn a_group_created_with_an_unknown_outcome_reaches_its_members_on_the_retr
         _ => None,
     })
     .await;
+    let m = scrape(metrics).await;
+    assert!(
+        value(&m, "chat_redeliveries_total") >= 1.0,
+        "brought by the retry's redelivery"
+    );
     drop(bob);
 }
