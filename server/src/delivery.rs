@@ -324,27 +324,14 @@ async fn send_committer(
         for job in jobs.drain(..) {
             match job.work {
                 Work::Message(_) => run.push(job),
-                Work::Group { .. } => {
-                    commit_run(
-                        &c,
-                        std::mem::take(&mut run),
-                        &mut out,
-                        &mut holds,
-                        &mut paused,
-                    )
-                    .await;
-                    commit_group(&c, job, &mut out, &mut paused).await;
-                }
-                Work::CreateGroup { .. } => {
-                    commit_run(
-                        &c,
-                        std::mem::take(&mut run),
-                        &mut out,
-                        &mut holds,
-                        &mut paused,
-                    )
-                    .await;
-                    commit_create(&c, job, &mut out).await;
+                Work::Group { .. } | Work::CreateGroup { .. } => {
+                    let run = std::mem::take(&mut run);
+                    commit_run(&c, run, &mut out, &mut holds, &mut paused).await;
+                    if matches!(job.work, Work::Group { .. }) {
+                        commit_group(&c, job, &mut out, &mut paused).await;
+                    } else {
+                        commit_create(&c, job, &mut out).await;
+                    }
                 }
             }
         }
@@ -789,19 +776,35 @@ fn redeliver(c: &Committer, appended: &Appended, out: &Fanout) {
     {
         return;
     }
-    let deliver = Frame::push(Body::Deliver(proto::Deliver {
-        message: Some((**message).clone()),
-    }));
-    // The members still owed it, never its sender (see `Appended`).
-    let (frame, _) = deliver_frames(&deliver, message);
-    // Not noted in the receipt routes, which take messages in seq order: a
+    // The members still owed it, never its sender (see `Appended`). Not
+    // noted in the receipt routes, which take messages in seq order: a
     // large group's sender may miss the receipts of a message that was never
     // fanned out, and GetMessageReceipts still has them.
+    push_again(
+        &c.hub,
+        &c.metrics,
+        message,
+        appended.members.iter().copied(),
+    );
+}
+
+/// Pushes a stored message again to the connected sessions of `owed`
+/// (counted in `chat_redeliveries_total`).
+fn push_again(
+    hub: &Hub,
+    metrics: &Metrics,
+    message: &proto::Message,
+    owed: impl IntoIterator<Item = UserId>,
+) {
+    let deliver = Frame::push(Body::Deliver(proto::Deliver {
+        message: Some(message.clone()),
+    }));
+    let (frame, _) = deliver_frames(&deliver, message);
     let mut pushed = 0;
-    for &member in &appended.members {
-        pushed += c.hub.push(member, StreamKind::Messages, &frame, None);
+    for member in owed {
+        pushed += hub.push(member, StreamKind::Messages, &frame, None);
     }
-    c.metrics.redeliveries.increment(pushed as u64);
+    metrics.redeliveries.increment(pushed as u64);
 }
 
 /// The queued `Deliver` of `message` for its members, and for its
@@ -837,8 +840,9 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout, paused: &mu
     };
     let (conversation, actor, key) = (edit.conversation_id, edit.actor, edit.client_key.clone());
     if !paused.is_empty() {
-        paused.expire(Instant::now());
-        if paused.refuses(conversation, actor, key.as_deref(), Instant::now()) {
+        let now = Instant::now();
+        paused.expire(now);
+        if paused.refuses(conversation, actor, key.as_deref(), now) {
             let frame = paused_refusal().to_frame(job.request_id);
             job.session
                 .push(StreamKind::Control, Outbound::frame(&frame));
@@ -955,18 +959,9 @@ async fn redeliver_creation(
             None
         }
     };
-    let Some(message) = first else {
-        return;
-    };
-    let deliver = Frame::push(Body::Deliver(proto::Deliver {
-        message: Some((*message).clone()),
-    }));
-    let (frame, _) = deliver_frames(&deliver, &message);
-    let mut pushed = 0;
-    for member in owed {
-        pushed += hub.push(member, StreamKind::Messages, &frame, None);
+    if let Some(message) = first {
+        push_again(hub, metrics, &message, owed);
     }
-    metrics.redeliveries.increment(pushed as u64);
 }
 
 /// Pushes a stored message to every member but its sender, and to the

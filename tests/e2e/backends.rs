@@ -929,6 +929,23 @@ async fn a_resume_refused_after_its_registration_leaves_no_session_behind() {
     );
 }
 
+/// A server on the production backends whose Postgres is behind a
+/// [`CommitCutter`](postgres::cutter::CommitCutter), asking how an
+/// unanswered COMMIT ended for 300 ms only, and its schema. The cutter
+/// comes first, so that a binding of the tuple drops the server before it.
+/// `None` when the test is skipped.
+async fn behind_a_commit_cutter() -> Option<(postgres::cutter::CommitCutter, TestServer, String)> {
+    let (backend, schema) = production_with_schema().await?;
+    let cutter = postgres::cutter::CommitCutter::start().await;
+    let proxied = cutter.url();
+    let server = TestServer::start_on_with(backend, |c| {
+        c.postgres_url = Some(proxied);
+        c.postgres_commit_settle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    Some((cutter, server, schema))
+}
+
 #[tokio::test]
 async fn a_send_of_unknown_outcome_keeps_its_place_for_every_member() {
     // Alice's send commits, but the answer to its COMMIT is lost and
@@ -939,16 +956,9 @@ async fn a_send_of_unknown_outcome_keeps_its_place_for_every_member() {
     // retry, finding Alice's message stored, would have gone only to
     // members still below it: Bob would never have seen it. The group
     // waits for the retry instead.
-    let Some((backend, schema)) = production_with_schema().await else {
+    let Some((cutter, server, schema)) = behind_a_commit_cutter().await else {
         return;
     };
-    let cutter = postgres::cutter::CommitCutter::start().await;
-    let proxied = cutter.url();
-    let server = TestServer::start_on_with(backend, |c| {
-        c.postgres_url = Some(proxied);
-        c.postgres_commit_settle_timeout = Duration::from_millis(300);
-    })
-    .await;
     let mut members = circle(&server, 3).await;
     let ids: Vec<u64> = members.iter().map(|(c, _)| c.identity().user_id).collect();
     let group = members[0]
@@ -1130,16 +1140,9 @@ async fn a_group_created_with_an_unknown_outcome_reaches_its_members_on_the_retr
     // her client's retry with the same key finds the group. Bob was told
     // nothing the first time; the retry must bring him the group's first
     // message, or he knows nothing of the group until its next one.
-    let Some((backend, _schema)) = production_with_schema().await else {
+    let Some((cutter, server, _schema)) = behind_a_commit_cutter().await else {
         return;
     };
-    let cutter = postgres::cutter::CommitCutter::start().await;
-    let proxied = cutter.url();
-    let server = TestServer::start_on_with(backend, |c| {
-        c.postgres_url = Some(proxied);
-        c.postgres_commit_settle_timeout = Duration::from_millis(300);
-    })
-    .await;
     let metrics = server.server.as_ref().unwrap().metrics_addr();
     let mut members = circle(&server, 2).await;
     let (bob, mut bob_events) = members.pop().unwrap();

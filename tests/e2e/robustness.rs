@@ -101,6 +101,26 @@ async fn next_delivered(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> pro
     }
 }
 
+/// The seqs a raw device was delivered, by conversation, in arrival order.
+type SeqsSeen = std::collections::HashMap<u64, Vec<u64>>;
+
+/// Reads deliveries into `seen` until each (conversation, count) of
+/// `wanted` has that many.
+async fn read_until(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+    seen: &mut SeqsSeen,
+    wanted: &[(u64, usize)],
+) {
+    while wanted
+        .iter()
+        .any(|&(conversation, n)| seen.get(&conversation).map_or(0, Vec::len) < n)
+    {
+        let m = next_delivered(recv, buf).await;
+        seen.entry(m.conversation_id).or_default().push(m.seq);
+    }
+}
+
 /// A varint length prefix claiming `len` bytes, plus a little of the body.
 fn oversize_prefix(len: u64) -> Vec<u8> {
     let mut buf = BytesMut::new();
@@ -1058,18 +1078,13 @@ async fn live_messages_during_a_long_catch_up_do_not_close_a_reading_client() {
     // Catch-up's first page does not fit the window: once its first
     // message is in (the writer is catching up), Bob reads nothing more
     // until Carol's messages are all stored and pushed.
-    let mut seen: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+    let mut seen = SeqsSeen::default();
     let mut buf = BytesMut::new();
-    let m = next_delivered(&mut messages_recv, &mut buf).await;
-    seen.entry(m.conversation_id).or_default().push(m.seq);
+    read_until(&mut messages_recv, &mut buf, &mut seen, &[(from_alice, 1)]).await;
     send_texts(&carol, from_carol, LIVE).await;
 
-    while seen.get(&from_alice).map_or(0, Vec::len) < BACKLOG
-        || seen.get(&from_carol).map_or(0, Vec::len) < LIVE
-    {
-        let m = next_delivered(&mut messages_recv, &mut buf).await;
-        seen.entry(m.conversation_id).or_default().push(m.seq);
-    }
+    let wanted = [(from_alice, BACKLOG), (from_carol, LIVE)];
+    read_until(&mut messages_recv, &mut buf, &mut seen, &wanted).await;
     for (conversation, n) in [(from_alice, BACKLOG), (from_carol, LIVE)] {
         let seqs = &seen[&conversation];
         let first = seqs[0];
@@ -1115,17 +1130,11 @@ async fn a_slow_catch_up_brings_everything_though_another_device_acked_it() {
         }))
         .await;
     let (_messages, mut messages_recv) = slow.stream(&frames(&[Frame::open_messages(false)])).await;
-    let mut seen: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+    let mut seen = SeqsSeen::default();
     let mut buf = BytesMut::new();
-    let read = |seen: &mut std::collections::HashMap<u64, Vec<u64>>, m: proto::Message| {
-        seen.entry(m.conversation_id).or_default().push(m.seq);
-    };
     // The slow device is catching up (its first page does not fit the
     // window) while the phone reads everything and acks it.
-    read(
-        &mut seen,
-        next_delivered(&mut messages_recv, &mut buf).await,
-    );
+    read_until(&mut messages_recv, &mut buf, &mut seen, &[(from_alice, 1)]).await;
     let (phone, mut phone_events) = Client::resume(server.client_config(), &token)
         .await
         .unwrap();
@@ -1135,14 +1144,8 @@ async fn a_slow_catch_up_brings_everything_though_another_device_acked_it() {
     wait_delivered(&carol, from_carol, bob_id, *sent.last().unwrap()).await;
     assert!(phone.is_connected());
 
-    while seen.get(&from_alice).map_or(0, Vec::len) < BACKLOG
-        || seen.get(&from_carol).map_or(0, Vec::len) < LIVE
-    {
-        read(
-            &mut seen,
-            next_delivered(&mut messages_recv, &mut buf).await,
-        );
-    }
+    let wanted = [(from_alice, BACKLOG), (from_carol, LIVE)];
+    read_until(&mut messages_recv, &mut buf, &mut seen, &wanted).await;
     assert_eq!(seen[&from_carol], sent, "every live message once, in order");
     assert_eq!(
         seen[&from_alice],
