@@ -31,6 +31,15 @@
 //! on a connection that stayed up, reached the server), and at most
 //! 4,096 of them, the latest (an older one relies on the redelivery).
 //!
+//! An ack covers every earlier message of its conversation, so it never
+//! reaches a message still queued for the app ([`Acks::on_its_way`]): the
+//! server delivers a conversation in seq order, but a message whose commit
+//! outcome was unknown can come after later ones (see [`crate::dedup`]),
+//! and the app taking the later one first acked over it; had the process
+//! died before the app took it, the user's next client would never have
+//! got it. The ack stops below it, and moves up to all the app has once
+//! the app takes it.
+//!
 //! [`DeliveryAcks::Manual`]: crate::DeliveryAcks::Manual
 
 use std::collections::{HashMap, VecDeque};
@@ -117,6 +126,10 @@ struct State {
     written: HashMap<u64, Written>,
     /// The id of the next connection.
     next_connection: u64,
+    /// Conversation -> the seqs queued for the app and not taken yet, in
+    /// the queue's order (bounded by its capacity: an entry leaves when
+    /// the app takes its message).
+    on_its_way: HashMap<u64, VecDeque<u64>>,
 }
 
 impl Acks {
@@ -124,16 +137,51 @@ impl Acks {
     /// records it and queues its ack. False, and nothing recorded, once
     /// the acks are sealed (the client is leaving): an ack queued now
     /// would never be written.
+    ///
+    /// The ack covers the highest seq the app has, unless a lower one is
+    /// still queued for it ([`on_its_way`](Self::on_its_way)): then it
+    /// stops below that one.
     pub(crate) fn have(&self, conversation_id: u64, seq: u64) -> bool {
         let mut state = self.state.lock().expect("acks lock");
         if state.sealed.is_some() {
             return false;
         }
         state.had.first(conversation_id, seq);
-        state.queue(conversation_id, seq);
+        let highest = state.had.last(conversation_id).unwrap_or(seq).max(seq);
+        state.queue(conversation_id, highest);
         drop(state);
         self.queued.notify_waiters();
         true
+    }
+
+    /// `seq` of the conversation is queued for the app: until the app
+    /// takes it ([`taken`](Self::taken)), no ack reaches it.
+    pub(crate) fn on_its_way(&self, conversation_id: u64, seq: u64) {
+        let mut state = self.state.lock().expect("acks lock");
+        state
+            .on_its_way
+            .entry(conversation_id)
+            .or_default()
+            .push_back(seq);
+    }
+
+    /// The app took `seq` of the conversation from its queue: acks may
+    /// reach it. Then, if `ack`, as [`have`](Self::have).
+    pub(crate) fn taken(&self, conversation_id: u64, seq: u64, ack: bool) -> bool {
+        {
+            let mut state = self.state.lock().expect("acks lock");
+            if let Some(queued) = state.on_its_way.get_mut(&conversation_id) {
+                // The queue is first in, first out: the front, unless the
+                // app's taking raced a reconnect's hand-over.
+                if let Some(at) = queued.iter().position(|&s| s == seq) {
+                    queued.remove(at);
+                }
+                if queued.is_empty() {
+                    state.on_its_way.remove(&conversation_id);
+                }
+            }
+        }
+        !ack || self.have(conversation_id, seq)
     }
 
     /// A new connection, whose messages writer takes acks with the id
@@ -256,7 +304,20 @@ impl Acks {
 }
 
 impl State {
+    /// Queues the ack of `seq` and what comes before it, or of less: not
+    /// of a message still queued for the app, nor past one.
     fn queue(&mut self, conversation_id: u64, seq: u64) {
+        let lowest_queued = self
+            .on_its_way
+            .get(&conversation_id)
+            .and_then(|queued| queued.iter().min().copied());
+        let seq = match lowest_queued {
+            Some(lowest) if lowest <= seq => lowest.saturating_sub(1),
+            _ => seq,
+        };
+        if seq == 0 {
+            return;
+        }
         let highest = self.unsent.entry(conversation_id).or_insert(seq);
         *highest = (*highest).max(seq);
     }
@@ -285,6 +346,56 @@ mod tests {
         // An older one re-acks all the app has.
         assert!(acks.redelivered(2, 1));
         assert_eq!(acks.take_unsent(conn), HashMap::from([(2, 7)]));
+    }
+
+    #[test]
+    fn no_ack_passes_a_message_still_queued_for_the_app() {
+        let acks = Acks::default();
+        let conn = acks.connection(HOUR);
+        // 2 and 3 queued, then 1 (late), then 4.
+        for seq in [2, 3, 1, 4] {
+            acks.on_its_way(7, seq);
+        }
+        acks.on_its_way(8, 1);
+        assert!(acks.taken(7, 2, true));
+        assert!(acks.taken(7, 3, true));
+        assert!(acks.taken(8, 1, true));
+        assert_eq!(
+            acks.take_unsent(conn),
+            HashMap::from([(8, 1)]),
+            "nothing of 7 while its 1 waits"
+        );
+        assert!(acks.redelivered(7, 3), "the app has it");
+        assert!(!acks.any_unsent(), "its ack would pass 1 too");
+        assert!(acks.taken(7, 1, true));
+        assert_eq!(
+            acks.take_unsent(conn),
+            HashMap::from([(7, 3)]),
+            "all the app has, up to 4, still queued"
+        );
+        assert!(acks.taken(7, 4, true));
+        assert_eq!(acks.take_unsent(conn), HashMap::from([(7, 4)]));
+
+        // The app's own acks (manual): taking records nothing, and its ack
+        // of 9 stops below 6, still queued.
+        for seq in [9, 6] {
+            acks.on_its_way(7, seq);
+        }
+        assert!(acks.taken(7, 9, false));
+        assert!(!acks.any_unsent(), "taken, not acked");
+        acks.have(7, 9);
+        assert_eq!(acks.take_unsent(conn), HashMap::from([(7, 5)]));
+        assert!(acks.taken(7, 6, false));
+        acks.have(7, 6);
+        assert_eq!(
+            acks.take_unsent(conn),
+            HashMap::from([(7, 9)]),
+            "up to what the app acked"
+        );
+        assert!(
+            acks.state.lock().unwrap().on_its_way.is_empty(),
+            "nothing left once all is taken"
+        );
     }
 
     #[test]

@@ -172,11 +172,11 @@ impl Events {
     /// ack leaves with the last ones.
     fn taken(&self, event: Option<Event>) -> Option<Event> {
         match event {
-            Some(Event::Message(m)) if self.inner.config.delivery_acks == DeliveryAcks::OnTake => {
-                self.inner
-                    .acks
-                    .have(m.conversation_id, m.seq)
-                    .then_some(Event::Message(m))
+            Some(Event::Message(m)) => {
+                let on_take = self.inner.config.delivery_acks == DeliveryAcks::OnTake;
+                let given = self.inner.acks.taken(m.conversation_id, m.seq, on_take)
+                    && (on_take || !self.inner.departure.leaving());
+                given.then_some(Event::Message(m))
             }
             event => event.filter(|_| !self.inner.departure.leaving()),
         }
@@ -530,6 +530,7 @@ impl Inner {
         if !self.own_unanswered(&message)
             && let Room::Reserved(permit) = room
         {
+            self.acks.on_its_way(conversation_id, seq);
             permit.send(Event::Message(message));
         }
     }
@@ -1250,7 +1251,10 @@ impl Client {
     /// [`Events`] does this.) Written with the next send or after
     /// `delivery_ack_linger`; while disconnected, on the next connection.
     /// Once a [`shutdown`](Self::shutdown) has written its last acks, not
-    /// at all: the next client gets the message again.
+    /// at all: the next client gets the message again. An ack stops below
+    /// a message of the conversation still queued in [`Events`] (one that
+    /// came late, after higher ones); once the app has taken and acked that
+    /// one too, its ack covers `seq`.
     pub fn ack_delivery(&self, conversation_id: u64, seq: u64) {
         self.inner.acks.have(conversation_id, seq);
     }

@@ -1983,7 +1983,7 @@ async fn a_device_is_not_shown_its_own_send_as_a_new_message() {
 async fn leave_through_fake_node(
     endpoint: &quinn::Endpoint,
     announce: bool,
-    deliver: Option<&Frame>,
+    deliver: &[Frame],
     confirm: bool,
 ) -> (Vec<(u64, u64)>, bool) {
     let conn = tokio::time::timeout(WAIT, endpoint.accept())
@@ -2000,10 +2000,8 @@ async fn leave_through_fake_node(
     control.write_all(&frames(&[ok])).await.unwrap();
     let (mut send, mut recv, mut buf, _others, open) =
         accept_opened(&conn, StreamKind::Messages).await;
-    if let Some(deliver) = deliver {
-        send.write_all(&frames(std::slice::from_ref(deliver)))
-            .await
-            .unwrap();
+    if !deliver.is_empty() {
+        send.write_all(&frames(deliver)).await.unwrap();
     }
     let rest = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
         .await
@@ -2067,8 +2065,8 @@ async fn only_acks_stored_confirms_a_shutdown_not_a_bare_end_of_the_stream() {
     let (_dir, endpoint, config) = fake_node().await;
     let node = tokio::spawn(async move {
         let deliver = one_deliver();
-        let first = leave_through_fake_node(&endpoint, true, Some(&deliver), false).await;
-        let second = leave_through_fake_node(&endpoint, true, None, true).await;
+        let first = leave_through_fake_node(&endpoint, true, &[deliver], false).await;
+        let second = leave_through_fake_node(&endpoint, true, &[], true).await;
         (first, second)
     });
     let client = took_one_from_fake_node(config).await;
@@ -2114,7 +2112,7 @@ async fn an_ack_lost_with_its_connection_is_written_again_by_a_shutdown() {
         );
         // Read, never stored: the connection is lost.
         first.close(0u32.into(), b"gone");
-        leave_through_fake_node(&endpoint, true, None, true).await
+        leave_through_fake_node(&endpoint, true, &[], true).await
     });
     let (client, mut events) = register_fake(config).await;
     let event = tokio::time::timeout(WAIT, events.next())
@@ -2432,6 +2430,52 @@ async fn a_lower_seq_that_comes_after_higher_ones_reaches_the_app_once() {
 }
 
 #[tokio::test]
+async fn no_ack_covers_a_message_still_queued_for_the_app() {
+    // The late 1 of conversation 7 is queued behind 2 and 3. The app took
+    // 3, whose ack (3 and everything before it) covered 1, still queued:
+    // the client then left (or died) before the app took 1, and the
+    // server, its watermark past 1, never gave it to the user's next
+    // client. Now the last acks hold conversation 8's, not 7's.
+    let (_dir, endpoint, mut config) = fake_node().await;
+    // The acks leave only with the shutdown's last ones.
+    config.delivery_ack_linger = Duration::from_secs(3600);
+    let deliver = |conversation_id: u64, seq: u64| {
+        Frame::push(Body::Deliver(proto::Deliver {
+            message: Some(proto::Message {
+                conversation_id,
+                seq,
+                message_id: conversation_id * 100 + seq,
+                sender_id: 2,
+                text: format!("message {seq}"),
+                ..Default::default()
+            }),
+        }))
+    };
+    let pushes = [deliver(8, 1), deliver(7, 2), deliver(7, 3), deliver(7, 1)];
+    let node =
+        tokio::spawn(async move { leave_through_fake_node(&endpoint, true, &pushes, true).await });
+    let (client, mut events) = register_fake(config).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while events.len() < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "all four queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut taken = Vec::new();
+    for _ in 0..3 {
+        match events.try_next() {
+            Some(Event::Message(m)) => taken.push((m.conversation_id, m.seq)),
+            other => panic!("a message, not {other:?}"),
+        }
+    }
+    assert_eq!(taken, [(8, 1), (7, 2), (7, 3)]);
+    tokio::time::timeout(WAIT, client.shutdown(Duration::from_secs(3600)))
+        .await
+        .expect("the node's AcksStored ends the shutdown");
+    let (acks, _) = node.await.unwrap();
+    assert_eq!(acks, [(8, 1)], "nothing of 7: its 1 is still queued");
+}
+
+#[tokio::test]
 async fn receipt_events_never_go_back_across_connections() {
     // The node writes the snapshot of watermarks taken when the receipts
     // stream opens before receipts queued earlier, and an old and a new
@@ -2582,7 +2626,7 @@ async fn a_node_that_predates_acks_stored_confirms_a_shutdown_by_its_end() {
     let (_dir, endpoint, config) = fake_node().await;
     let node = tokio::spawn(async move {
         let deliver = one_deliver();
-        leave_through_fake_node(&endpoint, false, Some(&deliver), false).await
+        leave_through_fake_node(&endpoint, false, &[deliver], false).await
     });
     let client = took_one_from_fake_node(config).await;
     tokio::time::timeout(WAIT, client.shutdown(Duration::from_secs(3600)))
