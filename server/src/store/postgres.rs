@@ -2590,6 +2590,9 @@ fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> 
     })
 }
 
+/// Test support (the store's tests and the end-to-end tests): not in a
+/// server built without the `test-support` feature.
+#[cfg(any(test, feature = "test-support"))]
 pub mod cutter;
 mod group;
 

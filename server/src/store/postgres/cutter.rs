@@ -2,7 +2,8 @@
 //! answer, the way a network failure or a crash would, and can cut every
 //! connection for a while (a database failover): the store's tests and
 //! the end-to-end tests drive the unknown-outcome paths through it.
-//! Test support only; nothing in the server uses it.
+//! Test support only (the `test-support` feature); nothing in the server
+//! uses it.
 
 use std::str::FromStr;
 use std::sync::Arc;
