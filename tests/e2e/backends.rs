@@ -1072,6 +1072,8 @@ struct RawSender {
     recv: quinn::RecvStream,
     buf: bytes::BytesMut,
     next_request_id: u64,
+    /// Answers read while waiting for another one.
+    early: std::collections::HashMap<u64, chat_protocol::Body>,
 }
 
 impl RawSender {
@@ -1082,6 +1084,7 @@ impl RawSender {
             recv,
             buf: bytes::BytesMut::new(),
             next_request_id: 1,
+            early: std::collections::HashMap::new(),
         }
     }
 
@@ -1112,6 +1115,13 @@ impl RawSender {
     /// Sends `text` under `key` and returns the answer (pushes are
     /// skipped).
     async fn send(&mut self, conversation: u64, key: &str, text: &str) -> chat_protocol::Body {
+        let request_id = self.write(conversation, key, text).await;
+        self.answer(request_id).await
+    }
+
+    /// Writes a send of `text` under `key` without waiting for its
+    /// answer; returns its request id.
+    async fn write(&mut self, conversation: u64, key: &str, text: &str) -> u64 {
         let request_id = self.next_request_id;
         self.next_request_id += 1;
         let frame = chat_protocol::Frame::new(
@@ -1124,13 +1134,156 @@ impl RawSender {
             }),
         );
         self.send.write_all(&frames(&[frame])).await.unwrap();
+        request_id
+    }
+
+    /// The answer to `request_id`; pushes are skipped, other answers kept
+    /// for their own call.
+    async fn answer(&mut self, request_id: u64) -> chat_protocol::Body {
+        if let Some(body) = self.early.remove(&request_id) {
+            return body;
+        }
         loop {
             let frame = next_frame(&mut self.recv, &mut self.buf).await;
+            let body = frame.body.expect("a frame with a body");
             if frame.request_id == request_id {
-                return frame.body.expect("an answer with a body");
+                return body;
+            }
+            if frame.request_id != 0 {
+                self.early.insert(frame.request_id, body);
             }
         }
     }
+}
+
+/// The code of an Error answer, or a panic naming what came instead.
+fn error_code(answer: &chat_protocol::Body, what: &str) -> chat_client::ErrorCode {
+    match answer {
+        chat_protocol::Body::Error(e) => chat_client::ErrorCode::from_wire(e.code),
+        other => panic!("{what}: an error, not {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_send_failed_behind_a_paused_one_is_the_one_its_connection_waits_for() {
+    // Alice's sends A (to Bob) and B (to Carol, whose conversation is
+    // paused behind Carol's write of unknown outcome) reach the committer
+    // in one run: B is refused for the pause, which holds Alice's
+    // connection on B, and then A's batch fails. Kept on B, the hold
+    // refused A, which client-lib resends first (it resends from its
+    // earliest refused send, in order), again and again for the hold's
+    // 30 s grace. The connection is held on A now, the first that failed.
+    let Some((cutter, server, schema)) = behind_a_commit_cutter().await else {
+        return;
+    };
+    // Alice (0) is friends with Bob, Carol and Dave.
+    let members = circle(&server, 4).await;
+    let ids: Vec<u64> = members.iter().map(|(c, _)| c.identity().user_id).collect();
+    let mut direct = Vec::new();
+    for &id in &ids[1..] {
+        direct.push(members[0].0.open_direct(id).await.unwrap().conversation_id);
+    }
+    let (to_bob, to_carol, to_dave) = (direct[0], direct[1], direct[2]);
+    let tokens: Vec<String> = members.iter().map(|(c, _)| c.identity().token).collect();
+    for (client, _) in &members {
+        client.close();
+    }
+    drop(members);
+    // Raw devices, which send again only when told.
+    let alice = RawControl::resume(&server, &tokens[0]).await;
+    let carol = RawControl::resume(&server, &tokens[2]).await;
+    let dave = RawControl::resume(&server, &tokens[3]).await;
+    let mut alice_messages = RawSender::open(&alice).await;
+    let mut carol_messages = RawSender::open(&carol).await;
+    let mut dave_messages = RawSender::open(&dave).await;
+
+    // Carol's send commits unanswered: her conversation with Alice waits
+    // for her retry.
+    cutter.arm_after(b"carol, unsettled");
+    let first = carol_messages
+        .send(to_carol, "c1", "carol, unsettled")
+        .await;
+    assert_eq!(
+        error_code(&first, "carol's send of unknown outcome"),
+        chat_client::ErrorCode::Unavailable
+    );
+    cutter.end_blackout();
+    wait_until("postgres behind the proxy", || cutter.relays()).await;
+
+    // Dave's send waits on a lock on his conversation's row, so that
+    // Alice's two sends queue up behind it and make one run.
+    let locker = postgres::testing::admin().await.expect("admin connection");
+    let watcher = postgres::testing::admin().await.expect("admin connection");
+    locker.batch_execute("BEGIN").await.unwrap();
+    locker
+        .execute(
+            &format!(r#"SELECT 1 FROM "{schema}".conversations WHERE id = $1 FOR UPDATE"#),
+            &[&(to_dave as i64)],
+        )
+        .await
+        .unwrap();
+    let locker_pid: i32 = locker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let dave_send = dave_messages.write(to_dave, "d1", "dave, held up").await;
+    let watcher = &watcher;
+    wait_until("dave's write waiting on the lock", || async move {
+        let row = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                &[&locker_pid],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) > 0
+    })
+    .await;
+
+    cutter.arm_before(b"alice, first");
+    let a = alice_messages.write(to_bob, "a1", "alice, first").await;
+    let b = alice_messages.write(to_carol, "a2", "alice, second").await;
+    // Refused by the reader (no conversation): once it is answered, the
+    // reader has queued A and B.
+    let probe = alice_messages.write(0, "a3", "probe").await;
+    assert_eq!(
+        error_code(&alice_messages.answer(probe).await, "the probe"),
+        chat_client::ErrorCode::InvalidArgument
+    );
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let answer = dave_messages.answer(dave_send).await;
+    assert!(
+        matches!(answer, chat_protocol::Body::SendAck(_)),
+        "dave's send: {answer:?}"
+    );
+    let paused = alice_messages.answer(b).await;
+    assert_eq!(
+        error_code(&paused, "B, to a paused conversation"),
+        chat_client::ErrorCode::Unavailable
+    );
+    let failed = alice_messages.answer(a).await;
+    assert_eq!(
+        error_code(&failed, "A, whose COMMIT was cut"),
+        chat_client::ErrorCode::Unavailable
+    );
+    assert_eq!(cutter.cuts(), 2, "A's COMMIT was cut");
+
+    // Resent from the earliest, as client-lib does: A goes through at once.
+    let again = alice_messages.send(to_bob, "a1", "alice, first").await;
+    let chat_protocol::Body::SendAck(ack) = again else {
+        panic!("A, sent again, must be stored: {again:?}");
+    };
+    assert!(!ack.duplicate, "the cut COMMIT stored nothing");
+    // B waits for Carol's retry, then follows her message.
+    let carol_ack = carol_messages
+        .send_until_acked(to_carol, "c1", "carol, unsettled")
+        .await;
+    assert!(carol_ack.duplicate, "her first attempt had committed");
+    let alice_ack = alice_messages
+        .send_until_acked(to_carol, "a2", "alice, second")
+        .await;
+    assert!(alice_ack.seq > carol_ack.seq, "B after Carol's message");
 }
 
 #[tokio::test]

@@ -146,6 +146,18 @@ impl CommitCutter {
         };
     }
 
+    /// Closes the connection instead of forwarding the next COMMIT of a
+    /// transaction that sent `pattern`: Postgres rolls that transaction
+    /// back, and the store, asking how it ended, learns that it failed.
+    pub fn arm_before(&self, pattern: &[u8]) {
+        assert!(!pattern.is_empty(), "a pattern to look for");
+        *self.shared.armed.lock().unwrap() = Armed {
+            cut: CUT_BEFORE_COMMIT,
+            pattern: Some(pattern.to_vec()),
+            black_out_after: false,
+        };
+    }
+
     /// Relays connections again.
     pub fn end_blackout(&self) {
         self.shared.blackout.send_replace(false);
