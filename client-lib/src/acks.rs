@@ -235,6 +235,7 @@ impl Acks {
             .sealed
             .get_or_insert_with(|| std::mem::take(&mut state.unsent))
             .clone();
+        let sealed = state.below_queued(sealed);
         if let Some(written) = state.written.get_mut(&connection) {
             written.note(Instant::now(), &sealed);
         }
@@ -273,11 +274,14 @@ impl Acks {
     pub(crate) fn take_unsent(&self, connection: u64) -> HashMap<u64, u64> {
         let mut state = self.state.lock().expect("acks lock");
         let state = &mut *state;
-        let Some(written) = state.written.get_mut(&connection) else {
+        if !state.written.contains_key(&connection) {
             return HashMap::new();
-        };
+        }
         let unsent = std::mem::take(&mut state.unsent);
-        written.note(Instant::now(), &unsent);
+        let unsent = state.below_queued(unsent);
+        if let Some(written) = state.written.get_mut(&connection) {
+            written.note(Instant::now(), &unsent);
+        }
         self.taken.notify_waiters();
         unsent
     }
@@ -307,19 +311,41 @@ impl State {
     /// Queues the ack of `seq` and what comes before it, or of less: not
     /// of a message still queued for the app, nor past one.
     fn queue(&mut self, conversation_id: u64, seq: u64) {
-        let lowest_queued = self
-            .on_its_way
-            .get(&conversation_id)
-            .and_then(|queued| queued.iter().min().copied());
-        let seq = match lowest_queued {
-            Some(lowest) if lowest <= seq => lowest.saturating_sub(1),
-            _ => seq,
-        };
+        let seq = self.below_queued_one(conversation_id, seq);
         if seq == 0 {
             return;
         }
         let highest = self.unsent.entry(conversation_id).or_insert(seq);
         *highest = (*highest).max(seq);
+    }
+
+    /// `seq`, or less: below the lowest seq of the conversation still
+    /// queued for the app (0: nothing to ack).
+    fn below_queued_one(&self, conversation_id: u64, seq: u64) -> u64 {
+        let lowest_queued = self
+            .on_its_way
+            .get(&conversation_id)
+            .and_then(|queued| queued.iter().min().copied());
+        match lowest_queued {
+            Some(lowest) if lowest <= seq => lowest.saturating_sub(1),
+            _ => seq,
+        }
+    }
+
+    /// Acks about to leave, each lowered below what is queued for the app
+    /// now: one queued earlier (or put back after a lost connection) may
+    /// cover a message that came late since. What is left out is queued
+    /// again as the app takes that message ([`Acks::have`] acks all the
+    /// app has).
+    fn below_queued(&self, mut acks: HashMap<u64, u64>) -> HashMap<u64, u64> {
+        if self.on_its_way.is_empty() {
+            return acks;
+        }
+        acks.retain(|&conversation_id, seq| {
+            *seq = self.below_queued_one(conversation_id, *seq);
+            *seq > 0
+        });
+        acks
     }
 }
 
@@ -395,6 +421,42 @@ mod tests {
         assert!(
             acks.state.lock().unwrap().on_its_way.is_empty(),
             "nothing left once all is taken"
+        );
+    }
+
+    #[test]
+    fn an_ack_waiting_when_a_late_message_comes_stops_below_it() {
+        let acks = Acks::default();
+        let first = acks.connection(HOUR);
+        // 2 and 3 taken, their ack waiting; then the late 1 is queued.
+        for seq in [2, 3] {
+            acks.on_its_way(7, seq);
+            assert!(acks.taken(7, seq, true));
+        }
+        acks.on_its_way(7, 1);
+        assert!(acks.take_unsent(first).is_empty(), "it would cover 1");
+        assert!(acks.taken(7, 1, true));
+        assert_eq!(acks.take_unsent(first), HashMap::from([(7, 3)]));
+
+        // Written before a late 4 of conversation 9 came, then lost with
+        // its connection: put back, it stops below 4.
+        acks.on_its_way(9, 6);
+        assert!(acks.taken(9, 6, true));
+        assert_eq!(acks.take_unsent(first), HashMap::from([(9, 6)]));
+        acks.on_its_way(9, 4);
+        acks.lost(first);
+        let second = acks.connection(HOUR);
+        assert_eq!(
+            acks.take_unsent(second),
+            HashMap::from([(7, 3), (9, 3)]),
+            "9 below the late 4"
+        );
+        // Nor do the last acks pass it.
+        acks.have(8, 5);
+        acks.lost(second);
+        assert_eq!(
+            acks.seal(acks.connection(HOUR)),
+            HashMap::from([(7, 3), (8, 5), (9, 3)])
         );
     }
 

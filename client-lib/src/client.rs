@@ -1254,7 +1254,10 @@ impl Client {
     /// at all: the next client gets the message again. An ack stops below
     /// a message of the conversation still queued in [`Events`] (one that
     /// came late, after higher ones); once the app has taken and acked that
-    /// one too, its ack covers `seq`.
+    /// one too, its ack covers `seq`. What the app has taken is its own to
+    /// keep: an app that stores messages in the background acks `seq` only
+    /// once every message below it that it took of the conversation is
+    /// stored too (a late one may be taken after `seq`).
     pub fn ack_delivery(&self, conversation_id: u64, seq: u64) {
         self.inner.acks.have(conversation_id, seq);
     }
@@ -1656,7 +1659,9 @@ impl Client {
     /// (or, with [`DeliveryAcks::Manual`], acked before this point) are
     /// written and confirmed stored by the server. So the next client of
     /// this user gets again the messages this one's app never took, and
-    /// none it took. What does not finish in time (no connection, a slow
+    /// none it took, except those of a conversation above a message that
+    /// came late and is still queued (an ack covers all before it). What
+    /// does not finish in time (no connection, a slow
     /// server) is left as `close` leaves it. Acks written to a connection
     /// that is lost before the server read them, before or during the
     /// shutdown, are written again on the next connection (those written
