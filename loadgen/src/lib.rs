@@ -220,6 +220,7 @@ impl SpawnedServer {
         config.limits.mark_burst = 0;
         // Set-up registers every user from this one address.
         config.limits.password_checks_per_address = 0;
+        config.limits.registrations_per_address = 0;
         // As many workers as chat-server's own runtime would have.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -258,6 +258,10 @@ struct Overrides {
     /// no share.
     #[arg(long, env = "CHAT_PASSWORD_CHECKS_PER_ADDRESS")]
     password_checks_per_address: Option<usize>,
+    /// Registrations per hour from one source address (IPv4, IPv6 /64); 0:
+    /// no limit.
+    #[arg(long, env = "CHAT_REGISTRATIONS_PER_ADDRESS")]
+    registrations_per_address: Option<u32>,
     /// Prometheus metrics, /healthz and /readyz (HTTP), e.g. 127.0.0.1:9464.
     #[arg(long, env = "CHAT_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -396,6 +400,10 @@ impl Overrides {
         set(
             &mut c.limits.password_checks_per_address,
             self.password_checks_per_address,
+        );
+        set(
+            &mut c.limits.registrations_per_address,
+            self.registrations_per_address,
         );
         set(&mut c.metrics_listen, self.metrics_listen);
     }

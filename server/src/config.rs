@@ -236,6 +236,13 @@ pub struct Limits {
     /// address, an IPv6 /64) at once; its others wait for one of its own
     /// to end, so one host cannot fill the queue (0: no share).
     pub password_checks_per_address: usize,
+    /// Registrations one source address (an IPv4 address, an IPv6 /64)
+    /// may make per hour (a token bucket of this size, refilled over the
+    /// hour; 0: no limit). Over it a registration is answered
+    /// RATE_LIMITED with a retry-after. Accounts multiply every per-user
+    /// limit (16 connections each): without it one host could register
+    /// its way to every connection place.
+    pub registrations_per_address: u32,
     /// Sustained sends per second per user, across their devices (a token
     /// bucket refilled at this rate; 0: no limit). Over it a send is
     /// answered RATE_LIMITED with a retry-after.
@@ -428,6 +435,7 @@ impl Default for Limits {
             login_failure_window: Duration::from_secs(15 * 60),
             max_queued_password_checks: 64,
             password_checks_per_address: 4,
+            registrations_per_address: 60,
             send_rate: 20,
             send_burst: 100,
             control_rate: 20,
@@ -620,6 +628,12 @@ impl Config {
             return err(format!(
                 "password-checks-per-address = {} is outside 0..=100000",
                 l.password_checks_per_address
+            ));
+        }
+        if l.registrations_per_address > 1_000_000 {
+            return err(format!(
+                "registrations-per-address = {} is outside 0..=1000000",
+                l.registrations_per_address
             ));
         }
         if l.max_sessions_per_user == 0 {
@@ -1033,6 +1047,10 @@ mod tests {
             (
                 |c| c.limits.password_checks_per_address = 1_000_000,
                 "password-checks-per-address = 1000000",
+            ),
+            (
+                |c| c.limits.registrations_per_address = 1_000_001,
+                "registrations-per-address = 1000001",
             ),
             (
                 |c| {

@@ -105,6 +105,8 @@ pub struct Shared {
     pub mark_limiter: RateLimiter,
     /// Connections per address not yet authenticated.
     pub unauthenticated: ratelimit::Unauthenticated,
+    /// Per-address rate of registrations.
+    pub registration_limiter: RateLimiter<std::net::IpAddr>,
     /// Per-user rate of heartbeats: room for every device the user may
     /// connect beating at the interval the node announces, twice over.
     pub heartbeat_limiter: RateLimiter,
@@ -214,6 +216,7 @@ impl Server {
             unauthenticated: ratelimit::Unauthenticated::new(
                 config.transport.max_unauthenticated_per_address,
             ),
+            registration_limiter: RateLimiter::per_hour(config.limits.registrations_per_address),
             control_limiter: RateLimiter::new(
                 config.limits.control_rate,
                 config.limits.control_burst,
@@ -420,6 +423,7 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         shared.control_limiter.sweep(now);
         shared.mark_limiter.sweep(now);
         shared.heartbeat_limiter.sweep(now);
+        shared.registration_limiter.sweep(now);
     }
 }
 

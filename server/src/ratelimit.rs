@@ -41,21 +41,35 @@ pub fn heartbeat_limiter(max_sessions: usize, interval: Duration) -> RateLimiter
     RateLimiter::new(rate.max(1), devices.saturating_mul(2))
 }
 
-/// One of the node's limiters: sends, group leaves, control requests or
-/// heartbeats.
-pub struct RateLimiter {
+/// One of the node's limiters: per user (sends, group leaves, control
+/// requests, heartbeats) or per source address (registrations).
+pub struct RateLimiter<K = UserId> {
     /// Tokens per second; 0 disables the limit.
     rate: f64,
     burst: f64,
-    buckets: DashMap<UserId, Bucket>,
+    buckets: DashMap<K, Bucket>,
 }
 
 impl RateLimiter {
     /// `rate` sends per second with bursts of `burst`; `rate == 0` never
     /// limits.
     pub fn new(rate: u32, burst: u32) -> Self {
+        Self::with_rate(f64::from(rate), burst)
+    }
+}
+
+impl RateLimiter<IpAddr> {
+    /// Registrations per source address: `per_hour` at once, refilled
+    /// over the hour; 0 never limits.
+    pub fn per_hour(per_hour: u32) -> Self {
+        Self::with_rate(f64::from(per_hour) / 3600.0, per_hour)
+    }
+}
+
+impl<K: Eq + std::hash::Hash> RateLimiter<K> {
+    fn with_rate(rate: f64, burst: u32) -> Self {
         RateLimiter {
-            rate: f64::from(rate),
+            rate,
             burst: f64::from(burst.max(1)),
             buckets: DashMap::new(),
         }
@@ -63,7 +77,7 @@ impl RateLimiter {
 
     /// Takes a token for one send (leave, request) by `user`, or says how
     /// long until one is available.
-    pub fn check(&self, user: UserId, now: Instant) -> Result<(), Duration> {
+    pub fn check(&self, user: K, now: Instant) -> Result<(), Duration> {
         if self.rate == 0.0 {
             return Ok(());
         }
@@ -178,6 +192,26 @@ mod tests {
             limiter.check(1, later).unwrap();
         }
         assert!(limiter.check(1, later).is_err());
+    }
+
+    #[test]
+    fn registrations_per_address_refill_over_the_hour() {
+        let limiter = RateLimiter::per_hour(60);
+        let (here, there): (IpAddr, IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..60 {
+            limiter.check(here, t0).unwrap();
+        }
+        let wait = limiter.check(here, t0).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(60), "one a minute");
+        limiter.check(there, t0).unwrap();
+        limiter.check(here, t0 + wait).unwrap();
+        assert!(limiter.check(here, t0 + wait).is_err());
+        assert!(
+            RateLimiter::per_hour(0).check(here, t0).is_ok(),
+            "0: no limit"
+        );
     }
 
     #[test]

@@ -78,6 +78,10 @@ impl Drop for Session {
 /// enough for a device's dead connection to time out meanwhile.
 const SESSIONS_FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long the refusal of a stream kind this node does not serve may
+/// take to write before the stream is reset instead.
+const REFUSAL_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The refusal of a connection over its user's `max-sessions-per-user`
 /// or its token's `max-sessions-per-token`.
 fn sessions_full() -> Refusal {
@@ -459,11 +463,16 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
         let mut opened = session.opened.lock().expect("opened lock");
         let slot = &mut opened[kind as usize];
         let was = *slot;
-        // Media streams are many and short-lived; the others are singletons.
-        if kind != StreamKind::Media {
+        // The served kinds are singletons; the others (media streams are
+        // many and short-lived) are refused below, each time asked for.
+        let singleton = matches!(
+            kind,
+            StreamKind::Control | StreamKind::Messages | StreamKind::Receipts
+        );
+        if singleton {
             *slot = true;
         }
-        was && kind != StreamKind::Media
+        was && singleton
     };
     if duplicate {
         return session
@@ -513,8 +522,15 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
             let mut buf = bytes::BytesMut::new();
             chat_protocol::encode(&frame, &mut buf);
             shared.metrics.error(ErrorCode::BadStream);
-            let _ = send.write_all(&buf).await;
-            let _ = send.finish();
+            // Bounded: a peer that gives the stream no credit does not
+            // keep this task.
+            let refused = async { send.write_all(&buf).await.is_ok() && send.finish().is_ok() };
+            if !matches!(
+                tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, refused).await,
+                Ok(true)
+            ) {
+                let _ = send.reset(quinn::VarInt::from_u32(ErrorCode::BadStream as u32));
+            }
         }
     }
 }

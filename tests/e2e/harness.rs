@@ -279,6 +279,8 @@ impl TestServer {
             data_dir: dir.path().to_path_buf(),
             ..Config::default()
         };
+        // Every test registers its users from this one address.
+        config.limits.registrations_per_address = 0;
         backend.apply(&mut config);
         tweak(&mut config);
         let server = Server::start(config.clone()).await.expect("server starts");
@@ -382,6 +384,7 @@ impl ChildServer {
             .arg(data_dir)
             .arg("--metrics-listen")
             .arg("127.0.0.1:0")
+            .args(["--registrations-per-address", "0"])
             .args(backend.args())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -674,6 +674,154 @@ async fn registrations_of_a_taken_name_cost_no_hashing() {
     }
 }
 
+#[tokio::test]
+async fn registrations_from_one_address_are_limited_per_hour() {
+    // Every per-user limit is per account, and each account may hold 16
+    // connections: one host registering in a loop could take every
+    // connection place. Three an hour here; the fourth waits, a taken
+    // name is still answered as taken, and logins are not counted.
+    let server = TestServer::start_with(|c| c.limits.registrations_per_address = 3).await;
+    let register_raw = |username: String| {
+        let server = &server;
+        async move {
+            let raw = Raw::connect(server).await;
+            let register = Frame::new(
+                1,
+                Body::Register(proto::Register {
+                    username,
+                    password: PASSWORD.into(),
+                    device_name: String::new(),
+                }),
+            );
+            let bytes = frames(&[Frame::open_stream(StreamKind::Control), register]);
+            let (_send, mut recv) = raw.stream(&bytes).await;
+            next_frame(&mut recv, &mut BytesMut::new()).await.body
+        }
+    };
+    let names: Vec<String> = (0..4).map(|i| name(&format!("reg{i}u"))).collect();
+    for name in &names[..3] {
+        let answer = register_raw(name.clone()).await;
+        assert!(matches!(answer, Some(Body::AuthOk(_))), "{answer:?}");
+    }
+    match register_raw(names[3].clone()).await {
+        Some(Body::Error(e)) => {
+            assert_eq!(
+                ErrorCode::from_wire(e.code),
+                ErrorCode::RateLimited,
+                "{e:?}"
+            );
+            // A token back every 20 minutes, to the millisecond.
+            assert!((1_199_000..=1_200_000).contains(&e.retry_after_ms), "{e:?}");
+        }
+        other => panic!("the fourth registration: {other:?}"),
+    }
+    match register_raw(names[0].clone()).await {
+        Some(Body::Error(e)) => {
+            assert_eq!(
+                ErrorCode::from_wire(e.code),
+                ErrorCode::UsernameTaken,
+                "{e:?}"
+            );
+        }
+        other => panic!("a taken name: {other:?}"),
+    }
+    let (first, _events) = Client::login(server.client_config(), &names[0], PASSWORD)
+        .await
+        .expect("a login is not a registration");
+    first.close();
+}
+
+#[tokio::test]
+async fn a_stream_kind_not_served_is_refused_each_time_it_is_opened() {
+    // Group calls and media are not served yet: each such stream is
+    // refused with BAD_STREAM and the connection kept. A second calls
+    // stream used to close the whole connection ("stream kind already
+    // open"), though the first had never been served.
+    let server = TestServer::start().await;
+    let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+    let token = bob.identity().token;
+    bob.close();
+    let mut device = RawControl::resume(&server, &token).await;
+    for kind in [
+        StreamKind::Calls,
+        StreamKind::Calls,
+        StreamKind::Media,
+        StreamKind::Media,
+    ] {
+        let (mut send, mut recv) = device.conn().open_bi().await.unwrap();
+        send.write_all(&frames(&[Frame::open_stream(kind)]))
+            .await
+            .unwrap();
+        let refusal = next_frame(&mut recv, &mut BytesMut::new()).await;
+        match refusal.body {
+            Some(Body::Error(e)) => {
+                assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::BadStream, "{e:?}");
+            }
+            other => panic!("{kind:?}: a refusal, not {other:?}"),
+        }
+    }
+    let reply = device
+        .request(Body::ListFriends(proto::ListFriends {}))
+        .await;
+    assert!(matches!(reply, Body::FriendList(_)), "{reply:?}");
+    assert!(
+        device.conn().close_reason().is_none(),
+        "{:?}",
+        device.conn().close_reason()
+    );
+}
+
+#[tokio::test]
+async fn a_login_with_a_password_longer_than_any_is_wrong_without_hashing() {
+    // No queue for the hashers, as above: 32 logins at once whose
+    // passwords are longer than a registration accepts. Each was hashed
+    // (a frame's length of it), so most were answered SERVER_BUSY; now
+    // each is a wrong password at once (counted as one: past the
+    // account's allowance, RATE_LIMITED).
+    let server = TestServer::start_with(|c| {
+        c.limits.max_queued_password_checks = 0;
+        c.limits.password_checks_per_address = 0;
+    })
+    .await;
+    let owner = name("owner");
+    let (_owner, _owner_events) = register(server.client_config(), &owner).await;
+    let long = "p".repeat(*chat_protocol::limits::PASSWORD_LEN.end() + 1);
+    let mut raws = Vec::new();
+    for _ in 0..32 {
+        raws.push(Raw::connect(&server).await);
+    }
+    let mut replies = tokio::task::JoinSet::new();
+    for raw in raws {
+        let login = Frame::new(
+            1,
+            Body::Login(proto::Login {
+                username: owner.clone(),
+                password: long.clone(),
+                device_name: String::new(),
+            }),
+        );
+        let bytes = frames(&[Frame::open_stream(StreamKind::Control), login]);
+        replies.spawn(async move {
+            let (_send, mut recv) = raw.stream(&bytes).await;
+            let frame = next_frame(&mut recv, &mut BytesMut::new()).await;
+            (raw, frame)
+        });
+    }
+    let mut wrong = 0;
+    while let Some(joined) = replies.join_next().await {
+        let (_raw, frame) = joined.unwrap();
+        match frame.body {
+            Some(Body::Error(e)) => match ErrorCode::from_wire(e.code) {
+                ErrorCode::WrongPassword => wrong += 1,
+                ErrorCode::RateLimited => {}
+                other => panic!("a wrong password, not {other:?}: {e:?}"),
+            },
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(wrong > 0, "answered as wrong passwords");
+}
+
 /// A QUIC server that speaks the protocol by hand, with a dev certificate
 /// the harness's client configuration trusts, granting each client
 /// `streams` bidirectional streams.

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use chat_protocol::limits::{MAX_CLIENT_MSG_ID_LEN, MAX_PAGE_SIZE};
+use chat_protocol::limits::{MAX_CLIENT_MSG_ID_LEN, MAX_PAGE_SIZE, PASSWORD_LEN};
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use prost::Message as _;
 use quinn::SendStream;
@@ -255,6 +255,18 @@ async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk
     if store.user_by_name(username.clone()).await?.is_some() {
         return Err(taken());
     }
+    let source = auth::login_source(session.conn.remote_address().ip());
+    session
+        .shared
+        .registration_limiter
+        .check(source, std::time::Instant::now())
+        .map_err(|wait| {
+            Refusal::new(
+                ErrorCode::RateLimited,
+                "too many registrations from this address; try again later",
+            )
+            .with_retry_after(wait)
+        })?;
     let permit = hashing_permit(session).await?;
     let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
         .await
@@ -296,6 +308,12 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
             )
             .with_retry_after(wait)
         })?;
+    // Longer than any password a registration accepts, so wrong without
+    // hashing it (up to a frame's length of it).
+    if l.password.len() > *PASSWORD_LEN.end() {
+        attempt.failed();
+        return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
+    }
     let password = l.password;
     let phc = user.password_hash.clone();
     let permit = hashing_permit(session).await?;
