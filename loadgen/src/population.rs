@@ -283,9 +283,16 @@ pub async fn set_up(
         let config = connector.config(k);
         let username = format!("{prefix}-{}", plan.population_index(k));
         async move {
-            retry(|| Client::register(config.clone(), &username, PASSWORD))
-                .await
-                .with_context(|| format!("register {username}"))
+            match retry(|| Client::register(config.clone(), &username, PASSWORD)).await {
+                Err(e) if e.code() == Some(chat_client::ErrorCode::RateLimited) => {
+                    Err(anyhow::Error::new(e).context(format!(
+                        "register {username}: the server limits registrations per address \
+                         (set-up registers every user from this one): start it with \
+                         --registrations-per-address 0"
+                    )))
+                }
+                other => other.with_context(|| format!("register {username}")),
+            }
         }
     })
     .await?;
@@ -466,6 +473,11 @@ where
 
 /// Retries a set-up request the server refused with a retryable code
 /// (busy, rate limited, unavailable), with a growing pause.
+/// The longest pause a set-up step takes before trying again; a server
+/// asking for longer (a registration limit refilled over an hour) fails
+/// the set-up at once instead.
+const MAX_SETUP_PAUSE: Duration = Duration::from_secs(10);
+
 async fn retry<T, F, Fut>(mut f: F) -> Result<T, ClientError>
 where
     F: FnMut() -> Fut,
@@ -474,7 +486,11 @@ where
     let mut attempt = 1;
     loop {
         match f().await {
-            Err(e) if e.code().is_some_and(|c| c.is_retryable()) && attempt < SETUP_ATTEMPTS => {
+            Err(e)
+                if e.code().is_some_and(|c| c.is_retryable())
+                    && attempt < SETUP_ATTEMPTS
+                    && e.retry_after().is_none_or(|wait| wait <= MAX_SETUP_PAUSE) =>
+            {
                 // Never less than the growing pause, plus up to half of it
                 // at random: tasks refused together by a rate limit would
                 // otherwise come back together.

@@ -318,6 +318,38 @@ async fn set_up_waits_out_a_nodes_request_limit() {
     assert_all_accounted(&report);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_up_against_a_node_that_limits_registrations_says_which_flag() {
+    init_tracing();
+    // Set-up registers every user from one address; a node with the
+    // production registration limit refuses past it for most of an hour.
+    // Set-up stops at once and names the flag, rather than retrying into
+    // the hour.
+    let server = TestServer::start_with(|c| c.limits.registrations_per_address = 5).await;
+    let (addr, ca) = (server.addr.to_string(), server.ca.display().to_string());
+    let run = chat_loadgen::run(args(&[
+        "--server",
+        &addr,
+        "--ca",
+        &ca,
+        "--users",
+        "10",
+        "--rate",
+        "10",
+        "--duration",
+        "1s",
+    ]));
+    let error = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("set-up fails at once")
+        .expect_err("set-up cannot register every user");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("--registrations-per-address 0"),
+        "{message}"
+    );
+}
+
 /// 40 users who all churn once a minute on average (with the default
 /// seed a few go offline during the run), 60 sends/s for 5 s.
 const EVERYONE_CHURNS: &[&str] = &[
