@@ -402,7 +402,7 @@ impl DbState {
             let mut keys: Vec<_> = keys.into_iter().collect();
             keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             for (key, at) in keys {
-                insert
+                let written = insert
                     .execute(params![
                         sql(sender),
                         key,
@@ -410,6 +410,12 @@ impl DbState {
                         sql(at.seq)
                     ])
                     .map_err(internal)?;
+                // The table has no constraint of the log's own to say so
+                // (V4): a key written twice means the in-memory checks let
+                // one send be stored twice.
+                if written == 0 {
+                    write_behind_collision("idempotency key", sender, at.conversation_id, at.seq);
+                }
             }
         }
         let oldest_pending = self
@@ -466,9 +472,12 @@ impl DbState {
             .map_err(internal)?;
         for (conversation_id, entries) in index {
             for (seq, message_id) in entries {
-                insert
+                let written = insert
                     .execute(params![sql(conversation_id), sql(seq), sql(message_id)])
                     .map_err(internal)?;
+                if written == 0 {
+                    write_behind_collision("index entry", message_id, conversation_id, seq);
+                }
             }
         }
         // Lost if the transaction rolls back: `rolled_back` rebuilds them.
@@ -651,6 +660,24 @@ impl DbState {
                 tracing::error!(error = %e, "cannot rebuild heads, index and idempotency keys; retrying with the next batch");
             }
         }
+    }
+}
+
+/// A write-behind row that was already there: since V4 the messages log
+/// has no unique key on (sender, key) or (conversation, seq), so only the
+/// store thread's memory keeps a send from being stored twice, and an
+/// ignored insert here is the one sign that it did not. Never expected:
+/// logged loudly, and a panic in debug builds (the tests).
+fn write_behind_collision(what: &str, owner: u64, conversation_id: u64, seq: u64) {
+    tracing::error!(
+        what,
+        owner,
+        conversation_id,
+        seq,
+        "a write-behind row was already written: a message may be stored twice"
+    );
+    if cfg!(debug_assertions) {
+        panic!("{what} written twice: {owner} {conversation_id}/{seq}");
     }
 }
 
