@@ -1969,6 +1969,66 @@ async fn a_client_that_stops_reading_its_messages_is_closed_after_the_write_stal
 }
 
 #[tokio::test]
+async fn a_client_trickling_through_its_catch_up_is_closed_within_a_stall() {
+    // Bob comes back to 20 long texts (~300 KB: a first write of ~256
+    // KiB) and reads 16 KiB every half second (his window is 16 KiB):
+    // enough to keep restarting the stall timer (16 KiB per stall, 2 s
+    // here), so he held the page, read from history for him alone, for as
+    // long as the trickle lasted (hours for a page of maximum-size texts
+    // at a few hundred bytes a second). A catch-up write must now be done
+    // within the stall.
+    let server = TestServer::start_with(|c| {
+        c.transport.write_stall = Duration::from_secs(2);
+        unlimited_sends(c);
+    })
+    .await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let bob_name = name("bob");
+    let (bob, _eb) = register(server.client_config(), &bob_name).await;
+    let conversation = befriend(&alice, &bob).await;
+    bob.close();
+    const TEXTS: usize = 20;
+    for i in 0..TEXTS {
+        let text = format!("{i}{}", "x".repeat(14_999));
+        alice.send_text(conversation, &text).await.unwrap();
+    }
+
+    let raw = Raw::connect_with_stream_window(&server, 16_384).await;
+    raw.log_in(Body::Login(proto::Login {
+        username: bob_name,
+        password: PASSWORD.into(),
+        device_name: String::new(),
+    }))
+    .await;
+    let (_messages, mut recv) = raw
+        .stream(&frames(&[Frame::open_stream(StreamKind::Messages)]))
+        .await;
+    let mut buf = BytesMut::new();
+    let mut chunk = vec![0u8; 16_384];
+    let mut delivered = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "neither closed nor done"
+        );
+        match recv.read(&mut chunk).await {
+            Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(None) | Err(_) => break,
+        }
+        while let Some(frame) = chat_protocol::Codec::default().decode(&mut buf).unwrap() {
+            delivered += usize::from(matches!(frame.body, Some(Body::Deliver(_))));
+        }
+        assert!(
+            delivered < TEXTS,
+            "the trickle read the whole catch-up: the page was held throughout"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(raw.close_code().await, ErrorCode::SlowConsumer);
+}
+
+#[tokio::test]
 async fn a_server_that_does_not_read_delivery_acks_is_held_back() {
     // The fake node pushes Deliver frames, each of a conversation of its
     // own so that no two acks coalesce, and never reads the messages

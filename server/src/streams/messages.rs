@@ -638,8 +638,23 @@ async fn write_page(
         for message in &page[from..next] {
             sent.insert(message.conversation_id, message.seq);
         }
-        if !wire::write_all_or_stall(&session.conn, send, &mut chunks, stall, metrics).await {
-            return false;
+        // The whole write (at most ~256 KiB) within the stall too: a
+        // reader taking just enough to keep restarting the stall timer
+        // (16 KiB a stall) held its page, megabytes of long texts read
+        // from history for it alone, for hours.
+        let write = wire::write_all_or_stall(&session.conn, send, &mut chunks, stall, metrics);
+        match tokio::time::timeout(stall, write).await {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(_) => {
+                wire::close_counted(
+                    &session.conn,
+                    metrics,
+                    ErrorCode::SlowConsumer,
+                    "client reads its catch-up too slowly; reconnect",
+                );
+                return false;
+            }
         }
         metrics.deliveries.increment((next - from) as u64);
         metrics
