@@ -69,9 +69,21 @@ const STATEMENT_TIMEOUT_MS: u32 = 30_000;
 /// (`idle_in_transaction_session_timeout`), for the same reason.
 const IDLE_IN_TRANSACTION_TIMEOUT_MS: u32 = 60_000;
 
-/// After this long without traffic the kernel probes the connection, so a
-/// silently dead network path is noticed.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// After this long without traffic the kernel probes the connection, every
+/// [`KEEPALIVE_INTERVAL`], and gives up after [`KEEPALIVE_RETRIES`]
+/// unanswered probes: a call waiting for an answer on a silently dead
+/// network path (a failover that moved the address, a partition, a frozen
+/// host) fails within ~25 s and settles, where the kernel's defaults
+/// (2 h idle, or 9 probes 75 s apart after the 30 s this used to set)
+/// kept it, and with it every send behind the committer, for 12 minutes
+/// and more.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+/// Data written and not acknowledged by the peer's kernel for this long
+/// fails the connection (`TCP_USER_TIMEOUT`): a statement sent into a dead
+/// path; Linux's own retransmissions last ~15 minutes.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How often `append` starts over when a concurrent call stored one of the
 /// batch's idempotency keys between our read and our insert, or Postgres
@@ -273,9 +285,8 @@ impl PostgresStore {
         config
             .options(options.trim())
             .application_name(&application_name)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .keepalives(true)
-            .keepalives_idle(KEEPALIVE_IDLE);
+            .connect_timeout(CONNECT_TIMEOUT);
+        watch_dead_paths(&mut config);
 
         match tokio::time::timeout(MIGRATION_TIMEOUT, migrate(&config, schema)).await {
             Ok(Ok(())) => {}
@@ -2588,6 +2599,18 @@ fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> 
         sent_at_ms: col(row, at + 6)?,
         text: col(row, at + 7)?,
     })
+}
+
+/// Makes a connection fail, rather than wait for good, when its network
+/// path dies silently (see [`KEEPALIVE_IDLE`] and [`TCP_USER_TIMEOUT`]);
+/// the call then fails or settles as after any lost connection.
+fn watch_dead_paths(config: &mut Config) {
+    config
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(KEEPALIVE_RETRIES)
+        .tcp_user_timeout(TCP_USER_TIMEOUT);
 }
 
 /// Test support (the store's tests and the end-to-end tests): not in a

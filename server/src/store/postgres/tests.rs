@@ -1894,3 +1894,16 @@ async fn a_leave_locks_only_the_leaver_and_whom_it_promotes() {
     })
     .await;
 }
+
+#[test]
+fn connections_give_up_on_a_silently_dead_path_within_half_a_minute() {
+    let mut config = Config::new();
+    watch_dead_paths(&mut config);
+    assert!(config.get_keepalives());
+    let probes = config.get_keepalives_idle()
+        + config.get_keepalives_interval().expect("an interval")
+            * config.get_keepalives_retries().expect("a probe count");
+    assert!(probes <= Duration::from_secs(30), "{probes:?}");
+    let unacked = *config.get_tcp_user_timeout().expect("a user timeout");
+    assert!(unacked <= Duration::from_secs(30), "{unacked:?}");
+}
