@@ -1247,6 +1247,95 @@ async fn live_messages_during_a_long_catch_up_do_not_close_a_reading_client() {
 }
 
 #[tokio::test]
+async fn a_catch_up_pass_for_messages_let_go_leaves_out_the_devices_own() {
+    // As above, and Bob sends to Carol from the catching-up device while
+    // her flood is let go around his message. The pass that brings what
+    // was let go read the range from history with his own message in it:
+    // his device got its own send back as a new message, after its
+    // SendAck, which client-lib showed to the user as one more message
+    // (the rest of catch-up leaves the user's own out).
+    const BACKLOG: usize = 300;
+    const LIVE: usize = 1_100;
+    let server = TestServer::start_with(unlimited_sends).await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let bob_id = bob.identity().user_id;
+    let from_alice = befriend(&alice, &bob).await;
+    let from_carol = befriend(&carol, &bob).await;
+    let token = bob.identity().token;
+    bob.close();
+    drop((bob, bob_events));
+    send_texts(&alice, from_alice, BACKLOG).await;
+
+    let bob = Raw::connect_with_stream_window(&server, 4096).await;
+    let _control = bob
+        .log_in(Body::Authenticate(proto::Authenticate { token }))
+        .await;
+    let (mut messages, mut messages_recv) =
+        bob.stream(&frames(&[Frame::open_messages(false)])).await;
+    let mut seen = SeqsSeen::default();
+    let mut buf = BytesMut::new();
+    read_until(&mut messages_recv, &mut buf, &mut seen, &[(from_alice, 1)]).await;
+    send_texts(&carol, from_carol, LIVE / 2).await;
+    let own = Frame::new(
+        1,
+        Body::Send(proto::Send {
+            conversation_id: from_carol,
+            client_msg_id: "bob-1".into(),
+            r#type: proto::MessageType::Text as i32,
+            text: "in the middle".into(),
+        }),
+    );
+    messages.write_all(&frames(&[own])).await.unwrap();
+    // Stored before Carol sends on (its SendAck waits behind catch-up).
+    let stored = (BACKLOG + LIVE / 2 + 1) as f64;
+    scrape_until(metrics, "bob's send stored", |m| {
+        value(m, "chat_send_acks_total") >= stored
+    })
+    .await;
+    send_texts(&carol, from_carol, LIVE - LIVE / 2).await;
+
+    // Everything of Alice's and Carol's, and Bob's SendAck.
+    let mut own_seq = None;
+    let mut own_delivered = Vec::new();
+    let done = |seen: &SeqsSeen, own_seq: Option<u64>| {
+        own_seq.is_some()
+            && seen.get(&from_alice).map_or(0, Vec::len) >= BACKLOG
+            && seen.get(&from_carol).map_or(0, Vec::len) >= LIVE
+    };
+    while !done(&seen, own_seq) {
+        match next_frame(&mut messages_recv, &mut buf).await.body {
+            Some(Body::Deliver(d)) => {
+                let m = d.message.expect("a message");
+                if m.sender_id == bob_id {
+                    own_delivered.push(m.seq);
+                } else {
+                    seen.entry(m.conversation_id).or_default().push(m.seq);
+                }
+            }
+            Some(Body::SendAck(ack)) => own_seq = Some(ack.seq),
+            other => panic!("a Deliver or SendAck, not {other:?}"),
+        }
+    }
+    let own_seq = own_seq.unwrap();
+    let carols = &seen[&from_carol];
+    assert!(
+        carols.first() < Some(&own_seq) && carols.last() > Some(&own_seq),
+        "Bob's message in the middle of Carol's"
+    );
+    assert!(
+        value(&scrape(metrics).await, "chat_catch_up_repeats_total") >= 1.0,
+        "the live messages overflowed during catch-up"
+    );
+    assert!(
+        own_delivered.is_empty(),
+        "Bob's device was sent its own message {own_delivered:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_slow_catch_up_brings_everything_though_another_device_acked_it() {
     // As above, but Bob's phone is online meanwhile and acks what it gets.
     // Catch-up read each page of the backlog from Bob's delivered

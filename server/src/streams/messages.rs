@@ -433,7 +433,10 @@ async fn catch_up(
         };
         let after_sent = sent.get(&conversation).map_or(0, |&s| s + 1);
         let range = (lowest.max(after_sent).max(joined), highest);
-        if !write_range(session, send, credits, sent, conversation, range, None).await {
+        // Without the user's own, as the rest of catch-up: one sent from
+        // this device came back to it as a new message after its SendAck.
+        let own = Some(user);
+        if !write_range(session, send, credits, sent, conversation, range, own).await {
             return false;
         }
     }
