@@ -33,7 +33,11 @@ pub enum Event {
     /// never sees a member's watermark go back, across reconnects too, but
     /// for the one gap [`Events`] describes.
     Receipt(proto::Receipt),
-    /// A friend request, acceptance, decline or removal.
+    /// A friend request, acceptance, decline or removal by another user,
+    /// or a change this user made from another device (a request sent,
+    /// an acceptance, a decline, a removal, a block or an unblock), so
+    /// that every device's friend list stays current. A removal or a block
+    /// also ends this client's presence subscription to that user.
     Friend(proto::FriendEvent),
     /// A watched friend came online, went offline, or changed their
     /// last-active time (see [`Client::subscribe_presence`]).

@@ -477,7 +477,10 @@ async fn read_loop(
                 inner.tell_receipt(receipt, &conn).await;
             }
             Some(Body::FriendEvent(event)) => {
-                if event.kind() == proto::friend_event::Kind::Removed {
+                if matches!(
+                    event.kind(),
+                    proto::friend_event::Kind::Removed | proto::friend_event::Kind::Blocked
+                ) {
                     // The server stopped sending their presence: what the
                     // client knows of it would stay as it is for good.
                     if let Some(user) = &event.user {

@@ -394,3 +394,101 @@ async fn a_block_ends_the_friendship_and_keeps_requests_out() {
     let ack = bob.send_text(conversation, "hello again").await.unwrap();
     assert_eq!(ack.seq, 1);
 }
+
+/// Waits for a friend event of `want` naming `who`; its name for them.
+async fn hears(
+    events: &mut chat_client::Events,
+    want: proto::friend_event::Kind,
+    who: u64,
+) -> String {
+    wait_for(
+        events,
+        &format!("{want:?} about {who}"),
+        |event| match event {
+            Event::Friend(f)
+                if kind(&f) == want && f.user.as_ref().is_some_and(|u| u.user_id == who) =>
+            {
+                f.user.map(|u| u.username)
+            }
+            _ => None,
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn what_one_device_changes_in_the_friend_list_reaches_the_users_others() {
+    // Alice's phone makes every kind of change; her laptop hears each,
+    // naming the other user. Before, only the other user heard, and the
+    // laptop kept Bob as a friend (watching his presence) until it
+    // reconnected. The phone itself hears only its replies.
+    let server = TestServer::start().await;
+    let alice_name = name("alice");
+    let (phone, mut phone_events) = register(server.client_config(), &alice_name).await;
+    let (laptop, mut laptop_events) =
+        chat_client::Client::login(server.client_config(), &alice_name, PASSWORD)
+            .await
+            .unwrap();
+    let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+    let (carol, mut carol_events) = register(server.client_config(), &name("carol")).await;
+    let (dave, _dave_events) = register(server.client_config(), &name("dave")).await;
+    let (erin, _erin_events) = register(server.client_config(), &name("erin")).await;
+    let (b, c, d, e) = (
+        bob.identity(),
+        carol.identity(),
+        dave.identity(),
+        erin.identity(),
+    );
+    befriend(&phone, &bob).await;
+    laptop.subscribe_presence(&[b.user_id]).await.unwrap();
+    use proto::friend_event::Kind;
+
+    phone.remove_friend(b.user_id).await.unwrap();
+    let username = hears(&mut laptop_events, Kind::Removed, b.user_id).await;
+    assert_eq!(username, b.username, "named");
+    assert_eq!(
+        laptop.presence(b.user_id),
+        None,
+        "the laptop no longer watches Bob"
+    );
+
+    phone.send_friend_request(&c.username).await.unwrap();
+    hears(&mut laptop_events, Kind::RequestSent, c.user_id).await;
+    wait_for(&mut carol_events, "alice's request", |event| match event {
+        Event::Friend(f) if kind(&f) == Kind::RequestReceived => Some(()),
+        _ => None,
+    })
+    .await;
+    carol.accept_friend(phone.identity().user_id).await.unwrap();
+    // Carol's acceptance reaches both of Alice's devices, as before.
+    hears(&mut laptop_events, Kind::Accepted, c.user_id).await;
+
+    dave.send_friend_request(&alice_name).await.unwrap();
+    hears(&mut laptop_events, Kind::RequestReceived, d.user_id).await;
+    phone.decline_friend(d.user_id).await.unwrap();
+    hears(&mut laptop_events, Kind::Declined, d.user_id).await;
+
+    erin.send_friend_request(&alice_name).await.unwrap();
+    hears(&mut laptop_events, Kind::RequestReceived, e.user_id).await;
+    phone.accept_friend(e.user_id).await.unwrap();
+    hears(&mut laptop_events, Kind::Accepted, e.user_id).await;
+
+    phone.block(d.user_id).await.unwrap();
+    hears(&mut laptop_events, Kind::Blocked, d.user_id).await;
+    phone.unblock(d.user_id).await.unwrap();
+    hears(&mut laptop_events, Kind::Unblocked, d.user_id).await;
+
+    // The phone heard none of its own changes.
+    while let Some(event) = phone_events.try_next() {
+        if let Event::Friend(f) = event {
+            let who = f.user.as_ref().map_or(0, |u| u.user_id);
+            let own = matches!(
+                (kind(&f), who),
+                (Kind::RequestSent | Kind::Blocked | Kind::Unblocked, _)
+            ) || (kind(&f), who) == (Kind::Removed, b.user_id)
+                || (kind(&f), who) == (Kind::Declined, d.user_id)
+                || (kind(&f), who) == (Kind::Accepted, e.user_id);
+            assert!(!own, "the phone was told of its own change: {f:?}");
+        }
+    }
+}

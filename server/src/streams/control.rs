@@ -553,9 +553,23 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                         target.id,
                         proto::friend_event::Kind::RequestReceived,
                     );
+                    notify_own_devices(
+                        session,
+                        target.id,
+                        Some(target.username),
+                        proto::friend_event::Kind::RequestSent,
+                    )
+                    .await;
                 }
                 FriendRequestOutcome::Accepted => {
                     notify_friend(session, target.id, proto::friend_event::Kind::Accepted);
+                    notify_own_devices(
+                        session,
+                        target.id,
+                        Some(target.username),
+                        proto::friend_event::Kind::Accepted,
+                    )
+                    .await;
                 }
                 FriendRequestOutcome::AlreadyRequested => {}
                 FriendRequestOutcome::AlreadyFriends => {
@@ -601,6 +615,13 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 return Err(friends_full(max));
             }
             notify_friend(session, a.user_id, proto::friend_event::Kind::Accepted);
+            notify_own_devices(
+                session,
+                a.user_id,
+                None,
+                proto::friend_event::Kind::Accepted,
+            )
+            .await;
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::FriendDecline(d)) => {
@@ -611,6 +632,13 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 ));
             }
             notify_friend(session, d.user_id, proto::friend_event::Kind::Declined);
+            notify_own_devices(
+                session,
+                d.user_id,
+                None,
+                proto::friend_event::Kind::Declined,
+            )
+            .await;
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::FriendRemove(r)) => {
@@ -622,6 +650,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             }
             shared.presence.unfriend(me, r.user_id);
             notify_friend(session, r.user_id, proto::friend_event::Kind::Removed);
+            notify_own_devices(session, r.user_id, None, proto::friend_event::Kind::Removed).await;
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::BlockUser(b)) => {
@@ -645,6 +674,15 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                         shared.presence.unfriend(me, b.user_id);
                         notify_friend(session, b.user_id, proto::friend_event::Kind::Removed);
                     }
+                    // Blocked says it all to the other devices: the
+                    // friendship or request is gone too.
+                    notify_own_devices(
+                        session,
+                        b.user_id,
+                        None,
+                        proto::friend_event::Kind::Blocked,
+                    )
+                    .await;
                 }
                 BlockOutcome::AlreadyBlocked => {}
                 BlockOutcome::Full => {
@@ -663,6 +701,13 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     "that user is not blocked",
                 ));
             }
+            notify_own_devices(
+                session,
+                u.user_id,
+                None,
+                proto::friend_event::Kind::Unblocked,
+            )
+            .await;
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::ListFriends(_)) => {
@@ -1140,6 +1185,48 @@ fn notify_friend(session: &Session, user: u64, kind: proto::friend_event::Kind) 
         .shared
         .hub
         .push(user, StreamKind::Control, &Outbound::frame(&event), None);
+}
+
+/// Tells the user's other devices on this node what this one changed in
+/// their friend list (`other` is the user it concerns), so that their
+/// lists and presence subscriptions stay current: a friend removed from
+/// the phone stayed on the laptop, shown online, until it reconnected.
+async fn notify_own_devices(
+    session: &Session,
+    other: u64,
+    other_name: Option<String>,
+    kind: proto::friend_event::Kind,
+) {
+    let authed = session.authed().expect("authenticated");
+    let hub = &session.shared.hub;
+    if hub.sessions_of(authed.user_id) < 2 {
+        return;
+    }
+    let username = match other_name {
+        Some(name) => name,
+        // Only a lookup: the change is made, and a device that misses the
+        // name still has the id.
+        None => match session.shared.store.username(other).await {
+            Ok(name) => name.unwrap_or_default(),
+            Err(e) => {
+                tracing::debug!(error = %e, "the friend's name for the other devices");
+                String::new()
+            }
+        },
+    };
+    let event = Frame::push(Body::FriendEvent(proto::FriendEvent {
+        kind: kind as i32,
+        user: Some(proto::UserRef {
+            user_id: other,
+            username,
+        }),
+    }));
+    hub.push(
+        authed.user_id,
+        StreamKind::Control,
+        &Outbound::frame(&event),
+        Some(session.conn_id),
+    );
 }
 
 /// The wire form of a conversation.
