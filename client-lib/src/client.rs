@@ -822,16 +822,35 @@ impl Inner {
     /// returns them, for the app to hear. Under the presence lock, as
     /// [`Inner::watch`] changes the list: a state is never recorded for a
     /// user who was just dropped from it.
+    ///
+    /// A state numbered below the one known (`version`: an update that
+    /// overtook the snapshot now being read, both from this connection) is
+    /// older: dropped. A node that predates the numbers sends 0: states
+    /// are taken in the order they come.
     fn note_presence(&self, mut states: Vec<proto::PresenceState>) -> Vec<proto::PresenceState> {
         let mut known = self.presence.lock().expect("presence lock");
         {
             let watching = self.watching.lock().expect("watching lock");
-            states.retain(|state| watching.contains(&state.user_id));
+            states.retain(|state| {
+                watching.contains(&state.user_id)
+                    && known
+                        .get(&state.user_id)
+                        .is_none_or(|had| had.version <= state.version)
+            });
         }
         for state in &states {
             known.insert(state.user_id, *state);
         }
         states
+    }
+
+    /// A new connection: its node numbers presence changes afresh (see
+    /// [`note_presence`](Self::note_presence)), so what is known is kept
+    /// but its numbers go back to 0.
+    fn renumber_presence(&self) {
+        for state in self.presence.lock().expect("presence lock").values_mut() {
+            state.version = 0;
+        }
     }
 
     /// Makes `user_ids` the watched list and forgets the presence of
@@ -869,6 +888,8 @@ impl Inner {
         }
         self.max_text_len
             .store(live.max_text_len, Ordering::Relaxed);
+        // Before the re-subscription this connection's node answers.
+        self.renumber_presence();
         if outbox.fail_longer_than(live.max_text_len) {
             // A shutdown may be waiting for the outbox to empty.
             self.answered.notify_waiters();

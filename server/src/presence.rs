@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chat_protocol::{Body, Frame, StreamKind, proto};
@@ -64,6 +65,13 @@ pub struct Presence {
     /// Watched user -> sessions watching them.
     watchers: Arc<DashMap<UserId, Vec<Arc<SessionHandle>>>>,
     changes: mpsc::UnboundedSender<Notice>,
+    /// Changes published so far: each carries its number, and a snapshot
+    /// the number as it was before its read (`PresenceState::version`).
+    /// The snapshot's reply can be queued behind an update made after the
+    /// read; the client keeps the higher number, where it used to let the
+    /// snapshot overwrite the update, and the notifier, having sent it,
+    /// never corrected that.
+    published: AtomicU64,
 }
 
 /// What the notifier hears.
@@ -94,6 +102,7 @@ impl Presence {
             users: DashMap::new(),
             watchers: Arc::new(DashMap::new()),
             changes,
+            published: AtomicU64::new(0),
         });
         tokio::spawn(notifier(rx, presence.watchers.clone()));
         let sweep_every = (heartbeat_interval / 2).max(Duration::from_millis(50));
@@ -269,7 +278,13 @@ impl Presence {
     }
 
     /// Current state of `users` as friends see them.
+    /// Each carries the number of the last change published before the
+    /// read (see `published`).
     pub async fn states(&self, users: &[UserId]) -> Result<Vec<proto::PresenceState>, StoreError> {
+        // Before the reads: a change published after this was stored
+        // after it too (every change is stored, then published), so the
+        // read may or may not see it, and its update wins either way.
+        let version = self.published.load(Ordering::SeqCst);
         let online = self.store.online(users.to_vec()).await?;
         let stored = self.history.stored_presence(users.to_vec()).await?;
         Ok(users
@@ -282,16 +297,19 @@ impl Presence {
                         user_id,
                         online: false,
                         last_active_ms: hidden_at,
+                        version,
                     },
                     (None, Some(record)) => proto::PresenceState {
                         user_id,
                         online: true,
                         last_active_ms: record.last_active_ms,
+                        version,
                     },
                     (None, None) => proto::PresenceState {
                         user_id,
                         online: false,
                         last_active_ms: stored.last_active_ms,
+                        version,
                     },
                 },
             )
@@ -340,10 +358,12 @@ impl Presence {
     }
 
     fn publish(&self, user_id: UserId, online: bool, last_active_ms: i64) {
+        let version = self.published.fetch_add(1, Ordering::SeqCst) + 1;
         let _ = self.changes.send(Notice::Change(proto::PresenceState {
             user_id,
             online,
             last_active_ms,
+            version,
         }));
     }
 
@@ -534,6 +554,8 @@ mod tests {
     enum Op {
         Refresh,
         Remove,
+        /// Held after the read, with what it read.
+        Online,
     }
 
     /// The in-process presence store, whose next call of the armed kind
@@ -616,7 +638,9 @@ mod tests {
             &self,
             users: Vec<UserId>,
         ) -> Result<Vec<Option<OnlineRecord>>, StoreError> {
-            self.inner.online(users).await
+            let read = self.inner.online(users).await;
+            self.hold(Op::Online).await;
+            read
         }
     }
 
@@ -697,6 +721,39 @@ mod tests {
             connecting
         );
         (server, client, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_change_made_after_a_snapshots_read_is_numbered_above_it() {
+        // The snapshot read the user online; they went offline before its
+        // reply was queued, so the notifier's update can reach the watcher
+        // first. The client keeps the higher number: the update's.
+        let store = Held::new(None);
+        let (_dir, _history, presence, [first, _second], _endpoints) = tracker(store.clone()).await;
+        let (user, conn_id) = (first.user_id, first.conn_id);
+        presence.connect(first).await;
+        store.arm(Op::Online);
+        let snapshot = Arc::new(Mutex::new(Vec::new()));
+        let read = {
+            let (presence, snapshot) = (presence.clone(), snapshot.clone());
+            async move {
+                *snapshot.lock().unwrap() = presence.states(&[user]).await.unwrap();
+            }
+        };
+        store
+            .around(read, presence.disconnect(user, conn_id, false))
+            .await;
+        let snapshot = snapshot.lock().unwrap()[0];
+        assert!(snapshot.online, "read before the disconnect");
+        let offline = presence.published.load(Ordering::SeqCst);
+        assert!(
+            snapshot.version < offline,
+            "{} against the offline change's {offline}",
+            snapshot.version
+        );
+        // A snapshot read now is numbered with it.
+        let now = presence.states(&[user]).await.unwrap()[0];
+        assert_eq!((now.online, now.version), (false, offline));
     }
 
     #[tokio::test]

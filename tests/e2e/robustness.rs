@@ -1876,6 +1876,7 @@ async fn client_state_holds_only_what_the_app_asked_about() {
             user_id,
             online,
             last_active_ms: 1,
+            ..Default::default()
         };
         let receipt = |conversation_id, user_id, seq| {
             Frame::push(Body::Receipt(proto::Receipt {
@@ -3209,6 +3210,63 @@ async fn a_group_change_stops_asking_when_the_session_ends() {
 }
 
 #[tokio::test]
+async fn a_presence_update_that_overtook_its_snapshot_is_the_one_kept() {
+    // The server read user 7 online for the snapshot; 7 went offline
+    // before the reply was queued, and the notifier's update came first.
+    // The client let the snapshot overwrite it, and the server, having
+    // sent "offline", never corrected it: 7 showed online for good. The
+    // numbers (the update's 8 against the snapshot's 5) say which is newer;
+    // after a reconnect they start over.
+    let (_dir, endpoint, config) = fake_node().await;
+    let serve = tokio::spawn(async move {
+        for round in 0..2 {
+            let conn = endpoint.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = fake_login(&conn).await.expect("a login");
+            let mut buf = BytesMut::new();
+            let request_id = loop {
+                let frame = next_frame(&mut recv, &mut buf).await;
+                if let Some(Body::SubscribePresence(s)) = frame.body {
+                    assert_eq!(s.user_ids, [7]);
+                    break frame.request_id;
+                }
+            };
+            let state = |online, version| proto::PresenceState {
+                user_id: 7,
+                online,
+                last_active_ms: 1_000,
+                version,
+            };
+            let (update, snapshot) = if round == 0 {
+                (state(false, 8), state(true, 5))
+            } else {
+                // A node numbering afresh: its first snapshot counts.
+                (state(false, 1), state(true, 2))
+            };
+            let update = Frame::push(Body::PresenceUpdate(proto::PresenceUpdate {
+                states: vec![update],
+            }));
+            let snapshot = presence_snapshot(request_id, snapshot);
+            send.write_all(&frames(&[update, snapshot])).await.unwrap();
+            let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+        }
+    });
+    let (client, _events) = register_fake(config).await;
+    let states = client.subscribe_presence(&[7]).await.unwrap();
+    assert_eq!(states.len(), 1, "{states:?}");
+    assert!(!states[0].online, "the older snapshot won: {states:?}");
+    assert!(!client.presence(7).expect("watched").online);
+
+    client.reconnect_now();
+    wait_until("the new node's snapshot", || {
+        let online = client.presence(7).is_some_and(|p| p.online);
+        async move { online }
+    })
+    .await;
+    client.close();
+    serve.await.unwrap();
+}
+
+#[tokio::test]
 async fn a_presence_update_right_after_its_snapshot_is_the_one_kept() {
     // The fake node answers a subscription with a snapshot (user 7 online)
     // and, in the same write, an update (7 went offline), on two
@@ -3235,6 +3293,7 @@ async fn a_presence_update_right_after_its_snapshot_is_the_one_kept() {
                 user_id: 7,
                 online,
                 last_active_ms: 1_000 * (round + 1),
+                ..Default::default()
             };
             let snapshot = presence_snapshot(request_id, state(true));
             let update = Frame::push(Body::PresenceUpdate(proto::PresenceUpdate {
@@ -3300,6 +3359,7 @@ async fn a_subscription_that_times_out_leaves_no_state_of_the_old_list() {
                         user_id: 5,
                         online: true,
                         last_active_ms: 1_000,
+                        ..Default::default()
                     };
                     let snapshot = presence_snapshot(frame.request_id, state);
                     send.write_all(&frames(&[snapshot])).await.unwrap();
