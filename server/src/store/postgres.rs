@@ -916,7 +916,10 @@ impl HistoryStore for PostgresStore {
         password_hash: String,
         now_ms: i64,
     ) -> Result<UserId, StoreError> {
-        let client = self.client().await?;
+        // In a transaction whose outcome a lost answer settles, as other
+        // writes do: reported failed though it had committed, the client's
+        // retry found its own new account and was told the name is taken.
+        let mut client = self.client().await?;
         let stmt = client
             .prepare_cached(
                 "INSERT INTO users (username, password_hash, created_at_ms)
@@ -924,14 +927,25 @@ impl HistoryStore for PostgresStore {
             )
             .await
             .map_err(pg)?;
-        match client
+        let xid_stmt = client.prepare_cached(TRANSACTION_ID).await.map_err(pg)?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let row = match tx
             .query_one(&stmt, &[&username, &password_hash, &now_ms])
             .await
         {
-            Ok(row) => id_col(&row, 0),
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(StoreError::Conflict),
-            Err(e) => Err(pg(e)),
+            Ok(row) => row,
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                return Err(StoreError::Conflict);
+            }
+            Err(e) => return Err(pg(e)),
+        };
+        let id = id_col(&row, 0)?;
+        let xid: i64 = col(&tx.query_one(&xid_stmt, &[]).await.map_err(pg)?, 0)?;
+        if let Err(e) = tx.commit().await {
+            drop(client);
+            self.settle_commit(xid, e).await?;
         }
+        Ok(id)
     }
 
     async fn user_by_name(&self, username: String) -> Result<Option<UserRecord>, StoreError> {

@@ -1907,3 +1907,48 @@ fn connections_give_up_on_a_silently_dead_path_within_half_a_minute() {
     let unacked = *config.get_tcp_user_timeout().expect("a user timeout");
     assert!(unacked <= Duration::from_secs(30), "{unacked:?}");
 }
+
+#[tokio::test]
+async fn a_registration_whose_answer_is_lost_is_settled_as_made() {
+    // The insert committed and its answer was lost: reported failed, the
+    // client's retry found the account and was told the name is taken,
+    // though it was its own. A registration that did not commit is
+    // reported failed, and the name stays free.
+    let cutter = Arc::new(CommitCutter::start().await);
+    let url = cutter.url();
+    with_store_at(&url, {
+        let cutter = cutter.clone();
+        move |store| async move {
+            cutter.arm(CUT_ANSWER);
+            let id = tokio::time::timeout(
+                PROGRESS_DEADLINE,
+                store.create_user("alice".into(), "alice's hash".into(), 1),
+            )
+            .await
+            .expect("settled in time")
+            .expect("settled as made");
+            assert_eq!(cutter.cuts(), 1, "the COMMIT's answer was cut");
+            let stored = store.user_by_name("alice".into()).await.unwrap().unwrap();
+            assert_eq!(
+                (stored.id, stored.password_hash.as_str()),
+                (id, "alice's hash")
+            );
+
+            cutter.arm(CUT_BEFORE_COMMIT);
+            match store
+                .create_user("bob".into(), "bob's hash".into(), 1)
+                .await
+            {
+                Err(StoreError::Unavailable(_)) => {}
+                other => panic!("a COMMIT that never left must fail retryably: {other:?}"),
+            }
+            assert_eq!(cutter.cuts(), 2, "the COMMIT was cut");
+            assert!(store.user_by_name("bob".into()).await.unwrap().is_none());
+            store
+                .create_user("bob".into(), "bob's hash".into(), 1)
+                .await
+                .expect("the name is free");
+        }
+    })
+    .await;
+}
