@@ -34,10 +34,11 @@ pub enum Event {
     /// for the one gap [`Events`] describes.
     Receipt(proto::Receipt),
     /// A friend request, acceptance, decline or removal by another user,
-    /// or a change this user made from another device (a request sent,
-    /// an acceptance, a decline, a removal, a block or an unblock), so
-    /// that every device's friend list stays current. A removal or a block
-    /// also ends this client's presence subscription to that user.
+    /// or a change this user made from another device (`KIND_REQUEST_SENT`,
+    /// `KIND_YOU_ACCEPTED`, `KIND_YOU_DECLINED`, `KIND_YOU_REMOVED`,
+    /// `KIND_BLOCKED`, `KIND_UNBLOCKED`), so that every device's friend
+    /// list stays current. A removal (either side's) or a block also ends
+    /// this client's presence subscription to that user.
     Friend(proto::FriendEvent),
     /// A watched friend came online, went offline, or changed their
     /// last-active time (see [`Client::subscribe_presence`]).
@@ -549,7 +550,12 @@ impl Inner {
     /// members are noted here, in the stream's reader, so that receipts read
     /// after the reply find them; so is a presence snapshot, so that an
     /// update read right after it is not overwritten by it.
-    pub(crate) fn answer(&self, request_id: u64, result: Result<Body, ClientError>) {
+    pub(crate) fn answer(
+        &self,
+        request_id: u64,
+        result: Result<Body, ClientError>,
+        conn: &quinn::Connection,
+    ) {
         let waiter = self
             .pending
             .lock()
@@ -559,7 +565,7 @@ impl Inner {
             match &result {
                 Ok(Body::Conversation(info)) => self.note_members(info),
                 Ok(Body::PresenceSnapshot(snapshot)) => {
-                    self.note_presence(snapshot.states.clone());
+                    self.note_presence(snapshot.states.clone(), conn);
                 }
                 _ => {}
             }
@@ -802,7 +808,7 @@ impl Inner {
         states: Vec<proto::PresenceState>,
         conn: &quinn::Connection,
     ) {
-        for state in self.note_presence(states) {
+        for state in self.note_presence(states, conn) {
             if !self.emit(Event::Presence(state), conn).await {
                 return;
             }
@@ -826,9 +832,23 @@ impl Inner {
     /// A state numbered below the one known (`version`: an update that
     /// overtook the snapshot now being read, both from this connection) is
     /// older: dropped. A node that predates the numbers sends 0: states
-    /// are taken in the order they come.
-    fn note_presence(&self, mut states: Vec<proto::PresenceState>) -> Vec<proto::PresenceState> {
+    /// are taken in the order they come. Nothing is taken from a closed
+    /// connection (`conn`, the one they came on): its reader may still be
+    /// reading what quinn had buffered after the next connection reset
+    /// the numbers, and one of the old node's would outrank the new
+    /// node's for good.
+    fn note_presence(
+        &self,
+        mut states: Vec<proto::PresenceState>,
+        conn: &quinn::Connection,
+    ) -> Vec<proto::PresenceState> {
         let mut known = self.presence.lock().expect("presence lock");
+        // Under the lock `renumber_presence` takes, and it runs only once
+        // this connection is closed: either it comes after, or this sees
+        // the close.
+        if conn.close_reason().is_some() {
+            return Vec::new();
+        }
         {
             let watching = self.watching.lock().expect("watching lock");
             states.retain(|state| {

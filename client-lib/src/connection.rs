@@ -479,7 +479,9 @@ async fn read_loop(
             Some(Body::FriendEvent(event)) => {
                 if matches!(
                     event.kind(),
-                    proto::friend_event::Kind::Removed | proto::friend_event::Kind::Blocked
+                    proto::friend_event::Kind::Removed
+                        | proto::friend_event::Kind::YouRemoved
+                        | proto::friend_event::Kind::Blocked
                 ) {
                     // The server stopped sending their presence: what the
                     // client knows of it would stay as it is for good.
@@ -514,8 +516,8 @@ async fn read_loop(
                 let code = ErrorCode::from_wire(e.code);
                 tracing::debug!(stream = kind.name(), %code, message = e.message, "connection-level error from server");
             }
-            Some(Body::Error(e)) => inner.answer(request_id, Err(ClientError::server(&e))),
-            Some(body) if request_id != 0 => inner.answer(request_id, Ok(body)),
+            Some(Body::Error(e)) => inner.answer(request_id, Err(ClientError::server(&e)), &conn),
+            Some(body) if request_id != 0 => inner.answer(request_id, Ok(body), &conn),
             Some(body) => tracing::debug!(
                 stream = kind.name(),
                 frame = body.name(),
@@ -529,7 +531,7 @@ async fn read_loop(
                 if kind == StreamKind::Messages {
                     inner.send_answered(request_id, Err(error));
                 } else {
-                    inner.answer(request_id, Err(error));
+                    inner.answer(request_id, Err(error), &conn);
                 }
             }
             None => {}

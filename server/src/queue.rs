@@ -32,10 +32,10 @@
 //! the watermark, would not bring them) and keeps the rest: send acks, errors,
 //! and the user's own messages echoed from their other devices, which
 //! catch-up never sends. Only a client that does not read fills those. An
-//! echo kept is still dropped by the writer if the next pass sent a later
-//! message of its conversation (the device keeps each conversation in seq
-//! order): the device then reads it from history, as one that was offline
-//! does.
+//! echo kept is written even after the next pass sent later messages of
+//! its conversation (client-lib takes a message below ones it has, within
+//! 256 seqs); until session 40 the writer dropped it, and the device saw
+//! it only in history.
 //!
 //! Not a `tokio::sync::mpsc` channel because of idle memory: a bounded
 //! channel allocates its first block (32 slots) when it is created, about

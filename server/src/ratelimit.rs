@@ -102,6 +102,14 @@ impl<K: Eq + std::hash::Hash> RateLimiter<K> {
         }
     }
 
+    /// Returns a token taken for something that did not happen (up to
+    /// the burst).
+    pub fn give_back(&self, user: K) {
+        if let Some(mut bucket) = self.buckets.get_mut(&user) {
+            bucket.tokens = (bucket.tokens + 1.0).min(self.burst);
+        }
+    }
+
     /// Drops buckets that have refilled completely.
     pub fn sweep(&self, now: Instant) {
         let (rate, burst) = (self.rate, self.burst);
@@ -206,6 +214,10 @@ mod tests {
         let wait = limiter.check(here, t0).unwrap_err();
         assert_eq!(wait, Duration::from_secs(60), "one a minute");
         limiter.check(there, t0).unwrap();
+        limiter.check(here, t0 + wait).unwrap();
+        assert!(limiter.check(here, t0 + wait).is_err());
+        // One that made no account is given back.
+        limiter.give_back(here);
         limiter.check(here, t0 + wait).unwrap();
         assert!(limiter.check(here, t0 + wait).is_err());
         assert!(

@@ -34,7 +34,8 @@ pub struct DeliverKey {
     pub seq: u64,
     /// The recipient's own message, echoed to their other devices:
     /// catch-up never sends it, so a queue must not let it go counting on
-    /// catch-up (see [`crate::queue`] for what still drops it).
+    /// catch-up, nor a writer drop it behind what catch-up sent (see
+    /// [`crate::queue`]).
     pub own: bool,
 }
 

@@ -256,9 +256,8 @@ async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk
         return Err(taken());
     }
     let source = auth::login_source(session.conn.remote_address().ip());
-    session
-        .shared
-        .registration_limiter
+    let limiter = &session.shared.registration_limiter;
+    limiter
         .check(source, std::time::Instant::now())
         .map_err(|wait| {
             Refusal::new(
@@ -267,16 +266,27 @@ async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk
             )
             .with_retry_after(wait)
         })?;
-    let permit = hashing_permit(session).await?;
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
-        .await
-        .map_err(|e| internal("the hashing task failed", &e))?
-        .map_err(|e| internal("hashing failed", &e))?;
-    drop(permit);
-    let user_id = match store.create_user(username.clone(), hash, now_ms()).await {
+    let created = async {
+        let permit = hashing_permit(session).await?;
+        let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+            .await
+            .map_err(|e| internal("the hashing task failed", &e))?
+            .map_err(|e| internal("hashing failed", &e))?;
+        drop(permit);
+        match store.create_user(username.clone(), hash, now_ms()).await {
+            Ok(id) => Ok(id),
+            Err(StoreError::Conflict) => Err(taken()),
+            Err(e) => Err(Refusal::from(e)),
+        }
+    };
+    let user_id = match created.await {
         Ok(id) => id,
-        Err(StoreError::Conflict) => return Err(taken()),
-        Err(e) => return Err(e.into()),
+        Err(refusal) => {
+            // No account made (hashers busy, the store down, the name
+            // taken meanwhile): the address keeps its registration.
+            limiter.give_back(source);
+            return Err(refusal);
+        }
     };
     tracing::info!(
         conn_id = session.conn_id,
@@ -567,7 +577,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                         session,
                         target.id,
                         Some(target.username),
-                        proto::friend_event::Kind::Accepted,
+                        proto::friend_event::Kind::YouAccepted,
                     )
                     .await;
                 }
@@ -619,7 +629,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 session,
                 a.user_id,
                 None,
-                proto::friend_event::Kind::Accepted,
+                proto::friend_event::Kind::YouAccepted,
             )
             .await;
             reply(Body::Ok(proto::Ok {}))
@@ -636,7 +646,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 session,
                 d.user_id,
                 None,
-                proto::friend_event::Kind::Declined,
+                proto::friend_event::Kind::YouDeclined,
             )
             .await;
             reply(Body::Ok(proto::Ok {}))
@@ -650,7 +660,13 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             }
             shared.presence.unfriend(me, r.user_id);
             notify_friend(session, r.user_id, proto::friend_event::Kind::Removed);
-            notify_own_devices(session, r.user_id, None, proto::friend_event::Kind::Removed).await;
+            notify_own_devices(
+                session,
+                r.user_id,
+                None,
+                proto::friend_event::Kind::YouRemoved,
+            )
+            .await;
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::BlockUser(b)) => {

@@ -386,9 +386,16 @@ async fn writer(
         |out| {
             let write = match out.deliver {
                 Some(DeliverKey {
-                    conversation, seq, ..
+                    conversation,
+                    seq,
+                    own,
+                    ..
                 }) if !sent.is_empty() => match sent.get(&conversation) {
-                    Some(&last) if seq <= last => false,
+                    // The user's own message from another device is no
+                    // repeat (catch-up never sends those) and client-lib
+                    // takes it below what it has: written, or the device
+                    // would only ever see it in history.
+                    Some(&last) if seq <= last => own,
                     _ => {
                         sent.remove(&conversation);
                         true
@@ -641,12 +648,15 @@ async fn write_page(
         for message in &page[from..next] {
             sent.insert(message.conversation_id, message.seq);
         }
-        // The whole write (at most ~256 KiB) within the stall too: a
-        // reader taking just enough to keep restarting the stall timer
-        // (16 KiB a stall) held its page, megabytes of long texts read
-        // from history for it alone, for hours.
+        // The whole write within a stall per 64 KiB of it too (~1 KiB a
+        // second at the default stall, 8 kbit/s: slower than any link a
+        // phone keeps a session on): a reader taking just enough to keep
+        // restarting the stall timer (16 KiB a stall, ~270 bytes a
+        // second) held its page, megabytes of long texts read from
+        // history for it alone, for hours.
+        let deadline = catch_up_write_deadline(chunks[0].len(), stall);
         let write = wire::write_all_or_stall(&session.conn, send, &mut chunks, stall, metrics);
-        match tokio::time::timeout(stall, write).await {
+        match tokio::time::timeout(deadline, write).await {
             Ok(true) => {}
             Ok(false) => return false,
             Err(_) => {
@@ -670,6 +680,17 @@ async fn write_page(
 /// Encoded bytes a catch-up writes at a time: a page of 256 maximum-size
 /// texts encoded whole was 4 MiB more held while a slow reader took it.
 const CATCH_UP_WRITE: usize = 256 * 1024;
+
+/// Bytes of a catch-up write the client must take per `write-stall`, on
+/// average over the write (four times what restarts the stall timer).
+const CATCH_UP_PROGRESS: usize = 64 * 1024;
+
+/// How long a catch-up write of `bytes` may take: a `stall` per
+/// [`CATCH_UP_PROGRESS`] bytes, and at least one.
+fn catch_up_write_deadline(bytes: usize, stall: Duration) -> Duration {
+    let stalls = bytes.div_ceil(CATCH_UP_PROGRESS).max(1);
+    stall.saturating_mul(u32::try_from(stalls).unwrap_or(u32::MAX))
+}
 
 /// The Deliver frames of `page` from `*next` on, up to about
 /// [`CATCH_UP_WRITE`] bytes (at least one frame); moves `*next` past them.
@@ -803,6 +824,26 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_catch_up_write_gets_a_stall_per_64_kib() {
+        let stall = Duration::from_secs(60);
+        assert_eq!(
+            catch_up_write_deadline(40_000, stall),
+            stall,
+            "a page of short texts"
+        );
+        assert_eq!(catch_up_write_deadline(0, stall), stall);
+        assert_eq!(
+            catch_up_write_deadline(CATCH_UP_WRITE, stall),
+            4 * stall,
+            "~1.1 KiB a second"
+        );
+        assert_eq!(
+            catch_up_write_deadline(CATCH_UP_WRITE + 1, stall),
+            5 * stall
+        );
+    }
 
     #[test]
     fn catch_up_writes_a_page_a_bounded_chunk_at_a_time() {
