@@ -753,7 +753,7 @@ pub struct SqliteStore {
     /// A test made the thread panic on purpose (`crash_thread`): the drop
     /// does not raise it again.
     #[cfg(test)]
-    crashed_on_purpose: std::sync::atomic::AtomicBool,
+    crashed_on_purpose: AtomicBool,
     /// The data directory's lock (see [`lock_dir`]), let go once the
     /// threads above have closed the database: the last field, dropped
     /// after [`Drop::drop`] joined them.
@@ -857,7 +857,7 @@ impl SqliteStore {
             checkpointer: std::sync::Mutex::new(Some((stop_checkpoints, checkpointer))),
             path,
             #[cfg(test)]
-            crashed_on_purpose: std::sync::atomic::AtomicBool::new(false),
+            crashed_on_purpose: AtomicBool::new(false),
             _lock: lock,
         })
     }
@@ -910,8 +910,7 @@ impl SqliteStore {
     /// Makes the store thread panic, as a bug in a job would.
     #[cfg(test)]
     pub(crate) async fn crash_thread(&self) {
-        self.crashed_on_purpose
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.crashed_on_purpose.store(true, Ordering::Relaxed);
         let _ = self
             .call(|_, _| -> Result<(), StoreError> { panic!("injected store thread panic") })
             .await;
@@ -1004,9 +1003,7 @@ impl Drop for SqliteStore {
             #[cfg(test)]
             if let Err(panic) = joined
                 && !std::thread::panicking()
-                && !self
-                    .crashed_on_purpose
-                    .load(std::sync::atomic::Ordering::Relaxed)
+                && !self.crashed_on_purpose.load(Ordering::Relaxed)
             {
                 std::panic::resume_unwind(panic);
             }
