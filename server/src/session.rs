@@ -78,6 +78,10 @@ impl Drop for Session {
 /// enough for a device's dead connection to time out meanwhile.
 const SESSIONS_FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a protocol violation's error frame may wait in its stream's
+/// queue before the connection is closed without it.
+const CLOSING_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long the refusal of a stream kind this node does not serve may
 /// take to write before the stream is reset instead.
 const REFUSAL_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -559,7 +563,22 @@ pub fn on_read_error(session: &Session, kind: StreamKind, e: ReadError) {
                     e.code(),
                     &e.to_string(),
                 );
+                return;
             }
+            // The writer may not take the error soon (a catch-up under way
+            // writes from history first, for as long as the client takes
+            // it), and the connection, its other streams included, stayed
+            // usable until then: it closes within a moment regardless.
+            let (conn, metrics) = (session.conn.clone(), session.shared.metrics.clone());
+            let (code, reason) = (e.code(), e.to_string());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = conn.closed() => {}
+                    () = tokio::time::sleep(CLOSING_GRACE) => {
+                        wire::close_counted(&conn, &metrics, code, &reason);
+                    }
+                }
+            });
         }
         ReadError::Stream(e) => tracing::debug!(error = %e, stream = kind.name(), "stream ended"),
     }

@@ -1198,6 +1198,42 @@ async fn delivery_acks_beyond_what_a_user_was_delivered_are_dropped() {
 }
 
 #[tokio::test]
+async fn a_bad_frame_during_a_long_catch_up_closes_the_connection_at_once() {
+    // Bob's device comes back to a backlog it reads nothing of (a small
+    // window), then sends garbage on its messages stream. The error frame
+    // waited behind the catch-up in the stream's queue, and the connection
+    // (its control stream too) stayed usable until the write stall ended
+    // the catch-up a minute later, with SLOW_CONSUMER.
+    let server = TestServer::start_with(unlimited_sends).await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let from_alice = befriend(&alice, &bob).await;
+    let token = bob.identity().token;
+    bob.close();
+    drop((bob, bob_events));
+    send_texts(&alice, from_alice, 300).await;
+
+    let bob = Raw::connect_with_stream_window(&server, 4096).await;
+    let _control = bob
+        .log_in(Body::Authenticate(proto::Authenticate { token }))
+        .await;
+    let (mut messages, mut messages_recv) =
+        bob.stream(&frames(&[Frame::open_messages(false)])).await;
+    // The catch-up is under way (its first message in), and stalls on the
+    // window from here.
+    let mut seen = SeqsSeen::default();
+    read_until(
+        &mut messages_recv,
+        &mut BytesMut::new(),
+        &mut seen,
+        &[(from_alice, 1)],
+    )
+    .await;
+    messages.write_all(&garbage()).await.unwrap();
+    assert_eq!(bob.close_code().await, ErrorCode::MalformedFrame);
+}
+
+#[tokio::test]
 async fn live_messages_during_a_long_catch_up_do_not_close_a_reading_client() {
     // Bob comes back to a backlog over a link that takes it slowly (a small
     // stream window, left unread for now), while Carol sends him more than
