@@ -1386,6 +1386,11 @@ pub async fn group_edit_keys(store: &impl HistoryStore) {
         assert!(again.duplicate, "{key}");
         assert_eq!(again.message.seq, first.message.seq, "{key}");
         assert_eq!(again.message.text, first.message.text, "{key}");
+        if key == "remove-1" {
+            // Dave, removed and not told yet, is owed it: the repeat
+            // brings it to his connected device if the first did not.
+            assert!(again.members.contains(&d), "{:?}", again.members);
+        }
     }
     // A repeat answers as the first did even where the change would now
     // be refused: dave is no longer alice's friend.

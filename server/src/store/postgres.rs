@@ -2117,14 +2117,20 @@ impl HistoryStore for PostgresStore {
 
 /// Stored messages with the keys of a batch, and the other members of each
 /// one's conversation still owed it (a retry answers with the original, and
-/// delivers it again to them).
+/// delivers it again to them), those removed since (or by it) not told yet
+/// included: the repeat of a removal whose first answer was lost before
+/// its fan-out is how the removed member's connected device hears of it.
 const EXISTING_KEYS: &str = "
     SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
            m.type, m.sent_at_ms, m.body,
            ARRAY(SELECT x.user_id FROM members x
                  WHERE x.conversation_id = m.conversation_id AND x.delivered_seq < m.seq
                    AND x.user_id <> m.sender_id
-                 ORDER BY x.user_id)
+                 UNION
+                 SELECT d.user_id FROM departures d
+                 WHERE d.conversation_id = m.conversation_id AND d.seq >= m.seq
+                   AND d.delivered_seq < m.seq AND d.user_id <> m.sender_id
+                 ORDER BY user_id)
     FROM unnest($1::bigint[], $2::text[]) AS k(sender_id, client_msg_id)
     JOIN messages m ON m.sender_id = k.sender_id AND m.client_msg_id = k.client_msg_id";
 

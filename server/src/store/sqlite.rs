@@ -1709,6 +1709,23 @@ fn stored_original(
             owed.push(member);
         }
     }
+    // And those removed since (or by it) who were not told yet: the
+    // repeat of a removal whose first answer was lost before its fan-out
+    // is how the removed member's connected device hears of it.
+    let mut departed = conn
+        .prepare_cached(
+            "SELECT user_id FROM departures
+             WHERE conversation_id = ?1 AND seq >= ?2 AND delivered_seq < ?2 AND user_id <> ?3",
+        )
+        .map_err(internal)?;
+    let rows = departed
+        .query_map(params![sql(conversation_id), sql(seq), sql(sender)], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(internal)?;
+    for user in rows {
+        owed.push(user.map_err(internal)? as u64);
+    }
     Ok(Some(Appended {
         message: Arc::new(original),
         duplicate: true,
