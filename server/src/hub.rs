@@ -166,6 +166,13 @@ impl SessionHandle {
             .unwrap_or_default()
     }
 
+    /// See [`OutQueue::held_own`].
+    pub fn held_own(&self, kind: StreamKind) -> std::collections::HashSet<(u64, u64)> {
+        self.queue(kind)
+            .map(|queue| queue.held_own())
+            .unwrap_or_default()
+    }
+
     /// A catch-up pass of the `kind` stream ended: `Ok` if the queue is now
     /// open, else the live messages it let go meanwhile (run another pass,
     /// which brings them).

@@ -9,9 +9,9 @@
 //! which catch-up leaves out, or a message another device of the user
 //! acknowledges meanwhile: watermarks are per user; catch-up reads a
 //! conversation with messages held from below them,
-//! [`OutQueue::held_deliveries`]). An echo older than
-//! what catch-up then sends of its conversation is still dropped by the
-//! messages writer, which keeps each conversation in seq order. But a stream that is
+//! [`OutQueue::held_deliveries`]); a pass writes the echoes the queue
+//! holds ([`OutQueue::held_own`]) in their place among what it reads from
+//! history, and the writer drops their queued copies. But a stream that is
 //! not open is not a slow reader: once the bounds are reached, the queue
 //! lets go of what it kept and keeps nothing until the stream opens
 //! ([`PushError::Unopened`]), and the device gets what an offline one gets
@@ -31,11 +31,12 @@
 //! passed them meanwhile, acked by another device, and the next pass, from
 //! the watermark, would not bring them) and keeps the rest: send acks, errors,
 //! and the user's own messages echoed from their other devices, which
-//! catch-up never sends. Only a client that does not read fills those. An
-//! echo kept is written even after the next pass sent later messages of
-//! its conversation (client-lib takes a message below ones it has, within
-//! 256 seqs); until session 40 the writer dropped it, and the device saw
-//! it only in history.
+//! catch-up reads from history only in the conversations and ranges it
+//! writes (see [`OutQueue::held_own`]). Only a client that does not read
+//! fills those. An echo kept that no pass wrote is written even after
+//! later messages of its conversation (client-lib takes a message below
+//! ones it has, within 256 seqs); until session 40 the writer dropped it,
+//! and the device saw it only in history.
 //!
 //! Not a `tokio::sync::mpsc` channel because of idle memory: a bounded
 //! channel allocates its first block (32 slots) when it is created, about
@@ -179,6 +180,20 @@ impl OutQueue {
             *lowest = (*lowest).min(d.seq);
         }
         held
+    }
+
+    /// (conversation, seq) of the user's own messages echoed from their
+    /// other devices that the queue holds: a catch-up pass writes them in
+    /// their place among what it reads from history (it leaves the user's
+    /// own out otherwise).
+    pub fn held_own(&self) -> std::collections::HashSet<(u64, u64)> {
+        let state = self.state.lock().expect("queue lock");
+        state
+            .items
+            .iter()
+            .filter_map(|o| o.deliver.filter(|d| d.own))
+            .map(|d| (d.conversation, d.seq))
+            .collect()
     }
 
     /// Appends `out` unless the queue is closed, already holds

@@ -79,8 +79,9 @@ impl Drop for Session {
 const SESSIONS_FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a protocol violation's error frame may wait in its stream's
-/// queue before the connection is closed without it.
-const CLOSING_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// queue before the connection is closed without it: longer than the
+/// writer lingers for the frame to arrive once it took it (2 s).
+const CLOSING_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long the refusal of a stream kind this node does not serve may
 /// take to write before the stream is reset instead.
@@ -553,30 +554,28 @@ pub fn on_read_error(session: &Session, kind: StreamKind, e: ReadError) {
                 "bad frame; closing connection"
             );
             let frame = Frame::error(0, e.code(), e.to_string());
+            // Counted here, once: the writer (which counts the errors it
+            // writes) and the closer below may both close the connection.
+            session.shared.metrics.error(e.code());
+            let mut closing = Outbound::closing(&frame, e.code());
+            closing.error = None;
             let queued = session
                 .authed()
-                .is_some_and(|a| a.handle.push(kind, Outbound::closing(&frame, e.code())));
+                .is_some_and(|a| a.handle.push(kind, closing));
             if !queued {
-                wire::close_counted(
-                    &session.conn,
-                    &session.shared.metrics,
-                    e.code(),
-                    &e.to_string(),
-                );
+                wire::close(&session.conn, e.code(), &e.to_string());
                 return;
             }
             // The writer may not take the error soon (a catch-up under way
             // writes from history first, for as long as the client takes
             // it), and the connection, its other streams included, stayed
             // usable until then: it closes within a moment regardless.
-            let (conn, metrics) = (session.conn.clone(), session.shared.metrics.clone());
+            let conn = session.conn.clone();
             let (code, reason) = (e.code(), e.to_string());
             tokio::spawn(async move {
                 tokio::select! {
                     _ = conn.closed() => {}
-                    () = tokio::time::sleep(CLOSING_GRACE) => {
-                        wire::close_counted(&conn, &metrics, code, &reason);
-                    }
+                    () = tokio::time::sleep(CLOSING_GRACE) => wire::close(&conn, code, &reason),
                 }
             });
         }

@@ -1290,9 +1290,10 @@ async fn a_catch_up_pass_for_messages_let_go_leaves_out_the_devices_own() {
     // that brings what was let go read the range from history with his
     // own messages in it: the device got its own send back as a new
     // message, after its SendAck, which client-lib showed to the user as
-    // one more (the rest of catch-up leaves the user's own out). Without
-    // them in the pass, the laptop's echo, kept in the device's queue,
-    // must still be written behind the pass's later messages.
+    // one more (the rest of catch-up leaves the user's own out). The
+    // laptop's message, whose echo the device's queue holds, is written
+    // by the pass in its place: after the pass's later messages, client-lib
+    // drops one more than 256 seqs behind.
     const BACKLOG: usize = 300;
     const LIVE: usize = 1_100;
     let server = TestServer::start_with(unlimited_sends).await;
@@ -1348,6 +1349,7 @@ async fn a_catch_up_pass_for_messages_let_go_leaves_out_the_devices_own() {
     // message.
     let mut own_seq = None;
     let mut own_delivered = Vec::new();
+    let mut in_carols = Vec::new();
     let done = |seen: &SeqsSeen, own_seq: Option<u64>, own_delivered: &[u64]| {
         own_seq.is_some()
             && own_delivered.contains(&from_laptop.seq)
@@ -1358,6 +1360,9 @@ async fn a_catch_up_pass_for_messages_let_go_leaves_out_the_devices_own() {
         match next_frame(&mut messages_recv, &mut buf).await.body {
             Some(Body::Deliver(d)) => {
                 let m = d.message.expect("a message");
+                if m.conversation_id == from_carol {
+                    in_carols.push(m.seq);
+                }
                 if m.sender_id == bob_id {
                     own_delivered.push(m.seq);
                 } else {
@@ -1382,6 +1387,10 @@ async fn a_catch_up_pass_for_messages_let_go_leaves_out_the_devices_own() {
         own_delivered,
         [from_laptop.seq],
         "the laptop's message once, never the device's own"
+    );
+    assert!(
+        in_carols.is_sorted(),
+        "the conversation in seq order, the laptop's message in its place"
     );
     laptop.close();
 }

@@ -13,7 +13,7 @@
 //! the user's own send is dropped too if catch-up sent a later message of
 //! its conversation; the device reads it in history.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -360,13 +360,23 @@ async fn writer(
     // Passes until one ends without the queue letting go of live messages
     // (see `crate::queue`); each sends only what the ones before did not.
     let mut sent = HashMap::new();
+    // The user's own messages from other devices, held in the queue, that
+    // a pass wrote in their place: the queued copy is a repeat.
+    let mut echoes_sent = HashSet::new();
     // Scoped to the passes: the writer lives as long as the connection.
     {
         let mut missed = Missed::new();
         loop {
             // Boxed: this task lives as long as the connection, and the
             // catch-up's state would otherwise size it for good.
-            let pass = catch_up(&session, &queue, &mut send, &credits, &mut sent, &missed);
+            let pass = catch_up(
+                &session,
+                &queue,
+                &mut send,
+                &credits,
+                (&mut sent, &mut echoes_sent),
+                &missed,
+            );
             if !Box::pin(pass).await {
                 return;
             }
@@ -392,10 +402,10 @@ async fn writer(
                     ..
                 }) if !sent.is_empty() => match sent.get(&conversation) {
                     // The user's own message from another device is no
-                    // repeat (catch-up never sends those) and client-lib
-                    // takes it below what it has: written, or the device
-                    // would only ever see it in history.
-                    Some(&last) if seq <= last => own,
+                    // repeat unless a pass wrote it in its place, and
+                    // client-lib takes it below what it has (within 256):
+                    // written, or the device would see it only in history.
+                    Some(&last) if seq <= last => own && !echoes_sent.remove(&(conversation, seq)),
                     _ => {
                         sent.remove(&conversation);
                         true
@@ -422,12 +432,21 @@ async fn catch_up(
     queue: &SessionHandle,
     send: &mut SendStream,
     credits: &AtomicU64,
-    sent: &mut HashMap<u64, u64>,
+    (sent, echoes_sent): (&mut HashMap<u64, u64>, &mut HashSet<(u64, u64)>),
     missed: &Missed,
 ) -> bool {
     let authed = session.authed().expect("authenticated");
     let store = &session.shared.store;
     let user = authed.user_id;
+    // The user's own messages from other devices the queue holds: read
+    // from history in their place, rather than left to come after later
+    // ones of their conversation (client-lib drops one that far behind).
+    let held_own = queue.held_own(StreamKind::Messages);
+    let mut own = Own {
+        user,
+        held: &held_own,
+        written: echoes_sent,
+    };
     for (&conversation, &(lowest, highest)) in missed {
         // Not what was sent already, nor, for a member removed and added
         // again meanwhile, what came between.
@@ -440,10 +459,20 @@ async fn catch_up(
         };
         let after_sent = sent.get(&conversation).map_or(0, |&s| s + 1);
         let range = (lowest.max(after_sent).max(joined), highest);
-        // Without the user's own, as the rest of catch-up: one sent from
-        // this device came back to it as a new message after its SendAck.
-        let own = Some(user);
-        if !write_range(session, send, credits, sent, conversation, range, own).await {
+        // Without the user's own, as the rest of catch-up (one sent from
+        // this device came back to it as a new message after its SendAck),
+        // but those from other devices the queue holds.
+        if !write_range(
+            session,
+            send,
+            credits,
+            sent,
+            conversation,
+            range,
+            Some(&mut own),
+        )
+        .await
+        {
             return false;
         }
     }
@@ -541,7 +570,7 @@ async fn catch_up(
             sent,
             range.conversation_id,
             seqs,
-            Some(user),
+            Some(&mut own),
         )
         .await
         {
@@ -552,10 +581,19 @@ async fn catch_up(
     true
 }
 
+/// Whose messages a catch-up read from history leaves out: the user's
+/// own, but those from other devices the queue holds (`held`), which it
+/// writes in their place and notes in `written`.
+struct Own<'a> {
+    user: u64,
+    held: &'a HashSet<(u64, u64)>,
+    written: &'a mut HashSet<(u64, u64)>,
+}
+
 /// Writes the messages of `conversation` from `lowest` to `highest` (a
 /// range that was pending for this user, or that was pushed to them, so
-/// theirs to read) from history, but what `sent` has and, with
-/// `not_from`, that user's own (catch-up leaves them out).
+/// theirs to read) from history, but what `sent` has and, with `own`,
+/// the user's own other than the echoes the queue holds (see [`Own`]).
 async fn write_range(
     session: &Session,
     send: &mut SendStream,
@@ -563,7 +601,7 @@ async fn write_range(
     sent: &mut HashMap<u64, u64>,
     conversation: u64,
     (lowest, highest): (u64, u64),
-    not_from: Option<u64>,
+    mut own: Option<&mut Own<'_>>,
 ) -> bool {
     let mut cursor = lowest.saturating_sub(1);
     while cursor < highest {
@@ -586,12 +624,29 @@ async fn write_range(
             return true;
         };
         cursor = last;
+        let mut echoes = Vec::new();
         let messages: Vec<Arc<proto::Message>> = messages
             .into_iter()
-            .filter(|m| not_from != Some(m.sender_id))
+            .filter(|m| match own.as_deref() {
+                Some(own) if m.sender_id == own.user => {
+                    let key = (m.conversation_id, m.seq);
+                    let held = own.held.contains(&key)
+                        && sent
+                            .get(&m.conversation_id)
+                            .is_none_or(|&last| m.seq > last);
+                    if held {
+                        echoes.push(key);
+                    }
+                    held
+                }
+                _ => true,
+            })
             .collect();
         if !write_page(session, send, &messages, sent, credits).await {
             return false;
+        }
+        if let Some(own) = own.as_deref_mut() {
+            own.written.extend(echoes);
         }
     }
     true
