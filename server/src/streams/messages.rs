@@ -8,10 +8,12 @@
 //! writer drops the live copy by remembering the last seq sent per
 //! conversation. (A queue that overflowed before its stream opened keeps
 //! nothing from then until the opening: see [`crate::queue`].) Result:
-//! each connection sees each conversation in strictly increasing seq
-//! order, which lets the client deduplicate by seq. So a queued echo of
-//! the user's own send is dropped too if catch-up sent a later message of
-//! its conversation; the device reads it in history.
+//! each connection sees each conversation in increasing seq order, but
+//! for the echo of the user's own send from another device: catch-up
+//! writes those the queue holds in their place when it reads their range
+//! from history (and the writer drops the queued copy); one it did not is
+//! written after what catch-up sent, and client-lib, which keeps a window
+//! of 256 seqs below the highest, takes it.
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
