@@ -20,6 +20,10 @@ const PINNED: &[(&str, &str)] = &[
     ("src/store/sqlite/V7__departures.sql", "3d831df768602aff"),
     ("src/store/sqlite/V8__session_ends.sql", "2483b7cb12a8bf6a"),
     ("src/store/sqlite/V9__blocks.sql", "bf248defc717265c"),
+    (
+        "src/store/sqlite/V10__departures_by_conversation.sql",
+        "f296cd9fefc81d80",
+    ),
     ("migrations/postgres/V1__initial.sql", "5dcc721cc018b873"),
     ("migrations/postgres/V2__presence.sql", "3b2f2f2d011302a9"),
     ("migrations/postgres/V3__group_keys.sql", "e2a65111b1b8dfff"),
@@ -32,6 +36,10 @@ const PINNED: &[(&str, &str)] = &[
     (
         "migrations/postgres/V7__closed_direct.sql",
         "177cc49eb4222f8a",
+    ),
+    (
+        "migrations/postgres/V8__departures_by_conversation.sql",
+        "9c7d59933aebe68c",
     ),
 ];
 

@@ -142,6 +142,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V7__departures.sql"),
     include_str!("sqlite/V8__session_ends.sql"),
     include_str!("sqlite/V9__blocks.sql"),
+    include_str!("sqlite/V10__departures_by_conversation.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
