@@ -784,24 +784,7 @@ async fn a_login_refused_after_its_session_row_leaves_the_row_revoked() {
         let config = server.client_config();
         async move { Client::login(config, &bob_name, PASSWORD).await.map(|_| ()) }
     });
-    let watcher = postgres::testing::admin().await.expect("admin connection");
-    let waiting = async {
-        loop {
-            let rows = watcher
-                .query(
-                    "SELECT 1 FROM pg_stat_activity WHERE application_name = $1
-                       AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sessions%'",
-                    &[&format!("chat-server {schema}")],
-                )
-                .await
-                .unwrap();
-            if !rows.is_empty() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let waited = tokio::time::timeout(WAIT, waiting).await.is_ok();
+    let waited = waits_on_a_lock(&schema, "%INSERT INTO sessions%").await;
     // Meanwhile the phone resumes and takes the one place.
     let resumed = tokio::time::timeout(WAIT, Client::resume(server.client_config(), &token)).await;
     // Committed before any assertion, so that a failing test does not
@@ -816,6 +799,7 @@ async fn a_login_refused_after_its_session_row_leaves_the_row_revoked() {
         chat_client::ErrorCode::LimitReached,
         "the login finds the place taken"
     );
+    let watcher = postgres::testing::admin().await.expect("admin connection");
     let live: i64 = watcher
         .query_one(
             &format!(
@@ -879,24 +863,7 @@ async fn a_resume_refused_after_its_registration_leaves_no_session_behind() {
     send.write_all(&out).await.unwrap();
     // The resume waits on the lock (seen from another connection: a
     // transaction reads pg_stat_activity once)...
-    let watcher = postgres::testing::admin().await.expect("admin connection");
-    let waiting = async {
-        loop {
-            let rows = watcher
-                .query(
-                    "SELECT 1 FROM pg_stat_activity WHERE application_name = $1
-                       AND wait_event_type = 'Lock' AND query LIKE '%FROM users%'",
-                    &[&format!("chat-server {schema}")],
-                )
-                .await
-                .unwrap();
-            if !rows.is_empty() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let waited = tokio::time::timeout(WAIT, waiting).await.is_ok();
+    let waited = waits_on_a_lock(&schema, "%FROM users%").await;
     // ...while its connection ends and the server forgets it.
     conn.close(0u32.into(), b"gone");
     let gone = tokio::time::timeout(WAIT, async {
@@ -927,6 +894,30 @@ async fn a_resume_refused_after_its_registration_leaves_no_session_behind() {
         0.0,
         "the refused resume's session stayed registered"
     );
+}
+
+/// Whether a statement of the server on `schema` matching `like` comes to
+/// wait on a lock within [`WAIT`] (seen from a connection of its own: a
+/// transaction reads `pg_stat_activity` once).
+async fn waits_on_a_lock(schema: &str, like: &str) -> bool {
+    let watcher = postgres::testing::admin().await.expect("admin connection");
+    let waiting = async {
+        loop {
+            let rows = watcher
+                .query(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = $1
+                       AND wait_event_type = 'Lock' AND query LIKE $2",
+                    &[&format!("chat-server {schema}"), &like],
+                )
+                .await
+                .unwrap();
+            if !rows.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, waiting).await.is_ok()
 }
 
 /// A server on the production backends whose Postgres is behind a

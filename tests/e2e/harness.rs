@@ -806,6 +806,22 @@ impl RawControl {
         (send, recv)
     }
 
+    /// Asserts that the connection is still up and answers a request.
+    pub async fn assert_served(&mut self) {
+        let reply = self
+            .request(chat_protocol::Body::ListFriends(proto::ListFriends {}))
+            .await;
+        assert!(
+            matches!(reply, chat_protocol::Body::FriendList(_)),
+            "{reply:?}"
+        );
+        assert!(
+            self.conn.close_reason().is_none(),
+            "{:?}",
+            self.conn.close_reason()
+        );
+    }
+
     /// Writes frames that have no answer (heartbeats) at once.
     pub async fn write_unanswered(&mut self, bodies: Vec<chat_protocol::Body>) {
         let mut out = bytes::BytesMut::new();

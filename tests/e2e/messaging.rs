@@ -1411,15 +1411,7 @@ async fn a_device_on_control_alone_is_not_closed_for_the_messages_it_has_not_ope
 
     let seqs = send_texts(&alice, conversation, N).await;
     assert_eq!(seqs, (1..=N as u64).collect::<Vec<_>>());
-    let reply = device
-        .request(Body::ListFriends(proto::ListFriends {}))
-        .await;
-    assert!(matches!(reply, Body::FriendList(_)), "{reply:?}");
-    assert!(
-        device.conn().close_reason().is_none(),
-        "{:?}",
-        device.conn().close_reason()
-    );
+    device.assert_served().await;
 
     let (_send, mut recv) = device.open_messages(false).await;
     let mut buf = bytes::BytesMut::new();

@@ -761,15 +761,7 @@ async fn a_stream_kind_not_served_is_refused_each_time_it_is_opened() {
             other => panic!("{kind:?}: a refusal, not {other:?}"),
         }
     }
-    let reply = device
-        .request(Body::ListFriends(proto::ListFriends {}))
-        .await;
-    assert!(matches!(reply, Body::FriendList(_)), "{reply:?}");
-    assert!(
-        device.conn().close_reason().is_none(),
-        "{:?}",
-        device.conn().close_reason()
-    );
+    device.assert_served().await;
 }
 
 #[tokio::test]
@@ -1197,6 +1189,74 @@ async fn delivery_acks_beyond_what_a_user_was_delivered_are_dropped() {
     assert_eq!(ignored().await, before);
 }
 
+type SlowDevice = (
+    Raw,
+    (quinn::SendStream, quinn::RecvStream),
+    quinn::SendStream,
+    quinn::RecvStream,
+);
+
+/// Bob away while Alice sent him `backlog` texts; Carol is his friend
+/// too. The start of the catch-up tests.
+struct AwayBob {
+    server: TestServer,
+    /// Alice, still connected.
+    _alice: Client,
+    carol: Client,
+    /// Alice's and Carol's streams, read by nobody but kept open.
+    _events: (chat_client::Events, chat_client::Events),
+    bob_name: String,
+    bob_id: u64,
+    token: String,
+    from_alice: u64,
+    from_carol: u64,
+}
+
+async fn away_bob(backlog: usize) -> AwayBob {
+    let server = TestServer::start_with(unlimited_sends).await;
+    let (alice, alice_events) = register(server.client_config(), &name("alice")).await;
+    let (carol, carol_events) = register(server.client_config(), &name("carol")).await;
+    let bob_name = name("bob");
+    let (bob, bob_events) = register(server.client_config(), &bob_name).await;
+    let bob_id = bob.identity().user_id;
+    let from_alice = befriend(&alice, &bob).await;
+    let from_carol = befriend(&carol, &bob).await;
+    let token = bob.identity().token;
+    bob.close();
+    drop((bob, bob_events));
+    send_texts(&alice, from_alice, backlog).await;
+    AwayBob {
+        server,
+        _alice: alice,
+        carol,
+        _events: (alice_events, carol_events),
+        bob_name,
+        bob_id,
+        token,
+        from_alice,
+        from_carol,
+    }
+}
+
+impl AwayBob {
+    /// Bob's device back over a 4 KiB window, which catch-up's first page
+    /// does not fit: once the first message is read (returned in `seen`,
+    /// read through `buf`), the writer is catching up and stalls until
+    /// more is read. The device, its control stream (kept open) and its
+    /// messages stream.
+    async fn slow_device(&self, seen: &mut SeqsSeen, buf: &mut BytesMut) -> SlowDevice {
+        let device = Raw::connect_with_stream_window(&self.server, 4096).await;
+        let control = device
+            .log_in(Body::Authenticate(proto::Authenticate {
+                token: self.token.clone(),
+            }))
+            .await;
+        let (send, mut recv) = device.stream(&frames(&[Frame::open_messages(false)])).await;
+        read_until(&mut recv, buf, seen, &[(self.from_alice, 1)]).await;
+        (device, control, send, recv)
+    }
+}
+
 #[tokio::test]
 async fn a_bad_frame_during_a_long_catch_up_closes_the_connection_at_once() {
     // Bob's device comes back to a backlog it reads nothing of (a small
@@ -1204,31 +1264,11 @@ async fn a_bad_frame_during_a_long_catch_up_closes_the_connection_at_once() {
     // waited behind the catch-up in the stream's queue, and the connection
     // (its control stream too) stayed usable until the write stall ended
     // the catch-up a minute later, with SLOW_CONSUMER.
-    let server = TestServer::start_with(unlimited_sends).await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
-    let from_alice = befriend(&alice, &bob).await;
-    let token = bob.identity().token;
-    bob.close();
-    drop((bob, bob_events));
-    send_texts(&alice, from_alice, 300).await;
-
-    let bob = Raw::connect_with_stream_window(&server, 4096).await;
-    let _control = bob
-        .log_in(Body::Authenticate(proto::Authenticate { token }))
+    let away = away_bob(300).await;
+    // The catch-up is under way, and stalls on the window from here.
+    let (bob, _control, mut messages, _recv) = away
+        .slow_device(&mut SeqsSeen::default(), &mut BytesMut::new())
         .await;
-    let (mut messages, mut messages_recv) =
-        bob.stream(&frames(&[Frame::open_messages(false)])).await;
-    // The catch-up is under way (its first message in), and stalls on the
-    // window from here.
-    let mut seen = SeqsSeen::default();
-    read_until(
-        &mut messages_recv,
-        &mut BytesMut::new(),
-        &mut seen,
-        &[(from_alice, 1)],
-    )
-    .await;
     messages.write_all(&garbage()).await.unwrap();
     assert_eq!(bob.close_code().await, ErrorCode::MalformedFrame);
 }
@@ -1243,30 +1283,15 @@ async fn live_messages_during_a_long_catch_up_do_not_close_a_reading_client() {
     // let go, and Bob gets every message once, in order.
     const BACKLOG: usize = 300;
     const LIVE: usize = 1_100;
-    let server = TestServer::start_with(unlimited_sends).await;
-    let metrics = server.server.as_ref().unwrap().metrics_addr();
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
-    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
-    let from_alice = befriend(&alice, &bob).await;
-    let from_carol = befriend(&carol, &bob).await;
-    let token = bob.identity().token;
-    bob.close();
-    drop((bob, bob_events));
-    send_texts(&alice, from_alice, BACKLOG).await;
-
-    let bob = Raw::connect_with_stream_window(&server, 4096).await;
-    let _control = bob
-        .log_in(Body::Authenticate(proto::Authenticate { token }))
-        .await;
-    let (_messages, mut messages_recv) = bob.stream(&frames(&[Frame::open_messages(false)])).await;
-    // Catch-up's first page does not fit the window: once its first
-    // message is in (the writer is catching up), Bob reads nothing more
-    // until Carol's messages are all stored and pushed.
+    let away = away_bob(BACKLOG).await;
+    let metrics = away.server.server.as_ref().unwrap().metrics_addr();
+    let (from_alice, from_carol) = (away.from_alice, away.from_carol);
+    // Bob reads nothing more until Carol's messages are all stored and
+    // pushed.
     let mut seen = SeqsSeen::default();
     let mut buf = BytesMut::new();
-    read_until(&mut messages_recv, &mut buf, &mut seen, &[(from_alice, 1)]).await;
-    send_texts(&carol, from_carol, LIVE).await;
+    let (bob, _control, _messages, mut messages_recv) = away.slow_device(&mut seen, &mut buf).await;
+    send_texts(&away.carol, from_carol, LIVE).await;
 
     let wanted = [(from_alice, BACKLOG), (from_carol, LIVE)];
     read_until(&mut messages_recv, &mut buf, &mut seen, &wanted).await;
@@ -1296,30 +1321,15 @@ async fn a_catch_up_pass_for_messages_let_go_leaves_out_the_devices_own() {
     // drops one more than 256 seqs behind.
     const BACKLOG: usize = 300;
     const LIVE: usize = 1_100;
-    let server = TestServer::start_with(unlimited_sends).await;
+    let away = away_bob(BACKLOG).await;
+    let (server, carol) = (&away.server, &away.carol);
     let metrics = server.server.as_ref().unwrap().metrics_addr();
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
-    let bob_name = name("bob");
-    let (bob, bob_events) = register(server.client_config(), &bob_name).await;
-    let bob_id = bob.identity().user_id;
-    let from_alice = befriend(&alice, &bob).await;
-    let from_carol = befriend(&carol, &bob).await;
-    let token = bob.identity().token;
-    bob.close();
-    drop((bob, bob_events));
-    send_texts(&alice, from_alice, BACKLOG).await;
-
-    let bob = Raw::connect_with_stream_window(&server, 4096).await;
-    let _control = bob
-        .log_in(Body::Authenticate(proto::Authenticate { token }))
-        .await;
-    let (mut messages, mut messages_recv) =
-        bob.stream(&frames(&[Frame::open_messages(false)])).await;
+    let (from_alice, from_carol, bob_id) = (away.from_alice, away.from_carol, away.bob_id);
     let mut seen = SeqsSeen::default();
     let mut buf = BytesMut::new();
-    read_until(&mut messages_recv, &mut buf, &mut seen, &[(from_alice, 1)]).await;
-    send_texts(&carol, from_carol, LIVE / 2).await;
+    let (_bob, _control, mut messages, mut messages_recv) =
+        away.slow_device(&mut seen, &mut buf).await;
+    send_texts(carol, from_carol, LIVE / 2).await;
     let own = Frame::new(
         1,
         Body::Send(proto::Send {
@@ -1336,14 +1346,14 @@ async fn a_catch_up_pass_for_messages_let_go_leaves_out_the_devices_own() {
         value(m, "chat_send_acks_total") >= stored
     })
     .await;
-    let (laptop, _laptop_events) = Client::login(server.client_config(), &bob_name, PASSWORD)
+    let (laptop, _laptop_events) = Client::login(server.client_config(), &away.bob_name, PASSWORD)
         .await
         .unwrap();
     let from_laptop = laptop
         .send_text(from_carol, "from the laptop")
         .await
         .unwrap();
-    send_texts(&carol, from_carol, LIVE - LIVE / 2).await;
+    send_texts(carol, from_carol, LIVE - LIVE / 2).await;
 
     // Everything of Alice's and Carol's, Bob's SendAck and his laptop's
     // message.
@@ -1407,38 +1417,21 @@ async fn a_slow_catch_up_brings_everything_though_another_device_acked_it() {
     // from history.
     const BACKLOG: usize = 400;
     const LIVE: usize = 1_100;
-    let server = TestServer::start_with(unlimited_sends).await;
+    let away = away_bob(BACKLOG).await;
+    let (server, carol, token) = (&away.server, &away.carol, &away.token);
     let metrics = server.server.as_ref().unwrap().metrics_addr();
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let (carol, _ec) = register(server.client_config(), &name("carol")).await;
-    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
-    let bob_id = bob.identity().user_id;
-    let from_alice = befriend(&alice, &bob).await;
-    let from_carol = befriend(&carol, &bob).await;
-    let token = bob.identity().token;
-    bob.close();
-    drop((bob, bob_events));
-    send_texts(&alice, from_alice, BACKLOG).await;
-
-    let slow = Raw::connect_with_stream_window(&server, 4096).await;
-    let _control = slow
-        .log_in(Body::Authenticate(proto::Authenticate {
-            token: token.clone(),
-        }))
-        .await;
-    let (_messages, mut messages_recv) = slow.stream(&frames(&[Frame::open_messages(false)])).await;
-    let mut seen = SeqsSeen::default();
-    let mut buf = BytesMut::new();
+    let (from_alice, from_carol, bob_id) = (away.from_alice, away.from_carol, away.bob_id);
     // The slow device is catching up (its first page does not fit the
     // window) while the phone reads everything and acks it.
-    read_until(&mut messages_recv, &mut buf, &mut seen, &[(from_alice, 1)]).await;
-    let (phone, mut phone_events) = Client::resume(server.client_config(), &token)
-        .await
-        .unwrap();
+    let mut seen = SeqsSeen::default();
+    let mut buf = BytesMut::new();
+    let (slow, _control, _messages, mut messages_recv) =
+        away.slow_device(&mut seen, &mut buf).await;
+    let (phone, mut phone_events) = Client::resume(server.client_config(), token).await.unwrap();
     messages(&mut phone_events, BACKLOG).await;
-    let sent = send_texts(&carol, from_carol, LIVE).await;
+    let sent = send_texts(carol, from_carol, LIVE).await;
     messages(&mut phone_events, LIVE).await;
-    wait_delivered(&carol, from_carol, bob_id, *sent.last().unwrap()).await;
+    wait_delivered(carol, from_carol, bob_id, *sent.last().unwrap()).await;
     assert!(phone.is_connected());
 
     let wanted = [(from_alice, BACKLOG), (from_carol, LIVE)];
@@ -2076,6 +2069,26 @@ async fn thousands_of_pipelined_marks_are_all_answered() {
     );
 }
 
+/// A server with `write_stall`, where Alice (returned with her events)
+/// sent Bob, away, `n` texts of 15,000 bytes; and Bob's name.
+async fn long_texts_for_bob(write_stall: Duration, n: usize) -> (TestServer, Member, String) {
+    let server = TestServer::start_with(|c| {
+        c.transport.write_stall = write_stall;
+        unlimited_sends(c);
+    })
+    .await;
+    let alice = register(server.client_config(), &name("alice")).await;
+    let bob_name = name("bob");
+    let (bob, _bob_events) = register(server.client_config(), &bob_name).await;
+    let conversation = befriend(&alice.0, &bob).await;
+    bob.close();
+    for i in 0..n {
+        let text = format!("{i}{}", "x".repeat(14_999));
+        alice.0.send_text(conversation, &text).await.unwrap();
+    }
+    (server, alice, bob_name)
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_its_messages_is_closed_after_the_write_stall() {
     // Bob's device opens its messages stream, then reads nothing: his
@@ -2083,20 +2096,7 @@ async fn a_client_that_stops_reading_its_messages_is_closed_after_the_write_stal
     // Nothing else fills his queue, so only the stall timeout (1 s here)
     // ends the writer that waits on him; before it, the writer and the
     // frames it held stayed for the life of the connection.
-    let server = TestServer::start_with(|c| {
-        c.transport.write_stall = Duration::from_secs(1);
-        unlimited_sends(c);
-    })
-    .await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let bob_name = name("bob");
-    let (bob, _eb) = register(server.client_config(), &bob_name).await;
-    let conversation = befriend(&alice, &bob).await;
-    bob.close();
-    for i in 0..4 {
-        let text = format!("{i}{}", "x".repeat(14_999));
-        alice.send_text(conversation, &text).await.unwrap();
-    }
+    let (server, _alice, bob_name) = long_texts_for_bob(Duration::from_secs(1), 4).await;
 
     let raw = Raw::connect_with_stream_window(&server, 8_192).await;
     let login = Frame::new(
@@ -2128,21 +2128,8 @@ async fn a_client_trickling_through_its_catch_up_is_closed_before_its_end() {
     // hundred bytes a second). A catch-up write must now be taken within
     // a stall per 64 KiB of it: 10 s for the first here, where the
     // trickle takes ~17 s.
-    let server = TestServer::start_with(|c| {
-        c.transport.write_stall = Duration::from_secs(2);
-        unlimited_sends(c);
-    })
-    .await;
-    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
-    let bob_name = name("bob");
-    let (bob, _eb) = register(server.client_config(), &bob_name).await;
-    let conversation = befriend(&alice, &bob).await;
-    bob.close();
     const TEXTS: usize = 20;
-    for i in 0..TEXTS {
-        let text = format!("{i}{}", "x".repeat(14_999));
-        alice.send_text(conversation, &text).await.unwrap();
-    }
+    let (server, _alice, bob_name) = long_texts_for_bob(Duration::from_secs(2), TEXTS).await;
 
     let raw = Raw::connect_with_stream_window(&server, 16_384).await;
     raw.log_in(Body::Login(proto::Login {
