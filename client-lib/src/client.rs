@@ -1118,7 +1118,7 @@ impl Client {
             reconnects_asked: AtomicU64::new(0),
             max_text_len: AtomicUsize::new(chat_protocol::limits::DEFAULT_MAX_TEXT_LEN),
             connected: watch::channel(false).0,
-            heartbeats: watch::channel(true).0,
+            heartbeats: watch::channel(!config.start_in_background).0,
             watching: Mutex::new(Vec::new()),
             subscribing: tokio::sync::Mutex::new(()),
             presence: Mutex::new(HashMap::new()),
@@ -1481,11 +1481,15 @@ impl Client {
         .await
     }
 
-    /// Stops (`false`) or resumes heartbeats. Without heartbeats the server
-    /// shows this user offline after its presence window even though the
-    /// connection stays open (e.g. while the app is in the background).
-    /// Resuming sends one at once, so the user is online again at once
-    /// (e.g. when the app comes to the foreground).
+    /// Stops (`false`: the app went to the background) or resumes (`true`:
+    /// it came back) heartbeats. Stopping tells the server, and from then
+    /// on nothing this device does counts as activity (delivery acks,
+    /// reconnects, automatic requests: they would show the user online), so
+    /// it shows this user offline once its presence window passes, although
+    /// the connection stays open; reconnects say they come from the
+    /// background too. Resuming sends one at once, so the user is online
+    /// again at once. To connect in the background to begin with (a sync
+    /// woken by a push), set [`ClientConfig::start_in_background`].
     pub fn set_heartbeats(&self, enabled: bool) {
         self.inner.heartbeats.send_if_modified(|on| {
             let changed = *on != enabled;

@@ -53,6 +53,12 @@ pub struct ClientConfig {
     /// heartbeats less often than the server asks shows offline between
     /// its heartbeats.
     pub heartbeat_interval: Option<Duration>,
+    /// Start as if [`Client::set_heartbeats`](crate::Client::set_heartbeats)
+    /// had been turned off: an app woken in the background (a push, a
+    /// background fetch) syncs without showing its user online. Applies to
+    /// resuming a session; a login or registration is typed in the
+    /// foreground and counts as activity.
+    pub start_in_background: bool,
     /// Share one UDP socket among many clients (load generators).
     pub endpoint: Option<quinn::Endpoint>,
 }
@@ -96,6 +102,7 @@ impl ClientConfig {
             delivery_ack_linger: Duration::from_millis(20),
             delivery_acks: DeliveryAcks::OnTake,
             heartbeat_interval: None,
+            start_in_background: false,
             endpoint: None,
         }
     }

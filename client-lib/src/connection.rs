@@ -98,6 +98,10 @@ async fn establish(
         .await
         .map_err(|e| ClientError::from_connection(&e))?;
     let request_id = inner.next_request_id();
+    // A password is typed in the foreground; a resume follows the app
+    // (`Client::set_heartbeats`), so a sync in the background does not
+    // show the user online.
+    let background = matches!(credential, Credential::Token(_)) && !*inner.heartbeats.borrow();
     let body = match credential.clone() {
         Credential::Register { username, password } => Body::Register(proto::Register {
             username,
@@ -109,7 +113,7 @@ async fn establish(
             password,
             device_name: config.device_name.clone(),
         }),
-        Credential::Token(token) => Body::Authenticate(proto::Authenticate { token }),
+        Credential::Token(token) => Body::Authenticate(proto::Authenticate { token, background }),
     };
     let mut hello = BytesMut::new();
     chat_protocol::encode(&Frame::open_stream(StreamKind::Control), &mut hello);
@@ -188,19 +192,21 @@ async fn establish(
     ));
     let announced = (auth_ok.heartbeat_interval_ms > 0)
         .then(|| std::time::Duration::from_millis(auth_ok.heartbeat_interval_ms.into()));
-    if let Some(interval) = config.heartbeat_interval.or(announced) {
-        // Not more often than the protocol's minimum whatever the server
-        // asks: a server asking every millisecond that then stopped reading
-        // the control stream would grow the unsent queue by a thousand
-        // frames a second.
-        let interval = interval.max(chat_protocol::limits::MIN_HEARTBEAT_INTERVAL);
-        tokio::spawn(heartbeat_loop(
-            inner.heartbeats.subscribe(),
-            live.conn.clone(),
-            live.control.clone(),
-            interval,
-        ));
-    }
+    // Not more often than the protocol's minimum whatever the server
+    // asks: a server asking every millisecond that then stopped reading
+    // the control stream would grow the unsent queue by a thousand frames
+    // a second.
+    let interval = config
+        .heartbeat_interval
+        .or(announced)
+        .map(|interval| interval.max(chat_protocol::limits::MIN_HEARTBEAT_INTERVAL));
+    tokio::spawn(heartbeat_loop(
+        inner.heartbeats.subscribe(),
+        live.conn.clone(),
+        live.control.clone(),
+        interval,
+        background,
+    ));
     // A server that does not confirm leaves (it predates AcksStored) ends
     // the stream as its only answer.
     let end_confirms = !auth_ok.confirms_leave;
@@ -271,39 +277,67 @@ fn write_failed(conn: &quinn::Connection, kind: StreamKind) {
     }
 }
 
-/// Sends a heartbeat every `interval` while the connection lives and the
-/// app has heartbeats on (`enabled`). Turning them back on sends one at
-/// once, so a user coming back to the foreground is online at once, and
-/// the next a full interval later. Ticks missed while the process was
-/// frozen (an app in the background) are not made up in a burst: the
+/// Sends a heartbeat every `interval` (if the server asks for them) while
+/// the connection lives and the app has heartbeats on (`enabled`), and
+/// tells the server when the app goes to the background (one heartbeat
+/// saying so: the connection's frames then stop counting as activity) and
+/// when it comes back (a heartbeat at once, so the user is online at once;
+/// the next a full interval later). `background`: what the connection
+/// told the server when it authenticated. Ticks missed while the process
+/// was frozen (an app in the background) are not made up in a burst: the
 /// schedule just resumes.
 async fn heartbeat_loop(
     mut enabled: watch::Receiver<bool>,
     conn: quinn::Connection,
     control: mpsc::UnboundedSender<Bytes>,
-    interval: std::time::Duration,
+    interval: Option<std::time::Duration>,
+    mut background: bool,
 ) {
-    let heartbeat = encode(&Frame::push(Body::Heartbeat(proto::Heartbeat {})));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let beat = |background| {
+        encode(&Frame::push(Body::Heartbeat(proto::Heartbeat {
+            background,
+        })))
+    };
+    let mut tick = interval.map(|interval| {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
     loop {
+        // What the app wants against what the server was last told (the
+        // app may have changed it while the connection authenticated).
+        let foreground = *enabled.borrow_and_update();
+        if foreground == background {
+            background = !foreground;
+            if control.send(beat(background)).is_err() {
+                return;
+            }
+            if let Some(tick) = &mut tick {
+                tick.reset();
+            }
+        }
+        let next_tick = async {
+            match &mut tick {
+                Some(tick) => {
+                    tick.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = tick.tick() => {}
+            () = next_tick => {
+                if foreground && control.send(beat(false)).is_err() {
+                    return;
+                }
+            }
             changed = enabled.changed() => {
                 // The sender lives in `Inner`, which outlives the
                 // connection; gone, nobody can turn heartbeats on again.
                 if changed.is_err() {
                     return;
                 }
-                if !*enabled.borrow_and_update() {
-                    continue;
-                }
-                tick.reset();
             }
             _ = conn.closed() => return,
-        }
-        if *enabled.borrow() && control.send(heartbeat.clone()).is_err() {
-            return;
         }
     }
 }

@@ -680,9 +680,12 @@ async fn come_back(
     drop(client);
     tokio::time::sleep(offline_time).await;
     while !shared.stopping() {
-        match Client::resume(connector.config(user.idx), &user.token).await {
+        // Back in the background if that is where the app is, as a phone
+        // woken to sync: not online for a moment at each return.
+        let mut config = connector.config(user.idx);
+        config.start_in_background = shared.background[user.idx];
+        match Client::resume(config, &user.token).await {
             Ok((client, events)) => {
-                client.set_heartbeats(!shared.background[user.idx]);
                 match user.install(client.clone(), &shared.stopping) {
                     Some(incarnation) => {
                         let back_ns = shared.clock.now_ns();

@@ -73,9 +73,9 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
         |i| format!("every {}", humantime::format_duration(i)),
     );
     log(&format!(
-        "plan: {} of {} users have the app in the background (no heartbeats: only \
-         their other traffic keeps them online); the rest heartbeat {heartbeat}; nobody \
-         subscribes to presence",
+        "plan: {} of {} users have the app in the background (no heartbeats, and \
+         offline in presence); the rest heartbeat {heartbeat}; nobody subscribes to \
+         presence",
         args.background_count(plan.users as usize),
         plan.users
     ));

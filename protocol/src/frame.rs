@@ -600,7 +600,7 @@ mod tests {
         put_varint(bytes.len() as u64, &mut unknown);
         unknown.extend_from_slice(&bytes);
         let mut buf = BytesMut::from(&unknown[..]);
-        let next = Frame::push(Body::Heartbeat(proto::Heartbeat {}));
+        let next = Frame::push(Body::Heartbeat(proto::Heartbeat::default()));
         encode(&next, &mut buf);
         let client = Codec::default();
         let skipped = client.decode(&mut buf).unwrap().expect("a whole frame");

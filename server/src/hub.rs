@@ -57,6 +57,9 @@ pub struct SessionHandle {
     /// same packet as the ones just written.
     wrote: Notify,
     closed: AtomicBool,
+    /// The app is in the background (`Authenticate.background`, or a
+    /// `Heartbeat` saying so): its frames are not activity.
+    background: AtomicBool,
     /// Unix ms of the latest frame from the client (presence activity).
     last_activity_ms: AtomicI64,
     metrics: Arc<Metrics>,
@@ -66,13 +69,16 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    /// A handle with empty queues.
+    /// A handle with empty queues; `background`: the app is in the
+    /// background, so the connection is no activity until it says
+    /// otherwise (see [`set_background`](Self::set_background)).
     pub fn new(
         conn_id: u64,
         user_id: UserId,
         token_hash: [u8; 32],
         conn: quinn::Connection,
         metrics: Arc<Metrics>,
+        background: bool,
     ) -> Arc<Self> {
         // The control stream is open already: the session authenticated on
         // it. The others open when the client opens them (`open`).
@@ -86,15 +92,32 @@ impl SessionHandle {
             queues,
             wrote: Notify::new(),
             closed: AtomicBool::new(false),
+            background: AtomicBool::new(background),
             last_activity_ms: AtomicI64::new(0),
             metrics,
             sampled: Default::default(),
         })
     }
 
-    /// Records client activity (any frame counts).
+    /// Records client activity: any frame counts, unless the app is in
+    /// the background.
     pub fn touch(&self, now_ms: i64) {
-        self.last_activity_ms.store(now_ms, Ordering::Relaxed);
+        if !self.is_background() {
+            self.last_activity_ms.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// The app went to the background (`true`: its frames stop counting
+    /// as activity, so the user shows offline once the presence window
+    /// passes) or came back (`false`: counted from now on).
+    pub fn set_background(&self, background: bool) {
+        self.background.store(background, Ordering::Relaxed);
+    }
+
+    /// Whether the app is in the background (see
+    /// [`set_background`](Self::set_background)).
+    pub fn is_background(&self) -> bool {
+        self.background.load(Ordering::Relaxed)
     }
 
     /// Unix ms of the latest client activity.

@@ -115,9 +115,12 @@ impl Presence {
         self.window
     }
 
-    /// A session authenticated: the user may come online.
+    /// A session authenticated: the user may come online. Not by a
+    /// connection made in the background (an app syncing while the user is
+    /// elsewhere): it neither shows them online nor refreshes their record.
     pub async fn connect(&self, session: Arc<SessionHandle>) {
         let user = session.user_id;
+        let foreground = !session.is_background();
         session.touch(now_ms());
         // Unreadable, the setting counts as hidden until a sweep reads it:
         // showing a user who chose to appear offline is the worse mistake.
@@ -129,7 +132,7 @@ impl Presence {
                 None
             }
         };
-        let shown = {
+        let (shown, online) = {
             let mut local = self.users.entry(user).or_insert_with(|| Local {
                 conns: Vec::new(),
                 online: false,
@@ -152,10 +155,12 @@ impl Presence {
                 local.unsure = false;
             }
             local.conns.push(session);
-            let came_online = !std::mem::replace(&mut local.online, true);
-            came_online || (was_unsure && !local.unsure)
+            let came_online = foreground && !std::mem::replace(&mut local.online, true);
+            (came_online || (was_unsure && !local.unsure), local.online)
         };
-        self.refresh(user, now_ms()).await;
+        if online {
+            self.refresh(user, now_ms()).await;
+        }
         if shown {
             self.publish_if_shown(user, now_ms());
         }
@@ -164,9 +169,10 @@ impl Presence {
     /// A session ended: if it was the user's last one here, they go offline
     /// now, not after the TTL. Their last-active time is now if they were
     /// online and the connection closed (rather than went silent until it
-    /// timed out); otherwise it is the connection's last activity, so a
-    /// device the sweep already took offline (an app in the background),
-    /// or one whose network vanished, is not shown active at its close.
+    /// timed out) in the foreground; otherwise it is the connection's last
+    /// activity, so a device the sweep already took offline or that went
+    /// to the background, or one whose network vanished, is not shown
+    /// active at its close.
     pub async fn disconnect(&self, user: UserId, conn_id: u64, timed_out: bool) {
         let now = now_ms();
         let (went_offline, last_active) = {
@@ -174,6 +180,10 @@ impl Presence {
                 return;
             };
             let last_activity = local.last_activity_ms().unwrap_or(now);
+            let in_foreground = local
+                .conns
+                .iter()
+                .any(|s| s.conn_id == conn_id && !s.is_background());
             local.conns.retain(|s| s.conn_id != conn_id);
             if !local.conns.is_empty() {
                 return;
@@ -182,14 +192,18 @@ impl Presence {
             let hidden = local.hidden_at_ms.is_some();
             drop(local);
             self.users.remove_if(&user, |_, l| l.conns.is_empty());
-            let last_active = if was_online && !timed_out {
+            let last_active = if was_online && !timed_out && in_foreground {
                 now
             } else {
                 last_activity.min(now)
             };
             (was_online.then_some(hidden), last_active)
         };
-        if let Err(e) = self.history.record_last_active(user, last_active).await {
+        // 0: connected only in the background here, never active; the
+        // stored time stands.
+        if last_active > 0
+            && let Err(e) = self.history.record_last_active(user, last_active).await
+        {
             tracing::warn!(error = %e, "cannot record last active");
         }
         if let Err(e) = self.store.remove(user, self.node.clone()).await {
@@ -208,7 +222,9 @@ impl Presence {
         }
     }
 
-    /// A heartbeat: refresh the store's TTL and the activity time. One
+    /// A heartbeat: refresh the store's TTL and the activity time, and
+    /// show a user who was offline (back from the background, or silent
+    /// for a window) online at once rather than at the next sweep. One
     /// read after its connection ended (a frame already buffered) does
     /// nothing: its refresh would put back the record the disconnect
     /// removed, with no entry here for a sweep to take away.
@@ -216,26 +232,29 @@ impl Presence {
         let now = now_ms();
         session.touch(now);
         let user = session.user_id;
-        if !self.note_refresh(user, session.conn_id, now) {
+        let Some(came_online) = self.note_refresh(user, session.conn_id, now) else {
             return;
-        }
+        };
         self.refresh(user, now).await;
         // Gone during the refresh: its disconnect's removal may have come
         // first.
         if !self.has_conn(user, session.conn_id) {
             self.remove_unless_online(user).await;
+        } else if came_online {
+            self.publish_if_shown(user, now);
         }
     }
 
-    /// Records a refresh of `user`'s record for connection `conn_id`;
-    /// false if that connection is no longer registered here.
-    fn note_refresh(&self, user: UserId, conn_id: u64, now: i64) -> bool {
+    /// Records a refresh of `user`'s record for connection `conn_id`,
+    /// which is online from now: whether that made the user online; `None`
+    /// if that connection is no longer registered here.
+    fn note_refresh(&self, user: UserId, conn_id: u64, now: i64) -> Option<bool> {
         match self.users.get_mut(&user) {
             Some(mut local) if local.conns.iter().any(|s| s.conn_id == conn_id) => {
                 local.refreshed_ms = now;
-                true
+                Some(!std::mem::replace(&mut local.online, true))
             }
-            _ => false,
+            _ => None,
         }
     }
 
@@ -673,8 +692,8 @@ mod tests {
         );
         let (server, client, conn) = connection().await;
         let metrics = Arc::new(Metrics::new());
-        let first = SessionHandle::new(1, user, [1; 32], conn.clone(), metrics.clone());
-        let second = SessionHandle::new(2, user, [2; 32], conn, metrics);
+        let first = SessionHandle::new(1, user, [1; 32], conn.clone(), metrics.clone(), false);
+        let second = SessionHandle::new(2, user, [2; 32], conn, metrics, false);
         (dir, history, presence, [first, second], (server, client))
     }
 
@@ -721,6 +740,39 @@ mod tests {
             connecting
         );
         (server, client, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_in_the_background_is_no_activity() {
+        // An app woken in the background (a push, a sync) connects and
+        // acks what it is delivered: none of it may show the user online.
+        let store = Held::new(None);
+        let (_dir, history, presence, [first, _second], _endpoints) = tracker(store.clone()).await;
+        let (user, conn_id) = (first.user_id, first.conn_id);
+        let online = || async { presence.states(&[user]).await.unwrap()[0].online };
+        first.set_background(true);
+        presence.connect(first.clone()).await;
+        assert!(!online().await, "connected in the background");
+        first.touch(now_ms());
+        presence.sweep().await;
+        assert!(!online().await, "its frames are no activity");
+
+        // In the foreground: its heartbeat shows the user at once, before
+        // any sweep.
+        first.set_background(false);
+        presence.heartbeat(&first).await;
+        assert!(online().await, "back in the foreground");
+
+        // To the background a minute ago, closed now: last active is when
+        // the app left the foreground, not the close.
+        first.touch(now_ms() - 60_000);
+        let left_at = first.last_activity_ms();
+        first.set_background(true);
+        first.touch(now_ms());
+        presence.disconnect(user, conn_id, false).await;
+        assert!(!online().await);
+        let stored = history.stored_presence(vec![user]).await.unwrap();
+        assert_eq!(stored[0].last_active_ms, left_at);
     }
 
     #[tokio::test]
@@ -905,7 +957,8 @@ mod tests {
         let (_dir, history, presence, [first, second], _endpoints) = tracker(store.clone()).await;
         let user = first.user_id;
         let (_server, _client, conn) = connection().await;
-        let watcher = SessionHandle::new(3, user + 1, [3; 32], conn, Arc::new(Metrics::new()));
+        let watcher =
+            SessionHandle::new(3, user + 1, [3; 32], conn, Arc::new(Metrics::new()), false);
         presence.watch(&watcher, &[], &[user]);
         connect_unreadable(&history, &presence, first).await;
         presence.connect(second).await;

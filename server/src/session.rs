@@ -126,13 +126,15 @@ impl Session {
     /// the hub. Refused if it was authenticated already, or if the user has
     /// `max-sessions-per-user` connections on this node; one beyond its
     /// token's `max-sessions-per-token` replaces the token's oldest
-    /// (see [`Hub::register`](crate::hub::Hub::register)).
+    /// (see [`Hub::register`](crate::hub::Hub::register)). A connection
+    /// made in the `background` is no presence activity until it says so.
     pub fn authenticate(
         &self,
         user_id: UserId,
         username: String,
         token_hash: [u8; 32],
         expires_at_ms: i64,
+        background: bool,
     ) -> Result<(), Refusal> {
         // The control stream authenticates one request at a time, so
         // nothing can set `authed` between this look and the set below.
@@ -145,6 +147,7 @@ impl Session {
             token_hash,
             self.conn.clone(),
             self.shared.metrics.clone(),
+            background,
         );
         let authed = Authed {
             user_id,

@@ -856,6 +856,7 @@ async fn a_resume_refused_after_its_registration_leaves_no_session_behind() {
             1,
             chat_protocol::Body::Authenticate(chat_client::proto::Authenticate {
                 token: token.clone(),
+                background: false,
             }),
         ),
         &mut out,

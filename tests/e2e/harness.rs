@@ -777,6 +777,7 @@ impl RawControl {
         let reply = raw
             .request(chat_protocol::Body::Authenticate(proto::Authenticate {
                 token: token.into(),
+                background: false,
             }))
             .await;
         match reply {

@@ -626,6 +626,7 @@ async fn authenticate(conn: &quinn::Connection, token: &str) -> Frame {
             1,
             Body::Authenticate(proto::Authenticate {
                 token: token.into(),
+                background: false,
             }),
         ),
         &mut buf,
@@ -979,7 +980,7 @@ async fn a_flood_of_control_requests_or_heartbeats_is_limited() {
     other
         .write_unanswered(
             (0..200)
-                .map(|_| Body::Heartbeat(proto::Heartbeat {}))
+                .map(|_| Body::Heartbeat(proto::Heartbeat::default()))
                 .collect(),
         )
         .await;

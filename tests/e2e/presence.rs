@@ -137,6 +137,48 @@ each_backend! {
         );
     }
 
+    async fn a_device_in_the_background_does_not_show_its_user_online(backend: Backend) {
+        let server = server(backend.clone()).await;
+        let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let direct = befriend(&alice, &bob).await;
+        let a = alice.identity();
+        assert!(bob.subscribe_presence(&[a.user_id]).await.unwrap()[0].online);
+
+        // The app goes to the background: offline once the window passes.
+        alice.set_heartbeats(false);
+        presence_of(&mut bob_events, a.user_id, false, "alice in the background").await;
+        // What her devices do meanwhile is no activity: the phone takes a
+        // message (and acks it) and watches presence, and her tablet,
+        // woken by a push, connects in the background and syncs.
+        let sent = bob.send_text(direct, "ping").await.unwrap();
+        assert_eq!(messages(&mut alice_events, 1).await[0].seq, sent.seq);
+        wait_delivered(&bob, direct, a.user_id, sent.seq).await;
+        alice
+            .subscribe_presence(&[bob.identity().user_id])
+            .await
+            .unwrap();
+        let mut background = server.client_config();
+        background.start_in_background = true;
+        let (_tablet, _tablet_events) = Client::resume(background, &a.token).await.unwrap();
+        // For a whole window after all that (the sweep, twice a heartbeat
+        // interval, would have found it activity), she stays offline.
+        let until = tokio::time::Instant::now() + HEARTBEAT * MULTIPLE;
+        while tokio::time::Instant::now() < until {
+            let state = bob.subscribe_presence(&[a.user_id]).await.unwrap();
+            assert!(!state[0].online, "shown online by a device in the background");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // Back in the foreground: online again.
+        alice.set_heartbeats(true);
+        assert!(
+            presence_of(&mut bob_events, a.user_id, true, "alice back")
+                .await
+                .online
+        );
+    }
+
     async fn two_devices_stay_online_until_both_are_gone(backend: Backend) {
         let server = server_with_window(backend.clone(), STAYS_ONLINE).await;
         let (phone, _ep) = register(server.client_config(), &name("alice")).await;

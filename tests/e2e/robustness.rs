@@ -1249,6 +1249,7 @@ impl AwayBob {
         let control = device
             .log_in(Body::Authenticate(proto::Authenticate {
                 token: self.token.clone(),
+                background: false,
             }))
             .await;
         let (send, mut recv) = device.stream(&frames(&[Frame::open_messages(false)])).await;
@@ -1470,6 +1471,7 @@ async fn messages_held_for_a_device_come_though_another_device_acked_some() {
     let _control = device
         .log_in(Body::Authenticate(proto::Authenticate {
             token: phone.identity().token,
+            background: false,
         }))
         .await;
     let sent = send_texts(&carol, conversation, 12).await;
@@ -1504,6 +1506,7 @@ async fn a_member_removed_and_added_again_is_not_caught_up_on_what_came_between(
     let _control = device
         .log_in(Body::Authenticate(proto::Authenticate {
             token: phone.identity().token,
+            background: false,
         }))
         .await;
     let group = carol
@@ -1612,7 +1615,13 @@ async fn leave_on_the_wire(confirm_leave: bool) {
     let (_control, mut control_recv) = raw
         .stream(&frames(&[
             Frame::open_stream(StreamKind::Control),
-            Frame::new(1, Body::Authenticate(proto::Authenticate { token })),
+            Frame::new(
+                1,
+                Body::Authenticate(proto::Authenticate {
+                    token,
+                    background: false,
+                }),
+            ),
         ]))
         .await;
     let mut buf = BytesMut::new();

@@ -62,8 +62,18 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
                 break;
             }
         };
+        // The frame that says the app went to the background is its last
+        // activity; one that says it came back counts.
         handle.touch(now_ms());
-        if let Some(Body::Heartbeat(_)) = frame.body {
+        if let Some(Body::Heartbeat(beat)) = &frame.body {
+            if beat.background {
+                handle.set_background(true);
+                continue;
+            }
+            if handle.is_background() {
+                handle.set_background(false);
+                handle.touch(now_ms());
+            }
             // Fire-and-forget: no reply, only a refreshed presence TTL. Each
             // is a presence write, so a flood is ignored beyond the user's
             // heartbeat bucket, which every honest device's beats fit in.
@@ -405,7 +415,10 @@ async fn issue_token(
             expires_at_ms: expires,
         })
         .await?;
-    if let Err(refusal) = session.authenticate(user_id, username.clone(), token_hash, expires) {
+    // A password typed in: the app is in the foreground.
+    if let Err(refusal) =
+        session.authenticate(user_id, username.clone(), token_hash, expires, false)
+    {
         // Nobody will ever hold this token: revoke its row rather than
         // leave a live session no device can resume or log out.
         if let Err(e) = session
@@ -458,6 +471,7 @@ async fn resume(session: &Session, a: proto::Authenticate) -> Result<proto::Auth
         username.clone(),
         token_hash,
         record.expires_at_ms,
+        a.background,
     )?;
     // A logout of this token that committed after the read above may have
     // closed the token's connections before this one was in the hub: look
