@@ -55,9 +55,10 @@ pub struct ClientConfig {
     pub heartbeat_interval: Option<Duration>,
     /// Start as if [`Client::set_heartbeats`](crate::Client::set_heartbeats)
     /// had been turned off: an app woken in the background (a push, a
-    /// background fetch) syncs without showing its user online. Applies to
-    /// resuming a session; a login or registration is typed in the
-    /// foreground and counts as activity.
+    /// background fetch) resumes its session and syncs without showing its
+    /// user online. A login or registration counts as activity itself (a
+    /// password is typed in the foreground); the client then tells the
+    /// server it is in the background, as after `set_heartbeats(false)`.
     pub start_in_background: bool,
     /// Share one UDP socket among many clients (load generators).
     pub endpoint: Option<quinn::Endpoint>,

@@ -83,10 +83,12 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0)]
     pub zipf: f64,
     /// Fraction of users whose app is in the background (the least active
-    /// senders): connected and receiving, but sending no heartbeats, and
-    /// the server counts none of their other traffic (delivery acks, marks,
-    /// reconnects) as activity, so they show offline in presence. The rest
-    /// heartbeat at the interval the server announces at login.
+    /// senders): connected and receiving, but their apps go to the
+    /// background as the run starts (they reconnect there after churn):
+    /// no heartbeats, and the server counts none of their other traffic
+    /// (delivery acks, marks, reconnects) as activity, so they show offline
+    /// in presence once its window passes. The rest heartbeat at the
+    /// interval the server announces at login.
     #[arg(long, default_value_t = 0.0)]
     pub background_fraction: f64,
     /// How often users whose app is in the foreground heartbeat. Default:

@@ -134,6 +134,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "Heartbeats ignored because the user's devices beat far more often than the node asks (a flood; honest devices fit twice over).",
     ),
     (
+        "chat_backgrounded_total",
+        "counter",
+        Unit::Count,
+        "Times a device said its app went to the background (a Heartbeat with background): its connection's frames stop counting as presence activity until its next heartbeat.",
+    ),
+    (
         "chat_sessions_purged_total",
         "counter",
         Unit::Count,
@@ -287,6 +293,8 @@ pub struct Metrics {
     pub sessions_purged: Counter,
     /// Heartbeats over the user's heartbeat bucket.
     pub heartbeats_ignored: Counter,
+    /// Heartbeats saying the app went to the background.
+    pub backgrounded: Counter,
     /// Send decoded to SendAck queued.
     pub send_to_ack: Histogram,
     /// Send decoded to Deliver queued.
@@ -379,6 +387,7 @@ impl Metrics {
                 cache_updates_dropped: metrics::counter!("chat_cache_updates_dropped_total"),
                 sessions_purged: metrics::counter!("chat_sessions_purged_total"),
                 heartbeats_ignored: metrics::counter!("chat_heartbeats_ignored_total"),
+                backgrounded: metrics::counter!("chat_backgrounded_total"),
                 send_to_ack: metrics::histogram!("chat_send_ack_duration_seconds"),
                 send_to_deliver: metrics::histogram!("chat_send_deliver_duration_seconds"),
                 commit_batch: metrics::histogram!("chat_commit_batch_messages"),

@@ -2,10 +2,13 @@
 //!
 //! * A user is online while at least one of their connections on this node
 //!   showed activity (any frame; clients heartbeat on control) within the
-//!   window `heartbeat-interval x presence-ttl-multiple`.
-//! * Going offline is prompt when the last connection closes, and happens
-//!   at the latest one sweep after the window when a connection goes
-//!   silent without closing.
+//!   window `heartbeat-interval x presence-ttl-multiple`. A connection whose
+//!   app is in the background (it said so) shows none: its frames do not
+//!   count until a heartbeat says the app is back.
+//! * Going offline is prompt when the last connection closes (or the last
+//!   in the foreground, the others in the background and silent for the
+//!   window), and happens at the latest one sweep after the window when a
+//!   connection goes silent without closing or goes to the background.
 //! * Changes reach only the sessions that subscribed to that user (friends
 //!   on screen), never every friend, and are coalesced: the notifier sends
 //!   each watcher at most one update per user per [`COALESCE`] window, and
@@ -46,12 +49,24 @@ struct Local {
     /// heartbeats, or friends' snapshots would say offline while pushes
     /// said online.
     refreshed_ms: i64,
+    /// The latest activity of the user's connections that ended while
+    /// others carried on (now, for one closed in the foreground while
+    /// online), so the user's last-active time counts them (0: none).
+    left_active_ms: i64,
 }
 
 impl Local {
     /// The latest activity of the user's connections here.
     fn last_activity_ms(&self) -> Option<i64> {
         self.conns.iter().map(|s| s.last_activity_ms()).max()
+    }
+
+    /// The user's last-active time on this node: their connections' and
+    /// those that ended (0: never active here).
+    fn last_active_ms(&self) -> i64 {
+        self.last_activity_ms()
+            .unwrap_or(0)
+            .max(self.left_active_ms)
     }
 }
 
@@ -139,6 +154,7 @@ impl Presence {
                 hidden_at_ms: Some(now_ms()),
                 unsure: true,
                 refreshed_ms: 0,
+                left_active_ms: 0,
             });
             local.refreshed_ms = now_ms();
             // Online already but taken as hidden for want of the setting:
@@ -166,37 +182,55 @@ impl Presence {
         }
     }
 
-    /// A session ended: if it was the user's last one here, they go offline
-    /// now, not after the TTL. Their last-active time is now if they were
-    /// online and the connection closed (rather than went silent until it
-    /// timed out) in the foreground; otherwise it is the connection's last
-    /// activity, so a device the sweep already took offline or that went
-    /// to the background, or one whose network vanished, is not shown
-    /// active at its close.
+    /// A session ended: if it was the user's last one here, or the last in
+    /// the foreground with none of the others active within the window,
+    /// they go offline now, not after the TTL. Their last-active time is
+    /// now if they were online and the connection closed (rather than went
+    /// silent until it timed out) in the foreground; otherwise the latest
+    /// activity of their connections, so a device the sweep already took
+    /// offline or that went to the background, or one whose network
+    /// vanished, is not shown active at its close. A connection that ends
+    /// while others carry on leaves its activity to the user's entry, for
+    /// their last-active time when those end.
     pub async fn disconnect(&self, user: UserId, conn_id: u64, timed_out: bool) {
         let now = now_ms();
+        let window = self.window.as_millis() as i64;
         let (went_offline, last_active) = {
             let Some(mut local) = self.users.get_mut(&user) else {
                 return;
             };
-            let last_activity = local.last_activity_ms().unwrap_or(now);
-            let in_foreground = local
+            let Some((in_foreground, activity)) = local
                 .conns
                 .iter()
-                .any(|s| s.conn_id == conn_id && !s.is_background());
-            local.conns.retain(|s| s.conn_id != conn_id);
-            if !local.conns.is_empty() {
+                .find(|s| s.conn_id == conn_id)
+                .map(|s| (!s.is_background(), s.last_activity_ms()))
+            else {
                 return;
-            }
+            };
+            local.conns.retain(|s| s.conn_id != conn_id);
             let was_online = local.online;
-            let hidden = local.hidden_at_ms.is_some();
-            drop(local);
-            self.users.remove_if(&user, |_, l| l.conns.is_empty());
-            let last_active = if was_online && !timed_out && in_foreground {
+            let closed_in_foreground = was_online && !timed_out && in_foreground;
+            let active = if closed_in_foreground {
                 now
             } else {
-                last_activity.min(now)
+                activity.min(now)
             };
+            local.left_active_ms = local.left_active_ms.max(active);
+            // The others: one in the foreground, or active within the
+            // window (a device that went to the background just now),
+            // keeps the user as they are; the sweep decides as for any.
+            let others_keep = local.conns.iter().any(|s| !s.is_background())
+                || local
+                    .last_activity_ms()
+                    .is_some_and(|last| now - last <= window);
+            if !local.conns.is_empty() && (others_keep || !closed_in_foreground) {
+                return;
+            }
+            let hidden = local.hidden_at_ms.is_some();
+            local.online = false;
+            let last_active = local.last_active_ms();
+            drop(local);
+            self.users.remove_if(&user, |_, l| l.conns.is_empty());
             (was_online.then_some(hidden), last_active)
         };
         // 0: connected only in the background here, never active; the
@@ -209,11 +243,16 @@ impl Presence {
         if let Err(e) = self.store.remove(user, self.node.clone()).await {
             tracing::warn!(error = %e, "cannot clear presence record");
         }
-        // The user connected again during those awaits: the removal may
-        // have deleted the new connection's record, and news of going
-        // offline would come after its news of coming online. Put the
-        // record back and say nothing.
-        if self.users.contains_key(&user) {
+        // The user came online again during those awaits (a new connection
+        // or a heartbeat): the removal may have deleted their record, and
+        // news of going offline would come after the news of coming
+        // online. Put the record back and say nothing. A connection made
+        // in the background meanwhile is no such news: the removal stands
+        // and friends hear of it, under the entry, so that a heartbeat
+        // bringing the user back publishes after it.
+        let entry = self.users.get(&user);
+        if entry.as_ref().is_some_and(|local| local.online) {
+            drop(entry);
             self.refresh(user, now_ms()).await;
             return;
         }
@@ -403,7 +442,9 @@ impl Presence {
             let live = now - last <= window;
             if entry.online && !live {
                 entry.online = false;
-                offline.push((*entry.key(), last, entry.hidden_at_ms.is_some()));
+                // Counting connections that ended meanwhile.
+                let last_active = entry.last_active_ms();
+                offline.push((*entry.key(), last_active, entry.hidden_at_ms.is_some()));
             } else if !entry.online && live {
                 entry.online = true;
                 entry.refreshed_ms = now;
@@ -859,6 +900,53 @@ mod tests {
 
         let states = presence.states(&[user]).await.unwrap();
         assert!(states[0].online, "{states:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_in_the_background_during_the_last_disconnect_lets_the_user_go() {
+        // A device woken in the background connects while the user's last
+        // connection in the foreground is leaving: it is no "online" news,
+        // so the removal must stand (it used to put the record back and
+        // publish nothing: shown online to snapshots, for good to pushes).
+        let store = Held::new(Some(Op::Remove));
+        let (_dir, _history, presence, [first, second], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
+        presence.connect(first).await;
+        second.set_background(true);
+
+        let leaving = {
+            let presence = presence.clone();
+            async move { presence.disconnect(user, 1, false).await }
+        };
+        store.around(leaving, presence.connect(second)).await;
+
+        let states = presence.states(&[user]).await.unwrap();
+        assert!(!states[0].online, "{states:?}");
+    }
+
+    #[tokio::test]
+    async fn the_last_device_in_the_foreground_closing_takes_the_user_offline() {
+        // The phone closes; the tablet stays connected in the background,
+        // silent for longer than the window: the user goes offline now, at
+        // the phone's close, as if the tablet were not there.
+        let store = Held::new(None);
+        let (_dir, history, presence, [first, second], _endpoints) = tracker(store.clone()).await;
+        let user = first.user_id;
+        presence.connect(first.clone()).await;
+        presence.connect(second.clone()).await;
+        second.touch(now_ms() - 4 * 3_600_000);
+        second.set_background(true);
+        let closed_at = now_ms();
+        presence.disconnect(user, first.conn_id, false).await;
+        let states = presence.states(&[user]).await.unwrap();
+        assert!(!states[0].online, "{states:?}");
+        let stored = history.stored_presence(vec![user]).await.unwrap();
+        assert!(stored[0].last_active_ms >= closed_at, "{stored:?}");
+
+        // The tablet closes later: the phone's close stays the last active.
+        presence.disconnect(user, second.conn_id, false).await;
+        let stored = history.stored_presence(vec![user]).await.unwrap();
+        assert!(stored[0].last_active_ms >= closed_at, "{stored:?}");
     }
 
     #[tokio::test]

@@ -68,6 +68,7 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
         if let Some(Body::Heartbeat(beat)) = &frame.body {
             if beat.background {
                 handle.set_background(true);
+                session.shared.metrics.backgrounded.increment(1);
                 continue;
             }
             if handle.is_background() {
