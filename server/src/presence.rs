@@ -174,8 +174,13 @@ impl Presence {
             let came_online = foreground && !std::mem::replace(&mut local.online, true);
             (came_online || (was_unsure && !local.unsure), local.online)
         };
-        if online {
+        if online && foreground {
             self.refresh(user, now_ms()).await;
+            // Gone meanwhile (the others closed, the sweep timed them out):
+            // the refresh may have put back the record their removal took.
+            if !self.is_online(user) {
+                self.remove_unless_online(user).await;
+            }
         }
         if shown {
             self.publish_if_shown(user, now_ms());
@@ -466,7 +471,11 @@ impl Presence {
             if let Err(e) = self.store.remove(user, self.node.clone()).await {
                 tracing::warn!(error = %e, "cannot clear presence record");
             }
-            if self.is_online(user) {
+            // Under the entry, as `disconnect` publishes: a heartbeat
+            // bringing the user back publishes after it.
+            let entry = self.users.get(&user);
+            if entry.as_ref().is_some_and(|local| local.online) {
+                drop(entry);
                 // Back (a new connection published "online"): the removal
                 // may have deleted its record.
                 self.refresh(user, now_ms()).await;

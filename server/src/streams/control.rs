@@ -67,8 +67,10 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
         handle.touch(now_ms());
         if let Some(Body::Heartbeat(beat)) = &frame.body {
             if beat.background {
+                if !handle.is_background() {
+                    session.shared.metrics.backgrounded.increment(1);
+                }
                 handle.set_background(true);
-                session.shared.metrics.backgrounded.increment(1);
                 continue;
             }
             if handle.is_background() {
