@@ -56,6 +56,12 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 const SETTLE: Duration = Duration::from_secs(1);
 /// Pause between attempts to bring a churned user back.
 const RESUME_RETRY: Duration = Duration::from_secs(1);
+/// Longest a client whose connection dropped may take to be back:
+/// client-lib's longest reconnect backoff (10 s) and its jitter (half).
+const RECONNECT_ALLOWANCE: Duration = Duration::from_secs(15);
+/// The drain looks for clients that are reconnecting every this many
+/// polls (a look takes every user's client).
+const RECONNECT_POLLS: u32 = 10;
 /// Most a churned user's client takes to leave (its sends answered, its
 /// delivery acks confirmed) before it closes anyway: client-lib's default
 /// request timeout.
@@ -135,9 +141,22 @@ pub async fn drive(
         events,
     } = population;
     let by_rank = sender_order(users.len(), args.seed);
+    // Each user's conversations, for the tracker to tell a copy at a
+    // non-member from a delivery.
+    let memberships = conversations
+        .iter()
+        .zip(&groups)
+        .map(|(direct, groups)| {
+            direct
+                .iter()
+                .map(|&(id, _)| id)
+                .chain(groups.iter().map(|&(id, _)| id))
+                .collect()
+        })
+        .collect();
     let shared = Arc::new(Shared {
         clock: Clock::new(),
-        tracker: Tracker::new(),
+        tracker: Tracker::new(memberships),
         background: least_active(&by_rank, args.background_count(by_rank.len())),
         users,
         run_id: rand::random(),
@@ -229,19 +248,33 @@ pub async fn drive(
     .await;
     let cpu = window.await.unwrap_or_default();
     // The drain gives every user the same time to catch up, those churn
-    // took away too: it lasts until `--drain` after the window or after
-    // the last of them came back, whichever is later. Otherwise a user
-    // taken offline late in the window was still away when the drain
-    // ended, and what was sent to it counted as lost on a correct server.
+    // took away and those whose connection dropped too: it lasts until
+    // `--drain` after the window or after the last of them came back (or
+    // was last seen reconnecting), whichever is later. Otherwise a user
+    // offline late in the window was still away when the drain ended, and
+    // what was sent to it counted as lost on a correct server.
     let end = shared.clock.instant(start_ns + total_ns);
-    let cap = end + args.drain + args.offline_time + LEAVE_TIMEOUT + args.drain;
+    let cap =
+        end + args.drain + args.offline_time + LEAVE_TIMEOUT + RECONNECT_ALLOWANCE + args.drain;
+    let mut reconnecting_at = end;
+    let mut polls = 0u32;
     while !shared.tracker.complete() {
         let now = tokio::time::Instant::now();
+        if polls.is_multiple_of(RECONNECT_POLLS)
+            && shared
+                .users
+                .iter()
+                .any(|u| u.client().is_some_and(|c| !c.is_connected()))
+        {
+            reconnecting_at = now;
+        }
+        polls = polls.wrapping_add(1);
         let back = shared
             .clock
-            .instant(shared.last_back_ns.load(Ordering::SeqCst));
+            .instant(shared.last_back_ns.load(Ordering::SeqCst))
+            .max(reconnecting_at);
         let away = shared.away.load(Ordering::SeqCst) > 0;
-        if now >= cap || (!away && now >= end.max(back) + args.drain) {
+        if now >= cap || (!away && now >= back + args.drain) {
             break;
         }
         tokio::time::sleep(DRAIN_POLL).await;

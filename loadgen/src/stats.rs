@@ -70,8 +70,8 @@ struct SendRecord {
     recipients: u32,
     /// Distinct recipients it reached.
     reached: u32,
-    /// Where it went and who sent it: a copy anywhere else, or at the
-    /// sender, is misrouted, not a delivery.
+    /// Where it went and who sent it: a copy anywhere else, at the sender
+    /// or at a user who is not a member, is misrouted, not a delivery.
     conversation_id: u64,
     sender: u32,
     /// When it was meant to leave (ns on the run's clock).
@@ -176,8 +176,8 @@ pub struct Counts {
     pub failed: u64,
     /// Deliveries of a send that had already been delivered.
     pub duplicates: u64,
-    /// Copies of a send that arrived in another conversation or at its
-    /// sender.
+    /// Copies of a send that arrived in another conversation, at its
+    /// sender or at a user who is not a member of its conversation.
     pub misrouted: u64,
     /// The part of `duplicates` seen by a different incarnation of the
     /// recipient's client than the first delivery (after a churn resume).
@@ -219,6 +219,8 @@ pub struct Final {
 
 /// Collects every event of a run. All methods are cheap and take one lock.
 pub struct Tracker {
+    /// Each user's conversations (by index), sorted.
+    conversations: Vec<Vec<u64>>,
     state: Mutex<State>,
     dispatched: AtomicU64,
     resolved: AtomicU64,
@@ -270,9 +272,17 @@ fn record(h: &mut Histogram<u64>, from_ns: u64, to_ns: u64) {
 }
 
 impl Tracker {
-    /// An empty tracker.
-    pub fn new() -> Self {
+    /// An empty tracker for users (by index) who are members of
+    /// `conversations` (each user's, in any order): a copy that reaches a
+    /// user in a conversation they are not in is misrouted, not a
+    /// delivery.
+    pub fn new(mut conversations: Vec<Vec<u64>>) -> Self {
+        for list in &mut conversations {
+            list.sort_unstable();
+            list.dedup();
+        }
         Tracker {
+            conversations,
             state: Mutex::new(State {
                 sends: Vec::new(),
                 counts: Counts::default(),
@@ -469,7 +479,11 @@ impl Tracker {
         };
         // Warm-up sends count only toward the window's rates.
         let measured = rec.measured;
-        if rec.conversation_id != conversation_id || rec.sender as usize == recipient {
+        let member = self
+            .conversations
+            .get(recipient)
+            .is_some_and(|list| list.binary_search(&conversation_id).is_ok());
+        if rec.conversation_id != conversation_id || rec.sender as usize == recipient || !member {
             // Not one of its recipients: counting it would let a copy in
             // the wrong place stand in for one that never arrived.
             s.counts.misrouted += u64::from(measured);
@@ -654,12 +668,6 @@ impl Tracker {
     }
 }
 
-impl Default for Tracker {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
@@ -772,8 +780,8 @@ pub struct Report {
     /// Duplicates that crossed a churn resume (client-lib's deduplication
     /// is per client instance).
     pub duplicates_across_resume: u64,
-    /// Copies that arrived in another conversation or at their sender (not
-    /// counted as deliveries).
+    /// Copies that arrived in another conversation, at their sender or at
+    /// a user who is not a member (not counted as deliveries).
     #[serde(default)]
     pub misrouted: u64,
     /// Sends whose delivered receipts (from every recipient) came back to
@@ -1021,12 +1029,17 @@ impl Report {
 mod tests {
     use super::*;
 
+    /// A tracker for 8 users who are all in conversations 0 and 7.
+    fn tracker() -> Tracker {
+        Tracker::new(vec![vec![0, 7]; 8])
+    }
+
     #[test]
     fn rates_count_only_what_came_before_the_window_closed() {
         // A server that falls behind: of three sends in the window, one is
         // acked and delivered in it, two only in the drain. All three count
         // as acked (nothing lost), but only one as carried in the window.
-        let t = Tracker::new();
+        let t = tracker();
         t.set_window(1_000_000, 10_000_000);
         let sends: Vec<u64> = (0..3)
             .map(|_| t.dispatch(true, 1, false, 0, 0, (0, 0)))
@@ -1048,7 +1061,7 @@ mod tests {
         // (a busy scheduler): the dispatch percentiles say so, and the ack
         // latency, from the intended time, includes it. Warm-up sends do
         // not count.
-        let t = Tracker::new();
+        let t = tracker();
         let late = 3_000_000;
         let warm = t.dispatch(false, 1, false, 7, 0, (0, 50_000_000));
         t.acked(warm, 7, 0, 1, 0, 60_000_000);
@@ -1071,7 +1084,7 @@ mod tests {
         // last sends are acked after it closes, and warm-up sends inside
         // it; counting only the window's own sends would show it short by
         // the latency over the window.
-        let t = Tracker::new();
+        let t = tracker();
         t.set_window(1_000_000_000, 2_000_000_000);
         let mut in_window = 0;
         for i in 0..30 {
@@ -1097,7 +1110,7 @@ mod tests {
 
     #[test]
     fn receipts_that_never_came_count_as_late_as_the_run_saw() {
-        let t = Tracker::new();
+        let t = tracker();
         let a = t.dispatch(true, 1, false, 7, 0, (0, 0));
         let b = t.dispatch(true, 1, false, 7, 0, (0, 0));
         t.acked(a, 7, 0, 1, 0, 1_000_000);
@@ -1118,7 +1131,7 @@ mod tests {
 
     #[test]
     fn a_send_is_acked_delivered_and_receipted_once() {
-        let t = Tracker::new();
+        let t = tracker();
         let warm = t.dispatch(false, 1, false, 0, 0, (0, 0));
         let a = t.dispatch(true, 1, false, 0, 0, (0, 0));
         let b = t.dispatch(true, 1, false, 0, 0, (0, 0));
@@ -1159,7 +1172,7 @@ mod tests {
         // A recipient churn took away has a message on its return, seconds
         // late: that is its offline time, not the server's latency, and it
         // used to be the deliver tail of every default (churning) run.
-        let t = Tracker::new();
+        let t = tracker();
         let a = t.dispatch(true, 1, false, 0, 0, (0, 0));
         let b = t.dispatch(true, 1, false, 0, 0, (0, 0));
         t.delivered(a, 1, 0, 0, 0, 2_000_000);
@@ -1173,7 +1186,7 @@ mod tests {
 
     #[test]
     fn unanswered_and_undelivered_sends_are_reported() {
-        let t = Tracker::new();
+        let t = tracker();
         let a = t.dispatch(true, 1, false, 0, 0, (0, 0));
         let _b = t.dispatch(true, 1, false, 0, 0, (0, 0));
         t.acked(a, 1, 0, 1, 0, 1_000);
@@ -1187,7 +1200,7 @@ mod tests {
 
     #[test]
     fn a_group_send_counts_once_it_reached_every_recipient() {
-        let t = Tracker::new();
+        let t = tracker();
         // User 0 sends to a group of four (recipients 1, 2, 3; user ids
         // 101..=103), twice.
         let a = t.dispatch(true, 3, true, 0, 0, (0, 0));
@@ -1311,15 +1324,18 @@ mod tests {
 
     #[test]
     fn copies_in_the_wrong_place_are_misrouted_not_delivered() {
-        let t = Tracker::new();
+        // Users 0 and 1 talk in conversation 7; user 2 is in 9 only.
+        let t = Tracker::new(vec![vec![7], vec![7], vec![9]]);
         let send = t.dispatch(true, 1, false, 7, 0, (0, 0));
-        // At its sender, and in another conversation: neither counts.
+        // At its sender, in another conversation, and in its conversation
+        // at a user who is not in it: none counts.
         t.delivered(send, 0, 7, 0, 0, 1_000_000);
         t.delivered(send, 1, 8, 0, 0, 1_000_000);
+        t.delivered(send, 2, 7, 0, 0, 1_000_000);
         t.acked(send, 7, 0, 1, 0, 1_000_000);
         // The real recipient's copy does.
         t.delivered(send, 1, 7, 0, 0, 2_000_000);
         let c = t.freeze(0).counts;
-        assert_eq!((c.misrouted, c.deliveries, c.delivered), (2, 1, 1));
+        assert_eq!((c.misrouted, c.deliveries, c.delivered), (3, 1, 1));
     }
 }

@@ -427,6 +427,65 @@ async fn the_drain_waits_for_users_churned_late_in_the_window() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_waits_for_users_whose_connection_dropped() {
+    init_tracing();
+    // The node restarts in the window and stays down 3 s: clients back off
+    // (100 ms doubling, with jitter) and come back one by one, some well
+    // after the window and its 1 s drain. What was sent to those not back
+    // yet counted as lost, on a correct server; the drain now waits for
+    // clients that are reconnecting as for users churn took away.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start_on(&Backend::Embedded, dir.path(), 0).await;
+    let (addr, ca) = (server.addr.to_string(), server.ca.display().to_string());
+    let args = args(&[
+        "--server",
+        &addr,
+        "--ca",
+        &ca,
+        "--users",
+        "8",
+        "--friends",
+        "2",
+        "--rate",
+        "40",
+        "--warmup",
+        "0s",
+        "--duration",
+        "3s",
+        "--drain",
+        "1s",
+        "--read-delay",
+        "100ms",
+    ]);
+    let (phase_tx, mut phase_rx) = tokio::sync::watch::channel(Phase::SettingUp);
+    let run = tokio::spawn(chat_loadgen::run_with_phases(args, phase_tx));
+    tokio::time::timeout(WAIT * 2, phase_rx.wait_for(|p| *p == Phase::Measuring))
+        .await
+        .expect("the measured window starts in time")
+        .expect("the run is alive");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(server.terminate().await, "a clean shutdown");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let server = ChildServer::start_on(
+        &Backend::Embedded,
+        dir.path(),
+        addr.parse::<std::net::SocketAddr>().unwrap().port(),
+    )
+    .await;
+    let report = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the load generator stops by itself")
+        .expect("the run task completes")
+        .expect("the run succeeds");
+    assert!(report.reconnects >= 8, "{report:?}");
+    assert!(report.sent > 0, "{report:?}");
+    assert_eq!(report.acked, report.sent, "{report:?}");
+    assert_eq!(report.delivered, report.acked, "{report:?}");
+    assert_eq!((report.lost, report.lost_deliveries), (0, 0), "{report:?}");
+    server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reuse_file_skips_registration_on_the_next_run() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
