@@ -56,9 +56,11 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 const SETTLE: Duration = Duration::from_secs(1);
 /// Pause between attempts to bring a churned user back.
 const RESUME_RETRY: Duration = Duration::from_secs(1);
-/// Longest a client whose connection dropped may take to be back:
-/// client-lib's longest reconnect backoff (10 s) and its jitter (half).
-const RECONNECT_ALLOWANCE: Duration = Duration::from_secs(15);
+/// Longest a client whose connection dropped may take to be back: a
+/// connection attempt made while the node was down gets through at its
+/// next Initial retransmission, which backs off up to the client's idle
+/// timeout (30 s).
+const RECONNECT_ALLOWANCE: Duration = Duration::from_secs(30);
 /// The drain looks for clients that are reconnecting every this many
 /// polls (a look takes every user's client).
 const RECONNECT_POLLS: u32 = 10;
@@ -260,12 +262,7 @@ pub async fn drive(
     let mut polls = 0u32;
     while !shared.tracker.complete() {
         let now = tokio::time::Instant::now();
-        if polls.is_multiple_of(RECONNECT_POLLS)
-            && shared
-                .users
-                .iter()
-                .any(|u| u.client().is_some_and(|c| !c.is_connected()))
-        {
+        if polls.is_multiple_of(RECONNECT_POLLS) && shared.users.iter().any(|u| u.reconnecting()) {
             reconnecting_at = now;
         }
         polls = polls.wrapping_add(1);
@@ -483,6 +480,8 @@ async fn receive(
             }
             Event::Disconnected { .. } => shared.tracker.reconnect(),
             Event::SessionEnded { code } => {
+                // For good: the drain does not wait for it to come back.
+                user.end_session();
                 shared.tracker.error(&format!(
                     "session_ended_{}",
                     error_name(&ClientError::Server {

@@ -142,6 +142,9 @@ pub struct VUser {
     pub token: String,
     client: Mutex<Option<Client>>,
     incarnation: AtomicU32,
+    /// The server ended the session for good (logged out, token revoked
+    /// or expired): the client will not reconnect.
+    ended: AtomicBool,
 }
 
 impl VUser {
@@ -154,7 +157,19 @@ impl VUser {
             token: identity.token,
             client: Mutex::new(Some(client)),
             incarnation: AtomicU32::new(0),
+            ended: AtomicBool::new(false),
         }
+    }
+
+    /// Notes that the server ended the session for good.
+    pub fn end_session(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the client is reconnecting: connected before, down now, and
+    /// not ended for good (nor taken offline by churn).
+    pub fn reconnecting(&self) -> bool {
+        !self.ended.load(Ordering::SeqCst) && self.client().is_some_and(|c| !c.is_connected())
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<Client>> {

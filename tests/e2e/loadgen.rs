@@ -429,11 +429,12 @@ async fn the_drain_waits_for_users_churned_late_in_the_window() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_waits_for_users_whose_connection_dropped() {
     init_tracing();
-    // The node restarts in the window and stays down 3 s: clients back off
-    // (100 ms doubling, with jitter) and come back one by one, some well
-    // after the window and its 1 s drain. What was sent to those not back
-    // yet counted as lost, on a correct server; the drain now waits for
-    // clients that are reconnecting as for users churn took away.
+    // The node restarts in the window and stays down 6 s: clients come
+    // back after the window and its 3 s drain (their connection attempts
+    // get through at a retransmission, seconds after the node is back).
+    // What was sent to those not back yet counted as lost, or never
+    // answered, on a correct server; the drain now waits for clients that
+    // are reconnecting as for users churn took away.
     let dir = tempfile::tempdir().unwrap();
     let server = ChildServer::start_on(&Backend::Embedded, dir.path(), 0).await;
     let (addr, ca) = (server.addr.to_string(), server.ca.display().to_string());
@@ -453,7 +454,7 @@ async fn the_drain_waits_for_users_whose_connection_dropped() {
         "--duration",
         "3s",
         "--drain",
-        "1s",
+        "3s",
         "--read-delay",
         "100ms",
     ]);
@@ -465,7 +466,7 @@ async fn the_drain_waits_for_users_whose_connection_dropped() {
         .expect("the run is alive");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(server.terminate().await, "a clean shutdown");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let server = ChildServer::start_on(
         &Backend::Embedded,
         dir.path(),
