@@ -633,6 +633,24 @@ impl Stores {
             .await
             .map_err(|e| ServerError::Backend(format!("redis at {}: {e}", redact_url(url))))?;
         tracing::info!(url = %redact_url(url), prefix = %config.redis_prefix, "redis connected");
+        // The prefix's caches and queues must be this history's.
+        let id = history
+            .history_id()
+            .await
+            .map_err(|e| ServerError::Backend(format!("history: {e}")))?;
+        let claimed = redis
+            .claim(&id)
+            .await
+            .map_err(|e| ServerError::Backend(format!("redis at {}: {e}", redact_url(url))))?;
+        if let Some(other) = claimed {
+            return Err(ServerError::Backend(format!(
+                "redis prefix {:?} at {} holds the caches of another history ({other}; this \
+                 node's is {id}): give this deployment a redis-prefix of its own, or, if its \
+                 history was replaced (a restore, a new database), delete that prefix's keys",
+                config.redis_prefix,
+                redact_url(url)
+            )));
+        }
         Ok(Stores {
             history,
             cache: Arc::new(redis.clone()),

@@ -239,6 +239,41 @@ async fn a_redis_outage_keeps_sends_durable_and_recovers() {
     redis.kill().await;
 }
 
+/// A Redis prefix serves one history: a node of another (here an
+/// embedded store of its own) on the same Redis and prefix is refused at
+/// start, before it could serve the first one's cached messages and
+/// unread queues as its own (conversation and user ids mean something
+/// only in their own history); the first history's nodes still start.
+#[tokio::test]
+async fn a_redis_prefix_serves_one_history() {
+    let Some(backend) = Backend::production().await else {
+        return;
+    };
+    let mut server = TestServer::start_on(backend.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let other = Config {
+        data_dir: dir.path().to_path_buf(),
+        postgres_url: None,
+        postgres_schema: None,
+        ..server.config.clone()
+    };
+    let err = Server::start(other)
+        .await
+        .err()
+        .expect("another history is refused");
+    assert!(matches!(err, ServerError::Backend(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("another history"), "{text}");
+    assert!(
+        text.contains(&server.config.redis_prefix),
+        "names the prefix: {text}"
+    );
+    // The same history again (a restart; another node) is served.
+    server.restart().await;
+    let (alice, _events) = register(server.client_config(), &name("alice")).await;
+    assert!(alice.is_connected());
+}
+
 #[tokio::test]
 async fn an_unreachable_backend_fails_start_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

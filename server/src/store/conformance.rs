@@ -51,6 +51,7 @@ macro_rules! history_store_conformance {
             conversation_list,
             concurrent_appends_get_distinct_contiguous_seqs,
             stored_presence,
+            history_has_a_name_of_its_own,
             pending_ranges_and_membership,
             groups,
             group_creation_keys,
@@ -1513,6 +1514,16 @@ pub async fn duplicates_name_the_members_still_owed(store: &impl HistoryStore) {
     let mut expected = vec![c];
     expected.sort_unstable();
     assert_eq!(others(&repeat), expected, "carol has not acknowledged it");
+}
+
+/// A history is named once, at random (a node claims its Redis prefix
+/// for that name): the same on every read, and 128 bits in hex.
+pub async fn history_has_a_name_of_its_own(store: &impl HistoryStore) {
+    let id = store.history_id().await.unwrap();
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    user(store, "alice").await;
+    assert_eq!(store.history_id().await.unwrap(), id, "it never changes");
 }
 
 /// A member removed while offline still catches up on what they had not

@@ -67,6 +67,10 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         timed!(self, "ping", self.inner.ping())
     }
 
+    async fn history_id(&self) -> Result<String, StoreError> {
+        timed!(self, "history_id", self.inner.history_id())
+    }
+
     fn broken(&self) -> Option<String> {
         self.inner.broken()
     }

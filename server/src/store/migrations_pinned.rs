@@ -24,6 +24,10 @@ const PINNED: &[(&str, &str)] = &[
         "src/store/sqlite/V10__departures_by_conversation.sql",
         "f296cd9fefc81d80",
     ),
+    (
+        "src/store/sqlite/V11__history_identity.sql",
+        "f4b739cc7cbed4ca",
+    ),
     ("migrations/postgres/V1__initial.sql", "5dcc721cc018b873"),
     ("migrations/postgres/V2__presence.sql", "3b2f2f2d011302a9"),
     ("migrations/postgres/V3__group_keys.sql", "e2a65111b1b8dfff"),
@@ -40,6 +44,10 @@ const PINNED: &[(&str, &str)] = &[
     (
         "migrations/postgres/V8__departures_by_conversation.sql",
         "9c7d59933aebe68c",
+    ),
+    (
+        "migrations/postgres/V9__history_identity.sql",
+        "e79612aa9b87597d",
     ),
 ];
 

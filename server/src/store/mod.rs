@@ -548,6 +548,11 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// A cheap round trip proving the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// This history's random name, made once with its schema: a node
+    /// claims its Redis prefix for it at start, so that two histories
+    /// never share one prefix's caches and queues.
+    async fn history_id(&self) -> Result<String, StoreError>;
+
     /// Why this store can never work again in this process (the embedded
     /// store's writer thread died, say), for `/healthz`: the node must be
     /// restarted. `None` while it can, including while its database is

@@ -1771,6 +1771,15 @@ impl HistoryStore for PostgresStore {
         client.simple_query("SELECT 1").await.map(drop).map_err(pg)
     }
 
+    async fn history_id(&self) -> Result<String, StoreError> {
+        let client = self.client().await?;
+        client
+            .query_one("SELECT id FROM history_identity", &[])
+            .await
+            .map_err(pg)
+            .and_then(|row| col(&row, 0))
+    }
+
     async fn is_member(
         &self,
         conversation_id: ConversationId,

@@ -104,6 +104,47 @@ impl RedisStore {
             .map_err(unavailable)
     }
 
+    /// Claims this prefix for the history named `history`
+    /// ([`HistoryStore::history_id`](super::HistoryStore::history_id)):
+    /// `None` when the prefix is that history's (claimed now or before),
+    /// else the history it was claimed for. Caches and unread queues are
+    /// keyed by ids that only mean something in their own history: a
+    /// second deployment on the same prefix, or a history replaced under a
+    /// kept Redis, would serve one history's messages as another's. The
+    /// claim never expires; a Redis that lost its data is claimed again by
+    /// the next node to start.
+    pub async fn claim(&self, history: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = format!("{}history", self.prefix);
+        // SET NX then GET (not SET NX GET, which needs Redis 7); a claim
+        // deleted between the two is made again.
+        for _ in 0..3 {
+            let set: Option<String> = ::redis::cmd("SET")
+                .arg(&key)
+                .arg(history)
+                .arg("NX")
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if set.is_some() {
+                return Ok(None);
+            }
+            let claimed: Option<String> = ::redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            match claimed {
+                Some(other) if other != history => return Ok(Some(other)),
+                Some(_) => return Ok(None),
+                None => continue,
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "redis: the claim on {key} keeps disappearing"
+        )))
+    }
+
     fn presence_key(&self, user: UserId) -> String {
         format!("{}{{u:{user}}}:presence", self.prefix)
     }

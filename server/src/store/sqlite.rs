@@ -143,6 +143,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V8__session_ends.sql"),
     include_str!("sqlite/V9__blocks.sql"),
     include_str!("sqlite/V10__departures_by_conversation.sql"),
+    include_str!("sqlite/V11__history_identity.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1907,6 +1908,14 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
+    async fn history_id(&self) -> Result<String, StoreError> {
+        self.call(|conn, _| {
+            conn.query_row("SELECT id FROM history_identity", [], |r| r.get(0))
+                .map_err(internal)
+        })
+        .await
+    }
+
     async fn username(&self, user_id: UserId) -> Result<Option<String>, StoreError> {
         self.call(move |conn, _| {
             conn.prepare_cached("SELECT username FROM users WHERE id = ?1")
@@ -3063,6 +3072,20 @@ mod tests {
             elapsed >= gap * (SENDS - 1),
             "{SENDS} commits in {elapsed:?}"
         );
+    }
+
+    /// A history keeps its name across reopening; another directory's is
+    /// another history, with another name.
+    #[tokio::test]
+    async fn each_history_has_its_own_name() {
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = SqliteStore::open(one.path()).unwrap();
+        let id = first.history_id().await.unwrap();
+        drop(first);
+        let again = SqliteStore::open(one.path()).unwrap();
+        assert_eq!(again.history_id().await.unwrap(), id);
+        let other = SqliteStore::open(two.path()).unwrap();
+        assert_ne!(other.history_id().await.unwrap(), id);
     }
 
     /// A second store on a directory in use is refused before it reads or
