@@ -1463,3 +1463,51 @@ async fn a_device_gets_its_users_sends_from_before_it_opened_its_messages_stream
         other => panic!("the laptop's message, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_repeated_send_is_echoed_again_to_the_senders_other_devices() {
+    // A send repeated after its answer was lost goes again to whoever is
+    // still owed it, in case its first fan-out never happened (a node that
+    // stopped between the commit and the pushes): that includes the echo
+    // to the sender's other connected devices, which knew nothing of it
+    // until they read history. They drop a copy they had.
+    use chat_protocol::{Body, Frame};
+    let server = TestServer::start().await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let token = alice.identity().token;
+    let phone = RawControl::resume(&server, &token).await;
+    let (mut phone_messages, _phone_recv) = phone.open_messages(false).await;
+    let laptop = RawControl::resume(&server, &token).await;
+    let (_laptop_send, mut laptop_recv) = laptop.open_messages(false).await;
+    let send = |request_id| {
+        Frame::new(
+            request_id,
+            Body::Send(proto::Send {
+                conversation_id: conversation,
+                client_msg_id: "phone-1".into(),
+                r#type: proto::MessageType::Text as i32,
+                text: "hello from the phone".into(),
+            }),
+        )
+    };
+    let mut buf = bytes::BytesMut::new();
+    let mut echoes = Vec::new();
+    for request_id in [1, 2] {
+        phone_messages
+            .write_all(&frames(&[send(request_id)]))
+            .await
+            .unwrap();
+        loop {
+            if let Some(Body::Deliver(d)) = next_frame(&mut laptop_recv, &mut buf).await.body {
+                let message = d.message.expect("a message");
+                assert_eq!(message.client_msg_id, "phone-1");
+                echoes.push(message.seq);
+                break;
+            }
+        }
+    }
+    assert_eq!(echoes[0], echoes[1], "the same message, echoed twice");
+    assert!(laptop.conn().close_reason().is_none());
+}
