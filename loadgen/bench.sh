@@ -180,7 +180,7 @@ run_postgres() {
     scrape_metrics "$run.json.metrics"
     stop_server
     # Clean up before printing (see run_embedded).
-    redis-cli --scan --pattern "$db:*" | xargs -r redis-cli del >/dev/null
+    redis-cli -u "$REDIS" --scan --pattern "$db:*" | xargs -r redis-cli -u "$REDIS" del >/dev/null
     psql_do "DROP DATABASE $db" >/dev/null
     rm -rf "$run"
     LAST_REPORT=$run.json
@@ -232,9 +232,12 @@ base)
     make_base embedded 1000
     psql_do "DROP DATABASE IF EXISTS chatbench_base" >/dev/null
     psql_do "CREATE DATABASE chatbench_base" >/dev/null
+    # A base made before (and not cleaned up) claimed the prefix for its
+    # history: this one is a new history.
+    redis-cli -u "$REDIS" --scan --pattern "chatbench-base:*" | xargs -r redis-cli -u "$REDIS" del >/dev/null
     make_base postgres 1000 --postgres-url "$PG/chatbench_base" --redis-url "$REDIS" \
         --redis-prefix chatbench-base:
-    redis-cli --scan --pattern "chatbench-base:*" | xargs -r redis-cli del >/dev/null
+    redis-cli -u "$REDIS" --scan --pattern "chatbench-base:*" | xargs -r redis-cli -u "$REDIS" del >/dev/null
     ;;
 embedded)
     rate=${1:?rate}

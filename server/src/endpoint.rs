@@ -646,7 +646,8 @@ impl Stores {
             return Err(ServerError::Backend(format!(
                 "redis prefix {:?} at {} holds the caches of another history ({other}; this \
                  node's is {id}): give this deployment a redis-prefix of its own, or, if its \
-                 history was replaced (a restore, a new database), delete that prefix's keys",
+                 history was replaced (a new database, a dump from before the name), delete \
+                 that prefix's keys",
                 config.redis_prefix,
                 redact_url(url)
             )));

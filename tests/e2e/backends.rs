@@ -272,6 +272,23 @@ async fn a_redis_prefix_serves_one_history() {
     server.restart().await;
     let (alice, _events) = register(server.client_config(), &name("alice")).await;
     assert!(alice.is_connected());
+    let ready = server.server.as_ref().unwrap().metrics_addr();
+    assert_eq!(http_get(ready, "/readyz").await.0, 200);
+
+    // Redis loses its data (a restart without persistence) and another
+    // history's node claims the prefix first: the running node says it is
+    // not ready, and why, at its next readiness check.
+    use chat_server::store::redis::{RedisStore, testing};
+    let (url, prefix) = (
+        server.config.redis_url.clone().unwrap(),
+        server.config.redis_prefix.clone(),
+    );
+    let intruder = RedisStore::connect(&url, &prefix).await.unwrap();
+    testing::delete_prefix(&intruder, &prefix).await;
+    assert_eq!(intruder.claim(&"f".repeat(32)).await.unwrap(), None);
+    let (status, body) = http_get(ready, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("another history"), "{body}");
 }
 
 #[tokio::test]

@@ -6,5 +6,6 @@ CREATE TABLE history_identity (
     only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
     id       TEXT NOT NULL
 );
+-- gen_random_uuid: built in since Postgres 13 (md5 fails under FIPS).
 INSERT INTO history_identity (only_row, id)
-VALUES (1, md5(random()::text || clock_timestamp()::text || txid_current()::text));
+VALUES (1, replace(gen_random_uuid()::text, '-', ''));

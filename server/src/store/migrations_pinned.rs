@@ -47,7 +47,7 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "migrations/postgres/V9__history_identity.sql",
-        "e79612aa9b87597d",
+        "cba9a9c07c336fea",
     ),
 ];
 

@@ -11,6 +11,7 @@
 //! | `<prefix>{u:ID}:inbox:<conversation>` | sorted set, score = seq, the newest 2,001, PX 30 days from the last push | encoded messages not yet delivered (sender, recipient = ID, timestamp, text, type: the seed's Unread Messages record) |
 //! | `<prefix>{u:ID}:inbox` | set, PX 30 days from the last push | conversations with a queue |
 //! | `<prefix>{c:ID}:recent` | list, ascending, capped, PX 7 days from the last push | the newest messages of the conversation |
+//! | `<prefix>history` | string, no expiry | the name of the history the prefix serves ([`RedisStore::claim`]; each readiness ping claims it again) |
 //!
 //! Nothing here is the source of truth. Every failure is survivable: the
 //! callers fall back to history, and a flushed Redis refills as users
@@ -65,6 +66,9 @@ const RECENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: Arc<str>,
+    /// The history this prefix was claimed for ([`RedisStore::claim`]):
+    /// each readiness ping claims it again.
+    history: Arc<std::sync::OnceLock<String>>,
 }
 
 fn unavailable(e: RedisError) -> StoreError {
@@ -91,17 +95,32 @@ impl RedisStore {
         Ok(RedisStore {
             conn,
             prefix: prefix.into(),
+            history: Arc::default(),
         })
     }
 
-    /// Checks the server answers (readiness).
+    /// Checks the server answers and, once the prefix was claimed, that it
+    /// is still this history's, claiming it again if it was lost (a Redis
+    /// restarted without its data, an evicted key): readiness. Refused
+    /// once another history holds it.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         ::redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
             .map(drop)
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        let Some(history) = self.history.get() else {
+            return Ok(());
+        };
+        match self.claim(history).await? {
+            None => Ok(()),
+            Some(other) => Err(StoreError::Unavailable(format!(
+                "redis prefix {:?} was claimed for another history ({other}) while this node \
+                 ran on {history}: two deployments share it",
+                &*self.prefix
+            ))),
+        }
     }
 
     /// Claims this prefix for the history named `history`
@@ -127,6 +146,7 @@ impl RedisStore {
                 .await
                 .map_err(unavailable)?;
             if set.is_some() {
+                let _ = self.history.set(history.to_owned());
                 return Ok(None);
             }
             let claimed: Option<String> = ::redis::cmd("GET")
@@ -136,7 +156,10 @@ impl RedisStore {
                 .map_err(unavailable)?;
             match claimed {
                 Some(other) if other != history => return Ok(Some(other)),
-                Some(_) => return Ok(None),
+                Some(_) => {
+                    let _ = self.history.set(history.to_owned());
+                    return Ok(None);
+                }
                 None => continue,
             }
         }
@@ -196,12 +219,7 @@ impl PresenceStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        ::redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map(drop)
-            .map_err(unavailable)
+        RedisStore::ping(self).await
     }
 
     async fn remove(&self, user: UserId, node: String) -> Result<(), StoreError> {
