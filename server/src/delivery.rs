@@ -751,7 +751,7 @@ async fn commit_run(
             .send_to_ack
             .record(received.elapsed().as_secs_f64());
         if appended.duplicate {
-            redeliver(c, &appended, session.conn_id, out);
+            redeliver(c, &appended, out);
             continue;
         }
         fan_out(c, appended, session.conn_id, Some(received), out);
@@ -764,17 +764,15 @@ async fn commit_run(
 /// its pushes. Only live connections: the queues and catch-up read
 /// history's watermarks, so an offline member gets it on their return
 /// anyway. A member who had it drops the copy (client-lib deduplicates by
-/// seq), and one fanned out in this very batch is not pushed twice. The
-/// sender's other connected devices (not `from_conn`, the retrying one)
-/// get its echo again too: the fan-out that never happened never echoed it
-/// either, and a retried leave's is how the leaver's other devices hear of
-/// it; they drop a copy they had.
-fn redeliver(c: &Committer, appended: &Appended, from_conn: u64, out: &Fanout) {
+/// seq), and one fanned out in this very batch is not pushed twice.
+fn redeliver(c: &Committer, appended: &Appended, out: &Fanout) {
     let message = &appended.message;
-    if out
-        .stored
-        .iter()
-        .any(|m| (m.conversation_id, m.seq) == (message.conversation_id, message.seq))
+    // The store names only the others still owed it.
+    if appended.members.is_empty()
+        || out
+            .stored
+            .iter()
+            .any(|m| (m.conversation_id, m.seq) == (message.conversation_id, message.seq))
     {
         return;
     }
@@ -787,34 +785,25 @@ fn redeliver(c: &Committer, appended: &Appended, from_conn: u64, out: &Fanout) {
         &c.metrics,
         message,
         appended.members.iter().copied(),
-        from_conn,
     );
 }
 
-/// Pushes a stored message again to the connected sessions of `owed`, and
-/// its echo to its sender's other than `from_conn` (counted in
-/// `chat_redeliveries_total`).
+/// Pushes a stored message again to the connected sessions of `owed`
+/// (counted in `chat_redeliveries_total`).
 fn push_again(
     hub: &Hub,
     metrics: &Metrics,
     message: &proto::Message,
     owed: impl IntoIterator<Item = UserId>,
-    from_conn: u64,
 ) {
     let deliver = Frame::push(Body::Deliver(proto::Deliver {
         message: Some(message.clone()),
     }));
-    let (frame, own) = deliver_frames(&deliver, message);
+    let (frame, _) = deliver_frames(&deliver, message);
     let mut pushed = 0;
     for member in owed {
         pushed += hub.push(member, StreamKind::Messages, &frame, None);
     }
-    pushed += hub.push(
-        message.sender_id,
-        StreamKind::Messages,
-        &own,
-        Some(from_conn),
-    );
     metrics.redeliveries.increment(pushed as u64);
 }
 
@@ -878,7 +867,7 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout, paused: &mu
     let reply = match result {
         Ok(appended) => {
             if appended.duplicate {
-                redeliver(c, &appended, job.session.conn_id, out);
+                redeliver(c, &appended, out);
             } else {
                 fan_out(c, appended, job.session.conn_id, None, out);
             }
@@ -927,8 +916,7 @@ async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
         let reply = match store.conversation(id, creator).await {
             Ok(view) => {
                 if repeated {
-                    let from = (creator, job.session.conn_id);
-                    redeliver_creation(&*store, &hub, &metrics, &view, from).await;
+                    redeliver_creation(&*store, &hub, &metrics, &view, creator).await;
                 }
                 Frame::new(
                     job.request_id,
@@ -947,22 +935,23 @@ async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
 /// as [`redeliver`] does for a send: its first fan-out may never have
 /// happened (a creation whose outcome was unknown, reported failed
 /// although it committed), and without it the members knew nothing of the
-/// group until its next message. A member who had it drops the copy; so
-/// do the creator's other devices, which get its echo again.
+/// group until its next message. A member who had it drops the copy.
 async fn redeliver_creation(
     store: &dyn HistoryStore,
     hub: &Hub,
     metrics: &Metrics,
     view: &ConversationView,
-    (creator, from_conn): (UserId, u64),
+    creator: UserId,
 ) {
-    // And the creator's other devices (see `redeliver`).
     let owed: Vec<UserId> = view
         .members
         .iter()
         .filter(|m| m.user_id != creator && m.delivered_seq == 0 && m.joined_seq == 0)
         .map(|m| m.user_id)
         .collect();
+    if owed.is_empty() {
+        return;
+    }
     let first = match store.history(view.id, Direction::Forward, 0, 1).await {
         Ok(page) => page.messages.into_iter().next(),
         Err(e) => {
@@ -971,7 +960,7 @@ async fn redeliver_creation(
         }
     };
     if let Some(message) = first {
-        push_again(hub, metrics, &message, owed, from_conn);
+        push_again(hub, metrics, &message, owed);
     }
 }
 
