@@ -284,8 +284,16 @@ async fn a_redis_prefix_serves_one_history() {
         server.config.redis_prefix.clone(),
     );
     let intruder = RedisStore::connect(&url, &prefix).await.unwrap();
+    let other_history = "f".repeat(32);
+    // A lost claim alone is taken back at the next check.
     testing::delete_prefix(&intruder, &prefix).await;
-    assert_eq!(intruder.claim(&"f".repeat(32)).await.unwrap(), None);
+    assert_eq!(http_get(ready, "/readyz").await.0, 200);
+    assert!(
+        intruder.claim(&other_history).await.unwrap().is_some(),
+        "the node claimed it again"
+    );
+    testing::delete_prefix(&intruder, &prefix).await;
+    assert_eq!(intruder.claim(&other_history).await.unwrap(), None);
     let (status, body) = http_get(ready, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("another history"), "{body}");

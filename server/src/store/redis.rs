@@ -113,14 +113,31 @@ impl RedisStore {
         let Some(history) = self.history.get() else {
             return Ok(());
         };
-        match self.claim(history).await? {
-            None => Ok(()),
-            Some(other) => Err(StoreError::Unavailable(format!(
-                "redis prefix {:?} was claimed for another history ({other}) while this node \
-                 ran on {history}: two deployments share it",
-                &*self.prefix
-            ))),
-        }
+        // Read first: only a lost claim is written again, so a Redis that
+        // refuses writes (full, or a replica) is no less ready than it was.
+        let key = format!("{}history", self.prefix);
+        let claimed: Option<String> = ::redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let other = match claimed {
+            Some(claimed) if claimed == *history => return Ok(()),
+            Some(other) => other,
+            None => match self.claim(history).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(other)) => other,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not claim the redis prefix again");
+                    return Ok(());
+                }
+            },
+        };
+        Err(StoreError::Unavailable(format!(
+            "redis prefix {:?} was claimed for another history ({other}) while this node ran \
+             on {history}: two deployments share it",
+            &*self.prefix
+        )))
     }
 
     /// Claims this prefix for the history named `history`
