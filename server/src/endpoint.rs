@@ -638,10 +638,15 @@ impl Stores {
             .history_id()
             .await
             .map_err(|e| ServerError::Backend(format!("history: {e}")))?;
-        let claimed = redis
-            .claim(&id)
-            .await
-            .map_err(|e| ServerError::Backend(format!("redis at {}: {e}", redact_url(url))))?;
+        // A Redis that answers but refuses the write (full, a replica) does
+        // not stop the node: readiness checks claim the prefix again.
+        let claimed = match redis.claim(&id).await {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not claim the redis prefix; readiness checks will try again");
+                None
+            }
+        };
         if let Some(other) = claimed {
             return Err(ServerError::Backend(format!(
                 "redis prefix {:?} at {} holds the caches of another history ({other}; this \

@@ -150,6 +150,8 @@ impl RedisStore {
     /// claim never expires; a Redis that lost its data is claimed again by
     /// the next node to start.
     pub async fn claim(&self, history: &str) -> Result<Option<String>, StoreError> {
+        // What the readiness checks claim again, whatever this one finds.
+        let _ = self.history.set(history.to_owned());
         let mut conn = self.conn.clone();
         let key = format!("{}history", self.prefix);
         // SET NX then GET (not SET NX GET, which needs Redis 7); a claim
@@ -163,7 +165,6 @@ impl RedisStore {
                 .await
                 .map_err(unavailable)?;
             if set.is_some() {
-                let _ = self.history.set(history.to_owned());
                 return Ok(None);
             }
             let claimed: Option<String> = ::redis::cmd("GET")
@@ -173,10 +174,7 @@ impl RedisStore {
                 .map_err(unavailable)?;
             match claimed {
                 Some(other) if other != history => return Ok(Some(other)),
-                Some(_) => {
-                    let _ = self.history.set(history.to_owned());
-                    return Ok(None);
-                }
+                Some(_) => return Ok(None),
                 None => continue,
             }
         }
