@@ -1,5 +1,6 @@
-//! The kernel's UDP counters from `/proc/net/snmp`, machine-wide, so they
-//! cover the server's sockets and the load generator's alike:
+//! The kernel's UDP counters from `/proc/net/snmp` and, for IPv6,
+//! `/proc/net/snmp6` (added together), machine-wide, so they cover the
+//! server's sockets and the load generator's alike:
 //!
 //! * `RcvbufErrors`, datagrams dropped because a socket's receive buffer
 //!   was full. Every drop is a QUIC loss and shows up as retransmission
@@ -22,7 +23,34 @@ impl UdpCounters {
     /// This machine's counters, or `None` where they cannot be read (not
     /// Linux).
     pub fn read() -> Option<Self> {
-        Self::parse(&std::fs::read_to_string("/proc/net/snmp").ok()?)
+        let v4 = Self::parse(&std::fs::read_to_string("/proc/net/snmp").ok()?)?;
+        // Without IPv6 in the kernel the file is missing: IPv4 alone.
+        let v6 = std::fs::read_to_string("/proc/net/snmp6")
+            .ok()
+            .and_then(|text| Self::parse6(&text));
+        Some(v6.map_or(v4, |v6| v4.plus(v6)))
+    }
+
+    /// The counters from the text of `/proc/net/snmp6`: one `name value`
+    /// pair a line (`Udp6OutDatagrams`, `Udp6RcvbufErrors`).
+    pub fn parse6(snmp6: &str) -> Option<Self> {
+        let field = |name: &str| -> Option<u64> {
+            snmp6.lines().find_map(|line| {
+                let mut words = line.split_whitespace();
+                (words.next()? == name).then(|| words.next()?.parse().ok())?
+            })
+        };
+        Some(UdpCounters {
+            out_datagrams: field("Udp6OutDatagrams")?,
+            rcvbuf_errors: field("Udp6RcvbufErrors")?,
+        })
+    }
+
+    fn plus(self, other: Self) -> Self {
+        UdpCounters {
+            out_datagrams: self.out_datagrams + other.out_datagrams,
+            rcvbuf_errors: self.rcvbuf_errors + other.rcvbuf_errors,
+        }
     }
 
     /// The counters from the text of `/proc/net/snmp`: a `Udp:` header
@@ -77,6 +105,24 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_udp6_lines_by_name() {
+        let snmp6 = "Ip6InReceives                   	120\n\
+                     Udp6InDatagrams                 	57\n\
+                     Udp6OutDatagrams                	61\n\
+                     Udp6RcvbufErrors                	3\n\
+                     UdpLite6RcvbufErrors            	9\n";
+        assert_eq!(
+            UdpCounters::parse6(snmp6),
+            Some(UdpCounters {
+                out_datagrams: 61,
+                rcvbuf_errors: 3,
+            })
+        );
+        assert_eq!(UdpCounters::parse6("Udp6OutDatagrams 1\n"), None);
+        assert_eq!(UdpCounters::parse6("garbage"), None);
+    }
+
+    #[test]
     fn a_window_is_the_difference_of_two_samples() {
         let a = UdpCounters {
             out_datagrams: 100,
@@ -103,6 +149,15 @@ mod tests {
             socket.send_to(b"x", socket.local_addr().unwrap()).unwrap();
             let b = UdpCounters::read().unwrap();
             assert!(a.until(b).out_datagrams >= 1);
+            // IPv6 traffic counts too (where the machine has IPv6).
+            if let Ok(socket) = std::net::UdpSocket::bind("[::1]:0") {
+                let before = UdpCounters::read().unwrap();
+                for _ in 0..64 {
+                    socket.send_to(b"x", socket.local_addr().unwrap()).unwrap();
+                }
+                let after = UdpCounters::read().unwrap();
+                assert!(before.until(after).out_datagrams >= 64);
+            }
         }
     }
 }
