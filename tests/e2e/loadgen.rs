@@ -84,6 +84,38 @@ async fn run(args: Args) -> Report {
         .expect("the run succeeds")
 }
 
+/// A run in a task of its own, for tests that act while it goes: its
+/// phases are watched.
+struct Phased {
+    run: tokio::task::JoinHandle<anyhow::Result<Report>>,
+    phases: tokio::sync::watch::Receiver<Phase>,
+}
+
+impl Phased {
+    fn start(args: Args) -> Phased {
+        let (phase_tx, phases) = tokio::sync::watch::channel(Phase::SettingUp);
+        let run = tokio::spawn(chat_loadgen::run_with_phases(args, phase_tx));
+        Phased { run, phases }
+    }
+
+    /// Waits (boundedly) until the run reaches `phase`.
+    async fn until(&mut self, phase: Phase, what: &str) {
+        tokio::time::timeout(WAIT * 2, self.phases.wait_for(|p| *p == phase))
+            .await
+            .unwrap_or_else(|_| panic!("{what} in time"))
+            .expect("the run is alive");
+    }
+
+    /// The run's report, bounded so a hang fails the test.
+    async fn report(self) -> Report {
+        tokio::time::timeout(Duration::from_secs(120), self.run)
+            .await
+            .expect("the load generator stops by itself")
+            .expect("the run task completes")
+            .expect("the run succeeds")
+    }
+}
+
 fn assert_all_accounted(report: &Report) {
     assert!(report.sent > 0, "{report:?}");
     assert_eq!(report.acked, report.sent, "{report:?}");
@@ -458,12 +490,9 @@ async fn the_drain_waits_for_users_whose_connection_dropped() {
         "--read-delay",
         "100ms",
     ]);
-    let (phase_tx, mut phase_rx) = tokio::sync::watch::channel(Phase::SettingUp);
-    let run = tokio::spawn(chat_loadgen::run_with_phases(args, phase_tx));
-    tokio::time::timeout(WAIT * 2, phase_rx.wait_for(|p| *p == Phase::Measuring))
-        .await
-        .expect("the measured window starts in time")
-        .expect("the run is alive");
+    let mut run = Phased::start(args);
+    run.until(Phase::Measuring, "the measured window starts")
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(server.terminate().await, "a clean shutdown");
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -473,11 +502,7 @@ async fn the_drain_waits_for_users_whose_connection_dropped() {
         addr.parse::<std::net::SocketAddr>().unwrap().port(),
     )
     .await;
-    let report = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the load generator stops by itself")
-        .expect("the run task completes")
-        .expect("the run succeeds");
+    let report = run.report().await;
     assert!(report.reconnects >= 8, "{report:?}");
     assert!(report.sent > 0, "{report:?}");
     assert_eq!(report.acked, report.sent, "{report:?}");
@@ -559,28 +584,16 @@ async fn users_with_the_app_in_the_background_send_no_heartbeats() {
             "--background-fraction",
             fraction,
         ]);
-        let (phase_tx, mut phase_rx) = tokio::sync::watch::channel(Phase::SettingUp);
-        let run = tokio::spawn(chat_loadgen::run_with_phases(args, phase_tx));
-        let measuring = phase_rx.wait_for(|p| *p == Phase::Measuring);
-        tokio::time::timeout(WAIT * 2, measuring)
-            .await
-            .expect("the measured window starts in time")
-            .expect("the run is alive");
+        let mut run = Phased::start(args);
+        run.until(Phase::Measuring, "the measured window starts")
+            .await;
         // Heartbeats: control frames but those saying the app went to
         // the background (sent as the run starts, around this scrape).
         let beats = |m: &HashMap<String, f64>| value(m, key) - value(m, "chat_backgrounded_total");
         let before = beats(&scrape(metrics).await);
-        let draining = phase_rx.wait_for(|p| *p == Phase::Draining);
-        tokio::time::timeout(WAIT * 2, draining)
-            .await
-            .expect("the measured window ends in time")
-            .expect("the run is alive");
+        run.until(Phase::Draining, "the measured window ends").await;
         let after = beats(&scrape(metrics).await);
-        let report = tokio::time::timeout(Duration::from_secs(120), run)
-            .await
-            .expect("the load generator stops by itself")
-            .expect("the run task completes")
-            .expect("the run succeeds");
+        let report = run.report().await;
         if foreground {
             assert_eq!(report.background_users, 0);
             // 6 users x 2 s / 1 s = 12; at least one each on a slow machine.
@@ -644,12 +657,9 @@ async fn a_frozen_server_shows_up_as_latency_from_the_intended_time() {
         "--read-delay",
         "100ms",
     ]);
-    let (phase_tx, mut phase_rx) = tokio::sync::watch::channel(Phase::SettingUp);
-    let run = tokio::spawn(chat_loadgen::run_with_phases(args, phase_tx));
-    tokio::time::timeout(WAIT * 2, phase_rx.wait_for(|p| *p == Phase::Measuring))
-        .await
-        .expect("the measured window starts in time")
-        .expect("the run is alive");
+    let mut run = Phased::start(args);
+    run.until(Phase::Measuring, "the measured window starts")
+        .await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     {
         let _cont = ContGuard(server.pid());
@@ -657,11 +667,7 @@ async fn a_frozen_server_shows_up_as_latency_from_the_intended_time() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         signal(server.pid(), "CONT");
     }
-    let report = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the load generator stops by itself")
-        .expect("the run task completes")
-        .expect("the run succeeds");
+    let report = run.report().await;
     assert_eq!(report.lost, 0, "{report:?}");
     assert_eq!(report.acked, report.sent, "{report:?}");
     // Sends scheduled at the start of the freeze waited about a second for

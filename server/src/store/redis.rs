@@ -115,7 +115,7 @@ impl RedisStore {
         };
         // Read first: only a lost claim is written again, so a Redis that
         // refuses writes (full, or a replica) is no less ready than it was.
-        let key = format!("{}history", self.prefix);
+        let key = self.history_key();
         let claimed: Option<String> = ::redis::cmd("GET")
             .arg(&key)
             .query_async(&mut conn)
@@ -153,7 +153,7 @@ impl RedisStore {
         // What the readiness checks claim again, whatever this one finds.
         let _ = self.history.set(history.to_owned());
         let mut conn = self.conn.clone();
-        let key = format!("{}history", self.prefix);
+        let key = self.history_key();
         // SET NX then GET (not SET NX GET, which needs Redis 7); a claim
         // deleted between the two is made again.
         for _ in 0..3 {
@@ -181,6 +181,10 @@ impl RedisStore {
         Err(StoreError::Unavailable(format!(
             "redis: the claim on {key} keeps disappearing"
         )))
+    }
+
+    fn history_key(&self) -> String {
+        format!("{}history", self.prefix)
     }
 
     fn presence_key(&self, user: UserId) -> String {
