@@ -60,7 +60,9 @@ impl FrameError {
 /// Field numbers in `Frame` of the bodies only a server sends
 /// ([`crate::proto::frame::Body::is_from_server`]; a test keeps the two in
 /// step).
-const SERVER_BODY_FIELDS: [u32; 15] = [3, 4, 13, 25, 26, 31, 33, 35, 41, 42, 44, 51, 62, 63, 78];
+const SERVER_BODY_FIELDS: [u32; 17] = [
+    3, 4, 13, 25, 26, 31, 33, 35, 41, 42, 44, 51, 62, 63, 78, 112, 114,
+];
 
 /// Decodes frames with a maximum size. Cheap to copy; holds no buffer.
 #[derive(Debug, Clone, Copy)]
@@ -340,6 +342,40 @@ mod tests {
                     client_msg_id: "m-1".into(),
                     r#type: proto::MessageType::Text as i32,
                     text: "héllo ✓✓".repeat(100),
+                    media_id: String::new(),
+                }),
+            ),
+            Frame::new(
+                3,
+                Body::MediaUpload(proto::MediaUpload {
+                    media_type: proto::MediaType::Jpeg as i32,
+                    size: 1 << 20,
+                    sha256: vec![7; 32].into(),
+                    width: 640,
+                    height: 480,
+                }),
+            ),
+            Frame::new(
+                3,
+                Body::MediaChunk(proto::MediaChunk {
+                    data: vec![0xff; 4096].into(),
+                }),
+            ),
+            Frame::new(
+                3,
+                Body::MediaUploaded(proto::MediaUploaded {
+                    media_id: "0f".repeat(16),
+                }),
+            ),
+            Frame::new(
+                4,
+                Body::MediaHeader(proto::MediaHeader {
+                    photo: Some(proto::Photo {
+                        media_id: "0f".repeat(16),
+                        size: 10,
+                        ..Default::default()
+                    }),
+                    offset: 2,
                 }),
             ),
             Frame::push(Body::Receipt(proto::Receipt {
@@ -461,7 +497,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(bodies, 44);
+        assert_eq!(bodies, 49);
     }
 
     #[test]

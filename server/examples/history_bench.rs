@@ -138,6 +138,7 @@ fn message(conversation: (ConversationId, UserId, UserId), key: String, n: u64) 
         client_msg_id: key,
         message_type: proto::MessageType::Text,
         text,
+        photo: None,
         now_ms: 1,
     }
 }

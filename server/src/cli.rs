@@ -110,6 +110,18 @@ struct Overrides {
     /// How often sessions past session-retention are deleted, e.g. 1h.
     #[arg(long, env = "CHAT_SESSION_PURGE_INTERVAL", value_parser = humantime::parse_duration)]
     session_purge_interval: Option<Duration>,
+    /// Largest photo accepted, in bytes.
+    #[arg(long, env = "CHAT_MAX_PHOTO_BYTES")]
+    max_photo_bytes: Option<u64>,
+    /// How long an upload no send names is kept, e.g. 1day.
+    #[arg(long, env = "CHAT_UPLOAD_RETENTION", value_parser = humantime::parse_duration)]
+    upload_retention: Option<Duration>,
+    /// Photo uploads per user per hour (0: no limit).
+    #[arg(long, env = "CHAT_UPLOADS_PER_HOUR")]
+    uploads_per_hour: Option<u32>,
+    /// Directory for uploaded photos (default: media in data-dir).
+    #[arg(long, env = "CHAT_MEDIA_DIR")]
+    media_dir: Option<PathBuf>,
     /// Time allowed to authenticate, e.g. 10s.
     #[arg(long, env = "CHAT_AUTH_TIMEOUT", value_parser = humantime::parse_duration)]
     auth_timeout: Option<Duration>,
@@ -312,6 +324,12 @@ impl Overrides {
             self.session_purge_interval,
         );
         set(&mut c.limits.auth_timeout, self.auth_timeout);
+        set(&mut c.limits.max_photo_bytes, self.max_photo_bytes);
+        set(&mut c.limits.upload_retention, self.upload_retention);
+        set(&mut c.limits.uploads_per_hour, self.uploads_per_hour);
+        if self.media_dir.is_some() {
+            c.media_dir = self.media_dir;
+        }
         set(&mut c.limits.max_friends, self.max_friends);
         set(&mut c.limits.max_auth_attempts, self.max_auth_attempts);
         set(
@@ -594,6 +612,7 @@ mod tests {
             node_id: Some("n".into()),
             redis_url: Some("redis://r".into()),
             postgres_url: Some("postgres://p".into()),
+            media_dir: Some("m".into()),
             tls: crate::config::TlsConfig {
                 tls_cert: Some("c.pem".into()),
                 tls_key: Some("k.pem".into()),

@@ -22,6 +22,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory for the embedded database, dev certificates and media.
     pub data_dir: PathBuf,
+    /// Directory for uploaded photos (default: `media` in `data-dir`).
+    /// Nodes that share a Postgres must share it too (a network file
+    /// system), or a photo uploaded to one is not found on the others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub media_dir: Option<PathBuf>,
     /// This node's name in presence records (default: its listen address,
     /// or the host's name and port when listening on every address).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -267,6 +272,17 @@ pub struct Limits {
     /// MarkSeen frames a user may send at once above `mark-rate`: an app
     /// marking a thousand conversations read at once stays under it.
     pub mark_burst: u32,
+    /// Largest photo accepted, in bytes (announced at login). An upload
+    /// declaring more is refused before any of its bytes are read.
+    pub max_photo_bytes: u64,
+    /// How long an upload is kept when no send names it; then it is
+    /// deleted (by the purge that runs every `session-purge-interval`).
+    #[serde(with = "humantime_serde")]
+    pub upload_retention: Duration,
+    /// Photo uploads one user may make per hour, across their devices (a
+    /// token bucket of this size, refilled over the hour; 0: no limit).
+    /// Over it an upload is answered RATE_LIMITED with a retry-after.
+    pub uploads_per_hour: u32,
 }
 
 /// Longest `session-ttl` accepted (ten years).
@@ -394,6 +410,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
             data_dir: PathBuf::from("./data"),
+            media_dir: None,
             node_id: None,
             redis_url: None,
             redis_prefix: "chat:".into(),
@@ -442,6 +459,9 @@ impl Default for Limits {
             control_burst: 200,
             mark_rate: 100,
             mark_burst: 1_000,
+            max_photo_bytes: chat_protocol::media::DEFAULT_MAX_PHOTO_BYTES,
+            upload_retention: Duration::from_secs(24 * 3600),
+            uploads_per_hour: 600,
         }
     }
 }
@@ -495,6 +515,13 @@ const MAX_UDP_PAYLOAD: u16 = 65_527;
 pub struct ConfigError(pub String);
 
 impl Config {
+    /// Where uploaded photos are kept.
+    pub fn media_dir(&self) -> PathBuf {
+        self.media_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("media"))
+    }
+
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -551,6 +578,18 @@ impl Config {
         if l.session_retention > MAX_SESSION_TTL {
             return err(format!(
                 "session-retention must be at most {}",
+                humantime::format_duration(MAX_SESSION_TTL)
+            ));
+        }
+        if l.max_photo_bytes == 0 || l.max_photo_bytes > chat_protocol::media::MAX_PHOTO_BYTES {
+            return err(format!(
+                "max-photo-bytes must be between 1 and {} (the protocol's limit)",
+                chat_protocol::media::MAX_PHOTO_BYTES
+            ));
+        }
+        if l.upload_retention < Duration::from_secs(60) || l.upload_retention > MAX_SESSION_TTL {
+            return err(format!(
+                "upload-retention must be between 1m and {} (an app sends a photo soon after uploading it)",
                 humantime::format_duration(MAX_SESSION_TTL)
             ));
         }

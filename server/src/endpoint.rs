@@ -110,6 +110,10 @@ pub struct Shared {
     /// Per-user rate of heartbeats: room for every device the user may
     /// connect beating at the interval the node announces, twice over.
     pub heartbeat_limiter: RateLimiter,
+    /// Per-user rate of photo uploads.
+    pub upload_limiter: RateLimiter,
+    /// Where photo bytes are kept.
+    pub media: Arc<crate::media::MediaFiles>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -153,6 +157,13 @@ impl Server {
             source,
         };
         let socket = udp_socket(config.listen, &config.transport).map_err(bind_error)?;
+        let media_dir = config.media_dir();
+        let media = crate::media::MediaFiles::open(&media_dir).map_err(|e| {
+            ServerError::Backend(format!(
+                "cannot use the media directory {}: {e}",
+                media_dir.display()
+            ))
+        })?;
         let Stores {
             history: store,
             cache,
@@ -217,6 +228,8 @@ impl Server {
                 config.transport.max_unauthenticated_per_address,
             ),
             registration_limiter: RateLimiter::per_hour(config.limits.registrations_per_address),
+            upload_limiter: RateLimiter::per_hour(config.limits.uploads_per_hour),
+            media: Arc::new(media),
             control_limiter: RateLimiter::new(
                 config.limits.control_rate,
                 config.limits.control_burst,
@@ -424,6 +437,7 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         shared.mark_limiter.sweep(now);
         shared.heartbeat_limiter.sweep(now);
         shared.registration_limiter.sweep(now);
+        shared.upload_limiter.sweep(now);
     }
 }
 
@@ -482,6 +496,50 @@ async fn purge_sessions(weak: std::sync::Weak<Shared>) {
         if purged > 0 {
             tracing::info!(purged, "deleted ended sessions");
         }
+        purge_unsent_photos(&weak).await;
+    }
+}
+
+/// Deletes uploads that no send named within `upload-retention`, a batch
+/// at a time: their rows first (a send naming one then is refused
+/// NOT_FOUND, never left pointing at a missing file), then their files.
+async fn purge_unsent_photos(weak: &std::sync::Weak<Shared>) {
+    let mut purged = 0;
+    loop {
+        let Some((store, media, metrics, retention)) = weak.upgrade().map(|shared| {
+            (
+                shared.store.clone(),
+                shared.media.clone(),
+                shared.metrics.clone(),
+                shared.config.limits.upload_retention,
+            )
+        }) else {
+            return;
+        };
+        let before = crate::streams::now_ms()
+            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        match store.purge_media(before, PURGE_BATCH).await {
+            Ok(ids) => {
+                for id in &ids {
+                    if let Err(e) = media.remove(id).await {
+                        tracing::warn!(media_id = id, error = %e, "cannot remove an unsent photo's file");
+                    }
+                }
+                purged += ids.len();
+                metrics.photos_purged.increment(ids.len() as u64);
+                if ids.len() < PURGE_BATCH as usize {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot purge unsent photos; trying again at the next interval");
+                break;
+            }
+        }
+        tokio::time::sleep(PURGE_PAUSE).await;
+    }
+    if purged > 0 {
+        tracing::info!(purged, "deleted unsent photos");
     }
 }
 

@@ -30,6 +30,7 @@ pub mod endpoint;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod media;
 pub mod metrics;
 pub mod presence;
 pub mod queue;

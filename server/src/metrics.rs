@@ -140,6 +140,30 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "Times a device said its app went to the background (a Heartbeat with background): its connection's frames stop counting as presence activity until its next heartbeat.",
     ),
     (
+        "chat_photos_uploaded_total",
+        "counter",
+        Unit::Count,
+        "Photo uploads stored (refused ones are counted in chat_errors_total by code).",
+    ),
+    (
+        "chat_photo_bytes_uploaded_total",
+        "counter",
+        Unit::Bytes,
+        "Bytes of the photo uploads stored.",
+    ),
+    (
+        "chat_photos_fetched_total",
+        "counter",
+        Unit::Count,
+        "Photo downloads begun (a MediaHeader written).",
+    ),
+    (
+        "chat_photos_purged_total",
+        "counter",
+        Unit::Count,
+        "Uploads deleted because no send named them within upload-retention.",
+    ),
+    (
         "chat_sessions_purged_total",
         "counter",
         Unit::Count,
@@ -291,6 +315,14 @@ pub struct Metrics {
     pub cache_updates_dropped: Counter,
     /// Ended sessions deleted.
     pub sessions_purged: Counter,
+    /// Photo uploads stored.
+    pub photos_uploaded: Counter,
+    /// Their bytes.
+    pub photo_bytes_uploaded: Counter,
+    /// Photo downloads begun.
+    pub photos_fetched: Counter,
+    /// Uploads deleted unsent.
+    pub photos_purged: Counter,
     /// Heartbeats over the user's heartbeat bucket.
     pub heartbeats_ignored: Counter,
     /// Heartbeats saying the app went to the background.
@@ -386,6 +418,10 @@ impl Metrics {
                 receipts: metrics::counter!("chat_receipts_total"),
                 cache_updates_dropped: metrics::counter!("chat_cache_updates_dropped_total"),
                 sessions_purged: metrics::counter!("chat_sessions_purged_total"),
+                photos_uploaded: metrics::counter!("chat_photos_uploaded_total"),
+                photo_bytes_uploaded: metrics::counter!("chat_photo_bytes_uploaded_total"),
+                photos_fetched: metrics::counter!("chat_photos_fetched_total"),
+                photos_purged: metrics::counter!("chat_photos_purged_total"),
                 heartbeats_ignored: metrics::counter!("chat_heartbeats_ignored_total"),
                 backgrounded: metrics::counter!("chat_backgrounded_total"),
                 send_to_ack: metrics::histogram!("chat_send_ack_duration_seconds"),

@@ -58,15 +58,13 @@ impl RateLimiter {
     }
 }
 
-impl RateLimiter<IpAddr> {
-    /// Registrations per source address: `per_hour` at once, refilled
-    /// over the hour; 0 never limits.
+impl<K: Eq + std::hash::Hash> RateLimiter<K> {
+    /// `per_hour` at once, refilled over the hour (registrations per
+    /// source address, uploads per user); 0 never limits.
     pub fn per_hour(per_hour: u32) -> Self {
         Self::with_rate(f64::from(per_hour) / 3600.0, per_hour)
     }
-}
 
-impl<K: Eq + std::hash::Hash> RateLimiter<K> {
     fn with_rate(rate: f64, burst: u32) -> Self {
         RateLimiter {
             rate,

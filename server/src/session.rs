@@ -519,7 +519,10 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
         StreamKind::Receipts => {
             tokio::spawn(streams::receipts::serve(session.clone(), send, reader).instrument(span));
         }
-        StreamKind::Calls | StreamKind::Media | StreamKind::Unspecified => {
+        StreamKind::Media => {
+            tokio::spawn(streams::media::serve(session.clone(), send, reader).instrument(span));
+        }
+        StreamKind::Calls | StreamKind::Unspecified => {
             // Not served by this version: refuse the stream, keep the
             // connection.
             let frame = Frame::error(

@@ -60,6 +60,7 @@ macro_rules! history_store_conformance {
             removed_members_catch_up_to_their_removal,
             moves_share_their_conversations_member_list,
             closed_direct_conversations_keep_their_watermarks_to_themselves,
+            photos,
         );
     };
     (@tests $mode:tt; $($name:ident),* $(,)?) => {
@@ -152,7 +153,23 @@ pub fn text(
         client_msg_id: key.into(),
         message_type: proto::MessageType::Text,
         text: body.into(),
+        photo: None,
         now_ms,
+    }
+}
+
+/// An upload record of `owner`, as the media stream makes one.
+pub fn upload(media_id: &str, owner: UserId, created_ms: i64) -> MediaRecord {
+    MediaRecord {
+        media_id: media_id.into(),
+        owner,
+        media_type: proto::MediaType::Png,
+        size: 123_456,
+        width: 640,
+        height: 480,
+        sha256: [7; 32],
+        created_ms,
+        conversation_id: None,
     }
 }
 
@@ -1944,5 +1961,155 @@ pub async fn closed_direct_conversations_keep_their_watermarks_to_themselves(
     assert!(in_snapshot(
         &store.receipt_snapshot(a, 10, 32).await.unwrap(),
         c
+    ));
+}
+
+/// Uploads: recorded, bound to one conversation by a send, carried by the
+/// message wherever it is read, and purged only while unsent.
+pub async fn photos(store: &impl HistoryStore) {
+    let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
+    let carol = store
+        .create_user("carol".into(), "h".into(), 1)
+        .await
+        .unwrap();
+    store.friend_request(a, carol, 1).await.unwrap();
+    store.friend_accept(carol, a, 2).await.unwrap();
+    let other = store.open_direct(a, carol, 3).await.unwrap();
+    let id = |n: u8| format!("{n:032x}");
+
+    let first = upload(&id(1), a, 100);
+    store.create_media(first.clone()).await.unwrap();
+    assert_eq!(store.media(&id(1)).await.unwrap(), Some(first.clone()));
+    assert_eq!(store.media(&id(9)).await.unwrap(), None);
+    assert!(matches!(
+        store.create_media(upload(&id(1), b, 101)).await,
+        Err(StoreError::Conflict)
+    ));
+
+    // Only its uploader binds it, only where they are a member, and once.
+    assert!(matches!(
+        store.attach_media(&id(1), b, c).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.attach_media(&id(9), a, c).await,
+        Err(StoreError::NotFound)
+    ));
+    let group_of_others = match store
+        .create_group(
+            NewGroup {
+                creator: b,
+                name: "bobs".into(),
+                members: vec![],
+                client_key: None,
+            },
+            10,
+            4,
+        )
+        .await
+        .unwrap()
+    {
+        GroupCreated::New(created) => created.message.conversation_id,
+        GroupCreated::Existing(id) => id,
+    };
+    assert!(matches!(
+        store.attach_media(&id(1), a, group_of_others).await,
+        Err(StoreError::NotAMember)
+    ));
+    let bound = store.attach_media(&id(1), a, c).await.unwrap();
+    assert_eq!(bound.conversation_id, Some(c));
+    assert_eq!(
+        store.attach_media(&id(1), a, c).await.unwrap(),
+        bound,
+        "binding it again to the same conversation (a retry) is fine"
+    );
+    assert!(matches!(
+        store.attach_media(&id(1), a, other).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(store.media(&id(1)).await.unwrap(), Some(bound.clone()));
+
+    // The message carries the photo in every read.
+    let mut message = text(c, a, "photo-1", "our trip", 200);
+    message.message_type = proto::MessageType::Photo;
+    message.photo = Some(bound.photo());
+    let appended = store
+        .append(vec![message])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let photo = appended
+        .message
+        .photo
+        .clone()
+        .expect("the appended message has its photo");
+    assert_eq!(photo.media_id, id(1));
+    assert_eq!((photo.size, photo.width, photo.height), (123_456, 640, 480));
+    assert_eq!(&photo.sha256[..], &[7; 32]);
+    assert_eq!(photo.media_type, proto::MediaType::Png as i32);
+    let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
+    assert_eq!(page.messages.last().unwrap().photo, Some(photo.clone()));
+    assert_eq!(page.messages.last().unwrap().text, "our trip");
+    let pending = store.undelivered(b, (0, 0), 10).await.unwrap();
+    assert_eq!(
+        pending
+            .iter()
+            .find(|m| m.seq == appended.message.seq)
+            .unwrap()
+            .photo,
+        Some(photo.clone())
+    );
+    let views = store
+        .conversations(b, (i64::MAX, u64::MAX), 10)
+        .await
+        .unwrap();
+    let view = views.iter().find(|v| v.id == c).unwrap();
+    assert_eq!(
+        view.last_message.as_ref().unwrap().photo,
+        Some(photo.clone())
+    );
+    // A retry gets the original, photo and all.
+    let mut retry = text(c, a, "photo-1", "our trip", 201);
+    retry.message_type = proto::MessageType::Photo;
+    retry.photo = Some(bound.photo());
+    let repeated = store.append(vec![retry]).await.unwrap().remove(0).unwrap();
+    assert!(repeated.duplicate);
+    assert_eq!(repeated.message.photo, Some(photo));
+    // Texts carry none.
+    let plain = store
+        .append(vec![text(c, b, "t-1", "nice", 300)])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(plain.message.photo, None);
+    let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
+    assert_eq!(page.messages.last().unwrap().photo, None);
+
+    // The purge takes unsent uploads made before its time, a batch at a
+    // time, and never a sent one.
+    for n in 2..=4 {
+        store
+            .create_media(upload(&id(n), a, 100 + i64::from(n)))
+            .await
+            .unwrap();
+    }
+    store
+        .create_media(upload(&id(5), carol, 1_000))
+        .await
+        .unwrap();
+    let mut purged = store.purge_media(500, 2).await.unwrap();
+    assert_eq!(purged.len(), 2);
+    purged.extend(store.purge_media(500, 2).await.unwrap());
+    purged.sort();
+    assert_eq!(purged, vec![id(2), id(3), id(4)]);
+    assert!(store.purge_media(500, 2).await.unwrap().is_empty());
+    assert!(store.media(&id(1)).await.unwrap().is_some(), "sent: kept");
+    assert!(store.media(&id(5)).await.unwrap().is_some(), "recent: kept");
+    assert!(store.media(&id(3)).await.unwrap().is_none());
+    assert!(matches!(
+        store.attach_media(&id(3), a, c).await,
+        Err(StoreError::NotFound)
     ));
 }

@@ -14,9 +14,9 @@ use chat_protocol::proto;
 use super::presence::{OnlineRecord, PresenceStore};
 use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
-    FriendRequestOutcome, GroupCreated, GroupEdit, HistoryStore, InboxStore, Membership, NewGroup,
-    NewMessage, NewSession, Page, PendingRange, RecentCache, SessionRecord, StoreError,
-    StoredPresence, UserId, UserRecord, WatermarkMoved, WatermarkUpdate,
+    FriendRequestOutcome, GroupCreated, GroupEdit, HistoryStore, InboxStore, MediaRecord,
+    Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, RecentCache, SessionRecord,
+    StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved, WatermarkUpdate,
 };
 use crate::metrics::Metrics;
 
@@ -364,6 +364,39 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
             self,
             "receipt_snapshot",
             self.inner.receipt_snapshot(user, limit, max_members)
+        )
+    }
+
+    async fn create_media(&self, media: MediaRecord) -> Result<(), StoreError> {
+        timed!(self, "create_media", self.inner.create_media(media))
+    }
+
+    async fn media(&self, media_id: &str) -> Result<Option<MediaRecord>, StoreError> {
+        timed!(self, "media", self.inner.media(media_id))
+    }
+
+    async fn attach_media(
+        &self,
+        media_id: &str,
+        owner: UserId,
+        conversation_id: ConversationId,
+    ) -> Result<MediaRecord, StoreError> {
+        timed!(
+            self,
+            "attach_media",
+            self.inner.attach_media(media_id, owner, conversation_id)
+        )
+    }
+
+    async fn purge_media(
+        &self,
+        created_before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        timed!(
+            self,
+            "purge_media",
+            self.inner.purge_media(created_before_ms, limit)
         )
     }
 }

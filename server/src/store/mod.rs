@@ -306,6 +306,10 @@ pub const INBOX_CATCH_UP_LIMIT: usize = 2_000;
 /// history, a page at a time.
 pub const INBOX_CATCH_UP_BYTES: usize = 4 * 1024 * 1024;
 
+/// Why a photo is refused in a second conversation.
+pub(crate) const PHOTO_SENT_ELSEWHERE: &str =
+    "this photo was sent to another conversation: upload it again to send it here";
+
 /// Why demoting a group's only admin is refused: a group keeps an admin
 /// while it has members (leaving promotes one; nothing else would).
 pub(crate) const LAST_ADMIN: &str =
@@ -447,10 +451,69 @@ pub struct NewMessage {
     pub client_msg_id: String,
     /// Text, photo, system.
     pub message_type: proto::MessageType,
-    /// Content.
+    /// Content: the text, or a photo's caption.
     pub text: String,
+    /// For a photo, what the message carries of it (from the upload's
+    /// record, [`HistoryStore::attach_media`]).
+    pub photo: Option<proto::Photo>,
     /// Server time at submission, Unix ms.
     pub now_ms: i64,
+}
+
+/// An uploaded photo as history keeps it; its bytes are a file in the
+/// node's media directory (`crate::media`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaRecord {
+    /// 32 lowercase hex digits ([`chat_protocol::media::is_media_id`]).
+    pub media_id: String,
+    /// The user who uploaded it.
+    pub owner: UserId,
+    /// Its format.
+    pub media_type: proto::MediaType,
+    /// Bytes.
+    pub size: u64,
+    /// Pixels, as declared.
+    pub width: u32,
+    /// Pixels, as declared.
+    pub height: u32,
+    /// SHA-256 of the bytes.
+    pub sha256: [u8; 32],
+    /// When the upload was stored, Unix ms.
+    pub created_ms: i64,
+    /// The conversation it was sent to, once a send named it.
+    pub conversation_id: Option<ConversationId>,
+}
+
+impl MediaRecord {
+    /// What a PHOTO message carries of it.
+    pub fn photo(&self) -> proto::Photo {
+        proto::Photo {
+            media_id: self.media_id.clone(),
+            media_type: self.media_type as i32,
+            size: self.size,
+            width: self.width,
+            height: self.height,
+            sha256: bytes::Bytes::copy_from_slice(&self.sha256),
+        }
+    }
+}
+
+/// Encodes a message's photo for its row (`attachment`, NULL for none).
+pub(crate) fn encode_photo(photo: Option<&proto::Photo>) -> Option<Vec<u8>> {
+    photo.map(prost::Message::encode_to_vec)
+}
+
+/// Decodes a row's `attachment`. A value that does not decode (which only
+/// a damaged row holds) reads as no photo rather than failing the page.
+pub(crate) fn decode_photo(attachment: Option<&[u8]>) -> Option<proto::Photo> {
+    let bytes = attachment?;
+    match <proto::Photo as prost::Message>::decode(bytes) {
+        Ok(photo) => Some(photo),
+        Err(e) => {
+            tracing::error!(error = %e, "a stored photo attachment does not decode");
+            None
+        }
+    }
 }
 
 /// The result of appending one message.
@@ -813,6 +876,34 @@ pub trait HistoryStore: Send + Sync + 'static {
         limit: u32,
         max_members: u32,
     ) -> Result<Vec<proto::Receipt>, StoreError>;
+
+    /// Records an upload whose bytes are durable in the media directory.
+    /// `Conflict` if its id is taken.
+    async fn create_media(&self, media: MediaRecord) -> Result<(), StoreError>;
+
+    /// The upload with this id, if there is one.
+    async fn media(&self, media_id: &str) -> Result<Option<MediaRecord>, StoreError>;
+
+    /// Binds `owner`'s upload to the conversation a send names, before the
+    /// send is appended, and returns it. A photo goes to one conversation:
+    /// naming it again for the same one (a retry, or a resend) is fine,
+    /// for another one is `Invalid`. `NotFound` unless `owner` uploaded
+    /// it; `NotAMember` unless `owner` is a member of the conversation.
+    async fn attach_media(
+        &self,
+        media_id: &str,
+        owner: UserId,
+        conversation_id: ConversationId,
+    ) -> Result<MediaRecord, StoreError>;
+
+    /// Deletes up to `limit` uploads stored before `created_before_ms`
+    /// that no send named, and returns their ids (their files are the
+    /// caller's to delete). Fewer than `limit`: none are left.
+    async fn purge_media(
+        &self,
+        created_before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError>;
 }
 
 /// The last messages of each conversation, kept where reads are cheap.

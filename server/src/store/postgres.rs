@@ -42,9 +42,10 @@ use tokio_postgres::{Config, NoTls, Row};
 
 use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
-    FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState,
-    Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError,
-    StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
+    FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
+    MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
+    PendingRange, SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkKind,
+    WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
 /// How long connecting (TCP, startup, authentication) may take before the
@@ -545,7 +546,7 @@ impl PostgresStore {
             HashMap::with_capacity(existing_rows.len());
         for row in &existing_rows {
             let message = message_from_row(row, 0)?;
-            let members: Vec<i64> = col(row, 8)?;
+            let members: Vec<i64> = col(row, 9)?;
             stored.insert(
                 (message.sender_id, message.client_msg_id.clone()),
                 (Arc::new(message), members.into_iter().map(id).collect()),
@@ -617,7 +618,7 @@ impl PostgresStore {
                 &writes.bump_last_seqs,
                 &writes.bump_activity,
             ];
-            let insert_params: [Param<'_>; 7] = [
+            let insert_params: [Param<'_>; 8] = [
                 &writes.conversation_ids,
                 &writes.seqs,
                 &writes.sender_ids,
@@ -625,6 +626,7 @@ impl PostgresStore {
                 &writes.types,
                 &writes.sent_at_ms,
                 &writes.bodies,
+                &writes.attachments,
             ];
             let own_params: [Param<'_>; 4] = [
                 &writes.own_conversations,
@@ -725,6 +727,7 @@ impl PostgresStore {
                             r#type: m.message_type as i32,
                             sent_at_ms: m.now_ms,
                             text: m.text.clone(),
+                            photo: m.photo.clone(),
                         }),
                         duplicate: false,
                         members: members.get(&m.conversation_id).cloned().unwrap_or_default(),
@@ -789,7 +792,7 @@ impl PostgresStore {
                     last_activity_ms: col(row, 4)?,
                     last_message,
                     unread_count: id_col(row, 5)?,
-                    closed: col(row, 14)?,
+                    closed: col(row, 15)?,
                 },
             );
         }
@@ -833,6 +836,7 @@ struct Writes<'a> {
     types: Vec<i32>,
     sent_at_ms: Vec<i64>,
     bodies: Vec<&'a str>,
+    attachments: Vec<Option<Vec<u8>>>,
     // Per conversation: the new last seq and activity time.
     bump_ids: Vec<i64>,
     bump_last_seqs: Vec<i64>,
@@ -873,6 +877,8 @@ impl<'a> Writes<'a> {
             w.types.push(m.message_type as i32);
             w.sent_at_ms.push(m.now_ms);
             w.bodies.push(&m.text);
+            w.attachments
+                .push(crate::store::encode_photo(m.photo.as_ref()));
             bumps.insert(m.conversation_id, (seq, m.now_ms));
             match runs.entry(m.conversation_id) {
                 btree_map::Entry::Vacant(v) => {
@@ -1573,7 +1579,7 @@ impl HistoryStore for PostgresStore {
                 .await
                 .map_err(pg)?;
             if let Some(row) = row {
-                let members: Vec<i64> = col(&row, 8)?;
+                let members: Vec<i64> = col(&row, 9)?;
                 let first = Appended {
                     message: Arc::new(message_from_row(&row, 0)?),
                     duplicate: true,
@@ -1860,7 +1866,7 @@ impl HistoryStore for PostgresStore {
         // watermark bound the index range instead of filtering it.
         self.rows(
             "SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
-                    m.type, m.sent_at_ms, m.body
+                    m.type, m.sent_at_ms, m.body, m.attachment
              FROM (
                 SELECT mb.conversation_id, mb.delivered_seq, c.last_seq AS upto
                 FROM members mb JOIN conversations c ON c.id = mb.conversation_id
@@ -2122,6 +2128,115 @@ impl HistoryStore for PostgresStore {
         })
         .collect()
     }
+
+    async fn create_media(&self, media: MediaRecord) -> Result<(), StoreError> {
+        let inserted = self
+            .execute(
+                &format!(
+                    "INSERT INTO media ({MEDIA_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     ON CONFLICT (media_id) DO NOTHING"
+                ),
+                &[
+                    &media.media_id,
+                    &sql(media.owner),
+                    &(media.media_type as i32),
+                    &sql(media.size),
+                    &i32::try_from(media.width).unwrap_or(i32::MAX),
+                    &i32::try_from(media.height).unwrap_or(i32::MAX),
+                    &&media.sha256[..],
+                    &media.created_ms,
+                    &media.conversation_id.map(sql),
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    async fn media(&self, media_id: &str) -> Result<Option<MediaRecord>, StoreError> {
+        self.row(
+            &format!("SELECT {MEDIA_COLUMNS} FROM media WHERE media_id = $1"),
+            &[&media_id],
+        )
+        .await?
+        .map(|row| media_from_row(&row))
+        .transpose()
+    }
+
+    async fn attach_media(
+        &self,
+        media_id: &str,
+        owner: UserId,
+        conversation_id: ConversationId,
+    ) -> Result<MediaRecord, StoreError> {
+        // One statement binds it, if it is the owner's, unbound, and the
+        // owner is a member; otherwise the row says why not.
+        let bound = self
+            .row(
+                &format!(
+                    "UPDATE media SET conversation_id = $3
+                     WHERE media_id = $1 AND owner_id = $2 AND conversation_id IS NULL
+                       AND EXISTS (SELECT 1 FROM members
+                                   WHERE conversation_id = $3 AND user_id = $2)
+                     RETURNING {MEDIA_COLUMNS}"
+                ),
+                &[&media_id, &sql(owner), &sql(conversation_id)],
+            )
+            .await?;
+        if let Some(row) = bound {
+            return media_from_row(&row);
+        }
+        match self.media(media_id).await? {
+            Some(media) if media.owner == owner => match media.conversation_id {
+                Some(c) if c == conversation_id => Ok(media),
+                Some(_) => Err(StoreError::Invalid(PHOTO_SENT_ELSEWHERE.into())),
+                None => Err(StoreError::NotAMember),
+            },
+            _ => Err(StoreError::NotFound),
+        }
+    }
+
+    async fn purge_media(
+        &self,
+        created_before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        // Nodes purging at once delete each row once: the loser's DELETE
+        // finds it gone (or waits for the winner's lock, then skips it).
+        let rows = self
+            .rows(
+                "DELETE FROM media WHERE media_id IN
+                 (SELECT media_id FROM media
+                  WHERE conversation_id IS NULL AND created_ms < $1 LIMIT $2)
+                   AND conversation_id IS NULL
+                 RETURNING media_id",
+                &[&created_before_ms, &i64::from(limit)],
+            )
+            .await?;
+        rows.iter().map(|row| col(row, 0)).collect()
+    }
+}
+
+/// The columns [`media_from_row`] reads.
+const MEDIA_COLUMNS: &str =
+    "media_id, owner_id, media_type, size, width, height, sha256, created_ms, conversation_id";
+
+fn media_from_row(row: &Row) -> Result<MediaRecord, StoreError> {
+    let sha256: &[u8] = col(row, 6)?;
+    Ok(MediaRecord {
+        media_id: col(row, 0)?,
+        owner: id_col(row, 1)?,
+        media_type: proto::MediaType::try_from(col::<i32>(row, 2)?)
+            .unwrap_or(proto::MediaType::Unspecified),
+        size: id_col(row, 3)?,
+        width: u32::try_from(col::<i32>(row, 4)?).unwrap_or(0),
+        height: u32::try_from(col::<i32>(row, 5)?).unwrap_or(0),
+        sha256: sha256.try_into().unwrap_or([0; 32]),
+        created_ms: col(row, 7)?,
+        conversation_id: col::<Option<i64>>(row, 8)?.map(id),
+    })
 }
 
 /// Stored messages with the keys of a batch, and the other members of each
@@ -2131,7 +2246,7 @@ impl HistoryStore for PostgresStore {
 /// its fan-out is how the removed member's connected device hears of it.
 const EXISTING_KEYS: &str = "
     SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
-           m.type, m.sent_at_ms, m.body,
+           m.type, m.sent_at_ms, m.body, m.attachment,
            ARRAY(SELECT x.user_id FROM members x
                  WHERE x.conversation_id = m.conversation_id AND x.delivered_seq < m.seq
                    AND x.user_id <> m.sender_id
@@ -2223,9 +2338,10 @@ const BUMP_SEQS: &str = "
 /// a concurrent call since our read is skipped, not an error; the caller
 /// notices the missing row and starts over.
 const INSERT_MESSAGES: &str = "
-    INSERT INTO messages (conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body)
+    INSERT INTO messages (conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body,
+                          attachment)
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[],
-                         $5::int4[], $6::bigint[], $7::text[])
+                         $5::int4[], $6::bigint[], $7::text[], $8::bytea[])
     ON CONFLICT (sender_id, client_msg_id) DO NOTHING
     RETURNING conversation_id, seq, message_id";
 
@@ -2273,7 +2389,7 @@ const VIEWS: &str = "
                                     AND u.sender_id <> me.user_id
                                   LIMIT $4) unread),
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
-           lm.type, lm.sent_at_ms, left(lm.body, $3), c.closed
+           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, c.closed
     FROM conversations c
     JOIN members me ON me.conversation_id = c.id AND me.user_id = $2
     LEFT JOIN messages lm ON lm.conversation_id = c.id AND lm.seq = c.last_seq
@@ -2305,10 +2421,12 @@ const LOCK_FRIEND_COUNTS: &str = "
 
 /// One history page, newest first below a seq, or oldest first above one.
 const PAGE_BEFORE: &str = "
-    SELECT conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body
+    SELECT conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body,
+           attachment
     FROM messages WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3";
 const PAGE_AFTER: &str = "
-    SELECT conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body
+    SELECT conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body,
+           attachment
     FROM messages WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3";
 
 const TAKE_REQUEST: &str = "DELETE FROM friend_requests WHERE from_id = $1 AND to_id = $2";
@@ -2615,8 +2733,9 @@ fn sql(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// A message from eight columns starting at `at`: conversation_id, seq,
-/// message_id, sender_id, client_msg_id, type, sent_at_ms, body.
+/// A message from nine columns starting at `at`: conversation_id, seq,
+/// message_id, sender_id, client_msg_id, type, sent_at_ms, body,
+/// attachment.
 fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> {
     Ok(proto::Message {
         conversation_id: id_col(row, at)?,
@@ -2627,6 +2746,7 @@ fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> 
         r#type: col(row, at + 5)?,
         sent_at_ms: col(row, at + 6)?,
         text: col(row, at + 7)?,
+        photo: crate::store::decode_photo(col::<Option<&[u8]>>(row, at + 8)?),
     })
 }
 

@@ -66,9 +66,10 @@ use tokio::sync::oneshot;
 
 use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
-    FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MemberState,
-    Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, SessionRecord, StoreError,
-    StoredPresence, UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
+    FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
+    MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
+    PendingRange, SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkKind,
+    WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -144,6 +145,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V9__blocks.sql"),
     include_str!("sqlite/V10__departures_by_conversation.sql"),
     include_str!("sqlite/V11__history_identity.sql"),
+    include_str!("sqlite/V12__media.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1336,6 +1338,7 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<proto::Message>
         r#type: row.get(5)?,
         sent_at_ms: row.get(6)?,
         text: row.get(7)?,
+        photo: crate::store::decode_photo(row.get_ref(8)?.as_blob_or_null()?),
     })
 }
 
@@ -1377,7 +1380,7 @@ fn pending_ranges_from(
 
 const MESSAGE_COLUMNS: &str = concat!(
     "m.conversation_id, m.seq, m.message_id, m.sender_id, ",
-    "m.client_msg_id, m.type, m.sent_at_ms, m.body"
+    "m.client_msg_id, m.type, m.sent_at_ms, m.body, m.attachment"
 );
 
 /// The message at `seq` of a conversation: its index entry from the pending
@@ -1656,6 +1659,7 @@ fn system_message(
         client_msg_id: key.unwrap_or_else(super::random_system_key),
         message_type: proto::MessageType::System,
         text,
+        photo: None,
         now_ms,
     }
 }
@@ -1780,8 +1784,8 @@ fn append_one(
     }
     let message_id = state.next_message_id;
     conn.prepare_cached(
-        "INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body, attachment)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )
     .map_err(internal)?
         .execute(params![
@@ -1793,6 +1797,7 @@ fn append_one(
             m.message_type as i32,
             m.now_ms,
             m.text,
+            crate::store::encode_photo(m.photo.as_ref()),
         ])
         .map_err(internal)?;
     state.keys.entry(m.sender_id).or_default().insert(
@@ -1840,6 +1845,7 @@ fn append_one(
             r#type: m.message_type as i32,
             sent_at_ms: m.now_ms,
             text: m.text,
+            photo: m.photo,
         }),
         duplicate: false,
         members: members.to_vec(),
@@ -2837,6 +2843,128 @@ impl HistoryStore for SqliteStore {
         })
         .await
     }
+
+    async fn create_media(&self, media: MediaRecord) -> Result<(), StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached(&format!(
+                "INSERT INTO media ({MEDIA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+            ))
+            .map_err(internal)?
+            .execute(params![
+                media.media_id,
+                sql(media.owner),
+                media.media_type as i32,
+                sql(media.size),
+                media.width,
+                media.height,
+                &media.sha256[..],
+                media.created_ms,
+                media.conversation_id.map(sql),
+            ])
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict
+                } else {
+                    internal(e)
+                }
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn media(&self, media_id: &str) -> Result<Option<MediaRecord>, StoreError> {
+        let media_id = media_id.to_owned();
+        self.call(move |conn, _| media_row(conn, &media_id)).await
+    }
+
+    async fn attach_media(
+        &self,
+        media_id: &str,
+        owner: UserId,
+        conversation_id: ConversationId,
+    ) -> Result<MediaRecord, StoreError> {
+        let media_id = media_id.to_owned();
+        self.call(move |conn, _| {
+            let Some(mut media) = media_row(conn, &media_id)?.filter(|m| m.owner == owner) else {
+                return Err(StoreError::NotFound);
+            };
+            match media.conversation_id {
+                Some(c) if c == conversation_id => return Ok(media),
+                Some(_) => return Err(StoreError::Invalid(PHOTO_SENT_ELSEWHERE.into())),
+                None => {}
+            }
+            let member: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS(SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2)",
+                )
+                .map_err(internal)?
+                .query_row(params![sql(conversation_id), sql(owner)], |r| r.get(0))
+                .map_err(internal)?;
+            if !member {
+                return Err(StoreError::NotAMember);
+            }
+            conn.prepare_cached("UPDATE media SET conversation_id = ?2 WHERE media_id = ?1")
+                .map_err(internal)?
+                .execute(params![media_id, sql(conversation_id)])
+                .map_err(internal)?;
+            media.conversation_id = Some(conversation_id);
+            Ok(media)
+        })
+        .await
+    }
+
+    async fn purge_media(
+        &self,
+        created_before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        self.call(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "DELETE FROM media WHERE media_id IN
+                     (SELECT media_id FROM media
+                      WHERE conversation_id IS NULL AND created_ms < ?1 LIMIT ?2)
+                     RETURNING media_id",
+                )
+                .map_err(internal)?;
+            let ids = stmt
+                .query_map(params![created_before_ms, limit], |r| r.get(0))
+                .map_err(internal)?;
+            ids.collect::<rusqlite::Result<_>>().map_err(internal)
+        })
+        .await
+    }
+}
+
+/// The columns [`media_from_row`] reads.
+const MEDIA_COLUMNS: &str =
+    "media_id, owner_id, media_type, size, width, height, sha256, created_ms, conversation_id";
+
+fn media_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MediaRecord> {
+    let sha256: Vec<u8> = row.get(6)?;
+    Ok(MediaRecord {
+        media_id: row.get(0)?,
+        owner: row.get::<_, i64>(1)? as u64,
+        media_type: proto::MediaType::try_from(row.get::<_, i32>(2)?)
+            .unwrap_or(proto::MediaType::Unspecified),
+        size: row.get::<_, i64>(3)? as u64,
+        width: row.get(4)?,
+        height: row.get(5)?,
+        sha256: sha256.try_into().unwrap_or([0; 32]),
+        created_ms: row.get(7)?,
+        conversation_id: row.get::<_, Option<i64>>(8)?.map(|c| c as u64),
+    })
+}
+
+fn media_row(conn: &Connection, media_id: &str) -> Result<Option<MediaRecord>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {MEDIA_COLUMNS} FROM media WHERE media_id = ?1"
+    ))
+    .map_err(internal)?
+    .query_row([media_id], media_from_row)
+    .optional()
+    .map_err(internal)
 }
 
 fn are_friends(conn: &Connection, a: UserId, b: UserId) -> Result<bool, StoreError> {

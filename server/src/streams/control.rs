@@ -520,6 +520,7 @@ fn auth_ok(
         heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
         confirms_leave: true,
         max_text_len: u32::try_from(session.shared.config.limits.max_text_len).unwrap_or(u32::MAX),
+        max_photo_bytes: session.shared.config.limits.max_photo_bytes,
     }
 }
 

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chat_protocol::limits::MAX_CLIENT_MSG_ID_LEN;
+use chat_protocol::media::is_media_id;
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use quinn::SendStream;
 
@@ -32,7 +33,9 @@ use crate::error::{Refusal, retry_after_ms};
 use crate::hub::SessionHandle;
 use crate::queue::Missed;
 use crate::session::{Session, on_read_error};
-use crate::store::{Direction, INBOX_CATCH_UP_LIMIT, NewMessage, WatermarkKind, WatermarkUpdate};
+use crate::store::{
+    Direction, INBOX_CATCH_UP_LIMIT, NewMessage, StoreError, WatermarkKind, WatermarkUpdate,
+};
 use crate::wire::{self, DeliverKey, FrameReader, Outbound};
 
 /// Messages fetched per catch-up page.
@@ -123,9 +126,16 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
             Some(Body::Send(send)) => {
                 let received = Instant::now();
                 metrics.sends.increment(1);
-                match rate_limit(&session, &mut limited, &send.client_msg_id, received)
-                    .and_then(|()| validate(&session, send))
-                {
+                let checked = rate_limit(&session, &mut limited, &send.client_msg_id, received)
+                    .and_then(|()| validate(&session, send));
+                let ready = match checked {
+                    Ok((message, None)) => Ok(message),
+                    Ok((message, Some(media_id))) => {
+                        attach_photo(&session, message, media_id).await
+                    }
+                    Err(refusal) => Err(refusal),
+                };
+                match ready {
                     Ok(message) => {
                         delivery
                             .submit(SendJob {
@@ -287,8 +297,36 @@ fn rate_limit(
     .with_retry_after(wait))
 }
 
-/// Checks a Send against the protocol and the configured limits.
-fn validate(session: &Session, send: proto::Send) -> Result<NewMessage, Refusal> {
+/// Binds the photo a send names to its conversation and puts it in the
+/// message (`HistoryStore::attach_media`), before the send is committed.
+///
+/// Boxed: photo sends are rare, and the reader lives as long as its
+/// connection (see ARCHITECTURE.md, idle memory).
+fn attach_photo(
+    session: &Session,
+    mut message: NewMessage,
+    media_id: String,
+) -> Pin<Box<impl Future<Output = Result<NewMessage, Refusal>> + Send + '_>> {
+    Box::pin(async move {
+        let media = session
+            .shared
+            .store
+            .attach_media(&media_id, message.sender_id, message.conversation_id)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound => {
+                    Refusal::new(ErrorCode::NotFound, "no photo of yours has this media_id")
+                }
+                e => Refusal::from(e),
+            })?;
+        message.photo = Some(media.photo());
+        Ok(message)
+    })
+}
+
+/// Checks a Send against the protocol and the configured limits; for a
+/// photo, also returns the media id it names.
+fn validate(session: &Session, send: proto::Send) -> Result<(NewMessage, Option<String>), Refusal> {
     let authed = session.authed().expect("authenticated");
     let limits = &session.shared.config.limits;
     if send.client_msg_id.is_empty() || send.client_msg_id.len() > MAX_CLIENT_MSG_ID_LEN {
@@ -312,22 +350,34 @@ fn validate(session: &Session, send: proto::Send) -> Result<NewMessage, Refusal>
             "text and client_msg_id must not contain U+0000",
         ));
     }
-    let message_type = match proto::MessageType::try_from(send.r#type) {
-        Ok(proto::MessageType::Text) => proto::MessageType::Text,
+    let (message_type, media_id) = match proto::MessageType::try_from(send.r#type) {
+        Ok(proto::MessageType::Text) if send.media_id.is_empty() => {
+            (proto::MessageType::Text, None)
+        }
+        Ok(proto::MessageType::Text) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                "a TEXT message carries no media_id",
+            ));
+        }
+        Ok(proto::MessageType::Photo) if is_media_id(&send.media_id) => {
+            (proto::MessageType::Photo, Some(send.media_id))
+        }
         Ok(proto::MessageType::Photo) => {
             return Err(Refusal::new(
                 ErrorCode::InvalidArgument,
-                "photo messages are not supported yet",
+                "a PHOTO message needs the media_id of an upload (32 lowercase hex digits)",
             ));
         }
         _ => {
             return Err(Refusal::new(
                 ErrorCode::InvalidArgument,
-                "clients may send TEXT messages only",
+                "clients may send TEXT and PHOTO messages only",
             ));
         }
     };
-    if send.text.trim().is_empty() {
+    // A photo's caption may be empty.
+    if message_type == proto::MessageType::Text && send.text.trim().is_empty() {
         return Err(Refusal::new(
             ErrorCode::EmptyMessage,
             "message text is empty",
@@ -343,14 +393,16 @@ fn validate(session: &Session, send: proto::Send) -> Result<NewMessage, Refusal>
             ),
         ));
     }
-    Ok(NewMessage {
+    let message = NewMessage {
         conversation_id: send.conversation_id,
         sender_id: authed.user_id,
         client_msg_id: send.client_msg_id,
         message_type,
         text: send.text,
+        photo: None,
         now_ms: now_ms(),
-    })
+    };
+    Ok((message, media_id))
 }
 
 async fn writer(
@@ -658,7 +710,7 @@ async fn write_range(
 /// pushes must not overtake what catch-up could not send (the client
 /// would ack past it), and the client resumes from its watermark on
 /// reconnect.
-fn catch_up_failed(session: &Session, e: &crate::store::StoreError) -> bool {
+fn catch_up_failed(session: &Session, e: &StoreError) -> bool {
     tracing::warn!(
         conn_id = session.conn_id,
         user_id = session.authed().map(|a| a.user_id),

@@ -3,6 +3,7 @@
 //! replies and pushes through the session's outbound queue for that kind.
 
 pub mod control;
+pub mod media;
 pub mod messages;
 pub mod receipts;
 

@@ -296,6 +296,7 @@ pub(super) async fn append_system(
             r#type: kind,
             sent_at_ms: now_ms,
             text,
+            photo: None,
         }),
         duplicate: false,
         members,

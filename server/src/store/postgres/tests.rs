@@ -186,6 +186,7 @@ fn text(conversation_id: ConversationId, sender_id: UserId, key: &str, body: &st
         client_msg_id: key.into(),
         message_type: proto::MessageType::Text,
         text: body.into(),
+        photo: None,
         now_ms: 1_000,
     }
 }
@@ -342,6 +343,7 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
             "friend_requests",
             "friends",
             "history_identity",
+            "media",
             "members",
             "messages",
             "refinery_schema_history",
@@ -349,7 +351,7 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
             "users"
         ]
     );
-    assert_eq!(history.unwrap(), 9, "V1 to V9, once each");
+    assert_eq!(history.unwrap(), 10, "V1 to V10, once each");
 }
 
 /// V7 closes the direct conversations of pairs who had stopped being

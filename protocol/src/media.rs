@@ -1,0 +1,123 @@
+//! Photos: media ids, the formats a server takes and how each is
+//! recognised, and the bounds of an upload. Pure functions, shared so that
+//! a client refuses what a server would refuse before sending any bytes.
+
+use crate::proto::MediaType;
+
+/// Length of a media id: 32 lowercase hex digits (128 random bits).
+pub const MEDIA_ID_LEN: usize = 32;
+
+/// Largest width or height a photo may declare, in pixels.
+pub const MAX_PHOTO_DIMENSION: u32 = 65_535;
+
+/// Largest photo the protocol allows (64 MiB). Servers default to far less
+/// ([`DEFAULT_MAX_PHOTO_BYTES`]).
+pub const MAX_PHOTO_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Default largest photo a server takes (16 MiB): a phone camera's JPEG or
+/// HEIC at full resolution is 2-8 MB; apps usually send less.
+pub const DEFAULT_MAX_PHOTO_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Bytes of a photo's start that [`MediaType::matches`] looks at: no
+/// format needs more, so the first chunk of an upload must hold this many
+/// (or the whole photo, if smaller).
+pub const SIGNATURE_LEN: usize = 12;
+
+/// Length of a SHA-256 digest.
+pub const SHA256_LEN: usize = 32;
+
+/// Whether `id` is shaped like a media id (32 lowercase hex digits). A
+/// server uses the id as a file name, so nothing else is ever looked up.
+pub fn is_media_id(id: &str) -> bool {
+    id.len() == MEDIA_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl MediaType {
+    /// The type for a raw wire value; `None` for unspecified and unknown
+    /// values.
+    pub fn from_wire(value: i32) -> Option<Self> {
+        match MediaType::try_from(value) {
+            Ok(MediaType::Unspecified) | Err(_) => None,
+            Ok(kind) => Some(kind),
+        }
+    }
+
+    /// The MIME type, for apps and HTTP front ends.
+    pub fn mime(self) -> &'static str {
+        match self {
+            MediaType::Unspecified => "application/octet-stream",
+            MediaType::Jpeg => "image/jpeg",
+            MediaType::Png => "image/png",
+            MediaType::Webp => "image/webp",
+            MediaType::Heic => "image/heic",
+        }
+    }
+
+    /// Whether `start`, the first bytes of a file (at least
+    /// [`SIGNATURE_LEN`] of them, or the whole file), begins as this format
+    /// does. Checks the signature only; the image is not decoded.
+    pub fn matches(self, start: &[u8]) -> bool {
+        match self {
+            MediaType::Unspecified => false,
+            // Start of image, then the marker of the next segment.
+            MediaType::Jpeg => start.starts_with(&[0xff, 0xd8, 0xff]),
+            MediaType::Png => start.starts_with(b"\x89PNG\r\n\x1a\n"),
+            // A RIFF container of WEBP data.
+            MediaType::Webp => {
+                start.len() >= 12 && start.starts_with(b"RIFF") && &start[8..12] == b"WEBP"
+            }
+            // An ISO base media file whose first box is `ftyp` with a HEIF
+            // brand for images.
+            MediaType::Heic => {
+                start.len() >= 12
+                    && &start[4..8] == b"ftyp"
+                    && matches!(
+                        &start[8..12],
+                        b"heic" | b"heix" | b"heim" | b"heis" | b"mif1" | b"msf1"
+                    )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_ids_are_32_lowercase_hex_digits() {
+        assert!(is_media_id("0123456789abcdef0123456789abcdef"));
+        assert!(!is_media_id("0123456789ABCDEF0123456789abcdef"));
+        assert!(!is_media_id("0123456789abcdef0123456789abcde"));
+        assert!(!is_media_id("../../../../etc/passwd/0123456789"));
+        assert!(!is_media_id(""));
+    }
+
+    #[test]
+    fn signatures_are_recognised_and_told_apart() {
+        let jpeg = [
+            0xff, 0xd8, 0xff, 0xe0, 0, 0x10, b'J', b'F', b'I', b'F', 0, 1,
+        ];
+        let png = *b"\x89PNG\r\n\x1a\n\0\0\0\x0d";
+        let webp = *b"RIFF\x24\0\0\0WEBPVP8 ";
+        let heic = *b"\0\0\0\x18ftypheic";
+        let samples = [
+            (MediaType::Jpeg, &jpeg[..]),
+            (MediaType::Png, &png[..]),
+            (MediaType::Webp, &webp[..]),
+            (MediaType::Heic, &heic[..]),
+        ];
+        for (kind, bytes) in samples {
+            for (other, _) in samples {
+                assert_eq!(other.matches(bytes), other == kind, "{other:?} on {kind:?}");
+            }
+            assert!(!kind.matches(&bytes[..2]), "{kind:?} on too few bytes");
+            assert!(!MediaType::Unspecified.matches(bytes));
+        }
+        assert!(!MediaType::Webp.matches(b"RIFF\x24\0\0\0WAVEfmt "));
+        assert!(!MediaType::Heic.matches(b"\0\0\0\x18ftypisom"));
+        assert_eq!(MediaType::from_wire(1), Some(MediaType::Jpeg));
+        assert_eq!(MediaType::from_wire(0), None);
+        assert_eq!(MediaType::from_wire(99), None);
+    }
+}
