@@ -16,6 +16,7 @@ use crate::config::{ClientConfig, DeliveryAcks};
 use crate::connection::{self, Credential, Live};
 use crate::dedup::Delivered;
 use crate::error::ClientError;
+use crate::media::{self, PhotoUpload};
 use crate::outbox::{self, Outbox};
 use crate::receipts::ReceiptsTold;
 
@@ -1232,8 +1233,88 @@ impl Client {
         client_msg_id: &str,
         text: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let queued = self.queue_send(conversation_id, client_msg_id, text);
+        let queued = self.queue_send(conversation_id, client_msg_id, text, "");
         async move { queued?.await.map_err(|_| ClientError::Closed)? }
+    }
+
+    /// Uploads a photo on a media stream of its own and returns its media
+    /// id, for [`send_photo`](Self::send_photo). Checked here first as
+    /// the server would (size against its AuthOk's `max_photo_bytes`, the
+    /// first bytes against the format: MEDIA_REJECTED). Not kept across
+    /// reconnects: on `Disconnected` or `Timeout` upload it again (an
+    /// upload that was stored meanwhile is deleted unsent by the server
+    /// after its retention). Send it within that retention, a day by
+    /// default.
+    pub async fn upload_photo(&self, photo: PhotoUpload) -> Result<String, ClientError> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(ClientError::Closed);
+        }
+        let live = self.inner.live().ok_or(ClientError::Disconnected)?;
+        media::check(&photo, live.max_photo_bytes)?;
+        media::upload(
+            &live.conn,
+            self.inner.next_request_id(),
+            &photo,
+            live.max_text_len,
+            self.inner.config.request_timeout,
+        )
+        .await
+    }
+
+    /// Sends an uploaded photo ([`upload_photo`](Self::upload_photo)) with
+    /// an optional caption (may be empty), as
+    /// [`send_text`](Self::send_text) sends a text: through the outbox,
+    /// resolved once it is stored. A photo goes to one conversation; to
+    /// send it to another, upload it again.
+    pub fn send_photo(
+        &self,
+        conversation_id: u64,
+        media_id: &str,
+        caption: &str,
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
+        let client_msg_id = new_client_msg_id();
+        self.send_photo_with_id(conversation_id, &client_msg_id, media_id, caption)
+    }
+
+    /// [`send_photo`](Self::send_photo) with an idempotency key chosen by
+    /// the app.
+    pub fn send_photo_with_id(
+        &self,
+        conversation_id: u64,
+        client_msg_id: &str,
+        media_id: &str,
+        caption: &str,
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
+        let queued = if chat_protocol::media::is_media_id(media_id) {
+            self.queue_send(conversation_id, client_msg_id, caption, media_id)
+        } else {
+            Err(ClientError::Server {
+                code: ErrorCode::InvalidArgument,
+                message: "not a media id from upload_photo".into(),
+                retry_after: None,
+            })
+        };
+        async move { queued?.await.map_err(|_| ClientError::Closed)? }
+    }
+
+    /// Downloads a photo whole (a message's `photo.media_id`) and checks
+    /// its bytes against its SHA-256. NOT_FOUND unless this user uploaded
+    /// it or is a member of the conversation it was sent to.
+    pub async fn download_photo(
+        &self,
+        media_id: &str,
+    ) -> Result<(proto::Photo, bytes::Bytes), ClientError> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(ClientError::Closed);
+        }
+        let live = self.inner.live().ok_or(ClientError::Disconnected)?;
+        media::download(
+            &live.conn,
+            self.inner.next_request_id(),
+            media_id,
+            self.inner.config.request_timeout,
+        )
+        .await
     }
 
     /// Puts a send in the outbox (and on the live connection): the
@@ -1243,6 +1324,7 @@ impl Client {
         conversation_id: u64,
         client_msg_id: &str,
         text: &str,
+        media_id: &str,
     ) -> Result<oneshot::Receiver<Result<proto::SendAck, ClientError>>, ClientError> {
         if self.inner.refuses_sends() {
             return Err(ClientError::Closed);
@@ -1261,8 +1343,13 @@ impl Client {
             Body::Send(proto::Send {
                 conversation_id,
                 client_msg_id: client_msg_id.to_string(),
-                r#type: proto::MessageType::Text as i32,
+                r#type: if media_id.is_empty() {
+                    proto::MessageType::Text
+                } else {
+                    proto::MessageType::Photo
+                } as i32,
                 text: text.to_string(),
+                media_id: media_id.to_string(),
             }),
         ));
         let (tx, rx) = oneshot::channel();

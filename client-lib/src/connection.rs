@@ -31,6 +31,8 @@ pub(crate) struct Live {
     pub(crate) receipts: mpsc::UnboundedSender<Bytes>,
     /// Longest text the server accepts (from its AuthOk).
     pub(crate) max_text_len: usize,
+    /// Largest photo the server takes (from its AuthOk; 0: no photos).
+    pub(crate) max_photo_bytes: u64,
     /// Its id in [`Acks`](crate::acks::Acks), which hears when it is lost.
     pub(crate) acks_id: u64,
 }
@@ -182,6 +184,7 @@ async fn establish(
             0 => chat_protocol::limits::DEFAULT_MAX_FRAME_LEN - 512,
             n => n as usize,
         },
+        max_photo_bytes: auth_ok.max_photo_bytes,
         acks_id,
     };
     tokio::spawn(read_loop(

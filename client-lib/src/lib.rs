@@ -26,6 +26,9 @@
 //!   streams;
 //! * automatic reconnect with exponential backoff, resuming with the session
 //!   token;
+//! * photos on media streams of their own (`upload_photo`, then
+//!   `send_photo`; `download_photo` checks what it gets against the
+//!   photo's SHA-256), so a large one never holds up a text;
 //! * a bounded outbox: `send_text` survives reconnects, is retried with the
 //!   same `client_msg_id` (so the server stores it once), and resolves when
 //!   the server says "sent";
@@ -77,6 +80,7 @@ mod config;
 mod connection;
 mod dedup;
 mod error;
+mod media;
 mod outbox;
 mod receipts;
 
@@ -87,3 +91,4 @@ pub use client::{
 };
 pub use config::{ClientConfig, DeliveryAcks};
 pub use error::ClientError;
+pub use media::PhotoUpload;

@@ -587,9 +587,9 @@ impl Config {
                 chat_protocol::media::MAX_PHOTO_BYTES
             ));
         }
-        if l.upload_retention < Duration::from_secs(60) || l.upload_retention > MAX_SESSION_TTL {
+        if l.upload_retention < Duration::from_secs(1) || l.upload_retention > MAX_SESSION_TTL {
             return err(format!(
-                "upload-retention must be between 1m and {} (an app sends a photo soon after uploading it)",
+                "upload-retention must be between 1s and {} (an app sends a photo soon after uploading it)",
                 humantime::format_duration(MAX_SESSION_TTL)
             ));
         }

@@ -84,6 +84,7 @@ async fn a_queued_message_history_does_not_have_is_not_delivered() {
         r#type: chat_client::proto::MessageType::Text as i32,
         sent_at_ms: ack.sent_at_ms,
         text: "from another deployment".into(),
+        photo: None,
     };
     let redis = RedisStore::connect(&production.redis_url, &production.redis_prefix)
         .await
@@ -1183,6 +1184,7 @@ impl RawSender {
                 client_msg_id: key.into(),
                 r#type: chat_client::proto::MessageType::Text as i32,
                 text: text.into(),
+                media_id: String::new(),
             }),
         );
         self.send.write_all(&frames(&[frame])).await.unwrap();

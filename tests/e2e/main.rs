@@ -15,5 +15,6 @@ mod groups;
 mod loadgen;
 mod messaging;
 mod operations;
+mod photos;
 mod presence;
 mod robustness;

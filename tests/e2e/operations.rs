@@ -1059,6 +1059,7 @@ async fn after_a_failed_commit_later_sends_wait_for_the_failed_one() {
                 client_msg_id: key.into(),
                 r#type: proto::MessageType::Text as i32,
                 text: key.into(),
+                media_id: String::new(),
             }),
         );
         chat_protocol::encode(&frame, &mut out);

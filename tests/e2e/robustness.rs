@@ -334,6 +334,7 @@ async fn bad_sends_are_refused_with_codes() {
             client_msg_id: "long".into(),
             r#type: proto::MessageType::Text as i32,
             text: "x".repeat(1001),
+            media_id: String::new(),
         }),
     );
     let (_tx, mut rx) = raw
@@ -444,6 +445,7 @@ async fn over_the_send_rate_the_answer_is_rate_limited_with_a_retry_after() {
                 client_msg_id: format!("k{id}"),
                 r#type: proto::MessageType::Text as i32,
                 text: "hi".into(),
+                media_id: String::new(),
             }),
         )
     };
@@ -1132,6 +1134,7 @@ async fn delivery_acks_beyond_what_a_user_was_delivered_are_dropped() {
                 client_msg_id: "probe".into(),
                 r#type: proto::MessageType::Text as i32,
                 text: "probe".into(),
+                media_id: String::new(),
             }),
         ));
         frames(&list)
@@ -1338,6 +1341,7 @@ async fn a_catch_up_pass_for_messages_let_go_leaves_out_the_devices_own() {
             client_msg_id: "bob-1".into(),
             r#type: proto::MessageType::Text as i32,
             text: "in the middle".into(),
+            media_id: String::new(),
         }),
     );
     messages.write_all(&frames(&[own])).await.unwrap();

@@ -1,0 +1,324 @@
+//! Photo transfers: each on a media stream of its own on the live
+//! connection, so a large photo never holds up messages or receipts.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use chat_protocol::media::{MAX_PHOTO_BYTES, SIGNATURE_LEN};
+use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
+use sha2::{Digest, Sha256};
+
+use crate::error::ClientError;
+
+/// Largest chunk of photo bytes a client puts in one frame. Servers take
+/// frames of their text limit plus an envelope at least, so chunks are
+/// kept under both.
+const MAX_CHUNK: usize = 32 * 1024;
+
+/// A photo to upload.
+#[derive(Debug, Clone)]
+pub struct PhotoUpload {
+    /// The file's bytes.
+    pub bytes: Bytes,
+    /// Its format; its first bytes must be this format's.
+    pub media_type: proto::MediaType,
+    /// Pixels, for receivers to lay out a placeholder.
+    pub width: u32,
+    /// Pixels.
+    pub height: u32,
+}
+
+/// A refusal made here, worded as the server's would be.
+pub(crate) fn rejected(message: String) -> ClientError {
+    ClientError::Server {
+        code: ErrorCode::MediaRejected,
+        message,
+        retry_after: None,
+    }
+}
+
+/// Checks what the server would check before any byte is sent: the size
+/// against the server's limit (0: a server without photos) and the first
+/// bytes against the format.
+pub(crate) fn check(photo: &PhotoUpload, max_photo_bytes: u64) -> Result<(), ClientError> {
+    if max_photo_bytes == 0 {
+        return Err(ClientError::Protocol(
+            "this server does not take photos".into(),
+        ));
+    }
+    let size = photo.bytes.len() as u64;
+    if size == 0 || size > max_photo_bytes {
+        return Err(rejected(format!(
+            "the photo is {size} bytes; the limit is {max_photo_bytes}"
+        )));
+    }
+    let start = &photo.bytes[..photo.bytes.len().min(SIGNATURE_LEN)];
+    if !photo.media_type.matches(start) {
+        return Err(rejected(format!(
+            "the bytes are not {}",
+            photo.media_type.mime()
+        )));
+    }
+    Ok(())
+}
+
+/// Uploads a checked photo; its media id.
+pub(crate) async fn upload(
+    conn: &quinn::Connection,
+    request_id: u64,
+    photo: &PhotoUpload,
+    chunk_len: usize,
+    answer_timeout: Duration,
+) -> Result<String, ClientError> {
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::from_connection(&e))?;
+    let mut head = BytesMut::new();
+    chat_protocol::encode(&Frame::open_stream(StreamKind::Media), &mut head);
+    chat_protocol::encode(
+        &Frame::new(
+            request_id,
+            Body::MediaUpload(proto::MediaUpload {
+                media_type: photo.media_type as i32,
+                size: photo.bytes.len() as u64,
+                sha256: Bytes::copy_from_slice(&Sha256::digest(&photo.bytes)),
+                width: photo.width,
+                height: photo.height,
+            }),
+        ),
+        &mut head,
+    );
+    let mut reader = StreamReader::new(recv);
+    // Written while the answer is watched for: a refusal (too large, a
+    // limit) comes before the bytes are all sent, and ends the upload.
+    let write = async {
+        send.write_all(&head).await?;
+        let chunk_len = chunk_len.clamp(1, MAX_CHUNK);
+        for data in photo.bytes.chunks(chunk_len) {
+            let mut frame = BytesMut::new();
+            chat_protocol::encode(
+                &Frame::new(
+                    request_id,
+                    Body::MediaChunk(proto::MediaChunk {
+                        data: photo.bytes.slice_ref(data),
+                    }),
+                ),
+                &mut frame,
+            );
+            send.write_all(&frame).await?;
+        }
+        send.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
+        Ok::<(), quinn::WriteError>(())
+    };
+    let answer = tokio::select! {
+        biased;
+        answer = reader.next() => answer,
+        written = write => match written {
+            Ok(()) => match tokio::time::timeout(answer_timeout, reader.next()).await {
+                Ok(answer) => answer,
+                Err(_) => return Err(ClientError::Timeout),
+            },
+            Err(_) => reader.next().await,
+        },
+    };
+    match answer.map_err(|e| e.into_error(conn))? {
+        Some(Frame {
+            body: Some(Body::MediaUploaded(uploaded)),
+            ..
+        }) if chat_protocol::media::is_media_id(&uploaded.media_id) => Ok(uploaded.media_id),
+        Some(Frame {
+            body: Some(Body::Error(e)),
+            ..
+        }) => Err(ClientError::server(&e)),
+        Some(other) => Err(ClientError::Protocol(format!(
+            "{} in answer to an upload",
+            other.body_name()
+        ))),
+        None => Err(closed(conn)),
+    }
+}
+
+/// Downloads a photo whole and checks it against its SHA-256.
+pub(crate) async fn download(
+    conn: &quinn::Connection,
+    request_id: u64,
+    media_id: &str,
+    answer_timeout: Duration,
+) -> Result<(proto::Photo, Bytes), ClientError> {
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::from_connection(&e))?;
+    let mut request = BytesMut::new();
+    chat_protocol::encode(&Frame::open_stream(StreamKind::Media), &mut request);
+    chat_protocol::encode(
+        &Frame::new(
+            request_id,
+            Body::MediaFetch(proto::MediaFetch {
+                media_id: media_id.to_owned(),
+                offset: 0,
+            }),
+        ),
+        &mut request,
+    );
+    send.write_all(&request).await.map_err(|_| closed(conn))?;
+    let _ = send.finish();
+    let mut reader = StreamReader::new(recv);
+    let first = tokio::time::timeout(answer_timeout, reader.next())
+        .await
+        .map_err(|_| ClientError::Timeout)?
+        .map_err(|e| e.into_error(conn))?;
+    let photo = match first {
+        Some(Frame {
+            body: Some(Body::MediaHeader(header)),
+            ..
+        }) => match header.photo {
+            Some(photo) if header.offset == 0 && photo.media_id == media_id => photo,
+            _ => return Err(ClientError::Protocol("a header for another photo".into())),
+        },
+        Some(Frame {
+            body: Some(Body::Error(e)),
+            ..
+        }) => return Err(ClientError::server(&e)),
+        Some(other) => {
+            return Err(ClientError::Protocol(format!(
+                "{} in answer to a download",
+                other.body_name()
+            )));
+        }
+        None => return Err(closed(conn)),
+    };
+    if photo.size > MAX_PHOTO_BYTES {
+        return Err(ClientError::Protocol(format!(
+            "a photo of {} bytes is over the protocol's limit",
+            photo.size
+        )));
+    }
+    let mut bytes = BytesMut::with_capacity(photo.size as usize);
+    loop {
+        let frame = tokio::time::timeout(answer_timeout, reader.next())
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(|e| e.into_error(conn))?;
+        match frame {
+            Some(Frame {
+                body: Some(Body::MediaChunk(chunk)),
+                ..
+            }) if (bytes.len() + chunk.data.len()) as u64 <= photo.size => {
+                bytes.extend_from_slice(&chunk.data);
+            }
+            Some(other) => {
+                return Err(ClientError::Protocol(format!(
+                    "{} where photo bytes were expected",
+                    other.body_name()
+                )));
+            }
+            None => break,
+        }
+    }
+    if bytes.len() as u64 != photo.size {
+        return Err(ClientError::Protocol(format!(
+            "the download ended at {} of {} bytes",
+            bytes.len(),
+            photo.size
+        )));
+    }
+    if Sha256::digest(&bytes)[..] != photo.sha256[..] {
+        return Err(ClientError::Protocol(
+            "the photo's bytes do not match its sha256".into(),
+        ));
+    }
+    Ok((photo, bytes.freeze()))
+}
+
+fn closed(conn: &quinn::Connection) -> ClientError {
+    conn.close_reason().map_or(ClientError::Disconnected, |e| {
+        ClientError::from_connection(&e)
+    })
+}
+
+/// Why a media stream could not be read.
+enum StreamError {
+    Frame(chat_protocol::FrameError),
+    Stream,
+}
+
+impl StreamError {
+    fn into_error(self, conn: &quinn::Connection) -> ClientError {
+        match self {
+            StreamError::Frame(e) => ClientError::Protocol(e.to_string()),
+            // A reset stream on a live connection (a server that failed
+            // mid-download): retryable, as a lost connection is.
+            StreamError::Stream => closed(conn),
+        }
+    }
+}
+
+/// Frames from one media stream.
+struct StreamReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    codec: chat_protocol::Codec,
+}
+
+impl StreamReader {
+    fn new(recv: quinn::RecvStream) -> Self {
+        StreamReader {
+            recv,
+            buf: BytesMut::new(),
+            codec: chat_protocol::Codec::new(chat_protocol::limits::MAX_FRAME_LEN),
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Frame>, StreamError> {
+        loop {
+            if let Some(frame) = self
+                .codec
+                .decode(&mut self.buf)
+                .map_err(StreamError::Frame)?
+            {
+                return Ok(Some(frame));
+            }
+            match self.recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => {
+                    return self
+                        .codec
+                        .decode_eof(&mut self.buf)
+                        .map_err(StreamError::Frame);
+                }
+                Err(_) => return Err(StreamError::Stream),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn photo(bytes: &'static [u8]) -> PhotoUpload {
+        PhotoUpload {
+            bytes: Bytes::from_static(bytes),
+            media_type: proto::MediaType::Jpeg,
+            width: 1,
+            height: 1,
+        }
+    }
+
+    #[test]
+    fn what_the_server_would_refuse_is_refused_before_sending() {
+        let jpeg = photo(b"\xff\xd8\xff\xe0 a jpeg of sorts");
+        assert!(check(&jpeg, 1 << 20).is_ok());
+        let too_large = check(&jpeg, 4).unwrap_err();
+        assert_eq!(too_large.code(), Some(ErrorCode::MediaRejected));
+        let not_jpeg = check(&photo(b"\x89PNG\r\n\x1a\n a png"), 1 << 20).unwrap_err();
+        assert_eq!(not_jpeg.code(), Some(ErrorCode::MediaRejected));
+        assert_eq!(
+            check(&photo(b""), 1 << 20).unwrap_err().code(),
+            Some(ErrorCode::MediaRejected)
+        );
+        assert!(matches!(check(&jpeg, 0), Err(ClientError::Protocol(_))));
+    }
+}

@@ -1,0 +1,331 @@
+//! Photos end to end: upload on a media stream, send, delivery to the
+//! members, download by members only, refusals that leave nothing behind,
+//! and the purge of uploads nobody sent.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chat_client::{ErrorCode, HistoryDirection, PhotoUpload, proto};
+use chat_protocol::{Body, Frame, StreamKind};
+use sha2::{Digest, Sha256};
+
+use crate::harness::*;
+
+/// A JPEG-looking file of `len` bytes: the format's first bytes, then a
+/// pattern, so a byte out of place shows.
+fn jpeg(len: usize) -> Bytes {
+    let mut bytes = vec![0xff, 0xd8, 0xff, 0xe0];
+    bytes.extend((0..len.saturating_sub(4)).map(|i| (i * 7 + i / 251) as u8));
+    bytes.truncate(len);
+    Bytes::from(bytes)
+}
+
+fn upload_of(bytes: Bytes) -> PhotoUpload {
+    PhotoUpload {
+        bytes,
+        media_type: proto::MediaType::Jpeg,
+        width: 1024,
+        height: 768,
+    }
+}
+
+/// Files under the media directory, temporary ones included.
+fn media_files(dir: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path.file_name().unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Writes `frames` on a new media stream of `raw`'s connection (ending
+/// the client's side if `finish`) and returns the first answer.
+async fn raw_media(raw: &RawControl, list: &[Frame], finish: bool) -> Body {
+    let (mut send, mut recv) = raw.conn().open_bi().await.unwrap();
+    let mut all = vec![Frame::open_stream(StreamKind::Media)];
+    all.extend_from_slice(list);
+    // The server may refuse before it has read everything: a write cut
+    // short by its end of the stream is fine.
+    let _ = send.write_all(&frames(&all)).await;
+    if finish {
+        let _ = send.finish();
+    }
+    let mut buf = bytes::BytesMut::new();
+    next_frame(&mut recv, &mut buf)
+        .await
+        .body
+        .expect("an answer with a body")
+}
+
+fn declared(bytes: &[u8], size: u64) -> Frame {
+    Frame::new(
+        1,
+        Body::MediaUpload(proto::MediaUpload {
+            media_type: proto::MediaType::Jpeg as i32,
+            size,
+            sha256: Bytes::copy_from_slice(&Sha256::digest(bytes)),
+            width: 10,
+            height: 10,
+        }),
+    )
+}
+
+fn chunk(bytes: &[u8]) -> Frame {
+    Frame::new(
+        1,
+        Body::MediaChunk(proto::MediaChunk {
+            data: Bytes::copy_from_slice(bytes),
+        }),
+    )
+}
+
+fn refusal_code(body: &Body) -> ErrorCode {
+    match body {
+        Body::Error(e) => ErrorCode::from_wire(e.code),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+each_backend! {
+    async fn a_photo_reaches_the_conversation_and_only_its_members_fetch_it(backend: Backend) {
+        let mut server = TestServer::start_on(backend).await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let (carol, _carol_events) = register(server.client_config(), &name("carol")).await;
+        let conversation = befriend(&alice, &bob).await;
+        befriend(&alice, &carol).await;
+
+        // Several chunks' worth, not a multiple of the chunk size.
+        let bytes = jpeg(300_001);
+        let media_id = alice.upload_photo(upload_of(bytes.clone())).await.unwrap();
+        assert!(chat_protocol::media::is_media_id(&media_id), "{media_id}");
+        // Its uploader may fetch it before sending it; nobody else may.
+        let (_, own) = alice.download_photo(&media_id).await.unwrap();
+        assert_eq!(own, bytes);
+        assert_eq!(code(bob.download_photo(&media_id).await), ErrorCode::NotFound);
+
+        let ack = alice.send_photo(conversation, &media_id, "the view").await.unwrap();
+        let got = messages(&mut bob_events, 1).await.remove(0);
+        assert_eq!(got.seq, ack.seq);
+        assert_eq!(got.r#type, proto::MessageType::Photo as i32);
+        assert_eq!(got.text, "the view");
+        let photo = got.photo.expect("a photo message carries its photo");
+        assert_eq!(photo.media_id, media_id);
+        assert_eq!(photo.size, bytes.len() as u64);
+        assert_eq!((photo.width, photo.height), (1024, 768));
+        assert_eq!(photo.media_type, proto::MediaType::Jpeg as i32);
+        assert_eq!(&photo.sha256[..], &Sha256::digest(&bytes)[..]);
+
+        let (header, fetched) = bob.download_photo(&media_id).await.unwrap();
+        assert_eq!(fetched, bytes);
+        assert_eq!(header, photo);
+        // Carol is Alice's friend but not in this conversation.
+        assert_eq!(code(carol.download_photo(&media_id).await), ErrorCode::NotFound);
+        assert_eq!(
+            code(carol.download_photo("00000000000000000000000000000000").await),
+            ErrorCode::NotFound
+        );
+
+        // Bound to its conversation: not sendable elsewhere, nor by others.
+        let elsewhere = alice.open_direct(carol.identity().user_id).await.unwrap().conversation_id;
+        assert_eq!(
+            code(alice.send_photo(elsewhere, &media_id, "").await),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            code(bob.send_photo(conversation, &media_id, "").await),
+            ErrorCode::NotFound
+        );
+        // Caption optional; a text still needs words.
+        let second = alice.upload_photo(upload_of(jpeg(5_000))).await.unwrap();
+        alice.send_photo(conversation, &second, "").await.unwrap();
+        assert_eq!(code(alice.send_text(conversation, " ").await), ErrorCode::EmptyMessage);
+
+        // History carries the photo, and it is all still there after a
+        // restart.
+        server.restart().await;
+        reconnected(&bob).await;
+        let page = bob
+            .history(conversation, HistoryDirection::Backward, 0, 10)
+            .await
+            .unwrap();
+        let first = page.messages.iter().find(|m| m.seq == ack.seq).unwrap();
+        assert_eq!(first.photo.as_ref(), Some(&photo));
+        let (_, again) = bob.download_photo(&media_id).await.unwrap();
+        assert_eq!(again, bytes);
+        let scraped = scrape(server.server.as_ref().unwrap().metrics_addr()).await;
+        assert!(value(&scraped, "chat_photos_fetched_total") >= 1.0, "{scraped:?}");
+    }
+
+    async fn uploads_that_break_their_declaration_are_refused_and_leave_nothing(backend: Backend) {
+        let server = TestServer::start_on_with(backend, |c| {
+            c.limits.max_photo_bytes = 100_000;
+        })
+        .await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let mut raw = RawControl::resume(&server, &alice.identity().token).await;
+        let media_dir = server.config.media_dir();
+        let good = jpeg(50_000);
+
+        // Over the limit: refused on the declaration alone, no byte sent.
+        let answer = raw_media(&raw, &[declared(&good, 100_001)], false).await;
+        assert_eq!(refusal_code(&answer), ErrorCode::MediaRejected);
+        // The client library refuses it too, without asking.
+        assert_eq!(
+            code(alice.upload_photo(upload_of(jpeg(100_001))).await),
+            ErrorCode::MediaRejected
+        );
+        // Bytes that do not hash to what was declared.
+        let mut other = good.to_vec();
+        other[40_000] ^= 1;
+        let answer = raw_media(
+            &raw,
+            &[declared(&good, 50_000), chunk(&other[..30_000]), chunk(&other[30_000..])],
+            true,
+        )
+        .await;
+        assert_eq!(refusal_code(&answer), ErrorCode::MediaRejected);
+        // Not the declared format (a PNG declared as JPEG).
+        let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
+        let answer = raw_media(&raw, &[declared(png, png.len() as u64), chunk(png)], true).await;
+        assert_eq!(refusal_code(&answer), ErrorCode::MediaRejected);
+        // More bytes than declared, and fewer.
+        let answer = raw_media(&raw, &[declared(&good, 40_000), chunk(&good)], true).await;
+        assert_eq!(refusal_code(&answer), ErrorCode::MediaRejected);
+        let answer = raw_media(&raw, &[declared(&good, 50_000), chunk(&good[..49_999])], true).await;
+        assert_eq!(refusal_code(&answer), ErrorCode::MediaRejected);
+        // Bad declarations and frames.
+        let mut no_hash = declared(&good, 50_000);
+        if let Some(Body::MediaUpload(u)) = &mut no_hash.body {
+            u.sha256 = Bytes::from_static(b"short");
+        }
+        assert_eq!(
+            refusal_code(&raw_media(&raw, &[no_hash], false).await),
+            ErrorCode::InvalidArgument
+        );
+        let answer = raw_media(&raw, &[declared(&good, 50_000), chunk(&[])], true).await;
+        assert_eq!(refusal_code(&answer), ErrorCode::InvalidArgument);
+        let stray = Frame::new(1, Body::ListFriends(proto::ListFriends {}));
+        assert_eq!(
+            refusal_code(&raw_media(&raw, &[stray], true).await),
+            ErrorCode::UnexpectedFrame
+        );
+        let bad_fetch = Frame::new(
+            1,
+            Body::MediaFetch(proto::MediaFetch {
+                media_id: "../../etc/passwd".into(),
+                offset: 0,
+            }),
+        );
+        assert_eq!(
+            refusal_code(&raw_media(&raw, &[bad_fetch], true).await),
+            ErrorCode::InvalidArgument
+        );
+
+        // Nothing of them is kept, and everything else carries on.
+        wait_until("no file left of the refused uploads", || async {
+            media_files(&media_dir).is_empty()
+        })
+        .await;
+        raw.assert_served().await;
+        alice.send_text(conversation, "still here").await.unwrap();
+        assert_eq!(messages(&mut bob_events, 1).await[0].text, "still here");
+
+        // An upload that does everything right, by hand: stored, one file.
+        let answer = raw_media(
+            &raw,
+            &[declared(&good, 50_000), chunk(&good[..1]), chunk(&good[1..])],
+            true,
+        )
+        .await;
+        let Body::MediaUploaded(uploaded) = answer else {
+            panic!("expected MediaUploaded, got {answer:?}");
+        };
+        assert_eq!(media_files(&media_dir), vec![uploaded.media_id.clone()]);
+        // Fetched from an offset (a resumed download).
+        let fetch = Frame::new(
+            1,
+            Body::MediaFetch(proto::MediaFetch {
+                media_id: uploaded.media_id.clone(),
+                offset: 49_000,
+            }),
+        );
+        let (mut send, mut recv) = raw.conn().open_bi().await.unwrap();
+        send.write_all(&frames(&[Frame::open_stream(StreamKind::Media), fetch]))
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        let mut buf = bytes::BytesMut::new();
+        let Some(Body::MediaHeader(header)) = next_frame(&mut recv, &mut buf).await.body else {
+            panic!("expected a header");
+        };
+        assert_eq!(header.offset, 49_000);
+        let mut rest = Vec::new();
+        while rest.len() < 1_000 {
+            match next_frame(&mut recv, &mut buf).await.body {
+                Some(Body::MediaChunk(c)) => rest.extend_from_slice(&c.data),
+                other => panic!("expected photo bytes, got {other:?}"),
+            }
+        }
+        assert_eq!(&rest[..], &good[49_000..]);
+        let past = Frame::new(
+            1,
+            Body::MediaFetch(proto::MediaFetch {
+                media_id: uploaded.media_id,
+                offset: 50_001,
+            }),
+        );
+        assert_eq!(
+            refusal_code(&raw_media(&raw, &[past], true).await),
+            ErrorCode::InvalidArgument
+        );
+        raw.assert_served().await;
+        let scraped = scrape(server.server.as_ref().unwrap().metrics_addr()).await;
+        assert_eq!(value(&scraped, "chat_photos_uploaded_total"), 1.0);
+        assert!(
+            value(&scraped, "chat_errors_total{code=\"MEDIA_REJECTED\"}") >= 5.0,
+            "{scraped:?}"
+        );
+    }
+
+    async fn uploads_nobody_sent_are_purged_after_the_retention(backend: Backend) {
+        let server = TestServer::start_on_with(backend, |c| {
+            c.limits.upload_retention = Duration::from_secs(1);
+            c.limits.session_purge_interval = Duration::from_millis(100);
+        })
+        .await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let media_dir = server.config.media_dir();
+        let sent = alice.upload_photo(upload_of(jpeg(2_000))).await.unwrap();
+        alice.send_photo(conversation, &sent, "kept").await.unwrap();
+        let unsent = alice.upload_photo(upload_of(jpeg(3_000))).await.unwrap();
+        wait_until("the unsent upload's file is deleted", || async {
+            !media_files(&media_dir).contains(&unsent)
+        })
+        .await;
+        assert_eq!(media_files(&media_dir), vec![sent.clone()]);
+        assert_eq!(code(alice.send_photo(conversation, &unsent, "").await), ErrorCode::NotFound);
+        assert_eq!(code(alice.download_photo(&unsent).await), ErrorCode::NotFound);
+        let (_, kept) = bob.download_photo(&sent).await.unwrap();
+        assert_eq!(kept, jpeg(2_000));
+        let scraped = scrape(server.server.as_ref().unwrap().metrics_addr()).await;
+        assert_eq!(value(&scraped, "chat_photos_purged_total"), 1.0);
+    }
+}
