@@ -73,10 +73,16 @@ pub struct Args {
     /// Text length distribution.
     #[arg(long, value_enum, default_value_t = TextDist::Fixed)]
     pub text_dist: TextDist,
-    /// Fraction of sends that are photos. Photos are not implemented on the
-    /// server yet, so only 0 is accepted.
+    /// Fraction of sends that are photos: the sender uploads one of
+    /// --photo-bytes on a media stream, then sends it with the header as
+    /// its caption, and every recipient downloads it. Latency counts from
+    /// the intended send time, so it includes the upload.
     #[arg(long, default_value_t = 0.0)]
     pub photo_fraction: f64,
+    /// Size of each photo (a phone's photo as messengers send it is
+    /// ~100-300 KB once recompressed).
+    #[arg(long, default_value_t = 150_000)]
+    pub photo_bytes: usize,
     /// Activity skew: senders are chosen by Zipf with this exponent (0 =
     /// uniform) over the users in a seeded random order, so the busiest
     /// are not neighbours in the friend graph or the groups.
@@ -293,10 +299,17 @@ impl Args {
                 self.background_fraction
             );
         }
-        if self.photo_fraction != 0.0 {
+        if !(self.photo_fraction.is_finite() && (0.0..=1.0).contains(&self.photo_fraction)) {
             anyhow::bail!(
-                "--photo-fraction {}: photo messages are not implemented on the server yet; only 0 is supported",
+                "--photo-fraction {} must be a fraction of sends in 0..=1",
                 self.photo_fraction
+            );
+        }
+        let most = chat_protocol::media::DEFAULT_MAX_PHOTO_BYTES;
+        if !(16..=most as usize).contains(&self.photo_bytes) {
+            anyhow::bail!(
+                "--photo-bytes {} must be 16-{most} (the server's default max-photo-bytes)",
+                self.photo_bytes
             );
         }
         if self.users < 2 {
@@ -523,12 +536,24 @@ mod tests {
 
     #[test]
     fn unimplemented_and_bad_settings_are_refused_clearly() {
-        let err = parse(&["--spawn-server", "--photo-fraction", "0.2"])
+        let err = parse(&["--spawn-server", "--photo-fraction", "1.2"])
             .unwrap()
             .plan()
             .unwrap_err()
             .to_string();
         assert!(err.contains("photo"), "{err}");
+        let err = parse(&["--spawn-server", "--photo-bytes", "4"])
+            .unwrap()
+            .plan()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("photo-bytes"), "{err}");
+        assert!(
+            parse(&["--spawn-server", "--photo-fraction", "0.2"])
+                .unwrap()
+                .plan()
+                .is_ok()
+        );
         for bad in [
             &["--users", "1"][..],
             &["--friends", "0"],

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chat_client::{Client, ClientError, Event, Events, proto};
+use chat_client::{Client, ClientError, Event, Events, PhotoUpload, proto};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
@@ -81,6 +81,10 @@ struct Shared {
     users: Vec<Arc<VUser>>,
     run_id: u32,
     read_delay: Duration,
+    /// The bytes of every photo sent (`--photo-bytes`).
+    photo: bytes::Bytes,
+    /// Photo downloads under way: the drain waits for them.
+    downloading: AtomicUsize,
     /// Users whose app is in the background (no heartbeats), by index.
     background: Vec<bool>,
     stopping: AtomicBool,
@@ -163,6 +167,8 @@ pub async fn drive(
         users,
         run_id: rand::random(),
         read_delay: args.read_delay,
+        photo: photo_bytes(args.photo_bytes),
+        downloading: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
         receivers: Mutex::new(Vec::new()),
         away: AtomicUsize::new(0),
@@ -260,7 +266,7 @@ pub async fn drive(
         end + args.drain + args.offline_time + LEAVE_TIMEOUT + RECONNECT_ALLOWANCE + args.drain;
     let mut reconnecting_at = end;
     let mut polls = 0u32;
-    while !shared.tracker.complete() {
+    while !shared.tracker.complete() || shared.downloading.load(Ordering::SeqCst) > 0 {
         let now = tokio::time::Instant::now();
         if polls.is_multiple_of(RECONNECT_POLLS) && shared.users.iter().any(|u| u.reconnecting()) {
             reconnecting_at = now;
@@ -359,6 +365,9 @@ async fn schedule(
         let to_group = rng.random_bool(args.group_fraction);
         let pick = rng.random::<u32>() as usize;
         let len = text_len.sample(&mut rng);
+        // Drawn only when photos are asked for, so that runs without them
+        // keep the schedule they always had.
+        let photo = args.photo_fraction > 0.0 && rng.random_bool(args.photo_fraction);
         let measured = offset_ns >= warmup_ns;
         let Some((conversation_id, recipients, group)) = targets.pick(sender, to_group, pick)
         else {
@@ -380,29 +389,111 @@ async fn schedule(
                 intended_ns,
             }
             .encode(len);
-            (send_no, client.send_text(conversation_id, &text))
+            if photo {
+                shared.tracker.photo(measured);
+                send_photo(
+                    shared,
+                    client,
+                    (send_no, conversation_id, sender),
+                    text,
+                    intended_ns,
+                );
+                return (send_no, None);
+            }
+            (send_no, Some(client.send_text(conversation_id, &text)))
         });
         let Some((send_no, send)) = queued else {
             shared.tracker.skipped_offline(measured);
             continue;
         };
+        let Some(send) = send else {
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let result = send.await;
-            let now = shared.clock.now_ns();
-            match result {
-                Ok(ack) => shared.tracker.acked(
-                    send_no,
-                    conversation_id,
-                    sender,
-                    ack.seq,
-                    intended_ns,
-                    now,
-                ),
-                Err(e) => shared.tracker.failed(send_no, &error_name(&e)),
-            }
+            answered(
+                &shared,
+                (send_no, conversation_id, sender),
+                intended_ns,
+                result,
+            );
         });
     }
+}
+
+/// Counts the answer to send `send_no`.
+fn answered(
+    shared: &Shared,
+    (send_no, conversation_id, sender): (u64, u64, usize),
+    intended_ns: u64,
+    result: Result<proto::SendAck, ClientError>,
+) {
+    let now = shared.clock.now_ns();
+    match result {
+        Ok(ack) => {
+            shared
+                .tracker
+                .acked(send_no, conversation_id, sender, ack.seq, intended_ns, now)
+        }
+        Err(e) => shared.tracker.failed(send_no, &error_name(&e)),
+    }
+}
+
+/// A photo send: the upload on a media stream of its own, then the send
+/// with `caption` (the header), as an app does it.
+fn send_photo(
+    shared: &Arc<Shared>,
+    client: &Client,
+    send: (u64, u64, usize),
+    caption: String,
+    intended_ns: u64,
+) {
+    let (shared, client) = (shared.clone(), client.clone());
+    tokio::spawn(async move {
+        let upload = PhotoUpload {
+            bytes: shared.photo.clone(),
+            media_type: proto::MediaType::Jpeg,
+            width: 1280,
+            height: 960,
+        };
+        let result = match client.upload_photo(upload).await {
+            Ok(media_id) => client.send_photo(send.1, &media_id, &caption).await,
+            Err(e) => Err(e),
+        };
+        answered(&shared, send, intended_ns, result);
+    });
+}
+
+/// A JPEG-looking photo of `len` bytes (the format's first bytes, then
+/// filler: the server checks the signature and the hash, not the image).
+fn photo_bytes(len: usize) -> bytes::Bytes {
+    let mut bytes = vec![0xff, 0xd8, 0xff, 0xe0];
+    bytes.extend((4..len).map(|i| (i % 251) as u8));
+    bytes.truncate(len);
+    bytes::Bytes::from(bytes)
+}
+
+/// A recipient downloads a photo it was delivered, as an app shows it.
+fn download_photo(shared: &Arc<Shared>, client: &Client, media_id: String) {
+    let (shared, client) = (shared.clone(), client.clone());
+    shared.downloading.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(async move {
+        let downloaded = client.download_photo(&media_id).await;
+        shared.downloading.fetch_sub(1, Ordering::SeqCst);
+        match downloaded {
+            Ok(_) => shared.tracker.photo_downloaded(),
+            // The user went offline (churn) or the run ended.
+            Err(ClientError::Closed) => {}
+            Err(e) => {
+                if !shared.stopping() {
+                    shared
+                        .tracker
+                        .error(&format!("photo_download_{}", error_name(&e)));
+                }
+            }
+        }
+    });
 }
 
 /// `back_ns`: when this client resumed after churn took its user offline
@@ -462,6 +553,9 @@ async fn receive(
                             h.intended_ns,
                             now,
                         );
+                        if let Some(photo) = &m.photo {
+                            download_photo(&shared, &client, photo.media_id.clone());
+                        }
                     }
                     // "Group created" and the like, from set-up.
                     _ if system => {}

@@ -305,6 +305,8 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         warmup_s: args.warmup.as_secs_f64(),
         sent: c.sent,
         group_sends: c.group_sends,
+        photo_sends: c.photo_sends,
+        photos_downloaded: c.photos_downloaded,
         acked: c.acked,
         delivered: c.delivered,
         deliveries: c.deliveries,

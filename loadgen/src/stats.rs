@@ -149,6 +149,11 @@ pub struct Counts {
     pub sent: u64,
     /// The part of `sent` that went to groups.
     pub group_sends: u64,
+    /// The part of `sent` that were photos (uploaded, then sent).
+    pub photo_sends: u64,
+    /// Photos recipients downloaded whole and found matching their SHA-256
+    /// (each recipient fetches each photo it is delivered).
+    pub photos_downloaded: u64,
     /// Sends the server acknowledged as durable.
     pub acked: u64,
     /// Acks that arrived within the measured window, of any send (warm-up
@@ -416,6 +421,22 @@ impl Tracker {
         if rec.measured {
             s.counts.failed += 1;
             *s.counts.errors.entry(code.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Send `send_no` (measured or not) is a photo.
+    pub fn photo(&self, measured: bool) {
+        let mut s = self.state();
+        if measured && !s.frozen {
+            s.counts.photo_sends += 1;
+        }
+    }
+
+    /// A recipient downloaded a photo and it matched its SHA-256.
+    pub fn photo_downloaded(&self) {
+        let mut s = self.state();
+        if !s.frozen {
+            s.counts.photos_downloaded += 1;
         }
     }
 
@@ -757,6 +778,15 @@ pub struct Report {
     /// The part of `sent` that went to groups (`--group-fraction`).
     #[serde(default)]
     pub group_sends: u64,
+    /// The part of `sent` that were photos (`--photo-fraction`): uploaded
+    /// on a media stream, then sent; their latencies count from the
+    /// intended send time, upload included.
+    #[serde(default)]
+    pub photo_sends: u64,
+    /// Photos recipients downloaded whole and checked (one per recipient
+    /// and photo delivered to it).
+    #[serde(default)]
+    pub photos_downloaded: u64,
     /// Acked as durable.
     pub acked: u64,
     /// Acks that arrived within the measured window, of any send (warm-up
@@ -908,6 +938,13 @@ impl Report {
             "group sends: {}  deliveries (one per recipient): {} = {:.1}/s  lost deliveries: {}",
             self.group_sends, self.deliveries, self.deliveries_per_s, self.lost_deliveries
         );
+        if self.photo_sends > 0 || self.photos_downloaded > 0 {
+            let _ = writeln!(
+                t,
+                "photo sends: {}  photos downloaded by recipients: {}",
+                self.photo_sends, self.photos_downloaded
+            );
+        }
         let _ = writeln!(t);
         let _ = writeln!(
             t,

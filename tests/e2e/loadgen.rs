@@ -22,6 +22,8 @@ const REPORT_KEYS: &[&str] = &[
     "duration_s",
     "sent",
     "group_sends",
+    "photo_sends",
+    "photos_downloaded",
     "acked",
     "delivered",
     "deliveries",
@@ -293,6 +295,36 @@ async fn group_sends_reach_every_member_and_bring_back_every_receipt() {
         "one latency sample per recipient"
     );
     assert_eq!(report.stale_messages, 0, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn photo_sends_are_uploaded_delivered_and_downloaded_by_every_recipient() {
+    init_tracing();
+    let report = run(spawned(&[
+        "--users",
+        "12",
+        "--friends",
+        "2",
+        "--photo-fraction",
+        "0.5",
+        "--photo-bytes",
+        "40000",
+        "--rate",
+        "30",
+        "--duration",
+        "2s",
+        "--warmup",
+        "300ms",
+    ]))
+    .await;
+    assert_all_accounted(&report);
+    assert!(
+        report.photo_sends > 0 && report.photo_sends < report.sent,
+        "{report:?}"
+    );
+    // Every photo delivered, warm-up ones too, is downloaded and checked
+    // against its hash (a mismatch is an error, and there are none).
+    assert!(report.photos_downloaded >= report.photo_sends, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
