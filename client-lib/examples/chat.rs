@@ -6,7 +6,9 @@
 //! ```
 //!
 //! Groups: `/group NAME: friend1, friend2`, `/go ID` (any conversation from
-//! `/chats`), `/invite NAME`, `/kick NAME`, `/leave`.
+//! `/chats`), `/invite NAME`, `/kick NAME`, `/leave`. Photos: `/photo PATH`
+//! (or `/photo PATH: caption`) sends one; `/save MEDIA_ID PATH` downloads
+//! one.
 //!
 //! Commands: `/friends` (with online / last active), `/add NAME`, `/accept NAME`, `/chats`, `/open NAME`,
 //! `/history`, `/block NAME`, `/unblock NAME`, `/quit`; any other line is sent to the open
@@ -18,7 +20,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use chat_client::{Client, ClientConfig, Event, HistoryDirection, proto};
+use chat_client::{Client, ClientConfig, Event, HistoryDirection, PhotoUpload, proto};
 use clap::Parser;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -75,7 +77,7 @@ async fn main() -> Result<()> {
     };
     let me = client.identity();
     println!(
-        "logged in as {} (id {}). /friends /add /accept /chats /open /history /quit",
+        "logged in as {} (id {}). /friends /add /accept /chats /open /history /photo /save /quit",
         me.username, me.user_id
     );
     let mut screen = Screen::default();
@@ -279,6 +281,43 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
             };
             print_history(client, screen, conversation).await?;
         }
+        "/photo" => {
+            let Some((conversation, _)) = screen.open.clone() else {
+                bail!("no conversation open (/open NAME)")
+            };
+            let (path, caption) = rest.split_once(": ").unwrap_or((rest, ""));
+            let path = path.trim();
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
+            let media_type = photo_type(&bytes)
+                .context("not a JPEG, PNG, WebP or HEIC file (by its first bytes)")?;
+            let (client, caption) = (client.clone(), caption.to_owned());
+            // Spawned, as texts are: the upload may take a while.
+            tokio::spawn(async move {
+                let upload = PhotoUpload {
+                    bytes: bytes.into(),
+                    media_type,
+                    // The server does not decode images; a real app sends
+                    // the dimensions it read.
+                    width: 1,
+                    height: 1,
+                };
+                let sent = match client.upload_photo(upload).await {
+                    Ok(media_id) => client.send_photo(conversation, &media_id, &caption).await,
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Ok(ack) => println!("  ✓ photo sent (#{})", ack.seq),
+                    Err(e) => println!("  ✗ photo not sent: {e}"),
+                }
+            });
+        }
+        "/save" => {
+            let (id, path) = rest.split_once(' ').context("usage: /save MEDIA_ID PATH")?;
+            let (photo, bytes) = client.download_photo(id.trim()).await?;
+            std::fs::write(path.trim(), &bytes)
+                .with_context(|| format!("cannot write {}", path.trim()))?;
+            println!("-- saved {} bytes to {} --", photo.size, path.trim());
+        }
         _ if cmd.starts_with('/') => bail!("unknown command {cmd}"),
         _ => {
             let Some((conversation, _)) = screen.open.clone() else {
@@ -298,6 +337,30 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
     Ok(true)
 }
 
+/// The photo format of a file, by its first bytes.
+fn photo_type(bytes: &[u8]) -> Option<proto::MediaType> {
+    let start = &bytes[..bytes.len().min(chat_protocol::media::SIGNATURE_LEN)];
+    [
+        proto::MediaType::Jpeg,
+        proto::MediaType::Png,
+        proto::MediaType::Webp,
+        proto::MediaType::Heic,
+    ]
+    .into_iter()
+    .find(|kind| kind.matches(start))
+}
+
+/// A message as a line: its text, and for a photo its size and media id.
+fn line_of(m: &proto::Message) -> String {
+    match &m.photo {
+        Some(p) => format!(
+            "[photo {} bytes, /save {} PATH] {}",
+            p.size, p.media_id, m.text
+        ),
+        None => m.text.clone(),
+    }
+}
+
 async fn print_history(client: &Client, screen: &Screen, conversation: u64) -> Result<()> {
     let page = client
         .history(conversation, HistoryDirection::Backward, 0, 20)
@@ -309,7 +372,7 @@ async fn print_history(client: &Client, screen: &Screen, conversation: u64) -> R
             .get(&m.sender_id)
             .cloned()
             .unwrap_or_else(|| m.sender_id.to_string());
-        println!("#{:<4} {who}: {}", m.seq, m.text);
+        println!("#{:<4} {who}: {}", m.seq, line_of(m));
     }
     if let Some(seq) = last {
         client.mark_seen(conversation, seq).await?;
@@ -325,7 +388,7 @@ fn show(client: &Client, screen: &mut Screen, event: Event) {
                 .get(&m.sender_id)
                 .cloned()
                 .unwrap_or_else(|| m.sender_id.to_string());
-            println!("#{:<4} {who}: {}", m.seq, m.text);
+            println!("#{:<4} {who}: {}", m.seq, line_of(&m));
             // Reading it on screen counts as seen when its chat is open.
             if screen
                 .open
