@@ -6,6 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(["proto/chat.proto"], ["proto"])?;
     prost_build::Config::new()
         .bytes(["."])
+        // Boxed: most messages carry no photo, and a message is held in
+        // caches, queues and long-lived tasks; inline, the field would
+        // double the size of every one.
+        .boxed(".chat.v1.Message.photo")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -1255,7 +1255,7 @@ impl Client {
             &live.conn,
             self.inner.next_request_id(),
             &photo,
-            live.max_text_len,
+            media::chunk_len(live.max_text_len),
             self.inner.config.request_timeout,
         )
         .await

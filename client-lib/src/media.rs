@@ -11,9 +11,16 @@ use sha2::{Digest, Sha256};
 use crate::error::ClientError;
 
 /// Largest chunk of photo bytes a client puts in one frame. Servers take
-/// frames of their text limit plus an envelope at least, so chunks are
-/// kept under both.
+/// frames of their text limit plus 512 bytes at least
+/// ([`chunk_len`]), so chunks are kept under both.
 const MAX_CHUNK: usize = 32 * 1024;
+
+/// The chunk size for a server whose longest text is `max_text_len`: its
+/// frames hold that plus 512 bytes, of which a chunk's envelope takes
+/// less than 32.
+pub(crate) fn chunk_len(max_text_len: usize) -> usize {
+    (max_text_len + 480).min(MAX_CHUNK)
+}
 
 /// A photo to upload.
 #[derive(Debug, Clone)]
@@ -119,7 +126,11 @@ pub(crate) async fn upload(
                 Ok(answer) => answer,
                 Err(_) => return Err(ClientError::Timeout),
             },
-            Err(_) => reader.next().await,
+            // The server stopped reading: its answer says why.
+            Err(_) => match tokio::time::timeout(answer_timeout, reader.next()).await {
+                Ok(answer) => answer,
+                Err(_) => return Err(ClientError::Timeout),
+            },
         },
     };
     match answer.map_err(|e| e.into_error(conn))? {

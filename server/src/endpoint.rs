@@ -500,9 +500,16 @@ async fn purge_sessions(weak: std::sync::Weak<Shared>) {
     }
 }
 
-/// Deletes uploads that no send named within `upload-retention`, a batch
-/// at a time: their rows first (a send naming one then is refused
-/// NOT_FOUND, never left pointing at a missing file), then their files.
+/// How long an upload a send bound is kept at least, stored or not: far
+/// longer than an append takes (the committers give up on a store within
+/// seconds), so the purge never takes one whose message is being stored.
+const BOUND_UPLOAD_GRACE: Duration = Duration::from_secs(600);
+
+/// Deletes uploads that no stored message carries, a batch at a time: those
+/// no send named within `upload-retention`, and those a refused send named
+/// (after the retention, or [`BOUND_UPLOAD_GRACE`] if longer, from its
+/// binding). Their rows first (a send naming one then is refused NOT_FOUND,
+/// never left pointing at a missing file), then their files.
 async fn purge_unsent_photos(weak: &std::sync::Weak<Shared>) {
     let mut purged = 0;
     loop {
@@ -516,9 +523,11 @@ async fn purge_unsent_photos(weak: &std::sync::Weak<Shared>) {
         }) else {
             return;
         };
-        let before = crate::streams::now_ms()
-            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-        match store.purge_media(before, PURGE_BATCH).await {
+        let now = crate::streams::now_ms();
+        let ago =
+            |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let (before, bound_before) = (ago(retention), ago(retention.max(BOUND_UPLOAD_GRACE)));
+        match store.purge_media(before, bound_before, PURGE_BATCH).await {
             Ok(ids) => {
                 for id in &ids {
                     if let Err(e) = media.remove(id).await {

@@ -31,12 +31,25 @@ pub struct Upload {
 }
 
 impl MediaFiles {
-    /// Opens (creating) the directory and removes what uploads cut short
-    /// by a stop left in `tmp` (those untouched for [`STALE_UPLOAD`]: nodes
-    /// sharing the directory may be writing the others).
+    /// Opens the directory, creating it with its 256 subdirectories (made
+    /// durable here, so that storing a photo needs only its own rename
+    /// synced), and removes what uploads cut short by a stop left in `tmp`
+    /// (those untouched for [`STALE_UPLOAD`]: nodes sharing the directory
+    /// may be writing the others).
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&tmp)?;
+        let mut created = false;
+        for prefix in 0..=255u8 {
+            let sub = dir.join(format!("{prefix:02x}"));
+            if !sub.is_dir() {
+                std::fs::create_dir(&sub)?;
+                created = true;
+            }
+        }
+        if created {
+            File::open(dir)?.sync_all()?;
+        }
         let now = std::time::SystemTime::now();
         for entry in std::fs::read_dir(&tmp)? {
             let entry = entry?;
@@ -86,11 +99,14 @@ impl MediaFiles {
             file.sync_all()?;
             drop(file);
             let parent = target.parent().expect("a media path has a parent");
-            std::fs::create_dir_all(parent)?;
             std::fs::rename(&upload.path, &target)?;
             upload.kept();
-            // The rename is durable once the directory is synced.
-            File::open(parent)?.sync_all()?;
+            // The rename is durable once the directory is synced; if that
+            // fails, the photo is not stored, and not left in place either.
+            if let Err(e) = File::open(parent).and_then(|d| d.sync_all()) {
+                let _ = std::fs::remove_file(&target);
+                return Err(e);
+            }
             Ok(())
         })
         .await

@@ -131,7 +131,7 @@ each_backend! {
 
         let (header, fetched) = bob.download_photo(&media_id).await.unwrap();
         assert_eq!(fetched, bytes);
-        assert_eq!(header, photo);
+        assert_eq!(header, *photo);
         // Carol is Alice's friend but not in this conversation.
         assert_eq!(code(carol.download_photo(&media_id).await), ErrorCode::NotFound);
         assert_eq!(
@@ -204,9 +204,16 @@ each_backend! {
         let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
         let answer = raw_media(&raw, &[declared(png, png.len() as u64), chunk(png)], true).await;
         assert_eq!(refusal_code(&answer), ErrorCode::MediaRejected);
-        // More bytes than declared, and fewer.
-        let answer = raw_media(&raw, &[declared(&good, 40_000), chunk(&good)], true).await;
+        // More bytes than declared: refused as they come, without waiting
+        // for the end of the stream (which never comes here).
+        let answer = raw_media(
+            &raw,
+            &[declared(&good, 40_000), chunk(&good[..30_000]), chunk(&good[30_000..])],
+            false,
+        )
+        .await;
         assert_eq!(refusal_code(&answer), ErrorCode::MediaRejected);
+        // Fewer.
         let answer = raw_media(&raw, &[declared(&good, 50_000), chunk(&good[..49_999])], true).await;
         assert_eq!(refusal_code(&answer), ErrorCode::MediaRejected);
         // Bad declarations and frames.
@@ -306,6 +313,7 @@ each_backend! {
     async fn uploads_nobody_sent_are_purged_after_the_retention(backend: Backend) {
         let server = TestServer::start_on_with(backend, |c| {
             c.limits.upload_retention = Duration::from_secs(1);
+            c.limits.uploads_per_hour = 2;
             c.limits.session_purge_interval = Duration::from_millis(100);
         })
         .await;
@@ -316,6 +324,13 @@ each_backend! {
         let sent = alice.upload_photo(upload_of(jpeg(2_000))).await.unwrap();
         alice.send_photo(conversation, &sent, "kept").await.unwrap();
         let unsent = alice.upload_photo(upload_of(jpeg(3_000))).await.unwrap();
+        // Two an hour.
+        let third = alice.upload_photo(upload_of(jpeg(1_000))).await.unwrap_err();
+        assert_eq!(third.code(), Some(ErrorCode::RateLimited));
+        assert!(
+            matches!(&third, chat_client::ClientError::Server { retry_after: Some(_), .. }),
+            "{third:?}"
+        );
         wait_until("the unsent upload's file is deleted", || async {
             !media_files(&media_dir).contains(&unsent)
         })
@@ -327,5 +342,46 @@ each_backend! {
         assert_eq!(kept, jpeg(2_000));
         let scraped = scrape(server.server.as_ref().unwrap().metrics_addr()).await;
         assert_eq!(value(&scraped, "chat_photos_purged_total"), 1.0);
+    }
+
+    async fn who_may_fetch_a_photo_follows_what_history_shows(backend: Backend) {
+        let server = TestServer::start_on(backend).await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let (carol, mut carol_events) = register(server.client_config(), &name("carol")).await;
+        befriend(&alice, &bob).await;
+        let with_carol = befriend(&alice, &carol).await;
+        let (bob_id, carol_id) = (bob.identity().user_id, carol.identity().user_id);
+
+        // A member added later does not get photos from before they joined.
+        let group = alice.create_group("trip", &[bob_id]).await.unwrap().conversation_id;
+        let before = alice.upload_photo(upload_of(jpeg(4_000))).await.unwrap();
+        alice.send_photo(group, &before, "before").await.unwrap();
+        alice.add_members(group, &[carol_id]).await.unwrap();
+        let after = alice.upload_photo(upload_of(jpeg(6_000))).await.unwrap();
+        alice.send_photo(group, &after, "after").await.unwrap();
+        let got = wait_for(&mut carol_events, "the photo sent after carol joined", |e| match e {
+            chat_client::Event::Message(m) if m.photo.is_some() => Some(m),
+            _ => None,
+        })
+        .await;
+        assert_eq!(got.photo.unwrap().media_id, after);
+        assert_eq!(carol.download_photo(&after).await.unwrap().1, jpeg(6_000));
+        assert_eq!(code(carol.download_photo(&before).await), ErrorCode::NotFound);
+        assert_eq!(bob.download_photo(&before).await.unwrap().1, jpeg(4_000));
+        let bob_got = messages(&mut bob_events, 4).await;
+        assert!(bob_got.iter().any(|m| m.photo.as_ref().is_some_and(|p| p.media_id == before)));
+
+        // A send refused after its photo was bound stores nothing: the other
+        // member cannot fetch it, and the uploader cannot send it elsewhere
+        // (it is left to the purge).
+        carol.remove_friend(alice.identity().user_id).await.unwrap();
+        let refused = alice.upload_photo(upload_of(jpeg(5_000))).await.unwrap();
+        assert_eq!(
+            code(alice.send_photo(with_carol, &refused, "").await),
+            ErrorCode::NotFriends
+        );
+        assert_eq!(code(carol.download_photo(&refused).await), ErrorCode::NotFound);
+        assert_eq!(alice.download_photo(&refused).await.unwrap().1, jpeg(5_000));
     }
 }

@@ -170,6 +170,7 @@ pub fn upload(media_id: &str, owner: UserId, created_ms: i64) -> MediaRecord {
         sha256: [7; 32],
         created_ms,
         conversation_id: None,
+        seq: None,
     }
 }
 
@@ -1964,8 +1965,10 @@ pub async fn closed_direct_conversations_keep_their_watermarks_to_themselves(
     ));
 }
 
-/// Uploads: recorded, bound to one conversation by a send, carried by the
-/// message wherever it is read, and purged only while unsent.
+/// Uploads: recorded, bound to one conversation by a send, marked with the
+/// seq of the stored message that carries them, carried by that message
+/// wherever it is read, and purged only while no stored message carries
+/// them (including after a send refused once it had bound one).
 pub async fn photos(store: &impl HistoryStore) {
     let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
     let carol = store
@@ -1976,6 +1979,12 @@ pub async fn photos(store: &impl HistoryStore) {
     store.friend_accept(carol, a, 2).await.unwrap();
     let other = store.open_direct(a, carol, 3).await.unwrap();
     let id = |n: u8| format!("{n:032x}");
+    let photo_message = |key: &str, media: &MediaRecord, now_ms: i64| {
+        let mut m = text(c, a, key, "our trip", now_ms);
+        m.message_type = proto::MessageType::Photo;
+        m.photo = Some(Box::new(media.photo()));
+        m
+    };
 
     let first = upload(&id(1), a, 100);
     store.create_media(first.clone()).await.unwrap();
@@ -1988,11 +1997,11 @@ pub async fn photos(store: &impl HistoryStore) {
 
     // Only its uploader binds it, only where they are a member, and once.
     assert!(matches!(
-        store.attach_media(&id(1), b, c).await,
+        store.attach_media(&id(1), b, c, 150).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.attach_media(&id(9), a, c).await,
+        store.attach_media(&id(9), a, c, 150).await,
         Err(StoreError::NotFound)
     ));
     let group_of_others = match store
@@ -2013,32 +2022,31 @@ pub async fn photos(store: &impl HistoryStore) {
         GroupCreated::Existing(id) => id,
     };
     assert!(matches!(
-        store.attach_media(&id(1), a, group_of_others).await,
+        store.attach_media(&id(1), a, group_of_others, 150).await,
         Err(StoreError::NotAMember)
     ));
-    let bound = store.attach_media(&id(1), a, c).await.unwrap();
-    assert_eq!(bound.conversation_id, Some(c));
+    let bound = store.attach_media(&id(1), a, c, 150).await.unwrap();
+    assert_eq!((bound.conversation_id, bound.seq), (Some(c), None));
     assert_eq!(
-        store.attach_media(&id(1), a, c).await.unwrap(),
+        store.attach_media(&id(1), a, c, 160).await.unwrap(),
         bound,
         "binding it again to the same conversation (a retry) is fine"
     );
     assert!(matches!(
-        store.attach_media(&id(1), a, other).await,
+        store.attach_media(&id(1), a, other, 170).await,
         Err(StoreError::Invalid(_))
     ));
-    assert_eq!(store.media(&id(1)).await.unwrap(), Some(bound.clone()));
 
-    // The message carries the photo in every read.
-    let mut message = text(c, a, "photo-1", "our trip", 200);
-    message.message_type = proto::MessageType::Photo;
-    message.photo = Some(bound.photo());
+    // Storing the message marks the upload with its seq; the message
+    // carries the photo in every read.
     let appended = store
-        .append(vec![message])
+        .append(vec![photo_message("photo-1", &bound, 200)])
         .await
         .unwrap()
         .remove(0)
         .unwrap();
+    let seq = appended.message.seq;
+    assert_eq!(store.media(&id(1)).await.unwrap().unwrap().seq, Some(seq));
     let photo = appended
         .message
         .photo
@@ -2053,11 +2061,7 @@ pub async fn photos(store: &impl HistoryStore) {
     assert_eq!(page.messages.last().unwrap().text, "our trip");
     let pending = store.undelivered(b, (0, 0), 10).await.unwrap();
     assert_eq!(
-        pending
-            .iter()
-            .find(|m| m.seq == appended.message.seq)
-            .unwrap()
-            .photo,
+        pending.iter().find(|m| m.seq == seq).unwrap().photo,
         Some(photo.clone())
     );
     let views = store
@@ -2069,13 +2073,16 @@ pub async fn photos(store: &impl HistoryStore) {
         view.last_message.as_ref().unwrap().photo,
         Some(photo.clone())
     );
-    // A retry gets the original, photo and all.
-    let mut retry = text(c, a, "photo-1", "our trip", 201);
-    retry.message_type = proto::MessageType::Photo;
-    retry.photo = Some(bound.photo());
-    let repeated = store.append(vec![retry]).await.unwrap().remove(0).unwrap();
+    // A retry gets the original, photo and all, and moves nothing.
+    let repeated = store
+        .append(vec![photo_message("photo-1", &bound, 201)])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
     assert!(repeated.duplicate);
     assert_eq!(repeated.message.photo, Some(photo));
+    assert_eq!(store.media(&id(1)).await.unwrap().unwrap().seq, Some(seq));
     // Texts carry none.
     let plain = store
         .append(vec![text(c, b, "t-1", "nice", 300)])
@@ -2087,8 +2094,19 @@ pub async fn photos(store: &impl HistoryStore) {
     let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
     assert_eq!(page.messages.last().unwrap().photo, None);
 
+    // A send refused after its binding (its key was spent on a text)
+    // leaves the upload bound and unsent.
+    let refused_upload = upload(&id(6), a, 400);
+    store.create_media(refused_upload.clone()).await.unwrap();
+    let refused_bound = store.attach_media(&id(6), a, c, 410).await.unwrap();
+    let mut spent = photo_message("t-1", &refused_bound, 420);
+    spent.sender_id = b;
+    assert!(store.append(vec![spent]).await.unwrap().remove(0).is_err());
+    assert_eq!(store.media(&id(6)).await.unwrap().unwrap().seq, None);
+
     // The purge takes unsent uploads made before its time, a batch at a
-    // time, and never a sent one.
+    // time; bound ones only once bound before its second time; never a
+    // sent one.
     for n in 2..=4 {
         store
             .create_media(upload(&id(n), a, 100 + i64::from(n)))
@@ -2099,17 +2117,25 @@ pub async fn photos(store: &impl HistoryStore) {
         .create_media(upload(&id(5), carol, 1_000))
         .await
         .unwrap();
-    let mut purged = store.purge_media(500, 2).await.unwrap();
+    let mut purged = store.purge_media(500, 405, 2).await.unwrap();
     assert_eq!(purged.len(), 2);
-    purged.extend(store.purge_media(500, 2).await.unwrap());
+    purged.extend(store.purge_media(500, 405, 2).await.unwrap());
     purged.sort();
     assert_eq!(purged, vec![id(2), id(3), id(4)]);
-    assert!(store.purge_media(500, 2).await.unwrap().is_empty());
+    assert!(store.purge_media(500, 405, 2).await.unwrap().is_empty());
+    assert!(
+        store.media(&id(6)).await.unwrap().is_some(),
+        "bound since: kept"
+    );
+    assert_eq!(store.purge_media(500, 500, 10).await.unwrap(), vec![id(6)]);
     assert!(store.media(&id(1)).await.unwrap().is_some(), "sent: kept");
-    assert!(store.media(&id(5)).await.unwrap().is_some(), "recent: kept");
-    assert!(store.media(&id(3)).await.unwrap().is_none());
+    assert!(store.purge_media(i64::MAX, i64::MAX, 10).await.unwrap() == vec![id(5)]);
+    assert!(
+        store.media(&id(1)).await.unwrap().is_some(),
+        "sent: kept for good"
+    );
     assert!(matches!(
-        store.attach_media(&id(3), a, c).await,
+        store.attach_media(&id(3), a, c, 600).await,
         Err(StoreError::NotFound)
     ));
 }

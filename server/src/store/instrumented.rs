@@ -380,23 +380,26 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         media_id: &str,
         owner: UserId,
         conversation_id: ConversationId,
+        now_ms: i64,
     ) -> Result<MediaRecord, StoreError> {
         timed!(
             self,
             "attach_media",
-            self.inner.attach_media(media_id, owner, conversation_id)
+            self.inner
+                .attach_media(media_id, owner, conversation_id, now_ms)
         )
     }
 
     async fn purge_media(
         &self,
-        created_before_ms: i64,
+        before_ms: i64,
+        bound_before_ms: i64,
         limit: u32,
     ) -> Result<Vec<String>, StoreError> {
         timed!(
             self,
             "purge_media",
-            self.inner.purge_media(created_before_ms, limit)
+            self.inner.purge_media(before_ms, bound_before_ms, limit)
         )
     }
 }

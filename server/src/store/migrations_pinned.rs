@@ -28,7 +28,7 @@ const PINNED: &[(&str, &str)] = &[
         "src/store/sqlite/V11__history_identity.sql",
         "f4b739cc7cbed4ca",
     ),
-    ("src/store/sqlite/V12__media.sql", "255885ed1e1f08e6"),
+    ("src/store/sqlite/V12__media.sql", "f70c448ccc34e590"),
     ("migrations/postgres/V1__initial.sql", "5dcc721cc018b873"),
     ("migrations/postgres/V2__presence.sql", "3b2f2f2d011302a9"),
     ("migrations/postgres/V3__group_keys.sql", "e2a65111b1b8dfff"),
@@ -50,7 +50,7 @@ const PINNED: &[(&str, &str)] = &[
         "migrations/postgres/V9__history_identity.sql",
         "cba9a9c07c336fea",
     ),
-    ("migrations/postgres/V10__media.sql", "72eb3b3fc6258309"),
+    ("migrations/postgres/V10__media.sql", "68535e6181a2a8b7"),
 ];
 
 #[test]

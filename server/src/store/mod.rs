@@ -454,8 +454,9 @@ pub struct NewMessage {
     /// Content: the text, or a photo's caption.
     pub text: String,
     /// For a photo, what the message carries of it (from the upload's
-    /// record, [`HistoryStore::attach_media`]).
-    pub photo: Option<proto::Photo>,
+    /// record, [`HistoryStore::attach_media`]). Storing the message
+    /// records its seq on the upload.
+    pub photo: Option<Box<proto::Photo>>,
     /// Server time at submission, Unix ms.
     pub now_ms: i64,
 }
@@ -480,8 +481,11 @@ pub struct MediaRecord {
     pub sha256: [u8; 32],
     /// When the upload was stored, Unix ms.
     pub created_ms: i64,
-    /// The conversation it was sent to, once a send named it.
+    /// The conversation a send named it for ([`HistoryStore::attach_media`]).
     pub conversation_id: Option<ConversationId>,
+    /// The seq of the stored message that carries it, once one does: the
+    /// members who may read that seq may fetch it.
+    pub seq: Option<u64>,
 }
 
 impl MediaRecord {
@@ -505,10 +509,10 @@ pub(crate) fn encode_photo(photo: Option<&proto::Photo>) -> Option<Vec<u8>> {
 
 /// Decodes a row's `attachment`. A value that does not decode (which only
 /// a damaged row holds) reads as no photo rather than failing the page.
-pub(crate) fn decode_photo(attachment: Option<&[u8]>) -> Option<proto::Photo> {
+pub(crate) fn decode_photo(attachment: Option<&[u8]>) -> Option<Box<proto::Photo>> {
     let bytes = attachment?;
     match <proto::Photo as prost::Message>::decode(bytes) {
-        Ok(photo) => Some(photo),
+        Ok(photo) => Some(Box::new(photo)),
         Err(e) => {
             tracing::error!(error = %e, "a stored photo attachment does not decode");
             None
@@ -885,23 +889,33 @@ pub trait HistoryStore: Send + Sync + 'static {
     async fn media(&self, media_id: &str) -> Result<Option<MediaRecord>, StoreError>;
 
     /// Binds `owner`'s upload to the conversation a send names, before the
-    /// send is appended, and returns it. A photo goes to one conversation:
-    /// naming it again for the same one (a retry, or a resend) is fine,
-    /// for another one is `Invalid`. `NotFound` unless `owner` uploaded
-    /// it; `NotAMember` unless `owner` is a member of the conversation.
+    /// send is appended (whose transaction then records the message's seq
+    /// on it), and returns it. A photo goes to one conversation: naming it
+    /// again for the same one (a retry, or a resend) is fine and counts as
+    /// binding it again at `now_ms`, for another one is `Invalid`.
+    /// `NotFound` unless `owner` uploaded it; `NotAMember` unless `owner`
+    /// is a member of the conversation.
     async fn attach_media(
         &self,
         media_id: &str,
         owner: UserId,
         conversation_id: ConversationId,
+        now_ms: i64,
     ) -> Result<MediaRecord, StoreError>;
 
-    /// Deletes up to `limit` uploads stored before `created_before_ms`
-    /// that no send named, and returns their ids (their files are the
-    /// caller's to delete). Fewer than `limit`: none are left.
+    /// Deletes up to `limit` uploads that no stored message carries:
+    /// those no send bound ([`attach_media`]) uploaded before `before_ms`,
+    /// and those last bound before `bound_before_ms` (a send refused after
+    /// its binding leaves its upload to this; the caller keeps the bound
+    /// ones long enough for any append in flight to have ended). Returns
+    /// their ids (their files are the caller's to delete). Fewer than
+    /// `limit`: none are left.
+    ///
+    /// [`attach_media`]: Self::attach_media
     async fn purge_media(
         &self,
-        created_before_ms: i64,
+        before_ms: i64,
+        bound_before_ms: i64,
         limit: u32,
     ) -> Result<Vec<String>, StoreError>;
 }

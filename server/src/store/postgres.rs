@@ -511,6 +511,11 @@ impl PostgresStore {
         let insert_stmt = client.prepare_cached(INSERT_MESSAGES).await.map_err(pg)?;
         let own_stmt = client.prepare_cached(OWN_WATERMARKS).await.map_err(pg)?;
         let xid_stmt = client.prepare_cached(TRANSACTION_ID).await.map_err(pg)?;
+        // Only batches with a photo have one more statement.
+        let photos_stmt = match batch.iter().any(|m| m.photo.is_some()) {
+            true => Some(client.prepare_cached(PHOTOS_SENT).await.map_err(pg)?),
+            false => None,
+        };
 
         let mut seen_keys = HashSet::new();
         let (key_senders, key_ids): (Vec<i64>, Vec<&str>) = batch
@@ -634,15 +639,25 @@ impl PostgresStore {
                 &writes.own_caught_up_at,
                 &writes.own_moved_to,
             ];
+            let photos_params: [Param<'_>; 2] = [&writes.photo_ids, &writes.photo_seqs];
+            let photos_sent = async {
+                match &photos_stmt {
+                    Some(stmt) if !writes.photo_ids.is_empty() => {
+                        tx.execute(stmt, &photos_params).await
+                    }
+                    _ => Ok(0),
+                }
+            };
             let written = tokio::try_join!(
                 biased;
                 tx.query(&lock_members_stmt, &lock_params),
                 tx.execute(&bump_stmt, &bump_params),
                 tx.query(&insert_stmt, &insert_params),
+                photos_sent,
                 tx.execute(&own_stmt, &own_params),
                 tx.query(&xid_stmt, &[]),
             );
-            let (_, _, inserted, _, xid_rows) = match written {
+            let (_, _, inserted, _, _, xid_rows) = match written {
                 Ok(written) => written,
                 // Rows are inserted in batch order, and a sender's keys
                 // are unique across conversations: two batches of
@@ -837,6 +852,9 @@ struct Writes<'a> {
     sent_at_ms: Vec<i64>,
     bodies: Vec<&'a str>,
     attachments: Vec<Option<Vec<u8>>>,
+    /// The uploads of the new photo messages, and their seqs.
+    photo_ids: Vec<&'a str>,
+    photo_seqs: Vec<i64>,
     // Per conversation: the new last seq and activity time.
     bump_ids: Vec<i64>,
     bump_last_seqs: Vec<i64>,
@@ -878,7 +896,11 @@ impl<'a> Writes<'a> {
             w.sent_at_ms.push(m.now_ms);
             w.bodies.push(&m.text);
             w.attachments
-                .push(crate::store::encode_photo(m.photo.as_ref()));
+                .push(crate::store::encode_photo(m.photo.as_deref()));
+            if let Some(photo) = &m.photo {
+                w.photo_ids.push(&photo.media_id);
+                w.photo_seqs.push(sql(seq));
+            }
             bumps.insert(m.conversation_id, (seq, m.now_ms));
             match runs.entry(m.conversation_id) {
                 btree_map::Entry::Vacant(v) => {
@@ -2133,7 +2155,7 @@ impl HistoryStore for PostgresStore {
         let inserted = self
             .execute(
                 &format!(
-                    "INSERT INTO media ({MEDIA_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                    "INSERT INTO media ({MEDIA_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                      ON CONFLICT (media_id) DO NOTHING"
                 ),
                 &[
@@ -2146,6 +2168,7 @@ impl HistoryStore for PostgresStore {
                     &&media.sha256[..],
                     &media.created_ms,
                     &media.conversation_id.map(sql),
+                    &media.seq.map(sql),
                 ],
             )
             .await?;
@@ -2170,19 +2193,22 @@ impl HistoryStore for PostgresStore {
         media_id: &str,
         owner: UserId,
         conversation_id: ConversationId,
+        now_ms: i64,
     ) -> Result<MediaRecord, StoreError> {
-        // One statement binds it, if it is the owner's, unbound, and the
-        // owner is a member; otherwise the row says why not.
+        // One statement binds it (again), if it is the owner's, unbound or
+        // bound to this conversation, and the owner is a member; otherwise
+        // the row says why not.
         let bound = self
             .row(
                 &format!(
-                    "UPDATE media SET conversation_id = $3
-                     WHERE media_id = $1 AND owner_id = $2 AND conversation_id IS NULL
+                    "UPDATE media SET conversation_id = $3, bound_ms = $4
+                     WHERE media_id = $1 AND owner_id = $2
+                       AND (conversation_id IS NULL OR conversation_id = $3)
                        AND EXISTS (SELECT 1 FROM members
                                    WHERE conversation_id = $3 AND user_id = $2)
                      RETURNING {MEDIA_COLUMNS}"
                 ),
-                &[&media_id, &sql(owner), &sql(conversation_id)],
+                &[&media_id, &sql(owner), &sql(conversation_id), &now_ms],
             )
             .await?;
         if let Some(row) = bound {
@@ -2190,9 +2216,10 @@ impl HistoryStore for PostgresStore {
         }
         match self.media(media_id).await? {
             Some(media) if media.owner == owner => match media.conversation_id {
-                Some(c) if c == conversation_id => Ok(media),
-                Some(_) => Err(StoreError::Invalid(PHOTO_SENT_ELSEWHERE.into())),
-                None => Err(StoreError::NotAMember),
+                Some(c) if c != conversation_id => {
+                    Err(StoreError::Invalid(PHOTO_SENT_ELSEWHERE.into()))
+                }
+                _ => Err(StoreError::NotAMember),
             },
             _ => Err(StoreError::NotFound),
         }
@@ -2200,19 +2227,27 @@ impl HistoryStore for PostgresStore {
 
     async fn purge_media(
         &self,
-        created_before_ms: i64,
+        before_ms: i64,
+        bound_before_ms: i64,
         limit: u32,
     ) -> Result<Vec<String>, StoreError> {
+        let bound_before_ms = bound_before_ms.min(before_ms);
         // Nodes purging at once delete each row once: the loser's DELETE
         // finds it gone (or waits for the winner's lock, then skips it).
+        // The outer conditions are checked again on the row as it is once
+        // locked: a send that bound it, or stored it, meanwhile keeps it.
+        // Bound at or after its upload, and `bound_before_ms` is at most
+        // `before_ms`, so `created_ms` bounds the index range either way.
         let rows = self
             .rows(
                 "DELETE FROM media WHERE media_id IN
                  (SELECT media_id FROM media
-                  WHERE conversation_id IS NULL AND created_ms < $1 LIMIT $2)
-                   AND conversation_id IS NULL
+                  WHERE seq IS NULL AND created_ms < $1
+                    AND (conversation_id IS NULL OR bound_ms < $2)
+                  LIMIT $3)
+                   AND seq IS NULL AND (conversation_id IS NULL OR bound_ms < $2)
                  RETURNING media_id",
-                &[&created_before_ms, &i64::from(limit)],
+                &[&before_ms, &bound_before_ms, &i64::from(limit)],
             )
             .await?;
         rows.iter().map(|row| col(row, 0)).collect()
@@ -2221,7 +2256,7 @@ impl HistoryStore for PostgresStore {
 
 /// The columns [`media_from_row`] reads.
 const MEDIA_COLUMNS: &str =
-    "media_id, owner_id, media_type, size, width, height, sha256, created_ms, conversation_id";
+    "media_id, owner_id, media_type, size, width, height, sha256, created_ms, conversation_id, seq";
 
 fn media_from_row(row: &Row) -> Result<MediaRecord, StoreError> {
     let sha256: &[u8] = col(row, 6)?;
@@ -2236,6 +2271,7 @@ fn media_from_row(row: &Row) -> Result<MediaRecord, StoreError> {
         sha256: sha256.try_into().unwrap_or([0; 32]),
         created_ms: col(row, 7)?,
         conversation_id: col::<Option<i64>>(row, 8)?.map(id),
+        seq: col::<Option<i64>>(row, 9)?.map(id),
     })
 }
 
@@ -2344,6 +2380,14 @@ const INSERT_MESSAGES: &str = "
                          $5::int4[], $6::bigint[], $7::text[], $8::bytea[])
     ON CONFLICT (sender_id, client_msg_id) DO NOTHING
     RETURNING conversation_id, seq, message_id";
+
+/// Records on each upload the seq of the new message that carries it (in
+/// the append's transaction: rolled back, the upload stays unsent, for the
+/// purge).
+const PHOTOS_SENT: &str = "
+    UPDATE media SET seq = u.seq
+    FROM unnest($1::text[], $2::bigint[]) AS u(id, seq)
+    WHERE media.media_id = u.id";
 
 /// Moves a sender's watermarks over their own run of messages, each one
 /// only if it was caught up (equal to the last seq before the batch).

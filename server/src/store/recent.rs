@@ -35,7 +35,10 @@ pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
 const MESSAGE_OVERHEAD: usize = 128;
 
 fn cost(message: &proto::Message) -> usize {
-    message.text.len() + message.client_msg_id.len() + MESSAGE_OVERHEAD
+    let photo = message.photo.as_ref().map_or(0, |p| {
+        size_of::<proto::Photo>() + p.media_id.len() + p.sha256.len()
+    });
+    message.text.len() + message.client_msg_id.len() + photo + MESSAGE_OVERHEAD
 }
 
 /// See the module docs.

@@ -1783,6 +1783,15 @@ fn append_one(
         return crate::store::check_retry(original, &m);
     }
     let message_id = state.next_message_id;
+    // The upload is the photo of a stored message from here on (in this
+    // transaction: rolled back, it stays unsent, for the purge). First, so
+    // that a failure leaves nothing of the message written.
+    if let Some(photo) = &m.photo {
+        conn.prepare_cached("UPDATE media SET seq = ?2 WHERE media_id = ?1")
+            .map_err(internal)?
+            .execute(params![photo.media_id, sql(seq)])
+            .map_err(internal)?;
+    }
     conn.prepare_cached(
         "INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body, attachment)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -1797,7 +1806,7 @@ fn append_one(
             m.message_type as i32,
             m.now_ms,
             m.text,
-            crate::store::encode_photo(m.photo.as_ref()),
+            crate::store::encode_photo(m.photo.as_deref()),
         ])
         .map_err(internal)?;
     state.keys.entry(m.sender_id).or_default().insert(
@@ -2847,7 +2856,7 @@ impl HistoryStore for SqliteStore {
     async fn create_media(&self, media: MediaRecord) -> Result<(), StoreError> {
         self.call(move |conn, _| {
             conn.prepare_cached(&format!(
-                "INSERT INTO media ({MEDIA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                "INSERT INTO media ({MEDIA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
             ))
             .map_err(internal)?
             .execute(params![
@@ -2860,6 +2869,7 @@ impl HistoryStore for SqliteStore {
                 &media.sha256[..],
                 media.created_ms,
                 media.conversation_id.map(sql),
+                media.seq.map(sql),
             ])
             .map_err(|e| {
                 if is_unique_violation(&e) {
@@ -2883,14 +2893,26 @@ impl HistoryStore for SqliteStore {
         media_id: &str,
         owner: UserId,
         conversation_id: ConversationId,
+        now_ms: i64,
     ) -> Result<MediaRecord, StoreError> {
         let media_id = media_id.to_owned();
         self.call(move |conn, _| {
             let Some(mut media) = media_row(conn, &media_id)?.filter(|m| m.owner == owner) else {
                 return Err(StoreError::NotFound);
             };
+            let bind = |conn: &Connection| {
+                conn.prepare_cached(
+                    "UPDATE media SET conversation_id = ?2, bound_ms = ?3 WHERE media_id = ?1",
+                )
+                .map_err(internal)?
+                .execute(params![media_id, sql(conversation_id), now_ms])
+                .map_err(internal)
+            };
             match media.conversation_id {
-                Some(c) if c == conversation_id => return Ok(media),
+                Some(c) if c == conversation_id => {
+                    bind(conn)?;
+                    return Ok(media);
+                }
                 Some(_) => return Err(StoreError::Invalid(PHOTO_SENT_ELSEWHERE.into())),
                 None => {}
             }
@@ -2904,10 +2926,7 @@ impl HistoryStore for SqliteStore {
             if !member {
                 return Err(StoreError::NotAMember);
             }
-            conn.prepare_cached("UPDATE media SET conversation_id = ?2 WHERE media_id = ?1")
-                .map_err(internal)?
-                .execute(params![media_id, sql(conversation_id)])
-                .map_err(internal)?;
+            bind(conn)?;
             media.conversation_id = Some(conversation_id);
             Ok(media)
         })
@@ -2916,20 +2935,27 @@ impl HistoryStore for SqliteStore {
 
     async fn purge_media(
         &self,
-        created_before_ms: i64,
+        before_ms: i64,
+        bound_before_ms: i64,
         limit: u32,
     ) -> Result<Vec<String>, StoreError> {
+        // Bound at or after its upload, and `bound_before_ms` is at most
+        // `before_ms` (the caller's rule), so `created_ms` bounds the index
+        // range either way.
+        let bound_before_ms = bound_before_ms.min(before_ms);
         self.call(move |conn, _| {
             let mut stmt = conn
                 .prepare_cached(
                     "DELETE FROM media WHERE media_id IN
                      (SELECT media_id FROM media
-                      WHERE conversation_id IS NULL AND created_ms < ?1 LIMIT ?2)
+                      WHERE seq IS NULL AND created_ms < ?1
+                        AND (conversation_id IS NULL OR bound_ms < ?2)
+                      LIMIT ?3)
                      RETURNING media_id",
                 )
                 .map_err(internal)?;
             let ids = stmt
-                .query_map(params![created_before_ms, limit], |r| r.get(0))
+                .query_map(params![before_ms, bound_before_ms, limit], |r| r.get(0))
                 .map_err(internal)?;
             ids.collect::<rusqlite::Result<_>>().map_err(internal)
         })
@@ -2939,7 +2965,7 @@ impl HistoryStore for SqliteStore {
 
 /// The columns [`media_from_row`] reads.
 const MEDIA_COLUMNS: &str =
-    "media_id, owner_id, media_type, size, width, height, sha256, created_ms, conversation_id";
+    "media_id, owner_id, media_type, size, width, height, sha256, created_ms, conversation_id, seq";
 
 fn media_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MediaRecord> {
     let sha256: Vec<u8> = row.get(6)?;
@@ -2954,6 +2980,7 @@ fn media_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MediaRecord> {
         sha256: sha256.try_into().unwrap_or([0; 32]),
         created_ms: row.get(7)?,
         conversation_id: row.get::<_, Option<i64>>(8)?.map(|c| c as u64),
+        seq: row.get::<_, Option<i64>>(9)?.map(|s| s as u64),
     })
 }
 

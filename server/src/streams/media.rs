@@ -33,6 +33,11 @@ const MEDIA_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 /// and their lengths).
 const CHUNK_OVERHEAD: usize = 32;
 
+/// Upload bytes gathered before one write to the file: chunks as small as
+/// a byte each cost a frame apiece but not a write (and a trip to the
+/// blocking pool) apiece.
+const WRITE_BUFFER: usize = 64 * 1024;
+
 /// Serves one media stream.
 pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: FrameReader) {
     let first = match tokio::time::timeout(MEDIA_FRAME_TIMEOUT, reader.next()).await {
@@ -214,6 +219,7 @@ async fn upload(
     // The first bytes, until there are enough to tell the format.
     let mut start: Vec<u8> = Vec::with_capacity(SIGNATURE_LEN);
     let mut checked = false;
+    let mut pending = BytesMut::new();
     loop {
         let frame = next_frame(reader).await?;
         let Some(frame) = frame else {
@@ -249,7 +255,19 @@ async fn upload(
             }
         }
         hasher.update(&data);
-        file = file.write(data).await.map_err(storage_failure)?;
+        pending.extend_from_slice(&data);
+        if pending.len() >= WRITE_BUFFER {
+            file = file
+                .write(pending.split().freeze())
+                .await
+                .map_err(storage_failure)?;
+        }
+    }
+    if !pending.is_empty() {
+        file = file
+            .write(pending.freeze())
+            .await
+            .map_err(storage_failure)?;
     }
     if received != declared.size {
         return Err(rejected(format!(
@@ -293,6 +311,7 @@ async fn store_upload(
         sha256: declared.sha256[..].try_into().expect("checked: 32 bytes"),
         created_ms: now_ms(),
         conversation_id: None,
+        seq: None,
     };
     if let Err(e) = shared.store.create_media(record).await {
         // Unrecorded, nobody can fetch or send it: the file goes. (If the
@@ -341,14 +360,17 @@ async fn fetch(
         .await
         .map_err(|e| Failure::Refused(e.into()))?
         .ok_or_else(not_found)?;
+    // Its uploader, or a member who may read the message that carries it
+    // (one added later reads from the message that added them on).
     let allowed = media.owner == authed.user_id
-        || match media.conversation_id {
-            Some(conversation) => shared
+        || match (media.conversation_id, media.seq) {
+            (Some(conversation), Some(seq)) => shared
                 .store
-                .is_member(conversation, authed.user_id)
+                .membership(conversation, authed.user_id)
                 .await
-                .map_err(|e| Failure::Refused(e.into()))?,
-            None => false,
+                .map_err(|e| Failure::Refused(e.into()))?
+                .is_some_and(|m| m.joined_seq <= seq),
+            _ => false,
         };
     if !allowed {
         return Err(not_found());

@@ -311,7 +311,12 @@ fn attach_photo(
         let media = session
             .shared
             .store
-            .attach_media(&media_id, message.sender_id, message.conversation_id)
+            .attach_media(
+                &media_id,
+                message.sender_id,
+                message.conversation_id,
+                message.now_ms,
+            )
             .await
             .map_err(|e| match e {
                 StoreError::NotFound => {
@@ -319,7 +324,7 @@ fn attach_photo(
                 }
                 e => Refusal::from(e),
             })?;
-        message.photo = Some(media.photo());
+        message.photo = Some(Box::new(media.photo()));
         Ok(message)
     })
 }
