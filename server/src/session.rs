@@ -471,8 +471,9 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
         let mut opened = session.opened.lock().expect("opened lock");
         let slot = &mut opened[kind as usize];
         let was = *slot;
-        // The served kinds are singletons; the others (media streams are
-        // many and short-lived) are refused below, each time asked for.
+        // Control, messages and receipts are singletons; media streams are
+        // many and short-lived (bounded by the connection's stream limit),
+        // and calls streams are refused below, each time asked for.
         let singleton = matches!(
             kind,
             StreamKind::Control | StreamKind::Messages | StreamKind::Receipts

@@ -736,29 +736,37 @@ async fn registrations_from_one_address_are_limited_per_hour() {
 
 #[tokio::test]
 async fn a_stream_kind_not_served_is_refused_each_time_it_is_opened() {
-    // Group calls and media are not served yet: each such stream is
-    // refused with BAD_STREAM and the connection kept. A second calls
-    // stream used to close the whole connection ("stream kind already
-    // open"), though the first had never been served.
+    // Group calls are not served yet: each such stream is refused with
+    // BAD_STREAM and the connection kept. A second calls stream used to
+    // close the whole connection ("stream kind already open"), though the
+    // first had never been served. Media streams, many per connection,
+    // are served, before and after.
     let server = TestServer::start().await;
     let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
     let token = bob.identity().token;
     bob.close();
     let mut device = RawControl::resume(&server, &token).await;
-    for kind in [
-        StreamKind::Calls,
-        StreamKind::Calls,
-        StreamKind::Media,
-        StreamKind::Media,
+    let fetch = Frame::new(
+        1,
+        Body::MediaFetch(chat_protocol::proto::MediaFetch {
+            media_id: "0".repeat(32),
+            offset: 0,
+        }),
+    );
+    for (kind, expected) in [
+        (StreamKind::Media, ErrorCode::NotFound),
+        (StreamKind::Calls, ErrorCode::BadStream),
+        (StreamKind::Calls, ErrorCode::BadStream),
+        (StreamKind::Media, ErrorCode::NotFound),
     ] {
         let (mut send, mut recv) = device.conn().open_bi().await.unwrap();
-        send.write_all(&frames(&[Frame::open_stream(kind)]))
+        send.write_all(&frames(&[Frame::open_stream(kind), fetch.clone()]))
             .await
             .unwrap();
         let refusal = next_frame(&mut recv, &mut BytesMut::new()).await;
         match refusal.body {
             Some(Body::Error(e)) => {
-                assert_eq!(ErrorCode::from_wire(e.code), ErrorCode::BadStream, "{e:?}");
+                assert_eq!(ErrorCode::from_wire(e.code), expected, "{kind:?}: {e:?}");
             }
             other => panic!("{kind:?}: a refusal, not {other:?}"),
         }
