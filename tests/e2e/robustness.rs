@@ -748,7 +748,7 @@ async fn a_stream_kind_not_served_is_refused_each_time_it_is_opened() {
     let mut device = RawControl::resume(&server, &token).await;
     let fetch = Frame::new(
         1,
-        Body::MediaFetch(chat_protocol::proto::MediaFetch {
+        Body::MediaFetch(proto::MediaFetch {
             media_id: "0".repeat(32),
             offset: 0,
         }),
