@@ -2853,8 +2853,10 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
+    // The media table is never written behind: its calls need not write
+    // the pending heads, keys and watermarks first (`call_hot`).
     async fn create_media(&self, media: MediaRecord) -> Result<(), StoreError> {
-        self.call(move |conn, _| {
+        self.call_hot(move |conn, _| {
             conn.prepare_cached(&format!(
                 "INSERT INTO media ({MEDIA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
             ))
@@ -2885,7 +2887,8 @@ impl HistoryStore for SqliteStore {
 
     async fn media(&self, media_id: &str) -> Result<Option<MediaRecord>, StoreError> {
         let media_id = media_id.to_owned();
-        self.call(move |conn, _| media_row(conn, &media_id)).await
+        self.call_hot(move |conn, _| media_row(conn, &media_id))
+            .await
     }
 
     async fn attach_media(
@@ -2943,7 +2946,7 @@ impl HistoryStore for SqliteStore {
         // `before_ms` (the caller's rule), so `created_ms` bounds the index
         // range either way.
         let bound_before_ms = bound_before_ms.min(before_ms);
-        self.call(move |conn, _| {
+        self.call_hot(move |conn, _| {
             let mut stmt = conn
                 .prepare_cached(
                     "DELETE FROM media WHERE media_id IN
