@@ -1291,7 +1291,7 @@ pub fn conversation_info(view: ConversationView, viewer: UserId) -> proto::Conve
             .collect(),
         last_seq: view.last_seq,
         last_activity_ms: view.last_activity_ms,
-        last_message: view.last_message,
+        last_message: view.last_message.map(Box::new),
         unread_count: view.unread_count,
     }
 }

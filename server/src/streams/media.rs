@@ -53,6 +53,11 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
             return refuse(&session, send, 0, refusal).await;
         }
     };
+    // A transfer is the user's activity, as any other request is (in the
+    // background it is not: `touch` knows).
+    if let Some(authed) = session.authed() {
+        authed.handle.touch(now_ms());
+    }
     let request_id = first.request_id;
     let outcome = match first.body {
         Some(Body::MediaUpload(upload)) => {
