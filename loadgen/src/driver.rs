@@ -539,6 +539,11 @@ async fn receive(
                 let system = m.r#type == proto::MessageType::System as i32;
                 match Header::parse(&m.text) {
                     Some(h) if h.run == shared.run_id => {
+                        // Counted as under way before the delivery is, so
+                        // the drain never sees it complete in between.
+                        if let Some(photo) = &m.photo {
+                            download_photo(&shared, &client, photo.media_id.clone());
+                        }
                         let arrived = if h.intended_ns < back_ns {
                             Tracker::delivered_offline
                         } else {
@@ -553,9 +558,6 @@ async fn receive(
                             h.intended_ns,
                             now,
                         );
-                        if let Some(photo) = &m.photo {
-                            download_photo(&shared, &client, photo.media_id.clone());
-                        }
                     }
                     // "Group created" and the like, from set-up.
                     _ if system => {}

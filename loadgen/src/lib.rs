@@ -218,6 +218,7 @@ impl SpawnedServer {
         config.limits.control_burst = 0;
         config.limits.mark_rate = 0;
         config.limits.mark_burst = 0;
+        config.limits.uploads_per_hour = 0;
         // Set-up registers every user from this one address.
         config.limits.password_checks_per_address = 0;
         config.limits.registrations_per_address = 0;

@@ -19,8 +19,8 @@ pub const MAX_PHOTO_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_MAX_PHOTO_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Bytes of a photo's start that [`MediaType::matches`] looks at: no
-/// format needs more, so the first chunk of an upload must hold this many
-/// (or the whole photo, if smaller).
+/// format needs more. A server checks them once it has this many (or the
+/// whole photo, if smaller), across chunks.
 pub const SIGNATURE_LEN: usize = 12;
 
 /// Length of a SHA-256 digest.

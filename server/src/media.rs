@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use chat_protocol::media::is_media_id;
 
 /// How long a temporary upload file may go unwritten before a node's start
-/// takes it for a leftover. Far longer than an upload may pause
-/// (`MEDIA_FRAME_TIMEOUT` in `streams::media`).
+/// takes it for a leftover. Far longer than an upload may last
+/// (`UPLOAD_DEADLINE` in `streams::media`).
 const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The media directory.
@@ -52,8 +52,12 @@ impl MediaFiles {
         }
         let now = std::time::SystemTime::now();
         for entry in std::fs::read_dir(&tmp)? {
-            let entry = entry?;
-            let modified = entry.metadata()?.modified()?;
+            // Another node sharing the directory may finish (rename) or
+            // drop an upload meanwhile: an entry that is gone is skipped.
+            let Ok(modified) = entry.and_then(|e| e.metadata()?.modified().map(|m| (e, m))) else {
+                continue;
+            };
+            let (entry, modified) = modified;
             if now.duration_since(modified).unwrap_or_default() < STALE_UPLOAD {
                 continue;
             }

@@ -161,7 +161,7 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_photos_purged_total",
         "counter",
         Unit::Count,
-        "Uploads deleted because no send named them within upload-retention.",
+        "Uploads deleted because no stored message carries them: unsent within upload-retention, or named by a send that was refused.",
     ),
     (
         "chat_sessions_purged_total",

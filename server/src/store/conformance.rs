@@ -2104,6 +2104,57 @@ pub async fn photos(store: &impl HistoryStore) {
     assert!(store.append(vec![spent]).await.unwrap().remove(0).is_err());
     assert_eq!(store.media(&id(6)).await.unwrap().unwrap().seq, None);
 
+    // A retry answers as the first did even after its sender left: binding
+    // again to the same conversation needs no membership.
+    let trip = match store
+        .create_group(
+            NewGroup {
+                creator: a,
+                name: "trip".into(),
+                members: vec![b],
+                client_key: None,
+            },
+            10,
+            700,
+        )
+        .await
+        .unwrap()
+    {
+        GroupCreated::New(created) => created.message.conversation_id,
+        GroupCreated::Existing(id) => id,
+    };
+    store.create_media(upload(&id(7), b, 700)).await.unwrap();
+    let by_b = store.attach_media(&id(7), b, trip, 710).await.unwrap();
+    let mut from_b = text(trip, b, "b-photo", "", 710);
+    from_b.message_type = proto::MessageType::Photo;
+    from_b.photo = Some(Box::new(by_b.photo()));
+    let first_b = store
+        .append(vec![from_b.clone()])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    store
+        .change_group(
+            GroupEdit {
+                conversation_id: trip,
+                actor: b,
+                change: GroupChange::Leave,
+                client_key: None,
+            },
+            10,
+            720,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.attach_media(&id(7), b, trip, 730).await.unwrap().seq,
+        Some(first_b.message.seq)
+    );
+    let again = store.append(vec![from_b]).await.unwrap().remove(0).unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.message.seq, first_b.message.seq);
+
     // The purge takes unsent uploads made before its time, a batch at a
     // time; bound ones only once bound before its second time; never a
     // sent one.

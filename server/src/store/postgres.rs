@@ -2195,17 +2195,19 @@ impl HistoryStore for PostgresStore {
         conversation_id: ConversationId,
         now_ms: i64,
     ) -> Result<MediaRecord, StoreError> {
-        // One statement binds it (again), if it is the owner's, unbound or
-        // bound to this conversation, and the owner is a member; otherwise
-        // the row says why not.
+        // One statement binds it, if it is the owner's and unbound and the
+        // owner is a member, or binds it again if it is bound to this
+        // conversation already (a retry, which answers as the first did
+        // even after the owner left); otherwise the row says why not.
         let bound = self
             .row(
                 &format!(
                     "UPDATE media SET conversation_id = $3, bound_ms = $4
                      WHERE media_id = $1 AND owner_id = $2
-                       AND (conversation_id IS NULL OR conversation_id = $3)
-                       AND EXISTS (SELECT 1 FROM members
-                                   WHERE conversation_id = $3 AND user_id = $2)
+                       AND (conversation_id = $3
+                            OR (conversation_id IS NULL
+                                AND EXISTS (SELECT 1 FROM members
+                                            WHERE conversation_id = $3 AND user_id = $2)))
                      RETURNING {MEDIA_COLUMNS}"
                 ),
                 &[&media_id, &sql(owner), &sql(conversation_id), &now_ms],

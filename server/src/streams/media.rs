@@ -29,6 +29,11 @@ use crate::wire::{FrameReader, ReadError};
 /// Longest a media stream may wait for its client's next frame.
 const MEDIA_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest an upload may take from its declaration to its last byte
+/// (16 MiB in this is ~28 KB/s): a client trickling bytes does not keep a
+/// stream, a task and a temporary file for hours.
+const UPLOAD_DEADLINE: Duration = Duration::from_secs(600);
+
 /// Room a MediaChunk frame needs around its bytes (the frame, the field
 /// and their lengths).
 const CHUNK_OVERHEAD: usize = 32;
@@ -154,15 +159,24 @@ async fn write_frames(send: &mut SendStream, frames: &[Frame], stall: Duration) 
     }
 }
 
-/// The next frame of an upload, within [`MEDIA_FRAME_TIMEOUT`].
-async fn next_frame(reader: &mut FrameReader) -> Result<Option<Frame>, Failure> {
-    match tokio::time::timeout(MEDIA_FRAME_TIMEOUT, reader.next()).await {
+/// The next frame of an upload, within [`MEDIA_FRAME_TIMEOUT`] and before
+/// `deadline`.
+async fn next_frame(
+    reader: &mut FrameReader,
+    deadline: tokio::time::Instant,
+) -> Result<Option<Frame>, Failure> {
+    let until = deadline.min(tokio::time::Instant::now() + MEDIA_FRAME_TIMEOUT);
+    match tokio::time::timeout_at(until, reader.next()).await {
         Ok(Ok(frame)) => Ok(frame),
         Ok(Err(ReadError::Frame(e))) => Err(Failure::Closed((e.code(), e.to_string()))),
         Ok(Err(ReadError::Stream(_))) => Err(Failure::Gone),
         Err(_) => Err(Failure::Refused(Refusal::new(
             ErrorCode::Timeout,
-            format!("no upload bytes for {}s", MEDIA_FRAME_TIMEOUT.as_secs()),
+            format!(
+                "no upload bytes for {}s, or the upload took over {}s",
+                MEDIA_FRAME_TIMEOUT.as_secs(),
+                UPLOAD_DEADLINE.as_secs()
+            ),
         ))),
     }
 }
@@ -225,8 +239,9 @@ async fn upload(
     let mut start: Vec<u8> = Vec::with_capacity(SIGNATURE_LEN);
     let mut checked = false;
     let mut pending = BytesMut::new();
+    let deadline = tokio::time::Instant::now() + UPLOAD_DEADLINE;
     loop {
-        let frame = next_frame(reader).await?;
+        let frame = next_frame(reader, deadline).await?;
         let Some(frame) = frame else {
             break;
         };
