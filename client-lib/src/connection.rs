@@ -576,20 +576,23 @@ async fn read_loop(
     }
 }
 
-enum ReadError {
+/// Why a stream could not be read.
+pub(crate) enum ReadError {
+    /// The bytes are not frames.
     Frame(FrameError),
+    /// The stream was reset or the connection ended.
     Stream,
 }
 
 /// Decodes frames from a stream with a bounded buffer.
-struct FrameReader {
+pub(crate) struct FrameReader {
     recv: RecvStream,
     buf: BytesMut,
     codec: Codec,
 }
 
 impl FrameReader {
-    fn new(recv: RecvStream) -> Self {
+    pub(crate) fn new(recv: RecvStream) -> Self {
         // The server's frames are bounded by the protocol's cap; the client
         // accepts anything up to it.
         FrameReader {
@@ -599,7 +602,7 @@ impl FrameReader {
         }
     }
 
-    async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+    pub(crate) async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
             if let Some(frame) = self.codec.decode(&mut self.buf).map_err(ReadError::Frame)? {
                 return Ok(Some(frame));

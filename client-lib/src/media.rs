@@ -8,6 +8,7 @@ use chat_protocol::media::{MAX_PHOTO_BYTES, SIGNATURE_LEN};
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use sha2::{Digest, Sha256};
 
+use crate::connection::{FrameReader, ReadError};
 use crate::error::ClientError;
 
 /// Largest chunk of photo bytes a client puts in one frame. Servers take
@@ -96,7 +97,7 @@ pub(crate) async fn upload(
         ),
         &mut head,
     );
-    let mut reader = StreamReader::new(recv);
+    let mut reader = FrameReader::new(recv);
     // Written while the answer is watched for: a refusal (too large, a
     // limit) comes before the bytes are all sent, and ends the upload.
     let write = async {
@@ -175,7 +176,7 @@ pub(crate) async fn download(
     );
     send.write_all(&request).await.map_err(|_| closed(conn))?;
     let _ = send.finish();
-    let mut reader = StreamReader::new(recv);
+    let mut reader = FrameReader::new(recv);
     let first = tokio::time::timeout(answer_timeout, reader.next())
         .await
         .map_err(|_| ClientError::Timeout)?
@@ -249,58 +250,13 @@ fn closed(conn: &quinn::Connection) -> ClientError {
     })
 }
 
-/// Why a media stream could not be read.
-enum StreamError {
-    Frame(chat_protocol::FrameError),
-    Stream,
-}
-
-impl StreamError {
+impl ReadError {
     fn into_error(self, conn: &quinn::Connection) -> ClientError {
         match self {
-            StreamError::Frame(e) => ClientError::Protocol(e.to_string()),
+            ReadError::Frame(e) => ClientError::Protocol(e.to_string()),
             // A reset stream on a live connection (a server that failed
             // mid-download): retryable, as a lost connection is.
-            StreamError::Stream => closed(conn),
-        }
-    }
-}
-
-/// Frames from one media stream.
-struct StreamReader {
-    recv: quinn::RecvStream,
-    buf: BytesMut,
-    codec: chat_protocol::Codec,
-}
-
-impl StreamReader {
-    fn new(recv: quinn::RecvStream) -> Self {
-        StreamReader {
-            recv,
-            buf: BytesMut::new(),
-            codec: chat_protocol::Codec::new(chat_protocol::limits::MAX_FRAME_LEN),
-        }
-    }
-
-    async fn next(&mut self) -> Result<Option<Frame>, StreamError> {
-        loop {
-            if let Some(frame) = self
-                .codec
-                .decode(&mut self.buf)
-                .map_err(StreamError::Frame)?
-            {
-                return Ok(Some(frame));
-            }
-            match self.recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => {
-                    return self
-                        .codec
-                        .decode_eof(&mut self.buf)
-                        .map_err(StreamError::Frame);
-                }
-                Err(_) => return Err(StreamError::Stream),
-            }
+            ReadError::Stream => closed(conn),
         }
     }
 }
