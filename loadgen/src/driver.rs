@@ -450,6 +450,8 @@ fn send_photo(
     intended_ns: u64,
 ) {
     let (shared, client) = (shared.clone(), client.clone());
+    let user = shared.users[send.2].clone();
+    user.photo_started();
     tokio::spawn(async move {
         let upload = PhotoUpload {
             bytes: shared.photo.clone(),
@@ -462,6 +464,7 @@ fn send_photo(
             Err(e) => Err(e),
         };
         answered(&shared, send, intended_ns, result);
+        user.photo_done();
     });
 }
 
@@ -804,6 +807,8 @@ async fn come_back(
         }
     }
     let _back = Back(&shared);
+    // Photo sends are not in the outbox that the shutdown waits for.
+    user.photos_answered(LEAVE_TIMEOUT).await;
     client.shutdown(LEAVE_TIMEOUT).await;
     drop(client);
     tokio::time::sleep(offline_time).await;

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -145,6 +145,9 @@ pub struct VUser {
     /// The server ended the session for good (logged out, token revoked
     /// or expired): the client will not reconnect.
     ended: AtomicBool,
+    /// Photo sends under way (upload, then send): outside the outbox, so
+    /// a churned client's shutdown would cut them.
+    photos: AtomicUsize,
 }
 
 impl VUser {
@@ -158,6 +161,26 @@ impl VUser {
             client: Mutex::new(Some(client)),
             incarnation: AtomicU32::new(0),
             ended: AtomicBool::new(false),
+            photos: AtomicUsize::new(0),
+        }
+    }
+
+    /// A photo send of this user's starts.
+    pub fn photo_started(&self) {
+        self.photos.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A photo send of this user's was answered.
+    pub fn photo_done(&self) {
+        self.photos.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Waits (up to `limit`) until this user's photo sends are answered,
+    /// as a client's shutdown waits for its outbox.
+    pub async fn photos_answered(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.photos.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
