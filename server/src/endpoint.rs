@@ -463,40 +463,30 @@ async fn purge_sessions(weak: std::sync::Weak<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let mut purged = 0;
-        loop {
-            // Not `Shared` across the store call (a graceful stop waits for
-            // every holder of it, after ending this task).
-            let Some((store, metrics, retention)) = weak.upgrade().map(|shared| {
+        in_batches("ended sessions", || {
+            // Not `Shared` across the store call (a graceful stop waits
+            // for every holder of it, after ending this task).
+            let held = weak.upgrade().map(|shared| {
                 (
                     shared.store.clone(),
                     shared.metrics.clone(),
                     shared.config.limits.session_retention,
                 )
-            }) else {
-                return;
-            };
-            let before = crate::streams::now_ms()
-                .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-            match store.purge_sessions(before, PURGE_BATCH).await {
-                Ok(n) => {
-                    purged += n;
+            });
+            async move {
+                let (store, metrics, retention) = held?;
+                let purged = store.purge_sessions(ms_ago(retention), PURGE_BATCH).await;
+                if let Ok(n) = purged {
                     metrics.sessions_purged.increment(n);
-                    if n < u64::from(PURGE_BATCH) {
-                        break;
-                    }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot purge ended sessions; trying again at the next interval");
-                    break;
-                }
+                Some(purged)
             }
-            tokio::time::sleep(PURGE_PAUSE).await;
-        }
-        if purged > 0 {
-            tracing::info!(purged, "deleted ended sessions");
-        }
+        })
+        .await;
         purge_unsent_photos(&weak).await;
+        if weak.strong_count() == 0 {
+            return;
+        }
     }
 }
 
@@ -511,44 +501,73 @@ const BOUND_UPLOAD_GRACE: Duration = Duration::from_secs(600);
 /// binding). Their rows first (a send naming one then is refused NOT_FOUND,
 /// never left pointing at a missing file), then their files.
 async fn purge_unsent_photos(weak: &std::sync::Weak<Shared>) {
-    let mut purged = 0;
-    loop {
-        let Some((store, media, metrics, retention)) = weak.upgrade().map(|shared| {
+    in_batches("unsent photos", || {
+        let held = weak.upgrade().map(|shared| {
             (
                 shared.store.clone(),
                 shared.media.clone(),
                 shared.metrics.clone(),
                 shared.config.limits.upload_retention,
             )
-        }) else {
-            return;
-        };
-        let now = crate::streams::now_ms();
-        let ago =
-            |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let (before, bound_before) = (ago(retention), ago(retention.max(BOUND_UPLOAD_GRACE)));
-        match store.purge_media(before, bound_before, PURGE_BATCH).await {
-            Ok(ids) => {
-                for id in &ids {
-                    if let Err(e) = media.remove(id).await {
-                        tracing::warn!(media_id = id, error = %e, "cannot remove an unsent photo's file");
+        });
+        async move {
+            let (store, media, metrics, retention) = held?;
+            let (before, bound_before) = (
+                ms_ago(retention),
+                ms_ago(retention.max(BOUND_UPLOAD_GRACE)),
+            );
+            let purged = store.purge_media(before, bound_before, PURGE_BATCH).await;
+            Some(match purged {
+                Ok(ids) => {
+                    for id in &ids {
+                        if let Err(e) = media.remove(id).await {
+                            tracing::warn!(media_id = id, error = %e, "cannot remove an unsent photo's file");
+                        }
                     }
+                    metrics.photos_purged.increment(ids.len() as u64);
+                    Ok(ids.len() as u64)
                 }
-                purged += ids.len();
-                metrics.photos_purged.increment(ids.len() as u64);
-                if ids.len() < PURGE_BATCH as usize {
+                Err(e) => Err(e),
+            })
+        }
+    })
+    .await;
+}
+
+/// Unix ms `d` ago.
+fn ms_ago(d: Duration) -> i64 {
+    crate::streams::now_ms().saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Runs `batch`, one store call deleting up to [`PURGE_BATCH`] rows and
+/// saying how many, until it deletes fewer, with [`PURGE_PAUSE`] between
+/// calls so a backlog takes short turns with the store's other work; a
+/// failure waits for the next interval. `None` from `batch`: the server is
+/// gone.
+async fn in_batches<F, Fut>(what: &str, mut batch: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<Result<u64, crate::store::StoreError>>>,
+{
+    let mut purged = 0;
+    loop {
+        match batch().await {
+            None => return,
+            Some(Ok(n)) => {
+                purged += n;
+                if n < u64::from(PURGE_BATCH) {
                     break;
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot purge unsent photos; trying again at the next interval");
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot purge {what}; trying again at the next interval");
                 break;
             }
         }
         tokio::time::sleep(PURGE_PAUSE).await;
     }
     if purged > 0 {
-        tracing::info!(purged, "deleted unsent photos");
+        tracing::info!(purged, "deleted {what}");
     }
 }
 
