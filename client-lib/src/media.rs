@@ -78,30 +78,17 @@ pub(crate) async fn upload(
     chunk_len: usize,
     answer_timeout: Duration,
 ) -> Result<String, ClientError> {
-    let (mut send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| ClientError::from_connection(&e))?;
-    let mut head = BytesMut::new();
-    chat_protocol::encode(&Frame::open_stream(StreamKind::Media), &mut head);
-    chat_protocol::encode(
-        &Frame::new(
-            request_id,
-            Body::MediaUpload(proto::MediaUpload {
-                media_type: photo.media_type as i32,
-                size: photo.bytes.len() as u64,
-                sha256: Bytes::copy_from_slice(&Sha256::digest(&photo.bytes)),
-                width: photo.width,
-                height: photo.height,
-            }),
-        ),
-        &mut head,
-    );
-    let mut reader = FrameReader::new(recv);
+    let declared = Body::MediaUpload(proto::MediaUpload {
+        media_type: photo.media_type as i32,
+        size: photo.bytes.len() as u64,
+        sha256: Bytes::copy_from_slice(&Sha256::digest(&photo.bytes)),
+        width: photo.width,
+        height: photo.height,
+    });
+    let (mut send, mut reader) = open(conn, request_id, declared).await?;
     // Written while the answer is watched for: a refusal (too large, a
     // limit) comes before the bytes are all sent, and ends the upload.
     let write = async {
-        send.write_all(&head).await?;
         let chunk_len = chunk_len.clamp(1, MAX_CHUNK);
         for data in photo.bytes.chunks(chunk_len) {
             let mut frame = BytesMut::new();
@@ -158,25 +145,12 @@ pub(crate) async fn download(
     media_id: &str,
     answer_timeout: Duration,
 ) -> Result<(proto::Photo, Bytes), ClientError> {
-    let (mut send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| ClientError::from_connection(&e))?;
-    let mut request = BytesMut::new();
-    chat_protocol::encode(&Frame::open_stream(StreamKind::Media), &mut request);
-    chat_protocol::encode(
-        &Frame::new(
-            request_id,
-            Body::MediaFetch(proto::MediaFetch {
-                media_id: media_id.to_owned(),
-                offset: 0,
-            }),
-        ),
-        &mut request,
-    );
-    send.write_all(&request).await.map_err(|_| closed(conn))?;
+    let fetch = Body::MediaFetch(proto::MediaFetch {
+        media_id: media_id.to_owned(),
+        offset: 0,
+    });
+    let (mut send, mut reader) = open(conn, request_id, fetch).await?;
     let _ = send.finish();
-    let mut reader = FrameReader::new(recv);
     let first = tokio::time::timeout(answer_timeout, reader.next())
         .await
         .map_err(|_| ClientError::Timeout)?
@@ -242,6 +216,23 @@ pub(crate) async fn download(
         ));
     }
     Ok((photo, bytes.freeze()))
+}
+
+/// Opens a media stream and writes its request.
+async fn open(
+    conn: &quinn::Connection,
+    request_id: u64,
+    request: Body,
+) -> Result<(quinn::SendStream, FrameReader), ClientError> {
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::from_connection(&e))?;
+    let mut head = BytesMut::new();
+    chat_protocol::encode(&Frame::open_stream(StreamKind::Media), &mut head);
+    chat_protocol::encode(&Frame::new(request_id, request), &mut head);
+    send.write_all(&head).await.map_err(|_| closed(conn))?;
+    Ok((send, FrameReader::new(recv)))
 }
 
 fn closed(conn: &quinn::Connection) -> ClientError {
