@@ -1568,6 +1568,30 @@ impl Client {
         .await
     }
 
+    /// Registers this device for notifications: the push token the app got
+    /// from APNs or FCM, and the app id the operator's push gateway knows
+    /// it by. The server notifies it (conversation, message, sender,
+    /// badge; never the text) while this user has no connection in the
+    /// foreground (see [`set_heartbeats`](Self::set_heartbeats)). It lasts
+    /// as long as this session: call it again after each new login, and
+    /// whenever the platform hands the app a new token. An empty `token`
+    /// stops notifications to this device. A malformed registration is
+    /// refused here, `InvalidArgument`, before anything is sent.
+    pub async fn register_push(&self, app_id: &str, token: &str) -> Result<(), ClientError> {
+        if let Some(why) = chat_protocol::push::check_registration(app_id, token) {
+            return Err(ClientError::Server {
+                code: ErrorCode::InvalidArgument,
+                message: why.into(),
+                retry_after: None,
+            });
+        }
+        self.expect_ok(Body::RegisterPush(proto::RegisterPush {
+            app_id: app_id.into(),
+            token: token.into(),
+        }))
+        .await
+    }
+
     /// Stops (`false`: the app went to the background) or resumes (`true`:
     /// it came back) heartbeats. Stopping tells the server, and from then
     /// on nothing this device does counts as activity (delivery acks,

@@ -497,7 +497,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(bodies, 49);
+        assert_eq!(bodies, 50);
     }
 
     #[test]

@@ -122,6 +122,22 @@ struct Overrides {
     /// Directory for uploaded photos (default: media in data-dir).
     #[arg(long, env = "CHAT_MEDIA_DIR")]
     media_dir: Option<PathBuf>,
+    /// Push gateway notify URL (http:// or https://); unset: no
+    /// notifications.
+    #[arg(long, env = "CHAT_PUSH_GATEWAY_URL")]
+    push_gateway_url: Option<String>,
+    /// PEM file of the CA of an https:// push gateway.
+    #[arg(long, env = "CHAT_PUSH_GATEWAY_CA")]
+    push_gateway_ca: Option<PathBuf>,
+    /// One notification per conversation and user in this window, e.g. 3s.
+    #[arg(long, env = "CHAT_PUSH_COALESCE", value_parser = humantime::parse_duration)]
+    push_coalesce: Option<Duration>,
+    /// Longest request to the push gateway, e.g. 10s.
+    #[arg(long, env = "CHAT_PUSH_TIMEOUT", value_parser = humantime::parse_duration)]
+    push_timeout: Option<Duration>,
+    /// Requests to the push gateway in flight at once.
+    #[arg(long, env = "CHAT_PUSH_CONCURRENCY")]
+    push_concurrency: Option<usize>,
     /// Time allowed to authenticate, e.g. 10s.
     #[arg(long, env = "CHAT_AUTH_TIMEOUT", value_parser = humantime::parse_duration)]
     auth_timeout: Option<Duration>,
@@ -330,6 +346,15 @@ impl Overrides {
         if self.media_dir.is_some() {
             c.media_dir = self.media_dir;
         }
+        if self.push_gateway_url.is_some() {
+            c.push.push_gateway_url = self.push_gateway_url;
+        }
+        if self.push_gateway_ca.is_some() {
+            c.push.push_gateway_ca = self.push_gateway_ca;
+        }
+        set(&mut c.push.push_coalesce, self.push_coalesce);
+        set(&mut c.push.push_timeout, self.push_timeout);
+        set(&mut c.push.push_concurrency, self.push_concurrency);
         set(&mut c.limits.max_friends, self.max_friends);
         set(&mut c.limits.max_auth_attempts, self.max_auth_attempts);
         set(
@@ -613,6 +638,11 @@ mod tests {
             redis_url: Some("redis://r".into()),
             postgres_url: Some("postgres://p".into()),
             media_dir: Some("m".into()),
+            push: crate::config::PushConfig {
+                push_gateway_url: Some("https://push.example".into()),
+                push_gateway_ca: Some("ca.pem".into()),
+                ..Default::default()
+            },
             tls: crate::config::TlsConfig {
                 tls_cert: Some("c.pem".into()),
                 tls_key: Some("k.pem".into()),

@@ -77,6 +77,46 @@ pub struct Config {
     pub limits: Limits,
     /// QUIC transport settings.
     pub transport: Transport,
+    /// Notifications for users with no connection in the foreground.
+    pub push: PushConfig,
+}
+
+/// Where and how notifications go (`[push]`). Without a gateway URL no
+/// notification is sent (devices may still register their tokens).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// The push gateway's notify endpoint, `http://` or `https://` (a
+    /// Matrix-style push gateway, such as Sygnal, at
+    /// `/_matrix/push/v1/notify`), which holds the APNs and FCM
+    /// credentials. Unset: no notifications.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_gateway_url: Option<String>,
+    /// PEM file of the CA that signs an `https://` gateway's certificate
+    /// (a private CA). Unset: the public web PKI's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_gateway_ca: Option<PathBuf>,
+    /// A conversation notifies a user at most once in this window; the
+    /// messages it gets meanwhile make one notification at its end.
+    #[serde(with = "humantime_serde")]
+    pub push_coalesce: Duration,
+    /// How long one request to the gateway may take.
+    #[serde(with = "humantime_serde")]
+    pub push_timeout: Duration,
+    /// Requests to the gateway in flight at once.
+    pub push_concurrency: usize,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            push_gateway_url: None,
+            push_gateway_ca: None,
+            push_coalesce: Duration::from_secs(3),
+            push_timeout: Duration::from_secs(10),
+            push_concurrency: 64,
+        }
+    }
 }
 
 /// TLS material. With neither path set, the server uses (and on first
@@ -425,6 +465,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             limits: Limits::default(),
             transport: Transport::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -514,6 +555,36 @@ const MAX_UDP_PAYLOAD: u16 = 65_527;
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+impl PushConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |msg: String| Err(ConfigError(msg));
+        if let Some(url) = &self.push_gateway_url {
+            let uri: hyper::Uri = url
+                .parse()
+                .map_err(|e| ConfigError(format!("push-gateway-url {url:?}: {e}")))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return err(format!(
+                    "push-gateway-url {url:?} must be an http:// or https:// URL with a host"
+                ));
+            }
+        } else if self.push_gateway_ca.is_some() {
+            return err("push-gateway-ca is set but push-gateway-url is not".into());
+        }
+        if self.push_coalesce > Duration::from_secs(3600) {
+            return err("push-coalesce must be at most 1h".into());
+        }
+        if self.push_timeout < Duration::from_millis(100)
+            || self.push_timeout > Duration::from_secs(300)
+        {
+            return err("push-timeout must be between 100ms and 5m".into());
+        }
+        if !(1..=4096).contains(&self.push_concurrency) {
+            return err("push-concurrency must be between 1 and 4096".into());
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Where uploaded photos are kept.
     pub fn media_dir(&self) -> PathBuf {
@@ -546,6 +617,7 @@ impl Config {
         let l = &self.limits;
         let t = &self.transport;
         let err = |msg: String| Err(ConfigError(msg));
+        self.push.validate()?;
         if !(1024..=limits::MAX_FRAME_LEN).contains(&l.max_frame_len) {
             return err(format!(
                 "max-frame-len = {} is outside 1024..={}",
@@ -1130,6 +1202,24 @@ mod tests {
             (
                 |c| c.postgres_commit_settle_timeout = Duration::from_secs(3600),
                 "postgres-commit-settle-timeout (1h) is outside 100ms..=10m",
+            ),
+            (
+                |c| c.push.push_gateway_url = Some("ftp://push.example/notify".into()),
+                "must be an http:// or https:// URL with a host",
+            ),
+            (
+                |c| c.push.push_gateway_url = Some("/_matrix/push/v1/notify".into()),
+                "must be an http:// or https:// URL with a host",
+            ),
+            (
+                |c| c.push.push_gateway_ca = Some("ca.pem".into()),
+                "push-gateway-ca is set but push-gateway-url is not",
+            ),
+            (|c| c.push.push_concurrency = 0, "push-concurrency"),
+            (|c| c.push.push_timeout = Duration::ZERO, "push-timeout"),
+            (
+                |c| c.push.push_coalesce = Duration::from_secs(7200),
+                "push-coalesce",
             ),
         ];
         for (break_it, expected) in cases {

@@ -37,9 +37,11 @@ use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::config::Config;
 use crate::error::Refusal;
 use crate::hub::{Hub, SessionHandle};
 use crate::metrics::Metrics;
+use crate::notify::{Notice, Notifier};
 use crate::receipts::ReceiptRoutes;
 use crate::store::{
     Appended, ConversationView, Direction, GroupCreated, GroupEdit, HistoryStore, InboxStore,
@@ -174,22 +176,26 @@ pub fn shard_of(conversation_id: u64, shards: usize) -> usize {
 }
 
 impl Delivery {
-    /// Starts `shards` pairs of committers (at least one).
+    /// Starts `config.committers` pairs of committers (at least one).
     pub fn start(
+        config: &Config,
         store: Arc<dyn HistoryStore>,
         cache: Arc<dyn RecentCache>,
         inbox: Option<Arc<dyn InboxStore>>,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
-        receipt_broadcast_max: usize,
-        shards: usize,
+        notifier: Option<Arc<Notifier>>,
     ) -> (Arc<Delivery>, DeliveryTasks) {
+        let shards = config.committers;
         let acks_lost = Arc::new(AtomicU64::new(0));
         let committer = Committer {
             store,
             hub,
             metrics,
-            routes: Arc::new(ReceiptRoutes::new(receipt_broadcast_max)),
+            notifier,
+            routes: Arc::new(ReceiptRoutes::new(
+                config.limits.receipt_broadcast_max_members,
+            )),
             acks_lost: acks_lost.clone(),
         };
         let mut delivery = Delivery {
@@ -302,6 +308,9 @@ struct Committer {
     store: Arc<dyn HistoryStore>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    /// Notifications for members with no connection in the foreground
+    /// (when a push gateway is configured).
+    notifier: Option<Arc<Notifier>>,
     /// Who hears watermark moves (fed with every stored message).
     routes: Arc<ReceiptRoutes>,
     /// See [`Delivery::acks_lost`].
@@ -990,10 +999,29 @@ fn fan_out(
         message.sender_id,
     );
     let mut pushed = 0;
+    // People write texts and photos; a group's changes (SYSTEM) notify
+    // nobody.
+    let notifier = c.notifier.as_deref().filter(|_| {
+        matches!(
+            proto::MessageType::try_from(message.r#type),
+            Ok(proto::MessageType::Text | proto::MessageType::Photo)
+        )
+    });
     for &member in &appended.members {
         if member != message.sender_id {
             pushed += c.hub.push(member, StreamKind::Messages, &frame, None);
             out.queued.push((member, message.clone()));
+            if let Some(notifier) = notifier
+                && !c.hub.in_foreground(member)
+            {
+                notifier.notify(Notice {
+                    user: member,
+                    conversation: message.conversation_id,
+                    seq: message.seq,
+                    sender: message.sender_id,
+                    photo: message.photo.is_some(),
+                });
+            }
         }
     }
     // Live only: an offline device of the sender reads its own messages
@@ -1024,6 +1052,7 @@ async fn mark_committer(
         metrics,
         routes,
         acks_lost,
+        notifier: _,
     } = c;
     let mut received: Vec<MarkWork> = Vec::with_capacity(MAX_MARK_BATCH);
     let mut jobs: Vec<MarkJob> = Vec::with_capacity(MAX_MARK_BATCH);

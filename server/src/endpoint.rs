@@ -18,6 +18,7 @@ use crate::delivery::{Delivery, DeliveryTasks};
 use crate::http::{self, OpsState};
 use crate::hub::Hub;
 use crate::metrics::{self, Metrics};
+use crate::notify::Notifier;
 use crate::presence::Presence;
 use crate::ratelimit::{self, RateLimiter};
 use crate::session;
@@ -177,14 +178,19 @@ impl Server {
             accepting: true.into(),
         });
         let hub = Arc::new(Hub::default());
+        let notifier = Notifier::start(&config.push, store.clone(), hub.clone(), metrics.clone())
+            .map_err(|e| ServerError::Config(crate::config::ConfigError(e)))?;
+        if let Some(url) = &config.push.push_gateway_url {
+            tracing::info!(gateway = %redact_url(url), "notifications on");
+        }
         let (delivery, delivery_tasks) = Delivery::start(
+            &config,
             store.clone(),
             cache.clone(),
             inbox.clone(),
             hub.clone(),
             metrics.clone(),
-            config.limits.receipt_broadcast_max_members,
-            config.committers,
+            notifier,
         );
         let runtime = quinn::default_runtime()
             .ok_or_else(|| ServerError::Tls("no async runtime for quinn".into()))?;

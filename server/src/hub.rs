@@ -271,6 +271,17 @@ impl Hub {
         closed
     }
 
+    /// Whether `user` has a connection on this node whose app is in the
+    /// foreground and that is not being closed (a slow consumer's): a
+    /// user without one gets notifications.
+    pub fn in_foreground(&self, user: UserId) -> bool {
+        self.users.get(&user).is_some_and(|sessions| {
+            sessions
+                .iter()
+                .any(|s| !s.is_background() && !s.closed.load(Ordering::Relaxed))
+        })
+    }
+
     /// How many sessions `user` has on this node.
     pub fn sessions_of(&self, user: UserId) -> usize {
         self.users.get(&user).map_or(0, |sessions| sessions.len())

@@ -32,6 +32,7 @@ pub mod http;
 pub mod hub;
 pub mod media;
 pub mod metrics;
+pub mod notify;
 pub mod presence;
 pub mod queue;
 pub mod ratelimit;

@@ -19,6 +19,16 @@ use metrics_exporter_prometheus::{
 
 use crate::store::sqlite::CheckpointMetrics;
 
+/// The outcomes of `chat_push_notifications_total`.
+pub const PUSH_OUTCOMES: [&str; 6] = [
+    "sent",
+    "coalesced",
+    "online",
+    "no_device",
+    "failed",
+    "dropped",
+];
+
 /// Stream kinds, by `StreamKind as usize`, as metric labels.
 const STREAM_LABELS: [&str; 6] = [
     "unspecified",
@@ -162,6 +172,18 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "counter",
         Unit::Count,
         "Uploads deleted because no stored message carries them: unsent within upload-retention, or named by a send that was refused.",
+    ),
+    (
+        "chat_push_notifications_total",
+        "counter",
+        Unit::Count,
+        "Notifications by outcome: sent (the gateway took it), coalesced (folded into the conversation's next one), online (the user came to the foreground first), no_device (no registered device), failed (the gateway refused it, or did not answer after retries), dropped (the notifier's queue was full).",
+    ),
+    (
+        "chat_push_tokens_rejected_total",
+        "counter",
+        Unit::Count,
+        "Push tokens the gateway rejected (the app was uninstalled); they are forgotten.",
     ),
     (
         "chat_sessions_purged_total",
@@ -402,6 +424,10 @@ impl Metrics {
             for code in all_error_codes() {
                 metrics::counter!("chat_errors_total", "code" => code_label(code)).increment(0);
             }
+            for outcome in PUSH_OUTCOMES {
+                metrics::counter!("chat_push_notifications_total", "outcome" => outcome)
+                    .increment(0);
+            }
             Metrics {
                 connections_active: metrics::gauge!("chat_connections_active"),
                 sessions_active: metrics::gauge!("chat_sessions_active"),
@@ -471,6 +497,21 @@ impl Metrics {
     pub fn error(&self, code: ErrorCode) {
         metrics::with_local_recorder(&*self.recorder, || {
             metrics::counter!("chat_errors_total", "code" => code_label(code)).increment(1);
+        });
+    }
+
+    /// Counts a notification's outcome, one of [`PUSH_OUTCOMES`].
+    pub fn push(&self, outcome: &'static str) {
+        debug_assert!(PUSH_OUTCOMES.contains(&outcome), "{outcome}");
+        metrics::with_local_recorder(&*self.recorder, || {
+            metrics::counter!("chat_push_notifications_total", "outcome" => outcome).increment(1);
+        });
+    }
+
+    /// Counts push tokens the gateway rejected.
+    pub fn push_tokens_rejected(&self, n: u64) {
+        metrics::with_local_recorder(&*self.recorder, || {
+            metrics::counter!("chat_push_tokens_rejected_total").increment(n);
         });
     }
 

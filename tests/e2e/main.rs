@@ -14,6 +14,7 @@ mod friends;
 mod groups;
 mod loadgen;
 mod messaging;
+mod notifications;
 mod operations;
 mod photos;
 mod presence;

@@ -61,6 +61,8 @@ macro_rules! history_store_conformance {
             moves_share_their_conversations_member_list,
             closed_direct_conversations_keep_their_watermarks_to_themselves,
             photos,
+            push_registrations,
+            unread_conversations_count_others_messages,
         );
     };
     (@tests $mode:tt; $($name:ident),* $(,)?) => {
@@ -2189,4 +2191,243 @@ pub async fn photos(store: &impl HistoryStore) {
         store.attach_media(&id(3), a, c, 600).await,
         Err(StoreError::NotFound)
     ));
+}
+
+/// A device's push registration lives with its session: set, replaced,
+/// cleared, taken by another session that registers the same token, gone
+/// with a revoked or expired session, and dropped when the gateway
+/// rejects it.
+pub async fn push_registrations(store: &impl HistoryStore) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let session = |n: u8, user_id: UserId, expires_at_ms: i64| NewSession {
+        token_hash: [n; 32],
+        user_id,
+        device_name: format!("device {n}"),
+        created_at_ms: 100,
+        expires_at_ms,
+    };
+    store
+        .create_session(session(1, alice, 10_000))
+        .await
+        .unwrap();
+    store
+        .create_session(session(2, alice, 10_000))
+        .await
+        .unwrap();
+    store.create_session(session(3, bob, 10_000)).await.unwrap();
+    store.create_session(session(4, alice, 500)).await.unwrap();
+    let device = |token: &str, registered_ms: i64| PushDevice {
+        app_id: "com.example.ios".into(),
+        token: token.into(),
+        registered_ms,
+    };
+    let sorted = |mut devices: Vec<PushDevice>| {
+        devices.sort_by(|a, b| (&a.token, &a.app_id).cmp(&(&b.token, &b.app_id)));
+        devices
+    };
+    assert!(store.push_devices(alice, 200).await.unwrap().is_empty());
+
+    assert!(
+        store
+            .set_push([1; 32], Some(device("phone", 200)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .set_push([2; 32], Some(device("tablet", 210)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .set_push([4; 32], Some(device("old", 220)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        sorted(store.push_devices(alice, 300).await.unwrap()),
+        vec![
+            device("old", 220),
+            device("phone", 200),
+            device("tablet", 210)
+        ]
+    );
+    // Session 4 expires at 500: its device gets nothing after.
+    assert_eq!(
+        sorted(store.push_devices(alice, 500).await.unwrap()),
+        vec![device("phone", 200), device("tablet", 210)]
+    );
+    // A new token replaces the session's old one.
+    assert!(
+        store
+            .set_push([1; 32], Some(device("phone2", 230)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        sorted(store.push_devices(alice, 300).await.unwrap())
+            .into_iter()
+            .map(|d| d.token)
+            .collect::<Vec<_>>(),
+        ["old", "phone2", "tablet"]
+    );
+    // Bob logs in on Alice's tablet: the token is his session's now, and
+    // Alice's session keeps none.
+    assert!(
+        store
+            .set_push([3; 32], Some(device("tablet", 240)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.push_devices(bob, 300).await.unwrap(),
+        vec![device("tablet", 240)]
+    );
+    assert_eq!(
+        sorted(store.push_devices(alice, 300).await.unwrap())
+            .into_iter()
+            .map(|d| d.token)
+            .collect::<Vec<_>>(),
+        ["old", "phone2"]
+    );
+    // The same token for another app is another registration.
+    let other_app = PushDevice {
+        app_id: "com.example.android".into(),
+        ..device("phone2", 250)
+    };
+    assert!(
+        store
+            .set_push([2; 32], Some(other_app.clone()))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        sorted(store.push_devices(alice, 600).await.unwrap()),
+        vec![other_app.clone(), device("phone2", 230)]
+    );
+    // The gateway rejects a token: only that app's copy goes.
+    assert_eq!(
+        store
+            .drop_push_token("com.example.ios".into(), "phone2".into())
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store.push_devices(alice, 600).await.unwrap(),
+        vec![other_app]
+    );
+    assert_eq!(
+        store
+            .drop_push_token("com.example.ios".into(), "phone2".into())
+            .await
+            .unwrap(),
+        0
+    );
+    // Cleared.
+    assert!(store.set_push([2; 32], None).await.unwrap());
+    assert!(store.push_devices(alice, 600).await.unwrap().is_empty());
+    // A revoked session has no registration to set and sends nothing; an
+    // unknown one neither.
+    assert!(
+        store
+            .set_push([3; 32], Some(device("tablet", 260)))
+            .await
+            .unwrap()
+    );
+    assert!(store.revoke_session([3; 32], 270).await.unwrap());
+    assert!(store.push_devices(bob, 300).await.unwrap().is_empty());
+    assert!(
+        !store
+            .set_push([3; 32], Some(device("tablet", 280)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_push([9; 32], Some(device("x", 280)))
+            .await
+            .unwrap()
+    );
+    // A refused registration takes the token from nobody.
+    assert!(
+        store
+            .set_push([1; 32], Some(device("shared", 290)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_push([3; 32], Some(device("shared", 300)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.push_devices(alice, 600).await.unwrap(),
+        vec![device("shared", 290)]
+    );
+}
+
+/// The badge: conversations with a message from someone else above the
+/// user's seen watermark, up to the cap; the user's own messages and
+/// conversations read to the end do not count.
+pub async fn unread_conversations_count_others_messages(store: &impl HistoryStore) {
+    let (alice, bob, direct) = friends_with_direct(store, "alice", "bob").await;
+    let carol = user(store, "carol").await;
+    befriend(store, alice, carol).await;
+    let with_carol = store.open_direct(alice, carol, 4).await.unwrap();
+    let group = trip(store, bob, vec![alice, carol]).await;
+    let seen = |conversation_id, user_id, seq| WatermarkUpdate {
+        conversation_id,
+        user_id,
+        kind: WatermarkKind::Seen,
+        seq,
+    };
+    // The group's SYSTEM message is Bob's: unread for Alice.
+    assert_eq!(store.unread_conversations(alice, 10).await.unwrap(), 1);
+    let head = store
+        .membership(group, alice)
+        .await
+        .unwrap()
+        .unwrap()
+        .last_seq;
+    store
+        .advance_watermarks(vec![seen(group, alice, head)])
+        .await
+        .unwrap();
+    assert_eq!(store.unread_conversations(alice, 10).await.unwrap(), 0);
+    // Her own messages are not unread for her.
+    append_one(store, text(direct, alice, "a1", "hi bob", 10)).await;
+    append_one(store, text(with_carol, alice, "a2", "hi carol", 11)).await;
+    assert_eq!(store.unread_conversations(alice, 10).await.unwrap(), 0);
+    // Bob answers, twice; Carol once; the group gets one from Carol.
+    append_one(store, text(direct, bob, "b1", "hi", 12)).await;
+    append_one(store, text(direct, bob, "b2", "there", 13)).await;
+    let from_carol = append_one(store, text(with_carol, carol, "c1", "yo", 14)).await;
+    append_one(store, text(group, carol, "c2", "trip?", 15)).await;
+    assert_eq!(store.unread_conversations(alice, 10).await.unwrap(), 3);
+    assert_eq!(
+        store.unread_conversations(alice, 2).await.unwrap(),
+        2,
+        "capped"
+    );
+    assert_eq!(
+        store.unread_conversations(bob, 10).await.unwrap(),
+        2,
+        "alice's and carol's"
+    );
+    // Alice reads Carol's message: two left.
+    store
+        .advance_watermarks(vec![seen(with_carol, alice, from_carol.message.seq)])
+        .await
+        .unwrap();
+    assert_eq!(store.unread_conversations(alice, 10).await.unwrap(), 2);
+    // Reading part of a conversation leaves it unread.
+    store
+        .advance_watermarks(vec![seen(direct, alice, 2)])
+        .await
+        .unwrap();
+    assert_eq!(store.unread_conversations(alice, 10).await.unwrap(), 2);
 }

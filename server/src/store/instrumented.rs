@@ -15,8 +15,8 @@ use super::presence::{OnlineRecord, PresenceStore};
 use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupCreated, GroupEdit, HistoryStore, InboxStore, MediaRecord,
-    Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, RecentCache, SessionRecord,
-    StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved, WatermarkUpdate,
+    Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, PushDevice, RecentCache,
+    SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved, WatermarkUpdate,
 };
 use crate::metrics::Metrics;
 
@@ -400,6 +400,34 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
             self,
             "purge_media",
             self.inner.purge_media(before_ms, bound_before_ms, limit)
+        )
+    }
+
+    async fn set_push(
+        &self,
+        token_hash: [u8; 32],
+        device: Option<PushDevice>,
+    ) -> Result<bool, StoreError> {
+        timed!(self, "set_push", self.inner.set_push(token_hash, device))
+    }
+
+    async fn push_devices(&self, user: UserId, now_ms: i64) -> Result<Vec<PushDevice>, StoreError> {
+        timed!(self, "push_devices", self.inner.push_devices(user, now_ms))
+    }
+
+    async fn drop_push_token(&self, app_id: String, token: String) -> Result<u64, StoreError> {
+        timed!(
+            self,
+            "drop_push_token",
+            self.inner.drop_push_token(app_id, token)
+        )
+    }
+
+    async fn unread_conversations(&self, user: UserId, cap: u32) -> Result<u32, StoreError> {
+        timed!(
+            self,
+            "unread_conversations",
+            self.inner.unread_conversations(user, cap)
         )
     }
 }

@@ -461,6 +461,17 @@ pub struct NewMessage {
     pub now_ms: i64,
 }
 
+/// A device's push registration (`RegisterPush`), kept with its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushDevice {
+    /// The app as the push gateway knows it.
+    pub app_id: String,
+    /// The platform's push token for the app on the device.
+    pub token: String,
+    /// When the device registered it.
+    pub registered_ms: i64,
+}
+
 /// An uploaded photo as history keeps it; its bytes are a file in the
 /// node's media directory (`crate::media`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -918,6 +929,29 @@ pub trait HistoryStore: Send + Sync + 'static {
         bound_before_ms: i64,
         limit: u32,
     ) -> Result<Vec<String>, StoreError>;
+
+    /// Sets (`Some`) or clears the push registration of the unrevoked
+    /// session `token_hash`. A token set here is taken from every other
+    /// session that held it for the same app, in the same transaction:
+    /// a token names an app on a device, and only the session that gave it
+    /// last may have that device's notifications. False if the session is
+    /// unknown or revoked.
+    async fn set_push(
+        &self,
+        token_hash: [u8; 32],
+        device: Option<PushDevice>,
+    ) -> Result<bool, StoreError>;
+    /// The push registrations of `user`'s sessions that are neither
+    /// revoked nor expired at `now_ms`.
+    async fn push_devices(&self, user: UserId, now_ms: i64) -> Result<Vec<PushDevice>, StoreError>;
+    /// Forgets a token the push gateway rejected (the app was uninstalled,
+    /// or the platform retired the token). Returns how many sessions held
+    /// it.
+    async fn drop_push_token(&self, app_id: String, token: String) -> Result<u64, StoreError>;
+    /// How many of `user`'s conversations have a message from someone else
+    /// above the user's seen watermark (the app's badge), counted up to
+    /// `cap`.
+    async fn unread_conversations(&self, user: UserId, cap: u32) -> Result<u32, StoreError>;
 }
 
 /// The last messages of each conversation, kept where reads are cheap.

@@ -44,8 +44,8 @@ use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
     MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
-    PendingRange, SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkKind,
-    WatermarkMoved, WatermarkUpdate, direct_key,
+    PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
+    WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
 /// How long connecting (TCP, startup, authentication) may take before the
@@ -2253,6 +2253,79 @@ impl HistoryStore for PostgresStore {
             )
             .await?;
         rows.iter().map(|row| col(row, 0)).collect()
+    }
+
+    async fn set_push(
+        &self,
+        token_hash: [u8; 32],
+        device: Option<PushDevice>,
+    ) -> Result<bool, StoreError> {
+        let (app_id, token, registered_ms) = match device {
+            Some(d) => (Some(d.app_id), Some(d.token), Some(d.registered_ms)),
+            None => (None, None, None),
+        };
+        // One statement: the token leaves the other sessions (a NULL token
+        // matches none) only if this one is live to take it.
+        let n = self
+            .execute(
+                "WITH cleared AS (
+                     UPDATE sessions SET push_app_id = NULL, push_token = NULL,
+                                         push_registered_ms = NULL
+                     WHERE push_token = $3 AND push_app_id = $2 AND token_hash <> $1
+                       AND EXISTS (SELECT 1 FROM sessions
+                                   WHERE token_hash = $1 AND revoked_at_ms IS NULL))
+                 UPDATE sessions SET push_app_id = $2, push_token = $3, push_registered_ms = $4
+                 WHERE token_hash = $1 AND revoked_at_ms IS NULL",
+                &[&&token_hash[..], &app_id, &token, &registered_ms],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn push_devices(&self, user: UserId, now_ms: i64) -> Result<Vec<PushDevice>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT push_app_id, push_token, push_registered_ms FROM sessions
+                 WHERE user_id = $1 AND push_token IS NOT NULL
+                   AND revoked_at_ms IS NULL AND expires_at_ms > $2",
+                &[&sql(user), &now_ms],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(PushDevice {
+                    app_id: col(row, 0)?,
+                    token: col(row, 1)?,
+                    registered_ms: col(row, 2)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn drop_push_token(&self, app_id: String, token: String) -> Result<u64, StoreError> {
+        self.execute(
+            "UPDATE sessions SET push_app_id = NULL, push_token = NULL, push_registered_ms = NULL
+             WHERE push_token = $1 AND push_app_id = $2",
+            &[&token, &app_id],
+        )
+        .await
+    }
+
+    async fn unread_conversations(&self, user: UserId, cap: u32) -> Result<u32, StoreError> {
+        let row = self
+            .one(
+                "SELECT count(*) FROM (
+                     SELECT 1 FROM members me JOIN conversations c ON c.id = me.conversation_id
+                     WHERE me.user_id = $1 AND c.last_seq > me.seen_seq
+                       AND EXISTS (SELECT 1 FROM messages u
+                                   WHERE u.conversation_id = c.id AND u.seq > me.seen_seq
+                                     AND u.sender_id <> $1)
+                     LIMIT $2) unread",
+                &[&sql(user), &i64::from(cap)],
+            )
+            .await?;
+        let n: i64 = col(&row, 0)?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 }
 

@@ -68,8 +68,8 @@ use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
     MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
-    PendingRange, SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkKind,
-    WatermarkMoved, WatermarkUpdate, direct_key,
+    PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
+    WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -146,6 +146,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V10__departures_by_conversation.sql"),
     include_str!("sqlite/V11__history_identity.sql"),
     include_str!("sqlite/V12__media.sql"),
+    include_str!("sqlite/V13__push.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -2961,6 +2962,110 @@ impl HistoryStore for SqliteStore {
                 .query_map(params![before_ms, bound_before_ms, limit], |r| r.get(0))
                 .map_err(internal)?;
             ids.collect::<rusqlite::Result<_>>().map_err(internal)
+        })
+        .await
+    }
+
+    async fn set_push(
+        &self,
+        token_hash: [u8; 32],
+        device: Option<PushDevice>,
+    ) -> Result<bool, StoreError> {
+        // Sessions are not written behind: nothing pending to write first.
+        self.call_hot(move |conn, _| {
+            let live: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS(SELECT 1 FROM sessions
+                                   WHERE token_hash = ?1 AND revoked_at_ms IS NULL)",
+                )
+                .map_err(internal)?
+                .query_row([&token_hash[..]], |r| r.get(0))
+                .map_err(internal)?;
+            if !live {
+                return Ok(false);
+            }
+            let (app_id, token, registered_ms) = match device {
+                Some(d) => (Some(d.app_id), Some(d.token), Some(d.registered_ms)),
+                None => (None, None, None),
+            };
+            if let (Some(app_id), Some(token)) = (&app_id, &token) {
+                conn.prepare_cached(
+                    "UPDATE sessions SET push_app_id = NULL, push_token = NULL,
+                                         push_registered_ms = NULL
+                     WHERE push_token = ?2 AND push_app_id = ?3 AND token_hash != ?1",
+                )
+                .map_err(internal)?
+                .execute(params![&token_hash[..], token, app_id])
+                .map_err(internal)?;
+            }
+            conn.prepare_cached(
+                "UPDATE sessions SET push_app_id = ?2, push_token = ?3, push_registered_ms = ?4
+                 WHERE token_hash = ?1",
+            )
+            .map_err(internal)?
+            .execute(params![&token_hash[..], app_id, token, registered_ms])
+            .map_err(internal)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn push_devices(&self, user: UserId, now_ms: i64) -> Result<Vec<PushDevice>, StoreError> {
+        self.call_hot(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT push_app_id, push_token, push_registered_ms FROM sessions
+                     WHERE user_id = ?1 AND push_token IS NOT NULL
+                       AND revoked_at_ms IS NULL AND expires_at_ms > ?2",
+                )
+                .map_err(internal)?;
+            let rows = stmt
+                .query_map(params![sql(user), now_ms], |r| {
+                    Ok(PushDevice {
+                        app_id: r.get(0)?,
+                        token: r.get(1)?,
+                        registered_ms: r.get(2)?,
+                    })
+                })
+                .map_err(internal)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(internal)
+        })
+        .await
+    }
+
+    async fn drop_push_token(&self, app_id: String, token: String) -> Result<u64, StoreError> {
+        self.call_hot(move |conn, _| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE sessions SET push_app_id = NULL, push_token = NULL,
+                                         push_registered_ms = NULL
+                     WHERE push_token = ?1 AND push_app_id = ?2",
+                )
+                .map_err(internal)?
+                .execute(params![token, app_id])
+                .map_err(internal)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn unread_conversations(&self, user: UserId, cap: u32) -> Result<u32, StoreError> {
+        // `call`: heads, index entries and watermarks are written first, so
+        // the tables hold them.
+        self.call(move |conn, _| {
+            conn.prepare_cached(
+                "SELECT COUNT(*) FROM (
+                     SELECT 1 FROM members me JOIN conversations c ON c.id = me.conversation_id
+                     WHERE me.user_id = ?1 AND c.last_seq > me.seen_seq
+                       AND EXISTS (SELECT 1 FROM message_index i
+                                   JOIN messages m ON m.message_id = i.message_id
+                                   WHERE i.conversation_id = c.id AND i.seq > me.seen_seq
+                                     AND m.sender_id != ?1)
+                     LIMIT ?2)",
+            )
+            .map_err(internal)?
+            .query_row(params![sql(user), cap], |r| r.get(0))
+            .map_err(internal)
         })
         .await
     }

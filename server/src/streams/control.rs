@@ -20,7 +20,7 @@ use crate::error::{Refusal, retry_after_ms};
 use crate::session::Session;
 use crate::store::{
     BlockOutcome, ConversationView, Direction, FriendRequestOutcome, GroupChange, GroupEdit,
-    HistoryStore, MemberState, Membership, NewGroup, Page, StoreError, UserId,
+    HistoryStore, MemberState, Membership, NewGroup, Page, PushDevice, StoreError, UserId,
 };
 use crate::wire::{self, FrameReader, Outbound};
 
@@ -1037,6 +1037,25 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
         }
         Some(Body::SetPresenceVisibility(v)) => {
             shared.presence.set_hidden(me, v.hidden).await?;
+            reply(Body::Ok(proto::Ok {}))
+        }
+        Some(Body::RegisterPush(r)) => {
+            if let Some(why) = chat_protocol::push::check_registration(&r.app_id, &r.token) {
+                return Err(Refusal::new(ErrorCode::InvalidArgument, why));
+            }
+            let device = (!r.token.is_empty()).then(|| PushDevice {
+                app_id: r.app_id,
+                token: r.token,
+                registered_ms: now_ms(),
+            });
+            if !store.set_push(authed.token_hash, device).await? {
+                // Revoked since this connection authenticated (a logout
+                // from another device closes it too, a moment later).
+                return Err(Refusal::new(
+                    ErrorCode::TokenRevoked,
+                    "this session has ended",
+                ));
+            }
             reply(Body::Ok(proto::Ok {}))
         }
         Some(other) => Err(Refusal::new(

@@ -351,7 +351,7 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
             "users"
         ]
     );
-    assert_eq!(history.unwrap(), 10, "V1 to V10, once each");
+    assert_eq!(history.unwrap(), 11, "V1 to V11, once each");
 }
 
 /// V7 closes the direct conversations of pairs who had stopped being

@@ -1,0 +1,495 @@
+//! Notifications. A message stored for a user with no connection in the
+//! foreground on this node (none at all, or only apps in the background)
+//! becomes a notification: the push gateway is asked to notify the devices
+//! the user's sessions registered (`RegisterPush`), and the gateway, which
+//! holds the APNs and FCM credentials, tells the platforms.
+//!
+//! * The request has the shape of the Matrix push gateway API (`POST
+//!   /_matrix/push/v1/notify`, as Sygnal serves it): the conversation, the
+//!   message (`event_id` = `conversation/seq`), its sender, the badge
+//!   (conversations with unread messages) and the devices. Never the text:
+//!   the app, or its notification extension, reads the message over its
+//!   own connection, so a notification service sees no content.
+//! * Coalesced per (user, conversation): the first message notifies at
+//!   once, the ones that follow within `push-coalesce` make one
+//!   notification (of the latest) at the window's end.
+//! * Bounded everywhere: the queue from the committers (full: dropped and
+//!   counted, never waited on), the notifications being prepared, the
+//!   requests in flight (`push-concurrency`), each request
+//!   (`push-timeout`) and the gateway's answer (64 KiB).
+//! * A gateway that fails (no answer, 429, 5xx) is asked again twice, 1 s
+//!   and 2 s later; other refusals are logged. The tokens the gateway
+//!   rejects (an uninstalled app) are forgotten.
+//!
+//! Delivery is single-node (ARCHITECTURE.md), and so is "in the
+//! foreground": a user connected to another node sharing the stores would
+//! be notified too.
+
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+
+use crate::config::PushConfig;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::{ConversationId, HistoryStore, PushDevice, UserId};
+use crate::streams::now_ms;
+
+/// Notices queued from the committers to the coalescer.
+const QUEUE_DEPTH: usize = 65_536;
+/// Notifications being prepared or sent at once (store reads, retries,
+/// the wait for a request slot); past it new ones are dropped.
+const MAX_PENDING: usize = 16_384;
+/// Tries of one request, the first included.
+const ATTEMPTS: u32 = 3;
+/// Wait before the second try; doubled before each later one.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Largest answer read from the gateway.
+const MAX_ANSWER: usize = 64 * 1024;
+/// The badge counts unread conversations up to this.
+pub const MAX_BADGE: u32 = 999;
+
+/// A message for a user who may need a notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Notice {
+    /// Who is notified.
+    pub user: UserId,
+    /// Where the message is.
+    pub conversation: ConversationId,
+    /// Its seq there.
+    pub seq: u64,
+    /// Who sent it.
+    pub sender: UserId,
+    /// Photo or text.
+    pub photo: bool,
+}
+
+/// The committers' handle: queues notices for the coalescer.
+pub struct Notifier {
+    tx: mpsc::Sender<Notice>,
+    metrics: Arc<Metrics>,
+}
+
+impl Notifier {
+    /// Starts the notifier when `config` names a gateway (`None`
+    /// otherwise). Its task ends once every handle is dropped (the
+    /// committers stopped); notifications still waiting for the end of
+    /// their window are then not sent, and requests under way finish on
+    /// their own.
+    pub fn start(
+        config: &PushConfig,
+        store: Arc<dyn HistoryStore>,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<Arc<Notifier>>, String> {
+        let Some(url) = &config.push_gateway_url else {
+            return Ok(None);
+        };
+        let gateway = Gateway::new(url, config)?;
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let dispatcher = Arc::new(Dispatcher {
+            store,
+            hub,
+            metrics: metrics.clone(),
+            gateway,
+            pending: Arc::new(Semaphore::new(MAX_PENDING)),
+            requests: Semaphore::new(config.push_concurrency),
+        });
+        tokio::spawn(coalesce(rx, dispatcher, config.push_coalesce));
+        Ok(Some(Arc::new(Notifier { tx, metrics })))
+    }
+
+    /// Queues a notice; never waits (a full queue drops it).
+    pub fn notify(&self, notice: Notice) {
+        if self.tx.try_send(notice).is_err() {
+            self.metrics.push("dropped");
+        }
+    }
+}
+
+/// Folds notices per (user, conversation): the first is dispatched at
+/// once and opens a window; the latest that arrives within it is
+/// dispatched when it ends (and opens the next).
+async fn coalesce(mut rx: mpsc::Receiver<Notice>, dispatcher: Arc<Dispatcher>, window: Duration) {
+    // A key is here while its window is open, with the notice waiting for
+    // its end; each open window has one deadline in `ends`.
+    let mut waiting: HashMap<(UserId, ConversationId), Option<Notice>> = HashMap::new();
+    let mut ends: BinaryHeap<Reverse<(Instant, UserId, ConversationId)>> = BinaryHeap::new();
+    loop {
+        let next_end = ends.peek().map(|Reverse((at, ..))| *at);
+        tokio::select! {
+            notice = rx.recv() => {
+                let Some(notice) = notice else { break };
+                let key = (notice.user, notice.conversation);
+                match waiting.entry(key) {
+                    Entry::Occupied(mut open) => {
+                        if open.get_mut().replace(notice).is_some() {
+                            dispatcher.metrics.push("coalesced");
+                        }
+                    }
+                    Entry::Vacant(closed) => {
+                        closed.insert(None);
+                        ends.push(Reverse((Instant::now() + window, key.0, key.1)));
+                        dispatcher.dispatch(notice);
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(next_end.unwrap_or_else(Instant::now)),
+                if next_end.is_some() =>
+            {
+                let now = Instant::now();
+                while let Some(&Reverse((at, user, conversation))) = ends.peek() {
+                    if at > now {
+                        break;
+                    }
+                    ends.pop();
+                    let key = (user, conversation);
+                    match waiting.get_mut(&key).and_then(Option::take) {
+                        Some(notice) => {
+                            ends.push(Reverse((now + window, user, conversation)));
+                            dispatcher.dispatch(notice);
+                        }
+                        None => {
+                            waiting.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Dispatcher {
+    store: Arc<dyn HistoryStore>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    gateway: Gateway,
+    /// Room for notifications being prepared or sent.
+    pending: Arc<Semaphore>,
+    /// Requests in flight.
+    requests: Semaphore,
+}
+
+impl Dispatcher {
+    fn dispatch(self: &Arc<Self>, notice: Notice) {
+        let Ok(slot) = self.pending.clone().try_acquire_owned() else {
+            self.metrics.push("dropped");
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let outcome = this.send(notice).await;
+            this.metrics.push(outcome);
+            drop(slot);
+        });
+    }
+
+    /// Sends one notification; returns its outcome label.
+    async fn send(&self, notice: Notice) -> &'static str {
+        // The user may have opened the app since the message was stored.
+        if self.hub.in_foreground(notice.user) {
+            return "online";
+        }
+        let devices = match self.store.push_devices(notice.user, now_ms()).await {
+            Ok(devices) => devices,
+            Err(e) => {
+                tracing::warn!(user = notice.user, error = %e, "notification: could not read the user's devices");
+                return "failed";
+            }
+        };
+        if devices.is_empty() {
+            return "no_device";
+        }
+        // Without the badge or the name the notification still goes.
+        let unread = match self
+            .store
+            .unread_conversations(notice.user, MAX_BADGE)
+            .await
+        {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(user = notice.user, error = %e, "notification: could not count unread conversations");
+                None
+            }
+        };
+        let sender_name = self.store.username(notice.sender).await.ok().flatten();
+        let body = Bytes::from(payload(&notice, &devices, unread, sender_name));
+        let mut wait = RETRY_AFTER;
+        for attempt in 1..=ATTEMPTS {
+            let answer = {
+                let _request = self.requests.acquire().await.expect("never closed");
+                self.gateway.post(body.clone()).await
+            };
+            match answer {
+                Ok(rejected) => {
+                    self.forget(&devices, rejected).await;
+                    return "sent";
+                }
+                Err(Failure::Refused(why)) => {
+                    tracing::warn!(user = notice.user, reason = %why, "the push gateway refused a notification");
+                    return "failed";
+                }
+                Err(Failure::Retry(why)) if attempt == ATTEMPTS => {
+                    tracing::warn!(user = notice.user, reason = %why, attempts = ATTEMPTS, "the push gateway did not take a notification");
+                    return "failed";
+                }
+                Err(Failure::Retry(why)) => {
+                    tracing::debug!(user = notice.user, reason = %why, "the push gateway failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Forgets the tokens the gateway rejected. Only the tokens this
+    /// request carried are taken: a gateway cannot name others.
+    async fn forget(&self, devices: &[PushDevice], rejected: Vec<String>) {
+        let mut forgotten = 0;
+        for token in rejected {
+            let Some(device) = devices.iter().find(|d| d.token == token) else {
+                continue;
+            };
+            match self
+                .store
+                .drop_push_token(device.app_id.clone(), token)
+                .await
+            {
+                Ok(_) => forgotten += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not forget a push token the gateway rejected");
+                }
+            }
+        }
+        if forgotten > 0 {
+            self.metrics.push_tokens_rejected(forgotten);
+        }
+    }
+}
+
+/// The request body (the Matrix push gateway's `notification`).
+#[derive(Serialize)]
+struct Payload<'a> {
+    notification: Notification<'a>,
+}
+
+#[derive(Serialize)]
+struct Notification<'a> {
+    /// `conversation/seq`: what the app reads when it opens.
+    event_id: String,
+    room_id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sender: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sender_display_name: Option<String>,
+    prio: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    counts: Option<Counts>,
+    devices: Vec<Device<'a>>,
+}
+
+#[derive(Serialize)]
+struct Counts {
+    unread: u32,
+}
+
+#[derive(Serialize)]
+struct Device<'a> {
+    app_id: &'a str,
+    pushkey: &'a str,
+    /// When the device registered the token, in seconds.
+    pushkey_ts: i64,
+}
+
+fn payload(
+    notice: &Notice,
+    devices: &[PushDevice],
+    unread: Option<u32>,
+    sender_name: Option<String>,
+) -> Vec<u8> {
+    let payload = Payload {
+        notification: Notification {
+            event_id: format!("{}/{}", notice.conversation, notice.seq),
+            room_id: notice.conversation.to_string(),
+            kind: if notice.photo {
+                "chat.photo"
+            } else {
+                "chat.text"
+            },
+            sender: notice.sender.to_string(),
+            sender_display_name: sender_name,
+            prio: "high",
+            counts: unread.map(|unread| Counts { unread }),
+            devices: devices
+                .iter()
+                .map(|d| Device {
+                    app_id: &d.app_id,
+                    pushkey: &d.token,
+                    pushkey_ts: d.registered_ms / 1000,
+                })
+                .collect(),
+        },
+    };
+    serde_json::to_vec(&payload).expect("the payload serialises")
+}
+
+/// What the gateway answers.
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    rejected: Vec<String>,
+}
+
+enum Failure {
+    /// No answer in time, a lost connection, 429 or 5xx: worth another try.
+    Retry(String),
+    /// Any other refusal (a 4xx: the request is wrong, and will stay so).
+    Refused(String),
+}
+
+/// The push gateway's client: pooled keep-alive connections, HTTP/1.1,
+/// TLS for `https://`.
+struct Gateway {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    uri: Uri,
+    timeout: Duration,
+}
+
+impl Gateway {
+    fn new(url: &str, config: &PushConfig) -> Result<Gateway, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("push-gateway-url {url:?}: {e}"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = match &config.push_gateway_ca {
+            Some(path) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in crate::certs::load_chain(path).map_err(|e| e.to_string())? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("push-gateway-ca {}: {e}", path.display()))?;
+                }
+                let tls = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| e.to_string())?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                builder.with_tls_config(tls)
+            }
+            None => builder
+                .with_provider_and_webpki_roots(provider)
+                .map_err(|e| e.to_string())?,
+        };
+        let connector = builder.https_or_http().enable_http1().build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(config.push_concurrency)
+            .build(connector);
+        Ok(Gateway {
+            client,
+            uri,
+            timeout: config.push_timeout,
+        })
+    }
+
+    /// Posts one notification; on success, the tokens the gateway
+    /// rejected.
+    async fn post(&self, body: Bytes) -> Result<Vec<String>, Failure> {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(self.uri.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .expect("a valid request");
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| Failure::Retry(format!("request failed: {e}")))?;
+            let status = response.status();
+            let answer = Limited::new(response.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| Failure::Retry(format!("reading the answer: {e}")))?
+                .to_bytes();
+            Ok((status, answer))
+        };
+        let (status, answer) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| Failure::Retry(format!("no answer within {:?}", self.timeout)))??;
+        if status.is_success() {
+            // An answer without a readable list rejects nothing.
+            return Ok(serde_json::from_slice::<Answer>(&answer)
+                .map(|a| a.rejected)
+                .unwrap_or_default());
+        }
+        let why = format!("HTTP {status}");
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            Err(Failure::Retry(why))
+        } else {
+            Err(Failure::Refused(why))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_payload_has_the_gateway_shape_and_no_text() {
+        let notice = Notice {
+            user: 2,
+            conversation: 42,
+            seq: 17,
+            sender: 7,
+            photo: false,
+        };
+        let devices = [PushDevice {
+            app_id: "com.example.ios".into(),
+            token: "abc".into(),
+            registered_ms: 1_700_000_000_123,
+        }];
+        let json: serde_json::Value =
+            serde_json::from_slice(&payload(&notice, &devices, Some(3), Some("alice".into())))
+                .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"notification": {
+                "event_id": "42/17",
+                "room_id": "42",
+                "type": "chat.text",
+                "sender": "7",
+                "sender_display_name": "alice",
+                "prio": "high",
+                "counts": {"unread": 3},
+                "devices": [{"app_id": "com.example.ios", "pushkey": "abc", "pushkey_ts": 1_700_000_000}],
+            }})
+        );
+        let photo = Notice {
+            photo: true,
+            ..notice
+        };
+        let json: serde_json::Value =
+            serde_json::from_slice(&payload(&photo, &devices, None, None)).unwrap();
+        assert_eq!(json["notification"]["type"], "chat.photo");
+        assert!(json["notification"].get("counts").is_none());
+        assert!(json["notification"].get("sender_display_name").is_none());
+    }
+}

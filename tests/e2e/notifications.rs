@@ -1,0 +1,415 @@
+//! Notifications end to end: a real server posts to a push gateway (a
+//! small HTTP server here, in place of Sygnal, APNs and FCM) for users
+//! with no connection in the foreground, coalesced per conversation, with
+//! the badge and without the text; retries, rejected tokens and refused
+//! registrations.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chat_client::{Client, ErrorCode, Events, proto};
+use chat_protocol::Body;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use serde_json::Value;
+
+use crate::harness::*;
+
+const APP: &str = "com.example.chat.ios";
+
+/// A push gateway that records what it is sent and answers from a script
+/// (then 200 with nothing rejected).
+struct Gateway {
+    addr: SocketAddr,
+    tls: bool,
+    received: Arc<Mutex<Vec<Value>>>,
+    script: Arc<Mutex<VecDeque<(u16, String)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> Gateway {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(VecDeque::new()));
+        let tls_on = tls.is_some();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        let (r, s) = (received.clone(), script.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (r, s, acceptor) = (r.clone(), s.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        answer(request, r.clone(), s.clone())
+                    });
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match acceptor {
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            http.serve_connection(TokioIo::new(stream), service).await
+                        }
+                        None => http.serve_connection(TokioIo::new(stream), service).await,
+                    };
+                });
+            }
+        });
+        Gateway {
+            addr,
+            tls: tls_on,
+            received,
+            script,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}/_matrix/push/v1/notify", self.addr)
+    }
+
+    /// The next request is answered `status` with `body`.
+    fn answer_next(&self, status: u16, body: &str) {
+        self.script
+            .lock()
+            .unwrap()
+            .push_back((status, body.to_string()));
+    }
+
+    fn received(&self) -> Vec<Value> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` requests came; returns them all.
+    async fn wait_for(&self, n: usize) -> Vec<Value> {
+        wait_until(&format!("{n} requests at the push gateway"), || async {
+            self.received.lock().unwrap().len() >= n
+        })
+        .await;
+        self.received()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn answer(
+    request: Request<hyper::body::Incoming>,
+    received: Arc<Mutex<Vec<Value>>>,
+    script: Arc<Mutex<VecDeque<(u16, String)>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path().to_string();
+    let json = request
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v == "application/json");
+    let body = request.into_body().collect().await.unwrap().to_bytes();
+    let mut value: Value = serde_json::from_slice(&body).expect("a JSON body");
+    value["path"] = path.into();
+    value["json"] = json.into();
+    received.lock().unwrap().push(value);
+    let (status, reply) = script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or((200, r#"{"rejected":[]}"#.into()));
+    Ok(Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(reply)))
+        .unwrap())
+}
+
+/// A server that notifies through `gateway`, coalescing over `coalesce`.
+async fn server_for(backend: Backend, gateway: &Gateway, coalesce: Duration) -> TestServer {
+    let url = gateway.url();
+    TestServer::start_on_with(backend, move |c| {
+        c.push.push_gateway_url = Some(url);
+        c.push.push_coalesce = coalesce;
+    })
+    .await
+}
+
+/// Alice, and Bob with a registered device, friends; Bob is gone (no
+/// connection) once this returns. Bob's push token and their
+/// conversation.
+async fn alice_and_absent_bob(server: &TestServer) -> (Client, Events, String, u64) {
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let (alice, alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let bob_id = bob.identity().user_id;
+    let token = format!("bob-phone-{bob_id}");
+    bob.register_push(APP, &token).await.unwrap();
+    bob.close();
+    drop(bob_events);
+    scrape_until(metrics, "bob's connection gone", |m| {
+        value(m, "chat_sessions_active") == 1.0
+    })
+    .await;
+    (alice, alice_events, token, conversation)
+}
+
+fn outcome(m: &HashMap<String, f64>, outcome: &str) -> f64 {
+    value(
+        m,
+        &format!("chat_push_notifications_total{{outcome=\"{outcome}\"}}"),
+    )
+}
+
+each_backend! {
+    async fn an_absent_user_is_notified_once_per_window_without_the_text(backend: Backend) {
+        let gateway = Gateway::start(None).await;
+        let server = server_for(backend, &gateway, Duration::from_secs(5)).await;
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        let (alice, _events, token, conversation) = alice_and_absent_bob(&server).await;
+
+        let first = alice.send_text(conversation, "secret words").await.unwrap();
+        let got = gateway.wait_for(1).await;
+        let n = &got[0]["notification"];
+        assert_eq!(got[0]["path"], "/_matrix/push/v1/notify");
+        assert_eq!(got[0]["json"], true);
+        assert_eq!(n["event_id"], format!("{conversation}/{}", first.seq));
+        assert_eq!(n["room_id"], conversation.to_string());
+        assert_eq!(n["type"], "chat.text");
+        assert_eq!(n["sender"], alice.identity().user_id.to_string());
+        assert_eq!(n["sender_display_name"], alice.identity().username);
+        assert_eq!(n["prio"], "high");
+        assert_eq!(n["counts"]["unread"], 1);
+        assert_eq!(n["devices"].as_array().unwrap().len(), 1);
+        assert_eq!(n["devices"][0]["app_id"], APP);
+        assert_eq!(n["devices"][0]["pushkey"], token);
+        assert!(n["devices"][0]["pushkey_ts"].as_i64().unwrap() > 1_700_000_000);
+        assert!(
+            !got[0].to_string().contains("secret"),
+            "the text stays out of the notification: {}",
+            got[0]
+        );
+
+        // Three more within the window make one notification, of the last,
+        // at its end.
+        let mut last = 0;
+        for i in 0..3 {
+            last = alice.send_text(conversation, &format!("more {i}")).await.unwrap().seq;
+        }
+        let got = gateway.wait_for(2).await;
+        assert_eq!(got[1]["notification"]["event_id"], format!("{conversation}/{last}"));
+        assert_eq!(got[1]["notification"]["counts"]["unread"], 1, "one conversation");
+        let m = scrape_until(metrics, "two sent, two coalesced", |m| {
+            outcome(m, "sent") == 2.0 && outcome(m, "coalesced") == 2.0
+        })
+        .await;
+        assert_eq!(outcome(&m, "no_device"), 0.0);
+        assert_eq!(gateway.received().len(), 2);
+
+        assert!(
+            gateway
+                .received()
+                .iter()
+                .all(|r| r["notification"]["devices"][0]["pushkey"] == token.as_str()),
+            "only Bob's device was notified"
+        );
+    }
+
+    async fn a_foreground_connection_holds_notifications_and_the_background_gets_them(backend: Backend) {
+        let gateway = Gateway::start(None).await;
+        let server = server_for(backend, &gateway, Duration::from_secs(5)).await;
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        bob.register_push(APP, "bob-phone").await.unwrap();
+
+        // In the foreground Bob reads it in the app: no notification.
+        alice.send_text(conversation, "while you look").await.unwrap();
+        messages(&mut bob_events, 1).await;
+
+        // The app goes to the background with its connection open.
+        bob.set_heartbeats(false);
+        scrape_until(metrics, "bob's app in the background", |m| {
+            value(m, "chat_backgrounded_total") >= 1.0
+        })
+        .await;
+        let later = alice.send_text(conversation, "while you are away").await.unwrap();
+        let got = gateway.wait_for(1).await;
+        // Had the first message notified, it would have opened the window
+        // and this one would wait for its end, coalesced.
+        assert_eq!(got[0]["notification"]["event_id"], format!("{conversation}/{}", later.seq));
+        let m = scrape_until(metrics, "one sent", |m| outcome(m, "sent") == 1.0).await;
+        assert_eq!(outcome(&m, "coalesced"), 0.0);
+        // The first never reached the notifier (which would have found
+        // Bob online and sent nothing, but held the window open).
+        assert_eq!(outcome(&m, "online"), 0.0);
+        assert_eq!(gateway.received().len(), 1);
+        // The message reached the open connection as well.
+        messages(&mut bob_events, 1).await;
+    }
+
+    async fn rejected_tokens_are_forgotten_and_cleared_ones_get_nothing(backend: Backend) {
+        let gateway = Gateway::start(None).await;
+        let server = server_for(backend, &gateway, Duration::from_millis(100)).await;
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        let (alice, _events, token, conversation) = alice_and_absent_bob(&server).await;
+
+        gateway.answer_next(200, &format!(r#"{{"rejected":["{token}","someone-else"]}}"#));
+        alice.send_text(conversation, "one").await.unwrap();
+        gateway.wait_for(1).await;
+        scrape_until(metrics, "the token forgotten", |m| {
+            value(m, "chat_push_tokens_rejected_total") == 1.0
+        })
+        .await;
+        // The next message finds no device.
+        alice.send_text(conversation, "two").await.unwrap();
+        scrape_until(metrics, "no device", |m| outcome(m, "no_device") == 1.0).await;
+        assert_eq!(gateway.received().len(), 1);
+
+        // Carol registers, then clears her registration: nothing either.
+        let (carol, carol_events) = register(server.client_config(), &name("carol")).await;
+        let with_carol = befriend(&alice, &carol).await;
+        carol.register_push(APP, "carol-phone").await.unwrap();
+        carol.register_push(APP, "").await.unwrap();
+        carol.close();
+        drop(carol_events);
+        scrape_until(metrics, "carol's connection gone", |m| {
+            value(m, "chat_sessions_active") == 1.0
+        })
+        .await;
+        alice.send_text(with_carol, "three").await.unwrap();
+        scrape_until(metrics, "no device again", |m| outcome(m, "no_device") == 2.0).await;
+        assert_eq!(gateway.received().len(), 1);
+    }
+
+    async fn a_failing_gateway_is_asked_again_and_a_refusal_is_final(backend: Backend) {
+        let gateway = Gateway::start(None).await;
+        let server = server_for(backend, &gateway, Duration::from_millis(100)).await;
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        let (alice, _events, _token, conversation) = alice_and_absent_bob(&server).await;
+
+        gateway.answer_next(500, "{}");
+        gateway.answer_next(503, "{}");
+        alice.send_text(conversation, "one").await.unwrap();
+        let got = gateway.wait_for(3).await;
+        assert_eq!(got[0], got[2], "the same notification, asked again");
+        scrape_until(metrics, "sent after two failures", |m| outcome(m, "sent") == 1.0).await;
+
+        // A 4xx is not asked again.
+        gateway.answer_next(400, "{}");
+        alice.send_text(conversation, "two").await.unwrap();
+        let m = scrape_until(metrics, "refused", |m| outcome(m, "failed") == 1.0).await;
+        assert_eq!(outcome(&m, "sent"), 1.0);
+        assert_eq!(gateway.received().len(), 4);
+    }
+}
+
+#[tokio::test]
+async fn registrations_are_checked_and_the_connection_stays() {
+    let gateway = Gateway::start(None).await;
+    let server = server_for(Backend::Embedded, &gateway, Duration::from_millis(100)).await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    // client-lib refuses what the server would, before sending.
+    assert_eq!(
+        code(bob.register_push("", "token").await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(bob.register_push(APP, "two words").await),
+        ErrorCode::InvalidArgument
+    );
+    let mut raw = RawControl::resume(&server, &bob.identity().token).await;
+    bob.close();
+    drop(bob_events);
+    let too_long = "x".repeat(chat_protocol::push::MAX_PUSH_TOKEN_LEN + 1);
+    for (app_id, token) in [
+        ("", "token"),
+        (APP, "two words"),
+        (APP, too_long.as_str()),
+        ("bad\napp", "token"),
+    ] {
+        let reply = raw
+            .request(Body::RegisterPush(proto::RegisterPush {
+                app_id: app_id.into(),
+                token: token.into(),
+            }))
+            .await;
+        match reply {
+            Body::Error(e) => assert_eq!(
+                ErrorCode::from_wire(e.code),
+                ErrorCode::InvalidArgument,
+                "{app_id:?} {token:?}"
+            ),
+            other => panic!("refused, got {other:?}"),
+        }
+    }
+    let reply = raw
+        .request(Body::RegisterPush(proto::RegisterPush {
+            app_id: APP.into(),
+            token: "fine".into(),
+        }))
+        .await;
+    assert!(matches!(reply, Body::Ok(_)), "{reply:?}");
+    raw.assert_served().await;
+    // The raw connection goes to the background; only the good
+    // registration is notified.
+    raw.write_unanswered(vec![Body::Heartbeat(proto::Heartbeat { background: true })])
+        .await;
+    scrape_until(metrics, "bob in the background", |m| {
+        value(m, "chat_backgrounded_total") >= 1.0
+    })
+    .await;
+    alice.send_text(conversation, "hi").await.unwrap();
+    let got = gateway.wait_for(1).await;
+    assert_eq!(got[0]["notification"]["devices"][0]["pushkey"], "fine");
+    assert_eq!(
+        got[0]["notification"]["devices"].as_array().unwrap().len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_https_gateway_is_trusted_through_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = chat_server::certs::DevCerts::generate(&["127.0.0.1".to_string()]).unwrap();
+    certs.write(dir.path()).unwrap();
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(certs.server_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(certs.server_key_pem.as_bytes()).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let gateway = Gateway::start(Some(Arc::new(tls))).await;
+    let url = gateway.url();
+    let ca = dir.path().join(chat_server::certs::CA_FILE);
+    let server = TestServer::start_with(move |c| {
+        c.push.push_gateway_url = Some(url);
+        c.push.push_gateway_ca = Some(ca);
+    })
+    .await;
+    let (alice, _events, token, conversation) = alice_and_absent_bob(&server).await;
+    alice.send_text(conversation, "over TLS").await.unwrap();
+    let got = gateway.wait_for(1).await;
+    assert_eq!(got[0]["notification"]["devices"][0]["pushkey"], token);
+}
