@@ -29,6 +29,12 @@
 //! * photos on media streams of their own (`upload_photo`, then
 //!   `send_photo`; `download_photo` checks what it gets against the
 //!   photo's SHA-256), so a large one never holds up a text;
+//! * notifications while the app is not in the foreground: the app hands
+//!   its APNs or FCM token to `register_push` after each login (and when
+//!   the platform gives it a new one); a notification names the
+//!   conversation and message (`event_id` = `conversation/seq`) and the
+//!   badge, and the app (or its notification extension, with a small
+//!   client started in the background) reads the message itself;
 //! * a bounded outbox: `send_text` survives reconnects, is retried with the
 //!   same `client_msg_id` (so the server stores it once), and resolves when
 //!   the server says "sent";
