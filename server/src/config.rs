@@ -608,6 +608,7 @@ impl Config {
         let mut shown = self.clone();
         shown.redis_url = shown.redis_url.as_deref().map(redact_url);
         shown.postgres_url = shown.postgres_url.as_deref().map(redact_url);
+        shown.push.push_gateway_url = shown.push.push_gateway_url.as_deref().map(redact_url);
         toml::to_string(&shown).expect("config serialises to TOML")
     }
 
@@ -957,11 +958,15 @@ mod tests {
         let config = Config {
             redis_url: Some("redis://:hunter2@cache:6379/0".into()),
             postgres_url: Some("postgres://chat:s3cret@db:5432/chat".into()),
+            push: PushConfig {
+                push_gateway_url: Some("https://chat:pushpw@push:5000/notify".into()),
+                ..PushConfig::default()
+            },
             ..Config::default()
         };
         let text = config.to_toml();
         assert!(
-            !text.contains("hunter2") && !text.contains("s3cret"),
+            !text.contains("hunter2") && !text.contains("s3cret") && !text.contains("pushpw"),
             "{text}"
         );
         assert!(text.contains("redis://:***@cache:6379/0"), "{text}");

@@ -178,8 +178,10 @@ impl Server {
             accepting: true.into(),
         });
         let hub = Arc::new(Hub::default());
-        let notifier = Notifier::start(&config.push, store.clone(), hub.clone(), metrics.clone())
-            .map_err(|e| ServerError::Config(crate::config::ConfigError(e)))?;
+        let (notifier, notifier_task) =
+            Notifier::start(&config.push, store.clone(), hub.clone(), metrics.clone())
+                .map_err(|e| ServerError::Config(crate::config::ConfigError(e)))?
+                .unzip();
         if let Some(url) = &config.push.push_gateway_url {
             tracing::info!(gateway = %redact_url(url), "notifications on");
         }
@@ -264,13 +266,16 @@ impl Server {
             hub,
             delivery,
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(accept_loop(endpoint.clone(), shared.clone())),
             http_task,
             tokio::spawn(sample_paths(shared.hub.clone())),
             tokio::spawn(metrics_upkeep(shared.metrics.clone())),
             tokio::spawn(sweep_limiter(Arc::downgrade(&shared))),
         ];
+        // Stopped (with its requests under way) after the committers: it
+        // holds the store.
+        tasks.extend(notifier_task);
         let purge = Some(tokio::spawn(purge_sessions(Arc::downgrade(&shared))));
         tracing::info!(%local_addr, %metrics_addr, "chat-server listening (ALPN chat/1)");
         Ok(Server {

@@ -177,7 +177,7 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_push_notifications_total",
         "counter",
         Unit::Count,
-        "Notifications by outcome: sent (the gateway took it), coalesced (folded into the conversation's next one), online (the user came to the foreground first), no_device (no registered device), failed (the gateway refused it, or did not answer after retries), dropped (the notifier's queue was full).",
+        "Notifications by outcome: sent (the gateway took it), coalesced (folded into the conversation's next one), online (the user came to the foreground first), no_device (no registered device), failed (the gateway refused it or did not answer after retries, or the store could not be read), dropped (the notifier's queue, or its notifications under way, were full).",
     ),
     (
         "chat_push_tokens_rejected_total",

@@ -14,7 +14,8 @@
 //!   once, the ones that follow within `push-coalesce` make one
 //!   notification (of the latest) at the window's end.
 //! * Bounded everywhere: the queue from the committers (full: dropped and
-//!   counted, never waited on), the notifications being prepared, the
+//!   counted, never waited on), the open windows, the notifications being
+//!   prepared or sent (past it: dropped), their store reads at once, the
 //!   requests in flight (`push-concurrency`), each request
 //!   (`push-timeout`) and the gateway's answer (64 KiB).
 //! * A gateway that fails (no answer, 429, 5xx) is asked again twice, 1 s
@@ -26,7 +27,6 @@
 //! be notified too.
 
 use std::cmp::Reverse;
-use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +39,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::config::PushConfig;
@@ -52,6 +53,10 @@ const QUEUE_DEPTH: usize = 65_536;
 /// Notifications being prepared or sent at once (store reads, retries,
 /// the wait for a request slot); past it new ones are dropped.
 const MAX_PENDING: usize = 16_384;
+/// Open coalescing windows at most (a (user, conversation) each).
+const MAX_WINDOWS: usize = 262_144;
+/// Notifications reading the store at once.
+const STORE_READS: usize = 4;
 /// Tries of one request, the first included.
 const ATTEMPTS: u32 = 3;
 /// Wait before the second try; doubled before each later one.
@@ -84,16 +89,16 @@ pub struct Notifier {
 
 impl Notifier {
     /// Starts the notifier when `config` names a gateway (`None`
-    /// otherwise). Its task ends once every handle is dropped (the
-    /// committers stopped); notifications still waiting for the end of
-    /// their window are then not sent, and requests under way finish on
-    /// their own.
+    /// otherwise), with the task that runs it: the task ends once every
+    /// handle is dropped (the committers stopped), or when aborted at
+    /// shutdown; either way the notifications it holds for the end of
+    /// their window are not sent and the requests under way stop.
     pub fn start(
         config: &PushConfig,
         store: Arc<dyn HistoryStore>,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
-    ) -> Result<Option<Arc<Notifier>>, String> {
+    ) -> Result<Option<Started>, String> {
         let Some(url) = &config.push_gateway_url else {
             return Ok(None);
         };
@@ -104,11 +109,11 @@ impl Notifier {
             hub,
             metrics: metrics.clone(),
             gateway,
-            pending: Arc::new(Semaphore::new(MAX_PENDING)),
+            store_reads: Semaphore::new(STORE_READS),
             requests: Semaphore::new(config.push_concurrency),
         });
-        tokio::spawn(coalesce(rx, dispatcher, config.push_coalesce));
-        Ok(Some(Arc::new(Notifier { tx, metrics })))
+        let task = tokio::spawn(coalesce(rx, dispatcher, config.push_coalesce));
+        Ok(Some((Arc::new(Notifier { tx, metrics }), task)))
     }
 
     /// Queues a notice; never waits (a full queue drops it).
@@ -119,55 +124,114 @@ impl Notifier {
     }
 }
 
-/// Folds notices per (user, conversation): the first is dispatched at
-/// once and opens a window; the latest that arrives within it is
-/// dispatched when it ends (and opens the next).
+/// A started notifier: the committers' handle and the task to stop at
+/// shutdown.
+pub type Started = (Arc<Notifier>, JoinHandle<()>);
+
+/// Runs the windows ([`Windows`]) and the notifications being sent.
 async fn coalesce(mut rx: mpsc::Receiver<Notice>, dispatcher: Arc<Dispatcher>, window: Duration) {
-    // A key is here while its window is open, with the notice waiting for
-    // its end; each open window has one deadline in `ends`.
-    let mut waiting: HashMap<(UserId, ConversationId), Option<Notice>> = HashMap::new();
-    let mut ends: BinaryHeap<Reverse<(Instant, UserId, ConversationId)>> = BinaryHeap::new();
+    let mut windows = Windows::new(window);
+    let mut sending = JoinSet::new();
     loop {
-        let next_end = ends.peek().map(|Reverse((at, ..))| *at);
+        let next_end = windows.next_end();
         tokio::select! {
             notice = rx.recv() => {
                 let Some(notice) = notice else { break };
-                let key = (notice.user, notice.conversation);
-                match waiting.entry(key) {
-                    Entry::Occupied(mut open) => {
-                        if open.get_mut().replace(notice).is_some() {
-                            dispatcher.metrics.push("coalesced");
-                        }
-                    }
-                    Entry::Vacant(closed) => {
-                        closed.insert(None);
-                        ends.push(Reverse((Instant::now() + window, key.0, key.1)));
-                        dispatcher.dispatch(notice);
-                    }
+                match windows.offer(notice, Instant::now()) {
+                    Offer::Now(notice) => dispatcher.send_in(&mut sending, notice),
+                    Offer::Held { replaced: true } => dispatcher.metrics.push("coalesced"),
+                    Offer::Held { replaced: false } => {}
                 }
             }
             () = tokio::time::sleep_until(next_end.unwrap_or_else(Instant::now)),
                 if next_end.is_some() =>
             {
-                let now = Instant::now();
-                while let Some(&Reverse((at, user, conversation))) = ends.peek() {
-                    if at > now {
-                        break;
-                    }
-                    ends.pop();
-                    let key = (user, conversation);
-                    match waiting.get_mut(&key).and_then(Option::take) {
-                        Some(notice) => {
-                            ends.push(Reverse((now + window, user, conversation)));
-                            dispatcher.dispatch(notice);
-                        }
-                        None => {
-                            waiting.remove(&key);
-                        }
-                    }
+                for notice in windows.expire(Instant::now()) {
+                    dispatcher.send_in(&mut sending, notice);
+                }
+            }
+            Some(_) = sending.join_next(), if !sending.is_empty() => {}
+        }
+    }
+}
+
+/// What [`Windows::offer`] makes of a notice.
+#[derive(Debug, PartialEq, Eq)]
+enum Offer {
+    /// Send it now.
+    Now(Notice),
+    /// Held for the end of its window; `replaced`: in place of an earlier
+    /// one, which is folded into it.
+    Held { replaced: bool },
+}
+
+/// The coalescing windows, per (user, conversation): the first notice is
+/// sent at once and opens a window; the latest that arrives within it is
+/// sent when it ends, and opens the next. A key is kept while its window
+/// is open (with the notice held for its end), with one deadline in
+/// `ends`; at most [`MAX_WINDOWS`] are open, and past that a new key's
+/// notice is sent at once, uncoalesced.
+struct Windows {
+    length: Duration,
+    waiting: HashMap<(UserId, ConversationId), Option<Notice>>,
+    ends: BinaryHeap<Reverse<(Instant, UserId, ConversationId)>>,
+}
+
+impl Windows {
+    fn new(length: Duration) -> Self {
+        Windows {
+            length,
+            waiting: HashMap::new(),
+            ends: BinaryHeap::new(),
+        }
+    }
+
+    fn offer(&mut self, notice: Notice, now: Instant) -> Offer {
+        let key = (notice.user, notice.conversation);
+        if let Some(held) = self.waiting.get_mut(&key) {
+            return Offer::Held {
+                replaced: held.replace(notice).is_some(),
+            };
+        }
+        if self.waiting.len() < MAX_WINDOWS {
+            self.waiting.insert(key, None);
+            self.ends.push(Reverse((now + self.length, key.0, key.1)));
+        }
+        Offer::Now(notice)
+    }
+
+    fn next_end(&self) -> Option<Instant> {
+        self.ends.peek().map(|Reverse((at, ..))| *at)
+    }
+
+    /// The notices held in windows that ended by `now`; each opens the
+    /// next window of its key. Keys whose window ended with nothing held
+    /// are forgotten.
+    fn expire(&mut self, now: Instant) -> Vec<Notice> {
+        let mut due = Vec::new();
+        while let Some(&Reverse((at, user, conversation))) = self.ends.peek() {
+            if at > now {
+                break;
+            }
+            self.ends.pop();
+            let key = (user, conversation);
+            match self.waiting.get_mut(&key).and_then(Option::take) {
+                Some(notice) => {
+                    self.ends
+                        .push(Reverse((now + self.length, user, conversation)));
+                    due.push(notice);
+                }
+                None => {
+                    self.waiting.remove(&key);
                 }
             }
         }
+        // A burst's table is given back once it has passed.
+        if self.waiting.capacity() > 4 * self.waiting.len() + 1024 {
+            self.waiting.shrink_to(2 * self.waiting.len());
+            self.ends.shrink_to(2 * self.ends.len());
+        }
+        due
     }
 }
 
@@ -176,23 +240,25 @@ struct Dispatcher {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     gateway: Gateway,
-    /// Room for notifications being prepared or sent.
-    pending: Arc<Semaphore>,
+    /// Store reads of notifications at once: on SQLite each is a job on
+    /// the store thread, queued with the sends.
+    store_reads: Semaphore,
     /// Requests in flight.
     requests: Semaphore,
 }
 
 impl Dispatcher {
-    fn dispatch(self: &Arc<Self>, notice: Notice) {
-        let Ok(slot) = self.pending.clone().try_acquire_owned() else {
+    /// Sends `notice` on a task of `sending`, unless [`MAX_PENDING`] are
+    /// under way (then it is dropped).
+    fn send_in(self: &Arc<Self>, sending: &mut JoinSet<()>, notice: Notice) {
+        if sending.len() >= MAX_PENDING {
             self.metrics.push("dropped");
             return;
-        };
+        }
         let this = self.clone();
-        tokio::spawn(async move {
+        sending.spawn(async move {
             let outcome = this.send(notice).await;
             this.metrics.push(outcome);
-            drop(slot);
         });
     }
 
@@ -202,29 +268,33 @@ impl Dispatcher {
         if self.hub.in_foreground(notice.user) {
             return "online";
         }
-        let devices = match self.store.push_devices(notice.user, now_ms()).await {
-            Ok(devices) => devices,
-            Err(e) => {
-                tracing::warn!(user = notice.user, error = %e, "notification: could not read the user's devices");
-                return "failed";
+        let (devices, unread, sender_name) = {
+            let _read = self.store_reads.acquire().await.expect("never closed");
+            let devices = match self.store.push_devices(notice.user, now_ms()).await {
+                Ok(devices) => devices,
+                Err(e) => {
+                    tracing::warn!(user = notice.user, error = %e, "notification: could not read the user's devices");
+                    return "failed";
+                }
+            };
+            if devices.is_empty() {
+                return "no_device";
             }
+            // Without the badge or the name the notification still goes.
+            let unread = match self
+                .store
+                .unread_conversations(notice.user, MAX_BADGE)
+                .await
+            {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::warn!(user = notice.user, error = %e, "notification: could not count unread conversations");
+                    None
+                }
+            };
+            let sender_name = self.store.username(notice.sender).await.ok().flatten();
+            (devices, unread, sender_name)
         };
-        if devices.is_empty() {
-            return "no_device";
-        }
-        // Without the badge or the name the notification still goes.
-        let unread = match self
-            .store
-            .unread_conversations(notice.user, MAX_BADGE)
-            .await
-        {
-            Ok(n) => Some(n),
-            Err(e) => {
-                tracing::warn!(user = notice.user, error = %e, "notification: could not count unread conversations");
-                None
-            }
-        };
-        let sender_name = self.store.username(notice.sender).await.ok().flatten();
         let body = Bytes::from(payload(&notice, &devices, unread, sender_name));
         let mut wait = RETRY_AFTER;
         for attempt in 1..=ATTEMPTS {
@@ -255,20 +325,23 @@ impl Dispatcher {
         unreachable!("the last attempt returns")
     }
 
-    /// Forgets the tokens the gateway rejected. Only the tokens this
-    /// request carried are taken: a gateway cannot name others.
+    /// Forgets the tokens the gateway rejected. Only the devices this
+    /// request named are touched (a gateway cannot name others), and only
+    /// as they were registered then: a token registered again since (a
+    /// new session on the device) is kept.
     async fn forget(&self, devices: &[PushDevice], rejected: Vec<String>) {
         let mut forgotten = 0;
-        for token in rejected {
-            let Some(device) = devices.iter().find(|d| d.token == token) else {
-                continue;
-            };
+        for device in devices.iter().filter(|d| rejected.contains(&d.token)) {
             match self
                 .store
-                .drop_push_token(device.app_id.clone(), token)
+                .drop_push_token(
+                    device.app_id.clone(),
+                    device.token.clone(),
+                    device.registered_ms,
+                )
                 .await
             {
-                Ok(_) => forgotten += 1,
+                Ok(n) => forgotten += n,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not forget a push token the gateway rejected");
                 }
@@ -451,6 +524,113 @@ impl Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn notice(user: UserId, conversation: ConversationId, seq: u64) -> Notice {
+        Notice {
+            user,
+            conversation,
+            seq,
+            sender: 9,
+            photo: false,
+        }
+    }
+
+    #[test]
+    fn a_window_sends_the_first_at_once_and_the_latest_at_its_end() {
+        let second = Duration::from_secs(1);
+        let mut windows = Windows::new(3 * second);
+        let t0 = Instant::now();
+        assert_eq!(
+            windows.offer(notice(1, 5, 1), t0),
+            Offer::Now(notice(1, 5, 1))
+        );
+        assert_eq!(
+            windows.offer(notice(1, 5, 2), t0),
+            Offer::Held { replaced: false }
+        );
+        assert_eq!(
+            windows.offer(notice(1, 5, 3), t0 + second),
+            Offer::Held { replaced: true }
+        );
+        // Another user, another conversation: windows of their own.
+        assert_eq!(
+            windows.offer(notice(2, 5, 3), t0),
+            Offer::Now(notice(2, 5, 3))
+        );
+        assert_eq!(
+            windows.offer(notice(1, 6, 1), t0),
+            Offer::Now(notice(1, 6, 1))
+        );
+        assert_eq!(windows.next_end(), Some(t0 + 3 * second));
+        assert!(windows.expire(t0 + 2 * second).is_empty());
+        // The end: the latest goes and opens the next window; the keys
+        // with nothing held are forgotten.
+        let t3 = t0 + 3 * second;
+        assert_eq!(windows.expire(t3), vec![notice(1, 5, 3)]);
+        assert_eq!(windows.waiting.len(), 1);
+        assert_eq!(
+            windows.offer(notice(1, 5, 4), t3 + second),
+            Offer::Held { replaced: false }
+        );
+        assert_eq!(windows.expire(t3 + 3 * second), vec![notice(1, 5, 4)]);
+        assert!(windows.expire(t3 + 6 * second).is_empty());
+        assert!(windows.waiting.is_empty() && windows.ends.is_empty());
+        assert_eq!(windows.next_end(), None);
+        assert_eq!(
+            windows.offer(notice(1, 5, 5), t3 + 7 * second),
+            Offer::Now(notice(1, 5, 5))
+        );
+    }
+
+    #[test]
+    fn a_zero_window_still_folds_what_comes_before_it_is_looked_at() {
+        let mut windows = Windows::new(Duration::ZERO);
+        let t0 = Instant::now();
+        assert_eq!(
+            windows.offer(notice(1, 5, 1), t0),
+            Offer::Now(notice(1, 5, 1))
+        );
+        assert_eq!(
+            windows.offer(notice(1, 5, 2), t0),
+            Offer::Held { replaced: false }
+        );
+        assert_eq!(windows.next_end(), Some(t0));
+        assert_eq!(windows.expire(t0), vec![notice(1, 5, 2)]);
+        assert!(windows.expire(t0).is_empty());
+        assert!(windows.waiting.is_empty());
+    }
+
+    #[test]
+    fn windows_are_bounded() {
+        let mut windows = Windows::new(Duration::from_secs(3));
+        let t0 = Instant::now();
+        for user in 0..MAX_WINDOWS as u64 {
+            assert_eq!(
+                windows.offer(notice(user, 1, 1), t0),
+                Offer::Now(notice(user, 1, 1))
+            );
+        }
+        // Past the bound a new key is sent at once and opens nothing, so
+        // its next notice is sent at once too.
+        let extra = MAX_WINDOWS as u64;
+        assert_eq!(
+            windows.offer(notice(extra, 1, 1), t0),
+            Offer::Now(notice(extra, 1, 1))
+        );
+        assert_eq!(
+            windows.offer(notice(extra, 1, 2), t0),
+            Offer::Now(notice(extra, 1, 2))
+        );
+        assert_eq!(windows.waiting.len(), MAX_WINDOWS);
+        // Once they end, the table is given back.
+        assert!(windows.expire(t0 + Duration::from_secs(3)).is_empty());
+        assert!(windows.waiting.is_empty());
+        assert!(
+            windows.waiting.capacity() < 1024,
+            "{}",
+            windows.waiting.capacity()
+        );
+    }
 
     #[test]
     fn the_payload_has_the_gateway_shape_and_no_text() {

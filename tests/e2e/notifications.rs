@@ -155,10 +155,11 @@ async fn alice_and_absent_bob(server: &TestServer) -> (Client, Events, String, u
     let bob_id = bob.identity().user_id;
     let token = format!("bob-phone-{bob_id}");
     bob.register_push(APP, &token).await.unwrap();
+    let before = value(&scrape(metrics).await, "chat_sessions_active");
     bob.close();
     drop(bob_events);
     scrape_until(metrics, "bob's connection gone", |m| {
-        value(m, "chat_sessions_active") == 1.0
+        value(m, "chat_sessions_active") == before - 1.0
     })
     .await;
     (alice, alice_events, token, conversation)
@@ -263,34 +264,45 @@ each_backend! {
         let gateway = Gateway::start(None).await;
         let server = server_for(backend, &gateway, Duration::from_millis(100)).await;
         let metrics = server.server.as_ref().unwrap().metrics_addr();
+        // Carol has a device too; Dave registers one and then clears it.
+        let mut away = Vec::new();
+        for (who, token) in [("carol", "carol-phone"), ("dave", "")] {
+            let (client, events) = register(server.client_config(), &name(who)).await;
+            client.register_push(APP, "a-phone").await.unwrap();
+            client.register_push(APP, token).await.unwrap();
+            away.push((client, events));
+        }
         let (alice, _events, token, conversation) = alice_and_absent_bob(&server).await;
+        let mut with = Vec::new();
+        for (client, events) in away {
+            with.push(befriend(&alice, &client).await);
+            client.close();
+            drop(events);
+        }
+        scrape_until(metrics, "only alice connected", |m| {
+            value(m, "chat_sessions_active") == 1.0
+        })
+        .await;
 
-        gateway.answer_next(200, &format!(r#"{{"rejected":["{token}","someone-else"]}}"#));
+        // The gateway rejects Bob's token, and names Carol's, which this
+        // request did not carry: only Bob's is forgotten.
+        gateway.answer_next(200, &format!(r#"{{"rejected":["{token}","carol-phone"]}}"#));
         alice.send_text(conversation, "one").await.unwrap();
         gateway.wait_for(1).await;
         scrape_until(metrics, "the token forgotten", |m| {
             value(m, "chat_push_tokens_rejected_total") == 1.0
         })
         .await;
-        // The next message finds no device.
+        // The next message to Bob finds no device; Carol's still notifies.
         alice.send_text(conversation, "two").await.unwrap();
         scrape_until(metrics, "no device", |m| outcome(m, "no_device") == 1.0).await;
-        assert_eq!(gateway.received().len(), 1);
-
-        // Carol registers, then clears her registration: nothing either.
-        let (carol, carol_events) = register(server.client_config(), &name("carol")).await;
-        let with_carol = befriend(&alice, &carol).await;
-        carol.register_push(APP, "carol-phone").await.unwrap();
-        carol.register_push(APP, "").await.unwrap();
-        carol.close();
-        drop(carol_events);
-        scrape_until(metrics, "carol's connection gone", |m| {
-            value(m, "chat_sessions_active") == 1.0
-        })
-        .await;
-        alice.send_text(with_carol, "three").await.unwrap();
+        alice.send_text(with[0], "hi carol").await.unwrap();
+        let got = gateway.wait_for(2).await;
+        assert_eq!(got[1]["notification"]["devices"][0]["pushkey"], "carol-phone");
+        // Dave cleared his: nothing.
+        alice.send_text(with[1], "hi dave").await.unwrap();
         scrape_until(metrics, "no device again", |m| outcome(m, "no_device") == 2.0).await;
-        assert_eq!(gateway.received().len(), 1);
+        assert_eq!(gateway.received().len(), 2);
     }
 
     async fn a_failing_gateway_is_asked_again_and_a_refusal_is_final(backend: Backend) {
@@ -300,7 +312,7 @@ each_backend! {
         let (alice, _events, _token, conversation) = alice_and_absent_bob(&server).await;
 
         gateway.answer_next(500, "{}");
-        gateway.answer_next(503, "{}");
+        gateway.answer_next(429, "{}");
         alice.send_text(conversation, "one").await.unwrap();
         let got = gateway.wait_for(3).await;
         assert_eq!(got[0], got[2], "the same notification, asked again");
@@ -335,6 +347,14 @@ async fn registrations_are_checked_and_the_connection_stays() {
     let mut raw = RawControl::resume(&server, &bob.identity().token).await;
     bob.close();
     drop(bob_events);
+    let reply = raw
+        .request(Body::RegisterPush(proto::RegisterPush {
+            app_id: APP.into(),
+            token: "fine".into(),
+        }))
+        .await;
+    assert!(matches!(reply, Body::Ok(_)), "{reply:?}");
+    // Refused ones replace nothing.
     let too_long = "x".repeat(chat_protocol::push::MAX_PUSH_TOKEN_LEN + 1);
     for (app_id, token) in [
         ("", "token"),
@@ -357,16 +377,9 @@ async fn registrations_are_checked_and_the_connection_stays() {
             other => panic!("refused, got {other:?}"),
         }
     }
-    let reply = raw
-        .request(Body::RegisterPush(proto::RegisterPush {
-            app_id: APP.into(),
-            token: "fine".into(),
-        }))
-        .await;
-    assert!(matches!(reply, Body::Ok(_)), "{reply:?}");
     raw.assert_served().await;
-    // The raw connection goes to the background; only the good
-    // registration is notified.
+    // The raw connection goes to the background: the good registration
+    // is the one notified.
     raw.write_unanswered(vec![Body::Heartbeat(proto::Heartbeat { background: true })])
         .await;
     scrape_until(metrics, "bob in the background", |m| {
@@ -412,4 +425,37 @@ async fn an_https_gateway_is_trusted_through_its_ca() {
     alice.send_text(conversation, "over TLS").await.unwrap();
     let got = gateway.wait_for(1).await;
     assert_eq!(got[0]["notification"]["devices"][0]["pushkey"], token);
+}
+
+#[tokio::test]
+async fn a_gateway_that_never_answers_does_not_hold_up_shutdown() {
+    // It takes connections and reads nothing: every request waits for its
+    // timeout, three times.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/_matrix/push/v1/notify", listener.local_addr().unwrap());
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let accepted = held.clone();
+    let silent = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            accepted.lock().unwrap().push(stream);
+        }
+    });
+    let mut server = TestServer::start_with(move |c| {
+        c.push.push_gateway_url = Some(url);
+        c.push.push_timeout = Duration::from_secs(60);
+        c.shutdown_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let (alice, _events, _token, conversation) = alice_and_absent_bob(&server).await;
+    alice.send_text(conversation, "into the void").await.unwrap();
+    wait_until("the request under way", || async {
+        !held.lock().unwrap().is_empty()
+    })
+    .await;
+    alice.close();
+    // The store is let go (the data directory with it) although the
+    // notification's request is still waiting.
+    let drained = server.server.take().unwrap().shutdown().await;
+    assert!(drained, "the node drained within its shutdown timeout");
+    silent.abort();
 }

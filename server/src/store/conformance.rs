@@ -2307,25 +2307,20 @@ pub async fn push_registrations(store: &impl HistoryStore) {
         sorted(store.push_devices(alice, 600).await.unwrap()),
         vec![other_app.clone(), device("phone2", 230)]
     );
-    // The gateway rejects a token: only that app's copy goes.
-    assert_eq!(
-        store
-            .drop_push_token("com.example.ios".into(), "phone2".into())
-            .await
-            .unwrap(),
-        1
-    );
+    // The gateway rejects a token: only that app's copy goes, and only
+    // as registered when the rejected request was made (one registered
+    // after it is kept).
+    let drop_ios = |registered_by_ms| {
+        store.drop_push_token("com.example.ios".into(), "phone2".into(), registered_by_ms)
+    };
+    assert_eq!(drop_ios(229).await.unwrap(), 0);
+    assert_eq!(store.push_devices(alice, 600).await.unwrap().len(), 2);
+    assert_eq!(drop_ios(230).await.unwrap(), 1);
     assert_eq!(
         store.push_devices(alice, 600).await.unwrap(),
         vec![other_app]
     );
-    assert_eq!(
-        store
-            .drop_push_token("com.example.ios".into(), "phone2".into())
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(drop_ios(230).await.unwrap(), 0);
     // Cleared.
     assert!(store.set_push([2; 32], None).await.unwrap());
     assert!(store.push_devices(alice, 600).await.unwrap().is_empty());
@@ -2430,4 +2425,19 @@ pub async fn unread_conversations_count_others_messages(store: &impl HistoryStor
         .await
         .unwrap();
     assert_eq!(store.unread_conversations(alice, 10).await.unwrap(), 2);
+    // Alice answers in the group before reading it (her watermark stays
+    // behind), then reads up to Carol's message: only her own is above
+    // it, so the group is read.
+    let carols = store
+        .membership(group, alice)
+        .await
+        .unwrap()
+        .unwrap()
+        .last_seq;
+    append_one(store, text(group, alice, "a3", "yes!", 16)).await;
+    store
+        .advance_watermarks(vec![seen(group, alice, carols)])
+        .await
+        .unwrap();
+    assert_eq!(store.unread_conversations(alice, 10).await.unwrap(), 1);
 }

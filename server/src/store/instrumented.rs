@@ -415,11 +415,16 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         timed!(self, "push_devices", self.inner.push_devices(user, now_ms))
     }
 
-    async fn drop_push_token(&self, app_id: String, token: String) -> Result<u64, StoreError> {
+    async fn drop_push_token(
+        &self,
+        app_id: String,
+        token: String,
+        registered_by_ms: i64,
+    ) -> Result<u64, StoreError> {
         timed!(
             self,
             "drop_push_token",
-            self.inner.drop_push_token(app_id, token)
+            self.inner.drop_push_token(app_id, token, registered_by_ms)
         )
     }
 

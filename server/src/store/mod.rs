@@ -945,9 +945,16 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// revoked nor expired at `now_ms`.
     async fn push_devices(&self, user: UserId, now_ms: i64) -> Result<Vec<PushDevice>, StoreError>;
     /// Forgets a token the push gateway rejected (the app was uninstalled,
-    /// or the platform retired the token). Returns how many sessions held
-    /// it.
-    async fn drop_push_token(&self, app_id: String, token: String) -> Result<u64, StoreError>;
+    /// or the platform retired the token) where it was registered at or
+    /// before `registered_by_ms` (the registration the rejected request
+    /// carried; one made since, by a new session, is kept). Returns how
+    /// many sessions held it.
+    async fn drop_push_token(
+        &self,
+        app_id: String,
+        token: String,
+        registered_by_ms: i64,
+    ) -> Result<u64, StoreError>;
     /// How many of `user`'s conversations have a message from someone else
     /// above the user's seen watermark (the app's badge), counted up to
     /// `cap`.

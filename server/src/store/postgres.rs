@@ -2264,22 +2264,58 @@ impl HistoryStore for PostgresStore {
             Some(d) => (Some(d.app_id), Some(d.token), Some(d.registered_ms)),
             None => (None, None, None),
         };
-        // One statement: the token leaves the other sessions (a NULL token
-        // matches none) only if this one is live to take it.
-        let n = self
-            .execute(
-                "WITH cleared AS (
-                     UPDATE sessions SET push_app_id = NULL, push_token = NULL,
-                                         push_registered_ms = NULL
-                     WHERE push_token = $3 AND push_app_id = $2 AND token_hash <> $1
-                       AND EXISTS (SELECT 1 FROM sessions
-                                   WHERE token_hash = $1 AND revoked_at_ms IS NULL))
-                 UPDATE sessions SET push_app_id = $2, push_token = $3, push_registered_ms = $4
-                 WHERE token_hash = $1 AND revoked_at_ms IS NULL",
-                &[&&token_hash[..], &app_id, &token, &registered_ms],
+        let mut client = self.client().await?;
+        let lock = client.prepare_cached(LOCK_PUSH_TOKEN).await.map_err(pg)?;
+        let live = client
+            .prepare_cached(
+                "SELECT 1 FROM sessions WHERE token_hash = $1 AND revoked_at_ms IS NULL
+                 FOR UPDATE",
             )
-            .await?;
-        Ok(n > 0)
+            .await
+            .map_err(pg)?;
+        let clear = client
+            .prepare_cached(
+                "UPDATE sessions SET push_app_id = NULL, push_token = NULL,
+                                     push_registered_ms = NULL
+                 WHERE push_token = $3 AND push_app_id = $2 AND token_hash <> $1",
+            )
+            .await
+            .map_err(pg)?;
+        let set = client
+            .prepare_cached(
+                "UPDATE sessions SET push_app_id = $2, push_token = $3, push_registered_ms = $4
+                 WHERE token_hash = $1",
+            )
+            .await
+            .map_err(pg)?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let token_hash = &token_hash[..];
+        // Registrations of one token wait for each other, so two sessions
+        // taking it at once end with one holding it (each would clear the
+        // others as its snapshot shows them, missing the other's).
+        if let (Some(app_id), Some(token)) = (&app_id, &token) {
+            tx.execute(&lock, &[app_id, token]).await.map_err(pg)?;
+        }
+        // The session's row locked: a logout waits for this, or this sees
+        // it and takes the token from nobody.
+        if tx
+            .query_opt(&live, &[&token_hash])
+            .await
+            .map_err(pg)?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        if token.is_some() {
+            tx.execute(&clear, &[&token_hash, &app_id, &token])
+                .await
+                .map_err(pg)?;
+        }
+        tx.execute(&set, &[&token_hash, &app_id, &token, &registered_ms])
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(true)
     }
 
     async fn push_devices(&self, user: UserId, now_ms: i64) -> Result<Vec<PushDevice>, StoreError> {
@@ -2302,11 +2338,16 @@ impl HistoryStore for PostgresStore {
             .collect()
     }
 
-    async fn drop_push_token(&self, app_id: String, token: String) -> Result<u64, StoreError> {
+    async fn drop_push_token(
+        &self,
+        app_id: String,
+        token: String,
+        registered_by_ms: i64,
+    ) -> Result<u64, StoreError> {
         self.execute(
             "UPDATE sessions SET push_app_id = NULL, push_token = NULL, push_registered_ms = NULL
-             WHERE push_token = $1 AND push_app_id = $2",
-            &[&token, &app_id],
+             WHERE push_token = $1 AND push_app_id = $2 AND push_registered_ms <= $3",
+            &[&token, &app_id, &registered_by_ms],
         )
         .await
     }
@@ -2526,6 +2567,12 @@ const MEMBER_STATES: &str = "
 /// locks are per database, so the key names the schema: deployments (or
 /// tests) in other schemas of the same database have their own users 1
 /// and 2, and used to wait for each other's.
+/// A push token's lock, per schema as [`LOCK_PAIR`]: `$1` the app id, `$2`
+/// the token.
+const LOCK_PUSH_TOKEN: &str = "
+    SELECT pg_advisory_xact_lock(
+        hashtextextended(current_schema() || ' push ' || $1 || ' ' || $2, 0))";
+
 const LOCK_PAIR: &str = "
     SELECT pg_advisory_xact_lock(
         hashtextextended(current_schema() || ' friends ' || LEAST($1::bigint, $2::bigint)

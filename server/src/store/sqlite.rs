@@ -1933,7 +1933,8 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn username(&self, user_id: UserId) -> Result<Option<String>, StoreError> {
-        self.call(move |conn, _| {
+        // Users are not written behind: nothing pending to write first.
+        self.call_hot(move |conn, _| {
             conn.prepare_cached("SELECT username FROM users WHERE id = ?1")
                 .map_err(internal)?
                 .query_row([sql(user_id)], |r| r.get(0))
@@ -3033,16 +3034,21 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
-    async fn drop_push_token(&self, app_id: String, token: String) -> Result<u64, StoreError> {
+    async fn drop_push_token(
+        &self,
+        app_id: String,
+        token: String,
+        registered_by_ms: i64,
+    ) -> Result<u64, StoreError> {
         self.call_hot(move |conn, _| {
             let n = conn
                 .prepare_cached(
                     "UPDATE sessions SET push_app_id = NULL, push_token = NULL,
                                          push_registered_ms = NULL
-                     WHERE push_token = ?1 AND push_app_id = ?2",
+                     WHERE push_token = ?1 AND push_app_id = ?2 AND push_registered_ms <= ?3",
                 )
                 .map_err(internal)?
-                .execute(params![token, app_id])
+                .execute(params![token, app_id, registered_by_ms])
                 .map_err(internal)?;
             Ok(n as u64)
         })
