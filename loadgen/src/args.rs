@@ -83,6 +83,18 @@ pub struct Args {
     /// ~100-300 KB once recompressed).
     #[arg(long, default_value_t = 150_000)]
     pub photo_bytes: usize,
+    /// Notifications: every user registers a push token at set-up, and
+    /// the server's notifications (for users whose app is in the
+    /// background or who churned away) go to a stand-in push gateway in
+    /// this process that counts them (`notifications` in the report).
+    /// With --spawn-server the server is pointed at it; a running server
+    /// must have been started with `--push-gateway-url
+    /// http://ADDR/_matrix/push/v1/notify`, ADDR being --push-sink.
+    #[arg(long)]
+    pub push: bool,
+    /// Where the stand-in push gateway listens (with --push).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub push_sink: SocketAddr,
     /// Activity skew: senders are chosen by Zipf with this exponent (0 =
     /// uniform) over the users in a seeded random order, so the busiest
     /// are not neighbours in the friend graph or the groups.
@@ -297,6 +309,12 @@ impl Args {
             anyhow::bail!(
                 "--background-fraction {} must be a fraction of users in 0..=1",
                 self.background_fraction
+            );
+        }
+        if self.push && !self.spawn_server && self.push_sink.port() == 0 {
+            anyhow::bail!(
+                "--push against a running server needs --push-sink with a port (the server \
+                 must have been started with --push-gateway-url http://that-address/_matrix/push/v1/notify)"
             );
         }
         if !(self.photo_fraction.is_finite() && (0.0..=1.0).contains(&self.photo_fraction)) {

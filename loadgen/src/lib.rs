@@ -27,11 +27,13 @@ pub mod groups;
 pub mod payload;
 pub mod plan;
 pub mod population;
+pub mod push;
 pub mod sampling;
 pub mod stats;
 pub mod udp;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::Context as _;
 use tokio::sync::watch;
@@ -80,9 +82,20 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
         plan.users
     ));
     phase.send_replace(Phase::SettingUp);
+    let sink = match args.push {
+        true => {
+            let sink = push::Sink::start(args.push_sink).await?;
+            log(&format!(
+                "plan: every user registers a push token; notifications go to the stand-in push gateway at {}",
+                sink.url()
+            ));
+            Some(sink)
+        }
+        false => None,
+    };
     let mut spawned = None;
     let target = if args.spawn_server {
-        let server = SpawnedServer::start(&args).await?;
+        let server = SpawnedServer::start(&args, sink.as_ref().map(push::Sink::url)).await?;
         let target = Target {
             addr: server.server().local_addr(),
             ca: server
@@ -115,7 +128,15 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
         .server_pid
         .map(cpu::ServerCpu::Process)
         .or(spawned.is_some().then_some(cpu::ServerCpu::InProcess));
-    let result = measure(&args, &plan, &target, server_cpu, &phase, &log).await;
+    let result = measure(&args, &plan, &target, server_cpu, &phase, &log)
+        .await
+        .map(|mut report| {
+            if let Some(sink) = &sink {
+                report.notifications = sink.counts.notifications.load(Ordering::Relaxed);
+                report.notified_devices = sink.counts.devices.load(Ordering::Relaxed);
+            }
+            report
+        });
     if let Some(server) = spawned {
         server.stop().await;
     }
@@ -189,8 +210,8 @@ struct SpawnedServer {
 
 impl SpawnedServer {
     /// Starts it on 127.0.0.1:0 with the embedded store, in `--data-dir` or
-    /// a fresh temporary directory.
-    async fn start(args: &Args) -> anyhow::Result<Self> {
+    /// a fresh temporary directory, notifying through `push_gateway_url`.
+    async fn start(args: &Args, push_gateway_url: Option<String>) -> anyhow::Result<Self> {
         let (data_dir, temp) = match &args.data_dir {
             Some(dir) => (dir.clone(), None),
             None => {
@@ -219,6 +240,7 @@ impl SpawnedServer {
         config.limits.mark_rate = 0;
         config.limits.mark_burst = 0;
         config.limits.uploads_per_hour = 0;
+        config.push.push_gateway_url = push_gateway_url;
         // Set-up registers every user from this one address.
         config.limits.password_checks_per_address = 0;
         config.limits.registrations_per_address = 0;
@@ -308,6 +330,8 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         group_sends: c.group_sends,
         photo_sends: c.photo_sends,
         photos_downloaded: c.photos_downloaded,
+        notifications: 0,
+        notified_devices: 0,
         acked: c.acked,
         delivered: c.delivered,
         deliveries: c.deliveries,

@@ -309,6 +309,9 @@ pub async fn set_up(
             .take(specs.len())
             .map(|g| g.conversation_id)
             .collect();
+        if args.push {
+            register_push(&sessions, limit, &log).await?;
+        }
         return Ok(assemble(sessions, &conversations, &specs, &group_ids));
     }
 
@@ -367,6 +370,9 @@ pub async fn set_up(
         .map(|(&(a, b), &id)| (a, b, id))
         .collect();
     let group_ids = set_up_groups(&clients, &edges, &specs, limit, &log).await?;
+    if args.push {
+        register_push(&sessions, limit, &log).await?;
+    }
     let population = assemble(sessions, &conversations, &specs, &group_ids);
     if let Some(path) = &args.reuse {
         let saved = Saved {
@@ -381,6 +387,33 @@ pub async fn set_up(
         ));
     }
     Ok(population)
+}
+
+/// Registers every user's push token (`--push`): it lives with the
+/// session, so the users' reconnects keep it.
+async fn register_push(
+    sessions: &[(Client, Events)],
+    limit: usize,
+    log: &impl Fn(&str),
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let clients: Arc<Vec<Client>> = Arc::new(sessions.iter().map(|(c, _)| c.clone()).collect());
+    bounded(clients.len(), limit, |k| {
+        let clients = clients.clone();
+        async move {
+            let token = crate::push::token(k);
+            retry(|| clients[k].register_push(crate::push::APP_ID, &token))
+                .await
+                .with_context(|| format!("register the push token of user {k}"))
+        }
+    })
+    .await?;
+    log(&format!(
+        "set-up: {} push tokens registered in {:.1}s",
+        clients.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
 }
 
 /// User `a` asks `b` for friendship and `b` accepts.

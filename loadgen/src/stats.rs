@@ -787,6 +787,12 @@ pub struct Report {
     /// and photo delivered to it).
     #[serde(default)]
     pub photos_downloaded: u64,
+    /// Notifications the stand-in push gateway took (`--push`), to the
+    /// end of the drain, and the devices they named.
+    #[serde(default)]
+    pub notifications: u64,
+    #[serde(default)]
+    pub notified_devices: u64,
     /// Acked as durable.
     pub acked: u64,
     /// Acks that arrived within the measured window, of any send (warm-up
@@ -938,6 +944,13 @@ impl Report {
             "group sends: {}  deliveries (one per recipient): {} = {:.1}/s  lost deliveries: {}",
             self.group_sends, self.deliveries, self.deliveries_per_s, self.lost_deliveries
         );
+        if self.notifications > 0 {
+            let _ = writeln!(
+                t,
+                "notifications at the push gateway: {} ({} devices)",
+                self.notifications, self.notified_devices
+            );
+        }
         if self.photo_sends > 0 || self.photos_downloaded > 0 {
             let _ = writeln!(
                 t,

@@ -24,6 +24,8 @@ const REPORT_KEYS: &[&str] = &[
     "group_sends",
     "photo_sends",
     "photos_downloaded",
+    "notifications",
+    "notified_devices",
     "acked",
     "delivered",
     "deliveries",
@@ -325,6 +327,55 @@ async fn photo_sends_are_uploaded_delivered_and_downloaded_by_every_recipient() 
     // Every photo delivered, warm-up ones too, is downloaded and checked
     // against its hash (a mismatch is an error, and there are none).
     assert!(report.photos_downloaded >= report.photo_sends, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_in_the_background_are_notified_through_the_push_gateway() {
+    init_tracing();
+    // Half the users have the app in the background: their messages reach
+    // their open connections and notify their devices too.
+    let report = run(spawned(&[
+        "--users",
+        "12",
+        "--friends",
+        "2",
+        "--background-fraction",
+        "0.5",
+        "--push",
+        "--rate",
+        "30",
+        "--duration",
+        "2s",
+        "--warmup",
+        "300ms",
+    ]))
+    .await;
+    assert_all_accounted(&report);
+    assert!(report.notifications > 0, "{report:?}");
+    assert_eq!(
+        report.notified_devices, report.notifications,
+        "one device each"
+    );
+    // Coalesced per conversation and foreground users never notified: far
+    // fewer than the deliveries.
+    assert!(report.notifications < report.deliveries, "{report:?}");
+    // Without --push nobody registered, and nothing was sent anywhere.
+    let quiet = run(spawned(&[
+        "--users",
+        "6",
+        "--friends",
+        "2",
+        "--background-fraction",
+        "0.5",
+        "--rate",
+        "20",
+        "--duration",
+        "1s",
+        "--warmup",
+        "200ms",
+    ]))
+    .await;
+    assert_eq!(quiet.notifications, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

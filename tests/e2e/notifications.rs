@@ -432,7 +432,10 @@ async fn a_gateway_that_never_answers_does_not_hold_up_shutdown() {
     // It takes connections and reads nothing: every request waits for its
     // timeout, three times.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/_matrix/push/v1/notify", listener.local_addr().unwrap());
+    let url = format!(
+        "http://{}/_matrix/push/v1/notify",
+        listener.local_addr().unwrap()
+    );
     let held = Arc::new(Mutex::new(Vec::new()));
     let accepted = held.clone();
     let silent = tokio::spawn(async move {
@@ -447,7 +450,10 @@ async fn a_gateway_that_never_answers_does_not_hold_up_shutdown() {
     })
     .await;
     let (alice, _events, _token, conversation) = alice_and_absent_bob(&server).await;
-    alice.send_text(conversation, "into the void").await.unwrap();
+    alice
+        .send_text(conversation, "into the void")
+        .await
+        .unwrap();
     wait_until("the request under way", || async {
         !held.lock().unwrap().is_empty()
     })
