@@ -99,6 +99,8 @@ print(f'offered {j["offered_rate"]:.0f}/s achieved {j["acked_per_s"]:.0f}/s lost
       f'(load generator late p99 {L.get("dispatch", {}).get("p99", 0):.1f}) '
       f'server {j.get("server_cpu_pct") or 0:.0f}% = {j.get("server_cpu_us_per_send") or 0:.1f} us/send ({threads}) '
       f'loadgen {j.get("loadgen_cpu_pct") or 0:.0f}% datagrams/send {j.get("udp_datagrams_per_send") or 0:.2f} drops {j.get("udp_rcvbuf_drops")} errors {j["errors"]}')
+if j.get("notifications"):
+    print(f'  notifications at the push gateway (to the end of the drain): {j["notifications"]}')
 for name, b in sorted(j.get("backend_cpu", {}).items()):
     print(f'  {name}: {b["cpu_pct"]:.0f}% = {b.get("cpu_us_per_send") or 0:.1f} us/send')
 t = ack_tail(sys.argv[2])

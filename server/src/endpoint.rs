@@ -472,6 +472,9 @@ async fn purge_sessions(weak: std::sync::Weak<Shared>) {
     };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The photo subdirectory swept this round; a random start, so nodes
+    // restarted often still reach them all.
+    let mut prefix: u8 = rand::random();
     loop {
         tick.tick().await;
         in_batches("ended sessions", || {
@@ -495,6 +498,8 @@ async fn purge_sessions(weak: std::sync::Weak<Shared>) {
         })
         .await;
         purge_unsent_photos(&weak).await;
+        sweep_photo_files(&weak, prefix).await;
+        prefix = prefix.wrapping_add(1);
         if weak.strong_count() == 0 {
             return;
         }
@@ -543,6 +548,60 @@ async fn purge_unsent_photos(weak: &std::sync::Weak<Shared>) {
         }
     })
     .await;
+}
+
+/// How long a photo file without a row must have gone unwritten before
+/// the sweep removes it: far longer than an upload lasts, and than the
+/// moment between a stored file's rename and its row.
+const ORPHAN_FILE_GRACE: Duration = Duration::from_secs(3600);
+
+/// Removes the photo files of subdirectory `prefix` (of 256) that have no
+/// row: left by a stop between a file's rename and its row, or between a
+/// purge's rows and its files. Never served (a download needs the row),
+/// they would only fill the disk. One subdirectory per purge round, so
+/// the directory is walked whole every 256 `session-purge-interval`s
+/// (about 11 days at the default), a small slice at a time.
+async fn sweep_photo_files(weak: &std::sync::Weak<Shared>, prefix: u8) {
+    let Some((store, media, metrics)) = weak
+        .upgrade()
+        .map(|s| (s.store.clone(), s.media.clone(), s.metrics.clone()))
+    else {
+        return;
+    };
+    let before = std::time::SystemTime::now() - ORPHAN_FILE_GRACE;
+    let ids = match media.written_before(prefix, before).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::warn!(prefix, error = %e, "cannot list photo files to sweep");
+            return;
+        }
+    };
+    let mut removed = 0u64;
+    for batch in ids.chunks(PURGE_BATCH as usize) {
+        let present: std::collections::HashSet<String> = match store
+            .media_present(batch.to_vec())
+            .await
+        {
+            Ok(present) => present.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sweep photo files; trying again at the next interval");
+                break;
+            }
+        };
+        for id in batch.iter().filter(|id| !present.contains(*id)) {
+            match media.remove(id).await {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(media_id = id, error = %e, "cannot remove a photo file without a row")
+                }
+            }
+        }
+        tokio::time::sleep(PURGE_PAUSE).await;
+    }
+    if removed > 0 {
+        metrics.photo_files_swept.increment(removed);
+        tracing::info!(removed, prefix, "removed photo files that had no row");
+    }
 }
 
 /// Unix ms `d` ago.

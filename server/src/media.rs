@@ -127,6 +127,37 @@ impl MediaFiles {
         .await
     }
 
+    /// The ids of the photo files in subdirectory `prefix` (of 256) last
+    /// written before `before`: the candidates of the sweep for files
+    /// without a row. A file under its id is renamed there whole and its
+    /// row written right after, so one written long ago that has no row
+    /// never gets one.
+    pub async fn written_before(
+        &self,
+        prefix: u8,
+        before: std::time::SystemTime,
+    ) -> std::io::Result<Vec<String>> {
+        let sub = self.dir.join(format!("{prefix:02x}"));
+        blocking(move || {
+            let mut ids = Vec::new();
+            for entry in std::fs::read_dir(&sub)? {
+                // Removed meanwhile (a purge, another node): skipped.
+                let Ok((entry, modified)) =
+                    entry.and_then(|e| e.metadata()?.modified().map(|m| (e, m)))
+                else {
+                    continue;
+                };
+                let name = entry.file_name();
+                match name.to_str() {
+                    Some(id) if is_media_id(id) && modified < before => ids.push(id.to_string()),
+                    _ => {}
+                }
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
     /// Deletes the photo `media_id`; one already gone is not an error.
     pub async fn remove(&self, media_id: &str) -> std::io::Result<()> {
         let path = self.path(media_id);

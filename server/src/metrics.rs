@@ -174,6 +174,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "Uploads deleted because no stored message carries them: unsent within upload-retention, or named by a send that was refused.",
     ),
     (
+        "chat_photo_files_swept_total",
+        "counter",
+        Unit::Count,
+        "Photo files removed because no row names them (left by a stop between a file and its row); one media subdirectory is swept per session-purge-interval.",
+    ),
+    (
         "chat_push_notifications_total",
         "counter",
         Unit::Count,
@@ -345,6 +351,8 @@ pub struct Metrics {
     pub photos_fetched: Counter,
     /// Uploads deleted unsent.
     pub photos_purged: Counter,
+    /// Photo files without a row, removed.
+    pub photo_files_swept: Counter,
     /// Heartbeats over the user's heartbeat bucket.
     pub heartbeats_ignored: Counter,
     /// Heartbeats saying the app went to the background.
@@ -448,6 +456,7 @@ impl Metrics {
                 photo_bytes_uploaded: metrics::counter!("chat_photo_bytes_uploaded_total"),
                 photos_fetched: metrics::counter!("chat_photos_fetched_total"),
                 photos_purged: metrics::counter!("chat_photos_purged_total"),
+                photo_files_swept: metrics::counter!("chat_photo_files_swept_total"),
                 heartbeats_ignored: metrics::counter!("chat_heartbeats_ignored_total"),
                 backgrounded: metrics::counter!("chat_backgrounded_total"),
                 send_to_ack: metrics::histogram!("chat_send_ack_duration_seconds"),

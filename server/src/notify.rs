@@ -29,6 +29,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -111,6 +112,7 @@ impl Notifier {
             gateway,
             store_reads: Semaphore::new(STORE_READS),
             requests: Semaphore::new(config.push_concurrency),
+            failing: AtomicBool::new(false),
         });
         let task = tokio::spawn(coalesce(rx, dispatcher, config.push_coalesce));
         Ok(Some((Arc::new(Notifier { tx, metrics }), task)))
@@ -245,6 +247,10 @@ struct Dispatcher {
     store_reads: Semaphore,
     /// Requests in flight.
     requests: Semaphore,
+    /// Notifications are failing (the last one did): logged once when
+    /// they start to and once when they stop, not each time (a gateway
+    /// that is down would fill the log).
+    failing: AtomicBool,
 }
 
 impl Dispatcher {
@@ -273,8 +279,7 @@ impl Dispatcher {
             let devices = match self.store.push_devices(notice.user, now_ms()).await {
                 Ok(devices) => devices,
                 Err(e) => {
-                    tracing::warn!(user = notice.user, error = %e, "notification: could not read the user's devices");
-                    return "failed";
+                    return self.failed(notice.user, &format!("reading the user's devices: {e}"));
                 }
             };
             if devices.is_empty() {
@@ -288,7 +293,7 @@ impl Dispatcher {
             {
                 Ok(n) => Some(n),
                 Err(e) => {
-                    tracing::warn!(user = notice.user, error = %e, "notification: could not count unread conversations");
+                    tracing::debug!(user = notice.user, error = %e, "notification: could not count unread conversations");
                     None
                 }
             };
@@ -304,16 +309,21 @@ impl Dispatcher {
             };
             match answer {
                 Ok(rejected) => {
+                    if self.failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("notifications go through again");
+                    }
                     self.forget(&devices, rejected).await;
                     return "sent";
                 }
                 Err(Failure::Refused(why)) => {
-                    tracing::warn!(user = notice.user, reason = %why, "the push gateway refused a notification");
-                    return "failed";
+                    return self
+                        .failed(notice.user, &format!("the push gateway refused it: {why}"));
                 }
                 Err(Failure::Retry(why)) if attempt == ATTEMPTS => {
-                    tracing::warn!(user = notice.user, reason = %why, attempts = ATTEMPTS, "the push gateway did not take a notification");
-                    return "failed";
+                    return self.failed(
+                        notice.user,
+                        &format!("the push gateway did not take it in {ATTEMPTS} tries: {why}"),
+                    );
                 }
                 Err(Failure::Retry(why)) => {
                     tracing::debug!(user = notice.user, reason = %why, "the push gateway failed; trying again");
@@ -323,6 +333,22 @@ impl Dispatcher {
             }
         }
         unreachable!("the last attempt returns")
+    }
+
+    /// A notification failed: logged as a warning when notifications start
+    /// failing, at debug level while they go on failing
+    /// (`chat_push_notifications_total{outcome="failed"}` counts them all).
+    fn failed(&self, user: UserId, why: &str) -> &'static str {
+        if self.failing.swap(true, Ordering::Relaxed) {
+            tracing::debug!(user, reason = why, "a notification failed");
+        } else {
+            tracing::warn!(
+                user,
+                reason = why,
+                "notifications are failing (further failures are counted in chat_push_notifications_total{{outcome=\"failed\"}} and logged at debug level)"
+            );
+        }
+        "failed"
     }
 
     /// Forgets the tokens the gateway rejected. Only the devices this

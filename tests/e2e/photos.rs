@@ -346,6 +346,51 @@ each_backend! {
         assert_eq!(value(&scraped, "chat_photos_purged_total"), 1.0);
     }
 
+    async fn photo_files_without_a_row_are_swept(backend: Backend) {
+        // A round every 10 ms: the sweep visits all 256 subdirectories in
+        // a few seconds.
+        let server = TestServer::start_on_with(backend, |c| {
+            c.limits.session_purge_interval = Duration::from_millis(10);
+        })
+        .await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let media_dir = server.config.media_dir();
+        let path = |id: &str| media_dir.join(&id[..2]).join(id);
+        let written_long_ago = |id: &str| {
+            let file = std::fs::File::options().write(true).open(path(id)).unwrap();
+            file.set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+                .unwrap();
+        };
+        // A sent photo, its file written long ago: it has its row.
+        let sent = alice.upload_photo(upload_of(jpeg(2_000))).await.unwrap();
+        alice.send_photo(conversation, &sent, "kept").await.unwrap();
+        written_long_ago(&sent);
+        // Files with no row, as a stop between a file and its row leaves
+        // them: an old one, and one written just now (its row may be
+        // about to come), in the same subdirectory, so one sweep looks at
+        // both.
+        let (old, new) = ("ab".repeat(16), format!("ab{}", "cd".repeat(15)));
+        for id in [&old, &new] {
+            std::fs::write(path(id), jpeg(1_000)).unwrap();
+        }
+        written_long_ago(&old);
+        wait_until("the old file without a row is removed", || async {
+            !path(&old).exists()
+        })
+        .await;
+        assert!(path(&new).exists(), "a recent file is left alone");
+        assert!(path(&sent).exists());
+        assert_eq!(bob.download_photo(&sent).await.unwrap().1, jpeg(2_000));
+        // Counted once the subdirectory is done, a moment after.
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        scrape_until(metrics, "the file counted", |m| {
+            value(m, "chat_photo_files_swept_total") == 1.0
+        })
+        .await;
+    }
+
     async fn who_may_fetch_a_photo_follows_what_history_shows(backend: Backend) {
         let server = TestServer::start_on(backend).await;
         let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;

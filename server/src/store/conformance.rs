@@ -1996,6 +1996,15 @@ pub async fn photos(store: &impl HistoryStore) {
         store.create_media(upload(&id(1), b, 101)).await,
         Err(StoreError::Conflict)
     ));
+    // Which ids have rows (the file sweep asks).
+    assert_eq!(
+        store
+            .media_present(vec![id(9), id(1), id(8)])
+            .await
+            .unwrap(),
+        vec![id(1)]
+    );
+    assert!(store.media_present(Vec::new()).await.unwrap().is_empty());
 
     // Only its uploader binds it, only where they are a member, and once.
     assert!(matches!(

@@ -403,6 +403,10 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         )
     }
 
+    async fn media_present(&self, media_ids: Vec<String>) -> Result<Vec<String>, StoreError> {
+        timed!(self, "media_present", self.inner.media_present(media_ids))
+    }
+
     async fn set_push(
         &self,
         token_hash: [u8; 32],

@@ -930,6 +930,11 @@ pub trait HistoryStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<String>, StoreError>;
 
+    /// Which of `media_ids` have a row (the others' files, if any, are
+    /// left over from a stop between a file's rename and its row, or
+    /// between a purge's rows and its files).
+    async fn media_present(&self, media_ids: Vec<String>) -> Result<Vec<String>, StoreError>;
+
     /// Sets (`Some`) or clears the push registration of the unrevoked
     /// session `token_hash`. A token set here is taken from every other
     /// session that held it for the same app, in the same transaction:

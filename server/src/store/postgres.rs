@@ -2255,6 +2255,16 @@ impl HistoryStore for PostgresStore {
         rows.iter().map(|row| col(row, 0)).collect()
     }
 
+    async fn media_present(&self, media_ids: Vec<String>) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT media_id FROM media WHERE media_id = ANY($1::text[])",
+                &[&media_ids],
+            )
+            .await?;
+        rows.iter().map(|row| col(row, 0)).collect()
+    }
+
     async fn set_push(
         &self,
         token_hash: [u8; 32],

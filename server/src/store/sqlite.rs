@@ -2967,6 +2967,26 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
+    async fn media_present(&self, media_ids: Vec<String>) -> Result<Vec<String>, StoreError> {
+        // Media rows are not written behind.
+        self.call_hot(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached("SELECT EXISTS(SELECT 1 FROM media WHERE media_id = ?1)")
+                .map_err(internal)?;
+            let mut present = Vec::new();
+            for id in media_ids {
+                if stmt
+                    .query_row([&id], |r| r.get::<_, bool>(0))
+                    .map_err(internal)?
+                {
+                    present.push(id);
+                }
+            }
+            Ok(present)
+        })
+        .await
+    }
+
     async fn set_push(
         &self,
         token_hash: [u8; 32],
