@@ -92,9 +92,10 @@ pub struct Args {
     /// http://ADDR/_matrix/push/v1/notify`, ADDR being --push-sink.
     #[arg(long)]
     pub push: bool,
-    /// Where the stand-in push gateway listens (with --push).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub push_sink: SocketAddr,
+    /// Where the stand-in push gateway listens (with --push; default
+    /// 127.0.0.1 on any free port, which only --spawn-server can use).
+    #[arg(long)]
+    pub push_sink: Option<SocketAddr>,
     /// Activity skew: senders are chosen by Zipf with this exponent (0 =
     /// uniform) over the users in a seeded random order, so the busiest
     /// are not neighbours in the friend graph or the groups.
@@ -311,7 +312,10 @@ impl Args {
                 self.background_fraction
             );
         }
-        if self.push && !self.spawn_server && self.push_sink.port() == 0 {
+        if self.push_sink.is_some() && !self.push {
+            anyhow::bail!("--push-sink is the address of --push's gateway: add --push");
+        }
+        if self.push && !self.spawn_server && self.push_sink.is_none_or(|a| a.port() == 0) {
             anyhow::bail!(
                 "--push against a running server needs --push-sink with a port (the server \
                  must have been started with --push-gateway-url http://that-address/_matrix/push/v1/notify)"

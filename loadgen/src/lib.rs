@@ -84,7 +84,11 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
     phase.send_replace(Phase::SettingUp);
     let sink = match args.push {
         true => {
-            let sink = push::Sink::start(args.push_sink).await?;
+            let sink = push::Sink::start(
+                args.push_sink
+                    .unwrap_or_else(|| (std::net::Ipv4Addr::LOCALHOST, 0).into()),
+            )
+            .await?;
             log(&format!(
                 "plan: every user registers a push token; notifications go to the stand-in push gateway at {}",
                 sink.url()
@@ -134,6 +138,11 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
             if let Some(sink) = &sink {
                 report.notifications = sink.counts.notifications.load(Ordering::Relaxed);
                 report.notified_devices = sink.counts.devices.load(Ordering::Relaxed);
+                // Requests that were not a notification are the server's errors.
+                let malformed = sink.counts.malformed.load(Ordering::Relaxed);
+                if malformed > 0 {
+                    report.errors.insert("push_malformed".into(), malformed);
+                }
             }
             report
         });

@@ -401,7 +401,7 @@ async fn register_push(
     bounded(clients.len(), limit, |k| {
         let clients = clients.clone();
         async move {
-            let token = crate::push::token(k);
+            let token = crate::push::token(&clients[k].identity().username);
             retry(|| clients[k].register_push(crate::push::APP_ID, &token))
                 .await
                 .with_context(|| format!("register the push token of user {k}"))

@@ -18,9 +18,11 @@ use tokio::task::JoinHandle;
 /// The app id the virtual users register under.
 pub const APP_ID: &str = "chat-loadgen";
 
-/// The push token of virtual user `idx`.
-pub fn token(idx: usize) -> String {
-    format!("loadgen-{idx}")
+/// The push token of the virtual user named `username`: a user name is
+/// the server's, so processes of one run (`--shard`) never register the
+/// same token (a token moves to the session that registered it last).
+pub fn token(username: &str) -> String {
+    format!("loadgen-{username}")
 }
 
 /// Largest request body read.
@@ -56,7 +58,13 @@ impl Sink {
         let counts = Arc::new(Counts::default());
         let shared = counts.clone();
         let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+            loop {
+                // Out of descriptors, say: the server's client tries again,
+                // and so does this.
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
                 let counts = shared.clone();
                 tokio::spawn(async move {
                     let service =

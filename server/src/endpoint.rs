@@ -171,6 +171,28 @@ impl Server {
             inbox,
             presence: presence_store,
         } = Stores::open(&config, &metrics).await?;
+        // The directory's photos must be this history's: the sweep deletes
+        // the files the history has no row for.
+        let history_id = store
+            .history_id()
+            .await
+            .map_err(|e| ServerError::Backend(format!("history: {e}")))?;
+        let claim = media.claim(&history_id).await.map_err(|e| {
+            ServerError::Backend(format!(
+                "cannot use the media directory {}: {e}",
+                media_dir.display()
+            ))
+        })?;
+        if let Some(other) = claim {
+            return Err(ServerError::Backend(format!(
+                "the media directory {} holds the photos of another history ({other}; this \
+                 node's is {history_id}): give this history a media-dir of its own, or, if the \
+                 history was replaced by a copy of the same data (a restored dump), write \
+                 {history_id} into {}",
+                media_dir.display(),
+                media_dir.join(crate::media::HISTORY_FILE).display()
+            )));
+        }
         let ops = Arc::new(OpsState {
             metrics: metrics.clone(),
             history: store.clone(),
@@ -560,7 +582,9 @@ const ORPHAN_FILE_GRACE: Duration = Duration::from_secs(3600);
 /// purge's rows and its files. Never served (a download needs the row),
 /// they would only fill the disk. One subdirectory per purge round, so
 /// the directory is walked whole every 256 `session-purge-interval`s
-/// (about 11 days at the default), a small slice at a time.
+/// (about 11 days at the default), a small slice at a time. The directory
+/// is paired with its history at start (`MediaFiles::claim`), so a node on
+/// another history's store never takes its photos for leftovers.
 async fn sweep_photo_files(weak: &std::sync::Weak<Shared>, prefix: u8) {
     let Some((store, media, metrics)) = weak
         .upgrade()
@@ -568,18 +592,28 @@ async fn sweep_photo_files(weak: &std::sync::Weak<Shared>, prefix: u8) {
     else {
         return;
     };
-    let before = std::time::SystemTime::now() - ORPHAN_FILE_GRACE;
-    let ids = match media.written_before(prefix, before).await {
-        Ok(ids) => ids,
+    let mut listing = match media.list(prefix).await {
+        Ok(listing) => listing,
         Err(e) => {
             tracing::warn!(prefix, error = %e, "cannot list photo files to sweep");
             return;
         }
     };
+    let before = std::time::SystemTime::now() - ORPHAN_FILE_GRACE;
     let mut removed = 0u64;
-    for batch in ids.chunks(PURGE_BATCH as usize) {
+    // A batch of names at a time: a subdirectory of millions is never held
+    // whole, and only the files without a row are looked at.
+    loop {
+        let ids = match listing.next(PURGE_BATCH as usize).await {
+            Ok(ids) if ids.is_empty() => break,
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(prefix, error = %e, "cannot list photo files to sweep");
+                break;
+            }
+        };
         let present: std::collections::HashSet<String> = match store
-            .media_present(batch.to_vec())
+            .media_present(ids.clone())
             .await
         {
             Ok(present) => present.into_iter().collect(),
@@ -588,8 +622,13 @@ async fn sweep_photo_files(weak: &std::sync::Weak<Shared>, prefix: u8) {
                 break;
             }
         };
-        for id in batch.iter().filter(|id| !present.contains(*id)) {
-            match media.remove(id).await {
+        for id in ids.iter().filter(|id| !present.contains(*id)) {
+            let swept = match media.written_before(id, before).await {
+                Ok(false) => continue,
+                Ok(true) => media.remove(id).await,
+                Err(e) => Err(e),
+            };
+            match swept {
                 Ok(()) => removed += 1,
                 Err(e) => {
                     tracing::warn!(media_id = id, error = %e, "cannot remove a photo file without a row")

@@ -18,10 +18,47 @@ use chat_protocol::media::is_media_id;
 /// (`UPLOAD_DEADLINE` in `streams::media`).
 const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// The file in the media directory naming the history its photos belong
+/// to ([`MediaFiles::claim`]).
+pub const HISTORY_FILE: &str = "history";
+
 /// The media directory.
 #[derive(Debug)]
 pub struct MediaFiles {
     dir: PathBuf,
+}
+
+/// A subdirectory being listed ([`MediaFiles::list`]).
+pub struct Listing {
+    entries: Option<std::fs::ReadDir>,
+}
+
+impl Listing {
+    /// Up to `n` more media ids; none at the end. Names that are not
+    /// media ids are skipped, and so are entries removed meanwhile.
+    pub async fn next(&mut self, n: usize) -> std::io::Result<Vec<String>> {
+        let Some(mut entries) = self.entries.take() else {
+            return Ok(Vec::new());
+        };
+        let (entries, ids) = blocking(move || {
+            let mut ids = Vec::with_capacity(n);
+            while ids.len() < n {
+                match entries.next() {
+                    None => return Ok((None, ids)),
+                    Some(Err(_)) => continue,
+                    Some(Ok(entry)) => {
+                        if let Some(id) = entry.file_name().to_str().filter(|id| is_media_id(id)) {
+                            ids.push(id.to_string());
+                        }
+                    }
+                }
+            }
+            Ok((Some(entries), ids))
+        })
+        .await?;
+        self.entries = entries;
+        Ok(ids)
+    }
 }
 
 /// A file being uploaded; removed when dropped unless it was stored.
@@ -69,6 +106,37 @@ impl MediaFiles {
         Ok(MediaFiles {
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Pairs the directory with the history `history_id`, the first time
+    /// by writing it into [`HISTORY_FILE`] (durably: written aside, synced,
+    /// renamed). Returns the other history's id if the directory is
+    /// another's: its photos are not this history's, whose sweep would
+    /// take them for leftovers. Nodes sharing a history share its
+    /// directory and write the same id.
+    pub async fn claim(&self, history_id: &str) -> std::io::Result<Option<String>> {
+        let dir = self.dir.clone();
+        let id = history_id.to_string();
+        blocking(move || {
+            let file = dir.join(HISTORY_FILE);
+            match std::fs::read_to_string(&file) {
+                Ok(held) if held.trim() == id => return Ok(None),
+                Ok(held) => return Ok(Some(held.trim().to_string())),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                Err(_) => {}
+            }
+            let aside = dir
+                .join("tmp")
+                .join(format!("history-{:032x}", rand::random::<u128>()));
+            let mut out = File::create_new(&aside)?;
+            out.write_all(format!("{id}\n").as_bytes())?;
+            out.sync_all()?;
+            drop(out);
+            std::fs::rename(&aside, &file)?;
+            File::open(&dir)?.sync_all()?;
+            Ok(None)
+        })
+        .await
     }
 
     /// Where the photo `media_id` is kept. The id must be a media id: it
@@ -127,33 +195,31 @@ impl MediaFiles {
         .await
     }
 
-    /// The ids of the photo files in subdirectory `prefix` (of 256) last
-    /// written before `before`: the candidates of the sweep for files
-    /// without a row. A file under its id is renamed there whole and its
-    /// row written right after, so one written long ago that has no row
-    /// never gets one.
+    /// Lists the photo files of subdirectory `prefix` (of 256), a few
+    /// names at a time ([`Listing::next`]): the sweep for files without a
+    /// row walks one so.
+    pub async fn list(&self, prefix: u8) -> std::io::Result<Listing> {
+        let sub = self.dir.join(format!("{prefix:02x}"));
+        let entries = blocking(move || std::fs::read_dir(sub)).await?;
+        Ok(Listing {
+            entries: Some(entries),
+        })
+    }
+
+    /// Whether the photo file `media_id` was last written before `before`
+    /// (false if it is gone). A file is renamed under its id whole, after
+    /// its last write, and its row is written right after: one written
+    /// long ago that has no row never gets one.
     pub async fn written_before(
         &self,
-        prefix: u8,
+        media_id: &str,
         before: std::time::SystemTime,
-    ) -> std::io::Result<Vec<String>> {
-        let sub = self.dir.join(format!("{prefix:02x}"));
-        blocking(move || {
-            let mut ids = Vec::new();
-            for entry in std::fs::read_dir(&sub)? {
-                // Removed meanwhile (a purge, another node): skipped.
-                let Ok((entry, modified)) =
-                    entry.and_then(|e| e.metadata()?.modified().map(|m| (e, m)))
-                else {
-                    continue;
-                };
-                let name = entry.file_name();
-                match name.to_str() {
-                    Some(id) if is_media_id(id) && modified < before => ids.push(id.to_string()),
-                    _ => {}
-                }
-            }
-            Ok(ids)
+    ) -> std::io::Result<bool> {
+        let path = self.path(media_id);
+        blocking(move || match std::fs::metadata(path) {
+            Ok(meta) => Ok(meta.modified()? < before),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
         })
         .await
     }

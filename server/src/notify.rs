@@ -29,7 +29,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -64,6 +64,8 @@ const ATTEMPTS: u32 = 3;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Largest answer read from the gateway.
 const MAX_ANSWER: usize = 64 * 1024;
+/// Failures are logged as warnings at most this often.
+const WARN_EVERY_MS: i64 = 60_000;
 /// The badge counts unread conversations up to this.
 pub const MAX_BADGE: u32 = 999;
 
@@ -112,7 +114,7 @@ impl Notifier {
             gateway,
             store_reads: Semaphore::new(STORE_READS),
             requests: Semaphore::new(config.push_concurrency),
-            failing: AtomicBool::new(false),
+            warned_ms: AtomicI64::new(0),
         });
         let task = tokio::spawn(coalesce(rx, dispatcher, config.push_coalesce));
         Ok(Some((Arc::new(Notifier { tx, metrics }), task)))
@@ -247,10 +249,10 @@ struct Dispatcher {
     store_reads: Semaphore,
     /// Requests in flight.
     requests: Semaphore,
-    /// Notifications are failing (the last one did): logged once when
-    /// they start to and once when they stop, not each time (a gateway
-    /// that is down would fill the log).
-    failing: AtomicBool,
+    /// When a failure was last logged as a warning (Unix ms): at most one
+    /// a minute, the rest at debug level (a gateway that is down, or
+    /// fails now and then under load, would fill the log).
+    warned_ms: AtomicI64,
 }
 
 impl Dispatcher {
@@ -309,9 +311,6 @@ impl Dispatcher {
             };
             match answer {
                 Ok(rejected) => {
-                    if self.failing.swap(false, Ordering::Relaxed) {
-                        tracing::info!("notifications go through again");
-                    }
                     self.forget(&devices, rejected).await;
                     return "sent";
                 }
@@ -335,18 +334,25 @@ impl Dispatcher {
         unreachable!("the last attempt returns")
     }
 
-    /// A notification failed: logged as a warning when notifications start
-    /// failing, at debug level while they go on failing
-    /// (`chat_push_notifications_total{outcome="failed"}` counts them all).
+    /// A notification failed: logged as a warning at most once a minute,
+    /// at debug level otherwise (`chat_push_notifications_total{outcome=
+    /// "failed"}` counts them all).
     fn failed(&self, user: UserId, why: &str) -> &'static str {
-        if self.failing.swap(true, Ordering::Relaxed) {
-            tracing::debug!(user, reason = why, "a notification failed");
-        } else {
+        let now = now_ms();
+        let last = self.warned_ms.load(Ordering::Relaxed);
+        if now - last >= WARN_EVERY_MS
+            && self
+                .warned_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             tracing::warn!(
                 user,
                 reason = why,
-                "notifications are failing (further failures are counted in chat_push_notifications_total{{outcome=\"failed\"}} and logged at debug level)"
+                "a notification failed (more failures within a minute are counted in chat_push_notifications_total{{outcome=\"failed\"}} and logged at debug level)"
             );
+        } else {
+            tracing::debug!(user, reason = why, "a notification failed");
         }
         "failed"
     }

@@ -30,7 +30,8 @@ fn upload_of(bytes: Bytes) -> PhotoUpload {
     }
 }
 
-/// Files under the media directory, temporary ones included.
+/// Files under the media directory, temporary ones included, but the
+/// file naming its history.
 fn media_files(dir: &Path) -> Vec<String> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -42,7 +43,7 @@ fn media_files(dir: &Path) -> Vec<String> {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 stack.push(path);
-            } else {
+            } else if path != dir.join(chat_server::media::HISTORY_FILE) {
                 files.push(path.file_name().unwrap().to_string_lossy().into_owned());
             }
         }
@@ -376,17 +377,22 @@ each_backend! {
             std::fs::write(path(id), jpeg(1_000)).unwrap();
         }
         written_long_ago(&old);
-        wait_until("the old file without a row is removed", || async {
-            !path(&old).exists()
+        // And one beside the sent photo: once it is gone, the sent photo's
+        // subdirectory was swept too.
+        let beside = format!("{}{}", &sent[..2], "ef".repeat(15));
+        std::fs::write(path(&beside), jpeg(1_000)).unwrap();
+        written_long_ago(&beside);
+        wait_until("the old files without a row are removed", || async {
+            !path(&old).exists() && !path(&beside).exists()
         })
         .await;
         assert!(path(&new).exists(), "a recent file is left alone");
         assert!(path(&sent).exists());
         assert_eq!(bob.download_photo(&sent).await.unwrap().1, jpeg(2_000));
-        // Counted once the subdirectory is done, a moment after.
+        // Counted once their subdirectories are done, a moment after.
         let metrics = server.server.as_ref().unwrap().metrics_addr();
-        scrape_until(metrics, "the file counted", |m| {
-            value(m, "chat_photo_files_swept_total") == 1.0
+        scrape_until(metrics, "the files counted", |m| {
+            value(m, "chat_photo_files_swept_total") == 2.0
         })
         .await;
     }
@@ -431,4 +437,30 @@ each_backend! {
         assert_eq!(code(carol.download_photo(&refused).await), ErrorCode::NotFound);
         assert_eq!(alice.download_photo(&refused).await.unwrap().1, jpeg(5_000));
     }
+}
+
+#[tokio::test]
+async fn a_media_directory_belongs_to_one_history() {
+    let shared = tempfile::tempdir().unwrap();
+    let media = shared.path().join("media");
+    let dir = media.clone();
+    let first = TestServer::start_with(move |c| c.media_dir = Some(dir)).await;
+    drop(first);
+    // Another history (a data directory of its own) on the same media
+    // directory: its sweep would take the first one's photos for
+    // leftovers, so it does not start.
+    let other = tempfile::tempdir().unwrap();
+    let mut config = chat_server::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: other.path().to_path_buf(),
+        media_dir: Some(media.clone()),
+        ..chat_server::Config::default()
+    };
+    config.limits.registrations_per_address = 0;
+    let refused = match chat_server::Server::start(config).await {
+        Ok(_) => panic!("started on another history's media directory"),
+        Err(e) => e.to_string(),
+    };
+    assert!(refused.contains("another history"), "{refused}");
 }
