@@ -110,7 +110,7 @@ impl MediaFiles {
 
     /// Pairs the directory with the history `history_id`, the first time
     /// by writing it into [`HISTORY_FILE`] (durably: written aside, synced,
-    /// renamed). Returns the other history's id if the directory is
+    /// linked into place unless another start did first). Returns the other history's id if the directory is
     /// another's: its photos are not this history's, whose sweep would
     /// take them for leftovers. Nodes sharing a history share its
     /// directory and write the same id.
@@ -132,7 +132,19 @@ impl MediaFiles {
             out.write_all(format!("{id}\n").as_bytes())?;
             out.sync_all()?;
             drop(out);
-            std::fs::rename(&aside, &file)?;
+            // A link, not a rename: it fails if another node's start wrote
+            // the file first, whose id is then the one that counts.
+            let linked = std::fs::hard_link(&aside, &file);
+            let _ = std::fs::remove_file(&aside);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let held = std::fs::read_to_string(&file)?;
+                    let held = held.trim();
+                    return Ok((held != id).then(|| held.to_string()));
+                }
+                Err(e) => return Err(e),
+            }
             File::open(&dir)?.sync_all()?;
             Ok(None)
         })
@@ -322,6 +334,26 @@ mod tests {
         files.remove(ID).await.unwrap();
         files.remove(ID).await.unwrap();
         assert!(files.open_at(ID, 0).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_directory_belongs_to_the_first_history_that_claims_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = MediaFiles::open(dir.path()).unwrap();
+        assert_eq!(files.claim("history-a").await.unwrap(), None);
+        assert_eq!(files.claim("history-a").await.unwrap(), None);
+        // Another node of the same history, then another history.
+        let again = MediaFiles::open(dir.path()).unwrap();
+        assert_eq!(again.claim("history-a").await.unwrap(), None);
+        assert_eq!(
+            again.claim("history-b").await.unwrap(),
+            Some("history-a".to_string())
+        );
+        // Nothing left aside.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[tokio::test]
