@@ -65,6 +65,12 @@ fn spawned(extra: &[&str]) -> Args {
     args(&argv)
 }
 
+/// Twelve users with two friends each.
+const TWELVE_USERS: &[&str] = &["--users", "12", "--friends", "2"];
+
+/// Two measured seconds at 30 sends/s after a short warm-up.
+const TWO_SECONDS_AT_30: &[&str] = &["--rate", "30", "--duration", "2s", "--warmup", "300ms"];
+
 /// One group of all 40 users (each with 2 friends besides), half the
 /// sends to it.
 const ONE_GROUP_OF_40: &[&str] = &[
@@ -302,23 +308,8 @@ async fn group_sends_reach_every_member_and_bring_back_every_receipt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn photo_sends_are_uploaded_delivered_and_downloaded_by_every_recipient() {
     init_tracing();
-    let report = run(spawned(&[
-        "--users",
-        "12",
-        "--friends",
-        "2",
-        "--photo-fraction",
-        "0.5",
-        "--photo-bytes",
-        "40000",
-        "--rate",
-        "30",
-        "--duration",
-        "2s",
-        "--warmup",
-        "300ms",
-    ]))
-    .await;
+    let photos: &[&str] = &["--photo-fraction", "0.5", "--photo-bytes", "40000"];
+    let report = run(spawned(&[TWELVE_USERS, photos, TWO_SECONDS_AT_30].concat())).await;
     assert_all_accounted(&report);
     assert!(
         report.photo_sends > 0 && report.photo_sends < report.sent,
@@ -334,22 +325,8 @@ async fn users_in_the_background_are_notified_through_the_push_gateway() {
     init_tracing();
     // Half the users have the app in the background: their messages reach
     // their open connections and notify their devices too.
-    let report = run(spawned(&[
-        "--users",
-        "12",
-        "--friends",
-        "2",
-        "--background-fraction",
-        "0.5",
-        "--push",
-        "--rate",
-        "30",
-        "--duration",
-        "2s",
-        "--warmup",
-        "300ms",
-    ]))
-    .await;
+    let push: &[&str] = &["--background-fraction", "0.5", "--push"];
+    let report = run(spawned(&[TWELVE_USERS, push, TWO_SECONDS_AT_30].concat())).await;
     assert_all_accounted(&report);
     assert!(report.notifications > 0, "{report:?}");
     assert_eq!(
@@ -367,8 +344,7 @@ async fn in_a_group_above_the_receipt_broadcast_size_senders_still_get_every_rec
     // One group of all 40 users, above the server's default broadcast size
     // of 32: members' receipts go only to the senders of what they cover,
     // and that must still bring every receipt back.
-    let rest: &[&str] = &["--rate", "30", "--duration", "2s", "--warmup", "300ms"];
-    let report = run(spawned(&[ONE_GROUP_OF_40, rest].concat())).await;
+    let report = run(spawned(&[ONE_GROUP_OF_40, TWO_SECONDS_AT_30].concat())).await;
     assert_all_accounted(&report);
     assert!(report.group_sends > 0, "{report:?}");
     assert_eq!(
