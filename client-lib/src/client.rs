@@ -61,6 +61,16 @@ pub enum Event {
         /// Why.
         code: ErrorCode,
     },
+    /// A call rings this user (`KIND_RING`: show it until `ring_until_ms`),
+    /// stopped ringing here (`KIND_RING_STOPPED`: answered or declined on
+    /// another device, or not in time), or changed (a participant joined
+    /// or left, a member declined) or ended (`KIND_ENDED`, with its
+    /// reason). Only with [`ClientConfig::calls`] on.
+    Call(proto::CallEvent),
+    /// Signaling from another participant of this device's call (an SDP
+    /// offer or answer, ICE candidates): `participant_id` names the
+    /// sender. Opaque to the server.
+    CallSignal(proto::CallSignal),
 }
 
 /// The app's stream of [`Event`]s, up to `event_capacity` of them queued.
@@ -267,6 +277,11 @@ pub(crate) struct Inner {
     /// ends, so that [`Events::next`] then ends too, whoever still holds a
     /// [`Client`].
     events: Mutex<Option<mpsc::Sender<Event>>>,
+    /// Where each connection's call media goes (with calls on; taken at
+    /// close, so the app's [`CallMedia`](crate::CallMedia) ends).
+    call_media: Mutex<Option<mpsc::Sender<crate::calls::MediaPacket>>>,
+    /// The app's end of it, until it asks for it.
+    call_media_rx: Mutex<Option<mpsc::Receiver<crate::calls::MediaPacket>>>,
     identity: Mutex<Option<Identity>>,
     live: Mutex<Option<Live>>,
     pending: Mutex<HashMap<u64, Pending>>,
@@ -447,6 +462,11 @@ impl Inner {
                 "event queue full; dropping a connection-state event"
             );
         }
+    }
+
+    /// A sender into the app's call media queue (calls on, client open).
+    pub(crate) fn call_media_sender(&self) -> Option<mpsc::Sender<crate::calls::MediaPacket>> {
+        self.call_media.lock().expect("media lock").clone()
     }
 
     /// The logged-in user's id, once known.
@@ -977,6 +997,7 @@ impl Inner {
         let _ = self.connected.send_replace(false);
         // The app's event stream ends once it has read what is queued.
         self.events.lock().expect("events lock").take();
+        self.call_media.lock().expect("media lock").take();
         self.reconnect.notify_one();
     }
 
@@ -1101,10 +1122,19 @@ impl Client {
         let quic = config.quinn_client_config()?;
         let endpoint = config.endpoint()?;
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity.max(1));
+        let (media_tx, media_rx) = match config.calls {
+            true => {
+                let (tx, rx) = mpsc::channel(crate::calls::MEDIA_QUEUE);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let inner = Arc::new(Inner {
             quic,
             endpoint,
             events: Mutex::new(Some(events_tx)),
+            call_media: Mutex::new(media_tx),
+            call_media_rx: Mutex::new(media_rx),
             identity: Mutex::new(None),
             live: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
@@ -1592,6 +1622,114 @@ impl Client {
         .await
     }
 
+    /// Starts a call in a conversation (direct, with a friend, or a group)
+    /// and joins it on this connection; the other members' devices ring.
+    /// If the conversation has a call already, joins that one. Needs
+    /// [`ClientConfig::calls`] (else `Config`). The answer names this
+    /// device's participant id and who is in the call; media goes with
+    /// [`send_call_media`](Self::send_call_media), and the SDP / ICE
+    /// exchange with [`send_call_signal`](Self::send_call_signal). A call
+    /// is held by the connection: after a reconnect
+    /// ([`Event::Disconnected`]), join it again. Asking again on the
+    /// same connection answers with the same call.
+    pub async fn start_call(
+        &self,
+        conversation_id: u64,
+        video: bool,
+    ) -> Result<proto::CallJoined, ClientError> {
+        self.call_joined(Body::StartCall(proto::StartCall {
+            conversation_id,
+            video,
+        }))
+        .await
+    }
+
+    /// Joins (answers) a call, on this connection. A user is in a call
+    /// once: joining from a second device moves them there. `NotFound`
+    /// once the call is over, `LimitReached` when it is full.
+    pub async fn join_call(&self, call_id: u64) -> Result<proto::CallJoined, ClientError> {
+        self.call_joined(Body::JoinCall(proto::JoinCall { call_id }))
+            .await
+    }
+
+    /// Turns down a call that rings this user, on all their devices.
+    /// `NotFound` if it no longer rings them.
+    pub async fn decline_call(&self, call_id: u64) -> Result<(), ClientError> {
+        self.expect_ok_on(
+            StreamKind::Calls,
+            Body::DeclineCall(proto::DeclineCall { call_id }),
+        )
+        .await
+    }
+
+    /// Leaves the call this connection is in. `NotFound` if it is not in
+    /// that call (any more).
+    pub async fn leave_call(&self, call_id: u64) -> Result<(), ClientError> {
+        self.expect_ok_on(
+            StreamKind::Calls,
+            Body::LeaveCall(proto::LeaveCall { call_id }),
+        )
+        .await
+    }
+
+    /// Sends opaque signaling (an SDP offer or answer, ICE candidates) to
+    /// participant `to` of this connection's call, who gets it as
+    /// [`Event::CallSignal`]. At most 32 KiB: a longer or empty one is
+    /// refused here, `InvalidArgument`.
+    pub async fn send_call_signal(
+        &self,
+        call_id: u64,
+        to: u32,
+        payload: impl Into<bytes::Bytes>,
+    ) -> Result<(), ClientError> {
+        let payload = payload.into();
+        if let Some(why) = chat_protocol::calls::check_signal(&payload) {
+            return Err(ClientError::Server {
+                code: ErrorCode::InvalidArgument,
+                message: why.into(),
+                retry_after: None,
+            });
+        }
+        self.expect_ok_on(
+            StreamKind::Calls,
+            Body::CallSignal(proto::CallSignal {
+                call_id,
+                participant_id: to,
+                payload,
+            }),
+        )
+        .await
+    }
+
+    /// Sends one media datagram (an encrypted RTP packet, say) to the
+    /// other participants of this connection's call, unreliably: it may
+    /// be lost, and the server drops it beyond the sender's media rate or
+    /// a receiver's datagram size. At most `CallJoined.max_media_bytes`.
+    pub fn send_call_media(&self, payload: bytes::Bytes) -> Result<(), ClientError> {
+        let live = self.inner.live().ok_or(ClientError::Disconnected)?;
+        live.conn.send_datagram(payload).map_err(|e| match e {
+            quinn::SendDatagramError::ConnectionLost(_) => ClientError::Disconnected,
+            e => ClientError::Server {
+                code: ErrorCode::InvalidArgument,
+                message: e.to_string(),
+                retry_after: None,
+            },
+        })
+    }
+
+    /// The media the other participants of this device's calls send, for
+    /// as long as the client lives (across reconnects). Given once: `None`
+    /// the second time, or with [`ClientConfig::calls`] off.
+    pub fn call_media(&self) -> Option<crate::CallMedia> {
+        let rx = self
+            .inner
+            .call_media_rx
+            .lock()
+            .expect("media lock")
+            .take()?;
+        Some(crate::CallMedia { rx })
+    }
+
     /// Stops (`false`: the app went to the background) or resumes (`true`:
     /// it came back) heartbeats. Stopping tells the server, and from then
     /// on nothing this device does counts as activity (delivery acks,
@@ -1838,8 +1976,19 @@ impl Client {
     }
 
     async fn expect_ok(&self, body: Body) -> Result<(), ClientError> {
-        match self.request(StreamKind::Control, body).await? {
+        self.expect_ok_on(StreamKind::Control, body).await
+    }
+
+    async fn expect_ok_on(&self, kind: StreamKind, body: Body) -> Result<(), ClientError> {
+        match self.request(kind, body).await? {
             Body::Ok(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn call_joined(&self, body: Body) -> Result<proto::CallJoined, ClientError> {
+        match self.request(StreamKind::Calls, body).await? {
+            Body::CallJoined(joined) => Ok(joined),
             other => Err(unexpected(&other)),
         }
     }
@@ -1909,6 +2058,11 @@ async fn request(inner: &Inner, kind: StreamKind, body: Body) -> Result<Body, Cl
         return Err(ClientError::Closed);
     }
     let live = inner.live().ok_or(ClientError::Disconnected)?;
+    let Some(writer) = live.writer(kind) else {
+        return Err(ClientError::Config(
+            "calls are off: set ClientConfig::calls (or the server does not serve calls)".into(),
+        ));
+    };
     let request_id = inner.next_request_id();
     let (tx, rx) = oneshot::channel();
     inner
@@ -1916,8 +2070,7 @@ async fn request(inner: &Inner, kind: StreamKind, body: Body) -> Result<Body, Cl
         .lock()
         .expect("pending lock")
         .insert(request_id, tx);
-    if live
-        .writer(kind)
+    if writer
         .send(connection::encode(&Frame::new(request_id, body)))
         .is_err()
     {

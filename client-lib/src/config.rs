@@ -60,6 +60,12 @@ pub struct ClientConfig {
     /// password is typed in the foreground); the client then tells the
     /// server it is in the background, as after `set_heartbeats(false)`.
     pub start_in_background: bool,
+    /// Open a calls stream on every connection, so that calls ring this
+    /// device in the app ([`Event::Call`](crate::Event::Call)) and it can
+    /// start and join them. Off by default: an app that takes calls turns
+    /// it on (a device without it is notified of rings instead, when it
+    /// registered for notifications).
+    pub calls: bool,
     /// Share one UDP socket among many clients (load generators).
     pub endpoint: Option<quinn::Endpoint>,
 }
@@ -104,6 +110,7 @@ impl ClientConfig {
             delivery_acks: DeliveryAcks::OnTake,
             heartbeat_interval: None,
             start_in_background: false,
+            calls: false,
             endpoint: None,
         }
     }

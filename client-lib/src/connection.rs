@@ -29,6 +29,8 @@ pub(crate) struct Live {
     pub(crate) control: mpsc::UnboundedSender<Bytes>,
     pub(crate) messages: mpsc::UnboundedSender<Bytes>,
     pub(crate) receipts: mpsc::UnboundedSender<Bytes>,
+    /// The calls stream's, when [`ClientConfig::calls`](crate::ClientConfig::calls) is on.
+    pub(crate) calls: Option<mpsc::UnboundedSender<Bytes>>,
     /// Longest text the server accepts (from its AuthOk).
     pub(crate) max_text_len: usize,
     /// Largest photo the server takes (from its AuthOk; 0: no photos).
@@ -38,11 +40,13 @@ pub(crate) struct Live {
 }
 
 impl Live {
-    pub(crate) fn writer(&self, kind: StreamKind) -> &mpsc::UnboundedSender<Bytes> {
+    /// The writer of a stream kind; `None` for calls when they are off.
+    pub(crate) fn writer(&self, kind: StreamKind) -> Option<&mpsc::UnboundedSender<Bytes>> {
         match kind {
-            StreamKind::Messages => &self.messages,
-            StreamKind::Receipts => &self.receipts,
-            _ => &self.control,
+            StreamKind::Messages => Some(&self.messages),
+            StreamKind::Receipts => Some(&self.receipts),
+            StreamKind::Calls => self.calls.as_ref(),
+            _ => Some(&self.control),
         }
     }
 }
@@ -148,6 +152,10 @@ async fn establish(
     // A leave is confirmed by AcksStored (see `read_loop`).
     let (ms, mr) = open(&conn, Frame::open_messages(true)).await?;
     let (rs, rr) = open(&conn, Frame::open_stream(StreamKind::Receipts)).await?;
+    let calls = match config.calls && auth_ok.calls {
+        true => Some(open(&conn, Frame::open_stream(StreamKind::Calls)).await?),
+        false => None,
+    };
     // After the last await: a connection given an id is one the caller
     // gets, and reports lost.
     let acks_id = inner.acks.connection(2 * inner.config.idle_timeout);
@@ -169,11 +177,26 @@ async fn establish(
         receipts_rx,
         StreamKind::Receipts,
     ));
+    let calls_tx = calls.map(|(cs, cr)| {
+        let (calls_tx, calls_rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(conn.clone(), cs, calls_rx, StreamKind::Calls));
+        tokio::spawn(read_loop(
+            inner.clone(),
+            conn.clone(),
+            FrameReader::new(cr),
+            (StreamKind::Calls, false),
+        ));
+        if let Some(media) = inner.call_media_sender() {
+            tokio::spawn(crate::calls::read_media(conn.clone(), media));
+        }
+        calls_tx
+    });
     let live = Live {
         conn,
         control: control_tx,
         messages: messages_tx,
         receipts: receipts_tx,
+        calls: calls_tx,
         // A server that does not say: as long as fits in a frame of the
         // default size with its envelope (the 512 bytes servers keep
         // beside their text limit), so a send never makes a server with
@@ -545,6 +568,14 @@ async fn read_loop(
             }
             Some(Body::PresenceUpdate(update)) => {
                 inner.presence_changed(update.states, &conn).await;
+            }
+            // Call events and signals wait for room like messages: the
+            // server holds back behind them.
+            Some(Body::CallEvent(event)) if request_id == 0 => {
+                inner.emit(Event::Call(event), &conn).await;
+            }
+            Some(Body::CallSignal(signal)) if request_id == 0 => {
+                inner.emit(Event::CallSignal(signal), &conn).await;
             }
             Some(Body::Error(e)) if kind == StreamKind::Messages && request_id != 0 => {
                 inner.send_answered(request_id, Err(ClientError::server(&e)));

@@ -29,6 +29,12 @@
 //! * photos on media streams of their own (`upload_photo`, then
 //!   `send_photo`; `download_photo` checks what it gets against the
 //!   photo's SHA-256), so a large one never holds up a text;
+//! * group calls (with [`ClientConfig::calls`] on): rings and call
+//!   changes come as [`Event::Call`], the participants' SDP and ICE as
+//!   [`Event::CallSignal`], and media travels as QUIC datagrams
+//!   ([`Client::send_call_media`], [`Client::call_media`]), which the
+//!   server forwards to the call's other participants; a call is held by
+//!   one connection, so after a reconnect the app joins again;
 //! * notifications while the app is not in the foreground: the app hands
 //!   its APNs or FCM token to `register_push` after each login (and when
 //!   the platform gives it a new one); a notification names the
@@ -81,6 +87,7 @@
 //! UniFFI layer can wrap them.
 
 mod acks;
+mod calls;
 mod client;
 mod config;
 mod connection;
@@ -90,6 +97,7 @@ mod media;
 mod outbox;
 mod receipts;
 
+pub use calls::{CallMedia, MediaPacket};
 pub use chat_protocol::proto;
 pub use chat_protocol::{ErrorCode, StreamKind};
 pub use client::{

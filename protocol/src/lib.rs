@@ -15,6 +15,7 @@
 
 #![deny(missing_docs)]
 
+pub mod calls;
 pub mod frame;
 pub mod limits;
 pub mod media;
@@ -143,6 +144,13 @@ impl Body {
             Body::MediaFetch(_) => "media_fetch",
             Body::MediaHeader(_) => "media_header",
             Body::RegisterPush(_) => "register_push",
+            Body::StartCall(_) => "start_call",
+            Body::JoinCall(_) => "join_call",
+            Body::DeclineCall(_) => "decline_call",
+            Body::LeaveCall(_) => "leave_call",
+            Body::CallJoined(_) => "call_joined",
+            Body::CallEvent(_) => "call_event",
+            Body::CallSignal(_) => "call_signal",
         }
     }
 }
@@ -169,7 +177,9 @@ impl Body {
             | Body::PresenceUpdate(_)
             | Body::MessageReceipts(_)
             | Body::MediaUploaded(_)
-            | Body::MediaHeader(_) => true,
+            | Body::MediaHeader(_)
+            | Body::CallJoined(_)
+            | Body::CallEvent(_) => true,
             Body::OpenStream(_)
             | Body::Register(_)
             | Body::Login(_)
@@ -202,7 +212,14 @@ impl Body {
             | Body::MediaUpload(_)
             | Body::MediaChunk(_)
             | Body::MediaFetch(_)
-            | Body::RegisterPush(_) => false,
+            | Body::RegisterPush(_)
+            | Body::StartCall(_)
+            | Body::JoinCall(_)
+            | Body::DeclineCall(_)
+            | Body::LeaveCall(_)
+            // Both ways: a client sends it to a participant, who gets it
+            // from the server.
+            | Body::CallSignal(_) => false,
         }
     }
 
@@ -312,6 +329,9 @@ mod tests {
             Body::MediaUpload(proto::MediaUpload::default()),
             Body::MediaChunk(proto::MediaChunk::default()),
             Body::RegisterPush(proto::RegisterPush::default()),
+            Body::StartCall(proto::StartCall::default()),
+            Body::JoinCall(proto::JoinCall::default()),
+            Body::CallSignal(proto::CallSignal::default()),
         ];
         for body in &safe {
             assert!(

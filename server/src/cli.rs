@@ -138,6 +138,18 @@ struct Overrides {
     /// Requests to the push gateway in flight at once.
     #[arg(long, env = "CHAT_PUSH_CONCURRENCY")]
     push_concurrency: Option<usize>,
+    /// How long a call rings, e.g. 45s.
+    #[arg(long, env = "CHAT_RING_TIMEOUT", value_parser = humantime::parse_duration)]
+    ring_timeout: Option<Duration>,
+    /// Most participants in one call.
+    #[arg(long, env = "CHAT_MAX_CALL_PARTICIPANTS")]
+    max_call_participants: Option<usize>,
+    /// Groups of up to this many members ring everyone when a call starts.
+    #[arg(long, env = "CHAT_CALL_RING_MAX_MEMBERS")]
+    call_ring_max_members: Option<usize>,
+    /// Media bytes per second one call participant may send.
+    #[arg(long, env = "CHAT_CALL_MEDIA_RATE")]
+    call_media_rate: Option<u32>,
     /// Time allowed to authenticate, e.g. 10s.
     #[arg(long, env = "CHAT_AUTH_TIMEOUT", value_parser = humantime::parse_duration)]
     auth_timeout: Option<Duration>,
@@ -355,6 +367,16 @@ impl Overrides {
         set(&mut c.push.push_coalesce, self.push_coalesce);
         set(&mut c.push.push_timeout, self.push_timeout);
         set(&mut c.push.push_concurrency, self.push_concurrency);
+        set(&mut c.calls.ring_timeout, self.ring_timeout);
+        set(
+            &mut c.calls.max_call_participants,
+            self.max_call_participants,
+        );
+        set(
+            &mut c.calls.call_ring_max_members,
+            self.call_ring_max_members,
+        );
+        set(&mut c.calls.call_media_rate, self.call_media_rate);
         set(&mut c.limits.max_friends, self.max_friends);
         set(&mut c.limits.max_auth_attempts, self.max_auth_attempts);
         set(

@@ -79,6 +79,66 @@ pub struct Config {
     pub transport: Transport,
     /// Notifications for users with no connection in the foreground.
     pub push: PushConfig,
+    /// Group calls.
+    pub calls: CallsConfig,
+}
+
+/// Group calls (`[calls]`): ringing and the bounds on a call's
+/// participants and media.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct CallsConfig {
+    /// How long a call rings the members who have not answered; also how
+    /// long a group call's last participant may stay alone before the
+    /// call ends.
+    #[serde(with = "humantime_serde")]
+    pub ring_timeout: Duration,
+    /// Most participants in one call. Each media datagram is forwarded to
+    /// every other participant, so a call costs the node its participants
+    /// squared in media.
+    pub max_call_participants: usize,
+    /// Groups of up to this many members ring every member when a call
+    /// starts; larger groups ring nobody (members join by starting the
+    /// call themselves, which joins the running one).
+    pub call_ring_max_members: usize,
+    /// Media bytes per second one participant may send (forwarded to each
+    /// of the others); beyond it datagrams are dropped. The default, 512
+    /// KiB/s, is 4 Mbit/s: 720p video with room.
+    pub call_media_rate: u32,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        CallsConfig {
+            ring_timeout: Duration::from_secs(45),
+            max_call_participants: 16,
+            call_ring_max_members: 50,
+            call_media_rate: 512 * 1024,
+        }
+    }
+}
+
+impl CallsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |msg: String| Err(ConfigError(msg));
+        if self.ring_timeout < Duration::from_secs(1)
+            || self.ring_timeout > Duration::from_secs(600)
+        {
+            return err("ring-timeout must be between 1s and 10m".into());
+        }
+        if !(2..=64).contains(&self.max_call_participants) {
+            return err("max-call-participants must be between 2 and 64".into());
+        }
+        if self.call_ring_max_members > 10_000 {
+            return err("call-ring-max-members must be at most 10000".into());
+        }
+        if !(1024..=64 << 20).contains(&self.call_media_rate) {
+            return err(
+                "call-media-rate must be between 1024 and 67108864 bytes per second".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Where and how notifications go (`[push]`). Without a gateway URL no
@@ -386,8 +446,10 @@ pub struct Transport {
     pub min_mtu: u16,
     /// Probe for a larger MTU than `initial-mtu` (DPLPMTUD).
     pub mtu_discovery: bool,
-    /// Bytes of QUIC DATAGRAM frames buffered per connection before the
-    /// oldest is dropped (0: the extension is off; nothing uses it yet).
+    /// Bytes of QUIC DATAGRAM frames (call media) buffered per connection
+    /// before the oldest is dropped; 0 turns the extension off (calls then
+    /// carry signaling only). Like the stream windows, a bound on what a
+    /// client can make the node hold, allocated only while datagrams wait.
     pub datagram_receive_buffer: usize,
     /// Bytes of outgoing QUIC DATAGRAM frames buffered per connection.
     pub datagram_send_buffer: usize,
@@ -466,6 +528,7 @@ impl Default for Config {
             limits: Limits::default(),
             transport: Transport::default(),
             push: PushConfig::default(),
+            calls: CallsConfig::default(),
         }
     }
 }
@@ -524,7 +587,7 @@ impl Default for Transport {
             initial_mtu: 1200,
             min_mtu: 1200,
             mtu_discovery: true,
-            datagram_receive_buffer: 0,
+            datagram_receive_buffer: 64 * 1024,
             datagram_send_buffer: 64 * 1024,
             socket_receive_buffer: 0,
             socket_send_buffer: 0,
@@ -619,6 +682,7 @@ impl Config {
         let t = &self.transport;
         let err = |msg: String| Err(ConfigError(msg));
         self.push.validate()?;
+        self.calls.validate()?;
         if !(1024..=limits::MAX_FRAME_LEN).contains(&l.max_frame_len) {
             return err(format!(
                 "max-frame-len = {} is outside 1024..={}",

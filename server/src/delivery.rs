@@ -41,7 +41,7 @@ use crate::config::Config;
 use crate::error::Refusal;
 use crate::hub::{Hub, SessionHandle};
 use crate::metrics::Metrics;
-use crate::notify::{Notice, Notifier};
+use crate::notify::{Notice, NoticeKind, Notifier};
 use crate::receipts::ReceiptRoutes;
 use crate::store::{
     Appended, ConversationView, Direction, GroupCreated, GroupEdit, HistoryStore, InboxStore,
@@ -1019,7 +1019,11 @@ fn fan_out(
                     conversation: message.conversation_id,
                     seq: message.seq,
                     sender: message.sender_id,
-                    photo: message.photo.is_some(),
+                    kind: if message.photo.is_some() {
+                        NoticeKind::Photo
+                    } else {
+                        NoticeKind::Text
+                    },
                 });
             }
         }

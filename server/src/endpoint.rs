@@ -113,6 +113,10 @@ pub struct Shared {
     pub heartbeat_limiter: RateLimiter,
     /// Per-user rate of photo uploads.
     pub upload_limiter: RateLimiter,
+    /// Per-user rate of call requests.
+    pub call_limiter: RateLimiter,
+    /// Group calls.
+    pub calls: Arc<crate::calls::Calls>,
     /// Where photo bytes are kept.
     pub media: Arc<crate::media::MediaFiles>,
     /// Prometheus metrics.
@@ -207,6 +211,14 @@ impl Server {
         if let Some(url) = &config.push.push_gateway_url {
             tracing::info!(gateway = %redact_url(url), "notifications on");
         }
+        let calls = crate::calls::Calls::new(
+            config.calls.clone(),
+            hub.clone(),
+            store.clone(),
+            metrics.clone(),
+            notifier.clone(),
+            config.transport.datagram_receive_buffer > 0,
+        );
         let (delivery, delivery_tasks) = Delivery::start(
             &config,
             store.clone(),
@@ -259,6 +271,11 @@ impl Server {
             ),
             registration_limiter: RateLimiter::per_hour(config.limits.registrations_per_address),
             upload_limiter: RateLimiter::per_hour(config.limits.uploads_per_hour),
+            call_limiter: RateLimiter::new(
+                crate::streams::calls::CALL_REQUEST_RATE,
+                crate::streams::calls::CALL_REQUEST_BURST,
+            ),
+            calls,
             media: Arc::new(media),
             control_limiter: RateLimiter::new(
                 config.limits.control_rate,
@@ -471,6 +488,7 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         shared.heartbeat_limiter.sweep(now);
         shared.registration_limiter.sweep(now);
         shared.upload_limiter.sweep(now);
+        shared.call_limiter.sweep(now);
     }
 }
 

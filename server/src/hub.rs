@@ -6,8 +6,8 @@
 //! is lost by that, because every pushed message is durable first and the
 //! client resumes from its watermark when it reconnects.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use chat_protocol::{ErrorCode, StreamKind};
 use dashmap::DashMap;
@@ -51,6 +51,9 @@ pub struct SessionHandle {
     conn: quinn::Connection,
     /// Outbound queues of the control, messages and receipts streams.
     queues: [OutQueue; 3],
+    /// The calls stream's queue, made when the client opens the stream
+    /// (boxed: most connections never do, and an idle one pays 16 bytes).
+    calls: OnceLock<Box<OutQueue>>,
     /// Signalled (to current waiters only) each time a writer of this
     /// connection hands frames to quinn: a writer lingering to coalesce
     /// (receipts) writes right away instead, so its frames leave in the
@@ -90,6 +93,7 @@ impl SessionHandle {
             token_hash,
             conn,
             queues,
+            calls: OnceLock::new(),
             wrote: Notify::new(),
             closed: AtomicBool::new(false),
             background: AtomicBool::new(background),
@@ -161,8 +165,26 @@ impl SessionHandle {
             StreamKind::Control => Some(&self.queues[0]),
             StreamKind::Messages => Some(&self.queues[1]),
             StreamKind::Receipts => Some(&self.queues[2]),
+            StreamKind::Calls => self.calls.get().map(|queue| &**queue),
             _ => None,
         }
+    }
+
+    /// The client opened its calls stream: pushes to it are taken from
+    /// now on (rings, call events, signals).
+    pub fn open_calls(&self) {
+        self.calls.get_or_init(Box::default).open();
+    }
+
+    /// Whether the client opened a calls stream (and can be rung in the
+    /// app).
+    pub fn takes_calls(&self) -> bool {
+        self.calls.get().is_some() && !self.closed.load(Ordering::Relaxed)
+    }
+
+    /// The connection (for call media datagrams).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
     }
 
     /// The client opened the `kind` stream: its writer takes the queue from
@@ -280,6 +302,14 @@ impl Hub {
                 .iter()
                 .any(|s| !s.is_background() && !s.closed.load(Ordering::Relaxed))
         })
+    }
+
+    /// Whether `user` has a connection on this node with a calls stream
+    /// open (a user without one is notified of a ring).
+    pub fn takes_calls(&self, user: UserId) -> bool {
+        self.users
+            .get(&user)
+            .is_some_and(|sessions| sessions.iter().any(|s| s.takes_calls()))
     }
 
     /// How many sessions `user` has on this node.

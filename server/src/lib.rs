@@ -8,10 +8,12 @@
 //! * [`session`]: one per connection; routes each client stream by the kind
 //!   it announces and enforces "authenticate first".
 //! * [`streams`]: one module per stream kind (`control`, `messages`,
-//!   `receipts`).
+//!   `receipts`, `calls`, `media`).
 //! * [`delivery`]: the group-commit pipeline every send and receipt goes
 //!   through: durable first, then ack, then fan-out.
 //! * [`hub`]: the node's connected sessions and their outbound queues.
+//! * [`calls`]: group calls: ringing, participants, signal relay and
+//!   the forwarding of call media datagrams.
 //! * [`presence`]: online status, last-active times, coalesced updates to
 //!   subscribed friends.
 //! * [`store`]: storage traits and backends (embedded SQLite now).
@@ -22,6 +24,7 @@
 //! `dyn RecentCache` only; they never know which backend is configured.
 
 pub mod auth;
+pub mod calls;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -29,6 +29,27 @@ pub const PUSH_OUTCOMES: [&str; 6] = [
     "dropped",
 ];
 
+/// The outcomes of `chat_call_media_datagrams_total`, by [`MediaOutcome`].
+const MEDIA_OUTCOMES: [&str; 4] = ["forwarded", "rate_limited", "too_large", "unsent"];
+
+/// What became of a call media datagram for one receiver (or, rate
+/// limited, for all of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaOutcome {
+    /// Handed to the receiver's connection.
+    Forwarded = 0,
+    /// The sender was over `call-media-rate`.
+    RateLimited = 1,
+    /// Larger than the receiver's connection takes.
+    TooLarge = 2,
+    /// The receiver's connection refused it (closed, or datagrams off).
+    Unsent = 3,
+}
+
+/// The reasons of `chat_calls_ended_total`.
+pub const CALL_END_REASONS: [&str; 5] =
+    ["hung_up", "disconnected", "no_answer", "declined", "alone"];
+
 /// Stream kinds, by `StreamKind as usize`, as metric labels.
 const STREAM_LABELS: [&str; 6] = [
     "unspecified",
@@ -190,6 +211,48 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "counter",
         Unit::Count,
         "Push tokens the gateway rejected (the app was uninstalled); they are forgotten.",
+    ),
+    (
+        "chat_calls_active",
+        "gauge",
+        Unit::Count,
+        "Calls under way on this node (ringing or connected).",
+    ),
+    (
+        "chat_call_participants",
+        "gauge",
+        Unit::Count,
+        "Connections taking part in a call on this node.",
+    ),
+    (
+        "chat_calls_started_total",
+        "counter",
+        Unit::Count,
+        "Calls started.",
+    ),
+    (
+        "chat_calls_ended_total",
+        "counter",
+        Unit::Count,
+        "Calls ended, by reason: hung_up, disconnected (the last participant's connection closed), no_answer, declined, alone (one participant left alone for ring-timeout).",
+    ),
+    (
+        "chat_call_signals_total",
+        "counter",
+        Unit::Count,
+        "Call signals (SDP, ICE) relayed between participants.",
+    ),
+    (
+        "chat_call_media_datagrams_total",
+        "counter",
+        Unit::Count,
+        "Call media datagrams by outcome, per receiver: forwarded, too_large (beyond the receiver's datagram size), unsent (its connection refused it); rate_limited counts a sender's datagram over call-media-rate once.",
+    ),
+    (
+        "chat_call_media_bytes_total",
+        "counter",
+        Unit::Bytes,
+        "Call media payload bytes forwarded (counted per receiver).",
     ),
     (
         "chat_sessions_purged_total",
@@ -377,6 +440,18 @@ pub struct Metrics {
     pub sent_datagrams: Counter,
     /// UDP datagrams received.
     pub received_datagrams: Counter,
+    /// Calls under way.
+    pub calls_active: Gauge,
+    /// Connections in a call.
+    pub call_participants: Gauge,
+    /// Calls started.
+    pub calls_started: Counter,
+    /// Call signals relayed.
+    pub call_signals: Counter,
+    /// Call media datagrams by [`MediaOutcome`].
+    call_media: [Counter; 4],
+    /// Call media bytes forwarded.
+    pub call_media_bytes: Counter,
     /// The embedded store's WAL checkpoints.
     pub sqlite_checkpoints: CheckpointMetrics,
     /// When the served certificate chain expires (Unix seconds).
@@ -432,6 +507,9 @@ impl Metrics {
             for code in all_error_codes() {
                 metrics::counter!("chat_errors_total", "code" => code_label(code)).increment(0);
             }
+            for reason in CALL_END_REASONS {
+                metrics::counter!("chat_calls_ended_total", "reason" => reason).increment(0);
+            }
             for outcome in PUSH_OUTCOMES {
                 metrics::counter!("chat_push_notifications_total", "outcome" => outcome)
                     .increment(0);
@@ -469,6 +547,14 @@ impl Metrics {
                 lost_packets: metrics::counter!("chat_quic_lost_packets_total"),
                 sent_datagrams: metrics::counter!("chat_quic_sent_datagrams_total"),
                 received_datagrams: metrics::counter!("chat_quic_received_datagrams_total"),
+                calls_active: metrics::gauge!("chat_calls_active"),
+                call_participants: metrics::gauge!("chat_call_participants"),
+                calls_started: metrics::counter!("chat_calls_started_total"),
+                call_signals: metrics::counter!("chat_call_signals_total"),
+                call_media: MEDIA_OUTCOMES.map(|outcome| {
+                    metrics::counter!("chat_call_media_datagrams_total", "outcome" => outcome)
+                }),
+                call_media_bytes: metrics::counter!("chat_call_media_bytes_total"),
                 sqlite_checkpoints: CheckpointMetrics {
                     wal_frames: metrics::gauge!("chat_sqlite_wal_frames"),
                     checkpointer: metrics::histogram!(
@@ -514,6 +600,19 @@ impl Metrics {
         debug_assert!(PUSH_OUTCOMES.contains(&outcome), "{outcome}");
         metrics::with_local_recorder(&*self.recorder, || {
             metrics::counter!("chat_push_notifications_total", "outcome" => outcome).increment(1);
+        });
+    }
+
+    /// Counts call media datagrams.
+    pub fn call_media(&self, outcome: MediaOutcome, n: u64) {
+        self.call_media[outcome as usize].increment(n);
+    }
+
+    /// Counts a call that ended, for one of [`CALL_END_REASONS`].
+    pub fn call_ended(&self, reason: &'static str) {
+        debug_assert!(CALL_END_REASONS.contains(&reason), "{reason}");
+        metrics::with_local_recorder(&*self.recorder, || {
+            metrics::counter!("chat_calls_ended_total", "reason" => reason).increment(1);
         });
     }
 

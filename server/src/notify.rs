@@ -69,19 +69,33 @@ const WARN_EVERY_MS: i64 = 60_000;
 /// The badge counts unread conversations up to this.
 pub const MAX_BADGE: u32 = 999;
 
-/// A message for a user who may need a notification.
+/// A message, or a call ringing, for a user who may need a notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Notice {
     /// Who is notified.
     pub user: UserId,
-    /// Where the message is.
+    /// Where the message or call is.
     pub conversation: ConversationId,
-    /// Its seq there.
+    /// The message's seq there, or the call's id.
     pub seq: u64,
-    /// Who sent it.
+    /// Who sent it, or who calls.
     pub sender: UserId,
-    /// Photo or text.
-    pub photo: bool,
+    /// What it is.
+    pub kind: NoticeKind,
+}
+
+/// What a notice is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoticeKind {
+    /// A text message.
+    Text,
+    /// A photo.
+    Photo,
+    /// A call that rings the user (`seq` is its id); never coalesced.
+    Call {
+        /// With video.
+        video: bool,
+    },
 }
 
 /// The committers' handle: queues notices for the coalescer.
@@ -141,6 +155,11 @@ async fn coalesce(mut rx: mpsc::Receiver<Notice>, dispatcher: Arc<Dispatcher>, w
         tokio::select! {
             notice = rx.recv() => {
                 let Some(notice) = notice else { break };
+                if matches!(notice.kind, NoticeKind::Call { .. }) {
+                    // A ring is now or never.
+                    dispatcher.send_in(&mut sending, notice);
+                    continue;
+                }
                 match windows.offer(notice, Instant::now()) {
                     Offer::Now(notice) => dispatcher.send_in(&mut sending, notice),
                     Offer::Held { replaced: true } => dispatcher.metrics.push("coalesced"),
@@ -272,8 +291,13 @@ impl Dispatcher {
 
     /// Sends one notification; returns its outcome label.
     async fn send(&self, notice: Notice) -> &'static str {
-        // The user may have opened the app since the message was stored.
-        if self.hub.in_foreground(notice.user) {
+        // The user may have opened the app since the message was stored
+        // (or, for a call, a calls stream since it rang).
+        let online = match notice.kind {
+            NoticeKind::Call { .. } => self.hub.takes_calls(notice.user),
+            NoticeKind::Text | NoticeKind::Photo => self.hub.in_foreground(notice.user),
+        };
+        if online {
             return "online";
         }
         let (devices, unread, sender_name) = {
@@ -428,12 +452,18 @@ fn payload(
 ) -> Vec<u8> {
     let payload = Payload {
         notification: Notification {
-            event_id: format!("{}/{}", notice.conversation, notice.seq),
+            event_id: match notice.kind {
+                NoticeKind::Call { .. } => format!("call/{}", notice.seq),
+                NoticeKind::Text | NoticeKind::Photo => {
+                    format!("{}/{}", notice.conversation, notice.seq)
+                }
+            },
             room_id: notice.conversation.to_string(),
-            kind: if notice.photo {
-                "chat.photo"
-            } else {
-                "chat.text"
+            kind: match notice.kind {
+                NoticeKind::Text => "chat.text",
+                NoticeKind::Photo => "chat.photo",
+                NoticeKind::Call { video: false } => "chat.call",
+                NoticeKind::Call { video: true } => "chat.video_call",
             },
             sender: notice.sender.to_string(),
             sender_display_name: sender_name,
@@ -563,7 +593,7 @@ mod tests {
             conversation,
             seq,
             sender: 9,
-            photo: false,
+            kind: NoticeKind::Text,
         }
     }
 
@@ -671,7 +701,7 @@ mod tests {
             conversation: 42,
             seq: 17,
             sender: 7,
-            photo: false,
+            kind: NoticeKind::Text,
         };
         let devices = [PushDevice {
             app_id: "com.example.ios".into(),
@@ -695,7 +725,7 @@ mod tests {
             }})
         );
         let photo = Notice {
-            photo: true,
+            kind: NoticeKind::Photo,
             ..notice
         };
         let json: serde_json::Value =
@@ -703,5 +733,16 @@ mod tests {
         assert_eq!(json["notification"]["type"], "chat.photo");
         assert!(json["notification"].get("counts").is_none());
         assert!(json["notification"].get("sender_display_name").is_none());
+        // A ring names the call, not a message.
+        let ring = Notice {
+            seq: 9,
+            kind: NoticeKind::Call { video: true },
+            ..notice
+        };
+        let json: serde_json::Value =
+            serde_json::from_slice(&payload(&ring, &devices, None, None)).unwrap();
+        assert_eq!(json["notification"]["type"], "chat.video_call");
+        assert_eq!(json["notification"]["event_id"], "call/9");
+        assert_eq!(json["notification"]["room_id"], "42");
     }
 }

@@ -227,6 +227,7 @@ impl Session {
         };
         authed.handle.sample_path(false);
         self.shared.hub.unregister(authed.user_id, self.conn_id);
+        self.shared.calls.disconnected(self.conn_id);
         {
             // Taken and unwatched under one lock, as SubscribePresence
             // replaces and watches under it.
@@ -471,12 +472,12 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
         let mut opened = session.opened.lock().expect("opened lock");
         let slot = &mut opened[kind as usize];
         let was = *slot;
-        // Control, messages and receipts are singletons; media streams are
-        // many and short-lived (bounded by the connection's stream limit),
-        // and calls streams are refused below, each time asked for.
+        // Control, messages, receipts and calls are singletons; media
+        // streams are many and short-lived (bounded by the connection's
+        // stream limit).
         let singleton = matches!(
             kind,
-            StreamKind::Control | StreamKind::Messages | StreamKind::Receipts
+            StreamKind::Control | StreamKind::Messages | StreamKind::Receipts | StreamKind::Calls
         );
         if singleton {
             *slot = true;
@@ -523,7 +524,10 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
         StreamKind::Media => {
             tokio::spawn(streams::media::serve(session.clone(), send, reader).instrument(span));
         }
-        StreamKind::Calls | StreamKind::Unspecified => {
+        StreamKind::Calls => {
+            tokio::spawn(streams::calls::serve(session.clone(), send, reader).instrument(span));
+        }
+        StreamKind::Unspecified => {
             // Not served by this version: refuse the stream, keep the
             // connection.
             let frame = Frame::error(

@@ -10,6 +10,7 @@ mod harness;
 
 mod auth;
 mod backends;
+mod calls;
 mod friends;
 mod groups;
 mod loadgen;

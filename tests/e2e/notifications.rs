@@ -465,3 +465,67 @@ async fn a_gateway_that_never_answers_does_not_hold_up_shutdown() {
     assert!(drained, "the node drained within its shutdown timeout");
     silent.abort();
 }
+
+#[tokio::test]
+async fn a_call_rings_by_notification_where_no_calls_stream_is_open() {
+    let gateway = Gateway::start(None).await;
+    let server = server_for(Backend::Embedded, &gateway, Duration::from_secs(5)).await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let mut calls = server.client_config();
+    calls.calls = true;
+    let (alice, _alice_events) = register(calls.clone(), &name("alice")).await;
+    let (bob, mut bob_events) = register(calls.clone(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let token = bob.identity().token;
+    bob.register_push(APP, "bob-phone").await.unwrap();
+
+    // Bob's app takes calls: it rings there, and nothing is pushed.
+    let in_app = alice.start_call(conversation, false).await.unwrap();
+    wait_for(&mut bob_events, "the ring in the app", |e| match e {
+        chat_client::Event::Call(ring) if ring.call_id == in_app.call_id => Some(()),
+        _ => None,
+    })
+    .await;
+    alice.leave_call(in_app.call_id).await.unwrap();
+    let before = value(&scrape(metrics).await, "chat_sessions_active");
+    bob.close();
+    drop(bob_events);
+    scrape_until(metrics, "bob's connection gone", |m| {
+        value(m, "chat_sessions_active") == before - 1.0
+    })
+    .await;
+
+    // Bob's app is open without calls: the ring is pushed all the same.
+    let (plain, _plain_events) = Client::resume(server.client_config(), &token)
+        .await
+        .unwrap();
+    let pushed = alice.start_call(conversation, true).await.unwrap();
+    let got = gateway.wait_for(1).await;
+    let n = &got[0]["notification"];
+    assert_eq!(
+        n["event_id"],
+        format!("call/{}", pushed.call_id),
+        "the first ring, which the app took, pushed nothing"
+    );
+    assert_eq!(n["type"], "chat.video_call");
+    assert_eq!(n["room_id"], conversation.to_string());
+    assert_eq!(n["sender"], alice.identity().user_id.to_string());
+    assert_eq!(n["sender_display_name"], alice.identity().username);
+    assert_eq!(n["devices"][0]["pushkey"], "bob-phone");
+    alice.leave_call(pushed.call_id).await.unwrap();
+
+    // And with no connection at all.
+    plain.close();
+    scrape_until(metrics, "bob gone again", |m| {
+        value(m, "chat_sessions_active") == before - 1.0
+    })
+    .await;
+    let absent = alice.start_call(conversation, false).await.unwrap();
+    let got = gateway.wait_for(2).await;
+    assert_eq!(
+        got[1]["notification"]["event_id"],
+        format!("call/{}", absent.call_id)
+    );
+    assert_eq!(got[1]["notification"]["type"], "chat.call");
+    scrape_until(metrics, "two sent", |m| outcome(m, "sent") == 2.0).await;
+}

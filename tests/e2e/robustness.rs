@@ -735,12 +735,11 @@ async fn registrations_from_one_address_are_limited_per_hour() {
 }
 
 #[tokio::test]
-async fn a_stream_kind_not_served_is_refused_each_time_it_is_opened() {
-    // Group calls are not served yet: each such stream is refused with
-    // BAD_STREAM and the connection kept. A second calls stream used to
-    // close the whole connection ("stream kind already open"), though the
-    // first had never been served. Media streams, many per connection,
-    // are served, before and after.
+async fn a_calls_stream_is_served_once_per_connection_beside_many_media_streams() {
+    // A frame that does not belong on the calls stream is refused there
+    // and the connection kept; media streams, many per connection, are
+    // served before and after. A second calls stream closes the
+    // connection, as a second of any singleton stream does.
     let server = TestServer::start().await;
     let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
     let token = bob.identity().token;
@@ -755,8 +754,7 @@ async fn a_stream_kind_not_served_is_refused_each_time_it_is_opened() {
     );
     for (kind, expected) in [
         (StreamKind::Media, ErrorCode::NotFound),
-        (StreamKind::Calls, ErrorCode::BadStream),
-        (StreamKind::Calls, ErrorCode::BadStream),
+        (StreamKind::Calls, ErrorCode::UnexpectedFrame),
         (StreamKind::Media, ErrorCode::NotFound),
     ] {
         let (mut send, mut recv) = device.conn().open_bi().await.unwrap();
@@ -772,6 +770,11 @@ async fn a_stream_kind_not_served_is_refused_each_time_it_is_opened() {
         }
     }
     device.assert_served().await;
+    let (mut send, _recv) = device.conn().open_bi().await.unwrap();
+    send.write_all(&frames(&[Frame::open_stream(StreamKind::Calls)]))
+        .await
+        .unwrap();
+    assert_eq!(close_code_of(device.conn()).await, ErrorCode::BadStream);
 }
 
 #[tokio::test]

@@ -521,6 +521,7 @@ fn auth_ok(
         confirms_leave: true,
         max_text_len: u32::try_from(session.shared.config.limits.max_text_len).unwrap_or(u32::MAX),
         max_photo_bytes: session.shared.config.limits.max_photo_bytes,
+        calls: true,
     }
 }
 

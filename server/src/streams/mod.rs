@@ -2,6 +2,7 @@
 //! the life of the connection: it reads requests in order and queues
 //! replies and pushes through the session's outbound queue for that kind.
 
+pub mod calls;
 pub mod control;
 pub mod media;
 pub mod messages;

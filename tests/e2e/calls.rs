@@ -1,0 +1,490 @@
+//! Group calls end to end: ringing, answering, declining and timing out,
+//! the relay of signals, media datagrams forwarded between participants,
+//! devices that move a call, and what is refused.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chat_client::proto::{CallEndReason, CallEventKind};
+use chat_client::{CallMedia, Client, ClientConfig, ErrorCode, Event, Events, MediaPacket, proto};
+
+use crate::harness::*;
+
+fn calls_on(mut config: ClientConfig) -> ClientConfig {
+    config.calls = true;
+    config
+}
+
+/// A user with calls on, their events and their media.
+struct Caller {
+    client: Client,
+    events: Events,
+    media: CallMedia,
+}
+
+async fn caller(server: &TestServer, prefix: &str) -> Caller {
+    let (client, events) = register(calls_on(server.client_config()), &name(prefix)).await;
+    let media = client.call_media().expect("calls are on");
+    Caller {
+        client,
+        events,
+        media,
+    }
+}
+
+impl Caller {
+    fn id(&self) -> u64 {
+        self.client.identity().user_id
+    }
+
+    /// The next call event of `kind` (other events are skipped).
+    async fn event(&mut self, kind: CallEventKind) -> proto::CallEvent {
+        let what = format!("{kind:?} at {}", self.client.identity().username);
+        wait_for(&mut self.events, &what, |e| match e {
+            Event::Call(event) if event.kind() == kind => Some(event),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next signal.
+    async fn signal(&mut self) -> proto::CallSignal {
+        wait_for(&mut self.events, "a call signal", |e| match e {
+            Event::CallSignal(signal) => Some(signal),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Asserts that no call event or signal arrives within `quiet`.
+    async fn assert_quiet(&mut self, quiet: Duration) {
+        let deadline = tokio::time::Instant::now() + quiet;
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.next()).await {
+            assert!(
+                !matches!(event, Event::Call(_) | Event::CallSignal(_)),
+                "unexpected {event:?}"
+            );
+        }
+    }
+}
+
+/// Sends `payload` from `from` every 50 ms until `to` gets a packet;
+/// returns it. (Datagrams may be lost, even on loopback.)
+async fn media_reaches(from: &Client, to: &mut CallMedia, payload: &'static [u8]) -> MediaPacket {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        from.send_call_media(Bytes::from_static(payload)).unwrap();
+        if let Ok(Some(packet)) = tokio::time::timeout(Duration::from_millis(50), to.next()).await {
+            return packet;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "media never arrived"
+        );
+    }
+}
+
+fn ended(m: &std::collections::HashMap<String, f64>, reason: &str) -> f64 {
+    value(m, &format!("chat_calls_ended_total{{reason=\"{reason}\"}}"))
+}
+
+each_backend! {
+    async fn a_direct_call_rings_connects_relays_and_ends_when_one_hangs_up(backend: Backend) {
+        let server = TestServer::start_on(backend).await;
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        let mut alice = caller(&server, "alice").await;
+        let mut bob = caller(&server, "bob").await;
+        let conversation = befriend(&alice.client, &bob.client).await;
+
+        let started = alice.client.start_call(conversation, true).await.unwrap();
+        assert_eq!(started.conversation_id, conversation);
+        assert!(started.video);
+        assert_eq!(started.participants.len(), 1);
+        assert_eq!(started.participants[0].user_id, alice.id());
+        assert_eq!(started.participants[0].participant_id, started.participant_id);
+        assert!(
+            (1000..65_536).contains(&started.max_media_bytes),
+            "a path's datagram less the prefix: {}",
+            started.max_media_bytes
+        );
+        // Asking again on the same connection is the same call.
+        let again = alice.client.start_call(conversation, true).await.unwrap();
+        assert_eq!((again.call_id, again.participant_id), (started.call_id, started.participant_id));
+
+        let ring = bob.event(CallEventKind::Ring).await;
+        assert_eq!(ring.call_id, started.call_id);
+        assert_eq!(ring.conversation_id, conversation);
+        assert_eq!(ring.user_id, alice.id());
+        assert!(ring.video);
+        assert!(ring.ring_until_ms > started.started_ms, "{ring:?}");
+
+        let answered = bob.client.join_call(ring.call_id).await.unwrap();
+        assert_eq!(answered.participants.len(), 2);
+        let bob_pid = answered.participant_id;
+        assert_ne!(bob_pid, started.participant_id);
+        let joined = alice.event(CallEventKind::Joined).await;
+        assert_eq!((joined.user_id, joined.participant_id), (bob.id(), bob_pid));
+
+        // Signals go to the participant named, from the one who sent them.
+        alice.client.send_call_signal(started.call_id, bob_pid, &b"v=0 offer"[..]).await.unwrap();
+        let offer = bob.signal().await;
+        assert_eq!(
+            (offer.call_id, offer.participant_id, &offer.payload[..]),
+            (started.call_id, started.participant_id, &b"v=0 offer"[..])
+        );
+        bob.client.send_call_signal(started.call_id, started.participant_id, &b"v=0 answer"[..]).await.unwrap();
+        assert_eq!(&alice.signal().await.payload[..], b"v=0 answer");
+
+        // Media both ways, named by its sender.
+        let packet = media_reaches(&alice.client, &mut bob.media, b"rtp from alice").await;
+        assert_eq!(packet.from, started.participant_id);
+        assert_eq!(&packet.payload[..], b"rtp from alice");
+        let packet = media_reaches(&bob.client, &mut alice.media, b"rtp from bob").await;
+        assert_eq!(packet.from, bob_pid);
+
+        let m = scrape(metrics).await;
+        assert_eq!(value(&m, "chat_calls_active"), 1.0);
+        assert_eq!(value(&m, "chat_call_participants"), 2.0);
+        assert!(value(&m, "chat_call_media_datagrams_total{outcome=\"forwarded\"}") >= 2.0);
+        assert_eq!(value(&m, "chat_call_signals_total"), 2.0);
+
+        // Bob hangs up: a direct call ends for Alice too.
+        bob.client.leave_call(started.call_id).await.unwrap();
+        let left = alice.event(CallEventKind::Left).await;
+        assert_eq!((left.user_id, left.reason()), (bob.id(), CallEndReason::HungUp));
+        let end = alice.event(CallEventKind::Ended).await;
+        assert_eq!(end.reason(), CallEndReason::HungUp);
+        let m = scrape_until(metrics, "the call over", |m| value(m, "chat_calls_active") == 0.0).await;
+        assert_eq!(value(&m, "chat_call_participants"), 0.0);
+        assert_eq!(ended(&m, "hung_up"), 1.0);
+        assert_eq!(code(bob.client.join_call(started.call_id).await), ErrorCode::NotFound);
+        assert_eq!(code(alice.client.leave_call(started.call_id).await), ErrorCode::NotFound);
+
+        // A new call in the same conversation is a new call.
+        let second = bob.client.start_call(conversation, false).await.unwrap();
+        assert_ne!(second.call_id, started.call_id);
+        assert_eq!(alice.event(CallEventKind::Ring).await.call_id, second.call_id);
+    }
+}
+
+#[tokio::test]
+async fn a_declined_call_ends_and_an_unanswered_one_stops_ringing() {
+    let server = TestServer::start_with(|c| c.calls.ring_timeout = Duration::from_secs(1)).await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let mut alice = caller(&server, "alice").await;
+    let mut bob = caller(&server, "bob").await;
+    let conversation = befriend(&alice.client, &bob.client).await;
+
+    let call = alice.client.start_call(conversation, false).await.unwrap();
+    bob.event(CallEventKind::Ring).await;
+    bob.client.decline_call(call.call_id).await.unwrap();
+    let declined = alice.event(CallEventKind::Declined).await;
+    assert_eq!(declined.user_id, bob.id());
+    assert_eq!(
+        alice.event(CallEventKind::Ended).await.reason(),
+        CallEndReason::Declined
+    );
+    // Declining again: the call no longer rings anyone.
+    assert_eq!(
+        code(bob.client.decline_call(call.call_id).await),
+        ErrorCode::NotFound
+    );
+
+    // Nobody answers within the ring timeout (1 s here).
+    let call = alice.client.start_call(conversation, false).await.unwrap();
+    let ring = bob.event(CallEventKind::Ring).await;
+    assert_eq!(ring.call_id, call.call_id);
+    let stopped = bob.event(CallEventKind::RingStopped).await;
+    assert_eq!(stopped.reason(), CallEndReason::NoAnswer);
+    let stopped = alice.event(CallEventKind::RingStopped).await;
+    assert_eq!(stopped.reason(), CallEndReason::NoAnswer);
+    assert_eq!(
+        alice.event(CallEventKind::Ended).await.reason(),
+        CallEndReason::NoAnswer
+    );
+    let m = scrape_until(metrics, "two calls over", |m| {
+        value(m, "chat_calls_active") == 0.0
+    })
+    .await;
+    assert_eq!(ended(&m, "declined"), 1.0);
+    assert_eq!(ended(&m, "no_answer"), 1.0);
+    assert_eq!(
+        code(bob.client.join_call(call.call_id).await),
+        ErrorCode::NotFound
+    );
+}
+
+#[tokio::test]
+async fn a_call_answered_on_one_device_stops_the_others_and_can_move() {
+    let server = TestServer::start().await;
+    let mut alice = caller(&server, "alice").await;
+    let mut phone = caller(&server, "bob").await;
+    let bob_name = phone.client.identity().username;
+    let (laptop, laptop_events) =
+        Client::login(calls_on(server.client_config()), &bob_name, PASSWORD)
+            .await
+            .unwrap();
+    let mut laptop = Caller {
+        media: laptop.call_media().unwrap(),
+        client: laptop,
+        events: laptop_events,
+    };
+    let conversation = befriend(&alice.client, &phone.client).await;
+
+    let call = alice.client.start_call(conversation, true).await.unwrap();
+    phone.event(CallEventKind::Ring).await;
+    laptop.event(CallEventKind::Ring).await;
+    let on_phone = phone.client.join_call(call.call_id).await.unwrap();
+    let stopped = laptop.event(CallEventKind::RingStopped).await;
+    assert_eq!(stopped.reason(), CallEndReason::AnsweredElsewhere);
+    alice.event(CallEventKind::Joined).await;
+
+    // Bob takes the call over to the laptop: the phone's part ends, and
+    // Alice sees his place change hands.
+    let on_laptop = laptop.client.join_call(call.call_id).await.unwrap();
+    assert_ne!(on_laptop.participant_id, on_phone.participant_id);
+    assert_eq!(on_laptop.participants.len(), 2, "{on_laptop:?}");
+    let phone_end = phone.event(CallEventKind::Ended).await;
+    assert_eq!(phone_end.reason(), CallEndReason::JoinedElsewhere);
+    let left = alice.event(CallEventKind::Left).await;
+    assert_eq!(
+        (left.participant_id, left.reason()),
+        (on_phone.participant_id, CallEndReason::JoinedElsewhere)
+    );
+    let joined = alice.event(CallEventKind::Joined).await;
+    assert_eq!(joined.participant_id, on_laptop.participant_id);
+    let packet = media_reaches(&alice.client, &mut laptop.media, b"to the laptop").await;
+    assert_eq!(packet.from, call.participant_id);
+    // The phone is out of the call: it cannot leave it or signal in it.
+    assert_eq!(
+        code(phone.client.leave_call(call.call_id).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(
+            phone
+                .client
+                .send_call_signal(call.call_id, call.participant_id, &b"ice"[..])
+                .await
+        ),
+        ErrorCode::NotFound
+    );
+    alice.assert_quiet(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_group_call_rings_every_member_forwards_to_all_and_ends_when_left_alone() {
+    let server = TestServer::start_with(|c| {
+        c.calls.ring_timeout = Duration::from_secs(2);
+        c.calls.max_call_participants = 3;
+    })
+    .await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let mut members = Vec::new();
+    for i in 0..4 {
+        members.push(caller(&server, &format!("g{i}")).await);
+    }
+    for i in 1..4 {
+        befriend(&members[0].client, &members[i].client).await;
+    }
+    let ids: Vec<u64> = members[1..].iter().map(Caller::id).collect();
+    let group = members[0]
+        .client
+        .create_group("call us", &ids)
+        .await
+        .unwrap()
+        .conversation_id;
+    let [a, b, c, d] = &mut members[..] else {
+        unreachable!()
+    };
+
+    let call = a.client.start_call(group, false).await.unwrap();
+    for member in [&mut *b, &mut *c, &mut *d] {
+        let ring = member.event(CallEventKind::Ring).await;
+        assert_eq!((ring.call_id, ring.user_id), (call.call_id, a.id()));
+    }
+    let b_in = b.client.join_call(call.call_id).await.unwrap();
+    // A member who starts the group's call joins the running one.
+    let c_in = c.client.start_call(group, false).await.unwrap();
+    assert_eq!(c_in.call_id, call.call_id);
+    assert_eq!(c_in.participants.len(), 3);
+    // The call holds three here.
+    assert_eq!(
+        code(d.client.join_call(call.call_id).await),
+        ErrorCode::LimitReached
+    );
+    d.client.decline_call(call.call_id).await.unwrap();
+    let declined = a.event(CallEventKind::Declined).await;
+    assert_eq!(declined.user_id, d.id());
+
+    // One sender, every other participant.
+    let from_b = media_reaches(&b.client, &mut a.media, b"b speaks").await;
+    assert_eq!(from_b.from, b_in.participant_id);
+    let at_c = tokio::time::timeout(WAIT, c.media.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (at_c.from, &at_c.payload[..]),
+        (b_in.participant_id, &b"b speaks"[..])
+    );
+
+    // The caller leaves; the others go on.
+    a.client.leave_call(call.call_id).await.unwrap();
+    let left = b.event(CallEventKind::Left).await;
+    assert_eq!(
+        (left.user_id, left.reason()),
+        (a.id(), CallEndReason::HungUp)
+    );
+    b.client
+        .send_call_signal(call.call_id, c_in.participant_id, &b"still here"[..])
+        .await
+        .unwrap();
+    assert_eq!(&c.signal().await.payload[..], b"still here");
+
+    // C's connection goes: B is alone, and after the ring timeout the
+    // call ends.
+    c.client.close();
+    let left = b.event(CallEventKind::Left).await;
+    assert_eq!(
+        (left.user_id, left.reason()),
+        (c.id(), CallEndReason::Disconnected)
+    );
+    assert_eq!(
+        b.event(CallEventKind::Ended).await.reason(),
+        CallEndReason::Alone
+    );
+    let m = scrape_until(metrics, "the call over", |m| {
+        value(m, "chat_calls_active") == 0.0
+    })
+    .await;
+    assert_eq!(ended(&m, "alone"), 1.0);
+    assert_eq!(value(&m, "chat_call_participants"), 0.0);
+}
+
+#[tokio::test]
+async fn calls_refuse_outsiders_strangers_floods_and_clients_without_them() {
+    let server = TestServer::start_with(|c| c.calls.call_media_rate = 1024).await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let alice = caller(&server, "alice").await;
+    let mut bob = caller(&server, "bob").await;
+    let mut eve = caller(&server, "eve").await;
+    let conversation = befriend(&alice.client, &bob.client).await;
+    let other = befriend(&alice.client, &eve.client).await;
+
+    // Eve is not in Alice and Bob's conversation, nor may she see or
+    // join its call.
+    assert_eq!(
+        code(eve.client.start_call(conversation, false).await),
+        ErrorCode::NotAMember
+    );
+    let call = alice.client.start_call(conversation, false).await.unwrap();
+    assert_eq!(
+        code(eve.client.join_call(call.call_id).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(eve.client.decline_call(call.call_id).await),
+        ErrorCode::NotFound
+    );
+    // One call per connection.
+    assert_eq!(
+        code(alice.client.start_call(other, false).await),
+        ErrorCode::UnexpectedFrame
+    );
+    eve.assert_quiet(Duration::from_millis(100)).await;
+
+    bob.event(CallEventKind::Ring).await;
+    let joined = bob.client.join_call(call.call_id).await.unwrap();
+    // A signal to nobody, and ones out of bounds (checked in the client
+    // first, and by the server for clients that do not).
+    assert_eq!(
+        code(
+            alice
+                .client
+                .send_call_signal(call.call_id, 999, &b"ice"[..])
+                .await
+        ),
+        ErrorCode::NotFound
+    );
+    let too_long = vec![b'x'; chat_protocol::calls::MAX_SIGNAL_BYTES + 1];
+    assert_eq!(
+        code(
+            alice
+                .client
+                .send_call_signal(call.call_id, joined.participant_id, too_long)
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+    // A client that does not check: the server refuses it before it looks
+    // at the call.
+    let token = eve.client.identity().token;
+    let mut raw = RawControl::resume(&server, &token).await;
+    let (mut send, mut recv) = raw.conn().open_bi().await.unwrap();
+    let oversized = chat_protocol::Frame::new(
+        5,
+        chat_protocol::Body::CallSignal(proto::CallSignal {
+            call_id: call.call_id,
+            participant_id: joined.participant_id,
+            payload: vec![0; chat_protocol::calls::MAX_SIGNAL_BYTES + 1].into(),
+        }),
+    );
+    send.write_all(&frames(&[
+        chat_protocol::Frame::open_stream(chat_client::StreamKind::Calls),
+        oversized,
+    ]))
+    .await
+    .unwrap();
+    match next_frame(&mut recv, &mut bytes::BytesMut::new())
+        .await
+        .body
+    {
+        Some(chat_protocol::Body::Error(e)) => {
+            assert_eq!(
+                ErrorCode::from_wire(e.code),
+                ErrorCode::InvalidArgument,
+                "{e:?}"
+            );
+        }
+        other => panic!("a refusal, not {other:?}"),
+    }
+    raw.assert_served().await;
+    bob.assert_quiet(Duration::from_millis(100)).await;
+
+    // Media beyond the sender's rate (1 KiB/s here) is dropped: of twenty
+    // 500-byte packets sent at once, the first two fit.
+    for _ in 0..20 {
+        alice
+            .client
+            .send_call_media(Bytes::from(vec![7; 500]))
+            .unwrap();
+    }
+    let m = scrape_until(metrics, "twenty packets judged", |m| {
+        value(m, "chat_call_media_datagrams_total{outcome=\"forwarded\"}")
+            + value(
+                m,
+                "chat_call_media_datagrams_total{outcome=\"rate_limited\"}",
+            )
+            >= 20.0
+    })
+    .await;
+    let forwarded = value(&m, "chat_call_media_datagrams_total{outcome=\"forwarded\"}");
+    assert!(
+        (1.0..=6.0).contains(&forwarded),
+        "a second's budget and what a few seconds refill: {forwarded}"
+    );
+    let packet = tokio::time::timeout(WAIT, bob.media.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(packet.from, call.participant_id);
+
+    // A client without calls neither opens the stream nor asks.
+    let (plain, _plain_events) = register(server.client_config(), &name("plain")).await;
+    assert!(plain.call_media().is_none());
+    assert!(matches!(
+        plain.start_call(conversation, false).await,
+        Err(chat_client::ClientError::Config(_))
+    ));
+}
