@@ -8,32 +8,53 @@
 //! in the order they happened (a JOINED before the LEFT of the same
 //! participant, a CallJoined answer before the signals sent to it).
 //!
-//! Media does not take the lock: each participant's connection has a
-//! forwarder task that reads its datagrams and hands each, prefixed with
-//! the sender's participant id, to the other participants' connections.
-//! The forwarders read the call's list of connections ([`Media`]) and
-//! look again only when its version moves.
+//! Media does not take the registry lock. Each connection's datagrams are
+//! read by its session task ([`Calls::forward`]), which finds the
+//! connection's place in a call in its [`MediaSlot`] and hands the
+//! datagram, prefixed with the sender's participant id, to the other
+//! participants' connections. Their list ([`Media`]) is read again only
+//! when its version moves. A connection in no call has its datagrams
+//! dropped as they come, so they neither pile up in quinn's buffers (each
+//! pins the packet it came in) nor reach the connection's next call.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use proto::{CallEndReason, CallEventKind};
-use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 
 use crate::config::CallsConfig;
 use crate::error::Refusal;
 use crate::hub::{Hub, SessionHandle};
 use crate::metrics::{MediaOutcome, Metrics};
 use crate::notify::{Notice, NoticeKind, Notifier};
+use crate::ratelimit::RateLimiter;
 use crate::store::{ConversationId, HistoryStore, UserId};
 use crate::wire::Outbound;
 
 /// A call's id: random, so that ids are not guessed or met again after a
 /// restart.
 pub type CallId = u64;
+
+/// New calls that ring someone, per user: ten at once, then one every ten
+/// seconds. A start that joins a running call is not counted. Without it
+/// a member looping start and leave rang (and had the gateway notify)
+/// every other member twenty times a second.
+const RINGS_PER_SECOND: f64 = 0.1;
+const RING_BURST: u32 = 10;
+
+/// A signal is refused (RATE_LIMITED) while its recipient's calls queue
+/// holds this many frames or bytes: a reader on a slow link must not be
+/// closed as a slow consumer because others signal faster than it reads.
+const SIGNAL_QUEUE_FRAMES: usize = 128;
+const SIGNAL_QUEUE_BYTES: usize = 256 * 1024;
+
+/// When a signal refused for a slow recipient may be tried again.
+const SIGNAL_RETRY: Duration = Duration::from_millis(500);
 
 /// The node's calls (see the module docs).
 pub struct Calls {
@@ -45,6 +66,8 @@ pub struct Calls {
     notifier: Option<Arc<Notifier>>,
     /// Whether connections take datagrams at all (`datagram-receive-buffer`).
     media_on: bool,
+    /// New ringing calls per user.
+    rings: RateLimiter,
     registry: Mutex<Registry>,
     /// This registry, for its timers (weak: a node that stops does not
     /// wait for them).
@@ -57,24 +80,35 @@ struct Registry {
     by_conversation: HashMap<ConversationId, CallId>,
     /// Connection id -> the call it is in.
     by_conn: HashMap<u64, CallId>,
+    /// User -> the calls ringing them, so that a calls stream opened while
+    /// a call rings is rung too.
+    rung: HashMap<UserId, Vec<CallId>>,
 }
 
 /// One call under way.
 struct Live {
     conversation_id: ConversationId,
-    direct: bool,
+    /// The two members of a direct call (their friendship's end ends it);
+    /// `None` for a group.
+    pair: Option<(UserId, UserId)>,
     video: bool,
     started_ms: i64,
+    caller: UserId,
+    ring_until_ms: i64,
     participants: Vec<Participant>,
     /// Users rung who have neither answered nor declined, while it rings.
     ringing: Vec<UserId>,
     next_participant: u32,
-    /// Two participants were in the call at once at some point: a group
-    /// call left with one may wait for others; one never answered ends.
+    /// Two participants were in the call at once at some point: a call
+    /// left with one may wait for the other to come back; one never
+    /// answered ends.
     answered: bool,
     /// Moves with every change of participants: a timer set when one was
     /// left alone acts only if nothing changed since.
     epoch: u64,
+    /// The ring's or the wait alone's timer, aborted when replaced or when
+    /// the call ends.
+    timer: Option<AbortHandle>,
     media: Arc<Media>,
 }
 
@@ -83,11 +117,9 @@ struct Participant {
     user_id: UserId,
     handle: Arc<SessionHandle>,
     joined_ms: i64,
-    /// Ends the connection's media forwarder.
-    stop: Arc<Notify>,
 }
 
-/// What a call's media forwarders read: its participants' connections.
+/// What the media path reads of a call: its participants' connections.
 #[derive(Default)]
 struct Media {
     version: AtomicU64,
@@ -98,6 +130,32 @@ struct Media {
 struct Peer {
     id: u32,
     conn: quinn::Connection,
+}
+
+/// A connection's media state, in its [`SessionHandle`]: empty until its
+/// first call, then kept (the sender's budget with it, so leaving and
+/// joining again does not refill it).
+#[derive(Default)]
+pub struct MediaSlot(Mutex<Option<Box<Seat>>>);
+
+struct Seat {
+    budget: Budget,
+    /// The call the connection is in, if any.
+    call: Option<InCall>,
+}
+
+struct InCall {
+    media: Arc<Media>,
+    me: u32,
+    /// The peers as of `seen`.
+    peers: Arc<[Peer]>,
+    seen: Option<u64>,
+}
+
+impl MediaSlot {
+    fn lock(&self) -> MutexGuard<'_, Option<Box<Seat>>> {
+        self.0.lock().expect("media slot lock")
+    }
 }
 
 fn not_in_call() -> Refusal {
@@ -125,8 +183,35 @@ fn reason_label(reason: CallEndReason) -> &'static str {
         CallEndReason::NoAnswer => "no_answer",
         CallEndReason::Declined => "declined",
         CallEndReason::Alone => "alone",
+        CallEndReason::Removed => "removed",
         _ => "hung_up",
     }
+}
+
+/// The connection is in no call any more: its datagrams are dropped.
+fn unseat(handle: &SessionHandle) {
+    if let Some(seat) = handle.call_media().lock().as_mut() {
+        seat.call = None;
+    }
+}
+
+/// Takes `call_id` from the calls that ring `user`.
+fn unring(rung: &mut HashMap<UserId, Vec<CallId>>, user: UserId, call_id: CallId) {
+    if let Some(calls) = rung.get_mut(&user) {
+        calls.retain(|&c| c != call_id);
+        if calls.is_empty() {
+            rung.remove(&user);
+        }
+    }
+}
+
+/// The timers a call may have.
+#[derive(Clone, Copy)]
+enum Timer {
+    /// The ring ends.
+    Ring,
+    /// One participant has been alone since `epoch`.
+    Alone(u64),
 }
 
 impl Calls {
@@ -147,6 +232,7 @@ impl Calls {
             metrics,
             notifier,
             media_on,
+            rings: RateLimiter::with_rate(RINGS_PER_SECOND, RING_BURST),
             registry: Mutex::new(Registry::default()),
             me: me.clone(),
         })
@@ -185,12 +271,6 @@ impl Calls {
         if let Some(&call_id) = registry.by_conversation.get(&conversation_id) {
             return self.join_locked(&mut registry, call_id, handle, request_id);
         }
-        let call_id = loop {
-            let id = rand::random::<u64>();
-            if id != 0 && !registry.calls.contains_key(&id) {
-                break id;
-            }
-        };
         let ring = direct || view.members.len() <= self.config.call_ring_max_members;
         let ringing: Vec<UserId> = view
             .members
@@ -198,20 +278,43 @@ impl Calls {
             .map(|m| m.user_id)
             .filter(|&user| ring && user != handle.user_id)
             .collect();
+        if !ringing.is_empty() {
+            self.rings
+                .check(handle.user_id, Instant::now())
+                .map_err(|wait| {
+                    Refusal::new(
+                        ErrorCode::RateLimited,
+                        "too many calls started; try again later",
+                    )
+                    .with_retry_after(wait)
+                })?;
+        }
+        let call_id = loop {
+            let id = rand::random::<u64>();
+            if id != 0 && !registry.calls.contains_key(&id) {
+                break id;
+            }
+        };
         let now = crate::streams::now_ms();
-        let ring_until_ms = now.saturating_add(
-            i64::try_from(self.config.ring_timeout.as_millis()).unwrap_or(i64::MAX),
-        );
+        let pair = match view.members.as_slice() {
+            [a, b] if direct => Some((a.user_id.min(b.user_id), a.user_id.max(b.user_id))),
+            _ => None,
+        };
         let live = Live {
             conversation_id,
-            direct,
+            pair,
             video,
             started_ms: now,
+            caller: handle.user_id,
+            ring_until_ms: now.saturating_add(
+                i64::try_from(self.config.ring_timeout.as_millis()).unwrap_or(i64::MAX),
+            ),
             participants: Vec::new(),
             ringing,
             next_participant: 1,
             answered: false,
             epoch: 0,
+            timer: None,
             media: Arc::default(),
         };
         registry.by_conversation.insert(conversation_id, call_id);
@@ -220,13 +323,11 @@ impl Calls {
         self.metrics.calls_active.increment(1.0);
         self.add_participant(&mut registry, call_id, handle);
         self.answer_joined(&registry, call_id, handle, request_id)?;
-        let live = &registry.calls[&call_id];
-        let event = proto::CallEvent {
-            ring_until_ms,
-            ..live.event(call_id, CallEventKind::Ring, handle.user_id, 0)
-        };
-        let ring_frame = Outbound::frame(&Frame::push(Body::CallEvent(event)));
+        let Registry { calls, rung, .. } = &mut *registry;
+        let live = calls.get_mut(&call_id).expect("just made");
+        let ring_frame = push_event(live.ring(call_id));
         for &user in &live.ringing {
+            rung.entry(user).or_default().push(call_id);
             if self.hub.push(user, StreamKind::Calls, &ring_frame, None) == 0
                 && let Some(notifier) = &self.notifier
             {
@@ -240,9 +341,10 @@ impl Calls {
             }
         }
         if live.ringing.is_empty() {
-            self.wait_alone(call_id, live.epoch);
+            let epoch = live.epoch;
+            self.set_timer(live, call_id, Timer::Alone(epoch));
         } else {
-            self.ring_timer(call_id);
+            self.set_timer(live, call_id, Timer::Ring);
         }
         Ok(())
     }
@@ -290,25 +392,28 @@ impl Calls {
             }
             return self.answer_joined(registry, call_id, handle, request_id);
         }
-        let Registry { calls, by_conn, .. } = registry;
+        let Registry {
+            calls,
+            by_conn,
+            rung,
+            ..
+        } = registry;
         let live = calls.get_mut(&call_id).ok_or_else(not_in_call)?;
         let user = handle.user_id;
         if let Some(at) = live.participants.iter().position(|p| p.user_id == user) {
             // One place per user: it moves to this device.
             let moved = live.participants.remove(at);
             by_conn.remove(&moved.handle.conn_id);
-            moved.stop.notify_one();
+            unseat(&moved.handle);
             self.metrics.call_participants.decrement(1.0);
-            let ended = live.event(call_id, CallEventKind::Ended, user, moved.id);
-            moved.handle.push(
-                StreamKind::Calls,
-                push_event(proto::CallEvent {
-                    reason: CallEndReason::JoinedElsewhere as i32,
-                    ..ended
-                }),
-            );
+            let reason = CallEndReason::JoinedElsewhere as i32;
+            let ended = proto::CallEvent {
+                reason,
+                ..live.event(call_id, CallEventKind::Ended, user, moved.id)
+            };
+            moved.handle.push(StreamKind::Calls, push_event(ended));
             let left = proto::CallEvent {
-                reason: CallEndReason::JoinedElsewhere as i32,
+                reason,
                 ..live.event(call_id, CallEventKind::Left, user, moved.id)
             };
             live.tell_participants(&push_event(left));
@@ -323,6 +428,7 @@ impl Calls {
         }
         if let Some(at) = live.ringing.iter().position(|&u| u == user) {
             live.ringing.swap_remove(at);
+            unring(rung, user, call_id);
             let stopped = proto::CallEvent {
                 reason: CallEndReason::AnsweredElsewhere as i32,
                 ..live.event(call_id, CallEventKind::RingStopped, user, 0)
@@ -339,7 +445,7 @@ impl Calls {
     }
 
     /// Adds `handle` to the call as a new participant, tells the others
-    /// and starts its media forwarder.
+    /// and gives its connection's media a seat.
     fn add_participant(
         &self,
         registry: &mut Registry,
@@ -351,28 +457,31 @@ impl Calls {
         live.next_participant += 1;
         let joined = live.event(call_id, CallEventKind::Joined, handle.user_id, id);
         live.tell_participants(&push_event(joined));
-        let stop = Arc::new(Notify::new());
         live.participants.push(Participant {
             id,
             user_id: handle.user_id,
             handle: handle.clone(),
             joined_ms: crate::streams::now_ms(),
-            stop: stop.clone(),
         });
         live.answered |= live.participants.len() > 1;
         live.epoch += 1;
         live.publish_peers();
         registry.by_conn.insert(handle.conn_id, call_id);
         self.metrics.call_participants.increment(1.0);
-        if self.media_on {
-            tokio::spawn(forward_media(
-                live.media.clone(),
-                self.metrics.clone(),
-                (id, handle.connection().clone()),
-                stop,
-                self.config.call_media_rate,
-            ));
-        }
+        let rate = self.config.call_media_rate;
+        let mut slot = handle.call_media().lock();
+        let seat = slot.get_or_insert_with(|| {
+            Box::new(Seat {
+                budget: Budget::new(rate, Instant::now()),
+                call: None,
+            })
+        });
+        seat.call = Some(InCall {
+            media: live.media.clone(),
+            me: id,
+            peers: Arc::new([]),
+            seen: None,
+        });
     }
 
     /// Queues `CallJoined` for `handle`, which is in the call.
@@ -419,11 +528,23 @@ impl Calls {
         Ok(())
     }
 
+    /// A calls stream opened on `handle`: it is rung for the calls that
+    /// ring its user now.
+    pub fn opened(&self, handle: &SessionHandle) {
+        let registry = self.lock();
+        for call_id in registry.rung.get(&handle.user_id).into_iter().flatten() {
+            if let Some(live) = registry.calls.get(call_id) {
+                handle.push(StreamKind::Calls, push_event(live.ring(*call_id)));
+            }
+        }
+    }
+
     /// DeclineCall: stops the ring on every device of the user and tells
     /// the participants; NOT_FOUND unless the call rings the user.
     pub fn decline(&self, handle: &SessionHandle, call_id: CallId) -> Result<(), Refusal> {
         let mut registry = self.lock();
-        let live = registry.calls.get_mut(&call_id).ok_or_else(not_in_call)?;
+        let Registry { calls, rung, .. } = &mut *registry;
+        let live = calls.get_mut(&call_id).ok_or_else(not_in_call)?;
         let user = handle.user_id;
         let at = live
             .ringing
@@ -431,6 +552,7 @@ impl Calls {
             .position(|&u| u == user)
             .ok_or_else(|| Refusal::new(ErrorCode::NotFound, "this call does not ring you"))?;
         live.ringing.swap_remove(at);
+        unring(rung, user, call_id);
         let stopped = proto::CallEvent {
             reason: CallEndReason::Declined as i32,
             ..live.event(call_id, CallEventKind::RingStopped, user, 0)
@@ -470,14 +592,69 @@ impl Calls {
         }
     }
 
+    /// `user` is no longer a member of the conversation (removed from the
+    /// group, or left it): they leave its call, and it stops ringing them.
+    pub fn membership_ended(&self, conversation_id: ConversationId, user: UserId) {
+        let mut registry = self.lock();
+        let Some(&call_id) = registry.by_conversation.get(&conversation_id) else {
+            return;
+        };
+        self.take_out(&mut registry, call_id, user);
+    }
+
+    /// `a` and `b` are no longer friends: a direct call of theirs ends.
+    pub fn friendship_ended(&self, a: UserId, b: UserId) {
+        let pair = Some((a.min(b), a.max(b)));
+        let mut registry = self.lock();
+        // Rare (an unfriending or a block), so a scan of the calls.
+        let ended: Vec<CallId> = registry
+            .calls
+            .iter()
+            .filter(|(_, live)| live.pair == pair)
+            .map(|(&id, _)| id)
+            .collect();
+        for call_id in ended {
+            self.end(&mut registry, call_id, CallEndReason::Removed);
+        }
+    }
+
+    /// Takes `user` out of a call: out of its ringing and its participants.
+    fn take_out(&self, registry: &mut Registry, call_id: CallId, user: UserId) {
+        let Registry { calls, rung, .. } = &mut *registry;
+        let Some(live) = calls.get_mut(&call_id) else {
+            return;
+        };
+        let ended = push_event(proto::CallEvent {
+            reason: CallEndReason::Removed as i32,
+            ..live.event(call_id, CallEventKind::Ended, user, 0)
+        });
+        if let Some(at) = live.ringing.iter().position(|&u| u == user) {
+            live.ringing.swap_remove(at);
+            unring(rung, user, call_id);
+            self.hub.push(user, StreamKind::Calls, &ended, None);
+        }
+        let places: Vec<Arc<SessionHandle>> = live
+            .participants
+            .iter()
+            .filter(|p| p.user_id == user)
+            .map(|p| p.handle.clone())
+            .collect();
+        for handle in places {
+            handle.push(StreamKind::Calls, ended.clone());
+            self.remove(registry, call_id, handle.conn_id, CallEndReason::Removed);
+        }
+        self.settle(registry, call_id, CallEndReason::Removed);
+    }
+
     /// CallSignal: relays `payload` to participant `to` of the call this
-    /// connection is in.
+    /// connection is in. RATE_LIMITED while `to` has much unread in its
+    /// calls queue.
     pub fn signal(
         &self,
         handle: &SessionHandle,
         call_id: CallId,
         to: u32,
-        payload: bytes::Bytes,
+        payload: Bytes,
     ) -> Result<(), Refusal> {
         let registry = self.lock();
         if registry.by_conn.get(&handle.conn_id) != Some(&call_id) {
@@ -499,6 +676,17 @@ impl Calls {
                     format!("no participant {to} in this call"),
                 )
             })?;
+        let (frames, bytes) = target
+            .handle
+            .queue(StreamKind::Calls)
+            .map_or((0, 0), |queue| queue.queued());
+        if frames >= SIGNAL_QUEUE_FRAMES || bytes >= SIGNAL_QUEUE_BYTES {
+            return Err(Refusal::new(
+                ErrorCode::RateLimited,
+                format!("participant {to} reads its signals slowly; retry"),
+            )
+            .with_retry_after(SIGNAL_RETRY));
+        }
         let signal = proto::CallSignal {
             call_id,
             participant_id: from.id,
@@ -534,7 +722,7 @@ impl Calls {
             return;
         };
         let gone = live.participants.remove(at);
-        gone.stop.notify_one();
+        unseat(&gone.handle);
         self.metrics.call_participants.decrement(1.0);
         live.epoch += 1;
         live.publish_peers();
@@ -546,21 +734,27 @@ impl Calls {
         self.settle(registry, call_id, reason);
     }
 
-    /// Ends the call if what just happened leaves it without purpose: no
-    /// participant; or one, with nobody ringing, in a direct call or in a
-    /// group call nobody answered. A group call that was answered and is
-    /// down to one participant ends if it stays so for the ring timeout.
+    /// Ends the call, or starts the wait alone, if what just happened left
+    /// it so:
+    /// * no participant: it ends;
+    /// * one, with nobody ringing, in a call nobody answered, or a direct
+    ///   call the other side left on purpose: it ends;
+    /// * one, with nobody ringing, in an answered group call, or a direct
+    ///   call whose other side's connection dropped: it waits
+    ///   `call-alone-timeout` for someone to (re)join.
     fn settle(&self, registry: &mut Registry, call_id: CallId, reason: CallEndReason) {
-        let Some(live) = registry.calls.get(&call_id) else {
+        let Some(live) = registry.calls.get_mut(&call_id) else {
             return;
         };
         match live.participants.len() {
             0 => self.end(registry, call_id, reason),
             1 if live.ringing.is_empty() => {
-                if live.direct || !live.answered {
+                let hung_up = live.pair.is_some() && reason != CallEndReason::Disconnected;
+                if !live.answered || hung_up {
                     self.end(registry, call_id, reason);
                 } else {
-                    self.wait_alone(call_id, live.epoch);
+                    let epoch = live.epoch;
+                    self.set_timer(live, call_id, Timer::Alone(epoch));
                 }
             }
             _ => {}
@@ -573,6 +767,9 @@ impl Calls {
         let Some(live) = registry.calls.remove(&call_id) else {
             return;
         };
+        if let Some(timer) = &live.timer {
+            timer.abort();
+        }
         registry.by_conversation.remove(&live.conversation_id);
         let ended = push_event(proto::CallEvent {
             reason: reason as i32,
@@ -580,11 +777,12 @@ impl Calls {
         });
         for participant in &live.participants {
             registry.by_conn.remove(&participant.handle.conn_id);
-            participant.stop.notify_one();
+            unseat(&participant.handle);
             participant.handle.push(StreamKind::Calls, ended.clone());
             self.metrics.call_participants.decrement(1.0);
         }
         for &user in &live.ringing {
+            unring(&mut registry.rung, user, call_id);
             self.hub.push(user, StreamKind::Calls, &ended, None);
         }
         self.metrics.calls_active.decrement(1.0);
@@ -592,58 +790,95 @@ impl Calls {
         tracing::debug!(call_id, reason = reason.as_str_name(), "call ended");
     }
 
-    /// Stops the ring of `call_id` once the ring timeout passes.
-    fn ring_timer(&self, call_id: CallId) {
+    /// Arms the call's one timer (the previous one, if any, is dropped).
+    fn set_timer(&self, live: &mut Live, call_id: CallId, timer: Timer) {
+        let after = match timer {
+            Timer::Ring => self.config.ring_timeout,
+            Timer::Alone(_) => self.config.call_alone_timeout,
+        };
         let calls = self.me.clone();
-        let timeout = self.config.ring_timeout;
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(after).await;
             if let Some(calls) = calls.upgrade() {
-                calls.ring_expired(call_id);
+                calls.timer_fired(call_id, timer);
             }
         });
+        if let Some(previous) = live.timer.replace(task.abort_handle()) {
+            previous.abort();
+        }
     }
 
-    fn ring_expired(&self, call_id: CallId) {
+    fn timer_fired(&self, call_id: CallId, timer: Timer) {
         let mut registry = self.lock();
-        let Some(live) = registry.calls.get_mut(&call_id) else {
+        let Registry { calls, rung, .. } = &mut *registry;
+        let Some(live) = calls.get_mut(&call_id) else {
             return;
         };
-        if live.ringing.is_empty() {
+        match timer {
+            Timer::Ring if !live.ringing.is_empty() => {
+                let stopped = push_event(proto::CallEvent {
+                    reason: CallEndReason::NoAnswer as i32,
+                    ..live.event(call_id, CallEventKind::RingStopped, 0, 0)
+                });
+                for user in std::mem::take(&mut live.ringing) {
+                    unring(rung, user, call_id);
+                    self.hub.push(user, StreamKind::Calls, &stopped, None);
+                }
+                live.tell_participants(&stopped);
+                self.settle(&mut registry, call_id, CallEndReason::NoAnswer);
+            }
+            Timer::Alone(epoch) if live.epoch == epoch && live.participants.len() == 1 => {
+                self.end(&mut registry, call_id, CallEndReason::Alone);
+            }
+            _ => {}
+        }
+    }
+
+    /// Forwards a datagram that arrived on `handle`'s connection to the
+    /// other participants of its call, or drops it (in no call, or beyond
+    /// the sender's `call-media-rate`).
+    pub fn forward(&self, handle: &SessionHandle, datagram: Bytes) {
+        let mut slot = handle.call_media().lock();
+        let Some(seat) = slot.as_deref_mut() else {
+            self.metrics.call_media(MediaOutcome::NoCall, 1);
+            return;
+        };
+        let Some(call) = seat.call.as_mut() else {
+            self.metrics.call_media(MediaOutcome::NoCall, 1);
+            return;
+        };
+        if !seat.budget.take(datagram.len(), Instant::now()) {
+            self.metrics.call_media(MediaOutcome::RateLimited, 1);
             return;
         }
-        let stopped = push_event(proto::CallEvent {
-            reason: CallEndReason::NoAnswer as i32,
-            ..live.event(call_id, CallEventKind::RingStopped, 0, 0)
-        });
-        for user in std::mem::take(&mut live.ringing) {
-            self.hub.push(user, StreamKind::Calls, &stopped, None);
+        let version = call.media.version.load(Ordering::Acquire);
+        if call.seen != Some(version) {
+            call.peers = call.media.peers.lock().expect("peers lock").clone();
+            call.seen = Some(version);
         }
-        live.tell_participants(&stopped);
-        self.settle(&mut registry, call_id, CallEndReason::NoAnswer);
-    }
-
-    /// Ends `call_id` if it still has one participant and no change since
-    /// `epoch` once the ring timeout passes.
-    fn wait_alone(&self, call_id: CallId, epoch: u64) {
-        let calls = self.me.clone();
-        let timeout = self.config.ring_timeout;
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let Some(calls) = calls.upgrade() else {
-                return;
-            };
-            let mut registry = calls.lock();
-            let alone = registry.calls.get(&call_id).is_some_and(|live| {
-                live.epoch == epoch && live.participants.len() == 1 && live.ringing.is_empty()
-            });
-            if alone {
-                calls.end(&mut registry, call_id, CallEndReason::Alone);
+        let out = chat_protocol::calls::encode_forwarded(call.me, &datagram);
+        for peer in call.peers.iter().filter(|p| p.id != call.me) {
+            if peer
+                .conn
+                .max_datagram_size()
+                .is_none_or(|max| out.len() > max)
+            {
+                self.metrics.call_media(MediaOutcome::TooLarge, 1);
+                continue;
             }
-        });
+            match peer.conn.send_datagram(out.clone()) {
+                Ok(()) => {
+                    self.metrics.call_media(MediaOutcome::Forwarded, 1);
+                    self.metrics
+                        .call_media_bytes
+                        .increment(datagram.len() as u64);
+                }
+                Err(_) => self.metrics.call_media(MediaOutcome::Unsent, 1),
+            }
+        }
     }
 
-    /// Calls under way (for tests and the metrics' upkeep).
+    /// Calls under way.
     pub fn active(&self) -> usize {
         self.lock().calls.len()
     }
@@ -670,6 +905,14 @@ impl Live {
         }
     }
 
+    /// This call's RING.
+    fn ring(&self, call_id: CallId) -> proto::CallEvent {
+        proto::CallEvent {
+            ring_until_ms: self.ring_until_ms,
+            ..self.event(call_id, CallEventKind::Ring, self.caller, 0)
+        }
+    }
+
     /// Queues `out` for every participant.
     fn tell_participants(&self, out: &Outbound) {
         for participant in &self.participants {
@@ -677,7 +920,7 @@ impl Live {
         }
     }
 
-    /// Hands the forwarders the current participants.
+    /// Hands the media path the current participants.
     fn publish_peers(&self) {
         let peers: Arc<[Peer]> = self
             .participants
@@ -725,61 +968,9 @@ impl Budget {
     }
 }
 
-/// Reads the datagrams of participant `me` (on `conn`) and forwards each
-/// to the call's other participants, until `stop` or the connection ends.
-async fn forward_media(
-    media: Arc<Media>,
-    metrics: Arc<Metrics>,
-    (me, conn): (u32, quinn::Connection),
-    stop: Arc<Notify>,
-    rate: u32,
-) {
-    let mut budget = Budget::new(rate, Instant::now());
-    let mut peers: Arc<[Peer]> = Arc::new([]);
-    let mut seen = None;
-    loop {
-        let datagram = tokio::select! {
-            biased;
-            () = stop.notified() => return,
-            datagram = conn.read_datagram() => match datagram {
-                Ok(datagram) => datagram,
-                Err(_) => return,
-            },
-        };
-        if !budget.take(datagram.len(), Instant::now()) {
-            metrics.call_media(MediaOutcome::RateLimited, 1);
-            continue;
-        }
-        let version = media.version.load(Ordering::Acquire);
-        if seen != Some(version) {
-            peers = media.peers.lock().expect("peers lock").clone();
-            seen = Some(version);
-        }
-        let out = chat_protocol::calls::encode_forwarded(me, &datagram);
-        for peer in peers.iter().filter(|p| p.id != me) {
-            if peer
-                .conn
-                .max_datagram_size()
-                .is_none_or(|max| out.len() > max)
-            {
-                metrics.call_media(MediaOutcome::TooLarge, 1);
-                continue;
-            }
-            match peer.conn.send_datagram(out.clone()) {
-                Ok(()) => {
-                    metrics.call_media(MediaOutcome::Forwarded, 1);
-                    metrics.call_media_bytes.increment(datagram.len() as u64);
-                }
-                Err(_) => metrics.call_media(MediaOutcome::Unsent, 1),
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn the_media_budget_refills_up_to_a_second() {
@@ -793,5 +984,19 @@ mod tests {
         assert!(!budget.take(1, t0 + Duration::from_millis(500)));
         assert!(!budget.take(1001, t0 + Duration::from_secs(60)));
         assert!(budget.take(1000, t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn ring_index_entries_go_with_their_last_call() {
+        let mut rung = HashMap::new();
+        rung.insert(7, vec![1, 2]);
+        unring(&mut rung, 7, 1);
+        assert_eq!(rung.get(&7), Some(&vec![2]));
+        unring(&mut rung, 7, 9);
+        assert_eq!(rung.get(&7), Some(&vec![2]));
+        unring(&mut rung, 7, 2);
+        assert!(rung.is_empty());
+        unring(&mut rung, 8, 2);
+        assert!(rung.is_empty());
     }
 }

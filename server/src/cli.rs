@@ -141,6 +141,9 @@ struct Overrides {
     /// How long a call rings, e.g. 45s.
     #[arg(long, env = "CHAT_RING_TIMEOUT", value_parser = humantime::parse_duration)]
     ring_timeout: Option<Duration>,
+    /// How long an answered call's last participant may wait alone, e.g. 60s.
+    #[arg(long, env = "CHAT_CALL_ALONE_TIMEOUT", value_parser = humantime::parse_duration)]
+    call_alone_timeout: Option<Duration>,
     /// Most participants in one call.
     #[arg(long, env = "CHAT_MAX_CALL_PARTICIPANTS")]
     max_call_participants: Option<usize>,
@@ -368,6 +371,7 @@ impl Overrides {
         set(&mut c.push.push_timeout, self.push_timeout);
         set(&mut c.push.push_concurrency, self.push_concurrency);
         set(&mut c.calls.ring_timeout, self.ring_timeout);
+        set(&mut c.calls.call_alone_timeout, self.call_alone_timeout);
         set(
             &mut c.calls.max_call_participants,
             self.max_call_participants,

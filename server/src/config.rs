@@ -88,11 +88,14 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct CallsConfig {
-    /// How long a call rings the members who have not answered; also how
-    /// long a group call's last participant may stay alone before the
-    /// call ends.
+    /// How long a call rings the members who have not answered.
     #[serde(with = "humantime_serde")]
     pub ring_timeout: Duration,
+    /// How long an answered call's last participant may stay alone (the
+    /// others gone from a group call, or the other side's connection lost
+    /// in a direct one) before the call ends: time to come back.
+    #[serde(with = "humantime_serde")]
+    pub call_alone_timeout: Duration,
     /// Most participants in one call. Each media datagram is forwarded to
     /// every other participant, so a call costs the node its participants
     /// squared in media.
@@ -111,6 +114,7 @@ impl Default for CallsConfig {
     fn default() -> Self {
         CallsConfig {
             ring_timeout: Duration::from_secs(45),
+            call_alone_timeout: Duration::from_secs(60),
             max_call_participants: 16,
             call_ring_max_members: 50,
             call_media_rate: 512 * 1024,
@@ -125,6 +129,11 @@ impl CallsConfig {
             || self.ring_timeout > Duration::from_secs(600)
         {
             return err("ring-timeout must be between 1s and 10m".into());
+        }
+        if self.call_alone_timeout < Duration::from_secs(1)
+            || self.call_alone_timeout > Duration::from_secs(3600)
+        {
+            return err("call-alone-timeout must be between 1s and 1h".into());
         }
         if !(2..=64).contains(&self.max_call_participants) {
             return err("max-call-participants must be between 2 and 64".into());

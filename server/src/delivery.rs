@@ -37,6 +37,7 @@ use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::calls::Calls;
 use crate::config::Config;
 use crate::error::Refusal;
 use crate::hub::{Hub, SessionHandle};
@@ -184,7 +185,7 @@ impl Delivery {
         inbox: Option<Arc<dyn InboxStore>>,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
-        notifier: Option<Arc<Notifier>>,
+        (notifier, calls): (Option<Arc<Notifier>>, Arc<Calls>),
     ) -> (Arc<Delivery>, DeliveryTasks) {
         let shards = config.committers;
         let acks_lost = Arc::new(AtomicU64::new(0));
@@ -193,6 +194,7 @@ impl Delivery {
             hub,
             metrics,
             notifier,
+            calls,
             routes: Arc::new(ReceiptRoutes::new(
                 config.limits.receipt_broadcast_max_members,
             )),
@@ -311,6 +313,8 @@ struct Committer {
     /// Notifications for members with no connection in the foreground
     /// (when a push gateway is configured).
     notifier: Option<Arc<Notifier>>,
+    /// A member who leaves a group, or is removed, leaves its call.
+    calls: Arc<Calls>,
     /// Who hears watermark moves (fed with every stored message).
     routes: Arc<ReceiptRoutes>,
     /// See [`Delivery::acks_lost`].
@@ -848,6 +852,11 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout, paused: &mu
         return;
     };
     let (conversation, actor, key) = (edit.conversation_id, edit.actor, edit.client_key.clone());
+    let gone = match edit.change {
+        crate::store::GroupChange::Remove(user) => Some(user),
+        crate::store::GroupChange::Leave => Some(actor),
+        _ => None,
+    };
     if !paused.is_empty() {
         let now = Instant::now();
         paused.expire(now);
@@ -879,6 +888,9 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout, paused: &mu
                 redeliver(c, &appended, out);
             } else {
                 fan_out(c, appended, job.session.conn_id, None, out);
+                if let Some(user) = gone {
+                    c.calls.membership_ended(conversation, user);
+                }
             }
             Frame::new(job.request_id, Body::Ok(proto::Ok {}))
         }
@@ -1057,6 +1069,7 @@ async fn mark_committer(
         routes,
         acks_lost,
         notifier: _,
+        calls: _,
     } = c;
     let mut received: Vec<MarkWork> = Vec::with_capacity(MAX_MARK_BATCH);
     let mut jobs: Vec<MarkJob> = Vec::with_capacity(MAX_MARK_BATCH);

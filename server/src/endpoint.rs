@@ -226,7 +226,7 @@ impl Server {
             inbox.clone(),
             hub.clone(),
             metrics.clone(),
-            notifier,
+            (notifier, calls.clone()),
         );
         let runtime = quinn::default_runtime()
             .ok_or_else(|| ServerError::Tls("no async runtime for quinn".into()))?;

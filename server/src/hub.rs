@@ -54,6 +54,9 @@ pub struct SessionHandle {
     /// The calls stream's queue, made when the client opens the stream
     /// (boxed: most connections never do, and an idle one pays 16 bytes).
     calls: OnceLock<Box<OutQueue>>,
+    /// Its place in a call, for its datagrams (16 bytes until its first
+    /// call).
+    call_media: crate::calls::MediaSlot,
     /// Signalled (to current waiters only) each time a writer of this
     /// connection hands frames to quinn: a writer lingering to coalesce
     /// (receipts) writes right away instead, so its frames leave in the
@@ -94,6 +97,7 @@ impl SessionHandle {
             conn,
             queues,
             calls: OnceLock::new(),
+            call_media: Default::default(),
             wrote: Notify::new(),
             closed: AtomicBool::new(false),
             background: AtomicBool::new(background),
@@ -180,6 +184,11 @@ impl SessionHandle {
     /// app).
     pub fn takes_calls(&self) -> bool {
         self.calls.get().is_some() && !self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Its place in a call, for its datagrams.
+    pub fn call_media(&self) -> &crate::calls::MediaSlot {
+        &self.call_media
     }
 
     /// The connection (for call media datagrams).

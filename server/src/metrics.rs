@@ -30,7 +30,13 @@ pub const PUSH_OUTCOMES: [&str; 6] = [
 ];
 
 /// The outcomes of `chat_call_media_datagrams_total`, by [`MediaOutcome`].
-const MEDIA_OUTCOMES: [&str; 4] = ["forwarded", "rate_limited", "too_large", "unsent"];
+const MEDIA_OUTCOMES: [&str; 5] = [
+    "forwarded",
+    "rate_limited",
+    "too_large",
+    "unsent",
+    "no_call",
+];
 
 /// What became of a call media datagram for one receiver (or, rate
 /// limited, for all of them).
@@ -44,11 +50,19 @@ pub enum MediaOutcome {
     TooLarge = 2,
     /// The receiver's connection refused it (closed, or datagrams off).
     Unsent = 3,
+    /// The sender is in no call: dropped as it came.
+    NoCall = 4,
 }
 
 /// The reasons of `chat_calls_ended_total`.
-pub const CALL_END_REASONS: [&str; 5] =
-    ["hung_up", "disconnected", "no_answer", "declined", "alone"];
+pub const CALL_END_REASONS: [&str; 6] = [
+    "hung_up",
+    "disconnected",
+    "no_answer",
+    "declined",
+    "alone",
+    "removed",
+];
 
 /// Stream kinds, by `StreamKind as usize`, as metric labels.
 const STREAM_LABELS: [&str; 6] = [
@@ -234,7 +248,7 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_calls_ended_total",
         "counter",
         Unit::Count,
-        "Calls ended, by reason: hung_up, disconnected (the last participant's connection closed), no_answer, declined, alone (one participant left alone for ring-timeout).",
+        "Calls ended, by reason: hung_up, disconnected (the last participant's connection closed), no_answer, declined, alone (one participant left alone for call-alone-timeout), removed (a direct call whose two users stopped being friends).",
     ),
     (
         "chat_call_signals_total",
@@ -246,7 +260,7 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_call_media_datagrams_total",
         "counter",
         Unit::Count,
-        "Call media datagrams by outcome, per receiver: forwarded, too_large (beyond the receiver's datagram size), unsent (its connection refused it); rate_limited counts a sender's datagram over call-media-rate once.",
+        "Call media datagrams by outcome, per receiver: forwarded, too_large (beyond the receiver's datagram size), unsent (its connection refused it); rate_limited counts a sender's datagram over call-media-rate once, no_call one from a connection in no call.",
     ),
     (
         "chat_call_media_bytes_total",
@@ -449,7 +463,7 @@ pub struct Metrics {
     /// Call signals relayed.
     pub call_signals: Counter,
     /// Call media datagrams by [`MediaOutcome`].
-    call_media: [Counter; 4],
+    call_media: [Counter; 5],
     /// Call media bytes forwarded.
     pub call_media_bytes: Counter,
     /// The embedded store's WAL checkpoints.

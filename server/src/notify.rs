@@ -311,13 +311,18 @@ impl Dispatcher {
             if devices.is_empty() {
                 return "no_device";
             }
-            // Without the badge or the name the notification still goes.
-            let unread = match self
-                .store
-                .unread_conversations(notice.user, MAX_BADGE)
-                .await
-            {
-                Ok(n) => Some(n),
+            // Without the badge or the name the notification still goes. A
+            // ring has no badge: it changes no unread count.
+            let unread = match notice.kind {
+                NoticeKind::Call { .. } => Ok(None),
+                NoticeKind::Text | NoticeKind::Photo => self
+                    .store
+                    .unread_conversations(notice.user, MAX_BADGE)
+                    .await
+                    .map(Some),
+            };
+            let unread = match unread {
+                Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(user = notice.user, error = %e, "notification: could not count unread conversations");
                     None

@@ -196,6 +196,12 @@ impl OutQueue {
             .collect()
     }
 
+    /// Frames and bytes queued now.
+    pub fn queued(&self) -> (usize, usize) {
+        let state = self.state.lock().expect("queue lock");
+        (state.items.len(), state.bytes)
+    }
+
     /// Appends `out` unless the queue is closed, already holds
     /// `max_frames` frames, or would hold more than `max_bytes` with it (an
     /// empty queue takes any one frame): then `Full`, or, if the stream is

@@ -65,7 +65,8 @@ impl<K: Eq + std::hash::Hash> RateLimiter<K> {
         Self::with_rate(f64::from(per_hour) / 3600.0, per_hour)
     }
 
-    fn with_rate(rate: f64, burst: u32) -> Self {
+    /// `rate` tokens a second (fractions welcome), `burst` at once.
+    pub fn with_rate(rate: f64, burst: u32) -> Self {
         RateLimiter {
             rate,
             burst: f64::from(burst.max(1)),

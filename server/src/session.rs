@@ -410,9 +410,27 @@ pub async fn run(
                 }
             }
         };
+        // Call media: every datagram is read as it comes, forwarded when
+        // the connection is in a call and dropped otherwise (left in
+        // quinn's buffer, each would pin the packet it came in).
+        let datagrams = {
+            let session = session.clone();
+            async move {
+                while let Ok(datagram) = session.conn.read_datagram().await {
+                    match session.authed() {
+                        Some(authed) => session.shared.calls.forward(&authed.handle, datagram),
+                        None => session
+                            .shared
+                            .metrics
+                            .call_media(crate::metrics::MediaOutcome::NoCall, 1),
+                    }
+                }
+            }
+        };
         tokio::select! {
             () = accept => {}
             () = async { watchdog.await; std::future::pending::<()>().await } => {}
+            () = async { datagrams.await; std::future::pending::<()>().await } => {}
         }
         // From here on, stream tasks that register something undo it
         // themselves (see `Session::is_closed`), so nothing outlives the

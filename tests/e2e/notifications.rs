@@ -512,6 +512,7 @@ async fn a_call_rings_by_notification_where_no_calls_stream_is_open() {
     assert_eq!(n["sender"], alice.identity().user_id.to_string());
     assert_eq!(n["sender_display_name"], alice.identity().username);
     assert_eq!(n["devices"][0]["pushkey"], "bob-phone");
+    assert!(n.get("counts").is_none(), "a ring changes no badge: {n}");
     alice.leave_call(pushed.call_id).await.unwrap();
 
     // And with no connection at all.

@@ -25,6 +25,9 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     let handle = authed.handle.clone();
     handle.open_calls();
     tokio::spawn(writer(session.clone(), send, handle.clone()));
+    // Rung for what rings the user now (a device that opens its stream
+    // after the ring went out).
+    session.shared.calls.opened(&handle);
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -40,6 +43,12 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                 StreamKind::Calls,
                 Outbound::frame(&refusal.to_frame(request_id)),
             );
+        }
+        // A start or join that read the store while the connection closed
+        // may have seated it after the clean-up looked (which takes the
+        // same lock): take it out again.
+        if session.is_closed() {
+            session.shared.calls.disconnected(session.conn_id);
         }
     }
 }
@@ -77,8 +86,14 @@ async fn request(
             calls.decline(handle, decline.call_id).map(|()| ok())
         }
         Some(Body::LeaveCall(leave)) => {
-            // Not charged: hanging up is always possible.
-            calls.leave(handle, leave.call_id).map(|()| ok())
+            // Hanging up is always possible; only refusals are charged.
+            calls
+                .leave(handle, leave.call_id)
+                .map(|()| ok())
+                .or_else(|refusal| {
+                    charge()?;
+                    Err(refusal)
+                })
         }
         Some(Body::CallSignal(signal)) => {
             charge()?;

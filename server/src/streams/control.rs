@@ -678,6 +678,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 ));
             }
             shared.presence.unfriend(me, r.user_id);
+            shared.calls.friendship_ended(me, r.user_id);
             notify_friend(session, r.user_id, proto::friend_event::Kind::Removed);
             notify_own_devices(
                 session,
@@ -707,6 +708,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 BlockOutcome::Blocked { ended } => {
                     if ended {
                         shared.presence.unfriend(me, b.user_id);
+                        shared.calls.friendship_ended(me, b.user_id);
                         notify_friend(session, b.user_id, proto::friend_event::Kind::Removed);
                     }
                     // Blocked says it all to the other devices: the
