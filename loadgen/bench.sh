@@ -7,6 +7,10 @@
 #   loadgen/bench.sh embedded RATE [pinned|unpinned] [chat-server flags...]
 #   loadgen/bench.sh postgres RATE [chat-server flags...]   (server pinned)
 #   loadgen/bench.sh idle                  RSS per idle connection, 10,000 users
+#   loadgen/bench.sh calls CALLS SIZE [pinned|unpinned] [chat-server flags...]
+#                                          call media: CALLS calls of SIZE
+#                                          participants (LOADGEN_ARGS for
+#                                          --call-packets, --call-packet-bytes)
 #   loadgen/bench.sh compare PAIRS RATE BIN_B [chat-server flags...]
 #                                          interleaved pinned embedded runs of
 #                                          $BIN and BIN_B, then each one's medians
@@ -285,6 +289,40 @@ postgres)
     ;;
 idle)
     run_idle
+    ;;
+calls)
+    # Users of their own, registered by the run (not measured): no base.
+    calls=${1:?calls}
+    size=${2:?size}
+    mode=${3:-pinned}
+    shift 3 || shift $#
+    run="$DIR/run-$$-$RANDOM"
+    rm -rf "$run"
+    mkdir -p "$run"
+    if [[ $mode == pinned ]]; then
+        launch "$run" taskset -c 0 -- "$@"
+        lg=(taskset -c 1 "$BIN/chat-loadgen")
+    else
+        launch "$run" -- "$@"
+        lg=("$BIN/chat-loadgen" --threads 2)
+    fi
+    "${lg[@]}" --server "127.0.0.1:$PORT" --ca "$run/certs/ca.pem" --server-pid "$SERVER_PID" \
+        --calls "$calls" --call-size "$size" --duration "$DURATION" --json "$run.json" \
+        ${LOADGEN_ARGS:-} >"$run.json.out" 2>&1 || true
+    stop_server
+    rm -rf "$run"
+    python3 - "$run.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+c = j["calls"]
+L = c["latency_ms"]
+print(f'{c["calls"]} calls x {c["call_size"]}, {c["packets_per_s"]}/s of {c["packet_bytes"]} B: '
+      f'forwarded {c["forwarded_per_s"]:.0f}/s, lost {c["loss_pct"]:.3f}%, '
+      f'latency p50 {L["p50"]:.2f} p99 {L["p99"]:.2f} p99.9 {L["p999"]:.2f} ms, '
+      f'server {j.get("server_cpu_pct") or 0:.0f}% = {c.get("server_cpu_us_per_forward") or 0:.2f} us/forward, '
+      f'loadgen {j.get("loadgen_cpu_pct") or 0:.0f}% errors {j["errors"]}')
+PY
+    echo "  report $run.json, output $run.json.out, server log $run.log"
     ;;
 targets)
     # Issue 7's targets, each from RUNS runs (default 3) and medians:

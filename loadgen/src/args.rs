@@ -210,6 +210,23 @@ pub struct Args {
     /// No plan, set-up or progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Group-call media instead of messages: this many calls, each of
+    /// --call-size users registered for it, sending media datagrams for
+    /// the window (0: the message workload).
+    #[arg(long, default_value_t = 0)]
+    pub calls: usize,
+    /// Participants per call: 2 calls a friend in a direct conversation,
+    /// more make a group.
+    #[arg(long, default_value_t = 4)]
+    pub call_size: usize,
+    /// Media datagrams each participant sends per second (50: one per
+    /// 20 ms audio frame).
+    #[arg(long, default_value_t = 50)]
+    pub call_packets: u32,
+    /// Bytes of each media datagram (12-1100; 1000 is a video packet,
+    /// 100-200 an audio one).
+    #[arg(long, default_value_t = 1000)]
+    pub call_packet_bytes: usize,
 }
 
 /// A backing service measured by command name (`--backend`).
@@ -398,6 +415,20 @@ impl Args {
         }
         if self.outbox == 0 {
             anyhow::bail!("--outbox must be at least 1");
+        }
+        if self.calls > 0 {
+            if !(2..=64).contains(&self.call_size) {
+                anyhow::bail!("--call-size must be 2 to 64");
+            }
+            if !(1..=1000).contains(&self.call_packets) {
+                anyhow::bail!("--call-packets must be 1 to 1000 a second");
+            }
+            if !(12..=1100).contains(&self.call_packet_bytes) {
+                anyhow::bail!("--call-packet-bytes must be 12 to 1100 (one datagram)");
+            }
+            if self.reuse.is_some() {
+                anyhow::bail!("--calls registers its own users: no --reuse");
+            }
         }
         if let Some(prefix) = &self.name_prefix {
             check_prefix(prefix)?;

@@ -14,6 +14,7 @@
 //!   Poisson schedule ([`sampling`]), Zipf-skewed senders, message texts
 //!   carrying a [`payload::Header`], receivers that mark messages seen, and
 //!   optional churn.
+//! * [`calls`] (`--calls`): group-call media in place of messages.
 //! * [`stats`] and [`cpu`]: HdrHistograms of latency from the *intended*
 //!   send time, correctness counters, server CPU from `/proc`, and the
 //!   [`Report`].
@@ -21,6 +22,7 @@
 //! The binary is a thin `main`; tests call [`run`] directly.
 
 pub mod args;
+pub mod calls;
 pub mod cpu;
 pub mod driver;
 pub mod groups;
@@ -65,22 +67,26 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
             eprintln!("{line}");
         }
     };
-    log(plan.describe().trim_end());
-    log(&args.describe_groups(plan.users as usize));
-    if let Some(line) = describe_fanout(&args, plan.users as usize) {
-        log(&line);
+    if args.calls == 0 {
+        log(plan.describe().trim_end());
+        log(&args.describe_groups(plan.users as usize));
+        if let Some(line) = describe_fanout(&args, plan.users as usize) {
+            log(&line);
+        }
     }
-    let heartbeat = args.heartbeat_interval.map_or_else(
-        || "at the interval the server announces at login".to_string(),
-        |i| format!("every {}", humantime::format_duration(i)),
-    );
-    log(&format!(
-        "plan: {} of {} users have the app in the background (no heartbeats, and \
-         offline in presence); the rest heartbeat {heartbeat}; nobody subscribes to \
-         presence",
-        args.background_count(plan.users as usize),
-        plan.users
-    ));
+    if args.calls == 0 {
+        let heartbeat = args.heartbeat_interval.map_or_else(
+            || "at the interval the server announces at login".to_string(),
+            |i| format!("every {}", humantime::format_duration(i)),
+        );
+        log(&format!(
+            "plan: {} of {} users have the app in the background (no heartbeats, and \
+             offline in presence); the rest heartbeat {heartbeat}; nobody subscribes to \
+             presence",
+            args.background_count(plan.users as usize),
+            plan.users
+        ));
+    }
     phase.send_replace(Phase::SettingUp);
     let sink = match args.push {
         true => {
@@ -132,20 +138,22 @@ pub async fn run_with_phases(args: Args, phase: watch::Sender<Phase>) -> anyhow:
         .server_pid
         .map(cpu::ServerCpu::Process)
         .or(spawned.is_some().then_some(cpu::ServerCpu::InProcess));
-    let result = measure(&args, &plan, &target, server_cpu, &phase, &log)
-        .await
-        .map(|mut report| {
-            if let Some(sink) = &sink {
-                report.notifications = sink.counts.notifications.load(Ordering::Relaxed);
-                report.notified_devices = sink.counts.devices.load(Ordering::Relaxed);
-                // Requests that were not a notification are the server's errors.
-                let malformed = sink.counts.malformed.load(Ordering::Relaxed);
-                if malformed > 0 {
-                    report.errors.insert("push_malformed".into(), malformed);
-                }
+    let result = match args.calls {
+        0 => measure(&args, &plan, &target, server_cpu, &phase, &log).await,
+        _ => calls::run(&args, &target, server_cpu, &phase, &log).await,
+    };
+    let result = result.map(|mut report| {
+        if let Some(sink) = &sink {
+            report.notifications = sink.counts.notifications.load(Ordering::Relaxed);
+            report.notified_devices = sink.counts.devices.load(Ordering::Relaxed);
+            // Requests that were not a notification are the server's errors.
+            let malformed = sink.counts.malformed.load(Ordering::Relaxed);
+            if malformed > 0 {
+                report.errors.insert("push_malformed".into(), malformed);
             }
-            report
-        });
+        }
+        report
+    });
     if let Some(server) = spawned {
         server.stop().await;
     }
@@ -392,5 +400,6 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
                 (name.clone(), b)
             })
             .collect(),
+        calls: None,
     }
 }

@@ -24,7 +24,7 @@ use crate::groups::{GroupSpec, extra_friendships, group_layout};
 use crate::plan::{Plan, friend_graph};
 
 /// Every virtual user's password (they are throw-away accounts).
-const PASSWORD: &str = "loadgen-password";
+pub(crate) const PASSWORD: &str = "loadgen-password";
 /// Attempts for a set-up request refused with a retryable code.
 const SETUP_ATTEMPTS: u32 = 10;
 /// Version of the `--reuse` file format (2: groups).
@@ -518,7 +518,7 @@ fn assemble(
 
 /// Runs `f(0..count)` with at most `limit` in flight; results in index
 /// order. The first error stops the rest.
-async fn bounded<T, F, Fut>(count: usize, limit: usize, f: F) -> anyhow::Result<Vec<T>>
+pub(crate) async fn bounded<T, F, Fut>(count: usize, limit: usize, f: F) -> anyhow::Result<Vec<T>>
 where
     F: Fn(usize) -> Fut,
     Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
@@ -549,7 +549,7 @@ where
 /// the set-up at once instead.
 const MAX_SETUP_PAUSE: Duration = Duration::from_secs(10);
 
-async fn retry<T, F, Fut>(mut f: F) -> Result<T, ClientError>
+pub(crate) async fn retry<T, F, Fut>(mut f: F) -> Result<T, ClientError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, ClientError>>,

@@ -267,7 +267,7 @@ pub struct Progress {
     pub reconnects: u64,
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)
         .expect("constant histogram bounds are valid")
 }
@@ -878,6 +878,9 @@ pub struct Report {
     /// stores cost per send beside the server.
     #[serde(default)]
     pub backend_cpu: BTreeMap<String, BackendCpu>,
+    /// A `--calls` run's figures (its message fields stay zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls: Option<crate::calls::CallsReport>,
 }
 
 /// One `--backend`'s CPU over the window.
@@ -901,6 +904,9 @@ impl Report {
 
     /// The human-readable table printed at the end.
     pub fn table(&self) -> String {
+        if let Some(calls) = &self.calls {
+            return calls.table(self);
+        }
         let mut t = String::new();
         let _ = writeln!(
             t,

@@ -877,11 +877,6 @@ impl Calls {
             }
         }
     }
-
-    /// Calls under way.
-    pub fn active(&self) -> usize {
-        self.lock().calls.len()
-    }
 }
 
 impl Live {

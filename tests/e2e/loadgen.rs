@@ -339,6 +339,62 @@ async fn users_in_the_background_are_notified_through_the_push_gateway() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_media_reaches_every_other_participant_with_its_latency() {
+    init_tracing();
+    // Two direct calls and two of four: datagrams each way, timed from the
+    // moment they were meant to leave.
+    for size in ["2", "4"] {
+        let report = run(spawned(&[
+            "--calls",
+            "2",
+            "--call-size",
+            size,
+            "--call-packets",
+            "40",
+            "--call-packet-bytes",
+            "600",
+            "--duration",
+            "2s",
+            "--warmup",
+            "300ms",
+        ]))
+        .await;
+        let calls = report.calls.clone().expect("a calls report");
+        let size: u64 = size.parse().unwrap();
+        assert_eq!(report.profile, "calls");
+        assert_eq!(report.users, 2 * size);
+        // 2 s at 40 a second per participant, give or take the window's
+        // edges.
+        let per_participant = calls.sent / report.users;
+        assert!((70..=90).contains(&per_participant), "{calls:?}");
+        assert_eq!(calls.expected, calls.sent * (size - 1));
+        // Datagrams may be lost even on loopback, but not many.
+        assert!(
+            calls.received <= calls.expected && calls.received * 10 >= calls.expected * 9,
+            "{calls:?}"
+        );
+        assert_eq!(calls.latency_ms.count, calls.received);
+        assert!(calls.latency_ms.p50 > 0.0 && calls.latency_ms.p50 <= calls.latency_ms.max);
+        assert_eq!(calls.send_errors, 0, "{report:?}");
+        assert!(calls.server_cpu_us_per_forward.is_some_and(|us| us > 0.0));
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        for key in [
+            "sent",
+            "expected",
+            "received",
+            "loss_pct",
+            "latency_ms",
+            "server_cpu_us_per_forward",
+        ] {
+            assert!(
+                json["calls"].get(key).is_some(),
+                "calls.{key} missing: {json}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_group_above_the_receipt_broadcast_size_senders_still_get_every_receipt() {
     init_tracing();
     // One group of all 40 users, above the server's default broadcast size
