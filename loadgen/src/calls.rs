@@ -174,6 +174,7 @@ pub async fn run(
     let ns = |at: Instant| at.saturating_duration_since(base).as_nanos() as u64;
     let window = (ns(window_start), ns(window_end));
     let stop = Arc::new(AtomicBool::new(false));
+    let stop_sending = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Counts::default());
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
@@ -185,7 +186,7 @@ pub async fn run(
             client.clone(),
             (k as u32, args.call_packet_bytes),
             (base, begin + offset, period, window),
-            stop.clone(),
+            stop_sending.clone(),
             counts.clone(),
         )));
         receivers.push(tokio::spawn(receive_media(
@@ -200,34 +201,45 @@ pub async fn run(
 
     let ticks = cpu::clock_ticks_per_second();
     let own_pid = std::process::id();
+    // The in-process server's CPU is summed per thread, from each thread's
+    // own difference: one that ends in the window (a set-up hasher) must
+    // not take its whole life's CPU out of the sum.
     let sample = || {
-        let server = match server_cpu {
-            Some(cpu::ServerCpu::Process(pid)) => cpu::process_cpu(pid, ticks),
-            Some(cpu::ServerCpu::InProcess) => cpu::threads_cpu(own_pid, ticks)
-                .map(cpu::in_process_server)
-                .map(|threads| threads.values().map(|(_, cpu)| *cpu).sum()),
-            None => None,
+        let (server, threads) = match server_cpu {
+            Some(cpu::ServerCpu::Process(pid)) => (cpu::process_cpu(pid, ticks), None),
+            Some(cpu::ServerCpu::InProcess) => (
+                None,
+                cpu::threads_cpu(own_pid, ticks).map(cpu::in_process_server),
+            ),
+            None => (None, None),
         };
-        (Instant::now(), server, cpu::process_cpu(own_pid, ticks))
+        (
+            Instant::now(),
+            server,
+            threads,
+            cpu::process_cpu(own_pid, ticks),
+        )
     };
     tokio::time::sleep_until(window_start).await;
-    let (t0, server0, own0) = sample();
+    let (t0, server0, threads0, own0) = sample();
     phase.send_replace(Phase::Measuring);
     tokio::time::sleep_until(window_end).await;
-    let (t1, server1, own1) = sample();
+    let (t1, server1, threads1, own1) = sample();
     phase.send_replace(Phase::Draining);
+    // The senders stop first (each has sent what it counted), then what is
+    // in flight gets the drain to arrive, then the receivers stop.
+    stop_sending.store(true, Ordering::Relaxed);
+    let mut clients = Vec::new();
+    for sender in senders {
+        clients.push(sender.await.context("a sender panicked")?);
+    }
     tokio::time::sleep(CALLS_DRAIN).await;
     stop.store(true, Ordering::Relaxed);
     let mut latency = crate::stats::histogram();
     for receiver in receivers {
-        // A receiver ends with its media stream, or at the next datagram.
-        if let Ok(Ok(h)) = tokio::time::timeout(Duration::from_secs(1), receiver).await {
-            latency.add(&h).context("merge latency histograms")?;
-        }
-    }
-    let mut clients = Vec::new();
-    for sender in senders {
-        clients.push(sender.await.context("a sender panicked")?);
+        // Each looks at `stop` at least every 100 ms.
+        let h = receiver.await.context("a receiver panicked")?;
+        latency.add(&h).context("merge latency histograms")?;
     }
     for (c, call_id) in call_ids.iter().enumerate() {
         for client in &clients[c * size..(c + 1) * size] {
@@ -241,7 +253,10 @@ pub async fn run(
 
     let wall = t1 - t0;
     let diff = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
-    let server = diff(server0, server1);
+    let server = match (threads0, threads1) {
+        (Some(a), Some(b)) => Some(cpu::threads_diff(&a, &b).values().sum()),
+        _ => diff(server0, server1),
+    };
     let own = diff(own0, own1);
     let own = match (server_cpu, own, server) {
         // The in-process server's threads are this process's too.
@@ -348,8 +363,8 @@ struct Counts {
     received: AtomicU64,
 }
 
-/// Sends one participant's media on its schedule until `stop`; returns
-/// its client.
+/// Sends one participant's media on its schedule until the window ends
+/// (or `stop`); returns its client.
 async fn send_media(
     client: Client,
     (index, bytes): (u32, usize),
@@ -369,8 +384,7 @@ async fn send_media(
         let at = intended.saturating_duration_since(base).as_nanos() as u64;
         if at >= window.1 {
             // Past the window: nothing more is counted.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+            break;
         }
         let mut packet = BytesMut::with_capacity(bytes);
         packet.put_u64(at);

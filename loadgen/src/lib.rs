@@ -258,6 +258,10 @@ impl SpawnedServer {
         config.limits.mark_burst = 0;
         config.limits.uploads_per_hour = 0;
         config.push.push_gateway_url = push_gateway_url;
+        // Room for every call the flags ask for: participants and media
+        // beyond the defaults are the run's to set.
+        config.calls.max_call_participants = config.calls.max_call_participants.max(args.call_size);
+        config.calls.call_media_rate = 64 << 20;
         // Set-up registers every user from this one address.
         config.limits.password_checks_per_address = 0;
         config.limits.registrations_per_address = 0;

@@ -10,15 +10,15 @@
 //!
 //! Media does not take the registry lock. Each connection's datagrams are
 //! read by its session task ([`Calls::forward`]), which finds the
-//! connection's place in a call in its [`MediaSlot`] and hands the
-//! datagram, prefixed with the sender's participant id, to the other
-//! participants' connections. Their list ([`Media`]) is read again only
-//! when its version moves. A connection in no call has its datagrams
-//! dropped as they come, so they neither pile up in quinn's buffers (each
-//! pins the packet it came in) nor reach the connection's next call.
+//! connection's place in a call in its [`MediaSlot`] (with the list of the
+//! other participants' connections, which the registry hands every
+//! participant whenever it changes) and sends the datagram, prefixed with
+//! the sender's participant id, to each of them. A connection in no call
+//! has its datagrams dropped as they come, so they neither pile up in
+//! quinn's buffers (each pins the packet it came in) nor reach the
+//! connection's next call.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -40,10 +40,12 @@ use crate::wire::Outbound;
 /// restart.
 pub type CallId = u64;
 
-/// New calls that ring someone, per user: ten at once, then one every ten
-/// seconds. A start that joins a running call is not counted. Without it
-/// a member looping start and leave rang (and had the gateway notify)
-/// every other member twenty times a second.
+/// New calls that ring someone, and moves of a user's place to another
+/// device, per user: ten at once, then one every ten seconds. A start that
+/// joins a running call is not counted. Without it a member looping start
+/// and leave rang (and had the gateway notify) every other member twenty
+/// times a second, and one moving between two devices sent every
+/// participant a LEFT and a JOINED as fast.
 const RINGS_PER_SECOND: f64 = 0.1;
 const RING_BURST: u32 = 10;
 
@@ -83,6 +85,8 @@ struct Registry {
     /// User -> the calls ringing them, so that a calls stream opened while
     /// a call rings is rung too.
     rung: HashMap<UserId, Vec<CallId>>,
+    /// A direct call's two users (smaller id first) -> the call.
+    by_pair: HashMap<(UserId, UserId), CallId>,
 }
 
 /// One call under way.
@@ -109,7 +113,6 @@ struct Live {
     /// The ring's or the wait alone's timer, aborted when replaced or when
     /// the call ends.
     timer: Option<AbortHandle>,
-    media: Arc<Media>,
 }
 
 struct Participant {
@@ -117,13 +120,6 @@ struct Participant {
     user_id: UserId,
     handle: Arc<SessionHandle>,
     joined_ms: i64,
-}
-
-/// What the media path reads of a call: its participants' connections.
-#[derive(Default)]
-struct Media {
-    version: AtomicU64,
-    peers: Mutex<Arc<[Peer]>>,
 }
 
 #[derive(Clone)]
@@ -145,11 +141,9 @@ struct Seat {
 }
 
 struct InCall {
-    media: Arc<Media>,
     me: u32,
-    /// The peers as of `seen`.
+    /// Every participant's connection, this one's included.
     peers: Arc<[Peer]>,
-    seen: Option<u64>,
 }
 
 impl MediaSlot {
@@ -315,9 +309,11 @@ impl Calls {
             answered: false,
             epoch: 0,
             timer: None,
-            media: Arc::default(),
         };
         registry.by_conversation.insert(conversation_id, call_id);
+        if let Some(pair) = pair {
+            registry.by_pair.insert(pair, call_id);
+        }
         registry.calls.insert(call_id, live);
         self.metrics.calls_started.increment(1);
         self.metrics.calls_active.increment(1.0);
@@ -402,6 +398,13 @@ impl Calls {
         let user = handle.user_id;
         if let Some(at) = live.participants.iter().position(|p| p.user_id == user) {
             // One place per user: it moves to this device.
+            self.rings.check(user, Instant::now()).map_err(|wait| {
+                Refusal::new(
+                    ErrorCode::RateLimited,
+                    "too many moves between devices; try again later",
+                )
+                .with_retry_after(wait)
+            })?;
             let moved = live.participants.remove(at);
             by_conn.remove(&moved.handle.conn_id);
             unseat(&moved.handle);
@@ -441,6 +444,13 @@ impl Calls {
             );
         }
         self.add_participant(registry, call_id, handle);
+        let live = registry.calls.get_mut(&call_id).expect("joined");
+        if live.participants.len() == 1 && live.ringing.is_empty() {
+            // A lone participant moved to another device: the wait alone
+            // starts again for its new place.
+            let epoch = live.epoch;
+            self.set_timer(live, call_id, Timer::Alone(epoch));
+        }
         self.answer_joined(registry, call_id, handle, request_id)
     }
 
@@ -465,23 +475,23 @@ impl Calls {
         });
         live.answered |= live.participants.len() > 1;
         live.epoch += 1;
-        live.publish_peers();
         registry.by_conn.insert(handle.conn_id, call_id);
         self.metrics.call_participants.increment(1.0);
         let rate = self.config.call_media_rate;
-        let mut slot = handle.call_media().lock();
-        let seat = slot.get_or_insert_with(|| {
-            Box::new(Seat {
-                budget: Budget::new(rate, Instant::now()),
-                call: None,
+        handle
+            .call_media()
+            .lock()
+            .get_or_insert_with(|| {
+                Box::new(Seat {
+                    budget: Budget::new(rate, Instant::now()),
+                    call: None,
+                })
             })
-        });
-        seat.call = Some(InCall {
-            media: live.media.clone(),
+            .call = Some(InCall {
             me: id,
             peers: Arc::new([]),
-            seen: None,
         });
+        live.publish_peers();
     }
 
     /// Queues `CallJoined` for `handle`, which is in the call.
@@ -604,17 +614,47 @@ impl Calls {
 
     /// `a` and `b` are no longer friends: a direct call of theirs ends.
     pub fn friendship_ended(&self, a: UserId, b: UserId) {
-        let pair = Some((a.min(b), a.max(b)));
         let mut registry = self.lock();
-        // Rare (an unfriending or a block), so a scan of the calls.
-        let ended: Vec<CallId> = registry
-            .calls
-            .iter()
-            .filter(|(_, live)| live.pair == pair)
-            .map(|(&id, _)| id)
-            .collect();
-        for call_id in ended {
+        if let Some(&call_id) = registry.by_pair.get(&(a.min(b), a.max(b))) {
             self.end(&mut registry, call_id, CallEndReason::Removed);
+        }
+    }
+
+    /// After a start or join that read the store before it took the lock:
+    /// whether the user may still be in the call of the conversation they
+    /// joined, read again now that they are seated. A removal or an
+    /// unfriending that committed in between (its clean-up may have looked
+    /// before they were seated) takes them out here; one after is taken
+    /// care of by its own clean-up.
+    pub async fn confirm(&self, handle: &SessionHandle) {
+        let seated = {
+            let registry = self.lock();
+            registry
+                .by_conn
+                .get(&handle.conn_id)
+                .map(|&call_id| (call_id, registry.calls[&call_id].conversation_id))
+        };
+        let Some((call_id, conversation_id)) = seated else {
+            return;
+        };
+        let allowed = match self
+            .store
+            .conversation(conversation_id, handle.user_id)
+            .await
+        {
+            Ok(view) => !view.closed,
+            Err(crate::store::StoreError::NotAMember) => false,
+            // Cannot tell now; the removal's own clean-up still acts.
+            Err(_) => return,
+        };
+        if allowed {
+            return;
+        }
+        let mut registry = self.lock();
+        match registry.calls.get(&call_id).map(|live| live.pair.is_some()) {
+            Some(true) => self.end(&mut registry, call_id, CallEndReason::Removed),
+            Some(false) => self.take_out(&mut registry, call_id, handle.user_id),
+            None => {}
         }
     }
 
@@ -628,10 +668,12 @@ impl Calls {
             reason: CallEndReason::Removed as i32,
             ..live.event(call_id, CallEventKind::Ended, user, 0)
         });
+        let mut involved = false;
         if let Some(at) = live.ringing.iter().position(|&u| u == user) {
             live.ringing.swap_remove(at);
             unring(rung, user, call_id);
             self.hub.push(user, StreamKind::Calls, &ended, None);
+            involved = true;
         }
         let places: Vec<Arc<SessionHandle>> = live
             .participants
@@ -642,8 +684,12 @@ impl Calls {
         for handle in places {
             handle.push(StreamKind::Calls, ended.clone());
             self.remove(registry, call_id, handle.conn_id, CallEndReason::Removed);
+            involved = true;
         }
-        self.settle(registry, call_id, CallEndReason::Removed);
+        // A member the call had nothing to do with changes nothing.
+        if involved {
+            self.settle(registry, call_id, CallEndReason::Removed);
+        }
     }
 
     /// CallSignal: relays `payload` to participant `to` of the call this
@@ -771,6 +817,9 @@ impl Calls {
             timer.abort();
         }
         registry.by_conversation.remove(&live.conversation_id);
+        if let Some(pair) = live.pair {
+            registry.by_pair.remove(&pair);
+        }
         let ended = push_event(proto::CallEvent {
             reason: reason as i32,
             ..live.event(call_id, CallEventKind::Ended, 0, 0)
@@ -838,26 +887,27 @@ impl Calls {
     /// other participants of its call, or drops it (in no call, or beyond
     /// the sender's `call-media-rate`).
     pub fn forward(&self, handle: &SessionHandle, datagram: Bytes) {
-        let mut slot = handle.call_media().lock();
-        let Some(seat) = slot.as_deref_mut() else {
-            self.metrics.call_media(MediaOutcome::NoCall, 1);
-            return;
+        // The slot's lock is held to charge the budget and read the peers,
+        // not while sending: the registry takes it (under its own lock)
+        // whenever a call changes.
+        let (me, peers) = {
+            let mut slot = handle.call_media().lock();
+            let Some(seat) = slot.as_deref_mut() else {
+                self.metrics.call_media(MediaOutcome::NoCall, 1);
+                return;
+            };
+            let Some(call) = &seat.call else {
+                self.metrics.call_media(MediaOutcome::NoCall, 1);
+                return;
+            };
+            if !seat.budget.take(datagram.len(), Instant::now()) {
+                self.metrics.call_media(MediaOutcome::RateLimited, 1);
+                return;
+            }
+            (call.me, call.peers.clone())
         };
-        let Some(call) = seat.call.as_mut() else {
-            self.metrics.call_media(MediaOutcome::NoCall, 1);
-            return;
-        };
-        if !seat.budget.take(datagram.len(), Instant::now()) {
-            self.metrics.call_media(MediaOutcome::RateLimited, 1);
-            return;
-        }
-        let version = call.media.version.load(Ordering::Acquire);
-        if call.seen != Some(version) {
-            call.peers = call.media.peers.lock().expect("peers lock").clone();
-            call.seen = Some(version);
-        }
-        let out = chat_protocol::calls::encode_forwarded(call.me, &datagram);
-        for peer in call.peers.iter().filter(|p| p.id != call.me) {
+        let out = chat_protocol::calls::encode_forwarded(me, &datagram);
+        for peer in peers.iter().filter(|p| p.id != me) {
             if peer
                 .conn
                 .max_datagram_size()
@@ -876,6 +926,11 @@ impl Calls {
                 Err(_) => self.metrics.call_media(MediaOutcome::Unsent, 1),
             }
         }
+    }
+
+    /// Drops idle ring-limit buckets.
+    pub fn sweep(&self, now: Instant) {
+        self.rings.sweep(now);
     }
 }
 
@@ -915,7 +970,8 @@ impl Live {
         }
     }
 
-    /// Hands the media path the current participants.
+    /// Hands every participant's media slot the current participants
+    /// (so none keeps a departed one's connection).
     fn publish_peers(&self) {
         let peers: Arc<[Peer]> = self
             .participants
@@ -925,8 +981,17 @@ impl Live {
                 conn: p.handle.connection().clone(),
             })
             .collect();
-        *self.media.peers.lock().expect("peers lock") = peers;
-        self.media.version.fetch_add(1, Ordering::Release);
+        for participant in &self.participants {
+            if let Some(InCall { peers: theirs, .. }) = participant
+                .handle
+                .call_media()
+                .lock()
+                .as_mut()
+                .and_then(|seat| seat.call.as_mut())
+            {
+                *theirs = peers.clone();
+            }
+        }
     }
 }
 

@@ -888,9 +888,11 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout, paused: &mu
                 redeliver(c, &appended, out);
             } else {
                 fan_out(c, appended, job.session.conn_id, None, out);
-                if let Some(user) = gone {
-                    c.calls.membership_ended(conversation, user);
-                }
+            }
+            // A retry of a change stored before (whose first answer was
+            // lost) is taken out too: the first may not have got here.
+            if let Some(user) = gone {
+                c.calls.membership_ended(conversation, user);
             }
             Frame::new(job.request_id, Body::Ok(proto::Ok {}))
         }

@@ -489,6 +489,7 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         shared.registration_limiter.sweep(now);
         shared.upload_limiter.sweep(now);
         shared.call_limiter.sweep(now);
+        shared.calls.sweep(now);
     }
 }
 

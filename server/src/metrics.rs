@@ -248,7 +248,7 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_calls_ended_total",
         "counter",
         Unit::Count,
-        "Calls ended, by reason: hung_up, disconnected (the last participant's connection closed), no_answer, declined, alone (one participant left alone for call-alone-timeout), removed (a direct call whose two users stopped being friends).",
+        "Calls ended, by reason: hung_up, disconnected (the last participant's connection closed), no_answer, declined, alone (one participant left alone for call-alone-timeout), removed (the last participant left or was removed from the group, or a direct call's two users stopped being friends).",
     ),
     (
         "chat_call_signals_total",

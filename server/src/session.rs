@@ -416,6 +416,7 @@ pub async fn run(
         let datagrams = {
             let session = session.clone();
             async move {
+                let mut read: u32 = 0;
                 while let Ok(datagram) = session.conn.read_datagram().await {
                     match session.authed() {
                         Some(authed) => session.shared.calls.forward(&authed.handle, datagram),
@@ -423,6 +424,13 @@ pub async fn run(
                             .shared
                             .metrics
                             .call_media(crate::metrics::MediaOutcome::NoCall, 1),
+                    }
+                    // A read of a buffered datagram never waits: a client
+                    // sending without pause would keep this task (and the
+                    // connection's other branches) from the worker.
+                    read = read.wrapping_add(1);
+                    if read.is_multiple_of(32) {
+                        tokio::task::yield_now().await;
                     }
                 }
             }

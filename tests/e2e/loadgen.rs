@@ -376,7 +376,11 @@ async fn call_media_reaches_every_other_participant_with_its_latency() {
         assert_eq!(calls.latency_ms.count, calls.received);
         assert!(calls.latency_ms.p50 > 0.0 && calls.latency_ms.p50 <= calls.latency_ms.max);
         assert_eq!(calls.send_errors, 0, "{report:?}");
-        assert!(calls.server_cpu_us_per_forward.is_some_and(|us| us > 0.0));
+        // A few hundred arrivals may cost less than a clock tick.
+        assert!(calls.server_cpu_us_per_forward.is_some(), "{calls:?}");
+        if size == 4 {
+            assert!(calls.server_cpu_us_per_forward.is_some_and(|us| us > 0.0));
+        }
         let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
         for key in [
             "sent",

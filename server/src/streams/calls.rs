@@ -75,11 +75,15 @@ async fn request(
             charge()?;
             calls
                 .start(handle, request_id, start.conversation_id, start.video)
-                .await
+                .await?;
+            calls.confirm(handle).await;
+            Ok(())
         }
         Some(Body::JoinCall(join)) => {
             charge()?;
-            calls.join(handle, request_id, join.call_id).await
+            calls.join(handle, request_id, join.call_id).await?;
+            calls.confirm(handle).await;
+            Ok(())
         }
         Some(Body::DeclineCall(decline)) => {
             charge()?;

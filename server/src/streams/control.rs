@@ -671,14 +671,17 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::FriendRemove(r)) => {
-            if !store.friend_remove(me, r.user_id).await? {
+            let removed = store.friend_remove(me, r.user_id).await?;
+            // Not friends either way now (a retry finds nothing to remove,
+            // and its first attempt may have been cut short before this).
+            shared.calls.friendship_ended(me, r.user_id);
+            if !removed {
                 return Err(Refusal::new(
                     ErrorCode::NotFound,
                     "not a friend or pending request",
                 ));
             }
             shared.presence.unfriend(me, r.user_id);
-            shared.calls.friendship_ended(me, r.user_id);
             notify_friend(session, r.user_id, proto::friend_event::Kind::Removed);
             notify_own_devices(
                 session,
@@ -706,9 +709,9 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 })?;
             match outcome {
                 BlockOutcome::Blocked { ended } => {
+                    shared.calls.friendship_ended(me, b.user_id);
                     if ended {
                         shared.presence.unfriend(me, b.user_id);
-                        shared.calls.friendship_ended(me, b.user_id);
                         notify_friend(session, b.user_id, proto::friend_event::Kind::Removed);
                     }
                     // Blocked says it all to the other devices: the
