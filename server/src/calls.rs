@@ -184,7 +184,9 @@ fn reason_label(reason: CallEndReason) -> &'static str {
 
 /// The connection is in no call any more: its datagrams are dropped.
 fn unseat(handle: &SessionHandle) {
-    if let Some(seat) = handle.call_media().lock().as_mut() {
+    if let Some(slot) = handle.call_media()
+        && let Some(seat) = slot.lock().as_mut()
+    {
         seat.call = None;
     }
 }
@@ -478,19 +480,20 @@ impl Calls {
         registry.by_conn.insert(handle.conn_id, call_id);
         self.metrics.call_participants.increment(1.0);
         let rate = self.config.call_media_rate;
-        handle
-            .call_media()
-            .lock()
-            .get_or_insert_with(|| {
-                Box::new(Seat {
-                    budget: Budget::new(rate, Instant::now()),
-                    call: None,
+        // Requests come on the calls stream, so its state is there.
+        if let Some(slot) = handle.call_media() {
+            slot.lock()
+                .get_or_insert_with(|| {
+                    Box::new(Seat {
+                        budget: Budget::new(rate, Instant::now()),
+                        call: None,
+                    })
                 })
-            })
-            .call = Some(InCall {
-            me: id,
-            peers: Arc::new([]),
-        });
+                .call = Some(InCall {
+                me: id,
+                peers: Arc::new([]),
+            });
+        }
         live.publish_peers();
     }
 
@@ -890,8 +893,12 @@ impl Calls {
         // The slot's lock is held to charge the budget and read the peers,
         // not while sending: the registry takes it (under its own lock)
         // whenever a call changes.
+        let Some(slot) = handle.call_media() else {
+            self.metrics.call_media(MediaOutcome::NoCall, 1);
+            return;
+        };
         let (me, peers) = {
-            let mut slot = handle.call_media().lock();
+            let mut slot = slot.lock();
             let Some(seat) = slot.as_deref_mut() else {
                 self.metrics.call_media(MediaOutcome::NoCall, 1);
                 return;
@@ -982,14 +989,10 @@ impl Live {
             })
             .collect();
         for participant in &self.participants {
-            if let Some(InCall { peers: theirs, .. }) = participant
-                .handle
-                .call_media()
-                .lock()
-                .as_mut()
-                .and_then(|seat| seat.call.as_mut())
+            if let Some(slot) = participant.handle.call_media()
+                && let Some(call) = slot.lock().as_mut().and_then(|seat| seat.call.as_mut())
             {
-                *theirs = peers.clone();
+                call.peers = peers.clone();
             }
         }
     }

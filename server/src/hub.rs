@@ -39,6 +39,13 @@ pub const RECEIPTS_QUEUE_CAPACITY: usize = 16 * 1024;
 /// node hold 1,024 of them for it.
 pub const QUEUE_BYTES: usize = 4 << 20;
 
+/// What a connection with a calls stream holds for calls.
+#[derive(Default)]
+struct CallsState {
+    queue: OutQueue,
+    media: crate::calls::MediaSlot,
+}
+
 /// One authenticated connection, as seen by the rest of the node.
 pub struct SessionHandle {
     /// Node-unique connection id (for logs and unregistering).
@@ -51,12 +58,10 @@ pub struct SessionHandle {
     conn: quinn::Connection,
     /// Outbound queues of the control, messages and receipts streams.
     queues: [OutQueue; 3],
-    /// The calls stream's queue, made when the client opens the stream
+    /// The calls stream's queue and the connection's place in a call
+    /// (for its datagrams), made when the client opens its calls stream
     /// (boxed: most connections never do, and an idle one pays 16 bytes).
-    calls: OnceLock<Box<OutQueue>>,
-    /// Its place in a call, for its datagrams (16 bytes until its first
-    /// call).
-    call_media: crate::calls::MediaSlot,
+    calls: OnceLock<Box<CallsState>>,
     /// Signalled (to current waiters only) each time a writer of this
     /// connection hands frames to quinn: a writer lingering to coalesce
     /// (receipts) writes right away instead, so its frames leave in the
@@ -97,7 +102,6 @@ impl SessionHandle {
             conn,
             queues,
             calls: OnceLock::new(),
-            call_media: Default::default(),
             wrote: Notify::new(),
             closed: AtomicBool::new(false),
             background: AtomicBool::new(background),
@@ -169,7 +173,7 @@ impl SessionHandle {
             StreamKind::Control => Some(&self.queues[0]),
             StreamKind::Messages => Some(&self.queues[1]),
             StreamKind::Receipts => Some(&self.queues[2]),
-            StreamKind::Calls => self.calls.get().map(|queue| &**queue),
+            StreamKind::Calls => self.calls.get().map(|calls| &calls.queue),
             _ => None,
         }
     }
@@ -177,7 +181,7 @@ impl SessionHandle {
     /// The client opened its calls stream: pushes to it are taken from
     /// now on (rings, call events, signals).
     pub fn open_calls(&self) {
-        self.calls.get_or_init(Box::default).open();
+        self.calls.get_or_init(Box::default).queue.open();
     }
 
     /// Whether the client opened a calls stream (and can be rung in the
@@ -186,9 +190,10 @@ impl SessionHandle {
         self.calls.get().is_some() && !self.closed.load(Ordering::Relaxed)
     }
 
-    /// Its place in a call, for its datagrams.
-    pub fn call_media(&self) -> &crate::calls::MediaSlot {
-        &self.call_media
+    /// Its place in a call, for its datagrams: `None` until the client
+    /// opens a calls stream (without one it is in no call).
+    pub fn call_media(&self) -> Option<&crate::calls::MediaSlot> {
+        self.calls.get().map(|calls| &calls.media)
     }
 
     /// The connection (for call media datagrams).

@@ -383,11 +383,34 @@ pub async fn run(
                 );
             }
         };
+        // Streams are accepted and datagrams (call media) read in one loop:
+        // a datagram is forwarded when the connection is in a call and
+        // dropped otherwise (left in quinn's buffer, each would pin the
+        // packet it came in), and neither waits for the other.
         let accept = {
             let session = session.clone();
             async move {
+                let mut datagrams: u32 = 0;
                 loop {
-                    match session.conn.accept_bi().await {
+                    let accepted = tokio::select! {
+                        accepted = session.conn.accept_bi() => accepted,
+                        datagram = session.conn.read_datagram() => {
+                            if let Ok(datagram) = datagram {
+                                forward_datagram(&session, datagram);
+                                // A read of a buffered datagram never
+                                // waits: a client sending without pause
+                                // would keep this task from its worker.
+                                datagrams = datagrams.wrapping_add(1);
+                                if datagrams.is_multiple_of(32) {
+                                    tokio::task::yield_now().await;
+                                }
+                            }
+                            // A failed read: the connection is gone, and
+                            // the accept says so next.
+                            continue;
+                        }
+                    };
+                    match accepted {
                         Ok((send, recv)) => {
                             let session = session.clone();
                             tokio::spawn(
@@ -410,35 +433,9 @@ pub async fn run(
                 }
             }
         };
-        // Call media: every datagram is read as it comes, forwarded when
-        // the connection is in a call and dropped otherwise (left in
-        // quinn's buffer, each would pin the packet it came in).
-        let datagrams = {
-            let session = session.clone();
-            async move {
-                let mut read: u32 = 0;
-                while let Ok(datagram) = session.conn.read_datagram().await {
-                    match session.authed() {
-                        Some(authed) => session.shared.calls.forward(&authed.handle, datagram),
-                        None => session
-                            .shared
-                            .metrics
-                            .call_media(crate::metrics::MediaOutcome::NoCall, 1),
-                    }
-                    // A read of a buffered datagram never waits: a client
-                    // sending without pause would keep this task (and the
-                    // connection's other branches) from the worker.
-                    read = read.wrapping_add(1);
-                    if read.is_multiple_of(32) {
-                        tokio::task::yield_now().await;
-                    }
-                }
-            }
-        };
         tokio::select! {
             () = accept => {}
             () = async { watchdog.await; std::future::pending::<()>().await } => {}
-            () = async { datagrams.await; std::future::pending::<()>().await } => {}
         }
         // From here on, stream tasks that register something undo it
         // themselves (see `Session::is_closed`), so nothing outlives the
@@ -451,6 +448,18 @@ pub async fn run(
     }
     .instrument(span)
     .await;
+}
+
+/// A datagram from the client: call media for the call it is in, or
+/// nothing (dropped, counted).
+fn forward_datagram(session: &Session, datagram: bytes::Bytes) {
+    match session.authed() {
+        Some(authed) => session.shared.calls.forward(&authed.handle, datagram),
+        None => session
+            .shared
+            .metrics
+            .call_media(crate::metrics::MediaOutcome::NoCall, 1),
+    }
 }
 
 async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStream) {
