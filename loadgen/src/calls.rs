@@ -123,15 +123,7 @@ pub async fn run(
         (users as f64) * f64::from(args.call_packets),
         (users * (size - 1)) as f64 * f64::from(args.call_packets),
     ));
-    let connector = Arc::new(Connector::new(
-        target,
-        args.endpoints,
-        args.socket_receive_buffer,
-        args.outbox,
-        args.delivery_ack_linger,
-        args.heartbeat_interval,
-        log,
-    )?);
+    let connector = Arc::new(Connector::for_run(target, args, log)?);
     let prefix = match &args.name_prefix {
         Some(prefix) => prefix.clone(),
         None => format!("lc{:06x}", rand::random::<u32>() & 0xff_ffff),

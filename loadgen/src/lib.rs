@@ -198,15 +198,7 @@ async fn measure(
     phase: &watch::Sender<Phase>,
     log: &impl Fn(&str),
 ) -> anyhow::Result<Report> {
-    let connector = Arc::new(Connector::new(
-        target,
-        args.endpoints,
-        args.socket_receive_buffer,
-        args.outbox,
-        args.delivery_ack_linger,
-        args.heartbeat_interval,
-        log,
-    )?);
+    let connector = Arc::new(Connector::for_run(target, args, log)?);
     let population = population::set_up(args, plan, &connector, log).await?;
     let outcome = driver::drive(args, plan, population, connector.clone(), server_cpu, phase).await;
     Ok(report(args, plan, connector.endpoint_count(), &outcome))

@@ -109,6 +109,19 @@ impl Connector {
         Ok(Connector { base, endpoints })
     }
 
+    /// [`new`](Self::new) with the run's flags.
+    pub fn for_run(target: &Target, args: &Args, log: &impl Fn(&str)) -> anyhow::Result<Connector> {
+        Connector::new(
+            target,
+            args.endpoints,
+            args.socket_receive_buffer,
+            args.outbox,
+            args.delivery_ack_linger,
+            args.heartbeat_interval,
+            log,
+        )
+    }
+
     /// The configuration for virtual user `k` (round-robin over sockets).
     pub fn config(&self, k: usize) -> ClientConfig {
         let mut config = self.base.clone();

@@ -431,20 +431,12 @@ impl Calls {
                 ),
             ));
         }
-        if let Some(at) = live.ringing.iter().position(|&u| u == user) {
-            live.ringing.swap_remove(at);
-            unring(rung, user, call_id);
-            let stopped = proto::CallEvent {
-                reason: CallEndReason::AnsweredElsewhere as i32,
-                ..live.event(call_id, CallEventKind::RingStopped, user, 0)
-            };
-            self.hub.push(
-                user,
-                StreamKind::Calls,
-                &push_event(stopped),
-                Some(handle.conn_id),
-            );
-        }
+        self.stop_ringing(
+            (live, rung),
+            call_id,
+            user,
+            (CallEndReason::AnsweredElsewhere, handle.conn_id),
+        );
         self.add_participant(registry, call_id, handle);
         let live = registry.calls.get_mut(&call_id).expect("joined");
         if live.participants.len() == 1 && live.ringing.is_empty() {
@@ -454,6 +446,30 @@ impl Calls {
             self.set_timer(live, call_id, Timer::Alone(epoch));
         }
         self.answer_joined(registry, call_id, handle, request_id)
+    }
+
+    /// Stops `call_id` ringing `user`, who answered or declined on the
+    /// connection `except`: their other devices hear RING_STOPPED with
+    /// `reason`. False if it did not ring them.
+    fn stop_ringing(
+        &self,
+        (live, rung): (&mut Live, &mut HashMap<UserId, Vec<CallId>>),
+        call_id: CallId,
+        user: UserId,
+        (reason, except): (CallEndReason, u64),
+    ) -> bool {
+        let Some(at) = live.ringing.iter().position(|&u| u == user) else {
+            return false;
+        };
+        live.ringing.swap_remove(at);
+        unring(rung, user, call_id);
+        let stopped = proto::CallEvent {
+            reason: reason as i32,
+            ..live.event(call_id, CallEventKind::RingStopped, user, 0)
+        };
+        self.hub
+            .push(user, StreamKind::Calls, &push_event(stopped), Some(except));
+        true
     }
 
     /// Adds `handle` to the call as a new participant, tells the others
@@ -559,23 +575,13 @@ impl Calls {
         let Registry { calls, rung, .. } = &mut *registry;
         let live = calls.get_mut(&call_id).ok_or_else(not_in_call)?;
         let user = handle.user_id;
-        let at = live
-            .ringing
-            .iter()
-            .position(|&u| u == user)
-            .ok_or_else(|| Refusal::new(ErrorCode::NotFound, "this call does not ring you"))?;
-        live.ringing.swap_remove(at);
-        unring(rung, user, call_id);
-        let stopped = proto::CallEvent {
-            reason: CallEndReason::Declined as i32,
-            ..live.event(call_id, CallEventKind::RingStopped, user, 0)
-        };
-        self.hub.push(
-            user,
-            StreamKind::Calls,
-            &push_event(stopped),
-            Some(handle.conn_id),
-        );
+        let reason = (CallEndReason::Declined, handle.conn_id);
+        if !self.stop_ringing((live, rung), call_id, user, reason) {
+            return Err(Refusal::new(
+                ErrorCode::NotFound,
+                "this call does not ring you",
+            ));
+        }
         let declined = live.event(call_id, CallEventKind::Declined, user, 0);
         live.tell_participants(&push_event(declined));
         self.settle(&mut registry, call_id, CallEndReason::Declined);

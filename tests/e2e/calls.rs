@@ -22,17 +22,30 @@ struct Caller {
     media: CallMedia,
 }
 
+/// A new user with calls on.
 async fn caller(server: &TestServer, prefix: &str) -> Caller {
     let (client, events) = register(calls_on(server.client_config()), &name(prefix)).await;
-    let media = client.call_media().expect("calls are on");
-    Caller {
-        client,
-        events,
-        media,
-    }
+    Caller::of(client, events)
+}
+
+/// A second device of `username`, with calls on.
+async fn another_device(server: &TestServer, username: &str) -> Caller {
+    let (client, events) = Client::login(calls_on(server.client_config()), username, PASSWORD)
+        .await
+        .expect("log in");
+    Caller::of(client, events)
 }
 
 impl Caller {
+    fn of(client: Client, events: Events) -> Caller {
+        let media = client.call_media().expect("calls are on");
+        Caller {
+            client,
+            events,
+            media,
+        }
+    }
+
     fn id(&self) -> u64 {
         self.client.identity().user_id
     }
@@ -230,15 +243,7 @@ async fn a_call_answered_on_one_device_stops_the_others_and_can_move() {
     let mut alice = caller(&server, "alice").await;
     let mut phone = caller(&server, "bob").await;
     let bob_name = phone.client.identity().username;
-    let (laptop, laptop_events) =
-        Client::login(calls_on(server.client_config()), &bob_name, PASSWORD)
-            .await
-            .unwrap();
-    let mut laptop = Caller {
-        media: laptop.call_media().unwrap(),
-        client: laptop,
-        events: laptop_events,
-    };
+    let mut laptop = another_device(&server, &bob_name).await;
     let conversation = befriend(&alice.client, &phone.client).await;
 
     let call = alice.client.start_call(conversation, true).await.unwrap();
@@ -544,14 +549,10 @@ async fn a_device_that_opens_calls_while_a_call_rings_is_rung() {
     let conversation = befriend(&alice.client, &bob).await;
     let call = alice.client.start_call(conversation, true).await.unwrap();
     let token = bob.identity().token;
-    let (later, later_events) = Client::resume(calls_on(server.client_config()), &token)
+    let (later, events) = Client::resume(calls_on(server.client_config()), &token)
         .await
         .unwrap();
-    let mut later = Caller {
-        media: later.call_media().unwrap(),
-        client: later,
-        events: later_events,
-    };
+    let mut later = Caller::of(later, events);
     let ring = later.event(CallEventKind::Ring).await;
     assert_eq!(
         (ring.call_id, ring.user_id, ring.video),
@@ -772,18 +773,7 @@ async fn a_call_whose_other_side_never_comes_back_ends_even_after_a_move() {
         TestServer::start_with(|c| c.calls.call_alone_timeout = Duration::from_secs(1)).await;
     let mut alice = caller(&server, "alice").await;
     let mut bob = caller(&server, "bob").await;
-    let (laptop, laptop_events) = Client::login(
-        calls_on(server.client_config()),
-        &alice.client.identity().username,
-        PASSWORD,
-    )
-    .await
-    .unwrap();
-    let mut laptop = Caller {
-        media: laptop.call_media().unwrap(),
-        client: laptop,
-        events: laptop_events,
-    };
+    let mut laptop = another_device(&server, &alice.client.identity().username).await;
     let conversation = befriend(&alice.client, &bob.client).await;
     let call = alice.client.start_call(conversation, false).await.unwrap();
     bob.event(CallEventKind::Ring).await;

@@ -155,14 +155,19 @@ async fn alice_and_absent_bob(server: &TestServer) -> (Client, Events, String, u
     let bob_id = bob.identity().user_id;
     let token = format!("bob-phone-{bob_id}");
     bob.register_push(APP, &token).await.unwrap();
-    let before = value(&scrape(metrics).await, "chat_sessions_active");
-    bob.close();
     drop(bob_events);
-    scrape_until(metrics, "bob's connection gone", |m| {
+    gone(metrics, &bob).await;
+    (alice, alice_events, token, conversation)
+}
+
+/// Closes `client` and waits until the server has let its connection go.
+async fn gone(metrics: SocketAddr, client: &Client) {
+    let before = value(&scrape(metrics).await, "chat_sessions_active");
+    client.close();
+    scrape_until(metrics, "the connection gone", |m| {
         value(m, "chat_sessions_active") == before - 1.0
     })
     .await;
-    (alice, alice_events, token, conversation)
 }
 
 fn outcome(m: &HashMap<String, f64>, outcome: &str) -> f64 {
@@ -487,13 +492,8 @@ async fn a_call_rings_by_notification_where_no_calls_stream_is_open() {
     })
     .await;
     alice.leave_call(in_app.call_id).await.unwrap();
-    let before = value(&scrape(metrics).await, "chat_sessions_active");
-    bob.close();
     drop(bob_events);
-    scrape_until(metrics, "bob's connection gone", |m| {
-        value(m, "chat_sessions_active") == before - 1.0
-    })
-    .await;
+    gone(metrics, &bob).await;
 
     // Bob's app is open without calls: the ring is pushed all the same.
     let (plain, _plain_events) = Client::resume(server.client_config(), &token)
@@ -516,11 +516,7 @@ async fn a_call_rings_by_notification_where_no_calls_stream_is_open() {
     alice.leave_call(pushed.call_id).await.unwrap();
 
     // And with no connection at all.
-    plain.close();
-    scrape_until(metrics, "bob gone again", |m| {
-        value(m, "chat_sessions_active") == before - 1.0
-    })
-    .await;
+    gone(metrics, &plain).await;
     let absent = alice.start_call(conversation, false).await.unwrap();
     let got = gateway.wait_for(2).await;
     assert_eq!(
