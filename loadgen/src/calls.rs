@@ -166,7 +166,6 @@ pub async fn run(
     let ns = |at: Instant| at.saturating_duration_since(base).as_nanos() as u64;
     let window = (ns(window_start), ns(window_end));
     let stop = Arc::new(AtomicBool::new(false));
-    let stop_sending = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Counts::default());
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
@@ -178,7 +177,6 @@ pub async fn run(
             client.clone(),
             (k as u32, args.call_packet_bytes),
             (base, begin + offset, period, window),
-            stop_sending.clone(),
             counts.clone(),
         )));
         receivers.push(tokio::spawn(receive_media(
@@ -218,9 +216,9 @@ pub async fn run(
     tokio::time::sleep_until(window_end).await;
     let (t1, server1, threads1, own1) = sample();
     phase.send_replace(Phase::Draining);
-    // The senders stop first (each has sent what it counted), then what is
-    // in flight gets the drain to arrive, then the receivers stop.
-    stop_sending.store(true, Ordering::Relaxed);
+    // The senders end with the window (each has sent what it counted),
+    // then what is in flight gets the drain to arrive, then the receivers
+    // stop.
     let mut clients = Vec::new();
     for sender in senders {
         clients.push(sender.await.context("a sender panicked")?);
@@ -355,13 +353,12 @@ struct Counts {
     received: AtomicU64,
 }
 
-/// Sends one participant's media on its schedule until the window ends
-/// (or `stop`); returns its client.
+/// Sends one participant's media on its schedule until the window ends;
+/// returns its client.
 async fn send_media(
     client: Client,
     (index, bytes): (u32, usize),
     (base, first, period, window): (Instant, Instant, Duration, (u64, u64)),
-    stop: Arc<AtomicBool>,
     counts: Arc<Counts>,
 ) -> Client {
     let mut tick = tokio::time::interval_at(first, period);
@@ -369,7 +366,7 @@ async fn send_media(
     // it was meant for.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut k: u32 = 0;
-    while !stop.load(Ordering::Relaxed) {
+    loop {
         tick.tick().await;
         let intended = first + period * k;
         k = k.wrapping_add(1);

@@ -22,11 +22,6 @@ pub fn encode_forwarded(from: u32, payload: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// How many bytes the prefix of participant `id` takes.
-pub fn prefix_len(id: u32) -> usize {
-    prost::encoding::encoded_len_varint(u64::from(id))
-}
-
 /// Splits a forwarded datagram into the sender's participant id and the
 /// payload, or `None` if it does not start with a varint that fits a
 /// `u32`.
@@ -56,8 +51,9 @@ mod tests {
     fn forwarded_datagrams_round_trip() {
         for from in [0, 1, 127, 128, 16_383, 16_384, u32::MAX] {
             let datagram = encode_forwarded(from, b"rtp");
-            assert_eq!(datagram.len(), prefix_len(from) + 3);
-            assert!(prefix_len(from) <= MAX_MEDIA_PREFIX);
+            let prefix = prost::encoding::encoded_len_varint(u64::from(from));
+            assert_eq!(datagram.len(), prefix + 3);
+            assert!(prefix <= MAX_MEDIA_PREFIX);
             let (got, payload) = decode_forwarded(datagram).expect("decodes");
             assert_eq!((got, &payload[..]), (from, &b"rtp"[..]));
         }

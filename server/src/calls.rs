@@ -268,12 +268,15 @@ impl Calls {
             return self.join_locked(&mut registry, call_id, handle, request_id);
         }
         let ring = direct || view.members.len() <= self.config.call_ring_max_members;
-        let ringing: Vec<UserId> = view
-            .members
-            .iter()
-            .map(|m| m.user_id)
-            .filter(|&user| ring && user != handle.user_id)
-            .collect();
+        let ringing: Vec<UserId> = match ring {
+            true => view
+                .members
+                .iter()
+                .map(|m| m.user_id)
+                .filter(|&user| user != handle.user_id)
+                .collect(),
+            false => Vec::new(),
+        };
         if !ringing.is_empty() {
             self.rings
                 .check(handle.user_id, Instant::now())
