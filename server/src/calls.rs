@@ -338,6 +338,7 @@ impl Calls {
                     seq: call_id,
                     sender: handle.user_id,
                     kind: NoticeKind::Call { video },
+                    unacked: false,
                 });
             }
         }

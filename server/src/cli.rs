@@ -132,6 +132,10 @@ struct Overrides {
     /// One notification per conversation and user in this window, e.g. 3s.
     #[arg(long, env = "CHAT_PUSH_COALESCE", value_parser = humantime::parse_duration)]
     push_coalesce: Option<Duration>,
+    /// Notify a message a foreground connection has not acknowledged
+    /// after this long, e.g. 5s; 0s: never.
+    #[arg(long, env = "CHAT_PUSH_UNACKED_AFTER", value_parser = humantime::parse_duration)]
+    push_unacked_after: Option<Duration>,
     /// Longest request to the push gateway, e.g. 10s.
     #[arg(long, env = "CHAT_PUSH_TIMEOUT", value_parser = humantime::parse_duration)]
     push_timeout: Option<Duration>,
@@ -368,6 +372,7 @@ impl Overrides {
             c.push.push_gateway_ca = self.push_gateway_ca;
         }
         set(&mut c.push.push_coalesce, self.push_coalesce);
+        set(&mut c.push.push_unacked_after, self.push_unacked_after);
         set(&mut c.push.push_timeout, self.push_timeout);
         set(&mut c.push.push_concurrency, self.push_concurrency);
         set(&mut c.calls.ring_timeout, self.ring_timeout);

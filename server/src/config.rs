@@ -169,6 +169,13 @@ pub struct PushConfig {
     /// messages it gets meanwhile make one notification at its end.
     #[serde(with = "humantime_serde")]
     pub push_coalesce: Duration,
+    /// A message pushed to a connection in the foreground that no device
+    /// of the user acknowledges within this long is notified as if the
+    /// user were away: a phone that lost its network, or an app killed in
+    /// the foreground, keeps its connection open on the server until the
+    /// idle timeout. 0: never.
+    #[serde(with = "humantime_serde")]
+    pub push_unacked_after: Duration,
     /// How long one request to the gateway may take.
     #[serde(with = "humantime_serde")]
     pub push_timeout: Duration,
@@ -182,6 +189,7 @@ impl Default for PushConfig {
             push_gateway_url: None,
             push_gateway_ca: None,
             push_coalesce: Duration::from_secs(3),
+            push_unacked_after: Duration::from_secs(5),
             push_timeout: Duration::from_secs(10),
             push_concurrency: 64,
         }
@@ -644,6 +652,9 @@ impl PushConfig {
         }
         if self.push_coalesce > Duration::from_secs(3600) {
             return err("push-coalesce must be at most 1h".into());
+        }
+        if self.push_unacked_after > Duration::from_secs(600) {
+            return err("push-unacked-after must be at most 10m".into());
         }
         if self.push_timeout < Duration::from_millis(100)
             || self.push_timeout > Duration::from_secs(300)
@@ -1298,6 +1309,10 @@ mod tests {
             (
                 |c| c.push.push_coalesce = Duration::from_secs(7200),
                 "push-coalesce",
+            ),
+            (
+                |c| c.push.push_unacked_after = Duration::from_secs(3600),
+                "push-unacked-after",
             ),
         ];
         for (break_it, expected) in cases {

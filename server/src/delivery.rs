@@ -1023,12 +1023,9 @@ fn fan_out(
     });
     for &member in &appended.members {
         if member != message.sender_id {
-            pushed += c.hub.push(member, StreamKind::Messages, &frame, None);
-            out.queued.push((member, message.clone()));
-            if let Some(notifier) = notifier
-                && !c.hub.in_foreground(member)
-            {
-                notifier.notify(Notice {
+            // Before the push: the member's ack must find the watch.
+            if let Some(notifier) = notifier {
+                let notice = Notice {
                     user: member,
                     conversation: message.conversation_id,
                     seq: message.seq,
@@ -1038,8 +1035,16 @@ fn fan_out(
                     } else {
                         NoticeKind::Text
                     },
-                });
+                    unacked: false,
+                };
+                if c.hub.in_foreground(member) {
+                    notifier.watch(notice);
+                } else {
+                    notifier.notify(notice);
+                }
             }
+            pushed += c.hub.push(member, StreamKind::Messages, &frame, None);
+            out.queued.push((member, message.clone()));
         }
     }
     // Live only: an offline device of the sender reads its own messages
@@ -1070,7 +1075,7 @@ async fn mark_committer(
         metrics,
         routes,
         acks_lost,
-        notifier: _,
+        notifier,
         calls: _,
     } = c;
     let mut received: Vec<MarkWork> = Vec::with_capacity(MAX_MARK_BATCH);
@@ -1123,6 +1128,13 @@ async fn mark_committer(
                 .chain(jobs.iter().map(|j| j.update)),
         );
         metrics.watermark_batch.record(moves.len() as f64);
+        // A device saying it has a message (delivered or seen) ends the
+        // watch for its notification, stored or not.
+        if let Some(notifier) = &notifier {
+            for u in &moves {
+                notifier.acked(u.user_id, u.conversation_id, u.seq);
+            }
+        }
         // Every mark also trims its member's unread queue up to its seq,
         // the moved ones (below) by the stored watermark, the rest by what
         // the device said: a removed member's device acknowledging the

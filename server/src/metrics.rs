@@ -20,14 +20,18 @@ use metrics_exporter_prometheus::{
 use crate::store::sqlite::CheckpointMetrics;
 
 /// The outcomes of `chat_push_notifications_total`.
-pub const PUSH_OUTCOMES: [&str; 6] = [
+pub const PUSH_OUTCOMES: [&str; 7] = [
     "sent",
     "coalesced",
     "online",
+    "acked",
     "no_device",
     "failed",
     "dropped",
 ];
+
+/// The outcomes of `chat_push_watches_total`.
+pub const PUSH_WATCH_OUTCOMES: [&str; 3] = ["acked", "unacked", "dropped"];
 
 /// The outcomes of `chat_call_media_datagrams_total`, by [`MediaOutcome`].
 const MEDIA_OUTCOMES: [&str; 5] = [
@@ -218,7 +222,13 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_push_notifications_total",
         "counter",
         Unit::Count,
-        "Notifications by outcome: sent (the gateway took it), coalesced (folded into the conversation's next one), online (the user came to the foreground first), no_device (no registered device), failed (the gateway refused it or did not answer after retries, or the store could not be read), dropped (the notifier's queue, or its notifications under way, were full).",
+        "Notifications by outcome: sent (the gateway took it), coalesced (folded into the conversation's next one), online (the user came to the foreground first), acked (a message a foreground connection left unacknowledged past push-unacked-after was acknowledged before its notification went), no_device (no registered device), failed (the gateway refused it or did not answer after retries, or the store could not be read), dropped (the notifier's queue, or its notifications under way, were full).",
+    ),
+    (
+        "chat_push_watches_total",
+        "counter",
+        Unit::Count,
+        "Messages pushed to connections in the foreground, watched for an acknowledgement, by how the watch ended: acked (a device acknowledged it, or a later message of the conversation), unacked (not within push-unacked-after: handed to the notifier), dropped (not watched: the table was full).",
     ),
     (
         "chat_push_tokens_rejected_total",
@@ -528,6 +538,9 @@ impl Metrics {
                 metrics::counter!("chat_push_notifications_total", "outcome" => outcome)
                     .increment(0);
             }
+            for outcome in PUSH_WATCH_OUTCOMES {
+                metrics::counter!("chat_push_watches_total", "outcome" => outcome).increment(0);
+            }
             Metrics {
                 connections_active: metrics::gauge!("chat_connections_active"),
                 sessions_active: metrics::gauge!("chat_sessions_active"),
@@ -627,6 +640,15 @@ impl Metrics {
         debug_assert!(CALL_END_REASONS.contains(&reason), "{reason}");
         metrics::with_local_recorder(&*self.recorder, || {
             metrics::counter!("chat_calls_ended_total", "reason" => reason).increment(1);
+        });
+    }
+
+    /// Counts a watch on a foreground connection's message that ended, for
+    /// one of [`PUSH_WATCH_OUTCOMES`].
+    pub fn push_watch(&self, outcome: &'static str) {
+        debug_assert!(PUSH_WATCH_OUTCOMES.contains(&outcome), "{outcome}");
+        metrics::with_local_recorder(&*self.recorder, || {
+            metrics::counter!("chat_push_watches_total", "outcome" => outcome).increment(1);
         });
     }
 

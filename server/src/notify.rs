@@ -21,15 +21,23 @@
 //! * A gateway that fails (no answer, 429, 5xx) is asked again twice, 1 s
 //!   and 2 s later; other refusals are logged. The tokens the gateway
 //!   rejects (an uninstalled app) are forgotten.
+//! * A message pushed to a connection in the foreground is watched until
+//!   a device of its user acknowledges it; one still unacknowledged after
+//!   `push-unacked-after` is notified as if the user were away. A phone
+//!   that lost its network, or an app killed in the foreground, sends no
+//!   close: its connection counts as in the foreground until the idle
+//!   timeout, and without the watch the messages of that time would
+//!   notify nobody.
 //!
 //! Delivery is single-node (ARCHITECTURE.md), and so is "in the
 //! foreground": a user connected to another node sharing the stores would
 //! be notified too.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
-use std::sync::Arc;
+use std::collections::hash_map::Entry;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -56,6 +64,9 @@ const QUEUE_DEPTH: usize = 65_536;
 const MAX_PENDING: usize = 16_384;
 /// Open coalescing windows at most (a (user, conversation) each).
 const MAX_WINDOWS: usize = 262_144;
+/// Messages watched for an acknowledgement at most (a (user,
+/// conversation) each); past it a message is not watched.
+const MAX_WATCHES: usize = 262_144;
 /// Notifications reading the store at once.
 const STORE_READS: usize = 4;
 /// Tries of one request, the first included.
@@ -82,6 +93,10 @@ pub struct Notice {
     pub sender: UserId,
     /// What it is.
     pub kind: NoticeKind,
+    /// Sent because a connection in the foreground did not acknowledge
+    /// the message in time (`push-unacked-after`), so the foreground
+    /// does not hold it back.
+    pub unacked: bool,
 }
 
 /// What a notice is about.
@@ -98,10 +113,13 @@ pub enum NoticeKind {
     },
 }
 
-/// The committers' handle: queues notices for the coalescer.
+/// The committers' handle: queues notices for the coalescer, and watches
+/// messages pushed to connections in the foreground.
 pub struct Notifier {
     tx: mpsc::Sender<Notice>,
     metrics: Arc<Metrics>,
+    /// `None` when `push-unacked-after` is 0.
+    unacked: Option<Arc<Unacked>>,
 }
 
 impl Notifier {
@@ -121,7 +139,14 @@ impl Notifier {
         };
         let gateway = Gateway::new(url, config)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let unacked = (!config.push_unacked_after.is_zero()).then(|| {
+            Arc::new(Unacked {
+                after: config.push_unacked_after,
+                watches: Mutex::new(Watches::default()),
+            })
+        });
         let dispatcher = Arc::new(Dispatcher {
+            unacked: unacked.clone(),
             store,
             hub,
             metrics: metrics.clone(),
@@ -131,7 +156,12 @@ impl Notifier {
             warned_ms: AtomicI64::new(0),
         });
         let task = tokio::spawn(coalesce(rx, dispatcher, config.push_coalesce));
-        Ok(Some((Arc::new(Notifier { tx, metrics }), task)))
+        let notifier = Notifier {
+            tx,
+            metrics,
+            unacked,
+        };
+        Ok(Some((Arc::new(notifier), task)))
     }
 
     /// Queues a notice; never waits (a full queue drops it).
@@ -139,6 +169,167 @@ impl Notifier {
         if self.tx.try_send(notice).is_err() {
             self.metrics.push("dropped");
         }
+    }
+
+    /// Watches a message pushed to `notice.user`'s connection in the
+    /// foreground: unless a device of the user acknowledges it (or a
+    /// later message of the conversation) within `push-unacked-after`, it
+    /// is notified. Call before the push, so the acknowledgement cannot
+    /// come first.
+    pub fn watch(&self, notice: Notice) {
+        let Some(unacked) = &self.unacked else {
+            return;
+        };
+        let watched = unacked
+            .watches()
+            .watch(notice, Instant::now() + unacked.after);
+        if !watched {
+            self.metrics.push_watch("dropped");
+        }
+    }
+
+    /// A device of `user` acknowledged the messages of `conversation` up
+    /// to `seq` (delivered or seen).
+    pub fn acked(&self, user: UserId, conversation: ConversationId, seq: u64) {
+        if let Some(unacked) = &self.unacked
+            && unacked.watches().acked(user, conversation, seq)
+        {
+            self.metrics.push_watch("acked");
+        }
+    }
+}
+
+/// The watch on messages pushed to connections in the foreground.
+struct Unacked {
+    /// How long a message may stay unacknowledged.
+    after: Duration,
+    watches: Mutex<Watches>,
+}
+
+impl Unacked {
+    fn watches(&self) -> std::sync::MutexGuard<'_, Watches> {
+        self.watches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How often the watches are looked at: a notification comes at most
+    /// a fifth of `after` late.
+    fn tick(&self) -> Duration {
+        (self.after / 5).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+}
+
+/// Per (user, conversation), the latest message pushed to the user's
+/// foreground connections and not acknowledged, due when the first of
+/// them was pushed plus `after`. At most [`MAX_WATCHES`].
+#[derive(Default)]
+struct Watches {
+    watched: HashMap<(UserId, ConversationId), Watch>,
+    /// (due, user, conversation) in the order the watches were set, which
+    /// is due order (they all wait `after`). An entry whose key was acked
+    /// or set again since is skipped when it comes up, or compacted away
+    /// first.
+    due: VecDeque<(Instant, UserId, ConversationId)>,
+}
+
+struct Watch {
+    notice: Notice,
+    due: Instant,
+    /// Due and handed to the coalescer; a later message sets it again.
+    fired: bool,
+}
+
+impl Watches {
+    /// Watches `notice`, due at `due` unless its key is watched already
+    /// (the earliest unacknowledged message sets the time). False when
+    /// the table is full.
+    fn watch(&mut self, notice: Notice, due: Instant) -> bool {
+        let key = (notice.user, notice.conversation);
+        let full = self.watched.len() >= MAX_WATCHES;
+        match self.watched.get_mut(&key) {
+            Some(watch) if !watch.fired => {
+                watch.notice = notice;
+                return true;
+            }
+            Some(_) => {}
+            None if full => return false,
+            None => {}
+        }
+        // Acked watches leave their entries in `due`; once those are most
+        // of it, they go (each compaction follows as many new entries as
+        // it keeps, so this costs O(1) a watch).
+        if self.due.len() > 2 * self.watched.len() + 1024 {
+            let watched = &self.watched;
+            self.due.retain(|&(at, user, conversation)| {
+                watched
+                    .get(&(user, conversation))
+                    .is_some_and(|w| w.due == at && !w.fired)
+            });
+        }
+        self.watched.insert(
+            key,
+            Watch {
+                notice,
+                due,
+                fired: false,
+            },
+        );
+        self.due.push_back((due, key.0, key.1));
+        true
+    }
+
+    /// Forgets the watch of (`user`, `conversation`) if `seq` covers it;
+    /// true if it did.
+    fn acked(&mut self, user: UserId, conversation: ConversationId, seq: u64) -> bool {
+        match self.watched.entry((user, conversation)) {
+            Entry::Occupied(e) if e.get().notice.seq <= seq => {
+                e.remove();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The watches due by `now`, as notices for the coalescer (marked
+    /// `unacked`); they stay in the table, fired, until settled.
+    fn expire(&mut self, now: Instant) -> Vec<Notice> {
+        let mut due = Vec::new();
+        while let Some(&(at, user, conversation)) = self.due.front() {
+            if at > now {
+                break;
+            }
+            self.due.pop_front();
+            if let Some(watch) = self.watched.get_mut(&(user, conversation))
+                && watch.due == at
+                && !watch.fired
+            {
+                watch.fired = true;
+                due.push(Notice {
+                    unacked: true,
+                    ..watch.notice
+                });
+            }
+        }
+        if self.watched.capacity() > 4 * self.watched.len() + 1024 {
+            self.watched.shrink_to(2 * self.watched.len());
+        }
+        if self.due.capacity() > 4 * self.due.len() + 1024 {
+            self.due.shrink_to(2 * self.due.len());
+        }
+        due
+    }
+
+    /// A notification of `notice` is being sent (or dropped): forgets a
+    /// fired watch it covers. True if `notice`'s conversation still has a
+    /// message at or after it unacknowledged.
+    fn settle(&mut self, notice: &Notice) -> bool {
+        let Entry::Occupied(e) = self.watched.entry((notice.user, notice.conversation)) else {
+            return false;
+        };
+        let unacked = e.get().notice.seq >= notice.seq;
+        if e.get().fired && e.get().notice.seq <= notice.seq {
+            e.remove();
+        }
+        unacked
     }
 }
 
@@ -150,6 +341,11 @@ pub type Started = (Arc<Notifier>, JoinHandle<()>);
 async fn coalesce(mut rx: mpsc::Receiver<Notice>, dispatcher: Arc<Dispatcher>, window: Duration) {
     let mut windows = Windows::new(window);
     let mut sending = JoinSet::new();
+    let mut watch_tick = dispatcher.unacked.as_ref().map(|unacked| {
+        let mut tick = tokio::time::interval(unacked.tick());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
     loop {
         let next_end = windows.next_end();
         tokio::select! {
@@ -160,10 +356,16 @@ async fn coalesce(mut rx: mpsc::Receiver<Notice>, dispatcher: Arc<Dispatcher>, w
                     dispatcher.send_in(&mut sending, notice);
                     continue;
                 }
-                match windows.offer(notice, Instant::now()) {
-                    Offer::Now(notice) => dispatcher.send_in(&mut sending, notice),
-                    Offer::Held { replaced: true } => dispatcher.metrics.push("coalesced"),
-                    Offer::Held { replaced: false } => {}
+                dispatcher.offer(&mut windows, &mut sending, notice);
+            }
+            _ = async { watch_tick.as_mut().expect("only when set").tick().await },
+                if watch_tick.is_some() =>
+            {
+                let unacked = dispatcher.unacked.as_ref().expect("the tick runs with it");
+                let due = unacked.watches().expire(Instant::now());
+                for notice in due {
+                    dispatcher.metrics.push_watch("unacked");
+                    dispatcher.offer(&mut windows, &mut sending, notice);
                 }
             }
             () = tokio::time::sleep_until(next_end.unwrap_or_else(Instant::now)),
@@ -259,6 +461,8 @@ impl Windows {
 }
 
 struct Dispatcher {
+    /// The watch on foreground connections' messages, if on.
+    unacked: Option<Arc<Unacked>>,
     store: Arc<dyn HistoryStore>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
@@ -275,10 +479,20 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// Offers a message's notice to its coalescing window.
+    fn offer(self: &Arc<Self>, windows: &mut Windows, sending: &mut JoinSet<()>, notice: Notice) {
+        match windows.offer(notice, Instant::now()) {
+            Offer::Now(notice) => self.send_in(sending, notice),
+            Offer::Held { replaced: true } => self.metrics.push("coalesced"),
+            Offer::Held { replaced: false } => {}
+        }
+    }
+
     /// Sends `notice` on a task of `sending`, unless [`MAX_PENDING`] are
     /// under way (then it is dropped).
     fn send_in(self: &Arc<Self>, sending: &mut JoinSet<()>, notice: Notice) {
         if sending.len() >= MAX_PENDING {
+            self.settle(&notice);
             self.metrics.push("dropped");
             return;
         }
@@ -289,16 +503,30 @@ impl Dispatcher {
         });
     }
 
+    /// Forgets the watch a notification of `notice` covers; true if the
+    /// message is still unacknowledged.
+    fn settle(&self, notice: &Notice) -> bool {
+        !matches!(notice.kind, NoticeKind::Call { .. })
+            && self
+                .unacked
+                .as_ref()
+                .is_some_and(|unacked| unacked.watches().settle(notice))
+    }
+
     /// Sends one notification; returns its outcome label.
     async fn send(&self, notice: Notice) -> &'static str {
         // The user may have opened the app since the message was stored
-        // (or, for a call, a calls stream since it rang).
+        // (or, for a call, a calls stream since it rang); a message a
+        // foreground connection left unacknowledged goes unless a device
+        // has acknowledged it since.
+        let unacked = self.settle(&notice);
         let online = match notice.kind {
             NoticeKind::Call { .. } => self.hub.takes_calls(notice.user),
+            NoticeKind::Text | NoticeKind::Photo if notice.unacked => !unacked,
             NoticeKind::Text | NoticeKind::Photo => self.hub.in_foreground(notice.user),
         };
         if online {
-            return "online";
+            return if notice.unacked { "acked" } else { "online" };
         }
         let (devices, unread, sender_name) = {
             let _read = self.store_reads.acquire().await.expect("never closed");
@@ -599,6 +827,7 @@ mod tests {
             seq,
             sender: 9,
             kind: NoticeKind::Text,
+            unacked: false,
         }
     }
 
@@ -700,6 +929,83 @@ mod tests {
     }
 
     #[test]
+    fn a_watch_ends_with_an_ack_that_covers_it_or_fires_once_when_due() {
+        let second = Duration::from_secs(1);
+        let mut watches = Watches::default();
+        let t0 = Instant::now();
+        assert!(watches.watch(notice(1, 5, 3), t0 + 5 * second));
+        // A later message keeps the first one's time.
+        assert!(watches.watch(notice(1, 5, 4), t0 + 6 * second));
+        assert!(watches.watch(notice(2, 5, 3), t0 + 6 * second));
+        // An ack below the latest message keeps the watch; one that covers
+        // it, or a seen mark past it, ends it.
+        assert!(!watches.acked(1, 5, 3));
+        assert!(!watches.acked(1, 6, 9), "another conversation");
+        assert!(watches.acked(2, 5, 7));
+        assert!(watches.expire(t0 + 4 * second).is_empty());
+        let due = watches.expire(t0 + 5 * second);
+        assert_eq!(
+            due,
+            vec![Notice {
+                unacked: true,
+                ..notice(1, 5, 4)
+            }]
+        );
+        // Fired, it waits for its notification and is not due again.
+        assert!(watches.expire(t0 + 60 * second).is_empty());
+        assert!(watches.settle(&due[0]), "still unacknowledged");
+        assert!(watches.watched.is_empty() && watches.due.is_empty());
+        assert!(!watches.settle(&due[0]), "settled once");
+        // Acked while its notification waited: the notification stays
+        // home.
+        assert!(watches.watch(notice(1, 5, 8), t0));
+        let due = watches.expire(t0);
+        assert!(watches.acked(1, 5, 8));
+        assert!(!watches.settle(&due[0]));
+        // A message after one that fired is watched anew, and the first
+        // one's notification leaves it in place.
+        assert!(watches.watch(notice(1, 5, 9), t0));
+        let due = watches.expire(t0);
+        assert!(watches.watch(notice(1, 5, 10), t0 + second));
+        assert!(watches.settle(&due[0]));
+        assert_eq!(
+            watches.expire(t0 + second),
+            vec![Notice {
+                unacked: true,
+                ..notice(1, 5, 10)
+            }]
+        );
+    }
+
+    #[test]
+    fn watches_are_bounded_and_stale_due_entries_are_skipped() {
+        let mut watches = Watches::default();
+        let t0 = Instant::now();
+        for user in 0..MAX_WATCHES as u64 {
+            assert!(watches.watch(notice(user, 1, 1), t0));
+        }
+        assert!(!watches.watch(notice(u64::MAX, 1, 1), t0), "full");
+        // A key already watched still takes its latest message.
+        assert!(watches.watch(notice(0, 1, 2), t0));
+        for user in 1..MAX_WATCHES as u64 {
+            assert!(watches.acked(user, 1, 1));
+        }
+        // A new key fits again, and the acked ones' entries are compacted
+        // away.
+        assert!(watches.watch(notice(1, 1, 2), t0 + Duration::from_secs(1)));
+        assert_eq!(watches.due.len(), 2);
+        // Acked and watched again: the first due entry is stale.
+        assert!(watches.acked(1, 1, 2));
+        assert!(watches.watch(notice(1, 1, 3), t0 + Duration::from_secs(2)));
+        let due = watches.expire(t0 + Duration::from_secs(1));
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].user, due[0].seq), (0, 2));
+        assert!(watches.watched.capacity() < 1024 + 8);
+        let due = watches.expire(t0 + Duration::from_secs(2));
+        assert_eq!((due[0].user, due[0].seq), (1, 3));
+    }
+
+    #[test]
     fn the_payload_has_the_gateway_shape_and_no_text() {
         let notice = Notice {
             user: 2,
@@ -707,6 +1013,7 @@ mod tests {
             seq: 17,
             sender: 7,
             kind: NoticeKind::Text,
+            unacked: false,
         };
         let devices = [PushDevice {
             app_id: "com.example.ios".into(),

@@ -177,6 +177,13 @@ fn outcome(m: &HashMap<String, f64>, outcome: &str) -> f64 {
     )
 }
 
+fn watches(m: &HashMap<String, f64>, outcome: &str) -> f64 {
+    value(
+        m,
+        &format!("chat_push_watches_total{{outcome=\"{outcome}\"}}"),
+    )
+}
+
 each_backend! {
     async fn an_absent_user_is_notified_once_per_window_without_the_text(backend: Backend) {
         let gateway = Gateway::start(None).await;
@@ -240,9 +247,11 @@ each_backend! {
         let conversation = befriend(&alice, &bob).await;
         bob.register_push(APP, "bob-phone").await.unwrap();
 
-        // In the foreground Bob reads it in the app: no notification.
+        // In the foreground Bob reads it in the app: no notification, and
+        // his ack ends the watch on it (the default five seconds).
         alice.send_text(conversation, "while you look").await.unwrap();
         messages(&mut bob_events, 1).await;
+        scrape_until(metrics, "bob's ack ended the watch", |m| watches(m, "acked") == 1.0).await;
 
         // The app goes to the background with its connection open.
         bob.set_heartbeats(false);
@@ -330,6 +339,62 @@ each_backend! {
         assert_eq!(outcome(&m, "sent"), 1.0);
         assert_eq!(gateway.received().len(), 4);
     }
+}
+
+#[tokio::test]
+async fn a_message_a_foreground_connection_leaves_unacknowledged_is_notified() {
+    let gateway = Gateway::start(None).await;
+    let url = gateway.url();
+    let server = TestServer::start_on_with(Backend::Embedded, move |c| {
+        c.push.push_gateway_url = Some(url);
+        c.push.push_unacked_after = Duration::from_secs(4);
+    })
+    .await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    // Bob's app acks what it has stored, and stores nothing: to the
+    // server, a phone that lost its network or an app killed in the
+    // foreground, whose connection stays until the idle timeout.
+    let mut config = server.client_config();
+    config.delivery_acks = chat_client::DeliveryAcks::Manual;
+    let (bob, mut bob_events) = register(config, &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    bob.register_push(APP, "bob-phone").await.unwrap();
+
+    let first = alice
+        .send_text(conversation, "are you there")
+        .await
+        .unwrap();
+    messages(&mut bob_events, 1).await;
+    let got = gateway.wait_for(1).await;
+    let n = &got[0]["notification"];
+    assert_eq!(n["event_id"], format!("{conversation}/{}", first.seq));
+    assert_eq!(n["type"], "chat.text");
+    assert_eq!(n["devices"][0]["pushkey"], "bob-phone");
+    let m = scrape_until(metrics, "one sent", |m| outcome(m, "sent") == 1.0).await;
+    assert_eq!(watches(&m, "unacked"), 1.0);
+    assert_eq!(watches(&m, "acked"), 0.0);
+    assert_eq!(
+        value(&m, "chat_sessions_active"),
+        2.0,
+        "bob's connection is still open and in the foreground"
+    );
+
+    // Once the app acks what it gets, nothing more is notified.
+    bob.ack_delivery(conversation, first.seq);
+    let second = alice
+        .send_text(conversation, "there you are")
+        .await
+        .unwrap();
+    messages(&mut bob_events, 1).await;
+    bob.ack_delivery(conversation, second.seq);
+    let m = scrape_until(metrics, "the ack ended the watch", |m| {
+        watches(m, "acked") == 1.0
+    })
+    .await;
+    assert_eq!(watches(&m, "unacked"), 1.0);
+    assert_eq!(outcome(&m, "sent"), 1.0);
+    assert_eq!(gateway.received().len(), 1);
 }
 
 #[tokio::test]
