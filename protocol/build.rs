@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // caches, queues and long-lived tasks; inline, the field would
         // double the size of every one.
         .boxed(".chat.v1.Message.photo")
+        // Boxed, as the photo is: only a CALL message has one.
+        .boxed(".chat.v1.Message.call")
         // Boxed: a conversation is the largest body, and every `Frame` is
         // the size of the largest; a frame is held in every stream task of
         // every connection (idle memory, ARCHITECTURE.md).

@@ -539,7 +539,9 @@ async fn receive(
         let now = shared.clock.now_ns();
         match event {
             Event::Message(m) => {
-                let system = m.r#type == proto::MessageType::System as i32;
+                // Written by the server: a group's changes, a call's log.
+                let system = m.r#type == proto::MessageType::System as i32
+                    || m.r#type == proto::MessageType::Call as i32;
                 match Header::parse(&m.text) {
                     Some(h) if h.run == shared.run_id => {
                         // Counted as under way before the delivery is, so
@@ -562,7 +564,8 @@ async fn receive(
                             now,
                         );
                     }
-                    // "Group created" and the like, from set-up.
+                    // "Group created" and the like, from set-up; a call's
+                    // log.
                     _ if system => {}
                     _ => shared.tracker.stale(),
                 }

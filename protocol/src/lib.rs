@@ -396,6 +396,7 @@ mod tests {
         assert_eq!(proto::MessageType::Text as i32, 1);
         assert_eq!(proto::MessageType::Photo as i32, 2);
         assert_eq!(proto::MessageType::System as i32, 3);
+        assert_eq!(proto::MessageType::Call as i32, 4);
     }
 
     #[test]

@@ -139,6 +139,7 @@ fn message(conversation: (ConversationId, UserId, UserId), key: String, n: u64) 
         message_type: proto::MessageType::Text,
         text,
         photo: None,
+        call: None,
         now_ms: 1,
     }
 }

@@ -2,7 +2,9 @@
 //! media (see the calls section of `chat.proto`).
 //!
 //! A call lives in this node's memory only: it is made of connections, and
-//! they end with the node. One registry lock covers every call's
+//! they end with the node. What stays of it is its log, a CALL message the
+//! registry writes into the conversation when it ends (through the send
+//! committers, like any message). One registry lock covers every call's
 //! membership; calls change a few times a minute, not per message. Events
 //! are queued under that lock, so every connection sees a call's changes
 //! in the order they happened (a JOINED before the LEFT of the same
@@ -19,7 +21,7 @@
 //! connection's next call.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,12 +30,13 @@ use proto::{CallEndReason, CallEventKind};
 use tokio::task::AbortHandle;
 
 use crate::config::CallsConfig;
+use crate::delivery::Delivery;
 use crate::error::Refusal;
 use crate::hub::{Hub, SessionHandle};
 use crate::metrics::{MediaOutcome, Metrics};
 use crate::notify::{Notice, NoticeKind, Notifier};
 use crate::ratelimit::RateLimiter;
-use crate::store::{ConversationId, HistoryStore, UserId};
+use crate::store::{ConversationId, HistoryStore, NewMessage, UserId};
 use crate::wire::Outbound;
 
 /// A call's id: random, so that ids are not guessed or met again after a
@@ -74,6 +77,9 @@ pub struct Calls {
     /// This registry, for its timers (weak: a node that stops does not
     /// wait for them).
     me: Weak<Calls>,
+    /// Where a call's log goes when it ends (weak: the committers, which
+    /// hold this registry, stop when the node lets them go).
+    delivery: OnceLock<Weak<Delivery>>,
 }
 
 #[derive(Default)]
@@ -102,11 +108,20 @@ struct Live {
     participants: Vec<Participant>,
     /// Users rung who have neither answered nor declined, while it rings.
     ringing: Vec<UserId>,
+    /// Users rung, less those who declined or left the conversation: the
+    /// ones of them who never join missed it (the log says so).
+    rang: Vec<UserId>,
+    /// Users rung by notification whose ring has not ended: when it does,
+    /// they are notified so (their phone stops ringing).
+    pushed: Vec<UserId>,
+    /// The users who took part, in the order they first joined (at most
+    /// [`MAX_LOGGED`]).
+    joined: Vec<UserId>,
     next_participant: u32,
-    /// Two participants were in the call at once at some point: a call
-    /// left with one may wait for the other to come back; one never
+    /// When two participants were first in the call at once (Unix ms): a
+    /// call left with one may wait for the other to come back; one never
     /// answered ends.
-    answered: bool,
+    answered_ms: Option<i64>,
     /// Moves with every change of participants: a timer set when one was
     /// left alone acts only if nothing changed since.
     epoch: u64,
@@ -152,6 +167,9 @@ impl MediaSlot {
     }
 }
 
+/// Users a call's log names as having taken part, at most.
+const MAX_LOGGED: usize = 64;
+
 fn not_in_call() -> Refusal {
     Refusal::new(ErrorCode::NotFound, "no such call, or it is over")
 }
@@ -180,6 +198,26 @@ fn reason_label(reason: CallEndReason) -> &'static str {
         CallEndReason::Removed => "removed",
         _ => "hung_up",
     }
+}
+
+/// A call log's words, for apps that do not render the log themselves:
+/// "Missed call", "Video call, 12 min".
+fn log_text(log: &proto::CallLog) -> String {
+    let what = if log.video { "video call" } else { "call" };
+    if log.duration_ms == 0 && log.reason == CallEndReason::Declined as i32 {
+        return format!("Declined {what}");
+    }
+    if log.duration_ms == 0 {
+        return format!("Missed {what}");
+    }
+    let seconds = log.duration_ms.div_ceil(1000);
+    let length = match seconds {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min", s / 60),
+        s => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    };
+    let what = if log.video { "Video call" } else { "Call" };
+    format!("{what}, {length}")
 }
 
 /// The connection is in no call any more: its datagrams are dropped.
@@ -231,7 +269,14 @@ impl Calls {
             rings: RateLimiter::with_rate(RINGS_PER_SECOND, RING_BURST),
             registry: Mutex::new(Registry::default()),
             me: me.clone(),
+            delivery: OnceLock::new(),
         })
+    }
+
+    /// From now on a call that ends writes its log (a CALL message) into
+    /// its conversation through `delivery`.
+    pub fn write_logs_through(&self, delivery: &Arc<Delivery>) {
+        let _ = self.delivery.set(Arc::downgrade(delivery));
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
@@ -309,9 +354,12 @@ impl Calls {
                 i64::try_from(self.config.ring_timeout.as_millis()).unwrap_or(i64::MAX),
             ),
             participants: Vec::new(),
+            rang: ringing.clone(),
+            pushed: Vec::new(),
+            joined: Vec::new(),
             ringing,
             next_participant: 1,
-            answered: false,
+            answered_ms: None,
             epoch: 0,
             timer: None,
         };
@@ -332,6 +380,7 @@ impl Calls {
             if self.hub.push(user, StreamKind::Calls, &ring_frame, None) == 0
                 && let Some(notifier) = &self.notifier
             {
+                live.pushed.push(user);
                 notifier.notify(Notice {
                     user,
                     conversation: conversation_id,
@@ -467,6 +516,7 @@ impl Calls {
         };
         live.ringing.swap_remove(at);
         unring(rung, user, call_id);
+        self.ring_ended(live, call_id, user, reason);
         let stopped = proto::CallEvent {
             reason: reason as i32,
             ..live.event(call_id, CallEventKind::RingStopped, user, 0)
@@ -495,7 +545,12 @@ impl Calls {
             handle: handle.clone(),
             joined_ms: crate::streams::now_ms(),
         });
-        live.answered |= live.participants.len() > 1;
+        if live.participants.len() > 1 && live.answered_ms.is_none() {
+            live.answered_ms = Some(crate::streams::now_ms());
+        }
+        if live.joined.len() < MAX_LOGGED && !live.joined.contains(&handle.user_id) {
+            live.joined.push(handle.user_id);
+        }
         live.epoch += 1;
         registry.by_conn.insert(handle.conn_id, call_id);
         self.metrics.call_participants.increment(1.0);
@@ -586,6 +641,7 @@ impl Calls {
                 "this call does not ring you",
             ));
         }
+        live.rang.retain(|&u| u != user);
         let declined = live.event(call_id, CallEventKind::Declined, user, 0);
         live.tell_participants(&push_event(declined));
         self.settle(&mut registry, call_id, CallEndReason::Declined);
@@ -682,9 +738,11 @@ impl Calls {
             ..live.event(call_id, CallEventKind::Ended, user, 0)
         });
         let mut involved = false;
+        live.rang.retain(|&u| u != user);
         if let Some(at) = live.ringing.iter().position(|&u| u == user) {
             live.ringing.swap_remove(at);
             unring(rung, user, call_id);
+            self.ring_ended(live, call_id, user, CallEndReason::Removed);
             self.hub.push(user, StreamKind::Calls, &ended, None);
             involved = true;
         }
@@ -809,7 +867,7 @@ impl Calls {
             0 => self.end(registry, call_id, reason),
             1 if live.ringing.is_empty() => {
                 let hung_up = live.pair.is_some() && reason != CallEndReason::Disconnected;
-                if !live.answered || hung_up {
+                if live.answered_ms.is_none() || hung_up {
                     self.end(registry, call_id, reason);
                 } else {
                     let epoch = live.epoch;
@@ -823,7 +881,7 @@ impl Calls {
     /// Ends a call: everyone in it, and every device it still rings, hears
     /// ENDED.
     fn end(&self, registry: &mut Registry, call_id: CallId, reason: CallEndReason) {
-        let Some(live) = registry.calls.remove(&call_id) else {
+        let Some(mut live) = registry.calls.remove(&call_id) else {
             return;
         };
         if let Some(timer) = &live.timer {
@@ -843,13 +901,82 @@ impl Calls {
             participant.handle.push(StreamKind::Calls, ended.clone());
             self.metrics.call_participants.decrement(1.0);
         }
-        for &user in &live.ringing {
+        for user in std::mem::take(&mut live.ringing) {
             unring(&mut registry.rung, user, call_id);
+            self.ring_ended(&mut live, call_id, user, reason);
             self.hub.push(user, StreamKind::Calls, &ended, None);
         }
+        self.write_log(&live, call_id, reason);
         self.metrics.calls_active.decrement(1.0);
         self.metrics.call_ended(reason_label(reason));
         tracing::debug!(call_id, reason = reason.as_str_name(), "call ended");
+    }
+
+    /// The call rings `user` no more: if a notification rang them, another
+    /// says it ended, so the phone stops ringing.
+    fn ring_ended(&self, live: &mut Live, call_id: CallId, user: UserId, reason: CallEndReason) {
+        let Some(at) = live.pushed.iter().position(|&u| u == user) else {
+            return;
+        };
+        live.pushed.swap_remove(at);
+        if let Some(notifier) = &self.notifier {
+            notifier.notify(Notice {
+                user,
+                conversation: live.conversation_id,
+                seq: call_id,
+                sender: live.caller,
+                kind: NoticeKind::CallEnded { reason },
+                unacked: false,
+            });
+        }
+    }
+
+    /// Writes the log of a call that ended (a CALL message from its
+    /// caller) into its conversation, through the send committers, so it
+    /// takes its place in seq order and reaches the members like any
+    /// message. Not for a direct call whose two stopped being friends:
+    /// their conversation takes no message.
+    fn write_log(&self, live: &Live, call_id: CallId, reason: CallEndReason) {
+        if live.pair.is_some() && reason == CallEndReason::Removed {
+            return;
+        }
+        let Some(delivery) = self.delivery.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let now = crate::streams::now_ms();
+        let log = proto::CallLog {
+            call_id,
+            video: live.video,
+            started_ms: live.started_ms,
+            // An answered call lasted at least a millisecond, so 0 means
+            // "missed" only.
+            duration_ms: live
+                .answered_ms
+                .map_or(0, |at| u64::try_from(now - at).unwrap_or(0).max(1)),
+            joined: live.joined.clone(),
+            missed: live
+                .rang
+                .iter()
+                .filter(|user| !live.joined.contains(user))
+                .copied()
+                .collect(),
+            reason: reason as i32,
+        };
+        let message = NewMessage {
+            conversation_id: live.conversation_id,
+            sender_id: live.caller,
+            client_msg_id: format!("call:{call_id:016x}"),
+            message_type: proto::MessageType::Call,
+            text: log_text(&log),
+            photo: None,
+            call: Some(Box::new(log)),
+            now_ms: now,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = delivery.write(message).await {
+                tracing::debug!(call_id, error = %e.message, "a call's log was not written");
+            }
+        });
     }
 
     /// Arms the call's one timer (the previous one, if any, is dropped).
@@ -884,6 +1011,7 @@ impl Calls {
                 });
                 for user in std::mem::take(&mut live.ringing) {
                     unring(rung, user, call_id);
+                    self.ring_ended(live, call_id, user, CallEndReason::NoAnswer);
                     self.hub.push(user, StreamKind::Calls, &stopped, None);
                 }
                 live.tell_participants(&stopped);
@@ -1057,6 +1185,36 @@ mod tests {
         assert!(!budget.take(1, t0 + Duration::from_millis(500)));
         assert!(!budget.take(1001, t0 + Duration::from_secs(60)));
         assert!(budget.take(1000, t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_log_reads_missed_declined_or_how_long_it_lasted() {
+        let log = |video, duration_ms, reason: CallEndReason| proto::CallLog {
+            video,
+            duration_ms,
+            reason: reason as i32,
+            ..Default::default()
+        };
+        let cases = [
+            (log(false, 0, CallEndReason::NoAnswer), "Missed call"),
+            (log(true, 0, CallEndReason::HungUp), "Missed video call"),
+            (log(false, 0, CallEndReason::Declined), "Declined call"),
+            (log(false, 1, CallEndReason::HungUp), "Call, 1 s"),
+            (log(true, 59_000, CallEndReason::HungUp), "Video call, 59 s"),
+            (
+                log(true, 59_001, CallEndReason::HungUp),
+                "Video call, 1 min",
+            ),
+            (log(false, 60_000, CallEndReason::Alone), "Call, 1 min"),
+            (log(false, 3_599_000, CallEndReason::HungUp), "Call, 59 min"),
+            (
+                log(false, 3_900_000, CallEndReason::HungUp),
+                "Call, 1 h 5 min",
+            ),
+        ];
+        for (log, text) in cases {
+            assert_eq!(log_text(&log), text, "{log:?}");
+        }
     }
 
     #[test]

@@ -96,6 +96,14 @@ pub enum Work {
     },
 }
 
+/// What a send committer takes, in its conversations' order.
+enum Job {
+    /// A client's send or group change, answered when stored.
+    Client(SendJob),
+    /// A message the server writes (a call's log), answered to nobody.
+    Server(NewMessage),
+}
+
 /// A validated send (or group change) waiting for its commit.
 pub struct SendJob {
     /// What to store.
@@ -147,7 +155,7 @@ impl MarkReply {
 /// Handle to the committers: one send and one watermark committer per
 /// shard of the conversations.
 pub struct Delivery {
-    sends: Vec<mpsc::Sender<SendJob>>,
+    sends: Vec<mpsc::Sender<Job>>,
     marks: Vec<mpsc::Sender<MarkWork>>,
     /// Delivery acks dropped by any mark committer since the node started
     /// (see [`Delivery::acks_lost`]).
@@ -242,7 +250,19 @@ impl Delivery {
             // any committer will do.
             Work::CreateGroup { group, .. } => group.creator,
         };
-        enqueue(&self.sends[shard_of(key, self.sends.len())], job).await
+        enqueue(
+            &self.sends[shard_of(key, self.sends.len())],
+            Job::Client(job),
+        )
+        .await
+    }
+
+    /// Queues a message the server writes (a call's log: see
+    /// [`commit_server`]), behind the sends of its conversation queued
+    /// before it.
+    pub async fn write(&self, message: NewMessage) -> Result<(), Refusal> {
+        let shard = shard_of(message.conversation_id, self.sends.len());
+        enqueue(&self.sends[shard], Job::Server(message)).await
     }
 
     /// Queues a watermark move.
@@ -322,11 +342,11 @@ struct Committer {
 }
 
 async fn send_committer(
-    mut rx: mpsc::Receiver<SendJob>,
+    mut rx: mpsc::Receiver<Job>,
     c: Committer,
     updates: mpsc::Sender<CacheUpdate>,
 ) {
-    let mut jobs: Vec<SendJob> = Vec::with_capacity(MAX_SEND_BATCH);
+    let mut jobs: Vec<Job> = Vec::with_capacity(MAX_SEND_BATCH);
     let mut out = Fanout::default();
     let mut holds = Holds::new();
     let mut paused = Paused::default();
@@ -335,17 +355,21 @@ async fn send_committer(
         // between them, so its SYSTEM message keeps its place in seq order.
         let mut run: Vec<SendJob> = Vec::new();
         for job in jobs.drain(..) {
-            match job.work {
-                Work::Message(_) => run.push(job),
-                Work::Group { .. } | Work::CreateGroup { .. } => {
-                    let run = std::mem::take(&mut run);
-                    commit_run(&c, run, &mut out, &mut holds, &mut paused).await;
-                    if matches!(job.work, Work::Group { .. }) {
-                        commit_group(&c, job, &mut out, &mut paused).await;
-                    } else {
-                        commit_create(&c, job, &mut out).await;
-                    }
+            let job = match job {
+                Job::Client(job) if matches!(job.work, Work::Message(_)) => {
+                    run.push(job);
+                    continue;
                 }
+                job => job,
+            };
+            let run = std::mem::take(&mut run);
+            commit_run(&c, run, &mut out, &mut holds, &mut paused).await;
+            match job {
+                Job::Client(job) if matches!(job.work, Work::Group { .. }) => {
+                    commit_group(&c, job, &mut out, &mut paused).await;
+                }
+                Job::Client(job) => commit_create(&c, job, &mut out).await,
+                Job::Server(message) => commit_server(&c, message, &mut out).await,
             }
         }
         commit_run(&c, run, &mut out, &mut holds, &mut paused).await;
@@ -771,6 +795,30 @@ async fn commit_run(
     }
 }
 
+/// Stores a message the server writes (a call's log) and fans it out like
+/// any other, to every device of its sender too. Nobody waits for it: a
+/// failure is logged and the message is not written (it records what
+/// happened; it carries nothing a user sent). Under its key (one per
+/// call) a second write stores nothing and goes to the members still owed
+/// it.
+async fn commit_server(c: &Committer, message: NewMessage, out: &mut Fanout) {
+    let (conversation, key) = (message.conversation_id, message.client_msg_id.clone());
+    let result = match c.store.append(vec![message]).await {
+        Ok(mut results) => results
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Internal("the store answered no result".into()))),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(appended) if appended.duplicate => redeliver(c, &appended, out),
+        // Connection ids start at 1: none is left out.
+        Ok(appended) => fan_out(c, appended, 0, None, out),
+        Err(e) => {
+            tracing::warn!(conversation, key, error = %e, "could not write a message of the server");
+        }
+    }
+}
+
 /// A retry of a stored message (or group change) goes again to the members
 /// still owed it, in case its first fan-out never happened: a commit whose
 /// outcome was settled too late, a node that stopped between its commit and
@@ -1013,28 +1061,38 @@ fn fan_out(
         message.sender_id,
     );
     let mut pushed = 0;
-    // People write texts and photos; a group's changes (SYSTEM) notify
-    // nobody.
-    let notifier = c.notifier.as_deref().filter(|_| {
-        matches!(
-            proto::MessageType::try_from(message.r#type),
-            Ok(proto::MessageType::Text | proto::MessageType::Photo)
-        )
-    });
+    // People write texts and photos, which notify every member; a call's
+    // log notifies those it rang who never answered; a group's changes
+    // (SYSTEM) notify nobody.
+    let notice_kind = match proto::MessageType::try_from(message.r#type) {
+        _ if c.notifier.is_none() => None,
+        Ok(proto::MessageType::Text) => Some(NoticeKind::Text),
+        Ok(proto::MessageType::Photo) => Some(NoticeKind::Photo),
+        Ok(proto::MessageType::Call) => message
+            .call
+            .as_ref()
+            .map(|call| NoticeKind::MissedCall { video: call.video }),
+        _ => None,
+    };
+    let notified = |member: &UserId| match notice_kind {
+        Some(NoticeKind::MissedCall { .. }) => message
+            .call
+            .as_ref()
+            .is_some_and(|call| call.missed.contains(member)),
+        kind => kind.is_some(),
+    };
     for &member in &appended.members {
         if member != message.sender_id {
             // Before the push: the member's ack must find the watch.
-            if let Some(notifier) = notifier {
+            if let (Some(notifier), Some(kind), true) =
+                (&c.notifier, notice_kind, notified(&member))
+            {
                 let notice = Notice {
                     user: member,
                     conversation: message.conversation_id,
                     seq: message.seq,
                     sender: message.sender_id,
-                    kind: if message.photo.is_some() {
-                        NoticeKind::Photo
-                    } else {
-                        NoticeKind::Text
-                    },
+                    kind,
                     unacked: false,
                 };
                 if c.hub.in_foreground(member) {

@@ -228,6 +228,7 @@ impl Server {
             metrics.clone(),
             (notifier, calls.clone()),
         );
+        calls.write_logs_through(&delivery);
         let runtime = quinn::default_runtime()
             .ok_or_else(|| ServerError::Tls("no async runtime for quinn".into()))?;
         let endpoint = quinn::Endpoint::new(

@@ -1,6 +1,8 @@
 //! Notifications. A message stored for a user with no connection in the
-//! foreground on this node (none at all, or only apps in the background)
-//! becomes a notification: the push gateway is asked to notify the devices
+//! foreground on this node (none at all, or only apps in the background),
+//! a call's log for a user who missed the call, and a call ringing a user
+//! with no calls stream open (then the end of that ring) become
+//! notifications: the push gateway is asked to notify the devices
 //! the user's sessions registered (`RegisterPush`), and the gateway, which
 //! holds the APNs and FCM credentials, tells the platforms.
 //!
@@ -41,6 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chat_protocol::proto::CallEndReason;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
@@ -106,11 +109,34 @@ pub enum NoticeKind {
     Text,
     /// A photo.
     Photo,
+    /// A call's log (a CALL message) for a user it rang who never answered.
+    MissedCall {
+        /// With video.
+        video: bool,
+    },
     /// A call that rings the user (`seq` is its id); never coalesced.
     Call {
         /// With video.
         video: bool,
     },
+    /// A call that rang the user by notification rings them no more
+    /// (`seq` is its id), so the phone stops ringing; never coalesced.
+    CallEnded {
+        /// Why: answered or declined on another device, the caller hung
+        /// up, nobody answered.
+        reason: CallEndReason,
+    },
+}
+
+impl NoticeKind {
+    /// A stored message (coalesced per conversation, with the badge), not
+    /// a call's ring or its end.
+    fn is_message(self) -> bool {
+        matches!(
+            self,
+            NoticeKind::Text | NoticeKind::Photo | NoticeKind::MissedCall { .. }
+        )
+    }
 }
 
 /// The committers' handle: queues notices for the coalescer, and watches
@@ -351,8 +377,8 @@ async fn coalesce(mut rx: mpsc::Receiver<Notice>, dispatcher: Arc<Dispatcher>, w
         tokio::select! {
             notice = rx.recv() => {
                 let Some(notice) = notice else { break };
-                if matches!(notice.kind, NoticeKind::Call { .. }) {
-                    // A ring is now or never.
+                if !notice.kind.is_message() {
+                    // A ring, or its end, is now or never.
                     dispatcher.send_in(&mut sending, notice);
                     continue;
                 }
@@ -506,7 +532,7 @@ impl Dispatcher {
     /// Forgets the watch a notification of `notice` covers; true if the
     /// message is still unacknowledged.
     fn settle(&self, notice: &Notice) -> bool {
-        !matches!(notice.kind, NoticeKind::Call { .. })
+        notice.kind.is_message()
             && self
                 .unacked
                 .as_ref()
@@ -522,8 +548,11 @@ impl Dispatcher {
         let unacked = self.settle(&notice);
         let online = match notice.kind {
             NoticeKind::Call { .. } => self.hub.takes_calls(notice.user),
-            NoticeKind::Text | NoticeKind::Photo if notice.unacked => !unacked,
-            NoticeKind::Text | NoticeKind::Photo => self.hub.in_foreground(notice.user),
+            // The device the notification rang may not be the one with a
+            // calls stream now (the user answered on their laptop).
+            NoticeKind::CallEnded { .. } => false,
+            _ if notice.unacked => !unacked,
+            _ => self.hub.in_foreground(notice.user),
         };
         if online {
             return if notice.unacked { "acked" } else { "online" };
@@ -541,9 +570,9 @@ impl Dispatcher {
             }
             // Without the badge or the name the notification still goes. A
             // ring has no badge: it changes no unread count.
-            let unread = match notice.kind {
-                NoticeKind::Call { .. } => Ok(None),
-                NoticeKind::Text | NoticeKind::Photo => self
+            let unread = match notice.kind.is_message() {
+                false => Ok(None),
+                true => self
                     .store
                     .unread_conversations(notice.user, MAX_BADGE)
                     .await
@@ -661,7 +690,17 @@ struct Notification<'a> {
     prio: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     counts: Option<Counts>,
+    /// For `chat.call_ended`: why the ring ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<Content>,
     devices: Vec<Device<'a>>,
+}
+
+#[derive(Serialize)]
+struct Content {
+    /// The `CallEndReason` name without its prefix, lowercase
+    /// (`answered_elsewhere`, `no_answer`, `hung_up`, ...).
+    reason: String,
 }
 
 #[derive(Serialize)]
@@ -685,23 +724,33 @@ fn payload(
 ) -> Vec<u8> {
     let payload = Payload {
         notification: Notification {
-            event_id: match notice.kind {
-                NoticeKind::Call { .. } => format!("call/{}", notice.seq),
-                NoticeKind::Text | NoticeKind::Photo => {
-                    format!("{}/{}", notice.conversation, notice.seq)
-                }
+            event_id: match notice.kind.is_message() {
+                false => format!("call/{}", notice.seq),
+                true => format!("{}/{}", notice.conversation, notice.seq),
             },
             room_id: notice.conversation.to_string(),
             kind: match notice.kind {
                 NoticeKind::Text => "chat.text",
                 NoticeKind::Photo => "chat.photo",
+                NoticeKind::MissedCall { video: false } => "chat.missed_call",
+                NoticeKind::MissedCall { video: true } => "chat.missed_video_call",
                 NoticeKind::Call { video: false } => "chat.call",
                 NoticeKind::Call { video: true } => "chat.video_call",
+                NoticeKind::CallEnded { .. } => "chat.call_ended",
             },
             sender: notice.sender.to_string(),
             sender_display_name: sender_name,
             prio: "high",
             counts: unread.map(|unread| Counts { unread }),
+            content: match notice.kind {
+                NoticeKind::CallEnded { reason } => Some(Content {
+                    reason: reason
+                        .as_str_name()
+                        .trim_start_matches("CALL_END_REASON_")
+                        .to_ascii_lowercase(),
+                }),
+                _ => None,
+            },
             devices: devices
                 .iter()
                 .map(|d| Device {

@@ -85,6 +85,7 @@ async fn a_queued_message_history_does_not_have_is_not_delivered() {
         sent_at_ms: ack.sent_at_ms,
         text: "from another deployment".into(),
         photo: None,
+        call: None,
     };
     let redis = RedisStore::connect(&production.redis_url, &production.redis_prefix)
         .await

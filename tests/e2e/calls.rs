@@ -69,6 +69,18 @@ impl Caller {
         .await
     }
 
+    /// The next call log (a CALL message; other events are skipped).
+    async fn log(&mut self) -> (proto::Message, proto::CallLog) {
+        let what = format!("a call's log at {}", self.client.identity().username);
+        let m = wait_for(&mut self.events, &what, |e| match e {
+            Event::Message(m) if m.r#type == proto::MessageType::Call as i32 => Some(m),
+            _ => None,
+        })
+        .await;
+        let log = *m.call.clone().expect("a CALL message has its call");
+        (m, log)
+    }
+
     /// Asserts that no call event or signal arrives within `quiet`.
     async fn assert_quiet(&mut self, quiet: Duration) {
         let deadline = tokio::time::Instant::now() + quiet;
@@ -173,6 +185,26 @@ each_backend! {
         assert_eq!(code(bob.client.join_call(started.call_id).await), ErrorCode::NotFound);
         assert_eq!(code(alice.client.leave_call(started.call_id).await), ErrorCode::NotFound);
 
+        // The conversation keeps the call: a CALL message from the caller,
+        // to both, in history too.
+        let (message, log) = bob.log().await;
+        assert_eq!(message.sender_id, alice.id());
+        assert_eq!(message.conversation_id, conversation);
+        assert!(message.text.starts_with("Video call, "), "{}", message.text);
+        assert_eq!((log.call_id, log.video), (started.call_id, true));
+        assert_eq!(log.started_ms, started.started_ms);
+        assert!(log.duration_ms >= 1 && message.sent_at_ms >= log.started_ms, "{log:?}");
+        assert_eq!(log.joined, vec![alice.id(), bob.id()]);
+        assert!(log.missed.is_empty());
+        assert_eq!(log.reason(), CallEndReason::HungUp);
+        assert_eq!(alice.log().await.0, message, "the caller's devices get it too");
+        let page = bob
+            .client
+            .history(conversation, chat_client::HistoryDirection::Backward, 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(page.messages.last(), Some(&message));
+
         // A new call in the same conversation is a new call.
         let second = bob.client.start_call(conversation, false).await.unwrap();
         assert_ne!(second.call_id, started.call_id);
@@ -207,6 +239,15 @@ async fn a_declined_call_ends_and_an_unanswered_one_stops_ringing() {
     })
     .await;
     assert_eq!(ended(&m, "declined"), 1.0);
+    // Declined, it was missed by nobody.
+    let (message, log) = bob.log().await;
+    assert_eq!(message.text, "Declined call");
+    assert_eq!(
+        (log.duration_ms, log.reason()),
+        (0, CallEndReason::Declined)
+    );
+    assert_eq!(log.joined, vec![alice.id()]);
+    assert!(log.missed.is_empty(), "{log:?}");
 
     // Nobody answers within the ring timeout (1 s here). Only events are
     // awaited, so a slow machine makes it late, never wrong.
@@ -235,6 +276,13 @@ async fn a_declined_call_ends_and_an_unanswered_one_stops_ringing() {
         code(bob.client.join_call(call.call_id).await),
         ErrorCode::NotFound
     );
+    // Unanswered, Bob missed it.
+    let (message, log) = alice.log().await;
+    assert_eq!(message.text, "Missed call");
+    assert_eq!((log.call_id, log.duration_ms), (call.call_id, 0));
+    assert_eq!(log.reason(), CallEndReason::NoAnswer);
+    assert_eq!(log.missed, vec![bob.id()]);
+    assert_eq!(bob.log().await.0, message);
 }
 
 #[tokio::test]
@@ -375,6 +423,14 @@ async fn a_group_call_rings_every_member_forwards_to_all_and_ends_when_left_alon
     .await;
     assert_eq!(ended(&m, "alone"), 1.0);
     assert_eq!(value(&m, "chat_call_participants"), 0.0);
+    // The group's log: from the caller, who left first; D declined, so
+    // nobody missed it.
+    let (message, log) = d.log().await;
+    assert_eq!(message.sender_id, a.id());
+    assert!(message.text.starts_with("Call, "), "{}", message.text);
+    assert_eq!(log.joined, vec![a.id(), b.id(), c.id()]);
+    assert!(log.missed.is_empty(), "{log:?}");
+    assert_eq!(log.reason(), CallEndReason::Alone);
 }
 
 #[tokio::test]

@@ -536,8 +536,17 @@ async fn a_gateway_that_never_answers_does_not_hold_up_shutdown() {
     silent.abort();
 }
 
+/// The call log in `events` (a CALL message), taken, so the app acks it.
+async fn call_log(events: &mut Events) -> proto::Message {
+    wait_for(events, "a call's log", |e| match e {
+        chat_client::Event::Message(m) if m.r#type == proto::MessageType::Call as i32 => Some(m),
+        _ => None,
+    })
+    .await
+}
+
 #[tokio::test]
-async fn a_call_rings_by_notification_where_no_calls_stream_is_open() {
+async fn a_call_rings_by_notification_where_no_calls_stream_is_open_and_stops_ringing_there() {
     let gateway = Gateway::start(None).await;
     let server = server_for(Backend::Embedded, &gateway, Duration::from_secs(5)).await;
     let metrics = server.server.as_ref().unwrap().metrics_addr();
@@ -546,10 +555,19 @@ async fn a_call_rings_by_notification_where_no_calls_stream_is_open() {
     let (alice, _alice_events) = register(calls.clone(), &name("alice")).await;
     let (bob, mut bob_events) = register(calls.clone(), &name("bob")).await;
     let conversation = befriend(&alice, &bob).await;
+    let bob_name = bob.identity().username;
     let token = bob.identity().token;
     bob.register_push(APP, "bob-phone").await.unwrap();
+    let of_type = |kind: &str| -> Vec<Value> {
+        gateway
+            .received()
+            .into_iter()
+            .filter(|r| r["notification"]["type"] == kind)
+            .collect()
+    };
 
-    // Bob's app takes calls: it rings there, and nothing is pushed.
+    // Bob's app takes calls: it rings there, and nothing is pushed. The
+    // call's log, which his app takes, notifies nothing either.
     let in_app = alice.start_call(conversation, false).await.unwrap();
     wait_for(&mut bob_events, "the ring in the app", |e| match e {
         chat_client::Event::Call(ring) if ring.call_id == in_app.call_id => Some(()),
@@ -557,11 +575,15 @@ async fn a_call_rings_by_notification_where_no_calls_stream_is_open() {
     })
     .await;
     alice.leave_call(in_app.call_id).await.unwrap();
+    let log = call_log(&mut bob_events).await;
+    assert_eq!(log.call.unwrap().call_id, in_app.call_id);
+    scrape_until(metrics, "the log acked", |m| watches(m, "acked") == 1.0).await;
     drop(bob_events);
     gone(metrics, &bob).await;
 
-    // Bob's app is open without calls: the ring is pushed all the same.
-    let (plain, _plain_events) = Client::resume(server.client_config(), &token)
+    // Bob's app is open without calls: the ring is pushed all the same,
+    // and when the caller hangs up, that it ended.
+    let (plain, mut plain_events) = Client::resume(server.client_config(), &token)
         .await
         .unwrap();
     let pushed = alice.start_call(conversation, true).await.unwrap();
@@ -579,15 +601,70 @@ async fn a_call_rings_by_notification_where_no_calls_stream_is_open() {
     assert_eq!(n["devices"][0]["pushkey"], "bob-phone");
     assert!(n.get("counts").is_none(), "a ring changes no badge: {n}");
     alice.leave_call(pushed.call_id).await.unwrap();
+    let got = gateway.wait_for(2).await;
+    let n = &got[1]["notification"];
+    assert_eq!(n["type"], "chat.call_ended");
+    assert_eq!(n["event_id"], format!("call/{}", pushed.call_id));
+    assert_eq!(n["content"]["reason"], "hung_up");
+    assert_eq!(n["devices"][0]["pushkey"], "bob-phone");
+    assert!(n.get("counts").is_none(), "{n}");
+    call_log(&mut plain_events).await;
+    scrape_until(metrics, "the log acked", |m| watches(m, "acked") == 2.0).await;
+    drop(plain_events);
 
-    // And with no connection at all.
+    // With no connection at all: the ring, its end, and the missed call,
+    // which is a message (its badge counts it).
     gone(metrics, &plain).await;
     let absent = alice.start_call(conversation, false).await.unwrap();
-    let got = gateway.wait_for(2).await;
+    let got = gateway.wait_for(3).await;
     assert_eq!(
-        got[1]["notification"]["event_id"],
+        got[2]["notification"]["event_id"],
         format!("call/{}", absent.call_id)
     );
-    assert_eq!(got[1]["notification"]["type"], "chat.call");
-    scrape_until(metrics, "two sent", |m| outcome(m, "sent") == 2.0).await;
+    assert_eq!(got[2]["notification"]["type"], "chat.call");
+    alice.leave_call(absent.call_id).await.unwrap();
+    gateway.wait_for(5).await;
+    let ended = of_type("chat.call_ended");
+    assert_eq!(ended.len(), 2, "{ended:?}");
+    assert_eq!(
+        ended[1]["notification"]["event_id"],
+        format!("call/{}", absent.call_id)
+    );
+    let missed = of_type("chat.missed_call");
+    assert_eq!(missed.len(), 1, "{:?}", gateway.received());
+    let n = &missed[0]["notification"];
+    assert_eq!(n["sender"], alice.identity().user_id.to_string());
+    assert_eq!(n["counts"]["unread"], 1);
+    let seq: u64 = n["event_id"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(n["event_id"], format!("{conversation}/{seq}"));
+
+    // A phone rung by notification stops when the call is answered on
+    // another device (which is rung when its calls stream opens).
+    let ringing = alice.start_call(conversation, false).await.unwrap();
+    gateway.wait_for(6).await;
+    let (laptop, mut laptop_events) = Client::login(calls.clone(), &bob_name, PASSWORD)
+        .await
+        .unwrap();
+    wait_for(&mut laptop_events, "the ring on the laptop", |e| match e {
+        chat_client::Event::Call(ring) if ring.call_id == ringing.call_id => Some(()),
+        _ => None,
+    })
+    .await;
+    laptop.join_call(ringing.call_id).await.unwrap();
+    gateway.wait_for(7).await;
+    let ended = of_type("chat.call_ended");
+    assert_eq!(ended.len(), 3, "{ended:?}");
+    let n = &ended[2]["notification"];
+    assert_eq!(n["event_id"], format!("call/{}", ringing.call_id));
+    assert_eq!(n["content"]["reason"], "answered_elsewhere");
+    let m = scrape_until(metrics, "seven sent", |m| outcome(m, "sent") == 7.0).await;
+    assert_eq!(outcome(&m, "online"), 0.0);
+    assert_eq!(gateway.received().len(), 7);
 }

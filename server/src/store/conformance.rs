@@ -61,6 +61,7 @@ macro_rules! history_store_conformance {
             moves_share_their_conversations_member_list,
             closed_direct_conversations_keep_their_watermarks_to_themselves,
             photos,
+            call_logs,
             push_registrations,
             unread_conversations_count_others_messages,
         );
@@ -156,6 +157,7 @@ pub fn text(
         message_type: proto::MessageType::Text,
         text: body.into(),
         photo: None,
+        call: None,
         now_ms,
     }
 }
@@ -1965,6 +1967,82 @@ pub async fn closed_direct_conversations_keep_their_watermarks_to_themselves(
         &store.receipt_snapshot(a, 10, 32).await.unwrap(),
         c
     ));
+}
+
+/// A call's log (a CALL message the server writes): its call travels with
+/// it in every read, a retry under its key finds it, and a message with
+/// neither photo nor call carries none.
+pub async fn call_logs(store: &impl HistoryStore) {
+    let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
+    let log = proto::CallLog {
+        call_id: 0xfeed,
+        video: true,
+        started_ms: 100,
+        duration_ms: 61_000,
+        joined: vec![a, b],
+        missed: vec![],
+        reason: proto::CallEndReason::HungUp as i32,
+    };
+    let log_message = |now_ms: i64| {
+        let mut m = text(c, a, "call:000000000000feed", "Video call, 1 min", now_ms);
+        m.message_type = proto::MessageType::Call;
+        m.call = Some(Box::new(log.clone()));
+        m
+    };
+    let appended = store
+        .append(vec![log_message(200)])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let seq = appended.message.seq;
+    assert_eq!(appended.message.r#type, proto::MessageType::Call as i32);
+    assert_eq!(appended.message.call.as_deref(), Some(&log));
+    assert_eq!(appended.message.photo, None);
+    let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
+    let read = page.messages.last().unwrap();
+    assert_eq!((read.seq, read.call.as_deref()), (seq, Some(&log)));
+    assert_eq!(read.text, "Video call, 1 min");
+    assert_eq!(read.photo, None, "a call's attachment is not a photo");
+    let pending = store.undelivered(b, (0, 0), 10).await.unwrap();
+    assert_eq!(
+        pending
+            .iter()
+            .find(|m| m.seq == seq)
+            .unwrap()
+            .call
+            .as_deref(),
+        Some(&log)
+    );
+    let views = store
+        .conversations(b, (i64::MAX, u64::MAX), 10)
+        .await
+        .unwrap();
+    let view = views.iter().find(|v| v.id == c).unwrap();
+    assert_eq!(
+        view.last_message.as_ref().unwrap().call.as_deref(),
+        Some(&log)
+    );
+    // Written again under its key: the first, and nothing new.
+    let repeated = store
+        .append(vec![log_message(300)])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert!(repeated.duplicate);
+    assert_eq!(repeated.message.seq, seq);
+    assert_eq!(repeated.message.call.as_deref(), Some(&log));
+    let plain = store
+        .append(vec![text(c, b, "t-1", "that was fun", 400)])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(plain.message.call, None);
+    let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
+    assert_eq!(page.messages.last().unwrap().call, None);
+    assert_eq!(page.messages.len(), 2);
 }
 
 /// Uploads: recorded, bound to one conversation by a send, marked with the

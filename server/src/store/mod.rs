@@ -457,6 +457,8 @@ pub struct NewMessage {
     /// record, [`HistoryStore::attach_media`]). Storing the message
     /// records its seq on the upload.
     pub photo: Option<Box<proto::Photo>>,
+    /// For a CALL message (written by the server), the call.
+    pub call: Option<Box<proto::CallLog>>,
     /// Server time at submission, Unix ms.
     pub now_ms: i64,
 }
@@ -513,21 +515,38 @@ impl MediaRecord {
     }
 }
 
-/// Encodes a message's photo for its row (`attachment`, NULL for none).
-pub(crate) fn encode_photo(photo: Option<&proto::Photo>) -> Option<Vec<u8>> {
-    photo.map(prost::Message::encode_to_vec)
+/// Encodes what a message carries besides its text for its row
+/// (`attachment`, NULL for none): a PHOTO's photo, a CALL's call.
+pub(crate) fn encode_attachment(m: &NewMessage) -> Option<Vec<u8>> {
+    match (&m.photo, &m.call) {
+        (Some(photo), _) => Some(prost::Message::encode_to_vec(&**photo)),
+        (None, Some(call)) => Some(prost::Message::encode_to_vec(&**call)),
+        (None, None) => None,
+    }
 }
 
-/// Decodes a row's `attachment`. A value that does not decode (which only
-/// a damaged row holds) reads as no photo rather than failing the page.
-pub(crate) fn decode_photo(attachment: Option<&[u8]>) -> Option<Box<proto::Photo>> {
-    let bytes = attachment?;
-    match <proto::Photo as prost::Message>::decode(bytes) {
-        Ok(photo) => Some(Box::new(photo)),
-        Err(e) => {
-            tracing::error!(error = %e, "a stored photo attachment does not decode");
-            None
-        }
+/// Sets what a stored message's `attachment` holds, by the message's
+/// type: a CALL's call, a PHOTO's photo. An attachment that does not
+/// decode (which only a damaged row holds) reads as none rather than
+/// failing the page.
+pub(crate) fn decode_attachment(message: &mut proto::Message, attachment: Option<&[u8]>) {
+    let Some(bytes) = attachment else {
+        return;
+    };
+    let decoded = if message.r#type == proto::MessageType::Call as i32 {
+        <proto::CallLog as prost::Message>::decode(bytes)
+            .map(|call| message.call = Some(Box::new(call)))
+    } else {
+        <proto::Photo as prost::Message>::decode(bytes)
+            .map(|photo| message.photo = Some(Box::new(photo)))
+    };
+    if let Err(e) = decoded {
+        tracing::error!(
+            error = %e,
+            conversation_id = message.conversation_id,
+            seq = message.seq,
+            "a stored message's attachment does not decode"
+        );
     }
 }
 

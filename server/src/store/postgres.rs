@@ -743,6 +743,7 @@ impl PostgresStore {
                             sent_at_ms: m.now_ms,
                             text: m.text.clone(),
                             photo: m.photo.clone(),
+                            call: m.call.clone(),
                         }),
                         duplicate: false,
                         members: members.get(&m.conversation_id).cloned().unwrap_or_default(),
@@ -895,8 +896,7 @@ impl<'a> Writes<'a> {
             w.types.push(m.message_type as i32);
             w.sent_at_ms.push(m.now_ms);
             w.bodies.push(&m.text);
-            w.attachments
-                .push(crate::store::encode_photo(m.photo.as_deref()));
+            w.attachments.push(crate::store::encode_attachment(m));
             if let Some(photo) = &m.photo {
                 w.photo_ids.push(&photo.media_id);
                 w.photo_seqs.push(sql(seq));
@@ -2913,7 +2913,7 @@ fn sql(v: u64) -> i64 {
 /// message_id, sender_id, client_msg_id, type, sent_at_ms, body,
 /// attachment.
 fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> {
-    Ok(proto::Message {
+    let mut message = proto::Message {
         conversation_id: id_col(row, at)?,
         seq: id_col(row, at + 1)?,
         message_id: id_col(row, at + 2)?,
@@ -2922,8 +2922,11 @@ fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> 
         r#type: col(row, at + 5)?,
         sent_at_ms: col(row, at + 6)?,
         text: col(row, at + 7)?,
-        photo: crate::store::decode_photo(col::<Option<&[u8]>>(row, at + 8)?),
-    })
+        photo: None,
+        call: None,
+    };
+    crate::store::decode_attachment(&mut message, col::<Option<&[u8]>>(row, at + 8)?);
+    Ok(message)
 }
 
 /// Makes a connection fail, rather than wait for good, when its network

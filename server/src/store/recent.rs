@@ -38,7 +38,10 @@ fn cost(message: &proto::Message) -> usize {
     let photo = message.photo.as_ref().map_or(0, |p| {
         size_of::<proto::Photo>() + p.media_id.len() + p.sha256.len()
     });
-    message.text.len() + message.client_msg_id.len() + photo + MESSAGE_OVERHEAD
+    let call = message.call.as_ref().map_or(0, |c| {
+        size_of::<proto::CallLog>() + 8 * (c.joined.len() + c.missed.len())
+    });
+    message.text.len() + message.client_msg_id.len() + photo + call + MESSAGE_OVERHEAD
 }
 
 /// See the module docs.

@@ -1330,7 +1330,7 @@ fn sql(v: u64) -> i64 {
 }
 
 fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<proto::Message> {
-    Ok(proto::Message {
+    let mut message = proto::Message {
         conversation_id: row.get::<_, i64>(0)? as u64,
         seq: row.get::<_, i64>(1)? as u64,
         message_id: row.get::<_, i64>(2)? as u64,
@@ -1339,8 +1339,11 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<proto::Message>
         r#type: row.get(5)?,
         sent_at_ms: row.get(6)?,
         text: row.get(7)?,
-        photo: crate::store::decode_photo(row.get_ref(8)?.as_blob_or_null()?),
-    })
+        photo: None,
+        call: None,
+    };
+    crate::store::decode_attachment(&mut message, row.get_ref(8)?.as_blob_or_null()?);
+    Ok(message)
 }
 
 /// The columns [`message_from_row`] reads, from `messages m`.
@@ -1661,6 +1664,7 @@ fn system_message(
         message_type: proto::MessageType::System,
         text,
         photo: None,
+        call: None,
         now_ms,
     }
 }
@@ -1807,7 +1811,7 @@ fn append_one(
             m.message_type as i32,
             m.now_ms,
             m.text,
-            crate::store::encode_photo(m.photo.as_deref()),
+            crate::store::encode_attachment(&m),
         ])
         .map_err(internal)?;
     state.keys.entry(m.sender_id).or_default().insert(
@@ -1856,6 +1860,7 @@ fn append_one(
             sent_at_ms: m.now_ms,
             text: m.text,
             photo: m.photo,
+            call: m.call,
         }),
         duplicate: false,
         members: members.to_vec(),

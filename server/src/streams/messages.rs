@@ -423,6 +423,7 @@ fn validate(session: &Session, send: proto::Send) -> Result<(NewMessage, Option<
         message_type,
         text: send.text,
         photo: None,
+        call: None,
         now_ms: now_ms(),
     };
     Ok((message, media_id))

@@ -297,6 +297,7 @@ pub(super) async fn append_system(
             sent_at_ms: now_ms,
             text,
             photo: None,
+            call: None,
         }),
         duplicate: false,
         members,

@@ -187,6 +187,7 @@ fn text(conversation_id: ConversationId, sender_id: UserId, key: &str, body: &st
         message_type: proto::MessageType::Text,
         text: body.into(),
         photo: None,
+        call: None,
         now_ms: 1_000,
     }
 }
