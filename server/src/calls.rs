@@ -20,7 +20,7 @@
 //! quinn's buffers (each pins the packet it came in) nor reach the
 //! connection's next call.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use proto::{CallEndReason, CallEventKind};
 use tokio::task::AbortHandle;
 
 use crate::config::CallsConfig;
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, ServerWrite};
 use crate::error::Refusal;
 use crate::hub::{Hub, SessionHandle};
 use crate::metrics::{MediaOutcome, Metrics};
@@ -113,15 +113,17 @@ struct Live {
     rang: Vec<UserId>,
     /// Users rung by notification whose ring has not ended: when it does,
     /// they are notified so (their phone stops ringing).
-    pushed: Vec<UserId>,
-    /// The users who took part, in the order they first joined (at most
-    /// [`MAX_LOGGED`]).
+    pushed: HashSet<UserId>,
+    /// The users who took part, in the order they first joined.
     joined: Vec<UserId>,
     next_participant: u32,
     /// When two participants were first in the call at once (Unix ms): a
     /// call left with one may wait for the other to come back; one never
     /// answered ends.
     answered_ms: Option<i64>,
+    /// Since when one participant or none has been left in an answered
+    /// call (Unix ms): the call's length ends there.
+    alone_since_ms: Option<i64>,
     /// Moves with every change of participants: a timer set when one was
     /// left alone acts only if nothing changed since.
     epoch: u64,
@@ -167,7 +169,9 @@ impl MediaSlot {
     }
 }
 
-/// Users a call's log names as having taken part, at most.
+/// Users a call's log names, at most, in each of its lists (who took
+/// part, who missed it): the users beyond are neither named nor notified
+/// of a missed call.
 const MAX_LOGGED: usize = 64;
 
 fn not_in_call() -> Refusal {
@@ -355,11 +359,12 @@ impl Calls {
             ),
             participants: Vec::new(),
             rang: ringing.clone(),
-            pushed: Vec::new(),
+            pushed: HashSet::new(),
             joined: Vec::new(),
             ringing,
             next_participant: 1,
             answered_ms: None,
+            alone_since_ms: None,
             epoch: 0,
             timer: None,
         };
@@ -380,7 +385,7 @@ impl Calls {
             if self.hub.push(user, StreamKind::Calls, &ring_frame, None) == 0
                 && let Some(notifier) = &self.notifier
             {
-                live.pushed.push(user);
+                live.pushed.insert(user);
                 notifier.notify(Notice {
                     user,
                     conversation: conversation_id,
@@ -545,10 +550,11 @@ impl Calls {
             handle: handle.clone(),
             joined_ms: crate::streams::now_ms(),
         });
-        if live.participants.len() > 1 && live.answered_ms.is_none() {
-            live.answered_ms = Some(crate::streams::now_ms());
+        if live.participants.len() > 1 {
+            live.answered_ms.get_or_insert_with(crate::streams::now_ms);
+            live.alone_since_ms = None;
         }
-        if live.joined.len() < MAX_LOGGED && !live.joined.contains(&handle.user_id) {
+        if !live.joined.contains(&handle.user_id) {
             live.joined.push(handle.user_id);
         }
         live.epoch += 1;
@@ -839,6 +845,10 @@ impl Calls {
             return;
         };
         let gone = live.participants.remove(at);
+        if live.participants.len() < 2 && live.answered_ms.is_some() {
+            live.alone_since_ms
+                .get_or_insert_with(crate::streams::now_ms);
+        }
         unseat(&gone.handle);
         self.metrics.call_participants.decrement(1.0);
         live.epoch += 1;
@@ -915,10 +925,9 @@ impl Calls {
     /// The call rings `user` no more: if a notification rang them, another
     /// says it ended, so the phone stops ringing.
     fn ring_ended(&self, live: &mut Live, call_id: CallId, user: UserId, reason: CallEndReason) {
-        let Some(at) = live.pushed.iter().position(|&u| u == user) else {
+        if !live.pushed.remove(&user) {
             return;
-        };
-        live.pushed.swap_remove(at);
+        }
         if let Some(notifier) = &self.notifier {
             notifier.notify(Notice {
                 user,
@@ -944,24 +953,30 @@ impl Calls {
             return;
         };
         let now = crate::streams::now_ms();
+        let joined: HashSet<UserId> = live.joined.iter().copied().collect();
         let log = proto::CallLog {
             call_id,
             video: live.video,
             started_ms: live.started_ms,
-            // An answered call lasted at least a millisecond, so 0 means
-            // "missed" only.
-            duration_ms: live
-                .answered_ms
-                .map_or(0, |at| u64::try_from(now - at).unwrap_or(0).max(1)),
-            joined: live.joined.clone(),
+            // From the answer until the call was down to one; an answered
+            // call lasted at least a millisecond, so 0 means "missed" only.
+            duration_ms: live.answered_ms.map_or(0, |at| {
+                let until = live.alone_since_ms.unwrap_or(now);
+                u64::try_from(until - at).unwrap_or(0).max(1)
+            }),
+            joined: live.joined.iter().copied().take(MAX_LOGGED).collect(),
             missed: live
                 .rang
                 .iter()
-                .filter(|user| !live.joined.contains(user))
+                .filter(|user| !joined.contains(user))
                 .copied()
+                .take(MAX_LOGGED)
                 .collect(),
             reason: reason as i32,
         };
+        // The caller writes it; if they left the group since, the first
+        // who took part and is still in it.
+        let senders = live.joined.iter().copied().take(MAX_LOGGED).collect();
         let message = NewMessage {
             conversation_id: live.conversation_id,
             sender_id: live.caller,
@@ -972,10 +987,10 @@ impl Calls {
             call: Some(Box::new(log)),
             now_ms: now,
         };
-        tokio::spawn(async move {
-            if let Err(e) = delivery.write(message).await {
-                tracing::debug!(call_id, error = %e.message, "a call's log was not written");
-            }
+        delivery.write(ServerWrite {
+            message,
+            senders,
+            tries: 0,
         });
     }
 

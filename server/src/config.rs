@@ -653,8 +653,11 @@ impl PushConfig {
         if self.push_coalesce > Duration::from_secs(3600) {
             return err("push-coalesce must be at most 1h".into());
         }
-        if self.push_unacked_after > Duration::from_secs(600) {
-            return err("push-unacked-after must be at most 10m".into());
+        if !self.push_unacked_after.is_zero()
+            && (self.push_unacked_after < Duration::from_millis(100)
+                || self.push_unacked_after > Duration::from_secs(600))
+        {
+            return err("push-unacked-after must be 0 (off) or between 100ms and 10m".into());
         }
         if self.push_timeout < Duration::from_millis(100)
             || self.push_timeout > Duration::from_secs(300)
@@ -1312,6 +1315,10 @@ mod tests {
             ),
             (
                 |c| c.push.push_unacked_after = Duration::from_secs(3600),
+                "push-unacked-after",
+            ),
+            (
+                |c| c.push.push_unacked_after = Duration::from_millis(1),
                 "push-unacked-after",
             ),
         ];

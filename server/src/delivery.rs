@@ -100,9 +100,29 @@ pub enum Work {
 enum Job {
     /// A client's send or group change, answered when stored.
     Client(SendJob),
-    /// A message the server writes (a call's log), answered to nobody.
-    Server(NewMessage),
+    /// A message the server writes (a call's log), answered to nobody
+    /// (boxed: rare, and larger than a job's other fields).
+    Server(Box<ServerWrite>),
 }
+
+/// A message the server writes, and who may write it.
+pub struct ServerWrite {
+    /// What to store; its `sender_id` is the first of `senders` still a
+    /// member.
+    pub message: NewMessage,
+    /// Who the message may come from, in order: a call's log comes from
+    /// its caller, or, if they left the group since, from the first who
+    /// took part and is still in it.
+    pub senders: Vec<UserId>,
+    /// Tries so far: the store unavailable, or the conversation paused
+    /// behind a write of unknown outcome, make it wait and try again, up
+    /// to [`SERVER_WRITE_TRIES`].
+    pub tries: u32,
+}
+
+/// How often a server write is tried before it is given up (spaced by
+/// [`PAUSED_RETRY`]: half a minute, [`HOLD_GRACE`], in all).
+const SERVER_WRITE_TRIES: u32 = 60;
 
 /// A validated send (or group change) waiting for its commit.
 pub struct SendJob {
@@ -219,7 +239,7 @@ impl Delivery {
             let (marks, marks_rx) = mpsc::channel(QUEUE_DEPTH);
             let (updates, updates_rx) = mpsc::channel(UPDATE_DEPTH);
             tasks.push(tokio::spawn(send_committer(
-                sends_rx,
+                (sends_rx, sends.downgrade()),
                 committer.clone(),
                 updates.clone(),
             )));
@@ -258,11 +278,12 @@ impl Delivery {
     }
 
     /// Queues a message the server writes (a call's log: see
-    /// [`commit_server`]), behind the sends of its conversation queued
-    /// before it.
-    pub async fn write(&self, message: NewMessage) -> Result<(), Refusal> {
-        let shard = shard_of(message.conversation_id, self.sends.len());
-        enqueue(&self.sends[shard], Job::Server(message)).await
+    /// [`commit_server`]) behind the sends of its conversation queued
+    /// before it. Never waits: while the committer's queue is full, a task
+    /// waits for room.
+    pub fn write(&self, write: ServerWrite) {
+        let queue = &self.sends[shard_of(write.message.conversation_id, self.sends.len())];
+        requeue(queue.clone(), Box::new(write), Duration::ZERO);
     }
 
     /// Queues a watermark move.
@@ -310,6 +331,28 @@ impl Delivery {
     }
 }
 
+/// Queues a server write on `queue` after `wait` (at once if zero and
+/// there is room; else from a task). A node that stops drops it.
+fn requeue(queue: mpsc::Sender<Job>, write: Box<ServerWrite>, wait: Duration) {
+    let write = if wait.is_zero() {
+        match queue.try_send(Job::Server(write)) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(job)) => job,
+        }
+    } else {
+        Job::Server(write)
+    };
+    // Weak: a write waiting its turn does not keep the committer running
+    // once the node lets it go.
+    let queue = queue.downgrade();
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        if let Some(queue) = queue.upgrade() {
+            let _ = queue.send(write).await;
+        }
+    });
+}
+
 /// `try_send`, and only when the queue is full the (boxed) waiting send:
 /// the stream readers that call this live as long as their connections,
 /// and an inline `send` future would make each of them larger for good.
@@ -342,7 +385,7 @@ struct Committer {
 }
 
 async fn send_committer(
-    mut rx: mpsc::Receiver<Job>,
+    (mut rx, me): (mpsc::Receiver<Job>, mpsc::WeakSender<Job>),
     c: Committer,
     updates: mpsc::Sender<CacheUpdate>,
 ) {
@@ -369,7 +412,9 @@ async fn send_committer(
                     commit_group(&c, job, &mut out, &mut paused).await;
                 }
                 Job::Client(job) => commit_create(&c, job, &mut out).await,
-                Job::Server(message) => commit_server(&c, message, &mut out).await,
+                Job::Server(write) => {
+                    commit_server(&c, write, &mut out, &mut paused, &me).await;
+                }
             }
         }
         commit_run(&c, run, &mut out, &mut holds, &mut paused).await;
@@ -796,25 +841,77 @@ async fn commit_run(
 }
 
 /// Stores a message the server writes (a call's log) and fans it out like
-/// any other, to every device of its sender too. Nobody waits for it: a
-/// failure is logged and the message is not written (it records what
-/// happened; it carries nothing a user sent). Under its key (one per
-/// call) a second write stores nothing and goes to the members still owed
-/// it.
-async fn commit_server(c: &Committer, message: NewMessage, out: &mut Fanout) {
-    let (conversation, key) = (message.conversation_id, message.client_msg_id.clone());
-    let result = match c.store.append(vec![message]).await {
-        Ok(mut results) => results
-            .pop()
-            .unwrap_or_else(|| Err(StoreError::Internal("the store answered no result".into()))),
-        Err(e) => Err(e),
+/// any other, to every device of its sender too. Nobody waits for it. Its
+/// first sender still a member writes it (a removed caller is refused,
+/// which stores nothing, so the next may). A conversation paused behind a
+/// write of unknown outcome, or a store unavailable, make it wait and try
+/// again ([`SERVER_WRITE_TRIES`]); then, or refused for good, it is logged
+/// and not written: it records what happened, it carries nothing a user
+/// sent. Under its key (one per call) a second write stores nothing and
+/// goes to the members still owed it.
+async fn commit_server(
+    c: &Committer,
+    mut write: Box<ServerWrite>,
+    out: &mut Fanout,
+    paused: &mut Paused,
+    me: &mpsc::WeakSender<Job>,
+) {
+    let conversation = write.message.conversation_id;
+    let again = |mut write: Box<ServerWrite>, why: &dyn std::fmt::Display| {
+        write.tries += 1;
+        match me.upgrade() {
+            Some(queue) if write.tries < SERVER_WRITE_TRIES => {
+                requeue(queue, write, PAUSED_RETRY);
+            }
+            _ => {
+                tracing::warn!(conversation, key = write.message.client_msg_id, reason = %why, "gave up writing a message of the server")
+            }
+        }
+    };
+    if !paused.is_empty() {
+        paused.expire(Instant::now());
+        let (sender, key) = (
+            write.message.sender_id,
+            write.message.client_msg_id.as_str(),
+        );
+        if paused.refuses(conversation, sender, Some(key), Instant::now()) {
+            return again(
+                write,
+                &"its conversation waits for a write of unknown outcome",
+            );
+        }
+    }
+    let mut candidates = std::mem::take(&mut write.senders).into_iter();
+    let result = loop {
+        let Some(sender) = candidates.next() else {
+            break Err(StoreError::NotAMember);
+        };
+        write.message.sender_id = sender;
+        let result = match c.store.append(vec![write.message.clone()]).await {
+            Ok(mut results) => results.pop().unwrap_or_else(|| {
+                Err(StoreError::Internal("the store answered no result".into()))
+            }),
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(StoreError::NotAMember) => continue,
+            result => break result,
+        }
     };
     match result {
         Ok(appended) if appended.duplicate => redeliver(c, &appended, out),
         // Connection ids start at 1: none is left out.
         Ok(appended) => fan_out(c, appended, 0, None, out),
+        Err(e @ (StoreError::Unavailable(_) | StoreError::Unsettled(_))) => {
+            // The same sender first: under its key a write that did
+            // commit is found.
+            write.senders = std::iter::once(write.message.sender_id)
+                .chain(candidates)
+                .collect();
+            again(write, &e);
+        }
         Err(e) => {
-            tracing::warn!(conversation, key, error = %e, "could not write a message of the server");
+            tracing::warn!(conversation, key = write.message.client_msg_id, error = %e, "could not write a message of the server");
         }
     }
 }
@@ -1133,7 +1230,7 @@ async fn mark_committer(
         metrics,
         routes,
         acks_lost,
-        notifier,
+        notifier: _,
         calls: _,
     } = c;
     let mut received: Vec<MarkWork> = Vec::with_capacity(MAX_MARK_BATCH);
@@ -1186,13 +1283,6 @@ async fn mark_committer(
                 .chain(jobs.iter().map(|j| j.update)),
         );
         metrics.watermark_batch.record(moves.len() as f64);
-        // A device saying it has a message (delivered or seen) ends the
-        // watch for its notification, stored or not.
-        if let Some(notifier) = &notifier {
-            for u in &moves {
-                notifier.acked(u.user_id, u.conversation_id, u.seq);
-            }
-        }
         // Every mark also trims its member's unread queue up to its seq,
         // the moved ones (below) by the stored watermark, the rest by what
         // the device said: a removed member's device acknowledging the

@@ -117,6 +117,8 @@ pub struct Shared {
     pub call_limiter: RateLimiter,
     /// Group calls.
     pub calls: Arc<crate::calls::Calls>,
+    /// Notifications, when a push gateway is set.
+    pub notifier: Option<Arc<Notifier>>,
     /// Where photo bytes are kept.
     pub media: Arc<crate::media::MediaFiles>,
     /// Prometheus metrics.
@@ -226,7 +228,7 @@ impl Server {
             inbox.clone(),
             hub.clone(),
             metrics.clone(),
-            (notifier, calls.clone()),
+            (notifier.clone(), calls.clone()),
         );
         calls.write_logs_through(&delivery);
         let runtime = quinn::default_runtime()
@@ -277,6 +279,7 @@ impl Server {
                 crate::streams::calls::CALL_REQUEST_BURST,
             ),
             calls,
+            notifier,
             media: Arc::new(media),
             control_limiter: RateLimiter::new(
                 config.limits.control_rate,

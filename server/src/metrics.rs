@@ -20,11 +20,12 @@ use metrics_exporter_prometheus::{
 use crate::store::sqlite::CheckpointMetrics;
 
 /// The outcomes of `chat_push_notifications_total`.
-pub const PUSH_OUTCOMES: [&str; 7] = [
+pub const PUSH_OUTCOMES: [&str; 8] = [
     "sent",
     "coalesced",
     "online",
     "acked",
+    "ended",
     "no_device",
     "failed",
     "dropped",
@@ -222,7 +223,7 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_push_notifications_total",
         "counter",
         Unit::Count,
-        "Notifications by outcome: sent (the gateway took it), coalesced (folded into the conversation's next one), online (the user came to the foreground first), acked (a message a foreground connection left unacknowledged past push-unacked-after was acknowledged before its notification went), no_device (no registered device), failed (the gateway refused it or did not answer after retries, or the store could not be read), dropped (the notifier's queue, or its notifications under way, were full).",
+        "Notifications by outcome: sent (the gateway took it), coalesced (folded into the conversation's next one), online (the user came to the foreground first), acked (a message a foreground connection left unacknowledged past push-unacked-after was acknowledged before its notification went), ended (a ring that stopped before its notification went), no_device (no registered device), failed (the gateway refused it or did not answer after retries, or the store could not be read), dropped (the notifier's queue, or its notifications under way, were full).",
     ),
     (
         "chat_push_watches_total",

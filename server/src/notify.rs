@@ -38,7 +38,7 @@
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -206,20 +206,26 @@ impl Notifier {
         let Some(unacked) = &self.unacked else {
             return;
         };
-        let watched = unacked
-            .watches()
-            .watch(notice, Instant::now() + unacked.after);
+        let mut watches = unacked.watches();
+        let watched = watches.watch(notice, Instant::now() + unacked.after);
+        drop(watches);
         if !watched {
             self.metrics.push_watch("dropped");
         }
     }
 
-    /// A device of `user` acknowledged the messages of `conversation` up
-    /// to `seq` (delivered or seen).
+    /// A device of `user` with its app in the foreground acknowledged the
+    /// messages of `conversation` up to `seq` (delivered or seen). (One in
+    /// the background has them without the user knowing: it ends no
+    /// watch.)
     pub fn acked(&self, user: UserId, conversation: ConversationId, seq: u64) {
-        if let Some(unacked) = &self.unacked
-            && unacked.watches().acked(user, conversation, seq)
-        {
+        let Some(unacked) = &self.unacked else {
+            return;
+        };
+        let mut watches = unacked.watches();
+        let due = Instant::now() + unacked.after;
+        if watches.acked(user, conversation, seq, due) {
+            drop(watches);
             self.metrics.push_watch("acked");
         }
     }
@@ -245,20 +251,24 @@ impl Unacked {
 }
 
 /// Per (user, conversation), the latest message pushed to the user's
-/// foreground connections and not acknowledged, due when the first of
-/// them was pushed plus `after`. At most [`MAX_WATCHES`].
+/// foreground connections, and the earliest one no foreground device has
+/// acknowledged yet; due `after` the push of that earliest one, or of the
+/// last acknowledgement that moved it. At most [`MAX_WATCHES`].
 #[derive(Default)]
 struct Watches {
     watched: HashMap<(UserId, ConversationId), Watch>,
-    /// (due, user, conversation) in the order the watches were set, which
-    /// is due order (they all wait `after`). An entry whose key was acked
-    /// or set again since is skipped when it comes up, or compacted away
-    /// first.
+    /// (due, user, conversation) in the order set, which is due order
+    /// (each is now + `after`, taken under the lock). An entry whose watch
+    /// was acked or set again since is skipped when it comes up, or
+    /// compacted away first.
     due: VecDeque<(Instant, UserId, ConversationId)>,
 }
 
 struct Watch {
+    /// The latest message pushed.
     notice: Notice,
+    /// The seq of the earliest message not acknowledged.
+    first: u64,
     due: Instant,
     /// Due and handed to the coalescer; a later message sets it again.
     fired: bool,
@@ -271,30 +281,23 @@ impl Watches {
     fn watch(&mut self, notice: Notice, due: Instant) -> bool {
         let key = (notice.user, notice.conversation);
         let full = self.watched.len() >= MAX_WATCHES;
-        match self.watched.get_mut(&key) {
+        let first = match self.watched.get_mut(&key) {
             Some(watch) if !watch.fired => {
                 watch.notice = notice;
                 return true;
             }
-            Some(_) => {}
+            // Fired: its notification is on its way, and what it covers is
+            // still unacknowledged (a settle reads `first`).
+            Some(watch) => watch.first,
             None if full => return false,
-            None => {}
-        }
-        // Acked watches leave their entries in `due`; once those are most
-        // of it, they go (each compaction follows as many new entries as
-        // it keeps, so this costs O(1) a watch).
-        if self.due.len() > 2 * self.watched.len() + 1024 {
-            let watched = &self.watched;
-            self.due.retain(|&(at, user, conversation)| {
-                watched
-                    .get(&(user, conversation))
-                    .is_some_and(|w| w.due == at && !w.fired)
-            });
-        }
+            None => notice.seq,
+        };
+        self.compact();
         self.watched.insert(
             key,
             Watch {
                 notice,
+                first,
                 due,
                 fired: false,
             },
@@ -303,16 +306,49 @@ impl Watches {
         true
     }
 
-    /// Forgets the watch of (`user`, `conversation`) if `seq` covers it;
-    /// true if it did.
-    fn acked(&mut self, user: UserId, conversation: ConversationId, seq: u64) -> bool {
-        match self.watched.entry((user, conversation)) {
-            Entry::Occupied(e) if e.get().notice.seq <= seq => {
-                e.remove();
-                true
-            }
-            _ => false,
+    /// Acked and re-timed watches leave their entries in `due`; once those
+    /// are most of it, they go (each compaction follows as many new
+    /// entries as it keeps, so this costs O(1) a watch).
+    fn compact(&mut self) {
+        if self.due.len() > 2 * self.watched.len() + 1024 {
+            let watched = &self.watched;
+            self.due.retain(|&(at, user, conversation)| {
+                watched
+                    .get(&(user, conversation))
+                    .is_some_and(|w| w.due == at && !w.fired)
+            });
         }
+    }
+
+    /// A foreground device of `user` acknowledged `conversation` up to
+    /// `seq`: a watch it covers ends (true if one did, unless it had
+    /// already fired); one it covers in part waits again from `due`, as
+    /// the device is alive and reading.
+    fn acked(
+        &mut self,
+        user: UserId,
+        conversation: ConversationId,
+        seq: u64,
+        due: Instant,
+    ) -> bool {
+        let key = (user, conversation);
+        let Entry::Occupied(mut e) = self.watched.entry(key) else {
+            return false;
+        };
+        if e.get().notice.seq <= seq {
+            return !e.remove().fired;
+        }
+        let watch = e.get_mut();
+        if seq < watch.first {
+            return false;
+        }
+        watch.first = seq + 1;
+        if !watch.fired {
+            watch.due = due;
+            self.compact();
+            self.due.push_back((due, user, conversation));
+        }
+        false
     }
 
     /// The watches due by `now`, as notices for the coalescer (marked
@@ -344,15 +380,15 @@ impl Watches {
         due
     }
 
-    /// A notification of `notice` is being sent (or dropped): forgets a
-    /// fired watch it covers. True if `notice`'s conversation still has a
-    /// message at or after it unacknowledged.
+    /// A notification of `notice` (of a message) is being sent, or
+    /// dropped: it covers the watch of its conversation's messages up to
+    /// it, which ends. True if one of those was still unacknowledged.
     fn settle(&mut self, notice: &Notice) -> bool {
         let Entry::Occupied(e) = self.watched.entry((notice.user, notice.conversation)) else {
             return false;
         };
-        let unacked = e.get().notice.seq >= notice.seq;
-        if e.get().fired && e.get().notice.seq <= notice.seq {
+        let unacked = e.get().first <= notice.seq;
+        if e.get().notice.seq <= notice.seq {
             e.remove();
         }
         unacked
@@ -367,6 +403,7 @@ pub type Started = (Arc<Notifier>, JoinHandle<()>);
 async fn coalesce(mut rx: mpsc::Receiver<Notice>, dispatcher: Arc<Dispatcher>, window: Duration) {
     let mut windows = Windows::new(window);
     let mut sending = JoinSet::new();
+    let mut rings = HashMap::new();
     let mut watch_tick = dispatcher.unacked.as_ref().map(|unacked| {
         let mut tick = tokio::time::interval(unacked.tick());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -377,12 +414,7 @@ async fn coalesce(mut rx: mpsc::Receiver<Notice>, dispatcher: Arc<Dispatcher>, w
         tokio::select! {
             notice = rx.recv() => {
                 let Some(notice) = notice else { break };
-                if !notice.kind.is_message() {
-                    // A ring, or its end, is now or never.
-                    dispatcher.send_in(&mut sending, notice);
-                    continue;
-                }
-                dispatcher.offer(&mut windows, &mut sending, notice);
+                dispatcher.route(&mut rings, &mut windows, &mut sending, notice);
             }
             _ = async { watch_tick.as_mut().expect("only when set").tick().await },
                 if watch_tick.is_some() =>
@@ -391,14 +423,14 @@ async fn coalesce(mut rx: mpsc::Receiver<Notice>, dispatcher: Arc<Dispatcher>, w
                 let due = unacked.watches().expire(Instant::now());
                 for notice in due {
                     dispatcher.metrics.push_watch("unacked");
-                    dispatcher.offer(&mut windows, &mut sending, notice);
+                    dispatcher.route(&mut rings, &mut windows, &mut sending, notice);
                 }
             }
             () = tokio::time::sleep_until(next_end.unwrap_or_else(Instant::now)),
                 if next_end.is_some() =>
             {
                 for notice in windows.expire(Instant::now()) {
-                    dispatcher.send_in(&mut sending, notice);
+                    dispatcher.send_in(&mut sending, notice, None);
                 }
             }
             Some(_) = sending.join_next(), if !sending.is_empty() => {}
@@ -414,6 +446,20 @@ enum Offer {
     /// Held for the end of its window; `replaced`: in place of an earlier
     /// one, which is folded into it.
     Held { replaced: bool },
+}
+
+/// What a window holds when `new` comes while it holds `held`: the later
+/// message, and sent past the foreground only if both may be (a watch
+/// that fired late does not stand in for a user who went away meanwhile).
+fn merge(held: Option<Notice>, new: Notice) -> Notice {
+    let Some(held) = held else {
+        return new;
+    };
+    let later = if held.seq > new.seq { held } else { new };
+    Notice {
+        unacked: held.unacked && new.unacked,
+        ..later
+    }
 }
 
 /// The coalescing windows, per (user, conversation): the first notice is
@@ -440,9 +486,8 @@ impl Windows {
     fn offer(&mut self, notice: Notice, now: Instant) -> Offer {
         let key = (notice.user, notice.conversation);
         if let Some(held) = self.waiting.get_mut(&key) {
-            return Offer::Held {
-                replaced: held.replace(notice).is_some(),
-            };
+            let replaced = held.replace(merge(*held, notice)).is_some();
+            return Offer::Held { replaced };
         }
         if self.waiting.len() < MAX_WINDOWS {
             self.waiting.insert(key, None);
@@ -486,6 +531,23 @@ impl Windows {
     }
 }
 
+/// A ring's notification and its end's, in that order: the ring's task
+/// holds `turn` while it sends, and stops trying once `over`; the end's
+/// task waits for `turn` first.
+#[derive(Default)]
+struct RingTurn {
+    over: AtomicBool,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A notification task's place in its ring's order.
+enum Turn {
+    /// The ring's, holding the turn.
+    Ring(Arc<RingTurn>, tokio::sync::OwnedMutexGuard<()>),
+    /// The end's, which waits for it.
+    End(Arc<RingTurn>),
+}
+
 struct Dispatcher {
     /// The watch on foreground connections' messages, if on.
     unacked: Option<Arc<Unacked>>,
@@ -505,18 +567,51 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Offers a message's notice to its coalescing window.
-    fn offer(self: &Arc<Self>, windows: &mut Windows, sending: &mut JoinSet<()>, notice: Notice) {
-        match windows.offer(notice, Instant::now()) {
-            Offer::Now(notice) => self.send_in(sending, notice),
-            Offer::Held { replaced: true } => self.metrics.push("coalesced"),
-            Offer::Held { replaced: false } => {}
+    /// Sends a notice on its way: a text or photo into its conversation's
+    /// window; a missed call at once (not folded into a text); a ring at
+    /// once (it is now or never), and its end once the ring's
+    /// notification is done, so a phone never hears of a ring after its
+    /// end (`rings`: the rings whose end has not come, at most
+    /// [`MAX_PENDING`]).
+    fn route(
+        self: &Arc<Self>,
+        rings: &mut HashMap<(UserId, u64), Arc<RingTurn>>,
+        windows: &mut Windows,
+        sending: &mut JoinSet<()>,
+        notice: Notice,
+    ) {
+        let key = (notice.user, notice.seq);
+        match notice.kind {
+            NoticeKind::Text | NoticeKind::Photo => match windows.offer(notice, Instant::now()) {
+                Offer::Now(notice) => self.send_in(sending, notice, None),
+                Offer::Held { replaced: true } => self.metrics.push("coalesced"),
+                Offer::Held { replaced: false } => {}
+            },
+            NoticeKind::MissedCall { .. } => self.send_in(sending, notice, None),
+            NoticeKind::Call { .. } if rings.len() < MAX_PENDING => {
+                let ring = Arc::new(RingTurn::default());
+                let turn = ring
+                    .turn
+                    .clone()
+                    .try_lock_owned()
+                    .expect("a new lock is free");
+                rings.insert(key, ring.clone());
+                self.send_in(sending, notice, Some(Turn::Ring(ring, turn)));
+            }
+            NoticeKind::Call { .. } => self.send_in(sending, notice, None),
+            NoticeKind::CallEnded { .. } => {
+                let turn = rings.remove(&key).map(|ring| {
+                    ring.over.store(true, Ordering::Relaxed);
+                    Turn::End(ring)
+                });
+                self.send_in(sending, notice, turn);
+            }
         }
     }
 
     /// Sends `notice` on a task of `sending`, unless [`MAX_PENDING`] are
     /// under way (then it is dropped).
-    fn send_in(self: &Arc<Self>, sending: &mut JoinSet<()>, notice: Notice) {
+    fn send_in(self: &Arc<Self>, sending: &mut JoinSet<()>, notice: Notice, turn: Option<Turn>) {
         if sending.len() >= MAX_PENDING {
             self.settle(&notice);
             self.metrics.push("dropped");
@@ -524,7 +619,13 @@ impl Dispatcher {
         }
         let this = self.clone();
         sending.spawn(async move {
-            let outcome = this.send(notice).await;
+            let (ring, _turn) = match turn {
+                Some(Turn::Ring(ring, turn)) => (Some(ring), Some(turn)),
+                // After the ring's notification, whatever became of it.
+                Some(Turn::End(ring)) => (None, Some(ring.turn.clone().lock_owned().await)),
+                None => (None, None),
+            };
+            let outcome = this.send(notice, ring.as_deref()).await;
             this.metrics.push(outcome);
         });
     }
@@ -539,8 +640,10 @@ impl Dispatcher {
                 .is_some_and(|unacked| unacked.watches().settle(notice))
     }
 
-    /// Sends one notification; returns its outcome label.
-    async fn send(&self, notice: Notice) -> &'static str {
+    /// Sends one notification; returns its outcome label. `ring`: the
+    /// turn of a ring, which stops trying once the ring is over.
+    async fn send(&self, notice: Notice, ring: Option<&RingTurn>) -> &'static str {
+        let over = || ring.is_some_and(|ring| ring.over.load(Ordering::Relaxed));
         // The user may have opened the app since the message was stored
         // (or, for a call, a calls stream since it rang); a message a
         // foreground connection left unacknowledged goes unless a device
@@ -556,6 +659,9 @@ impl Dispatcher {
         };
         if online {
             return if notice.unacked { "acked" } else { "online" };
+        }
+        if over() {
+            return "ended";
         }
         let (devices, unread, sender_name) = {
             let _read = self.store_reads.acquire().await.expect("never closed");
@@ -591,6 +697,9 @@ impl Dispatcher {
         let body = Bytes::from(payload(&notice, &devices, unread, sender_name));
         let mut wait = RETRY_AFTER;
         for attempt in 1..=ATTEMPTS {
+            if over() {
+                return "ended";
+            }
             let answer = {
                 let _request = self.requests.acquire().await.expect("never closed");
                 self.gateway.post(body.clone()).await
@@ -982,48 +1091,77 @@ mod tests {
         let second = Duration::from_secs(1);
         let mut watches = Watches::default();
         let t0 = Instant::now();
+        let fired = |seq| Notice {
+            unacked: true,
+            ..notice(1, 5, seq)
+        };
         assert!(watches.watch(notice(1, 5, 3), t0 + 5 * second));
         // A later message keeps the first one's time.
         assert!(watches.watch(notice(1, 5, 4), t0 + 6 * second));
         assert!(watches.watch(notice(2, 5, 3), t0 + 6 * second));
-        // An ack below the latest message keeps the watch; one that covers
-        // it, or a seen mark past it, ends it.
-        assert!(!watches.acked(1, 5, 3));
-        assert!(!watches.acked(1, 6, 9), "another conversation");
-        assert!(watches.acked(2, 5, 7));
+        // An ack that covers the latest message, or a seen mark past it,
+        // ends the watch; one of another conversation does nothing.
+        assert!(!watches.acked(1, 6, 9, t0), "another conversation");
+        assert!(watches.acked(2, 5, 7, t0));
         assert!(watches.expire(t0 + 4 * second).is_empty());
-        let due = watches.expire(t0 + 5 * second);
-        assert_eq!(
-            due,
-            vec![Notice {
-                unacked: true,
-                ..notice(1, 5, 4)
-            }]
-        );
+        assert_eq!(watches.expire(t0 + 5 * second), vec![fired(4)]);
         // Fired, it waits for its notification and is not due again.
         assert!(watches.expire(t0 + 60 * second).is_empty());
-        assert!(watches.settle(&due[0]), "still unacknowledged");
-        assert!(watches.watched.is_empty() && watches.due.is_empty());
-        assert!(!watches.settle(&due[0]), "settled once");
+        assert!(watches.settle(&fired(4)), "still unacknowledged");
+        assert!(watches.watched.is_empty());
+        assert!(!watches.settle(&fired(4)), "settled once");
+
         // Acked while its notification waited: the notification stays
-        // home.
+        // home, and the ack is not counted as a watch that ended in time.
         assert!(watches.watch(notice(1, 5, 8), t0));
-        let due = watches.expire(t0);
-        assert!(watches.acked(1, 5, 8));
-        assert!(!watches.settle(&due[0]));
-        // A message after one that fired is watched anew, and the first
-        // one's notification leaves it in place.
+        assert_eq!(watches.expire(t0), vec![fired(8)]);
+        assert!(!watches.acked(1, 5, 8, t0));
+        assert!(!watches.settle(&fired(8)));
+
+        // A message after one that fired is watched anew; the first one's
+        // notification still goes (what it covers is unacknowledged) and
+        // leaves the new watch in place.
         assert!(watches.watch(notice(1, 5, 9), t0));
-        let due = watches.expire(t0);
+        assert_eq!(watches.expire(t0), vec![fired(9)]);
         assert!(watches.watch(notice(1, 5, 10), t0 + second));
+        assert!(watches.settle(&fired(9)));
+        assert_eq!(watches.expire(t0 + second), vec![fired(10)]);
+        assert!(watches.settle(&fired(10)));
+        assert!(watches.watched.is_empty());
+    }
+
+    #[test]
+    fn a_device_that_acks_behind_a_busy_conversation_is_not_notified() {
+        let second = Duration::from_secs(1);
+        let mut watches = Watches::default();
+        let t0 = Instant::now();
+        // Messages come faster than the acks: each ack covers an earlier
+        // one than the latest, and moves the watch on.
+        assert!(watches.watch(notice(1, 5, 1), t0 + 5 * second));
+        for seq in 2..=20 {
+            let now = t0 + second * (seq as u32 - 1) / 2;
+            assert!(watches.watch(notice(1, 5, seq), now + 5 * second));
+            assert!(!watches.acked(1, 5, seq - 1, now + 5 * second));
+            assert!(watches.expire(now).is_empty(), "at {seq}");
+        }
+        // Acks stop at 19: five seconds after the last one, the watch of
+        // 20 fires, and its notification goes.
+        let last_ack = t0 + second * 19 / 2;
+        assert!(watches.expire(last_ack + 4 * second).is_empty());
+        let due = watches.expire(last_ack + 5 * second);
+        assert_eq!((due.len(), due[0].seq), (1, 20));
         assert!(watches.settle(&due[0]));
-        assert_eq!(
-            watches.expire(t0 + second),
-            vec![Notice {
-                unacked: true,
-                ..notice(1, 5, 10)
-            }]
-        );
+        // A notification of an earlier message, acked since, does not go.
+        assert!(watches.watch(notice(1, 5, 30), t0));
+        assert!(!watches.acked(1, 5, 29, t0 + second));
+        assert!(!watches.settle(&Notice {
+            unacked: true,
+            ..notice(1, 5, 29)
+        }));
+        // A notification sent the ordinary way (the user went away) covers
+        // the watch of what came before it, and ends it.
+        assert!(watches.settle(&notice(1, 5, 31)));
+        assert!(watches.watched.is_empty());
     }
 
     #[test]
@@ -1037,14 +1175,14 @@ mod tests {
         // A key already watched still takes its latest message.
         assert!(watches.watch(notice(0, 1, 2), t0));
         for user in 1..MAX_WATCHES as u64 {
-            assert!(watches.acked(user, 1, 1));
+            assert!(watches.acked(user, 1, 1, t0));
         }
         // A new key fits again, and the acked ones' entries are compacted
         // away.
         assert!(watches.watch(notice(1, 1, 2), t0 + Duration::from_secs(1)));
         assert_eq!(watches.due.len(), 2);
         // Acked and watched again: the first due entry is stale.
-        assert!(watches.acked(1, 1, 2));
+        assert!(watches.acked(1, 1, 2, t0));
         assert!(watches.watch(notice(1, 1, 3), t0 + Duration::from_secs(2)));
         let due = watches.expire(t0 + Duration::from_secs(1));
         assert_eq!(due.len(), 1);
@@ -1052,6 +1190,18 @@ mod tests {
         assert!(watches.watched.capacity() < 1024 + 8);
         let due = watches.expire(t0 + Duration::from_secs(2));
         assert_eq!((due[0].user, due[0].seq), (1, 3));
+    }
+
+    #[test]
+    fn a_window_keeps_the_later_message_and_sends_past_the_foreground_only_if_both_may() {
+        let fired = |seq| Notice {
+            unacked: true,
+            ..notice(1, 5, seq)
+        };
+        assert_eq!(merge(None, fired(3)), fired(3));
+        assert_eq!(merge(Some(notice(1, 5, 10)), fired(8)), notice(1, 5, 10));
+        assert_eq!(merge(Some(fired(8)), notice(1, 5, 10)), notice(1, 5, 10));
+        assert_eq!(merge(Some(fired(8)), fired(9)), fired(9));
     }
 
     #[test]

@@ -20,6 +20,17 @@ struct Caller {
     client: Client,
     events: Events,
     media: CallMedia,
+    /// Call logs that came while another event was awaited (a log comes
+    /// on the messages stream, which may overtake the calls stream).
+    logs: Vec<proto::Message>,
+}
+
+/// A call log, if `event` is one.
+fn call_log(event: &Event) -> Option<&proto::Message> {
+    match event {
+        Event::Message(m) if m.r#type == proto::MessageType::Call as i32 => Some(m),
+        _ => None,
+    }
 }
 
 /// A new user with calls on.
@@ -43,6 +54,7 @@ impl Caller {
             client,
             events,
             media,
+            logs: Vec::new(),
         }
     }
 
@@ -53,30 +65,39 @@ impl Caller {
     /// The next call event of `kind` (other events are skipped).
     async fn event(&mut self, kind: CallEventKind) -> proto::CallEvent {
         let what = format!("{kind:?} at {}", self.client.identity().username);
+        let logs = &mut self.logs;
         wait_for(&mut self.events, &what, |e| match e {
             Event::Call(event) if event.kind() == kind => Some(event),
-            _ => None,
+            e => {
+                logs.extend(call_log(&e).cloned());
+                None
+            }
         })
         .await
     }
 
     /// The next signal.
     async fn signal(&mut self) -> proto::CallSignal {
+        let logs = &mut self.logs;
         wait_for(&mut self.events, "a call signal", |e| match e {
             Event::CallSignal(signal) => Some(signal),
-            _ => None,
+            e => {
+                logs.extend(call_log(&e).cloned());
+                None
+            }
         })
         .await
     }
 
     /// The next call log (a CALL message; other events are skipped).
     async fn log(&mut self) -> (proto::Message, proto::CallLog) {
-        let what = format!("a call's log at {}", self.client.identity().username);
-        let m = wait_for(&mut self.events, &what, |e| match e {
-            Event::Message(m) if m.r#type == proto::MessageType::Call as i32 => Some(m),
-            _ => None,
-        })
-        .await;
+        let m = match self.logs.is_empty() {
+            false => self.logs.remove(0),
+            true => {
+                let what = format!("a call's log at {}", self.client.identity().username);
+                wait_for(&mut self.events, &what, |e| call_log(&e).cloned()).await
+            }
+        };
         let log = *m.call.clone().expect("a CALL message has its call");
         (m, log)
     }
@@ -725,12 +746,27 @@ async fn leaving_a_group_or_a_friendship_takes_the_user_out_of_its_call() {
         code(c.client.join_call(call.call_id).await),
         ErrorCode::NotFound
     );
-    a.client.leave_call(call.call_id).await.unwrap();
+    // The caller leaves the group too.
+    a.client.leave_group(group).await.unwrap();
+    assert_eq!(
+        a.event(CallEventKind::Ended).await.reason(),
+        CallEndReason::Removed
+    );
     assert_eq!(
         b.event(CallEventKind::Ended).await.reason(),
         CallEndReason::Alone,
         "one left in an answered group call waits, then ends"
     );
+    // Its log comes from the first who took part and is still a member.
+    let (message, log) = b.log().await;
+    assert_eq!(message.conversation_id, group);
+    assert_eq!(
+        message.sender_id,
+        b.id(),
+        "the caller is no longer a member"
+    );
+    assert_eq!(log.joined, vec![a.id(), b.id(), c.id()]);
+    assert!(log.duration_ms >= 1, "{log:?}");
 
     // A direct call ends when its two stop being friends.
     let call = a.client.start_call(direct, false).await.unwrap();

@@ -30,8 +30,12 @@ struct Gateway {
     tls: bool,
     received: Arc<Mutex<Vec<Value>>>,
     script: Arc<Mutex<VecDeque<(u16, String)>>>,
+    hold: Hold,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// The answer to the next request waits for this, when set.
+type Hold = Arc<Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>;
 
 impl Gateway {
     async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> Gateway {
@@ -39,18 +43,19 @@ impl Gateway {
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(VecDeque::new()));
+        let hold: Hold = Arc::default();
         let tls_on = tls.is_some();
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-        let (r, s) = (received.clone(), script.clone());
+        let (r, s, h) = (received.clone(), script.clone(), hold.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (r, s, acceptor) = (r.clone(), s.clone(), acceptor.clone());
+                let (r, s, h, acceptor) = (r.clone(), s.clone(), h.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
-                        answer(request, r.clone(), s.clone())
+                        answer(request, r.clone(), s.clone(), h.clone())
                     });
                     let http = hyper::server::conn::http1::Builder::new();
                     let _ = match acceptor {
@@ -70,6 +75,7 @@ impl Gateway {
             tls: tls_on,
             received,
             script,
+            hold,
             task,
         }
     }
@@ -85,6 +91,14 @@ impl Gateway {
             .lock()
             .unwrap()
             .push_back((status, body.to_string()));
+    }
+
+    /// The answer to the next request waits until the returned sender
+    /// sends (or is dropped).
+    fn hold_next(&self) -> tokio::sync::oneshot::Sender<()> {
+        let (release, held) = tokio::sync::oneshot::channel();
+        *self.hold.lock().unwrap() = Some(held);
+        release
     }
 
     fn received(&self) -> Vec<Value> {
@@ -111,6 +125,7 @@ async fn answer(
     request: Request<hyper::body::Incoming>,
     received: Arc<Mutex<Vec<Value>>>,
     script: Arc<Mutex<VecDeque<(u16, String)>>>,
+    hold: Hold,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = request.uri().path().to_string();
     let json = request
@@ -122,11 +137,16 @@ async fn answer(
     value["path"] = path.into();
     value["json"] = json.into();
     received.lock().unwrap().push(value);
+    // What answers it is chosen as it comes, in the order requests come.
     let (status, reply) = script
         .lock()
         .unwrap()
         .pop_front()
         .unwrap_or((200, r#"{"rejected":[]}"#.into()));
+    let held = hold.lock().unwrap().take();
+    if let Some(held) = held {
+        let _ = held.await;
+    }
     Ok(Response::builder()
         .status(status)
         .header(hyper::header::CONTENT_TYPE, "application/json")
@@ -360,12 +380,24 @@ async fn a_message_a_foreground_connection_leaves_unacknowledged_is_notified() {
     let (bob, mut bob_events) = register(config, &name("bob")).await;
     let conversation = befriend(&alice, &bob).await;
     bob.register_push(APP, "bob-phone").await.unwrap();
+    // His tablet's app is in the background: it acks what it gets, which
+    // tells nothing of whether Bob saw it.
+    let (tablet, mut tablet_events) =
+        Client::login(server.client_config(), &bob.identity().username, PASSWORD)
+            .await
+            .unwrap();
+    tablet.set_heartbeats(false);
+    scrape_until(metrics, "the tablet in the background", |m| {
+        value(m, "chat_backgrounded_total") >= 1.0
+    })
+    .await;
 
     let first = alice
         .send_text(conversation, "are you there")
         .await
         .unwrap();
     messages(&mut bob_events, 1).await;
+    messages(&mut tablet_events, 1).await;
     let got = gateway.wait_for(1).await;
     let n = &got[0]["notification"];
     assert_eq!(n["event_id"], format!("{conversation}/{}", first.seq));
@@ -376,8 +408,8 @@ async fn a_message_a_foreground_connection_leaves_unacknowledged_is_notified() {
     assert_eq!(watches(&m, "acked"), 0.0);
     assert_eq!(
         value(&m, "chat_sessions_active"),
-        2.0,
-        "bob's connection is still open and in the foreground"
+        3.0,
+        "bob's connections are still open, his phone's in the foreground"
     );
 
     // Once the app acks what it gets, nothing more is notified.
@@ -667,4 +699,61 @@ async fn a_call_rings_by_notification_where_no_calls_stream_is_open_and_stops_ri
     let m = scrape_until(metrics, "seven sent", |m| outcome(m, "sent") == 7.0).await;
     assert_eq!(outcome(&m, "online"), 0.0);
     assert_eq!(gateway.received().len(), 7);
+}
+
+#[tokio::test]
+async fn a_ring_that_ends_while_its_notification_is_under_way_is_not_tried_again_and_its_end_waits()
+{
+    let gateway = Gateway::start(None).await;
+    let server = server_for(Backend::Embedded, &gateway, Duration::from_secs(5)).await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let mut calls = server.client_config();
+    calls.calls = true;
+    let (alice, _alice_events) = register(calls, &name("alice")).await;
+    let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    bob.register_push(APP, "bob-phone").await.unwrap();
+    drop(bob_events);
+    gone(metrics, &bob).await;
+    let types = || -> Vec<String> {
+        gateway
+            .received()
+            .iter()
+            .map(|r| r["notification"]["type"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // The gateway holds the ring's request, then fails it; the caller
+    // hangs up meanwhile.
+    let release = gateway.hold_next();
+    gateway.answer_next(503, "{}");
+    let call = alice.start_call(conversation, false).await.unwrap();
+    gateway.wait_for(1).await;
+    alice.leave_call(call.call_id).await.unwrap();
+    // The missed call goes at once; the ring's end waits for the ring.
+    wait_until("the missed call notified", || async {
+        types().contains(&"chat.missed_call".to_string())
+    })
+    .await;
+    assert!(
+        !types().contains(&"chat.call_ended".to_string()),
+        "{:?}",
+        types()
+    );
+    release.send(()).unwrap();
+    // The ring is not tried again (it is over); then its end goes.
+    let m = scrape_until(metrics, "the ring over, its end sent", |m| {
+        outcome(m, "ended") == 1.0 && outcome(m, "sent") == 2.0
+    })
+    .await;
+    assert_eq!(outcome(&m, "failed"), 0.0);
+    let types = types();
+    assert_eq!(types.len(), 3, "{types:?}");
+    assert_eq!(types[0], "chat.call");
+    assert_eq!(
+        types.iter().filter(|t| *t == "chat.call").count(),
+        1,
+        "{types:?}"
+    );
+    assert_eq!(types[2], "chat.call_ended", "{types:?}");
 }

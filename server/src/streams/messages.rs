@@ -161,6 +161,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                 Ok(())
             }
             Some(Body::DeliveryAck(ack)) => {
+                acked_in_foreground(&session, &handle, ack.conversation_id, ack.seq);
                 let update = WatermarkUpdate {
                     conversation_id: ack.conversation_id,
                     user_id: authed.user_id,
@@ -952,6 +953,23 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
         counts.get(&r.conversation_id).copied().unwrap_or(0) == r.last_seq - r.delivered_seq
     });
     complete.then_some(out)
+}
+
+/// A device with its app in the foreground has the messages of
+/// `conversation` up to `seq` (delivered or seen): the notifier stops
+/// watching them (`push-unacked-after`). One in the background has them
+/// without the user knowing, so its acks do not count.
+pub(crate) fn acked_in_foreground(
+    session: &Session,
+    handle: &SessionHandle,
+    conversation: u64,
+    seq: u64,
+) {
+    if let Some(notifier) = &session.shared.notifier
+        && !handle.is_background()
+    {
+        notifier.acked(handle.user_id, conversation, seq);
+    }
 }
 
 #[cfg(test)]
