@@ -1989,12 +1989,7 @@ pub async fn call_logs(store: &impl HistoryStore) {
         m.call = Some(Box::new(log.clone()));
         m
     };
-    let appended = store
-        .append(vec![log_message(200)])
-        .await
-        .unwrap()
-        .remove(0)
-        .unwrap();
+    let appended = append_one(store, log_message(200)).await;
     let seq = appended.message.seq;
     assert_eq!(appended.message.r#type, proto::MessageType::Call as i32);
     assert_eq!(appended.message.call.as_deref(), Some(&log));
@@ -2024,21 +2019,11 @@ pub async fn call_logs(store: &impl HistoryStore) {
         Some(&log)
     );
     // Written again under its key: the first, and nothing new.
-    let repeated = store
-        .append(vec![log_message(300)])
-        .await
-        .unwrap()
-        .remove(0)
-        .unwrap();
+    let repeated = append_one(store, log_message(300)).await;
     assert!(repeated.duplicate);
     assert_eq!(repeated.message.seq, seq);
     assert_eq!(repeated.message.call.as_deref(), Some(&log));
-    let plain = store
-        .append(vec![text(c, b, "t-1", "that was fun", 400)])
-        .await
-        .unwrap()
-        .remove(0)
-        .unwrap();
+    let plain = append_one(store, text(c, b, "t-1", "that was fun", 400)).await;
     assert_eq!(plain.message.call, None);
     let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
     assert_eq!(page.messages.last().unwrap().call, None);
