@@ -321,6 +321,21 @@ fn peek_varint(buf: &[u8]) -> Result<Option<(u64, usize)>, FrameError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_frame_stays_the_size_idle_memory_was_measured_with() {
+        // Every stream task of every connection holds a `Frame`, which is
+        // the size of its largest body (a `Message`, in `Deliver`): a field
+        // that grows it costs each connection once per stream. Box large or
+        // rare fields (`build.rs`) rather than raise these.
+        assert!(
+            size_of::<proto::Message>() <= 112,
+            "{}",
+            size_of::<proto::Message>()
+        );
+        assert!(size_of::<Frame>() <= 120, "{}", size_of::<Frame>());
+    }
+
     use super::*;
     use crate::proto::{self, frame::Body};
 
