@@ -622,10 +622,14 @@ impl Calls {
         Ok(())
     }
 
-    /// A calls stream opened on `handle`: it is rung for the calls that
-    /// ring its user now.
+    /// A calls stream opened on `handle`: its queue takes pushes from now
+    /// on, and it is rung for the calls that ring its user now. Both under
+    /// the registry's lock, which a new call's ring is pushed under: the
+    /// ring reaches the stream through the hub or through this replay,
+    /// never both.
     pub fn opened(&self, handle: &SessionHandle) {
         let registry = self.lock();
+        handle.open_calls();
         for call_id in registry.rung.get(&handle.user_id).into_iter().flatten() {
             if let Some(live) = registry.calls.get(call_id) {
                 handle.push(StreamKind::Calls, push_event(live.ring(*call_id)));

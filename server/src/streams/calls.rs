@@ -23,11 +23,10 @@ pub const CALL_REQUEST_BURST: u32 = 100;
 pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameReader) {
     let authed = session.authed().expect("authenticated before data streams");
     let handle = authed.handle.clone();
-    handle.open_calls();
-    tokio::spawn(writer(session.clone(), send, handle.clone()));
-    // Rung for what rings the user now (a device that opens its stream
-    // after the ring went out).
+    // Opens the stream's queue, and rings it for what rings the user now
+    // (a device that opens its stream after the ring went out).
     session.shared.calls.opened(&handle);
+    tokio::spawn(writer(session.clone(), send, handle.clone()));
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
