@@ -121,8 +121,9 @@ pub struct ServerWrite {
 }
 
 /// How often a server write is tried before it is given up (spaced by
-/// [`PAUSED_RETRY`]: half a minute, [`HOLD_GRACE`], in all).
-const SERVER_WRITE_TRIES: u32 = 60;
+/// [`PAUSED_RETRY`]: a minute in all, twice [`HOLD_GRACE`], so a pause
+/// that a client's last retry kept up ends first).
+const SERVER_WRITE_TRIES: u32 = 120;
 
 /// A validated send (or group change) waiting for its commit.
 pub struct SendJob {
@@ -898,6 +899,21 @@ async fn commit_server(
             result => break result,
         }
     };
+    // As for a client's write: one whose outcome is unknown pauses the
+    // conversation until its retry settles it, so nothing later is
+    // delivered and acked ahead of it.
+    let (sender, key) = (write.message.sender_id, write.message.client_msg_id.clone());
+    match &result {
+        Err(StoreError::Unsettled(_)) => {
+            let batch = paused.next_batch();
+            paused.add(conversation, sender, key, batch, Instant::now());
+        }
+        Err(StoreError::Unavailable(_)) => {
+            paused.still_trying(conversation, sender, &key, Instant::now());
+        }
+        Ok(appended) => paused.settle(conversation, sender, &key, !appended.duplicate),
+        Err(_) => paused.settle(conversation, sender, &key, false),
+    }
     match result {
         Ok(appended) if appended.duplicate => redeliver(c, &appended, out),
         // Connection ids start at 1: none is left out.

@@ -214,10 +214,11 @@ impl Notifier {
         }
     }
 
-    /// A device of `user` with its app in the foreground acknowledged the
-    /// messages of `conversation` up to `seq` (delivered or seen). (One in
-    /// the background has them without the user knowing: it ends no
-    /// watch.)
+    /// `user` has the messages of `conversation` up to `seq`: a device
+    /// with its app in the foreground acknowledged them, or the user
+    /// marked them seen. (A delivery ack from an app in the background
+    /// says the device has them, not that the user knows: the stream
+    /// readers do not pass it on.)
     pub fn acked(&self, user: UserId, conversation: ConversationId, seq: u64) {
         let Some(unacked) = &self.unacked else {
             return;
@@ -540,6 +541,15 @@ struct RingTurn {
     turn: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// Makes room in `rings` (full) by forgetting the rings whose notification
+/// is done (only the map holds them): their end, if it ever comes, has
+/// nothing to wait for. True if that made room.
+fn forget_rings_sent(rings: &mut HashMap<(UserId, u64), Arc<RingTurn>>) -> bool {
+    rings.retain(|_, ring| Arc::strong_count(ring) > 1);
+    rings.shrink_to_fit();
+    rings.len() < MAX_PENDING
+}
+
 /// A notification task's place in its ring's order.
 enum Turn {
     /// The ring's, holding the turn.
@@ -588,7 +598,7 @@ impl Dispatcher {
                 Offer::Held { replaced: false } => {}
             },
             NoticeKind::MissedCall { .. } => self.send_in(sending, notice, None),
-            NoticeKind::Call { .. } if rings.len() < MAX_PENDING => {
+            NoticeKind::Call { .. } if rings.len() < MAX_PENDING || forget_rings_sent(rings) => {
                 let ring = Arc::new(RingTurn::default());
                 let turn = ring
                     .turn

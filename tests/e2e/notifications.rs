@@ -705,7 +705,13 @@ async fn a_call_rings_by_notification_where_no_calls_stream_is_open_and_stops_ri
 async fn a_ring_that_ends_while_its_notification_is_under_way_is_not_tried_again_and_its_end_waits()
 {
     let gateway = Gateway::start(None).await;
-    let server = server_for(Backend::Embedded, &gateway, Duration::from_secs(5)).await;
+    let url = gateway.url();
+    // The held request must not time out first, however slow the machine.
+    let server = TestServer::start_on_with(Backend::Embedded, move |c| {
+        c.push.push_gateway_url = Some(url);
+        c.push.push_timeout = Duration::from_secs(120);
+    })
+    .await;
     let metrics = server.server.as_ref().unwrap().metrics_addr();
     let mut calls = server.client_config();
     calls.calls = true;
@@ -740,7 +746,7 @@ async fn a_ring_that_ends_while_its_notification_is_under_way_is_not_tried_again
         "{:?}",
         types()
     );
-    release.send(()).unwrap();
+    let _ = release.send(());
     // The ring is not tried again (it is over); then its end goes.
     let m = scrape_until(metrics, "the ring over, its end sent", |m| {
         outcome(m, "ended") == 1.0 && outcome(m, "sent") == 2.0

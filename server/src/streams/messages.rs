@@ -161,7 +161,7 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                 Ok(())
             }
             Some(Body::DeliveryAck(ack)) => {
-                acked_in_foreground(&session, &handle, ack.conversation_id, ack.seq);
+                acked_in_foreground(&session, &handle, (ack.conversation_id, ack.seq), false);
                 let update = WatermarkUpdate {
                     conversation_id: ack.conversation_id,
                     user_id: authed.user_id,
@@ -955,18 +955,18 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
     complete.then_some(out)
 }
 
-/// A device with its app in the foreground has the messages of
-/// `conversation` up to `seq` (delivered or seen): the notifier stops
-/// watching them (`push-unacked-after`). One in the background has them
-/// without the user knowing, so its acks do not count.
+/// A device has the messages of `conversation` up to `seq`: the notifier
+/// stops watching them (`push-unacked-after`) if its app is in the
+/// foreground, or if the user marked them seen. A delivery ack from an app
+/// in the background says the device has them, not that the user knows.
 pub(crate) fn acked_in_foreground(
     session: &Session,
     handle: &SessionHandle,
-    conversation: u64,
-    seq: u64,
+    (conversation, seq): (u64, u64),
+    seen: bool,
 ) {
     if let Some(notifier) = &session.shared.notifier
-        && !handle.is_background()
+        && (seen || !handle.is_background())
     {
         notifier.acked(handle.user_id, conversation, seq);
     }

@@ -101,7 +101,12 @@ async fn mark_seen(
     super::control::charge(session, &session.shared.mark_limiter, |wait| {
         format!("over {rate} MarkSeen per second; retry in {wait} ms")
     })?;
-    super::messages::acked_in_foreground(session, handle, update.conversation_id, update.seq);
+    super::messages::acked_in_foreground(
+        session,
+        handle,
+        (update.conversation_id, update.seq),
+        true,
+    );
     let slot = unanswered
         .get_or_insert_with(|| Arc::new(Semaphore::new(MAX_UNANSWERED_MARKS)))
         .clone()
