@@ -849,7 +849,7 @@ async fn commit_run(
 /// again ([`SERVER_WRITE_TRIES`]); then, or refused for good, it is logged
 /// and not written: it records what happened, it carries nothing a user
 /// sent. Under its key (one per call) a second write stores nothing and
-/// goes to the members still owed it.
+/// goes to the members still owed it and to its sender's devices.
 async fn commit_server(
     c: &Committer,
     mut write: Box<ServerWrite>,
@@ -915,7 +915,21 @@ async fn commit_server(
         Err(_) => paused.settle(conversation, sender, &key, false),
     }
     match result {
-        Ok(appended) if appended.duplicate => redeliver(c, &appended, out),
+        Ok(appended) if appended.duplicate => {
+            redeliver(c, &appended, out);
+            // Its sender did not write it, so their devices are owed it as
+            // much as the others (the first write's fan-out may never have
+            // happened); an app drops a copy it has.
+            let message = &appended.message;
+            let deliver = Frame::push(Body::Deliver(proto::Deliver {
+                message: Some((**message).clone()),
+            }));
+            let (_, own) = deliver_frames(&deliver, message);
+            let pushed = c
+                .hub
+                .push(message.sender_id, StreamKind::Messages, &own, None);
+            c.metrics.redeliveries.increment(pushed as u64);
+        }
         // Connection ids start at 1: none is left out.
         Ok(appended) => fan_out(c, appended, 0, None, out),
         Err(e @ (StoreError::Unavailable(_) | StoreError::Unsettled(_))) => {

@@ -1392,3 +1392,87 @@ async fn a_group_created_with_an_unknown_outcome_reaches_its_members_on_the_retr
     );
     drop(bob);
 }
+
+#[tokio::test]
+async fn a_call_log_of_unknown_outcome_keeps_its_place_for_every_member() {
+    // A call's log commits, but the answer to its COMMIT is lost and
+    // Postgres cannot be asked how it ended. Had Alice's text, sent as the
+    // call ended, been stored, delivered to Bob and acked before the log's
+    // retry, the retry would have found the log stored and sent it only to
+    // members still below it: Bob would never have seen it. The
+    // conversation waits for the log's retry instead, as it does for a
+    // client's send.
+    let Some((cutter, server, _schema)) = behind_a_commit_cutter().await else {
+        return;
+    };
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let mut calls = server.client_config();
+    calls.calls = true;
+    let (alice, mut alice_events) = register(calls.clone(), &name("alice")).await;
+    let (bob, mut bob_events) = register(calls, &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let call = alice.start_call(conversation, false).await.unwrap();
+    wait_for(&mut bob_events, "the ring", |event| match event {
+        chat_client::Event::Call(ring) if ring.call_id == call.call_id => Some(()),
+        _ => None,
+    })
+    .await;
+
+    cutter.arm_after(b"Declined call");
+    let failed_appends = |m: &std::collections::HashMap<String, f64>| {
+        // Absent until the first failure.
+        let key = "chat_store_operation_duration_seconds_count{backend=\"postgres\",operation=\"append\",result=\"error\"}";
+        m.get(key).copied().unwrap_or(0.0)
+    };
+    bob.decline_call(call.call_id).await.unwrap();
+    // The log's outcome is unknown once the store has given up asking.
+    scrape_until(metrics, "the log's write of unknown outcome", |m| {
+        failed_appends(m) >= 1.0
+    })
+    .await;
+    assert_eq!(cutter.cuts(), 1, "the log's COMMIT answer was cut");
+    cutter.end_blackout();
+    let text = alice.send_text(conversation, "call me?").await.unwrap();
+
+    // Bob gets both, the log first.
+    let mut log_seq = None;
+    let mut text_seen = false;
+    while log_seq.is_none() || !text_seen {
+        let m = wait_for(
+            &mut bob_events,
+            "the log and the text",
+            |event| match event {
+                chat_client::Event::Message(m) => Some(m),
+                _ => None,
+            },
+        )
+        .await;
+        if m.r#type == chat_client::proto::MessageType::Call as i32 {
+            assert_eq!(m.call.as_ref().unwrap().call_id, call.call_id);
+            assert_eq!(m.text, "Declined call");
+            log_seq = Some(m.seq);
+        } else if m.seq == text.seq {
+            text_seen = true;
+        }
+    }
+    assert!(
+        log_seq.unwrap() < text.seq,
+        "the log keeps its place: {log_seq:?} before {}",
+        text.seq
+    );
+    // Alice's devices too: the log is from her, but she did not write it.
+    let own = wait_for(
+        &mut alice_events,
+        "the log at its sender",
+        |event| match event {
+            chat_client::Event::Message(m)
+                if m.r#type == chat_client::proto::MessageType::Call as i32 =>
+            {
+                Some(m)
+            }
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(Some(own.seq), log_seq);
+}
