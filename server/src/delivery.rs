@@ -648,6 +648,30 @@ impl Paused {
         }
     }
 
+    /// What a lone keyed write (a group change, a server's message) to
+    /// `conversation` means for the pause: of unknown outcome, it pauses
+    /// the conversation until its retry; failing with the store
+    /// unavailable, it is still being tried; any other answer settles it.
+    fn record(
+        &mut self,
+        conversation: u64,
+        sender: UserId,
+        key: String,
+        result: &Result<Appended, StoreError>,
+    ) {
+        match result {
+            Err(StoreError::Unsettled(_)) => {
+                let batch = self.next_batch();
+                self.add(conversation, sender, key, batch, Instant::now());
+            }
+            Err(StoreError::Unavailable(_)) => {
+                self.still_trying(conversation, sender, &key, Instant::now());
+            }
+            Ok(appended) => self.settle(conversation, sender, &key, !appended.duplicate),
+            Err(_) => self.settle(conversation, sender, &key, false),
+        }
+    }
+
     /// A retry of a write `conversation` waits for failed again, without
     /// an answer either way (the store still unavailable): its client is
     /// still at it, so an outage longer than `HOLD_GRACE` does not end the
@@ -903,17 +927,7 @@ async fn commit_server(
     // conversation until its retry settles it, so nothing later is
     // delivered and acked ahead of it.
     let (sender, key) = (write.message.sender_id, write.message.client_msg_id.clone());
-    match &result {
-        Err(StoreError::Unsettled(_)) => {
-            let batch = paused.next_batch();
-            paused.add(conversation, sender, key, batch, Instant::now());
-        }
-        Err(StoreError::Unavailable(_)) => {
-            paused.still_trying(conversation, sender, &key, Instant::now());
-        }
-        Ok(appended) => paused.settle(conversation, sender, &key, !appended.duplicate),
-        Err(_) => paused.settle(conversation, sender, &key, false),
-    }
+    paused.record(conversation, sender, key, &result);
     match result {
         Ok(appended) if appended.duplicate => {
             redeliver(c, &appended, out);
@@ -1045,17 +1059,7 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout, paused: &mu
     let now = crate::streams::now_ms();
     let result = c.store.change_group(*edit, max_members, now).await;
     if let Some(key) = key {
-        match &result {
-            Err(StoreError::Unsettled(_)) => {
-                let batch = paused.next_batch();
-                paused.add(conversation, actor, key, batch, Instant::now());
-            }
-            Err(StoreError::Unavailable(_)) => {
-                paused.still_trying(conversation, actor, &key, Instant::now());
-            }
-            Ok(appended) => paused.settle(conversation, actor, &key, !appended.duplicate),
-            Err(_) => paused.settle(conversation, actor, &key, false),
-        }
+        paused.record(conversation, actor, key, &result);
     }
     let reply = match result {
         Ok(appended) => {

@@ -130,6 +130,14 @@ async fn media_reaches(from: &Client, to: &mut CallMedia, payload: &'static [u8]
     }
 }
 
+/// Waits until the node has no call under way; its metrics then.
+async fn calls_over(metrics: std::net::SocketAddr) -> std::collections::HashMap<String, f64> {
+    scrape_until(metrics, "the call over", |m| {
+        value(m, "chat_calls_active") == 0.0
+    })
+    .await
+}
+
 fn ended(m: &std::collections::HashMap<String, f64>, reason: &str) -> f64 {
     value(m, &format!("chat_calls_ended_total{{reason=\"{reason}\"}}"))
 }
@@ -200,7 +208,7 @@ each_backend! {
         assert_eq!((left.user_id, left.reason()), (bob.id(), CallEndReason::HungUp));
         let end = alice.event(CallEventKind::Ended).await;
         assert_eq!(end.reason(), CallEndReason::HungUp);
-        let m = scrape_until(metrics, "the call over", |m| value(m, "chat_calls_active") == 0.0).await;
+        let m = calls_over(metrics).await;
         assert_eq!(value(&m, "chat_call_participants"), 0.0);
         assert_eq!(ended(&m, "hung_up"), 1.0);
         assert_eq!(code(bob.client.join_call(started.call_id).await), ErrorCode::NotFound);
@@ -255,10 +263,7 @@ async fn a_declined_call_ends_and_an_unanswered_one_stops_ringing() {
         code(bob.client.decline_call(call.call_id).await),
         ErrorCode::NotFound
     );
-    let m = scrape_until(metrics, "the call over", |m| {
-        value(m, "chat_calls_active") == 0.0
-    })
-    .await;
+    let m = calls_over(metrics).await;
     assert_eq!(ended(&m, "declined"), 1.0);
     // Declined, it was missed by nobody.
     let (message, log) = bob.log().await;
@@ -288,10 +293,7 @@ async fn a_declined_call_ends_and_an_unanswered_one_stops_ringing() {
         alice.event(CallEventKind::Ended).await.reason(),
         CallEndReason::NoAnswer
     );
-    let m = scrape_until(metrics, "the call over", |m| {
-        value(m, "chat_calls_active") == 0.0
-    })
-    .await;
+    let m = calls_over(metrics).await;
     assert_eq!(ended(&m, "no_answer"), 1.0);
     assert_eq!(
         code(bob.client.join_call(call.call_id).await),
@@ -438,10 +440,7 @@ async fn a_group_call_rings_every_member_forwards_to_all_and_ends_when_left_alon
         b.event(CallEventKind::Ended).await.reason(),
         CallEndReason::Alone
     );
-    let m = scrape_until(metrics, "the call over", |m| {
-        value(m, "chat_calls_active") == 0.0
-    })
-    .await;
+    let m = calls_over(metrics).await;
     assert_eq!(ended(&m, "alone"), 1.0);
     assert_eq!(value(&m, "chat_call_participants"), 0.0);
     // The group's log: from the caller, who left first; D declined, so

@@ -156,10 +156,20 @@ async fn answer(
 
 /// A server that notifies through `gateway`, coalescing over `coalesce`.
 async fn server_for(backend: Backend, gateway: &Gateway, coalesce: Duration) -> TestServer {
+    server_with(backend, gateway, move |c| c.push.push_coalesce = coalesce).await
+}
+
+/// A server that notifies through `gateway`, its settings changed by
+/// `tweak`.
+async fn server_with(
+    backend: Backend,
+    gateway: &Gateway,
+    tweak: impl FnOnce(&mut chat_server::Config),
+) -> TestServer {
     let url = gateway.url();
     TestServer::start_on_with(backend, move |c| {
         c.push.push_gateway_url = Some(url);
-        c.push.push_coalesce = coalesce;
+        tweak(c);
     })
     .await
 }
@@ -364,9 +374,7 @@ each_backend! {
 #[tokio::test]
 async fn a_message_a_foreground_connection_leaves_unacknowledged_is_notified() {
     let gateway = Gateway::start(None).await;
-    let url = gateway.url();
-    let server = TestServer::start_on_with(Backend::Embedded, move |c| {
-        c.push.push_gateway_url = Some(url);
+    let server = server_with(Backend::Embedded, &gateway, |c| {
         c.push.push_unacked_after = Duration::from_secs(4);
     })
     .await;
@@ -705,10 +713,8 @@ async fn a_call_rings_by_notification_where_no_calls_stream_is_open_and_stops_ri
 async fn a_ring_that_ends_while_its_notification_is_under_way_is_not_tried_again_and_its_end_waits()
 {
     let gateway = Gateway::start(None).await;
-    let url = gateway.url();
     // The held request must not time out first, however slow the machine.
-    let server = TestServer::start_on_with(Backend::Embedded, move |c| {
-        c.push.push_gateway_url = Some(url);
+    let server = server_with(Backend::Embedded, &gateway, |c| {
         c.push.push_timeout = Duration::from_secs(120);
     })
     .await;
