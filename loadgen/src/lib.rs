@@ -254,6 +254,7 @@ impl SpawnedServer {
         // beyond the defaults are the run's to set.
         config.calls.max_call_participants = config.calls.max_call_participants.max(args.call_size);
         config.calls.call_media_rate = 64 << 20;
+        config.calls.call_media_node_rate = 1 << 40;
         // Set-up registers every user from this one address.
         config.limits.password_checks_per_address = 0;
         config.limits.registrations_per_address = 0;

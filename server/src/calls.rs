@@ -73,6 +73,10 @@ pub struct Calls {
     media_on: bool,
     /// New ringing calls per user.
     rings: RateLimiter,
+    /// What the node may still forward (`call-media-node-rate`): every
+    /// copy of every call's media is charged here after its sender's own
+    /// budget.
+    node_media: Mutex<Budget>,
     registry: Mutex<Registry>,
     /// This registry, for its timers (weak: a node that stops does not
     /// wait for them).
@@ -263,6 +267,7 @@ impl Calls {
         notifier: Option<Arc<Notifier>>,
         media_on: bool,
     ) -> Arc<Calls> {
+        let node_media = Budget::new(config.call_media_node_rate, Instant::now());
         Arc::new_cyclic(|me| Calls {
             config,
             hub,
@@ -271,6 +276,7 @@ impl Calls {
             notifier,
             media_on,
             rings: RateLimiter::with_rate(RINGS_PER_SECOND, RING_BURST),
+            node_media: Mutex::new(node_media),
             registry: Mutex::new(Registry::default()),
             me: me.clone(),
             delivery: OnceLock::new(),
@@ -566,7 +572,7 @@ impl Calls {
             slot.lock()
                 .get_or_insert_with(|| {
                     Box::new(Seat {
-                        budget: Budget::new(rate, Instant::now()),
+                        budget: Budget::new(rate.into(), Instant::now()),
                         call: None,
                     })
                 })
@@ -1044,8 +1050,9 @@ impl Calls {
     }
 
     /// Forwards a datagram that arrived on `handle`'s connection to the
-    /// other participants of its call, or drops it (in no call, or beyond
-    /// the sender's `call-media-rate`).
+    /// other participants of its call, or drops it (in no call, beyond the
+    /// sender's `call-media-rate`, or beyond the node's
+    /// `call-media-node-rate`).
     pub fn forward(&self, handle: &SessionHandle, datagram: Bytes) {
         // The slot's lock is held to charge the budget and read the peers,
         // not while sending: the registry takes it (under its own lock)
@@ -1071,6 +1078,22 @@ impl Calls {
             (call.me, call.peers.clone())
         };
         let out = chat_protocol::calls::encode_forwarded(me, &datagram);
+        // All the copies or none: a node over its rate drops whole
+        // datagrams, which codecs conceal better than a call half heard.
+        let copies = peers.iter().filter(|p| p.id != me).count();
+        if copies == 0 {
+            return;
+        }
+        if !self
+            .node_media
+            .lock()
+            .expect("node media lock")
+            .take(out.len() * copies, Instant::now())
+        {
+            self.metrics
+                .call_media(MediaOutcome::NodeLimited, copies as u64);
+            return;
+        }
         for peer in peers.iter().filter(|p| p.id != me) {
             if peer
                 .conn
@@ -1159,8 +1182,8 @@ fn push_event(event: proto::CallEvent) -> Outbound {
     Outbound::frame(&Frame::push(Body::CallEvent(event)))
 }
 
-/// A sender's media budget: `rate` bytes a second, a second's worth at
-/// once.
+/// A media budget (a sender's, or the node's): `rate` bytes a second, a
+/// second's worth at once.
 struct Budget {
     rate: f64,
     tokens: f64,
@@ -1168,10 +1191,12 @@ struct Budget {
 }
 
 impl Budget {
-    fn new(rate: u32, now: Instant) -> Budget {
+    fn new(rate: u64, now: Instant) -> Budget {
+        // Exact up to 2^53 bytes a second, far past any configured rate.
+        let rate = rate as f64;
         Budget {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
+            rate,
+            tokens: rate,
             at: now,
         }
     }
@@ -1204,6 +1229,18 @@ mod tests {
         assert!(!budget.take(1, t0 + Duration::from_millis(500)));
         assert!(!budget.take(1001, t0 + Duration::from_secs(60)));
         assert!(budget.take(1000, t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_node_sized_budget_counts_large_amounts_exactly() {
+        let t0 = Instant::now();
+        let rate = 100 << 30;
+        let mut budget = Budget::new(rate, t0);
+        assert!(budget.take(60 << 30, t0));
+        assert!(!budget.take(41 << 30, t0), "40 GiB left");
+        assert!(budget.take(40 << 30, t0));
+        assert!(!budget.take(1, t0));
+        assert!(budget.take(1 << 30, t0 + Duration::from_millis(10)));
     }
 
     #[test]

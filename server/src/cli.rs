@@ -157,6 +157,9 @@ struct Overrides {
     /// Media bytes per second one call participant may send.
     #[arg(long, env = "CHAT_CALL_MEDIA_RATE")]
     call_media_rate: Option<u32>,
+    /// Media bytes per second the node forwards, all calls together.
+    #[arg(long, env = "CHAT_CALL_MEDIA_NODE_RATE")]
+    call_media_node_rate: Option<u64>,
     /// Time allowed to authenticate, e.g. 10s.
     #[arg(long, env = "CHAT_AUTH_TIMEOUT", value_parser = humantime::parse_duration)]
     auth_timeout: Option<Duration>,
@@ -386,6 +389,7 @@ impl Overrides {
             self.call_ring_max_members,
         );
         set(&mut c.calls.call_media_rate, self.call_media_rate);
+        set(&mut c.calls.call_media_node_rate, self.call_media_node_rate);
         set(&mut c.limits.max_friends, self.max_friends);
         set(&mut c.limits.max_auth_attempts, self.max_auth_attempts);
         set(

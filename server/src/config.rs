@@ -108,6 +108,11 @@ pub struct CallsConfig {
     /// of the others); beyond it datagrams are dropped. The default, 512
     /// KiB/s, is 4 Mbit/s: 720p video with room.
     pub call_media_rate: u32,
+    /// Media bytes per second the node forwards, all calls together (each
+    /// copy counted: a datagram to three others is three); beyond it
+    /// datagrams are dropped. The default, 125,000,000, is 1 Gbit/s: a
+    /// node's share of its uplink, so calls cannot starve its messages.
+    pub call_media_node_rate: u64,
 }
 
 impl Default for CallsConfig {
@@ -118,6 +123,7 @@ impl Default for CallsConfig {
             max_call_participants: 16,
             call_ring_max_members: 50,
             call_media_rate: 512 * 1024,
+            call_media_node_rate: 125_000_000,
         }
     }
 }
@@ -144,6 +150,12 @@ impl CallsConfig {
         if !(1024..=64 << 20).contains(&self.call_media_rate) {
             return err(
                 "call-media-rate must be between 1024 and 67108864 bytes per second".into(),
+            );
+        }
+        if !(1024..=1 << 40).contains(&self.call_media_node_rate) {
+            return err(
+                "call-media-node-rate must be between 1024 and 1099511627776 bytes per second"
+                    .into(),
             );
         }
         Ok(())
@@ -1118,6 +1130,14 @@ mod tests {
         type Case = (fn(&mut Config), &'static str);
         let cases: Vec<Case> = vec![
             (|c| c.limits.max_frame_len = 10, "max-frame-len"),
+            (
+                |c| c.calls.call_media_node_rate = 1023,
+                "call-media-node-rate",
+            ),
+            (
+                |c| c.calls.call_media_node_rate = u64::MAX,
+                "call-media-node-rate",
+            ),
             (|c| c.limits.max_text_len = 0, "max-text-len"),
             (|c| c.limits.max_text_len = 70_000, "max-frame-len"),
             (|c| c.limits.max_text_len = usize::MAX, "max-frame-len"),

@@ -35,12 +35,13 @@ pub const PUSH_OUTCOMES: [&str; 8] = [
 pub const PUSH_WATCH_OUTCOMES: [&str; 3] = ["acked", "unacked", "dropped"];
 
 /// The outcomes of `chat_call_media_datagrams_total`, by [`MediaOutcome`].
-const MEDIA_OUTCOMES: [&str; 5] = [
+const MEDIA_OUTCOMES: [&str; 6] = [
     "forwarded",
     "rate_limited",
     "too_large",
     "unsent",
     "no_call",
+    "node_limited",
 ];
 
 /// What became of a call media datagram for one receiver (or, rate
@@ -57,6 +58,9 @@ pub enum MediaOutcome {
     Unsent = 3,
     /// The sender is in no call: dropped as it came.
     NoCall = 4,
+    /// The node was over `call-media-node-rate`: dropped for every
+    /// receiver.
+    NodeLimited = 5,
 }
 
 /// The reasons of `chat_calls_ended_total`.
@@ -271,7 +275,7 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "chat_call_media_datagrams_total",
         "counter",
         Unit::Count,
-        "Call media datagrams by outcome, per receiver: forwarded, too_large (beyond the receiver's datagram size), unsent (its connection refused it); rate_limited counts a sender's datagram over call-media-rate once, no_call one from a connection in no call.",
+        "Call media datagrams by outcome, per receiver: forwarded, too_large (beyond the receiver's datagram size), unsent (its connection refused it); rate_limited counts a sender's datagram over call-media-rate once, no_call one from a connection in no call; node_limited, per receiver, copies dropped for the node's call-media-node-rate.",
     ),
     (
         "chat_call_media_bytes_total",
@@ -474,7 +478,7 @@ pub struct Metrics {
     /// Call signals relayed.
     pub call_signals: Counter,
     /// Call media datagrams by [`MediaOutcome`].
-    call_media: [Counter; 5],
+    call_media: [Counter; 6],
     /// Call media bytes forwarded.
     pub call_media_bytes: Counter,
     /// The embedded store's WAL checkpoints.

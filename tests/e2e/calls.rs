@@ -588,6 +588,80 @@ async fn calls_refuse_outsiders_strangers_floods_and_clients_without_them() {
 }
 
 #[tokio::test]
+async fn the_node_forwards_at_most_its_media_rate_across_all_calls() {
+    // Each sender may send 64 KiB/s, but the node forwards 2 KiB/s in
+    // all: two calls whose senders are each well within their own rate
+    // share that.
+    let server = TestServer::start_with(|c| {
+        c.calls.call_media_rate = 64 << 10;
+        c.calls.call_media_node_rate = 2048;
+    })
+    .await;
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    let alice = caller(&server, "alice").await;
+    let mut bob = caller(&server, "bob").await;
+    let carol = caller(&server, "carol").await;
+    let mut dave = caller(&server, "dave").await;
+    let first = befriend(&alice.client, &bob.client).await;
+    let second = befriend(&carol.client, &dave.client).await;
+    for (from, to, conversation) in [(&alice, &mut bob, first), (&carol, &mut dave, second)] {
+        from.client.start_call(conversation, false).await.unwrap();
+        let ring = to.event(CallEventKind::Ring).await;
+        to.client.join_call(ring.call_id).await.unwrap();
+    }
+
+    // 500-byte packets from both callers (501 bytes forwarded, with the
+    // sender's id) until ten copies were dropped for the node's rate.
+    let began = std::time::Instant::now();
+    let node_limited = "chat_call_media_datagrams_total{outcome=\"node_limited\"}";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        for _ in 0..3 {
+            for from in [&alice, &carol] {
+                from.client
+                    .send_call_media(Bytes::from(vec![7; 500]))
+                    .unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if value(&scrape(metrics).await, node_limited) >= 10.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing was dropped for the node's rate"
+        );
+    }
+    let m = scrape(metrics).await;
+    let forwarded = value(&m, "chat_call_media_datagrams_total{outcome=\"forwarded\"}");
+    let allowed = (2048.0 * (1.0 + began.elapsed().as_secs_f64()) / 501.0).floor();
+    assert!(
+        (1.0..=allowed).contains(&forwarded),
+        "{forwarded} forwarded in both calls, {allowed} allowed"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "chat_call_media_datagrams_total{outcome=\"rate_limited\"}"
+        ),
+        0.0,
+        "no sender was over its own rate"
+    );
+    // The rate refills: both calls still carry media (past what the
+    // flood left queued).
+    for (from, to, payload) in [
+        (&alice, &mut bob, &b"still here"[..]),
+        (&carol, &mut dave, &b"and here"[..]),
+    ] {
+        while media_reaches(&from.client, &mut to.media, payload)
+            .await
+            .payload
+            != payload
+        {}
+    }
+}
+
+#[tokio::test]
 async fn datagrams_outside_a_call_are_dropped_as_they_come() {
     let server = TestServer::start().await;
     let metrics = server.server.as_ref().unwrap().metrics_addr();
