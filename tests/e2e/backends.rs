@@ -608,6 +608,77 @@ async fn a_delivery_ack_the_store_fails_is_tried_again() {
 }
 
 #[tokio::test]
+async fn a_photo_whose_binding_fails_for_now_is_not_overtaken_by_later_sends() {
+    // A photo send binds its photo in the store before it goes to the
+    // committer. When that binding fails with a retryable error, the
+    // client sends the photo again, after the texts it sent behind it:
+    // the node must hold those back until the photo comes again, or they
+    // take seqs before it. A trigger in the test's schema fails the first
+    // binding with a serialization failure.
+    let Some((backend, schema)) = production_with_schema().await else {
+        return;
+    };
+    let server = TestServer::start_on(backend.clone()).await;
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let mut jpeg = vec![0xff, 0xd8, 0xff, 0xe0];
+    jpeg.resize(2_000, 7);
+    let media_id = alice
+        .upload_photo(chat_client::PhotoUpload {
+            bytes: jpeg.into(),
+            media_type: chat_client::proto::MediaType::Jpeg,
+            width: 40,
+            height: 30,
+        })
+        .await
+        .expect("uploaded");
+
+    let admin = postgres::testing::admin().await.expect("admin connection");
+    admin
+        .batch_execute(&format!(
+            r#"
+            CREATE SEQUENCE "{schema}".injected_failures;
+            CREATE FUNCTION "{schema}".fail_first_binding() RETURNS trigger AS $$
+            BEGIN
+                IF nextval('"{schema}".injected_failures') = 1 THEN
+                    RAISE EXCEPTION 'injected failure' USING ERRCODE = '40001';
+                END IF;
+                RETURN NEW;
+            END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER fail_first_binding BEFORE UPDATE ON "{schema}".media
+                FOR EACH ROW EXECUTE FUNCTION "{schema}".fail_first_binding();
+            "#
+        ))
+        .await
+        .expect("install the trigger");
+
+    // Queued together: the outbox writes all three at once.
+    let photo = alice.send_photo(conversation, &media_id, "first");
+    let second = alice.send_text(conversation, "second");
+    let third = alice.send_text(conversation, "third");
+    let (photo, second, third) = tokio::join!(photo, second, third);
+    let seqs = [photo.unwrap().seq, second.unwrap().seq, third.unwrap().seq];
+    assert!(
+        seqs[0] < seqs[1] && seqs[1] < seqs[2],
+        "stored in the order sent: {seqs:?}"
+    );
+    let got = messages(&mut bob_events, 3).await;
+    let texts: Vec<&str> = got.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["first", "second", "third"]);
+    assert!(got[0].photo.is_some(), "the photo came with its media");
+    let tries: i64 = admin
+        .query_one(
+            &format!(r#"SELECT last_value FROM "{schema}".injected_failures"#),
+            &[],
+        )
+        .await
+        .expect("read the sequence")
+        .get(0);
+    assert!(tries >= 2, "the first binding failed: {tries}");
+}
+
+#[tokio::test]
 async fn a_retry_delivers_a_message_whose_first_fan_out_never_happened() {
     // A message can be durable without having been pushed to anyone: a
     // COMMIT whose outcome was settled only after the store gave up, a node

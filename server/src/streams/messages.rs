@@ -239,9 +239,12 @@ fn leave<'a>(
     })
 }
 
-/// A connection whose sends are held back after a rate-limit refusal.
+/// A connection whose sends are held back after a refusal it will retry:
+/// over the send rate, or (a photo send) its photo could not be bound for
+/// now.
 struct Limited {
-    /// The retry time given with the first refusal.
+    /// The retry time given with the first refusal (for a photo, its
+    /// refusal's time: the hold only waits for it to come back).
     until: Instant,
     /// The `client_msg_id` of that first refused send.
     head: String,
@@ -251,7 +254,7 @@ struct Limited {
 /// to come back before giving up on it (a client may drop a message).
 const HEAD_GRACE: Duration = Duration::from_secs(10);
 
-/// Applies the per-user send rate.
+/// Applies the per-user send rate, and the hold of an earlier refusal.
 ///
 /// A refusal must not let a later send overtake the refused one. A client
 /// only learns of the refusal a round trip later, and sends made in that
@@ -266,35 +269,42 @@ fn rate_limit(
     client_msg_id: &str,
     now: Instant,
 ) -> Result<(), Refusal> {
-    let wait = match limited {
-        Some(hold) if hold.until > now => hold.until - now,
+    let over_rate = |wait: Duration| {
+        Refusal::new(
+            ErrorCode::RateLimited,
+            format!(
+                "over {} sends per second; retry in {} ms",
+                session.shared.config.limits.send_rate,
+                retry_after_ms(wait)
+            ),
+        )
+        .with_retry_after(wait)
+    };
+    match limited {
+        Some(hold) if hold.until > now => Err(over_rate(hold.until - now)),
         Some(hold) if hold.head != client_msg_id && now < hold.until + HEAD_GRACE => {
-            Duration::from_millis(1)
+            Err(Refusal::new(
+                ErrorCode::RateLimited,
+                "an earlier send was refused; send it again first",
+            )
+            .with_retry_after(Duration::from_millis(1)))
         }
         _ => {
             *limited = None;
             let user = session.authed().expect("authenticated").user_id;
-            match session.shared.send_limiter.check(user, now) {
-                Ok(()) => return Ok(()),
-                Err(wait) => {
+            session
+                .shared
+                .send_limiter
+                .check(user, now)
+                .map_err(|wait| {
                     *limited = Some(Limited {
                         until: now + wait,
                         head: client_msg_id.to_owned(),
                     });
-                    wait
-                }
-            }
+                    over_rate(wait)
+                })
         }
-    };
-    Err(Refusal::new(
-        ErrorCode::RateLimited,
-        format!(
-            "over {} sends per second; retry in {} ms",
-            session.shared.config.limits.send_rate,
-            retry_after_ms(wait)
-        ),
-    )
-    .with_retry_after(wait))
+    }
 }
 
 /// A photo send: checked as a text is, then the photo it names bound to
@@ -328,11 +338,23 @@ fn send_photo<'a>(
                 message.now_ms,
             )
             .await
-            .map_err(|e| match e {
-                StoreError::NotFound => {
-                    Refusal::new(ErrorCode::NotFound, "no photo of yours has this media_id")
+            .map_err(|e| {
+                let refusal = match e {
+                    StoreError::NotFound => {
+                        Refusal::new(ErrorCode::NotFound, "no photo of yours has this media_id")
+                    }
+                    e => Refusal::from(e),
+                };
+                // The client sends it again, first: until then later sends
+                // are held, as after a rate-limit refusal, so none
+                // overtakes it.
+                if refusal.code.is_retryable() {
+                    *limited = Some(Limited {
+                        until: received,
+                        head: message.client_msg_id.clone(),
+                    });
                 }
-                e => Refusal::from(e),
+                refusal
             })?;
         message.photo = Some(Box::new(media.photo()));
         session
