@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chat_protocol::limits::MAX_CLIENT_MSG_ID_LEN;
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
@@ -948,17 +949,13 @@ impl Inner {
     }
 
     /// The session cannot continue: nothing will be sent any more, so
-    /// every waiting send and request fails with the reason, new ones fail
-    /// with `Closed`, and the app hears `SessionEnded`, after which its
-    /// event stream ends. That event is not dropped however full the queue
+    /// every waiting send and request fails with `SessionEnded(code)`, new
+    /// ones fail with `Closed`, the call media stream ends, and the app
+    /// hears `SessionEnded`, after which its event stream ends. That event is not dropped however full the queue
     /// is, and the caller (the supervisor) does not wait for room: a task
     /// of its own delivers it.
     fn end_session(&self, code: ErrorCode) {
-        let error = ClientError::Server {
-            code,
-            message: "the session ended; log in again".into(),
-            retry_after: None,
-        };
+        let error = ClientError::SessionEnded(code);
         {
             let mut outbox = self.outbox.lock().expect("outbox lock");
             self.closed.store(true, Ordering::Relaxed);
@@ -973,6 +970,8 @@ impl Inner {
                 let _ = events.send(Event::SessionEnded { code }).await;
             });
         }
+        // Calls end with the session: the app's media stream ends too.
+        self.call_media.lock().expect("media lock").take();
     }
 
     /// Disconnects for good (see [`Client::close`]).
@@ -1238,8 +1237,7 @@ impl Client {
     /// reconnect to a server with a lower limit fails then.
     ///
     /// An error other than a refusal by the server (`Closed` from a close,
-    /// logout or shutdown, a session that ended) leaves the outcome
-    /// unknown: the message may have been stored before the answer was
+    /// logout or shutdown, `SessionEnded`) leaves the outcome unknown: the message may have been stored before the answer was
     /// lost. Sending it again with a new key would then show it twice, so
     /// an app that resends after such an error (with a new client, after
     /// logging in again) uses [`send_with_id`](Self::send_with_id) with a
@@ -1366,6 +1364,15 @@ impl Client {
         let max_text_len = self.inner.max_text_len.load(Ordering::Relaxed);
         if text.len() > max_text_len {
             return Err(outbox::too_long(text.len(), max_text_len));
+        }
+        // Likewise a key the server would refuse (or, beside a text at the
+        // limit, not take in one frame).
+        if client_msg_id.is_empty() || client_msg_id.len() > MAX_CLIENT_MSG_ID_LEN {
+            return Err(ClientError::Server {
+                code: ErrorCode::InvalidArgument,
+                message: format!("client_msg_id must be 1-{MAX_CLIENT_MSG_ID_LEN} bytes"),
+                retry_after: None,
+            });
         }
         let request_id = self.inner.next_request_id();
         let frame = connection::encode(&Frame::new(
@@ -1935,9 +1942,16 @@ impl Client {
     /// session gets those messages again; a logged-out device drops what
     /// it had anyway.
     pub async fn logout(&self) -> Result<(), ClientError> {
-        self.expect_ok(Body::Logout(proto::Logout {})).await?;
-        self.close();
-        Ok(())
+        match self.expect_ok(Body::Logout(proto::Logout {})).await {
+            // The server may close the connection (LOGGED_OUT) before its
+            // answer is read; a revocation from elsewhere did the same.
+            Ok(())
+            | Err(ClientError::SessionEnded(ErrorCode::LoggedOut | ErrorCode::TokenRevoked)) => {
+                self.close();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Disconnects for good; pending sends fail with `Closed`, and the
@@ -2070,9 +2084,13 @@ async fn request(inner: &Inner, kind: StreamKind, body: Body) -> Result<Body, Cl
         .lock()
         .expect("pending lock")
         .insert(request_id, tx);
-    if writer
-        .send(connection::encode(&Frame::new(request_id, body)))
-        .is_err()
+    // A connection lost since `live` was read may have failed the waiting
+    // requests before this one was added: its writer may still take the
+    // frame, but nothing will answer it.
+    if live.conn.close_reason().is_some()
+        || writer
+            .send(connection::encode(&Frame::new(request_id, body)))
+            .is_err()
     {
         inner
             .pending
@@ -2292,7 +2310,15 @@ async fn supervise(
             }
             error => error,
         };
-        inner.fail_pending(&error);
+        // The close's code is the connection's, not an answer to the
+        // requests waiting on it: their outcome is unknown, and they may
+        // be asked again, unless the session ended (`end_session` fails
+        // them with that, below).
+        match error.code() {
+            Some(code) if ends_session(code) => {}
+            Some(_) => inner.fail_pending(&ClientError::Disconnected),
+            None => inner.fail_pending(&error),
+        }
         if inner.closed.load(Ordering::Relaxed) {
             return;
         }

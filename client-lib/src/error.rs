@@ -41,13 +41,18 @@ pub enum ClientError {
     /// The client was closed or logged out.
     #[error("client closed")]
     Closed,
+    /// The session ended (logged out, its token expired, revoked or no
+    /// longer valid): nothing more is sent with it; log in again. A send
+    /// or request that was waiting when it ended has an unknown outcome.
+    #[error("session ended: {0}")]
+    SessionEnded(ErrorCode),
 }
 
 impl ClientError {
     /// The server's code, if the server produced this error.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            ClientError::Server { code, .. } => Some(*code),
+            ClientError::Server { code, .. } | ClientError::SessionEnded(code) => Some(*code),
             _ => None,
         }
     }

@@ -860,6 +860,12 @@ pub fn error_name(e: &ClientError) -> String {
         ClientError::Protocol(_) => "protocol".into(),
         ClientError::Config(_) => "config".into(),
         ClientError::Closed => "closed".into(),
+        ClientError::SessionEnded(code) => format!(
+            "session_ended_{}",
+            code.as_str_name()
+                .trim_start_matches("ERROR_CODE_")
+                .to_ascii_lowercase()
+        ),
         _ => "other".into(),
     }
 }
@@ -879,5 +885,9 @@ mod tests {
         assert_eq!(error_name(&server), "rate_limited");
         assert_eq!(error_name(&ClientError::OutboxFull(3)), "outbox_full");
         assert_eq!(error_name(&ClientError::Closed), "closed");
+        assert_eq!(
+            error_name(&ClientError::SessionEnded(ErrorCode::TokenExpired)),
+            "session_ended_token_expired"
+        );
     }
 }

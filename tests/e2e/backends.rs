@@ -679,6 +679,73 @@ async fn a_photo_whose_binding_fails_for_now_is_not_overtaken_by_later_sends() {
 }
 
 #[tokio::test]
+async fn a_group_change_in_flight_when_its_connection_is_replaced_is_asked_again() {
+    // The server closes a connection with a code (here LIMIT_REACHED: the
+    // token's one place was taken by another connection) that says why the
+    // connection ended, not how the requests on it went. A keyed group
+    // change waiting on it used to fail with that code although it may
+    // have been stored; it must be asked again on the next connection.
+    // A row lock from the test holds the rename in the store meanwhile
+    // (Postgres ends it after a minute idle, should the test fail while
+    // holding it: the schema's clean-up waits for it).
+    let Some((backend, schema)) = production_with_schema().await else {
+        return;
+    };
+    let server =
+        TestServer::start_on_with(backend.clone(), |c| c.limits.max_sessions_per_token = 1).await;
+    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+    befriend(&alice, &bob).await;
+    let group = alice
+        .create_group("before", &[bob.identity().user_id])
+        .await
+        .expect("group")
+        .conversation_id;
+
+    let admin = postgres::testing::admin().await.expect("admin connection");
+    admin
+        .batch_execute(&format!(
+            r#"BEGIN;
+               SET LOCAL idle_in_transaction_session_timeout = '60s';
+               SELECT 1 FROM "{schema}".conversations WHERE id = {group} FOR UPDATE"#
+        ))
+        .await
+        .expect("lock the group's row");
+    let rename = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.rename_group(group, "after").await }
+    });
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                   WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))";
+    wait_until("the rename to wait for the lock", || async {
+        let n: i64 = admin.query_one(waiting, &[]).await.unwrap().get(0);
+        n > 0
+    })
+    .await;
+    // Another connection takes the token's place: alice's is closed
+    // LIMIT_REACHED (her client reconnects and takes it back).
+    let _raw = RawControl::resume(&server, &alice.identity().token).await;
+    let code = wait_for(
+        &mut alice_events,
+        "alice's connection replaced",
+        |e| match e {
+            chat_client::Event::Disconnected { code } => Some(code),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(code, Some(chat_client::ErrorCode::LimitReached));
+    admin.batch_execute("COMMIT").await.expect("unlock");
+
+    rename
+        .await
+        .unwrap()
+        .expect("asked again on the next connection, and stored");
+    let view = alice.conversation(group).await.expect("the group");
+    assert_eq!(view.name, "after");
+}
+
+#[tokio::test]
 async fn a_retry_delivers_a_message_whose_first_fan_out_never_happened() {
     // A message can be durable without having been pushed to anyone: a
     // COMMIT whose outcome was settled only after the store gave up, a node

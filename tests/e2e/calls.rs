@@ -662,6 +662,31 @@ async fn the_node_forwards_at_most_its_media_rate_across_all_calls() {
 }
 
 #[tokio::test]
+async fn call_media_ends_with_the_session() {
+    // Another device logs the shared token out: the session ends, and so
+    // does the app's media stream (it used to wait for ever).
+    let server = TestServer::start().await;
+    let mut alice = caller(&server, "alice").await;
+    let (copy, _copy_events) = Client::resume(
+        calls_on(server.client_config()),
+        &alice.client.identity().token,
+    )
+    .await
+    .unwrap();
+    copy.logout().await.unwrap();
+    let ended = wait_for(&mut alice.events, "session end", |e| match e {
+        Event::SessionEnded { code } => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(ended, ErrorCode::TokenRevoked);
+    let next = tokio::time::timeout(WAIT, alice.media.next())
+        .await
+        .expect("the media stream ends");
+    assert!(next.is_none(), "{next:?}");
+}
+
+#[tokio::test]
 async fn datagrams_outside_a_call_are_dropped_as_they_come() {
     let server = TestServer::start().await;
     let metrics = server.server.as_ref().unwrap().metrics_addr();

@@ -307,6 +307,34 @@ async fn silent_connections_are_closed_after_the_auth_timeout() {
 }
 
 #[tokio::test]
+async fn a_send_key_the_server_would_refuse_is_refused_by_the_client() {
+    // A text at the server's limit leaves 512 bytes of the frame for the
+    // rest: with a long idempotency key the frame is over the server's
+    // limit, which closes the connection, and the outbox sent it again on
+    // every reconnect. client-lib refuses such a key as the server would.
+    let server = TestServer::start_with(|c| {
+        c.limits.max_frame_len = 4096;
+        c.limits.max_text_len = 3584;
+    })
+    .await;
+    let (alice, _ea) = register(server.client_config(), &name("alice")).await;
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    let conversation = befriend(&alice, &bob).await;
+    let text = "x".repeat(3584);
+    for key in ["".to_string(), "k".repeat(1000)] {
+        let answer = tokio::time::timeout(WAIT, alice.send_with_id(conversation, &key, &text))
+            .await
+            .expect("answered at once");
+        assert_eq!(code(answer), ErrorCode::InvalidArgument, "key {key:.8}");
+    }
+    let sent = alice
+        .send_with_id(conversation, &"k".repeat(64), &text)
+        .await
+        .expect("a key of 64 bytes is taken");
+    assert_eq!(sent.seq, 1);
+}
+
+#[tokio::test]
 async fn bad_sends_are_refused_with_codes() {
     let server = TestServer::start_with(|c| c.limits.max_text_len = 1000).await;
     let (alice, _ea) = register(server.client_config(), &name("alice")).await;
