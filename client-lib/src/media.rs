@@ -70,22 +70,37 @@ pub(crate) fn check(photo: &PhotoUpload, max_photo_bytes: u64) -> Result<(), Cli
     Ok(())
 }
 
-/// Uploads a checked photo; its media id.
+/// Initial room for a download's bytes: a photo larger than this grows
+/// the buffer as its bytes come, rather than reserving what its header
+/// claims before any arrived.
+const DOWNLOAD_RESERVE: usize = 1 << 20;
+
+/// Uploads a checked photo; its media id. `timeout` bounds each step that
+/// waits for the server: the stream's opening, each chunk's write (a
+/// stalled transfer, not a slow one), and the answer.
 pub(crate) async fn upload(
     conn: &quinn::Connection,
     request_id: u64,
     photo: &PhotoUpload,
     chunk_len: usize,
-    answer_timeout: Duration,
+    timeout: Duration,
 ) -> Result<String, ClientError> {
+    // Hashing a large photo takes a phone's core for a while: not on the
+    // app's async workers.
+    let sha256 = {
+        let bytes = photo.bytes.clone();
+        tokio::task::spawn_blocking(move || Bytes::copy_from_slice(&Sha256::digest(&bytes)))
+            .await
+            .map_err(|_| ClientError::Closed)?
+    };
     let declared = Body::MediaUpload(proto::MediaUpload {
         media_type: photo.media_type as i32,
         size: photo.bytes.len() as u64,
-        sha256: Bytes::copy_from_slice(&Sha256::digest(&photo.bytes)),
+        sha256,
         width: photo.width,
         height: photo.height,
     });
-    let (mut send, mut reader) = open(conn, request_id, declared).await?;
+    let (mut send, mut reader) = open(conn, request_id, declared, timeout).await?;
     // Written while the answer is watched for: a refusal (too large, a
     // limit) comes before the bytes are all sent, and ends the upload.
     let write = async {
@@ -101,24 +116,26 @@ pub(crate) async fn upload(
                 ),
                 &mut frame,
             );
-            send.write_all(&frame).await?;
+            match tokio::time::timeout(timeout, send.write_all(&frame)).await {
+                Ok(written) => written.map_err(|_| Stalled::Refused)?,
+                Err(_) => return Err(Stalled::TimedOut),
+            }
         }
-        send.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
-        Ok::<(), quinn::WriteError>(())
+        send.finish().map_err(|_| Stalled::Refused)?;
+        Ok::<(), Stalled>(())
     };
     let answer = tokio::select! {
         biased;
         answer = reader.next() => answer,
         written = write => match written {
-            Ok(()) => match tokio::time::timeout(answer_timeout, reader.next()).await {
-                Ok(answer) => answer,
-                Err(_) => return Err(ClientError::Timeout),
-            },
-            // The server stopped reading: its answer says why.
-            Err(_) => match tokio::time::timeout(answer_timeout, reader.next()).await {
-                Ok(answer) => answer,
-                Err(_) => return Err(ClientError::Timeout),
-            },
+            Err(Stalled::TimedOut) => return Err(ClientError::Timeout),
+            // Written, or the server stopped reading: its answer says why.
+            Ok(()) | Err(Stalled::Refused) => {
+                match tokio::time::timeout(timeout, reader.next()).await {
+                    Ok(answer) => answer,
+                    Err(_) => return Err(ClientError::Timeout),
+                }
+            }
         },
     };
     match answer.map_err(|e| e.into_error(conn))? {
@@ -138,7 +155,16 @@ pub(crate) async fn upload(
     }
 }
 
-/// Downloads a photo whole and checks it against its SHA-256.
+/// Why an upload's bytes stopped going out.
+enum Stalled {
+    /// A chunk waited longer than the timeout for room.
+    TimedOut,
+    /// The server stopped reading the stream (its answer says why).
+    Refused,
+}
+
+/// Downloads a photo whole and checks it against its SHA-256 (hashed as
+/// its chunks come). `answer_timeout` bounds each wait for the server.
 pub(crate) async fn download(
     conn: &quinn::Connection,
     request_id: u64,
@@ -149,7 +175,7 @@ pub(crate) async fn download(
         media_id: media_id.to_owned(),
         offset: 0,
     });
-    let (mut send, mut reader) = open(conn, request_id, fetch).await?;
+    let (mut send, mut reader) = open(conn, request_id, fetch, answer_timeout).await?;
     let _ = send.finish();
     let first = tokio::time::timeout(answer_timeout, reader.next())
         .await
@@ -181,7 +207,8 @@ pub(crate) async fn download(
             photo.size
         )));
     }
-    let mut bytes = BytesMut::with_capacity(photo.size as usize);
+    let mut bytes = BytesMut::with_capacity((photo.size as usize).min(DOWNLOAD_RESERVE));
+    let mut hash = Sha256::new();
     loop {
         let frame = tokio::time::timeout(answer_timeout, reader.next())
             .await
@@ -192,6 +219,7 @@ pub(crate) async fn download(
                 body: Some(Body::MediaChunk(chunk)),
                 ..
             }) if (bytes.len() + chunk.data.len()) as u64 <= photo.size => {
+                hash.update(&chunk.data);
                 bytes.extend_from_slice(&chunk.data);
             }
             Some(other) => {
@@ -210,7 +238,7 @@ pub(crate) async fn download(
             photo.size
         )));
     }
-    if Sha256::digest(&bytes)[..] != photo.sha256[..] {
+    if hash.finalize()[..] != photo.sha256[..] {
         return Err(ClientError::Protocol(
             "the photo's bytes do not match its sha256".into(),
         ));
@@ -218,21 +246,29 @@ pub(crate) async fn download(
     Ok((photo, bytes.freeze()))
 }
 
-/// Opens a media stream and writes its request.
+/// Opens a media stream and writes its request, within `timeout`: the
+/// server's stream limit may leave no stream to open while others are in
+/// use.
 async fn open(
     conn: &quinn::Connection,
     request_id: u64,
     request: Body,
+    timeout: Duration,
 ) -> Result<(quinn::SendStream, FrameReader), ClientError> {
-    let (mut send, recv) = conn
-        .open_bi()
+    let opened = async {
+        let (mut send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ClientError::from_connection(&e))?;
+        let mut head = BytesMut::new();
+        chat_protocol::encode(&Frame::open_stream(StreamKind::Media), &mut head);
+        chat_protocol::encode(&Frame::new(request_id, request), &mut head);
+        send.write_all(&head).await.map_err(|_| closed(conn))?;
+        Ok((send, FrameReader::new(recv)))
+    };
+    tokio::time::timeout(timeout, opened)
         .await
-        .map_err(|e| ClientError::from_connection(&e))?;
-    let mut head = BytesMut::new();
-    chat_protocol::encode(&Frame::open_stream(StreamKind::Media), &mut head);
-    chat_protocol::encode(&Frame::new(request_id, request), &mut head);
-    send.write_all(&head).await.map_err(|_| closed(conn))?;
-    Ok((send, FrameReader::new(recv)))
+        .map_err(|_| ClientError::Timeout)?
 }
 
 fn closed(conn: &quinn::Connection) -> ClientError {

@@ -440,6 +440,27 @@ each_backend! {
 }
 
 #[tokio::test]
+async fn a_transfer_that_finds_no_stream_free_times_out() {
+    // The server lets a connection open four streams: control, messages,
+    // receipts and calls take them all. An upload or a download then
+    // waits for a stream that never comes; it used to wait for as long as
+    // the connection lived, and now times out (the app tries again).
+    let server = TestServer::start_with(|c| c.transport.max_concurrent_bidi_streams = 4).await;
+    let mut config = server.client_config();
+    config.calls = true;
+    config.request_timeout = Duration::from_secs(2);
+    let (alice, _alice_events) = register(config, &name("alice")).await;
+    let upload = tokio::time::timeout(WAIT, alice.upload_photo(upload_of(jpeg(5_000))))
+        .await
+        .expect("the upload ends");
+    assert_eq!(upload.unwrap_err(), chat_client::ClientError::Timeout);
+    let download = tokio::time::timeout(WAIT, alice.download_photo("m0123456789abcdef"))
+        .await
+        .expect("the download ends");
+    assert_eq!(download.unwrap_err(), chat_client::ClientError::Timeout);
+}
+
+#[tokio::test]
 async fn a_media_directory_belongs_to_one_history() {
     let shared = tempfile::tempdir().unwrap();
     let media = shared.path().join("media");
