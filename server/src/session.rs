@@ -472,7 +472,10 @@ async fn serve_stream(session: Arc<Session>, mut send: SendStream, recv: RecvStr
             body: Some(Body::OpenStream(open)),
             ..
         }))) => (StreamKind::from_wire(open.kind), open.confirm_leave),
-        Ok(Ok(Some(_))) => {
+        Ok(Ok(Some(frame))) => {
+            // Not kept while the close is written (up to a second): a
+            // decoded frame can be several times its wire size.
+            drop(frame);
             let code = if session.authed().is_none() {
                 ErrorCode::Unauthenticated
             } else {

@@ -167,7 +167,9 @@ async fn authenticate(
             Some(Body::Register(r)) => register(session, r).await,
             Some(Body::Login(l)) => login(session, l).await,
             Some(Body::Authenticate(a)) => resume(session, a).await,
-            _ => {
+            other => {
+                // Not kept while the close is written (see `serve_stream`).
+                drop(other);
                 session
                     .close_with(
                         Some(send),
