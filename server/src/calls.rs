@@ -209,11 +209,17 @@ fn reason_label(reason: CallEndReason) -> &'static str {
 }
 
 /// A call log's words, for apps that do not render the log themselves:
-/// "Missed call", "Video call, 12 min".
+/// "Missed call", "Video call, 12 min", or, for a call that rang nobody
+/// (a group too large to ring) and that nobody joined, "Call, nobody
+/// joined".
 fn log_text(log: &proto::CallLog) -> String {
     let what = if log.video { "video call" } else { "call" };
+    let title = if log.video { "Video call" } else { "Call" };
     if log.duration_ms == 0 && log.reason == CallEndReason::Declined as i32 {
         return format!("Declined {what}");
+    }
+    if log.duration_ms == 0 && log.missed.is_empty() {
+        return format!("{title}, nobody joined");
     }
     if log.duration_ms == 0 {
         return format!("Missed {what}");
@@ -224,8 +230,7 @@ fn log_text(log: &proto::CallLog) -> String {
         s if s < 3600 => format!("{} min", s / 60),
         s => format!("{} h {} min", s / 3600, s % 3600 / 60),
     };
-    let what = if log.video { "Video call" } else { "Call" };
-    format!("{what}, {length}")
+    format!("{title}, {length}")
 }
 
 /// The connection is in no call any more: its datagrams are dropped.
@@ -1249,11 +1254,18 @@ mod tests {
             video,
             duration_ms,
             reason: reason as i32,
+            missed: vec![7],
             ..Default::default()
+        };
+        let rang_nobody = |video| proto::CallLog {
+            missed: Vec::new(),
+            ..log(video, 0, CallEndReason::HungUp)
         };
         let cases = [
             (log(false, 0, CallEndReason::NoAnswer), "Missed call"),
             (log(true, 0, CallEndReason::HungUp), "Missed video call"),
+            (rang_nobody(false), "Call, nobody joined"),
+            (rang_nobody(true), "Video call, nobody joined"),
             (log(false, 0, CallEndReason::Declined), "Declined call"),
             (log(false, 1, CallEndReason::HungUp), "Call, 1 s"),
             (log(true, 59_000, CallEndReason::HungUp), "Video call, 59 s"),

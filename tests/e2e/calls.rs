@@ -905,6 +905,32 @@ async fn a_direct_call_waits_for_a_side_whose_connection_dropped() {
 }
 
 #[tokio::test]
+async fn a_call_that_rang_nobody_and_nobody_joined_is_logged_as_such() {
+    // Groups of three do not ring here: nobody missed the call, nobody
+    // joined it, and its log says that rather than "Missed call".
+    let server = TestServer::start_with(|c| c.calls.call_ring_max_members = 2).await;
+    let mut a = caller(&server, "anna").await;
+    let b = caller(&server, "bert").await;
+    let c = caller(&server, "cleo").await;
+    befriend(&a.client, &b.client).await;
+    befriend(&a.client, &c.client).await;
+    let group = a
+        .client
+        .create_group("big enough", &[b.id(), c.id()])
+        .await
+        .unwrap()
+        .conversation_id;
+    let call = a.client.start_call(group, true).await.unwrap();
+    a.client.leave_call(call.call_id).await.unwrap();
+    let (message, log) = a.log().await;
+    assert_eq!(message.text, "Video call, nobody joined");
+    assert_eq!(
+        (log.call_id, log.duration_ms, log.joined, log.missed),
+        (call.call_id, 0, vec![a.id()], vec![])
+    );
+}
+
+#[tokio::test]
 async fn a_member_the_call_does_not_involve_changes_nothing_and_a_rung_one_is_unrung() {
     // Groups of three do not ring here, so the caller waits alone.
     let server = TestServer::start_with(|c| c.calls.call_ring_max_members = 2).await;
