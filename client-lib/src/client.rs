@@ -16,7 +16,7 @@ use crate::acks::Acks;
 use crate::config::{ClientConfig, DeliveryAcks};
 use crate::connection::{self, Credential, Live};
 use crate::dedup::Delivered;
-use crate::error::ClientError;
+use crate::error::{ClientError, ends_session};
 use crate::media::{self, PhotoUpload};
 use crate::outbox::{self, Outbox};
 use crate::receipts::ReceiptsTold;
@@ -2254,17 +2254,6 @@ fn server_pause(retry_after: Option<Duration>, config: &ClientConfig) -> Duratio
         .clamp(MIN_SERVER_PAUSE, MAX_SERVER_PAUSE)
 }
 
-/// Codes after which reconnecting with the same token cannot work.
-fn ends_session(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::LoggedOut
-            | ErrorCode::TokenExpired
-            | ErrorCode::TokenRevoked
-            | ErrorCode::TokenInvalid
-    )
-}
-
 /// Watches the live connection; when it ends, reconnects with backoff and
 /// resumes with the token until the client is closed or the session ends.
 ///
@@ -2311,13 +2300,14 @@ async fn supervise(
             error => error,
         };
         // The close's code is the connection's, not an answer to the
-        // requests waiting on it: their outcome is unknown, and they may
-        // be asked again, unless the session ended (`end_session` fails
-        // them with that, below).
-        match error.code() {
-            Some(code) if ends_session(code) => {}
-            Some(_) => inner.fail_pending(&ClientError::Disconnected),
-            None => inner.fail_pending(&error),
+        // requests waiting on it (see `ClientError::for_waiting`); if the
+        // session ended, `end_session` fails them, below.
+        match ClientError::for_waiting(&reason) {
+            ClientError::SessionEnded(_) => {}
+            ClientError::Closed if !inner.closed.load(Ordering::Relaxed) => {
+                inner.fail_pending(&ClientError::Disconnected);
+            }
+            waiting => inner.fail_pending(&waiting),
         }
         if inner.closed.load(Ordering::Relaxed) {
             return;

@@ -89,4 +89,45 @@ impl ClientError {
             _ => ClientError::Disconnected,
         }
     }
+
+    /// The error a closed connection means for a request that was waiting
+    /// on it: `Disconnected` (its outcome unknown: ask again) when the
+    /// close's code says why the connection ended (LIMIT_REACHED,
+    /// SERVER_SHUTTING_DOWN, INTERNAL, ...), not how the request went;
+    /// `SessionEnded` when the session ended; the code itself, final, when
+    /// it says the client's frames broke the protocol (asked again, the
+    /// request would only close the next connection too).
+    pub(crate) fn for_waiting(e: &quinn::ConnectionError) -> Self {
+        match Self::from_connection(e) {
+            ClientError::Server { code, .. } if ends_session(code) => {
+                ClientError::SessionEnded(code)
+            }
+            ClientError::Server { code, .. } if !broke_protocol(code) => ClientError::Disconnected,
+            other => other,
+        }
+    }
+}
+
+/// Whether a connection closed with `code` cannot be resumed: the session
+/// is over.
+pub(crate) fn ends_session(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::LoggedOut
+            | ErrorCode::TokenExpired
+            | ErrorCode::TokenRevoked
+            | ErrorCode::TokenInvalid
+    )
+}
+
+/// Whether the server closed the connection for something the client sent.
+fn broke_protocol(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::MalformedFrame
+            | ErrorCode::FrameTooLarge
+            | ErrorCode::UnexpectedFrame
+            | ErrorCode::BadStream
+            | ErrorCode::Unauthenticated
+    )
 }

@@ -126,17 +126,24 @@ pub(crate) async fn upload(
     };
     let answer = tokio::select! {
         biased;
-        answer = reader.next() => answer,
+        answer = reader.next() => Some(answer),
         written = write => match written {
-            Err(Stalled::TimedOut) => return Err(ClientError::Timeout),
+            Err(Stalled::TimedOut) => None,
             // Written, or the server stopped reading: its answer says why.
             Ok(()) | Err(Stalled::Refused) => {
                 match tokio::time::timeout(timeout, reader.next()).await {
-                    Ok(answer) => answer,
+                    Ok(answer) => Some(answer),
                     Err(_) => return Err(ClientError::Timeout),
                 }
             }
         },
+    };
+    let Some(answer) = answer else {
+        // A frame may be cut off mid-write: reset, not finish (which a
+        // dropped stream does), or the server reads a truncated frame and
+        // closes the connection.
+        let _ = send.reset(0u32.into());
+        return Err(ClientError::Timeout);
     };
     match answer.map_err(|e| e.into_error(conn))? {
         Some(Frame {
@@ -255,26 +262,27 @@ async fn open(
     request: Body,
     timeout: Duration,
 ) -> Result<(quinn::SendStream, FrameReader), ClientError> {
-    let opened = async {
-        let (mut send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| ClientError::from_connection(&e))?;
-        let mut head = BytesMut::new();
-        chat_protocol::encode(&Frame::open_stream(StreamKind::Media), &mut head);
-        chat_protocol::encode(&Frame::new(request_id, request), &mut head);
-        send.write_all(&head).await.map_err(|_| closed(conn))?;
-        Ok((send, FrameReader::new(recv)))
-    };
-    tokio::time::timeout(timeout, opened)
+    let (mut send, recv) = tokio::time::timeout(timeout, conn.open_bi())
         .await
         .map_err(|_| ClientError::Timeout)?
+        .map_err(|e| ClientError::for_waiting(&e))?;
+    let mut head = BytesMut::new();
+    chat_protocol::encode(&Frame::open_stream(StreamKind::Media), &mut head);
+    chat_protocol::encode(&Frame::new(request_id, request), &mut head);
+    match tokio::time::timeout(timeout, send.write_all(&head)).await {
+        Ok(Ok(())) => Ok((send, FrameReader::new(recv))),
+        Ok(Err(_)) => Err(closed(conn)),
+        Err(_) => {
+            // Reset, not finished: see `upload`.
+            let _ = send.reset(0u32.into());
+            Err(ClientError::Timeout)
+        }
+    }
 }
 
 fn closed(conn: &quinn::Connection) -> ClientError {
-    conn.close_reason().map_or(ClientError::Disconnected, |e| {
-        ClientError::from_connection(&e)
-    })
+    conn.close_reason()
+        .map_or(ClientError::Disconnected, |e| ClientError::for_waiting(&e))
 }
 
 impl ReadError {

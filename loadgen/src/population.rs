@@ -571,7 +571,8 @@ where
     loop {
         match f().await {
             Err(e)
-                if e.code().is_some_and(|c| c.is_retryable())
+                if (e.code().is_some_and(|c| c.is_retryable())
+                    || matches!(e, ClientError::Disconnected | ClientError::Timeout))
                     && attempt < SETUP_ATTEMPTS
                     && e.retry_after().is_none_or(|wait| wait <= MAX_SETUP_PAUSE) =>
             {

@@ -1188,7 +1188,9 @@ fn push_event(event: proto::CallEvent) -> Outbound {
 }
 
 /// A media budget (a sender's, or the node's): `rate` bytes a second, a
-/// second's worth at once.
+/// second's worth at once. A full budget takes anything once, going into
+/// debt, so a datagram (or its copies) larger than a second's worth is
+/// not refused for ever under a low rate.
 struct Budget {
     rate: f64,
     tokens: f64,
@@ -1210,7 +1212,7 @@ impl Budget {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.at = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
-        if self.tokens < bytes as f64 {
+        if self.tokens < bytes as f64 && self.tokens < self.rate {
             return false;
         }
         self.tokens -= bytes as f64;
@@ -1232,8 +1234,19 @@ mod tests {
         // Half a second brings 500, and a long pause no more than 1000.
         assert!(budget.take(500, t0 + Duration::from_millis(500)));
         assert!(!budget.take(1, t0 + Duration::from_millis(500)));
-        assert!(!budget.take(1001, t0 + Duration::from_secs(60)));
         assert!(budget.take(1000, t0 + Duration::from_secs(60)));
+        // More than a second's worth: only from a full budget, which it
+        // leaves in debt.
+        let t1 = t0 + Duration::from_secs(120);
+        assert!(budget.take(1, t1));
+        assert!(!budget.take(1500, t1), "999 left, not full");
+        let full = t1 + Duration::from_millis(1);
+        assert!(budget.take(1500, full));
+        assert!(
+            !budget.take(1, full + Duration::from_millis(499)),
+            "in debt"
+        );
+        assert!(budget.take(1, full + Duration::from_millis(502)));
     }
 
     #[test]

@@ -243,7 +243,7 @@ fn leave<'a>(
 /// over the send rate, or (a photo send) its photo could not be bound for
 /// now.
 struct Limited {
-    /// The retry time given with the first refusal (for a photo, its
+    /// The retry time given with the first refusal (for a photo, the
     /// refusal's time: the hold only waits for it to come back).
     until: Instant,
     /// The `client_msg_id` of that first refused send.
@@ -350,7 +350,9 @@ fn send_photo<'a>(
                 // overtakes it.
                 if refusal.code.is_retryable() {
                     *limited = Some(Limited {
-                        until: received,
+                        // From the refusal, not the send's arrival: a slow
+                        // store may take longer than the grace to fail.
+                        until: Instant::now(),
                         head: message.client_msg_id.clone(),
                     });
                 }
