@@ -322,6 +322,47 @@ async fn an_unreachable_backend_fails_start_with_a_clear_error() {
     assert!(started.elapsed() < WAIT, "bounded connect timeout");
 }
 
+/// Installs a trigger in `schema` that fails the first UPDATE of `table`
+/// (of the rows `when`, a condition on OLD and NEW) with a serialization
+/// failure, which the store answers as retryable, and lets the rest
+/// through.
+async fn fail_first_update(
+    admin: &postgres::testing::Admin,
+    schema: &str,
+    table: &str,
+    when: &str,
+) {
+    admin
+        .batch_execute(&format!(
+            r#"
+            CREATE SEQUENCE "{schema}".injected_failures;
+            CREATE FUNCTION "{schema}".fail_first() RETURNS trigger AS $$
+            BEGIN
+                IF nextval('"{schema}".injected_failures') = 1 THEN
+                    RAISE EXCEPTION 'injected failure' USING ERRCODE = '40001';
+                END IF;
+                RETURN NEW;
+            END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER fail_first BEFORE UPDATE ON "{schema}".{table}
+                FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION "{schema}".fail_first();
+            "#
+        ))
+        .await
+        .expect("install the trigger");
+}
+
+/// How many updates the trigger of [`fail_first_update`] saw.
+async fn updates_tried(admin: &postgres::testing::Admin, schema: &str) -> i64 {
+    admin
+        .query_one(
+            &format!(r#"SELECT last_value FROM "{schema}".injected_failures"#),
+            &[],
+        )
+        .await
+        .expect("read the sequence")
+        .get(0)
+}
+
 /// The production backend and its Postgres schema, or `None` when the
 /// test is skipped.
 async fn production_with_schema() -> Option<(Backend, String)> {
@@ -563,24 +604,8 @@ async fn a_delivery_ack_the_store_fails_is_tried_again() {
     let bob_id = bob.identity().user_id;
 
     let admin = postgres::testing::admin().await.expect("admin connection");
-    admin
-        .batch_execute(&format!(
-            r#"
-            CREATE SEQUENCE "{schema}".injected_failures;
-            CREATE FUNCTION "{schema}".fail_first_move() RETURNS trigger AS $$
-            BEGIN
-                IF nextval('"{schema}".injected_failures') = 1 THEN
-                    RAISE EXCEPTION 'injected failure' USING ERRCODE = '40001';
-                END IF;
-                RETURN NEW;
-            END $$ LANGUAGE plpgsql;
-            CREATE TRIGGER fail_first_move BEFORE UPDATE ON "{schema}".members
-                FOR EACH ROW WHEN (NEW.user_id = {bob_id} AND NEW.delivered_seq > OLD.delivered_seq)
-                EXECUTE FUNCTION "{schema}".fail_first_move();
-            "#
-        ))
-        .await
-        .expect("install the trigger");
+    let when = format!("NEW.user_id = {bob_id} AND NEW.delivered_seq > OLD.delivered_seq");
+    fail_first_update(&admin, &schema, "members", &when).await;
 
     let ack = alice.send_text(conversation, "hello").await.expect("sent");
     let got = messages(&mut bob_events, 1).await;
@@ -593,14 +618,7 @@ async fn a_delivery_ack_the_store_fails_is_tried_again() {
     })
     .await;
     assert_eq!(receipt.conversation_id, conversation);
-    let tries: i64 = admin
-        .query_one(
-            &format!(r#"SELECT last_value FROM "{schema}".injected_failures"#),
-            &[],
-        )
-        .await
-        .expect("read the sequence")
-        .get(0);
+    let tries = updates_tried(&admin, &schema).await;
     assert!(
         tries >= 2,
         "the first move failed and a later one went through: {tries}"
@@ -635,23 +653,7 @@ async fn a_photo_whose_binding_fails_for_now_is_not_overtaken_by_later_sends() {
         .expect("uploaded");
 
     let admin = postgres::testing::admin().await.expect("admin connection");
-    admin
-        .batch_execute(&format!(
-            r#"
-            CREATE SEQUENCE "{schema}".injected_failures;
-            CREATE FUNCTION "{schema}".fail_first_binding() RETURNS trigger AS $$
-            BEGIN
-                IF nextval('"{schema}".injected_failures') = 1 THEN
-                    RAISE EXCEPTION 'injected failure' USING ERRCODE = '40001';
-                END IF;
-                RETURN NEW;
-            END $$ LANGUAGE plpgsql;
-            CREATE TRIGGER fail_first_binding BEFORE UPDATE ON "{schema}".media
-                FOR EACH ROW EXECUTE FUNCTION "{schema}".fail_first_binding();
-            "#
-        ))
-        .await
-        .expect("install the trigger");
+    fail_first_update(&admin, &schema, "media", "true").await;
 
     // Queued together: the outbox writes all three at once.
     let photo = alice.send_photo(conversation, &media_id, "first");
@@ -667,14 +669,7 @@ async fn a_photo_whose_binding_fails_for_now_is_not_overtaken_by_later_sends() {
     let texts: Vec<&str> = got.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(texts, ["first", "second", "third"]);
     assert!(got[0].photo.is_some(), "the photo came with its media");
-    let tries: i64 = admin
-        .query_one(
-            &format!(r#"SELECT last_value FROM "{schema}".injected_failures"#),
-            &[],
-        )
-        .await
-        .expect("read the sequence")
-        .get(0);
+    let tries = updates_tried(&admin, &schema).await;
     assert!(tries >= 2, "the first binding failed: {tries}");
 }
 

@@ -130,6 +130,30 @@ async fn media_reaches(from: &Client, to: &mut CallMedia, payload: &'static [u8]
     }
 }
 
+/// Sends 500-byte media from each of `senders`, `burst` at a time every
+/// 20 ms, until the node has counted `n` of `metric`.
+async fn flood_until(
+    metrics: std::net::SocketAddr,
+    senders: &[&Client],
+    burst: usize,
+    metric: &str,
+    n: f64,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        for _ in 0..burst {
+            for from in senders {
+                from.send_call_media(Bytes::from(vec![7; 500])).unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if value(&scrape(metrics).await, metric) >= n {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no {metric}");
+    }
+}
+
 /// Waits until the node has no call under way; its metrics then.
 async fn calls_over(metrics: std::net::SocketAddr) -> std::collections::HashMap<String, f64> {
     scrape_until(metrics, "the call over", |m| {
@@ -549,23 +573,7 @@ async fn calls_refuse_outsiders_strangers_floods_and_clients_without_them() {
     let began = std::time::Instant::now();
     let limited = "chat_call_media_datagrams_total{outcome=\"rate_limited\"}";
     let forwarded = "chat_call_media_datagrams_total{outcome=\"forwarded\"}";
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        for _ in 0..5 {
-            alice
-                .client
-                .send_call_media(Bytes::from(vec![7; 500]))
-                .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if value(&scrape(metrics).await, limited) >= 10.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing was rate limited"
-        );
-    }
+    flood_until(metrics, &[&alice.client], 5, limited, 10.0).await;
     let passed = value(&scrape(metrics).await, forwarded);
     let allowed = (1024.0 * (1.0 + began.elapsed().as_secs_f64()) / 500.0).floor();
     assert!(
@@ -614,24 +622,14 @@ async fn the_node_forwards_at_most_its_media_rate_across_all_calls() {
     // sender's id) until ten copies were dropped for the node's rate.
     let began = std::time::Instant::now();
     let node_limited = "chat_call_media_datagrams_total{outcome=\"node_limited\"}";
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        for _ in 0..3 {
-            for from in [&alice, &carol] {
-                from.client
-                    .send_call_media(Bytes::from(vec![7; 500]))
-                    .unwrap();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if value(&scrape(metrics).await, node_limited) >= 10.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing was dropped for the node's rate"
-        );
-    }
+    flood_until(
+        metrics,
+        &[&alice.client, &carol.client],
+        3,
+        node_limited,
+        10.0,
+    )
+    .await;
     let m = scrape(metrics).await;
     let forwarded = value(&m, "chat_call_media_datagrams_total{outcome=\"forwarded\"}");
     let allowed = (2048.0 * (1.0 + began.elapsed().as_secs_f64()) / 501.0).floor();

@@ -3011,8 +3011,11 @@ pub mod testing {
         )
     }
 
+    /// What [`admin`] returns, for tests that pass it around.
+    pub type Admin = tokio_postgres::Client;
+
     /// A plain connection outside any store, for setup and inspection.
-    pub async fn admin() -> Result<tokio_postgres::Client, String> {
+    pub async fn admin() -> Result<Admin, String> {
         let url = url();
         let connect = tokio_postgres::connect(&url, NoTls);
         let (client, connection) = tokio::time::timeout(super::CONNECT_TIMEOUT, connect)
