@@ -2,6 +2,7 @@
 //! streams, and the tasks that read and write them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chat_protocol::{Body, Codec, ErrorCode, Frame, FrameError, StreamKind, proto};
@@ -13,6 +14,11 @@ use crate::error::ClientError;
 
 /// Most queued frames written at once.
 const MAX_COALESCE: usize = 128;
+
+/// How long a stream that ended after the server's connection-level error
+/// waits for the server's close (it closes within a second of writing
+/// the error) before closing the connection itself.
+const SERVER_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// How a connection authenticates.
 #[derive(Clone)]
@@ -475,13 +481,19 @@ async fn finish_messages(
 /// by one while heartbeats kept the connection up), whereas a closed
 /// connection makes the supervisor connect again. That includes the end
 /// of the messages stream while leaving, unless `end_confirms` (a server
-/// that predates `AcksStored`): only that frame confirms a leave.
+/// that predates `AcksStored`): only that frame confirms a leave. A
+/// stream that ends after the server's connection-level error waits (a
+/// little) for the server's close instead, so that its code, not ours,
+/// tells the requests waiting why (`ClientError::for_waiting`).
 async fn read_loop(
     inner: Arc<Inner>,
     conn: quinn::Connection,
     mut reader: FrameReader,
     (kind, end_confirms): (StreamKind, bool),
 ) {
+    // The server said it is closing the connection (an Error frame with
+    // no request): it closes once that frame is read, or a second later.
+    let mut closing = false;
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -493,6 +505,9 @@ async fn read_loop(
                 return;
             }
             Ok(None) | Err(ReadError::Stream) => {
+                if closing {
+                    let _ = tokio::time::timeout(SERVER_CLOSE_WAIT, conn.closed()).await;
+                }
                 if conn.close_reason().is_none() {
                     tracing::warn!(stream = kind.name(), "server ended a stream; reconnecting");
                     conn.close(0u32.into(), b"stream ended");
@@ -581,6 +596,7 @@ async fn read_loop(
                 inner.send_answered(request_id, Err(ClientError::server(&e)));
             }
             Some(Body::Error(e)) if request_id == 0 => {
+                closing = true;
                 let code = ErrorCode::from_wire(e.code);
                 tracing::debug!(stream = kind.name(), %code, message = e.message, "connection-level error from server");
             }

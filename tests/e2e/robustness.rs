@@ -335,6 +335,37 @@ async fn a_send_key_the_server_would_refuse_is_refused_by_the_client() {
 }
 
 #[tokio::test]
+async fn a_request_whose_frame_breaks_the_protocol_fails_with_that_code_at_once() {
+    // A group change over the server's frame limit closes the connection
+    // FRAME_TOO_LARGE. That code answers the request: asked again, it
+    // would close every next connection too, for as long as the keyed
+    // request tries (three request timeouts). The client used to end the
+    // connection itself when the server finished the stream, before the
+    // server's close (and its code) came.
+    let server = TestServer::start_with(|c| {
+        c.limits.max_frame_len = 4096;
+        c.limits.max_text_len = 3584;
+    })
+    .await;
+    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+    let members: Vec<u64> = (1_000_000..1_003_000).collect();
+    let answer = tokio::time::timeout(WAIT / 2, alice.create_group("too many", &members))
+        .await
+        .expect("answered, not asked again and again");
+    assert_eq!(code(answer), ErrorCode::FrameTooLarge);
+    let told = wait_for(&mut alice_events, "the disconnect", |e| match e {
+        Event::Disconnected { code } => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(told, Some(ErrorCode::FrameTooLarge));
+    // The client goes on, on a new connection.
+    let (bob, _eb) = register(server.client_config(), &name("bob")).await;
+    wait_until("alice to reconnect", || async { alice.is_connected() }).await;
+    befriend(&alice, &bob).await;
+}
+
+#[tokio::test]
 async fn bad_sends_are_refused_with_codes() {
     let server = TestServer::start_with(|c| c.limits.max_text_len = 1000).await;
     let (alice, _ea) = register(server.client_config(), &name("alice")).await;
