@@ -223,7 +223,7 @@ async fn establish(
         (StreamKind::Control, false),
     ));
     let announced = (auth_ok.heartbeat_interval_ms > 0)
-        .then(|| std::time::Duration::from_millis(auth_ok.heartbeat_interval_ms.into()));
+        .then(|| Duration::from_millis(auth_ok.heartbeat_interval_ms.into()));
     // Not more often than the protocol's minimum whatever the server
     // asks: a server asking every millisecond that then stopped reading
     // the control stream would grow the unsent queue by a thousand frames
@@ -322,7 +322,7 @@ async fn heartbeat_loop(
     mut enabled: watch::Receiver<bool>,
     conn: quinn::Connection,
     control: mpsc::UnboundedSender<Bytes>,
-    interval: Option<std::time::Duration>,
+    interval: Option<Duration>,
     mut background: bool,
 ) {
     let beat = |background| {
