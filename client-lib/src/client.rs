@@ -951,9 +951,9 @@ impl Inner {
     /// The session cannot continue: nothing will be sent any more, so
     /// every waiting send and request fails with `SessionEnded(code)`, new
     /// ones fail with `Closed`, the call media stream ends, and the app
-    /// hears `SessionEnded`, after which its event stream ends. That event is not dropped however full the queue
-    /// is, and the caller (the supervisor) does not wait for room: a task
-    /// of its own delivers it.
+    /// hears `SessionEnded`, after which its event stream ends. That event
+    /// is not dropped however full the queue is, and the caller (the
+    /// supervisor) does not wait for room: a task of its own delivers it.
     fn end_session(&self, code: ErrorCode) {
         let error = ClientError::SessionEnded(code);
         {
@@ -1237,8 +1237,8 @@ impl Client {
     /// reconnect to a server with a lower limit fails then.
     ///
     /// An error other than a refusal by the server (`Closed` from a close,
-    /// logout or shutdown, `SessionEnded`) leaves the outcome unknown: the message may have been stored before the answer was
-    /// lost. Sending it again with a new key would then show it twice, so
+    /// logout or shutdown, `SessionEnded`) leaves the outcome unknown: the
+    /// message may have been stored before the answer was lost. Sending it again with a new key would then show it twice, so
     /// an app that resends after such an error (with a new client, after
     /// logging in again) uses [`send_with_id`](Self::send_with_id) with a
     /// key it kept, and gets the stored message's ack (`duplicate`) if it
