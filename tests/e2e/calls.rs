@@ -154,6 +154,22 @@ async fn flood_until(
     }
 }
 
+/// Anna, Bert and Cleo, friends of Anna, in a group Anna made, `name`.
+async fn group_of_three(server: &TestServer, name: &str) -> (Caller, Caller, Caller, u64) {
+    let a = caller(server, "anna").await;
+    let b = caller(server, "bert").await;
+    let c = caller(server, "cleo").await;
+    befriend(&a.client, &b.client).await;
+    befriend(&a.client, &c.client).await;
+    let group = a
+        .client
+        .create_group(name, &[b.id(), c.id()])
+        .await
+        .unwrap()
+        .conversation_id;
+    (a, b, c, group)
+}
+
 /// Waits until the node has no call under way; its metrics then.
 async fn calls_over(metrics: std::net::SocketAddr) -> std::collections::HashMap<String, f64> {
     scrape_until(metrics, "the call over", |m| {
@@ -907,17 +923,7 @@ async fn a_call_that_rang_nobody_and_nobody_joined_is_logged_as_such() {
     // Groups of three do not ring here: nobody missed the call, nobody
     // joined it, and its log says that rather than "Missed call".
     let server = TestServer::start_with(|c| c.calls.call_ring_max_members = 2).await;
-    let mut a = caller(&server, "anna").await;
-    let b = caller(&server, "bert").await;
-    let c = caller(&server, "cleo").await;
-    befriend(&a.client, &b.client).await;
-    befriend(&a.client, &c.client).await;
-    let group = a
-        .client
-        .create_group("big enough", &[b.id(), c.id()])
-        .await
-        .unwrap()
-        .conversation_id;
+    let (mut a, _b, _c, group) = group_of_three(&server, "big enough").await;
     let call = a.client.start_call(group, true).await.unwrap();
     a.client.leave_call(call.call_id).await.unwrap();
     let (message, log) = a.log().await;
@@ -932,17 +938,7 @@ async fn a_call_that_rang_nobody_and_nobody_joined_is_logged_as_such() {
 async fn a_member_the_call_does_not_involve_changes_nothing_and_a_rung_one_is_unrung() {
     // Groups of three do not ring here, so the caller waits alone.
     let server = TestServer::start_with(|c| c.calls.call_ring_max_members = 2).await;
-    let a = caller(&server, "anna").await;
-    let b = caller(&server, "bert").await;
-    let c = caller(&server, "cleo").await;
-    befriend(&a.client, &b.client).await;
-    befriend(&a.client, &c.client).await;
-    let group = a
-        .client
-        .create_group("quiet", &[b.id(), c.id()])
-        .await
-        .unwrap()
-        .conversation_id;
+    let (a, b, c, group) = group_of_three(&server, "quiet").await;
     let call = a.client.start_call(group, false).await.unwrap();
     // Cleo, neither rung nor in the call, leaves the group: the call goes
     // on (it used to end, REMOVED, as if the lone caller had been).
@@ -953,17 +949,7 @@ async fn a_member_the_call_does_not_involve_changes_nothing_and_a_rung_one_is_un
 
     // A member who is being rung and is removed stops ringing.
     let server = TestServer::start().await;
-    let a = caller(&server, "anna").await;
-    let mut b = caller(&server, "bert").await;
-    let mut c = caller(&server, "cleo").await;
-    befriend(&a.client, &b.client).await;
-    befriend(&a.client, &c.client).await;
-    let group = a
-        .client
-        .create_group("ringing", &[b.id(), c.id()])
-        .await
-        .unwrap()
-        .conversation_id;
+    let (a, mut b, mut c, group) = group_of_three(&server, "ringing").await;
     let call = a.client.start_call(group, false).await.unwrap();
     c.event(CallEventKind::Ring).await;
     b.event(CallEventKind::Ring).await;

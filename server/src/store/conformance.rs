@@ -1972,6 +1972,21 @@ pub async fn closed_direct_conversations_keep_their_watermarks_to_themselves(
 /// A call's log (a CALL message the server writes): its call travels with
 /// it in every read, a retry under its key finds it, and a message with
 /// neither photo nor call carries none.
+/// The last message of conversation `c` as `user`'s conversation list
+/// shows it.
+async fn last_message_listed(
+    store: &impl HistoryStore,
+    user: UserId,
+    c: ConversationId,
+) -> proto::Message {
+    let views = store
+        .conversations(user, (i64::MAX, u64::MAX), 10)
+        .await
+        .unwrap();
+    let view = views.into_iter().find(|v| v.id == c).unwrap();
+    view.last_message.expect("a last message")
+}
+
 pub async fn call_logs(store: &impl HistoryStore) {
     let (a, b, c) = friends_with_direct(store, "alice", "bob").await;
     let log = proto::CallLog {
@@ -2009,13 +2024,8 @@ pub async fn call_logs(store: &impl HistoryStore) {
             .as_deref(),
         Some(&log)
     );
-    let views = store
-        .conversations(b, (i64::MAX, u64::MAX), 10)
-        .await
-        .unwrap();
-    let view = views.iter().find(|v| v.id == c).unwrap();
     assert_eq!(
-        view.last_message.as_ref().unwrap().call.as_deref(),
+        last_message_listed(store, b, c).await.call.as_deref(),
         Some(&log)
     );
     // Written again under its key: the first, and nothing new.
@@ -2138,13 +2148,8 @@ pub async fn photos(store: &impl HistoryStore) {
         pending.iter().find(|m| m.seq == seq).unwrap().photo,
         Some(photo.clone())
     );
-    let views = store
-        .conversations(b, (i64::MAX, u64::MAX), 10)
-        .await
-        .unwrap();
-    let view = views.iter().find(|v| v.id == c).unwrap();
     assert_eq!(
-        view.last_message.as_ref().unwrap().photo,
+        last_message_listed(store, b, c).await.photo,
         Some(photo.clone())
     );
     // A retry gets the original, photo and all, and moves nothing.
