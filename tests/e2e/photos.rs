@@ -397,7 +397,7 @@ each_backend! {
         .await;
     }
 
-    async fn who_may_fetch_a_photo_follows_what_history_shows(backend: Backend) {
+    async fn who_may_fetch_a_photo_follows_what_they_were_sent(backend: Backend) {
         let server = TestServer::start_on(backend).await;
         let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
         let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
@@ -436,6 +436,20 @@ each_backend! {
         );
         assert_eq!(code(carol.download_photo(&refused).await), ErrorCode::NotFound);
         assert_eq!(alice.download_photo(&refused).await.unwrap().1, jpeg(5_000));
+
+        // Who leaves or is removed keeps the photos of what they were sent,
+        // and may fetch none sent after.
+        alice.remove_member(group, bob_id).await.unwrap();
+        carol.leave_group(group).await.unwrap();
+        let later = alice.upload_photo(upload_of(jpeg(7_000))).await.unwrap();
+        alice.send_photo(group, &later, "later").await.unwrap();
+        assert_eq!(bob.download_photo(&before).await.unwrap().1, jpeg(4_000));
+        assert_eq!(bob.download_photo(&after).await.unwrap().1, jpeg(6_000));
+        assert_eq!(carol.download_photo(&after).await.unwrap().1, jpeg(6_000));
+        assert_eq!(code(carol.download_photo(&before).await), ErrorCode::NotFound);
+        for former in [&bob, &carol] {
+            assert_eq!(code(former.download_photo(&later).await), ErrorCode::NotFound);
+        }
     }
 }
 

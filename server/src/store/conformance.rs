@@ -58,6 +58,7 @@ macro_rules! history_store_conformance {
             group_edit_keys,
             duplicates_name_the_members_still_owed,
             removed_members_catch_up_to_their_removal,
+            former_members_were_sent_up_to_their_departure,
             moves_share_their_conversations_member_list,
             closed_direct_conversations_keep_their_watermarks_to_themselves,
             photos,
@@ -1634,6 +1635,78 @@ pub async fn removed_members_catch_up_to_their_removal(store: &impl HistoryStore
         seqs(&store.undelivered(b, (0, 0), 100).await.unwrap()),
         vec![7]
     );
+}
+
+/// A member who leaves or is removed was sent everything up to the
+/// message that ended their membership: `was_member_at` holds for those
+/// seqs (photo fetches ask it) and for none after, nor for any before a
+/// later member joined; being added again adds a range and keeps the old.
+pub async fn former_members_were_sent_up_to_their_departure(store: &impl HistoryStore) {
+    let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
+    let c = user(store, "carol").await;
+    let stranger = user(store, "dave").await;
+    befriend(store, a, c).await;
+    let g = trip(store, a, vec![b]).await;
+    let edit = |actor, change, now| store.change_group(GroupEdit::new(g, actor, change), 5, now);
+    append_one(store, text(g, a, "m2", "two", 11)).await;
+    assert_eq!(
+        edit(a, GroupChange::Add(vec![c]), 12)
+            .await
+            .unwrap()
+            .message
+            .seq,
+        3
+    );
+    append_one(store, text(g, a, "m4", "four", 13)).await;
+    assert_eq!(
+        edit(a, GroupChange::Remove(b), 14)
+            .await
+            .unwrap()
+            .message
+            .seq,
+        5
+    );
+    assert_eq!(
+        edit(c, GroupChange::Leave, 15).await.unwrap().message.seq,
+        6
+    );
+    append_one(store, text(g, a, "m7", "seven", 16)).await;
+    assert_eq!(
+        edit(a, GroupChange::Add(vec![b]), 17)
+            .await
+            .unwrap()
+            .message
+            .seq,
+        8
+    );
+    append_one(store, text(g, a, "m9", "nine", 18)).await;
+
+    let sent = |user| async move {
+        let mut seqs = Vec::new();
+        for seq in 1..=10 {
+            if store.was_member_at(g, user, seq).await.unwrap() {
+                seqs.push(seq);
+            }
+        }
+        seqs
+    };
+    assert_eq!(
+        sent(a).await,
+        (1..=10).collect::<Vec<_>>(),
+        "a member all along"
+    );
+    assert_eq!(
+        sent(b).await,
+        vec![1, 2, 3, 4, 5, 8, 9, 10],
+        "up to their removal, then from their return"
+    );
+    assert_eq!(sent(c).await, vec![3, 4, 5, 6], "from joining to leaving");
+    assert!(sent(stranger).await.is_empty());
+    assert!(store.was_member_at(direct, b, 1).await.unwrap());
+    assert!(!store.was_member_at(direct, c, 1).await.unwrap());
+    assert!(!store.was_member_at(g + 1000, a, 1).await.unwrap());
+    // History still ends at their departure: a former member reads none.
+    assert_eq!(store.membership(g, c).await.unwrap(), None);
 }
 
 /// Groups: creation, changes with their SYSTEM messages in seq order,

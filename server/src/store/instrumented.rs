@@ -276,6 +276,19 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         )
     }
 
+    async fn was_member_at(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        seq: u64,
+    ) -> Result<bool, StoreError> {
+        timed!(
+            self,
+            "was_member_at",
+            self.inner.was_member_at(conversation_id, user, seq)
+        )
+    }
+
     async fn append(
         &self,
         batch: Vec<NewMessage>,

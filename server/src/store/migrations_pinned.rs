@@ -30,6 +30,10 @@ const PINNED: &[(&str, &str)] = &[
     ),
     ("src/store/sqlite/V12__media.sql", "f70c448ccc34e590"),
     ("src/store/sqlite/V13__push.sql", "f2de14f200ee5564"),
+    (
+        "src/store/sqlite/V14__former_members.sql",
+        "80f982c3cdf1d8a9",
+    ),
     ("migrations/postgres/V1__initial.sql", "5dcc721cc018b873"),
     ("migrations/postgres/V2__presence.sql", "3b2f2f2d011302a9"),
     ("migrations/postgres/V3__group_keys.sql", "e2a65111b1b8dfff"),
@@ -53,6 +57,10 @@ const PINNED: &[(&str, &str)] = &[
     ),
     ("migrations/postgres/V10__media.sql", "68535e6181a2a8b7"),
     ("migrations/postgres/V11__push.sql", "0802a87bc9ed9bfd"),
+    (
+        "migrations/postgres/V12__former_members.sql",
+        "430d380145aac80e",
+    ),
 ];
 
 #[test]

@@ -831,6 +831,18 @@ pub trait HistoryStore: Send + Sync + 'static {
         conversation_id: ConversationId,
         user: UserId,
     ) -> Result<bool, StoreError>;
+    /// Whether message `seq` of the conversation was sent to `user` as a
+    /// member: one who joined at or before it, now or in a membership
+    /// that has since ended (they left, or were removed, by a later
+    /// message or that one). Photo fetches ask it, so a member who leaves
+    /// keeps the photos of what they were sent; history does not (a
+    /// former member reads nothing more).
+    async fn was_member_at(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        seq: u64,
+    ) -> Result<bool, StoreError>;
 
     /// Appends a batch of messages in one transaction (group commit): each
     /// gets the next seq of its conversation, or is recognised as a retry.

@@ -1665,6 +1665,8 @@ impl HistoryStore for PostgresStore {
         let mut also_tell: Vec<UserId> = Vec::new();
         // A removed member and their delivered watermark.
         let mut departed: Option<(UserId, u64)> = None;
+        // A member who left or was removed, and where they joined.
+        let mut ended: Option<(UserId, u64)> = None;
         let text = match change {
             GroupChange::Rename(name) => {
                 tx.execute(
@@ -1719,13 +1721,16 @@ impl HistoryStore for PostgresStore {
                     return Err(StoreError::NotFound);
                 }
                 let name = group::username(&tx, user).await?.unwrap_or_default();
-                let delivered = group::remove_member(&tx, conversation_id, user).await?;
+                let removed = group::remove_member(&tx, conversation_id, user).await?;
                 also_tell.push(user);
-                departed = Some((user, delivered));
+                departed = Some((user, removed.as_ref().map_or(0, |r| r.delivered)));
+                ended = removed.map(|r| (user, r.joined));
                 crate::store::system_text::removed(&actor_name, &name)
             }
             GroupChange::Leave => {
-                group::remove_member(&tx, conversation_id, actor).await?;
+                ended = group::remove_member(&tx, conversation_id, actor)
+                    .await?
+                    .map(|r| (actor, r.joined));
                 also_tell.push(actor);
                 // A group keeps an admin while it has members.
                 if let Some(next) = promoted {
@@ -1781,6 +1786,10 @@ impl HistoryStore for PostgresStore {
             group::note_departure(&tx, conversation_id, user, delivered, appended.message.seq)
                 .await?;
         }
+        if let Some((user, joined)) = ended {
+            group::note_former_member(&tx, conversation_id, user, joined, appended.message.seq)
+                .await?;
+        }
         if let Err(e) = tx.commit().await {
             // As in create_group: the connection back first.
             drop(client);
@@ -1817,6 +1826,25 @@ impl HistoryStore for PostgresStore {
             .one(
                 "SELECT EXISTS(SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2)",
                 &[&sql(conversation_id), &sql(user)],
+            )
+            .await?;
+        col(&row, 0)
+    }
+
+    async fn was_member_at(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        seq: u64,
+    ) -> Result<bool, StoreError> {
+        let row = self
+            .one(
+                "SELECT EXISTS(SELECT 1 FROM members
+                               WHERE conversation_id = $1 AND user_id = $2 AND joined_seq <= $3)
+                     OR EXISTS(SELECT 1 FROM former_members
+                               WHERE user_id = $2 AND conversation_id = $1
+                                 AND joined_seq <= $3 AND left_seq >= $3)",
+                &[&sql(conversation_id), &sql(user), &sql(seq)],
             )
             .await?;
         col(&row, 0)

@@ -147,6 +147,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V11__history_identity.sql"),
     include_str!("sqlite/V12__media.sql"),
     include_str!("sqlite/V13__push.sql"),
+    include_str!("sqlite/V14__former_members.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1634,17 +1635,48 @@ fn ack_departure(
     Ok(())
 }
 
-/// A removed member keeps nothing on the server side: no watermarks, no
-/// access, no deliveries.
+/// A removed member keeps no watermarks, no access to history and no
+/// deliveries; returns where their membership began (`None` if they were
+/// no member), for [`note_former_member`].
 fn remove_member(
     conn: &Connection,
     conversation_id: ConversationId,
     user: UserId,
+) -> Result<Option<u64>, StoreError> {
+    conn.prepare_cached(
+        "DELETE FROM members WHERE conversation_id = ?1 AND user_id = ?2 RETURNING joined_seq",
+    )
+    .map_err(internal)?
+    .query_row(params![sql(conversation_id), sql(user)], |r| {
+        r.get::<_, i64>(0)
+    })
+    .optional()
+    .map(|joined| joined.map(|j| j as u64))
+    .map_err(internal)
+}
+
+/// Records the range of seqs a membership that message `left` ended could
+/// read, which keeps the photos of those messages fetchable by it.
+fn note_former_member(
+    conn: &Connection,
+    conversation_id: ConversationId,
+    user: UserId,
+    joined: u64,
+    left: u64,
 ) -> Result<(), StoreError> {
-    conn.prepare_cached("DELETE FROM members WHERE conversation_id = ?1 AND user_id = ?2")
-        .map_err(internal)?
-        .execute(params![sql(conversation_id), sql(user)])
-        .map_err(internal)?;
+    conn.prepare_cached(
+        "INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (user_id, conversation_id, joined_seq) DO UPDATE SET left_seq = excluded.left_seq",
+    )
+    .map_err(internal)?
+    .execute(params![
+        sql(user),
+        sql(conversation_id),
+        sql(joined),
+        sql(left)
+    ])
+    .map_err(internal)?;
     Ok(())
 }
 
@@ -2292,6 +2324,29 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
+    async fn was_member_at(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        seq: u64,
+    ) -> Result<bool, StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM members
+                               WHERE conversation_id = ?1 AND user_id = ?2 AND joined_seq <= ?3)
+                     OR EXISTS(SELECT 1 FROM former_members
+                               WHERE user_id = ?2 AND conversation_id = ?1
+                                 AND joined_seq <= ?3 AND left_seq >= ?3)",
+            )
+            .map_err(internal)?
+            .query_row(params![sql(conversation_id), sql(user), sql(seq)], |r| {
+                r.get(0)
+            })
+            .map_err(internal)
+        })
+        .await
+    }
+
     async fn append(
         &self,
         batch: Vec<NewMessage>,
@@ -2567,6 +2622,8 @@ impl HistoryStore for SqliteStore {
             let mut also_tell: Vec<UserId> = Vec::new();
             // A removed member and their delivered watermark.
             let mut departed: Option<(UserId, u64)> = None;
+            // A member who left or was removed, and where they joined.
+            let mut ended: Option<(UserId, Option<u64>)> = None;
             let text = match change {
                 GroupChange::Rename(name) => {
                     conn.prepare_cached("UPDATE conversations SET name = ?2 WHERE id = ?1")
@@ -2623,13 +2680,13 @@ impl HistoryStore for SqliteStore {
                     let delivered = state
                         .watermark(conn, conversation_id, user)?
                         .map_or(0, |(delivered, _)| delivered);
-                    remove_member(conn, conversation_id, user)?;
+                    ended = Some((user, remove_member(conn, conversation_id, user)?));
                     also_tell.push(user);
                     departed = Some((user, delivered));
                     super::system_text::removed(&actor_name, &name)
                 }
                 GroupChange::Leave => {
-                    remove_member(conn, conversation_id, actor)?;
+                    ended = Some((actor, remove_member(conn, conversation_id, actor)?));
                     also_tell.push(actor);
                     // A group keeps an admin while it has members.
                     conn.prepare_cached(
@@ -2680,6 +2737,9 @@ impl HistoryStore for SqliteStore {
             let mut appended = append_one(conn, state, message, true)?;
             if let Some((user, delivered)) = departed {
                 note_departure(conn, conversation_id, user, delivered, appended.message.seq)?;
+            }
+            if let Some((user, Some(joined))) = ended {
+                note_former_member(conn, conversation_id, user, joined, appended.message.seq)?;
             }
             for user in also_tell {
                 if !appended.members.contains(&user) {

@@ -353,7 +353,8 @@ fn storage_failure(e: std::io::Error) -> Failure {
     )
 }
 
-/// Sends a photo to a member of its conversation (or its uploader).
+/// Sends a photo to its uploader, or to whoever was sent the message that
+/// carries it as a member of its conversation.
 async fn fetch(
     session: &Session,
     send: &mut SendStream,
@@ -380,16 +381,16 @@ async fn fetch(
         .await
         .map_err(|e| Failure::Refused(e.into()))?
         .ok_or_else(not_found)?;
-    // Its uploader, or a member who may read the message that carries it
-    // (one added later reads from the message that added them on).
+    // Its uploader, or whoever was sent the message that carries it as a
+    // member (one added later reads from the message that added them on;
+    // one who left or was removed since keeps what they were sent).
     let allowed = media.owner == authed.user_id
         || match (media.conversation_id, media.seq) {
             (Some(conversation), Some(seq)) => shared
                 .store
-                .membership(conversation, authed.user_id)
+                .was_member_at(conversation, authed.user_id, seq)
                 .await
-                .map_err(|e| Failure::Refused(e.into()))?
-                .is_some_and(|m| m.joined_seq <= seq),
+                .map_err(|e| Failure::Refused(e.into()))?,
             _ => false,
         };
     if !allowed {

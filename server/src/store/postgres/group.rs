@@ -175,22 +175,56 @@ pub(super) async fn forget_departures(
     Ok(())
 }
 
-/// Deletes a member's row; returns their delivered watermark (0 if they
-/// were no member).
+/// A member's row as [`remove_member`] deleted it.
+pub(super) struct Removed {
+    /// Their delivered watermark.
+    pub(super) delivered: u64,
+    /// The first seq they could read.
+    pub(super) joined: u64,
+}
+
+/// Deletes a member's row; `None` if they were no member.
 pub(super) async fn remove_member(
     tx: &Transaction<'_>,
     conversation_id: ConversationId,
     user: UserId,
-) -> Result<u64, StoreError> {
+) -> Result<Option<Removed>, StoreError> {
     let row = tx
         .query_opt(
             "DELETE FROM members WHERE conversation_id = $1 AND user_id = $2
-             RETURNING delivered_seq",
+             RETURNING delivered_seq, joined_seq",
             &[&sql(conversation_id), &sql(user)],
         )
         .await
         .map_err(pg)?;
-    row.map_or(Ok(0), |r| id_col(&r, 0))
+    row.map(|r| {
+        Ok(Removed {
+            delivered: id_col(&r, 0)?,
+            joined: id_col(&r, 1)?,
+        })
+    })
+    .transpose()
+}
+
+/// Records the range of seqs a membership that message `left` ended could
+/// read, which keeps the photos of those messages fetchable by it.
+pub(super) async fn note_former_member(
+    tx: &Transaction<'_>,
+    conversation_id: ConversationId,
+    user: UserId,
+    joined: u64,
+    left: u64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (user_id, conversation_id, joined_seq)
+         DO UPDATE SET left_seq = EXCLUDED.left_seq",
+        &[&sql(user), &sql(conversation_id), &sql(joined), &sql(left)],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
 }
 
 /// Remembers that `user` was removed by message `seq` while their delivered
