@@ -1327,7 +1327,8 @@ impl Client {
 
     /// Downloads a photo whole (a message's `photo.media_id`) and checks
     /// its bytes against its SHA-256. NOT_FOUND unless this user uploaded
-    /// it or is a member of the conversation it was sent to.
+    /// it or was sent its message as a member of the conversation (one who
+    /// left or was removed since keeps what came before their leaving).
     pub async fn download_photo(
         &self,
         media_id: &str,

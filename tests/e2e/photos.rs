@@ -1,5 +1,6 @@
 //! Photos end to end: upload on a media stream, send, delivery to the
-//! members, download by members only, refusals that leave nothing behind,
+//! members, download by those it was sent to only (members, and former
+//! members for what came before their leaving), refusals that leave nothing behind,
 //! and the purge of uploads nobody sent.
 
 use std::path::Path;

@@ -1640,7 +1640,7 @@ pub async fn removed_members_catch_up_to_their_removal(store: &impl HistoryStore
 /// A member who leaves or is removed was sent everything up to the
 /// message that ended their membership: `was_member_at` holds for those
 /// seqs (photo fetches ask it) and for none after, nor for any before a
-/// later member joined; being added again adds a range and keeps the old.
+/// later member joined; each stay adds a range and keeps the others.
 pub async fn former_members_were_sent_up_to_their_departure(store: &impl HistoryStore) {
     let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
     let c = user(store, "carol").await;
@@ -1680,10 +1680,13 @@ pub async fn former_members_were_sent_up_to_their_departure(store: &impl History
         8
     );
     append_one(store, text(g, a, "m9", "nine", 18)).await;
+    let removed_again = edit(a, GroupChange::Remove(b), 19).await.unwrap();
+    assert_eq!(removed_again.message.seq, 10);
+    append_one(store, text(g, a, "m11", "eleven", 20)).await;
 
     let sent = |user| async move {
         let mut seqs = Vec::new();
-        for seq in 1..=10 {
+        for seq in 1..=11 {
             if store.was_member_at(g, user, seq).await.unwrap() {
                 seqs.push(seq);
             }
@@ -1692,13 +1695,13 @@ pub async fn former_members_were_sent_up_to_their_departure(store: &impl History
     };
     assert_eq!(
         sent(a).await,
-        (1..=10).collect::<Vec<_>>(),
+        (1..=11).collect::<Vec<_>>(),
         "a member all along"
     );
     assert_eq!(
         sent(b).await,
         vec![1, 2, 3, 4, 5, 8, 9, 10],
-        "up to their removal, then from their return"
+        "up to their removal, and from their return to their second removal"
     );
     assert_eq!(sent(c).await, vec![3, 4, 5, 6], "from joining to leaving");
     assert!(sent(stranger).await.is_empty());

@@ -496,8 +496,9 @@ pub struct MediaRecord {
     pub created_ms: i64,
     /// The conversation a send named it for ([`HistoryStore::attach_media`]).
     pub conversation_id: Option<ConversationId>,
-    /// The seq of the stored message that carries it, once one does: the
-    /// members who may read that seq may fetch it.
+    /// The seq of the stored message that carries it, once one does: those
+    /// it was sent to as members may fetch it
+    /// ([`HistoryStore::was_member_at`]).
     pub seq: Option<u64>,
 }
 

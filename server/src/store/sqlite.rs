@@ -1667,7 +1667,7 @@ fn note_former_member(
     conn.prepare_cached(
         "INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq)
          VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (user_id, conversation_id, joined_seq) DO UPDATE SET left_seq = excluded.left_seq",
+         ON CONFLICT (user_id, conversation_id, joined_seq) DO UPDATE SET left_seq = MAX(left_seq, excluded.left_seq)",
     )
     .map_err(internal)?
     .execute(params![

@@ -219,7 +219,7 @@ pub(super) async fn note_former_member(
         "INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq)
          VALUES ($1, $2, $3, $4)
          ON CONFLICT (user_id, conversation_id, joined_seq)
-         DO UPDATE SET left_seq = EXCLUDED.left_seq",
+         DO UPDATE SET left_seq = GREATEST(former_members.left_seq, EXCLUDED.left_seq)",
         &[&sql(user), &sql(conversation_id), &sql(joined), &sql(left)],
     )
     .await
