@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // the size of the largest; a frame is held in every stream task of
         // every connection (idle memory, ARCHITECTURE.md).
         .boxed(".chat.v1.ConversationInfo.last_message")
+        // Boxed for the same reason: with its preview's handle, a photo
+        // inline made MediaHeader the largest body (a frame of 128 bytes).
+        .boxed(".chat.v1.MediaHeader.photo")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -300,6 +300,8 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
                     // the dimensions it read.
                     width: 1,
                     height: 1,
+                    // Nor does this example make a preview.
+                    preview: Default::default(),
                 };
                 let sent = match client.upload_photo(upload).await {
                     Ok(media_id) => client.send_photo(conversation, &media_id, &caption).await,

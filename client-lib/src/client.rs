@@ -1268,7 +1268,8 @@ impl Client {
     /// Uploads a photo on a media stream of its own and returns its media
     /// id, for [`send_photo`](Self::send_photo). Checked here first as
     /// the server would (size against its AuthOk's `max_photo_bytes`, the
-    /// first bytes against the format: MEDIA_REJECTED). Not kept across
+    /// first bytes against the format, the preview against its limits:
+    /// MEDIA_REJECTED). Not kept across
     /// reconnects: on `Disconnected` or `Timeout` upload it again (an
     /// upload that was stored meanwhile is deleted unsent by the server
     /// after its retention). Send it within that retention, a day by
@@ -1278,7 +1279,7 @@ impl Client {
             return Err(ClientError::Closed);
         }
         let live = self.inner.live().ok_or(ClientError::Disconnected)?;
-        media::check(&photo, live.max_photo_bytes)?;
+        media::check(&photo, live.max_photo_bytes, live.max_text_len)?;
         media::upload(
             &live.conn,
             self.inner.next_request_id(),
@@ -1293,7 +1294,9 @@ impl Client {
     /// an optional caption (may be empty), as
     /// [`send_text`](Self::send_text) sends a text: through the outbox,
     /// resolved once it is stored. A photo goes to one conversation; to
-    /// send it to another, upload it again.
+    /// send it to another, upload it again. The caption and the photo's
+    /// preview share the text limit (MESSAGE_TOO_LARGE from the server
+    /// when together they are longer).
     pub fn send_photo(
         &self,
         conversation_id: u64,

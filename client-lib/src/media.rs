@@ -34,6 +34,13 @@ pub struct PhotoUpload {
     pub width: u32,
     /// Pixels.
     pub height: u32,
+    /// A small preview the app made (empty for none), which recipients
+    /// show until they download the photo: a JPEG of 32-64 pixels on its
+    /// longer side is 1-3 KB. At most
+    /// [`MAX_PREVIEW_BYTES`](chat_protocol::media::MAX_PREVIEW_BYTES) (and
+    /// the server's text limit), in one of the photo formats; it counts
+    /// towards the caption's length when the photo is sent.
+    pub preview: Bytes,
 }
 
 /// A refusal made here, worded as the server's would be.
@@ -46,9 +53,13 @@ pub(crate) fn rejected(message: String) -> ClientError {
 }
 
 /// Checks what the server would check before any byte is sent: the size
-/// against the server's limit (0: a server without photos) and the first
-/// bytes against the format.
-pub(crate) fn check(photo: &PhotoUpload, max_photo_bytes: u64) -> Result<(), ClientError> {
+/// against the server's limit (0: a server without photos), the first
+/// bytes against the format, and the preview.
+pub(crate) fn check(
+    photo: &PhotoUpload,
+    max_photo_bytes: u64,
+    max_text_len: usize,
+) -> Result<(), ClientError> {
     if max_photo_bytes == 0 {
         return Err(ClientError::Protocol(
             "this server does not take photos".into(),
@@ -67,7 +78,7 @@ pub(crate) fn check(photo: &PhotoUpload, max_photo_bytes: u64) -> Result<(), Cli
             photo.media_type.mime()
         )));
     }
-    Ok(())
+    chat_protocol::media::check_preview(&photo.preview, max_text_len).map_err(rejected)
 }
 
 /// Initial room for a download's bytes: a photo larger than this grows
@@ -99,6 +110,7 @@ pub(crate) async fn upload(
         sha256,
         width: photo.width,
         height: photo.height,
+        preview: photo.preview.clone(),
     });
     let (mut send, mut reader) = open(conn, request_id, declared, timeout).await?;
     // Written while the answer is watched for: a refusal (too large, a
@@ -193,7 +205,7 @@ pub(crate) async fn download(
             body: Some(Body::MediaHeader(header)),
             ..
         }) => match header.photo {
-            Some(photo) if header.offset == 0 && photo.media_id == media_id => photo,
+            Some(photo) if header.offset == 0 && photo.media_id == media_id => *photo,
             _ => return Err(ClientError::Protocol("a header for another photo".into())),
         },
         Some(Frame {
@@ -306,21 +318,42 @@ mod tests {
             media_type: proto::MediaType::Jpeg,
             width: 1,
             height: 1,
+            preview: Bytes::new(),
         }
     }
 
     #[test]
     fn what_the_server_would_refuse_is_refused_before_sending() {
+        let text = chat_protocol::limits::DEFAULT_MAX_TEXT_LEN;
         let jpeg = photo(b"\xff\xd8\xff\xe0 a jpeg of sorts");
-        assert!(check(&jpeg, 1 << 20).is_ok());
-        let too_large = check(&jpeg, 4).unwrap_err();
+        assert!(check(&jpeg, 1 << 20, text).is_ok());
+        let too_large = check(&jpeg, 4, text).unwrap_err();
         assert_eq!(too_large.code(), Some(ErrorCode::MediaRejected));
-        let not_jpeg = check(&photo(b"\x89PNG\r\n\x1a\n a png"), 1 << 20).unwrap_err();
+        let not_jpeg = check(&photo(b"\x89PNG\r\n\x1a\n a png"), 1 << 20, text).unwrap_err();
         assert_eq!(not_jpeg.code(), Some(ErrorCode::MediaRejected));
         assert_eq!(
-            check(&photo(b""), 1 << 20).unwrap_err().code(),
+            check(&photo(b""), 1 << 20, text).unwrap_err().code(),
             Some(ErrorCode::MediaRejected)
         );
-        assert!(matches!(check(&jpeg, 0), Err(ClientError::Protocol(_))));
+        assert!(matches!(
+            check(&jpeg, 0, text),
+            Err(ClientError::Protocol(_))
+        ));
+        // The preview: a small image, or none.
+        let with = |preview: &'static [u8]| PhotoUpload {
+            preview: Bytes::from_static(preview),
+            ..jpeg.clone()
+        };
+        assert!(check(&with(b"\xff\xd8\xff\xdb small"), 1 << 20, text).is_ok());
+        let not_an_image = check(&with(b"plain text, not a preview"), 1 << 20, text);
+        assert_eq!(
+            not_an_image.unwrap_err().code(),
+            Some(ErrorCode::MediaRejected)
+        );
+        let over_the_text_limit = check(&with(b"\xff\xd8\xff\xdb small"), 1 << 20, 8);
+        assert_eq!(
+            over_the_text_limit.unwrap_err().code(),
+            Some(ErrorCode::MediaRejected)
+        );
     }
 }

@@ -83,6 +83,8 @@ struct Shared {
     read_delay: Duration,
     /// The bytes of every photo sent (`--photo-bytes`).
     photo: bytes::Bytes,
+    /// Every photo's preview ([`PREVIEW_BYTES`]).
+    preview: bytes::Bytes,
     /// Photo downloads under way: the drain waits for them.
     downloading: AtomicUsize,
     /// Users whose app is in the background (no heartbeats), by index.
@@ -168,6 +170,7 @@ pub async fn drive(
         run_id: rand::random(),
         read_delay: args.read_delay,
         photo: photo_bytes(args.photo_bytes),
+        preview: photo_bytes(PREVIEW_BYTES),
         downloading: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
         receivers: Mutex::new(Vec::new()),
@@ -458,6 +461,7 @@ fn send_photo(
             media_type: proto::MediaType::Jpeg,
             width: 1280,
             height: 960,
+            preview: shared.preview.clone(),
         };
         let result = match client.upload_photo(upload).await {
             Ok(media_id) => client.send_photo(send.1, &media_id, &caption).await,
@@ -467,6 +471,10 @@ fn send_photo(
         user.photo_done();
     });
 }
+
+/// The size of a photo's preview, as a messenger's app makes one inline:
+/// a JPEG of 32-64 pixels on its longer side is 1-3 KB.
+const PREVIEW_BYTES: usize = 2_000;
 
 /// A JPEG-looking photo of `len` bytes (the format's first bytes, then
 /// filler: the server checks the signature and the hash, not the image).
@@ -547,6 +555,9 @@ async fn receive(
                         // Counted as under way before the delivery is, so
                         // the drain never sees it complete in between.
                         if let Some(photo) = &m.photo {
+                            if photo.preview != shared.preview {
+                                shared.tracker.error("photo_preview_lost");
+                            }
                             download_photo(&shared, &client, photo.media_id.clone());
                         }
                         let arrived = if h.intended_ns < back_ns {

@@ -368,6 +368,7 @@ mod tests {
                     sha256: vec![7; 32].into(),
                     width: 640,
                     height: 480,
+                    preview: vec![0xff, 0xd8, 0xff, 0xdb, 1, 2, 3].into(),
                 }),
             ),
             Frame::new(
@@ -385,11 +386,11 @@ mod tests {
             Frame::new(
                 4,
                 Body::MediaHeader(proto::MediaHeader {
-                    photo: Some(proto::Photo {
+                    photo: Some(Box::new(proto::Photo {
                         media_id: "0f".repeat(16),
                         size: 10,
                         ..Default::default()
-                    }),
+                    })),
                     offset: 2,
                 }),
             ),

@@ -26,6 +26,40 @@ pub const SIGNATURE_LEN: usize = 12;
 /// Length of a SHA-256 digest.
 pub const SHA256_LEN: usize = 32;
 
+/// Largest preview an upload may carry (`MediaUpload.preview`); a server
+/// also holds it to its text limit, since a photo's caption and preview
+/// together must fit in that.
+pub const MAX_PREVIEW_BYTES: usize = 4096;
+
+/// The formats a photo, or its preview, may have.
+pub const FORMATS: [MediaType; 4] = [
+    MediaType::Jpeg,
+    MediaType::Png,
+    MediaType::Webp,
+    MediaType::Heic,
+];
+
+/// Checks an upload's preview as a server does: none (empty), or at most
+/// [`MAX_PREVIEW_BYTES`] and `max_text_len` bytes that begin as one of the
+/// [`FORMATS`]. The error says why, for a MEDIA_REJECTED refusal.
+pub fn check_preview(preview: &[u8], max_text_len: usize) -> Result<(), String> {
+    if preview.is_empty() {
+        return Ok(());
+    }
+    let max = MAX_PREVIEW_BYTES.min(max_text_len);
+    if preview.len() > max {
+        return Err(format!(
+            "the preview is {} bytes; the limit is {max}",
+            preview.len()
+        ));
+    }
+    let start = &preview[..preview.len().min(SIGNATURE_LEN)];
+    if !FORMATS.iter().any(|format| format.matches(start)) {
+        return Err("the preview is not a JPEG, PNG, WebP or HEIC image".into());
+    }
+    Ok(())
+}
+
 /// Whether `id` is shaped like a media id (32 lowercase hex digits). A
 /// server uses the id as a file name, so nothing else is ever looked up.
 pub fn is_media_id(id: &str) -> bool {
@@ -119,5 +153,35 @@ mod tests {
         assert_eq!(MediaType::from_wire(1), Some(MediaType::Jpeg));
         assert_eq!(MediaType::from_wire(0), None);
         assert_eq!(MediaType::from_wire(99), None);
+    }
+
+    #[test]
+    fn previews_are_small_images_or_none() {
+        let jpeg = |len: usize| {
+            let mut bytes = vec![0xff, 0xd8, 0xff, 0xe0];
+            bytes.resize(len, 7);
+            bytes
+        };
+        assert_eq!(check_preview(&[], 16_384), Ok(()));
+        assert_eq!(check_preview(&jpeg(MAX_PREVIEW_BYTES), 16_384), Ok(()));
+        assert_eq!(check_preview(b"\x89PNG\r\n\x1a\n", 16_384), Ok(()));
+        assert_eq!(
+            check_preview(&jpeg(MAX_PREVIEW_BYTES + 1), 16_384),
+            Err("the preview is 4097 bytes; the limit is 4096".into())
+        );
+        // Held to the server's text limit too, when that is smaller.
+        assert_eq!(check_preview(&jpeg(1000), 1000), Ok(()));
+        assert_eq!(
+            check_preview(&jpeg(1001), 1000),
+            Err("the preview is 1001 bytes; the limit is 1000".into())
+        );
+        assert_eq!(
+            check_preview(b"GIF89a\x01\0\x01\0\0\0", 16_384),
+            Err("the preview is not a JPEG, PNG, WebP or HEIC image".into())
+        );
+        assert!(
+            check_preview(&[0xff, 0xd8], 16_384).is_err(),
+            "too short to tell"
+        );
     }
 }

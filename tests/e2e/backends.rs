@@ -648,6 +648,7 @@ async fn a_photo_whose_binding_fails_for_now_is_not_overtaken_by_later_sends() {
             media_type: chat_client::proto::MediaType::Jpeg,
             width: 40,
             height: 30,
+            preview: Default::default(),
         })
         .await
         .expect("uploaded");

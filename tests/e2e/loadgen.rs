@@ -316,7 +316,8 @@ async fn photo_sends_are_uploaded_delivered_and_downloaded_by_every_recipient() 
         "{report:?}"
     );
     // Every photo delivered, warm-up ones too, is downloaded and checked
-    // against its hash (a mismatch is an error, and there are none).
+    // against its hash, and came with its preview (a mismatch or a lost
+    // preview is an error, and there are none).
     assert!(report.photos_downloaded >= report.photo_sends, "{report:?}");
 }
 

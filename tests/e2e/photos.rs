@@ -28,7 +28,13 @@ fn upload_of(bytes: Bytes) -> PhotoUpload {
         media_type: proto::MediaType::Jpeg,
         width: 1024,
         height: 768,
+        preview: preview(),
     }
+}
+
+/// The preview every upload here carries: 1,500 bytes of JPEG.
+fn preview() -> Bytes {
+    jpeg(1_500)
 }
 
 /// Files under the media directory, temporary ones included, but the
@@ -81,6 +87,7 @@ fn declared(bytes: &[u8], size: u64) -> Frame {
             sha256: Bytes::copy_from_slice(&Sha256::digest(bytes)),
             width: 10,
             height: 10,
+            preview: Bytes::new(),
         }),
     )
 }
@@ -130,10 +137,19 @@ each_backend! {
         assert_eq!((photo.width, photo.height), (1024, 768));
         assert_eq!(photo.media_type, proto::MediaType::Jpeg as i32);
         assert_eq!(&photo.sha256[..], &Sha256::digest(&bytes)[..]);
+        // The app's preview comes with the message, to show before the
+        // download; the download's header leaves it out.
+        assert_eq!(photo.preview, preview());
 
         let (header, fetched) = bob.download_photo(&media_id).await.unwrap();
         assert_eq!(fetched, bytes);
-        assert_eq!(header, *photo);
+        assert_eq!(
+            header,
+            proto::Photo {
+                preview: Bytes::new(),
+                ..(*photo).clone()
+            }
+        );
         // Carol is Alice's friend but not in this conversation.
         assert_eq!(code(carol.download_photo(&media_id).await), ErrorCode::NotFound);
         assert_eq!(
@@ -310,6 +326,52 @@ each_backend! {
             value(&scraped, "chat_errors_total{code=\"MEDIA_REJECTED\"}") >= 5.0,
             "{scraped:?}"
         );
+    }
+
+    async fn a_preview_is_a_small_image_and_shares_the_caption_limit(backend: Backend) {
+        let server = TestServer::start_on_with(backend, |c| c.limits.max_text_len = 2_000).await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let raw = RawControl::resume(&server, &alice.identity().token).await;
+        let good = jpeg(3_000);
+        let with_preview = |preview: Bytes| {
+            let mut frame = declared(&good, 3_000);
+            if let Some(Body::MediaUpload(upload)) = &mut frame.body {
+                upload.preview = preview;
+            }
+            frame
+        };
+
+        // Longer than the text limit (2,000 bytes here), or not an image:
+        // refused on the declaration, before any byte of the photo.
+        for preview in [jpeg(2_001), Bytes::from_static(b"GIF89a\x01\0\x01\0\0\0 not ours")] {
+            let answer = raw_media(&raw, &[with_preview(preview)], false).await;
+            assert_eq!(refusal_code(&answer), ErrorCode::MediaRejected);
+        }
+        // The client library refuses the same without asking.
+        let oversized = PhotoUpload {
+            preview: jpeg(2_001),
+            ..upload_of(good.clone())
+        };
+        assert_eq!(code(alice.upload_photo(oversized).await), ErrorCode::MediaRejected);
+
+        // The caption and the preview share the text limit, so the message
+        // fits in a frame: 1,500 bytes of preview leave 500 for words.
+        let media_id = alice.upload_photo(upload_of(good.clone())).await.unwrap();
+        assert_eq!(
+            code(alice.send_photo(conversation, &media_id, &"x".repeat(501)).await),
+            ErrorCode::MessageTooLarge
+        );
+        let ack = alice
+            .send_photo(conversation, &media_id, &"x".repeat(500))
+            .await
+            .unwrap();
+        let got = messages(&mut bob_events, 1).await.remove(0);
+        assert_eq!(got.seq, ack.seq);
+        assert_eq!(got.photo.expect("a photo").preview, preview());
+        // Only the one upload was kept.
+        assert_eq!(media_files(&server.config.media_dir()), vec![media_id]);
     }
 
     async fn uploads_nobody_sent_are_purged_after_the_retention(backend: Backend) {

@@ -173,6 +173,7 @@ pub fn upload(media_id: &str, owner: UserId, created_ms: i64) -> MediaRecord {
         width: 640,
         height: 480,
         sha256: [7; 32],
+        preview: bytes::Bytes::from_static(b"\x89PNG\r\n\x1a\n a tiny preview"),
         created_ms,
         conversation_id: None,
         seq: None,
@@ -2215,6 +2216,7 @@ pub async fn photos(store: &impl HistoryStore) {
     assert_eq!(photo.media_id, id(1));
     assert_eq!((photo.size, photo.width, photo.height), (123_456, 640, 480));
     assert_eq!(&photo.sha256[..], &[7; 32]);
+    assert_eq!(&photo.preview[..], b"\x89PNG\r\n\x1a\n a tiny preview");
     assert_eq!(photo.media_type, proto::MediaType::Png as i32);
     let page = store.history(c, Direction::Backward, 0, 10).await.unwrap();
     assert_eq!(page.messages.last().unwrap().photo, Some(photo.clone()));
@@ -2319,10 +2321,13 @@ pub async fn photos(store: &impl HistoryStore) {
             .await
             .unwrap();
     }
-    store
-        .create_media(upload(&id(5), carol, 1_000))
-        .await
-        .unwrap();
+    // (One without a preview reads back without one.)
+    let bare = MediaRecord {
+        preview: bytes::Bytes::new(),
+        ..upload(&id(5), carol, 1_000)
+    };
+    store.create_media(bare.clone()).await.unwrap();
+    assert_eq!(store.media(&id(5)).await.unwrap(), Some(bare));
     let mut purged = store.purge_media(500, 405, 2).await.unwrap();
     assert_eq!(purged.len(), 2);
     purged.extend(store.purge_media(500, 405, 2).await.unwrap());

@@ -34,6 +34,10 @@ const PINNED: &[(&str, &str)] = &[
         "src/store/sqlite/V14__former_members.sql",
         "80f982c3cdf1d8a9",
     ),
+    (
+        "src/store/sqlite/V15__photo_previews.sql",
+        "c0d6d4e76b0c1bc3",
+    ),
     ("migrations/postgres/V1__initial.sql", "5dcc721cc018b873"),
     ("migrations/postgres/V2__presence.sql", "3b2f2f2d011302a9"),
     ("migrations/postgres/V3__group_keys.sql", "e2a65111b1b8dfff"),
@@ -60,6 +64,10 @@ const PINNED: &[(&str, &str)] = &[
     (
         "migrations/postgres/V12__former_members.sql",
         "430d380145aac80e",
+    ),
+    (
+        "migrations/postgres/V13__photo_previews.sql",
+        "8edb495be8d93ebe",
     ),
 ];
 

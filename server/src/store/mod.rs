@@ -492,6 +492,8 @@ pub struct MediaRecord {
     pub height: u32,
     /// SHA-256 of the bytes.
     pub sha256: [u8; 32],
+    /// The uploader's preview (`MediaUpload.preview`; empty for none).
+    pub preview: bytes::Bytes,
     /// When the upload was stored, Unix ms.
     pub created_ms: i64,
     /// The conversation a send named it for ([`HistoryStore::attach_media`]).
@@ -512,6 +514,7 @@ impl MediaRecord {
             width: self.width,
             height: self.height,
             sha256: bytes::Bytes::copy_from_slice(&self.sha256),
+            preview: self.preview.clone(),
         }
     }
 }

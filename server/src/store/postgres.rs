@@ -2183,7 +2183,7 @@ impl HistoryStore for PostgresStore {
         let inserted = self
             .execute(
                 &format!(
-                    "INSERT INTO media ({MEDIA_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                    "INSERT INTO media ({MEDIA_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
                      ON CONFLICT (media_id) DO NOTHING"
                 ),
                 &[
@@ -2197,6 +2197,7 @@ impl HistoryStore for PostgresStore {
                     &media.created_ms,
                     &media.conversation_id.map(sql),
                     &media.seq.map(sql),
+                    &&media.preview[..],
                 ],
             )
             .await?;
@@ -2409,11 +2410,11 @@ impl HistoryStore for PostgresStore {
 }
 
 /// The columns [`media_from_row`] reads.
-const MEDIA_COLUMNS: &str =
-    "media_id, owner_id, media_type, size, width, height, sha256, created_ms, conversation_id, seq";
+const MEDIA_COLUMNS: &str = "media_id, owner_id, media_type, size, width, height, sha256, created_ms, conversation_id, seq, preview";
 
 fn media_from_row(row: &Row) -> Result<MediaRecord, StoreError> {
     let sha256: &[u8] = col(row, 6)?;
+    let preview: &[u8] = col(row, 10)?;
     Ok(MediaRecord {
         media_id: col(row, 0)?,
         owner: id_col(row, 1)?,
@@ -2423,6 +2424,7 @@ fn media_from_row(row: &Row) -> Result<MediaRecord, StoreError> {
         width: u32::try_from(col::<i32>(row, 4)?).unwrap_or(0),
         height: u32::try_from(col::<i32>(row, 5)?).unwrap_or(0),
         sha256: sha256.try_into().unwrap_or([0; 32]),
+        preview: bytes::Bytes::copy_from_slice(preview),
         created_ms: col(row, 7)?,
         conversation_id: col::<Option<i64>>(row, 8)?.map(id),
         seq: col::<Option<i64>>(row, 9)?.map(id),

@@ -36,7 +36,7 @@ const MESSAGE_OVERHEAD: usize = 128;
 
 fn cost(message: &proto::Message) -> usize {
     let photo = message.photo.as_ref().map_or(0, |p| {
-        size_of::<proto::Photo>() + p.media_id.len() + p.sha256.len()
+        size_of::<proto::Photo>() + p.media_id.len() + p.sha256.len() + p.preview.len()
     });
     let call = message.call.as_ref().map_or(0, |c| {
         size_of::<proto::CallLog>() + 8 * (c.joined.len() + c.missed.len())

@@ -148,6 +148,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V12__media.sql"),
     include_str!("sqlite/V13__push.sql"),
     include_str!("sqlite/V14__former_members.sql"),
+    include_str!("sqlite/V15__photo_previews.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -2925,7 +2926,7 @@ impl HistoryStore for SqliteStore {
     async fn create_media(&self, media: MediaRecord) -> Result<(), StoreError> {
         self.call_hot(move |conn, _| {
             conn.prepare_cached(&format!(
-                "INSERT INTO media ({MEDIA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                "INSERT INTO media ({MEDIA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
             ))
             .map_err(internal)?
             .execute(params![
@@ -2939,6 +2940,7 @@ impl HistoryStore for SqliteStore {
                 media.created_ms,
                 media.conversation_id.map(sql),
                 media.seq.map(sql),
+                &media.preview[..],
             ])
             .map_err(|e| {
                 if is_unique_violation(&e) {
@@ -3208,11 +3210,11 @@ fn others_above(
 }
 
 /// The columns [`media_from_row`] reads.
-const MEDIA_COLUMNS: &str =
-    "media_id, owner_id, media_type, size, width, height, sha256, created_ms, conversation_id, seq";
+const MEDIA_COLUMNS: &str = "media_id, owner_id, media_type, size, width, height, sha256, created_ms, conversation_id, seq, preview";
 
 fn media_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MediaRecord> {
     let sha256: Vec<u8> = row.get(6)?;
+    let preview: Vec<u8> = row.get(10)?;
     Ok(MediaRecord {
         media_id: row.get(0)?,
         owner: row.get::<_, i64>(1)? as u64,
@@ -3222,6 +3224,7 @@ fn media_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MediaRecord> {
         width: row.get(4)?,
         height: row.get(5)?,
         sha256: sha256.try_into().unwrap_or([0; 32]),
+        preview: preview.into(),
         created_ms: row.get(7)?,
         conversation_id: row.get::<_, Option<i64>>(8)?.map(|c| c as u64),
         seq: row.get::<_, Option<i64>>(9)?.map(|s| s as u64),

@@ -2,7 +2,8 @@
 //! `MediaFetch` in chat.proto).
 //!
 //! An upload is checked as it arrives: its declared size against
-//! `max-photo-bytes` before any byte is read, each chunk against what is
+//! `max-photo-bytes` and its preview (a few KB the app made, carried in
+//! the message) before any byte is read, each chunk against what is
 //! left of that size, its first bytes against the declared format, and
 //! once complete its SHA-256 against the declared one. Its bytes go to a
 //! temporary file (never all in memory), which is synced and renamed into
@@ -14,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use chat_protocol::media::{MAX_PHOTO_DIMENSION, SHA256_LEN, SIGNATURE_LEN, is_media_id};
+use chat_protocol::media::{
+    MAX_PHOTO_DIMENSION, SHA256_LEN, SIGNATURE_LEN, check_preview, is_media_id,
+};
 use chat_protocol::{Body, ErrorCode, Frame, proto};
 use quinn::SendStream;
 use sha2::{Digest, Sha256};
@@ -208,6 +211,7 @@ fn check_declared(
             "width and height must be 1-{MAX_PHOTO_DIMENSION}"
         )));
     }
+    check_preview(&upload.preview, session.shared.config.limits.max_text_len).map_err(rejected)?;
     Ok(media_type)
 }
 
@@ -329,6 +333,7 @@ async fn store_upload(
         width: declared.width,
         height: declared.height,
         sha256: declared.sha256[..].try_into().expect("checked: 32 bytes"),
+        preview: declared.preview.clone(),
         created_ms: now_ms(),
         conversation_id: None,
         seq: None,
@@ -410,10 +415,14 @@ async fn fetch(
         }
     };
     let write_stall = shared.config.transport.write_stall;
+    // Without the preview: the downloader has it from the message.
     let header = Frame::new(
         request_id,
         Body::MediaHeader(proto::MediaHeader {
-            photo: Some(media.photo()),
+            photo: Some(Box::new(proto::Photo {
+                preview: Bytes::new(),
+                ..media.photo()
+            })),
             offset: fetch.offset,
         }),
     );

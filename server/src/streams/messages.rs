@@ -358,6 +358,19 @@ fn send_photo<'a>(
                 }
                 refusal
             })?;
+        // The caption and the preview share the text limit, so the
+        // message fits in a frame.
+        let max = session.shared.config.limits.max_text_len;
+        if message.text.len() + media.preview.len() > max {
+            return Err(Refusal::new(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "the caption ({} bytes) and the photo's preview ({} bytes) exceed {max} bytes together",
+                    message.text.len(),
+                    media.preview.len()
+                ),
+            ));
+        }
         message.photo = Some(Box::new(media.photo()));
         session
             .shared

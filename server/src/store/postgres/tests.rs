@@ -353,7 +353,7 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
             "users"
         ]
     );
-    assert_eq!(history.unwrap(), 12, "V1 to V12, once each");
+    assert_eq!(history.unwrap(), 13, "V1 to V13, once each");
 }
 
 /// V7 closes the direct conversations of pairs who had stopped being
