@@ -371,6 +371,12 @@ async fn schedule(
         // Drawn only when photos are asked for, so that runs without them
         // keep the schedule they always had.
         let photo = args.photo_fraction > 0.0 && rng.random_bool(args.photo_fraction);
+        // A photo's caption and its preview share the text limit.
+        let len = if photo {
+            len.min(MAX_TEXT_BYTES - PREVIEW_BYTES)
+        } else {
+            len
+        };
         let measured = offset_ns >= warmup_ns;
         let Some((conversation_id, recipients, group)) = targets.pick(sender, to_group, pick)
         else {

@@ -370,6 +370,22 @@ each_backend! {
         let got = messages(&mut bob_events, 1).await.remove(0);
         assert_eq!(got.seq, ack.seq);
         assert_eq!(got.photo.expect("a photo").preview, preview());
+        // History has it; the conversation list, a line per conversation,
+        // does not.
+        let page = bob
+            .history(conversation, HistoryDirection::Backward, 0, 10)
+            .await
+            .unwrap();
+        let stored = page.messages.iter().find(|m| m.seq == ack.seq).unwrap();
+        assert_eq!(stored.photo.as_ref().unwrap().preview, preview());
+        let listed = bob.conversations(10, None).await.unwrap();
+        let entry = listed
+            .iter()
+            .find(|c| c.conversation_id == conversation)
+            .and_then(|c| c.last_message.as_ref())
+            .expect("the conversation is listed with its last message");
+        let photo = entry.photo.as_ref().expect("the last message is the photo");
+        assert_eq!((&photo.media_id, photo.preview.len()), (&media_id, 0));
         // Only the one upload was kept.
         assert_eq!(media_files(&server.config.media_dir()), vec![media_id]);
     }

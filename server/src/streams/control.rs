@@ -1318,7 +1318,15 @@ pub fn conversation_info(view: ConversationView, viewer: UserId) -> proto::Conve
             .collect(),
         last_seq: view.last_seq,
         last_activity_ms: view.last_activity_ms,
-        last_message: view.last_message.map(Box::new),
+        // A list entry shows a line of the last message: its text is cut
+        // (by the store) and a photo's preview left to history, or a page
+        // of photo conversations would carry 4 KiB an entry.
+        last_message: view.last_message.map(|mut message| {
+            if let Some(photo) = message.photo.as_mut() {
+                photo.preview = bytes::Bytes::new();
+            }
+            Box::new(message)
+        }),
         unread_count: view.unread_count,
     }
 }
