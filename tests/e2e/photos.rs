@@ -1,13 +1,13 @@
 //! Photos end to end: upload on a media stream, send, delivery to the
 //! members, download by those it was sent to only (members, and former
-//! members for what came before their leaving), refusals that leave nothing behind,
-//! and the purge of uploads nobody sent.
+//! members for what came before their leaving), refusals that leave
+//! nothing behind, and the purge of uploads nobody sent.
 
 use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chat_client::{ErrorCode, HistoryDirection, PhotoUpload, proto};
+use chat_client::{Client, ErrorCode, HistoryDirection, PhotoUpload, proto};
 use chat_protocol::{Body, Frame, StreamKind};
 use sha2::{Digest, Sha256};
 
@@ -326,6 +326,37 @@ each_backend! {
             value(&scraped, "chat_errors_total{code=\"MEDIA_REJECTED\"}") >= 5.0,
             "{scraped:?}"
         );
+    }
+
+    async fn a_member_removed_while_offline_fetches_the_photos_caught_up(backend: Backend) {
+        // Bob is offline while a photo is sent and he is removed: catch-up
+        // brings him both, and the photo is his to download; the one sent
+        // after his removal is not.
+        let server = TestServer::start_on(backend).await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        befriend(&alice, &bob).await;
+        let bob_id = bob.identity().user_id;
+        let group = alice.create_group("trip", &[bob_id]).await.unwrap().conversation_id;
+        messages(&mut bob_events, 1).await;
+        wait_delivered(&alice, group, bob_id, 1).await;
+        let token = bob.identity().token;
+        bob.close();
+        drop(bob_events);
+
+        let missed = alice.upload_photo(upload_of(jpeg(4_000))).await.unwrap();
+        alice.send_photo(group, &missed, "while you were out").await.unwrap();
+        alice.remove_member(group, bob_id).await.unwrap();
+        let after = alice.upload_photo(upload_of(jpeg(5_000))).await.unwrap();
+        alice.send_photo(group, &after, "after").await.unwrap();
+
+        let (bob, mut bob_events) = Client::resume(server.client_config(), &token).await.unwrap();
+        let got = messages(&mut bob_events, 2).await;
+        let photo = got[0].photo.as_ref().expect("the photo he missed");
+        assert_eq!(photo.media_id, missed);
+        assert!(got[1].text.contains("removed"), "{}", got[1].text);
+        assert_eq!(bob.download_photo(&missed).await.unwrap().1, jpeg(4_000));
+        assert_eq!(code(bob.download_photo(&after).await), ErrorCode::NotFound);
     }
 
     async fn a_preview_is_a_small_image_and_shares_the_caption_limit(backend: Backend) {
