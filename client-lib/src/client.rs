@@ -1940,6 +1940,48 @@ impl Client {
         })
     }
 
+    /// Where this account is logged in: its live sessions, newest first
+    /// (at most 100), this one marked `current`.
+    pub async fn sessions(&self) -> Result<Vec<proto::SessionInfo>, ClientError> {
+        match self
+            .request(
+                StreamKind::Control,
+                Body::ListSessions(proto::ListSessions {}),
+            )
+            .await?
+        {
+            Body::SessionList(list) => Ok(list.sessions),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Logs another of the account's sessions out (a `session_id` from
+    /// [`sessions`](Self::sessions)): its token stops working and its
+    /// device's connection closes with TOKEN_REVOKED. NOT_FOUND when no
+    /// live session has that id; this session's own is
+    /// [`logout`](Self::logout).
+    pub async fn revoke_session(&self, session_id: &[u8]) -> Result<(), ClientError> {
+        self.expect_ok(Body::RevokeSession(proto::RevokeSession {
+            session_id: bytes::Bytes::copy_from_slice(session_id),
+        }))
+        .await
+    }
+
+    /// Changes the password (WRONG_PASSWORD when `old_password` is not
+    /// it; the new one follows registration's rules) and logs every other
+    /// session of the account out; this one stays.
+    pub async fn change_password(
+        &self,
+        old_password: &str,
+        new_password: &str,
+    ) -> Result<(), ClientError> {
+        self.expect_ok(Body::ChangePassword(proto::ChangePassword {
+            old_password: old_password.into(),
+            new_password: new_password.into(),
+        }))
+        .await
+    }
+
     /// Revokes this session's token and disconnects for good. Like
     /// [`close`](Self::close), it leaves unwritten the delivery acks still
     /// lingering (at most `delivery_ack_linger` old), so the user's next

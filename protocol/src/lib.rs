@@ -102,6 +102,10 @@ impl Body {
             Body::Authenticate(_) => "authenticate",
             Body::AuthOk(_) => "auth_ok",
             Body::Logout(_) => "logout",
+            Body::ListSessions(_) => "list_sessions",
+            Body::SessionList(_) => "session_list",
+            Body::RevokeSession(_) => "revoke_session",
+            Body::ChangePassword(_) => "change_password",
             Body::FriendRequest(_) => "friend_request",
             Body::FriendAccept(_) => "friend_accept",
             Body::FriendDecline(_) => "friend_decline",
@@ -164,6 +168,7 @@ impl Body {
             Body::Error(_)
             | Body::Ok(_)
             | Body::AuthOk(_)
+            | Body::SessionList(_)
             | Body::FriendList(_)
             | Body::FriendEvent(_)
             | Body::Conversation(_)
@@ -185,6 +190,9 @@ impl Body {
             | Body::Login(_)
             | Body::Authenticate(_)
             | Body::Logout(_)
+            | Body::ListSessions(_)
+            | Body::RevokeSession(_)
+            | Body::ChangePassword(_)
             | Body::FriendRequest(_)
             | Body::FriendAccept(_)
             | Body::FriendDecline(_)
@@ -235,6 +243,7 @@ impl Body {
             self,
             Body::OpenStream(_)
                 | Body::Authenticate(_)
+                | Body::ListSessions(_)
                 | Body::ListFriends(_)
                 | Body::ListConversations(_)
                 | Body::HistoryQuery(_)
@@ -313,12 +322,15 @@ mod tests {
             Body::MarkSeen(proto::MarkSeen::default()),
             Body::Heartbeat(proto::Heartbeat::default()),
             Body::HistoryQuery(proto::HistoryQuery::default()),
+            Body::ListSessions(proto::ListSessions::default()),
             Body::MediaFetch(proto::MediaFetch::default()),
         ];
         let unsafe_ = [
             Body::Register(proto::Register::default()),
             Body::Login(proto::Login::default()),
             Body::Logout(proto::Logout::default()),
+            Body::RevokeSession(proto::RevokeSession::default()),
+            Body::ChangePassword(proto::ChangePassword::default()),
             Body::FriendRequest(proto::FriendRequest::default()),
             Body::FriendRemove(proto::FriendRemove::default()),
             Body::BlockUser(proto::BlockUser::default()),

@@ -499,6 +499,16 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// Length of a session's id ([`session_id`]).
+pub const SESSION_ID_LEN: usize = 16;
+
+/// What names a session to its user's devices (ListSessions,
+/// RevokeSession): the first half of its token's hash, from which neither
+/// the token nor its stored hash can be had.
+pub fn session_id(token_hash: &[u8; 32]) -> &[u8] {
+    &token_hash[..SESSION_ID_LEN]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

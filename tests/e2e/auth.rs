@@ -529,3 +529,116 @@ async fn a_burst_of_guesses_gets_no_more_tries_than_guesses_in_turn() {
     }
     assert!((1..=3).contains(&wrong), "{wrong} passwords were checked");
 }
+
+#[tokio::test]
+async fn a_user_lists_their_sessions_and_logs_another_out() {
+    let server = TestServer::start().await;
+    let alice = name("alice");
+    let (phone, _phone_events) = register(server.client_config(), &alice).await;
+    let (laptop, mut laptop_events) = Client::login(server.client_config(), &alice, PASSWORD)
+        .await
+        .unwrap();
+    let listed = phone.sessions().await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let (mine, other): (Vec<_>, Vec<_>) = listed.into_iter().partition(|s| s.current);
+    assert_eq!((mine.len(), other.len()), (1, 1));
+    assert_eq!(other[0].session_id.len(), 16);
+    assert_ne!(mine[0].session_id, other[0].session_id);
+    assert!(other[0].expires_at_ms > other[0].created_at_ms);
+
+    // This session's own is Logout's; an id that names nothing is not found.
+    assert_eq!(
+        code(phone.revoke_session(&mine[0].session_id).await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(phone.revoke_session(&[0; 16]).await),
+        ErrorCode::NotFound
+    );
+
+    phone.revoke_session(&other[0].session_id).await.unwrap();
+    let ended = wait_for(
+        &mut laptop_events,
+        "the laptop's session ended",
+        |e| match e {
+            Event::SessionEnded { code } => Some(code),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(ended, ErrorCode::TokenRevoked);
+    assert_eq!(
+        code(
+            Client::resume(server.client_config(), &laptop.identity().token)
+                .await
+                .map(drop)
+        ),
+        ErrorCode::TokenRevoked
+    );
+    let left = phone.sessions().await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert!(left[0].current);
+    assert_eq!(
+        code(phone.revoke_session(&other[0].session_id).await),
+        ErrorCode::NotFound,
+        "revoked already"
+    );
+}
+
+#[tokio::test]
+async fn a_password_change_logs_every_other_session_out() {
+    let server = TestServer::start().await;
+    let alice = name("alice");
+    let (phone, _phone_events) = register(server.client_config(), &alice).await;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        others.push(
+            Client::login(server.client_config(), &alice, PASSWORD)
+                .await
+                .unwrap(),
+        );
+    }
+    const NEW: &str = "a new passphrase";
+    assert_eq!(
+        code(phone.change_password("not the password", NEW).await),
+        ErrorCode::WrongPassword
+    );
+    assert_eq!(
+        code(phone.change_password(PASSWORD, "short").await),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(phone.sessions().await.unwrap().len(), 3, "nothing changed");
+
+    phone.change_password(PASSWORD, NEW).await.unwrap();
+    for (client, events) in &mut others {
+        let ended = wait_for(events, "another session ended", |e| match e {
+            Event::SessionEnded { code } => Some(code),
+            _ => None,
+        })
+        .await;
+        assert_eq!(ended, ErrorCode::TokenRevoked);
+        assert_eq!(
+            code(
+                Client::resume(server.client_config(), &client.identity().token)
+                    .await
+                    .map(drop)
+            ),
+            ErrorCode::TokenRevoked
+        );
+    }
+    // This session goes on; the old password is wrong, the new one works.
+    let left = phone.sessions().await.unwrap();
+    assert_eq!((left.len(), left[0].current), (1, true));
+    assert_eq!(
+        code(
+            Client::login(server.client_config(), &alice, PASSWORD)
+                .await
+                .map(drop)
+        ),
+        ErrorCode::WrongPassword
+    );
+    let (again, _events) = Client::login(server.client_config(), &alice, NEW)
+        .await
+        .unwrap();
+    assert_eq!(again.identity().user_id, phone.identity().user_id);
+}

@@ -36,6 +36,7 @@ macro_rules! history_store_conformance {
         $crate::history_store_conformance!(@tests $mode;
             users,
             sessions,
+            live_sessions_and_password_changes,
             friend_requests,
             ended_sessions_are_purged,
             friend_limits,
@@ -266,6 +267,76 @@ pub async fn sessions(store: &impl HistoryStore) {
         store.session(hash).await.unwrap().unwrap().revoked_at_ms,
         Some(150)
     );
+}
+
+/// A user's live sessions are listed newest first, without the expired,
+/// the revoked and other users'; a password change stores the new hash
+/// and revokes every live session but the one it keeps, and says which.
+pub async fn live_sessions_and_password_changes(store: &impl HistoryStore) {
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let open = |n: u8, user_id: UserId, created_at_ms: i64, expires_at_ms: i64| NewSession {
+        token_hash: [n; 32],
+        user_id,
+        device_name: format!("device {n}"),
+        created_at_ms,
+        expires_at_ms,
+    };
+    for session in [
+        open(1, alice, 100, 10_000),
+        open(2, alice, 200, 10_000),
+        open(3, alice, 300, 500),
+        open(4, alice, 400, 10_000),
+        open(5, bob, 500, 10_000),
+    ] {
+        store.create_session(session).await.unwrap();
+    }
+    store.revoke_session([4; 32], 450).await.unwrap();
+    let hashes = |sessions: Vec<NewSession>| -> Vec<u8> {
+        sessions.iter().map(|s| s.token_hash[0]).collect()
+    };
+    let live = store.live_sessions(alice, 1_000, 10).await.unwrap();
+    assert_eq!(live[0], open(2, alice, 200, 10_000), "as created");
+    assert_eq!(
+        hashes(live),
+        vec![2, 1],
+        "newest first; not expired or revoked"
+    );
+    assert_eq!(
+        hashes(store.live_sessions(alice, 1_000, 1).await.unwrap()),
+        vec![2]
+    );
+    assert_eq!(
+        hashes(store.live_sessions(alice, 150, 10).await.unwrap()),
+        vec![3, 2, 1],
+        "not expired yet"
+    );
+
+    let revoked = store
+        .change_password(alice, "hash-new".into(), [1; 32], 1_000)
+        .await
+        .unwrap();
+    assert_eq!(revoked, vec![[2; 32]], "only the live ones not kept");
+    let stored = store.user_by_name("alice".into()).await.unwrap().unwrap();
+    assert_eq!(stored.password_hash, "hash-new");
+    assert_eq!(
+        store.session([2; 32]).await.unwrap().unwrap().revoked_at_ms,
+        Some(1_000)
+    );
+    assert_eq!(
+        store.session([4; 32]).await.unwrap().unwrap().revoked_at_ms,
+        Some(450)
+    );
+    assert_eq!(
+        hashes(store.live_sessions(alice, 1_000, 10).await.unwrap()),
+        vec![1]
+    );
+    assert_eq!(
+        hashes(store.live_sessions(bob, 1_000, 10).await.unwrap()),
+        vec![5]
+    );
+    let bobs = store.user_by_name("bob".into()).await.unwrap().unwrap();
+    assert_eq!(bobs.password_hash, "hash-bob");
 }
 
 /// Sessions that ended (expired or revoked) before a time are deleted, a

@@ -112,6 +112,34 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         )
     }
 
+    async fn live_sessions(
+        &self,
+        user: UserId,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<NewSession>, StoreError> {
+        timed!(
+            self,
+            "live_sessions",
+            self.inner.live_sessions(user, now_ms, limit)
+        )
+    }
+
+    async fn change_password(
+        &self,
+        user: UserId,
+        password_hash: String,
+        keep: [u8; 32],
+        now_ms: i64,
+    ) -> Result<Vec<[u8; 32]>, StoreError> {
+        timed!(
+            self,
+            "change_password",
+            self.inner
+                .change_password(user, password_hash, keep, now_ms)
+        )
+    }
+
     async fn purge_sessions(&self, ended_before_ms: i64, limit: u32) -> Result<u64, StoreError> {
         timed!(
             self,

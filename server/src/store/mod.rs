@@ -103,8 +103,8 @@ pub struct SessionRecord {
     pub revoked_at_ms: Option<i64>,
 }
 
-/// A new session to store.
-#[derive(Debug, Clone)]
+/// A session to store, or a live one as it was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewSession {
     /// SHA-256 of the token.
     pub token_hash: [u8; 32],
@@ -680,6 +680,23 @@ pub trait HistoryStore: Send + Sync + 'static {
     async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>, StoreError>;
     /// Revokes a session; true if it existed and was not revoked already.
     async fn revoke_session(&self, token_hash: [u8; 32], now_ms: i64) -> Result<bool, StoreError>;
+    /// The user's live sessions (neither revoked nor expired at
+    /// `now_ms`) as they were created, newest first, at most `limit`.
+    async fn live_sessions(
+        &self,
+        user: UserId,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<NewSession>, StoreError>;
+    /// Sets the user's password hash and revokes every live session of
+    /// theirs but `keep`, in one transaction; the token hashes it revoked.
+    async fn change_password(
+        &self,
+        user: UserId,
+        password_hash: String,
+        keep: [u8; 32],
+        now_ms: i64,
+    ) -> Result<Vec<[u8; 32]>, StoreError>;
     /// Deletes up to `limit` sessions that expired or were revoked before
     /// `ended_before_ms`; how many it deleted (fewer than `limit`: none
     /// are left).

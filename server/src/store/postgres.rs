@@ -1042,6 +1042,86 @@ impl HistoryStore for PostgresStore {
         Ok(n > 0)
     }
 
+    async fn live_sessions(
+        &self,
+        user: UserId,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<NewSession>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT token_hash, device_name, created_at_ms, expires_at_ms FROM sessions
+                 WHERE user_id = $1 AND revoked_at_ms IS NULL AND expires_at_ms > $2
+                 ORDER BY created_at_ms DESC, token_hash LIMIT $3",
+                &[&sql(user), &now_ms, &i64::from(limit)],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let hash: &[u8] = col(row, 0)?;
+                Ok(NewSession {
+                    token_hash: hash.try_into().unwrap_or([0; 32]),
+                    user_id: user,
+                    device_name: col(row, 1)?,
+                    created_at_ms: col(row, 2)?,
+                    expires_at_ms: col(row, 3)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn change_password(
+        &self,
+        user: UserId,
+        password_hash: String,
+        keep: [u8; 32],
+        now_ms: i64,
+    ) -> Result<Vec<[u8; 32]>, StoreError> {
+        // One transaction, whose outcome a lost answer settles: reported
+        // failed though it had committed, the client would be told its old
+        // password is wrong when it tries again.
+        let mut client = self.client().await?;
+        let set = client
+            .prepare_cached("UPDATE users SET password_hash = $2 WHERE id = $1")
+            .await
+            .map_err(pg)?;
+        let revoke = client
+            .prepare_cached(
+                "UPDATE sessions SET revoked_at_ms = $3
+                 WHERE user_id = $1 AND token_hash <> $2
+                   AND revoked_at_ms IS NULL AND expires_at_ms > $3
+                 RETURNING token_hash",
+            )
+            .await
+            .map_err(pg)?;
+        let xid_stmt = client.prepare_cached(TRANSACTION_ID).await.map_err(pg)?;
+        let tx = client.transaction().await.map_err(pg)?;
+        if tx
+            .execute(&set, &[&sql(user), &password_hash])
+            .await
+            .map_err(pg)?
+            == 0
+        {
+            return Err(StoreError::NotFound);
+        }
+        let revoked = tx
+            .query(&revoke, &[&sql(user), &&keep[..], &now_ms])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|row| {
+                let hash: &[u8] = col(row, 0)?;
+                Ok(hash.try_into().unwrap_or([0; 32]))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let xid: i64 = col(&tx.query_one(&xid_stmt, &[]).await.map_err(pg)?, 0)?;
+        if let Err(e) = tx.commit().await {
+            drop(client);
+            self.settle_commit(xid, e).await?;
+        }
+        Ok(revoked)
+    }
+
     async fn purge_sessions(&self, ended_before_ms: i64, limit: u32) -> Result<u64, StoreError> {
         // One statement per index, each bounded, so a backlog is deleted
         // in short transactions; nodes purging at once delete each row

@@ -2036,6 +2036,72 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
+    async fn live_sessions(
+        &self,
+        user: UserId,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<NewSession>, StoreError> {
+        self.call(move |conn, _| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT token_hash, device_name, created_at_ms, expires_at_ms FROM sessions
+                     WHERE user_id = ?1 AND revoked_at_ms IS NULL AND expires_at_ms > ?2
+                     ORDER BY created_at_ms DESC, token_hash LIMIT ?3",
+                )
+                .map_err(internal)?;
+            let rows = stmt
+                .query_map(params![sql(user), now_ms, limit], |r| {
+                    let hash: Vec<u8> = r.get(0)?;
+                    Ok(NewSession {
+                        token_hash: hash.try_into().unwrap_or([0; 32]),
+                        user_id: user,
+                        device_name: r.get(1)?,
+                        created_at_ms: r.get(2)?,
+                        expires_at_ms: r.get(3)?,
+                    })
+                })
+                .map_err(internal)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(internal)
+        })
+        .await
+    }
+
+    async fn change_password(
+        &self,
+        user: UserId,
+        password_hash: String,
+        keep: [u8; 32],
+        now_ms: i64,
+    ) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.call(move |conn, _| {
+            let changed = conn
+                .prepare_cached("UPDATE users SET password_hash = ?2 WHERE id = ?1")
+                .map_err(internal)?
+                .execute(params![sql(user), password_hash])
+                .map_err(internal)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE sessions SET revoked_at_ms = ?3
+                     WHERE user_id = ?1 AND token_hash <> ?2
+                       AND revoked_at_ms IS NULL AND expires_at_ms > ?3
+                     RETURNING token_hash",
+                )
+                .map_err(internal)?;
+            let rows = stmt
+                .query_map(params![sql(user), &keep[..], now_ms], |r| {
+                    let hash: Vec<u8> = r.get(0)?;
+                    Ok(hash.try_into().unwrap_or([0; 32]))
+                })
+                .map_err(internal)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(internal)
+        })
+        .await
+    }
+
     async fn purge_sessions(&self, ended_before_ms: i64, limit: u32) -> Result<u64, StoreError> {
         self.call(move |conn, _| {
             let mut deleted = 0;

@@ -92,10 +92,11 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
         // Every other request takes a token from the user's control bucket
         // first: a client pipelining requests (each a store read or write)
         // could otherwise take the node's store for itself. Not a leave
-        // (it has a bucket of its own) nor a logout (revoking a stolen
-        // token must always be possible).
+        // (it has a bucket of its own) nor a logout or the revocation of
+        // another session (revoking a stolen token must always be
+        // possible).
         let charged = match frame.body {
-            Some(Body::LeaveGroup(_) | Body::Logout(_)) => Ok(()),
+            Some(Body::LeaveGroup(_) | Body::Logout(_) | Body::RevokeSession(_)) => Ok(()),
             _ => charge_control_rate(&session),
         };
         let request_id = frame.request_id;
@@ -390,6 +391,81 @@ async fn hashing_permit(session: &Session) -> Result<auth::HashPermit<'_>, Refus
     })
 }
 
+/// Most sessions ListSessions lists (newest first).
+const LISTED_SESSIONS: u32 = 100;
+
+/// Most of a user's live sessions RevokeSession looks through for the one
+/// it names (newest first).
+const SCANNED_SESSIONS: u32 = 10_000;
+
+/// Checks the old password as a login does (its throttle counts a wrong
+/// one), then stores the new one's hash and logs every other session out.
+async fn change_password(
+    session: &Session,
+    authed: &crate::session::Authed,
+    c: proto::ChangePassword,
+) -> Result<(), Refusal> {
+    auth::check_password(&c.new_password)
+        .map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
+    let shared = &session.shared;
+    let me = authed.user_id;
+    let attempt = shared
+        .login_throttle
+        .begin(me, session.conn.remote_address().ip())
+        .map_err(|wait| {
+            Refusal::new(
+                ErrorCode::RateLimited,
+                "too many wrong passwords for this account; wait before trying again",
+            )
+            .with_retry_after(wait)
+        })?;
+    if c.old_password.len() > *PASSWORD_LEN.end() {
+        attempt.failed();
+        return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
+    }
+    let Some(user) = shared.store.user_by_name(authed.username.clone()).await? else {
+        return Err(Refusal::new(ErrorCode::NotFound, "no such user"));
+    };
+    let (old, new) = (c.old_password, c.new_password);
+    let permit = hashing_permit(session).await?;
+    let hashed = tokio::task::spawn_blocking(move || {
+        auth::verify_password(&old, &user.password_hash)
+            .then(|| auth::hash_password(&new))
+            .transpose()
+    })
+    .await
+    .map_err(|e| internal("the hashing task failed", &e))?
+    .map_err(|e| internal("hashing failed", &e))?;
+    drop(permit);
+    let Some(hash) = hashed else {
+        attempt.failed();
+        return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
+    };
+    attempt.succeeded();
+    let revoked = shared
+        .store
+        .change_password(me, hash, authed.token_hash, now_ms())
+        .await?;
+    let mut closed = 0;
+    for token_hash in &revoked {
+        closed += shared.hub.close_token(
+            me,
+            token_hash,
+            session.conn_id,
+            ErrorCode::TokenRevoked,
+            "the password was changed; log in again",
+        );
+    }
+    tracing::info!(
+        conn_id = session.conn_id,
+        user_id = me,
+        revoked = revoked.len(),
+        closed,
+        "changed the password"
+    );
+    Ok(())
+}
+
 /// The retry-after given when the password hashers' queue is full.
 const HASHERS_BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -561,6 +637,61 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             );
             Ok(Reply::Close(ok(rid), ErrorCode::LoggedOut))
         }
+        Some(Body::ListSessions(_)) => {
+            let live = store.live_sessions(me, now_ms(), LISTED_SESSIONS).await?;
+            let sessions = live
+                .into_iter()
+                .map(|s| proto::SessionInfo {
+                    session_id: bytes::Bytes::copy_from_slice(auth::session_id(&s.token_hash)),
+                    current: s.token_hash == authed.token_hash,
+                    device_name: s.device_name,
+                    created_at_ms: s.created_at_ms,
+                    expires_at_ms: s.expires_at_ms,
+                })
+                .collect();
+            reply(Body::SessionList(proto::SessionList { sessions }))
+        }
+        Some(Body::RevokeSession(r)) => {
+            if r.session_id.len() != auth::SESSION_ID_LEN {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    format!("session_id must be {} bytes", auth::SESSION_ID_LEN),
+                ));
+            }
+            if r.session_id[..] == *auth::session_id(&authed.token_hash) {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    "that is this connection's session: use Logout",
+                ));
+            }
+            let now = now_ms();
+            let live = store.live_sessions(me, now, SCANNED_SESSIONS).await?;
+            let not_found = || Refusal::new(ErrorCode::NotFound, "no such session");
+            let target = live
+                .iter()
+                .find(|s| auth::session_id(&s.token_hash) == &r.session_id[..])
+                .ok_or_else(not_found)?;
+            if !store.revoke_session(target.token_hash, now).await? {
+                return Err(not_found());
+            }
+            let closed = shared.hub.close_token(
+                me,
+                &target.token_hash,
+                session.conn_id,
+                ErrorCode::TokenRevoked,
+                "this session was logged out from another device; log in again",
+            );
+            tracing::info!(
+                conn_id = session.conn_id,
+                user_id = me,
+                closed,
+                "revoked a session"
+            );
+            reply(Body::Ok(proto::Ok {}))
+        }
+        Some(Body::ChangePassword(c)) => change_password(session, authed, c)
+            .await
+            .map(|()| Reply::Frame(Frame::new(rid, Body::Ok(proto::Ok {})))),
         Some(Body::FriendRequest(r)) => {
             let name = auth::canonical_username(&r.username)
                 .map_err(|_| Refusal::new(ErrorCode::NotFound, "no such user"))?;
