@@ -195,6 +195,10 @@ struct Overrides {
     /// the oldest).
     #[arg(long, env = "CHAT_MAX_SESSIONS_PER_TOKEN")]
     max_sessions_per_token: Option<usize>,
+    /// Devices one user may be logged in on; a login beyond it logs the
+    /// oldest out.
+    #[arg(long, env = "CHAT_MAX_LOGGED_IN_DEVICES")]
+    max_logged_in_devices: Option<u32>,
     /// Idle timeout, e.g. 30s.
     #[arg(long, env = "CHAT_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
@@ -417,6 +421,10 @@ impl Overrides {
         set(
             &mut c.limits.max_sessions_per_token,
             self.max_sessions_per_token,
+        );
+        set(
+            &mut c.limits.max_logged_in_devices,
+            self.max_logged_in_devices,
         );
         set(&mut c.transport.idle_timeout, self.idle_timeout);
         set(
@@ -735,6 +743,8 @@ mod tests {
             "4",
             "--max-sessions-per-token",
             "2",
+            "--max-logged-in-devices",
+            "7",
         ])
         .unwrap();
         assert_eq!(c.node_id.as_deref(), Some("pod-a"));
@@ -743,6 +753,7 @@ mod tests {
         assert_eq!(c.limits.max_presence_subscriptions, 50);
         assert_eq!(c.limits.max_sessions_per_user, 4);
         assert_eq!(c.limits.max_sessions_per_token, 2);
+        assert_eq!(c.limits.max_logged_in_devices, 7);
     }
 
     #[test]

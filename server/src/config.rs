@@ -344,6 +344,10 @@ pub struct Limits {
     /// replaces the token's oldest connection, so whoever holds the token
     /// (its owner) can always resume it and log it out.
     pub max_sessions_per_token: usize,
+    /// Devices one user may be logged in on (live sessions, in the store,
+    /// across nodes): a login beyond it logs the oldest out, so the
+    /// sessions kept per user stay bounded however often a client logs in.
+    pub max_logged_in_devices: u32,
     /// Members per group.
     pub max_group_size: usize,
     /// Conversations of up to this many members push every member's
@@ -413,6 +417,9 @@ pub struct Limits {
     /// Over it an upload is answered RATE_LIMITED with a retry-after.
     pub uploads_per_hour: u32,
 }
+
+/// Largest `max-logged-in-devices` accepted.
+pub const MAX_LOGGED_IN_DEVICES: u32 = 10_000;
 
 /// Longest `session-ttl` accepted (ten years).
 const MAX_SESSION_TTL: Duration = Duration::from_secs(3650 * 24 * 3600);
@@ -578,6 +585,7 @@ impl Default for Limits {
             max_presence_subscriptions: 500,
             max_sessions_per_user: 16,
             max_sessions_per_token: 4,
+            max_logged_in_devices: 100,
             max_group_size: 250,
             receipt_broadcast_max_members: 32,
             max_login_failures: 10,
@@ -852,6 +860,12 @@ impl Config {
         }
         if l.max_sessions_per_token == 0 {
             return err("max-sessions-per-token must be at least 1".into());
+        }
+        if !(1..=MAX_LOGGED_IN_DEVICES).contains(&l.max_logged_in_devices) {
+            return err(format!(
+                "max-logged-in-devices = {} is outside 1..={MAX_LOGGED_IN_DEVICES}",
+                l.max_logged_in_devices
+            ));
         }
         if l.max_presence_subscriptions == 0 {
             return err("max-presence-subscriptions must be at least 1".into());
@@ -1176,6 +1190,14 @@ mod tests {
             (
                 |c| c.limits.max_sessions_per_user = 0,
                 "max-sessions-per-user",
+            ),
+            (
+                |c| c.limits.max_logged_in_devices = 0,
+                "max-logged-in-devices",
+            ),
+            (
+                |c| c.limits.max_logged_in_devices = 10_001,
+                "max-logged-in-devices",
             ),
             (
                 |c| c.limits.max_sessions_per_token = 0,

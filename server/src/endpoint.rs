@@ -96,6 +96,10 @@ pub struct Shared {
     /// (a user out of send tokens can still leave) but which each take a
     /// turn on the send committer.
     pub leave_limiter: RateLimiter,
+    /// Per-connection rate of RevokeSession, which the control rate does
+    /// not limit: a thief's connection draining the user's control bucket
+    /// must not keep the owner's from logging it out.
+    pub revoke_limiter: RateLimiter<u64>,
     /// Per-user DeliveryAcks beyond what the user's connections were
     /// delivered (`streams::messages::ACK_SLACK`).
     pub ack_limiter: RateLimiter,
@@ -264,6 +268,7 @@ impl Server {
         let shared = Arc::new(Shared {
             send_limiter: RateLimiter::new(config.limits.send_rate, config.limits.send_burst),
             leave_limiter: RateLimiter::new(ratelimit::LEAVE_RATE, ratelimit::LEAVE_BURST),
+            revoke_limiter: RateLimiter::new(ratelimit::REVOKE_RATE, ratelimit::REVOKE_BURST),
             ack_limiter: RateLimiter::new(
                 crate::streams::messages::ACK_SLACK_REFILL,
                 crate::streams::messages::ACK_SLACK as u32,
@@ -486,6 +491,7 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         let now = std::time::Instant::now();
         shared.send_limiter.sweep(now);
         shared.leave_limiter.sweep(now);
+        shared.revoke_limiter.sweep(now);
         shared.ack_limiter.sweep(now);
         shared.control_limiter.sweep(now);
         shared.mark_limiter.sweep(now);

@@ -31,6 +31,13 @@ pub const LEAVE_RATE: u32 = 10;
 /// every group they are in at once stays under it.
 pub const LEAVE_BURST: u32 = 500;
 
+/// Sessions one connection may log out a second (RevokeSession), sustained,
+/// and at once: a person logs out a few devices; a flood of ids that name
+/// nothing is a store read each.
+pub const REVOKE_RATE: u32 = 1;
+/// See [`REVOKE_RATE`].
+pub const REVOKE_BURST: u32 = 10;
+
 /// A user's heartbeat bucket: `max_sessions` devices beating every
 /// `interval` (what the node announces; clients never beat more often
 /// than once a second) fit in it twice over, so only a flood is ignored.

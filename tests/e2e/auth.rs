@@ -642,3 +642,40 @@ async fn a_password_change_logs_every_other_session_out() {
         .unwrap();
     assert_eq!(again.identity().user_id, phone.identity().user_id);
 }
+
+#[tokio::test]
+async fn a_login_beyond_the_devices_allowed_logs_the_oldest_out() {
+    let server = TestServer::start_with(|c| c.limits.max_logged_in_devices = 2).await;
+    let alice = name("alice");
+    let (phone, mut phone_events) = register(server.client_config(), &alice).await;
+    let (laptop, _laptop_events) = Client::login(server.client_config(), &alice, PASSWORD)
+        .await
+        .unwrap();
+    assert_eq!(laptop.sessions().await.unwrap().len(), 2);
+
+    let (tablet, _tablet_events) = Client::login(server.client_config(), &alice, PASSWORD)
+        .await
+        .unwrap();
+    let ended = wait_for(&mut phone_events, "the oldest session ended", |e| match e {
+        Event::SessionEnded { code } => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(ended, ErrorCode::TokenRevoked);
+    assert_eq!(
+        code(
+            Client::resume(server.client_config(), &phone.identity().token)
+                .await
+                .map(drop)
+        ),
+        ErrorCode::TokenRevoked
+    );
+    let live = tablet.sessions().await.unwrap();
+    assert_eq!(live.len(), 2, "{live:?}");
+    assert!(live[0].current, "the newest first: this one");
+    assert_eq!(
+        laptop.sessions().await.unwrap().len(),
+        2,
+        "the laptop stays"
+    );
+}

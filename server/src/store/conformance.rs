@@ -270,8 +270,10 @@ pub async fn sessions(store: &impl HistoryStore) {
 }
 
 /// A user's live sessions are listed newest first, without the expired,
-/// the revoked and other users'; a password change stores the new hash
-/// and revokes every live session but the one it keeps, and says which.
+/// the revoked and other users', and revoked by id; a password change
+/// checked against the current hash stores the new one and revokes every
+/// live session but the one it keeps, and says which; a login checked
+/// against a hash changed since stores no session.
 pub async fn live_sessions_and_password_changes(store: &impl HistoryStore) {
     let alice = user(store, "alice").await;
     let bob = user(store, "bob").await;
@@ -312,8 +314,64 @@ pub async fn live_sessions_and_password_changes(store: &impl HistoryStore) {
         "not expired yet"
     );
 
+    // A session is revoked by its id (the start of its token's hash),
+    // only the user's own and only a live one.
+    assert_eq!(
+        store
+            .revoke_session_by_id(bob, vec![2; 16], 1_000)
+            .await
+            .unwrap(),
+        None,
+        "not bob's"
+    );
+    assert_eq!(
+        store
+            .revoke_session_by_id(alice, vec![3; 16], 1_000)
+            .await
+            .unwrap(),
+        None,
+        "expired"
+    );
+    store
+        .create_session(open(6, alice, 600, 10_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .revoke_session_by_id(alice, vec![6; 16], 1_000)
+            .await
+            .unwrap(),
+        Some([6; 32])
+    );
+    assert_eq!(
+        store
+            .revoke_session_by_id(alice, vec![6; 16], 1_000)
+            .await
+            .unwrap(),
+        None,
+        "revoked already"
+    );
+
+    // A password change checked against a hash that is no longer the
+    // user's changes nothing.
+    assert!(matches!(
+        store
+            .change_password(alice, "hash-stale".into(), "hash-x".into(), [1; 32], 1_000)
+            .await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        hashes(store.live_sessions(alice, 1_000, 10).await.unwrap()),
+        vec![2, 1]
+    );
     let revoked = store
-        .change_password(alice, "hash-new".into(), [1; 32], 1_000)
+        .change_password(
+            alice,
+            "hash-alice".into(),
+            "hash-new".into(),
+            [1; 32],
+            1_000,
+        )
         .await
         .unwrap();
     assert_eq!(revoked, vec![[2; 32]], "only the live ones not kept");
@@ -337,6 +395,24 @@ pub async fn live_sessions_and_password_changes(store: &impl HistoryStore) {
     );
     let bobs = store.user_by_name("bob".into()).await.unwrap().unwrap();
     assert_eq!(bobs.password_hash, "hash-bob");
+
+    // A login checked against the old hash stores no session; one checked
+    // against the current hash does.
+    assert!(matches!(
+        store
+            .create_login_session(open(7, alice, 1_100, 10_000), "hash-alice".into())
+            .await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(store.session([7; 32]).await.unwrap(), None);
+    store
+        .create_login_session(open(8, alice, 1_200, 10_000), "hash-new".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        hashes(store.live_sessions(alice, 1_300, 10).await.unwrap()),
+        vec![8, 1]
+    );
 }
 
 /// Sessions that ended (expired or revoked) before a time are deleted, a

@@ -125,18 +125,43 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         )
     }
 
+    async fn create_login_session(
+        &self,
+        session: NewSession,
+        verified: String,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "create_login_session",
+            self.inner.create_login_session(session, verified)
+        )
+    }
+
+    async fn revoke_session_by_id(
+        &self,
+        user: UserId,
+        id: Vec<u8>,
+        now_ms: i64,
+    ) -> Result<Option<[u8; 32]>, StoreError> {
+        timed!(
+            self,
+            "revoke_session_by_id",
+            self.inner.revoke_session_by_id(user, id, now_ms)
+        )
+    }
+
     async fn change_password(
         &self,
         user: UserId,
-        password_hash: String,
+        old: String,
+        new: String,
         keep: [u8; 32],
         now_ms: i64,
     ) -> Result<Vec<[u8; 32]>, StoreError> {
         timed!(
             self,
             "change_password",
-            self.inner
-                .change_password(user, password_hash, keep, now_ms)
+            self.inner.change_password(user, old, new, keep, now_ms)
         )
     }
 

@@ -676,6 +676,15 @@ pub trait HistoryStore: Send + Sync + 'static {
 
     /// Stores a new session token hash.
     async fn create_session(&self, session: NewSession) -> Result<(), StoreError>;
+    /// Stores the session of a login whose password was checked against
+    /// `verified` (the user's hash then): `Conflict`, and nothing stored,
+    /// if the user's hash is no longer that one. A login racing a
+    /// password change either sees the change or is revoked by it.
+    async fn create_login_session(
+        &self,
+        session: NewSession,
+        verified: String,
+    ) -> Result<(), StoreError>;
     /// Looks up a session by token hash.
     async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>, StoreError>;
     /// Revokes a session; true if it existed and was not revoked already.
@@ -688,12 +697,23 @@ pub trait HistoryStore: Send + Sync + 'static {
         now_ms: i64,
         limit: u32,
     ) -> Result<Vec<NewSession>, StoreError>;
-    /// Sets the user's password hash and revokes every live session of
-    /// theirs but `keep`, in one transaction; the token hashes it revoked.
+    /// Revokes the user's live session whose token hash begins with `id`
+    /// (see `auth::session_id`); its token hash, `None` if there is none.
+    async fn revoke_session_by_id(
+        &self,
+        user: UserId,
+        id: Vec<u8>,
+        now_ms: i64,
+    ) -> Result<Option<[u8; 32]>, StoreError>;
+    /// Replaces the user's password hash `old` (the one the change was
+    /// checked against: `Conflict` if it is not the user's any more) with
+    /// `new` and revokes every live session of theirs but `keep`, in one
+    /// transaction; the token hashes it revoked.
     async fn change_password(
         &self,
         user: UserId,
-        password_hash: String,
+        old: String,
+        new: String,
         keep: [u8; 32],
         now_ms: i64,
     ) -> Result<Vec<[u8; 32]>, StoreError>;

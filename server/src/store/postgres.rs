@@ -1015,6 +1015,73 @@ impl HistoryStore for PostgresStore {
         .map(drop)
     }
 
+    async fn create_login_session(
+        &self,
+        s: NewSession,
+        verified: String,
+    ) -> Result<(), StoreError> {
+        // The user's row held (FOR SHARE) from the check to the commit: a
+        // password change waits for this login and then revokes its
+        // session, or this login waits for the change and sees it.
+        let mut client = self.client().await?;
+        let check = client
+            .prepare_cached("SELECT password_hash FROM users WHERE id = $1 FOR SHARE")
+            .await
+            .map_err(pg)?;
+        let insert = client
+            .prepare_cached(
+                "INSERT INTO sessions (token_hash, user_id, device_name, created_at_ms, expires_at_ms)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await
+            .map_err(pg)?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let current: Option<String> =
+            match tx.query_opt(&check, &[&sql(s.user_id)]).await.map_err(pg)? {
+                Some(row) => Some(col(&row, 0)?),
+                None => None,
+            };
+        if current.as_deref() != Some(verified.as_str()) {
+            return Err(StoreError::Conflict);
+        }
+        tx.execute(
+            &insert,
+            &[
+                &&s.token_hash[..],
+                &sql(s.user_id),
+                &s.device_name,
+                &s.created_at_ms,
+                &s.expires_at_ms,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+        // A lost answer here leaves a session nobody holds: the login is
+        // refused and asked again, and the row expires unused.
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn revoke_session_by_id(
+        &self,
+        user: UserId,
+        id: Vec<u8>,
+        now_ms: i64,
+    ) -> Result<Option<[u8; 32]>, StoreError> {
+        self.row(
+            "UPDATE sessions SET revoked_at_ms = $3
+             WHERE user_id = $1 AND substring(token_hash FROM 1 FOR length($2::bytea)) = $2::bytea
+               AND revoked_at_ms IS NULL AND expires_at_ms > $3
+             RETURNING token_hash",
+            &[&sql(user), &id, &now_ms],
+        )
+        .await?
+        .map(|row| {
+            let hash: &[u8] = col(&row, 0)?;
+            Ok(hash.try_into().unwrap_or([0; 32]))
+        })
+        .transpose()
+    }
+
     async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
         self.row(
             "SELECT user_id, expires_at_ms, revoked_at_ms FROM sessions WHERE token_hash = $1",
@@ -1073,7 +1140,8 @@ impl HistoryStore for PostgresStore {
     async fn change_password(
         &self,
         user: UserId,
-        password_hash: String,
+        old: String,
+        new: String,
         keep: [u8; 32],
         now_ms: i64,
     ) -> Result<Vec<[u8; 32]>, StoreError> {
@@ -1082,7 +1150,9 @@ impl HistoryStore for PostgresStore {
         // password is wrong when it tries again.
         let mut client = self.client().await?;
         let set = client
-            .prepare_cached("UPDATE users SET password_hash = $2 WHERE id = $1")
+            .prepare_cached(
+                "UPDATE users SET password_hash = $3 WHERE id = $1 AND password_hash = $2",
+            )
             .await
             .map_err(pg)?;
         let revoke = client
@@ -1097,12 +1167,12 @@ impl HistoryStore for PostgresStore {
         let xid_stmt = client.prepare_cached(TRANSACTION_ID).await.map_err(pg)?;
         let tx = client.transaction().await.map_err(pg)?;
         if tx
-            .execute(&set, &[&sql(user), &password_hash])
+            .execute(&set, &[&sql(user), &old, &new])
             .await
             .map_err(pg)?
             == 0
         {
-            return Err(StoreError::NotFound);
+            return Err(StoreError::Conflict);
         }
         let revoked = tx
             .query(&revoke, &[&sql(user), &&keep[..], &now_ms])

@@ -1983,23 +1983,7 @@ impl HistoryStore for SqliteStore {
     }
 
     async fn create_session(&self, s: NewSession) -> Result<(), StoreError> {
-        self.call(move |conn, _| {
-            conn.prepare_cached(
-                "INSERT INTO sessions (token_hash, user_id, device_name, created_at_ms, expires_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(internal)?
-            .execute(params![
-                &s.token_hash[..],
-                sql(s.user_id),
-                s.device_name,
-                s.created_at_ms,
-                s.expires_at_ms
-            ])
-            .map_err(internal)?;
-            Ok(())
-        })
-        .await
+        self.call(move |conn, _| insert_session(conn, &s)).await
     }
 
     async fn session(&self, token_hash: [u8; 32]) -> Result<Option<SessionRecord>, StoreError> {
@@ -2067,21 +2051,68 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
+    async fn create_login_session(
+        &self,
+        s: NewSession,
+        verified: String,
+    ) -> Result<(), StoreError> {
+        // One job on the store thread: no password change falls between
+        // the check and the insert.
+        self.call(move |conn, _| {
+            let current: Option<String> = conn
+                .prepare_cached("SELECT password_hash FROM users WHERE id = ?1")
+                .map_err(internal)?
+                .query_row([sql(s.user_id)], |r| r.get(0))
+                .optional()
+                .map_err(internal)?;
+            if current.as_deref() != Some(verified.as_str()) {
+                return Err(StoreError::Conflict);
+            }
+            insert_session(conn, &s)
+        })
+        .await
+    }
+
+    async fn revoke_session_by_id(
+        &self,
+        user: UserId,
+        id: Vec<u8>,
+        now_ms: i64,
+    ) -> Result<Option<[u8; 32]>, StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached(
+                "UPDATE sessions SET revoked_at_ms = ?3
+                 WHERE user_id = ?1 AND substr(token_hash, 1, length(?2)) = ?2
+                   AND revoked_at_ms IS NULL AND expires_at_ms > ?3
+                 RETURNING token_hash",
+            )
+            .map_err(internal)?
+            .query_row(params![sql(user), id, now_ms], |r| r.get::<_, Vec<u8>>(0))
+            .optional()
+            .map(|hash| hash.map(|h| h.try_into().unwrap_or([0; 32])))
+            .map_err(internal)
+        })
+        .await
+    }
+
     async fn change_password(
         &self,
         user: UserId,
-        password_hash: String,
+        old: String,
+        new: String,
         keep: [u8; 32],
         now_ms: i64,
     ) -> Result<Vec<[u8; 32]>, StoreError> {
         self.call(move |conn, _| {
             let changed = conn
-                .prepare_cached("UPDATE users SET password_hash = ?2 WHERE id = ?1")
+                .prepare_cached(
+                    "UPDATE users SET password_hash = ?3 WHERE id = ?1 AND password_hash = ?2",
+                )
                 .map_err(internal)?
-                .execute(params![sql(user), password_hash])
+                .execute(params![sql(user), old, new])
                 .map_err(internal)?;
             if changed == 0 {
-                return Err(StoreError::NotFound);
+                return Err(StoreError::Conflict);
             }
             let mut stmt = conn
                 .prepare_cached(
@@ -3295,6 +3326,23 @@ fn media_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MediaRecord> {
         conversation_id: row.get::<_, Option<i64>>(8)?.map(|c| c as u64),
         seq: row.get::<_, Option<i64>>(9)?.map(|s| s as u64),
     })
+}
+
+fn insert_session(conn: &Connection, s: &NewSession) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO sessions (token_hash, user_id, device_name, created_at_ms, expires_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .map_err(internal)?
+    .execute(params![
+        &s.token_hash[..],
+        sql(s.user_id),
+        s.device_name,
+        s.created_at_ms,
+        s.expires_at_ms
+    ])
+    .map_err(internal)?;
+    Ok(())
 }
 
 fn media_row(conn: &Connection, media_id: &str) -> Result<Option<MediaRecord>, StoreError> {

@@ -94,9 +94,10 @@ pub async fn serve(session: Arc<Session>, mut send: SendStream, mut reader: Fram
         // could otherwise take the node's store for itself. Not a leave
         // (it has a bucket of its own) nor a logout or the revocation of
         // another session (revoking a stolen token must always be
-        // possible).
+        // possible: a revocation has a bucket per connection).
         let charged = match frame.body {
-            Some(Body::LeaveGroup(_) | Body::Logout(_) | Body::RevokeSession(_)) => Ok(()),
+            Some(Body::LeaveGroup(_) | Body::Logout(_)) => Ok(()),
+            Some(Body::RevokeSession(_)) => charge_revoke_rate(&session),
             _ => charge_control_rate(&session),
         };
         let request_id = frame.request_id;
@@ -310,7 +311,7 @@ async fn register(session: &Session, r: proto::Register) -> Result<proto::AuthOk
         user_id,
         "registered"
     );
-    issue_token(session, user_id, username, r.device_name).await
+    issue_token(session, user_id, username, r.device_name, None).await
 }
 
 fn taken() -> Refusal {
@@ -361,7 +362,8 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
         user_id = user.id,
         "logged in"
     );
-    issue_token(session, user.id, user.username, l.device_name).await
+    let verified = Some(user.password_hash);
+    issue_token(session, user.id, user.username, l.device_name, verified).await
 }
 
 /// Waits for a slot to run Argon2. Each hash takes 19 MiB and tens of
@@ -394,10 +396,6 @@ async fn hashing_permit(session: &Session) -> Result<auth::HashPermit<'_>, Refus
 /// Most sessions ListSessions lists (newest first).
 const LISTED_SESSIONS: u32 = 100;
 
-/// Most of a user's live sessions RevokeSession looks through for the one
-/// it names (newest first).
-const SCANNED_SESSIONS: u32 = 10_000;
-
 /// Checks the old password as a login does (its throttle counts a wrong
 /// one), then stores the new one's hash and logs every other session out.
 async fn change_password(
@@ -427,6 +425,7 @@ async fn change_password(
         return Err(Refusal::new(ErrorCode::NotFound, "no such user"));
     };
     let (old, new) = (c.old_password, c.new_password);
+    let verified = user.password_hash.clone();
     let permit = hashing_permit(session).await?;
     let hashed = tokio::task::spawn_blocking(move || {
         auth::verify_password(&old, &user.password_hash)
@@ -442,10 +441,16 @@ async fn change_password(
         return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
     };
     attempt.succeeded();
-    let revoked = shared
+    let revoked = match shared
         .store
-        .change_password(me, hash, authed.token_hash, now_ms())
-        .await?;
+        .change_password(me, verified, hash, authed.token_hash, now_ms())
+        .await
+    {
+        Ok(revoked) => revoked,
+        // Another device changed it since the check.
+        Err(StoreError::Conflict) => return Err(changed_meanwhile()),
+        Err(e) => return Err(e.into()),
+    };
     let mut closed = 0;
     for token_hash in &revoked {
         closed += shared.hub.close_token(
@@ -466,14 +471,27 @@ async fn change_password(
     Ok(())
 }
 
+/// The password a login or a change was checked against was changed
+/// meanwhile (on another device).
+fn changed_meanwhile() -> Refusal {
+    Refusal::new(
+        ErrorCode::WrongPassword,
+        "the password was changed meanwhile",
+    )
+}
+
 /// The retry-after given when the password hashers' queue is full.
 const HASHERS_BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Issues a session token for a registration or a login. `verified`: the
+/// password hash a login checked against; the session is stored only if
+/// it is still the user's (a password change since refuses the login).
 async fn issue_token(
     session: &Session,
     user_id: u64,
     username: String,
     device_name: String,
+    verified: Option<String>,
 ) -> Result<proto::AuthOk, Refusal> {
     let (token, token_hash) = auth::new_token();
     let now = now_ms();
@@ -485,17 +503,22 @@ async fn issue_token(
         .filter(|&c| c != '\0')
         .take(64)
         .collect();
-    session
-        .shared
-        .store
-        .create_session(crate::store::NewSession {
-            token_hash,
-            user_id,
-            device_name,
-            created_at_ms: now,
-            expires_at_ms: expires,
-        })
-        .await?;
+    let new = crate::store::NewSession {
+        token_hash,
+        user_id,
+        device_name,
+        created_at_ms: now,
+        expires_at_ms: expires,
+    };
+    let store = &session.shared.store;
+    match verified {
+        None => store.create_session(new).await?,
+        Some(hash) => match store.create_login_session(new, hash).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict) => return Err(changed_meanwhile()),
+            Err(e) => return Err(e.into()),
+        },
+    }
     // A password typed in: the app is in the foreground.
     if let Err(refusal) =
         session.authenticate(user_id, username.clone(), token_hash, expires, false)
@@ -512,7 +535,56 @@ async fn issue_token(
         }
         return Err(refusal);
     }
+    log_out_the_oldest(session, user_id, token_hash, now).await;
     Ok(auth_ok(session, user_id, username, token, expires))
+}
+
+/// Sessions beyond `max-logged-in-devices` one login logs out at most: a
+/// store that had more (the limit lowered) sheds them over later logins.
+const SHED_PER_LOGIN: u32 = 16;
+
+/// A login beyond `max-logged-in-devices` logs the user's oldest sessions
+/// out (never `new`, the one just issued), so the sessions kept per user
+/// stay bounded however often a client logs in. A failure is only logged:
+/// the login stands.
+async fn log_out_the_oldest(session: &Session, user_id: u64, new: [u8; 32], now: i64) {
+    let shared = &session.shared;
+    let max = shared.config.limits.max_logged_in_devices;
+    let live = match shared
+        .store
+        .live_sessions(user_id, now, max + SHED_PER_LOGIN)
+        .await
+    {
+        Ok(live) => live,
+        Err(e) => {
+            tracing::warn!(user_id, error = %e, "could not count the user's sessions after a login");
+            return;
+        }
+    };
+    let excess = live.len().saturating_sub(max as usize);
+    // Newest first: the oldest are at the end.
+    let oldest = live
+        .iter()
+        .rev()
+        .filter(|s| s.token_hash != new)
+        .take(excess);
+    for old in oldest {
+        match shared.store.revoke_session(old.token_hash, now).await {
+            Ok(_) => {
+                shared.hub.close_token(
+                    user_id,
+                    &old.token_hash,
+                    session.conn_id,
+                    ErrorCode::TokenRevoked,
+                    "logged out: the account logged in on a newer device",
+                );
+            }
+            Err(e) => {
+                tracing::warn!(user_id, error = %e, "could not log out a session beyond the limit");
+                return;
+            }
+        }
+    }
 }
 
 /// INTERNAL for the client; the detail (a panic's message, say) goes to
@@ -664,19 +736,15 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     "that is this connection's session: use Logout",
                 ));
             }
-            let now = now_ms();
-            let live = store.live_sessions(me, now, SCANNED_SESSIONS).await?;
-            let not_found = || Refusal::new(ErrorCode::NotFound, "no such session");
-            let target = live
-                .iter()
-                .find(|s| auth::session_id(&s.token_hash) == &r.session_id[..])
-                .ok_or_else(not_found)?;
-            if !store.revoke_session(target.token_hash, now).await? {
-                return Err(not_found());
-            }
+            let Some(revoked) = store
+                .revoke_session_by_id(me, r.session_id.to_vec(), now_ms())
+                .await?
+            else {
+                return Err(Refusal::new(ErrorCode::NotFound, "no such session"));
+            };
             let closed = shared.hub.close_token(
                 me,
-                &target.token_hash,
+                &revoked,
                 session.conn_id,
                 ErrorCode::TokenRevoked,
                 "this session was logged out from another device; log in again",
@@ -1506,6 +1574,26 @@ fn charge_control_rate(session: &Session) -> Result<(), Refusal> {
     charge(session, &session.shared.control_limiter, |wait| {
         format!("over {rate} control requests per second; retry in {wait} ms")
     })
+}
+
+/// Charges a RevokeSession to the connection's bucket (see
+/// `Shared::revoke_limiter`).
+fn charge_revoke_rate(session: &Session) -> Result<(), Refusal> {
+    session
+        .shared
+        .revoke_limiter
+        .check(session.conn_id, std::time::Instant::now())
+        .map_err(|wait| {
+            Refusal::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "over {} session revocations per second; retry in {} ms",
+                    crate::ratelimit::REVOKE_RATE,
+                    retry_after_ms(wait)
+                ),
+            )
+            .with_retry_after(wait)
+        })
 }
 
 /// Charges a leave to the user's leave bucket (see `Shared::leave_limiter`).
