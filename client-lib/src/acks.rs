@@ -154,17 +154,6 @@ impl Acks {
         true
     }
 
-    /// How far a seen mark of `seq` may go: `seq`, or below the lowest seq
-    /// of the conversation still queued for the app (0: not at all). The
-    /// server counts a message seen as delivered too, so a mark past a
-    /// message the app has not taken is an ack over it.
-    pub(crate) fn markable(&self, conversation_id: u64, seq: u64) -> u64 {
-        self.state
-            .lock()
-            .expect("acks lock")
-            .below_queued_one(conversation_id, seq)
-    }
-
     /// `seq` of the conversation is queued for the app: until the app
     /// takes it ([`taken`](Self::taken)), no ack reaches it.
     pub(crate) fn on_its_way(&self, conversation_id: u64, seq: u64) {
@@ -433,28 +422,6 @@ mod tests {
             acks.state.lock().unwrap().on_its_way.is_empty(),
             "nothing left once all is taken"
         );
-    }
-
-    #[test]
-    fn a_seen_mark_stops_below_a_message_still_queued_for_the_app() {
-        let acks = Acks::default();
-        assert_eq!(acks.markable(7, 9), 9, "nothing queued");
-        // 6 and 8 queued, then 3 (late).
-        for seq in [6, 8, 3] {
-            acks.on_its_way(7, seq);
-        }
-        assert_eq!(acks.markable(7, 9), 2);
-        assert_eq!(acks.markable(7, 2), 2);
-        assert_eq!(acks.markable(8, 9), 9, "another conversation");
-        assert!(acks.taken(7, 3, true));
-        assert_eq!(acks.markable(7, 9), 5);
-        assert!(acks.taken(7, 6, true));
-        assert!(acks.taken(7, 8, true));
-        assert_eq!(acks.markable(7, 9), 9);
-
-        // Only 1 queued: a mark of it or later marks nothing yet.
-        acks.on_its_way(9, 1);
-        assert_eq!(acks.markable(9, 4), 0);
     }
 
     #[test]

@@ -1441,16 +1441,8 @@ impl Client {
     }
 
     /// Marks the conversation seen up to `seq`; the other members get a
-    /// "seen" receipt. Seen counts as delivered too, so the mark stops
-    /// below a message of the conversation still queued for the app (one
-    /// that came late, below later ones) and marks nothing if that leaves
-    /// nothing: mark again once the app has shown it. Not retried: after
-    /// `Disconnected`, mark again (a repeat is harmless).
+    /// "seen" receipt.
     pub async fn mark_seen(&self, conversation_id: u64, seq: u64) -> Result<(), ClientError> {
-        let seq = self.inner.acks.markable(conversation_id, seq);
-        if seq == 0 {
-            return Ok(());
-        }
         let body = Body::MarkSeen(proto::MarkSeen {
             conversation_id,
             seq,
