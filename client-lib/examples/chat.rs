@@ -342,14 +342,9 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
 /// The photo format of a file, by its first bytes.
 fn photo_type(bytes: &[u8]) -> Option<proto::MediaType> {
     let start = &bytes[..bytes.len().min(chat_protocol::media::SIGNATURE_LEN)];
-    [
-        proto::MediaType::Jpeg,
-        proto::MediaType::Png,
-        proto::MediaType::Webp,
-        proto::MediaType::Heic,
-    ]
-    .into_iter()
-    .find(|kind| kind.matches(start))
+    chat_protocol::media::FORMATS
+        .into_iter()
+        .find(|kind| kind.matches(start))
 }
 
 /// A message as a line: its text, and for a photo its size and media id.

@@ -1329,7 +1329,8 @@ impl Client {
     }
 
     /// Downloads a photo whole (a message's `photo.media_id`) and checks
-    /// its bytes against its SHA-256. NOT_FOUND unless this user uploaded
+    /// its bytes against its SHA-256; the header returned has no preview
+    /// (the message has it). NOT_FOUND unless this user uploaded
     /// it or was sent its message as a member of the conversation (one who
     /// left or was removed since keeps what came before their leaving).
     pub async fn download_photo(
@@ -1441,7 +1442,11 @@ impl Client {
     }
 
     /// Marks the conversation seen up to `seq`; the other members get a
-    /// "seen" receipt.
+    /// "seen" receipt. Seen counts as delivered too, for every message of
+    /// the conversation up to `seq`, including one still waiting in
+    /// [`Events`] (one that came late, below later ones): mark what the
+    /// app has shown, from events or from history. Not retried: after
+    /// `Disconnected`, mark again (a repeat is harmless).
     pub async fn mark_seen(&self, conversation_id: u64, seq: u64) -> Result<(), ClientError> {
         let body = Body::MarkSeen(proto::MarkSeen {
             conversation_id,

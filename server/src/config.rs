@@ -303,7 +303,8 @@ fn redact_key_values(text: &str) -> String {
 pub struct Limits {
     /// Largest frame accepted on any stream, in bytes.
     pub max_frame_len: usize,
-    /// Largest message text, in bytes of UTF-8.
+    /// Largest message text, in bytes of UTF-8 (a photo's caption and its
+    /// preview together).
     pub max_text_len: usize,
     /// How long a session token stays valid after login.
     #[serde(with = "humantime_serde")]
@@ -418,8 +419,9 @@ pub struct Limits {
     pub uploads_per_hour: u32,
 }
 
-/// Largest `max-logged-in-devices` accepted.
-pub const MAX_LOGGED_IN_DEVICES: u32 = 10_000;
+/// Largest `max-logged-in-devices` accepted: what ListSessions lists, so
+/// every live session can be seen and logged out one by one.
+pub const MAX_LOGGED_IN_DEVICES: u32 = 100;
 
 /// Longest `session-ttl` accepted (ten years).
 const MAX_SESSION_TTL: Duration = Duration::from_secs(3650 * 24 * 3600);
@@ -1196,7 +1198,7 @@ mod tests {
                 "max-logged-in-devices",
             ),
             (
-                |c| c.limits.max_logged_in_devices = 10_001,
+                |c| c.limits.max_logged_in_devices = 101,
                 "max-logged-in-devices",
             ),
             (

@@ -33,7 +33,7 @@ pub const LEAVE_BURST: u32 = 500;
 
 /// Sessions one connection may log out a second (RevokeSession), sustained,
 /// and at once: a person logs out a few devices; a flood of ids that name
-/// nothing is a store read each.
+/// nothing is a store write each.
 pub const REVOKE_RATE: u32 = 1;
 /// See [`REVOKE_RATE`].
 pub const REVOKE_BURST: u32 = 10;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use chat_client::{Client, ErrorCode, Event};
+use chat_client::{Client, ErrorCode, Event, Events};
 
 use crate::harness::*;
 
@@ -557,24 +557,7 @@ async fn a_user_lists_their_sessions_and_logs_another_out() {
     );
 
     phone.revoke_session(&other[0].session_id).await.unwrap();
-    let ended = wait_for(
-        &mut laptop_events,
-        "the laptop's session ended",
-        |e| match e {
-            Event::SessionEnded { code } => Some(code),
-            _ => None,
-        },
-    )
-    .await;
-    assert_eq!(ended, ErrorCode::TokenRevoked);
-    assert_eq!(
-        code(
-            Client::resume(server.client_config(), &laptop.identity().token)
-                .await
-                .map(drop)
-        ),
-        ErrorCode::TokenRevoked
-    );
+    assert_logged_out(&server, &laptop, &mut laptop_events).await;
     let left = phone.sessions().await.unwrap();
     assert_eq!(left.len(), 1);
     assert!(left[0].current);
@@ -611,20 +594,7 @@ async fn a_password_change_logs_every_other_session_out() {
 
     phone.change_password(PASSWORD, NEW).await.unwrap();
     for (client, events) in &mut others {
-        let ended = wait_for(events, "another session ended", |e| match e {
-            Event::SessionEnded { code } => Some(code),
-            _ => None,
-        })
-        .await;
-        assert_eq!(ended, ErrorCode::TokenRevoked);
-        assert_eq!(
-            code(
-                Client::resume(server.client_config(), &client.identity().token)
-                    .await
-                    .map(drop)
-            ),
-            ErrorCode::TokenRevoked
-        );
+        assert_logged_out(&server, client, events).await;
     }
     // This session goes on; the old password is wrong, the new one works.
     let left = phone.sessions().await.unwrap();
@@ -656,20 +626,7 @@ async fn a_login_beyond_the_devices_allowed_logs_the_oldest_out() {
     let (tablet, _tablet_events) = Client::login(server.client_config(), &alice, PASSWORD)
         .await
         .unwrap();
-    let ended = wait_for(&mut phone_events, "the oldest session ended", |e| match e {
-        Event::SessionEnded { code } => Some(code),
-        _ => None,
-    })
-    .await;
-    assert_eq!(ended, ErrorCode::TokenRevoked);
-    assert_eq!(
-        code(
-            Client::resume(server.client_config(), &phone.identity().token)
-                .await
-                .map(drop)
-        ),
-        ErrorCode::TokenRevoked
-    );
+    assert_logged_out(&server, &phone, &mut phone_events).await;
     let live = tablet.sessions().await.unwrap();
     assert_eq!(live.len(), 2, "{live:?}");
     assert!(live[0].current, "the newest first: this one");
@@ -677,5 +634,24 @@ async fn a_login_beyond_the_devices_allowed_logs_the_oldest_out() {
         laptop.sessions().await.unwrap().len(),
         2,
         "the laptop stays"
+    );
+}
+
+/// Waits for the device's session to end as a logout of it from another
+/// device ends it (TOKEN_REVOKED), and checks that its token is refused.
+async fn assert_logged_out(server: &TestServer, client: &Client, events: &mut Events) {
+    let ended = wait_for(events, "the session ended", |e| match e {
+        Event::SessionEnded { code } => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(ended, ErrorCode::TokenRevoked);
+    assert_eq!(
+        code(
+            Client::resume(server.client_config(), &client.identity().token)
+                .await
+                .map(drop)
+        ),
+        ErrorCode::TokenRevoked
     );
 }

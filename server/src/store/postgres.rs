@@ -1035,6 +1035,7 @@ impl HistoryStore for PostgresStore {
             )
             .await
             .map_err(pg)?;
+        let xid_stmt = client.prepare_cached(TRANSACTION_ID).await.map_err(pg)?;
         let tx = client.transaction().await.map_err(pg)?;
         let current: Option<String> =
             match tx.query_opt(&check, &[&sql(s.user_id)]).await.map_err(pg)? {
@@ -1056,9 +1057,15 @@ impl HistoryStore for PostgresStore {
         )
         .await
         .map_err(pg)?;
-        // A lost answer here leaves a session nobody holds: the login is
-        // refused and asked again, and the row expires unused.
-        tx.commit().await.map_err(pg)
+        // A lost answer is settled, as for other writes: reported failed
+        // though it had committed, the session would be one nobody holds,
+        // live and counted among the user's devices until it expired.
+        let xid: i64 = col(&tx.query_one(&xid_stmt, &[]).await.map_err(pg)?, 0)?;
+        if let Err(e) = tx.commit().await {
+            drop(client);
+            self.settle_commit(xid, e).await?;
+        }
+        Ok(())
     }
 
     async fn revoke_session_by_id(

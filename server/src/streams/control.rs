@@ -324,23 +324,7 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     let Some(user) = session.shared.store.user_by_name(username).await? else {
         return Err(Refusal::new(ErrorCode::UnknownUser, "no such user"));
     };
-    let attempt = session
-        .shared
-        .login_throttle
-        .begin(user.id, session.conn.remote_address().ip())
-        .map_err(|wait| {
-            Refusal::new(
-                ErrorCode::RateLimited,
-                "too many wrong passwords for this account; wait before trying again",
-            )
-            .with_retry_after(wait)
-        })?;
-    // Longer than any password a registration accepts, so wrong without
-    // hashing it (up to a frame's length of it).
-    if l.password.len() > *PASSWORD_LEN.end() {
-        attempt.failed();
-        return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
-    }
+    let attempt = password_check(session, user.id, &l.password)?;
     let password = l.password;
     let phc = user.password_hash.clone();
     let permit = hashing_permit(session).await?;
@@ -364,6 +348,33 @@ async fn login(session: &Session, l: proto::Login) -> Result<proto::AuthOk, Refu
     );
     let verified = Some(user.password_hash);
     issue_token(session, user.id, user.username, l.device_name, verified).await
+}
+
+/// Starts a check of `password` for `user` under the login throttle
+/// (RATE_LIMITED after too many wrong ones); one longer than any a
+/// registration accepts is wrong without hashing it (up to a frame's
+/// length of it).
+fn password_check<'a>(
+    session: &'a Session,
+    user: u64,
+    password: &str,
+) -> Result<auth::Attempt<'a>, Refusal> {
+    let attempt = session
+        .shared
+        .login_throttle
+        .begin(user, session.conn.remote_address().ip())
+        .map_err(|wait| {
+            Refusal::new(
+                ErrorCode::RateLimited,
+                "too many wrong passwords for this account; wait before trying again",
+            )
+            .with_retry_after(wait)
+        })?;
+    if password.len() > *PASSWORD_LEN.end() {
+        attempt.failed();
+        return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
+    }
+    Ok(attempt)
 }
 
 /// Waits for a slot to run Argon2. Each hash takes 19 MiB and tens of
@@ -393,8 +404,9 @@ async fn hashing_permit(session: &Session) -> Result<auth::HashPermit<'_>, Refus
     })
 }
 
-/// Most sessions ListSessions lists (newest first).
-const LISTED_SESSIONS: u32 = 100;
+/// Most sessions ListSessions lists (newest first): all a user may have
+/// (`max-logged-in-devices` is at most this).
+const LISTED_SESSIONS: u32 = crate::config::MAX_LOGGED_IN_DEVICES;
 
 /// Checks the old password as a login does (its throttle counts a wrong
 /// one), then stores the new one's hash and logs every other session out.
@@ -407,20 +419,7 @@ async fn change_password(
         .map_err(|e| Refusal::new(ErrorCode::InvalidArgument, e.to_string()))?;
     let shared = &session.shared;
     let me = authed.user_id;
-    let attempt = shared
-        .login_throttle
-        .begin(me, session.conn.remote_address().ip())
-        .map_err(|wait| {
-            Refusal::new(
-                ErrorCode::RateLimited,
-                "too many wrong passwords for this account; wait before trying again",
-            )
-            .with_retry_after(wait)
-        })?;
-    if c.old_password.len() > *PASSWORD_LEN.end() {
-        attempt.failed();
-        return Err(Refusal::new(ErrorCode::WrongPassword, "wrong password"));
-    }
+    let attempt = password_check(session, me, &c.old_password)?;
     let Some(user) = shared.store.user_by_name(authed.username.clone()).await? else {
         return Err(Refusal::new(ErrorCode::NotFound, "no such user"));
     };
