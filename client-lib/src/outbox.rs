@@ -184,11 +184,14 @@ impl Outbox {
 
     /// Holds sends back until `until` (or later, if already paused
     /// longer), and marks the `refused` entry for resending. Returns true
-    /// if this starts a pause, so the caller schedules the resend.
+    /// if this starts a pause, so the caller schedules the resend. A
+    /// refusal of a send no longer here (answered since: a late answer
+    /// from a connection replaced meanwhile) holds nothing back.
     pub(crate) fn pause(&mut self, until: tokio::time::Instant, refused: u64) -> bool {
-        if let Some(entry) = self.entries.iter_mut().find(|e| e.request_id == refused) {
-            entry.unsent = true;
-        }
+        let Some(entry) = self.entries.iter_mut().find(|e| e.request_id == refused) else {
+            return false;
+        };
+        entry.unsent = true;
         self.window = Some(1);
         match self.paused_until {
             Some(current) => {
@@ -300,8 +303,24 @@ mod tests {
     #[test]
     fn a_pause_lasts_until_its_latest_deadline() {
         let mut outbox = Outbox::new(4);
+        for id in 1..=3 {
+            outbox
+                .push(
+                    id,
+                    key(id),
+                    (Bytes::from_static(b"x"), 1),
+                    oneshot::channel().0,
+                    true,
+                )
+                .unwrap();
+        }
         let now = tokio::time::Instant::now();
         let ms = std::time::Duration::from_millis;
+        assert!(!outbox.is_paused());
+        assert!(
+            !outbox.pause(now + ms(100), 9),
+            "a refusal of a send no longer here holds nothing back"
+        );
         assert!(!outbox.is_paused());
         assert!(
             outbox.pause(now + ms(100), 1),
