@@ -300,10 +300,10 @@ mod tests {
         assert!(!outbox.holds(8, "m2"), "another conversation's key");
     }
 
-    #[test]
-    fn a_pause_lasts_until_its_latest_deadline() {
-        let mut outbox = Outbox::new(4);
-        for id in 1..=3 {
+    /// An outbox of `capacity` with sends 1..=`n` on the wire, unanswered.
+    fn holding(capacity: usize, n: u64) -> Outbox {
+        let mut outbox = Outbox::new(capacity);
+        for id in 1..=n {
             outbox
                 .push(
                     id,
@@ -314,6 +314,12 @@ mod tests {
                 )
                 .unwrap();
         }
+        outbox
+    }
+
+    #[test]
+    fn a_pause_lasts_until_its_latest_deadline() {
+        let mut outbox = holding(4, 3);
         let now = tokio::time::Instant::now();
         let ms = std::time::Duration::from_millis;
         assert!(!outbox.is_paused());
@@ -423,18 +429,7 @@ mod tests {
     #[test]
     fn a_backlog_behind_a_rate_limit_is_resent_a_window_at_a_time() {
         const N: u64 = 200;
-        let mut outbox = Outbox::new(N as usize);
-        for id in 1..=N {
-            outbox
-                .push(
-                    id,
-                    key(id),
-                    (Bytes::from_static(b"x"), 1),
-                    oneshot::channel().0,
-                    true,
-                )
-                .unwrap();
-        }
+        let mut outbox = holding(N as usize, N);
         // A server with one token a pause: each time, the first frame it
         // reads is accepted and the rest of what was sent refused.
         let now = tokio::time::Instant::now();
