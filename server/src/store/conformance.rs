@@ -1788,7 +1788,8 @@ pub async fn removed_members_catch_up_to_their_removal(store: &impl HistoryStore
 /// A member who leaves or is removed was sent everything up to the
 /// message that ended their membership: `was_member_at` holds for those
 /// seqs (photo fetches ask it) and for none after, nor for any before a
-/// later member joined; each stay adds a range and keeps the others.
+/// later member joined; each stay adds a range and keeps the others, and
+/// `former_membership` is the last one (what history reads).
 pub async fn former_members_were_sent_up_to_their_departure(store: &impl HistoryStore) {
     let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
     let c = user(store, "carol").await;
@@ -1856,8 +1857,26 @@ pub async fn former_members_were_sent_up_to_their_departure(store: &impl History
     assert!(store.was_member_at(direct, b, 1).await.unwrap());
     assert!(!store.was_member_at(direct, c, 1).await.unwrap());
     assert!(!store.was_member_at(g + 1000, a, 1).await.unwrap());
-    // History still ends at their departure: a former member reads none.
+    // History lets a former member read their last stay, to the message
+    // that ended it.
     assert_eq!(store.membership(g, c).await.unwrap(), None);
+    assert_eq!(
+        store.former_membership(g, c).await.unwrap(),
+        Some(Membership {
+            joined_seq: 3,
+            last_seq: 6
+        })
+    );
+    assert_eq!(
+        store.former_membership(g, b).await.unwrap(),
+        Some(Membership {
+            joined_seq: 8,
+            last_seq: 10
+        }),
+        "the later of two stays"
+    );
+    assert_eq!(store.former_membership(g, a).await.unwrap(), None);
+    assert_eq!(store.former_membership(g, stranger).await.unwrap(), None);
 }
 
 /// Groups: creation, changes with their SYSTEM messages in seq order,

@@ -329,6 +329,18 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         )
     }
 
+    async fn former_membership(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Option<Membership>, StoreError> {
+        timed!(
+            self,
+            "former_membership",
+            self.inner.former_membership(conversation_id, user)
+        )
+    }
+
     async fn was_member_at(
         &self,
         conversation_id: ConversationId,

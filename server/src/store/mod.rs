@@ -872,12 +872,21 @@ pub trait HistoryStore: Send + Sync + 'static {
         conversation_id: ConversationId,
         user: UserId,
     ) -> Result<bool, StoreError>;
+    /// The last of `user`'s ended memberships of the conversation, as the
+    /// range history lets them read: from where they joined to the message
+    /// that ended it (`last_seq`). `None` if they were never a member, or
+    /// their membership ended before such ranges were recorded.
+    async fn former_membership(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Option<Membership>, StoreError>;
     /// Whether message `seq` of the conversation was sent to `user` as a
     /// member: one who joined at or before it, now or in a membership
     /// that has since ended (they left, or were removed, by a later
     /// message or that one). Photo fetches ask it, so a member who leaves
-    /// keeps the photos of what they were sent; history does not (a
-    /// former member reads nothing more).
+    /// keeps the photos of what they were sent, and history reads their
+    /// last stay ([`former_membership`](Self::former_membership)).
     async fn was_member_at(
         &self,
         conversation_id: ConversationId,

@@ -1988,6 +1988,27 @@ impl HistoryStore for PostgresStore {
         col(&row, 0)
     }
 
+    async fn former_membership(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Option<Membership>, StoreError> {
+        self.row(
+            "SELECT joined_seq, left_seq FROM former_members
+             WHERE user_id = $1 AND conversation_id = $2
+             ORDER BY joined_seq DESC LIMIT 1",
+            &[&sql(user), &sql(conversation_id)],
+        )
+        .await?
+        .map(|row| {
+            Ok(Membership {
+                joined_seq: id_col(&row, 0)?,
+                last_seq: id_col(&row, 1)?,
+            })
+        })
+        .transpose()
+    }
+
     async fn was_member_at(
         &self,
         conversation_id: ConversationId,

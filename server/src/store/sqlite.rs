@@ -2422,6 +2422,30 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
+    async fn former_membership(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Option<Membership>, StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached(
+                "SELECT joined_seq, left_seq FROM former_members
+                 WHERE user_id = ?1 AND conversation_id = ?2
+                 ORDER BY joined_seq DESC LIMIT 1",
+            )
+            .map_err(internal)?
+            .query_row(params![sql(user), sql(conversation_id)], |r| {
+                Ok(Membership {
+                    joined_seq: r.get::<_, i64>(0)? as u64,
+                    last_seq: r.get::<_, i64>(1)? as u64,
+                })
+            })
+            .optional()
+            .map_err(internal)
+        })
+        .await
+    }
+
     async fn was_member_at(
         &self,
         conversation_id: ConversationId,

@@ -1012,11 +1012,20 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             }))
         }
         Some(Body::HistoryQuery(q)) => {
-            let Some(membership) = store.membership(q.conversation_id, me).await? else {
-                return Err(Refusal::new(
-                    ErrorCode::NotAMember,
-                    "not a member of this conversation",
-                ));
+            // A member reads from where they joined to the newest message;
+            // one who left or was removed, their last stay, up to the
+            // message that ended it.
+            let (membership, former) = match store.membership(q.conversation_id, me).await? {
+                Some(membership) => (membership, false),
+                None => {
+                    let former = store
+                        .former_membership(q.conversation_id, me)
+                        .await?
+                        .ok_or_else(|| {
+                            Refusal::new(ErrorCode::NotAMember, "not a member of this conversation")
+                        })?;
+                    (former, true)
+                }
             };
             let last_seq = membership.last_seq;
             let limit = page_limit(q.limit, DEFAULT_HISTORY_PAGE);
@@ -1053,7 +1062,12 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     .await?
                 }
             };
+            let read_more = page.has_more;
             bound_page(&mut page, last_seq);
+            if former && direction == Direction::Forward {
+                // A stay that ended: nothing is theirs past its end.
+                page.has_more = read_more && page.messages.last().is_some_and(|m| m.seq < last_seq);
+            }
             // Members added later read from the message that added them on.
             let joined = membership.joined_seq;
             if joined > 0 {
