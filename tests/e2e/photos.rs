@@ -560,6 +560,19 @@ each_backend! {
         for former in [&bob, &carol] {
             assert_eq!(code(former.download_photo(&later).await), ErrorCode::NotFound);
         }
+        // Carol, added later, who left, reads history from her addition to
+        // her leaving, wherever the page starts.
+        let page = carol
+            .history(group, HistoryDirection::Backward, 1_000, 50)
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!((seqs, page.has_more), (vec![3, 4, 5, 6], false));
+        let forward = carol
+            .history(group, HistoryDirection::Forward, 6, 50)
+            .await
+            .unwrap();
+        assert!(forward.messages.is_empty() && !forward.has_more, "{forward:?}");
     }
 }
 

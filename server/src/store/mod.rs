@@ -390,10 +390,12 @@ pub mod system_text {
     }
 }
 
-/// What `membership` returns for a member.
+/// What `membership` returns for a member (and `former_membership` for
+/// one whose membership ended).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Membership {
-    /// The conversation's newest seq.
+    /// The conversation's newest seq (for an ended membership, the seq of
+    /// the message that ended it): the last the member may read.
     pub last_seq: u64,
     /// The first seq the member may read (0: everything).
     pub joined_seq: u64,

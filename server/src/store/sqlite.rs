@@ -1636,9 +1636,9 @@ fn ack_departure(
     Ok(())
 }
 
-/// A removed member keeps no watermarks, no access to history and no
-/// deliveries; returns where their membership began (`None` if they were
-/// no member), for [`note_former_member`].
+/// A removed member keeps no watermarks and gets no deliveries (history
+/// reads their stay through [`note_former_member`]'s record); returns
+/// where their membership began (`None` if they were no member).
 fn remove_member(
     conn: &Connection,
     conversation_id: ConversationId,

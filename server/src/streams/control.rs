@@ -1034,6 +1034,21 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 _ => Direction::Backward,
             };
             let cursor = readable_cursor(direction, q.cursor, &membership);
+            // A stay that ended has nothing past its end: read no more than
+            // what is left of it (nothing, at or past its end).
+            let limit = match direction {
+                Direction::Forward if former => {
+                    let left = last_seq.saturating_sub(cursor);
+                    if left == 0 {
+                        return reply(Body::HistoryPage(proto::HistoryPage {
+                            messages: Vec::new(),
+                            has_more: false,
+                        }));
+                    }
+                    limit.min(u32::try_from(left).unwrap_or(u32::MAX))
+                }
+                _ => limit,
+            };
             let cached = match direction {
                 Direction::Backward => {
                     shared
