@@ -1644,12 +1644,7 @@ impl HistoryStore for PostgresStore {
             &[&sql(conversation_id), &sql(user)],
         )
         .await?
-        .map(|r| {
-            Ok(Membership {
-                last_seq: id_col(&r, 0)?,
-                joined_seq: id_col(&r, 1)?,
-            })
-        })
+        .map(|row| membership_from(&row))
         .transpose()
     }
 
@@ -1994,18 +1989,13 @@ impl HistoryStore for PostgresStore {
         user: UserId,
     ) -> Result<Option<Membership>, StoreError> {
         self.row(
-            "SELECT joined_seq, left_seq FROM former_members
-             WHERE user_id = $1 AND conversation_id = $2
+            "SELECT left_seq, joined_seq FROM former_members
+             WHERE conversation_id = $1 AND user_id = $2
              ORDER BY joined_seq DESC LIMIT 1",
-            &[&sql(user), &sql(conversation_id)],
+            &[&sql(conversation_id), &sql(user)],
         )
         .await?
-        .map(|row| {
-            Ok(Membership {
-                joined_seq: id_col(&row, 0)?,
-                last_seq: id_col(&row, 1)?,
-            })
-        })
+        .map(|row| membership_from(&row))
         .transpose()
     }
 
@@ -2585,6 +2575,14 @@ impl HistoryStore for PostgresStore {
         let n: i64 = col(&row, 0)?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
+}
+
+/// A [`Membership`] from a row of the last readable seq and the joined seq.
+fn membership_from(row: &Row) -> Result<Membership, StoreError> {
+    Ok(Membership {
+        last_seq: id_col(row, 0)?,
+        joined_seq: id_col(row, 1)?,
+    })
 }
 
 /// The columns [`media_from_row`] reads.

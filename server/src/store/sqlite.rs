@@ -2428,20 +2428,14 @@ impl HistoryStore for SqliteStore {
         user: UserId,
     ) -> Result<Option<Membership>, StoreError> {
         self.call(move |conn, _| {
-            conn.prepare_cached(
-                "SELECT joined_seq, left_seq FROM former_members
-                 WHERE user_id = ?1 AND conversation_id = ?2
+            membership_row(
+                conn,
+                "SELECT left_seq, joined_seq FROM former_members
+                 WHERE conversation_id = ?1 AND user_id = ?2
                  ORDER BY joined_seq DESC LIMIT 1",
+                conversation_id,
+                user,
             )
-            .map_err(internal)?
-            .query_row(params![sql(user), sql(conversation_id)], |r| {
-                Ok(Membership {
-                    joined_seq: r.get::<_, i64>(0)? as u64,
-                    last_seq: r.get::<_, i64>(1)? as u64,
-                })
-            })
-            .optional()
-            .map_err(internal)
         })
         .await
     }
@@ -2620,19 +2614,13 @@ impl HistoryStore for SqliteStore {
         user: UserId,
     ) -> Result<Option<Membership>, StoreError> {
         self.call(move |conn, _| {
-            conn.prepare_cached(
+            membership_row(
+                conn,
                 "SELECT c.last_seq, m.joined_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
                  WHERE m.conversation_id = ?1 AND m.user_id = ?2",
+                conversation_id,
+                user,
             )
-            .map_err(internal)?
-            .query_row(params![sql(conversation_id), sql(user)], |r| {
-                Ok(Membership {
-                    last_seq: r.get::<_, i64>(0)? as u64,
-                    joined_seq: r.get::<_, i64>(1)? as u64,
-                })
-            })
-            .optional()
-            .map_err(internal)
         })
         .await
     }
@@ -3350,6 +3338,26 @@ fn media_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MediaRecord> {
         conversation_id: row.get::<_, Option<i64>>(8)?.map(|c| c as u64),
         seq: row.get::<_, Option<i64>>(9)?.map(|s| s as u64),
     })
+}
+
+/// A [`Membership`] read by `statement`, which takes the conversation and
+/// the user and returns the last readable seq and the joined seq.
+fn membership_row(
+    conn: &Connection,
+    statement: &str,
+    conversation_id: ConversationId,
+    user: UserId,
+) -> Result<Option<Membership>, StoreError> {
+    conn.prepare_cached(statement)
+        .map_err(internal)?
+        .query_row(params![sql(conversation_id), sql(user)], |r| {
+            Ok(Membership {
+                last_seq: r.get::<_, i64>(0)? as u64,
+                joined_seq: r.get::<_, i64>(1)? as u64,
+            })
+        })
+        .optional()
+        .map_err(internal)
 }
 
 fn insert_session(conn: &Connection, s: &NewSession) -> Result<(), StoreError> {

@@ -1607,21 +1607,12 @@ fn charge_control_rate(session: &Session) -> Result<(), Refusal> {
 /// Charges a RevokeSession to the connection's bucket (see
 /// `Shared::revoke_limiter`).
 fn charge_revoke_rate(session: &Session) -> Result<(), Refusal> {
-    session
-        .shared
-        .revoke_limiter
-        .check(session.conn_id, std::time::Instant::now())
-        .map_err(|wait| {
-            Refusal::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "over {} session revocations per second; retry in {} ms",
-                    crate::ratelimit::REVOKE_RATE,
-                    retry_after_ms(wait)
-                ),
-            )
-            .with_retry_after(wait)
-        })
+    charge_to(&session.shared.revoke_limiter, session.conn_id, |wait| {
+        format!(
+            "over {} session revocations per second; retry in {wait} ms",
+            crate::ratelimit::REVOKE_RATE
+        )
+    })
 }
 
 /// Charges a leave to the user's leave bucket (see `Shared::leave_limiter`).
@@ -1642,8 +1633,18 @@ pub(super) fn charge(
     why: impl FnOnce(u32) -> String,
 ) -> Result<(), Refusal> {
     let user = session.authed().expect("authenticated").user_id;
+    charge_to(limiter, user, why)
+}
+
+/// Takes a token from `key`'s bucket in `limiter` (a user's, a
+/// connection's), or refuses as [`charge`] does.
+fn charge_to<K: Eq + std::hash::Hash>(
+    limiter: &crate::ratelimit::RateLimiter<K>,
+    key: K,
+    why: impl FnOnce(u32) -> String,
+) -> Result<(), Refusal> {
     limiter
-        .check(user, std::time::Instant::now())
+        .check(key, std::time::Instant::now())
         .map_err(|wait| {
             Refusal::new(ErrorCode::RateLimited, why(retry_after_ms(wait))).with_retry_after(wait)
         })
