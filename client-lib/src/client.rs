@@ -1535,7 +1535,10 @@ impl Client {
     }
 
     /// Conversations, most recently active first. `before`: `None` for the
-    /// first page, else the last conversation of the previous page.
+    /// first page, else the last conversation of the previous page. Groups
+    /// this user left or was removed from are listed as they were then,
+    /// marked `former_member` (readable through [`history`](Self::history)
+    /// up to their `last_seq`; sends and marks are refused).
     pub async fn conversations(
         &self,
         limit: u32,

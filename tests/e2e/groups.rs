@@ -241,6 +241,22 @@ each_backend! {
         assert_eq!(code(carol.send_text(g, "let me back").await), ErrorCode::NotAMember);
         assert_eq!(code(carol.conversation(g).await), ErrorCode::NotAMember);
         assert_eq!(code(carol.message_receipts(g, 1).await), ErrorCode::NotAMember);
+        // Her conversation list keeps the group as it was when she was
+        // removed: its name then, the removal as its last message, nobody
+        // listed, nothing unread.
+        members[0].0.rename_group(g, "two").await.unwrap();
+        let (carol, _) = &members[2];
+        let list = carol.conversations(10, None).await.unwrap();
+        let entry = list.iter().find(|c| c.conversation_id == g).expect("still listed");
+        assert!(entry.former_member, "{entry:?}");
+        assert_eq!((entry.name.as_str(), entry.last_seq, entry.unread_count), ("three", 3, 0));
+        assert!(entry.members.is_empty(), "{entry:?}");
+        let last = entry.last_message.as_ref().expect("the removal");
+        assert!(last.text.contains("removed"), "{last:?}");
+        let (bob, _) = &members[1];
+        let theirs = bob.conversations(10, None).await.unwrap();
+        let entry = theirs.iter().find(|c| c.conversation_id == g).unwrap();
+        assert!(!entry.former_member && entry.name == "two", "{entry:?}");
         // Only admins remove; non-members cannot change anything.
         let (bob, _) = &members[1];
         assert_eq!(code(bob.remove_member(g, all[0]).await), ErrorCode::NotAdmin);

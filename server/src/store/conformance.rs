@@ -60,6 +60,7 @@ macro_rules! history_store_conformance {
             duplicates_name_the_members_still_owed,
             removed_members_catch_up_to_their_removal,
             former_members_were_sent_up_to_their_departure,
+            left_groups_stay_listed_as_they_were,
             moves_share_their_conversations_member_list,
             closed_direct_conversations_keep_their_watermarks_to_themselves,
             photos,
@@ -1877,6 +1878,118 @@ pub async fn former_members_were_sent_up_to_their_departure(store: &impl History
     );
     assert_eq!(store.former_membership(g, a).await.unwrap(), None);
     assert_eq!(store.former_membership(g, stranger).await.unwrap(), None);
+}
+
+/// A group one left or was removed from stays in their conversation list
+/// as it was when their stay ended (name, newest message and time), once,
+/// among their other conversations by that time, with no members and
+/// nothing unread; being added back lists it as a member's again, and only
+/// the last stay counts.
+pub async fn left_groups_stay_listed_as_they_were(store: &impl HistoryStore) {
+    let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
+    let stranger = user(store, "dave").await;
+    let g = trip(store, a, vec![b]).await;
+    let h = created(
+        store
+            .create_group(new_group(a, "plans", vec![b], None), 5, 10)
+            .await,
+    )
+    .message
+    .conversation_id;
+    let edit = |actor, change, now| store.change_group(GroupEdit::new(g, actor, change), 5, now);
+    append_one(store, text(direct, a, "d1", "hi", 20)).await;
+    append_one(store, text(g, a, "g1", "before", 30)).await;
+    let removal = edit(a, GroupChange::Remove(b), 40).await.unwrap().message;
+    append_one(store, text(h, a, "h1", "plans", 45)).await;
+    edit(a, GroupChange::Rename("trip 2".into()), 50)
+        .await
+        .unwrap();
+    append_one(store, text(g, a, "g2", "after", 60)).await;
+
+    let ids = |list: &[ConversationView]| list.iter().map(|v| v.id).collect::<Vec<_>>();
+    let list = store.conversations(b, (0, 0), 10).await.unwrap();
+    assert_eq!(ids(&list), vec![h, g, direct], "ordered by when they left");
+    let entry = &list[1];
+    assert!(entry.former && !list[0].former && !list[2].former);
+    assert_eq!(
+        entry.name, "trip",
+        "the name when they left, not the rename"
+    );
+    assert_eq!(entry.kind, proto::ConversationKind::Group);
+    assert!(
+        entry.members.is_empty(),
+        "the members are not theirs to see"
+    );
+    assert_eq!(
+        (entry.last_seq, entry.last_activity_ms, entry.unread_count),
+        (removal.seq, 40, 0)
+    );
+    let last = entry.last_message.as_ref().expect("the removal");
+    assert_eq!(
+        (last.seq, last.r#type()),
+        (removal.seq, proto::MessageType::System)
+    );
+    assert!(matches!(
+        store.conversation(g, b).await,
+        Err(StoreError::NotAMember)
+    ));
+    // The members' list is unchanged by it.
+    let theirs = store.conversations(a, (0, 0), 10).await.unwrap();
+    assert_eq!(ids(&theirs), vec![g, h, direct]);
+    assert!(theirs.iter().all(|v| !v.former));
+    assert_eq!(theirs[0].name, "trip 2");
+    assert!(
+        store
+            .conversations(stranger, (0, 0), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Pages go through it like any other entry.
+    let mut paged = Vec::new();
+    let mut before = (0, 0);
+    loop {
+        let page = store.conversations(b, before, 1).await.unwrap();
+        let Some(last) = page.last() else { break };
+        paged.push(last.id);
+        before = (last.last_activity_ms, last.id);
+    }
+    assert_eq!(paged, vec![h, g, direct]);
+    assert_eq!(
+        ids(&store.conversations(b, (40, g), 10).await.unwrap()),
+        vec![direct]
+    );
+
+    // Added back: a member's entry, once.
+    edit(a, GroupChange::Add(vec![b]), 70).await.unwrap();
+    let list = store.conversations(b, (0, 0), 10).await.unwrap();
+    assert_eq!(ids(&list), vec![g, h, direct]);
+    assert!(!list[0].former && list[0].members.iter().any(|m| m.user_id == b));
+    // Leaving again: the second stay's end, once.
+    let leave = edit(b, GroupChange::Leave, 80).await.unwrap().message;
+    let list = store.conversations(b, (0, 0), 10).await.unwrap();
+    assert_eq!(ids(&list), vec![g, h, direct]);
+    assert!(list[0].former);
+    assert_eq!(
+        (
+            list[0].name.as_str(),
+            list[0].last_seq,
+            list[0].last_activity_ms
+        ),
+        ("trip 2", leave.seq, 80)
+    );
+}
+
+/// For the stores' migration tests: alice removes bob from her group
+/// "trip" at 40 ms. Returns the group, bob and the removal's seq.
+pub async fn bob_removed_from_a_group(store: &impl HistoryStore) -> (ConversationId, UserId, u64) {
+    let (a, b, _) = friends_with_direct(store, "alice", "bob").await;
+    let g = trip(store, a, vec![b]).await;
+    let removal = store
+        .change_group(GroupEdit::new(g, a, GroupChange::Remove(b)), 5, 40)
+        .await
+        .unwrap();
+    (g, b, removal.message.seq)
 }
 
 /// Groups: creation, changes with their SYSTEM messages in seq order,

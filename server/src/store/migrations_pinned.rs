@@ -38,6 +38,10 @@ const PINNED: &[(&str, &str)] = &[
         "src/store/sqlite/V15__photo_previews.sql",
         "c0d6d4e76b0c1bc3",
     ),
+    (
+        "src/store/sqlite/V16__former_member_entries.sql",
+        "2cb5e0db29eeaa9d",
+    ),
     ("migrations/postgres/V1__initial.sql", "5dcc721cc018b873"),
     ("migrations/postgres/V2__presence.sql", "3b2f2f2d011302a9"),
     ("migrations/postgres/V3__group_keys.sql", "e2a65111b1b8dfff"),
@@ -68,6 +72,10 @@ const PINNED: &[(&str, &str)] = &[
     (
         "migrations/postgres/V13__photo_previews.sql",
         "8edb495be8d93ebe",
+    ),
+    (
+        "migrations/postgres/V14__former_member_entries.sql",
+        "ed4c194402ac03e3",
     ),
 ];
 

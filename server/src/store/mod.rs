@@ -440,6 +440,10 @@ pub struct ConversationView {
     /// A direct conversation whose two members are not friends (any more):
     /// nobody sends in it, and neither is shown the other's watermarks.
     pub closed: bool,
+    /// A group the viewer left or was removed from, as it was then: its
+    /// name then, no members, the message that ended their stay as the
+    /// newest (its seq and time), nothing unread.
+    pub former: bool,
 }
 
 /// A message to append, after validation.

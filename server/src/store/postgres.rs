@@ -757,11 +757,16 @@ impl PostgresStore {
 
     /// Conversation views of `ids` (in that order, skipping those `viewer`
     /// is not a member of): two pipelined queries, whatever the count.
+    /// The views of conversations `viewer` is a member of, by id (of the
+    /// ids, those they are a member of).
     async fn views(
         &self,
         ids: Vec<i64>,
         viewer: UserId,
-    ) -> Result<Vec<ConversationView>, StoreError> {
+    ) -> Result<HashMap<ConversationId, ConversationView>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
         let client = self.client().await?;
         let view_stmt = client.prepare_cached(VIEWS).await.map_err(pg)?;
         let members_stmt = client.prepare_cached(MEMBER_STATES).await.map_err(pg)?;
@@ -809,13 +814,52 @@ impl PostgresStore {
                     last_message,
                     unread_count: id_col(row, 5)?,
                     closed: col(row, 15)?,
+                    former: false,
                 },
             );
         }
-        Ok(ids
-            .into_iter()
-            .filter_map(|conversation| views.remove(&id(conversation)))
-            .collect())
+        Ok(views)
+    }
+
+    /// The list entries of groups `viewer` left or was removed from, by id
+    /// (of the ids, those they are not a member of again), as of their last
+    /// stay's end ([`ConversationView::former`]).
+    async fn former_views(
+        &self,
+        ids: Vec<i64>,
+        viewer: UserId,
+    ) -> Result<HashMap<ConversationId, ConversationView>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = self
+            .rows(FORMER_VIEWS, &[&ids, &sql(viewer), &PREVIEW_CHARS])
+            .await?;
+        let mut views = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let id = id_col(row, 0)?;
+            let last_message = match col::<Option<i64>>(row, 5)? {
+                Some(_) => Some(message_from_row(row, 5)?),
+                None => None,
+            };
+            let kind: i32 = col(row, 1)?;
+            views.insert(
+                id,
+                ConversationView {
+                    id,
+                    kind: proto::ConversationKind::try_from(kind).unwrap_or_default(),
+                    name: col(row, 2)?,
+                    members: Vec::new(),
+                    last_seq: id_col(row, 3)?,
+                    last_activity_ms: col(row, 4)?,
+                    last_message,
+                    unread_count: 0,
+                    closed: false,
+                    former: true,
+                },
+            );
+        }
+        Ok(views)
     }
 }
 
@@ -1590,7 +1634,7 @@ impl HistoryStore for PostgresStore {
     ) -> Result<ConversationView, StoreError> {
         self.views(vec![sql(conversation_id)], viewer)
             .await?
-            .pop()
+            .remove(&conversation_id)
             .ok_or(StoreError::NotAMember)
     }
 
@@ -1603,34 +1647,42 @@ impl HistoryStore for PostgresStore {
         let before = if before_ms <= 0 { i64::MAX } else { before_ms };
         let chosen = self
             .rows(
-                "SELECT c.id, c.last_activity_ms
-                 FROM members m JOIN conversations c ON c.id = m.conversation_id
-                 WHERE m.user_id = $1
-                   AND (c.last_activity_ms, c.id) < ($2, $4)
-                 ORDER BY c.last_activity_ms DESC, c.id DESC LIMIT $3",
+                LIST_CONVERSATIONS,
                 &[&sql(user), &before, &i64::from(limit), &sql(before_id)],
             )
             .await?
             .iter()
-            .map(|r| Ok((col::<i64>(r, 0)?, col::<i64>(r, 1)?)))
-            .collect::<Result<Vec<(i64, i64)>, StoreError>>()?;
+            .map(|r| Ok((col::<i64>(r, 0)?, col::<i64>(r, 1)?, col::<bool>(r, 2)?)))
+            .collect::<Result<Vec<(i64, i64, bool)>, StoreError>>()?;
         if chosen.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<i64> = chosen.iter().map(|&(id, _)| id).collect();
-        let chosen: HashMap<i64, i64> = chosen.into_iter().collect();
+        let (former, current): (Vec<_>, Vec<_>) =
+            chosen.iter().partition(|&&(_, _, former)| former);
+        let ids = |chosen: Vec<&(i64, i64, bool)>| chosen.iter().map(|c| c.0).collect();
+        let (mut current, mut former) = tokio::try_join!(
+            self.views(ids(current), user),
+            self.former_views(ids(former), user),
+        )?;
         // The views are read by later statements, which may see newer
-        // activity: each keeps the time it was ordered by, as the client
-        // pages on from the last one's (a newer time there would start the
-        // next page above this one, and repeat it). SQLite reads both in
-        // one transaction.
-        let mut views = self.views(ids, user).await?;
-        for view in &mut views {
-            if let Some(&ordered_by) = chosen.get(&sql(view.id)) {
+        // activity (or a membership that ended or began since): each keeps
+        // the time it was ordered by, as the client pages on from the last
+        // one's (a newer time there would start the next page above this
+        // one, and repeat it), and one whose membership changed is left
+        // out. SQLite reads all in one transaction.
+        Ok(chosen
+            .into_iter()
+            .filter_map(|(id, ordered_by, was_former)| {
+                let views = if was_former {
+                    &mut former
+                } else {
+                    &mut current
+                };
+                let mut view = views.remove(&self::id(id))?;
                 view.last_activity_ms = ordered_by;
-            }
-        }
-        Ok(views)
+                Some(view)
+            })
+            .collect())
     }
 
     async fn membership(
@@ -1939,8 +1991,8 @@ impl HistoryStore for PostgresStore {
                 .await?;
         }
         if let Some((user, joined)) = ended {
-            group::note_former_member(&tx, conversation_id, user, joined, appended.message.seq)
-                .await?;
+            let left = (appended.message.seq, appended.message.sent_at_ms);
+            group::note_former_member(&tx, conversation_id, user, joined, left).await?;
         }
         if let Err(e) = tx.commit().await {
             // As in create_group: the connection back first.
@@ -2770,6 +2822,44 @@ const VIEWS: &str = "
     JOIN members me ON me.conversation_id = c.id AND me.user_id = $2
     LEFT JOIN messages lm ON lm.conversation_id = c.id AND lm.seq = c.last_seq
     WHERE c.id = ANY($1::bigint[])";
+
+/// The list entries of groups `$2` left or was removed from, of the ids
+/// `$1`: the last stay's end, unless they are a member again, with the
+/// message that ended it (its text cut to `$3`).
+const FORMER_VIEWS: &str = "
+    SELECT f.conversation_id, c.kind, f.name, f.left_seq, f.left_ms,
+           lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
+           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment
+    FROM former_members f
+    JOIN conversations c ON c.id = f.conversation_id
+    LEFT JOIN messages lm ON lm.conversation_id = f.conversation_id AND lm.seq = f.left_seq
+    WHERE f.user_id = $2 AND f.conversation_id = ANY($1::bigint[])
+      AND NOT EXISTS (SELECT 1 FROM members m
+                      WHERE m.conversation_id = f.conversation_id AND m.user_id = $2)
+      AND NOT EXISTS (SELECT 1 FROM former_members g
+                      WHERE g.user_id = $2 AND g.conversation_id = f.conversation_id
+                        AND g.joined_seq > f.joined_seq)";
+
+/// A page of `$1`'s conversations below (`$2` ms, id `$4`), `$3` at most,
+/// newest first, with the time each is ordered by and whether it is a
+/// group they left: the end of their last stay there, unless they are a
+/// member again, is listed as of their leaving.
+const LIST_CONVERSATIONS: &str = "
+    SELECT id, at, former FROM (
+        SELECT c.id AS id, c.last_activity_ms AS at, false AS former
+        FROM members m JOIN conversations c ON c.id = m.conversation_id
+        WHERE m.user_id = $1
+        UNION ALL
+        SELECT f.conversation_id, f.left_ms, true
+        FROM former_members f
+        WHERE f.user_id = $1
+          AND NOT EXISTS (SELECT 1 FROM members m
+                          WHERE m.conversation_id = f.conversation_id AND m.user_id = $1)
+          AND NOT EXISTS (SELECT 1 FROM former_members g
+                          WHERE g.user_id = $1 AND g.conversation_id = f.conversation_id
+                            AND g.joined_seq > f.joined_seq)) listed
+    WHERE (at, id) < ($2, $4)
+    ORDER BY at DESC, id DESC LIMIT $3";
 
 /// Members of conversations with their names and watermarks.
 const MEMBER_STATES: &str = "

@@ -125,6 +125,27 @@ const KEY_SLICE_INTERVAL: Duration = Duration::from_millis(100);
 /// Length of the text kept in conversation-list previews.
 const PREVIEW_CHARS: usize = 100;
 
+/// A page of `?1`'s conversations below (`?2` ms, id `?4`), `?3` at most,
+/// newest first, each with whether it is a group they left: the end of
+/// their last stay there, unless they are a member again, is listed as of
+/// their leaving.
+const LIST_CONVERSATIONS: &str = "
+    SELECT id, former FROM (
+        SELECT c.id AS id, c.last_activity_ms AS at, 0 AS former
+        FROM members m JOIN conversations c ON c.id = m.conversation_id
+        WHERE m.user_id = ?1
+        UNION ALL
+        SELECT f.conversation_id, f.left_ms, 1
+        FROM former_members f
+        WHERE f.user_id = ?1
+          AND NOT EXISTS (SELECT 1 FROM members m
+                          WHERE m.conversation_id = f.conversation_id AND m.user_id = ?1)
+          AND NOT EXISTS (SELECT 1 FROM former_members g
+                          WHERE g.user_id = ?1 AND g.conversation_id = f.conversation_id
+                            AND g.joined_seq > f.joined_seq))
+    WHERE at < ?2 OR (at = ?2 AND id < ?4)
+    ORDER BY at DESC, id DESC LIMIT ?3";
+
 /// The file name under the data directory.
 pub const FILE_NAME: &str = "chat.sqlite3";
 
@@ -149,6 +170,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V13__push.sql"),
     include_str!("sqlite/V14__former_members.sql"),
     include_str!("sqlite/V15__photo_previews.sql"),
+    include_str!("sqlite/V16__former_member_entries.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1483,16 +1505,7 @@ fn view(
     let Some((kind, name, last_seq, last_activity_ms, seen_seq)) = row else {
         return Err(StoreError::NotAMember);
     };
-    let last_message = if last_seq > 0 {
-        message_at(conn, state, conversation_id, last_seq)?.map(|mut m| {
-            if let Some((cut, _)) = m.text.char_indices().nth(PREVIEW_CHARS) {
-                m.text.truncate(cut);
-            }
-            m
-        })
-    } else {
-        None
-    };
+    let last_message = list_line(conn, state, conversation_id, last_seq)?;
     // Counted up to the cap: past it, each view would read the backlog.
     let unread_count: i64 = conn
         .prepare_cached(
@@ -1529,6 +1542,68 @@ fn view(
         last_message,
         unread_count: unread_count as u64,
         closed,
+        former: false,
+    })
+}
+
+/// The message at `seq` as a list entry shows it, its text cut.
+fn list_line(
+    conn: &Connection,
+    state: &DbState,
+    conversation_id: ConversationId,
+    seq: u64,
+) -> Result<Option<proto::Message>, StoreError> {
+    if seq == 0 {
+        return Ok(None);
+    }
+    Ok(message_at(conn, state, conversation_id, seq)?.map(|mut m| {
+        if let Some((cut, _)) = m.text.char_indices().nth(PREVIEW_CHARS) {
+            m.text.truncate(cut);
+        }
+        m
+    }))
+}
+
+/// The list entry of a group `viewer` left or was removed from, as of
+/// their last stay's end ([`ConversationView::former`]).
+fn former_view(
+    conn: &Connection,
+    state: &DbState,
+    conversation_id: ConversationId,
+    viewer: UserId,
+) -> Result<ConversationView, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT c.kind, f.name, f.left_seq, f.left_ms
+             FROM former_members f JOIN conversations c ON c.id = f.conversation_id
+             WHERE f.user_id = ?2 AND f.conversation_id = ?1
+             ORDER BY f.joined_seq DESC LIMIT 1",
+        )
+        .map_err(internal)?
+        .query_row(params![sql(conversation_id), sql(viewer)], |r| {
+            Ok((
+                r.get::<_, i32>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .optional()
+        .map_err(internal)?;
+    let Some((kind, name, left_seq, left_ms)) = row else {
+        return Err(StoreError::NotAMember);
+    };
+    Ok(ConversationView {
+        id: conversation_id,
+        kind: proto::ConversationKind::try_from(kind).unwrap_or_default(),
+        name,
+        members: Vec::new(),
+        last_seq: left_seq,
+        last_activity_ms: left_ms,
+        last_message: list_line(conn, state, conversation_id, left_seq)?,
+        unread_count: 0,
+        closed: false,
+        former: true,
     })
 }
 
@@ -1656,26 +1731,30 @@ fn remove_member(
     .map_err(internal)
 }
 
-/// Records the range of seqs a membership that message `left` ended could
-/// read, which keeps the photos of those messages fetchable by it.
+/// Records the range of seqs a membership that message `left` (sent at
+/// `left_ms`) ended could read, which keeps the photos of those messages
+/// fetchable by it, and the group's name then, which its list entry shows.
 fn note_former_member(
     conn: &Connection,
     conversation_id: ConversationId,
     user: UserId,
     joined: u64,
-    left: u64,
+    (left, left_ms): (u64, i64),
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq)
-         VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (user_id, conversation_id, joined_seq) DO UPDATE SET left_seq = MAX(left_seq, excluded.left_seq)",
+        "INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq, left_ms, name)
+         SELECT ?1, ?2, ?3, ?4, ?5, name FROM conversations WHERE id = ?2
+         ON CONFLICT (user_id, conversation_id, joined_seq) DO UPDATE
+             SET left_seq = excluded.left_seq, left_ms = excluded.left_ms, name = excluded.name
+             WHERE excluded.left_seq > left_seq",
     )
     .map_err(internal)?
     .execute(params![
         sql(user),
         sql(conversation_id),
         sql(joined),
-        sql(left)
+        sql(left),
+        left_ms
     ])
     .map_err(internal)?;
     Ok(())
@@ -2383,24 +2462,24 @@ impl HistoryStore for SqliteStore {
     ) -> Result<Vec<ConversationView>, StoreError> {
         self.call(move |conn, state| {
             let before = if before_ms <= 0 { i64::MAX } else { before_ms };
-            let ids: Vec<i64> = {
-                let mut stmt = conn
-                    .prepare_cached(
-                        "SELECT c.id FROM members m JOIN conversations c ON c.id = m.conversation_id
-                         WHERE m.user_id = ?1
-                           AND (c.last_activity_ms < ?2 OR (c.last_activity_ms = ?2 AND c.id < ?4))
-                         ORDER BY c.last_activity_ms DESC, c.id DESC LIMIT ?3",
-                    )
-                    .map_err(internal)?;
+            let chosen: Vec<(i64, bool)> = {
+                let mut stmt = conn.prepare_cached(LIST_CONVERSATIONS).map_err(internal)?;
                 let rows = stmt
                     .query_map(params![sql(user), before, limit, sql(before_id)], |r| {
-                        r.get(0)
+                        Ok((r.get(0)?, r.get(1)?))
                     })
                     .map_err(internal)?;
                 rows.collect::<rusqlite::Result<_>>().map_err(internal)?
             };
-            ids.into_iter()
-                .map(|id| view(conn, state, id as u64, user))
+            chosen
+                .into_iter()
+                .map(|(id, former)| {
+                    if former {
+                        former_view(conn, state, id as u64, user)
+                    } else {
+                        view(conn, state, id as u64, user)
+                    }
+                })
                 .collect()
         })
         .await
@@ -2849,7 +2928,8 @@ impl HistoryStore for SqliteStore {
                 note_departure(conn, conversation_id, user, delivered, appended.message.seq)?;
             }
             if let Some((user, Some(joined))) = ended {
-                note_former_member(conn, conversation_id, user, joined, appended.message.seq)?;
+                let left = (appended.message.seq, appended.message.sent_at_ms);
+                note_former_member(conn, conversation_id, user, joined, left)?;
             }
             for user in also_tell {
                 if !appended.members.contains(&user) {
@@ -3519,7 +3599,7 @@ mod tests {
         );
     }
 
-    use crate::store::conformance::{friends_with_direct, text};
+    use crate::store::conformance::{bob_removed_from_a_group, friends_with_direct, text};
 
     /// Appends one message that must be accepted.
     async fn send(store: &SqliteStore, m: NewMessage) -> Appended {
@@ -4428,6 +4508,36 @@ mod tests {
         assert_eq!(retry.message.text, "hello");
         send(&store, text(1, 1, "new-key", "later", 10)).await;
         assert_eq!(history_texts(&store, 1).await, ["hello", "later"]);
+    }
+
+    /// V16 dates the ranges recorded before it by the message that ended
+    /// them, and names them by the group's name at the migration.
+    #[tokio::test]
+    async fn migration_lists_the_groups_left_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, bob, removal) = {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            bob_removed_from_a_group(&store).await
+        };
+        {
+            // As V15 left it, renamed since.
+            let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+            conn.execute_batch(
+                "ALTER TABLE former_members DROP COLUMN left_ms;
+                 ALTER TABLE former_members DROP COLUMN name;
+                 UPDATE conversations SET name = 'trip 2';
+                 PRAGMA user_version = 15;",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let list = store.conversations(bob, (0, 0), 10).await.unwrap();
+        let entry = list.iter().find(|v| v.id == g).expect("listed");
+        assert!(entry.former);
+        assert_eq!(
+            (entry.name.as_str(), entry.last_seq, entry.last_activity_ms),
+            ("trip 2", removal, 40)
+        );
     }
 
     #[tokio::test]

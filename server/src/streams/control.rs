@@ -1555,6 +1555,7 @@ pub fn conversation_info(view: ConversationView, viewer: UserId) -> proto::Conve
             Box::new(message)
         }),
         unread_count: view.unread_count,
+        former_member: view.former,
     }
 }
 

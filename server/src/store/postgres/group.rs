@@ -206,21 +206,30 @@ pub(super) async fn remove_member(
     .transpose()
 }
 
-/// Records the range of seqs a membership that message `left` ended could
-/// read, which keeps the photos of those messages fetchable by it.
+/// Records the range of seqs a membership that message `left` (sent at
+/// `left_ms`) ended could read, which keeps the photos of those messages
+/// fetchable by it, and the group's name then, which its list entry shows.
 pub(super) async fn note_former_member(
     tx: &Transaction<'_>,
     conversation_id: ConversationId,
     user: UserId,
     joined: u64,
-    left: u64,
+    (left, left_ms): (u64, i64),
 ) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq)
-         VALUES ($1, $2, $3, $4)
-         ON CONFLICT (user_id, conversation_id, joined_seq)
-         DO UPDATE SET left_seq = GREATEST(former_members.left_seq, EXCLUDED.left_seq)",
-        &[&sql(user), &sql(conversation_id), &sql(joined), &sql(left)],
+        "INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq, left_ms, name)
+         SELECT $1::bigint, $2::bigint, $3::bigint, $4::bigint, $5::bigint, name
+         FROM conversations WHERE id = $2
+         ON CONFLICT (user_id, conversation_id, joined_seq) DO UPDATE
+             SET left_seq = EXCLUDED.left_seq, left_ms = EXCLUDED.left_ms, name = EXCLUDED.name
+             WHERE EXCLUDED.left_seq > former_members.left_seq",
+        &[
+            &sql(user),
+            &sql(conversation_id),
+            &sql(joined),
+            &sql(left),
+            &left_ms,
+        ],
     )
     .await
     .map_err(pg)?;

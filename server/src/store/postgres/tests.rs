@@ -353,7 +353,7 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
             "users"
         ]
     );
-    assert_eq!(history.unwrap(), 13, "V1 to V13, once each");
+    assert_eq!(history.unwrap(), 14, "V1 to V14, once each");
 }
 
 /// V7 closes the direct conversations of pairs who had stopped being
@@ -431,6 +431,54 @@ async fn the_migration_closes_conversations_of_ended_friendships() {
             );
             assert_eq!(results[1].as_ref().unwrap().message.seq, 1);
             assert_eq!(results[2].as_ref().unwrap().message.seq, 1);
+        }
+    })
+    .await;
+    drop_schema(&schema).await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// V14 dates the ranges recorded before it by the message that ended
+/// them, and names them by the group's name at the migration.
+#[tokio::test]
+async fn the_migration_lists_the_groups_left_before_it() {
+    if !backend_or_skip().await {
+        return;
+    }
+    let schema = fresh_schema();
+    let outcome = tokio::spawn({
+        let schema = schema.clone();
+        async move {
+            let store = PostgresStore::connect_with_schema(&test_url(), &schema, 1)
+                .await
+                .unwrap();
+            let (g, bob, removal) =
+                crate::store::conformance::bob_removed_from_a_group(&store).await;
+            store.close();
+            // As V13 left it, renamed since.
+            admin()
+                .await
+                .batch_execute(&format!(
+                    "SET search_path TO \"{schema}\";
+                     ALTER TABLE former_members DROP COLUMN left_ms, DROP COLUMN name;
+                     UPDATE conversations SET name = 'trip 2';
+                     DELETE FROM refinery_schema_history WHERE version = 14;"
+                ))
+                .await
+                .unwrap();
+            let store = PostgresStore::connect_with_schema(&test_url(), &schema, 1)
+                .await
+                .expect("the store applies V14");
+            let list = store.conversations(bob, (0, 0), 10).await.unwrap();
+            store.close();
+            let entry = list.iter().find(|v| v.id == g).expect("listed");
+            assert!(entry.former);
+            assert_eq!(
+                (entry.name.as_str(), entry.last_seq, entry.last_activity_ms),
+                ("trip 2", removal, 40)
+            );
         }
     })
     .await;

@@ -1,0 +1,12 @@
+-- A group its member left, or was removed from, stays in their
+-- conversation list as it was when they left: the time of the message
+-- that ended their stay orders it, and the group's name then names it (a
+-- rename after they left is not theirs to see). Ranges recorded before
+-- this migration take that message's time and the group's current name.
+ALTER TABLE former_members
+    ADD COLUMN left_ms BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN name TEXT NOT NULL DEFAULT '';
+UPDATE former_members f SET
+    left_ms = COALESCE((SELECT m.sent_at_ms FROM messages m
+                        WHERE m.conversation_id = f.conversation_id AND m.seq = f.left_seq), 0),
+    name = COALESCE((SELECT c.name FROM conversations c WHERE c.id = f.conversation_id), '');
