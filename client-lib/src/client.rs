@@ -72,6 +72,12 @@ pub enum Event {
     /// offer or answer, ICE candidates): `participant_id` names the
     /// sender. Opaque to the server.
     CallSignal(proto::CallSignal),
+    /// Another member started or stopped typing in a conversation (see
+    /// [`Client::typing`]). Show it until one saying they stopped, a
+    /// message from them there, or `limits::TYPING_LAPSE_MS` without
+    /// another. Like [`Event::Connected`], dropped when the event queue is
+    /// full.
+    Typing(proto::TypingUpdate),
 }
 
 /// The app's stream of [`Event`]s, up to `event_capacity` of them queued.
@@ -287,6 +293,9 @@ pub(crate) struct Inner {
     live: Mutex<Option<Live>>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_request_id: AtomicU64,
+    /// Conversations this user was last said to be typing in, and when
+    /// that was sent ([`Client::typing`]).
+    typing: Mutex<HashMap<u64, std::time::Instant>>,
     outbox: Mutex<Outbox>,
     /// Which seqs were handed to the app per conversation (deduplication:
     /// the highest, and which of the 256 below it, see [`Delivered`]).
@@ -453,15 +462,12 @@ impl Inner {
 
     /// Queues a connection-state event if there is room, else drops it:
     /// the supervisor must never wait for the app (see [`Events`]).
-    fn emit_state(&self, event: Event) {
+    pub(crate) fn emit_or_drop(&self, event: Event) {
         let events = self.events.lock().expect("events lock").clone();
         if let Some(events) = events
             && let Err(mpsc::error::TrySendError::Full(event)) = events.try_send(event)
         {
-            tracing::debug!(
-                ?event,
-                "event queue full; dropping a connection-state event"
-            );
+            tracing::debug!(?event, "event queue full; dropping an event that may be");
         }
     }
 
@@ -1138,6 +1144,7 @@ impl Client {
             live: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             next_request_id: AtomicU64::new(1),
+            typing: Mutex::new(HashMap::new()),
             outbox: Mutex::new(Outbox::new(config.outbox_limit)),
             delivered: tokio::sync::Mutex::new(Delivered::default()),
             acks: Acks::default(),
@@ -1362,6 +1369,13 @@ impl Client {
         if self.inner.refuses_sends() {
             return Err(ClientError::Closed);
         }
+        // A message ends typing there (on the other members' side too):
+        // the next keystroke says so again at once.
+        self.inner
+            .typing
+            .lock()
+            .expect("typing lock")
+            .remove(&conversation_id);
         // Refused here rather than by the server: a text far over the
         // limit would not fit in a frame, and the server closes the
         // connection of a client that sends one (on every reconnect, as
@@ -1456,6 +1470,55 @@ impl Client {
             Body::Ok(_) => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Tells the other members of a conversation whether this user is
+    /// typing there. Call it with `true` as the user types (on every
+    /// keystroke if that is simplest: at most one goes out per
+    /// conversation every `limits::TYPING_REPEAT_MS`) and with `false` when
+    /// they stop or clear the field (sent only after a `true`). Sending a
+    /// message there ends it too, on the other members' side and here.
+    /// Returns at once; nothing is retried or answered (one that is lost
+    /// lapses on their side, and a refused one, not a member say, is
+    /// dropped).
+    pub fn typing(&self, conversation_id: u64, typing: bool) {
+        let now = std::time::Instant::now();
+        let repeat = Duration::from_millis(chat_protocol::limits::TYPING_REPEAT_MS);
+        let send = {
+            let mut sent = self.inner.typing.lock().expect("typing lock");
+            if typing {
+                match sent.get(&conversation_id) {
+                    Some(&at) if now.duration_since(at) < repeat => false,
+                    _ => {
+                        // What lapsed needs no stop: the map stays as
+                        // small as the conversations typed in lately.
+                        sent.retain(|_, at| now.duration_since(*at) < repeat);
+                        sent.insert(conversation_id, now);
+                        true
+                    }
+                }
+            } else {
+                sent.remove(&conversation_id).is_some()
+            }
+        };
+        if !send {
+            return;
+        }
+        let Some(writer) = self
+            .inner
+            .live()
+            .and_then(|live| live.writer(StreamKind::Receipts).cloned())
+        else {
+            return;
+        };
+        let frame = Frame::new(
+            self.inner.next_request_id(),
+            Body::Typing(proto::Typing {
+                conversation_id,
+                typing,
+            }),
+        );
+        let _ = writer.send(connection::encode(&frame));
     }
 
     /// Friends, pending requests and blocked users.
@@ -2368,7 +2431,7 @@ async fn supervise(
         }
         let code = error.code();
         tracing::debug!(?code, "connection lost");
-        inner.emit_state(Event::Disconnected { code });
+        inner.emit_or_drop(Event::Disconnected { code });
         if let Some(code) = code.filter(|c| ends_session(*c)) {
             inner.end_session(code);
             return;
@@ -2411,7 +2474,7 @@ async fn supervise(
                         return;
                     }
                     answered = inner.reconnects_asked.load(Ordering::Acquire);
-                    inner.emit_state(Event::Connected);
+                    inner.emit_or_drop(Event::Connected);
                     // Presence may have changed while we were away. The list
                     // is read once it is this subscription's turn, so a
                     // newer one from the app is never overtaken by an older.

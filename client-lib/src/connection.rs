@@ -581,6 +581,11 @@ async fn read_loop(
                     }
                 }
             }
+            // Never waits for room: a moment's news, not worth holding
+            // the stream for.
+            Some(Body::TypingUpdate(update)) if request_id == 0 => {
+                inner.emit_or_drop(Event::Typing(update));
+            }
             Some(Body::PresenceUpdate(update)) => {
                 inner.presence_changed(update.states, &conn).await;
             }

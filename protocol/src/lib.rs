@@ -128,6 +128,8 @@ impl Body {
             Body::AcksStored(_) => "acks_stored",
             Body::MarkSeen(_) => "mark_seen",
             Body::Receipt(_) => "receipt",
+            Body::Typing(_) => "typing",
+            Body::TypingUpdate(_) => "typing_update",
             Body::Heartbeat(_) => "heartbeat",
             Body::SubscribePresence(_) => "subscribe_presence",
             Body::PresenceSnapshot(_) => "presence_snapshot",
@@ -178,6 +180,7 @@ impl Body {
             | Body::Deliver(_)
             | Body::AcksStored(_)
             | Body::Receipt(_)
+            | Body::TypingUpdate(_)
             | Body::PresenceSnapshot(_)
             | Body::PresenceUpdate(_)
             | Body::MessageReceipts(_)
@@ -206,6 +209,7 @@ impl Body {
             | Body::Send(_)
             | Body::DeliveryAck(_)
             | Body::MarkSeen(_)
+            | Body::Typing(_)
             | Body::Heartbeat(_)
             | Body::SubscribePresence(_)
             | Body::SetPresenceVisibility(_)

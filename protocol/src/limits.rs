@@ -50,3 +50,12 @@ pub const MIN_HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::fro
 /// (apps show "999+"). Counting further would read every unread message of
 /// a busy muted group for each conversation list page.
 pub const MAX_UNREAD_COUNT: u64 = 1_000;
+
+/// A typing client repeats `Typing { typing: true }` this often while the
+/// user goes on typing.
+pub const TYPING_REPEAT_MS: u64 = 3_000;
+
+/// A member shows as typing for this long after their latest
+/// `TypingUpdate`, unless another one, or a message from them, comes first:
+/// twice the repeat, so one lost repeat does not blink it off.
+pub const TYPING_LAPSE_MS: u64 = 6_000;

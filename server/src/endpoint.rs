@@ -108,6 +108,9 @@ pub struct Shared {
     pub control_limiter: RateLimiter,
     /// Per-user rate of MarkSeen frames.
     pub mark_limiter: RateLimiter,
+    /// Per-user rate of Typing frames, each a store read and a push to
+    /// every connected member.
+    pub typing_limiter: RateLimiter,
     /// Connections per address not yet authenticated.
     pub unauthenticated: ratelimit::Unauthenticated,
     /// Per-address rate of registrations.
@@ -274,6 +277,7 @@ impl Server {
                 crate::streams::messages::ACK_SLACK as u32,
             ),
             mark_limiter: RateLimiter::new(config.limits.mark_rate, config.limits.mark_burst),
+            typing_limiter: RateLimiter::new(ratelimit::TYPING_RATE, ratelimit::TYPING_BURST),
             unauthenticated: ratelimit::Unauthenticated::new(
                 config.transport.max_unauthenticated_per_address,
             ),
@@ -495,6 +499,7 @@ async fn sweep_limiter(shared: std::sync::Weak<Shared>) {
         shared.ack_limiter.sweep(now);
         shared.control_limiter.sweep(now);
         shared.mark_limiter.sweep(now);
+        shared.typing_limiter.sweep(now);
         shared.heartbeat_limiter.sweep(now);
         shared.registration_limiter.sweep(now);
         shared.upload_limiter.sweep(now);

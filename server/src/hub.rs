@@ -249,11 +249,7 @@ impl SessionHandle {
         let Some(queue) = self.queue(kind) else {
             return false;
         };
-        let frames = match kind {
-            StreamKind::Receipts => RECEIPTS_QUEUE_CAPACITY,
-            _ => QUEUE_CAPACITY,
-        };
-        match queue.push(out, frames, QUEUE_BYTES) {
+        match queue.push(out, capacity(kind), QUEUE_BYTES) {
             Ok(()) => true,
             Err(PushError::Full) => {
                 if !self.closed.swap(true, Ordering::Relaxed) {
@@ -274,6 +270,27 @@ impl SessionHandle {
             }
             Err(PushError::Closed | PushError::Unopened) => false,
         }
+    }
+}
+
+impl SessionHandle {
+    /// Queues a frame that may be dropped (typing) on one of this
+    /// session's streams, only while that stream is open and its queue is
+    /// under half its bounds: it never makes a client count as too slow.
+    /// Returns whether it was queued.
+    pub fn offer(&self, kind: StreamKind, out: Outbound) -> bool {
+        let Some(queue) = self.queue(kind) else {
+            return false;
+        };
+        queue.offer(out, capacity(kind) / 2, QUEUE_BYTES / 2)
+    }
+}
+
+/// Frames a stream's queue holds before its client counts as too slow.
+fn capacity(kind: StreamKind) -> usize {
+    match kind {
+        StreamKind::Receipts => RECEIPTS_QUEUE_CAPACITY,
+        _ => QUEUE_CAPACITY,
     }
 }
 
@@ -401,6 +418,18 @@ impl Hub {
             .iter()
             .filter(|s| Some(s.conn_id) != except_conn)
             .filter(|s| s.push(kind, out.clone()))
+            .count()
+    }
+
+    /// Offers a frame that may be dropped to every session of `user`
+    /// ([`SessionHandle::offer`]). Returns how many took it.
+    pub fn offer(&self, user: UserId, kind: StreamKind, out: &Outbound) -> usize {
+        let Some(sessions) = self.users.get(&user) else {
+            return 0;
+        };
+        sessions
+            .iter()
+            .filter(|s| s.offer(kind, out.clone()))
             .count()
     }
 

@@ -266,6 +266,12 @@ pub const DESCRIPTIONS: &[(&str, &str, Unit, &str)] = &[
         "Calls ended, by reason: hung_up, disconnected (the last participant's connection closed), no_answer, declined, alone (one participant left alone for call-alone-timeout), removed (the last participant left or was removed from the group, or a direct call's two users stopped being friends).",
     ),
     (
+        "chat_typing_updates_total",
+        "counter",
+        Unit::Count,
+        "TypingUpdate frames queued for members' devices (one that had no room was not).",
+    ),
+    (
         "chat_call_signals_total",
         "counter",
         Unit::Count,
@@ -431,6 +437,8 @@ pub struct Metrics {
     pub catch_up_repeats: Counter,
     /// Receipt frames queued.
     pub receipts: Counter,
+    /// TypingUpdate frames queued.
+    pub typing_updates: Counter,
     /// Cache and queue updates dropped for a full updater queue.
     pub cache_updates_dropped: Counter,
     /// Ended sessions deleted.
@@ -560,6 +568,7 @@ impl Metrics {
                 acks_ignored: metrics::counter!("chat_delivery_acks_ignored_total"),
                 catch_up_repeats: metrics::counter!("chat_catch_up_repeats_total"),
                 receipts: metrics::counter!("chat_receipts_total"),
+                typing_updates: metrics::counter!("chat_typing_updates_total"),
                 cache_updates_dropped: metrics::counter!("chat_cache_updates_dropped_total"),
                 sessions_purged: metrics::counter!("chat_sessions_purged_total"),
                 photos_uploaded: metrics::counter!("chat_photos_uploaded_total"),

@@ -275,6 +275,28 @@ impl OutQueue {
         Ok(())
     }
 
+    /// Appends `out`, a frame that may be dropped (typing), only if the
+    /// stream is open and the queue holds fewer than `max_frames` frames
+    /// and `max_bytes` bytes with it: never a reason to close a slow
+    /// reader, nor to let go of what an unopened stream holds. Returns
+    /// whether it was queued.
+    pub fn offer(&self, out: Outbound, max_frames: usize, max_bytes: usize) -> bool {
+        {
+            let mut state = self.state.lock().expect("queue lock");
+            if state.closed
+                || state.phase != Phase::Open
+                || state.items.len() >= max_frames
+                || state.bytes + out.bytes.len() > max_bytes
+            {
+                return false;
+            }
+            state.bytes += out.bytes.len();
+            state.items.push_back(out);
+        }
+        self.ready.notify_one();
+        true
+    }
+
     /// Waits until frames are queued and moves up to `max_frames` of them,
     /// and no more than `max_bytes` unless the first alone is larger, into
     /// `buf`. Returns 0 once the queue is closed and empty.
@@ -442,6 +464,29 @@ mod tests {
         queue.push(echo(2), 2, 1 << 20).unwrap();
         assert_eq!(queue.push(out(3), 2, 1 << 20), Err(PushError::Full));
         assert_eq!(queue.push(echo(4), 2, 1 << 20), Err(PushError::Full));
+    }
+
+    #[test]
+    fn an_offer_is_taken_only_by_an_open_queue_with_room_and_never_fills_it() {
+        // Typing is offered: a queue that has not opened (or is catching
+        // up) does not take it, so it never makes one let go of what it
+        // holds; an open one takes it below the bounds and refuses it at
+        // them, still taking what is pushed after.
+        let queue = OutQueue::default();
+        queue.push(out(1), 4, 1 << 20).unwrap();
+        assert!(!queue.offer(out(2), 4, 1 << 20), "not open");
+        assert_eq!(queue.queued().0, 1, "what it held stays");
+        queue.open_for_catch_up();
+        assert!(!queue.offer(out(2), 4, 1 << 20), "catching up");
+        let queue = OutQueue::default();
+        queue.open();
+        assert!(queue.offer(out(1), 2, 1 << 20));
+        assert!(queue.offer(out(2), 2, 1 << 20));
+        assert!(!queue.offer(out(3), 2, 1 << 20), "at its frames");
+        assert!(!queue.offer(out(3), 4, 2), "at its bytes");
+        assert_eq!(queue.push(out(4), 4, 1 << 20), Ok(()), "not closed by it");
+        queue.close();
+        assert!(!queue.offer(out(5), 8, 1 << 20), "closed");
     }
 
     #[test]

@@ -1463,3 +1463,62 @@ async fn a_device_gets_its_users_sends_from_before_it_opened_its_messages_stream
         other => panic!("the laptop's message, got {other:?}"),
     }
 }
+
+/// The next typing event `events` has (others skipped).
+async fn next_typing(events: &mut Events) -> proto::TypingUpdate {
+    wait_for(events, "a typing event", |e| match e {
+        Event::Typing(update) => Some(update),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn typing_reaches_the_other_members_once_per_repeat_and_stops() {
+    let server = TestServer::start().await;
+    let mut members = circle(&server, 3).await;
+    let all: Vec<u64> = members.iter().map(|(c, _)| c.identity().user_id).collect();
+    let g = members[0]
+        .0
+        .create_group("typing", &all[1..])
+        .await
+        .unwrap()
+        .conversation_id;
+    let typist = &members[1].0;
+    typist.typing(g, true);
+    // Within the repeat time, the client holds the second one back: the
+    // others' next typing event is the stop, not a repeat.
+    typist.typing(g, true);
+    typist.typing(g, false);
+    // A stop with nothing started sends nothing either.
+    typist.typing(g, false);
+    for i in [0, 2] {
+        let events = &mut members[i].1;
+        let start = next_typing(events).await;
+        assert_eq!(
+            (start.conversation_id, start.user_id, start.typing),
+            (g, all[1], true)
+        );
+        let stop = next_typing(events).await;
+        assert_eq!(
+            (stop.conversation_id, stop.user_id, stop.typing),
+            (g, all[1], false)
+        );
+    }
+    // A message ends it: the next keystroke says so again at once.
+    let typist = &members[1].0;
+    typist.typing(g, true);
+    typist.send_text(g, "done").await.unwrap();
+    typist.typing(g, true);
+    typist.typing(g, false);
+    let events = &mut members[0].1;
+    let seen: Vec<bool> = [
+        next_typing(events).await,
+        next_typing(events).await,
+        next_typing(events).await,
+    ]
+    .iter()
+    .map(|t| t.typing)
+    .collect();
+    assert_eq!(seen, [true, true, false]);
+}

@@ -1786,6 +1786,60 @@ async fn a_flood_of_marks_that_move_nothing_costs_one_lookup_per_batch() {
     );
 }
 
+/// Typing is passed on only within one's conversations, and past the
+/// user's typing burst it is refused RATE_LIMITED before the store is
+/// asked; the refusals carry the request ids, and the connection goes on.
+#[tokio::test]
+async fn typing_outside_ones_conversations_and_past_the_burst_is_refused() {
+    let server = TestServer::start().await;
+    let (raw, mut control, mut control_recv) = Raw::authenticated(&server).await;
+    // 40 at once: with a burst of 10 refilling at 2 a second, none would
+    // be refused only if answering them took 15 s.
+    const N: u64 = 40;
+    let mut list = vec![Frame::open_stream(StreamKind::Receipts)];
+    list.extend((1..=N).map(|request_id| {
+        Frame::new(
+            request_id,
+            Body::Typing(proto::Typing {
+                conversation_id: 999_999,
+                typing: true,
+            }),
+        )
+    }));
+    let (_send, mut recv) = raw.stream(&frames(&list)).await;
+    let mut buf = BytesMut::new();
+    let (mut limited, mut refused) = (0, 0);
+    for request_id in 1..=N {
+        let reply = next_frame(&mut recv, &mut buf).await;
+        assert_eq!(reply.request_id, request_id, "answered in order");
+        let Some(Body::Error(e)) = reply.body else {
+            panic!("an error for every Typing, got {reply:?}");
+        };
+        match ErrorCode::from_wire(e.code) {
+            ErrorCode::RateLimited => limited += 1,
+            ErrorCode::NotAMember => refused += 1,
+            other => panic!("NOT_A_MEMBER or RATE_LIMITED, got {other}"),
+        }
+    }
+    assert!(refused >= 10, "the burst reached the store: {refused}");
+    assert!(limited > 0, "{refused} of {N} reached the store");
+    // Still served.
+    let mut out = BytesMut::new();
+    chat_protocol::encode(
+        &Frame::new(1, Body::ListFriends(proto::ListFriends {})),
+        &mut out,
+    );
+    control.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let reply = loop {
+        let frame = next_frame(&mut control_recv, &mut buf).await;
+        if frame.request_id == 1 {
+            break frame;
+        }
+    };
+    assert!(matches!(reply.body, Some(Body::FriendList(_))), "{reply:?}");
+}
+
 /// Marks for a different conversation each cannot share a membership
 /// lookup, so past the user's mark burst they are refused RATE_LIMITED
 /// before they reach the store.

@@ -61,6 +61,7 @@ macro_rules! history_store_conformance {
             removed_members_catch_up_to_their_removal,
             former_members_were_sent_up_to_their_departure,
             left_groups_stay_listed_as_they_were,
+            the_audience_is_the_members_who_may_hear,
             moves_share_their_conversations_member_list,
             closed_direct_conversations_keep_their_watermarks_to_themselves,
             photos,
@@ -1978,6 +1979,52 @@ pub async fn left_groups_stay_listed_as_they_were(store: &impl HistoryStore) {
         ),
         ("trip 2", leave.seq, 80)
     );
+}
+
+/// `audience`: the members of a conversation its member may send in,
+/// ascending; refused to anyone else, and in a direct conversation of two
+/// who are no longer friends; current after membership changes.
+pub async fn the_audience_is_the_members_who_may_hear(store: &impl HistoryStore) {
+    let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
+    let c = user(store, "carol").await;
+    let stranger = user(store, "dave").await;
+    befriend(store, a, c).await;
+    let g = trip(store, a, vec![c, b]).await;
+    let mut all = vec![a, b, c];
+    all.sort_unstable();
+    assert_eq!(*store.audience(g, c).await.unwrap(), all);
+    let mut pair = vec![a, b];
+    pair.sort_unstable();
+    assert_eq!(*store.audience(direct, b).await.unwrap(), pair);
+    for (conversation, who) in [(g, stranger), (direct, c), (g + 1000, a)] {
+        assert!(
+            matches!(
+                store.audience(conversation, who).await,
+                Err(StoreError::NotAMember)
+            ),
+            "{conversation} {who}"
+        );
+    }
+    // Removed: no longer theirs; the others hear without them.
+    store
+        .change_group(GroupEdit::new(g, a, GroupChange::Remove(c)), 5, 20)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.audience(g, c).await,
+        Err(StoreError::NotAMember)
+    ));
+    assert_eq!(*store.audience(g, a).await.unwrap(), pair);
+    // No longer friends: the direct conversation is closed to both.
+    store.friend_remove(a, b).await.unwrap();
+    assert!(matches!(
+        store.audience(direct, a).await,
+        Err(StoreError::NotFriends(other)) if other == b
+    ));
+    assert!(matches!(
+        store.audience(direct, b).await,
+        Err(StoreError::NotFriends(other)) if other == a
+    ));
 }
 
 /// For the stores' migration tests: alice removes bob from her group

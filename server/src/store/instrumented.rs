@@ -329,6 +329,14 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         )
     }
 
+    async fn audience(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Arc<Vec<UserId>>, StoreError> {
+        timed!(self, "audience", self.inner.audience(conversation_id, user))
+    }
+
     async fn former_membership(
         &self,
         conversation_id: ConversationId,

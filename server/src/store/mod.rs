@@ -900,6 +900,17 @@ pub trait HistoryStore: Send + Sync + 'static {
         seq: u64,
     ) -> Result<bool, StoreError>;
 
+    /// The members, ascending, of a conversation `user` may send in: what
+    /// is passed on there without being stored (typing) goes to them.
+    /// `NotAMember` if `user` is not one (or the conversation does not
+    /// exist); `NotFriends` naming the other in a direct conversation
+    /// whose two members are not friends (any more).
+    async fn audience(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Arc<Vec<UserId>>, StoreError>;
+
     /// Appends a batch of messages in one transaction (group commit): each
     /// gets the next seq of its conversation, or is recognised as a retry.
     /// Results are in input order; one failing message (e.g. `NotAMember`)

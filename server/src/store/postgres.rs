@@ -2035,6 +2035,31 @@ impl HistoryStore for PostgresStore {
         col(&row, 0)
     }
 
+    async fn audience(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Arc<Vec<UserId>>, StoreError> {
+        let row = self
+            .row(
+                "SELECT c.closed,
+                        ARRAY(SELECT m.user_id FROM members m
+                              WHERE m.conversation_id = c.id ORDER BY m.user_id)
+                 FROM conversations c
+                 WHERE c.id = $1
+                   AND EXISTS(SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2)",
+                &[&sql(conversation_id), &sql(user)],
+            )
+            .await?
+            .ok_or(StoreError::NotAMember)?;
+        let members: Vec<UserId> = col::<Vec<i64>>(&row, 1)?.into_iter().map(id).collect();
+        if col::<bool>(&row, 0)? {
+            let other = members.iter().copied().find(|&m| m != user).unwrap_or(user);
+            return Err(StoreError::NotFriends(other));
+        }
+        Ok(Arc::new(members))
+    }
+
     async fn former_membership(
         &self,
         conversation_id: ConversationId,

@@ -2501,6 +2501,28 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
+    async fn audience(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Arc<Vec<UserId>>, StoreError> {
+        // The send path's cache: no disk read for a conversation in use.
+        self.call(
+            move |conn, state| match state.conversation(conn, conversation_id)? {
+                Some(c) if c.members.binary_search(&user).is_ok() => {
+                    if c.open {
+                        Ok(c.members.clone())
+                    } else {
+                        let other = c.members.iter().copied().find(|&m| m != user);
+                        Err(StoreError::NotFriends(other.unwrap_or(user)))
+                    }
+                }
+                _ => Err(StoreError::NotAMember),
+            },
+        )
+        .await
+    }
+
     async fn former_membership(
         &self,
         conversation_id: ConversationId,

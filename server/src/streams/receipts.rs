@@ -1,4 +1,5 @@
-//! The receipts stream: MarkSeen from the client; Receipt pushes to it.
+//! The receipts stream: MarkSeen and Typing from the client; Receipt and
+//! TypingUpdate pushes to it.
 //!
 //! When the stream opens, the writer first sends the current watermarks of
 //! the other members in the user's recent conversations, so receipts that
@@ -11,7 +12,7 @@
 
 use std::sync::Arc;
 
-use chat_protocol::{Body, ErrorCode, Frame, StreamKind};
+use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use quinn::SendStream;
 use tokio::sync::Semaphore;
 
@@ -72,6 +73,8 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                 ))
                 .await
             }
+            // Boxed as a mark is: its store read would size this task.
+            Some(Body::Typing(typing)) => Box::pin(pass_on_typing(&session, typing)).await,
             Some(other) => Err(Refusal::new(
                 ErrorCode::UnexpectedFrame,
                 format!("{} does not belong on the receipts stream", other.name()),
@@ -128,6 +131,38 @@ async fn mark_seen(
             })),
         })
         .await
+}
+
+/// Passes a Typing on to the other members' connected devices, once it is
+/// charged to the user's typing bucket and they may send there. Offered,
+/// not pushed: a device short of room misses it, and is not closed for it.
+async fn pass_on_typing(session: &Session, typing: proto::Typing) -> Result<(), Refusal> {
+    let authed = session.authed().expect("authenticated");
+    let me = authed.user_id;
+    super::control::charge(session, &session.shared.typing_limiter, |wait| {
+        format!(
+            "over {} Typing per second; retry in {wait} ms",
+            crate::ratelimit::TYPING_RATE
+        )
+    })?;
+    let members = session
+        .shared
+        .store
+        .audience(typing.conversation_id, me)
+        .await?;
+    let update = Outbound::frame(&Frame::push(Body::TypingUpdate(proto::TypingUpdate {
+        conversation_id: typing.conversation_id,
+        user_id: me,
+        typing: typing.typing,
+    })));
+    let hub = &session.shared.hub;
+    let told: usize = members
+        .iter()
+        .filter(|&&member| member != me)
+        .map(|&member| hub.offer(member, StreamKind::Receipts, &update))
+        .sum();
+    session.shared.metrics.typing_updates.increment(told as u64);
+    Ok(())
 }
 
 async fn writer(session: Arc<Session>, mut send: SendStream, queue: Arc<SessionHandle>) {
