@@ -208,7 +208,9 @@ async fn command(client: &Client, screen: &mut Screen, line: &str) -> Result<boo
                     .map(|m| m.username.clone())
                     .collect();
                 let preview = c.last_message.map(|m| m.text).unwrap_or_default();
-                let title = if c.name.is_empty() {
+                let title = if c.former_member {
+                    format!("{} (you left)", c.name)
+                } else if c.name.is_empty() {
                     with.join(", ")
                 } else {
                     format!("{} ({})", c.name, with.join(", "))

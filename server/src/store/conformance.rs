@@ -1255,6 +1255,15 @@ pub async fn conversation_list(store: &impl HistoryStore) {
     let next = store.conversations(a, (120, c2), 10).await.unwrap();
     assert_eq!(next.iter().map(|v| v.id).collect::<Vec<_>>(), vec![c1]);
     assert_eq!(store.conversations(a, (0, 0), 1).await.unwrap().len(), 1);
+    // Only (0, 0) is the first page: (0, id) follows an entry of time 0,
+    // and nothing here is older.
+    assert!(
+        store
+            .conversations(a, (0, c2), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Conversations active in the same millisecond: one page each, none
     // skipped (a time-only cursor lost the second one).
     let dave = user(store, "dave").await;

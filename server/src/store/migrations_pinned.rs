@@ -40,7 +40,7 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "src/store/sqlite/V16__former_member_entries.sql",
-        "2cb5e0db29eeaa9d",
+        "9c8f322acb77faa9",
     ),
     ("migrations/postgres/V1__initial.sql", "5dcc721cc018b873"),
     ("migrations/postgres/V2__presence.sql", "3b2f2f2d011302a9"),

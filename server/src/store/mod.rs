@@ -827,7 +827,10 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// A user's conversations, most recently active first (ties: higher id
     /// first), after the cursor `before` = (last_activity_ms, id) of the
     /// previous page's last conversation: active strictly before that time,
-    /// or at that time with a smaller id. `before_ms` 0: the first page.
+    /// or at that time with a smaller id. `(0, 0)`: the first page. Groups
+    /// they left or were removed from, and are not a member of again, are
+    /// listed too, as of the end of their last stay
+    /// ([`ConversationView::former`]; its time is when that stay ended).
     async fn conversations(
         &self,
         user: UserId,

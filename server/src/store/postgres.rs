@@ -1644,7 +1644,13 @@ impl HistoryStore for PostgresStore {
         (before_ms, before_id): (i64, ConversationId),
         limit: u32,
     ) -> Result<Vec<ConversationView>, StoreError> {
-        let before = if before_ms <= 0 { i64::MAX } else { before_ms };
+        // (0, 0) is the first page; (0, id) follows an entry of time 0 (a
+        // stay ended before its time was recorded, with no message).
+        let before = if before_ms <= 0 && before_id == 0 {
+            i64::MAX
+        } else {
+            before_ms
+        };
         let chosen = self
             .rows(
                 LIST_CONVERSATIONS,
@@ -2852,7 +2858,7 @@ const VIEWS: &str = "
 /// `$1`: the last stay's end, unless they are a member again, with the
 /// message that ended it (its text cut to `$3`).
 const FORMER_VIEWS: &str = "
-    SELECT f.conversation_id, c.kind, f.name, f.left_seq, f.left_ms,
+    SELECT f.conversation_id, c.kind, COALESCE(NULLIF(f.name, ''), c.name), f.left_seq, f.left_ms,
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
            lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment
     FROM former_members f
@@ -2868,14 +2874,21 @@ const FORMER_VIEWS: &str = "
 /// A page of `$1`'s conversations below (`$2` ms, id `$4`), `$3` at most,
 /// newest first, with the time each is ordered by and whether it is a
 /// group they left: the end of their last stay there, unless they are a
-/// member again, is listed as of their leaving.
+/// member again, is listed as of their leaving. A stay an older node ended
+/// during a rolling upgrade has no time (nor name: [`FORMER_VIEWS`] takes
+/// the group's) and takes that of the message that ended it.
 const LIST_CONVERSATIONS: &str = "
     SELECT id, at, former FROM (
         SELECT c.id AS id, c.last_activity_ms AS at, false AS former
         FROM members m JOIN conversations c ON c.id = m.conversation_id
         WHERE m.user_id = $1
         UNION ALL
-        SELECT f.conversation_id, f.left_ms, true
+        SELECT f.conversation_id,
+               CASE WHEN f.left_ms > 0 THEN f.left_ms
+                    ELSE COALESCE((SELECT sent_at_ms FROM messages
+                                   WHERE conversation_id = f.conversation_id
+                                     AND seq = f.left_seq), 0) END,
+               true
         FROM former_members f
         WHERE f.user_id = $1
           AND NOT EXISTS (SELECT 1 FROM members m

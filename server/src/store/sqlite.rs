@@ -1733,7 +1733,9 @@ fn remove_member(
 
 /// Records the range of seqs a membership that message `left` (sent at
 /// `left_ms`) ended could read, which keeps the photos of those messages
-/// fetchable by it, and the group's name then, which its list entry shows.
+/// fetchable by it, and the group's name then, which its list entry shows,
+/// at the conversation's activity then (never earlier than what its
+/// member entry showed, whatever the clock did).
 fn note_former_member(
     conn: &Connection,
     conversation_id: ConversationId,
@@ -1743,7 +1745,7 @@ fn note_former_member(
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq, left_ms, name)
-         SELECT ?1, ?2, ?3, ?4, ?5, name FROM conversations WHERE id = ?2
+         SELECT ?1, ?2, ?3, ?4, MAX(?5, last_activity_ms), name FROM conversations WHERE id = ?2
          ON CONFLICT (user_id, conversation_id, joined_seq) DO UPDATE
              SET left_seq = excluded.left_seq, left_ms = excluded.left_ms, name = excluded.name
              WHERE excluded.left_seq > left_seq",
@@ -2461,7 +2463,13 @@ impl HistoryStore for SqliteStore {
         limit: u32,
     ) -> Result<Vec<ConversationView>, StoreError> {
         self.call(move |conn, state| {
-            let before = if before_ms <= 0 { i64::MAX } else { before_ms };
+            // (0, 0) is the first page; (0, id) follows an entry of time 0 (a
+            // stay ended before its time was recorded, with no message).
+            let before = if before_ms <= 0 && before_id == 0 {
+                i64::MAX
+            } else {
+                before_ms
+            };
             let chosen: Vec<(i64, bool)> = {
                 let mut stmt = conn.prepare_cached(LIST_CONVERSATIONS).map_err(internal)?;
                 let rows = stmt

@@ -208,7 +208,10 @@ pub(super) async fn remove_member(
 
 /// Records the range of seqs a membership that message `left` (sent at
 /// `left_ms`) ended could read, which keeps the photos of those messages
-/// fetchable by it, and the group's name then, which its list entry shows.
+/// fetchable by it, and the group's name then, which its list entry shows,
+/// at the conversation's activity then (never earlier than what its
+/// member entry showed, whatever the clock did; the message that ended it
+/// raised it in this transaction).
 pub(super) async fn note_former_member(
     tx: &Transaction<'_>,
     conversation_id: ConversationId,
@@ -218,7 +221,8 @@ pub(super) async fn note_former_member(
 ) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq, left_ms, name)
-         SELECT $1::bigint, $2::bigint, $3::bigint, $4::bigint, $5::bigint, name
+         SELECT $1::bigint, $2::bigint, $3::bigint, $4::bigint,
+                GREATEST($5::bigint, last_activity_ms), name
          FROM conversations WHERE id = $2
          ON CONFLICT (user_id, conversation_id, joined_seq) DO UPDATE
              SET left_seq = EXCLUDED.left_seq, left_ms = EXCLUDED.left_ms, name = EXCLUDED.name

@@ -472,12 +472,30 @@ async fn the_migration_lists_the_groups_left_before_it() {
                 .await
                 .expect("the store applies V14");
             let list = store.conversations(bob, (0, 0), 10).await.unwrap();
-            store.close();
             let entry = list.iter().find(|v| v.id == g).expect("listed");
             assert!(entry.former);
             assert_eq!(
                 (entry.name.as_str(), entry.last_seq, entry.last_activity_ms),
                 ("trip 2", removal, 40)
+            );
+            // As a node of the version before writes it, during a rolling
+            // upgrade: no time, no name. Listed all the same, at the time of
+            // the message that ended the stay, under the group's name.
+            admin()
+                .await
+                .batch_execute(&format!(
+                    "UPDATE \"{schema}\".former_members SET left_ms = DEFAULT, name = DEFAULT;
+                     UPDATE \"{schema}\".conversations SET name = 'trip 3';"
+                ))
+                .await
+                .unwrap();
+            let list = store.conversations(bob, (0, 0), 10).await.unwrap();
+            store.close();
+            let entry = list.iter().find(|v| v.id == g).expect("listed");
+            assert!(entry.former);
+            assert_eq!(
+                (entry.name.as_str(), entry.last_seq, entry.last_activity_ms),
+                ("trip 3", removal, 40)
             );
         }
     })
@@ -1589,8 +1607,9 @@ async fn a_commit_whose_answer_is_lost_is_settled_not_guessed() {
 /// ordered by. The views are read by a later statement, which used to
 /// carry a newer time for a conversation that got a message in between:
 /// the client's next cursor then started above the page, and the next
-/// page repeated it. Here the views' read waits behind a lock on
-/// `messages` while a conversation of the page gets newer.
+/// page repeated it. Here the views' read waits behind a lock on `users`
+/// (their members' names; the page's own statement reads no user) while
+/// a conversation of the page gets newer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_list_page_keeps_the_times_it_was_ordered_by() {
     with_store(|store| async move {
@@ -1615,7 +1634,7 @@ async fn a_conversation_list_page_keeps_the_times_it_was_ordered_by() {
         let holder_pid = backend_pid(&holder).await;
         let tx = holder.transaction().await.unwrap();
         tx.batch_execute(&format!(
-            r#"LOCK TABLE "{schema}".messages IN ACCESS EXCLUSIVE MODE"#
+            r#"LOCK TABLE "{schema}".users IN ACCESS EXCLUSIVE MODE"#
         ))
         .await
         .unwrap();
