@@ -404,6 +404,23 @@ impl Inner {
         self.next_request_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Writes a Typing; whether the connection's writer took it.
+    fn send_typing(
+        &self,
+        writer: &mpsc::UnboundedSender<bytes::Bytes>,
+        conversation_id: u64,
+        typing: bool,
+    ) -> bool {
+        let frame = Frame::new(
+            self.next_request_id(),
+            Body::Typing(proto::Typing {
+                conversation_id,
+                typing,
+            }),
+        );
+        writer.send(connection::encode(&frame)).is_ok()
+    }
+
     /// Queues an event for the app, waiting while the queue is full (the
     /// caller, a stream's reader of `conn`, then stops reading: see
     /// [`Events`]). False if it was not queued (see [`Inner::event_room`]).
@@ -1369,13 +1386,25 @@ impl Client {
         if self.inner.refuses_sends() {
             return Err(ClientError::Closed);
         }
-        // A message ends typing there (on the other members' side too):
-        // the next keystroke says so again at once.
-        self.inner
+        // A message ends typing there: the next keystroke says so again at
+        // once. The message ends it on the other members' side too, but
+        // goes on another stream, which a start just before it may trail:
+        // a stop after the start settles it.
+        let typed = self
+            .inner
             .typing
             .lock()
             .expect("typing lock")
-            .remove(&conversation_id);
+            .remove(&conversation_id)
+            .is_some();
+        if typed
+            && let Some(writer) = self
+                .inner
+                .live()
+                .and_then(|live| live.writer(StreamKind::Receipts).cloned())
+        {
+            self.inner.send_typing(&writer, conversation_id, false);
+        }
         // Refused here rather than by the server: a text far over the
         // limit would not fit in a frame, and the server closes the
         // connection of a client that sends one (on every reconnect, as
@@ -1482,43 +1511,34 @@ impl Client {
     /// lapses on their side, and a refused one, not a member say, is
     /// dropped).
     pub fn typing(&self, conversation_id: u64, typing: bool) {
-        let now = std::time::Instant::now();
-        let repeat = Duration::from_millis(chat_protocol::limits::TYPING_REPEAT_MS);
-        let send = {
-            let mut sent = self.inner.typing.lock().expect("typing lock");
-            if typing {
-                match sent.get(&conversation_id) {
-                    Some(&at) if now.duration_since(at) < repeat => false,
-                    _ => {
-                        // What lapsed needs no stop: the map stays as
-                        // small as the conversations typed in lately.
-                        sent.retain(|_, at| now.duration_since(*at) < repeat);
-                        sent.insert(conversation_id, now);
-                        true
-                    }
-                }
-            } else {
-                sent.remove(&conversation_id).is_some()
-            }
-        };
-        if !send {
-            return;
-        }
-        let Some(writer) = self
+        let writer = self
             .inner
             .live()
-            .and_then(|live| live.writer(StreamKind::Receipts).cloned())
-        else {
+            .and_then(|live| live.writer(StreamKind::Receipts).cloned());
+        let now = std::time::Instant::now();
+        let repeat = Duration::from_millis(chat_protocol::limits::TYPING_REPEAT_MS);
+        let lapse = Duration::from_millis(chat_protocol::limits::TYPING_LAPSE_MS);
+        let mut sent = self.inner.typing.lock().expect("typing lock");
+        if typing {
+            if sent
+                .get(&conversation_id)
+                .is_some_and(|&at| now.duration_since(at) < repeat)
+            {
+                return;
+            }
+        } else if sent.remove(&conversation_id).is_none() {
+            return;
+        }
+        let Some(writer) = writer else {
+            // Nothing went out: the next keystroke tries again.
             return;
         };
-        let frame = Frame::new(
-            self.inner.next_request_id(),
-            Body::Typing(proto::Typing {
-                conversation_id,
-                typing,
-            }),
-        );
-        let _ = writer.send(connection::encode(&frame));
+        if self.inner.send_typing(&writer, conversation_id, typing) && typing {
+            // What has lapsed on the other side needs no stop: the map
+            // stays as small as the conversations typed in lately.
+            sent.retain(|_, at| now.duration_since(*at) < lapse);
+            sent.insert(conversation_id, now);
+        }
     }
 
     /// Friends, pending requests and blocked users.

@@ -33,6 +33,15 @@ pub const QUEUE_CAPACITY: usize = 1024;
 /// fine. Room for a few batches; [`QUEUE_BYTES`] still bounds the memory.
 pub const RECEIPTS_QUEUE_CAPACITY: usize = 16 * 1024;
 
+/// Frames a stream's queue may hold for an offered frame to join them
+/// ([`SessionHandle::offer`]): typing is news for seconds, and a reader
+/// this far behind shows it late or not at all.
+pub const OFFER_FRAMES: usize = 64;
+
+/// Bytes a stream's queue may hold, with it, for an offered frame to join
+/// them.
+pub const OFFER_BYTES: usize = 64 * 1024;
+
 /// Bytes queued per stream before a client counts as too slow: frames
 /// can be up to the protocol's 1 MiB, and without a byte bound a client
 /// that asks for page after page of long texts and never reads made the
@@ -249,7 +258,11 @@ impl SessionHandle {
         let Some(queue) = self.queue(kind) else {
             return false;
         };
-        match queue.push(out, capacity(kind), QUEUE_BYTES) {
+        let frames = match kind {
+            StreamKind::Receipts => RECEIPTS_QUEUE_CAPACITY,
+            _ => QUEUE_CAPACITY,
+        };
+        match queue.push(out, frames, QUEUE_BYTES) {
             Ok(()) => true,
             Err(PushError::Full) => {
                 if !self.closed.swap(true, Ordering::Relaxed) {
@@ -275,22 +288,15 @@ impl SessionHandle {
 
 impl SessionHandle {
     /// Queues a frame that may be dropped (typing) on one of this
-    /// session's streams, only while that stream is open and its queue is
-    /// under half its bounds: it never makes a client count as too slow.
-    /// Returns whether it was queued.
+    /// session's streams, only while that stream is open and its queue
+    /// holds under [`OFFER_FRAMES`] frames: it never makes a client count
+    /// as too slow, and a device that stopped reading gathers no pile of
+    /// stale ones. Returns whether it was queued.
     pub fn offer(&self, kind: StreamKind, out: Outbound) -> bool {
         let Some(queue) = self.queue(kind) else {
             return false;
         };
-        queue.offer(out, capacity(kind) / 2, QUEUE_BYTES / 2)
-    }
-}
-
-/// Frames a stream's queue holds before its client counts as too slow.
-fn capacity(kind: StreamKind) -> usize {
-    match kind {
-        StreamKind::Receipts => RECEIPTS_QUEUE_CAPACITY,
-        _ => QUEUE_CAPACITY,
+        queue.offer(out, OFFER_FRAMES, OFFER_BYTES)
     }
 }
 

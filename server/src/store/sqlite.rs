@@ -2514,8 +2514,10 @@ impl HistoryStore for SqliteStore {
         conversation_id: ConversationId,
         user: UserId,
     ) -> Result<Arc<Vec<UserId>>, StoreError> {
-        // The send path's cache: no disk read for a conversation in use.
-        self.call(
+        // The send path's cache, read as the send path reads it (through
+        // the pending state, which a plain `call` would write first: a
+        // commit per keystroke): no disk read for a conversation in use.
+        self.call_hot(
             move |conn, state| match state.conversation(conn, conversation_id)? {
                 Some(c) if c.members.binary_search(&user).is_ok() => {
                     if c.open {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use quinn::SendStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::delivery::{MarkJob, MarkReply};
 use crate::error::Refusal;
@@ -45,6 +45,9 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
     let handle = authed.handle.clone();
     // Made at the first mark: most connections never send one.
     let mut unanswered: Option<Arc<Semaphore>> = None;
+    // Made at the first Typing, which its own task passes on, so that a
+    // mark behind it does not wait for its store read.
+    let mut typist: Option<mpsc::Sender<(u64, proto::Typing)>> = None;
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -73,8 +76,21 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
                 ))
                 .await
             }
-            // Boxed as a mark is: its store read would size this task.
-            Some(Body::Typing(typing)) => Box::pin(pass_on_typing(&session, typing)).await,
+            Some(Body::Typing(typing)) => charge_typing(&session).map(|()| {
+                let typist = typist.get_or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(TYPING_QUEUE);
+                    tokio::spawn(typist_task(session.clone(), handle.clone(), rx));
+                    tx
+                });
+                // A store too slow for a dozen: this one is not worth the
+                // wait (the next repeat comes in 3 s).
+                if typist.try_send((request_id, typing)).is_err() {
+                    tracing::debug!(
+                        conn_id = handle.conn_id,
+                        "typing dropped: its queue is full"
+                    );
+                }
+            }),
             Some(other) => Err(Refusal::new(
                 ErrorCode::UnexpectedFrame,
                 format!("{} does not belong on the receipts stream", other.name()),
@@ -133,18 +149,42 @@ async fn mark_seen(
         .await
 }
 
-/// Passes a Typing on to the other members' connected devices, once it is
-/// charged to the user's typing bucket and they may send there. Offered,
-/// not pushed: a device short of room misses it, and is not closed for it.
-async fn pass_on_typing(session: &Session, typing: proto::Typing) -> Result<(), Refusal> {
-    let authed = session.authed().expect("authenticated");
-    let me = authed.user_id;
+/// Typing frames of one connection waiting for their store read; beyond
+/// them one is dropped.
+const TYPING_QUEUE: usize = 16;
+
+/// Takes a token from the user's typing bucket.
+fn charge_typing(session: &Session) -> Result<(), Refusal> {
     super::control::charge(session, &session.shared.typing_limiter, |wait| {
         format!(
             "over {} Typing per second; retry in {wait} ms",
             crate::ratelimit::TYPING_RATE
         )
-    })?;
+    })
+}
+
+/// Passes a connection's Typing frames on in order (a stop never overtakes
+/// its start), answering refusals with their request ids.
+async fn typist_task(
+    session: Arc<Session>,
+    handle: Arc<SessionHandle>,
+    mut typing: mpsc::Receiver<(u64, proto::Typing)>,
+) {
+    while let Some((request_id, typing)) = typing.recv().await {
+        if let Err(refusal) = pass_on_typing(&session, typing).await {
+            handle.push(
+                StreamKind::Receipts,
+                Outbound::frame(&refusal.to_frame(request_id)),
+            );
+        }
+    }
+}
+
+/// Passes a Typing on to the other members' connected devices if the user
+/// may send in its conversation. Offered, not pushed: a device short of
+/// room misses it, and is not closed for it.
+async fn pass_on_typing(session: &Session, typing: proto::Typing) -> Result<(), Refusal> {
+    let me = session.authed().expect("authenticated").user_id;
     let members = session
         .shared
         .store
