@@ -1638,6 +1638,19 @@ impl Client {
         }
     }
 
+    /// Mutes a conversation until `until_ms` (Unix ms; `i64::MAX`: until
+    /// unmuted), or unmutes it (0): meanwhile its messages notify none of
+    /// this user's devices (it is a setting of the user's, shown to every
+    /// device as `ConversationInfo::muted_until_ms`). Messages still arrive
+    /// and count as unread, and calls still ring.
+    pub async fn mute(&self, conversation_id: u64, until_ms: i64) -> Result<(), ClientError> {
+        self.expect_ok(Body::MuteConversation(proto::MuteConversation {
+            conversation_id,
+            muted_until_ms: until_ms,
+        }))
+        .await
+    }
+
     /// A page of history, ascending by seq.
     pub async fn history(
         &self,

@@ -120,6 +120,7 @@ impl Body {
             Body::ListConversations(_) => "list_conversations",
             Body::ConversationList(_) => "conversation_list",
             Body::HistoryQuery(_) => "history_query",
+            Body::MuteConversation(_) => "mute_conversation",
             Body::HistoryPage(_) => "history_page",
             Body::Send(_) => "send",
             Body::SendAck(_) => "send_ack",
@@ -206,6 +207,7 @@ impl Body {
             | Body::OpenDirect(_)
             | Body::ListConversations(_)
             | Body::HistoryQuery(_)
+            | Body::MuteConversation(_)
             | Body::Send(_)
             | Body::DeliveryAck(_)
             | Body::MarkSeen(_)

@@ -20,12 +20,13 @@ use metrics_exporter_prometheus::{
 use crate::store::sqlite::CheckpointMetrics;
 
 /// The outcomes of `chat_push_notifications_total`.
-pub const PUSH_OUTCOMES: [&str; 8] = [
+pub const PUSH_OUTCOMES: [&str; 9] = [
     "sent",
     "coalesced",
     "online",
     "acked",
     "ended",
+    "muted",
     "no_device",
     "failed",
     "dropped",

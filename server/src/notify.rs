@@ -675,6 +675,21 @@ impl Dispatcher {
         }
         let (devices, unread, sender_name) = {
             let _read = self.store_reads.acquire().await.expect("never closed");
+            // A muted conversation's messages notify nobody; its calls
+            // ring. Unread (the mute unknown), it goes.
+            if notice.kind.is_message() {
+                match self
+                    .store
+                    .muted_until(notice.conversation, notice.user)
+                    .await
+                {
+                    Ok(until) if until > now_ms() => return "muted",
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(user = notice.user, error = %e, "notification: could not read the mute");
+                    }
+                }
+            }
             let devices = match self.store.push_devices(notice.user, now_ms()).await {
                 Ok(devices) => devices,
                 Err(e) => {

@@ -349,6 +349,51 @@ each_backend! {
         assert_eq!(gateway.received().len(), 2);
     }
 
+    async fn a_muted_conversation_notifies_nobody_and_an_unmuted_one_does(backend: Backend) {
+        let gateway = Gateway::start(None).await;
+        // No watch of what Bob's foreground connection leaves unacknowledged
+        // (the group's first message, which his app never takes): only the
+        // messages sent once he is gone may notify.
+        let server = server_with(backend, &gateway, |c| {
+            c.push.push_coalesce = Duration::from_secs(5);
+            c.push.push_unacked_after = Duration::ZERO;
+        })
+        .await;
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, bob_events) = register(server.client_config(), &name("bob")).await;
+        let direct = befriend(&alice, &bob).await;
+        let group = alice
+            .create_group("loud", &[bob.identity().user_id])
+            .await
+            .unwrap()
+            .conversation_id;
+        let token = format!("bob-phone-{}", bob.identity().user_id);
+        bob.register_push(APP, &token).await.unwrap();
+        // The direct conversation muted for an hour; the group muted, then
+        // unmuted.
+        let hour = now_ms() + 3_600_000;
+        bob.mute(direct, hour).await.unwrap();
+        bob.mute(group, i64::MAX).await.unwrap();
+        bob.mute(group, 0).await.unwrap();
+        let listed = bob.conversations(10, None).await.unwrap();
+        let mute_of = |id| listed.iter().find(|c| c.conversation_id == id).unwrap().muted_until_ms;
+        assert_eq!((mute_of(direct), mute_of(group)), (hour, 0));
+        assert_eq!(code(bob.mute(direct, -1).await), ErrorCode::InvalidArgument);
+        assert_eq!(code(alice.mute(group + 1000, hour).await), ErrorCode::NotAMember);
+        drop(bob_events);
+        gone(metrics, &bob).await;
+
+        alice.send_text(direct, "shh").await.unwrap();
+        scrape_until(metrics, "the muted one", |m| outcome(m, "muted") == 1.0).await;
+        let loud = alice.send_text(group, "hello").await.unwrap();
+        let got = gateway.wait_for(1).await;
+        assert_eq!(got[0]["notification"]["event_id"], format!("{group}/{}", loud.seq));
+        let m = scrape_until(metrics, "the unmuted one sent", |m| outcome(m, "sent") == 1.0).await;
+        assert_eq!(outcome(&m, "muted"), 1.0);
+        assert_eq!(gateway.received().len(), 1, "nothing for the muted conversation");
+    }
+
     async fn a_failing_gateway_is_asked_again_and_a_refusal_is_final(backend: Backend) {
         let gateway = Gateway::start(None).await;
         let server = server_for(backend, &gateway, Duration::from_millis(100)).await;

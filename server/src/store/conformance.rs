@@ -62,6 +62,7 @@ macro_rules! history_store_conformance {
             former_members_were_sent_up_to_their_departure,
             left_groups_stay_listed_as_they_were,
             the_audience_is_the_members_who_may_hear,
+            mutes,
             moves_share_their_conversations_member_list,
             closed_direct_conversations_keep_their_watermarks_to_themselves,
             photos,
@@ -2036,16 +2037,47 @@ pub async fn the_audience_is_the_members_who_may_hear(store: &impl HistoryStore)
     ));
 }
 
-/// For the stores' migration tests: alice removes bob from her group
-/// "trip" at 40 ms. Returns the group, bob and the removal's seq.
-pub async fn bob_removed_from_a_group(store: &impl HistoryStore) -> (ConversationId, UserId, u64) {
-    let (a, b, _) = friends_with_direct(store, "alice", "bob").await;
+/// A member mutes a conversation of theirs until a time, or unmutes it;
+/// their views show it, nobody else's; a non-member cannot.
+pub async fn mutes(store: &impl HistoryStore) {
+    let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
+    let stranger = user(store, "dave").await;
     let g = trip(store, a, vec![b]).await;
-    let removal = store
-        .change_group(GroupEdit::new(g, a, GroupChange::Remove(b)), 5, 40)
-        .await
-        .unwrap();
-    (g, b, removal.message.seq)
+    assert_eq!(store.muted_until(direct, a).await.unwrap(), 0);
+    store.set_muted(direct, a, 5_000).await.unwrap();
+    assert_eq!(store.muted_until(direct, a).await.unwrap(), 5_000);
+    assert_eq!(store.muted_until(direct, b).await.unwrap(), 0, "hers only");
+    assert_eq!(store.muted_until(g, a).await.unwrap(), 0, "that one only");
+    assert_eq!(
+        store.conversation(direct, a).await.unwrap().muted_until_ms,
+        5_000
+    );
+    assert_eq!(
+        store.conversation(direct, b).await.unwrap().muted_until_ms,
+        0
+    );
+    let listed = store.conversations(a, (0, 0), 10).await.unwrap();
+    let mutes: Vec<(ConversationId, i64)> =
+        listed.iter().map(|v| (v.id, v.muted_until_ms)).collect();
+    assert!(
+        mutes.contains(&(direct, 5_000)) && mutes.contains(&(g, 0)),
+        "{mutes:?}"
+    );
+    store.set_muted(direct, a, i64::MAX).await.unwrap();
+    assert_eq!(store.muted_until(direct, a).await.unwrap(), i64::MAX);
+    store.set_muted(direct, a, 0).await.unwrap();
+    assert_eq!(store.muted_until(direct, a).await.unwrap(), 0, "unmuted");
+    assert_eq!(
+        store.conversation(direct, a).await.unwrap().muted_until_ms,
+        0
+    );
+    for (conversation, who) in [(g, stranger), (direct + 1000, a)] {
+        assert!(matches!(
+            store.set_muted(conversation, who, 5_000).await,
+            Err(StoreError::NotAMember)
+        ));
+        assert_eq!(store.muted_until(conversation, who).await.unwrap(), 0);
+    }
 }
 
 /// Groups: creation, changes with their SYSTEM messages in seq order,

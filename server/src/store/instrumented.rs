@@ -329,6 +329,31 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         )
     }
 
+    async fn set_muted(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        until_ms: i64,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "set_muted",
+            self.inner.set_muted(conversation_id, user, until_ms)
+        )
+    }
+
+    async fn muted_until(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<i64, StoreError> {
+        timed!(
+            self,
+            "muted_until",
+            self.inner.muted_until(conversation_id, user)
+        )
+    }
+
     async fn audience(
         &self,
         conversation_id: ConversationId,

@@ -42,6 +42,7 @@ const PINNED: &[(&str, &str)] = &[
         "src/store/sqlite/V16__former_member_entries.sql",
         "9c8f322acb77faa9",
     ),
+    ("src/store/sqlite/V17__mutes.sql", "9313f05844284729"),
     ("migrations/postgres/V1__initial.sql", "5dcc721cc018b873"),
     ("migrations/postgres/V2__presence.sql", "3b2f2f2d011302a9"),
     ("migrations/postgres/V3__group_keys.sql", "e2a65111b1b8dfff"),
@@ -77,6 +78,7 @@ const PINNED: &[(&str, &str)] = &[
         "migrations/postgres/V14__former_member_entries.sql",
         "ed4c194402ac03e3",
     ),
+    ("migrations/postgres/V15__mutes.sql", "11620292d8c2ce34"),
 ];
 
 #[test]

@@ -440,6 +440,9 @@ pub struct ConversationView {
     /// A direct conversation whose two members are not friends (any more):
     /// nobody sends in it, and neither is shown the other's watermarks.
     pub closed: bool,
+    /// Until when (Unix ms) the viewer muted it; 0 if they did not (or
+    /// left it).
+    pub muted_until_ms: i64,
     /// A group the viewer left or was removed from, as it was then: its
     /// name then, no members, the message that ended their stay as the
     /// newest (its seq and time), nothing unread.
@@ -902,6 +905,24 @@ pub trait HistoryStore: Send + Sync + 'static {
         user: UserId,
         seq: u64,
     ) -> Result<bool, StoreError>;
+
+    /// Mutes a conversation of its member `user` until `until_ms` (Unix
+    /// ms; 0, or any time past, unmutes it): its messages notify none of
+    /// their devices meanwhile. `NotAMember` if they are not one.
+    async fn set_muted(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        until_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Until when `user` muted a conversation ([`set_muted`](Self::set_muted)),
+    /// or 0.
+    async fn muted_until(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<i64, StoreError>;
 
     /// The members, ascending, of a conversation `user` may send in: what
     /// is passed on there without being stored (typing) goes to them.

@@ -814,6 +814,7 @@ impl PostgresStore {
                     last_message,
                     unread_count: id_col(row, 5)?,
                     closed: col(row, 15)?,
+                    muted_until_ms: col::<Option<i64>>(row, 16)?.unwrap_or_default(),
                     former: false,
                 },
             );
@@ -855,6 +856,7 @@ impl PostgresStore {
                     last_message,
                     unread_count: 0,
                     closed: false,
+                    muted_until_ms: 0,
                     former: true,
                 },
             );
@@ -2041,6 +2043,58 @@ impl HistoryStore for PostgresStore {
         col(&row, 0)
     }
 
+    async fn set_muted(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        until_ms: i64,
+    ) -> Result<(), StoreError> {
+        // One statement: the mute is written only where the member row is.
+        let (user, conversation) = (sql(user), sql(conversation_id));
+        let row = if until_ms > 0 {
+            self.one(
+                "WITH member AS (SELECT 1 FROM members WHERE conversation_id = $2 AND user_id = $1),
+                      written AS (
+                          INSERT INTO mutes (user_id, conversation_id, until_ms)
+                          SELECT $1, $2, $3::bigint FROM member
+                          ON CONFLICT (user_id, conversation_id)
+                          DO UPDATE SET until_ms = EXCLUDED.until_ms)
+                 SELECT EXISTS(SELECT 1 FROM member)",
+                &[&user, &conversation, &until_ms],
+            )
+            .await?
+        } else {
+            self.one(
+                "WITH member AS (SELECT 1 FROM members WHERE conversation_id = $2 AND user_id = $1),
+                      removed AS (DELETE FROM mutes WHERE user_id = $1 AND conversation_id = $2)
+                 SELECT EXISTS(SELECT 1 FROM member)",
+                &[&user, &conversation],
+            )
+            .await?
+        };
+        if col::<bool>(&row, 0)? {
+            Ok(())
+        } else {
+            Err(StoreError::NotAMember)
+        }
+    }
+
+    async fn muted_until(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<i64, StoreError> {
+        Ok(self
+            .row(
+                "SELECT until_ms FROM mutes WHERE user_id = $1 AND conversation_id = $2",
+                &[&sql(user), &sql(conversation_id)],
+            )
+            .await?
+            .map(|row| col::<i64>(&row, 0))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
     async fn audience(
         &self,
         conversation_id: ConversationId,
@@ -2848,7 +2902,8 @@ const VIEWS: &str = "
                                     AND u.sender_id <> me.user_id
                                   LIMIT $4) unread),
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
-           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, c.closed
+           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, c.closed,
+           (SELECT until_ms FROM mutes WHERE user_id = $2 AND conversation_id = c.id)
     FROM conversations c
     JOIN members me ON me.conversation_id = c.id AND me.user_id = $2
     LEFT JOIN messages lm ON lm.conversation_id = c.id AND lm.seq = c.last_seq

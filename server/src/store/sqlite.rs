@@ -171,6 +171,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V14__former_members.sql"),
     include_str!("sqlite/V15__photo_previews.sql"),
     include_str!("sqlite/V16__former_member_entries.sql"),
+    include_str!("sqlite/V17__mutes.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1486,7 +1487,8 @@ fn view(
 ) -> Result<ConversationView, StoreError> {
     let row = conn
         .prepare_cached(
-            "SELECT c.kind, c.name, c.last_seq, c.last_activity_ms, m.seen_seq
+            "SELECT c.kind, c.name, c.last_seq, c.last_activity_ms, m.seen_seq,
+                    (SELECT until_ms FROM mutes WHERE user_id = ?2 AND conversation_id = ?1)
              FROM conversations c JOIN members m ON m.conversation_id = c.id
              WHERE c.id = ?1 AND m.user_id = ?2",
         )
@@ -1498,11 +1500,12 @@ fn view(
                 r.get::<_, i64>(2)? as u64,
                 r.get::<_, i64>(3)?,
                 r.get::<_, i64>(4)? as u64,
+                r.get::<_, Option<i64>>(5)?,
             ))
         })
         .optional()
         .map_err(internal)?;
-    let Some((kind, name, last_seq, last_activity_ms, seen_seq)) = row else {
+    let Some((kind, name, last_seq, last_activity_ms, seen_seq, muted_until_ms)) = row else {
         return Err(StoreError::NotAMember);
     };
     let last_message = list_line(conn, state, conversation_id, last_seq)?;
@@ -1542,6 +1545,7 @@ fn view(
         last_message,
         unread_count: unread_count as u64,
         closed,
+        muted_until_ms: muted_until_ms.unwrap_or_default(),
         former: false,
     })
 }
@@ -1603,6 +1607,7 @@ fn former_view(
         last_message: list_line(conn, state, conversation_id, left_seq)?,
         unread_count: 0,
         closed: false,
+        muted_until_ms: 0,
         former: true,
     })
 }
@@ -2504,6 +2509,53 @@ impl HistoryStore for SqliteStore {
             )
             .map_err(internal)?
             .query_row(params![sql(conversation_id), sql(user)], |r| r.get(0))
+            .map_err(internal)
+        })
+        .await
+    }
+
+    async fn set_muted(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        until_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.call(move |conn, _| {
+            if role_of(conn, conversation_id, user)?.is_none() {
+                return Err(StoreError::NotAMember);
+            }
+            if until_ms > 0 {
+                conn.prepare_cached(
+                    "INSERT INTO mutes (user_id, conversation_id, until_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (user_id, conversation_id) DO UPDATE SET until_ms = excluded.until_ms",
+                )
+                .map_err(internal)?
+                .execute(params![sql(user), sql(conversation_id), until_ms])
+                .map_err(internal)?;
+            } else {
+                conn.prepare_cached("DELETE FROM mutes WHERE user_id = ?1 AND conversation_id = ?2")
+                    .map_err(internal)?
+                    .execute(params![sql(user), sql(conversation_id)])
+                    .map_err(internal)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn muted_until(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<i64, StoreError> {
+        self.call(move |conn, _| {
+            conn.prepare_cached(
+                "SELECT until_ms FROM mutes WHERE user_id = ?1 AND conversation_id = ?2",
+            )
+            .map_err(internal)?
+            .query_row(params![sql(user), sql(conversation_id)], |r| r.get(0))
+            .optional()
+            .map(Option::unwrap_or_default)
             .map_err(internal)
         })
         .await
@@ -3631,7 +3683,7 @@ mod tests {
         );
     }
 
-    use crate::store::conformance::{bob_removed_from_a_group, friends_with_direct, text};
+    use crate::store::conformance::{friends_with_direct, text};
 
     /// Appends one message that must be accepted.
     async fn send(store: &SqliteStore, m: NewMessage) -> Appended {
@@ -4547,29 +4599,49 @@ mod tests {
     #[tokio::test]
     async fn migration_lists_the_groups_left_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let (g, bob, removal) = {
-            let store = SqliteStore::open(dir.path()).unwrap();
-            bob_removed_from_a_group(&store).await
-        };
         {
-            // As V15 left it, renamed since.
+            // As V15 left it: alice removed carol from her group "trip"
+            // with its first message, at 30 ms, and bob with its second,
+            // at 40 ms, which is not indexed yet (it is above
+            // heads_message_id); renamed since.
             let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+            for sql in &MIGRATIONS[..15] {
+                conn.execute_batch(sql).unwrap();
+            }
             conn.execute_batch(
-                "ALTER TABLE former_members DROP COLUMN left_ms;
-                 ALTER TABLE former_members DROP COLUMN name;
-                 UPDATE conversations SET name = 'trip 2';
-                 PRAGMA user_version = 15;",
+                "PRAGMA user_version = 15;
+                 INSERT INTO users (id, username, password_hash, created_at_ms)
+                     VALUES (1, 'alice', 'h', 0), (2, 'bob', 'h', 0), (3, 'carol', 'h', 0);
+                 INSERT INTO conversations (id, kind, name, created_at_ms, last_seq, last_activity_ms)
+                     VALUES (7, 2, 'trip 2', 0, 2, 40);
+                 INSERT INTO members (conversation_id, user_id, role, joined_seq, delivered_seq, seen_seq)
+                     VALUES (7, 1, 1, 0, 2, 2);
+                 INSERT INTO messages (message_id, conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body)
+                     VALUES (1, 7, 1, 1, 'k1', 1, 30, 'x'), (2, 7, 2, 1, 'k2', 1, 40, 'y');
+                 INSERT INTO message_index (conversation_id, seq, message_id) VALUES (7, 1, 1);
+                 UPDATE written_through SET keys_message_id = 2, heads_message_id = 1;
+                 INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq)
+                     VALUES (3, 7, 0, 1), (2, 7, 0, 2);",
             )
             .unwrap();
         }
         let store = SqliteStore::open(dir.path()).unwrap();
-        let list = store.conversations(bob, (0, 0), 10).await.unwrap();
-        let entry = list.iter().find(|v| v.id == g).expect("listed");
-        assert!(entry.former);
-        assert_eq!(
-            (entry.name.as_str(), entry.last_seq, entry.last_activity_ms),
-            ("trip 2", removal, 40)
-        );
+        for (user, seq, at) in [(3, 1, 30), (2, 2, 40)] {
+            let list = store.conversations(user, (0, 0), 10).await.unwrap();
+            assert_eq!(list.len(), 1, "{list:?}");
+            let entry = &list[0];
+            assert!(entry.former);
+            assert_eq!(
+                (
+                    entry.id,
+                    entry.name.as_str(),
+                    entry.last_seq,
+                    entry.last_activity_ms
+                ),
+                (7, "trip 2", seq, at),
+                "user {user}"
+            );
+        }
     }
 
     #[tokio::test]

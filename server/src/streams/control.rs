@@ -978,6 +978,18 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             let view = store.conversation(id, me).await?;
             reply(Body::Conversation(conversation_info(view, me)))
         }
+        Some(Body::MuteConversation(m)) => {
+            if m.muted_until_ms < 0 {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    "muted_until_ms is a time (Unix ms), or 0 to unmute",
+                ));
+            }
+            store
+                .set_muted(m.conversation_id, me, m.muted_until_ms)
+                .await?;
+            reply(Body::Ok(proto::Ok {}))
+        }
         Some(Body::ListConversations(l)) => {
             let limit = page_limit(l.limit, DEFAULT_CONVERSATION_PAGE) as usize;
             let mut before = (l.before_activity_ms, l.before_conversation_id);
@@ -1556,6 +1568,7 @@ pub fn conversation_info(view: ConversationView, viewer: UserId) -> proto::Conve
         }),
         unread_count: view.unread_count,
         former_member: view.former,
+        muted_until_ms: view.muted_until_ms,
     }
 }
 

@@ -348,12 +348,13 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
             "media",
             "members",
             "messages",
+            "mutes",
             "refinery_schema_history",
             "sessions",
             "users"
         ]
     );
-    assert_eq!(history.unwrap(), 14, "V1 to V14, once each");
+    assert_eq!(history.unwrap(), 15, "V1 to V15, once each");
 }
 
 /// V7 closes the direct conversations of pairs who had stopped being
@@ -451,26 +452,48 @@ async fn the_migration_lists_the_groups_left_before_it() {
     let outcome = tokio::spawn({
         let schema = schema.clone();
         async move {
-            let store = PostgresStore::connect_with_schema(&test_url(), &schema, 1)
-                .await
-                .unwrap();
-            let (g, bob, removal) =
-                crate::store::conformance::bob_removed_from_a_group(&store).await;
-            store.close();
-            // As V13 left it, renamed since.
-            admin()
-                .await
+            let mut setup = admin().await;
+            setup
                 .batch_execute(&format!(
-                    "SET search_path TO \"{schema}\";
-                     ALTER TABLE former_members DROP COLUMN left_ms, DROP COLUMN name;
-                     UPDATE conversations SET name = 'trip 2';
-                     DELETE FROM refinery_schema_history WHERE version = 14;"
+                    "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\""
                 ))
                 .await
                 .unwrap();
+            embedded::migrations::runner()
+                .set_target(refinery::Target::Version(13))
+                .set_grouped(true)
+                .run_async(&mut setup)
+                .await
+                .unwrap();
+            // As V13 left it: alice removed bob from her group "trip" with
+            // its second message, at 40 ms; renamed since.
+            setup
+                .batch_execute(
+                    "INSERT INTO users (username, password_hash, created_at_ms)
+                         VALUES ('alice', 'h', 1), ('bob', 'h', 1);
+                     INSERT INTO conversations (kind, name, created_at_ms, last_seq, last_activity_ms)
+                         VALUES (2, 'trip 2', 1, 2, 40);
+                     INSERT INTO members (conversation_id, user_id, role, joined_seq, delivered_seq, seen_seq)
+                         SELECT c.id, u.id, 1, 0, 0, 0 FROM conversations c, users u
+                         WHERE u.username = 'alice';
+                     INSERT INTO messages (conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body)
+                         SELECT c.id, s, u.id, 'k' || s, 1, 10 * s + 20, 'x'
+                         FROM conversations c, users u, generate_series(1, 2) s
+                         WHERE u.username = 'alice';
+                     INSERT INTO former_members (user_id, conversation_id, joined_seq, left_seq)
+                         SELECT u.id, c.id, 0, 2 FROM conversations c, users u
+                         WHERE u.username = 'bob';",
+                )
+                .await
+                .unwrap();
+            drop(setup);
             let store = PostgresStore::connect_with_schema(&test_url(), &schema, 1)
                 .await
-                .expect("the store applies V14");
+                .expect("the store applies V14 on");
+            let bob = store.user_by_name("bob".into()).await.unwrap().unwrap().id;
+            let removal = 2;
+            let list = store.conversations(bob, (0, 0), 10).await.unwrap();
+            let g = list.first().expect("listed").id;
             let list = store.conversations(bob, (0, 0), 10).await.unwrap();
             let entry = list.iter().find(|v| v.id == g).expect("listed");
             assert!(entry.former);

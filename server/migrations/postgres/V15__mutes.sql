@@ -1,0 +1,10 @@
+-- Conversations a member muted, and until when (Unix ms): their messages
+-- notify nobody's devices of that member meanwhile. A table of its own
+-- rather than a column of `members`, whose rows every receipt rewrites:
+-- few members mute, and an unmuted conversation has no row.
+CREATE TABLE mutes (
+    user_id         BIGINT NOT NULL,
+    conversation_id BIGINT NOT NULL,
+    until_ms        BIGINT NOT NULL,
+    PRIMARY KEY (user_id, conversation_id)
+);
