@@ -1638,6 +1638,19 @@ impl Client {
         }
     }
 
+    /// "Delete chat": a direct conversation is cleared for this user (its
+    /// other member keeps it), leaving their list until a new message and
+    /// their history from that message on; a group they left leaves their
+    /// list with its history and photos. `InvalidArgument` for a group
+    /// they are in (leave it first). What this client already handed to
+    /// the app is the app's to delete.
+    pub async fn delete_conversation(&self, conversation_id: u64) -> Result<(), ClientError> {
+        self.expect_ok(Body::DeleteConversation(proto::DeleteConversation {
+            conversation_id,
+        }))
+        .await
+    }
+
     /// Mutes a conversation until `until_ms` (Unix ms; `i64::MAX`: until
     /// unmuted), or unmutes it (0): meanwhile its messages notify none of
     /// this user's devices (it is a setting of the user's, shown to every

@@ -513,7 +513,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(bodies, 64);
+        assert_eq!(bodies, 65);
     }
 
     #[test]

@@ -121,6 +121,7 @@ impl Body {
             Body::ConversationList(_) => "conversation_list",
             Body::HistoryQuery(_) => "history_query",
             Body::MuteConversation(_) => "mute_conversation",
+            Body::DeleteConversation(_) => "delete_conversation",
             Body::HistoryPage(_) => "history_page",
             Body::Send(_) => "send",
             Body::SendAck(_) => "send_ack",
@@ -208,6 +209,7 @@ impl Body {
             | Body::ListConversations(_)
             | Body::HistoryQuery(_)
             | Body::MuteConversation(_)
+            | Body::DeleteConversation(_)
             | Body::Send(_)
             | Body::DeliveryAck(_)
             | Body::MarkSeen(_)

@@ -1520,3 +1520,72 @@ async fn typing_reaches_the_other_members_once_per_repeat_and_stops() {
     }
     assert_eq!(seen, [true, false, true, false]);
 }
+
+#[tokio::test]
+async fn a_deleted_chat_is_gone_for_one_until_a_new_message_and_kept_by_the_other() {
+    let server = TestServer::start().await;
+    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+    let direct = befriend(&alice, &bob).await;
+    let sent = send_texts(&bob, direct, 2).await;
+    messages(&mut alice_events, 2).await;
+    alice.delete_conversation(direct).await.unwrap();
+    let listed = |list: Vec<proto::ConversationInfo>| {
+        list.iter().map(|c| c.conversation_id).collect::<Vec<_>>()
+    };
+    assert!(listed(alice.conversations(10, None).await.unwrap()).is_empty());
+    assert_eq!(listed(bob.conversations(10, None).await.unwrap()), [direct]);
+    let page = alice
+        .history(direct, HistoryDirection::Backward, 0, 50)
+        .await
+        .unwrap();
+    assert!(page.messages.is_empty() && !page.has_more, "{page:?}");
+    let page = bob
+        .history(direct, HistoryDirection::Backward, 0, 50)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), 2, "his stays");
+    // Deleting is not reading: he sees what she deleted delivered, never
+    // seen.
+    let bob_id = bob.identity().user_id;
+    let last = sent.iter().copied().max().unwrap();
+    wait_until("delivered", || async {
+        let view = bob.conversation(direct).await.unwrap();
+        view.members
+            .iter()
+            .any(|m| m.user_id != bob_id && m.delivered_seq == last && m.seen_seq == 0)
+    })
+    .await;
+    // A new message brings it back, with only itself.
+    bob.send_text(direct, "still there?").await.unwrap();
+    let got = messages(&mut alice_events, 1).await;
+    assert_eq!(got[0].text, "still there?");
+    assert_eq!(
+        listed(alice.conversations(10, None).await.unwrap()),
+        [direct]
+    );
+    let page = alice
+        .history(direct, HistoryDirection::Backward, 0, 50)
+        .await
+        .unwrap();
+    let texts: Vec<&str> = page.messages.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["still there?"]);
+    // A group one is in is left first.
+    let g = alice
+        .create_group("g", &[bob_id])
+        .await
+        .unwrap()
+        .conversation_id;
+    assert_eq!(
+        code(bob.delete_conversation(g).await),
+        ErrorCode::InvalidArgument
+    );
+    bob.leave_group(g).await.unwrap();
+    bob.delete_conversation(g).await.unwrap();
+    let theirs = listed(bob.conversations(10, None).await.unwrap());
+    assert_eq!(theirs, [direct], "the group left and deleted");
+    assert_eq!(
+        code(bob.delete_conversation(g).await),
+        ErrorCode::NotAMember
+    );
+}

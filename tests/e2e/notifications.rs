@@ -370,15 +370,15 @@ each_backend! {
             .conversation_id;
         let token = format!("bob-phone-{}", bob.identity().user_id);
         bob.register_push(APP, &token).await.unwrap();
-        // The direct conversation muted for an hour; the group muted, then
-        // unmuted.
+        // The direct conversation muted for an hour; the group muted for
+        // good, then until a time already past.
         let hour = now_ms() + 3_600_000;
         bob.mute(direct, hour).await.unwrap();
         bob.mute(group, i64::MAX).await.unwrap();
-        bob.mute(group, 0).await.unwrap();
+        bob.mute(group, 1).await.unwrap();
         let listed = bob.conversations(10, None).await.unwrap();
         let mute_of = |id| listed.iter().find(|c| c.conversation_id == id).unwrap().muted_until_ms;
-        assert_eq!((mute_of(direct), mute_of(group)), (hour, 0));
+        assert_eq!((mute_of(direct), mute_of(group)), (hour, 1));
         assert_eq!(code(bob.mute(direct, -1).await), ErrorCode::InvalidArgument);
         assert_eq!(code(alice.mute(group + 1000, hour).await), ErrorCode::NotAMember);
         drop(bob_events);

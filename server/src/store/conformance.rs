@@ -63,6 +63,7 @@ macro_rules! history_store_conformance {
             left_groups_stay_listed_as_they_were,
             the_audience_is_the_members_who_may_hear,
             mutes,
+            deleting_conversations,
             moves_share_their_conversations_member_list,
             closed_direct_conversations_keep_their_watermarks_to_themselves,
             photos,
@@ -2037,6 +2038,88 @@ pub async fn the_audience_is_the_members_who_may_hear(store: &impl HistoryStore)
     ));
 }
 
+/// "Delete chat": a direct conversation is cleared for the one who deletes
+/// it (their start moves past it, nothing before it is unread, it leaves
+/// their list until a later message), the other keeps it; a group one left
+/// is forgotten; a group one is in is refused, and anything else.
+pub async fn deleting_conversations(store: &impl HistoryStore) {
+    let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
+    let c = user(store, "carol").await;
+    let stranger = user(store, "dave").await;
+    befriend(store, a, c).await;
+    for (i, from) in [b, b, a].into_iter().enumerate() {
+        append_one(
+            store,
+            text(direct, from, &format!("d{i}"), "hi", 10 + i as i64),
+        )
+        .await;
+    }
+    let g = trip(store, a, vec![b, c]).await;
+    let listed = |user| async move {
+        let list = store.conversations(user, (0, 0), 10).await.unwrap();
+        list.iter().map(|v| v.id).collect::<Vec<_>>()
+    };
+    assert_eq!(store.unread_conversations(a, 10).await.unwrap(), 1);
+
+    assert_eq!(
+        store.delete_conversation(direct, a).await.unwrap(),
+        Deleted::Cleared(3)
+    );
+    assert_eq!(listed(a).await, vec![g], "gone from her list");
+    assert_eq!(listed(b).await, vec![direct, g], "not from his");
+    let start = |user| async move { store.membership(direct, user).await.unwrap().unwrap() };
+    assert_eq!(start(a).await.joined_seq, 4, "she reads from after it");
+    assert_eq!(start(b).await.joined_seq, 0);
+    let view = store.conversation(direct, a).await.unwrap();
+    assert_eq!((view.last_message, view.unread_count), (None, 0));
+    assert_eq!(store.unread_conversations(a, 10).await.unwrap(), 0);
+    assert_eq!(store.conversation(direct, b).await.unwrap().last_seq, 3);
+    // A later message brings it back, with only what came after.
+    append_one(store, text(direct, b, "d3", "again", 20)).await;
+    assert_eq!(listed(a).await, vec![direct, g]);
+    let view = store.conversation(direct, a).await.unwrap();
+    assert_eq!(
+        (view.last_message.map(|m| m.seq), view.unread_count),
+        (Some(4), 1)
+    );
+    assert_eq!(start(a).await.joined_seq, 4);
+    assert_eq!(
+        store.delete_conversation(direct, a).await.unwrap(),
+        Deleted::Cleared(4)
+    );
+    assert_eq!(start(a).await.joined_seq, 5);
+
+    // A group: left first, then forgotten.
+    assert!(matches!(
+        store.delete_conversation(g, c).await,
+        Err(StoreError::Invalid(_))
+    ));
+    store
+        .change_group(GroupEdit::new(g, c, GroupChange::Leave), 5, 30)
+        .await
+        .unwrap();
+    assert_eq!(listed(c).await, vec![g], "a former member's entry");
+    assert_eq!(
+        store.delete_conversation(g, c).await.unwrap(),
+        Deleted::Forgotten
+    );
+    assert!(listed(c).await.is_empty());
+    assert_eq!(store.former_membership(g, c).await.unwrap(), None);
+    assert!(
+        !store.was_member_at(g, c, 1).await.unwrap(),
+        "nor its photos"
+    );
+    for (conversation, who) in [(g, c), (g, stranger), (direct, c), (g + 1000, a)] {
+        assert!(
+            matches!(
+                store.delete_conversation(conversation, who).await,
+                Err(StoreError::NotAMember)
+            ),
+            "{conversation} {who}"
+        );
+    }
+}
+
 /// A member mutes a conversation of theirs until a time, or unmutes it;
 /// their views show it, nobody else's; a non-member cannot.
 pub async fn mutes(store: &impl HistoryStore) {
@@ -2078,6 +2161,19 @@ pub async fn mutes(store: &impl HistoryStore) {
         ));
         assert_eq!(store.muted_until(conversation, who).await.unwrap(), 0);
     }
+    // A mute ends with the membership: added back, unmuted.
+    store.set_muted(g, b, i64::MAX).await.unwrap();
+    let edit = |change, now| store.change_group(GroupEdit::new(g, a, change), 5, now);
+    edit(GroupChange::Remove(b), 20).await.unwrap();
+    assert_eq!(store.muted_until(g, b).await.unwrap(), 0);
+    edit(GroupChange::Add(vec![b]), 21).await.unwrap();
+    assert_eq!(store.muted_until(g, b).await.unwrap(), 0, "added back");
+    store.set_muted(g, b, i64::MAX).await.unwrap();
+    store
+        .change_group(GroupEdit::new(g, b, GroupChange::Leave), 5, 22)
+        .await
+        .unwrap();
+    assert_eq!(store.muted_until(g, b).await.unwrap(), 0, "left");
 }
 
 /// Groups: creation, changes with their SYSTEM messages in seq order,

@@ -13,10 +13,11 @@ use chat_protocol::proto;
 
 use super::presence::{OnlineRecord, PresenceStore};
 use super::{
-    Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
-    FriendRequestOutcome, GroupCreated, GroupEdit, HistoryStore, InboxStore, MediaRecord,
-    Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, PushDevice, RecentCache,
-    SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved, WatermarkUpdate,
+    Appended, BlockOutcome, ConversationId, ConversationView, Deleted, Direction, FriendCounts,
+    FriendLists, FriendRequestOutcome, GroupCreated, GroupEdit, HistoryStore, InboxStore,
+    MediaRecord, Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, PushDevice,
+    RecentCache, SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved,
+    WatermarkUpdate,
 };
 use crate::metrics::Metrics;
 
@@ -326,6 +327,18 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
             self,
             "is_member",
             self.inner.is_member(conversation_id, user)
+        )
+    }
+
+    async fn delete_conversation(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Deleted, StoreError> {
+        timed!(
+            self,
+            "delete_conversation",
+            self.inner.delete_conversation(conversation_id, user)
         )
     }
 

@@ -43,6 +43,10 @@ const PINNED: &[(&str, &str)] = &[
         "9c8f322acb77faa9",
     ),
     ("src/store/sqlite/V17__mutes.sql", "9313f05844284729"),
+    (
+        "src/store/sqlite/V18__cleared_histories.sql",
+        "b3715b773893ea5d",
+    ),
     ("migrations/postgres/V1__initial.sql", "5dcc721cc018b873"),
     ("migrations/postgres/V2__presence.sql", "3b2f2f2d011302a9"),
     ("migrations/postgres/V3__group_keys.sql", "e2a65111b1b8dfff"),
@@ -79,6 +83,10 @@ const PINNED: &[(&str, &str)] = &[
         "ed4c194402ac03e3",
     ),
     ("migrations/postgres/V15__mutes.sql", "11620292d8c2ce34"),
+    (
+        "migrations/postgres/V16__cleared_histories.sql",
+        "dd43a0c53ada53a7",
+    ),
 ];
 
 #[test]

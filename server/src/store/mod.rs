@@ -449,6 +449,18 @@ pub struct ConversationView {
     pub former: bool,
 }
 
+/// What [`HistoryStore::delete_conversation`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// A direct conversation, cleared for the user up to this seq.
+    Cleared(u64),
+    /// A group they had left, forgotten.
+    Forgotten,
+}
+
+/// What a group member who deletes it is told.
+pub const LEAVE_FIRST: &str = "leave the group before deleting it";
+
 /// A message to append, after validation.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
@@ -905,6 +917,20 @@ pub trait HistoryStore: Send + Sync + 'static {
         user: UserId,
         seq: u64,
     ) -> Result<bool, StoreError>;
+
+    /// "Delete chat" for `user`. A direct conversation of theirs is
+    /// cleared up to its last seq, for them alone: it starts after it
+    /// ([`membership`](Self::membership)'s `joined_seq`, so history and
+    /// catch-up), counts nothing before it unread, and leaves their list
+    /// until a later message. A group they left or were removed from is
+    /// forgotten: its list entry, history and photos are no longer
+    /// theirs. `Invalid` for a group they are a member of (they leave it
+    /// first), `NotAMember` otherwise.
+    async fn delete_conversation(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Deleted, StoreError>;
 
     /// Mutes a conversation of its member `user` until `until_ms` (Unix
     /// ms; 0, or any time past, unmutes it): its messages notify none of

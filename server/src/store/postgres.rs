@@ -41,10 +41,10 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Config, NoTls, Row};
 
 use super::{
-    Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
-    FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
-    MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
-    PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
+    Appended, BlockOutcome, ConversationId, ConversationView, Deleted, Direction, FriendCounts,
+    FriendLists, FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore,
+    MediaRecord, MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE,
+    Page, PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
     WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
@@ -1699,7 +1699,11 @@ impl HistoryStore for PostgresStore {
         user: UserId,
     ) -> Result<Option<Membership>, StoreError> {
         self.row(
-            "SELECT c.last_seq, m.joined_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
+            "SELECT c.last_seq,
+                    GREATEST(m.joined_seq,
+                             COALESCE((SELECT cleared_seq + 1 FROM cleared_histories
+                                       WHERE user_id = $2 AND conversation_id = $1), 0))
+             FROM members m JOIN conversations c ON c.id = m.conversation_id
              WHERE m.conversation_id = $1 AND m.user_id = $2",
             &[&sql(conversation_id), &sql(user)],
         )
@@ -2041,6 +2045,46 @@ impl HistoryStore for PostgresStore {
             )
             .await?;
         col(&row, 0)
+    }
+
+    async fn delete_conversation(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Deleted, StoreError> {
+        // One statement: clear a direct conversation of theirs, or forget
+        // a group they are no longer in, and say which.
+        let row = self
+            .one(
+                "WITH target AS (
+                     SELECT c.kind, c.last_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
+                     WHERE m.conversation_id = $2 AND m.user_id = $1),
+                 cleared AS (
+                     INSERT INTO cleared_histories (user_id, conversation_id, cleared_seq)
+                     SELECT $1, $2, last_seq FROM target WHERE kind = $3
+                     ON CONFLICT (user_id, conversation_id) DO UPDATE
+                         SET cleared_seq = GREATEST(cleared_histories.cleared_seq, EXCLUDED.cleared_seq)),
+                 forgotten AS (
+                     DELETE FROM former_members
+                     WHERE user_id = $1 AND conversation_id = $2 AND NOT EXISTS (SELECT 1 FROM target)
+                     RETURNING 1)
+                 SELECT (SELECT kind FROM target), (SELECT last_seq FROM target),
+                        (SELECT count(*) FROM forgotten)",
+                &[
+                    &sql(user),
+                    &sql(conversation_id),
+                    &(proto::ConversationKind::Direct as i32),
+                ],
+            )
+            .await?;
+        match (col::<Option<i32>>(&row, 0)?, col::<Option<i64>>(&row, 1)?) {
+            (Some(kind), Some(last_seq)) if kind == proto::ConversationKind::Direct as i32 => {
+                Ok(Deleted::Cleared(id(last_seq)))
+            }
+            (Some(_), _) => Err(StoreError::Invalid(super::LEAVE_FIRST.into())),
+            (None, _) if col::<i64>(&row, 2)? > 0 => Ok(Deleted::Forgotten),
+            (None, _) => Err(StoreError::NotAMember),
+        }
     }
 
     async fn set_muted(
@@ -2701,9 +2745,13 @@ impl HistoryStore for PostgresStore {
             .one(
                 "SELECT count(*) FROM (
                      SELECT 1 FROM members me JOIN conversations c ON c.id = me.conversation_id
-                     WHERE me.user_id = $1 AND c.last_seq > me.seen_seq
+                     LEFT JOIN cleared_histories k
+                       ON k.user_id = me.user_id AND k.conversation_id = me.conversation_id
+                     WHERE me.user_id = $1
+                       AND c.last_seq > GREATEST(me.seen_seq, COALESCE(k.cleared_seq, 0))
                        AND EXISTS (SELECT 1 FROM messages u
-                                   WHERE u.conversation_id = c.id AND u.seq > me.seen_seq
+                                   WHERE u.conversation_id = c.id
+                                     AND u.seq > GREATEST(me.seen_seq, COALESCE(k.cleared_seq, 0))
                                      AND u.sender_id <> $1)
                      LIMIT $2) unread",
                 &[&sql(user), &i64::from(cap)],
@@ -2898,7 +2946,8 @@ const ADVANCE: &str = "
 const VIEWS: &str = "
     SELECT c.id, c.kind, c.name, c.last_seq, c.last_activity_ms,
            (SELECT count(*) FROM (SELECT 1 FROM messages u
-                                  WHERE u.conversation_id = c.id AND u.seq > me.seen_seq
+                                  WHERE u.conversation_id = c.id
+                                    AND u.seq > GREATEST(me.seen_seq, COALESCE(k.cleared_seq, 0))
                                     AND u.sender_id <> me.user_id
                                   LIMIT $4) unread),
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
@@ -2906,7 +2955,9 @@ const VIEWS: &str = "
            (SELECT until_ms FROM mutes WHERE user_id = $2 AND conversation_id = c.id)
     FROM conversations c
     JOIN members me ON me.conversation_id = c.id AND me.user_id = $2
+    LEFT JOIN cleared_histories k ON k.user_id = $2 AND k.conversation_id = c.id
     LEFT JOIN messages lm ON lm.conversation_id = c.id AND lm.seq = c.last_seq
+                         AND c.last_seq > COALESCE(k.cleared_seq, 0)
     WHERE c.id = ANY($1::bigint[])";
 
 /// The list entries of groups `$2` left or was removed from, of the ids
@@ -2929,7 +2980,8 @@ const FORMER_VIEWS: &str = "
 /// A page of `$1`'s conversations below (`$2` ms, id `$4`), `$3` at most,
 /// newest first, with the time each is ordered by and whether it is a
 /// group they left: the end of their last stay there, unless they are a
-/// member again, is listed as of their leaving. A stay an older node ended
+/// member again, is listed as of their leaving; a conversation they deleted
+/// is not, until a message after it comes. A stay an older node ended
 /// during a rolling upgrade has no time (nor name: [`FORMER_VIEWS`] takes
 /// the group's) and takes that of the message that ended it.
 const LIST_CONVERSATIONS: &str = "
@@ -2937,6 +2989,9 @@ const LIST_CONVERSATIONS: &str = "
         SELECT c.id AS id, c.last_activity_ms AS at, false AS former
         FROM members m JOIN conversations c ON c.id = m.conversation_id
         WHERE m.user_id = $1
+          AND NOT EXISTS (SELECT 1 FROM cleared_histories k
+                          WHERE k.user_id = $1 AND k.conversation_id = c.id
+                            AND k.cleared_seq >= c.last_seq)
         UNION ALL
         SELECT f.conversation_id,
                CASE WHEN f.left_ms > 0 THEN f.left_ms

@@ -65,10 +65,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
-    FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
-    MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
-    PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
+    Appended, BlockOutcome, ConversationId, ConversationView, Deleted, Direction, FriendCounts,
+    FriendLists, FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore,
+    MediaRecord, MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE,
+    Page, PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
     WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
@@ -128,12 +128,16 @@ const PREVIEW_CHARS: usize = 100;
 /// A page of `?1`'s conversations below (`?2` ms, id `?4`), `?3` at most,
 /// newest first, each with whether it is a group they left: the end of
 /// their last stay there, unless they are a member again, is listed as of
-/// their leaving.
+/// their leaving. A conversation they deleted is not, until a message
+/// after it comes.
 const LIST_CONVERSATIONS: &str = "
     SELECT id, former FROM (
         SELECT c.id AS id, c.last_activity_ms AS at, 0 AS former
         FROM members m JOIN conversations c ON c.id = m.conversation_id
         WHERE m.user_id = ?1
+          AND NOT EXISTS (SELECT 1 FROM cleared_histories k
+                          WHERE k.user_id = ?1 AND k.conversation_id = c.id
+                            AND k.cleared_seq >= c.last_seq)
         UNION ALL
         SELECT f.conversation_id, f.left_ms, 1
         FROM former_members f
@@ -172,6 +176,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V15__photo_previews.sql"),
     include_str!("sqlite/V16__former_member_entries.sql"),
     include_str!("sqlite/V17__mutes.sql"),
+    include_str!("sqlite/V18__cleared_histories.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1488,7 +1493,9 @@ fn view(
     let row = conn
         .prepare_cached(
             "SELECT c.kind, c.name, c.last_seq, c.last_activity_ms, m.seen_seq,
-                    (SELECT until_ms FROM mutes WHERE user_id = ?2 AND conversation_id = ?1)
+                    (SELECT until_ms FROM mutes WHERE user_id = ?2 AND conversation_id = ?1),
+                    COALESCE((SELECT cleared_seq FROM cleared_histories
+                              WHERE user_id = ?2 AND conversation_id = ?1), 0)
              FROM conversations c JOIN members m ON m.conversation_id = c.id
              WHERE c.id = ?1 AND m.user_id = ?2",
         )
@@ -1501,14 +1508,21 @@ fn view(
                 r.get::<_, i64>(3)?,
                 r.get::<_, i64>(4)? as u64,
                 r.get::<_, Option<i64>>(5)?,
+                r.get::<_, i64>(6)? as u64,
             ))
         })
         .optional()
         .map_err(internal)?;
-    let Some((kind, name, last_seq, last_activity_ms, seen_seq, muted_until_ms)) = row else {
+    let Some((kind, name, last_seq, last_activity_ms, seen_seq, muted_until_ms, cleared)) = row
+    else {
         return Err(StoreError::NotAMember);
     };
-    let last_message = list_line(conn, state, conversation_id, last_seq)?;
+    // What they deleted is neither their last message nor unread.
+    let last_message = match last_seq > cleared {
+        true => list_line(conn, state, conversation_id, last_seq)?,
+        false => None,
+    };
+    let seen_seq = seen_seq.max(cleared);
     // Counted up to the cap: past it, each view would read the backlog.
     let unread_count: i64 = conn
         .prepare_cached(
@@ -1724,6 +1738,11 @@ fn remove_member(
     conversation_id: ConversationId,
     user: UserId,
 ) -> Result<Option<u64>, StoreError> {
+    // A mute ends with the membership: one added back starts unmuted.
+    conn.prepare_cached("DELETE FROM mutes WHERE user_id = ?1 AND conversation_id = ?2")
+        .map_err(internal)?
+        .execute(params![sql(user), sql(conversation_id)])
+        .map_err(internal)?;
     conn.prepare_cached(
         "DELETE FROM members WHERE conversation_id = ?1 AND user_id = ?2 RETURNING joined_seq",
     )
@@ -2514,6 +2533,56 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
+    async fn delete_conversation(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+    ) -> Result<Deleted, StoreError> {
+        // A plain call: the heads are written first, so last_seq is whole.
+        self.call(move |conn, _| {
+            let member: Option<(i32, i64)> = conn
+                .prepare_cached(
+                    "SELECT c.kind, c.last_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
+                     WHERE m.conversation_id = ?1 AND m.user_id = ?2",
+                )
+                .map_err(internal)?
+                .query_row(params![sql(conversation_id), sql(user)], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+                .map_err(internal)?;
+            match member {
+                Some((kind, last_seq)) if kind == proto::ConversationKind::Direct as i32 => {
+                    conn.prepare_cached(
+                        "INSERT INTO cleared_histories (user_id, conversation_id, cleared_seq)
+                         VALUES (?1, ?2, ?3)
+                         ON CONFLICT (user_id, conversation_id)
+                         DO UPDATE SET cleared_seq = MAX(cleared_seq, excluded.cleared_seq)",
+                    )
+                    .map_err(internal)?
+                    .execute(params![sql(user), sql(conversation_id), last_seq])
+                    .map_err(internal)?;
+                    Ok(Deleted::Cleared(last_seq as u64))
+                }
+                Some(_) => Err(StoreError::Invalid(super::LEAVE_FIRST.into())),
+                None => {
+                    let forgotten = conn
+                        .prepare_cached(
+                            "DELETE FROM former_members WHERE user_id = ?1 AND conversation_id = ?2",
+                        )
+                        .map_err(internal)?
+                        .execute(params![sql(user), sql(conversation_id)])
+                        .map_err(internal)?;
+                    match forgotten {
+                        0 => Err(StoreError::NotAMember),
+                        _ => Ok(Deleted::Forgotten),
+                    }
+                }
+            }
+        })
+        .await
+    }
+
     async fn set_muted(
         &self,
         conversation_id: ConversationId,
@@ -2548,7 +2617,9 @@ impl HistoryStore for SqliteStore {
         conversation_id: ConversationId,
         user: UserId,
     ) -> Result<i64, StoreError> {
-        self.call(move |conn, _| {
+        // Nothing of it is written behind: no need to write what is (a
+        // notification asks this for every message to a user away).
+        self.call_hot(move |conn, _| {
             conn.prepare_cached(
                 "SELECT until_ms FROM mutes WHERE user_id = ?1 AND conversation_id = ?2",
             )
@@ -2779,7 +2850,11 @@ impl HistoryStore for SqliteStore {
         self.call(move |conn, _| {
             membership_row(
                 conn,
-                "SELECT c.last_seq, m.joined_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
+                "SELECT c.last_seq,
+                        MAX(m.joined_seq,
+                            COALESCE((SELECT cleared_seq + 1 FROM cleared_histories
+                                      WHERE user_id = ?2 AND conversation_id = ?1), 0))
+                 FROM members m JOIN conversations c ON c.id = m.conversation_id
                  WHERE m.conversation_id = ?1 AND m.user_id = ?2",
                 conversation_id,
                 user,
@@ -3421,20 +3496,27 @@ impl HistoryStore for SqliteStore {
         // writing heads, index entries and watermarks out each time undid
         // their writing behind (BENCHMARKS.md, session 43).
         self.call_hot(move |conn, state| {
-            let memberships: Vec<(i64, i64)> = conn
-                .prepare_cached("SELECT conversation_id, seen_seq FROM members WHERE user_id = ?1")
+            // What they deleted counts as seen.
+            let memberships: Vec<(i64, i64, i64)> = conn
+                .prepare_cached(
+                    "SELECT m.conversation_id, m.seen_seq, COALESCE(k.cleared_seq, 0)
+                     FROM members m LEFT JOIN cleared_histories k
+                       ON k.user_id = m.user_id AND k.conversation_id = m.conversation_id
+                     WHERE m.user_id = ?1",
+                )
                 .map_err(internal)?
-                .query_map([sql(user)], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_map([sql(user)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .map_err(internal)?
                 .collect::<rusqlite::Result<_>>()
                 .map_err(internal)?;
             let mut unread = 0;
-            for (conversation_id, seen) in memberships {
+            for (conversation_id, seen, cleared) in memberships {
                 let conversation_id = conversation_id as u64;
                 let seen = state
                     .watermarks
                     .get(&(conversation_id, user))
-                    .map_or(seen as u64, |&(_, seen)| seen);
+                    .map_or(seen as u64, |&(_, seen)| seen)
+                    .max(cleared as u64);
                 if others_above(conn, state, conversation_id, user, seen)? {
                     unread += 1;
                     if unread >= cap {

@@ -15,12 +15,13 @@ use quinn::SendStream;
 
 use super::{now_ms, ok};
 use crate::auth;
-use crate::delivery::{SendJob, Work};
+use crate::delivery::{MarkJob, SendJob, Work};
 use crate::error::{Refusal, retry_after_ms};
 use crate::session::Session;
 use crate::store::{
-    BlockOutcome, ConversationView, Direction, FriendRequestOutcome, GroupChange, GroupEdit,
-    HistoryStore, MemberState, Membership, NewGroup, Page, PushDevice, StoreError, UserId,
+    BlockOutcome, ConversationView, Deleted, Direction, FriendRequestOutcome, GroupChange,
+    GroupEdit, HistoryStore, MemberState, Membership, NewGroup, Page, PushDevice, StoreError,
+    UserId, WatermarkKind, WatermarkUpdate,
 };
 use crate::wire::{self, FrameReader, Outbound};
 
@@ -977,6 +978,29 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             let id = store.open_direct(me, o.user_id, now_ms()).await?;
             let view = store.conversation(id, me).await?;
             reply(Body::Conversation(conversation_info(view, me)))
+        }
+        Some(Body::DeleteConversation(d)) => {
+            if let Deleted::Cleared(seq) = store.delete_conversation(d.conversation_id, me).await? {
+                // What was deleted counts as delivered: nothing below it is
+                // owed to a device any more (catch-up starts after it
+                // too), and the other member sees "delivered", never
+                // "seen", for it.
+                if seq > 0 {
+                    shared
+                        .delivery
+                        .mark(MarkJob {
+                            update: WatermarkUpdate {
+                                conversation_id: d.conversation_id,
+                                user_id: me,
+                                kind: WatermarkKind::Delivered,
+                                seq,
+                            },
+                            reply: None,
+                        })
+                        .await?;
+                }
+            }
+            reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::MuteConversation(m)) => {
             if m.muted_until_ms < 0 {

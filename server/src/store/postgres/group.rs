@@ -191,7 +191,8 @@ pub(super) async fn remove_member(
 ) -> Result<Option<Removed>, StoreError> {
     let row = tx
         .query_opt(
-            "DELETE FROM members WHERE conversation_id = $1 AND user_id = $2
+            "WITH unmuted AS (DELETE FROM mutes WHERE user_id = $2 AND conversation_id = $1)
+             DELETE FROM members WHERE conversation_id = $1 AND user_id = $2
              RETURNING delivered_seq, joined_seq",
             &[&sql(conversation_id), &sql(user)],
         )

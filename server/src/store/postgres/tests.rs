@@ -339,6 +339,7 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
         tables.unwrap(),
         [
             "blocks",
+            "cleared_histories",
             "conversations",
             "departures",
             "former_members",
@@ -354,7 +355,7 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
             "users"
         ]
     );
-    assert_eq!(history.unwrap(), 15, "V1 to V15, once each");
+    assert_eq!(history.unwrap(), 16, "V1 to V16, once each");
 }
 
 /// V7 closes the direct conversations of pairs who had stopped being
