@@ -1638,15 +1638,21 @@ impl Client {
         }
     }
 
-    /// "Delete chat": a direct conversation is cleared for this user (its
-    /// other member keeps it), leaving their list until a new message and
-    /// their history from that message on; a group they left leaves their
-    /// list with its history and photos. `InvalidArgument` for a group
-    /// they are in (leave it first). What this client already handed to
-    /// the app is the app's to delete.
-    pub async fn delete_conversation(&self, conversation_id: u64) -> Result<(), ClientError> {
+    /// "Delete chat": a direct conversation is cleared for this user up to
+    /// `up_to_seq`, the newest message the app shows (one that came after
+    /// it stays; its other member keeps everything), leaving their list
+    /// until a new message and their history from that message on; a
+    /// group they left leaves their list with its history and photos.
+    /// `InvalidArgument` for a group they are in (leave it first). What
+    /// this client already handed to the app is the app's to delete.
+    pub async fn delete_conversation(
+        &self,
+        conversation_id: u64,
+        up_to_seq: u64,
+    ) -> Result<(), ClientError> {
         self.expect_ok(Body::DeleteConversation(proto::DeleteConversation {
             conversation_id,
+            up_to_seq,
         }))
         .await
     }

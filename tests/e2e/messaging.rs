@@ -1524,18 +1524,35 @@ async fn typing_reaches_the_other_members_once_per_repeat_and_stops() {
 #[tokio::test]
 async fn a_deleted_chat_is_gone_for_one_until_a_new_message_and_kept_by_the_other() {
     let server = TestServer::start().await;
-    let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+    let (alice, alice_events) = register(server.client_config(), &name("alice")).await;
     let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
     let direct = befriend(&alice, &bob).await;
-    let sent = send_texts(&bob, direct, 2).await;
-    messages(&mut alice_events, 2).await;
-    alice.delete_conversation(direct).await.unwrap();
+    let username = alice.identity().username;
+    drop(alice_events);
+    alice.close();
+    // Her phone acknowledges nothing here: whatever it shows stays owed to
+    // her other devices.
+    let mut manual = server.client_config();
+    manual.delivery_acks = chat_client::DeliveryAcks::Manual;
+    let (phone, mut phone_events) = Client::login(manual, &username, PASSWORD).await.unwrap();
+    let sent = send_texts(&bob, direct, 3).await;
+    let last = sent.iter().copied().max().unwrap();
+    // The phone shows all three and deletes up to the second; the third,
+    // say, had not reached its screen.
+    messages(&mut phone_events, 3).await;
+    phone.delete_conversation(direct, last - 1).await.unwrap();
     let listed = |list: Vec<proto::ConversationInfo>| {
         list.iter().map(|c| c.conversation_id).collect::<Vec<_>>()
     };
-    assert!(listed(alice.conversations(10, None).await.unwrap()).is_empty());
+    assert_eq!(
+        listed(phone.conversations(10, None).await.unwrap()),
+        [direct],
+        "the third is left"
+    );
+    phone.delete_conversation(direct, last).await.unwrap();
+    assert!(listed(phone.conversations(10, None).await.unwrap()).is_empty());
     assert_eq!(listed(bob.conversations(10, None).await.unwrap()), [direct]);
-    let page = alice
+    let page = phone
         .history(direct, HistoryDirection::Backward, 0, 50)
         .await
         .unwrap();
@@ -1544,48 +1561,58 @@ async fn a_deleted_chat_is_gone_for_one_until_a_new_message_and_kept_by_the_othe
         .history(direct, HistoryDirection::Backward, 0, 50)
         .await
         .unwrap();
-    assert_eq!(page.messages.len(), 2, "his stays");
-    // Deleting is not reading: he sees what she deleted delivered, never
-    // seen.
+    assert_eq!(page.messages.len(), 3, "his stay");
+    assert_eq!(
+        code(phone.message_receipts(direct, last).await),
+        ErrorCode::NotFound
+    );
+    // Her other device comes back: catch-up brings nothing of it (nothing
+    // was acknowledged, so without the clear it would bring all three).
+    let (laptop, mut laptop_events) = Client::login(server.client_config(), &username, PASSWORD)
+        .await
+        .unwrap();
+    bob.send_text(direct, "still there?").await.unwrap();
+    let got = messages(&mut laptop_events, 1).await;
+    assert_eq!(
+        got[0].text, "still there?",
+        "the first it gets is the new one"
+    );
+    // Deleting is not reading: he sees none of it seen.
     let bob_id = bob.identity().user_id;
-    let last = sent.iter().copied().max().unwrap();
-    wait_until("delivered", || async {
-        let view = bob.conversation(direct).await.unwrap();
+    let view = bob.conversation(direct).await.unwrap();
+    assert!(
         view.members
             .iter()
-            .any(|m| m.user_id != bob_id && m.delivered_seq == last && m.seen_seq == 0)
-    })
-    .await;
-    // A new message brings it back, with only itself.
-    bob.send_text(direct, "still there?").await.unwrap();
-    let got = messages(&mut alice_events, 1).await;
-    assert_eq!(got[0].text, "still there?");
+            .all(|m| m.user_id == bob_id || m.seen_seq == 0),
+        "{view:?}"
+    );
+    // The new message brings it back, with only itself.
     assert_eq!(
-        listed(alice.conversations(10, None).await.unwrap()),
+        listed(laptop.conversations(10, None).await.unwrap()),
         [direct]
     );
-    let page = alice
+    let page = laptop
         .history(direct, HistoryDirection::Backward, 0, 50)
         .await
         .unwrap();
     let texts: Vec<&str> = page.messages.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(texts, ["still there?"]);
     // A group one is in is left first.
-    let g = alice
+    let g = laptop
         .create_group("g", &[bob_id])
         .await
         .unwrap()
         .conversation_id;
     assert_eq!(
-        code(bob.delete_conversation(g).await),
+        code(bob.delete_conversation(g, 1).await),
         ErrorCode::InvalidArgument
     );
     bob.leave_group(g).await.unwrap();
-    bob.delete_conversation(g).await.unwrap();
+    bob.delete_conversation(g, 0).await.unwrap();
     let theirs = listed(bob.conversations(10, None).await.unwrap());
     assert_eq!(theirs, [direct], "the group left and deleted");
     assert_eq!(
-        code(bob.delete_conversation(g).await),
+        code(bob.delete_conversation(g, 0).await),
         ErrorCode::NotAMember
     );
 }

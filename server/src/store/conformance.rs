@@ -2039,9 +2039,11 @@ pub async fn the_audience_is_the_members_who_may_hear(store: &impl HistoryStore)
 }
 
 /// "Delete chat": a direct conversation is cleared for the one who deletes
-/// it (their start moves past it, nothing before it is unread, it leaves
+/// it, up to the seq they give at most (their start moves past it,
+/// catch-up owes them nothing to it, nothing before it is unread, it leaves
 /// their list until a later message), the other keeps it; a group one left
-/// is forgotten; a group one is in is refused, and anything else.
+/// or was removed from is forgotten, with what catch-up still owed them of
+/// it; a group one is in is refused, and anything else.
 pub async fn deleting_conversations(store: &impl HistoryStore) {
     let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
     let c = user(store, "carol").await;
@@ -2059,17 +2061,54 @@ pub async fn deleting_conversations(store: &impl HistoryStore) {
         let list = store.conversations(user, (0, 0), 10).await.unwrap();
         list.iter().map(|v| v.id).collect::<Vec<_>>()
     };
+    let owed = |user| async move {
+        let ranges = store
+            .pending_ranges(user)
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        let page = store.undelivered(user, (0, 0), 10).await.unwrap();
+        (
+            ranges.iter().map(|r| r.conversation_id).collect::<Vec<_>>(),
+            page.iter()
+                .map(|m| (m.conversation_id, m.seq))
+                .collect::<Vec<_>>(),
+        )
+    };
     assert_eq!(store.unread_conversations(a, 10).await.unwrap(), 1);
-
+    // (The group's first message is hers, and so delivered to her.)
     assert_eq!(
-        store.delete_conversation(direct, a).await.unwrap(),
+        owed(a).await,
+        (vec![direct], vec![(direct, 1), (direct, 2)])
+    );
+
+    // Up to what the app showed: a later message stays.
+    assert_eq!(
+        store.delete_conversation(direct, a, 1).await.unwrap(),
+        Deleted::Cleared(1)
+    );
+    let start = |user| async move { store.membership(direct, user).await.unwrap().unwrap() };
+    assert_eq!(start(a).await.joined_seq, 2);
+    assert_eq!(owed(a).await, (vec![direct], vec![(direct, 2)]));
+    assert_eq!(
+        listed(a).await,
+        vec![direct, g],
+        "still listed: 2 and 3 are hers"
+    );
+    // Then all of it (at most its last seq).
+    assert_eq!(
+        store.delete_conversation(direct, a, 99).await.unwrap(),
         Deleted::Cleared(3)
     );
     assert_eq!(listed(a).await, vec![g], "gone from her list");
     assert_eq!(listed(b).await, vec![direct, g], "not from his");
-    let start = |user| async move { store.membership(direct, user).await.unwrap().unwrap() };
     assert_eq!(start(a).await.joined_seq, 4, "she reads from after it");
     assert_eq!(start(b).await.joined_seq, 0);
+    assert_eq!(
+        owed(a).await,
+        (vec![], vec![]),
+        "catch-up owes her none of it"
+    );
     let view = store.conversation(direct, a).await.unwrap();
     assert_eq!((view.last_message, view.unread_count), (None, 0));
     assert_eq!(store.unread_conversations(a, 10).await.unwrap(), 0);
@@ -2083,27 +2122,30 @@ pub async fn deleting_conversations(store: &impl HistoryStore) {
         (Some(4), 1)
     );
     assert_eq!(start(a).await.joined_seq, 4);
-    assert_eq!(
-        store.delete_conversation(direct, a).await.unwrap(),
-        Deleted::Cleared(4)
-    );
-    assert_eq!(start(a).await.joined_seq, 5);
+    assert_eq!(owed(a).await.1, vec![(direct, 4)]);
 
-    // A group: left first, then forgotten.
+    // A group: left (here, removed) first, then forgotten, with what it
+    // still owed them.
     assert!(matches!(
-        store.delete_conversation(g, c).await,
+        store.delete_conversation(g, c, 99).await,
         Err(StoreError::Invalid(_))
     ));
     store
-        .change_group(GroupEdit::new(g, c, GroupChange::Leave), 5, 30)
+        .change_group(GroupEdit::new(g, a, GroupChange::Remove(c)), 5, 30)
         .await
         .unwrap();
     assert_eq!(listed(c).await, vec![g], "a former member's entry");
     assert_eq!(
-        store.delete_conversation(g, c).await.unwrap(),
+        owed(c).await,
+        (vec![g], vec![(g, 1), (g, 2)]),
+        "owed up to the removal"
+    );
+    assert_eq!(
+        store.delete_conversation(g, c, 0).await.unwrap(),
         Deleted::Forgotten
     );
     assert!(listed(c).await.is_empty());
+    assert_eq!(owed(c).await, (vec![], vec![]));
     assert_eq!(store.former_membership(g, c).await.unwrap(), None);
     assert!(
         !store.was_member_at(g, c, 1).await.unwrap(),
@@ -2112,7 +2154,7 @@ pub async fn deleting_conversations(store: &impl HistoryStore) {
     for (conversation, who) in [(g, c), (g, stranger), (direct, c), (g + 1000, a)] {
         assert!(
             matches!(
-                store.delete_conversation(conversation, who).await,
+                store.delete_conversation(conversation, who, 99).await,
                 Err(StoreError::NotAMember)
             ),
             "{conversation} {who}"

@@ -334,11 +334,13 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         &self,
         conversation_id: ConversationId,
         user: UserId,
+        up_to_seq: u64,
     ) -> Result<Deleted, StoreError> {
         timed!(
             self,
             "delete_conversation",
-            self.inner.delete_conversation(conversation_id, user)
+            self.inner
+                .delete_conversation(conversation_id, user, up_to_seq)
         )
     }
 

@@ -919,17 +919,21 @@ pub trait HistoryStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 
     /// "Delete chat" for `user`. A direct conversation of theirs is
-    /// cleared up to its last seq, for them alone: it starts after it
-    /// ([`membership`](Self::membership)'s `joined_seq`, so history and
-    /// catch-up), counts nothing before it unread, and leaves their list
-    /// until a later message. A group they left or were removed from is
-    /// forgotten: its list entry, history and photos are no longer
-    /// theirs. `Invalid` for a group they are a member of (they leave it
-    /// first), `NotAMember` otherwise.
+    /// cleared up to `up_to_seq` (at most its last seq), for them alone:
+    /// it starts after it ([`membership`](Self::membership)'s
+    /// `joined_seq`, so history), catch-up owes them nothing up to it
+    /// ([`undelivered`](Self::undelivered),
+    /// [`pending_ranges`](Self::pending_ranges)), nothing before it is
+    /// unread, and it leaves their list until a later message. A group
+    /// they left or were removed from is forgotten: its list entry,
+    /// history, photos and what catch-up still owed them of it (its
+    /// departure) are no longer theirs. `Invalid` for a group they are a
+    /// member of (they leave it first), `NotAMember` otherwise.
     async fn delete_conversation(
         &self,
         conversation_id: ConversationId,
         user: UserId,
+        up_to_seq: u64,
     ) -> Result<Deleted, StoreError>;
 
     /// Mutes a conversation of its member `user` until `until_ms` (Unix

@@ -2051,13 +2051,17 @@ impl HistoryStore for PostgresStore {
         &self,
         conversation_id: ConversationId,
         user: UserId,
+        up_to_seq: u64,
     ) -> Result<Deleted, StoreError> {
         // One statement: clear a direct conversation of theirs, or forget
-        // a group they are no longer in, and say which.
+        // a group they are no longer in (its departure too: catch-up would
+        // bring what it still owed them, and the group back with it), and
+        // say which.
         let row = self
             .one(
                 "WITH target AS (
-                     SELECT c.kind, c.last_seq FROM members m JOIN conversations c ON c.id = m.conversation_id
+                     SELECT c.kind, LEAST(c.last_seq, $4::bigint) AS last_seq
+                     FROM members m JOIN conversations c ON c.id = m.conversation_id
                      WHERE m.conversation_id = $2 AND m.user_id = $1),
                  cleared AS (
                      INSERT INTO cleared_histories (user_id, conversation_id, cleared_seq)
@@ -2067,13 +2071,18 @@ impl HistoryStore for PostgresStore {
                  forgotten AS (
                      DELETE FROM former_members
                      WHERE user_id = $1 AND conversation_id = $2 AND NOT EXISTS (SELECT 1 FROM target)
+                     RETURNING 1),
+                 departed AS (
+                     DELETE FROM departures
+                     WHERE user_id = $1 AND conversation_id = $2 AND NOT EXISTS (SELECT 1 FROM target)
                      RETURNING 1)
                  SELECT (SELECT kind FROM target), (SELECT last_seq FROM target),
-                        (SELECT count(*) FROM forgotten)",
+                        (SELECT count(*) FROM forgotten) + (SELECT count(*) FROM departed)",
                 &[
                     &sql(user),
                     &sql(conversation_id),
                     &(proto::ConversationKind::Direct as i32),
+                    &sql(up_to_seq),
                 ],
             )
             .await?;
@@ -2267,8 +2276,12 @@ impl HistoryStore for PostgresStore {
             "SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
                     m.type, m.sent_at_ms, m.body, m.attachment
              FROM (
-                SELECT mb.conversation_id, mb.delivered_seq, c.last_seq AS upto
+                SELECT mb.conversation_id,
+                       GREATEST(mb.delivered_seq, COALESCE(k.cleared_seq, 0)) AS delivered_seq,
+                       c.last_seq AS upto
                 FROM members mb JOIN conversations c ON c.id = mb.conversation_id
+                LEFT JOIN cleared_histories k
+                  ON k.user_id = mb.user_id AND k.conversation_id = mb.conversation_id
                 WHERE mb.user_id = $1 AND mb.conversation_id >= $2::bigint
                 UNION ALL
                 SELECT conversation_id, delivered_seq, seq FROM departures
@@ -2295,9 +2308,12 @@ impl HistoryStore for PostgresStore {
 
     async fn pending_ranges(&self, user: UserId) -> Result<Option<Vec<PendingRange>>, StoreError> {
         self.rows(
-            "SELECT m.conversation_id, m.delivered_seq, c.last_seq
+            "SELECT m.conversation_id, GREATEST(m.delivered_seq, COALESCE(k.cleared_seq, 0)),
+                    c.last_seq
              FROM members m JOIN conversations c ON c.id = m.conversation_id
-             WHERE m.user_id = $1 AND c.last_seq > m.delivered_seq
+             LEFT JOIN cleared_histories k
+               ON k.user_id = m.user_id AND k.conversation_id = m.conversation_id
+             WHERE m.user_id = $1 AND c.last_seq > GREATEST(m.delivered_seq, COALESCE(k.cleared_seq, 0))
              UNION ALL
              SELECT conversation_id, delivered_seq, seq FROM departures
              WHERE user_id = $1 AND seq > delivered_seq

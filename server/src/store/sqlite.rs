@@ -1381,7 +1381,12 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<proto::Message>
 /// delivered watermark, up to the last seq of a group they are in, or up
 /// to the message that removed them from one (`departures`).
 const READING_RANGES: &str = "
-    SELECT mb.conversation_id, mb.delivered_seq, c.last_seq AS upto
+    SELECT mb.conversation_id,
+           MAX(mb.delivered_seq,
+               COALESCE((SELECT cleared_seq FROM cleared_histories
+                         WHERE user_id = ?1 AND conversation_id = mb.conversation_id), 0))
+               AS delivered_seq,
+           c.last_seq AS upto
     FROM members mb JOIN conversations c ON c.id = mb.conversation_id
     WHERE mb.user_id = ?1
     UNION ALL
@@ -2537,6 +2542,7 @@ impl HistoryStore for SqliteStore {
         &self,
         conversation_id: ConversationId,
         user: UserId,
+        up_to_seq: u64,
     ) -> Result<Deleted, StoreError> {
         // A plain call: the heads are written first, so last_seq is whole.
         self.call(move |conn, _| {
@@ -2553,6 +2559,7 @@ impl HistoryStore for SqliteStore {
                 .map_err(internal)?;
             match member {
                 Some((kind, last_seq)) if kind == proto::ConversationKind::Direct as i32 => {
+                    let cleared = sql(up_to_seq).min(last_seq);
                     conn.prepare_cached(
                         "INSERT INTO cleared_histories (user_id, conversation_id, cleared_seq)
                          VALUES (?1, ?2, ?3)
@@ -2560,19 +2567,24 @@ impl HistoryStore for SqliteStore {
                          DO UPDATE SET cleared_seq = MAX(cleared_seq, excluded.cleared_seq)",
                     )
                     .map_err(internal)?
-                    .execute(params![sql(user), sql(conversation_id), last_seq])
+                    .execute(params![sql(user), sql(conversation_id), cleared])
                     .map_err(internal)?;
-                    Ok(Deleted::Cleared(last_seq as u64))
+                    Ok(Deleted::Cleared(cleared as u64))
                 }
                 Some(_) => Err(StoreError::Invalid(super::LEAVE_FIRST.into())),
                 None => {
-                    let forgotten = conn
-                        .prepare_cached(
-                            "DELETE FROM former_members WHERE user_id = ?1 AND conversation_id = ?2",
-                        )
-                        .map_err(internal)?
-                        .execute(params![sql(user), sql(conversation_id)])
-                        .map_err(internal)?;
+                    // Its departure too: catch-up would bring what it still
+                    // owed them, and the group back with it.
+                    let mut forgotten = 0;
+                    for table in ["former_members", "departures"] {
+                        forgotten += conn
+                            .prepare_cached(&format!(
+                                "DELETE FROM {table} WHERE user_id = ?1 AND conversation_id = ?2"
+                            ))
+                            .map_err(internal)?
+                            .execute(params![sql(user), sql(conversation_id)])
+                            .map_err(internal)?;
+                    }
                     match forgotten {
                         0 => Err(StoreError::NotAMember),
                         _ => Ok(Deleted::Forgotten),

@@ -15,13 +15,12 @@ use quinn::SendStream;
 
 use super::{now_ms, ok};
 use crate::auth;
-use crate::delivery::{MarkJob, SendJob, Work};
+use crate::delivery::{SendJob, Work};
 use crate::error::{Refusal, retry_after_ms};
 use crate::session::Session;
 use crate::store::{
-    BlockOutcome, ConversationView, Deleted, Direction, FriendRequestOutcome, GroupChange,
-    GroupEdit, HistoryStore, MemberState, Membership, NewGroup, Page, PushDevice, StoreError,
-    UserId, WatermarkKind, WatermarkUpdate,
+    BlockOutcome, ConversationView, Direction, FriendRequestOutcome, GroupChange, GroupEdit,
+    HistoryStore, MemberState, Membership, NewGroup, Page, PushDevice, StoreError, UserId,
 };
 use crate::wire::{self, FrameReader, Outbound};
 
@@ -980,26 +979,12 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             reply(Body::Conversation(conversation_info(view, me)))
         }
         Some(Body::DeleteConversation(d)) => {
-            if let Deleted::Cleared(seq) = store.delete_conversation(d.conversation_id, me).await? {
-                // What was deleted counts as delivered: nothing below it is
-                // owed to a device any more (catch-up starts after it
-                // too), and the other member sees "delivered", never
-                // "seen", for it.
-                if seq > 0 {
-                    shared
-                        .delivery
-                        .mark(MarkJob {
-                            update: WatermarkUpdate {
-                                conversation_id: d.conversation_id,
-                                user_id: me,
-                                kind: WatermarkKind::Delivered,
-                                seq,
-                            },
-                            reply: None,
-                        })
-                        .await?;
-                }
-            }
+            // Nothing more: catch-up and the unread counts start after what
+            // was cleared, and the watermarks stay as they were (deleting
+            // is neither receiving nor reading).
+            store
+                .delete_conversation(d.conversation_id, me, d.up_to_seq)
+                .await?;
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::MuteConversation(m)) => {
@@ -1214,12 +1199,12 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
         Some(Body::GetMessageReceipts(q)) => {
             let view = store.conversation(q.conversation_id, me).await?;
             // A member added later reads from the message that added them
-            // on, here as in history: of an earlier message they learn
+            // on (one who deleted the chat, from after what they deleted),
+            // here as in history: of an earlier message they learn
             // nothing, not even that it exists.
-            let joined = view
-                .members
-                .iter()
-                .find(|m| m.user_id == me)
+            let joined = store
+                .membership(q.conversation_id, me)
+                .await?
                 .map_or(0, |m| m.joined_seq);
             if q.seq == 0 || q.seq > view.last_seq || q.seq < joined {
                 return Err(Refusal::new(
