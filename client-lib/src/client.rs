@@ -97,7 +97,8 @@ pub enum Event {
 /// events ([`Event::Connected`], [`Event::Disconnected`]) are dropped
 /// instead when the queue is full, so that reconnecting never waits for
 /// the app: [`Client::is_connected`] and [`Client::wait_connected`] always
-/// tell the current state.
+/// tell the current state. So is [`Event::Typing`], a moment's news that
+/// lapses by itself.
 ///
 /// Receipt events only move forward: each carries the higher of what the
 /// server said of a member and what the app was told of them before, and
@@ -477,8 +478,9 @@ impl Inner {
         }
     }
 
-    /// Queues a connection-state event if there is room, else drops it:
-    /// the supervisor must never wait for the app (see [`Events`]).
+    /// Queues an event that may be dropped (connection state, typing) if
+    /// there is room, else drops it: the supervisor and the readers must
+    /// never wait for the app for these (see [`Events`]).
     pub(crate) fn emit_or_drop(&self, event: Event) {
         let events = self.events.lock().expect("events lock").clone();
         if let Some(events) = events

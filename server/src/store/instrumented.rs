@@ -13,11 +13,10 @@ use chat_protocol::proto;
 
 use super::presence::{OnlineRecord, PresenceStore};
 use super::{
-    Appended, BlockOutcome, ConversationId, ConversationView, Deleted, Direction, FriendCounts,
-    FriendLists, FriendRequestOutcome, GroupCreated, GroupEdit, HistoryStore, InboxStore,
-    MediaRecord, Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, PushDevice,
-    RecentCache, SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved,
-    WatermarkUpdate,
+    Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
+    FriendRequestOutcome, GroupCreated, GroupEdit, HistoryStore, InboxStore, MediaRecord,
+    Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, PushDevice, RecentCache,
+    SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved, WatermarkUpdate,
 };
 use crate::metrics::Metrics;
 
@@ -335,7 +334,7 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         conversation_id: ConversationId,
         user: UserId,
         up_to_seq: u64,
-    ) -> Result<Deleted, StoreError> {
+    ) -> Result<(), StoreError> {
         timed!(
             self,
             "delete_conversation",

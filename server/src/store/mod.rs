@@ -449,15 +449,6 @@ pub struct ConversationView {
     pub former: bool,
 }
 
-/// What [`HistoryStore::delete_conversation`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Deleted {
-    /// A direct conversation, cleared for the user up to this seq.
-    Cleared(u64),
-    /// A group they had left, forgotten.
-    Forgotten,
-}
-
 /// What a group member who deletes it is told.
 pub const LEAVE_FIRST: &str = "leave the group before deleting it";
 
@@ -855,6 +846,8 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// The conversation's last seq and the member's joined seq if `user` is
     /// a member, else `None`: membership, freshness (the history handler
     /// checks cached pages against it) and the readable range in one lookup.
+    /// For a direct conversation `user` deleted, the joined seq is the one
+    /// after what they cleared ([`delete_conversation`](Self::delete_conversation)).
     async fn membership(
         &self,
         conversation_id: ConversationId,
@@ -934,7 +927,7 @@ pub trait HistoryStore: Send + Sync + 'static {
         conversation_id: ConversationId,
         user: UserId,
         up_to_seq: u64,
-    ) -> Result<Deleted, StoreError>;
+    ) -> Result<(), StoreError>;
 
     /// Mutes a conversation of its member `user` until `until_ms` (Unix
     /// ms; 0, or any time past, unmutes it): its messages notify none of
@@ -989,7 +982,8 @@ pub trait HistoryStore: Send + Sync + 'static {
         cursor: u64,
         limit: u32,
     ) -> Result<Page, StoreError>;
-    /// Messages from others above `user`'s delivered watermark, ordered by
+    /// Messages from others above `user`'s delivered watermark (and above
+    /// what they cleared by deleting the chat), ordered by
     /// (conversation, seq), starting strictly after `after` (a
     /// (conversation, seq) cursor) for paging. A group `user` was removed
     /// from while their device had not had everything counts up to the
@@ -1002,8 +996,9 @@ pub trait HistoryStore: Send + Sync + 'static {
         after: (ConversationId, u64),
         limit: u32,
     ) -> Result<Vec<Arc<proto::Message>>, StoreError>;
-    /// Conversations where `user`'s delivered watermark is below the last
-    /// seq (for a group they were removed from, the removal's seq; see
+    /// Conversations where `user`'s delivered watermark (or, if higher, what
+    /// they cleared by deleting the chat) is below the last seq (for a
+    /// group they were removed from, the removal's seq; see
     /// [`undelivered`](Self::undelivered)): a cheap index lookup used to
     /// check an [`InboxStore`] queue before trusting it. `None` when the backend cannot answer cheaply
     /// (callers then read history).
@@ -1113,8 +1108,8 @@ pub trait HistoryStore: Send + Sync + 'static {
         registered_by_ms: i64,
     ) -> Result<u64, StoreError>;
     /// How many of `user`'s conversations have a message from someone else
-    /// above the user's seen watermark (the app's badge), counted up to
-    /// `cap`.
+    /// above the user's seen watermark and what they cleared by deleting
+    /// the chat (the app's badge), counted up to `cap`.
     async fn unread_conversations(&self, user: UserId, cap: u32) -> Result<u32, StoreError>;
 }
 
@@ -1183,7 +1178,8 @@ pub trait InboxStore: Send + Sync + 'static {
 pub struct PendingRange {
     /// Conversation.
     pub conversation_id: ConversationId,
-    /// The member's delivered watermark.
+    /// The member's delivered watermark, or what they cleared by deleting
+    /// the chat if that is higher (nothing up to it is owed to them).
     pub delivered_seq: u64,
     /// The conversation's newest seq.
     pub last_seq: u64,

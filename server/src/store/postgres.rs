@@ -41,10 +41,10 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Config, NoTls, Row};
 
 use super::{
-    Appended, BlockOutcome, ConversationId, ConversationView, Deleted, Direction, FriendCounts,
-    FriendLists, FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore,
-    MediaRecord, MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE,
-    Page, PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
+    Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
+    FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
+    MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
+    PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
     WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
@@ -755,10 +755,9 @@ impl PostgresStore {
         Ok(Some(results))
     }
 
-    /// Conversation views of `ids` (in that order, skipping those `viewer`
-    /// is not a member of): two pipelined queries, whatever the count.
     /// The views of conversations `viewer` is a member of, by id (of the
-    /// ids, those they are a member of).
+    /// ids, those they are a member of): two pipelined queries, whatever
+    /// the count.
     async fn views(
         &self,
         ids: Vec<i64>,
@@ -2052,7 +2051,7 @@ impl HistoryStore for PostgresStore {
         conversation_id: ConversationId,
         user: UserId,
         up_to_seq: u64,
-    ) -> Result<Deleted, StoreError> {
+    ) -> Result<(), StoreError> {
         // One statement: clear a direct conversation of theirs, or forget
         // a group they are no longer in (its departure too: catch-up would
         // bring what it still owed them, and the group back with it), and
@@ -2076,7 +2075,7 @@ impl HistoryStore for PostgresStore {
                      DELETE FROM departures
                      WHERE user_id = $1 AND conversation_id = $2 AND NOT EXISTS (SELECT 1 FROM target)
                      RETURNING 1)
-                 SELECT (SELECT kind FROM target), (SELECT last_seq FROM target),
+                 SELECT (SELECT kind FROM target),
                         (SELECT count(*) FROM forgotten) + (SELECT count(*) FROM departed)",
                 &[
                     &sql(user),
@@ -2086,13 +2085,11 @@ impl HistoryStore for PostgresStore {
                 ],
             )
             .await?;
-        match (col::<Option<i32>>(&row, 0)?, col::<Option<i64>>(&row, 1)?) {
-            (Some(kind), Some(last_seq)) if kind == proto::ConversationKind::Direct as i32 => {
-                Ok(Deleted::Cleared(id(last_seq)))
-            }
-            (Some(_), _) => Err(StoreError::Invalid(super::LEAVE_FIRST.into())),
-            (None, _) if col::<i64>(&row, 2)? > 0 => Ok(Deleted::Forgotten),
-            (None, _) => Err(StoreError::NotAMember),
+        match col::<Option<i32>>(&row, 0)? {
+            Some(kind) if kind == proto::ConversationKind::Direct as i32 => Ok(()),
+            Some(_) => Err(StoreError::Invalid(super::LEAVE_FIRST.into())),
+            None if col::<i64>(&row, 1)? > 0 => Ok(()),
+            None => Err(StoreError::NotAMember),
         }
     }
 
@@ -2102,11 +2099,15 @@ impl HistoryStore for PostgresStore {
         user: UserId,
         until_ms: i64,
     ) -> Result<(), StoreError> {
-        // One statement: the mute is written only where the member row is.
+        // One statement: the mute is written only where the member row is,
+        // which it holds (FOR KEY SHARE) until it commits: a removal, which
+        // deletes the member's mute, waits for it rather than missing it
+        // (or it waits for the removal, and finds no member).
         let (user, conversation) = (sql(user), sql(conversation_id));
         let row = if until_ms > 0 {
             self.one(
-                "WITH member AS (SELECT 1 FROM members WHERE conversation_id = $2 AND user_id = $1),
+                "WITH member AS (SELECT 1 FROM members WHERE conversation_id = $2 AND user_id = $1
+                                 FOR KEY SHARE),
                       written AS (
                           INSERT INTO mutes (user_id, conversation_id, until_ms)
                           SELECT $1, $2, $3::bigint FROM member

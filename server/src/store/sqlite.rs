@@ -65,10 +65,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Appended, BlockOutcome, ConversationId, ConversationView, Deleted, Direction, FriendCounts,
-    FriendLists, FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore,
-    MediaRecord, MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE,
-    Page, PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
+    Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
+    FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
+    MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
+    PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
     WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
@@ -2543,7 +2543,7 @@ impl HistoryStore for SqliteStore {
         conversation_id: ConversationId,
         user: UserId,
         up_to_seq: u64,
-    ) -> Result<Deleted, StoreError> {
+    ) -> Result<(), StoreError> {
         // A plain call: the heads are written first, so last_seq is whole.
         self.call(move |conn, _| {
             let member: Option<(i32, i64)> = conn
@@ -2569,7 +2569,7 @@ impl HistoryStore for SqliteStore {
                     .map_err(internal)?
                     .execute(params![sql(user), sql(conversation_id), cleared])
                     .map_err(internal)?;
-                    Ok(Deleted::Cleared(cleared as u64))
+                    Ok(())
                 }
                 Some(_) => Err(StoreError::Invalid(super::LEAVE_FIRST.into())),
                 None => {
@@ -2587,7 +2587,7 @@ impl HistoryStore for SqliteStore {
                     }
                     match forgotten {
                         0 => Err(StoreError::NotAMember),
-                        _ => Ok(Deleted::Forgotten),
+                        _ => Ok(()),
                     }
                 }
             }
