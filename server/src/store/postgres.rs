@@ -1647,49 +1647,63 @@ impl HistoryStore for PostgresStore {
     ) -> Result<Vec<ConversationView>, StoreError> {
         // (0, 0) is the first page; (0, id) follows an entry of time 0 (a
         // stay ended before its time was recorded, with no message).
-        let before = if before_ms <= 0 && before_id == 0 {
-            i64::MAX
-        } else {
-            before_ms
+        let mut before = match (before_ms, before_id) {
+            (..=0, 0) => (i64::MAX, 0),
+            cursor => cursor,
         };
-        let chosen = self
-            .rows(
-                LIST_CONVERSATIONS,
-                &[&sql(user), &before, &i64::from(limit), &sql(before_id)],
-            )
-            .await?
-            .iter()
-            .map(|r| Ok((col::<i64>(r, 0)?, col::<i64>(r, 1)?, col::<bool>(r, 2)?)))
-            .collect::<Result<Vec<(i64, i64, bool)>, StoreError>>()?;
-        if chosen.is_empty() {
-            return Ok(Vec::new());
+        let mut page = Vec::new();
+        // An entry whose membership changed between the page's read and
+        // its views' is left out; the page then reads on past it, so that
+        // a page shorter than asked still means the end (a client stops at
+        // an empty one). Bounded: each round needs another change.
+        for _ in 0..LIST_ROUNDS {
+            let want = limit as usize - page.len();
+            let chosen = self
+                .rows(
+                    LIST_CONVERSATIONS,
+                    &[&sql(user), &before.0, &(want as i64), &sql(before.1)],
+                )
+                .await?
+                .iter()
+                .map(|r| Ok((col::<i64>(r, 0)?, col::<i64>(r, 1)?, col::<bool>(r, 2)?)))
+                .collect::<Result<Vec<(i64, i64, bool)>, StoreError>>()?;
+            let Some(&(last_id, last_at, _)) = chosen.last() else {
+                break;
+            };
+            let (former, current): (Vec<_>, Vec<_>) =
+                chosen.iter().partition(|&&(_, _, former)| former);
+            let ids = |chosen: Vec<&(i64, i64, bool)>| chosen.iter().map(|c| c.0).collect();
+            let (mut current, mut former) = tokio::try_join!(
+                self.views(ids(current), user),
+                self.former_views(ids(former), user),
+            )?;
+            // The views are read by later statements, which may see newer
+            // activity (or a membership that ended or began since): each
+            // keeps the time it was ordered by, as the client pages on from
+            // the last one's (a newer time there would start the next page
+            // above this one, and repeat it), and one whose membership
+            // changed is left out. SQLite reads all in one transaction.
+            let read = chosen.len();
+            page.extend(
+                chosen
+                    .into_iter()
+                    .filter_map(|(id, ordered_by, was_former)| {
+                        let views = if was_former {
+                            &mut former
+                        } else {
+                            &mut current
+                        };
+                        let mut view = views.remove(&self::id(id))?;
+                        view.last_activity_ms = ordered_by;
+                        Some(view)
+                    }),
+            );
+            if read < want || page.len() == limit as usize {
+                break;
+            }
+            before = (last_at, id(last_id));
         }
-        let (former, current): (Vec<_>, Vec<_>) =
-            chosen.iter().partition(|&&(_, _, former)| former);
-        let ids = |chosen: Vec<&(i64, i64, bool)>| chosen.iter().map(|c| c.0).collect();
-        let (mut current, mut former) = tokio::try_join!(
-            self.views(ids(current), user),
-            self.former_views(ids(former), user),
-        )?;
-        // The views are read by later statements, which may see newer
-        // activity (or a membership that ended or began since): each keeps
-        // the time it was ordered by, as the client pages on from the last
-        // one's (a newer time there would start the next page above this
-        // one, and repeat it), and one whose membership changed is left
-        // out. SQLite reads all in one transaction.
-        Ok(chosen
-            .into_iter()
-            .filter_map(|(id, ordered_by, was_former)| {
-                let views = if was_former {
-                    &mut former
-                } else {
-                    &mut current
-                };
-                let mut view = views.remove(&self::id(id))?;
-                view.last_activity_ms = ordered_by;
-                Some(view)
-            })
-            .collect())
+        Ok(page)
     }
 
     async fn membership(
@@ -2993,6 +3007,10 @@ const FORMER_VIEWS: &str = "
       AND NOT EXISTS (SELECT 1 FROM former_members g
                       WHERE g.user_id = $2 AND g.conversation_id = f.conversation_id
                         AND g.joined_seq > f.joined_seq)";
+
+/// Reads of a conversation-list page at most, when entries change
+/// membership while it is read ([`PostgresStore::conversations`]).
+const LIST_ROUNDS: usize = 4;
 
 /// A page of `$1`'s conversations below (`$2` ms, id `$4`), `$3` at most,
 /// newest first, with the time each is ordered by and whether it is a

@@ -1689,6 +1689,61 @@ async fn a_conversation_list_page_keeps_the_times_it_was_ordered_by() {
     .await;
 }
 
+/// An entry whose membership ends between the page's read and its views'
+/// is left out, and the page reads on past it: a page shorter than asked
+/// is still only the last (it came back short, and a client that got an
+/// empty one stopped paging). Here the views' read waits behind a lock on
+/// `users` while alice's membership of a conversation of the page ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_list_page_reads_on_past_an_entry_that_left_it() {
+    with_store(|store| async move {
+        let schema = schema_of(&store);
+        let a = user(&*store, "alice").await;
+        let watcher = admin().await;
+        let set_activity =
+            format!(r#"UPDATE "{schema}".conversations SET last_activity_ms = $2 WHERE id = $1"#);
+        let mut direct = Vec::new();
+        for (name, at) in [("bob", 100i64), ("carol", 200), ("dave", 300)] {
+            let other = user(&*store, name).await;
+            let c = befriend(&*store, a, other).await;
+            watcher
+                .execute(&set_activity, &[&sql(c), &at])
+                .await
+                .unwrap();
+            direct.push(c);
+        }
+        let (bob, carol, dave) = (direct[0], direct[1], direct[2]);
+
+        let mut holder = admin().await;
+        let holder_pid = backend_pid(&holder).await;
+        let tx = holder.transaction().await.unwrap();
+        tx.batch_execute(&format!(
+            r#"LOCK TABLE "{schema}".users IN ACCESS EXCLUSIVE MODE"#
+        ))
+        .await
+        .unwrap();
+        let first = tokio::spawn({
+            let store = store.clone();
+            async move { store.conversations(a, (0, 0), 2).await }
+        });
+        blocked_by(&watcher, holder_pid, 1, "the views behind the lock").await;
+        watcher
+            .execute(
+                &format!(
+                    r#"DELETE FROM "{schema}".members WHERE conversation_id = $1 AND user_id = $2"#
+                ),
+                &[&sql(carol), &sql(a)],
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let first = first.await.unwrap().unwrap();
+        let ids: Vec<_> = first.iter().map(|v| v.id).collect();
+        assert_eq!(ids, [dave, bob], "a full page, past the one she left");
+    })
+    .await;
+}
+
 /// The friend lists come from one snapshot. Read in four statements, an
 /// accept committed between the friends list and the requests left the
 /// new friend in neither. Here the requests' read waits behind a lock on
