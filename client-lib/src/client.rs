@@ -72,6 +72,10 @@ pub enum Event {
     /// offer or answer, ICE candidates): `participant_id` names the
     /// sender. Opaque to the server.
     CallSignal(proto::CallSignal),
+    /// Another device of this user muted a conversation or deleted it
+    /// ([`Client::mute`], [`Client::delete_conversation`]): show it the same
+    /// here (for a deletion, drop the messages up to its `up_to_seq`).
+    ConversationChanged(proto::ConversationChanged),
     /// Another member started or stopped typing in a conversation (see
     /// [`Client::typing`]). Show it until one saying they stopped, a
     /// message from them there, or `limits::TYPING_LAPSE_MS` without

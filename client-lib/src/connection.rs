@@ -586,6 +586,9 @@ async fn read_loop(
             Some(Body::TypingUpdate(update)) if request_id == 0 => {
                 inner.emit_or_drop(Event::Typing(update));
             }
+            Some(Body::ConversationChanged(change)) if request_id == 0 => {
+                inner.emit(Event::ConversationChanged(change), &conn).await;
+            }
             Some(Body::PresenceUpdate(update)) => {
                 inner.presence_changed(update.states, &conn).await;
             }

@@ -60,8 +60,8 @@ impl FrameError {
 /// Field numbers in `Frame` of the bodies only a server sends
 /// ([`crate::proto::frame::Body::is_from_server`]; a test keeps the two in
 /// step).
-const SERVER_BODY_FIELDS: [u32; 21] = [
-    3, 4, 13, 16, 25, 26, 31, 33, 35, 41, 42, 44, 51, 53, 62, 63, 78, 94, 95, 112, 114,
+const SERVER_BODY_FIELDS: [u32; 22] = [
+    3, 4, 13, 16, 25, 26, 31, 33, 35, 38, 41, 42, 44, 51, 53, 62, 63, 78, 94, 95, 112, 114,
 ];
 
 /// Decodes frames with a maximum size. Cheap to copy; holds no buffer.
@@ -513,7 +513,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(bodies, 65);
+        assert_eq!(bodies, 66);
     }
 
     #[test]

@@ -122,6 +122,7 @@ impl Body {
             Body::HistoryQuery(_) => "history_query",
             Body::MuteConversation(_) => "mute_conversation",
             Body::DeleteConversation(_) => "delete_conversation",
+            Body::ConversationChanged(_) => "conversation_changed",
             Body::HistoryPage(_) => "history_page",
             Body::Send(_) => "send",
             Body::SendAck(_) => "send_ack",
@@ -177,6 +178,7 @@ impl Body {
             | Body::FriendEvent(_)
             | Body::Conversation(_)
             | Body::ConversationList(_)
+            | Body::ConversationChanged(_)
             | Body::HistoryPage(_)
             | Body::SendAck(_)
             | Body::Deliver(_)

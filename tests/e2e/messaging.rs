@@ -1613,3 +1613,37 @@ async fn a_deleted_chat_is_gone_for_one_until_a_new_message_and_kept_by_the_othe
         ErrorCode::NotAMember
     );
 }
+
+/// The next conversation change `events` has (others skipped).
+async fn next_change(events: &mut Events) -> proto::ConversationChanged {
+    wait_for(events, "a conversation change", |e| match e {
+        Event::ConversationChanged(change) => Some(change),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_mute_or_a_delete_on_one_device_reaches_the_others() {
+    let server = TestServer::start().await;
+    let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+    let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+    let direct = befriend(&alice, &bob).await;
+    let (_laptop, mut laptop_events) =
+        Client::login(server.client_config(), &alice.identity().username, PASSWORD)
+            .await
+            .unwrap();
+    alice.mute(direct, i64::MAX).await.unwrap();
+    let change = next_change(&mut laptop_events).await;
+    assert_eq!(
+        (change.conversation_id, change.kind(), change.muted_until_ms),
+        (direct, proto::conversation_changed::Kind::Muted, i64::MAX)
+    );
+    let seq = bob.send_text(direct, "hi").await.unwrap().seq;
+    alice.delete_conversation(direct, seq).await.unwrap();
+    let change = next_change(&mut laptop_events).await;
+    assert_eq!(
+        (change.conversation_id, change.kind(), change.up_to_seq),
+        (direct, proto::conversation_changed::Kind::Deleted, seq)
+    );
+}

@@ -985,6 +985,15 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             store
                 .delete_conversation(d.conversation_id, me, d.up_to_seq)
                 .await?;
+            tell_own_devices(
+                session,
+                proto::ConversationChanged {
+                    conversation_id: d.conversation_id,
+                    kind: proto::conversation_changed::Kind::Deleted as i32,
+                    muted_until_ms: 0,
+                    up_to_seq: d.up_to_seq,
+                },
+            );
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::MuteConversation(m)) => {
@@ -997,6 +1006,15 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             store
                 .set_muted(m.conversation_id, me, m.muted_until_ms)
                 .await?;
+            tell_own_devices(
+                session,
+                proto::ConversationChanged {
+                    conversation_id: m.conversation_id,
+                    kind: proto::conversation_changed::Kind::Muted as i32,
+                    muted_until_ms: m.muted_until_ms,
+                    up_to_seq: 0,
+                },
+            );
             reply(Body::Ok(proto::Ok {}))
         }
         Some(Body::ListConversations(l)) => {
@@ -1500,6 +1518,23 @@ fn notify_friend(session: &Session, user: u64, kind: proto::friend_event::Kind) 
 /// their friend list (`other` is the user it concerns), so that their
 /// lists and presence subscriptions stay current: a friend removed from
 /// the phone stayed on the laptop, shown online, until it reconnected.
+/// Tells the user's other connected devices that this one changed a
+/// conversation's settings (mute, delete).
+fn tell_own_devices(session: &Session, change: proto::ConversationChanged) {
+    let authed = session.authed().expect("authenticated");
+    let hub = &session.shared.hub;
+    if hub.sessions_of(authed.user_id) < 2 {
+        return;
+    }
+    let frame = Outbound::frame(&Frame::push(Body::ConversationChanged(change)));
+    hub.push(
+        authed.user_id,
+        StreamKind::Control,
+        &frame,
+        Some(session.conn_id),
+    );
+}
+
 async fn notify_own_devices(
     session: &Session,
     other: u64,
