@@ -426,6 +426,34 @@ impl Inner {
         writer.send(connection::encode(&frame)).is_ok()
     }
 
+    /// Queues an event the server pushes once and never again (friend
+    /// events, conversation changes) as [`emit`](Self::emit) does, but if
+    /// `conn` closes while it waits for room, it waits on its own, without
+    /// the connection. False then: the caller, that connection's reader,
+    /// stops.
+    pub(crate) async fn emit_once(
+        self: &Arc<Self>,
+        event: Event,
+        conn: &quinn::Connection,
+    ) -> bool {
+        match self.event_room(Some(conn)).await {
+            Room::Reserved(permit) => {
+                permit.send(event);
+                true
+            }
+            Room::NobodyReads => true,
+            Room::Closed => {
+                let inner = self.clone();
+                tokio::spawn(async move {
+                    if let Room::Reserved(permit) = inner.event_room(None).await {
+                        permit.send(event);
+                    }
+                });
+                false
+            }
+        }
+    }
+
     /// Queues an event for the app, waiting while the queue is full (the
     /// caller, a stream's reader of `conn`, then stops reading: see
     /// [`Events`]). False if it was not queued (see [`Inner::event_room`]).

@@ -9,7 +9,7 @@ use chat_protocol::{Body, Codec, ErrorCode, Frame, FrameError, StreamKind, proto
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::client::{Event, Inner, Room};
+use crate::client::{Event, Inner};
 use crate::error::ClientError;
 
 /// Most queued frames written at once.
@@ -565,20 +565,8 @@ async fn read_loop(
                         inner.unwatch_unless(|id| id != gone);
                     }
                 }
-                // Pushed once and never again: one the closing connection
-                // read waits for room on its own, without the connection.
-                match inner.event_room(Some(&conn)).await {
-                    Room::Reserved(permit) => drop(permit.send(Event::Friend(event))),
-                    Room::NobodyReads => {}
-                    Room::Closed => {
-                        let inner = inner.clone();
-                        tokio::spawn(async move {
-                            if let Room::Reserved(permit) = inner.event_room(None).await {
-                                permit.send(Event::Friend(event));
-                            }
-                        });
-                        return;
-                    }
+                if !inner.emit_once(Event::Friend(event), &conn).await {
+                    return;
                 }
             }
             // Never waits for room: a moment's news, not worth holding
@@ -587,7 +575,12 @@ async fn read_loop(
                 inner.emit_or_drop(Event::Typing(update));
             }
             Some(Body::ConversationChanged(change)) if request_id == 0 => {
-                inner.emit(Event::ConversationChanged(change), &conn).await;
+                let told = inner
+                    .emit_once(Event::ConversationChanged(change), &conn)
+                    .await;
+                if !told {
+                    return;
+                }
             }
             Some(Body::PresenceUpdate(update)) => {
                 inner.presence_changed(update.states, &conn).await;

@@ -2083,7 +2083,7 @@ pub async fn deleting_conversations(store: &impl HistoryStore) {
     );
 
     // Up to what the app showed: a later message stays.
-    store.delete_conversation(direct, a, 1).await.unwrap();
+    assert_eq!(store.delete_conversation(direct, a, 1).await.unwrap(), 1);
     let start = |user| async move { store.membership(direct, user).await.unwrap().unwrap() };
     assert_eq!(start(a).await.joined_seq, 2);
     assert_eq!(owed(a).await, (vec![direct], vec![(direct, 2)]));
@@ -2093,7 +2093,11 @@ pub async fn deleting_conversations(store: &impl HistoryStore) {
         "still listed: 2 and 3 come after the clear"
     );
     // Then all of it (at most its last seq).
-    store.delete_conversation(direct, a, 99).await.unwrap();
+    assert_eq!(
+        store.delete_conversation(direct, a, 99).await.unwrap(),
+        3,
+        "at most its last seq"
+    );
     assert_eq!(listed(a).await, vec![g], "gone from her list");
     assert_eq!(listed(b).await, vec![direct, g], "not from his");
     assert_eq!(start(a).await.joined_seq, 4, "she reads from after it");
@@ -2134,7 +2138,7 @@ pub async fn deleting_conversations(store: &impl HistoryStore) {
         (vec![g], vec![(g, 1), (g, 2)]),
         "owed up to the removal"
     );
-    store.delete_conversation(g, c, 0).await.unwrap();
+    assert_eq!(store.delete_conversation(g, c, 0).await.unwrap(), 0);
     assert!(listed(c).await.is_empty());
     assert_eq!(owed(c).await, (vec![], vec![]));
     assert_eq!(store.former_membership(g, c).await.unwrap(), None);

@@ -334,7 +334,7 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         conversation_id: ConversationId,
         user: UserId,
         up_to_seq: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         timed!(
             self,
             "delete_conversation",

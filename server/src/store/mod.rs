@@ -921,13 +921,14 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// they left or were removed from is forgotten: its list entry,
     /// history, photos and what catch-up still owed them of it (its
     /// departure) are no longer theirs. `Invalid` for a group they are a
-    /// member of (they leave it first), `NotAMember` otherwise.
+    /// member of (they leave it first), `NotAMember` otherwise. Returns
+    /// the seq a direct conversation was cleared to, 0 for a group.
     async fn delete_conversation(
         &self,
         conversation_id: ConversationId,
         user: UserId,
         up_to_seq: u64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<u64, StoreError>;
 
     /// Mutes a conversation of its member `user` until `until_ms` (Unix
     /// ms; 0, or any time past, unmutes it): its messages notify none of

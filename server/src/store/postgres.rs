@@ -1668,7 +1668,7 @@ impl HistoryStore for PostgresStore {
                 .map(|r| Ok((col::<i64>(r, 0)?, col::<i64>(r, 1)?, col::<bool>(r, 2)?)))
                 .collect::<Result<Vec<(i64, i64, bool)>, StoreError>>()?;
             let Some(&(last_id, last_at, _)) = chosen.last() else {
-                break;
+                return Ok(page);
             };
             let (former, current): (Vec<_>, Vec<_>) =
                 chosen.iter().partition(|&&(_, _, former)| former);
@@ -1699,9 +1699,16 @@ impl HistoryStore for PostgresStore {
                     }),
             );
             if read < want || page.len() == limit as usize {
-                break;
+                return Ok(page);
             }
             before = (last_at, id(last_id));
+        }
+        // Every round read a full chunk and lost part of it: an empty page
+        // here would read as the end.
+        if page.is_empty() {
+            return Err(StoreError::Unavailable(
+                "the conversation list changed while it was read; ask again".into(),
+            ));
         }
         Ok(page)
     }
@@ -2065,7 +2072,7 @@ impl HistoryStore for PostgresStore {
         conversation_id: ConversationId,
         user: UserId,
         up_to_seq: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         // One statement: clear a direct conversation of theirs, or forget
         // a group they are no longer in (its departure too: catch-up would
         // bring what it still owed them, and the group back with it), and
@@ -2089,7 +2096,7 @@ impl HistoryStore for PostgresStore {
                      DELETE FROM departures
                      WHERE user_id = $1 AND conversation_id = $2 AND NOT EXISTS (SELECT 1 FROM target)
                      RETURNING 1)
-                 SELECT (SELECT kind FROM target),
+                 SELECT (SELECT kind FROM target), (SELECT last_seq FROM target),
                         (SELECT count(*) FROM forgotten) + (SELECT count(*) FROM departed)",
                 &[
                     &sql(user),
@@ -2100,9 +2107,11 @@ impl HistoryStore for PostgresStore {
             )
             .await?;
         match col::<Option<i32>>(&row, 0)? {
-            Some(kind) if kind == proto::ConversationKind::Direct as i32 => Ok(()),
+            Some(kind) if kind == proto::ConversationKind::Direct as i32 => {
+                Ok(id(col::<Option<i64>>(&row, 1)?.unwrap_or_default()))
+            }
             Some(_) => Err(StoreError::Invalid(super::LEAVE_FIRST.into())),
-            None if col::<i64>(&row, 1)? > 0 => Ok(()),
+            None if col::<i64>(&row, 2)? > 0 => Ok(0),
             None => Err(StoreError::NotAMember),
         }
     }

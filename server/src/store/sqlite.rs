@@ -2543,7 +2543,7 @@ impl HistoryStore for SqliteStore {
         conversation_id: ConversationId,
         user: UserId,
         up_to_seq: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         // A plain call: the heads are written first, so last_seq is whole.
         self.call(move |conn, _| {
             let member: Option<(i32, i64)> = conn
@@ -2569,7 +2569,7 @@ impl HistoryStore for SqliteStore {
                     .map_err(internal)?
                     .execute(params![sql(user), sql(conversation_id), cleared])
                     .map_err(internal)?;
-                    Ok(())
+                    Ok(cleared as u64)
                 }
                 Some(_) => Err(StoreError::Invalid(super::LEAVE_FIRST.into())),
                 None => {
@@ -2587,7 +2587,7 @@ impl HistoryStore for SqliteStore {
                     }
                     match forgotten {
                         0 => Err(StoreError::NotAMember),
-                        _ => Ok(()),
+                        _ => Ok(0),
                     }
                 }
             }

@@ -982,7 +982,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
             // Nothing more: catch-up and the unread counts start after what
             // was cleared, and the watermarks stay as they were (deleting
             // is neither receiving nor reading).
-            store
+            let cleared = store
                 .delete_conversation(d.conversation_id, me, d.up_to_seq)
                 .await?;
             tell_own_devices(
@@ -991,7 +991,7 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                     conversation_id: d.conversation_id,
                     kind: proto::conversation_changed::Kind::Deleted as i32,
                     muted_until_ms: 0,
-                    up_to_seq: d.up_to_seq,
+                    up_to_seq: cleared,
                 },
             );
             reply(Body::Ok(proto::Ok {}))
@@ -1514,11 +1514,7 @@ fn notify_friend(session: &Session, user: u64, kind: proto::friend_event::Kind) 
         .push(user, StreamKind::Control, &Outbound::frame(&event), None);
 }
 
-/// Tells the user's other devices on this node what this one changed in
-/// their friend list (`other` is the user it concerns), so that their
-/// lists and presence subscriptions stay current: a friend removed from
-/// the phone stayed on the laptop, shown online, until it reconnected.
-/// Tells the user's other connected devices that this one changed a
+/// Tells the user's other devices on this node that this one changed a
 /// conversation's settings (mute, delete).
 fn tell_own_devices(session: &Session, change: proto::ConversationChanged) {
     let authed = session.authed().expect("authenticated");
@@ -1535,6 +1531,10 @@ fn tell_own_devices(session: &Session, change: proto::ConversationChanged) {
     );
 }
 
+/// Tells the user's other devices on this node what this one changed in
+/// their friend list (`other` is the user it concerns), so that their
+/// lists and presence subscriptions stay current: a friend removed from
+/// the phone stayed on the laptop, shown online, until it reconnected.
 async fn notify_own_devices(
     session: &Session,
     other: u64,

@@ -1631,9 +1631,9 @@ async fn a_commit_whose_answer_is_lost_is_settled_not_guessed() {
 /// ordered by. The views are read by a later statement, which used to
 /// carry a newer time for a conversation that got a message in between:
 /// the client's next cursor then started above the page, and the next
-/// page repeated it. Here the views' read waits behind a lock on `users`
-/// (their members' names; the page's own statement reads no user) while
-/// a conversation of the page gets newer.
+/// page repeated it. Here the views' read waits behind a lock on `mutes`
+/// (which only it reads, prepared or not) while a conversation of the
+/// page gets newer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_list_page_keeps_the_times_it_was_ordered_by() {
     with_store(|store| async move {
@@ -1658,7 +1658,7 @@ async fn a_conversation_list_page_keeps_the_times_it_was_ordered_by() {
         let holder_pid = backend_pid(&holder).await;
         let tx = holder.transaction().await.unwrap();
         tx.batch_execute(&format!(
-            r#"LOCK TABLE "{schema}".users IN ACCESS EXCLUSIVE MODE"#
+            r#"LOCK TABLE "{schema}".mutes IN ACCESS EXCLUSIVE MODE"#
         ))
         .await
         .unwrap();
@@ -1693,7 +1693,8 @@ async fn a_conversation_list_page_keeps_the_times_it_was_ordered_by() {
 /// is left out, and the page reads on past it: a page shorter than asked
 /// is still only the last (it came back short, and a client that got an
 /// empty one stopped paging). Here the views' read waits behind a lock on
-/// `users` while alice's membership of a conversation of the page ends.
+/// `mutes` (which only it reads, prepared or not) while alice's membership
+/// of a conversation of the page ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_list_page_reads_on_past_an_entry_that_left_it() {
     with_store(|store| async move {
@@ -1718,7 +1719,7 @@ async fn a_conversation_list_page_reads_on_past_an_entry_that_left_it() {
         let holder_pid = backend_pid(&holder).await;
         let tx = holder.transaction().await.unwrap();
         tx.batch_execute(&format!(
-            r#"LOCK TABLE "{schema}".users IN ACCESS EXCLUSIVE MODE"#
+            r#"LOCK TABLE "{schema}".mutes IN ACCESS EXCLUSIVE MODE"#
         ))
         .await
         .unwrap();
