@@ -79,6 +79,12 @@ pub struct Args {
     /// the intended send time, so it includes the upload.
     #[arg(long, default_value_t = 0.0)]
     pub photo_fraction: f64,
+    /// Fraction of text sends the sender types first, as a person does: a
+    /// `Client::typing` start just before the send, which the send then
+    /// stops, so two Typing frames, each passed on to the recipients'
+    /// connected devices (counted as `typing_received`).
+    #[arg(long, default_value_t = 0.0)]
+    pub typing_fraction: f64,
     /// Size of each photo (a phone's photo as messengers send it is
     /// ~100-300 KB once recompressed).
     #[arg(long, default_value_t = 150_000)]
@@ -342,6 +348,12 @@ impl Args {
             anyhow::bail!(
                 "--photo-fraction {} must be a fraction of sends in 0..=1",
                 self.photo_fraction
+            );
+        }
+        if !(self.typing_fraction.is_finite() && (0.0..=1.0).contains(&self.typing_fraction)) {
+            anyhow::bail!(
+                "--typing-fraction {} must be a fraction of sends in 0..=1",
+                self.typing_fraction
             );
         }
         let most = chat_protocol::media::DEFAULT_MAX_PHOTO_BYTES;

@@ -371,6 +371,7 @@ async fn schedule(
         // Drawn only when photos are asked for, so that runs without them
         // keep the schedule they always had.
         let photo = args.photo_fraction > 0.0 && rng.random_bool(args.photo_fraction);
+        let typed = args.typing_fraction > 0.0 && rng.random_bool(args.typing_fraction);
         // A photo's caption and its preview share the text limit.
         let len = if photo {
             len.min(MAX_TEXT_BYTES - PREVIEW_BYTES)
@@ -408,6 +409,9 @@ async fn schedule(
                     intended_ns,
                 );
                 return (send_no, None);
+            }
+            if typed {
+                client.typing(conversation_id, true);
             }
             (send_no, Some(client.send_text(conversation_id, &text)))
         });
@@ -597,6 +601,7 @@ async fn receive(
                     now,
                 );
             }
+            Event::Typing(_) => shared.tracker.typing_received(),
             Event::Disconnected { .. } => shared.tracker.reconnect(),
             Event::SessionEnded { code } => {
                 // For good: the drain does not wait for it to come back.

@@ -344,6 +344,7 @@ fn report(args: &Args, plan: &Plan, endpoints: usize, outcome: &Outcome) -> Repo
         group_sends: c.group_sends,
         photo_sends: c.photo_sends,
         photos_downloaded: c.photos_downloaded,
+        typing_received: c.typing_received,
         notifications: 0,
         notified_devices: 0,
         acked: c.acked,

@@ -154,6 +154,8 @@ pub struct Counts {
     /// Photos recipients downloaded whole and found matching their SHA-256
     /// (each recipient fetches each photo it is delivered).
     pub photos_downloaded: u64,
+    /// TypingUpdate events recipients' clients took (`--typing-fraction`).
+    pub typing_received: u64,
     /// Sends the server acknowledged as durable.
     pub acked: u64,
     /// Acks that arrived within the measured window, of any send (warm-up
@@ -586,6 +588,14 @@ impl Tracker {
         }
     }
 
+    /// A client was told that another member is typing, or stopped.
+    pub fn typing_received(&self) {
+        let mut s = self.state();
+        if !s.frozen {
+            s.counts.typing_received += 1;
+        }
+    }
+
     /// A client lost its connection (it reconnects by itself).
     pub fn reconnect(&self) {
         let mut s = self.state();
@@ -787,6 +797,11 @@ pub struct Report {
     /// and photo delivered to it).
     #[serde(default)]
     pub photos_downloaded: u64,
+    /// Typing starts and stops recipients' clients were told of
+    /// (`--typing-fraction`), to the end of the drain: best effort (the
+    /// server offers them; a device short of room misses one).
+    #[serde(default)]
+    pub typing_received: u64,
     /// Notifications the stand-in push gateway took (`--push`), to the
     /// end of the drain, and the devices they named.
     #[serde(default)]
@@ -962,6 +977,13 @@ impl Report {
                 t,
                 "photo sends: {}  photos downloaded by recipients: {}",
                 self.photo_sends, self.photos_downloaded
+            );
+        }
+        if self.typing_received > 0 {
+            let _ = writeln!(
+                t,
+                "typing starts and stops recipients were told of: {}",
+                self.typing_received
             );
         }
         let _ = writeln!(t);

@@ -331,6 +331,18 @@ async fn photo_sends_are_uploaded_delivered_and_downloaded_by_every_recipient() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_that_type_first_tell_their_recipients() {
+    init_tracing();
+    let typing: &[&str] = &["--typing-fraction", "1"];
+    let report = run(spawned(&[TWELVE_USERS, typing, TWO_SECONDS_AT_30].concat())).await;
+    assert_all_accounted(&report);
+    // A start and a stop per send, to every recipient with room for them
+    // (best effort: offered, never queued past a busy device's bound);
+    // the messages are all accounted for beside them.
+    assert!(report.typing_received > 0, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_in_the_background_are_notified_through_the_push_gateway() {
     init_tracing();
     // Half the users have the app in the background: their messages reach
