@@ -67,6 +67,7 @@ launch() {
     shift
     "${prefix[@]}" "$BIN/chat-server" --data-dir "$data" --listen "127.0.0.1:$PORT" \
         --metrics-listen "127.0.0.1:$METRICS_PORT" --send-rate 0 --send-burst 0 --control-rate 0 --control-burst 0 \
+        --typing-rate 0 --typing-burst 0 \
         --password-checks-per-address 0 --registrations-per-address 0 \
         --socket-receive-buffer 4194304 "$@" >"$data.log" 2>&1 &
     SERVER_PID=$!

@@ -297,6 +297,12 @@ struct Overrides {
     /// Burst of MarkSeen frames above mark-rate.
     #[arg(long, env = "CHAT_MARK_BURST")]
     mark_burst: Option<u32>,
+    /// Sustained Typing frames per second per user (0: no limit).
+    #[arg(long, env = "CHAT_TYPING_RATE")]
+    typing_rate: Option<u32>,
+    /// Burst of Typing frames above typing-rate.
+    #[arg(long, env = "CHAT_TYPING_BURST")]
+    typing_burst: Option<u32>,
     /// Wrong passwords per account and source address per
     /// login-failure-window.
     #[arg(long, env = "CHAT_MAX_LOGIN_FAILURES")]
@@ -474,6 +480,8 @@ impl Overrides {
         set(&mut c.limits.control_burst, self.control_burst);
         set(&mut c.limits.mark_rate, self.mark_rate);
         set(&mut c.limits.mark_burst, self.mark_burst);
+        set(&mut c.limits.typing_rate, self.typing_rate);
+        set(&mut c.limits.typing_burst, self.typing_burst);
         set(&mut c.limits.max_login_failures, self.max_login_failures);
         set(
             &mut c.limits.max_account_login_failures,
@@ -783,6 +791,10 @@ mod tests {
             "8",
             "--mark-burst",
             "80",
+            "--typing-rate",
+            "6",
+            "--typing-burst",
+            "60",
             "--max-unauthenticated-per-address",
             "9",
             "--metrics-listen",
@@ -801,6 +813,7 @@ mod tests {
         assert_eq!((c.limits.send_rate, c.limits.send_burst), (5, 10));
         assert_eq!((c.limits.control_rate, c.limits.control_burst), (7, 70));
         assert_eq!((c.limits.mark_rate, c.limits.mark_burst), (8, 80));
+        assert_eq!((c.limits.typing_rate, c.limits.typing_burst), (6, 60));
         assert_eq!(c.transport.max_unauthenticated_per_address, 9);
         assert_eq!(c.metrics_listen.port(), 0);
         assert_eq!(c.sqlite_commit_gap, Duration::from_millis(3));

@@ -406,6 +406,13 @@ pub struct Limits {
     /// MarkSeen frames a user may send at once above `mark-rate`: an app
     /// marking a thousand conversations read at once stays under it.
     pub mark_burst: u32,
+    /// Sustained Typing frames per second per user, across their devices
+    /// (0: no limit). Each is a store read and a frame to every connected
+    /// device of the conversation's other members; a client sends one
+    /// every 3 s per conversation it types in, and one when it stops.
+    pub typing_rate: u32,
+    /// Typing frames a user may send at once above `typing-rate`.
+    pub typing_burst: u32,
     /// Largest photo accepted, in bytes (announced at login). An upload
     /// declaring more is refused before any of its bytes are read.
     pub max_photo_bytes: u64,
@@ -602,6 +609,8 @@ impl Default for Limits {
             control_burst: 200,
             mark_rate: 100,
             mark_burst: 1_000,
+            typing_rate: 2,
+            typing_burst: 10,
             max_photo_bytes: chat_protocol::media::DEFAULT_MAX_PHOTO_BYTES,
             upload_retention: Duration::from_secs(24 * 3600),
             uploads_per_hour: 600,
@@ -1032,6 +1041,12 @@ impl Config {
             return err(format!(
                 "mark-rate ({}) and mark-burst ({}) must both be 0 (no limit) or both above 0",
                 l.mark_rate, l.mark_burst
+            ));
+        }
+        if (l.typing_rate == 0) != (l.typing_burst == 0) {
+            return err(format!(
+                "typing-rate ({}) and typing-burst ({}) must both be 0 (no limit) or both above 0",
+                l.typing_rate, l.typing_burst
             ));
         }
         if (l.control_rate == 0) != (l.control_burst == 0) {

@@ -277,7 +277,7 @@ impl Server {
                 crate::streams::messages::ACK_SLACK as u32,
             ),
             mark_limiter: RateLimiter::new(config.limits.mark_rate, config.limits.mark_burst),
-            typing_limiter: RateLimiter::new(ratelimit::TYPING_RATE, ratelimit::TYPING_BURST),
+            typing_limiter: RateLimiter::new(config.limits.typing_rate, config.limits.typing_burst),
             unauthenticated: ratelimit::Unauthenticated::new(
                 config.transport.max_unauthenticated_per_address,
             ),

@@ -38,13 +38,6 @@ pub const REVOKE_RATE: u32 = 1;
 /// See [`REVOKE_RATE`].
 pub const REVOKE_BURST: u32 = 10;
 
-/// Typing frames a user may send a second, sustained: a client repeats one
-/// every `TYPING_REPEAT_MS` (3 s) per conversation it types in, and says
-/// when it stops, so this leaves room for a few conversations at once.
-pub const TYPING_RATE: u32 = 2;
-/// Typing frames a user may send at once above [`TYPING_RATE`].
-pub const TYPING_BURST: u32 = 10;
-
 /// A user's heartbeat bucket: `max_sessions` devices beating every
 /// `interval` (what the node announces; clients never beat more often
 /// than once a second) fit in it twice over, so only a flood is ignored.

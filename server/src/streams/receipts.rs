@@ -155,11 +155,9 @@ const TYPING_QUEUE: usize = 16;
 
 /// Takes a token from the user's typing bucket.
 fn charge_typing(session: &Session) -> Result<(), Refusal> {
+    let rate = session.shared.config.limits.typing_rate;
     super::control::charge(session, &session.shared.typing_limiter, |wait| {
-        format!(
-            "over {} Typing per second; retry in {wait} ms",
-            crate::ratelimit::TYPING_RATE
-        )
+        format!("over {rate} Typing per second; retry in {wait} ms")
     })
 }
 
