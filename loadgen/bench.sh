@@ -65,9 +65,12 @@ launch() {
     local -a prefix=()
     while [[ $# -gt 0 && $1 != -- ]]; do prefix+=("$1"); shift; done
     shift
-    "${prefix[@]}" "$BIN/chat-server" --data-dir "$data" --listen "127.0.0.1:$PORT" \
+    # The typing bucket (a setting since session 48) through the
+    # environment, which a server from before it ignores: compare can run
+    # older builds.
+    CHAT_TYPING_RATE=0 CHAT_TYPING_BURST=0 \
+        "${prefix[@]}" "$BIN/chat-server" --data-dir "$data" --listen "127.0.0.1:$PORT" \
         --metrics-listen "127.0.0.1:$METRICS_PORT" --send-rate 0 --send-burst 0 --control-rate 0 --control-burst 0 \
-        --typing-rate 0 --typing-burst 0 \
         --password-checks-per-address 0 --registrations-per-address 0 \
         --socket-receive-buffer 4194304 "$@" >"$data.log" 2>&1 &
     SERVER_PID=$!

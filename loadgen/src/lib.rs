@@ -248,6 +248,8 @@ impl SpawnedServer {
         config.limits.control_burst = 0;
         config.limits.mark_rate = 0;
         config.limits.mark_burst = 0;
+        config.limits.typing_rate = 0;
+        config.limits.typing_burst = 0;
         config.limits.uploads_per_hour = 0;
         config.push.push_gateway_url = push_gateway_url;
         // Room for every call the flags ask for: participants and media

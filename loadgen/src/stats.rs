@@ -154,7 +154,8 @@ pub struct Counts {
     /// Photos recipients downloaded whole and found matching their SHA-256
     /// (each recipient fetches each photo it is delivered).
     pub photos_downloaded: u64,
-    /// TypingUpdate events recipients' clients took (`--typing-fraction`).
+    /// TypingUpdate events recipients' clients took (`--typing-fraction`),
+    /// warm-up and drain included, as they carry no send number.
     pub typing_received: u64,
     /// Sends the server acknowledged as durable.
     pub acked: u64,
@@ -798,8 +799,9 @@ pub struct Report {
     #[serde(default)]
     pub photos_downloaded: u64,
     /// Typing starts and stops recipients' clients were told of
-    /// (`--typing-fraction`), to the end of the drain: best effort (the
-    /// server offers them; a device short of room misses one).
+    /// (`--typing-fraction`), over the whole run, warm-up and drain
+    /// included (they carry no send number): best effort (the server
+    /// offers them; a device short of room misses one).
     #[serde(default)]
     pub typing_received: u64,
     /// Notifications the stand-in push gateway took (`--push`), to the

@@ -1341,6 +1341,10 @@ mod tests {
                 "mark-rate (100) and mark-burst (0)",
             ),
             (
+                |c| c.limits.typing_rate = 0,
+                "typing-rate (0) and typing-burst (10)",
+            ),
+            (
                 |c| c.limits.heartbeat_interval = Duration::from_secs(40),
                 "heartbeat-interval (40s) must be shorter than idle-timeout (30s)",
             ),
