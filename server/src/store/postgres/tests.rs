@@ -1627,55 +1627,101 @@ async fn a_commit_whose_answer_is_lost_is_settled_not_guessed() {
     .await;
 }
 
+/// Alice's first conversation-list page of two, its views held behind a
+/// lock on `mutes` (which only the views read, prepared or not) until
+/// [`release`](Self::release), so that a test can change what the page
+/// already chose. Alice has three direct conversations, with bob, carol
+/// and dave, last active at 100, 200 and 300 ms.
+struct HeldPage {
+    schema: String,
+    alice: UserId,
+    /// With bob, carol and dave.
+    direct: [ConversationId; 3],
+    /// A connection of the test's own, to change things while it waits.
+    watcher: tokio_postgres::Client,
+    holder: tokio_postgres::Client,
+    page: tokio::task::JoinHandle<Result<Vec<ConversationView>, StoreError>>,
+}
+
+impl HeldPage {
+    async fn start(store: &Arc<PostgresStore>) -> HeldPage {
+        let schema = schema_of(store);
+        let alice = user(&**store, "alice").await;
+        let watcher = admin().await;
+        let mut direct = [0; 3];
+        for (i, (name, at)) in [("bob", 100i64), ("carol", 200), ("dave", 300)]
+            .into_iter()
+            .enumerate()
+        {
+            let other = user(&**store, name).await;
+            direct[i] = befriend(&**store, alice, other).await;
+            watcher
+                .execute(
+                    &format!(
+                        r#"UPDATE "{schema}".conversations SET last_activity_ms = $2 WHERE id = $1"#
+                    ),
+                    &[&sql(direct[i]), &at],
+                )
+                .await
+                .unwrap();
+        }
+        let holder = admin().await;
+        let holder_pid = backend_pid(&holder).await;
+        holder
+            .batch_execute(&format!(
+                r#"BEGIN; LOCK TABLE "{schema}".mutes IN ACCESS EXCLUSIVE MODE"#
+            ))
+            .await
+            .unwrap();
+        let page = tokio::spawn({
+            let store = store.clone();
+            async move { store.conversations(alice, (0, 0), 2).await }
+        });
+        blocked_by(&watcher, holder_pid, 1, "the views behind the lock").await;
+        HeldPage {
+            schema,
+            alice,
+            direct,
+            watcher,
+            holder,
+            page,
+        }
+    }
+
+    /// Lets the page's views read on, and returns the page.
+    async fn release(self) -> Vec<ConversationView> {
+        self.holder.batch_execute("COMMIT").await.unwrap();
+        self.page.await.unwrap().unwrap()
+    }
+}
+
+fn ids(page: &[ConversationView]) -> Vec<ConversationId> {
+    page.iter().map(|v| v.id).collect()
+}
+
 /// A page of the conversation list carries the activity times it was
 /// ordered by. The views are read by a later statement, which used to
 /// carry a newer time for a conversation that got a message in between:
 /// the client's next cursor then started above the page, and the next
-/// page repeated it. Here the views' read waits behind a lock on `mutes`
-/// (which only it reads, prepared or not) while a conversation of the
-/// page gets newer.
+/// page repeated it. Here carol's conversation gets newer while the page's
+/// views wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_list_page_keeps_the_times_it_was_ordered_by() {
     with_store(|store| async move {
-        let schema = schema_of(&store);
-        let a = user(&*store, "alice").await;
-        let watcher = admin().await;
-        let set_activity =
-            format!(r#"UPDATE "{schema}".conversations SET last_activity_ms = $2 WHERE id = $1"#);
-        let mut direct = Vec::new();
-        for (name, at) in [("bob", 100i64), ("carol", 200), ("dave", 300)] {
-            let other = user(&*store, name).await;
-            let c = befriend(&*store, a, other).await;
-            watcher
-                .execute(&set_activity, &[&sql(c), &at])
-                .await
-                .unwrap();
-            direct.push(c);
-        }
-        let (bob, carol, dave) = (direct[0], direct[1], direct[2]);
-
-        let mut holder = admin().await;
-        let holder_pid = backend_pid(&holder).await;
-        let tx = holder.transaction().await.unwrap();
-        tx.batch_execute(&format!(
-            r#"LOCK TABLE "{schema}".mutes IN ACCESS EXCLUSIVE MODE"#
-        ))
-        .await
-        .unwrap();
-        let first = tokio::spawn({
-            let store = store.clone();
-            async move { store.conversations(a, (0, 0), 2).await }
-        });
-        blocked_by(&watcher, holder_pid, 1, "the views behind the lock").await;
-        // Carol's conversation gets a message now, after the page's ids.
-        watcher
-            .execute(&set_activity, &[&sql(carol), &400i64])
+        let held = HeldPage::start(&store).await;
+        let (a, [bob, carol, dave]) = (held.alice, held.direct);
+        held.watcher
+            .execute(
+                &format!(
+                    r#"UPDATE "{}".conversations SET last_activity_ms = 400 WHERE id = $1"#,
+                    held.schema
+                ),
+                &[&sql(carol)],
+            )
             .await
             .unwrap();
-        tx.commit().await.unwrap();
-        let first = first.await.unwrap().unwrap();
-        let ids: Vec<_> = first.iter().map(|v| v.id).collect();
-        assert_eq!(ids, [dave, carol]);
+        let first = held.release().await;
+        assert_eq!(ids(&first), [dave, carol]);
         assert_eq!(first[1].last_activity_ms, 200, "the time it was ordered by");
 
         let last = &first[1];
@@ -1683,8 +1729,7 @@ async fn a_conversation_list_page_keeps_the_times_it_was_ordered_by() {
             .conversations(a, (last.last_activity_ms, last.id), 2)
             .await
             .unwrap();
-        let ids: Vec<_> = second.iter().map(|v| v.id).collect();
-        assert_eq!(ids, [bob], "nothing of the first page again");
+        assert_eq!(ids(&second), [bob], "nothing of the first page again");
     })
     .await;
 }
@@ -1692,55 +1737,29 @@ async fn a_conversation_list_page_keeps_the_times_it_was_ordered_by() {
 /// An entry whose membership ends between the page's read and its views'
 /// is left out, and the page reads on past it: a page shorter than asked
 /// is still only the last (it came back short, and a client that got an
-/// empty one stopped paging). Here the views' read waits behind a lock on
-/// `mutes` (which only it reads, prepared or not) while alice's membership
-/// of a conversation of the page ends.
+/// empty one stopped paging). Here alice's membership of carol's
+/// conversation ends while the page's views wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_list_page_reads_on_past_an_entry_that_left_it() {
     with_store(|store| async move {
-        let schema = schema_of(&store);
-        let a = user(&*store, "alice").await;
-        let watcher = admin().await;
-        let set_activity =
-            format!(r#"UPDATE "{schema}".conversations SET last_activity_ms = $2 WHERE id = $1"#);
-        let mut direct = Vec::new();
-        for (name, at) in [("bob", 100i64), ("carol", 200), ("dave", 300)] {
-            let other = user(&*store, name).await;
-            let c = befriend(&*store, a, other).await;
-            watcher
-                .execute(&set_activity, &[&sql(c), &at])
-                .await
-                .unwrap();
-            direct.push(c);
-        }
-        let (bob, carol, dave) = (direct[0], direct[1], direct[2]);
-
-        let mut holder = admin().await;
-        let holder_pid = backend_pid(&holder).await;
-        let tx = holder.transaction().await.unwrap();
-        tx.batch_execute(&format!(
-            r#"LOCK TABLE "{schema}".mutes IN ACCESS EXCLUSIVE MODE"#
-        ))
-        .await
-        .unwrap();
-        let first = tokio::spawn({
-            let store = store.clone();
-            async move { store.conversations(a, (0, 0), 2).await }
-        });
-        blocked_by(&watcher, holder_pid, 1, "the views behind the lock").await;
-        watcher
+        let held = HeldPage::start(&store).await;
+        let [bob, carol, dave] = held.direct;
+        held.watcher
             .execute(
                 &format!(
-                    r#"DELETE FROM "{schema}".members WHERE conversation_id = $1 AND user_id = $2"#
+                    r#"DELETE FROM "{}".members WHERE conversation_id = $1 AND user_id = $2"#,
+                    held.schema
                 ),
-                &[&sql(carol), &sql(a)],
+                &[&sql(carol), &sql(held.alice)],
             )
             .await
             .unwrap();
-        tx.commit().await.unwrap();
-        let first = first.await.unwrap().unwrap();
-        let ids: Vec<_> = first.iter().map(|v| v.id).collect();
-        assert_eq!(ids, [dave, bob], "a full page, past the one she left");
+        let first = held.release().await;
+        assert_eq!(
+            ids(&first),
+            [dave, bob],
+            "a full page, past the one she left"
+        );
     })
     .await;
 }
