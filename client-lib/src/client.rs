@@ -409,13 +409,15 @@ impl Inner {
         self.next_request_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Writes a Typing; whether the connection's writer took it.
-    fn send_typing(
-        &self,
-        writer: &mpsc::UnboundedSender<bytes::Bytes>,
-        conversation_id: u64,
-        typing: bool,
-    ) -> bool {
+    /// Writes a Typing on the live connection's receipts stream; whether
+    /// one took it.
+    fn send_typing(&self, conversation_id: u64, typing: bool) -> bool {
+        let Some(writer) = self
+            .live()
+            .and_then(|live| live.writer(StreamKind::Receipts).cloned())
+        else {
+            return false;
+        };
         let frame = Frame::new(
             self.next_request_id(),
             Body::Typing(proto::Typing {
@@ -1431,13 +1433,8 @@ impl Client {
             .expect("typing lock")
             .remove(&conversation_id)
             .is_some();
-        if typed
-            && let Some(writer) = self
-                .inner
-                .live()
-                .and_then(|live| live.writer(StreamKind::Receipts).cloned())
-        {
-            self.inner.send_typing(&writer, conversation_id, false);
+        if typed {
+            self.inner.send_typing(conversation_id, false);
         }
         // Refused here rather than by the server: a text far over the
         // limit would not fit in a frame, and the server closes the
@@ -1545,10 +1542,6 @@ impl Client {
     /// lapses on their side, and a refused one, not a member say, is
     /// dropped).
     pub fn typing(&self, conversation_id: u64, typing: bool) {
-        let writer = self
-            .inner
-            .live()
-            .and_then(|live| live.writer(StreamKind::Receipts).cloned());
         let now = std::time::Instant::now();
         let repeat = Duration::from_millis(chat_protocol::limits::TYPING_REPEAT_MS);
         let lapse = Duration::from_millis(chat_protocol::limits::TYPING_LAPSE_MS);
@@ -1563,11 +1556,9 @@ impl Client {
         } else if sent.remove(&conversation_id).is_none() {
             return;
         }
-        let Some(writer) = writer else {
-            // Nothing went out: the next keystroke tries again.
-            return;
-        };
-        if self.inner.send_typing(&writer, conversation_id, typing) && typing {
+        // A start that did not go out is not recorded: the next keystroke
+        // tries again.
+        if self.inner.send_typing(conversation_id, typing) && typing {
             // What has lapsed on the other side needs no stop: the map
             // stays as small as the conversations typed in lately.
             sent.retain(|_, at| now.duration_since(*at) < lapse);

@@ -249,6 +249,18 @@ impl SessionHandle {
             .map_or(Ok(()), |queue| queue.finish_catch_up())
     }
 
+    /// Queues a frame that may be dropped (typing) on one of this
+    /// session's streams, only while that stream is open and its queue
+    /// holds under [`OFFER_FRAMES`] frames: it never makes a client count
+    /// as too slow, and a device that stopped reading gathers no pile of
+    /// stale ones. Returns whether it was queued.
+    pub fn offer(&self, kind: StreamKind, out: Outbound) -> bool {
+        let Some(queue) = self.queue(kind) else {
+            return false;
+        };
+        queue.offer(out, OFFER_FRAMES, OFFER_BYTES)
+    }
+
     /// Queues a frame for one of this session's streams without waiting.
     /// Returns false if the session is gone, was too slow (and is now
     /// being closed), has not opened that stream and its queue gave up, or
@@ -283,20 +295,6 @@ impl SessionHandle {
             }
             Err(PushError::Closed | PushError::Unopened) => false,
         }
-    }
-}
-
-impl SessionHandle {
-    /// Queues a frame that may be dropped (typing) on one of this
-    /// session's streams, only while that stream is open and its queue
-    /// holds under [`OFFER_FRAMES`] frames: it never makes a client count
-    /// as too slow, and a device that stopped reading gathers no pile of
-    /// stale ones. Returns whether it was queued.
-    pub fn offer(&self, kind: StreamKind, out: Outbound) -> bool {
-        let Some(queue) = self.queue(kind) else {
-            return false;
-        };
-        queue.offer(out, OFFER_FRAMES, OFFER_BYTES)
     }
 }
 

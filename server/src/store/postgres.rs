@@ -796,10 +796,7 @@ impl PostgresStore {
         let mut views: HashMap<ConversationId, ConversationView> = HashMap::new();
         for row in &view_rows {
             let id = id_col(row, 0)?;
-            let last_message = match col::<Option<i64>>(row, 6)? {
-                Some(_) => Some(message_from_row(row, 6)?),
-                None => None,
-            };
+            let last_message = joined_message(row, 6)?;
             let kind: i32 = col(row, 1)?;
             views.insert(
                 id,
@@ -838,10 +835,7 @@ impl PostgresStore {
         let mut views = HashMap::with_capacity(rows.len());
         for row in &rows {
             let id = id_col(row, 0)?;
-            let last_message = match col::<Option<i64>>(row, 5)? {
-                Some(_) => Some(message_from_row(row, 5)?),
-                None => None,
-            };
+            let last_message = joined_message(row, 5)?;
             let kind: i32 = col(row, 1)?;
             views.insert(
                 id,
@@ -2799,6 +2793,14 @@ impl HistoryStore for PostgresStore {
             .await?;
         let n: i64 = col(&row, 0)?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+}
+
+/// The message a row's LEFT JOIN found from column `at` on, if it found one.
+fn joined_message(row: &Row, at: usize) -> Result<Option<proto::Message>, StoreError> {
+    match col::<Option<i64>>(row, at)? {
+        Some(_) => message_from_row(row, at).map(Some),
+        None => Ok(None),
     }
 }
 

@@ -358,6 +358,25 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
     assert_eq!(history.unwrap(), 16, "V1 to V16, once each");
 }
 
+/// A connection to a new `schema` as migration `version` left it, for a
+/// migration test to fill as an older release would have.
+async fn schema_at(schema: &str, version: u32) -> tokio_postgres::Client {
+    let mut setup = admin().await;
+    setup
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\""
+        ))
+        .await
+        .unwrap();
+    embedded::migrations::runner()
+        .set_target(refinery::Target::Version(version))
+        .set_grouped(true)
+        .run_async(&mut setup)
+        .await
+        .unwrap();
+    setup
+}
+
 /// V7 closes the direct conversations of pairs who had stopped being
 /// friends before it (until then their sends were taken), and no other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,19 +388,7 @@ async fn the_migration_closes_conversations_of_ended_friendships() {
     let outcome = tokio::spawn({
         let schema = schema.clone();
         async move {
-            let mut setup = admin().await;
-            setup
-                .batch_execute(&format!(
-                    "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\""
-                ))
-                .await
-                .unwrap();
-            embedded::migrations::runner()
-                .set_target(refinery::Target::Version(6))
-                .set_grouped(true)
-                .run_async(&mut setup)
-                .await
-                .unwrap();
+            let setup = schema_at(&schema, 6).await;
             // As V6 left them: alice and bob were friends once (no longer),
             // alice and carol are, and alice and dave share a group only.
             setup
@@ -453,19 +460,7 @@ async fn the_migration_lists_the_groups_left_before_it() {
     let outcome = tokio::spawn({
         let schema = schema.clone();
         async move {
-            let mut setup = admin().await;
-            setup
-                .batch_execute(&format!(
-                    "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\""
-                ))
-                .await
-                .unwrap();
-            embedded::migrations::runner()
-                .set_target(refinery::Target::Version(13))
-                .set_grouped(true)
-                .run_async(&mut setup)
-                .await
-                .unwrap();
+            let setup = schema_at(&schema, 13).await;
             // As V13 left it: alice removed bob from her group "trip" with
             // its second message, at 40 ms; renamed since.
             setup
