@@ -16,6 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // the size of the largest; a frame is held in every stream task of
         // every connection (idle memory, ARCHITECTURE.md).
         .boxed(".chat.v1.ConversationInfo.last_message")
+        // Boxed for the same reason: inline, a message made Deliver the
+        // largest body (a frame of 128 bytes once replies named a seq).
+        // One allocation per message pushed, where its text is one too.
+        .boxed(".chat.v1.Deliver.message")
         // Boxed for the same reason: with its preview's handle, a photo
         // inline made MediaHeader the largest body (a frame of 128 bytes).
         .boxed(".chat.v1.MediaHeader.photo")

@@ -1321,7 +1321,50 @@ impl Client {
         client_msg_id: &str,
         text: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let queued = self.queue_send(conversation_id, client_msg_id, text, "");
+        let queued = self.queue_send(conversation_id, client_msg_id, Draft::text(text));
+        async move { queued?.await.map_err(|_| ClientError::Closed)? }
+    }
+
+    /// Sends a text that answers message `reply_to_seq` of the
+    /// conversation (a TEXT or PHOTO message this user may read: NOT_FOUND
+    /// or INVALID_ARGUMENT otherwise), as [`send_text`](Self::send_text)
+    /// sends a text. The delivered message carries `reply_to_seq`; an app
+    /// shows the message it answers from what it holds, or reads it with
+    /// [`history`](Self::history) (forward from `reply_to_seq - 1`, one
+    /// message).
+    pub fn send_reply(
+        &self,
+        conversation_id: u64,
+        reply_to_seq: u64,
+        text: &str,
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
+        let draft = Draft {
+            reply_to_seq,
+            ..Draft::text(text)
+        };
+        let queued = self.queue_send(conversation_id, &new_client_msg_id(), draft);
+        async move { queued?.await.map_err(|_| ClientError::Closed)? }
+    }
+
+    /// Reacts to message `seq` of the conversation with `emoji` (at most
+    /// [`MAX_REACTION_LEN`](chat_protocol::limits::MAX_REACTION_LEN)
+    /// bytes, no spaces), or takes this user's reaction back with `""`: a
+    /// REACTION message, sent through the outbox as a text is. Each member
+    /// has one reaction per message, their latest; [`Reactions`](crate::Reactions)
+    /// folds them for display. Typing goes on (a reaction is not the
+    /// draft).
+    pub fn react(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+        emoji: &str,
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
+        let draft = Draft {
+            kind: proto::MessageType::Reaction,
+            reply_to_seq: seq,
+            ..Draft::text(emoji)
+        };
+        let queued = self.queue_send(conversation_id, &new_client_msg_id(), draft);
         async move { queued?.await.map_err(|_| ClientError::Closed)? }
     }
 
@@ -1377,7 +1420,12 @@ impl Client {
         caption: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
         let queued = if chat_protocol::media::is_media_id(media_id) {
-            self.queue_send(conversation_id, client_msg_id, caption, media_id)
+            let draft = Draft {
+                kind: proto::MessageType::Photo,
+                media_id,
+                ..Draft::text(caption)
+            };
+            self.queue_send(conversation_id, client_msg_id, draft)
         } else {
             Err(ClientError::Server {
                 code: ErrorCode::InvalidArgument,
@@ -1416,23 +1464,29 @@ impl Client {
         &self,
         conversation_id: u64,
         client_msg_id: &str,
-        text: &str,
-        media_id: &str,
+        draft: Draft<'_>,
     ) -> Result<oneshot::Receiver<Result<proto::SendAck, ClientError>>, ClientError> {
         if self.inner.refuses_sends() {
             return Err(ClientError::Closed);
         }
+        let Draft {
+            kind,
+            text,
+            media_id,
+            reply_to_seq,
+        } = draft;
         // A message ends typing there: the next keystroke says so again at
         // once. The message ends it on the other members' side too, but
         // goes on another stream, which a start just before it may trail:
         // a stop after the start settles it.
-        let typed = self
-            .inner
-            .typing
-            .lock()
-            .expect("typing lock")
-            .remove(&conversation_id)
-            .is_some();
+        let typed = kind != proto::MessageType::Reaction
+            && self
+                .inner
+                .typing
+                .lock()
+                .expect("typing lock")
+                .remove(&conversation_id)
+                .is_some();
         if typed {
             self.inner.send_typing(conversation_id, false);
         }
@@ -1459,13 +1513,10 @@ impl Client {
             Body::Send(proto::Send {
                 conversation_id,
                 client_msg_id: client_msg_id.to_string(),
-                r#type: if media_id.is_empty() {
-                    proto::MessageType::Text
-                } else {
-                    proto::MessageType::Photo
-                } as i32,
+                r#type: kind as i32,
                 text: text.to_string(),
                 media_id: media_id.to_string(),
+                reply_to_seq,
             }),
         ));
         let (tx, rx) = oneshot::channel();
@@ -2387,6 +2438,28 @@ pub(crate) const MAX_MEMBERS: usize = 10_000;
 /// How many request timeouts [`Client::create_group`] and the group
 /// changes keep asking for.
 pub const GROUP_REQUEST_ATTEMPTS: u32 = 3;
+
+/// What a send carries besides its conversation and key.
+struct Draft<'a> {
+    kind: proto::MessageType,
+    /// A text, a photo's caption, or a reaction.
+    text: &'a str,
+    /// A photo's upload; empty otherwise.
+    media_id: &'a str,
+    /// The message a reply answers or a reaction reacts to; 0 for none.
+    reply_to_seq: u64,
+}
+
+impl<'a> Draft<'a> {
+    fn text(text: &'a str) -> Self {
+        Draft {
+            kind: proto::MessageType::Text,
+            text,
+            media_id: "",
+            reply_to_seq: 0,
+        }
+    }
+}
 
 /// 128 random bits, hex: unique per sender without coordination.
 fn new_client_msg_id() -> String {

@@ -533,7 +533,7 @@ async fn read_loop(
                 }
                 let system = message.r#type == proto::MessageType::System as i32;
                 let conversation_id = message.conversation_id;
-                inner.hand_over(message, &conn).await;
+                inner.hand_over(*message, &conn).await;
                 if system {
                     inner.refresh_members(conversation_id);
                 }

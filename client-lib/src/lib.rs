@@ -95,6 +95,7 @@ mod dedup;
 mod error;
 mod media;
 mod outbox;
+mod reactions;
 mod receipts;
 
 pub use calls::{CallMedia, MediaPacket};
@@ -106,3 +107,4 @@ pub use client::{
 pub use config::{ClientConfig, DeliveryAcks};
 pub use error::ClientError;
 pub use media::PhotoUpload;
+pub use reactions::Reactions;

@@ -325,15 +325,17 @@ mod tests {
     #[test]
     fn a_frame_stays_the_size_idle_memory_was_measured_with() {
         // Every stream task of every connection holds a `Frame`, which is
-        // the size of its largest body (a `Message`, in `Deliver`): a field
-        // that grows it costs each connection once per stream. Box large or
-        // rare fields (`build.rs`) rather than raise these.
+        // the size of its largest body (a `ConversationInfo`, since
+        // `Deliver` boxes its message): a field that grows it costs each
+        // connection once per stream. Box large or rare fields
+        // (`build.rs`) rather than raise these. A `Message` is held in
+        // caches and queues, one per message.
         assert!(
-            size_of::<proto::Message>() <= 112,
+            size_of::<proto::Message>() <= 120,
             "{}",
             size_of::<proto::Message>()
         );
-        assert!(size_of::<Frame>() <= 120, "{}", size_of::<Frame>());
+        assert!(size_of::<Frame>() <= 112, "{}", size_of::<Frame>());
     }
 
     use super::*;
@@ -358,6 +360,7 @@ mod tests {
                     r#type: proto::MessageType::Text as i32,
                     text: "héllo ✓✓".repeat(100),
                     media_id: String::new(),
+                    reply_to_seq: 7,
                 }),
             ),
             Frame::new(

@@ -59,3 +59,8 @@ pub const TYPING_REPEAT_MS: u64 = 3_000;
 /// `TypingUpdate`, unless another one, or a message from them, comes first:
 /// twice the repeat, so one lost repeat does not blink it off.
 pub const TYPING_LAPSE_MS: u64 = 6_000;
+
+/// Longest reaction (a REACTION message's text), in bytes: room for the
+/// longest emoji sequences in use (a family of four with skin tones, joined
+/// by zero-width joiners, is 41 bytes; flags of subdivisions 28).
+pub const MAX_REACTION_LEN: usize = 64;

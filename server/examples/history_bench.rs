@@ -140,6 +140,8 @@ fn message(conversation: (ConversationId, UserId, UserId), key: String, n: u64) 
         text,
         photo: None,
         call: None,
+        reply_to_seq: 0,
+        notify_only: None,
         now_ms: 1,
     }
 }

@@ -1000,6 +1000,8 @@ impl Calls {
             text: log_text(&log),
             photo: None,
             call: Some(Box::new(log)),
+            reply_to_seq: 0,
+            notify_only: None,
             now_ms: now,
         };
         delivery.write(ServerWrite {

@@ -737,7 +737,10 @@ async fn commit_run(
     // Move the messages out (no copy of their text on the hot path); keep
     // who to answer and, should the batch fail, each idempotency key.
     let mut batch: Vec<NewMessage> = Vec::with_capacity(run.len());
-    let mut replies: Vec<(u64, Arc<SessionHandle>, Instant)> = Vec::with_capacity(run.len());
+    // (request id, session, when received, whom alone it notifies) of each
+    // message.
+    type Reply = (u64, Arc<SessionHandle>, Instant, Option<UserId>);
+    let mut replies: Vec<Reply> = Vec::with_capacity(run.len());
     // (conversation, sender, key) of each message.
     let mut keys: Vec<(u64, UserId, String)> = Vec::with_capacity(run.len());
     for job in run {
@@ -779,8 +782,13 @@ async fn commit_run(
                 message.sender_id,
                 message.client_msg_id.clone(),
             ));
+            replies.push((
+                job.request_id,
+                job.session,
+                job.received,
+                message.notify_only,
+            ));
             batch.push(message);
-            replies.push((job.request_id, job.session, job.received));
         }
     }
     if batch.is_empty() {
@@ -800,7 +808,7 @@ async fn commit_run(
             let hold = refusal.code.is_retryable();
             let failed_at = Instant::now();
             let mut held = std::collections::HashSet::new();
-            for ((request_id, session, _), (conversation, sender, key)) in
+            for ((request_id, session, _, _), (conversation, sender, key)) in
                 replies.into_iter().zip(keys)
             {
                 let frame = refusal.to_frame(request_id);
@@ -824,7 +832,7 @@ async fn commit_run(
             return;
         }
     };
-    for (((request_id, session, received), result), (conversation, sender, key)) in
+    for (((request_id, session, received, notify_only), result), (conversation, sender, key)) in
         replies.into_iter().zip(results).zip(keys)
     {
         if !paused.is_empty() {
@@ -861,7 +869,13 @@ async fn commit_run(
             redeliver(c, &appended, out);
             continue;
         }
-        fan_out(c, appended, session.conn_id, Some(received), out);
+        fan_out(
+            c,
+            appended,
+            (session.conn_id, Some(received)),
+            notify_only,
+            out,
+        );
     }
 }
 
@@ -936,7 +950,7 @@ async fn commit_server(
             // happened); an app drops a copy it has.
             let message = &appended.message;
             let deliver = Frame::push(Body::Deliver(proto::Deliver {
-                message: Some((**message).clone()),
+                message: Some(Box::new((**message).clone())),
             }));
             let (_, own) = deliver_frames(&deliver, message);
             let pushed = c
@@ -945,7 +959,7 @@ async fn commit_server(
             c.metrics.redeliveries.increment(pushed as u64);
         }
         // Connection ids start at 1: none is left out.
-        Ok(appended) => fan_out(c, appended, 0, None, out),
+        Ok(appended) => fan_out(c, appended, (0, None), None, out),
         Err(e @ (StoreError::Unavailable(_) | StoreError::Unsettled(_))) => {
             // The same sender first: under its key a write that did
             // commit is found.
@@ -999,7 +1013,7 @@ fn push_again(
     owed: impl IntoIterator<Item = UserId>,
 ) {
     let deliver = Frame::push(Body::Deliver(proto::Deliver {
-        message: Some(message.clone()),
+        message: Some(Box::new(message.clone())),
     }));
     let (frame, _) = deliver_frames(&deliver, message);
     let mut pushed = 0;
@@ -1066,7 +1080,7 @@ async fn commit_group(c: &Committer, job: SendJob, out: &mut Fanout, paused: &mu
             if appended.duplicate {
                 redeliver(c, &appended, out);
             } else {
-                fan_out(c, appended, job.session.conn_id, None, out);
+                fan_out(c, appended, (job.session.conn_id, None), None, out);
             }
             // A retry of a change stored before (whose first answer was
             // lost) is taken out too: the first may not have got here.
@@ -1098,7 +1112,7 @@ async fn commit_create(c: &Committer, job: SendJob, out: &mut Fanout) {
     let (id, repeated) = match created {
         Ok(GroupCreated::New(appended)) => {
             let id = appended.message.conversation_id;
-            fan_out(c, appended, job.session.conn_id, None, out);
+            fan_out(c, appended, (job.session.conn_id, None), None, out);
             (id, false)
         }
         Ok(GroupCreated::Existing(id)) => (id, true),
@@ -1170,17 +1184,18 @@ async fn redeliver_creation(
 /// sender's other connected devices (not `from_conn`, the one it came
 /// from), and notes it for the recent cache and the unread queues.
 /// `received` (when the send was decoded) feeds the send-to-deliver
-/// latency.
+/// latency. A reaction notifies `notify_only` (the author of the message
+/// reacted to) or nobody.
 fn fan_out(
     c: &Committer,
     appended: Appended,
-    from_conn: u64,
-    received: Option<Instant>,
+    (from_conn, received): (u64, Option<Instant>),
+    notify_only: Option<UserId>,
     out: &mut Fanout,
 ) {
     let message = &appended.message;
     let deliver = Frame::push(Body::Deliver(proto::Deliver {
-        message: Some((**message).clone()),
+        message: Some(Box::new((**message).clone())),
     }));
     let (frame, own) = deliver_frames(&deliver, message);
     // Before the pushes: a member's ack of this message must find its
@@ -1192,13 +1207,15 @@ fn fan_out(
         message.sender_id,
     );
     let mut pushed = 0;
-    // People write texts and photos, which notify every member; a call's
+    // People write texts and photos, which notify every member; a
+    // reaction notifies the author of the message reacted to; a call's
     // log notifies those it rang who never answered; a group's changes
     // (SYSTEM) notify nobody.
     let notice_kind = match proto::MessageType::try_from(message.r#type) {
         _ if c.notifier.is_none() => None,
         Ok(proto::MessageType::Text) => Some(NoticeKind::Text),
         Ok(proto::MessageType::Photo) => Some(NoticeKind::Photo),
+        Ok(proto::MessageType::Reaction) => notify_only.map(|_| NoticeKind::Reaction),
         Ok(proto::MessageType::Call) => message
             .call
             .as_ref()
@@ -1210,6 +1227,7 @@ fn fan_out(
             .call
             .as_ref()
             .is_some_and(|call| call.missed.contains(member)),
+        Some(NoticeKind::Reaction) => notify_only == Some(*member),
         kind => kind.is_some(),
     };
     for &member in &appended.members {

@@ -109,6 +109,8 @@ pub enum NoticeKind {
     Text,
     /// A photo.
     Photo,
+    /// A reaction to a message of the user's.
+    Reaction,
     /// A call's log (a CALL message) for a user it rang who never answered.
     MissedCall {
         /// With video.
@@ -134,7 +136,10 @@ impl NoticeKind {
     fn is_message(self) -> bool {
         matches!(
             self,
-            NoticeKind::Text | NoticeKind::Photo | NoticeKind::MissedCall { .. }
+            NoticeKind::Text
+                | NoticeKind::Photo
+                | NoticeKind::Reaction
+                | NoticeKind::MissedCall { .. }
         )
     }
 }
@@ -592,11 +597,13 @@ impl Dispatcher {
     ) {
         let key = (notice.user, notice.seq);
         match notice.kind {
-            NoticeKind::Text | NoticeKind::Photo => match windows.offer(notice, Instant::now()) {
-                Offer::Now(notice) => self.send_in(sending, notice, None),
-                Offer::Held { replaced: true } => self.metrics.push("coalesced"),
-                Offer::Held { replaced: false } => {}
-            },
+            NoticeKind::Text | NoticeKind::Photo | NoticeKind::Reaction => {
+                match windows.offer(notice, Instant::now()) {
+                    Offer::Now(notice) => self.send_in(sending, notice, None),
+                    Offer::Held { replaced: true } => self.metrics.push("coalesced"),
+                    Offer::Held { replaced: false } => {}
+                }
+            }
             NoticeKind::MissedCall { .. } => self.send_in(sending, notice, None),
             NoticeKind::Call { .. } if rings.len() < MAX_PENDING || forget_rings_sent(rings) => {
                 let ring = Arc::new(RingTurn::default());
@@ -866,6 +873,7 @@ fn payload(
             kind: match notice.kind {
                 NoticeKind::Text => "chat.text",
                 NoticeKind::Photo => "chat.photo",
+                NoticeKind::Reaction => "chat.reaction",
                 NoticeKind::MissedCall { video: false } => "chat.missed_call",
                 NoticeKind::MissedCall { video: true } => "chat.missed_video_call",
                 NoticeKind::Call { video: false } => "chat.call",

@@ -86,6 +86,7 @@ async fn a_queued_message_history_does_not_have_is_not_delivered() {
         text: "from another deployment".into(),
         photo: None,
         call: None,
+        reply_to_seq: 0,
     };
     let redis = RedisStore::connect(&production.redis_url, &production.redis_prefix)
         .await
@@ -1320,6 +1321,7 @@ impl RawSender {
                 r#type: chat_client::proto::MessageType::Text as i32,
                 text: text.into(),
                 media_id: String::new(),
+                reply_to_seq: 0,
             }),
         );
         self.send.write_all(&frames(&[frame])).await.unwrap();

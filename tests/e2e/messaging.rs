@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chat_client::{Client, ErrorCode, Event, Events, HistoryDirection, proto};
+use chat_client::{Client, ErrorCode, Event, Events, HistoryDirection, Reactions, proto};
 
 use crate::harness::*;
 
@@ -691,6 +691,119 @@ each_backend! {
         let got = messages(&mut bob_events, 1).await;
         assert_eq!(got[0].text, "private");
         assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+    }
+
+    async fn replies_and_reactions_reach_every_member_and_fold_from_history(backend: Backend) {
+        let server = TestServer::start_on(backend).await;
+        let members = circle(&server, 4).await;
+        let ids: Vec<u64> = members.iter().map(|(c, _)| c.identity().user_id).collect();
+        let (clients, mut events): (Vec<Client>, Vec<Events>) = members.into_iter().unzip();
+        let g = clients[0]
+            .create_group("lunch", &ids[1..3])
+            .await
+            .unwrap()
+            .conversation_id;
+        let (alice, bob, carol, dave) = (&clients[0], &clients[1], &clients[2], &clients[3]);
+        let question = alice.send_text(g, "lunch?").await.unwrap().seq;
+        let reply = bob.send_reply(g, question, "yes!").await.unwrap().seq;
+        // Carol likes the question, Bob too, then laughs instead; Carol
+        // takes hers back; Alice reacts to Bob's reply.
+        let mut reactions = Vec::new();
+        for (who, to, emoji) in [
+            (carol, question, "👍"),
+            (bob, question, "❤️"),
+            (bob, question, "😂"),
+            (carol, question, ""),
+            (alice, reply, "👨🏻‍👩🏻‍👧🏻‍👦🏻"),
+        ] {
+            reactions.push(who.react(g, to, emoji).await.unwrap().seq);
+        }
+        let expected_question = vec![(ids[1], "😂")];
+        let expected_reply = vec![(ids[0], "👨🏻‍👩🏻‍👧🏻‍👦🏻")];
+
+        // Live, every other member gets the reply and each reaction as a
+        // message naming what it refers to; folded, they show the latest
+        // (Alice's device has all but her own, Carol's all but hers).
+        let last = *reactions.last().unwrap();
+        let mut seen = Vec::new();
+        for i in [0, 2] {
+            let mut got = Vec::new();
+            while got.last().is_none_or(|m: &proto::Message| m.seq < last - 1) {
+                got.extend(messages(&mut events[i], 1).await);
+            }
+            seen.push(got);
+        }
+        let reply_message = seen[0].iter().find(|m| m.seq == reply).unwrap();
+        assert_eq!(
+            (reply_message.r#type(), reply_message.reply_to_seq, reply_message.text.as_str()),
+            (proto::MessageType::Text, question, "yes!")
+        );
+        let mut live = Reactions::new();
+        for m in &seen[0] {
+            live.apply(m);
+        }
+        assert_eq!(live.of(g, question), expected_question);
+        while seen[1].last().unwrap().seq < last {
+            seen[1].extend(messages(&mut events[2], 1).await);
+        }
+        let mut live = Reactions::new();
+        for m in &seen[1] {
+            live.apply(m);
+        }
+        assert_eq!(live.of(g, reply), expected_reply);
+
+        // From history read backwards a page at a time (each reaction comes
+        // before the message it names), the same.
+        let mut folded = Reactions::new();
+        let mut cursor = 0;
+        loop {
+            let page = alice
+                .history(g, HistoryDirection::Backward, cursor, 2)
+                .await
+                .unwrap();
+            for m in &page.messages {
+                folded.apply(m);
+            }
+            cursor = page.messages.first().map_or(0, |m| m.seq);
+            if !page.has_more {
+                break;
+            }
+        }
+        assert_eq!(folded.of(g, question), expected_question);
+        assert_eq!(folded.of(g, reply), expected_reply);
+        let listed = carol.conversations(10, None).await.unwrap();
+        let entry = listed.iter().find(|c| c.conversation_id == g).unwrap();
+        let last = entry.last_message.as_ref().unwrap();
+        assert_eq!(
+            (last.r#type(), last.reply_to_seq),
+            (proto::MessageType::Reaction, reply)
+        );
+
+        // What they may not refer to: the group's SYSTEM message, a
+        // reaction, a seq that does not exist, nothing; a reaction that is
+        // not an emoji-sized token.
+        let created = 1;
+        for (result, want) in [
+            (alice.react(g, created, "👍").await, ErrorCode::InvalidArgument),
+            (alice.send_reply(g, created, "hm").await, ErrorCode::InvalidArgument),
+            (alice.react(g, reactions[0], "👍").await, ErrorCode::InvalidArgument),
+            (alice.send_reply(g, 10_000, "hm").await, ErrorCode::NotFound),
+            (alice.react(g, 0, "👍").await, ErrorCode::InvalidArgument),
+            (alice.react(g, question, "a b").await, ErrorCode::InvalidArgument),
+            (alice.react(g, question, &"👍".repeat(17)).await, ErrorCode::InvalidArgument),
+        ] {
+            assert_eq!(code(result), want);
+        }
+        // Dave, added now, reads from the message that added him: what came
+        // before is not his to answer, what comes after is.
+        alice.add_members(g, &[ids[3]]).await.unwrap();
+        assert_eq!(code(dave.send_reply(g, question, "me too").await), ErrorCode::NotFound);
+        let later = alice.send_text(g, "1 pm").await.unwrap().seq;
+        let answer = dave.send_reply(g, later, "me too").await.unwrap();
+        assert_eq!(answer.seq, later + 1);
+        // A seq of another conversation names nothing here.
+        let direct = befriend(bob, dave).await;
+        assert_eq!(code(bob.send_reply(direct, question, "?").await), ErrorCode::NotFound);
     }
 }
 

@@ -414,6 +414,68 @@ each_backend! {
         assert_eq!(outcome(&m, "sent"), 1.0);
         assert_eq!(gateway.received().len(), 4);
     }
+
+    async fn a_reaction_notifies_the_author_of_the_message_alone(backend: Backend) {
+        let gateway = Gateway::start(None).await;
+        // No watch of what the foreground connections leave unacknowledged:
+        // only what is sent once Bob and Carol are gone may notify.
+        let server = server_with(backend, &gateway, |c| {
+            c.push.push_coalesce = Duration::from_millis(100);
+            c.push.push_unacked_after = Duration::ZERO;
+        })
+        .await;
+        let metrics = server.server.as_ref().unwrap().metrics_addr();
+        let mut members = circle(&server, 3).await;
+        let ids: Vec<u64> = members.iter().map(|(c, _)| c.identity().user_id).collect();
+        let alice = &members[0].0;
+        let g = alice
+            .create_group("pets", &ids[1..])
+            .await
+            .unwrap()
+            .conversation_id;
+        let cat = members[1].0.send_text(g, "my cat").await.unwrap().seq;
+        let dog = alice.send_text(g, "my dog").await.unwrap().seq;
+        for (i, who) in [(1, "bob"), (2, "carol")] {
+            let token = format!("{who}-phone-{}", ids[i]);
+            members[i].0.register_push(APP, &token).await.unwrap();
+        }
+        for (client, events) in members.drain(1..) {
+            drop(events);
+            gone(metrics, &client).await;
+        }
+        let alice = &members[0].0;
+
+        // Her own message: nobody. Bob's: Bob alone. Taken back: nobody.
+        alice.react(g, dog, "😀").await.unwrap();
+        let heart = alice.react(g, cat, "❤️").await.unwrap().seq;
+        let got = gateway.wait_for(1).await;
+        let n = &got[0]["notification"];
+        assert_eq!(n["type"], "chat.reaction");
+        assert_eq!(n["event_id"], format!("{g}/{heart}"));
+        assert_eq!(n["devices"][0]["pushkey"], format!("bob-phone-{}", ids[1]));
+        alice.react(g, cat, "").await.unwrap();
+        // A text notifies both: each has a device that works.
+        let text = alice.send_text(g, "dinner?").await.unwrap().seq;
+        let got = gateway.wait_for(3).await;
+        let mut keys: Vec<String> = got[1..]
+            .iter()
+            .map(|r| {
+                let n = &r["notification"];
+                assert_eq!(n["event_id"], format!("{g}/{text}"));
+                n["devices"][0]["pushkey"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [format!("bob-phone-{}", ids[1]), format!("carol-phone-{}", ids[2])]
+        );
+        // Had the first reaction or the take-back notified anyone, it would
+        // have been sent, or folded into the text's notification.
+        let m = scrape_until(metrics, "three sent", |m| outcome(m, "sent") == 3.0).await;
+        assert_eq!(outcome(&m, "coalesced"), 0.0);
+        assert_eq!(gateway.received().len(), 3);
+    }
 }
 
 #[tokio::test]

@@ -1060,6 +1060,7 @@ async fn after_a_failed_commit_later_sends_wait_for_the_failed_one() {
                 r#type: proto::MessageType::Text as i32,
                 text: key.into(),
                 media_id: String::new(),
+                reply_to_seq: 0,
             }),
         );
         chat_protocol::encode(&frame, &mut out);

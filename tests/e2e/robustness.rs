@@ -96,7 +96,7 @@ impl Raw {
 /// The next frame on `recv`, which must be a Deliver: its message.
 async fn next_delivered(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> proto::Message {
     match next_frame(recv, buf).await.body {
-        Some(Body::Deliver(d)) => d.message.expect("a message"),
+        Some(Body::Deliver(d)) => *d.message.expect("a message"),
         other => panic!("a Deliver, got {other:?}"),
     }
 }
@@ -394,6 +394,7 @@ async fn bad_sends_are_refused_with_codes() {
             r#type: proto::MessageType::Text as i32,
             text: "x".repeat(1001),
             media_id: String::new(),
+            reply_to_seq: 0,
         }),
     );
     let (_tx, mut rx) = raw
@@ -505,6 +506,7 @@ async fn over_the_send_rate_the_answer_is_rate_limited_with_a_retry_after() {
                 r#type: proto::MessageType::Text as i32,
                 text: "hi".into(),
                 media_id: String::new(),
+                reply_to_seq: 0,
             }),
         )
     };
@@ -1205,6 +1207,7 @@ async fn delivery_acks_beyond_what_a_user_was_delivered_are_dropped() {
                 r#type: proto::MessageType::Text as i32,
                 text: "probe".into(),
                 media_id: String::new(),
+                reply_to_seq: 0,
             }),
         ));
         frames(&list)
@@ -1412,6 +1415,7 @@ async fn a_catch_up_pass_for_messages_let_go_leaves_out_the_devices_own() {
             r#type: proto::MessageType::Text as i32,
             text: "in the middle".into(),
             media_id: String::new(),
+            reply_to_seq: 0,
         }),
     );
     messages.write_all(&frames(&[own])).await.unwrap();
@@ -2332,14 +2336,14 @@ async fn a_server_that_does_not_read_delivery_acks_is_held_back() {
                 .iter()
                 .map(|&conversation_id| {
                     Frame::push(Body::Deliver(proto::Deliver {
-                        message: Some(proto::Message {
+                        message: Some(Box::new(proto::Message {
                             conversation_id,
                             seq: 1,
                             message_id: conversation_id,
                             sender_id: 2,
                             text: "x".into(),
                             ..Default::default()
-                        }),
+                        })),
                     }))
                 })
                 .collect();
@@ -2410,7 +2414,7 @@ async fn a_device_is_not_shown_its_own_send_as_a_new_message() {
         };
         let message = |seq: u64, sender_id: u64, client_msg_id: &str, text: &str| {
             Frame::push(Body::Deliver(proto::Deliver {
-                message: Some(proto::Message {
+                message: Some(Box::new(proto::Message {
                     conversation_id: sent.conversation_id,
                     seq,
                     message_id: seq,
@@ -2418,7 +2422,7 @@ async fn a_device_is_not_shown_its_own_send_as_a_new_message() {
                     client_msg_id: client_msg_id.into(),
                     text: text.into(),
                     ..Default::default()
-                }),
+                })),
             }))
         };
         let ack = Frame::new(
@@ -2529,14 +2533,14 @@ async fn took_one_from_fake_node(mut config: chat_client::ClientConfig) -> Clien
 
 fn one_deliver() -> Frame {
     Frame::push(Body::Deliver(proto::Deliver {
-        message: Some(proto::Message {
+        message: Some(Box::new(proto::Message {
             conversation_id: 7,
             seq: 1,
             message_id: 1,
             sender_id: 2,
             text: "hi".into(),
             ..Default::default()
-        }),
+        })),
     }))
 }
 
@@ -2710,14 +2714,14 @@ async fn a_reader_whose_connection_closed_hands_nothing_more_to_a_full_queue() {
     config.delivery_ack_linger = Duration::from_secs(3600);
     let deliver = |conversation_id: u64| {
         Frame::push(Body::Deliver(proto::Deliver {
-            message: Some(proto::Message {
+            message: Some(Box::new(proto::Message {
                 conversation_id,
                 seq: 1,
                 message_id: conversation_id,
                 sender_id: 2,
                 text: format!("in {conversation_id}"),
                 ..Default::default()
-            }),
+            })),
         }))
     };
     let (c_written, c_was_written) = tokio::sync::oneshot::channel();
@@ -2835,14 +2839,14 @@ async fn a_redelivery_does_not_wait_on_a_full_event_queue() {
     let (_dir, endpoint, mut config) = fake_node().await;
     config.event_capacity = 1;
     let x = Frame::push(Body::Deliver(proto::Deliver {
-        message: Some(proto::Message {
+        message: Some(Box::new(proto::Message {
             conversation_id: 7,
             seq: 1,
             message_id: 1,
             sender_id: 2,
             text: "x".into(),
             ..Default::default()
-        }),
+        })),
     }));
     let node = tokio::spawn(async move {
         let conn = endpoint.accept().await.unwrap().await.unwrap();
@@ -2886,14 +2890,14 @@ async fn a_lower_seq_that_comes_after_higher_ones_reaches_the_app_once() {
         let (mut send, _recv, _buf, _others) = accept_stream(&conn, StreamKind::Messages).await;
         let deliver = |seq: u64| {
             Frame::push(Body::Deliver(proto::Deliver {
-                message: Some(proto::Message {
+                message: Some(Box::new(proto::Message {
                     conversation_id: 7,
                     seq,
                     message_id: seq,
                     sender_id: 2,
                     text: format!("message {seq}"),
                     ..Default::default()
-                }),
+                })),
             }))
         };
         let pushes: Vec<Frame> = [2, 3, 1, 1, 3, 4].into_iter().map(deliver).collect();
@@ -2928,14 +2932,14 @@ async fn no_ack_covers_a_message_still_queued_for_the_app() {
     config.delivery_ack_linger = Duration::from_secs(3600);
     let deliver = |conversation_id: u64, seq: u64| {
         Frame::push(Body::Deliver(proto::Deliver {
-            message: Some(proto::Message {
+            message: Some(Box::new(proto::Message {
                 conversation_id,
                 seq,
                 message_id: conversation_id * 100 + seq,
                 sender_id: 2,
                 text: format!("message {seq}"),
                 ..Default::default()
-            }),
+            })),
         }))
     };
     let pushes = [deliver(8, 1), deliver(7, 2), deliver(7, 3), deliver(7, 1)];

@@ -62,6 +62,7 @@ macro_rules! history_store_conformance {
             former_members_were_sent_up_to_their_departure,
             left_groups_stay_listed_as_they_were,
             the_audience_is_the_members_who_may_hear,
+            replies_and_reactions_refer_to_readable_messages,
             mutes,
             deleting_conversations,
             moves_share_their_conversations_member_list,
@@ -164,6 +165,8 @@ pub fn text(
         text: body.into(),
         photo: None,
         call: None,
+        reply_to_seq: 0,
+        notify_only: None,
         now_ms,
     }
 }
@@ -2035,6 +2038,120 @@ pub async fn the_audience_is_the_members_who_may_hear(store: &impl HistoryStore)
     assert!(matches!(
         store.audience(direct, b).await,
         Err(StoreError::NotFriends(other)) if other == a
+    ));
+}
+
+/// A reply or a reaction names a message its sender may read
+/// (`referable`): found with its type and author from the seq that added
+/// the member on, nothing at seq 0 or past the last seq, `NotAMember` for
+/// anyone else; the reference is stored with the message and read back
+/// wherever messages are (history, catch-up, the list's last message, a
+/// retry's answer).
+pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl HistoryStore) {
+    let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
+    let c = user(store, "carol").await;
+    let hello = append_one(store, text(direct, a, "hello", "hello", 10))
+        .await
+        .message
+        .seq;
+    let by_alice = |message_type| {
+        Some(Referable {
+            message_type,
+            sender_id: a,
+        })
+    };
+    // Read right after its append (the embedded store's index of it may
+    // still be in memory).
+    assert_eq!(
+        store.referable(direct, b, hello).await.unwrap(),
+        by_alice(proto::MessageType::Text)
+    );
+    for seq in [0, hello + 1, u64::MAX] {
+        assert_eq!(
+            store.referable(direct, b, seq).await.unwrap(),
+            None,
+            "{seq}"
+        );
+    }
+    for (conversation, who) in [(direct, c), (direct + 1000, a)] {
+        assert!(matches!(
+            store.referable(conversation, who, hello).await,
+            Err(StoreError::NotAMember)
+        ));
+    }
+
+    let mut sent = text(direct, b, "re", "hi!", 11);
+    sent.reply_to_seq = hello;
+    let reply = append_one(store, sent.clone()).await.message;
+    assert_eq!(reply.reply_to_seq, hello);
+    let mut reaction = text(direct, a, "like", "👍", 12);
+    reaction.message_type = proto::MessageType::Reaction;
+    reaction.reply_to_seq = reply.seq;
+    let reaction = append_one(store, reaction).await.message;
+    assert_eq!(
+        store.referable(direct, b, reaction.seq).await.unwrap(),
+        by_alice(proto::MessageType::Reaction)
+    );
+    let expected = vec![(hello, 0), (reply.seq, hello), (reaction.seq, reply.seq)];
+    let references = |messages: Vec<Arc<proto::Message>>| -> Vec<(u64, u64)> {
+        messages.iter().map(|m| (m.seq, m.reply_to_seq)).collect()
+    };
+    let page = store
+        .history(direct, Direction::Forward, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(references(page.messages), expected);
+    let page = store
+        .history(direct, Direction::Backward, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(references(page.messages), expected);
+    let owed = store.undelivered(b, (0, 0), 10).await.unwrap();
+    assert_eq!(
+        references(owed),
+        vec![(hello, 0), (reaction.seq, reply.seq)]
+    );
+    let view = store.conversation(direct, b).await.unwrap();
+    let last = view.last_message.expect("a last message");
+    assert_eq!(
+        (last.seq, last.r#type, last.reply_to_seq),
+        (reaction.seq, proto::MessageType::Reaction as i32, reply.seq)
+    );
+    let retried = append_one(store, sent).await;
+    assert!(retried.duplicate);
+    assert_eq!(retried.message.reply_to_seq, hello);
+
+    // A member added later may refer to what they may read: from the
+    // message that added them on.
+    let g = trip(store, a, vec![b]).await;
+    let before = append_one(store, text(g, a, "g1", "before carol", 20))
+        .await
+        .message
+        .seq;
+    befriend(store, a, c).await;
+    let added = store
+        .change_group(GroupEdit::new(g, a, GroupChange::Add(vec![c])), 5, 21)
+        .await
+        .unwrap()
+        .message
+        .seq;
+    assert_eq!(store.referable(g, c, before).await.unwrap(), None);
+    assert_eq!(
+        store.referable(g, c, added).await.unwrap(),
+        by_alice(proto::MessageType::System)
+    );
+    assert_eq!(
+        store.referable(g, b, before).await.unwrap(),
+        by_alice(proto::MessageType::Text)
+    );
+    // Removed, no longer theirs to refer to.
+    store
+        .change_group(GroupEdit::new(g, a, GroupChange::Remove(c)), 5, 22)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.referable(g, c, added).await,
+        Err(StoreError::NotAMember)
     ));
 }
 

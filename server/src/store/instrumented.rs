@@ -16,7 +16,8 @@ use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupCreated, GroupEdit, HistoryStore, InboxStore, MediaRecord,
     Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, PushDevice, RecentCache,
-    SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved, WatermarkUpdate,
+    Referable, SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved,
+    WatermarkUpdate,
 };
 use crate::metrics::Metrics;
 
@@ -374,6 +375,19 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         user: UserId,
     ) -> Result<Arc<Vec<UserId>>, StoreError> {
         timed!(self, "audience", self.inner.audience(conversation_id, user))
+    }
+
+    async fn referable(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        seq: u64,
+    ) -> Result<Option<Referable>, StoreError> {
+        timed!(
+            self,
+            "referable",
+            self.inner.referable(conversation_id, user, seq)
+        )
     }
 
     async fn former_membership(

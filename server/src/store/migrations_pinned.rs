@@ -47,6 +47,7 @@ const PINNED: &[(&str, &str)] = &[
         "src/store/sqlite/V18__cleared_histories.sql",
         "b3715b773893ea5d",
     ),
+    ("src/store/sqlite/V19__replies.sql", "de948ca4eb2f65d0"),
     ("migrations/postgres/V1__initial.sql", "5dcc721cc018b873"),
     ("migrations/postgres/V2__presence.sql", "3b2f2f2d011302a9"),
     ("migrations/postgres/V3__group_keys.sql", "e2a65111b1b8dfff"),
@@ -87,6 +88,7 @@ const PINNED: &[(&str, &str)] = &[
         "migrations/postgres/V16__cleared_histories.sql",
         "dd43a0c53ada53a7",
     ),
+    ("migrations/postgres/V17__replies.sql", "6d69e25ead01725d"),
 ];
 
 #[test]

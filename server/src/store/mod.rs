@@ -471,8 +471,24 @@ pub struct NewMessage {
     pub photo: Option<Box<proto::Photo>>,
     /// For a CALL message (written by the server), the call.
     pub call: Option<Box<proto::CallLog>>,
+    /// For a reply or a reaction, the seq of the message it refers to
+    /// (checked by the caller, [`HistoryStore::referable`]); 0 for none.
+    pub reply_to_seq: u64,
+    /// For a REACTION (not a take-back) to another member's message, that
+    /// member: the only one it notifies. Not stored.
+    pub notify_only: Option<UserId>,
     /// Server time at submission, Unix ms.
     pub now_ms: i64,
+}
+
+/// What [`HistoryStore::referable`] finds of a message a reply or a
+/// reaction names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Referable {
+    /// Its type: only TEXT and PHOTO messages take replies and reactions.
+    pub message_type: proto::MessageType,
+    /// Its author (a reaction notifies them).
+    pub sender_id: UserId,
 }
 
 /// A device's push registration (`RegisterPush`), kept with its session.
@@ -958,6 +974,19 @@ pub trait HistoryStore: Send + Sync + 'static {
         conversation_id: ConversationId,
         user: UserId,
     ) -> Result<Arc<Vec<UserId>>, StoreError>;
+
+    /// The message `seq` of a conversation, if `user` may answer or react
+    /// to it: one they may read as a member now (from the seq that added
+    /// them on). `NotAMember` if `user` is not one (or the conversation
+    /// does not exist); `None` for a seq they may not read or that does
+    /// not exist yet. Messages are never rewritten, so what this finds
+    /// stays true.
+    async fn referable(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        seq: u64,
+    ) -> Result<Option<Referable>, StoreError>;
 
     /// Appends a batch of messages in one transaction (group commit): each
     /// gets the next seq of its conversation, or is recognised as a retry.

@@ -44,8 +44,8 @@ use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
     MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
-    PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
-    WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
+    PendingRange, PushDevice, Referable, SessionRecord, StoreError, StoredPresence, UserId,
+    UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
 /// How long connecting (TCP, startup, authentication) may take before the
@@ -551,7 +551,7 @@ impl PostgresStore {
             HashMap::with_capacity(existing_rows.len());
         for row in &existing_rows {
             let message = message_from_row(row, 0)?;
-            let members: Vec<i64> = col(row, 9)?;
+            let members: Vec<i64> = col(row, 10)?;
             stored.insert(
                 (message.sender_id, message.client_msg_id.clone()),
                 (Arc::new(message), members.into_iter().map(id).collect()),
@@ -623,7 +623,7 @@ impl PostgresStore {
                 &writes.bump_last_seqs,
                 &writes.bump_activity,
             ];
-            let insert_params: [Param<'_>; 8] = [
+            let insert_params: [Param<'_>; 9] = [
                 &writes.conversation_ids,
                 &writes.seqs,
                 &writes.sender_ids,
@@ -632,6 +632,7 @@ impl PostgresStore {
                 &writes.sent_at_ms,
                 &writes.bodies,
                 &writes.attachments,
+                &writes.reply_tos,
             ];
             let own_params: [Param<'_>; 4] = [
                 &writes.own_conversations,
@@ -744,6 +745,7 @@ impl PostgresStore {
                             text: m.text.clone(),
                             photo: m.photo.clone(),
                             call: m.call.clone(),
+                            reply_to_seq: m.reply_to_seq,
                         }),
                         duplicate: false,
                         members: members.get(&m.conversation_id).cloned().unwrap_or_default(),
@@ -809,8 +811,8 @@ impl PostgresStore {
                     last_activity_ms: col(row, 4)?,
                     last_message,
                     unread_count: id_col(row, 5)?,
-                    closed: col(row, 15)?,
-                    muted_until_ms: col::<Option<i64>>(row, 16)?.unwrap_or_default(),
+                    closed: col(row, 16)?,
+                    muted_until_ms: col::<Option<i64>>(row, 17)?.unwrap_or_default(),
                     former: false,
                 },
             );
@@ -892,6 +894,7 @@ struct Writes<'a> {
     sent_at_ms: Vec<i64>,
     bodies: Vec<&'a str>,
     attachments: Vec<Option<Vec<u8>>>,
+    reply_tos: Vec<Option<i64>>,
     /// The uploads of the new photo messages, and their seqs.
     photo_ids: Vec<&'a str>,
     photo_seqs: Vec<i64>,
@@ -936,6 +939,8 @@ impl<'a> Writes<'a> {
             w.sent_at_ms.push(m.now_ms);
             w.bodies.push(&m.text);
             w.attachments.push(crate::store::encode_attachment(m));
+            w.reply_tos
+                .push((m.reply_to_seq != 0).then(|| sql(m.reply_to_seq)));
             if let Some(photo) = &m.photo {
                 w.photo_ids.push(&photo.media_id);
                 w.photo_seqs.push(sql(seq));
@@ -1831,7 +1836,7 @@ impl HistoryStore for PostgresStore {
                 .await
                 .map_err(pg)?;
             if let Some(row) = row {
-                let members: Vec<i64> = col(&row, 9)?;
+                let members: Vec<i64> = col(&row, 10)?;
                 let first = Appended {
                     message: Arc::new(message_from_row(&row, 0)?),
                     duplicate: true,
@@ -2191,6 +2196,34 @@ impl HistoryStore for PostgresStore {
         Ok(Arc::new(members))
     }
 
+    async fn referable(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        seq: u64,
+    ) -> Result<Option<Referable>, StoreError> {
+        // The member row, then the message if they may read it: no row is
+        // not a member; a member row and no message, nothing to refer to.
+        let row = self
+            .row(
+                "SELECT t.type, t.sender_id
+                 FROM members me
+                 LEFT JOIN messages t ON t.conversation_id = me.conversation_id
+                                     AND t.seq = $3 AND t.seq >= me.joined_seq
+                 WHERE me.conversation_id = $1 AND me.user_id = $2",
+                &[&sql(conversation_id), &sql(user), &sql(seq)],
+            )
+            .await?
+            .ok_or(StoreError::NotAMember)?;
+        let Some(message_type) = col::<Option<i32>>(&row, 0)? else {
+            return Ok(None);
+        };
+        Ok(Some(Referable {
+            message_type: proto::MessageType::try_from(message_type).unwrap_or_default(),
+            sender_id: id_col(&row, 1)?,
+        }))
+    }
+
     async fn former_membership(
         &self,
         conversation_id: ConversationId,
@@ -2292,7 +2325,7 @@ impl HistoryStore for PostgresStore {
         // watermark bound the index range instead of filtering it.
         self.rows(
             "SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
-                    m.type, m.sent_at_ms, m.body, m.attachment
+                    m.type, m.sent_at_ms, m.body, m.attachment, m.reply_to
              FROM (
                 SELECT mb.conversation_id,
                        GREATEST(mb.delivered_seq, COALESCE(k.cleared_seq, 0)) AS delivered_seq,
@@ -2841,7 +2874,7 @@ fn media_from_row(row: &Row) -> Result<MediaRecord, StoreError> {
 /// its fan-out is how the removed member's connected device hears of it.
 const EXISTING_KEYS: &str = "
     SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
-           m.type, m.sent_at_ms, m.body, m.attachment,
+           m.type, m.sent_at_ms, m.body, m.attachment, m.reply_to,
            ARRAY(SELECT x.user_id FROM members x
                  WHERE x.conversation_id = m.conversation_id AND x.delivered_seq < m.seq
                    AND x.user_id <> m.sender_id
@@ -2934,9 +2967,9 @@ const BUMP_SEQS: &str = "
 /// notices the missing row and starts over.
 const INSERT_MESSAGES: &str = "
     INSERT INTO messages (conversation_id, seq, sender_id, client_msg_id, type, sent_at_ms, body,
-                          attachment)
+                          attachment, reply_to)
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[],
-                         $5::int4[], $6::bigint[], $7::text[], $8::bytea[])
+                         $5::int4[], $6::bigint[], $7::text[], $8::bytea[], $9::bigint[])
     ON CONFLICT (sender_id, client_msg_id) DO NOTHING
     RETURNING conversation_id, seq, message_id";
 
@@ -2993,7 +3026,7 @@ const VIEWS: &str = "
                                     AND u.sender_id <> me.user_id
                                   LIMIT $4) unread),
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
-           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, c.closed,
+           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, lm.reply_to, c.closed,
            (SELECT until_ms FROM mutes WHERE user_id = $2 AND conversation_id = c.id)
     FROM conversations c
     JOIN members me ON me.conversation_id = c.id AND me.user_id = $2
@@ -3008,7 +3041,7 @@ const VIEWS: &str = "
 const FORMER_VIEWS: &str = "
     SELECT f.conversation_id, c.kind, COALESCE(NULLIF(f.name, ''), c.name), f.left_seq, f.left_ms,
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
-           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment
+           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, lm.reply_to
     FROM former_members f
     JOIN conversations c ON c.id = f.conversation_id
     LEFT JOIN messages lm ON lm.conversation_id = f.conversation_id AND lm.seq = f.left_seq
@@ -3088,11 +3121,11 @@ const LOCK_FRIEND_COUNTS: &str = "
 /// One history page, newest first below a seq, or oldest first above one.
 const PAGE_BEFORE: &str = "
     SELECT conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body,
-           attachment
+           attachment, reply_to
     FROM messages WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3";
 const PAGE_AFTER: &str = "
     SELECT conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body,
-           attachment
+           attachment, reply_to
     FROM messages WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3";
 
 const TAKE_REQUEST: &str = "DELETE FROM friend_requests WHERE from_id = $1 AND to_id = $2";
@@ -3399,9 +3432,9 @@ fn sql(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// A message from nine columns starting at `at`: conversation_id, seq,
+/// A message from ten columns starting at `at`: conversation_id, seq,
 /// message_id, sender_id, client_msg_id, type, sent_at_ms, body,
-/// attachment.
+/// attachment, reply_to.
 fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> {
     let mut message = proto::Message {
         conversation_id: id_col(row, at)?,
@@ -3414,6 +3447,7 @@ fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> 
         text: col(row, at + 7)?,
         photo: None,
         call: None,
+        reply_to_seq: col::<Option<i64>>(row, at + 9)?.unwrap_or_default() as u64,
     };
     crate::store::decode_attachment(&mut message, col::<Option<&[u8]>>(row, at + 8)?);
     Ok(message)

@@ -68,8 +68,8 @@ use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
     MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
-    PendingRange, PushDevice, SessionRecord, StoreError, StoredPresence, UserId, UserRecord,
-    WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
+    PendingRange, PushDevice, Referable, SessionRecord, StoreError, StoredPresence, UserId,
+    UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -177,6 +177,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V16__former_member_entries.sql"),
     include_str!("sqlite/V17__mutes.sql"),
     include_str!("sqlite/V18__cleared_histories.sql"),
+    include_str!("sqlite/V19__replies.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1371,6 +1372,7 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<proto::Message>
         text: row.get(7)?,
         photo: None,
         call: None,
+        reply_to_seq: row.get::<_, Option<i64>>(9)?.unwrap_or_default() as u64,
     };
     crate::store::decode_attachment(&mut message, row.get_ref(8)?.as_blob_or_null()?);
     Ok(message)
@@ -1419,7 +1421,7 @@ fn pending_ranges_from(
 
 const MESSAGE_COLUMNS: &str = concat!(
     "m.conversation_id, m.seq, m.message_id, m.sender_id, ",
-    "m.client_msg_id, m.type, m.sent_at_ms, m.body, m.attachment"
+    "m.client_msg_id, m.type, m.sent_at_ms, m.body, m.attachment, m.reply_to"
 );
 
 /// The message at `seq` of a conversation: its index entry from the pending
@@ -1808,6 +1810,8 @@ fn system_message(
         text,
         photo: None,
         call: None,
+        reply_to_seq: 0,
+        notify_only: None,
         now_ms,
     }
 }
@@ -1941,8 +1945,8 @@ fn append_one(
             .map_err(internal)?;
     }
     conn.prepare_cached(
-        "INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body, attachment)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO messages (conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body, attachment, reply_to)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )
     .map_err(internal)?
         .execute(params![
@@ -1955,6 +1959,7 @@ fn append_one(
             m.now_ms,
             m.text,
             crate::store::encode_attachment(&m),
+            (m.reply_to_seq != 0).then(|| sql(m.reply_to_seq)),
         ])
         .map_err(internal)?;
     state.keys.entry(m.sender_id).or_default().insert(
@@ -2004,6 +2009,7 @@ fn append_one(
             text: m.text,
             photo: m.photo,
             call: m.call,
+            reply_to_seq: m.reply_to_seq,
         }),
         duplicate: false,
         members: members.to_vec(),
@@ -2665,6 +2671,47 @@ impl HistoryStore for SqliteStore {
                 _ => Err(StoreError::NotAMember),
             },
         )
+        .await
+    }
+
+    async fn referable(
+        &self,
+        conversation_id: ConversationId,
+        user: UserId,
+        seq: u64,
+    ) -> Result<Option<Referable>, StoreError> {
+        // Through the pending state, as a send reads it: the message may
+        // still be in the batch being written.
+        self.call_hot(move |conn, state| {
+            match state.conversation(conn, conversation_id)? {
+                Some(c) if c.members.binary_search(&user).is_ok() => {
+                    if seq == 0 || seq > c.last_seq {
+                        return Ok(None);
+                    }
+                }
+                _ => return Err(StoreError::NotAMember),
+            }
+            let joined: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT joined_seq FROM members WHERE conversation_id = ?1 AND user_id = ?2",
+                )
+                .map_err(internal)?
+                .query_row(params![sql(conversation_id), sql(user)], |r| r.get(0))
+                .optional()
+                .map_err(internal)?;
+            let Some(joined) = joined else {
+                return Err(StoreError::NotAMember);
+            };
+            if seq < joined as u64 {
+                return Ok(None);
+            }
+            Ok(
+                message_at(conn, state, conversation_id, seq)?.map(|m| Referable {
+                    message_type: proto::MessageType::try_from(m.r#type).unwrap_or_default(),
+                    sender_id: m.sender_id,
+                }),
+            )
+        })
         .await
     }
 

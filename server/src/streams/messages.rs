@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use chat_protocol::limits::MAX_CLIENT_MSG_ID_LEN;
+use chat_protocol::limits::{MAX_CLIENT_MSG_ID_LEN, MAX_REACTION_LEN};
 use chat_protocol::media::is_media_id;
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use quinn::SendStream;
@@ -34,7 +34,7 @@ use crate::hub::SessionHandle;
 use crate::queue::Missed;
 use crate::session::{Session, on_read_error};
 use crate::store::{
-    Direction, INBOX_CATCH_UP_LIMIT, NewMessage, StoreError, WatermarkKind, WatermarkUpdate,
+    Direction, INBOX_CATCH_UP_LIMIT, NewMessage, StoreError, UserId, WatermarkKind, WatermarkUpdate,
 };
 use crate::wire::{self, DeliverKey, FrameReader, Outbound};
 
@@ -127,6 +127,11 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
             Some(Body::Send(send)) if send.r#type == proto::MessageType::Photo as i32 => {
                 metrics.sends.increment(1);
                 send_photo(&session, &mut limited, send, request_id, &handle).await
+            }
+            // So do replies and reactions (see `send_referring`).
+            Some(Body::Send(send)) if send.reply_to_seq != 0 => {
+                metrics.sends.increment(1);
+                send_referring(&session, &mut limited, send, request_id, &handle).await
             }
             Some(Body::Send(send)) => {
                 let received = Instant::now();
@@ -328,6 +333,7 @@ fn send_photo<'a>(
         rate_limit(session, limited, &send.client_msg_id, received)?;
         let (mut message, media_id) = validate(session, send)?;
         let media_id = media_id.expect("a PHOTO send that passed validation names a photo");
+        message.notify_only = check_reference(session, limited, &message).await?;
         let media = session
             .shared
             .store
@@ -385,6 +391,92 @@ fn send_photo<'a>(
     })
 }
 
+/// A text reply or a reaction: checked as a text is, then the message it
+/// names looked up (`check_reference`), then committed as a text is. The
+/// reader waits for the lookup, so a connection's sends keep their order.
+/// Boxed and apart from the text path, as `send_photo` is.
+fn send_referring<'a>(
+    session: &'a Session,
+    limited: &'a mut Option<Limited>,
+    send: proto::Send,
+    request_id: u64,
+    handle: &'a Arc<SessionHandle>,
+) -> Pin<Box<impl Future<Output = Result<(), Refusal>> + Send + 'a>> {
+    Box::pin(async move {
+        let received = Instant::now();
+        rate_limit(session, limited, &send.client_msg_id, received)?;
+        let (mut message, _) = validate(session, send)?;
+        message.notify_only = check_reference(session, limited, &message).await?;
+        session
+            .shared
+            .delivery
+            .submit(SendJob {
+                work: Work::Message(message),
+                request_id,
+                session: handle.clone(),
+                received,
+            })
+            .await
+    })
+}
+
+/// Checks the message a reply or a reaction names
+/// (`HistoryStore::referable`): NOT_FOUND for a seq the sender may not
+/// read, INVALID_ARGUMENT for a message that takes neither. Returns whom a
+/// reaction notifies: the author of the message reacted to, unless it is
+/// the sender's own or a take-back (empty text).
+///
+/// A sender who is not a member passes: the append refuses them, or, for
+/// the retry of a message stored while they were, answers as it did. A
+/// lookup the store could not make now holds later sends back until this
+/// one comes again, as a photo's does.
+async fn check_reference(
+    session: &Session,
+    limited: &mut Option<Limited>,
+    message: &NewMessage,
+) -> Result<Option<UserId>, Refusal> {
+    let seq = message.reply_to_seq;
+    if seq == 0 {
+        return Ok(None);
+    }
+    let found = session
+        .shared
+        .store
+        .referable(message.conversation_id, message.sender_id, seq)
+        .await;
+    let target = match found {
+        Ok(Some(target)) => target,
+        Ok(None) => {
+            return Err(Refusal::new(
+                ErrorCode::NotFound,
+                format!("no message {seq} you may read in this conversation"),
+            ));
+        }
+        Err(StoreError::NotAMember) => return Ok(None),
+        Err(e) => {
+            let refusal = Refusal::from(e);
+            if refusal.code.is_retryable() {
+                *limited = Some(Limited {
+                    until: Instant::now(),
+                    head: message.client_msg_id.clone(),
+                });
+            }
+            return Err(refusal);
+        }
+    };
+    if !matches!(
+        target.message_type,
+        proto::MessageType::Text | proto::MessageType::Photo
+    ) {
+        return Err(Refusal::new(
+            ErrorCode::InvalidArgument,
+            format!("message {seq} takes no replies or reactions: only texts and photos do"),
+        ));
+    }
+    let reaction = message.message_type == proto::MessageType::Reaction && !message.text.is_empty();
+    Ok((reaction && target.sender_id != message.sender_id).then_some(target.sender_id))
+}
+
 /// Checks a Send against the protocol and the configured limits; for a
 /// photo, also returns the media id it names.
 fn validate(session: &Session, send: proto::Send) -> Result<(NewMessage, Option<String>), Refusal> {
@@ -430,10 +522,38 @@ fn validate(session: &Session, send: proto::Send) -> Result<(NewMessage, Option<
                 "a PHOTO message needs the media_id of an upload (32 lowercase hex digits)",
             ));
         }
+        Ok(proto::MessageType::Reaction) if send.reply_to_seq == 0 => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                "a REACTION names the message reacted to (reply_to_seq)",
+            ));
+        }
+        Ok(proto::MessageType::Reaction) if !send.media_id.is_empty() => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                "a REACTION carries no media_id",
+            ));
+        }
+        Ok(proto::MessageType::Reaction) => {
+            if send.text.len() > MAX_REACTION_LEN
+                || send
+                    .text
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "a reaction is an emoji of at most {MAX_REACTION_LEN} bytes, without spaces or control characters (empty to take it back)"
+                    ),
+                ));
+            }
+            (proto::MessageType::Reaction, None)
+        }
         _ => {
             return Err(Refusal::new(
                 ErrorCode::InvalidArgument,
-                "clients may send TEXT and PHOTO messages only",
+                "clients may send TEXT, PHOTO and REACTION messages only",
             ));
         }
     };
@@ -462,6 +582,8 @@ fn validate(session: &Session, send: proto::Send) -> Result<(NewMessage, Option<
         text: send.text,
         photo: None,
         call: None,
+        reply_to_seq: send.reply_to_seq,
+        notify_only: None,
         now_ms: now_ms(),
     };
     Ok((message, media_id))
@@ -872,7 +994,7 @@ fn encode_deliveries(page: &[&Arc<proto::Message>], next: &mut usize) -> Bytes {
             break;
         }
         let frame = Frame::push(Body::Deliver(proto::Deliver {
-            message: Some((***message).clone()),
+            message: Some(Box::new((***message).clone())),
         }));
         chat_protocol::encode(&frame, &mut buf);
         *next += 1;

@@ -346,6 +346,7 @@ pub(super) async fn append_system(
             text,
             photo: None,
             call: None,
+            reply_to_seq: 0,
         }),
         duplicate: false,
         members,

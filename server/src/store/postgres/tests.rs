@@ -188,6 +188,8 @@ fn text(conversation_id: ConversationId, sender_id: UserId, key: &str, body: &st
         text: body.into(),
         photo: None,
         call: None,
+        reply_to_seq: 0,
+        notify_only: None,
         now_ms: 1_000,
     }
 }
@@ -355,7 +357,7 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
             "users"
         ]
     );
-    assert_eq!(history.unwrap(), 16, "V1 to V16, once each");
+    assert_eq!(history.unwrap(), 17, "V1 to V17, once each");
 }
 
 /// A connection to a new `schema` as migration `version` left it, for a

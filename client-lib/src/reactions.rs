@@ -1,0 +1,136 @@
+//! Folding REACTION messages into what an app shows under each message.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chat_protocol::proto;
+
+/// Who reacted how to which message, from the REACTION messages an app
+/// has seen (delivered live, caught up, or read from history), in any
+/// order: each member's reaction to a message is their REACTION to it with
+/// the highest seq, and an empty one takes theirs back. So a history read
+/// backwards (reactions before the messages they name) and live
+/// deliveries fold to the same state.
+///
+/// Kept by the app beside the messages it holds, for the conversations it
+/// shows; it grows with the reactions given to it.
+#[derive(Debug, Default, Clone)]
+pub struct Reactions {
+    /// (conversation, message) -> member -> (seq of their latest
+    /// REACTION to it, its text: empty once taken back).
+    by_message: HashMap<(u64, u64), BTreeMap<u64, (u64, String)>>,
+}
+
+impl Reactions {
+    /// An empty fold.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Folds `message` in if it is a REACTION (returns whether it was):
+    /// it replaces its sender's reaction to the same message only if it is
+    /// newer (a higher seq).
+    pub fn apply(&mut self, message: &proto::Message) -> bool {
+        if message.r#type != proto::MessageType::Reaction as i32 || message.reply_to_seq == 0 {
+            return false;
+        }
+        let members = self
+            .by_message
+            .entry((message.conversation_id, message.reply_to_seq))
+            .or_default();
+        match members.get(&message.sender_id) {
+            Some((seq, _)) if *seq >= message.seq => {}
+            _ => {
+                members.insert(message.sender_id, (message.seq, message.text.clone()));
+            }
+        }
+        true
+    }
+
+    /// The reactions to message `seq` of a conversation: (member, emoji),
+    /// oldest first (by the seq of each member's reaction).
+    pub fn of(&self, conversation_id: u64, seq: u64) -> Vec<(u64, &str)> {
+        let Some(members) = self.by_message.get(&(conversation_id, seq)) else {
+            return Vec::new();
+        };
+        let mut reactions: Vec<(u64, u64, &str)> = members
+            .iter()
+            .filter(|(_, (_, emoji))| !emoji.is_empty())
+            .map(|(&user, (at, emoji))| (*at, user, emoji.as_str()))
+            .collect();
+        reactions.sort_unstable();
+        reactions
+            .into_iter()
+            .map(|(_, user, emoji)| (user, emoji))
+            .collect()
+    }
+
+    /// Forgets a conversation's reactions (the app dropped its messages,
+    /// or deleted the chat).
+    pub fn forget(&mut self, conversation_id: u64) {
+        self.by_message.retain(|&(c, _), _| c != conversation_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reaction(seq: u64, sender: u64, to: u64, emoji: &str) -> proto::Message {
+        proto::Message {
+            conversation_id: 7,
+            seq,
+            sender_id: sender,
+            r#type: proto::MessageType::Reaction as i32,
+            text: emoji.into(),
+            reply_to_seq: to,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_latest_reaction_of_each_member_stands_in_any_order() {
+        let stream = [
+            reaction(2, 10, 1, "👍"),
+            reaction(3, 11, 1, "😂"),
+            reaction(4, 10, 1, "❤️"),
+            reaction(5, 11, 1, ""),
+            reaction(6, 12, 1, "😮"),
+        ];
+        let mut forward = Reactions::new();
+        for m in &stream {
+            assert!(forward.apply(m));
+        }
+        let mut backward = Reactions::new();
+        for m in stream.iter().rev() {
+            assert!(backward.apply(m));
+        }
+        // 11 took theirs back; 10's latest is the heart, which came after
+        // their thumbs-up but before 12's reaction.
+        let expected = vec![(10, "❤️"), (12, "😮")];
+        assert_eq!(forward.of(7, 1), expected);
+        assert_eq!(backward.of(7, 1), expected);
+        assert!(forward.of(7, 2).is_empty());
+        assert!(forward.of(8, 1).is_empty());
+    }
+
+    #[test]
+    fn other_messages_are_not_folded_and_forget_drops_a_conversation() {
+        let mut reactions = Reactions::new();
+        let text = proto::Message {
+            conversation_id: 7,
+            seq: 9,
+            sender_id: 10,
+            r#type: proto::MessageType::Text as i32,
+            text: "👍".into(),
+            reply_to_seq: 1,
+            ..Default::default()
+        };
+        assert!(!reactions.apply(&text));
+        assert!(reactions.of(7, 1).is_empty());
+        assert!(reactions.apply(&reaction(2, 10, 1, "👍")));
+        reactions.forget(8);
+        assert_eq!(reactions.of(7, 1), vec![(10, "👍")]);
+        reactions.forget(7);
+        assert!(reactions.of(7, 1).is_empty());
+    }
+}
