@@ -85,6 +85,18 @@ pub struct Args {
     /// connected devices (counted as `typing_received`).
     #[arg(long, default_value_t = 0.0)]
     pub typing_fraction: f64,
+    /// Fraction of text sends that reply to the newest text or photo of
+    /// the conversation the sender knows of (sent or received), as
+    /// Messenger's swipe-to-reply does; a sender that knows none sends a
+    /// plain text. Tracked like any text (`reply_sends`).
+    #[arg(long, default_value_t = 0.0)]
+    pub reply_fraction: f64,
+    /// Fraction of the run's texts each recipient reacts to (a 👍, on
+    /// delivery): sends on top of the offered rate, counted apart
+    /// (`reactions_acked`, `reactions_received`; a refusal is an error
+    /// `reaction_<code>`).
+    #[arg(long, default_value_t = 0.0)]
+    pub reaction_fraction: f64,
     /// Size of each photo (a phone's photo as messengers send it is
     /// ~100-300 KB once recompressed).
     #[arg(long, default_value_t = 150_000)]
@@ -350,11 +362,14 @@ impl Args {
                 self.photo_fraction
             );
         }
-        if !(self.typing_fraction.is_finite() && (0.0..=1.0).contains(&self.typing_fraction)) {
-            anyhow::bail!(
-                "--typing-fraction {} must be a fraction of sends in 0..=1",
-                self.typing_fraction
-            );
+        for (flag, fraction) in [
+            ("--typing-fraction", self.typing_fraction),
+            ("--reply-fraction", self.reply_fraction),
+            ("--reaction-fraction", self.reaction_fraction),
+        ] {
+            if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
+                anyhow::bail!("{flag} {fraction} must be a fraction of sends in 0..=1");
+            }
         }
         let most = chat_protocol::media::DEFAULT_MAX_PHOTO_BYTES;
         if !(16..=most as usize).contains(&self.photo_bytes) {
@@ -638,6 +653,9 @@ mod tests {
             &["--group-max-size", "2"],
             &["--group-size-exponent=-1"],
             &["--background-fraction", "1.1"],
+            &["--typing-fraction", "2"],
+            &["--reply-fraction=-0.1"],
+            &["--reaction-fraction", "NaN"],
             &["--backend", "db=postgres", "--backend", "db=redis-server"],
         ] {
             let mut argv = vec!["--spawn-server"];

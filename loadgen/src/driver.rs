@@ -81,6 +81,8 @@ struct Shared {
     users: Vec<Arc<VUser>>,
     run_id: u32,
     read_delay: Duration,
+    /// `--reaction-fraction`.
+    reaction_fraction: f64,
     /// The bytes of every photo sent (`--photo-bytes`).
     photo: bytes::Bytes,
     /// Every photo's preview ([`PREVIEW_BYTES`]).
@@ -169,6 +171,7 @@ pub async fn drive(
         users,
         run_id: rand::random(),
         read_delay: args.read_delay,
+        reaction_fraction: args.reaction_fraction,
         photo: photo_bytes(args.photo_bytes),
         preview: photo_bytes(PREVIEW_BYTES),
         downloading: AtomicUsize::new(0),
@@ -372,6 +375,7 @@ async fn schedule(
         // keep the schedule they always had.
         let photo = args.photo_fraction > 0.0 && rng.random_bool(args.photo_fraction);
         let typed = args.typing_fraction > 0.0 && rng.random_bool(args.typing_fraction);
+        let reply = args.reply_fraction > 0.0 && rng.random_bool(args.reply_fraction);
         // A photo's caption and its preview share the text limit.
         let len = if photo {
             len.min(MAX_TEXT_BYTES - PREVIEW_BYTES)
@@ -413,7 +417,17 @@ async fn schedule(
             if typed {
                 client.typing(conversation_id, true);
             }
-            (send_no, Some(client.send_text(conversation_id, &text)))
+            let replied_to = reply
+                .then(|| shared.users[sender].newest(conversation_id))
+                .flatten();
+            let send = match replied_to {
+                Some(seq) => {
+                    shared.tracker.reply(measured);
+                    Sending::Reply(client.send_reply(conversation_id, seq, &text))
+                }
+                None => Sending::Text(client.send_text(conversation_id, &text)),
+            };
+            (send_no, Some(send))
         });
         let Some((send_no, send)) = queued else {
             shared.tracker.skipped_offline(measured);
@@ -424,7 +438,10 @@ async fn schedule(
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let result = send.await;
+            let result = match send {
+                Sending::Text(send) => send.await,
+                Sending::Reply(send) => send.await,
+            };
             answered(
                 &shared,
                 (send_no, conversation_id, sender),
@@ -433,6 +450,12 @@ async fn schedule(
             );
         });
     }
+}
+
+/// A text's send or a reply's, awaited alike.
+enum Sending<T, R> {
+    Text(T),
+    Reply(R),
 }
 
 /// Counts the answer to send `send_no`.
@@ -445,12 +468,34 @@ fn answered(
     let now = shared.clock.now_ns();
     match result {
         Ok(ack) => {
+            shared.users[sender].note_message(conversation_id, ack.seq);
             shared
                 .tracker
                 .acked(send_no, conversation_id, sender, ack.seq, intended_ns, now)
         }
         Err(e) => shared.tracker.failed(send_no, &error_name(&e)),
     }
+}
+
+/// A recipient reacts to a text it was delivered, as people do to a
+/// share of them; counted apart from the offered sends.
+fn react(shared: &Arc<Shared>, client: &Client, conversation_id: u64, seq: u64) {
+    let reaction = client.react(conversation_id, seq, "👍");
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        match reaction.await {
+            Ok(_) => shared.tracker.reaction_acked(),
+            // The user went offline (churn) or the run ended.
+            Err(ClientError::Closed) => {}
+            Err(e) => {
+                if !shared.stopping() {
+                    shared
+                        .tracker
+                        .error(&format!("reaction_{}", error_name(&e)));
+                }
+            }
+        }
+    });
 }
 
 /// A photo send: the upload on a media stream of its own, then the send
@@ -584,6 +629,15 @@ async fn receive(
                             h.intended_ns,
                             now,
                         );
+                        user.note_message(m.conversation_id, m.seq);
+                        if shared.reaction_fraction > 0.0
+                            && rand::random_bool(shared.reaction_fraction)
+                        {
+                            react(&shared, &client, m.conversation_id, m.seq);
+                        }
+                    }
+                    _ if m.r#type == proto::MessageType::Reaction as i32 => {
+                        shared.tracker.reaction_received();
                     }
                     // "Group created" and the like, from set-up; a call's
                     // log.

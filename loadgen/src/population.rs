@@ -7,6 +7,7 @@
 //! bounded concurrency; `--reuse` skips it on later runs against the same
 //! server data.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -161,6 +162,9 @@ pub struct VUser {
     /// Photo sends under way (upload, then send): outside the outbox, so
     /// a churned client's shutdown would cut them.
     photos: AtomicUsize,
+    /// Per conversation, the newest seq of a text or photo of the run this
+    /// user sent or received: what a reply answers (`--reply-fraction`).
+    newest: Mutex<HashMap<u64, u64>>,
 }
 
 impl VUser {
@@ -175,7 +179,21 @@ impl VUser {
             incarnation: AtomicU32::new(0),
             ended: AtomicBool::new(false),
             photos: AtomicUsize::new(0),
+            newest: Mutex::default(),
         }
+    }
+
+    /// Notes a text or photo of the run this user sent or received.
+    pub fn note_message(&self, conversation_id: u64, seq: u64) {
+        let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+        let at = newest.entry(conversation_id).or_default();
+        *at = (*at).max(seq);
+    }
+
+    /// The newest text or photo of a conversation this user knows of.
+    pub fn newest(&self, conversation_id: u64) -> Option<u64> {
+        let newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+        newest.get(&conversation_id).copied()
     }
 
     /// A photo send of this user's starts.

@@ -157,6 +157,13 @@ pub struct Counts {
     /// TypingUpdate events recipients' clients took (`--typing-fraction`),
     /// warm-up and drain included, as they carry no send number.
     pub typing_received: u64,
+    /// The part of `sent` that were replies (`--reply-fraction`).
+    pub reply_sends: u64,
+    /// Reactions recipients sent to texts they were delivered
+    /// (`--reaction-fraction`) that the server acknowledged, and the
+    /// REACTION messages clients took; whole run, as typing.
+    pub reactions_acked: u64,
+    pub reactions_received: u64,
     /// Sends the server acknowledged as durable.
     pub acked: u64,
     /// Acks that arrived within the measured window, of any send (warm-up
@@ -432,6 +439,30 @@ impl Tracker {
         let mut s = self.state();
         if measured && !s.frozen {
             s.counts.photo_sends += 1;
+        }
+    }
+
+    /// A measured send was a reply.
+    pub fn reply(&self, measured: bool) {
+        let mut s = self.state();
+        if measured && !s.frozen {
+            s.counts.reply_sends += 1;
+        }
+    }
+
+    /// The server acknowledged a reaction a recipient sent.
+    pub fn reaction_acked(&self) {
+        let mut s = self.state();
+        if !s.frozen {
+            s.counts.reactions_acked += 1;
+        }
+    }
+
+    /// A client took a REACTION message.
+    pub fn reaction_received(&self) {
+        let mut s = self.state();
+        if !s.frozen {
+            s.counts.reactions_received += 1;
         }
     }
 
@@ -804,6 +835,18 @@ pub struct Report {
     /// offers them; a device short of room misses one).
     #[serde(default)]
     pub typing_received: u64,
+    /// The part of `sent` that replied to an earlier message
+    /// (`--reply-fraction`).
+    #[serde(default)]
+    pub reply_sends: u64,
+    /// Reactions recipients sent (`--reaction-fraction`) that the server
+    /// acknowledged, and the REACTION messages clients were delivered,
+    /// over the whole run (they carry no send number; not checked like
+    /// messages, and not part of `sent`).
+    #[serde(default)]
+    pub reactions_acked: u64,
+    #[serde(default)]
+    pub reactions_received: u64,
     /// Notifications the stand-in push gateway took (`--push`), to the
     /// end of the drain, and the devices they named.
     #[serde(default)]
@@ -986,6 +1029,13 @@ impl Report {
                 t,
                 "typing starts and stops recipients were told of: {}",
                 self.typing_received
+            );
+        }
+        if self.reply_sends > 0 || self.reactions_acked > 0 {
+            let _ = writeln!(
+                t,
+                "replies: {}  reactions acked: {}  reactions delivered: {}",
+                self.reply_sends, self.reactions_acked, self.reactions_received
             );
         }
         let _ = writeln!(t);

@@ -343,6 +343,21 @@ async fn senders_that_type_first_tell_their_recipients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_and_reactions_ride_with_the_texts() {
+    init_tracing();
+    let mix: &[&str] = &["--reply-fraction", "0.5", "--reaction-fraction", "0.5"];
+    let report = run(spawned(&[TWELVE_USERS, mix, TWO_SECONDS_AT_30].concat())).await;
+    // Replies are texts like the others, all accounted for; reactions to
+    // them are acknowledged and delivered with no error (a refused
+    // reference would be one).
+    assert_all_accounted(&report);
+    assert!(report.reply_sends > 0, "{report:?}");
+    assert!(report.reply_sends < report.sent, "{report:?}");
+    assert!(report.reactions_acked > 0, "{report:?}");
+    assert!(report.reactions_received > 0, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_in_the_background_are_notified_through_the_push_gateway() {
     init_tracing();
     // Half the users have the app in the background: their messages reach
