@@ -78,7 +78,7 @@ pub enum Event {
     ConversationChanged(proto::ConversationChanged),
     /// Another member started or stopped typing in a conversation (see
     /// [`Client::typing`]). Show it until one saying they stopped, a
-    /// message from them there, or `limits::TYPING_LAPSE_MS` without
+    /// message (not a reaction) from them there, or `limits::TYPING_LAPSE_MS` without
     /// another. Like [`Event::Connected`], dropped when the event queue is
     /// full.
     Typing(proto::TypingUpdate),
@@ -1330,8 +1330,8 @@ impl Client {
     /// or INVALID_ARGUMENT otherwise), as [`send_text`](Self::send_text)
     /// sends a text. The delivered message carries `reply_to_seq`; an app
     /// shows the message it answers from what it holds, or reads it with
-    /// [`history`](Self::history) (forward from `reply_to_seq - 1`, one
-    /// message).
+    /// [`message`](Self::message) (which a member added later may not
+    /// read: "message unavailable").
     pub fn send_reply(
         &self,
         conversation_id: u64,
@@ -1343,6 +1343,29 @@ impl Client {
             ..Draft::text(text)
         };
         let queued = self.queue_send(conversation_id, &new_client_msg_id(), draft);
+        async move { queued?.await.map_err(|_| ClientError::Closed)? }
+    }
+
+    /// [`send_photo`](Self::send_photo) as a reply to message
+    /// `reply_to_seq`, as [`send_reply`](Self::send_reply) sends a text.
+    pub fn send_photo_reply(
+        &self,
+        conversation_id: u64,
+        reply_to_seq: u64,
+        media_id: &str,
+        caption: &str,
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
+        let queued = if chat_protocol::media::is_media_id(media_id) {
+            let draft = Draft {
+                kind: proto::MessageType::Photo,
+                media_id,
+                reply_to_seq,
+                ..Draft::text(caption)
+            };
+            self.queue_send(conversation_id, &new_client_msg_id(), draft)
+        } else {
+            Err(not_a_media_id())
+        };
         async move { queued?.await.map_err(|_| ClientError::Closed)? }
     }
 
@@ -1427,11 +1450,7 @@ impl Client {
             };
             self.queue_send(conversation_id, client_msg_id, draft)
         } else {
-            Err(ClientError::Server {
-                code: ErrorCode::InvalidArgument,
-                message: "not a media id from upload_photo".into(),
-                retry_after: None,
-            })
+            Err(not_a_media_id())
         };
         async move { queued?.await.map_err(|_| ClientError::Closed)? }
     }
@@ -1768,6 +1787,25 @@ impl Client {
             Body::HistoryPage(page) => Ok(page),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Message `seq` of a conversation, if this user may read it: what a
+    /// reply quotes (its `reply_to_seq`) when the app does not hold it.
+    /// `None` for one they may not read (before they were added, cleared
+    /// by deleting the chat) or that does not exist: a history page from
+    /// `seq - 1` then starts at a later message, which is not it.
+    pub async fn message(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+    ) -> Result<Option<proto::Message>, ClientError> {
+        if seq == 0 {
+            return Ok(None);
+        }
+        let page = self
+            .history(conversation_id, HistoryDirection::Forward, seq - 1, 1)
+            .await?;
+        Ok(page.messages.into_iter().find(|m| m.seq == seq))
     }
 
     /// Watches the presence of these friends (e.g. the ones on screen),
@@ -2438,6 +2476,16 @@ pub(crate) const MAX_MEMBERS: usize = 10_000;
 /// How many request timeouts [`Client::create_group`] and the group
 /// changes keep asking for.
 pub const GROUP_REQUEST_ATTEMPTS: u32 = 3;
+
+/// The refusal of a photo send naming something `upload_photo` never
+/// returns, as the server's.
+fn not_a_media_id() -> ClientError {
+    ClientError::Server {
+        code: ErrorCode::InvalidArgument,
+        message: "not a media id from upload_photo".into(),
+        retry_after: None,
+    }
+}
 
 /// What a send carries besides its conversation and key.
 struct Draft<'a> {

@@ -56,7 +56,8 @@ pub const MAX_UNREAD_COUNT: u64 = 1_000;
 pub const TYPING_REPEAT_MS: u64 = 3_000;
 
 /// A member shows as typing for this long after their latest
-/// `TypingUpdate`, unless another one, or a message from them, comes first:
+/// `TypingUpdate`, unless another one, or a message (not a reaction) from
+/// them, comes first:
 /// twice the repeat, so one lost repeat does not blink it off.
 pub const TYPING_LAPSE_MS: u64 = 6_000;
 
@@ -64,3 +65,45 @@ pub const TYPING_LAPSE_MS: u64 = 6_000;
 /// longest emoji sequences in use (a family of four with skin tones, joined
 /// by zero-width joiners, is 41 bytes; flags of subdivisions 28).
 pub const MAX_REACTION_LEN: usize = 64;
+
+/// Whether `text` may be a REACTION's: empty (taking one's reaction back),
+/// or at most [`MAX_REACTION_LEN`] bytes with no whitespace, control or
+/// bidirectional formatting character (an emoji's zero-width joiners,
+/// variation selectors and tag characters are neither).
+pub fn is_reaction(text: &str) -> bool {
+    let bidi = |c: char| {
+        matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+    };
+    text.len() <= MAX_REACTION_LEN
+        && !text
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || bidi(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reactions_are_emoji_sized_tokens() {
+        for ok in ["", "👍", "❤️", "👨🏻‍👩🏻‍👧🏻‍👦🏻", "🏴󠁧󠁢󠁳󠁣󠁴󠁿", "lol"]
+        {
+            assert!(is_reaction(ok), "{ok:?}");
+        }
+        let long = "👍".repeat(MAX_REACTION_LEN / 4 + 1);
+        for bad in [
+            "a b",
+            "👍\n",
+            "\t",
+            "\u{202e}👍",
+            "👍\u{2066}",
+            "\u{0}",
+            long.as_str(),
+        ] {
+            assert!(!is_reaction(bad), "{bad:?}");
+        }
+    }
+}

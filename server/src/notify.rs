@@ -455,13 +455,21 @@ enum Offer {
 }
 
 /// What a window holds when `new` comes while it holds `held`: the later
-/// message, and sent past the foreground only if both may be (a watch
-/// that fired late does not stand in for a user who went away meanwhile).
+/// message, though a reaction never stands in for a message (the text
+/// would go unannounced), and sent past the foreground only if both may
+/// be (a watch that fired late does not stand in for a user who went
+/// away meanwhile).
 fn merge(held: Option<Notice>, new: Notice) -> Notice {
     let Some(held) = held else {
         return new;
     };
-    let later = if held.seq > new.seq { held } else { new };
+    let reaction = |n: &Notice| n.kind == NoticeKind::Reaction;
+    let later = match (reaction(&held), reaction(&new)) {
+        (false, true) => held,
+        (true, false) => new,
+        _ if held.seq > new.seq => held,
+        _ => new,
+    };
     Notice {
         unacked: held.unacked && new.unacked,
         ..later
@@ -1235,6 +1243,26 @@ mod tests {
         assert_eq!(merge(Some(notice(1, 5, 10)), fired(8)), notice(1, 5, 10));
         assert_eq!(merge(Some(fired(8)), notice(1, 5, 10)), notice(1, 5, 10));
         assert_eq!(merge(Some(fired(8)), fired(9)), fired(9));
+    }
+
+    #[test]
+    fn a_reaction_in_a_window_never_stands_in_for_a_message() {
+        let reaction = |seq| Notice {
+            kind: NoticeKind::Reaction,
+            ..notice(1, 5, seq)
+        };
+        // A text, then a reaction to another message: the text is told.
+        assert_eq!(
+            merge(Some(notice(1, 5, 10)), reaction(11)),
+            notice(1, 5, 10)
+        );
+        // A reaction, then a text: the text.
+        assert_eq!(
+            merge(Some(reaction(10)), notice(1, 5, 11)),
+            notice(1, 5, 11)
+        );
+        // Among reactions, the later.
+        assert_eq!(merge(Some(reaction(10)), reaction(12)), reaction(12));
     }
 
     #[test]

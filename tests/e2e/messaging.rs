@@ -798,6 +798,11 @@ each_backend! {
         // before is not his to answer, what comes after is.
         alice.add_members(g, &[ids[3]]).await.unwrap();
         assert_eq!(code(dave.send_reply(g, question, "me too").await), ErrorCode::NotFound);
+        // Nor his to read by its seq (a page from before it starts at the
+        // message that added him), while Alice reads it.
+        assert_eq!(dave.message(g, question).await.unwrap(), None);
+        let quoted = alice.message(g, question).await.unwrap();
+        assert_eq!(quoted.map(|m| m.text), Some("lunch?".to_owned()));
         let later = alice.send_text(g, "1 pm").await.unwrap().seq;
         let answer = dave.send_reply(g, later, "me too").await.unwrap();
         assert_eq!(answer.seq, later + 1);

@@ -574,6 +574,35 @@ each_backend! {
             .unwrap();
         assert!(forward.messages.is_empty() && !forward.has_more, "{forward:?}");
     }
+
+    async fn a_photo_answers_a_message_it_names(backend: Backend) {
+        let server = TestServer::start_on(backend).await;
+        let (alice, mut alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let question = alice.send_text(conversation, "where are you?").await.unwrap().seq;
+        let media_id = bob.upload_photo(upload_of(jpeg(4_000))).await.unwrap();
+        // Refused before the photo is bound: the same upload answers the
+        // right message next.
+        assert_eq!(
+            code(bob.send_photo_reply(conversation, question + 5, &media_id, "here").await),
+            ErrorCode::NotFound
+        );
+        let ack = bob
+            .send_photo_reply(conversation, question, &media_id, "here")
+            .await
+            .unwrap();
+        let got = messages(&mut alice_events, 1).await.remove(0);
+        assert_eq!(
+            (got.seq, got.r#type(), got.reply_to_seq, got.text.as_str()),
+            (ack.seq, proto::MessageType::Photo, question, "here")
+        );
+        assert_eq!(got.photo.expect("its photo").media_id, media_id);
+        // What a reply quotes, read back by its seq.
+        let quoted = bob.message(conversation, got.reply_to_seq).await.unwrap();
+        assert_eq!(quoted.map(|m| m.text), Some("where are you?".to_owned()));
+        assert_eq!(bob.message(conversation, ack.seq + 1).await.unwrap(), None);
+    }
 }
 
 #[tokio::test]

@@ -2042,20 +2042,23 @@ pub async fn the_audience_is_the_members_who_may_hear(store: &impl HistoryStore)
 }
 
 /// A reply or a reaction names a message its sender may read
-/// (`referable`): found with its type and author from the seq that added
-/// the member on, nothing at seq 0 or past the last seq, `NotAMember` for
-/// anyone else; the reference is stored with the message and read back
-/// wherever messages are (history, catch-up, the list's last message, a
-/// retry's answer).
+/// (`reference`): found with its type and author from the seq that added
+/// the member on and after what they cleared, nothing at seq 0 or past the
+/// last seq, `NotAMember` for anyone else, and a retry (its key stored) is
+/// one whatever it names now; the reference is stored with the message and
+/// read back wherever messages are (history, catch-up, the list's last
+/// message, a retry's answer); reactions are not unread.
 pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl HistoryStore) {
     let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
     let c = user(store, "carol").await;
+    // Under a key never used: not a retry.
+    let refer = |conversation, who, seq| store.reference(conversation, who, seq, "new".into());
     let hello = append_one(store, text(direct, a, "hello", "hello", 10))
         .await
         .message
         .seq;
     let by_alice = |message_type| {
-        Some(Referable {
+        Reference::Readable(Referable {
             message_type,
             sender_id: a,
         })
@@ -2063,19 +2066,19 @@ pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl Histo
     // Read right after its append (the embedded store's index of it may
     // still be in memory).
     assert_eq!(
-        store.referable(direct, b, hello).await.unwrap(),
+        refer(direct, b, hello).await.unwrap(),
         by_alice(proto::MessageType::Text)
     );
     for seq in [0, hello + 1, u64::MAX] {
         assert_eq!(
-            store.referable(direct, b, seq).await.unwrap(),
-            None,
+            refer(direct, b, seq).await.unwrap(),
+            Reference::Unreadable,
             "{seq}"
         );
     }
     for (conversation, who) in [(direct, c), (direct + 1000, a)] {
         assert!(matches!(
-            store.referable(conversation, who, hello).await,
+            refer(conversation, who, hello).await,
             Err(StoreError::NotAMember)
         ));
     }
@@ -2089,37 +2092,68 @@ pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl Histo
     reaction.reply_to_seq = reply.seq;
     let reaction = append_one(store, reaction).await.message;
     assert_eq!(
-        store.referable(direct, b, reaction.seq).await.unwrap(),
+        refer(direct, b, reaction.seq).await.unwrap(),
         by_alice(proto::MessageType::Reaction)
     );
     let expected = vec![(hello, 0), (reply.seq, hello), (reaction.seq, reply.seq)];
     let references = |messages: Vec<Arc<proto::Message>>| -> Vec<(u64, u64)> {
         messages.iter().map(|m| (m.seq, m.reply_to_seq)).collect()
     };
-    let page = store
-        .history(direct, Direction::Forward, 0, 10)
-        .await
-        .unwrap();
-    assert_eq!(references(page.messages), expected);
-    let page = store
-        .history(direct, Direction::Backward, 0, 10)
-        .await
-        .unwrap();
-    assert_eq!(references(page.messages), expected);
+    for direction in [Direction::Forward, Direction::Backward] {
+        let page = store.history(direct, direction, 0, 10).await.unwrap();
+        assert_eq!(references(page.messages), expected);
+    }
     let owed = store.undelivered(b, (0, 0), 10).await.unwrap();
     assert_eq!(
         references(owed),
         vec![(hello, 0), (reaction.seq, reply.seq)]
     );
+    // Bob has the reaction to his reply unread: not counted.
     let view = store.conversation(direct, b).await.unwrap();
     let last = view.last_message.expect("a last message");
     assert_eq!(
         (last.seq, last.r#type, last.reply_to_seq),
         (reaction.seq, proto::MessageType::Reaction as i32, reply.seq)
     );
-    let retried = append_one(store, sent).await;
+    assert_eq!(view.unread_count, 1, "hello, not the reaction");
+    assert_eq!(store.unread_conversations(b, 10).await.unwrap(), 1);
+    store
+        .advance_watermarks(vec![WatermarkUpdate {
+            conversation_id: direct,
+            user_id: b,
+            kind: WatermarkKind::Seen,
+            seq: hello,
+        }])
+        .await
+        .unwrap();
+    let view = store.conversation(direct, b).await.unwrap();
+    assert_eq!(view.unread_count, 0);
+    assert_eq!(store.unread_conversations(b, 10).await.unwrap(), 0);
+    let retried = append_one(store, sent.clone()).await;
     assert!(retried.duplicate);
     assert_eq!(retried.message.reply_to_seq, hello);
+
+    // Bob deletes the chat: what he cleared is no longer his to refer
+    // to, but the retry of his reply still is one.
+    store
+        .delete_conversation(direct, b, reaction.seq)
+        .await
+        .unwrap();
+    assert_eq!(
+        refer(direct, b, hello).await.unwrap(),
+        Reference::Unreadable
+    );
+    assert_eq!(
+        store
+            .reference(direct, b, hello, sent.client_msg_id.clone())
+            .await
+            .unwrap(),
+        Reference::Retry
+    );
+    assert_eq!(
+        refer(direct, a, hello).await.unwrap(),
+        by_alice(proto::MessageType::Text)
+    );
 
     // A member added later may refer to what they may read: from the
     // message that added them on.
@@ -2135,13 +2169,13 @@ pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl Histo
         .unwrap()
         .message
         .seq;
-    assert_eq!(store.referable(g, c, before).await.unwrap(), None);
+    assert_eq!(refer(g, c, before).await.unwrap(), Reference::Unreadable);
     assert_eq!(
-        store.referable(g, c, added).await.unwrap(),
+        refer(g, c, added).await.unwrap(),
         by_alice(proto::MessageType::System)
     );
     assert_eq!(
-        store.referable(g, b, before).await.unwrap(),
+        refer(g, b, before).await.unwrap(),
         by_alice(proto::MessageType::Text)
     );
     // Removed, no longer theirs to refer to.
@@ -2150,7 +2184,7 @@ pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl Histo
         .await
         .unwrap();
     assert!(matches!(
-        store.referable(g, c, added).await,
+        refer(g, c, added).await,
         Err(StoreError::NotAMember)
     ));
 }

@@ -16,7 +16,7 @@ use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupCreated, GroupEdit, HistoryStore, InboxStore, MediaRecord,
     Membership, NewGroup, NewMessage, NewSession, Page, PendingRange, PushDevice, RecentCache,
-    Referable, SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved,
+    Reference, SessionRecord, StoreError, StoredPresence, UserId, UserRecord, WatermarkMoved,
     WatermarkUpdate,
 };
 use crate::metrics::Metrics;
@@ -377,16 +377,18 @@ impl HistoryStore for Instrumented<dyn HistoryStore> {
         timed!(self, "audience", self.inner.audience(conversation_id, user))
     }
 
-    async fn referable(
+    async fn reference(
         &self,
         conversation_id: ConversationId,
         user: UserId,
         seq: u64,
-    ) -> Result<Option<Referable>, StoreError> {
+        client_msg_id: String,
+    ) -> Result<Reference, StoreError> {
         timed!(
             self,
-            "referable",
-            self.inner.referable(conversation_id, user, seq)
+            "reference",
+            self.inner
+                .reference(conversation_id, user, seq, client_msg_id)
         )
     }
 

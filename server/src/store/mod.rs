@@ -435,7 +435,8 @@ pub struct ConversationView {
     pub last_activity_ms: i64,
     /// The newest message, if any.
     pub last_message: Option<proto::Message>,
-    /// Messages from others above the viewer's seen watermark.
+    /// Messages from others above the viewer's seen watermark, reactions
+    /// aside.
     pub unread_count: u64,
     /// A direct conversation whose two members are not friends (any more):
     /// nobody sends in it, and neither is shown the other's watermarks.
@@ -472,7 +473,7 @@ pub struct NewMessage {
     /// For a CALL message (written by the server), the call.
     pub call: Option<Box<proto::CallLog>>,
     /// For a reply or a reaction, the seq of the message it refers to
-    /// (checked by the caller, [`HistoryStore::referable`]); 0 for none.
+    /// (checked by the caller, [`HistoryStore::reference`]); 0 for none.
     pub reply_to_seq: u64,
     /// For a REACTION (not a take-back) to another member's message, that
     /// member: the only one it notifies. Not stored.
@@ -481,8 +482,22 @@ pub struct NewMessage {
     pub now_ms: i64,
 }
 
-/// What [`HistoryStore::referable`] finds of a message a reply or a
-/// reaction names.
+/// A reaction is not unread: the stores' unread counts leave out
+/// MESSAGE_TYPE_REACTION, which their SQL spells as this number.
+const _: () = assert!(proto::MessageType::Reaction as i32 == 5);
+
+/// What [`HistoryStore::reference`] finds for a reply or a reaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reference {
+    /// The message named, which the sender may read.
+    Readable(Referable),
+    /// Nothing the sender may read at that seq.
+    Unreadable,
+    /// The send's key is stored already: its retry.
+    Retry,
+}
+
+/// A message a reply or a reaction may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Referable {
     /// Its type: only TEXT and PHOTO messages take replies and reactions.
@@ -975,18 +990,21 @@ pub trait HistoryStore: Send + Sync + 'static {
         user: UserId,
     ) -> Result<Arc<Vec<UserId>>, StoreError>;
 
-    /// The message `seq` of a conversation, if `user` may answer or react
-    /// to it: one they may read as a member now (from the seq that added
-    /// them on). `NotAMember` if `user` is not one (or the conversation
-    /// does not exist); `None` for a seq they may not read or that does
-    /// not exist yet. Messages are never rewritten, so what this finds
-    /// stays true.
-    async fn referable(
+    /// What a reply or a reaction of `user`'s, sent under `client_msg_id`,
+    /// names at `seq` of a conversation: a retry if that key is stored
+    /// already (the append answers it as it did the first time, whatever
+    /// changed since); else the message, if they may read it as a member
+    /// now (from the seq that added them on, and after what they cleared
+    /// by deleting the chat, as history reads). `NotAMember` if `user` is
+    /// not one (or the conversation does not exist). Messages are never
+    /// rewritten, so what this finds stays true.
+    async fn reference(
         &self,
         conversation_id: ConversationId,
         user: UserId,
         seq: u64,
-    ) -> Result<Option<Referable>, StoreError>;
+        client_msg_id: String,
+    ) -> Result<Reference, StoreError>;
 
     /// Appends a batch of messages in one transaction (group commit): each
     /// gets the next seq of its conversation, or is recognised as a retry.
@@ -1137,9 +1155,9 @@ pub trait HistoryStore: Send + Sync + 'static {
         token: String,
         registered_by_ms: i64,
     ) -> Result<u64, StoreError>;
-    /// How many of `user`'s conversations have a message from someone else
-    /// above the user's seen watermark and what they cleared by deleting
-    /// the chat (the app's badge), counted up to `cap`.
+    /// How many of `user`'s conversations have a message (not a reaction)
+    /// from someone else above the user's seen watermark and what they
+    /// cleared by deleting the chat (the app's badge), counted up to `cap`.
     async fn unread_conversations(&self, user: UserId, cap: u32) -> Result<u32, StoreError>;
 }
 

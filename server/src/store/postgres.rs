@@ -44,8 +44,8 @@ use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
     MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
-    PendingRange, PushDevice, Referable, SessionRecord, StoreError, StoredPresence, UserId,
-    UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
+    PendingRange, PushDevice, Referable, Reference, SessionRecord, StoreError, StoredPresence,
+    UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
 /// How long connecting (TCP, startup, authentication) may take before the
@@ -2196,31 +2196,45 @@ impl HistoryStore for PostgresStore {
         Ok(Arc::new(members))
     }
 
-    async fn referable(
+    async fn reference(
         &self,
         conversation_id: ConversationId,
         user: UserId,
         seq: u64,
-    ) -> Result<Option<Referable>, StoreError> {
-        // The member row, then the message if they may read it: no row is
-        // not a member; a member row and no message, nothing to refer to.
+        client_msg_id: String,
+    ) -> Result<Reference, StoreError> {
+        // One row: whether the key is stored; where the member's history
+        // starts (NULL: not a member), as `membership` has it; the
+        // message, if it is at or after that start.
         let row = self
             .row(
-                "SELECT t.type, t.sender_id
-                 FROM members me
-                 LEFT JOIN messages t ON t.conversation_id = me.conversation_id
-                                     AND t.seq = $3 AND t.seq >= me.joined_seq
-                 WHERE me.conversation_id = $1 AND me.user_id = $2",
-                &[&sql(conversation_id), &sql(user), &sql(seq)],
+                "SELECT EXISTS (SELECT 1 FROM messages
+                                WHERE sender_id = $2 AND client_msg_id = $4),
+                        me.start, t.type, t.sender_id
+                 FROM (SELECT 1) one
+                 LEFT JOIN (SELECT GREATEST(m.joined_seq, COALESCE(k.cleared_seq + 1, 0)) AS start
+                            FROM members m
+                            LEFT JOIN cleared_histories k
+                              ON k.user_id = m.user_id AND k.conversation_id = m.conversation_id
+                            WHERE m.conversation_id = $1 AND m.user_id = $2) me ON true
+                 LEFT JOIN messages t ON t.conversation_id = $1 AND t.seq = $3
+                                     AND t.seq >= me.start",
+                &[&sql(conversation_id), &sql(user), &sql(seq), &client_msg_id],
             )
             .await?
-            .ok_or(StoreError::NotAMember)?;
-        let Some(message_type) = col::<Option<i32>>(&row, 0)? else {
-            return Ok(None);
+            .ok_or_else(|| StoreError::Internal("a one-row select returned none".into()))?;
+        if col::<bool>(&row, 0)? {
+            return Ok(Reference::Retry);
+        }
+        if col::<Option<i64>>(&row, 1)?.is_none() {
+            return Err(StoreError::NotAMember);
+        }
+        let Some(message_type) = col::<Option<i32>>(&row, 2)? else {
+            return Ok(Reference::Unreadable);
         };
-        Ok(Some(Referable {
+        Ok(Reference::Readable(Referable {
             message_type: proto::MessageType::try_from(message_type).unwrap_or_default(),
-            sender_id: id_col(&row, 1)?,
+            sender_id: id_col(&row, 3)?,
         }))
     }
 
@@ -2819,7 +2833,9 @@ impl HistoryStore for PostgresStore {
                        AND EXISTS (SELECT 1 FROM messages u
                                    WHERE u.conversation_id = c.id
                                      AND u.seq > GREATEST(me.seen_seq, COALESCE(k.cleared_seq, 0))
-                                     AND u.sender_id <> $1)
+                                     AND u.sender_id <> $1
+                                     AND u.type <> 5 -- MESSAGE_TYPE_REACTION
+                                  )
                      LIMIT $2) unread",
                 &[&sql(user), &i64::from(cap)],
             )
@@ -3024,6 +3040,7 @@ const VIEWS: &str = "
                                   WHERE u.conversation_id = c.id
                                     AND u.seq > GREATEST(me.seen_seq, COALESCE(k.cleared_seq, 0))
                                     AND u.sender_id <> me.user_id
+                                    AND u.type <> 5 -- MESSAGE_TYPE_REACTION
                                   LIMIT $4) unread),
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
            lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, lm.reply_to, c.closed,

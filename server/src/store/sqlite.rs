@@ -68,8 +68,8 @@ use super::{
     Appended, BlockOutcome, ConversationId, ConversationView, Direction, FriendCounts, FriendLists,
     FriendRequestOutcome, GroupChange, GroupCreated, GroupEdit, HistoryStore, MediaRecord,
     MemberState, Membership, NewGroup, NewMessage, NewSession, PHOTO_SENT_ELSEWHERE, Page,
-    PendingRange, PushDevice, Referable, SessionRecord, StoreError, StoredPresence, UserId,
-    UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
+    PendingRange, PushDevice, Referable, Reference, SessionRecord, StoreError, StoredPresence,
+    UserId, UserRecord, WatermarkKind, WatermarkMoved, WatermarkUpdate, direct_key,
 };
 
 /// Most jobs folded into one transaction. Bounds commit latency for the
@@ -1535,7 +1535,9 @@ fn view(
         .prepare_cached(
             "SELECT COUNT(*) FROM (
                  SELECT 1 FROM message_index i JOIN messages m ON m.message_id = i.message_id AND m.conversation_id = i.conversation_id
-                 WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3 LIMIT ?4)",
+                 WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3
+                   AND m.type != 5 -- MESSAGE_TYPE_REACTION
+                 LIMIT ?4)",
         )
         .map_err(internal)?
         .query_row(
@@ -2674,43 +2676,52 @@ impl HistoryStore for SqliteStore {
         .await
     }
 
-    async fn referable(
+    async fn reference(
         &self,
         conversation_id: ConversationId,
         user: UserId,
         seq: u64,
-    ) -> Result<Option<Referable>, StoreError> {
-        // Through the pending state, as a send reads it: the message may
-        // still be in the batch being written.
+        client_msg_id: String,
+    ) -> Result<Reference, StoreError> {
+        // Through the pending state, as a send reads it: the message, or
+        // the retry's first, may still be in the batch being written.
         self.call_hot(move |conn, state| {
+            if stored_original(conn, state, user, &client_msg_id)?.is_some() {
+                return Ok(Reference::Retry);
+            }
             match state.conversation(conn, conversation_id)? {
                 Some(c) if c.members.binary_search(&user).is_ok() => {
                     if seq == 0 || seq > c.last_seq {
-                        return Ok(None);
+                        return Ok(Reference::Unreadable);
                     }
                 }
                 _ => return Err(StoreError::NotAMember),
             }
-            let joined: Option<i64> = conn
+            // Where their history starts, as `membership` has it.
+            let start: Option<i64> = conn
                 .prepare_cached(
-                    "SELECT joined_seq FROM members WHERE conversation_id = ?1 AND user_id = ?2",
+                    "SELECT MAX(m.joined_seq,
+                                COALESCE((SELECT cleared_seq + 1 FROM cleared_histories
+                                          WHERE user_id = ?2 AND conversation_id = ?1), 0))
+                     FROM members m WHERE m.conversation_id = ?1 AND m.user_id = ?2",
                 )
                 .map_err(internal)?
                 .query_row(params![sql(conversation_id), sql(user)], |r| r.get(0))
                 .optional()
                 .map_err(internal)?;
-            let Some(joined) = joined else {
+            let Some(start) = start else {
                 return Err(StoreError::NotAMember);
             };
-            if seq < joined as u64 {
-                return Ok(None);
+            if seq < start as u64 {
+                return Ok(Reference::Unreadable);
             }
-            Ok(
-                message_at(conn, state, conversation_id, seq)?.map(|m| Referable {
+            Ok(match message_at(conn, state, conversation_id, seq)? {
+                Some(m) => Reference::Readable(Referable {
                     message_type: proto::MessageType::try_from(m.r#type).unwrap_or_default(),
                     sender_id: m.sender_id,
                 }),
-            )
+                None => Reference::Unreadable,
+            })
         })
         .await
     }
@@ -3590,8 +3601,8 @@ impl HistoryStore for SqliteStore {
 }
 
 /// Whether `conversation_id` has a message from someone but `user` above
-/// `seen`: among the index entries still pending (the newest), then in
-/// `message_index`.
+/// `seen`, a reaction aside: among the index entries still pending (the
+/// newest), then in `message_index`.
 fn others_above(
     conn: &Connection,
     state: &DbState,
@@ -3601,20 +3612,22 @@ fn others_above(
 ) -> Result<bool, StoreError> {
     if let Some(entries) = state.index.get(&conversation_id) {
         let mut sender = conn
-            .prepare_cached("SELECT sender_id FROM messages WHERE message_id = ?1")
+            .prepare_cached("SELECT sender_id, type FROM messages WHERE message_id = ?1")
             .map_err(internal)?;
         for &(_, message_id) in entries.iter().rev().take_while(|&&(seq, _)| seq > seen) {
-            let from: i64 = sender
-                .query_row([sql(message_id)], |r| r.get(0))
+            let (from, kind): (i64, i32) = sender
+                .query_row([sql(message_id)], |r| Ok((r.get(0)?, r.get(1)?)))
                 .map_err(internal)?;
-            if from as u64 != user {
+            if from as u64 != user && kind != proto::MessageType::Reaction as i32 {
                 return Ok(true);
             }
         }
     }
     conn.prepare_cached(
         "SELECT EXISTS(SELECT 1 FROM message_index i JOIN messages m ON m.message_id = i.message_id
-                       WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3)",
+                       WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3
+                         AND m.type != 5 -- MESSAGE_TYPE_REACTION
+                      )",
     )
     .map_err(internal)?
     .query_row(params![sql(conversation_id), sql(seen), sql(user)], |r| {

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use chat_protocol::limits::{MAX_CLIENT_MSG_ID_LEN, MAX_REACTION_LEN};
+use chat_protocol::limits::{MAX_CLIENT_MSG_ID_LEN, MAX_REACTION_LEN, is_reaction};
 use chat_protocol::media::is_media_id;
 use chat_protocol::{Body, ErrorCode, Frame, StreamKind, proto};
 use quinn::SendStream;
@@ -34,7 +34,8 @@ use crate::hub::SessionHandle;
 use crate::queue::Missed;
 use crate::session::{Session, on_read_error};
 use crate::store::{
-    Direction, INBOX_CATCH_UP_LIMIT, NewMessage, StoreError, UserId, WatermarkKind, WatermarkUpdate,
+    Direction, INBOX_CATCH_UP_LIMIT, NewMessage, Reference, StoreError, UserId, WatermarkKind,
+    WatermarkUpdate,
 };
 use crate::wire::{self, DeliverKey, FrameReader, Outbound};
 
@@ -421,15 +422,15 @@ fn send_referring<'a>(
 }
 
 /// Checks the message a reply or a reaction names
-/// (`HistoryStore::referable`): NOT_FOUND for a seq the sender may not
+/// (`HistoryStore::reference`): NOT_FOUND for a seq the sender may not
 /// read, INVALID_ARGUMENT for a message that takes neither. Returns whom a
 /// reaction notifies: the author of the message reacted to, unless it is
 /// the sender's own or a take-back (empty text).
 ///
-/// A sender who is not a member passes: the append refuses them, or, for
-/// the retry of a message stored while they were, answers as it did. A
-/// lookup the store could not make now holds later sends back until this
-/// one comes again, as a photo's does.
+/// A retry (its key stored) passes, whatever it names now: the append
+/// answers it as the first time. So does a sender who is not a member:
+/// the append refuses them. A lookup the store could not make now holds
+/// later sends back until this one comes again, as a photo's does.
 async fn check_reference(
     session: &Session,
     limited: &mut Option<Limited>,
@@ -442,17 +443,22 @@ async fn check_reference(
     let found = session
         .shared
         .store
-        .referable(message.conversation_id, message.sender_id, seq)
+        .reference(
+            message.conversation_id,
+            message.sender_id,
+            seq,
+            message.client_msg_id.clone(),
+        )
         .await;
     let target = match found {
-        Ok(Some(target)) => target,
-        Ok(None) => {
+        Ok(Reference::Readable(target)) => target,
+        Ok(Reference::Unreadable) => {
             return Err(Refusal::new(
                 ErrorCode::NotFound,
                 format!("no message {seq} you may read in this conversation"),
             ));
         }
-        Err(StoreError::NotAMember) => return Ok(None),
+        Ok(Reference::Retry) | Err(StoreError::NotAMember) => return Ok(None),
         Err(e) => {
             let refusal = Refusal::from(e);
             if refusal.code.is_retryable() {
@@ -535,16 +541,11 @@ fn validate(session: &Session, send: proto::Send) -> Result<(NewMessage, Option<
             ));
         }
         Ok(proto::MessageType::Reaction) => {
-            if send.text.len() > MAX_REACTION_LEN
-                || send
-                    .text
-                    .chars()
-                    .any(|c| c.is_whitespace() || c.is_control())
-            {
+            if !is_reaction(&send.text) {
                 return Err(Refusal::new(
                     ErrorCode::InvalidArgument,
                     format!(
-                        "a reaction is an emoji of at most {MAX_REACTION_LEN} bytes, without spaces or control characters (empty to take it back)"
+                        "a reaction is an emoji of at most {MAX_REACTION_LEN} bytes, without spaces, control or bidirectional formatting characters (empty to take it back)"
                     ),
                 ));
             }
