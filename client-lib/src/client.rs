@@ -1369,9 +1369,10 @@ impl Client {
         async move { queued?.await.map_err(|_| ClientError::Closed)? }
     }
 
-    /// Reacts to message `seq` of the conversation with `emoji` (at most
-    /// [`MAX_REACTION_LEN`](chat_protocol::limits::MAX_REACTION_LEN)
-    /// bytes, no spaces), or takes this user's reaction back with `""`: a
+    /// Reacts to message `seq` of the conversation with `emoji` (what
+    /// [`is_reaction`](chat_protocol::limits::is_reaction) takes: at most
+    /// 64 bytes, nothing blank or invisible; the server refuses anything
+    /// else with INVALID_ARGUMENT), or takes this user's reaction back with `""`: a
     /// REACTION message, sent through the outbox as a text is. Each member
     /// has one reaction per message, their latest; [`Reactions`](crate::Reactions)
     /// folds them for display. Typing goes on (a reaction is not the

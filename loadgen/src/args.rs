@@ -91,10 +91,12 @@ pub struct Args {
     /// plain text. Tracked like any text (`reply_sends`).
     #[arg(long, default_value_t = 0.0)]
     pub reply_fraction: f64,
-    /// Fraction of the run's texts each recipient reacts to (a 👍, on
-    /// delivery): sends on top of the offered rate, counted apart
-    /// (`reactions_acked`, `reactions_received`; a refusal is an error
-    /// `reaction_<code>`).
+    /// Fraction of the run's texts and photos each recipient reacts to (a
+    /// 👍, on delivery; in a group each member draws on its own, and each
+    /// reaction goes to every member): sends on top of the offered rate,
+    /// counted apart (`reactions_acked`, `reactions_received`; a refusal
+    /// is an error `reaction_<code>`), and not in the per-send figures'
+    /// divisor, which counts the offered sends.
     #[arg(long, default_value_t = 0.0)]
     pub reaction_fraction: f64,
     /// Size of each photo (a phone's photo as messengers send it is
@@ -368,7 +370,7 @@ impl Args {
             ("--reaction-fraction", self.reaction_fraction),
         ] {
             if !(fraction.is_finite() && (0.0..=1.0).contains(&fraction)) {
-                anyhow::bail!("{flag} {fraction} must be a fraction of sends in 0..=1");
+                anyhow::bail!("{flag} {fraction} must be a fraction in 0..=1");
             }
         }
         let most = chat_protocol::media::DEFAULT_MAX_PHOTO_BYTES;

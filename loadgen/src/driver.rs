@@ -81,6 +81,9 @@ struct Shared {
     users: Vec<Arc<VUser>>,
     run_id: u32,
     read_delay: Duration,
+    /// `--reply-fraction` is not 0: users keep the newest message of
+    /// each conversation, for their replies.
+    replies: bool,
     /// `--reaction-fraction`.
     reaction_fraction: f64,
     /// The bytes of every photo sent (`--photo-bytes`).
@@ -171,6 +174,7 @@ pub async fn drive(
         users,
         run_id: rand::random(),
         read_delay: args.read_delay,
+        replies: args.reply_fraction > 0.0,
         reaction_fraction: args.reaction_fraction,
         photo: photo_bytes(args.photo_bytes),
         preview: photo_bytes(PREVIEW_BYTES),
@@ -468,7 +472,9 @@ fn answered(
     let now = shared.clock.now_ns();
     match result {
         Ok(ack) => {
-            shared.users[sender].note_message(conversation_id, ack.seq);
+            if shared.replies {
+                shared.users[sender].note_message(conversation_id, ack.seq);
+            }
             shared
                 .tracker
                 .acked(send_no, conversation_id, sender, ack.seq, intended_ns, now)
@@ -629,7 +635,9 @@ async fn receive(
                             h.intended_ns,
                             now,
                         );
-                        user.note_message(m.conversation_id, m.seq);
+                        if shared.replies {
+                            user.note_message(m.conversation_id, m.seq);
+                        }
                         if shared.reaction_fraction > 0.0
                             && rand::random_bool(shared.reaction_fraction)
                         {

@@ -1031,7 +1031,7 @@ impl Report {
                 self.typing_received
             );
         }
-        if self.reply_sends > 0 || self.reactions_acked > 0 {
+        if self.reply_sends > 0 || self.reactions_acked > 0 || self.reactions_received > 0 {
             let _ = writeln!(
                 t,
                 "replies: {}  reactions acked: {}  reactions delivered: {}",

@@ -68,19 +68,31 @@ pub const MAX_REACTION_LEN: usize = 64;
 
 /// Whether `text` may be a REACTION's: empty (taking one's reaction back),
 /// or at most [`MAX_REACTION_LEN`] bytes with no whitespace, control or
-/// bidirectional formatting character (an emoji's zero-width joiners,
-/// variation selectors and tag characters are neither).
+/// invisible formatting character (bidirectional controls, zero-width
+/// spaces and non-joiners, word joiners, the byte order mark, the soft
+/// hyphen): nothing that shows as blank or reorders what follows. An
+/// emoji's zero-width joiners (U+200D), variation selectors and tag
+/// characters pass.
 pub fn is_reaction(text: &str) -> bool {
-    let bidi = |c: char| {
+    let invisible = |c: char| {
         matches!(
             c,
-            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            '\u{00ad}'
+                | '\u{061c}'
+                | '\u{180e}'
+                | '\u{200b}'
+                | '\u{200c}'
+                | '\u{200e}'..='\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
         )
     };
     text.len() <= MAX_REACTION_LEN
         && !text
             .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || bidi(c))
+            .any(|c| c.is_whitespace() || c.is_control() || invisible(c))
 }
 
 #[cfg(test)]
@@ -101,6 +113,9 @@ mod tests {
             "\u{202e}👍",
             "👍\u{2066}",
             "\u{0}",
+            "\u{200b}",
+            "\u{feff}",
+            "\u{ad}",
             long.as_str(),
         ] {
             assert!(!is_reaction(bad), "{bad:?}");

@@ -271,8 +271,12 @@ struct Watches {
 }
 
 struct Watch {
-    /// The latest message pushed.
+    /// What a notification would tell: the latest message pushed, though
+    /// a reaction never stands in for a message ([`merge`]).
     notice: Notice,
+    /// The latest message pushed (what an acknowledgement must reach to
+    /// end the watch).
+    latest: Notice,
     /// The seq of the earliest message not acknowledged.
     first: u64,
     due: Instant,
@@ -289,7 +293,10 @@ impl Watches {
         let full = self.watched.len() >= MAX_WATCHES;
         let first = match self.watched.get_mut(&key) {
             Some(watch) if !watch.fired => {
-                watch.notice = notice;
+                watch.notice = merge(Some(watch.notice), notice);
+                if notice.seq > watch.latest.seq {
+                    watch.latest = notice;
+                }
                 return true;
             }
             // Fired: its notification is on its way, and what it covers is
@@ -303,6 +310,7 @@ impl Watches {
             key,
             Watch {
                 notice,
+                latest: notice,
                 first,
                 due,
                 fired: false,
@@ -341,7 +349,7 @@ impl Watches {
         let Entry::Occupied(mut e) = self.watched.entry(key) else {
             return false;
         };
-        if e.get().notice.seq <= seq {
+        if e.get().latest.seq <= seq {
             return !e.remove().fired;
         }
         let watch = e.get_mut();
@@ -349,6 +357,11 @@ impl Watches {
             return false;
         }
         watch.first = seq + 1;
+        // The message it would tell of is read: the latest is what is
+        // left to tell.
+        if watch.notice.seq <= seq {
+            watch.notice = watch.latest;
+        }
         if !watch.fired {
             watch.due = due;
             self.compact();
@@ -1168,6 +1181,41 @@ mod tests {
         assert!(watches.settle(&fired(9)));
         assert_eq!(watches.expire(t0 + second), vec![fired(10)]);
         assert!(watches.settle(&fired(10)));
+        assert!(watches.watched.is_empty());
+    }
+
+    #[test]
+    fn a_watched_message_is_told_rather_than_a_later_reaction() {
+        let second = Duration::from_secs(1);
+        let mut watches = Watches::default();
+        let t0 = Instant::now();
+        let reaction = |seq| Notice {
+            kind: NoticeKind::Reaction,
+            ..notice(1, 5, seq)
+        };
+        let fired = |notice: Notice| Notice {
+            unacked: true,
+            ..notice
+        };
+        // Neither read when due: the text is told, and its notification
+        // covers the reaction.
+        assert!(watches.watch(notice(1, 5, 10), t0 + second));
+        assert!(watches.watch(reaction(11), t0 + 2 * second));
+        assert_eq!(watches.expire(t0 + second), vec![fired(notice(1, 5, 10))]);
+        assert!(watches.settle(&fired(notice(1, 5, 10))));
+        assert!(watches.watched.is_empty());
+        // The text read, the reaction is what is left to tell.
+        assert!(watches.watch(notice(1, 5, 20), t0));
+        assert!(watches.watch(reaction(21), t0));
+        assert!(!watches.acked(1, 5, 20, t0 + second));
+        assert!(watches.expire(t0).is_empty(), "waits again from the ack");
+        assert_eq!(watches.expire(t0 + second), vec![fired(reaction(21))]);
+        assert!(watches.settle(&fired(reaction(21))));
+        // Both read: nothing.
+        assert!(watches.watch(notice(1, 5, 30), t0));
+        assert!(watches.watch(reaction(31), t0));
+        assert!(watches.acked(1, 5, 31, t0));
+        assert!(watches.expire(t0 + second).is_empty());
         assert!(watches.watched.is_empty());
     }
 

@@ -2686,7 +2686,7 @@ impl HistoryStore for SqliteStore {
         // Through the pending state, as a send reads it: the message, or
         // the retry's first, may still be in the batch being written.
         self.call_hot(move |conn, state| {
-            if stored_original(conn, state, user, &client_msg_id)?.is_some() {
+            if state.stored_key(conn, user, &client_msg_id)?.is_some() {
                 return Ok(Reference::Retry);
             }
             match state.conversation(conn, conversation_id)? {
