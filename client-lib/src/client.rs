@@ -1321,8 +1321,7 @@ impl Client {
         client_msg_id: &str,
         text: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let queued = self.queue_send(conversation_id, client_msg_id, Draft::text(text));
-        async move { queued?.await.map_err(|_| ClientError::Closed)? }
+        self.send_draft(conversation_id, client_msg_id, Draft::text(text))
     }
 
     /// Sends a text that answers message `reply_to_seq` of the
@@ -1342,8 +1341,7 @@ impl Client {
             reply_to_seq,
             ..Draft::text(text)
         };
-        let queued = self.queue_send(conversation_id, &new_client_msg_id(), draft);
-        async move { queued?.await.map_err(|_| ClientError::Closed)? }
+        self.send_draft(conversation_id, &new_client_msg_id(), draft)
     }
 
     /// [`send_photo`](Self::send_photo) as a reply to message
@@ -1355,18 +1353,13 @@ impl Client {
         media_id: &str,
         caption: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let queued = if chat_protocol::media::is_media_id(media_id) {
-            let draft = Draft {
-                kind: proto::MessageType::Photo,
-                media_id,
-                reply_to_seq,
-                ..Draft::text(caption)
-            };
-            self.queue_send(conversation_id, &new_client_msg_id(), draft)
-        } else {
-            Err(not_a_media_id())
+        let draft = Draft {
+            kind: proto::MessageType::Photo,
+            media_id,
+            reply_to_seq,
+            ..Draft::text(caption)
         };
-        async move { queued?.await.map_err(|_| ClientError::Closed)? }
+        self.send_draft(conversation_id, &new_client_msg_id(), draft)
     }
 
     /// Reacts to message `seq` of the conversation with `emoji` (what
@@ -1388,8 +1381,7 @@ impl Client {
             reply_to_seq: seq,
             ..Draft::text(emoji)
         };
-        let queued = self.queue_send(conversation_id, &new_client_msg_id(), draft);
-        async move { queued?.await.map_err(|_| ClientError::Closed)? }
+        self.send_draft(conversation_id, &new_client_msg_id(), draft)
     }
 
     /// Uploads a photo on a media stream of its own and returns its media
@@ -1443,17 +1435,12 @@ impl Client {
         media_id: &str,
         caption: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let queued = if chat_protocol::media::is_media_id(media_id) {
-            let draft = Draft {
-                kind: proto::MessageType::Photo,
-                media_id,
-                ..Draft::text(caption)
-            };
-            self.queue_send(conversation_id, client_msg_id, draft)
-        } else {
-            Err(not_a_media_id())
+        let draft = Draft {
+            kind: proto::MessageType::Photo,
+            media_id,
+            ..Draft::text(caption)
         };
-        async move { queued?.await.map_err(|_| ClientError::Closed)? }
+        self.send_draft(conversation_id, client_msg_id, draft)
     }
 
     /// Downloads a photo whole (a message's `photo.media_id`) and checks
@@ -1476,6 +1463,27 @@ impl Client {
             self.inner.config.request_timeout,
         )
         .await
+    }
+
+    /// Sends `draft` through the outbox: resolved with its answer. A photo
+    /// must name an upload's media id.
+    fn send_draft(
+        &self,
+        conversation_id: u64,
+        client_msg_id: &str,
+        draft: Draft<'_>,
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
+        let queued = match draft.kind {
+            proto::MessageType::Photo if !chat_protocol::media::is_media_id(draft.media_id) => {
+                Err(ClientError::Server {
+                    code: ErrorCode::InvalidArgument,
+                    message: "not a media id from upload_photo".into(),
+                    retry_after: None,
+                })
+            }
+            _ => self.queue_send(conversation_id, client_msg_id, draft),
+        };
+        async move { queued?.await.map_err(|_| ClientError::Closed)? }
     }
 
     /// Puts a send in the outbox (and on the live connection): the
@@ -2477,16 +2485,6 @@ pub(crate) const MAX_MEMBERS: usize = 10_000;
 /// How many request timeouts [`Client::create_group`] and the group
 /// changes keep asking for.
 pub const GROUP_REQUEST_ATTEMPTS: u32 = 3;
-
-/// The refusal of a photo send naming something `upload_photo` never
-/// returns, as the server's.
-fn not_a_media_id() -> ClientError {
-    ClientError::Server {
-        code: ErrorCode::InvalidArgument,
-        message: "not a media id from upload_photo".into(),
-        retry_after: None,
-    }
-}
 
 /// What a send carries besides its conversation and key.
 struct Draft<'a> {

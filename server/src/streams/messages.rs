@@ -124,15 +124,13 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
         handle.touch(now_ms());
         let request_id = frame.request_id;
         let result = match frame.body {
-            // Photos take a path of their own, boxed (see `send_photo`).
-            Some(Body::Send(send)) if send.r#type == proto::MessageType::Photo as i32 => {
+            // Photos, replies and reactions take a path of their own,
+            // boxed (see `send_looked_up`).
+            Some(Body::Send(send))
+                if send.r#type == proto::MessageType::Photo as i32 || send.reply_to_seq != 0 =>
+            {
                 metrics.sends.increment(1);
-                send_photo(&session, &mut limited, send, request_id, &handle).await
-            }
-            // So do replies and reactions (see `send_referring`).
-            Some(Body::Send(send)) if send.reply_to_seq != 0 => {
-                metrics.sends.increment(1);
-                send_referring(&session, &mut limited, send, request_id, &handle).await
+                send_looked_up(&session, &mut limited, send, request_id, &handle).await
             }
             Some(Body::Send(send)) => {
                 let received = Instant::now();
@@ -313,16 +311,18 @@ fn rate_limit(
     }
 }
 
-/// A photo send: checked as a text is, then the photo it names bound to
-/// its conversation and put in the message (`HistoryStore::attach_media`),
-/// then committed as a text is. The reader waits for all of it, so a
-/// connection's sends keep their order.
+/// A send that needs the store before its commit: checked as a text is,
+/// then the message a reply or a reaction names looked up
+/// (`check_reference`), then a photo's upload bound to its conversation
+/// and put in the message (`HistoryStore::attach_media`), then committed
+/// as a text is. The reader waits for all of it, so a connection's sends
+/// keep their order.
 ///
-/// Boxed, and kept apart from the text path: photo sends are rare, and the
-/// reader lives as long as its connection, sized for its largest state
-/// (see ARCHITECTURE.md, idle memory): inline, this made every messages
-/// reader 312 bytes larger (measured).
-fn send_photo<'a>(
+/// Boxed, and kept apart from the text path: these sends are rarer, and
+/// the reader lives as long as its connection, sized for its largest
+/// state (see ARCHITECTURE.md, idle memory): inline, the photo's part
+/// alone made every messages reader 312 bytes larger (measured).
+fn send_looked_up<'a>(
     session: &'a Session,
     limited: &'a mut Option<Limited>,
     send: proto::Send,
@@ -333,52 +333,10 @@ fn send_photo<'a>(
         let received = Instant::now();
         rate_limit(session, limited, &send.client_msg_id, received)?;
         let (mut message, media_id) = validate(session, send)?;
-        let media_id = media_id.expect("a PHOTO send that passed validation names a photo");
         message.notify_only = check_reference(session, limited, &message).await?;
-        let media = session
-            .shared
-            .store
-            .attach_media(
-                &media_id,
-                message.sender_id,
-                message.conversation_id,
-                message.now_ms,
-            )
-            .await
-            .map_err(|e| {
-                let refusal = match e {
-                    StoreError::NotFound => {
-                        Refusal::new(ErrorCode::NotFound, "no photo of yours has this media_id")
-                    }
-                    e => Refusal::from(e),
-                };
-                // The client sends it again, first: until then later sends
-                // are held, as after a rate-limit refusal, so none
-                // overtakes it.
-                if refusal.code.is_retryable() {
-                    *limited = Some(Limited {
-                        // From the refusal, not the send's arrival: a slow
-                        // store may take longer than the grace to fail.
-                        until: Instant::now(),
-                        head: message.client_msg_id.clone(),
-                    });
-                }
-                refusal
-            })?;
-        // The caption and the preview share the text limit, so the
-        // message fits in a frame.
-        let max = session.shared.config.limits.max_text_len;
-        if message.text.len() + media.preview.len() > max {
-            return Err(Refusal::new(
-                ErrorCode::MessageTooLarge,
-                format!(
-                    "the caption ({} bytes) and the photo's preview ({} bytes) exceed {max} bytes together",
-                    message.text.len(),
-                    media.preview.len()
-                ),
-            ));
+        if let Some(media_id) = media_id {
+            attach_photo(session, limited, &mut message, &media_id).await?;
         }
-        message.photo = Some(Box::new(media.photo()));
         session
             .shared
             .delivery
@@ -392,33 +350,59 @@ fn send_photo<'a>(
     })
 }
 
-/// A text reply or a reaction: checked as a text is, then the message it
-/// names looked up (`check_reference`), then committed as a text is. The
-/// reader waits for the lookup, so a connection's sends keep their order.
-/// Boxed and apart from the text path, as `send_photo` is.
-fn send_referring<'a>(
-    session: &'a Session,
-    limited: &'a mut Option<Limited>,
-    send: proto::Send,
-    request_id: u64,
-    handle: &'a Arc<SessionHandle>,
-) -> Pin<Box<impl Future<Output = Result<(), Refusal>> + Send + 'a>> {
-    Box::pin(async move {
-        let received = Instant::now();
-        rate_limit(session, limited, &send.client_msg_id, received)?;
-        let (mut message, _) = validate(session, send)?;
-        message.notify_only = check_reference(session, limited, &message).await?;
-        session
-            .shared
-            .delivery
-            .submit(SendJob {
-                work: Work::Message(message),
-                request_id,
-                session: handle.clone(),
-                received,
-            })
-            .await
-    })
+/// Binds a photo send's upload to its conversation and puts it in the
+/// message.
+async fn attach_photo(
+    session: &Session,
+    limited: &mut Option<Limited>,
+    message: &mut NewMessage,
+    media_id: &str,
+) -> Result<(), Refusal> {
+    let media = session
+        .shared
+        .store
+        .attach_media(
+            media_id,
+            message.sender_id,
+            message.conversation_id,
+            message.now_ms,
+        )
+        .await
+        .map_err(|e| {
+            let refusal = match e {
+                StoreError::NotFound => {
+                    Refusal::new(ErrorCode::NotFound, "no photo of yours has this media_id")
+                }
+                e => Refusal::from(e),
+            };
+            // The client sends it again, first: until then later sends
+            // are held, as after a rate-limit refusal, so none
+            // overtakes it.
+            if refusal.code.is_retryable() {
+                *limited = Some(Limited {
+                    // From the refusal, not the send's arrival: a slow
+                    // store may take longer than the grace to fail.
+                    until: Instant::now(),
+                    head: message.client_msg_id.clone(),
+                });
+            }
+            refusal
+        })?;
+    // The caption and the preview share the text limit, so the
+    // message fits in a frame.
+    let max = session.shared.config.limits.max_text_len;
+    if message.text.len() + media.preview.len() > max {
+        return Err(Refusal::new(
+            ErrorCode::MessageTooLarge,
+            format!(
+                "the caption ({} bytes) and the photo's preview ({} bytes) exceed {max} bytes together",
+                message.text.len(),
+                media.preview.len()
+            ),
+        ));
+    }
+    message.photo = Some(Box::new(media.photo()));
+    Ok(())
 }
 
 /// Checks the message a reply or a reaction names
