@@ -1330,7 +1330,8 @@ impl Client {
     /// sends a text. The delivered message carries `reply_to_seq`; an app
     /// shows the message it answers from what it holds, or reads it with
     /// [`message`](Self::message) (which a member added later may not
-    /// read: "message unavailable").
+    /// read: "message unavailable"). A `reply_to_seq` of 0 sends a plain
+    /// text.
     pub fn send_reply(
         &self,
         conversation_id: u64,
@@ -1345,7 +1346,8 @@ impl Client {
     }
 
     /// [`send_photo`](Self::send_photo) as a reply to message
-    /// `reply_to_seq`, as [`send_reply`](Self::send_reply) sends a text.
+    /// `reply_to_seq`, as [`send_reply`](Self::send_reply) sends a text
+    /// (0: a plain photo).
     pub fn send_photo_reply(
         &self,
         conversation_id: u64,
@@ -1616,7 +1618,8 @@ impl Client {
     /// keystroke if that is simplest: at most one goes out per
     /// conversation every `limits::TYPING_REPEAT_MS`) and with `false` when
     /// they stop or clear the field (sent only after a `true`). Sending a
-    /// message there ends it too, on the other members' side and here.
+    /// message (not a reaction) there ends it too, on the other members'
+    /// side and here.
     /// Returns at once; nothing is retried or answered (one that is lost
     /// lapses on their side, and a refused one, not a member say, is
     /// dropped).

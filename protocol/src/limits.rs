@@ -67,12 +67,13 @@ pub const TYPING_LAPSE_MS: u64 = 6_000;
 pub const MAX_REACTION_LEN: usize = 64;
 
 /// Whether `text` may be a REACTION's: empty (taking one's reaction back),
-/// or at most [`MAX_REACTION_LEN`] bytes with no whitespace, control or
-/// invisible formatting character (bidirectional controls, zero-width
-/// spaces and non-joiners, word joiners, the byte order mark, the soft
-/// hyphen): nothing that shows as blank or reorders what follows. An
-/// emoji's zero-width joiners (U+200D), variation selectors and tag
-/// characters pass.
+/// or an emoji-sized token, at most [`MAX_REACTION_LEN`] bytes with no
+/// whitespace, control or invisible formatting character (bidirectional
+/// controls, zero-width spaces and non-joiners, word joiners, the byte
+/// order mark, the soft hyphen) nor the blank fillers people paste as
+/// "empty" (Hangul fillers, the Braille blank, the grapheme joiner). Which
+/// emoji it is, apps judge: an emoji's zero-width joiners (U+200D),
+/// variation selectors and tag characters pass, and so does "lol".
 pub fn is_reaction(text: &str) -> bool {
     let invisible = |c: char| {
         matches!(
@@ -87,6 +88,12 @@ pub fn is_reaction(text: &str) -> bool {
                 | '\u{2060}'..='\u{206f}'
                 | '\u{feff}'
                 | '\u{fff9}'..='\u{fffb}'
+                | '\u{034f}'
+                | '\u{115f}'
+                | '\u{1160}'
+                | '\u{2800}'
+                | '\u{3164}'
+                | '\u{ffa0}'
         )
     };
     text.len() <= MAX_REACTION_LEN
@@ -116,6 +123,8 @@ mod tests {
             "\u{200b}",
             "\u{feff}",
             "\u{ad}",
+            "\u{3164}",
+            "\u{2800}",
             long.as_str(),
         ] {
             assert!(!is_reaction(bad), "{bad:?}");

@@ -244,10 +244,10 @@ fn leave<'a>(
 }
 
 /// A connection whose sends are held back after a refusal it will retry:
-/// over the send rate, or (a photo send) its photo could not be bound for
-/// now.
+/// over the send rate, or the store could not bind a photo send's upload
+/// or look up what a reply or a reaction names for now.
 struct Limited {
-    /// The retry time given with the first refusal (for a photo, the
+    /// The retry time given with the first refusal (for a store's, the
     /// refusal's time: the hold only waits for it to come back).
     until: Instant,
     /// The `client_msg_id` of that first refused send.
