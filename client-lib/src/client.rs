@@ -1386,6 +1386,36 @@ impl Client {
         self.send_draft(conversation_id, &new_client_msg_id(), draft)
     }
 
+    /// Edits a text this user sent (message `seq` of the conversation):
+    /// an EDIT message with the whole new text, sent through the outbox
+    /// as a text is. The server takes it within its edit window of the
+    /// text's sending ([`edit_window`](Self::edit_window)) and refuses
+    /// another's message, another type or a late edit with
+    /// INVALID_ARGUMENT. The latest edit of a message stands;
+    /// [`Edits`](crate::Edits) folds them for display. Typing goes on.
+    pub fn edit(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+        text: &str,
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
+        let draft = Draft {
+            kind: proto::MessageType::Edit,
+            reply_to_seq: seq,
+            ..Draft::text(text)
+        };
+        self.send_draft(conversation_id, &new_client_msg_id(), draft)
+    }
+
+    /// How long after sending a text its author may edit it, as the
+    /// server last announced (zero: it takes no edits, or the client has
+    /// not connected yet): an app offers "Edit" within it.
+    pub fn edit_window(&self) -> Duration {
+        self.inner
+            .live()
+            .map_or(Duration::ZERO, |live| live.edit_window)
+    }
+
     /// Uploads a photo on a media stream of its own and returns its media
     /// id, for [`send_photo`](Self::send_photo). Checked here first as
     /// the server would (size against its AuthOk's `max_photo_bytes`, the
@@ -1509,7 +1539,8 @@ impl Client {
         // once. The message ends it on the other members' side too, but
         // goes on another stream, which a start just before it may trail:
         // a stop after the start settles it.
-        let typed = kind != proto::MessageType::Reaction
+        // Reactions and edits are not the draft being typed.
+        let typed = matches!(kind, proto::MessageType::Text | proto::MessageType::Photo)
             && self
                 .inner
                 .typing
@@ -1618,8 +1649,8 @@ impl Client {
     /// keystroke if that is simplest: at most one goes out per
     /// conversation every `limits::TYPING_REPEAT_MS`) and with `false` when
     /// they stop or clear the field (sent only after a `true`). Sending a
-    /// message (not a reaction) there ends it too, on the other members'
-    /// side and here.
+    /// message (not a reaction nor an edit) there ends it too, on the
+    /// other members' side and here.
     /// Returns at once; nothing is retried or answered (one that is lost
     /// lapses on their side, and a refused one, not a member say, is
     /// dropped).

@@ -41,6 +41,9 @@ pub(crate) struct Live {
     pub(crate) max_text_len: usize,
     /// Largest photo the server takes (from its AuthOk; 0: no photos).
     pub(crate) max_photo_bytes: u64,
+    /// How long after sending a text it may be edited (from its AuthOk;
+    /// zero: no edits).
+    pub(crate) edit_window: Duration,
     /// Its id in [`Acks`](crate::acks::Acks), which hears when it is lost.
     pub(crate) acks_id: u64,
 }
@@ -214,6 +217,7 @@ async fn establish(
             n => n as usize,
         },
         max_photo_bytes: auth_ok.max_photo_bytes,
+        edit_window: Duration::from_millis(auth_ok.edit_window_ms.into()),
         acks_id,
     };
     tokio::spawn(read_loop(

@@ -1,4 +1,5 @@
-//! Folding REACTION messages into what an app shows under each message.
+//! Folding REACTION and EDIT messages into what an app shows of the
+//! messages they name.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -71,6 +72,52 @@ impl Reactions {
     }
 }
 
+/// The edited texts of messages, from the EDIT messages an app has seen,
+/// in any order: a message's latest EDIT (by seq) stands. The server takes
+/// edits only from a text's author, within its edit window.
+#[derive(Debug, Default, Clone)]
+pub struct Edits {
+    /// (conversation, message) -> (seq of its latest EDIT, the new text).
+    by_message: HashMap<(u64, u64), (u64, String)>,
+}
+
+impl Edits {
+    /// An empty fold.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Folds `message` in if it is an EDIT (returns whether it was): it
+    /// replaces an earlier edit of the same message.
+    pub fn apply(&mut self, message: &proto::Message) -> bool {
+        if message.r#type != proto::MessageType::Edit as i32 || message.reply_to_seq == 0 {
+            return false;
+        }
+        let key = (message.conversation_id, message.reply_to_seq);
+        match self.by_message.get(&key) {
+            Some((seq, _)) if *seq >= message.seq => {}
+            _ => {
+                self.by_message
+                    .insert(key, (message.seq, message.text.clone()));
+            }
+        }
+        true
+    }
+
+    /// The text message `seq` of a conversation shows now, if it was
+    /// edited (the app marks it so).
+    pub fn of(&self, conversation_id: u64, seq: u64) -> Option<&str> {
+        self.by_message
+            .get(&(conversation_id, seq))
+            .map(|(_, text)| text.as_str())
+    }
+
+    /// Forgets a conversation's edits.
+    pub fn forget(&mut self, conversation_id: u64) {
+        self.by_message.retain(|&(c, _), _| c != conversation_id);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +179,34 @@ mod tests {
         assert_eq!(reactions.of(7, 1), vec![(10, "👍")]);
         reactions.forget(7);
         assert!(reactions.of(7, 1).is_empty());
+    }
+
+    #[test]
+    fn the_latest_edit_stands_in_any_order() {
+        let edit = |seq, to, text: &str| proto::Message {
+            conversation_id: 7,
+            seq,
+            sender_id: 10,
+            r#type: proto::MessageType::Edit as i32,
+            text: text.into(),
+            reply_to_seq: to,
+            ..Default::default()
+        };
+        let stream = [edit(5, 1, "helo"), edit(6, 2, "other"), edit(8, 1, "hello")];
+        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
+            let mut edits = Edits::new();
+            for i in order {
+                assert!(edits.apply(&stream[i]));
+            }
+            assert_eq!(edits.of(7, 1), Some("hello"));
+            assert_eq!(edits.of(7, 2), Some("other"));
+            assert_eq!(edits.of(7, 3), None);
+        }
+        let mut edits = Edits::new();
+        assert!(!edits.apply(&reaction(9, 10, 1, "👍")));
+        assert_eq!(edits.of(7, 1), None);
+        edits.apply(&stream[0]);
+        edits.forget(7);
+        assert_eq!(edits.of(7, 1), None);
     }
 }

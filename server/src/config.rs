@@ -413,6 +413,10 @@ pub struct Limits {
     pub typing_rate: u32,
     /// Typing frames a user may send at once above `typing-rate`.
     pub typing_burst: u32,
+    /// How long after sending a text its author may edit it (0s: no
+    /// edits); announced at login (`AuthOk.edit_window_ms`).
+    #[serde(with = "humantime_serde")]
+    pub edit_window: Duration,
     /// Largest photo accepted, in bytes (announced at login). An upload
     /// declaring more is refused before any of its bytes are read.
     pub max_photo_bytes: u64,
@@ -611,6 +615,7 @@ impl Default for Limits {
             mark_burst: 1_000,
             typing_rate: 2,
             typing_burst: 10,
+            edit_window: Duration::from_secs(15 * 60),
             max_photo_bytes: chat_protocol::media::DEFAULT_MAX_PHOTO_BYTES,
             upload_retention: Duration::from_secs(24 * 3600),
             uploads_per_hour: 600,
@@ -777,6 +782,9 @@ impl Config {
                 "max-photo-bytes must be between 1 and {} (the protocol's limit)",
                 chat_protocol::media::MAX_PHOTO_BYTES
             ));
+        }
+        if l.edit_window > Duration::from_secs(7 * 24 * 3600) {
+            return err("edit-window must be at most 7days (0s: no edits)".into());
         }
         if l.upload_retention < Duration::from_secs(1) || l.upload_retention > MAX_SESSION_TTL {
             return err(format!(
@@ -1170,6 +1178,10 @@ mod tests {
                 "call-media-node-rate",
             ),
             (|c| c.limits.max_text_len = 0, "max-text-len"),
+            (
+                |c| c.limits.edit_window = Duration::from_secs(8 * 24 * 3600),
+                "edit-window",
+            ),
             (|c| c.limits.max_text_len = 70_000, "max-frame-len"),
             (|c| c.limits.max_text_len = usize::MAX, "max-frame-len"),
             (|c| c.limits.max_friends = 0, "max-friends = 0"),

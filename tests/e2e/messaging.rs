@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chat_client::{Client, ErrorCode, Event, Events, HistoryDirection, Reactions, proto};
+use chat_client::{Client, Edits, ErrorCode, Event, Events, HistoryDirection, Reactions, proto};
 
 use crate::harness::*;
 
@@ -691,6 +691,49 @@ each_backend! {
         let got = messages(&mut bob_events, 1).await;
         assert_eq!(got[0].text, "private");
         assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+    }
+
+    async fn a_text_is_edited_by_its_author_within_the_window(backend: Backend) {
+        let server = TestServer::start_on(backend).await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let direct = befriend(&alice, &bob).await;
+        assert_eq!(alice.edit_window(), Duration::from_secs(15 * 60));
+        let typo = alice.send_text(direct, "helo").await.unwrap().seq;
+        let fixed = alice.edit(direct, typo, "hello").await.unwrap().seq;
+        let again = alice.edit(direct, typo, "hello!").await.unwrap().seq;
+        // Bob gets the text and its edits, which fold to the latest.
+        let got = messages(&mut bob_events, 3).await;
+        assert_eq!(
+            got.iter()
+                .map(|m| (m.seq, m.r#type(), m.reply_to_seq))
+                .collect::<Vec<_>>(),
+            [
+                (typo, proto::MessageType::Text, 0),
+                (fixed, proto::MessageType::Edit, typo),
+                (again, proto::MessageType::Edit, typo)
+            ]
+        );
+        let mut edits = Edits::new();
+        for m in got.iter().rev() {
+            edits.apply(m);
+        }
+        assert_eq!(edits.of(direct, typo), Some("hello!"));
+        // Not unread: Bob's list counts the text alone.
+        let listed = bob.conversations(10, None).await.unwrap();
+        let entry = listed.iter().find(|c| c.conversation_id == direct).unwrap();
+        assert_eq!(entry.unread_count, 1);
+        // Only one's own texts, with words, that exist.
+        let bobs = bob.send_text(direct, "hi").await.unwrap().seq;
+        for (result, want) in [
+            (alice.edit(direct, bobs, "x").await, ErrorCode::InvalidArgument),
+            (alice.edit(direct, fixed, "x").await, ErrorCode::InvalidArgument),
+            (alice.edit(direct, typo, " ").await, ErrorCode::EmptyMessage),
+            (alice.edit(direct, 999, "x").await, ErrorCode::NotFound),
+            (alice.edit(direct, 0, "x").await, ErrorCode::InvalidArgument),
+        ] {
+            assert_eq!(code(result), want);
+        }
     }
 
     async fn replies_and_reactions_reach_every_member_and_fold_from_history(backend: Backend) {
@@ -1766,4 +1809,26 @@ async fn a_mute_or_a_delete_on_one_device_reaches_the_others() {
         (change.conversation_id, change.kind(), change.up_to_seq),
         (direct, proto::conversation_changed::Kind::Deleted, seq)
     );
+}
+
+#[tokio::test]
+async fn edits_past_the_window_or_with_none_are_refused() {
+    for (window, wait) in [
+        (Duration::from_millis(1), Duration::from_millis(20)),
+        (Duration::ZERO, Duration::ZERO),
+    ] {
+        let server = TestServer::start_with(|c| c.limits.edit_window = window).await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+        let direct = befriend(&alice, &bob).await;
+        assert_eq!(alice.edit_window(), window);
+        let seq = alice.send_text(direct, "helo").await.unwrap().seq;
+        // Time passes whatever the machine's load: the window is over.
+        tokio::time::sleep(wait).await;
+        assert_eq!(
+            code(alice.edit(direct, seq, "hello").await),
+            ErrorCode::InvalidArgument,
+            "{window:?}"
+        );
+    }
 }

@@ -2047,7 +2047,7 @@ pub async fn the_audience_is_the_members_who_may_hear(store: &impl HistoryStore)
 /// last seq, `NotAMember` for anyone else, and a retry (its key stored) is
 /// one whatever it names now; the reference is stored with the message and
 /// read back wherever messages are (history, catch-up, the list's last
-/// message, a retry's answer); reactions are not unread.
+/// message, a retry's answer); reactions and edits are not unread.
 pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl HistoryStore) {
     let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
     let c = user(store, "carol").await;
@@ -2057,17 +2057,18 @@ pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl Histo
         .await
         .message
         .seq;
-    let by_alice = |message_type| {
+    let by_alice = |message_type, sent_at_ms| {
         Reference::Readable(Referable {
             message_type,
             sender_id: a,
+            sent_at_ms,
         })
     };
     // Read right after its append (the embedded store's index of it may
     // still be in memory).
     assert_eq!(
         refer(direct, b, hello).await.unwrap(),
-        by_alice(proto::MessageType::Text)
+        by_alice(proto::MessageType::Text, 10)
     );
     for seq in [0, hello + 1, u64::MAX] {
         assert_eq!(
@@ -2093,7 +2094,7 @@ pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl Histo
     let reaction = append_one(store, reaction).await.message;
     assert_eq!(
         refer(direct, b, reaction.seq).await.unwrap(),
-        by_alice(proto::MessageType::Reaction)
+        by_alice(proto::MessageType::Reaction, 12)
     );
     let expected = vec![(hello, 0), (reply.seq, hello), (reaction.seq, reply.seq)];
     let references = |messages: Vec<Arc<proto::Message>>| -> Vec<(u64, u64)> {
@@ -2152,8 +2153,15 @@ pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl Histo
     );
     assert_eq!(
         refer(direct, a, hello).await.unwrap(),
-        by_alice(proto::MessageType::Text)
+        by_alice(proto::MessageType::Text, 10)
     );
+    // An edit after the clear is not unread either.
+    let mut edited = text(direct, a, "edit", "hello!", 13);
+    edited.message_type = proto::MessageType::Edit;
+    edited.reply_to_seq = hello;
+    append_one(store, edited).await;
+    assert_eq!(store.conversation(direct, b).await.unwrap().unread_count, 0);
+    assert_eq!(store.unread_conversations(b, 10).await.unwrap(), 0);
 
     // A member added later may refer to what they may read: from the
     // message that added them on.
@@ -2172,11 +2180,11 @@ pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl Histo
     assert_eq!(refer(g, c, before).await.unwrap(), Reference::Unreadable);
     assert_eq!(
         refer(g, c, added).await.unwrap(),
-        by_alice(proto::MessageType::System)
+        by_alice(proto::MessageType::System, 21)
     );
     assert_eq!(
         refer(g, b, before).await.unwrap(),
-        by_alice(proto::MessageType::Text)
+        by_alice(proto::MessageType::Text, 20)
     );
     // Removed, no longer theirs to refer to.
     store

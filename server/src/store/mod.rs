@@ -436,7 +436,7 @@ pub struct ConversationView {
     /// The newest message, if any.
     pub last_message: Option<proto::Message>,
     /// Messages from others above the viewer's seen watermark, reactions
-    /// aside.
+    /// and edits aside.
     pub unread_count: u64,
     /// A direct conversation whose two members are not friends (any more):
     /// nobody sends in it, and neither is shown the other's watermarks.
@@ -482,9 +482,11 @@ pub struct NewMessage {
     pub now_ms: i64,
 }
 
-/// A reaction is not unread: the stores' unread counts leave out
-/// MESSAGE_TYPE_REACTION, which their SQL spells as this number.
-const _: () = assert!(proto::MessageType::Reaction as i32 == 5);
+/// Reactions and edits are not unread: the stores' unread counts leave
+/// out MESSAGE_TYPE_REACTION and MESSAGE_TYPE_EDIT, which their SQL
+/// spells as these numbers.
+const _: () =
+    assert!(proto::MessageType::Reaction as i32 == 5 && proto::MessageType::Edit as i32 == 6);
 
 /// What [`HistoryStore::reference`] finds for a reply or a reaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -502,8 +504,11 @@ pub enum Reference {
 pub struct Referable {
     /// Its type: only TEXT and PHOTO messages take replies and reactions.
     pub message_type: proto::MessageType,
-    /// Its author (a reaction notifies them).
+    /// Its author (a reaction notifies them; only they may edit it).
     pub sender_id: UserId,
+    /// When it was stored, Unix ms (an edit must come within the edit
+    /// window of it).
+    pub sent_at_ms: i64,
 }
 
 /// A device's push registration (`RegisterPush`), kept with its session.
@@ -1155,7 +1160,8 @@ pub trait HistoryStore: Send + Sync + 'static {
         token: String,
         registered_by_ms: i64,
     ) -> Result<u64, StoreError>;
-    /// How many of `user`'s conversations have a message (not a reaction)
+    /// How many of `user`'s conversations have a message (not a reaction
+    /// nor an edit)
     /// from someone else above the user's seen watermark and what they
     /// cleared by deleting the chat (the app's badge), counted up to `cap`.
     async fn unread_conversations(&self, user: UserId, cap: u32) -> Result<u32, StoreError>;

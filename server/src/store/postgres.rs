@@ -2210,7 +2210,7 @@ impl HistoryStore for PostgresStore {
             .row(
                 "SELECT EXISTS (SELECT 1 FROM messages
                                 WHERE sender_id = $2 AND client_msg_id = $4),
-                        me.start, t.type, t.sender_id
+                        me.start, t.type, t.sender_id, t.sent_at_ms
                  FROM (SELECT 1) one
                  LEFT JOIN (SELECT GREATEST(m.joined_seq, COALESCE(k.cleared_seq + 1, 0)) AS start
                             FROM members m
@@ -2235,6 +2235,7 @@ impl HistoryStore for PostgresStore {
         Ok(Reference::Readable(Referable {
             message_type: proto::MessageType::try_from(message_type).unwrap_or_default(),
             sender_id: id_col(&row, 3)?,
+            sent_at_ms: col(&row, 4)?,
         }))
     }
 
@@ -2834,7 +2835,7 @@ impl HistoryStore for PostgresStore {
                                    WHERE u.conversation_id = c.id
                                      AND u.seq > GREATEST(me.seen_seq, COALESCE(k.cleared_seq, 0))
                                      AND u.sender_id <> $1
-                                     AND u.type <> 5 -- MESSAGE_TYPE_REACTION
+                                     AND u.type NOT IN (5, 6) -- MESSAGE_TYPE_REACTION, MESSAGE_TYPE_EDIT
                                   )
                      LIMIT $2) unread",
                 &[&sql(user), &i64::from(cap)],
@@ -3040,7 +3041,7 @@ const VIEWS: &str = "
                                   WHERE u.conversation_id = c.id
                                     AND u.seq > GREATEST(me.seen_seq, COALESCE(k.cleared_seq, 0))
                                     AND u.sender_id <> me.user_id
-                                    AND u.type <> 5 -- MESSAGE_TYPE_REACTION
+                                    AND u.type NOT IN (5, 6) -- MESSAGE_TYPE_REACTION, MESSAGE_TYPE_EDIT
                                   LIMIT $4) unread),
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
            lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, lm.reply_to, c.closed,

@@ -1536,7 +1536,7 @@ fn view(
             "SELECT COUNT(*) FROM (
                  SELECT 1 FROM message_index i JOIN messages m ON m.message_id = i.message_id AND m.conversation_id = i.conversation_id
                  WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3
-                   AND m.type != 5 -- MESSAGE_TYPE_REACTION
+                   AND m.type NOT IN (5, 6) -- MESSAGE_TYPE_REACTION, MESSAGE_TYPE_EDIT
                  LIMIT ?4)",
         )
         .map_err(internal)?
@@ -2719,6 +2719,7 @@ impl HistoryStore for SqliteStore {
                 Some(m) => Reference::Readable(Referable {
                     message_type: proto::MessageType::try_from(m.r#type).unwrap_or_default(),
                     sender_id: m.sender_id,
+                    sent_at_ms: m.sent_at_ms,
                 }),
                 None => Reference::Unreadable,
             })
@@ -3601,7 +3602,7 @@ impl HistoryStore for SqliteStore {
 }
 
 /// Whether `conversation_id` has a message from someone but `user` above
-/// `seen`, a reaction aside: among the index entries still pending (the
+/// `seen`, reactions and edits aside: among the index entries still pending (the
 /// newest), then in `message_index`.
 fn others_above(
     conn: &Connection,
@@ -3618,7 +3619,9 @@ fn others_above(
             let (from, kind): (i64, i32) = sender
                 .query_row([sql(message_id)], |r| Ok((r.get(0)?, r.get(1)?)))
                 .map_err(internal)?;
-            if from as u64 != user && kind != proto::MessageType::Reaction as i32 {
+            let annotation = kind == proto::MessageType::Reaction as i32
+                || kind == proto::MessageType::Edit as i32;
+            if from as u64 != user && !annotation {
                 return Ok(true);
             }
         }
@@ -3626,7 +3629,7 @@ fn others_above(
     conn.prepare_cached(
         "SELECT EXISTS(SELECT 1 FROM message_index i JOIN messages m ON m.message_id = i.message_id
                        WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3
-                         AND m.type != 5 -- MESSAGE_TYPE_REACTION
+                         AND m.type NOT IN (5, 6) -- MESSAGE_TYPE_REACTION, MESSAGE_TYPE_EDIT
                       )",
     )
     .map_err(internal)?

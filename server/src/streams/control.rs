@@ -671,6 +671,9 @@ fn auth_ok(
         max_text_len: u32::try_from(session.shared.config.limits.max_text_len).unwrap_or(u32::MAX),
         max_photo_bytes: session.shared.config.limits.max_photo_bytes,
         calls: true,
+        // At most 7 days (the setting's bound): fits.
+        edit_window_ms: u32::try_from(session.shared.config.limits.edit_window.as_millis())
+            .unwrap_or(u32::MAX),
     }
 }
 

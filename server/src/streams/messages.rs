@@ -34,8 +34,8 @@ use crate::hub::SessionHandle;
 use crate::queue::Missed;
 use crate::session::{Session, on_read_error};
 use crate::store::{
-    Direction, INBOX_CATCH_UP_LIMIT, NewMessage, Reference, StoreError, UserId, WatermarkKind,
-    WatermarkUpdate,
+    Direction, INBOX_CATCH_UP_LIMIT, NewMessage, Referable, Reference, StoreError, UserId,
+    WatermarkKind, WatermarkUpdate,
 };
 use crate::wire::{self, DeliverKey, FrameReader, Outbound};
 
@@ -463,8 +463,42 @@ async fn check_reference(
             format!("message {seq} takes no replies or reactions: only texts and photos do"),
         ));
     }
+    if message.message_type == proto::MessageType::Edit {
+        check_edit(session, message, &target)?;
+        return Ok(None);
+    }
     let reaction = message.message_type == proto::MessageType::Reaction && !message.text.is_empty();
     Ok((reaction && target.sender_id != message.sender_id).then_some(target.sender_id))
+}
+
+/// An edit's own rules, past the reference's: the sender's own text, within
+/// `edit-window` of its sending (by the server's clock, which stamped it).
+fn check_edit(session: &Session, edit: &NewMessage, target: &Referable) -> Result<(), Refusal> {
+    let seq = edit.reply_to_seq;
+    if target.sender_id != edit.sender_id || target.message_type != proto::MessageType::Text {
+        return Err(Refusal::new(
+            ErrorCode::InvalidArgument,
+            format!("message {seq} is not a text of yours: only those may be edited"),
+        ));
+    }
+    let window = session.shared.config.limits.edit_window;
+    if window.is_zero() {
+        return Err(Refusal::new(
+            ErrorCode::InvalidArgument,
+            "this server takes no edits (edit-window 0s)",
+        ));
+    }
+    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    if edit.now_ms > target.sent_at_ms.saturating_add(window_ms) {
+        return Err(Refusal::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "message {seq} was sent more than {} ago: too late to edit",
+                humantime::format_duration(window)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a Send against the protocol and the configured limits; for a
@@ -524,6 +558,13 @@ fn validate(session: &Session, send: proto::Send) -> Result<(NewMessage, Option<
                 "a REACTION carries no media_id",
             ));
         }
+        Ok(proto::MessageType::Edit) if send.reply_to_seq == 0 || !send.media_id.is_empty() => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                "an EDIT names the text it edits (reply_to_seq) and carries no media_id",
+            ));
+        }
+        Ok(proto::MessageType::Edit) => (proto::MessageType::Edit, None),
         Ok(proto::MessageType::Reaction) => {
             if !is_reaction(&send.text) {
                 return Err(Refusal::new(
@@ -538,12 +579,16 @@ fn validate(session: &Session, send: proto::Send) -> Result<(NewMessage, Option<
         _ => {
             return Err(Refusal::new(
                 ErrorCode::InvalidArgument,
-                "clients may send TEXT, PHOTO and REACTION messages only",
+                "clients may send TEXT, PHOTO, REACTION and EDIT messages only",
             ));
         }
     };
-    // A photo's caption may be empty.
-    if message_type == proto::MessageType::Text && send.text.trim().is_empty() {
+    // A photo's caption may be empty; an edit's new text may not.
+    let texts = matches!(
+        message_type,
+        proto::MessageType::Text | proto::MessageType::Edit
+    );
+    if texts && send.text.trim().is_empty() {
         return Err(Refusal::new(
             ErrorCode::EmptyMessage,
             "message text is empty",
