@@ -78,7 +78,7 @@ pub enum Event {
     ConversationChanged(proto::ConversationChanged),
     /// Another member started or stopped typing in a conversation (see
     /// [`Client::typing`]). Show it until one saying they stopped, a
-    /// message (not a reaction) from them there, or `limits::TYPING_LAPSE_MS` without
+    /// message (not a reaction nor an edit) from them there, or `limits::TYPING_LAPSE_MS` without
     /// another. Like [`Event::Connected`], dropped when the event queue is
     /// full.
     Typing(proto::TypingUpdate),
@@ -1392,7 +1392,9 @@ impl Client {
     /// text's sending ([`edit_window`](Self::edit_window)) and refuses
     /// another's message, another type or a late edit with
     /// INVALID_ARGUMENT. The latest edit of a message stands;
-    /// [`Edits`](crate::Edits) folds them for display. Typing goes on.
+    /// [`Edits`](crate::Edits) folds them for display. Typing goes on. The
+    /// window is the server's to judge, by its clock, when the edit
+    /// reaches it: one queued while offline may come back too late.
     pub fn edit(
         &self,
         conversation_id: u64,

@@ -783,8 +783,11 @@ impl Config {
                 chat_protocol::media::MAX_PHOTO_BYTES
             ));
         }
-        if l.edit_window > Duration::from_secs(7 * 24 * 3600) {
-            return err("edit-window must be at most 7days (0s: no edits)".into());
+        // Announced in whole ms: a window under one would read as none.
+        if l.edit_window > Duration::from_secs(7 * 24 * 3600)
+            || (!l.edit_window.is_zero() && l.edit_window < Duration::from_millis(1))
+        {
+            return err("edit-window must be 0s (no edits) or between 1ms and 7days".into());
         }
         if l.upload_retention < Duration::from_secs(1) || l.upload_retention > MAX_SESSION_TTL {
             return err(format!(
@@ -1180,6 +1183,10 @@ mod tests {
             (|c| c.limits.max_text_len = 0, "max-text-len"),
             (
                 |c| c.limits.edit_window = Duration::from_secs(8 * 24 * 3600),
+                "edit-window",
+            ),
+            (
+                |c| c.limits.edit_window = Duration::from_micros(500),
                 "edit-window",
             ),
             (|c| c.limits.max_text_len = 70_000, "max-frame-len"),

@@ -1210,7 +1210,7 @@ fn fan_out(
     // People write texts and photos, which notify every member; a
     // reaction notifies the author of the message reacted to; a call's
     // log notifies those it rang who never answered; a group's changes
-    // (SYSTEM) notify nobody.
+    // (SYSTEM) and edits notify nobody.
     let notice_kind = match proto::MessageType::try_from(message.r#type) {
         _ if c.notifier.is_none() => None,
         Ok(proto::MessageType::Text) => Some(NoticeKind::Text),

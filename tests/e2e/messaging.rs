@@ -1813,9 +1813,13 @@ async fn a_mute_or_a_delete_on_one_device_reaches_the_others() {
 
 #[tokio::test]
 async fn edits_past_the_window_or_with_none_are_refused() {
-    for (window, wait) in [
-        (Duration::from_millis(1), Duration::from_millis(20)),
-        (Duration::ZERO, Duration::ZERO),
+    for (window, wait, why) in [
+        (
+            Duration::from_millis(1),
+            Duration::from_millis(20),
+            "too late",
+        ),
+        (Duration::ZERO, Duration::ZERO, "takes no edits"),
     ] {
         let server = TestServer::start_with(|c| c.limits.edit_window = window).await;
         let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
@@ -1825,10 +1829,12 @@ async fn edits_past_the_window_or_with_none_are_refused() {
         let seq = alice.send_text(direct, "helo").await.unwrap().seq;
         // Time passes whatever the machine's load: the window is over.
         tokio::time::sleep(wait).await;
+        let refused = alice.edit(direct, seq, "hello").await.unwrap_err();
         assert_eq!(
-            code(alice.edit(direct, seq, "hello").await),
-            ErrorCode::InvalidArgument,
+            refused.code(),
+            Some(ErrorCode::InvalidArgument),
             "{window:?}"
         );
+        assert!(refused.to_string().contains(why), "{window:?}: {refused}");
     }
 }

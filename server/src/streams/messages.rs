@@ -312,7 +312,7 @@ fn rate_limit(
 }
 
 /// A send that needs the store before its commit: checked as a text is,
-/// then the message a reply or a reaction names looked up
+/// then the message a reply, a reaction or an edit names looked up
 /// (`check_reference`), then a photo's upload bound to its conversation
 /// and put in the message (`HistoryStore::attach_media`), then committed
 /// as a text is. The reader waits for all of it, so a connection's sends
@@ -405,9 +405,10 @@ async fn attach_photo(
     Ok(())
 }
 
-/// Checks the message a reply or a reaction names
+/// Checks the message a reply, a reaction or an edit names
 /// (`HistoryStore::reference`): NOT_FOUND for a seq the sender may not
-/// read, INVALID_ARGUMENT for a message that takes neither. Returns whom a
+/// read, INVALID_ARGUMENT for a message that takes none of them (or, for
+/// an edit, `check_edit`'s refusals). Returns whom a
 /// reaction notifies: the author of the message reacted to, unless it is
 /// the sender's own or a take-back (empty text).
 ///
@@ -454,6 +455,10 @@ async fn check_reference(
             return Err(refusal);
         }
     };
+    if message.message_type == proto::MessageType::Edit {
+        check_edit(session, message, &target)?;
+        return Ok(None);
+    }
     if !matches!(
         target.message_type,
         proto::MessageType::Text | proto::MessageType::Photo
@@ -462,10 +467,6 @@ async fn check_reference(
             ErrorCode::InvalidArgument,
             format!("message {seq} takes no replies or reactions: only texts and photos do"),
         ));
-    }
-    if message.message_type == proto::MessageType::Edit {
-        check_edit(session, message, &target)?;
-        return Ok(None);
     }
     let reaction = message.message_type == proto::MessageType::Reaction && !message.text.is_empty();
     Ok((reaction && target.sender_id != message.sender_id).then_some(target.sender_id))
@@ -482,12 +483,6 @@ fn check_edit(session: &Session, edit: &NewMessage, target: &Referable) -> Resul
         ));
     }
     let window = session.shared.config.limits.edit_window;
-    if window.is_zero() {
-        return Err(Refusal::new(
-            ErrorCode::InvalidArgument,
-            "this server takes no edits (edit-window 0s)",
-        ));
-    }
     let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
     if edit.now_ms > target.sent_at_ms.saturating_add(window_ms) {
         return Err(Refusal::new(
@@ -562,6 +557,13 @@ fn validate(session: &Session, send: proto::Send) -> Result<(NewMessage, Option<
             return Err(Refusal::new(
                 ErrorCode::InvalidArgument,
                 "an EDIT names the text it edits (reply_to_seq) and carries no media_id",
+            ));
+        }
+        // Before the store is asked anything.
+        Ok(proto::MessageType::Edit) if limits.edit_window.is_zero() => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                "this server takes no edits (edit-window 0s)",
             ));
         }
         Ok(proto::MessageType::Edit) => (proto::MessageType::Edit, None),
