@@ -1338,11 +1338,12 @@ impl Client {
         reply_to_seq: u64,
         text: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let draft = Draft {
+        self.send_naming(
+            proto::MessageType::Text,
+            conversation_id,
             reply_to_seq,
-            ..Draft::text(text)
-        };
-        self.send_draft(conversation_id, &new_client_msg_id(), draft)
+            text,
+        )
     }
 
     /// [`send_photo`](Self::send_photo) as a reply to message
@@ -1378,12 +1379,7 @@ impl Client {
         seq: u64,
         emoji: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let draft = Draft {
-            kind: proto::MessageType::Reaction,
-            reply_to_seq: seq,
-            ..Draft::text(emoji)
-        };
-        self.send_draft(conversation_id, &new_client_msg_id(), draft)
+        self.send_naming(proto::MessageType::Reaction, conversation_id, seq, emoji)
     }
 
     /// Edits a text this user sent (message `seq` of the conversation):
@@ -1401,12 +1397,7 @@ impl Client {
         seq: u64,
         text: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let draft = Draft {
-            kind: proto::MessageType::Edit,
-            reply_to_seq: seq,
-            ..Draft::text(text)
-        };
-        self.send_draft(conversation_id, &new_client_msg_id(), draft)
+        self.send_naming(proto::MessageType::Edit, conversation_id, seq, text)
     }
 
     /// How long after sending a text its author may edit it, as the
@@ -1497,6 +1488,22 @@ impl Client {
             self.inner.config.request_timeout,
         )
         .await
+    }
+
+    /// A text, a reaction or an edit naming message `seq`, under a new key.
+    fn send_naming(
+        &self,
+        kind: proto::MessageType,
+        conversation_id: u64,
+        seq: u64,
+        text: &str,
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
+        let draft = Draft {
+            kind,
+            reply_to_seq: seq,
+            ..Draft::text(text)
+        };
+        self.send_draft(conversation_id, &new_client_msg_id(), draft)
     }
 
     /// Sends `draft` through the outbox: resolved with its answer. A photo
