@@ -124,8 +124,8 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
         handle.touch(now_ms());
         let request_id = frame.request_id;
         let result = match frame.body {
-            // Photos, replies and reactions take a path of their own,
-            // boxed (see `send_looked_up`).
+            // Photos, replies, reactions and edits take a path of their
+            // own, boxed (see `send_looked_up`).
             Some(Body::Send(send))
                 if send.r#type == proto::MessageType::Photo as i32 || send.reply_to_seq != 0 =>
             {
@@ -245,7 +245,7 @@ fn leave<'a>(
 
 /// A connection whose sends are held back after a refusal it will retry:
 /// over the send rate, or the store could not bind a photo send's upload
-/// or look up what a reply or a reaction names for now.
+/// or look up what a reply, a reaction or an edit names for now.
 struct Limited {
     /// The retry time given with the first refusal (for a store's, the
     /// refusal's time: the hold only waits for it to come back).
