@@ -491,17 +491,18 @@ fn react(shared: &Arc<Shared>, client: &Client, conversation_id: u64, seq: u64) 
     tokio::spawn(async move {
         match reaction.await {
             Ok(_) => shared.tracker.reaction_acked(),
-            // The user went offline (churn) or the run ended.
-            Err(ClientError::Closed) => {}
-            Err(e) => {
-                if !shared.stopping() {
-                    shared
-                        .tracker
-                        .error(&format!("reaction_{}", error_name(&e)));
-                }
-            }
+            Err(e) => side_failed(&shared, "reaction", &e),
         }
     });
+}
+
+/// Counts a side request that failed (a reaction, a photo download) as
+/// the error `{what}_{code}`, unless its user went offline (churn) or the
+/// run is ending.
+fn side_failed(shared: &Shared, what: &str, e: &ClientError) {
+    if !matches!(e, ClientError::Closed) && !shared.stopping() {
+        shared.tracker.error(&format!("{what}_{}", error_name(e)));
+    }
 }
 
 /// A photo send: the upload on a media stream of its own, then the send
@@ -555,15 +556,7 @@ fn download_photo(shared: &Arc<Shared>, client: &Client, media_id: String) {
         shared.downloading.fetch_sub(1, Ordering::SeqCst);
         match downloaded {
             Ok(_) => shared.tracker.photo_downloaded(),
-            // The user went offline (churn) or the run ended.
-            Err(ClientError::Closed) => {}
-            Err(e) => {
-                if !shared.stopping() {
-                    shared
-                        .tracker
-                        .error(&format!("photo_download_{}", error_name(&e)));
-                }
-            }
+            Err(e) => side_failed(&shared, "photo_download", &e),
         }
     });
 }
