@@ -23,6 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Boxed for the same reason: with its preview's handle, a photo
         // inline made MediaHeader the largest body (a frame of 128 bytes).
         .boxed(".chat.v1.MediaHeader.photo")
+        // Boxed for the same reason: the announcement of the unsend window
+        // made AuthOk the largest body (a frame of 120 bytes). Once per
+        // connection.
+        .boxed(".chat.v1.Frame.body.auth_ok")
         .compile_fds(descriptors)?;
     Ok(())
 }

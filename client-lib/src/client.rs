@@ -1409,6 +1409,34 @@ impl Client {
             .map_or(Duration::ZERO, |live| live.edit_window)
     }
 
+    /// Unsends ("remove for everyone") a text or photo this user sent,
+    /// message `seq` of the conversation: an UNSEND message, sent through
+    /// the outbox as a text is. Once it is acknowledged the server has
+    /// erased the message's text, photo and edits (history and catch-up
+    /// serve it marked `unsent`, and no one else may fetch the photo);
+    /// every member's app is delivered the UNSEND and drops what it holds
+    /// ([`Unsends`](crate::Unsends)). The server takes it within its
+    /// unsend window of the message's sending
+    /// ([`unsend_window`](Self::unsend_window)) and refuses another's
+    /// message, another type or a late unsend with INVALID_ARGUMENT, and
+    /// a message unsent already with NOT_FOUND. Typing goes on.
+    pub fn unsend(
+        &self,
+        conversation_id: u64,
+        seq: u64,
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
+        self.send_naming(proto::MessageType::Unsend, conversation_id, seq, "")
+    }
+
+    /// How long after sending a text or photo its author may unsend it, as
+    /// the server last announced (zero: it takes no unsends, or the client
+    /// has not connected yet): an app offers "Unsend" within it.
+    pub fn unsend_window(&self) -> Duration {
+        self.inner
+            .live()
+            .map_or(Duration::ZERO, |live| live.unsend_window)
+    }
+
     /// Uploads a photo on a media stream of its own and returns its media
     /// id, for [`send_photo`](Self::send_photo). Checked here first as
     /// the server would (size against its AuthOk's `max_photo_bytes`, the
@@ -1548,7 +1576,7 @@ impl Client {
         // once. The message ends it on the other members' side too, but
         // goes on another stream, which a start just before it may trail:
         // a stop after the start settles it.
-        // Reactions and edits are not the draft being typed.
+        // Reactions, edits and unsends are not the draft being typed.
         let typed = matches!(kind, proto::MessageType::Text | proto::MessageType::Photo)
             && self
                 .inner

@@ -44,6 +44,9 @@ pub(crate) struct Live {
     /// How long after sending a text it may be edited (from its AuthOk;
     /// zero: no edits).
     pub(crate) edit_window: Duration,
+    /// How long after sending a text or photo it may be unsent (from its
+    /// AuthOk; zero: no unsends).
+    pub(crate) unsend_window: Duration,
     /// Its id in [`Acks`](crate::acks::Acks), which hears when it is lost.
     pub(crate) acks_id: u64,
 }
@@ -218,6 +221,7 @@ async fn establish(
         },
         max_photo_bytes: auth_ok.max_photo_bytes,
         edit_window: Duration::from_millis(auth_ok.edit_window_ms.into()),
+        unsend_window: Duration::from_millis(auth_ok.unsend_window_ms.into()),
         acks_id,
     };
     tokio::spawn(read_loop(
@@ -258,7 +262,7 @@ async fn establish(
         FrameReader::new(rr),
         (StreamKind::Receipts, false),
     ));
-    Ok((live, auth_ok))
+    Ok((live, *auth_ok))
 }
 
 /// Opens a data stream with its `OpenStream` frame.

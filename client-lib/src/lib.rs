@@ -107,4 +107,4 @@ pub use client::{
 pub use config::{ClientConfig, DeliveryAcks};
 pub use error::ClientError;
 pub use media::PhotoUpload;
-pub use reactions::{Edits, Reactions};
+pub use reactions::{Edits, Reactions, Unsends};

@@ -1,7 +1,7 @@
-//! Folding REACTION and EDIT messages into what an app shows of the
-//! messages they name.
+//! Folding REACTION, EDIT and UNSEND messages into what an app shows of
+//! the messages they name.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chat_protocol::proto;
 
@@ -88,10 +88,14 @@ impl Edits {
     }
 
     /// Folds `message` in if it is an EDIT (returns whether it was): it
-    /// replaces an earlier edit of the same message.
+    /// replaces an earlier edit of the same message. An edit the server
+    /// erased (`unsent`: its message was unsent) changes nothing.
     pub fn apply(&mut self, message: &proto::Message) -> bool {
         if message.r#type != proto::MessageType::Edit as i32 || message.reply_to_seq == 0 {
             return false;
+        }
+        if message.unsent {
+            return true;
         }
         let key = (message.conversation_id, message.reply_to_seq);
         match self.by_message.get(&key) {
@@ -115,6 +119,52 @@ impl Edits {
     /// Forgets a conversation's edits.
     pub fn forget(&mut self, conversation_id: u64) {
         self.by_message.retain(|&(c, _), _| c != conversation_id);
+    }
+}
+
+/// The messages their senders unsent ("remove for everyone"), from what
+/// an app has seen in any order: an UNSEND message names one, and a
+/// message read after its unsending comes marked `unsent`, its content
+/// erased by the server. An app shows "unsent a message" in place of one
+/// (its edits and any copy it kept included) and offers no reply,
+/// reaction or edit to it.
+#[derive(Debug, Default, Clone)]
+pub struct Unsends {
+    /// (conversation, seq) of each message unsent.
+    unsent: HashSet<(u64, u64)>,
+}
+
+impl Unsends {
+    /// An empty fold.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Folds `message` in: an UNSEND (returns true, as it is not a message
+    /// to show) marks what it names, and a message marked `unsent` marks
+    /// itself (returns false: the app shows it, as unsent).
+    pub fn apply(&mut self, message: &proto::Message) -> bool {
+        if message.r#type == proto::MessageType::Unsend as i32 {
+            if message.reply_to_seq != 0 {
+                self.unsent
+                    .insert((message.conversation_id, message.reply_to_seq));
+            }
+            return true;
+        }
+        if message.unsent {
+            self.unsent.insert((message.conversation_id, message.seq));
+        }
+        false
+    }
+
+    /// Whether message `seq` of a conversation was unsent.
+    pub fn is_unsent(&self, conversation_id: u64, seq: u64) -> bool {
+        self.unsent.contains(&(conversation_id, seq))
+    }
+
+    /// Forgets a conversation's unsends.
+    pub fn forget(&mut self, conversation_id: u64) {
+        self.unsent.retain(|&(c, _)| c != conversation_id);
     }
 }
 
@@ -208,5 +258,40 @@ mod tests {
         edits.apply(&stream[0]);
         edits.forget(7);
         assert_eq!(edits.of(7, 1), None);
+        // An edit the server erased when its message was unsent.
+        let erased = proto::Message {
+            unsent: true,
+            ..edit(9, 1, "")
+        };
+        assert!(edits.apply(&erased));
+        assert_eq!(edits.of(7, 1), None);
+    }
+
+    #[test]
+    fn unsends_mark_what_they_name_and_what_comes_marked() {
+        let message = |seq, kind: proto::MessageType, to, unsent| proto::Message {
+            conversation_id: 7,
+            seq,
+            sender_id: 10,
+            r#type: kind as i32,
+            reply_to_seq: to,
+            unsent,
+            ..Default::default()
+        };
+        let mut unsends = Unsends::new();
+        // Live: the text, then the UNSEND naming it.
+        assert!(!unsends.apply(&message(1, proto::MessageType::Text, 0, false)));
+        assert!(!unsends.is_unsent(7, 1));
+        assert!(unsends.apply(&message(4, proto::MessageType::Unsend, 1, false)));
+        assert!(unsends.is_unsent(7, 1));
+        // From history after the unsend: the photo comes marked.
+        assert!(!unsends.apply(&message(2, proto::MessageType::Photo, 0, true)));
+        assert!(unsends.is_unsent(7, 2));
+        // Neither a reply to a message nor another conversation's seq.
+        assert!(!unsends.apply(&message(3, proto::MessageType::Text, 1, false)));
+        assert!(!unsends.is_unsent(7, 3));
+        assert!(!unsends.is_unsent(8, 1));
+        unsends.forget(7);
+        assert!(!unsends.is_unsent(7, 1) && !unsends.is_unsent(7, 2));
     }
 }

@@ -326,7 +326,8 @@ mod tests {
     fn a_frame_stays_the_size_idle_memory_was_measured_with() {
         // Every stream task of every connection holds a `Frame`, which is
         // the size of its largest body (a `ConversationInfo`, since
-        // `Deliver` boxes its message): a field that grows it costs each
+        // `Deliver` boxes its message and `Frame` its `AuthOk`): a field
+        // that grows it costs each
         // connection once per stream. Box large or rare fields
         // (`build.rs`) rather than raise these. A `Message` is held in
         // caches and queues, one per message.

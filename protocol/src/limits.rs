@@ -56,8 +56,8 @@ pub const MAX_UNREAD_COUNT: u64 = 1_000;
 pub const TYPING_REPEAT_MS: u64 = 3_000;
 
 /// A member shows as typing for this long after their latest
-/// `TypingUpdate`, unless another one, or a message (not a reaction nor
-/// an edit) from them, comes first:
+/// `TypingUpdate`, unless another one, or a message (not a reaction, an
+/// edit nor an unsend) from them, comes first:
 /// twice the repeat, so one lost repeat does not blink it off.
 pub const TYPING_LAPSE_MS: u64 = 6_000;
 

@@ -117,6 +117,10 @@ struct Overrides {
     /// (0s: no edits).
     #[arg(long, env = "CHAT_EDIT_WINDOW", value_parser = humantime::parse_duration)]
     edit_window: Option<Duration>,
+    /// How long after sending a text or photo its author may unsend it
+    /// for everyone, e.g. 60h (0s: no unsends).
+    #[arg(long, env = "CHAT_UNSEND_WINDOW", value_parser = humantime::parse_duration)]
+    unsend_window: Option<Duration>,
     /// How long an upload no send names is kept, e.g. 1day.
     #[arg(long, env = "CHAT_UPLOAD_RETENTION", value_parser = humantime::parse_duration)]
     upload_retention: Option<Duration>,
@@ -379,6 +383,7 @@ impl Overrides {
         set(&mut c.limits.max_photo_bytes, self.max_photo_bytes);
         set(&mut c.limits.upload_retention, self.upload_retention);
         set(&mut c.limits.edit_window, self.edit_window);
+        set(&mut c.limits.unsend_window, self.unsend_window);
         set(&mut c.limits.uploads_per_hour, self.uploads_per_hour);
         if self.media_dir.is_some() {
             c.media_dir = self.media_dir;
@@ -802,6 +807,8 @@ mod tests {
             "60",
             "--edit-window",
             "5m",
+            "--unsend-window",
+            "2h",
             "--max-unauthenticated-per-address",
             "9",
             "--metrics-listen",
@@ -822,6 +829,7 @@ mod tests {
         assert_eq!((c.limits.mark_rate, c.limits.mark_burst), (8, 80));
         assert_eq!((c.limits.typing_rate, c.limits.typing_burst), (6, 60));
         assert_eq!(c.limits.edit_window, Duration::from_secs(300));
+        assert_eq!(c.limits.unsend_window, Duration::from_secs(7200));
         assert_eq!(c.transport.max_unauthenticated_per_address, 9);
         assert_eq!(c.metrics_listen.port(), 0);
         assert_eq!(c.sqlite_commit_gap, Duration::from_millis(3));

@@ -417,6 +417,11 @@ pub struct Limits {
     /// edits); announced at login (`AuthOk.edit_window_ms`).
     #[serde(with = "humantime_serde")]
     pub edit_window: Duration,
+    /// How long after sending a text or photo its author may unsend it
+    /// for everyone (0s: no unsends); announced at login
+    /// (`AuthOk.unsend_window_ms`).
+    #[serde(with = "humantime_serde")]
+    pub unsend_window: Duration,
     /// Largest photo accepted, in bytes (announced at login). An upload
     /// declaring more is refused before any of its bytes are read.
     pub max_photo_bytes: u64,
@@ -616,6 +621,7 @@ impl Default for Limits {
             typing_rate: 2,
             typing_burst: 10,
             edit_window: Duration::from_secs(15 * 60),
+            unsend_window: Duration::from_secs(60 * 3600),
             max_photo_bytes: chat_protocol::media::DEFAULT_MAX_PHOTO_BYTES,
             upload_retention: Duration::from_secs(24 * 3600),
             uploads_per_hour: 600,
@@ -788,6 +794,11 @@ impl Config {
             || (!l.edit_window.is_zero() && l.edit_window < Duration::from_millis(1))
         {
             return err("edit-window must be 0s (no edits) or between 1ms and 7days".into());
+        }
+        if l.unsend_window > Duration::from_secs(30 * 24 * 3600)
+            || (!l.unsend_window.is_zero() && l.unsend_window < Duration::from_millis(1))
+        {
+            return err("unsend-window must be 0s (no unsends) or between 1ms and 30days".into());
         }
         if l.upload_retention < Duration::from_secs(1) || l.upload_retention > MAX_SESSION_TTL {
             return err(format!(
@@ -1188,6 +1199,14 @@ mod tests {
             (
                 |c| c.limits.edit_window = Duration::from_micros(500),
                 "edit-window",
+            ),
+            (
+                |c| c.limits.unsend_window = Duration::from_secs(31 * 24 * 3600),
+                "unsend-window",
+            ),
+            (
+                |c| c.limits.unsend_window = Duration::from_micros(500),
+                "unsend-window",
             ),
             (|c| c.limits.max_text_len = 70_000, "max-frame-len"),
             (|c| c.limits.max_text_len = usize::MAX, "max-frame-len"),

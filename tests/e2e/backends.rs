@@ -87,6 +87,7 @@ async fn a_queued_message_history_does_not_have_is_not_delivered() {
         photo: None,
         call: None,
         reply_to_seq: 0,
+        unsent: false,
     };
     let redis = RedisStore::connect(&production.redis_url, &production.redis_prefix)
         .await

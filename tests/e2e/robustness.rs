@@ -1002,13 +1002,13 @@ fn presence_snapshot(request_id: u64, state: proto::PresenceState) -> Frame {
 fn auth_ok(request_id: u64, heartbeat_interval_ms: u32) -> Frame {
     Frame::new(
         request_id,
-        Body::AuthOk(proto::AuthOk {
+        Body::AuthOk(Box::new(proto::AuthOk {
             user_id: 1,
             username: "fake".into(),
             token: "t".into(),
             heartbeat_interval_ms,
             ..Default::default()
-        }),
+        })),
     )
 }
 

@@ -2062,6 +2062,7 @@ pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl Histo
             message_type,
             sender_id: a,
             sent_at_ms,
+            unsent: false,
         })
     };
     // Read right after its append (the embedded store's index of it may

@@ -48,6 +48,7 @@ const PINNED: &[(&str, &str)] = &[
         "b3715b773893ea5d",
     ),
     ("src/store/sqlite/V19__replies.sql", "de948ca4eb2f65d0"),
+    ("src/store/sqlite/V20__unsends.sql", "64588df828128960"),
     ("migrations/postgres/V1__initial.sql", "5dcc721cc018b873"),
     ("migrations/postgres/V2__presence.sql", "3b2f2f2d011302a9"),
     ("migrations/postgres/V3__group_keys.sql", "e2a65111b1b8dfff"),
@@ -89,6 +90,7 @@ const PINNED: &[(&str, &str)] = &[
         "dd43a0c53ada53a7",
     ),
     ("migrations/postgres/V17__replies.sql", "6d69e25ead01725d"),
+    ("migrations/postgres/V18__unsends.sql", "c476d60728bc914e"),
 ];
 
 #[test]

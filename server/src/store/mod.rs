@@ -482,11 +482,15 @@ pub struct NewMessage {
     pub now_ms: i64,
 }
 
-/// Reactions and edits are not unread: the stores' unread counts leave
-/// out MESSAGE_TYPE_REACTION and MESSAGE_TYPE_EDIT, which their SQL
-/// spells as these numbers.
-const _: () =
-    assert!(proto::MessageType::Reaction as i32 == 5 && proto::MessageType::Edit as i32 == 6);
+/// Reactions, edits and unsends are not unread: the stores' unread counts
+/// leave out MESSAGE_TYPE_REACTION, MESSAGE_TYPE_EDIT and
+/// MESSAGE_TYPE_UNSEND (and messages unsent), which their SQL spells as
+/// these numbers.
+const _: () = assert!(
+    proto::MessageType::Reaction as i32 == 5
+        && proto::MessageType::Edit as i32 == 6
+        && proto::MessageType::Unsend as i32 == 7
+);
 
 /// What [`HistoryStore::reference`] finds for a reply or a reaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -507,8 +511,10 @@ pub struct Referable {
     /// Its author (a reaction notifies them; only they may edit it).
     pub sender_id: UserId,
     /// When it was stored, Unix ms (an edit must come within the edit
-    /// window of it).
+    /// window of it, an unsend within the unsend window).
     pub sent_at_ms: i64,
+    /// Its sender unsent it: nothing may name it any more.
+    pub unsent: bool,
 }
 
 /// A device's push registration (`RegisterPush`), kept with its session.
@@ -1001,8 +1007,10 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// changed since); else the message, if they may read it as a member
     /// now (from the seq that added them on, and after what they cleared
     /// by deleting the chat, as history reads). `NotAMember` if `user` is
-    /// not one (or the conversation does not exist). Messages are never
-    /// rewritten, so what this finds stays true.
+    /// not one (or the conversation does not exist). A message is
+    /// rewritten once at most, by its unsending (`Referable::unsent`), so
+    /// what this finds stays true but for that: the append checks it
+    /// again for an EDIT or an UNSEND.
     async fn reference(
         &self,
         conversation_id: ConversationId,
@@ -1023,6 +1031,15 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// stored before still gets its original answer), until they are
     /// friends again. A send and a removal are ordered: a send either is
     /// stored before the removal or is refused.
+    ///
+    /// An UNSEND (checked by the caller with [`reference`](Self::reference))
+    /// erases, in its transaction, the text and attachment of the message
+    /// it names and the texts of that message's EDITs, marks them
+    /// `unsent`, and takes a photo's upload off the message (its seq
+    /// cleared: no one but its uploader may fetch it, and the purge
+    /// deletes it after `upload-retention`). An EDIT or UNSEND of a message
+    /// unsent by then (the caller's check raced the unsend) is refused
+    /// `NotFound`.
     async fn append(
         &self,
         batch: Vec<NewMessage>,

@@ -516,6 +516,28 @@ impl PostgresStore {
             true => Some(client.prepare_cached(PHOTOS_SENT).await.map_err(pg)?),
             false => None,
         };
+        // Only batches with an edit or an unsend read what they name, and
+        // only those with an unsend erase.
+        let targets_stmt = match batch.iter().any(rewrites_target) {
+            true => Some(client.prepare_cached(TARGETS).await.map_err(pg)?),
+            false => None,
+        };
+        let erase_stmts = match batch
+            .iter()
+            .any(|m| m.message_type == proto::MessageType::Unsend)
+        {
+            true => Some((
+                client.prepare_cached(ERASE_MESSAGES).await.map_err(pg)?,
+                client.prepare_cached(ERASE_EDITS).await.map_err(pg)?,
+                client.prepare_cached(DETACH_PHOTOS).await.map_err(pg)?,
+            )),
+            false => None,
+        };
+        let (target_conversations, target_seqs): (Vec<i64>, Vec<i64>) = batch
+            .iter()
+            .filter(|m| rewrites_target(m))
+            .map(|m| (sql(m.conversation_id), sql(m.reply_to_seq)))
+            .unzip();
 
         let mut seen_keys = HashSet::new();
         let (key_senders, key_ids): (Vec<i64>, Vec<&str>) = batch
@@ -538,20 +560,43 @@ impl PostgresStore {
         // stored, even when a removal or a friendship's end came between.
         let existing_params: [Param<'_>; 2] = [&key_senders, &key_ids];
         let conversation_params: [Param<'_>; 1] = [&conversation_ids];
-        let (_, locked_rows, existing_rows, member_rows) = tokio::try_join!(
+        let target_params: [Param<'_>; 2] = [&target_conversations, &target_seqs];
+        let targets = async {
+            match &targets_stmt {
+                Some(stmt) => tx.query(stmt, &target_params).await,
+                None => Ok(Vec::new()),
+            }
+        };
+        let (_, locked_rows, existing_rows, member_rows, target_rows) = tokio::try_join!(
             biased;
             tx.begin(),
             tx.query(&lock_stmt, &conversation_params),
             tx.query(&existing_stmt, &existing_params),
             tx.query(&members_stmt, &conversation_params),
+            targets,
         )
         .map_err(pg)?;
+        // What the batch's edits and unsends name, as of the locks: whether
+        // each is unsent, and a photo's upload.
+        let mut named: HashMap<(ConversationId, u64), (bool, Option<String>)> =
+            HashMap::with_capacity(target_rows.len());
+        for row in &target_rows {
+            let photo = match col::<Option<&[u8]>>(row, 3)? {
+                Some(bytes) if col::<i32>(row, 4)? == proto::MessageType::Photo as i32 => {
+                    <proto::Photo as prost::Message>::decode(bytes)
+                        .ok()
+                        .map(|photo| photo.media_id)
+                }
+                _ => None,
+            };
+            named.insert((id_col(row, 0)?, id_col(row, 1)?), (col(row, 2)?, photo));
+        }
 
         let mut stored: HashMap<(UserId, String), (Arc<proto::Message>, Vec<UserId>)> =
             HashMap::with_capacity(existing_rows.len());
         for row in &existing_rows {
             let message = message_from_row(row, 0)?;
-            let members: Vec<i64> = col(row, 10)?;
+            let members: Vec<i64> = col(row, 11)?;
             stored.insert(
                 (message.sender_id, message.client_msg_id.clone()),
                 (Arc::new(message), members.into_iter().map(id).collect()),
@@ -583,6 +628,9 @@ impl PostgresStore {
         let mut slots = Vec::with_capacity(batch.len());
         let mut accepted: HashMap<(UserId, &str), usize> = HashMap::new();
         let mut next_seq = last_seq.clone();
+        // The messages this batch unsends, and their photos' uploads.
+        let (mut erased_conversations, mut erased_seqs) = (Vec::new(), Vec::new());
+        let mut detached: Vec<String> = Vec::new();
         for (i, m) in batch.iter().enumerate() {
             let key = (m.sender_id, m.client_msg_id.as_str());
             if let Some((message, members)) = stored.get(&(m.sender_id, m.client_msg_id.clone())) {
@@ -595,13 +643,27 @@ impl PostgresStore {
                     .get(&m.conversation_id)
                     .filter(|ms| ms.binary_search(&m.sender_id).is_ok()),
             ) {
+                let target = (m.conversation_id, m.reply_to_seq);
                 if closed.contains(&m.conversation_id) {
                     let other = ms.iter().copied().find(|&u| u != m.sender_id);
                     slots.push(Slot::NotFriends(other.unwrap_or(m.sender_id)));
+                } else if rewrites_target(m) && named.get(&target).is_none_or(|(unsent, _)| *unsent)
+                {
+                    slots.push(Slot::Gone);
                 } else {
                     *seq += 1;
                     slots.push(Slot::New(*seq));
                     accepted.insert(key, i);
+                    if m.message_type == proto::MessageType::Unsend
+                        && let Some((unsent, photo)) = named.get_mut(&target)
+                    {
+                        // Later edits and unsends of it in this batch are
+                        // refused as the next batch's would be.
+                        *unsent = true;
+                        erased_conversations.push(sql(m.conversation_id));
+                        erased_seqs.push(sql(m.reply_to_seq));
+                        detached.extend(photo.take());
+                    }
                 }
             } else {
                 slots.push(Slot::NotAMember);
@@ -649,16 +711,35 @@ impl PostgresStore {
                     _ => Ok(0),
                 }
             };
+            // After the insert, so an edit earlier in the batch is erased
+            // too.
+            let erased_params: [Param<'_>; 2] = [&erased_conversations, &erased_seqs];
+            let detach_params: [Param<'_>; 1] = [&detached];
+            let erase = async {
+                match &erase_stmts {
+                    Some((messages, edits, photos)) if !erased_seqs.is_empty() => {
+                        tokio::try_join!(
+                            biased;
+                            tx.execute(messages, &erased_params),
+                            tx.execute(edits, &erased_params),
+                            tx.execute(photos, &detach_params),
+                        )?;
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            };
             let written = tokio::try_join!(
                 biased;
                 tx.query(&lock_members_stmt, &lock_params),
                 tx.execute(&bump_stmt, &bump_params),
                 tx.query(&insert_stmt, &insert_params),
                 photos_sent,
+                erase,
                 tx.execute(&own_stmt, &own_params),
                 tx.query(&xid_stmt, &[]),
             );
-            let (_, _, inserted, _, _, xid_rows) = match written {
+            let (_, _, inserted, _, _, _, xid_rows) = match written {
                 Ok(written) => written,
                 // Rows are inserted in batch order, and a sender's keys
                 // are unique across conversations: two batches of
@@ -729,6 +810,7 @@ impl PostgresStore {
                 },
                 Slot::NotAMember => Err(StoreError::NotAMember),
                 Slot::NotFriends(other) => Err(StoreError::NotFriends(other)),
+                Slot::Gone => Err(StoreError::NotFound),
                 Slot::New(seq) => match message_ids.get(&(m.conversation_id, seq)) {
                     None => Err(StoreError::Internal(
                         "the insert returned no id for a message".into(),
@@ -746,6 +828,7 @@ impl PostgresStore {
                             photo: m.photo.clone(),
                             call: m.call.clone(),
                             reply_to_seq: m.reply_to_seq,
+                            unsent: false,
                         }),
                         duplicate: false,
                         members: members.get(&m.conversation_id).cloned().unwrap_or_default(),
@@ -811,8 +894,8 @@ impl PostgresStore {
                     last_activity_ms: col(row, 4)?,
                     last_message,
                     unread_count: id_col(row, 5)?,
-                    closed: col(row, 16)?,
-                    muted_until_ms: col::<Option<i64>>(row, 17)?.unwrap_or_default(),
+                    closed: col(row, 17)?,
+                    muted_until_ms: col::<Option<i64>>(row, 18)?.unwrap_or_default(),
                     former: false,
                 },
             );
@@ -879,6 +962,19 @@ enum Slot {
     NotFriends(UserId),
     /// A new message with this seq.
     New(u64),
+    /// An EDIT or UNSEND of a message unsent (by an UNSEND that came
+    /// between the caller's check and this append, or earlier in it).
+    Gone,
+}
+
+/// Whether `m` rewrites the message it names (an EDIT replaces its text
+/// for the apps, an UNSEND erases it): the append checks that message is
+/// not unsent.
+fn rewrites_target(m: &NewMessage) -> bool {
+    matches!(
+        m.message_type,
+        proto::MessageType::Edit | proto::MessageType::Unsend
+    )
 }
 
 /// The arrays of a group commit's write round trip, one element per row.
@@ -1836,7 +1932,7 @@ impl HistoryStore for PostgresStore {
                 .await
                 .map_err(pg)?;
             if let Some(row) = row {
-                let members: Vec<i64> = col(&row, 10)?;
+                let members: Vec<i64> = col(&row, 11)?;
                 let first = Appended {
                     message: Arc::new(message_from_row(&row, 0)?),
                     duplicate: true,
@@ -2210,7 +2306,7 @@ impl HistoryStore for PostgresStore {
             .row(
                 "SELECT EXISTS (SELECT 1 FROM messages
                                 WHERE sender_id = $2 AND client_msg_id = $4),
-                        me.start, t.type, t.sender_id, t.sent_at_ms
+                        me.start, t.type, t.sender_id, t.sent_at_ms, t.unsent
                  FROM (SELECT 1) one
                  LEFT JOIN (SELECT GREATEST(m.joined_seq, COALESCE(k.cleared_seq + 1, 0)) AS start
                             FROM members m
@@ -2236,6 +2332,7 @@ impl HistoryStore for PostgresStore {
             message_type: proto::MessageType::try_from(message_type).unwrap_or_default(),
             sender_id: id_col(&row, 3)?,
             sent_at_ms: col(&row, 4)?,
+            unsent: col(&row, 5)?,
         }))
     }
 
@@ -2340,7 +2437,7 @@ impl HistoryStore for PostgresStore {
         // watermark bound the index range instead of filtering it.
         self.rows(
             "SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
-                    m.type, m.sent_at_ms, m.body, m.attachment, m.reply_to
+                    m.type, m.sent_at_ms, m.body, m.attachment, m.reply_to, m.unsent
              FROM (
                 SELECT mb.conversation_id,
                        GREATEST(mb.delivered_seq, COALESCE(k.cleared_seq, 0)) AS delivered_seq,
@@ -2835,7 +2932,8 @@ impl HistoryStore for PostgresStore {
                                    WHERE u.conversation_id = c.id
                                      AND u.seq > GREATEST(me.seen_seq, COALESCE(k.cleared_seq, 0))
                                      AND u.sender_id <> $1
-                                     AND u.type NOT IN (5, 6) -- MESSAGE_TYPE_REACTION, MESSAGE_TYPE_EDIT
+                                     AND u.type NOT IN (5, 6, 7) -- MESSAGE_TYPE_REACTION, _EDIT, _UNSEND
+                                     AND NOT u.unsent
                                   )
                      LIMIT $2) unread",
                 &[&sql(user), &i64::from(cap)],
@@ -2891,7 +2989,7 @@ fn media_from_row(row: &Row) -> Result<MediaRecord, StoreError> {
 /// its fan-out is how the removed member's connected device hears of it.
 const EXISTING_KEYS: &str = "
     SELECT m.conversation_id, m.seq, m.message_id, m.sender_id, m.client_msg_id,
-           m.type, m.sent_at_ms, m.body, m.attachment, m.reply_to,
+           m.type, m.sent_at_ms, m.body, m.attachment, m.reply_to, m.unsent,
            ARRAY(SELECT x.user_id FROM members x
                  WHERE x.conversation_id = m.conversation_id AND x.delivered_seq < m.seq
                    AND x.user_id <> m.sender_id
@@ -2998,6 +3096,32 @@ const PHOTOS_SENT: &str = "
     FROM unnest($1::text[], $2::bigint[]) AS u(id, seq)
     WHERE media.media_id = u.id";
 
+/// The messages a batch's edits and unsends name (`$1`, `$2`: their
+/// conversations and seqs): whether each is unsent, and for a photo its
+/// attachment (the upload to take off it).
+const TARGETS: &str = "
+    SELECT t.conversation_id, t.seq, t.unsent, t.attachment, t.type
+    FROM unnest($1::bigint[], $2::bigint[]) AS u(conversation_id, seq)
+    JOIN messages t ON t.conversation_id = u.conversation_id AND t.seq = u.seq";
+
+/// Erases the messages a batch unsends (`$1`, `$2` as in [`TARGETS`]).
+const ERASE_MESSAGES: &str = "
+    UPDATE messages m SET body = '', attachment = NULL, unsent = true
+    FROM unnest($1::bigint[], $2::bigint[]) AS u(conversation_id, seq)
+    WHERE m.conversation_id = u.conversation_id AND m.seq = u.seq";
+
+/// Erases the EDITs of the messages a batch unsends (by the partial index
+/// `messages_edits`).
+const ERASE_EDITS: &str = "
+    UPDATE messages m SET body = '', unsent = true
+    FROM unnest($1::bigint[], $2::bigint[]) AS u(conversation_id, seq)
+    WHERE m.conversation_id = u.conversation_id AND m.reply_to = u.seq
+      AND m.type = 6 -- MESSAGE_TYPE_EDIT";
+
+/// Takes the uploads of unsent photos off their messages: only their
+/// uploaders may fetch them, and the purge deletes them.
+const DETACH_PHOTOS: &str = "UPDATE media SET seq = NULL WHERE media_id = ANY($1::text[])";
+
 /// Moves a sender's watermarks over their own run of messages, each one
 /// only if it was caught up (equal to the last seq before the batch).
 /// `conversation_id = ANY` as in [`BUMP_SEQS`].
@@ -3041,10 +3165,12 @@ const VIEWS: &str = "
                                   WHERE u.conversation_id = c.id
                                     AND u.seq > GREATEST(me.seen_seq, COALESCE(k.cleared_seq, 0))
                                     AND u.sender_id <> me.user_id
-                                    AND u.type NOT IN (5, 6) -- MESSAGE_TYPE_REACTION, MESSAGE_TYPE_EDIT
+                                    AND u.type NOT IN (5, 6, 7) -- MESSAGE_TYPE_REACTION, _EDIT, _UNSEND
+                                    AND NOT u.unsent
                                   LIMIT $4) unread),
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
-           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, lm.reply_to, c.closed,
+           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, lm.reply_to, lm.unsent,
+           c.closed,
            (SELECT until_ms FROM mutes WHERE user_id = $2 AND conversation_id = c.id)
     FROM conversations c
     JOIN members me ON me.conversation_id = c.id AND me.user_id = $2
@@ -3059,7 +3185,7 @@ const VIEWS: &str = "
 const FORMER_VIEWS: &str = "
     SELECT f.conversation_id, c.kind, COALESCE(NULLIF(f.name, ''), c.name), f.left_seq, f.left_ms,
            lm.conversation_id, lm.seq, lm.message_id, lm.sender_id, lm.client_msg_id,
-           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, lm.reply_to
+           lm.type, lm.sent_at_ms, left(lm.body, $3), lm.attachment, lm.reply_to, lm.unsent
     FROM former_members f
     JOIN conversations c ON c.id = f.conversation_id
     LEFT JOIN messages lm ON lm.conversation_id = f.conversation_id AND lm.seq = f.left_seq
@@ -3139,11 +3265,11 @@ const LOCK_FRIEND_COUNTS: &str = "
 /// One history page, newest first below a seq, or oldest first above one.
 const PAGE_BEFORE: &str = "
     SELECT conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body,
-           attachment, reply_to
+           attachment, reply_to, unsent
     FROM messages WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3";
 const PAGE_AFTER: &str = "
     SELECT conversation_id, seq, message_id, sender_id, client_msg_id, type, sent_at_ms, body,
-           attachment, reply_to
+           attachment, reply_to, unsent
     FROM messages WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3";
 
 const TAKE_REQUEST: &str = "DELETE FROM friend_requests WHERE from_id = $1 AND to_id = $2";
@@ -3452,7 +3578,7 @@ fn sql(v: u64) -> i64 {
 
 /// A message from ten columns starting at `at`: conversation_id, seq,
 /// message_id, sender_id, client_msg_id, type, sent_at_ms, body,
-/// attachment, reply_to.
+/// attachment, reply_to, unsent.
 fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> {
     let mut message = proto::Message {
         conversation_id: id_col(row, at)?,
@@ -3466,6 +3592,7 @@ fn message_from_row(row: &Row, at: usize) -> Result<proto::Message, StoreError> 
         photo: None,
         call: None,
         reply_to_seq: col::<Option<i64>>(row, at + 9)?.unwrap_or_default() as u64,
+        unsent: col(row, at + 10)?,
     };
     crate::store::decode_attachment(&mut message, col::<Option<&[u8]>>(row, at + 8)?);
     Ok(message)

@@ -109,6 +109,12 @@ impl MemoryRecentCache {
         {
             let mut entry = self.entries.entry(conversation_id).or_default();
             match entry.back() {
+                // An unsend erased a message the run may hold (and its
+                // edits): start over from the UNSEND.
+                Some(_) if message.r#type == proto::MessageType::Unsend as i32 => {
+                    self.release(entry.iter());
+                    entry.clear();
+                }
                 Some(last) if last.seq + 1 == message.seq => {}
                 Some(last) if last.seq >= message.seq => return,
                 // A gap (an eviction or a restart in between): start over

@@ -300,6 +300,14 @@ impl InboxStore for RedisStore {
         for (user, message) in &entries {
             let queue = self.inbox_key(*user, message.conversation_id);
             let index = self.inbox_index_key(*user);
+            // An unsend erased the message it names and its edits, which
+            // are queued at the seqs from it to the UNSEND: they go, and
+            // the queue, disagreeing with history, has the next catch-up
+            // read history, which serves them erased.
+            if message.r#type == proto::MessageType::Unsend as i32 && message.reply_to_seq != 0 {
+                pipe.zrembyscore(&queue, message.reply_to_seq, message.seq.saturating_sub(1))
+                    .ignore();
+            }
             pipe.zadd(&queue, message.encode_to_vec(), message.seq)
                 .ignore();
             pipe.zremrangebyrank(&queue, 0, -(INBOX_QUEUE_CAP + 1))
@@ -466,6 +474,14 @@ impl RecentCache for RedisStore {
         let mut pipe = ::redis::pipe();
         for message in messages {
             let key = self.recent_key(message.conversation_id);
+            // An unsend erased a message the run may hold (and its edits):
+            // it starts over from the UNSEND. Were this push lost, the
+            // runs after it would not join the older ones (readers take
+            // the newest contiguous stretch), so the erased message is
+            // never served from here either way.
+            if message.r#type == proto::MessageType::Unsend as i32 {
+                pipe.del(&key).ignore();
+            }
             pipe.rpush(&key, message.encode_to_vec()).ignore();
             pipe.ltrim(&key, -(PER_CONVERSATION as isize), -1).ignore();
             pipe.pexpire(&key, RECENT_TTL.as_millis() as i64).ignore();

@@ -178,6 +178,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("sqlite/V17__mutes.sql"),
     include_str!("sqlite/V18__cleared_histories.sql"),
     include_str!("sqlite/V19__replies.sql"),
+    include_str!("sqlite/V20__unsends.sql"),
 ];
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -1373,6 +1374,7 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<proto::Message>
         photo: None,
         call: None,
         reply_to_seq: row.get::<_, Option<i64>>(9)?.unwrap_or_default() as u64,
+        unsent: row.get(10)?,
     };
     crate::store::decode_attachment(&mut message, row.get_ref(8)?.as_blob_or_null()?);
     Ok(message)
@@ -1421,7 +1423,7 @@ fn pending_ranges_from(
 
 const MESSAGE_COLUMNS: &str = concat!(
     "m.conversation_id, m.seq, m.message_id, m.sender_id, ",
-    "m.client_msg_id, m.type, m.sent_at_ms, m.body, m.attachment, m.reply_to"
+    "m.client_msg_id, m.type, m.sent_at_ms, m.body, m.attachment, m.reply_to, m.unsent"
 );
 
 /// The message at `seq` of a conversation: its index entry from the pending
@@ -1536,7 +1538,8 @@ fn view(
             "SELECT COUNT(*) FROM (
                  SELECT 1 FROM message_index i JOIN messages m ON m.message_id = i.message_id AND m.conversation_id = i.conversation_id
                  WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3
-                   AND m.type NOT IN (5, 6) -- MESSAGE_TYPE_REACTION, MESSAGE_TYPE_EDIT
+                   AND m.type NOT IN (5, 6, 7) -- MESSAGE_TYPE_REACTION, _EDIT, _UNSEND
+                   AND NOT m.unsent
                  LIMIT ?4)",
         )
         .map_err(internal)?
@@ -1893,6 +1896,32 @@ fn stored_original(
     }))
 }
 
+/// Erases an unsent message, its edits and its photo's binding to it (see
+/// [`HistoryStore::append`]), in the UNSEND's transaction.
+fn erase(conn: &Connection, target: &proto::Message) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE messages SET body = '', attachment = NULL, unsent = 1 WHERE message_id = ?1",
+    )
+    .map_err(internal)?
+    .execute([sql(target.message_id)])
+    .map_err(internal)?;
+    // By the partial index of edits.
+    conn.prepare_cached(
+        "UPDATE messages SET body = '', unsent = 1
+         WHERE conversation_id = ?1 AND reply_to = ?2 AND type = 6 -- MESSAGE_TYPE_EDIT",
+    )
+    .map_err(internal)?
+    .execute(params![sql(target.conversation_id), sql(target.seq)])
+    .map_err(internal)?;
+    if let Some(photo) = &target.photo {
+        conn.prepare_cached("UPDATE media SET seq = NULL WHERE media_id = ?1 AND seq = ?2")
+            .map_err(internal)?
+            .execute(params![photo.media_id, sql(target.seq)])
+            .map_err(internal)?;
+    }
+    Ok(())
+}
+
 /// Appends one message. `system` skips the sender's membership check (a
 /// member who just left still authors "left the group").
 fn append_one(
@@ -1935,6 +1964,19 @@ fn append_one(
     // update by primary key.
     if let Some(original) = stored_original(conn, state, m.sender_id, &m.client_msg_id)? {
         return crate::store::check_retry(original, &m);
+    }
+    if matches!(
+        m.message_type,
+        proto::MessageType::Edit | proto::MessageType::Unsend
+    ) {
+        // Checked by the caller before, but an unsend may have come between.
+        let target = message_at(conn, state, m.conversation_id, m.reply_to_seq)?;
+        if target.as_ref().is_none_or(|t| t.unsent) {
+            return Err(StoreError::NotFound);
+        }
+        if let Some(target) = target.filter(|_| m.message_type == proto::MessageType::Unsend) {
+            erase(conn, &target)?;
+        }
     }
     let message_id = state.next_message_id;
     // The upload is the photo of a stored message from here on (in this
@@ -2012,6 +2054,7 @@ fn append_one(
             photo: m.photo,
             call: m.call,
             reply_to_seq: m.reply_to_seq,
+            unsent: false,
         }),
         duplicate: false,
         members: members.to_vec(),
@@ -2720,6 +2763,7 @@ impl HistoryStore for SqliteStore {
                     message_type: proto::MessageType::try_from(m.r#type).unwrap_or_default(),
                     sender_id: m.sender_id,
                     sent_at_ms: m.sent_at_ms,
+                    unsent: m.unsent,
                 }),
                 None => Reference::Unreadable,
             })
@@ -3613,15 +3657,16 @@ fn others_above(
 ) -> Result<bool, StoreError> {
     if let Some(entries) = state.index.get(&conversation_id) {
         let mut sender = conn
-            .prepare_cached("SELECT sender_id, type FROM messages WHERE message_id = ?1")
+            .prepare_cached("SELECT sender_id, type, unsent FROM messages WHERE message_id = ?1")
             .map_err(internal)?;
         for &(_, message_id) in entries.iter().rev().take_while(|&&(seq, _)| seq > seen) {
-            let (from, kind): (i64, i32) = sender
-                .query_row([sql(message_id)], |r| Ok((r.get(0)?, r.get(1)?)))
+            let (from, kind, unsent): (i64, i32, bool) = sender
+                .query_row([sql(message_id)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .map_err(internal)?;
             let annotation = kind == proto::MessageType::Reaction as i32
-                || kind == proto::MessageType::Edit as i32;
-            if from as u64 != user && !annotation {
+                || kind == proto::MessageType::Edit as i32
+                || kind == proto::MessageType::Unsend as i32;
+            if from as u64 != user && !annotation && !unsent {
                 return Ok(true);
             }
         }
@@ -3629,7 +3674,8 @@ fn others_above(
     conn.prepare_cached(
         "SELECT EXISTS(SELECT 1 FROM message_index i JOIN messages m ON m.message_id = i.message_id
                        WHERE i.conversation_id = ?1 AND i.seq > ?2 AND m.sender_id != ?3
-                         AND m.type NOT IN (5, 6) -- MESSAGE_TYPE_REACTION, MESSAGE_TYPE_EDIT
+                         AND m.type NOT IN (5, 6, 7) -- MESSAGE_TYPE_REACTION, _EDIT, _UNSEND
+                         AND NOT m.unsent
                       )",
     )
     .map_err(internal)?

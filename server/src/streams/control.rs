@@ -203,7 +203,7 @@ async fn authenticate(
             }
         }
         let reply = match &result {
-            Ok(auth_ok) => Frame::new(request_id, Body::AuthOk(auth_ok.clone())),
+            Ok(auth_ok) => Frame::new(request_id, Body::AuthOk(Box::new(auth_ok.clone()))),
             Err(refusal) => {
                 session.shared.metrics.error(refusal.code);
                 refusal.to_frame(request_id)
@@ -673,6 +673,9 @@ fn auth_ok(
         calls: true,
         // At most 7 days (the setting's bound): fits.
         edit_window_ms: u32::try_from(session.shared.config.limits.edit_window.as_millis())
+            .unwrap_or(u32::MAX),
+        // At most 30 days (the setting's bound): fits.
+        unsend_window_ms: u32::try_from(session.shared.config.limits.unsend_window.as_millis())
             .unwrap_or(u32::MAX),
     }
 }

@@ -405,10 +405,11 @@ async fn attach_photo(
     Ok(())
 }
 
-/// Checks the message a reply, a reaction or an edit names
+/// Checks the message a reply, a reaction, an edit or an unsend names
 /// (`HistoryStore::reference`): NOT_FOUND for a seq the sender may not
-/// read, INVALID_ARGUMENT for a message that takes none of them (or, for
-/// an edit, `check_edit`'s refusals). Returns whom a
+/// read or a message unsent, INVALID_ARGUMENT for a message that takes
+/// none of them (or, for an edit, `check_edit`'s refusals, for an unsend
+/// `check_unsend`'s). Returns whom a
 /// reaction notifies: the author of the message reacted to, unless it is
 /// the sender's own or a take-back (empty text).
 ///
@@ -455,9 +456,25 @@ async fn check_reference(
             return Err(refusal);
         }
     };
-    if message.message_type == proto::MessageType::Edit {
-        check_edit(session, message, &target)?;
-        return Ok(None);
+    // Its content is gone: nothing more may name it (the append checks
+    // again for an edit or an unsend, which an unsend racing them must
+    // not leave behind).
+    if target.unsent {
+        return Err(Refusal::new(
+            ErrorCode::NotFound,
+            format!("message {seq} was unsent"),
+        ));
+    }
+    match message.message_type {
+        proto::MessageType::Edit => {
+            check_edit(session, message, &target)?;
+            return Ok(None);
+        }
+        proto::MessageType::Unsend => {
+            check_unsend(session, message, &target)?;
+            return Ok(None);
+        }
+        _ => {}
     }
     if !matches!(
         target.message_type,
@@ -483,12 +500,43 @@ fn check_edit(session: &Session, edit: &NewMessage, target: &Referable) -> Resul
         ));
     }
     let window = session.shared.config.limits.edit_window;
+    check_window(edit, target, window, "edit")
+}
+
+/// An unsend's own rules, past the reference's: the sender's own text or
+/// photo, within `unsend-window` of its sending.
+fn check_unsend(session: &Session, unsend: &NewMessage, target: &Referable) -> Result<(), Refusal> {
+    let seq = unsend.reply_to_seq;
+    if target.sender_id != unsend.sender_id
+        || !matches!(
+            target.message_type,
+            proto::MessageType::Text | proto::MessageType::Photo
+        )
+    {
+        return Err(Refusal::new(
+            ErrorCode::InvalidArgument,
+            format!("message {seq} is not a text or photo of yours: only those may be unsent"),
+        ));
+    }
+    let window = session.shared.config.limits.unsend_window;
+    check_window(unsend, target, window, "unsend")
+}
+
+/// Whether `send` comes within `window` of its target's sending (by the
+/// server's clock, which stamped both).
+fn check_window(
+    send: &NewMessage,
+    target: &Referable,
+    window: Duration,
+    what: &str,
+) -> Result<(), Refusal> {
     let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
-    if edit.now_ms > target.sent_at_ms.saturating_add(window_ms) {
+    if send.now_ms > target.sent_at_ms.saturating_add(window_ms) {
         return Err(Refusal::new(
             ErrorCode::InvalidArgument,
             format!(
-                "message {seq} was sent more than {} ago: too late to edit",
+                "message {} was sent more than {} ago: too late to {what}",
+                send.reply_to_seq,
                 humantime::format_duration(window)
             ),
         ));
@@ -567,6 +615,21 @@ fn validate(session: &Session, send: proto::Send) -> Result<(NewMessage, Option<
             ));
         }
         Ok(proto::MessageType::Edit) => (proto::MessageType::Edit, None),
+        Ok(proto::MessageType::Unsend)
+            if send.reply_to_seq == 0 || !send.media_id.is_empty() || !send.text.is_empty() =>
+        {
+            return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                "an UNSEND names the message it withdraws (reply_to_seq) and carries no text or media_id",
+            ));
+        }
+        Ok(proto::MessageType::Unsend) if limits.unsend_window.is_zero() => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidArgument,
+                "this server takes no unsends (unsend-window 0s)",
+            ));
+        }
+        Ok(proto::MessageType::Unsend) => (proto::MessageType::Unsend, None),
         Ok(proto::MessageType::Reaction) => {
             if !is_reaction(&send.text) {
                 return Err(Refusal::new(
@@ -581,7 +644,7 @@ fn validate(session: &Session, send: proto::Send) -> Result<(NewMessage, Option<
         _ => {
             return Err(Refusal::new(
                 ErrorCode::InvalidArgument,
-                "clients may send TEXT, PHOTO, REACTION and EDIT messages only",
+                "clients may send TEXT, PHOTO, REACTION, EDIT and UNSEND messages only",
             ));
         }
     };

@@ -347,6 +347,7 @@ pub(super) async fn append_system(
             photo: None,
             call: None,
             reply_to_seq: 0,
+            unsent: false,
         }),
         duplicate: false,
         members,

@@ -357,7 +357,7 @@ async fn migrations_stay_in_their_schema_and_run_once_under_concurrent_starts() 
             "users"
         ]
     );
-    assert_eq!(history.unwrap(), 17, "V1 to V17, once each");
+    assert_eq!(history.unwrap(), 18, "V1 to V18, once each");
 }
 
 /// A connection to a new `schema` as migration `version` left it, for a
