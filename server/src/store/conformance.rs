@@ -63,6 +63,7 @@ macro_rules! history_store_conformance {
             left_groups_stay_listed_as_they_were,
             the_audience_is_the_members_who_may_hear,
             replies_and_reactions_refer_to_readable_messages,
+            unsending_erases_the_message_and_its_edits,
             mutes,
             deleting_conversations,
             moves_share_their_conversations_member_list,
@@ -2196,6 +2197,237 @@ pub async fn replies_and_reactions_refer_to_readable_messages(store: &impl Histo
         refer(g, c, added).await,
         Err(StoreError::NotAMember)
     ));
+}
+
+/// A message of `sender` naming message `seq` (a reaction, an edit or an
+/// unsend), as the caller checked it.
+fn naming(
+    conversation_id: ConversationId,
+    sender_id: UserId,
+    key: &str,
+    kind: proto::MessageType,
+    seq: u64,
+    body: &str,
+    now_ms: i64,
+) -> NewMessage {
+    NewMessage {
+        message_type: kind,
+        reply_to_seq: seq,
+        ..text(conversation_id, sender_id, key, body, now_ms)
+    }
+}
+
+/// An UNSEND erases, in its write, the text or photo it names and the
+/// edits of it, marks them unsent wherever messages are read (history,
+/// catch-up, `reference`), takes the photo's upload off its message (only
+/// the uploader may fetch it, and the purge takes it), and leaves every
+/// other message as it was; later edits and unsends of it are refused,
+/// even in the same batch, while a retry of the unsend is answered as the
+/// first; unsent messages and unsends are not unread.
+pub async fn unsending_erases_the_message_and_its_edits(store: &impl HistoryStore) {
+    use proto::MessageType::{Edit, Photo, Reaction, Text, Unsend};
+    let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
+    let secret = append_one(store, text(direct, a, "s", "the secret", 10))
+        .await
+        .message
+        .seq;
+    let edit = append_one(
+        store,
+        naming(direct, a, "e", Edit, secret, "the secret!", 11),
+    )
+    .await
+    .message
+    .seq;
+    let mut reply = text(direct, b, "r", "tell me more", 12);
+    reply.reply_to_seq = secret;
+    let reply = append_one(store, reply).await.message.seq;
+    let like = append_one(store, naming(direct, b, "l", Reaction, secret, "😮", 13))
+        .await
+        .message
+        .seq;
+    let media_id = format!("{:032x}", 5);
+    store.create_media(upload(&media_id, a, 14)).await.unwrap();
+    let bound = store.attach_media(&media_id, a, direct, 15).await.unwrap();
+    let mut photo = text(direct, a, "p", "caption", 16);
+    photo.message_type = Photo;
+    photo.photo = Some(Box::new(bound.photo()));
+    let photo = append_one(store, photo).await.message.seq;
+    assert_eq!(
+        store.media(&media_id).await.unwrap().unwrap().seq,
+        Some(photo)
+    );
+    let kept = append_one(store, text(direct, a, "k", "kept", 17))
+        .await
+        .message
+        .seq;
+
+    let unsend = naming(direct, a, "u", Unsend, secret, "", 20);
+    let appended = append_one(store, unsend.clone()).await;
+    assert!(!appended.duplicate);
+    assert_eq!(appended.members, vec![a, b]);
+    let unsent_at = appended.message.seq;
+    let unsend_photo = append_one(store, naming(direct, a, "u2", Unsend, photo, "", 21))
+        .await
+        .message
+        .seq;
+
+    // What history and catch-up serve from now on.
+    let shown = |m: &proto::Message| {
+        (
+            m.seq,
+            m.r#type,
+            m.text.clone(),
+            m.photo.is_some(),
+            m.unsent,
+            m.reply_to_seq,
+        )
+    };
+    let expected = vec![
+        (secret, Text as i32, String::new(), false, true, 0),
+        (edit, Edit as i32, String::new(), false, true, secret),
+        (
+            reply,
+            Text as i32,
+            "tell me more".to_string(),
+            false,
+            false,
+            secret,
+        ),
+        (
+            like,
+            Reaction as i32,
+            "😮".to_string(),
+            false,
+            false,
+            secret,
+        ),
+        (photo, Photo as i32, String::new(), false, true, 0),
+        (kept, Text as i32, "kept".to_string(), false, false, 0),
+        (
+            unsent_at,
+            Unsend as i32,
+            String::new(),
+            false,
+            false,
+            secret,
+        ),
+        (
+            unsend_photo,
+            Unsend as i32,
+            String::new(),
+            false,
+            false,
+            photo,
+        ),
+    ];
+    for direction in [Direction::Forward, Direction::Backward] {
+        let page = store.history(direct, direction, 0, 20).await.unwrap();
+        let page: Vec<_> = page.messages.iter().map(|m| shown(m)).collect();
+        assert_eq!(page, expected, "{direction:?}");
+    }
+    let owed = store.undelivered(b, (0, 0), 20).await.unwrap();
+    let owed: Vec<_> = owed.iter().map(|m| shown(m)).collect();
+    let from_alice: Vec<_> = expected
+        .iter()
+        .filter(|m| ![reply, like].contains(&m.0))
+        .cloned()
+        .collect();
+    assert_eq!(owed, from_alice);
+    // The photo is off its message (a fetch lets only its uploader have an
+    // upload no message carries), for the purge.
+    assert_eq!(store.media(&media_id).await.unwrap().unwrap().seq, None);
+    assert_eq!(
+        store.purge_media(i64::MAX, i64::MAX, 10).await.unwrap(),
+        vec![media_id.clone()]
+    );
+
+    // Nothing names it any more: the check finds it unsent, and an edit or
+    // unsend that passed the check before the unsend is refused.
+    assert_eq!(
+        store
+            .reference(direct, a, secret, "new".into())
+            .await
+            .unwrap(),
+        Reference::Readable(Referable {
+            message_type: Text,
+            sender_id: a,
+            sent_at_ms: 10,
+            unsent: true,
+        })
+    );
+    for (key, kind, body) in [("e2", Edit, "again"), ("u3", Unsend, "")] {
+        assert!(matches!(
+            store
+                .append(vec![naming(direct, a, key, kind, secret, body, 30)])
+                .await
+                .unwrap()[0],
+            Err(StoreError::NotFound)
+        ));
+    }
+    // The retry of the unsend is answered as the first.
+    let retried = append_one(store, unsend).await;
+    assert!(retried.duplicate);
+    assert_eq!(retried.message.seq, unsent_at);
+
+    // In one batch: an edit before the unsend is erased with it, one after
+    // it refused, and a second unsend too.
+    let again = append_one(store, text(direct, a, "s2", "another", 40))
+        .await
+        .message
+        .seq;
+    let results = store
+        .append(vec![
+            naming(direct, a, "e3", Edit, again, "another!", 41),
+            naming(direct, a, "u4", Unsend, again, "", 41),
+            naming(direct, a, "e4", Edit, again, "late", 41),
+            naming(direct, a, "u5", Unsend, again, "", 41),
+            text(direct, b, "after", "ok", 41),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(results[2], Err(StoreError::NotFound)),
+        "{results:?}"
+    );
+    assert!(
+        matches!(results[3], Err(StoreError::NotFound)),
+        "{results:?}"
+    );
+    let stored: Vec<u64> = [&results[0], &results[1], &results[4]]
+        .iter()
+        .map(|r| r.as_ref().unwrap().message.seq)
+        .collect();
+    assert_eq!(stored, vec![again + 1, again + 2, again + 3]);
+    let page = store
+        .history(direct, Direction::Forward, again - 1, 10)
+        .await
+        .unwrap();
+    let page: Vec<_> = page.messages.iter().map(|m| shown(m)).collect();
+    assert_eq!(
+        page,
+        vec![
+            (again, Text as i32, String::new(), false, true, 0),
+            (again + 1, Edit as i32, String::new(), false, true, again),
+            (again + 2, Unsend as i32, String::new(), false, false, again),
+            (again + 3, Text as i32, "ok".to_string(), false, false, 0),
+        ]
+    );
+
+    // Unread for Alice: Bob's reply, his reaction not, and "ok". Bob:
+    // nothing of Alice's but "kept" (the rest unsent, or unsends).
+    assert_eq!(store.conversation(direct, a).await.unwrap().unread_count, 2);
+    assert_eq!(store.conversation(direct, b).await.unwrap().unread_count, 1);
+    store
+        .advance_watermarks(vec![WatermarkUpdate {
+            conversation_id: direct,
+            user_id: b,
+            kind: WatermarkKind::Seen,
+            seq: kept,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(store.conversation(direct, b).await.unwrap().unread_count, 0);
+    assert_eq!(store.unread_conversations(b, 10).await.unwrap(), 0);
 }
 
 /// "Delete chat": a direct conversation is cleared for the one who deletes

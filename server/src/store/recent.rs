@@ -261,6 +261,23 @@ pub(crate) mod conformance {
         if let Some(page) = cache.page_before(5, 0, 1).await {
             assert_eq!(seqs(&page), vec![4]);
         }
+        // An unsend erased a message the run may hold: nothing before it
+        // is served from here.
+        let unsend = Arc::new(proto::Message {
+            r#type: proto::MessageType::Unsend as i32,
+            reply_to_seq: 58,
+            ..(*msg(3, 61)).clone()
+        });
+        cache.push(&[unsend]).await;
+        if let Some(page) = cache.page_before(3, 0, 2).await {
+            panic!("a page from before an unsend: {:?}", seqs(&page));
+        }
+        if let Some(page) = cache.page_before(3, 0, 1).await {
+            assert_eq!(seqs(&page), vec![61]);
+        }
+        cache.push(&[msg(3, 62)]).await;
+        let page = cache.page_before(3, 0, 2).await.expect("after the unsend");
+        assert_eq!(seqs(&page), vec![61, 62]);
     }
 }
 

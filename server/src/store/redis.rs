@@ -629,6 +629,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_unsend_takes_what_it_erased_out_of_the_queues() {
+        let Some(store) = connect("inbox-unsend").await else {
+            return;
+        };
+        let run: Vec<_> = (1..=4).map(|seq| (5, message(10, seq))).collect();
+        InboxStore::push(&store, run).await.unwrap();
+        InboxStore::push(&store, vec![(5, message(11, 1))])
+            .await
+            .unwrap();
+        // Seq 5 unsends seq 2: 2 to 4 may hold it and its edits, and go.
+        let unsend = Arc::new(proto::Message {
+            r#type: proto::MessageType::Unsend as i32,
+            reply_to_seq: 2,
+            text: String::new(),
+            ..(*message(10, 5)).clone()
+        });
+        InboxStore::push(&store, vec![(5, unsend)]).await.unwrap();
+        assert_eq!(
+            seqs(&store.pending(5, 100).await.unwrap().unwrap()),
+            vec![(10, 1), (10, 5), (11, 1)]
+        );
+        delete_prefix(&store, store.prefix()).await;
+    }
+
+    #[tokio::test]
     async fn inbox_queues_in_order_and_acks_by_watermark() {
         let Some(store) = connect("inbox").await else {
             return;

@@ -2826,10 +2826,14 @@ impl HistoryStore for SqliteStore {
                 match &result {
                     // A refused message (not a member, not friends in a
                     // direct conversation, a key reused for another
-                    // message) wrote nothing; the batch goes on.
+                    // message, an edit or unsend of a message unsent)
+                    // wrote nothing; the batch goes on.
                     Ok(_)
                     | Err(
-                        StoreError::NotAMember | StoreError::NotFriends(_) | StoreError::Invalid(_),
+                        StoreError::NotAMember
+                        | StoreError::NotFriends(_)
+                        | StoreError::Invalid(_)
+                        | StoreError::NotFound,
                     ) => {}
                     Err(e) => return Err(clone_err(e)),
                 }
