@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use chat_client::{Client, Edits, ErrorCode, Event, Events, HistoryDirection, Reactions, proto};
+use chat_client::{
+    Client, Edits, ErrorCode, Event, Events, HistoryDirection, Reactions, Unsends, proto,
+};
 
 use crate::harness::*;
 
@@ -691,6 +693,113 @@ each_backend! {
         let got = messages(&mut bob_events, 1).await;
         assert_eq!(got[0].text, "private");
         assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+    }
+
+    async fn an_unsent_text_is_erased_live_in_history_and_on_catch_up(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let members = circle(&server, 3).await;
+        let ids: Vec<u64> = members.iter().map(|(c, _)| c.identity().user_id).collect();
+        let (clients, mut events): (Vec<Client>, Vec<Events>) = members.into_iter().unzip();
+        let g = clients[0]
+            .create_group("plans", &ids[1..])
+            .await
+            .unwrap()
+            .conversation_id;
+        let (alice, bob, carol) = (&clients[0], &clients[1], &clients[2]);
+        assert_eq!(alice.unsend_window(), Duration::from_secs(60 * 3600));
+        // Carol is offline through all of it (with Redis, her unread queue
+        // holds what she is owed).
+        let carol_token = carol.identity().token;
+        carol.close();
+        let secret = alice.send_text(g, "the surprise is at 8").await.unwrap().seq;
+        let edit = alice.edit(g, secret, "the surprise is at 9").await.unwrap().seq;
+        let reply = bob.send_reply(g, secret, "shh!").await.unwrap().seq;
+        let kept = alice.send_text(g, "see you there").await.unwrap().seq;
+        backend.wait_queued_through(ids[2], g, kept).await;
+        let unsent = alice.unsend(g, secret).await.unwrap().seq;
+        backend.wait_queued_through(ids[2], g, unsent).await;
+
+        // Bob had it live; the UNSEND tells his app to drop it.
+        let mut got = Vec::new();
+        while got.last().is_none_or(|m: &proto::Message| m.seq < unsent) {
+            got.extend(messages(&mut events[1], 1).await);
+        }
+        got.retain(|m| m.r#type() != proto::MessageType::System);
+        assert_eq!(
+            got.iter()
+                .map(|m| (m.seq, m.r#type(), m.reply_to_seq))
+                .collect::<Vec<_>>(),
+            [
+                (secret, proto::MessageType::Text, 0),
+                (edit, proto::MessageType::Edit, secret),
+                (kept, proto::MessageType::Text, 0),
+                (unsent, proto::MessageType::Unsend, secret),
+            ]
+        );
+        let mut unsends = Unsends::new();
+        for m in &got {
+            unsends.apply(m);
+        }
+        assert!(unsends.is_unsent(g, secret));
+        assert!(!unsends.is_unsent(g, kept));
+
+        // History (the recent cache's pages included) serves it erased,
+        // and its edit; the reply and the rest stand.
+        let shown = |m: &proto::Message| (m.seq, m.text.clone(), m.unsent);
+        let expected = vec![
+            (secret, String::new(), true),
+            (edit, String::new(), true),
+            (reply, "shh!".to_string(), false),
+            (kept, "see you there".to_string(), false),
+            (unsent, String::new(), false),
+        ];
+        for reader in [alice, bob] {
+            let page = reader
+                .history(g, HistoryDirection::Backward, 0, 10)
+                .await
+                .unwrap();
+            let page: Vec<_> = page.messages.iter().map(shown).collect();
+            assert_eq!(page[1..], expected[..], "after the group's creation");
+        }
+        assert_eq!(
+            bob.message(g, secret).await.unwrap().map(|m| (m.text, m.unsent)),
+            Some((String::new(), true))
+        );
+
+        // Carol catches up with it erased: not a word of it reaches her.
+        let (_carol, mut carol_events) = Client::resume(server.client_config(), &carol_token)
+            .await
+            .unwrap();
+        let caught_up = messages(&mut carol_events, 6).await;
+        let caught_up: Vec<_> = caught_up.iter().map(shown).collect();
+        assert_eq!(caught_up[1..], expected[..]);
+        assert!(caught_up.iter().all(|(_, text, _)| !text.contains("surprise")));
+        // Neither unsent messages nor unsends are unread.
+        let listed = bob.conversations(10, None).await.unwrap();
+        let entry = listed.iter().find(|c| c.conversation_id == g).unwrap();
+        assert_eq!(
+            entry.unread_count, 2,
+            "the group's creation and \"see you there\""
+        );
+
+        // Nothing may name it any more, and only one's own texts and
+        // photos within the window may be unsent.
+        let like = bob.react(g, kept, "👍").await.unwrap().seq;
+        for (result, want) in [
+            (alice.unsend(g, secret).await, ErrorCode::NotFound),
+            (alice.edit(g, secret, "x").await, ErrorCode::NotFound),
+            (bob.react(g, secret, "👍").await, ErrorCode::NotFound),
+            (bob.send_reply(g, secret, "?").await, ErrorCode::NotFound),
+            (alice.unsend(g, reply).await, ErrorCode::InvalidArgument),
+            (bob.unsend(g, like).await, ErrorCode::InvalidArgument),
+            // Erased with its message.
+            (alice.unsend(g, edit).await, ErrorCode::NotFound),
+            (alice.unsend(g, 1).await, ErrorCode::InvalidArgument),
+            (alice.unsend(g, 999).await, ErrorCode::NotFound),
+            (alice.unsend(g, 0).await, ErrorCode::InvalidArgument),
+        ] {
+            assert_eq!(code(result), want);
+        }
     }
 
     async fn a_text_is_edited_by_its_author_within_the_window(backend: Backend) {
@@ -1809,6 +1918,39 @@ async fn a_mute_or_a_delete_on_one_device_reaches_the_others() {
         (change.conversation_id, change.kind(), change.up_to_seq),
         (direct, proto::conversation_changed::Kind::Deleted, seq)
     );
+}
+
+#[tokio::test]
+async fn unsends_past_the_window_or_with_none_are_refused() {
+    for (window, wait, why) in [
+        (
+            Duration::from_millis(1),
+            Duration::from_millis(20),
+            "too late",
+        ),
+        (Duration::ZERO, Duration::ZERO, "takes no unsends"),
+    ] {
+        let server = TestServer::start_with(|c| c.limits.unsend_window = window).await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+        let direct = befriend(&alice, &bob).await;
+        assert_eq!(alice.unsend_window(), window);
+        let seq = alice.send_text(direct, "oops").await.unwrap().seq;
+        // Time passes whatever the machine's load: the window is over.
+        tokio::time::sleep(wait).await;
+        let refused = alice.unsend(direct, seq).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(ErrorCode::InvalidArgument),
+            "{window:?}"
+        );
+        assert!(refused.to_string().contains(why), "{window:?}: {refused}");
+        let page = bob
+            .history(direct, HistoryDirection::Backward, 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(page.messages.last().unwrap().text, "oops", "{window:?}");
+    }
 }
 
 #[tokio::test]

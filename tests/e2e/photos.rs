@@ -109,6 +109,38 @@ fn refusal_code(body: &Body) -> ErrorCode {
 }
 
 each_backend! {
+    async fn an_unsent_photo_is_erased_and_only_its_uploader_fetches_it(backend: Backend) {
+        let server = TestServer::start_on(backend).await;
+        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+        let (bob, mut bob_events) = register(server.client_config(), &name("bob")).await;
+        let conversation = befriend(&alice, &bob).await;
+        let bytes = jpeg(20_000);
+        let media_id = alice.upload_photo(upload_of(bytes.clone())).await.unwrap();
+        let seq = alice
+            .send_photo(conversation, &media_id, "not this one")
+            .await
+            .unwrap()
+            .seq;
+        assert_eq!(messages(&mut bob_events, 1).await[0].seq, seq);
+        assert_eq!(bob.download_photo(&media_id).await.unwrap().1, bytes);
+
+        let unsent = alice.unsend(conversation, seq).await.unwrap().seq;
+        let got = messages(&mut bob_events, 1).await.remove(0);
+        assert_eq!(
+            (got.seq, got.r#type(), got.reply_to_seq),
+            (unsent, proto::MessageType::Unsend, seq)
+        );
+        // Bob may no longer fetch it; Alice, who uploaded it, still may
+        // until the purge takes it.
+        assert_eq!(code(bob.download_photo(&media_id).await), ErrorCode::NotFound);
+        assert_eq!(alice.download_photo(&media_id).await.unwrap().1, bytes);
+        let erased = bob.message(conversation, seq).await.unwrap().unwrap();
+        assert_eq!(
+            (erased.r#type(), erased.text.as_str(), erased.photo.is_none(), erased.unsent),
+            (proto::MessageType::Photo, "", true, true)
+        );
+    }
+
     async fn a_photo_reaches_the_conversation_and_only_its_members_fetch_it(backend: Backend) {
         let mut server = TestServer::start_on(backend).await;
         let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
