@@ -29,7 +29,8 @@
 //!
 //! Messages themselves are an append-only log keyed by message id, so a
 //! commit appends to the table's last pages instead of dirtying one leaf
-//! page per conversation it touches. Finding a conversation's messages by
+//! page per conversation it touches (an unsend rewrites the row it erases,
+//! and its edits, in place: rare, and one page each). Finding a conversation's messages by
 //! seq goes through `message_index`, which is derived data as well: it is
 //! written behind with the heads, in key order, and the entries not yet
 //! written are held in memory and looked up first.
