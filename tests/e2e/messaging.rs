@@ -746,7 +746,7 @@ each_backend! {
         // History (the recent cache's pages included) serves it erased,
         // and its edit; the reply and the rest stand.
         let shown = |m: &proto::Message| (m.seq, m.text.clone(), m.unsent);
-        let expected = vec![
+        let expected = [
             (secret, String::new(), true),
             (edit, String::new(), true),
             (reply, "shh!".to_string(), false),

@@ -592,6 +592,13 @@ impl InboxStore for Instrumented<dyn InboxStore> {
         timed!(self, "inbox_push", self.inner.push(entries))
     }
 
+    async fn erase(
+        &self,
+        ranges: Vec<(UserId, ConversationId, u64, u64)>,
+    ) -> Result<(), StoreError> {
+        timed!(self, "inbox_erase", self.inner.erase(ranges))
+    }
+
     async fn pending(
         &self,
         user: UserId,
@@ -660,9 +667,13 @@ impl RecentCache for Instrumented<dyn RecentCache> {
         conversation_id: ConversationId,
         before: u64,
         limit: u32,
+        newest: u64,
     ) -> Option<Page> {
         let start = Instant::now();
-        let page = self.inner.page_before(conversation_id, before, limit).await;
+        let page = self
+            .inner
+            .page_before(conversation_id, before, limit, newest)
+            .await;
         self.record::<()>("recent_page", &Ok(()), start.elapsed());
         page
     }

@@ -492,6 +492,22 @@ const _: () = assert!(
         && proto::MessageType::Unsend as i32 == 7
 );
 
+/// Whether `m`, an EDIT or an UNSEND, may rewrite a message of
+/// `author` and `message_type` (the caller checked it with
+/// [`HistoryStore::reference`]; the append checks it again, with whether
+/// the message is unsent, in its write): one's own TEXT for an edit, one's
+/// own TEXT or PHOTO for an unsend.
+pub(crate) fn may_rewrite(m: &NewMessage, author: UserId, message_type: i32) -> bool {
+    let text = message_type == proto::MessageType::Text as i32;
+    let photo = message_type == proto::MessageType::Photo as i32;
+    author == m.sender_id
+        && match m.message_type {
+            proto::MessageType::Edit => text,
+            proto::MessageType::Unsend => text || photo,
+            _ => false,
+        }
+}
+
 /// What [`HistoryStore::reference`] finds for a reply or a reaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reference {
@@ -620,6 +636,11 @@ pub struct Appended {
     /// those who may never have been sent it (its first answer was lost
     /// before its fan-out, say), to whom the retry delivers it again.
     pub members: Vec<UserId>,
+    /// For a new UNSEND, those who left the conversation, or were removed,
+    /// after the message it erased and were not yet delivered it: not
+    /// members, so not told, but their unread queues may hold what it
+    /// erased ([`InboxStore::erase`]). Empty otherwise.
+    pub erased_for: Vec<UserId>,
 }
 
 /// Which watermark to move.
@@ -1196,12 +1217,17 @@ pub trait RecentCache: Send + Sync + 'static {
     /// conversation, by the single writer that appends them.
     async fn push(&self, messages: &[Arc<proto::Message>]);
     /// Up to `limit` messages with seq below `before` (0: the newest), in
-    /// ascending order, if the cache can answer exactly as history would.
+    /// ascending order, if the cache can answer exactly as history would:
+    /// only from a run that ends at `newest`, the conversation's last seq
+    /// as the reader found it. A run behind it may hold what a later
+    /// message changed (an unsend erases the message it names), so it
+    /// misses, whatever page is asked.
     async fn page_before(
         &self,
         conversation_id: ConversationId,
         before: u64,
         limit: u32,
+        newest: u64,
     ) -> Option<Page>;
 }
 
@@ -1230,6 +1256,14 @@ pub trait InboxStore: Send + Sync + 'static {
     ) -> Result<Option<Vec<Arc<proto::Message>>>, StoreError>;
     /// Drops, per (user, conversation), everything up to the seq.
     async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError>;
+    /// Drops, per (user, conversation, from, to), the entries from seq
+    /// `from` to `to`: what an unsend erased, from the queues of those it
+    /// is not queued for. The queue then disagrees with history, which
+    /// the next catch-up reads instead.
+    async fn erase(
+        &self,
+        ranges: Vec<(UserId, ConversationId, u64, u64)>,
+    ) -> Result<(), StoreError>;
     /// Drops what no catch-up of `user` will send: entries at or below the
     /// delivered seq of each conversation in `pending` (conversation,
     /// delivered), and the whole queue of every other conversation (one

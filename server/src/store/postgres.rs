@@ -530,6 +530,7 @@ impl PostgresStore {
                 client.prepare_cached(ERASE_MESSAGES).await.map_err(pg)?,
                 client.prepare_cached(ERASE_EDITS).await.map_err(pg)?,
                 client.prepare_cached(DETACH_PHOTOS).await.map_err(pg)?,
+                client.prepare_cached(DEPARTED_OWED).await.map_err(pg)?,
             )),
             false => None,
         };
@@ -578,18 +579,27 @@ impl PostgresStore {
         .map_err(pg)?;
         // What the batch's edits and unsends name, as of the locks: whether
         // each is unsent, and a photo's upload.
-        let mut named: HashMap<(ConversationId, u64), (bool, Option<String>)> =
+        let mut named: HashMap<(ConversationId, u64), Named> =
             HashMap::with_capacity(target_rows.len());
         for row in &target_rows {
+            let message_type: i32 = col(row, 4)?;
             let photo = match col::<Option<&[u8]>>(row, 3)? {
-                Some(bytes) if col::<i32>(row, 4)? == proto::MessageType::Photo as i32 => {
+                Some(bytes) if message_type == proto::MessageType::Photo as i32 => {
                     <proto::Photo as prost::Message>::decode(bytes)
                         .ok()
                         .map(|photo| photo.media_id)
                 }
                 _ => None,
             };
-            named.insert((id_col(row, 0)?, id_col(row, 1)?), (col(row, 2)?, photo));
+            named.insert(
+                (id_col(row, 0)?, id_col(row, 1)?),
+                Named {
+                    unsent: col(row, 2)?,
+                    photo,
+                    message_type,
+                    author: id_col(row, 5)?,
+                },
+            );
         }
 
         let mut stored: HashMap<(UserId, String), (Arc<proto::Message>, Vec<UserId>)> =
@@ -630,7 +640,7 @@ impl PostgresStore {
         let mut next_seq = last_seq.clone();
         // The messages this batch unsends, and their photos' uploads.
         let (mut erased_conversations, mut erased_seqs) = (Vec::new(), Vec::new());
-        let mut detached: Vec<String> = Vec::new();
+        let (mut detached, mut detached_seqs): (Vec<String>, Vec<i64>) = (Vec::new(), Vec::new());
         for (i, m) in batch.iter().enumerate() {
             let key = (m.sender_id, m.client_msg_id.as_str());
             if let Some((message, members)) = stored.get(&(m.sender_id, m.client_msg_id.clone())) {
@@ -647,7 +657,10 @@ impl PostgresStore {
                 if closed.contains(&m.conversation_id) {
                     let other = ms.iter().copied().find(|&u| u != m.sender_id);
                     slots.push(Slot::NotFriends(other.unwrap_or(m.sender_id)));
-                } else if rewrites_target(m) && named.get(&target).is_none_or(|(unsent, _)| *unsent)
+                } else if rewrites_target(m)
+                    && named.get(&target).is_none_or(|t| {
+                        t.unsent || !crate::store::may_rewrite(m, t.author, t.message_type)
+                    })
                 {
                     slots.push(Slot::Gone);
                 } else {
@@ -655,14 +668,17 @@ impl PostgresStore {
                     slots.push(Slot::New(*seq));
                     accepted.insert(key, i);
                     if m.message_type == proto::MessageType::Unsend
-                        && let Some((unsent, photo)) = named.get_mut(&target)
+                        && let Some(named) = named.get_mut(&target)
                     {
                         // Later edits and unsends of it in this batch are
                         // refused as the next batch's would be.
-                        *unsent = true;
+                        named.unsent = true;
                         erased_conversations.push(sql(m.conversation_id));
                         erased_seqs.push(sql(m.reply_to_seq));
-                        detached.extend(photo.take());
+                        if let Some(photo) = named.photo.take() {
+                            detached.push(photo);
+                            detached_seqs.push(sql(m.reply_to_seq));
+                        }
                     }
                 }
             } else {
@@ -670,8 +686,33 @@ impl PostgresStore {
             }
         }
 
+        // A retry in this batch of a message this batch unsends (or of an
+        // edit of one) was read before the erase: answered as it will be
+        // stored.
+        if !erased_seqs.is_empty() {
+            let erased: HashSet<(ConversationId, u64)> = erased_conversations
+                .iter()
+                .zip(&erased_seqs)
+                .map(|(&c, &s)| (id(c), id(s)))
+                .collect();
+            for slot in &mut slots {
+                if let Slot::Stored(message, _) = slot
+                    && (erased.contains(&(message.conversation_id, message.seq))
+                        || (message.r#type == proto::MessageType::Edit as i32
+                            && erased.contains(&(message.conversation_id, message.reply_to_seq))))
+                {
+                    let mut erased = (**message).clone();
+                    erased.text.clear();
+                    erased.photo = None;
+                    erased.unsent = true;
+                    *message = Arc::new(erased);
+                }
+            }
+        }
         let writes = Writes::plan(batch, &slots, &last_seq);
         let mut message_ids: HashMap<(ConversationId, u64), u64> = HashMap::new();
+        // Per message unsent, who left after it without being delivered it.
+        let mut departed: HashMap<(ConversationId, u64), Vec<UserId>> = HashMap::new();
         let mut xid = None;
         if writes.new_messages > 0 {
             // Round trip 2, pipelined: lock the senders' member rows in
@@ -714,19 +755,20 @@ impl PostgresStore {
             // After the insert, so an edit earlier in the batch is erased
             // too.
             let erased_params: [Param<'_>; 2] = [&erased_conversations, &erased_seqs];
-            let detach_params: [Param<'_>; 1] = [&detached];
+            let detach_params: [Param<'_>; 2] = [&detached, &detached_seqs];
             let erase = async {
                 match &erase_stmts {
-                    Some((messages, edits, photos)) if !erased_seqs.is_empty() => {
-                        tokio::try_join!(
+                    Some((messages, edits, photos, departed)) if !erased_seqs.is_empty() => {
+                        let (_, _, _, owed) = tokio::try_join!(
                             biased;
                             tx.execute(messages, &erased_params),
                             tx.execute(edits, &erased_params),
                             tx.execute(photos, &detach_params),
+                            tx.query(departed, &erased_params),
                         )?;
-                        Ok(())
+                        Ok(owed)
                     }
-                    _ => Ok(()),
+                    _ => Ok(Vec::new()),
                 }
             };
             let written = tokio::try_join!(
@@ -739,7 +781,7 @@ impl PostgresStore {
                 tx.execute(&own_stmt, &own_params),
                 tx.query(&xid_stmt, &[]),
             );
-            let (_, _, inserted, _, _, _, xid_rows) = match written {
+            let (_, _, inserted, _, owed_rows, _, xid_rows) = match written {
                 Ok(written) => written,
                 // Rows are inserted in batch order, and a sender's keys
                 // are unique across conversations: two batches of
@@ -768,6 +810,12 @@ impl PostgresStore {
             for row in &inserted {
                 message_ids.insert((id_col(row, 0)?, id_col(row, 1)?), id_col(row, 2)?);
             }
+            for row in &owed_rows {
+                departed
+                    .entry((id_col(row, 0)?, id_col(row, 1)?))
+                    .or_default()
+                    .push(id_col(row, 2)?);
+            }
             xid = xid_rows.first().map(|row| col::<i64>(row, 0)).transpose()?;
         }
         if let Err(e) = tx.commit().await {
@@ -786,6 +834,7 @@ impl PostgresStore {
                         message,
                         duplicate: true,
                         members,
+                        erased_for: Vec::new(),
                     },
                     m,
                 ),
@@ -801,6 +850,7 @@ impl PostgresStore {
                                 .copied()
                                 .filter(|&member| member != m.sender_id)
                                 .collect(),
+                            erased_for: Vec::new(),
                         },
                         m,
                     ),
@@ -832,6 +882,12 @@ impl PostgresStore {
                         }),
                         duplicate: false,
                         members: members.get(&m.conversation_id).cloned().unwrap_or_default(),
+                        erased_for: match m.message_type {
+                            proto::MessageType::Unsend => departed
+                                .remove(&(m.conversation_id, m.reply_to_seq))
+                                .unwrap_or_default(),
+                            _ => Vec::new(),
+                        },
                     }),
                 },
             };
@@ -965,6 +1021,16 @@ enum Slot {
     /// An EDIT or UNSEND of a message unsent (by an UNSEND that came
     /// between the caller's check and this append, or earlier in it).
     Gone,
+}
+
+/// What the append reads of a message an EDIT or UNSEND of the batch
+/// names ([`TARGETS`]).
+struct Named {
+    unsent: bool,
+    /// A photo's upload.
+    photo: Option<String>,
+    message_type: i32,
+    author: UserId,
 }
 
 /// Whether `m` rewrites the message it names (an EDIT replaces its text
@@ -1937,6 +2003,7 @@ impl HistoryStore for PostgresStore {
                     message: Arc::new(message_from_row(&row, 0)?),
                     duplicate: true,
                     members: members.into_iter().map(id).collect(),
+                    erased_for: Vec::new(),
                 };
                 crate::store::check_repeated_edit(&first, conversation_id)?;
                 return Ok(first);
@@ -3097,10 +3164,10 @@ const PHOTOS_SENT: &str = "
     WHERE media.media_id = u.id";
 
 /// The messages a batch's edits and unsends name (`$1`, `$2`: their
-/// conversations and seqs): whether each is unsent, and for a photo its
-/// attachment (the upload to take off it).
+/// conversations and seqs): whether each is unsent, for a photo its
+/// attachment (the upload to take off it), its type and author.
 const TARGETS: &str = "
-    SELECT t.conversation_id, t.seq, t.unsent, t.attachment, t.type
+    SELECT t.conversation_id, t.seq, t.unsent, t.attachment, t.type, t.sender_id
     FROM unnest($1::bigint[], $2::bigint[]) AS u(conversation_id, seq)
     JOIN messages t ON t.conversation_id = u.conversation_id AND t.seq = u.seq";
 
@@ -3118,9 +3185,23 @@ const ERASE_EDITS: &str = "
     WHERE m.conversation_id = u.conversation_id AND m.reply_to = u.seq
       AND m.type = 6 -- MESSAGE_TYPE_EDIT";
 
-/// Takes the uploads of unsent photos off their messages: only their
+/// Takes the uploads of unsent photos off their messages (`$1`, `$2`: the
+/// uploads and the seqs of the messages unsent; an upload sent again
+/// later in its conversation carries the later one): only their
 /// uploaders may fetch them, and the purge deletes them.
-const DETACH_PHOTOS: &str = "UPDATE media SET seq = NULL WHERE media_id = ANY($1::text[])";
+const DETACH_PHOTOS: &str = "
+    UPDATE media SET seq = NULL
+    FROM unnest($1::text[], $2::bigint[]) AS u(id, seq)
+    WHERE media.media_id = u.id AND media.seq = u.seq";
+
+/// Those who left the conversations of the messages a batch unsends
+/// (`$1`, `$2` as in [`TARGETS`]), or were removed, after them without
+/// being delivered them: (conversation, seq, user).
+const DEPARTED_OWED: &str = "
+    SELECT d.conversation_id, u.seq, d.user_id
+    FROM unnest($1::bigint[], $2::bigint[]) AS u(conversation_id, seq)
+    JOIN departures d ON d.conversation_id = u.conversation_id
+                     AND d.seq >= u.seq AND d.delivered_seq < u.seq";
 
 /// Moves a sender's watermarks over their own run of messages, each one
 /// only if it was caught up (equal to the last seq before the batch).

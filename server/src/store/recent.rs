@@ -161,25 +161,35 @@ impl RecentCache for MemoryRecentCache {
         conversation_id: ConversationId,
         before: u64,
         limit: u32,
+        newest: u64,
     ) -> Option<Page> {
         let entry = self.entries.get(&conversation_id)?;
         let (front, back) = entry.as_slices();
         if back.is_empty() {
-            page_from_run(front, before, limit)
+            page_from_run(front, before, limit, newest)
         } else {
             let run: Vec<_> = entry.iter().cloned().collect();
-            page_from_run(&run, before, limit)
+            page_from_run(&run, before, limit, newest)
         }
     }
 }
 
 /// Answers "up to `limit` messages below `before` (0: the newest)" from
 /// `run`, ascending, contiguous newest messages of one conversation, or
-/// `None` if the run cannot answer exactly as history would (too short, or
-/// not contiguous).
-pub fn page_from_run(run: &[Arc<proto::Message>], before: u64, limit: u32) -> Option<Page> {
+/// `None` if the run cannot answer exactly as history would (too short,
+/// not contiguous, or not ending at `head`, the conversation's last seq as
+/// the reader found it).
+pub fn page_from_run(
+    run: &[Arc<proto::Message>],
+    before: u64,
+    limit: u32,
+    head: u64,
+) -> Option<Page> {
     let first_seq = run.first()?.seq;
     let newest = run.last()?.seq;
+    if newest != head {
+        return None;
+    }
     // Checked: a run out of order (a cache written by an older node, say)
     // is a miss, not an overflow.
     if newest.checked_add(1).and_then(|n| n.checked_sub(first_seq)) != Some(run.len() as u64) {
@@ -232,33 +242,36 @@ pub(crate) mod conformance {
         cache.push(&run[..30]).await;
         cache.push(&run[30..]).await;
         let page = cache
-            .page_before(3, 0, 10)
+            .page_before(3, 0, 10, 60)
             .await
             .expect("the newest page is cached");
         assert_eq!(seqs(&page), (51..=60).collect::<Vec<_>>());
         assert!(page.has_more);
         assert_eq!(page.messages[9].text, "m60");
-        let page = cache.page_before(3, 31, 10).await.expect("within the cap");
+        let page = cache
+            .page_before(3, 31, 10, 60)
+            .await
+            .expect("within the cap");
         assert_eq!(seqs(&page), (21..=30).collect::<Vec<_>>());
         // At most PER_CONVERSATION are kept: older pages miss, never shrink.
-        assert!(cache.page_before(3, 5, 10).await.is_none());
-        assert!(cache.page_before(3, 0, 51).await.is_none());
+        assert!(cache.page_before(3, 5, 10, 60).await.is_none());
+        assert!(cache.page_before(3, 0, 51, 60).await.is_none());
         // Unknown conversations miss.
-        assert!(cache.page_before(4, 0, 10).await.is_none());
+        assert!(cache.page_before(4, 0, 10, 10).await.is_none());
         // A young conversation is answered whole.
         cache.push(&[msg(5, 1), msg(5, 2)]).await;
         let page = cache
-            .page_before(5, 0, 50)
+            .page_before(5, 0, 50, 2)
             .await
             .expect("whole conversation");
         assert_eq!(seqs(&page), vec![1, 2]);
         assert!(!page.has_more);
         // After a gap (a lost push), nothing older than the gap is served.
         cache.push(&[msg(5, 4)]).await;
-        if let Some(page) = cache.page_before(5, 0, 2).await {
+        if let Some(page) = cache.page_before(5, 0, 2, 4).await {
             panic!("a page across a gap: {:?}", seqs(&page));
         }
-        if let Some(page) = cache.page_before(5, 0, 1).await {
+        if let Some(page) = cache.page_before(5, 0, 1, 4).await {
             assert_eq!(seqs(&page), vec![4]);
         }
         // An unsend erased a message the run may hold: nothing before it
@@ -269,15 +282,22 @@ pub(crate) mod conformance {
             ..(*msg(3, 61)).clone()
         });
         cache.push(&[unsend]).await;
-        if let Some(page) = cache.page_before(3, 0, 2).await {
+        if let Some(page) = cache.page_before(3, 0, 2, 61).await {
             panic!("a page from before an unsend: {:?}", seqs(&page));
         }
-        if let Some(page) = cache.page_before(3, 0, 1).await {
+        if let Some(page) = cache.page_before(3, 0, 1, 61).await {
             assert_eq!(seqs(&page), vec![61]);
         }
         cache.push(&[msg(3, 62)]).await;
-        let page = cache.page_before(3, 0, 2).await.expect("after the unsend");
+        let page = cache
+            .page_before(3, 0, 2, 62)
+            .await
+            .expect("after the unsend");
         assert_eq!(seqs(&page), vec![61, 62]);
+        // A run behind the conversation's last seq (the push of a later
+        // message not made yet, or lost) misses, whatever page is asked.
+        assert!(cache.page_before(3, 62, 1, 63).await.is_none());
+        assert!(cache.page_before(3, 0, 2, 63).await.is_none());
     }
 }
 
@@ -316,22 +336,22 @@ mod tests {
         let cache = MemoryRecentCache::new(10, DEFAULT_MAX_BYTES);
         push(&cache, 1, 1..=60).await;
         // Holds 11..=60.
-        let page = cache.page_before(1, 0, 20).await.unwrap();
+        let page = cache.page_before(1, 0, 20, 60).await.unwrap();
         assert_eq!(seqs(&page), (41..=60).collect::<Vec<_>>());
         assert!(page.has_more);
-        let page = cache.page_before(1, 41, 20).await.unwrap();
+        let page = cache.page_before(1, 41, 20, 60).await.unwrap();
         assert_eq!(seqs(&page), (21..=40).collect::<Vec<_>>());
         // Needs 1..=20 too: a miss, not a short page.
-        assert!(cache.page_before(1, 21, 20).await.is_none());
-        assert!(cache.page_before(1, 0, 51).await.is_none());
-        assert!(cache.page_before(2, 0, 10).await.is_none());
+        assert!(cache.page_before(1, 21, 20, 60).await.is_none());
+        assert!(cache.page_before(1, 0, 51, 60).await.is_none());
+        assert!(cache.page_before(2, 0, 10, 10).await.is_none());
     }
 
     #[tokio::test]
     async fn a_young_conversation_is_answered_whole() {
         let cache = MemoryRecentCache::new(10, DEFAULT_MAX_BYTES);
         push(&cache, 1, 1..=3).await;
-        let page = cache.page_before(1, 0, 50).await.unwrap();
+        let page = cache.page_before(1, 0, 50, 3).await.unwrap();
         assert_eq!(seqs(&page), vec![1, 2, 3]);
         assert!(!page.has_more);
     }
@@ -340,11 +360,11 @@ mod tests {
     async fn a_gap_restarts_the_entry() {
         let cache = MemoryRecentCache::new(10, DEFAULT_MAX_BYTES);
         push(&cache, 1, [5, 6, 9]).await;
-        assert!(cache.page_before(1, 0, 2).await.is_none());
-        assert_eq!(seqs(&cache.page_before(1, 0, 1).await.unwrap()), vec![9]);
+        assert!(cache.page_before(1, 0, 2, 9).await.is_none());
+        assert_eq!(seqs(&cache.page_before(1, 0, 1, 9).await.unwrap()), vec![9]);
         // Replays are ignored.
         push(&cache, 1, [9]).await;
-        assert_eq!(seqs(&cache.page_before(1, 0, 1).await.unwrap()), vec![9]);
+        assert_eq!(seqs(&cache.page_before(1, 0, 1, 9).await.unwrap()), vec![9]);
     }
 
     #[tokio::test]
@@ -377,7 +397,7 @@ mod tests {
         }
         // The newest conversation is the one kept, whole where it fits.
         let page = cache
-            .page_before(20, 0, 50)
+            .page_before(20, 0, 50, 50)
             .await
             .expect("the newest is kept");
         assert_eq!(seqs(&page).last(), Some(&50));
@@ -394,6 +414,6 @@ mod tests {
     #[test]
     fn a_run_with_a_hole_answers_nothing() {
         let run = vec![msg(1, 1), msg(1, 2), msg(1, 4)];
-        assert!(page_from_run(&run, 0, 2).is_none());
+        assert!(page_from_run(&run, 0, 2, 4).is_none());
     }
 }

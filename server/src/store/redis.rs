@@ -427,6 +427,22 @@ impl InboxStore for RedisStore {
         pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 
+    async fn erase(
+        &self,
+        ranges: Vec<(UserId, ConversationId, u64, u64)>,
+    ) -> Result<(), StoreError> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        for (user, conversation, from, to) in &ranges {
+            pipe.zrembyscore(self.inbox_key(*user, *conversation), *from, *to)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
     async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError> {
         if acks.is_empty() {
             return Ok(());
@@ -475,10 +491,11 @@ impl RecentCache for RedisStore {
         for message in messages {
             let key = self.recent_key(message.conversation_id);
             // An unsend erased a message the run may hold (and its edits):
-            // it starts over from the UNSEND. Were this push lost, the
-            // runs after it would not join the older ones (readers take
-            // the newest contiguous stretch), so the erased message is
-            // never served from here either way.
+            // it starts over from the UNSEND. Were this push lost, the run
+            // would end behind the conversation's last seq, which readers
+            // require it to reach, and the pushes after it would not join
+            // the older run (readers take the newest contiguous stretch):
+            // the erased message is not served from here either way.
             if message.r#type == proto::MessageType::Unsend as i32 {
                 pipe.del(&key).ignore();
             }
@@ -499,6 +516,7 @@ impl RecentCache for RedisStore {
         conversation_id: ConversationId,
         before: u64,
         limit: u32,
+        newest: u64,
     ) -> Option<Page> {
         let mut conn = self.conn.clone();
         let raw: Vec<Vec<u8>> = match conn.lrange(self.recent_key(conversation_id), 0, -1).await {
@@ -518,7 +536,7 @@ impl RecentCache for RedisStore {
         // contiguous stretch, as the in-process cache starts over there.
         // Read whole, the list failed the contiguity check until 50 more
         // messages had pushed the gap out.
-        page_from_run(contiguous_tail(&run), before, limit)
+        page_from_run(contiguous_tail(&run), before, limit, newest)
     }
 }
 
@@ -650,6 +668,20 @@ mod tests {
             seqs(&store.pending(5, 100).await.unwrap().unwrap()),
             vec![(10, 1), (10, 5), (11, 1)]
         );
+        // User 6 left after seq 3: not queued the UNSEND, their queue
+        // loses what it erased all the same.
+        let run: Vec<_> = (1..=3).map(|seq| (6, message(10, seq))).collect();
+        InboxStore::push(&store, run).await.unwrap();
+        store.erase(vec![(6, 10, 2, 4)]).await.unwrap();
+        assert_eq!(
+            seqs(&store.pending(6, 100).await.unwrap().unwrap()),
+            vec![(10, 1)]
+        );
+        assert_eq!(
+            seqs(&store.pending(5, 100).await.unwrap().unwrap()),
+            vec![(10, 1), (10, 5), (11, 1)],
+            "other users untouched"
+        );
         delete_prefix(&store, store.prefix()).await;
     }
 
@@ -780,27 +812,27 @@ mod tests {
         RecentCache::push(&store, &[message(5, 1), message(5, 2)]).await;
         RecentCache::push(&store, &[message(5, 4)]).await;
         assert_eq!(
-            seqs(store.page_before(5, 0, 1).await),
+            seqs(store.page_before(5, 0, 1, 4).await),
             Some(vec![4]),
             "after a gap"
         );
         assert_eq!(
-            seqs(store.page_before(5, 0, 2).await),
+            seqs(store.page_before(5, 0, 2, 4).await),
             None,
             "not across it"
         );
         RecentCache::push(&store, &[message(5, 5)]).await;
-        assert_eq!(seqs(store.page_before(5, 0, 2).await), Some(vec![4, 5]));
+        assert_eq!(seqs(store.page_before(5, 0, 2, 5).await), Some(vec![4, 5]));
         // A replay: the run starts over after it.
         RecentCache::push(&store, &[message(5, 5), message(5, 6)]).await;
-        assert_eq!(seqs(store.page_before(5, 0, 2).await), Some(vec![5, 6]));
+        assert_eq!(seqs(store.page_before(5, 0, 2, 6).await), Some(vec![5, 6]));
         // Two committers' pushes crossing: seq 2 before seq 1.
         RecentCache::push(&store, &[message(7, 2)]).await;
         RecentCache::push(&store, &[message(7, 1)]).await;
         RecentCache::push(&store, &[message(7, 3)]).await;
-        assert_eq!(seqs(store.page_before(7, 0, 1).await), Some(vec![3]));
+        assert_eq!(seqs(store.page_before(7, 0, 1, 3).await), Some(vec![3]));
         RecentCache::push(&store, &[message(7, 4)]).await;
-        assert_eq!(seqs(store.page_before(7, 0, 2).await), Some(vec![3, 4]));
+        assert_eq!(seqs(store.page_before(7, 0, 2, 4).await), Some(vec![3, 4]));
         delete_prefix(&store, store.prefix()).await;
     }
 

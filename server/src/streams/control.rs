@@ -1094,20 +1094,19 @@ async fn handle_request(session: &Session, frame: Frame) -> Result<Reply, Refusa
                 }
                 _ => limit,
             };
+            // Only from a run that ends at the conversation's last seq: one
+            // that missed a push must neither pass off an old page as the
+            // newest one nor serve what a later unsend erased. A former
+            // member's last seq is their stay's end, not the head: history.
             let cached = match direction {
-                Direction::Backward => {
+                Direction::Backward if !former => {
                     shared
                         .cache
-                        .page_before(q.conversation_id, cursor, limit)
+                        .page_before(q.conversation_id, cursor, limit, last_seq)
                         .await
                 }
-                Direction::Forward => None,
+                _ => None,
             };
-            // A cache that missed a push must not pass off an old page as
-            // the newest one.
-            let cached = cached.filter(|page| {
-                cursor <= last_seq || page.messages.last().is_some_and(|m| m.seq == last_seq)
-            });
             let mut page = match cached {
                 Some(page) => page,
                 None => {

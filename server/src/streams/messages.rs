@@ -414,9 +414,11 @@ async fn attach_photo(
 /// the sender's own or a take-back (empty text).
 ///
 /// A retry (its key stored) passes, whatever it names now: the append
-/// answers it as the first time. So does a sender who is not a member:
-/// the append refuses them. A lookup the store could not make now holds
-/// later sends back until this one comes again, as a photo's does.
+/// answers it as the first time. A sender who is not a member is refused
+/// here (a retry of theirs was recognised first): passed on, they could be
+/// added back before the append and edit or unsend what they may not. A
+/// lookup the store could not make now holds later sends back until this
+/// one comes again, as a photo's does.
 async fn check_reference(
     session: &Session,
     limited: &mut Option<Limited>,
@@ -444,7 +446,7 @@ async fn check_reference(
                 format!("no message {seq} you may read in this conversation"),
             ));
         }
-        Ok(Reference::Retry) | Err(StoreError::NotAMember) => return Ok(None),
+        Ok(Reference::Retry) => return Ok(None),
         Err(e) => {
             let refusal = Refusal::from(e);
             if refusal.code.is_retryable() {

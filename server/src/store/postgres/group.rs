@@ -351,6 +351,7 @@ pub(super) async fn append_system(
         }),
         duplicate: false,
         members,
+        erased_for: Vec::new(),
     };
     Ok((appended, xid))
 }
