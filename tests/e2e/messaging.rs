@@ -802,6 +802,41 @@ each_backend! {
         }
     }
 
+    async fn a_member_removed_after_an_unsent_text_catches_up_without_it(backend: Backend) {
+        let server = TestServer::start_on(backend.clone()).await;
+        let members = circle(&server, 3).await;
+        let ids: Vec<u64> = members.iter().map(|(c, _)| c.identity().user_id).collect();
+        let (clients, _events): (Vec<Client>, Vec<Events>) = members.into_iter().unzip();
+        let g = clients[0]
+            .create_group("plans", &ids[1..])
+            .await
+            .unwrap()
+            .conversation_id;
+        let (alice, carol) = (&clients[0], &clients[2]);
+        let carol_token = carol.identity().token;
+        carol.close();
+        let secret = alice.send_text(g, "the surprise is at 8").await.unwrap().seq;
+        backend.wait_queued_through(ids[2], g, secret).await;
+        alice.remove_member(g, ids[2]).await.unwrap();
+        alice.unsend(g, secret).await.unwrap();
+        // Not a member, Carol is not sent the UNSEND; her queue loses the
+        // text all the same.
+        backend.wait_unqueued(ids[2], g, secret).await;
+        let (_carol, mut carol_events) = Client::resume(server.client_config(), &carol_token)
+            .await
+            .unwrap();
+        // The group's creation, the text (erased), her removal.
+        let caught_up = messages(&mut carol_events, 3).await;
+        assert_eq!(
+            caught_up
+                .iter()
+                .map(|m| (m.seq, m.text.contains("surprise"), m.unsent))
+                .collect::<Vec<_>>()[1],
+            (secret, false, true)
+        );
+        assert_no_message(&mut carol_events, Duration::from_millis(300)).await;
+    }
+
     async fn a_text_is_edited_by_its_author_within_the_window(backend: Backend) {
         let server = TestServer::start_on(backend).await;
         let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;

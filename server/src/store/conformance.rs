@@ -64,6 +64,7 @@ macro_rules! history_store_conformance {
             the_audience_is_the_members_who_may_hear,
             replies_and_reactions_refer_to_readable_messages,
             unsending_erases_the_message_and_its_edits,
+            unsends_check_their_author_and_reach_those_who_left,
             mutes,
             deleting_conversations,
             moves_share_their_conversations_member_list,
@@ -2428,6 +2429,108 @@ pub async fn unsending_erases_the_message_and_its_edits(store: &impl HistoryStor
         .unwrap();
     assert_eq!(store.conversation(direct, b).await.unwrap().unread_count, 0);
     assert_eq!(store.unread_conversations(b, 10).await.unwrap(), 0);
+}
+
+/// The append checks an unsend's or an edit's author and target type
+/// itself (the caller's check is not its write); an unsend names those who
+/// left after the message without being delivered it (their queues may
+/// hold it); a retry in the unsend's own batch is answered erased; an
+/// upload sent twice loses only the unsent message's binding.
+pub async fn unsends_check_their_author_and_reach_those_who_left(store: &impl HistoryStore) {
+    use proto::MessageType::{Edit, Photo, Reaction, Unsend};
+    let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
+    let hers = append_one(store, text(direct, a, "h", "hers", 10))
+        .await
+        .message
+        .seq;
+    let like = append_one(store, naming(direct, a, "l", Reaction, hers, "👍", 11))
+        .await
+        .message
+        .seq;
+    for (m, why) in [
+        (naming(direct, b, "u1", Unsend, hers, "", 12), "another's"),
+        (naming(direct, b, "e1", Edit, hers, "x", 12), "another's"),
+        (naming(direct, a, "u2", Unsend, like, "", 12), "a reaction"),
+        (naming(direct, a, "e2", Edit, like, "x", 12), "a reaction"),
+    ] {
+        let results = store.append(vec![m]).await.unwrap();
+        assert!(
+            matches!(results[0], Err(StoreError::NotFound)),
+            "{why}: {results:?}"
+        );
+    }
+    let page = store
+        .history(direct, Direction::Forward, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&page.messages), vec![hers, like]);
+    assert!(!page.messages[0].unsent);
+
+    // A retry of the message in the unsend's batch is answered erased.
+    let results = store
+        .append(vec![
+            naming(direct, a, "u3", Unsend, hers, "", 13),
+            text(direct, a, "h", "hers", 10),
+        ])
+        .await
+        .unwrap();
+    let retried = results[1].as_ref().unwrap();
+    assert!(retried.duplicate);
+    assert_eq!(
+        (
+            retried.message.seq,
+            retried.message.text.as_str(),
+            retried.message.unsent
+        ),
+        (hers, "", true)
+    );
+
+    // One upload sent twice: unsending the first leaves the second's.
+    let media_id = format!("{:032x}", 6);
+    store.create_media(upload(&media_id, a, 20)).await.unwrap();
+    let bound = store.attach_media(&media_id, a, direct, 21).await.unwrap();
+    let photo = |key: &str| NewMessage {
+        message_type: Photo,
+        photo: Some(Box::new(bound.photo())),
+        ..text(direct, a, key, "", 22)
+    };
+    let first = append_one(store, photo("p1")).await.message.seq;
+    let second = append_one(store, photo("p2")).await.message.seq;
+    append_one(store, naming(direct, a, "u4", Unsend, first, "", 23)).await;
+    assert_eq!(
+        store.media(&media_id).await.unwrap().unwrap().seq,
+        Some(second)
+    );
+    append_one(store, naming(direct, a, "u5", Unsend, second, "", 24)).await;
+    assert_eq!(store.media(&media_id).await.unwrap().unwrap().seq, None);
+
+    // In a group: Carol is removed after the message and Dave left before
+    // it, neither delivered anything; only Carol may hold it queued.
+    let c = user(store, "carol").await;
+    let d = user(store, "dave").await;
+    let g = trip(store, a, vec![b, c, d]).await;
+    store
+        .change_group(GroupEdit::new(g, d, GroupChange::Leave), 5, 30)
+        .await
+        .unwrap();
+    let said = append_one(store, text(g, a, "g", "in the group", 31))
+        .await
+        .message
+        .seq;
+    store
+        .change_group(GroupEdit::new(g, a, GroupChange::Remove(c)), 5, 32)
+        .await
+        .unwrap();
+    let unsent = append_one(store, naming(g, a, "u6", Unsend, said, "", 33)).await;
+    assert_eq!(unsent.erased_for, vec![c]);
+    assert_eq!(unsent.members, vec![a, b]);
+    // Nor does a text name anyone.
+    assert!(
+        append_one(store, text(g, a, "g2", "more", 34))
+            .await
+            .erased_for
+            .is_empty()
+    );
 }
 
 /// "Delete chat": a direct conversation is cleared for the one who deletes
