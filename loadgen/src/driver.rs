@@ -643,6 +643,10 @@ async fn receive(
                     // "Group created" and the like, from set-up; a call's
                     // log.
                     _ if system => {}
+                    // Not sent by the load generator, but not a stale
+                    // message of its own either should a run's users get one.
+                    _ if m.r#type == proto::MessageType::Edit as i32
+                        || m.r#type == proto::MessageType::Unsend as i32 => {}
                     _ => shared.tracker.stale(),
                 }
                 mark_seen_later(&shared, &client, &seen, m.conversation_id, m.seq);

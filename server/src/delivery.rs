@@ -426,7 +426,6 @@ async fn send_committer(
             let update = CacheUpdate::Stored {
                 stored: std::mem::take(&mut out.stored),
                 queued: std::mem::take(&mut out.queued),
-                erased: std::mem::take(&mut out.erased),
             };
             if !hand_to_updater(&updates, update, &c.metrics) {
                 return;
@@ -472,13 +471,10 @@ fn hand_to_updater(
 /// What a committer pair's batches change in the recent cache and the
 /// unread queues.
 enum CacheUpdate {
-    /// Messages stored (for the cache) and queued for their recipients,
-    /// and what unsends erased from the queues of those they are not
-    /// queued for (user, conversation, from seq, to seq).
+    /// Messages stored (for the cache) and queued for their recipients.
     Stored {
         stored: Vec<Arc<proto::Message>>,
         queued: Vec<(UserId, Arc<proto::Message>)>,
-        erased: Vec<(UserId, u64, u64, u64)>,
     },
     /// Delivered watermarks moved: (member, conversation, seq).
     Delivered(Vec<(UserId, u64, u64)>),
@@ -496,21 +492,12 @@ async fn update_caches(
 ) {
     while let Some(update) = rx.recv().await {
         match update {
-            CacheUpdate::Stored {
-                stored,
-                queued,
-                erased,
-            } => {
+            CacheUpdate::Stored { stored, queued } => {
                 cache.push(&stored).await;
                 if let Some(inbox) = &inbox
                     && let Err(e) = inbox.push(queued).await
                 {
                     tracing::warn!(error = %e, "inbox push failed");
-                }
-                if let Some(inbox) = &inbox
-                    && let Err(e) = inbox.erase(erased).await
-                {
-                    tracing::warn!(error = %e, "inbox erase failed");
                 }
             }
             CacheUpdate::Delivered(acks) => {
@@ -529,7 +516,6 @@ async fn update_caches(
 struct Fanout {
     stored: Vec<Arc<proto::Message>>,
     queued: Vec<(UserId, Arc<proto::Message>)>,
-    erased: Vec<(UserId, u64, u64, u64)>,
 }
 
 /// Connections whose sends failed with a retryable store error, by
@@ -1281,17 +1267,6 @@ fn fan_out(
         c.metrics
             .send_to_deliver
             .record(received.elapsed().as_secs_f64());
-    }
-    // An unsend's erased seqs leave the queues of those who left since,
-    // whom it is not queued for (a member's queue loses them as the
-    // UNSEND is queued: `InboxStore::push`).
-    for &user in &appended.erased_for {
-        out.erased.push((
-            user,
-            message.conversation_id,
-            message.reply_to_seq,
-            message.seq.saturating_sub(1),
-        ));
     }
     out.stored.push(appended.message);
 }

@@ -175,18 +175,6 @@ impl Backend {
         .await;
     }
 
-    /// Waits until `user`'s unread queue of `conversation` no longer holds
-    /// its message `seq` (an ack, or an unsend's erasure, took it out).
-    pub async fn wait_unqueued(&self, user: u64, conversation: u64, seq: u64) {
-        self.wait_queue(user, &format!("no {conversation}:{seq}"), |queued| {
-            queued.is_some_and(|q| {
-                !q.iter()
-                    .any(|m| m.conversation_id == conversation && m.seq == seq)
-            })
-        })
-        .await;
-    }
-
     /// Polls `user`'s unread queues (all of them, `None` if there are
     /// more than the store returns) until `done`; returns at once on the
     /// embedded store, which has none.

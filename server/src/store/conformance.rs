@@ -64,7 +64,7 @@ macro_rules! history_store_conformance {
             the_audience_is_the_members_who_may_hear,
             replies_and_reactions_refer_to_readable_messages,
             unsending_erases_the_message_and_its_edits,
-            unsends_check_their_author_and_reach_those_who_left,
+            unsends_check_their_author_and_reach_those_removed,
             mutes,
             deleting_conversations,
             moves_share_their_conversations_member_list,
@@ -1450,7 +1450,8 @@ pub async fn pending_ranges_and_membership(store: &impl HistoryStore) {
             vec![PendingRange {
                 conversation_id: c,
                 delivered_seq: 0,
-                last_seq: 3
+                last_seq: 3,
+                departed: false,
             }]
         );
         // The sender was caught up, so nothing is pending for her.
@@ -2432,11 +2433,12 @@ pub async fn unsending_erases_the_message_and_its_edits(store: &impl HistoryStor
 }
 
 /// The append checks an unsend's or an edit's author and target type
-/// itself (the caller's check is not its write); an unsend names those who
-/// left after the message without being delivered it (their queues may
-/// hold it); a retry in the unsend's own batch is answered erased; an
-/// upload sent twice loses only the unsent message's binding.
-pub async fn unsends_check_their_author_and_reach_those_who_left(store: &impl HistoryStore) {
+/// itself (the caller's check is not its write); a closed direct
+/// conversation takes an unsend, not an edit; a retry in the unsend's own
+/// batch is answered erased; an upload sent twice loses only the unsent
+/// message's binding; what a removed member is owed is marked as theirs
+/// by removal (catch-up reads it from history, which unsends reach).
+pub async fn unsends_check_their_author_and_reach_those_removed(store: &impl HistoryStore) {
     use proto::MessageType::{Edit, Photo, Reaction, Unsend};
     let (a, b, direct) = friends_with_direct(store, "alice", "bob").await;
     let hers = append_one(store, text(direct, a, "h", "hers", 10))
@@ -2504,32 +2506,50 @@ pub async fn unsends_check_their_author_and_reach_those_who_left(store: &impl Hi
     append_one(store, naming(direct, a, "u5", Unsend, second, "", 24)).await;
     assert_eq!(store.media(&media_id).await.unwrap().unwrap().seq, None);
 
-    // In a group: Carol is removed after the message and Dave left before
-    // it, neither delivered anything; only Carol may hold it queued.
-    let c = user(store, "carol").await;
-    let d = user(store, "dave").await;
-    let g = trip(store, a, vec![b, c, d]).await;
-    store
-        .change_group(GroupEdit::new(g, d, GroupChange::Leave), 5, 30)
+    // Unfriended, the direct conversation is closed: it takes no edit,
+    // but an unsend still (it withdraws, it says nothing).
+    let last = append_one(store, text(direct, a, "x", "before", 25))
+        .await
+        .message
+        .seq;
+    store.friend_remove(a, b).await.unwrap();
+    let results = store
+        .append(vec![
+            naming(direct, a, "e3", Edit, last, "after", 26),
+            naming(direct, a, "u7", Unsend, last, "", 26),
+        ])
         .await
         .unwrap();
+    assert!(
+        matches!(results[0], Err(StoreError::NotFriends(_))),
+        "{results:?}"
+    );
+    assert_eq!(results[1].as_ref().unwrap().members, vec![a, b]);
+
+    // In a group: Carol is removed after a message she was not delivered;
+    // what she is owed up to her removal is a range marked departed.
+    let c = user(store, "carol").await;
+    let g = trip(store, a, vec![b, c]).await;
     let said = append_one(store, text(g, a, "g", "in the group", 31))
         .await
         .message
         .seq;
-    store
+    let removed = store
         .change_group(GroupEdit::new(g, a, GroupChange::Remove(c)), 5, 32)
         .await
-        .unwrap();
+        .unwrap()
+        .message
+        .seq;
     let unsent = append_one(store, naming(g, a, "u6", Unsend, said, "", 33)).await;
-    assert_eq!(unsent.erased_for, vec![c]);
     assert_eq!(unsent.members, vec![a, b]);
-    // Nor does a text name anyone.
+    let ranges = store.pending_ranges(c).await.unwrap().unwrap();
+    let range = ranges.iter().find(|r| r.conversation_id == g).unwrap();
+    assert_eq!((range.last_seq, range.departed), (removed, true));
     assert!(
-        append_one(store, text(g, a, "g2", "more", 34))
-            .await
-            .erased_for
-            .is_empty()
+        ranges
+            .iter()
+            .filter(|r| r.conversation_id != g)
+            .all(|r| !r.departed)
     );
 }
 

@@ -592,13 +592,6 @@ impl InboxStore for Instrumented<dyn InboxStore> {
         timed!(self, "inbox_push", self.inner.push(entries))
     }
 
-    async fn erase(
-        &self,
-        ranges: Vec<(UserId, ConversationId, u64, u64)>,
-    ) -> Result<(), StoreError> {
-        timed!(self, "inbox_erase", self.inner.erase(ranges))
-    }
-
     async fn pending(
         &self,
         user: UserId,

@@ -636,11 +636,6 @@ pub struct Appended {
     /// those who may never have been sent it (its first answer was lost
     /// before its fan-out, say), to whom the retry delivers it again.
     pub members: Vec<UserId>,
-    /// For a new UNSEND, those who left the conversation, or were removed,
-    /// after the message it erased and were not yet delivered it: not
-    /// members, so not told, but their unread queues may hold what it
-    /// erased ([`InboxStore::erase`]). Empty otherwise.
-    pub erased_for: Vec<UserId>,
 }
 
 /// Which watermark to move.
@@ -1256,14 +1251,7 @@ pub trait InboxStore: Send + Sync + 'static {
     ) -> Result<Option<Vec<Arc<proto::Message>>>, StoreError>;
     /// Drops, per (user, conversation), everything up to the seq.
     async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError>;
-    /// Drops, per (user, conversation, from, to), the entries from seq
-    /// `from` to `to`: what an unsend erased, from the queues of those it
-    /// is not queued for. The queue then disagrees with history, which
-    /// the next catch-up reads instead.
-    async fn erase(
-        &self,
-        ranges: Vec<(UserId, ConversationId, u64, u64)>,
-    ) -> Result<(), StoreError>;
+
     /// Drops what no catch-up of `user` will send: entries at or below the
     /// delivered seq of each conversation in `pending` (conversation,
     /// delivered), and the whole queue of every other conversation (one
@@ -1286,6 +1274,12 @@ pub struct PendingRange {
     /// The member's delivered watermark, or what they cleared by deleting
     /// the chat if that is higher (nothing up to it is owed to them).
     pub delivered_seq: u64,
-    /// The conversation's newest seq.
+    /// The conversation's newest seq; for one `departed`, the seq of the
+    /// message that ended their membership.
     pub last_seq: u64,
+    /// A group the user was removed from and was not yet delivered all of
+    /// up to their removal (`departures`): catch-up reads history for it,
+    /// never the unread queue, which a later unsend (not queued for them,
+    /// no longer a member) does not reach.
+    pub departed: bool,
 }

@@ -530,7 +530,6 @@ impl PostgresStore {
                 client.prepare_cached(ERASE_MESSAGES).await.map_err(pg)?,
                 client.prepare_cached(ERASE_EDITS).await.map_err(pg)?,
                 client.prepare_cached(DETACH_PHOTOS).await.map_err(pg)?,
-                client.prepare_cached(DEPARTED_OWED).await.map_err(pg)?,
             )),
             false => None,
         };
@@ -654,7 +653,11 @@ impl PostgresStore {
                     .filter(|ms| ms.binary_search(&m.sender_id).is_ok()),
             ) {
                 let target = (m.conversation_id, m.reply_to_seq);
-                if closed.contains(&m.conversation_id) {
+                // An unsend withdraws, it says nothing: a closed direct
+                // conversation (unfriended, blocked) takes it.
+                if closed.contains(&m.conversation_id)
+                    && m.message_type != proto::MessageType::Unsend
+                {
                     let other = ms.iter().copied().find(|&u| u != m.sender_id);
                     slots.push(Slot::NotFriends(other.unwrap_or(m.sender_id)));
                 } else if rewrites_target(m)
@@ -711,8 +714,6 @@ impl PostgresStore {
         }
         let writes = Writes::plan(batch, &slots, &last_seq);
         let mut message_ids: HashMap<(ConversationId, u64), u64> = HashMap::new();
-        // Per message unsent, who left after it without being delivered it.
-        let mut departed: HashMap<(ConversationId, u64), Vec<UserId>> = HashMap::new();
         let mut xid = None;
         if writes.new_messages > 0 {
             // Round trip 2, pipelined: lock the senders' member rows in
@@ -758,17 +759,16 @@ impl PostgresStore {
             let detach_params: [Param<'_>; 2] = [&detached, &detached_seqs];
             let erase = async {
                 match &erase_stmts {
-                    Some((messages, edits, photos, departed)) if !erased_seqs.is_empty() => {
-                        let (_, _, _, owed) = tokio::try_join!(
+                    Some((messages, edits, photos)) if !erased_seqs.is_empty() => {
+                        tokio::try_join!(
                             biased;
                             tx.execute(messages, &erased_params),
                             tx.execute(edits, &erased_params),
                             tx.execute(photos, &detach_params),
-                            tx.query(departed, &erased_params),
                         )?;
-                        Ok(owed)
+                        Ok(())
                     }
-                    _ => Ok(Vec::new()),
+                    _ => Ok(()),
                 }
             };
             let written = tokio::try_join!(
@@ -781,7 +781,7 @@ impl PostgresStore {
                 tx.execute(&own_stmt, &own_params),
                 tx.query(&xid_stmt, &[]),
             );
-            let (_, _, inserted, _, owed_rows, _, xid_rows) = match written {
+            let (_, _, inserted, _, _, _, xid_rows) = match written {
                 Ok(written) => written,
                 // Rows are inserted in batch order, and a sender's keys
                 // are unique across conversations: two batches of
@@ -810,12 +810,7 @@ impl PostgresStore {
             for row in &inserted {
                 message_ids.insert((id_col(row, 0)?, id_col(row, 1)?), id_col(row, 2)?);
             }
-            for row in &owed_rows {
-                departed
-                    .entry((id_col(row, 0)?, id_col(row, 1)?))
-                    .or_default()
-                    .push(id_col(row, 2)?);
-            }
+
             xid = xid_rows.first().map(|row| col::<i64>(row, 0)).transpose()?;
         }
         if let Err(e) = tx.commit().await {
@@ -834,7 +829,6 @@ impl PostgresStore {
                         message,
                         duplicate: true,
                         members,
-                        erased_for: Vec::new(),
                     },
                     m,
                 ),
@@ -850,7 +844,6 @@ impl PostgresStore {
                                 .copied()
                                 .filter(|&member| member != m.sender_id)
                                 .collect(),
-                            erased_for: Vec::new(),
                         },
                         m,
                     ),
@@ -882,12 +875,6 @@ impl PostgresStore {
                         }),
                         duplicate: false,
                         members: members.get(&m.conversation_id).cloned().unwrap_or_default(),
-                        erased_for: match m.message_type {
-                            proto::MessageType::Unsend => departed
-                                .remove(&(m.conversation_id, m.reply_to_seq))
-                                .unwrap_or_default(),
-                            _ => Vec::new(),
-                        },
                     }),
                 },
             };
@@ -2003,7 +1990,6 @@ impl HistoryStore for PostgresStore {
                     message: Arc::new(message_from_row(&row, 0)?),
                     duplicate: true,
                     members: members.into_iter().map(id).collect(),
-                    erased_for: Vec::new(),
                 };
                 crate::store::check_repeated_edit(&first, conversation_id)?;
                 return Ok(first);
@@ -2539,13 +2525,13 @@ impl HistoryStore for PostgresStore {
     async fn pending_ranges(&self, user: UserId) -> Result<Option<Vec<PendingRange>>, StoreError> {
         self.rows(
             "SELECT m.conversation_id, GREATEST(m.delivered_seq, COALESCE(k.cleared_seq, 0)),
-                    c.last_seq
+                    c.last_seq, false
              FROM members m JOIN conversations c ON c.id = m.conversation_id
              LEFT JOIN cleared_histories k
                ON k.user_id = m.user_id AND k.conversation_id = m.conversation_id
              WHERE m.user_id = $1 AND c.last_seq > GREATEST(m.delivered_seq, COALESCE(k.cleared_seq, 0))
              UNION ALL
-             SELECT conversation_id, delivered_seq, seq FROM departures
+             SELECT conversation_id, delivered_seq, seq, true FROM departures
              WHERE user_id = $1 AND seq > delivered_seq
              ORDER BY 1",
             &[&sql(user)],
@@ -2557,6 +2543,7 @@ impl HistoryStore for PostgresStore {
                 conversation_id: id_col(r, 0)?,
                 delivered_seq: id_col(r, 1)?,
                 last_seq: id_col(r, 2)?,
+                departed: col(r, 3)?,
             })
         })
         .collect::<Result<Vec<_>, _>>()
@@ -3193,15 +3180,6 @@ const DETACH_PHOTOS: &str = "
     UPDATE media SET seq = NULL
     FROM unnest($1::text[], $2::bigint[]) AS u(id, seq)
     WHERE media.media_id = u.id AND media.seq = u.seq";
-
-/// Those who left the conversations of the messages a batch unsends
-/// (`$1`, `$2` as in [`TARGETS`]), or were removed, after them without
-/// being delivered them: (conversation, seq, user).
-const DEPARTED_OWED: &str = "
-    SELECT d.conversation_id, u.seq, d.user_id
-    FROM unnest($1::bigint[], $2::bigint[]) AS u(conversation_id, seq)
-    JOIN departures d ON d.conversation_id = u.conversation_id
-                     AND d.seq >= u.seq AND d.delivered_seq < u.seq";
 
 /// Moves a sender's watermarks over their own run of messages, each one
 /// only if it was caught up (equal to the last seq before the batch).

@@ -427,22 +427,6 @@ impl InboxStore for RedisStore {
         pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 
-    async fn erase(
-        &self,
-        ranges: Vec<(UserId, ConversationId, u64, u64)>,
-    ) -> Result<(), StoreError> {
-        if ranges.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = ::redis::pipe();
-        for (user, conversation, from, to) in &ranges {
-            pipe.zrembyscore(self.inbox_key(*user, *conversation), *from, *to)
-                .ignore();
-        }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
-    }
-
     async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError> {
         if acks.is_empty() {
             return Ok(());
@@ -488,6 +472,15 @@ impl RecentCache for RedisStore {
             return;
         }
         let mut pipe = ::redis::pipe();
+        // With an unsend, all or nothing: another node's push of older
+        // messages landing between its DEL and RPUSH could rebuild a run
+        // that reaches the head with the erased text in it.
+        if messages
+            .iter()
+            .any(|m| m.r#type == proto::MessageType::Unsend as i32)
+        {
+            pipe.atomic();
+        }
         for message in messages {
             let key = self.recent_key(message.conversation_id);
             // An unsend erased a message the run may hold (and its edits):
@@ -668,20 +661,7 @@ mod tests {
             seqs(&store.pending(5, 100).await.unwrap().unwrap()),
             vec![(10, 1), (10, 5), (11, 1)]
         );
-        // User 6 left after seq 3: not queued the UNSEND, their queue
-        // loses what it erased all the same.
-        let run: Vec<_> = (1..=3).map(|seq| (6, message(10, seq))).collect();
-        InboxStore::push(&store, run).await.unwrap();
-        store.erase(vec![(6, 10, 2, 4)]).await.unwrap();
-        assert_eq!(
-            seqs(&store.pending(6, 100).await.unwrap().unwrap()),
-            vec![(10, 1)]
-        );
-        assert_eq!(
-            seqs(&store.pending(5, 100).await.unwrap().unwrap()),
-            vec![(10, 1), (10, 5), (11, 1)],
-            "other users untouched"
-        );
+
         delete_prefix(&store, store.prefix()).await;
     }
 

@@ -829,17 +829,13 @@ impl SqliteStore {
         // renumbers them) scans the cache's whole hash table at its end, so
         // that scan grows with the cache (3.1 % of the node's CPU at
         // 10,000 sends/s with 64 MiB, 1.5 % with 16 MiB); pages beyond it
-        // come from the OS page cache. `secure_delete = FAST` zeroes what
-        // a write frees within a page (an unsent message's old text, should
-        // its rewritten row move) at no extra I/O; older page images stay
-        // in the WAL until it starts over.
+        // come from the OS page cache.
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = FULL;
              PRAGMA temp_store = MEMORY;
              PRAGMA cache_size = -16384;
              PRAGMA foreign_keys = ON;
-             PRAGMA secure_delete = FAST;
              PRAGMA busy_timeout = 5000;",
         )
         .map_err(internal)?;
@@ -1395,11 +1391,12 @@ const READING_RANGES: &str = "
                COALESCE((SELECT cleared_seq FROM cleared_histories
                          WHERE user_id = ?1 AND conversation_id = mb.conversation_id), 0))
                AS delivered_seq,
-           c.last_seq AS upto
+           c.last_seq AS upto,
+           0 AS departed
     FROM members mb JOIN conversations c ON c.id = mb.conversation_id
     WHERE mb.user_id = ?1
     UNION ALL
-    SELECT conversation_id, delivered_seq, seq FROM departures WHERE user_id = ?1";
+    SELECT conversation_id, delivered_seq, seq, 1 FROM departures WHERE user_id = ?1";
 
 /// `user`'s reading ranges with something pending, from conversation
 /// `from` on, in (conversation, seq) order.
@@ -1409,7 +1406,7 @@ fn pending_ranges_from(
     from: ConversationId,
 ) -> Result<Vec<PendingRange>, StoreError> {
     conn.prepare_cached(&format!(
-        "SELECT conversation_id, delivered_seq, upto FROM ({READING_RANGES})
+        "SELECT conversation_id, delivered_seq, upto, departed FROM ({READING_RANGES})
          WHERE upto > delivered_seq AND conversation_id >= ?2
          ORDER BY conversation_id, delivered_seq"
     ))
@@ -1419,6 +1416,7 @@ fn pending_ranges_from(
             conversation_id: r.get::<_, i64>(0)? as u64,
             delivered_seq: r.get::<_, i64>(1)? as u64,
             last_seq: r.get::<_, i64>(2)? as u64,
+            departed: r.get(3)?,
         })
     })
     .map_err(internal)?
@@ -1898,15 +1896,26 @@ fn stored_original(
         message: Arc::new(original),
         duplicate: true,
         members: owed,
-        erased_for: Vec::new(),
     }))
 }
 
 /// Erases an unsent message, its edits and its photo's binding to it (see
-/// [`HistoryStore::append`]), in the UNSEND's transaction. Returns those
-/// who left or were removed after it without being delivered it
-/// ([`Appended::erased_for`]).
-fn erase(conn: &Connection, target: &proto::Message) -> Result<Vec<UserId>, StoreError> {
+/// [`HistoryStore::append`]), in the UNSEND's transaction, with
+/// `secure_delete` on: what the rewrite frees (the old bytes in the row's
+/// page, and the overflow pages of a long text or a photo's preview, on
+/// the freelist) is zeroed, not left in the file. Off otherwise, as
+/// SQLite's default: zeroing every page the write-behind frees costs
+/// writes.
+fn erase(conn: &Connection, target: &proto::Message) -> Result<(), StoreError> {
+    // It answers with the new setting: not a statement `exec` takes.
+    let set = |mode| conn.execute_batch(mode).map_err(internal);
+    set("PRAGMA secure_delete = ON")?;
+    let erased = erase_rows(conn, target);
+    set("PRAGMA secure_delete = OFF")?;
+    erased
+}
+
+fn erase_rows(conn: &Connection, target: &proto::Message) -> Result<(), StoreError> {
     conn.prepare_cached(
         "UPDATE messages SET body = '', attachment = NULL, unsent = 1 WHERE message_id = ?1",
     )
@@ -1927,19 +1936,7 @@ fn erase(conn: &Connection, target: &proto::Message) -> Result<Vec<UserId>, Stor
             .execute(params![photo.media_id, sql(target.seq)])
             .map_err(internal)?;
     }
-    let mut departed = conn
-        .prepare_cached(
-            "SELECT user_id FROM departures
-             WHERE conversation_id = ?1 AND seq >= ?2 AND delivered_seq < ?2",
-        )
-        .map_err(internal)?;
-    let rows = departed
-        .query_map(params![sql(target.conversation_id), sql(target.seq)], |r| {
-            r.get::<_, i64>(0)
-        })
-        .map_err(internal)?;
-    rows.map(|user| user.map(|u| u as u64).map_err(internal))
-        .collect()
+    Ok(())
 }
 
 /// Appends one message. `system` skips the sender's membership check (a
@@ -1957,7 +1954,13 @@ fn append_one(
         ));
     }
     let admitted = match state.conversation(conn, m.conversation_id)? {
-        Some(c) if system || (c.open && c.members.binary_search(&m.sender_id).is_ok()) => {
+        // An unsend withdraws, it says nothing: a closed direct
+        // conversation (unfriended, blocked) takes it.
+        Some(c)
+            if system
+                || ((c.open || m.message_type == proto::MessageType::Unsend)
+                    && c.members.binary_search(&m.sender_id).is_ok()) =>
+        {
             Ok((c.members.clone(), c.last_seq + 1))
         }
         Some(c) if c.members.binary_search(&m.sender_id).is_ok() => {
@@ -1985,7 +1988,6 @@ fn append_one(
     if let Some(original) = stored_original(conn, state, m.sender_id, &m.client_msg_id)? {
         return crate::store::check_retry(original, &m);
     }
-    let mut erased_for = Vec::new();
     if matches!(
         m.message_type,
         proto::MessageType::Edit | proto::MessageType::Unsend
@@ -2000,7 +2002,7 @@ fn append_one(
             return Err(StoreError::NotFound);
         }
         if let Some(target) = target.filter(|_| m.message_type == proto::MessageType::Unsend) {
-            erased_for = erase(conn, &target)?;
+            erase(conn, &target)?;
         }
     }
     let message_id = state.next_message_id;
@@ -2083,7 +2085,6 @@ fn append_one(
         }),
         duplicate: false,
         members: members.to_vec(),
-        erased_for,
     })
 }
 
@@ -4941,30 +4942,51 @@ mod tests {
     }
 
     /// An unsent text's bytes leave the database file once its pages are
-    /// checkpointed: the row is rewritten without them.
+    /// checkpointed, a short one in its row's page and a long one's
+    /// overflow pages too (freed, and zeroed as they are).
     #[tokio::test]
     async fn an_unsent_text_leaves_the_database_file() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
         let (a, _, c) = friends_with_direct(&store, "alice", "bob").await;
-        let secret = "zebra-4417 meets at the old mill";
-        let seq = send(&store, text(c, a, "s", secret, 100)).await.message.seq;
-        send(&store, text(c, a, "k", "kept", 101)).await;
-        let in_file = || {
+        // Its head stays in the row, its tail (past ~4 KB) overflows.
+        let long: String = (0..800).map(|i| format!("zebra-{i:04} ")).collect();
+        let texts = [
+            ("quagga-4417 meets at the old mill", "quagga-4417"),
+            (long.as_str(), "zebra-0799"),
+        ];
+        let in_file = |marker: &str| {
             let bytes = std::fs::read(dir.path().join(FILE_NAME)).unwrap();
-            bytes.windows(secret.len()).any(|w| w == secret.as_bytes())
+            bytes.windows(marker.len()).any(|w| w == marker.as_bytes())
         };
+        let mut seqs = Vec::new();
+        for (i, (secret, _)) in texts.iter().enumerate() {
+            let key = format!("s{i}");
+            seqs.push(
+                send(&store, text(c, a, &key, secret, 100))
+                    .await
+                    .message
+                    .seq,
+            );
+        }
+        send(&store, text(c, a, "k", "kept", 101)).await;
         all_frames_copied(dir.path()).await;
-        assert!(in_file(), "the text is in the file before its unsend");
-        let unsend = NewMessage {
-            message_type: proto::MessageType::Unsend,
-            reply_to_seq: seq,
-            ..text(c, a, "u", "", 102)
-        };
-        // Durable once answered: its frames are in the WAL's count.
-        send(&store, unsend).await;
+        for (_, marker) in texts {
+            assert!(in_file(marker), "{marker} is in the file before its unsend");
+        }
+        for (i, seq) in seqs.into_iter().enumerate() {
+            let unsend = NewMessage {
+                message_type: proto::MessageType::Unsend,
+                reply_to_seq: seq,
+                ..text(c, a, &format!("u{i}"), "", 102)
+            };
+            // Durable once answered: its frames are in the WAL's count.
+            send(&store, unsend).await;
+        }
         all_frames_copied(dir.path()).await;
-        assert!(!in_file(), "the unsent text is still in the file");
+        for (_, marker) in texts {
+            assert!(!in_file(marker), "{marker} is still in the file");
+        }
     }
 
     #[tokio::test]

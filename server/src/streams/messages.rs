@@ -1103,8 +1103,8 @@ fn encode_deliveries(page: &[&Arc<proto::Message>], next: &mut usize) -> Bytes {
 /// with history: for every conversation history says may have pending
 /// messages, the queue must hold exactly the seqs after the delivered
 /// watermark up to the last seq. Anything else (a flushed Redis, a lost
-/// push, an outage, the user's own messages in the range) returns `None`
-/// and catch-up reads history instead. Queue entries at or below the
+/// push, an outage, the user's own messages in the range, a group they
+/// were removed from) returns `None` and catch-up reads history instead. Queue entries at or below the
 /// watermark (acks that raced a push) are dropped.
 async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Message>>> {
     let inbox = session.shared.inbox.as_ref()?;
@@ -1116,6 +1116,13 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
             return None;
         }
     };
+    // What a removed member is still owed may have been unsent since: the
+    // UNSEND erased it in history, but is not queued for a non-member, so
+    // their queue would agree with history and serve the text. Removals
+    // are rare: history.
+    if ranges.iter().any(|r| r.departed) {
+        return None;
+    }
     let queued = match inbox.pending(user, INBOX_CATCH_UP_LIMIT).await {
         Ok(Some(queued)) => queued,
         // More than a catch-up takes from the queue: history pages through

@@ -351,7 +351,6 @@ pub(super) async fn append_system(
         }),
         duplicate: false,
         members,
-        erased_for: Vec::new(),
     };
     Ok((appended, xid))
 }
