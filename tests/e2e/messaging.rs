@@ -1957,62 +1957,56 @@ async fn a_mute_or_a_delete_on_one_device_reaches_the_others() {
 }
 
 #[tokio::test]
-async fn unsends_past_the_window_or_with_none_are_refused() {
-    for (window, wait, why) in [
-        (
-            Duration::from_millis(1),
-            Duration::from_millis(20),
-            "too late",
-        ),
-        (Duration::ZERO, Duration::ZERO, "takes no unsends"),
-    ] {
-        let server = TestServer::start_with(|c| c.limits.unsend_window = window).await;
-        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
-        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
-        let direct = befriend(&alice, &bob).await;
-        assert_eq!(alice.unsend_window(), window);
-        let seq = alice.send_text(direct, "oops").await.unwrap().seq;
-        // Time passes whatever the machine's load: the window is over.
-        tokio::time::sleep(wait).await;
-        let refused = alice.unsend(direct, seq).await.unwrap_err();
-        assert_eq!(
-            refused.code(),
-            Some(ErrorCode::InvalidArgument),
-            "{window:?}"
-        );
-        assert!(refused.to_string().contains(why), "{window:?}: {refused}");
-        let page = bob
-            .history(direct, HistoryDirection::Backward, 0, 10)
-            .await
-            .unwrap();
-        assert_eq!(page.messages.last().unwrap().text, "oops", "{window:?}");
-    }
-}
-
-#[tokio::test]
-async fn edits_past_the_window_or_with_none_are_refused() {
-    for (window, wait, why) in [
-        (
-            Duration::from_millis(1),
-            Duration::from_millis(20),
-            "too late",
-        ),
-        (Duration::ZERO, Duration::ZERO, "takes no edits"),
-    ] {
-        let server = TestServer::start_with(|c| c.limits.edit_window = window).await;
-        let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
-        let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
-        let direct = befriend(&alice, &bob).await;
-        assert_eq!(alice.edit_window(), window);
-        let seq = alice.send_text(direct, "helo").await.unwrap().seq;
-        // Time passes whatever the machine's load: the window is over.
-        tokio::time::sleep(wait).await;
-        let refused = alice.edit(direct, seq, "hello").await.unwrap_err();
-        assert_eq!(
-            refused.code(),
-            Some(ErrorCode::InvalidArgument),
-            "{window:?}"
-        );
-        assert!(refused.to_string().contains(why), "{window:?}: {refused}");
+async fn edits_and_unsends_past_their_window_or_with_none_are_refused() {
+    for unsend in [false, true] {
+        let what = if unsend { "unsends" } else { "edits" };
+        for (window, wait, why) in [
+            (
+                Duration::from_millis(1),
+                Duration::from_millis(20),
+                "too late".to_string(),
+            ),
+            (Duration::ZERO, Duration::ZERO, format!("takes no {what}")),
+        ] {
+            let server = TestServer::start_with(|c| match unsend {
+                true => c.limits.unsend_window = window,
+                false => c.limits.edit_window = window,
+            })
+            .await;
+            let (alice, _alice_events) = register(server.client_config(), &name("alice")).await;
+            let (bob, _bob_events) = register(server.client_config(), &name("bob")).await;
+            let direct = befriend(&alice, &bob).await;
+            let announced = match unsend {
+                true => alice.unsend_window(),
+                false => alice.edit_window(),
+            };
+            assert_eq!(announced, window, "{what}");
+            let seq = alice.send_text(direct, "helo").await.unwrap().seq;
+            // Time passes whatever the machine's load: the window is over.
+            tokio::time::sleep(wait).await;
+            let refused = match unsend {
+                true => alice.unsend(direct, seq).await,
+                false => alice.edit(direct, seq, "hello").await,
+            }
+            .unwrap_err();
+            assert_eq!(
+                refused.code(),
+                Some(ErrorCode::InvalidArgument),
+                "{what} {window:?}"
+            );
+            assert!(
+                refused.to_string().contains(&why),
+                "{what} {window:?}: {refused}"
+            );
+            let page = bob
+                .history(direct, HistoryDirection::Backward, 0, 10)
+                .await
+                .unwrap();
+            assert_eq!(
+                page.messages.last().unwrap().text,
+                "helo",
+                "{what} {window:?}"
+            );
+        }
     }
 }
