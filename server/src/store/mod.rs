@@ -1251,7 +1251,6 @@ pub trait InboxStore: Send + Sync + 'static {
     ) -> Result<Option<Vec<Arc<proto::Message>>>, StoreError>;
     /// Drops, per (user, conversation), everything up to the seq.
     async fn ack(&self, acks: Vec<(UserId, ConversationId, u64)>) -> Result<(), StoreError>;
-
     /// Drops what no catch-up of `user` will send: entries at or below the
     /// delivered seq of each conversation in `pending` (conversation,
     /// delivered), and the whole queue of every other conversation (one

@@ -653,11 +653,7 @@ impl PostgresStore {
                     .filter(|ms| ms.binary_search(&m.sender_id).is_ok()),
             ) {
                 let target = (m.conversation_id, m.reply_to_seq);
-                // An unsend withdraws, it says nothing: a closed direct
-                // conversation (unfriended, blocked) takes it.
-                if closed.contains(&m.conversation_id)
-                    && m.message_type != proto::MessageType::Unsend
-                {
+                if closed.contains(&m.conversation_id) {
                     let other = ms.iter().copied().find(|&u| u != m.sender_id);
                     slots.push(Slot::NotFriends(other.unwrap_or(m.sender_id)));
                 } else if rewrites_target(m)

@@ -661,7 +661,6 @@ mod tests {
             seqs(&store.pending(5, 100).await.unwrap().unwrap()),
             vec![(10, 1), (10, 5), (11, 1)]
         );
-
         delete_prefix(&store, store.prefix()).await;
     }
 

@@ -1104,8 +1104,9 @@ fn encode_deliveries(page: &[&Arc<proto::Message>], next: &mut usize) -> Bytes {
 /// messages, the queue must hold exactly the seqs after the delivered
 /// watermark up to the last seq. Anything else (a flushed Redis, a lost
 /// push, an outage, the user's own messages in the range, a group they
-/// were removed from) returns `None` and catch-up reads history instead. Queue entries at or below the
-/// watermark (acks that raced a push) are dropped.
+/// were removed from, a message an unsend erased still whole) returns
+/// `None` and catch-up reads history instead. Queue entries at or below
+/// the watermark (acks that raced a push) are dropped.
 async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Message>>> {
     let inbox = session.shared.inbox.as_ref()?;
     let ranges = match session.shared.store.pending_ranges(user).await {
@@ -1215,7 +1216,22 @@ async fn from_inbox(session: &Session, user: u64) -> Option<Vec<Arc<proto::Messa
     let complete = ranges.iter().all(|r| {
         counts.get(&r.conversation_id).copied().unwrap_or(0) == r.last_seq - r.delivered_seq
     });
-    complete.then_some(out)
+    (complete && !holds_unsent(&out)).then_some(out)
+}
+
+/// Whether `queued` holds a message an UNSEND in it erased, still whole:
+/// its push, from a node whose updates were behind, landed after the
+/// UNSEND's took the erased seqs out. History serves it erased.
+fn holds_unsent(queued: &[Arc<proto::Message>]) -> bool {
+    let unsent: HashSet<(u64, u64)> = queued
+        .iter()
+        .filter(|m| m.r#type == proto::MessageType::Unsend as i32)
+        .map(|m| (m.conversation_id, m.reply_to_seq))
+        .collect();
+    !unsent.is_empty()
+        && queued
+            .iter()
+            .any(|m| !m.unsent && unsent.contains(&(m.conversation_id, m.seq)))
 }
 
 /// A device has the messages of `conversation` up to `seq`: the notifier
@@ -1238,6 +1254,35 @@ pub(crate) fn acked_in_foreground(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_holding_what_an_unsend_erased_is_not_served() {
+        let message = |seq, kind: proto::MessageType, to, unsent| {
+            Arc::new(proto::Message {
+                conversation_id: 7,
+                seq,
+                r#type: kind as i32,
+                reply_to_seq: to,
+                unsent,
+                ..Default::default()
+            })
+        };
+        use proto::MessageType::{Text, Unsend};
+        let whole = [message(1, Text, 0, false), message(2, Unsend, 1, false)];
+        assert!(holds_unsent(&whole));
+        let erased = [message(1, Text, 0, true), message(2, Unsend, 1, false)];
+        assert!(!holds_unsent(&erased));
+        // Another conversation's seq 1, or no unsend at all.
+        let other = [
+            message(1, Text, 0, false),
+            Arc::new(proto::Message {
+                conversation_id: 8,
+                ..(*message(2, Unsend, 1, false)).clone()
+            }),
+        ];
+        assert!(!holds_unsent(&other));
+        assert!(!holds_unsent(&[message(1, Text, 0, false)]));
+    }
 
     #[test]
     fn a_catch_up_write_gets_a_stall_per_64_kib() {
