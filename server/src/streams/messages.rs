@@ -124,8 +124,8 @@ pub async fn serve(session: Arc<Session>, send: SendStream, mut reader: FrameRea
         handle.touch(now_ms());
         let request_id = frame.request_id;
         let result = match frame.body {
-            // Photos, replies, reactions and edits take a path of their
-            // own, boxed (see `send_looked_up`).
+            // Photos, replies, reactions, edits and unsends take a path of
+            // their own, boxed (see `send_looked_up`).
             Some(Body::Send(send))
                 if send.r#type == proto::MessageType::Photo as i32 || send.reply_to_seq != 0 =>
             {
