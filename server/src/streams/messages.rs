@@ -35,7 +35,7 @@ use crate::queue::Missed;
 use crate::session::{Session, on_read_error};
 use crate::store::{
     Direction, INBOX_CATCH_UP_LIMIT, NewMessage, Referable, Reference, StoreError, UserId,
-    WatermarkKind, WatermarkUpdate,
+    WatermarkKind, WatermarkUpdate, may_rewrite,
 };
 use crate::wire::{self, DeliverKey, FrameReader, Outbound};
 
@@ -408,8 +408,8 @@ async fn attach_photo(
 /// Checks the message a reply, a reaction, an edit or an unsend names
 /// (`HistoryStore::reference`): NOT_FOUND for a seq the sender may not
 /// read or a message unsent, INVALID_ARGUMENT for a message that takes
-/// none of them (or, for an edit, `check_edit`'s refusals, for an unsend
-/// `check_unsend`'s). Returns whom a
+/// none of them (or, for an edit or an unsend, `check_rewrite`'s
+/// refusals). Returns whom a
 /// reaction notifies: the author of the message reacted to, unless it is
 /// the sender's own or a take-back (empty text).
 ///
@@ -467,16 +467,12 @@ async fn check_reference(
             format!("message {seq} was unsent"),
         ));
     }
-    match message.message_type {
-        proto::MessageType::Edit => {
-            check_edit(session, message, &target)?;
-            return Ok(None);
-        }
-        proto::MessageType::Unsend => {
-            check_unsend(session, message, &target)?;
-            return Ok(None);
-        }
-        _ => {}
+    if matches!(
+        message.message_type,
+        proto::MessageType::Edit | proto::MessageType::Unsend
+    ) {
+        check_rewrite(session, message, &target)?;
+        return Ok(None);
     }
     if !matches!(
         target.message_type,
@@ -491,54 +487,30 @@ async fn check_reference(
     Ok((reaction && target.sender_id != message.sender_id).then_some(target.sender_id))
 }
 
-/// An edit's own rules, past the reference's: the sender's own text, within
-/// `edit-window` of its sending (by the server's clock, which stamped it).
-fn check_edit(session: &Session, edit: &NewMessage, target: &Referable) -> Result<(), Refusal> {
-    let seq = edit.reply_to_seq;
-    if target.sender_id != edit.sender_id || target.message_type != proto::MessageType::Text {
+/// An edit's or an unsend's own rules, past the reference's: the
+/// sender's own message of a type they may rewrite (`store::may_rewrite`,
+/// which the append checks again: a text for an edit, a text or photo for
+/// an unsend), within `edit-window` or `unsend-window` of its sending (by
+/// the server's clock, which stamped both).
+fn check_rewrite(session: &Session, send: &NewMessage, target: &Referable) -> Result<(), Refusal> {
+    let limits = &session.shared.config.limits;
+    let (what, done, mine, window) = match send.message_type {
+        proto::MessageType::Edit => ("edit", "edited", "a text", limits.edit_window),
+        _ => ("unsend", "unsent", "a text or photo", limits.unsend_window),
+    };
+    let seq = send.reply_to_seq;
+    if !may_rewrite(send, target.sender_id, target.message_type as i32) {
         return Err(Refusal::new(
             ErrorCode::InvalidArgument,
-            format!("message {seq} is not a text of yours: only those may be edited"),
+            format!("message {seq} is not {mine} of yours: only those may be {done}"),
         ));
     }
-    let window = session.shared.config.limits.edit_window;
-    check_window(edit, target, window, "edit")
-}
-
-/// An unsend's own rules, past the reference's: the sender's own text or
-/// photo, within `unsend-window` of its sending.
-fn check_unsend(session: &Session, unsend: &NewMessage, target: &Referable) -> Result<(), Refusal> {
-    let seq = unsend.reply_to_seq;
-    if target.sender_id != unsend.sender_id
-        || !matches!(
-            target.message_type,
-            proto::MessageType::Text | proto::MessageType::Photo
-        )
-    {
-        return Err(Refusal::new(
-            ErrorCode::InvalidArgument,
-            format!("message {seq} is not a text or photo of yours: only those may be unsent"),
-        ));
-    }
-    let window = session.shared.config.limits.unsend_window;
-    check_window(unsend, target, window, "unsend")
-}
-
-/// Whether `send` comes within `window` of its target's sending (by the
-/// server's clock, which stamped both).
-fn check_window(
-    send: &NewMessage,
-    target: &Referable,
-    window: Duration,
-    what: &str,
-) -> Result<(), Refusal> {
     let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
     if send.now_ms > target.sent_at_ms.saturating_add(window_ms) {
         return Err(Refusal::new(
             ErrorCode::InvalidArgument,
             format!(
-                "message {} was sent more than {} ago: too late to {what}",
-                send.reply_to_seq,
+                "message {seq} was sent more than {} ago: too late to {what}",
                 humantime::format_duration(window)
             ),
         ));
