@@ -115,6 +115,7 @@ async fn a_queued_message_history_does_not_have_is_not_delivered() {
 struct OwnRedis {
     child: tokio::process::Child,
     port: u16,
+    _watched: Watched,
 }
 
 impl OwnRedis {
@@ -145,7 +146,11 @@ impl OwnRedis {
                 return None;
             }
         };
-        let redis = OwnRedis { child, port };
+        let redis = OwnRedis {
+            _watched: Watched::child(child.id()),
+            child,
+            port,
+        };
         let deadline = tokio::time::Instant::now() + WAIT;
         while tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await

@@ -3,11 +3,11 @@
 //! Every server gets its own temporary data directory and an ephemeral
 //! port. Every wait has a generous deadline and says what it waited for.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chat_client::{Client, ClientConfig, ClientError, Event, Events, proto};
 use chat_server::{Config, Server};
@@ -27,6 +27,132 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// The longest a test may keep a server up. The slowest test takes about
+/// a minute on a loaded machine; a test stuck past this (a deadlock that
+/// no `WAIT` can end, since it holds its thread) would otherwise keep the
+/// whole run going until CI's own limit, naming nothing.
+const TEST_LIMIT: Duration = Duration::from_secs(600);
+
+/// A test with a server up, for the watchdog: registered by each server
+/// (in process or a child process) it starts, gone with the last of them.
+pub struct Watched {
+    test: String,
+    child: Option<u32>,
+}
+
+/// What the watchdog watches: tests (by thread name, which libtest sets to
+/// the test's) with servers up, how many and since when; and the child
+/// processes to end with the run.
+struct Watch {
+    tests: BTreeMap<String, (usize, Instant)>,
+    children: BTreeSet<u32>,
+}
+
+static WATCH: std::sync::Mutex<Watch> = std::sync::Mutex::new(Watch {
+    tests: BTreeMap::new(),
+    children: BTreeSet::new(),
+});
+
+fn watch() -> std::sync::MutexGuard<'static, Watch> {
+    WATCH.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Watched {
+    /// A server in this process.
+    pub fn start() -> Watched {
+        static WATCHDOG: std::sync::Once = std::sync::Once::new();
+        WATCHDOG.call_once(|| {
+            std::thread::Builder::new()
+                .name("e2e-watchdog".into())
+                .spawn(watchdog)
+                .expect("spawn the watchdog");
+        });
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        watch()
+            .tests
+            .entry(test.clone())
+            .or_insert((0, Instant::now()))
+            .0 += 1;
+        Watched { test, child: None }
+    }
+
+    /// A server in a child process, killed if the watchdog ends the run
+    /// (exiting runs no destructor, so `kill_on_drop` would not).
+    pub fn child(pid: Option<u32>) -> Watched {
+        let mut watched = Watched::start();
+        if let Some(pid) = pid {
+            watch().children.insert(pid);
+            watched.child = Some(pid);
+        }
+        watched
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let mut watch = watch();
+        if let Some(pid) = self.child {
+            watch.children.remove(&pid);
+        }
+        if let Some((servers, _)) = watch.tests.get_mut(&self.test) {
+            *servers -= 1;
+            if *servers == 0 {
+                watch.tests.remove(&self.test);
+            }
+        }
+    }
+}
+
+/// Ends the run when a test has had a server up for [`TEST_LIMIT`]: prints
+/// every thread's stack (if gdb is there), then the tests over the limit,
+/// last, where a truncated log keeps them; kills the child processes.
+/// Written to the process's stderr itself: libtest captures `eprintln!`
+/// of threads spawned by a test, as this one is.
+fn watchdog() {
+    use std::io::Write;
+    loop {
+        std::thread::sleep(Duration::from_secs(5));
+        let stuck: Vec<(String, Duration)> = watch()
+            .tests
+            .iter()
+            .map(|(test, (_, since))| (test.clone(), since.elapsed()))
+            .filter(|(_, up)| *up >= TEST_LIMIT)
+            .collect();
+        if stuck.is_empty() {
+            continue;
+        }
+        let mut stderr = std::io::stderr().lock();
+        let stacks = std::process::Command::new("gdb")
+            .args(["-p", &std::process::id().to_string(), "-batch", "-nx"])
+            .args(["-ex", "thread apply all bt"])
+            .stdin(Stdio::null())
+            .output();
+        if let Ok(out) = stacks {
+            let _ = stderr.write_all(&out.stdout);
+        }
+        for pid in std::mem::take(&mut watch().children) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        for (test, up) in stuck {
+            let _ = writeln!(
+                stderr,
+                "e2e watchdog: {test} has had a server up for {up:?}, past {TEST_LIMIT:?}"
+            );
+        }
+        let _ = writeln!(stderr, "e2e watchdog: ending the run rather than hanging");
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the stuck test holds its thread: nothing can return from it"
+        )]
+        std::process::exit(101);
+    }
 }
 
 /// Which stores a test server runs on.
@@ -253,6 +379,7 @@ pub struct TestServer {
     pub config: Config,
     pub backend: Backend,
     _dir: Option<tempfile::TempDir>,
+    _watched: Watched,
 }
 
 impl TestServer {
@@ -272,6 +399,7 @@ impl TestServer {
     /// Starts a server on `backend` after `tweak` adjusted the configuration.
     pub async fn start_on_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestServer {
         init_tracing();
+        let watched = Watched::start();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -291,6 +419,7 @@ impl TestServer {
             config,
             backend,
             _dir: Some(dir),
+            _watched: watched,
         }
     }
 
@@ -372,6 +501,7 @@ pub struct ChildServer {
     pub ca: PathBuf,
     /// The metrics / health port.
     pub metrics: SocketAddr,
+    _watched: Watched,
 }
 
 impl ChildServer {
@@ -392,6 +522,7 @@ impl ChildServer {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn chat-server");
+        let watched = Watched::child(child.id());
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(WAIT, lines.next_line())
@@ -420,6 +551,7 @@ impl ChildServer {
             addr: addr.parse().expect("address"),
             ca: PathBuf::from(ca.trim_end_matches(')')),
             metrics: metrics.parse().expect("metrics address"),
+            _watched: watched,
         }
     }
 
@@ -845,7 +977,7 @@ impl RawControl {
             self.next_request_id += 1;
         }
         self.send.write_all(&out).await.unwrap();
-        let mut answers = std::collections::BTreeMap::new();
+        let mut answers = BTreeMap::new();
         while answers.len() < (self.next_request_id - first) as usize {
             let frame = next_frame(&mut self.recv, &mut self.buf).await;
             if (first..self.next_request_id).contains(&frame.request_id) {

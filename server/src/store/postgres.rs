@@ -3752,24 +3752,50 @@ pub mod testing {
         Ok(client)
     }
 
-    /// Drops a test schema with everything in it. The test's server may
-    /// still hold a transaction open in it (a test runtime that stopped
-    /// polling mid-commit), so its sessions, found by their application
-    /// name, are ended first rather than waited for.
+    /// Drops a test schema with everything in it, in bounded time. The
+    /// test's server may still hold a transaction open in it (a test
+    /// runtime that stopped polling mid-commit), and so may a test's own
+    /// connection (an [`admin`] transaction holding a lock when its test
+    /// failed): their sessions, found by the server's application name or
+    /// by the locks they hold in the schema, are ended rather than waited
+    /// for, and a DROP that still finds a lock taken (a session that took
+    /// it meanwhile) gives up after `lock_timeout` and is tried again.
     pub async fn drop_schema(schema: &str) -> Result<(), String> {
+        const TRIES: usize = 10;
         let admin = admin().await?;
         admin
-            .execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE application_name = $1 AND pid <> pg_backend_pid()",
-                &[&format!("{} {schema}", super::APPLICATION_NAME)],
-            )
+            .batch_execute("SET lock_timeout = '3s'; SET statement_timeout = '30s'")
             .await
-            .map_err(|e| format!("end sessions of {schema}: {e}"))?;
-        admin
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-            .await
-            .map_err(|e| format!("drop schema {schema}: {e}"))
+            .map_err(|e| format!("set timeouts: {e}"))?;
+        let server = format!("{} {schema}", super::APPLICATION_NAME);
+        let mut tried = 0;
+        loop {
+            tried += 1;
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
+                     WHERE a.pid <> pg_backend_pid()
+                       AND (a.application_name = $1
+                            OR a.pid IN (SELECT l.pid FROM pg_locks l
+                                         JOIN pg_class c ON c.oid = l.relation
+                                         JOIN pg_namespace n ON n.oid = c.relnamespace
+                                         WHERE n.nspname = $2))",
+                    &[&server, &schema],
+                )
+                .await
+                .map_err(|e| format!("end sessions of {schema}: {e}"))?;
+            match admin
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if tried < TRIES
+                        && e.code()
+                            == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
+                Err(e) => return Err(format!("drop schema {schema}: {e}")),
+            }
+        }
     }
 }
 

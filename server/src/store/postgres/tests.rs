@@ -203,6 +203,44 @@ async fn wait_for(counter: &AtomicU64, target: u64, what: &str) {
     }
 }
 
+/// A test that failed while its own connection held a lock in its schema
+/// (the connection never rolls back: its runtime is stuck in the clean-up)
+/// still has the schema dropped, in bounded time, instead of hanging the
+/// run in `DROP SCHEMA`.
+#[tokio::test]
+async fn a_schema_locked_by_a_forgotten_transaction_is_still_dropped() {
+    let Some(store) = new_store().await else {
+        return;
+    };
+    let schema = store.schema().expect("a schema store").to_owned();
+    store.close();
+    drop(store);
+    let locker = admin().await;
+    locker
+        .batch_execute(&format!(
+            r#"BEGIN; LOCK TABLE "{schema}".users IN ACCESS SHARE MODE"#
+        ))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(120), drop_schema(&schema))
+        .await
+        .expect("dropped in bounded time");
+    let left: i64 = admin()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the schema is gone");
+    assert!(
+        locker.batch_execute("SELECT 1").await.is_err(),
+        "the forgotten session was ended"
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_server_fails_fast_naming_the_host_but_not_the_password() {
     // Nothing listens on port 1 of loopback: the connection is refused.
