@@ -1298,11 +1298,12 @@ impl Client {
     ///
     /// An error other than a refusal by the server (`Closed` from a close,
     /// logout or shutdown, `SessionEnded`) leaves the outcome unknown: the
-    /// message may have been stored before the answer was lost. Sending it again with a new key would then show it twice, so
-    /// an app that resends after such an error (with a new client, after
-    /// logging in again) uses [`send_with_id`](Self::send_with_id) with a
-    /// key it kept, and gets the stored message's ack (`duplicate`) if it
-    /// was.
+    /// message may have been stored before the answer was lost. Sending
+    /// it again with a new key would then show it twice, so an app that
+    /// resends after such an error (with a new client, after logging in
+    /// again) uses [`send_with_id`](Self::send_with_id) with a
+    /// key it kept ([`send_keyed`](Self::send_keyed) for the other kinds),
+    /// and gets the stored message's ack (`duplicate`) if it was.
     pub fn send_text(
         &self,
         conversation_id: u64,
@@ -1321,7 +1322,7 @@ impl Client {
         client_msg_id: &str,
         text: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        self.send_draft(conversation_id, client_msg_id, Draft::text(text))
+        self.send_keyed(conversation_id, client_msg_id, Outgoing::text(text))
     }
 
     /// Sends a text that answers message `reply_to_seq` of the
@@ -1338,12 +1339,7 @@ impl Client {
         reply_to_seq: u64,
         text: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        self.send_naming(
-            proto::MessageType::Text,
-            conversation_id,
-            reply_to_seq,
-            text,
-        )
+        self.send_new(conversation_id, Outgoing::reply(reply_to_seq, text))
     }
 
     /// [`send_photo`](Self::send_photo) as a reply to message
@@ -1356,13 +1352,8 @@ impl Client {
         media_id: &str,
         caption: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let draft = Draft {
-            kind: proto::MessageType::Photo,
-            media_id,
-            reply_to_seq,
-            ..Draft::text(caption)
-        };
-        self.send_draft(conversation_id, &new_client_msg_id(), draft)
+        let photo = Outgoing::photo_reply(reply_to_seq, media_id, caption);
+        self.send_keyed(conversation_id, &new_client_msg_id(), photo)
     }
 
     /// Reacts to message `seq` of the conversation with `emoji` (what
@@ -1379,7 +1370,7 @@ impl Client {
         seq: u64,
         emoji: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        self.send_naming(proto::MessageType::Reaction, conversation_id, seq, emoji)
+        self.send_new(conversation_id, Outgoing::reaction(seq, emoji))
     }
 
     /// Edits a text this user sent (message `seq` of the conversation):
@@ -1397,7 +1388,7 @@ impl Client {
         seq: u64,
         text: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        self.send_naming(proto::MessageType::Edit, conversation_id, seq, text)
+        self.send_new(conversation_id, Outgoing::edit(seq, text))
     }
 
     /// How long after sending a text its author may edit it, as the
@@ -1425,7 +1416,7 @@ impl Client {
         conversation_id: u64,
         seq: u64,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        self.send_naming(proto::MessageType::Unsend, conversation_id, seq, "")
+        self.send_new(conversation_id, Outgoing::unsend(seq))
     }
 
     /// How long after sending a text or photo its author may unsend it, as
@@ -1488,12 +1479,8 @@ impl Client {
         media_id: &str,
         caption: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let draft = Draft {
-            kind: proto::MessageType::Photo,
-            media_id,
-            ..Draft::text(caption)
-        };
-        self.send_draft(conversation_id, client_msg_id, draft)
+        let photo = Outgoing::photo(media_id, caption);
+        self.send_keyed(conversation_id, client_msg_id, photo)
     }
 
     /// Downloads a photo whole (a message's `photo.media_id`) and checks
@@ -1518,39 +1505,38 @@ impl Client {
         .await
     }
 
-    /// A text, a reaction or an edit naming message `seq`, under a new key.
-    fn send_naming(
+    /// Sends `outgoing` under a new key.
+    fn send_new(
         &self,
-        kind: proto::MessageType,
         conversation_id: u64,
-        seq: u64,
-        text: &str,
+        outgoing: Outgoing<'_>,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let draft = Draft {
-            kind,
-            reply_to_seq: seq,
-            ..Draft::text(text)
-        };
-        self.send_draft(conversation_id, &new_client_msg_id(), draft)
+        self.send_keyed(conversation_id, &new_client_msg_id(), outgoing)
     }
 
-    /// Sends `draft` through the outbox: resolved with its answer. A photo
-    /// must name an upload's media id.
-    fn send_draft(
+    /// Sends any message with an idempotency key chosen by the app, what
+    /// [`send_with_id`](Self::send_with_id) does for a text: an app that
+    /// keeps its unsent reactions, edits, unsends and replies across a
+    /// restart (or a logout and login) sends each again under the key it
+    /// kept, and gets the stored message's ack (`duplicate`) if the first
+    /// try was stored, instead of a second message. Through the outbox,
+    /// with the checks and refusals of the method that sends `outgoing`
+    /// under a new key (a photo must name an upload's media id).
+    pub fn send_keyed(
         &self,
         conversation_id: u64,
         client_msg_id: &str,
-        draft: Draft<'_>,
+        outgoing: Outgoing<'_>,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let queued = match draft.kind {
-            proto::MessageType::Photo if !chat_protocol::media::is_media_id(draft.media_id) => {
+        let queued = match outgoing.kind {
+            proto::MessageType::Photo if !chat_protocol::media::is_media_id(outgoing.media_id) => {
                 Err(ClientError::Server {
                     code: ErrorCode::InvalidArgument,
                     message: "not a media id from upload_photo".into(),
                     retry_after: None,
                 })
             }
-            _ => self.queue_send(conversation_id, client_msg_id, draft),
+            _ => self.queue_send(conversation_id, client_msg_id, outgoing),
         };
         async move { queued?.await.map_err(|_| ClientError::Closed)? }
     }
@@ -1561,17 +1547,17 @@ impl Client {
         &self,
         conversation_id: u64,
         client_msg_id: &str,
-        draft: Draft<'_>,
+        outgoing: Outgoing<'_>,
     ) -> Result<oneshot::Receiver<Result<proto::SendAck, ClientError>>, ClientError> {
         if self.inner.refuses_sends() {
             return Err(ClientError::Closed);
         }
-        let Draft {
+        let Outgoing {
             kind,
             text,
             media_id,
             reply_to_seq,
-        } = draft;
+        } = outgoing;
         // A message ends typing there: the next keystroke says so again at
         // once. The message ends it on the other members' side too, but
         // goes on another stream, which a start just before it may trail:
@@ -2557,24 +2543,82 @@ pub(crate) const MAX_MEMBERS: usize = 10_000;
 /// changes keep asking for.
 pub const GROUP_REQUEST_ATTEMPTS: u32 = 3;
 
-/// What a send carries besides its conversation and key.
-struct Draft<'a> {
+/// A message for [`Client::send_keyed`]: what a send carries besides its
+/// conversation and key, built by what it is (a text, a reply, a photo, a
+/// reaction, an edit, an unsend), with the rules of the method that sends
+/// it with a fresh key ([`Client::send_text`], [`Client::send_reply`], ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outgoing<'a> {
     kind: proto::MessageType,
-    /// A text, a photo's caption, or a reaction.
+    /// A text, a photo's caption, a reaction or an edit's new text.
     text: &'a str,
     /// A photo's upload; empty otherwise.
     media_id: &'a str,
-    /// The message a reply answers or a reaction reacts to; 0 for none.
+    /// The message a reply answers, a reaction reacts to, an edit or an
+    /// unsend rewrites; 0 for none.
     reply_to_seq: u64,
 }
 
-impl<'a> Draft<'a> {
-    fn text(text: &'a str) -> Self {
-        Draft {
+impl<'a> Outgoing<'a> {
+    /// A text ([`Client::send_text`]).
+    pub fn text(text: &'a str) -> Self {
+        Outgoing {
             kind: proto::MessageType::Text,
             text,
             media_id: "",
             reply_to_seq: 0,
+        }
+    }
+
+    /// A text answering message `seq` ([`Client::send_reply`]; 0: a plain
+    /// text).
+    pub fn reply(seq: u64, text: &'a str) -> Self {
+        Outgoing {
+            reply_to_seq: seq,
+            ..Outgoing::text(text)
+        }
+    }
+
+    /// A photo: an upload's media id and a caption
+    /// ([`Client::send_photo`]).
+    pub fn photo(media_id: &'a str, caption: &'a str) -> Self {
+        Outgoing {
+            kind: proto::MessageType::Photo,
+            media_id,
+            ..Outgoing::text(caption)
+        }
+    }
+
+    /// A photo answering message `seq` ([`Client::send_photo_reply`]).
+    pub fn photo_reply(seq: u64, media_id: &'a str, caption: &'a str) -> Self {
+        Outgoing {
+            reply_to_seq: seq,
+            ..Outgoing::photo(media_id, caption)
+        }
+    }
+
+    /// A reaction to message `seq`, or its take-back with `""`
+    /// ([`Client::react`]).
+    pub fn reaction(seq: u64, emoji: &'a str) -> Self {
+        Outgoing {
+            kind: proto::MessageType::Reaction,
+            ..Outgoing::reply(seq, emoji)
+        }
+    }
+
+    /// A new text for this user's message `seq` ([`Client::edit`]).
+    pub fn edit(seq: u64, text: &'a str) -> Self {
+        Outgoing {
+            kind: proto::MessageType::Edit,
+            ..Outgoing::reply(seq, text)
+        }
+    }
+
+    /// The unsend of this user's message `seq` ([`Client::unsend`]).
+    pub fn unsend(seq: u64) -> Self {
+        Outgoing {
+            kind: proto::MessageType::Unsend,
+            ..Outgoing::reply(seq, "")
         }
     }
 }

@@ -102,7 +102,8 @@ pub use calls::{CallMedia, MediaPacket};
 pub use chat_protocol::proto;
 pub use chat_protocol::{ErrorCode, StreamKind};
 pub use client::{
-    Client, Event, Events, GROUP_REQUEST_ATTEMPTS, HistoryDirection, Identity, ReceiptStatus,
+    Client, Event, Events, GROUP_REQUEST_ATTEMPTS, HistoryDirection, Identity, Outgoing,
+    ReceiptStatus,
 };
 pub use config::{ClientConfig, DeliveryAcks};
 pub use error::ClientError;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chat_client::{
-    Client, Edits, ErrorCode, Event, Events, HistoryDirection, Reactions, Unsends, proto,
+    Client, Edits, ErrorCode, Event, Events, HistoryDirection, Outgoing, Reactions, Unsends, proto,
 };
 
 use crate::harness::*;
@@ -693,6 +693,71 @@ each_backend! {
         let got = messages(&mut bob_events, 1).await;
         assert_eq!(got[0].text, "private");
         assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+    }
+
+    // Replies, reactions, edits and unsends sent under a key the app kept
+    // (`send_keyed`) and sent again by the same users' next clients (an
+    // app restarted before the answers came) are stored once: the second
+    // try gets the first's seq as a duplicate, an edit and an unsend
+    // too after the unsend erased what they name.
+    async fn keyed_replies_reactions_edits_and_unsends_are_stored_once(backend: Backend) {
+        let server = TestServer::start_on(backend).await;
+        let (alice_name, bob_name) = (name("alice"), name("bob"));
+        let (alice, _alice_events) = register(server.client_config(), &alice_name).await;
+        let (bob, _bob_events) = register(server.client_config(), &bob_name).await;
+        let direct = befriend(&alice, &bob).await;
+        let seq = alice.send_text(direct, "dinner at 8?").await.unwrap().seq;
+        let sends = [
+            (&bob, "bob-reply", Outgoing::reply(seq, "yes!")),
+            (&bob, "bob-like", Outgoing::reaction(seq, "👍")),
+            (&alice, "alice-edit", Outgoing::edit(seq, "dinner at 9?")),
+            (&alice, "alice-unsend", Outgoing::unsend(seq)),
+        ];
+        let mut first = Vec::new();
+        for (client, key, outgoing) in sends {
+            let ack = client.send_keyed(direct, key, outgoing).await.unwrap();
+            assert!(!ack.duplicate, "{key}: the first try is new");
+            first.push(ack.seq);
+        }
+        assert_eq!(first, (seq + 1..=seq + 4).collect::<Vec<_>>());
+        let (alice_again, _) = Client::login(server.client_config(), &alice_name, PASSWORD)
+            .await
+            .unwrap();
+        let (bob_again, _) = Client::login(server.client_config(), &bob_name, PASSWORD)
+            .await
+            .unwrap();
+        let again = [&bob_again, &bob_again, &alice_again, &alice_again];
+        for ((client, (_, key, outgoing)), seq) in again.into_iter().zip(sends).zip(&first) {
+            let ack = client.send_keyed(direct, key, outgoing).await.unwrap();
+            assert!(ack.duplicate, "{key}: the second try is the first's");
+            assert_eq!(ack.seq, *seq, "{key}");
+        }
+        // A key names one message: another under it is refused.
+        let reused = alice_again
+            .send_keyed(direct, "alice-edit", Outgoing::text("something else"))
+            .await;
+        assert_eq!(code(reused), ErrorCode::InvalidArgument);
+        let page = alice_again
+            .history(direct, HistoryDirection::Backward, 0, 20)
+            .await
+            .unwrap();
+        let stored: Vec<_> = page
+            .messages
+            .iter()
+            .filter(|m| m.seq >= seq)
+            .map(|m| (m.seq, m.r#type(), m.reply_to_seq))
+            .collect();
+        use proto::MessageType::{Edit, Reaction, Text, Unsend};
+        assert_eq!(
+            stored,
+            [
+                (seq, Text, 0),
+                (seq + 1, Text, seq),
+                (seq + 2, Reaction, seq),
+                (seq + 3, Edit, seq),
+                (seq + 4, Unsend, seq),
+            ]
+        );
     }
 
     async fn an_unsent_text_is_erased_live_in_history_and_on_catch_up(backend: Backend) {
