@@ -1353,7 +1353,7 @@ impl Client {
         caption: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
         let photo = Outgoing::photo_reply(reply_to_seq, media_id, caption);
-        self.send_keyed(conversation_id, &new_client_msg_id(), photo)
+        self.send_new(conversation_id, photo)
     }
 
     /// Reacts to message `seq` of the conversation with `emoji` (what
@@ -1516,7 +1516,7 @@ impl Client {
 
     /// Sends any message with an idempotency key chosen by the app, what
     /// [`send_with_id`](Self::send_with_id) does for a text: an app that
-    /// keeps its unsent reactions, edits, unsends and replies across a
+    /// keeps its unanswered reactions, edits, unsends and replies across a
     /// restart (or a logout and login) sends each again under the key it
     /// kept, and gets the stored message's ack (`duplicate`) if the first
     /// try was stored, instead of a second message. Through the outbox,
