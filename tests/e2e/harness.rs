@@ -35,6 +35,10 @@ pub fn init_tracing() {
 /// whole run going until CI's own limit, naming nothing.
 const TEST_LIMIT: Duration = Duration::from_secs(600);
 
+/// The longest the whole run may take, from its first server: it takes 5
+/// minutes on this machine, alone.
+const RUN_LIMIT: Duration = Duration::from_secs(1800);
+
 /// A test with a server up, for the watchdog: registered by each server
 /// (in process or a child process) it starts, gone with the last of them.
 pub struct Watched {
@@ -108,13 +112,16 @@ impl Drop for Watched {
     }
 }
 
-/// Ends the run when a test has had a server up for [`TEST_LIMIT`]: prints
-/// every thread's stack (if gdb is there), then the tests over the limit,
-/// last, where a truncated log keeps them; kills the child processes.
-/// Written to the process's stderr itself: libtest captures `eprintln!`
-/// of threads spawned by a test, as this one is.
+/// Ends the run when a test has had a server up for [`TEST_LIMIT`], or
+/// the run has gone on for [`RUN_LIMIT`] (a test stuck with no server of
+/// ours up, against a fake server say, registers nothing; its frames in
+/// the stacks name it): prints every thread's stack (if gdb is there),
+/// then what is stuck, last, where a truncated log keeps it; kills the
+/// child processes. Written to the process's stderr itself: libtest
+/// captures `eprintln!` of threads spawned by a test, as this one is.
 fn watchdog() {
     use std::io::Write;
+    let started = Instant::now();
     loop {
         std::thread::sleep(Duration::from_secs(5));
         let stuck: Vec<(String, Duration)> = watch()
@@ -123,7 +130,8 @@ fn watchdog() {
             .map(|(test, (_, since))| (test.clone(), since.elapsed()))
             .filter(|(_, up)| *up >= TEST_LIMIT)
             .collect();
-        if stuck.is_empty() {
+        let run = started.elapsed();
+        if stuck.is_empty() && run < RUN_LIMIT {
             continue;
         }
         let mut stderr = std::io::stderr().lock();
@@ -135,7 +143,8 @@ fn watchdog() {
         if let Ok(out) = stacks {
             let _ = stderr.write_all(&out.stdout);
         }
-        for pid in std::mem::take(&mut watch().children) {
+        let children = std::mem::take(&mut watch().children);
+        for pid in children {
             let _ = std::process::Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
@@ -144,6 +153,14 @@ fn watchdog() {
             let _ = writeln!(
                 stderr,
                 "e2e watchdog: {test} has had a server up for {up:?}, past {TEST_LIMIT:?}"
+            );
+        }
+        if run >= RUN_LIMIT {
+            let up: Vec<String> = watch().tests.keys().cloned().collect();
+            let _ = writeln!(
+                stderr,
+                "e2e watchdog: the run has gone on for {run:?}, past {RUN_LIMIT:?}; \
+                 tests with a server up: {up:?}"
             );
         }
         let _ = writeln!(stderr, "e2e watchdog: ending the run rather than hanging");
