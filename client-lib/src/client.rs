@@ -1302,7 +1302,8 @@ impl Client {
     /// it again with a new key would then show it twice, so an app that
     /// resends after such an error (with a new client, after logging in
     /// again) uses [`send_with_id`](Self::send_with_id) with a
-    /// key it kept ([`send_keyed`](Self::send_keyed) for the other kinds),
+    /// key it kept ([`send_message_with_id`](Self::send_message_with_id) for the
+    /// other kinds),
     /// and gets the stored message's ack (`duplicate`) if it was.
     pub fn send_text(
         &self,
@@ -1322,7 +1323,41 @@ impl Client {
         client_msg_id: &str,
         text: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        self.send_keyed(conversation_id, client_msg_id, Outgoing::text(text))
+        self.send_message_with_id(conversation_id, client_msg_id, Outgoing::text(text))
+    }
+
+    /// Sends any kind of message ([`Outgoing`]) under an idempotency key
+    /// chosen by the app, as [`send_with_id`](Self::send_with_id) sends a
+    /// text: an app that keeps its unanswered replies, photos, reactions,
+    /// edits and unsends across a restart (or a logout and login) sends
+    /// each again under the key it kept, and gets the stored message's
+    /// ack (`duplicate`) if the first try was stored, instead of a second
+    /// message. Through the outbox, with the checks and refusals of the
+    /// method that sends `outgoing` under a new key (a photo must name an
+    /// upload's media id).
+    ///
+    /// A key is 1-64 bytes (INVALID_ARGUMENT otherwise, at once) and names
+    /// one message of its sender: sent again with another message of the
+    /// same kind to the same conversation, it is answered as the stored
+    /// one (`duplicate`) and the new content is not sent; with another
+    /// kind or conversation, it is refused with INVALID_ARGUMENT.
+    pub fn send_message_with_id(
+        &self,
+        conversation_id: u64,
+        client_msg_id: &str,
+        outgoing: Outgoing<'_>,
+    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
+        let queued = match outgoing.kind {
+            proto::MessageType::Photo if !chat_protocol::media::is_media_id(outgoing.media_id) => {
+                Err(ClientError::Server {
+                    code: ErrorCode::InvalidArgument,
+                    message: "not a media id from upload_photo".into(),
+                    retry_after: None,
+                })
+            }
+            _ => self.queue_send(conversation_id, client_msg_id, outgoing),
+        };
+        async move { queued?.await.map_err(|_| ClientError::Closed)? }
     }
 
     /// Sends a text that answers message `reply_to_seq` of the
@@ -1480,7 +1515,7 @@ impl Client {
         caption: &str,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
         let photo = Outgoing::photo(media_id, caption);
-        self.send_keyed(conversation_id, client_msg_id, photo)
+        self.send_message_with_id(conversation_id, client_msg_id, photo)
     }
 
     /// Downloads a photo whole (a message's `photo.media_id`) and checks
@@ -1511,34 +1546,7 @@ impl Client {
         conversation_id: u64,
         outgoing: Outgoing<'_>,
     ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        self.send_keyed(conversation_id, &new_client_msg_id(), outgoing)
-    }
-
-    /// Sends any message with an idempotency key chosen by the app, what
-    /// [`send_with_id`](Self::send_with_id) does for a text: an app that
-    /// keeps its unanswered reactions, edits, unsends and replies across a
-    /// restart (or a logout and login) sends each again under the key it
-    /// kept, and gets the stored message's ack (`duplicate`) if the first
-    /// try was stored, instead of a second message. Through the outbox,
-    /// with the checks and refusals of the method that sends `outgoing`
-    /// under a new key (a photo must name an upload's media id).
-    pub fn send_keyed(
-        &self,
-        conversation_id: u64,
-        client_msg_id: &str,
-        outgoing: Outgoing<'_>,
-    ) -> impl Future<Output = Result<proto::SendAck, ClientError>> + Send + use<> {
-        let queued = match outgoing.kind {
-            proto::MessageType::Photo if !chat_protocol::media::is_media_id(outgoing.media_id) => {
-                Err(ClientError::Server {
-                    code: ErrorCode::InvalidArgument,
-                    message: "not a media id from upload_photo".into(),
-                    retry_after: None,
-                })
-            }
-            _ => self.queue_send(conversation_id, client_msg_id, outgoing),
-        };
-        async move { queued?.await.map_err(|_| ClientError::Closed)? }
+        self.send_message_with_id(conversation_id, &new_client_msg_id(), outgoing)
     }
 
     /// Puts a send in the outbox (and on the live connection): the
@@ -2543,7 +2551,7 @@ pub(crate) const MAX_MEMBERS: usize = 10_000;
 /// changes keep asking for.
 pub const GROUP_REQUEST_ATTEMPTS: u32 = 3;
 
-/// A message for [`Client::send_keyed`]: what a send carries besides its
+/// A message for [`Client::send_message_with_id`]: what a send carries besides its
 /// conversation and key, built by what it is (a text, a reply, a photo, a
 /// reaction, an edit, an unsend), with the rules of the method that sends
 /// it with a fresh key ([`Client::send_text`], [`Client::send_reply`], ...).

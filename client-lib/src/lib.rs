@@ -43,7 +43,8 @@
 //!   client started in the background) reads the message itself;
 //! * a bounded outbox: `send_text` survives reconnects, is retried with the
 //!   same `client_msg_id` (so the server stores it once), and resolves when
-//!   the server says "sent";
+//!   the server says "sent" (`send_message_with_id` and [`Outgoing`] let
+//!   the app keep the key of any kind of message across a restart);
 //! * group creation and changes happen once however often they have to
 //!   ask: each request carries an idempotency key and is asked again when
 //!   an answer is lost (`create_group_with_key` lets the app keep the key

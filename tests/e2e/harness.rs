@@ -64,7 +64,9 @@ fn watch() -> std::sync::MutexGuard<'static, Watch> {
 }
 
 impl Watched {
-    /// A server in this process.
+    /// A server in this process, filed under the current thread's name:
+    /// start servers on the test's own thread (a tokio worker's or an
+    /// unnamed thread's name would file several tests under one entry).
     pub fn start() -> Watched {
         static WATCHDOG: std::sync::Once = std::sync::Once::new();
         WATCHDOG.call_once(|| {
@@ -113,12 +115,14 @@ impl Drop for Watched {
 }
 
 /// Ends the run when a test has had a server up for [`TEST_LIMIT`], or
-/// the run has gone on for [`RUN_LIMIT`] (a test stuck with no server of
-/// ours up, against a fake server say, registers nothing; its frames in
-/// the stacks name it): prints every thread's stack (if gdb is there),
-/// then what is stuck, last, where a truncated log keeps it; kills the
-/// child processes. Written to the process's stderr itself: libtest
-/// captures `eprintln!` of threads spawned by a test, as this one is.
+/// the run has gone on for [`RUN_LIMIT`] since its first server (a test
+/// stuck with no server of ours up, against a fake server say, registers
+/// nothing; its frames in the stacks name it): prints every thread's stack
+/// (if gdb can attach), then what is stuck, last, where a truncated log
+/// keeps it; kills the child processes. Exiting runs no destructor: the
+/// running tests' temp dirs, Redis keys and Postgres schemas stay. Written
+/// to the process's stderr itself: libtest captures `eprintln!` of threads
+/// spawned by a test, as this one is.
 fn watchdog() {
     use std::io::Write;
     let started = Instant::now();
@@ -134,20 +138,31 @@ fn watchdog() {
         if stuck.is_empty() && run < RUN_LIMIT {
             continue;
         }
-        let mut stderr = std::io::stderr().lock();
-        let stacks = std::process::Command::new("gdb")
-            .args(["-p", &std::process::id().to_string(), "-batch", "-nx"])
+        // Bounded: gdb itself must not become the hang.
+        let stacks = std::process::Command::new("timeout")
+            .args(["120", "gdb", "-p", &std::process::id().to_string()])
+            .args(["-batch", "-nx", "-ex", "set debuginfod enabled off"])
             .args(["-ex", "thread apply all bt"])
             .stdin(Stdio::null())
             .output();
-        if let Ok(out) = stacks {
-            let _ = stderr.write_all(&out.stdout);
-        }
         let children = std::mem::take(&mut watch().children);
         for pid in children {
             let _ = std::process::Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
+        }
+        let mut stderr = std::io::stderr().lock();
+        match stacks {
+            Ok(out) if out.stdout.windows(6).any(|w| w == b"Thread") => {
+                let _ = stderr.write_all(&out.stdout);
+            }
+            Ok(out) => {
+                let _ = writeln!(stderr, "e2e watchdog: gdb gave no stacks:");
+                let _ = stderr.write_all(&out.stderr);
+            }
+            Err(e) => {
+                let _ = writeln!(stderr, "e2e watchdog: no stacks, gdb did not run: {e}");
+            }
         }
         for (test, up) in stuck {
             let _ = writeln!(
@@ -159,8 +174,8 @@ fn watchdog() {
             let up: Vec<String> = watch().tests.keys().cloned().collect();
             let _ = writeln!(
                 stderr,
-                "e2e watchdog: the run has gone on for {run:?}, past {RUN_LIMIT:?}; \
-                 tests with a server up: {up:?}"
+                "e2e watchdog: the run has gone on for {run:?} since its first server, past \
+                 the whole-run limit of {RUN_LIMIT:?}; tests with a server up: {up:?}"
             );
         }
         let _ = writeln!(stderr, "e2e watchdog: ending the run rather than hanging");

@@ -696,7 +696,7 @@ each_backend! {
     }
 
     // Replies, reactions, edits and unsends sent under a key the app kept
-    // (`send_keyed`) and sent again by the same users' next clients (an
+    // (`send_message_with_id`) and sent again by the same users' next clients (an
     // app restarted before the answers came) are stored once: the second
     // try gets the first's seq as a duplicate, an edit and an unsend
     // too after the unsend erased what they name.
@@ -715,7 +715,7 @@ each_backend! {
         ];
         let mut first = Vec::new();
         for (client, key, outgoing) in sends {
-            let ack = client.send_keyed(direct, key, outgoing).await.unwrap();
+            let ack = client.send_message_with_id(direct, key, outgoing).await.unwrap();
             assert!(!ack.duplicate, "{key}: the first try is new");
             first.push(ack.seq);
         }
@@ -728,13 +728,20 @@ each_backend! {
             .unwrap();
         let again = [&bob_again, &bob_again, &alice_again, &alice_again];
         for ((client, (_, key, outgoing)), seq) in again.into_iter().zip(sends).zip(&first) {
-            let ack = client.send_keyed(direct, key, outgoing).await.unwrap();
+            let ack = client.send_message_with_id(direct, key, outgoing).await.unwrap();
             assert!(ack.duplicate, "{key}: the second try is the first's");
             assert_eq!(ack.seq, *seq, "{key}");
         }
-        // A key names one message: another under it is refused.
+        // A key names one message: another of its kind under it is
+        // answered as the stored one, and not sent; another kind refused.
+        let same_kind = alice_again
+            .send_message_with_id(direct, "alice-edit", Outgoing::edit(seq, "dinner at 10?"))
+            .await
+            .unwrap();
+        assert!(same_kind.duplicate);
+        assert_eq!(same_kind.seq, first[2]);
         let reused = alice_again
-            .send_keyed(direct, "alice-edit", Outgoing::text("something else"))
+            .send_message_with_id(direct, "alice-edit", Outgoing::text("something else"))
             .await;
         assert_eq!(code(reused), ErrorCode::InvalidArgument);
         let page = alice_again

@@ -3757,9 +3757,10 @@ pub mod testing {
     /// runtime that stopped polling mid-commit), and so may a test's own
     /// connection (an [`admin`] transaction holding a lock when its test
     /// failed): their sessions, found by the server's application name or
-    /// by the locks they hold in the schema, are ended rather than waited
-    /// for, and a DROP that still finds a lock taken (a session that took
-    /// it meanwhile) gives up after `lock_timeout` and is tried again.
+    /// by the locks they hold on the schema or its tables, are ended (each
+    /// waited for up to 5 s) rather than waited on, and a DROP that still
+    /// finds a lock taken (a session that took it meanwhile) gives up
+    /// after `lock_timeout` and is tried again, 10 times at most.
     pub async fn drop_schema(schema: &str) -> Result<(), String> {
         const TRIES: usize = 10;
         let admin = admin().await?;
@@ -3773,13 +3774,21 @@ pub mod testing {
             tried += 1;
             admin
                 .execute(
-                    "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
+                    "SELECT pg_terminate_backend(a.pid, 5000) FROM pg_stat_activity a
                      WHERE a.pid <> pg_backend_pid()
                        AND (a.application_name = $1
-                            OR a.pid IN (SELECT l.pid FROM pg_locks l
-                                         JOIN pg_class c ON c.oid = l.relation
-                                         JOIN pg_namespace n ON n.oid = c.relnamespace
-                                         WHERE n.nspname = $2))",
+                            OR a.pid IN (
+                                SELECT l.pid FROM pg_locks l
+                                JOIN pg_class c ON c.oid = l.relation
+                                JOIN pg_namespace n ON n.oid = c.relnamespace
+                                WHERE n.nspname = $2
+                                  AND l.database = (SELECT oid FROM pg_database
+                                                    WHERE datname = current_database())
+                                UNION ALL
+                                SELECT l.pid FROM pg_locks l
+                                JOIN pg_namespace n ON n.oid = l.objid
+                                WHERE l.locktype = 'object' AND n.nspname = $2
+                                  AND l.classid = 'pg_namespace'::regclass))",
                     &[&server, &schema],
                 )
                 .await

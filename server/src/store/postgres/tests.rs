@@ -215,10 +215,19 @@ async fn a_schema_locked_by_a_forgotten_transaction_is_still_dropped() {
     let schema = store.schema().expect("a schema store").to_owned();
     store.close();
     drop(store);
+    // One holds a table of the schema; the other the schema itself (its
+    // table, not committed, is in no catalog the others read).
     let locker = admin().await;
     locker
         .batch_execute(&format!(
             r#"BEGIN; LOCK TABLE "{schema}".users IN ACCESS SHARE MODE"#
+        ))
+        .await
+        .unwrap();
+    let creator = admin().await;
+    creator
+        .batch_execute(&format!(
+            r#"BEGIN; CREATE TABLE "{schema}".scratch (x int)"#
         ))
         .await
         .unwrap();
@@ -235,10 +244,12 @@ async fn a_schema_locked_by_a_forgotten_transaction_is_still_dropped() {
         .unwrap()
         .get(0);
     assert_eq!(left, 0, "the schema is gone");
-    assert!(
-        locker.batch_execute("SELECT 1").await.is_err(),
-        "the forgotten session was ended"
-    );
+    for session in [locker, creator] {
+        assert!(
+            session.batch_execute("SELECT 1").await.is_err(),
+            "the forgotten session was ended"
+        );
+    }
 }
 
 #[tokio::test]
