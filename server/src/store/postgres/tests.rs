@@ -217,20 +217,18 @@ async fn a_schema_locked_by_a_forgotten_transaction_is_still_dropped() {
     drop(store);
     // One holds a table of the schema; the other the schema itself (its
     // table, not committed, is in no catalog the others read).
-    let locker = admin().await;
-    locker
-        .batch_execute(&format!(
-            r#"BEGIN; LOCK TABLE "{schema}".users IN ACCESS SHARE MODE"#
-        ))
-        .await
-        .unwrap();
-    let creator = admin().await;
-    creator
-        .batch_execute(&format!(
-            r#"BEGIN; CREATE TABLE "{schema}".scratch (x int)"#
-        ))
-        .await
-        .unwrap();
+    let mut forgotten = Vec::new();
+    for statement in [
+        format!(r#"LOCK TABLE "{schema}".users IN ACCESS SHARE MODE"#),
+        format!(r#"CREATE TABLE "{schema}".scratch (x int)"#),
+    ] {
+        let session = admin().await;
+        session
+            .batch_execute(&format!("BEGIN; {statement}"))
+            .await
+            .unwrap();
+        forgotten.push(session);
+    }
     tokio::time::timeout(Duration::from_secs(120), drop_schema(&schema))
         .await
         .expect("dropped in bounded time");
@@ -244,7 +242,7 @@ async fn a_schema_locked_by_a_forgotten_transaction_is_still_dropped() {
         .unwrap()
         .get(0);
     assert_eq!(left, 0, "the schema is gone");
-    for session in [locker, creator] {
+    for session in forgotten {
         assert!(
             session.batch_execute("SELECT 1").await.is_err(),
             "the forgotten session was ended"
