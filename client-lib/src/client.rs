@@ -1301,10 +1301,10 @@ impl Client {
     /// message may have been stored before the answer was lost. Sending
     /// it again with a new key would then show it twice, so an app that
     /// resends after such an error (with a new client, after logging in
-    /// again) uses [`send_with_id`](Self::send_with_id) with a
-    /// key it kept ([`send_message_with_id`](Self::send_message_with_id) for the
-    /// other kinds),
-    /// and gets the stored message's ack (`duplicate`) if it was.
+    /// again) uses [`send_with_id`](Self::send_with_id) with a key it
+    /// kept ([`send_message_with_id`](Self::send_message_with_id) for the
+    /// other kinds), and gets the stored message's ack (`duplicate`) if it
+    /// was.
     pub fn send_text(
         &self,
         conversation_id: u64,
@@ -2551,10 +2551,11 @@ pub(crate) const MAX_MEMBERS: usize = 10_000;
 /// changes keep asking for.
 pub const GROUP_REQUEST_ATTEMPTS: u32 = 3;
 
-/// A message for [`Client::send_message_with_id`]: what a send carries besides its
-/// conversation and key, built by what it is (a text, a reply, a photo, a
-/// reaction, an edit, an unsend), with the rules of the method that sends
-/// it with a fresh key ([`Client::send_text`], [`Client::send_reply`], ...).
+/// A message for [`Client::send_message_with_id`]: what a send carries
+/// besides its conversation and key, built by what it is (a text, a reply,
+/// a photo, a reaction, an edit, an unsend), with the rules of the method
+/// that sends it with a fresh key ([`Client::send_text`],
+/// [`Client::send_reply`], ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outgoing<'a> {
     kind: proto::MessageType,
