@@ -18,6 +18,13 @@
 #                                          pinned 10k, the unpinned LADDER and
 #                                          Postgres 10k, idle memory, the relay
 #                                          from RELAY_DIR if built; one table
+#   loadgen/bench.sh callgrind RATE [chat-server flags...]
+#                                          instructions per send: the server
+#                                          under valgrind's callgrind for
+#                                          CG_SECONDS (30) once every user is
+#                                          online; user-space instructions,
+#                                          not time, so the host's noise does
+#                                          not reach them
 #
 # Pinned: the server on CPU 0, the load generator on CPU 1 (taskset).
 # Environment: BIN (default target/release), BENCH_DIR (default
@@ -233,6 +240,83 @@ run_idle() {
     if [[ ${n:-0} == 10000 ]]; then LAST_IDLE=$per_conn; fi
 }
 
+# run_callgrind RATE [server flags...]: the server under callgrind on a
+# fresh copy of the embedded base, instrumented for CG_SECONDS (30) once
+# every user is online and a warm-up has passed, then the instructions
+# per send counted in that window, in all and by part. Valgrind
+# serialises the server's threads and runs it ~50-100x slower: use a rate
+# it keeps up with (100/s here; the summary says when it did not). The
+# figures are user-space instructions, not time: repeatable whatever else
+# the host runs, blind to the kernel. Nothing polls the server inside the
+# window (a metrics scrape costs as much as hundreds of sends).
+run_callgrind() {
+    local rate=$1
+    shift
+    command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
+    local seconds=${CG_SECONDS:-30}
+    local run="$DIR/run-$$-$RANDOM"
+    local out="$run.callgrind"
+    local users
+    users=$(users_in "$DIR/embedded.users.json")
+    rm -rf "$run"
+    cp -a "$DIR/embedded" "$run"
+    launch "$run" valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" -- "$@"
+    # Bounded: set-up, warm-up and the window, with room for valgrind.
+    "$BIN/chat-loadgen" --server "127.0.0.1:$PORT" --ca "$run/certs/ca.pem" \
+        --reuse "$DIR/embedded.users.json" --users "$users" \
+        --rate "$rate" --duration "$((seconds + 180))s" --drain 5s --group-fraction 0 --churn 0 \
+        --json "$run.json" ${LOADGEN_ARGS:-} >"$run.json.out" 2>&1 &
+    local lg=$! n s0 s1
+    metric() { curl -s -m 5 "127.0.0.1:$METRICS_PORT/metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
+    for _ in $(seq 1 1200); do
+        n=$(metric chat_sessions_active)
+        [[ ${n:-0} == "$users" ]] && break
+        sleep 0.1
+    done
+    [[ ${n:-0} == "$users" ]] || echo "only ${n:-0} of $users users came online in 2 minutes: counting anyway" >&2
+    # Warm-up: valgrind translates each code path the first time it runs.
+    sleep 15
+    s0=$(metric chat_sends_total)
+    callgrind_control -i on "$SERVER_PID" >/dev/null 2>&1
+    sleep "$seconds"
+    callgrind_control -i off "$SERVER_PID" >/dev/null 2>&1
+    s1=$(metric chat_sends_total)
+    callgrind_control -d "$SERVER_PID" >/dev/null 2>&1
+    kill "$lg" 2>/dev/null || true
+    wait "$lg" 2>/dev/null || true
+    stop_server
+    rm -rf "$run"
+    [[ -n $s0 && -n $s1 ]] || { echo "the server gave no send count: see $run.log" >&2; exit 1; }
+    local dump
+    dump=$(ls -t "$out".* 2>/dev/null | head -1)
+    [[ -n $dump ]] || { echo "callgrind wrote no profile: see $run.log" >&2; exit 1; }
+    callgrind_annotate --inclusive=yes "$dump" >"$dump.inclusive.txt" 2>/dev/null
+    callgrind_annotate "$dump" >"$dump.self.txt" 2>/dev/null
+    python3 - "$dump.inclusive.txt" "$((s1 - s0))" "$users" "$rate" "$seconds" <<'PY'
+import re, sys
+text, sends = open(sys.argv[1]).read(), int(sys.argv[2])
+def ir(pattern):
+    """Inclusive instructions of the first function matching pattern."""
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d,]+) \(", line)
+        if m and "=>" not in line and re.search(pattern, line):
+            return int(m.group(1).replace(",", ""))
+    return 0
+total = int(re.search(r"([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", text).group(1).replace(",", ""))
+parts = [
+    ("store thread", r"store::sqlite::run_thread "),
+    ("quinn connections", r"quinn::connection::ConnectionDriver as .*::poll "),
+    ("quinn endpoint", r"quinn::endpoint::EndpointDriver as .*::poll "),
+]
+line = ", ".join(f"{name} {ir(p) / sends:,.0f}" for name, p in parts)
+kept = sends / (float(sys.argv[4]) * float(sys.argv[5]))
+print(f"{sys.argv[3]} users, {sys.argv[4]}/s: {sends} sends in the window ({kept:.0%} of the rate"
+      f"{'' if kept > 0.95 else ': the server fell behind, lower the rate'}), "
+      f"{total / sends:,.0f} instructions per send ({line})")
+PY
+    echo "  profile $dump (annotated: $dump.self.txt, $dump.inclusive.txt), loadgen output $run.json.out, server log $run.log"
+}
+
 cmd=${1:-}
 shift || true
 need_binaries
@@ -293,6 +377,11 @@ postgres)
     ;;
 idle)
     run_idle
+    ;;
+callgrind)
+    rate=${1:?rate}
+    shift
+    run_callgrind "$rate" "$@"
     ;;
 calls)
     # Users of their own, registered by the run (not measured): no base.
@@ -370,7 +459,7 @@ targets)
     python3 loadgen/targets.py "${rows[@]}"
     ;;
 *)
-    sed -n '2,25p' "$0" >&2
+    sed -n '2,31p' "$0" >&2
     exit 2
     ;;
 esac
