@@ -32,7 +32,8 @@
 # REDIS (default redis://127.0.0.1:6379), DURATION (10s), DRAIN (30s),
 # LOADGEN_ARGS (more chat-loadgen flags, e.g. "--delivery-ack-linger 0s");
 # for targets: RUNS (3), LADDER (the unpinned rates, "10000 14000 18000
-# 20000"), RELAY_DIR (../shared/anchor-bench).
+# 20000"), RELAY_DIR (../shared/anchor-bench); for callgrind: CG_SECONDS
+# (30, the counted window).
 # Every process it starts it stops by PID; every run ends by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -287,14 +288,17 @@ run_callgrind() {
     stop_server
     rm -rf "$run"
     [[ -n $s0 && -n $s1 ]] || { echo "the server gave no send count: see $run.log" >&2; exit 1; }
-    local dump
-    dump=$(ls -t "$out".* 2>/dev/null | head -1)
-    [[ -n $dump ]] || { echo "callgrind wrote no profile: see $run.log" >&2; exit 1; }
+    # The dump asked for above (the one valgrind writes at exit, to $out,
+    # holds only what ran after it).
+    local dump="$out.1"
+    [[ -s $dump ]] || { echo "callgrind wrote no profile: see $run.log" >&2; exit 1; }
     callgrind_annotate --inclusive=yes "$dump" >"$dump.inclusive.txt" 2>/dev/null
     callgrind_annotate "$dump" >"$dump.self.txt" 2>/dev/null
     python3 - "$dump.inclusive.txt" "$((s1 - s0))" "$users" "$rate" "$seconds" <<'PY'
 import re, sys
 text, sends = open(sys.argv[1]).read(), int(sys.argv[2])
+if sends <= 0:
+    sys.exit("no send was counted in the window: see the load generator's output")
 def ir(pattern):
     """Inclusive instructions of the first function matching pattern."""
     for line in text.splitlines():
@@ -459,7 +463,7 @@ targets)
     python3 loadgen/targets.py "${rows[@]}"
     ;;
 *)
-    sed -n '2,31p' "$0" >&2
+    sed -n '2,37p' "$0" >&2
     exit 2
     ;;
 esac
