@@ -57,7 +57,23 @@ stop_server() {
         SERVER_PID=
     fi
 }
-trap stop_server EXIT
+
+# A load generator run in the background (idle, callgrind), stopped on
+# every way out.
+LOADGEN_PID=
+stop_loadgen() {
+    if [[ -n $LOADGEN_PID ]]; then
+        kill "$LOADGEN_PID" 2>/dev/null || true
+        wait "$LOADGEN_PID" 2>/dev/null || true
+        LOADGEN_PID=
+    fi
+}
+trap 'stop_loadgen; stop_server' EXIT
+
+# A metric's value from the server's scrape, empty if it did not answer.
+metric() {
+    { curl -s -m 5 "127.0.0.1:$METRICS_PORT/metrics" || true; } | awk -v k="$1" '$1 == k { print $2 }'
+}
 
 need_binaries() {
     [[ -x $BIN/chat-server && -x $BIN/chat-loadgen ]] || {
@@ -215,23 +231,22 @@ run_idle() {
     cp -a "$DIR/idle" "$run"
     launch "$run" --
     rss() { awk '/VmRSS/{print $2}' "/proc/$SERVER_PID/status"; }
-    local before after n lg
+    local before after n
     before=$(rss)
     "$BIN/chat-loadgen" --server "127.0.0.1:$PORT" --ca "$run/certs/ca.pem" \
         --reuse "$DIR/idle.users.json" --users 10000 --rate 1 --duration 60s --drain 2s \
         --group-fraction 0 --churn 0 --quiet >/dev/null 2>&1 &
-    lg=$!
+    LOADGEN_PID=$!
     # Authenticated, not just connected (since session 35): then a moment
     # for what follows the login (streams opened, catch-up, presence).
     for _ in $(seq 1 1200); do
-        n=$(curl -s "127.0.0.1:$METRICS_PORT/metrics" | awk '/^chat_sessions_active /{print $2}')
+        n=$(metric chat_sessions_active)
         [[ ${n:-0} == 10000 ]] && break
         sleep 0.1
     done
     sleep 2
     after=$(rss)
-    kill "$lg" 2>/dev/null || true
-    wait "$lg" 2>/dev/null || true
+    stop_loadgen
     stop_server
     rm -rf "$run"
     local per_conn=$(((after - before) * 1024 / 10000))
@@ -243,21 +258,26 @@ run_idle() {
 
 # run_callgrind RATE [server flags...]: the server under callgrind on a
 # fresh copy of the embedded base, instrumented for CG_SECONDS (30) once
-# every user is online and a warm-up has passed, then the instructions
-# per send counted in that window, in all and by part. Valgrind
-# serialises the server's threads and runs it ~50-100x slower: use a rate
-# it keeps up with (100/s here; the summary says when it did not). The
-# figures are user-space instructions, not time: repeatable whatever else
-# the host runs, blind to the kernel. Nothing polls the server inside the
-# window (a metrics scrape costs as much as hundreds of sends).
+# every user is online and 15 s more (the server's caches and the load
+# generator's schedule settle; valgrind translates code again when
+# instrumentation starts, which costs time, not counted instructions),
+# then the server's user-space instructions divided by the sends the
+# store appended in that window, both read from the profile itself (the
+# calls of `append_one`): nothing scrapes the server inside the window,
+# since a scrape of `/metrics` costs as much as ~20 sends. Valgrind runs
+# the server 50-100x slower, one thread at a time: use a rate it keeps up
+# with (100/s here; the summary says when it did not). The count is
+# blind to the kernel, and the per-second work (timers, heartbeats) is
+# divided by the rate: compare builds at one rate.
 run_callgrind() {
     local rate=$1
     shift
     command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
     local seconds=${CG_SECONDS:-30}
+    [[ $seconds =~ ^[1-9][0-9]*$ ]] || { echo "CG_SECONDS is whole seconds, e.g. 30" >&2; exit 2; }
     local run="$DIR/run-$$-$RANDOM"
     local out="$run.callgrind"
-    local users
+    local users n
     users=$(users_in "$DIR/embedded.users.json")
     rm -rf "$run"
     cp -a "$DIR/embedded" "$run"
@@ -267,56 +287,72 @@ run_callgrind() {
         --reuse "$DIR/embedded.users.json" --users "$users" \
         --rate "$rate" --duration "$((seconds + 180))s" --drain 5s --group-fraction 0 --churn 0 \
         --json "$run.json" ${LOADGEN_ARGS:-} >"$run.json.out" 2>&1 &
-    local lg=$! n s0 s1
-    metric() { curl -s -m 5 "127.0.0.1:$METRICS_PORT/metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
+    LOADGEN_PID=$!
     for _ in $(seq 1 1200); do
         n=$(metric chat_sessions_active)
         [[ ${n:-0} == "$users" ]] && break
         sleep 0.1
     done
     [[ ${n:-0} == "$users" ]] || echo "only ${n:-0} of $users users came online in 2 minutes: counting anyway" >&2
-    # Warm-up: valgrind translates each code path the first time it runs.
     sleep 15
-    s0=$(metric chat_sends_total)
-    callgrind_control -i on "$SERVER_PID" >/dev/null 2>&1
+    control() {
+        callgrind_control "$@" "$SERVER_PID" >"$run.control" 2>&1 ||
+            { cat "$run.control" >&2; echo "callgrind_control $* failed" >&2; exit 1; }
+    }
+    control -i on
     sleep "$seconds"
-    callgrind_control -i off "$SERVER_PID" >/dev/null 2>&1
-    s1=$(metric chat_sends_total)
-    callgrind_control -d "$SERVER_PID" >/dev/null 2>&1
-    kill "$lg" 2>/dev/null || true
-    wait "$lg" 2>/dev/null || true
+    control -i off
+    # Dumps asked for are numbered from 1; the one at exit, unnumbered,
+    # holds only what ran after the last.
+    control -d
+    rm -f "$run.control"
+    stop_loadgen
     stop_server
     rm -rf "$run"
-    [[ -n $s0 && -n $s1 ]] || { echo "the server gave no send count: see $run.log" >&2; exit 1; }
-    # The dump asked for above (the one valgrind writes at exit, to $out,
-    # holds only what ran after it).
     local dump="$out.1"
     [[ -s $dump ]] || { echo "callgrind wrote no profile: see $run.log" >&2; exit 1; }
     callgrind_annotate --inclusive=yes "$dump" >"$dump.inclusive.txt" 2>/dev/null
     callgrind_annotate "$dump" >"$dump.self.txt" 2>/dev/null
-    python3 - "$dump.inclusive.txt" "$((s1 - s0))" "$users" "$rate" "$seconds" <<'PY'
+    python3 - "$dump" "$users" "$rate" "$seconds" <<'PY'
 import re, sys
-text, sends = open(sys.argv[1]).read(), int(sys.argv[2])
-if sends <= 0:
-    sys.exit("no send was counted in the window: see the load generator's output")
-def ir(pattern):
-    """Inclusive instructions of the first function matching pattern."""
+dump, users, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+
+# The sends: calls of the store's append in the raw profile (a name is
+# written once, with its id, then the id alone), and the total.
+names, sends, total, callee = {}, 0, None, None
+for line in open(dump, errors="replace"):
+    m = re.match(r"(c?)fn=\((\d+)\)(?: (.*))?", line)
+    if m:
+        if m.group(3):
+            names[m.group(2)] = m.group(3).strip()
+        callee = m.group(2) if m.group(1) else None
+    elif callee is not None and line.startswith("calls="):
+        if names.get(callee) == "chat_server::store::sqlite::append_one":
+            sends += int(line[6:].split()[0])
+        callee = None
+    elif line.startswith("totals:"):
+        total = int(line.split()[1])
+if not sends or total is None:
+    sys.exit(f"no append counted in {dump}: see the load generator's output")
+
+text = open(dump + ".inclusive.txt").read()
+def part(pattern):
+    """Inclusive instructions per send of the first function matching pattern."""
     for line in text.splitlines():
         m = re.match(r"\s*([\d,]+) \(", line)
         if m and "=>" not in line and re.search(pattern, line):
-            return int(m.group(1).replace(",", ""))
-    return 0
-total = int(re.search(r"([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", text).group(1).replace(",", ""))
+            return f"{int(m.group(1).replace(',', '')) / sends:,.0f}"
+    return "n/a"
 parts = [
     ("store thread", r"store::sqlite::run_thread "),
     ("quinn connections", r"quinn::connection::ConnectionDriver as .*::poll "),
     ("quinn endpoint", r"quinn::endpoint::EndpointDriver as .*::poll "),
 ]
-line = ", ".join(f"{name} {ir(p) / sends:,.0f}" for name, p in parts)
-kept = sends / (float(sys.argv[4]) * float(sys.argv[5]))
-print(f"{sys.argv[3]} users, {sys.argv[4]}/s: {sends} sends in the window ({kept:.0%} of the rate"
+kept = sends / (rate * seconds)
+print(f"{users} users, {rate:.0f}/s: {sends} sends stored in the window ({kept:.0%} of the rate"
       f"{'' if kept > 0.95 else ': the server fell behind, lower the rate'}), "
-      f"{total / sends:,.0f} instructions per send ({line})")
+      f"{total / sends:,.0f} instructions per send ("
+      + ", ".join(f"{name} {part(p)}" for name, p in parts) + ")")
 PY
     echo "  profile $dump (annotated: $dump.self.txt, $dump.inclusive.txt), loadgen output $run.json.out, server log $run.log"
 }
