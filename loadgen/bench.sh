@@ -50,24 +50,22 @@ PORT=15433
 METRICS_PORT=19433
 SERVER_PID=
 
-stop_server() {
-    if [[ -n $SERVER_PID ]]; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=
-    fi
-}
-
 # A load generator run in the background (idle, callgrind), stopped on
-# every way out.
+# every way out like the server.
 LOADGEN_PID=
-stop_loadgen() {
-    if [[ -n $LOADGEN_PID ]]; then
-        kill "$LOADGEN_PID" 2>/dev/null || true
-        wait "$LOADGEN_PID" 2>/dev/null || true
-        LOADGEN_PID=
+
+# stop_pid NAME: stops the process whose PID the variable NAME holds, if
+# any, and empties it.
+stop_pid() {
+    local pid=${!1}
+    if [[ -n $pid ]]; then
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        printf -v "$1" '%s' ''
     fi
 }
+stop_server() { stop_pid SERVER_PID; }
+stop_loadgen() { stop_pid LOADGEN_PID; }
 trap 'stop_loadgen; stop_server' EXIT
 
 # A metric's value from the server's scrape, empty if it did not answer.
