@@ -23,8 +23,8 @@
 #                                          under valgrind's callgrind for
 #                                          CG_SECONDS (30) once every user is
 #                                          online; user-space instructions,
-#                                          not time, so the host's noise does
-#                                          not reach them
+#                                          not time, which the host's noise
+#                                          barely reaches (blind to the kernel)
 #
 # Pinned: the server on CPU 0, the load generator on CPU 1 (taskset).
 # Environment: BIN (default target/release), BENCH_DIR (default
